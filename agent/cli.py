@@ -1,0 +1,114 @@
+"""The ``agent`` command: ``agent run`` and ``agent check-config``.
+
+One of the two places that end the process (with the client CLI). Exit
+status: 0 success, 1 runtime failure, 2 invalid configuration or usage.
+Nothing that imports grpc is imported before the cipher policy is set (see
+``agent.tls``), and nothing gRPC is created before the daemon fork.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import logging.handlers
+import os
+import sys
+from collections.abc import Sequence
+
+from agent import __version__, startup
+from agent.config import Config, ConfigError, load
+from agent.tls import set_cipher_policy
+
+log = logging.getLogger("agent")
+
+DEFAULT_CONFIG = os.environ.get("AGENT_CONFIG", "config.toml")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="agent", description="The worker agent.")
+    p.add_argument("--version", action="version", version=f"agent {__version__}")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="run the agent (foreground unless --daemon)")
+    r.add_argument("-c", "--config", default=DEFAULT_CONFIG,
+                   help=f"config file (default: {DEFAULT_CONFIG}; env AGENT_CONFIG)")
+    r.add_argument("--daemon", action="store_true",
+                   help="detach and run in the background (pid file, log file)")
+    c = sub.add_parser("check-config", help="validate the configuration and exit")
+    c.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+    return p
+
+
+def setup_logging(cfg: Config, *, daemon: bool) -> None:
+    """Operational log: stderr, a file, or syslog, as configured."""
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    level = getattr(logging, cfg.logging.level.upper())
+    handler: logging.Handler
+    if cfg.logging.syslog:
+        handler = logging.handlers.SysLogHandler(address="/dev/log")
+        fmt = "agent[%(process)d]: %(levelname)s %(name)s: %(message)s"
+    elif cfg.logging.file is not None or daemon:
+        path = cfg.logging.file or cfg.jobs.state_dir / "agent.log"
+        handler = logging.handlers.WatchedFileHandler(path)
+        fmt = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        # Under systemd the journal adds the time itself.
+        fmt = ("%(levelname)s %(name)s: %(message)s" if os.environ.get("INVOCATION_ID")
+               else "%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler.setFormatter(logging.Formatter(fmt))
+    root.addHandler(handler)
+    root.setLevel(level)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit status."""
+    args = _parser().parse_args(argv)
+    try:
+        cfg = load(args.config)
+        prepared = startup.prepare(cfg, create_dirs=args.cmd == "run")
+    except ConfigError as e:
+        print(f"agent: {e}", file=sys.stderr)
+        return 2
+    if args.cmd == "check-config":
+        for w in prepared.warnings:
+            print(f"agent: warning: {w}", file=sys.stderr)
+        gs = cfg.grpc_server
+        mode = "mTLS" if cfg.mtls else "TLS" if gs.use_tls else "PLAINTEXT"
+        print(f"agent: {cfg.path}: ok ({mode} "
+              f"on {gs.addr}; {len(prepared.policy.entries)} policy entries; jobs run as "
+              f"{prepared.job_user.name})")
+        return 0
+    # Both variables are read once, when grpc is first imported; nothing
+    # above this line imports it.
+    if cfg.grpc_server.use_tls and prepared.server_pair is not None:
+        set_cipher_policy(prepared.server_pair.key_type, cfg.grpc_server.tls13_only)
+    # gRPC's pthread_atfork handlers crash a forked child now and then (SIGABRT
+    # in ev_epoll1, about 1 in 300 spawns measured here). Jobs are forked by
+    # _posixsubprocess, which runs no Python and no gRPC code in the child,
+    # so the handlers are not needed: turn them off.
+    os.environ["GRPC_ENABLE_FORK_SUPPORT"] = "0"
+    if args.daemon:
+        from agent.daemon import daemonize
+
+        try:
+            ctx = daemonize(cfg)
+        except RuntimeError as e:
+            print(f"agent: {e}", file=sys.stderr)
+            return 1
+        with ctx:
+            setup_logging(cfg, daemon=True)
+            return _run(prepared)
+    setup_logging(cfg, daemon=False)
+    return _run(prepared)
+
+
+def _run(prepared: startup.Prepared) -> int:
+    from agent.server import run
+
+    return run(prepared)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,257 @@
+"""``agentctl``: drive an agent from the command line.
+
+    agentctl [--config FILE] [--addr HOST:PORT] [--ca F --cert F --key F] COMMAND ...
+
+    start [--wait] [--timeout S] [--env K=V]... [--limit NAME=N]... [--secret-arg I]...
+          COMMAND PATH [ARGS...]
+    stop ID | status ID [--json] | wait ID [--timeout S] | logs ID [-f] [--offset N]
+    list [--state S]... [--owner NAME] [--limit N] [--json]
+
+Connection settings come from flags, else from the [agentctl] table of the
+config file (``--config``, ``$AGENTCTL_CONFIG``, or ./agentctl.toml), paths
+in it relative to that file. Exit status: 0 success; 1 the call failed or
+the job did not succeed; 2 usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from agent.client import STATES, AgentClient, AgentClientError, JobStatus, TLSFiles
+
+_KEYS = {"addr", "ca_file", "crt_file", "key_file", "server_name", "timeout", "insecure"}
+
+
+class UsageError(Exception):
+    """Bad flags or client configuration (exit 2)."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="agentctl", description="Control a worker agent.")
+    p.add_argument("--config", help="client config file (default: $AGENTCTL_CONFIG or "
+                   "./agentctl.toml)")
+    p.add_argument("--addr", help="agent address host:port")
+    p.add_argument("--ca", help="CA certificate that signed the agent's certificate")
+    p.add_argument("--cert", help="client certificate")
+    p.add_argument("--key", help="client private key")
+    p.add_argument("--server-name", help="expected name in the agent's certificate")
+    p.add_argument("--call-timeout", type=float, help="deadline of each call, seconds")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("start", help="start a job: COMMAND PATH [ARGS...]")
+    s.add_argument("--wait", action="store_true", help="follow the output, then print the "
+                   "final state; exit 0 only if the job succeeded")
+    s.add_argument("--timeout", type=int, help="job timeout in seconds")
+    s.add_argument("--env", action="append", default=[], metavar="K=V")
+    s.add_argument("--limit", action="append", default=[], metavar="NAME=N",
+                   help="cpu_seconds, memory_bytes, open_files, processes, output_bytes")
+    s.add_argument("--secret-arg", action="append", type=int, default=[], metavar="INDEX",
+                   help="index into ARGS of a secret argument (never logged or stored)")
+    s.add_argument("command")
+    # PATH and ARGS are taken verbatim (they may start with '-'); options of
+    # `start` go before COMMAND.
+    s.add_argument("rest", nargs=argparse.REMAINDER, metavar="PATH [ARGS...]")
+    for name, text in (("stop", "stop a job"), ("status", "show a job's status")):
+        c = sub.add_parser(name, help=text)
+        c.add_argument("id")
+        if name == "status":
+            c.add_argument("--json", action="store_true")
+    w = sub.add_parser("wait", help="wait for a job to finish")
+    w.add_argument("id")
+    w.add_argument("--timeout", type=float, default=3600.0)
+    lg = sub.add_parser("logs", help="print a job's output")
+    lg.add_argument("id")
+    lg.add_argument("-f", "--follow", action="store_true", help="keep printing until the "
+                    "job ends")
+    lg.add_argument("--offset", type=int, default=0, help="start at this byte offset")
+    ls = sub.add_parser("list", help="list jobs, newest first")
+    ls.add_argument("--state", action="append", default=[], choices=sorted(STATES.values()))
+    ls.add_argument("--owner", default="", help="another identity's jobs (admins only)")
+    ls.add_argument("--limit", type=int, default=50, help="at most this many (0: all)")
+    ls.add_argument("--json", action="store_true")
+    return p
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    path = args.config or os.environ.get("AGENTCTL_CONFIG")
+    explicit = path is not None
+    path = path or "agentctl.toml"
+    data: dict[str, Any] = {}
+    p = Path(path)
+    if p.exists():
+        try:
+            raw = tomllib.loads(p.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+            raise UsageError(f"{p}: {e}") from None
+        table = raw.get("agentctl", {})
+        if not isinstance(table, dict):
+            raise UsageError(f"{p}: [agentctl] must be a table")
+        unknown = set(table) - _KEYS
+        if unknown:
+            raise UsageError(f"{p}: [agentctl] unknown key(s): {', '.join(sorted(unknown))}")
+        base = p.resolve().parent
+        for k, v in table.items():
+            if k.endswith("_file") and isinstance(v, str) and v:
+                v = str(base / v)
+            data[k] = v
+    elif explicit:
+        raise UsageError(f"{p}: no such file")
+    for flag, key in (("addr", "addr"), ("ca", "ca_file"), ("cert", "crt_file"),
+                      ("key", "key_file"), ("server_name", "server_name"),
+                      ("call_timeout", "timeout")):
+        v = getattr(args, flag)
+        if v is not None:
+            data[key] = v
+    data.setdefault("addr", "127.0.0.1:50000")
+    return data
+
+
+def connect(args: argparse.Namespace) -> AgentClient:
+    """A client from flags and the config file."""
+    s = _settings(args)
+    timeout = float(s.get("timeout", 10.0))
+    if s.get("insecure"):
+        return AgentClient(s["addr"], None, insecure=True, timeout=timeout)
+    if not s.get("ca_file"):
+        raise UsageError("no CA certificate: pass --ca or set ca_file in agentctl.toml")
+    tls = TLSFiles(ca=s["ca_file"], cert=s.get("crt_file"), key=s.get("key_file"),
+                   server_name=s.get("server_name", ""))
+    try:
+        tls.load()
+    except OSError as e:
+        raise UsageError(f"cannot read certificate files: {e}") from None
+    return AgentClient(s["addr"], tls, timeout=timeout)
+
+
+def _kv(items: Sequence[str], what: str) -> dict[str, str]:
+    out = {}
+    for it in items:
+        k, sep, v = it.partition("=")
+        if not sep or not k:
+            raise UsageError(f"--{what} expects NAME=VALUE, got {it!r}")
+        out[k] = v
+    return out
+
+
+def format_status(st: JobStatus) -> str:
+    """Human-readable status lines."""
+    lines = [f"job        {st.job_id}", f"state      {st.state}"]
+    if st.error_text:
+        lines.append(f"error      {st.error_text}")
+    if st.exit_code is not None:
+        lines.append(f"exit code  {st.exit_code}")
+    if st.signal is not None:
+        lines.append(f"signal     {st.signal}")
+    lines += [f"command    {st.command} {st.path} {' '.join(st.args)}".rstrip(),
+              f"owner      {st.owner}", f"pid        {st.pid}"]
+    if st.start_time:
+        lines.append(f"started    {st.start_time:%Y-%m-%d %H:%M:%S.%f} UTC")
+    if st.end_time:
+        lines.append(f"ended      {st.end_time:%Y-%m-%d %H:%M:%S.%f} UTC")
+    if st.done:
+        lines.append(f"cpu        user {st.user_cpu:.3f}s system {st.system_cpu:.3f}s, "
+                     f"max rss {st.max_rss // 1024} KiB")
+    lines.append(f"output     {st.output_bytes} bytes"
+                 + (" (truncated at the cap)" if st.output_truncated else ""))
+    return "\n".join(lines)
+
+
+def _json(st: JobStatus) -> dict[str, Any]:
+    d = asdict(st)
+    for k in ("start_time", "end_time"):
+        d[k] = d[k].isoformat() if d[k] else None
+    d["args"] = list(st.args)
+    return d
+
+
+def _write(data: bytes) -> None:
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
+
+
+def run(args: argparse.Namespace) -> int:
+    """Carry out one command; raises AgentClientError/UsageError."""
+    with connect(args) as c:
+        if args.cmd == "start":
+            limits = {k: int(v) for k, v in _kv(args.limit, "limit").items()}
+            path, job_args = (args.rest[0], args.rest[1:]) if args.rest else ("", [])
+            job = c.start(args.command, path, args=job_args, env=_kv(args.env, "env"),
+                          timeout_seconds=args.timeout, limits=limits,
+                          secret_args=args.secret_arg)
+            if not args.wait:
+                print(job)
+                return 0
+            print(f"job {job}", file=sys.stderr)
+            for chunk in c.stream(job, follow=True):
+                _write(chunk)
+            st = c.wait(job, timeout=60)
+            print(f"job {job}: {st.state}" + (f" ({st.error_text})" if st.error_text else ""),
+                  file=sys.stderr)
+            return 0 if st.state == "SUCCEEDED" else 1
+        if args.cmd == "stop":
+            c.stop(args.id)
+            return 0
+        if args.cmd == "status":
+            st = c.query(args.id)
+            print(json.dumps(_json(st), indent=2) if args.json else format_status(st))
+            return 0
+        if args.cmd == "wait":
+            st = c.wait(args.id, timeout=args.timeout)
+            print(format_status(st))
+            return 0 if st.state == "SUCCEEDED" else 1
+        if args.cmd == "logs":
+            for chunk in c.stream(args.id, offset=args.offset, follow=args.follow):
+                _write(chunk)
+            return 0
+        if args.cmd == "list":
+            rows: list[JobStatus] = []
+            for st in c.list_all(states=args.state, owner=args.owner,
+                                 page_size=min(args.limit or 1000, 1000)):
+                rows.append(st)
+                if args.limit and len(rows) >= args.limit:
+                    break
+            if args.json:
+                print(json.dumps([_json(s) for s in rows], indent=2))
+            else:
+                for s in rows:
+                    when = f"{s.start_time:%Y-%m-%d %H:%M:%S}" if s.start_time else "-"
+                    print(f"{s.job_id}  {s.state:<9}  {when}  {s.owner:<12}  "
+                          f"{s.command} {s.path}".rstrip())
+            return 0
+    raise UsageError(f"unknown command {args.cmd}")  # pragma: no cover
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit status."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except UsageError as e:
+        print(f"agentctl: {e}", file=sys.stderr)
+        return 2
+    except AgentClientError as e:
+        print(f"agentctl: {e}", file=sys.stderr)
+        return 1
+    except ValueError as e:
+        print(f"agentctl: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

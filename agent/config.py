@@ -1,0 +1,544 @@
+"""Configuration: config.toml -> frozen dataclasses.
+
+Two steps, as in uvicorn: :func:`parse` turns the TOML text into a
+:class:`Config` (pure: types, ranges, cross-field rules; no file is opened
+apart from the config itself), and :meth:`Config.check_files` (in
+``agent.startup``) does the fallible checks against the file system. Every
+error is a :class:`ConfigError` whose message names the file, the section
+and the key, fits on one line, and is what the ``agent`` command prints
+before exiting with status 2.
+
+Relative paths resolve against the folder of the config file, never the
+working directory (a daemon runs in ``/``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import ipaddress
+import sys
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised only on Python 3.10
+    import tomli as tomllib
+
+
+class ConfigError(Exception):
+    """Invalid configuration. ``str(err)`` is one line naming file, section and key."""
+
+    def __init__(self, file: Path | str, section: str, key: str, problem: str) -> None:
+        where = f"[{section}] {key}" if key else f"[{section}]" if section else ""
+        super().__init__(f"{file}: {where}: {problem}" if where else f"{file}: {problem}")
+        self.file = str(file)
+        self.section = section
+        self.key = key
+        self.problem = problem
+
+
+# ---------------------------------------------------------------- sections
+#
+# Field types are restricted to: str, bool, int, float, Path, Path | None,
+# list[str] and nested section dataclasses; the parser below checks them.
+# Each field's metadata carries its help text (used in the README table and
+# by `agent check-config --explain`) and optional bounds.
+
+
+def _f(default: Any, help: str, *, lo: float | None = None, hi: float | None = None,
+       choices: tuple[str, ...] | None = None) -> Any:
+    meta = {"help": help, "lo": lo, "hi": hi, "choices": choices}
+    if isinstance(default, list):
+        return field(default_factory=functools.partial(list, default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class GrpcServer:
+    """``[grpc_server]``: the listener (original keys first)."""
+
+    addr: str = _f("127.0.0.1:50000", "host:port to listen on ([v6]:port for IPv6)")
+    use_tls: bool = _f(True, "serve TLS; false is refused unless addr is loopback and "
+                       "allow_plaintext_loopback = true")
+    crt_file: Path | None = _f(None, "server certificate (PEM), chain allowed")
+    key_file: Path | None = _f(None, "server private key (PEM), mode 0600 or stricter")
+    ca_file: Path | None = _f(None, "CA bundle for client certificates: when set, every "
+                              "client must present a certificate it signed (mTLS)")
+    allow_plaintext_loopback: bool = _f(False, "permit use_tls = false on a loopback "
+                                        "address (development only; warns at every start)")
+    tls13_only: bool = _f(False, "refuse TLS 1.2 handshakes (see docs/security.md)")
+    max_message_bytes: int = _f(4 * 1024 * 1024, "largest request accepted, bytes",
+                                lo=1024, hi=64 * 1024 * 1024)
+    max_connection_idle_seconds: int = _f(0, "close idle client connections after this "
+                                          "many seconds (0: never)", lo=0, hi=86400)
+
+
+@dataclass(frozen=True)
+class Scheduler:
+    """``[scheduler]``: registration with the scheduler (original key: addr)."""
+
+    addr: str = _f("", "scheduler host:port; empty disables registration")
+    register: bool = _f(False, "register with the scheduler at start and keep the "
+                        "registration alive")
+    advertise_addr: str = _f("", "address sent in RegisterReq (default: grpc_server.addr)")
+    crt_file: Path | None = _f(None, "the agent's own client certificate for the scheduler")
+    key_file: Path | None = _f(None, "key of crt_file, mode 0600 or stricter")
+    ca_file: Path | None = _f(None, "CA that signed the scheduler's server certificate")
+    server_name: str = _f("", "expected name in the scheduler's certificate (default: "
+                          "the host part of addr)")
+    heartbeat_seconds: float = _f(10.0, "heartbeat interval when the scheduler does not "
+                                  "name one", lo=0.1, hi=3600)
+    retry_initial_seconds: float = _f(0.5, "first retry delay while the scheduler is "
+                                      "unreachable", lo=0.01, hi=600)
+    retry_max_seconds: float = _f(30.0, "longest retry delay (exponential backoff with "
+                                  "jitter)", lo=0.01, hi=3600)
+    call_timeout_seconds: float = _f(5.0, "deadline of each call to the scheduler",
+                                     lo=0.1, hi=600)
+
+
+@dataclass(frozen=True)
+class Auth:
+    """``[auth]``: who may call the API (deny by default)."""
+
+    clients: list[str] = _f([], "certificate identities that may call the API")
+    admins: list[str] = _f([], "identities that may also see and stop every job")
+    allow_anonymous: bool = _f(False, "without mTLS there is no identity: allow such "
+                               "callers as identity 'anonymous' (development only)")
+
+
+@dataclass(frozen=True)
+class LimitValues:
+    """Per-job resource limits; 0 means unlimited."""
+
+    cpu_seconds: int = _f(0, "RLIMIT_CPU: CPU seconds; SIGXCPU then SIGKILL", lo=0)
+    memory_bytes: int = _f(0, "RLIMIT_AS: address space in bytes", lo=0)
+    open_files: int = _f(0, "RLIMIT_NOFILE: open file descriptors", lo=0)
+    processes: int = _f(0, "RLIMIT_NPROC: processes of the job's user", lo=0)
+    output_bytes: int = _f(0, "output cap in bytes (see jobs.on_output_cap)", lo=0)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """``[limits.default]`` and ``[limits.max]``."""
+
+    default: LimitValues = field(default_factory=LimitValues,
+                                 metadata={"help": "limits applied when a request sets none"})
+    max: LimitValues = field(default_factory=LimitValues,
+                             metadata={"help": "largest limit a request may ask for "
+                                       "(0: no maximum)"})
+
+
+@dataclass(frozen=True)
+class Jobs:
+    """``[jobs]``: what runs and how."""
+
+    policy_file: Path | None = _f(None, "YAML whitelist policy (see policy.example.yaml)")
+    state_dir: Path = _f(Path("state"), "SQLite history and job output live here")
+    output_dir: Path | None = _f(None, "job output files (default: state_dir/output)")
+    run_as_user: str = _f("", "user jobs run as when the agent runs as root")
+    allow_root: bool = _f(False, "allow jobs to run as root (when run_as_user is empty "
+                          "or root)")
+    stop_grace_seconds: float = _f(5.0, "SIGTERM to SIGKILL delay when stopping a job",
+                                   lo=0, hi=3600)
+    max_running: int = _f(64, "running jobs at most; more is RESOURCE_EXHAUSTED",
+                          lo=1, hi=100000)
+    default_timeout_seconds: int = _f(0, "timeout when a request sets none (0: none)",
+                                      lo=0)
+    max_timeout_seconds: int = _f(0, "largest timeout a request may ask for (0: no "
+                                  "maximum)", lo=0)
+    on_output_cap: str = _f("kill", "what happens at the output cap: kill the job, or "
+                            "truncate (stop recording, let it run)",
+                            choices=("kill", "truncate"))
+    umask: str = _f("0077", "umask of job processes (octal)")
+    prlimit_path: Path = _f(Path("/usr/bin/prlimit"), "util-linux prlimit, used to apply "
+                            "resource limits before the job's program runs")
+    path_env: str = _f("/usr/local/bin:/usr/bin:/bin", "PATH given to jobs")
+
+
+@dataclass(frozen=True)
+class Retention:
+    """``[retention]``: how long finished jobs are kept."""
+
+    max_age_seconds: int = _f(7 * 86400, "finished jobs older than this are removed "
+                              "(0: keep forever)", lo=0)
+    max_jobs: int = _f(10000, "finished jobs kept at most, oldest removed first (0: no "
+                       "limit)", lo=0)
+    sweep_seconds: float = _f(60.0, "how often retention runs", lo=0.05, hi=86400)
+
+
+@dataclass(frozen=True)
+class Audit:
+    """``[audit]``: the security audit log (JSON lines)."""
+
+    file: Path | None = _f(None, "audit log path (default: state_dir/audit.log); opened "
+                           "append-only")
+    log_reads: bool = _f(False, "also log allowed read-only calls (QueryJob, WaitJob, "
+                         "ListJobs, StreamJobOutput); denials are always logged")
+
+
+@dataclass(frozen=True)
+class Logging:
+    """``[logging]``: the operational log."""
+
+    level: str = _f("info", "debug, info, warning or error",
+                    choices=("debug", "info", "warning", "error"))
+    file: Path | None = _f(None, "log file (default: stderr; in daemon mode "
+                           "state_dir/agent.log)")
+    syslog: bool = _f(False, "log to syslog (/dev/log) instead of a file")
+
+
+@dataclass(frozen=True)
+class Daemon:
+    """``[daemon]``: ``agent run --daemon`` and shutdown behaviour."""
+
+    pid_file: Path | None = _f(None, "pid file for --daemon (default: state_dir/agent.pid)")
+    on_shutdown: str = _f("stop", "at SIGTERM/SIGINT: stop running jobs, or wait for them",
+                          choices=("stop", "wait"))
+    shutdown_deadline_seconds: float = _f(30.0, "longest wait for jobs at shutdown "
+                                          "before they are stopped", lo=0, hi=86400)
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole validated configuration."""
+
+    path: Path
+    grpc_server: GrpcServer = field(default_factory=GrpcServer)
+    scheduler: Scheduler = field(default_factory=Scheduler)
+    auth: Auth = field(default_factory=Auth)
+    jobs: Jobs = field(default_factory=Jobs)
+    limits: Limits = field(default_factory=Limits)
+    retention: Retention = field(default_factory=Retention)
+    audit: Audit = field(default_factory=Audit)
+    logging: Logging = field(default_factory=Logging)
+    daemon: Daemon = field(default_factory=Daemon)
+
+    @property
+    def output_dir(self) -> Path:
+        """Where job output files are written."""
+        return self.jobs.output_dir or self.jobs.state_dir / "output"
+
+    @property
+    def db_path(self) -> Path:
+        """The SQLite history database."""
+        return self.jobs.state_dir / "jobs.sqlite3"
+
+    @property
+    def audit_file(self) -> Path:
+        """The audit log."""
+        return self.audit.file or self.jobs.state_dir / "audit.log"
+
+    @property
+    def pid_file(self) -> Path:
+        """The daemon pid file."""
+        return self.daemon.pid_file or self.jobs.state_dir / "agent.pid"
+
+    @property
+    def mtls(self) -> bool:
+        """Whether client certificates are required and verified."""
+        return self.grpc_server.use_tls and self.grpc_server.ca_file is not None
+
+
+SECTIONS: dict[str, type] = {
+    f.name: f.type if isinstance(f.type, type) else typing.get_type_hints(Config)[f.name]
+    for f in dataclasses.fields(Config)
+    if f.name != "path"
+}
+
+
+# ---------------------------------------------------------------- parsing
+
+
+def load(path: str | Path) -> Config:
+    """Read and validate a config file.
+
+    Raises :class:`ConfigError` (one line naming file, section and key) for an
+    unreadable file, a TOML syntax error, an unknown key, a wrong type, a
+    value out of range or an unsafe combination of settings.
+    """
+    p = Path(path)
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise ConfigError(p, "", "", "no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(p, "", "", f"cannot read: {_reason(e)}") from None
+    return parse(text, p)
+
+
+def parse(text: str, path: Path) -> Config:
+    """Validate TOML text as if read from ``path`` (relative paths resolve there)."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(path, "", "", f"not valid TOML: {e}") from None
+    base = path.resolve().parent
+    hints = typing.get_type_hints(Config)
+    values: dict[str, Any] = {}
+    for name, raw in data.items():
+        if name not in SECTIONS:
+            raise ConfigError(path, name, "", f"unknown section (known: {', '.join(SECTIONS)})")
+        if not isinstance(raw, dict):
+            raise ConfigError(path, name, "", "must be a table ([section])")
+        values[name] = _section(hints[name], raw, path, name, base)
+    cfg = Config(path=path.resolve(), **values)
+    _cross_checks(cfg)
+    return cfg
+
+
+def _section(cls: type, raw: Mapping[str, Any], file: Path, section: str, base: Path) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in known:
+            raise ConfigError(file, section, key,
+                              f"unknown key (known: {', '.join(sorted(known))})")
+        typ = hints[key]
+        if dataclasses.is_dataclass(typ):
+            if not isinstance(value, dict):
+                raise ConfigError(file, f"{section}.{key}", "", "must be a table")
+            kwargs[key] = _section(typ, value, file, f"{section}.{key}", base)  # type: ignore[arg-type]
+            continue
+        kwargs[key] = _value(typ, value, known[key].metadata, file, section, key, base)
+    # Relative default paths (for example jobs.state_dir = "state") also
+    # resolve against the config folder.
+    for name, f in known.items():
+        if name in kwargs:
+            continue
+        if hints[name] in (Path,) and isinstance(f.default, Path) and not f.default.is_absolute():
+            kwargs[name] = base / f.default
+    return cls(**kwargs)
+
+
+def _value(typ: Any, value: Any, meta: Mapping[str, Any], file: Path, section: str,
+           key: str, base: Path) -> Any:
+    def bad(expected: str) -> ConfigError:
+        return ConfigError(file, section, key, f"expected {expected}, got {value!r}")
+
+    optional = _is_optional(typ)
+    inner = _strip_optional(typ)
+    if inner is bool:
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if inner is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("an integer")
+        _check_range(value, meta, file, section, key)
+        return value
+    if inner is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad("a number")
+        _check_range(float(value), meta, file, section, key)
+        return float(value)
+    if inner is str:
+        if not isinstance(value, str):
+            raise bad("a string")
+        if "\x00" in value:
+            raise ConfigError(file, section, key, "must not contain NUL")
+        choices = meta.get("choices")
+        if choices and value not in choices:
+            raise ConfigError(file, section, key,
+                              f"must be one of {', '.join(choices)}, got {value!r}")
+        return value
+    if inner is Path:
+        if not isinstance(value, str):
+            raise bad("a path string")
+        if value == "":
+            if optional:
+                return None
+            raise ConfigError(file, section, key, "must not be empty")
+        if "\x00" in value:
+            raise ConfigError(file, section, key, "must not contain NUL")
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else base / p
+    if typing.get_origin(inner) is list:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise bad("a list of strings")
+        for v in value:
+            if not v or "\x00" in v:
+                raise ConfigError(file, section, key, f"invalid entry {v!r}")
+        return list(value)
+    raise AssertionError(f"unsupported config type {typ!r}")  # pragma: no cover
+
+
+def _is_optional(typ: Any) -> bool:
+    union = typing.get_origin(typ) in (typing.Union, types.UnionType)
+    return union and type(None) in typing.get_args(typ)
+
+
+def _strip_optional(typ: Any) -> Any:
+    if _is_optional(typ):
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        return args[0]
+    return typ
+
+
+def _check_range(value: float, meta: Mapping[str, Any], file: Path, section: str,
+                 key: str) -> None:
+    lo, hi = meta.get("lo"), meta.get("hi")
+    if lo is not None and value < lo:
+        raise ConfigError(file, section, key, f"must be at least {lo:g}, got {value:g}")
+    if hi is not None and value > hi:
+        raise ConfigError(file, section, key, f"must be at most {hi:g}, got {value:g}")
+
+
+def split_host_port(addr: str) -> tuple[str, int]:
+    """Split ``host:port`` / ``[v6]:port``; raise ValueError with a reason."""
+    if addr.startswith("["):
+        host, sep, rest = addr[1:].partition("]")
+        if not sep or not rest.startswith(":"):
+            raise ValueError("expected [ipv6]:port")
+        port_s = rest[1:]
+    else:
+        host, sep, port_s = addr.rpartition(":")
+        if not sep:
+            raise ValueError("expected host:port")
+        if ":" in host:
+            raise ValueError("put an IPv6 address in brackets: [::1]:port")
+    if not host:
+        raise ValueError("host is empty")
+    if not port_s.isdigit() or not 0 <= int(port_s) <= 65535:
+        raise ValueError(f"bad port {port_s!r}")
+    return host, int(port_s)
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and 'localhost' (nothing is resolved)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _cross_checks(cfg: Config) -> None:
+    f = cfg.path
+    gs = cfg.grpc_server
+    try:
+        host, _ = split_host_port(gs.addr)
+    except ValueError as e:
+        raise ConfigError(f, "grpc_server", "addr", f"{e}, got {gs.addr!r}") from None
+    if gs.use_tls:
+        if gs.crt_file is None:
+            raise ConfigError(f, "grpc_server", "crt_file", "required when use_tls = true")
+        if gs.key_file is None:
+            raise ConfigError(f, "grpc_server", "key_file", "required when use_tls = true")
+    else:
+        # Plaintext is never acceptable off the machine: a job runner that
+        # anybody on the network can drive is remote code execution.
+        if not is_loopback_host(host):
+            raise ConfigError(f, "grpc_server", "use_tls",
+                              f"false is refused on non-loopback address {host!r}; "
+                              "plaintext is only possible on loopback")
+        if not gs.allow_plaintext_loopback:
+            raise ConfigError(f, "grpc_server", "use_tls",
+                              "false needs allow_plaintext_loopback = true (development only)")
+        if gs.tls13_only:
+            raise ConfigError(f, "grpc_server", "tls13_only", "needs use_tls = true")
+    if not cfg.mtls and not cfg.auth.allow_anonymous:
+        key = "ca_file" if gs.use_tls else "use_tls"
+        raise ConfigError(f, "grpc_server", key,
+                          "without a CA file no client can be identified, so every call "
+                          "would be denied: set ca_file (mTLS) or [auth] allow_anonymous "
+                          "= true")
+    if cfg.mtls and cfg.auth.allow_anonymous:
+        raise ConfigError(f, "auth", "allow_anonymous",
+                          "has no effect with mTLS (every client has an identity); remove it")
+    if cfg.mtls and not (cfg.auth.clients or cfg.auth.admins):
+        raise ConfigError(f, "auth", "clients",
+                          "no identity may call the API: list at least one in clients or "
+                          "admins")
+    overlap = set(cfg.auth.clients) & set(cfg.auth.admins)
+    if overlap:
+        raise ConfigError(f, "auth", "admins",
+                          f"{', '.join(sorted(overlap))} also listed in clients; list each "
+                          "identity once")
+    sch = cfg.scheduler
+    if sch.register:
+        if not sch.addr:
+            raise ConfigError(f, "scheduler", "addr", "required when register = true")
+        try:
+            split_host_port(sch.addr)
+        except ValueError as e:
+            raise ConfigError(f, "scheduler", "addr", f"{e}, got {sch.addr!r}") from None
+        for key in ("crt_file", "key_file", "ca_file"):
+            if getattr(sch, key) is None:
+                raise ConfigError(f, "scheduler", key,
+                                  "required when register = true (registration uses mTLS)")
+        if sch.advertise_addr:
+            try:
+                split_host_port(sch.advertise_addr)
+            except ValueError as e:
+                raise ConfigError(f, "scheduler", "advertise_addr", str(e)) from None
+    if sch.retry_initial_seconds > sch.retry_max_seconds:
+        raise ConfigError(f, "scheduler", "retry_initial_seconds",
+                          "must not exceed retry_max_seconds")
+    if cfg.jobs.policy_file is None:
+        raise ConfigError(f, "jobs", "policy_file",
+                          "required: without a policy nothing may run")
+    try:
+        umask = int(cfg.jobs.umask, 8)
+    except ValueError:
+        raise ConfigError(f, "jobs", "umask", f"expected octal like \"0077\", got "
+                          f"{cfg.jobs.umask!r}") from None
+    if not 0 <= umask <= 0o777:
+        raise ConfigError(f, "jobs", "umask", "must be between 0000 and 0777")
+    mj = cfg.jobs
+    if mj.max_timeout_seconds and mj.default_timeout_seconds > mj.max_timeout_seconds:
+        raise ConfigError(f, "jobs", "default_timeout_seconds",
+                          "must not exceed max_timeout_seconds")
+    for fld in dataclasses.fields(LimitValues):
+        d = getattr(cfg.limits.default, fld.name)
+        m = getattr(cfg.limits.max, fld.name)
+        if m and (d == 0 or d > m):
+            raise ConfigError(f, "limits.default", fld.name,
+                              f"must be between 1 and [limits.max] {fld.name} = {m} "
+                              "(0 would mean unlimited)")
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return str(e)
+
+
+def _fmt_default(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, Path):
+        return f'"{value}"'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f'"{value}"'
+    return repr(value)
+
+
+def describe() -> list[tuple[str, str, str, str]]:
+    """Rows (section, key, default, help) for documentation."""
+    rows: list[tuple[str, str, str, str]] = []
+
+    def walk(cls: type, section: str) -> None:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            typ = hints[f.name]
+            if dataclasses.is_dataclass(typ):
+                walk(typ, f"{section}.{f.name}")  # type: ignore[arg-type]
+                continue
+            default: Any = f.default
+            if f.default_factory is not dataclasses.MISSING:
+                default = f.default_factory()
+            rows.append((section, f.name, _fmt_default(default), f.metadata.get("help", "")))
+
+    for name, cls in SECTIONS.items():
+        walk(cls, name)
+    return rows

@@ -1,0 +1,854 @@
+"""The whitelist policy: what may run, for whom, with which arguments.
+
+Two halves:
+
+* :func:`load` / :func:`parse` read the YAML policy file (``yaml.safe_load``)
+  into frozen :class:`Policy` data, refusing any invalid entry with a
+  :class:`PolicyError` that names it.
+* :func:`decide` takes the policy, a :class:`JobRequest` (plain data) and a
+  file-system view, and returns a :class:`Decision`: either a :class:`Plan`
+  (exactly what to execute) or every reason it was denied. It fails closed:
+  anything it does not positively allow is denied, and any unexpected
+  condition is a denial, not an exception.
+
+The file checks follow OpenSSH's StrictModes: the program, the script and
+every directory above them must be owned by root or the agent's own user and
+must not be writable by group or others. That rule is what makes checking
+a path and then executing it safe: the only users who could swap the file in
+between are ones who could replace the agent itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import re
+import stat
+import unicodedata
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import yaml
+
+from agent.errors import (
+    AgentError,
+    FailedPrecondition,
+    InvalidArgument,
+    Kind,
+    NotFound,
+    PermissionDenied,
+)
+
+# Hard caps on a request, whatever the policy says. They keep a hostile
+# caller from making the agent do unbounded work before any policy rule runs.
+MAX_PATH_BYTES = 4096
+MAX_ARGS = 1024
+MAX_ARG_BYTES = 128 * 1024
+MAX_ENV = 64
+MAX_ENV_VALUE_BYTES = 32 * 1024
+
+DEFAULT_MAX_ARGS = 32
+DEFAULT_MAX_ARG_LENGTH = 4096
+
+# Environment variables that change how a loader, shell or interpreter
+# behaves before the job's own code runs. Letting a caller set them would
+# let the caller choose the code that runs, so a policy may not allow them.
+_DANGEROUS_ENV = re.compile(
+    r"^(LD_\w*|BASH_ENV|ENV|BASH_FUNC_\w*|SHELLOPTS|BASHOPTS|PS4|IFS|CDPATH|GLOBIGNORE|"
+    r"PROMPT_COMMAND|PYTHON\w*|PERL5?\w*|RUBY\w*|NODE_\w*|GCONV_PATH|LOCPATH|NLSPATH|"
+    r"HOSTALIASES|RES_OPTIONS|MALLOC_\w*|GLIBC_TUNABLES|TMPDIR|PATH|HOME|SHELL|USER|LOGNAME|"
+    r"AGENT_JOB_ID)$"
+)
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_ENTRY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class PolicyError(Exception):
+    """The policy file is invalid; ``str(err)`` names the file and the entry."""
+
+
+# ---------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class ArgRules:
+    """Limits on a request's arguments for one entry."""
+
+    max_count: int = DEFAULT_MAX_ARGS
+    max_length: int = DEFAULT_MAX_ARG_LENGTH
+    patterns: tuple[re.Pattern[str], ...] = ()
+
+
+@dataclass(frozen=True)
+class ScriptRule:
+    """Where an interpreter's scripts may come from."""
+
+    written: str  # as in the policy file, for messages
+    regexes: tuple[re.Pattern[str], ...]  # the written and the canonical form
+    sha256: str | None = None
+
+    def matches(self, path: str) -> bool:
+        """True when ``path`` is covered by this rule."""
+        return any(r.fullmatch(path) for r in self.regexes)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One allowed command (an executable, or an interpreter with scripts)."""
+
+    name: str
+    command: str  # canonical absolute path
+    spellings: frozenset[str]  # command strings a caller may send
+    scripts: tuple[ScriptRule, ...] | None  # None: an executable entry
+    sha256: str | None
+    identities: frozenset[str] | None  # None: any authorized identity
+    args: ArgRules
+    env: frozenset[str]
+    cwd: str | None
+
+    @property
+    def is_interpreter(self) -> bool:
+        """Whether ``path`` names a script for this command."""
+        return self.scripts is not None
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A validated policy: entries in file order; anything else is denied."""
+
+    entries: tuple[Entry, ...]
+    source: str = "<memory>"
+
+    def candidates(self, command: str) -> list[Entry]:
+        """Entries a request's ``command`` string refers to (no PATH lookup)."""
+        return [e for e in self.entries if command in e.spellings]
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    """A start request as plain data (what the caller sent, plus who it is)."""
+
+    command: str
+    path: str
+    args: tuple[str, ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
+    identity: str = ""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Exactly what to execute, produced only by an allow decision."""
+
+    entry: str
+    executable: str  # canonical path of the program
+    argv: tuple[str, ...]
+    env: Mapping[str, str]  # caller-set variables the policy allowed
+    cwd: str | None
+    script: str | None  # canonical script path for interpreters
+    # An open descriptor of the verified program when its digest is pinned:
+    # the job executes /proc/self/fd/N, the very file that was hashed.
+    exec_fd: int | None = None
+
+
+@dataclass(frozen=True)
+class Denial:
+    """One reason a request was refused."""
+
+    entry: str  # "" when no entry was involved
+    rule: str  # stable rule name, also written to the audit log
+    message: str
+    kind: Kind = Kind.PERMISSION_DENIED
+
+    def __str__(self) -> str:
+        where = f"entry {self.entry!r}: " if self.entry else ""
+        return f"{where}{self.message} [{self.rule}]"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Either a plan (allowed) or the full list of denials."""
+
+    plan: Plan | None
+    denials: tuple[Denial, ...] = ()
+
+    @property
+    def allowed(self) -> bool:
+        """True when the request may run."""
+        return self.plan is not None
+
+    def error(self) -> AgentError:
+        """The error to answer a denied request with.
+
+        The kind is the most specific one shared by the reasons: a request
+        that is only wrong because its script is missing is NOT_FOUND, only
+        because of its arguments' count or size INVALID_ARGUMENT, and so on;
+        any mix, or any policy refusal, is PERMISSION_DENIED.
+        """
+        assert self.denials, "error() on an allowed decision"
+        kinds = {d.kind for d in self.denials}
+        kind = kinds.pop() if len(kinds) == 1 else Kind.PERMISSION_DENIED
+        cls: type[AgentError] = {
+            Kind.INVALID_ARGUMENT: InvalidArgument,
+            Kind.NOT_FOUND: NotFound,
+            Kind.FAILED_PRECONDITION: FailedPrecondition,
+        }.get(kind, PermissionDenied)
+        text = "; ".join(str(d) for d in self.denials)
+        return cls(f"not started: {text}", rule=",".join(sorted({d.rule for d in self.denials})))
+
+
+# ---------------------------------------------------------------- file system seam
+
+
+class FileSystem(Protocol):
+    """The file-system calls the decision needs (a seam for race tests)."""
+
+    def realpath(self, path: str) -> str: ...
+    def lstat(self, path: str) -> os.stat_result: ...
+    def open_verified(self, path: str, st: os.stat_result) -> int: ...
+
+
+class RealFileSystem:
+    """The real file system."""
+
+    def realpath(self, path: str) -> str:
+        """Canonical path; raise FileNotFoundError if any part is missing."""
+        return os.path.realpath(path, strict=True)
+
+    def lstat(self, path: str) -> os.stat_result:
+        """``os.lstat``."""
+        return os.lstat(path)
+
+    def open_verified(self, path: str, st: os.stat_result) -> int:
+        """Open ``path`` read-only and check it is the file ``st`` described."""
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        try:
+            fst = os.fstat(fd)
+            if (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino) or not stat.S_ISREG(fst.st_mode):
+                raise FileChangedError(path)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+
+class FileChangedError(OSError):
+    """The file changed between its check and its opening."""
+
+
+_digest_cache: dict[tuple[int, int, int, int, int], str] = {}
+
+
+def file_sha256(fd: int) -> str:
+    """SHA-256 of an open file, cached by identity and change time.
+
+    The cache key includes the inode's ctime, which no user can set and
+    which changes on every write, rename or chmod, so a cached digest is
+    never served for a modified file.
+    """
+    st = os.fstat(fd)
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    cached = _digest_cache.get(key)
+    if cached is not None:
+        return cached
+    h = hashlib.sha256()
+    offset = 0
+    while True:
+        chunk = os.pread(fd, 1 << 20, offset)
+        if not chunk:
+            break
+        h.update(chunk)
+        offset += len(chunk)
+    digest = h.hexdigest()
+    if len(_digest_cache) > 1024:
+        _digest_cache.clear()
+    _digest_cache[key] = digest
+    return digest
+
+
+# ---------------------------------------------------------------- request validation
+
+
+def _text_problem(value: str, what: str, max_bytes: int) -> str | None:
+    """Why a command/path string is malformed, or None."""
+    if value == "":
+        return f"{what} is empty"
+    if len(value.encode("utf-8", "surrogatepass")) > max_bytes:
+        return f"{what} is longer than {max_bytes} bytes"
+    if "\x00" in value:
+        return f"{what} contains a NUL byte"
+    for ch in value:
+        # Control and format characters (C0/C1 controls, bidi overrides,
+        # zero-width joiners) have no place in a path and would make audit
+        # lines and messages lie about what was asked for.
+        cat = unicodedata.category(ch)
+        if cat in ("Cc", "Cf", "Cs", "Co", "Cn"):
+            return f"{what} contains the control or format character U+{ord(ch):04X}"
+    return None
+
+
+def validate_request(req: JobRequest) -> list[Denial]:
+    """Malformed-request checks that do not depend on the policy."""
+    out: list[Denial] = []
+
+    def bad(rule: str, msg: str) -> None:
+        out.append(Denial("", rule, msg, Kind.INVALID_ARGUMENT))
+
+    p = _text_problem(req.command, "command", MAX_PATH_BYTES)
+    if p:
+        bad("malformed-command", p)
+    if req.path != "":
+        p = _text_problem(req.path, "path", MAX_PATH_BYTES)
+        if p:
+            bad("malformed-path", p)
+    if len(req.args) > MAX_ARGS:
+        bad("too-many-args", f"{len(req.args)} arguments, at most {MAX_ARGS} are accepted")
+    else:
+        for i, a in enumerate(req.args):
+            if "\x00" in a:
+                bad("malformed-arg", f"argument {i} contains a NUL byte")
+            elif len(a.encode("utf-8", "surrogatepass")) > MAX_ARG_BYTES:
+                bad("arg-too-long", f"argument {i} is longer than {MAX_ARG_BYTES} bytes")
+    if req.path == "" and req.args:
+        bad("args-without-path", "arguments were given but path is empty")
+    if len(req.env) > MAX_ENV:
+        bad("too-many-env", f"{len(req.env)} environment variables, at most {MAX_ENV}")
+    else:
+        for k, v in req.env.items():
+            if not _ENV_NAME.match(k):
+                bad("malformed-env", f"environment variable name {k[:64]!r} is not a valid name")
+            elif "\x00" in v or len(v.encode("utf-8", "surrogatepass")) > MAX_ENV_VALUE_BYTES:
+                bad("malformed-env", f"value of {k} contains NUL or is longer than "
+                    f"{MAX_ENV_VALUE_BYTES} bytes")
+    return out
+
+
+def _lexical_path_problem(path: str) -> str | None:
+    """Why ``path`` is not an absolute, already-normal path, or None."""
+    if not path.startswith("/"):
+        return f"{path!r} is not an absolute path"
+    parts = path.split("/")[1:]
+    if any(p in ("", ".", "..") for p in parts) and path != "/":
+        return f"{path!r} is not in canonical form (no '//', '.' or '..' allowed)"
+    return None
+
+
+# ---------------------------------------------------------------- decision
+
+
+def decide(
+    policy: Policy,
+    req: JobRequest,
+    *,
+    fs: FileSystem | None = None,
+    owners: Iterable[int] | None = None,
+) -> Decision:
+    """Decide whether ``req`` may run, and how.
+
+    ``owners`` are the uids that may own programs, scripts and the
+    directories above them (default: root and the agent's effective uid).
+    Never raises for any request: every problem becomes a :class:`Denial`.
+    The caller must close ``plan.exec_fd`` if it is set and the plan is not
+    executed.
+    """
+    fs = fs or RealFileSystem()
+    allowed_owners = frozenset(owners) if owners is not None else frozenset({0, os.geteuid()})
+    malformed = validate_request(req)
+    if malformed:
+        return Decision(None, tuple(malformed))
+    candidates = policy.candidates(req.command)
+    if not candidates:
+        return Decision(None, (Denial("", "command-not-allowed",
+                                      f"command {req.command!r} is not in the policy"),))
+    denials: list[Denial] = []
+    for entry in candidates:
+        try:
+            result = _decide_entry(entry, req, fs, allowed_owners)
+        except Exception as e:  # fail closed on anything unexpected
+            result = [Denial(entry.name, "internal-check-error",
+                             f"check failed: {type(e).__name__}", Kind.FAILED_PRECONDITION)]
+        if isinstance(result, Plan):
+            return Decision(result)
+        denials.extend(result)
+    return Decision(None, tuple(denials))
+
+
+def _decide_entry(entry: Entry, req: JobRequest, fs: FileSystem,
+                  owners: frozenset[int]) -> Plan | list[Denial]:
+    out: list[Denial] = []
+
+    def deny(rule: str, msg: str, kind: Kind = Kind.PERMISSION_DENIED) -> None:
+        out.append(Denial(entry.name, rule, msg, kind))
+
+    if entry.identities is not None and req.identity not in entry.identities:
+        deny("identity-not-allowed", f"identity {req.identity!r} may not use this command")
+        return out  # nothing else about this entry is the caller's business
+
+    checked_args = list(req.args) if entry.is_interpreter else (
+        ([req.path] if req.path else []) + list(req.args))
+    rules = entry.args
+    if len(checked_args) > rules.max_count:
+        deny("too-many-args", f"{len(checked_args)} arguments, at most {rules.max_count}",
+             Kind.INVALID_ARGUMENT)
+    for i, a in enumerate(checked_args):
+        if len(a) > rules.max_length:
+            deny("arg-too-long", f"argument {i} is longer than {rules.max_length} characters",
+                 Kind.INVALID_ARGUMENT)
+        elif rules.patterns and not any(p.fullmatch(a) for p in rules.patterns):
+            deny("arg-pattern", f"argument {i} does not match any allowed pattern")
+    for k in req.env:
+        if k not in entry.env:
+            deny("env-not-allowed", f"environment variable {k} may not be set")
+
+    script: str | None = None
+    if entry.is_interpreter:
+        script = _check_script(entry, req.path, fs, owners, deny)
+    if out:
+        return out
+
+    # The program itself, checked on every start: the policy was validated
+    # at load time, but files change.
+    try:
+        prog = fs.realpath(entry.command)
+    except OSError:
+        deny("command-missing", f"{entry.command} no longer exists", Kind.FAILED_PRECONDITION)
+        return out
+    if prog != entry.command:
+        deny("command-moved", f"{entry.command} now resolves to {prog}; reload the policy",
+             Kind.FAILED_PRECONDITION)
+        return out
+    st = _check_file(prog, fs, owners, deny, want_exec=True)
+    if st is None or out:
+        return out
+    exec_fd: int | None = None
+    if entry.sha256 is not None:
+        exec_fd = _verify_digest(prog, st, entry.sha256, fs, deny)
+        if exec_fd is None:
+            return out
+    argv: list[str] = [prog]
+    if script is not None:
+        argv.append(script)
+    elif req.path:
+        argv.append(req.path)
+    argv.extend(req.args)
+    return Plan(entry=entry.name, executable=prog, argv=tuple(argv),
+                env={k: req.env[k] for k in req.env}, cwd=entry.cwd, script=script,
+                exec_fd=exec_fd)
+
+
+def _check_script(entry: Entry, path: str, fs: FileSystem, owners: frozenset[int],
+                  deny: Any) -> str | None:
+    assert entry.scripts is not None
+    if path == "":
+        deny("script-required", "path must name a script for this interpreter",
+             Kind.INVALID_ARGUMENT)
+        return None
+    problem = _lexical_path_problem(path)
+    if problem:
+        deny("script-path-not-canonical", problem)
+        return None
+    # Match the path as written before touching the file system, so a
+    # caller cannot probe which files exist outside the allowed places.
+    if not any(r.matches(path) for r in entry.scripts):
+        deny("script-not-allowed", f"{path} is not under an allowed script location")
+        return None
+    try:
+        canonical = fs.realpath(path)
+    except FileNotFoundError:
+        deny("script-missing", f"{path} does not exist", Kind.NOT_FOUND)
+        return None
+    except OSError as e:
+        deny("script-unreadable", f"{path}: {e.strerror or type(e).__name__}",
+             Kind.FAILED_PRECONDITION)
+        return None
+    rules = [r for r in entry.scripts if r.matches(canonical)]
+    if not rules:
+        deny("script-symlink-escape",
+             f"{path} resolves to {canonical}, outside the allowed script locations")
+        return None
+    st = _check_file(canonical, fs, owners, deny, want_exec=False)
+    if st is None:
+        return None
+    pins = {r.sha256 for r in rules if r.sha256}
+    if pins:
+        fd = _verify_digest(canonical, st, None, fs, deny, allowed=pins)
+        if fd is None:
+            return None
+        os.close(fd)
+    return canonical
+
+
+def _check_file(path: str, fs: FileSystem, owners: frozenset[int], deny: Any, *,
+                want_exec: bool) -> os.stat_result | None:
+    """StrictModes checks on a canonical path and all its parents."""
+    try:
+        st = fs.lstat(path)
+    except FileNotFoundError:
+        deny("file-missing", f"{path} does not exist", Kind.NOT_FOUND)
+        return None
+    except OSError as e:
+        deny("file-unreadable", f"{path}: {e.strerror or type(e).__name__}",
+             Kind.FAILED_PRECONDITION)
+        return None
+    mode = st.st_mode
+    if not stat.S_ISREG(mode):
+        deny("not-regular-file", f"{path} is {_file_kind(mode)}, not a regular file")
+        return None
+    ok = True
+    if mode & (stat.S_ISUID | stat.S_ISGID):
+        deny("setuid-setgid", f"{path} is set-uid or set-gid")
+        ok = False
+    if mode & (stat.S_IWGRP | stat.S_IWOTH):
+        deny("writable-by-others",
+             f"{path} is writable by group or others (mode {mode & 0o7777:04o})")
+        ok = False
+    if st.st_uid not in owners:
+        deny("bad-owner", f"{path} is owned by uid {st.st_uid}, not root or the agent's user")
+        ok = False
+    if want_exec and not mode & 0o111:
+        deny("not-executable", f"{path} is not executable", Kind.FAILED_PRECONDITION)
+        ok = False
+    parent = os.path.dirname(path)
+    while True:
+        try:
+            pst = fs.lstat(parent)
+        except OSError as e:
+            deny("parent-unreadable", f"{parent}: {e.strerror or type(e).__name__}",
+                 Kind.FAILED_PRECONDITION)
+            return None
+        if not stat.S_ISDIR(pst.st_mode):
+            deny("parent-not-directory", f"{parent} is not a directory")
+            return None
+        if pst.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            deny("parent-writable-by-others",
+                 f"directory {parent} is writable by group or others "
+                 f"(mode {pst.st_mode & 0o7777:04o})")
+            ok = False
+        if pst.st_uid not in owners:
+            deny("parent-bad-owner",
+                 f"directory {parent} is owned by uid {pst.st_uid}, not root or the agent's user")
+            ok = False
+        if parent == "/":
+            break
+        parent = os.path.dirname(parent)
+    return st if ok else None
+
+
+def _verify_digest(path: str, st: os.stat_result, expected: str | None, fs: FileSystem,
+                   deny: Any, *, allowed: set[str] | None = None) -> int | None:
+    """Open the checked file and compare its SHA-256; return the open fd."""
+    try:
+        fd = fs.open_verified(path, st)
+    except OSError as e:
+        deny("file-changed", f"{path} changed while being checked ({type(e).__name__})",
+             Kind.FAILED_PRECONDITION)
+        return None
+    try:
+        digest = file_sha256(fd)
+    except OSError as e:
+        os.close(fd)
+        deny("file-unreadable", f"{path}: {e.strerror}", Kind.FAILED_PRECONDITION)
+        return None
+    want = allowed if allowed is not None else {expected}
+    if digest not in want:
+        os.close(fd)
+        deny("sha256-mismatch", f"{path} does not have the pinned sha256 digest")
+        return None
+    return fd
+
+
+def _file_kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    return "not a regular file"
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load(path: str | Path, *, owners: Iterable[int] | None = None) -> Policy:
+    """Read and validate a policy file; raise :class:`PolicyError` naming the entry."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise PolicyError(f"{p}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise PolicyError(f"{p}: cannot read: {e}") from None
+    return parse(text, str(p), owners=owners, base=p.resolve().parent)
+
+
+_ENTRY_KEYS = {"name", "command", "aliases", "scripts", "sha256", "identities", "args",
+               "env", "cwd"}
+_ARGS_KEYS = {"max_count", "max_length", "patterns"}
+
+
+def parse(text: str, source: str = "<policy>", *, owners: Iterable[int] | None = None,
+          base: Path | None = None) -> Policy:
+    """Validate policy YAML text; ``source`` names it in errors.
+
+    Relative script locations resolve against ``base`` (the policy file's
+    folder); without a base they are refused.
+    """
+    allowed_owners = frozenset(owners) if owners is not None else frozenset({0, os.geteuid()})
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise PolicyError(f"{source}: not valid YAML: {_yaml_reason(e)}") from None
+    if not isinstance(data, dict):
+        raise PolicyError(f"{source}: expected a mapping with 'version' and 'entries'")
+    unknown = set(data) - {"version", "entries"}
+    if unknown:
+        keys = ", ".join(sorted(map(str, unknown)))
+        raise PolicyError(f"{source}: unknown top-level key(s): {keys}")
+    if data.get("version") != 1:
+        raise PolicyError(f"{source}: version: must be 1")
+    raw_entries = data.get("entries")
+    if raw_entries is None:
+        raw_entries = []
+    if not isinstance(raw_entries, list):
+        raise PolicyError(f"{source}: entries: must be a list")
+    entries: list[Entry] = []
+    names: set[str] = set()
+    for i, raw in enumerate(raw_entries, 1):
+        label = f"entry #{i}"
+        if isinstance(raw, dict) and isinstance(raw.get("name"), str):
+            label = f"entry #{i} ({raw['name']!r})"
+        try:
+            entry = _parse_entry(raw, allowed_owners, base)
+        except _EntryError as e:
+            raise PolicyError(f"{source}: {label}: {e}") from None
+        if entry.name in names:
+            raise PolicyError(f"{source}: {label}: name: duplicate entry name")
+        names.add(entry.name)
+        entries.append(entry)
+    return Policy(entries=tuple(entries), source=source)
+
+
+class _EntryError(Exception):
+    pass
+
+
+def _parse_entry(raw: Any, owners: frozenset[int], base: Path | None) -> Entry:
+    if not isinstance(raw, dict):
+        raise _EntryError("must be a mapping")
+    unknown = set(raw) - _ENTRY_KEYS
+    if unknown:
+        raise _EntryError(f"unknown key(s): {', '.join(sorted(map(str, unknown)))}")
+    name = raw.get("name")
+    if name is not None and not isinstance(name, str):
+        raise _EntryError(f"name: must be a string, got {type(name).__name__} {name!r} "
+                          "(quote it in YAML)")
+    if not isinstance(name, str) or not _ENTRY_NAME.match(name):
+        raise _EntryError("name: required; letters, digits, '.', '_' or '-', at most 64")
+    command = raw.get("command")
+    if not isinstance(command, str) or not command.startswith("/"):
+        raise _EntryError("command: required; an absolute path (nothing is looked up in PATH)")
+    problem = _text_problem(command, "command", MAX_PATH_BYTES) or _lexical_path_problem(command)
+    if problem:
+        raise _EntryError(f"command: {problem}")
+    try:
+        canonical = os.path.realpath(command, strict=True)
+    except OSError as e:
+        raise _EntryError(f"command: {command}: {e.strerror or 'cannot resolve'}") from None
+    problems: list[Denial] = []
+
+    def collect(rule: str, msg: str, kind: Kind = Kind.PERMISSION_DENIED) -> None:
+        problems.append(Denial("", rule, msg, kind))
+
+    _check_file(canonical, RealFileSystem(), owners, collect, want_exec=True)
+    if problems:
+        raise _EntryError(f"command: {'; '.join(d.message for d in problems)}")
+    aliases = _str_list(raw.get("aliases", []), "aliases")
+    for a in aliases:
+        if "/" in a or not a or _text_problem(a, "alias", 255):
+            raise _EntryError(f"aliases: {a!r} must be a plain name without '/'")
+    sha256 = raw.get("sha256")
+    if sha256 is not None and (not isinstance(sha256, str) or not _HEX64.match(sha256)):
+        raise _EntryError("sha256: must be 64 lowercase hex digits")
+    scripts: tuple[ScriptRule, ...] | None = None
+    if "scripts" in raw:
+        scripts = tuple(_parse_script_rule(s, base) for s in _list(raw["scripts"], "scripts"))
+        if not scripts:
+            raise _EntryError("scripts: must list at least one location")
+    identities: frozenset[str] | None = None
+    if "identities" in raw:
+        identities = frozenset(_str_list(raw["identities"], "identities"))
+        if not identities:
+            raise _EntryError("identities: an empty list would allow nobody; omit it to "
+                              "allow every authorized identity")
+    args = _parse_args(raw.get("args", {}))
+    env = frozenset(_str_list(raw.get("env", []), "env"))
+    for k in env:
+        if not _ENV_NAME.match(k):
+            raise _EntryError(f"env: {k!r} is not a valid variable name")
+        if _DANGEROUS_ENV.match(k):
+            raise _EntryError(f"env: {k} may not be set by callers: it changes what code runs "
+                              "or how the job is isolated")
+    cwd = raw.get("cwd")
+    if cwd is not None:
+        if not isinstance(cwd, str) or not cwd.startswith("/"):
+            raise _EntryError("cwd: must be an absolute path")
+        if not os.path.isdir(cwd):
+            raise _EntryError(f"cwd: {cwd} is not an existing directory")
+    spellings = {command, canonical, *aliases}
+    return Entry(name=name, command=canonical, spellings=frozenset(spellings), scripts=scripts,
+                 sha256=sha256, identities=identities, args=args, env=env, cwd=cwd)
+
+
+def _parse_script_rule(raw: Any, base: Path | None) -> ScriptRule:
+    sha: str | None = None
+    if isinstance(raw, dict):
+        unknown = set(raw) - {"path", "sha256"}
+        if unknown:
+            raise _EntryError(f"scripts: unknown key(s): {', '.join(sorted(map(str, unknown)))}")
+        sha = raw.get("sha256")
+        raw = raw.get("path")
+        if sha is not None and (not isinstance(sha, str) or not _HEX64.match(sha)):
+            raise _EntryError("scripts: sha256 must be 64 lowercase hex digits")
+    if isinstance(raw, str) and raw and not raw.startswith("/") and base is not None \
+            and "\x00" not in raw:
+        trailing = raw.endswith("/")
+        raw = str(base / raw).rstrip("/") + ("/" if trailing else "")
+    if not isinstance(raw, str) or not raw.startswith("/"):
+        raise _EntryError(f"scripts: {raw!r} must be a path (absolute, or relative to the "
+                          "policy file), a directory/ or a glob")
+    if "\x00" in raw or any(p in (".", "..") for p in raw.split("/")):
+        raise _EntryError(f"scripts: {raw!r} must not contain '.' or '..' components")
+    if raw == "/" or raw.startswith("/**"):
+        raise _EntryError(f"scripts: {raw!r} would allow every file on the machine")
+    if sha is not None and (raw.endswith("/") or _has_glob(raw)):
+        raise _EntryError(f"scripts: {raw!r}: a sha256 pin needs the path of one file")
+    forms = {raw}
+    canonical = _canonical_pattern(raw)
+    if canonical:
+        forms.add(canonical)
+    return ScriptRule(written=raw, regexes=tuple(_glob_regex(f) for f in sorted(forms)), sha256=sha)
+
+
+def _has_glob(s: str) -> bool:
+    return any(c in s for c in "*?[")
+
+
+def _canonical_pattern(pattern: str) -> str | None:
+    """The pattern with its literal directory prefix resolved through symlinks."""
+    parts = pattern.split("/")
+    literal: list[str] = []
+    for p in parts[1:]:
+        if _has_glob(p):
+            break
+        literal.append(p)
+    rest = parts[1 + len(literal):]
+    prefix = "/" + "/".join(x for x in literal if x)
+    try:
+        real = os.path.realpath(prefix, strict=True)
+    except OSError:
+        return None
+    tail = "/".join(rest)
+    out = real.rstrip("/") + ("/" + tail if tail else "")
+    if pattern.endswith("/") and not out.endswith("/"):
+        out += "/"
+    return out
+
+
+def _glob_regex(pattern: str) -> re.Pattern[str]:
+    """Translate a script location to a regex over canonical paths.
+
+    ``dir/`` matches every file below dir; ``*`` and ``?`` stay inside one
+    path component; ``**`` crosses components; ``[...]`` is a class.
+    """
+    if pattern.endswith("/"):
+        return re.compile(re.escape(pattern) + r"[^\x00]+")
+    out = []
+    i = 0
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "*":
+            if pattern.startswith("**", i):
+                out.append(r"[^\x00]*")
+                i += 2
+                continue
+            out.append(r"[^/\x00]*")
+        elif c == "?":
+            out.append(r"[^/\x00]")
+        elif c == "[":
+            j = pattern.find("]", i + 2)
+            if j == -1:
+                raise _EntryError(f"scripts: {pattern!r}: unclosed '['")
+            body = pattern[i + 1:j]
+            neg = body.startswith("!")
+            if neg:
+                body = body[1:]
+            out.append("[" + ("^/" if neg else "") + body.replace("\\", "\\\\") + "]")
+            i = j
+        else:
+            out.append(re.escape(c))
+        i += 1
+    return re.compile("".join(out))
+
+
+def _parse_args(raw: Any) -> ArgRules:
+    if not isinstance(raw, dict):
+        raise _EntryError("args: must be a mapping")
+    unknown = set(raw) - _ARGS_KEYS
+    if unknown:
+        raise _EntryError(f"args: unknown key(s): {', '.join(sorted(map(str, unknown)))}")
+    max_count = raw.get("max_count", DEFAULT_MAX_ARGS)
+    max_length = raw.get("max_length", DEFAULT_MAX_ARG_LENGTH)
+    bounds = (("max_count", max_count, MAX_ARGS), ("max_length", max_length, MAX_ARG_BYTES))
+    for key, v, hi in bounds:
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= hi:
+            raise _EntryError(f"args: {key}: must be an integer from 0 to {hi}")
+    patterns = []
+    for p in _str_list(raw.get("patterns", []), "args: patterns"):
+        try:
+            patterns.append(re.compile(p))
+        except re.error as e:
+            raise _EntryError(f"args: patterns: {p!r} is not a valid regular expression: "
+                              f"{e}") from None
+    return ArgRules(max_count=max_count, max_length=max_length, patterns=tuple(patterns))
+
+
+def _list(raw: Any, key: str) -> list[Any]:
+    if not isinstance(raw, list):
+        raise _EntryError(f"{key}: must be a list")
+    return raw
+
+
+def _str_list(raw: Any, key: str) -> list[str]:
+    items = _list(raw, key)
+    if not all(isinstance(x, str) and x for x in items):
+        raise _EntryError(f"{key}: must be a list of non-empty strings")
+    return list(items)
+
+
+def _yaml_reason(e: yaml.YAMLError) -> str:
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    if mark is not None:
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return str(problem)
+
+
+def describe_plan(plan: Plan) -> dict[str, Any]:
+    """A plan as plain data (for logs)."""
+    d = dataclasses.asdict(plan)
+    d["env"] = sorted(plan.env)  # names only: values may be secrets
+    return d
+
+
+def redact_args(args: Sequence[str], secret: Iterable[int]) -> list[str]:
+    """Arguments with the secret ones replaced by ``<secret>``."""
+    hidden = set(secret)
+    return ["<secret>" if i in hidden else a for i, a in enumerate(args)]

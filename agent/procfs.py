@@ -1,0 +1,84 @@
+"""Reading /proc: process start times, boot id, and leftover job processes.
+
+Used at start-up to find the processes of jobs that were running when the
+agent died, without ever signalling an unrelated process: a process is only
+treated as a job's when that can be proven (its environment carries the
+job's ``AGENT_JOB_ID`` marker, or its process group's leader is still the
+very process the agent started, same pid and same start time).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+JOB_ID_ENV = "AGENT_JOB_ID"
+
+
+def boot_id() -> str:
+    """The kernel's boot id ('' if unavailable)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+@dataclass(frozen=True)
+class ProcStat:
+    """The fields of /proc/PID/stat we use."""
+
+    pid: int
+    pgid: int
+    start_ticks: int
+
+
+def read_stat(pid: int) -> ProcStat | None:
+    """Parse /proc/PID/stat (None if the process is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    # The command name is in parentheses and may itself contain ') ', so
+    # split after the last one.
+    rest = data[data.rfind(b")") + 2:].split()
+    try:
+        return ProcStat(pid=pid, pgid=int(rest[2]), start_ticks=int(rest[19]))
+    except (IndexError, ValueError):
+        return None
+
+
+def _environ_has(pid: int, marker: bytes) -> bool:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return marker in f.read().split(b"\0")
+    except OSError:
+        return False
+
+
+def all_pids() -> Iterator[int]:
+    """Every pid currently in /proc."""
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            yield int(name)
+
+
+def leftover_processes(job_id: str, pgid: int, leader_start: int) -> list[int]:
+    """Pids that provably belong to the job (see module docstring)."""
+    marker = f"{JOB_ID_ENV}={job_id}".encode()
+    leader = read_stat(pgid) if pgid > 1 else None
+    leader_is_ours = (leader is not None and leader.start_ticks == leader_start
+                      and leader.pgid == pgid and leader_start != 0)
+    out: list[int] = []
+    me = os.getpid()
+    for pid in all_pids():
+        if pid == me:
+            continue
+        st = read_stat(pid)
+        if st is None:
+            continue
+        if (leader_is_ours and st.pgid == pgid) or _environ_has(pid, marker):
+            out.append(pid)
+    return out

@@ -1,0 +1,376 @@
+"""The agent server: builds the gRPC server and runs it until told to stop.
+
+The flow follows uvicorn: ``AgentServer(prepared).serve()`` = start-up
+(open the history, recover lost jobs, bind the TLS listener), main loop
+(signals only set flags; the loop acts on them), shutdown (an explicit
+sequence with deadlines). Nothing here runs before a daemon fork: the CLI
+calls :func:`run` after ``DaemonContext.open()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+import grpc
+
+from agent import policy as policy_mod
+from agent.audit import AuditLog
+from agent.config import Config
+from agent.jobs import LIMIT_NAMES, JobManager, Settings, instance_id
+from agent.sdnotify import Notifier, watchdog_interval
+from agent.service import AccessRules, WorkerService
+from agent.startup import Prepared, StateLock
+from agent.store import Store
+from agent.tls import CertificateReloader, ServerTLSState
+
+log = logging.getLogger(__name__)
+
+
+class StartupError(Exception):
+    """The server could not start (port in use, database unusable, ...)."""
+
+
+def settings_from(cfg: Config, prepared: Prepared) -> Settings:
+    """Job manager settings from the configuration."""
+    d, m = cfg.limits.default, cfg.limits.max
+    return Settings(
+        output_dir=cfg.output_dir,
+        instance=instance_id(cfg.jobs.state_dir),
+        user=prepared.job_user,
+        umask=int(cfg.jobs.umask, 8),
+        stop_grace=cfg.jobs.stop_grace_seconds,
+        max_running=cfg.jobs.max_running,
+        default_timeout=cfg.jobs.default_timeout_seconds,
+        max_timeout=cfg.jobs.max_timeout_seconds,
+        default_limits={n: getattr(d, n) for n in LIMIT_NAMES},
+        max_limits={n: getattr(m, n) for n in LIMIT_NAMES},
+        on_output_cap=cfg.jobs.on_output_cap,
+        prlimit=str(cfg.jobs.prlimit_path),
+        path_env=cfg.jobs.path_env,
+        retention_max_age=cfg.retention.max_age_seconds,
+        retention_max_jobs=cfg.retention.max_jobs,
+        admins=frozenset(cfg.auth.admins),
+    )
+
+
+def server_options(cfg: Config) -> list[tuple[str, Any]]:
+    """Channel arguments of the listener."""
+    gs = cfg.grpc_server
+    opts: list[tuple[str, Any]] = [
+        ("grpc.max_receive_message_length", gs.max_message_bytes),
+        # gRPC sets SO_REUSEPORT by default, which would let a second agent
+        # (or anything else) bind the same port and receive a share of the
+        # connections. One listener per port.
+        ("grpc.so_reuseport", 0),
+        # Clients may keep connections alive with pings (the client library
+        # does, to notice a dead agent quickly).
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 5000),
+        ("grpc.http2.max_ping_strikes", 2),
+        ("grpc.keepalive_time_ms", 60000),
+        ("grpc.keepalive_timeout_ms", 20000),
+    ]
+    if gs.max_connection_idle_seconds:
+        opts.append(("grpc.max_connection_idle_ms", gs.max_connection_idle_seconds * 1000))
+    return opts
+
+
+def _cert_config(state: ServerTLSState) -> Any:
+    return grpc.ssl_server_certificate_configuration(
+        [(state.pair.key_pem, state.pair.cert_pem)], root_certificates=state.ca_pem)
+
+
+class AgentServer:
+    """One agent: listener, job manager, signals, notifications."""
+
+    def __init__(self, prepared: Prepared, *, notifier: Notifier | None = None) -> None:
+        self.prepared = prepared
+        self.config = prepared.config
+        self.notifier = notifier or Notifier()
+        self.should_exit = asyncio.Event()
+        self.force_exit = False
+        self.reload_requested = asyncio.Event()
+        self._sigint_count = 0
+        self.server: grpc.aio.Server | None = None
+        self.jobs: JobManager | None = None
+        self.audit: AuditLog | None = None
+        self.reloader: CertificateReloader | None = None
+        self.registrar: Any = None
+        self.bound_port = 0
+        self._lock = StateLock(self.config.jobs.state_dir)
+        self._status_dirty = True
+
+    # ------------------------------------------------------------ signals
+
+    def install_signal_handlers(self) -> None:
+        """Signals only set flags; the main loop acts on them."""
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self._on_term)
+        loop.add_signal_handler(signal.SIGINT, self._on_int)
+        loop.add_signal_handler(signal.SIGHUP, self.reload_requested.set)
+
+    def _on_term(self) -> None:
+        self.should_exit.set()
+
+    def _on_int(self) -> None:
+        self._sigint_count += 1
+        if self._sigint_count > 1:
+            # The operator insists: stop waiting for jobs, kill and go.
+            self.force_exit = True
+        self.should_exit.set()
+
+    # ------------------------------------------------------------ start-up
+
+    async def startup(self) -> None:
+        """Open state, recover, bind and start serving; then READY=1."""
+        cfg = self.config
+        try:
+            self._lock.acquire()
+        except RuntimeError as e:
+            raise StartupError(str(e)) from None
+        try:
+            store = Store(cfg.db_path)
+        except Exception as e:
+            raise StartupError(f"job history {cfg.db_path}: {e}") from None
+        self.audit = AuditLog(cfg.audit_file)
+        self.jobs = JobManager(settings_from(cfg, self.prepared), store, self.prepared.policy,
+                               on_change=self._mark_status, on_finish=self._audit_finish)
+        self.jobs.recover()
+        self.jobs.sweep()
+        access = AccessRules(mtls=cfg.mtls, clients=frozenset(cfg.auth.clients),
+                             admins=frozenset(cfg.auth.admins),
+                             allow_anonymous=cfg.auth.allow_anonymous,
+                             log_reads=cfg.audit.log_reads)
+        service = WorkerService(self.jobs, self.audit, access)
+        server = grpc.aio.server(options=server_options(cfg))
+        server.add_generic_rpc_handlers([service.handler()])
+        gs = cfg.grpc_server
+        try:
+            if gs.use_tls:
+                assert gs.crt_file and gs.key_file
+                pair = self.prepared.server_pair
+                self.reloader = CertificateReloader(
+                    gs.crt_file, gs.key_file, gs.ca_file,
+                    key_type_locked=pair.key_type if (gs.tls13_only and pair) else None,
+                    on_change=self._audit_rotation)
+                creds = self._credentials(self.reloader, cfg.mtls)
+                port = server.add_secure_port(gs.addr, creds)
+            else:
+                port = server.add_insecure_port(gs.addr)
+        except RuntimeError as e:
+            raise StartupError(f"cannot listen on {gs.addr}: {e} (is another process using "
+                               "the port?)") from None
+        if not port:
+            raise StartupError(f"cannot listen on {gs.addr} (is another process using the "
+                               "port?)")
+        self.bound_port = port
+        await server.start()
+        self.server = server
+        for w in self.prepared.warnings:
+            log.warning("%s", w)
+        log.info("agent %s listening on %s (%s), policy %s with %d entr%s, jobs run as %s",
+                 _version(), gs.addr, "mTLS" if cfg.mtls else "TLS" if gs.use_tls
+                 else "PLAINTEXT", cfg.jobs.policy_file, len(self.prepared.policy.entries),
+                 "y" if len(self.prepared.policy.entries) == 1 else "ies",
+                 self.prepared.job_user.name)
+        self.audit.record("agent_start", decision="ok", reason=f"listening on {gs.addr}",
+                          pid=os.getpid())
+        await self._start_registration()
+        # The listener is bound and serving TLS: only now is the agent ready.
+        self.notifier.ready(self._status_text())
+
+    @staticmethod
+    def _credentials(reloader: CertificateReloader, mtls: bool) -> grpc.ServerCredentials:
+        served = {"version": reloader.version}
+
+        def fetch() -> Any:
+            # Called by gRPC at the start of every TLS handshake: cheap
+            # unless the files changed (see CertificateReloader).
+            reloader.check()
+            if reloader.version == served["version"]:
+                return None
+            served["version"] = reloader.version
+            return _cert_config(reloader.state)
+
+        return grpc.dynamic_ssl_server_credentials(
+            _cert_config(reloader.state), fetch, require_client_authentication=mtls)
+
+    async def _start_registration(self) -> None:
+        sch = self.config.scheduler
+        if not sch.register:
+            return
+        from agent.registration import Registrar
+
+        assert self.prepared.scheduler_pair and self.prepared.scheduler_ca
+        advertise = sch.advertise_addr or self._advertise_default()
+        self.registrar = Registrar(
+            scheduler_addr=sch.addr, advertise_addr=advertise,
+            pair=self.prepared.scheduler_pair, ca_pem=self.prepared.scheduler_ca,
+            server_name=sch.server_name, heartbeat=sch.heartbeat_seconds,
+            retry_initial=sch.retry_initial_seconds, retry_max=sch.retry_max_seconds,
+            call_timeout=sch.call_timeout_seconds,
+            on_event=lambda **kw: self.audit.record("registration", **kw) if self.audit else None)
+        self.registrar.start()
+
+    def _advertise_default(self) -> str:
+        addr = self.config.grpc_server.addr
+        if addr.endswith(":0"):
+            addr = addr[:-1] + str(self.bound_port)
+        return addr
+
+    # ------------------------------------------------------------ running
+
+    def _mark_status(self) -> None:
+        self._status_dirty = True
+
+    def _status_text(self) -> str:
+        n = len(self.jobs.running) if self.jobs else 0
+        state = "accepting jobs" if (self.jobs and self.jobs.accepting) else "not accepting jobs"
+        return f"{n} job{'s' if n != 1 else ''} running; {state}"
+
+    def _audit_finish(self, rec: Any) -> None:
+        if self.audit:
+            self.audit.record("job_end", decision="ok", identity=rec.owner, job_id=rec.id,
+                              command=rec.command, path=rec.path, state=rec.state.name,
+                              exit_code=rec.exit_code, signal=rec.signal, reason=rec.error_text)
+
+    def _audit_rotation(self, state: ServerTLSState) -> None:
+        if self.audit:
+            self.audit.record("certificate_rotation", decision="ok",
+                              reason=f"now serving {state.pair.subject}",
+                              fingerprint=state.pair.fingerprint)
+
+    async def main_loop(self) -> None:
+        """Act on signals; run periodic work; return when asked to exit."""
+        assert self.jobs is not None
+        sweep_every = self.config.retention.sweep_seconds
+        wd = watchdog_interval() if self.notifier.enabled else None
+        next_sweep = time.monotonic() + sweep_every
+        next_wd = time.monotonic()
+        next_status = 0.0
+        while not self.should_exit.is_set():
+            now = time.monotonic()
+            if self.reload_requested.is_set():
+                self.reload_requested.clear()
+                self.reload()
+            if now >= next_sweep:
+                try:
+                    self.jobs.sweep()
+                except Exception:
+                    log.exception("retention sweep failed")
+                next_sweep = now + sweep_every
+            if wd is not None and now >= next_wd:
+                self.notifier.watchdog()
+                next_wd = now + wd
+            if self._status_dirty and now >= next_status:
+                self._status_dirty = False
+                self.notifier.status(self._status_text())
+                next_status = now + 1.0
+            waits = [next_sweep - now, 1.0]
+            if wd is not None:
+                waits.append(next_wd - now)
+            reload_wait = asyncio.ensure_future(self.reload_requested.wait())
+            exit_wait = asyncio.ensure_future(self.should_exit.wait())
+            await asyncio.wait({reload_wait, exit_wait}, timeout=max(0.01, min(waits)),
+                               return_when=asyncio.FIRST_COMPLETED)
+            reload_wait.cancel()
+            exit_wait.cancel()
+
+    def reload(self) -> None:
+        """SIGHUP: certificates, policy and the audit log file; jobs keep running."""
+        assert self.jobs is not None and self.audit is not None
+        self.notifier.reloading()
+        log.info("reloading (SIGHUP)")
+        if self.reloader is not None:
+            self.reloader.check()
+        pf = self.config.jobs.policy_file
+        assert pf is not None
+        try:
+            new = policy_mod.load(pf)
+        except policy_mod.PolicyError as e:
+            log.error("policy reload rejected, keeping the current policy: %s", e)
+            self.audit.record("policy_reload", decision="error", reason=str(e))
+        else:
+            self.jobs.policy = new
+            log.info("policy reloaded: %d entr%s", len(new.entries),
+                     "y" if len(new.entries) == 1 else "ies")
+            self.audit.record("policy_reload", decision="ok",
+                              reason=f"{len(new.entries)} entries")
+        try:
+            self.audit.reopen()
+        except OSError as e:
+            log.error("cannot reopen the audit log: %s", e)
+        self.notifier.ready(self._status_text())
+
+    # ------------------------------------------------------------ shutdown
+
+    async def shutdown(self) -> None:
+        """Stop taking jobs, deregister, end jobs, persist, close."""
+        cfg = self.config
+        self.notifier.stopping()
+        log.info("shutting down (%s running job(s), on_shutdown = %s)",
+                 len(self.jobs.running) if self.jobs else 0, cfg.daemon.on_shutdown)
+        if self.jobs is not None:
+            self.jobs.accepting = False
+        self.notifier.status(self._status_text())
+        if self.registrar is not None:
+            with contextlib.suppress(Exception):
+                await self.registrar.stop(deregister=True)
+        if self.jobs is not None:
+            mode = "stop" if self.force_exit else cfg.daemon.on_shutdown
+            task = asyncio.ensure_future(
+                self.jobs.shutdown(mode=mode, deadline=cfg.daemon.shutdown_deadline_seconds))
+            # A second SIGINT during the wait turns it into a stop.
+            while not task.done():
+                self.should_exit.clear()
+                waiter = asyncio.ensure_future(self.should_exit.wait())
+                await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                waiter.cancel()
+                if self.force_exit and not task.done():
+                    for job in list(self.jobs.running.values()):
+                        job.stop_requested = True
+                        self.jobs._terminate(job, "agent shutdown")
+                        self.jobs._kill(job)
+            await task
+            self.jobs.sweep()
+        if self.server is not None:
+            await self.server.stop(grace=1.0)
+        if self.jobs is not None:
+            self.jobs.store.close()
+        if self.audit is not None:
+            self.audit.record("agent_stop", decision="ok", pid=os.getpid())
+            self.audit.close()
+        self._lock.release()
+        log.info("stopped")
+
+    async def serve(self) -> None:
+        """Run until SIGTERM/SIGINT; raise StartupError if start-up fails."""
+        self.install_signal_handlers()
+        try:
+            await self.startup()
+            await self.main_loop()
+        finally:
+            await self.shutdown()
+
+
+def _version() -> str:
+    from agent import __version__
+
+    return __version__
+
+
+def run(prepared: Prepared) -> int:
+    """Run an agent in this process (after any daemon fork). Returns the exit status."""
+    server = AgentServer(prepared)
+    try:
+        asyncio.run(server.serve())
+    except StartupError as e:
+        log.error("%s", e)
+        return 1
+    return 0

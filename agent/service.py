@@ -1,0 +1,343 @@
+"""The gRPC Worker service: a thin layer over the job manager.
+
+It converts protobuf messages to plain values, authenticates the caller
+from its verified certificate, authorizes it (deny by default), calls the
+job manager, converts domain errors to status codes, and writes the audit
+log. It holds no job logic of its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf import message as pb_message
+
+from agent._proto import jobscheduler_pb2 as pb
+from agent.audit import AuditLog, env_names
+from agent.errors import AgentError, InvalidArgument, Kind, PermissionDenied, Unauthenticated
+from agent.jobs import JobManager, StartRequest
+from agent.states import JobState
+from agent.store import JobRecord
+from agent.tls import ANONYMOUS, identity_from_cert
+
+log = logging.getLogger(__name__)
+
+STATUS = {
+    Kind.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
+    Kind.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    Kind.PERMISSION_DENIED: grpc.StatusCode.PERMISSION_DENIED,
+    Kind.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
+    Kind.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
+    Kind.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Kind.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    Kind.INTERNAL: grpc.StatusCode.INTERNAL,
+}
+
+READ_RPCS = frozenset({"QueryJob", "WaitJob", "ListJobs", "StreamJobOutput"})
+LIMIT_FIELDS = {"cpuSeconds": "cpu_seconds", "memoryBytes": "memory_bytes",
+                "openFiles": "open_files", "processes": "processes",
+                "outputBytes": "output_bytes"}
+
+
+@dataclass(frozen=True)
+class AccessRules:
+    """Who may call the API at all."""
+
+    mtls: bool
+    clients: frozenset[str]
+    admins: frozenset[str]
+    allow_anonymous: bool
+    log_reads: bool = False
+
+
+class Malformed:
+    """Stands in for a request that could not be decoded."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _deserializer(cls: Any) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        # grpc would answer INTERNAL for an undecodable request; a caller's
+        # bad bytes (for example invalid UTF-8 in a string) are its mistake:
+        # INVALID_ARGUMENT.
+        try:
+            return cls.FromString(data)
+        except pb_message.DecodeError as e:
+            return Malformed(str(e).split(":")[-1].strip() or "undecodable request")
+    return parse
+
+
+def job_id_ok(job_id: str) -> bool:
+    """True for a job id in the form this agent issues (canonical UUID)."""
+    try:
+        return str(uuid.UUID(job_id)) == job_id
+    except (ValueError, TypeError):
+        return False
+
+
+def record_to_pb(rec: JobRecord) -> pb.QueryJobRes:
+    """A job record as the QueryJob answer (original fields first)."""
+    res = pb.QueryJobRes(
+        done=rec.state.done,
+        error=rec.state.is_error,
+        errorText=rec.error_text,
+        state=rec.state.value,  # type: ignore[arg-type]
+        pid=rec.pid,
+        jobID=rec.id,
+        owner=rec.owner,
+        command=rec.command,
+        path=rec.path,
+        args=rec.args,
+        outputBytes=rec.output_bytes,
+        outputTruncated=rec.output_truncated,
+        timeoutSeconds=rec.timeout_seconds,
+    )
+    if rec.exit_code is not None:
+        res.exitCode = rec.exit_code
+    if rec.signal is not None:
+        res.signal = rec.signal
+    res.startTime.FromNanoseconds(int(rec.start_time * 1e9))
+    if rec.end_time is not None:
+        res.endTime.FromNanoseconds(int(rec.end_time * 1e9))
+    if rec.state.done:
+        res.rusage.userCpuSeconds = rec.user_cpu
+        res.rusage.systemCpuSeconds = rec.system_cpu
+        res.rusage.maxRssBytes = rec.max_rss
+    return res
+
+
+T = TypeVar("T")
+
+
+class WorkerService:
+    """Implements ``jobscheduler.Worker``."""
+
+    def __init__(self, jobs: JobManager, audit: AuditLog, access: AccessRules) -> None:
+        self.jobs = jobs
+        self.audit = audit
+        self.access = access
+
+    # ------------------------------------------------------------ plumbing
+
+    def identify(self, context: grpc.aio.ServicerContext) -> str:
+        """The caller's identity, or Unauthenticated."""
+        if not self.access.mtls:
+            if self.access.allow_anonymous:
+                return ANONYMOUS
+            raise Unauthenticated("no client identity (the agent is not using mTLS)",
+                                  rule="no-identity")
+        pems = context.auth_context().get("x509_pem_cert")
+        if not pems:
+            raise Unauthenticated("no verified client certificate", rule="no-client-cert")
+        peer = identity_from_cert(pems[0])
+        if peer.problem:
+            raise Unauthenticated(peer.problem, rule="bad-client-cert")
+        return peer.identity
+
+    def authorize(self, identity: str) -> None:
+        """Deny by default: only configured identities may call the API."""
+        a = self.access
+        if identity in a.clients or identity in a.admins:
+            return
+        if identity == ANONYMOUS and a.allow_anonymous and not a.mtls:
+            return
+        raise PermissionDenied(f"identity {identity!r} is not allowed to use this agent",
+                               rule="identity-not-allowed")
+
+    async def _fail(self, context: grpc.aio.ServicerContext, rpc: str, identity: str,
+                    err: AgentError, **fields: Any) -> None:
+        self.audit.record("rpc", decision="deny", identity=identity, peer=context.peer(),
+                          rpc=rpc, reason=err.message, rule=err.rule, **fields)
+        if err.kind is Kind.INTERNAL:
+            log.error("%s failed: %s", rpc, err.message)
+        await context.abort(STATUS[err.kind], err.message)
+
+    async def _run(self, rpc: str, request: Any, context: grpc.aio.ServicerContext,
+                   body: Callable[[str], Awaitable[T]], **fields: Any) -> T:
+        identity = ""
+        try:
+            if isinstance(request, Malformed):
+                raise InvalidArgument(f"request could not be decoded: {request.reason}",
+                                      rule="undecodable")
+            identity = self.identify(context)
+            self.authorize(identity)
+            result = await body(identity)
+        except AgentError as e:
+            await self._fail(context, rpc, identity, e, **fields)
+            raise AssertionError("unreachable") from None  # abort() raises
+        if rpc in READ_RPCS and self.access.log_reads:
+            self.audit.record("rpc", decision="allow", identity=identity, peer=context.peer(),
+                              rpc=rpc, **fields)
+        return result
+
+    @staticmethod
+    def _job_id(job_id: str) -> str:
+        if not job_id_ok(job_id):
+            raise InvalidArgument("jobID is not a valid job id (a UUID as returned by "
+                                  "StartJob)", rule="bad-job-id")
+        return job_id
+
+    # ------------------------------------------------------------ RPCs
+
+    async def StartJob(self, request: Any, context: grpc.aio.ServicerContext) -> pb.StartJobRes:
+        malformed = isinstance(request, Malformed)
+        fields: dict[str, Any] = {} if malformed else {
+            "command": request.command[:512], "path": request.path[:512],
+            "args": _audit_args(request), "env": env_names(request.env)}
+        started: dict[str, JobRecord] = {}
+
+        async def body(identity: str) -> pb.StartJobRes:
+            req = _start_request(request, identity)
+            rec = self.jobs.start(req)
+            started["rec"] = rec
+            return pb.StartJobRes(jobID=rec.id)
+
+        res = await self._run("StartJob", request, context, body, **fields)
+        rec = started["rec"]
+        self.audit.record("job_start", decision="allow", identity=rec.owner,
+                          peer=context.peer(), rpc="StartJob", job_id=rec.id,
+                          command=rec.command, path=rec.path, args=rec.args,
+                          env=fields.get("env"), pid=rec.pid, state=rec.state.name,
+                          reason=rec.error_text)
+        return res
+
+    async def StopJob(self, request: Any, context: grpc.aio.ServicerContext) -> pb.StopJobRes:
+        job_id = getattr(request, "jobID", "")
+
+        async def body(identity: str) -> pb.StopJobRes:
+            rec = self.jobs.stop(self._job_id(job_id), identity)
+            self.audit.record("job_stop", decision="allow", identity=identity,
+                              peer=context.peer(), rpc="StopJob", job_id=rec.id,
+                              command=rec.command, path=rec.path, state=rec.state.name)
+            return pb.StopJobRes()
+
+        return await self._run("StopJob", request, context, body, job_id=job_id[:64])
+
+    async def QueryJob(self, request: Any, context: grpc.aio.ServicerContext) -> pb.QueryJobRes:
+        job_id = getattr(request, "jobID", "")
+
+        async def body(identity: str) -> pb.QueryJobRes:
+            return record_to_pb(self.jobs.get(self._job_id(job_id), identity))
+
+        return await self._run("QueryJob", request, context, body, job_id=job_id[:64])
+
+    async def WaitJob(self, request: Any, context: grpc.aio.ServicerContext) -> pb.QueryJobRes:
+        job_id = getattr(request, "jobID", "")
+
+        async def body(identity: str) -> pb.QueryJobRes:
+            timeout: float | None = None
+            remaining = context.time_remaining()
+            if remaining is not None:
+                # Answer just before the caller's deadline, with the status
+                # as it is, rather than letting the call fail.
+                timeout = max(0.0, remaining - 0.05)
+            if request.waitMillis:
+                wait = request.waitMillis / 1000.0
+                timeout = wait if timeout is None else min(timeout, wait)
+            rec = await self.jobs.wait(self._job_id(job_id), identity, timeout)
+            return record_to_pb(rec)
+
+        return await self._run("WaitJob", request, context, body, job_id=job_id[:64])
+
+    async def ListJobs(self, request: Any, context: grpc.aio.ServicerContext) -> pb.ListJobsRes:
+        async def body(identity: str) -> pb.ListJobsRes:
+            states = []
+            for s in request.states:
+                try:
+                    states.append(JobState(s))
+                except ValueError:
+                    raise InvalidArgument(f"states: {s} is not a job state",
+                                          rule="bad-state") from None
+            recs, token = self.jobs.list_jobs(identity, states=states, owner=request.owner,
+                                         page_size=request.pageSize,
+                                         page_token=request.pageToken)
+            return pb.ListJobsRes(jobs=[record_to_pb(r) for r in recs], nextPageToken=token)
+
+        return await self._run("ListJobs", request, context, body)
+
+    async def StreamJobOutput(
+        self, request: Any, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.StreamJobOutputRes]:
+        job_id = getattr(request, "jobID", "")
+        chunks: list[AsyncIterator[tuple[int, bytes]]] = []
+
+        async def body(identity: str) -> None:
+            it = self.jobs.stream(self._job_id(job_id), identity, request.offset,
+                                  request.follow)
+            # Run the access checks now (the first step of the generator),
+            # so a refusal is a status, not a broken stream.
+            first = await _first(it)
+            chunks.append(first)
+
+        await self._run("StreamJobOutput", request, context, body, job_id=job_id[:64])
+        async for offset, data in chunks[0]:
+            yield pb.StreamJobOutputRes(data=data, offset=offset)
+
+    # ------------------------------------------------------------ registration
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        """The generic handler to add to a grpc.aio server."""
+        uu = grpc.unary_unary_rpc_method_handler
+        methods = {
+            "StartJob": uu(self.StartJob, _deserializer(pb.StartJobReq),
+                           pb.StartJobRes.SerializeToString),
+            "StopJob": uu(self.StopJob, _deserializer(pb.StopJobReq),
+                          pb.StopJobRes.SerializeToString),
+            "QueryJob": uu(self.QueryJob, _deserializer(pb.QueryJobReq),
+                           pb.QueryJobRes.SerializeToString),
+            "WaitJob": uu(self.WaitJob, _deserializer(pb.WaitJobReq),
+                          pb.QueryJobRes.SerializeToString),
+            "ListJobs": uu(self.ListJobs, _deserializer(pb.ListJobsReq),
+                           pb.ListJobsRes.SerializeToString),
+            "StreamJobOutput": grpc.unary_stream_rpc_method_handler(
+                self.StreamJobOutput, _deserializer(pb.StreamJobOutputReq),
+                pb.StreamJobOutputRes.SerializeToString),
+        }
+        return grpc.method_handlers_generic_handler("jobscheduler.Worker", methods)
+
+
+async def _first(it: AsyncIterator[tuple[int, bytes]]) -> AsyncIterator[tuple[int, bytes]]:
+    """Advance ``it`` once (raising its errors now) and return an equivalent iterator."""
+    try:
+        head = await it.__anext__()
+    except StopAsyncIteration:
+        async def empty() -> AsyncIterator[tuple[int, bytes]]:
+            return
+            yield  # pragma: no cover
+        return empty()
+
+    async def rest() -> AsyncIterator[tuple[int, bytes]]:
+        yield head
+        async for item in it:
+            yield item
+    return rest()
+
+
+def _audit_args(request: Any) -> list[str]:
+    secret = set(request.secretArgs)
+    return ["<secret>" if i in secret else a[:256] for i, a in enumerate(request.args[:64])]
+
+
+def _start_request(request: Any, identity: str) -> StartRequest:
+    limits: dict[str, int | None] = {}
+    if request.HasField("limits"):
+        for pb_name, name in LIMIT_FIELDS.items():
+            if request.limits.HasField(pb_name):
+                limits[name] = getattr(request.limits, pb_name)
+    return StartRequest(
+        identity=identity,
+        command=request.command,
+        path=request.path,
+        args=tuple(request.args),
+        env=dict(request.env),
+        timeout_seconds=request.timeoutSeconds if request.HasField("timeoutSeconds") else None,
+        limits=limits,
+        secret_args=tuple(request.secretArgs),
+    )

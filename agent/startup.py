@@ -1,0 +1,213 @@
+"""Start-up checks: everything fallible between a parsed config and a server.
+
+:func:`prepare` turns a :class:`~agent.config.Config` into a
+:class:`Prepared` bundle (policy, TLS material, job user, directories) or
+raises :class:`~agent.config.ConfigError` naming the file, section and key,
+which the CLI prints as one line before exiting 2. ``agent check-config``
+runs exactly this and stops.
+
+No gRPC here: it must be importable before the cipher policy is set.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import pwd
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent import policy as policy_mod
+from agent import tls
+from agent.config import Config, ConfigError, is_loopback_host, split_host_port
+from agent.jobs import JobUser
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """The validated, loaded inputs of a server."""
+
+    config: Config
+    policy: policy_mod.Policy
+    server_pair: tls.KeyPair | None
+    ca_pem: bytes | None
+    scheduler_pair: tls.KeyPair | None
+    scheduler_ca: bytes | None
+    job_user: JobUser
+    warnings: tuple[str, ...]
+
+
+def _err(cfg: Config, section: str, key: str, msg: str) -> ConfigError:
+    return ConfigError(cfg.path, section, key, msg)
+
+
+def check_private_dir(cfg: Config, section: str, key: str, path: Path, *,
+                      create: bool) -> None:
+    """Ensure ``path`` is a directory only the agent's user can write."""
+    if create:
+        try:
+            path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as e:
+            raise _err(cfg, section, key, f"{path}: cannot create: {e.strerror}") from None
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        parent = path.parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise _err(cfg, section, key, f"{path}: does not exist and {parent} is not "
+                       "writable by the agent") from None
+        return  # created at start
+    if not stat.S_ISDIR(st.st_mode):
+        raise _err(cfg, section, key, f"{path}: not a directory")
+    if st.st_uid != os.geteuid():
+        raise _err(cfg, section, key, f"{path}: owned by uid {st.st_uid}, not by the agent's "
+                   f"user (uid {os.geteuid()})")
+    if st.st_mode & 0o022:
+        raise _err(cfg, section, key, f"{path}: writable by group or others (mode "
+                   f"{st.st_mode & 0o777:04o}); run: chmod go-w {path}")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise _err(cfg, section, key, f"{path}: not writable by the agent")
+
+
+def resolve_job_user(cfg: Config) -> tuple[JobUser, list[str]]:
+    """Who jobs run as; refuses root unless allowed."""
+    warnings: list[str] = []
+    name = cfg.jobs.run_as_user
+    if os.geteuid() != 0:
+        me = pwd.getpwuid(os.geteuid())
+        if name and name != me.pw_name:
+            warnings.append(f"[jobs] run_as_user = {name!r} is ignored: the agent is not root, "
+                            f"so jobs run as its own user {me.pw_name!r}")
+        return JobUser(None, None, me.pw_name, me.pw_dir or "/"), warnings
+    if not name:
+        if not cfg.jobs.allow_root:
+            raise _err(cfg, "jobs", "run_as_user",
+                       "the agent runs as root: name an unprivileged user for jobs (for "
+                       "example \"nobody\"), or set allow_root = true to run them as root")
+        warnings.append("jobs run as root (allow_root = true)")
+        return JobUser(None, None, "root", "/root"), warnings
+    try:
+        pw = pwd.getpwnam(name)
+    except KeyError:
+        raise _err(cfg, "jobs", "run_as_user", f"no such user {name!r}") from None
+    if pw.pw_uid == 0:
+        if not cfg.jobs.allow_root:
+            raise _err(cfg, "jobs", "run_as_user",
+                       f"{name!r} is root; set allow_root = true if that is really intended")
+        warnings.append("jobs run as root (allow_root = true)")
+        return JobUser(None, None, "root", pw.pw_dir), warnings
+    home = pw.pw_dir if os.path.isdir(pw.pw_dir) else "/"
+    return JobUser(pw.pw_uid, pw.pw_gid, pw.pw_name, home), warnings
+
+
+def prepare(cfg: Config, *, create_dirs: bool = True) -> Prepared:
+    """Validate everything the server needs; raise ConfigError naming the key."""
+    warnings: list[str] = []
+    gs = cfg.grpc_server
+    host, _ = split_host_port(gs.addr)
+    if not gs.use_tls:
+        warnings.append(f"PLAINTEXT listener on {gs.addr}: no encryption and no client "
+                        "identities (allow_plaintext_loopback = true); never use this "
+                        "outside development")
+        assert is_loopback_host(host)
+    server_pair = None
+    ca_pem = None
+    if gs.use_tls:
+        assert gs.crt_file is not None and gs.key_file is not None
+        server_pair = _pair(cfg, "grpc_server", gs.crt_file, gs.key_file)
+        if gs.ca_file is not None:
+            try:
+                ca_pem = tls.load_ca(gs.ca_file)
+            except tls.TLSConfigError as e:
+                raise _err(cfg, "grpc_server", "ca_file", str(e)) from None
+    sch = cfg.scheduler
+    scheduler_pair = None
+    scheduler_ca = None
+    if sch.register:
+        assert sch.crt_file and sch.key_file and sch.ca_file
+        scheduler_pair = _pair(cfg, "scheduler", sch.crt_file, sch.key_file)
+        try:
+            scheduler_ca = tls.load_ca(sch.ca_file)
+        except tls.TLSConfigError as e:
+            raise _err(cfg, "scheduler", "ca_file", str(e)) from None
+    assert cfg.jobs.policy_file is not None
+    try:
+        pol = policy_mod.load(cfg.jobs.policy_file)
+    except policy_mod.PolicyError as e:
+        raise _err(cfg, "jobs", "policy_file", str(e)) from None
+    if not pol.entries:
+        warnings.append(f"the policy {cfg.jobs.policy_file} allows nothing: every StartJob "
+                        "will be denied")
+    job_user, w = resolve_job_user(cfg)
+    warnings.extend(w)
+    prl = cfg.jobs.prlimit_path
+    if not (os.path.isfile(prl) and os.access(prl, os.X_OK)):
+        raise _err(cfg, "jobs", "prlimit_path",
+                   f"{prl}: not an executable file (install util-linux)")
+    check_private_dir(cfg, "jobs", "state_dir", cfg.jobs.state_dir, create=create_dirs)
+    check_private_dir(cfg, "jobs", "output_dir", cfg.output_dir, create=create_dirs)
+    audit_dir = cfg.audit_file.parent
+    if not audit_dir.is_dir() and audit_dir not in (cfg.jobs.state_dir, cfg.output_dir):
+        raise _err(cfg, "audit", "file", f"{audit_dir}: directory does not exist")
+    if cfg.audit_file.exists():
+        ast = os.lstat(cfg.audit_file)
+        if not stat.S_ISREG(ast.st_mode) or ast.st_uid != os.geteuid():
+            raise _err(cfg, "audit", "file",
+                       f"{cfg.audit_file}: not a regular file owned by the agent's user")
+    if cfg.logging.file is not None and not cfg.logging.file.parent.is_dir():
+        raise _err(cfg, "logging", "file", f"{cfg.logging.file.parent}: directory does not "
+                   "exist")
+    return Prepared(config=cfg, policy=pol, server_pair=server_pair, ca_pem=ca_pem,
+                    scheduler_pair=scheduler_pair, scheduler_ca=scheduler_ca,
+                    job_user=job_user, warnings=tuple(warnings))
+
+
+def _pair(cfg: Config, section: str, crt: Path, key: Path) -> tls.KeyPair:
+    try:
+        tls.check_key_file(key)
+    except tls.TLSConfigError as e:
+        raise _err(cfg, section, "key_file", str(e)) from None
+    try:
+        return tls.load_key_pair(crt, key, check_owner=False)
+    except tls.TLSConfigError as e:
+        msg = str(e)
+        k = "key_file" if msg.startswith(str(key)) else "crt_file"
+        raise _err(cfg, section, k, msg) from None
+
+
+class StateLock:
+    """An exclusive lock on the state directory: one agent per state dir.
+
+    Also what makes start-up recovery safe: no other live agent can own the
+    jobs we are about to declare LOST.
+    """
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / "agent.lock"
+        self.fd = -1
+
+    def acquire(self) -> None:
+        """Take the lock or raise RuntimeError naming the holder."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise RuntimeError(f"another agent (pid {holder or '?'}) is using the state "
+                               f"directory {self.path.parent}") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        """Drop the lock."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

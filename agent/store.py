@@ -1,0 +1,233 @@
+"""Durable job history in SQLite.
+
+One database file in the state directory, in WAL mode with
+``synchronous=NORMAL``: every committed change survives a crash of the
+agent (``kill -9``), because the WAL is written before the commit returns;
+only a power loss can drop the last few commits, and it never corrupts the
+file. History therefore lives on disk, not in the agent's memory.
+
+The store is used from the event loop's thread only (SQLite calls on a
+primary key take tens of microseconds).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sqlite3
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agent.states import JobState
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq              INTEGER PRIMARY KEY AUTOINCREMENT,
+    id               TEXT NOT NULL UNIQUE,
+    owner            TEXT NOT NULL,
+    command          TEXT NOT NULL,
+    path             TEXT NOT NULL,
+    args             TEXT NOT NULL,      -- JSON list, secret values redacted
+    state            INTEGER NOT NULL,
+    pid              INTEGER NOT NULL DEFAULT 0,
+    leader_start     INTEGER NOT NULL DEFAULT 0,  -- /proc starttime ticks
+    boot_id          TEXT NOT NULL DEFAULT '',
+    start_time       REAL NOT NULL,
+    end_time         REAL,
+    exit_code        INTEGER,
+    signal           INTEGER,
+    error_text       TEXT NOT NULL DEFAULT '',
+    user_cpu         REAL NOT NULL DEFAULT 0,
+    system_cpu       REAL NOT NULL DEFAULT 0,
+    max_rss          INTEGER NOT NULL DEFAULT 0,
+    output_path      TEXT NOT NULL,
+    output_bytes     INTEGER NOT NULL DEFAULT 0,
+    output_truncated INTEGER NOT NULL DEFAULT 0,
+    timeout_seconds  INTEGER NOT NULL DEFAULT 0,
+    limits           TEXT NOT NULL DEFAULT '{}'
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
+CREATE INDEX IF NOT EXISTS jobs_owner ON jobs(owner, seq);
+CREATE INDEX IF NOT EXISTS jobs_end ON jobs(end_time);
+"""
+
+
+class StoreError(Exception):
+    """The database could not be opened or is not ours."""
+
+
+@dataclass
+class JobRecord:
+    """Everything persisted about one job."""
+
+    id: str
+    owner: str
+    command: str
+    path: str
+    args: list[str]
+    state: JobState
+    start_time: float
+    output_path: str
+    pid: int = 0
+    leader_start: int = 0
+    boot_id: str = ""
+    end_time: float | None = None
+    exit_code: int | None = None
+    signal: int | None = None
+    error_text: str = ""
+    user_cpu: float = 0.0
+    system_cpu: float = 0.0
+    max_rss: int = 0
+    output_bytes: int = 0
+    output_truncated: bool = False
+    timeout_seconds: int = 0
+    limits: dict[str, int] = field(default_factory=dict)
+    seq: int = 0
+
+
+_COLUMNS = [f.name for f in dataclasses.fields(JobRecord) if f.name != "seq"]
+
+
+class Store:
+    """The job history database."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA busy_timeout=5000")
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise StoreError(f"{path}: written by a newer agent (schema {version})")
+            self._db.executescript(_SCHEMA)
+            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        except sqlite3.Error as e:
+            raise StoreError(f"{path}: {e}") from None
+        self._insert_sql = (f"INSERT INTO jobs ({', '.join(_COLUMNS)}) VALUES "
+                            f"({', '.join('?' for _ in _COLUMNS)})")
+        upd = [c for c in _COLUMNS if c not in ("id", "owner", "command", "path", "args",
+                                                   "start_time", "output_path")]
+        self._update_cols = upd
+        self._update_sql = f"UPDATE jobs SET {', '.join(c + '=?' for c in upd)} WHERE id=?"
+
+    def close(self) -> None:
+        """Checkpoint and close."""
+        try:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error:
+            pass
+        self._db.close()
+
+    @staticmethod
+    def _params(rec: JobRecord, cols: Sequence[str]) -> list[object]:
+        out: list[object] = []
+        for c in cols:
+            v = getattr(rec, c)
+            if c == "state":
+                v = v.value
+            elif c in ("args", "limits"):
+                v = json.dumps(v, separators=(",", ":"))
+            elif c == "output_truncated":
+                v = int(v)
+            out.append(v)
+        return out
+
+    def insert(self, rec: JobRecord) -> None:
+        """Add a new job."""
+        cur = self._db.execute(self._insert_sql, self._params(rec, _COLUMNS))
+        rec.seq = int(cur.lastrowid or 0)
+
+    def update(self, rec: JobRecord) -> None:
+        """Write a job's mutable fields (state, times, outcome, output)."""
+        self._db.execute(self._update_sql, [*self._params(rec, self._update_cols), rec.id])
+
+    def get(self, job_id: str) -> JobRecord | None:
+        """One job by id."""
+        row = self._db.execute(f"SELECT seq, {', '.join(_COLUMNS)} FROM jobs WHERE id=?",
+                               (job_id,)).fetchone()
+        return _record(row) if row else None
+
+    def running(self) -> list[JobRecord]:
+        """Jobs recorded as running (after a crash: the ones to recover)."""
+        rows = self._db.execute(f"SELECT seq, {', '.join(_COLUMNS)} FROM jobs WHERE state=?",
+                                (JobState.RUNNING.value,)).fetchall()
+        return [_record(r) for r in rows]
+
+    def list_jobs(self, *, states: Iterable[JobState] = (), owner: str | None = None,
+             before_seq: int | None = None, limit: int = 100) -> list[JobRecord]:
+        """Jobs newest first, filtered; ``before_seq`` pages backwards."""
+        where: list[str] = []
+        params: list[object] = []
+        st = [s.value for s in states]
+        if st:
+            where.append(f"state IN ({', '.join('?' for _ in st)})")
+            params.extend(st)
+        if owner is not None:
+            where.append("owner=?")
+            params.append(owner)
+        if before_seq is not None:
+            where.append("seq<?")
+            params.append(before_seq)
+        sql = f"SELECT seq, {', '.join(_COLUMNS)} FROM jobs"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY seq DESC LIMIT ?"
+        params.append(limit)
+        return [_record(r) for r in self._db.execute(sql, params).fetchall()]
+
+    def expired(self, *, max_age_seconds: int, max_jobs: int, now: float | None = None,
+                batch: int = 500) -> list[tuple[str, str]]:
+        """(id, output_path) of finished jobs past the retention limits."""
+        now = time.time() if now is None else now
+        out: dict[str, str] = {}
+        running = JobState.RUNNING.value
+        if max_age_seconds:
+            for job_id, outp in self._db.execute(
+                "SELECT id, output_path FROM jobs WHERE state<>? AND end_time<? "
+                "ORDER BY seq LIMIT ?", (running, now - max_age_seconds, batch)):
+                out[job_id] = outp
+        if max_jobs:
+            (finished,) = self._db.execute("SELECT COUNT(*) FROM jobs WHERE state<>?",
+                                           (running,)).fetchone()
+            excess = finished - max_jobs
+            if excess > 0:
+                for job_id, outp in self._db.execute(
+                    "SELECT id, output_path FROM jobs WHERE state<>? ORDER BY seq LIMIT ?",
+                    (running, min(excess, batch))):
+                    out[job_id] = outp
+        return list(out.items())
+
+    def delete(self, ids: Sequence[str]) -> None:
+        """Remove finished jobs by id (running ones are never removed)."""
+        if not ids:
+            return
+        self._db.execute("BEGIN")
+        try:
+            self._db.executemany("DELETE FROM jobs WHERE id=? AND state<>?",
+                                 [(i, JobState.RUNNING.value) for i in ids])
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+
+    def count(self) -> int:
+        """Number of jobs in the history."""
+        return int(self._db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0])
+
+
+def _record(row: Sequence[object]) -> JobRecord:
+    seq, *values = row
+    d = dict(zip(_COLUMNS, values, strict=False))
+    d["state"] = JobState(d["state"])
+    d["args"] = json.loads(str(d["args"]))
+    d["limits"] = json.loads(str(d["limits"]))
+    d["output_truncated"] = bool(d["output_truncated"])
+    rec = JobRecord(**d)  # type: ignore[arg-type]
+    rec.seq = int(seq)  # type: ignore[call-overload]
+    return rec

@@ -1,0 +1,341 @@
+"""Certificates and keys: validation, cipher policy, rotation, identities.
+
+No gRPC import at module level: :func:`set_cipher_policy` must run before
+grpc is first imported (grpc reads ``GRPC_SSL_CIPHER_SUITES`` once, at
+import), so the agent's entry point calls it first and imports the server
+afterwards.
+
+What is enforced and why:
+
+* A private key readable or writable by group or others, or owned by a
+  user other than the agent's, is refused: anyone who can read it can
+  impersonate the agent.
+* A certificate that is expired or not yet valid, or does not match its
+  key, is refused at start-up and on rotation (the old pair stays).
+* TLS 1.0/1.1 are never offered (BoringSSL in grpc refuses them). TLS 1.2
+  is offered only with ECDHE key exchange and AEAD ciphers.
+* "TLS 1.3 only": grpcio has no minimum-version setting, so the TLS 1.2
+  cipher list is restricted to suites that need a certificate of the other
+  key type (ECDHE-RSA suites for an ECDSA key, ECDHE-ECDSA for an RSA key).
+  No TLS 1.2 handshake can complete; TLS 1.3 suites are not affected.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import logging
+import os
+import stat
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+log = logging.getLogger(__name__)
+
+ECDSA_SUITES = ["ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-ECDSA-AES256-GCM-SHA384",
+                "ECDHE-ECDSA-CHACHA20-POLY1305"]
+RSA_SUITES = ["ECDHE-RSA-AES128-GCM-SHA256", "ECDHE-RSA-AES256-GCM-SHA384",
+              "ECDHE-RSA-CHACHA20-POLY1305"]
+
+
+class TLSConfigError(Exception):
+    """A certificate, key or CA file is unusable; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class KeyPair:
+    """A validated certificate chain and its key, as PEM bytes."""
+
+    cert_pem: bytes
+    key_pem: bytes
+    key_type: str  # "ec" or "rsa"
+    subject: str
+    not_after: datetime.datetime
+    fingerprint: str  # sha256 of the leaf, hex
+
+
+def set_cipher_policy(key_type: str, tls13_only: bool) -> str:
+    """Set ``GRPC_SSL_CIPHER_SUITES`` for this process; call before importing grpc."""
+    if tls13_only:
+        suites = RSA_SUITES if key_type == "ec" else ECDSA_SUITES
+    else:
+        suites = ECDSA_SUITES + RSA_SUITES
+    value = ":".join(suites)
+    os.environ["GRPC_SSL_CIPHER_SUITES"] = value
+    return value
+
+
+def check_key_file(path: Path) -> None:
+    """Refuse a key file that others can read or write, or that is not ours."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise TLSConfigError(f"{path}: no such file") from None
+    except OSError as e:
+        raise TLSConfigError(f"{path}: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise TLSConfigError(f"{path}: not a regular file")
+    if st.st_mode & 0o077:
+        raise TLSConfigError(
+            f"{path}: private key is accessible by group or others (mode "
+            f"{st.st_mode & 0o777:04o}); run: chmod 600 {path}")
+    if st.st_uid != os.geteuid():
+        raise TLSConfigError(
+            f"{path}: private key is owned by uid {st.st_uid}, not by the agent's user "
+            f"(uid {os.geteuid()})")
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise TLSConfigError(f"{path}: {what} file does not exist") from None
+    except OSError as e:
+        raise TLSConfigError(f"{path}: cannot read {what}: {e.strerror}") from None
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+def check_validity(cert: x509.Certificate, where: str,
+                   now: datetime.datetime | None = None) -> None:
+    """Refuse a certificate outside its validity period."""
+    now = now or _now()
+    if now < cert.not_valid_before_utc:
+        raise TLSConfigError(f"{where}: certificate is not valid before "
+                             f"{cert.not_valid_before_utc:%Y-%m-%d %H:%M:%S} UTC")
+    if now > cert.not_valid_after_utc:
+        raise TLSConfigError(f"{where}: certificate expired on "
+                             f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC")
+
+
+def load_key_pair(crt_file: Path, key_file: Path, *, check_owner: bool = True) -> KeyPair:
+    """Read and validate a certificate (chain) and its private key."""
+    if check_owner:
+        check_key_file(key_file)
+    cert_pem = _read(crt_file, "certificate")
+    key_pem = _read(key_file, "private key")
+    try:
+        certs = x509.load_pem_x509_certificates(cert_pem)
+    except ValueError:
+        raise TLSConfigError(f"{crt_file}: not a PEM certificate") from None
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except TypeError:
+        raise TLSConfigError(f"{key_file}: private key is encrypted; the agent needs it "
+                             "unencrypted (protect it with file permissions)") from None
+    except (ValueError, Exception):
+        raise TLSConfigError(f"{key_file}: not a PEM private key") from None
+    leaf = certs[0]
+    pub = leaf.public_key()
+    if key.public_key().public_bytes(serialization.Encoding.DER,
+                                     serialization.PublicFormat.SubjectPublicKeyInfo) != \
+            pub.public_bytes(serialization.Encoding.DER,
+                             serialization.PublicFormat.SubjectPublicKeyInfo):
+        raise TLSConfigError(f"{key_file}: private key does not match the certificate "
+                             f"{crt_file}")
+    check_validity(leaf, str(crt_file))
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        key_type = "ec"
+    elif isinstance(key, rsa.RSAPrivateKey):
+        key_type = "rsa"
+    elif isinstance(key, ed25519.Ed25519PrivateKey):
+        key_type = "ed25519"
+    else:
+        raise TLSConfigError(f"{key_file}: unsupported key type {type(key).__name__}")
+    return KeyPair(cert_pem=cert_pem, key_pem=key_pem, key_type=key_type,
+                   subject=leaf.subject.rfc4514_string(), not_after=leaf.not_valid_after_utc,
+                   fingerprint=leaf.fingerprint(_sha256()).hex())
+
+
+def _sha256() -> Any:
+    from cryptography.hazmat.primitives import hashes
+
+    return hashes.SHA256()
+
+
+def load_ca(ca_file: Path) -> bytes:
+    """Read a CA bundle; refuse an empty or unparsable one or an expired CA."""
+    pem = _read(ca_file, "CA")
+    try:
+        certs = x509.load_pem_x509_certificates(pem)
+    except ValueError:
+        raise TLSConfigError(f"{ca_file}: not a PEM certificate bundle") from None
+    if not certs:
+        raise TLSConfigError(f"{ca_file}: no certificate in the CA file")
+    valid = []
+    for c in certs:
+        try:
+            check_validity(c, str(ca_file))
+            valid.append(c)
+        except TLSConfigError as e:
+            log.warning("%s", e)
+    if not valid:
+        raise TLSConfigError(f"{ca_file}: every CA certificate in it is expired or not yet "
+                             "valid")
+    return pem
+
+
+# ---------------------------------------------------------------- rotation
+
+
+def _file_sig(*paths: Path | None) -> tuple[object, ...]:
+    out: list[object] = []
+    for p in paths:
+        if p is None:
+            out.append(None)
+            continue
+        try:
+            st = os.stat(p)
+            out.append((st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+        except OSError:
+            out.append("missing")
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class ServerTLSState:
+    """What the server currently serves with."""
+
+    pair: KeyPair
+    ca_pem: bytes | None
+
+
+class CertificateReloader:
+    """Watches certificate, key and CA files; validates and swaps them in.
+
+    gRPC calls :meth:`fetch` on every new connection, so it only compares
+    file signatures (inode, size, mtime, ctime) unless something changed.
+    A broken new set is logged once and the previous one stays in use;
+    running jobs and open connections are never affected.
+    """
+
+    def __init__(self, crt_file: Path, key_file: Path, ca_file: Path | None, *,
+                 key_type_locked: str | None = None,
+                 on_change: Callable[[ServerTLSState], None] | None = None) -> None:
+        self.crt_file, self.key_file, self.ca_file = crt_file, key_file, ca_file
+        self._lock = threading.Lock()
+        self._sig = _file_sig(crt_file, key_file, ca_file)
+        self.state = self._load()
+        self._key_type_locked = key_type_locked
+        self._failed_sig: tuple[object, ...] | None = None
+        self._on_change = on_change
+        # Bumped on every successful reload; the gRPC fetcher compares it
+        # with the version it last handed to gRPC.
+        self.version = 0
+
+    def _load(self) -> ServerTLSState:
+        pair = load_key_pair(self.crt_file, self.key_file)
+        ca = load_ca(self.ca_file) if self.ca_file else None
+        return ServerTLSState(pair, ca)
+
+    def check(self) -> ServerTLSState | None:
+        """Reload if the files changed; return the new state, or None if unchanged/broken."""
+        with self._lock:
+            sig = _file_sig(self.crt_file, self.key_file, self.ca_file)
+            if sig == self._sig or sig == self._failed_sig:
+                return None
+            try:
+                state = self._load()
+                if self._key_type_locked and state.pair.key_type != self._key_type_locked:
+                    raise TLSConfigError(
+                        f"{self.key_file}: key type changed from {self._key_type_locked} to "
+                        f"{state.pair.key_type}; with tls13_only this needs a restart")
+            except TLSConfigError as e:
+                if self._failed_sig != sig:
+                    log.error("certificate rotation rejected, still serving %s: %s",
+                              self.state.pair.subject, e)
+                self._failed_sig = sig
+                return None
+            self._sig = sig
+            self._failed_sig = None
+            self.state = state
+            self.version += 1
+            log.info("certificates reloaded: now serving %s (sha256 %s, valid until %s)",
+                     state.pair.subject, state.pair.fingerprint[:16],
+                     f"{state.pair.not_after:%Y-%m-%d}")
+        if self._on_change:
+            self._on_change(state)
+        return state
+
+
+# ---------------------------------------------------------------- identities
+
+
+ANONYMOUS = "anonymous"
+
+
+@dataclass(frozen=True)
+class PeerCert:
+    """What the agent needs from a verified client certificate."""
+
+    identity: str
+    client_auth: bool  # extendedKeyUsage allows clientAuth (explicitly)
+    problem: str  # non-empty: why this certificate may not be used
+
+
+_peer_cache: dict[bytes, PeerCert] = {}
+_peer_lock = threading.Lock()
+
+
+def identity_from_cert(pem: bytes) -> PeerCert:
+    """The identity of a (handshake-verified) client certificate.
+
+    The identity is the subject Common Name; a certificate without one uses
+    its first subjectAltName (DNS name, URI or e-mail). A certificate whose
+    extendedKeyUsage is missing or does not include clientAuth is not a
+    client certificate and gets a ``problem``: BoringSSL refuses an EKU
+    without clientAuth during the handshake, but lets a certificate with no
+    EKU at all through, so this check closes that gap.
+    """
+    key = hashlib.sha256(pem).digest()
+    with _peer_lock:
+        hit = _peer_cache.get(key)
+    if hit is not None:
+        return hit
+    try:
+        cert = x509.load_pem_x509_certificate(pem)
+    except ValueError:
+        return PeerCert("", False, "unparsable client certificate")
+    ident = ""
+    cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if cns:
+        ident = str(cns[0].value)
+    else:
+        try:
+            san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            for gn in san:
+                if isinstance(gn, (x509.DNSName, x509.UniformResourceIdentifier,
+                                   x509.RFC822Name)):
+                    ident = str(gn.value)
+                    break
+        except x509.ExtensionNotFound:
+            pass
+    try:
+        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        client_auth = ExtendedKeyUsageOID.CLIENT_AUTH in eku
+    except x509.ExtensionNotFound:
+        client_auth = False
+    problem = ""
+    if not ident:
+        problem = "client certificate has neither a Common Name nor a subjectAltName"
+    elif not client_auth:
+        problem = "client certificate is not for client authentication (extendedKeyUsage " \
+                  "clientAuth missing)"
+    elif any(ord(c) < 0x20 or ord(c) == 0x7F for c in ident):
+        problem = "client certificate identity contains control characters"
+    result = PeerCert(ident, client_auth, problem)
+    with _peer_lock:
+        if len(_peer_cache) > 4096:
+            _peer_cache.clear()
+        _peer_cache[key] = result
+    return result

@@ -1,0 +1,49 @@
+#!/bin/sh
+# Runs the test suite in a fresh virtual environment (.venv-test, made from
+# scratch every time, so a missing install step cannot hide).
+#   scripts/test.sh                 the whole default suite
+#   scripts/test.sh -m systemd      the real-systemd tier (boots a container)
+#   scripts/test.sh PYTEST-ARGS...  anything else pytest accepts
+# Debian packages the tests need are installed when missing (as root).
+set -eu
+cd "$(dirname "$0")/.."
+python=${PYTHON:-python3}
+
+need=""
+for pair in openssl:openssl prlimit:util-linux setpriv:util-linux ip:iproute2 ps:procps; do
+    cmd=${pair%%:*} pkg=${pair#*:}
+    command -v "$cmd" >/dev/null 2>&1 || need="$need $pkg"
+done
+case " $* " in
+    *" systemd "*|*"-m systemd"*)
+        for pair in systemd-nspawn:systemd-container debootstrap:debootstrap; do
+            cmd=${pair%%:*} pkg=${pair#*:}
+            command -v "$cmd" >/dev/null 2>&1 || need="$need $pkg"
+        done ;;
+esac
+if [ -n "$need" ]; then
+    if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "test: installing Debian packages:$need" >&2
+        apt-get update -qq >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $need >/dev/null
+    else
+        echo "test: missing packages:$need (install them, or run as root)" >&2
+        exit 1
+    fi
+fi
+
+rm -rf .venv-test
+"$python" -m venv .venv-test
+.venv-test/bin/pip install --quiet --disable-pip-version-check --upgrade pip
+.venv-test/bin/pip install --quiet --disable-pip-version-check ".[test]"
+
+if [ $# -eq 0 ]; then
+    set -- -m "not systemd"
+fi
+status=0
+.venv-test/bin/python -m pytest -p no:cacheprovider "$@" || status=$?
+if [ "$status" -eq 5 ]; then
+    echo "test: pytest collected no tests: that is a failure" >&2
+    exit 1
+fi
+exit "$status"

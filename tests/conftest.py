@@ -1,0 +1,134 @@
+"""Shared fixtures: a CA and certificates, safe script folders, agent processes."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers import AgentProcess, Certs, gen_certs, make_safe_dir, write_script
+
+SCRIPTS = {
+    "hello.sh": """
+        #!/bin/bash
+        echo "hello $*"
+        """,
+    "fail.sh": """
+        #!/bin/bash
+        echo "failing with ${1:-3}" >&2
+        exit "${1:-3}"
+        """,
+    "sleep.sh": """
+        #!/bin/bash
+        echo started
+        sleep "${1:-30}"
+        echo finished
+        """,
+    "tree.sh": """
+        #!/bin/bash
+        # children of its own, one of which ignores SIGTERM
+        sleep 300 &
+        sleep 300 &
+        bash -c 'trap "" TERM; sleep 300' &
+        echo "children started"
+        wait
+        """,
+    "env.sh": """
+        #!/bin/bash
+        env | sort
+        """,
+    "count.sh": """
+        #!/bin/bash
+        for ((i = 1; i <= ${1:-5}; i++)); do echo "line $i"; sleep ${2:-0.1}; done
+        """,
+    "trapterm.sh": """
+        #!/bin/bash
+        trap 'echo got TERM; exit 0' TERM
+        echo ready
+        while true; do sleep 0.1; done
+        """,
+    "spew.sh": """
+        #!/bin/bash
+        # writes N bytes of output as fast as it can
+        head -c "${1:-1000000}" /dev/zero | tr '\\0' 'x'
+        """,
+}
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
+    """Certificates made by scripts/gen_certs.sh (CA, server, clients)."""
+    return gen_certs(tmp_path_factory.mktemp("certs"))
+
+
+@pytest.fixture(scope="session")
+def script_dir() -> Iterator[Path]:
+    """A folder of test scripts that the StrictModes rule accepts."""
+    d = make_safe_dir()
+    for name, body in SCRIPTS.items():
+        write_script(d, name, body)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def policy_for(script_dir: Path, extra: str = "") -> str:
+    """A policy allowing bash scripts from script_dir plus a few executables."""
+    return f"""
+version: 1
+entries:
+  - name: test-scripts
+    command: /bin/bash
+    aliases: [bash]
+    scripts: ["{script_dir}/*.sh"]
+    args: {{max_count: 64, max_length: 4096}}
+  - name: "true"
+    command: /bin/true
+    aliases: ["true"]
+  - name: sleep
+    command: /bin/sleep
+    aliases: [sleep]
+    args: {{max_count: 1, patterns: ['[0-9.]+']}}
+  - name: echo
+    command: /bin/echo
+    aliases: [echo]
+{extra}
+"""
+
+
+@pytest.fixture(scope="session")
+def standard_policy(script_dir: Path) -> str:
+    return policy_for(script_dir)
+
+
+AgentFactory = Callable[..., AgentProcess]
+
+
+@pytest.fixture
+def make_agent(tmp_path: Path, certs: Certs, standard_policy: str) -> Iterator[AgentFactory]:
+    """Start agents (stopped at the end of the test)."""
+    started: list[AgentProcess] = []
+
+    def factory(policy: str | None = None, *, start: bool = True, name: str = "agent",
+                **kw: Any) -> AgentProcess:
+        a = AgentProcess(tmp_path / f"{name}{len(started)}", certs,
+                         standard_policy if policy is None else policy, **kw)
+        started.append(a)
+        if start:
+            a.start()
+        return a
+
+    yield factory
+    for a in started:
+        try:
+            a.stop()
+        except Exception:
+            pass
+
+
+@pytest.fixture
+def agent(make_agent: AgentFactory) -> AgentProcess:
+    """One running agent with the standard policy."""
+    return make_agent()

@@ -1,0 +1,340 @@
+"""Test helpers: real agent processes, certificates, safe script folders.
+
+Nothing here mocks gRPC, TLS or the kernel: an :class:`AgentProcess` is the
+real ``python -m agent run`` on a free loopback port with certificates made
+by ``scripts/gen_certs.sh``, and clients talk to it over real mTLS.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from agent._proto import jobscheduler_pb2 as pb  # noqa: E402
+from agent._proto import jobscheduler_pb2_grpc as pb_grpc  # noqa: E402
+from agent.client import AgentClient, TLSFiles  # noqa: E402
+
+IS_ROOT = os.geteuid() == 0
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class Certs:
+    """Paths of a generated certificate set."""
+
+    dir: Path
+
+    def crt(self, name: str) -> Path:
+        return self.dir / f"{name}.crt"
+
+    def key(self, name: str) -> Path:
+        return self.dir / f"{name}.key"
+
+    @property
+    def ca(self) -> Path:
+        return self.dir / "ca.crt"
+
+    def tls(self, name: str) -> TLSFiles:
+        return TLSFiles(ca=self.ca, cert=self.crt(name), key=self.key(name))
+
+    def creds(self, name: str | None) -> grpc.ChannelCredentials:
+        ca = self.ca.read_bytes()
+        if name is None:
+            return grpc.ssl_channel_credentials(root_certificates=ca)
+        return grpc.ssl_channel_credentials(ca, self.key(name).read_bytes(),
+                                            self.crt(name).read_bytes())
+
+
+def gen_certs(out: Path, *extra: str) -> Certs:
+    """Run the project's certificate script into ``out``."""
+    subprocess.run([str(ROOT / "scripts" / "gen_certs.sh"), "--out", str(out), *extra],
+                   check=True, capture_output=True)
+    return Certs(out)
+
+
+def make_safe_dir(base: Path | None = None) -> Path:
+    """A folder that passes the StrictModes check (no group/other-writable parent).
+
+    pytest's tmp folders live under /tmp (world-writable), where the policy
+    rightly refuses scripts, so scripts go under /var/lib (as root) or the
+    user's cache folder.
+    """
+    if base is None:
+        base = Path("/var/lib/agent-tests") if IS_ROOT else \
+            Path.home() / ".cache" / "agent-tests"
+    base.mkdir(parents=True, exist_ok=True, mode=0o755)
+    os.chmod(base, 0o755)
+    d = base / uuid.uuid4().hex[:12]
+    d.mkdir(mode=0o755)
+    os.chmod(d, 0o755)
+    return d
+
+
+def write_script(folder: Path, name: str, body: str, mode: int = 0o755) -> Path:
+    """Write a script file with the given mode."""
+    p = folder / name
+    p.write_text(textwrap.dedent(body).lstrip())
+    os.chmod(p, mode)
+    return p
+
+
+def default_config(addr: str, certs: Certs, policy: Path, state: Path,
+                   **sections: dict[str, Any]) -> str:
+    """A config.toml for a test agent; ``sections`` override keys."""
+    base: dict[str, dict[str, Any]] = {
+        "grpc_server": {"addr": addr, "use_tls": True, "crt_file": str(certs.crt("server")),
+                        "key_file": str(certs.key("server")), "ca_file": str(certs.ca)},
+        "auth": {"clients": ["client", "scheduler"], "admins": ["admin"]},
+        "jobs": {"policy_file": str(policy), "state_dir": str(state),
+                 "run_as_user": "nobody", "stop_grace_seconds": 2.0},
+        "retention": {"sweep_seconds": 3600.0},
+    }
+    for name, values in sections.items():
+        base.setdefault(name, {}).update(values)
+    return to_toml(base)
+
+
+def to_toml(data: dict[str, dict[str, Any]]) -> str:
+    """Minimal TOML writer for config tables (nested one level for limits)."""
+    lines: list[str] = []
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        s = str(v).replace("\\", "\\\\").replace('"', '\\"')
+        return f'"{s}"'
+
+    for name, table in data.items():
+        if table is None:
+            continue
+        scalars = {k: v for k, v in table.items() if not isinstance(v, dict)}
+        lines.append(f"[{name}]")
+        lines += [f"{k} = {value(v)}" for k, v in scalars.items()]
+        for k, v in table.items():
+            if isinstance(v, dict):
+                lines.append(f"[{name}.{k}]")
+                lines += [f"{kk} = {value(vv)}" for kk, vv in v.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+class AgentProcess:
+    """A real agent process with its own config, state and port."""
+
+    def __init__(self, workdir: Path, certs: Certs, policy_text: str, *,
+                 config_text: str | None = None, port: int | None = None,
+                 env: dict[str, str] | None = None, **sections: dict[str, Any]) -> None:
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        os.chmod(workdir, 0o700)
+        self.certs = certs
+        self.port = port or free_port()
+        self.addr = f"127.0.0.1:{self.port}"
+        self.state = workdir / "state"
+        self.policy_path = workdir / "policy.yaml"
+        self.policy_path.write_text(policy_text)
+        self.config_path = workdir / "config.toml"
+        self.config_path.write_text(config_text if config_text is not None else
+                                    default_config(self.addr, certs, self.policy_path,
+                                                   self.state, **sections))
+        self.log_path = workdir / "agent.log"
+        self.env = env or {}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._clients: list[AgentClient] = []
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self, *, wait: bool = True, timeout: float = 20.0) -> AgentProcess:
+        """Start the process; wait until it answers TLS on its port."""
+        env = dict(os.environ)
+        env.update(self.env)
+        env["PYTHONPATH"] = str(ROOT)
+        log = open(self.log_path, "ab")  # noqa: SIM115 - closed by the child owning it
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "agent", "run", "--config", str(self.config_path)],
+            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(self.workdir),
+            start_new_session=True)
+        log.close()
+        if wait:
+            self.wait_ready(timeout)
+        return self
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        """Block until the port accepts connections and the process lives."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"agent exited with {self.proc.returncode}:\n{self.log()}")
+            with contextlib.suppress(OSError), socket.create_connection(
+                    ("127.0.0.1", self.port), timeout=0.2):
+                if "listening on" in self.log():
+                    return
+            time.sleep(0.05)
+        raise RuntimeError(f"agent did not become ready:\n{self.log()}")
+
+    def log(self) -> str:
+        """The agent's stderr so far."""
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM and wait; returns the exit status."""
+        for c in self._clients:
+            c.close()
+        self._clients.clear()
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+    def kill9(self) -> None:
+        """SIGKILL the agent (not its jobs)."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+
+    def restart(self) -> AgentProcess:
+        """Start again with the same config and state."""
+        return self.start()
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    # ------------------------------------------------------------ clients
+
+    def client(self, identity: str = "client", **kw: Any) -> AgentClient:
+        """A library client with the given certificate identity."""
+        c = AgentClient(self.addr, self.certs.tls(identity), **kw)
+        self._clients.append(c)
+        return c
+
+    def stub(self, identity: str | None = "client") -> Iterator[pb_grpc.WorkerStub]:
+        """A raw gRPC stub (context manager closes the channel)."""
+        return _stub(self.addr, self.certs, identity)
+
+    def audit_lines(self) -> list[dict[str, Any]]:
+        """The audit log, parsed."""
+        import json
+
+        p = self.state / "audit.log"
+        if not p.exists():
+            return []
+        return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+    def output_files(self) -> set[str]:
+        """Names of job output files."""
+        d = self.state / "output"
+        return {p.name for p in d.iterdir()} if d.exists() else set()
+
+
+@contextlib.contextmanager
+def _stub(addr: str, certs: Certs, identity: str | None) -> Iterator[pb_grpc.WorkerStub]:
+    ch = grpc.secure_channel(addr, certs.creds(identity))
+    try:
+        yield pb_grpc.WorkerStub(ch)
+    finally:
+        ch.close()
+
+
+def job_processes(job_id: str) -> list[int]:
+    """Pids whose environment carries AGENT_JOB_ID=job_id."""
+    marker = f"AGENT_JOB_ID={job_id}".encode()
+    out = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/environ", "rb") as f:
+                if marker in f.read().split(b"\0"):
+                    out.append(int(name))
+        except OSError:
+            continue
+    return out
+
+
+def wait_for(pred: Any, timeout: float = 10.0, interval: float = 0.02) -> Any:
+    """Poll ``pred`` until truthy; return its value or fail."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        time.sleep(interval)
+
+
+def children_of(pid: int) -> list[int]:
+    """Direct children of a process (from /proc)."""
+    out = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                data = f.read()
+            ppid = int(data[data.rfind(b")") + 2:].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == pid:
+            out.append(int(name))
+    return out
+
+
+__all__ = [
+    "IS_ROOT",
+    "ROOT",
+    "AgentProcess",
+    "Certs",
+    "children_of",
+    "default_config",
+    "free_port",
+    "gen_certs",
+    "job_processes",
+    "make_safe_dir",
+    "pb",
+    "pb_grpc",
+    "to_toml",
+    "wait_for",
+    "write_script",
+]

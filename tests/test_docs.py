@@ -1,0 +1,36 @@
+"""Documentation matches the code."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from tests.helpers import ROOT
+
+
+def test_readme_configuration_reference_is_current() -> None:
+    """README's configuration table is generated from agent.config."""
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "update_docs.py"), "--check"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def test_sample_config_is_valid() -> None:
+    """The committed config.toml and policy.yaml pass validation (parse step)."""
+    from agent import policy
+    from agent.config import load
+
+    cfg = load(ROOT / "config.toml")
+    assert cfg.mtls
+    pol = policy.load(ROOT / "policy.yaml")
+    assert {e.name for e in pol.entries} >= {"example-bash-scripts", "true"}
+
+
+def test_certs_dir_holds_no_keys_in_git() -> None:
+    """certs/ tracks only its README and .gitignore."""
+    r = subprocess.run(["git", "ls-files", "certs"], capture_output=True, text=True, cwd=ROOT)
+    if r.returncode != 0:
+        return
+    assert set(r.stdout.split()) <= {"certs/README.md", "certs/.gitignore"}
+    r = subprocess.run(["git", "ls-files"], capture_output=True, text=True, cwd=ROOT)
+    assert not [f for f in r.stdout.split() if f.endswith((".key", ".pem"))]

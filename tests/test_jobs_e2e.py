@@ -1,0 +1,204 @@
+"""Jobs end to end: a real agent, real mTLS, real child processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from agent.client import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from tests.helpers import (
+    IS_ROOT,
+    AgentProcess,
+    children_of,
+    job_processes,
+    pb,
+    wait_for,
+)
+
+
+def test_start_query_succeeds_and_output_is_captured(agent: AgentProcess, script_dir: Path) -> None:
+    """A whitelisted script runs, its stdout and stderr land in one 0600 file."""
+    c = agent.client()
+    job = c.start("bash", str(script_dir / "fail.sh"), args=["0"])
+    st = c.wait(job, timeout=10)
+    assert st.state == "SUCCEEDED" and st.done and not st.error
+    assert st.exit_code == 0 and st.signal is None
+    assert st.command in ("/usr/bin/bash", "/bin/bash")
+    out = agent.state / "output" / f"{job}.out"
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    assert out.read_text() == "failing with 0\n"  # stderr captured too
+    assert b"".join(c.stream(job)) == b"failing with 0\n"
+
+
+def test_nonzero_exit_sets_original_error_fields(agent: AgentProcess, script_dir: Path) -> None:
+    """error/errorText are filled as the original worker fills them."""
+    c = agent.client()
+    job = c.start("bash", str(script_dir / "fail.sh"), args=["7"])
+    st = c.wait(job, timeout=10)
+    assert st.state == "FAILED" and st.done and st.error
+    assert st.exit_code == 7
+    assert st.error_text == "exit status 7"
+    with agent.stub() as stub:
+        res = stub.QueryJob(pb.QueryJobReq(jobID=job), timeout=5)
+    assert res.done and res.error and res.errorText == "exit status 7"
+    assert res.state == pb.FAILED and res.exitCode == 7 and res.pid > 0
+    assert res.startTime.ToNanoseconds() <= res.endTime.ToNanoseconds()
+
+
+def test_executable_gets_path_as_first_argument(agent: AgentProcess) -> None:
+    """`command path args...` for an executable: path is argv[1]."""
+    c = agent.client()
+    job = c.start("echo", "first", args=["second", "third"])
+    assert c.wait(job, timeout=10).state == "SUCCEEDED"
+    assert b"".join(c.stream(job)) == b"first second third\n"
+
+
+def test_clean_environment_stdin_devnull_own_group(agent: AgentProcess, script_dir: Path,
+                                                   tmp_path: Path) -> None:
+    """The job sees a minimal environment (not the agent's) and leads its own group."""
+    c = agent.client()
+    job = c.start("bash", str(script_dir / "env.sh"))
+    assert c.wait(job, timeout=10).state == "SUCCEEDED"
+    env = dict(line.split("=", 1) for line in b"".join(c.stream(job)).decode().splitlines())
+    assert set(env) <= {"PATH", "HOME", "USER", "LOGNAME", "LANG", "AGENT_JOB_ID",
+                        "AGENT_INSTANCE", "PWD", "SHLVL", "_", "OLDPWD"}
+    assert env["AGENT_JOB_ID"] == job
+    assert "PYTHONPATH" not in env
+    # own process group / session, stdin from /dev/null
+    job2 = c.start("bash", str(script_dir / "sleep.sh"), args=["30"])
+    st = c.query(job2)
+    pid = st.pid
+    assert os.getpgid(pid) == pid and os.getsid(pid) == pid
+    assert os.readlink(f"/proc/{pid}/fd/0") == "/dev/null"
+    if IS_ROOT:
+        assert os.stat(f"/proc/{pid}").st_uid == 65534  # nobody
+    c.stop(job2)
+    assert c.wait(job2, timeout=10).state == "STOPPED"
+
+
+def test_stop_kills_whole_tree_even_children_ignoring_term(agent: AgentProcess,
+                                                           script_dir: Path) -> None:
+    """Stopping a job whose script started children leaves no process of it alive."""
+    c = agent.client()
+    job = c.start("bash", str(script_dir / "tree.sh"))
+    wait_for(lambda: b"children started" in b"".join(c.stream(job)))
+    pids = job_processes(job)
+    assert len(pids) >= 4
+    t0 = time.monotonic()
+    c.stop(job)
+    st = c.wait(job, timeout=15)
+    assert st.state == "STOPPED" and st.error
+    assert "stopped by request" in st.error_text
+    wait_for(lambda: not job_processes(job), timeout=5)
+    # the TERM-ignoring child forced the SIGKILL after the grace (2 s here)
+    assert time.monotonic() - t0 >= 1.5 or st.signal == signal.SIGTERM
+
+
+def test_leftover_background_process_is_killed_when_leader_exits(agent: AgentProcess,
+                                                                 script_dir: Path) -> None:
+    """A job is its process group: what it leaves behind dies with it."""
+    c = agent.client()
+    job = c.start("bash", str(script_dir / "hello.sh"))
+    assert c.wait(job, timeout=10).state == "SUCCEEDED"
+    assert not job_processes(job)
+
+
+def test_stop_finished_job_succeeds_unknown_is_not_found(agent: AgentProcess) -> None:
+    """Original semantics: stopping a finished job is fine; unknown ids are NOT_FOUND."""
+    c = agent.client()
+    job = c.start("true", "")
+    assert c.wait(job, timeout=10).state == "SUCCEEDED"
+    c.stop(job)
+    assert c.query(job).state == "SUCCEEDED"
+    with pytest.raises(NotFound):
+        c.stop("00000000-0000-4000-8000-000000000000")
+    with pytest.raises(NotFound):
+        c.query("00000000-0000-4000-8000-000000000000")
+    with pytest.raises(InvalidArgument):
+        c.query("not-a-uuid")
+
+
+def test_command_outside_whitelist_is_denied_and_nothing_starts(agent: AgentProcess,
+                                                                tmp_path: Path) -> None:
+    """PERMISSION_DENIED, no process, no output file, and an audit line."""
+    c = agent.client()
+    marker = tmp_path / "ran"
+    before_children = set(children_of(agent.pid))
+    before_files = agent.output_files()
+    for command, path, args in [
+        ("/bin/sh", "-c", [f"touch {marker}"]),
+        ("sh", "-c", [f"touch {marker}"]),
+        ("/usr/bin/touch", str(marker), []),
+        ("bash", "/etc/passwd", []),
+        ("bash", "-c", [f"touch {marker}"]),
+        ("/usr/bin/env", "touch", [str(marker)]),
+    ]:
+        with pytest.raises((PermissionDenied, InvalidArgument)):
+            c.start(command, path, args=args)
+    assert not marker.exists()
+    assert agent.output_files() == before_files
+    assert set(children_of(agent.pid)) <= before_children
+    denials = [e for e in agent.audit_lines() if e["decision"] == "deny"]
+    assert len(denials) >= 6
+    assert all(e["identity"] == "client" and e["rpc"] == "StartJob" for e in denials)
+
+
+def test_missing_script_in_allowed_place_is_not_found(agent: AgentProcess,
+                                                      script_dir: Path) -> None:
+    """A script the policy would allow but that does not exist: NOT_FOUND."""
+    with pytest.raises(NotFound, match="does not exist"):
+        agent.client().start("bash", str(script_dir / "nope.sh"))
+
+
+def test_client_without_certificate_cannot_call(agent: AgentProcess) -> None:
+    """No client certificate: the handshake fails, the call is UNAVAILABLE."""
+    with agent.stub(identity=None) as stub, pytest.raises(grpc.RpcError) as e:
+        stub.QueryJob(pb.QueryJobReq(jobID="00000000-0000-4000-8000-000000000000"), timeout=5)
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_start_failure_is_reported_through_query(make_agent, script_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    """An executable that cannot be exec'd gets an id; QueryJob reports error."""
+    bad = script_dir / "noexec-interp.sh"
+    bad.write_text("#!/nonexistent/interpreter\necho hi\n")
+    os.chmod(bad, 0o755)
+    policy = f"""
+version: 1
+entries:
+  - name: direct
+    command: {bad}
+"""
+    a = make_agent(policy)
+    c = a.client()
+    job = c.start(str(bad), "")
+    st = c.wait(job, timeout=10)
+    assert st.state == "FAILED" and st.error and st.done
+    assert st.error_text.startswith("start failed: ")
+    assert "No such file" in st.error_text
+
+
+def test_output_dir_failure_is_failed_precondition(agent: AgentProcess) -> None:
+    """If the agent cannot create the output file, nothing starts."""
+    out = agent.state / "output"
+    os.chmod(out, 0o500)
+    try:
+        if IS_ROOT:
+            pytest.skip("root ignores directory permissions")
+        with pytest.raises(FailedPrecondition):
+            agent.client().start("true", "")
+    finally:
+        os.chmod(out, 0o700)
+
+
+def test_jobs_survive_many_quick_starts(agent: AgentProcess) -> None:
+    """A burst of jobs all finish successfully (no crashed children)."""
+    c = agent.client()
+    jobs = [c.start("true", "") for _ in range(60)]
+    states = [c.wait(j, timeout=20).state for j in jobs]
+    assert states == ["SUCCEEDED"] * 60
