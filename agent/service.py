@@ -163,11 +163,11 @@ class WorkerService:
                    body: Callable[[str], Awaitable[T]], **fields: Any) -> T:
         identity = ""
         try:
+            identity = self.identify(context)
+            self.authorize(identity)
             if isinstance(request, Malformed):
                 raise InvalidArgument(f"request could not be decoded: {request.reason}",
                                       rule="undecodable")
-            identity = self.identify(context)
-            self.authorize(identity)
             result = await body(identity)
         except AgentError as e:
             await self._fail(context, rpc, identity, e, **fields)

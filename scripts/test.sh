@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
 
 need=""
-for pair in openssl:openssl prlimit:util-linux setpriv:util-linux ip:iproute2 ps:procps; do
+for pair in openssl:openssl prlimit:util-linux setpriv:util-linux ip:iproute2 ps:procps sslscan:sslscan systemd-analyze:systemd; do
     cmd=${pair%%:*} pkg=${pair#*:}
     command -v "$cmd" >/dev/null 2>&1 || need="$need $pkg"
 done
