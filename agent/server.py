@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import resource
 import signal
 import time
 from typing import Any
@@ -130,6 +131,7 @@ class AgentServer:
     async def startup(self) -> None:
         """Open state, recover, bind and start serving; then READY=1."""
         cfg = self.config
+        _raise_nofile_limit()
         try:
             self._lock.acquire()
         except RuntimeError as e:
@@ -357,6 +359,18 @@ class AgentServer:
             await self.main_loop()
         finally:
             await self.shutdown()
+
+
+def _raise_nofile_limit() -> None:
+    """Each running job holds three descriptors (pidfd, pipe, output file):
+    raise the soft RLIMIT_NOFILE to the hard limit so max_running is not
+    capped by the usual soft 1024. Jobs inherit it unless [limits] open_files
+    is set."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft < target:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
 def _version() -> str:
