@@ -13,7 +13,7 @@ import logging
 import logging.handlers
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from agent import __version__, startup
 from agent.config import Config, ConfigError, load
@@ -92,19 +92,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.daemon:
         from agent.daemon import daemonize
 
-        try:
-            ctx = daemonize(cfg)
-        except RuntimeError as e:
-            print(f"agent: {e}", file=sys.stderr)
-            return 1
-        with ctx:
+        def in_daemon(report: Callable[[str], None]) -> int:
             setup_logging(cfg, daemon=True)
-            return _run(prepared)
+            from agent.server import run
+
+            return run(prepared, on_ready=lambda: report(f"ready pid {os.getpid()}"),
+                       on_startup_error=lambda e: report(f"error: {e}"))
+
+        return daemonize(cfg, in_daemon)
     setup_logging(cfg, daemon=False)
-    return _run(prepared)
-
-
-def _run(prepared: startup.Prepared) -> int:
     from agent.server import run
 
     return run(prepared)

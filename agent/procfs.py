@@ -17,12 +17,25 @@ JOB_ID_ENV = "AGENT_JOB_ID"
 
 
 def boot_id() -> str:
-    """The kernel's boot id ('' if unavailable)."""
+    """The kernel's boot id ('' if unavailable).
+
+    Under the systemd unit ``ProcSubset=pid`` hides /proc/sys, so the unit
+    passes the id in ``AGENT_BOOT_ID`` (the ``%b`` specifier).
+    """
     try:
         with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
             return f.read().strip()
     except OSError:
-        return ""
+        env = os.environ.get("AGENT_BOOT_ID", "").strip()
+        return _dashed(env) if env else ""
+
+
+def _dashed(hex_id: str) -> str:
+    """systemd's %b has no dashes; /proc's boot_id has them: use /proc's form."""
+    h = hex_id.replace("-", "").lower()
+    if len(h) != 32:
+        return hex_id
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 @dataclass(frozen=True)

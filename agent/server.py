@@ -16,6 +16,7 @@ import os
 import resource
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -90,8 +91,10 @@ def _cert_config(state: ServerTLSState) -> Any:
 class AgentServer:
     """One agent: listener, job manager, signals, notifications."""
 
-    def __init__(self, prepared: Prepared, *, notifier: Notifier | None = None) -> None:
+    def __init__(self, prepared: Prepared, *, notifier: Notifier | None = None,
+                 on_ready: Callable[[], None] | None = None) -> None:
         self.prepared = prepared
+        self._on_ready = on_ready
         self.config = prepared.config
         self.notifier = notifier or Notifier()
         self.should_exit = asyncio.Event()
@@ -186,6 +189,8 @@ class AgentServer:
         await self._start_registration()
         # The listener is bound and serving TLS: only now is the agent ready.
         self.notifier.ready(self._status_text())
+        if self._on_ready:
+            self._on_ready()
 
     @staticmethod
     def _credentials(reloader: CertificateReloader, mtls: bool) -> grpc.ServerCredentials:
@@ -379,12 +384,15 @@ def _version() -> str:
     return __version__
 
 
-def run(prepared: Prepared) -> int:
+def run(prepared: Prepared, *, on_ready: Callable[[], None] | None = None,
+        on_startup_error: Callable[[str], None] | None = None) -> int:
     """Run an agent in this process (after any daemon fork). Returns the exit status."""
-    server = AgentServer(prepared)
+    server = AgentServer(prepared, on_ready=on_ready)
     try:
         asyncio.run(server.serve())
     except StartupError as e:
         log.error("%s", e)
+        if on_startup_error:
+            on_startup_error(str(e))
         return 1
     return 0

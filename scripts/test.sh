@@ -14,13 +14,6 @@ for pair in openssl:openssl prlimit:util-linux setpriv:util-linux ip:iproute2 ps
     cmd=${pair%%:*} pkg=${pair#*:}
     command -v "$cmd" >/dev/null 2>&1 || need="$need $pkg"
 done
-case " $* " in
-    *" systemd "*|*"-m systemd"*)
-        for pair in systemd-nspawn:systemd-container debootstrap:debootstrap; do
-            cmd=${pair%%:*} pkg=${pair#*:}
-            command -v "$cmd" >/dev/null 2>&1 || need="$need $pkg"
-        done ;;
-esac
 if [ -n "$need" ]; then
     if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
         echo "test: installing Debian packages:$need" >&2
@@ -31,6 +24,12 @@ if [ -n "$need" ]; then
         exit 1
     fi
 fi
+
+case " $* " in
+    *" systemd "*|*"-m systemd"*)
+        # systemd-nspawn, debootstrap and friends for the real-systemd tier
+        scripts/systemd_tier_setup.sh ;;
+esac
 
 rm -rf .venv-test
 "$python" -m venv .venv-test

@@ -1,0 +1,242 @@
+"""Daemon mode, sd_notify over a real datagram socket, signals and reloads."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from agent.client import Unavailable
+from tests.helpers import ROOT, AgentProcess, job_processes, pb, wait_for
+
+
+def _agent_cmd(a: AgentProcess, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "agent", "run", "--config", str(a.config_path),
+                           *extra], capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _status_field(pid: int, name: str) -> str:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(name + ":"):
+                return line.split(":", 1)[1].strip()
+    raise KeyError(name)
+
+
+# ---------------------------------------------------------------- daemon mode
+
+
+def test_daemon_mode_pidfile_second_instance_and_stale_pidfile(make_agent) -> None:  # type: ignore[no-untyped-def]
+    """--daemon detaches properly; a second start is refused; a stale pid file is replaced."""
+    a = make_agent(start=False)
+    pid_file = a.state / "agent.pid"
+    r = _agent_cmd(a, "--daemon")
+    assert r.returncode == 0, r.stderr
+    assert "running in the background" in r.stdout
+    pid = int(pid_file.read_text())
+    try:
+        assert _alive(pid)
+        assert os.readlink(f"/proc/{pid}/cwd") == "/"
+        assert _status_field(pid, "Umask") == "0027"
+        for fd in (0, 1, 2):
+            assert os.readlink(f"/proc/{pid}/fd/{fd}") == "/dev/null"
+        assert os.getsid(pid) != pid  # double fork: not a session leader, no terminal
+        c = a.client()
+        job = c.start("true", "")
+        assert c.wait(job, timeout=10).state == "SUCCEEDED"
+        log = (a.state / "agent.log").read_text()
+        assert "listening on" in log
+        # a second instance is refused, on the terminal
+        r2 = _agent_cmd(a, "--daemon")
+        assert r2.returncode == 1
+        assert f"another agent is already running (pid {pid}" in r2.stderr
+        # kill -9: the pid file stays, naming a dead process
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: not _alive(pid), timeout=10)
+        assert int(pid_file.read_text()) == pid
+        r3 = _agent_cmd(a, "--daemon")
+        assert r3.returncode == 0, r3.stderr
+        assert f"replacing stale pid file {pid_file} of dead process {pid}" in r3.stderr
+        pid = int(pid_file.read_text())
+        assert _alive(pid)
+        c2 = a.client()
+        assert c2.query(job).state == "SUCCEEDED"
+    finally:
+        if _alive(pid):
+            os.kill(pid, signal.SIGTERM)
+            wait_for(lambda: not _alive(pid), timeout=20)
+    assert not pid_file.exists()  # removed on a clean exit
+
+
+def test_daemon_start_failure_is_reported_on_the_terminal(make_agent) -> None:  # type: ignore[no-untyped-def]
+    """A start-up error inside the daemon reaches the starting terminal; exit 1."""
+    a = make_agent(start=False)
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", a.port))
+    blocker.listen()
+    try:
+        r = _agent_cmd(a, "--daemon")
+    finally:
+        blocker.close()
+    assert r.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{a.port}" in r.stderr
+    assert not (a.state / "agent.pid").exists()
+
+
+def test_daemonize_refuses_when_grpc_already_imported(make_agent, capsys) -> None:  # type: ignore[no-untyped-def]
+    """The guard: no gRPC before the fork (this test process has imported grpc)."""
+    from agent.config import load
+    from agent.daemon import daemonize
+
+    assert "grpc" in sys.modules
+    a = make_agent(start=False)
+    assert daemonize(load(a.config_path), lambda report: 0) == 1
+    assert "grpc was imported before daemonizing" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- sd_notify
+
+
+class NotifySocket:
+    """A real datagram socket standing in for systemd's notification socket."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.messages: list[str] = []
+
+    def read(self, timeout: float = 10.0) -> str:
+        self.sock.settimeout(timeout)
+        msg = self.sock.recv(4096).decode()
+        self.messages.append(msg)
+        return msg
+
+    def until(self, pred, timeout: float = 10.0) -> str:  # type: ignore[no-untyped-def]
+        deadline = time.monotonic() + timeout
+        while True:
+            m = self.read(max(0.01, deadline - time.monotonic()))
+            if pred(m):
+                return m
+
+
+def test_sd_notify_sequence(make_agent, tmp_path: Path, script_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    """READY only once TLS is served; STATUS, RELOADING+MONOTONIC_USEC, WATCHDOG, STOPPING."""
+    ns = NotifySocket(tmp_path / "notify.sock")
+    a = make_agent(start=False, env={"NOTIFY_SOCKET": str(ns.path), "WATCHDOG_USEC": "400000"})
+    a.start(wait=False)
+    first = ns.read(timeout=30)
+    assert first.startswith("READY=1")
+    # at the moment READY arrives, a TLS call already succeeds
+    with a.stub() as stub, pytest.raises(grpc.RpcError) as e:
+        stub.QueryJob(pb.QueryJobReq(jobID="00000000-0000-4000-8000-000000000000"), timeout=5)
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "STATUS=0 jobs running; accepting jobs" in first
+    ns.until(lambda m: m == "WATCHDOG=1", timeout=5)
+    c = a.client()
+    job = c.start("bash", str(script_dir / "sleep.sh"), args=["30"])
+    ns.until(lambda m: m == "STATUS=1 job running; accepting jobs", timeout=5)
+    a.signal(signal.SIGHUP)
+    reloading = ns.until(lambda m: m.startswith("RELOADING=1"))
+    usec = int(reloading.split("MONOTONIC_USEC=")[1])
+    assert abs(usec - time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000) < 10_000_000
+    ns.until(lambda m: m.startswith("READY=1"))
+    assert c.query(job).state == "RUNNING"  # a reload drops no job
+    a.signal(signal.SIGTERM)
+    ns.until(lambda m: m == "STOPPING=1")
+    assert a.proc is not None and a.proc.wait(30) == 0
+    assert ns.messages[0] == first and sum(m.startswith("READY=1") for m in ns.messages) == 2
+
+
+# ---------------------------------------------------------------- signals
+
+
+def test_sigterm_wait_mode_lets_jobs_finish_and_refuses_new_ones(make_agent,
+                                                                script_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    """on_shutdown = wait: running jobs finish; new ones are UNAVAILABLE; exit 0."""
+    a = make_agent(daemon={"on_shutdown": "wait", "shutdown_deadline_seconds": 30})
+    c = a.client()
+    job = c.start("bash", str(script_dir / "count.sh"), args=["10", "0.2"])
+    a.signal(signal.SIGTERM)
+    wait_for(lambda: "shutting down" in a.log())
+    with pytest.raises(Unavailable, match="shutting down"):
+        c.start("true", "")
+    assert a.proc is not None and a.proc.wait(30) == 0
+    a.start()
+    st = a.client().query(job)
+    assert st.state == "SUCCEEDED" and st.output_bytes == len(
+        "".join(f"line {i}\n" for i in range(1, 11)))
+
+
+def test_sigterm_wait_mode_deadline_then_stops(make_agent, script_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    """A job outliving the shutdown deadline is stopped; the agent still exits 0."""
+    a = make_agent(daemon={"on_shutdown": "wait", "shutdown_deadline_seconds": 1})
+    c = a.client()
+    job = c.start("bash", str(script_dir / "sleep.sh"), args=["60"])
+    t0 = time.monotonic()
+    a.signal(signal.SIGTERM)
+    assert a.proc is not None and a.proc.wait(30) == 0
+    assert time.monotonic() - t0 >= 0.9
+    assert not job_processes(job)
+    a.start()
+    assert a.client().query(job).state == "STOPPED"
+
+
+def test_second_sigint_forces_exit(make_agent, script_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    """First SIGINT starts a patient shutdown; a second one stops the jobs now."""
+    a = make_agent(daemon={"on_shutdown": "wait", "shutdown_deadline_seconds": 600})
+    c = a.client()
+    job = c.start("bash", str(script_dir / "tree.sh"))  # ignores TERM in one child
+    wait_for(lambda: b"children started" in b"".join(c.stream(job)))
+    a.signal(signal.SIGINT)
+    wait_for(lambda: "shutting down" in a.log())
+    time.sleep(0.3)
+    assert a.proc is not None and a.proc.poll() is None  # still waiting for the job
+    a.signal(signal.SIGINT)
+    assert a.proc.wait(30) == 0
+    assert not job_processes(job)
+
+
+def test_sighup_reloads_policy_and_keeps_the_old_one_if_broken(agent: AgentProcess,
+                                                              script_dir: Path) -> None:
+    """SIGHUP: a valid new policy applies at once; a broken one is logged and ignored."""
+    c = agent.client()
+    running = c.start("bash", str(script_dir / "sleep.sh"), args=["30"])
+    c.wait(c.start("true", ""), timeout=10)
+    original = agent.policy_path.read_text()
+    agent.policy_path.write_text(original.replace('aliases: ["true"]', 'aliases: ["yes"]'))
+    agent.signal(signal.SIGHUP)
+    wait_for(lambda: "policy reloaded" in agent.log())
+    with pytest.raises(Exception, match="not in the policy"):
+        c.start("true", "")
+    c.wait(c.start("yes", ""), timeout=10)
+    agent.policy_path.write_text("version: 1\nentries:\n  - name: [broken\n")
+    agent.signal(signal.SIGHUP)
+    wait_for(lambda: "policy reload rejected" in agent.log())
+    c.wait(c.start("yes", ""), timeout=10)  # the previous policy still applies
+    assert c.query(running).state == "RUNNING"
+    events = [(e["event"], e["decision"]) for e in agent.audit_lines()
+              if e["event"] == "policy_reload"]
+    assert events == [("policy_reload", "ok"), ("policy_reload", "error")]
+    c.stop(running)
+
