@@ -51,8 +51,9 @@ class ConfigError(Exception):
 # by `agent check-config --explain`) and optional bounds.
 
 
-def _f(default: Any, help: str, *, lo: float | None = None, hi: float | None = None,
-       choices: tuple[str, ...] | None = None) -> Any:
+def option(default: Any, help: str, *, lo: float | None = None, hi: float | None = None,
+           choices: tuple[str, ...] | None = None) -> Any:
+    """A dataclass field with its help text and bounds (see the parser)."""
     meta = {"help": help, "lo": lo, "hi": hi, "choices": choices}
     if isinstance(default, list):
         return field(default_factory=functools.partial(list, default), metadata=meta)
@@ -63,19 +64,19 @@ def _f(default: Any, help: str, *, lo: float | None = None, hi: float | None = N
 class GrpcServer:
     """``[grpc_server]``: the listener (original keys first)."""
 
-    addr: str = _f("127.0.0.1:50000", "host:port to listen on ([v6]:port for IPv6)")
-    use_tls: bool = _f(True, "serve TLS; false is refused unless addr is loopback and "
+    addr: str = option("127.0.0.1:50000", "host:port to listen on ([v6]:port for IPv6)")
+    use_tls: bool = option(True, "serve TLS; false is refused unless addr is loopback and "
                        "allow_plaintext_loopback = true")
-    crt_file: Path | None = _f(None, "server certificate (PEM), chain allowed")
-    key_file: Path | None = _f(None, "server private key (PEM), mode 0600 or stricter")
-    ca_file: Path | None = _f(None, "CA bundle for client certificates: when set, every "
+    crt_file: Path | None = option(None, "server certificate (PEM), chain allowed")
+    key_file: Path | None = option(None, "server private key (PEM), mode 0600 or stricter")
+    ca_file: Path | None = option(None, "CA bundle for client certificates: when set, every "
                               "client must present a certificate it signed (mTLS)")
-    allow_plaintext_loopback: bool = _f(False, "permit use_tls = false on a loopback "
+    allow_plaintext_loopback: bool = option(False, "permit use_tls = false on a loopback "
                                         "address (development only; warns at every start)")
-    tls13_only: bool = _f(False, "refuse TLS 1.2 handshakes (see docs/security.md)")
-    max_message_bytes: int = _f(4 * 1024 * 1024, "largest request accepted, bytes",
+    tls13_only: bool = option(False, "refuse TLS 1.2 handshakes (see docs/security.md)")
+    max_message_bytes: int = option(4 * 1024 * 1024, "largest request accepted, bytes",
                                 lo=1024, hi=64 * 1024 * 1024)
-    max_connection_idle_seconds: int = _f(0, "close idle client connections after this "
+    max_connection_idle_seconds: int = option(0, "close idle client connections after this "
                                           "many seconds (0: never)", lo=0, hi=86400)
 
 
@@ -83,22 +84,22 @@ class GrpcServer:
 class Scheduler:
     """``[scheduler]``: registration with the scheduler (original key: addr)."""
 
-    addr: str = _f("", "scheduler host:port; empty disables registration")
-    register: bool = _f(False, "register with the scheduler at start and keep the "
+    addr: str = option("", "scheduler host:port; empty disables registration")
+    register: bool = option(False, "register with the scheduler at start and keep the "
                         "registration alive")
-    advertise_addr: str = _f("", "address sent in RegisterReq (default: grpc_server.addr)")
-    crt_file: Path | None = _f(None, "the agent's own client certificate for the scheduler")
-    key_file: Path | None = _f(None, "key of crt_file, mode 0600 or stricter")
-    ca_file: Path | None = _f(None, "CA that signed the scheduler's server certificate")
-    server_name: str = _f("", "expected name in the scheduler's certificate (default: "
+    advertise_addr: str = option("", "address sent in RegisterReq (default: grpc_server.addr)")
+    crt_file: Path | None = option(None, "the agent's own client certificate for the scheduler")
+    key_file: Path | None = option(None, "key of crt_file, mode 0600 or stricter")
+    ca_file: Path | None = option(None, "CA that signed the scheduler's server certificate")
+    server_name: str = option("", "expected name in the scheduler's certificate (default: "
                           "the host part of addr)")
-    heartbeat_seconds: float = _f(10.0, "heartbeat interval when the scheduler does not "
+    heartbeat_seconds: float = option(10.0, "heartbeat interval when the scheduler does not "
                                   "name one", lo=0.1, hi=3600)
-    retry_initial_seconds: float = _f(0.5, "first retry delay while the scheduler is "
+    retry_initial_seconds: float = option(0.5, "first retry delay while the scheduler is "
                                       "unreachable", lo=0.01, hi=600)
-    retry_max_seconds: float = _f(30.0, "longest retry delay (exponential backoff with "
+    retry_max_seconds: float = option(30.0, "longest retry delay (exponential backoff with "
                                   "jitter)", lo=0.01, hi=3600)
-    call_timeout_seconds: float = _f(5.0, "deadline of each call to the scheduler",
+    call_timeout_seconds: float = option(5.0, "deadline of each call to the scheduler",
                                      lo=0.1, hi=600)
 
 
@@ -106,9 +107,9 @@ class Scheduler:
 class Auth:
     """``[auth]``: who may call the API (deny by default)."""
 
-    clients: list[str] = _f([], "certificate identities that may call the API")
-    admins: list[str] = _f([], "identities that may also see and stop every job")
-    allow_anonymous: bool = _f(False, "without mTLS there is no identity: allow such "
+    clients: list[str] = option([], "certificate identities that may call the API")
+    admins: list[str] = option([], "identities that may also see and stop every job")
+    allow_anonymous: bool = option(False, "without mTLS there is no identity: allow such "
                                "callers as identity 'anonymous' (development only)")
 
 
@@ -116,11 +117,11 @@ class Auth:
 class LimitValues:
     """Per-job resource limits; 0 means unlimited."""
 
-    cpu_seconds: int = _f(0, "RLIMIT_CPU: CPU seconds; SIGXCPU then SIGKILL", lo=0)
-    memory_bytes: int = _f(0, "RLIMIT_AS: address space in bytes", lo=0)
-    open_files: int = _f(0, "RLIMIT_NOFILE: open file descriptors", lo=0)
-    processes: int = _f(0, "RLIMIT_NPROC: processes of the job's user", lo=0)
-    output_bytes: int = _f(0, "output cap in bytes (see jobs.on_output_cap)", lo=0)
+    cpu_seconds: int = option(0, "RLIMIT_CPU: CPU seconds; SIGXCPU then SIGKILL", lo=0)
+    memory_bytes: int = option(0, "RLIMIT_AS: address space in bytes", lo=0)
+    open_files: int = option(0, "RLIMIT_NOFILE: open file descriptors", lo=0)
+    processes: int = option(0, "RLIMIT_NPROC: processes of the job's user", lo=0)
+    output_bytes: int = option(0, "output cap in bytes (see jobs.on_output_cap)", lo=0)
 
 
 @dataclass(frozen=True)
@@ -138,47 +139,47 @@ class Limits:
 class Jobs:
     """``[jobs]``: what runs and how."""
 
-    policy_file: Path | None = _f(None, "YAML whitelist policy (see policy.example.yaml)")
-    state_dir: Path = _f(Path("state"), "SQLite history and job output live here")
-    output_dir: Path | None = _f(None, "job output files (default: state_dir/output)")
-    run_as_user: str = _f("", "user jobs run as when the agent runs as root")
-    allow_root: bool = _f(False, "allow jobs to run as root (when run_as_user is empty "
+    policy_file: Path | None = option(None, "YAML whitelist policy (see policy.example.yaml)")
+    state_dir: Path = option(Path("state"), "SQLite history and job output live here")
+    output_dir: Path | None = option(None, "job output files (default: state_dir/output)")
+    run_as_user: str = option("", "user jobs run as when the agent runs as root")
+    allow_root: bool = option(False, "allow jobs to run as root (when run_as_user is empty "
                           "or root)")
-    stop_grace_seconds: float = _f(5.0, "SIGTERM to SIGKILL delay when stopping a job",
+    stop_grace_seconds: float = option(5.0, "SIGTERM to SIGKILL delay when stopping a job",
                                    lo=0, hi=3600)
-    max_running: int = _f(64, "running jobs at most; more is RESOURCE_EXHAUSTED",
+    max_running: int = option(64, "running jobs at most; more is RESOURCE_EXHAUSTED",
                           lo=1, hi=100000)
-    default_timeout_seconds: int = _f(0, "timeout when a request sets none (0: none)",
+    default_timeout_seconds: int = option(0, "timeout when a request sets none (0: none)",
                                       lo=0)
-    max_timeout_seconds: int = _f(0, "largest timeout a request may ask for (0: no "
+    max_timeout_seconds: int = option(0, "largest timeout a request may ask for (0: no "
                                   "maximum)", lo=0)
-    on_output_cap: str = _f("kill", "what happens at the output cap: kill the job, or "
+    on_output_cap: str = option("kill", "what happens at the output cap: kill the job, or "
                             "truncate (stop recording, let it run)",
                             choices=("kill", "truncate"))
-    umask: str = _f("0077", "umask of job processes (octal)")
-    prlimit_path: Path = _f(Path("/usr/bin/prlimit"), "util-linux prlimit, used to apply "
+    umask: str = option("0077", "umask of job processes (octal)")
+    prlimit_path: Path = option(Path("/usr/bin/prlimit"), "util-linux prlimit, used to apply "
                             "resource limits before the job's program runs")
-    path_env: str = _f("/usr/local/bin:/usr/bin:/bin", "PATH given to jobs")
+    path_env: str = option("/usr/local/bin:/usr/bin:/bin", "PATH given to jobs")
 
 
 @dataclass(frozen=True)
 class Retention:
     """``[retention]``: how long finished jobs are kept."""
 
-    max_age_seconds: int = _f(7 * 86400, "finished jobs older than this are removed "
+    max_age_seconds: int = option(7 * 86400, "finished jobs older than this are removed "
                               "(0: keep forever)", lo=0)
-    max_jobs: int = _f(10000, "finished jobs kept at most, oldest removed first (0: no "
+    max_jobs: int = option(10000, "finished jobs kept at most, oldest removed first (0: no "
                        "limit)", lo=0)
-    sweep_seconds: float = _f(60.0, "how often retention runs", lo=0.05, hi=86400)
+    sweep_seconds: float = option(60.0, "how often retention runs", lo=0.05, hi=86400)
 
 
 @dataclass(frozen=True)
 class Audit:
     """``[audit]``: the security audit log (JSON lines)."""
 
-    file: Path | None = _f(None, "audit log path (default: state_dir/audit.log); opened "
+    file: Path | None = option(None, "audit log path (default: state_dir/audit.log); opened "
                            "append-only")
-    log_reads: bool = _f(False, "also log allowed read-only calls (QueryJob, WaitJob, "
+    log_reads: bool = option(False, "also log allowed read-only calls (QueryJob, WaitJob, "
                          "ListJobs, StreamJobOutput); denials are always logged")
 
 
@@ -186,21 +187,21 @@ class Audit:
 class Logging:
     """``[logging]``: the operational log."""
 
-    level: str = _f("info", "debug, info, warning or error",
+    level: str = option("info", "debug, info, warning or error",
                     choices=("debug", "info", "warning", "error"))
-    file: Path | None = _f(None, "log file (default: stderr; in daemon mode "
+    file: Path | None = option(None, "log file (default: stderr; in daemon mode "
                            "state_dir/agent.log)")
-    syslog: bool = _f(False, "log to syslog (/dev/log) instead of a file")
+    syslog: bool = option(False, "log to syslog (/dev/log) instead of a file")
 
 
 @dataclass(frozen=True)
 class Daemon:
     """``[daemon]``: ``agent run --daemon`` and shutdown behaviour."""
 
-    pid_file: Path | None = _f(None, "pid file for --daemon (default: state_dir/agent.pid)")
-    on_shutdown: str = _f("stop", "at SIGTERM/SIGINT: stop running jobs, or wait for them",
+    pid_file: Path | None = option(None, "pid file for --daemon (default: state_dir/agent.pid)")
+    on_shutdown: str = option("stop", "at SIGTERM/SIGINT: stop running jobs, or wait for them",
                           choices=("stop", "wait"))
-    shutdown_deadline_seconds: float = _f(30.0, "longest wait for jobs at shutdown "
+    shutdown_deadline_seconds: float = option(30.0, "longest wait for jobs at shutdown "
                                           "before they are stopped", lo=0, hi=86400)
 
 
@@ -542,3 +543,9 @@ def describe() -> list[tuple[str, str, str, str]]:
     for name, cls in SECTIONS.items():
         walk(cls, name)
     return rows
+
+
+def parse_table(cls: type, raw: Mapping[str, Any], file: Path, section: str,
+                base: Path) -> Any:
+    """Validate one TOML table into the dataclass ``cls`` (for other config files)."""
+    return _section(cls, raw, file, section, base)

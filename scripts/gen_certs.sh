@@ -3,6 +3,7 @@
 # certificate for this machine, and client certificates.
 #
 #   scripts/gen_certs.sh [--out DIR] [--force] [--host NAME]... [--days N]
+#                        [--agent-name NAME]
 #
 #   ca.crt ca.key             the CA (keep ca.key offline in production)
 #   server.crt server.key     ECDSA P-256, serverAuth, SANs localhost,
@@ -13,8 +14,9 @@
 #   client.crt/.key           client identity "client" (a second ordinary
 #                             client)
 #   admin.crt/.key            client identity "admin"
-#   agent.crt/.key            the agent's own client identity "agent", used
-#                             to register with the scheduler
+#   agent.crt/.key            the agent's own client identity (default
+#                             "agent", --agent-name to choose), used to
+#                             register with the scheduler
 #
 # Keys are created under umask 077, so they are 0600 from their first byte
 # (never briefly readable by others). Existing files are kept unless
@@ -26,6 +28,7 @@ out=""
 force=0
 days=825
 hosts=""
+agent_name=agent
 while [ $# -gt 0 ]; do
     case "$1" in
         --out) out=$2; shift 2 ;;
@@ -34,7 +37,8 @@ while [ $# -gt 0 ]; do
         --host) hosts="$hosts $2"; shift 2 ;;
         --host=*) hosts="$hosts ${1#--host=}"; shift ;;
         --days) days=$2; shift 2 ;;
-        -h|--help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --agent-name) agent_name=$2; shift 2 ;;
+        -h|--help) sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "gen_certs.sh: unknown argument: $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -111,7 +115,10 @@ leaf server localhost serverAuth "$san"
 leaf scheduler scheduler "clientAuth,serverAuth" "$san"
 leaf client client clientAuth
 leaf admin admin clientAuth
-leaf agent agent clientAuth
+case "$agent_name" in ''|*[!A-Za-z0-9_.-]*)
+    echo "gen_certs.sh: --agent-name takes letters, digits, '.', '_', '-'" >&2; exit 2 ;;
+esac
+leaf agent "$agent_name" clientAuth
 
 for n in $made; do echo "made  $out/$n.crt $out/$n.key"; done
 for n in $kept; do echo "kept  $out/$n.crt (exists; --force to replace)"; done

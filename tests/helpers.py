@@ -175,6 +175,7 @@ class AgentProcess:
         env = dict(os.environ)
         env.update(self.env)
         env["PYTHONPATH"] = str(ROOT)
+        self._ready_count = self.log().count("listening on")
         log = open(self.log_path, "ab")  # noqa: SIM115 - closed by the child owning it
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "agent", "run", "--config", str(self.config_path)],
@@ -194,7 +195,7 @@ class AgentProcess:
                 raise RuntimeError(f"agent exited with {self.proc.returncode}:\n{self.log()}")
             with contextlib.suppress(OSError), socket.create_connection(
                     ("127.0.0.1", self.port), timeout=0.2):
-                if "listening on" in self.log():
+                if self.log().count("listening on") > getattr(self, "_ready_count", 0):
                     return
             time.sleep(0.05)
         raise RuntimeError(f"agent did not become ready:\n{self.log()}")
@@ -338,3 +339,84 @@ __all__ = [
     "wait_for",
     "write_script",
 ]
+
+
+class SchedulerProcess:
+    """A real reference scheduler process (``agent-scheduler serve``)."""
+
+    def __init__(self, workdir: Path, certs: Certs, *, workers: list[str] | None = None,
+                 users: list[str] | None = None, heartbeat: int = 1, expire: float = 3.0,
+                 port: int | None = None, host: str = "127.0.0.1") -> None:
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.certs = certs
+        self.port = port or free_port()
+        self.addr = f"{host}:{self.port}"
+        self.config_path = workdir / "scheduler.toml"
+        self.config_path.write_text(to_toml({
+            "server": {"addr": self.addr, "crt_file": str(certs.crt("scheduler")),
+                       "key_file": str(certs.key("scheduler")), "ca_file": str(certs.ca)},
+            "auth": {"workers": workers if workers is not None else ["agent"],
+                     "users": users if users is not None else ["admin"]},
+            "registry": {"heartbeat_seconds": heartbeat, "expire_seconds": expire},
+            "agents": {"crt_file": str(certs.crt("scheduler")),
+                       "key_file": str(certs.key("scheduler")), "ca_file": str(certs.ca),
+                       "call_timeout_seconds": 2.0},
+        }))
+        self.log_path = workdir / "scheduler.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def argv(self) -> list[str]:
+        return [sys.executable, "-m", "agent.scheduler_cli", "serve", "--config",
+                str(self.config_path)]
+
+    def start(self, timeout: float = 20.0) -> SchedulerProcess:
+        before = self.log().count("scheduler listening")
+        log = open(self.log_path, "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(self.argv(), stdout=log, stderr=subprocess.STDOUT,
+                                     env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                                     start_new_session=True)
+        log.close()
+        wait_for(lambda: self.log().count("scheduler listening") > before
+                 or self.proc.poll() is not None, timeout)
+        assert self.proc.poll() is None, self.log()
+        return self
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def cli(self, *args: str, identity: str = "admin",
+            timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """Run the user CLI against this scheduler."""
+        c = self.certs
+        return subprocess.run(
+            [sys.executable, "-m", "agent.scheduler_cli", "--addr", self.addr, "--ca", str(c.ca),
+             "--cert", str(c.crt(identity)), "--key", str(c.key(identity)), *args],
+            capture_output=True, text=True, timeout=timeout,
+            env=dict(os.environ, PYTHONPATH=str(ROOT)))
+
+
+def registration_section(sched_addr: str, certs: Certs, advertise: str = "",
+                         **extra: Any) -> dict[str, Any]:
+    """A [scheduler] table that registers the agent with ``sched_addr``."""
+    d: dict[str, Any] = {"addr": sched_addr, "register": True,
+                         "crt_file": str(certs.crt("agent")), "key_file": str(certs.key("agent")),
+                         "ca_file": str(certs.ca), "heartbeat_seconds": 1.0,
+                         "retry_initial_seconds": 0.2, "retry_max_seconds": 1.0,
+                         "call_timeout_seconds": 2.0}
+    if advertise:
+        d["advertise_addr"] = advertise
+    d.update(extra)
+    return d

@@ -251,6 +251,11 @@ def channel_options(*, server_name: str = "", keepalive_s: float = 10.0,
     return opts
 
 
+def _merge(base: list[tuple[str, Any]], extra: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    names = {k for k, _ in extra}
+    return [(k, v) for k, v in base if k not in names] + list(extra)
+
+
 def channel_credentials(tls: TLSFiles) -> grpc.ChannelCredentials:
     """mTLS channel credentials from files."""
     ca, cert, key = tls.load()
@@ -291,18 +296,41 @@ T = TypeVar("T")
 # ---------------------------------------------------------------- sync client
 
 
+def _sync_call(fn: Callable[..., T], req: Any, timeout: float,
+               retry: RetryPolicy | None) -> T:
+    """One call with a deadline; retried with backoff only if ``retry`` is given."""
+    deadline = time.monotonic() + timeout
+    delays = retry.delays() if retry else iter(())
+    codes = retry.codes if retry else frozenset()
+    while True:
+        try:
+            return fn(req, timeout=max(0.001, deadline - time.monotonic()))
+        except grpc.RpcError as e:
+            err = _convert(e)
+            if e.code() not in codes:
+                raise err from None
+            d = next(delays, None)
+            if d is None or time.monotonic() + d >= deadline:
+                raise err from None
+            time.sleep(d)
+
+
 class AgentClient:
     """A synchronous client of one agent."""
 
     def __init__(self, address: str, tls: TLSFiles | None, *, timeout: float = 10.0,
                  retry: RetryPolicy | None = None, insecure: bool = False,
-                 keepalive_s: float = 10.0) -> None:
-        """Connect lazily to ``address`` with mTLS (``insecure`` only for plaintext dev)."""
+                 keepalive_s: float = 10.0,
+                 options: Sequence[tuple[str, Any]] = ()) -> None:
+        """Connect lazily to ``address`` with mTLS (``insecure`` only for plaintext dev).
+
+        ``options`` are extra gRPC channel arguments (they win over the defaults).
+        """
         self.address = address
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
-        opts = channel_options(server_name=tls.server_name if tls else "",
-                               keepalive_s=keepalive_s)
+        opts = _merge(channel_options(server_name=tls.server_name if tls else "",
+                                      keepalive_s=keepalive_s), options)
         if insecure:
             self._channel = grpc.insecure_channel(address, options=opts)
         else:
@@ -323,20 +351,8 @@ class AgentClient:
 
     def _call(self, fn: Callable[..., T], req: Any, timeout: float | None,
               *, retry: bool) -> T:
-        t = self.timeout if timeout is None else timeout
-        deadline = time.monotonic() + t
-        delays = self.retry.delays() if retry else iter(())
-        while True:
-            try:
-                return fn(req, timeout=max(0.001, deadline - time.monotonic()))
-            except grpc.RpcError as e:
-                err = _convert(e)
-                if e.code() not in self.retry.codes:
-                    raise err from None
-                d = next(delays, None)
-                if d is None or time.monotonic() + d >= deadline:
-                    raise err from None
-                time.sleep(d)
+        return _sync_call(fn, req, self.timeout if timeout is None else timeout,
+                          self.retry if retry else None)
 
     def start(self, command: str, path: str = "", *, args: Sequence[str] = (),
               env: Mapping[str, str] | None = None, timeout_seconds: int | None = None,
@@ -415,12 +431,13 @@ class AsyncAgentClient:
 
     def __init__(self, address: str, tls: TLSFiles | None, *, timeout: float = 10.0,
                  retry: RetryPolicy | None = None, insecure: bool = False,
-                 keepalive_s: float = 10.0) -> None:
+                 keepalive_s: float = 10.0,
+                 options: Sequence[tuple[str, Any]] = ()) -> None:
         self.address = address
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
-        opts = channel_options(server_name=tls.server_name if tls else "",
-                               keepalive_s=keepalive_s)
+        opts = _merge(channel_options(server_name=tls.server_name if tls else "",
+                                      keepalive_s=keepalive_s), options)
         if insecure:
             self._channel = grpc.aio.insecure_channel(address, options=opts)
         else:
@@ -467,11 +484,21 @@ class AsyncAgentClient:
         res = await self._call(self._stub.StartJob, req, timeout, retry=False)
         return str(res.jobID)
 
+    async def start_pb(self, req: pb.StartJobReq, *, timeout: float | None = None) -> str:
+        """Start from a prepared StartJobReq (for proxies); never retried."""
+        res = await self._call(self._stub.StartJob, req, timeout, retry=False)
+        return str(res.jobID)
+
+    async def query_pb(self, job_id: str, *, timeout: float | None = None) -> pb.QueryJobRes:
+        """The raw QueryJobRes (for proxies)."""
+        res: pb.QueryJobRes = await self._call(self._stub.QueryJob,
+                                               pb.QueryJobReq(jobID=job_id), timeout,
+                                               retry=True)
+        return res
+
     async def query(self, job_id: str, *, timeout: float | None = None) -> JobStatus:
         """A job's status."""
-        res = await self._call(self._stub.QueryJob, pb.QueryJobReq(jobID=job_id), timeout,
-                               retry=True)
-        return JobStatus.from_pb(res, job_id)
+        return JobStatus.from_pb(await self.query_pb(job_id, timeout=timeout), job_id)
 
     async def stop(self, job_id: str, *, timeout: float | None = None) -> None:
         """Stop a job."""
@@ -515,3 +542,87 @@ class AsyncAgentClient:
                 if e.code() not in self.retry.codes or d is None:
                     raise err from None
                 await asyncio.sleep(d)
+
+
+# ---------------------------------------------------------------- scheduler client
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """A worker as the scheduler lists it."""
+
+    worker_id: str
+    address: str
+    identity: str
+    registered_at: datetime.datetime | None
+    last_seen: datetime.datetime | None
+
+
+class SchedulerClient:
+    """A synchronous client of the reference scheduler (users' side)."""
+
+    def __init__(self, address: str, tls: TLSFiles, *, timeout: float = 10.0,
+                 retry: RetryPolicy | None = None) -> None:
+        self.address = address
+        self.timeout = timeout
+        self.retry = retry or RetryPolicy()
+        self._channel = grpc.secure_channel(address, channel_credentials(tls),
+                                            options=channel_options(server_name=tls.server_name))
+        self._stub = pb_grpc.SchedulerStub(self._channel)  # type: ignore[no-untyped-call]
+
+    def _call(self, fn: Callable[..., T], req: Any, timeout: float | None,
+              *, retry: bool) -> T:
+        return _sync_call(fn, req, self.timeout if timeout is None else timeout,
+                          self.retry if retry else None)
+
+    def close(self) -> None:
+        """Close the channel."""
+        self._channel.close()
+
+    def __enter__(self) -> SchedulerClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def workers(self, *, timeout: float | None = None) -> list[WorkerInfo]:
+        """Registered workers, oldest registration first."""
+        res = self._call(self._stub.ListWorkers, pb.ListWorkersReq(), timeout, retry=True)
+        return [WorkerInfo(w.workerID, w.address, w.identity,
+                           w.registeredAt.ToDatetime(datetime.timezone.utc),
+                           w.lastSeen.ToDatetime(datetime.timezone.utc)) for w in res.workers]
+
+    def start(self, worker_id: str, command: str, path: str = "", *,
+              args: Sequence[str] = (), env: Mapping[str, str] | None = None,
+              timeout_seconds: int | None = None, limits: Mapping[str, int] | None = None,
+              secret_args: Iterable[int] = (), timeout: float | None = None) -> str:
+        """Start a job on a worker through the scheduler; never retried."""
+        job = start_request(command, path, args, env, timeout_seconds, limits, secret_args)
+        res = self._call(self._stub.DispatchStartJob,
+                         pb.DispatchStartJobReq(workerID=worker_id, job=job), timeout,
+                         retry=False)
+        return str(res.jobID)
+
+    def query(self, worker_id: str, job_id: str, *, timeout: float | None = None) -> JobStatus:
+        """A job's status on a worker."""
+        res = self._call(self._stub.DispatchQueryJob,
+                         pb.DispatchJobReq(workerID=worker_id, jobID=job_id), timeout,
+                         retry=True)
+        return JobStatus.from_pb(res, job_id)
+
+    def stop(self, worker_id: str, job_id: str, *, timeout: float | None = None) -> None:
+        """Stop a job on a worker."""
+        self._call(self._stub.DispatchStopJob,
+                   pb.DispatchJobReq(workerID=worker_id, jobID=job_id), timeout, retry=True)
+
+    def wait(self, worker_id: str, job_id: str, *, timeout: float = 60.0,
+             poll: float = 0.05) -> JobStatus:
+        """Poll until the job is done or ``timeout`` passes."""
+        deadline = time.monotonic() + timeout
+        delay = poll
+        while True:
+            st = self.query(worker_id, job_id)
+            if st.done or time.monotonic() + delay > deadline:
+                return st
+            time.sleep(delay)
+            delay = min(1.0, delay * 1.5)

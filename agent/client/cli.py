@@ -167,7 +167,8 @@ def format_status(st: JobStatus) -> str:
     return "\n".join(lines)
 
 
-def _json(st: JobStatus) -> dict[str, Any]:
+def status_json(st: JobStatus) -> dict[str, Any]:
+    """A status as JSON-ready data."""
     d = asdict(st)
     for k in ("start_time", "end_time"):
         d[k] = d[k].isoformat() if d[k] else None
@@ -204,7 +205,7 @@ def run(args: argparse.Namespace) -> int:
             return 0
         if args.cmd == "status":
             st = c.query(args.id)
-            print(json.dumps(_json(st), indent=2) if args.json else format_status(st))
+            print(json.dumps(status_json(st), indent=2) if args.json else format_status(st))
             return 0
         if args.cmd == "wait":
             st = c.wait(args.id, timeout=args.timeout)
@@ -222,7 +223,7 @@ def run(args: argparse.Namespace) -> int:
                 if args.limit and len(rows) >= args.limit:
                     break
             if args.json:
-                print(json.dumps([_json(s) for s in rows], indent=2))
+                print(json.dumps([status_json(s) for s in rows], indent=2))
             else:
                 for s in rows:
                     when = f"{s.start_time:%Y-%m-%d %H:%M:%S}" if s.start_time else "-"

@@ -1,0 +1,477 @@
+"""A reference scheduler: the ``Scheduler`` service, a worker registry, dispatch.
+
+Workers (agents) register over mTLS; only certificate identities listed in
+``[auth] workers`` are accepted. Each worker is identified by an id that is
+stable for its (identity, address): a worker that re-registers, for example
+after a network cut made the scheduler forget it, gets its old id back, so
+jobs started through the scheduler stay addressable. Workers that stop
+sending heartbeats are forgotten after ``expire_seconds``; calls naming a
+recently forgotten worker fail with UNAVAILABLE (saying when it was last
+seen), unknown ids with NOT_FOUND.
+
+Users listed in ``[auth] users`` may list workers and run, query and stop
+jobs on a chosen worker through the scheduler, which drives the agent with
+the same client library as ``agentctl`` (``agent.client.AsyncAgentClient``),
+under its own identity and with a deadline on every call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import signal
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from agent.config import ConfigError, option, parse_table, split_host_port
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------- configuration
+
+
+@dataclass(frozen=True)
+class ServerSection:
+    """``[server]``: where the scheduler listens (always mTLS)."""
+
+    addr: str = option("127.0.0.1:50001", "host:port to listen on")
+    crt_file: Path | None = option(None, "the scheduler's server certificate")
+    key_file: Path | None = option(None, "its private key (0600)")
+    ca_file: Path | None = option(None, "CA that signed workers' and users' certificates")
+
+
+@dataclass(frozen=True)
+class AuthSection:
+    """``[auth]``: who may do what."""
+
+    workers: list[str] = option([], "certificate identities allowed to register as workers")
+    users: list[str] = option([], "identities allowed to list workers and dispatch jobs")
+
+
+@dataclass(frozen=True)
+class RegistrySection:
+    """``[registry]``: liveness of registrations."""
+
+    heartbeat_seconds: int = option(10, "heartbeat interval told to workers", lo=1, hi=3600)
+    expire_seconds: float = option(30.0, "forget a worker not heard from for this long",
+                               lo=0.5, hi=86400)
+
+
+@dataclass(frozen=True)
+class AgentsSection:
+    """``[agents]``: how the scheduler calls agents."""
+
+    crt_file: Path | None = option(None, "client certificate presented to agents")
+    key_file: Path | None = option(None, "its private key")
+    ca_file: Path | None = option(None, "CA that signed the agents' server certificates")
+    call_timeout_seconds: float = option(5.0, "deadline of every call to an agent", lo=0.1, hi=600)
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """The scheduler's whole configuration."""
+
+    path: Path
+    server: ServerSection = field(default_factory=ServerSection)
+    auth: AuthSection = field(default_factory=AuthSection)
+    registry: RegistrySection = field(default_factory=RegistrySection)
+    agents: AgentsSection = field(default_factory=AgentsSection)
+
+
+_SECTIONS = {"server": ServerSection, "auth": AuthSection, "registry": RegistrySection,
+             "agents": AgentsSection}
+
+
+def load_config(path: str | Path) -> SchedulerConfig:
+    """Read and validate a scheduler config; ConfigError names file, section and key."""
+    p = Path(path)
+    try:
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(p, "", "", "no such file") from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(p, "", "", f"cannot read: {e}") from None
+    base = p.resolve().parent
+    values: dict[str, Any] = {}
+    for name, raw in data.items():
+        if name not in _SECTIONS:
+            raise ConfigError(p, name, "", f"unknown section (known: {', '.join(_SECTIONS)})")
+        if not isinstance(raw, dict):
+            raise ConfigError(p, name, "", "must be a table")
+        values[name] = parse_table(_SECTIONS[name], raw, p, name, base)
+    cfg = SchedulerConfig(path=p.resolve(), **values)
+    try:
+        split_host_port(cfg.server.addr)
+    except ValueError as e:
+        raise ConfigError(p, "server", "addr", str(e)) from None
+    for section, obj in (("server", cfg.server), ("agents", cfg.agents)):
+        for key in ("crt_file", "key_file", "ca_file"):
+            if getattr(obj, key) is None:
+                raise ConfigError(p, section, key, "required (the scheduler only speaks mTLS)")
+    if not cfg.auth.workers:
+        raise ConfigError(p, "auth", "workers", "no worker identity allowed: list at least one")
+    if cfg.registry.expire_seconds <= cfg.registry.heartbeat_seconds:
+        raise ConfigError(p, "registry", "expire_seconds",
+                          "must be longer than heartbeat_seconds")
+    return cfg
+
+
+# ---------------------------------------------------------------- registry (pure)
+
+
+@dataclass
+class Worker:
+    """One registered worker."""
+
+    worker_id: str
+    identity: str
+    address: str
+    registered_at: float
+    last_seen: float
+
+
+class UnknownWorker(Exception):
+    """No such worker; ``forgotten`` tells whether it was known recently."""
+
+    def __init__(self, worker_id: str, forgotten: Worker | None) -> None:
+        super().__init__(worker_id)
+        self.worker_id = worker_id
+        self.forgotten = forgotten
+
+
+class Registry:
+    """Workers by id, with expiry. Pure: time comes from the ``clock``."""
+
+    def __init__(self, expire_seconds: float,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.expire_seconds = expire_seconds
+        self.clock = clock
+        self.workers: dict[str, Worker] = {}
+        self.forgotten: dict[str, Worker] = {}  # expired, kept for messages and stable ids
+
+    def register(self, identity: str, address: str) -> Worker:
+        """Add or refresh the worker for (identity, address); ids are stable."""
+        now = self.clock()
+        for w in list(self.workers.values()) + list(self.forgotten.values()):
+            if w.identity == identity and w.address == address:
+                self.forgotten.pop(w.worker_id, None)
+                w.last_seen = now
+                if w.worker_id not in self.workers:
+                    w.registered_at = now
+                self.workers[w.worker_id] = w
+                return w
+        w = Worker(str(uuid.uuid4()), identity, address, now, now)
+        self.workers[w.worker_id] = w
+        return w
+
+    def heartbeat(self, worker_id: str, identity: str) -> bool:
+        """Refresh; False if the scheduler does not know this worker (re-register)."""
+        w = self.workers.get(worker_id)
+        if w is None or w.identity != identity:
+            return False
+        w.last_seen = self.clock()
+        return True
+
+    def deregister(self, worker_id: str, identity: str) -> bool:
+        """Remove a worker; only its own identity may."""
+        w = self.workers.get(worker_id)
+        if w is None or w.identity != identity:
+            return False
+        del self.workers[worker_id]
+        return True
+
+    def expire(self) -> list[Worker]:
+        """Forget workers not heard from within expire_seconds."""
+        cutoff = self.clock() - self.expire_seconds
+        gone = [w for w in self.workers.values() if w.last_seen < cutoff]
+        for w in gone:
+            del self.workers[w.worker_id]
+            self.forgotten[w.worker_id] = w
+        if len(self.forgotten) > 10000:
+            for k in sorted(self.forgotten, key=lambda i: self.forgotten[i].last_seen)[:1000]:
+                del self.forgotten[k]
+        return gone
+
+    def get(self, worker_id: str) -> Worker:
+        """A live worker or UnknownWorker."""
+        w = self.workers.get(worker_id)
+        if w is None:
+            raise UnknownWorker(worker_id, self.forgotten.get(worker_id))
+        return w
+
+
+# ---------------------------------------------------------------- service
+
+T = TypeVar("T")
+
+
+class SchedulerService:
+    """Implements ``jobscheduler.Scheduler``."""
+
+    def __init__(self, cfg: SchedulerConfig, registry: Registry) -> None:
+        from agent.client import AsyncAgentClient, TLSFiles
+
+        self.cfg = cfg
+        self.registry = registry
+        self._clients: dict[str, AsyncAgentClient] = {}
+        self._client_cls = AsyncAgentClient
+        a = cfg.agents
+        assert a.ca_file and a.crt_file and a.key_file
+        self._tls = TLSFiles(ca=a.ca_file.read_bytes(), cert=a.crt_file.read_bytes(),
+                             key=a.key_file.read_bytes())
+
+    # ---------------------------------------------------------- plumbing
+
+    def _identity(self, context: Any) -> str:
+        import grpc
+
+        from agent.tls import identity_from_cert
+
+        pems = context.auth_context().get("x509_pem_cert")
+        if not pems:
+            raise _Abort(grpc.StatusCode.UNAUTHENTICATED, "no verified client certificate")
+        peer = identity_from_cert(pems[0])
+        if peer.problem:
+            raise _Abort(grpc.StatusCode.UNAUTHENTICATED, peer.problem)
+        return peer.identity
+
+    def _require(self, context: Any, allowed: list[str], role: str) -> str:
+        import grpc
+
+        ident = self._identity(context)
+        if ident not in allowed:
+            log.warning("refused %s %r from %s", role, ident, context.peer())
+            raise _Abort(grpc.StatusCode.PERMISSION_DENIED,
+                         f"identity {ident!r} is not allowed as a {role}")
+        return ident
+
+    async def _guard(self, context: Any, body: Callable[[], Awaitable[T]]) -> T:
+        try:
+            return await body()
+        except _Abort as e:
+            await context.abort(e.code, e.details)
+            raise AssertionError("unreachable") from None
+
+    def _worker(self, worker_id: str) -> Worker:
+        import grpc
+
+        try:
+            return self.registry.get(worker_id)
+        except UnknownWorker as e:
+            if e.forgotten is not None:
+                ago = time.time() - e.forgotten.last_seen
+                raise _Abort(grpc.StatusCode.UNAVAILABLE,
+                             f"worker {worker_id} ({e.forgotten.address}) is not registered: "
+                             f"last heard from {ago:.0f} s ago") from None
+            raise _Abort(grpc.StatusCode.NOT_FOUND, f"no worker with id {worker_id}") from None
+
+    def _client(self, w: Worker) -> Any:
+        c = self._clients.get(w.address)
+        if c is None:
+            from agent.registration import reconnecting_channel_options
+
+            # Fast reconnects: a worker back from a network cut is usable at once.
+            c = self._client_cls(w.address, self._tls,
+                                 timeout=self.cfg.agents.call_timeout_seconds,
+                                 options=reconnecting_channel_options())
+            self._clients[w.address] = c
+        return c
+
+    async def _dispatch(self, context: Any, worker_id: str,
+                        call: Callable[[Any], Awaitable[T]]) -> T:
+        import grpc
+
+        from agent.client import AgentClientError
+
+        self._require(context, self.cfg.auth.users, "user")
+        w = self._worker(worker_id)
+        try:
+            return await call(self._client(w))
+        except AgentClientError as e:
+            code = e.code if isinstance(e.code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
+            raise _Abort(code, f"worker {worker_id} ({w.address}): {e.details}") from None
+
+    # ---------------------------------------------------------- RPCs
+
+    async def RegisterWorker(self, request: Any, context: Any) -> Any:
+        from agent._proto import jobscheduler_pb2 as pb
+
+        async def body() -> Any:
+            import grpc
+
+            ident = self._require(context, self.cfg.auth.workers, "worker")
+            try:
+                split_host_port(request.address)
+            except ValueError as e:
+                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                             f"address {request.address[:200]!r}: {e}") from None
+            w = self.registry.register(ident, request.address)
+            log.info("worker %s registered: identity %s, address %s", w.worker_id, ident,
+                     w.address)
+            return pb.RegisterRes(success=True, workerID=w.worker_id,
+                                  heartbeatSeconds=self.cfg.registry.heartbeat_seconds)
+
+        return await self._guard(context, body)
+
+    async def DeregisterWorker(self, request: Any, context: Any) -> Any:
+        from agent._proto import jobscheduler_pb2 as pb
+
+        async def body() -> Any:
+            ident = self._require(context, self.cfg.auth.workers, "worker")
+            ok = self.registry.deregister(request.workerID, ident)
+            if ok:
+                log.info("worker %s deregistered", request.workerID)
+            return pb.DeregisterRes(success=ok)
+
+        return await self._guard(context, body)
+
+    async def Heartbeat(self, request: Any, context: Any) -> Any:
+        from agent._proto import jobscheduler_pb2 as pb
+
+        async def body() -> Any:
+            ident = self._require(context, self.cfg.auth.workers, "worker")
+            return pb.HeartbeatRes(known=self.registry.heartbeat(request.workerID, ident))
+
+        return await self._guard(context, body)
+
+    async def ListWorkers(self, request: Any, context: Any) -> Any:
+        from agent._proto import jobscheduler_pb2 as pb
+
+        async def body() -> Any:
+            self._require(context, self.cfg.auth.users, "user")
+            out = pb.ListWorkersRes()
+            for w in sorted(self.registry.workers.values(), key=lambda w: w.registered_at):
+                info = out.workers.add(workerID=w.worker_id, address=w.address,
+                                       identity=w.identity)
+                info.registeredAt.FromNanoseconds(int(w.registered_at * 1e9))
+                info.lastSeen.FromNanoseconds(int(w.last_seen * 1e9))
+            return out
+
+        return await self._guard(context, body)
+
+    async def DispatchStartJob(self, request: Any, context: Any) -> Any:
+        from agent._proto import jobscheduler_pb2 as pb
+
+        job = request.job
+
+        async def call(c: Any) -> Any:
+            # start_pb is never retried by the client library: never twice.
+            return pb.StartJobRes(jobID=await c.start_pb(job))
+
+        return await self._guard(context, lambda: self._dispatch(context, request.workerID,
+                                                                 call))
+
+    async def DispatchQueryJob(self, request: Any, context: Any) -> Any:
+
+        async def call(c: Any) -> Any:
+            return await c.query_pb(request.jobID)
+
+        return await self._guard(context, lambda: self._dispatch(context, request.workerID,
+                                                                 call))
+
+    async def DispatchStopJob(self, request: Any, context: Any) -> Any:
+        from agent._proto import jobscheduler_pb2 as pb
+
+        async def call(c: Any) -> Any:
+            await c.stop(request.jobID)
+            return pb.StopJobRes()
+
+        return await self._guard(context, lambda: self._dispatch(context, request.workerID,
+                                                                 call))
+
+    async def close(self) -> None:
+        """Close the channels to agents."""
+        for c in self._clients.values():
+            with contextlib.suppress(Exception):
+                await c.close()
+
+
+class _Abort(Exception):
+    def __init__(self, code: Any, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
+# ---------------------------------------------------------------- serving
+
+
+async def serve(cfg: SchedulerConfig, *, ready: Callable[[int], None] | None = None) -> None:
+    """Run the scheduler until SIGTERM/SIGINT."""
+    import grpc
+
+    from agent._proto import jobscheduler_pb2_grpc as pb_grpc
+    from agent.tls import CertificateReloader
+
+    s = cfg.server
+    assert s.crt_file and s.key_file and s.ca_file
+    registry = Registry(cfg.registry.expire_seconds)
+    service = SchedulerService(cfg, registry)
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0),
+                                      ("grpc.keepalive_permit_without_calls", 1),
+                                      ("grpc.http2.min_recv_ping_interval_without_data_ms",
+                                       1000),
+                                      ("grpc.http2.max_ping_strikes", 0)])
+    pb_grpc.add_SchedulerServicer_to_server(service, server)  # type: ignore[no-untyped-call]
+    reloader = CertificateReloader(s.crt_file, s.key_file, s.ca_file)
+    served = {"v": reloader.version}
+
+    def conf(st: Any) -> Any:
+        return grpc.ssl_server_certificate_configuration(
+            [(st.pair.key_pem, st.pair.cert_pem)], root_certificates=st.ca_pem)
+
+    def fetch() -> Any:
+        reloader.check()
+        if reloader.version == served["v"]:
+            return None
+        served["v"] = reloader.version
+        return conf(reloader.state)
+
+    creds = grpc.dynamic_ssl_server_credentials(conf(reloader.state), fetch,
+                                                require_client_authentication=True)
+    try:
+        port = server.add_secure_port(s.addr, creds)
+    except RuntimeError as e:
+        raise RuntimeError(f"cannot listen on {s.addr}: {e}") from None
+    await server.start()
+    log.info("scheduler listening on %s (mTLS); workers %s; users %s", s.addr,
+             ", ".join(cfg.auth.workers), ", ".join(cfg.auth.users) or "none")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if ready:
+        ready(port)
+    period = min(1.0, cfg.registry.expire_seconds / 4)
+    while not stop.is_set():
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=period)
+        for w in registry.expire():
+            log.warning("worker %s (%s, %s) stopped renewing: forgotten", w.worker_id,
+                        w.identity, w.address)
+    log.info("scheduler stopping")
+    await server.stop(grace=1.0)
+    await service.close()
+
+
+def config_rows() -> list[tuple[str, str, str]]:
+    """(section.key, default, help) rows for documentation."""
+    rows = []
+    for name, cls in _SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            rows.append((f"[{name}] {f.name}", "" if f.default in (None, dataclasses.MISSING)
+                         else repr(f.default), f.metadata.get("help", "")))
+    return rows

@@ -1,0 +1,191 @@
+"""``agent-scheduler``: run the reference scheduler, or use it.
+
+    agent-scheduler serve --config scheduler.toml
+    agent-scheduler [CONNECTION] workers [--json]
+    agent-scheduler [CONNECTION] run --worker ID [--wait] [--timeout S] COMMAND [PATH [ARGS...]]
+    agent-scheduler [CONNECTION] status --worker ID JOB
+    agent-scheduler [CONNECTION] stop --worker ID JOB
+
+CONNECTION: --addr HOST:PORT --ca F --cert F --key F (a user identity the
+scheduler's [auth] users lists), or --client-config FILE with a [client]
+table of the same keys (addr, ca_file, crt_file, key_file). Exit status: 0
+success; 1 refused or failed (or, with --wait, the job did not succeed);
+2 usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from agent.config import ConfigError
+
+
+class UsageError(Exception):
+    """Bad flags or configuration (exit 2)."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="agent-scheduler",
+                                description="The reference scheduler of worker agents.")
+    p.add_argument("--client-config", help="file with a [client] table (addr, ca_file, "
+                   "crt_file, key_file)")
+    p.add_argument("--addr", help="scheduler address (default 127.0.0.1:50001)")
+    p.add_argument("--ca")
+    p.add_argument("--cert")
+    p.add_argument("--key")
+    p.add_argument("--call-timeout", type=float, default=10.0)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("serve", help="run the scheduler service")
+    s.add_argument("-c", "--config", default=os.environ.get("AGENT_SCHEDULER_CONFIG",
+                                                            "scheduler.toml"))
+    w = sub.add_parser("workers", help="list registered workers")
+    w.add_argument("--json", action="store_true")
+    r = sub.add_parser("run", help="start a job on a worker")
+    r.add_argument("--worker", required=True)
+    r.add_argument("--wait", action="store_true")
+    r.add_argument("--timeout", type=int, help="job timeout in seconds")
+    r.add_argument("command")
+    r.add_argument("rest", nargs=argparse.REMAINDER, metavar="PATH [ARGS...]")
+    for name in ("status", "stop"):
+        c = sub.add_parser(name, help=f"{name} a job on a worker")
+        c.add_argument("--worker", required=True)
+        c.add_argument("job")
+        if name == "status":
+            c.add_argument("--json", action="store_true")
+    return p
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from agent import tls
+    from agent.scheduler import load_config
+
+    try:
+        cfg = load_config(args.config)
+        s = cfg.server
+        assert s.crt_file and s.key_file and s.ca_file
+        try:
+            pair = tls.load_key_pair(s.crt_file, s.key_file)
+            tls.load_ca(s.ca_file)
+            a = cfg.agents
+            assert a.crt_file and a.key_file and a.ca_file
+            tls.load_key_pair(a.crt_file, a.key_file)
+        except tls.TLSConfigError as e:
+            raise ConfigError(cfg.path, "server", "crt_file", str(e)) from None
+    except ConfigError as e:
+        print(f"agent-scheduler: {e}", file=sys.stderr)
+        return 2
+    # Read once by grpc at import: set before importing it (see agent.tls).
+    tls.set_cipher_policy(pair.key_type, tls13_only=False)
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import asyncio
+
+    from agent.scheduler import serve
+
+    try:
+        asyncio.run(serve(cfg))
+    except RuntimeError as e:
+        logging.getLogger("agent.scheduler").error("%s", e)
+        return 1
+    return 0
+
+
+def _connect(args: argparse.Namespace) -> Any:
+    from agent.client import SchedulerClient, TLSFiles
+
+    data: dict[str, Any] = {}
+    if args.client_config:
+        p = Path(args.client_config)
+        try:
+            table = tomllib.loads(p.read_text(encoding="utf-8")).get("client", {})
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise UsageError(f"{p}: {e}") from None
+        base = p.resolve().parent
+        for k, v in table.items():
+            data[k] = str(base / v) if k.endswith("_file") and v else v
+    for flag, key in (("addr", "addr"), ("ca", "ca_file"), ("cert", "crt_file"),
+                      ("key", "key_file")):
+        if getattr(args, flag):
+            data[key] = getattr(args, flag)
+    if not data.get("ca_file"):
+        raise UsageError("no CA certificate: pass --ca or --client-config")
+    tls = TLSFiles(ca=data["ca_file"], cert=data.get("crt_file"), key=data.get("key_file"))
+    try:
+        tls.load()
+    except OSError as e:
+        raise UsageError(f"cannot read certificate files: {e}") from None
+    return SchedulerClient(data.get("addr", "127.0.0.1:50001"), tls, timeout=args.call_timeout)
+
+
+def _use(args: argparse.Namespace) -> int:
+    from agent.client.cli import format_status
+
+    with _connect(args) as c:
+        if args.cmd == "workers":
+            ws = c.workers()
+            if args.json:
+                print(json.dumps([{"worker_id": w.worker_id, "address": w.address,
+                                   "identity": w.identity,
+                                   "last_seen": w.last_seen.isoformat() if w.last_seen
+                                   else None} for w in ws], indent=2))
+            else:
+                for w in ws:
+                    seen = f"{w.last_seen:%H:%M:%S}" if w.last_seen else "-"
+                    print(f"{w.worker_id}  {w.address:<22}  {w.identity:<16}  last seen {seen}")
+            return 0
+        if args.cmd == "run":
+            path, rest = (args.rest[0], args.rest[1:]) if args.rest else ("", [])
+            job = c.start(args.worker, args.command, path, args=rest,
+                          timeout_seconds=args.timeout)
+            print(job)
+            if not args.wait:
+                return 0
+            st = c.wait(args.worker, job, timeout=3600)
+            print(format_status(st), file=sys.stderr)
+            return 0 if st.state == "SUCCEEDED" else 1
+        if args.cmd == "status":
+            st = c.query(args.worker, args.job)
+            if args.json:
+                from agent.client.cli import status_json
+
+                print(json.dumps(status_json(st), indent=2))
+            else:
+                print(format_status(st))
+            return 0
+        if args.cmd == "stop":
+            c.stop(args.worker, args.job)
+            return 0
+    raise UsageError(f"unknown command {args.cmd}")  # pragma: no cover
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit status."""
+    args = _parser().parse_args(argv)
+    if args.cmd == "serve":
+        return _serve(args)
+    from agent.client import AgentClientError
+
+    try:
+        return _use(args)
+    except UsageError as e:
+        print(f"agent-scheduler: {e}", file=sys.stderr)
+        return 2
+    except AgentClientError as e:
+        print(f"agent-scheduler: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

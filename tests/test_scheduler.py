@@ -1,0 +1,239 @@
+"""Registration over mTLS, the reference scheduler, and the client library."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from agent.client import (
+    AgentClient,
+    AsyncAgentClient,
+    DeadlineExceeded,
+    NotFound,
+    SchedulerClient,
+    TLSFiles,
+    Unavailable,
+)
+from agent.scheduler import Registry, UnknownWorker
+from tests.helpers import (
+    AgentProcess,
+    Certs,
+    SchedulerProcess,
+    registration_section,
+    wait_for,
+)
+
+# ---------------------------------------------------------------- registry (pure)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_registry_ids_are_stable_and_expiry_forgets() -> None:
+    """Same identity+address keeps its id, also after being forgotten; heartbeats renew."""
+    clock = Clock()
+    r = Registry(expire_seconds=10, clock=clock)
+    w = r.register("agent-1", "10.0.0.1:50000")
+    assert r.register("agent-1", "10.0.0.1:50000").worker_id == w.worker_id
+    other = r.register("agent-2", "10.0.0.2:50000")
+    assert other.worker_id != w.worker_id
+    clock.t += 8
+    assert r.heartbeat(w.worker_id, "agent-1")
+    assert not r.heartbeat(w.worker_id, "agent-2")  # someone else's id
+    clock.t += 5
+    assert [x.worker_id for x in r.expire()] == [other.worker_id]
+    with pytest.raises(UnknownWorker) as e:
+        r.get(other.worker_id)
+    assert e.value.forgotten is not None
+    assert not r.heartbeat(other.worker_id, "agent-2")  # tells it to register again
+    assert r.register("agent-2", "10.0.0.2:50000").worker_id == other.worker_id
+    assert not r.deregister(w.worker_id, "agent-2")
+    assert r.deregister(w.worker_id, "agent-1")
+    with pytest.raises(UnknownWorker) as e2:
+        r.get(w.worker_id)
+    assert e2.value.forgotten is None
+
+
+# ---------------------------------------------------------------- registration
+
+
+@pytest.fixture
+def scheduler(tmp_path: Path, certs: Certs):  # type: ignore[no-untyped-def]
+    s = SchedulerProcess(tmp_path / "sched", certs)
+    yield s
+    s.stop()
+
+
+def _workers(s: SchedulerProcess) -> list[dict[str, str]]:
+    r = s.cli("workers", "--json")
+    assert r.returncode == 0 and r.stdout, (r.returncode, r.stdout, r.stderr)
+    return json.loads(r.stdout)  # type: ignore[no-any-return]
+
+
+def test_agent_starts_without_scheduler_and_registers_when_it_comes(
+        make_agent, scheduler: SchedulerProcess, certs: Certs) -> None:  # type: ignore[no-untyped-def]
+    """Scheduler down at start-up: the agent serves, retries, registers once it is up."""
+    a = make_agent(scheduler=registration_section(scheduler.addr, certs))
+    c = a.client()
+    assert c.wait(c.start("true", ""), timeout=10).state == "SUCCEEDED"
+    wait_for(lambda: "cannot register" in a.log(), timeout=10)
+    assert a.log().count("cannot register") == 1  # logged once, not at every retry
+    scheduler.start()
+    wait_for(lambda: len(_workers(scheduler)) == 1, timeout=15)
+    w = _workers(scheduler)[0]
+    assert w["address"] == a.addr and w["identity"] == "agent"
+    assert "registered with scheduler" in a.log()
+    # jobs through the scheduler, with the CLI
+    r = scheduler.cli("run", "--worker", w["worker_id"], "--wait", "echo", "via", "sched")
+    assert r.returncode == 0, r.stderr
+    job = r.stdout.strip()
+    assert "SUCCEEDED" in r.stderr
+    st = scheduler.cli("status", "--worker", w["worker_id"], "--json", job)
+    assert json.loads(st.stdout)["owner"] == "scheduler"  # the agent sees the scheduler
+    # deregistration at shutdown
+    a.stop()
+    assert _workers(scheduler) == []
+    assert "worker" in scheduler.log() and "deregistered" in scheduler.log()
+
+
+def test_worker_identity_not_allowed_is_refused(make_agent, tmp_path: Path,
+                                                certs: Certs) -> None:  # type: ignore[no-untyped-def]
+    """A worker certificate the scheduler does not list cannot register; it keeps serving."""
+    s = SchedulerProcess(tmp_path / "s2", certs, workers=["someone-else"]).start()
+    try:
+        a = make_agent(scheduler=registration_section(s.addr, certs))
+        wait_for(lambda: "registration refused" in a.log(), timeout=10)
+        assert "not allowed as a worker" in a.log()
+        assert _workers(s) == []
+        c = a.client()
+        assert c.wait(c.start("true", ""), timeout=10).state == "SUCCEEDED"
+        assert "refused worker 'agent'" in s.log()
+    finally:
+        s.stop()
+
+
+def test_restarted_scheduler_learns_of_the_agent_again(make_agent, scheduler: SchedulerProcess,
+                                                       certs: Certs) -> None:  # type: ignore[no-untyped-def]
+    """Heartbeats: a scheduler restarted with an empty registry is told again."""
+    scheduler.start()
+    a = make_agent(scheduler=registration_section(scheduler.addr, certs))
+    wait_for(lambda: len(_workers(scheduler)) == 1, timeout=15)
+    scheduler.stop()
+    scheduler.start()
+    assert len(_workers(scheduler)) in (0, 1)
+    wait_for(lambda: len(_workers(scheduler)) == 1, timeout=15)
+    assert a.proc is not None and a.proc.poll() is None
+
+
+def test_user_not_allowed_and_unknown_worker(scheduler: SchedulerProcess) -> None:
+    """Only [auth] users may use the scheduler; unknown workers are NOT_FOUND."""
+    scheduler.start()
+    r = scheduler.cli("workers", identity="client")
+    assert r.returncode == 1 and "permission denied" in r.stderr
+    r = scheduler.cli("status", "--worker", "nope", "00000000-0000-4000-8000-000000000000")
+    assert r.returncode == 1 and "not found" in r.stderr
+
+
+# ---------------------------------------------------------------- client library
+
+
+def test_client_deadlines_fail_fast_against_a_silent_peer(certs: Certs) -> None:
+    """A peer that accepts TCP and never answers: DEADLINE_EXCEEDED within the deadline."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(16)
+    conns: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        srv.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conns.append(srv.accept()[0])
+            except OSError:
+                pass
+
+    t = threading.Thread(target=accept, daemon=True)
+    t.start()
+    addr = f"127.0.0.1:{srv.getsockname()[1]}"
+    try:
+        with AgentClient(addr, certs.tls("client"), timeout=1.0) as c:
+            t0 = time.monotonic()
+            with pytest.raises((DeadlineExceeded, Unavailable)):
+                c.query("00000000-0000-4000-8000-000000000000")
+            assert time.monotonic() - t0 < 5
+            t0 = time.monotonic()
+            with pytest.raises((DeadlineExceeded, Unavailable)):
+                c.start("true", "")
+            assert time.monotonic() - t0 < 3
+    finally:
+        stop.set()
+        t.join()
+        srv.close()
+        for s in conns:
+            s.close()
+
+
+def test_start_is_never_retried_queries_are(make_agent, script_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    """During shutdown StartJob is UNAVAILABLE: the client tries it exactly once."""
+    a = make_agent(daemon={"on_shutdown": "wait", "shutdown_deadline_seconds": 30})
+    c = a.client()
+    job = c.start("bash", str(script_dir / "sleep.sh"), args=["2"])
+    import signal as _signal
+
+    a.signal(_signal.SIGTERM)
+    wait_for(lambda: "shutting down" in a.log())
+    with pytest.raises(Unavailable):
+        c.start("true", "")
+    attempts = [e for e in a.audit_lines() if e.get("rule") == "shutting-down"]
+    assert len(attempts) == 1
+    assert c.query(job).state == "RUNNING"
+
+
+def test_async_client_full_cycle(agent: AgentProcess, script_dir: Path) -> None:
+    """AsyncAgentClient: start, stream, wait, list, stop, errors."""
+    async def run() -> None:
+        async with AsyncAgentClient(agent.addr, agent.certs.tls("client")) as c:
+            job = await c.start("bash", str(script_dir / "count.sh"), args=["3", "0.05"])
+            data = b"".join([chunk async for chunk in c.stream(job, follow=True)])
+            assert data == b"line 1\nline 2\nline 3\n"
+            st = await c.wait(job, timeout=10)
+            assert st.state == "SUCCEEDED"
+            jobs, _ = await c.list()
+            assert job in [j.job_id for j in jobs]
+            long = await c.start("sleep", "30")
+            await c.stop(long)
+            assert (await c.wait(long, timeout=10)).state == "STOPPED"
+            with pytest.raises(NotFound):
+                await c.query("00000000-0000-4000-8000-000000000000")
+
+    asyncio.run(run())
+
+
+def test_scheduler_client_library(make_agent, scheduler: SchedulerProcess,
+                                  certs: Certs) -> None:  # type: ignore[no-untyped-def]
+    """SchedulerClient: list workers, run and stop a job on one."""
+    scheduler.start()
+    make_agent(scheduler=registration_section(scheduler.addr, certs))
+    with SchedulerClient(scheduler.addr, TLSFiles(certs.ca, certs.crt("admin"),
+                                                  certs.key("admin"))) as s:
+        wait_for(lambda: len(s.workers()) == 1, timeout=15)
+        w = s.workers()[0]
+        job = s.start(w.worker_id, "sleep", "30")
+        assert s.query(w.worker_id, job).state == "RUNNING"
+        s.stop(w.worker_id, job)
+        assert s.wait(w.worker_id, job, timeout=10).state == "STOPPED"
+        with pytest.raises(NotFound):
+            s.query("00000000-0000-4000-8000-000000000000", job)
+
