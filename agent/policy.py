@@ -62,9 +62,10 @@ _DANGEROUS_ENV = re.compile(
     r"HOSTALIASES|RES_OPTIONS|MALLOC_\w*|GLIBC_TUNABLES|TMPDIR|PATH|HOME|SHELL|USER|LOGNAME|"
     r"AGENT_JOB_ID)$"
 )
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
-_ENTRY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# \Z, not $: '$' also matches before a trailing newline ("FOO\n").
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
+_HEX64 = re.compile(r"^[0-9a-f]{64}\Z")
+_ENTRY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 
 
 class PolicyError(Exception):
@@ -674,9 +675,7 @@ def _parse_entry(raw: Any, owners: frozenset[int], base: Path | None) -> Entry:
     for a in aliases:
         if "/" in a or not a or _text_problem(a, "alias", 255):
             raise _EntryError(f"aliases: {a!r} must be a plain name without '/'")
-    sha256 = raw.get("sha256")
-    if sha256 is not None and (not isinstance(sha256, str) or not _HEX64.match(sha256)):
-        raise _EntryError("sha256: must be 64 lowercase hex digits")
+    sha256 = _digest(raw.get("sha256"), "sha256")
     scripts: tuple[ScriptRule, ...] | None = None
     if "scripts" in raw:
         scripts = tuple(_parse_script_rule(s, base) for s in _list(raw["scripts"], "scripts"))
@@ -713,10 +712,8 @@ def _parse_script_rule(raw: Any, base: Path | None) -> ScriptRule:
         unknown = set(raw) - {"path", "sha256"}
         if unknown:
             raise _EntryError(f"scripts: unknown key(s): {', '.join(sorted(map(str, unknown)))}")
-        sha = raw.get("sha256")
+        sha = _digest(raw.get("sha256"), "scripts: sha256")
         raw = raw.get("path")
-        if sha is not None and (not isinstance(sha, str) or not _HEX64.match(sha)):
-            raise _EntryError("scripts: sha256 must be 64 lowercase hex digits")
     if isinstance(raw, str) and raw and not raw.startswith("/") and base is not None \
             and "\x00" not in raw:
         trailing = raw.endswith("/")
@@ -735,6 +732,18 @@ def _parse_script_rule(raw: Any, base: Path | None) -> ScriptRule:
     if canonical:
         forms.add(canonical)
     return ScriptRule(written=raw, regexes=tuple(_glob_regex(f) for f in sorted(forms)), sha256=sha)
+
+
+def _digest(value: Any, key: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        # YAML reads an unquoted all-digit (or 12e34-like) digest as a number.
+        raise _EntryError(f"{key}: must be a quoted string of 64 lowercase hex digits "
+                          f"(YAML read a {type(value).__name__})")
+    if not _HEX64.match(value):
+        raise _EntryError(f"{key}: must be 64 lowercase hex digits")
+    return value
 
 
 def _has_glob(s: str) -> bool:

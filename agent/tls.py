@@ -26,17 +26,14 @@ import datetime
 import hashlib
 import logging
 import os
+import ssl
 import stat
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from agent import x509
 
 log = logging.getLogger(__name__)
 
@@ -110,68 +107,70 @@ def check_validity(cert: x509.Certificate, where: str,
                    now: datetime.datetime | None = None) -> None:
     """Refuse a certificate outside its validity period."""
     now = now or _now()
-    if now < cert.not_valid_before_utc:
+    if now < cert.not_before:
         raise TLSConfigError(f"{where}: certificate is not valid before "
-                             f"{cert.not_valid_before_utc:%Y-%m-%d %H:%M:%S} UTC")
-    if now > cert.not_valid_after_utc:
+                             f"{cert.not_before:%Y-%m-%d %H:%M:%S} UTC")
+    if now > cert.not_after:
         raise TLSConfigError(f"{where}: certificate expired on "
-                             f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC")
+                             f"{cert.not_after:%Y-%m-%d %H:%M:%S} UTC")
+
+
+def _certificates(pem: bytes, where: str, what: str) -> list[x509.Certificate]:
+    try:
+        ders = x509.pem_certificates(pem)
+        certs = [x509.parse_certificate(d) for d in ders]
+    except x509.DERError as e:
+        raise TLSConfigError(f"{where}: not a valid PEM {what}: {e}") from None
+    if not certs:
+        raise TLSConfigError(f"{where}: not a PEM {what} (no CERTIFICATE block)")
+    return certs
 
 
 def load_key_pair(crt_file: Path, key_file: Path, *, check_owner: bool = True) -> KeyPair:
-    """Read and validate a certificate (chain) and its private key."""
+    """Read and validate a certificate (chain) and its private key.
+
+    The key is checked against the certificate by OpenSSL (``ssl`` module),
+    the dates and key type are read from the certificate's DER.
+    """
     if check_owner:
         check_key_file(key_file)
     cert_pem = _read(crt_file, "certificate")
     key_pem = _read(key_file, "private key")
-    try:
-        certs = x509.load_pem_x509_certificates(cert_pem)
-    except ValueError:
-        raise TLSConfigError(f"{crt_file}: not a PEM certificate") from None
-    try:
-        key = serialization.load_pem_private_key(key_pem, password=None)
-    except TypeError:
+    leaf = _certificates(cert_pem, str(crt_file), "certificate")[0]
+    if b"ENCRYPTED" in key_pem:
         raise TLSConfigError(f"{key_file}: private key is encrypted; the agent needs it "
-                             "unencrypted (protect it with file permissions)") from None
-    except (ValueError, Exception):
-        raise TLSConfigError(f"{key_file}: not a PEM private key") from None
-    leaf = certs[0]
-    pub = leaf.public_key()
-    if key.public_key().public_bytes(serialization.Encoding.DER,
-                                     serialization.PublicFormat.SubjectPublicKeyInfo) != \
-            pub.public_bytes(serialization.Encoding.DER,
-                             serialization.PublicFormat.SubjectPublicKeyInfo):
-        raise TLSConfigError(f"{key_file}: private key does not match the certificate "
-                             f"{crt_file}")
+                             "unencrypted (protect it with file permissions)")
+    if b"PRIVATE KEY-----" not in key_pem:
+        raise TLSConfigError(f"{key_file}: not a PEM private key")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+
+    def no_password() -> bytes:
+        raise TLSConfigError(f"{key_file}: private key is encrypted")
+
+    try:
+        ctx.load_cert_chain(str(crt_file), str(key_file), password=no_password)
+    except ssl.SSLError as e:
+        text = f"{e.reason or ''} {e}".upper()
+        if "MISMATCH" in text:
+            raise TLSConfigError(f"{key_file}: private key does not match the certificate "
+                                 f"{crt_file}") from None
+        raise TLSConfigError(f"{key_file}: not a usable PEM private key "
+                             f"({e.reason or e})") from None
     check_validity(leaf, str(crt_file))
-    if isinstance(key, ec.EllipticCurvePrivateKey):
-        key_type = "ec"
-    elif isinstance(key, rsa.RSAPrivateKey):
-        key_type = "rsa"
-    elif isinstance(key, ed25519.Ed25519PrivateKey):
-        key_type = "ed25519"
-    else:
-        raise TLSConfigError(f"{key_file}: unsupported key type {type(key).__name__}")
-    return KeyPair(cert_pem=cert_pem, key_pem=key_pem, key_type=key_type,
-                   subject=leaf.subject.rfc4514_string(), not_after=leaf.not_valid_after_utc,
-                   fingerprint=leaf.fingerprint(_sha256()).hex())
-
-
-def _sha256() -> Any:
-    from cryptography.hazmat.primitives import hashes
-
-    return hashes.SHA256()
+    return KeyPair(cert_pem=cert_pem, key_pem=key_pem, key_type=leaf.key_type,
+                   subject=leaf.subject, not_after=leaf.not_after,
+                   fingerprint=leaf.fingerprint)
 
 
 def load_ca(ca_file: Path) -> bytes:
     """Read a CA bundle; refuse an empty or unparsable one or an expired CA."""
     pem = _read(ca_file, "CA")
+    certs = _certificates(pem, str(ca_file), "CA bundle")
     try:
-        certs = x509.load_pem_x509_certificates(pem)
-    except ValueError:
-        raise TLSConfigError(f"{ca_file}: not a PEM certificate bundle") from None
-    if not certs:
-        raise TLSConfigError(f"{ca_file}: no certificate in the CA file")
+        ssl.create_default_context(cafile=str(ca_file))
+    except ssl.SSLError as e:
+        raise TLSConfigError(f"{ca_file}: OpenSSL cannot use it as a CA bundle: "
+                             f"{e.reason or e}") from None
     valid = []
     for c in certs:
         try:
@@ -303,28 +302,16 @@ def identity_from_cert(pem: bytes) -> PeerCert:
     if hit is not None:
         return hit
     try:
-        cert = x509.load_pem_x509_certificate(pem)
-    except ValueError:
+        cert = x509.parse_certificate(x509.pem_certificates(pem)[0])
+    except (x509.DERError, IndexError):
         return PeerCert("", False, "unparsable client certificate")
-    ident = ""
-    cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    if cns:
-        ident = str(cns[0].value)
-    else:
-        try:
-            san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-            for gn in san:
-                if isinstance(gn, (x509.DNSName, x509.UniformResourceIdentifier,
-                                   x509.RFC822Name)):
-                    ident = str(gn.value)
-                    break
-        except x509.ExtensionNotFound:
-            pass
-    try:
-        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-        client_auth = ExtendedKeyUsageOID.CLIENT_AUTH in eku
-    except x509.ExtensionNotFound:
-        client_auth = False
+    ident = cert.common_name or ""
+    if not ident:
+        for kind, value in cert.san:
+            if kind in ("dns", "uri", "email"):
+                ident = value
+                break
+    client_auth = cert.eku is not None and x509.OID_CLIENT_AUTH in cert.eku
     problem = ""
     if not ident:
         problem = "client certificate has neither a Common Name nor a subjectAltName"

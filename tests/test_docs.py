@@ -34,3 +34,24 @@ def test_certs_dir_holds_no_keys_in_git() -> None:
     assert set(r.stdout.split()) <= {"certs/README.md", "certs/.gitignore"}
     r = subprocess.run(["git", "ls-files"], capture_output=True, text=True, cwd=ROOT)
     assert not [f for f in r.stdout.split() if f.endswith((".key", ".pem"))]
+
+
+def test_policy_example_is_valid() -> None:
+    """policy.example.yaml documents a policy the loader accepts."""
+    import os
+
+    import pytest
+
+    from agent import policy
+
+    if not os.path.exists("/usr/bin/systemctl"):
+        pytest.skip("the example names /usr/bin/systemctl")
+    text = (ROOT / "policy.example.yaml").read_text().replace("cwd: /var/lib/agent", "cwd: /")
+    pol = policy.parse(text, "policy.example.yaml", base=ROOT)
+    names = [e.name for e in pol.entries]
+    assert names == ["maintenance", "restart-service"]
+    m = pol.entries[0]
+    assert m.is_interpreter and m.identities == {"scheduler", "admin"}
+    assert m.scripts is not None and m.scripts[3].sha256 == "0" * 64
+    assert any(r.matches(str(ROOT / "relative/scripts/x.sh")) for r in m.scripts)
+    assert m.env == {"TZ", "BACKUP_TARGET"}

@@ -202,3 +202,44 @@ def test_jobs_survive_many_quick_starts(agent: AgentProcess) -> None:
     jobs = [c.start("true", "") for _ in range(60)]
     states = [c.wait(j, timeout=20).state for j in jobs]
     assert states == ["SUCCEEDED"] * 60
+
+
+def test_pinned_digests_run_the_verified_file(make_agent, script_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    """A sha256 pin: the right digest runs (through the opened file), a wrong one is denied."""
+    import hashlib
+
+    echo = os.path.realpath("/bin/echo")
+    good = hashlib.sha256(open(echo, "rb").read()).hexdigest()
+    script = script_dir / "hello.sh"
+    sgood = hashlib.sha256(script.read_bytes()).hexdigest()
+    policy = f"""
+version: 1
+entries:
+  - name: pinned-echo
+    command: /bin/echo
+    aliases: [echo]
+    sha256: "{good}"
+  - name: wrong-pin
+    command: /bin/true
+    aliases: ["true"]
+    sha256: "{"0" * 64}"
+  - name: pinned-script
+    command: /bin/bash
+    aliases: [bash]
+    scripts:
+      - path: {script}
+        sha256: "{sgood}"
+      - path: {script_dir / "fail.sh"}
+        sha256: "{"1" * 64}"
+"""
+    a = make_agent(policy)
+    c = a.client()
+    job = c.start("echo", "pinned", args=["ok"])
+    st = c.wait(job, timeout=10)
+    assert st.state == "SUCCEEDED"
+    assert b"".join(c.stream(job)) == b"pinned ok\n"
+    with pytest.raises(PermissionDenied, match="sha256-mismatch"):
+        c.start("true", "")
+    assert c.wait(c.start("bash", str(script), args=["x"]), timeout=10).state == "SUCCEEDED"
+    with pytest.raises(PermissionDenied, match="sha256-mismatch"):
+        c.start("bash", str(script_dir / "fail.sh"))
