@@ -209,7 +209,7 @@ def test_pinned_digests_run_the_verified_file(make_agent, script_dir: Path) -> N
     import hashlib
 
     echo = os.path.realpath("/bin/echo")
-    good = hashlib.sha256(open(echo, "rb").read()).hexdigest()
+    good = hashlib.sha256(Path(echo).read_bytes()).hexdigest()
     script = script_dir / "hello.sh"
     sgood = hashlib.sha256(script.read_bytes()).hexdigest()
     policy = f"""
