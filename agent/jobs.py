@@ -55,6 +55,9 @@ READ_CHUNK = 1 << 20
 # close (processes that escaped the group may hold it open).
 OUTPUT_CLOSE_GRACE = 2.0
 STREAM_CHUNK = 256 * 1024
+# No output file can be this large; a larger offset would overflow pread's
+# off_t (OverflowError, or EINVAL near 2**63) instead of being refused.
+MAX_STREAM_OFFSET = 1 << 62
 INSTANCE_ENV = "AGENT_INSTANCE"
 
 
@@ -571,6 +574,9 @@ class JobManager:
         the job or each other, and each one may start anywhere.
         """
         rec = self.get(job_id, identity)
+        if not 0 <= offset <= MAX_STREAM_OFFSET:
+            raise InvalidArgument(f"offset must be at most {MAX_STREAM_OFFSET}",
+                                  rule="bad-offset")
         try:
             fd = os.open(rec.output_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -721,7 +727,9 @@ def _decode_token(token: str) -> int:
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
         tag, _, num = raw.partition(":")
-        if tag != "v1" or not num.isdigit():
+        # At most 18 ASCII digits: a sequence number SQLite can hold (a
+        # longer one would raise OverflowError in the query, not be refused).
+        if tag != "v1" or not (num.isascii() and num.isdigit()) or len(num) > 18:
             raise ValueError
         return int(num)
     except (ValueError, UnicodeDecodeError):

@@ -188,9 +188,11 @@ class WorkerService:
 
     async def StartJob(self, request: Any, context: grpc.aio.ServicerContext) -> pb.StartJobRes:
         malformed = isinstance(request, Malformed)
+        # Bounded: a refused request must not turn into a megabyte audit line.
         fields: dict[str, Any] = {} if malformed else {
             "command": request.command[:512], "path": request.path[:512],
-            "args": _audit_args(request), "env": env_names(request.env)}
+            "args": _audit_args(request), "env": [n[:128] for n in env_names(request.env)[:64]],
+            "arg_count": len(request.args), "env_count": len(request.env)}
         started: dict[str, JobRecord] = {}
 
         async def body(identity: str) -> pb.StartJobRes:

@@ -150,3 +150,16 @@ def test_undecodable_request_is_invalid_argument_and_audited(agent: AgentProcess
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert any(a.get("rule") == "undecodable" for a in agent.audit_lines())
     assert os.path.exists(agent.state)
+
+
+def test_audit_line_of_a_huge_refused_request_stays_small(agent: AgentProcess) -> None:
+    """A refused request with thousands of env names writes a bounded audit line."""
+    c = agent.client()
+    env = {f"VAR_{i}": "x" for i in range(60)}
+    env.update({f"NAME_{i}_{'y' * 200}": "z" for i in range(3)})
+    with pytest.raises(PermissionDenied):
+        c.start("true", "", env=env)
+    line = [e for e in agent.audit_lines() if e.get("rule") == "env-not-allowed"][-1]
+    assert line["env_count"] == 63 and len(line["env"]) <= 64
+    assert all(len(n) <= 128 for n in line["env"])
+    assert len(json.dumps(line)) < 16_000

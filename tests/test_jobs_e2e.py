@@ -88,8 +88,7 @@ def test_stop_kills_whole_tree_even_children_ignoring_term(agent: AgentProcess,
     c = agent.client()
     job = c.start("bash", str(script_dir / "tree.sh"))
     wait_for(lambda: b"children started" in b"".join(c.stream(job)))
-    pids = job_processes(job)
-    assert len(pids) >= 4
+    wait_for(lambda: len(job_processes(job)) >= 4)
     t0 = time.monotonic()
     c.stop(job)
     st = c.wait(job, timeout=15)
@@ -183,17 +182,28 @@ entries:
     assert "No such file" in st.error_text
 
 
-def test_output_dir_failure_is_failed_precondition(agent: AgentProcess) -> None:
-    """If the agent cannot create the output file, nothing starts."""
-    out = agent.state / "output"
-    os.chmod(out, 0o500)
+def test_output_file_failure_is_failed_precondition(make_agent, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """If the agent cannot create the output file (no inodes left), nothing starts."""
+    import subprocess
+
+    disk = tmp_path / "noinodes"
+    disk.mkdir(mode=0o700)
+    if not IS_ROOT:
+        pytest.skip("mounting a tmpfs needs root")
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,nr_inodes=1,mode=0700", "tmpfs",
+                        str(disk)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount tmpfs here: {r.stderr.strip()}")
     try:
-        if IS_ROOT:
-            pytest.skip("root ignores directory permissions")
-        with pytest.raises(FailedPrecondition):
-            agent.client().start("true", "")
+        a = make_agent(jobs={"output_dir": str(disk)})
+        before = set(children_of(a.pid))
+        with pytest.raises(FailedPrecondition, match="cannot create the job's output file"):
+            a.client().start("true", "")
+        assert set(children_of(a.pid)) <= before
+        assert a.client().list()[0] == []
+        a.stop()
     finally:
-        os.chmod(out, 0o700)
+        subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
 def test_jobs_survive_many_quick_starts(agent: AgentProcess) -> None:

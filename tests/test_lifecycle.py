@@ -324,7 +324,7 @@ def test_kill9_restart_keeps_history_reports_lost_and_kills_leftovers(
     finished[hello] = c.wait(hello, timeout=10)
     running = c.start("bash", str(script_dir / "tree.sh"))
     wait_for(lambda: b"children started" in b"".join(c.stream(running)))
-    assert len(job_processes(running)) >= 4
+    wait_for(lambda: len(job_processes(running)) >= 4)
     agent.kill9()
     assert job_processes(running), "the job outlives its agent until the restart"
     agent.start()

@@ -1,0 +1,731 @@
+"""The whitelist policy as pure code: ``parse``/``load`` and ``decide``, on real files.
+
+Every denial rule of ``agent.policy`` has a case here that fails if the rule
+is removed (``test_each_rule_denies``), and a meta-test checks that no rule
+name in the source is without a case. Rules that need a file to change
+between two checks (the time-of-check races StrictModes defends against)
+change a real file at that moment through the ``FileSystem`` seam.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import stat
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from agent import policy
+from agent.errors import FailedPrecondition, InvalidArgument, Kind, NotFound, PermissionDenied
+from agent.policy import (
+    Decision,
+    Denial,
+    JobRequest,
+    PolicyError,
+    RealFileSystem,
+    decide,
+    load,
+    parse,
+)
+from tests.helpers import IS_ROOT, make_safe_dir, write_script
+
+POLICY_SOURCE = Path(policy.__file__).read_text()
+TRUE = os.path.realpath("/bin/true")
+needs_root = pytest.mark.skipif(not IS_ROOT, reason="chown to another uid needs root")
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+@dataclass
+class Env:
+    """A safe folder with an allowed script place, an outside place and a program."""
+
+    dir: Path
+    scripts: Path
+    outside: Path
+    tool: Path
+
+    @property
+    def ok(self) -> Path:
+        return self.scripts / "ok.sh"
+
+    def yaml(self, extra: str = "") -> str:
+        return f"""
+version: 1
+entries:
+  - name: interp
+    command: /bin/sh
+    aliases: [sh]
+    scripts: ["{self.scripts}/"]
+    args: {{max_count: 2, max_length: 8, patterns: ['[a-z]+']}}
+    env: [GOOD]
+  - name: tool
+    command: {self.tool}
+    aliases: [tool]
+    args: {{max_count: 2, max_length: 8}}
+  - name: only-ops
+    command: /bin/echo
+    aliases: [echo]
+    identities: [ops]
+{extra}"""
+
+    def policy(self, extra: str = "") -> policy.Policy:
+        return parse(self.yaml(extra), "test.yaml")
+
+    def req(self, **kw: Any) -> JobRequest:
+        """A request the default policy allows; keywords change it."""
+        base: dict[str, Any] = {"command": "sh", "path": str(self.ok), "args": ("abc",),
+                                "env": {"GOOD": "1"}, "identity": "client"}
+        base.update(kw)
+        return JobRequest(**base)
+
+    def script(self, rel: str, mode: int = 0o755) -> Path:
+        p = self.scripts / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        write_script(p.parent, p.name, "#!/bin/sh\necho hi\n", mode)
+        os.chmod(p, mode)
+        return p
+
+
+@pytest.fixture
+def env() -> Iterator[Env]:
+    """A fresh StrictModes-safe folder for one test."""
+    d = make_safe_dir()
+    e = Env(dir=d, scripts=d / "scripts", outside=d / "outside", tool=d / "bin" / "tool")
+    for sub in (e.scripts, e.outside, e.tool.parent):
+        sub.mkdir(mode=0o755)
+        os.chmod(sub, 0o755)
+    e.script("ok.sh")
+    write_script(e.outside, "evil.sh", "#!/bin/sh\necho evil\n")
+    shutil.copy(TRUE, e.tool)
+    os.chmod(e.tool, 0o755)
+    yield e
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def rules(d: Decision) -> set[str]:
+    return {x.rule for x in d.denials}
+
+
+def sha256(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+# ---------------------------------------------------------------- allowed requests
+
+
+def test_allowed_script_gives_exact_plan(env: Env) -> None:
+    """An allowed interpreter request plans `interpreter canonical-script args` with its env."""
+    d = decide(env.policy(), env.req())
+    assert d.allowed and d.plan is not None and not d.denials
+    assert d.plan.executable == os.path.realpath("/bin/sh")
+    assert d.plan.argv == (os.path.realpath("/bin/sh"), str(env.ok), "abc")
+    assert dict(d.plan.env) == {"GOOD": "1"} and d.plan.script == str(env.ok)
+    assert d.plan.exec_fd is None
+
+
+def test_allowed_executable_gets_path_as_first_argument(env: Env) -> None:
+    """For an executable entry, path is argv[1] and counts against the argument rules."""
+    d = decide(env.policy(), env.req(command="tool", path="first", args=("second",), env={}))
+    assert d.plan is not None and d.plan.argv == (str(env.tool), "first", "second")
+    d = decide(env.policy(), env.req(command="tool", path="first", args=("a", "b"), env={}))
+    assert rules(d) == {"too-many-args"}
+
+
+def test_symlink_inside_the_allowed_place_runs_its_canonical_target(env: Env) -> None:
+    """A link that stays inside the allowed place is followed; the plan names the real file."""
+    os.symlink("ok.sh", env.scripts / "link.sh")
+    d = decide(env.policy(), env.req(path=str(env.scripts / "link.sh")))
+    assert d.plan is not None and d.plan.script == str(env.ok)
+    assert d.plan.argv[1] == str(env.ok)
+
+
+def test_pinned_program_is_executed_through_its_verified_descriptor(env: Env) -> None:
+    """A sha256-pinned command yields an open fd of exactly the file that was hashed."""
+    p = env.policy(f"""  - name: pinned
+    command: {TRUE}
+    aliases: [pinned-true]
+    sha256: "{sha256(Path(TRUE))}"
+""")
+    d = decide(p, JobRequest(command="pinned-true", path="", identity="client"))
+    assert d.plan is not None and d.plan.exec_fd is not None
+    try:
+        assert os.path.samestat(os.fstat(d.plan.exec_fd), os.stat(TRUE))
+    finally:
+        os.close(d.plan.exec_fd)
+
+
+def test_every_entry_for_a_command_is_tried(env: Env) -> None:
+    """Two entries for one command: the second allows what the first refuses."""
+    other = env.dir / "other"
+    other.mkdir(mode=0o755)
+    os.chmod(other, 0o755)
+    write_script(other, "x.sh", "#!/bin/sh\n")
+    p = env.policy(f"""  - name: interp2
+    command: /bin/sh
+    scripts: ["{other}/*.sh"]
+""")
+    d = decide(p, env.req(command="/bin/sh", path=str(other / "x.sh"), args=(), env={}))
+    assert d.plan is not None and d.plan.entry == "interp2"
+
+
+# ---------------------------------------------------------------- the races, for real
+
+
+class _RaceFS(RealFileSystem):
+    """The real file system, with one real change made at a chosen moment."""
+
+    def __init__(self, *, after_realpath: Path | None = None,
+                 after_lstat: Path | None = None, before_open: Path | None = None,
+                 change: Callable[[], None] = lambda: None, crash: bool = False) -> None:
+        self.after_realpath = after_realpath
+        self.after_lstat = after_lstat
+        self.before_open = before_open
+        self.change = change
+        self.crash = crash
+        self.done = False
+
+    def _maybe(self, path: str, trigger: Path | None) -> None:
+        if trigger is not None and path == str(trigger) and not self.done:
+            self.done = True
+            self.change()
+
+    def realpath(self, path: str) -> str:
+        if self.crash:
+            raise RuntimeError("unexpected")
+        out = super().realpath(path)
+        self._maybe(out, self.after_realpath)
+        return out
+
+    def lstat(self, path: str) -> os.stat_result:
+        st = super().lstat(path)
+        self._maybe(path, self.after_lstat)
+        return st
+
+    def open_verified(self, path: str, st: os.stat_result) -> int:
+        self._maybe(path, self.before_open)
+        return super().open_verified(path, st)
+
+
+def _replace_dir_with_file(d: Path) -> Callable[[], None]:
+    def change() -> None:
+        d.rename(d.with_name(d.name + ".gone"))
+        d.write_text("")
+    return change
+
+
+def _remove_dir(d: Path) -> Callable[[], None]:
+    def change() -> None:
+        d.rename(d.with_name(d.name + ".gone"))
+    return change
+
+
+def _replace_file(p: Path) -> Callable[[], None]:
+    def change() -> None:
+        tmp = p.with_name(p.name + ".new")
+        shutil.copy(p, tmp)  # same bytes, new inode
+        os.replace(tmp, p)
+    return change
+
+
+# ---------------------------------------------------------------- one case per rule
+
+Case = Callable[[Env], Decision]
+
+
+def _fifo(e: Env) -> Decision:
+    os.mkfifo(e.scripts / "fifo.sh")
+    return decide(e.policy(), e.req(path=str(e.scripts / "fifo.sh")))
+
+
+def _chown(e: Env, p: Path, target: Path) -> Decision:
+    os.chown(p, 12345, 12345)
+    return decide(e.policy(), e.req(path=str(target)))
+
+
+def _not_executable(e: Env) -> Decision:
+    p = e.policy()
+    os.chmod(e.tool, 0o644)  # after loading: files change
+    return decide(p, e.req(command="tool", path="a", args=(), env={}))
+
+
+def _command_missing(e: Env) -> Decision:
+    p = e.policy()
+    e.tool.unlink()
+    return decide(p, e.req(command="tool", path="a", args=(), env={}))
+
+
+def _command_moved(e: Env) -> Decision:
+    p = e.policy()
+    shutil.copy(e.tool, e.tool.with_name("tool2"))
+    e.tool.unlink()
+    os.symlink("tool2", e.tool)
+    return decide(p, e.req(command="tool", path="a", args=(), env={}))
+
+
+def _pinned(e: Env, digest: str | None = None) -> tuple[policy.Policy, Path]:
+    pinned = e.script("pinned.sh")
+    p = e.policy(f"""  - name: pinned
+    command: /bin/sh
+    aliases: [pinned-sh]
+    scripts: [{{path: "{pinned}", sha256: "{digest or sha256(pinned)}"}}]
+""")
+    return p, pinned
+
+
+def _file_changed(e: Env) -> Decision:
+    p, pinned = _pinned(e)
+    assert decide(p, JobRequest("pinned-sh", str(pinned), identity="c")).allowed
+    return decide(p, JobRequest("pinned-sh", str(pinned), identity="c"),
+                  fs=_RaceFS(before_open=pinned, change=_replace_file(pinned)))
+
+
+class _ReadFailsFS(RealFileSystem):
+    """Opening the verified file works, reading it fails (an I/O error while hashing)."""
+
+    def open_verified(self, path: str, st: os.stat_result) -> int:
+        os.close(super().open_verified(path, st))
+        # a descriptor whose read fails with an OSError (EISDIR)
+        return os.open(os.path.dirname(path), os.O_RDONLY | os.O_CLOEXEC)
+
+
+def _unreadable_while_hashing(e: Env) -> Decision:
+    p, pinned = _pinned(e)
+    return decide(p, JobRequest("pinned-sh", str(pinned), identity="c"), fs=_ReadFailsFS())
+
+
+def _sha_mismatch_script(e: Env) -> Decision:
+    p, pinned = _pinned(e, "0" * 64)
+    return decide(p, JobRequest("pinned-sh", str(pinned), identity="c"))
+
+
+def _sha_mismatch_command(e: Env) -> Decision:
+    p = e.policy(f"""  - name: pinned
+    command: {TRUE}
+    aliases: [pinned-true]
+    sha256: "{'0' * 64}"
+""")
+    return decide(p, JobRequest("pinned-true", "", identity="c"))
+
+
+def _file_missing(e: Env) -> Decision:
+    s = e.script("sub/x.sh")
+    return decide(e.policy(), e.req(path=str(s)), fs=_RaceFS(after_realpath=s, change=s.unlink))
+
+
+def _file_unreadable(e: Env) -> Decision:
+    s = e.script("sub/x.sh")
+    fs = _RaceFS(after_realpath=s, change=_replace_dir_with_file(s.parent))
+    return decide(e.policy(), e.req(path=str(s)), fs=fs)
+
+
+def _parent_not_directory(e: Env) -> Decision:
+    s = e.script("sub/x.sh")
+    fs = _RaceFS(after_lstat=s, change=_replace_dir_with_file(s.parent))
+    return decide(e.policy(), e.req(path=str(s)), fs=fs)
+
+
+def _parent_unreadable(e: Env) -> Decision:
+    s = e.script("sub/x.sh")
+    return decide(e.policy(), e.req(path=str(s)), fs=_RaceFS(after_lstat=s,
+                                                             change=_remove_dir(s.parent)))
+
+
+def _loop(e: Env) -> Decision:
+    os.symlink("loop.sh", e.scripts / "loop.sh")
+    return decide(e.policy(), e.req(path=str(e.scripts / "loop.sh")))
+
+
+def _escape(e: Env) -> Decision:
+    os.symlink(e.outside / "evil.sh", e.scripts / "link.sh")
+    return decide(e.policy(), e.req(path=str(e.scripts / "link.sh")))
+
+
+def _group_writable_dir(e: Env) -> Decision:
+    s = e.script("gw/x.sh")
+    os.chmod(s.parent, 0o775)
+    return decide(e.policy(), e.req(path=str(s)))
+
+
+def _directory(e: Env) -> Decision:
+    e.script("d.sh/x.sh")
+    return decide(e.policy(), e.req(path=str(e.scripts / "d.sh")))
+
+
+def _d(e: Env, **kw: Any) -> Decision:
+    return decide(e.policy(), e.req(**kw))
+
+
+RULE_CASES: dict[str, tuple[Kind, Case]] = {
+    # malformed requests, whatever the policy says
+    "malformed-command": (Kind.INVALID_ARGUMENT, lambda e: _d(e, command="s\x00h")),
+    "malformed-command/format-char": (Kind.INVALID_ARGUMENT, lambda e: _d(e, command="s\u202eh")),
+    "malformed-command/empty": (Kind.INVALID_ARGUMENT, lambda e: _d(e, command="")),
+    "malformed-path": (Kind.INVALID_ARGUMENT, lambda e: _d(e, path=str(e.ok) + "\x01")),
+    "malformed-path/too-long": (Kind.INVALID_ARGUMENT, lambda e: _d(e, path="/" + "a" * 5000)),
+    "malformed-arg": (Kind.INVALID_ARGUMENT, lambda e: _d(e, args=("a\x00b",))),
+    # an unknown command: the request cap must act before (and without) any entry
+    "too-many-args/request-cap": (Kind.INVALID_ARGUMENT,
+                                  lambda e: _d(e, command="/bin/nope",
+                                               args=("a",) * (policy.MAX_ARGS + 1))),
+    "too-many-args/entry": (Kind.INVALID_ARGUMENT, lambda e: _d(e, args=("a", "b", "c"))),
+    "arg-too-long/request-cap": (Kind.INVALID_ARGUMENT,
+                                 lambda e: _d(e, command="/bin/nope",
+                                              args=("a" * (policy.MAX_ARG_BYTES + 1),))),
+    "arg-too-long/entry": (Kind.INVALID_ARGUMENT, lambda e: _d(e, args=("abcdefghi",))),
+    "args-without-path": (Kind.INVALID_ARGUMENT,
+                          lambda e: _d(e, command="tool", path="", args=("a",), env={})),
+    "too-many-env": (Kind.INVALID_ARGUMENT,
+                     lambda e: _d(e, env={f"V{i}": "1" for i in range(policy.MAX_ENV + 1)})),
+    "malformed-env/name": (Kind.INVALID_ARGUMENT, lambda e: _d(e, env={"1X": "1"})),
+    "malformed-env/trailing-newline": (Kind.INVALID_ARGUMENT, lambda e: _d(e, env={"GOOD\n": "1"})),
+    "malformed-env/value": (Kind.INVALID_ARGUMENT, lambda e: _d(e, env={"GOOD": "a\x00"})),
+    # the policy's own rules
+    "command-not-allowed": (Kind.PERMISSION_DENIED, lambda e: _d(e, command="/bin/sh -c")),
+    "identity-not-allowed": (Kind.PERMISSION_DENIED,
+                             lambda e: _d(e, command="echo", path="", args=(), env={})),
+    "arg-pattern": (Kind.PERMISSION_DENIED, lambda e: _d(e, args=("ABC",))),
+    "env-not-allowed": (Kind.PERMISSION_DENIED, lambda e: _d(e, env={"OTHER": "1"})),
+    "script-required": (Kind.INVALID_ARGUMENT, lambda e: _d(e, path="", args=())),
+    "script-path-not-canonical": (Kind.PERMISSION_DENIED,
+                                  lambda e: _d(e, path=f"{e.scripts}/../scripts/ok.sh")),
+    "script-path-not-canonical/relative": (Kind.PERMISSION_DENIED, lambda e: _d(e, path="ok.sh")),
+    "script-not-allowed": (Kind.PERMISSION_DENIED,
+                           lambda e: _d(e, path=str(e.outside / "evil.sh"))),
+    "script-missing": (Kind.NOT_FOUND, lambda e: _d(e, path=str(e.scripts / "nope.sh"))),
+    "script-unreadable": (Kind.FAILED_PRECONDITION, _loop),
+    "script-symlink-escape": (Kind.PERMISSION_DENIED, _escape),
+    "not-regular-file": (Kind.PERMISSION_DENIED, _fifo),
+    "not-regular-file/directory": (Kind.PERMISSION_DENIED, _directory),
+    "setuid-setgid": (Kind.PERMISSION_DENIED,
+                      lambda e: _d(e, path=str(e.script("suid.sh", 0o4755)))),
+    "setuid-setgid/setgid": (Kind.PERMISSION_DENIED,
+                             lambda e: _d(e, path=str(e.script("sgid.sh", 0o2755)))),
+    "writable-by-others": (Kind.PERMISSION_DENIED,
+                           lambda e: _d(e, path=str(e.script("ww.sh", 0o757)))),
+    "writable-by-others/group": (Kind.PERMISSION_DENIED,
+                                 lambda e: _d(e, path=str(e.script("gw.sh", 0o775)))),
+    "bad-owner": (Kind.PERMISSION_DENIED,
+                  lambda e: _chown(e, e.script("theirs.sh"), e.scripts / "theirs.sh")),
+    "not-executable": (Kind.FAILED_PRECONDITION, _not_executable),
+    "parent-writable-by-others": (Kind.PERMISSION_DENIED, _group_writable_dir),
+    "parent-bad-owner": (Kind.PERMISSION_DENIED,
+                         lambda e: _chown(e, e.script("theirs/x.sh").parent,
+                                          e.scripts / "theirs" / "x.sh")),
+    "parent-not-directory": (Kind.PERMISSION_DENIED, _parent_not_directory),
+    "parent-unreadable": (Kind.FAILED_PRECONDITION, _parent_unreadable),
+    "file-missing": (Kind.NOT_FOUND, _file_missing),
+    "file-unreadable": (Kind.FAILED_PRECONDITION, _file_unreadable),
+    "file-changed": (Kind.FAILED_PRECONDITION, _file_changed),
+    "file-unreadable/while-hashing": (Kind.FAILED_PRECONDITION, _unreadable_while_hashing),
+    "sha256-mismatch": (Kind.PERMISSION_DENIED, _sha_mismatch_script),
+    "sha256-mismatch/command": (Kind.PERMISSION_DENIED, _sha_mismatch_command),
+    "command-missing": (Kind.FAILED_PRECONDITION, _command_missing),
+    "command-moved": (Kind.FAILED_PRECONDITION, _command_moved),
+    "internal-check-error": (Kind.FAILED_PRECONDITION,
+                             lambda e: decide(e.policy(), e.req(), fs=_RaceFS(crash=True))),
+}
+ROOT_ONLY = {"bad-owner", "parent-bad-owner"}
+
+
+def _case_params() -> list[Any]:
+    return [pytest.param(name, marks=needs_root if name.split("/")[0] in ROOT_ONLY else ())
+            for name in RULE_CASES]
+
+
+def test_the_base_request_is_allowed(env: Env) -> None:
+    """The request every rule case starts from is allowed (so each denial is the rule's doing)."""
+    assert decide(env.policy(), env.req()).allowed
+
+
+@pytest.mark.parametrize("case", _case_params())
+def test_each_rule_denies(env: Env, case: str) -> None:
+    """Each rule, on its own, denies with its name and its status kind."""
+    kind, make = RULE_CASES[case]
+    rule = case.split("/")[0]
+    d = make(env)
+    assert not d.allowed and d.plan is None
+    assert rule in rules(d), f"{rule} not in {rules(d)}: {d.denials}"
+    mine = [x for x in d.denials if x.rule == rule]
+    assert all(x.kind is kind for x in mine), mine
+    err = d.error()
+    assert rule in err.rule.split(",") and f"[{rule}]" in err.message
+    assert "Traceback" not in err.message
+
+
+def test_every_rule_in_the_code_has_a_case() -> None:
+    """No denial rule name in agent/policy.py is without a case above."""
+    in_code = set(re.findall(r'(?:deny|bad)\(\s*"([a-z0-9-]+)"', POLICY_SOURCE))
+    in_code |= set(re.findall(r'Denial\([^,]+,\s*"([a-z0-9-]+)"', POLICY_SOURCE))
+    assert len(in_code) > 25, in_code  # the patterns still find the rules
+    covered = {c.split("/")[0] for c in RULE_CASES}
+    assert in_code <= covered, in_code - covered
+
+
+def test_request_outside_allowed_places_reveals_nothing_about_existence(env: Env) -> None:
+    """Outside the allowed places, an existing and a missing file get the same answer."""
+    p = env.policy()
+    a = decide(p, env.req(path=str(env.outside / "evil.sh"))).error()
+    b = decide(p, env.req(path=str(env.outside / "nope.sh"))).error()
+    assert type(a) is type(b) is PermissionDenied
+    assert a.message.replace("evil.sh", "X") == b.message.replace("nope.sh", "X")
+
+
+def test_all_reasons_are_reported_at_once(env: Env) -> None:
+    """Several problems in one request: every reason is listed, the status is PERMISSION_DENIED."""
+    d = decide(env.policy(), env.req(args=("ABC", "abcdefghij"), env={"OTHER": "1"}))
+    assert {"arg-pattern", "arg-too-long", "env-not-allowed"} <= rules(d)
+    assert isinstance(d.error(), PermissionDenied)
+
+
+@pytest.mark.parametrize(("kinds", "cls"), [
+    ([Kind.NOT_FOUND], NotFound),
+    ([Kind.INVALID_ARGUMENT, Kind.INVALID_ARGUMENT], InvalidArgument),
+    ([Kind.FAILED_PRECONDITION], FailedPrecondition),
+    ([Kind.PERMISSION_DENIED], PermissionDenied),
+    ([Kind.NOT_FOUND, Kind.INVALID_ARGUMENT], PermissionDenied),
+    ([Kind.NOT_FOUND, Kind.PERMISSION_DENIED], PermissionDenied),
+])
+def test_decision_error_kind(kinds: list[Kind], cls: type) -> None:
+    """One shared kind gives that status; any mix is PERMISSION_DENIED."""
+    d = Decision(None, tuple(Denial("e", f"r{i}", "m", k) for i, k in enumerate(kinds)))
+    err = d.error()
+    assert type(err) is cls
+    assert err.rule == ",".join(sorted(f"r{i}" for i in range(len(kinds))))
+
+
+# ---------------------------------------------------------------- decide never raises
+
+_PIECES = ["/", "//", "/./", "/../", "..", ".", "\x00", "\x1b", "\u202e", "\u200d", "\uff0f",
+           "\u0430", "\u0301", "\n", "*", "?", "[", "ok.sh", "evil.sh", "scripts", "outside",
+           "x" * 300]
+
+
+@st.composite
+def _paths(draw: st.DrawFn, e: Env) -> str:
+    anchor = draw(st.sampled_from([str(e.scripts), str(e.outside), str(e.dir), "/", "",
+                                   "/etc", "/dev/null", "/proc/self"]))
+    parts = draw(st.lists(st.one_of(st.sampled_from(_PIECES), st.text(max_size=5)), max_size=5))
+    return anchor + "".join(parts)
+
+
+@settings(max_examples=200, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(data=st.data())
+def test_decide_never_raises_and_only_allows_what_is_allowed(env: Env,
+                                                             data: st.DataObject) -> None:
+    """Any request: a Decision (never an exception); allowed only for files in the allowed place."""
+    p = env.policy()
+    command = data.draw(st.one_of(st.sampled_from(["sh", "/bin/sh", "tool", "echo", ""]),
+                                  st.text(max_size=10)))
+    req = JobRequest(
+        command=command, path=data.draw(_paths(env)),
+        args=tuple(data.draw(st.lists(st.one_of(st.sampled_from(["abc", "A", "\x00"]),
+                                                st.text(max_size=10)), max_size=4))),
+        env=data.draw(st.dictionaries(st.sampled_from(["GOOD", "OTHER", "LD_PRELOAD", "1X",
+                                                       "GOOD\n", ""]), st.text(max_size=3),
+                                      max_size=2)),
+        identity=data.draw(st.sampled_from(["client", "ops"])))
+    d = decide(p, req)
+    if d.allowed:
+        assert d.plan is not None
+        if d.plan.script is not None:
+            assert d.plan.script.startswith(str(env.scripts) + "/")
+            assert os.path.realpath(req.path) == d.plan.script
+        else:
+            assert d.plan.executable in (str(env.tool), os.path.realpath("/bin/echo"))
+    else:
+        err = d.error()
+        assert err.message.startswith("not started: ") and err.rule
+        if any(c in req.command + req.path for c in "\x00\x1b\u202e\u200d\n"):
+            assert isinstance(err, InvalidArgument), err.message
+
+
+# ---------------------------------------------------------------- loading
+
+
+GOOD_ENTRY = """  - name: good
+    command: /bin/true
+"""
+
+
+def _entry(e: Env, body: str) -> str:
+    return "version: 1\nentries:\n" + GOOD_ENTRY + body.format(dir=e.dir, tool=e.tool,
+                                                                scripts=e.scripts)
+
+
+# (name, second entry, expected fragment) -- every error names entry #2 ('bad')
+ENTRY_ERRORS = [
+    ("unknown-key", "  - name: bad\n    comand: /bin/true\n", "unknown key(s): comand"),
+    ("unknown-args-key", "  - name: bad\n    command: /bin/true\n    args: {{max: 1}}\n",
+     "args: unknown key(s): max"),
+    ("unknown-script-key",
+     "  - name: bad\n    command: /bin/sh\n    scripts: [{{path: /x.sh, shasum: x}}]\n",
+     "scripts: unknown key(s): shasum"),
+    ("duplicate-name", "  - name: good\n    command: /bin/echo\n", "duplicate entry name"),
+    ("missing-command", "  - name: bad\n", "command: required"),
+    ("relative-command", "  - name: bad\n    command: bin/true\n", "an absolute path"),
+    ("bare-command", "  - name: bad\n    command: 'true'\n", "nothing is looked up in PATH"),
+    ("non-canonical-command", "  - name: bad\n    command: /bin/../bin/true\n",
+     "not in canonical form"),
+    ("nul-in-command", '  - name: bad\n    command: "/bin/tr\\0ue"\n', "NUL"),
+    ("missing-command-file", "  - name: bad\n    command: /nonexistent/prog\n",
+     "/nonexistent/prog"),
+    ("directory-command", "  - name: bad\n    command: /usr\n", "not a regular file"),
+    ("args-not-mapping", "  - name: bad\n    command: /bin/true\n    args: [1, 2]\n",
+     "args: must be a mapping"),
+    ("bad-regex", "  - name: bad\n    command: /bin/true\n    args: {{patterns: ['(']}}\n",
+     "not a valid regular expression"),
+    ("max-count-range", "  - name: bad\n    command: /bin/true\n    args: {{max_count: 5000}}\n",
+     "max_count"),
+    ("max-count-bool", "  - name: bad\n    command: /bin/true\n    args: {{max_count: true}}\n",
+     "max_count"),
+    ("max-length-negative",
+     "  - name: bad\n    command: /bin/true\n    args: {{max_length: -1}}\n", "max_length"),
+    ("bad-sha256", "  - name: bad\n    command: /bin/true\n    sha256: xyz\n", "sha256"),
+    ("sha256-not-a-string", "  - name: bad\n    command: /bin/true\n    sha256: 1234\n",
+     "sha256"),
+    ("uppercase-sha256", f"  - name: bad\n    command: /bin/true\n    sha256: \"{'A' * 64}\"\n",
+     "sha256"),
+    ("sha256-trailing-newline",
+     f"  - name: bad\n    command: /bin/true\n    sha256: \"{'a' * 64}\\n\"\n", "sha256"),
+    ("bad-script-sha256",
+     "  - name: bad\n    command: /bin/sh\n    scripts: [{{path: /x/y.sh, sha256: nope}}]\n",
+     "sha256"),
+    ("sha256-on-directory",
+     "  - name: bad\n    command: /bin/sh\n"
+     f"    scripts: [{{{{path: /x/, sha256: \"{'a' * 64}\"}}}}]\n",
+     "needs the path of one file"),
+    ("empty-identities", "  - name: bad\n    command: /bin/true\n    identities: []\n",
+     "would allow nobody"),
+    ("blank-identity", "  - name: bad\n    command: /bin/true\n    identities: ['']\n",
+     "non-empty strings"),
+    ("identities-not-list", "  - name: bad\n    command: /bin/true\n    identities: ops\n",
+     "must be a list"),
+    ("env-bad-name", "  - name: bad\n    command: /bin/true\n    env: ['1X']\n",
+     "not a valid variable name"),
+    ("env-trailing-newline", '  - name: bad\n    command: /bin/true\n    env: ["FOO\\n"]\n',
+     "not a valid variable name"),
+    ("empty-scripts", "  - name: bad\n    command: /bin/sh\n    scripts: []\n",
+     "at least one location"),
+    ("script-dotdot", "  - name: bad\n    command: /bin/sh\n    scripts: ['{scripts}/../x.sh']\n",
+     "'..'"),
+    ("script-everything", "  - name: bad\n    command: /bin/sh\n    scripts: ['/']\n",
+     "every file on the machine"),
+    ("script-everything-glob", "  - name: bad\n    command: /bin/sh\n    scripts: ['/**']\n",
+     "every file on the machine"),
+    ("script-unclosed-class", "  - name: bad\n    command: /bin/sh\n    scripts: ['/x/[a.sh']\n",
+     "unclosed '['"),
+    ("script-not-a-path", "  - name: bad\n    command: /bin/sh\n    scripts: [5]\n",
+     "must be a path"),
+    ("alias-with-slash", "  - name: bad\n    command: /bin/true\n    aliases: ['bin/true']\n",
+     "plain name"),
+    ("cwd-relative", "  - name: bad\n    command: /bin/true\n    cwd: tests\n",
+     "cwd: must be an absolute path"),
+    ("cwd-missing", "  - name: bad\n    command: /bin/true\n    cwd: /nonexistent-dir\n", "cwd"),
+]
+DANGEROUS = ["LD_PRELOAD", "LD_LIBRARY_PATH", "LD_AUDIT", "BASH_ENV", "ENV", "SHELLOPTS",
+             "PS4", "IFS", "PYTHONPATH", "PYTHONSTARTUP", "PYTHONHOME", "PERL5LIB", "PERL5OPT",
+             "RUBYOPT", "NODE_OPTIONS", "GCONV_PATH", "GLIBC_TUNABLES", "MALLOC_CHECK_",
+             "TMPDIR", "PATH", "HOME", "SHELL", "USER", "LOGNAME", "AGENT_JOB_ID"]
+
+
+@pytest.mark.parametrize(("body", "fragment"),
+                         [pytest.param(b, f, id=n) for n, b, f in ENTRY_ERRORS])
+def test_invalid_entry_is_refused_naming_it(env: Env, body: str, fragment: str) -> None:
+    """Each invalid entry is refused with a message naming the file, the entry and the problem."""
+    with pytest.raises(PolicyError) as e:
+        parse(_entry(env, body), "my-policy.yaml")
+    msg = str(e.value)
+    assert msg.startswith("my-policy.yaml: entry #2"), msg
+    assert "('bad')" in msg or "('good')" in msg or "entry #2:" in msg, msg
+    assert fragment in msg, msg
+
+
+@pytest.mark.parametrize("name", DANGEROUS)
+def test_dangerous_environment_names_are_refused(env: Env, name: str) -> None:
+    """A policy may not let callers set loader/shell/interpreter variables."""
+    body = f"  - name: bad\n    command: /bin/true\n    env: [{name}]\n"
+    with pytest.raises(PolicyError, match=r"entry #2 \('bad'\): env: .* may not be set"):
+        parse(_entry(env, body), "p.yaml")
+
+
+@pytest.mark.parametrize(("mode", "fragment"), [(0o757, "writable by group or others"),
+                                                (0o775, "writable by group or others"),
+                                                (0o4755, "set-uid"),
+                                                (0o644, "not executable")])
+def test_unsafe_command_file_is_refused_at_load(env: Env, mode: int, fragment: str) -> None:
+    """A world/group-writable, set-uid or non-executable program is refused when loading."""
+    os.chmod(env.tool, mode)
+    with pytest.raises(PolicyError, match=r"entry #2 \('bad'\): command: .*" + fragment):
+        parse(_entry(env, "  - name: bad\n    command: {tool}\n"), "p.yaml")
+
+
+def test_command_in_writable_directory_is_refused_at_load(env: Env) -> None:
+    """A program whose directory others can write is refused when loading."""
+    os.chmod(env.tool.parent, 0o777)
+    with pytest.raises(PolicyError, match=r"entry #2 \('bad'\): command: directory .* writable"):
+        parse(_entry(env, "  - name: bad\n    command: {tool}\n"), "p.yaml")
+
+
+@pytest.mark.parametrize(("text", "fragment"), [
+    ("version: 1\nentries: [\n", "not valid YAML"),
+    ("version: 1\nentries:\n  - name: a\n   command: x\n", "not valid YAML"),
+    ("- a\n- b\n", "expected a mapping"),
+    ("", "expected a mapping"),
+    ("version: 1\nentries: []\nextra: 1\n", "unknown top-level key(s): extra"),
+    ("version: 2\nentries: []\n", "version: must be 1"),
+    ("entries: []\n", "version: must be 1"),
+    ("version: 1\nentries: {a: 1}\n", "entries: must be a list"),
+    ("version: 1\nentries:\n  - just a string\n", "entry #1: must be a mapping"),
+    ("version: 1\nentries:\n  - name: 'bad name!'\n    command: /bin/true\n", "name:"),
+    ("version: 1\nentries:\n  - name: 123\n    command: /bin/true\n", "quote it"),
+    ('version: 1\nentries:\n  - name: "bad\\n"\n    command: /bin/true\n', "name:"),
+    ("version: 1\nentries:\n  - !!python/object/apply:os.system ['true']\n", "not valid YAML"),
+])
+def test_malformed_policy_file_is_refused(text: str, fragment: str) -> None:
+    """Bad YAML, a wrong shape, unknown keys, bad names and YAML tags: refused, never executed."""
+    with pytest.raises(PolicyError) as e:
+        parse(text, "p.yaml")
+    assert str(e.value).startswith("p.yaml: ") and fragment in str(e.value), str(e.value)
+
+
+def test_relative_script_locations_need_a_base(env: Env) -> None:
+    """Relative script places resolve against the policy file's folder, never the cwd."""
+    body = "  - name: rel\n    command: /bin/sh\n    scripts: ['scripts/*.sh']\n"
+    with pytest.raises(PolicyError, match="must be a path"):
+        parse(_entry(env, body), "p.yaml")
+    (env.dir / "p.yaml").write_text(_entry(env, body))
+    p = load(env.dir / "p.yaml")
+    assert decide(p, JobRequest("/bin/sh", str(env.ok), identity="c")).allowed
+
+
+def test_load_reports_missing_and_undecodable_files(env: Env) -> None:
+    """load(): a missing file and a non-UTF-8 file are PolicyErrors naming the file."""
+    with pytest.raises(PolicyError, match=r"nope\.yaml: no such file"):
+        load(env.dir / "nope.yaml")
+    bad = env.dir / "bad.yaml"
+    bad.write_bytes(b"version: 1\nentries: []\n# \xff\xfe\n")
+    with pytest.raises(PolicyError, match=r"bad\.yaml: cannot read"):
+        load(bad)
+
+
+def test_policy_with_no_entries_denies_everything(env: Env) -> None:
+    """An empty policy is valid and allows nothing."""
+    p = parse("version: 1\nentries:\n", "p.yaml")
+    assert rules(decide(p, JobRequest("/bin/true", "", identity="c"))) == {"command-not-allowed"}
+
+
+def test_modes_are_those_the_cases_assume(env: Env) -> None:
+    """Sanity: the fixture's folders are StrictModes-safe (so every case isolates one rule)."""
+    for d in (env.dir, env.scripts, env.outside, env.tool.parent):
+        assert stat.S_IMODE(d.stat().st_mode) == 0o755
