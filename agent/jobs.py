@@ -43,7 +43,14 @@ from agent.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from agent.spawn import Exit, ProcessOps, RealProcessOps, SpawnSpec, describe_exit, describe_oserror
+from agent.spawn import (
+    Exit,
+    ProcessOps,
+    RealProcessOps,
+    SpawnSpec,
+    describe_exit,
+    describe_oserror,
+)
 from agent.states import JobState, check_transition, final_state
 from agent.store import JobRecord, Store
 
@@ -87,6 +94,7 @@ class Settings:
     max_limits: Mapping[str, int] = field(default_factory=dict)
     on_output_cap: str = "kill"
     prlimit: str = "/usr/bin/prlimit"
+    setpriv: str = "/usr/bin/setpriv"
     path_env: str = "/usr/local/bin:/usr/bin:/bin"
     retention_max_age: int = 0
     retention_max_jobs: int = 0
@@ -200,6 +208,10 @@ class JobManager:
         self.accepting = True
         self._loop: asyncio.AbstractEventLoop | None = None
         self._unsaved: dict[str, JobRecord] = {}
+        self._starting = 0
+        self.sweep_more = False
+        self._commit_future: asyncio.Future[None] | None = None
+        self._batch: list[JobRecord] = []
         self._on_change = on_change or (lambda: None)
         self._on_finish = on_finish or (lambda rec: None)
         self._base_env = {
@@ -219,19 +231,21 @@ class JobManager:
 
     # ------------------------------------------------------------ start
 
-    def start(self, req: StartRequest) -> JobRecord:
+    async def start(self, req: StartRequest) -> JobRecord:
         """Start a job or raise an AgentError saying why not.
 
-        Returns the job's record: RUNNING, or FAILED when the program could
-        not be executed (the original protocol reports start failures
-        through QueryJob, so such a job gets an id like any other).
+        Returns the job's record once it is durably recorded: RUNNING, or
+        FAILED when the program could not be executed (the original protocol
+        reports start failures through QueryJob, so such a job gets an id
+        like any other).
         """
         if not self.accepting:
             raise Unavailable("the agent is shutting down and accepts no new jobs",
                               rule="shutting-down")
-        if len(self.running) >= self.settings.max_running:
+        busy = len(self.running) + self._starting
+        if busy >= self.settings.max_running:
             raise ResourceExhausted(
-                f"{len(self.running)} jobs are running, the limit is "
+                f"{busy} jobs are running, the limit is "
                 f"{self.settings.max_running}; try again when one has finished",
                 rule="max-running")
         for i in req.secret_args:
@@ -250,23 +264,22 @@ class JobManager:
             raise decision.error()
         plan = decision.plan
         assert plan is not None
+        # The slot is taken before the first await, so concurrent starts can
+        # never exceed max_running.
+        self._starting += 1
         try:
-            return self._spawn(req, plan, limits, timeout)
+            return await self._spawn(req, plan, limits, timeout)
         finally:
+            self._starting -= 1
             if plan.exec_fd is not None:
                 os.close(plan.exec_fd)
 
-    def _spawn(self, req: StartRequest, plan: policy_mod.Plan, limits: dict[str, int],
-               timeout: int) -> JobRecord:
+    async def _spawn(self, req: StartRequest, plan: policy_mod.Plan, limits: dict[str, int],
+                     timeout: int) -> JobRecord:
         job_id = str(uuid.uuid4())
+        # Created at the first byte of output (see _record_output): a job
+        # that writes nothing costs no file.
         out_path = self.settings.output_dir / f"{job_id}.out"
-        try:
-            out_fd = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                             | os.O_CLOEXEC, 0o600)
-        except OSError as e:
-            raise FailedPrecondition(
-                f"the agent cannot create the job's output file: {describe_oserror(e)}",
-                rule="output-create-failed") from None
         record = JobRecord(
             id=job_id, owner=req.identity, command=plan.executable, path=req.path,
             args=policy_mod.redact_args(req.args, req.secret_args), state=JobState.RUNNING,
@@ -286,51 +299,88 @@ class JobManager:
             stdout_fd=wfd, uid=self.settings.user.uid, gid=self.settings.user.gid,
             umask=self.settings.umask,
             limits={k: v for k, v in limits.items() if k != "output_bytes"},
-            prlimit=self.settings.prlimit, exec_fd=plan.exec_fd)
+            prlimit=self.settings.prlimit, setpriv=self.settings.setpriv,
+            exec_fd=plan.exec_fd)
         try:
+            # On the loop thread: without a user switch Popen uses vfork and
+            # blocks for about 0.1 ms; handing it to a thread costs more in
+            # GIL and wake-up latency than it saves (measured, bench/).
             pid = self.ops.spawn(spec)
         except OSError as e:
-            os.close(wfd)
             os.close(rfd)
-            os.close(out_fd)
             record.state = JobState.FAILED
             record.end_time = record.start_time
             record.error_text = f"start failed: {describe_oserror(e)}"
-            self._persist_new(record)
+            await self._record_new(record)
             log.info("job %s could not start: %s", job_id, record.error_text)
             self._on_finish(record)
             return record
-        os.close(wfd)
+        finally:
+            os.close(wfd)
         record.pid = pid
-        st = procfs.read_stat(pid)
-        record.leader_start = st.start_ticks if st else 0
         job = Job(record, pgid=pid, limits=limits, loop=self.loop)
-        job.out_fd = out_fd
         job.pipe_fd = rfd
         job.pidfd = self.ops.pidfd_open(pid)
-        try:
-            self.store.insert(record)
-        except sqlite3.Error as e:
-            # Never leave a job running that the history does not know.
-            self.ops.kill_group(pid, signal.SIGKILL)
-            job.kill_reason = "not recorded"
-            self.running[job_id] = job
-            self._watch(job)
-            raise Unavailable(f"the job history cannot be written ({e}); the job was not "
-                              "started", rule="history-write-failed") from None
         self.running[job_id] = job
         self._watch(job)
         if timeout:
             job.timers.append(self.loop.call_later(timeout, self._on_timeout, job))
+        # The leader's start time (for crash recovery) is read a moment
+        # later: right after exec, reading /proc/PID/stat waits for the
+        # child's exec to finish.
+        job.timers.append(self.loop.call_later(0.02, self._read_leader_start, job))
+        try:
+            await self._record_new(record)
+        except Unavailable:
+            # Never leave a job running that the history does not know.
+            job.kill_reason = "not recorded"
+            self.ops.kill_group(pid, signal.SIGKILL)
+            raise
         self._on_change()
         return record
 
-    def _persist_new(self, record: JobRecord) -> None:
+    def _read_leader_start(self, job: Job) -> None:
+        if job.exit is not None or job.done.done():
+            return
+        st = procfs.read_stat(job.record.pid)
+        if st is not None and st.pgid == job.pgid:
+            job.record.leader_start = st.start_ticks
+            self._save(job.record)
+
+    async def _record_new(self, record: JobRecord) -> None:
+        """Insert a job and wait for the (shared) commit: durable before we answer."""
         try:
             self.store.insert(record)
+            await self._commit_soon()
         except sqlite3.Error as e:
-            raise Unavailable(f"the job history cannot be written ({e})",
-                              rule="history-write-failed") from None
+            raise Unavailable(f"the job history cannot be written ({e}); the job was not "
+                              "started", rule="history-write-failed") from None
+
+    def _commit_soon(self) -> asyncio.Future[None]:
+        """Group commit: every change made in this loop iteration, in one COMMIT."""
+        if self._commit_future is None:
+            self._commit_future = self.loop.create_future()
+            self.loop.call_soon(self._do_commit)
+        return self._commit_future
+
+    def _do_commit(self) -> None:
+        fut, self._commit_future = self._commit_future, None
+        batch, self._batch = self._batch, []
+        assert fut is not None
+        try:
+            self.store.commit()
+        except sqlite3.Error as e:
+            log.error("cannot commit the job history (%s); will retry", e)
+            with contextlib.suppress(sqlite3.Error):
+                self.store.rollback()
+            for rec in batch:
+                self._unsaved[rec.id] = rec
+            fut.set_exception(e)
+            fut.exception()  # retrieved: updates are retried, starts were told
+            return
+        for rec in batch:
+            self._unsaved.pop(rec.id, None)
+        fut.set_result(None)
 
     def _watch(self, job: Job) -> None:
         assert job.pidfd is not None and job.pipe_fd is not None
@@ -357,9 +407,18 @@ class JobManager:
             self._record_output(job, data)
 
     def _record_output(self, job: Job, data: bytes) -> None:
-        if job.discarding or job.out_fd is None:
+        if job.discarding:
             return
         rec = job.record
+        if job.out_fd is None:
+            try:
+                job.out_fd = os.open(rec.output_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                                     | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            except OSError as e:
+                job.discarding = True
+                self._terminate(job, f"its output file could not be created: "
+                                     f"{describe_oserror(e)}")
+                return
         cap = job.limits.get("output_bytes", 0)
         if cap and rec.output_bytes + len(data) > cap:
             data = data[: cap - rec.output_bytes]
@@ -448,7 +507,7 @@ class JobManager:
             text = how
             if ex.signal == signal.SIGXCPU:
                 text += f" (CPU time limit of {job.limits.get('cpu_seconds')} s reached)"
-            text = _prlimit_exec_failure(rec, ex) or text
+            text = _trampoline_exec_failure(rec, ex) or text
         self._transition(rec, target)
         rec.end_time = time.time()
         rec.exit_code = ex.exit_code
@@ -472,11 +531,22 @@ class JobManager:
     def _save(self, rec: JobRecord) -> None:
         try:
             self.store.update(rec)
-            self._unsaved.pop(rec.id, None)
         except sqlite3.Error as e:
             log.error("job %s: cannot write its final state to the history (%s); will retry",
                       rec.id, e)
             self._unsaved[rec.id] = rec
+            return
+        self._batch.append(rec)
+        if self._loop is not None:
+            self._commit_soon()
+        else:  # outside the loop (recovery at start-up): commit now
+            try:
+                self.store.commit()
+                self._batch.clear()
+                self._unsaved.pop(rec.id, None)
+            except sqlite3.Error as e:
+                log.error("cannot commit the job history (%s); will retry", e)
+                self._unsaved[rec.id] = rec
 
     # ------------------------------------------------------------ stop / timeout
 
@@ -577,14 +647,27 @@ class JobManager:
         if not 0 <= offset <= MAX_STREAM_OFFSET:
             raise InvalidArgument(f"offset must be at most {MAX_STREAM_OFFSET}",
                                   rule="bad-offset")
-        try:
-            fd = os.open(rec.output_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise FailedPrecondition(f"the output of job {job_id} is no longer available",
-                                     rule="output-missing") from None
+        fd = -1
         try:
             pos = offset
             while True:
+                if fd < 0:
+                    try:
+                        fd = os.open(rec.output_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                    except FileNotFoundError:
+                        # No file: the job has written nothing yet (the file is
+                        # made at its first byte), or retention removed it.
+                        job = self.running.get(job_id)
+                        if job is None or job.output_closed:
+                            if rec.output_bytes:
+                                raise FailedPrecondition(
+                                    f"the output of job {job_id} is no longer available",
+                                    rule="output-missing") from None
+                            return
+                        if not follow:
+                            return
+                        await job.wait_output(0)
+                        continue
                 data = os.pread(fd, STREAM_CHUNK, pos)
                 if data:
                     yield pos, data
@@ -597,7 +680,8 @@ class JobManager:
                     return
                 await job.wait_output(pos)
         finally:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
 
     # ------------------------------------------------------------ recovery / retention
 
@@ -636,15 +720,25 @@ class JobManager:
                         "killed %d leftover process(es)", len(lost), killed)
         return lost
 
-    def sweep(self, now: float | None = None) -> int:
-        """Apply retention; retry unsaved records. Returns jobs removed."""
+    def sweep(self, now: float | None = None, *, max_batches: int = 0) -> int:
+        """Apply retention; retry unsaved records. Returns jobs removed.
+
+        With ``max_batches`` it stops after that many batches of 500 and
+        sets ``sweep_more`` (so the event loop is never held for long).
+        """
         for rec in list(self._unsaved.values()):
             self._save(rec)
         s = self.settings
+        self.sweep_more = False
         if not (s.retention_max_age or s.retention_max_jobs):
             return 0
         removed = 0
+        batches = 0
         while True:
+            if max_batches and batches >= max_batches:
+                self.sweep_more = True
+                break
+            batches += 1
             victims = self.store.expired(max_age_seconds=s.retention_max_age,
                                          max_jobs=s.retention_max_jobs, now=now)
             victims = [(i, p) for i, p in victims if i not in self.running]
@@ -705,17 +799,18 @@ class JobManager:
 _BOOT_ID = procfs.boot_id()
 
 
-def _prlimit_exec_failure(rec: JobRecord, ex: Exit) -> str:
-    """Recognise prlimit's own report that it could not execute the program."""
-    if ex.exit_code not in (126, 127) or not rec.limits:
+def _trampoline_exec_failure(rec: JobRecord, ex: Exit) -> str:
+    """Recognise setpriv's or prlimit's report that it could not execute the program."""
+    if ex.exit_code not in (126, 127):
         return ""
     try:
         with open(rec.output_path, "rb") as f:
             head = f.read(512).decode("utf-8", "replace")
     except OSError:
         return ""
-    if head.startswith("prlimit: failed to execute"):
-        return "start failed: " + head.splitlines()[0].split(": ", 2)[-1]
+    for tool in ("setpriv", "prlimit"):
+        if head.startswith(f"{tool}: failed to execute"):
+            return "start failed: " + head.splitlines()[0].split(": ", 2)[-1]
     return ""
 
 

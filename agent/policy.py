@@ -538,6 +538,23 @@ def _check_file(path: str, fs: FileSystem, owners: frozenset[int], deny: Any, *,
     return st if ok else None
 
 
+def trusted_file_problems(path: str, *, want_exec: bool,
+                          owners: Iterable[int] | None = None) -> list[str]:
+    """Why the StrictModes rule refuses ``path`` (canonicalised first); [] if it passes."""
+    problems: list[str] = []
+
+    def collect(rule: str, msg: str, kind: Kind = Kind.PERMISSION_DENIED) -> None:
+        problems.append(msg)
+
+    allowed = frozenset(owners) if owners is not None else frozenset({0, os.geteuid()})
+    try:
+        canonical = os.path.realpath(path, strict=True)
+    except OSError as e:
+        return [f"{path}: {e.strerror or 'cannot resolve'}"]
+    _check_file(canonical, RealFileSystem(), allowed, collect, want_exec=want_exec)
+    return problems
+
+
 def _verify_digest(path: str, st: os.stat_result, expected: str | None, fs: FileSystem,
                    deny: Any, *, allowed: set[str] | None = None) -> int | None:
     """Open the checked file and compare its SHA-256; return the open fd."""

@@ -54,6 +54,7 @@ def settings_from(cfg: Config, prepared: Prepared) -> Settings:
         max_limits={n: getattr(m, n) for n in LIMIT_NAMES},
         on_output_cap=cfg.jobs.on_output_cap,
         prlimit=str(cfg.jobs.prlimit_path),
+        setpriv=str(cfg.jobs.setpriv_path),
         path_env=cfg.jobs.path_env,
         retention_max_age=cfg.retention.max_age_seconds,
         retention_max_jobs=cfg.retention.max_jobs,
@@ -268,10 +269,11 @@ class AgentServer:
                 self.reload()
             if now >= next_sweep:
                 try:
-                    self.jobs.sweep()
+                    self.jobs.sweep(max_batches=4)
                 except Exception:
                     log.exception("retention sweep failed")
-                next_sweep = now + sweep_every
+                # A backlog is worked off in small steps between requests.
+                next_sweep = now + (0.02 if self.jobs.sweep_more else sweep_every)
             if wd is not None and now >= next_wd:
                 self.notifier.watchdog()
                 next_wd = now + wd

@@ -187,28 +187,37 @@ class WorkerService:
     # ------------------------------------------------------------ RPCs
 
     async def StartJob(self, request: Any, context: grpc.aio.ServicerContext) -> pb.StartJobRes:
+        rec = await self._start("StartJob", request, context)
+        return pb.StartJobRes(jobID=rec.id)
+
+    async def RunJob(self, request: Any, context: grpc.aio.ServicerContext) -> pb.QueryJobRes:
+        rec = await self._start("RunJob", request, context)
+        if not rec.state.done:
+            timeout: float | None = None
+            remaining = context.time_remaining()
+            if remaining is not None:
+                timeout = max(0.0, remaining - 0.05)
+            rec = await self.jobs.wait(rec.id, rec.owner, timeout)
+        return record_to_pb(rec)
+
+    async def _start(self, rpc: str, request: Any,
+                     context: grpc.aio.ServicerContext) -> JobRecord:
         malformed = isinstance(request, Malformed)
         # Bounded: a refused request must not turn into a megabyte audit line.
         fields: dict[str, Any] = {} if malformed else {
             "command": request.command[:512], "path": request.path[:512],
             "args": _audit_args(request), "env": [n[:128] for n in env_names(request.env)[:64]],
             "arg_count": len(request.args), "env_count": len(request.env)}
-        started: dict[str, JobRecord] = {}
+        async def body(identity: str) -> JobRecord:
+            return await self.jobs.start(_start_request(request, identity))
 
-        async def body(identity: str) -> pb.StartJobRes:
-            req = _start_request(request, identity)
-            rec = self.jobs.start(req)
-            started["rec"] = rec
-            return pb.StartJobRes(jobID=rec.id)
-
-        res = await self._run("StartJob", request, context, body, **fields)
-        rec = started["rec"]
+        rec = await self._run(rpc, request, context, body, **fields)
         self.audit.record("job_start", decision="allow", identity=rec.owner,
-                          peer=context.peer(), rpc="StartJob", job_id=rec.id,
+                          peer=context.peer(), rpc=rpc, job_id=rec.id,
                           command=rec.command, path=rec.path, args=rec.args,
                           env=fields.get("env"), pid=rec.pid, state=rec.state.name,
                           reason=rec.error_text)
-        return res
+        return rec
 
     async def StopJob(self, request: Any, context: grpc.aio.ServicerContext) -> pb.StopJobRes:
         job_id = getattr(request, "jobID", "")
@@ -290,6 +299,8 @@ class WorkerService:
         methods = {
             "StartJob": uu(self.StartJob, _deserializer(pb.StartJobReq),
                            pb.StartJobRes.SerializeToString),
+            "RunJob": uu(self.RunJob, _deserializer(pb.StartJobReq),
+                         pb.QueryJobRes.SerializeToString),
             "StopJob": uu(self.StopJob, _deserializer(pb.StopJobReq),
                           pb.StopJobRes.SerializeToString),
             "QueryJob": uu(self.QueryJob, _deserializer(pb.QueryJobReq),

@@ -7,7 +7,9 @@ only a power loss can drop the last few commits, and it never corrupts the
 file. History therefore lives on disk, not in the agent's memory.
 
 The store is used from the event loop's thread only (SQLite calls on a
-primary key take tens of microseconds).
+primary key take tens of microseconds). Writes go into an open transaction
+that the job manager commits once per event-loop iteration (group commit):
+StartJob answers only after the commit that holds its job.
 """
 
 from __future__ import annotations
@@ -102,6 +104,9 @@ class Store:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA busy_timeout=5000")
+            # A small page cache: lookups are by primary key or index, and
+            # the agent's resident memory should not grow with the history.
+            self._db.execute("PRAGMA cache_size=-1024")
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
                 raise StoreError(f"{path}: written by a newer agent (schema {version})")
@@ -117,8 +122,9 @@ class Store:
         self._update_sql = f"UPDATE jobs SET {', '.join(c + '=?' for c in upd)} WHERE id=?"
 
     def close(self) -> None:
-        """Checkpoint and close."""
+        """Commit, checkpoint and close."""
         try:
+            self.commit()
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         except sqlite3.Error:
             pass
@@ -138,13 +144,29 @@ class Store:
             out.append(v)
         return out
 
+    def _begin(self) -> None:
+        if not self._db.in_transaction:
+            self._db.execute("BEGIN")
+
+    def commit(self) -> None:
+        """Commit the open transaction, if any."""
+        if self._db.in_transaction:
+            self._db.execute("COMMIT")
+
+    def rollback(self) -> None:
+        """Abandon the open transaction, if any."""
+        if self._db.in_transaction:
+            self._db.execute("ROLLBACK")
+
     def insert(self, rec: JobRecord) -> None:
-        """Add a new job."""
+        """Add a new job (uncommitted until :meth:`commit`)."""
+        self._begin()
         cur = self._db.execute(self._insert_sql, self._params(rec, _COLUMNS))
         rec.seq = int(cur.lastrowid or 0)
 
     def update(self, rec: JobRecord) -> None:
-        """Write a job's mutable fields (state, times, outcome, output)."""
+        """Write a job's mutable fields (uncommitted until :meth:`commit`)."""
+        self._begin()
         self._db.execute(self._update_sql, [*self._params(rec, self._update_cols), rec.id])
 
     def get(self, job_id: str) -> JobRecord | None:
@@ -207,14 +229,10 @@ class Store:
         """Remove finished jobs by id (running ones are never removed)."""
         if not ids:
             return
-        self._db.execute("BEGIN")
-        try:
-            self._db.executemany("DELETE FROM jobs WHERE id=? AND state<>?",
-                                 [(i, JobState.RUNNING.value) for i in ids])
-            self._db.execute("COMMIT")
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
+        self._begin()
+        self._db.executemany("DELETE FROM jobs WHERE id=? AND state<>?",
+                             [(i, JobState.RUNNING.value) for i in ids])
+        self.commit()
 
     def count(self) -> int:
         """Number of jobs in the history."""

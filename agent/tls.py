@@ -23,7 +23,6 @@ What is enforced and why:
 from __future__ import annotations
 
 import datetime
-import hashlib
 import logging
 import os
 import ssl
@@ -282,6 +281,8 @@ class PeerCert:
     problem: str  # non-empty: why this certificate may not be used
 
 
+# Keyed by the certificate's PEM bytes themselves (an exact match, no digest
+# to compute on every call).
 _peer_cache: dict[bytes, PeerCert] = {}
 _peer_lock = threading.Lock()
 
@@ -296,9 +297,7 @@ def identity_from_cert(pem: bytes) -> PeerCert:
     without clientAuth during the handshake, but lets a certificate with no
     EKU at all through, so this check closes that gap.
     """
-    key = hashlib.sha256(pem).digest()
-    with _peer_lock:
-        hit = _peer_cache.get(key)
+    hit = _peer_cache.get(pem)
     if hit is not None:
         return hit
     try:
@@ -324,5 +323,5 @@ def identity_from_cert(pem: bytes) -> PeerCert:
     with _peer_lock:
         if len(_peer_cache) > 4096:
             _peer_cache.clear()
-        _peer_cache[key] = result
+        _peer_cache[pem] = result
     return result

@@ -11,7 +11,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from agent.client import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from agent.client import InvalidArgument, NotFound, PermissionDenied
 from tests.helpers import (
     IS_ROOT,
     AgentProcess,
@@ -72,12 +72,17 @@ def test_clean_environment_stdin_devnull_own_group(agent: AgentProcess, script_d
     assert "PYTHONPATH" not in env
     # own process group / session, stdin from /dev/null
     job2 = c.start("bash", str(script_dir / "sleep.sh"), args=["30"])
-    st = c.query(job2)
-    pid = st.pid
+    wait_for(lambda: b"started" in b"".join(c.stream(job2)))  # past the trampolines
+    pid = c.query(job2).pid
     assert os.getpgid(pid) == pid and os.getsid(pid) == pid
     assert os.readlink(f"/proc/{pid}/fd/0") == "/dev/null"
     if IS_ROOT:
-        assert os.stat(f"/proc/{pid}").st_uid == 65534  # nobody
+        st = os.stat(f"/proc/{pid}")
+        assert (st.st_uid, st.st_gid) == (65534, 65534)  # nobody, and its group
+        with open(f"/proc/{pid}/status") as f:
+            status = dict(line.split(":", 1) for line in f)
+        assert status["Groups"].strip() == ""  # root's supplementary groups dropped
+        assert status["CapEff"].strip() == "0000000000000000"
     c.stop(job2)
     assert c.wait(job2, timeout=10).state == "STOPPED"
 
@@ -182,8 +187,10 @@ entries:
     assert "No such file" in st.error_text
 
 
-def test_output_file_failure_is_failed_precondition(make_agent, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    """If the agent cannot create the output file (no inodes left), nothing starts."""
+def test_output_file_that_cannot_be_created_fails_that_job(make_agent, tmp_path: Path,
+                                                           script_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    """No inode left for the output file: a job that writes fails clearly, one that
+    writes nothing succeeds (the file is made at the first byte), the agent serves on."""
     import subprocess
 
     disk = tmp_path / "noinodes"
@@ -196,11 +203,11 @@ def test_output_file_failure_is_failed_precondition(make_agent, tmp_path: Path) 
         pytest.skip(f"cannot mount tmpfs here: {r.stderr.strip()}")
     try:
         a = make_agent(jobs={"output_dir": str(disk)})
-        before = set(children_of(a.pid))
-        with pytest.raises(FailedPrecondition, match="cannot create the job's output file"):
-            a.client().start("true", "")
-        assert set(children_of(a.pid)) <= before
-        assert a.client().list()[0] == []
+        c = a.client()
+        st = c.wait(c.start("bash", str(script_dir / "sleep.sh"), args=["30"]), timeout=15)
+        assert st.state == "FAILED"
+        assert "its output file could not be created: No space left on device" in st.error_text
+        assert c.wait(c.start("true", ""), timeout=10).state == "SUCCEEDED"
         a.stop()
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
@@ -253,3 +260,39 @@ entries:
     assert c.wait(c.start("bash", str(script), args=["x"]), timeout=10).state == "SUCCEEDED"
     with pytest.raises(PermissionDenied, match="sha256-mismatch"):
         c.start("bash", str(script_dir / "fail.sh"))
+
+
+@pytest.mark.parametrize("limits", [{}, {"open_files": 64}])
+def test_file_without_interpreter_line_is_never_run_by_a_shell(make_agent, script_dir: Path,
+                                                                tmp_path: Path,
+                                                                limits: dict[str, int]) -> None:  # type: ignore[no-untyped-def]
+    """Regression: the setpriv/prlimit trampolines use execvp(), which would hand a file
+    the kernel cannot execute to /bin/sh. The agent refuses it first (ENOEXEC)."""
+    marker = script_dir / f"ran-{len(limits)}"
+    prog = script_dir / f"shell-text-{len(limits)}"
+    prog.write_text(f"touch {marker}\necho ran\n")
+    os.chmod(prog, 0o755)
+    a = make_agent(f"version: 1\nentries:\n  - name: text\n    command: {prog}\n",
+                   limits={"max": {"open_files": 4096}, "default": {"open_files": 1024}})
+    c = a.client()
+    st = c.wait(c.start(str(prog), "", limits=limits), timeout=10)
+    assert st.state == "FAILED" and st.error_text == "start failed: Exec format error (ENOEXEC)"
+    assert not marker.exists()
+
+
+def test_runjob_starts_and_waits_in_one_call(agent: AgentProcess, script_dir: Path) -> None:
+    """RunJob answers with the final status, or with done = false just before its deadline."""
+    c = agent.client()
+    st = c.run("bash", str(script_dir / "fail.sh"), args=["5"])
+    assert st.done and st.state == "FAILED" and st.exit_code == 5 and st.job_id
+    assert b"".join(c.stream(st.job_id)) == b"failing with 5\n"
+    t0 = time.monotonic()
+    slow = c.run("bash", str(script_dir / "sleep.sh"), args=["30"], timeout=1.0)
+    assert time.monotonic() - t0 < 2.0
+    assert not slow.done and slow.state == "RUNNING" and slow.job_id
+    c.stop(slow.job_id)
+    assert c.wait(slow.job_id, timeout=10).state == "STOPPED"
+    with pytest.raises(PermissionDenied):
+        c.run("/bin/sh", "-c", args=["id"])
+    starts = [e for e in agent.audit_lines() if e["event"] == "job_start" and e["rpc"] == "RunJob"]
+    assert len(starts) == 2

@@ -66,6 +66,11 @@ class WorkerStub:
                 request_serializer=agent_dot___proto_dot_jobscheduler__pb2.WaitJobReq.SerializeToString,
                 response_deserializer=agent_dot___proto_dot_jobscheduler__pb2.QueryJobRes.FromString,
                 _registered_method=True)
+        self.RunJob = channel.unary_unary(
+                '/jobscheduler.Worker/RunJob',
+                request_serializer=agent_dot___proto_dot_jobscheduler__pb2.StartJobReq.SerializeToString,
+                response_deserializer=agent_dot___proto_dot_jobscheduler__pb2.QueryJobRes.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -115,6 +120,16 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RunJob(self, request, context):
+        """StartJob and WaitJob in one round trip: starts the job and answers with
+        its status once it is done, or just before the call's deadline (done =
+        false, with the jobID to keep waiting with WaitJob). Refusals are the
+        same status codes as StartJob's.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -146,6 +161,11 @@ def add_WorkerServicer_to_server(servicer, server):
             'WaitJob': grpc.unary_unary_rpc_method_handler(
                     servicer.WaitJob,
                     request_deserializer=agent_dot___proto_dot_jobscheduler__pb2.WaitJobReq.FromString,
+                    response_serializer=agent_dot___proto_dot_jobscheduler__pb2.QueryJobRes.SerializeToString,
+            ),
+            'RunJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.RunJob,
+                    request_deserializer=agent_dot___proto_dot_jobscheduler__pb2.StartJobReq.FromString,
                     response_serializer=agent_dot___proto_dot_jobscheduler__pb2.QueryJobRes.SerializeToString,
             ),
     }
@@ -312,6 +332,33 @@ class Worker:
             target,
             '/jobscheduler.Worker/WaitJob',
             agent_dot___proto_dot_jobscheduler__pb2.WaitJobReq.SerializeToString,
+            agent_dot___proto_dot_jobscheduler__pb2.QueryJobRes.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RunJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobscheduler.Worker/RunJob',
+            agent_dot___proto_dot_jobscheduler__pb2.StartJobReq.SerializeToString,
             agent_dot___proto_dot_jobscheduler__pb2.QueryJobRes.FromString,
             options,
             channel_credentials,

@@ -362,6 +362,18 @@ class AgentClient:
         req = start_request(command, path, args, env, timeout_seconds, limits, secret_args)
         return str(self._call(self._stub.StartJob, req, timeout, retry=False).jobID)
 
+    def run(self, command: str, path: str = "", *, args: Sequence[str] = (),
+            env: Mapping[str, str] | None = None, timeout_seconds: int | None = None,
+            limits: Mapping[str, int] | None = None, secret_args: Iterable[int] = (),
+            timeout: float = 3600.0) -> JobStatus:
+        """Start a job and wait for it in one call (RunJob); never retried.
+
+        Returns the final status, or (done = False) the status just before
+        ``timeout``; keep waiting with :meth:`wait` on ``status.job_id``.
+        """
+        req = start_request(command, path, args, env, timeout_seconds, limits, secret_args)
+        return JobStatus.from_pb(self._call(self._stub.RunJob, req, timeout, retry=False))
+
     def query(self, job_id: str, *, timeout: float | None = None) -> JobStatus:
         """A job's status."""
         res = self._call(self._stub.QueryJob, pb.QueryJobReq(jobID=job_id), timeout, retry=True)
@@ -483,6 +495,14 @@ class AsyncAgentClient:
         req = start_request(command, path, args, env, timeout_seconds, limits, secret_args)
         res = await self._call(self._stub.StartJob, req, timeout, retry=False)
         return str(res.jobID)
+
+    async def run(self, command: str, path: str = "", *, args: Sequence[str] = (),
+                  env: Mapping[str, str] | None = None, timeout_seconds: int | None = None,
+                  limits: Mapping[str, int] | None = None, secret_args: Iterable[int] = (),
+                  timeout: float = 3600.0) -> JobStatus:
+        """Start a job and wait for it in one call (RunJob); never retried."""
+        req = start_request(command, path, args, env, timeout_seconds, limits, secret_args)
+        return JobStatus.from_pb(await self._call(self._stub.RunJob, req, timeout, retry=False))
 
     async def start_pb(self, req: pb.StartJobReq, *, timeout: float | None = None) -> str:
         """Start from a prepared StartJobReq (for proxies); never retried."""
