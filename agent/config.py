@@ -266,31 +266,40 @@ def load(path: str | Path) -> Config:
     value out of range or an unsafe combination of settings.
     """
     p = Path(path)
+    return parse(read_text(p), p)
+
+
+def read_text(p: Path) -> str:
+    """A config file's text, or ConfigError naming it."""
     try:
-        text = p.read_bytes().decode("utf-8")
+        return p.read_bytes().decode("utf-8")
     except FileNotFoundError:
         raise ConfigError(p, "", "", "no such file") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(p, "", "", f"cannot read: {_reason(e)}") from None
-    return parse(text, p)
 
 
-def parse(text: str, path: Path) -> Config:
-    """Validate TOML text as if read from ``path`` (relative paths resolve there)."""
+def parse_tables(text: str, path: Path, sections: Mapping[str, type]) -> dict[str, Any]:
+    """TOML text -> validated section dataclasses, by name (ConfigError naming the key)."""
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(path, "", "", f"not valid TOML: {e}") from None
     base = path.resolve().parent
-    hints = typing.get_type_hints(Config)
     values: dict[str, Any] = {}
     for name, raw in data.items():
-        if name not in SECTIONS:
-            raise ConfigError(path, name, "", f"unknown section (known: {', '.join(SECTIONS)})")
+        if name not in sections:
+            raise ConfigError(path, name, "",
+                              f"unknown section (known: {', '.join(sections)})")
         if not isinstance(raw, dict):
             raise ConfigError(path, name, "", "must be a table ([section])")
-        values[name] = _section(hints[name], raw, path, name, base)
-    cfg = Config(path=path.resolve(), **values)
+        values[name] = _section(sections[name], raw, path, name, base)
+    return values
+
+
+def parse(text: str, path: Path) -> Config:
+    """Validate TOML text as if read from ``path`` (relative paths resolve there)."""
+    cfg = Config(path=path.resolve(), **parse_tables(text, path, SECTIONS))
     _cross_checks(cfg)
     return cfg
 
@@ -546,8 +555,3 @@ def describe() -> list[tuple[str, str, str, str]]:
         walk(cls, name)
     return rows
 
-
-def parse_table(cls: type, raw: Mapping[str, Any], file: Path, section: str,
-                base: Path) -> Any:
-    """Validate one TOML table into the dataclass ``cls`` (for other config files)."""
-    return _section(cls, raw, file, section, base)

@@ -31,11 +31,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 if sys.version_info >= (3, 11):
-    import tomllib
+    pass
 else:  # pragma: no cover
-    import tomli as tomllib
+    pass
 
-from agent.config import ConfigError, option, parse_table, split_host_port
+from agent.config import ConfigError, option, parse_tables, read_text, split_host_port
 
 log = logging.getLogger(__name__)
 
@@ -98,21 +98,7 @@ _SECTIONS = {"server": ServerSection, "auth": AuthSection, "registry": RegistryS
 def load_config(path: str | Path) -> SchedulerConfig:
     """Read and validate a scheduler config; ConfigError names file, section and key."""
     p = Path(path)
-    try:
-        data = tomllib.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(p, "", "", "no such file") from None
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
-        raise ConfigError(p, "", "", f"cannot read: {e}") from None
-    base = p.resolve().parent
-    values: dict[str, Any] = {}
-    for name, raw in data.items():
-        if name not in _SECTIONS:
-            raise ConfigError(p, name, "", f"unknown section (known: {', '.join(_SECTIONS)})")
-        if not isinstance(raw, dict):
-            raise ConfigError(p, name, "", "must be a table")
-        values[name] = parse_table(_SECTIONS[name], raw, p, name, base)
-    cfg = SchedulerConfig(path=p.resolve(), **values)
+    cfg = SchedulerConfig(path=p.resolve(), **parse_tables(read_text(p), p, _SECTIONS))
     try:
         split_host_port(cfg.server.addr)
     except ValueError as e:
@@ -414,6 +400,7 @@ async def serve(cfg: SchedulerConfig, *, ready: Callable[[int], None] | None = N
     import grpc
 
     from agent._proto import jobscheduler_pb2_grpc as pb_grpc
+    from agent.credentials import reloading_server_credentials
     from agent.tls import CertificateReloader
 
     s = cfg.server
@@ -427,21 +414,7 @@ async def serve(cfg: SchedulerConfig, *, ready: Callable[[int], None] | None = N
                                       ("grpc.http2.max_ping_strikes", 0)])
     pb_grpc.add_SchedulerServicer_to_server(service, server)  # type: ignore[no-untyped-call]
     reloader = CertificateReloader(s.crt_file, s.key_file, s.ca_file)
-    served = {"v": reloader.version}
-
-    def conf(st: Any) -> Any:
-        return grpc.ssl_server_certificate_configuration(
-            [(st.pair.key_pem, st.pair.cert_pem)], root_certificates=st.ca_pem)
-
-    def fetch() -> Any:
-        reloader.check()
-        if reloader.version == served["v"]:
-            return None
-        served["v"] = reloader.version
-        return conf(reloader.state)
-
-    creds = grpc.dynamic_ssl_server_credentials(conf(reloader.state), fetch,
-                                                require_client_authentication=True)
+    creds = reloading_server_credentials(reloader, require_client_auth=True)
     try:
         port = server.add_secure_port(s.addr, creds)
     except RuntimeError as e:

@@ -24,6 +24,7 @@ import grpc
 from agent import policy as policy_mod
 from agent.audit import AuditLog
 from agent.config import Config
+from agent.credentials import reloading_server_credentials
 from agent.jobs import LIMIT_NAMES, JobManager, Settings, instance_id
 from agent.sdnotify import Notifier, watchdog_interval
 from agent.service import AccessRules, WorkerService
@@ -82,11 +83,6 @@ def server_options(cfg: Config) -> list[tuple[str, Any]]:
     if gs.max_connection_idle_seconds:
         opts.append(("grpc.max_connection_idle_ms", gs.max_connection_idle_seconds * 1000))
     return opts
-
-
-def _cert_config(state: ServerTLSState) -> Any:
-    return grpc.ssl_server_certificate_configuration(
-        [(state.pair.key_pem, state.pair.cert_pem)], root_certificates=state.ca_pem)
 
 
 class AgentServer:
@@ -165,7 +161,8 @@ class AgentServer:
                     gs.crt_file, gs.key_file, gs.ca_file,
                     key_type_locked=pair.key_type if (gs.tls13_only and pair) else None,
                     on_change=self._audit_rotation)
-                creds = self._credentials(self.reloader, cfg.mtls)
+                creds = reloading_server_credentials(self.reloader,
+                                                     require_client_auth=cfg.mtls)
                 port = server.add_secure_port(gs.addr, creds)
             else:
                 port = server.add_insecure_port(gs.addr)
@@ -192,22 +189,6 @@ class AgentServer:
         self.notifier.ready(self._status_text())
         if self._on_ready:
             self._on_ready()
-
-    @staticmethod
-    def _credentials(reloader: CertificateReloader, mtls: bool) -> grpc.ServerCredentials:
-        served = {"version": reloader.version}
-
-        def fetch() -> Any:
-            # Called by gRPC at the start of every TLS handshake: cheap
-            # unless the files changed (see CertificateReloader).
-            reloader.check()
-            if reloader.version == served["version"]:
-                return None
-            served["version"] = reloader.version
-            return _cert_config(reloader.state)
-
-        return grpc.dynamic_ssl_server_credentials(
-            _cert_config(reloader.state), fetch, require_client_authentication=mtls)
 
     async def _start_registration(self) -> None:
         sch = self.config.scheduler
