@@ -694,14 +694,16 @@ class JobManager:
         """
         lost = self.store.running()
         now = time.time()
-        current_boot = _BOOT_ID
+        # Processes of an earlier boot are gone; their pids mean nothing now.
+        this_boot = [procfs.LostJob(r.id, r.pid, r.leader_start) for r in lost
+                     if r.boot_id == _BOOT_ID]
+        marker = f"{INSTANCE_ENV}={self.settings.instance}".encode()
         killed = 0
+        for pid in procfs.leftover_processes(this_boot, marker):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+                killed += 1
         for rec in lost:
-            if rec.boot_id == current_boot:
-                for pid in procfs.leftover_processes(rec.id, rec.pid, rec.leader_start):
-                    with contextlib.suppress(OSError):
-                        os.kill(pid, signal.SIGKILL)
-                        killed += 1
             self._transition(rec, JobState.LOST)
             rec.end_time = now
             rec.error_text = ("the agent stopped while this job was running; its outcome is "
@@ -709,12 +711,6 @@ class JobManager:
             with contextlib.suppress(OSError):
                 rec.output_bytes = os.stat(rec.output_path).st_size
             self._save(rec)
-        marker = f"{INSTANCE_ENV}={self.settings.instance}".encode()
-        for pid in procfs.all_pids():
-            if pid != os.getpid() and procfs._environ_has(pid, marker):
-                with contextlib.suppress(OSError):
-                    os.kill(pid, signal.SIGKILL)
-                    killed += 1
         if lost or killed:
             log.warning("recovered %d job(s) left running by a previous agent as LOST; "
                         "killed %d leftover process(es)", len(lost), killed)
@@ -790,10 +786,6 @@ class JobManager:
         pending = [j.done for j in self.running.values()]
         if pending:
             await asyncio.wait(pending, timeout=self.settings.stop_grace + OUTPUT_CLOSE_GRACE + 5)
-
-    def counts(self) -> dict[str, int]:
-        """Numbers for status lines."""
-        return {"running": len(self.running)}
 
 
 _BOOT_ID = procfs.boot_id()

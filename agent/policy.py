@@ -20,7 +20,6 @@ between are ones who could replace the agent itself.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import os
 import re
@@ -865,13 +864,6 @@ def _yaml_reason(e: yaml.YAMLError) -> str:
     if mark is not None:
         return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
     return str(problem)
-
-
-def describe_plan(plan: Plan) -> dict[str, Any]:
-    """A plan as plain data (for logs)."""
-    d = dataclasses.asdict(plan)
-    d["env"] = sorted(plan.env)  # names only: values may be secrets
-    return d
 
 
 def redact_args(args: Sequence[str], secret: Iterable[int]) -> list[str]:

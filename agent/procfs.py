@@ -10,7 +10,7 @@ very process the agent started, same pid and same start time).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 JOB_ID_ENV = "AGENT_JOB_ID"
@@ -63,12 +63,12 @@ def read_stat(pid: int) -> ProcStat | None:
         return None
 
 
-def _environ_has(pid: int, marker: bytes) -> bool:
+def _environ(pid: int) -> set[bytes]:
     try:
         with open(f"/proc/{pid}/environ", "rb") as f:
-            return marker in f.read().split(b"\0")
+            return set(f.read().split(b"\0"))
     except OSError:
-        return False
+        return set()
 
 
 def all_pids() -> Iterator[int]:
@@ -78,12 +78,28 @@ def all_pids() -> Iterator[int]:
             yield int(name)
 
 
-def leftover_processes(job_id: str, pgid: int, leader_start: int) -> list[int]:
-    """Pids that provably belong to the job (see module docstring)."""
-    marker = f"{JOB_ID_ENV}={job_id}".encode()
-    leader = read_stat(pgid) if pgid > 1 else None
-    leader_is_ours = (leader is not None and leader.start_ticks == leader_start
-                      and leader.pgid == pgid and leader_start != 0)
+@dataclass(frozen=True)
+class LostJob:
+    """A job recorded as running by an agent that is gone."""
+
+    job_id: str
+    pgid: int
+    leader_start: int  # /proc starttime ticks of the group leader, 0 if unknown
+
+
+def leftover_processes(jobs: Iterable[LostJob], instance_marker: bytes) -> list[int]:
+    """Pids that provably belong to one of ``jobs`` or carry ``instance_marker``.
+
+    One pass over /proc (see the module docstring for what counts as proof).
+    """
+    markers = {instance_marker}
+    groups: set[int] = set()
+    for j in jobs:
+        markers.add(f"{JOB_ID_ENV}={j.job_id}".encode())
+        leader = read_stat(j.pgid) if j.pgid > 1 else None
+        if (leader is not None and j.leader_start != 0 and leader.pgid == j.pgid
+                and leader.start_ticks == j.leader_start):
+            groups.add(j.pgid)
     out: list[int] = []
     me = os.getpid()
     for pid in all_pids():
@@ -92,6 +108,6 @@ def leftover_processes(job_id: str, pgid: int, leader_start: int) -> list[int]:
         st = read_stat(pid)
         if st is None:
             continue
-        if (leader_is_ours and st.pgid == pgid) or _environ_has(pid, marker):
+        if st.pgid in groups or _environ(pid) & markers:
             out.append(pid)
     return out

@@ -19,21 +19,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import signal
-import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
-
-if sys.version_info >= (3, 11):
-    pass
-else:  # pragma: no cover
-    pass
 
 from agent.config import ConfigError, option, parse_tables, read_text, split_host_port
 
@@ -208,12 +201,11 @@ class SchedulerService:
     """Implements ``jobscheduler.Scheduler``."""
 
     def __init__(self, cfg: SchedulerConfig, registry: Registry) -> None:
-        from agent.client import AsyncAgentClient, TLSFiles
+        from agent.client import TLSFiles
 
         self.cfg = cfg
         self.registry = registry
-        self._clients: dict[str, AsyncAgentClient] = {}
-        self._client_cls = AsyncAgentClient
+        self._clients: dict[str, Any] = {}  # address -> AsyncAgentClient
         a = cfg.agents
         assert a.ca_file and a.crt_file and a.key_file
         self._tls = TLSFiles(ca=a.ca_file.read_bytes(), cert=a.crt_file.read_bytes(),
@@ -267,10 +259,11 @@ class SchedulerService:
     def _client(self, w: Worker) -> Any:
         c = self._clients.get(w.address)
         if c is None:
+            from agent.client import AsyncAgentClient
             from agent.registration import reconnecting_channel_options
 
             # Fast reconnects: a worker back from a network cut is usable at once.
-            c = self._client_cls(w.address, self._tls,
+            c = AsyncAgentClient(w.address, self._tls,
                                  timeout=self.cfg.agents.call_timeout_seconds,
                                  options=reconnecting_channel_options())
             self._clients[w.address] = c
@@ -438,13 +431,3 @@ async def serve(cfg: SchedulerConfig, *, ready: Callable[[int], None] | None = N
     log.info("scheduler stopping")
     await server.stop(grace=1.0)
     await service.close()
-
-
-def config_rows() -> list[tuple[str, str, str]]:
-    """(section.key, default, help) rows for documentation."""
-    rows = []
-    for name, cls in _SECTIONS.items():
-        for f in dataclasses.fields(cls):
-            rows.append((f"[{name}] {f.name}", "" if f.default in (None, dataclasses.MISSING)
-                         else repr(f.default), f.metadata.get("help", "")))
-    return rows

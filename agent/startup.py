@@ -15,6 +15,7 @@ import fcntl
 import logging
 import os
 import pwd
+import resource
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,8 +147,6 @@ def prepare(cfg: Config, *, create_dirs: bool = True) -> Prepared:
                         "will be denied")
     job_user, w = resolve_job_user(cfg)
     warnings.extend(w)
-    import resource
-
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     need = cfg.jobs.max_running * 3 + 256
     if hard != resource.RLIM_INFINITY and hard < need:

@@ -234,9 +234,6 @@ class Store:
                              [(i, JobState.RUNNING.value) for i in ids])
         self.commit()
 
-    def count(self) -> int:
-        """Number of jobs in the history."""
-        return int(self._db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0])
 
 
 def _record(row: Sequence[object]) -> JobRecord:
