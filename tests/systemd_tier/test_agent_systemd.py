@@ -33,6 +33,7 @@ from agent.client import AgentClient
 from tests.helpers import Certs, free_port, gen_certs, to_toml
 
 from . import nspawn
+from .conftest import Timings
 
 pytestmark = pytest.mark.systemd
 
@@ -131,41 +132,6 @@ def agent_config(port: int) -> str:
 
 
 # -- fixtures ------------------------------------------------------------------------
-
-
-@dataclass
-class Timings:
-    """Wall-clock seconds of the slow steps, printed at module teardown (-s or -rP)."""
-
-    steps: dict[str, float] = field(default_factory=dict)
-
-    def add(self, name: str, started: float) -> float:
-        """Record the time since ``started`` (a time.monotonic() value); return it."""
-        took = round(time.monotonic() - started, 3)
-        self.steps[name] = took
-        return took
-
-
-@pytest.fixture(scope="module")
-def timings() -> Iterator[Timings]:
-    """Collect step timings and print them when the module is done."""
-    collected = Timings()
-    started = time.monotonic()
-    yield collected
-    collected.add("module_total", started)
-    print("\nagent systemd tier timings (s):", json.dumps(collected.steps, indent=1))
-
-
-@pytest.fixture(scope="module")
-def rootfs(timings: Timings) -> Path:
-    """The cached Debian rootfs (built by debootstrap on first use)."""
-    reason = nspawn.skip_reason()
-    if reason:
-        pytest.skip(reason)
-    started = time.monotonic()
-    path = nspawn.ensure_rootfs()
-    timings.add("ensure_rootfs", started)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -13,13 +13,14 @@ import shlex
 import socket
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from . import nspawn
+from .conftest import Timings
 
 pytestmark = pytest.mark.systemd
 
@@ -31,37 +32,6 @@ TMPFILES = REPO / "systemd" / "agent.tmpfiles"
 WHEELS = ("grpcio", "pyyaml")
 READY_DELAY = 2.0
 MAX_EXPOSURE = 2.0
-
-
-@dataclass
-class Timings:
-    """Wall-clock seconds of the slow steps, printed at module teardown (see with -rP or -s)."""
-
-    steps: dict[str, float] = field(default_factory=dict)
-
-    def add(self, name: str, started: float) -> None:
-        """Record the time since ``started`` (a time.monotonic() value) under ``name``."""
-        self.steps[name] = round(time.monotonic() - started, 3)
-
-
-@pytest.fixture(scope="module")
-def timings() -> Iterator[Timings]:
-    """Collect step timings and print them when the module is done."""
-    collected = Timings()
-    yield collected
-    print("\nsystemd tier timings (s):", json.dumps(collected.steps, indent=1))
-
-
-@pytest.fixture(scope="module")
-def rootfs(timings: Timings) -> Path:
-    """Return the cached Debian rootfs (built by debootstrap on first use)."""
-    reason = nspawn.skip_reason()
-    if reason:
-        pytest.skip(reason)
-    started = time.monotonic()
-    path = nspawn.ensure_rootfs()
-    timings.add("ensure_rootfs", started)
-    return path
 
 
 @pytest.fixture(scope="module")
