@@ -46,7 +46,7 @@ def setup_logging(cfg: Config, *, daemon: bool) -> None:
     level = getattr(logging, cfg.logging.level.upper())
     handler: logging.Handler
     if cfg.logging.syslog:
-        handler = logging.handlers.SysLogHandler(address="/dev/log")
+        handler = logging.handlers.SysLogHandler(address=str(cfg.logging.syslog_socket))
         fmt = "agent[%(process)d]: %(levelname)s %(name)s: %(message)s"
     elif cfg.logging.file is not None or daemon:
         path = cfg.logging.file or cfg.jobs.state_dir / "agent.log"

@@ -193,7 +193,8 @@ class Logging:
                     choices=("debug", "info", "warning", "error"))
     file: Path | None = option(None, "log file (default: stderr; in daemon mode "
                            "state_dir/agent.log)")
-    syslog: bool = option(False, "log to syslog (/dev/log) instead of a file")
+    syslog: bool = option(False, "log to syslog instead of a file")
+    syslog_socket: Path = option(Path("/dev/log"), "the syslog daemon's socket")
 
 
 @dataclass(frozen=True)

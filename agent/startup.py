@@ -179,12 +179,23 @@ def prepare(cfg: Config, *, create_dirs: bool = True) -> Prepared:
         if not stat.S_ISREG(ast.st_mode) or ast.st_uid != os.geteuid():
             raise _err(cfg, "audit", "file",
                        f"{cfg.audit_file}: not a regular file owned by the agent's user")
+    if cfg.logging.syslog and not stat.S_ISSOCK(_mode(cfg.logging.syslog_socket)):
+        raise _err(cfg, "logging", "syslog_socket",
+                   f"{cfg.logging.syslog_socket}: no syslog socket there (is a syslog daemon "
+                   "or journald running?)")
     if cfg.logging.file is not None and not cfg.logging.file.parent.is_dir():
         raise _err(cfg, "logging", "file", f"{cfg.logging.file.parent}: directory does not "
                    "exist")
     return Prepared(config=cfg, policy=pol, server_pair=server_pair, ca_pem=ca_pem,
                     scheduler_pair=scheduler_pair, scheduler_ca=scheduler_ca,
                     job_user=job_user, warnings=tuple(warnings))
+
+
+def _mode(path: Path) -> int:
+    try:
+        return os.stat(path).st_mode
+    except OSError:
+        return 0
 
 
 def _pair(cfg: Config, section: str, crt: Path, key: Path) -> tls.KeyPair:

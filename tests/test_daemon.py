@@ -240,3 +240,33 @@ def test_sighup_reloads_policy_and_keeps_the_old_one_if_broken(agent: AgentProce
     assert events == [("policy_reload", "ok"), ("policy_reload", "error")]
     c.stop(running)
 
+
+
+def test_daemon_logs_to_syslog_when_configured(make_agent, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """[logging] syslog = true: the daemon's log lines reach the syslog socket."""
+    sock_path = tmp_path / "log.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(sock_path))
+    sock.settimeout(20)
+    a = make_agent(start=False, logging={"syslog": True, "syslog_socket": str(sock_path)})
+    r = _agent_cmd(a, "--daemon")
+    assert r.returncode == 0, r.stderr
+    pid = int((a.state / "agent.pid").read_text())
+    try:
+        lines = []
+        while not any("listening on" in x for x in lines):
+            lines.append(sock.recv(4096).decode())
+        assert any(x.startswith("<14>agent[") for x in lines)  # user.info, tagged
+        assert not (a.state / "agent.log").exists()
+    finally:
+        os.kill(pid, signal.SIGTERM)
+        wait_for(lambda: not _alive(pid), timeout=20)
+        sock.close()
+
+
+def test_syslog_without_a_socket_is_refused(make_agent, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """syslog = true with no socket at syslog_socket: one line, exit 2."""
+    a = make_agent(start=False, logging={"syslog": True,
+                                         "syslog_socket": str(tmp_path / "none")})
+    r = _agent_cmd(a)
+    assert r.returncode == 2 and "[logging] syslog_socket" in r.stderr
