@@ -40,7 +40,9 @@ if [ $# -eq 0 ]; then
     set -- -m "not systemd"
 fi
 status=0
-.venv-test/bin/python -m pytest -p no:cacheprovider "$@" || status=$?
+# The pytest script, not `python -m pytest`: the latter would put the
+# checkout on sys.path and test the source tree instead of the package.
+.venv-test/bin/pytest -p no:cacheprovider --rootdir "$PWD" "$@" || status=$?
 if [ "$status" -eq 5 ]; then
     echo "test: pytest collected no tests: that is a failure" >&2
     exit 1

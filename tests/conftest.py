@@ -1,15 +1,49 @@
-"""Shared fixtures: a CA and certificates, safe script folders, agent processes."""
+"""Shared fixtures: a CA and certificates, safe script folders, agent processes.
+
+The suite tests the installed package, never the source tree: the test
+command runs the ``pytest`` script of a fresh virtual environment (so the
+checkout is not on ``sys.path``), and every program the tests start runs in
+a scratch working directory with ``PYTHONSAFEPATH`` set, so ``python -m
+agent`` cannot pick up ``./agent`` either. The guard below fails the whole
+run, loudly, if the package was imported from the checkout anyway.
+"""
 
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.helpers import AgentProcess, Certs, gen_certs, make_safe_dir, write_script
+import agent
+
+from helpers import AgentProcess, Certs, gen_certs, make_safe_dir, policy_for, write_script
+
+_CHECKOUT = Path(__file__).resolve().parent.parent
+if _CHECKOUT in Path(agent.__file__).resolve().parents:
+    raise RuntimeError(
+        f"the tests imported the source tree ({agent.__file__}), not the installed package: "
+        "run scripts/test.sh (or the pytest script of a venv with the package installed)")
+os.environ["PYTHONSAFEPATH"] = "1"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _outside_the_checkout() -> Iterator[None]:
+    """Run every test (and every child it starts) from a scratch directory.
+
+    Python 3.10 has no PYTHONSAFEPATH: `python -m` there puts the working
+    directory on sys.path, so no child may start in the checkout.
+    """
+    before = os.getcwd()
+    os.chdir(tempfile.mkdtemp(prefix="agent-tests-cwd-"))
+    try:
+        yield
+    finally:
+        os.chdir(before)
 
 SCRIPTS = {
     "hello.sh": """
@@ -72,30 +106,6 @@ def script_dir() -> Iterator[Path]:
         write_script(d, name, body)
     yield d
     shutil.rmtree(d, ignore_errors=True)
-
-
-def policy_for(script_dir: Path, extra: str = "") -> str:
-    """A policy allowing bash scripts from script_dir plus a few executables."""
-    return f"""
-version: 1
-entries:
-  - name: test-scripts
-    command: /bin/bash
-    aliases: [bash]
-    scripts: ["{script_dir}/*.sh"]
-    args: {{max_count: 64, max_length: 4096}}
-  - name: "true"
-    command: /bin/true
-    aliases: ["true"]
-  - name: sleep
-    command: /bin/sleep
-    aliases: [sleep]
-    args: {{max_count: 1, patterns: ['[0-9.]+']}}
-  - name: echo
-    command: /bin/echo
-    aliases: [echo]
-{extra}
-"""
 
 
 @pytest.fixture(scope="session")

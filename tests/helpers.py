@@ -23,12 +23,12 @@ from typing import Any
 
 import grpc
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from agent._proto import jobscheduler_pb2 as pb
+from agent._proto import jobscheduler_pb2_grpc as pb_grpc
+from agent.client import AgentClient, TLSFiles
 
-from agent._proto import jobscheduler_pb2 as pb  # noqa: E402
-from agent._proto import jobscheduler_pb2_grpc as pb_grpc  # noqa: E402
-from agent.client import AgentClient, TLSFiles  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
+
 
 IS_ROOT = os.geteuid() == 0
 
@@ -174,7 +174,6 @@ class AgentProcess:
         """Start the process; wait until it answers TLS on its port."""
         env = dict(os.environ)
         env.update(self.env)
-        env["PYTHONPATH"] = str(ROOT)
         self._ready_count = self.log().count("listening on")
         log = open(self.log_path, "ab")  # noqa: SIM115 - closed by the child owning it
         self.proc = subprocess.Popen(
@@ -367,14 +366,13 @@ class SchedulerProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def argv(self) -> list[str]:
-        return [sys.executable, "-m", "agent.scheduler_cli", "serve", "--config",
+        return [sys.executable, "-m", "agent.scheduler.cli", "serve", "--config",
                 str(self.config_path)]
 
     def start(self, timeout: float = 20.0) -> SchedulerProcess:
         before = self.log().count("scheduler listening")
         log = open(self.log_path, "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(self.argv(), stdout=log, stderr=subprocess.STDOUT,
-                                     env=dict(os.environ, PYTHONPATH=str(ROOT)),
                                      start_new_session=True)
         log.close()
         wait_for(lambda: self.log().count("scheduler listening") > before
@@ -402,10 +400,9 @@ class SchedulerProcess:
         """Run the user CLI against this scheduler."""
         c = self.certs
         return subprocess.run(
-            [sys.executable, "-m", "agent.scheduler_cli", "--addr", self.addr, "--ca", str(c.ca),
+            [sys.executable, "-m", "agent.scheduler.cli", "--addr", self.addr, "--ca", str(c.ca),
              "--cert", str(c.crt(identity)), "--key", str(c.key(identity)), *args],
-            capture_output=True, text=True, timeout=timeout,
-            env=dict(os.environ, PYTHONPATH=str(ROOT)))
+            capture_output=True, text=True, timeout=timeout)
 
 
 def registration_section(sched_addr: str, certs: Certs, advertise: str = "",
@@ -420,3 +417,27 @@ def registration_section(sched_addr: str, certs: Certs, advertise: str = "",
         d["advertise_addr"] = advertise
     d.update(extra)
     return d
+
+
+def policy_for(script_dir: Path, extra: str = "") -> str:
+    """A policy allowing bash scripts from script_dir plus a few executables."""
+    return f"""
+version: 1
+entries:
+  - name: test-scripts
+    command: /bin/bash
+    aliases: [bash]
+    scripts: ["{script_dir}/*.sh"]
+    args: {{max_count: 64, max_length: 4096}}
+  - name: "true"
+    command: /bin/true
+    aliases: ["true"]
+  - name: sleep
+    command: /bin/sleep
+    aliases: [sleep]
+    args: {{max_count: 1, patterns: ['[0-9.]+']}}
+  - name: echo
+    command: /bin/echo
+    aliases: [echo]
+{extra}
+"""

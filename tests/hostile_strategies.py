@@ -18,7 +18,7 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-from tests.helpers import pb
+from helpers import pb
 
 # ---------------------------------------------------------------- characters
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from agent.client.cli import main
-from tests.helpers import ROOT, AgentProcess
+
+from helpers import AgentProcess
 
 
 def flags(agent: AgentProcess, identity: str = "client") -> list[str]:
@@ -82,7 +82,6 @@ def test_real_agentctl_command_with_config_file(agent: AgentProcess, script_dir:
                     f'crt_file = "{c.crt("client")}"\nkey_file = "{c.key("client")}"\n')
     r = subprocess.run([sys.executable, "-m", "agent.client.cli", "--config", str(conf),
                         "start", "--wait", "bash", str(script_dir / "count.sh"), "3", "0"],
-                       capture_output=True, text=True, timeout=60,
-                       env=dict(os.environ, PYTHONPATH=str(ROOT)))
+                       capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout == "line 1\nline 2\nline 3\n"

@@ -11,8 +11,9 @@ import grpc
 import pytest
 
 from agent.client import AgentClient, PermissionDenied, TLSFiles
-from tests import certfactory as cf
-from tests.helpers import AgentProcess, pb, wait_for
+
+import certfactory as cf
+from helpers import AgentProcess, pb, wait_for
 
 
 def _identity_client(agent: AgentProcess, tmp_path: Path, cn: str | None,

@@ -7,6 +7,8 @@ Timing figures are never asserted: this machine is shared and noisy.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,10 +19,15 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_quick_bench_prints_json_lines_and_writes_the_table(tmp_path: Path) -> None:
     """--quick emits one valid JSON object per stdout line and a markdown results table."""
     out = tmp_path / "results"
+    # A copy of bench/ alone on the path: the agent it starts must be the
+    # installed package, never ./agent of the checkout.
+    shutil.copytree(ROOT / "bench", tmp_path / "src" / "bench")
+    shutil.copytree(ROOT / "scripts", tmp_path / "src" / "scripts")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONSAFEPATH"}
     r = subprocess.run(
         [sys.executable, "-m", "bench", "--quick", "--modes", "user", "--no-docs",
          "--out", str(out)],
-        cwd=str(ROOT), capture_output=True, text=True, timeout=180)
+        cwd=str(tmp_path / "src"), env=env, capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stderr[-4000:]
     lines = [line for line in r.stdout.splitlines() if line.strip()]
     records = [json.loads(line) for line in lines]  # every line is one JSON object

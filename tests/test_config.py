@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from agent.cli import main as agent_main
-from agent.config import ConfigError, load, parse
-from tests.helpers import ROOT, Certs, default_config, to_toml
+from agent.configfile import ConfigError
+from agent.daemon.cli import main as agent_main
+from agent.daemon.config import load, parse
+
+from helpers import ROOT, Certs, default_config, to_toml
 
 BASE = """
 [grpc_server]
@@ -138,8 +139,7 @@ def test_missing_files_are_refused_at_start(tmp_path: Path, certs: Certs,
     cfg.write_text(default_config("127.0.0.1:1", certs, tmp_path / "nope.yaml",
                                   tmp_path / "state"))
     r = subprocess.run([sys.executable, "-m", "agent", "run", "--config", str(cfg)],
-                       capture_output=True, text=True, timeout=30, cwd=ROOT,
-                       env=dict(os.environ, PYTHONPATH=str(ROOT)))
+                       capture_output=True, text=True, timeout=30, cwd=ROOT)
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0
     assert "[jobs] policy_file" in r.stderr and "no such file" in r.stderr

@@ -14,13 +14,13 @@ import grpc
 import pytest
 
 from agent.client import Unavailable
-from tests.helpers import ROOT, AgentProcess, job_processes, pb, wait_for
+
+from helpers import AgentProcess, job_processes, pb, wait_for
 
 
 def _agent_cmd(a: AgentProcess, *extra: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "agent", "run", "--config", str(a.config_path),
-                           *extra], capture_output=True, text=True, timeout=60,
-                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+                           *extra], capture_output=True, text=True, timeout=60)
 
 
 def _alive(pid: int) -> bool:
@@ -105,8 +105,8 @@ def test_daemon_start_failure_is_reported_on_the_terminal(make_agent) -> None:  
 
 def test_daemonize_refuses_when_grpc_already_imported(make_agent, capsys) -> None:  # type: ignore[no-untyped-def]
     """The guard: no gRPC before the fork (this test process has imported grpc)."""
-    from agent.config import load
-    from agent.daemon import daemonize
+    from agent.daemon.config import load
+    from agent.daemon.daemonize import daemonize
 
     assert "grpc" in sys.modules
     a = make_agent(start=False)

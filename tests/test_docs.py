@@ -5,11 +5,11 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from tests.helpers import ROOT
+from helpers import ROOT
 
 
 def test_readme_configuration_reference_is_current() -> None:
-    """README's configuration table is generated from agent.config."""
+    """README's configuration table is generated from agent.daemon.config."""
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "update_docs.py"), "--check"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
@@ -17,8 +17,8 @@ def test_readme_configuration_reference_is_current() -> None:
 
 def test_sample_config_is_valid() -> None:
     """The committed config.toml and policy.yaml pass validation (parse step)."""
-    from agent import policy
-    from agent.config import load
+    from agent.daemon import policy
+    from agent.daemon.config import load
 
     cfg = load(ROOT / "config.toml")
     assert cfg.mtls
@@ -42,7 +42,7 @@ def test_policy_example_is_valid() -> None:
 
     import pytest
 
-    from agent import policy
+    from agent.daemon import policy
 
     if not os.path.exists("/usr/bin/systemctl"):
         pytest.skip("the example names /usr/bin/systemctl")

@@ -41,8 +41,8 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from tests import hostile_strategies as hs
-from tests.helpers import (
+import hostile_strategies as hs
+from helpers import (
     IS_ROOT,
     AgentProcess,
     Certs,

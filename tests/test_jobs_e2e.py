@@ -12,7 +12,8 @@ import grpc
 import pytest
 
 from agent.client import InvalidArgument, NotFound, PermissionDenied
-from tests.helpers import (
+
+from helpers import (
     IS_ROOT,
     AgentProcess,
     children_of,

@@ -16,12 +16,13 @@ import pytest
 
 from agent.client import AsyncAgentClient, InvalidArgument, ResourceExhausted
 from agent.client.cli import main as agentctl
-from tests.conftest import policy_for
-from tests.helpers import (
+
+from helpers import (
     IS_ROOT,
     AgentProcess,
     job_processes,
     pb,
+    policy_for,
     wait_for,
     write_script,
 )

@@ -22,7 +22,7 @@ def test_installed_package_has_stubs_and_commands() -> None:
     """pip install gives the stubs and the agent, agentctl commands, without a generator."""
     r = subprocess.run([sys.executable, "-I", "-c",
                         "import agent._proto.jobscheduler_pb2_grpc as g, agent.client, "
-                        "agent.server; print(g.__file__)"],
+                        "agent.daemon.server; print(g.__file__)"],
                        capture_output=True, text=True, cwd="/")
     assert r.returncode == 0, r.stderr
     assert "site-packages" in r.stdout

@@ -1,6 +1,6 @@
 """The whitelist policy as pure code: ``parse``/``load`` and ``decide``, on real files.
 
-Every denial rule of ``agent.policy`` has a case here that fails if the rule
+Every denial rule of ``agent.daemon.policy`` has a case here that fails if the rule
 is removed (``test_each_rule_denies``), and a meta-test checks that no rule
 name in the source is without a case. Rules that need a file to change
 between two checks (the time-of-check races StrictModes defends against)
@@ -23,9 +23,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent import policy
-from agent.errors import FailedPrecondition, InvalidArgument, Kind, NotFound, PermissionDenied
-from agent.policy import (
+from agent.daemon import policy, trust, validation
+from agent.daemon.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    Kind,
+    NotFound,
+    PermissionDenied,
+)
+from agent.daemon.policy import (
     Decision,
     Denial,
     JobRequest,
@@ -35,9 +41,10 @@ from agent.policy import (
     load,
     parse,
 )
-from tests.helpers import IS_ROOT, make_safe_dir, write_script
 
-POLICY_SOURCE = Path(policy.__file__).read_text()
+from helpers import IS_ROOT, make_safe_dir, write_script
+
+POLICY_SOURCE = "".join(Path(m.__file__).read_text() for m in (policy, trust, validation))
 TRUE = os.path.realpath("/bin/true")
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="chown to another uid needs root")
 
@@ -376,16 +383,16 @@ RULE_CASES: dict[str, tuple[Kind, Case]] = {
     # an unknown command: the request cap must act before (and without) any entry
     "too-many-args/request-cap": (Kind.INVALID_ARGUMENT,
                                   lambda e: _d(e, command="/bin/nope",
-                                               args=("a",) * (policy.MAX_ARGS + 1))),
+                                               args=("a",) * (validation.MAX_ARGS + 1))),
     "too-many-args/entry": (Kind.INVALID_ARGUMENT, lambda e: _d(e, args=("a", "b", "c"))),
     "arg-too-long/request-cap": (Kind.INVALID_ARGUMENT,
                                  lambda e: _d(e, command="/bin/nope",
-                                              args=("a" * (policy.MAX_ARG_BYTES + 1),))),
+                                              args=("a" * (validation.MAX_ARG_BYTES + 1),))),
     "arg-too-long/entry": (Kind.INVALID_ARGUMENT, lambda e: _d(e, args=("abcdefghi",))),
     "args-without-path": (Kind.INVALID_ARGUMENT,
                           lambda e: _d(e, command="tool", path="", args=("a",), env={})),
     "too-many-env": (Kind.INVALID_ARGUMENT,
-                     lambda e: _d(e, env={f"V{i}": "1" for i in range(policy.MAX_ENV + 1)})),
+                     lambda e: _d(e, env={f"V{i}": "1" for i in range(validation.MAX_ENV + 1)})),
     "malformed-env/name": (Kind.INVALID_ARGUMENT, lambda e: _d(e, env={"1X": "1"})),
     "malformed-env/trailing-newline": (Kind.INVALID_ARGUMENT, lambda e: _d(e, env={"GOOD\n": "1"})),
     "malformed-env/value": (Kind.INVALID_ARGUMENT, lambda e: _d(e, env={"GOOD": "a\x00"})),
@@ -463,7 +470,7 @@ def test_each_rule_denies(env: Env, case: str) -> None:
 
 
 def test_every_rule_in_the_code_has_a_case() -> None:
-    """No denial rule name in agent/policy.py is without a case above."""
+    """No denial rule name in the policy, trust or validation code is without a case above."""
     in_code = set(re.findall(r'(?:deny|bad)\(\s*"([a-z0-9-]+)"', POLICY_SOURCE))
     in_code |= set(re.findall(r'Denial\([^,]+,\s*"([a-z0-9-]+)"', POLICY_SOURCE))
     assert len(in_code) > 25, in_code  # the patterns still find the rules

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from google.protobuf import descriptor_pb2
 
-from tests.helpers import ROOT, AgentProcess
+from helpers import ROOT, AgentProcess
 
 # The original protocol, field for field as shared/DESIGN.md lists it. A
 # client generated from nothing but this text must keep working.

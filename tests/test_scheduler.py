@@ -20,8 +20,9 @@ from agent.client import (
     TLSFiles,
     Unavailable,
 )
-from agent.scheduler import Registry, UnknownWorker
-from tests.helpers import (
+from agent.scheduler.service import Registry, UnknownWorker
+
+from helpers import (
     AgentProcess,
     Certs,
     SchedulerProcess,

@@ -17,8 +17,8 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from tests import certfactory as cf
-from tests.helpers import (
+import certfactory as cf
+from helpers import (
     IS_ROOT,
     ROOT,
     AgentProcess,
@@ -81,8 +81,7 @@ def test_gen_certs_keeps_existing_files_unless_forced(tmp_path: Path) -> None:
 
 def _run_agent(cfg: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "agent", "run", "--config", str(cfg)],
-                          capture_output=True, text=True, timeout=30,
-                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+                          capture_output=True, text=True, timeout=30)
 
 
 @pytest.fixture

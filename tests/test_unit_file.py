@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-nspawn = pytest.importorskip("tests.systemd_tier.nspawn",
+nspawn = pytest.importorskip("systemd_tier.nspawn",
                              reason="the systemd tier harness needs Python 3.11+")
 
 ROOT = Path(__file__).resolve().parent.parent

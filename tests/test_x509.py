@@ -14,7 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent import x509
-from tests import certfactory as cf
+
+import certfactory as cf
 
 KEYS = {"ec": ec.generate_private_key(ec.SECP256R1()),
         "rsa": rsa.generate_private_key(public_exponent=65537, key_size=2048),

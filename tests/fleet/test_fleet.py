@@ -19,10 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import policy_for
-from tests.helpers import ROOT, Certs, default_config, gen_certs, to_toml
-
 from .netns import Fleet, available
+from helpers import ROOT, Certs, default_config, gen_certs, policy_for, to_toml
 
 pytestmark = pytest.mark.fleet
 
@@ -50,8 +48,7 @@ class Host:
         self.name = name
         self.log_path = log
         with open(log, "ab") as f:
-            self.proc = fleet.popen(name, argv, stdout=f, stderr=subprocess.STDOUT,
-                                    env=dict(os.environ, PYTHONPATH=str(ROOT)))
+            self.proc = fleet.popen(name, argv, stdout=f, stderr=subprocess.STDOUT)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -86,10 +83,9 @@ def test_fleet_registration_dispatch_cut_and_heal(fleet: Fleet, tmp_path: Path,
              "--key", str(base.key("admin"))]
 
     def sched_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        return fleet.run("sched", [sys.executable, "-m", "agent.scheduler_cli", "--addr",
+        return fleet.run("sched", [sys.executable, "-m", "agent.scheduler.cli", "--addr",
                                    f"{sched_ip}:{SCHED_PORT}", "--call-timeout", "8", *admin,
-                                   *args], timeout=timeout,
-                         env=dict(os.environ, PYTHONPATH=str(ROOT)), text=True,
+                                   *args], timeout=timeout, text=True,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
     def workers() -> dict[str, dict[str, str]]:
@@ -126,7 +122,7 @@ def test_fleet_registration_dispatch_cut_and_heal(fleet: Fleet, tmp_path: Path,
                                  f"{fleet.addr('w1')}:{AGENT_PORT}", "--ca", str(base.ca),
                                  "--cert", str(base.crt("client")), "--key",
                                  str(base.key("client")), "start", "--wait", "echo", "up"],
-                       timeout=60, env=dict(os.environ, PYTHONPATH=str(ROOT)), text=True,
+                       timeout=60, text=True,
                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert direct.returncode == 0 and direct.stdout == "up\n", direct.stderr
 
@@ -141,7 +137,7 @@ def test_fleet_registration_dispatch_cut_and_heal(fleet: Fleet, tmp_path: Path,
         "agents": {"crt_file": str(sched_certs.crt("scheduler")),
                    "key_file": str(sched_certs.key("scheduler")), "ca_file": str(base.ca),
                    "call_timeout_seconds": 2.0}}))
-    sched = Host(fleet, "sched", [sys.executable, "-m", "agent.scheduler_cli", "serve",
+    sched = Host(fleet, "sched", [sys.executable, "-m", "agent.scheduler.cli", "serve",
                                   "--config", str(sched_cfg)], tmp_path / "scheduler.log")
     _wait(lambda: "scheduler listening" in sched.log(), 30, "scheduler")
     _wait(lambda: len(workers()) == 3, 30, "three registrations")
@@ -178,7 +174,7 @@ def test_fleet_registration_dispatch_cut_and_heal(fleet: Fleet, tmp_path: Path,
     d = fleet.run("sched", [sys.executable, "-m", "agent.client.cli", "--call-timeout", "2",
                             "--addr", f"{fleet.addr('w2')}:{AGENT_PORT}", "--ca", str(base.ca),
                             "--cert", str(base.crt("client")), "--key", str(base.key("client")),
-                            "list"], timeout=60, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                            "list"], timeout=60,
                   text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert d.returncode == 1 and ("deadline exceeded" in d.stderr or "unavailable" in d.stderr)
     assert time.monotonic() - t0 < 8

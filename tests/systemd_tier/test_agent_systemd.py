@@ -30,10 +30,10 @@ from typing import Any
 import pytest
 
 from agent.client import AgentClient
-from tests.helpers import Certs, free_port, gen_certs, to_toml
 
 from . import nspawn
 from .conftest import Timings
+from helpers import Certs, free_port, gen_certs, to_toml
 
 pytestmark = pytest.mark.systemd
 

@@ -15,8 +15,10 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from agent import __version__, startup
-from agent.config import Config, ConfigError, load
+from agent import __version__
+from agent.configfile import ConfigError
+from agent.daemon import startup
+from agent.daemon.config import Config, load
 from agent.tls import set_cipher_policy
 
 log = logging.getLogger("agent")
@@ -90,18 +92,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     # so the handlers are not needed: turn them off.
     os.environ["GRPC_ENABLE_FORK_SUPPORT"] = "0"
     if args.daemon:
-        from agent.daemon import daemonize
+        from agent.daemon.daemonize import daemonize
 
         def in_daemon(report: Callable[[str], None]) -> int:
             setup_logging(cfg, daemon=True)
-            from agent.server import run
+            from agent.daemon.server import run
 
             return run(prepared, on_ready=lambda: report(f"ready pid {os.getpid()}"),
                        on_startup_error=lambda e: report(f"error: {e}"))
 
         return daemonize(cfg, in_daemon)
     setup_logging(cfg, daemon=False)
-    from agent.server import run
+    from agent.daemon.server import run
 
     return run(prepared)
 

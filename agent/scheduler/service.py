@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from agent.config import ConfigError, option, parse_tables, read_text, split_host_port
+from agent.configfile import ConfigError, option, parse_tables, read_text, split_host_port
 
 log = logging.getLogger(__name__)
 
@@ -260,7 +260,7 @@ class SchedulerService:
         c = self._clients.get(w.address)
         if c is None:
             from agent.client import AsyncAgentClient
-            from agent.registration import reconnecting_channel_options
+            from agent.daemon.registration import reconnecting_channel_options
 
             # Fast reconnects: a worker back from a network cut is usable at once.
             c = AsyncAgentClient(w.address, self._tls,

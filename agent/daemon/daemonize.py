@@ -29,7 +29,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from agent.config import Config
+from agent.daemon.config import Config
 
 UMASK = 0o027
 

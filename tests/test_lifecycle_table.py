@@ -6,14 +6,8 @@ import itertools
 
 import pytest
 
-from agent.states import (
-    DONE_STATES,
-    TRANSITIONS,
-    InvalidTransition,
-    JobState,
-    check_transition,
-    final_state,
-)
+from agent.daemon.lifecycle import TRANSITIONS, InvalidTransition, check_transition, final_state
+from agent.vocabulary import DONE_STATES, JobState
 
 
 def test_every_state_has_a_row() -> None:

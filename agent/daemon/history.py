@@ -7,22 +7,30 @@ only a power loss can drop the last few commits, and it never corrupts the
 file. History therefore lives on disk, not in the agent's memory.
 
 The store is used from the event loop's thread only (SQLite calls on a
-primary key take tens of microseconds). Writes go into an open transaction
-that the job manager commits once per event-loop iteration (group commit):
-StartJob answers only after the commit that holds its job.
+primary key take tens of microseconds). :class:`Store` is the database;
+:class:`History` is how the supervisor uses it: writes go into an open
+transaction that is committed once per event-loop iteration (group commit),
+StartJob answers only after the commit that holds its job, and a record
+that could not be written is kept and retried rather than lost.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import json
+import logging
 import sqlite3
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.states import JobState
+from agent.daemon.errors import Unavailable
+from agent.vocabulary import JobState
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 
@@ -246,3 +254,93 @@ def _record(row: Sequence[object]) -> JobRecord:
     rec = JobRecord(**d)  # type: ignore[arg-type]
     rec.seq = int(seq)  # type: ignore[call-overload]
     return rec
+
+
+class History:
+    """The job history as the supervisor uses it: group commit and retries.
+
+    ``unsaved`` holds records whose last write failed (disk full, I/O
+    error); they are served from memory and written again by
+    :meth:`retry_unsaved`, so no outcome is lost while the disk recovers.
+    """
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.unsaved: dict[str, JobRecord] = {}
+        self._batch: list[JobRecord] = []
+        self._commit_future: asyncio.Future[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Commit in groups on ``loop`` from now on (before: every write commits)."""
+        self._loop = loop
+
+    async def record_new(self, rec: JobRecord) -> None:
+        """Insert a job and wait for the (shared) commit: durable before we answer."""
+        try:
+            self.store.insert(rec)
+            await self._commit_soon()
+        except sqlite3.Error as e:
+            raise Unavailable(f"the job history cannot be written ({e}); the job was not "
+                              "started", rule="history-write-failed") from None
+
+    def save(self, rec: JobRecord) -> None:
+        """Write a job's new state; on failure keep it for :meth:`retry_unsaved`."""
+        try:
+            self.store.update(rec)
+        except sqlite3.Error as e:
+            log.error("job %s: cannot write its state to the history (%s); will retry",
+                      rec.id, e)
+            self.unsaved[rec.id] = rec
+            return
+        self._batch.append(rec)
+        if self._loop is not None:
+            self._commit_soon()
+            return
+        try:  # outside the loop (recovery at start-up): commit now
+            self.store.commit()
+            self._batch.clear()
+            self.unsaved.pop(rec.id, None)
+        except sqlite3.Error as e:
+            log.error("cannot commit the job history (%s); will retry", e)
+            self.unsaved[rec.id] = rec
+
+    def retry_unsaved(self) -> None:
+        """Write again every record whose last write failed."""
+        for rec in list(self.unsaved.values()):
+            self.save(rec)
+
+    def get(self, job_id: str) -> JobRecord | None:
+        """A finished job's record (a not yet written one first)."""
+        return self.unsaved.get(job_id) or self.store.get(job_id)
+
+    def close(self) -> None:
+        """Commit what is pending and close the database."""
+        self.store.close()
+
+    def _commit_soon(self) -> asyncio.Future[None]:
+        """Group commit: every change made in this loop iteration, in one COMMIT."""
+        assert self._loop is not None
+        if self._commit_future is None:
+            self._commit_future = self._loop.create_future()
+            self._loop.call_soon(self._do_commit)
+        return self._commit_future
+
+    def _do_commit(self) -> None:
+        fut, self._commit_future = self._commit_future, None
+        batch, self._batch = self._batch, []
+        assert fut is not None
+        try:
+            self.store.commit()
+        except sqlite3.Error as e:
+            log.error("cannot commit the job history (%s); will retry", e)
+            with contextlib.suppress(sqlite3.Error):
+                self.store.rollback()
+            for rec in batch:
+                self.unsaved[rec.id] = rec
+            fut.set_exception(e)
+            fut.exception()  # retrieved: updates are retried, starts were told
+            return
+        for rec in batch:
+            self.unsaved.pop(rec.id, None)
+        fut.set_result(None)

@@ -1,6 +1,6 @@
 """Domain errors, free of gRPC.
 
-Each error names the kind of failure; the gRPC layer (``agent.service``) maps
+Each error names the kind of failure; the gRPC layer (``agent.daemon.service``) maps
 the kind to a status code in one table. Messages are written for a person:
 they say what was refused and why, never include a stack trace, and never
 echo secret values.
@@ -8,20 +8,19 @@ echo secret values.
 
 from __future__ import annotations
 
-import enum
+from agent.vocabulary import Kind
 
-
-class Kind(enum.Enum):
-    """What went wrong, independent of the transport."""
-
-    INVALID_ARGUMENT = "invalid_argument"
-    NOT_FOUND = "not_found"
-    PERMISSION_DENIED = "permission_denied"
-    UNAUTHENTICATED = "unauthenticated"
-    FAILED_PRECONDITION = "failed_precondition"
-    RESOURCE_EXHAUSTED = "resource_exhausted"
-    UNAVAILABLE = "unavailable"
-    INTERNAL = "internal"
+__all__ = [
+    "AgentError",
+    "FailedPrecondition",
+    "InvalidArgument",
+    "Kind",
+    "NotFound",
+    "PermissionDenied",
+    "ResourceExhausted",
+    "Unauthenticated",
+    "Unavailable",
+]
 
 
 class AgentError(Exception):

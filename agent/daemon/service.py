@@ -1,58 +1,38 @@
-"""The gRPC Worker service: a thin layer over the job manager.
+"""The gRPC Worker service: a thin layer over the supervisor.
 
-It converts protobuf messages to plain values, authenticates the caller
-from its verified certificate, authorizes it (deny by default), calls the
-job manager, converts domain errors to status codes, and writes the audit
-log. It holds no job logic of its own.
+It converts protobuf messages to plain values (:mod:`agent.daemon.validation`
+checks them), authenticates the caller from its verified certificate, builds
+its :class:`~agent.access.Caller` (deny by default), calls the supervisor,
+converts domain errors to status codes (one table, from
+:class:`~agent.vocabulary.Kind`), and writes the audit log. It holds no job
+logic and no access rule of its own.
 """
 
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import message as pb_message
 
 from agent._proto import jobscheduler_pb2 as pb
-from agent.audit import AuditLog, env_names
-from agent.errors import AgentError, InvalidArgument, Kind, PermissionDenied, Unauthenticated
-from agent.jobs import JobManager, StartRequest
-from agent.states import JobState
-from agent.store import JobRecord
+from agent.access import AccessDenied, AccessRules, Caller
+from agent.daemon import validation
+from agent.daemon.admission import StartRequest
+from agent.daemon.audit import AuditLog, env_names
+from agent.daemon.errors import AgentError, InvalidArgument, Kind, PermissionDenied, Unauthenticated
+from agent.daemon.history import JobRecord
+from agent.daemon.supervisor import Supervisor
 from agent.tls import ANONYMOUS, identity_from_cert
+from agent.vocabulary import LIMITS
 
 log = logging.getLogger(__name__)
 
-STATUS = {
-    Kind.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
-    Kind.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
-    Kind.PERMISSION_DENIED: grpc.StatusCode.PERMISSION_DENIED,
-    Kind.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
-    Kind.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
-    Kind.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    Kind.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
-    Kind.INTERNAL: grpc.StatusCode.INTERNAL,
-}
+STATUS = {kind: grpc.StatusCode[kind.code] for kind in Kind}
 
 READ_RPCS = frozenset({"QueryJob", "WaitJob", "ListJobs", "StreamJobOutput"})
-LIMIT_FIELDS = {"cpuSeconds": "cpu_seconds", "memoryBytes": "memory_bytes",
-                "openFiles": "open_files", "processes": "processes",
-                "outputBytes": "output_bytes"}
-
-
-@dataclass(frozen=True)
-class AccessRules:
-    """Who may call the API at all."""
-
-    mtls: bool
-    clients: frozenset[str]
-    admins: frozenset[str]
-    allow_anonymous: bool
-    log_reads: bool = False
 
 
 class Malformed:
@@ -72,14 +52,6 @@ def _deserializer(cls: Any) -> Callable[[bytes], Any]:
         except pb_message.DecodeError as e:
             return Malformed(str(e).split(":")[-1].strip() or "undecodable request")
     return parse
-
-
-def job_id_ok(job_id: str) -> bool:
-    """True for a job id in the form this agent issues (canonical UUID)."""
-    try:
-        return str(uuid.UUID(job_id)) == job_id
-    except (ValueError, TypeError):
-        return False
 
 
 def record_to_pb(rec: JobRecord) -> pb.QueryJobRes:
@@ -119,10 +91,12 @@ T = TypeVar("T")
 class WorkerService:
     """Implements ``jobscheduler.Worker``."""
 
-    def __init__(self, jobs: JobManager, audit: AuditLog, access: AccessRules) -> None:
+    def __init__(self, jobs: Supervisor, audit: AuditLog, access: AccessRules, *,
+                 log_reads: bool = False) -> None:
         self.jobs = jobs
         self.audit = audit
         self.access = access
+        self.log_reads = log_reads
 
     # ------------------------------------------------------------ plumbing
 
@@ -141,16 +115,6 @@ class WorkerService:
             raise Unauthenticated(peer.problem, rule="bad-client-cert")
         return peer.identity
 
-    def authorize(self, identity: str) -> None:
-        """Deny by default: only configured identities may call the API."""
-        a = self.access
-        if identity in a.clients or identity in a.admins:
-            return
-        if identity == ANONYMOUS and a.allow_anonymous and not a.mtls:
-            return
-        raise PermissionDenied(f"identity {identity!r} is not allowed to use this agent",
-                               rule="identity-not-allowed")
-
     async def _fail(self, context: grpc.aio.ServicerContext, rpc: str, identity: str,
                     err: AgentError, **fields: Any) -> None:
         self.audit.record("rpc", decision="deny", identity=identity, peer=context.peer(),
@@ -160,71 +124,68 @@ class WorkerService:
         await context.abort(STATUS[err.kind], err.message)
 
     async def _run(self, rpc: str, request: Any, context: grpc.aio.ServicerContext,
-                   body: Callable[[str], Awaitable[T]], **fields: Any) -> T:
+                   body: Callable[[Caller], Awaitable[T]], **fields: Any) -> T:
         identity = ""
         try:
             identity = self.identify(context)
-            self.authorize(identity)
+            caller = self.access.caller(identity)
+            try:
+                caller.may_call()
+            except AccessDenied as e:
+                raise PermissionDenied(e.message, rule=e.rule) from None
             if isinstance(request, Malformed):
                 raise InvalidArgument(f"request could not be decoded: {request.reason}",
                                       rule="undecodable")
-            result = await body(identity)
+            result = await body(caller)
         except AgentError as e:
             await self._fail(context, rpc, identity, e, **fields)
             raise AssertionError("unreachable") from None  # abort() raises
-        if rpc in READ_RPCS and self.access.log_reads:
+        if rpc in READ_RPCS and self.log_reads:
             self.audit.record("rpc", decision="allow", identity=identity, peer=context.peer(),
                               rpc=rpc, **fields)
         return result
 
-    @staticmethod
-    def _job_id(job_id: str) -> str:
-        if not job_id_ok(job_id):
-            raise InvalidArgument("jobID is not a valid job id (a UUID as returned by "
-                                  "StartJob)", rule="bad-job-id")
-        return job_id
-
     # ------------------------------------------------------------ RPCs
 
     async def StartJob(self, request: Any, context: grpc.aio.ServicerContext) -> pb.StartJobRes:
-        rec = await self._start("StartJob", request, context)
+        rec, _ = await self._start("StartJob", request, context)
         return pb.StartJobRes(jobID=rec.id)
 
     async def RunJob(self, request: Any, context: grpc.aio.ServicerContext) -> pb.QueryJobRes:
-        rec = await self._start("RunJob", request, context)
+        rec, caller = await self._start("RunJob", request, context)
         if not rec.state.done:
             timeout: float | None = None
             remaining = context.time_remaining()
             if remaining is not None:
                 timeout = max(0.0, remaining - 0.05)
-            rec = await self.jobs.wait(rec.id, rec.owner, timeout)
+            rec = await self.jobs.wait(rec.id, caller, timeout)
         return record_to_pb(rec)
 
     async def _start(self, rpc: str, request: Any,
-                     context: grpc.aio.ServicerContext) -> JobRecord:
+                     context: grpc.aio.ServicerContext) -> tuple[JobRecord, Caller]:
         malformed = isinstance(request, Malformed)
         # Bounded: a refused request must not turn into a megabyte audit line.
         fields: dict[str, Any] = {} if malformed else {
             "command": request.command[:512], "path": request.path[:512],
             "args": _audit_args(request), "env": [n[:128] for n in env_names(request.env)[:64]],
             "arg_count": len(request.args), "env_count": len(request.env)}
-        async def body(identity: str) -> JobRecord:
-            return await self.jobs.start(_start_request(request, identity))
+        async def body(caller: Caller) -> tuple[JobRecord, Caller]:
+            return await self.jobs.start(_start_request(request, caller.identity)), caller
 
-        rec = await self._run(rpc, request, context, body, **fields)
+        rec, caller = await self._run(rpc, request, context, body, **fields)
         self.audit.record("job_start", decision="allow", identity=rec.owner,
                           peer=context.peer(), rpc=rpc, job_id=rec.id,
                           command=rec.command, path=rec.path, args=rec.args,
                           env=fields.get("env"), pid=rec.pid, state=rec.state.name,
                           reason=rec.error_text)
-        return rec
+        return rec, caller
 
     async def StopJob(self, request: Any, context: grpc.aio.ServicerContext) -> pb.StopJobRes:
         job_id = getattr(request, "jobID", "")
 
-        async def body(identity: str) -> pb.StopJobRes:
-            rec = self.jobs.stop(self._job_id(job_id), identity)
-            self.audit.record("job_stop", decision="allow", identity=identity,
+        async def body(caller: Caller) -> pb.StopJobRes:
+            rec = self.jobs.stop(validation.job_id(job_id), caller)
+            self.audit.record("job_stop", decision="allow", identity=caller.identity,
                               peer=context.peer(), rpc="StopJob", job_id=rec.id,
                               command=rec.command, path=rec.path, state=rec.state.name)
             return pb.StopJobRes()
@@ -234,15 +195,15 @@ class WorkerService:
     async def QueryJob(self, request: Any, context: grpc.aio.ServicerContext) -> pb.QueryJobRes:
         job_id = getattr(request, "jobID", "")
 
-        async def body(identity: str) -> pb.QueryJobRes:
-            return record_to_pb(self.jobs.get(self._job_id(job_id), identity))
+        async def body(caller: Caller) -> pb.QueryJobRes:
+            return record_to_pb(self.jobs.get(validation.job_id(job_id), caller))
 
         return await self._run("QueryJob", request, context, body, job_id=job_id[:64])
 
     async def WaitJob(self, request: Any, context: grpc.aio.ServicerContext) -> pb.QueryJobRes:
         job_id = getattr(request, "jobID", "")
 
-        async def body(identity: str) -> pb.QueryJobRes:
+        async def body(caller: Caller) -> pb.QueryJobRes:
             timeout: float | None = None
             remaining = context.time_remaining()
             if remaining is not None:
@@ -252,21 +213,15 @@ class WorkerService:
             if request.waitMillis:
                 wait = request.waitMillis / 1000.0
                 timeout = wait if timeout is None else min(timeout, wait)
-            rec = await self.jobs.wait(self._job_id(job_id), identity, timeout)
+            rec = await self.jobs.wait(validation.job_id(job_id), caller, timeout)
             return record_to_pb(rec)
 
         return await self._run("WaitJob", request, context, body, job_id=job_id[:64])
 
     async def ListJobs(self, request: Any, context: grpc.aio.ServicerContext) -> pb.ListJobsRes:
-        async def body(identity: str) -> pb.ListJobsRes:
-            states = []
-            for s in request.states:
-                try:
-                    states.append(JobState(s))
-                except ValueError:
-                    raise InvalidArgument(f"states: {s} is not a job state",
-                                          rule="bad-state") from None
-            recs, token = self.jobs.list_jobs(identity, states=states, owner=request.owner,
+        async def body(caller: Caller) -> pb.ListJobsRes:
+            states = validation.states(request.states)
+            recs, token = self.jobs.list_jobs(caller, states=states, owner=request.owner,
                                          page_size=request.pageSize,
                                          page_token=request.pageToken)
             return pb.ListJobsRes(jobs=[record_to_pb(r) for r in recs], nextPageToken=token)
@@ -279,8 +234,8 @@ class WorkerService:
         job_id = getattr(request, "jobID", "")
         chunks: list[AsyncIterator[tuple[int, bytes]]] = []
 
-        async def body(identity: str) -> None:
-            it = self.jobs.stream(self._job_id(job_id), identity, request.offset,
+        async def body(caller: Caller) -> None:
+            it = self.jobs.stream(validation.job_id(job_id), caller, request.offset,
                                   request.follow)
             # Run the access checks now (the first step of the generator),
             # so a refusal is a status, not a broken stream.
@@ -341,9 +296,9 @@ def _audit_args(request: Any) -> list[str]:
 def _start_request(request: Any, identity: str) -> StartRequest:
     limits: dict[str, int | None] = {}
     if request.HasField("limits"):
-        for pb_name, name in LIMIT_FIELDS.items():
-            if request.limits.HasField(pb_name):
-                limits[name] = getattr(request.limits, pb_name)
+        for lim in LIMITS:
+            if request.limits.HasField(lim.wire):
+                limits[lim.name] = getattr(request.limits, lim.wire)
     return StartRequest(
         identity=identity,
         command=request.command,

@@ -29,7 +29,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from agent.config import ConfigError
+from agent.configfile import ConfigError
 
 
 class UsageError(Exception):
@@ -69,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _serve(args: argparse.Namespace) -> int:
     from agent import tls
-    from agent.scheduler import load_config
+    from agent.scheduler.service import load_config
 
     try:
         cfg = load_config(args.config)
@@ -92,7 +92,7 @@ def _serve(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import asyncio
 
-    from agent.scheduler import serve
+    from agent.scheduler.service import serve
 
     try:
         asyncio.run(serve(cfg))

@@ -1,10 +1,11 @@
 """Starting, signalling and reaping job processes: the only place that does.
 
-Everything here is behind :class:`ProcessOps`, so the job state machine in
-``agent.jobs`` can be driven by a fake in unit tests and by the real kernel
-in integration tests.
+Everything here is behind :class:`ProcessOps`, so the supervisor
+(:mod:`agent.daemon.supervisor`) is driven by a fake in unit tests
+(tests/test_supervisor_unit.py) and by the real kernel in integration tests.
 
-Why it is written this way (DESIGN.md, "Facts measured on these machines"):
+Why it is written this way (the project's design notes, "Facts measured on
+these machines"):
 
 * No ``preexec_fn``: in a process running gRPC it crashes children. All the
   set-up between fork and exec (new session, user switch, dropping
@@ -21,7 +22,7 @@ Why it is written this way (DESIGN.md, "Facts measured on these machines"):
   of every variable that changes how the loader or libc behave.
 * Spawning stays on the event loop's thread: on the vfork path Popen
   blocks for about 0.1 ms, less than a hand-off to a worker thread costs
-  (measured both ways with bench/).
+  (measured both ways with bench/). That is why there is no lock here.
 * No shell, ever: argv goes to execve as a list.
 * The job leads its own session and process group (``setsid``), so a
   signal to the group reaches everything it started, and it has no
@@ -33,14 +34,16 @@ Why it is written this way (DESIGN.md, "Facts measured on these machines"):
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import signal
 import subprocess
-import threading
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Protocol
+
+from agent.daemon.lifecycle import Exit
 
 # Limit name -> (prlimit option, extra seconds between soft and hard).
 PRLIMIT_OPTIONS = {
@@ -60,33 +63,29 @@ class SpawnSpec:
     env: Mapping[str, str]
     cwd: str
     stdout_fd: int
-    uid: int | None = None  # None: keep the agent's user
-    gid: int | None = None
-    umask: int = 0o077
-    limits: Mapping[str, int] = field(default_factory=dict)  # rlimits, 0 = unlimited
-    prlimit: str = "/usr/bin/prlimit"
-    setpriv: str = "/usr/bin/setpriv"
+    uid: int | None  # None: keep the agent's user
+    gid: int | None
+    umask: int
+    limits: Mapping[str, int]  # rlimits, 0 = unlimited
+    prlimit: str
+    setpriv: str
     exec_fd: int | None = None  # execute /proc/self/fd/N (a verified file)
 
 
-@dataclass(frozen=True)
-class Exit:
-    """How a reaped process ended."""
-
-    exit_code: int | None
-    signal: int | None
-    user_cpu: float
-    system_cpu: float
-    max_rss: int  # bytes
-
-
 class ProcessOps(Protocol):
-    """The system calls the job manager needs."""
+    """The process operations the supervisor needs: the seam for a fake or a spawner.
 
-    def spawn(self, spec: SpawnSpec) -> int: ...
-    def pidfd_open(self, pid: int) -> int: ...
-    def reap(self, pid: int) -> Exit | None: ...
-    def kill_group(self, pgid: int, sig: int) -> bool: ...
+    Contract: ``spawn`` starts the job as the leader of its own session and
+    process group and returns its pid, or raises OSError when the program
+    could not be started. When the leader exits, the implementation kills
+    whatever the job left behind (while the leader's pid is still reserved),
+    reaps it and then calls ``on_exit`` once, on the event loop's thread.
+    ``signal`` signals the whole job; False if it is already gone.
+    """
+
+    async def spawn(self, spec: SpawnSpec, on_exit: Callable[[Exit], None]) -> int: ...
+    def signal(self, pid: int, sig: int) -> bool: ...
+    def close(self) -> None: ...
 
 
 def check_exec_format(path: str, fd: int | None = None) -> None:
@@ -151,16 +150,16 @@ def build_argv(spec: SpawnSpec) -> tuple[list[str], str, tuple[int, ...]]:
 
 
 class RealProcessOps:
-    """:class:`ProcessOps` on the real kernel."""
+    """:class:`ProcessOps` on the real kernel, spawning from the agent's own process."""
 
     def __init__(self) -> None:
         # Popen objects are kept until reaped: a collected, unreaped Popen
         # would be waited for by CPython's subprocess._cleanup(), stealing
-        # the status. Spawning happens in worker threads, hence the lock.
+        # the status.
         self._popen: dict[int, subprocess.Popen[bytes]] = {}
-        self._lock = threading.Lock()
+        self._pidfds: dict[int, int] = {}
 
-    def spawn(self, spec: SpawnSpec) -> int:
+    async def spawn(self, spec: SpawnSpec, on_exit: Callable[[Exit], None]) -> int:
         """Start the process; raise OSError if exec fails (errno of the child)."""
         check_exec_format(spec.executable, spec.exec_fd)
         argv, program, pass_fds = build_argv(spec)
@@ -178,22 +177,33 @@ class RealProcessOps:
             restore_signals=True,
             umask=spec.umask,
         )
-        with self._lock:
-            self._popen[proc.pid] = proc
-        return int(proc.pid)
+        pid = int(proc.pid)
+        self._popen[pid] = proc
+        pidfd = os.pidfd_open(pid)
+        self._pidfds[pid] = pidfd
+        asyncio.get_running_loop().add_reader(pidfd, self._exited, pid, on_exit)
+        return pid
 
-    def pidfd_open(self, pid: int) -> int:
-        """A pidfd that becomes readable when ``pid`` exits."""
-        return os.pidfd_open(pid)
+    def _exited(self, pid: int, on_exit: Callable[[Exit], None]) -> None:
+        # The leader is a zombie now, so its pid (the group id) cannot be
+        # reused yet: the last moment signalling the group is safe. A job
+        # is its process group; what it leaves behind is killed.
+        self.signal(pid, signal.SIGKILL)
+        ended = self._reap(pid)
+        if ended is None:  # not actually exited (should not happen with a pidfd)
+            return
+        pidfd = self._pidfds.pop(pid)
+        asyncio.get_running_loop().remove_reader(pidfd)
+        os.close(pidfd)
+        on_exit(ended)
 
-    def reap(self, pid: int) -> Exit | None:
-        """Collect an exited child (None if it has not exited yet)."""
+    def _reap(self, pid: int) -> Exit | None:
         try:
             wpid, status, ru = os.wait4(pid, os.WNOHANG)
         except ChildProcessError:
             # Already reaped elsewhere: should not happen; report unknown.
             self._forget(pid, -1)
-            return Exit(None, None, 0.0, 0.0, 0)
+            return Exit(None, None)
         if wpid == 0:
             return None
         code = os.waitstatus_to_exitcode(status)
@@ -207,41 +217,41 @@ class RealProcessOps:
         )
 
     def _forget(self, pid: int, code: int) -> None:
-        with self._lock:
-            proc = self._popen.pop(pid, None)
+        proc = self._popen.pop(pid, None)
         if proc is not None:
             # Tell Popen the child is gone, so it never waits for (and
             # steals the status of) a pid it no longer owns.
             proc.returncode = code
 
-    def kill_group(self, pgid: int, sig: int) -> bool:
-        """Signal a process group; False if it no longer exists."""
-        if pgid <= 1:
-            raise ValueError(f"refusing to signal process group {pgid}")
+    def signal(self, pid: int, sig: int) -> bool:
+        """Signal a job's process group; False if it no longer exists."""
+        if pid <= 1:
+            raise ValueError(f"refusing to signal process group {pid}")
         try:
-            os.killpg(pgid, sig)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
+            os.killpg(pid, sig)
+        except (ProcessLookupError, PermissionError):
             return False
         return True
 
-
-def describe_exit(exit_code: int | None, sig: int | None) -> str:
-    """Human text for an exit, as QueryJob's errorText shows it."""
-    if sig is not None:
-        try:
-            name = signal.Signals(sig).name
-        except ValueError:
-            name = f"signal {sig}"
-        return f"killed by {name}"
-    if exit_code is None:
-        return "exit status unknown"
-    return f"exit status {exit_code}"
+    def close(self) -> None:
+        """Stop watching (the jobs themselves are the supervisor's business)."""
+        loop = asyncio.get_event_loop()
+        for fd in self._pidfds.values():
+            loop.remove_reader(fd)
+            os.close(fd)
+        self._pidfds.clear()
 
 
-def describe_oserror(e: OSError) -> str:
-    """``Exec format error (ENOEXEC)``-style text for a failed start."""
-    code = errno.errorcode.get(e.errno or 0, "")
-    text = e.strerror or str(e)
-    return f"{text} ({code})" if code else text
+def trampoline_exec_failure(output_path: str, exit_code: int | None) -> str:
+    """Recognise setpriv's or prlimit's report that it could not execute the program."""
+    if exit_code not in (126, 127):
+        return ""
+    try:
+        with open(output_path, "rb") as f:
+            head = f.read(512).decode("utf-8", "replace")
+    except OSError:
+        return ""
+    for tool in ("setpriv", "prlimit"):
+        if head.startswith(f"{tool}: failed to execute"):
+            return head.splitlines()[0].split(": ", 2)[-1]
+    return ""

@@ -1,8 +1,8 @@
 """Start-up checks: everything fallible between a parsed config and a server.
 
-:func:`prepare` turns a :class:`~agent.config.Config` into a
+:func:`prepare` turns a :class:`~agent.daemon.config.Config` into a
 :class:`Prepared` bundle (policy, TLS material, job user, directories) or
-raises :class:`~agent.config.ConfigError` naming the file, section and key,
+raises :class:`~agent.daemon.config.ConfigError` naming the file, section and key,
 which the CLI prints as one line before exiting 2. ``agent check-config``
 runs exactly this and stops.
 
@@ -20,10 +20,12 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent import policy as policy_mod
 from agent import tls
-from agent.config import Config, ConfigError, is_loopback_host, split_host_port
-from agent.jobs import JobUser
+from agent.configfile import ConfigError, is_loopback_host, split_host_port
+from agent.daemon import policy as policy_mod
+from agent.daemon import trust
+from agent.daemon.config import Config
+from agent.daemon.supervisor import JobUser
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +162,7 @@ def prepare(cfg: Config, *, create_dirs: bool = True) -> Prepared:
     for key, tool in (("prlimit_path", prl), ("setpriv_path", cfg.jobs.setpriv_path)):
         # These run as the agent's user (root when it switches users) with
         # the job's arguments: hold them to the same rule as job programs.
-        problems = (policy_mod.trusted_file_problems(str(tool), want_exec=True)
+        problems = (trust.trusted_file_problems(str(tool), want_exec=True)
                     if os.path.exists(tool) else [])
         if problems:
             raise _err(cfg, "jobs", key, "; ".join(problems))

@@ -23,16 +23,14 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import stat
-import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import yaml
 
-from agent.errors import (
+from agent.daemon.errors import (
     AgentError,
     FailedPrecondition,
     InvalidArgument,
@@ -40,14 +38,15 @@ from agent.errors import (
     NotFound,
     PermissionDenied,
 )
-
-# Hard caps on a request, whatever the policy says. They keep a hostile
-# caller from making the agent do unbounded work before any policy rule runs.
-MAX_PATH_BYTES = 4096
-MAX_ARGS = 1024
-MAX_ARG_BYTES = 128 * 1024
-MAX_ENV = 64
-MAX_ENV_VALUE_BYTES = 32 * 1024
+from agent.daemon.trust import FileSystem, RealFileSystem, check_file
+from agent.daemon.validation import (
+    ENV_NAME,
+    MAX_ARG_BYTES,
+    MAX_ARGS,
+    MAX_PATH_BYTES,
+    text_problem,
+    validate_request,
+)
 
 DEFAULT_MAX_ARGS = 32
 DEFAULT_MAX_ARG_LENGTH = 4096
@@ -61,8 +60,6 @@ _DANGEROUS_ENV = re.compile(
     r"HOSTALIASES|RES_OPTIONS|MALLOC_\w*|GLIBC_TUNABLES|TMPDIR|PATH|HOME|SHELL|USER|LOGNAME|"
     r"AGENT_JOB_ID)$"
 )
-# \Z, not $: '$' also matches before a trailing newline ("FOO\n").
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
 _HEX64 = re.compile(r"^[0-9a-f]{64}\Z")
 _ENTRY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 
@@ -203,40 +200,10 @@ class Decision:
 # ---------------------------------------------------------------- file system seam
 
 
-class FileSystem(Protocol):
-    """The file-system calls the decision needs (a seam for race tests)."""
-
-    def realpath(self, path: str) -> str: ...
-    def lstat(self, path: str) -> os.stat_result: ...
-    def open_verified(self, path: str, st: os.stat_result) -> int: ...
 
 
-class RealFileSystem:
-    """The real file system."""
-
-    def realpath(self, path: str) -> str:
-        """Canonical path; raise FileNotFoundError if any part is missing."""
-        return os.path.realpath(path, strict=True)
-
-    def lstat(self, path: str) -> os.stat_result:
-        """``os.lstat``."""
-        return os.lstat(path)
-
-    def open_verified(self, path: str, st: os.stat_result) -> int:
-        """Open ``path`` read-only and check it is the file ``st`` described."""
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-        try:
-            fst = os.fstat(fd)
-            if (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino) or not stat.S_ISREG(fst.st_mode):
-                raise FileChangedError(path)
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
 
 
-class FileChangedError(OSError):
-    """The file changed between its check and its opening."""
 
 
 _digest_cache: dict[tuple[int, int, int, int, int], str] = {}
@@ -272,58 +239,8 @@ def file_sha256(fd: int) -> str:
 # ---------------------------------------------------------------- request validation
 
 
-def _text_problem(value: str, what: str, max_bytes: int) -> str | None:
-    """Why a command/path string is malformed, or None."""
-    if value == "":
-        return f"{what} is empty"
-    if len(value.encode("utf-8", "surrogatepass")) > max_bytes:
-        return f"{what} is longer than {max_bytes} bytes"
-    if "\x00" in value:
-        return f"{what} contains a NUL byte"
-    for ch in value:
-        # Control and format characters (C0/C1 controls, bidi overrides,
-        # zero-width joiners) have no place in a path and would make audit
-        # lines and messages lie about what was asked for.
-        cat = unicodedata.category(ch)
-        if cat in ("Cc", "Cf", "Cs", "Co", "Cn"):
-            return f"{what} contains the control or format character U+{ord(ch):04X}"
-    return None
 
 
-def validate_request(req: JobRequest) -> list[Denial]:
-    """Malformed-request checks that do not depend on the policy."""
-    out: list[Denial] = []
-
-    def bad(rule: str, msg: str) -> None:
-        out.append(Denial("", rule, msg, Kind.INVALID_ARGUMENT))
-
-    p = _text_problem(req.command, "command", MAX_PATH_BYTES)
-    if p:
-        bad("malformed-command", p)
-    if req.path != "":
-        p = _text_problem(req.path, "path", MAX_PATH_BYTES)
-        if p:
-            bad("malformed-path", p)
-    if len(req.args) > MAX_ARGS:
-        bad("too-many-args", f"{len(req.args)} arguments, at most {MAX_ARGS} are accepted")
-    else:
-        for i, a in enumerate(req.args):
-            if "\x00" in a:
-                bad("malformed-arg", f"argument {i} contains a NUL byte")
-            elif len(a.encode("utf-8", "surrogatepass")) > MAX_ARG_BYTES:
-                bad("arg-too-long", f"argument {i} is longer than {MAX_ARG_BYTES} bytes")
-    if req.path == "" and req.args:
-        bad("args-without-path", "arguments were given but path is empty")
-    if len(req.env) > MAX_ENV:
-        bad("too-many-env", f"{len(req.env)} environment variables, at most {MAX_ENV}")
-    else:
-        for k, v in req.env.items():
-            if not _ENV_NAME.match(k):
-                bad("malformed-env", f"environment variable name {k[:64]!r} is not a valid name")
-            elif "\x00" in v or len(v.encode("utf-8", "surrogatepass")) > MAX_ENV_VALUE_BYTES:
-                bad("malformed-env", f"value of {k} contains NUL or is longer than "
-                    f"{MAX_ENV_VALUE_BYTES} bytes")
-    return out
 
 
 def _lexical_path_problem(path: str) -> str | None:
@@ -356,7 +273,8 @@ def decide(
     """
     fs = fs or RealFileSystem()
     allowed_owners = frozenset(owners) if owners is not None else frozenset({0, os.geteuid()})
-    malformed = validate_request(req)
+    malformed = [Denial("", rule, msg, Kind.INVALID_ARGUMENT)
+                 for rule, msg in validate_request(req)]
     if malformed:
         return Decision(None, tuple(malformed))
     candidates = policy.candidates(req.command)
@@ -420,7 +338,7 @@ def _decide_entry(entry: Entry, req: JobRequest, fs: FileSystem,
         deny("command-moved", f"{entry.command} now resolves to {prog}; reload the policy",
              Kind.FAILED_PRECONDITION)
         return out
-    st = _check_file(prog, fs, owners, deny, want_exec=True)
+    st = check_file(prog, fs, owners, deny, want_exec=True)
     if st is None or out:
         return out
     exec_fd: int | None = None
@@ -469,7 +387,7 @@ def _check_script(entry: Entry, path: str, fs: FileSystem, owners: frozenset[int
         deny("script-symlink-escape",
              f"{path} resolves to {canonical}, outside the allowed script locations")
         return None
-    st = _check_file(canonical, fs, owners, deny, want_exec=False)
+    st = check_file(canonical, fs, owners, deny, want_exec=False)
     if st is None:
         return None
     pins = {r.sha256 for r in rules if r.sha256}
@@ -481,77 +399,8 @@ def _check_script(entry: Entry, path: str, fs: FileSystem, owners: frozenset[int
     return canonical
 
 
-def _check_file(path: str, fs: FileSystem, owners: frozenset[int], deny: Any, *,
-                want_exec: bool) -> os.stat_result | None:
-    """StrictModes checks on a canonical path and all its parents."""
-    try:
-        st = fs.lstat(path)
-    except FileNotFoundError:
-        deny("file-missing", f"{path} does not exist", Kind.NOT_FOUND)
-        return None
-    except OSError as e:
-        deny("file-unreadable", f"{path}: {e.strerror or type(e).__name__}",
-             Kind.FAILED_PRECONDITION)
-        return None
-    mode = st.st_mode
-    if not stat.S_ISREG(mode):
-        deny("not-regular-file", f"{path} is {_file_kind(mode)}, not a regular file")
-        return None
-    ok = True
-    if mode & (stat.S_ISUID | stat.S_ISGID):
-        deny("setuid-setgid", f"{path} is set-uid or set-gid")
-        ok = False
-    if mode & (stat.S_IWGRP | stat.S_IWOTH):
-        deny("writable-by-others",
-             f"{path} is writable by group or others (mode {mode & 0o7777:04o})")
-        ok = False
-    if st.st_uid not in owners:
-        deny("bad-owner", f"{path} is owned by uid {st.st_uid}, not root or the agent's user")
-        ok = False
-    if want_exec and not mode & 0o111:
-        deny("not-executable", f"{path} is not executable", Kind.FAILED_PRECONDITION)
-        ok = False
-    parent = os.path.dirname(path)
-    while True:
-        try:
-            pst = fs.lstat(parent)
-        except OSError as e:
-            deny("parent-unreadable", f"{parent}: {e.strerror or type(e).__name__}",
-                 Kind.FAILED_PRECONDITION)
-            return None
-        if not stat.S_ISDIR(pst.st_mode):
-            deny("parent-not-directory", f"{parent} is not a directory")
-            return None
-        if pst.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-            deny("parent-writable-by-others",
-                 f"directory {parent} is writable by group or others "
-                 f"(mode {pst.st_mode & 0o7777:04o})")
-            ok = False
-        if pst.st_uid not in owners:
-            deny("parent-bad-owner",
-                 f"directory {parent} is owned by uid {pst.st_uid}, not root or the agent's user")
-            ok = False
-        if parent == "/":
-            break
-        parent = os.path.dirname(parent)
-    return st if ok else None
 
 
-def trusted_file_problems(path: str, *, want_exec: bool,
-                          owners: Iterable[int] | None = None) -> list[str]:
-    """Why the StrictModes rule refuses ``path`` (canonicalised first); [] if it passes."""
-    problems: list[str] = []
-
-    def collect(rule: str, msg: str, kind: Kind = Kind.PERMISSION_DENIED) -> None:
-        problems.append(msg)
-
-    allowed = frozenset(owners) if owners is not None else frozenset({0, os.geteuid()})
-    try:
-        canonical = os.path.realpath(path, strict=True)
-    except OSError as e:
-        return [f"{path}: {e.strerror or 'cannot resolve'}"]
-    _check_file(canonical, RealFileSystem(), allowed, collect, want_exec=want_exec)
-    return problems
 
 
 def _verify_digest(path: str, st: os.stat_result, expected: str | None, fs: FileSystem,
@@ -577,18 +426,6 @@ def _verify_digest(path: str, st: os.stat_result, expected: str | None, fs: File
     return fd
 
 
-def _file_kind(mode: int) -> str:
-    if stat.S_ISDIR(mode):
-        return "a directory"
-    if stat.S_ISFIFO(mode):
-        return "a FIFO"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "a device"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    if stat.S_ISLNK(mode):
-        return "a symbolic link"
-    return "not a regular file"
 
 
 # ---------------------------------------------------------------- loading
@@ -672,7 +509,7 @@ def _parse_entry(raw: Any, owners: frozenset[int], base: Path | None) -> Entry:
     command = raw.get("command")
     if not isinstance(command, str) or not command.startswith("/"):
         raise _EntryError("command: required; an absolute path (nothing is looked up in PATH)")
-    problem = _text_problem(command, "command", MAX_PATH_BYTES) or _lexical_path_problem(command)
+    problem = text_problem(command, "command", MAX_PATH_BYTES) or _lexical_path_problem(command)
     if problem:
         raise _EntryError(f"command: {problem}")
     try:
@@ -684,12 +521,12 @@ def _parse_entry(raw: Any, owners: frozenset[int], base: Path | None) -> Entry:
     def collect(rule: str, msg: str, kind: Kind = Kind.PERMISSION_DENIED) -> None:
         problems.append(Denial("", rule, msg, kind))
 
-    _check_file(canonical, RealFileSystem(), owners, collect, want_exec=True)
+    check_file(canonical, RealFileSystem(), owners, collect, want_exec=True)
     if problems:
         raise _EntryError(f"command: {'; '.join(d.message for d in problems)}")
     aliases = _str_list(raw.get("aliases", []), "aliases")
     for a in aliases:
-        if "/" in a or not a or _text_problem(a, "alias", 255):
+        if "/" in a or not a or text_problem(a, "alias", 255):
             raise _EntryError(f"aliases: {a!r} must be a plain name without '/'")
     sha256 = _digest(raw.get("sha256"), "sha256")
     scripts: tuple[ScriptRule, ...] | None = None
@@ -706,7 +543,7 @@ def _parse_entry(raw: Any, owners: frozenset[int], base: Path | None) -> Entry:
     args = _parse_args(raw.get("args", {}))
     env = frozenset(_str_list(raw.get("env", []), "env"))
     for k in env:
-        if not _ENV_NAME.match(k):
+        if not ENV_NAME.match(k):
             raise _EntryError(f"env: {k!r} is not a valid variable name")
         if _DANGEROUS_ENV.match(k):
             raise _EntryError(f"env: {k} may not be set by callers: it changes what code runs "

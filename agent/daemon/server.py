@@ -21,16 +21,22 @@ from typing import Any
 
 import grpc
 
-from agent import policy as policy_mod
-from agent.audit import AuditLog
-from agent.config import Config
+from agent.access import AccessRules
 from agent.credentials import reloading_server_credentials
-from agent.jobs import LIMIT_NAMES, JobManager, Settings, instance_id
-from agent.sdnotify import Notifier, watchdog_interval
-from agent.service import AccessRules, WorkerService
-from agent.startup import Prepared, StateLock
-from agent.store import Store
+from agent.daemon import policy as policy_mod
+from agent.daemon import retention
+from agent.daemon.admission import Rules
+from agent.daemon.audit import AuditLog
+from agent.daemon.config import Config
+from agent.daemon.history import History, Store
+from agent.daemon.retention import Sweeper
+from agent.daemon.sdnotify import Notifier, watchdog_interval
+from agent.daemon.service import WorkerService
+from agent.daemon.spawn import RealProcessOps
+from agent.daemon.startup import Prepared, StateLock
+from agent.daemon.supervisor import BOOT_ID, INSTANCE_ENV, Settings, Supervisor, instance_id
 from agent.tls import CertificateReloader, ServerTLSState
+from agent.vocabulary import LIMIT_NAMES
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +46,7 @@ class StartupError(Exception):
 
 
 def settings_from(cfg: Config, prepared: Prepared) -> Settings:
-    """Job manager settings from the configuration."""
+    """Supervisor settings from the configuration."""
     d, m = cfg.limits.default, cfg.limits.max
     return Settings(
         output_dir=cfg.output_dir,
@@ -48,18 +54,17 @@ def settings_from(cfg: Config, prepared: Prepared) -> Settings:
         user=prepared.job_user,
         umask=int(cfg.jobs.umask, 8),
         stop_grace=cfg.jobs.stop_grace_seconds,
-        max_running=cfg.jobs.max_running,
-        default_timeout=cfg.jobs.default_timeout_seconds,
-        max_timeout=cfg.jobs.max_timeout_seconds,
-        default_limits={n: getattr(d, n) for n in LIMIT_NAMES},
-        max_limits={n: getattr(m, n) for n in LIMIT_NAMES},
         on_output_cap=cfg.jobs.on_output_cap,
         prlimit=str(cfg.jobs.prlimit_path),
         setpriv=str(cfg.jobs.setpriv_path),
         path_env=cfg.jobs.path_env,
-        retention_max_age=cfg.retention.max_age_seconds,
-        retention_max_jobs=cfg.retention.max_jobs,
-        admins=frozenset(cfg.auth.admins),
+        rules=Rules(
+            max_running=cfg.jobs.max_running,
+            default_timeout=cfg.jobs.default_timeout_seconds,
+            max_timeout=cfg.jobs.max_timeout_seconds,
+            default_limits={n: getattr(d, n) for n in LIMIT_NAMES},
+            max_limits={n: getattr(m, n) for n in LIMIT_NAMES},
+        ),
     )
 
 
@@ -99,7 +104,8 @@ class AgentServer:
         self.reload_requested = asyncio.Event()
         self._sigint_count = 0
         self.server: grpc.aio.Server | None = None
-        self.jobs: JobManager | None = None
+        self.jobs: Supervisor | None = None
+        self.sweeper: Sweeper | None = None
         self.audit: AuditLog | None = None
         self.reloader: CertificateReloader | None = None
         self.registrar: Any = None
@@ -141,15 +147,19 @@ class AgentServer:
         except Exception as e:
             raise StartupError(f"job history {cfg.db_path}: {e}") from None
         self.audit = AuditLog(cfg.audit_file)
-        self.jobs = JobManager(settings_from(cfg, self.prepared), store, self.prepared.policy,
+        history = History(store)
+        settings = settings_from(cfg, self.prepared)
+        self.jobs = Supervisor(settings, history, self.prepared.policy, RealProcessOps(),
                                on_change=self._mark_status, on_finish=self._audit_finish)
-        self.jobs.recover()
-        self.jobs.sweep()
+        retention.recover(history, instance=settings.instance, boot_id=BOOT_ID,
+                          instance_env=INSTANCE_ENV)
+        self.sweeper = Sweeper(history, cfg.output_dir, retention.Policy(
+            max_age_seconds=cfg.retention.max_age_seconds, max_jobs=cfg.retention.max_jobs))
+        self.sweeper.sweep()
         access = AccessRules(mtls=cfg.mtls, clients=frozenset(cfg.auth.clients),
                              admins=frozenset(cfg.auth.admins),
-                             allow_anonymous=cfg.auth.allow_anonymous,
-                             log_reads=cfg.audit.log_reads)
-        service = WorkerService(self.jobs, self.audit, access)
+                             allow_anonymous=cfg.auth.allow_anonymous)
+        service = WorkerService(self.jobs, self.audit, access, log_reads=cfg.audit.log_reads)
         server = grpc.aio.server(options=server_options(cfg))
         server.add_generic_rpc_handlers([service.handler()])
         gs = cfg.grpc_server
@@ -194,7 +204,7 @@ class AgentServer:
         sch = self.config.scheduler
         if not sch.register:
             return
-        from agent.registration import Registrar
+        from agent.daemon.registration import Registrar
 
         assert self.prepared.scheduler_pair and self.prepared.scheduler_ca
         advertise = sch.advertise_addr or self._advertise_default()
@@ -237,7 +247,7 @@ class AgentServer:
 
     async def main_loop(self) -> None:
         """Act on signals; run periodic work; return when asked to exit."""
-        assert self.jobs is not None
+        assert self.jobs is not None and self.sweeper is not None
         sweep_every = self.config.retention.sweep_seconds
         wd = watchdog_interval() if self.notifier.enabled else None
         next_sweep = time.monotonic() + sweep_every
@@ -250,11 +260,11 @@ class AgentServer:
                 self.reload()
             if now >= next_sweep:
                 try:
-                    self.jobs.sweep(max_batches=4)
+                    self.sweeper.sweep(set(self.jobs.running), max_batches=4)
                 except Exception:
                     log.exception("retention sweep failed")
                 # A backlog is worked off in small steps between requests.
-                next_sweep = now + (0.02 if self.jobs.sweep_more else sweep_every)
+                next_sweep = now + (0.02 if self.sweeper.more else sweep_every)
             if wd is not None and now >= next_wd:
                 self.notifier.watchdog()
                 next_wd = now + wd
@@ -287,7 +297,7 @@ class AgentServer:
             log.error("policy reload rejected, keeping the current policy: %s", e)
             self.audit.record("policy_reload", decision="error", reason=str(e))
         else:
-            self.jobs.policy = new
+            self.jobs.set_policy(new)
             log.info("policy reloaded: %d entr%s", len(new.entries),
                      "y" if len(new.entries) == 1 else "ies")
             self.audit.record("policy_reload", decision="ok",
@@ -307,7 +317,7 @@ class AgentServer:
         log.info("shutting down (%s running job(s), on_shutdown = %s)",
                  len(self.jobs.running) if self.jobs else 0, cfg.daemon.on_shutdown)
         if self.jobs is not None:
-            self.jobs.accepting = False
+            self.jobs.stop_accepting()
         self.notifier.status(self._status_text())
         if self.registrar is not None:
             with contextlib.suppress(Exception):
@@ -323,16 +333,14 @@ class AgentServer:
                 await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
                 waiter.cancel()
                 if self.force_exit and not task.done():
-                    for job in list(self.jobs.running.values()):
-                        job.stop_requested = True
-                        self.jobs._terminate(job, "agent shutdown")
-                        self.jobs._kill(job)
+                    self.jobs.stop_all(force=True)
             await task
-            self.jobs.sweep()
+            if self.sweeper is not None:
+                self.sweeper.sweep(set(self.jobs.running))
         if self.server is not None:
             await self.server.stop(grace=1.0)
         if self.jobs is not None:
-            self.jobs.store.close()
+            self.jobs.close()
         if self.audit is not None:
             self.audit.record("agent_stop", decision="ok", pid=os.getpid())
             self.audit.close()

@@ -1,0 +1,348 @@
+"""A job's lifecycle as pure code: events in, new state and actions out.
+
+Everything that affects how a job ends lives here, and nothing here does
+I/O (the shape of h11's ``_state.py``): the supervisor
+(:mod:`agent.daemon.supervisor`) owns the descriptors, the timers and the
+process operations, feeds every event it observes to :meth:`Life.handle`,
+and carries out the actions it gets back. That keeps the races (exit before
+the end of output, a stop during start, a timeout after the exit, a cap
+reached at the exit, a shutdown with followers attached) testable in-process
+with no real child at all (tests/test_lifecycle_unit.py).
+
+The states and the table of allowed transitions::
+
+                      +--> SUCCEEDED   (exit status 0)
+                      +--> FAILED      (non-zero exit, unexpected signal, agent's kill)
+    (start) --> RUNNING --> STOPPED     (StopJob / agent shutdown)
+       |              +--> TIMED_OUT   (ran past its timeout)
+       |              +--> LOST        (agent died while it ran; found at restart)
+       +--> FAILED                      (could not be started)
+
+A job is *done* only when its process has exited **and** its output is
+closed (completely recorded): followers and ``WaitJob`` rely on that.
+"""
+
+from __future__ import annotations
+
+import signal
+from dataclasses import dataclass, field
+
+from agent.vocabulary import JobState
+
+TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    JobState.RUNNING: frozenset(
+        {JobState.SUCCEEDED, JobState.FAILED, JobState.STOPPED, JobState.TIMED_OUT, JobState.LOST}
+    ),
+    JobState.SUCCEEDED: frozenset(),
+    JobState.FAILED: frozenset(),
+    JobState.STOPPED: frozenset(),
+    JobState.TIMED_OUT: frozenset(),
+    JobState.LOST: frozenset(),
+}
+# A job is created directly in RUNNING (the process exists) or FAILED (it
+# could not be started); there is no PENDING state because the agent spawns
+# inside StartJob and never queues.
+INITIAL_STATES = frozenset({JobState.RUNNING, JobState.FAILED})
+
+
+class InvalidTransition(Exception):
+    """A state change the lifecycle does not allow was attempted."""
+
+    def __init__(self, current: JobState, target: JobState) -> None:
+        super().__init__(f"job cannot go from {current.name} to {target.name}")
+        self.current = current
+        self.target = target
+
+
+def check_transition(current: JobState, target: JobState) -> None:
+    """Raise :class:`InvalidTransition` unless ``current -> target`` is allowed."""
+    if target not in TRANSITIONS[current]:
+        raise InvalidTransition(current, target)
+
+
+# ---------------------------------------------------------------- exits
+
+
+@dataclass(frozen=True)
+class Exit:
+    """How a reaped process ended, with what it used."""
+
+    exit_code: int | None
+    signal: int | None
+    user_cpu: float = 0.0
+    system_cpu: float = 0.0
+    max_rss: int = 0  # bytes; 0 when unknown
+    # Set when the program never ran: the spawner's child failed a set-up
+    # step or execve itself ("execve: Exec format error (ENOEXEC)").
+    start_failure: str = ""
+
+
+def describe_exit(exit_code: int | None, sig: int | None) -> str:
+    """Human text for an exit, as QueryJob's errorText shows it."""
+    if sig is not None:
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = f"signal {sig}"
+        return f"killed by {name}"
+    if exit_code is None:
+        return "exit status unknown"
+    return f"exit status {exit_code}"
+
+
+def final_state(
+    *, exit_code: int | None, signal: int | None, stop_requested: bool, timed_out: bool
+) -> JobState:
+    """Decide how a reaped process ended.
+
+    A timeout wins over a stop request (the timeout fired first, or the
+    operator's stop came after the deadline anyway). A process that exits 0
+    after a stop request is STOPPED, because the exit was most likely its
+    reaction to our SIGTERM.
+    """
+    if timed_out:
+        return JobState.TIMED_OUT
+    if stop_requested:
+        return JobState.STOPPED
+    if signal is None and exit_code == 0:
+        return JobState.SUCCEEDED
+    return JobState.FAILED
+
+
+# ---------------------------------------------------------------- events
+
+
+@dataclass(frozen=True)
+class Exited:
+    """The job's main process has exited and been reaped; its leftovers were killed."""
+
+    exit: Exit
+
+
+@dataclass(frozen=True)
+class OutputClosed:
+    """The output pipe reached end of file (or was closed by force)."""
+
+
+@dataclass(frozen=True)
+class OutputGraceExpired:
+    """The output is still open some time after the exit (an escaped holder)."""
+
+
+@dataclass(frozen=True)
+class TimedOut:
+    """The job's timeout elapsed."""
+
+
+@dataclass(frozen=True)
+class StopRequested:
+    """An operator's StopJob."""
+
+
+@dataclass(frozen=True)
+class ShutdownRequested:
+    """The agent is shutting down and stops its jobs."""
+
+
+@dataclass(frozen=True)
+class OutputCapReached:
+    """The output reached ``output_bytes``; ``kill`` says whether the job must end."""
+
+    cap: int
+    kill: bool
+
+
+@dataclass(frozen=True)
+class OutputFailed:
+    """The output could not be recorded (file not created, disk full)."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class NotRecorded:
+    """The history could not record the start: the job must not run."""
+
+
+@dataclass(frozen=True)
+class KillGraceExpired:
+    """The grace after SIGTERM is over."""
+
+
+Event = (
+    Exited
+    | OutputClosed
+    | OutputGraceExpired
+    | TimedOut
+    | StopRequested
+    | ShutdownRequested
+    | OutputCapReached
+    | OutputFailed
+    | NotRecorded
+    | KillGraceExpired
+)
+
+
+# ---------------------------------------------------------------- actions
+
+
+@dataclass(frozen=True)
+class Signal:
+    """Send ``sig`` to the whole job (its process group; later its cgroup)."""
+
+    sig: int
+
+
+@dataclass(frozen=True)
+class ArmKillTimer:
+    """Deliver :class:`KillGraceExpired` after the stop grace."""
+
+
+@dataclass(frozen=True)
+class ArmOutputGrace:
+    """Deliver :class:`OutputGraceExpired` a little after the exit."""
+
+
+@dataclass(frozen=True)
+class CloseOutput:
+    """Close the output pipe now (then deliver :class:`OutputClosed`)."""
+
+
+@dataclass(frozen=True)
+class DiscardOutput:
+    """Record no more output from now on."""
+
+
+@dataclass(frozen=True)
+class Finish:
+    """The job is done: record ``state`` and ``text`` and wake every waiter."""
+
+    state: JobState
+    text: str
+    exit: Exit
+    persist: bool = True
+
+
+Action = Signal | ArmKillTimer | ArmOutputGrace | CloseOutput | DiscardOutput | Finish
+
+
+# ---------------------------------------------------------------- the machine
+
+
+@dataclass
+class Life:
+    """One running job's lifecycle state. Only :meth:`handle` changes it."""
+
+    timeout_seconds: int = 0
+    cpu_seconds: int = 0
+    state: JobState = JobState.RUNNING
+    stop_requested: bool = False
+    shutdown: bool = False
+    timed_out: bool = False
+    kill_reason: str = ""  # set when the agent itself ends the job
+    terminating: bool = False
+    discarding: bool = False
+    not_recorded: bool = False
+    exit: Exit | None = None
+    output_closed: bool = False
+    finished: bool = field(default=False)
+
+    @property
+    def running(self) -> bool:
+        """True while the main process has not exited."""
+        return self.exit is None
+
+    def handle(self, event: Event) -> list[Action]:
+        """Apply one event; return the actions the supervisor must carry out."""
+        if self.finished:
+            return []
+        if isinstance(event, Exited):
+            return self._exited(event.exit)
+        if isinstance(event, OutputClosed):
+            self.output_closed = True
+            return self._finish_if_done()
+        if isinstance(event, OutputGraceExpired):
+            return [] if self.output_closed else [CloseOutput()]
+        if isinstance(event, TimedOut):
+            if self.exit is not None or self.stop_requested:
+                return []
+            self.timed_out = True
+            return self._terminate("timeout")
+        if isinstance(event, StopRequested):
+            if self.exit is not None or self.timed_out:
+                return []
+            self.stop_requested = True
+            self.kill_reason = ""
+            return self._terminate("stop")
+        if isinstance(event, ShutdownRequested):
+            if self.exit is not None:
+                return []
+            self.stop_requested = True
+            self.shutdown = True
+            return self._terminate("agent shutdown")
+        if isinstance(event, OutputCapReached):
+            actions: list[Action] = [] if self.discarding else [DiscardOutput()]
+            self.discarding = True
+            if event.kill and not self.terminating:
+                actions += self._terminate(f"its output reached the cap of {event.cap} bytes")
+            return actions
+        if isinstance(event, OutputFailed):
+            actions = [] if self.discarding else [DiscardOutput()]
+            self.discarding = True
+            return actions + self._terminate(event.reason)
+        if isinstance(event, NotRecorded):
+            self.not_recorded = True
+            self.kill_reason = "not recorded"
+            return [Signal(signal.SIGKILL)] if self.exit is None else []
+        if isinstance(event, KillGraceExpired):
+            return [Signal(signal.SIGKILL)] if self.exit is None else []
+        raise TypeError(f"unknown event {event!r}")  # pragma: no cover
+
+    def _terminate(self, reason: str) -> list[Action]:
+        """SIGTERM now and SIGKILL after the grace; the first reason is kept."""
+        if not self.kill_reason and not self.stop_requested and not self.timed_out:
+            self.kill_reason = reason
+        if self.terminating or self.exit is not None:
+            return []
+        self.terminating = True
+        return [Signal(signal.SIGTERM), ArmKillTimer()]
+
+    def _exited(self, ex: Exit) -> list[Action]:
+        if self.exit is not None:
+            return []
+        self.exit = ex
+        # Whatever the job left behind was killed by the process operations
+        # before they reaped the leader (the only moment its group id is
+        # certain not to be reused): a job is its group, and ends with it.
+        if self.output_closed:
+            return self._finish_if_done()
+        return [ArmOutputGrace()]
+
+    def _finish_if_done(self) -> list[Action]:
+        if self.exit is None or not self.output_closed or self.finished:
+            return []
+        ex = self.exit
+        target = final_state(exit_code=ex.exit_code, signal=ex.signal,
+                             stop_requested=self.stop_requested, timed_out=self.timed_out)
+        how = describe_exit(ex.exit_code, ex.signal)
+        if ex.start_failure and not (self.timed_out or self.stop_requested):
+            target, text = JobState.FAILED, f"start failed: {ex.start_failure}"
+        elif self.timed_out:
+            text = f"timed out after {self.timeout_seconds} s ({how})"
+        elif self.shutdown:
+            text = f"stopped by agent shutdown ({how})"
+        elif self.stop_requested:
+            text = f"stopped by request ({how})"
+        elif self.kill_reason:
+            target = JobState.FAILED
+            text = f"the agent stopped the job: {self.kill_reason} ({how})"
+        elif target is JobState.SUCCEEDED:
+            text = ""
+        else:
+            text = how
+            if ex.signal == signal.SIGXCPU:
+                text += f" (CPU time limit of {self.cpu_seconds} s reached)"
+        check_transition(self.state, target)
+        self.state = target
+        self.finished = True
+        return [Finish(target, text, ex, persist=not self.not_recorded)]

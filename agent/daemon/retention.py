@@ -1,0 +1,124 @@
+"""Retention and recovery: what happens to jobs the agent no longer runs.
+
+:func:`recover` (at start-up, before the first job): jobs the history still
+has as RUNNING were orphaned by a dead agent; they become LOST and their
+processes are killed, but only processes that provably belong to them (see
+:mod:`agent.daemon.procfs`) or carry this installation's instance marker.
+
+:func:`sweep` (periodically): finished jobs past ``max_age_seconds`` or
+beyond the newest ``max_jobs`` are removed with their output files, and
+records whose last write failed are written again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.daemon import procfs
+from agent.daemon.history import History, JobRecord
+from agent.daemon.lifecycle import check_transition
+from agent.vocabulary import JobState
+
+log = logging.getLogger(__name__)
+
+LOST_TEXT = ("the agent stopped while this job was running; its outcome is unknown and its "
+             "processes were killed at the next start")
+
+
+@dataclass(frozen=True)
+class Policy:
+    """``[retention]``: 0 means no limit of that kind."""
+
+    max_age_seconds: int
+    max_jobs: int
+
+
+def recover(history: History, *, instance: str, boot_id: str, instance_env: str) -> list[JobRecord]:
+    """Mark jobs left RUNNING by a dead agent as LOST and kill their processes."""
+    lost = history.store.running()
+    now = time.time()
+    # Processes of an earlier boot are gone; their pids mean nothing now.
+    this_boot = [procfs.LostJob(r.id, r.pid, r.leader_start) for r in lost
+                 if r.boot_id == boot_id]
+    marker = f"{instance_env}={instance}".encode()
+    killed = 0
+    for pid in procfs.leftover_processes(this_boot, marker):
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+            killed += 1
+    for rec in lost:
+        check_transition(rec.state, JobState.LOST)
+        rec.state = JobState.LOST
+        rec.end_time = now
+        rec.error_text = LOST_TEXT
+        with contextlib.suppress(OSError):
+            rec.output_bytes = os.stat(rec.output_path).st_size
+        history.save(rec)
+    if lost or killed:
+        log.warning("recovered %d job(s) left running by a previous agent as LOST; "
+                    "killed %d leftover process(es)", len(lost), killed)
+    return lost
+
+
+class Sweeper:
+    """Applies retention in bounded batches (the event loop is never held long)."""
+
+    def __init__(self, history: History, output_dir: Path, policy: Policy) -> None:
+        self.history = history
+        self.output_dir = output_dir
+        self.policy = policy
+        self.more = False  # a backlog remains after the last bounded sweep
+
+    def sweep(self, running: set[str] | frozenset[str] = frozenset(), now: float | None = None,
+              *, max_batches: int = 0) -> int:
+        """Apply retention; retry unsaved records. Returns the number of jobs removed."""
+        self.history.retry_unsaved()
+        p = self.policy
+        self.more = False
+        if not (p.max_age_seconds or p.max_jobs):
+            return 0
+        removed = 0
+        batches = 0
+        while True:
+            if max_batches and batches >= max_batches:
+                self.more = True
+                break
+            batches += 1
+            victims = self.history.store.expired(max_age_seconds=p.max_age_seconds,
+                                                 max_jobs=p.max_jobs, now=now)
+            victims = [(i, path) for i, path in victims if i not in running]
+            if not victims:
+                break
+            for _, path in victims:
+                self._remove_output(path)
+            self.history.store.delete([i for i, _ in victims])
+            removed += len(victims)
+        if removed:
+            log.info("retention removed %d finished job(s)", removed)
+        return removed
+
+    def _remove_output(self, path: str) -> None:
+        """Delete a job's output file, but only one the agent made and owns."""
+        p = Path(path)
+        # Only <uuid>.out directly inside our output directory, a regular
+        # file (not a link) owned by our user: never anything else.
+        if p.parent != self.output_dir or not p.name.endswith(".out"):
+            log.warning("retention: not removing %s (outside %s)", p, self.output_dir)
+            return
+        try:
+            uuid.UUID(p.name[:-4])
+            st = os.lstat(p)
+        except (ValueError, FileNotFoundError):
+            return
+        if not (st.st_mode & 0o170000 == 0o100000 and st.st_uid == os.geteuid()):
+            log.warning("retention: not removing %s (not a regular file of ours)", p)
+            return
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(p)

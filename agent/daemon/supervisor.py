@@ -1,0 +1,427 @@
+"""The supervisor: the imperative shell around each job's pure lifecycle.
+
+Runs entirely on the asyncio event loop's thread. It owns what the pure
+code may not touch: descriptors (the output pipe, the output file), timers,
+the process operations (:class:`~agent.daemon.spawn.ProcessOps`) and the
+history. Every observation becomes an event for
+:class:`~agent.daemon.lifecycle.Life`; every action it returns is carried
+out in :meth:`Supervisor._apply`. Running jobs live in memory (a few hundred
+bytes each plus their descriptors); finished jobs live only in the history.
+
+A job's path::
+
+    start(): admission -> output pipe -> ops.spawn -> RUNNING (recorded)
+    pipe readable: OutputFile.write -> followers woken; cap / failure events
+    ops on_exit: Exited(exit)          pipe EOF: OutputClosed
+    Finish action -> history, waiters, audit
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import hashlib
+import logging
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+from agent.access import AccessDenied, Caller
+from agent.daemon import admission, procfs, validation
+from agent.daemon import lifecycle as lc
+from agent.daemon import policy as policy_mod
+from agent.daemon.errors import NotFound, PermissionDenied, Unavailable
+from agent.daemon.history import History, JobRecord
+from agent.daemon.output import LiveOutput, OutputFile, describe_oserror, stream_file
+from agent.daemon.spawn import ProcessOps, SpawnSpec, trampoline_exec_failure
+from agent.vocabulary import JobState
+
+log = logging.getLogger(__name__)
+
+READ_CHUNK = 1 << 20
+# After the main process exits, how long to wait for the output pipe to
+# close (processes that escaped the group may hold it open).
+OUTPUT_CLOSE_GRACE = 2.0
+INSTANCE_ENV = "AGENT_INSTANCE"
+BOOT_ID = procfs.boot_id()
+
+
+@dataclass(frozen=True)
+class JobUser:
+    """Who jobs run as."""
+
+    uid: int | None  # None: the agent's own user (no switch)
+    gid: int | None
+    name: str
+    home: str
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the supervisor needs from the configuration (no defaults: config has them)."""
+
+    output_dir: Path
+    instance: str  # marks every job's environment, see Recovery
+    user: JobUser
+    umask: int
+    stop_grace: float
+    on_output_cap: str
+    prlimit: str
+    setpriv: str
+    path_env: str
+    rules: admission.Rules
+
+
+class Job:
+    """A running job: its record, its lifecycle, and the handles that drive it."""
+
+    def __init__(self, record: JobRecord, life: lc.Life, out: OutputFile,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        self.record = record
+        self.life = life
+        self.out = out
+        self.live = LiveOutput()
+        self.pipe_fd: int | None = None
+        self.timers: list[asyncio.TimerHandle] = []
+        self.done: asyncio.Future[JobRecord] = loop.create_future()
+
+    @property
+    def id(self) -> str:
+        return self.record.id
+
+
+class Supervisor:
+    """Owns every running job of this agent."""
+
+    def __init__(self, settings: Settings, history: History, policy: policy_mod.Policy,
+                 ops: ProcessOps, *, on_change: Callable[[], None] | None = None,
+                 on_finish: Callable[[JobRecord], None] | None = None) -> None:
+        self.settings = settings
+        self.history = history
+        self.policy = policy
+        self.ops = ops
+        self.running: dict[str, Job] = {}
+        self.accepting = True
+        self._starting = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._on_change = on_change or (lambda: None)
+        self._on_finish = on_finish or (lambda rec: None)
+        self._base_env = {
+            "PATH": settings.path_env,
+            "HOME": settings.user.home,
+            "USER": settings.user.name,
+            "LOGNAME": settings.user.name,
+            "LANG": "C.UTF-8",
+            INSTANCE_ENV: settings.instance,
+        }
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+            self.history.attach(self._loop)
+        return self._loop
+
+    def stop_accepting(self) -> None:
+        """Refuse every new start from now on (UNAVAILABLE): the agent is stopping."""
+        self.accepting = False
+
+    def set_policy(self, policy: policy_mod.Policy) -> None:
+        """Use ``policy`` for every start from now on (running jobs are unaffected)."""
+        self.policy = policy
+
+    # ------------------------------------------------------------ start
+
+    async def start(self, req: admission.StartRequest) -> JobRecord:
+        """Start a job or raise an AgentError saying why not.
+
+        Returns the job's record once it is durably recorded: RUNNING, or
+        FAILED when the program could not be started (the original protocol
+        reports start failures through QueryJob, so such a job gets an id
+        like any other).
+        """
+        admitted = admission.admit(req, self.settings.rules, self.policy,
+                                   busy=len(self.running) + self._starting,
+                                   accepting=self.accepting)
+        # The slot is taken before the first await, so concurrent starts can
+        # never exceed max_running.
+        self._starting += 1
+        try:
+            return await self._spawn(req, admitted)
+        finally:
+            self._starting -= 1
+            if admitted.plan.exec_fd is not None:
+                os.close(admitted.plan.exec_fd)
+
+    async def _spawn(self, req: admission.StartRequest,
+                     admitted: admission.Admitted) -> JobRecord:
+        plan, limits = admitted.plan, admitted.limits
+        job_id = str(uuid.uuid4())
+        out_path = str(self.settings.output_dir / f"{job_id}.out")
+        record = JobRecord(
+            id=job_id, owner=req.identity, command=plan.executable, path=req.path,
+            args=policy_mod.redact_args(req.args, req.secret_args), state=JobState.RUNNING,
+            start_time=time.time(), output_path=out_path, timeout_seconds=admitted.timeout,
+            limits={k: v for k, v in limits.items() if v}, boot_id=BOOT_ID)
+        env = dict(self._base_env)
+        env.update(plan.env)
+        env[procfs.JOB_ID_ENV] = job_id
+        rfd, wfd = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        # The child gets a blocking write end: a job must not see EAGAIN on
+        # stdout just because the agent is momentarily behind.
+        os.set_blocking(wfd, True)
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(rfd, fcntl.F_SETPIPE_SZ, READ_CHUNK)
+        s = self.settings
+        spec = SpawnSpec(
+            argv=plan.argv, executable=plan.executable, env=env, cwd=plan.cwd or "/",
+            stdout_fd=wfd, uid=s.user.uid, gid=s.user.gid, umask=s.umask,
+            limits={k: v for k, v in limits.items() if k != "output_bytes"},
+            prlimit=s.prlimit, setpriv=s.setpriv, exec_fd=plan.exec_fd)
+        life = lc.Life(timeout_seconds=admitted.timeout,
+                       cpu_seconds=limits.get("cpu_seconds", 0))
+        job = Job(record, life, OutputFile(out_path, limits.get("output_bytes", 0)), self.loop)
+        try:
+            pid = await self.ops.spawn(spec, lambda ex: self._exited(job, ex))
+        except OSError as e:
+            os.close(rfd)
+            record.state = JobState.FAILED
+            record.end_time = record.start_time
+            record.error_text = f"start failed: {describe_oserror(e)}"
+            await self.history.record_new(record)
+            log.info("job %s could not start: %s", job_id, record.error_text)
+            self._on_finish(record)
+            return record
+        finally:
+            os.close(wfd)
+        record.pid = pid
+        job.pipe_fd = rfd
+        self.running[job_id] = job
+        self.loop.add_reader(rfd, self._on_output, job)
+        if admitted.timeout:
+            job.timers.append(self.loop.call_later(admitted.timeout, self._handle, job,
+                                                   lc.TimedOut()))
+        # The leader's start time (for crash recovery) is read a moment
+        # later: right after exec, reading /proc/PID/stat waits for the
+        # child's exec to finish.
+        job.timers.append(self.loop.call_later(0.02, self._read_leader_start, job))
+        try:
+            await self.history.record_new(record)
+        except Unavailable:
+            # Never leave a job running that the history does not know.
+            self._handle(job, lc.NotRecorded())
+            raise
+        self._on_change()
+        return record
+
+    def _read_leader_start(self, job: Job) -> None:
+        if not job.life.running or job.done.done():
+            return
+        st = procfs.read_stat(job.record.pid)
+        if st is not None and st.pgid == job.record.pid:
+            job.record.leader_start = st.start_ticks
+            self.history.save(job.record)
+
+    # ------------------------------------------------------------ events and actions
+
+    def _handle(self, job: Job, event: lc.Event) -> None:
+        for action in job.life.handle(event):
+            self._apply(job, action)
+
+    def _apply(self, job: Job, action: lc.Action) -> None:
+        if isinstance(action, lc.Signal):
+            self.ops.signal(job.record.pid, action.sig)
+        elif isinstance(action, lc.ArmKillTimer):
+            job.timers.append(self.loop.call_later(self.settings.stop_grace, self._handle, job,
+                                                   lc.KillGraceExpired()))
+        elif isinstance(action, lc.ArmOutputGrace):
+            job.timers.append(self.loop.call_later(OUTPUT_CLOSE_GRACE, self._handle, job,
+                                                   lc.OutputGraceExpired()))
+        elif isinstance(action, lc.CloseOutput):
+            log.info("job %s: output still open %.0fs after exit (an escaped process holds "
+                     "it); closing", job.id, OUTPUT_CLOSE_GRACE)
+            self._on_output(job)
+            if not job.live.closed:
+                self._close_output(job)
+        elif isinstance(action, lc.DiscardOutput):
+            pass  # job.life.discarding is what _record_output looks at
+        elif isinstance(action, lc.Finish):
+            self._finish(job, action)
+
+    def _exited(self, job: Job, ex: lc.Exit) -> None:
+        if not ex.start_failure:
+            failure = trampoline_exec_failure(job.record.output_path, ex.exit_code)
+            if failure:
+                ex = lc.Exit(ex.exit_code, ex.signal, ex.user_cpu, ex.system_cpu, ex.max_rss,
+                             start_failure=failure)
+        if not job.live.closed:
+            self._on_output(job)  # what is already in the pipe belongs to the job
+        self._handle(job, lc.Exited(ex))
+
+    def _on_output(self, job: Job) -> None:
+        fd = job.pipe_fd
+        if fd is None:
+            return
+        for _ in range(16):  # bounded, so one chatty job cannot starve the loop
+            try:
+                data = os.read(fd, READ_CHUNK)
+            except BlockingIOError:
+                return
+            except OSError as e:
+                log.warning("job %s: reading output failed: %s", job.id, e)
+                data = b""
+            if not data:
+                self._close_output(job)
+                return
+            self._record_output(job, data)
+
+    def _record_output(self, job: Job, data: bytes) -> None:
+        if job.life.discarding:
+            return
+        res = job.out.write(data)
+        job.record.output_bytes = job.live.size = job.out.size
+        job.record.output_truncated = job.out.truncated
+        job.live.followers.wake()
+        if res.failure:
+            self._handle(job, lc.OutputFailed(res.failure))
+        elif res.cap_reached:
+            self._handle(job, lc.OutputCapReached(
+                job.out.cap, kill=self.settings.on_output_cap == "kill"))
+
+    def _close_output(self, job: Job) -> None:
+        if job.pipe_fd is not None:
+            self.loop.remove_reader(job.pipe_fd)
+            os.close(job.pipe_fd)
+            job.pipe_fd = None
+        job.out.close()
+        job.live.closed = True
+        job.live.followers.wake()
+        self._handle(job, lc.OutputClosed())
+
+    def _finish(self, job: Job, fin: lc.Finish) -> None:
+        for t in job.timers:
+            t.cancel()
+        job.timers.clear()
+        rec, ex = job.record, fin.exit
+        log.debug("job %s: %s -> %s", rec.id, rec.state.name, fin.state.name)
+        rec.state = fin.state
+        rec.end_time = time.time()
+        rec.exit_code = ex.exit_code
+        rec.signal = ex.signal
+        rec.error_text = fin.text
+        rec.user_cpu, rec.system_cpu, rec.max_rss = ex.user_cpu, ex.system_cpu, ex.max_rss
+        self.running.pop(rec.id, None)
+        if fin.persist:
+            self.history.save(rec)
+        job.done.set_result(rec)
+        job.live.followers.wake()
+        self._on_change()
+        self._on_finish(rec)
+
+    # ------------------------------------------------------------ stop
+
+    def stop(self, job_id: str, caller: Caller) -> JobRecord:
+        """Stop a job (SIGTERM, SIGKILL after the grace). A finished job is fine."""
+        job = self.running.get(job_id)
+        if job is None:
+            return self.get(job_id, caller)
+        _check(lambda: caller.may_stop(job_id, job.record.owner))
+        self._handle(job, lc.StopRequested())
+        return job.record
+
+    def stop_all(self, *, force: bool = False) -> None:
+        """Stop every running job because the agent shuts down (``force``: SIGKILL now)."""
+        for job in list(self.running.values()):
+            self._handle(job, lc.ShutdownRequested())
+            if force:
+                self._handle(job, lc.KillGraceExpired())
+
+    # ------------------------------------------------------------ query
+
+    def get(self, job_id: str, caller: Caller) -> JobRecord:
+        """A job's record, if the caller may see it."""
+        job = self.running.get(job_id)
+        rec = job.record if job is not None else self.history.get(job_id)
+        if rec is None:
+            raise NotFound(f"no job with id {job_id}", rule="unknown-job")
+        _check(lambda: caller.may_see(job_id, rec.owner))
+        return rec
+
+    async def wait(self, job_id: str, caller: Caller, timeout: float | None) -> JobRecord:
+        """The record once the job is done, or as it is when ``timeout`` passes."""
+        rec = self.get(job_id, caller)
+        job = self.running.get(job_id)
+        if job is None or rec.state.done:
+            return rec
+        with contextlib.suppress(asyncio.TimeoutError):
+            return await asyncio.wait_for(asyncio.shield(job.done), timeout)
+        return job.record
+
+    def list_jobs(self, caller: Caller, *, states: Sequence[JobState] = (), owner: str = "",
+                  page_size: int = 0, page_token: str = "") -> tuple[list[JobRecord], str]:
+        """Jobs the caller may see, newest first; returns (jobs, next token)."""
+        who = _check(lambda: caller.list_owner(owner))
+        size = validation.page_size(page_size)
+        before = validation.decode_page_token(page_token) if page_token else None
+        recs = self.history.store.list_jobs(states=states, owner=who, before_seq=before,
+                                            limit=size + 1)
+        more = len(recs) > size
+        recs = recs[:size]
+        out = [self.running[r.id].record if r.id in self.running else r for r in recs]
+        return out, (validation.encode_page_token(recs[-1].seq) if more and recs else "")
+
+    async def stream(self, job_id: str, caller: Caller, offset: int,
+                     follow: bool) -> AsyncIterator[tuple[int, bytes]]:
+        """Yield (offset, data) chunks of a job's output from ``offset``."""
+        rec = self.get(job_id, caller)
+        validation.stream_offset(offset)
+
+        def live() -> LiveOutput | None:
+            job = self.running.get(job_id)
+            return job.live if job is not None else None
+
+        async for chunk in stream_file(rec.output_path, job_id, offset, follow,
+                                       rec.output_bytes, live):
+            yield chunk
+
+    # ------------------------------------------------------------ shutdown
+
+    async def shutdown(self, *, mode: str, deadline: float) -> None:
+        """Stop taking jobs; wait for or stop the running ones; return when all ended."""
+        self.stop_accepting()
+        jobs = list(self.running.values())
+        if not jobs:
+            return
+        if mode == "wait" and deadline > 0:
+            log.info("waiting up to %.0f s for %d running job(s)", deadline, len(jobs))
+            await asyncio.wait([j.done for j in jobs], timeout=deadline)
+        self.stop_all()
+        pending = [j.done for j in self.running.values()]
+        if pending:
+            await asyncio.wait(pending, timeout=self.settings.stop_grace + OUTPUT_CLOSE_GRACE + 5)
+
+    def close(self) -> None:
+        """Release the process operations and the history (after :meth:`shutdown`)."""
+        self.ops.close()
+        self.history.close()
+
+
+T = TypeVar("T")
+
+
+def _check(rule: Callable[[], T]) -> T:
+    """Run an access rule, turning its refusal into the daemon's PermissionDenied."""
+    try:
+        return rule()
+    except AccessDenied as e:
+        raise PermissionDenied(e.message, rule=e.rule) from None
+
+
+def instance_id(state_dir: Path) -> str:
+    """A stable id for an agent installation (its canonical state directory)."""
+    return hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:16]
