@@ -1,7 +1,10 @@
 """A load-generating client process, driven by ``bench.run``.
 
-``python -m bench.load SPEC_JSON``: connects (mTLS, a plain channel with
-default options, as an original client would), makes one warm-up call,
+``python -m bench.load SPEC_JSON``: connects (``tls`` ``mtls``, the default,
+``tls`` with only a CA, or ``plain``; a channel with default options, as an
+original client would), makes one warm-up call (``warmup``: ``list``
+ListJobs, ``query`` QueryJob of an unknown id, its error ignored, for a peer
+without ListJobs, or ``unary`` the bare server's empty method),
 prints ``ready``, then waits for one line ``go {...}`` on stdin naming the
 start, warm-up end and end instants (``time.monotonic``, which is the same
 clock in every process of the machine) and, for streams, the job id. It
@@ -17,6 +20,8 @@ Kinds:
   (start and wait in one round trip). Until ``end`` or
   ``count`` jobs per thread, whichever comes first.
 * ``query``: each thread calls QueryJob on one job id back to back.
+* ``unary``: each thread calls the empty method of ``bench.bare`` back to
+  back (records shaped like ``query``).
 * ``stream``: one StreamJobOutput(follow=true, offset=0); counts bytes and
   checks that offsets are contiguous.
 
@@ -76,7 +81,13 @@ class CpuWindow:
 
 
 def channel(spec: dict[str, Any]) -> grpc.Channel:
-    """A plain secure channel with the client certificate."""
+    """A channel with default options: mTLS, server-only TLS or plaintext."""
+    tls = spec.get("tls", "mtls")
+    if tls == "plain":
+        return grpc.insecure_channel(spec["addr"])
+    if tls == "tls":
+        return grpc.secure_channel(spec["addr"], grpc.ssl_channel_credentials(
+            root_certificates=Path(spec["ca"]).read_bytes()))
     creds = grpc.ssl_channel_credentials(
         root_certificates=Path(spec["ca"]).read_bytes(),
         private_key=Path(spec["key"]).read_bytes(),
@@ -155,6 +166,17 @@ def run_query(stub: pb_grpc.WorkerStub, spec: dict[str, Any], go: dict[str, Any]
               out: list[dict[str, Any]]) -> None:
     """One thread of the ``query`` kind."""
     req = pb.QueryJobReq(jobID=spec["job_id"])
+    _call_loop(lambda: stub.QueryJob(req, timeout=RPC_TIMEOUT), spec, go, out)
+
+
+def run_unary(call: grpc.UnaryUnaryMultiCallable, spec: dict[str, Any], go: dict[str, Any],
+              out: list[dict[str, Any]]) -> None:
+    """One thread of the ``unary`` kind: ``call`` is the bare server's empty method."""
+    _call_loop(lambda: call(b"", timeout=RPC_TIMEOUT), spec, go, out)
+
+
+def _call_loop(call: Any, spec: dict[str, Any], go: dict[str, Any],
+               out: list[dict[str, Any]]) -> None:
     end = go["end"]
     lat: list[float] = []
     at: list[float] = []
@@ -165,7 +187,7 @@ def run_query(stub: pb_grpc.WorkerStub, spec: dict[str, Any], go: dict[str, Any]
         if t0 >= end:
             break
         try:
-            stub.QueryJob(req, timeout=RPC_TIMEOUT)
+            call()
         except grpc.RpcError as e:
             if len(errors) < 20:
                 errors.append(f"{e.code().name}: {e.details()}")
@@ -203,7 +225,22 @@ def run_stream(stub: pb_grpc.WorkerStub, spec: dict[str, Any], go: dict[str, Any
                 "first_byte_s": (first - t0) if first else None, "errors": errors})
 
 
-KINDS = {"jobs": run_jobs, "query": run_query, "stream": run_stream}
+KINDS = {"jobs": run_jobs, "query": run_query, "unary": run_unary, "stream": run_stream}
+BARE_METHOD = "/bench.Bare/Empty"  # bench.bare.METHOD (this module stays gRPC-stub only)
+
+
+def warm_up(ch: grpc.Channel, stub: pb_grpc.WorkerStub, how: str) -> None:
+    """One call, so the TLS handshake and HTTP/2 set-up happen before the clock runs."""
+    if how == "unary":
+        ch.unary_unary(BARE_METHOD)(b"", timeout=RPC_TIMEOUT)
+    elif how == "query":
+        try:  # a peer without ListJobs: an unknown id answers an error, and that is fine
+            stub.QueryJob(pb.QueryJobReq(jobID="bench-warm-up"), timeout=RPC_TIMEOUT)
+        except grpc.RpcError as e:
+            if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise
+    else:
+        stub.ListJobs(pb.ListJobsReq(pageSize=1), timeout=RPC_TIMEOUT)
 
 
 def main(argv: list[str]) -> int:
@@ -211,21 +248,21 @@ def main(argv: list[str]) -> int:
     spec = json.loads(argv[0])
     ch = channel(spec)
     stub = pb_grpc.WorkerStub(ch)  # type: ignore[no-untyped-call]
-    # Warm-up: TLS handshake and HTTP/2 set-up happen before the clock runs.
-    stub.ListJobs(pb.ListJobsReq(pageSize=1), timeout=RPC_TIMEOUT)
+    warm_up(ch, stub, spec.get("warmup", "list"))
     print("ready", flush=True)
     line = sys.stdin.readline()
     if not line.startswith("go "):
         return 1
     go = json.loads(line[3:])
-    body = KINDS[spec["kind"]]
+    body: Any = KINDS[spec["kind"]]
+    target: Any = ch.unary_unary(BARE_METHOD) if spec["kind"] == "unary" else stub
     # A timed run reports CPU over exactly the measurement window; a counted
     # one (or a stream) over the whole run.
     timed = spec["kind"] != "stream" and not go.get("counted")
     win = CpuWindow(go["warm"], go["end"]) if timed else None
     c0 = _cpu()
     results: list[dict[str, Any]] = []
-    threads = [threading.Thread(target=body, args=(stub, spec, go, results), daemon=True)
+    threads = [threading.Thread(target=body, args=(target, spec, go, results), daemon=True)
                for _ in range(int(spec.get("threads", 1)))]
     for t in threads:
         t.start()

@@ -35,13 +35,18 @@ def test_quick_bench_prints_json_lines_and_writes_the_table(tmp_path: Path) -> N
     names = {x["name"] for x in records}
     for expected in ("floor_serial", "floor_concurrent", "rss_idle", "query_rpc_running_job",
                      "jobs_original", "jobs_wait", "query_qps", "rss_history",
-                     "rss_running", "stream", "target"):
+                     "rss_running", "stream", "cmp_jobs", "cmp_unary", "cmp_summary_jobs",
+                     "cmp_summary_unary", "target"):
         assert expected in names, f"no {expected} measurement in {sorted(names)}"
     streams = [x for x in records if x["name"] == "stream"]
     assert all(x["verified"] for x in streams), streams
     jobs = [x for x in records if x["name"] in ("jobs_original", "jobs_wait")]
     assert all(x["jobs"] > 0 and x["failed"] == 0 for x in jobs), jobs
     assert all("client_cpu_cores" in x and "agent_cpu_cores" in x for x in jobs)
+
+    unary = {x["target"]: x for x in records if x["name"] == "cmp_summary_unary"}
+    assert set(unary) == {"bare_aio", "bare_sync", "agent_query"}, unary
+    assert all(x["calls"] > 0 and not x["errors"] for x in records if x["name"] == "cmp_unary")
 
     table = (out / "latest.md").read_text()
     assert "### Targets" in table
