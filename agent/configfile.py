@@ -242,7 +242,7 @@ def describe_sections(sections: Mapping[str, type]) -> list[tuple[str, str, str,
 
     def walk(cls: type, section: str) -> None:
         hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        for f in dataclasses.fields(cls):
             typ = hints[f.name]
             if dataclasses.is_dataclass(typ):
                 walk(typ, f"{section}.{f.name}")  # type: ignore[arg-type]

@@ -79,7 +79,9 @@ LIMIT_NAMES: tuple[str, ...] = tuple(lim.name for lim in LIMITS)
 LIMIT_BY_WIRE: dict[str, Limit] = {lim.wire: lim for lim in LIMITS}
 LIMIT_BY_NAME: dict[str, Limit] = {lim.name: lim for lim in LIMITS}
 # Limits the kernel applies as rlimits (the rest the agent enforces itself).
-RLIMITS: dict[str, str] = {lim.name: lim.kernel for lim in LIMITS if lim.kernel.startswith("RLIMIT_")}
+RLIMITS: dict[str, str] = {
+    lim.name: lim.kernel for lim in LIMITS if lim.kernel.startswith("RLIMIT_")
+}
 
 
 # ---------------------------------------------------------------- errors

@@ -8,7 +8,7 @@ object: for each variant jobs/s and spawn-to-reap latency percentiles.
 * serial: ``subprocess.Popen`` then ``wait()``, one at a time;
 * concurrent: IN_FLIGHT children at once, each watched with a pidfd in
   epoll and reaped with ``os.wait4`` (exit status and rusage, as the agent
-  does; see DESIGN.md, "Facts measured on these machines");
+  does; the project's design notes, "Facts measured on these machines");
 * serial_user_switch (only with UID GID, as root): serial, but the child
   switches user and drops supplementary groups like the agent's jobs do
   when it runs as root. CPython then has to fork() instead of vfork().

@@ -19,7 +19,7 @@ from agent import __version__
 from agent.configfile import ConfigError
 from agent.daemon import startup
 from agent.daemon.config import Config, load
-from agent.tls import set_cipher_policy
+from agent.daemon.grpc_gate import GateError, open_gate
 
 log = logging.getLogger("agent")
 
@@ -82,15 +82,14 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"on {gs.addr}; {len(prepared.policy.entries)} policy entries; jobs run as "
               f"{prepared.job_user.name})")
         return 0
-    # Both variables are read once, when grpc is first imported; nothing
-    # above this line imports it.
-    if cfg.grpc_server.use_tls and prepared.server_pair is not None:
-        set_cipher_policy(prepared.server_pair.key_type, cfg.grpc_server.tls13_only)
-    # gRPC's pthread_atfork handlers crash a forked child now and then (SIGABRT
-    # in ev_epoll1, about 1 in 300 spawns measured here). Jobs are forked by
-    # _posixsubprocess, which runs no Python and no gRPC code in the child,
-    # so the handlers are not needed: turn them off.
-    os.environ["GRPC_ENABLE_FORK_SUPPORT"] = "0"
+    # Nothing above this line imports grpc (tests/test_imports.py checks it).
+    try:
+        open_gate(key_type=prepared.server_pair.key_type
+                  if cfg.grpc_server.use_tls and prepared.server_pair is not None else None,
+                  tls13_only=cfg.grpc_server.tls13_only)
+    except GateError as e:
+        print(f"agent: internal error: {e}", file=sys.stderr)
+        return 1
     if args.daemon:
         from agent.daemon.daemonize import daemonize
 

@@ -30,9 +30,9 @@ from agent.vocabulary import LIMIT_BY_NAME
 # ---------------------------------------------------------------- sections
 #
 # Field types are restricted to: str, bool, int, float, Path, Path | None,
-# list[str] and nested section dataclasses; the parser below checks them.
-# Each field's metadata carries its help text (used in the README table and
-# by `agent check-config --explain`) and optional bounds.
+# list[str] and nested section dataclasses; agent.configfile checks them.
+# Each field's metadata carries its help text (the README's configuration
+# table is generated from it, see scripts/config_reference.py) and bounds.
 
 
 

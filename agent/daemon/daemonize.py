@@ -1,6 +1,7 @@
 """``agent run --daemon``: python-daemon, a pid file, and a readiness report.
 
-Sequence (nothing gRPC exists in the starting process, see DESIGN.md):
+Sequence (nothing gRPC exists in the starting process: a forked gRPC
+process crashes its children, measured):
 
 1. In the starting process: take the pid file's lock. A live agent holds
    it, so a second instance is refused here, on the terminal. A pid file
@@ -21,78 +22,15 @@ daemon dies however it dies, so staleness never needs guessing.
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import os
 import signal
 import sys
 from collections.abc import Callable
-from pathlib import Path
 
 from agent.daemon.config import Config
+from agent.daemon.lockfile import LockFile
 
 UMASK = 0o027
-
-
-class PidFile:
-    """An flock-protected pid file."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.fd = -1
-        self.stale_pid: int | None = None
-
-    def acquire(self) -> None:
-        """Lock the file or raise RuntimeError naming the running agent."""
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            holder = self._read(fd)
-            os.close(fd)
-            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise RuntimeError(f"another agent is already running (pid {holder or '?'}, "
-                                   f"pid file {self.path})") from None
-            raise RuntimeError(f"{self.path}: cannot lock: {e.strerror}") from None
-        old = self._read(fd)
-        if old is not None and old != os.getpid():
-            # The lock was free, so whoever wrote this pid is gone.
-            self.stale_pid = old
-        self.fd = fd
-
-    @staticmethod
-    def _read(fd: int) -> int | None:
-        try:
-            text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
-        except OSError:
-            return None
-        return int(text) if text.isdigit() else None
-
-    def write_pid(self) -> None:
-        """Record the current process as the holder."""
-        assert self.fd >= 0
-        os.set_inheritable(self.fd, False)
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
-        os.fsync(self.fd)
-
-    def release(self) -> None:
-        """Remove the file (if still ours) and drop the lock."""
-        if self.fd < 0:
-            return
-        with contextlib.suppress(OSError):
-            if self._read(self.fd) == os.getpid():
-                os.unlink(self.path)
-        os.close(self.fd)
-        self.fd = -1
-
-    # python-daemon's pidfile protocol: a context manager entered after detaching.
-    def __enter__(self) -> PidFile:
-        self.write_pid()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
 
 
 def daemonize(cfg: Config, run: Callable[[Callable[[str], None]], int]) -> int:
@@ -105,13 +43,14 @@ def daemonize(cfg: Config, run: Callable[[Callable[[str], None]], int]) -> int:
 
     if "grpc" in sys.modules:
         # gRPC's threads and its fork handlers must not exist in a process
-        # that forks into a daemon (DESIGN.md); cli.py imports it later.
+        # that forks into a daemon (a forked gRPC process crashes its
+        # children); cli.py imports it only after the fork.
         print("agent: internal error: grpc was imported before daemonizing", file=sys.stderr)
         return 1
-    pid_file = PidFile(cfg.pid_file)
+    pid_file = LockFile.pid_file(cfg.pid_file)
     try:
         cfg.pid_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        pid_file.acquire()
+        pid_file.acquire(write_pid=False)  # written by the daemon, after the fork
     except (RuntimeError, OSError) as e:
         print(f"agent: {e}", file=sys.stderr)
         return 1

@@ -29,11 +29,12 @@ from agent.daemon.admission import Rules
 from agent.daemon.audit import AuditLog
 from agent.daemon.config import Config
 from agent.daemon.history import History, Store
+from agent.daemon.lockfile import LockFile
 from agent.daemon.retention import Sweeper
 from agent.daemon.sdnotify import Notifier, watchdog_interval
 from agent.daemon.service import WorkerService
 from agent.daemon.spawn import RealProcessOps
-from agent.daemon.startup import Prepared, StateLock
+from agent.daemon.startup import Prepared
 from agent.daemon.supervisor import BOOT_ID, INSTANCE_ENV, Settings, Supervisor, instance_id
 from agent.tls import CertificateReloader, ServerTLSState
 from agent.vocabulary import LIMIT_NAMES
@@ -110,7 +111,7 @@ class AgentServer:
         self.reloader: CertificateReloader | None = None
         self.registrar: Any = None
         self.bound_port = 0
-        self._lock = StateLock(self.config.jobs.state_dir)
+        self._lock = LockFile.state_dir(self.config.jobs.state_dir)
         self._status_dirty = True
 
     # ------------------------------------------------------------ signals

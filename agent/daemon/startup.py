@@ -11,7 +11,6 @@ No gRPC here: it must be importable before the cipher policy is set.
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import pwd
@@ -211,35 +210,3 @@ def _pair(cfg: Config, section: str, crt: Path, key: Path) -> tls.KeyPair:
         msg = str(e)
         k = "key_file" if msg.startswith(str(key)) else "crt_file"
         raise _err(cfg, section, k, msg) from None
-
-
-class StateLock:
-    """An exclusive lock on the state directory: one agent per state dir.
-
-    Also what makes start-up recovery safe: no other live agent can own the
-    jobs we are about to declare LOST.
-    """
-
-    def __init__(self, state_dir: Path) -> None:
-        self.path = state_dir / "agent.lock"
-        self.fd = -1
-
-    def acquire(self) -> None:
-        """Take the lock or raise RuntimeError naming the holder."""
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
-            os.close(fd)
-            raise RuntimeError(f"another agent (pid {holder or '?'}) is using the state "
-                               f"directory {self.path.parent}") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self.fd = fd
-
-    def release(self) -> None:
-        """Drop the lock."""
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1

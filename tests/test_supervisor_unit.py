@@ -1,0 +1,308 @@
+"""The supervisor driven in-process by a fake ProcessOps, the way Supervisor tests its process.
+
+No child process exists: the fake "process" writes into the output pipe the
+supervisor gave it and exits when the test says so. The history is a real
+SQLite file, the policy a real parsed policy (its file checks run on
+/bin/true).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.access import AccessRules
+from agent.daemon import lifecycle as lc
+from agent.daemon import policy
+from agent.daemon.admission import Rules, StartRequest
+from agent.daemon.errors import InvalidArgument, PermissionDenied, ResourceExhausted, Unavailable
+from agent.daemon.history import History, Store
+from agent.daemon.spawn import SpawnSpec
+from agent.daemon.supervisor import JobUser, Settings, Supervisor
+from agent.vocabulary import JobState
+
+POLICY = """
+version: 1
+entries:
+  - name: "true"
+    command: /bin/true
+    aliases: ["true"]
+    args: {max_count: 4}
+"""
+ACCESS = AccessRules(clients=frozenset({"alice", "bob"}), admins=frozenset({"root-admin"}))
+ALICE, BOB, ADMIN = (ACCESS.caller(n) for n in ("alice", "bob", "root-admin"))
+
+
+class FakeProcess:
+    def __init__(self, pid: int, spec: SpawnSpec, on_exit: Callable[[lc.Exit], None]) -> None:
+        self.pid = pid
+        self.spec = spec
+        self.on_exit = on_exit
+        self.out = os.dup(spec.stdout_fd)  # the supervisor closes its copy
+        self.signals: list[int] = []
+
+    def write(self, data: bytes) -> None:
+        os.write(self.out, data)
+
+    def exit(self, ex: lc.Exit, *, close_output: bool = True) -> None:
+        if close_output:
+            self.close_output()
+        self.on_exit(ex)
+
+    def close_output(self) -> None:
+        if self.out >= 0:
+            os.close(self.out)
+            self.out = -1
+
+
+class FakeOps:
+    """A ProcessOps whose processes the test drives."""
+
+    def __init__(self, *, fail: OSError | None = None, exit_on_term: bool = False) -> None:
+        self.procs: list[FakeProcess] = []
+        self.fail = fail
+        self.exit_on_term = exit_on_term
+        self.closed = False
+
+    async def spawn(self, spec: SpawnSpec, on_exit: Callable[[lc.Exit], None]) -> int:
+        if self.fail is not None:
+            raise self.fail
+        p = FakeProcess(1000 + len(self.procs), spec, on_exit)
+        self.procs.append(p)
+        return p.pid
+
+    def signal(self, pid: int, sig: int) -> bool:
+        p = next(p for p in self.procs if p.pid == pid)
+        p.signals.append(sig)
+        if self.exit_on_term and sig == signal.SIGTERM:
+            asyncio.get_running_loop().call_soon(p.exit, lc.Exit(None, signal.SIGTERM))
+        return True
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def make(tmp_path: Path, ops: FakeOps, **rules: int) -> Supervisor:
+    out = tmp_path / "output"
+    out.mkdir(exist_ok=True)
+    r = Rules(max_running=rules.get("max_running", 8), default_timeout=0,
+              max_timeout=rules.get("max_timeout", 0), default_limits={},
+              max_limits={"output_bytes": 0})
+    settings = Settings(output_dir=out, instance="test", user=JobUser(None, None, "me", "/"),
+                        umask=0o077, stop_grace=0.05, on_output_cap="kill",
+                        prlimit="/usr/bin/prlimit", setpriv="/usr/bin/setpriv",
+                        path_env="/usr/bin:/bin", rules=r)
+    return Supervisor(settings, History(Store(tmp_path / "jobs.sqlite3")),
+                      policy.parse(POLICY), ops)
+
+
+def run(coro: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    asyncio.run(coro())
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0.01)
+
+
+def req(identity: str = "alice", **kw: Any) -> StartRequest:
+    return StartRequest(identity=identity, command="true", path="", **kw)
+
+
+def test_start_output_exit_is_recorded(tmp_path: Path) -> None:
+    """Start, output into the pipe, exit 0: SUCCEEDED with the output in its file."""
+    ops = FakeOps()
+    sup = make(tmp_path, ops)
+
+    async def body() -> None:
+        rec = await sup.start(req())
+        assert rec.state is JobState.RUNNING and rec.pid == 1000
+        assert ops.procs[0].spec.argv == (os.path.realpath("/bin/true"),)
+        ops.procs[0].write(b"hello\n")
+        ops.procs[0].exit(lc.Exit(0, None))
+        done = await sup.wait(rec.id, ALICE, 2)
+        assert done.state is JobState.SUCCEEDED
+        assert Path(done.output_path).read_bytes() == b"hello\n"
+        assert sup.history.store.get(rec.id).state is JobState.SUCCEEDED  # type: ignore[union-attr]
+        assert rec.id not in sup.running
+
+    run(body)
+
+
+def test_exit_before_end_of_output_waits_for_the_output(tmp_path: Path) -> None:
+    """The exit arrives while a holder keeps the pipe open: done only once it closes."""
+    ops = FakeOps()
+    sup = make(tmp_path, ops)
+
+    async def body() -> None:
+        rec = await sup.start(req())
+        p = ops.procs[0]
+        p.exit(lc.Exit(0, None), close_output=False)
+        await settle()
+        assert sup.running[rec.id].life.exit is not None
+        assert not sup.running[rec.id].done.done()
+        p.write(b"late\n")
+        p.close_output()
+        done = await sup.wait(rec.id, ALICE, 2)
+        assert done.state is JobState.SUCCEEDED and done.output_bytes == 5
+
+    run(body)
+
+
+def test_stop_signals_the_job_and_ends_stopped(tmp_path: Path) -> None:
+    """StopJob: SIGTERM to the job, then STOPPED when it exits."""
+    ops = FakeOps(exit_on_term=True)
+    sup = make(tmp_path, ops)
+
+    async def body() -> None:
+        rec = await sup.start(req())
+        sup.stop(rec.id, ALICE)
+        done = await sup.wait(rec.id, ALICE, 2)
+        assert ops.procs[0].signals == [signal.SIGTERM]
+        assert done.state is JobState.STOPPED
+
+    run(body)
+
+
+def test_stop_escalates_to_sigkill_after_the_grace(tmp_path: Path) -> None:
+    """A job that ignores SIGTERM gets SIGKILL when the grace is over."""
+    ops = FakeOps()
+    sup = make(tmp_path, ops)
+
+    async def body() -> None:
+        rec = await sup.start(req())
+        sup.stop(rec.id, ALICE)
+        await asyncio.sleep(0.15)
+        assert ops.procs[0].signals == [signal.SIGTERM, signal.SIGKILL]
+        ops.procs[0].exit(lc.Exit(None, signal.SIGKILL))
+        assert (await sup.wait(rec.id, ALICE, 2)).state is JobState.STOPPED
+
+    run(body)
+
+
+def test_timeout_ends_timed_out(tmp_path: Path) -> None:
+    """A job past its timeout is terminated and TIMED_OUT."""
+    ops = FakeOps(exit_on_term=True)
+    sup = make(tmp_path, ops)
+
+    async def body() -> None:
+        rec = await sup.start(req(timeout_seconds=1))
+        done = await sup.wait(rec.id, ALICE, 3)
+        assert done.state is JobState.TIMED_OUT
+
+    run(body)
+
+
+def test_output_cap_kills_and_truncates(tmp_path: Path) -> None:
+    """Output over outputBytes is cut at the cap and the job is FAILED naming the cap."""
+    ops = FakeOps(exit_on_term=True)
+    sup = make(tmp_path, ops)
+
+    async def body() -> None:
+        rec = await sup.start(req(limits={"output_bytes": 4}))
+        ops.procs[0].write(b"0123456789")
+        done = await sup.wait(rec.id, ALICE, 2)
+        assert done.state is JobState.FAILED and "cap of 4 bytes" in done.error_text
+        assert Path(done.output_path).read_bytes() == b"0123" and done.output_truncated
+
+    run(body)
+
+
+def test_spawn_failure_is_a_failed_job_with_the_reason(tmp_path: Path) -> None:
+    """ProcessOps raising OSError gives a recorded FAILED job "start failed: ..."."""
+    ops = FakeOps(fail=OSError(8, "Exec format error"))
+    sup = make(tmp_path, ops)
+
+    async def body() -> None:
+        rec = await sup.start(req())
+        assert rec.state is JobState.FAILED
+        assert rec.error_text == "start failed: Exec format error (ENOEXEC)"
+        assert sup.history.store.get(rec.id) is not None
+
+    run(body)
+
+
+def test_owners_and_admins(tmp_path: Path) -> None:
+    """Only the owner (or an admin) may see and stop a job; others get PERMISSION_DENIED."""
+    ops = FakeOps(exit_on_term=True)
+    sup = make(tmp_path, ops)
+
+    async def body() -> None:
+        rec = await sup.start(req())
+        with pytest.raises(PermissionDenied):
+            sup.get(rec.id, BOB)
+        with pytest.raises(PermissionDenied):
+            sup.stop(rec.id, BOB)
+        assert sup.get(rec.id, ADMIN).id == rec.id
+        with pytest.raises(PermissionDenied):
+            sup.list_jobs(BOB, owner="alice")
+        assert [r.id for r in sup.list_jobs(ADMIN, owner="alice")[0]] == [rec.id]
+        assert sup.list_jobs(BOB)[0] == []
+        sup.stop(rec.id, ADMIN)
+        await sup.wait(rec.id, ALICE, 2)
+
+    run(body)
+
+
+def test_capacity_and_shutdown_refuse_new_jobs(tmp_path: Path) -> None:
+    """Over max_running is RESOURCE_EXHAUSTED; after stop_accepting it is UNAVAILABLE."""
+    ops = FakeOps(exit_on_term=True)
+    sup = make(tmp_path, ops, max_running=1)
+
+    async def body() -> None:
+        await sup.start(req())
+        with pytest.raises(ResourceExhausted):
+            await sup.start(req())
+        sup.stop_accepting()
+        with pytest.raises(Unavailable):
+            await sup.start(req())
+        await sup.shutdown(mode="stop", deadline=0)
+        assert not sup.running
+
+    run(body)
+
+
+def test_shutdown_with_a_follower_attached_ends_the_stream(tmp_path: Path) -> None:
+    """A live follower gets the output and its stream ends when shutdown stops the job."""
+    ops = FakeOps(exit_on_term=True)
+    sup = make(tmp_path, ops)
+
+    async def body() -> None:
+        rec = await sup.start(req())
+        ops.procs[0].write(b"abc")
+        got: list[bytes] = []
+
+        async def follow() -> None:
+            async for _, data in sup.stream(rec.id, ALICE, 0, True):
+                got.append(data)
+
+        task = asyncio.ensure_future(follow())
+        await settle()
+        await sup.shutdown(mode="stop", deadline=0)
+        await asyncio.wait_for(task, 2)
+        assert b"".join(got) == b"abc"
+        done = sup.get(rec.id, ALICE)
+        assert done.state is JobState.STOPPED and "agent shutdown" in done.error_text
+
+    run(body)
+
+
+def test_bad_secret_index_and_limit_are_refused_before_spawning(tmp_path: Path) -> None:
+    """Admission errors are INVALID_ARGUMENT and nothing is spawned."""
+    ops = FakeOps()
+    sup = make(tmp_path, ops, max_timeout=10)
+
+    async def body() -> None:
+        with pytest.raises(InvalidArgument):
+            await sup.start(req(secret_args=(3,)))
+        with pytest.raises(InvalidArgument):
+            await sup.start(req(timeout_seconds=11))
+        assert ops.procs == []
+
+    run(body)
