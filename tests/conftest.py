@@ -13,20 +13,28 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-import agent
+import agent as agent_package
 
-from helpers import AgentProcess, Certs, gen_certs, make_safe_dir, policy_for, write_script
+from helpers import (
+    AgentFactory,
+    AgentProcess,
+    Certs,
+    gen_certs,
+    make_safe_dir,
+    policy_for,
+    write_script,
+)
 
 _CHECKOUT = Path(__file__).resolve().parent.parent
-if _CHECKOUT in Path(agent.__file__).resolve().parents:
+if _CHECKOUT in Path(agent_package.__file__).resolve().parents:
     raise RuntimeError(
-        f"the tests imported the source tree ({agent.__file__}), not the installed package: "
+        f"the tests imported the source tree ({agent_package.__file__}), not the installed package: "
         "run scripts/test.sh (or the pytest script of a venv with the package installed)")
 os.environ["PYTHONSAFEPATH"] = "1"
 
@@ -113,7 +121,6 @@ def standard_policy(script_dir: Path) -> str:
     return policy_for(script_dir)
 
 
-AgentFactory = Callable[..., AgentProcess]
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import sys
 import textwrap
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -248,7 +248,9 @@ class AgentProcess:
         self._clients.append(c)
         return c
 
-    def stub(self, identity: str | None = "client") -> Iterator[pb_grpc.WorkerStub]:
+    def stub(
+        self, identity: str | None = "client"
+    ) -> contextlib.AbstractContextManager[pb_grpc.WorkerStub]:
         """A raw gRPC stub (context manager closes the channel)."""
         return _stub(self.addr, self.certs, identity)
 
@@ -441,3 +443,7 @@ entries:
     aliases: [echo]
 {extra}
 """
+
+
+# make_agent(**config overrides) -> a started AgentProcess (see conftest.py).
+AgentFactory = Callable[..., AgentProcess]

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -15,7 +16,7 @@ import pytest
 
 from agent.client import Unavailable
 
-from helpers import AgentProcess, job_processes, pb, wait_for
+from helpers import AgentFactory, AgentProcess, job_processes, pb, wait_for
 
 
 def _agent_cmd(a: AgentProcess, *extra: str) -> subprocess.CompletedProcess[str]:
@@ -46,7 +47,7 @@ def _status_field(pid: int, name: str) -> str:
 # ---------------------------------------------------------------- daemon mode
 
 
-def test_daemon_mode_pidfile_second_instance_and_stale_pidfile(make_agent) -> None:  # type: ignore[no-untyped-def]
+def test_daemon_mode_pidfile_second_instance_and_stale_pidfile(make_agent: AgentFactory) -> None:
     """--daemon detaches properly; a second start is refused; a stale pid file is replaced."""
     a = make_agent(start=False)
     pid_file = a.state / "agent.pid"
@@ -88,7 +89,7 @@ def test_daemon_mode_pidfile_second_instance_and_stale_pidfile(make_agent) -> No
     assert not pid_file.exists()  # removed on a clean exit
 
 
-def test_daemon_start_failure_is_reported_on_the_terminal(make_agent) -> None:  # type: ignore[no-untyped-def]
+def test_daemon_start_failure_is_reported_on_the_terminal(make_agent: AgentFactory) -> None:
     """A start-up error inside the daemon reaches the starting terminal; exit 1."""
     a = make_agent(start=False)
     blocker = socket.socket()
@@ -103,7 +104,7 @@ def test_daemon_start_failure_is_reported_on_the_terminal(make_agent) -> None:  
     assert not (a.state / "agent.pid").exists()
 
 
-def test_daemonize_refuses_when_grpc_already_imported(make_agent, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_daemonize_refuses_when_grpc_already_imported(make_agent: AgentFactory, capsys: pytest.CaptureFixture[str]) -> None:
     """The guard: no gRPC before the fork (this test process has imported grpc)."""
     from agent.daemon.config import load
     from agent.daemon.daemonize import daemonize
@@ -132,7 +133,7 @@ class NotifySocket:
         self.messages.append(msg)
         return msg
 
-    def until(self, pred, timeout: float = 10.0) -> str:  # type: ignore[no-untyped-def]
+    def until(self, pred: Callable[[str], bool], timeout: float = 10.0) -> str:
         deadline = time.monotonic() + timeout
         while True:
             m = self.read(max(0.01, deadline - time.monotonic()))
@@ -140,7 +141,7 @@ class NotifySocket:
                 return m
 
 
-def test_sd_notify_sequence(make_agent, tmp_path: Path, script_dir: Path) -> None:  # type: ignore[no-untyped-def]
+def test_sd_notify_sequence(make_agent: AgentFactory, tmp_path: Path, script_dir: Path) -> None:
     """READY only once TLS is served; STATUS, RELOADING+MONOTONIC_USEC, WATCHDOG, STOPPING."""
     ns = NotifySocket(tmp_path / "notify.sock")
     a = make_agent(start=False, env={"NOTIFY_SOCKET": str(ns.path), "WATCHDOG_USEC": "400000"})
@@ -171,8 +172,8 @@ def test_sd_notify_sequence(make_agent, tmp_path: Path, script_dir: Path) -> Non
 # ---------------------------------------------------------------- signals
 
 
-def test_sigterm_wait_mode_lets_jobs_finish_and_refuses_new_ones(make_agent,
-                                                                script_dir: Path) -> None:  # type: ignore[no-untyped-def]
+def test_sigterm_wait_mode_lets_jobs_finish_and_refuses_new_ones(make_agent: AgentFactory,
+                                                                script_dir: Path) -> None:
     """on_shutdown = wait: running jobs finish; new ones are UNAVAILABLE; exit 0."""
     a = make_agent(daemon={"on_shutdown": "wait", "shutdown_deadline_seconds": 30})
     c = a.client()
@@ -188,7 +189,7 @@ def test_sigterm_wait_mode_lets_jobs_finish_and_refuses_new_ones(make_agent,
         "".join(f"line {i}\n" for i in range(1, 11)))
 
 
-def test_sigterm_wait_mode_deadline_then_stops(make_agent, script_dir: Path) -> None:  # type: ignore[no-untyped-def]
+def test_sigterm_wait_mode_deadline_then_stops(make_agent: AgentFactory, script_dir: Path) -> None:
     """A job outliving the shutdown deadline is stopped; the agent still exits 0."""
     a = make_agent(daemon={"on_shutdown": "wait", "shutdown_deadline_seconds": 1})
     c = a.client()
@@ -202,7 +203,7 @@ def test_sigterm_wait_mode_deadline_then_stops(make_agent, script_dir: Path) -> 
     assert a.client().query(job).state == "STOPPED"
 
 
-def test_second_sigint_forces_exit(make_agent, script_dir: Path) -> None:  # type: ignore[no-untyped-def]
+def test_second_sigint_forces_exit(make_agent: AgentFactory, script_dir: Path) -> None:
     """First SIGINT starts a patient shutdown; a second one stops the jobs now."""
     a = make_agent(daemon={"on_shutdown": "wait", "shutdown_deadline_seconds": 600})
     c = a.client()
@@ -242,7 +243,7 @@ def test_sighup_reloads_policy_and_keeps_the_old_one_if_broken(agent: AgentProce
 
 
 
-def test_daemon_logs_to_syslog_when_configured(make_agent, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_daemon_logs_to_syslog_when_configured(make_agent: AgentFactory, tmp_path: Path) -> None:
     """[logging] syslog = true: the daemon's log lines reach the syslog socket."""
     sock_path = tmp_path / "log.sock"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -253,7 +254,7 @@ def test_daemon_logs_to_syslog_when_configured(make_agent, tmp_path: Path) -> No
     assert r.returncode == 0, r.stderr
     pid = int((a.state / "agent.pid").read_text())
     try:
-        lines = []
+        lines: list[str] = []
         while not any("listening on" in x for x in lines):
             lines.append(sock.recv(4096).decode())
         assert any(x.startswith("<14>agent[") for x in lines)  # user.info, tagged
@@ -264,7 +265,7 @@ def test_daemon_logs_to_syslog_when_configured(make_agent, tmp_path: Path) -> No
         sock.close()
 
 
-def test_syslog_without_a_socket_is_refused(make_agent, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_syslog_without_a_socket_is_refused(make_agent: AgentFactory, tmp_path: Path) -> None:
     """syslog = true with no socket at syslog_socket: one line, exit 2."""
     a = make_agent(start=False, logging={"syslog": True,
                                          "syslog_socket": str(tmp_path / "none")})

@@ -52,7 +52,7 @@ def test_policy_example_is_valid() -> None:
     names = [e.name for e in pol.entries]
     assert names == ["maintenance", "restart-service"]
     m = pol.entries[0]
-    assert m.is_interpreter and m.identities == {"scheduler", "admin"}
+    assert m.is_interpreter and m.identities == frozenset({"scheduler", "admin"})
     assert m.scripts is not None and m.scripts[3].sha256 == "0" * 64
     assert any(r.matches(str(ROOT / "relative/scripts/x.sh")) for r in m.scripts)
     assert m.env == {"TZ", "BACKUP_TARGET"}

@@ -15,6 +15,7 @@ from agent.client import InvalidArgument, NotFound, PermissionDenied
 
 from helpers import (
     IS_ROOT,
+    AgentFactory,
     AgentProcess,
     children_of,
     job_processes,
@@ -168,7 +169,7 @@ def test_client_without_certificate_cannot_call(agent: AgentProcess) -> None:
     assert e.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
-def test_start_failure_is_reported_through_query(make_agent, script_dir: Path) -> None:  # type: ignore[no-untyped-def]
+def test_start_failure_is_reported_through_query(make_agent: AgentFactory, script_dir: Path) -> None:
     """An executable that cannot be exec'd gets an id; QueryJob reports error."""
     bad = script_dir / "noexec-interp.sh"
     bad.write_text("#!/nonexistent/interpreter\necho hi\n")
@@ -188,8 +189,8 @@ entries:
     assert "No such file" in st.error_text
 
 
-def test_output_file_that_cannot_be_created_fails_that_job(make_agent, tmp_path: Path,
-                                                           script_dir: Path) -> None:  # type: ignore[no-untyped-def]
+def test_output_file_that_cannot_be_created_fails_that_job(make_agent: AgentFactory, tmp_path: Path,
+                                                           script_dir: Path) -> None:
     """No inode left for the output file: a job that writes fails clearly, one that
     writes nothing succeeds (the file is made at the first byte), the agent serves on."""
     import subprocess
@@ -222,7 +223,7 @@ def test_jobs_survive_many_quick_starts(agent: AgentProcess) -> None:
     assert states == ["SUCCEEDED"] * 60
 
 
-def test_pinned_digests_run_the_verified_file(make_agent, script_dir: Path) -> None:  # type: ignore[no-untyped-def]
+def test_pinned_digests_run_the_verified_file(make_agent: AgentFactory, script_dir: Path) -> None:
     """A sha256 pin: the right digest runs (through the opened file), a wrong one is denied."""
     import hashlib
 
@@ -264,9 +265,9 @@ entries:
 
 
 @pytest.mark.parametrize("limits", [{}, {"open_files": 64}])
-def test_file_without_interpreter_line_is_never_run_by_a_shell(make_agent, script_dir: Path,
+def test_file_without_interpreter_line_is_never_run_by_a_shell(make_agent: AgentFactory, script_dir: Path,
                                                                 tmp_path: Path,
-                                                                limits: dict[str, int]) -> None:  # type: ignore[no-untyped-def]
+                                                                limits: dict[str, int]) -> None:
     """Regression: the setpriv/prlimit trampolines use execvp(), which would hand a file
     the kernel cannot execute to /bin/sh. The agent refuses it first (ENOEXEC)."""
     marker = script_dir / f"ran-{len(limits)}"

@@ -19,6 +19,7 @@ from agent.client.cli import main as agentctl
 
 from helpers import (
     IS_ROOT,
+    AgentFactory,
     AgentProcess,
     job_processes,
     pb,
@@ -163,7 +164,7 @@ def test_timeout_terms_then_kills(agent: AgentProcess, script_dir: Path) -> None
     wait_for(lambda: not job_processes(stubborn), timeout=5)
 
 
-def test_timeout_default_and_maximum(make_agent, script_dir: Path) -> None:  # type: ignore[no-untyped-def]
+def test_timeout_default_and_maximum(make_agent: AgentFactory, script_dir: Path) -> None:
     """The configured default applies; a request above the maximum is INVALID_ARGUMENT."""
     a = make_agent(jobs={"default_timeout_seconds": 1, "max_timeout_seconds": 5})
     c = a.client()
@@ -210,7 +211,7 @@ def _limits_policy(script_dir: Path, limit_dir: Path) -> str:
 """)
 
 
-def test_resource_limits_apply(make_agent, script_dir: Path, limit_dir: Path) -> None:  # type: ignore[no-untyped-def]
+def test_resource_limits_apply(make_agent: AgentFactory, script_dir: Path, limit_dir: Path) -> None:
     """CPU, memory, open files and processes limits reach the job; rusage is reported."""
     a = make_agent(_limits_policy(script_dir, limit_dir),
                    limits={"max": {"cpu_seconds": 60, "memory_bytes": 1 << 33,
@@ -255,7 +256,7 @@ def test_output_cap_kill(agent: AgentProcess, script_dir: Path) -> None:
     assert (agent.state / "output" / f"{job}.out").stat().st_size == 100_000
 
 
-def test_output_cap_truncate(make_agent, script_dir: Path) -> None:  # type: ignore[no-untyped-def]
+def test_output_cap_truncate(make_agent: AgentFactory, script_dir: Path) -> None:
     """on_output_cap = truncate: recording stops at the cap, the job runs to its end."""
     a = make_agent(jobs={"on_output_cap": "truncate"})
     c = a.client()
@@ -267,8 +268,8 @@ def test_output_cap_truncate(make_agent, script_dir: Path) -> None:  # type: ign
 
 
 @pytest.mark.skipif(not IS_ROOT, reason="mounting a small tmpfs needs root")
-def test_full_disk_fails_that_job_and_agent_keeps_serving(make_agent, tmp_path: Path,
-                                                          script_dir: Path) -> None:  # type: ignore[no-untyped-def]
+def test_full_disk_fails_that_job_and_agent_keeps_serving(make_agent: AgentFactory, tmp_path: Path,
+                                                          script_dir: Path) -> None:
     """Output on a full file system: the job fails clearly; other jobs and calls work."""
     disk = tmp_path / "small"
     disk.mkdir(mode=0o700)
@@ -295,7 +296,7 @@ def test_full_disk_fails_that_job_and_agent_keeps_serving(make_agent, tmp_path: 
 # ---------------------------------------------------------------- concurrency cap
 
 
-def test_concurrency_cap_is_resource_exhausted(make_agent, script_dir: Path) -> None:  # type: ignore[no-untyped-def]
+def test_concurrency_cap_is_resource_exhausted(make_agent: AgentFactory, script_dir: Path) -> None:
     """Over max_running, StartJob is RESOURCE_EXHAUSTED; a slot frees when a job ends."""
     a = make_agent(jobs={"max_running": 3})
     c = a.client()
@@ -359,8 +360,8 @@ def test_graceful_stop_stops_jobs_and_history_says_so(agent: AgentProcess,
 # ---------------------------------------------------------------- retention
 
 
-def test_retention_by_count_and_age_removes_records_and_output(make_agent,
-                                                               script_dir: Path) -> None:  # type: ignore[no-untyped-def]
+def test_retention_by_count_and_age_removes_records_and_output(make_agent: AgentFactory,
+                                                               script_dir: Path) -> None:
     """Beyond max_jobs the oldest finished jobs go, with their output files."""
     a = make_agent(retention={"max_jobs": 4, "max_age_seconds": 0, "sweep_seconds": 0.2})
     c = a.client()
@@ -382,7 +383,7 @@ def test_retention_by_count_and_age_removes_records_and_output(make_agent,
     c2.stop(running)
 
 
-def test_retention_never_touches_files_it_does_not_own(make_agent, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_retention_never_touches_files_it_does_not_own(make_agent: AgentFactory, tmp_path: Path) -> None:
     """Tampered history rows pointing elsewhere, at links or at others' files: left alone."""
     a = make_agent(retention={"max_jobs": 0, "max_age_seconds": 1, "sweep_seconds": 0.2})
     victim = tmp_path / "victim.txt"
@@ -412,7 +413,7 @@ def test_retention_never_touches_files_it_does_not_own(make_agent, tmp_path: Pat
 # ---------------------------------------------------------------- scale
 
 
-def test_thousand_short_jobs_and_two_hundred_concurrent(make_agent, script_dir: Path) -> None:  # type: ignore[no-untyped-def]
+def test_thousand_short_jobs_and_two_hundred_concurrent(make_agent: AgentFactory, script_dir: Path) -> None:
     """1,000 short jobs and 200 jobs running at once complete without errors."""
     a = make_agent(jobs={"max_running": 250})
     certs = a.certs
