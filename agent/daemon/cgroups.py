@@ -86,11 +86,15 @@ only when something changed. If inotify cannot be had (``EventWatcher`` raises
 ``select.poll()`` with POLLPRI on each leaf's ``cgroup.events`` descriptor, or the
 main process's pidfd followed by re-reading ``populated()``.
 
-Measured costs per job (this machine, 2 noisy cores, Linux 6.18, root, hybrid
-hierarchy so no limits are written; median of 300 jobs):
-create 25 us, join (the child's write) 27 us, kill 15 us, emptied-to-event (kill
-to inotify wake-up) 220 us, stats 45 us, remove 29 us. ``setup`` costs about 25 ms
-once (its probe starts a Python interpreter).
+Measured costs per job (this machine: 2 noisy cores, Linux 6.18, root, hybrid hierarchy
+so no limit is written; medians of 300 jobs, three runs, by a throwaway script):
+create 52 us, join (the child's write) 37 us, kill (the cgroup.kill write) 200 us,
+stats 53 us, remove 105 us. From kill to the inotify wake-up that finds the leaf
+empty: median 80 us, but about one time in eight some 15 ms (kernfs sends the
+notification from a work queue); a busy loop on ``populated()`` saw it empty after
+225 us. ``setup`` costs 13 to 30 ms once, most of it the probe's Python interpreter.
+The notification being asynchronous is also why a watch must be followed by reading
+``populated()``: the file is the truth, the event only says "look again".
 """
 
 from __future__ import annotations
