@@ -228,6 +228,17 @@ def test_proc_cgroup_v2_line() -> None:
     assert cgroups.parse_proc_cgroup("4:memory:/x\n1:cpu:/\n") is None
 
 
+def test_cgroup_dir_stays_below_the_mount() -> None:
+    """A cgroup path maps below the mount; `/../..` (outside the namespace) is refused."""
+    mount = Path("/sys/fs/cgroup")
+    service = "/system.slice/worker-agent.service"
+    assert cgroups.cgroup_dir(mount, service) == mount / service[1:]
+    assert cgroups.cgroup_dir(mount, "/") == mount
+    for bad in ("/../..", "/a/../../etc", "relative", "/a/./b"):
+        with pytest.raises(CgroupError, match="outside"):
+            cgroups.cgroup_dir(mount, bad)
+
+
 def test_cpu_max_line() -> None:
     """Millicores become `quota period`, at least the kernel's 1 ms minimum quota."""
     assert cgroups.cpu_max_line(500) == "50000 100000"

@@ -42,8 +42,10 @@ systemd delegation (production: Debian 12, cgroup2-only at /sys/fs/cgroup)
 --------------------------------------------------------------------------
 With ``Delegate=yes`` systemd hands the unit's own cgroup (for example
 ``/sys/fs/cgroup/system.slice/worker-agent.service``) to the service: it will not
-move processes or change settings below it, and marks it with the
-``trusted.delegate`` extended attribute (systemd 251+; ``setup`` checks it). cgroup v2's
+move processes or change settings below it, and marks it with the extended
+attributes ``trusted.delegate`` and ``user.delegate`` = ``1`` (systemd 252 in a
+Debian 12 container, measured: set with Delegate=yes, absent without; ``setup``
+refuses an own cgroup without them). cgroup v2's
 "no internal processes" rule forbids enabling controllers in ``cgroup.subtree_control``
 of a cgroup that has processes of its own, so ``setup(..., under_systemd=True)``:
 
@@ -58,7 +60,11 @@ of a cgroup that has processes of its own, so ``setup(..., under_systemd=True)``
 ``Subtree.controllers`` is what ``<jobs>/cgroup.subtree_control`` really holds after
 that, not what was asked for. systemd only delegates controllers it has enabled for
 the unit; ``Delegate=yes`` asks for all of them. The unit must not have
-``ProtectControlGroups=yes``: it mounts /sys/fs/cgroup read-only for the service.
+``ProtectControlGroups=yes``: even with Delegate=yes it mounts /sys/fs/cgroup
+read-only for the service (measured: ``setup`` then fails with EROFS).
+
+A process that is not in the cgroup namespace it looks from (``nsenter`` into a
+container) sees its cgroup as ``/../..``; ``cgroup_dir`` refuses such a path.
 
 With a configured path (``[cgroups] path``) the directory and missing parents are
 created, controllers are enabled in the directories this module created and in the
@@ -73,7 +79,11 @@ leaves there have ``cgroup.procs``, ``cgroup.kill``, ``cgroup.freeze``,
 CPU accounting and removal all work; ``controllers`` is empty, so a memory, pids, cpu
 or io limit raises ``MissingController`` and ``memory.peak`` is None. inotify on
 ``cgroup.events`` delivers IN_MODIFY on every change of ``populated`` (0 to 1 and 1 to
-0) and ``frozen`` here (Linux 6.18).
+0) and ``frozen`` here (Linux 6.18). A Debian 12 systemd 252 container under
+systemd-nspawn on this host gets cgroup2 too (hybrid at /sys/fs/cgroup/unified by
+default, pure at /sys/fs/cgroup with SYSTEMD_NSPAWN_UNIFIED_HIERARCHY=1) but an empty
+``cgroup.controllers`` in both: the controllers are bound to v1 on the host. There the
+delegated set-up works end to end and every limit raises ``MissingController``.
 
 Events without polling
 ----------------------
@@ -201,6 +211,18 @@ def parse_proc_cgroup(text: str) -> str | None:
     return None
 
 
+def cgroup_dir(mount: Path, cgroup: str) -> Path:
+    """The directory of a /proc/<pid>/cgroup path below ``mount``.
+
+    Raises CgroupError for a path that is not below it: a process outside this cgroup
+    namespace sees its cgroup as ``/../..``.
+    """
+    parts = cgroup.split("/")
+    if not cgroup.startswith("/") or any(p in (".", "..") for p in parts):
+        raise CgroupError(f"cgroup {cgroup!r} is outside this cgroup namespace")
+    return mount.joinpath(*(p for p in parts if p))
+
+
 def cpu_max_line(millicores: int, period_us: int = CPU_PERIOD_US) -> str:
     """The ``cpu.max`` value for a CPU share in millicores (1000 = one CPU, 50% = 500).
 
@@ -239,6 +261,9 @@ def _pids(procs: Path) -> list[int]:
 
 
 def _why(exc: OSError) -> str:
+    if exc.errno == errno.EROFS:
+        # What systemd's ProtectControlGroups=yes does to /sys/fs/cgroup, Delegate=yes or not.
+        return "read-only file system (the unit must not set ProtectControlGroups=yes)"
     return exc.strerror or str(exc)
 
 
@@ -637,7 +662,7 @@ def _setup_delegated(mounts: list[Path]) -> Subtree:
             "the agent runs in the root cgroup, not a delegated one (set Delegate=yes "
             "in the unit, or configure a cgroup path)"
         )
-    own_dir = mount / own.lstrip("/")
+    own_dir = cgroup_dir(mount, own)
     if not own_dir.is_dir():
         raise CgroupError(f"own cgroup {own_dir} not found (is the cgroup namespace private?)")
     if not _is_delegated(own_dir):
