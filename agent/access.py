@@ -7,7 +7,8 @@ is a method on it, so deny-by-default is decided in one place:
 * the Worker service asks :meth:`Caller.may_call` before anything else;
 * the job code asks :meth:`Caller.may_see` / :meth:`Caller.may_stop` of a
   job's owner and :meth:`Caller.list_owner` for ListJobs;
-* the reference scheduler asks :meth:`AccessRules.allows` of its own lists.
+* the reference scheduler keeps one :class:`AccessRules` per role (its
+  ``workers`` and ``users`` lists) and asks :meth:`Caller.may_act_as`.
 
 The rules raise :class:`AccessDenied` (a PermissionDenied in the daemon's
 vocabulary, see :mod:`agent.daemon.errors`) with a message that names only
@@ -71,6 +72,12 @@ class Caller:
         if not self.allowed:
             raise AccessDenied(f"identity {self.identity!r} is not allowed to use this agent",
                                "identity-not-allowed")
+
+    def may_act_as(self, role: str) -> None:
+        """Raise AccessDenied unless this identity is on the list that grants ``role``."""
+        if not self.allowed:
+            raise AccessDenied(f"identity {self.identity!r} is not allowed as a {role}",
+                               f"not-a-{role}")
 
     def can_see(self, owner: str) -> bool:
         """True if the caller may see a job of ``owner``."""

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
+import agent as agent_pkg
 from agent.client.cli import main
 
-from helpers import AgentProcess
+from helpers import AgentProcess, Certs
 
 
 def flags(agent: AgentProcess, identity: str = "client") -> list[str]:
@@ -85,3 +90,79 @@ def test_real_agentctl_command_with_config_file(agent: AgentProcess, script_dir:
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout == "line 1\nline 2\nline 3\n"
+
+
+# ---------------------------------------------------------------- small CLI promises
+
+
+def test_version_prints_program_and_version(capsys: pytest.CaptureFixture[str]) -> None:
+    """agentctl --version prints 'agentctl <agent.__version__>' and exits 0."""
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"agentctl {agent_pkg.__version__}"
+
+
+def test_start_without_path_runs_the_executable(agent: AgentProcess,
+                                                capfd: pytest.CaptureFixture[str]) -> None:
+    """`agentctl start true` is accepted: PATH is optional, as the usage says."""
+    assert main([*flags(agent), "start", "--wait", "true"]) == 0
+    assert "SUCCEEDED" in capfd.readouterr().err
+
+
+def test_start_usage_names_path_optional(capsys: pytest.CaptureFixture[str]) -> None:
+    """start's usage shows PATH as optional and a missing COMMAND is the only complaint."""
+    with pytest.raises(SystemExit) as e:
+        main(["start"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "COMMAND [PATH [ARGS...]]" in err
+    assert err.strip().endswith("the following arguments are required: COMMAND")
+
+
+def _garbage_server() -> tuple[socket.socket, threading.Event]:
+    """A TCP port that answers every connection with bytes that are not TLS."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+    srv.settimeout(0.2)
+    done = threading.Event()
+
+    def serve() -> None:
+        while not done.is_set():
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                continue
+            with conn:
+                conn.sendall(b"this is not TLS\r\n" * 8)
+
+    threading.Thread(target=serve, daemon=True).start()
+    return srv, done
+
+
+@pytest.mark.parametrize("user_setting", [None, "INFO"])
+def test_grpc_core_logs_stay_out_of_agentctl_output(certs: Certs,
+                                                    user_setting: str | None) -> None:
+    """gRPC's C-core log lines never reach agentctl's output, unless the user asks."""
+    srv, done = _garbage_server()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GRPC_")}
+    if user_setting:
+        env["GRPC_VERBOSITY"] = user_setting
+    try:
+        r = subprocess.run([sys.executable, "-m", "agent.client.cli", "--call-timeout", "2",
+                            "--addr", f"127.0.0.1:{srv.getsockname()[1]}", "--ca",
+                            str(certs.ca), "--cert", str(certs.crt("client")), "--key",
+                            str(certs.key("client")), "list"],
+                           capture_output=True, text=True, timeout=60, env=env)
+    finally:
+        done.set()
+        srv.close()
+    assert r.returncode == 1
+    core = [line for line in (r.stdout + r.stderr).splitlines()
+            if re.match(r"^[IWEF]\d{4} ", line)]
+    if user_setting is None:
+        assert r.stderr.startswith("agentctl: ") and core == [], r.stderr
+        assert len(r.stderr.splitlines()) == 1, r.stderr
+    else:
+        assert core, "with GRPC_VERBOSITY set by the user, grpc's own logs are kept"

@@ -7,20 +7,33 @@ import json
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import grpc
 import pytest
 
+import agent
+from agent.access import AccessDenied, AccessRules
 from agent.client import (
+    STATES,
     AgentClient,
+    AgentClientError,
     AsyncAgentClient,
     DeadlineExceeded,
     NotFound,
+    PermissionDenied,
+    RetryPolicy,
     SchedulerClient,
     TLSFiles,
     Unavailable,
+    _calls,
 )
+from agent.client.errors import convert
+from agent.scheduler.cli import main as scheduler_main
 from agent.scheduler.service import Registry, UnknownWorker
+from agent.vocabulary import LIMITS, JobState
 
 from helpers import (
     AgentProcess,
@@ -29,6 +42,8 @@ from helpers import (
     registration_section,
     wait_for,
 )
+
+AgentFactory = Callable[..., AgentProcess]
 
 # ---------------------------------------------------------------- registry (pure)
 
@@ -83,7 +98,7 @@ def _workers(s: SchedulerProcess) -> list[dict[str, str]]:
 
 
 def test_agent_starts_without_scheduler_and_registers_when_it_comes(
-        make_agent, scheduler: SchedulerProcess, certs: Certs) -> None:  # type: ignore[no-untyped-def]
+        make_agent: AgentFactory, scheduler: SchedulerProcess, certs: Certs) -> None:
     """Scheduler down at start-up: the agent serves, retries, registers once it is up."""
     a = make_agent(scheduler=registration_section(scheduler.addr, certs))
     c = a.client()
@@ -108,8 +123,8 @@ def test_agent_starts_without_scheduler_and_registers_when_it_comes(
     assert "worker" in scheduler.log() and "deregistered" in scheduler.log()
 
 
-def test_worker_identity_not_allowed_is_refused(make_agent, tmp_path: Path,
-                                                certs: Certs) -> None:  # type: ignore[no-untyped-def]
+def test_worker_identity_not_allowed_is_refused(make_agent: AgentFactory, tmp_path: Path,
+                                                certs: Certs) -> None:
     """A worker certificate the scheduler does not list cannot register; it keeps serving."""
     s = SchedulerProcess(tmp_path / "s2", certs, workers=["someone-else"]).start()
     try:
@@ -124,8 +139,9 @@ def test_worker_identity_not_allowed_is_refused(make_agent, tmp_path: Path,
         s.stop()
 
 
-def test_restarted_scheduler_learns_of_the_agent_again(make_agent, scheduler: SchedulerProcess,
-                                                       certs: Certs) -> None:  # type: ignore[no-untyped-def]
+def test_restarted_scheduler_learns_of_the_agent_again(make_agent: AgentFactory,
+                                                       scheduler: SchedulerProcess,
+                                                       certs: Certs) -> None:
     """Heartbeats: a scheduler restarted with an empty registry is told again."""
     scheduler.start()
     a = make_agent(scheduler=registration_section(scheduler.addr, certs))
@@ -186,7 +202,8 @@ def test_client_deadlines_fail_fast_against_a_silent_peer(certs: Certs) -> None:
             s.close()
 
 
-def test_start_is_never_retried_queries_are(make_agent, script_dir: Path) -> None:  # type: ignore[no-untyped-def]
+def test_start_is_never_retried_queries_are(make_agent: AgentFactory,
+                                            script_dir: Path) -> None:
     """During shutdown StartJob is UNAVAILABLE: the client tries it exactly once."""
     a = make_agent(daemon={"on_shutdown": "wait", "shutdown_deadline_seconds": 30})
     c = a.client()
@@ -222,8 +239,8 @@ def test_async_client_full_cycle(agent: AgentProcess, script_dir: Path) -> None:
     asyncio.run(run())
 
 
-def test_scheduler_client_library(make_agent, scheduler: SchedulerProcess,
-                                  certs: Certs) -> None:  # type: ignore[no-untyped-def]
+def test_scheduler_client_library(make_agent: AgentFactory, scheduler: SchedulerProcess,
+                                  certs: Certs) -> None:
     """SchedulerClient: list workers, run and stop a job on one."""
     scheduler.start()
     make_agent(scheduler=registration_section(scheduler.addr, certs))
@@ -238,3 +255,92 @@ def test_scheduler_client_library(make_agent, scheduler: SchedulerProcess,
         with pytest.raises(NotFound):
             s.query("00000000-0000-4000-8000-000000000000", job)
 
+
+
+# ---------------------------------------------------------------- shared call logic (pure)
+
+
+class _RpcError(grpc.RpcError):  # type: ignore[misc]  # grpc is untyped
+    """A failed call as grpc raises it, without a channel."""
+
+    def __init__(self, code: grpc.StatusCode, details: str = "gone") -> None:
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+def test_only_calls_safe_to_repeat_are_retried() -> None:
+    """StartJob, RunJob and DispatchStartJob never retry; query/stop/wait/list/dispatch do."""
+    req = _calls.start_request("true", "")
+    never: list[_calls.Call[Any]] = [_calls.start(req, 1), _calls.run(req, 1),
+                                     _calls.dispatch_start("w", req, 1)]
+    safe: list[_calls.Call[Any]] = [
+        _calls.query("j", 1), _calls.query_pb("j", 1), _calls.stop("j", 1),
+        _calls.wait("j", 1), _calls.list_page((), "", 0, "", 1), _calls.list_workers(1),
+        _calls.dispatch_query("w", "j", 1), _calls.dispatch_stop("w", "j", 1)]
+    assert [c.retry for c in never] == [False] * 3
+    assert all(c.retry for c in safe)
+    assert _calls.wait("j", 5).timeout == 5 + _calls.WAIT_MARGIN_S  # deadline past the wait
+
+
+def test_attempts_retry_unavailable_within_the_deadline_only() -> None:
+    """One attempt without a policy; UNAVAILABLE retried until attempts or deadline end."""
+    unavailable = _RpcError(grpc.StatusCode.UNAVAILABLE)
+    with pytest.raises(Unavailable):
+        _calls.Attempts(None, 10).after(unavailable)
+    policy = RetryPolicy(attempts=3, initial=0.01, maximum=0.02)
+    a = _calls.Attempts(policy, 10)
+    assert 0 <= a.after(unavailable) <= 0.01
+    assert 0 <= a.after(unavailable) <= 0.02
+    with pytest.raises(Unavailable):
+        a.after(unavailable)  # attempts used up
+    with pytest.raises(NotFound):
+        _calls.Attempts(policy, 10).after(_RpcError(grpc.StatusCode.NOT_FOUND))
+    with pytest.raises(Unavailable):  # a delay that would pass the deadline is not slept
+        _calls.Attempts(RetryPolicy(initial=5.0, maximum=5.0), 0.0).after(unavailable)
+    remaining = _calls.Attempts(policy, 10).remaining()
+    assert remaining is not None and 9 < remaining <= 10
+    assert _calls.Attempts(policy, None).remaining() is None
+
+
+def test_errors_are_named_after_the_status() -> None:
+    """A status without its own class keeps its code in AgentClientError."""
+    assert isinstance(convert(_RpcError(grpc.StatusCode.PERMISSION_DENIED)), PermissionDenied)
+    e = convert(_RpcError(grpc.StatusCode.INTERNAL, "boom"))
+    assert type(e) is AgentClientError and e.code is grpc.StatusCode.INTERNAL
+    assert str(e) == "internal: boom"
+
+
+def test_requests_take_names_from_the_vocabulary() -> None:
+    """Limit and state names come from agent.vocabulary; unknown ones are ValueError."""
+    req = _calls.start_request("true", "", limits={lim.name: i + 1
+                                                   for i, lim in enumerate(LIMITS)})
+    assert [getattr(req.limits, lim.wire) for lim in LIMITS] == list(range(1, len(LIMITS) + 1))
+    with pytest.raises(ValueError, match="unknown limit"):
+        _calls.start_request("true", "", limits={"bogus": 1})
+    assert list(_calls.list_request(["running", "LOST"]).states) == [
+        JobState.RUNNING.value, JobState.LOST.value]
+    with pytest.raises(ValueError, match="unknown job state"):
+        _calls.list_request(["sleeping"])
+    assert {s.value: s.name for s in JobState} == STATES
+
+
+def test_scheduler_roles_use_the_shared_access_rules() -> None:
+    """A caller not on a role's list is refused with a message naming the role."""
+    rules = AccessRules(clients=frozenset({"agent-1"}))
+    rules.caller("agent-1").may_act_as("worker")
+    with pytest.raises(AccessDenied, match="'intruder' is not allowed as a worker") as e:
+        rules.caller("intruder").may_act_as("worker")
+    assert e.value.rule == "not-a-worker"
+
+
+def test_scheduler_version(capsys: pytest.CaptureFixture[str]) -> None:
+    """agent-scheduler --version prints 'agent-scheduler <version>' and exits 0."""
+    with pytest.raises(SystemExit) as e:
+        scheduler_main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"agent-scheduler {agent.__version__}"

@@ -3,7 +3,7 @@
     agentctl [--config FILE] [--addr HOST:PORT] [--ca F --cert F --key F] COMMAND ...
 
     start [--wait] [--timeout S] [--env K=V]... [--limit NAME=N]... [--secret-arg I]...
-          COMMAND PATH [ARGS...]
+          COMMAND [PATH [ARGS...]]
     stop ID | status ID [--json] | wait ID [--timeout S] | logs ID [-f] [--offset N]
     list [--state S]... [--owner NAME] [--limit N] [--json]
 
@@ -15,12 +15,20 @@ the job did not succeed; 2 usage or configuration error.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
+
+# gRPC's C core logs to stderr on its own (handshake failures, ...), which is
+# not agentctl's output. It reads these once, when grpc is imported: so set
+# them first, unless the user asked for logs, and only if nothing imported
+# grpc yet (a program importing this module keeps its own settings).
+if "grpc" not in sys.modules:
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+    os.environ.setdefault("GRPC_TRACE", "")
+
+import argparse
+import json
 from collections.abc import Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +37,14 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from agent.client import STATES, AgentClient, AgentClientError, JobStatus, TLSFiles
+from agent import __version__
+from agent.client.errors import AgentClientError
+from agent.client.model import JobStatus, TLSFiles
+from agent.client.sync import AgentClient
+from agent.client.text import format_status, status_json
+from agent.vocabulary import LIMIT_NAMES, JobState
+
+__all__ = ["connect", "format_status", "main", "run", "status_json"]
 
 _KEYS = {"addr", "ca_file", "crt_file", "key_file", "server_name", "timeout", "insecure"}
 
@@ -40,6 +55,7 @@ class UsageError(Exception):
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="agentctl", description="Control a worker agent.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("--config", help="client config file (default: $AGENTCTL_CONFIG or "
                    "./agentctl.toml)")
     p.add_argument("--addr", help="agent address host:port")
@@ -49,19 +65,24 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--server-name", help="expected name in the agent's certificate")
     p.add_argument("--call-timeout", type=float, help="deadline of each call, seconds")
     sub = p.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("start", help="start a job: COMMAND PATH [ARGS...]")
+    s = sub.add_parser("start", help="start a job: COMMAND [PATH [ARGS...]]",
+                       usage="%(prog)s [--wait] [--timeout S] [--env K=V]... "
+                       "[--limit NAME=N]... [--secret-arg INDEX]... COMMAND [PATH [ARGS...]]")
     s.add_argument("--wait", action="store_true", help="follow the output, then print the "
                    "final state; exit 0 only if the job succeeded")
     s.add_argument("--timeout", type=int, help="job timeout in seconds")
     s.add_argument("--env", action="append", default=[], metavar="K=V")
     s.add_argument("--limit", action="append", default=[], metavar="NAME=N",
-                   help="cpu_seconds, memory_bytes, open_files, processes, output_bytes")
+                   help=", ".join(LIMIT_NAMES))
     s.add_argument("--secret-arg", action="append", type=int, default=[], metavar="INDEX",
                    help="index into ARGS of a secret argument (never logged or stored)")
-    s.add_argument("command")
+    s.add_argument("command", metavar="COMMAND", help="the executable (or interpreter) to run")
     # PATH and ARGS are taken verbatim (they may start with '-'); options of
     # `start` go before COMMAND.
-    s.add_argument("rest", nargs=argparse.REMAINDER, metavar="PATH [ARGS...]")
+    rest = s.add_argument("rest", nargs=argparse.REMAINDER, metavar="PATH [ARGS...]",
+                          help="optional: its first argument (a script, for an "
+                          "interpreter), then more arguments")
+    rest.required = False  # argparse marks REMAINDER required; it may be empty
     for name, text in (("stop", "stop a job"), ("status", "show a job's status")):
         c = sub.add_parser(name, help=text)
         c.add_argument("id")
@@ -76,7 +97,8 @@ def _parser() -> argparse.ArgumentParser:
                     "job ends")
     lg.add_argument("--offset", type=int, default=0, help="start at this byte offset")
     ls = sub.add_parser("list", help="list jobs, newest first")
-    ls.add_argument("--state", action="append", default=[], choices=sorted(STATES.values()))
+    ls.add_argument("--state", action="append", default=[],
+                    choices=sorted(st.name for st in JobState))
     ls.add_argument("--owner", default="", help="another identity's jobs (admins only)")
     ls.add_argument("--limit", type=int, default=50, help="at most this many (0: all)")
     ls.add_argument("--json", action="store_true")
@@ -142,38 +164,6 @@ def _kv(items: Sequence[str], what: str) -> dict[str, str]:
             raise UsageError(f"--{what} expects NAME=VALUE, got {it!r}")
         out[k] = v
     return out
-
-
-def format_status(st: JobStatus) -> str:
-    """Human-readable status lines."""
-    lines = [f"job        {st.job_id}", f"state      {st.state}"]
-    if st.error_text:
-        lines.append(f"error      {st.error_text}")
-    if st.exit_code is not None:
-        lines.append(f"exit code  {st.exit_code}")
-    if st.signal is not None:
-        lines.append(f"signal     {st.signal}")
-    lines += [f"command    {st.command} {st.path} {' '.join(st.args)}".rstrip(),
-              f"owner      {st.owner}", f"pid        {st.pid}"]
-    if st.start_time:
-        lines.append(f"started    {st.start_time:%Y-%m-%d %H:%M:%S.%f} UTC")
-    if st.end_time:
-        lines.append(f"ended      {st.end_time:%Y-%m-%d %H:%M:%S.%f} UTC")
-    if st.done:
-        lines.append(f"cpu        user {st.user_cpu:.3f}s system {st.system_cpu:.3f}s, "
-                     f"max rss {st.max_rss // 1024} KiB")
-    lines.append(f"output     {st.output_bytes} bytes"
-                 + (" (truncated at the cap)" if st.output_truncated else ""))
-    return "\n".join(lines)
-
-
-def status_json(st: JobStatus) -> dict[str, Any]:
-    """A status as JSON-ready data."""
-    d = asdict(st)
-    for k in ("start_time", "end_time"):
-        d[k] = d[k].isoformat() if d[k] else None
-    d["args"] = list(st.args)
-    return d
 
 
 def _write(data: bytes) -> None:

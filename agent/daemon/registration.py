@@ -15,48 +15,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 from collections.abc import Callable
-from typing import Any
 
 import grpc
 
 from agent._proto import jobscheduler_pb2 as pb
 from agent._proto import jobscheduler_pb2_grpc as pb_grpc
+from agent.channel import backoff, reconnecting_channel_options
 from agent.tls import KeyPair
 
+__all__ = ["Registrar", "backoff", "reconnecting_channel_options"]
+
 log = logging.getLogger(__name__)
-
-
-def backoff(initial: float, maximum: float) -> Callable[[], float]:
-    """Exponential backoff with full jitter: returns the next delay each call."""
-    state = {"next": initial}
-
-    def step() -> float:
-        d = state["next"]
-        state["next"] = min(maximum, d * 2)
-        return random.uniform(d / 2, d)  # noqa: S311 - jitter, not a secret
-
-    return step
-
-
-def reconnecting_channel_options(server_name: str = "") -> list[tuple[str, Any]]:
-    """Channel arguments for long-lived links that must notice cuts and heal fast."""
-    opts: list[tuple[str, Any]] = [
-        ("grpc.keepalive_time_ms", 5000),
-        ("grpc.keepalive_timeout_ms", 3000),
-        ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.max_pings_without_data", 0),
-        # gRPC's own reconnect backoff grows to 120 s by default; after a
-        # network cut heals the agent should be back within seconds.
-        ("grpc.initial_reconnect_backoff_ms", 500),
-        ("grpc.min_reconnect_backoff_ms", 500),
-        ("grpc.max_reconnect_backoff_ms", 5000),
-        ("grpc.enable_retries", 0),
-    ]
-    if server_name:
-        opts.append(("grpc.ssl_target_name_override", server_name))
-    return opts
 
 
 class Registrar:

@@ -16,6 +16,7 @@ success; 1 refused or failed (or, with --wait, the job did not succeed);
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import os
@@ -29,7 +30,11 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from agent import __version__, tls
+from agent.client import AgentClientError, SchedulerClient, TLSFiles
+from agent.client.text import format_status, status_json
 from agent.configfile import ConfigError
+from agent.scheduler.service import load_config, serve
 
 
 class UsageError(Exception):
@@ -39,6 +44,7 @@ class UsageError(Exception):
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="agent-scheduler",
                                 description="The reference scheduler of worker agents.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("--client-config", help="file with a [client] table (addr, ca_file, "
                    "crt_file, key_file)")
     p.add_argument("--addr", help="scheduler address (default 127.0.0.1:50001)")
@@ -68,15 +74,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from agent import tls
-    from agent.scheduler.service import load_config
-
     try:
         cfg = load_config(args.config)
         s = cfg.server
         assert s.crt_file and s.key_file and s.ca_file
         try:
-            pair = tls.load_key_pair(s.crt_file, s.key_file)
+            tls.load_key_pair(s.crt_file, s.key_file)
             tls.load_ca(s.ca_file)
             a = cfg.agents
             assert a.crt_file and a.key_file and a.ca_file
@@ -86,14 +89,8 @@ def _serve(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"agent-scheduler: {e}", file=sys.stderr)
         return 2
-    # Read once by grpc at import: set before importing it (see agent.tls).
-    tls.set_cipher_policy(pair.key_type, tls13_only=False)
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    import asyncio
-
-    from agent.scheduler.service import serve
-
     try:
         asyncio.run(serve(cfg))
     except RuntimeError as e:
@@ -102,9 +99,7 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _connect(args: argparse.Namespace) -> Any:
-    from agent.client import SchedulerClient, TLSFiles
-
+def _connect(args: argparse.Namespace) -> SchedulerClient:
     data: dict[str, Any] = {}
     if args.client_config:
         p = Path(args.client_config)
@@ -130,8 +125,6 @@ def _connect(args: argparse.Namespace) -> Any:
 
 
 def _use(args: argparse.Namespace) -> int:
-    from agent.client.cli import format_status
-
     with _connect(args) as c:
         if args.cmd == "workers":
             ws = c.workers()
@@ -158,8 +151,6 @@ def _use(args: argparse.Namespace) -> int:
         if args.cmd == "status":
             st = c.query(args.worker, args.job)
             if args.json:
-                from agent.client.cli import status_json
-
                 print(json.dumps(status_json(st), indent=2))
             else:
                 print(format_status(st))
@@ -175,8 +166,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.cmd == "serve":
         return _serve(args)
-    from agent.client import AgentClientError
-
     try:
         return _use(args)
     except UsageError as e:

@@ -28,7 +28,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import grpc
+
+from agent._proto import jobscheduler_pb2 as pb
+from agent._proto import jobscheduler_pb2_grpc as pb_grpc
+from agent.access import AccessDenied, AccessRules
+from agent.channel import reconnecting_channel_options
+from agent.client import AgentClientError, AsyncAgentClient, TLSFiles
 from agent.configfile import ConfigError, option, parse_tables, read_text, split_host_port
+from agent.credentials import reloading_server_credentials
+from agent.tls import CertificateReloader, identity_from_cert
 
 log = logging.getLogger(__name__)
 
@@ -201,11 +210,13 @@ class SchedulerService:
     """Implements ``jobscheduler.Scheduler``."""
 
     def __init__(self, cfg: SchedulerConfig, registry: Registry) -> None:
-        from agent.client import TLSFiles
-
+        """Serve ``cfg`` with ``registry``; reads the agents' TLS files now."""
         self.cfg = cfg
         self.registry = registry
-        self._clients: dict[str, Any] = {}  # address -> AsyncAgentClient
+        # One list per role, deny by default (the shared access rules).
+        self.rules = {"worker": AccessRules(clients=frozenset(cfg.auth.workers)),
+                      "user": AccessRules(clients=frozenset(cfg.auth.users))}
+        self._clients: dict[str, AsyncAgentClient] = {}  # by address
         a = cfg.agents
         assert a.ca_file and a.crt_file and a.key_file
         self._tls = TLSFiles(ca=a.ca_file.read_bytes(), cert=a.crt_file.read_bytes(),
@@ -214,10 +225,6 @@ class SchedulerService:
     # ---------------------------------------------------------- plumbing
 
     def _identity(self, context: Any) -> str:
-        import grpc
-
-        from agent.tls import identity_from_cert
-
         pems = context.auth_context().get("x509_pem_cert")
         if not pems:
             raise _Abort(grpc.StatusCode.UNAUTHENTICATED, "no verified client certificate")
@@ -226,14 +233,14 @@ class SchedulerService:
             raise _Abort(grpc.StatusCode.UNAUTHENTICATED, peer.problem)
         return peer.identity
 
-    def _require(self, context: Any, allowed: list[str], role: str) -> str:
-        import grpc
-
+    def _require(self, context: Any, role: str) -> str:
+        """The caller's identity if the ``role`` list names it, else PERMISSION_DENIED."""
         ident = self._identity(context)
-        if ident not in allowed:
+        try:
+            self.rules[role].caller(ident).may_act_as(role)
+        except AccessDenied as e:
             log.warning("refused %s %r from %s", role, ident, context.peer())
-            raise _Abort(grpc.StatusCode.PERMISSION_DENIED,
-                         f"identity {ident!r} is not allowed as a {role}")
+            raise _Abort(grpc.StatusCode.PERMISSION_DENIED, e.message) from None
         return ident
 
     async def _guard(self, context: Any, body: Callable[[], Awaitable[T]]) -> T:
@@ -244,8 +251,6 @@ class SchedulerService:
             raise AssertionError("unreachable") from None
 
     def _worker(self, worker_id: str) -> Worker:
-        import grpc
-
         try:
             return self.registry.get(worker_id)
         except UnknownWorker as e:
@@ -256,12 +261,9 @@ class SchedulerService:
                              f"last heard from {ago:.0f} s ago") from None
             raise _Abort(grpc.StatusCode.NOT_FOUND, f"no worker with id {worker_id}") from None
 
-    def _client(self, w: Worker) -> Any:
+    def _client(self, w: Worker) -> AsyncAgentClient:
         c = self._clients.get(w.address)
         if c is None:
-            from agent.client import AsyncAgentClient
-            from agent.daemon.registration import reconnecting_channel_options
-
             # Fast reconnects: a worker back from a network cut is usable at once.
             c = AsyncAgentClient(w.address, self._tls,
                                  timeout=self.cfg.agents.call_timeout_seconds,
@@ -270,28 +272,21 @@ class SchedulerService:
         return c
 
     async def _dispatch(self, context: Any, worker_id: str,
-                        call: Callable[[Any], Awaitable[T]]) -> T:
-        import grpc
-
-        from agent.client import AgentClientError
-
-        self._require(context, self.cfg.auth.users, "user")
+                        call: Callable[[AsyncAgentClient], Awaitable[T]]) -> T:
+        self._require(context, "user")
         w = self._worker(worker_id)
         try:
             return await call(self._client(w))
         except AgentClientError as e:
-            code = e.code if isinstance(e.code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
-            raise _Abort(code, f"worker {worker_id} ({w.address}): {e.details}") from None
+            raise _Abort(e.code, f"worker {worker_id} ({w.address}): {e.details}") from None
 
     # ---------------------------------------------------------- RPCs
 
     async def RegisterWorker(self, request: Any, context: Any) -> Any:
-        from agent._proto import jobscheduler_pb2 as pb
+        """A worker (on the ``workers`` list) registers; its id is stable."""
 
         async def body() -> Any:
-            import grpc
-
-            ident = self._require(context, self.cfg.auth.workers, "worker")
+            ident = self._require(context, "worker")
             try:
                 split_host_port(request.address)
             except ValueError as e:
@@ -306,10 +301,10 @@ class SchedulerService:
         return await self._guard(context, body)
 
     async def DeregisterWorker(self, request: Any, context: Any) -> Any:
-        from agent._proto import jobscheduler_pb2 as pb
+        """A worker leaves; only its own identity may remove it."""
 
         async def body() -> Any:
-            ident = self._require(context, self.cfg.auth.workers, "worker")
+            ident = self._require(context, "worker")
             ok = self.registry.deregister(request.workerID, ident)
             if ok:
                 log.info("worker %s deregistered", request.workerID)
@@ -318,19 +313,19 @@ class SchedulerService:
         return await self._guard(context, body)
 
     async def Heartbeat(self, request: Any, context: Any) -> Any:
-        from agent._proto import jobscheduler_pb2 as pb
+        """A worker renews its registration; ``known`` False tells it to register again."""
 
         async def body() -> Any:
-            ident = self._require(context, self.cfg.auth.workers, "worker")
+            ident = self._require(context, "worker")
             return pb.HeartbeatRes(known=self.registry.heartbeat(request.workerID, ident))
 
         return await self._guard(context, body)
 
     async def ListWorkers(self, request: Any, context: Any) -> Any:
-        from agent._proto import jobscheduler_pb2 as pb
+        """Registered workers, oldest first (users only)."""
 
         async def body() -> Any:
-            self._require(context, self.cfg.auth.users, "user")
+            self._require(context, "user")
             out = pb.ListWorkersRes()
             for w in sorted(self.registry.workers.values(), key=lambda w: w.registered_at):
                 info = out.workers.add(workerID=w.worker_id, address=w.address,
@@ -342,11 +337,10 @@ class SchedulerService:
         return await self._guard(context, body)
 
     async def DispatchStartJob(self, request: Any, context: Any) -> Any:
-        from agent._proto import jobscheduler_pb2 as pb
-
+        """Start a job on a worker (users only); never retried."""
         job = request.job
 
-        async def call(c: Any) -> Any:
+        async def call(c: AsyncAgentClient) -> Any:
             # start_pb is never retried by the client library: never twice.
             return pb.StartJobRes(jobID=await c.start_pb(job))
 
@@ -354,17 +348,18 @@ class SchedulerService:
                                                                  call))
 
     async def DispatchQueryJob(self, request: Any, context: Any) -> Any:
+        """A job's status on a worker (users only)."""
 
-        async def call(c: Any) -> Any:
+        async def call(c: AsyncAgentClient) -> Any:
             return await c.query_pb(request.jobID)
 
         return await self._guard(context, lambda: self._dispatch(context, request.workerID,
                                                                  call))
 
     async def DispatchStopJob(self, request: Any, context: Any) -> Any:
-        from agent._proto import jobscheduler_pb2 as pb
+        """Stop a job on a worker (users only)."""
 
-        async def call(c: Any) -> Any:
+        async def call(c: AsyncAgentClient) -> Any:
             await c.stop(request.jobID)
             return pb.StopJobRes()
 
@@ -379,7 +374,9 @@ class SchedulerService:
 
 
 class _Abort(Exception):
-    def __init__(self, code: Any, details: str) -> None:
+    """End the RPC with this status and message."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
         super().__init__(details)
         self.code = code
         self.details = details
@@ -390,12 +387,6 @@ class _Abort(Exception):
 
 async def serve(cfg: SchedulerConfig, *, ready: Callable[[int], None] | None = None) -> None:
     """Run the scheduler until SIGTERM/SIGINT."""
-    import grpc
-
-    from agent._proto import jobscheduler_pb2_grpc as pb_grpc
-    from agent.credentials import reloading_server_credentials
-    from agent.tls import CertificateReloader
-
     s = cfg.server
     assert s.crt_file and s.key_file and s.ca_file
     registry = Registry(cfg.registry.expire_seconds)

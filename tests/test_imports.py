@@ -1,0 +1,114 @@
+"""The module graph is one-way: client and scheduler never import the daemon."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import agent
+
+PACKAGE = Path(agent.__file__).resolve().parent
+
+# Modules of the client library and the scheduler, and the names to touch so
+# that a lazily loading package (agent.client) really loads what it exports.
+PROGRAM_MODULES = {
+    "agent.client": "[getattr(agent.client, n) for n in agent.client.__all__]",
+    "agent.client.cli": "None",
+    "agent.scheduler.service": "None",
+    "agent.scheduler.cli": "None",
+}
+
+
+def _run(code: str) -> str:
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=False)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+@pytest.mark.parametrize("module", sorted(PROGRAM_MODULES))
+def test_programs_do_not_load_daemon_modules(module: str) -> None:
+    """Importing the client library or the scheduler loads no agent.daemon module."""
+    touch = PROGRAM_MODULES[module]
+    code = (f"import {module}, sys; {touch}; "
+            "print([m for m in sys.modules if m.startswith('agent.daemon')])")
+    assert _run(code) == "[]"
+
+
+@pytest.mark.parametrize("module", ["agent.daemon.cli", "agent.daemon.config"])
+def test_daemon_entry_and_config_do_not_import_grpc(module: str) -> None:
+    """The daemon's CLI and config load without grpc (its cipher policy comes first)."""
+    assert _run(f"import {module}, sys; print('grpc' in sys.modules)") == "False"
+
+
+def test_agentctl_module_does_not_import_grpc_early() -> None:
+    """Importing agentctl's module sets grpc's log environment before grpc is loaded."""
+    code = ("import os, sys; os.environ.pop('GRPC_VERBOSITY', None); "
+            "import agent.client.cli; "
+            "print('grpc' in sys.modules, os.environ['GRPC_VERBOSITY'])")
+    # agent.client.cli imports grpc itself, but only after setting the variable.
+    assert _run(code).split()[1] == "NONE"
+
+
+def _imports(path: Path) -> set[str]:
+    """Every module ``path`` imports (absolute names; relative ones resolved)."""
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    package = parts[:-1]  # a module's package; for __init__.py the package itself
+    return _imports_of(path.read_text(encoding="utf-8"), package)
+
+
+def _imports_of(source: str, package: list[str]) -> set[str]:
+    """Modules imported anywhere in ``source`` (also inside functions)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[:len(package) - node.level + 1]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            found.add(mod)
+            found.update(f"{mod}.{a.name}" for a in node.names)
+    return found
+
+
+def _violations(files: list[Path], forbidden: tuple[str, ...]) -> list[str]:
+    bad = []
+    for f in files:
+        for m in sorted(_imports(f)):
+            if any(m == p or m.startswith(p + ".") for p in forbidden):
+                bad.append(f"{f.relative_to(PACKAGE.parent)} imports {m}")
+    return bad
+
+
+def test_client_and_scheduler_never_import_the_daemon_statically() -> None:
+    """No module of agent/client or agent/scheduler names agent.daemon in an import."""
+    files = sorted((PACKAGE / "client").rglob("*.py")) + sorted(
+        (PACKAGE / "scheduler").rglob("*.py"))
+    assert files
+    assert _violations(files, ("agent.daemon",)) == []
+
+
+def test_shared_modules_import_no_program() -> None:
+    """agent/*.py (shared by all three programs) import none of the three programs."""
+    # __main__.py is not shared: it is ``python -m agent``, the daemon's entry.
+    files = sorted(f for f in PACKAGE.glob("*.py") if f.name != "__main__.py")
+    assert PACKAGE / "channel.py" in files
+    assert _violations(files, ("agent.daemon", "agent.client", "agent.scheduler")) == []
+
+
+def test_static_check_sees_every_form_of_import() -> None:
+    """The static check finds plain, from, relative and function-local imports."""
+    source = ("import agent.daemon.server\n"
+              "from agent.daemon import policy\n"
+              "from ..daemon.config import load\n"
+              "def f() -> None:\n    from agent.daemon.spawn import x\n")
+    found = _imports_of(source, ["agent", "client"])
+    assert {"agent.daemon.server", "agent.daemon.policy", "agent.daemon.config",
+            "agent.daemon.spawn"} <= found
