@@ -931,17 +931,12 @@ def test_non_executable_program_is_failed_precondition(world: World) -> None:
     world.check(world.start(req), {PRECONDITION}, rule="not-executable")
 
 
-@pytest.mark.parametrize(("name", "text"), [("badinterp", "No such file"),
-                                            ("noshebang", "Exec format error")])
-def test_unexecutable_file_is_a_start_failure_reported_by_query(world: World, name: str,
-                                                                text: str) -> None:
-    """A bad interpreter line / no interpreter line: a job id, then FAILED with 'start failed'."""
-    stub = world.stub("admin")
-    job = stub.StartJob(pb.StartJobReq(command=str(world.bin / name)), timeout=TIMEOUT).jobID
-    res = stub.QueryJob(pb.QueryJobReq(jobID=job), timeout=TIMEOUT)
-    assert res.done and res.error and res.state == pb.FAILED
-    assert res.errorText.startswith("start failed: ") and text in res.errorText, res.errorText
-    assert job_processes(job) == []
+@pytest.mark.parametrize(("name", "rule"), [("badinterp", "interpreter-file-missing"),
+                                            ("noshebang", "not-executable-format")])
+def test_unexecutable_file_is_refused_at_decision(world: World, name: str, rule: str) -> None:
+    """A bad interpreter line / no interpreter line: FAILED_PRECONDITION before anything starts."""
+    req = pb.StartJobReq(command=str(world.bin / name))
+    world.check(world.start(req, "admin"), {PRECONDITION}, rule=rule)
 
 
 # ---------------------------------------------------------------- explicit: missing files
@@ -1000,9 +995,9 @@ def test_argument_and_environment_rules(world: World, args: list[str], env: dict
 
 
 @pytest.mark.parametrize(("identity", "command", "path", "code", "rule"), [
-    ("client", "sh", "LEGIT/ok.sh", DENIED, "identity-not-allowed"),
-    ("admin", "sh", "LEGIT/ok.sh", DENIED, "identity-not-allowed"),
-    ("client", "true", "", DENIED, "identity-not-allowed"),
+    ("client", "sh", "LEGIT/ok.sh", DENIED, "command-not-allowed"),
+    ("admin", "sh", "LEGIT/ok.sh", DENIED, "command-not-allowed"),
+    ("client", "true", "", DENIED, "command-not-allowed"),
     ("agent", "sh", "LEGIT/ok.sh", DENIED, "identity-not-allowed"),
     ("client", "bash", "", INVALID, "script-required"),
     ("client", "tool", "ABC", DENIED, "arg-pattern"),
