@@ -47,7 +47,6 @@ from helpers import (
     AgentProcess,
     Certs,
     children_of,
-    job_processes,
     make_safe_dir,
     pb,
     pb_grpc,

@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -60,9 +61,16 @@ def entry(name: str, command: Path, extra: str = "") -> str:
 {extra}"""
 
 
+@contextlib.contextmanager
+def stub_for(a: AgentProcess, who: str) -> Iterator[pb_grpc.WorkerStub]:
+    """A raw stub for identity ``who`` (channel closed on exit)."""
+    with grpc.secure_channel(a.addr, a.certs.creds(who)) as ch:
+        yield pb_grpc.WorkerStub(ch)  # type: ignore[no-untyped-call]
+
+
 def start(a: AgentProcess, req: pb.StartJobReq, who: str = "client") -> grpc.RpcError | str:
     """StartJob: the job id, or the RpcError."""
-    with a.stub(who) as stub:
+    with stub_for(a, who) as stub:
         try:
             return str(stub.StartJob(req, timeout=TIMEOUT).jobID)
         except grpc.RpcError as e:
@@ -70,7 +78,7 @@ def start(a: AgentProcess, req: pb.StartJobReq, who: str = "client") -> grpc.Rpc
 
 
 def code_of(r: grpc.RpcError | str) -> grpc.StatusCode | None:
-    return r.code() if isinstance(r, grpc.RpcError) else None  # type: ignore[no-any-return]
+    return r.code() if isinstance(r, grpc.RpcError) else None
 
 
 # ---------------------------------------------------------------- 1: the #! chain
@@ -179,7 +187,7 @@ def _race(a: AgentProcess, req: pb.StartJobReq, seconds: float = 2.0) -> list[st
     """Run jobs for ``seconds``; the outputs of those that ran."""
     outputs: list[str] = []
     deadline = time.monotonic() + seconds
-    with a.stub("client") as stub:
+    with stub_for(a, "client") as stub:
         while time.monotonic() < deadline:
             try:
                 res = stub.RunJob(req, timeout=TIMEOUT)
@@ -232,7 +240,7 @@ def test_pinned_script_rewritten_during_starts_runs_only_pinned_bytes(make_agent
 
 def test_list_jobs_with_250k_states_is_invalid_argument(agent: AgentProcess) -> None:
     """ListJobs with 250,000 states: INVALID_ARGUMENT, no traceback in the log."""
-    with agent.stub("admin") as stub, pytest.raises(grpc.RpcError) as ei:
+    with stub_for(agent, "admin") as stub, pytest.raises(grpc.RpcError) as ei:
         stub.ListJobs(pb.ListJobsReq(states=[pb.RUNNING] * 250_000), timeout=TIMEOUT)
     assert ei.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert "Traceback" not in agent.log()
@@ -249,7 +257,7 @@ def test_list_jobs_with_250k_states_is_invalid_argument(agent: AgentProcess) -> 
 def test_oversize_start_requests_are_invalid_argument(agent: AgentProcess,
                                                       req: pb.StartJobReq) -> None:
     """Every oversize repeated field or string of StartJob: INVALID_ARGUMENT, nothing else."""
-    with agent.stub("client") as stub, pytest.raises(grpc.RpcError) as ei:
+    with stub_for(agent, "client") as stub, pytest.raises(grpc.RpcError) as ei:
         stub.StartJob(req, timeout=TIMEOUT)
     assert ei.value.code() is grpc.StatusCode.INVALID_ARGUMENT, ei.value.details()
     assert "Traceback" not in agent.log()
@@ -262,7 +270,7 @@ def test_oversize_start_requests_are_invalid_argument(agent: AgentProcess,
 def test_oversize_list_requests_are_invalid_argument(agent: AgentProcess,
                                                      req: pb.ListJobsReq) -> None:
     """An oversize owner or page token: INVALID_ARGUMENT."""
-    with agent.stub("admin") as stub, pytest.raises(grpc.RpcError) as ei:
+    with stub_for(agent, "admin") as stub, pytest.raises(grpc.RpcError) as ei:
         stub.ListJobs(req, timeout=TIMEOUT)
     assert ei.value.code() is grpc.StatusCode.INVALID_ARGUMENT
 
@@ -270,12 +278,13 @@ def test_oversize_list_requests_are_invalid_argument(agent: AgentProcess,
 def test_oversize_job_id_is_invalid_argument(agent: AgentProcess) -> None:
     """A megabyte jobID: INVALID_ARGUMENT on every RPC that takes one."""
     big = "0" * 1_000_000
-    with agent.stub("admin") as stub:
-        for call in (lambda: stub.QueryJob(pb.QueryJobReq(jobID=big), timeout=TIMEOUT),
-                     lambda: stub.StopJob(pb.StopJobReq(jobID=big), timeout=TIMEOUT),
-                     lambda: stub.WaitJob(pb.WaitJobReq(jobID=big), timeout=TIMEOUT)):
+    with stub_for(agent, "admin") as stub:
+        calls: list[tuple[Any, Any]] = [(stub.QueryJob, pb.QueryJobReq(jobID=big)),
+                                        (stub.StopJob, pb.StopJobReq(jobID=big)),
+                                        (stub.WaitJob, pb.WaitJobReq(jobID=big))]
+        for method, req in calls:
             with pytest.raises(grpc.RpcError) as ei:
-                call()
+                method(req, timeout=TIMEOUT)
             assert ei.value.code() is grpc.StatusCode.INVALID_ARGUMENT
 
 
@@ -284,15 +293,15 @@ def test_oversize_job_id_is_invalid_argument(agent: AgentProcess) -> None:
 
 def test_argument_errors_ignore_entries_restricted_to_others(make_agent, safe: Path) -> None:  # type: ignore[no-untyped-def]
     """Too many arguments next to a sibling for another identity: INVALID_ARGUMENT, no leak."""
-    extra = f"""  - name: secret-sibling
+    extra = """  - name: secret-sibling
     command: /bin/echo
     aliases: [shared]
     identities: [admin]
-    args: {{max_count: 50}}
+    args: {max_count: 50}
   - name: public
     command: /bin/echo
     aliases: [shared]
-    args: {{max_count: 1, max_length: 4}}
+    args: {max_count: 1, max_length: 4}
   - name: admins-only
     command: /bin/echo
     aliases: [hidden]
@@ -335,7 +344,7 @@ def test_limits_the_kernel_cannot_give_are_invalid_argument(agent: AgentProcess)
 
 
 def _forged(a: AgentProcess, tmp_path: Path, name: str,
-            attrs: list[cx.NameAttribute], sans: list[str] = ()) -> grpc.ChannelCredentials:  # type: ignore[assignment]
+            attrs: list[cx.NameAttribute[str]], sans: list[str]) -> grpc.ChannelCredentials:
     ca = cf.load_issuer(a.certs.ca, a.certs.key("ca"))
     key = cf.new_key()
     b = (cx.CertificateBuilder().subject_name(cx.Name(attrs))
@@ -363,12 +372,12 @@ def _forged(a: AgentProcess, tmp_path: Path, name: str,
      ["admin", "mallory"]),
 ])
 def test_ambiguous_identity_is_unauthenticated_and_audited(
-        agent: AgentProcess, tmp_path: Path, name: str, attrs: list[cx.NameAttribute],
+        agent: AgentProcess, tmp_path: Path, name: str, attrs: list[cx.NameAttribute[str]],
         sans: list[str]) -> None:
     """A subject that could be read as two identities: UNAUTHENTICATED, audited, nothing runs."""
     creds = _forged(agent, tmp_path, name, attrs, sans)
     with grpc.secure_channel(agent.addr, creds) as ch:
-        stub = pb_grpc.WorkerStub(ch)
+        stub = pb_grpc.WorkerStub(ch)  # type: ignore[no-untyped-call]
         with pytest.raises(grpc.RpcError) as ei:
             stub.StartJob(pb.StartJobReq(command="true"), timeout=TIMEOUT)
     assert ei.value.code() is grpc.StatusCode.UNAUTHENTICATED, ei.value.details()
