@@ -27,6 +27,7 @@ import contextlib
 import json
 import os
 import re
+import resource
 import shutil
 import stat
 import unicodedata
@@ -445,7 +446,32 @@ def obviously_malformed(req: pb.StartJobReq) -> bool:
     if any(not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k) or "\x00" in v
            for k, v in req.env.items()):
         return True
-    return any(i >= len(req.args) for i in req.secretArgs)
+    if any(i >= len(req.args) for i in req.secretArgs):
+        return True
+    return _kernel_cannot_give(req)
+
+
+def _kernel_cannot_give(req: pb.StartJobReq) -> bool:
+    """Limits refused before any policy rule: above rlim_t, the agent's hard limits, int64."""
+    if not req.HasField("limits"):
+        return False
+    for wire, kernel in (("cpuSeconds", "RLIMIT_CPU"), ("memoryBytes", "RLIMIT_AS"),
+                         ("openFiles", "RLIMIT_NOFILE"), ("processes", "RLIMIT_NPROC"),
+                         ("outputBytes", None)):
+        if not req.limits.HasField(wire):
+            continue
+        value = getattr(req.limits, wire)
+        if not value:
+            continue
+        if value > 2**63 - 1:
+            return True
+        if kernel is None:
+            continue
+        need = value + 2 if wire == "cpuSeconds" else value
+        hard = resource.getrlimit(getattr(resource, kernel))[1]
+        if need >= 2**64 - 1 or (hard != resource.RLIM_INFINITY and need > hard):
+            return True
+    return False
 
 
 # ---------------------------------------------------------------- properties

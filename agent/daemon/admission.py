@@ -80,7 +80,7 @@ RLIM_MAX = (1 << 64) - 1
 CPU_HARD_EXTRA = 2
 # What the history (SQLite INTEGER) and the event loop's timers can hold.
 MAX_STORED_INT = (1 << 63) - 1
-MAX_TIMEOUT_SECONDS = (1 << 31) - 1
+MAX_TIMEOUT_SECONDS = (1 << 32) - 1  # the wire field is a uint32
 
 
 def kernel_hard_limits() -> dict[str, int]:
