@@ -28,6 +28,7 @@ import os
 import ssl
 import stat
 import threading
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -290,38 +291,80 @@ _peer_lock = threading.Lock()
 def identity_from_cert(pem: bytes) -> PeerCert:
     """The identity of a (handshake-verified) client certificate.
 
-    The identity is the subject Common Name; a certificate without one uses
-    its first subjectAltName (DNS name, URI or e-mail). A certificate whose
-    extendedKeyUsage is missing or does not include clientAuth is not a
-    client certificate and gets a ``problem``: BoringSSL refuses an EKU
-    without clientAuth during the handshake, but lets a certificate with no
-    EKU at all through, so this check closes that gap.
+    The identity is the subject's one Common Name; a certificate without a
+    CN uses its one identity-bearing subjectAltName (DNS name, URI or
+    e-mail). Anything that could be read as two identities is refused with
+    a ``problem`` (the caller answers UNAUTHENTICATED and audits it):
+
+    * more than one CN (``CN=admin, CN=mallory``: some readers take the
+      first, others the last, and a CA checking one may have missed the
+      other);
+    * no CN and more than one DNS/URI/e-mail SAN (which one is "the" name
+      would be an accident of order);
+    * a CN or SAN with control or format characters, leading or trailing
+      white space, or DN syntax characters (``,+=;"\\<>``): such a name
+      prints like another subject (``admin,CN=x``) in logs and in every
+      tool that shows the DN as a string.
+
+    A certificate whose extendedKeyUsage is missing or does not include
+    clientAuth is not a client certificate and gets a ``problem`` too:
+    BoringSSL refuses an EKU without clientAuth during the handshake, but
+    lets a certificate with no EKU at all through, so this check closes
+    that gap.
     """
     hit = _peer_cache.get(pem)
     if hit is not None:
         return hit
     try:
-        cert = x509.parse_certificate(x509.pem_certificates(pem)[0])
+        certs = x509.pem_certificates(pem)
+        cert = x509.parse_certificate(certs[0])
     except (x509.DERError, IndexError):
         return PeerCert("", False, "unparsable client certificate")
-    ident = cert.common_name or ""
-    if not ident:
-        for kind, value in cert.san:
-            if kind in ("dns", "uri", "email"):
-                ident = value
-                break
-    client_auth = cert.eku is not None and x509.OID_CLIENT_AUTH in cert.eku
+    names = [v for k, v in cert.san if k in ("dns", "uri", "email")]
     problem = ""
-    if not ident:
+    ident = ""
+    if len(cert.common_names) > 1:
+        problem = (f"client certificate subject has {len(cert.common_names)} Common Names; "
+                   "exactly one is accepted")
+    elif cert.common_names:
+        ident = cert.common_names[0]
+    elif len(names) > 1:
+        problem = ("client certificate has no Common Name and several subjectAltNames; "
+                   "the identity would be ambiguous")
+    elif names:
+        ident = names[0]
+    client_auth = cert.eku is not None and x509.OID_CLIENT_AUTH in cert.eku
+    if problem:
+        pass
+    elif not ident:
         problem = "client certificate has neither a Common Name nor a subjectAltName"
     elif not client_auth:
         problem = "client certificate is not for client authentication (extendedKeyUsage " \
                   "clientAuth missing)"
-    elif any(ord(c) < 0x20 or ord(c) == 0x7F for c in ident):
-        problem = "client certificate identity contains control characters"
+    else:
+        problem = _identity_problem(ident, from_cn=bool(cert.common_names))
     result = PeerCert(ident, client_auth, problem)
     with _peer_lock:
         if len(_peer_cache) > 4096:
             _peer_cache.clear()
         _peer_cache[pem] = result
     return result
+
+
+# Characters with a meaning in a distinguished name's string form (RFC 4514).
+_DN_SPECIAL = frozenset(',+=;"\\<>#')
+
+
+def _identity_problem(ident: str, *, from_cn: bool) -> str:
+    """Why ``ident`` cannot be used as an identity, or ""."""
+    for ch in ident:
+        if ord(ch) < 0x20 or 0x7F <= ord(ch) < 0xA0 or unicodedata.category(ch) in (
+                "Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"):
+            return "client certificate identity contains control or format characters"
+        # Only a CN is part of the DN string; e-mail SANs may have '+'.
+        if from_cn and ch in _DN_SPECIAL:
+            return (f"client certificate identity contains {ch!r}, which would make it read "
+                    "as a different subject")
+    if ident != ident.strip():
+        return "client certificate identity has leading or trailing white space"
+    return ""

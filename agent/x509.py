@@ -44,13 +44,16 @@ class Certificate:
     """The fields of one certificate that the agent uses."""
 
     der: bytes
-    common_name: str | None
+    common_name: str | None  # the first CN (see common_names for all of them)
     san: tuple[tuple[str, str], ...]  # ("dns" | "uri" | "email" | "ip", value)
     eku: frozenset[str] | None  # OIDs; None when the extension is absent
     not_before: datetime.datetime
     not_after: datetime.datetime
     key_type: str  # "ec", "rsa", "ed25519", ... or the OID
     spki: bytes  # DER of SubjectPublicKeyInfo
+    # Every CN of the subject, in order: more than one makes the identity
+    # ambiguous (different libraries pick the first or the last).
+    common_names: tuple[str, ...] = ()
 
     @property
     def fingerprint(self) -> str:
@@ -167,7 +170,9 @@ def parse_certificate(der: bytes) -> Certificate:
 
 
 def _parse(der: bytes) -> Certificate:
-    _, s, e, nxt = _tlv(der, 0, len(der))
+    tag, s, e, nxt = _tlv(der, 0, len(der))
+    if tag != 0x30:
+        raise DERError("a certificate is a SEQUENCE")
     if nxt != len(der):
         raise DERError("trailing bytes after the certificate")
     cert = _children(der, s, e)
@@ -187,7 +192,7 @@ def _parse(der: bytes) -> Certificate:
     not_after = _time(validity[1][0], der[validity[1][1]:validity[1][2]])
     subject = tbs[i + 4]
     ss, se = _expect(subject, 0x30, "subject")
-    cn: str | None = None
+    cns: list[str] = []
     for rdn in _children(der, ss, se):
         rs, re_ = _expect(rdn, 0x31, "RDN")
         for atv in _children(der, rs, re_):
@@ -196,8 +201,8 @@ def _parse(der: bytes) -> Certificate:
             if len(parts) != 2:
                 raise DERError("bad attribute")
             os_, oe = _expect(parts[0], 0x06, "attribute type")
-            if _oid(der[os_:oe]) == OID_CN and cn is None:
-                cn = _string(parts[1][0], der[parts[1][1]:parts[1][2]])
+            if _oid(der[os_:oe]) == OID_CN:
+                cns.append(_string(parts[1][0], der[parts[1][1]:parts[1][2]]))
     spki_item = tbs[i + 5]
     ks, ke = _expect(spki_item, 0x30, "subjectPublicKeyInfo")
     spki = der[spki_item[3]:ke]
@@ -222,9 +227,10 @@ def _parse(der: bytes) -> Certificate:
                 san = _san(der, vs_, ve_)
             elif oid == OID_EKU:
                 eku = _eku(der, vs_, ve_)
-    return Certificate(der=der, common_name=cn, san=tuple(san), eku=eku,
+    return Certificate(der=der, common_name=cns[0] if cns else None, san=tuple(san), eku=eku,
                        not_before=not_before, not_after=not_after,
-                       key_type=KEY_ALGORITHMS.get(alg_oid, alg_oid), spki=spki)
+                       key_type=KEY_ALGORITHMS.get(alg_oid, alg_oid), spki=spki,
+                       common_names=tuple(cns))
 
 
 def _san(der: bytes, start: int, end: int) -> list[tuple[str, str]]:

@@ -9,6 +9,7 @@ change a real file at that moment through the ``FileSystem`` seam.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import re
@@ -157,7 +158,7 @@ def test_symlink_inside_the_allowed_place_runs_its_canonical_target(env: Env) ->
 
 
 def test_pinned_program_is_executed_through_its_verified_descriptor(env: Env) -> None:
-    """A sha256-pinned command yields an open fd of exactly the file that was hashed."""
+    """A sha256-pinned command yields a sealed copy holding exactly the pinned bytes."""
     p = env.policy(f"""  - name: pinned
     command: {TRUE}
     aliases: [pinned-true]
@@ -166,7 +167,11 @@ def test_pinned_program_is_executed_through_its_verified_descriptor(env: Env) ->
     d = decide(p, JobRequest(command="pinned-true", path="", identity="client"))
     assert d.plan is not None and d.plan.exec_fd is not None
     try:
-        assert os.path.samestat(os.fstat(d.plan.exec_fd), os.stat(TRUE))
+        seals = fcntl.fcntl(d.plan.exec_fd, fcntl.F_GET_SEALS)
+        want = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL
+        assert seals & want == want
+        size = os.fstat(d.plan.exec_fd).st_size
+        assert os.pread(d.plan.exec_fd, size + 1, 0) == Path(TRUE).read_bytes()
     finally:
         os.close(d.plan.exec_fd)
 
@@ -368,6 +373,32 @@ def _directory(e: Env) -> Decision:
     return decide(e.policy(), e.req(path=str(e.scripts / "d.sh")))
 
 
+def _shebang(e: Env, content: bytes, interp: Path | None = None, mode: int = 0o755,
+             iparent_mode: int | None = None, iowner: int | None = None) -> Decision:
+    """The program ``tool`` rewritten to ``content``; ``interp`` made an ELF with ``mode``."""
+    p = e.policy()
+    if interp is not None:
+        interp.parent.mkdir(parents=True, exist_ok=True)
+        if not interp.exists():
+            shutil.copy(TRUE, interp)
+        os.chmod(interp, mode)
+        if iparent_mode is not None:
+            os.chmod(interp.parent, iparent_mode)
+        if iowner is not None:
+            os.chown(interp, iowner, iowner)
+    e.tool.write_bytes(content)
+    os.chmod(e.tool, 0o755)
+    return decide(p, e.req(command="tool", path="a", args=(), env={}))
+
+
+def _not_elf_interp(e: Env) -> Decision:
+    fake = e.dir / "ibin" / "fake"
+    fake.parent.mkdir(mode=0o755)
+    os.chmod(fake.parent, 0o755)
+    fake.write_bytes(b"\x7fELX not really\n")
+    return _shebang(e, f"#!{fake}\n".encode(), fake)
+
+
 def _d(e: Env, **kw: Any) -> Decision:
     return decide(e.policy(), e.req(**kw))
 
@@ -398,8 +429,9 @@ RULE_CASES: dict[str, tuple[Kind, Case]] = {
     "malformed-env/value": (Kind.INVALID_ARGUMENT, lambda e: _d(e, env={"GOOD": "a\x00"})),
     # the policy's own rules
     "command-not-allowed": (Kind.PERMISSION_DENIED, lambda e: _d(e, command="/bin/sh -c")),
-    "identity-not-allowed": (Kind.PERMISSION_DENIED,
-                             lambda e: _d(e, command="echo", path="", args=(), env={})),
+    "command-not-allowed/other-identity": (Kind.PERMISSION_DENIED,
+                                           lambda e: _d(e, command="echo", path="", args=(),
+                                                        env={})),
     "arg-pattern": (Kind.PERMISSION_DENIED, lambda e: _d(e, args=("ABC",))),
     "env-not-allowed": (Kind.PERMISSION_DENIED, lambda e: _d(e, env={"OTHER": "1"})),
     "script-required": (Kind.INVALID_ARGUMENT, lambda e: _d(e, path="", args=())),
@@ -438,10 +470,42 @@ RULE_CASES: dict[str, tuple[Kind, Case]] = {
     "sha256-mismatch/command": (Kind.PERMISSION_DENIED, _sha_mismatch_command),
     "command-missing": (Kind.FAILED_PRECONDITION, _command_missing),
     "command-moved": (Kind.FAILED_PRECONDITION, _command_moved),
+    # the program's format and its #! interpreter
+    "not-executable-format": (Kind.FAILED_PRECONDITION, lambda e: _shebang(e, b"echo hi\n")),
+    "not-executable-format/fake-elf": (Kind.FAILED_PRECONDITION,
+                                       lambda e: _shebang(e, b"\x7fEL\n")),
+    "interpreter-missing": (Kind.FAILED_PRECONDITION, lambda e: _shebang(e, b"#!  \n")),
+    "interpreter-line-too-long": (Kind.FAILED_PRECONDITION,
+                                  lambda e: _shebang(e, b"#!/" + b"a" * 300)),
+    "interpreter-not-absolute": (Kind.PERMISSION_DENIED, lambda e: _shebang(e, b"#!bash\n")),
+    "interpreter-nested-script": (Kind.FAILED_PRECONDITION,
+                                  lambda e: _shebang(e, f"#!{e.ok} -x\n".encode())),
+    "interpreter-not-elf": (Kind.FAILED_PRECONDITION, _not_elf_interp),
+    "interpreter-file-missing": (Kind.FAILED_PRECONDITION,
+                                 lambda e: _shebang(e, f"#!{e.dir}/nope/sh\n".encode())),
+    "interpreter-parent-writable-by-others": (
+        Kind.PERMISSION_DENIED,
+        lambda e: _shebang(e, f"#!{e.dir}/ww/sh\n".encode(), e.dir / "ww" / "sh",
+                           iparent_mode=0o1777)),
+    "interpreter-parent-writable-by-others/via-symlink": (
+        Kind.PERMISSION_DENIED,
+        lambda e: (os.makedirs(e.dir / "gw", mode=0o775), os.chmod(e.dir / "gw", 0o775),
+                   os.symlink(TRUE, e.dir / "gw" / "link"),
+                   _shebang(e, f"#!{e.dir}/gw/link\n".encode()))[-1]),
+    "interpreter-writable-by-others": (
+        Kind.PERMISSION_DENIED,
+        lambda e: _shebang(e, f"#!{e.dir}/gwi/sh\n".encode(), e.dir / "gwi" / "sh", 0o775)),
+    "interpreter-bad-owner": (
+        Kind.PERMISSION_DENIED,
+        lambda e: _shebang(e, f"#!{e.dir}/oth/sh\n".encode(), e.dir / "oth" / "sh",
+                           iowner=12345)),
+    "interpreter-not-executable": (
+        Kind.FAILED_PRECONDITION,
+        lambda e: _shebang(e, f"#!{e.dir}/nx/sh\n".encode(), e.dir / "nx" / "sh", 0o644)),
     "internal-check-error": (Kind.FAILED_PRECONDITION,
                              lambda e: decide(e.policy(), e.req(), fs=_RaceFS(crash=True))),
 }
-ROOT_ONLY = {"bad-owner", "parent-bad-owner"}
+ROOT_ONLY = {"bad-owner", "parent-bad-owner", "interpreter-bad-owner"}
 
 
 def _case_params() -> list[Any]:

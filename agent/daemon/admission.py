@@ -8,12 +8,13 @@ comes out is an :class:`Admitted` plan the supervisor carries out unchanged.
 
 from __future__ import annotations
 
+import resource
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from agent.daemon import policy as policy_mod
 from agent.daemon.errors import InvalidArgument, ResourceExhausted, Unavailable
-from agent.vocabulary import LIMIT_NAMES
+from agent.vocabulary import LIMIT_NAMES, RLIMITS
 
 
 @dataclass(frozen=True)
@@ -72,9 +73,65 @@ def resolve_limits(requested: Mapping[str, int | None], defaults: Mapping[str, i
     return out
 
 
+# rlim_t is an unsigned 64-bit integer and RLIM_INFINITY its largest value;
+# the job's CPU hard limit is the requested value + 2 (SIGXCPU first, then
+# SIGKILL two CPU seconds later), so that must fit too.
+RLIM_MAX = (1 << 64) - 1
+CPU_HARD_EXTRA = 2
+# What the history (SQLite INTEGER) and the event loop's timers can hold.
+MAX_STORED_INT = (1 << 63) - 1
+MAX_TIMEOUT_SECONDS = (1 << 32) - 1  # the wire field is a uint32
+
+
+def kernel_hard_limits() -> dict[str, int]:
+    """The agent's own hard rlimits by limit name (RLIM_MAX for none).
+
+    A job inherits them: an unprivileged process (the job user, or the
+    agent when it is not root) cannot raise a hard limit, so a request
+    above one would fail with EPERM after the job was accepted.
+    """
+    out: dict[str, int] = {}
+    for name, kernel in RLIMITS.items():
+        hard = resource.getrlimit(getattr(resource, kernel))[1]
+        out[name] = RLIM_MAX if hard == resource.RLIM_INFINITY or hard < 0 else hard
+    return out
+
+
+def check_kernel_limits(limits: Mapping[str, int], hard: Mapping[str, int]) -> None:
+    """Refuse limits the kernel cannot give; InvalidArgument naming each one.
+
+    0 means "no limit" in a request and is not checked here (the maxima
+    of ``[limits]`` decide whether it is allowed).
+    """
+    problems: list[str] = []
+    for name, value in limits.items():
+        if not value:
+            continue
+        if name not in hard:
+            if value > MAX_STORED_INT:
+                problems.append(f"{name} = {value} is too large (at most {MAX_STORED_INT})")
+            continue
+        need = value + CPU_HARD_EXTRA if name == "cpu_seconds" else value
+        if need >= RLIM_MAX:
+            problems.append(f"{name} = {value} does not fit in the kernel's limit type "
+                            "(it would mean unlimited)")
+        elif hard[name] != RLIM_MAX and need > hard[name]:
+            extra = f" (the job's hard limit is {name} + {CPU_HARD_EXTRA})" \
+                if name == "cpu_seconds" else ""
+            problems.append(f"{name} = {value} is above the agent's own hard limit of "
+                            f"{hard[name]}{extra}")
+        elif value > MAX_STORED_INT:
+            problems.append(f"{name} = {value} is too large (at most {MAX_STORED_INT})")
+    if problems:
+        raise InvalidArgument("limits: " + "; ".join(problems), rule="limit-above-kernel")
+
+
 def resolve_timeout(requested: int | None, default: int, maximum: int) -> int:
     """Timeout in seconds (0 = none); InvalidArgument above the maximum."""
     value = default if requested is None else requested
+    if value > MAX_TIMEOUT_SECONDS:
+        raise InvalidArgument(f"timeoutSeconds = {value} is too large (at most "
+                              f"{MAX_TIMEOUT_SECONDS})", rule="timeout-above-maximum")
     if maximum and (value == 0 or value > maximum):
         raise InvalidArgument(
             f"timeoutSeconds = {value or 'none'} is above the maximum of {maximum}",
@@ -86,7 +143,8 @@ def admit(req: StartRequest, rules: Rules, policy: policy_mod.Policy, *, busy: i
           accepting: bool) -> Admitted:
     """Decide a start request; raise the AgentError that refuses it.
 
-    The caller owns ``plan.exec_fd`` of the result and must close it.
+    The caller owns the plan's descriptors (``exec_fd``, ``script_fd``) and
+    must close them; if this raises, no descriptor is left open.
     """
     if not accepting:
         raise Unavailable("the agent is shutting down and accepts no new jobs",
@@ -100,11 +158,22 @@ def admit(req: StartRequest, rules: Rules, policy: policy_mod.Policy, *, busy: i
             raise InvalidArgument(f"secretArgs: index {i} is not an argument index",
                                   rule="bad-secret-index")
     limits = resolve_limits(req.limits, rules.default_limits, rules.max_limits)
+    # Against the kernel at request time (not only the configured maxima):
+    # a limit it cannot give must be refused before anything starts.
+    check_kernel_limits(limits, kernel_hard_limits())
     timeout = resolve_timeout(req.timeout_seconds, rules.default_timeout, rules.max_timeout)
     decision = policy_mod.decide(
         policy, policy_mod.JobRequest(command=req.command, path=req.path, args=req.args,
                                       env=req.env, identity=req.identity))
     if not decision.allowed:
         raise decision.error()
-    assert decision.plan is not None
-    return Admitted(decision.plan, limits, timeout)
+    plan = decision.plan
+    if plan is None:  # an allowed decision always has a plan; fail closed anyway
+        raise decision.error()
+    try:
+        return Admitted(plan, limits, timeout)
+    except BaseException:
+        # Nothing may fail after the decision without closing its sealed
+        # copies: they would leak one descriptor per request.
+        plan.close()
+        raise

@@ -20,7 +20,6 @@ between are ones who could replace the agent itself.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -38,7 +37,18 @@ from agent.daemon.errors import (
     NotFound,
     PermissionDenied,
 )
-from agent.daemon.trust import FileSystem, RealFileSystem, check_file
+from agent.daemon.trust import (
+    BINPRM_BUF_SIZE,
+    ELF_MAGIC,
+    SCRIPT_FD_PATH,
+    DigestMismatch,
+    FileSystem,
+    RealFileSystem,
+    check_file,
+    read_head,
+    resolve_trusted,
+    sealed_copy,
+)
 from agent.daemon.validation import (
     ENV_NAME,
     MAX_ARG_BYTES,
@@ -146,9 +156,23 @@ class Plan:
     env: Mapping[str, str]  # caller-set variables the policy allowed
     cwd: str | None
     script: str | None  # canonical script path for interpreters
-    # An open descriptor of the verified program when its digest is pinned:
-    # the job executes /proc/self/fd/N, the very file that was hashed.
+    # A sealed copy (memfd) of the program when its digest is pinned: the
+    # spawner executes this descriptor, so what runs is exactly the bytes
+    # that were hashed, whatever happens to the file on disk afterwards.
     exec_fd: int | None = None
+    # A sealed copy of the script when the script is pinned: the spawner
+    # makes it descriptor 3, and argv names SCRIPT_FD_PATH instead of the
+    # script. The owner of the plan closes both descriptors.
+    script_fd: int | None = None
+
+    def close(self) -> None:
+        """Close the plan's descriptors (after the spawn, or when it is abandoned)."""
+        for fd in (self.exec_fd, self.script_fd):
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
 
 
 @dataclass(frozen=True)
@@ -206,36 +230,6 @@ class Decision:
 
 
 
-_digest_cache: dict[tuple[int, int, int, int, int], str] = {}
-
-
-def file_sha256(fd: int) -> str:
-    """SHA-256 of an open file, cached by identity and change time.
-
-    The cache key includes the inode's ctime, which no user can set and
-    which changes on every write, rename or chmod, so a cached digest is
-    never served for a modified file.
-    """
-    st = os.fstat(fd)
-    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-    cached = _digest_cache.get(key)
-    if cached is not None:
-        return cached
-    h = hashlib.sha256()
-    offset = 0
-    while True:
-        chunk = os.pread(fd, 1 << 20, offset)
-        if not chunk:
-            break
-        h.update(chunk)
-        offset += len(chunk)
-    digest = h.hexdigest()
-    if len(_digest_cache) > 1024:
-        _digest_cache.clear()
-    _digest_cache[key] = digest
-    return digest
-
-
 # ---------------------------------------------------------------- request validation
 
 
@@ -265,11 +259,11 @@ def decide(
 ) -> Decision:
     """Decide whether ``req`` may run, and how.
 
-    ``owners`` are the uids that may own programs, scripts and the
-    directories above them (default: root and the agent's effective uid).
-    Never raises for any request: every problem becomes a :class:`Denial`.
-    The caller must close ``plan.exec_fd`` if it is set and the plan is not
-    executed.
+    ``owners`` are the uids that may own programs, scripts, ``#!``
+    interpreters and the directories above them (default: root and the
+    agent's effective uid). Never raises for any request: every problem
+    becomes a :class:`Denial`. The caller must close the plan's
+    descriptors (:meth:`Plan.close`) if the plan is not executed.
     """
     fs = fs or RealFileSystem()
     allowed_owners = frozenset(owners) if owners is not None else frozenset({0, os.geteuid()})
@@ -277,7 +271,12 @@ def decide(
                  for rule, msg in validate_request(req)]
     if malformed:
         return Decision(None, tuple(malformed))
-    candidates = policy.candidates(req.command)
+    # Only the entries this identity may use take part: an entry restricted
+    # to someone else must neither change the status code of the answer nor
+    # show up (name, identities, rules) in its message. A caller who may
+    # use none of them gets exactly the answer for an unknown command.
+    candidates = [e for e in policy.candidates(req.command)
+                  if e.identities is None or req.identity in e.identities]
     if not candidates:
         return Decision(None, (Denial("", "command-not-allowed",
                                       f"command {req.command!r} is not in the policy"),))
@@ -301,10 +300,6 @@ def _decide_entry(entry: Entry, req: JobRequest, fs: FileSystem,
     def deny(rule: str, msg: str, kind: Kind = Kind.PERMISSION_DENIED) -> None:
         out.append(Denial(entry.name, rule, msg, kind))
 
-    if entry.identities is not None and req.identity not in entry.identities:
-        deny("identity-not-allowed", f"identity {req.identity!r} may not use this command")
-        return out  # nothing else about this entry is the caller's business
-
     checked_args = list(req.args) if entry.is_interpreter else (
         ([req.path] if req.path else []) + list(req.args))
     rules = entry.args
@@ -322,11 +317,27 @@ def _decide_entry(entry: Entry, req: JobRequest, fs: FileSystem,
             deny("env-not-allowed", f"environment variable {k} may not be set")
 
     script: str | None = None
+    script_fd: int | None = None
     if entry.is_interpreter:
-        script = _check_script(entry, req.path, fs, owners, deny)
+        script, script_fd = _check_script(entry, req.path, fs, owners, deny)
     if out:
+        if script_fd is not None:
+            os.close(script_fd)
         return out
+    try:
+        result = _program_plan(entry, req, fs, owners, deny, out, script, script_fd)
+    except BaseException:
+        if script_fd is not None:
+            os.close(script_fd)
+        raise
+    if not isinstance(result, Plan) and script_fd is not None:
+        os.close(script_fd)
+    return result
 
+
+def _program_plan(entry: Entry, req: JobRequest, fs: FileSystem, owners: frozenset[int],
+                  deny: Any, out: list[Denial], script: str | None,
+                  script_fd: int | None) -> Plan | list[Denial]:
     # The program itself, checked on every start: the policy was validated
     # at load time, but files change.
     try:
@@ -341,91 +352,193 @@ def _decide_entry(entry: Entry, req: JobRequest, fs: FileSystem,
     st = check_file(prog, fs, owners, deny, want_exec=True)
     if st is None or out:
         return out
+    fd = _open(prog, st, fs, deny)
+    if fd is None:
+        return out
     exec_fd: int | None = None
-    if entry.sha256 is not None:
-        exec_fd = _verify_digest(prog, st, entry.sha256, fs, deny)
-        if exec_fd is None:
-            return out
+    try:
+        if entry.sha256 is not None:
+            exec_fd = _seal(prog, fd, {entry.sha256}, deny, executable=True)
+            if exec_fd is None:
+                return out
+        # What the kernel will look at is the first bytes of what runs:
+        # the sealed copy when pinned, else the verified open file.
+        head = read_head(exec_fd if exec_fd is not None else fd)
+    except OSError as e:
+        if exec_fd is not None:
+            os.close(exec_fd)
+        deny("file-unreadable", f"{prog}: {e.strerror}", Kind.FAILED_PRECONDITION)
+        return out
+    finally:
+        os.close(fd)
+    try:
+        ok = _check_exec_format(prog, head, fs, owners, deny)
+    except BaseException:
+        if exec_fd is not None:
+            os.close(exec_fd)
+        raise
+    if not ok:
+        if exec_fd is not None:
+            os.close(exec_fd)
+        return out
     argv: list[str] = [prog]
     if script is not None:
-        argv.append(script)
+        # A pinned script is read by the interpreter from its sealed copy.
+        argv.append(SCRIPT_FD_PATH if script_fd is not None else script)
     elif req.path:
         argv.append(req.path)
     argv.extend(req.args)
     return Plan(entry=entry.name, executable=prog, argv=tuple(argv),
                 env={k: req.env[k] for k in req.env}, cwd=entry.cwd, script=script,
-                exec_fd=exec_fd)
+                exec_fd=exec_fd, script_fd=script_fd)
+
+
+def _check_exec_format(path: str, head: bytes, fs: FileSystem, owners: frozenset[int],
+                       deny: Any) -> bool:
+    """Whether the kernel would run ``path`` directly, by a trusted interpreter.
+
+    An ELF binary runs as it is. A ``#!`` script runs its interpreter,
+    which is code the request did not name, so it is held to the same
+    trust rule as the program and must be an ELF binary itself (a nested
+    ``#!`` would put yet another, unchecked file in the chain). Anything
+    else the kernel refuses with ENOEXEC, and a fallback (execvp) would
+    hand it to /bin/sh: refused here, before anything starts.
+    """
+    if head.startswith(ELF_MAGIC):
+        return True
+    if not head.startswith(b"#!"):
+        deny("not-executable-format",
+             f"{path} is neither an ELF binary nor a #! script (the kernel would refuse it)",
+             Kind.FAILED_PRECONDITION)
+        return False
+    nl = head.find(b"\n")
+    if nl == -1 and len(head) >= BINPRM_BUF_SIZE:
+        deny("interpreter-line-too-long",
+             f"{path}: the #! line is longer than {BINPRM_BUF_SIZE - 1} bytes",
+             Kind.FAILED_PRECONDITION)
+        return False
+    line = head[2:nl if nl != -1 else len(head)].strip(b" \t")
+    # The kernel splits the interpreter from its one optional argument at
+    # the first space or tab.
+    name = line.replace(b"\t", b" ").split(b" ", 1)[0]
+    interp = os.fsdecode(name)
+    if not interp:
+        deny("interpreter-missing", f"{path}: the #! line names no interpreter",
+             Kind.FAILED_PRECONDITION)
+        return False
+    problem = text_problem(interp, "interpreter", MAX_PATH_BYTES)
+    if problem or not interp.startswith("/"):
+        # A relative interpreter would be looked up in the job's cwd.
+        deny("interpreter-not-absolute",
+             f"{path}: #! interpreter {interp!r} is not an absolute path"
+             if not problem else f"{path}: #! {problem}")
+        return False
+
+    def ideny(rule: str, msg: str, kind: Kind = Kind.PERMISSION_DENIED) -> None:
+        # A missing interpreter is the machine's state, not the caller's path.
+        deny(f"interpreter-{rule}", f"#! interpreter of {path}: {msg}",
+             Kind.FAILED_PRECONDITION if kind is Kind.NOT_FOUND else kind)
+
+    canonical = resolve_trusted(interp, fs, owners, ideny)
+    if canonical is None:
+        return False
+    st = check_file(canonical, fs, owners, ideny, want_exec=True)
+    if st is None:
+        return False
+    fd = _open(canonical, st, fs, ideny)
+    if fd is None:
+        return False
+    try:
+        ihead = read_head(fd)
+    except OSError as e:
+        ideny("file-unreadable", f"{canonical}: {e.strerror}", Kind.FAILED_PRECONDITION)
+        return False
+    finally:
+        os.close(fd)
+    if ihead.startswith(b"#!"):
+        deny("interpreter-nested-script",
+             f"{path}: #! interpreter {interp} is itself a #! script; name the final "
+             "interpreter (an ELF binary) on the #! line", Kind.FAILED_PRECONDITION)
+        return False
+    if not ihead.startswith(ELF_MAGIC):
+        deny("interpreter-not-elf", f"{path}: #! interpreter {interp} is not an ELF binary",
+             Kind.FAILED_PRECONDITION)
+        return False
+    return True
 
 
 def _check_script(entry: Entry, path: str, fs: FileSystem, owners: frozenset[int],
-                  deny: Any) -> str | None:
+                  deny: Any) -> tuple[str | None, int | None]:
+    """The canonical script and, when it is pinned, a sealed copy of it."""
     assert entry.scripts is not None
     if path == "":
         deny("script-required", "path must name a script for this interpreter",
              Kind.INVALID_ARGUMENT)
-        return None
+        return None, None
     problem = _lexical_path_problem(path)
     if problem:
         deny("script-path-not-canonical", problem)
-        return None
+        return None, None
     # Match the path as written before touching the file system, so a
     # caller cannot probe which files exist outside the allowed places.
     if not any(r.matches(path) for r in entry.scripts):
         deny("script-not-allowed", f"{path} is not under an allowed script location")
-        return None
+        return None, None
     try:
         canonical = fs.realpath(path)
     except FileNotFoundError:
         deny("script-missing", f"{path} does not exist", Kind.NOT_FOUND)
-        return None
+        return None, None
     except OSError as e:
         deny("script-unreadable", f"{path}: {e.strerror or type(e).__name__}",
              Kind.FAILED_PRECONDITION)
-        return None
+        return None, None
     rules = [r for r in entry.scripts if r.matches(canonical)]
     if not rules:
         deny("script-symlink-escape",
              f"{path} resolves to {canonical}, outside the allowed script locations")
-        return None
+        return None, None
     st = check_file(canonical, fs, owners, deny, want_exec=False)
     if st is None:
-        return None
+        return None, None
     pins = {r.sha256 for r in rules if r.sha256}
-    if pins:
-        fd = _verify_digest(canonical, st, None, fs, deny, allowed=pins)
-        if fd is None:
-            return None
-        os.close(fd)
-    return canonical
-
-
-
-
-
-
-def _verify_digest(path: str, st: os.stat_result, expected: str | None, fs: FileSystem,
-                   deny: Any, *, allowed: set[str] | None = None) -> int | None:
-    """Open the checked file and compare its SHA-256; return the open fd."""
+    if not pins:
+        # The script is read by the interpreter as text: it is not parsed
+        # here (its #! line is a comment to bash).
+        return canonical, None
+    fd = _open(canonical, st, fs, deny)
+    if fd is None:
+        return None, None
     try:
-        fd = fs.open_verified(path, st)
+        sealed = _seal(canonical, fd, pins, deny, executable=False)
+    finally:
+        os.close(fd)
+    if sealed is None:
+        return None, None
+    return canonical, sealed
+
+
+def _open(path: str, st: os.stat_result, fs: FileSystem, deny: Any) -> int | None:
+    """Open the checked file, making sure it is still the one that was checked."""
+    try:
+        return fs.open_verified(path, st)
     except OSError as e:
         deny("file-changed", f"{path} changed while being checked ({type(e).__name__})",
              Kind.FAILED_PRECONDITION)
         return None
+
+
+def _seal(path: str, fd: int, pins: set[str], deny: Any, *, executable: bool) -> int | None:
+    """A sealed copy of the open file whose digest is one of ``pins``, or None."""
     try:
-        digest = file_sha256(fd)
-    except OSError as e:
-        os.close(fd)
-        deny("file-unreadable", f"{path}: {e.strerror}", Kind.FAILED_PRECONDITION)
-        return None
-    want = allowed if allowed is not None else {expected}
-    if digest not in want:
-        os.close(fd)
+        return sealed_copy(fd, pins, name=os.path.basename(path)[:200] or "pinned",
+                           executable=executable)
+    except DigestMismatch:
         deny("sha256-mismatch", f"{path} does not have the pinned sha256 digest")
-        return None
-    return fd
-
-
+    except OSError as e:
+        deny("file-unreadable", f"{path}: {e.strerror or type(e).__name__}",
+             Kind.FAILED_PRECONDITION)
+    return None
 
 
 # ---------------------------------------------------------------- loading

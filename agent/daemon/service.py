@@ -10,6 +10,7 @@ logic and no access rule of its own.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
@@ -21,7 +22,7 @@ from agent._proto import jobscheduler_pb2 as pb
 from agent.access import AccessDenied, AccessRules, Caller
 from agent.daemon import validation
 from agent.daemon.admission import StartRequest
-from agent.daemon.audit import AuditLog, env_names
+from agent.daemon.audit import AuditLog
 from agent.daemon.errors import AgentError, InvalidArgument, Kind, PermissionDenied, Unauthenticated
 from agent.daemon.history import JobRecord
 from agent.daemon.supervisor import Supervisor
@@ -165,11 +166,19 @@ class WorkerService:
                      context: grpc.aio.ServicerContext) -> tuple[JobRecord, Caller]:
         malformed = isinstance(request, Malformed)
         # Bounded: a refused request must not turn into a megabyte audit line.
+        # Bounded: a refused request must not turn into a megabyte audit line,
+        # nor cost more than a few dozen items to describe (islice, never a
+        # sort or copy of the whole map).
         fields: dict[str, Any] = {} if malformed else {
             "command": request.command[:512], "path": request.path[:512],
-            "args": _audit_args(request), "env": [n[:128] for n in env_names(request.env)[:64]],
+            "args": _audit_args(request),
+            "env": sorted(n[:128] for n in itertools.islice(request.env, 64)),
             "arg_count": len(request.args), "env_count": len(request.env)}
+
         async def body(caller: Caller) -> tuple[JobRecord, Caller]:
+            # Every size bound before any other work on the request.
+            validation.start_bounds(request.command, request.path, request.args,
+                                    request.env, request.secretArgs)
             return await self.jobs.start(_start_request(request, caller.identity)), caller
 
         rec, caller = await self._run(rpc, request, context, body, **fields)
@@ -220,6 +229,7 @@ class WorkerService:
 
     async def ListJobs(self, request: Any, context: grpc.aio.ServicerContext) -> pb.ListJobsRes:
         async def body(caller: Caller) -> pb.ListJobsRes:
+            validation.list_bounds(request.states, request.owner, request.pageToken)
             states = validation.states(request.states)
             recs, token = self.jobs.list_jobs(caller, states=states, owner=request.owner,
                                          page_size=request.pageSize,
@@ -289,8 +299,13 @@ async def _first(it: AsyncIterator[tuple[int, bytes]]) -> AsyncIterator[tuple[in
 
 
 def _audit_args(request: Any) -> list[str]:
-    secret = set(request.secretArgs)
-    return ["<secret>" if i in secret else a[:256] for i, a in enumerate(request.args[:64])]
+    # Only the first 64 arguments are described, so only indexes below 64
+    # matter; the set is built from a bounded slice of secretArgs.
+    if len(request.secretArgs) > 1024:  # refused anyway; hide every argument
+        return ["<secret>"] * min(len(request.args), 64)
+    secret = {i for i in request.secretArgs if 0 <= i < 64}
+    return ["<secret>" if i in secret else a[:256]
+            for i, a in enumerate(itertools.islice(request.args, 64))]
 
 
 def _start_request(request: Any, identity: str) -> StartRequest:

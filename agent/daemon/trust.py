@@ -11,8 +11,11 @@ re-checks what it executes).
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import os
 import stat
+import threading
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
@@ -21,6 +24,18 @@ from agent.daemon.errors import Kind
 # deny(rule, message, kind): how a check reports one problem.
 Deny = Callable[..., None]
 
+# Where a job finds its sealed (pinned) script: the spawner dup2()s the
+# plan's script_fd to descriptor 3, and the interpreter is given this path
+# instead of the script's, so it reads the verified bytes, not the file on
+# disk. The spawner (agent.daemon.spawn) defines the same value.
+SCRIPT_FD = 3
+SCRIPT_FD_PATH = f"/proc/self/fd/{SCRIPT_FD}"
+
+# The kernel reads at most this much of a file to find its #! line
+# (BINPRM_BUF_SIZE); a longer line is refused rather than guessed at.
+BINPRM_BUF_SIZE = 256
+ELF_MAGIC = b"\x7fELF"
+
 
 class FileSystem(Protocol):
     """The file-system calls the decision needs (a seam for race tests)."""
@@ -28,7 +43,7 @@ class FileSystem(Protocol):
     def realpath(self, path: str) -> str: ...
     def lstat(self, path: str) -> os.stat_result: ...
     def open_verified(self, path: str, st: os.stat_result) -> int: ...
-
+    def readlink(self, path: str) -> str: ...
 
 
 class RealFileSystem:
@@ -54,6 +69,9 @@ class RealFileSystem:
             raise
         return fd
 
+    def readlink(self, path: str) -> str:
+        """``os.readlink``."""
+        return os.readlink(path)
 
 
 class FileChangedError(OSError):
@@ -148,3 +166,191 @@ def file_kind(mode: int) -> str:
     if stat.S_ISLNK(mode):
         return "a symbolic link"
     return "not a regular file"
+
+
+def resolve_trusted(path: str, fs: FileSystem, owners: frozenset[int], deny: Deny) -> str | None:
+    """Canonicalise ``path`` checking every directory the lookup searches.
+
+    ``realpath`` alone is not enough for a path the *kernel* will resolve
+    again later (a ``#!`` interpreter): a symbolic link in a directory that
+    someone else can write could be re-pointed between the check and the
+    exec. So every directory searched while resolving, including the ones
+    a link leads through, must pass the directory half of the trust rule;
+    links themselves cannot be changed, only replaced in their directory.
+    """
+    if not path.startswith("/"):
+        raise ValueError(f"resolve_trusted needs an absolute path, got {path!r}")
+    pending = [p for p in reversed(path.split("/")) if p]
+    cur = "/"
+    hops = 0
+    searched: set[str] = set()
+    while pending:
+        name = pending.pop()
+        if name == ".":
+            continue
+        if name == "..":
+            cur = os.path.dirname(cur)
+            continue
+        if cur not in searched:
+            searched.add(cur)
+            if not _directory_ok(cur, fs, owners, deny):
+                return None
+        nxt = os.path.join(cur, name)
+        try:
+            st = fs.lstat(nxt)
+        except FileNotFoundError:
+            deny("file-missing", f"{nxt} does not exist", Kind.NOT_FOUND)
+            return None
+        except OSError as e:
+            deny("file-unreadable", f"{nxt}: {e.strerror or type(e).__name__}",
+                 Kind.FAILED_PRECONDITION)
+            return None
+        if stat.S_ISLNK(st.st_mode):
+            hops += 1
+            if hops > 40:  # the kernel's own limit (ELOOP)
+                deny("file-unreadable", f"{path}: too many levels of symbolic links",
+                     Kind.FAILED_PRECONDITION)
+                return None
+            target = fs.readlink(nxt)
+            if target.startswith("/"):
+                cur = "/"
+            pending.extend(p for p in reversed(target.split("/")) if p)
+            continue
+        cur = nxt
+    return cur
+
+
+def _directory_ok(d: str, fs: FileSystem, owners: frozenset[int], deny: Deny) -> bool:
+    try:
+        st = fs.lstat(d)
+    except OSError as e:
+        deny("parent-unreadable", f"{d}: {e.strerror or type(e).__name__}",
+             Kind.FAILED_PRECONDITION)
+        return False
+    if not stat.S_ISDIR(st.st_mode):
+        deny("parent-not-directory", f"{d} is not a directory")
+        return False
+    ok = True
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        deny("parent-writable-by-others",
+             f"directory {d} is writable by group or others (mode {st.st_mode & 0o7777:04o})")
+        ok = False
+    if st.st_uid not in owners:
+        deny("parent-bad-owner",
+             f"directory {d} is owned by uid {st.st_uid}, not root or the agent's user")
+        ok = False
+    return ok
+
+
+# ---------------------------------------------------------------- sealed copies
+#
+# A pin is a promise about bytes, and a path or even an open descriptor of
+# the file does not keep it: whoever may write the inode (the agent's own
+# user, root) can rewrite it between hashing and exec, and the job then runs
+# what was never hashed. A sealed memfd cannot change at all once sealed
+# (F_SEAL_WRITE/GROW/SHRINK, and F_SEAL_SEAL so no seal can be removed), so a
+# digest computed on the copy is a digest of exactly what runs.
+
+_SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL
+# Linux 6.3+: say explicitly whether the copy may be executed (with neither
+# flag the kernel logs a warning, and vm.memfd_noexec may refuse exec).
+_MFD_EXEC = getattr(os, "MFD_EXEC", 0x10)
+_MFD_NOEXEC_SEAL = getattr(os, "MFD_NOEXEC_SEAL", 0x08)
+_CACHE_MAX = 256
+
+_sealed: dict[tuple[int, int, int, int, int, str, bool], int] = {}
+_sealed_lock = threading.Lock()
+
+
+class DigestMismatch(Exception):
+    """The copy's SHA-256 is not the pinned one."""
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int, int, int]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _memfd(name: str, executable: bool) -> int:
+    base = os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING
+    extra = _MFD_EXEC if executable else _MFD_NOEXEC_SEAL
+    try:
+        return os.memfd_create(name, base | extra)
+    except OSError as e:
+        if e.errno != 22:  # EINVAL: a kernel before 6.3 without these flags
+            raise
+        return os.memfd_create(name, base)
+
+
+def _copy_and_seal(src: int, name: str, executable: bool) -> tuple[int, str]:
+    """A sealed memfd holding the bytes of ``src``, and the SHA-256 of the copy."""
+    fd = _memfd(name, executable)
+    try:
+        offset = 0
+        while True:
+            chunk = os.pread(src, 1 << 20, offset)
+            if not chunk:
+                break
+            view = memoryview(chunk)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+            offset += len(chunk)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
+        # Hash the sealed copy itself, never the source: the source may
+        # have changed while it was being copied.
+        h = hashlib.sha256()
+        pos = 0
+        while True:
+            chunk = os.pread(fd, 1 << 20, pos)
+            if not chunk:
+                break
+            h.update(chunk)
+            pos += len(chunk)
+        return fd, h.hexdigest()
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def sealed_copy(src: int, pins: Iterable[str], *, name: str, executable: bool) -> int:
+    """A new descriptor of a sealed copy of ``src`` whose SHA-256 is one of ``pins``.
+
+    The caller owns (and closes) the returned descriptor. Copies are cached
+    by the source's identity (device, inode, size, mtime, ctime) and pin,
+    so an unchanged file is copied once; reuse is safe because a sealed
+    copy holds exactly the bytes that were verified. Raises DigestMismatch
+    when the copy does not match, OSError when the file cannot be read.
+    """
+    wanted = frozenset(pins)
+    before = os.fstat(src)
+    ident = _identity(before)
+    with _sealed_lock:
+        for pin in wanted:
+            hit = _sealed.get((*ident, pin, executable))
+            if hit is not None:
+                return os.dup(hit)
+    fd, digest = _copy_and_seal(src, name, executable)
+    if digest not in wanted:
+        os.close(fd)
+        raise DigestMismatch(digest)
+    # Cache only when the file did not change while it was copied, so the
+    # key describes the file the copy was taken from.
+    if _identity(os.fstat(src)) == ident:
+        with _sealed_lock:
+            if len(_sealed) >= _CACHE_MAX:
+                for old in _sealed.values():
+                    os.close(old)
+                _sealed.clear()
+            key = (*ident, digest, executable)
+            if key in _sealed:
+                os.close(fd)
+                fd = _sealed[key]
+            else:
+                _sealed[key] = fd
+            return os.dup(fd)
+    return fd
+
+
+def read_head(fd: int) -> bytes:
+    """The first BINPRM_BUF_SIZE bytes of an open file (what the kernel looks at)."""
+    return os.pread(fd, BINPRM_BUF_SIZE, 0)

@@ -10,6 +10,7 @@ module only says whether a request is well-formed.
 from __future__ import annotations
 
 import base64
+import itertools
 import re
 import unicodedata
 import uuid
@@ -39,6 +40,18 @@ MAX_ARGS = 1024
 MAX_ARG_BYTES = 128 * 1024
 MAX_ENV = 64
 MAX_ENV_VALUE_BYTES = 32 * 1024
+MAX_SECRET_ARGS = MAX_ARGS
+# All arguments and environment values together: the kernel's own limit
+# for argv plus environ is a quarter of the stack limit (2 MiB with the
+# usual 8 MiB), so nothing larger could be executed anyway.
+MAX_EXEC_BYTES = 1024 * 1024
+MAX_ENV_NAME_BYTES = 256
+# ListJobs: there are fewer job states than this, so more is a malformed
+# request, not a query (each would become an SQL parameter).
+MAX_STATES = 16
+MAX_OWNER_BYTES = 1024
+MAX_PAGE_TOKEN_CHARS = 64
+JOB_ID_CHARS = 36
 # \Z, not $: '$' also matches before a trailing newline ("FOO\n").
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
 
@@ -98,6 +111,57 @@ def validate_request(req: StartFields) -> list[tuple[str, str]]:
     return out
 
 
+def start_bounds(command: str, path: str, args: Sequence[str], env: Mapping[str, str],
+                 secret_args: Sequence[int]) -> None:
+    """Refuse an oversize StartJob request before anything else looks at it.
+
+    The cheapest checks come first: counts (O(1) on protobuf containers),
+    then string lengths in characters (a character is at least one byte,
+    so more characters than the byte cap is always too long), then one
+    bounded pass over the items. Raises InvalidArgument naming the field.
+    """
+    if len(args) > MAX_ARGS:
+        raise InvalidArgument(f"args: {len(args)} arguments, at most {MAX_ARGS} are accepted",
+                              rule="too-many-args")
+    if len(env) > MAX_ENV:
+        raise InvalidArgument(f"env: {len(env)} variables, at most {MAX_ENV} are accepted",
+                              rule="too-many-env")
+    if len(secret_args) > MAX_SECRET_ARGS:
+        raise InvalidArgument(f"secretArgs: {len(secret_args)} indexes, at most "
+                              f"{MAX_SECRET_ARGS} are accepted", rule="too-many-secret-args")
+    for what, value in (("command", command), ("path", path)):
+        if len(value) > MAX_PATH_BYTES:
+            raise InvalidArgument(f"{what} is longer than {MAX_PATH_BYTES} bytes",
+                                  rule=f"malformed-{what}")
+    total = 0
+    for i, a in enumerate(args):
+        if len(a) > MAX_ARG_BYTES:
+            raise InvalidArgument(f"argument {i} is longer than {MAX_ARG_BYTES} bytes",
+                                  rule="arg-too-long")
+        total += len(a)
+    for k, v in env.items():
+        if len(k) > MAX_ENV_NAME_BYTES or len(v) > MAX_ENV_VALUE_BYTES:
+            raise InvalidArgument(f"env: a variable name is longer than {MAX_ENV_NAME_BYTES} "
+                                  f"bytes or a value longer than {MAX_ENV_VALUE_BYTES}",
+                                  rule="malformed-env")
+        total += len(k) + len(v)
+    if total > MAX_EXEC_BYTES:
+        raise InvalidArgument(f"args and env together are longer than {MAX_EXEC_BYTES} bytes",
+                              rule="request-too-large")
+
+
+def list_bounds(states: Sequence[int], owner: str, page_token: str) -> None:
+    """Refuse an oversize ListJobs request before any query is built."""
+    if len(states) > MAX_STATES:
+        raise InvalidArgument(f"states: {len(states)} given, at most {MAX_STATES} are accepted",
+                              rule="too-many-states")
+    if len(owner) > MAX_OWNER_BYTES:
+        raise InvalidArgument(f"owner is longer than {MAX_OWNER_BYTES} bytes",
+                              rule="owner-too-long")
+    if len(page_token) > MAX_PAGE_TOKEN_CHARS:
+        raise InvalidArgument("pageToken is not one this agent issued", rule="bad-page-token")
+
+
 # ---------------------------------------------------------------- ids, pages, offsets
 
 MAX_PAGE_SIZE = 1000
@@ -110,7 +174,7 @@ MAX_STREAM_OFFSET = 1 << 62
 def job_id(value: str) -> str:
     """A job id in the form this agent issues (canonical UUID), or InvalidArgument."""
     try:
-        if str(uuid.UUID(value)) == value:
+        if len(value) == JOB_ID_CHARS and str(uuid.UUID(value)) == value:
             return value
     except (ValueError, TypeError):
         pass
@@ -119,8 +183,12 @@ def job_id(value: str) -> str:
 
 
 def states(values: Iterable[int]) -> list[JobState]:
-    """Wire state numbers -> distinct states; InvalidArgument for an unknown one."""
+    """Wire state numbers -> distinct states; InvalidArgument for an unknown one or too many."""
     out: list[JobState] = []
+    values = list(itertools.islice(values, MAX_STATES + 1))
+    if len(values) > MAX_STATES:
+        raise InvalidArgument(f"states: at most {MAX_STATES} are accepted",
+                              rule="too-many-states")
     for v in values:
         try:
             s = JobState(v)
@@ -154,7 +222,7 @@ def encode_page_token(seq: int) -> str:
 def decode_page_token(token: str) -> int:
     """The sequence number in a token this agent issued, or InvalidArgument."""
     try:
-        if len(token) > 64:
+        if len(token) > MAX_PAGE_TOKEN_CHARS:
             raise ValueError
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
         tag, _, num = raw.partition(":")
