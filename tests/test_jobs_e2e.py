@@ -11,7 +11,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from agent.client import InvalidArgument, NotFound, PermissionDenied
+from agent.client import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 
 from helpers import (
     IS_ROOT,
@@ -170,7 +170,7 @@ def test_client_without_certificate_cannot_call(agent: AgentProcess) -> None:
 
 
 def test_start_failure_is_reported_through_query(make_agent: AgentFactory, script_dir: Path) -> None:
-    """An executable that cannot be exec'd gets an id; QueryJob reports error."""
+    """A program whose #! interpreter is missing is refused at StartJob, before anything runs."""
     bad = script_dir / "noexec-interp.sh"
     bad.write_text("#!/nonexistent/interpreter\necho hi\n")
     os.chmod(bad, 0o755)
@@ -182,11 +182,9 @@ entries:
 """
     a = make_agent(policy)
     c = a.client()
-    job = c.start(str(bad), "")
-    st = c.wait(job, timeout=10)
-    assert st.state == "FAILED" and st.error and st.done
-    assert st.error_text.startswith("start failed: ")
-    assert "No such file" in st.error_text
+    with pytest.raises(FailedPrecondition) as e:
+        c.start(str(bad), "")
+    assert "/nonexistent/interpreter" in str(e.value)
 
 
 def test_output_file_that_cannot_be_created_fails_that_job(make_agent: AgentFactory, tmp_path: Path,
@@ -268,8 +266,8 @@ entries:
 def test_file_without_interpreter_line_is_never_run_by_a_shell(make_agent: AgentFactory, script_dir: Path,
                                                                 tmp_path: Path,
                                                                 limits: dict[str, int]) -> None:
-    """Regression: the setpriv/prlimit trampolines use execvp(), which would hand a file
-    the kernel cannot execute to /bin/sh. The agent refuses it first (ENOEXEC)."""
+    """Regression: a file the kernel cannot execute must never reach a shell (execvp's
+    ENOEXEC fallback); the policy refuses it before anything starts."""
     marker = script_dir / f"ran-{len(limits)}"
     prog = script_dir / f"shell-text-{len(limits)}"
     prog.write_text(f"touch {marker}\necho ran\n")
@@ -277,8 +275,9 @@ def test_file_without_interpreter_line_is_never_run_by_a_shell(make_agent: Agent
     a = make_agent(f"version: 1\nentries:\n  - name: text\n    command: {prog}\n",
                    limits={"max": {"open_files": 4096}, "default": {"open_files": 1024}})
     c = a.client()
-    st = c.wait(c.start(str(prog), "", limits=limits), timeout=10)
-    assert st.state == "FAILED" and st.error_text == "start failed: Exec format error (ENOEXEC)"
+    with pytest.raises(FailedPrecondition) as e:
+        c.start(str(prog), "", limits=limits)
+    assert "not-executable-format" in str(e.value) or "format" in str(e.value)
     assert not marker.exists()
 
 

@@ -155,8 +155,7 @@ class Supervisor:
             return await self._spawn(req, admitted)
         finally:
             self._starting -= 1
-            if admitted.plan.exec_fd is not None:
-                os.close(admitted.plan.exec_fd)
+            admitted.plan.close()  # the sealed copies (exec_fd, script_fd) are the child's now
 
     async def _spawn(self, req: admission.StartRequest,
                      admitted: admission.Admitted) -> JobRecord:
