@@ -73,7 +73,7 @@ def test_clean_environment_stdin_devnull_own_group(agent: AgentProcess, script_d
     assert "PYTHONPATH" not in env
     # own process group / session, stdin from /dev/null
     job2 = c.start("bash", str(script_dir / "sleep.sh"), args=["30"])
-    wait_for(lambda: b"started" in b"".join(c.stream(job2)))  # past the trampolines
+    wait_for(lambda: b"started" in b"".join(c.stream(job2)))  # past its exec
     pid = c.query(job2).pid
     assert os.getpgid(pid) == pid and os.getsid(pid) == pid
     assert os.readlink(f"/proc/{pid}/fd/0") == "/dev/null"
@@ -277,7 +277,7 @@ def test_file_without_interpreter_line_is_never_run_by_a_shell(make_agent, scrip
                    limits={"max": {"open_files": 4096}, "default": {"open_files": 1024}})
     c = a.client()
     st = c.wait(c.start(str(prog), "", limits=limits), timeout=10)
-    assert st.state == "FAILED" and st.error_text == "start failed: Exec format error (ENOEXEC)"
+    assert st.state == "FAILED" and st.error_text == "start failed: execve: Exec format error (ENOEXEC)"
     assert not marker.exists()
 
 
