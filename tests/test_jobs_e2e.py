@@ -74,7 +74,7 @@ def test_clean_environment_stdin_devnull_own_group(agent: AgentProcess, script_d
     assert "PYTHONPATH" not in env
     # own process group / session, stdin from /dev/null
     job2 = c.start("bash", str(script_dir / "sleep.sh"), args=["30"])
-    wait_for(lambda: b"started" in b"".join(c.stream(job2)))  # past the trampolines
+    wait_for(lambda: b"started" in b"".join(c.stream(job2)))  # past its exec
     pid = c.query(job2).pid
     assert os.getpgid(pid) == pid and os.getsid(pid) == pid
     assert os.readlink(f"/proc/{pid}/fd/0") == "/dev/null"

@@ -216,7 +216,6 @@ def test_pinned_program_rewritten_during_starts_runs_only_pinned_bytes(make_agen
     assert outputs and all(o == "good\n" for o in outputs), outputs[:5]
 
 
-@pytest.mark.xfail(strict=True, reason="needs the new spawner's script_fd")
 def test_pinned_script_rewritten_during_starts_runs_only_pinned_bytes(make_agent,  # type: ignore[no-untyped-def]
                                                                      safe: Path) -> None:
     """A pinned script rewritten in place / renamed over in a loop: every run is the pinned one."""

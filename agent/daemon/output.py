@@ -18,12 +18,15 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from agent.daemon.errors import FailedPrecondition
+from agent.daemon.spawn import SpawnFailure
 
 STREAM_CHUNK = 256 * 1024
 
 
 def describe_oserror(e: OSError) -> str:
     """``Exec format error (ENOEXEC)``-style text for a failed operation."""
+    if isinstance(e, SpawnFailure):
+        return e.reason  # already names the step: "execve: Exec format error (ENOEXEC)"
     code = errno.errorcode.get(e.errno or 0, "")
     text = e.strerror or str(e)
     return f"{text} ({code})" if code else text

@@ -33,7 +33,7 @@ from agent.daemon.lockfile import LockFile
 from agent.daemon.retention import Sweeper
 from agent.daemon.sdnotify import Notifier, watchdog_interval
 from agent.daemon.service import WorkerService
-from agent.daemon.spawn import RealProcessOps
+from agent.daemon.spawn import SpawnerOps
 from agent.daemon.startup import Prepared
 from agent.daemon.supervisor import BOOT_ID, INSTANCE_ENV, Settings, Supervisor, instance_id
 from agent.tls import CertificateReloader, ServerTLSState
@@ -56,8 +56,6 @@ def settings_from(cfg: Config, prepared: Prepared) -> Settings:
         umask=int(cfg.jobs.umask, 8),
         stop_grace=cfg.jobs.stop_grace_seconds,
         on_output_cap=cfg.jobs.on_output_cap,
-        prlimit=str(cfg.jobs.prlimit_path),
-        setpriv=str(cfg.jobs.setpriv_path),
         path_env=cfg.jobs.path_env,
         rules=Rules(
             max_running=cfg.jobs.max_running,
@@ -113,6 +111,7 @@ class AgentServer:
         self.bound_port = 0
         self._lock = LockFile.state_dir(self.config.jobs.state_dir)
         self._status_dirty = True
+        self.exit_status = 0
 
     # ------------------------------------------------------------ signals
 
@@ -124,6 +123,12 @@ class AgentServer:
         loop.add_signal_handler(signal.SIGHUP, self.reload_requested.set)
 
     def _on_term(self) -> None:
+        self.should_exit.set()
+
+    def _spawner_fatal(self, why: str) -> None:
+        # Without a spawner no job can run: stop, and say so in the exit status.
+        log.error("shutting down: %s", why)
+        self.exit_status = 1
         self.should_exit.set()
 
     def _on_int(self) -> None:
@@ -150,7 +155,11 @@ class AgentServer:
         self.audit = AuditLog(cfg.audit_file)
         history = History(store)
         settings = settings_from(cfg, self.prepared)
-        self.jobs = Supervisor(settings, history, self.prepared.policy, RealProcessOps(),
+        try:
+            ops = SpawnerOps(on_fatal=self._spawner_fatal)
+        except OSError as e:
+            raise StartupError(f"cannot start the job spawner: {e}") from None
+        self.jobs = Supervisor(settings, history, self.prepared.policy, ops,
                                on_change=self._mark_status, on_finish=self._audit_finish)
         retention.recover(history, instance=settings.instance, boot_id=BOOT_ID,
                           instance_env=INSTANCE_ENV)
@@ -387,4 +396,4 @@ def run(prepared: Prepared, *, on_ready: Callable[[], None] | None = None,
         if on_startup_error:
             on_startup_error(str(e))
         return 1
-    return 0
+    return server.exit_status

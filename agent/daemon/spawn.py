@@ -4,54 +4,61 @@ Everything here is behind :class:`ProcessOps`, so the supervisor
 (:mod:`agent.daemon.supervisor`) is driven by a fake in unit tests
 (tests/test_supervisor_unit.py) and by the real kernel in integration tests.
 
-Why it is written this way (the project's design notes, "Facts measured on
-these machines"):
+The real implementation, :class:`SpawnerOps`, hands every job to the job
+spawner (:mod:`agent.daemon.spawner`), a small single-threaded process
+started from a fresh interpreter when the agent starts. Why (the design
+notes, "Facts measured on these machines"): no Python code may run between
+fork and exec in the gRPC process, and util-linux ``prlimit``/``setpriv``
+trampolines call execvp(), which hands a file the kernel refuses (ENOEXEC)
+to /bin/sh. The spawner sets up the job in its forked child (session,
+cgroup, rlimits, umask, cwd, user, signals, descriptors) and calls
+``execve`` (or ``fexecve`` of a pinned program's sealed copy) itself: no
+PATH lookup, no shell, ENOEXEC is a start failure. It is the jobs' parent,
+so it reaps them (pidfd + ``wait4``: status and rusage, no polling) after
+killing what each job left in its process group, and reports the exit.
 
-* No ``preexec_fn``: in a process running gRPC it crashes children. All the
-  set-up between fork and exec (new session, user switch, dropping
-  supplementary groups, umask, closing descriptors, dup2 of stdio) is done
-  by CPython's C code in ``_posixsubprocess``.
-* Resource limits are therefore applied by exec'ing util-linux ``prlimit``,
-  which sets them on itself and execs the job: no Python runs in the child.
-* The switch to the job user (when the agent is root) is done by exec'ing
-  util-linux ``setpriv`` (setresgid, setgroups([]), setresuid), not by
-  Popen's ``user=``: CPython can only use ``vfork()`` when Popen changes no
-  ids, and a ``fork()`` of the agent (tens of MB, gRPC threads) costs about
-  2 ms of the agent's time per job against 0.1 ms (measured, bench/). The
-  trampolines run with the job's environment, which the policy keeps free
-  of every variable that changes how the loader or libc behave.
-* Spawning stays on the event loop's thread: on the vfork path Popen
-  blocks for about 0.1 ms, less than a hand-off to a worker thread costs
-  (measured both ways with bench/). That is why there is no lock here.
-* No shell, ever: argv goes to execve as a list.
-* The job leads its own session and process group (``setsid``), so a
-  signal to the group reaches everything it started, and it has no
-  controlling terminal to read from.
-* Exit is learnt from a pidfd becoming readable (no polling, no SIGCHLD
-  handler, no asyncio child watcher), then ``os.wait4`` gives the status
-  and rusage in one call.
+The agent side sends a fully resolved plan over a ``SOCK_SEQPACKET``
+socketpair (:mod:`agent.daemon.spawnproto`), with the job's descriptors by
+SCM_RIGHTS, and reads the answers with ``loop.add_reader``: nothing blocks
+the event loop but one ``sendmsg``.
+
+When the spawner dies (end of file on the socket, whatever the cause):
+every job it was running is killed (``killpg`` SIGKILL from the agent where
+permitted) and ends FAILED, "start failed: the job spawner died; the job's
+processes were killed"; starts waiting for an answer fail the same way; a
+new spawner is started and new jobs work. If it dies more than
+:data:`MAX_DEATHS` times in :data:`DEATH_WINDOW` seconds, the agent logs an
+error and shuts down with a non-zero status (``on_fatal``). At the agent's
+shutdown :meth:`SpawnerOps.close` tells the spawner to exit and waits for
+it; the spawner also dies with the agent (PR_SET_PDEATHSIG), so it never
+outlives it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import json
+import logging
 import os
 import signal
+import socket
 import subprocess
+import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
+from agent.daemon import spawnproto as proto
 from agent.daemon.lifecycle import Exit
 
-# Limit name -> (prlimit option, extra seconds between soft and hard).
-PRLIMIT_OPTIONS = {
-    "cpu_seconds": "--cpu",
-    "memory_bytes": "--as",
-    "open_files": "--nofile",
-    "processes": "--nproc",
-}
+log = logging.getLogger(__name__)
+
+SPAWNER_DIED = "the job spawner died; the job's processes were killed"
+MAX_DEATHS = 3
+DEATH_WINDOW = 60.0
+CLOSE_WAIT = 2.0
 
 
 @dataclass(frozen=True)
@@ -59,7 +66,7 @@ class SpawnSpec:
     """Everything needed to start one job process."""
 
     argv: Sequence[str]
-    executable: str
+    executable: str  # absolute; used unless exec_fd is given
     env: Mapping[str, str]
     cwd: str
     stdout_fd: int
@@ -67,9 +74,24 @@ class SpawnSpec:
     gid: int | None
     umask: int
     limits: Mapping[str, int]  # rlimits, 0 = unlimited
-    prlimit: str
-    setpriv: str
-    exec_fd: int | None = None  # execute /proc/self/fd/N (a verified file)
+    exec_fd: int | None = None  # fexecve this (a sealed, verified copy)
+    script_fd: int | None = None  # a pinned script, fd 3 = SCRIPT_FD_PATH in argv
+    cgroup_procs_fd: int | None = None  # the job's cgroup.procs: the child joins it
+
+
+class SpawnFailure(OSError):
+    """The job could not be started; ``str()`` is the whole reason, naming the step."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(code, reason)
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return self.reason
+
+
+class SpawnerDied(Exception):
+    """The job spawner died too often: the agent cannot run jobs and must stop."""
 
 
 class ProcessOps(Protocol):
@@ -88,170 +110,207 @@ class ProcessOps(Protocol):
     def close(self) -> None: ...
 
 
-def check_exec_format(path: str, fd: int | None = None) -> None:
-    """Raise OSError(ENOEXEC) unless the program is an ELF binary or a #! script.
-
-    The kernel would refuse anything else with ENOEXEC, but the trampolines
-    (setpriv, prlimit) call execvp(), which then runs the file with /bin/sh:
-    a job must never end up interpreted by a shell it did not name.
-    The interpreter named on a #! line is checked too, so that a missing one
-    is a start failure now rather than a trampoline's exit status later.
-    """
-    try:
+def plan_of(spec: SpawnSpec) -> tuple[dict[str, Any], list[str], list[int]]:
+    """The spawner's plan for ``spec``, with the descriptor roles and descriptors."""
+    plan: dict[str, Any] = {
+        "path": spec.executable, "argv": list(spec.argv), "env": dict(spec.env),
+        "cwd": spec.cwd, "umask": spec.umask, "uid": spec.uid, "gid": spec.gid,
+        "limits": {k: v for k, v in spec.limits.items() if v},
+    }
+    roles, fds = ["stdout"], [spec.stdout_fd]
+    for role, fd in (("exec", spec.exec_fd), ("script", spec.script_fd),
+                     ("cgroup", spec.cgroup_procs_fd)):
         if fd is not None:
-            head = os.pread(fd, 256, 0)
-        else:
-            with open(path, "rb", buffering=0) as f:
-                head = f.read(256)
-    except OSError:
-        return  # let execve report the real error (ENOENT, EACCES, ...)
-    if head.startswith(b"\x7fELF"):
-        return
-    if not head.startswith(b"#!"):
-        raise OSError(errno.ENOEXEC, os.strerror(errno.ENOEXEC), path)
-    line = head[2:].split(b"\n", 1)[0].strip()
-    interp = line.split(None, 1)[0] if line else b""
-    if not interp or not os.access(interp, os.X_OK):
-        code = errno.ENOENT if not interp or not os.path.exists(interp) else errno.EACCES
-        raise OSError(code, os.strerror(code), path)
+            roles.append(role)
+            fds.append(fd)
+    return plan, roles, fds
 
 
-def build_argv(spec: SpawnSpec) -> tuple[list[str], str, tuple[int, ...]]:
-    """The argv, program and inherited fds actually passed to execve."""
-    program = spec.executable
-    pass_fds: tuple[int, ...] = ()
-    argv = list(spec.argv)
-    if spec.exec_fd is not None:
-        # The digest was checked on this open file; executing it through
-        # /proc/self/fd leaves no window to swap the file on disk.
-        program = f"/proc/self/fd/{spec.exec_fd}"
-        pass_fds = (spec.exec_fd,)
-    opts = []
-    for name, value in sorted(spec.limits.items()):
-        if not value or name not in PRLIMIT_OPTIONS:
-            continue
-        if name == "cpu_seconds":
-            # Soft limit sends SIGXCPU, the hard one SIGKILL two seconds of
-            # CPU later, so a job may clean up.
-            opts.append(f"--cpu={value}:{value + 2}")
-        else:
-            opts.append(f"{PRLIMIT_OPTIONS[name]}={value}:{value}")
-    if opts:
-        argv = [spec.prlimit, *opts, "--", program, *argv[1:]]
-        program = spec.prlimit
-    if spec.uid is not None:
-        # First drop to the job user (so RLIMIT_NPROC is checked against
-        # the job user's processes), then prlimit, then the program.
-        gid = spec.gid if spec.gid is not None else spec.uid
-        argv = [spec.setpriv, f"--reuid={spec.uid}", f"--regid={gid}", "--clear-groups",
-                "--", program, *argv[1:]]
-        program = spec.setpriv
-    return argv, program, pass_fds
+class SpawnerOps:
+    """:class:`ProcessOps` through the job spawner process (see the module docstring)."""
 
+    def __init__(self, *, on_fatal: Callable[[str], None] | None = None) -> None:
+        self._on_fatal = on_fatal
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._sock: socket.socket | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._next_id = 0
+        # request id -> (answer, on_exit); pid -> on_exit while it runs
+        self._pending: dict[int, tuple[asyncio.Future[int], Callable[[Exit], None]]] = {}
+        self._running: dict[int, Callable[[Exit], None]] = {}
+        self._deaths: list[float] = []
+        self._closed = False
+        self._start()
 
-class RealProcessOps:
-    """:class:`ProcessOps` on the real kernel, spawning from the agent's own process."""
+    @property
+    def spawner_pid(self) -> int | None:
+        """The pid of the current spawner process (None when there is none)."""
+        return self._proc.pid if self._proc is not None else None
 
-    def __init__(self) -> None:
-        # Popen objects are kept until reaped: a collected, unreaped Popen
-        # would be waited for by CPython's subprocess._cleanup(), stealing
-        # the status.
-        self._popen: dict[int, subprocess.Popen[bytes]] = {}
-        self._pidfds: dict[int, int] = {}
+    def _start(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            # A fresh interpreter (exec right after vfork, no Python in the
+            # child) in isolated mode: neither the agent's environment nor its
+            # working directory can change what the spawner imports.
+            self._proc = subprocess.Popen(
+                [sys.executable, "-I", "-m", "agent.daemon.spawner", str(theirs.fileno()),
+                 str(os.getpid())],
+                pass_fds=[theirs.fileno()], close_fds=True, stdin=subprocess.DEVNULL,
+                env={}, cwd="/")
+        finally:
+            theirs.close()
+        self._sock = ours
+        self._attach()
+
+    def _attach(self) -> None:
+        if self._sock is None:
+            return
+        if self._loop is None:
+            try:
+                self._loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return
+        self._loop.add_reader(self._sock.fileno(), self._readable)
 
     async def spawn(self, spec: SpawnSpec, on_exit: Callable[[Exit], None]) -> int:
-        """Start the process; raise OSError if exec fails (errno of the child)."""
-        check_exec_format(spec.executable, spec.exec_fd)
-        argv, program, pass_fds = build_argv(spec)
-        proc = subprocess.Popen(
-            argv,
-            executable=program,
-            stdin=subprocess.DEVNULL,
-            stdout=spec.stdout_fd,
-            stderr=spec.stdout_fd,
-            close_fds=True,
-            pass_fds=pass_fds,
-            cwd=spec.cwd,
-            env=dict(spec.env),
-            start_new_session=True,
-            restore_signals=True,
-            umask=spec.umask,
-        )
-        pid = int(proc.pid)
-        self._popen[pid] = proc
-        pidfd = os.pidfd_open(pid)
-        self._pidfds[pid] = pidfd
-        asyncio.get_running_loop().add_reader(pidfd, self._exited, pid, on_exit)
-        return pid
-
-    def _exited(self, pid: int, on_exit: Callable[[Exit], None]) -> None:
-        # The leader is a zombie now, so its pid (the group id) cannot be
-        # reused yet: the last moment signalling the group is safe. A job
-        # is its process group; what it leaves behind is killed.
-        self.signal(pid, signal.SIGKILL)
-        ended = self._reap(pid)
-        if ended is None:  # not actually exited (should not happen with a pidfd)
-            return
-        pidfd = self._pidfds.pop(pid)
-        asyncio.get_running_loop().remove_reader(pidfd)
-        os.close(pidfd)
-        on_exit(ended)
-
-    def _reap(self, pid: int) -> Exit | None:
+        """Start the job; raise :class:`SpawnFailure` naming the step that failed."""
+        if self._loop is None:
+            self._attach()
+        if self._sock is None:
+            raise SpawnFailure(errno.EIO, "the job spawner is not running")
+        loop = asyncio.get_running_loop()
+        plan, roles, fds = plan_of(spec)
+        self._next_id += 1
+        rid = self._next_id
+        fut: asyncio.Future[int] = loop.create_future()
         try:
-            wpid, status, ru = os.wait4(pid, os.WNOHANG)
-        except ChildProcessError:
-            # Already reaped elsewhere: should not happen; report unknown.
-            self._forget(pid, -1)
-            return Exit(None, None)
-        if wpid == 0:
-            return None
-        code = os.waitstatus_to_exitcode(status)
-        self._forget(pid, code)
-        return Exit(
-            exit_code=code if code >= 0 else None,
-            signal=-code if code < 0 else None,
-            user_cpu=ru.ru_utime,
-            system_cpu=ru.ru_stime,
-            max_rss=ru.ru_maxrss * 1024,
-        )
-
-    def _forget(self, pid: int, code: int) -> None:
-        proc = self._popen.pop(pid, None)
-        if proc is not None:
-            # Tell Popen the child is gone, so it never waits for (and
-            # steals the status of) a pid it no longer owns.
-            proc.returncode = code
+            proto.send(self._sock, {"op": "spawn", "id": rid, "plan": plan, "fds": roles}, fds)
+        except OSError as e:
+            code = e.errno or errno.EIO
+            if code in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
+                self._died()
+                raise SpawnFailure(code, "the job spawner died") from None
+            raise SpawnFailure(code, proto.error_text("sending the plan", code)) from None
+        self._pending[rid] = (fut, on_exit)
+        return await fut
 
     def signal(self, pid: int, sig: int) -> bool:
-        """Signal a job's process group; False if it no longer exists."""
+        """Signal a job's process group (through the spawner); False if it is not running."""
         if pid <= 1:
             raise ValueError(f"refusing to signal process group {pid}")
-        try:
-            os.killpg(pid, sig)
-        except (ProcessLookupError, PermissionError):
+        if pid not in self._running or self._sock is None:
             return False
+        try:
+            proto.send(self._sock, {"op": "signal", "pid": pid, "sig": int(sig)})
+        except OSError:
+            return False  # the reader sees the end of file and fails the job
         return True
 
+    def _readable(self) -> None:
+        while self._sock is not None:
+            try:
+                data = self._sock.recv(proto.RECV_MAX, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self._died()
+                return
+            try:
+                self._dispatch(json.loads(data))
+            except (ValueError, KeyError, TypeError) as e:
+                log.error("bad message from the job spawner: %s", e)
+
+    def _dispatch(self, msg: dict[str, Any]) -> None:
+        assert self._loop is not None
+        if msg["op"] == "spawned":
+            fut, on_exit = self._pending.pop(msg["id"])
+            pid = msg.get("pid")
+            if pid is None:
+                if not fut.done():
+                    fut.set_exception(SpawnFailure(int(msg.get("errno", errno.EIO)),
+                                                str(msg["error"])))
+                return
+            self._running[pid] = on_exit
+            if fut.done():  # the start was cancelled: the job must not run unseen
+                self._running[pid] = lambda ex: None
+                self.signal(pid, signal.SIGKILL)
+            else:
+                fut.set_result(pid)
+        elif msg["op"] == "exited":
+            on_exit = self._running.pop(msg["pid"])
+            ex = Exit(exit_code=msg["code"], signal=msg["signal"], user_cpu=msg["utime"],
+                      system_cpu=msg["stime"], max_rss=msg["maxrss"])
+            # Scheduled, not called: the task awaiting this job's spawn (woken
+            # by the answer just before) runs first, as with a pidfd reader.
+            self._loop.call_soon(on_exit, ex)
+
+    def _died(self) -> None:
+        if self._closed or self._sock is None:
+            return
+        if self._loop is not None:
+            self._loop.remove_reader(self._sock.fileno())
+        self._sock.close()
+        self._sock = None
+        status = self._reap_spawner(0.5)
+        log.error("the job spawner (pid %s) died (%s); killing its %d running job(s)",
+                  self.spawner_pid, status, len(self._running))
+        for fut, _ in self._pending.values():
+            if not fut.done():
+                fut.set_exception(SpawnFailure(errno.EIO, "the job spawner died"))
+        self._pending.clear()
+        for pid, on_exit in self._running.items():
+            try:
+                # The jobs are orphans now; their groups are still theirs
+                # while anything of them lives.
+                os.killpg(pid, signal.SIGKILL)
+            except OSError:
+                pass
+            ex = Exit(exit_code=None, signal=None, start_failure=SPAWNER_DIED)
+            if self._loop is not None:
+                self._loop.call_soon(on_exit, ex)
+        self._running.clear()
+        now = time.monotonic()
+        self._deaths = [t for t in self._deaths if now - t < DEATH_WINDOW] + [now]
+        if len(self._deaths) > MAX_DEATHS:
+            why = (f"the job spawner died {len(self._deaths)} times in {DEATH_WINDOW:.0f} s; "
+                   "the agent cannot run jobs")
+            log.error("%s", why)
+            self._proc = None
+            if self._on_fatal is not None:
+                self._on_fatal(why)
+            return
+        try:
+            self._start()
+        except OSError as e:
+            log.error("cannot restart the job spawner: %s", e)
+            if self._on_fatal is not None:
+                self._on_fatal(f"cannot restart the job spawner: {e}")
+
+    def _reap_spawner(self, timeout: float) -> str:
+        proc = self._proc
+        if proc is None:
+            return "not running"
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            code = proc.wait()
+        return f"exit status {code}" if code >= 0 else f"signal {-code}"
+
     def close(self) -> None:
-        """Stop watching (the jobs themselves are the supervisor's business)."""
-        loop = asyncio.get_event_loop()
-        for fd in self._pidfds.values():
-            loop.remove_reader(fd)
-            os.close(fd)
-        self._pidfds.clear()
-
-
-def trampoline_exec_failure(output_path: str, exit_code: int | None) -> str:
-    """Recognise setpriv's or prlimit's report that it could not execute the program."""
-    if exit_code not in (126, 127):
-        return ""
-    try:
-        with open(output_path, "rb") as f:
-            head = f.read(512).decode("utf-8", "replace")
-    except OSError:
-        return ""
-    for tool in ("setpriv", "prlimit"):
-        if head.startswith(f"{tool}: failed to execute"):
-            return head.splitlines()[0].split(": ", 2)[-1]
-    return ""
+        """Tell the spawner to exit and wait briefly for it (after the jobs ended)."""
+        self._closed = True
+        if self._sock is not None:
+            if self._loop is not None:
+                self._loop.remove_reader(self._sock.fileno())
+            try:
+                proto.send(self._sock, {"op": "exit"})
+            except OSError:
+                pass
+            self._sock.close()
+            self._sock = None
+        if self._proc is not None:
+            self._reap_spawner(CLOSE_WAIT)

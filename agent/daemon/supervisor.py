@@ -38,7 +38,7 @@ from agent.daemon import policy as policy_mod
 from agent.daemon.errors import NotFound, PermissionDenied, Unavailable
 from agent.daemon.history import History, JobRecord
 from agent.daemon.output import LiveOutput, OutputFile, describe_oserror, stream_file
-from agent.daemon.spawn import ProcessOps, SpawnSpec, trampoline_exec_failure
+from agent.daemon.spawn import ProcessOps, SpawnSpec
 from agent.vocabulary import JobState
 
 log = logging.getLogger(__name__)
@@ -71,8 +71,6 @@ class Settings:
     umask: int
     stop_grace: float
     on_output_cap: str
-    prlimit: str
-    setpriv: str
     path_env: str
     rules: admission.Rules
 
@@ -181,7 +179,7 @@ class Supervisor:
             argv=plan.argv, executable=plan.executable, env=env, cwd=plan.cwd or "/",
             stdout_fd=wfd, uid=s.user.uid, gid=s.user.gid, umask=s.umask,
             limits={k: v for k, v in limits.items() if k != "output_bytes"},
-            prlimit=s.prlimit, setpriv=s.setpriv, exec_fd=plan.exec_fd)
+            exec_fd=plan.exec_fd, script_fd=plan.script_fd)
         life = lc.Life(timeout_seconds=admitted.timeout,
                        cpu_seconds=limits.get("cpu_seconds", 0))
         job = Job(record, life, OutputFile(out_path, limits.get("output_bytes", 0)), self.loop)
@@ -253,11 +251,6 @@ class Supervisor:
             self._finish(job, action)
 
     def _exited(self, job: Job, ex: lc.Exit) -> None:
-        if not ex.start_failure:
-            failure = trampoline_exec_failure(job.record.output_path, ex.exit_code)
-            if failure:
-                ex = lc.Exit(ex.exit_code, ex.signal, ex.user_cpu, ex.system_cpu, ex.max_rss,
-                             start_failure=failure)
         if not job.live.closed:
             self._on_output(job)  # what is already in the pipe belongs to the job
         self._handle(job, lc.Exited(ex))

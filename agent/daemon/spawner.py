@@ -1,0 +1,391 @@
+"""The job spawner: a small single-threaded process that forks, sets up and execs every job.
+
+Why it exists (the design notes, "Facts measured on these machines"): no
+Python code may run between fork and exec in the gRPC process, and exec'ing
+util-linux trampolines is unsafe (their execvp() hands an ENOEXEC file to
+/bin/sh). This process never imports grpc (nor asyncio, nor yaml) and has
+one thread, so its forked child may run Python freely before ``execve``.
+
+It is started by the agent (:class:`agent.daemon.spawn.SpawnerOps`) as a
+fresh interpreter, ``python -I -m agent.daemon.spawner FD PARENT_PID``, with
+one end of a ``socketpair(AF_UNIX, SOCK_SEQPACKET)`` as FD; the protocol is
+in :mod:`agent.daemon.spawnproto`. The agent sends fully resolved plans; the
+spawner checks what it can check before forking (an absolute path or a
+descriptor, limits the kernel will accept) and answers with the pid once
+``execve`` has succeeded, or with the step and errno that failed.
+
+The child's set-up, in this order: setsid; join the cgroup (``cgroup``
+descriptor: write "0"); rlimits; umask; chdir; user switch (setgroups([]),
+setresgid, setresuid); default signal dispositions and an empty mask; stdin
+/dev/null, stdout and stderr the output pipe, a pinned script on fd 3;
+close every other descriptor; (Landlock: later); ``execve`` of the path, or
+``fexecve`` of the pinned program's sealed copy. Never execvp, never a shell,
+no PATH lookup: ENOEXEC is a start failure like any other. A failing step
+writes ``step\\0errno`` to a CLOEXEC pipe and exits 127; end of file without
+data on that pipe means the exec succeeded.
+
+The spawner is the jobs' parent, so it reaps them: a pidfd per job in one
+selector with the control socket, no polling. When a job's leader exits it
+first kills the rest of the leader's process group (the leader is a zombie
+until reaped, so its group id cannot have been reused), then ``wait4`` gives
+status and rusage. It exits when the agent closes the socket or asks it to,
+and dies with the agent (PR_SET_PDEATHSIG). Jobs still running then are left
+alone: the agent's next start finds them (AGENT_INSTANCE) and reports them
+LOST, as it does after an agent crash.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import resource
+import selectors
+import signal
+import socket
+import sys
+from typing import Any, NoReturn
+
+from agent.daemon import spawnproto as proto
+
+# Limit name (agent.vocabulary.LIMIT_NAMES) -> (resource, extra hard seconds).
+RLIMITS: dict[str, tuple[int, str, int]] = {
+    "cpu_seconds": (resource.RLIMIT_CPU, "RLIMIT_CPU", 2),
+    "memory_bytes": (resource.RLIMIT_AS, "RLIMIT_AS", 0),
+    "open_files": (resource.RLIMIT_NOFILE, "RLIMIT_NOFILE", 0),
+    "processes": (resource.RLIMIT_NPROC, "RLIMIT_NPROC", 0),
+}
+CAP_SYS_RESOURCE = 24
+# Descriptors the job receives: 0 /dev/null, 1-2 output, 3 script (or the
+# program), 4 the program when there is a script too. Everything the child
+# keeps is first moved above them.
+FIRST_FREE_FD = 5
+PR_SET_PDEATHSIG = 1
+
+
+def _has_cap(bit: int) -> bool:
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"CapEff:"):
+                    return bool(int(line.split()[1], 16) >> bit & 1)
+    except OSError:
+        pass
+    return False
+
+
+def _nr_open() -> int:
+    try:
+        with open("/proc/sys/fs/nr_open", "rb") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 1 << 20
+
+
+def check_limits(limits: dict[str, Any], *, privileged: bool, nr_open: int) -> str:
+    """Why the kernel would refuse these rlimits in a child of this process ("" if not)."""
+    for name, value in limits.items():
+        if name not in RLIMITS:
+            return f"unknown limit {name!r}"
+        res, rname, extra = RLIMITS[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0 \
+                or value + extra >= 1 << 63:
+            return proto.error_text(f"setrlimit {rname}", errno.EINVAL)
+        hard = resource.getrlimit(res)[1]
+        # Raising a hard limit needs CAP_SYS_RESOURCE; RLIMIT_NOFILE can never
+        # exceed fs.nr_open. Both fail with EPERM in the child: say so now.
+        if (hard != resource.RLIM_INFINITY and value + extra > hard and not privileged) or (
+                res == resource.RLIMIT_NOFILE and value > nr_open):
+            return proto.error_text(f"setrlimit {rname}", errno.EPERM)
+    return ""
+
+
+def check_plan(plan: Any, fds: dict[str, int]) -> str:
+    """Why a plan is malformed ("" if it is not). Fails closed on anything unexpected."""
+    if not isinstance(plan, dict):
+        return "malformed plan"
+    argv, env = plan.get("argv"), plan.get("env")
+    if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+        return "malformed plan: argv"
+    if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                            for k, v in env.items()):
+        return "malformed plan: env"
+    if any("\0" in s for s in [*argv, *env, *env.values()]) or any("=" in k for k in env):
+        return "malformed plan: NUL byte or '=' in a name"
+    path = plan.get("path")
+    # Only an absolute path or a verified descriptor: nothing is looked up.
+    if "exec" not in fds and (not isinstance(path, str) or not path.startswith("/")):
+        return "malformed plan: the program is not an absolute path"
+    if "stdout" not in fds:
+        return "malformed plan: no output descriptor"
+    cwd, umask = plan.get("cwd"), plan.get("umask")
+    if not isinstance(cwd, str) or not cwd.startswith("/"):
+        return "malformed plan: cwd"
+    if not isinstance(umask, int) or not 0 <= umask <= 0o777:
+        return "malformed plan: umask"
+    for k in ("uid", "gid"):
+        v = plan.get(k)
+        if v is not None and (not isinstance(v, int) or v < 0):
+            return f"malformed plan: {k}"
+    if not isinstance(plan.get("limits", {}), dict):
+        return "malformed plan: limits"
+    return ""
+
+
+def _child(plan: dict[str, Any], fds: dict[str, int], err_w: int,
+           reset: list[int]) -> NoReturn:
+    """Set up and exec the job in the forked child; never returns."""
+    step = "setup"
+    try:
+        # Keep only what the job needs, moved above the numbers it will get:
+        # the spawner's own descriptors (other jobs' pidfds, the socket) may
+        # sit anywhere, even above the job's RLIMIT_NOFILE.
+        keep = sorted({err_w, *fds.values()})
+        lo = 0
+        for fd in keep:
+            os.closerange(lo, fd)
+            lo = fd + 1
+        os.closerange(lo, os.sysconf("SC_OPEN_MAX"))
+        moved = {k: fcntl.fcntl(v, fcntl.F_DUPFD_CLOEXEC, FIRST_FREE_FD) for k, v in fds.items()}
+        err_w = fcntl.fcntl(err_w, fcntl.F_DUPFD_CLOEXEC, FIRST_FREE_FD)
+        for fd in keep:
+            os.close(fd)
+        step = "setsid"
+        os.setsid()
+        if "cgroup" in moved:
+            step = "cgroup join"
+            os.write(moved["cgroup"], b"0")
+        for name, value in sorted(plan.get("limits", {}).items()):
+            res, rname, extra = RLIMITS[name]
+            step = f"setrlimit {rname}"
+            resource.setrlimit(res, (value, value + extra))
+        os.umask(plan["umask"])
+        step = "chdir"
+        os.chdir(plan["cwd"])
+        uid, gid = plan.get("uid"), plan.get("gid")
+        if uid is not None:
+            gid = uid if gid is None else gid
+            # Groups first, then the gid, then the uid: after setresuid the
+            # process could no longer drop the others.
+            step = "setgroups"
+            os.setgroups([])
+            step = "setresgid"
+            os.setresgid(gid, gid, gid)
+            step = "setresuid"
+            os.setresuid(uid, uid, uid)
+        step = "signals"
+        for sig in reset:
+            signal.signal(sig, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, ())
+        step = "open /dev/null"
+        null = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+        step = "dup2"
+        os.dup2(null, 0)
+        os.dup2(moved["stdout"], 1)
+        os.dup2(moved["stdout"], 2)
+        top = 3
+        if "script" in moved:
+            os.dup2(moved["script"], 3)  # argv names /proc/self/fd/3
+            top = 4
+        program: int | str = plan.get("path", "")
+        if "exec" in moved:
+            # Not CLOEXEC: a #! program run by fexecve is handed to its
+            # interpreter as /dev/fd/N, which must still be open then.
+            os.dup2(moved["exec"], top)
+            program = top
+            top += 1
+        step = "close descriptors"
+        os.closerange(top, err_w)
+        os.closerange(err_w + 1, os.sysconf("SC_OPEN_MAX"))
+        # Landlock hook: the policy's ruleset is applied here (later).
+        step = "execve"
+        os.execve(program, plan["argv"], plan["env"])
+    except OSError as e:
+        code = e.errno or errno.EIO
+    except BaseException:
+        code = errno.EINVAL
+    try:
+        os.write(err_w, f"{step}\0{code}".encode())
+    finally:
+        os._exit(127)
+
+
+class Spawner:
+    """The spawner's state: its children (unreaped pids) and the control socket."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.sel = selectors.DefaultSelector()
+        self.sel.register(sock, selectors.EVENT_READ, None)
+        self.children: dict[int, int] = {}  # pid -> pidfd, until reaped
+        self.privileged = _has_cap(CAP_SYS_RESOURCE)
+        self.nr_open = _nr_open()
+        self.reset_signals: list[int] = []
+        self.running = True
+
+    def setup_signals(self) -> None:
+        """Survive the terminal's and the service manager's signals; note what the child resets."""
+        # The agent decides when the spawner ends (closing the socket): a
+        # Ctrl-C or systemd's SIGTERM to the whole group must not take the
+        # spawner away while the agent stops its jobs.
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
+        for sig in signal.valid_signals():
+            if sig in (signal.SIGKILL, signal.SIGSTOP):
+                continue
+            try:
+                if signal.getsignal(sig) != signal.SIG_DFL:
+                    self.reset_signals.append(sig)
+            except (OSError, ValueError):
+                continue
+
+    def send(self, msg: dict[str, Any]) -> None:
+        try:
+            proto.send(self.sock, msg)
+        except OSError:
+            self.running = False  # the agent is gone
+
+    def serve(self) -> None:
+        """Run until the agent closes the socket or says exit."""
+        while self.running:
+            for key, _ in self.sel.select():
+                if key.data is None:
+                    self.on_socket()
+                else:
+                    self.on_exit(key.data)
+                if not self.running:
+                    break
+
+    def on_socket(self) -> None:
+        while self.running:
+            try:
+                data, fds = proto.recv(self.sock, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            except proto.ProtocolError as e:
+                print(f"agent spawner: bad message: {e}", file=sys.stderr)
+                continue
+            except OSError:
+                self.running = False
+                return
+            if not data:
+                self.running = False  # end of file: the agent closed or died
+                return
+            try:
+                msg, byrole = proto.decode(data, fds)
+            except proto.ProtocolError as e:
+                print(f"agent spawner: bad message: {e}", file=sys.stderr)
+                continue
+            op = msg["op"]
+            if op == "spawn":
+                self.spawn(msg, byrole)
+            elif op == "signal":
+                self.signal(msg)
+            elif op == "exit":
+                self.running = False
+            for fd in byrole.values():
+                os.close(fd)
+
+    def spawn(self, msg: dict[str, Any], fds: dict[str, int]) -> None:
+        rid, plan = msg.get("id"), msg.get("plan")
+        err = check_plan(plan, fds) or check_limits(
+            plan.get("limits", {}), privileged=self.privileged, nr_open=self.nr_open)
+        if err:
+            self.send({"op": "spawned", "id": rid, "error": err, "errno": errno.EINVAL})
+            return
+        r, w = os.pipe2(os.O_CLOEXEC)
+        try:
+            pid = os.fork()
+        except OSError as e:
+            os.close(r)
+            os.close(w)
+            code = e.errno or errno.EIO
+            self.send({"op": "spawned", "id": rid, "error": proto.error_text("fork", code),
+                       "errno": code})
+            return
+        if pid == 0:
+            _child(plan, fds, w, self.reset_signals)
+        os.close(w)
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(r, 512)
+            except InterruptedError:
+                continue
+            if not chunk:
+                break
+            chunks.append(chunk)
+        os.close(r)
+        report = b"".join(chunks)
+        if report:
+            os.waitpid(pid, 0)
+            step, _, code = report.decode("utf-8", "replace").partition("\0")
+            try:
+                num = int(code)
+            except ValueError:
+                num = errno.EIO
+            self.send({"op": "spawned", "id": rid, "error": proto.error_text(step, num),
+                       "errno": num})
+            return
+        pidfd = os.pidfd_open(pid)
+        self.children[pid] = pidfd
+        self.sel.register(pidfd, selectors.EVENT_READ, pid)
+        self.send({"op": "spawned", "id": rid, "pid": pid})
+
+    def signal(self, msg: dict[str, Any]) -> None:
+        pid, sig = msg.get("pid"), msg.get("sig")
+        # Only a child not yet reaped: its pid (the group id) is still ours.
+        if not isinstance(pid, int) or pid <= 1 or pid not in self.children \
+                or not isinstance(sig, int):
+            return
+        try:
+            os.killpg(pid, sig)
+        except OSError:
+            pass
+
+    def on_exit(self, pid: int) -> None:
+        # The leader is a zombie: its group id cannot have been reused yet,
+        # so this is the last safe moment to kill what the job left behind.
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except OSError:
+            pass
+        _, status, ru = os.wait4(pid, 0)
+        pidfd = self.children.pop(pid)
+        self.sel.unregister(pidfd)
+        os.close(pidfd)
+        code = os.waitstatus_to_exitcode(status)
+        self.send({"op": "exited", "pid": pid, "code": code if code >= 0 else None,
+                   "signal": -code if code < 0 else None, "utime": ru.ru_utime,
+                   "stime": ru.ru_stime, "maxrss": ru.ru_maxrss * 1024})
+
+
+def _die_with_parent(parent: int) -> None:
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # the agent died before the prctl
+        os._exit(0)
+
+
+def main(argv: list[str]) -> int:
+    """``python -m agent.daemon.spawner FD PARENT_PID``."""
+    if len(argv) != 2:
+        print("usage: python -m agent.daemon.spawner FD PARENT_PID", file=sys.stderr)
+        return 2
+    fd, parent = int(argv[0]), int(argv[1])
+    _die_with_parent(parent)
+    sock = socket.socket(fileno=fd)
+    sock.set_inheritable(False)
+    sp = Spawner(sock)
+    sp.setup_signals()
+    sp.serve()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

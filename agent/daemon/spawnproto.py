@@ -1,0 +1,143 @@
+"""The wire format between the agent and its job spawner (:mod:`agent.daemon.spawner`).
+
+Standard library only, and nothing heavy: the spawner imports this module
+and must stay small (no asyncio, no grpc, no yaml).
+
+The channel is a ``socketpair(AF_UNIX, SOCK_SEQPACKET)``: one message per
+``sendmsg``, never split or merged, with descriptors attached by
+SCM_RIGHTS. A message is a JSON object; its ``op`` says what it is.
+
+Agent -> spawner::
+
+    {"op": "spawn", "id": N, "plan": {...}, "fds": ["stdout", "exec", ...]}
+        descriptors attached in the order of "fds"; when the plan is large
+        the first descriptor is a memfd holding it ("fds" starts with
+        "plan") and the message has no "plan" key.
+    {"op": "signal", "pid": P, "sig": S}     (no answer: fire and forget)
+    {"op": "exit"}                            (also: end of file)
+
+Spawner -> agent::
+
+    {"op": "spawned", "id": N, "pid": P}      the program was executed
+    {"op": "spawned", "id": N, "error": "execve: Exec format error (ENOEXEC)"}
+    {"op": "exited", "pid": P, "code": C | null, "signal": S | null,
+     "utime": s, "stime": s, "maxrss": bytes}
+
+A plan is fully resolved (no PATH lookup, no defaults left to the spawner):
+``path`` (or an ``exec`` descriptor), ``argv``, ``env``, ``cwd``, ``umask``,
+``uid``/``gid`` (null: no switch) and ``limits`` (rlimit name -> value,
+only non-zero ones).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+# A header above this size moves its plan into a memfd: a SOCK_SEQPACKET
+# message must fit the socket buffer in one piece, and argv plus environment
+# may reach several MiB.
+INLINE_MAX = 64 * 1024
+RECV_MAX = INLINE_MAX + 4096
+MAX_FDS = 8
+FD_ROLES = ("plan", "stdout", "exec", "script", "cgroup")
+
+
+class ProtocolError(Exception):
+    """A malformed message on the spawner channel."""
+
+
+def error_text(step: str, code: int) -> str:
+    """``execve: Exec format error (ENOEXEC)``: a step and the errno that failed it."""
+    name = errno.errorcode.get(code, "")
+    text = os.strerror(code)
+    return f"{step}: {text} ({name})" if name else f"{step}: {text}"
+
+
+def send(sock: socket.socket, msg: dict[str, Any], fds: Sequence[int] = ()) -> None:
+    """Send one message (and descriptors); large plans travel in a memfd."""
+    data = json.dumps(msg, separators=(",", ":")).encode()
+    memfd = -1
+    if len(data) > INLINE_MAX and "plan" in msg:
+        memfd = os.memfd_create("agent-plan", os.MFD_CLOEXEC)
+        try:
+            body = json.dumps(msg["plan"], separators=(",", ":")).encode()
+            view = memoryview(body)
+            while view:
+                view = view[os.write(memfd, view):]
+            head = {k: v for k, v in msg.items() if k != "plan"}
+            head["fds"] = ["plan", *msg.get("fds", [])]
+            data = json.dumps(head, separators=(",", ":")).encode()
+            fds = [memfd, *fds]
+        except BaseException:
+            os.close(memfd)
+            raise
+    try:
+        if fds:
+            socket.send_fds(sock, [data], list(fds))
+        else:
+            sock.send(data)
+    finally:
+        if memfd >= 0:
+            os.close(memfd)
+
+
+def recv(sock: socket.socket, flags: int = 0) -> tuple[bytes, list[int]]:
+    """One message and its descriptors (``socket.recv_fds`` ignores its flags)."""
+    data, anc, msg_flags, _ = sock.recvmsg(RECV_MAX, socket.CMSG_SPACE(MAX_FDS * 4), flags)
+    fds: list[int] = []
+    for level, kind, payload in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(payload) - len(payload) % 4
+            fds.extend(int.from_bytes(payload[i:i + 4], sys.byteorder, signed=True)
+                       for i in range(0, usable, 4))
+    if msg_flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):
+        for fd in fds:
+            _close_quietly(fd)
+        raise ProtocolError("message or descriptors truncated")
+    return data, fds
+
+
+def decode(data: bytes, fds: list[int]) -> tuple[dict[str, Any], dict[str, int]]:
+    """Parse one received message; returns it and its descriptors by role.
+
+    Raises ProtocolError (after closing every received descriptor) when the
+    message is not what the protocol allows.
+    """
+    try:
+        msg = json.loads(data)
+        if not isinstance(msg, dict) or not isinstance(msg.get("op"), str):
+            raise ProtocolError("not a message object")
+        roles = msg.get("fds", [])
+        if (not isinstance(roles, list) or len(roles) != len(fds)
+                or any(r not in FD_ROLES for r in roles) or len(set(roles)) != len(roles)):
+            raise ProtocolError(f"descriptor roles {roles!r} do not match {len(fds)} fds")
+        byrole = dict(zip(roles, fds))
+        if "plan" in byrole:
+            memfd = byrole.pop("plan")
+            try:
+                size = os.fstat(memfd).st_size
+                msg["plan"] = json.loads(os.pread(memfd, size, 0))
+            finally:
+                os.close(memfd)
+        return msg, byrole
+    except (ValueError, OSError) as e:
+        for fd in fds:
+            _close_quietly(fd)
+        raise ProtocolError(str(e)) from None
+    except ProtocolError:
+        for fd in fds:
+            _close_quietly(fd)
+        raise
+
+
+def _close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
