@@ -37,15 +37,15 @@ from agent.daemon.policy import (
     Denial,
     JobRequest,
     PolicyError,
-    RealFileSystem,
     decide,
     load,
     parse,
 )
+from agent.daemon.trust import RealFileSystem
 
 from helpers import IS_ROOT, make_safe_dir, write_script
 
-POLICY_SOURCE = "".join(Path(m.__file__).read_text() for m in (policy, trust, validation))
+POLICY_SOURCE = "".join(Path(str(m.__file__)).read_text() for m in (policy, trust, validation))
 TRUE = os.path.realpath("/bin/true")
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="chown to another uid needs root")
 
@@ -373,6 +373,14 @@ def _directory(e: Env) -> Decision:
     return decide(e.policy(), e.req(path=str(e.scripts / "d.sh")))
 
 
+def _symlinked_interpreter(e: Env) -> Decision:
+    """A #! naming a symlink inside a group-writable directory (it could be re-pointed)."""
+    os.makedirs(e.dir / "gw", mode=0o775)
+    os.chmod(e.dir / "gw", 0o775)
+    os.symlink(TRUE, e.dir / "gw" / "link")
+    return _shebang(e, f"#!{e.dir}/gw/link\n".encode())
+
+
 def _shebang(e: Env, content: bytes, interp: Path | None = None, mode: int = 0o755,
              iparent_mode: int | None = None, iowner: int | None = None) -> Decision:
     """The program ``tool`` rewritten to ``content``; ``interp`` made an ELF with ``mode``."""
@@ -489,9 +497,7 @@ RULE_CASES: dict[str, tuple[Kind, Case]] = {
                            iparent_mode=0o1777)),
     "interpreter-parent-writable-by-others/via-symlink": (
         Kind.PERMISSION_DENIED,
-        lambda e: (os.makedirs(e.dir / "gw", mode=0o775), os.chmod(e.dir / "gw", 0o775),
-                   os.symlink(TRUE, e.dir / "gw" / "link"),
-                   _shebang(e, f"#!{e.dir}/gw/link\n".encode()))[-1]),
+        lambda e: _symlinked_interpreter(e)),
     "interpreter-writable-by-others": (
         Kind.PERMISSION_DENIED,
         lambda e: _shebang(e, f"#!{e.dir}/gwi/sh\n".encode(), e.dir / "gwi" / "sh", 0o775)),

@@ -65,7 +65,7 @@ def entry(name: str, command: Path, extra: str = "") -> str:
 def stub_for(a: AgentProcess, who: str) -> Iterator[pb_grpc.WorkerStub]:
     """A raw stub for identity ``who`` (channel closed on exit)."""
     with grpc.secure_channel(a.addr, a.certs.creds(who)) as ch:
-        yield pb_grpc.WorkerStub(ch)  # type: ignore[no-untyped-call]
+        yield pb_grpc.WorkerStub(ch)
 
 
 def start(a: AgentProcess, req: pb.StartJobReq, who: str = "client") -> grpc.RpcError | str:
@@ -376,7 +376,7 @@ def test_ambiguous_identity_is_unauthenticated_and_audited(
     """A subject that could be read as two identities: UNAUTHENTICATED, audited, nothing runs."""
     creds = _forged(agent, tmp_path, name, attrs, sans)
     with grpc.secure_channel(agent.addr, creds) as ch:
-        stub = pb_grpc.WorkerStub(ch)  # type: ignore[no-untyped-call]
+        stub = pb_grpc.WorkerStub(ch)
         with pytest.raises(grpc.RpcError) as ei:
             stub.StartJob(pb.StartJobReq(command="true"), timeout=TIMEOUT)
     assert ei.value.code() is grpc.StatusCode.UNAUTHENTICATED, ei.value.details()

@@ -96,7 +96,6 @@ def make(tmp_path: Path, ops: FakeOps, **rules: int) -> Supervisor:
               max_limits={"output_bytes": 0})
     settings = Settings(output_dir=out, instance="test", user=JobUser(None, None, "me", "/"),
                         umask=0o077, stop_grace=0.05, on_output_cap="kill",
-                        prlimit="/usr/bin/prlimit", setpriv="/usr/bin/setpriv",
                         path_env="/usr/bin:/bin", rules=r)
     return Supervisor(settings, History(Store(tmp_path / "jobs.sqlite3")),
                       policy.parse(POLICY), ops)

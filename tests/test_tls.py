@@ -11,6 +11,7 @@ import ssl
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -21,6 +22,7 @@ import certfactory as cf
 from helpers import (
     IS_ROOT,
     ROOT,
+    AgentFactory,
     AgentProcess,
     Certs,
     default_config,
@@ -138,6 +140,7 @@ def test_refuses_server_certificate_outside_validity(tmp_path: Path, own_certs: 
                                                      words: str) -> None:
     """An expired or not-yet-valid server certificate is refused at start."""
     ca = cf.load_issuer(own_certs.ca, own_certs.key("ca"))
+    kw: dict[str, Any]
     if when == "expired":
         kw = {"not_before": cf.NOW - 10 * cf.DAY, "not_after": cf.NOW - cf.DAY}
     else:
@@ -164,7 +167,7 @@ def test_refuses_plaintext_off_loopback(tmp_path: Path, certs: Certs, standard_p
 
 
 def test_plaintext_on_loopback_needs_switch_and_warns_every_start(
-        make_agent, tmp_path: Path, certs: Certs) -> None:  # type: ignore[no-untyped-def]
+        make_agent: AgentFactory, tmp_path: Path, certs: Certs) -> None:
     """Without the switch: refused; with it: runs, and warns at every start."""
     cfg = _config(tmp_path, certs, "version: 1\nentries: []\n",
                   grpc_server={"use_tls": False, "ca_file": ""},
@@ -338,7 +341,7 @@ def _replace(src: Path, dst: Path) -> None:
 
 
 def test_rotation_new_connections_use_new_pair_jobs_keep_running(
-        make_agent, tmp_path: Path, script_dir: Path) -> None:  # type: ignore[no-untyped-def]
+        make_agent: AgentFactory, tmp_path: Path, script_dir: Path) -> None:
     """New cert files on disk: the next connection sees them; running jobs are untouched."""
     own = gen_certs(tmp_path / "rot")
     a = make_agent(start=False)
@@ -405,7 +408,7 @@ def test_rotation_of_the_ca_accepts_clients_of_the_new_ca(make_agent, tmp_path: 
         try:
             pb_grpc.WorkerStub(ch).QueryJob(QUERY, timeout=5)
         except grpc.RpcError as e:
-            return e.code()  # type: ignore[no-any-return]
+            return e.code()
         finally:
             ch.close()
         return grpc.StatusCode.OK

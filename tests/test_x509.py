@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+from typing import Any
 
 import pytest
 from cryptography import x509 as cx
@@ -17,13 +18,13 @@ from agent import x509
 
 import certfactory as cf
 
-KEYS = {"ec": ec.generate_private_key(ec.SECP256R1()),
+KEYS: dict[str, Any] = {"ec": ec.generate_private_key(ec.SECP256R1()),
         "rsa": rsa.generate_private_key(public_exponent=65537, key_size=2048),
         "ed25519": ed25519.Ed25519PrivateKey.generate()}
 EKUS = [ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH,
         ExtendedKeyUsageOID.CODE_SIGNING, ExtendedKeyUsageOID.EMAIL_PROTECTION]
 SAMPLE_DER = cf.make_leaf(None, "x", san=["a.example"])[0].public_bytes(serialization.Encoding.DER)
-names = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
+names = st.text(st.characters(blacklist_categories=["Cs"], blacklist_characters="\x00"),
                 min_size=1, max_size=40)
 dns = st.from_regex(r"[a-z][a-z0-9-]{0,20}(\.[a-z]{2,6}){0,2}", fullmatch=True)
 

@@ -39,7 +39,7 @@ class AsyncAgentClient:
         else:
             self._channel = grpc.aio.secure_channel(address, spec.credentials,
                                                     options=spec.options)
-        self._stub = pb_grpc.WorkerStub(self._channel)  # type: ignore[no-untyped-call]
+        self._stub = pb_grpc.WorkerStub(self._channel)
 
     async def close(self) -> None:
         """Close the channel."""

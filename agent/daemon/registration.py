@@ -51,7 +51,7 @@ class Registrar:
                                              certificate_chain=pair.cert_pem)
         self._channel = grpc.aio.secure_channel(scheduler_addr, creds,
                                                 options=reconnecting_channel_options(server_name))
-        self._stub = pb_grpc.SchedulerStub(self._channel)  # type: ignore[no-untyped-call]
+        self._stub = pb_grpc.SchedulerStub(self._channel)
         self._task: asyncio.Task[None] | None = None
         self._last_problem = ""
 

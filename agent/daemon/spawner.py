@@ -287,7 +287,8 @@ class Spawner:
                 os.close(fd)
 
     def spawn(self, msg: dict[str, Any], fds: dict[str, int]) -> None:
-        rid, plan = msg.get("id"), msg.get("plan")
+        rid = msg.get("id")
+        plan: dict[str, Any] = msg.get("plan") or {}
         err = check_plan(plan, fds) or check_limits(
             plan.get("limits", {}), privileged=self.privileged, nr_open=self.nr_open)
         if err:
@@ -319,9 +320,9 @@ class Spawner:
         report = b"".join(chunks)
         if report:
             os.waitpid(pid, 0)
-            step, _, code = report.decode("utf-8", "replace").partition("\0")
+            step, _, code_text = report.decode("utf-8", "replace").partition("\0")
             try:
-                num = int(code)
+                num = int(code_text)
             except ValueError:
                 num = errno.EIO
             self.send({"op": "spawned", "id": rid, "error": proto.error_text(step, num),

@@ -396,7 +396,7 @@ async def serve(cfg: SchedulerConfig, *, ready: Callable[[int], None] | None = N
                                       ("grpc.http2.min_recv_ping_interval_without_data_ms",
                                        1000),
                                       ("grpc.http2.max_ping_strikes", 0)])
-    pb_grpc.add_SchedulerServicer_to_server(service, server)  # type: ignore[no-untyped-call]
+    pb_grpc.add_SchedulerServicer_to_server(service, server)
     reloader = CertificateReloader(s.crt_file, s.key_file, s.ca_file)
     creds = reloading_server_credentials(reloader, require_client_auth=True)
     try:
