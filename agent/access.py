@@ -55,8 +55,9 @@ class AccessRules:
 
     def caller(self, identity: str) -> Caller:
         """The :class:`Caller` for a verified identity."""
-        return Caller(identity=identity, admin=matches(self.admins, identity),
-                      allowed=self.allows(identity))
+        return Caller(
+            identity=identity, admin=matches(self.admins, identity), allowed=self.allows(identity)
+        )
 
 
 @dataclass(frozen=True)
@@ -70,14 +71,17 @@ class Caller:
     def may_call(self) -> None:
         """Raise AccessDenied unless this identity may use the API."""
         if not self.allowed:
-            raise AccessDenied(f"identity {self.identity!r} is not allowed to use this agent",
-                               "identity-not-allowed")
+            raise AccessDenied(
+                f"identity {self.identity!r} is not allowed to use this agent",
+                "identity-not-allowed",
+            )
 
     def may_act_as(self, role: str) -> None:
         """Raise AccessDenied unless this identity is on the list that grants ``role``."""
         if not self.allowed:
-            raise AccessDenied(f"identity {self.identity!r} is not allowed as a {role}",
-                               f"not-a-{role}")
+            raise AccessDenied(
+                f"identity {self.identity!r} is not allowed as a {role}", f"not-a-{role}"
+            )
 
     def can_see(self, owner: str) -> bool:
         """True if the caller may see a job of ``owner``."""
@@ -97,6 +101,5 @@ class Caller:
         if self.admin:
             return requested or None
         if requested and requested != self.identity:
-            raise AccessDenied("only an admin may list another identity's jobs",
-                               "list-other-owner")
+            raise AccessDenied("only an admin may list another identity's jobs", "list-other-owner")
         return self.identity

@@ -55,9 +55,12 @@ def _with_name(opts: ChannelOptions, server_name: str) -> ChannelOptions:
     return opts
 
 
-def client_channel_options(*, server_name: str = "", keepalive_s: float = 10.0,
-                           max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
-                           ) -> ChannelOptions:
+def client_channel_options(
+    *,
+    server_name: str = "",
+    keepalive_s: float = 10.0,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+) -> ChannelOptions:
     """Channel arguments of the client library (agentctl, scripts)."""
     opts: ChannelOptions = [("grpc.max_receive_message_length", max_message_bytes)]
     opts += keepalive_options(keepalive_s, 5.0)
@@ -77,8 +80,9 @@ def reconnecting_channel_options(server_name: str = "") -> ChannelOptions:
     return _with_name(opts, server_name)
 
 
-def merge_options(base: Sequence[tuple[str, Any]],
-                  extra: Sequence[tuple[str, Any]]) -> ChannelOptions:
+def merge_options(
+    base: Sequence[tuple[str, Any]], extra: Sequence[tuple[str, Any]]
+) -> ChannelOptions:
     """``base`` with every option named in ``extra`` replaced by ``extra``'s value."""
     names = {k for k, _ in extra}
     return [(k, v) for k, v in base if k not in names] + list(extra)
@@ -87,8 +91,7 @@ def merge_options(base: Sequence[tuple[str, Any]],
 class Deadline:
     """The end of a call (or of a sequence of attempts); ``None`` for no end."""
 
-    def __init__(self, timeout: float | None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, timeout: float | None, clock: Callable[[], float] = time.monotonic) -> None:
         """Start counting ``timeout`` seconds now."""
         self._clock = clock
         self.at = None if timeout is None else clock() + timeout
@@ -104,8 +107,9 @@ class Deadline:
         return self.at is None or self._clock() + delay < self.at
 
 
-def jittered_delays(initial: float, maximum: float, *, attempts: int | None = None,
-                    floor: float = 0.0) -> Iterator[float]:
+def jittered_delays(
+    initial: float, maximum: float, *, attempts: int | None = None, floor: float = 0.0
+) -> Iterator[float]:
     """Exponential backoff with jitter: ``attempts - 1`` delays (endless if None).
 
     Each delay is uniform in ``[floor * d, d]`` where ``d`` doubles from
@@ -123,4 +127,3 @@ def backoff(initial: float, maximum: float) -> Callable[[], float]:
     """Endless backoff (jitter in the upper half): returns the next delay each call."""
     delays = jittered_delays(initial, maximum, floor=0.5)
     return lambda: next(delays)
-

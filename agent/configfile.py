@@ -41,15 +41,19 @@ class ConfigError(Exception):
         self.problem = problem
 
 
-
-def option(default: Any, help: str, *, lo: float | None = None, hi: float | None = None,
-           choices: tuple[str, ...] | None = None) -> Any:
+def option(
+    default: Any,
+    help: str,
+    *,
+    lo: float | None = None,
+    hi: float | None = None,
+    choices: tuple[str, ...] | None = None,
+) -> Any:
     """A dataclass field with its help text and bounds (see the parser)."""
     meta = {"help": help, "lo": lo, "hi": hi, "choices": choices}
     if isinstance(default, list):
         return field(default_factory=functools.partial(list, default), metadata=meta)
     return field(default=default, metadata=meta)
-
 
 
 def read_text(p: Path) -> str:
@@ -62,7 +66,6 @@ def read_text(p: Path) -> str:
         raise ConfigError(p, "", "", f"cannot read: {_reason(e)}") from None
 
 
-
 def parse_tables(text: str, path: Path, sections: Mapping[str, type]) -> dict[str, Any]:
     """TOML text -> validated section dataclasses, by name (ConfigError naming the key)."""
     try:
@@ -73,13 +76,11 @@ def parse_tables(text: str, path: Path, sections: Mapping[str, type]) -> dict[st
     values: dict[str, Any] = {}
     for name, raw in data.items():
         if name not in sections:
-            raise ConfigError(path, name, "",
-                              f"unknown section (known: {', '.join(sections)})")
+            raise ConfigError(path, name, "", f"unknown section (known: {', '.join(sections)})")
         if not isinstance(raw, dict):
             raise ConfigError(path, name, "", "must be a table ([section])")
         values[name] = _section(sections[name], raw, path, name, base)
     return values
-
 
 
 def _section(cls: type, raw: Mapping[str, Any], file: Path, section: str, base: Path) -> Any:
@@ -88,8 +89,9 @@ def _section(cls: type, raw: Mapping[str, Any], file: Path, section: str, base: 
     kwargs: dict[str, Any] = {}
     for key, value in raw.items():
         if key not in known:
-            raise ConfigError(file, section, key,
-                              f"unknown key (known: {', '.join(sorted(known))})")
+            raise ConfigError(
+                file, section, key, f"unknown key (known: {', '.join(sorted(known))})"
+            )
         typ = hints[key]
         if dataclasses.is_dataclass(typ):
             if not isinstance(value, dict):
@@ -107,9 +109,9 @@ def _section(cls: type, raw: Mapping[str, Any], file: Path, section: str, base: 
     return cls(**kwargs)
 
 
-
-def _value(typ: Any, value: Any, meta: Mapping[str, Any], file: Path, section: str,
-           key: str, base: Path) -> Any:
+def _value(
+    typ: Any, value: Any, meta: Mapping[str, Any], file: Path, section: str, key: str, base: Path
+) -> Any:
     def bad(expected: str) -> ConfigError:
         return ConfigError(file, section, key, f"expected {expected}, got {value!r}")
 
@@ -136,8 +138,9 @@ def _value(typ: Any, value: Any, meta: Mapping[str, Any], file: Path, section: s
             raise ConfigError(file, section, key, "must not contain NUL")
         choices = meta.get("choices")
         if choices and value not in choices:
-            raise ConfigError(file, section, key,
-                              f"must be one of {', '.join(choices)}, got {value!r}")
+            raise ConfigError(
+                file, section, key, f"must be one of {', '.join(choices)}, got {value!r}"
+            )
         return value
     if inner is Path:
         if not isinstance(value, str):
@@ -160,11 +163,9 @@ def _value(typ: Any, value: Any, meta: Mapping[str, Any], file: Path, section: s
     raise AssertionError(f"unsupported config type {typ!r}")  # pragma: no cover
 
 
-
 def _is_optional(typ: Any) -> bool:
     union = typing.get_origin(typ) in (typing.Union, types.UnionType)
     return union and type(None) in typing.get_args(typ)
-
 
 
 def _strip_optional(typ: Any) -> Any:
@@ -174,15 +175,12 @@ def _strip_optional(typ: Any) -> Any:
     return typ
 
 
-
-def _check_range(value: float, meta: Mapping[str, Any], file: Path, section: str,
-                 key: str) -> None:
+def _check_range(value: float, meta: Mapping[str, Any], file: Path, section: str, key: str) -> None:
     lo, hi = meta.get("lo"), meta.get("hi")
     if lo is not None and value < lo:
         raise ConfigError(file, section, key, f"must be at least {lo:g}, got {value:g}")
     if hi is not None and value > hi:
         raise ConfigError(file, section, key, f"must be at most {hi:g}, got {value:g}")
-
 
 
 def split_host_port(addr: str) -> tuple[str, int]:
@@ -205,7 +203,6 @@ def split_host_port(addr: str) -> tuple[str, int]:
     return host, int(port_s)
 
 
-
 def is_loopback_host(host: str) -> bool:
     """True for 127.0.0.0/8, ::1 and 'localhost' (nothing is resolved)."""
     if host == "localhost":
@@ -216,12 +213,10 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
-
 def _reason(e: BaseException) -> str:
     if isinstance(e, OSError) and e.strerror:
         return e.strerror
     return str(e)
-
 
 
 def _fmt_default(value: Any) -> str:

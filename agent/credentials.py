@@ -15,11 +15,13 @@ from agent.tls import CertificateReloader, ServerTLSState
 
 def _config(state: ServerTLSState) -> Any:
     return grpc.ssl_server_certificate_configuration(
-        [(state.pair.key_pem, state.pair.cert_pem)], root_certificates=state.ca_pem)
+        [(state.pair.key_pem, state.pair.cert_pem)], root_certificates=state.ca_pem
+    )
 
 
-def reloading_server_credentials(reloader: CertificateReloader, *,
-                                 require_client_auth: bool) -> grpc.ServerCredentials:
+def reloading_server_credentials(
+    reloader: CertificateReloader, *, require_client_auth: bool
+) -> grpc.ServerCredentials:
     """Credentials whose certificate, key and CA are re-read when the files change.
 
     gRPC calls the fetcher at the start of every TLS handshake; it only
@@ -37,4 +39,5 @@ def reloading_server_credentials(reloader: CertificateReloader, *,
         return _config(reloader.state)
 
     return grpc.dynamic_ssl_server_credentials(
-        _config(reloader.state), fetch, require_client_authentication=require_client_auth)
+        _config(reloader.state), fetch, require_client_authentication=require_client_auth
+    )

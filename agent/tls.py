@@ -37,10 +37,16 @@ from agent import x509
 
 log = logging.getLogger(__name__)
 
-ECDSA_SUITES = ["ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-ECDSA-AES256-GCM-SHA384",
-                "ECDHE-ECDSA-CHACHA20-POLY1305"]
-RSA_SUITES = ["ECDHE-RSA-AES128-GCM-SHA256", "ECDHE-RSA-AES256-GCM-SHA384",
-              "ECDHE-RSA-CHACHA20-POLY1305"]
+ECDSA_SUITES = [
+    "ECDHE-ECDSA-AES128-GCM-SHA256",
+    "ECDHE-ECDSA-AES256-GCM-SHA384",
+    "ECDHE-ECDSA-CHACHA20-POLY1305",
+]
+RSA_SUITES = [
+    "ECDHE-RSA-AES128-GCM-SHA256",
+    "ECDHE-RSA-AES256-GCM-SHA384",
+    "ECDHE-RSA-CHACHA20-POLY1305",
+]
 
 
 class TLSConfigError(Exception):
@@ -83,11 +89,13 @@ def check_key_file(path: Path) -> None:
     if st.st_mode & 0o077:
         raise TLSConfigError(
             f"{path}: private key is accessible by group or others (mode "
-            f"{st.st_mode & 0o777:04o}); run: chmod 600 {path}")
+            f"{st.st_mode & 0o777:04o}); run: chmod 600 {path}"
+        )
     if st.st_uid != os.geteuid():
         raise TLSConfigError(
             f"{path}: private key is owned by uid {st.st_uid}, not by the agent's user "
-            f"(uid {os.geteuid()})")
+            f"(uid {os.geteuid()})"
+        )
 
 
 def _read(path: Path, what: str) -> bytes:
@@ -103,16 +111,19 @@ def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.timezone.utc)
 
 
-def check_validity(cert: x509.Certificate, where: str,
-                   now: datetime.datetime | None = None) -> None:
+def check_validity(
+    cert: x509.Certificate, where: str, now: datetime.datetime | None = None
+) -> None:
     """Refuse a certificate outside its validity period."""
     now = now or _now()
     if now < cert.not_before:
-        raise TLSConfigError(f"{where}: certificate is not valid before "
-                             f"{cert.not_before:%Y-%m-%d %H:%M:%S} UTC")
+        raise TLSConfigError(
+            f"{where}: certificate is not valid before {cert.not_before:%Y-%m-%d %H:%M:%S} UTC"
+        )
     if now > cert.not_after:
-        raise TLSConfigError(f"{where}: certificate expired on "
-                             f"{cert.not_after:%Y-%m-%d %H:%M:%S} UTC")
+        raise TLSConfigError(
+            f"{where}: certificate expired on {cert.not_after:%Y-%m-%d %H:%M:%S} UTC"
+        )
 
 
 def _certificates(pem: bytes, where: str, what: str) -> list[x509.Certificate]:
@@ -138,8 +149,10 @@ def load_key_pair(crt_file: Path, key_file: Path, *, check_owner: bool = True) -
     key_pem = _read(key_file, "private key")
     leaf = _certificates(cert_pem, str(crt_file), "certificate")[0]
     if b"ENCRYPTED" in key_pem:
-        raise TLSConfigError(f"{key_file}: private key is encrypted; the agent needs it "
-                             "unencrypted (protect it with file permissions)")
+        raise TLSConfigError(
+            f"{key_file}: private key is encrypted; the agent needs it "
+            "unencrypted (protect it with file permissions)"
+        )
     if b"PRIVATE KEY-----" not in key_pem:
         raise TLSConfigError(f"{key_file}: not a PEM private key")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -152,14 +165,21 @@ def load_key_pair(crt_file: Path, key_file: Path, *, check_owner: bool = True) -
     except ssl.SSLError as e:
         text = f"{e.reason or ''} {e}".upper()
         if "MISMATCH" in text:
-            raise TLSConfigError(f"{key_file}: private key does not match the certificate "
-                                 f"{crt_file}") from None
-        raise TLSConfigError(f"{key_file}: not a usable PEM private key "
-                             f"({e.reason or e})") from None
+            raise TLSConfigError(
+                f"{key_file}: private key does not match the certificate {crt_file}"
+            ) from None
+        raise TLSConfigError(
+            f"{key_file}: not a usable PEM private key ({e.reason or e})"
+        ) from None
     check_validity(leaf, str(crt_file))
-    return KeyPair(cert_pem=cert_pem, key_pem=key_pem, key_type=leaf.key_type,
-                   subject=leaf.subject, not_after=leaf.not_after,
-                   fingerprint=leaf.fingerprint)
+    return KeyPair(
+        cert_pem=cert_pem,
+        key_pem=key_pem,
+        key_type=leaf.key_type,
+        subject=leaf.subject,
+        not_after=leaf.not_after,
+        fingerprint=leaf.fingerprint,
+    )
 
 
 def load_ca(ca_file: Path) -> bytes:
@@ -169,8 +189,9 @@ def load_ca(ca_file: Path) -> bytes:
     try:
         ssl.create_default_context(cafile=str(ca_file))
     except ssl.SSLError as e:
-        raise TLSConfigError(f"{ca_file}: OpenSSL cannot use it as a CA bundle: "
-                             f"{e.reason or e}") from None
+        raise TLSConfigError(
+            f"{ca_file}: OpenSSL cannot use it as a CA bundle: {e.reason or e}"
+        ) from None
     valid = []
     for c in certs:
         try:
@@ -179,8 +200,7 @@ def load_ca(ca_file: Path) -> bytes:
         except TLSConfigError as e:
             log.warning("%s", e)
     if not valid:
-        raise TLSConfigError(f"{ca_file}: every CA certificate in it is expired or not yet "
-                             "valid")
+        raise TLSConfigError(f"{ca_file}: every CA certificate in it is expired or not yet valid")
     return pem
 
 
@@ -218,9 +238,15 @@ class CertificateReloader:
     running jobs and open connections are never affected.
     """
 
-    def __init__(self, crt_file: Path, key_file: Path, ca_file: Path | None, *,
-                 key_type_locked: str | None = None,
-                 on_change: Callable[[ServerTLSState], None] | None = None) -> None:
+    def __init__(
+        self,
+        crt_file: Path,
+        key_file: Path,
+        ca_file: Path | None,
+        *,
+        key_type_locked: str | None = None,
+        on_change: Callable[[ServerTLSState], None] | None = None,
+    ) -> None:
         self.crt_file, self.key_file, self.ca_file = crt_file, key_file, ca_file
         self._lock = threading.Lock()
         self._sig = _file_sig(crt_file, key_file, ca_file)
@@ -248,20 +274,27 @@ class CertificateReloader:
                 if self._key_type_locked and state.pair.key_type != self._key_type_locked:
                     raise TLSConfigError(
                         f"{self.key_file}: key type changed from {self._key_type_locked} to "
-                        f"{state.pair.key_type}; with tls13_only this needs a restart")
+                        f"{state.pair.key_type}; with tls13_only this needs a restart"
+                    )
             except TLSConfigError as e:
                 if self._failed_sig != sig:
-                    log.error("certificate rotation rejected, still serving %s: %s",
-                              self.state.pair.subject, e)
+                    log.error(
+                        "certificate rotation rejected, still serving %s: %s",
+                        self.state.pair.subject,
+                        e,
+                    )
                 self._failed_sig = sig
                 return None
             self._sig = sig
             self._failed_sig = None
             self.state = state
             self.version += 1
-            log.info("certificates reloaded: now serving %s (sha256 %s, valid until %s)",
-                     state.pair.subject, state.pair.fingerprint[:16],
-                     f"{state.pair.not_after:%Y-%m-%d}")
+            log.info(
+                "certificates reloaded: now serving %s (sha256 %s, valid until %s)",
+                state.pair.subject,
+                state.pair.fingerprint[:16],
+                f"{state.pair.not_after:%Y-%m-%d}",
+            )
         if self._on_change:
             self._on_change(state)
         return state
@@ -324,13 +357,17 @@ def identity_from_cert(pem: bytes) -> PeerCert:
     problem = ""
     ident = ""
     if len(cert.common_names) > 1:
-        problem = (f"client certificate subject has {len(cert.common_names)} Common Names; "
-                   "exactly one is accepted")
+        problem = (
+            f"client certificate subject has {len(cert.common_names)} Common Names; "
+            "exactly one is accepted"
+        )
     elif cert.common_names:
         ident = cert.common_names[0]
     elif len(names) > 1:
-        problem = ("client certificate has no Common Name and several subjectAltNames; "
-                   "the identity would be ambiguous")
+        problem = (
+            "client certificate has no Common Name and several subjectAltNames; "
+            "the identity would be ambiguous"
+        )
     elif names:
         ident = names[0]
     client_auth = cert.eku is not None and x509.OID_CLIENT_AUTH in cert.eku
@@ -339,8 +376,10 @@ def identity_from_cert(pem: bytes) -> PeerCert:
     elif not ident:
         problem = "client certificate has neither a Common Name nor a subjectAltName"
     elif not client_auth:
-        problem = "client certificate is not for client authentication (extendedKeyUsage " \
-                  "clientAuth missing)"
+        problem = (
+            "client certificate is not for client authentication (extendedKeyUsage "
+            "clientAuth missing)"
+        )
     else:
         problem = _identity_problem(ident, from_cn=bool(cert.common_names))
     result = PeerCert(ident, client_auth, problem)
@@ -358,13 +397,18 @@ _DN_SPECIAL = frozenset(',+=;"\\<>#')
 def _identity_problem(ident: str, *, from_cn: bool) -> str:
     """Why ``ident`` cannot be used as an identity, or ""."""
     for ch in ident:
-        if ord(ch) < 0x20 or 0x7F <= ord(ch) < 0xA0 or unicodedata.category(ch) in (
-                "Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"):
+        if (
+            ord(ch) < 0x20
+            or 0x7F <= ord(ch) < 0xA0
+            or unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp")
+        ):
             return "client certificate identity contains control or format characters"
         # Only a CN is part of the DN string; e-mail SANs may have '+'.
         if from_cn and ch in _DN_SPECIAL:
-            return (f"client certificate identity contains {ch!r}, which would make it read "
-                    "as a different subject")
+            return (
+                f"client certificate identity contains {ch!r}, which would make it read "
+                "as a different subject"
+            )
     if ident != ident.strip():
         return "client certificate identity has leading or trailing white space"
     return ""

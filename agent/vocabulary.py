@@ -67,13 +67,13 @@ class Limit:
 
 
 LIMITS: tuple[Limit, ...] = (
-    Limit("cpu_seconds", "cpuSeconds", "RLIMIT_CPU",
-          "RLIMIT_CPU: CPU seconds; SIGXCPU then SIGKILL"),
+    Limit(
+        "cpu_seconds", "cpuSeconds", "RLIMIT_CPU", "RLIMIT_CPU: CPU seconds; SIGXCPU then SIGKILL"
+    ),
     Limit("memory_bytes", "memoryBytes", "RLIMIT_AS", "RLIMIT_AS: address space in bytes"),
     Limit("open_files", "openFiles", "RLIMIT_NOFILE", "RLIMIT_NOFILE: open file descriptors"),
     Limit("processes", "processes", "RLIMIT_NPROC", "RLIMIT_NPROC: processes of the job's user"),
-    Limit("output_bytes", "outputBytes", "agent",
-          "output cap in bytes (see jobs.on_output_cap)"),
+    Limit("output_bytes", "outputBytes", "agent", "output cap in bytes (see jobs.on_output_cap)"),
 )
 LIMIT_NAMES: tuple[str, ...] = tuple(lim.name for lim in LIMITS)
 LIMIT_BY_WIRE: dict[str, Limit] = {lim.wire: lim for lim in LIMITS}

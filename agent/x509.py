@@ -29,8 +29,12 @@ OID_EKU = "2.5.29.37"
 OID_EKU_ANY = "2.5.29.37.0"
 OID_SERVER_AUTH = "1.3.6.1.5.5.7.3.1"
 OID_CLIENT_AUTH = "1.3.6.1.5.5.7.3.2"
-KEY_ALGORITHMS = {"1.2.840.10045.2.1": "ec", "1.2.840.113549.1.1.1": "rsa",
-                  "1.3.101.112": "ed25519", "1.3.101.113": "ed448"}
+KEY_ALGORITHMS = {
+    "1.2.840.10045.2.1": "ec",
+    "1.2.840.113549.1.1.1": "rsa",
+    "1.3.101.112": "ed25519",
+    "1.3.101.113": "ed448",
+}
 
 _PEM = re.compile(rb"-----BEGIN CERTIFICATE-----\s+(.*?)-----END CERTIFICATE-----", re.S)
 
@@ -93,7 +97,7 @@ def _tlv(buf: bytes, pos: int, end: int) -> tuple[int, int, int, int]:
         n = length & 0x7F
         if n == 0 or n > 4 or pos + n > end:
             raise DERError("bad length")
-        length = int.from_bytes(buf[pos:pos + n], "big")
+        length = int.from_bytes(buf[pos : pos + n], "big")
         pos += n
     if pos + length > end:
         raise DERError("element longer than its container")
@@ -188,8 +192,8 @@ def _parse(der: bytes) -> Certificate:
     validity = _children(der, vs, ve)
     if len(validity) != 2:
         raise DERError("validity has two times")
-    not_before = _time(validity[0][0], der[validity[0][1]:validity[0][2]])
-    not_after = _time(validity[1][0], der[validity[1][1]:validity[1][2]])
+    not_before = _time(validity[0][0], der[validity[0][1] : validity[0][2]])
+    not_after = _time(validity[1][0], der[validity[1][1] : validity[1][2]])
     subject = tbs[i + 4]
     ss, se = _expect(subject, 0x30, "subject")
     cns: list[str] = []
@@ -202,10 +206,10 @@ def _parse(der: bytes) -> Certificate:
                 raise DERError("bad attribute")
             os_, oe = _expect(parts[0], 0x06, "attribute type")
             if _oid(der[os_:oe]) == OID_CN:
-                cns.append(_string(parts[1][0], der[parts[1][1]:parts[1][2]]))
+                cns.append(_string(parts[1][0], der[parts[1][1] : parts[1][2]]))
     spki_item = tbs[i + 5]
     ks, ke = _expect(spki_item, 0x30, "subjectPublicKeyInfo")
-    spki = der[spki_item[3]:ke]
+    spki = der[spki_item[3] : ke]
     spki_parts = _children(der, ks, ke)
     algs, alge = _expect(spki_parts[0], 0x30, "algorithm")
     alg = _children(der, algs, alge)
@@ -213,7 +217,7 @@ def _parse(der: bytes) -> Certificate:
     alg_oid = _oid(der[aos:aoe])
     san: list[tuple[str, str]] = []
     eku: frozenset[str] | None = None
-    for item in tbs[i + 6:]:
+    for item in tbs[i + 6 :]:
         if item[0] != 0xA3:  # [3] extensions ([1], [2] unique ids are skipped)
             continue
         xs, xe = _expect(_children(der, item[1], item[2])[0], 0x30, "extensions")
@@ -227,10 +231,17 @@ def _parse(der: bytes) -> Certificate:
                 san = _san(der, vs_, ve_)
             elif oid == OID_EKU:
                 eku = _eku(der, vs_, ve_)
-    return Certificate(der=der, common_name=cns[0] if cns else None, san=tuple(san), eku=eku,
-                       not_before=not_before, not_after=not_after,
-                       key_type=KEY_ALGORITHMS.get(alg_oid, alg_oid), spki=spki,
-                       common_names=tuple(cns))
+    return Certificate(
+        der=der,
+        common_name=cns[0] if cns else None,
+        san=tuple(san),
+        eku=eku,
+        not_before=not_before,
+        not_after=not_after,
+        key_type=KEY_ALGORITHMS.get(alg_oid, alg_oid),
+        spki=spki,
+        common_names=tuple(cns),
+    )
 
 
 def _san(der: bytes, start: int, end: int) -> list[tuple[str, str]]:

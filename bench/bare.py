@@ -28,7 +28,9 @@ METHOD = f"/{SERVICE}/Empty"
 def _creds(spec: dict[str, Any]) -> grpc.ServerCredentials:
     return grpc.ssl_server_credentials(
         [(Path(spec["key"]).read_bytes(), Path(spec["cert"]).read_bytes())],
-        root_certificates=Path(spec["ca"]).read_bytes(), require_client_auth=True)
+        root_certificates=Path(spec["ca"]).read_bytes(),
+        require_client_auth=True,
+    )
 
 
 def _empty(request: bytes, context: Any) -> bytes:
@@ -41,7 +43,8 @@ async def _empty_async(request: bytes, context: Any) -> bytes:
 
 def _handler(fn: Any) -> grpc.GenericRpcHandler:
     return grpc.method_handlers_generic_handler(
-        SERVICE, {"Empty": grpc.unary_unary_rpc_method_handler(fn)})
+        SERVICE, {"Empty": grpc.unary_unary_rpc_method_handler(fn)}
+    )
 
 
 def serve_sync(spec: dict[str, Any]) -> None:

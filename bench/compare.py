@@ -27,10 +27,23 @@ from bench.output import note
 from bench.targets import Agent, BareServer, Mode, Peer
 
 Emit = Callable[[dict[str, Any]], object]
-MEDIANS = ("jobs_per_s", "p50_ms", "p99_ms", "server_cpu_ms_per_job", "jobs_cpu_ms_per_job",
-           "client_cpu_cores", "other_cpu_cores")
-UNARY_MEDIANS = ("calls_per_s", "p50_ms", "p99_ms", "server_cpu_ms_per_call",
-                 "client_cpu_cores", "other_cpu_cores")
+MEDIANS = (
+    "jobs_per_s",
+    "p50_ms",
+    "p99_ms",
+    "server_cpu_ms_per_job",
+    "jobs_cpu_ms_per_job",
+    "client_cpu_cores",
+    "other_cpu_cores",
+)
+UNARY_MEDIANS = (
+    "calls_per_s",
+    "p50_ms",
+    "p99_ms",
+    "server_cpu_ms_per_call",
+    "client_cpu_cores",
+    "other_cpu_cores",
+)
 
 
 def _median(recs: list[dict[str, Any]], key: str) -> float | None:
@@ -45,8 +58,15 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 class Comparison:
     """One mode's comparison: runs the rounds, then summarises them."""
 
-    def __init__(self, ctx: wl.Ctx, mode: Mode, agent: Agent, peer: Peer | None,
-                 bares: list[BareServer], emit: Emit) -> None:
+    def __init__(
+        self,
+        ctx: wl.Ctx,
+        mode: Mode,
+        agent: Agent,
+        peer: Peer | None,
+        bares: list[BareServer],
+        emit: Emit,
+    ) -> None:
         self.ctx = ctx
         self.mode = mode
         self.agent = agent
@@ -59,11 +79,16 @@ class Comparison:
 
     def _floor(self, rnd: int) -> None:
         p = self.ctx.p
-        _, recs = wl.floor(self.ctx, self.mode, p.floor_serial, p.floor_concurrent,
-                           switch=False)
+        _, recs = wl.floor(self.ctx, self.mode, p.floor_serial, p.floor_concurrent, switch=False)
         for r in recs:
-            r.update({"name": "cmp_jobs", "target": "floor", "round": rnd,
-                      "variant": "serial" if r["in_flight"] == 1 else "concurrent"})
+            r.update(
+                {
+                    "name": "cmp_jobs",
+                    "target": "floor",
+                    "round": rnd,
+                    "variant": "serial" if r["in_flight"] == 1 else "concurrent",
+                }
+            )
             self.jobs.append(r)
             self.emit(r)
 
@@ -96,8 +121,7 @@ class Comparison:
             job_id = stub.RunJob(pb.StartJobReq(command="/bin/true"), timeout=30).jobID
         finally:
             ch.close()
-        blocks: list[Callable[[int], None]] = [self._floor,
-                                               lambda r: self._jobs(self.agent, r)]
+        blocks: list[Callable[[int], None]] = [self._floor, lambda r: self._jobs(self.agent, r)]
         if self.peer is not None:
             peer = self.peer
             blocks.append(lambda r: self._jobs(peer, r))
@@ -113,11 +137,15 @@ class Comparison:
         """Medians over rounds per target and level, with the ratios."""
         fl_n = self.ctx.p.floor_in_flight
         by: dict[tuple[str, int], dict[str, Any]] = {}
-        for (target, n) in sorted({(r["target"], r["in_flight"]) for r in self.jobs}):
+        for target, n in sorted({(r["target"], r["in_flight"]) for r in self.jobs}):
             recs = [r for r in self.jobs if r["target"] == target and r["in_flight"] == n]
-            by[(target, n)] = {"name": "cmp_summary_jobs", "target": target, "in_flight": n,
-                               "rounds": len(recs),
-                               **{k: _median(recs, k) for k in MEDIANS}}
+            by[(target, n)] = {
+                "name": "cmp_summary_jobs",
+                "target": target,
+                "in_flight": n,
+                "rounds": len(recs),
+                **{k: _median(recs, k) for k in MEDIANS},
+            }
         for (target, n), s in by.items():
             if target == "floor":
                 continue
@@ -128,22 +156,28 @@ class Comparison:
                     continue
                 s[f"jobs_per_s_vs_{other}"] = _ratio(s["jobs_per_s"], ref["jobs_per_s"])
                 s[f"p50_vs_{other}"] = _ratio(s["p50_ms"], ref["p50_ms"])
-                s[f"server_cpu_per_job_vs_{other}"] = _ratio(s["server_cpu_ms_per_job"],
-                                                             ref["server_cpu_ms_per_job"])
+                s[f"server_cpu_per_job_vs_{other}"] = _ratio(
+                    s["server_cpu_ms_per_job"], ref["server_cpu_ms_per_job"]
+                )
         for s in by.values():
             self.emit(s)
         uby: dict[str, dict[str, Any]] = {}
         for target in dict.fromkeys(r["target"] for r in self.unary):
             recs = [r for r in self.unary if r["target"] == target]
-            uby[target] = {"name": "cmp_summary_unary", "target": target,
-                           "callers": recs[0]["callers"], "rounds": len(recs),
-                           **{k: _median(recs, k) for k in UNARY_MEDIANS}}
+            uby[target] = {
+                "name": "cmp_summary_unary",
+                "target": target,
+                "callers": recs[0]["callers"],
+                "rounds": len(recs),
+                **{k: _median(recs, k) for k in UNARY_MEDIANS},
+            }
         bare = uby.get("bare_aio")
         for target, s in uby.items():
             if bare is not None and target != "bare_aio":
                 s["bare_aio_cpu_ms_per_call"] = bare["server_cpu_ms_per_call"]
                 s["server_cpu_ms_per_call_vs_bare_aio"] = _ratio(
-                    s["server_cpu_ms_per_call"], bare["server_cpu_ms_per_call"])
+                    s["server_cpu_ms_per_call"], bare["server_cpu_ms_per_call"]
+                )
                 s["calls_per_s_vs_bare_aio"] = _ratio(s["calls_per_s"], bare["calls_per_s"])
                 s["p50_vs_bare_aio"] = _ratio(s["p50_ms"], bare["p50_ms"])
             self.emit(s)

@@ -63,8 +63,13 @@ class Sampler:
         a1, th1 = self._proc()
         m1 = procstat.machine_cpu()[0]
         threads = {k: v - self.th0.get(k, 0.0) for k, v in th1.items()}
-        return Window(wall, a1 - self.a0, m1 - self.m0,
-                      {k: v for k, v in threads.items() if v > 0}, self.pid is not None)
+        return Window(
+            wall,
+            a1 - self.a0,
+            m1 - self.m0,
+            {k: v for k, v in threads.items() if v > 0},
+            self.pid is not None,
+        )
 
 
 def sleep_until(t: float) -> None:
@@ -112,10 +117,15 @@ class Driver:
         log = open(self.base / "clients.log", "a")  # noqa: SIM115 - children own it
         try:
             for s in specs:
-                p = subprocess.Popen([*self.interp.argv, "-m", "bench.load", json.dumps(s)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=log, text=True, cwd=str(self.base),
-                                     env=env(self.pythonpath, os.environ.get("HOME", "/")))
+                p = subprocess.Popen(
+                    [*self.interp.argv, "-m", "bench.load", json.dumps(s)],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=log,
+                    text=True,
+                    cwd=str(self.base),
+                    env=env(self.pythonpath, os.environ.get("HOME", "/")),
+                )
                 procs.append(p)
                 self.workers.append(p)
         finally:
@@ -124,13 +134,20 @@ class Driver:
             assert p.stdout is not None
             line = p.stdout.readline()
             if line.strip() != "ready":
-                raise RuntimeError(f"a client process did not start (see {self.base}/"
-                                   f"clients.log): {line!r}")
+                raise RuntimeError(
+                    f"a client process did not start (see {self.base}/clients.log): {line!r}"
+                )
         return procs
 
-    def drive(self, pid: int | None, specs: list[dict[str, Any]], *, warm: float,
-              duration: float | None,
-              before_go: Callable[[], dict[str, Any]] | None = None) -> Results:
+    def drive(
+        self,
+        pid: int | None,
+        specs: list[dict[str, Any]],
+        *,
+        warm: float,
+        duration: float | None,
+        before_go: Callable[[], dict[str, Any]] | None = None,
+    ) -> Results:
         """Run client processes: ready, go, sample the window, collect.
 
         ``pid`` is the server whose CPU is sampled (None: not known).
@@ -145,8 +162,7 @@ class Driver:
         warm_at = t_start + warm
         limit = duration if duration is not None else 3600.0
         end_at = warm_at + limit
-        go.update({"start": t_start, "warm": warm_at, "end": end_at,
-                   "counted": duration is None})
+        go.update({"start": t_start, "warm": warm_at, "end": end_at, "counted": duration is None})
         for p in procs:
             assert p.stdin is not None
             p.stdin.write("go " + json.dumps(go) + "\n")
@@ -163,8 +179,9 @@ class Driver:
                 p.kill()
                 outputs[i], _ = p.communicate()
 
-        readers = [threading.Thread(target=reader, args=(i, p), daemon=True)
-                   for i, p in enumerate(procs)]
+        readers = [
+            threading.Thread(target=reader, args=(i, p), daemon=True) for i, p in enumerate(procs)
+        ]
         for r in readers:
             r.start()
         sampler = Sampler(pid)

@@ -37,8 +37,14 @@ def _popen(switch: tuple[int, int] | None = None) -> subprocess.Popen[bytes]:
     if switch is not None:
         kw = {"user": switch[0], "group": switch[1], "extra_groups": []}
     return subprocess.Popen(
-        [PROGRAM], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL, close_fds=True, start_new_session=True, **kw)
+        [PROGRAM],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        close_fds=True,
+        start_new_session=True,
+        **kw,
+    )
 
 
 def _cpu() -> float:

@@ -34,9 +34,13 @@ class Interpreter:
 
 def env(pythonpath: str, home: str) -> dict[str, str]:
     """A small, explicit environment for a child process."""
-    out = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": home,
-           "PYTHONDONTWRITEBYTECODE": "1",
-           **{k: v for k, v in os.environ.items() if k.startswith("AGENT_")}}
+    out = {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "LANG": "C.UTF-8",
+        "HOME": home,
+        "PYTHONDONTWRITEBYTECODE": "1",
+        **{k: v for k, v in os.environ.items() if k.startswith("AGENT_")},
+    }
     if pythonpath:
         out["PYTHONPATH"] = pythonpath
     return out
@@ -61,11 +65,19 @@ def helper_path(lib: Path, interp: Interpreter) -> str:
 
 
 def _probe(prefix: list[str], argv: tuple[str, ...], pythonpath: str) -> str:
-    code = ("import sys, grpc, os; print(sys.version.split()[0], "
-            "os.path.realpath(sys.executable), sys.prefix, grpc.__version__)")
+    code = (
+        "import sys, grpc, os; print(sys.version.split()[0], "
+        "os.path.realpath(sys.executable), sys.prefix, grpc.__version__)"
+    )
     try:
-        r = subprocess.run([*prefix, *argv, "-c", code], capture_output=True, text=True,
-                           timeout=60, env=env(pythonpath, home="/"), cwd="/")
+        r = subprocess.run(
+            [*prefix, *argv, "-c", code],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env(pythonpath, home="/"),
+            cwd="/",
+        )
     except (OSError, subprocess.TimeoutExpired) as e:
         return f"error: {e}"
     return r.stdout.strip() if r.returncode == 0 else f"error: {r.stderr.strip()[-200:]}"
@@ -97,10 +109,22 @@ def choose(choice: str, user_prefix: list[str] | None) -> Interpreter:
         a = _probe([], (system,), site)
         b = _probe(user_prefix, (system,), site)
         if a == b and not a.startswith("error"):
-            return Interpreter((system,), site, a.split()[0], note=(
-                f"{sys.executable} runs differently as the job user ({theirs!r} vs "
-                f"{mine!r}); both agent modes, the floor and the clients use {system} "
-                "with this venv's site-packages instead"))
-    return Interpreter((sys.executable,), "", mine.split()[0], note=(
-        f"WARNING: the unprivileged agent runs a different Python ({theirs!r}) than the "
-        f"root agent ({mine!r}); the two modes are not directly comparable"))
+            return Interpreter(
+                (system,),
+                site,
+                a.split()[0],
+                note=(
+                    f"{sys.executable} runs differently as the job user ({theirs!r} vs "
+                    f"{mine!r}); both agent modes, the floor and the clients use {system} "
+                    "with this venv's site-packages instead"
+                ),
+            )
+    return Interpreter(
+        (sys.executable,),
+        "",
+        mine.split()[0],
+        note=(
+            f"WARNING: the unprivileged agent runs a different Python ({theirs!r}) than the "
+            f"root agent ({mine!r}); the two modes are not directly comparable"
+        ),
+    )

@@ -86,17 +86,21 @@ def channel(spec: dict[str, Any]) -> grpc.Channel:
     if tls == "plain":
         return grpc.insecure_channel(spec["addr"])
     if tls == "tls":
-        return grpc.secure_channel(spec["addr"], grpc.ssl_channel_credentials(
-            root_certificates=Path(spec["ca"]).read_bytes()))
+        return grpc.secure_channel(
+            spec["addr"],
+            grpc.ssl_channel_credentials(root_certificates=Path(spec["ca"]).read_bytes()),
+        )
     creds = grpc.ssl_channel_credentials(
         root_certificates=Path(spec["ca"]).read_bytes(),
         private_key=Path(spec["key"]).read_bytes(),
-        certificate_chain=Path(spec["cert"]).read_bytes())
+        certificate_chain=Path(spec["cert"]).read_bytes(),
+    )
     return grpc.secure_channel(spec["addr"], creds)
 
 
-def run_jobs(stub: pb_grpc.WorkerStub, spec: dict[str, Any], go: dict[str, Any],
-             out: list[dict[str, Any]]) -> None:
+def run_jobs(
+    stub: pb_grpc.WorkerStub, spec: dict[str, Any], go: dict[str, Any], out: list[dict[str, Any]]
+) -> None:
     """One thread of the ``jobs`` kind; appends one dict of raw timings to ``out``."""
     end = go["end"]
     count = int(spec.get("count") or 1 << 30)
@@ -140,8 +144,10 @@ def run_jobs(stub: pb_grpc.WorkerStub, spec: dict[str, Any], go: dict[str, Any],
                         break
                     time.sleep(poll)
             else:
-                res = stub.WaitJob(pb.WaitJobReq(jobID=job_id, waitMillis=int(JOB_DEADLINE * 1000)),
-                                   timeout=JOB_DEADLINE + 5)
+                res = stub.WaitJob(
+                    pb.WaitJobReq(jobID=job_id, waitMillis=int(JOB_DEADLINE * 1000)),
+                    timeout=JOB_DEADLINE + 5,
+                )
                 n = 1
             t2 = time.monotonic()
             if not res.done:
@@ -158,25 +164,40 @@ def run_jobs(stub: pb_grpc.WorkerStub, spec: dict[str, Any], go: dict[str, Any],
             if len(errors) < 20:
                 errors.append(f"{e.code().name}: {e.details()}")
             time.sleep(0.01)
-    out.append({"starts": starts, "dones": dones, "start_rpc": start_rpc,
-                "query_rpc": query_rpc, "polls": polls, "failed": failed, "errors": errors})
+    out.append(
+        {
+            "starts": starts,
+            "dones": dones,
+            "start_rpc": start_rpc,
+            "query_rpc": query_rpc,
+            "polls": polls,
+            "failed": failed,
+            "errors": errors,
+        }
+    )
 
 
-def run_query(stub: pb_grpc.WorkerStub, spec: dict[str, Any], go: dict[str, Any],
-              out: list[dict[str, Any]]) -> None:
+def run_query(
+    stub: pb_grpc.WorkerStub, spec: dict[str, Any], go: dict[str, Any], out: list[dict[str, Any]]
+) -> None:
     """One thread of the ``query`` kind."""
     req = pb.QueryJobReq(jobID=spec["job_id"])
     _call_loop(lambda: stub.QueryJob(req, timeout=RPC_TIMEOUT), spec, go, out)
 
 
-def run_unary(call: grpc.UnaryUnaryMultiCallable, spec: dict[str, Any], go: dict[str, Any],
-              out: list[dict[str, Any]]) -> None:
+def run_unary(
+    call: grpc.UnaryUnaryMultiCallable,
+    spec: dict[str, Any],
+    go: dict[str, Any],
+    out: list[dict[str, Any]],
+) -> None:
     """One thread of the ``unary`` kind: ``call`` is the bare server's empty method."""
     _call_loop(lambda: call(b"", timeout=RPC_TIMEOUT), spec, go, out)
 
 
-def _call_loop(call: Any, spec: dict[str, Any], go: dict[str, Any],
-               out: list[dict[str, Any]]) -> None:
+def _call_loop(
+    call: Any, spec: dict[str, Any], go: dict[str, Any], out: list[dict[str, Any]]
+) -> None:
     end = go["end"]
     lat: list[float] = []
     at: list[float] = []
@@ -198,8 +219,9 @@ def _call_loop(call: Any, spec: dict[str, Any], go: dict[str, Any],
     out.append({"lat": lat, "at": at, "errors": errors})
 
 
-def run_stream(stub: pb_grpc.WorkerStub, spec: dict[str, Any], go: dict[str, Any],
-               out: list[dict[str, Any]]) -> None:
+def run_stream(
+    stub: pb_grpc.WorkerStub, spec: dict[str, Any], go: dict[str, Any], out: list[dict[str, Any]]
+) -> None:
     """The ``stream`` kind: follow a job's output from offset 0 to its end."""
     _sleep_until(go["start"])
     t0 = time.monotonic()
@@ -209,8 +231,9 @@ def run_stream(stub: pb_grpc.WorkerStub, spec: dict[str, Any], go: dict[str, Any
     errors: list[str] = []
     try:
         for msg in stub.StreamJobOutput(
-                pb.StreamJobOutputReq(jobID=go["job_id"], offset=0, follow=True),
-                timeout=spec.get("timeout", 600)):
+            pb.StreamJobOutputReq(jobID=go["job_id"], offset=0, follow=True),
+            timeout=spec.get("timeout", 600),
+        ):
             if msg.offset != got:
                 errors.append(f"offset {msg.offset} where {got} was expected")
                 break
@@ -221,8 +244,16 @@ def run_stream(stub: pb_grpc.WorkerStub, spec: dict[str, Any], go: dict[str, Any
     except grpc.RpcError as e:
         errors.append(f"{e.code().name}: {e.details()}")
     t1 = time.monotonic()
-    out.append({"bytes": got, "messages": messages, "t0": t0, "t1": t1,
-                "first_byte_s": (first - t0) if first else None, "errors": errors})
+    out.append(
+        {
+            "bytes": got,
+            "messages": messages,
+            "t0": t0,
+            "t1": t1,
+            "first_byte_s": (first - t0) if first else None,
+            "errors": errors,
+        }
+    )
 
 
 KINDS = {"jobs": run_jobs, "query": run_query, "unary": run_unary, "stream": run_stream}
@@ -262,16 +293,26 @@ def main(argv: list[str]) -> int:
     win = CpuWindow(go["warm"], go["end"]) if timed else None
     c0 = _cpu()
     results: list[dict[str, Any]] = []
-    threads = [threading.Thread(target=body, args=(target, spec, go, results), daemon=True)
-               for _ in range(int(spec.get("threads", 1)))]
+    threads = [
+        threading.Thread(target=body, args=(target, spec, go, results), daemon=True)
+        for _ in range(int(spec.get("threads", 1)))
+    ]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=go["end"] - time.monotonic() + JOB_DEADLINE + 60)
     cpu_total = _cpu() - c0
     ch.close()
-    print(json.dumps({"threads": results, "cpu_window_s": win.result() if win else None,
-                      "cpu_total_s": cpu_total}), flush=True)
+    print(
+        json.dumps(
+            {
+                "threads": results,
+                "cpu_window_s": win.result() if win else None,
+                "cpu_total_s": cpu_total,
+            }
+        ),
+        flush=True,
+    )
     return 0
 
 

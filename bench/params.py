@@ -35,7 +35,20 @@ class Params:
 
 
 FULL = Params()
-QUICK = Params(floor_serial=100, floor_concurrent=200, levels=(1, 4), wait_levels=(1,),
-               warm=0.1, duration=0.4, rpc_duration=0.25, qps_callers=4, history=60,
-               running=10, stream_bytes=4_000_000, stream_clients=(1, 2), main_level=4,
-               compare_rounds=1, unary_callers=4)
+QUICK = Params(
+    floor_serial=100,
+    floor_concurrent=200,
+    levels=(1, 4),
+    wait_levels=(1,),
+    warm=0.1,
+    duration=0.4,
+    rpc_duration=0.25,
+    qps_callers=4,
+    history=60,
+    running=10,
+    stream_bytes=4_000_000,
+    stream_clients=(1, 2),
+    main_level=4,
+    compare_rounds=1,
+    unary_callers=4,
+)

@@ -55,7 +55,7 @@ def _stat_fields(path: str) -> list[str]:
     with open(path, "rb") as f:
         data = f.read()
     # comm may contain spaces and ')': split after the last ')'.
-    return data[data.rfind(b")") + 2:].decode().split()
+    return data[data.rfind(b")") + 2 :].decode().split()
 
 
 @dataclass(frozen=True)
@@ -86,8 +86,7 @@ def thread_cpu(pid: int) -> dict[str, float]:
         return out
     for tid in tids:
         try:
-            with open(f"/proc/{pid}/task/{tid}/comm", encoding="utf-8",
-                      errors="replace") as c:
+            with open(f"/proc/{pid}/task/{tid}/comm", encoding="utf-8", errors="replace") as c:
                 name = c.read().strip()
             f = _stat_fields(f"/proc/{pid}/task/{tid}/stat")
         except OSError:

@@ -14,8 +14,15 @@ import sys
 from collections import Counter
 
 # Leaf frames that mean "waiting", not working.
-IDLE_LEAVES = ("EpollSelector.select", "Condition.wait", "Event.wait", "Thread.run",
-               "_poll_wrapper", "Lock.acquire", "select (selectors.py")
+IDLE_LEAVES = (
+    "EpollSelector.select",
+    "Condition.wait",
+    "Event.wait",
+    "Thread.run",
+    "_poll_wrapper",
+    "Lock.acquire",
+    "select (selectors.py",
+)
 
 # (category, regex over one frame), matched from the leaf towards the root:
 # the frame nearest the leaf that matches a category decides.
@@ -29,9 +36,14 @@ CATEGORIES: list[tuple[str, re.Pattern[str]]] = [
     ("client identity (tls.py)", re.compile(r"\(agent/tls\.py")),
     ("logging", re.compile(r"\(logging/")),
     ("QueryJobRes building (record_to_pb)", re.compile(r"^record_to_pb ")),
-    ("job manager: exit/reap/finish", re.compile(r"JobManager\.(_on_exit|_finish|_save|"
-                                                  r"_close_output|_on_output)|"
-                                                  r"RealProcessOps\.(reap|kill_group)")),
+    (
+        "job manager: exit/reap/finish",
+        re.compile(
+            r"JobManager\.(_on_exit|_finish|_save|"
+            r"_close_output|_on_output)|"
+            r"RealProcessOps\.(reap|kill_group)"
+        ),
+    ),
     ("job manager: start/_spawn (own code)", re.compile(r"JobManager\.(start|_spawn)")),
     ("servicer (service.py)", re.compile(r"\(agent/service\.py")),
     ("gRPC aio (cython glue)", re.compile(r"grpc/_cython|\.pyx:|grpc/aio|cygrpc")),
@@ -39,13 +51,33 @@ CATEGORIES: list[tuple[str, re.Pattern[str]]] = [
 ]
 
 KEY_FUNCTIONS = [
-    "WorkerService.StartJob", "WorkerService.QueryJob", "WorkerService.WaitJob",
-    "WorkerService._run", "WorkerService.identify", "JobManager.start", "JobManager._spawn",
-    "RealProcessOps.spawn", "Popen.__init__", "Popen._execute_child", "decide",
-    "_check_file", "Store.insert", "Store.update", "Store.get", "AuditLog.record",
-    "read_stat", "uuid4", "JobManager._on_exit", "JobManager._finish", "JobManager._on_output",
-    "JobManager._close_output", "record_to_pb", "identity_from_cert", "ServicerContext.peer",
-    "_deserializer", "JobManager.get",
+    "WorkerService.StartJob",
+    "WorkerService.QueryJob",
+    "WorkerService.WaitJob",
+    "WorkerService._run",
+    "WorkerService.identify",
+    "JobManager.start",
+    "JobManager._spawn",
+    "RealProcessOps.spawn",
+    "Popen.__init__",
+    "Popen._execute_child",
+    "decide",
+    "_check_file",
+    "Store.insert",
+    "Store.update",
+    "Store.get",
+    "AuditLog.record",
+    "read_stat",
+    "uuid4",
+    "JobManager._on_exit",
+    "JobManager._finish",
+    "JobManager._on_output",
+    "JobManager._close_output",
+    "record_to_pb",
+    "identity_from_cert",
+    "ServicerContext.peer",
+    "_deserializer",
+    "JobManager.get",
 ]
 
 
@@ -72,7 +104,8 @@ def parse(text: str) -> list[tuple[list[str], int]]:
 def is_main(frames: list[str]) -> bool:
     """The agent's main thread runs the asyncio loop from runpy."""
     return any(f.startswith("_run_module_as_main") for f in frames[:2]) or any(
-        "BaseEventLoop.run_forever" in f for f in frames)
+        "BaseEventLoop.run_forever" in f for f in frames
+    )
 
 
 def is_idle(frames: list[str]) -> bool:
@@ -97,11 +130,14 @@ def summarize(text: str, top: int = 25) -> str:
     busy = [(f, c) for f, c in main if not is_idle(f)]
     busy_total = sum(c for _, c in busy)
     other_busy = sum(c for f, c in stacks if not is_main(f) and not is_idle(f))
-    lines = [f"samples: {total} (all threads); main thread: {main_total}, of which busy "
-             f"{busy_total} ({100 * busy_total / main_total:.0f}%), idle in epoll "
-             f"{main_total - busy_total} ({100 * (main_total - busy_total) / main_total:.0f}%); "
-             f"busy samples in other Python threads: {other_busy}", "",
-             "main-thread busy samples by category (% of main-thread samples):"]
+    lines = [
+        f"samples: {total} (all threads); main thread: {main_total}, of which busy "
+        f"{busy_total} ({100 * busy_total / main_total:.0f}%), idle in epoll "
+        f"{main_total - busy_total} ({100 * (main_total - busy_total) / main_total:.0f}%); "
+        f"busy samples in other Python threads: {other_busy}",
+        "",
+        "main-thread busy samples by category (% of main-thread samples):",
+    ]
     cats: Counter[str] = Counter()
     for f, c in busy:
         cats[categorize(f)] += c

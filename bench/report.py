@@ -41,8 +41,12 @@ def _f(v: Any, fmt: str = ".2f") -> str:
 
 
 def _cpu(r: dict[str, Any]) -> list[str]:
-    return [_f(r.get("client_cpu_cores")), _f(r.get("agent_cpu_cores")),
-            _f(r.get("jobs_cpu_cores")), _f(r.get("other_cpu_cores"))]
+    return [
+        _f(r.get("client_cpu_cores")),
+        _f(r.get("agent_cpu_cores")),
+        _f(r.get("jobs_cpu_cores")),
+        _f(r.get("other_cpu_cores")),
+    ]
 
 
 def _rows(records: list[dict[str, Any]], mode: str) -> list[list[str]]:
@@ -51,68 +55,160 @@ def _rows(records: list[dict[str, Any]], mode: str) -> list[list[str]]:
     for r in mine:
         n = r["name"]
         if n.startswith("floor_"):
-            what = {"floor_serial": "floor: Popen + wait, serial",
-                    "floor_concurrent": f"floor: {r['in_flight']} in flight, pidfd + wait4",
-                    "floor_serial_user_switch": "floor: serial, child switches user (fork)"}[n]
-            rows.append([what, f"{r['jobs_per_s']:.0f} jobs/s", _f(r["p50_ms"]),
-                         _f(r["p99_ms"]), "1.00x", _f(r["client_cpu_cores"]), "-",
-                         _f(r["jobs_cpu_cores"]), "-"])
+            what = {
+                "floor_serial": "floor: Popen + wait, serial",
+                "floor_concurrent": f"floor: {r['in_flight']} in flight, pidfd + wait4",
+                "floor_serial_user_switch": "floor: serial, child switches user (fork)",
+            }[n]
+            rows.append(
+                [
+                    what,
+                    f"{r['jobs_per_s']:.0f} jobs/s",
+                    _f(r["p50_ms"]),
+                    _f(r["p99_ms"]),
+                    "1.00x",
+                    _f(r["client_cpu_cores"]),
+                    "-",
+                    _f(r["jobs_cpu_cores"]),
+                    "-",
+                ]
+            )
         elif n == "history_fill":
             continue  # shown as the RSS growth series of rss_history
         elif n in ("jobs_original", "jobs_wait", "jobs_run", "profiled_original"):
-            label = {"jobs_original": "original protocol (StartJob + QueryJob every 1 ms)",
-                     "jobs_wait": "StartJob + WaitJob",
-                     "jobs_run": "RunJob (start and wait, one call)",
-                     "profiled_original": "original protocol under py-spy"}[n]
+            label = {
+                "jobs_original": "original protocol (StartJob + QueryJob every 1 ms)",
+                "jobs_wait": "StartJob + WaitJob",
+                "jobs_run": "RunJob (start and wait, one call)",
+                "profiled_original": "original protocol under py-spy",
+            }[n]
             ratio = f"{_f(r['throughput_vs_floor'])}x / {_f(r['p50_vs_floor'])}x"
-            rows.append([f"{label}, {r['in_flight']} in flight",
-                         f"{r['jobs_per_s']:.0f} jobs/s" + (f", {r['failed']} failed"
-                                                           if r["failed"] else ""),
-                         _f(r["p50_ms"]), _f(r["p99_ms"]), ratio, *_cpu(r)])
+            rows.append(
+                [
+                    f"{label}, {r['in_flight']} in flight",
+                    f"{r['jobs_per_s']:.0f} jobs/s"
+                    + (f", {r['failed']} failed" if r["failed"] else ""),
+                    _f(r["p50_ms"]),
+                    _f(r["p99_ms"]),
+                    ratio,
+                    *_cpu(r),
+                ]
+            )
             if n == "jobs_original" and r["in_flight"] == 1:
-                rows.append(["StartJob RPC, 1 in flight", "", _f(r["start_rpc_p50_ms"]),
-                             _f(r["start_rpc_p99_ms"]), "", "", "", "", ""])
+                rows.append(
+                    [
+                        "StartJob RPC, 1 in flight",
+                        "",
+                        _f(r["start_rpc_p50_ms"]),
+                        _f(r["start_rpc_p99_ms"]),
+                        "",
+                        "",
+                        "",
+                        "",
+                        "",
+                    ]
+                )
         elif n.startswith("query_rpc") or n == "query_qps":
-            label = {"query_rpc_running_job": "QueryJob RPC, running job, 1 caller",
-                     "query_rpc_finished_job": "QueryJob RPC, finished job, 1 caller",
-                     "query_qps": f"QueryJob, finished job, {r['callers']} callers"}[n]
-            rows.append([label, f"{r['calls_per_s']:.0f} calls/s", _f(r["p50_ms"]),
-                         _f(r["p99_ms"]), "", *_cpu(r)])
+            label = {
+                "query_rpc_running_job": "QueryJob RPC, running job, 1 caller",
+                "query_rpc_finished_job": "QueryJob RPC, finished job, 1 caller",
+                "query_qps": f"QueryJob, finished job, {r['callers']} callers",
+            }[n]
+            rows.append(
+                [
+                    label,
+                    f"{r['calls_per_s']:.0f} calls/s",
+                    _f(r["p50_ms"]),
+                    _f(r["p99_ms"]),
+                    "",
+                    *_cpu(r),
+                ]
+            )
         elif n == "rss_idle":
-            rows.append(["agent RSS, idle", f"{r['rss_mb']:.1f} MB (anon {r['anon_mb']:.1f}, "
-                         f"files {r['file_mb']:.1f})", "", "", "", "", "", "", ""])
+            rows.append(
+                [
+                    "agent RSS, idle",
+                    f"{r['rss_mb']:.1f} MB (anon {r['anon_mb']:.1f}, files {r['file_mb']:.1f})",
+                    "",
+                    "",
+                    "",
+                    "",
+                    "",
+                    "",
+                    "",
+                ]
+            )
         elif n == "rss_history":
-            series = ", ".join(f"{j / 1000:.1f}k: {m:.1f}"
-                               for j, m in r.get("rss_mb_by_jobs_run", []))
-            rows.append([f"agent RSS after {r['jobs_run']} jobs run, {r['retained_jobs']} "
-                         "retained",
-                         f"{r['rss_mb']:.1f} MB (idle {r['above_idle_mb']:+.1f}; anon "
-                         f"{r['anon_mb']:.1f}); MB by jobs "
-                         f"run: {series}", "", "", "", "", "", "", ""])
+            series = ", ".join(
+                f"{j / 1000:.1f}k: {m:.1f}" for j, m in r.get("rss_mb_by_jobs_run", [])
+            )
+            rows.append(
+                [
+                    f"agent RSS after {r['jobs_run']} jobs run, {r['retained_jobs']} retained",
+                    f"{r['rss_mb']:.1f} MB (idle {r['above_idle_mb']:+.1f}; anon "
+                    f"{r['anon_mb']:.1f}); MB by jobs "
+                    f"run: {series}",
+                    "",
+                    "",
+                    "",
+                    "",
+                    "",
+                    "",
+                    "",
+                ]
+            )
         elif n == "rss_idle_with_history":
-            rows.append([f"agent RSS, restarted with {r['retained_jobs']} jobs in history",
-                         f"{r['rss_mb']:.1f} MB (anon {r['anon_mb']:.1f})", "", "", "", "", "",
-                         "", ""])
+            rows.append(
+                [
+                    f"agent RSS, restarted with {r['retained_jobs']} jobs in history",
+                    f"{r['rss_mb']:.1f} MB (anon {r['anon_mb']:.1f})",
+                    "",
+                    "",
+                    "",
+                    "",
+                    "",
+                    "",
+                    "",
+                ]
+            )
         elif n == "rss_running":
-            rows.append([f"agent RSS with {r['running']} jobs running",
-                         f"{r['rss_mb']:.1f} MB ({r['above_before_mb']:+.1f} MB, "
-                         f"{r['kb_per_running_job']:.0f} KB/job); "
-                         f"started {r['starts_per_s']:.0f}/s, stopped all in "
-                         f"{r['stop_and_wait_all_s']:.2f} s", "", "", "", "",
-                         _f(r.get("agent_cpu_cores")), _f(r.get("jobs_cpu_cores")),
-                         _f(r.get("other_cpu_cores"))])
+            rows.append(
+                [
+                    f"agent RSS with {r['running']} jobs running",
+                    f"{r['rss_mb']:.1f} MB ({r['above_before_mb']:+.1f} MB, "
+                    f"{r['kb_per_running_job']:.0f} KB/job); "
+                    f"started {r['starts_per_s']:.0f}/s, stopped all in "
+                    f"{r['stop_and_wait_all_s']:.2f} s",
+                    "",
+                    "",
+                    "",
+                    "",
+                    _f(r.get("agent_cpu_cores")),
+                    _f(r.get("jobs_cpu_cores")),
+                    _f(r.get("other_cpu_cores")),
+                ]
+            )
         elif n == "stream":
             ok = "verified" if r["verified"] else "BYTE COUNT WRONG"
-            rows.append([f"StreamJobOutput follow, {r['clients']} client(s), "
-                         f"{r['bytes_per_client'] / 1e6:.0f} MB each",
-                         f"{r['mb_per_s_per_client_min']:.0f} MB/s per client "
-                         f"({r['mb_per_s_aggregate']:.0f} total; {ok})", "", "", "",
-                         *_cpu(r)])
+            rows.append(
+                [
+                    f"StreamJobOutput follow, {r['clients']} client(s), "
+                    f"{r['bytes_per_client'] / 1e6:.0f} MB each",
+                    f"{r['mb_per_s_per_client_min']:.0f} MB/s per client "
+                    f"({r['mb_per_s_aggregate']:.0f} total; {ok})",
+                    "",
+                    "",
+                    "",
+                    *_cpu(r),
+                ]
+            )
     return rows
 
 
-HEADER = ("| measurement | result | p50 ms | p99 ms | vs floor (jobs/s, p50) | client CPU | "
-          "agent CPU | jobs CPU | other CPU |\n|---|---|---|---|---|---|---|---|---|\n")
+HEADER = (
+    "| measurement | result | p50 ms | p99 ms | vs floor (jobs/s, p50) | client CPU | "
+    "agent CPU | jobs CPU | other CPU |\n|---|---|---|---|---|---|---|---|---|\n"
+)
 
 
 def targets_table(result: dict[str, Any]) -> str:
@@ -146,22 +242,30 @@ def compare_table(records: list[dict[str, Any]], mode: str) -> str:
     unary = [r for r in records if r["mode"] == mode and r["name"] == "cmp_summary_unary"]
     if not jobs and not unary:
         return ""
-    out = [f"\nInterleaved comparison (medians of {max(r['rounds'] for r in jobs + unary)} "
-           "rounds), original protocol, `/bin/true`, QueryJob every 1 ms:\n\n"
-           "| target | in flight | jobs/s | p50 ms | server CPU ms/job | jobs/s vs peer "
-           "| jobs/s vs floor | CPU/job vs peer |\n|---|---|---|---|---|---|---|---|\n"]
+    out = [
+        f"\nInterleaved comparison (medians of {max(r['rounds'] for r in jobs + unary)} "
+        "rounds), original protocol, `/bin/true`, QueryJob every 1 ms:\n\n"
+        "| target | in flight | jobs/s | p50 ms | server CPU ms/job | jobs/s vs peer "
+        "| jobs/s vs floor | CPU/job vs peer |\n|---|---|---|---|---|---|---|---|\n"
+    ]
     for r in jobs:
-        out.append(f"| {r['target']} | {r['in_flight']} | {_f(r['jobs_per_s'], '.0f')} | "
-                   f"{_f(r['p50_ms'])} | {_f(r['server_cpu_ms_per_job'], '.3f')} | "
-                   f"{_f(r.get('jobs_per_s_vs_peer'))} | {_f(r.get('jobs_per_s_vs_floor'))} | "
-                   f"{_f(r.get('server_cpu_per_job_vs_peer'))} |\n")
+        out.append(
+            f"| {r['target']} | {r['in_flight']} | {_f(r['jobs_per_s'], '.0f')} | "
+            f"{_f(r['p50_ms'])} | {_f(r['server_cpu_ms_per_job'], '.3f')} | "
+            f"{_f(r.get('jobs_per_s_vs_peer'))} | {_f(r.get('jobs_per_s_vs_floor'))} | "
+            f"{_f(r.get('server_cpu_per_job_vs_peer'))} |\n"
+        )
     if unary:
-        out.append("\n| unary call | in flight | calls/s | p50 ms | server CPU ms/call "
-                   "| CPU/call vs bare aio |\n|---|---|---|---|---|---|\n")
+        out.append(
+            "\n| unary call | in flight | calls/s | p50 ms | server CPU ms/call "
+            "| CPU/call vs bare aio |\n|---|---|---|---|---|---|\n"
+        )
         for r in unary:
-            out.append(f"| {r['target']} | {r['callers']} | {_f(r['calls_per_s'], '.0f')} | "
-                       f"{_f(r['p50_ms'])} | {_f(r['server_cpu_ms_per_call'], '.3f')} | "
-                       f"{_f(r.get('server_cpu_ms_per_call_vs_bare_aio'))} |\n")
+            out.append(
+                f"| {r['target']} | {r['callers']} | {_f(r['calls_per_s'], '.0f')} | "
+                f"{_f(r['p50_ms'])} | {_f(r['server_cpu_ms_per_call'], '.3f')} | "
+                f"{_f(r.get('server_cpu_ms_per_call_vs_bare_aio'))} |\n"
+            )
     return "".join(out)
 
 
@@ -174,15 +278,27 @@ def results_body(result: dict[str, Any]) -> str:
             out.append(f"Failed: `{info['error']}`\n")
             continue
         out.append(f"Agent process: `{info.get('agent_python', '?')}`\n\n")
-        out.append(HEADER + "\n".join("| " + " | ".join(r) + " |"
-                                      for r in _rows(result["records"], key)) + "\n")
-        thr = next((r.get("agent_threads_cpu_share") for r in result["records"]
-                    if r["mode"] == key and r["name"] == "jobs_original"
-                    and r.get("agent_threads_cpu_share")), None)
+        out.append(
+            HEADER
+            + "\n".join("| " + " | ".join(r) + " |" for r in _rows(result["records"], key))
+            + "\n"
+        )
+        thr = next(
+            (
+                r.get("agent_threads_cpu_share")
+                for r in result["records"]
+                if r["mode"] == key
+                and r["name"] == "jobs_original"
+                and r.get("agent_threads_cpu_share")
+            ),
+            None,
+        )
         if thr:
             share = ", ".join(f"{k} {v * 100:.0f}%" for k, v in list(thr.items())[:6])
-            out.append(f"\nAgent CPU by thread at {result['meta']['params']['main_level']} in "
-                       f"flight (original protocol): {share}.\n")
+            out.append(
+                f"\nAgent CPU by thread at {result['meta']['params']['main_level']} in "
+                f"flight (original protocol): {share}.\n"
+            )
         out.append(compare_table(result["records"], key))
     out.append("""
 CPU columns are cores used during the measurement window (1.00 = one core
@@ -203,21 +319,29 @@ def machine_text(result: dict[str, Any]) -> str:
     m = result["meta"]["machine"]
     la0 = ", ".join(f"{x:.2f}" for x in m["loadavg_start"])
     la1 = ", ".join(f"{x:.2f}" for x in m.get("loadavg_end", []))
-    s = (f"- {m['nproc']} CPUs, {m['cpu_model']}, kernel {m['kernel']}\n"
-         f"- Python {m['python_agent']} for the agent, floor and clients "
-         f"(`{' '.join(m['python_agent_argv'])}`); bench driver Python {m['python_bench']}\n"
-         f"- grpcio {m['grpcio']}, protobuf {m['protobuf']}\n"
-         f"- load average at start {la0}, at end {la1}\n"
-         f"- run started {result['meta']['started']}, took {result['meta']['elapsed_s']:.0f} s"
-         f"{' (--quick)' if result['meta']['quick'] else ''}\n")
-    others = [r["other_cpu_cores"] for r in result["records"]
-              if isinstance(r.get("other_cpu_cores"), (int, float))]
+    s = (
+        f"- {m['nproc']} CPUs, {m['cpu_model']}, kernel {m['kernel']}\n"
+        f"- Python {m['python_agent']} for the agent, floor and clients "
+        f"(`{' '.join(m['python_agent_argv'])}`); bench driver Python {m['python_bench']}\n"
+        f"- grpcio {m['grpcio']}, protobuf {m['protobuf']}\n"
+        f"- load average at start {la0}, at end {la1}\n"
+        f"- run started {result['meta']['started']}, took {result['meta']['elapsed_s']:.0f} s"
+        f"{' (--quick)' if result['meta']['quick'] else ''}\n"
+    )
+    others = [
+        r["other_cpu_cores"]
+        for r in result["records"]
+        if isinstance(r.get("other_cpu_cores"), (int, float))
+    ]
     if others:
         mean = sum(others) / len(others)
-        verdict = ("**a noisy run: treat the figures as provisional**" if mean > 0.25
-                   else "a quiet run")
-        s += (f"- other tenants used {mean:.2f} cores on average (at most "
-              f"{max(others):.2f}) during the measurements: {verdict}\n")
+        verdict = (
+            "**a noisy run: treat the figures as provisional**" if mean > 0.25 else "a quiet run"
+        )
+        s += (
+            f"- other tenants used {mean:.2f} cores on average (at most "
+            f"{max(others):.2f}) during the measurements: {verdict}\n"
+        )
     if m.get("interpreter_note"):
         s += f"- note: {m['interpreter_note']}\n"
     return s
@@ -225,9 +349,13 @@ def machine_text(result: dict[str, Any]) -> str:
 
 def markdown(result: dict[str, Any]) -> str:
     """bench/results/latest.md."""
-    return ("# Benchmark results (latest run)\n\n"
-            f"Command: `{result['meta']['command']}`\n\n" + machine_text(result) + "\n"
-            + results_body(result))
+    return (
+        "# Benchmark results (latest run)\n\n"
+        f"Command: `{result['meta']['command']}`\n\n"
+        + machine_text(result)
+        + "\n"
+        + results_body(result)
+    )
 
 
 def plot(result: dict[str, Any], path: Path) -> Path | None:
@@ -238,48 +366,83 @@ def plot(result: dict[str, Any], path: Path) -> Path | None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("bench: matplotlib is not installed: no plot (pip install matplotlib)",
-              file=sys.stderr)
+        print(
+            "bench: matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr
+        )
         return None
     modes = [k for k, v in result["modes"].items() if "error" not in v]
     if not modes:
         return None
-    fig, axes = plt.subplots(1, len(modes), figsize=(6.2 * len(modes), 4.6), sharey=True,
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(modes), figsize=(6.2 * len(modes), 4.6), sharey=True, squeeze=False
+    )
     for ax, key in zip(axes[0], modes, strict=True):
-        recs = sorted((r for r in result["records"]
-                       if r["mode"] == key and r["name"] == "jobs_original"),
-                      key=lambda r: r["in_flight"])
+        recs = sorted(
+            (r for r in result["records"] if r["mode"] == key and r["name"] == "jobs_original"),
+            key=lambda r: r["in_flight"],
+        )
         if not recs:
             continue
         x = [r["in_flight"] for r in recs]
         for q, style in (("p50", "o-"), ("p90", "s--"), ("p99", "^:")):
             ax.plot(x, [r[f"{q}_ms"] for r in recs], style, label=f"agent {q}")
-        waits = sorted((r for r in result["records"]
-                        if r["mode"] == key and r["name"] == "jobs_wait"),
-                       key=lambda r: r["in_flight"])
+        waits = sorted(
+            (r for r in result["records"] if r["mode"] == key and r["name"] == "jobs_wait"),
+            key=lambda r: r["in_flight"],
+        )
         if waits:
-            ax.plot([r["in_flight"] for r in waits], [r["p50_ms"] for r in waits], "D",
-                    color="black", label="WaitJob p50")
-        runs = sorted((r for r in result["records"]
-                       if r["mode"] == key and r["name"] == "jobs_run"),
-                      key=lambda r: r["in_flight"])
+            ax.plot(
+                [r["in_flight"] for r in waits],
+                [r["p50_ms"] for r in waits],
+                "D",
+                color="black",
+                label="WaitJob p50",
+            )
+        runs = sorted(
+            (r for r in result["records"] if r["mode"] == key and r["name"] == "jobs_run"),
+            key=lambda r: r["in_flight"],
+        )
         if runs:
-            ax.plot([r["in_flight"] for r in runs], [r["p50_ms"] for r in runs], "v",
-                    color="grey", label="RunJob p50")
-        fs = next((r for r in result["records"]
-                   if r["mode"] == key and r["name"] == "floor_serial"), None)
-        fc = next((r for r in result["records"]
-                   if r["mode"] == key and r["name"] == "floor_concurrent"), None)
+            ax.plot(
+                [r["in_flight"] for r in runs],
+                [r["p50_ms"] for r in runs],
+                "v",
+                color="grey",
+                label="RunJob p50",
+            )
+        fs = next(
+            (r for r in result["records"] if r["mode"] == key and r["name"] == "floor_serial"), None
+        )
+        fc = next(
+            (r for r in result["records"] if r["mode"] == key and r["name"] == "floor_concurrent"),
+            None,
+        )
         if fs:
-            ax.axhline(fs["p50_ms"], color="grey", linestyle="-.", linewidth=1,
-                       label=f"floor p50, serial ({fs['p50_ms']:.2f} ms)")
+            ax.axhline(
+                fs["p50_ms"],
+                color="grey",
+                linestyle="-.",
+                linewidth=1,
+                label=f"floor p50, serial ({fs['p50_ms']:.2f} ms)",
+            )
         if fc:
-            ax.plot([fc["in_flight"]], [fc["p50_ms"]], "x", color="grey", markersize=9,
-                    label=f"floor p50, {fc['in_flight']} in flight")
+            ax.plot(
+                [fc["in_flight"]],
+                [fc["p50_ms"]],
+                "x",
+                color="grey",
+                markersize=9,
+                label=f"floor p50, {fc['in_flight']} in flight",
+            )
         for r in recs:
-            ax.annotate(f"{r['jobs_per_s']:.0f}/s", (r["in_flight"], r["p50_ms"]),
-                        textcoords="offset points", xytext=(0, -14), ha="center", fontsize=7)
+            ax.annotate(
+                f"{r['jobs_per_s']:.0f}/s",
+                (r["in_flight"], r["p50_ms"]),
+                textcoords="offset points",
+                xytext=(0, -14),
+                ha="center",
+                fontsize=7,
+            )
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xticks(x)
@@ -290,8 +453,11 @@ def plot(result: dict[str, Any], path: Path) -> Path | None:
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel("start-to-done latency, ms (original protocol, 1 ms polling)")
     m = result["meta"]["machine"]
-    fig.suptitle(f"/bin/true through the agent (mTLS, loopback); {m['nproc']} CPUs, "
-                 f"Python {m['python_agent']}; labels: jobs/s", fontsize=10)
+    fig.suptitle(
+        f"/bin/true through the agent (mTLS, loopback); {m['nproc']} CPUs, "
+        f"Python {m['python_agent']}; labels: jobs/s",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -395,7 +561,8 @@ are 31 MB before any agent code is imported).
 
 def docs_page(result: dict[str, Any], has_plot: bool) -> str:
     """docs/benchmarks.md."""
-    parts = ["""# Benchmarks
+    parts = [
+        """# Benchmarks
 
 How fast the agent turns a request into a finished process, how much it
 costs on the host, and how that compares with the floor: starting and
@@ -424,14 +591,24 @@ compare the ratios to the floor measured in the same run, and look at the
 
 ## Machine
 
-""", machine_text(result), "\n## Reference and targets\n\n", REFERENCE,
-             "\n", ORIGINAL_WORKER, OPTIMISATION, "\n## Latest results\n\n", results_body(result)]
+""",
+        machine_text(result),
+        "\n## Reference and targets\n\n",
+        REFERENCE,
+        "\n",
+        ORIGINAL_WORKER,
+        OPTIMISATION,
+        "\n## Latest results\n\n",
+        results_body(result),
+    ]
     profiles = result.get("profiles") or {}
     if profiles:
-        parts.append("\n## Profile (py-spy, original protocol, "
-                     f"{result['meta']['params']['main_level']} in flight)\n\n"
-                     "Where the agent's main thread (the asyncio loop, where all the Python "
-                     "work happens) spent its samples, from `python -m bench --profile`:\n")
+        parts.append(
+            "\n## Profile (py-spy, original protocol, "
+            f"{result['meta']['params']['main_level']} in flight)\n\n"
+            "Where the agent's main thread (the asyncio loop, where all the Python "
+            "work happens) spent its samples, from `python -m bench --profile`:\n"
+        )
         for key, text in profiles.items():
             label = result["modes"].get(key, {}).get("label", key)
             parts.append(f"\n{label}:\n\n```\n{text.strip()}\n```\n")

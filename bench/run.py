@@ -46,8 +46,9 @@ STEPS = ("rpc", "levels", "wait", "qps", "history", "running", "stream", "compar
 class Bench:
     """One run: the context every workload shares, the records, the order of steps."""
 
-    def __init__(self, args: argparse.Namespace, ctx: wl.Ctx, base: Path, certs: Path,
-                 peer: Peer | None) -> None:
+    def __init__(
+        self, args: argparse.Namespace, ctx: wl.Ctx, base: Path, certs: Path, peer: Peer | None
+    ) -> None:
         self.args = args
         self.ctx = ctx
         self.p = ctx.p
@@ -69,33 +70,55 @@ class Bench:
         emit({"mode": mode.key, **rec}, self.records)
         return rec
 
-    def jobs(self, agent: Agent, mode: Mode, protocol: str, n: int, floor: dict[str, Any],
-             name: str, count: int | None = None) -> None:
+    def jobs(
+        self,
+        agent: Agent,
+        mode: Mode,
+        protocol: str,
+        n: int,
+        floor: dict[str, Any],
+        name: str,
+        count: int | None = None,
+    ) -> None:
         self.out(mode, wl.jobs(self.ctx, agent, protocol, n, name, floor=floor, count=count))
 
     def setup_calls(self, agent: Agent, mode: Mode) -> None:
         """QueryJob latency on a running and on a finished job."""
         ch, stub = agent.stub()
         try:
-            running = stub.StartJob(pb.StartJobReq(command="/bin/sleep", path="600"),
-                                    timeout=30).jobID
+            running = stub.StartJob(
+                pb.StartJobReq(command="/bin/sleep", path="600"), timeout=30
+            ).jobID
             finished = stub.StartJob(pb.StartJobReq(command="/bin/true"), timeout=30).jobID
             stub.WaitJob(pb.WaitJobReq(jobID=finished, waitMillis=10_000), timeout=15)
             self.started += 2
             if self.step("rpc"):
                 note("QueryJob latency")
-                for job_id, name in ((running, "query_rpc_running_job"),
-                                     (finished, "query_rpc_finished_job")):
-                    self.out(mode, wl.calls(self.ctx, agent, "query", 1, name, job_id=job_id,
-                                            warm=min(0.3, self.p.warm),
-                                            duration=self.p.rpc_duration))
+                for job_id, name in (
+                    (running, "query_rpc_running_job"),
+                    (finished, "query_rpc_finished_job"),
+                ):
+                    self.out(
+                        mode,
+                        wl.calls(
+                            self.ctx,
+                            agent,
+                            "query",
+                            1,
+                            name,
+                            job_id=job_id,
+                            warm=min(0.3, self.p.warm),
+                            duration=self.p.rpc_duration,
+                        ),
+                    )
             stub.StopJob(pb.StopJobReq(jobID=running), timeout=30)
             stub.WaitJob(pb.WaitJobReq(jobID=running, waitMillis=30_000), timeout=35)
         finally:
             ch.close()
 
-    def history(self, agent: Agent, mode: Mode, floor: dict[str, Any],
-                idle: dict[str, float]) -> None:
+    def history(
+        self, agent: Agent, mode: Mode, floor: dict[str, Any], idle: dict[str, float]
+    ) -> None:
         """Run jobs until the history holds ``p.history``; RSS; restart; RSS."""
         p = self.p
         # Count from our own bookkeeping: listing 10,000 jobs through the API
@@ -110,33 +133,59 @@ class Bench:
             for i in range(4):
                 n = left // 4 + (1 if i < left % 4 else 0)
                 if n:
-                    self.jobs(agent, mode, "wait", min(16, max(1, p.main_level)), floor,
-                              "history_fill", count=n)
+                    self.jobs(
+                        agent,
+                        mode,
+                        "wait",
+                        min(16, max(1, p.main_level)),
+                        floor,
+                        "history_fill",
+                        count=n,
+                    )
                     growth.append((self.started, procstat.rss_mb(agent.pid)["rss_mb"]))
         time.sleep(0.5)
         hist = procstat.rss_mb(agent.pid)
-        self.out(mode, {"name": "rss_history", "retained_jobs": wl.history_count(agent),
-                        "jobs_run": self.started, **hist,
-                        "above_idle_mb": hist["rss_mb"] - idle["rss_mb"],
-                        "rss_mb_by_jobs_run": growth})
+        self.out(
+            mode,
+            {
+                "name": "rss_history",
+                "retained_jobs": wl.history_count(agent),
+                "jobs_run": self.started,
+                **hist,
+                "above_idle_mb": hist["rss_mb"] - idle["rss_mb"],
+                "rss_mb_by_jobs_run": growth,
+            },
+        )
         note("restart with the full history")
         agent.stop()
         agent.start()
         time.sleep(1.0)
-        self.out(mode, {"name": "rss_idle_with_history",
-                        "retained_jobs": wl.history_count(agent),
-                        **procstat.rss_mb(agent.pid)})
+        self.out(
+            mode,
+            {
+                "name": "rss_idle_with_history",
+                "retained_jobs": wl.history_count(agent),
+                **procstat.rss_mb(agent.pid),
+            },
+        )
 
     def compare(self, agent: Agent, mode: Mode) -> None:
         """The interleaved comparison with the peer and the bare servers."""
-        bares = [BareServer(f, self.base, self.certs, self.ctx.interp,
-                            self.ctx.helper_path, self.p.unary_callers)
-                 for f in ("aio", "sync")]
+        bares = [
+            BareServer(
+                f,
+                self.base,
+                self.certs,
+                self.ctx.interp,
+                self.ctx.helper_path,
+                self.p.unary_callers,
+            )
+            for f in ("aio", "sync")
+        ]
         try:
             for b in bares:
                 b.start()
-            Comparison(self.ctx, mode, agent, self.peer, bares,
-                       lambda r: self.out(mode, r)).run()
+            Comparison(self.ctx, mode, agent, self.peer, bares, lambda r: self.out(mode, r)).run()
         finally:
             for b in bares:
                 b.stop()
@@ -149,8 +198,11 @@ class Bench:
         for r in recs:
             self.out(mode, r)
         agent = Agent(mode, self.base, self.certs, self.ctx.interp, self.head)
-        info: dict[str, Any] = {"label": mode.label, "agent_user": mode.agent_user,
-                                "job_user": mode.job_user}
+        info: dict[str, Any] = {
+            "label": mode.label,
+            "agent_user": mode.agent_user,
+            "job_user": mode.job_user,
+        }
         try:
             agent.start()
             self.started = 0
@@ -175,14 +227,22 @@ class Bench:
                     fresh = stub.RunJob(pb.StartJobReq(command="/bin/true"), timeout=30).jobID
                 finally:
                     ch.close()
-                self.out(mode, wl.calls(self.ctx, agent, "query", p.qps_callers, "query_qps",
-                                        job_id=fresh))
+                self.out(
+                    mode,
+                    wl.calls(self.ctx, agent, "query", p.qps_callers, "query_qps", job_id=fresh),
+                )
             if self.step("compare"):
                 self.compare(agent, mode)
             if self.args.profile:
                 out = Path(self.args.out) / f"profile-{mode.key}.txt"
-                rec, summary = wl.profiled_jobs(self.ctx, agent, self.args.profile_level or
-                                                p.main_level, floor, out, self.args.native)
+                rec, summary = wl.profiled_jobs(
+                    self.ctx,
+                    agent,
+                    self.args.profile_level or p.main_level,
+                    floor,
+                    out,
+                    self.args.native,
+                )
                 if rec:
                     self.out(mode, rec)
                 if summary:
@@ -193,8 +253,9 @@ class Bench:
                 self.history(agent, mode, floor, idle)
             if self.step("running"):
                 note(f"{p.running} jobs running at once")
-                self.out(mode, wl.running_jobs(self.ctx, agent,
-                                               procstat.rss_mb(agent.pid)["rss_mb"]))
+                self.out(
+                    mode, wl.running_jobs(self.ctx, agent, procstat.rss_mb(agent.pid)["rss_mb"])
+                )
             for c in p.stream_clients if self.step("stream") else ():
                 note(f"streaming {p.stream_bytes / procstat.MB:.0f} MB to {c} client(s)")
                 self.out(mode, wl.stream(self.ctx, agent, c, self.head))
@@ -216,11 +277,18 @@ def machine_info(interp: interpreter.Interpreter) -> dict[str, Any]:
                 break
     import google.protobuf
 
-    return {"nproc": os.cpu_count(), "cpu_model": model, "kernel": platform.release(),
-            "python_bench": platform.python_version(), "python_agent": interp.version,
-            "python_agent_argv": list(interp.argv), "interpreter_note": interp.note,
-            "grpcio": grpc.__version__, "protobuf": google.protobuf.__version__,
-            "loadavg_start": procstat.load_average()}
+    return {
+        "nproc": os.cpu_count(),
+        "cpu_model": model,
+        "kernel": platform.release(),
+        "python_bench": platform.python_version(),
+        "python_agent": interp.version,
+        "python_agent_argv": list(interp.argv),
+        "interpreter_note": interp.note,
+        "grpcio": grpc.__version__,
+        "protobuf": google.protobuf.__version__,
+        "loadavg_start": procstat.load_average(),
+    }
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -228,36 +296,61 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     add = ap.add_argument
     add("--quick", action="store_true", help="tiny counts: a smoke run in seconds")
-    add("--out", default=str(ROOT / "bench" / "results"),
-        help="results folder (latest.json, latest.md)")
-    add("--modes", default="root,user",
+    add(
+        "--out",
+        default=str(ROOT / "bench" / "results"),
+        help="results folder (latest.json, latest.md)",
+    )
+    add(
+        "--modes",
+        default="root,user",
         help="agent modes to measure: root (agent root, jobs switch user), user "
-             "(agent and jobs one unprivileged user); default both")
+        "(agent and jobs one unprivileged user); default both",
+    )
     add("--user", default="nobody", help="the unprivileged user (default nobody)")
-    add("--python", default="auto",
-        help="interpreter for agent, floor and clients: auto, venv or a path")
+    add(
+        "--python",
+        default="auto",
+        help="interpreter for agent, floor and clients: auto, venv or a path",
+    )
     add("--duration", type=float, help="seconds per throughput point")
     add("--levels", help="jobs in flight to sweep, e.g. 1,2,4,8,16,32")
     add("--rounds", type=int, help="interleaved rounds of the compare step (default 3)")
-    add("--docs", dest="docs", action="store_true", default=None,
-        help="write docs/benchmarks.md and the plot (default for a full run)")
+    add(
+        "--docs",
+        dest="docs",
+        action="store_true",
+        default=None,
+        help="write docs/benchmarks.md and the plot (default for a full run)",
+    )
     add("--no-docs", dest="docs", action="store_false")
-    add("--profile", action="store_true",
-        help="also run py-spy on the agent under the main original-protocol load")
+    add(
+        "--profile",
+        action="store_true",
+        help="also run py-spy on the agent under the main original-protocol load",
+    )
     add("--native", action="store_true", help="with --profile: native frames too")
     add("--profile-level", type=int, help="jobs in flight while profiling (default 16)")
-    add("--history", type=int, help="jobs to run before the retained-history RSS "
-        "(default 10000)")
+    add("--history", type=int, help="jobs to run before the retained-history RSS (default 10000)")
     add("--steps", default="all", help=f"comma list of {','.join(STEPS)} (default all)")
-    add("--peer-addr", help="a worker speaking the original protocol, to compare with "
-        "(default 127.0.0.1:30000 with --peer-cmd)")
-    add("--peer-cmd", help="start this peer (split like a shell would, no shell) and stop "
-        "it at the end; its CPU is read from /proc")
+    add(
+        "--peer-addr",
+        help="a worker speaking the original protocol, to compare with "
+        "(default 127.0.0.1:30000 with --peer-cmd)",
+    )
+    add(
+        "--peer-cmd",
+        help="start this peer (split like a shell would, no shell) and stop "
+        "it at the end; its CPU is read from /proc",
+    )
     add("--peer-cwd", help="working folder of --peer-cmd (default: a temporary one)")
     add("--peer-ca", help="the peer serves TLS: verify it with this CA (default plaintext)")
     add("--peer-pid", type=int, help="pid of an already running --peer-addr, for its CPU")
-    add("--peer-scheduler", help="serve a stub Scheduler (plaintext) here while the peer "
-        "runs: the original worker exits unless it can register")
+    add(
+        "--peer-scheduler",
+        help="serve a stub Scheduler (plaintext) here while the peer "
+        "runs: the original worker exits unless it can register",
+    )
     add("--keep", action="store_true", help="keep the temporary folder")
     return ap.parse_args(argv)
 
@@ -313,17 +406,29 @@ def main(argv: list[str] | None = None) -> int:
     certs = base / "certs"
     gen_certs(certs)
     lib = interpreter.helper_lib(base)
-    ctx = wl.Ctx(Driver(interp, interpreter.helper_path(lib, interp), base), p, interp,
-                 interpreter.helper_path(lib, interp))
+    ctx = wl.Ctx(
+        Driver(interp, interpreter.helper_path(lib, interp), base),
+        p,
+        interp,
+        interpreter.helper_path(lib, interp),
+    )
     peer = None
     if args.peer_addr or args.peer_cmd:
-        peer = Peer(args.peer_addr or "127.0.0.1:30000", args.peer_cmd,
-                    Path(args.peer_cwd) if args.peer_cwd else base / "peer", args.peer_ca,
-                    args.peer_pid)
-    meta = {"started": time.strftime("%Y-%m-%d %H:%M:%S %z"), "quick": args.quick,
-            "params": dict(p.__dict__), "machine": machine_info(interp),
-            "peer": peer.describe() if peer else None,
-            "command": "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])}
+        peer = Peer(
+            args.peer_addr or "127.0.0.1:30000",
+            args.peer_cmd,
+            Path(args.peer_cwd) if args.peer_cwd else base / "peer",
+            args.peer_ca,
+            args.peer_pid,
+        )
+    meta = {
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "quick": args.quick,
+        "params": dict(p.__dict__),
+        "machine": machine_info(interp),
+        "peer": peer.describe() if peer else None,
+        "command": "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
     bench = Bench(args, ctx, base, certs, peer)
     infos: dict[str, Any] = {}
     status = 0
@@ -353,10 +458,24 @@ def main(argv: list[str] | None = None) -> int:
     meta["machine"]["loadavg_end"] = procstat.load_average()
     tg = [t for m in modes for t in targets(bench.records, m.key, p)]
     for t in tg:
-        emit({"mode": t["mode"], "name": "target", "target": t["target"], "value": t["value"],
-              "limit": t["limit"], "pass": t["pass"]}, [])
-    result = {"meta": meta, "modes": infos, "records": bench.records, "targets": tg,
-              "profiles": bench.profiles}
+        emit(
+            {
+                "mode": t["mode"],
+                "name": "target",
+                "target": t["target"],
+                "value": t["value"],
+                "limit": t["limit"],
+                "pass": t["pass"],
+            },
+            [],
+        )
+    result = {
+        "meta": meta,
+        "modes": infos,
+        "records": bench.records,
+        "targets": tg,
+        "profiles": bench.profiles,
+    }
     write_results(result, out, docs)
     note(f"done in {meta['elapsed_s']:.0f}s; results in {out}/latest.md")
     return status

@@ -53,15 +53,21 @@ def free_port() -> int:
 
 def gen_certs(out: Path) -> None:
     """The project's own certificate script."""
-    subprocess.run([str(ROOT / "scripts" / "gen_certs.sh"), "--out", str(out)], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [str(ROOT / "scripts" / "gen_certs.sh"), "--out", str(out)], check=True, capture_output=True
+    )
     os.chmod(out, 0o755)  # certificates world-readable, keys stay 0600
 
 
 def mtls_spec(addr: str, certs: Path, identity: str = "client") -> dict[str, Any]:
     """Client spec for a server that wants our client certificate."""
-    return {"addr": addr, "tls": "mtls", "ca": str(certs / "ca.crt"),
-            "cert": str(certs / f"{identity}.crt"), "key": str(certs / f"{identity}.key")}
+    return {
+        "addr": addr,
+        "tls": "mtls",
+        "ca": str(certs / "ca.crt"),
+        "cert": str(certs / f"{identity}.crt"),
+        "key": str(certs / f"{identity}.key"),
+    }
 
 
 def _stop(proc: subprocess.Popen[bytes] | None, timeout: float) -> int | None:
@@ -77,8 +83,13 @@ def _stop(proc: subprocess.Popen[bytes] | None, timeout: float) -> int | None:
         return None
 
 
-def _wait_port(proc: subprocess.Popen[bytes] | None, addr: str, timeout: float,
-               log: Path | None, ready: str = "") -> None:
+def _wait_port(
+    proc: subprocess.Popen[bytes] | None,
+    addr: str,
+    timeout: float,
+    log: Path | None,
+    ready: str = "",
+) -> None:
     """Until ``addr`` accepts TCP (and ``ready`` is in the log); raise if the process dies."""
     host, port = addr.rsplit(":", 1)
     deadline = time.monotonic() + timeout
@@ -147,8 +158,13 @@ class Mode:
         """Command prefix that runs a program as the agent's user."""
         if self.agent_uid == os.geteuid():
             return []
-        return ["setpriv", f"--reuid={self.agent_uid}", f"--regid={self.agent_gid}",
-                "--clear-groups", "--"]
+        return [
+            "setpriv",
+            f"--reuid={self.agent_uid}",
+            f"--regid={self.agent_gid}",
+            "--clear-groups",
+            "--",
+        ]
 
     @property
     def home(self) -> str:
@@ -165,13 +181,28 @@ def make_modes(keys: list[str], user: str) -> list[Mode]:
             if not IS_ROOT:
                 note("mode 'root' skipped: the bench is not running as root")
                 continue
-            out.append(Mode("root", f"agent as root, jobs as {user} (user switch: setpriv)",
-                            0, 0, "root", user))
+            out.append(
+                Mode(
+                    "root",
+                    f"agent as root, jobs as {user} (user switch: setpriv)",
+                    0,
+                    0,
+                    "root",
+                    user,
+                )
+            )
         elif k == "user":
             pw = pwd.getpwnam(user) if IS_ROOT else me
-            out.append(Mode("user", f"agent as {pw.pw_name}, jobs as {pw.pw_name} "
-                            "(no switch: vfork)", pw.pw_uid, pw.pw_gid, pw.pw_name,
-                            pw.pw_name))
+            out.append(
+                Mode(
+                    "user",
+                    f"agent as {pw.pw_name}, jobs as {pw.pw_name} (no switch: vfork)",
+                    pw.pw_uid,
+                    pw.pw_gid,
+                    pw.pw_name,
+                    pw.pw_name,
+                )
+            )
         else:
             raise SystemExit(f"bench: unknown mode {k!r} (root, user)")
     return out
@@ -182,8 +213,7 @@ class Agent:
 
     name = "agent"
 
-    def __init__(self, mode: Mode, base: Path, certs: Path, interp: Interpreter,
-                 head: str) -> None:
+    def __init__(self, mode: Mode, base: Path, certs: Path, interp: Interpreter, head: str) -> None:
         self.mode = mode
         self.interp = interp
         self.certs = certs
@@ -217,10 +247,21 @@ class Agent:
             # cwd is the agent's own folder and PYTHONPATH carries no source
             # tree: ``-m agent`` is the package installed in the interpreter.
             self.proc = subprocess.Popen(
-                [*self.mode.prefix, *self.interp.argv, "-m", "agent", "run", "--config",
-                 str(self.config)],
-                stdout=log, stderr=subprocess.STDOUT, cwd=str(self.dir),
-                env=env(self.interp.sitepath, self.mode.home), start_new_session=True)
+                [
+                    *self.mode.prefix,
+                    *self.interp.argv,
+                    "-m",
+                    "agent",
+                    "run",
+                    "--config",
+                    str(self.config),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=str(self.dir),
+                env=env(self.interp.sitepath, self.mode.home),
+                start_new_session=True,
+            )
         _wait_port(self.proc, self.addr, timeout, self.log_path, ready="listening on")
 
     @property
@@ -240,8 +281,10 @@ class Agent:
     def stub(self, identity: str = "client") -> tuple[grpc.Channel, pb_grpc.WorkerStub]:
         """A channel and stub in this process (for set-up calls, not for load)."""
         creds = grpc.ssl_channel_credentials(
-            (self.certs / "ca.crt").read_bytes(), (self.certs / f"{identity}.key").read_bytes(),
-            (self.certs / f"{identity}.crt").read_bytes())
+            (self.certs / "ca.crt").read_bytes(),
+            (self.certs / f"{identity}.key").read_bytes(),
+            (self.certs / f"{identity}.crt").read_bytes(),
+        )
         ch = grpc.secure_channel(self.addr, creds)
         return ch, pb_grpc.WorkerStub(ch)  # type: ignore[no-untyped-call]
 
@@ -271,7 +314,8 @@ class StubScheduler:
         self.addr = addr
         self.server = grpc.server(ThreadPoolExecutor(2))
         pb_grpc.add_SchedulerServicer_to_server(  # type: ignore[no-untyped-call]
-            _Scheduler(), self.server)
+            _Scheduler(), self.server
+        )
         if not self.server.add_insecure_port(addr):
             raise RuntimeError(f"--peer-scheduler: cannot listen on {addr}")
         self.server.start()
@@ -286,8 +330,9 @@ class Peer:
 
     name = "peer"
 
-    def __init__(self, addr: str, cmd: str | None, cwd: Path, ca: str | None,
-                 pid: int | None) -> None:
+    def __init__(
+        self, addr: str, cmd: str | None, cwd: Path, ca: str | None, pid: int | None
+    ) -> None:
         self.addr = addr
         self.cmd = cmd
         self.cwd = cwd
@@ -306,9 +351,13 @@ class Peer:
         if self.cmd:
             self.cwd.mkdir(parents=True, exist_ok=True)
             with open(self.log_path, "ab") as log:
-                self.proc = subprocess.Popen(shlex.split(self.cmd), stdout=log,
-                                             stderr=subprocess.STDOUT, cwd=str(self.cwd),
-                                             start_new_session=True)
+                self.proc = subprocess.Popen(
+                    shlex.split(self.cmd),
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    cwd=str(self.cwd),
+                    start_new_session=True,
+                )
         _wait_port(self.proc, self.addr, timeout, self.log_path if self.cmd else None)
 
     def stop(self, timeout: float = 15.0) -> int | None:
@@ -322,23 +371,40 @@ class Peer:
 
     def describe(self) -> dict[str, Any]:
         """What the results say about the peer."""
-        return {"addr": self.addr, "cmd": self.cmd, "cwd": str(self.cwd) if self.cmd else None,
-                "tls": bool(self.ca), "pid_known": self.pid is not None}
+        return {
+            "addr": self.addr,
+            "cmd": self.cmd,
+            "cwd": str(self.cwd) if self.cmd else None,
+            "tls": bool(self.ca),
+            "pid_known": self.pid is not None,
+        }
 
 
 class BareServer:
     """``bench.bare``: a grpcio server (aio, or sync on a thread pool) with one empty method."""
 
-    def __init__(self, flavor: str, base: Path, certs: Path, interp: Interpreter,
-                 pythonpath: str, threads: int) -> None:
+    def __init__(
+        self,
+        flavor: str,
+        base: Path,
+        certs: Path,
+        interp: Interpreter,
+        pythonpath: str,
+        threads: int,
+    ) -> None:
         self.name = f"bare_{flavor}"
         self.certs = certs
         self.port = free_port()
         self.addr = f"127.0.0.1:{self.port}"
         self.log_path = base / f"{self.name}.log"
-        spec = {"flavor": flavor, "addr": self.addr, "threads": threads,
-                "ca": str(certs / "ca.crt"), "cert": str(certs / "server.crt"),
-                "key": str(certs / "server.key")}
+        spec = {
+            "flavor": flavor,
+            "addr": self.addr,
+            "threads": threads,
+            "ca": str(certs / "ca.crt"),
+            "cert": str(certs / "server.crt"),
+            "key": str(certs / "server.key"),
+        }
         self.argv = [*interp.argv, "-m", "bench.bare", json.dumps(spec)]
         self.env = env(pythonpath, os.environ.get("HOME", "/"))
         self.cwd = str(base)
@@ -353,8 +419,14 @@ class BareServer:
     def start(self, timeout: float = 30.0) -> None:
         """Start it and wait for its ``ready`` line."""
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT,
-                                         cwd=self.cwd, env=self.env, start_new_session=True)
+            self.proc = subprocess.Popen(
+                self.argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.cwd,
+                env=self.env,
+                start_new_session=True,
+            )
         _wait_port(self.proc, self.addr, timeout, self.log_path, ready="ready")
 
     def stop(self) -> int | None:

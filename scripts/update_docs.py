@@ -1,7 +1,7 @@
 """Rewrites the generated parts of README.md (the configuration reference).
 
-    python scripts/update_docs.py          # rewrite in place
-    python scripts/update_docs.py --check  # exit 1 if README.md is stale
+python scripts/update_docs.py          # rewrite in place
+python scripts/update_docs.py --check  # exit 1 if README.md is stale
 """
 
 from __future__ import annotations
@@ -29,8 +29,10 @@ def main() -> int:
     new = render(text)
     if "--check" in sys.argv:
         if new != text:
-            print("README.md configuration reference is stale: run "
-                  "python scripts/update_docs.py", file=sys.stderr)
+            print(
+                "README.md configuration reference is stale: run python scripts/update_docs.py",
+                file=sys.stderr,
+            )
             return 1
         return 0
     README.write_text(new)

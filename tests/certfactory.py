@@ -40,19 +40,36 @@ def new_key(kind: str = "ec") -> ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
 
 
-def make_ca(cn: str = "evil CA", *, not_before: datetime.datetime | None = None,
-            not_after: datetime.datetime | None = None) -> Issuer:
+def make_ca(
+    cn: str = "evil CA",
+    *,
+    not_before: datetime.datetime | None = None,
+    not_after: datetime.datetime | None = None,
+) -> Issuer:
     key = new_key()
     cert = (
         x509.CertificateBuilder()
-        .subject_name(_name(cn)).issuer_name(_name(cn))
-        .public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(not_before or NOW - DAY).not_valid_after(not_after or NOW + 365 * DAY)
+        .subject_name(_name(cn))
+        .issuer_name(_name(cn))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before or NOW - DAY)
+        .not_valid_after(not_after or NOW + 365 * DAY)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False,
-                                     key_encipherment=False, data_encipherment=False,
-                                     key_agreement=False, key_cert_sign=True, crl_sign=True,
-                                     encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .sign(key, hashes.SHA256())
     )
     return Issuer(cert, key)
@@ -66,12 +83,17 @@ def load_issuer(cert_path: Path, key_path: Path) -> Issuer:
     return Issuer(cert, key)
 
 
-def make_leaf(issuer: Issuer | None, cn: str | None, *, eku: list[x509.ObjectIdentifier] | None
-              = None, no_eku: bool = False, san: list[str] | None = None,
-              not_before: datetime.datetime | None = None,
-              not_after: datetime.datetime | None = None,
-              key_kind: str = "ec") -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey |
-                                             rsa.RSAPrivateKey]:
+def make_leaf(
+    issuer: Issuer | None,
+    cn: str | None,
+    *,
+    eku: list[x509.ObjectIdentifier] | None = None,
+    no_eku: bool = False,
+    san: list[str] | None = None,
+    not_before: datetime.datetime | None = None,
+    not_after: datetime.datetime | None = None,
+    key_kind: str = "ec",
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey]:
     """A leaf certificate; ``issuer=None`` makes it self-signed."""
     key = new_key(key_kind)
     subject = _name(cn) if cn else x509.Name([])
@@ -79,13 +101,16 @@ def make_leaf(issuer: Issuer | None, cn: str | None, *, eku: list[x509.ObjectIde
         x509.CertificateBuilder()
         .subject_name(subject)
         .issuer_name(issuer.cert.subject if issuer else subject)
-        .public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(not_before or NOW - DAY).not_valid_after(not_after or NOW + 30 * DAY)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before or NOW - DAY)
+        .not_valid_after(not_after or NOW + 30 * DAY)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
     )
     if not no_eku:
-        b = b.add_extension(x509.ExtendedKeyUsage(eku or [ExtendedKeyUsageOID.CLIENT_AUTH]),
-                            critical=False)
+        b = b.add_extension(
+            x509.ExtendedKeyUsage(eku or [ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
+        )
     if san:
         names: list[x509.GeneralName] = []
         for s in san:
@@ -95,21 +120,28 @@ def make_leaf(issuer: Issuer | None, cn: str | None, *, eku: list[x509.ObjectIde
                 names.append(x509.DNSName(s))
         b = b.add_extension(x509.SubjectAlternativeName(names), critical=False)
     if issuer is not None:
-        b = b.add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
-            issuer.key.public_key()), critical=False)
+        b = b.add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.key.public_key()),
+            critical=False,
+        )
     cert = b.sign(issuer.key if issuer else key, hashes.SHA256())
     return cert, key
 
 
-def write_pair(d: Path, name: str, cert: x509.Certificate,
-               key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey,
-               key_mode: int = 0o600) -> tuple[Path, Path]:
+def write_pair(
+    d: Path,
+    name: str,
+    cert: x509.Certificate,
+    key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey,
+    key_mode: int = 0o600,
+) -> tuple[Path, Path]:
     """Write <name>.crt and <name>.key (key created with ``key_mode``)."""
     crt = d / f"{name}.crt"
     keyp = d / f"{name}.key"
     crt.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    data = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    data = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     fd = os.open(keyp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, key_mode)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
@@ -119,6 +151,11 @@ def write_pair(d: Path, name: str, cert: x509.Certificate,
 
 def server_pair(issuer: Issuer, d: Path, name: str = "server", **kw: object) -> tuple[Path, Path]:
     """A server certificate for localhost/127.0.0.1/::1 signed by ``issuer``."""
-    cert, key = make_leaf(issuer, "localhost", eku=[ExtendedKeyUsageOID.SERVER_AUTH],
-                          san=["localhost", "127.0.0.1", "::1"], **kw)  # type: ignore[arg-type]
+    cert, key = make_leaf(
+        issuer,
+        "localhost",
+        eku=[ExtendedKeyUsageOID.SERVER_AUTH],
+        san=["localhost", "127.0.0.1", "::1"],
+        **kw,  # type: ignore[arg-type]
+    )
     return write_pair(d, name, cert, key)

@@ -34,8 +34,10 @@ from helpers import (
 _CHECKOUT = Path(__file__).resolve().parent.parent
 if _CHECKOUT in Path(agent_package.__file__).resolve().parents:
     raise RuntimeError(
-        f"the tests imported the source tree ({agent_package.__file__}), not the installed package: "
-        "run scripts/test.sh (or the pytest script of a venv with the package installed)")
+        f"the tests imported the source tree ({agent_package.__file__}), "
+        "not the installed package: "
+        "run scripts/test.sh (or the pytest script of a venv with the package installed)"
+    )
 os.environ["PYTHONSAFEPATH"] = "1"
 
 
@@ -52,6 +54,7 @@ def _outside_the_checkout() -> Iterator[None]:
         yield
     finally:
         os.chdir(before)
+
 
 SCRIPTS = {
     "hello.sh": """
@@ -121,17 +124,20 @@ def standard_policy(script_dir: Path) -> str:
     return policy_for(script_dir)
 
 
-
-
 @pytest.fixture
 def make_agent(tmp_path: Path, certs: Certs, standard_policy: str) -> Iterator[AgentFactory]:
     """Start agents (stopped at the end of the test)."""
     started: list[AgentProcess] = []
 
-    def factory(policy: str | None = None, *, start: bool = True, name: str = "agent",
-                **kw: Any) -> AgentProcess:
-        a = AgentProcess(tmp_path / f"{name}{len(started)}", certs,
-                         standard_policy if policy is None else policy, **kw)
+    def factory(
+        policy: str | None = None, *, start: bool = True, name: str = "agent", **kw: Any
+    ) -> AgentProcess:
+        a = AgentProcess(
+            tmp_path / f"{name}{len(started)}",
+            certs,
+            standard_policy if policy is None else policy,
+            **kw,
+        )
         started.append(a)
         if start:
             a.start()

@@ -63,14 +63,18 @@ class Certs:
         ca = self.ca.read_bytes()
         if name is None:
             return grpc.ssl_channel_credentials(root_certificates=ca)
-        return grpc.ssl_channel_credentials(ca, self.key(name).read_bytes(),
-                                            self.crt(name).read_bytes())
+        return grpc.ssl_channel_credentials(
+            ca, self.key(name).read_bytes(), self.crt(name).read_bytes()
+        )
 
 
 def gen_certs(out: Path, *extra: str) -> Certs:
     """Run the project's certificate script into ``out``."""
-    subprocess.run([str(ROOT / "scripts" / "gen_certs.sh"), "--out", str(out), *extra],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [str(ROOT / "scripts" / "gen_certs.sh"), "--out", str(out), *extra],
+        check=True,
+        capture_output=True,
+    )
     return Certs(out)
 
 
@@ -82,8 +86,7 @@ def make_safe_dir(base: Path | None = None) -> Path:
     user's cache folder.
     """
     if base is None:
-        base = Path("/var/lib/agent-tests") if IS_ROOT else \
-            Path.home() / ".cache" / "agent-tests"
+        base = Path("/var/lib/agent-tests") if IS_ROOT else Path.home() / ".cache" / "agent-tests"
     base.mkdir(parents=True, exist_ok=True, mode=0o755)
     os.chmod(base, 0o755)
     d = base / uuid.uuid4().hex[:12]
@@ -100,15 +103,25 @@ def write_script(folder: Path, name: str, body: str, mode: int = 0o755) -> Path:
     return p
 
 
-def default_config(addr: str, certs: Certs, policy: Path, state: Path,
-                   **sections: dict[str, Any]) -> str:
+def default_config(
+    addr: str, certs: Certs, policy: Path, state: Path, **sections: dict[str, Any]
+) -> str:
     """A config.toml for a test agent; ``sections`` override keys."""
     base: dict[str, dict[str, Any]] = {
-        "grpc_server": {"addr": addr, "use_tls": True, "crt_file": str(certs.crt("server")),
-                        "key_file": str(certs.key("server")), "ca_file": str(certs.ca)},
+        "grpc_server": {
+            "addr": addr,
+            "use_tls": True,
+            "crt_file": str(certs.crt("server")),
+            "key_file": str(certs.key("server")),
+            "ca_file": str(certs.ca),
+        },
         "auth": {"clients": ["client", "scheduler"], "admins": ["admin"]},
-        "jobs": {"policy_file": str(policy), "state_dir": str(state),
-                 "run_as_user": "nobody", "stop_grace_seconds": 2.0},
+        "jobs": {
+            "policy_file": str(policy),
+            "state_dir": str(state),
+            "run_as_user": "nobody",
+            "stop_grace_seconds": 2.0,
+        },
         "retention": {"sweep_seconds": 3600.0},
     }
     for name, values in sections.items():
@@ -147,9 +160,17 @@ def to_toml(data: dict[str, dict[str, Any]]) -> str:
 class AgentProcess:
     """A real agent process with its own config, state and port."""
 
-    def __init__(self, workdir: Path, certs: Certs, policy_text: str, *,
-                 config_text: str | None = None, port: int | None = None,
-                 env: dict[str, str] | None = None, **sections: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        certs: Certs,
+        policy_text: str,
+        *,
+        config_text: str | None = None,
+        port: int | None = None,
+        env: dict[str, str] | None = None,
+        **sections: dict[str, Any],
+    ) -> None:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         os.chmod(workdir, 0o700)
@@ -160,9 +181,11 @@ class AgentProcess:
         self.policy_path = workdir / "policy.yaml"
         self.policy_path.write_text(policy_text)
         self.config_path = workdir / "config.toml"
-        self.config_path.write_text(config_text if config_text is not None else
-                                    default_config(self.addr, certs, self.policy_path,
-                                                   self.state, **sections))
+        self.config_path.write_text(
+            config_text
+            if config_text is not None
+            else default_config(self.addr, certs, self.policy_path, self.state, **sections)
+        )
         self.log_path = workdir / "agent.log"
         self.env = env or {}
         self.proc: subprocess.Popen[bytes] | None = None
@@ -178,8 +201,12 @@ class AgentProcess:
         log = open(self.log_path, "ab")  # noqa: SIM115 - closed by the child owning it
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "agent", "run", "--config", str(self.config_path)],
-            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(self.workdir),
-            start_new_session=True)
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=str(self.workdir),
+            start_new_session=True,
+        )
         log.close()
         if wait:
             self.wait_ready(timeout)
@@ -192,8 +219,10 @@ class AgentProcess:
             assert self.proc is not None
             if self.proc.poll() is not None:
                 raise RuntimeError(f"agent exited with {self.proc.returncode}:\n{self.log()}")
-            with contextlib.suppress(OSError), socket.create_connection(
-                    ("127.0.0.1", self.port), timeout=0.2):
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2),
+            ):
                 if self.log().count("listening on") > getattr(self, "_ready_count", 0):
                     return
             time.sleep(0.05)
@@ -315,7 +344,7 @@ def children_of(pid: int) -> list[int]:
         try:
             with open(f"/proc/{name}/stat", "rb") as f:
                 data = f.read()
-            ppid = int(data[data.rfind(b")") + 2:].split()[1])
+            ppid = int(data[data.rfind(b")") + 2 :].split()[1])
         except (OSError, ValueError, IndexError):
             continue
         if ppid == pid:
@@ -345,40 +374,73 @@ __all__ = [
 class SchedulerProcess:
     """A real reference scheduler process (``agent-scheduler serve``)."""
 
-    def __init__(self, workdir: Path, certs: Certs, *, workers: list[str] | None = None,
-                 users: list[str] | None = None, heartbeat: int = 1, expire: float = 3.0,
-                 port: int | None = None, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        certs: Certs,
+        *,
+        workers: list[str] | None = None,
+        users: list[str] | None = None,
+        heartbeat: int = 1,
+        expire: float = 3.0,
+        port: int | None = None,
+        host: str = "127.0.0.1",
+    ) -> None:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.certs = certs
         self.port = port or free_port()
         self.addr = f"{host}:{self.port}"
         self.config_path = workdir / "scheduler.toml"
-        self.config_path.write_text(to_toml({
-            "server": {"addr": self.addr, "crt_file": str(certs.crt("scheduler")),
-                       "key_file": str(certs.key("scheduler")), "ca_file": str(certs.ca)},
-            "auth": {"workers": workers if workers is not None else ["agent"],
-                     "users": users if users is not None else ["admin"]},
-            "registry": {"heartbeat_seconds": heartbeat, "expire_seconds": expire},
-            "agents": {"crt_file": str(certs.crt("scheduler")),
-                       "key_file": str(certs.key("scheduler")), "ca_file": str(certs.ca),
-                       "call_timeout_seconds": 2.0},
-        }))
+        self.config_path.write_text(
+            to_toml(
+                {
+                    "server": {
+                        "addr": self.addr,
+                        "crt_file": str(certs.crt("scheduler")),
+                        "key_file": str(certs.key("scheduler")),
+                        "ca_file": str(certs.ca),
+                    },
+                    "auth": {
+                        "workers": workers if workers is not None else ["agent"],
+                        "users": users if users is not None else ["admin"],
+                    },
+                    "registry": {"heartbeat_seconds": heartbeat, "expire_seconds": expire},
+                    "agents": {
+                        "crt_file": str(certs.crt("scheduler")),
+                        "key_file": str(certs.key("scheduler")),
+                        "ca_file": str(certs.ca),
+                        "call_timeout_seconds": 2.0,
+                    },
+                }
+            )
+        )
         self.log_path = workdir / "scheduler.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def argv(self) -> list[str]:
-        return [sys.executable, "-m", "agent.scheduler.cli", "serve", "--config",
-                str(self.config_path)]
+        return [
+            sys.executable,
+            "-m",
+            "agent.scheduler.cli",
+            "serve",
+            "--config",
+            str(self.config_path),
+        ]
 
     def start(self, timeout: float = 20.0) -> SchedulerProcess:
         before = self.log().count("scheduler listening")
         log = open(self.log_path, "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen(self.argv(), stdout=log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            self.argv(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         log.close()
-        wait_for(lambda: self.log().count("scheduler listening") > before
-                 or self.proc.poll() is not None, timeout)
+        wait_for(
+            lambda: (
+                self.log().count("scheduler listening") > before or self.proc.poll() is not None
+            ),
+            timeout,
+        )
         assert self.proc.poll() is None, self.log()
         return self
 
@@ -397,24 +459,47 @@ class SchedulerProcess:
                 self.proc.kill()
                 self.proc.wait()
 
-    def cli(self, *args: str, identity: str = "admin",
-            timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    def cli(
+        self, *args: str, identity: str = "admin", timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
         """Run the user CLI against this scheduler."""
         c = self.certs
         return subprocess.run(
-            [sys.executable, "-m", "agent.scheduler.cli", "--addr", self.addr, "--ca", str(c.ca),
-             "--cert", str(c.crt(identity)), "--key", str(c.key(identity)), *args],
-            capture_output=True, text=True, timeout=timeout)
+            [
+                sys.executable,
+                "-m",
+                "agent.scheduler.cli",
+                "--addr",
+                self.addr,
+                "--ca",
+                str(c.ca),
+                "--cert",
+                str(c.crt(identity)),
+                "--key",
+                str(c.key(identity)),
+                *args,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
 
-def registration_section(sched_addr: str, certs: Certs, advertise: str = "",
-                         **extra: Any) -> dict[str, Any]:
+def registration_section(
+    sched_addr: str, certs: Certs, advertise: str = "", **extra: Any
+) -> dict[str, Any]:
     """A [scheduler] table that registers the agent with ``sched_addr``."""
-    d: dict[str, Any] = {"addr": sched_addr, "register": True,
-                         "crt_file": str(certs.crt("agent")), "key_file": str(certs.key("agent")),
-                         "ca_file": str(certs.ca), "heartbeat_seconds": 1.0,
-                         "retry_initial_seconds": 0.2, "retry_max_seconds": 1.0,
-                         "call_timeout_seconds": 2.0}
+    d: dict[str, Any] = {
+        "addr": sched_addr,
+        "register": True,
+        "crt_file": str(certs.crt("agent")),
+        "key_file": str(certs.key("agent")),
+        "ca_file": str(certs.ca),
+        "heartbeat_seconds": 1.0,
+        "retry_initial_seconds": 0.2,
+        "retry_max_seconds": 1.0,
+        "call_timeout_seconds": 2.0,
+    }
     if advertise:
         d["advertise_addr"] = advertise
     d.update(extra)

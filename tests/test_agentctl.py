@@ -21,26 +21,37 @@ from helpers import AgentProcess, Certs
 
 def flags(agent: AgentProcess, identity: str = "client") -> list[str]:
     c = agent.certs
-    return ["--addr", agent.addr, "--ca", str(c.ca), "--cert", str(c.crt(identity)),
-            "--key", str(c.key(identity))]
+    return [
+        "--addr",
+        agent.addr,
+        "--ca",
+        str(c.ca),
+        "--cert",
+        str(c.crt(identity)),
+        "--key",
+        str(c.key(identity)),
+    ]
 
 
-def test_start_wait_prints_output_and_state(agent: AgentProcess, script_dir: Path,
-                                            capfd: pytest.CaptureFixture[str]) -> None:
+def test_start_wait_prints_output_and_state(
+    agent: AgentProcess, script_dir: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
     """start --wait streams the output and exits 0 only on success."""
-    assert main([*flags(agent), "start", "--wait", "bash", str(script_dir / "hello.sh"),
-                 "-x", "--y"]) == 0
+    assert (
+        main([*flags(agent), "start", "--wait", "bash", str(script_dir / "hello.sh"), "-x", "--y"])
+        == 0
+    )
     out, err = capfd.readouterr()
     assert out == "hello -x --y\n"
     assert "SUCCEEDED" in err
-    assert main([*flags(agent), "start", "--wait", "bash", str(script_dir / "fail.sh"),
-                 "5"]) == 1
+    assert main([*flags(agent), "start", "--wait", "bash", str(script_dir / "fail.sh"), "5"]) == 1
     out, err = capfd.readouterr()
     assert "FAILED (exit status 5)" in err
 
 
-def test_status_stop_logs_list(agent: AgentProcess, script_dir: Path,
-                               capfd: pytest.CaptureFixture[str]) -> None:
+def test_status_stop_logs_list(
+    agent: AgentProcess, script_dir: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
     """The other commands, with --json where offered."""
     assert main([*flags(agent), "start", "bash", str(script_dir / "sleep.sh"), "30"]) == 0
     job = capfd.readouterr().out.strip()
@@ -56,8 +67,9 @@ def test_status_stop_logs_list(agent: AgentProcess, script_dir: Path,
     assert job in capfd.readouterr().out
 
 
-def test_errors_are_plain_words_and_exit_codes(agent: AgentProcess, tmp_path: Path,
-                                               capfd: pytest.CaptureFixture[str]) -> None:
+def test_errors_are_plain_words_and_exit_codes(
+    agent: AgentProcess, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
     """Refusals exit 1 with the agent's reason; usage errors exit 2."""
     assert main([*flags(agent), "start", "/bin/sh", "-c", "id"]) == 1
     assert "permission denied" in capfd.readouterr().err
@@ -68,8 +80,9 @@ def test_errors_are_plain_words_and_exit_codes(agent: AgentProcess, tmp_path: Pa
     assert main([*flags(agent), "start", "--limit", "bogus", "true"]) == 2
 
 
-def test_other_identity_cannot_see_job_admin_can(agent: AgentProcess, script_dir: Path,
-                                                 capfd: pytest.CaptureFixture[str]) -> None:
+def test_other_identity_cannot_see_job_admin_can(
+    agent: AgentProcess, script_dir: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
     """Jobs belong to their starter; admins see all."""
     assert main([*flags(agent), "start", "bash", str(script_dir / "sleep.sh"), "30"]) == 0
     job = capfd.readouterr().out.strip()
@@ -78,16 +91,34 @@ def test_other_identity_cannot_see_job_admin_can(agent: AgentProcess, script_dir
     assert main([*flags(agent, "admin"), "stop", job]) == 0
 
 
-def test_real_agentctl_command_with_config_file(agent: AgentProcess, script_dir: Path,
-                                                tmp_path: Path) -> None:
+def test_real_agentctl_command_with_config_file(
+    agent: AgentProcess, script_dir: Path, tmp_path: Path
+) -> None:
     """The installed-style command reads agentctl.toml relative to itself."""
     c = agent.certs
     conf = tmp_path / "agentctl.toml"
-    conf.write_text(f'[agentctl]\naddr = "{agent.addr}"\nca_file = "{c.ca}"\n'
-                    f'crt_file = "{c.crt("client")}"\nkey_file = "{c.key("client")}"\n')
-    r = subprocess.run([sys.executable, "-m", "agent.client.cli", "--config", str(conf),
-                        "start", "--wait", "bash", str(script_dir / "count.sh"), "3", "0"],
-                       capture_output=True, text=True, timeout=60)
+    conf.write_text(
+        f'[agentctl]\naddr = "{agent.addr}"\nca_file = "{c.ca}"\n'
+        f'crt_file = "{c.crt("client")}"\nkey_file = "{c.key("client")}"\n'
+    )
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "agent.client.cli",
+            "--config",
+            str(conf),
+            "start",
+            "--wait",
+            "bash",
+            str(script_dir / "count.sh"),
+            "3",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout == "line 1\nline 2\nline 3\n"
 
@@ -103,8 +134,9 @@ def test_version_prints_program_and_version(capsys: pytest.CaptureFixture[str]) 
     assert capsys.readouterr().out.strip() == f"agentctl {agent_pkg.__version__}"
 
 
-def test_start_without_path_runs_the_executable(agent: AgentProcess,
-                                                capfd: pytest.CaptureFixture[str]) -> None:
+def test_start_without_path_runs_the_executable(
+    agent: AgentProcess, capfd: pytest.CaptureFixture[str]
+) -> None:
     """`agentctl start true` is accepted: PATH is optional, as the usage says."""
     assert main([*flags(agent), "start", "--wait", "true"]) == 0
     assert "SUCCEEDED" in capfd.readouterr().err
@@ -142,25 +174,40 @@ def _garbage_server() -> tuple[socket.socket, threading.Event]:
 
 
 @pytest.mark.parametrize("user_setting", [None, "INFO"])
-def test_grpc_core_logs_stay_out_of_agentctl_output(certs: Certs,
-                                                    user_setting: str | None) -> None:
+def test_grpc_core_logs_stay_out_of_agentctl_output(certs: Certs, user_setting: str | None) -> None:
     """gRPC's C-core log lines never reach agentctl's output, unless the user asks."""
     srv, done = _garbage_server()
     env = {k: v for k, v in os.environ.items() if not k.startswith("GRPC_")}
     if user_setting:
         env["GRPC_VERBOSITY"] = user_setting
     try:
-        r = subprocess.run([sys.executable, "-m", "agent.client.cli", "--call-timeout", "2",
-                            "--addr", f"127.0.0.1:{srv.getsockname()[1]}", "--ca",
-                            str(certs.ca), "--cert", str(certs.crt("client")), "--key",
-                            str(certs.key("client")), "list"],
-                           capture_output=True, text=True, timeout=60, env=env)
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "agent.client.cli",
+                "--call-timeout",
+                "2",
+                "--addr",
+                f"127.0.0.1:{srv.getsockname()[1]}",
+                "--ca",
+                str(certs.ca),
+                "--cert",
+                str(certs.crt("client")),
+                "--key",
+                str(certs.key("client")),
+                "list",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+        )
     finally:
         done.set()
         srv.close()
     assert r.returncode == 1
-    core = [line for line in (r.stdout + r.stderr).splitlines()
-            if re.match(r"^[IWEF]\d{4} ", line)]
+    core = [line for line in (r.stdout + r.stderr).splitlines() if re.match(r"^[IWEF]\d{4} ", line)]
     if user_setting is None:
         assert r.stderr.startswith("agentctl: ") and core == [], r.stderr
         assert len(r.stderr.splitlines()) == 1, r.stderr

@@ -16,8 +16,9 @@ import certfactory as cf
 from helpers import AgentProcess, pb, wait_for
 
 
-def _identity_client(agent: AgentProcess, tmp_path: Path, cn: str | None,
-                     san: list[str] | None = None) -> AgentClient:
+def _identity_client(
+    agent: AgentProcess, tmp_path: Path, cn: str | None, san: list[str] | None = None
+) -> AgentClient:
     ca = cf.load_issuer(agent.certs.ca, agent.certs.key("ca"))
     cert, key = cf.make_leaf(ca, cn, san=san)
     crt, keyp = cf.write_pair(tmp_path, cn or "nocn", cert, key)
@@ -28,8 +29,14 @@ def test_unlisted_identity_is_denied_everything(agent: AgentProcess, tmp_path: P
     """A valid certificate whose identity is not configured: PERMISSION_DENIED on every RPC."""
     c = _identity_client(agent, tmp_path, "stranger")
     job_id = "00000000-0000-4000-8000-000000000000"
-    for call in (lambda: c.start("true", ""), lambda: c.query(job_id), lambda: c.stop(job_id),
-                 lambda: c.list(), lambda: list(c.stream(job_id)), lambda: c.wait(job_id)):
+    for call in (
+        lambda: c.start("true", ""),
+        lambda: c.query(job_id),
+        lambda: c.stop(job_id),
+        lambda: c.list(),
+        lambda: list(c.stream(job_id)),
+        lambda: c.wait(job_id),
+    ):
         with pytest.raises(PermissionDenied, match="stranger"):
             call()
     c.close()
@@ -47,8 +54,7 @@ def test_identity_from_san_when_no_common_name(make_agent, tmp_path: Path) -> No
     c.close()
 
 
-def test_owners_see_only_their_jobs_admin_sees_all(agent: AgentProcess,
-                                                   script_dir: Path) -> None:
+def test_owners_see_only_their_jobs_admin_sees_all(agent: AgentProcess, script_dir: Path) -> None:
     """Two identities cannot see or stop each other's jobs; the admin can."""
     alice, bob, admin = agent.client("client"), agent.client("scheduler"), agent.client("admin")
     ja = alice.start("bash", str(script_dir / "sleep.sh"), args=["30"])
@@ -78,12 +84,14 @@ def test_owners_see_only_their_jobs_admin_sees_all(agent: AgentProcess,
     assert {(s["identity"], s["job_id"]) for s in stops} == {("admin", ja), ("admin", jb)}
 
 
-def test_audit_log_lines_have_the_fields_and_no_secrets(agent: AgentProcess,
-                                                        script_dir: Path) -> None:
+def test_audit_log_lines_have_the_fields_and_no_secrets(
+    agent: AgentProcess, script_dir: Path
+) -> None:
     """JSON per decision/action; secret args and env values never written anywhere."""
     c = agent.client()
-    job = c.start("bash", str(script_dir / "hello.sh"), args=["visible", "hunter2-secret"],
-                  secret_args=[1])
+    job = c.start(
+        "bash", str(script_dir / "hello.sh"), args=["visible", "hunter2-secret"], secret_args=[1]
+    )
     st = c.wait(job, timeout=10)
     assert st.args == ("visible", "<secret>")
     with pytest.raises(PermissionDenied):
@@ -143,9 +151,11 @@ def test_audit_location_is_configurable(make_agent, tmp_path: Path) -> None:  # 
 def test_undecodable_request_is_invalid_argument_and_audited(agent: AgentProcess) -> None:
     """Invalid UTF-8 in a string field: INVALID_ARGUMENT (not INTERNAL), logged as a denial."""
     with grpc.secure_channel(agent.addr, agent.certs.creds("client")) as ch:
-        call = ch.unary_unary("/jobscheduler.Worker/StartJob",
-                              request_serializer=lambda b: b,
-                              response_deserializer=pb.StartJobRes.FromString)
+        call = ch.unary_unary(
+            "/jobscheduler.Worker/StartJob",
+            request_serializer=lambda b: b,
+            response_deserializer=pb.StartJobRes.FromString,
+        )
         with pytest.raises(grpc.RpcError) as e:
             call(b"\x0a\x03\xff\xfe\xfd", timeout=5)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -25,18 +25,45 @@ def test_quick_bench_prints_json_lines_and_writes_the_table(tmp_path: Path) -> N
     shutil.copytree(ROOT / "scripts", tmp_path / "src" / "scripts")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONSAFEPATH"}
     r = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--modes", "user", "--no-docs",
-         "--out", str(out)],
-        cwd=str(tmp_path / "src"), env=env, capture_output=True, text=True, timeout=180)
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "--quick",
+            "--modes",
+            "user",
+            "--no-docs",
+            "--out",
+            str(out),
+        ],
+        cwd=str(tmp_path / "src"),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert r.returncode == 0, r.stderr[-4000:]
     lines = [line for line in r.stdout.splitlines() if line.strip()]
     records = [json.loads(line) for line in lines]  # every line is one JSON object
     assert all(isinstance(x, dict) and x.get("mode") and x.get("name") for x in records)
     names = {x["name"] for x in records}
-    for expected in ("floor_serial", "floor_concurrent", "rss_idle", "query_rpc_running_job",
-                     "jobs_original", "jobs_wait", "query_qps", "rss_history",
-                     "rss_running", "stream", "cmp_jobs", "cmp_unary", "cmp_summary_jobs",
-                     "cmp_summary_unary", "target"):
+    for expected in (
+        "floor_serial",
+        "floor_concurrent",
+        "rss_idle",
+        "query_rpc_running_job",
+        "jobs_original",
+        "jobs_wait",
+        "query_qps",
+        "rss_history",
+        "rss_running",
+        "stream",
+        "cmp_jobs",
+        "cmp_unary",
+        "cmp_summary_jobs",
+        "cmp_summary_unary",
+        "target",
+    ):
         assert expected in names, f"no {expected} measurement in {sorted(names)}"
     streams = [x for x in records if x["name"] == "stream"]
     assert all(x["verified"] for x in streams), streams

@@ -41,26 +41,46 @@ def test_defaults_and_relative_paths_resolve_against_config_folder() -> None:
     assert cfg.mtls and cfg.grpc_server.use_tls
 
 
-@pytest.mark.parametrize("text,section,key,words", [
-    (BASE + "[bogus]\nx=1\n", "bogus", "", "unknown section"),
-    (BASE.replace('ca_file', 'ca_flie'), "grpc_server", "ca_flie", "unknown key"),
-    (BASE.replace('"127.0.0.1:50000"', '50000'), "grpc_server", "addr", "expected a string"),
-    (BASE.replace('"127.0.0.1:50000"', '"localhost"'), "grpc_server", "addr", "host:port"),
-    (BASE.replace('[auth]', 'use_tls = "yes"\n[auth]'), "grpc_server", "use_tls",
-     "true or false"),
-    (BASE.replace('[auth]', 'max_message_bytes = 1\n[auth]'), "grpc_server",
-     "max_message_bytes", "at least"),
-    (BASE.replace('policy_file = "policy.yaml"', ''), "jobs", "policy_file", "required"),
-    (BASE + 'max_running = 0\n', "jobs", "max_running", "at least 1"),
-    (BASE + 'on_output_cap = "explode"\n', "jobs", "on_output_cap", "one of"),
-    (BASE + 'umask = "999"\n', "jobs", "umask", "octal"),
-    (BASE.replace('ca_file = "certs/ca.crt"', ''), "grpc_server", "ca_file", "no client"),
-    (BASE.replace('clients = ["client"]', 'clients = []'), "auth", "clients", "at least one"),
-    (BASE.replace('clients = ["client"]', 'clients = ["a"]\nadmins = ["a"]'), "auth", "admins",
-     "also listed"),
-    (BASE + "[limits.max]\ncpu_seconds = 10\n", "limits.default", "cpu_seconds", "between"),
-    (BASE + "[scheduler]\nregister = true\naddr = \"h:1\"\n", "scheduler", "crt_file", "required"),
-])
+@pytest.mark.parametrize(
+    "text,section,key,words",
+    [
+        (BASE + "[bogus]\nx=1\n", "bogus", "", "unknown section"),
+        (BASE.replace("ca_file", "ca_flie"), "grpc_server", "ca_flie", "unknown key"),
+        (BASE.replace('"127.0.0.1:50000"', "50000"), "grpc_server", "addr", "expected a string"),
+        (BASE.replace('"127.0.0.1:50000"', '"localhost"'), "grpc_server", "addr", "host:port"),
+        (
+            BASE.replace("[auth]", 'use_tls = "yes"\n[auth]'),
+            "grpc_server",
+            "use_tls",
+            "true or false",
+        ),
+        (
+            BASE.replace("[auth]", "max_message_bytes = 1\n[auth]"),
+            "grpc_server",
+            "max_message_bytes",
+            "at least",
+        ),
+        (BASE.replace('policy_file = "policy.yaml"', ""), "jobs", "policy_file", "required"),
+        (BASE + "max_running = 0\n", "jobs", "max_running", "at least 1"),
+        (BASE + 'on_output_cap = "explode"\n', "jobs", "on_output_cap", "one of"),
+        (BASE + 'umask = "999"\n', "jobs", "umask", "octal"),
+        (BASE.replace('ca_file = "certs/ca.crt"', ""), "grpc_server", "ca_file", "no client"),
+        (BASE.replace('clients = ["client"]', "clients = []"), "auth", "clients", "at least one"),
+        (
+            BASE.replace('clients = ["client"]', 'clients = ["a"]\nadmins = ["a"]'),
+            "auth",
+            "admins",
+            "also listed",
+        ),
+        (BASE + "[limits.max]\ncpu_seconds = 10\n", "limits.default", "cpu_seconds", "between"),
+        (
+            BASE + '[scheduler]\nregister = true\naddr = "h:1"\n',
+            "scheduler",
+            "crt_file",
+            "required",
+        ),
+    ],
+)
 def test_errors_name_file_section_and_key(text: str, section: str, key: str, words: str) -> None:
     """Every refusal is one line naming the file, the section and the key."""
     with pytest.raises(ConfigError) as e:
@@ -115,8 +135,9 @@ def test_toml_syntax_error_is_one_line(tmp_path: Path) -> None:
         load(tmp_path / "missing.toml")
 
 
-def test_check_config_cli_exit_codes(tmp_path: Path, certs: Certs, standard_policy: str,
-                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_check_config_cli_exit_codes(
+    tmp_path: Path, certs: Certs, standard_policy: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     """`agent check-config` prints ok and exits 0, or one line and exits 2."""
     pol = tmp_path / "policy.yaml"
     pol.write_text(standard_policy)
@@ -130,16 +151,21 @@ def test_check_config_cli_exit_codes(tmp_path: Path, certs: Certs, standard_poli
     assert err.count("\n") == 0 and str(cfg) in err and "[jobs]" in err
 
 
-def test_missing_files_are_refused_at_start(tmp_path: Path, certs: Certs,
-                                            standard_policy: str) -> None:
+def test_missing_files_are_refused_at_start(
+    tmp_path: Path, certs: Certs, standard_policy: str
+) -> None:
     """A missing certificate or policy file: one line, exit 2, from the real command."""
     pol = tmp_path / "policy.yaml"
     pol.write_text(standard_policy)
     cfg = tmp_path / "config.toml"
-    cfg.write_text(default_config("127.0.0.1:1", certs, tmp_path / "nope.yaml",
-                                  tmp_path / "state"))
-    r = subprocess.run([sys.executable, "-m", "agent", "run", "--config", str(cfg)],
-                       capture_output=True, text=True, timeout=30, cwd=ROOT)
+    cfg.write_text(default_config("127.0.0.1:1", certs, tmp_path / "nope.yaml", tmp_path / "state"))
+    r = subprocess.run(
+        [sys.executable, "-m", "agent", "run", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
+    )
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0
     assert "[jobs] policy_file" in r.stderr and "no such file" in r.stderr
@@ -148,8 +174,11 @@ def test_missing_files_are_refused_at_start(tmp_path: Path, certs: Certs,
 
 def test_to_toml_roundtrip_helper() -> None:
     """The tests' TOML writer produces what the parser reads."""
-    text = to_toml({"jobs": {"policy_file": "/x", "max_running": 3},
-                    "limits": {"default": {"cpu_seconds": 5}}})
-    cfg = parse(BASE.replace('policy_file = "policy.yaml"', "") + text.replace("[jobs]", ""),
-                Path("/c.toml"))
+    text = to_toml(
+        {"jobs": {"policy_file": "/x", "max_running": 3}, "limits": {"default": {"cpu_seconds": 5}}}
+    )
+    cfg = parse(
+        BASE.replace('policy_file = "policy.yaml"', "") + text.replace("[jobs]", ""),
+        Path("/c.toml"),
+    )
     assert cfg.limits.default.cpu_seconds == 5

@@ -20,8 +20,12 @@ from helpers import AgentFactory, AgentProcess, job_processes, pb, wait_for
 
 
 def _agent_cmd(a: AgentProcess, *extra: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "agent", "run", "--config", str(a.config_path),
-                           *extra], capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "agent", "run", "--config", str(a.config_path), *extra],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def _alive(pid: int) -> bool:
@@ -104,7 +108,9 @@ def test_daemon_start_failure_is_reported_on_the_terminal(make_agent: AgentFacto
     assert not (a.state / "agent.pid").exists()
 
 
-def test_daemonize_refuses_when_grpc_already_imported(make_agent: AgentFactory, capsys: pytest.CaptureFixture[str]) -> None:
+def test_daemonize_refuses_when_grpc_already_imported(
+    make_agent: AgentFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
     """The guard: no gRPC before the fork (this test process has imported grpc)."""
     from agent.daemon.config import load
     from agent.daemon.daemonize import daemonize
@@ -172,8 +178,9 @@ def test_sd_notify_sequence(make_agent: AgentFactory, tmp_path: Path, script_dir
 # ---------------------------------------------------------------- signals
 
 
-def test_sigterm_wait_mode_lets_jobs_finish_and_refuses_new_ones(make_agent: AgentFactory,
-                                                                script_dir: Path) -> None:
+def test_sigterm_wait_mode_lets_jobs_finish_and_refuses_new_ones(
+    make_agent: AgentFactory, script_dir: Path
+) -> None:
     """on_shutdown = wait: running jobs finish; new ones are UNAVAILABLE; exit 0."""
     a = make_agent(daemon={"on_shutdown": "wait", "shutdown_deadline_seconds": 30})
     c = a.client()
@@ -186,7 +193,8 @@ def test_sigterm_wait_mode_lets_jobs_finish_and_refuses_new_ones(make_agent: Age
     a.start()
     st = a.client().query(job)
     assert st.state == "SUCCEEDED" and st.output_bytes == len(
-        "".join(f"line {i}\n" for i in range(1, 11)))
+        "".join(f"line {i}\n" for i in range(1, 11))
+    )
 
 
 def test_sigterm_wait_mode_deadline_then_stops(make_agent: AgentFactory, script_dir: Path) -> None:
@@ -218,8 +226,9 @@ def test_second_sigint_forces_exit(make_agent: AgentFactory, script_dir: Path) -
     assert not job_processes(job)
 
 
-def test_sighup_reloads_policy_and_keeps_the_old_one_if_broken(agent: AgentProcess,
-                                                              script_dir: Path) -> None:
+def test_sighup_reloads_policy_and_keeps_the_old_one_if_broken(
+    agent: AgentProcess, script_dir: Path
+) -> None:
     """SIGHUP: a valid new policy applies at once; a broken one is logged and ignored."""
     c = agent.client()
     running = c.start("bash", str(script_dir / "sleep.sh"), args=["30"])
@@ -236,11 +245,11 @@ def test_sighup_reloads_policy_and_keeps_the_old_one_if_broken(agent: AgentProce
     wait_for(lambda: "policy reload rejected" in agent.log())
     c.wait(c.start("yes", ""), timeout=10)  # the previous policy still applies
     assert c.query(running).state == "RUNNING"
-    events = [(e["event"], e["decision"]) for e in agent.audit_lines()
-              if e["event"] == "policy_reload"]
+    events = [
+        (e["event"], e["decision"]) for e in agent.audit_lines() if e["event"] == "policy_reload"
+    ]
     assert events == [("policy_reload", "ok"), ("policy_reload", "error")]
     c.stop(running)
-
 
 
 def test_daemon_logs_to_syslog_when_configured(make_agent: AgentFactory, tmp_path: Path) -> None:
@@ -267,7 +276,6 @@ def test_daemon_logs_to_syslog_when_configured(make_agent: AgentFactory, tmp_pat
 
 def test_syslog_without_a_socket_is_refused(make_agent: AgentFactory, tmp_path: Path) -> None:
     """syslog = true with no socket at syslog_socket: one line, exit 2."""
-    a = make_agent(start=False, logging={"syslog": True,
-                                         "syslog_socket": str(tmp_path / "none")})
+    a = make_agent(start=False, logging={"syslog": True, "syslog_socket": str(tmp_path / "none")})
     r = _agent_cmd(a)
     assert r.returncode == 2 and "[logging] syslog_socket" in r.stderr

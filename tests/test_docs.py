@@ -12,8 +12,11 @@ from helpers import ROOT
 
 def test_readme_configuration_reference_is_current() -> None:
     """README's configuration table is generated from agent.daemon.config."""
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "update_docs.py"), "--check"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "update_docs.py"), "--check"],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
 
 

@@ -24,8 +24,9 @@ PROGRAM_MODULES = {
 
 
 def _run(code: str) -> str:
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=60, check=False)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
     assert out.returncode == 0, out.stderr
     return out.stdout.strip()
 
@@ -34,8 +35,10 @@ def _run(code: str) -> str:
 def test_programs_do_not_load_daemon_modules(module: str) -> None:
     """Importing the client library or the scheduler loads no agent.daemon module."""
     touch = PROGRAM_MODULES[module]
-    code = (f"import {module}, sys; {touch}; "
-            "print([m for m in sys.modules if m.startswith('agent.daemon')])")
+    code = (
+        f"import {module}, sys; {touch}; "
+        "print([m for m in sys.modules if m.startswith('agent.daemon')])"
+    )
     assert _run(code) == "[]"
 
 
@@ -47,9 +50,11 @@ def test_daemon_entry_and_config_do_not_import_grpc(module: str) -> None:
 
 def test_agentctl_module_does_not_import_grpc_early() -> None:
     """Importing agentctl's module sets grpc's log environment before grpc is loaded."""
-    code = ("import os, sys; os.environ.pop('GRPC_VERBOSITY', None); "
-            "import agent.client.cli; "
-            "print('grpc' in sys.modules, os.environ['GRPC_VERBOSITY'])")
+    code = (
+        "import os, sys; os.environ.pop('GRPC_VERBOSITY', None); "
+        "import agent.client.cli; "
+        "print('grpc' in sys.modules, os.environ['GRPC_VERBOSITY'])"
+    )
     # agent.client.cli imports grpc itself, but only after setting the variable.
     assert _run(code).split()[1] == "NONE"
 
@@ -69,7 +74,7 @@ def _imports_of(source: str, package: list[str]) -> set[str]:
             found.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom):
             if node.level:
-                base = package[:len(package) - node.level + 1]
+                base = package[: len(package) - node.level + 1]
                 mod = ".".join(base + ([node.module] if node.module else []))
             else:
                 mod = node.module or ""
@@ -90,7 +95,8 @@ def _violations(files: list[Path], forbidden: tuple[str, ...]) -> list[str]:
 def test_client_and_scheduler_never_import_the_daemon_statically() -> None:
     """No module of agent/client or agent/scheduler names agent.daemon in an import."""
     files = sorted((PACKAGE / "client").rglob("*.py")) + sorted(
-        (PACKAGE / "scheduler").rglob("*.py"))
+        (PACKAGE / "scheduler").rglob("*.py")
+    )
     assert files
     assert _violations(files, ("agent.daemon",)) == []
 
@@ -105,10 +111,16 @@ def test_shared_modules_import_no_program() -> None:
 
 def test_static_check_sees_every_form_of_import() -> None:
     """The static check finds plain, from, relative and function-local imports."""
-    source = ("import agent.daemon.server\n"
-              "from agent.daemon import policy\n"
-              "from ..daemon.config import load\n"
-              "def f() -> None:\n    from agent.daemon.spawn import x\n")
+    source = (
+        "import agent.daemon.server\n"
+        "from agent.daemon import policy\n"
+        "from ..daemon.config import load\n"
+        "def f() -> None:\n    from agent.daemon.spawn import x\n"
+    )
     found = _imports_of(source, ["agent", "client"])
-    assert {"agent.daemon.server", "agent.daemon.policy", "agent.daemon.config",
-            "agent.daemon.spawn"} <= found
+    assert {
+        "agent.daemon.server",
+        "agent.daemon.policy",
+        "agent.daemon.config",
+        "agent.daemon.spawn",
+    } <= found

@@ -61,15 +61,27 @@ def test_executable_gets_path_as_first_argument(agent: AgentProcess) -> None:
     assert b"".join(c.stream(job)) == b"first second third\n"
 
 
-def test_clean_environment_stdin_devnull_own_group(agent: AgentProcess, script_dir: Path,
-                                                   tmp_path: Path) -> None:
+def test_clean_environment_stdin_devnull_own_group(
+    agent: AgentProcess, script_dir: Path, tmp_path: Path
+) -> None:
     """The job sees a minimal environment (not the agent's) and leads its own group."""
     c = agent.client()
     job = c.start("bash", str(script_dir / "env.sh"))
     assert c.wait(job, timeout=10).state == "SUCCEEDED"
     env = dict(line.split("=", 1) for line in b"".join(c.stream(job)).decode().splitlines())
-    assert set(env) <= {"PATH", "HOME", "USER", "LOGNAME", "LANG", "AGENT_JOB_ID",
-                        "AGENT_INSTANCE", "PWD", "SHLVL", "_", "OLDPWD"}
+    assert set(env) <= {
+        "PATH",
+        "HOME",
+        "USER",
+        "LOGNAME",
+        "LANG",
+        "AGENT_JOB_ID",
+        "AGENT_INSTANCE",
+        "PWD",
+        "SHLVL",
+        "_",
+        "OLDPWD",
+    }
     assert env["AGENT_JOB_ID"] == job
     assert "PYTHONPATH" not in env
     # own process group / session, stdin from /dev/null
@@ -89,8 +101,9 @@ def test_clean_environment_stdin_devnull_own_group(agent: AgentProcess, script_d
     assert c.wait(job2, timeout=10).state == "STOPPED"
 
 
-def test_stop_kills_whole_tree_even_children_ignoring_term(agent: AgentProcess,
-                                                           script_dir: Path) -> None:
+def test_stop_kills_whole_tree_even_children_ignoring_term(
+    agent: AgentProcess, script_dir: Path
+) -> None:
     """Stopping a job whose script started children leaves no process of it alive."""
     c = agent.client()
     job = c.start("bash", str(script_dir / "tree.sh"))
@@ -106,8 +119,9 @@ def test_stop_kills_whole_tree_even_children_ignoring_term(agent: AgentProcess,
     assert time.monotonic() - t0 >= 1.5 or st.signal == signal.SIGTERM
 
 
-def test_leftover_background_process_is_killed_when_leader_exits(agent: AgentProcess,
-                                                                 script_dir: Path) -> None:
+def test_leftover_background_process_is_killed_when_leader_exits(
+    agent: AgentProcess, script_dir: Path
+) -> None:
     """A job is its process group: what it leaves behind dies with it."""
     c = agent.client()
     job = c.start("bash", str(script_dir / "hello.sh"))
@@ -130,8 +144,9 @@ def test_stop_finished_job_succeeds_unknown_is_not_found(agent: AgentProcess) ->
         c.query("not-a-uuid")
 
 
-def test_command_outside_whitelist_is_denied_and_nothing_starts(agent: AgentProcess,
-                                                                tmp_path: Path) -> None:
+def test_command_outside_whitelist_is_denied_and_nothing_starts(
+    agent: AgentProcess, tmp_path: Path
+) -> None:
     """PERMISSION_DENIED, no process, no output file, and an audit line."""
     c = agent.client()
     marker = tmp_path / "ran"
@@ -155,8 +170,9 @@ def test_command_outside_whitelist_is_denied_and_nothing_starts(agent: AgentProc
     assert all(e["identity"] == "client" and e["rpc"] == "StartJob" for e in denials)
 
 
-def test_missing_script_in_allowed_place_is_not_found(agent: AgentProcess,
-                                                      script_dir: Path) -> None:
+def test_missing_script_in_allowed_place_is_not_found(
+    agent: AgentProcess, script_dir: Path
+) -> None:
     """A script the policy would allow but that does not exist: NOT_FOUND."""
     with pytest.raises(NotFound, match="does not exist"):
         agent.client().start("bash", str(script_dir / "nope.sh"))
@@ -169,7 +185,9 @@ def test_client_without_certificate_cannot_call(agent: AgentProcess) -> None:
     assert e.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
-def test_start_failure_is_reported_through_query(make_agent: AgentFactory, script_dir: Path) -> None:
+def test_start_failure_is_reported_through_query(
+    make_agent: AgentFactory, script_dir: Path
+) -> None:
     """A program whose #! interpreter is missing is refused at StartJob, before anything runs."""
     bad = script_dir / "noexec-interp.sh"
     bad.write_text("#!/nonexistent/interpreter\necho hi\n")
@@ -187,8 +205,9 @@ entries:
     assert "/nonexistent/interpreter" in str(e.value)
 
 
-def test_output_file_that_cannot_be_created_fails_that_job(make_agent: AgentFactory, tmp_path: Path,
-                                                           script_dir: Path) -> None:
+def test_output_file_that_cannot_be_created_fails_that_job(
+    make_agent: AgentFactory, tmp_path: Path, script_dir: Path
+) -> None:
     """No inode left for the output file: a job that writes fails clearly, one that
     writes nothing succeeds (the file is made at the first byte), the agent serves on."""
     import subprocess
@@ -197,8 +216,11 @@ def test_output_file_that_cannot_be_created_fails_that_job(make_agent: AgentFact
     disk.mkdir(mode=0o700)
     if not IS_ROOT:
         pytest.skip("mounting a tmpfs needs root")
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,nr_inodes=1,mode=0700", "tmpfs",
-                        str(disk)], capture_output=True, text=True)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m,nr_inodes=1,mode=0700", "tmpfs", str(disk)],
+        capture_output=True,
+        text=True,
+    )
     if r.returncode != 0:
         pytest.skip(f"cannot mount tmpfs here: {r.stderr.strip()}")
     try:
@@ -263,17 +285,19 @@ entries:
 
 
 @pytest.mark.parametrize("limits", [{}, {"open_files": 64}])
-def test_file_without_interpreter_line_is_never_run_by_a_shell(make_agent: AgentFactory, script_dir: Path,
-                                                                tmp_path: Path,
-                                                                limits: dict[str, int]) -> None:
+def test_file_without_interpreter_line_is_never_run_by_a_shell(
+    make_agent: AgentFactory, script_dir: Path, tmp_path: Path, limits: dict[str, int]
+) -> None:
     """Regression: a file the kernel cannot execute must never reach a shell (execvp's
     ENOEXEC fallback); the policy refuses it before anything starts."""
     marker = script_dir / f"ran-{len(limits)}"
     prog = script_dir / f"shell-text-{len(limits)}"
     prog.write_text(f"touch {marker}\necho ran\n")
     os.chmod(prog, 0o755)
-    a = make_agent(f"version: 1\nentries:\n  - name: text\n    command: {prog}\n",
-                   limits={"max": {"open_files": 4096}, "default": {"open_files": 1024}})
+    a = make_agent(
+        f"version: 1\nentries:\n  - name: text\n    command: {prog}\n",
+        limits={"max": {"open_files": 4096}, "default": {"open_files": 1024}},
+    )
     c = a.client()
     with pytest.raises(FailedPrecondition) as e:
         c.start(str(prog), "", limits=limits)

@@ -31,8 +31,9 @@ from helpers import (
 # ---------------------------------------------------------------- streaming
 
 
-def test_three_followers_get_every_byte_in_order_from_the_start(agent: AgentProcess,
-                                                                script_dir: Path) -> None:
+def test_three_followers_get_every_byte_in_order_from_the_start(
+    agent: AgentProcess, script_dir: Path
+) -> None:
     """Three clients follow one job live; each gets the whole output, in order."""
     c = agent.client()
     job = c.start("bash", str(script_dir / "count.sh"), args=["60", "0.02"])
@@ -63,8 +64,9 @@ def test_three_followers_get_every_byte_in_order_from_the_start(agent: AgentProc
         assert last - first > 0.3  # they really followed along, not read at the end
 
 
-def test_stream_offsets_and_finished_jobs(agent: AgentProcess, script_dir: Path,
-                                          capfd: pytest.CaptureFixture[str]) -> None:
+def test_stream_offsets_and_finished_jobs(
+    agent: AgentProcess, script_dir: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
     """Any offset works, for finished jobs too; agentctl logs --offset / -f use it."""
     c = agent.client()
     job = c.start("bash", str(script_dir / "count.sh"), args=["5", "0"])
@@ -75,8 +77,16 @@ def test_stream_offsets_and_finished_jobs(agent: AgentProcess, script_dir: Path,
     assert b"".join(c.stream(job, offset=10_000)) == b""
     assert b"".join(c.stream(job, follow=True)) == full  # follow on a finished job ends
     c2 = agent.certs
-    flags = ["--addr", agent.addr, "--ca", str(c2.ca), "--cert", str(c2.crt("client")),
-             "--key", str(c2.key("client"))]
+    flags = [
+        "--addr",
+        agent.addr,
+        "--ca",
+        str(c2.ca),
+        "--cert",
+        str(c2.crt("client")),
+        "--key",
+        str(c2.key("client")),
+    ]
     assert agentctl([*flags, "logs", "--offset", "14", job]) == 0
     assert capfd.readouterr().out == full[14:].decode()
     job2 = c.start("bash", str(script_dir / "count.sh"), args=["3", "0.2"])
@@ -84,13 +94,15 @@ def test_stream_offsets_and_finished_jobs(agent: AgentProcess, script_dir: Path,
     assert capfd.readouterr().out == "line 1\nline 2\nline 3\n"
 
 
-def test_slow_reader_blocks_neither_the_job_nor_other_readers(agent: AgentProcess,
-                                                              script_dir: Path) -> None:
+def test_slow_reader_blocks_neither_the_job_nor_other_readers(
+    agent: AgentProcess, script_dir: Path
+) -> None:
     """A reader that stalls does not stall the job (output goes to disk) or a fast reader."""
     c = agent.client()
     size = 30_000_000
-    job = c.start("bash", str(script_dir / "spew.sh"), args=[str(size)],
-                  limits={"output_bytes": 100_000_000})
+    job = c.start(
+        "bash", str(script_dir / "spew.sh"), args=[str(size)], limits={"output_bytes": 100_000_000}
+    )
     with agent.stub() as stub:
         slow = stub.StreamJobOutput(pb.StreamJobOutputReq(jobID=job, follow=True), timeout=60)
         first = next(slow)  # read one chunk, then stall
@@ -140,8 +152,24 @@ def test_agentctl_list(agent: AgentProcess, capfd: pytest.CaptureFixture[str]) -
     job = c.start("true", "")
     c.wait(job, timeout=10)
     cc = agent.certs
-    assert agentctl(["--addr", agent.addr, "--ca", str(cc.ca), "--cert", str(cc.crt("client")),
-                     "--key", str(cc.key("client")), "list", "--state", "SUCCEEDED"]) == 0
+    assert (
+        agentctl(
+            [
+                "--addr",
+                agent.addr,
+                "--ca",
+                str(cc.ca),
+                "--cert",
+                str(cc.crt("client")),
+                "--key",
+                str(cc.key("client")),
+                "list",
+                "--state",
+                "SUCCEEDED",
+            ]
+        )
+        == 0
+    )
     out = capfd.readouterr().out
     assert job in out and "SUCCEEDED" in out
 
@@ -185,7 +213,7 @@ LIMIT_SCRIPTS = {
     "limits.sh": "#!/bin/bash\necho nofile=$(ulimit -n) nproc=$(ulimit -u) as=$(ulimit -v)\n",
     "forker.sh": "#!/bin/bash\nfor i in $(seq 1 40); do sleep 5 & done\nkill $(jobs -p)\n",
     "alloc.py": "import sys\ntry:\n    x = bytearray(600 * 1024 * 1024)\nexcept MemoryError:\n"
-                "    print('MemoryError'); sys.exit(3)\nprint('allocated')\n",
+    "    print('MemoryError'); sys.exit(3)\nprint('allocated')\n",
 }
 
 
@@ -199,7 +227,9 @@ def limit_dir(script_dir: Path) -> Path:
 
 
 def _limits_policy(script_dir: Path, limit_dir: Path) -> str:
-    return policy_for(script_dir, f"""
+    return policy_for(
+        script_dir,
+        f"""
   - name: limit-scripts
     command: /bin/bash
     aliases: [bash]
@@ -208,26 +238,42 @@ def _limits_policy(script_dir: Path, limit_dir: Path) -> str:
     command: /usr/bin/python3
     aliases: [python3]
     scripts: ["{limit_dir}/*.py"]
-""")
+""",
+    )
 
 
 def test_resource_limits_apply(make_agent: AgentFactory, script_dir: Path, limit_dir: Path) -> None:
     """CPU, memory, open files and processes limits reach the job; rusage is reported."""
-    a = make_agent(_limits_policy(script_dir, limit_dir),
-                   limits={"max": {"cpu_seconds": 60, "memory_bytes": 1 << 33,
-                                   "open_files": 4096, "processes": 4096,
-                                   "output_bytes": 1 << 30},
-                           "default": {"cpu_seconds": 30, "memory_bytes": 1 << 32,
-                                       "open_files": 1024, "processes": 1024,
-                                       "output_bytes": 1 << 20}})
+    a = make_agent(
+        _limits_policy(script_dir, limit_dir),
+        limits={
+            "max": {
+                "cpu_seconds": 60,
+                "memory_bytes": 1 << 33,
+                "open_files": 4096,
+                "processes": 4096,
+                "output_bytes": 1 << 30,
+            },
+            "default": {
+                "cpu_seconds": 30,
+                "memory_bytes": 1 << 32,
+                "open_files": 1024,
+                "processes": 1024,
+                "output_bytes": 1 << 20,
+            },
+        },
+    )
     c = a.client()
     cpu = c.start("bash", str(limit_dir / "busy.sh"), limits={"cpu_seconds": 1})
     st = c.wait(cpu, timeout=30)
     assert st.state == "FAILED" and st.signal == signal.SIGXCPU
     assert "CPU time limit of 1 s" in st.error_text
     assert st.user_cpu + st.system_cpu >= 0.9 and st.max_rss > 0
-    job = c.start("bash", str(limit_dir / "limits.sh"),
-                  limits={"open_files": 77, "processes": 321, "memory_bytes": 512 << 20})
+    job = c.start(
+        "bash",
+        str(limit_dir / "limits.sh"),
+        limits={"open_files": 77, "processes": 321, "memory_bytes": 512 << 20},
+    )
     assert c.wait(job, timeout=10).state == "SUCCEEDED"
     assert b"".join(c.stream(job)) == b"nofile=77 nproc=321 as=524288\n"
     mem = c.start("python3", str(limit_dir / "alloc.py"), limits={"memory_bytes": 200 << 20})
@@ -248,8 +294,9 @@ def test_resource_limits_apply(make_agent: AgentFactory, script_dir: Path, limit
 def test_output_cap_kill(agent: AgentProcess, script_dir: Path) -> None:
     """Default on_output_cap = kill: exactly cap bytes kept, job stopped, flagged."""
     c = agent.client()
-    job = c.start("bash", str(script_dir / "spew.sh"), args=["50000000"],
-                  limits={"output_bytes": 100_000})
+    job = c.start(
+        "bash", str(script_dir / "spew.sh"), args=["50000000"], limits={"output_bytes": 100_000}
+    )
     st = c.wait(job, timeout=20)
     assert st.state == "FAILED" and st.output_truncated and st.output_bytes == 100_000
     assert "output reached the cap of 100000 bytes" in st.error_text
@@ -260,28 +307,37 @@ def test_output_cap_truncate(make_agent: AgentFactory, script_dir: Path) -> None
     """on_output_cap = truncate: recording stops at the cap, the job runs to its end."""
     a = make_agent(jobs={"on_output_cap": "truncate"})
     c = a.client()
-    job = c.start("bash", str(script_dir / "spew.sh"), args=["3000000"],
-                  limits={"output_bytes": 1000})
+    job = c.start(
+        "bash", str(script_dir / "spew.sh"), args=["3000000"], limits={"output_bytes": 1000}
+    )
     st = c.wait(job, timeout=20)
     assert st.state == "SUCCEEDED" and st.output_truncated and st.output_bytes == 1000
     assert len(b"".join(c.stream(job))) == 1000
 
 
 @pytest.mark.skipif(not IS_ROOT, reason="mounting a small tmpfs needs root")
-def test_full_disk_fails_that_job_and_agent_keeps_serving(make_agent: AgentFactory, tmp_path: Path,
-                                                          script_dir: Path) -> None:
+def test_full_disk_fails_that_job_and_agent_keeps_serving(
+    make_agent: AgentFactory, tmp_path: Path, script_dir: Path
+) -> None:
     """Output on a full file system: the job fails clearly; other jobs and calls work."""
     disk = tmp_path / "small"
     disk.mkdir(mode=0o700)
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(disk)],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(disk)],
+        capture_output=True,
+        text=True,
+    )
     if r.returncode != 0:
         pytest.skip(f"cannot mount tmpfs here: {r.stderr.strip()}")
     try:
         a = make_agent(jobs={"output_dir": str(disk)})
         c = a.client()
-        job = c.start("bash", str(script_dir / "spew.sh"), args=["5000000"],
-                      limits={"output_bytes": 100_000_000})
+        job = c.start(
+            "bash",
+            str(script_dir / "spew.sh"),
+            args=["5000000"],
+            limits={"output_bytes": 100_000_000},
+        )
         st = c.wait(job, timeout=20)
         assert st.state == "FAILED"
         assert "No space left on device" in st.error_text
@@ -314,7 +370,8 @@ def test_concurrency_cap_is_resource_exhausted(make_agent: AgentFactory, script_
 
 
 def test_kill9_restart_keeps_history_reports_lost_and_kills_leftovers(
-        agent: AgentProcess, script_dir: Path) -> None:
+    agent: AgentProcess, script_dir: Path
+) -> None:
     """After kill -9 and a restart: finished jobs and their output are there, the
     interrupted job is LOST, and no process of it survives."""
     c = agent.client()
@@ -334,7 +391,10 @@ def test_kill9_restart_keeps_history_reports_lost_and_kills_leftovers(
     for j, before in finished.items():
         after = c.query(j)
         assert (after.state, after.exit_code, after.output_bytes) == (
-            before.state, before.exit_code, before.output_bytes)
+            before.state,
+            before.exit_code,
+            before.output_bytes,
+        )
     assert b"".join(c.stream(hello)) == b"hello persisted\n"
     lost = c.query(running)
     assert lost.state == "LOST" and lost.done and lost.error
@@ -344,8 +404,9 @@ def test_kill9_restart_keeps_history_reports_lost_and_kills_leftovers(
     assert "recovered 1 job(s)" in agent.log()
 
 
-def test_graceful_stop_stops_jobs_and_history_says_so(agent: AgentProcess,
-                                                      script_dir: Path) -> None:
+def test_graceful_stop_stops_jobs_and_history_says_so(
+    agent: AgentProcess, script_dir: Path
+) -> None:
     """SIGTERM: jobs are stopped (on_shutdown = stop), exit 0, STOPPED after restart."""
     c = agent.client()
     job = c.start("bash", str(script_dir / "trapterm.sh"))
@@ -360,8 +421,9 @@ def test_graceful_stop_stops_jobs_and_history_says_so(agent: AgentProcess,
 # ---------------------------------------------------------------- retention
 
 
-def test_retention_by_count_and_age_removes_records_and_output(make_agent: AgentFactory,
-                                                               script_dir: Path) -> None:
+def test_retention_by_count_and_age_removes_records_and_output(
+    make_agent: AgentFactory, script_dir: Path
+) -> None:
     """Beyond max_jobs the oldest finished jobs go, with their output files."""
     a = make_agent(retention={"max_jobs": 4, "max_age_seconds": 0, "sweep_seconds": 0.2})
     c = a.client()
@@ -383,7 +445,9 @@ def test_retention_by_count_and_age_removes_records_and_output(make_agent: Agent
     c2.stop(running)
 
 
-def test_retention_never_touches_files_it_does_not_own(make_agent: AgentFactory, tmp_path: Path) -> None:
+def test_retention_never_touches_files_it_does_not_own(
+    make_agent: AgentFactory, tmp_path: Path
+) -> None:
     """Tampered history rows pointing elsewhere, at links or at others' files: left alone."""
     a = make_agent(retention={"max_jobs": 0, "max_age_seconds": 1, "sweep_seconds": 0.2})
     victim = tmp_path / "victim.txt"
@@ -396,11 +460,16 @@ def test_retention_never_touches_files_it_does_not_own(make_agent: AgentFactory,
     if IS_ROOT:
         os.chown(foreign, 65534, 65534)
     db = sqlite3.connect(a.state / "jobs.sqlite3", timeout=10)
-    for jid, path in ((str(uuid.uuid4()), str(victim)), (link_id, str(out / f"{link_id}.out")),
-                      (foreign_id, str(foreign))):
-        db.execute("INSERT INTO jobs (id, owner, command, path, args, state, start_time, "
-                   "end_time, output_path) VALUES (?, 'client', '/bin/true', '', '[]', 2, 1, 1, ?)",
-                   (jid, path))
+    for jid, path in (
+        (str(uuid.uuid4()), str(victim)),
+        (link_id, str(out / f"{link_id}.out")),
+        (foreign_id, str(foreign)),
+    ):
+        db.execute(
+            "INSERT INTO jobs (id, owner, command, path, args, state, start_time, "
+            "end_time, output_path) VALUES (?, 'client', '/bin/true', '', '[]', 2, 1, 1, ?)",
+            (jid, path),
+        )
     db.commit()
     wait_for(lambda: db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 0, timeout=10)
     db.close()
@@ -413,7 +482,9 @@ def test_retention_never_touches_files_it_does_not_own(make_agent: AgentFactory,
 # ---------------------------------------------------------------- scale
 
 
-def test_thousand_short_jobs_and_two_hundred_concurrent(make_agent: AgentFactory, script_dir: Path) -> None:
+def test_thousand_short_jobs_and_two_hundred_concurrent(
+    make_agent: AgentFactory, script_dir: Path
+) -> None:
     """1,000 short jobs and 200 jobs running at once complete without errors."""
     a = make_agent(jobs={"max_running": 250})
     certs = a.certs
@@ -438,4 +509,3 @@ def test_thousand_short_jobs_and_two_hundred_concurrent(make_agent: AgentFactory
     assert short == ["SUCCEEDED"] * 1000
     assert concurrent == ["SUCCEEDED"] * 200
     assert a.proc is not None and a.proc.poll() is None
-

@@ -33,16 +33,21 @@ def test_done_and_error_flags_match_the_original_protocol() -> None:
         assert s.done and s.is_error
 
 
-@pytest.mark.parametrize("kw,expected", [
-    ({"exit_code": 0, "signal": None}, JobState.SUCCEEDED),
-    ({"exit_code": 1, "signal": None}, JobState.FAILED),
-    ({"exit_code": None, "signal": 9}, JobState.FAILED),
-    ({"exit_code": 0, "signal": None, "stop_requested": True}, JobState.STOPPED),
-    ({"exit_code": None, "signal": 15, "stop_requested": True}, JobState.STOPPED),
-    ({"exit_code": None, "signal": 15, "timed_out": True}, JobState.TIMED_OUT),
-    ({"exit_code": None, "signal": 15, "timed_out": True, "stop_requested": True},
-     JobState.TIMED_OUT),
-])
+@pytest.mark.parametrize(
+    "kw,expected",
+    [
+        ({"exit_code": 0, "signal": None}, JobState.SUCCEEDED),
+        ({"exit_code": 1, "signal": None}, JobState.FAILED),
+        ({"exit_code": None, "signal": 9}, JobState.FAILED),
+        ({"exit_code": 0, "signal": None, "stop_requested": True}, JobState.STOPPED),
+        ({"exit_code": None, "signal": 15, "stop_requested": True}, JobState.STOPPED),
+        ({"exit_code": None, "signal": 15, "timed_out": True}, JobState.TIMED_OUT),
+        (
+            {"exit_code": None, "signal": 15, "timed_out": True, "stop_requested": True},
+            JobState.TIMED_OUT,
+        ),
+    ],
+)
 def test_final_state(kw: dict[str, object], expected: JobState) -> None:
     """How a reaped process is classified."""
     args = {"stop_requested": False, "timed_out": False, **kw}

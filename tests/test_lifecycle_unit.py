@@ -122,8 +122,10 @@ def test_shutdown_says_it_was_the_agent() -> None:
     life = lc.Life()
     assert life.handle(lc.ShutdownRequested())[0] == lc.Signal(signal.SIGTERM)
     fin = finish(run(life, lc.Exited(TERMED), lc.OutputClosed()))
-    assert (fin.state, fin.text) == (JobState.STOPPED,
-                                     "stopped by agent shutdown (killed by SIGTERM)")
+    assert (fin.state, fin.text) == (
+        JobState.STOPPED,
+        "stopped by agent shutdown (killed by SIGTERM)",
+    )
 
 
 def test_shutdown_after_exit_changes_nothing() -> None:
@@ -197,16 +199,25 @@ def test_start_failure_reported_by_the_spawner_is_failed() -> None:
     """An Exit carrying a start failure is FAILED "start failed: ..."."""
     ex = lc.Exit(127, None, start_failure="execve: Exec format error (ENOEXEC)")
     fin = finish(run(lc.Life(), lc.Exited(ex), lc.OutputClosed()))
-    assert (fin.state, fin.text) == (JobState.FAILED,
-                                     "start failed: execve: Exec format error (ENOEXEC)")
+    assert (fin.state, fin.text) == (
+        JobState.FAILED,
+        "start failed: execve: Exec format error (ENOEXEC)",
+    )
 
 
 def test_nothing_happens_after_the_finish() -> None:
     """A finished job ignores every further event (nothing leaves a final state)."""
     life = lc.Life()
     run(life, lc.Exited(OK), lc.OutputClosed())
-    for ev in (lc.StopRequested(), lc.TimedOut(), lc.ShutdownRequested(), lc.Exited(FAIL),
-               lc.OutputClosed(), lc.KillGraceExpired(), lc.NotRecorded()):
+    for ev in (
+        lc.StopRequested(),
+        lc.TimedOut(),
+        lc.ShutdownRequested(),
+        lc.Exited(FAIL),
+        lc.OutputClosed(),
+        lc.KillGraceExpired(),
+        lc.NotRecorded(),
+    ):
         assert life.handle(ev) == []
     assert life.state is JobState.SUCCEEDED
 

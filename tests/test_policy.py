@@ -91,8 +91,13 @@ entries:
 
     def req(self, **kw: Any) -> JobRequest:
         """A request the default policy allows; keywords change it."""
-        base: dict[str, Any] = {"command": "sh", "path": str(self.ok), "args": ("abc",),
-                                "env": {"GOOD": "1"}, "identity": "client"}
+        base: dict[str, Any] = {
+            "command": "sh",
+            "path": str(self.ok),
+            "args": ("abc",),
+            "env": {"GOOD": "1"},
+            "identity": "client",
+        }
         base.update(kw)
         return JobRequest(**base)
 
@@ -196,9 +201,15 @@ def test_every_entry_for_a_command_is_tried(env: Env) -> None:
 class _RaceFS(RealFileSystem):
     """The real file system, with one real change made at a chosen moment."""
 
-    def __init__(self, *, after_realpath: Path | None = None,
-                 after_lstat: Path | None = None, before_open: Path | None = None,
-                 change: Callable[[], None] = lambda: None, crash: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        after_realpath: Path | None = None,
+        after_lstat: Path | None = None,
+        before_open: Path | None = None,
+        change: Callable[[], None] = lambda: None,
+        crash: bool = False,
+    ) -> None:
         self.after_realpath = after_realpath
         self.after_lstat = after_lstat
         self.before_open = before_open
@@ -232,12 +243,14 @@ def _replace_dir_with_file(d: Path) -> Callable[[], None]:
     def change() -> None:
         d.rename(d.with_name(d.name + ".gone"))
         d.write_text("")
+
     return change
 
 
 def _remove_dir(d: Path) -> Callable[[], None]:
     def change() -> None:
         d.rename(d.with_name(d.name + ".gone"))
+
     return change
 
 
@@ -246,6 +259,7 @@ def _replace_file(p: Path) -> Callable[[], None]:
         tmp = p.with_name(p.name + ".new")
         shutil.copy(p, tmp)  # same bytes, new inode
         os.replace(tmp, p)
+
     return change
 
 
@@ -297,8 +311,11 @@ def _pinned(e: Env, digest: str | None = None) -> tuple[policy.Policy, Path]:
 def _file_changed(e: Env) -> Decision:
     p, pinned = _pinned(e)
     assert decide(p, JobRequest("pinned-sh", str(pinned), identity="c")).allowed
-    return decide(p, JobRequest("pinned-sh", str(pinned), identity="c"),
-                  fs=_RaceFS(before_open=pinned, change=_replace_file(pinned)))
+    return decide(
+        p,
+        JobRequest("pinned-sh", str(pinned), identity="c"),
+        fs=_RaceFS(before_open=pinned, change=_replace_file(pinned)),
+    )
 
 
 class _ReadFailsFS(RealFileSystem):
@@ -324,7 +341,7 @@ def _sha_mismatch_command(e: Env) -> Decision:
     p = e.policy(f"""  - name: pinned
     command: {TRUE}
     aliases: [pinned-true]
-    sha256: "{'0' * 64}"
+    sha256: "{"0" * 64}"
 """)
     return decide(p, JobRequest("pinned-true", "", identity="c"))
 
@@ -348,8 +365,9 @@ def _parent_not_directory(e: Env) -> Decision:
 
 def _parent_unreadable(e: Env) -> Decision:
     s = e.script("sub/x.sh")
-    return decide(e.policy(), e.req(path=str(s)), fs=_RaceFS(after_lstat=s,
-                                                             change=_remove_dir(s.parent)))
+    return decide(
+        e.policy(), e.req(path=str(s)), fs=_RaceFS(after_lstat=s, change=_remove_dir(s.parent))
+    )
 
 
 def _loop(e: Env) -> Decision:
@@ -381,8 +399,14 @@ def _symlinked_interpreter(e: Env) -> Decision:
     return _shebang(e, f"#!{e.dir}/gw/link\n".encode())
 
 
-def _shebang(e: Env, content: bytes, interp: Path | None = None, mode: int = 0o755,
-             iparent_mode: int | None = None, iowner: int | None = None) -> Decision:
+def _shebang(
+    e: Env,
+    content: bytes,
+    interp: Path | None = None,
+    mode: int = 0o755,
+    iparent_mode: int | None = None,
+    iowner: int | None = None,
+) -> Decision:
     """The program ``tool`` rewritten to ``content``; ``interp`` made an ELF with ``mode``."""
     p = e.policy()
     if interp is not None:
@@ -420,54 +444,76 @@ RULE_CASES: dict[str, tuple[Kind, Case]] = {
     "malformed-path/too-long": (Kind.INVALID_ARGUMENT, lambda e: _d(e, path="/" + "a" * 5000)),
     "malformed-arg": (Kind.INVALID_ARGUMENT, lambda e: _d(e, args=("a\x00b",))),
     # an unknown command: the request cap must act before (and without) any entry
-    "too-many-args/request-cap": (Kind.INVALID_ARGUMENT,
-                                  lambda e: _d(e, command="/bin/nope",
-                                               args=("a",) * (validation.MAX_ARGS + 1))),
+    "too-many-args/request-cap": (
+        Kind.INVALID_ARGUMENT,
+        lambda e: _d(e, command="/bin/nope", args=("a",) * (validation.MAX_ARGS + 1)),
+    ),
     "too-many-args/entry": (Kind.INVALID_ARGUMENT, lambda e: _d(e, args=("a", "b", "c"))),
-    "arg-too-long/request-cap": (Kind.INVALID_ARGUMENT,
-                                 lambda e: _d(e, command="/bin/nope",
-                                              args=("a" * (validation.MAX_ARG_BYTES + 1),))),
+    "arg-too-long/request-cap": (
+        Kind.INVALID_ARGUMENT,
+        lambda e: _d(e, command="/bin/nope", args=("a" * (validation.MAX_ARG_BYTES + 1),)),
+    ),
     "arg-too-long/entry": (Kind.INVALID_ARGUMENT, lambda e: _d(e, args=("abcdefghi",))),
-    "args-without-path": (Kind.INVALID_ARGUMENT,
-                          lambda e: _d(e, command="tool", path="", args=("a",), env={})),
-    "too-many-env": (Kind.INVALID_ARGUMENT,
-                     lambda e: _d(e, env={f"V{i}": "1" for i in range(validation.MAX_ENV + 1)})),
+    "args-without-path": (
+        Kind.INVALID_ARGUMENT,
+        lambda e: _d(e, command="tool", path="", args=("a",), env={}),
+    ),
+    "too-many-env": (
+        Kind.INVALID_ARGUMENT,
+        lambda e: _d(e, env={f"V{i}": "1" for i in range(validation.MAX_ENV + 1)}),
+    ),
     "malformed-env/name": (Kind.INVALID_ARGUMENT, lambda e: _d(e, env={"1X": "1"})),
     "malformed-env/trailing-newline": (Kind.INVALID_ARGUMENT, lambda e: _d(e, env={"GOOD\n": "1"})),
     "malformed-env/value": (Kind.INVALID_ARGUMENT, lambda e: _d(e, env={"GOOD": "a\x00"})),
     # the policy's own rules
     "command-not-allowed": (Kind.PERMISSION_DENIED, lambda e: _d(e, command="/bin/sh -c")),
-    "command-not-allowed/other-identity": (Kind.PERMISSION_DENIED,
-                                           lambda e: _d(e, command="echo", path="", args=(),
-                                                        env={})),
+    "command-not-allowed/other-identity": (
+        Kind.PERMISSION_DENIED,
+        lambda e: _d(e, command="echo", path="", args=(), env={}),
+    ),
     "arg-pattern": (Kind.PERMISSION_DENIED, lambda e: _d(e, args=("ABC",))),
     "env-not-allowed": (Kind.PERMISSION_DENIED, lambda e: _d(e, env={"OTHER": "1"})),
     "script-required": (Kind.INVALID_ARGUMENT, lambda e: _d(e, path="", args=())),
-    "script-path-not-canonical": (Kind.PERMISSION_DENIED,
-                                  lambda e: _d(e, path=f"{e.scripts}/../scripts/ok.sh")),
+    "script-path-not-canonical": (
+        Kind.PERMISSION_DENIED,
+        lambda e: _d(e, path=f"{e.scripts}/../scripts/ok.sh"),
+    ),
     "script-path-not-canonical/relative": (Kind.PERMISSION_DENIED, lambda e: _d(e, path="ok.sh")),
-    "script-not-allowed": (Kind.PERMISSION_DENIED,
-                           lambda e: _d(e, path=str(e.outside / "evil.sh"))),
+    "script-not-allowed": (
+        Kind.PERMISSION_DENIED,
+        lambda e: _d(e, path=str(e.outside / "evil.sh")),
+    ),
     "script-missing": (Kind.NOT_FOUND, lambda e: _d(e, path=str(e.scripts / "nope.sh"))),
     "script-unreadable": (Kind.FAILED_PRECONDITION, _loop),
     "script-symlink-escape": (Kind.PERMISSION_DENIED, _escape),
     "not-regular-file": (Kind.PERMISSION_DENIED, _fifo),
     "not-regular-file/directory": (Kind.PERMISSION_DENIED, _directory),
-    "setuid-setgid": (Kind.PERMISSION_DENIED,
-                      lambda e: _d(e, path=str(e.script("suid.sh", 0o4755)))),
-    "setuid-setgid/setgid": (Kind.PERMISSION_DENIED,
-                             lambda e: _d(e, path=str(e.script("sgid.sh", 0o2755)))),
-    "writable-by-others": (Kind.PERMISSION_DENIED,
-                           lambda e: _d(e, path=str(e.script("ww.sh", 0o757)))),
-    "writable-by-others/group": (Kind.PERMISSION_DENIED,
-                                 lambda e: _d(e, path=str(e.script("gw.sh", 0o775)))),
-    "bad-owner": (Kind.PERMISSION_DENIED,
-                  lambda e: _chown(e, e.script("theirs.sh"), e.scripts / "theirs.sh")),
+    "setuid-setgid": (
+        Kind.PERMISSION_DENIED,
+        lambda e: _d(e, path=str(e.script("suid.sh", 0o4755))),
+    ),
+    "setuid-setgid/setgid": (
+        Kind.PERMISSION_DENIED,
+        lambda e: _d(e, path=str(e.script("sgid.sh", 0o2755))),
+    ),
+    "writable-by-others": (
+        Kind.PERMISSION_DENIED,
+        lambda e: _d(e, path=str(e.script("ww.sh", 0o757))),
+    ),
+    "writable-by-others/group": (
+        Kind.PERMISSION_DENIED,
+        lambda e: _d(e, path=str(e.script("gw.sh", 0o775))),
+    ),
+    "bad-owner": (
+        Kind.PERMISSION_DENIED,
+        lambda e: _chown(e, e.script("theirs.sh"), e.scripts / "theirs.sh"),
+    ),
     "not-executable": (Kind.FAILED_PRECONDITION, _not_executable),
     "parent-writable-by-others": (Kind.PERMISSION_DENIED, _group_writable_dir),
-    "parent-bad-owner": (Kind.PERMISSION_DENIED,
-                         lambda e: _chown(e, e.script("theirs/x.sh").parent,
-                                          e.scripts / "theirs" / "x.sh")),
+    "parent-bad-owner": (
+        Kind.PERMISSION_DENIED,
+        lambda e: _chown(e, e.script("theirs/x.sh").parent, e.scripts / "theirs" / "x.sh"),
+    ),
     "parent-not-directory": (Kind.PERMISSION_DENIED, _parent_not_directory),
     "parent-unreadable": (Kind.FAILED_PRECONDITION, _parent_unreadable),
     "file-missing": (Kind.NOT_FOUND, _file_missing),
@@ -480,43 +526,60 @@ RULE_CASES: dict[str, tuple[Kind, Case]] = {
     "command-moved": (Kind.FAILED_PRECONDITION, _command_moved),
     # the program's format and its #! interpreter
     "not-executable-format": (Kind.FAILED_PRECONDITION, lambda e: _shebang(e, b"echo hi\n")),
-    "not-executable-format/fake-elf": (Kind.FAILED_PRECONDITION,
-                                       lambda e: _shebang(e, b"\x7fEL\n")),
+    "not-executable-format/fake-elf": (
+        Kind.FAILED_PRECONDITION,
+        lambda e: _shebang(e, b"\x7fEL\n"),
+    ),
     "interpreter-missing": (Kind.FAILED_PRECONDITION, lambda e: _shebang(e, b"#!  \n")),
-    "interpreter-line-too-long": (Kind.FAILED_PRECONDITION,
-                                  lambda e: _shebang(e, b"#!/" + b"a" * 300)),
+    "interpreter-line-too-long": (
+        Kind.FAILED_PRECONDITION,
+        lambda e: _shebang(e, b"#!/" + b"a" * 300),
+    ),
     "interpreter-not-absolute": (Kind.PERMISSION_DENIED, lambda e: _shebang(e, b"#!bash\n")),
-    "interpreter-nested-script": (Kind.FAILED_PRECONDITION,
-                                  lambda e: _shebang(e, f"#!{e.ok} -x\n".encode())),
+    "interpreter-nested-script": (
+        Kind.FAILED_PRECONDITION,
+        lambda e: _shebang(e, f"#!{e.ok} -x\n".encode()),
+    ),
     "interpreter-not-elf": (Kind.FAILED_PRECONDITION, _not_elf_interp),
-    "interpreter-file-missing": (Kind.FAILED_PRECONDITION,
-                                 lambda e: _shebang(e, f"#!{e.dir}/nope/sh\n".encode())),
+    "interpreter-file-missing": (
+        Kind.FAILED_PRECONDITION,
+        lambda e: _shebang(e, f"#!{e.dir}/nope/sh\n".encode()),
+    ),
     "interpreter-parent-writable-by-others": (
         Kind.PERMISSION_DENIED,
-        lambda e: _shebang(e, f"#!{e.dir}/ww/sh\n".encode(), e.dir / "ww" / "sh",
-                           iparent_mode=0o1777)),
+        lambda e: _shebang(
+            e, f"#!{e.dir}/ww/sh\n".encode(), e.dir / "ww" / "sh", iparent_mode=0o1777
+        ),
+    ),
     "interpreter-parent-writable-by-others/via-symlink": (
         Kind.PERMISSION_DENIED,
-        lambda e: _symlinked_interpreter(e)),
+        lambda e: _symlinked_interpreter(e),
+    ),
     "interpreter-writable-by-others": (
         Kind.PERMISSION_DENIED,
-        lambda e: _shebang(e, f"#!{e.dir}/gwi/sh\n".encode(), e.dir / "gwi" / "sh", 0o775)),
+        lambda e: _shebang(e, f"#!{e.dir}/gwi/sh\n".encode(), e.dir / "gwi" / "sh", 0o775),
+    ),
     "interpreter-bad-owner": (
         Kind.PERMISSION_DENIED,
-        lambda e: _shebang(e, f"#!{e.dir}/oth/sh\n".encode(), e.dir / "oth" / "sh",
-                           iowner=12345)),
+        lambda e: _shebang(e, f"#!{e.dir}/oth/sh\n".encode(), e.dir / "oth" / "sh", iowner=12345),
+    ),
     "interpreter-not-executable": (
         Kind.FAILED_PRECONDITION,
-        lambda e: _shebang(e, f"#!{e.dir}/nx/sh\n".encode(), e.dir / "nx" / "sh", 0o644)),
-    "internal-check-error": (Kind.FAILED_PRECONDITION,
-                             lambda e: decide(e.policy(), e.req(), fs=_RaceFS(crash=True))),
+        lambda e: _shebang(e, f"#!{e.dir}/nx/sh\n".encode(), e.dir / "nx" / "sh", 0o644),
+    ),
+    "internal-check-error": (
+        Kind.FAILED_PRECONDITION,
+        lambda e: decide(e.policy(), e.req(), fs=_RaceFS(crash=True)),
+    ),
 }
 ROOT_ONLY = {"bad-owner", "parent-bad-owner", "interpreter-bad-owner"}
 
 
 def _case_params() -> list[Any]:
-    return [pytest.param(name, marks=needs_root if name.split("/")[0] in ROOT_ONLY else ())
-            for name in RULE_CASES]
+    return [
+        pytest.param(name, marks=needs_root if name.split("/")[0] in ROOT_ONLY else ())
+        for name in RULE_CASES
+    ]
 
 
 def test_the_base_request_is_allowed(env: Env) -> None:
@@ -564,14 +627,17 @@ def test_all_reasons_are_reported_at_once(env: Env) -> None:
     assert isinstance(d.error(), PermissionDenied)
 
 
-@pytest.mark.parametrize(("kinds", "cls"), [
-    ([Kind.NOT_FOUND], NotFound),
-    ([Kind.INVALID_ARGUMENT, Kind.INVALID_ARGUMENT], InvalidArgument),
-    ([Kind.FAILED_PRECONDITION], FailedPrecondition),
-    ([Kind.PERMISSION_DENIED], PermissionDenied),
-    ([Kind.NOT_FOUND, Kind.INVALID_ARGUMENT], PermissionDenied),
-    ([Kind.NOT_FOUND, Kind.PERMISSION_DENIED], PermissionDenied),
-])
+@pytest.mark.parametrize(
+    ("kinds", "cls"),
+    [
+        ([Kind.NOT_FOUND], NotFound),
+        ([Kind.INVALID_ARGUMENT, Kind.INVALID_ARGUMENT], InvalidArgument),
+        ([Kind.FAILED_PRECONDITION], FailedPrecondition),
+        ([Kind.PERMISSION_DENIED], PermissionDenied),
+        ([Kind.NOT_FOUND, Kind.INVALID_ARGUMENT], PermissionDenied),
+        ([Kind.NOT_FOUND, Kind.PERMISSION_DENIED], PermissionDenied),
+    ],
+)
 def test_decision_error_kind(kinds: list[Kind], cls: type) -> None:
     """One shared kind gives that status; any mix is PERMISSION_DENIED."""
     d = Decision(None, tuple(Denial("e", f"r{i}", "m", k) for i, k in enumerate(kinds)))
@@ -582,36 +648,75 @@ def test_decision_error_kind(kinds: list[Kind], cls: type) -> None:
 
 # ---------------------------------------------------------------- decide never raises
 
-_PIECES = ["/", "//", "/./", "/../", "..", ".", "\x00", "\x1b", "\u202e", "\u200d", "\uff0f",
-           "\u0430", "\u0301", "\n", "*", "?", "[", "ok.sh", "evil.sh", "scripts", "outside",
-           "x" * 300]
+_PIECES = [
+    "/",
+    "//",
+    "/./",
+    "/../",
+    "..",
+    ".",
+    "\x00",
+    "\x1b",
+    "\u202e",
+    "\u200d",
+    "\uff0f",
+    "\u0430",
+    "\u0301",
+    "\n",
+    "*",
+    "?",
+    "[",
+    "ok.sh",
+    "evil.sh",
+    "scripts",
+    "outside",
+    "x" * 300,
+]
 
 
 @st.composite
 def _paths(draw: st.DrawFn, e: Env) -> str:
-    anchor = draw(st.sampled_from([str(e.scripts), str(e.outside), str(e.dir), "/", "",
-                                   "/etc", "/dev/null", "/proc/self"]))
+    anchor = draw(
+        st.sampled_from(
+            [str(e.scripts), str(e.outside), str(e.dir), "/", "", "/etc", "/dev/null", "/proc/self"]
+        )
+    )
     parts = draw(st.lists(st.one_of(st.sampled_from(_PIECES), st.text(max_size=5)), max_size=5))
     return anchor + "".join(parts)
 
 
-@settings(max_examples=200, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=200,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(data=st.data())
-def test_decide_never_raises_and_only_allows_what_is_allowed(env: Env,
-                                                             data: st.DataObject) -> None:
+def test_decide_never_raises_and_only_allows_what_is_allowed(env: Env, data: st.DataObject) -> None:
     """Any request: a Decision (never an exception); allowed only for files in the allowed place."""
     p = env.policy()
-    command = data.draw(st.one_of(st.sampled_from(["sh", "/bin/sh", "tool", "echo", ""]),
-                                  st.text(max_size=10)))
+    command = data.draw(
+        st.one_of(st.sampled_from(["sh", "/bin/sh", "tool", "echo", ""]), st.text(max_size=10))
+    )
     req = JobRequest(
-        command=command, path=data.draw(_paths(env)),
-        args=tuple(data.draw(st.lists(st.one_of(st.sampled_from(["abc", "A", "\x00"]),
-                                                st.text(max_size=10)), max_size=4))),
-        env=data.draw(st.dictionaries(st.sampled_from(["GOOD", "OTHER", "LD_PRELOAD", "1X",
-                                                       "GOOD\n", ""]), st.text(max_size=3),
-                                      max_size=2)),
-        identity=data.draw(st.sampled_from(["client", "ops"])))
+        command=command,
+        path=data.draw(_paths(env)),
+        args=tuple(
+            data.draw(
+                st.lists(
+                    st.one_of(st.sampled_from(["abc", "A", "\x00"]), st.text(max_size=10)),
+                    max_size=4,
+                )
+            )
+        ),
+        env=data.draw(
+            st.dictionaries(
+                st.sampled_from(["GOOD", "OTHER", "LD_PRELOAD", "1X", "GOOD\n", ""]),
+                st.text(max_size=3),
+                max_size=2,
+            )
+        ),
+        identity=data.draw(st.sampled_from(["client", "ops"])),
+    )
     d = decide(p, req)
     if d.allowed:
         assert d.plan is not None
@@ -636,88 +741,189 @@ GOOD_ENTRY = """  - name: good
 
 
 def _entry(e: Env, body: str) -> str:
-    return "version: 1\nentries:\n" + GOOD_ENTRY + body.format(dir=e.dir, tool=e.tool,
-                                                                scripts=e.scripts)
+    return (
+        "version: 1\nentries:\n"
+        + GOOD_ENTRY
+        + body.format(dir=e.dir, tool=e.tool, scripts=e.scripts)
+    )
 
 
 # (name, second entry, expected fragment) -- every error names entry #2 ('bad')
 ENTRY_ERRORS = [
     ("unknown-key", "  - name: bad\n    comand: /bin/true\n", "unknown key(s): comand"),
-    ("unknown-args-key", "  - name: bad\n    command: /bin/true\n    args: {{max: 1}}\n",
-     "args: unknown key(s): max"),
-    ("unknown-script-key",
-     "  - name: bad\n    command: /bin/sh\n    scripts: [{{path: /x.sh, shasum: x}}]\n",
-     "scripts: unknown key(s): shasum"),
+    (
+        "unknown-args-key",
+        "  - name: bad\n    command: /bin/true\n    args: {{max: 1}}\n",
+        "args: unknown key(s): max",
+    ),
+    (
+        "unknown-script-key",
+        "  - name: bad\n    command: /bin/sh\n    scripts: [{{path: /x.sh, shasum: x}}]\n",
+        "scripts: unknown key(s): shasum",
+    ),
     ("duplicate-name", "  - name: good\n    command: /bin/echo\n", "duplicate entry name"),
     ("missing-command", "  - name: bad\n", "command: required"),
     ("relative-command", "  - name: bad\n    command: bin/true\n", "an absolute path"),
     ("bare-command", "  - name: bad\n    command: 'true'\n", "nothing is looked up in PATH"),
-    ("non-canonical-command", "  - name: bad\n    command: /bin/../bin/true\n",
-     "not in canonical form"),
+    (
+        "non-canonical-command",
+        "  - name: bad\n    command: /bin/../bin/true\n",
+        "not in canonical form",
+    ),
     ("nul-in-command", '  - name: bad\n    command: "/bin/tr\\0ue"\n', "NUL"),
-    ("missing-command-file", "  - name: bad\n    command: /nonexistent/prog\n",
-     "/nonexistent/prog"),
+    (
+        "missing-command-file",
+        "  - name: bad\n    command: /nonexistent/prog\n",
+        "/nonexistent/prog",
+    ),
     ("directory-command", "  - name: bad\n    command: /usr\n", "not a regular file"),
-    ("args-not-mapping", "  - name: bad\n    command: /bin/true\n    args: [1, 2]\n",
-     "args: must be a mapping"),
-    ("bad-regex", "  - name: bad\n    command: /bin/true\n    args: {{patterns: ['(']}}\n",
-     "not a valid regular expression"),
-    ("max-count-range", "  - name: bad\n    command: /bin/true\n    args: {{max_count: 5000}}\n",
-     "max_count"),
-    ("max-count-bool", "  - name: bad\n    command: /bin/true\n    args: {{max_count: true}}\n",
-     "max_count"),
-    ("max-length-negative",
-     "  - name: bad\n    command: /bin/true\n    args: {{max_length: -1}}\n", "max_length"),
+    (
+        "args-not-mapping",
+        "  - name: bad\n    command: /bin/true\n    args: [1, 2]\n",
+        "args: must be a mapping",
+    ),
+    (
+        "bad-regex",
+        "  - name: bad\n    command: /bin/true\n    args: {{patterns: ['(']}}\n",
+        "not a valid regular expression",
+    ),
+    (
+        "max-count-range",
+        "  - name: bad\n    command: /bin/true\n    args: {{max_count: 5000}}\n",
+        "max_count",
+    ),
+    (
+        "max-count-bool",
+        "  - name: bad\n    command: /bin/true\n    args: {{max_count: true}}\n",
+        "max_count",
+    ),
+    (
+        "max-length-negative",
+        "  - name: bad\n    command: /bin/true\n    args: {{max_length: -1}}\n",
+        "max_length",
+    ),
     ("bad-sha256", "  - name: bad\n    command: /bin/true\n    sha256: xyz\n", "sha256"),
-    ("sha256-not-a-string", "  - name: bad\n    command: /bin/true\n    sha256: 1234\n",
-     "sha256"),
-    ("uppercase-sha256", f"  - name: bad\n    command: /bin/true\n    sha256: \"{'A' * 64}\"\n",
-     "sha256"),
-    ("sha256-trailing-newline",
-     f"  - name: bad\n    command: /bin/true\n    sha256: \"{'a' * 64}\\n\"\n", "sha256"),
-    ("bad-script-sha256",
-     "  - name: bad\n    command: /bin/sh\n    scripts: [{{path: /x/y.sh, sha256: nope}}]\n",
-     "sha256"),
-    ("sha256-on-directory",
-     "  - name: bad\n    command: /bin/sh\n"
-     f"    scripts: [{{{{path: /x/, sha256: \"{'a' * 64}\"}}}}]\n",
-     "needs the path of one file"),
-    ("empty-identities", "  - name: bad\n    command: /bin/true\n    identities: []\n",
-     "would allow nobody"),
-    ("blank-identity", "  - name: bad\n    command: /bin/true\n    identities: ['']\n",
-     "non-empty strings"),
-    ("identities-not-list", "  - name: bad\n    command: /bin/true\n    identities: ops\n",
-     "must be a list"),
-    ("env-bad-name", "  - name: bad\n    command: /bin/true\n    env: ['1X']\n",
-     "not a valid variable name"),
-    ("env-trailing-newline", '  - name: bad\n    command: /bin/true\n    env: ["FOO\\n"]\n',
-     "not a valid variable name"),
-    ("empty-scripts", "  - name: bad\n    command: /bin/sh\n    scripts: []\n",
-     "at least one location"),
-    ("script-dotdot", "  - name: bad\n    command: /bin/sh\n    scripts: ['{scripts}/../x.sh']\n",
-     "'..'"),
-    ("script-everything", "  - name: bad\n    command: /bin/sh\n    scripts: ['/']\n",
-     "every file on the machine"),
-    ("script-everything-glob", "  - name: bad\n    command: /bin/sh\n    scripts: ['/**']\n",
-     "every file on the machine"),
-    ("script-unclosed-class", "  - name: bad\n    command: /bin/sh\n    scripts: ['/x/[a.sh']\n",
-     "unclosed '['"),
-    ("script-not-a-path", "  - name: bad\n    command: /bin/sh\n    scripts: [5]\n",
-     "must be a path"),
-    ("alias-with-slash", "  - name: bad\n    command: /bin/true\n    aliases: ['bin/true']\n",
-     "plain name"),
-    ("cwd-relative", "  - name: bad\n    command: /bin/true\n    cwd: tests\n",
-     "cwd: must be an absolute path"),
+    ("sha256-not-a-string", "  - name: bad\n    command: /bin/true\n    sha256: 1234\n", "sha256"),
+    (
+        "uppercase-sha256",
+        f'  - name: bad\n    command: /bin/true\n    sha256: "{"A" * 64}"\n',
+        "sha256",
+    ),
+    (
+        "sha256-trailing-newline",
+        f'  - name: bad\n    command: /bin/true\n    sha256: "{"a" * 64}\\n"\n',
+        "sha256",
+    ),
+    (
+        "bad-script-sha256",
+        "  - name: bad\n    command: /bin/sh\n    scripts: [{{path: /x/y.sh, sha256: nope}}]\n",
+        "sha256",
+    ),
+    (
+        "sha256-on-directory",
+        "  - name: bad\n    command: /bin/sh\n"
+        f'    scripts: [{{{{path: /x/, sha256: "{"a" * 64}"}}}}]\n',
+        "needs the path of one file",
+    ),
+    (
+        "empty-identities",
+        "  - name: bad\n    command: /bin/true\n    identities: []\n",
+        "would allow nobody",
+    ),
+    (
+        "blank-identity",
+        "  - name: bad\n    command: /bin/true\n    identities: ['']\n",
+        "non-empty strings",
+    ),
+    (
+        "identities-not-list",
+        "  - name: bad\n    command: /bin/true\n    identities: ops\n",
+        "must be a list",
+    ),
+    (
+        "env-bad-name",
+        "  - name: bad\n    command: /bin/true\n    env: ['1X']\n",
+        "not a valid variable name",
+    ),
+    (
+        "env-trailing-newline",
+        '  - name: bad\n    command: /bin/true\n    env: ["FOO\\n"]\n',
+        "not a valid variable name",
+    ),
+    (
+        "empty-scripts",
+        "  - name: bad\n    command: /bin/sh\n    scripts: []\n",
+        "at least one location",
+    ),
+    (
+        "script-dotdot",
+        "  - name: bad\n    command: /bin/sh\n    scripts: ['{scripts}/../x.sh']\n",
+        "'..'",
+    ),
+    (
+        "script-everything",
+        "  - name: bad\n    command: /bin/sh\n    scripts: ['/']\n",
+        "every file on the machine",
+    ),
+    (
+        "script-everything-glob",
+        "  - name: bad\n    command: /bin/sh\n    scripts: ['/**']\n",
+        "every file on the machine",
+    ),
+    (
+        "script-unclosed-class",
+        "  - name: bad\n    command: /bin/sh\n    scripts: ['/x/[a.sh']\n",
+        "unclosed '['",
+    ),
+    (
+        "script-not-a-path",
+        "  - name: bad\n    command: /bin/sh\n    scripts: [5]\n",
+        "must be a path",
+    ),
+    (
+        "alias-with-slash",
+        "  - name: bad\n    command: /bin/true\n    aliases: ['bin/true']\n",
+        "plain name",
+    ),
+    (
+        "cwd-relative",
+        "  - name: bad\n    command: /bin/true\n    cwd: tests\n",
+        "cwd: must be an absolute path",
+    ),
     ("cwd-missing", "  - name: bad\n    command: /bin/true\n    cwd: /nonexistent-dir\n", "cwd"),
 ]
-DANGEROUS = ["LD_PRELOAD", "LD_LIBRARY_PATH", "LD_AUDIT", "BASH_ENV", "ENV", "SHELLOPTS",
-             "PS4", "IFS", "PYTHONPATH", "PYTHONSTARTUP", "PYTHONHOME", "PERL5LIB", "PERL5OPT",
-             "RUBYOPT", "NODE_OPTIONS", "GCONV_PATH", "GLIBC_TUNABLES", "MALLOC_CHECK_",
-             "TMPDIR", "PATH", "HOME", "SHELL", "USER", "LOGNAME", "AGENT_JOB_ID"]
+DANGEROUS = [
+    "LD_PRELOAD",
+    "LD_LIBRARY_PATH",
+    "LD_AUDIT",
+    "BASH_ENV",
+    "ENV",
+    "SHELLOPTS",
+    "PS4",
+    "IFS",
+    "PYTHONPATH",
+    "PYTHONSTARTUP",
+    "PYTHONHOME",
+    "PERL5LIB",
+    "PERL5OPT",
+    "RUBYOPT",
+    "NODE_OPTIONS",
+    "GCONV_PATH",
+    "GLIBC_TUNABLES",
+    "MALLOC_CHECK_",
+    "TMPDIR",
+    "PATH",
+    "HOME",
+    "SHELL",
+    "USER",
+    "LOGNAME",
+    "AGENT_JOB_ID",
+]
 
 
-@pytest.mark.parametrize(("body", "fragment"),
-                         [pytest.param(b, f, id=n) for n, b, f in ENTRY_ERRORS])
+@pytest.mark.parametrize(
+    ("body", "fragment"), [pytest.param(b, f, id=n) for n, b, f in ENTRY_ERRORS]
+)
 def test_invalid_entry_is_refused_naming_it(env: Env, body: str, fragment: str) -> None:
     """Each invalid entry is refused with a message naming the file, the entry and the problem."""
     with pytest.raises(PolicyError) as e:
@@ -736,10 +942,15 @@ def test_dangerous_environment_names_are_refused(env: Env, name: str) -> None:
         parse(_entry(env, body), "p.yaml")
 
 
-@pytest.mark.parametrize(("mode", "fragment"), [(0o757, "writable by group or others"),
-                                                (0o775, "writable by group or others"),
-                                                (0o4755, "set-uid"),
-                                                (0o644, "not executable")])
+@pytest.mark.parametrize(
+    ("mode", "fragment"),
+    [
+        (0o757, "writable by group or others"),
+        (0o775, "writable by group or others"),
+        (0o4755, "set-uid"),
+        (0o644, "not executable"),
+    ],
+)
 def test_unsafe_command_file_is_refused_at_load(env: Env, mode: int, fragment: str) -> None:
     """A world/group-writable, set-uid or non-executable program is refused when loading."""
     os.chmod(env.tool, mode)
@@ -754,21 +965,24 @@ def test_command_in_writable_directory_is_refused_at_load(env: Env) -> None:
         parse(_entry(env, "  - name: bad\n    command: {tool}\n"), "p.yaml")
 
 
-@pytest.mark.parametrize(("text", "fragment"), [
-    ("version: 1\nentries: [\n", "not valid YAML"),
-    ("version: 1\nentries:\n  - name: a\n   command: x\n", "not valid YAML"),
-    ("- a\n- b\n", "expected a mapping"),
-    ("", "expected a mapping"),
-    ("version: 1\nentries: []\nextra: 1\n", "unknown top-level key(s): extra"),
-    ("version: 2\nentries: []\n", "version: must be 1"),
-    ("entries: []\n", "version: must be 1"),
-    ("version: 1\nentries: {a: 1}\n", "entries: must be a list"),
-    ("version: 1\nentries:\n  - just a string\n", "entry #1: must be a mapping"),
-    ("version: 1\nentries:\n  - name: 'bad name!'\n    command: /bin/true\n", "name:"),
-    ("version: 1\nentries:\n  - name: 123\n    command: /bin/true\n", "quote it"),
-    ('version: 1\nentries:\n  - name: "bad\\n"\n    command: /bin/true\n', "name:"),
-    ("version: 1\nentries:\n  - !!python/object/apply:os.system ['true']\n", "not valid YAML"),
-])
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("version: 1\nentries: [\n", "not valid YAML"),
+        ("version: 1\nentries:\n  - name: a\n   command: x\n", "not valid YAML"),
+        ("- a\n- b\n", "expected a mapping"),
+        ("", "expected a mapping"),
+        ("version: 1\nentries: []\nextra: 1\n", "unknown top-level key(s): extra"),
+        ("version: 2\nentries: []\n", "version: must be 1"),
+        ("entries: []\n", "version: must be 1"),
+        ("version: 1\nentries: {a: 1}\n", "entries: must be a list"),
+        ("version: 1\nentries:\n  - just a string\n", "entry #1: must be a mapping"),
+        ("version: 1\nentries:\n  - name: 'bad name!'\n    command: /bin/true\n", "name:"),
+        ("version: 1\nentries:\n  - name: 123\n    command: /bin/true\n", "quote it"),
+        ('version: 1\nentries:\n  - name: "bad\\n"\n    command: /bin/true\n', "name:"),
+        ("version: 1\nentries:\n  - !!python/object/apply:os.system ['true']\n", "not valid YAML"),
+    ],
+)
 def test_malformed_policy_file_is_refused(text: str, fragment: str) -> None:
     """Bad YAML, a wrong shape, unknown keys, bad names and YAML tags: refused, never executed."""
     with pytest.raises(PolicyError) as e:

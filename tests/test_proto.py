@@ -43,8 +43,15 @@ message DeregisterRes { bool success = 1; }
 def _descriptor(proto_dir: Path, name: str, out: Path) -> descriptor_pb2.FileDescriptorSet:
     from grpc_tools import protoc
 
-    rc = protoc.main(["protoc", f"-I{proto_dir}", f"-I{_protobuf_include()}",
-                      f"--descriptor_set_out={out}", name])
+    rc = protoc.main(
+        [
+            "protoc",
+            f"-I{proto_dir}",
+            f"-I{_protobuf_include()}",
+            f"--descriptor_set_out={out}",
+            name,
+        ]
+    )
     assert rc == 0
     fds = descriptor_pb2.FileDescriptorSet()
     fds.ParseFromString(out.read_bytes())
@@ -125,20 +132,43 @@ ORIGINAL_CLIENT = textwrap.dedent("""
 """)
 
 
-def test_client_built_from_original_proto_works(agent: AgentProcess, script_dir: Path,
-                                                tmp_path: Path) -> None:
+def test_client_built_from_original_proto_works(
+    agent: AgentProcess, script_dir: Path, tmp_path: Path
+) -> None:
     """A client generated only from the original .proto starts, queries and stops jobs."""
     from grpc_tools import protoc
 
     (tmp_path / "jobscheduler.proto").write_text(ORIGINAL_PROTO)
-    assert protoc.main(["protoc", f"-I{tmp_path}", f"--python_out={tmp_path}",
-                        f"--grpc_python_out={tmp_path}", "jobscheduler.proto"]) == 0
+    assert (
+        protoc.main(
+            [
+                "protoc",
+                f"-I{tmp_path}",
+                f"--python_out={tmp_path}",
+                f"--grpc_python_out={tmp_path}",
+                "jobscheduler.proto",
+            ]
+        )
+        == 0
+    )
     (tmp_path / "client.py").write_text(ORIGINAL_CLIENT)
     c = agent.certs
-    r = subprocess.run([sys.executable, str(tmp_path / "client.py"), str(tmp_path), agent.addr,
-                        str(c.ca), str(c.crt("client")), str(c.key("client")),
-                        str(script_dir / "hello.sh")],
-                       capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(tmp_path / "client.py"),
+            str(tmp_path),
+            agent.addr,
+            str(c.ca),
+            str(c.crt("client")),
+            str(c.key("client")),
+            str(script_dir / "hello.sh"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr
     assert "ORIGINAL CLIENT OK" in r.stdout
 

@@ -98,7 +98,8 @@ def _workers(s: SchedulerProcess) -> list[dict[str, str]]:
 
 
 def test_agent_starts_without_scheduler_and_registers_when_it_comes(
-        make_agent: AgentFactory, scheduler: SchedulerProcess, certs: Certs) -> None:
+    make_agent: AgentFactory, scheduler: SchedulerProcess, certs: Certs
+) -> None:
     """Scheduler down at start-up: the agent serves, retries, registers once it is up."""
     a = make_agent(scheduler=registration_section(scheduler.addr, certs))
     c = a.client()
@@ -123,8 +124,9 @@ def test_agent_starts_without_scheduler_and_registers_when_it_comes(
     assert "worker" in scheduler.log() and "deregistered" in scheduler.log()
 
 
-def test_worker_identity_not_allowed_is_refused(make_agent: AgentFactory, tmp_path: Path,
-                                                certs: Certs) -> None:
+def test_worker_identity_not_allowed_is_refused(
+    make_agent: AgentFactory, tmp_path: Path, certs: Certs
+) -> None:
     """A worker certificate the scheduler does not list cannot register; it keeps serving."""
     s = SchedulerProcess(tmp_path / "s2", certs, workers=["someone-else"]).start()
     try:
@@ -139,9 +141,9 @@ def test_worker_identity_not_allowed_is_refused(make_agent: AgentFactory, tmp_pa
         s.stop()
 
 
-def test_restarted_scheduler_learns_of_the_agent_again(make_agent: AgentFactory,
-                                                       scheduler: SchedulerProcess,
-                                                       certs: Certs) -> None:
+def test_restarted_scheduler_learns_of_the_agent_again(
+    make_agent: AgentFactory, scheduler: SchedulerProcess, certs: Certs
+) -> None:
     """Heartbeats: a scheduler restarted with an empty registry is told again."""
     scheduler.start()
     a = make_agent(scheduler=registration_section(scheduler.addr, certs))
@@ -202,8 +204,7 @@ def test_client_deadlines_fail_fast_against_a_silent_peer(certs: Certs) -> None:
             s.close()
 
 
-def test_start_is_never_retried_queries_are(make_agent: AgentFactory,
-                                            script_dir: Path) -> None:
+def test_start_is_never_retried_queries_are(make_agent: AgentFactory, script_dir: Path) -> None:
     """During shutdown StartJob is UNAVAILABLE: the client tries it exactly once."""
     a = make_agent(daemon={"on_shutdown": "wait", "shutdown_deadline_seconds": 30})
     c = a.client()
@@ -221,6 +222,7 @@ def test_start_is_never_retried_queries_are(make_agent: AgentFactory,
 
 def test_async_client_full_cycle(agent: AgentProcess, script_dir: Path) -> None:
     """AsyncAgentClient: start, stream, wait, list, stop, errors."""
+
     async def run() -> None:
         async with AsyncAgentClient(agent.addr, agent.certs.tls("client")) as c:
             job = await c.start("bash", str(script_dir / "count.sh"), args=["3", "0.05"])
@@ -239,13 +241,15 @@ def test_async_client_full_cycle(agent: AgentProcess, script_dir: Path) -> None:
     asyncio.run(run())
 
 
-def test_scheduler_client_library(make_agent: AgentFactory, scheduler: SchedulerProcess,
-                                  certs: Certs) -> None:
+def test_scheduler_client_library(
+    make_agent: AgentFactory, scheduler: SchedulerProcess, certs: Certs
+) -> None:
     """SchedulerClient: list workers, run and stop a job on one."""
     scheduler.start()
     make_agent(scheduler=registration_section(scheduler.addr, certs))
-    with SchedulerClient(scheduler.addr, TLSFiles(certs.ca, certs.crt("admin"),
-                                                  certs.key("admin"))) as s:
+    with SchedulerClient(
+        scheduler.addr, TLSFiles(certs.ca, certs.crt("admin"), certs.key("admin"))
+    ) as s:
         wait_for(lambda: len(s.workers()) == 1, timeout=15)
         w = s.workers()[0]
         job = s.start(w.worker_id, "sleep", "30")
@@ -254,7 +258,6 @@ def test_scheduler_client_library(make_agent: AgentFactory, scheduler: Scheduler
         assert s.wait(w.worker_id, job, timeout=10).state == "STOPPED"
         with pytest.raises(NotFound):
             s.query("00000000-0000-4000-8000-000000000000", job)
-
 
 
 # ---------------------------------------------------------------- shared call logic (pure)
@@ -276,12 +279,21 @@ class _RpcError(grpc.RpcError):  # type: ignore[misc]  # grpc is untyped
 def test_only_calls_safe_to_repeat_are_retried() -> None:
     """StartJob, RunJob and DispatchStartJob never retry; query/stop/wait/list/dispatch do."""
     req = _calls.start_request("true", "")
-    never: list[_calls.Call[Any]] = [_calls.start(req, 1), _calls.run(req, 1),
-                                     _calls.dispatch_start("w", req, 1)]
+    never: list[_calls.Call[Any]] = [
+        _calls.start(req, 1),
+        _calls.run(req, 1),
+        _calls.dispatch_start("w", req, 1),
+    ]
     safe: list[_calls.Call[Any]] = [
-        _calls.query("j", 1), _calls.query_pb("j", 1), _calls.stop("j", 1),
-        _calls.wait("j", 1), _calls.list_page((), "", 0, "", 1), _calls.list_workers(1),
-        _calls.dispatch_query("w", "j", 1), _calls.dispatch_stop("w", "j", 1)]
+        _calls.query("j", 1),
+        _calls.query_pb("j", 1),
+        _calls.stop("j", 1),
+        _calls.wait("j", 1),
+        _calls.list_page((), "", 0, "", 1),
+        _calls.list_workers(1),
+        _calls.dispatch_query("w", "j", 1),
+        _calls.dispatch_stop("w", "j", 1),
+    ]
     assert [c.retry for c in never] == [False] * 3
     assert all(c.retry for c in safe)
     assert _calls.wait("j", 5).timeout == 5 + _calls.WAIT_MARGIN_S  # deadline past the wait
@@ -317,13 +329,14 @@ def test_errors_are_named_after_the_status() -> None:
 
 def test_requests_take_names_from_the_vocabulary() -> None:
     """Limit and state names come from agent.vocabulary; unknown ones are ValueError."""
-    req = _calls.start_request("true", "", limits={lim.name: i + 1
-                                                   for i, lim in enumerate(LIMITS)})
+    req = _calls.start_request("true", "", limits={lim.name: i + 1 for i, lim in enumerate(LIMITS)})
     assert [getattr(req.limits, lim.wire) for lim in LIMITS] == list(range(1, len(LIMITS) + 1))
     with pytest.raises(ValueError, match="unknown limit"):
         _calls.start_request("true", "", limits={"bogus": 1})
     assert list(_calls.list_request(["running", "LOST"]).states) == [
-        JobState.RUNNING.value, JobState.LOST.value]
+        JobState.RUNNING.value,
+        JobState.LOST.value,
+    ]
     with pytest.raises(ValueError, match="unknown job state"):
         _calls.list_request(["sleeping"])
     assert {s.value: s.name for s in JobState} == STATES

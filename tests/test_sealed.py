@@ -28,7 +28,16 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 import certfactory as cf
-from helpers import IS_ROOT, AgentProcess, make_safe_dir, pb, pb_grpc, policy_for, write_script
+from helpers import (
+    IS_ROOT,
+    AgentFactory,
+    AgentProcess,
+    make_safe_dir,
+    pb,
+    pb_grpc,
+    policy_for,
+    write_script,
+)
 
 TIMEOUT = 20
 BASH = os.path.realpath("/bin/bash")
@@ -93,8 +102,10 @@ def _interp_cases(safe: Path, tmp_path: Path) -> list[tuple[str, Path, str]]:
     gw.mkdir(mode=0o755)
     shutil.copy(BASH, gw / "bash")
     os.chmod(gw / "bash", 0o775)
-    cases = [("world-writable-dir", ww / "bash", "parent-writable-by-others"),
-             ("group-writable", gw / "bash", "writable-by-others")]
+    cases = [
+        ("world-writable-dir", ww / "bash", "parent-writable-by-others"),
+        ("group-writable", gw / "bash", "writable-by-others"),
+    ]
     if IS_ROOT:
         other = safe / "other"
         other.mkdir(mode=0o755)
@@ -192,19 +203,27 @@ def _race(a: AgentProcess, req: pb.StartJobReq, seconds: float = 2.0) -> list[st
             try:
                 res = stub.RunJob(req, timeout=TIMEOUT)
             except grpc.RpcError as e:
-                assert e.code() in (grpc.StatusCode.PERMISSION_DENIED,
-                                    grpc.StatusCode.FAILED_PRECONDITION), e
+                assert e.code() in (
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                ), e
                 continue
-            out = b"".join(c.data for c in stub.StreamJobOutput(
-                pb.StreamJobOutputReq(jobID=res.jobID), timeout=TIMEOUT)).decode()
+            out = b"".join(
+                c.data
+                for c in stub.StreamJobOutput(
+                    pb.StreamJobOutputReq(jobID=res.jobID), timeout=TIMEOUT
+                )
+            ).decode()
             if res.state == pb.FAILED and not out:
                 continue  # refused at start: nothing ran
             outputs.append(out)
     return outputs
 
 
-def test_pinned_program_rewritten_during_starts_runs_only_pinned_bytes(make_agent,  # type: ignore[no-untyped-def]
-                                                                      safe: Path) -> None:
+def test_pinned_program_rewritten_during_starts_runs_only_pinned_bytes(
+    make_agent: AgentFactory,
+    safe: Path,
+) -> None:
     """A pinned program rewritten in place / renamed over in a loop: every run is the pinned one."""
     prog = write_script(safe, "pinned.prog", GOOD)
     pin = hashlib.sha256(GOOD.encode()).hexdigest()
@@ -216,8 +235,10 @@ def test_pinned_program_rewritten_during_starts_runs_only_pinned_bytes(make_agen
     assert outputs and all(o == "good\n" for o in outputs), outputs[:5]
 
 
-def test_pinned_script_rewritten_during_starts_runs_only_pinned_bytes(make_agent,  # type: ignore[no-untyped-def]
-                                                                     safe: Path) -> None:
+def test_pinned_script_rewritten_during_starts_runs_only_pinned_bytes(
+    make_agent: AgentFactory,
+    safe: Path,
+) -> None:
     """A pinned script rewritten in place / renamed over in a loop: every run is the pinned one."""
     script = write_script(safe, "pinned.sh", GOOD)
     pin = hashlib.sha256(GOOD.encode()).hexdigest()
@@ -245,16 +266,21 @@ def test_list_jobs_with_250k_states_is_invalid_argument(agent: AgentProcess) -> 
     assert "Traceback" not in agent.log()
 
 
-@pytest.mark.parametrize("req", [
-    pb.StartJobReq(command="true", args=["a"] * 200_000),
-    pb.StartJobReq(command="true", env={f"V{i}": "x" for i in range(50_000)}),
-    pb.StartJobReq(command="true", path="p", secretArgs=list(range(300_000))),
-    pb.StartJobReq(command="x" * 1_000_000),
-    pb.StartJobReq(command="echo", path="p" * 1_000_000),
-    pb.StartJobReq(command="echo", path="p", args=["y" * 100_000] * 20),
-], ids=["args", "env", "secret-args", "command", "path", "total"])
-def test_oversize_start_requests_are_invalid_argument(agent: AgentProcess,
-                                                      req: pb.StartJobReq) -> None:
+@pytest.mark.parametrize(
+    "req",
+    [
+        pb.StartJobReq(command="true", args=["a"] * 200_000),
+        pb.StartJobReq(command="true", env={f"V{i}": "x" for i in range(50_000)}),
+        pb.StartJobReq(command="true", path="p", secretArgs=list(range(300_000))),
+        pb.StartJobReq(command="x" * 1_000_000),
+        pb.StartJobReq(command="echo", path="p" * 1_000_000),
+        pb.StartJobReq(command="echo", path="p", args=["y" * 100_000] * 20),
+    ],
+    ids=["args", "env", "secret-args", "command", "path", "total"],
+)
+def test_oversize_start_requests_are_invalid_argument(
+    agent: AgentProcess, req: pb.StartJobReq
+) -> None:
     """Every oversize repeated field or string of StartJob: INVALID_ARGUMENT, nothing else."""
     with stub_for(agent, "client") as stub, pytest.raises(grpc.RpcError) as ei:
         stub.StartJob(req, timeout=TIMEOUT)
@@ -262,12 +288,17 @@ def test_oversize_start_requests_are_invalid_argument(agent: AgentProcess,
     assert "Traceback" not in agent.log()
 
 
-@pytest.mark.parametrize("req", [
-    pb.ListJobsReq(owner="o" * 500_000),
-    pb.ListJobsReq(pageToken="t" * 500_000),
-], ids=["owner", "page-token"])
-def test_oversize_list_requests_are_invalid_argument(agent: AgentProcess,
-                                                     req: pb.ListJobsReq) -> None:
+@pytest.mark.parametrize(
+    "req",
+    [
+        pb.ListJobsReq(owner="o" * 500_000),
+        pb.ListJobsReq(pageToken="t" * 500_000),
+    ],
+    ids=["owner", "page-token"],
+)
+def test_oversize_list_requests_are_invalid_argument(
+    agent: AgentProcess, req: pb.ListJobsReq
+) -> None:
     """An oversize owner or page token: INVALID_ARGUMENT."""
     with stub_for(agent, "admin") as stub, pytest.raises(grpc.RpcError) as ei:
         stub.ListJobs(req, timeout=TIMEOUT)
@@ -278,9 +309,11 @@ def test_oversize_job_id_is_invalid_argument(agent: AgentProcess) -> None:
     """A megabyte jobID: INVALID_ARGUMENT on every RPC that takes one."""
     big = "0" * 1_000_000
     with stub_for(agent, "admin") as stub:
-        calls: list[tuple[Any, Any]] = [(stub.QueryJob, pb.QueryJobReq(jobID=big)),
-                                        (stub.StopJob, pb.StopJobReq(jobID=big)),
-                                        (stub.WaitJob, pb.WaitJobReq(jobID=big))]
+        calls: list[tuple[Any, Any]] = [
+            (stub.QueryJob, pb.QueryJobReq(jobID=big)),
+            (stub.StopJob, pb.StopJobReq(jobID=big)),
+            (stub.WaitJob, pb.WaitJobReq(jobID=big)),
+        ]
         for method, req in calls:
             with pytest.raises(grpc.RpcError) as ei:
                 method(req, timeout=TIMEOUT)
@@ -317,8 +350,9 @@ def test_argument_errors_ignore_entries_restricted_to_others(make_agent, safe: P
     unknown = start(a, pb.StartJobReq(command="nosuch"))
     assert isinstance(hidden, grpc.RpcError) and isinstance(unknown, grpc.RpcError)
     assert hidden.code() is unknown.code() is grpc.StatusCode.PERMISSION_DENIED
-    assert (hidden.details() or "").replace("hidden", "X") == \
-        (unknown.details() or "").replace("nosuch", "X")
+    assert (hidden.details() or "").replace("hidden", "X") == (unknown.details() or "").replace(
+        "nosuch", "X"
+    )
 
 
 # ---------------------------------------------------------------- 5: limits vs the kernel
@@ -327,9 +361,11 @@ def test_argument_errors_ignore_entries_restricted_to_others(make_agent, safe: P
 def test_limits_the_kernel_cannot_give_are_invalid_argument(agent: AgentProcess) -> None:
     """Above the agent's hard rlimit, or not fitting rlim_t: INVALID_ARGUMENT naming the limit."""
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    cases = [("cpu_seconds", pb.Limits(cpuSeconds=2**64 - 1)),
-             ("cpu_seconds", pb.Limits(cpuSeconds=2**64 - 3)),
-             ("memory_bytes", pb.Limits(memoryBytes=2**64 - 1))]
+    cases = [
+        ("cpu_seconds", pb.Limits(cpuSeconds=2**64 - 1)),
+        ("cpu_seconds", pb.Limits(cpuSeconds=2**64 - 3)),
+        ("memory_bytes", pb.Limits(memoryBytes=2**64 - 1)),
+    ]
     if hard != resource.RLIM_INFINITY:
         cases.append(("open_files", pb.Limits(openFiles=hard + 1)))
     for name, limits in cases:
@@ -342,37 +378,67 @@ def test_limits_the_kernel_cannot_give_are_invalid_argument(agent: AgentProcess)
 # ---------------------------------------------------------------- 6: ambiguous identities
 
 
-def _forged(a: AgentProcess, tmp_path: Path, name: str,
-            attrs: list[cx.NameAttribute[str]], sans: list[str]) -> grpc.ChannelCredentials:
+def _forged(
+    a: AgentProcess, tmp_path: Path, name: str, attrs: list[cx.NameAttribute[str]], sans: list[str]
+) -> grpc.ChannelCredentials:
     ca = cf.load_issuer(a.certs.ca, a.certs.key("ca"))
     key = cf.new_key()
-    b = (cx.CertificateBuilder().subject_name(cx.Name(attrs))
-         .issuer_name(ca.cert.subject).public_key(key.public_key())
-         .serial_number(cx.random_serial_number())
-         .not_valid_before(cf.NOW - cf.DAY).not_valid_after(cf.NOW + cf.DAY)
-         .add_extension(cx.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False))
+    b = (
+        cx.CertificateBuilder()
+        .subject_name(cx.Name(attrs))
+        .issuer_name(ca.cert.subject)
+        .public_key(key.public_key())
+        .serial_number(cx.random_serial_number())
+        .not_valid_before(cf.NOW - cf.DAY)
+        .not_valid_after(cf.NOW + cf.DAY)
+        .add_extension(cx.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+    )
     if sans:
-        b = b.add_extension(cx.SubjectAlternativeName([cx.DNSName(s) for s in sans]),
-                            critical=False)
+        b = b.add_extension(
+            cx.SubjectAlternativeName([cx.DNSName(s) for s in sans]), critical=False
+        )
     cert = b.sign(ca.key, hashes.SHA256())
     crt, keyp = cf.write_pair(tmp_path, name, cert, key)
-    return grpc.ssl_channel_credentials(a.certs.ca.read_bytes(), keyp.read_bytes(),
-                                        crt.read_bytes())
+    return grpc.ssl_channel_credentials(
+        a.certs.ca.read_bytes(), keyp.read_bytes(), crt.read_bytes()
+    )
 
 
-@pytest.mark.parametrize(("name", "attrs", "sans"), [
-    ("two-cns", [cx.NameAttribute(NameOID.COMMON_NAME, "admin"),
-                 cx.NameAttribute(NameOID.COMMON_NAME, "mallory")], []),
-    ("two-cns-reversed", [cx.NameAttribute(NameOID.COMMON_NAME, "mallory"),
-                          cx.NameAttribute(NameOID.COMMON_NAME, "admin")], []),
-    ("comma-trick", [cx.NameAttribute(NameOID.COMMON_NAME, "admin,CN=mallory")], []),
-    ("control-char", [cx.NameAttribute(NameOID.COMMON_NAME, "admin\n")], []),
-    ("no-cn-two-sans", [cx.NameAttribute(NameOID.ORGANIZATION_NAME, "o")],
-     ["admin", "mallory"]),
-])
+@pytest.mark.parametrize(
+    ("name", "attrs", "sans"),
+    [
+        (
+            "two-cns",
+            [
+                cx.NameAttribute(NameOID.COMMON_NAME, "admin"),
+                cx.NameAttribute(NameOID.COMMON_NAME, "mallory"),
+            ],
+            [],
+        ),
+        (
+            "two-cns-reversed",
+            [
+                cx.NameAttribute(NameOID.COMMON_NAME, "mallory"),
+                cx.NameAttribute(NameOID.COMMON_NAME, "admin"),
+            ],
+            [],
+        ),
+        ("comma-trick", [cx.NameAttribute(NameOID.COMMON_NAME, "admin,CN=mallory")], []),
+        ("control-char", [cx.NameAttribute(NameOID.COMMON_NAME, "admin\n")], []),
+        (
+            "no-cn-two-sans",
+            [cx.NameAttribute(NameOID.ORGANIZATION_NAME, "o")],
+            ["admin", "mallory"],
+        ),
+    ],
+)
 def test_ambiguous_identity_is_unauthenticated_and_audited(
-        agent: AgentProcess, tmp_path: Path, name: str, attrs: list[cx.NameAttribute[str]],
-        sans: list[str]) -> None:
+    agent: AgentProcess,
+    tmp_path: Path,
+    name: str,
+    attrs: list[cx.NameAttribute[str]],
+    sans: list[str],
+) -> None:
     """A subject that could be read as two identities: UNAUTHENTICATED, audited, nothing runs."""
     creds = _forged(agent, tmp_path, name, attrs, sans)
     with grpc.secure_channel(agent.addr, creds) as ch:

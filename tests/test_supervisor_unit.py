@@ -91,14 +91,26 @@ class FakeOps:
 def make(tmp_path: Path, ops: FakeOps, **rules: int) -> Supervisor:
     out = tmp_path / "output"
     out.mkdir(exist_ok=True)
-    r = Rules(max_running=rules.get("max_running", 8), default_timeout=0,
-              max_timeout=rules.get("max_timeout", 0), default_limits={},
-              max_limits={"output_bytes": 0})
-    settings = Settings(output_dir=out, instance="test", user=JobUser(None, None, "me", "/"),
-                        umask=0o077, stop_grace=0.05, on_output_cap="kill",
-                        path_env="/usr/bin:/bin", rules=r)
-    return Supervisor(settings, History(Store(tmp_path / "jobs.sqlite3")),
-                      policy.parse(POLICY), ops)
+    r = Rules(
+        max_running=rules.get("max_running", 8),
+        default_timeout=0,
+        max_timeout=rules.get("max_timeout", 0),
+        default_limits={},
+        max_limits={"output_bytes": 0},
+    )
+    settings = Settings(
+        output_dir=out,
+        instance="test",
+        user=JobUser(None, None, "me", "/"),
+        umask=0o077,
+        stop_grace=0.05,
+        on_output_cap="kill",
+        path_env="/usr/bin:/bin",
+        rules=r,
+    )
+    return Supervisor(
+        settings, History(Store(tmp_path / "jobs.sqlite3")), policy.parse(POLICY), ops
+    )
 
 
 def run(coro: Callable[[], Coroutine[Any, Any, None]]) -> None:

@@ -41,8 +41,13 @@ QUERY = pb.QueryJobReq(jobID="00000000-0000-4000-8000-000000000000")
 def test_gen_certs_makes_everything_with_private_keys(tmp_path: Path) -> None:
     """CA, server (P-256, SANs, serverAuth) and client certs; keys 0600 even with umask 000."""
     out = tmp_path / "c"
-    r = subprocess.run(f"umask 000; {ROOT}/scripts/gen_certs.sh --out {out} --host node7.example "
-                       "--host 10.9.8.7", shell=True, capture_output=True, text=True, check=True)
+    r = subprocess.run(
+        f"umask 000; {ROOT}/scripts/gen_certs.sh --out {out} --host node7.example --host 10.9.8.7",
+        shell=True,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     for name in ("ca", "server", "client", "admin", "scheduler", "agent"):
         assert f"made  {out}/{name}.crt" in r.stdout
         assert (os.stat(out / f"{name}.key").st_mode & 0o777) == 0o600
@@ -51,30 +56,49 @@ def test_gen_certs_makes_everything_with_private_keys(tmp_path: Path) -> None:
     assert server.public_key().curve.name == "secp256r1"  # type: ignore[union-attr]
     san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert set(san.get_values_for_type(x509.DNSName)) == {"localhost", "node7.example"}
-    assert {str(i) for i in san.get_values_for_type(x509.IPAddress)} == {"127.0.0.1", "::1",
-                                                                        "10.9.8.7"}
+    assert {str(i) for i in san.get_values_for_type(x509.IPAddress)} == {
+        "127.0.0.1",
+        "::1",
+        "10.9.8.7",
+    }
     eku = server.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     assert list(eku) == [ExtendedKeyUsageOID.SERVER_AUTH]
     for name in ("client", "admin", "agent"):
         c = x509.load_pem_x509_certificate((out / f"{name}.crt").read_bytes())
         assert list(c.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value) == [
-            ExtendedKeyUsageOID.CLIENT_AUTH]
+            ExtendedKeyUsageOID.CLIENT_AUTH
+        ]
         assert c.subject.rfc4514_string() == f"CN={name}"
-    subprocess.run(["openssl", "verify", "-CAfile", str(out / "ca.crt"),
-                    *[str(out / f"{n}.crt") for n in ("server", "client", "admin")]], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "verify",
+            "-CAfile",
+            str(out / "ca.crt"),
+            *[str(out / f"{n}.crt") for n in ("server", "client", "admin")],
+        ],
+        check=True,
+        capture_output=True,
+    )
 
 
 def test_gen_certs_keeps_existing_files_unless_forced(tmp_path: Path) -> None:
     """No overwrite without --force; --force replaces everything."""
     gen_certs(tmp_path)
     before = (tmp_path / "server.crt").read_bytes()
-    r = subprocess.run([str(ROOT / "scripts/gen_certs.sh"), "--out", str(tmp_path)],
-                       capture_output=True, text=True, check=True)
+    r = subprocess.run(
+        [str(ROOT / "scripts/gen_certs.sh"), "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert "kept" in r.stdout and "made" not in r.stdout
     assert (tmp_path / "server.crt").read_bytes() == before
-    subprocess.run([str(ROOT / "scripts/gen_certs.sh"), "--out", str(tmp_path), "--force"],
-                   capture_output=True, check=True)
+    subprocess.run(
+        [str(ROOT / "scripts/gen_certs.sh"), "--out", str(tmp_path), "--force"],
+        capture_output=True,
+        check=True,
+    )
     assert (tmp_path / "server.crt").read_bytes() != before
 
 
@@ -82,8 +106,12 @@ def test_gen_certs_keeps_existing_files_unless_forced(tmp_path: Path) -> None:
 
 
 def _run_agent(cfg: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "agent", "run", "--config", str(cfg)],
-                          capture_output=True, text=True, timeout=30)
+    return subprocess.run(
+        [sys.executable, "-m", "agent", "run", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
 
 
 @pytest.fixture
@@ -108,8 +136,9 @@ def _refused(r: subprocess.CompletedProcess[str], *words: str) -> None:
         assert w in line, line
 
 
-def test_refuses_key_readable_by_others(tmp_path: Path, own_certs: Certs,
-                                        standard_policy: str) -> None:
+def test_refuses_key_readable_by_others(
+    tmp_path: Path, own_certs: Certs, standard_policy: str
+) -> None:
     """A private key readable by group or others: exit 2 with the fix to apply."""
     os.chmod(own_certs.key("server"), 0o640)
     r = _run_agent(_config(tmp_path, own_certs, standard_policy))
@@ -117,27 +146,34 @@ def test_refuses_key_readable_by_others(tmp_path: Path, own_certs: Certs,
 
 
 @pytest.mark.skipif(not IS_ROOT, reason="needs root to give the key to another user")
-def test_refuses_key_owned_by_another_user(tmp_path: Path, own_certs: Certs,
-                                           standard_policy: str) -> None:
+def test_refuses_key_owned_by_another_user(
+    tmp_path: Path, own_certs: Certs, standard_policy: str
+) -> None:
     """A key owned by another user is refused even with mode 0600."""
     os.chown(own_certs.key("server"), 65534, 65534)
-    _refused(_run_agent(_config(tmp_path, own_certs, standard_policy)), "[grpc_server] key_file",
-             "owned by uid 65534")
+    _refused(
+        _run_agent(_config(tmp_path, own_certs, standard_policy)),
+        "[grpc_server] key_file",
+        "owned by uid 65534",
+    )
 
 
-def test_refuses_key_that_does_not_match_certificate(tmp_path: Path, own_certs: Certs,
-                                                     standard_policy: str) -> None:
+def test_refuses_key_that_does_not_match_certificate(
+    tmp_path: Path, own_certs: Certs, standard_policy: str
+) -> None:
     """Certificate and key from different pairs."""
     shutil.copy(own_certs.key("client"), own_certs.key("server"))
-    _refused(_run_agent(_config(tmp_path, own_certs, standard_policy)), "[grpc_server] key_file",
-             "does not match")
+    _refused(
+        _run_agent(_config(tmp_path, own_certs, standard_policy)),
+        "[grpc_server] key_file",
+        "does not match",
+    )
 
 
-@pytest.mark.parametrize("when,words", [("expired", "expired on"),
-                                        ("future", "not valid before")])
-def test_refuses_server_certificate_outside_validity(tmp_path: Path, own_certs: Certs,
-                                                     standard_policy: str, when: str,
-                                                     words: str) -> None:
+@pytest.mark.parametrize("when,words", [("expired", "expired on"), ("future", "not valid before")])
+def test_refuses_server_certificate_outside_validity(
+    tmp_path: Path, own_certs: Certs, standard_policy: str, when: str, words: str
+) -> None:
     """An expired or not-yet-valid server certificate is refused at start."""
     ca = cf.load_issuer(own_certs.ca, own_certs.key("ca"))
     kw: dict[str, Any]
@@ -146,8 +182,9 @@ def test_refuses_server_certificate_outside_validity(tmp_path: Path, own_certs: 
     else:
         kw = {"not_before": cf.NOW + cf.DAY, "not_after": cf.NOW + 10 * cf.DAY}
     cf.server_pair(ca, own_certs.dir, **kw)
-    _refused(_run_agent(_config(tmp_path, own_certs, standard_policy)),
-             "[grpc_server] crt_file", words)
+    _refused(
+        _run_agent(_config(tmp_path, own_certs, standard_policy)), "[grpc_server] crt_file", words
+    )
 
 
 def test_refuses_mtls_without_ca(tmp_path: Path, certs: Certs, standard_policy: str) -> None:
@@ -159,23 +196,38 @@ def test_refuses_mtls_without_ca(tmp_path: Path, certs: Certs, standard_policy: 
 
 def test_refuses_plaintext_off_loopback(tmp_path: Path, certs: Certs, standard_policy: str) -> None:
     """use_tls = false on 0.0.0.0 is refused even with the loopback switch on."""
-    cfg = _config(tmp_path, certs, standard_policy,
-                  grpc_server={"addr": "0.0.0.0:1", "use_tls": False,
-                               "allow_plaintext_loopback": True, "ca_file": ""},
-                  auth={"allow_anonymous": True, "clients": [], "admins": []})
+    cfg = _config(
+        tmp_path,
+        certs,
+        standard_policy,
+        grpc_server={
+            "addr": "0.0.0.0:1",
+            "use_tls": False,
+            "allow_plaintext_loopback": True,
+            "ca_file": "",
+        },
+        auth={"allow_anonymous": True, "clients": [], "admins": []},
+    )
     _refused(_run_agent(cfg), "[grpc_server] use_tls", "non-loopback")
 
 
 def test_plaintext_on_loopback_needs_switch_and_warns_every_start(
-        make_agent: AgentFactory, tmp_path: Path, certs: Certs) -> None:
+    make_agent: AgentFactory, tmp_path: Path, certs: Certs
+) -> None:
     """Without the switch: refused; with it: runs, and warns at every start."""
-    cfg = _config(tmp_path, certs, "version: 1\nentries: []\n",
-                  grpc_server={"use_tls": False, "ca_file": ""},
-                  auth={"allow_anonymous": True, "clients": [], "admins": []})
+    cfg = _config(
+        tmp_path,
+        certs,
+        "version: 1\nentries: []\n",
+        grpc_server={"use_tls": False, "ca_file": ""},
+        auth={"allow_anonymous": True, "clients": [], "admins": []},
+    )
     _refused(_run_agent(cfg), "[grpc_server] use_tls", "allow_plaintext_loopback")
-    a = make_agent(start=False, grpc_server={"use_tls": False, "ca_file": "",
-                                             "allow_plaintext_loopback": True},
-                   auth={"allow_anonymous": True, "clients": [], "admins": []})
+    a = make_agent(
+        start=False,
+        grpc_server={"use_tls": False, "ca_file": "", "allow_plaintext_loopback": True},
+        auth={"allow_anonymous": True, "clients": [], "admins": []},
+    )
     a.start()
     assert "PLAINTEXT listener" in a.log()
     ch = grpc.insecure_channel(a.addr)
@@ -196,11 +248,13 @@ def _bad_client(tmp_path: Path, certs: Certs, kind: str) -> grpc.ChannelCredenti
     if kind == "other-ca":
         cert, key = cf.make_leaf(cf.make_ca("other CA"), "client", eku=client_auth)
     elif kind == "expired":
-        cert, key = cf.make_leaf(ca, "client", not_before=cf.NOW - 10 * cf.DAY,
-                                 not_after=cf.NOW - cf.DAY)
+        cert, key = cf.make_leaf(
+            ca, "client", not_before=cf.NOW - 10 * cf.DAY, not_after=cf.NOW - cf.DAY
+        )
     elif kind == "not-yet-valid":
-        cert, key = cf.make_leaf(ca, "client", not_before=cf.NOW + cf.DAY,
-                                 not_after=cf.NOW + 10 * cf.DAY)
+        cert, key = cf.make_leaf(
+            ca, "client", not_before=cf.NOW + cf.DAY, not_after=cf.NOW + 10 * cf.DAY
+        )
     elif kind == "server-only-eku":
         cert, key = cf.make_leaf(ca, "client", eku=[ExtendedKeyUsageOID.SERVER_AUTH])
     elif kind == "self-signed":
@@ -208,17 +262,21 @@ def _bad_client(tmp_path: Path, certs: Certs, kind: str) -> grpc.ChannelCredenti
     else:
         raise AssertionError(kind)
     crt, keyp = cf.write_pair(tmp_path, kind, cert, key)
-    return grpc.ssl_channel_credentials(certs.ca.read_bytes(), keyp.read_bytes(),
-                                        crt.read_bytes())
+    return grpc.ssl_channel_credentials(certs.ca.read_bytes(), keyp.read_bytes(), crt.read_bytes())
 
 
-@pytest.mark.parametrize("kind", ["other-ca", "expired", "not-yet-valid", "server-only-eku",
-                                  "self-signed", "none"])
-def test_handshake_refuses_bad_client_certificates(agent: AgentProcess, tmp_path: Path,
-                                                   kind: str) -> None:
+@pytest.mark.parametrize(
+    "kind", ["other-ca", "expired", "not-yet-valid", "server-only-eku", "self-signed", "none"]
+)
+def test_handshake_refuses_bad_client_certificates(
+    agent: AgentProcess, tmp_path: Path, kind: str
+) -> None:
     """Each bad client certificate fails the TLS handshake: no call gets through."""
-    creds = (grpc.ssl_channel_credentials(agent.certs.ca.read_bytes()) if kind == "none"
-             else _bad_client(tmp_path, agent.certs, kind))
+    creds = (
+        grpc.ssl_channel_credentials(agent.certs.ca.read_bytes())
+        if kind == "none"
+        else _bad_client(tmp_path, agent.certs, kind)
+    )
     ch = grpc.secure_channel(agent.addr, creds)
     with pytest.raises(grpc.RpcError) as e:
         pb_grpc.WorkerStub(ch).QueryJob(QUERY, timeout=5)
@@ -239,14 +297,19 @@ def test_plaintext_client_is_refused(agent: AgentProcess) -> None:
     assert e.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
-def test_certificate_without_any_eku_is_unauthenticated(agent: AgentProcess,
-                                                        tmp_path: Path) -> None:
+def test_certificate_without_any_eku_is_unauthenticated(
+    agent: AgentProcess, tmp_path: Path
+) -> None:
     """BoringSSL lets a certificate with no EKU through; the agent refuses it."""
     ca = cf.load_issuer(agent.certs.ca, agent.certs.key("ca"))
     cert, key = cf.make_leaf(ca, "client", no_eku=True)
     crt, keyp = cf.write_pair(tmp_path, "noeku", cert, key)
-    ch = grpc.secure_channel(agent.addr, grpc.ssl_channel_credentials(
-        agent.certs.ca.read_bytes(), keyp.read_bytes(), crt.read_bytes()))
+    ch = grpc.secure_channel(
+        agent.addr,
+        grpc.ssl_channel_credentials(
+            agent.certs.ca.read_bytes(), keyp.read_bytes(), crt.read_bytes()
+        ),
+    )
     with pytest.raises(grpc.RpcError) as e:
         pb_grpc.WorkerStub(ch).QueryJob(QUERY, timeout=5)
     ch.close()
@@ -260,10 +323,26 @@ def test_certificate_without_any_eku_is_unauthenticated(agent: AgentProcess,
 
 def _s_client(addr: str, certs: Certs, *args: str) -> tuple[bool, str]:
     """Try one handshake with openssl s_client; (succeeded, negotiated cipher)."""
-    r = subprocess.run(["openssl", "s_client", "-connect", addr, "-CAfile", str(certs.ca),
-                        "-cert", str(certs.crt("client")), "-key", str(certs.key("client")),
-                        "-verify_return_error", *args],
-                       input="", capture_output=True, text=True, timeout=20)
+    r = subprocess.run(
+        [
+            "openssl",
+            "s_client",
+            "-connect",
+            addr,
+            "-CAfile",
+            str(certs.ca),
+            "-cert",
+            str(certs.crt("client")),
+            "-key",
+            str(certs.key("client")),
+            "-verify_return_error",
+            *args,
+        ],
+        input="",
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
     cipher = ""
     for line in r.stdout.splitlines():
         if ", Cipher is " in line:
@@ -272,10 +351,16 @@ def _s_client(addr: str, certs: Certs, *args: str) -> tuple[bool, str]:
 
 
 def _tls12_client_ciphers() -> list[str]:
-    out = subprocess.run(["openssl", "ciphers", "-v", "ALL:@SECLEVEL=0"], capture_output=True,
-                         text=True, check=True).stdout
-    return sorted({line.split()[0] for line in out.splitlines() if " TLSv1.2 " in line
-                   or line.split()[1] in ("SSLv3", "TLSv1")})
+    out = subprocess.run(
+        ["openssl", "ciphers", "-v", "ALL:@SECLEVEL=0"], capture_output=True, text=True, check=True
+    ).stdout
+    return sorted(
+        {
+            line.split()[0]
+            for line in out.splitlines()
+            if " TLSv1.2 " in line or line.split()[1] in ("SSLv3", "TLSv1")
+        }
+    )
 
 
 def test_only_forward_secret_aead_suites_on_tls12(agent: AgentProcess) -> None:
@@ -320,17 +405,23 @@ def _peer_fingerprint(addr: str, certs: Certs, ca: Path | None = None) -> str:
     ctx = ssl.create_default_context(cafile=str(ca or certs.ca))
     ctx.load_cert_chain(str(certs.crt("client")), str(certs.key("client")))
     ctx.set_alpn_protocols(["h2"])
-    with socket.create_connection((host, int(port)), timeout=5) as raw, \
-            ctx.wrap_socket(raw, server_hostname="localhost") as s:
+    with (
+        socket.create_connection((host, int(port)), timeout=5) as raw,
+        ctx.wrap_socket(raw, server_hostname="localhost") as s,
+    ):
         der = s.getpeercert(binary_form=True)
     assert der
     return hashlib.sha256(der).hexdigest()
 
 
 def _fingerprint(path: Path) -> str:
-    return hashlib.sha256(x509.load_pem_x509_certificate(path.read_bytes()).public_bytes(
-        __import__("cryptography.hazmat.primitives.serialization",
-                   fromlist=["Encoding"]).Encoding.DER)).hexdigest()
+    return hashlib.sha256(
+        x509.load_pem_x509_certificate(path.read_bytes()).public_bytes(
+            __import__(
+                "cryptography.hazmat.primitives.serialization", fromlist=["Encoding"]
+            ).Encoding.DER
+        )
+    ).hexdigest()
 
 
 def _replace(src: Path, dst: Path) -> None:
@@ -341,7 +432,8 @@ def _replace(src: Path, dst: Path) -> None:
 
 
 def test_rotation_new_connections_use_new_pair_jobs_keep_running(
-        make_agent: AgentFactory, tmp_path: Path, script_dir: Path) -> None:
+    make_agent: AgentFactory, tmp_path: Path, script_dir: Path
+) -> None:
     """New cert files on disk: the next connection sees them; running jobs are untouched."""
     own = gen_certs(tmp_path / "rot")
     a = make_agent(start=False)
@@ -429,9 +521,18 @@ def _sslscan(agent: AgentProcess) -> str:
     if shutil.which("sslscan") is None:
         pytest.skip("sslscan not installed (scripts/test.sh installs it)")
     c = agent.certs
-    r = subprocess.run(["sslscan", "--no-colour", f"--certs={c.crt('client')}",
-                        f"--pk={c.key('client')}", agent.addr],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            "sslscan",
+            "--no-colour",
+            f"--certs={c.crt('client')}",
+            f"--pk={c.key('client')}",
+            agent.addr,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     return r.stdout
 
@@ -441,14 +542,18 @@ def test_sslscan_reports_only_modern_tls(make_agent, tls13_only: bool) -> None: 
     """sslscan: TLS 1.2 (ECDHE+AEAD only) and 1.3, or 1.3 alone; no known weakness."""
     a = make_agent(grpc_server={"tls13_only": tls13_only})
     out = _sslscan(a)
-    protocols = {line.split()[0]: line.split()[1] for line in out.splitlines()
-                 if line.startswith(("SSLv", "TLSv")) and len(line.split()) == 2}
+    protocols = {
+        line.split()[0]: line.split()[1]
+        for line in out.splitlines()
+        if line.startswith(("SSLv", "TLSv")) and len(line.split()) == 2
+    }
     assert protocols["SSLv2"] == protocols["SSLv3"] == "disabled"
     assert protocols["TLSv1.0"] == protocols["TLSv1.1"] == "disabled"
     assert protocols["TLSv1.3"] == "enabled"
     assert protocols["TLSv1.2"] == ("disabled" if tls13_only else "enabled")
-    suites = [line.split() for line in out.splitlines()
-              if line.startswith(("Accepted", "Preferred"))]
+    suites = [
+        line.split() for line in out.splitlines() if line.startswith(("Accepted", "Preferred"))
+    ]
     assert suites
     for s in suites:
         version, name = s[1], s[4]
@@ -456,6 +561,7 @@ def test_sslscan_reports_only_modern_tls(make_agent, tls13_only: bool) -> None: 
         if version == "TLSv1.2":
             assert name.startswith("ECDHE-") and ("GCM" in name or "CHACHA20" in name), s
     assert "vulnerable to heartbleed" in out and " vulnerable to heartbleed" not in out.replace(
-        "not vulnerable", "")
+        "not vulnerable", ""
+    )
     assert "Insecure session renegotiation supported" not in out
     assert "Compression enabled" not in out

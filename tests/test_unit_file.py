@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-nspawn = pytest.importorskip("systemd_tier.nspawn",
-                             reason="the systemd tier harness needs Python 3.11+")
+nspawn = pytest.importorskip(
+    "systemd_tier.nspawn", reason="the systemd tier harness needs Python 3.11+"
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "agent.service"
@@ -26,8 +27,9 @@ MIN_SYSTEMD = 250
 
 
 def _systemd_version() -> int:
-    out = subprocess.run(["systemd-analyze", "--version"], capture_output=True, text=True,
-                         check=False).stdout
+    out = subprocess.run(
+        ["systemd-analyze", "--version"], capture_output=True, text=True, check=False
+    ).stdout
     match = re.search(r"systemd (\d+)", out)
     return int(match.group(1)) if match else 0
 
@@ -52,8 +54,9 @@ def _verify_copy_with_stub(tmp_path: Path) -> tuple[int, str, str]:
     assert f"ExecStart={binary} " in text
     copy = tmp_path / "agent.service"
     copy.write_text(text.replace(f"ExecStart={binary} ", f"ExecStart={stub} "))
-    proc = subprocess.run(["systemd-analyze", "verify", str(copy)], capture_output=True,
-                          text=True, check=False)
+    proc = subprocess.run(
+        ["systemd-analyze", "verify", str(copy)], capture_output=True, text=True, check=False
+    )
     return proc.returncode, proc.stdout, proc.stderr
 
 

@@ -18,29 +18,47 @@ from agent import x509
 
 import certfactory as cf
 
-KEYS: dict[str, Any] = {"ec": ec.generate_private_key(ec.SECP256R1()),
-        "rsa": rsa.generate_private_key(public_exponent=65537, key_size=2048),
-        "ed25519": ed25519.Ed25519PrivateKey.generate()}
-EKUS = [ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH,
-        ExtendedKeyUsageOID.CODE_SIGNING, ExtendedKeyUsageOID.EMAIL_PROTECTION]
+KEYS: dict[str, Any] = {
+    "ec": ec.generate_private_key(ec.SECP256R1()),
+    "rsa": rsa.generate_private_key(public_exponent=65537, key_size=2048),
+    "ed25519": ed25519.Ed25519PrivateKey.generate(),
+}
+EKUS = [
+    ExtendedKeyUsageOID.CLIENT_AUTH,
+    ExtendedKeyUsageOID.SERVER_AUTH,
+    ExtendedKeyUsageOID.CODE_SIGNING,
+    ExtendedKeyUsageOID.EMAIL_PROTECTION,
+]
 SAMPLE_DER = cf.make_leaf(None, "x", san=["a.example"])[0].public_bytes(serialization.Encoding.DER)
-names = st.text(st.characters(blacklist_categories=["Cs"], blacklist_characters="\x00"),
-                min_size=1, max_size=40)
+names = st.text(
+    st.characters(blacklist_categories=["Cs"], blacklist_characters="\x00"), min_size=1, max_size=40
+)
 dns = st.from_regex(r"[a-z][a-z0-9-]{0,20}(\.[a-z]{2,6}){0,2}", fullmatch=True)
 
 
-def _build(cn: str | None, sans: list[str], ips: list[str], ekus: list[cx.ObjectIdentifier] | None,
-           key_kind: str, not_before: datetime.datetime,
-           not_after: datetime.datetime) -> cx.Certificate:
+def _build(
+    cn: str | None,
+    sans: list[str],
+    ips: list[str],
+    ekus: list[cx.ObjectIdentifier] | None,
+    key_kind: str,
+    not_before: datetime.datetime,
+    not_after: datetime.datetime,
+) -> cx.Certificate:
     key = KEYS[key_kind]
     issuer = KEYS["ec"]
     attrs = [cx.NameAttribute(NameOID.ORGANIZATION_NAME, "org")]
     if cn is not None:
         attrs.append(cx.NameAttribute(NameOID.COMMON_NAME, cn))
-    b = (cx.CertificateBuilder().subject_name(cx.Name(attrs))
-         .issuer_name(cx.Name([cx.NameAttribute(NameOID.COMMON_NAME, "ca")]))
-         .public_key(key.public_key()).serial_number(cx.random_serial_number())
-         .not_valid_before(not_before).not_valid_after(not_after))
+    b = (
+        cx.CertificateBuilder()
+        .subject_name(cx.Name(attrs))
+        .issuer_name(cx.Name([cx.NameAttribute(NameOID.COMMON_NAME, "ca")]))
+        .public_key(key.public_key())
+        .serial_number(cx.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+    )
     if sans or ips:
         gn: list[cx.GeneralName] = [cx.DNSName(s) for s in sans]
         gn += [cx.IPAddress(ipaddress.ip_address(i)) for i in ips]
@@ -51,16 +69,26 @@ def _build(cn: str | None, sans: list[str], ips: list[str], ekus: list[cx.Object
 
 
 @settings(max_examples=60, deadline=None)
-@given(cn=st.none() | names, sans=st.lists(dns, max_size=3),
-       ips=st.lists(st.sampled_from(["10.0.0.1", "::1", "198.18.0.7"]), max_size=2, unique=True),
-       ekus=st.none() | st.lists(st.sampled_from(EKUS), min_size=1, max_size=4, unique=True),
-       key_kind=st.sampled_from(sorted(KEYS)),
-       start=st.datetimes(min_value=datetime.datetime(1990, 1, 1),
-                          max_value=datetime.datetime(2100, 1, 1)),
-       days=st.integers(1, 20000))
-def test_reader_agrees_with_cryptography(cn: str | None, sans: list[str], ips: list[str],
-                                         ekus: list[cx.ObjectIdentifier] | None, key_kind: str,
-                                         start: datetime.datetime, days: int) -> None:
+@given(
+    cn=st.none() | names,
+    sans=st.lists(dns, max_size=3),
+    ips=st.lists(st.sampled_from(["10.0.0.1", "::1", "198.18.0.7"]), max_size=2, unique=True),
+    ekus=st.none() | st.lists(st.sampled_from(EKUS), min_size=1, max_size=4, unique=True),
+    key_kind=st.sampled_from(sorted(KEYS)),
+    start=st.datetimes(
+        min_value=datetime.datetime(1990, 1, 1), max_value=datetime.datetime(2100, 1, 1)
+    ),
+    days=st.integers(1, 20000),
+)
+def test_reader_agrees_with_cryptography(
+    cn: str | None,
+    sans: list[str],
+    ips: list[str],
+    ekus: list[cx.ObjectIdentifier] | None,
+    key_kind: str,
+    start: datetime.datetime,
+    days: int,
+) -> None:
     """CN, SANs, EKUs, validity, key type and SPKI match what cryptography reads."""
     start = start.replace(microsecond=0, tzinfo=datetime.timezone.utc)
     cert = _build(cn, sans, ips, ekus, key_kind, start, start + datetime.timedelta(days=days))
@@ -74,16 +102,24 @@ def test_reader_agrees_with_cryptography(cn: str | None, sans: list[str], ips: l
     assert got.not_after == cert.not_valid_after_utc
     assert got.key_type == key_kind
     assert got.spki == cert.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
     pem = cert.public_bytes(serialization.Encoding.PEM)
     assert x509.pem_certificates(b"junk\n" + pem + pem) == [der, der]
 
 
-@pytest.mark.parametrize("mutate", [
-    lambda d: d[:-1], lambda d: d + b"\x00", lambda d: b"\x30\x85" + d[2:],
-    lambda d: d[:10], lambda d: b"", lambda d: b"\x31" + d[1:],
-    lambda d: d[:4] + b"\xff" * 10 + d[14:],
-])
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda d: d[:-1],
+        lambda d: d + b"\x00",
+        lambda d: b"\x30\x85" + d[2:],
+        lambda d: d[:10],
+        lambda d: b"",
+        lambda d: b"\x31" + d[1:],
+        lambda d: d[:4] + b"\xff" * 10 + d[14:],
+    ],
+)
 def test_malformed_der_raises_dererror_only(mutate) -> None:  # type: ignore[no-untyped-def]
     """Truncated, extended or corrupted DER raises DERError, never anything else."""
     cert, _ = cf.make_leaf(None, "x")

@@ -80,15 +80,29 @@ __all__ = [
 # Public name -> (module, name there).
 _WHERE: dict[str, tuple[str, str]] = {
     "channel_options": ("agent.channel", "client_channel_options"),
-    **{n: ("agent.client._calls", n)
-       for n in ("channel_credentials", "list_request", "start_request")},
+    **{
+        n: ("agent.client._calls", n)
+        for n in ("channel_credentials", "list_request", "start_request")
+    },
     "AsyncAgentClient": ("agent.client.aio", "AsyncAgentClient"),
-    **{n: ("agent.client.errors", n)
-       for n in ("AgentClientError", "DeadlineExceeded", "FailedPrecondition",
-                 "InvalidArgument", "NotFound", "PermissionDenied", "ResourceExhausted",
-                 "Unauthenticated", "Unavailable")},
-    **{n: ("agent.client.model", n)
-       for n in ("STATES", "JobStatus", "RetryPolicy", "TLSFiles", "WorkerInfo")},
+    **{
+        n: ("agent.client.errors", n)
+        for n in (
+            "AgentClientError",
+            "DeadlineExceeded",
+            "FailedPrecondition",
+            "InvalidArgument",
+            "NotFound",
+            "PermissionDenied",
+            "ResourceExhausted",
+            "Unauthenticated",
+            "Unavailable",
+        )
+    },
+    **{
+        n: ("agent.client.model", n)
+        for n in ("STATES", "JobStatus", "RetryPolicy", "TLSFiles", "WorkerInfo")
+    },
     **{n: ("agent.client.sync", n) for n in ("AgentClient", "SchedulerClient")},
 }
 

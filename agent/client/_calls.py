@@ -31,13 +31,23 @@ WAIT_MARGIN_S = 2.0
 # ---------------------------------------------------------------- requests
 
 
-def start_request(command: str, path: str, args: Sequence[str] = (),
-                  env: Mapping[str, str] | None = None, timeout_seconds: int | None = None,
-                  limits: Mapping[str, int] | None = None,
-                  secret_args: Iterable[int] = ()) -> pb.StartJobReq:
+def start_request(
+    command: str,
+    path: str,
+    args: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+    timeout_seconds: int | None = None,
+    limits: Mapping[str, int] | None = None,
+    secret_args: Iterable[int] = (),
+) -> pb.StartJobReq:
     """Build a StartJobReq; ValueError for an unknown limit name."""
-    req = pb.StartJobReq(command=command, path=path, args=list(args), env=dict(env or {}),
-                         secretArgs=list(secret_args))
+    req = pb.StartJobReq(
+        command=command,
+        path=path,
+        args=list(args),
+        env=dict(env or {}),
+        secretArgs=list(secret_args),
+    )
     if timeout_seconds is not None:
         req.timeoutSeconds = timeout_seconds
     for name, value in (limits or {}).items():
@@ -47,12 +57,17 @@ def start_request(command: str, path: str, args: Sequence[str] = (),
     return req
 
 
-def list_request(states: Iterable[str] = (), owner: str = "", page_size: int = 0,
-                 page_token: str = "") -> pb.ListJobsReq:
+def list_request(
+    states: Iterable[str] = (), owner: str = "", page_size: int = 0, page_token: str = ""
+) -> pb.ListJobsReq:
     """Build a ListJobsReq; ValueError for an unknown state name."""
     nums = [state_named(s).value for s in states]
-    return pb.ListJobsReq(states=nums, owner=owner, pageSize=page_size,  # type: ignore[arg-type]
-                          pageToken=page_token)
+    return pb.ListJobsReq(
+        states=nums,  # type: ignore[arg-type]
+        owner=owner,
+        pageSize=page_size,
+        pageToken=page_token,
+    )
 
 
 # ---------------------------------------------------------------- calls
@@ -120,17 +135,25 @@ def _page(res: Any) -> tuple[list[JobStatus], str]:
     return [JobStatus.from_pb(j) for j in res.jobs], str(res.nextPageToken)
 
 
-def list_page(states: Iterable[str], owner: str, page_size: int, page_token: str,
-              timeout: float) -> Call[tuple[list[JobStatus], str]]:
+def list_page(
+    states: Iterable[str], owner: str, page_size: int, page_token: str, timeout: float
+) -> Call[tuple[list[JobStatus], str]]:
     """ListJobs, one page: (jobs, next page token or '')."""
     req = list_request(states, owner, page_size, page_token)
     return Call("ListJobs", req, timeout, True, _page)
 
 
 def _workers(res: Any) -> list[WorkerInfo]:
-    return [WorkerInfo(w.workerID, w.address, w.identity,
-                       w.registeredAt.ToDatetime(datetime.timezone.utc),
-                       w.lastSeen.ToDatetime(datetime.timezone.utc)) for w in res.workers]
+    return [
+        WorkerInfo(
+            w.workerID,
+            w.address,
+            w.identity,
+            w.registeredAt.ToDatetime(datetime.timezone.utc),
+            w.lastSeen.ToDatetime(datetime.timezone.utc),
+        )
+        for w in res.workers
+    ]
 
 
 def list_workers(timeout: float) -> Call[list[WorkerInfo]]:
@@ -218,8 +241,9 @@ def stream_timeout(timeout: float | None, follow: bool, default: float) -> float
 def channel_credentials(tls: TLSFiles) -> grpc.ChannelCredentials:
     """mTLS channel credentials from files (OSError if one cannot be read)."""
     ca, cert, key = tls.load()
-    return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key,
-                                        certificate_chain=cert)
+    return grpc.ssl_channel_credentials(
+        root_certificates=ca, private_key=key, certificate_chain=cert
+    )
 
 
 @dataclass(frozen=True)
@@ -231,15 +255,22 @@ class ChannelSpec:
     options: list[tuple[str, Any]]
 
 
-def channel_spec(address: str, tls: TLSFiles | None, *, insecure: bool = False,
-                 keepalive_s: float = 10.0,
-                 options: Sequence[tuple[str, Any]] = ()) -> ChannelSpec:
+def channel_spec(
+    address: str,
+    tls: TLSFiles | None,
+    *,
+    insecure: bool = False,
+    keepalive_s: float = 10.0,
+    options: Sequence[tuple[str, Any]] = (),
+) -> ChannelSpec:
     """The channel of a client; ValueError if ``tls`` is missing and not ``insecure``.
 
     ``options`` are extra gRPC channel arguments (they win over the defaults).
     """
-    opts = merge_options(client_channel_options(server_name=tls.server_name if tls else "",
-                                                keepalive_s=keepalive_s), options)
+    opts = merge_options(
+        client_channel_options(server_name=tls.server_name if tls else "", keepalive_s=keepalive_s),
+        options,
+    )
     if insecure:
         return ChannelSpec(address, None, opts)
     if tls is None:

@@ -21,10 +21,17 @@ R = TypeVar("R")
 class AsyncAgentClient:
     """An asyncio client of one agent; same methods as :class:`AgentClient`, awaited."""
 
-    def __init__(self, address: str, tls: TLSFiles | None, *, timeout: float = 10.0,
-                 retry: RetryPolicy | None = None, insecure: bool = False,
-                 keepalive_s: float = 10.0,
-                 options: Sequence[tuple[str, Any]] = ()) -> None:
+    def __init__(
+        self,
+        address: str,
+        tls: TLSFiles | None,
+        *,
+        timeout: float = 10.0,
+        retry: RetryPolicy | None = None,
+        insecure: bool = False,
+        keepalive_s: float = 10.0,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
         """Connect lazily to ``address`` with mTLS (``insecure`` only for plaintext dev).
 
         ``options`` are extra gRPC channel arguments (they win over the defaults).
@@ -32,13 +39,13 @@ class AsyncAgentClient:
         self.address = address
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
-        spec = calls.channel_spec(address, tls, insecure=insecure, keepalive_s=keepalive_s,
-                                  options=options)
+        spec = calls.channel_spec(
+            address, tls, insecure=insecure, keepalive_s=keepalive_s, options=options
+        )
         if spec.credentials is None:
             self._channel = grpc.aio.insecure_channel(address, options=spec.options)
         else:
-            self._channel = grpc.aio.secure_channel(address, spec.credentials,
-                                                    options=spec.options)
+            self._channel = grpc.aio.secure_channel(address, spec.credentials, options=spec.options)
         self._stub = pb_grpc.WorkerStub(self._channel)
 
     async def close(self) -> None:
@@ -64,22 +71,36 @@ class AsyncAgentClient:
             except grpc.RpcError as e:
                 await asyncio.sleep(attempts.after(e))
 
-    async def start(self, command: str, path: str = "", *, args: Sequence[str] = (),
-                    env: Mapping[str, str] | None = None, timeout_seconds: int | None = None,
-                    limits: Mapping[str, int] | None = None, secret_args: Iterable[int] = (),
-                    timeout: float | None = None) -> str:
+    async def start(
+        self,
+        command: str,
+        path: str = "",
+        *,
+        args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+        timeout_seconds: int | None = None,
+        limits: Mapping[str, int] | None = None,
+        secret_args: Iterable[int] = (),
+        timeout: float | None = None,
+    ) -> str:
         """Start a job; returns its id. Never retried."""
-        req = calls.start_request(command, path, args, env, timeout_seconds, limits,
-                                  secret_args)
+        req = calls.start_request(command, path, args, env, timeout_seconds, limits, secret_args)
         return await self.start_pb(req, timeout=timeout)
 
-    async def run(self, command: str, path: str = "", *, args: Sequence[str] = (),
-                  env: Mapping[str, str] | None = None, timeout_seconds: int | None = None,
-                  limits: Mapping[str, int] | None = None, secret_args: Iterable[int] = (),
-                  timeout: float = 3600.0) -> JobStatus:
+    async def run(
+        self,
+        command: str,
+        path: str = "",
+        *,
+        args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+        timeout_seconds: int | None = None,
+        limits: Mapping[str, int] | None = None,
+        secret_args: Iterable[int] = (),
+        timeout: float = 3600.0,
+    ) -> JobStatus:
         """Start a job and wait for it in one call (RunJob); never retried."""
-        req = calls.start_request(command, path, args, env, timeout_seconds, limits,
-                                  secret_args)
+        req = calls.start_request(command, path, args, env, timeout_seconds, limits, secret_args)
         return await self._invoke(calls.run(req, timeout))
 
     async def start_pb(self, req: pb.StartJobReq, *, timeout: float | None = None) -> str:
@@ -102,12 +123,19 @@ class AsyncAgentClient:
         """Wait until done or ``timeout``; returns the status then."""
         return await self._invoke(calls.wait(job_id, self._t(timeout)))
 
-    async def list(self, *, states: Iterable[str] = (), owner: str = "", page_size: int = 0,
-                   page_token: str = "", timeout: float | None = None
-                   ) -> tuple[list[JobStatus], str]:
+    async def list(
+        self,
+        *,
+        states: Iterable[str] = (),
+        owner: str = "",
+        page_size: int = 0,
+        page_token: str = "",
+        timeout: float | None = None,
+    ) -> tuple[list[JobStatus], str]:
         """One page of jobs: (jobs, next page token or '')."""
-        return await self._invoke(calls.list_page(states, owner, page_size, page_token,
-                                                  self._t(timeout)))
+        return await self._invoke(
+            calls.list_page(states, owner, page_size, page_token, self._t(timeout))
+        )
 
     async def list_all(self, **kw: Any) -> AsyncIterator[JobStatus]:
         """Every job across pages (keywords as for :meth:`list`)."""
@@ -119,16 +147,19 @@ class AsyncAgentClient:
             if not token:
                 return
 
-    async def stream(self, job_id: str, *, offset: int = 0, follow: bool = False,
-                     timeout: float | None = None) -> AsyncIterator[bytes]:
+    async def stream(
+        self, job_id: str, *, offset: int = 0, follow: bool = False, timeout: float | None = None
+    ) -> AsyncIterator[bytes]:
         """The job's output from ``offset`` (resumed after a dropped connection)."""
-        out = calls.OutputStream(job_id, offset, follow,
-                                 calls.stream_timeout(timeout, follow, self.timeout))
+        out = calls.OutputStream(
+            job_id, offset, follow, calls.stream_timeout(timeout, follow, self.timeout)
+        )
         attempts = calls.Attempts(self.retry, out.timeout)
         while True:
             try:
-                async for msg in self._stub.StreamJobOutput(out.request(),
-                                                            timeout=attempts.remaining()):
+                async for msg in self._stub.StreamJobOutput(
+                    out.request(), timeout=attempts.remaining()
+                ):
                     yield out.accept(msg)
                 return
             except grpc.RpcError as e:

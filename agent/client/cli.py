@@ -56,8 +56,9 @@ class UsageError(Exception):
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="agentctl", description="Control a worker agent.")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    p.add_argument("--config", help="client config file (default: $AGENTCTL_CONFIG or "
-                   "./agentctl.toml)")
+    p.add_argument(
+        "--config", help="client config file (default: $AGENTCTL_CONFIG or ./agentctl.toml)"
+    )
     p.add_argument("--addr", help="agent address host:port")
     p.add_argument("--ca", help="CA certificate that signed the agent's certificate")
     p.add_argument("--cert", help="client certificate")
@@ -65,23 +66,39 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--server-name", help="expected name in the agent's certificate")
     p.add_argument("--call-timeout", type=float, help="deadline of each call, seconds")
     sub = p.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("start", help="start a job: COMMAND [PATH [ARGS...]]",
-                       usage="%(prog)s [--wait] [--timeout S] [--env K=V]... "
-                       "[--limit NAME=N]... [--secret-arg INDEX]... COMMAND [PATH [ARGS...]]")
-    s.add_argument("--wait", action="store_true", help="follow the output, then print the "
-                   "final state; exit 0 only if the job succeeded")
+    s = sub.add_parser(
+        "start",
+        help="start a job: COMMAND [PATH [ARGS...]]",
+        usage="%(prog)s [--wait] [--timeout S] [--env K=V]... "
+        "[--limit NAME=N]... [--secret-arg INDEX]... COMMAND [PATH [ARGS...]]",
+    )
+    s.add_argument(
+        "--wait",
+        action="store_true",
+        help="follow the output, then print the final state; exit 0 only if the job succeeded",
+    )
     s.add_argument("--timeout", type=int, help="job timeout in seconds")
     s.add_argument("--env", action="append", default=[], metavar="K=V")
-    s.add_argument("--limit", action="append", default=[], metavar="NAME=N",
-                   help=", ".join(LIMIT_NAMES))
-    s.add_argument("--secret-arg", action="append", type=int, default=[], metavar="INDEX",
-                   help="index into ARGS of a secret argument (never logged or stored)")
+    s.add_argument(
+        "--limit", action="append", default=[], metavar="NAME=N", help=", ".join(LIMIT_NAMES)
+    )
+    s.add_argument(
+        "--secret-arg",
+        action="append",
+        type=int,
+        default=[],
+        metavar="INDEX",
+        help="index into ARGS of a secret argument (never logged or stored)",
+    )
     s.add_argument("command", metavar="COMMAND", help="the executable (or interpreter) to run")
     # PATH and ARGS are taken verbatim (they may start with '-'); options of
     # `start` go before COMMAND.
-    rest = s.add_argument("rest", nargs=argparse.REMAINDER, metavar="PATH [ARGS...]",
-                          help="optional: its first argument (a script, for an "
-                          "interpreter), then more arguments")
+    rest = s.add_argument(
+        "rest",
+        nargs=argparse.REMAINDER,
+        metavar="PATH [ARGS...]",
+        help="optional: its first argument (a script, for an interpreter), then more arguments",
+    )
     rest.required = False  # argparse marks REMAINDER required; it may be empty
     for name, text in (("stop", "stop a job"), ("status", "show a job's status")):
         c = sub.add_parser(name, help=text)
@@ -93,12 +110,12 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--timeout", type=float, default=3600.0)
     lg = sub.add_parser("logs", help="print a job's output")
     lg.add_argument("id")
-    lg.add_argument("-f", "--follow", action="store_true", help="keep printing until the "
-                    "job ends")
+    lg.add_argument("-f", "--follow", action="store_true", help="keep printing until the job ends")
     lg.add_argument("--offset", type=int, default=0, help="start at this byte offset")
     ls = sub.add_parser("list", help="list jobs, newest first")
-    ls.add_argument("--state", action="append", default=[],
-                    choices=sorted(st.name for st in JobState))
+    ls.add_argument(
+        "--state", action="append", default=[], choices=sorted(st.name for st in JobState)
+    )
     ls.add_argument("--owner", default="", help="another identity's jobs (admins only)")
     ls.add_argument("--limit", type=int, default=50, help="at most this many (0: all)")
     ls.add_argument("--json", action="store_true")
@@ -129,9 +146,14 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
             data[k] = v
     elif explicit:
         raise UsageError(f"{p}: no such file")
-    for flag, key in (("addr", "addr"), ("ca", "ca_file"), ("cert", "crt_file"),
-                      ("key", "key_file"), ("server_name", "server_name"),
-                      ("call_timeout", "timeout")):
+    for flag, key in (
+        ("addr", "addr"),
+        ("ca", "ca_file"),
+        ("cert", "crt_file"),
+        ("key", "key_file"),
+        ("server_name", "server_name"),
+        ("call_timeout", "timeout"),
+    ):
         v = getattr(args, flag)
         if v is not None:
             data[key] = v
@@ -147,8 +169,12 @@ def connect(args: argparse.Namespace) -> AgentClient:
         return AgentClient(s["addr"], None, insecure=True, timeout=timeout)
     if not s.get("ca_file"):
         raise UsageError("no CA certificate: pass --ca or set ca_file in agentctl.toml")
-    tls = TLSFiles(ca=s["ca_file"], cert=s.get("crt_file"), key=s.get("key_file"),
-                   server_name=s.get("server_name", ""))
+    tls = TLSFiles(
+        ca=s["ca_file"],
+        cert=s.get("crt_file"),
+        key=s.get("key_file"),
+        server_name=s.get("server_name", ""),
+    )
     try:
         tls.load()
     except OSError as e:
@@ -177,9 +203,15 @@ def run(args: argparse.Namespace) -> int:
         if args.cmd == "start":
             limits = {k: int(v) for k, v in _kv(args.limit, "limit").items()}
             path, job_args = (args.rest[0], args.rest[1:]) if args.rest else ("", [])
-            job = c.start(args.command, path, args=job_args, env=_kv(args.env, "env"),
-                          timeout_seconds=args.timeout, limits=limits,
-                          secret_args=args.secret_arg)
+            job = c.start(
+                args.command,
+                path,
+                args=job_args,
+                env=_kv(args.env, "env"),
+                timeout_seconds=args.timeout,
+                limits=limits,
+                secret_args=args.secret_arg,
+            )
             if not args.wait:
                 print(job)
                 return 0
@@ -187,8 +219,10 @@ def run(args: argparse.Namespace) -> int:
             for chunk in c.stream(job, follow=True):
                 _write(chunk)
             st = c.wait(job, timeout=60)
-            print(f"job {job}: {st.state}" + (f" ({st.error_text})" if st.error_text else ""),
-                  file=sys.stderr)
+            print(
+                f"job {job}: {st.state}" + (f" ({st.error_text})" if st.error_text else ""),
+                file=sys.stderr,
+            )
             return 0 if st.state == "SUCCEEDED" else 1
         if args.cmd == "stop":
             c.stop(args.id)
@@ -207,8 +241,9 @@ def run(args: argparse.Namespace) -> int:
             return 0
         if args.cmd == "list":
             rows: list[JobStatus] = []
-            for st in c.list_all(states=args.state, owner=args.owner,
-                                 page_size=min(args.limit or 1000, 1000)):
+            for st in c.list_all(
+                states=args.state, owner=args.owner, page_size=min(args.limit or 1000, 1000)
+            ):
                 rows.append(st)
                 if args.limit and len(rows) >= args.limit:
                     break
@@ -217,8 +252,10 @@ def run(args: argparse.Namespace) -> int:
             else:
                 for s in rows:
                     when = f"{s.start_time:%Y-%m-%d %H:%M:%S}" if s.start_time else "-"
-                    print(f"{s.job_id}  {s.state:<9}  {when}  {s.owner:<12}  "
-                          f"{s.command} {s.path}".rstrip())
+                    print(
+                        f"{s.job_id}  {s.state:<9}  {when}  {s.owner:<12}  "
+                        f"{s.command} {s.path}".rstrip()
+                    )
             return 0
     raise UsageError(f"unknown command {args.cmd}")  # pragma: no cover
 

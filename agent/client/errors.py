@@ -82,8 +82,17 @@ class DeadlineExceeded(AgentClientError):
 
 
 _ERRORS: dict[grpc.StatusCode, type[AgentClientError]] = {
-    c.code: c for c in (InvalidArgument, NotFound, PermissionDenied, Unauthenticated,
-                        FailedPrecondition, ResourceExhausted, Unavailable, DeadlineExceeded)
+    c.code: c
+    for c in (
+        InvalidArgument,
+        NotFound,
+        PermissionDenied,
+        Unauthenticated,
+        FailedPrecondition,
+        ResourceExhausted,
+        Unavailable,
+        DeadlineExceeded,
+    )
 }
 
 

@@ -31,10 +31,12 @@ class TLSFiles:
 
     def load(self) -> tuple[bytes, bytes | None, bytes | None]:
         """The three PEM blobs; OSError if a file cannot be read."""
+
         def rd(v: str | Path | bytes | None) -> bytes | None:
             if v is None or isinstance(v, bytes):
                 return v
             return Path(v).read_bytes()
+
         ca = rd(self.ca)
         assert ca is not None
         return ca, rd(self.cert), rd(self.key)
@@ -77,15 +79,25 @@ class JobStatus:
         return cls(
             job_id=m.jobID or job_id,
             state=STATES.get(m.state, "UNSPECIFIED"),
-            done=m.done, error=m.error, error_text=m.errorText,
+            done=m.done,
+            error=m.error,
+            error_text=m.errorText,
             exit_code=m.exitCode if m.HasField("exitCode") else None,
             signal=m.signal if m.HasField("signal") else None,
-            pid=m.pid, owner=m.owner, command=m.command, path=m.path, args=tuple(m.args),
+            pid=m.pid,
+            owner=m.owner,
+            command=m.command,
+            path=m.path,
+            args=tuple(m.args),
             start_time=_ts(m, "startTime"),
             end_time=_ts(m, "endTime"),
-            user_cpu=m.rusage.userCpuSeconds, system_cpu=m.rusage.systemCpuSeconds,
-            max_rss=m.rusage.maxRssBytes, output_bytes=m.outputBytes,
-            output_truncated=m.outputTruncated, timeout_seconds=m.timeoutSeconds)
+            user_cpu=m.rusage.userCpuSeconds,
+            system_cpu=m.rusage.systemCpuSeconds,
+            max_rss=m.rusage.maxRssBytes,
+            output_bytes=m.outputBytes,
+            output_truncated=m.outputTruncated,
+            timeout_seconds=m.timeoutSeconds,
+        )
 
 
 @dataclass(frozen=True)
@@ -107,7 +119,8 @@ class RetryPolicy:
     initial: float = 0.1
     maximum: float = 2.0
     codes: frozenset[grpc.StatusCode] = field(
-        default_factory=lambda: frozenset({grpc.StatusCode.UNAVAILABLE}))
+        default_factory=lambda: frozenset({grpc.StatusCode.UNAVAILABLE})
+    )
 
     def delays(self) -> Iterator[float]:
         """Sleep times between attempts (full jitter)."""

@@ -26,8 +26,14 @@ def _open(spec: calls.ChannelSpec) -> grpc.Channel:
 class _Transport:
     """A channel, a stub, and the deadline/retry rule every call goes through."""
 
-    def __init__(self, stub: Any, channel: grpc.Channel, address: str, timeout: float,
-                 retry: RetryPolicy | None) -> None:
+    def __init__(
+        self,
+        stub: Any,
+        channel: grpc.Channel,
+        address: str,
+        timeout: float,
+        retry: RetryPolicy | None,
+    ) -> None:
         self.address = address
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
@@ -55,16 +61,24 @@ class _Transport:
 class AgentClient(_Transport):
     """A synchronous client of one agent."""
 
-    def __init__(self, address: str, tls: TLSFiles | None, *, timeout: float = 10.0,
-                 retry: RetryPolicy | None = None, insecure: bool = False,
-                 keepalive_s: float = 10.0,
-                 options: Sequence[tuple[str, Any]] = ()) -> None:
+    def __init__(
+        self,
+        address: str,
+        tls: TLSFiles | None,
+        *,
+        timeout: float = 10.0,
+        retry: RetryPolicy | None = None,
+        insecure: bool = False,
+        keepalive_s: float = 10.0,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
         """Connect lazily to ``address`` with mTLS (``insecure`` only for plaintext dev).
 
         ``options`` are extra gRPC channel arguments (they win over the defaults).
         """
-        spec = calls.channel_spec(address, tls, insecure=insecure, keepalive_s=keepalive_s,
-                                  options=options)
+        spec = calls.channel_spec(
+            address, tls, insecure=insecure, keepalive_s=keepalive_s, options=options
+        )
         super().__init__(pb_grpc.WorkerStub, _open(spec), address, timeout, retry)
 
     def __enter__(self) -> AgentClient:
@@ -73,26 +87,40 @@ class AgentClient(_Transport):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def start(self, command: str, path: str = "", *, args: Sequence[str] = (),
-              env: Mapping[str, str] | None = None, timeout_seconds: int | None = None,
-              limits: Mapping[str, int] | None = None, secret_args: Iterable[int] = (),
-              timeout: float | None = None) -> str:
+    def start(
+        self,
+        command: str,
+        path: str = "",
+        *,
+        args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+        timeout_seconds: int | None = None,
+        limits: Mapping[str, int] | None = None,
+        secret_args: Iterable[int] = (),
+        timeout: float | None = None,
+    ) -> str:
         """Start a job; returns its id. Never retried (a job must not start twice)."""
-        req = calls.start_request(command, path, args, env, timeout_seconds, limits,
-                                  secret_args)
+        req = calls.start_request(command, path, args, env, timeout_seconds, limits, secret_args)
         return self._invoke(calls.start(req, self._t(timeout)))
 
-    def run(self, command: str, path: str = "", *, args: Sequence[str] = (),
-            env: Mapping[str, str] | None = None, timeout_seconds: int | None = None,
-            limits: Mapping[str, int] | None = None, secret_args: Iterable[int] = (),
-            timeout: float = 3600.0) -> JobStatus:
+    def run(
+        self,
+        command: str,
+        path: str = "",
+        *,
+        args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+        timeout_seconds: int | None = None,
+        limits: Mapping[str, int] | None = None,
+        secret_args: Iterable[int] = (),
+        timeout: float = 3600.0,
+    ) -> JobStatus:
         """Start a job and wait for it in one call (RunJob); never retried.
 
         Returns the final status, or (done = False) the status just before
         ``timeout``; keep waiting with :meth:`wait` on ``status.job_id``.
         """
-        req = calls.start_request(command, path, args, env, timeout_seconds, limits,
-                                  secret_args)
+        req = calls.start_request(command, path, args, env, timeout_seconds, limits, secret_args)
         return self._invoke(calls.run(req, timeout))
 
     def query(self, job_id: str, *, timeout: float | None = None) -> JobStatus:
@@ -107,11 +135,17 @@ class AgentClient(_Transport):
         """Wait until the job is done or ``timeout`` passes; returns the status then."""
         return self._invoke(calls.wait(job_id, self._t(timeout)))
 
-    def list(self, *, states: Iterable[str] = (), owner: str = "", page_size: int = 0,
-             page_token: str = "", timeout: float | None = None) -> tuple[list[JobStatus], str]:
+    def list(
+        self,
+        *,
+        states: Iterable[str] = (),
+        owner: str = "",
+        page_size: int = 0,
+        page_token: str = "",
+        timeout: float | None = None,
+    ) -> tuple[list[JobStatus], str]:
         """One page of jobs, newest first: (jobs, next page token or '')."""
-        return self._invoke(calls.list_page(states, owner, page_size, page_token,
-                                            self._t(timeout)))
+        return self._invoke(calls.list_page(states, owner, page_size, page_token, self._t(timeout)))
 
     def list_all(self, **kw: Any) -> Iterator[JobStatus]:
         """Every job across pages (keywords as for :meth:`list`)."""
@@ -122,20 +156,21 @@ class AgentClient(_Transport):
             if not token:
                 return
 
-    def stream(self, job_id: str, *, offset: int = 0, follow: bool = False,
-               timeout: float | None = None) -> Iterator[bytes]:
+    def stream(
+        self, job_id: str, *, offset: int = 0, follow: bool = False, timeout: float | None = None
+    ) -> Iterator[bytes]:
         """The job's output from ``offset``; with ``follow``, until the job ends.
 
         ``timeout`` bounds the whole stream (default: none when following).
         A dropped connection is resumed from the last byte received.
         """
-        out = calls.OutputStream(job_id, offset, follow,
-                                 calls.stream_timeout(timeout, follow, self.timeout))
+        out = calls.OutputStream(
+            job_id, offset, follow, calls.stream_timeout(timeout, follow, self.timeout)
+        )
         attempts = calls.Attempts(self.retry, out.timeout)
         while True:
             try:
-                for msg in self._stub.StreamJobOutput(out.request(),
-                                                      timeout=attempts.remaining()):
+                for msg in self._stub.StreamJobOutput(out.request(), timeout=attempts.remaining()):
                     yield out.accept(msg)
                 return
             except grpc.RpcError as e:
@@ -145,8 +180,14 @@ class AgentClient(_Transport):
 class SchedulerClient(_Transport):
     """A synchronous client of the reference scheduler (users' side)."""
 
-    def __init__(self, address: str, tls: TLSFiles, *, timeout: float = 10.0,
-                 retry: RetryPolicy | None = None) -> None:
+    def __init__(
+        self,
+        address: str,
+        tls: TLSFiles,
+        *,
+        timeout: float = 10.0,
+        retry: RetryPolicy | None = None,
+    ) -> None:
         """Connect lazily to the scheduler at ``address`` with mTLS."""
         spec = calls.channel_spec(address, tls)
         super().__init__(pb_grpc.SchedulerStub, _open(spec), address, timeout, retry)
@@ -161,13 +202,21 @@ class SchedulerClient(_Transport):
         """Registered workers, oldest registration first."""
         return self._invoke(calls.list_workers(self._t(timeout)))
 
-    def start(self, worker_id: str, command: str, path: str = "", *,
-              args: Sequence[str] = (), env: Mapping[str, str] | None = None,
-              timeout_seconds: int | None = None, limits: Mapping[str, int] | None = None,
-              secret_args: Iterable[int] = (), timeout: float | None = None) -> str:
+    def start(
+        self,
+        worker_id: str,
+        command: str,
+        path: str = "",
+        *,
+        args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+        timeout_seconds: int | None = None,
+        limits: Mapping[str, int] | None = None,
+        secret_args: Iterable[int] = (),
+        timeout: float | None = None,
+    ) -> str:
         """Start a job on a worker through the scheduler; never retried."""
-        job = calls.start_request(command, path, args, env, timeout_seconds, limits,
-                                  secret_args)
+        job = calls.start_request(command, path, args, env, timeout_seconds, limits, secret_args)
         return self._invoke(calls.dispatch_start(worker_id, job, self._t(timeout)))
 
     def query(self, worker_id: str, job_id: str, *, timeout: float | None = None) -> JobStatus:
@@ -178,8 +227,9 @@ class SchedulerClient(_Transport):
         """Stop a job on a worker."""
         self._invoke(calls.dispatch_stop(worker_id, job_id, self._t(timeout)))
 
-    def wait(self, worker_id: str, job_id: str, *, timeout: float = 60.0,
-             poll: float = 0.05) -> JobStatus:
+    def wait(
+        self, worker_id: str, job_id: str, *, timeout: float = 60.0, poll: float = 0.05
+    ) -> JobStatus:
         """Poll until the job is done or ``timeout`` passes."""
         deadline = time.monotonic() + timeout
         delay = poll

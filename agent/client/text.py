@@ -19,17 +19,24 @@ def format_status(st: JobStatus) -> str:
         lines.append(f"exit code  {st.exit_code}")
     if st.signal is not None:
         lines.append(f"signal     {st.signal}")
-    lines += [f"command    {st.command} {st.path} {' '.join(st.args)}".rstrip(),
-              f"owner      {st.owner}", f"pid        {st.pid}"]
+    lines += [
+        f"command    {st.command} {st.path} {' '.join(st.args)}".rstrip(),
+        f"owner      {st.owner}",
+        f"pid        {st.pid}",
+    ]
     if st.start_time:
         lines.append(f"started    {st.start_time:%Y-%m-%d %H:%M:%S.%f} UTC")
     if st.end_time:
         lines.append(f"ended      {st.end_time:%Y-%m-%d %H:%M:%S.%f} UTC")
     if st.done:
-        lines.append(f"cpu        user {st.user_cpu:.3f}s system {st.system_cpu:.3f}s, "
-                     f"max rss {st.max_rss // 1024} KiB")
-    lines.append(f"output     {st.output_bytes} bytes"
-                 + (" (truncated at the cap)" if st.output_truncated else ""))
+        lines.append(
+            f"cpu        user {st.user_cpu:.3f}s system {st.system_cpu:.3f}s, "
+            f"max rss {st.max_rss // 1024} KiB"
+        )
+    lines.append(
+        f"output     {st.output_bytes} bytes"
+        + (" (truncated at the cap)" if st.output_truncated else "")
+    )
     return "\n".join(lines)
 
 

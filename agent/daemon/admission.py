@@ -51,8 +51,9 @@ class Admitted:
     timeout: int
 
 
-def resolve_limits(requested: Mapping[str, int | None], defaults: Mapping[str, int],
-                   maxima: Mapping[str, int]) -> dict[str, int]:
+def resolve_limits(
+    requested: Mapping[str, int | None], defaults: Mapping[str, int], maxima: Mapping[str, int]
+) -> dict[str, int]:
     """Per-job limits from a request, the defaults and the maxima (0 = none).
 
     Raises InvalidArgument naming every limit above its maximum.
@@ -113,13 +114,19 @@ def check_kernel_limits(limits: Mapping[str, int], hard: Mapping[str, int]) -> N
             continue
         need = value + CPU_HARD_EXTRA if name == "cpu_seconds" else value
         if need >= RLIM_MAX:
-            problems.append(f"{name} = {value} does not fit in the kernel's limit type "
-                            "(it would mean unlimited)")
+            problems.append(
+                f"{name} = {value} does not fit in the kernel's limit type "
+                "(it would mean unlimited)"
+            )
         elif hard[name] != RLIM_MAX and need > hard[name]:
-            extra = f" (the job's hard limit is {name} + {CPU_HARD_EXTRA})" \
-                if name == "cpu_seconds" else ""
-            problems.append(f"{name} = {value} is above the agent's own hard limit of "
-                            f"{hard[name]}{extra}")
+            extra = (
+                f" (the job's hard limit is {name} + {CPU_HARD_EXTRA})"
+                if name == "cpu_seconds"
+                else ""
+            )
+            problems.append(
+                f"{name} = {value} is above the agent's own hard limit of {hard[name]}{extra}"
+            )
         elif value > MAX_STORED_INT:
             problems.append(f"{name} = {value} is too large (at most {MAX_STORED_INT})")
     if problems:
@@ -130,41 +137,52 @@ def resolve_timeout(requested: int | None, default: int, maximum: int) -> int:
     """Timeout in seconds (0 = none); InvalidArgument above the maximum."""
     value = default if requested is None else requested
     if value > MAX_TIMEOUT_SECONDS:
-        raise InvalidArgument(f"timeoutSeconds = {value} is too large (at most "
-                              f"{MAX_TIMEOUT_SECONDS})", rule="timeout-above-maximum")
+        raise InvalidArgument(
+            f"timeoutSeconds = {value} is too large (at most {MAX_TIMEOUT_SECONDS})",
+            rule="timeout-above-maximum",
+        )
     if maximum and (value == 0 or value > maximum):
         raise InvalidArgument(
             f"timeoutSeconds = {value or 'none'} is above the maximum of {maximum}",
-            rule="timeout-above-maximum")
+            rule="timeout-above-maximum",
+        )
     return value
 
 
-def admit(req: StartRequest, rules: Rules, policy: policy_mod.Policy, *, busy: int,
-          accepting: bool) -> Admitted:
+def admit(
+    req: StartRequest, rules: Rules, policy: policy_mod.Policy, *, busy: int, accepting: bool
+) -> Admitted:
     """Decide a start request; raise the AgentError that refuses it.
 
     The caller owns the plan's descriptors (``exec_fd``, ``script_fd``) and
     must close them; if this raises, no descriptor is left open.
     """
     if not accepting:
-        raise Unavailable("the agent is shutting down and accepts no new jobs",
-                          rule="shutting-down")
+        raise Unavailable(
+            "the agent is shutting down and accepts no new jobs", rule="shutting-down"
+        )
     if busy >= rules.max_running:
         raise ResourceExhausted(
             f"{busy} jobs are running, the limit is {rules.max_running}; try again when one "
-            "has finished", rule="max-running")
+            "has finished",
+            rule="max-running",
+        )
     for i in req.secret_args:
         if not 0 <= i < len(req.args):
-            raise InvalidArgument(f"secretArgs: index {i} is not an argument index",
-                                  rule="bad-secret-index")
+            raise InvalidArgument(
+                f"secretArgs: index {i} is not an argument index", rule="bad-secret-index"
+            )
     limits = resolve_limits(req.limits, rules.default_limits, rules.max_limits)
     # Against the kernel at request time (not only the configured maxima):
     # a limit it cannot give must be refused before anything starts.
     check_kernel_limits(limits, kernel_hard_limits())
     timeout = resolve_timeout(req.timeout_seconds, rules.default_timeout, rules.max_timeout)
     decision = policy_mod.decide(
-        policy, policy_mod.JobRequest(command=req.command, path=req.path, args=req.args,
-                                      env=req.env, identity=req.identity))
+        policy,
+        policy_mod.JobRequest(
+            command=req.command, path=req.path, args=req.args, env=req.env, identity=req.identity
+        ),
+    )
     if not decision.allowed:
         raise decision.error()
     plan = decision.plan

@@ -31,8 +31,9 @@ class AuditLog:
     def _open(self) -> int:
         # 0600: the audit log names identities and commands; only the
         # agent's user (and root) should read it.
-        return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
-                       | os.O_NOFOLLOW, 0o600)
+        return os.open(
+            self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600
+        )
 
     def reopen(self) -> None:
         """Reopen the file (after an external rotation)."""
@@ -46,9 +47,21 @@ class AuditLog:
         with self._lock:
             os.close(self._fd)
 
-    def record(self, event: str, *, decision: str, identity: str = "", peer: str = "",
-               rpc: str = "", job_id: str = "", command: str = "", path: str = "",
-               reason: str = "", rule: str = "", **extra: Any) -> None:
+    def record(
+        self,
+        event: str,
+        *,
+        decision: str,
+        identity: str = "",
+        peer: str = "",
+        rpc: str = "",
+        job_id: str = "",
+        command: str = "",
+        path: str = "",
+        reason: str = "",
+        rule: str = "",
+        **extra: Any,
+    ) -> None:
         """Write one event. ``decision`` is allow, deny, ok or error."""
         entry: dict[str, Any] = {
             "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds"),

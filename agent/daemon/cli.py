@@ -31,10 +31,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"agent {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run the agent (foreground unless --daemon)")
-    r.add_argument("-c", "--config", default=DEFAULT_CONFIG,
-                   help=f"config file (default: {DEFAULT_CONFIG}; env AGENT_CONFIG)")
-    r.add_argument("--daemon", action="store_true",
-                   help="detach and run in the background (pid file, log file)")
+    r.add_argument(
+        "-c",
+        "--config",
+        default=DEFAULT_CONFIG,
+        help=f"config file (default: {DEFAULT_CONFIG}; env AGENT_CONFIG)",
+    )
+    r.add_argument(
+        "--daemon",
+        action="store_true",
+        help="detach and run in the background (pid file, log file)",
+    )
     c = sub.add_parser("check-config", help="validate the configuration and exit")
     c.add_argument("-c", "--config", default=DEFAULT_CONFIG)
     return p
@@ -57,8 +64,11 @@ def setup_logging(cfg: Config, *, daemon: bool) -> None:
     else:
         handler = logging.StreamHandler(sys.stderr)
         # Under systemd the journal adds the time itself.
-        fmt = ("%(levelname)s %(name)s: %(message)s" if os.environ.get("INVOCATION_ID")
-               else "%(asctime)s %(levelname)s %(name)s: %(message)s")
+        fmt = (
+            "%(levelname)s %(name)s: %(message)s"
+            if os.environ.get("INVOCATION_ID")
+            else "%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
     handler.setFormatter(logging.Formatter(fmt))
     root.addHandler(handler)
     root.setLevel(level)
@@ -78,15 +88,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"agent: warning: {w}", file=sys.stderr)
         gs = cfg.grpc_server
         mode = "mTLS" if cfg.mtls else "TLS" if gs.use_tls else "PLAINTEXT"
-        print(f"agent: {cfg.path}: ok ({mode} "
-              f"on {gs.addr}; {len(prepared.policy.entries)} policy entries; jobs run as "
-              f"{prepared.job_user.name})")
+        print(
+            f"agent: {cfg.path}: ok ({mode} "
+            f"on {gs.addr}; {len(prepared.policy.entries)} policy entries; jobs run as "
+            f"{prepared.job_user.name})"
+        )
         return 0
     # Nothing above this line imports grpc (tests/test_imports.py checks it).
     try:
-        open_gate(key_type=prepared.server_pair.key_type
-                  if cfg.grpc_server.use_tls and prepared.server_pair is not None else None,
-                  tls13_only=cfg.grpc_server.tls13_only)
+        open_gate(
+            key_type=prepared.server_pair.key_type
+            if cfg.grpc_server.use_tls and prepared.server_pair is not None
+            else None,
+            tls13_only=cfg.grpc_server.tls13_only,
+        )
     except GateError as e:
         print(f"agent: internal error: {e}", file=sys.stderr)
         return 1
@@ -97,8 +112,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             setup_logging(cfg, daemon=True)
             from agent.daemon.server import run
 
-            return run(prepared, on_ready=lambda: report(f"ready pid {os.getpid()}"),
-                       on_startup_error=lambda e: report(f"error: {e}"))
+            return run(
+                prepared,
+                on_ready=lambda: report(f"ready pid {os.getpid()}"),
+                on_startup_error=lambda e: report(f"error: {e}"),
+            )
 
         return daemonize(cfg, in_daemon)
     setup_logging(cfg, daemon=False)

@@ -35,26 +35,33 @@ from agent.vocabulary import LIMIT_BY_NAME
 # table is generated from it, see scripts/config_reference.py) and bounds.
 
 
-
-
 @dataclass(frozen=True)
 class GrpcServer:
     """``[grpc_server]``: the listener (original keys first)."""
 
     addr: str = option("127.0.0.1:50000", "host:port to listen on ([v6]:port for IPv6)")
-    use_tls: bool = option(True, "serve TLS; false is refused unless addr is loopback and "
-                       "allow_plaintext_loopback = true")
+    use_tls: bool = option(
+        True,
+        "serve TLS; false is refused unless addr is loopback and allow_plaintext_loopback = true",
+    )
     crt_file: Path | None = option(None, "server certificate (PEM), chain allowed")
     key_file: Path | None = option(None, "server private key (PEM), mode 0600 or stricter")
-    ca_file: Path | None = option(None, "CA bundle for client certificates: when set, every "
-                              "client must present a certificate it signed (mTLS)")
-    allow_plaintext_loopback: bool = option(False, "permit use_tls = false on a loopback "
-                                        "address (development only; warns at every start)")
+    ca_file: Path | None = option(
+        None,
+        "CA bundle for client certificates: when set, every "
+        "client must present a certificate it signed (mTLS)",
+    )
+    allow_plaintext_loopback: bool = option(
+        False,
+        "permit use_tls = false on a loopback address (development only; warns at every start)",
+    )
     tls13_only: bool = option(False, "refuse TLS 1.2 handshakes (see docs/security.md)")
-    max_message_bytes: int = option(4 * 1024 * 1024, "largest request accepted, bytes",
-                                lo=1024, hi=64 * 1024 * 1024)
-    max_connection_idle_seconds: int = option(0, "close idle client connections after this "
-                                          "many seconds (0: never)", lo=0, hi=86400)
+    max_message_bytes: int = option(
+        4 * 1024 * 1024, "largest request accepted, bytes", lo=1024, hi=64 * 1024 * 1024
+    )
+    max_connection_idle_seconds: int = option(
+        0, "close idle client connections after this many seconds (0: never)", lo=0, hi=86400
+    )
 
 
 @dataclass(frozen=True)
@@ -62,22 +69,28 @@ class Scheduler:
     """``[scheduler]``: registration with the scheduler (original key: addr)."""
 
     addr: str = option("", "scheduler host:port; empty disables registration")
-    register: bool = option(False, "register with the scheduler at start and keep the "
-                        "registration alive")
+    register: bool = option(
+        False, "register with the scheduler at start and keep the registration alive"
+    )
     advertise_addr: str = option("", "address sent in RegisterReq (default: grpc_server.addr)")
     crt_file: Path | None = option(None, "the agent's own client certificate for the scheduler")
     key_file: Path | None = option(None, "key of crt_file, mode 0600 or stricter")
     ca_file: Path | None = option(None, "CA that signed the scheduler's server certificate")
-    server_name: str = option("", "expected name in the scheduler's certificate (default: "
-                          "the host part of addr)")
-    heartbeat_seconds: float = option(10.0, "heartbeat interval when the scheduler does not "
-                                  "name one", lo=0.1, hi=3600)
-    retry_initial_seconds: float = option(0.5, "first retry delay while the scheduler is "
-                                      "unreachable", lo=0.01, hi=600)
-    retry_max_seconds: float = option(30.0, "longest retry delay (exponential backoff with "
-                                  "jitter)", lo=0.01, hi=3600)
-    call_timeout_seconds: float = option(5.0, "deadline of each call to the scheduler",
-                                     lo=0.1, hi=600)
+    server_name: str = option(
+        "", "expected name in the scheduler's certificate (default: the host part of addr)"
+    )
+    heartbeat_seconds: float = option(
+        10.0, "heartbeat interval when the scheduler does not name one", lo=0.1, hi=3600
+    )
+    retry_initial_seconds: float = option(
+        0.5, "first retry delay while the scheduler is unreachable", lo=0.01, hi=600
+    )
+    retry_max_seconds: float = option(
+        30.0, "longest retry delay (exponential backoff with jitter)", lo=0.01, hi=3600
+    )
+    call_timeout_seconds: float = option(
+        5.0, "deadline of each call to the scheduler", lo=0.1, hi=600
+    )
 
 
 @dataclass(frozen=True)
@@ -86,8 +99,11 @@ class Auth:
 
     clients: list[str] = option([], "certificate identities that may call the API")
     admins: list[str] = option([], "identities that may also see and stop every job")
-    allow_anonymous: bool = option(False, "without mTLS there is no identity: allow such "
-                               "callers as identity 'anonymous' (development only)")
+    allow_anonymous: bool = option(
+        False,
+        "without mTLS there is no identity: allow such "
+        "callers as identity 'anonymous' (development only)",
+    )
 
 
 @dataclass(frozen=True)
@@ -105,11 +121,13 @@ class LimitValues:
 class Limits:
     """``[limits.default]`` and ``[limits.max]``."""
 
-    default: LimitValues = field(default_factory=LimitValues,
-                                 metadata={"help": "limits applied when a request sets none"})
-    max: LimitValues = field(default_factory=LimitValues,
-                             metadata={"help": "largest limit a request may ask for "
-                                       "(0: no maximum)"})
+    default: LimitValues = field(
+        default_factory=LimitValues, metadata={"help": "limits applied when a request sets none"}
+    )
+    max: LimitValues = field(
+        default_factory=LimitValues,
+        metadata={"help": "largest limit a request may ask for (0: no maximum)"},
+    )
 
 
 @dataclass(frozen=True)
@@ -120,24 +138,33 @@ class Jobs:
     state_dir: Path = option(Path("state"), "SQLite history and job output live here")
     output_dir: Path | None = option(None, "job output files (default: state_dir/output)")
     run_as_user: str = option("", "user jobs run as when the agent runs as root")
-    allow_root: bool = option(False, "allow jobs to run as root (when run_as_user is empty "
-                          "or root)")
-    stop_grace_seconds: float = option(5.0, "SIGTERM to SIGKILL delay when stopping a job",
-                                   lo=0, hi=3600)
-    max_running: int = option(64, "running jobs at most; more is RESOURCE_EXHAUSTED",
-                          lo=1, hi=100000)
-    default_timeout_seconds: int = option(0, "timeout when a request sets none (0: none)",
-                                      lo=0)
-    max_timeout_seconds: int = option(0, "largest timeout a request may ask for (0: no "
-                                  "maximum)", lo=0)
-    on_output_cap: str = option("kill", "what happens at the output cap: kill the job, or "
-                            "truncate (stop recording, let it run)",
-                            choices=("kill", "truncate"))
+    allow_root: bool = option(
+        False, "allow jobs to run as root (when run_as_user is empty or root)"
+    )
+    stop_grace_seconds: float = option(
+        5.0, "SIGTERM to SIGKILL delay when stopping a job", lo=0, hi=3600
+    )
+    max_running: int = option(
+        64, "running jobs at most; more is RESOURCE_EXHAUSTED", lo=1, hi=100000
+    )
+    default_timeout_seconds: int = option(0, "timeout when a request sets none (0: none)", lo=0)
+    max_timeout_seconds: int = option(
+        0, "largest timeout a request may ask for (0: no maximum)", lo=0
+    )
+    on_output_cap: str = option(
+        "kill",
+        "what happens at the output cap: kill the job, or truncate (stop recording, let it run)",
+        choices=("kill", "truncate"),
+    )
     umask: str = option("0077", "umask of job processes (octal)")
-    prlimit_path: Path = option(Path("/usr/bin/prlimit"), "util-linux prlimit, used to apply "
-                                "resource limits before the job's program runs")
-    setpriv_path: Path = option(Path("/usr/bin/setpriv"), "util-linux setpriv, used to switch "
-                                "to run_as_user when the agent runs as root")
+    prlimit_path: Path = option(
+        Path("/usr/bin/prlimit"),
+        "util-linux prlimit, used to apply resource limits before the job's program runs",
+    )
+    setpriv_path: Path = option(
+        Path("/usr/bin/setpriv"),
+        "util-linux setpriv, used to switch to run_as_user when the agent runs as root",
+    )
     path_env: str = option("/usr/local/bin:/usr/bin:/bin", "PATH given to jobs")
 
 
@@ -145,10 +172,12 @@ class Jobs:
 class Retention:
     """``[retention]``: how long finished jobs are kept."""
 
-    max_age_seconds: int = option(7 * 86400, "finished jobs older than this are removed "
-                              "(0: keep forever)", lo=0)
-    max_jobs: int = option(10000, "finished jobs kept at most, oldest removed first (0: no "
-                       "limit)", lo=0)
+    max_age_seconds: int = option(
+        7 * 86400, "finished jobs older than this are removed (0: keep forever)", lo=0
+    )
+    max_jobs: int = option(
+        10000, "finished jobs kept at most, oldest removed first (0: no limit)", lo=0
+    )
     sweep_seconds: float = option(60.0, "how often retention runs", lo=0.05, hi=86400)
 
 
@@ -156,20 +185,26 @@ class Retention:
 class Audit:
     """``[audit]``: the security audit log (JSON lines)."""
 
-    file: Path | None = option(None, "audit log path (default: state_dir/audit.log); opened "
-                           "append-only")
-    log_reads: bool = option(False, "also log allowed read-only calls (QueryJob, WaitJob, "
-                         "ListJobs, StreamJobOutput); denials are always logged")
+    file: Path | None = option(
+        None, "audit log path (default: state_dir/audit.log); opened append-only"
+    )
+    log_reads: bool = option(
+        False,
+        "also log allowed read-only calls (QueryJob, WaitJob, "
+        "ListJobs, StreamJobOutput); denials are always logged",
+    )
 
 
 @dataclass(frozen=True)
 class Logging:
     """``[logging]``: the operational log."""
 
-    level: str = option("info", "debug, info, warning or error",
-                    choices=("debug", "info", "warning", "error"))
-    file: Path | None = option(None, "log file (default: stderr; in daemon mode "
-                           "state_dir/agent.log)")
+    level: str = option(
+        "info", "debug, info, warning or error", choices=("debug", "info", "warning", "error")
+    )
+    file: Path | None = option(
+        None, "log file (default: stderr; in daemon mode state_dir/agent.log)"
+    )
     syslog: bool = option(False, "log to syslog instead of a file")
     syslog_socket: Path = option(Path("/dev/log"), "the syslog daemon's socket")
 
@@ -179,10 +214,12 @@ class Daemon:
     """``[daemon]``: ``agent run --daemon`` and shutdown behaviour."""
 
     pid_file: Path | None = option(None, "pid file for --daemon (default: state_dir/agent.pid)")
-    on_shutdown: str = option("stop", "at SIGTERM/SIGINT: stop running jobs, or wait for them",
-                          choices=("stop", "wait"))
-    shutdown_deadline_seconds: float = option(30.0, "longest wait for jobs at shutdown "
-                                          "before they are stopped", lo=0, hi=86400)
+    on_shutdown: str = option(
+        "stop", "at SIGTERM/SIGINT: stop running jobs, or wait for them", choices=("stop", "wait")
+    )
+    shutdown_deadline_seconds: float = option(
+        30.0, "longest wait for jobs at shutdown before they are stopped", lo=0, hi=86400
+    )
 
 
 @dataclass(frozen=True)
@@ -247,29 +284,11 @@ def load(path: str | Path) -> Config:
     return parse(read_text(p), p)
 
 
-
-
-
-
 def parse(text: str, path: Path) -> Config:
     """Validate TOML text as if read from ``path`` (relative paths resolve there)."""
     cfg = Config(path=path.resolve(), **parse_tables(text, path, SECTIONS))
     _cross_checks(cfg)
     return cfg
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 def _cross_checks(cfg: Config) -> None:
@@ -288,32 +307,54 @@ def _cross_checks(cfg: Config) -> None:
         # Plaintext is never acceptable off the machine: a job runner that
         # anybody on the network can drive is remote code execution.
         if not is_loopback_host(host):
-            raise ConfigError(f, "grpc_server", "use_tls",
-                              f"false is refused on non-loopback address {host!r}; "
-                              "plaintext is only possible on loopback")
+            raise ConfigError(
+                f,
+                "grpc_server",
+                "use_tls",
+                f"false is refused on non-loopback address {host!r}; "
+                "plaintext is only possible on loopback",
+            )
         if not gs.allow_plaintext_loopback:
-            raise ConfigError(f, "grpc_server", "use_tls",
-                              "false needs allow_plaintext_loopback = true (development only)")
+            raise ConfigError(
+                f,
+                "grpc_server",
+                "use_tls",
+                "false needs allow_plaintext_loopback = true (development only)",
+            )
         if gs.tls13_only:
             raise ConfigError(f, "grpc_server", "tls13_only", "needs use_tls = true")
     if not cfg.mtls and not cfg.auth.allow_anonymous:
         key = "ca_file" if gs.use_tls else "use_tls"
-        raise ConfigError(f, "grpc_server", key,
-                          "without a CA file no client can be identified, so every call "
-                          "would be denied: set ca_file (mTLS) or [auth] allow_anonymous "
-                          "= true")
+        raise ConfigError(
+            f,
+            "grpc_server",
+            key,
+            "without a CA file no client can be identified, so every call "
+            "would be denied: set ca_file (mTLS) or [auth] allow_anonymous "
+            "= true",
+        )
     if cfg.mtls and cfg.auth.allow_anonymous:
-        raise ConfigError(f, "auth", "allow_anonymous",
-                          "has no effect with mTLS (every client has an identity); remove it")
+        raise ConfigError(
+            f,
+            "auth",
+            "allow_anonymous",
+            "has no effect with mTLS (every client has an identity); remove it",
+        )
     if cfg.mtls and not (cfg.auth.clients or cfg.auth.admins):
-        raise ConfigError(f, "auth", "clients",
-                          "no identity may call the API: list at least one in clients or "
-                          "admins")
+        raise ConfigError(
+            f,
+            "auth",
+            "clients",
+            "no identity may call the API: list at least one in clients or admins",
+        )
     overlap = set(cfg.auth.clients) & set(cfg.auth.admins)
     if overlap:
-        raise ConfigError(f, "auth", "admins",
-                          f"{', '.join(sorted(overlap))} also listed in clients; list each "
-                          "identity once")
+        raise ConfigError(
+            f,
+            "auth",
+            "admins",
+            f"{', '.join(sorted(overlap))} also listed in clients; list each identity once",
+        )
     sch = cfg.scheduler
     if sch.register:
         if not sch.addr:
@@ -324,41 +365,43 @@ def _cross_checks(cfg: Config) -> None:
             raise ConfigError(f, "scheduler", "addr", f"{e}, got {sch.addr!r}") from None
         for key in ("crt_file", "key_file", "ca_file"):
             if getattr(sch, key) is None:
-                raise ConfigError(f, "scheduler", key,
-                                  "required when register = true (registration uses mTLS)")
+                raise ConfigError(
+                    f, "scheduler", key, "required when register = true (registration uses mTLS)"
+                )
         if sch.advertise_addr:
             try:
                 split_host_port(sch.advertise_addr)
             except ValueError as e:
                 raise ConfigError(f, "scheduler", "advertise_addr", str(e)) from None
     if sch.retry_initial_seconds > sch.retry_max_seconds:
-        raise ConfigError(f, "scheduler", "retry_initial_seconds",
-                          "must not exceed retry_max_seconds")
+        raise ConfigError(
+            f, "scheduler", "retry_initial_seconds", "must not exceed retry_max_seconds"
+        )
     if cfg.jobs.policy_file is None:
-        raise ConfigError(f, "jobs", "policy_file",
-                          "required: without a policy nothing may run")
+        raise ConfigError(f, "jobs", "policy_file", "required: without a policy nothing may run")
     try:
         umask = int(cfg.jobs.umask, 8)
     except ValueError:
-        raise ConfigError(f, "jobs", "umask", f"expected octal like \"0077\", got "
-                          f"{cfg.jobs.umask!r}") from None
+        raise ConfigError(
+            f, "jobs", "umask", f'expected octal like "0077", got {cfg.jobs.umask!r}'
+        ) from None
     if not 0 <= umask <= 0o777:
         raise ConfigError(f, "jobs", "umask", "must be between 0000 and 0777")
     mj = cfg.jobs
     if mj.max_timeout_seconds and mj.default_timeout_seconds > mj.max_timeout_seconds:
-        raise ConfigError(f, "jobs", "default_timeout_seconds",
-                          "must not exceed max_timeout_seconds")
+        raise ConfigError(
+            f, "jobs", "default_timeout_seconds", "must not exceed max_timeout_seconds"
+        )
     for fld in dataclasses.fields(LimitValues):
         d = getattr(cfg.limits.default, fld.name)
         m = getattr(cfg.limits.max, fld.name)
         if m and (d == 0 or d > m):
-            raise ConfigError(f, "limits.default", fld.name,
-                              f"must be between 1 and [limits.max] {fld.name} = {m} "
-                              "(0 would mean unlimited)")
-
-
-
-
+            raise ConfigError(
+                f,
+                "limits.default",
+                fld.name,
+                f"must be between 1 and [limits.max] {fld.name} = {m} (0 would mean unlimited)",
+            )
 
 
 def describe() -> list[tuple[str, str, str, str]]:

@@ -55,8 +55,10 @@ def daemonize(cfg: Config, run: Callable[[Callable[[str], None]], int]) -> int:
         print(f"agent: {e}", file=sys.stderr)
         return 1
     if pid_file.stale_pid is not None:
-        print(f"agent: replacing stale pid file {cfg.pid_file} of dead process "
-              f"{pid_file.stale_pid}", file=sys.stderr)
+        print(
+            f"agent: replacing stale pid file {cfg.pid_file} of dead process {pid_file.stale_pid}",
+            file=sys.stderr,
+        )
     rfd, wfd = os.pipe()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -69,11 +71,14 @@ def daemonize(cfg: Config, run: Callable[[Callable[[str], None]], int]) -> int:
         with contextlib.suppress(ChildProcessError):
             os.waitpid(child, 0)
         if message.startswith("ready"):
-            print(f"agent: running in the background ({message[6:].strip()}), pid file "
-                  f"{cfg.pid_file}")
+            print(
+                f"agent: running in the background ({message[6:].strip()}), pid file {cfg.pid_file}"
+            )
             return 0
-        print(f"agent: {message or 'the daemon exited during start-up (see its log)'}",
-              file=sys.stderr)
+        print(
+            f"agent: {message or 'the daemon exited during start-up (see its log)'}",
+            file=sys.stderr,
+        )
         return 1
     # First child: becomes the daemon (python-daemon forks once more).
     os.close(rfd)
@@ -85,7 +90,9 @@ def daemonize(cfg: Config, run: Callable[[Callable[[str], None]], int]) -> int:
             pidfile=pid_file,
             detach_process=True,
             files_preserve=[wfd, pid_file.fd],
-            stdin=None, stdout=None, stderr=None,
+            stdin=None,
+            stdout=None,
+            stderr=None,
             prevent_core=True,
             # The agent installs its own handlers (asyncio) once running.
             signal_map={signal.SIGTSTP: None, signal.SIGTTIN: None, signal.SIGTTOU: None},
@@ -118,4 +125,3 @@ def _read_all(fd: int) -> str:
             break
         chunks.append(data)
     return b"".join(chunks).decode(errors="replace").strip().splitlines()[0] if chunks else ""
-

@@ -27,8 +27,10 @@ class GateError(RuntimeError):
 def open_gate(*, key_type: str | None, tls13_only: bool) -> None:
     """Make the process-wide gRPC settings; raise GateError if grpc is already imported."""
     if "grpc" in sys.modules:
-        raise GateError("grpc was imported before its process-wide settings were made; "
-                        "the cipher policy would silently not apply")
+        raise GateError(
+            "grpc was imported before its process-wide settings were made; "
+            "the cipher policy would silently not apply"
+        )
     if key_type is not None:
         set_cipher_policy(key_type, tls13_only)
     os.environ["GRPC_ENABLE_FORK_SUPPORT"] = "0"

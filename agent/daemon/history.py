@@ -122,10 +122,14 @@ class Store:
             self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except sqlite3.Error as e:
             raise StoreError(f"{path}: {e}") from None
-        self._insert_sql = (f"INSERT INTO jobs ({', '.join(_COLUMNS)}) VALUES "
-                            f"({', '.join('?' for _ in _COLUMNS)})")
-        upd = [c for c in _COLUMNS if c not in ("id", "owner", "command", "path", "args",
-                                                   "start_time", "output_path")]
+        self._insert_sql = (
+            f"INSERT INTO jobs ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' for _ in _COLUMNS)})"
+        )
+        upd = [
+            c
+            for c in _COLUMNS
+            if c not in ("id", "owner", "command", "path", "args", "start_time", "output_path")
+        ]
         self._update_cols = upd
         self._update_sql = f"UPDATE jobs SET {', '.join(c + '=?' for c in upd)} WHERE id=?"
 
@@ -179,18 +183,26 @@ class Store:
 
     def get(self, job_id: str) -> JobRecord | None:
         """One job by id."""
-        row = self._db.execute(f"SELECT seq, {', '.join(_COLUMNS)} FROM jobs WHERE id=?",
-                               (job_id,)).fetchone()
+        row = self._db.execute(
+            f"SELECT seq, {', '.join(_COLUMNS)} FROM jobs WHERE id=?", (job_id,)
+        ).fetchone()
         return _record(row) if row else None
 
     def running(self) -> list[JobRecord]:
         """Jobs recorded as running (after a crash: the ones to recover)."""
-        rows = self._db.execute(f"SELECT seq, {', '.join(_COLUMNS)} FROM jobs WHERE state=?",
-                                (JobState.RUNNING.value,)).fetchall()
+        rows = self._db.execute(
+            f"SELECT seq, {', '.join(_COLUMNS)} FROM jobs WHERE state=?", (JobState.RUNNING.value,)
+        ).fetchall()
         return [_record(r) for r in rows]
 
-    def list_jobs(self, *, states: Iterable[JobState] = (), owner: str | None = None,
-             before_seq: int | None = None, limit: int = 100) -> list[JobRecord]:
+    def list_jobs(
+        self,
+        *,
+        states: Iterable[JobState] = (),
+        owner: str | None = None,
+        before_seq: int | None = None,
+        limit: int = 100,
+    ) -> list[JobRecord]:
         """Jobs newest first, filtered; ``before_seq`` pages backwards."""
         where: list[str] = []
         params: list[object] = []
@@ -211,8 +223,9 @@ class Store:
         params.append(limit)
         return [_record(r) for r in self._db.execute(sql, params).fetchall()]
 
-    def expired(self, *, max_age_seconds: int, max_jobs: int, now: float | None = None,
-                batch: int = 500) -> list[tuple[str, str]]:
+    def expired(
+        self, *, max_age_seconds: int, max_jobs: int, now: float | None = None, batch: int = 500
+    ) -> list[tuple[str, str]]:
         """(id, output_path) of finished jobs past the retention limits."""
         now = time.time() if now is None else now
         out: dict[str, str] = {}
@@ -220,16 +233,20 @@ class Store:
         if max_age_seconds:
             for job_id, outp in self._db.execute(
                 "SELECT id, output_path FROM jobs WHERE state<>? AND end_time<? "
-                "ORDER BY seq LIMIT ?", (running, now - max_age_seconds, batch)):
+                "ORDER BY seq LIMIT ?",
+                (running, now - max_age_seconds, batch),
+            ):
                 out[job_id] = outp
         if max_jobs:
-            (finished,) = self._db.execute("SELECT COUNT(*) FROM jobs WHERE state<>?",
-                                           (running,)).fetchone()
+            (finished,) = self._db.execute(
+                "SELECT COUNT(*) FROM jobs WHERE state<>?", (running,)
+            ).fetchone()
             excess = finished - max_jobs
             if excess > 0:
                 for job_id, outp in self._db.execute(
                     "SELECT id, output_path FROM jobs WHERE state<>? ORDER BY seq LIMIT ?",
-                    (running, min(excess, batch))):
+                    (running, min(excess, batch)),
+                ):
                     out[job_id] = outp
         return list(out.items())
 
@@ -238,10 +255,10 @@ class Store:
         if not ids:
             return
         self._begin()
-        self._db.executemany("DELETE FROM jobs WHERE id=? AND state<>?",
-                             [(i, JobState.RUNNING.value) for i in ids])
+        self._db.executemany(
+            "DELETE FROM jobs WHERE id=? AND state<>?", [(i, JobState.RUNNING.value) for i in ids]
+        )
         self.commit()
-
 
 
 def _record(row: Sequence[object]) -> JobRecord:
@@ -281,16 +298,17 @@ class History:
             self.store.insert(rec)
             await self._commit_soon()
         except sqlite3.Error as e:
-            raise Unavailable(f"the job history cannot be written ({e}); the job was not "
-                              "started", rule="history-write-failed") from None
+            raise Unavailable(
+                f"the job history cannot be written ({e}); the job was not started",
+                rule="history-write-failed",
+            ) from None
 
     def save(self, rec: JobRecord) -> None:
         """Write a job's new state; on failure keep it for :meth:`retry_unsaved`."""
         try:
             self.store.update(rec)
         except sqlite3.Error as e:
-            log.error("job %s: cannot write its state to the history (%s); will retry",
-                      rec.id, e)
+            log.error("job %s: cannot write its state to the history (%s); will retry", rec.id, e)
             self.unsaved[rec.id] = rec
             return
         self._batch.append(rec)

@@ -322,8 +322,12 @@ class Life:
         if self.exit is None or not self.output_closed or self.finished:
             return []
         ex = self.exit
-        target = final_state(exit_code=ex.exit_code, signal=ex.signal,
-                             stop_requested=self.stop_requested, timed_out=self.timed_out)
+        target = final_state(
+            exit_code=ex.exit_code,
+            signal=ex.signal,
+            stop_requested=self.stop_requested,
+            timed_out=self.timed_out,
+        )
         how = describe_exit(ex.exit_code, ex.signal)
         if ex.start_failure and not (self.timed_out or self.stop_requested):
             target, text = JobState.FAILED, f"start failed: {ex.start_failure}"

@@ -34,8 +34,12 @@ class LockFile:
     @classmethod
     def state_dir(cls, state_dir: Path) -> LockFile:
         """One agent per state directory: what makes start-up recovery safe."""
-        return cls(state_dir / "agent.lock", mode=0o600,
-                   what=f"state directory {state_dir}", remove_on_release=False)
+        return cls(
+            state_dir / "agent.lock",
+            mode=0o600,
+            what=f"state directory {state_dir}",
+            remove_on_release=False,
+        )
 
     def acquire(self, *, write_pid: bool = True) -> None:
         """Take the lock or raise RuntimeError naming the holder's pid."""
@@ -46,8 +50,9 @@ class LockFile:
             holder = self._read(fd)
             os.close(fd)
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise RuntimeError(f"another agent is already running (pid {holder or '?'}, "
-                                   f"{self.what})") from None
+                raise RuntimeError(
+                    f"another agent is already running (pid {holder or '?'}, {self.what})"
+                ) from None
             raise RuntimeError(f"{self.path}: cannot lock: {e.strerror}") from None
         old = self._read(fd)
         if old is not None and old != os.getpid():

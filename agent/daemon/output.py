@@ -55,11 +55,15 @@ class OutputFile:
         """Append ``data`` (up to the cap); never raises."""
         if self._fd is None:
             try:
-                self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL
-                                   | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+                self._fd = os.open(
+                    self.path,
+                    os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                    0o600,
+                )
             except OSError as e:
-                return WriteResult(0, failure="its output file could not be created: "
-                                               f"{describe_oserror(e)}")
+                return WriteResult(
+                    0, failure=f"its output file could not be created: {describe_oserror(e)}"
+                )
         cap_reached = False
         if self.cap and self.size + len(data) > self.cap:
             data = data[: self.cap - self.size]
@@ -74,8 +78,9 @@ class OutputFile:
         except OSError as e:
             # Disk full (or quota, or I/O error): this job fails, clearly;
             # the agent and every other job carry on.
-            return WriteResult(self.size - start,
-                               failure=f"its output could not be written: {describe_oserror(e)}")
+            return WriteResult(
+                self.size - start, failure=f"its output could not be written: {describe_oserror(e)}"
+            )
         return WriteResult(self.size - start, cap_reached=cap_reached)
 
     def close(self) -> None:
@@ -126,8 +131,14 @@ class LiveOutput:
             await self.followers.wait()
 
 
-async def stream_file(path: str, job_id: str, offset: int, follow: bool, recorded_size: int,
-                      live: Callable[[], LiveOutput | None]) -> AsyncIterator[tuple[int, bytes]]:
+async def stream_file(
+    path: str,
+    job_id: str,
+    offset: int,
+    follow: bool,
+    recorded_size: int,
+    live: Callable[[], LiveOutput | None],
+) -> AsyncIterator[tuple[int, bytes]]:
     """Yield (offset, data) chunks of a job's output file from ``offset``.
 
     ``live()`` is the job's :class:`LiveOutput` while it runs, else None.
@@ -147,7 +158,8 @@ async def stream_file(path: str, job_id: str, offset: int, follow: bool, recorde
                         if recorded_size or (lv is not None and lv.size):
                             raise FailedPrecondition(
                                 f"the output of job {job_id} is no longer available",
-                                rule="output-missing") from None
+                                rule="output-missing",
+                            ) from None
                         return
                     if not follow:
                         return

@@ -224,17 +224,7 @@ class Decision:
 # ---------------------------------------------------------------- file system seam
 
 
-
-
-
-
-
-
 # ---------------------------------------------------------------- request validation
-
-
-
-
 
 
 def _lexical_path_problem(path: str) -> str | None:
@@ -267,49 +257,71 @@ def decide(
     """
     fs = fs or RealFileSystem()
     allowed_owners = frozenset(owners) if owners is not None else frozenset({0, os.geteuid()})
-    malformed = [Denial("", rule, msg, Kind.INVALID_ARGUMENT)
-                 for rule, msg in validate_request(req)]
+    malformed = [
+        Denial("", rule, msg, Kind.INVALID_ARGUMENT) for rule, msg in validate_request(req)
+    ]
     if malformed:
         return Decision(None, tuple(malformed))
     # Only the entries this identity may use take part: an entry restricted
     # to someone else must neither change the status code of the answer nor
     # show up (name, identities, rules) in its message. A caller who may
     # use none of them gets exactly the answer for an unknown command.
-    candidates = [e for e in policy.candidates(req.command)
-                  if e.identities is None or req.identity in e.identities]
+    candidates = [
+        e
+        for e in policy.candidates(req.command)
+        if e.identities is None or req.identity in e.identities
+    ]
     if not candidates:
-        return Decision(None, (Denial("", "command-not-allowed",
-                                      f"command {req.command!r} is not in the policy"),))
+        return Decision(
+            None,
+            (Denial("", "command-not-allowed", f"command {req.command!r} is not in the policy"),),
+        )
     denials: list[Denial] = []
     for entry in candidates:
         try:
             result = _decide_entry(entry, req, fs, allowed_owners)
         except Exception as e:  # fail closed on anything unexpected
-            result = [Denial(entry.name, "internal-check-error",
-                             f"check failed: {type(e).__name__}", Kind.FAILED_PRECONDITION)]
+            result = [
+                Denial(
+                    entry.name,
+                    "internal-check-error",
+                    f"check failed: {type(e).__name__}",
+                    Kind.FAILED_PRECONDITION,
+                )
+            ]
         if isinstance(result, Plan):
             return Decision(result)
         denials.extend(result)
     return Decision(None, tuple(denials))
 
 
-def _decide_entry(entry: Entry, req: JobRequest, fs: FileSystem,
-                  owners: frozenset[int]) -> Plan | list[Denial]:
+def _decide_entry(
+    entry: Entry, req: JobRequest, fs: FileSystem, owners: frozenset[int]
+) -> Plan | list[Denial]:
     out: list[Denial] = []
 
     def deny(rule: str, msg: str, kind: Kind = Kind.PERMISSION_DENIED) -> None:
         out.append(Denial(entry.name, rule, msg, kind))
 
-    checked_args = list(req.args) if entry.is_interpreter else (
-        ([req.path] if req.path else []) + list(req.args))
+    checked_args = (
+        list(req.args)
+        if entry.is_interpreter
+        else (([req.path] if req.path else []) + list(req.args))
+    )
     rules = entry.args
     if len(checked_args) > rules.max_count:
-        deny("too-many-args", f"{len(checked_args)} arguments, at most {rules.max_count}",
-             Kind.INVALID_ARGUMENT)
+        deny(
+            "too-many-args",
+            f"{len(checked_args)} arguments, at most {rules.max_count}",
+            Kind.INVALID_ARGUMENT,
+        )
     for i, a in enumerate(checked_args):
         if len(a) > rules.max_length:
-            deny("arg-too-long", f"argument {i} is longer than {rules.max_length} characters",
-                 Kind.INVALID_ARGUMENT)
+            deny(
+                "arg-too-long",
+                f"argument {i} is longer than {rules.max_length} characters",
+                Kind.INVALID_ARGUMENT,
+            )
         elif rules.patterns and not any(p.fullmatch(a) for p in rules.patterns):
             deny("arg-pattern", f"argument {i} does not match any allowed pattern")
     for k in req.env:
@@ -335,9 +347,16 @@ def _decide_entry(entry: Entry, req: JobRequest, fs: FileSystem,
     return result
 
 
-def _program_plan(entry: Entry, req: JobRequest, fs: FileSystem, owners: frozenset[int],
-                  deny: Any, out: list[Denial], script: str | None,
-                  script_fd: int | None) -> Plan | list[Denial]:
+def _program_plan(
+    entry: Entry,
+    req: JobRequest,
+    fs: FileSystem,
+    owners: frozenset[int],
+    deny: Any,
+    out: list[Denial],
+    script: str | None,
+    script_fd: int | None,
+) -> Plan | list[Denial]:
     # The program itself, checked on every start: the policy was validated
     # at load time, but files change.
     try:
@@ -346,8 +365,11 @@ def _program_plan(entry: Entry, req: JobRequest, fs: FileSystem, owners: frozens
         deny("command-missing", f"{entry.command} no longer exists", Kind.FAILED_PRECONDITION)
         return out
     if prog != entry.command:
-        deny("command-moved", f"{entry.command} now resolves to {prog}; reload the policy",
-             Kind.FAILED_PRECONDITION)
+        deny(
+            "command-moved",
+            f"{entry.command} now resolves to {prog}; reload the policy",
+            Kind.FAILED_PRECONDITION,
+        )
         return out
     st = check_file(prog, fs, owners, deny, want_exec=True)
     if st is None or out:
@@ -388,13 +410,21 @@ def _program_plan(entry: Entry, req: JobRequest, fs: FileSystem, owners: frozens
     elif req.path:
         argv.append(req.path)
     argv.extend(req.args)
-    return Plan(entry=entry.name, executable=prog, argv=tuple(argv),
-                env={k: req.env[k] for k in req.env}, cwd=entry.cwd, script=script,
-                exec_fd=exec_fd, script_fd=script_fd)
+    return Plan(
+        entry=entry.name,
+        executable=prog,
+        argv=tuple(argv),
+        env={k: req.env[k] for k in req.env},
+        cwd=entry.cwd,
+        script=script,
+        exec_fd=exec_fd,
+        script_fd=script_fd,
+    )
 
 
-def _check_exec_format(path: str, head: bytes, fs: FileSystem, owners: frozenset[int],
-                       deny: Any) -> bool:
+def _check_exec_format(
+    path: str, head: bytes, fs: FileSystem, owners: frozenset[int], deny: Any
+) -> bool:
     """Whether the kernel would run ``path`` directly, by a trusted interpreter.
 
     An ELF binary runs as it is. A ``#!`` script runs its interpreter,
@@ -407,37 +437,50 @@ def _check_exec_format(path: str, head: bytes, fs: FileSystem, owners: frozenset
     if head.startswith(ELF_MAGIC):
         return True
     if not head.startswith(b"#!"):
-        deny("not-executable-format",
-             f"{path} is neither an ELF binary nor a #! script (the kernel would refuse it)",
-             Kind.FAILED_PRECONDITION)
+        deny(
+            "not-executable-format",
+            f"{path} is neither an ELF binary nor a #! script (the kernel would refuse it)",
+            Kind.FAILED_PRECONDITION,
+        )
         return False
     nl = head.find(b"\n")
     if nl == -1 and len(head) >= BINPRM_BUF_SIZE:
-        deny("interpreter-line-too-long",
-             f"{path}: the #! line is longer than {BINPRM_BUF_SIZE - 1} bytes",
-             Kind.FAILED_PRECONDITION)
+        deny(
+            "interpreter-line-too-long",
+            f"{path}: the #! line is longer than {BINPRM_BUF_SIZE - 1} bytes",
+            Kind.FAILED_PRECONDITION,
+        )
         return False
-    line = head[2:nl if nl != -1 else len(head)].strip(b" \t")
+    line = head[2 : nl if nl != -1 else len(head)].strip(b" \t")
     # The kernel splits the interpreter from its one optional argument at
     # the first space or tab.
     name = line.replace(b"\t", b" ").split(b" ", 1)[0]
     interp = os.fsdecode(name)
     if not interp:
-        deny("interpreter-missing", f"{path}: the #! line names no interpreter",
-             Kind.FAILED_PRECONDITION)
+        deny(
+            "interpreter-missing",
+            f"{path}: the #! line names no interpreter",
+            Kind.FAILED_PRECONDITION,
+        )
         return False
     problem = text_problem(interp, "interpreter", MAX_PATH_BYTES)
     if problem or not interp.startswith("/"):
         # A relative interpreter would be looked up in the job's cwd.
-        deny("interpreter-not-absolute",
-             f"{path}: #! interpreter {interp!r} is not an absolute path"
-             if not problem else f"{path}: #! {problem}")
+        deny(
+            "interpreter-not-absolute",
+            f"{path}: #! interpreter {interp!r} is not an absolute path"
+            if not problem
+            else f"{path}: #! {problem}",
+        )
         return False
 
     def ideny(rule: str, msg: str, kind: Kind = Kind.PERMISSION_DENIED) -> None:
         # A missing interpreter is the machine's state, not the caller's path.
-        deny(f"interpreter-{rule}", f"#! interpreter of {path}: {msg}",
-             Kind.FAILED_PRECONDITION if kind is Kind.NOT_FOUND else kind)
+        deny(
+            f"interpreter-{rule}",
+            f"#! interpreter of {path}: {msg}",
+            Kind.FAILED_PRECONDITION if kind is Kind.NOT_FOUND else kind,
+        )
 
     canonical = resolve_trusted(interp, fs, owners, ideny)
     if canonical is None:
@@ -456,24 +499,32 @@ def _check_exec_format(path: str, head: bytes, fs: FileSystem, owners: frozenset
     finally:
         os.close(fd)
     if ihead.startswith(b"#!"):
-        deny("interpreter-nested-script",
-             f"{path}: #! interpreter {interp} is itself a #! script; name the final "
-             "interpreter (an ELF binary) on the #! line", Kind.FAILED_PRECONDITION)
+        deny(
+            "interpreter-nested-script",
+            f"{path}: #! interpreter {interp} is itself a #! script; name the final "
+            "interpreter (an ELF binary) on the #! line",
+            Kind.FAILED_PRECONDITION,
+        )
         return False
     if not ihead.startswith(ELF_MAGIC):
-        deny("interpreter-not-elf", f"{path}: #! interpreter {interp} is not an ELF binary",
-             Kind.FAILED_PRECONDITION)
+        deny(
+            "interpreter-not-elf",
+            f"{path}: #! interpreter {interp} is not an ELF binary",
+            Kind.FAILED_PRECONDITION,
+        )
         return False
     return True
 
 
-def _check_script(entry: Entry, path: str, fs: FileSystem, owners: frozenset[int],
-                  deny: Any) -> tuple[str | None, int | None]:
+def _check_script(
+    entry: Entry, path: str, fs: FileSystem, owners: frozenset[int], deny: Any
+) -> tuple[str | None, int | None]:
     """The canonical script and, when it is pinned, a sealed copy of it."""
     assert entry.scripts is not None
     if path == "":
-        deny("script-required", "path must name a script for this interpreter",
-             Kind.INVALID_ARGUMENT)
+        deny(
+            "script-required", "path must name a script for this interpreter", Kind.INVALID_ARGUMENT
+        )
         return None, None
     problem = _lexical_path_problem(path)
     if problem:
@@ -490,13 +541,18 @@ def _check_script(entry: Entry, path: str, fs: FileSystem, owners: frozenset[int
         deny("script-missing", f"{path} does not exist", Kind.NOT_FOUND)
         return None, None
     except OSError as e:
-        deny("script-unreadable", f"{path}: {e.strerror or type(e).__name__}",
-             Kind.FAILED_PRECONDITION)
+        deny(
+            "script-unreadable",
+            f"{path}: {e.strerror or type(e).__name__}",
+            Kind.FAILED_PRECONDITION,
+        )
         return None, None
     rules = [r for r in entry.scripts if r.matches(canonical)]
     if not rules:
-        deny("script-symlink-escape",
-             f"{path} resolves to {canonical}, outside the allowed script locations")
+        deny(
+            "script-symlink-escape",
+            f"{path} resolves to {canonical}, outside the allowed script locations",
+        )
         return None, None
     st = check_file(canonical, fs, owners, deny, want_exec=False)
     if st is None:
@@ -523,21 +579,26 @@ def _open(path: str, st: os.stat_result, fs: FileSystem, deny: Any) -> int | Non
     try:
         return fs.open_verified(path, st)
     except OSError as e:
-        deny("file-changed", f"{path} changed while being checked ({type(e).__name__})",
-             Kind.FAILED_PRECONDITION)
+        deny(
+            "file-changed",
+            f"{path} changed while being checked ({type(e).__name__})",
+            Kind.FAILED_PRECONDITION,
+        )
         return None
 
 
 def _seal(path: str, fd: int, pins: set[str], deny: Any, *, executable: bool) -> int | None:
     """A sealed copy of the open file whose digest is one of ``pins``, or None."""
     try:
-        return sealed_copy(fd, pins, name=os.path.basename(path)[:200] or "pinned",
-                           executable=executable)
+        return sealed_copy(
+            fd, pins, name=os.path.basename(path)[:200] or "pinned", executable=executable
+        )
     except DigestMismatch:
         deny("sha256-mismatch", f"{path} does not have the pinned sha256 digest")
     except OSError as e:
-        deny("file-unreadable", f"{path}: {e.strerror or type(e).__name__}",
-             Kind.FAILED_PRECONDITION)
+        deny(
+            "file-unreadable", f"{path}: {e.strerror or type(e).__name__}", Kind.FAILED_PRECONDITION
+        )
     return None
 
 
@@ -556,13 +617,27 @@ def load(path: str | Path, *, owners: Iterable[int] | None = None) -> Policy:
     return parse(text, str(p), owners=owners, base=p.resolve().parent)
 
 
-_ENTRY_KEYS = {"name", "command", "aliases", "scripts", "sha256", "identities", "args",
-               "env", "cwd"}
+_ENTRY_KEYS = {
+    "name",
+    "command",
+    "aliases",
+    "scripts",
+    "sha256",
+    "identities",
+    "args",
+    "env",
+    "cwd",
+}
 _ARGS_KEYS = {"max_count", "max_length", "patterns"}
 
 
-def parse(text: str, source: str = "<policy>", *, owners: Iterable[int] | None = None,
-          base: Path | None = None) -> Policy:
+def parse(
+    text: str,
+    source: str = "<policy>",
+    *,
+    owners: Iterable[int] | None = None,
+    base: Path | None = None,
+) -> Policy:
     """Validate policy YAML text; ``source`` names it in errors.
 
     Relative script locations resolve against ``base`` (the policy file's
@@ -615,8 +690,9 @@ def _parse_entry(raw: Any, owners: frozenset[int], base: Path | None) -> Entry:
         raise _EntryError(f"unknown key(s): {', '.join(sorted(map(str, unknown)))}")
     name = raw.get("name")
     if name is not None and not isinstance(name, str):
-        raise _EntryError(f"name: must be a string, got {type(name).__name__} {name!r} "
-                          "(quote it in YAML)")
+        raise _EntryError(
+            f"name: must be a string, got {type(name).__name__} {name!r} (quote it in YAML)"
+        )
     if not isinstance(name, str) or not _ENTRY_NAME.match(name):
         raise _EntryError("name: required; letters, digits, '.', '_' or '-', at most 64")
     command = raw.get("command")
@@ -651,16 +727,20 @@ def _parse_entry(raw: Any, owners: frozenset[int], base: Path | None) -> Entry:
     if "identities" in raw:
         identities = frozenset(_str_list(raw["identities"], "identities"))
         if not identities:
-            raise _EntryError("identities: an empty list would allow nobody; omit it to "
-                              "allow every authorized identity")
+            raise _EntryError(
+                "identities: an empty list would allow nobody; omit it to "
+                "allow every authorized identity"
+            )
     args = _parse_args(raw.get("args", {}))
     env = frozenset(_str_list(raw.get("env", []), "env"))
     for k in env:
         if not ENV_NAME.match(k):
             raise _EntryError(f"env: {k!r} is not a valid variable name")
         if _DANGEROUS_ENV.match(k):
-            raise _EntryError(f"env: {k} may not be set by callers: it changes what code runs "
-                              "or how the job is isolated")
+            raise _EntryError(
+                f"env: {k} may not be set by callers: it changes what code runs "
+                "or how the job is isolated"
+            )
     cwd = raw.get("cwd")
     if cwd is not None:
         if not isinstance(cwd, str) or not cwd.startswith("/"):
@@ -668,8 +748,17 @@ def _parse_entry(raw: Any, owners: frozenset[int], base: Path | None) -> Entry:
         if not os.path.isdir(cwd):
             raise _EntryError(f"cwd: {cwd} is not an existing directory")
     spellings = {command, canonical, *aliases}
-    return Entry(name=name, command=canonical, spellings=frozenset(spellings), scripts=scripts,
-                 sha256=sha256, identities=identities, args=args, env=env, cwd=cwd)
+    return Entry(
+        name=name,
+        command=canonical,
+        spellings=frozenset(spellings),
+        scripts=scripts,
+        sha256=sha256,
+        identities=identities,
+        args=args,
+        env=env,
+        cwd=cwd,
+    )
 
 
 def _parse_script_rule(raw: Any, base: Path | None) -> ScriptRule:
@@ -680,13 +769,20 @@ def _parse_script_rule(raw: Any, base: Path | None) -> ScriptRule:
             raise _EntryError(f"scripts: unknown key(s): {', '.join(sorted(map(str, unknown)))}")
         sha = _digest(raw.get("sha256"), "scripts: sha256")
         raw = raw.get("path")
-    if isinstance(raw, str) and raw and not raw.startswith("/") and base is not None \
-            and "\x00" not in raw:
+    if (
+        isinstance(raw, str)
+        and raw
+        and not raw.startswith("/")
+        and base is not None
+        and "\x00" not in raw
+    ):
         trailing = raw.endswith("/")
         raw = str(base / raw).rstrip("/") + ("/" if trailing else "")
     if not isinstance(raw, str) or not raw.startswith("/"):
-        raise _EntryError(f"scripts: {raw!r} must be a path (absolute, or relative to the "
-                          "policy file), a directory/ or a glob")
+        raise _EntryError(
+            f"scripts: {raw!r} must be a path (absolute, or relative to the "
+            "policy file), a directory/ or a glob"
+        )
     if "\x00" in raw or any(p in (".", "..") for p in raw.split("/")):
         raise _EntryError(f"scripts: {raw!r} must not contain '.' or '..' components")
     if raw == "/" or raw.startswith("/**"):
@@ -705,8 +801,10 @@ def _digest(value: Any, key: str) -> str | None:
         return None
     if not isinstance(value, str):
         # YAML reads an unquoted all-digit (or 12e34-like) digest as a number.
-        raise _EntryError(f"{key}: must be a quoted string of 64 lowercase hex digits "
-                          f"(YAML read a {type(value).__name__})")
+        raise _EntryError(
+            f"{key}: must be a quoted string of 64 lowercase hex digits "
+            f"(YAML read a {type(value).__name__})"
+        )
     if not _HEX64.match(value):
         raise _EntryError(f"{key}: must be 64 lowercase hex digits")
     return value
@@ -724,7 +822,7 @@ def _canonical_pattern(pattern: str) -> str | None:
         if _has_glob(p):
             break
         literal.append(p)
-    rest = parts[1 + len(literal):]
+    rest = parts[1 + len(literal) :]
     prefix = "/" + "/".join(x for x in literal if x)
     try:
         real = os.path.realpath(prefix, strict=True)
@@ -761,7 +859,7 @@ def _glob_regex(pattern: str) -> re.Pattern[str]:
             j = pattern.find("]", i + 2)
             if j == -1:
                 raise _EntryError(f"scripts: {pattern!r}: unclosed '['")
-            body = pattern[i + 1:j]
+            body = pattern[i + 1 : j]
             neg = body.startswith("!")
             if neg:
                 body = body[1:]
@@ -790,8 +888,9 @@ def _parse_args(raw: Any) -> ArgRules:
         try:
             patterns.append(re.compile(p))
         except re.error as e:
-            raise _EntryError(f"args: patterns: {p!r} is not a valid regular expression: "
-                              f"{e}") from None
+            raise _EntryError(
+                f"args: patterns: {p!r} is not a valid regular expression: {e}"
+            ) from None
     return ArgRules(max_count=max_count, max_length=max_length, patterns=tuple(patterns))
 
 

@@ -56,7 +56,7 @@ def read_stat(pid: int) -> ProcStat | None:
         return None
     # The command name is in parentheses and may itself contain ') ', so
     # split after the last one.
-    rest = data[data.rfind(b")") + 2:].split()
+    rest = data[data.rfind(b")") + 2 :].split()
     try:
         return ProcStat(pid=pid, pgid=int(rest[2]), start_ticks=int(rest[19]))
     except (IndexError, ValueError):
@@ -97,8 +97,12 @@ def leftover_processes(jobs: Iterable[LostJob], instance_marker: bytes) -> list[
     for j in jobs:
         markers.add(f"{JOB_ID_ENV}={j.job_id}".encode())
         leader = read_stat(j.pgid) if j.pgid > 1 else None
-        if (leader is not None and j.leader_start != 0 and leader.pgid == j.pgid
-                and leader.start_ticks == j.leader_start):
+        if (
+            leader is not None
+            and j.leader_start != 0
+            and leader.pgid == j.pgid
+            and leader.start_ticks == j.leader_start
+        ):
             groups.add(j.pgid)
     out: list[int] = []
     me = os.getpid()

@@ -32,11 +32,20 @@ log = logging.getLogger(__name__)
 class Registrar:
     """Keeps this agent registered with the scheduler."""
 
-    def __init__(self, *, scheduler_addr: str, advertise_addr: str, pair: KeyPair,
-                 ca_pem: bytes, server_name: str = "", heartbeat: float = 10.0,
-                 retry_initial: float = 0.5, retry_max: float = 30.0,
-                 call_timeout: float = 5.0,
-                 on_event: Callable[..., None] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        scheduler_addr: str,
+        advertise_addr: str,
+        pair: KeyPair,
+        ca_pem: bytes,
+        server_name: str = "",
+        heartbeat: float = 10.0,
+        retry_initial: float = 0.5,
+        retry_max: float = 30.0,
+        call_timeout: float = 5.0,
+        on_event: Callable[..., None] | None = None,
+    ) -> None:
         self.scheduler_addr = scheduler_addr
         self.advertise_addr = advertise_addr
         self.heartbeat = heartbeat
@@ -46,11 +55,12 @@ class Registrar:
         self.worker_id = ""
         self.registered = asyncio.Event()
         self._on_event = on_event or (lambda **kw: None)
-        creds = grpc.ssl_channel_credentials(root_certificates=ca_pem,
-                                             private_key=pair.key_pem,
-                                             certificate_chain=pair.cert_pem)
-        self._channel = grpc.aio.secure_channel(scheduler_addr, creds,
-                                                options=reconnecting_channel_options(server_name))
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=ca_pem, private_key=pair.key_pem, certificate_chain=pair.cert_pem
+        )
+        self._channel = grpc.aio.secure_channel(
+            scheduler_addr, creds, options=reconnecting_channel_options(server_name)
+        )
         self._stub = pb_grpc.SchedulerStub(self._channel)
         self._task: asyncio.Task[None] | None = None
         self._last_problem = ""
@@ -72,7 +82,8 @@ class Registrar:
         while True:
             try:
                 res = await self._stub.RegisterWorker(
-                    pb.RegisterReq(address=self.advertise_addr), timeout=self.call_timeout)
+                    pb.RegisterReq(address=self.advertise_addr), timeout=self.call_timeout
+                )
             except grpc.aio.AioRpcError as e:
                 code = e.code()
                 if code == grpc.StatusCode.PERMISSION_DENIED:
@@ -84,10 +95,15 @@ class Registrar:
                     self.worker_id = res.workerID
                     self._last_problem = ""
                     self.registered.set()
-                    log.info("registered with scheduler %s as worker %s (address %s)",
-                             self.scheduler_addr, res.workerID, self.advertise_addr)
-                    self._on_event(decision="ok", reason=f"registered as {res.workerID}",
-                                   rpc="RegisterWorker")
+                    log.info(
+                        "registered with scheduler %s as worker %s (address %s)",
+                        self.scheduler_addr,
+                        res.workerID,
+                        self.advertise_addr,
+                    )
+                    self._on_event(
+                        decision="ok", reason=f"registered as {res.workerID}", rpc="RegisterWorker"
+                    )
                     return float(res.heartbeatSeconds or self.heartbeat)
                 self._problem("registration refused (success = false)")
             await asyncio.sleep(delay())
@@ -104,8 +120,9 @@ class Registrar:
         while True:
             await asyncio.sleep(interval)
             try:
-                res = await self._stub.Heartbeat(pb.HeartbeatReq(workerID=self.worker_id),
-                                                 timeout=self.call_timeout)
+                res = await self._stub.Heartbeat(
+                    pb.HeartbeatReq(workerID=self.worker_id), timeout=self.call_timeout
+                )
             except grpc.aio.AioRpcError as e:
                 self._problem(f"heartbeat failed: {e.code().name}: {e.details()}")
                 # Unreachable: keep trying; the scheduler may forget us
@@ -113,8 +130,11 @@ class Registrar:
                 await asyncio.sleep(max(0.0, delay() - interval))
                 continue
             if not res.known:
-                log.info("scheduler %s no longer knows worker %s: registering again",
-                         self.scheduler_addr, self.worker_id)
+                log.info(
+                    "scheduler %s no longer knows worker %s: registering again",
+                    self.scheduler_addr,
+                    self.worker_id,
+                )
                 return
             if self._last_problem:
                 log.info("scheduler %s reachable again", self.scheduler_addr)
@@ -129,11 +149,13 @@ class Registrar:
                 await self._task
         if deregister and self.worker_id:
             try:
-                await self._stub.DeregisterWorker(pb.DeregisterReq(workerID=self.worker_id),
-                                                  timeout=min(self.call_timeout, 3.0))
+                await self._stub.DeregisterWorker(
+                    pb.DeregisterReq(workerID=self.worker_id), timeout=min(self.call_timeout, 3.0)
+                )
                 log.info("deregistered from scheduler %s", self.scheduler_addr)
                 self._on_event(decision="ok", reason="deregistered", rpc="DeregisterWorker")
             except grpc.aio.AioRpcError as e:
-                log.warning("could not deregister from scheduler %s: %s", self.scheduler_addr,
-                            e.code().name)
+                log.warning(
+                    "could not deregister from scheduler %s: %s", self.scheduler_addr, e.code().name
+                )
         await self._channel.close()

@@ -28,8 +28,10 @@ from agent.vocabulary import JobState
 
 log = logging.getLogger(__name__)
 
-LOST_TEXT = ("the agent stopped while this job was running; its outcome is unknown and its "
-             "processes were killed at the next start")
+LOST_TEXT = (
+    "the agent stopped while this job was running; its outcome is unknown and its "
+    "processes were killed at the next start"
+)
 
 
 @dataclass(frozen=True)
@@ -45,8 +47,7 @@ def recover(history: History, *, instance: str, boot_id: str, instance_env: str)
     lost = history.store.running()
     now = time.time()
     # Processes of an earlier boot are gone; their pids mean nothing now.
-    this_boot = [procfs.LostJob(r.id, r.pid, r.leader_start) for r in lost
-                 if r.boot_id == boot_id]
+    this_boot = [procfs.LostJob(r.id, r.pid, r.leader_start) for r in lost if r.boot_id == boot_id]
     marker = f"{instance_env}={instance}".encode()
     killed = 0
     for pid in procfs.leftover_processes(this_boot, marker):
@@ -62,8 +63,12 @@ def recover(history: History, *, instance: str, boot_id: str, instance_env: str)
             rec.output_bytes = os.stat(rec.output_path).st_size
         history.save(rec)
     if lost or killed:
-        log.warning("recovered %d job(s) left running by a previous agent as LOST; "
-                    "killed %d leftover process(es)", len(lost), killed)
+        log.warning(
+            "recovered %d job(s) left running by a previous agent as LOST; "
+            "killed %d leftover process(es)",
+            len(lost),
+            killed,
+        )
     return lost
 
 
@@ -76,8 +81,13 @@ class Sweeper:
         self.policy = policy
         self.more = False  # a backlog remains after the last bounded sweep
 
-    def sweep(self, running: set[str] | frozenset[str] = frozenset(), now: float | None = None,
-              *, max_batches: int = 0) -> int:
+    def sweep(
+        self,
+        running: set[str] | frozenset[str] = frozenset(),
+        now: float | None = None,
+        *,
+        max_batches: int = 0,
+    ) -> int:
         """Apply retention; retry unsaved records. Returns the number of jobs removed."""
         self.history.retry_unsaved()
         p = self.policy
@@ -91,8 +101,9 @@ class Sweeper:
                 self.more = True
                 break
             batches += 1
-            victims = self.history.store.expired(max_age_seconds=p.max_age_seconds,
-                                                 max_jobs=p.max_jobs, now=now)
+            victims = self.history.store.expired(
+                max_age_seconds=p.max_age_seconds, max_jobs=p.max_jobs, now=now
+            )
             victims = [(i, path) for i, path in victims if i not in running]
             if not victims:
                 break

@@ -92,8 +92,13 @@ def server_options(cfg: Config) -> list[tuple[str, Any]]:
 class AgentServer:
     """One agent: listener, job manager, signals, notifications."""
 
-    def __init__(self, prepared: Prepared, *, notifier: Notifier | None = None,
-                 on_ready: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        prepared: Prepared,
+        *,
+        notifier: Notifier | None = None,
+        on_ready: Callable[[], None] | None = None,
+    ) -> None:
         self.prepared = prepared
         self._on_ready = on_ready
         self.config = prepared.config
@@ -159,16 +164,31 @@ class AgentServer:
             ops = SpawnerOps(on_fatal=self._spawner_fatal)
         except OSError as e:
             raise StartupError(f"cannot start the job spawner: {e}") from None
-        self.jobs = Supervisor(settings, history, self.prepared.policy, ops,
-                               on_change=self._mark_status, on_finish=self._audit_finish)
-        retention.recover(history, instance=settings.instance, boot_id=BOOT_ID,
-                          instance_env=INSTANCE_ENV)
-        self.sweeper = Sweeper(history, cfg.output_dir, retention.Policy(
-            max_age_seconds=cfg.retention.max_age_seconds, max_jobs=cfg.retention.max_jobs))
+        self.jobs = Supervisor(
+            settings,
+            history,
+            self.prepared.policy,
+            ops,
+            on_change=self._mark_status,
+            on_finish=self._audit_finish,
+        )
+        retention.recover(
+            history, instance=settings.instance, boot_id=BOOT_ID, instance_env=INSTANCE_ENV
+        )
+        self.sweeper = Sweeper(
+            history,
+            cfg.output_dir,
+            retention.Policy(
+                max_age_seconds=cfg.retention.max_age_seconds, max_jobs=cfg.retention.max_jobs
+            ),
+        )
         self.sweeper.sweep()
-        access = AccessRules(mtls=cfg.mtls, clients=frozenset(cfg.auth.clients),
-                             admins=frozenset(cfg.auth.admins),
-                             allow_anonymous=cfg.auth.allow_anonymous)
+        access = AccessRules(
+            mtls=cfg.mtls,
+            clients=frozenset(cfg.auth.clients),
+            admins=frozenset(cfg.auth.admins),
+            allow_anonymous=cfg.auth.allow_anonymous,
+        )
         service = WorkerService(self.jobs, self.audit, access, log_reads=cfg.audit.log_reads)
         server = grpc.aio.server(options=server_options(cfg))
         server.add_generic_rpc_handlers([service.handler()])
@@ -178,32 +198,40 @@ class AgentServer:
                 assert gs.crt_file and gs.key_file
                 pair = self.prepared.server_pair
                 self.reloader = CertificateReloader(
-                    gs.crt_file, gs.key_file, gs.ca_file,
+                    gs.crt_file,
+                    gs.key_file,
+                    gs.ca_file,
                     key_type_locked=pair.key_type if (gs.tls13_only and pair) else None,
-                    on_change=self._audit_rotation)
-                creds = reloading_server_credentials(self.reloader,
-                                                     require_client_auth=cfg.mtls)
+                    on_change=self._audit_rotation,
+                )
+                creds = reloading_server_credentials(self.reloader, require_client_auth=cfg.mtls)
                 port = server.add_secure_port(gs.addr, creds)
             else:
                 port = server.add_insecure_port(gs.addr)
         except RuntimeError as e:
-            raise StartupError(f"cannot listen on {gs.addr}: {e} (is another process using "
-                               "the port?)") from None
+            raise StartupError(
+                f"cannot listen on {gs.addr}: {e} (is another process using the port?)"
+            ) from None
         if not port:
-            raise StartupError(f"cannot listen on {gs.addr} (is another process using the "
-                               "port?)")
+            raise StartupError(f"cannot listen on {gs.addr} (is another process using the port?)")
         self.bound_port = port
         await server.start()
         self.server = server
         for w in self.prepared.warnings:
             log.warning("%s", w)
-        log.info("agent %s listening on %s (%s), policy %s with %d entr%s, jobs run as %s",
-                 _version(), gs.addr, "mTLS" if cfg.mtls else "TLS" if gs.use_tls
-                 else "PLAINTEXT", cfg.jobs.policy_file, len(self.prepared.policy.entries),
-                 "y" if len(self.prepared.policy.entries) == 1 else "ies",
-                 self.prepared.job_user.name)
-        self.audit.record("agent_start", decision="ok", reason=f"listening on {gs.addr}",
-                          pid=os.getpid())
+        log.info(
+            "agent %s listening on %s (%s), policy %s with %d entr%s, jobs run as %s",
+            _version(),
+            gs.addr,
+            "mTLS" if cfg.mtls else "TLS" if gs.use_tls else "PLAINTEXT",
+            cfg.jobs.policy_file,
+            len(self.prepared.policy.entries),
+            "y" if len(self.prepared.policy.entries) == 1 else "ies",
+            self.prepared.job_user.name,
+        )
+        self.audit.record(
+            "agent_start", decision="ok", reason=f"listening on {gs.addr}", pid=os.getpid()
+        )
         await self._start_registration()
         # The listener is bound and serving TLS: only now is the agent ready.
         self.notifier.ready(self._status_text())
@@ -219,12 +247,17 @@ class AgentServer:
         assert self.prepared.scheduler_pair and self.prepared.scheduler_ca
         advertise = sch.advertise_addr or self._advertise_default()
         self.registrar = Registrar(
-            scheduler_addr=sch.addr, advertise_addr=advertise,
-            pair=self.prepared.scheduler_pair, ca_pem=self.prepared.scheduler_ca,
-            server_name=sch.server_name, heartbeat=sch.heartbeat_seconds,
-            retry_initial=sch.retry_initial_seconds, retry_max=sch.retry_max_seconds,
+            scheduler_addr=sch.addr,
+            advertise_addr=advertise,
+            pair=self.prepared.scheduler_pair,
+            ca_pem=self.prepared.scheduler_ca,
+            server_name=sch.server_name,
+            heartbeat=sch.heartbeat_seconds,
+            retry_initial=sch.retry_initial_seconds,
+            retry_max=sch.retry_max_seconds,
             call_timeout=sch.call_timeout_seconds,
-            on_event=lambda **kw: self.audit.record("registration", **kw) if self.audit else None)
+            on_event=lambda **kw: self.audit.record("registration", **kw) if self.audit else None,
+        )
         self.registrar.start()
 
     def _advertise_default(self) -> str:
@@ -245,15 +278,27 @@ class AgentServer:
 
     def _audit_finish(self, rec: Any) -> None:
         if self.audit:
-            self.audit.record("job_end", decision="ok", identity=rec.owner, job_id=rec.id,
-                              command=rec.command, path=rec.path, state=rec.state.name,
-                              exit_code=rec.exit_code, signal=rec.signal, reason=rec.error_text)
+            self.audit.record(
+                "job_end",
+                decision="ok",
+                identity=rec.owner,
+                job_id=rec.id,
+                command=rec.command,
+                path=rec.path,
+                state=rec.state.name,
+                exit_code=rec.exit_code,
+                signal=rec.signal,
+                reason=rec.error_text,
+            )
 
     def _audit_rotation(self, state: ServerTLSState) -> None:
         if self.audit:
-            self.audit.record("certificate_rotation", decision="ok",
-                              reason=f"now serving {state.pair.subject}",
-                              fingerprint=state.pair.fingerprint)
+            self.audit.record(
+                "certificate_rotation",
+                decision="ok",
+                reason=f"now serving {state.pair.subject}",
+                fingerprint=state.pair.fingerprint,
+            )
 
     async def main_loop(self) -> None:
         """Act on signals; run periodic work; return when asked to exit."""
@@ -287,8 +332,11 @@ class AgentServer:
                 waits.append(next_wd - now)
             reload_wait = asyncio.ensure_future(self.reload_requested.wait())
             exit_wait = asyncio.ensure_future(self.should_exit.wait())
-            await asyncio.wait({reload_wait, exit_wait}, timeout=max(0.01, min(waits)),
-                               return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(
+                {reload_wait, exit_wait},
+                timeout=max(0.01, min(waits)),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
             reload_wait.cancel()
             exit_wait.cancel()
 
@@ -308,10 +356,12 @@ class AgentServer:
             self.audit.record("policy_reload", decision="error", reason=str(e))
         else:
             self.jobs.set_policy(new)
-            log.info("policy reloaded: %d entr%s", len(new.entries),
-                     "y" if len(new.entries) == 1 else "ies")
-            self.audit.record("policy_reload", decision="ok",
-                              reason=f"{len(new.entries)} entries")
+            log.info(
+                "policy reloaded: %d entr%s",
+                len(new.entries),
+                "y" if len(new.entries) == 1 else "ies",
+            )
+            self.audit.record("policy_reload", decision="ok", reason=f"{len(new.entries)} entries")
         try:
             self.audit.reopen()
         except OSError as e:
@@ -324,8 +374,11 @@ class AgentServer:
         """Stop taking jobs, deregister, end jobs, persist, close."""
         cfg = self.config
         self.notifier.stopping()
-        log.info("shutting down (%s running job(s), on_shutdown = %s)",
-                 len(self.jobs.running) if self.jobs else 0, cfg.daemon.on_shutdown)
+        log.info(
+            "shutting down (%s running job(s), on_shutdown = %s)",
+            len(self.jobs.running) if self.jobs else 0,
+            cfg.daemon.on_shutdown,
+        )
         if self.jobs is not None:
             self.jobs.stop_accepting()
         self.notifier.status(self._status_text())
@@ -335,7 +388,8 @@ class AgentServer:
         if self.jobs is not None:
             mode = "stop" if self.force_exit else cfg.daemon.on_shutdown
             task = asyncio.ensure_future(
-                self.jobs.shutdown(mode=mode, deadline=cfg.daemon.shutdown_deadline_seconds))
+                self.jobs.shutdown(mode=mode, deadline=cfg.daemon.shutdown_deadline_seconds)
+            )
             # A second SIGINT during the wait turns it into a stop.
             while not task.done():
                 self.should_exit.clear()
@@ -385,8 +439,12 @@ def _version() -> str:
     return __version__
 
 
-def run(prepared: Prepared, *, on_ready: Callable[[], None] | None = None,
-        on_startup_error: Callable[[str], None] | None = None) -> int:
+def run(
+    prepared: Prepared,
+    *,
+    on_ready: Callable[[], None] | None = None,
+    on_startup_error: Callable[[str], None] | None = None,
+) -> int:
     """Run an agent in this process (after any daemon fork). Returns the exit status."""
     server = AgentServer(prepared, on_ready=on_ready)
     try:

@@ -52,6 +52,7 @@ def _deserializer(cls: Any) -> Callable[[bytes], Any]:
             return cls.FromString(data)
         except pb_message.DecodeError as e:
             return Malformed(str(e).split(":")[-1].strip() or "undecodable request")
+
     return parse
 
 
@@ -92,8 +93,9 @@ T = TypeVar("T")
 class WorkerService:
     """Implements ``jobscheduler.Worker``."""
 
-    def __init__(self, jobs: Supervisor, audit: AuditLog, access: AccessRules, *,
-                 log_reads: bool = False) -> None:
+    def __init__(
+        self, jobs: Supervisor, audit: AuditLog, access: AccessRules, *, log_reads: bool = False
+    ) -> None:
         self.jobs = jobs
         self.audit = audit
         self.access = access
@@ -106,8 +108,9 @@ class WorkerService:
         if not self.access.mtls:
             if self.access.allow_anonymous:
                 return ANONYMOUS
-            raise Unauthenticated("no client identity (the agent is not using mTLS)",
-                                  rule="no-identity")
+            raise Unauthenticated(
+                "no client identity (the agent is not using mTLS)", rule="no-identity"
+            )
         pems = context.auth_context().get("x509_pem_cert")
         if not pems:
             raise Unauthenticated("no verified client certificate", rule="no-client-cert")
@@ -116,16 +119,36 @@ class WorkerService:
             raise Unauthenticated(peer.problem, rule="bad-client-cert")
         return peer.identity
 
-    async def _fail(self, context: grpc.aio.ServicerContext, rpc: str, identity: str,
-                    err: AgentError, **fields: Any) -> None:
-        self.audit.record("rpc", decision="deny", identity=identity, peer=context.peer(),
-                          rpc=rpc, reason=err.message, rule=err.rule, **fields)
+    async def _fail(
+        self,
+        context: grpc.aio.ServicerContext,
+        rpc: str,
+        identity: str,
+        err: AgentError,
+        **fields: Any,
+    ) -> None:
+        self.audit.record(
+            "rpc",
+            decision="deny",
+            identity=identity,
+            peer=context.peer(),
+            rpc=rpc,
+            reason=err.message,
+            rule=err.rule,
+            **fields,
+        )
         if err.kind is Kind.INTERNAL:
             log.error("%s failed: %s", rpc, err.message)
         await context.abort(STATUS[err.kind], err.message)
 
-    async def _run(self, rpc: str, request: Any, context: grpc.aio.ServicerContext,
-                   body: Callable[[Caller], Awaitable[T]], **fields: Any) -> T:
+    async def _run(
+        self,
+        rpc: str,
+        request: Any,
+        context: grpc.aio.ServicerContext,
+        body: Callable[[Caller], Awaitable[T]],
+        **fields: Any,
+    ) -> T:
         identity = ""
         try:
             identity = self.identify(context)
@@ -135,15 +158,17 @@ class WorkerService:
             except AccessDenied as e:
                 raise PermissionDenied(e.message, rule=e.rule) from None
             if isinstance(request, Malformed):
-                raise InvalidArgument(f"request could not be decoded: {request.reason}",
-                                      rule="undecodable")
+                raise InvalidArgument(
+                    f"request could not be decoded: {request.reason}", rule="undecodable"
+                )
             result = await body(caller)
         except AgentError as e:
             await self._fail(context, rpc, identity, e, **fields)
             raise AssertionError("unreachable") from None  # abort() raises
         if rpc in READ_RPCS and self.log_reads:
-            self.audit.record("rpc", decision="allow", identity=identity, peer=context.peer(),
-                              rpc=rpc, **fields)
+            self.audit.record(
+                "rpc", decision="allow", identity=identity, peer=context.peer(), rpc=rpc, **fields
+            )
         return result
 
     # ------------------------------------------------------------ RPCs
@@ -162,31 +187,50 @@ class WorkerService:
             rec = await self.jobs.wait(rec.id, caller, timeout)
         return record_to_pb(rec)
 
-    async def _start(self, rpc: str, request: Any,
-                     context: grpc.aio.ServicerContext) -> tuple[JobRecord, Caller]:
+    async def _start(
+        self, rpc: str, request: Any, context: grpc.aio.ServicerContext
+    ) -> tuple[JobRecord, Caller]:
         malformed = isinstance(request, Malformed)
         # Bounded: a refused request must not turn into a megabyte audit line.
         # Bounded: a refused request must not turn into a megabyte audit line,
         # nor cost more than a few dozen items to describe (islice, never a
         # sort or copy of the whole map).
-        fields: dict[str, Any] = {} if malformed else {
-            "command": request.command[:512], "path": request.path[:512],
-            "args": _audit_args(request),
-            "env": sorted(n[:128] for n in itertools.islice(request.env, 64)),
-            "arg_count": len(request.args), "env_count": len(request.env)}
+        fields: dict[str, Any] = (
+            {}
+            if malformed
+            else {
+                "command": request.command[:512],
+                "path": request.path[:512],
+                "args": _audit_args(request),
+                "env": sorted(n[:128] for n in itertools.islice(request.env, 64)),
+                "arg_count": len(request.args),
+                "env_count": len(request.env),
+            }
+        )
 
         async def body(caller: Caller) -> tuple[JobRecord, Caller]:
             # Every size bound before any other work on the request.
-            validation.start_bounds(request.command, request.path, request.args,
-                                    request.env, request.secretArgs)
+            validation.start_bounds(
+                request.command, request.path, request.args, request.env, request.secretArgs
+            )
             return await self.jobs.start(_start_request(request, caller.identity)), caller
 
         rec, caller = await self._run(rpc, request, context, body, **fields)
-        self.audit.record("job_start", decision="allow", identity=rec.owner,
-                          peer=context.peer(), rpc=rpc, job_id=rec.id,
-                          command=rec.command, path=rec.path, args=rec.args,
-                          env=fields.get("env"), pid=rec.pid, state=rec.state.name,
-                          reason=rec.error_text)
+        self.audit.record(
+            "job_start",
+            decision="allow",
+            identity=rec.owner,
+            peer=context.peer(),
+            rpc=rpc,
+            job_id=rec.id,
+            command=rec.command,
+            path=rec.path,
+            args=rec.args,
+            env=fields.get("env"),
+            pid=rec.pid,
+            state=rec.state.name,
+            reason=rec.error_text,
+        )
         return rec, caller
 
     async def StopJob(self, request: Any, context: grpc.aio.ServicerContext) -> pb.StopJobRes:
@@ -194,9 +238,17 @@ class WorkerService:
 
         async def body(caller: Caller) -> pb.StopJobRes:
             rec = self.jobs.stop(validation.job_id(job_id), caller)
-            self.audit.record("job_stop", decision="allow", identity=caller.identity,
-                              peer=context.peer(), rpc="StopJob", job_id=rec.id,
-                              command=rec.command, path=rec.path, state=rec.state.name)
+            self.audit.record(
+                "job_stop",
+                decision="allow",
+                identity=caller.identity,
+                peer=context.peer(),
+                rpc="StopJob",
+                job_id=rec.id,
+                command=rec.command,
+                path=rec.path,
+                state=rec.state.name,
+            )
             return pb.StopJobRes()
 
         return await self._run("StopJob", request, context, body, job_id=job_id[:64])
@@ -231,9 +283,13 @@ class WorkerService:
         async def body(caller: Caller) -> pb.ListJobsRes:
             validation.list_bounds(request.states, request.owner, request.pageToken)
             states = validation.states(request.states)
-            recs, token = self.jobs.list_jobs(caller, states=states, owner=request.owner,
-                                         page_size=request.pageSize,
-                                         page_token=request.pageToken)
+            recs, token = self.jobs.list_jobs(
+                caller,
+                states=states,
+                owner=request.owner,
+                page_size=request.pageSize,
+                page_token=request.pageToken,
+            )
             return pb.ListJobsRes(jobs=[record_to_pb(r) for r in recs], nextPageToken=token)
 
         return await self._run("ListJobs", request, context, body)
@@ -245,8 +301,7 @@ class WorkerService:
         chunks: list[AsyncIterator[tuple[int, bytes]]] = []
 
         async def body(caller: Caller) -> None:
-            it = self.jobs.stream(validation.job_id(job_id), caller, request.offset,
-                                  request.follow)
+            it = self.jobs.stream(validation.job_id(job_id), caller, request.offset, request.follow)
             # Run the access checks now (the first step of the generator),
             # so a refusal is a status, not a broken stream.
             first = await _first(it)
@@ -262,21 +317,29 @@ class WorkerService:
         """The generic handler to add to a grpc.aio server."""
         uu = grpc.unary_unary_rpc_method_handler
         methods = {
-            "StartJob": uu(self.StartJob, _deserializer(pb.StartJobReq),
-                           pb.StartJobRes.SerializeToString),
-            "RunJob": uu(self.RunJob, _deserializer(pb.StartJobReq),
-                         pb.QueryJobRes.SerializeToString),
-            "StopJob": uu(self.StopJob, _deserializer(pb.StopJobReq),
-                          pb.StopJobRes.SerializeToString),
-            "QueryJob": uu(self.QueryJob, _deserializer(pb.QueryJobReq),
-                           pb.QueryJobRes.SerializeToString),
-            "WaitJob": uu(self.WaitJob, _deserializer(pb.WaitJobReq),
-                          pb.QueryJobRes.SerializeToString),
-            "ListJobs": uu(self.ListJobs, _deserializer(pb.ListJobsReq),
-                           pb.ListJobsRes.SerializeToString),
+            "StartJob": uu(
+                self.StartJob, _deserializer(pb.StartJobReq), pb.StartJobRes.SerializeToString
+            ),
+            "RunJob": uu(
+                self.RunJob, _deserializer(pb.StartJobReq), pb.QueryJobRes.SerializeToString
+            ),
+            "StopJob": uu(
+                self.StopJob, _deserializer(pb.StopJobReq), pb.StopJobRes.SerializeToString
+            ),
+            "QueryJob": uu(
+                self.QueryJob, _deserializer(pb.QueryJobReq), pb.QueryJobRes.SerializeToString
+            ),
+            "WaitJob": uu(
+                self.WaitJob, _deserializer(pb.WaitJobReq), pb.QueryJobRes.SerializeToString
+            ),
+            "ListJobs": uu(
+                self.ListJobs, _deserializer(pb.ListJobsReq), pb.ListJobsRes.SerializeToString
+            ),
             "StreamJobOutput": grpc.unary_stream_rpc_method_handler(
-                self.StreamJobOutput, _deserializer(pb.StreamJobOutputReq),
-                pb.StreamJobOutputRes.SerializeToString),
+                self.StreamJobOutput,
+                _deserializer(pb.StreamJobOutputReq),
+                pb.StreamJobOutputRes.SerializeToString,
+            ),
         }
         return grpc.method_handlers_generic_handler("jobscheduler.Worker", methods)
 
@@ -286,15 +349,18 @@ async def _first(it: AsyncIterator[tuple[int, bytes]]) -> AsyncIterator[tuple[in
     try:
         head = await it.__anext__()
     except StopAsyncIteration:
+
         async def empty() -> AsyncIterator[tuple[int, bytes]]:
             return
             yield  # pragma: no cover
+
         return empty()
 
     async def rest() -> AsyncIterator[tuple[int, bytes]]:
         yield head
         async for item in it:
             yield item
+
     return rest()
 
 
@@ -304,8 +370,10 @@ def _audit_args(request: Any) -> list[str]:
     if len(request.secretArgs) > 1024:  # refused anyway; hide every argument
         return ["<secret>"] * min(len(request.args), 64)
     secret = {i for i in request.secretArgs if 0 <= i < 64}
-    return ["<secret>" if i in secret else a[:256]
-            for i, a in enumerate(itertools.islice(request.args, 64))]
+    return [
+        "<secret>" if i in secret else a[:256]
+        for i, a in enumerate(itertools.islice(request.args, 64))
+    ]
 
 
 def _start_request(request: Any, identity: str) -> StartRequest:

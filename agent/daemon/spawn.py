@@ -113,13 +113,21 @@ class ProcessOps(Protocol):
 def plan_of(spec: SpawnSpec) -> tuple[dict[str, Any], list[str], list[int]]:
     """The spawner's plan for ``spec``, with the descriptor roles and descriptors."""
     plan: dict[str, Any] = {
-        "path": spec.executable, "argv": list(spec.argv), "env": dict(spec.env),
-        "cwd": spec.cwd, "umask": spec.umask, "uid": spec.uid, "gid": spec.gid,
+        "path": spec.executable,
+        "argv": list(spec.argv),
+        "env": dict(spec.env),
+        "cwd": spec.cwd,
+        "umask": spec.umask,
+        "uid": spec.uid,
+        "gid": spec.gid,
         "limits": {k: v for k, v in spec.limits.items() if v},
     }
     roles, fds = ["stdout"], [spec.stdout_fd]
-    for role, fd in (("exec", spec.exec_fd), ("script", spec.script_fd),
-                     ("cgroup", spec.cgroup_procs_fd)):
+    for role, fd in (
+        ("exec", spec.exec_fd),
+        ("script", spec.script_fd),
+        ("cgroup", spec.cgroup_procs_fd),
+    ):
         if fd is not None:
             roles.append(role)
             fds.append(fd)
@@ -154,10 +162,20 @@ class SpawnerOps:
             # child) in isolated mode: neither the agent's environment nor its
             # working directory can change what the spawner imports.
             self._proc = subprocess.Popen(
-                [sys.executable, "-I", "-m", "agent.daemon.spawner", str(theirs.fileno()),
-                 str(os.getpid())],
-                pass_fds=[theirs.fileno()], close_fds=True, stdin=subprocess.DEVNULL,
-                env={}, cwd="/")
+                [
+                    sys.executable,
+                    "-I",
+                    "-m",
+                    "agent.daemon.spawner",
+                    str(theirs.fileno()),
+                    str(os.getpid()),
+                ],
+                pass_fds=[theirs.fileno()],
+                close_fds=True,
+                stdin=subprocess.DEVNULL,
+                env={},
+                cwd="/",
+            )
         finally:
             theirs.close()
         self._sock = ours
@@ -230,8 +248,9 @@ class SpawnerOps:
             pid = msg.get("pid")
             if pid is None:
                 if not fut.done():
-                    fut.set_exception(SpawnFailure(int(msg.get("errno", errno.EIO)),
-                                                str(msg["error"])))
+                    fut.set_exception(
+                        SpawnFailure(int(msg.get("errno", errno.EIO)), str(msg["error"]))
+                    )
                 return
             self._running[pid] = on_exit
             if fut.done():  # the start was cancelled: the job must not run unseen
@@ -241,8 +260,13 @@ class SpawnerOps:
                 fut.set_result(pid)
         elif msg["op"] == "exited":
             on_exit = self._running.pop(msg["pid"])
-            ex = Exit(exit_code=msg["code"], signal=msg["signal"], user_cpu=msg["utime"],
-                      system_cpu=msg["stime"], max_rss=msg["maxrss"])
+            ex = Exit(
+                exit_code=msg["code"],
+                signal=msg["signal"],
+                user_cpu=msg["utime"],
+                system_cpu=msg["stime"],
+                max_rss=msg["maxrss"],
+            )
             # Scheduled, not called: the task awaiting this job's spawn (woken
             # by the answer just before) runs first, as with a pidfd reader.
             self._loop.call_soon(on_exit, ex)
@@ -255,8 +279,12 @@ class SpawnerOps:
         self._sock.close()
         self._sock = None
         status = self._reap_spawner(0.5)
-        log.error("the job spawner (pid %s) died (%s); killing its %d running job(s)",
-                  self.spawner_pid, status, len(self._running))
+        log.error(
+            "the job spawner (pid %s) died (%s); killing its %d running job(s)",
+            self.spawner_pid,
+            status,
+            len(self._running),
+        )
         for fut, _ in self._pending.values():
             if not fut.done():
                 fut.set_exception(SpawnFailure(errno.EIO, "the job spawner died"))
@@ -275,8 +303,10 @@ class SpawnerOps:
         now = time.monotonic()
         self._deaths = [t for t in self._deaths if now - t < DEATH_WINDOW] + [now]
         if len(self._deaths) > MAX_DEATHS:
-            why = (f"the job spawner died {len(self._deaths)} times in {DEATH_WINDOW:.0f} s; "
-                   "the agent cannot run jobs")
+            why = (
+                f"the job spawner died {len(self._deaths)} times in {DEATH_WINDOW:.0f} s; "
+                "the agent cannot run jobs"
+            )
             log.error("%s", why)
             self._proc = None
             if self._on_fatal is not None:

@@ -88,14 +88,19 @@ def check_limits(limits: dict[str, Any], *, privileged: bool, nr_open: int) -> s
         if name not in RLIMITS:
             return f"unknown limit {name!r}"
         res, rname, extra = RLIMITS[name]
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0 \
-                or value + extra >= 1 << 63:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int)
+            or value <= 0
+            or value + extra >= 1 << 63
+        ):
             return proto.error_text(f"setrlimit {rname}", errno.EINVAL)
         hard = resource.getrlimit(res)[1]
         # Raising a hard limit needs CAP_SYS_RESOURCE; RLIMIT_NOFILE can never
         # exceed fs.nr_open. Both fail with EPERM in the child: say so now.
         if (hard != resource.RLIM_INFINITY and value + extra > hard and not privileged) or (
-                res == resource.RLIMIT_NOFILE and value > nr_open):
+            res == resource.RLIMIT_NOFILE and value > nr_open
+        ):
             return proto.error_text(f"setrlimit {rname}", errno.EPERM)
     return ""
 
@@ -107,8 +112,9 @@ def check_plan(plan: Any, fds: dict[str, int]) -> str:
     argv, env = plan.get("argv"), plan.get("env")
     if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
         return "malformed plan: argv"
-    if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str)
-                                            for k, v in env.items()):
+    if not isinstance(env, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in env.items()
+    ):
         return "malformed plan: env"
     if any("\0" in s for s in [*argv, *env, *env.values()]) or any("=" in k for k in env):
         return "malformed plan: NUL byte or '=' in a name"
@@ -132,8 +138,7 @@ def check_plan(plan: Any, fds: dict[str, int]) -> str:
     return ""
 
 
-def _child(plan: dict[str, Any], fds: dict[str, int], err_w: int,
-           reset: list[int]) -> NoReturn:
+def _child(plan: dict[str, Any], fds: dict[str, int], err_w: int, reset: list[int]) -> NoReturn:
     """Set up and exec the job in the forked child; never returns."""
     step = "setup"
     try:
@@ -199,7 +204,8 @@ def _child(plan: dict[str, Any], fds: dict[str, int], err_w: int,
         os.closerange(err_w + 1, os.sysconf("SC_OPEN_MAX"))
         # Landlock hook: the policy's ruleset is applied here (later).
         step = "execve"
-        os.execve(program, plan["argv"], plan["env"])
+        # execve, never execvp: no PATH lookup and no /bin/sh fallback on ENOEXEC.
+        os.execve(program, plan["argv"], plan["env"])  # noqa: S606
     except OSError as e:
         code = e.errno or errno.EIO
     except BaseException:
@@ -290,7 +296,8 @@ class Spawner:
         rid = msg.get("id")
         plan: dict[str, Any] = msg.get("plan") or {}
         err = check_plan(plan, fds) or check_limits(
-            plan.get("limits", {}), privileged=self.privileged, nr_open=self.nr_open)
+            plan.get("limits", {}), privileged=self.privileged, nr_open=self.nr_open
+        )
         if err:
             self.send({"op": "spawned", "id": rid, "error": err, "errno": errno.EINVAL})
             return
@@ -301,8 +308,9 @@ class Spawner:
             os.close(r)
             os.close(w)
             code = e.errno or errno.EIO
-            self.send({"op": "spawned", "id": rid, "error": proto.error_text("fork", code),
-                       "errno": code})
+            self.send(
+                {"op": "spawned", "id": rid, "error": proto.error_text("fork", code), "errno": code}
+            )
             return
         if pid == 0:
             _child(plan, fds, w, self.reset_signals)
@@ -325,8 +333,9 @@ class Spawner:
                 num = int(code_text)
             except ValueError:
                 num = errno.EIO
-            self.send({"op": "spawned", "id": rid, "error": proto.error_text(step, num),
-                       "errno": num})
+            self.send(
+                {"op": "spawned", "id": rid, "error": proto.error_text(step, num), "errno": num}
+            )
             return
         pidfd = os.pidfd_open(pid)
         self.children[pid] = pidfd
@@ -336,8 +345,12 @@ class Spawner:
     def signal(self, msg: dict[str, Any]) -> None:
         pid, sig = msg.get("pid"), msg.get("sig")
         # Only a child not yet reaped: its pid (the group id) is still ours.
-        if not isinstance(pid, int) or pid <= 1 or pid not in self.children \
-                or not isinstance(sig, int):
+        if (
+            not isinstance(pid, int)
+            or pid <= 1
+            or pid not in self.children
+            or not isinstance(sig, int)
+        ):
             return
         try:
             os.killpg(pid, sig)
@@ -356,9 +369,17 @@ class Spawner:
         self.sel.unregister(pidfd)
         os.close(pidfd)
         code = os.waitstatus_to_exitcode(status)
-        self.send({"op": "exited", "pid": pid, "code": code if code >= 0 else None,
-                   "signal": -code if code < 0 else None, "utime": ru.ru_utime,
-                   "stime": ru.ru_stime, "maxrss": ru.ru_maxrss * 1024})
+        self.send(
+            {
+                "op": "exited",
+                "pid": pid,
+                "code": code if code >= 0 else None,
+                "signal": -code if code < 0 else None,
+                "utime": ru.ru_utime,
+                "stime": ru.ru_stime,
+                "maxrss": ru.ru_maxrss * 1024,
+            }
+        )
 
 
 def _die_with_parent(parent: int) -> None:

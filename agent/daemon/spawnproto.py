@@ -69,7 +69,7 @@ def send(sock: socket.socket, msg: dict[str, Any], fds: Sequence[int] = ()) -> N
             body = json.dumps(msg["plan"], separators=(",", ":")).encode()
             view = memoryview(body)
             while view:
-                view = view[os.write(memfd, view):]
+                view = view[os.write(memfd, view) :]
             head = {k: v for k, v in msg.items() if k != "plan"}
             head["fds"] = ["plan", *msg.get("fds", [])]
             data = json.dumps(head, separators=(",", ":")).encode()
@@ -94,8 +94,10 @@ def recv(sock: socket.socket, flags: int = 0) -> tuple[bytes, list[int]]:
     for level, kind, payload in anc:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             usable = len(payload) - len(payload) % 4
-            fds.extend(int.from_bytes(payload[i:i + 4], sys.byteorder, signed=True)
-                       for i in range(0, usable, 4))
+            fds.extend(
+                int.from_bytes(payload[i : i + 4], sys.byteorder, signed=True)
+                for i in range(0, usable, 4)
+            )
     if msg_flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):
         for fd in fds:
             _close_quietly(fd)
@@ -114,10 +116,14 @@ def decode(data: bytes, fds: list[int]) -> tuple[dict[str, Any], dict[str, int]]
         if not isinstance(msg, dict) or not isinstance(msg.get("op"), str):
             raise ProtocolError("not a message object")
         roles = msg.get("fds", [])
-        if (not isinstance(roles, list) or len(roles) != len(fds)
-                or any(r not in FD_ROLES for r in roles) or len(set(roles)) != len(roles)):
+        if (
+            not isinstance(roles, list)
+            or len(roles) != len(fds)
+            or any(r not in FD_ROLES for r in roles)
+            or len(set(roles)) != len(roles)
+        ):
             raise ProtocolError(f"descriptor roles {roles!r} do not match {len(fds)} fds")
-        byrole = dict(zip(roles, fds))
+        byrole = dict(zip(roles, fds, strict=True))
         if "plan" in byrole:
             memfd = byrole.pop("plan")
             try:

@@ -47,8 +47,7 @@ def _err(cfg: Config, section: str, key: str, msg: str) -> ConfigError:
     return ConfigError(cfg.path, section, key, msg)
 
 
-def check_private_dir(cfg: Config, section: str, key: str, path: Path, *,
-                      create: bool) -> None:
+def check_private_dir(cfg: Config, section: str, key: str, path: Path, *, create: bool) -> None:
     """Ensure ``path`` is a directory only the agent's user can write."""
     if create:
         try:
@@ -62,17 +61,30 @@ def check_private_dir(cfg: Config, section: str, key: str, path: Path, *,
         while not parent.exists() and parent != parent.parent:
             parent = parent.parent
         if not os.access(parent, os.W_OK | os.X_OK):
-            raise _err(cfg, section, key, f"{path}: does not exist and {parent} is not "
-                       "writable by the agent") from None
+            raise _err(
+                cfg,
+                section,
+                key,
+                f"{path}: does not exist and {parent} is not writable by the agent",
+            ) from None
         return  # created at start
     if not stat.S_ISDIR(st.st_mode):
         raise _err(cfg, section, key, f"{path}: not a directory")
     if st.st_uid != os.geteuid():
-        raise _err(cfg, section, key, f"{path}: owned by uid {st.st_uid}, not by the agent's "
-                   f"user (uid {os.geteuid()})")
+        raise _err(
+            cfg,
+            section,
+            key,
+            f"{path}: owned by uid {st.st_uid}, not by the agent's user (uid {os.geteuid()})",
+        )
     if st.st_mode & 0o022:
-        raise _err(cfg, section, key, f"{path}: writable by group or others (mode "
-                   f"{st.st_mode & 0o777:04o}); run: chmod go-w {path}")
+        raise _err(
+            cfg,
+            section,
+            key,
+            f"{path}: writable by group or others (mode "
+            f"{st.st_mode & 0o777:04o}); run: chmod go-w {path}",
+        )
     if not os.access(path, os.W_OK | os.X_OK):
         raise _err(cfg, section, key, f"{path}: not writable by the agent")
 
@@ -84,14 +96,20 @@ def resolve_job_user(cfg: Config) -> tuple[JobUser, list[str]]:
     if os.geteuid() != 0:
         me = pwd.getpwuid(os.geteuid())
         if name and name != me.pw_name:
-            warnings.append(f"[jobs] run_as_user = {name!r} is ignored: the agent is not root, "
-                            f"so jobs run as its own user {me.pw_name!r}")
+            warnings.append(
+                f"[jobs] run_as_user = {name!r} is ignored: the agent is not root, "
+                f"so jobs run as its own user {me.pw_name!r}"
+            )
         return JobUser(None, None, me.pw_name, me.pw_dir or "/"), warnings
     if not name:
         if not cfg.jobs.allow_root:
-            raise _err(cfg, "jobs", "run_as_user",
-                       "the agent runs as root: name an unprivileged user for jobs (for "
-                       "example \"nobody\"), or set allow_root = true to run them as root")
+            raise _err(
+                cfg,
+                "jobs",
+                "run_as_user",
+                "the agent runs as root: name an unprivileged user for jobs (for "
+                'example "nobody"), or set allow_root = true to run them as root',
+            )
         warnings.append("jobs run as root (allow_root = true)")
         return JobUser(None, None, "root", "/root"), warnings
     try:
@@ -100,8 +118,12 @@ def resolve_job_user(cfg: Config) -> tuple[JobUser, list[str]]:
         raise _err(cfg, "jobs", "run_as_user", f"no such user {name!r}") from None
     if pw.pw_uid == 0:
         if not cfg.jobs.allow_root:
-            raise _err(cfg, "jobs", "run_as_user",
-                       f"{name!r} is root; set allow_root = true if that is really intended")
+            raise _err(
+                cfg,
+                "jobs",
+                "run_as_user",
+                f"{name!r} is root; set allow_root = true if that is really intended",
+            )
         warnings.append("jobs run as root (allow_root = true)")
         return JobUser(None, None, "root", pw.pw_dir), warnings
     home = pw.pw_dir if os.path.isdir(pw.pw_dir) else "/"
@@ -114,9 +136,11 @@ def prepare(cfg: Config, *, create_dirs: bool = True) -> Prepared:
     gs = cfg.grpc_server
     host, _ = split_host_port(gs.addr)
     if not gs.use_tls:
-        warnings.append(f"PLAINTEXT listener on {gs.addr}: no encryption and no client "
-                        "identities (allow_plaintext_loopback = true); never use this "
-                        "outside development")
+        warnings.append(
+            f"PLAINTEXT listener on {gs.addr}: no encryption and no client "
+            "identities (allow_plaintext_loopback = true); never use this "
+            "outside development"
+        )
         assert is_loopback_host(host)
     server_pair = None
     ca_pem = None
@@ -144,32 +168,41 @@ def prepare(cfg: Config, *, create_dirs: bool = True) -> Prepared:
     except policy_mod.PolicyError as e:
         raise _err(cfg, "jobs", "policy_file", str(e)) from None
     if not pol.entries:
-        warnings.append(f"the policy {cfg.jobs.policy_file} allows nothing: every StartJob "
-                        "will be denied")
+        warnings.append(
+            f"the policy {cfg.jobs.policy_file} allows nothing: every StartJob will be denied"
+        )
     job_user, w = resolve_job_user(cfg)
     warnings.extend(w)
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     need = cfg.jobs.max_running * 3 + 256
     if hard != resource.RLIM_INFINITY and hard < need:
-        warnings.append(f"[jobs] max_running = {cfg.jobs.max_running} needs about {need} open "
-                        f"files but the hard limit is {hard}: starts beyond about "
-                        f"{max(0, (hard - 256) // 3)} running jobs will fail (raise LimitNOFILE)")
+        warnings.append(
+            f"[jobs] max_running = {cfg.jobs.max_running} needs about {need} open "
+            f"files but the hard limit is {hard}: starts beyond about "
+            f"{max(0, (hard - 256) // 3)} running jobs will fail (raise LimitNOFILE)"
+        )
     prl = cfg.jobs.prlimit_path
     if not (os.path.isfile(prl) and os.access(prl, os.X_OK)):
-        raise _err(cfg, "jobs", "prlimit_path",
-                   f"{prl}: not an executable file (install util-linux)")
+        raise _err(
+            cfg, "jobs", "prlimit_path", f"{prl}: not an executable file (install util-linux)"
+        )
     for key, tool in (("prlimit_path", prl), ("setpriv_path", cfg.jobs.setpriv_path)):
         # These run as the agent's user (root when it switches users) with
         # the job's arguments: hold them to the same rule as job programs.
-        problems = (trust.trusted_file_problems(str(tool), want_exec=True)
-                    if os.path.exists(tool) else [])
+        problems = (
+            trust.trusted_file_problems(str(tool), want_exec=True) if os.path.exists(tool) else []
+        )
         if problems:
             raise _err(cfg, "jobs", key, "; ".join(problems))
     spv = cfg.jobs.setpriv_path
     if job_user.uid is not None and not (os.path.isfile(spv) and os.access(spv, os.X_OK)):
-        raise _err(cfg, "jobs", "setpriv_path",
-                   f"{spv}: not an executable file (install util-linux): needed to run jobs "
-                   f"as {job_user.name!r}")
+        raise _err(
+            cfg,
+            "jobs",
+            "setpriv_path",
+            f"{spv}: not an executable file (install util-linux): needed to run jobs "
+            f"as {job_user.name!r}",
+        )
     check_private_dir(cfg, "jobs", "state_dir", cfg.jobs.state_dir, create=create_dirs)
     check_private_dir(cfg, "jobs", "output_dir", cfg.output_dir, create=create_dirs)
     audit_dir = cfg.audit_file.parent
@@ -178,18 +211,32 @@ def prepare(cfg: Config, *, create_dirs: bool = True) -> Prepared:
     if cfg.audit_file.exists():
         ast = os.lstat(cfg.audit_file)
         if not stat.S_ISREG(ast.st_mode) or ast.st_uid != os.geteuid():
-            raise _err(cfg, "audit", "file",
-                       f"{cfg.audit_file}: not a regular file owned by the agent's user")
+            raise _err(
+                cfg,
+                "audit",
+                "file",
+                f"{cfg.audit_file}: not a regular file owned by the agent's user",
+            )
     if cfg.logging.syslog and not stat.S_ISSOCK(_mode(cfg.logging.syslog_socket)):
-        raise _err(cfg, "logging", "syslog_socket",
-                   f"{cfg.logging.syslog_socket}: no syslog socket there (is a syslog daemon "
-                   "or journald running?)")
+        raise _err(
+            cfg,
+            "logging",
+            "syslog_socket",
+            f"{cfg.logging.syslog_socket}: no syslog socket there (is a syslog daemon "
+            "or journald running?)",
+        )
     if cfg.logging.file is not None and not cfg.logging.file.parent.is_dir():
-        raise _err(cfg, "logging", "file", f"{cfg.logging.file.parent}: directory does not "
-                   "exist")
-    return Prepared(config=cfg, policy=pol, server_pair=server_pair, ca_pem=ca_pem,
-                    scheduler_pair=scheduler_pair, scheduler_ca=scheduler_ca,
-                    job_user=job_user, warnings=tuple(warnings))
+        raise _err(cfg, "logging", "file", f"{cfg.logging.file.parent}: directory does not exist")
+    return Prepared(
+        config=cfg,
+        policy=pol,
+        server_pair=server_pair,
+        ca_pem=ca_pem,
+        scheduler_pair=scheduler_pair,
+        scheduler_ca=scheduler_ca,
+        job_user=job_user,
+        warnings=tuple(warnings),
+    )
 
 
 def _mode(path: Path) -> int:

@@ -78,8 +78,9 @@ class Settings:
 class Job:
     """A running job: its record, its lifecycle, and the handles that drive it."""
 
-    def __init__(self, record: JobRecord, life: lc.Life, out: OutputFile,
-                 loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, record: JobRecord, life: lc.Life, out: OutputFile, loop: asyncio.AbstractEventLoop
+    ) -> None:
         self.record = record
         self.life = life
         self.out = out
@@ -96,9 +97,16 @@ class Job:
 class Supervisor:
     """Owns every running job of this agent."""
 
-    def __init__(self, settings: Settings, history: History, policy: policy_mod.Policy,
-                 ops: ProcessOps, *, on_change: Callable[[], None] | None = None,
-                 on_finish: Callable[[JobRecord], None] | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        history: History,
+        policy: policy_mod.Policy,
+        ops: ProcessOps,
+        *,
+        on_change: Callable[[], None] | None = None,
+        on_finish: Callable[[JobRecord], None] | None = None,
+    ) -> None:
         self.settings = settings
         self.history = history
         self.policy = policy
@@ -143,9 +151,13 @@ class Supervisor:
         reports start failures through QueryJob, so such a job gets an id
         like any other).
         """
-        admitted = admission.admit(req, self.settings.rules, self.policy,
-                                   busy=len(self.running) + self._starting,
-                                   accepting=self.accepting)
+        admitted = admission.admit(
+            req,
+            self.settings.rules,
+            self.policy,
+            busy=len(self.running) + self._starting,
+            accepting=self.accepting,
+        )
         # The slot is taken before the first await, so concurrent starts can
         # never exceed max_running.
         self._starting += 1
@@ -155,16 +167,23 @@ class Supervisor:
             self._starting -= 1
             admitted.plan.close()  # the sealed copies (exec_fd, script_fd) are the child's now
 
-    async def _spawn(self, req: admission.StartRequest,
-                     admitted: admission.Admitted) -> JobRecord:
+    async def _spawn(self, req: admission.StartRequest, admitted: admission.Admitted) -> JobRecord:
         plan, limits = admitted.plan, admitted.limits
         job_id = str(uuid.uuid4())
         out_path = str(self.settings.output_dir / f"{job_id}.out")
         record = JobRecord(
-            id=job_id, owner=req.identity, command=plan.executable, path=req.path,
-            args=policy_mod.redact_args(req.args, req.secret_args), state=JobState.RUNNING,
-            start_time=time.time(), output_path=out_path, timeout_seconds=admitted.timeout,
-            limits={k: v for k, v in limits.items() if v}, boot_id=BOOT_ID)
+            id=job_id,
+            owner=req.identity,
+            command=plan.executable,
+            path=req.path,
+            args=policy_mod.redact_args(req.args, req.secret_args),
+            state=JobState.RUNNING,
+            start_time=time.time(),
+            output_path=out_path,
+            timeout_seconds=admitted.timeout,
+            limits={k: v for k, v in limits.items() if v},
+            boot_id=BOOT_ID,
+        )
         env = dict(self._base_env)
         env.update(plan.env)
         env[procfs.JOB_ID_ENV] = job_id
@@ -176,12 +195,19 @@ class Supervisor:
             fcntl.fcntl(rfd, fcntl.F_SETPIPE_SZ, READ_CHUNK)
         s = self.settings
         spec = SpawnSpec(
-            argv=plan.argv, executable=plan.executable, env=env, cwd=plan.cwd or "/",
-            stdout_fd=wfd, uid=s.user.uid, gid=s.user.gid, umask=s.umask,
+            argv=plan.argv,
+            executable=plan.executable,
+            env=env,
+            cwd=plan.cwd or "/",
+            stdout_fd=wfd,
+            uid=s.user.uid,
+            gid=s.user.gid,
+            umask=s.umask,
             limits={k: v for k, v in limits.items() if k != "output_bytes"},
-            exec_fd=plan.exec_fd, script_fd=plan.script_fd)
-        life = lc.Life(timeout_seconds=admitted.timeout,
-                       cpu_seconds=limits.get("cpu_seconds", 0))
+            exec_fd=plan.exec_fd,
+            script_fd=plan.script_fd,
+        )
+        life = lc.Life(timeout_seconds=admitted.timeout, cpu_seconds=limits.get("cpu_seconds", 0))
         job = Job(record, life, OutputFile(out_path, limits.get("output_bytes", 0)), self.loop)
         try:
             pid = await self.ops.spawn(spec, lambda ex: self._exited(job, ex))
@@ -201,8 +227,9 @@ class Supervisor:
         self.running[job_id] = job
         self.loop.add_reader(rfd, self._on_output, job)
         if admitted.timeout:
-            job.timers.append(self.loop.call_later(admitted.timeout, self._handle, job,
-                                                   lc.TimedOut()))
+            job.timers.append(
+                self.loop.call_later(admitted.timeout, self._handle, job, lc.TimedOut())
+            )
         # The leader's start time (for crash recovery) is read a moment
         # later: right after exec, reading /proc/PID/stat waits for the
         # child's exec to finish.
@@ -234,14 +261,21 @@ class Supervisor:
         if isinstance(action, lc.Signal):
             self.ops.signal(job.record.pid, action.sig)
         elif isinstance(action, lc.ArmKillTimer):
-            job.timers.append(self.loop.call_later(self.settings.stop_grace, self._handle, job,
-                                                   lc.KillGraceExpired()))
+            job.timers.append(
+                self.loop.call_later(
+                    self.settings.stop_grace, self._handle, job, lc.KillGraceExpired()
+                )
+            )
         elif isinstance(action, lc.ArmOutputGrace):
-            job.timers.append(self.loop.call_later(OUTPUT_CLOSE_GRACE, self._handle, job,
-                                                   lc.OutputGraceExpired()))
+            job.timers.append(
+                self.loop.call_later(OUTPUT_CLOSE_GRACE, self._handle, job, lc.OutputGraceExpired())
+            )
         elif isinstance(action, lc.CloseOutput):
-            log.info("job %s: output still open %.0fs after exit (an escaped process holds "
-                     "it); closing", job.id, OUTPUT_CLOSE_GRACE)
+            log.info(
+                "job %s: output still open %.0fs after exit (an escaped process holds it); closing",
+                job.id,
+                OUTPUT_CLOSE_GRACE,
+            )
             self._on_output(job)
             if not job.live.closed:
                 self._close_output(job)
@@ -282,8 +316,9 @@ class Supervisor:
         if res.failure:
             self._handle(job, lc.OutputFailed(res.failure))
         elif res.cap_reached:
-            self._handle(job, lc.OutputCapReached(
-                job.out.cap, kill=self.settings.on_output_cap == "kill"))
+            self._handle(
+                job, lc.OutputCapReached(job.out.cap, kill=self.settings.on_output_cap == "kill")
+            )
 
     def _close_output(self, job: Job) -> None:
         if job.pipe_fd is not None:
@@ -354,21 +389,30 @@ class Supervisor:
             return await asyncio.wait_for(asyncio.shield(job.done), timeout)
         return job.record
 
-    def list_jobs(self, caller: Caller, *, states: Sequence[JobState] = (), owner: str = "",
-                  page_size: int = 0, page_token: str = "") -> tuple[list[JobRecord], str]:
+    def list_jobs(
+        self,
+        caller: Caller,
+        *,
+        states: Sequence[JobState] = (),
+        owner: str = "",
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> tuple[list[JobRecord], str]:
         """Jobs the caller may see, newest first; returns (jobs, next token)."""
         who = _check(lambda: caller.list_owner(owner))
         size = validation.page_size(page_size)
         before = validation.decode_page_token(page_token) if page_token else None
-        recs = self.history.store.list_jobs(states=states, owner=who, before_seq=before,
-                                            limit=size + 1)
+        recs = self.history.store.list_jobs(
+            states=states, owner=who, before_seq=before, limit=size + 1
+        )
         more = len(recs) > size
         recs = recs[:size]
         out = [self.running[r.id].record if r.id in self.running else r for r in recs]
         return out, (validation.encode_page_token(recs[-1].seq) if more and recs else "")
 
-    async def stream(self, job_id: str, caller: Caller, offset: int,
-                     follow: bool) -> AsyncIterator[tuple[int, bytes]]:
+    async def stream(
+        self, job_id: str, caller: Caller, offset: int, follow: bool
+    ) -> AsyncIterator[tuple[int, bytes]]:
         """Yield (offset, data) chunks of a job's output from ``offset``."""
         rec = self.get(job_id, caller)
         validation.stream_offset(offset)
@@ -377,8 +421,9 @@ class Supervisor:
             job = self.running.get(job_id)
             return job.live if job is not None else None
 
-        async for chunk in stream_file(rec.output_path, job_id, offset, follow,
-                                       rec.output_bytes, live):
+        async for chunk in stream_file(
+            rec.output_path, job_id, offset, follow, rec.output_bytes, live
+        ):
             yield chunk
 
     # ------------------------------------------------------------ shutdown

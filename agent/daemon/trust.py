@@ -78,9 +78,9 @@ class FileChangedError(OSError):
     """The file changed between its check and its opening."""
 
 
-
-def check_file(path: str, fs: FileSystem, owners: frozenset[int], deny: Deny, *,
-                want_exec: bool) -> os.stat_result | None:
+def check_file(
+    path: str, fs: FileSystem, owners: frozenset[int], deny: Deny, *, want_exec: bool
+) -> os.stat_result | None:
     """StrictModes checks on a canonical path and all its parents."""
     try:
         st = fs.lstat(path)
@@ -88,8 +88,9 @@ def check_file(path: str, fs: FileSystem, owners: frozenset[int], deny: Deny, *,
         deny("file-missing", f"{path} does not exist", Kind.NOT_FOUND)
         return None
     except OSError as e:
-        deny("file-unreadable", f"{path}: {e.strerror or type(e).__name__}",
-             Kind.FAILED_PRECONDITION)
+        deny(
+            "file-unreadable", f"{path}: {e.strerror or type(e).__name__}", Kind.FAILED_PRECONDITION
+        )
         return None
     mode = st.st_mode
     if not stat.S_ISREG(mode):
@@ -100,8 +101,10 @@ def check_file(path: str, fs: FileSystem, owners: frozenset[int], deny: Deny, *,
         deny("setuid-setgid", f"{path} is set-uid or set-gid")
         ok = False
     if mode & (stat.S_IWGRP | stat.S_IWOTH):
-        deny("writable-by-others",
-             f"{path} is writable by group or others (mode {mode & 0o7777:04o})")
+        deny(
+            "writable-by-others",
+            f"{path} is writable by group or others (mode {mode & 0o7777:04o})",
+        )
         ok = False
     if st.st_uid not in owners:
         deny("bad-owner", f"{path} is owned by uid {st.st_uid}, not root or the agent's user")
@@ -114,20 +117,27 @@ def check_file(path: str, fs: FileSystem, owners: frozenset[int], deny: Deny, *,
         try:
             pst = fs.lstat(parent)
         except OSError as e:
-            deny("parent-unreadable", f"{parent}: {e.strerror or type(e).__name__}",
-                 Kind.FAILED_PRECONDITION)
+            deny(
+                "parent-unreadable",
+                f"{parent}: {e.strerror or type(e).__name__}",
+                Kind.FAILED_PRECONDITION,
+            )
             return None
         if not stat.S_ISDIR(pst.st_mode):
             deny("parent-not-directory", f"{parent} is not a directory")
             return None
         if pst.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-            deny("parent-writable-by-others",
-                 f"directory {parent} is writable by group or others "
-                 f"(mode {pst.st_mode & 0o7777:04o})")
+            deny(
+                "parent-writable-by-others",
+                f"directory {parent} is writable by group or others "
+                f"(mode {pst.st_mode & 0o7777:04o})",
+            )
             ok = False
         if pst.st_uid not in owners:
-            deny("parent-bad-owner",
-                 f"directory {parent} is owned by uid {pst.st_uid}, not root or the agent's user")
+            deny(
+                "parent-bad-owner",
+                f"directory {parent} is owned by uid {pst.st_uid}, not root or the agent's user",
+            )
             ok = False
         if parent == "/":
             break
@@ -135,9 +145,9 @@ def check_file(path: str, fs: FileSystem, owners: frozenset[int], deny: Deny, *,
     return st if ok else None
 
 
-
-def trusted_file_problems(path: str, *, want_exec: bool,
-                          owners: Iterable[int] | None = None) -> list[str]:
+def trusted_file_problems(
+    path: str, *, want_exec: bool, owners: Iterable[int] | None = None
+) -> list[str]:
     """Why the StrictModes rule refuses ``path`` (canonicalised first); [] if it passes."""
     problems: list[str] = []
 
@@ -151,7 +161,6 @@ def trusted_file_problems(path: str, *, want_exec: bool,
         return [f"{path}: {e.strerror or 'cannot resolve'}"]
     check_file(canonical, RealFileSystem(), allowed, collect, want_exec=want_exec)
     return problems
-
 
 
 def file_kind(mode: int) -> str:
@@ -202,14 +211,20 @@ def resolve_trusted(path: str, fs: FileSystem, owners: frozenset[int], deny: Den
             deny("file-missing", f"{nxt} does not exist", Kind.NOT_FOUND)
             return None
         except OSError as e:
-            deny("file-unreadable", f"{nxt}: {e.strerror or type(e).__name__}",
-                 Kind.FAILED_PRECONDITION)
+            deny(
+                "file-unreadable",
+                f"{nxt}: {e.strerror or type(e).__name__}",
+                Kind.FAILED_PRECONDITION,
+            )
             return None
         if stat.S_ISLNK(st.st_mode):
             hops += 1
             if hops > 40:  # the kernel's own limit (ELOOP)
-                deny("file-unreadable", f"{path}: too many levels of symbolic links",
-                     Kind.FAILED_PRECONDITION)
+                deny(
+                    "file-unreadable",
+                    f"{path}: too many levels of symbolic links",
+                    Kind.FAILED_PRECONDITION,
+                )
                 return None
             target = fs.readlink(nxt)
             if target.startswith("/"):
@@ -224,20 +239,25 @@ def _directory_ok(d: str, fs: FileSystem, owners: frozenset[int], deny: Deny) ->
     try:
         st = fs.lstat(d)
     except OSError as e:
-        deny("parent-unreadable", f"{d}: {e.strerror or type(e).__name__}",
-             Kind.FAILED_PRECONDITION)
+        deny(
+            "parent-unreadable", f"{d}: {e.strerror or type(e).__name__}", Kind.FAILED_PRECONDITION
+        )
         return False
     if not stat.S_ISDIR(st.st_mode):
         deny("parent-not-directory", f"{d} is not a directory")
         return False
     ok = True
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        deny("parent-writable-by-others",
-             f"directory {d} is writable by group or others (mode {st.st_mode & 0o7777:04o})")
+        deny(
+            "parent-writable-by-others",
+            f"directory {d} is writable by group or others (mode {st.st_mode & 0o7777:04o})",
+        )
         ok = False
     if st.st_uid not in owners:
-        deny("parent-bad-owner",
-             f"directory {d} is owned by uid {st.st_uid}, not root or the agent's user")
+        deny(
+            "parent-bad-owner",
+            f"directory {d} is owned by uid {st.st_uid}, not root or the agent's user",
+        )
         ok = False
     return ok
 

@@ -33,6 +33,7 @@ class StartFields(Protocol):
     @property
     def env(self) -> Mapping[str, str]: ...
 
+
 # Hard caps on a request, whatever the policy says. They keep a hostile
 # caller from making the agent do unbounded work before any policy rule runs.
 MAX_PATH_BYTES = 4096
@@ -74,7 +75,6 @@ def text_problem(value: str, what: str, max_bytes: int) -> str | None:
     return None
 
 
-
 def validate_request(req: StartFields) -> list[tuple[str, str]]:
     """Malformed-request checks that do not depend on the policy: (rule, message) pairs."""
     out: list[tuple[str, str]] = []
@@ -106,13 +106,16 @@ def validate_request(req: StartFields) -> list[tuple[str, str]]:
             if not ENV_NAME.match(k):
                 bad("malformed-env", f"environment variable name {k[:64]!r} is not a valid name")
             elif "\x00" in v or len(v.encode("utf-8", "surrogatepass")) > MAX_ENV_VALUE_BYTES:
-                bad("malformed-env", f"value of {k} contains NUL or is longer than "
-                    f"{MAX_ENV_VALUE_BYTES} bytes")
+                bad(
+                    "malformed-env",
+                    f"value of {k} contains NUL or is longer than {MAX_ENV_VALUE_BYTES} bytes",
+                )
     return out
 
 
-def start_bounds(command: str, path: str, args: Sequence[str], env: Mapping[str, str],
-                 secret_args: Sequence[int]) -> None:
+def start_bounds(
+    command: str, path: str, args: Sequence[str], env: Mapping[str, str], secret_args: Sequence[int]
+) -> None:
     """Refuse an oversize StartJob request before anything else looks at it.
 
     The cheapest checks come first: counts (O(1) on protobuf containers),
@@ -121,43 +124,56 @@ def start_bounds(command: str, path: str, args: Sequence[str], env: Mapping[str,
     bounded pass over the items. Raises InvalidArgument naming the field.
     """
     if len(args) > MAX_ARGS:
-        raise InvalidArgument(f"args: {len(args)} arguments, at most {MAX_ARGS} are accepted",
-                              rule="too-many-args")
+        raise InvalidArgument(
+            f"args: {len(args)} arguments, at most {MAX_ARGS} are accepted", rule="too-many-args"
+        )
     if len(env) > MAX_ENV:
-        raise InvalidArgument(f"env: {len(env)} variables, at most {MAX_ENV} are accepted",
-                              rule="too-many-env")
+        raise InvalidArgument(
+            f"env: {len(env)} variables, at most {MAX_ENV} are accepted", rule="too-many-env"
+        )
     if len(secret_args) > MAX_SECRET_ARGS:
-        raise InvalidArgument(f"secretArgs: {len(secret_args)} indexes, at most "
-                              f"{MAX_SECRET_ARGS} are accepted", rule="too-many-secret-args")
+        raise InvalidArgument(
+            f"secretArgs: {len(secret_args)} indexes, at most {MAX_SECRET_ARGS} are accepted",
+            rule="too-many-secret-args",
+        )
     for what, value in (("command", command), ("path", path)):
         if len(value) > MAX_PATH_BYTES:
-            raise InvalidArgument(f"{what} is longer than {MAX_PATH_BYTES} bytes",
-                                  rule=f"malformed-{what}")
+            raise InvalidArgument(
+                f"{what} is longer than {MAX_PATH_BYTES} bytes", rule=f"malformed-{what}"
+            )
     total = 0
     for i, a in enumerate(args):
         if len(a) > MAX_ARG_BYTES:
-            raise InvalidArgument(f"argument {i} is longer than {MAX_ARG_BYTES} bytes",
-                                  rule="arg-too-long")
+            raise InvalidArgument(
+                f"argument {i} is longer than {MAX_ARG_BYTES} bytes", rule="arg-too-long"
+            )
         total += len(a)
     for k, v in env.items():
         if len(k) > MAX_ENV_NAME_BYTES or len(v) > MAX_ENV_VALUE_BYTES:
-            raise InvalidArgument(f"env: a variable name is longer than {MAX_ENV_NAME_BYTES} "
-                                  f"bytes or a value longer than {MAX_ENV_VALUE_BYTES}",
-                                  rule="malformed-env")
+            raise InvalidArgument(
+                f"env: a variable name is longer than {MAX_ENV_NAME_BYTES} "
+                f"bytes or a value longer than {MAX_ENV_VALUE_BYTES}",
+                rule="malformed-env",
+            )
         total += len(k) + len(v)
     if total > MAX_EXEC_BYTES:
-        raise InvalidArgument(f"args and env together are longer than {MAX_EXEC_BYTES} bytes",
-                              rule="request-too-large")
+        raise InvalidArgument(
+            f"args and env together are longer than {MAX_EXEC_BYTES} bytes",
+            rule="request-too-large",
+        )
 
 
 def list_bounds(states: Sequence[int], owner: str, page_token: str) -> None:
     """Refuse an oversize ListJobs request before any query is built."""
     if len(states) > MAX_STATES:
-        raise InvalidArgument(f"states: {len(states)} given, at most {MAX_STATES} are accepted",
-                              rule="too-many-states")
+        raise InvalidArgument(
+            f"states: {len(states)} given, at most {MAX_STATES} are accepted",
+            rule="too-many-states",
+        )
     if len(owner) > MAX_OWNER_BYTES:
-        raise InvalidArgument(f"owner is longer than {MAX_OWNER_BYTES} bytes",
-                              rule="owner-too-long")
+        raise InvalidArgument(
+            f"owner is longer than {MAX_OWNER_BYTES} bytes", rule="owner-too-long"
+        )
     if len(page_token) > MAX_PAGE_TOKEN_CHARS:
         raise InvalidArgument("pageToken is not one this agent issued", rule="bad-page-token")
 
@@ -178,8 +194,9 @@ def job_id(value: str) -> str:
             return value
     except (ValueError, TypeError):
         pass
-    raise InvalidArgument("jobID is not a valid job id (a UUID as returned by StartJob)",
-                          rule="bad-job-id")
+    raise InvalidArgument(
+        "jobID is not a valid job id (a UUID as returned by StartJob)", rule="bad-job-id"
+    )
 
 
 def states(values: Iterable[int]) -> list[JobState]:
@@ -187,8 +204,7 @@ def states(values: Iterable[int]) -> list[JobState]:
     out: list[JobState] = []
     values = list(itertools.islice(values, MAX_STATES + 1))
     if len(values) > MAX_STATES:
-        raise InvalidArgument(f"states: at most {MAX_STATES} are accepted",
-                              rule="too-many-states")
+        raise InvalidArgument(f"states: at most {MAX_STATES} are accepted", rule="too-many-states")
     for v in values:
         try:
             s = JobState(v)
@@ -202,8 +218,9 @@ def states(values: Iterable[int]) -> list[JobState]:
 def page_size(value: int) -> int:
     """The page size to use (0: the default); InvalidArgument above the maximum."""
     if value > MAX_PAGE_SIZE or value < 0:
-        raise InvalidArgument(f"pageSize must be at most {MAX_PAGE_SIZE} (and not negative)",
-                              rule="page-size")
+        raise InvalidArgument(
+            f"pageSize must be at most {MAX_PAGE_SIZE} (and not negative)", rule="page-size"
+        )
     return value or DEFAULT_PAGE_SIZE
 
 
@@ -232,5 +249,6 @@ def decode_page_token(token: str) -> int:
             raise ValueError
         return int(num)
     except (ValueError, UnicodeDecodeError):
-        raise InvalidArgument("pageToken is not one this agent issued",
-                              rule="bad-page-token") from None
+        raise InvalidArgument(
+            "pageToken is not one this agent issued", rule="bad-page-token"
+        ) from None

@@ -42,11 +42,13 @@ class UsageError(Exception):
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="agent-scheduler",
-                                description="The reference scheduler of worker agents.")
+    p = argparse.ArgumentParser(
+        prog="agent-scheduler", description="The reference scheduler of worker agents."
+    )
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    p.add_argument("--client-config", help="file with a [client] table (addr, ca_file, "
-                   "crt_file, key_file)")
+    p.add_argument(
+        "--client-config", help="file with a [client] table (addr, ca_file, crt_file, key_file)"
+    )
     p.add_argument("--addr", help="scheduler address (default 127.0.0.1:50001)")
     p.add_argument("--ca")
     p.add_argument("--cert")
@@ -54,8 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--call-timeout", type=float, default=10.0)
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("serve", help="run the scheduler service")
-    s.add_argument("-c", "--config", default=os.environ.get("AGENT_SCHEDULER_CONFIG",
-                                                            "scheduler.toml"))
+    s.add_argument(
+        "-c", "--config", default=os.environ.get("AGENT_SCHEDULER_CONFIG", "scheduler.toml")
+    )
     w = sub.add_parser("workers", help="list registered workers")
     w.add_argument("--json", action="store_true")
     r = sub.add_parser("run", help="start a job on a worker")
@@ -89,8 +92,9 @@ def _serve(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"agent-scheduler: {e}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         asyncio.run(serve(cfg))
     except RuntimeError as e:
@@ -110,8 +114,12 @@ def _connect(args: argparse.Namespace) -> SchedulerClient:
         base = p.resolve().parent
         for k, v in table.items():
             data[k] = str(base / v) if k.endswith("_file") and v else v
-    for flag, key in (("addr", "addr"), ("ca", "ca_file"), ("cert", "crt_file"),
-                      ("key", "key_file")):
+    for flag, key in (
+        ("addr", "addr"),
+        ("ca", "ca_file"),
+        ("cert", "crt_file"),
+        ("key", "key_file"),
+    ):
         if getattr(args, flag):
             data[key] = getattr(args, flag)
     if not data.get("ca_file"):
@@ -129,10 +137,20 @@ def _use(args: argparse.Namespace) -> int:
         if args.cmd == "workers":
             ws = c.workers()
             if args.json:
-                print(json.dumps([{"worker_id": w.worker_id, "address": w.address,
-                                   "identity": w.identity,
-                                   "last_seen": w.last_seen.isoformat() if w.last_seen
-                                   else None} for w in ws], indent=2))
+                print(
+                    json.dumps(
+                        [
+                            {
+                                "worker_id": w.worker_id,
+                                "address": w.address,
+                                "identity": w.identity,
+                                "last_seen": w.last_seen.isoformat() if w.last_seen else None,
+                            }
+                            for w in ws
+                        ],
+                        indent=2,
+                    )
+                )
             else:
                 for w in ws:
                     seen = f"{w.last_seen:%H:%M:%S}" if w.last_seen else "-"
@@ -140,8 +158,7 @@ def _use(args: argparse.Namespace) -> int:
             return 0
         if args.cmd == "run":
             path, rest = (args.rest[0], args.rest[1:]) if args.rest else ("", [])
-            job = c.start(args.worker, args.command, path, args=rest,
-                          timeout_seconds=args.timeout)
+            job = c.start(args.worker, args.command, path, args=rest, timeout_seconds=args.timeout)
             print(job)
             if not args.wait:
                 return 0

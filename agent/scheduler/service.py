@@ -68,8 +68,9 @@ class RegistrySection:
     """``[registry]``: liveness of registrations."""
 
     heartbeat_seconds: int = option(10, "heartbeat interval told to workers", lo=1, hi=3600)
-    expire_seconds: float = option(30.0, "forget a worker not heard from for this long",
-                               lo=0.5, hi=86400)
+    expire_seconds: float = option(
+        30.0, "forget a worker not heard from for this long", lo=0.5, hi=86400
+    )
 
 
 @dataclass(frozen=True)
@@ -93,8 +94,12 @@ class SchedulerConfig:
     agents: AgentsSection = field(default_factory=AgentsSection)
 
 
-_SECTIONS = {"server": ServerSection, "auth": AuthSection, "registry": RegistrySection,
-             "agents": AgentsSection}
+_SECTIONS = {
+    "server": ServerSection,
+    "auth": AuthSection,
+    "registry": RegistrySection,
+    "agents": AgentsSection,
+}
 
 
 def load_config(path: str | Path) -> SchedulerConfig:
@@ -112,8 +117,7 @@ def load_config(path: str | Path) -> SchedulerConfig:
     if not cfg.auth.workers:
         raise ConfigError(p, "auth", "workers", "no worker identity allowed: list at least one")
     if cfg.registry.expire_seconds <= cfg.registry.heartbeat_seconds:
-        raise ConfigError(p, "registry", "expire_seconds",
-                          "must be longer than heartbeat_seconds")
+        raise ConfigError(p, "registry", "expire_seconds", "must be longer than heartbeat_seconds")
     return cfg
 
 
@@ -143,8 +147,7 @@ class UnknownWorker(Exception):
 class Registry:
     """Workers by id, with expiry. Pure: time comes from the ``clock``."""
 
-    def __init__(self, expire_seconds: float,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, expire_seconds: float, clock: Callable[[], float] = time.time) -> None:
         self.expire_seconds = expire_seconds
         self.clock = clock
         self.workers: dict[str, Worker] = {}
@@ -214,13 +217,16 @@ class SchedulerService:
         self.cfg = cfg
         self.registry = registry
         # One list per role, deny by default (the shared access rules).
-        self.rules = {"worker": AccessRules(clients=frozenset(cfg.auth.workers)),
-                      "user": AccessRules(clients=frozenset(cfg.auth.users))}
+        self.rules = {
+            "worker": AccessRules(clients=frozenset(cfg.auth.workers)),
+            "user": AccessRules(clients=frozenset(cfg.auth.users)),
+        }
         self._clients: dict[str, AsyncAgentClient] = {}  # by address
         a = cfg.agents
         assert a.ca_file and a.crt_file and a.key_file
-        self._tls = TLSFiles(ca=a.ca_file.read_bytes(), cert=a.crt_file.read_bytes(),
-                             key=a.key_file.read_bytes())
+        self._tls = TLSFiles(
+            ca=a.ca_file.read_bytes(), cert=a.crt_file.read_bytes(), key=a.key_file.read_bytes()
+        )
 
     # ---------------------------------------------------------- plumbing
 
@@ -256,23 +262,29 @@ class SchedulerService:
         except UnknownWorker as e:
             if e.forgotten is not None:
                 ago = time.time() - e.forgotten.last_seen
-                raise _Abort(grpc.StatusCode.UNAVAILABLE,
-                             f"worker {worker_id} ({e.forgotten.address}) is not registered: "
-                             f"last heard from {ago:.0f} s ago") from None
+                raise _Abort(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"worker {worker_id} ({e.forgotten.address}) is not registered: "
+                    f"last heard from {ago:.0f} s ago",
+                ) from None
             raise _Abort(grpc.StatusCode.NOT_FOUND, f"no worker with id {worker_id}") from None
 
     def _client(self, w: Worker) -> AsyncAgentClient:
         c = self._clients.get(w.address)
         if c is None:
             # Fast reconnects: a worker back from a network cut is usable at once.
-            c = AsyncAgentClient(w.address, self._tls,
-                                 timeout=self.cfg.agents.call_timeout_seconds,
-                                 options=reconnecting_channel_options())
+            c = AsyncAgentClient(
+                w.address,
+                self._tls,
+                timeout=self.cfg.agents.call_timeout_seconds,
+                options=reconnecting_channel_options(),
+            )
             self._clients[w.address] = c
         return c
 
-    async def _dispatch(self, context: Any, worker_id: str,
-                        call: Callable[[AsyncAgentClient], Awaitable[T]]) -> T:
+    async def _dispatch(
+        self, context: Any, worker_id: str, call: Callable[[AsyncAgentClient], Awaitable[T]]
+    ) -> T:
         self._require(context, "user")
         w = self._worker(worker_id)
         try:
@@ -290,13 +302,16 @@ class SchedulerService:
             try:
                 split_host_port(request.address)
             except ValueError as e:
-                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
-                             f"address {request.address[:200]!r}: {e}") from None
+                raise _Abort(
+                    grpc.StatusCode.INVALID_ARGUMENT, f"address {request.address[:200]!r}: {e}"
+                ) from None
             w = self.registry.register(ident, request.address)
-            log.info("worker %s registered: identity %s, address %s", w.worker_id, ident,
-                     w.address)
-            return pb.RegisterRes(success=True, workerID=w.worker_id,
-                                  heartbeatSeconds=self.cfg.registry.heartbeat_seconds)
+            log.info("worker %s registered: identity %s, address %s", w.worker_id, ident, w.address)
+            return pb.RegisterRes(
+                success=True,
+                workerID=w.worker_id,
+                heartbeatSeconds=self.cfg.registry.heartbeat_seconds,
+            )
 
         return await self._guard(context, body)
 
@@ -328,8 +343,7 @@ class SchedulerService:
             self._require(context, "user")
             out = pb.ListWorkersRes()
             for w in sorted(self.registry.workers.values(), key=lambda w: w.registered_at):
-                info = out.workers.add(workerID=w.worker_id, address=w.address,
-                                       identity=w.identity)
+                info = out.workers.add(workerID=w.worker_id, address=w.address, identity=w.identity)
                 info.registeredAt.FromNanoseconds(int(w.registered_at * 1e9))
                 info.lastSeen.FromNanoseconds(int(w.last_seen * 1e9))
             return out
@@ -344,8 +358,7 @@ class SchedulerService:
             # start_pb is never retried by the client library: never twice.
             return pb.StartJobRes(jobID=await c.start_pb(job))
 
-        return await self._guard(context, lambda: self._dispatch(context, request.workerID,
-                                                                 call))
+        return await self._guard(context, lambda: self._dispatch(context, request.workerID, call))
 
     async def DispatchQueryJob(self, request: Any, context: Any) -> Any:
         """A job's status on a worker (users only)."""
@@ -353,8 +366,7 @@ class SchedulerService:
         async def call(c: AsyncAgentClient) -> Any:
             return await c.query_pb(request.jobID)
 
-        return await self._guard(context, lambda: self._dispatch(context, request.workerID,
-                                                                 call))
+        return await self._guard(context, lambda: self._dispatch(context, request.workerID, call))
 
     async def DispatchStopJob(self, request: Any, context: Any) -> Any:
         """Stop a job on a worker (users only)."""
@@ -363,8 +375,7 @@ class SchedulerService:
             await c.stop(request.jobID)
             return pb.StopJobRes()
 
-        return await self._guard(context, lambda: self._dispatch(context, request.workerID,
-                                                                 call))
+        return await self._guard(context, lambda: self._dispatch(context, request.workerID, call))
 
     async def close(self) -> None:
         """Close the channels to agents."""
@@ -391,11 +402,14 @@ async def serve(cfg: SchedulerConfig, *, ready: Callable[[int], None] | None = N
     assert s.crt_file and s.key_file and s.ca_file
     registry = Registry(cfg.registry.expire_seconds)
     service = SchedulerService(cfg, registry)
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0),
-                                      ("grpc.keepalive_permit_without_calls", 1),
-                                      ("grpc.http2.min_recv_ping_interval_without_data_ms",
-                                       1000),
-                                      ("grpc.http2.max_ping_strikes", 0)])
+    server = grpc.aio.server(
+        options=[
+            ("grpc.so_reuseport", 0),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", 1000),
+            ("grpc.http2.max_ping_strikes", 0),
+        ]
+    )
     pb_grpc.add_SchedulerServicer_to_server(service, server)
     reloader = CertificateReloader(s.crt_file, s.key_file, s.ca_file)
     creds = reloading_server_credentials(reloader, require_client_auth=True)
@@ -404,8 +418,12 @@ async def serve(cfg: SchedulerConfig, *, ready: Callable[[int], None] | None = N
     except RuntimeError as e:
         raise RuntimeError(f"cannot listen on {s.addr}: {e}") from None
     await server.start()
-    log.info("scheduler listening on %s (mTLS); workers %s; users %s", s.addr,
-             ", ".join(cfg.auth.workers), ", ".join(cfg.auth.users) or "none")
+    log.info(
+        "scheduler listening on %s (mTLS); workers %s; users %s",
+        s.addr,
+        ", ".join(cfg.auth.workers),
+        ", ".join(cfg.auth.users) or "none",
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -417,8 +435,9 @@ async def serve(cfg: SchedulerConfig, *, ready: Callable[[int], None] | None = N
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=period)
         for w in registry.expire():
-            log.warning("worker %s (%s, %s) stopped renewing: forgotten", w.worker_id,
-                        w.identity, w.address)
+            log.warning(
+                "worker %s (%s, %s) stopped renewing: forgotten", w.worker_id, w.identity, w.address
+            )
     log.info("scheduler stopping")
     await server.stop(grace=1.0)
     await service.close()

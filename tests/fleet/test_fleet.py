@@ -35,8 +35,19 @@ def _host_certs(base: Certs, out: Path, ip: str, agent_name: str) -> Certs:
     for f in ("ca.crt", "ca.key"):
         shutil.copy(base.dir / f, out / f)
     os.chmod(out / "ca.key", 0o600)
-    subprocess.run([str(ROOT / "scripts" / "gen_certs.sh"), "--out", str(out), "--host", ip,
-                    "--agent-name", agent_name], check=True, capture_output=True)
+    subprocess.run(
+        [
+            str(ROOT / "scripts" / "gen_certs.sh"),
+            "--out",
+            str(out),
+            "--host",
+            ip,
+            "--agent-name",
+            agent_name,
+        ],
+        check=True,
+        capture_output=True,
+    )
     (out / "ca.key").unlink()  # hosts never need the CA's key
     return Certs(out)
 
@@ -72,21 +83,42 @@ def fleet() -> Iterator[Fleet]:
         yield f
 
 
-def test_fleet_registration_dispatch_cut_and_heal(fleet: Fleet, tmp_path: Path,
-                                                  script_dir: Path) -> None:
+def test_fleet_registration_dispatch_cut_and_heal(
+    fleet: Fleet, tmp_path: Path, script_dir: Path
+) -> None:
     """Agents on three hosts register with a scheduler on a fourth, run jobs,
     are noticed when cut off (calls fail fast), and come back with their history."""
     base = gen_certs(tmp_path / "base")
     sched_ip = fleet.addr("sched")
     sched_certs = _host_certs(base, tmp_path / "sched-certs", sched_ip, "unused")
-    admin = ["--ca", str(base.ca), "--cert", str(base.crt("admin")),
-             "--key", str(base.key("admin"))]
+    admin = [
+        "--ca",
+        str(base.ca),
+        "--cert",
+        str(base.crt("admin")),
+        "--key",
+        str(base.key("admin")),
+    ]
 
     def sched_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        return fleet.run("sched", [sys.executable, "-m", "agent.scheduler.cli", "--addr",
-                                   f"{sched_ip}:{SCHED_PORT}", "--call-timeout", "8", *admin,
-                                   *args], timeout=timeout, text=True,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        return fleet.run(
+            "sched",
+            [
+                sys.executable,
+                "-m",
+                "agent.scheduler.cli",
+                "--addr",
+                f"{sched_ip}:{SCHED_PORT}",
+                "--call-timeout",
+                "8",
+                *admin,
+                *args,
+            ],
+            timeout=timeout,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
 
     def workers() -> dict[str, dict[str, str]]:
         r = sched_cli("workers", "--json")
@@ -105,40 +137,87 @@ def test_fleet_registration_dispatch_cut_and_heal(fleet: Fleet, tmp_path: Path,
         policy.write_text(policy_for(script_dir))
         cfg = work / "config.toml"
         text = default_config(f"{ip}:{AGENT_PORT}", certs, policy, work / "state")
-        text += "\n" + to_toml({"scheduler": {
-            "addr": f"{sched_ip}:{SCHED_PORT}", "register": True,
-            "advertise_addr": f"{ip}:{AGENT_PORT}", "crt_file": str(certs.crt("agent")),
-            "key_file": str(certs.key("agent")), "ca_file": str(certs.ca),
-            "heartbeat_seconds": 1.0, "retry_initial_seconds": 0.2, "retry_max_seconds": 2.0,
-            "call_timeout_seconds": 2.0}})
+        text += "\n" + to_toml(
+            {
+                "scheduler": {
+                    "addr": f"{sched_ip}:{SCHED_PORT}",
+                    "register": True,
+                    "advertise_addr": f"{ip}:{AGENT_PORT}",
+                    "crt_file": str(certs.crt("agent")),
+                    "key_file": str(certs.key("agent")),
+                    "ca_file": str(certs.ca),
+                    "heartbeat_seconds": 1.0,
+                    "retry_initial_seconds": 0.2,
+                    "retry_max_seconds": 2.0,
+                    "call_timeout_seconds": 2.0,
+                }
+            }
+        )
         cfg.write_text(text)
-        agents[host] = Host(fleet, host, [sys.executable, "-m", "agent", "run", "--config",
-                                          str(cfg)], work / "agent.log")
+        agents[host] = Host(
+            fleet,
+            host,
+            [sys.executable, "-m", "agent", "run", "--config", str(cfg)],
+            work / "agent.log",
+        )
     for host, a in agents.items():
         _wait(lambda a=a: "listening on" in a.log(), 30, f"agent on {host}")
         _wait(lambda a=a: "cannot register" in a.log(), 30, f"{host} retrying")
     # an agent serves although its scheduler is down: a direct call from another host
-    direct = fleet.run("sched", [sys.executable, "-m", "agent.client.cli", "--addr",
-                                 f"{fleet.addr('w1')}:{AGENT_PORT}", "--ca", str(base.ca),
-                                 "--cert", str(base.crt("client")), "--key",
-                                 str(base.key("client")), "start", "--wait", "echo", "up"],
-                       timeout=60, text=True,
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    direct = fleet.run(
+        "sched",
+        [
+            sys.executable,
+            "-m",
+            "agent.client.cli",
+            "--addr",
+            f"{fleet.addr('w1')}:{AGENT_PORT}",
+            "--ca",
+            str(base.ca),
+            "--cert",
+            str(base.crt("client")),
+            "--key",
+            str(base.key("client")),
+            "start",
+            "--wait",
+            "echo",
+            "up",
+        ],
+        timeout=60,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     assert direct.returncode == 0 and direct.stdout == "up\n", direct.stderr
 
     # ---- the scheduler comes up on its own host
     sched_cfg = tmp_path / "scheduler.toml"
-    sched_cfg.write_text(to_toml({
-        "server": {"addr": f"{sched_ip}:{SCHED_PORT}", "crt_file": str(sched_certs.crt(
-            "scheduler")), "key_file": str(sched_certs.key("scheduler")),
-                   "ca_file": str(base.ca)},
-        "auth": {"workers": ["worker-1", "worker-2", "worker-3"], "users": ["admin"]},
-        "registry": {"heartbeat_seconds": 1, "expire_seconds": 3.0},
-        "agents": {"crt_file": str(sched_certs.crt("scheduler")),
-                   "key_file": str(sched_certs.key("scheduler")), "ca_file": str(base.ca),
-                   "call_timeout_seconds": 2.0}}))
-    sched = Host(fleet, "sched", [sys.executable, "-m", "agent.scheduler.cli", "serve",
-                                  "--config", str(sched_cfg)], tmp_path / "scheduler.log")
+    sched_cfg.write_text(
+        to_toml(
+            {
+                "server": {
+                    "addr": f"{sched_ip}:{SCHED_PORT}",
+                    "crt_file": str(sched_certs.crt("scheduler")),
+                    "key_file": str(sched_certs.key("scheduler")),
+                    "ca_file": str(base.ca),
+                },
+                "auth": {"workers": ["worker-1", "worker-2", "worker-3"], "users": ["admin"]},
+                "registry": {"heartbeat_seconds": 1, "expire_seconds": 3.0},
+                "agents": {
+                    "crt_file": str(sched_certs.crt("scheduler")),
+                    "key_file": str(sched_certs.key("scheduler")),
+                    "ca_file": str(base.ca),
+                    "call_timeout_seconds": 2.0,
+                },
+            }
+        )
+    )
+    sched = Host(
+        fleet,
+        "sched",
+        [sys.executable, "-m", "agent.scheduler.cli", "serve", "--config", str(sched_cfg)],
+        tmp_path / "scheduler.log",
+    )
     _wait(lambda: "scheduler listening" in sched.log(), 30, "scheduler")
     _wait(lambda: len(workers()) == 3, 30, "three registrations")
     registered = workers()
@@ -171,11 +250,29 @@ def test_fleet_registration_dispatch_cut_and_heal(fleet: Fleet, tmp_path: Path,
     assert elapsed < 8, f"a call to a cut worker took {elapsed:.1f} s"
     # direct calls from another host fail fast too, with the client's deadline
     t0 = time.monotonic()
-    d = fleet.run("sched", [sys.executable, "-m", "agent.client.cli", "--call-timeout", "2",
-                            "--addr", f"{fleet.addr('w2')}:{AGENT_PORT}", "--ca", str(base.ca),
-                            "--cert", str(base.crt("client")), "--key", str(base.key("client")),
-                            "list"], timeout=60,
-                  text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    d = fleet.run(
+        "sched",
+        [
+            sys.executable,
+            "-m",
+            "agent.client.cli",
+            "--call-timeout",
+            "2",
+            "--addr",
+            f"{fleet.addr('w2')}:{AGENT_PORT}",
+            "--ca",
+            str(base.ca),
+            "--cert",
+            str(base.crt("client")),
+            "--key",
+            str(base.key("client")),
+            "list",
+        ],
+        timeout=60,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     assert d.returncode == 1 and ("deadline exceeded" in d.stderr or "unavailable" in d.stderr)
     assert time.monotonic() - t0 < 8
     # the scheduler notices: w2 stops renewing and is forgotten

@@ -116,27 +116,35 @@ entries:
 
 def agent_config(port: int) -> str:
     """/etc/agent/config.toml: mTLS on loopback, state and audit where the unit puts them."""
-    return to_toml({
-        "grpc_server": {"addr": f"127.0.0.1:{port}", "use_tls": True,
-                        "crt_file": f"{CERT_DIR}/server.crt",
-                        "key_file": f"{CERT_DIR}/server.key",
-                        "ca_file": f"{CERT_DIR}/ca.crt"},
-        "auth": {"clients": ["client"], "admins": ["admin"]},
-        "jobs": {"policy_file": "/etc/agent/policy.yaml", "state_dir": "/var/lib/agent",
-                 "stop_grace_seconds": STOP_GRACE, "max_running": 16},
-        "limits": {"default": {"open_files": OPEN_FILES}},
-        "audit": {"file": "/var/log/agent/audit.log"},
-        "retention": {"sweep_seconds": 3600.0},
-        "daemon": {"on_shutdown": "stop"},
-    })
+    return to_toml(
+        {
+            "grpc_server": {
+                "addr": f"127.0.0.1:{port}",
+                "use_tls": True,
+                "crt_file": f"{CERT_DIR}/server.crt",
+                "key_file": f"{CERT_DIR}/server.key",
+                "ca_file": f"{CERT_DIR}/ca.crt",
+            },
+            "auth": {"clients": ["client"], "admins": ["admin"]},
+            "jobs": {
+                "policy_file": "/etc/agent/policy.yaml",
+                "state_dir": "/var/lib/agent",
+                "stop_grace_seconds": STOP_GRACE,
+                "max_running": 16,
+            },
+            "limits": {"default": {"open_files": OPEN_FILES}},
+            "audit": {"file": "/var/log/agent/audit.log"},
+            "retention": {"sweep_seconds": 3600.0},
+            "daemon": {"on_shutdown": "stop"},
+        }
+    )
 
 
 # -- fixtures ------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def wheelhouse(tmp_path_factory: pytest.TempPathFactory, rootfs: Path,
-               timings: Timings) -> Path:
+def wheelhouse(tmp_path_factory: pytest.TempPathFactory, rootfs: Path, timings: Timings) -> Path:
     """Wheels of the project (from a clean copy of its sources) and its dependencies."""
     started = time.monotonic()
     src = tmp_path_factory.mktemp("src")
@@ -144,8 +152,9 @@ def wheelhouse(tmp_path_factory: pytest.TempPathFactory, rootfs: Path,
     # tree nor packs whatever stale build/ directory lies there.
     shutil.copy2(REPO / "pyproject.toml", src)
     shutil.copy2(REPO / "README.md", src)
-    shutil.copytree(REPO / "agent", src / "agent",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copytree(
+        REPO / "agent", src / "agent", ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+    )
     path = nspawn.build_wheelhouse([str(src)], tmp_path_factory.mktemp("wheelhouse"))
     timings.add("build_wheelhouse", started)
     return path
@@ -282,8 +291,7 @@ def running(agent: Agent) -> Iterator[Agent]:
 # -- helpers -------------------------------------------------------------------------
 
 
-def poll(what: str, fn: Callable[[], Any], timeout: float = 20.0,
-         interval: float = 0.1) -> Any:
+def poll(what: str, fn: Callable[[], Any], timeout: float = 20.0, interval: float = 0.1) -> Any:
     """Call ``fn`` until it returns something truthy; fail naming ``what`` on timeout."""
     deadline = time.monotonic() + timeout
     while True:
@@ -301,8 +309,10 @@ def served_fingerprint(port: int, certs: Certs) -> str:
     ctx.load_verify_locations(cafile=str(certs.ca))
     ctx.load_cert_chain(str(certs.crt("client")), str(certs.key("client")))
     ctx.set_alpn_protocols(["h2"])
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
-            ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        ctx.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
         der = tls.getpeercert(binary_form=True)
     assert der is not None
     return hashlib.sha256(der).hexdigest()
@@ -331,7 +341,8 @@ def output(client: AgentClient, job_id: str) -> str:
 def utc_usec(text: str) -> datetime.datetime:
     """Parse ``systemctl show --timestamp=us+utc`` (``Thu 2024-05-02 10:11:12.123456 UTC``)."""
     return datetime.datetime.strptime(text.split(" ", 1)[1], "%Y-%m-%d %H:%M:%S.%f UTC").replace(
-        tzinfo=datetime.timezone.utc)
+        tzinfo=datetime.timezone.utc
+    )
 
 
 # -- 1. start-up: active only after READY ----------------------------------------------
@@ -339,8 +350,9 @@ def utc_usec(text: str) -> datetime.datetime:
 
 def test_unit_verifies_with_the_real_binary(agent: Agent) -> None:
     """systemd-analyze verify accepts the installed unit, /opt/agent/bin/agent being real."""
-    result = agent.box.run(["systemd-analyze", "verify", "--man=no",
-                            "/etc/systemd/system/agent.service"])
+    result = agent.box.run(
+        ["systemd-analyze", "verify", "--man=no", "/etc/systemd/system/agent.service"]
+    )
     assert result.rc == 0, result
     assert "agent.service" not in result.stderr, result.stderr
 
@@ -377,8 +389,15 @@ def test_active_only_after_ready(agent: Agent, timings: Timings) -> None:
     assert "failed" not in states, states
     assert agent.state()["ActiveState"] == "active"
 
-    props = agent.state("InvocationID", "ActiveEnterTimestamp", "ExecMainStartTimestamp",
-                        "StatusText", "MainPID", "NotifyAccess", "Type")
+    props = agent.state(
+        "InvocationID",
+        "ActiveEnterTimestamp",
+        "ExecMainStartTimestamp",
+        "StatusText",
+        "MainPID",
+        "NotifyAccess",
+        "Type",
+    )
     invocation = props["InvocationID"]
     assert (props["Type"], props["NotifyAccess"]) == ("notify", "main")
 
@@ -397,13 +416,17 @@ def test_active_only_after_ready(agent: Agent, timings: Timings) -> None:
 
     # The same order by clock: the agent wrote its agent_start audit record (after
     # binding, before READY=1) between ExecMainStart and ActiveEnter.
-    show = box.systemctl("show", "--timestamp=us+utc", "-p",
-                         "ActiveEnterTimestamp,ExecMainStartTimestamp", SERVICE).check("show")
+    show = box.systemctl(
+        "show", "--timestamp=us+utc", "-p", "ActiveEnterTimestamp,ExecMainStartTimestamp", SERVICE
+    ).check("show")
     stamps = dict(line.split("=", 1) for line in show.stdout.splitlines() if "=" in line)
     main_start = utc_usec(stamps["ExecMainStartTimestamp"])
     active_enter = utc_usec(stamps["ActiveEnterTimestamp"])
-    starts = [a for a in agent.audit() if a["event"] == "agent_start"
-              and a.get("pid") == int(props["MainPID"])]
+    starts = [
+        a
+        for a in agent.audit()
+        if a["event"] == "agent_start" and a.get("pid") == int(props["MainPID"])
+    ]
     assert len(starts) == 1, starts
     audit_start = datetime.datetime.fromisoformat(starts[0]["time"])
     assert main_start <= audit_start <= active_enter, (main_start, audit_start, active_enter)
@@ -411,8 +434,13 @@ def test_active_only_after_ready(agent: Agent, timings: Timings) -> None:
 
     # STATUS= from the agent, and its first WATCHDOG=1 (sent as the main loop starts).
     assert props["StatusText"] == "0 jobs running; accepting jobs", props
-    poll("a first WATCHDOG=1", lambda: agent.state("WatchdogTimestampMonotonic")
-         ["WatchdogTimestampMonotonic"] not in ("", "0"), timeout=10)
+    poll(
+        "a first WATCHDOG=1",
+        lambda: (
+            agent.state("WatchdogTimestampMonotonic")["WatchdogTimestampMonotonic"] not in ("", "0")
+        ),
+        timeout=10,
+    )
 
 
 # -- 2. a job over mTLS from the host ----------------------------------------------------
@@ -436,8 +464,9 @@ def test_job_runs_over_mtls_from_the_host(running: Agent) -> None:
 # -- 3. reload: rotated certificates, running job untouched -------------------------------
 
 
-def test_reload_serves_rotated_certificate_and_keeps_jobs(running: Agent, rotated: Certs,
-                                                          timings: Timings) -> None:
+def test_reload_serves_rotated_certificate_and_keeps_jobs(
+    running: Agent, rotated: Certs, timings: Timings
+) -> None:
     """systemctl reload: new connections get the new certificate; a running job completes."""
     box, certs = running.box, running.certs
     before = running.state("MainPID", "InvocationID")
@@ -448,8 +477,10 @@ def test_reload_serves_rotated_certificate_and_keeps_jobs(running: Agent, rotate
     client = running.client()
     job = client.start("bash", f"{JOB_DIR}/gate.sh", args=["reload"])
     stream_until(client, job, b"started\n")
-    poll("StatusText with the running job",
-         lambda: running.state("StatusText")["StatusText"] == "1 job running; accepting jobs")
+    poll(
+        "StatusText with the running job",
+        lambda: running.state("StatusText")["StatusText"] == "1 job running; accepting jobs",
+    )
 
     # Replace the files (key first; a mismatched pair in between is rejected and
     # retried by the agent), with no new connection before the reload.
@@ -457,17 +488,21 @@ def test_reload_serves_rotated_certificate_and_keeps_jobs(running: Agent, rotate
     box.copy_in(rotated.crt("server"), f"{CERT_DIR}/server.crt", owner="root:root", mode=0o644)
     started = time.monotonic()
     box.systemctl("reload", SERVICE).check("systemctl reload agent")
+
     # systemd 252 returns from reload when /bin/kill exits, not when the agent is
     # done (README notes): poll for the effect.
     def reload_logged() -> list[str] | None:
         msgs = running.messages(before["InvocationID"])
-        done = (any("certificates reloaded" in m for m in msgs)
-                and any("policy reloaded" in m for m in msgs))
+        done = any("certificates reloaded" in m for m in msgs) and any(
+            "policy reloaded" in m for m in msgs
+        )
         return msgs if done else None
 
     msgs = poll("the agent's reload in the journal", reload_logged)
-    poll("the new certificate on a new connection",
-         lambda: served_fingerprint(running.port, certs) == new_fp)
+    poll(
+        "the new certificate on a new connection",
+        lambda: served_fingerprint(running.port, certs) == new_fp,
+    )
     timings.add("reload_effective", started)
     reloading = next(i for i, m in enumerate(msgs) if "reloading (SIGHUP)" in m)
     reloaded = next(i for i, m in enumerate(msgs) if "certificates reloaded" in m)
@@ -475,8 +510,12 @@ def test_reload_serves_rotated_certificate_and_keeps_jobs(running: Agent, rotate
     assert new_fp[:16] in msgs[reloaded]
 
     after = running.state("MainPID", "InvocationID", "ActiveState", "SubState", "ReloadResult")
-    assert after == {**before, "ActiveState": "active", "SubState": "running",
-                     "ReloadResult": "success"}, after
+    assert after == {
+        **before,
+        "ActiveState": "active",
+        "SubState": "running",
+        "ReloadResult": "success",
+    }, after
     # The connection made before the rotation still works; so does a new one.
     assert client.query(job).state == "RUNNING"
     box.run("mkdir -p /run/agent-gates && touch /run/agent-gates/reload", check=True)
@@ -491,8 +530,7 @@ def test_reload_serves_rotated_certificate_and_keeps_jobs(running: Agent, rotate
 # -- 4. stop: jobs stopped gracefully, unit inactive/success, history kept ------------------
 
 
-def test_stop_ends_jobs_gracefully_and_history_survives(running: Agent,
-                                                        timings: Timings) -> None:
+def test_stop_ends_jobs_gracefully_and_history_survives(running: Agent, timings: Timings) -> None:
     """systemctl stop: TERM, KILL after the grace, exit 0 -> inactive/success; jobs STOPPED."""
     box = running.box
     props = running.state("InvocationID", "MainPID")
@@ -548,14 +586,17 @@ ALLOWED = ("/tmp", "/var/tmp", "/var/lib/agent")
 def test_jobs_write_only_where_the_unit_allows(running: Agent) -> None:
     """A job cannot write to /etc, /usr, /opt/agent, /home...; it can to /tmp and its state."""
     client = running.client()
-    jobs = {path: client.start("bash", f"{JOB_DIR}/write.sh", args=[path])
-            for path in (*DENIED, *ALLOWED)}
-    results = {path: (client.wait(job, timeout=30), output(client, job))
-               for path, job in jobs.items()}
+    jobs = {
+        path: client.start("bash", f"{JOB_DIR}/write.sh", args=[path])
+        for path in (*DENIED, *ALLOWED)
+    }
+    results = {
+        path: (client.wait(job, timeout=30), output(client, job)) for path, job in jobs.items()
+    }
     for path in DENIED:
         status, text = results[path]
         assert (status.state, status.exit_code) == ("FAILED", 3), (path, status, text)
-        assert ("Read-only file system" in text or "Permission denied" in text), (path, text)
+        assert "Read-only file system" in text or "Permission denied" in text, (path, text)
     for path in ALLOWED:
         status, text = results[path]
         assert (status.state, status.exit_code) == ("SUCCEEDED", 0), (path, status, text)
