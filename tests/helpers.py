@@ -335,6 +335,19 @@ def wait_for(pred: Any, timeout: float = 10.0, interval: float = 0.02) -> Any:
         time.sleep(interval)
 
 
+def job_children(agent_pid: int) -> list[int]:
+    """The agent's job processes: children of its spawner (and any other child of the agent)."""
+    out = []
+    for child in children_of(agent_pid):
+        try:
+            with open(f"/proc/{child}/cmdline", "rb") as f:
+                spawner = b"agent.daemon.spawner" in f.read()
+        except OSError:
+            continue
+        out += children_of(child) if spawner else [child]
+    return out
+
+
 def children_of(pid: int) -> list[int]:
     """Direct children of a process (from /proc)."""
     out = []

@@ -47,7 +47,7 @@ from helpers import (
     IS_ROOT,
     AgentProcess,
     Certs,
-    children_of,
+    job_children,
     make_safe_dir,
     pb,
     pb_grpc,
@@ -218,7 +218,7 @@ class World:
                         named[d] = listing
         audit = tuple(self.audit.read())
         return Snapshot(
-            children=frozenset(children_of(self.agent.pid)),
+            children=frozenset(job_children(self.agent.pid)),
             outputs=frozenset(self.agent.output_files()),
             job_starts=self.audit.job_starts,
             audit=audit,
@@ -1401,4 +1401,4 @@ def test_nothing_ever_ran(world: World) -> None:
     """After everything above, no canary left a mark except the symlink tests' allowed runs."""
     assert set(os.listdir(world.marker)) == world.allowed_marks
     assert stat.S_IMODE(os.stat(world.legit).st_mode) == 0o755
-    wait_for(lambda: not children_of(world.agent.pid), timeout=10)
+    wait_for(lambda: not job_children(world.agent.pid), timeout=10)

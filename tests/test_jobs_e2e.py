@@ -17,7 +17,7 @@ from helpers import (
     IS_ROOT,
     AgentFactory,
     AgentProcess,
-    children_of,
+    job_children,
     job_processes,
     pb,
     wait_for,
@@ -150,7 +150,7 @@ def test_command_outside_whitelist_is_denied_and_nothing_starts(
     """PERMISSION_DENIED, no process, no output file, and an audit line."""
     c = agent.client()
     marker = tmp_path / "ran"
-    before_children = set(children_of(agent.pid))
+    before_children = set(job_children(agent.pid))
     before_files = agent.output_files()
     for command, path, args in [
         ("/bin/sh", "-c", [f"touch {marker}"]),
@@ -164,7 +164,7 @@ def test_command_outside_whitelist_is_denied_and_nothing_starts(
             c.start(command, path, args=args)
     assert not marker.exists()
     assert agent.output_files() == before_files
-    assert set(children_of(agent.pid)) <= before_children
+    assert set(job_children(agent.pid)) <= before_children
     denials = [e for e in agent.audit_lines() if e["decision"] == "deny"]
     assert len(denials) >= 6
     assert all(e["identity"] == "client" and e["rpc"] == "StartJob" for e in denials)
@@ -202,7 +202,7 @@ entries:
     c = a.client()
     with pytest.raises(FailedPrecondition) as e:
         c.start(str(bad), "")
-    assert "/nonexistent/interpreter" in str(e.value)
+    assert "interpreter-file-missing" in str(e.value)
 
 
 def test_output_file_that_cannot_be_created_fails_that_job(

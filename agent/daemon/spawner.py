@@ -185,7 +185,12 @@ def _child(plan: dict[str, Any], fds: dict[str, int], err_w: int, reset: list[in
         step = "open /dev/null"
         null = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
         step = "dup2"
-        os.dup2(null, 0)
+        # Every low descriptor was closed above, so /dev/null may already be
+        # fd 0: dup2(0, 0) would leave its close-on-exec flag set and the
+        # job would start with no stdin at all.
+        if null != 0:
+            os.dup2(null, 0)
+        os.set_inheritable(0, True)
         os.dup2(moved["stdout"], 1)
         os.dup2(moved["stdout"], 2)
         top = 3
