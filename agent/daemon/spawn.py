@@ -54,6 +54,8 @@ from agent.daemon import spawnproto as proto
 from agent.daemon.lifecycle import Exit
 
 log = logging.getLogger(__name__)
+# The directory holding the ``agent`` package this process runs.
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 SPAWNER_DIED = "the job spawner died; the job's processes were killed"
 MAX_DEATHS = 3
@@ -160,13 +162,17 @@ class SpawnerOps:
         try:
             # A fresh interpreter (exec right after vfork, no Python in the
             # child) in isolated mode: neither the agent's environment nor its
-            # working directory can change what the spawner imports.
+            # working directory can change what the spawner imports. It
+            # imports the agent from where this process did (which may be a
+            # PYTHONPATH entry the isolated child would not see).
             self._proc = subprocess.Popen(
                 [
                     sys.executable,
                     "-I",
-                    "-m",
-                    "agent.daemon.spawner",
+                    "-c",
+                    "import sys; sys.path.insert(0, sys.argv[1]); "
+                    "from agent.daemon.spawner import main; sys.exit(main(sys.argv[2:]))",
+                    _PACKAGE_ROOT,
                     str(theirs.fileno()),
                     str(os.getpid()),
                 ],
