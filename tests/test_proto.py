@@ -84,9 +84,9 @@ def test_original_contract_is_unchanged(tmp_path: Path) -> None:
     our_svcs = {s.name: {m.name: m for m in s.method} for s in ours.service}
     for s in orig.service:
         for m in s.method:
-            g = our_svcs[s.name][m.name]
-            assert (g.input_type, g.output_type) == (m.input_type, m.output_type)
-            assert not g.server_streaming and not g.client_streaming
+            gm = our_svcs[s.name][m.name]
+            assert (gm.input_type, gm.output_type) == (m.input_type, m.output_type)
+            assert not gm.server_streaming and not gm.client_streaming
 
 
 def test_committed_stubs_are_current(tmp_path: Path) -> None:
