@@ -82,10 +82,10 @@ def test_original_contract_is_unchanged(tmp_path: Path) -> None:
             assert (g.name, g.type, g.label) == (f.name, f.type, f.label), f"{m.name}.{f.name}"
             assert not g.proto3_optional
     our_svcs = {s.name: {m.name: m for m in s.method} for s in ours.service}
-    for s in orig.service:
-        for m in s.method:
-            gm = our_svcs[s.name][m.name]
-            assert (gm.input_type, gm.output_type) == (m.input_type, m.output_type)
+    for svc in orig.service:
+        for meth in svc.method:
+            gm = our_svcs[svc.name][meth.name]
+            assert (gm.input_type, gm.output_type) == (meth.input_type, meth.output_type)
             assert not gm.server_streaming and not gm.client_streaming
 
 
