@@ -32,7 +32,8 @@ from helpers import (
 )
 
 _CHECKOUT = Path(__file__).resolve().parent.parent
-if _CHECKOUT in Path(agent_package.__file__).resolve().parents:
+# The test venv may live inside the checkout (.venv-test): only ./agent itself is wrong.
+if Path(agent_package.__file__).resolve().parent == _CHECKOUT / "agent":
     raise RuntimeError(
         f"the tests imported the source tree ({agent_package.__file__}), "
         "not the installed package: "
