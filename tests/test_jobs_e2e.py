@@ -277,7 +277,8 @@ def test_file_without_interpreter_line_is_never_run_by_a_shell(make_agent, scrip
                    limits={"max": {"open_files": 4096}, "default": {"open_files": 1024}})
     c = a.client()
     st = c.wait(c.start(str(prog), "", limits=limits), timeout=10)
-    assert st.state == "FAILED" and st.error_text == "start failed: execve: Exec format error (ENOEXEC)"
+    assert st.state == "FAILED"
+    assert st.error_text == "start failed: execve: Exec format error (ENOEXEC)"
     assert not marker.exists()
 
 

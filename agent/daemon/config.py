@@ -134,10 +134,10 @@ class Jobs:
                             "truncate (stop recording, let it run)",
                             choices=("kill", "truncate"))
     umask: str = option("0077", "umask of job processes (octal)")
-    prlimit_path: Path = option(Path("/usr/bin/prlimit"), "util-linux prlimit, used to apply "
-                                "resource limits before the job's program runs")
-    setpriv_path: Path = option(Path("/usr/bin/setpriv"), "util-linux setpriv, used to switch "
-                                "to run_as_user when the agent runs as root")
+    prlimit_path: Path = option(Path("/usr/bin/prlimit"), "unused (accepted for old "
+                                "configurations): the job spawner sets resource limits itself")
+    setpriv_path: Path = option(Path("/usr/bin/setpriv"), "unused (accepted for old "
+                                "configurations): the job spawner switches users itself")
     path_env: str = option("/usr/local/bin:/usr/bin:/bin", "PATH given to jobs")
 
 

@@ -62,6 +62,9 @@ SPAWNER_DIED = "the job spawner died; the job's processes were killed"
 MAX_DEATHS = 3
 DEATH_WINDOW = 60.0
 CLOSE_WAIT = 2.0
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_SPAWNER_MAIN = ("import sys; sys.path.insert(0, sys.argv.pop(1)); "
+                 "from agent.daemon.spawner import main; sys.exit(main(sys.argv[1:]))")
 
 
 @dataclass(frozen=True)
@@ -155,10 +158,11 @@ class SpawnerOps:
         try:
             # A fresh interpreter (exec right after vfork, no Python in the
             # child) in isolated mode: neither the agent's environment nor its
-            # working directory can change what the spawner imports.
+            # working directory can change what the spawner imports; it finds
+            # the agent package where this agent found it.
             self._proc = subprocess.Popen(
-                [sys.executable, "-I", "-m", "agent.daemon.spawner", str(theirs.fileno()),
-                 str(os.getpid())],
+                [sys.executable, "-I", "-c", _SPAWNER_MAIN, _PACKAGE_ROOT,
+                 str(theirs.fileno()), str(os.getpid())],
                 pass_fds=[theirs.fileno()], close_fds=True, stdin=subprocess.DEVNULL,
                 env={}, cwd="/")
         finally:

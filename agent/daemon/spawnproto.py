@@ -117,7 +117,7 @@ def decode(data: bytes, fds: list[int]) -> tuple[dict[str, Any], dict[str, int]]
         if (not isinstance(roles, list) or len(roles) != len(fds)
                 or any(r not in FD_ROLES for r in roles) or len(set(roles)) != len(roles)):
             raise ProtocolError(f"descriptor roles {roles!r} do not match {len(fds)} fds")
-        byrole = dict(zip(roles, fds))
+        byrole = dict(zip(roles, fds, strict=True))
         if "plan" in byrole:
             memfd = byrole.pop("plan")
             try:
