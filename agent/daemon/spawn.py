@@ -116,6 +116,12 @@ class ProcessOps(Protocol):
     def close(self) -> None: ...
 
 
+def _interpreter() -> str:
+    """This very interpreter: sys.executable, or its binary when that path is out of
+    reach of the agent's user (a venv under /root for an agent run as nobody)."""
+    return sys.executable if os.access(sys.executable, os.X_OK) else "/proc/self/exe"
+
+
 def plan_of(spec: SpawnSpec) -> tuple[dict[str, Any], list[str], list[int]]:
     """The spawner's plan for ``spec``, with the descriptor roles and descriptors."""
     plan: dict[str, Any] = {
@@ -163,8 +169,8 @@ class SpawnerOps:
             self._proc = subprocess.Popen(
                 [sys.executable, "-I", "-c", _SPAWNER_MAIN, _PACKAGE_ROOT,
                  str(theirs.fileno()), str(os.getpid())],
-                pass_fds=[theirs.fileno()], close_fds=True, stdin=subprocess.DEVNULL,
-                env={}, cwd="/")
+                executable=_interpreter(), pass_fds=[theirs.fileno()], close_fds=True,
+                stdin=subprocess.DEVNULL, env={}, cwd="/")
         finally:
             theirs.close()
         self._sock = ours
