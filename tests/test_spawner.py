@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import shutil
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +17,7 @@ from typing import Any
 import pytest
 from conftest import AgentFactory
 
+import agent
 from agent.daemon.lifecycle import Exit
 from agent.daemon.spawn import SCRIPT_FD_PATH, SPAWNER_DIED, SpawnerOps, SpawnFailure, SpawnSpec
 
@@ -200,7 +205,6 @@ SENTINELS = {
 def sentinel_dir() -> Iterator[Path]:
     d = make_safe_dir()
     yield d
-    import shutil
     shutil.rmtree(d, ignore_errors=True)
 
 
@@ -284,3 +288,59 @@ def test_no_zombies_and_the_spawner_ends_with_the_agent(agent: AgentProcess) -> 
     assert agent.stop() == 0
     wait_for(lambda: not os.path.exists(f"/proc/{spawner}") or _state(spawner) == "Z",
              timeout=5)
+
+
+_UNPRIVILEGED = """
+import asyncio, json, os, sys
+sys.path.insert(0, sys.argv[1])
+from agent.daemon.spawn import SpawnerOps, SpawnSpec
+
+async def main():
+    ops = SpawnerOps()
+    out = {}
+    for prog in sys.argv[2:]:
+        for limits in ({}, {"open_files": 64}):
+            spec = SpawnSpec(argv=[prog], executable=prog, env={}, cwd="/", stdout_fd=1,
+                             uid=None, gid=None, umask=0o077, limits=limits)
+            try:
+                await ops.spawn(spec, lambda ex: None)
+                out[f"{prog} {len(limits)}"] = "started"
+            except OSError as e:
+                out[f"{prog} {len(limits)}"] = str(e)
+    ops.close()
+    print(json.dumps(out))
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="needs root to become nobody")
+def test_sentinels_fail_with_enoexec_when_unprivileged(sentinel_dir: Path) -> None:
+    """A spawner running as nobody refuses the same sentinel files with ENOEXEC."""
+    root = str(Path(agent.__file__).resolve().parent.parent)
+    become = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"]
+    python = next((p for p in (sys.executable, "/usr/bin/python3") if subprocess.run(
+        [*become, p, "-I", "-c", f"import sys; sys.path.insert(0, {root!r}); import agent"],
+        capture_output=True).returncode == 0), None)
+    if python is None:
+        pytest.skip("no interpreter that nobody can run with this package")
+    marker = sentinel_dir / "marker-unprivileged"
+    marker.write_text("")
+    os.chmod(marker, 0o666)
+    interp = sentinel_dir / "interp-unprivileged"
+    interp.write_text(f"echo ran >> {marker}\n")
+    os.chmod(interp, 0o755)
+    progs = []
+    for kind, body in sorted(SENTINELS.items()):
+        prog = sentinel_dir / f"unpriv-{kind}"
+        prog.write_bytes(body.replace(b"MARKER", str(marker).encode())
+                         .replace(b"INTERP", str(interp).encode()))
+        os.chmod(prog, 0o755)
+        progs.append(str(prog))
+    res = subprocess.run([*become, python, "-I", "-c", _UNPRIVILEGED, root, *progs],
+                         capture_output=True, text=True, timeout=60, cwd="/")
+    assert res.returncode == 0, res.stderr
+    outcome = json.loads(res.stdout.splitlines()[-1])
+    assert len(outcome) == 8
+    assert set(outcome.values()) == {"execve: Exec format error (ENOEXEC)"}, outcome
+    assert marker.read_text() == ""

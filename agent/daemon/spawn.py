@@ -96,10 +96,6 @@ class SpawnFailure(OSError):
         return self.reason
 
 
-class SpawnerDied(Exception):
-    """The job spawner died too often: the agent cannot run jobs and must stop."""
-
-
 class ProcessOps(Protocol):
     """The process operations the supervisor needs: the seam for a fake or a spawner.
 
