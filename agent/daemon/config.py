@@ -30,9 +30,9 @@ from agent.vocabulary import LIMIT_BY_NAME
 # ---------------------------------------------------------------- sections
 #
 # Field types are restricted to: str, bool, int, float, Path, Path | None,
-# list[str] and nested section dataclasses; agent.configfile checks them.
-# Each field's metadata carries its help text (the README's configuration
-# table is generated from it, see scripts/config_reference.py) and bounds.
+# list[str] and nested section dataclasses; the parser below checks them.
+# Each field's metadata carries its help text (used in the README table and
+# by `agent check-config --explain`) and optional bounds.
 
 
 @dataclass(frozen=True)
@@ -159,11 +159,11 @@ class Jobs:
     umask: str = option("0077", "umask of job processes (octal)")
     prlimit_path: Path = option(
         Path("/usr/bin/prlimit"),
-        "util-linux prlimit, used to apply resource limits before the job's program runs",
+        "unused (accepted for old configurations): the job spawner sets resource limits itself",
     )
     setpriv_path: Path = option(
         Path("/usr/bin/setpriv"),
-        "util-linux setpriv, used to switch to run_as_user when the agent runs as root",
+        "unused (accepted for old configurations): the job spawner switches users itself",
     )
     path_env: str = option("/usr/local/bin:/usr/bin:/bin", "PATH given to jobs")
 

@@ -52,15 +52,21 @@ from typing import Any, Protocol
 
 from agent.daemon import spawnproto as proto
 from agent.daemon.lifecycle import Exit
+from agent.daemon.trust import SCRIPT_FD_PATH
+
+__all__ = ["SCRIPT_FD_PATH", "SPAWNER_DIED", "SpawnFailure", "SpawnSpec", "SpawnerOps"]
 
 log = logging.getLogger(__name__)
-# The directory holding the ``agent`` package this process runs.
-_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 SPAWNER_DIED = "the job spawner died; the job's processes were killed"
 MAX_DEATHS = 3
 DEATH_WINDOW = 60.0
 CLOSE_WAIT = 2.0
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_SPAWNER_MAIN = (
+    "import sys; sys.path.insert(0, sys.argv.pop(1)); "
+    "from agent.daemon.spawner import main; sys.exit(main(sys.argv[1:]))"
+)
 
 
 @dataclass(frozen=True)
@@ -92,10 +98,6 @@ class SpawnFailure(OSError):
         return self.reason
 
 
-class SpawnerDied(Exception):
-    """The job spawner died too often: the agent cannot run jobs and must stop."""
-
-
 class ProcessOps(Protocol):
     """The process operations the supervisor needs: the seam for a fake or a spawner.
 
@@ -110,6 +112,12 @@ class ProcessOps(Protocol):
     async def spawn(self, spec: SpawnSpec, on_exit: Callable[[Exit], None]) -> int: ...
     def signal(self, pid: int, sig: int) -> bool: ...
     def close(self) -> None: ...
+
+
+def _interpreter() -> str:
+    """This very interpreter: sys.executable, or its binary when that path is out of
+    reach of the agent's user (a venv under /root for an agent run as nobody)."""
+    return sys.executable if os.access(sys.executable, os.X_OK) else "/proc/self/exe"
 
 
 def plan_of(spec: SpawnSpec) -> tuple[dict[str, Any], list[str], list[int]]:
@@ -162,20 +170,19 @@ class SpawnerOps:
         try:
             # A fresh interpreter (exec right after vfork, no Python in the
             # child) in isolated mode: neither the agent's environment nor its
-            # working directory can change what the spawner imports. It
-            # imports the agent from where this process did (which may be a
-            # PYTHONPATH entry the isolated child would not see).
+            # working directory can change what the spawner imports; it finds
+            # the agent package where this agent found it.
             self._proc = subprocess.Popen(
                 [
                     sys.executable,
                     "-I",
                     "-c",
-                    "import sys; sys.path.insert(0, sys.argv[1]); "
-                    "from agent.daemon.spawner import main; sys.exit(main(sys.argv[2:]))",
+                    _SPAWNER_MAIN,
                     _PACKAGE_ROOT,
                     str(theirs.fileno()),
                     str(os.getpid()),
                 ],
+                executable=_interpreter(),
                 pass_fds=[theirs.fileno()],
                 close_fds=True,
                 stdin=subprocess.DEVNULL,

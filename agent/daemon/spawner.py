@@ -7,7 +7,7 @@ util-linux trampolines is unsafe (their execvp() hands an ENOEXEC file to
 one thread, so its forked child may run Python freely before ``execve``.
 
 It is started by the agent (:class:`agent.daemon.spawn.SpawnerOps`) as a
-fresh interpreter, ``python -I -m agent.daemon.spawner FD PARENT_PID``, with
+fresh isolated interpreter (``python -I``) running :func:`main` with ``FD PARENT_PID``, with
 one end of a ``socketpair(AF_UNIX, SOCK_SEQPACKET)`` as FD; the protocol is
 in :mod:`agent.daemon.spawnproto`. The agent sends fully resolved plans; the
 spawner checks what it can check before forking (an absolute path or a
@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import gc
 import os
 import resource
 import selectors
@@ -183,14 +184,12 @@ def _child(plan: dict[str, Any], fds: dict[str, int], err_w: int, reset: list[in
             signal.signal(sig, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, ())
         step = "open /dev/null"
-        null = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+        opened = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+        # Above the job's numbers too: dup2 onto itself would keep CLOEXEC.
+        null = fcntl.fcntl(opened, fcntl.F_DUPFD_CLOEXEC, FIRST_FREE_FD)
+        os.close(opened)
         step = "dup2"
-        # Every low descriptor was closed above, so /dev/null may already be
-        # fd 0: dup2(0, 0) would leave its close-on-exec flag set and the
-        # job would start with no stdin at all.
-        if null != 0:
-            os.dup2(null, 0)
-        os.set_inheritable(0, True)
+        os.dup2(null, 0)
         os.dup2(moved["stdout"], 1)
         os.dup2(moved["stdout"], 2)
         top = 3
@@ -209,8 +208,7 @@ def _child(plan: dict[str, Any], fds: dict[str, int], err_w: int, reset: list[in
         os.closerange(err_w + 1, os.sysconf("SC_OPEN_MAX"))
         # Landlock hook: the policy's ruleset is applied here (later).
         step = "execve"
-        # execve, never execvp: no PATH lookup and no /bin/sh fallback on ENOEXEC.
-        os.execve(program, plan["argv"], plan["env"])  # noqa: S606
+        os.execve(program, plan["argv"], plan["env"])  # noqa: S606 - no shell, by design
     except OSError as e:
         code = e.errno or errno.EIO
     except BaseException:
@@ -219,6 +217,16 @@ def _child(plan: dict[str, Any], fds: dict[str, int], err_w: int, reset: list[in
         os.write(err_w, f"{step}\0{code}".encode())
     finally:
         os._exit(127)
+
+
+class Starting:
+    """A forked child whose exec is not yet known to have succeeded."""
+
+    __slots__ = ("fd", "pid", "report", "rid")
+
+    def __init__(self, pid: int, rid: Any, fd: int) -> None:
+        self.pid, self.rid, self.fd = pid, rid, fd
+        self.report = b""
 
 
 class Spawner:
@@ -262,6 +270,8 @@ class Spawner:
             for key, _ in self.sel.select():
                 if key.data is None:
                     self.on_socket()
+                elif isinstance(key.data, Starting):
+                    self.on_started(key.data)
                 else:
                     self.on_exit(key.data)
                 if not self.running:
@@ -298,12 +308,14 @@ class Spawner:
                 os.close(fd)
 
     def spawn(self, msg: dict[str, Any], fds: dict[str, int]) -> None:
-        rid = msg.get("id")
-        plan: dict[str, Any] = msg.get("plan") or {}
-        err = check_plan(plan, fds) or check_limits(
-            plan.get("limits", {}), privileged=self.privileged, nr_open=self.nr_open
-        )
-        if err:
+        rid, plan = msg.get("id"), msg.get("plan")
+        err = check_plan(plan, fds)
+        if not err:
+            assert isinstance(plan, dict)
+            err = check_limits(
+                plan.get("limits", {}), privileged=self.privileged, nr_open=self.nr_open
+            )
+        if err or not isinstance(plan, dict):
             self.send({"op": "spawned", "id": rid, "error": err, "errno": errno.EINVAL})
             return
         r, w = os.pipe2(os.O_CLOEXEC)
@@ -320,32 +332,39 @@ class Spawner:
         if pid == 0:
             _child(plan, fds, w, self.reset_signals)
         os.close(w)
-        chunks = []
-        while True:
+        for fd in fds.values():
+            os.close(fd)
+        fds.clear()
+        # Not waited for here: the answer goes out when the error pipe reaches
+        # end of file (exec done) or carries a report, so the next job can be
+        # forked while this one is still setting up.
+        self.sel.register(r, selectors.EVENT_READ, Starting(pid, rid, r))
+
+    def on_started(self, st: Starting) -> None:
+        try:
+            chunk = os.read(st.fd, 512)
+        except InterruptedError:
+            return
+        if chunk:
+            st.report += chunk
+            return
+        self.sel.unregister(st.fd)
+        os.close(st.fd)
+        if st.report:
+            os.waitpid(st.pid, 0)
+            step, _, number = st.report.decode("utf-8", "replace").partition("\0")
             try:
-                chunk = os.read(r, 512)
-            except InterruptedError:
-                continue
-            if not chunk:
-                break
-            chunks.append(chunk)
-        os.close(r)
-        report = b"".join(chunks)
-        if report:
-            os.waitpid(pid, 0)
-            step, _, code_text = report.decode("utf-8", "replace").partition("\0")
-            try:
-                num = int(code_text)
+                num = int(number)
             except ValueError:
                 num = errno.EIO
             self.send(
-                {"op": "spawned", "id": rid, "error": proto.error_text(step, num), "errno": num}
+                {"op": "spawned", "id": st.rid, "error": proto.error_text(step, num), "errno": num}
             )
             return
-        pidfd = os.pidfd_open(pid)
-        self.children[pid] = pidfd
-        self.sel.register(pidfd, selectors.EVENT_READ, pid)
-        self.send({"op": "spawned", "id": rid, "pid": pid})
+        pidfd = os.pidfd_open(st.pid)
+        self.children[st.pid] = pidfd
+        self.sel.register(pidfd, selectors.EVENT_READ, st.pid)
+        self.send({"op": "spawned", "id": st.rid, "pid": st.pid})
 
     def signal(self, msg: dict[str, Any]) -> None:
         pid, sig = msg.get("pid"), msg.get("sig")
@@ -410,6 +429,9 @@ def main(argv: list[str]) -> int:
     sock.set_inheritable(False)
     sp = Spawner(sock)
     sp.setup_signals()
+    # Fewer copy-on-write faults in each forked child: the collector never
+    # walks (and so never dirties) the spawner's long-lived objects.
+    gc.freeze()
     sp.serve()
     return 0
 

@@ -22,7 +22,6 @@ from pathlib import Path
 from agent import tls
 from agent.configfile import ConfigError, is_loopback_host, split_host_port
 from agent.daemon import policy as policy_mod
-from agent.daemon import trust
 from agent.daemon.config import Config
 from agent.daemon.supervisor import JobUser
 
@@ -180,28 +179,6 @@ def prepare(cfg: Config, *, create_dirs: bool = True) -> Prepared:
             f"[jobs] max_running = {cfg.jobs.max_running} needs about {need} open "
             f"files but the hard limit is {hard}: starts beyond about "
             f"{max(0, (hard - 256) // 3)} running jobs will fail (raise LimitNOFILE)"
-        )
-    prl = cfg.jobs.prlimit_path
-    if not (os.path.isfile(prl) and os.access(prl, os.X_OK)):
-        raise _err(
-            cfg, "jobs", "prlimit_path", f"{prl}: not an executable file (install util-linux)"
-        )
-    for key, tool in (("prlimit_path", prl), ("setpriv_path", cfg.jobs.setpriv_path)):
-        # These run as the agent's user (root when it switches users) with
-        # the job's arguments: hold them to the same rule as job programs.
-        problems = (
-            trust.trusted_file_problems(str(tool), want_exec=True) if os.path.exists(tool) else []
-        )
-        if problems:
-            raise _err(cfg, "jobs", key, "; ".join(problems))
-    spv = cfg.jobs.setpriv_path
-    if job_user.uid is not None and not (os.path.isfile(spv) and os.access(spv, os.X_OK)):
-        raise _err(
-            cfg,
-            "jobs",
-            "setpriv_path",
-            f"{spv}: not an executable file (install util-linux): needed to run jobs "
-            f"as {job_user.name!r}",
         )
     check_private_dir(cfg, "jobs", "state_dir", cfg.jobs.state_dir, create=create_dirs)
     check_private_dir(cfg, "jobs", "output_dir", cfg.output_dir, create=create_dirs)

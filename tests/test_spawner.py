@@ -1,0 +1,420 @@
+"""The job spawner: real processes, through SpawnerOps in-process and through a real agent."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import agent
+from agent.daemon.lifecycle import Exit
+from agent.daemon.spawn import SCRIPT_FD_PATH, SPAWNER_DIED, SpawnerOps, SpawnFailure, SpawnSpec
+
+from helpers import (
+    IS_ROOT,
+    AgentFactory,
+    AgentProcess,
+    children_of,
+    job_processes,
+    make_safe_dir,
+    wait_for,
+)
+
+ENOEXEC = "start failed: execve: Exec format error (ENOEXEC)"
+
+
+# ---------------------------------------------------------------- in-process harness
+
+
+def _spec(argv: list[str], **kw: Any) -> SpawnSpec:
+    base: dict[str, Any] = {
+        "executable": argv[0],
+        "env": {"PATH": "/usr/bin:/bin"},
+        "cwd": "/",
+        "stdout_fd": -1,
+        "uid": None,
+        "gid": None,
+        "umask": 0o077,
+        "limits": {},
+    }
+    base.update(kw)
+    return SpawnSpec(argv=argv, **base)
+
+
+async def _run(ops: SpawnerOps, spec: SpawnSpec, timeout: float = 10) -> tuple[int, Exit, bytes]:
+    """Spawn with an output pipe; return (pid, exit, output)."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[Exit] = loop.create_future()
+    r, w = os.pipe2(os.O_CLOEXEC)
+    try:
+        pid = await ops.spawn(SpawnSpec(**{**spec.__dict__, "stdout_fd": w}), done.set_result)
+    finally:
+        os.close(w)
+    ex = await asyncio.wait_for(done, timeout)
+    chunks = []
+    while chunk := os.read(r, 65536):
+        chunks.append(chunk)
+    os.close(r)
+    return pid, ex, b"".join(chunks)
+
+
+def run_ops(coro_fn: Any) -> Any:
+    """Run ``coro_fn(ops)`` on a fresh loop with a fresh spawner, then close it."""
+
+    async def main() -> Any:
+        ops = SpawnerOps()
+        try:
+            return await coro_fn(ops)
+        finally:
+            ops.close()
+
+    return asyncio.run(main())
+
+
+def test_exit_status_signal_and_rusage() -> None:
+    """Exit code, killing signal and CPU time come back from wait4 in the spawner."""
+
+    async def go(ops: SpawnerOps) -> None:
+        _, ex, out = await _run(ops, _spec(["/bin/sh", "-c", "echo out; echo err >&2; exit 3"]))
+        assert (ex.exit_code, ex.signal, out) == (3, None, b"out\nerr\n")
+        _, ex, _ = await _run(ops, _spec(["/bin/sh", "-c", "kill -TERM $$"]))
+        assert (ex.exit_code, ex.signal) == (None, signal.SIGTERM)
+        _, ex, _ = await _run(
+            ops, _spec(["/bin/sh", "-c", "i=0; while [ $i -lt 200000 ]; do i=$((i+1)); done"])
+        )
+        assert ex.exit_code == 0 and ex.user_cpu + ex.system_cpu > 0.01 and ex.max_rss > 0
+
+    run_ops(go)
+
+
+def test_session_group_environment_stdin_and_descriptors() -> None:
+    """The job leads its session and group, sees only its env, /dev/null and fds 0-2."""
+
+    async def go(ops: SpawnerOps) -> None:
+        pid, ex, out = await _run(
+            ops,
+            _spec(
+                [
+                    "/bin/sh",
+                    "-c",
+                    'cut -d" " -f5,6 /proc/$$/stat; ls /proc/$$/fd | sort -n | '
+                    'tr "\\n" " "; echo; readlink /proc/$$/fd/0; env',
+                ],
+                env={"ONLY": "this", "PATH": "/usr/bin:/bin"},
+            ),
+        )
+        assert ex.exit_code == 0, out
+        lines = out.decode().splitlines()
+        assert lines[0] == f"{pid} {pid}"  # pgid, sid
+        assert lines[1].split() == ["0", "1", "2"]
+        assert lines[2] == "/dev/null"
+        assert set(line.split("=", 1)[0] for line in lines[3:]) <= {"ONLY", "PATH", "PWD"}
+
+    run_ops(go)
+
+
+def test_script_fd_is_fd_3_and_exec_fd_runs_the_sealed_copy(tmp_path: Path) -> None:
+    """script_fd lands on fd 3 (SCRIPT_FD_PATH); exec_fd is fexecve'd, #! scripts too."""
+    script = tmp_path / "s.sh"
+    script.write_text('echo "script $1"; ls /proc/$$/fd | sort -n | tr "\\n" " "\n')
+    hashbang = tmp_path / "h.sh"
+    hashbang.write_text("#!/bin/sh\necho fexecve ok\n")
+    os.chmod(hashbang, 0o755)
+
+    async def go(ops: SpawnerOps) -> None:
+        sfd = os.open(script, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            _, ex, out = await _run(ops, _spec(["/bin/sh", SCRIPT_FD_PATH, "x"], script_fd=sfd))
+        finally:
+            os.close(sfd)
+        assert ex.exit_code == 0 and out.decode().startswith("script x\n"), out
+        assert set(out.decode().split()[2:]) >= {"0", "1", "2", "3"}
+        for path, want in ((hashbang, b"fexecve ok\n"), (Path("/bin/echo"), b"")):
+            efd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                # executable names a file that must NOT run: the descriptor wins
+                _, ex, out = await _run(
+                    ops, _spec([str(path)], executable="/bin/false", exec_fd=efd)
+                )
+            finally:
+                os.close(efd)
+            assert (ex.exit_code, out) == (0, want if want else b"\n")
+
+    run_ops(go)
+
+
+def test_setup_failures_name_the_step_and_errno(tmp_path: Path) -> None:
+    """A limit the kernel refuses, a missing cwd or program: the step and errno, no job."""
+
+    async def go(ops: SpawnerOps) -> None:
+        cases = [
+            (
+                _spec(["/bin/true"], limits={"open_files": (1 << 30) + 1}),
+                "setrlimit RLIMIT_NOFILE: Operation not permitted (EPERM)",
+            ),
+            (
+                _spec(["/bin/true"], cwd=str(tmp_path / "missing")),
+                "chdir: No such file or directory (ENOENT)",
+            ),
+            (_spec([str(tmp_path / "nope")]), "execve: No such file or directory (ENOENT)"),
+            (_spec(["true"]), "malformed plan: the program is not an absolute path"),
+        ]
+        for spec, want in cases:
+            with pytest.raises(SpawnFailure) as info:
+                await _run(ops, spec)
+            assert str(info.value) == want
+        _, ex, _ = await _run(ops, _spec(["/bin/true"]))  # the spawner carries on
+        assert ex.exit_code == 0
+
+    run_ops(go)
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="switching users needs root")
+def test_user_switch_drops_groups() -> None:
+    """As root: uid and gid become the job user's, no supplementary groups remain."""
+
+    async def go(ops: SpawnerOps) -> None:
+        os.setgroups([0, 4])  # the agent's groups must not leak into the job
+        _, _, out = await _run(
+            ops,
+            _spec(
+                ["/bin/grep", "-E", "^(Uid|Gid|Groups):", "/proc/self/status"], uid=65534, gid=65534
+            ),
+        )
+        fields = {
+            line.split(":")[0]: line.split(":", 1)[1].split() for line in out.decode().splitlines()
+        }
+        assert fields == {"Uid": ["65534"] * 4, "Gid": ["65534"] * 4, "Groups": []}, out
+
+    run_ops(go)
+
+
+def test_leftovers_are_killed_and_nothing_is_left_unreaped() -> None:
+    """What the job leaves in its group dies with the leader; no zombie stays."""
+
+    async def go(ops: SpawnerOps) -> None:
+        _, _, out = await _run(ops, _spec(["/bin/sh", "-c", "sleep 300 & echo $!"]))
+        orphan = int(out)
+        wait_for(lambda: not os.path.exists(f"/proc/{orphan}") or _state(orphan) == "Z", timeout=5)
+        spawner = ops.spawner_pid
+        assert spawner is not None
+        assert not children_of(spawner)
+
+    run_ops(go)
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return ""
+
+
+def test_spawner_is_small_and_never_imports_grpc() -> None:
+    """The spawner process maps no grpc library and stays small."""
+
+    async def go(ops: SpawnerOps) -> None:
+        await _run(ops, _spec(["/bin/true"]))
+        pid = ops.spawner_pid
+        maps = Path(f"/proc/{pid}/maps").read_text()
+        assert "grpc" not in maps and "_asyncio" not in maps and "yaml" not in maps
+        rss = next(
+            int(line.split()[1])
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+            if line.startswith("VmRSS:")
+        )
+        assert rss < 40_000  # kB; about 12 MB measured
+
+    run_ops(go)
+
+
+# ---------------------------------------------------------------- through a real agent
+
+
+SENTINELS = {
+    "elf-magic-then-shell": b"\x7fELF\necho ran >> MARKER\n",
+    "fake-elf-header": b"\x7fELF\x02\x01\x01"
+    + b"\0" * 9
+    + b"\x02\0\x3e\0"
+    + b"\0" * 44
+    + b"\necho ran >> MARKER\n",
+    "hashbang-to-text": b"#!INTERP\necho ran >> MARKER\n",
+    "no-magic": b"echo ran >> MARKER\n",
+}
+
+
+@pytest.fixture(scope="module")
+def sentinel_dir() -> Iterator[Path]:
+    d = make_safe_dir()
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.mark.parametrize("limits", [{}, {"open_files": 64}], ids=["no-limits", "open-files"])
+@pytest.mark.parametrize("kind", sorted(SENTINELS))
+def test_sentinel_programs_never_run_through_a_shell(
+    make_agent: AgentFactory, sentinel_dir: Path, kind: str, limits: dict[str, int]
+) -> None:
+    """Files the kernel refuses end FAILED with execve's ENOEXEC; no shell ever runs them."""
+    tag = f"{kind}-{len(limits)}"
+    marker = sentinel_dir / f"marker-{tag}"
+    marker.write_text("")
+    interp = sentinel_dir / f"interp-{tag}"  # a text file with no #! of its own
+    interp.write_text(f"echo ran >> {marker}\n")
+    os.chmod(interp, 0o755)
+    prog = sentinel_dir / f"prog-{tag}"
+    prog.write_bytes(
+        SENTINELS[kind]
+        .replace(b"MARKER", str(marker).encode())
+        .replace(b"INTERP", str(interp).encode())
+    )
+    os.chmod(prog, 0o755)
+    a = make_agent(
+        f"version: 1\nentries:\n  - name: s\n    command: {prog}\n",
+        limits={"max": {"open_files": 4096}, "default": {"open_files": 1024}},
+    )
+    c = a.client()
+    st = c.wait(c.start(str(prog), "", limits=limits), timeout=10)
+    assert (st.state, st.error_text) == ("FAILED", ENOEXEC)
+    time.sleep(0.1)
+    assert marker.read_text() == ""
+
+
+def _spawner_of(agent: AgentProcess) -> int:
+    for pid in children_of(agent.pid):
+        try:
+            if b"agent.daemon.spawner" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return pid
+        except OSError:
+            continue
+    raise AssertionError("no spawner process")
+
+
+def test_spawner_death_fails_running_jobs_and_a_new_spawner_takes_over(
+    agent: AgentProcess, script_dir: Path
+) -> None:
+    """kill -9 of the spawner: the running job ends FAILED saying so, new jobs work."""
+    c = agent.client()
+    job = c.start("bash", str(script_dir / "tree.sh"))
+    wait_for(lambda: b"children started" in b"".join(c.stream(job)))
+    first = _spawner_of(agent)
+    os.kill(first, signal.SIGKILL)
+    st = c.wait(job, timeout=10)
+    assert (st.state, st.error_text) == ("FAILED", f"start failed: {SPAWNER_DIED}")
+    wait_for(lambda: not job_processes(job), timeout=5)
+    assert c.wait(c.start("echo", "again"), timeout=10).state == "SUCCEEDED"
+    assert _spawner_of(agent) != first
+    assert "the job spawner (pid" in agent.log()
+
+
+def test_spawner_dying_too_often_stops_the_agent(agent: AgentProcess) -> None:
+    """More than three spawner deaths in a minute: the agent logs it and exits non-zero."""
+    for i in range(4):
+        pid = wait_for(lambda: _try_spawner(agent))
+        os.kill(pid, signal.SIGKILL)
+        if i < 3:
+            wait_for(lambda p=pid: _try_spawner(agent) not in (None, p))
+    assert agent.proc is not None
+    assert agent.proc.wait(timeout=20) == 1
+    assert "died 4 times" in agent.log()
+
+
+def _try_spawner(agent: AgentProcess) -> int | None:
+    try:
+        return _spawner_of(agent)
+    except AssertionError:
+        return None
+
+
+def test_no_zombies_and_the_spawner_ends_with_the_agent(agent: AgentProcess) -> None:
+    """After jobs end nothing is left unreaped; after the agent stops, so is its spawner."""
+    c = agent.client()
+    for j in [c.start("true") for _ in range(8)]:
+        assert c.wait(j, timeout=10).state == "SUCCEEDED"
+    spawner = _spawner_of(agent)
+    assert [p for p in children_of(spawner)] == []
+    assert [p for p in children_of(agent.pid) if _state(p) == "Z"] == []
+    assert agent.stop() == 0
+    wait_for(lambda: not os.path.exists(f"/proc/{spawner}") or _state(spawner) == "Z", timeout=5)
+
+
+_UNPRIVILEGED = """
+import asyncio, json, os, sys
+sys.path.insert(0, sys.argv[1])
+from agent.daemon.spawn import SpawnerOps, SpawnSpec
+
+async def main():
+    ops = SpawnerOps()
+    out = {}
+    for prog in sys.argv[2:]:
+        for limits in ({}, {"open_files": 64}):
+            spec = SpawnSpec(argv=[prog], executable=prog, env={}, cwd="/", stdout_fd=1,
+                             uid=None, gid=None, umask=0o077, limits=limits)
+            try:
+                await ops.spawn(spec, lambda ex: None)
+                out[f"{prog} {len(limits)}"] = "started"
+            except OSError as e:
+                out[f"{prog} {len(limits)}"] = str(e)
+    ops.close()
+    print(json.dumps(out))
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="needs root to become nobody")
+def test_sentinels_fail_with_enoexec_when_unprivileged(sentinel_dir: Path) -> None:
+    """A spawner running as nobody refuses the same sentinel files with ENOEXEC."""
+    root = str(Path(agent.__file__).resolve().parent.parent)
+    become = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"]
+    python = next(
+        (
+            p
+            for p in (sys.executable, "/usr/bin/python3")
+            if subprocess.run(
+                [*become, p, "-I", "-c", f"import sys; sys.path.insert(0, {root!r}); import agent"],
+                capture_output=True,
+            ).returncode
+            == 0
+        ),
+        None,
+    )
+    if python is None:
+        pytest.skip("no interpreter that nobody can run with this package")
+    marker = sentinel_dir / "marker-unprivileged"
+    marker.write_text("")
+    os.chmod(marker, 0o666)
+    interp = sentinel_dir / "interp-unprivileged"
+    interp.write_text(f"echo ran >> {marker}\n")
+    os.chmod(interp, 0o755)
+    progs = []
+    for kind, body in sorted(SENTINELS.items()):
+        prog = sentinel_dir / f"unpriv-{kind}"
+        prog.write_bytes(
+            body.replace(b"MARKER", str(marker).encode()).replace(b"INTERP", str(interp).encode())
+        )
+        os.chmod(prog, 0o755)
+        progs.append(str(prog))
+    res = subprocess.run(
+        [*become, python, "-I", "-c", _UNPRIVILEGED, root, *progs],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd="/",
+    )
+    assert res.returncode == 0, res.stderr
+    outcome = json.loads(res.stdout.splitlines()[-1])
+    assert len(outcome) == 8
+    assert set(outcome.values()) == {"execve: Exec format error (ENOEXEC)"}, outcome
+    assert marker.read_text() == ""
