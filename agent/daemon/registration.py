@@ -240,6 +240,7 @@ class Registrar:
             lost.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await lost
+
     async def stop(self, *, deregister: bool) -> None:
         """Stop the loop; tell the scheduler we are leaving (best effort)."""
         if self._task is not None:
