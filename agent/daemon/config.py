@@ -73,6 +73,16 @@ class Scheduler:
         False, "register with the scheduler at start and keep the registration alive"
     )
     advertise_addr: str = option("", "address sent in RegisterReq (default: grpc_server.addr)")
+    use_tls: bool = option(
+        True,
+        "register over TLS; false is refused unless addr is loopback and "
+        "allow_plaintext_loopback = true",
+    )
+    allow_plaintext_loopback: bool = option(
+        False,
+        "permit use_tls = false on a loopback scheduler address (an original scheduler; "
+        "development only; warns at every start)",
+    )
     crt_file: Path | None = option(None, "the agent's own client certificate for the scheduler")
     key_file: Path | None = option(None, "key of crt_file, mode 0600 or stricter")
     ca_file: Path | None = option(None, "CA that signed the scheduler's server certificate")
@@ -363,11 +373,17 @@ def _cross_checks(cfg: Config) -> None:
             split_host_port(sch.addr)
         except ValueError as e:
             raise ConfigError(f, "scheduler", "addr", f"{e}, got {sch.addr!r}") from None
-        for key in ("crt_file", "key_file", "ca_file"):
-            if getattr(sch, key) is None:
-                raise ConfigError(
-                    f, "scheduler", key, "required when register = true (registration uses mTLS)"
-                )
+        if sch.use_tls:
+            for key in ("crt_file", "key_file", "ca_file"):
+                if getattr(sch, key) is None:
+                    raise ConfigError(
+                        f,
+                        "scheduler",
+                        key,
+                        "required when register = true (registration uses mTLS)",
+                    )
+        else:
+            _plaintext_scheduler_checks(cfg)
         if sch.advertise_addr:
             try:
                 split_host_port(sch.advertise_addr)
@@ -402,6 +418,28 @@ def _cross_checks(cfg: Config) -> None:
                 fld.name,
                 f"must be between 1 and [limits.max] {fld.name} = {m} (0 would mean unlimited)",
             )
+
+
+def _plaintext_scheduler_checks(cfg: Config) -> None:
+    # The same rule as the listener's: registration without TLS tells an
+    # unauthenticated peer where to send jobs, so it never leaves the machine.
+    f, sch = cfg.path, cfg.scheduler
+    host, _ = split_host_port(sch.addr)
+    if not is_loopback_host(host):
+        raise ConfigError(
+            f,
+            "scheduler",
+            "use_tls",
+            f"false is refused on non-loopback address {host!r}; "
+            "plaintext is only possible on loopback",
+        )
+    if not sch.allow_plaintext_loopback:
+        raise ConfigError(
+            f,
+            "scheduler",
+            "use_tls",
+            "false needs allow_plaintext_loopback = true (development only)",
+        )
 
 
 def describe() -> list[tuple[str, str, str, str]]:

@@ -3,11 +3,24 @@
 The original worker dialled the scheduler without TLS and exited when it was
 down. Here the agent calls ``RegisterWorker`` over mTLS (its own client
 certificate, the scheduler's certificate verified against the configured
-CA), retries with exponential backoff and full jitter for as long as it
-takes, never exits because of the scheduler, sends ``Heartbeat`` to keep the
-registration alive and registers again when the scheduler has forgotten it
-(a restart, or a network cut longer than the scheduler's expiry), and calls
-``DeregisterWorker`` on shutdown.
+CA; plaintext only on loopback with ``[scheduler] use_tls = false`` and
+``allow_plaintext_loopback = true``), retries with exponential backoff and
+full jitter for as long as it takes, never exits because of the scheduler,
+sends ``Heartbeat`` to keep the registration alive and registers again when
+the scheduler has forgotten it (a restart, or a network cut longer than the
+scheduler's expiry), and calls ``DeregisterWorker`` on shutdown.
+
+An original scheduler (the Go one this protocol comes from) differs in two
+ways, and the agent adapts once, quietly: its ``RegisterWorker`` answers a
+``workerID`` without setting ``success`` (a non-empty id is taken as
+registered), and it has no ``Heartbeat`` (UNIMPLEMENTED). It never forgets a
+worker either, so there the agent registers exactly once per connection to
+it: it re-registers only when that connection is lost (the scheduler went
+away, so a new one knows nothing of us), never on a timer. Its probes are
+calls the scheduler answers (UNIMPLEMENTED counts as an answer), and its
+channel sends no keepalive pings between calls: a Go server closes a
+connection that pings more often than every five minutes without calls,
+which would look like a lost connection and register the agent again.
 """
 
 from __future__ import annotations
@@ -16,17 +29,28 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import grpc
 
 from agent._proto import jobscheduler_pb2 as pb
 from agent._proto import jobscheduler_pb2_grpc as pb_grpc
-from agent.channel import backoff, reconnecting_channel_options
+from agent.channel import backoff, merge_options, reconnecting_channel_options
 from agent.tls import KeyPair
 
 __all__ = ["Registrar", "backoff", "reconnecting_channel_options"]
 
 log = logging.getLogger(__name__)
+
+
+# A channel to an original scheduler: keepalive pings only during calls and
+# no sooner than Go's default permitted interval (5 min), and no idle
+# timeout (the channel going idle would read as a lost connection).
+_LEGACY_OPTIONS = [
+    ("grpc.keepalive_time_ms", 300_000),
+    ("grpc.keepalive_permit_without_calls", 0),
+    ("grpc.client_idle_timeout_ms", 2**31 - 1),
+]
 
 
 class Registrar:
@@ -37,8 +61,8 @@ class Registrar:
         *,
         scheduler_addr: str,
         advertise_addr: str,
-        pair: KeyPair,
-        ca_pem: bytes,
+        pair: KeyPair | None,
+        ca_pem: bytes | None,
         server_name: str = "",
         heartbeat: float = 10.0,
         retry_initial: float = 0.5,
@@ -46,6 +70,7 @@ class Registrar:
         call_timeout: float = 5.0,
         on_event: Callable[..., None] | None = None,
     ) -> None:
+        """Register ``advertise_addr``; ``pair`` and ``ca_pem`` None: plaintext (loopback)."""
         self.scheduler_addr = scheduler_addr
         self.advertise_addr = advertise_addr
         self.heartbeat = heartbeat
@@ -53,17 +78,24 @@ class Registrar:
         self.retry_max = retry_max
         self.call_timeout = call_timeout
         self.worker_id = ""
+        self.legacy = False  # an original scheduler (no success flag, no Heartbeat)
         self.registered = asyncio.Event()
         self._on_event = on_event or (lambda **kw: None)
-        creds = grpc.ssl_channel_credentials(
-            root_certificates=ca_pem, private_key=pair.key_pem, certificate_chain=pair.cert_pem
-        )
-        self._channel = grpc.aio.secure_channel(
-            scheduler_addr, creds, options=reconnecting_channel_options(server_name)
-        )
+        self._creds: grpc.ChannelCredentials | None = None
+        if pair is not None and ca_pem is not None:
+            self._creds = grpc.ssl_channel_credentials(
+                root_certificates=ca_pem, private_key=pair.key_pem, certificate_chain=pair.cert_pem
+            )
+        self._options = reconnecting_channel_options(server_name)
+        self._channel = self._open(self._options)
         self._stub = pb_grpc.SchedulerStub(self._channel)
         self._task: asyncio.Task[None] | None = None
         self._last_problem = ""
+
+    def _open(self, options: list[tuple[str, Any]]) -> grpc.aio.Channel:
+        if self._creds is None:
+            return grpc.aio.insecure_channel(self.scheduler_addr, options=options)
+        return grpc.aio.secure_channel(self.scheduler_addr, self._creds, options=options)
 
     def start(self) -> None:
         """Run the registration loop in the background."""
@@ -75,6 +107,23 @@ class Registrar:
             self._last_problem = text
             log.warning("scheduler %s: %s (retrying with backoff)", self.scheduler_addr, text)
             self._on_event(decision="error", reason=text, rpc="RegisterWorker")
+
+    async def _become_legacy(self, why: str) -> None:
+        """Switch to the original protocol's rules, once (see the module docstring)."""
+        if self.legacy:
+            return
+        self.legacy = True
+        log.info(
+            "scheduler %s speaks the original protocol (%s): keeping the registration "
+            "until the connection to it is lost, no heartbeats",
+            self.scheduler_addr,
+            why,
+        )
+        self._on_event(decision="ok", reason=f"original scheduler: {why}", rpc="RegisterWorker")
+        old = self._channel
+        self._channel = self._open(merge_options(self._options, _LEGACY_OPTIONS))
+        self._stub = pb_grpc.SchedulerStub(self._channel)
+        await old.close()
 
     async def _register(self) -> float:
         """Register until it works; returns the heartbeat interval to use."""
@@ -91,7 +140,10 @@ class Registrar:
                 else:
                     self._problem(f"cannot register: {code.name}: {e.details()}")
             else:
-                if res.success and res.workerID:
+                # An original scheduler never sets success: its workerID is
+                # the whole answer. Refusing it would register again and
+                # again, each time adding an entry it never removes.
+                if res.workerID:
                     self.worker_id = res.workerID
                     self._last_problem = ""
                     self.registered.set()
@@ -104,18 +156,23 @@ class Registrar:
                     self._on_event(
                         decision="ok", reason=f"registered as {res.workerID}", rpc="RegisterWorker"
                     )
+                    if not res.success:
+                        await self._become_legacy("success not set")
                     return float(res.heartbeatSeconds or self.heartbeat)
-                self._problem("registration refused (success = false)")
+                self._problem("registration refused (no workerID)")
             await asyncio.sleep(delay())
 
     async def _loop(self) -> None:
         while True:
             interval = await self._register()
-            await self._keep_alive(interval)
+            if not self.legacy:
+                await self._keep_alive(interval)
+            if self.legacy:
+                await self._watch_connection(interval)
             self.registered.clear()
 
     async def _keep_alive(self, interval: float) -> None:
-        """Heartbeat until the scheduler no longer knows us."""
+        """Heartbeat until the scheduler no longer knows us (or has no Heartbeat)."""
         delay = backoff(self.retry_initial, self.retry_max)
         while True:
             await asyncio.sleep(interval)
@@ -124,6 +181,9 @@ class Registrar:
                     pb.HeartbeatReq(workerID=self.worker_id), timeout=self.call_timeout
                 )
             except grpc.aio.AioRpcError as e:
+                if e.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    await self._become_legacy("no Heartbeat")
+                    return
                 self._problem(f"heartbeat failed: {e.code().name}: {e.details()}")
                 # Unreachable: keep trying; the scheduler may forget us
                 # meanwhile, which the next successful heartbeat tells.
@@ -140,6 +200,46 @@ class Registrar:
                 log.info("scheduler %s reachable again", self.scheduler_addr)
                 self._last_problem = ""
             delay = backoff(self.retry_initial, self.retry_max)
+
+    async def _probe(self) -> bool:
+        """True if the scheduler answers a call (UNIMPLEMENTED is an answer)."""
+        try:
+            await self._stub.Heartbeat(
+                pb.HeartbeatReq(workerID=self.worker_id), timeout=self.call_timeout
+            )
+        except grpc.aio.AioRpcError as e:
+            if e.code() != grpc.StatusCode.UNIMPLEMENTED:
+                self._problem(f"connection lost: {e.code().name}: {e.details()}")
+                return False
+        return True
+
+    async def _connection_lost(self) -> None:
+        """Return once the channel leaves READY (the connection is gone)."""
+        state = self._channel.get_state()
+        while state == grpc.ChannelConnectivity.READY:
+            await self._channel.wait_for_state_change(state)
+            state = self._channel.get_state()
+
+    async def _watch_connection(self, interval: float) -> None:
+        """An original scheduler: return when the registration may be lost."""
+        # The probe also connects the (new) legacy channel.
+        if not await self._probe():
+            return
+        lost = asyncio.ensure_future(self._connection_lost())
+        try:
+            while True:
+                done, _ = await asyncio.wait({lost}, timeout=interval)
+                if done:
+                    log.info(
+                        "connection to scheduler %s lost: registering again", self.scheduler_addr
+                    )
+                    return
+                if not await self._probe():
+                    return
+        finally:
+            lost.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await lost
 
     async def stop(self, *, deregister: bool) -> None:
         """Stop the loop; tell the scheduler we are leaving (best effort)."""

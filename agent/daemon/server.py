@@ -244,7 +244,7 @@ class AgentServer:
             return
         from agent.daemon.registration import Registrar
 
-        assert self.prepared.scheduler_pair and self.prepared.scheduler_ca
+        # Both None: plaintext registration (use_tls = false, loopback only).
         advertise = sch.advertise_addr or self._advertise_default()
         self.registrar = Registrar(
             scheduler_addr=sch.addr,

@@ -154,7 +154,14 @@ def prepare(cfg: Config, *, create_dirs: bool = True) -> Prepared:
     sch = cfg.scheduler
     scheduler_pair = None
     scheduler_ca = None
-    if sch.register:
+    if sch.register and not sch.use_tls:
+        warnings.append(
+            f"PLAINTEXT registration with scheduler {sch.addr}: no encryption and no "
+            "scheduler identity (allow_plaintext_loopback = true); never use this "
+            "outside development"
+        )
+        assert is_loopback_host(split_host_port(sch.addr)[0])
+    elif sch.register:
         assert sch.crt_file and sch.key_file and sch.ca_file
         scheduler_pair = _pair(cfg, "scheduler", sch.crt_file, sch.key_file)
         try:

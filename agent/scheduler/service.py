@@ -9,6 +9,13 @@ sending heartbeats are forgotten after ``expire_seconds``; calls naming a
 recently forgotten worker fail with UNAVAILABLE (saying when it was last
 seen), unknown ids with NOT_FOUND.
 
+Legacy mode (``[legacy] addr``, loopback only): a second, plaintext listener
+where workers of the original system, which dial without TLS and send no
+heartbeats, may register and deregister. They have no identity (they show
+as ``LEGACY_IDENTITY``), must advertise a loopback address (they are driven
+without TLS too) and are never expired, as in the original scheduler.
+Users still come through the mTLS listener and drive them like any worker.
+
 Users listed in ``[auth] users`` may list workers and run, query and stop
 jobs on a chosen worker through the scheduler, which drives the agent with
 the same client library as ``agentctl`` (``agent.client.AsyncAgentClient``),
@@ -35,7 +42,14 @@ from agent._proto import jobscheduler_pb2_grpc as pb_grpc
 from agent.access import AccessDenied, AccessRules
 from agent.channel import reconnecting_channel_options
 from agent.client import AgentClientError, AsyncAgentClient, TLSFiles
-from agent.configfile import ConfigError, option, parse_tables, read_text, split_host_port
+from agent.configfile import (
+    ConfigError,
+    is_loopback_host,
+    option,
+    parse_tables,
+    read_text,
+    split_host_port,
+)
 from agent.credentials import reloading_server_credentials
 from agent.tls import CertificateReloader, identity_from_cert
 
@@ -84,6 +98,17 @@ class AgentsSection:
 
 
 @dataclass(frozen=True)
+class LegacySection:
+    """``[legacy]``: original workers (plaintext, no heartbeats), loopback only."""
+
+    addr: str = option(
+        "",
+        "loopback host:port of a plaintext listener for original workers "
+        "(development only; warns at every start); empty: off",
+    )
+
+
+@dataclass(frozen=True)
 class SchedulerConfig:
     """The scheduler's whole configuration."""
 
@@ -92,6 +117,7 @@ class SchedulerConfig:
     auth: AuthSection = field(default_factory=AuthSection)
     registry: RegistrySection = field(default_factory=RegistrySection)
     agents: AgentsSection = field(default_factory=AgentsSection)
+    legacy: LegacySection = field(default_factory=LegacySection)
 
 
 _SECTIONS = {
@@ -99,7 +125,11 @@ _SECTIONS = {
     "auth": AuthSection,
     "registry": RegistrySection,
     "agents": AgentsSection,
+    "legacy": LegacySection,
 }
+
+# The identity of every worker registered on the legacy (plaintext) listener.
+LEGACY_IDENTITY = "(legacy, no certificate)"
 
 
 def load_config(path: str | Path) -> SchedulerConfig:
@@ -118,6 +148,19 @@ def load_config(path: str | Path) -> SchedulerConfig:
         raise ConfigError(p, "auth", "workers", "no worker identity allowed: list at least one")
     if cfg.registry.expire_seconds <= cfg.registry.heartbeat_seconds:
         raise ConfigError(p, "registry", "expire_seconds", "must be longer than heartbeat_seconds")
+    if cfg.legacy.addr:
+        try:
+            host, _ = split_host_port(cfg.legacy.addr)
+        except ValueError as e:
+            raise ConfigError(p, "legacy", "addr", str(e)) from None
+        # Whoever reaches a plaintext listener can register a worker (and so
+        # receive users' jobs): never off the machine.
+        if not is_loopback_host(host):
+            raise ConfigError(
+                p, "legacy", "addr", f"{host!r} is not loopback: plaintext is only possible there"
+            )
+        if cfg.legacy.addr == cfg.server.addr:
+            raise ConfigError(p, "legacy", "addr", "must differ from [server] addr")
     return cfg
 
 
@@ -133,6 +176,7 @@ class Worker:
     address: str
     registered_at: float
     last_seen: float
+    legacy: bool = False  # registered on the plaintext listener: never expires
 
 
 class UnknownWorker(Exception):
@@ -153,18 +197,18 @@ class Registry:
         self.workers: dict[str, Worker] = {}
         self.forgotten: dict[str, Worker] = {}  # expired, kept for messages and stable ids
 
-    def register(self, identity: str, address: str) -> Worker:
+    def register(self, identity: str, address: str, *, legacy: bool = False) -> Worker:
         """Add or refresh the worker for (identity, address); ids are stable."""
         now = self.clock()
         for w in list(self.workers.values()) + list(self.forgotten.values()):
-            if w.identity == identity and w.address == address:
+            if w.identity == identity and w.address == address and w.legacy == legacy:
                 self.forgotten.pop(w.worker_id, None)
                 w.last_seen = now
                 if w.worker_id not in self.workers:
                     w.registered_at = now
                 self.workers[w.worker_id] = w
                 return w
-        w = Worker(str(uuid.uuid4()), identity, address, now, now)
+        w = Worker(str(uuid.uuid4()), identity, address, now, now, legacy)
         self.workers[w.worker_id] = w
         return w
 
@@ -187,7 +231,8 @@ class Registry:
     def expire(self) -> list[Worker]:
         """Forget workers not heard from within expire_seconds."""
         cutoff = self.clock() - self.expire_seconds
-        gone = [w for w in self.workers.values() if w.last_seen < cutoff]
+        # Original workers send no heartbeats (the original never expired them).
+        gone = [w for w in self.workers.values() if w.last_seen < cutoff and not w.legacy]
         for w in gone:
             del self.workers[w.worker_id]
             self.forgotten[w.worker_id] = w
@@ -212,16 +257,20 @@ T = TypeVar("T")
 class SchedulerService:
     """Implements ``jobscheduler.Scheduler``."""
 
-    def __init__(self, cfg: SchedulerConfig, registry: Registry) -> None:
-        """Serve ``cfg`` with ``registry``; reads the agents' TLS files now."""
+    def __init__(self, cfg: SchedulerConfig, registry: Registry, *, legacy: bool = False) -> None:
+        """Serve ``cfg`` with ``registry``; reads the agents' TLS files now.
+
+        ``legacy``: this instance serves the plaintext listener (workers only).
+        """
         self.cfg = cfg
         self.registry = registry
+        self.legacy = legacy
         # One list per role, deny by default (the shared access rules).
         self.rules = {
             "worker": AccessRules(clients=frozenset(cfg.auth.workers)),
             "user": AccessRules(clients=frozenset(cfg.auth.users)),
         }
-        self._clients: dict[str, AsyncAgentClient] = {}  # by address
+        self._clients: dict[tuple[str, bool], AsyncAgentClient] = {}  # by (address, legacy)
         a = cfg.agents
         assert a.ca_file and a.crt_file and a.key_file
         self._tls = TLSFiles(
@@ -241,6 +290,14 @@ class SchedulerService:
 
     def _require(self, context: Any, role: str) -> str:
         """The caller's identity if the ``role`` list names it, else PERMISSION_DENIED."""
+        if self.legacy:
+            # The plaintext listener knows no identities: workers only.
+            if role != "worker":
+                raise _Abort(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    "the legacy (plaintext) listener serves workers only: use the mTLS one",
+                )
+            return LEGACY_IDENTITY
         ident = self._identity(context)
         try:
             self.rules[role].caller(ident).may_act_as(role)
@@ -270,16 +327,18 @@ class SchedulerService:
             raise _Abort(grpc.StatusCode.NOT_FOUND, f"no worker with id {worker_id}") from None
 
     def _client(self, w: Worker) -> AsyncAgentClient:
-        c = self._clients.get(w.address)
+        c = self._clients.get((w.address, w.legacy))
         if c is None:
             # Fast reconnects: a worker back from a network cut is usable at once.
+            # An original worker (legacy, loopback) only speaks plaintext.
             c = AsyncAgentClient(
                 w.address,
-                self._tls,
+                None if w.legacy else self._tls,
+                insecure=w.legacy,
                 timeout=self.cfg.agents.call_timeout_seconds,
                 options=reconnecting_channel_options(),
             )
-            self._clients[w.address] = c
+            self._clients[(w.address, w.legacy)] = c
         return c
 
     async def _dispatch(
@@ -300,12 +359,18 @@ class SchedulerService:
         async def body() -> Any:
             ident = self._require(context, "worker")
             try:
-                split_host_port(request.address)
+                host, _ = split_host_port(request.address)
             except ValueError as e:
                 raise _Abort(
                     grpc.StatusCode.INVALID_ARGUMENT, f"address {request.address[:200]!r}: {e}"
                 ) from None
-            w = self.registry.register(ident, request.address)
+            if self.legacy and not is_loopback_host(host):
+                # Jobs for it would travel in plaintext: never off the machine.
+                raise _Abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"address {request.address[:200]!r}: a legacy worker must be on loopback",
+                )
+            w = self.registry.register(ident, request.address, legacy=self.legacy)
             log.info("worker %s registered: identity %s, address %s", w.worker_id, ident, w.address)
             return pb.RegisterRes(
                 success=True,
@@ -402,14 +467,13 @@ async def serve(cfg: SchedulerConfig, *, ready: Callable[[int], None] | None = N
     assert s.crt_file and s.key_file and s.ca_file
     registry = Registry(cfg.registry.expire_seconds)
     service = SchedulerService(cfg, registry)
-    server = grpc.aio.server(
-        options=[
-            ("grpc.so_reuseport", 0),
-            ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.http2.min_recv_ping_interval_without_data_ms", 1000),
-            ("grpc.http2.max_ping_strikes", 0),
-        ]
-    )
+    server_options = [
+        ("grpc.so_reuseport", 0),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 1000),
+        ("grpc.http2.max_ping_strikes", 0),
+    ]
+    server = grpc.aio.server(options=server_options)
     pb_grpc.add_SchedulerServicer_to_server(service, server)
     reloader = CertificateReloader(s.crt_file, s.key_file, s.ca_file)
     creds = reloading_server_credentials(reloader, require_client_auth=True)
@@ -424,6 +488,7 @@ async def serve(cfg: SchedulerConfig, *, ready: Callable[[int], None] | None = N
         ", ".join(cfg.auth.workers),
         ", ".join(cfg.auth.users) or "none",
     )
+    legacy_server = await _serve_legacy(cfg, registry, server_options)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -439,5 +504,28 @@ async def serve(cfg: SchedulerConfig, *, ready: Callable[[int], None] | None = N
                 "worker %s (%s, %s) stopped renewing: forgotten", w.worker_id, w.identity, w.address
             )
     log.info("scheduler stopping")
+    if legacy_server is not None:
+        await legacy_server.stop(grace=1.0)
     await server.stop(grace=1.0)
     await service.close()
+
+
+async def _serve_legacy(
+    cfg: SchedulerConfig, registry: Registry, options: list[tuple[str, Any]]
+) -> grpc.aio.Server | None:
+    """The plaintext listener of legacy mode (``[legacy] addr``), or None when off."""
+    if not cfg.legacy.addr:
+        return None
+    server = grpc.aio.server(options=options)
+    pb_grpc.add_SchedulerServicer_to_server(SchedulerService(cfg, registry, legacy=True), server)
+    try:
+        server.add_insecure_port(cfg.legacy.addr)
+    except RuntimeError as e:
+        raise RuntimeError(f"cannot listen on {cfg.legacy.addr}: {e}") from None
+    await server.start()
+    log.warning(
+        "legacy listener on %s: PLAINTEXT, original workers register there without "
+        "identities and are driven without TLS; never use this outside development",
+        cfg.legacy.addr,
+    )
+    return server
