@@ -268,9 +268,8 @@ def test_resource_limits_apply(make_agent: AgentFactory, script_dir: Path, limit
     job = c.start("bash", str(limit_dir / "limits.sh"), limits={"open_files": 77})
     assert c.wait(job, timeout=10).state == "SUCCEEDED"
     # memory_bytes is memory.max of the job's cgroup, never RLIMIT_AS
-    assert b"nofile=77 " in b"".join(c.stream(job)) and b" as=unlimited" in b"".join(
-        c.stream(job)
-    )
+    out = b"".join(c.stream(job))
+    assert b"nofile=77 " in out and b" as=unlimited" in out
     # (memory and process limits through the cgroup: tests/test_cgroup_jobs.py)
     with pytest.raises(InvalidArgument, match="cpu_seconds = 61 is above the maximum of 60"):
         c.start("true", "", limits={"cpu_seconds": 61})

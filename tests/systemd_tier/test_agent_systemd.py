@@ -656,7 +656,7 @@ def _escapee(client: AgentClient, job: str) -> int:
     return int(next(ln for ln in seen.decode().splitlines() if ln.startswith("pid ")).split()[1])
 
 
-def _alive_in(box: Any, pid: int) -> bool:
+def _alive_in(box: nspawn.Container, pid: int) -> bool:
     return box.run(["test", "-d", f"/proc/{pid}"]).rc == 0
 
 
@@ -664,7 +664,7 @@ def _v2(text: str) -> str:
     return next(ln[3:] for ln in text.splitlines() if ln.startswith("0::"))
 
 
-def _unit_cgroup(box: Any) -> str:
+def _unit_cgroup(box: nspawn.Container) -> str:
     """The unit's cgroup directory in the container (cgroup2: hybrid or unified)."""
     mounts = box.run(["cat", "/proc/self/mounts"]).check("mounts").stdout.splitlines()
     mount = next(m.split()[1] for m in mounts if m.split()[2] == "cgroup2")
