@@ -503,6 +503,11 @@ class Spawner:
         if cg is None:
             self.send(msg)
             return
+        # The usual case: nothing of the job is left (the zombie leader does
+        # not count), so no kill and no watch are needed.
+        if not cg.populated():
+            self.cgroup_done(pid, cg, msg)
+            return
         # The whole job ends with its leader: processes that left its session
         # or process group are still in its cgroup.
         try:
