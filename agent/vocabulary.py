@@ -62,7 +62,7 @@ class Limit:
 
     name: str  # config key in [limits.default] / [limits.max], and in agentctl --limit
     wire: str  # field of the wire message ``Limits``
-    kernel: str  # what the kernel (or the agent) enforces it with
+    kernel: str  # the rlimit bounding it at admission (memory/processes: enforced by the cgroup)
     help: str
 
 
@@ -70,9 +70,19 @@ LIMITS: tuple[Limit, ...] = (
     Limit(
         "cpu_seconds", "cpuSeconds", "RLIMIT_CPU", "RLIMIT_CPU: CPU seconds; SIGXCPU then SIGKILL"
     ),
-    Limit("memory_bytes", "memoryBytes", "RLIMIT_AS", "RLIMIT_AS: address space in bytes"),
+    Limit(
+        "memory_bytes",
+        "memoryBytes",
+        "RLIMIT_AS",
+        "memory.max of the job's cgroup in bytes (needs the memory controller)",
+    ),
     Limit("open_files", "openFiles", "RLIMIT_NOFILE", "RLIMIT_NOFILE: open file descriptors"),
-    Limit("processes", "processes", "RLIMIT_NPROC", "RLIMIT_NPROC: processes of the job's user"),
+    Limit(
+        "processes",
+        "processes",
+        "RLIMIT_NPROC",
+        "pids.max of the job's cgroup: its processes and threads (needs the pids controller)",
+    ),
     Limit("output_bytes", "outputBytes", "agent", "output cap in bytes (see jobs.on_output_cap)"),
 )
 LIMIT_NAMES: tuple[str, ...] = tuple(lim.name for lim in LIMITS)

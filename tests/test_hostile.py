@@ -1402,3 +1402,66 @@ def test_nothing_ever_ran(world: World) -> None:
     assert set(os.listdir(world.marker)) == world.allowed_marks
     assert stat.S_IMODE(os.stat(world.legit).st_mode) == 0o755
     wait_for(lambda: not job_children(world.agent.pid), timeout=10)
+
+
+# ---------------------------------------------------------------- escapes (job cgroups)
+
+_RESPAWNER = """#!/bin/bash
+# A loop in its own session, scrubbed environment, ignoring TERM, that keeps
+# starting new sessions whose processes carry new names.
+( setsid env -i /bin/bash -c '
+    trap "" TERM HUP INT
+    echo "pid $$"
+    while :; do
+        ( setsid /bin/bash -c "trap \\"\\" TERM; exec -a respawn-\\$RANDOM sleep 1000" & )
+        sleep 0.01
+    done' & )
+sleep 0.3
+echo ready
+exec sleep 1000
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="job cgroups need root on this machine")
+@pytest.mark.parametrize("end", ["stop", "timeout"])
+def test_respawning_escapee_leaves_nothing_alive(make_agent: Any, end: str) -> None:
+    """A job that keeps spawning new sessions with new names: nothing of it is left at the end."""
+    d = make_safe_dir()
+    (d / "respawn.sh").write_text(_RESPAWNER)
+    os.chmod(d / "respawn.sh", 0o755)
+    a = make_agent(
+        f"""
+version: 1
+entries:
+  - name: respawn
+    command: /bin/bash
+    aliases: [bash]
+    scripts: ["{d}/*.sh"]
+"""
+    )
+    c = a.client()
+    job = c.start("bash", str(d / "respawn.sh"), timeout_seconds=2 if end == "timeout" else None)
+    wait_for(lambda: b"ready" in b"".join(c.stream(job)), timeout=10)
+    if end == "stop":
+        c.stop(job)
+    st_ = c.wait(job, timeout=30)
+    assert st_.state == ("STOPPED" if end == "stop" else "TIMED_OUT")
+    loop = int(
+        next(ln for ln in b"".join(c.stream(job)).split(b"\n") if ln.startswith(b"pid "))[4:]
+    )
+    assert not os.path.exists(f"/proc/{loop}") or _zombie(loop)
+    marker = b"respawn-"
+    alive = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            with contextlib.suppress(OSError), open(f"/proc/{name}/cmdline", "rb") as f:
+                if f.read().startswith(marker):
+                    alive.append(int(name))
+    assert not alive
+
+
+def _zombie(pid: int) -> bool:
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/stat", "rb") as f:
+        data = f.read()
+        return data[data.rfind(b")") + 2 :][:1] == b"Z"
+    return True

@@ -83,7 +83,7 @@ def run_ops(coro_fn: Any) -> Any:
 
 
 def test_exit_status_signal_and_rusage() -> None:
-    """Exit code, killing signal and CPU time come back from wait4 in the spawner."""
+    """Exit code, killing signal and CPU time come back from wait4; no peak RSS but a cgroup's."""
 
     async def go(ops: SpawnerOps) -> None:
         _, ex, out = await _run(ops, _spec(["/bin/sh", "-c", "echo out; echo err >&2; exit 3"]))
@@ -93,7 +93,8 @@ def test_exit_status_signal_and_rusage() -> None:
         _, ex, _ = await _run(
             ops, _spec(["/bin/sh", "-c", "i=0; while [ $i -lt 200000 ]; do i=$((i+1)); done"])
         )
-        assert ex.exit_code == 0 and ex.user_cpu + ex.system_cpu > 0.01 and ex.max_rss > 0
+        # No cgroup here: the job's own peak is unknown, and the spawner's is never reported.
+        assert ex.exit_code == 0 and ex.user_cpu + ex.system_cpu > 0.01 and ex.max_rss == 0
 
     run_ops(go)
 

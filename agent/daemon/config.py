@@ -179,6 +179,31 @@ class Jobs:
 
 
 @dataclass(frozen=True)
+class Cgroups:
+    """``[cgroups]``: one cgroup v2 per job (escape-proof kill, per-job limits, accounting)."""
+
+    mode: str = option(
+        "auto",
+        "required: no usable cgroup subtree, no start (exit 2); auto: without one, jobs run "
+        "without a cgroup (stop is then not escape-proof; said at start-up and in each job's "
+        "status); off: never (benchmarks and diagnosis)",
+        choices=("required", "auto", "off"),
+    )
+    path: Path | None = option(
+        None,
+        "parent cgroup (absolute, inside a cgroup2 mount) of this agent's subtree "
+        "<path>/<instance>; default: under systemd the unit's delegated cgroup "
+        "(Delegate=yes), otherwise <cgroup2 mount>/worker-agent",
+    )
+    cpu_millicores: int = option(
+        0,
+        "cpu.max of every job in millicores (1000 = one CPU; 0: none); needs the cpu controller",
+        lo=0,
+        hi=1_000_000,
+    )
+
+
+@dataclass(frozen=True)
 class Retention:
     """``[retention]``: how long finished jobs are kept."""
 
@@ -242,6 +267,7 @@ class Config:
     auth: Auth = field(default_factory=Auth)
     jobs: Jobs = field(default_factory=Jobs)
     limits: Limits = field(default_factory=Limits)
+    cgroups: Cgroups = field(default_factory=Cgroups)
     retention: Retention = field(default_factory=Retention)
     audit: Audit = field(default_factory=Audit)
     logging: Logging = field(default_factory=Logging)

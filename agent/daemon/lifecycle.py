@@ -71,7 +71,9 @@ class Exit:
     signal: int | None
     user_cpu: float = 0.0
     system_cpu: float = 0.0
-    max_rss: int = 0  # bytes; 0 when unknown
+    max_rss: int = 0  # bytes: the job cgroup's memory.peak; 0 when unknown (never the agent's)
+    # memory.events oom_kill + oom_group_kill of the job's cgroup (0 without one).
+    oom_kills: int = 0
     # Set when the program never ran: the spawner's child failed a set-up
     # step or execve itself ("execve: Exec format error (ENOEXEC)").
     start_failure: str = ""
@@ -88,6 +90,21 @@ def describe_exit(exit_code: int | None, sig: int | None) -> str:
     if exit_code is None:
         return "exit status unknown"
     return f"exit status {exit_code}"
+
+
+def format_bytes(n: int) -> str:
+    """``256 MiB``: a byte count in the largest binary unit that divides it evenly-ish."""
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            value = n / size
+            return f"{value:.0f} {unit}" if value == int(value) else f"{value:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def oom_text(memory_max: int) -> str:
+    """The end reason of a job the kernel's OOM killer ended."""
+    at = f" at memory.max {format_bytes(memory_max)}" if memory_max else ""
+    return f"killed by the OOM killer{at}"
 
 
 def final_state(
@@ -188,7 +205,10 @@ Event = (
 
 @dataclass(frozen=True)
 class Signal:
-    """Send ``sig`` to the whole job (its process group; later its cgroup)."""
+    """Send ``sig`` to the whole job (every process of its cgroup, or its process group).
+
+    SIGKILL of a job with a cgroup is ``cgroup.kill``.
+    """
 
     sig: int
 
@@ -235,6 +255,9 @@ class Life:
 
     timeout_seconds: int = 0
     cpu_seconds: int = 0
+    memory_max: int = 0  # the job cgroup's memory.max (0: none), for the OOM end reason
+    # Appended to every end text when the job has no cgroup (its stop was not escape-proof).
+    note: str = ""
     state: JobState = JobState.RUNNING
     stop_requested: bool = False
     shutdown: bool = False
@@ -312,8 +335,9 @@ class Life:
             return []
         self.exit = ex
         # Whatever the job left behind was killed by the process operations
-        # before they reaped the leader (the only moment its group id is
-        # certain not to be reused): a job is its group, and ends with it.
+        # before they reported the exit: its whole cgroup (cgroup.kill, then
+        # unpopulated), or without one its process group (while the leader's
+        # pid is still reserved). A job ends with its leader.
         if self.output_closed:
             return self._finish_if_done()
         return [ArmOutputGrace()]
@@ -342,10 +366,17 @@ class Life:
             text = f"the agent stopped the job: {self.kill_reason} ({how})"
         elif target is JobState.SUCCEEDED:
             text = ""
+        elif ex.oom_kills:
+            # The kernel's memory.events says so: the job's own end reason,
+            # whatever the exit looked like (memory.oom.group kills it all).
+            target = JobState.FAILED
+            text = f"{oom_text(self.memory_max)} ({how})"
         else:
             text = how
             if ex.signal == signal.SIGXCPU:
                 text += f" (CPU time limit of {self.cpu_seconds} s reached)"
+        if self.note:
+            text = f"{text}; {self.note}" if text else self.note
         check_transition(self.state, target)
         self.state = target
         self.finished = True

@@ -2,8 +2,12 @@
 
 :func:`recover` (at start-up, before the first job): jobs the history still
 has as RUNNING were orphaned by a dead agent; they become LOST and their
-processes are killed, but only processes that provably belong to them (see
-:mod:`agent.daemon.procfs`) or carry this installation's instance marker.
+processes are killed. With job cgroups, a job's processes are exactly its
+cgroup's: every job leaf left in the agent's subtree is killed as a whole
+(``cgroup.kill``, which no setsid, double fork or scrubbed environment
+escapes), waited for until empty and removed. Without cgroups only processes
+that provably belong to them (see :mod:`agent.daemon.procfs`) or carry this
+installation's instance marker are killed.
 
 :func:`sweep` (periodically): finished jobs past ``max_age_seconds`` or
 beyond the newest ``max_jobs`` are removed with their output files, and
@@ -22,12 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.daemon import procfs
+from agent.daemon.cgroups import CgroupError, Subtree
 from agent.daemon.history import History, JobRecord
 from agent.daemon.lifecycle import check_transition
 from agent.vocabulary import JobState
 
 log = logging.getLogger(__name__)
 
+LEFTOVER_TIMEOUT = 5.0
 LOST_TEXT = (
     "the agent stopped while this job was running; its outcome is unknown and its "
     "processes were killed at the next start"
@@ -42,18 +48,30 @@ class Policy:
     max_jobs: int
 
 
-def recover(history: History, *, instance: str, boot_id: str, instance_env: str) -> list[JobRecord]:
+def recover(
+    history: History,
+    *,
+    instance: str,
+    boot_id: str,
+    instance_env: str,
+    subtree: Subtree | None = None,
+) -> list[JobRecord]:
     """Mark jobs left RUNNING by a dead agent as LOST and kill their processes."""
     lost = history.store.running()
     now = time.time()
-    # Processes of an earlier boot are gone; their pids mean nothing now.
-    this_boot = [procfs.LostJob(r.id, r.pid, r.leader_start) for r in lost if r.boot_id == boot_id]
-    marker = f"{instance_env}={instance}".encode()
     killed = 0
-    for pid in procfs.leftover_processes(this_boot, marker):
-        with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGKILL)
-            killed += 1
+    if subtree is not None:
+        killed = kill_leftover_cgroups(subtree)
+    else:
+        # Processes of an earlier boot are gone; their pids mean nothing now.
+        this_boot = [
+            procfs.LostJob(r.id, r.pid, r.leader_start) for r in lost if r.boot_id == boot_id
+        ]
+        marker = f"{instance_env}={instance}".encode()
+        for pid in procfs.leftover_processes(this_boot, marker):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+                killed += 1
     for rec in lost:
         check_transition(rec.state, JobState.LOST)
         rec.state = JobState.LOST
@@ -70,6 +88,31 @@ def recover(history: History, *, instance: str, boot_id: str, instance_env: str)
             killed,
         )
     return lost
+
+
+def kill_leftover_cgroups(subtree: Subtree, timeout: float = LEFTOVER_TIMEOUT) -> int:
+    """Kill every job leaf left in ``subtree``, wait until empty, remove it.
+
+    Returns how many processes were in them. A leaf that will not empty or
+    go away is logged and left (the next start tries again).
+    """
+    leaves = subtree.leftovers()
+    killed = 0
+    for leaf in leaves:
+        killed += len(leaf.pids())
+        try:
+            leaf.kill()
+        except CgroupError as e:
+            log.error("leftover job cgroup: %s", e)
+    deadline = time.monotonic() + timeout
+    for leaf in leaves:
+        while leaf.populated() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        try:
+            leaf.remove()
+        except CgroupError as e:
+            log.error("leftover job cgroup: %s", e)
+    return killed
 
 
 class Sweeper:

@@ -64,6 +64,8 @@ def settings_from(cfg: Config, prepared: Prepared) -> Settings:
             default_limits={n: getattr(d, n) for n in LIMIT_NAMES},
             max_limits={n: getattr(m, n) for n in LIMIT_NAMES},
         ),
+        cgroups=prepared.cgroups,
+        cpu_millicores=cfg.cgroups.cpu_millicores,
     )
 
 
@@ -161,7 +163,7 @@ class AgentServer:
         history = History(store)
         settings = settings_from(cfg, self.prepared)
         try:
-            ops = SpawnerOps(on_fatal=self._spawner_fatal)
+            ops = SpawnerOps(on_fatal=self._spawner_fatal, cgroups=self.prepared.cgroups)
         except OSError as e:
             raise StartupError(f"cannot start the job spawner: {e}") from None
         self.jobs = Supervisor(
@@ -173,7 +175,11 @@ class AgentServer:
             on_finish=self._audit_finish,
         )
         retention.recover(
-            history, instance=settings.instance, boot_id=BOOT_ID, instance_env=INSTANCE_ENV
+            history,
+            instance=settings.instance,
+            boot_id=BOOT_ID,
+            instance_env=INSTANCE_ENV,
+            subtree=self.prepared.cgroups,  # job cgroups: leftovers are found by them
         )
         self.sweeper = Sweeper(
             history,
@@ -405,6 +411,9 @@ class AgentServer:
             await self.server.stop(grace=1.0)
         if self.jobs is not None:
             self.jobs.close()
+        # --- job cgroups: remove the subtree the agent made (a delegated one stays).
+        _remove_cgroup_subtree(self.prepared)
+        # ---
         if self.audit is not None:
             self.audit.record("agent_stop", decision="ok", pid=os.getpid())
             self.audit.close()
@@ -419,6 +428,19 @@ class AgentServer:
             await self.main_loop()
         finally:
             await self.shutdown()
+
+
+def _remove_cgroup_subtree(prepared: Prepared) -> None:
+    """rmdir the agent's own job cgroup subtree at shutdown; only an empty one goes."""
+    sub = prepared.cgroups
+    if sub is None or not prepared.cgroups_owned:
+        return
+    try:
+        os.rmdir(sub.jobs)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        log.warning("job cgroup subtree %s not removed: %s", sub.jobs, e.strerror)
 
 
 def _raise_nofile_limit() -> None:

@@ -14,8 +14,11 @@ to /bin/sh. The spawner sets up the job in its forked child (session,
 cgroup, rlimits, umask, cwd, user, signals, descriptors) and calls
 ``execve`` (or ``fexecve`` of a pinned program's sealed copy) itself: no
 PATH lookup, no shell, ENOEXEC is a start failure. It is the jobs' parent,
-so it reaps them (pidfd + ``wait4``: status and rusage, no polling) after
-killing what each job left in its process group, and reports the exit.
+so it reaps them (pidfd + ``wait4``: status, no polling) after killing what
+each job left in its process group, and reports the exit. With a cgroup
+subtree (``cgroups``) it also creates each job's cgroup (``SpawnSpec.cgroup``,
+asked for by job id), kills it as a whole when the leader exits, waits until
+it is empty, accounts from it and removes it (see :mod:`agent.daemon.spawner`).
 
 The agent side sends a fully resolved plan over a ``SOCK_SEQPACKET``
 socketpair (:mod:`agent.daemon.spawnproto`), with the job's descriptors by
@@ -24,9 +27,10 @@ the event loop but one ``sendmsg``.
 
 When the spawner dies (end of file on the socket, whatever the cause):
 every job it was running is killed (``killpg`` SIGKILL from the agent where
-permitted) and ends FAILED, "start failed: the job spawner died; the job's
-processes were killed"; starts waiting for an answer fail the same way; a
-new spawner is started and new jobs work. If it dies more than
+permitted, and ``cgroup.kill`` of its cgroup) and ends FAILED, "start
+failed: the job spawner died; the job's processes were killed"; starts
+waiting for an answer fail the same way; a new spawner is started and new
+jobs work. If it dies more than
 :data:`MAX_DEATHS` times in :data:`DEATH_WINDOW` seconds, the agent logs an
 error and shuts down with a non-zero status (``on_fatal``). At the agent's
 shutdown :meth:`SpawnerOps.close` tells the spawner to exit and waits for
@@ -51,6 +55,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from agent.daemon import spawnproto as proto
+from agent.daemon.cgroups import CgroupError, Subtree
 from agent.daemon.lifecycle import Exit
 from agent.daemon.trust import SCRIPT_FD_PATH
 
@@ -85,6 +90,9 @@ class SpawnSpec:
     exec_fd: int | None = None  # fexecve this (a sealed, verified copy)
     script_fd: int | None = None  # a pinned script, fd 3 = SCRIPT_FD_PATH in argv
     cgroup_procs_fd: int | None = None  # the job's cgroup.procs: the child joins it
+    # The job cgroup the spawner creates for this job: {"id": JOB_ID, and the
+    # cgroups.Limits fields memory_bytes / pids / cpu_millicores that are set}.
+    cgroup: Mapping[str, str | int] | None = None
 
 
 class SpawnFailure(OSError):
@@ -132,6 +140,8 @@ def plan_of(spec: SpawnSpec) -> tuple[dict[str, Any], list[str], list[int]]:
         "gid": spec.gid,
         "limits": {k: v for k, v in spec.limits.items() if v},
     }
+    if spec.cgroup is not None:
+        plan["cgroup"] = dict(spec.cgroup)
     roles, fds = ["stdout"], [spec.stdout_fd]
     for role, fd in (
         ("exec", spec.exec_fd),
@@ -147,8 +157,16 @@ def plan_of(spec: SpawnSpec) -> tuple[dict[str, Any], list[str], list[int]]:
 class SpawnerOps:
     """:class:`ProcessOps` through the job spawner process (see the module docstring)."""
 
-    def __init__(self, *, on_fatal: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        on_fatal: Callable[[str], None] | None = None,
+        cgroups: Subtree | None = None,
+    ) -> None:
         self._on_fatal = on_fatal
+        self._cgroups = cgroups
+        self._job_cgroups: dict[int, str] = {}  # pid -> job id, while a job with a cgroup runs
+        self._pending_cgroups: dict[int, str] = {}  # request id -> job id
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sock: socket.socket | None = None
         self._proc: subprocess.Popen[bytes] | None = None
@@ -181,6 +199,7 @@ class SpawnerOps:
                     _PACKAGE_ROOT,
                     str(theirs.fileno()),
                     str(os.getpid()),
+                    *self._cgroup_args(),
                 ],
                 executable=_interpreter(),
                 pass_fds=[theirs.fileno()],
@@ -193,6 +212,11 @@ class SpawnerOps:
             theirs.close()
         self._sock = ours
         self._attach()
+
+    def _cgroup_args(self) -> list[str]:
+        if self._cgroups is None:
+            return []
+        return [str(self._cgroups.jobs), ",".join(sorted(self._cgroups.controllers))]
 
     def _attach(self) -> None:
         if self._sock is None:
@@ -224,6 +248,8 @@ class SpawnerOps:
                 raise SpawnFailure(code, "the job spawner died") from None
             raise SpawnFailure(code, proto.error_text("sending the plan", code)) from None
         self._pending[rid] = (fut, on_exit)
+        if spec.cgroup is not None:
+            self._pending_cgroups[rid] = str(spec.cgroup["id"])
         return await fut
 
     def signal(self, pid: int, sig: int) -> bool:
@@ -258,7 +284,10 @@ class SpawnerOps:
         assert self._loop is not None
         if msg["op"] == "spawned":
             fut, on_exit = self._pending.pop(msg["id"])
+            job_id = self._pending_cgroups.pop(msg["id"], None)
             pid = msg.get("pid")
+            if pid is not None and job_id is not None:
+                self._job_cgroups[pid] = job_id
             if pid is None:
                 if not fut.done():
                     fut.set_exception(
@@ -273,12 +302,14 @@ class SpawnerOps:
                 fut.set_result(pid)
         elif msg["op"] == "exited":
             on_exit = self._running.pop(msg["pid"])
+            self._job_cgroups.pop(msg["pid"], None)
             ex = Exit(
                 exit_code=msg["code"],
                 signal=msg["signal"],
                 user_cpu=msg["utime"],
                 system_cpu=msg["stime"],
                 max_rss=msg["maxrss"],
+                oom_kills=int(msg.get("oom", 0)),
             )
             # Scheduled, not called: the task awaiting this job's spawn (woken
             # by the answer just before) runs first, as with a pidfd reader.
@@ -302,6 +333,10 @@ class SpawnerOps:
             if not fut.done():
                 fut.set_exception(SpawnFailure(errno.EIO, "the job spawner died"))
         self._pending.clear()
+        # A start in flight may have its cgroup (and a child in it) already.
+        for job_id in self._pending_cgroups.values():
+            self._kill_cgroup(job_id)
+        self._pending_cgroups.clear()
         for pid, on_exit in self._running.items():
             try:
                 # The jobs are orphans now; their groups are still theirs
@@ -309,6 +344,7 @@ class SpawnerOps:
                 os.killpg(pid, signal.SIGKILL)
             except OSError:
                 pass
+            self._kill_cgroup(self._job_cgroups.pop(pid, None))
             ex = Exit(exit_code=None, signal=None, start_failure=SPAWNER_DIED)
             if self._loop is not None:
                 self._loop.call_soon(on_exit, ex)
@@ -331,6 +367,19 @@ class SpawnerOps:
             log.error("cannot restart the job spawner: %s", e)
             if self._on_fatal is not None:
                 self._on_fatal(f"cannot restart the job spawner: {e}")
+
+    def _kill_cgroup(self, job_id: str | None) -> None:
+        """Kill a dead spawner's job by its cgroup (what left its group too); remove it."""
+        if job_id is None or self._cgroups is None:
+            return
+        try:
+            leaf = self._cgroups.job(job_id)
+            leaf.kill()
+            # Usually empty within a millisecond; what is not is removed at
+            # the next start (leftovers).
+            leaf.remove(timeout=0.2)
+        except (CgroupError, ValueError) as e:
+            log.warning("job %s: %s", job_id, e)
 
     def _reap_spawner(self, timeout: float) -> str:
         proc = self._proc

@@ -7,7 +7,8 @@ util-linux trampolines is unsafe (their execvp() hands an ENOEXEC file to
 one thread, so its forked child may run Python freely before ``execve``.
 
 It is started by the agent (:class:`agent.daemon.spawn.SpawnerOps`) as a
-fresh isolated interpreter (``python -I``) running :func:`main` with ``FD PARENT_PID``, with
+fresh isolated interpreter (``python -I``) running :func:`main` with ``FD PARENT_PID
+[CGROUP_JOBS_DIR CONTROLLERS]``, with
 one end of a ``socketpair(AF_UNIX, SOCK_SEQPACKET)`` as FD; the protocol is
 in :mod:`agent.daemon.spawnproto`. The agent sends fully resolved plans; the
 spawner checks what it can check before forking (an absolute path or a
@@ -24,14 +25,34 @@ no PATH lookup: ENOEXEC is a start failure like any other. A failing step
 writes ``step\\0errno`` to a CLOEXEC pipe and exits 127; end of file without
 data on that pipe means the exec succeeded.
 
+Job cgroups (:mod:`agent.daemon.cgroups`): the spawner owns each job's
+cgroup from creation to removal, and the agent asks by job id. A plan with
+``cgroup: {"id": JOB_ID, "memory_bytes": N, "pids": N, "cpu_millicores": N}``
+makes the spawner create the leaf ``<jobs>/<JOB_ID>`` with those limits and
+open its ``cgroup.procs`` before the fork; the child joins it right after
+setsid, before anything else, so no process of the job ever runs outside
+it. Why here and not in the agent: the spawner is the process that forks,
+the writes are blocking file operations that stay off the agent's event
+loop, and it is the half that will keep privileges when the agent drops
+them. ``signal`` reaches every process of the leaf (through pidfds, so a
+reused pid is never hit) and SIGKILL is ``cgroup.kill``.
+
 The spawner is the jobs' parent, so it reaps them: a pidfd per job in one
 selector with the control socket, no polling. When a job's leader exits it
 first kills the rest of the leader's process group (the leader is a zombie
 until reaped, so its group id cannot have been reused), then ``wait4`` gives
-status and rusage. It exits when the agent closes the socket or asks it to,
-and dies with the agent (PR_SET_PDEATHSIG). Jobs still running then are left
-alone: the agent's next start finds them (AGENT_INSTANCE) and reports them
-LOST, as it does after an agent crash.
+the status. With a cgroup it then kills the whole leaf (``cgroup.kill``:
+setsid'd and double-forked processes too) and waits, through inotify on
+``cgroup.events`` in the same selector, until the leaf is unpopulated; only
+then does it read ``cpu.stat``, ``memory.peak`` and ``memory.events``,
+remove the leaf and report the exit. Peak memory is the leaf's
+``memory.peak`` or nothing: ``ru_maxrss`` of a forked child keeps the
+spawner's own high-water mark.
+
+It exits when the agent closes the socket or asks it to, and dies with the
+agent (PR_SET_PDEATHSIG). Jobs still running then are left alone: the
+agent's next start finds them (by their cgroups, or without cgroups by
+AGENT_INSTANCE) and reports them LOST, as it does after an agent crash.
 """
 
 from __future__ import annotations
@@ -47,6 +68,7 @@ import socket
 import sys
 from typing import Any, NoReturn
 
+from agent.daemon import cgroups
 from agent.daemon import spawnproto as proto
 
 # Limit name (agent.vocabulary.LIMIT_NAMES) -> (resource, extra hard seconds).
@@ -136,7 +158,22 @@ def check_plan(plan: Any, fds: dict[str, int]) -> str:
             return f"malformed plan: {k}"
     if not isinstance(plan.get("limits", {}), dict):
         return "malformed plan: limits"
+    cg = plan.get("cgroup")
+    if cg is not None:
+        if "cgroup" in fds:
+            return "malformed plan: a cgroup descriptor and a cgroup request"
+        if not isinstance(cg, dict) or not isinstance(cg.get("id"), str):
+            return "malformed plan: cgroup"
+        for k, v in cg.items():
+            if k != "id" and (
+                k not in CGROUP_LIMITS or isinstance(v, bool) or not isinstance(v, int) or v <= 0
+            ):
+                return f"malformed plan: cgroup {k}"
     return ""
+
+
+# Keys of a plan's "cgroup" request (besides "id"), as cgroups.Limits fields.
+CGROUP_LIMITS = ("memory_bytes", "pids", "cpu_millicores")
 
 
 def _child(plan: dict[str, Any], fds: dict[str, int], err_w: int, reset: list[int]) -> NoReturn:
@@ -222,21 +259,34 @@ def _child(plan: dict[str, Any], fds: dict[str, int], err_w: int, reset: list[in
 class Starting:
     """A forked child whose exec is not yet known to have succeeded."""
 
-    __slots__ = ("fd", "pid", "report", "rid")
+    __slots__ = ("cg", "fd", "pid", "report", "rid")
 
-    def __init__(self, pid: int, rid: Any, fd: int) -> None:
-        self.pid, self.rid, self.fd = pid, rid, fd
+    def __init__(self, pid: int, rid: Any, fd: int, cg: cgroups.JobCgroup | None) -> None:
+        self.pid, self.rid, self.fd, self.cg = pid, rid, fd, cg
         self.report = b""
+
+
+class Draining:
+    """A reaped job whose cgroup still has processes (being killed)."""
+
+    __slots__ = ("cg", "msg", "wd")
+
+    def __init__(self, cg: cgroups.JobCgroup, msg: dict[str, Any], wd: int) -> None:
+        self.cg, self.msg, self.wd = cg, msg, wd
 
 
 class Spawner:
     """The spawner's state: its children (unreaped pids) and the control socket."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, subtree: cgroups.Subtree | None = None) -> None:
         self.sock = sock
         self.sel = selectors.DefaultSelector()
         self.sel.register(sock, selectors.EVENT_READ, None)
         self.children: dict[int, int] = {}  # pid -> pidfd, until reaped
+        self.subtree = subtree
+        self.cgroups: dict[int, cgroups.JobCgroup] = {}  # pid -> its job's leaf, until reported
+        self.draining: dict[int, Draining] = {}  # inotify wd -> job being emptied
+        self.watcher: cgroups.EventWatcher | None = None
         self.privileged = _has_cap(CAP_SYS_RESOURCE)
         self.nr_open = _nr_open()
         self.reset_signals: list[int] = []
@@ -270,6 +320,8 @@ class Spawner:
             for key, _ in self.sel.select():
                 if key.data is None:
                     self.on_socket()
+                elif key.data is self.watcher:
+                    self.on_cgroup_events()
                 elif isinstance(key.data, Starting):
                     self.on_started(key.data)
                 else:
@@ -318,6 +370,17 @@ class Spawner:
         if err or not isinstance(plan, dict):
             self.send({"op": "spawned", "id": rid, "error": err, "errno": errno.EINVAL})
             return
+        cg: cgroups.JobCgroup | None = None
+        if plan.get("cgroup") is not None:
+            try:
+                cg = self.create_cgroup(plan["cgroup"])
+                # Opened before the fork: the child's first act is the join.
+                fds["cgroup"] = cg.procs_fd()
+            except (cgroups.CgroupError, ValueError) as e:
+                if cg is not None:
+                    self.remove_cgroup(cg)
+                self.send({"op": "spawned", "id": rid, "error": str(e), "errno": errno.EIO})
+                return
         r, w = os.pipe2(os.O_CLOEXEC)
         try:
             pid = os.fork()
@@ -325,6 +388,8 @@ class Spawner:
             os.close(r)
             os.close(w)
             code = e.errno or errno.EIO
+            if cg is not None:
+                self.remove_cgroup(cg)
             self.send(
                 {"op": "spawned", "id": rid, "error": proto.error_text("fork", code), "errno": code}
             )
@@ -338,7 +403,22 @@ class Spawner:
         # Not waited for here: the answer goes out when the error pipe reaches
         # end of file (exec done) or carries a report, so the next job can be
         # forked while this one is still setting up.
-        self.sel.register(r, selectors.EVENT_READ, Starting(pid, rid, r))
+        self.sel.register(r, selectors.EVENT_READ, Starting(pid, rid, r, cg))
+
+    def create_cgroup(self, req: dict[str, Any]) -> cgroups.JobCgroup:
+        """The job's leaf with its limits; raises CgroupError (MissingController) or ValueError."""
+        if self.subtree is None:
+            raise cgroups.CgroupError("the agent has no cgroup subtree for jobs")
+        limits = cgroups.Limits(**{k: req[k] for k in CGROUP_LIMITS if k in req})
+        return self.subtree.create(req["id"], limits)
+
+    def remove_cgroup(self, cg: cgroups.JobCgroup) -> None:
+        try:
+            cg.kill()
+            cg.remove()
+        except cgroups.CgroupError as e:
+            # Left for the agent's next start (it kills and removes leftovers).
+            print(f"agent spawner: {e}", file=sys.stderr)
 
     def on_started(self, st: Starting) -> None:
         try:
@@ -352,6 +432,8 @@ class Spawner:
         os.close(st.fd)
         if st.report:
             os.waitpid(st.pid, 0)
+            if st.cg is not None:
+                self.remove_cgroup(st.cg)
             step, _, number = st.report.decode("utf-8", "replace").partition("\0")
             try:
                 num = int(number)
@@ -363,6 +445,8 @@ class Spawner:
             return
         pidfd = os.pidfd_open(st.pid)
         self.children[st.pid] = pidfd
+        if st.cg is not None:
+            self.cgroups[st.pid] = st.cg
         self.sel.register(pidfd, selectors.EVENT_READ, st.pid)
         self.send({"op": "spawned", "id": st.rid, "pid": st.pid})
 
@@ -380,6 +464,16 @@ class Spawner:
             os.killpg(pid, sig)
         except OSError:
             pass
+        cg = self.cgroups.get(pid)
+        if cg is None:
+            return
+        if sig == signal.SIGKILL:
+            try:
+                cg.kill()
+            except cgroups.CgroupError as e:
+                print(f"agent spawner: {e}", file=sys.stderr)
+            return
+        signal_leaf(cg, sig)
 
     def on_exit(self, pid: int) -> None:
         # The leader is a zombie: its group id cannot have been reused yet,
@@ -393,17 +487,115 @@ class Spawner:
         self.sel.unregister(pidfd)
         os.close(pidfd)
         code = os.waitstatus_to_exitcode(status)
-        self.send(
-            {
-                "op": "exited",
-                "pid": pid,
-                "code": code if code >= 0 else None,
-                "signal": -code if code < 0 else None,
-                "utime": ru.ru_utime,
-                "stime": ru.ru_stime,
-                "maxrss": ru.ru_maxrss * 1024,
-            }
-        )
+        msg: dict[str, Any] = {
+            "op": "exited",
+            "pid": pid,
+            "code": code if code >= 0 else None,
+            "signal": -code if code < 0 else None,
+            "utime": ru.ru_utime,
+            "stime": ru.ru_stime,
+            # Never ru_maxrss: a forked child keeps the spawner's high-water
+            # mark across exec. The job's own peak comes from its cgroup.
+            "maxrss": 0,
+            "oom": 0,
+        }
+        cg = self.cgroups.get(pid)
+        if cg is None:
+            self.send(msg)
+            return
+        # The usual case: nothing of the job is left (the zombie leader does
+        # not count), so no kill and no watch are needed.
+        if not cg.populated():
+            self.cgroup_done(pid, cg, msg)
+            return
+        # The whole job ends with its leader: processes that left its session
+        # or process group are still in its cgroup.
+        try:
+            cg.kill()
+            wd = self.watch(cg)
+        except cgroups.CgroupError as e:
+            print(f"agent spawner: {e}", file=sys.stderr)
+            self.cgroup_done(pid, cg, msg)
+            return
+        # Watch first, then look: an emptying before the watch is not missed.
+        if wd is None or not cg.populated():
+            if wd is not None:
+                self.unwatch(wd)
+            self.cgroup_done(pid, cg, msg)
+            return
+        self.draining[wd] = Draining(cg, msg, wd)
+
+    def watch(self, cg: cgroups.JobCgroup) -> int | None:
+        """Watch the leaf's cgroup.events; None when inotify cannot be had."""
+        if self.watcher is None:
+            try:
+                self.watcher = cgroups.EventWatcher()
+            except cgroups.CgroupError as e:
+                print(f"agent spawner: {e}; killing jobs synchronously", file=sys.stderr)
+                cg.kill_by_signal()
+                return None
+            self.sel.register(self.watcher.fileno(), selectors.EVENT_READ, self.watcher)
+        return self.watcher.watch(cg)
+
+    def unwatch(self, wd: int) -> None:
+        if self.watcher is not None:
+            self.watcher.unwatch(wd)
+
+    def on_cgroup_events(self) -> None:
+        assert self.watcher is not None
+        fired = self.watcher.drain()
+        # A watch the kernel dropped (the leaf vanished) shows up as nothing:
+        # check every draining leaf that fired, and any whose file is gone.
+        for wd in list(self.draining):
+            d = self.draining[wd]
+            if (wd in fired or not d.cg.events_path.exists()) and not d.cg.populated():
+                del self.draining[wd]
+                self.unwatch(wd)
+                self.cgroup_done(d.msg["pid"], d.cg, d.msg)
+
+    def cgroup_done(self, pid: int, cg: cgroups.JobCgroup, msg: dict[str, Any]) -> None:
+        """The leaf is empty: account from it, remove it, report the exit."""
+        self.cgroups.pop(pid, None)
+        try:
+            stats = cg.stats()
+        except cgroups.CgroupError as e:
+            print(f"agent spawner: {e}", file=sys.stderr)
+        else:
+            # cpu.stat covers every process the job ever had, not only the
+            # ones wait4 saw.
+            msg["utime"], msg["stime"] = stats.cpu_user_seconds, stats.cpu_system_seconds
+            msg["maxrss"] = stats.memory_peak_bytes or 0
+            msg["oom"] = (stats.oom_kills or 0) + (stats.oom_group_kills or 0)
+        try:
+            cg.remove()
+        except cgroups.CgroupError as e:
+            print(f"agent spawner: {e}", file=sys.stderr)
+        self.send(msg)
+
+
+def signal_leaf(cg: cgroups.JobCgroup, sig: int) -> None:
+    """Send ``sig`` to every process in the leaf, never to a pid reused meanwhile.
+
+    Each pid is pinned with a pidfd first and signalled only if it is still in
+    the leaf after that (a process cannot leave the leaf for a pid's new owner).
+    """
+    pinned: dict[int, int] = {}
+    try:
+        for pid in cg.pids():
+            try:
+                pinned[pid] = os.pidfd_open(pid)
+            except OSError:
+                continue
+        still = set(cg.pids())
+        for pid, pidfd in pinned.items():
+            if pid in still:
+                try:
+                    signal.pidfd_send_signal(pidfd, sig)
+                except OSError:
+                    pass
+    finally:
+        for pidfd in pinned.values():
+            os.close(pidfd)
 
 
 def _die_with_parent(parent: int) -> None:
@@ -419,15 +611,27 @@ def _die_with_parent(parent: int) -> None:
 
 
 def main(argv: list[str]) -> int:
-    """``python -m agent.daemon.spawner FD PARENT_PID``."""
-    if len(argv) != 2:
-        print("usage: python -m agent.daemon.spawner FD PARENT_PID", file=sys.stderr)
+    """``python -m agent.daemon.spawner FD PARENT_PID [CGROUP_JOBS_DIR CONTROLLERS]``.
+
+    CONTROLLERS is a comma-separated list (may be empty) of the controllers
+    enabled for job cgroups in CGROUP_JOBS_DIR.
+    """
+    if len(argv) not in (2, 4):
+        print(
+            "usage: python -m agent.daemon.spawner FD PARENT_PID [CGROUP_JOBS_DIR CONTROLLERS]",
+            file=sys.stderr,
+        )
         return 2
     fd, parent = int(argv[0]), int(argv[1])
     _die_with_parent(parent)
+    subtree = None
+    if len(argv) == 4:
+        from pathlib import Path
+
+        subtree = cgroups.Subtree(Path(argv[2]), frozenset(c for c in argv[3].split(",") if c))
     sock = socket.socket(fileno=fd)
     sock.set_inheritable(False)
-    sp = Spawner(sock)
+    sp = Spawner(sock, subtree)
     sp.setup_signals()
     # Fewer copy-on-write faults in each forked child: the collector never
     # walks (and so never dirties) the spawner's long-lived objects.

@@ -21,12 +21,17 @@ Spawner -> agent::
     {"op": "spawned", "id": N, "pid": P}      the program was executed
     {"op": "spawned", "id": N, "error": "execve: Exec format error (ENOEXEC)"}
     {"op": "exited", "pid": P, "code": C | null, "signal": S | null,
-     "utime": s, "stime": s, "maxrss": bytes}
+     "utime": s, "stime": s, "maxrss": bytes, "oom": N}
+        with a job cgroup, sent once the leaf is empty and removed: CPU from
+        its cpu.stat, maxrss its memory.peak (0: unknown; never ru_maxrss),
+        oom the oom_kill + oom_group_kill of its memory.events.
 
 A plan is fully resolved (no PATH lookup, no defaults left to the spawner):
 ``path`` (or an ``exec`` descriptor), ``argv``, ``env``, ``cwd``, ``umask``,
-``uid``/``gid`` (null: no switch) and ``limits`` (rlimit name -> value,
-only non-zero ones).
+``uid``/``gid`` (null: no switch), ``limits`` (rlimit name -> value,
+only non-zero ones) and optionally ``cgroup``: ``{"id": JOB_ID,
+"memory_bytes": N, "pids": N, "cpu_millicores": N}`` (limits optional), the
+job cgroup the spawner creates, joins the child to, kills and removes.
 """
 
 from __future__ import annotations

@@ -21,9 +21,10 @@ from pathlib import Path
 
 from agent import tls
 from agent.configfile import ConfigError, is_loopback_host, split_host_port
+from agent.daemon import cgroups
 from agent.daemon import policy as policy_mod
 from agent.daemon.config import Config
-from agent.daemon.supervisor import JobUser
+from agent.daemon.supervisor import CGROUP_LIMITS, JobUser, instance_id
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,10 @@ class Prepared:
     scheduler_ca: bytes | None
     job_user: JobUser
     warnings: tuple[str, ...]
+    # The job cgroup subtree (None: jobs run without cgroups) and whether the
+    # agent made it (then it removes it at shutdown; a delegated one stays).
+    cgroups: cgroups.Subtree | None = None
+    cgroups_owned: bool = False
 
 
 def _err(cfg: Config, section: str, key: str, msg: str) -> ConfigError:
@@ -129,6 +134,87 @@ def resolve_job_user(cfg: Config) -> tuple[JobUser, list[str]]:
     return JobUser(pw.pw_uid, pw.pw_gid, pw.pw_name, home), warnings
 
 
+DEFAULT_CGROUP_PARENT = "worker-agent"
+
+
+def under_systemd() -> bool:
+    """Whether the agent runs as a systemd service (systemd sets INVOCATION_ID)."""
+    return bool(os.environ.get("INVOCATION_ID"))
+
+
+def setup_cgroups(cfg: Config) -> tuple[cgroups.Subtree | None, bool, list[str]]:
+    """The job cgroup subtree per ``[cgroups]``: (subtree, made by us, warnings).
+
+    ``required``: a subtree that cannot be had is a ConfigError (exit 2).
+    ``auto``: it is one warning, and jobs run without cgroups.
+    """
+    c = cfg.cgroups
+    if c.mode == "off":
+        return None, False, [_no_cgroup_warning('[cgroups] mode = "off"')]
+    systemd = under_systemd()
+    configured: Path | None = None
+    if c.path is not None:
+        configured = c.path / instance_id(cfg.jobs.state_dir)
+    elif not systemd:
+        # Outside systemd: <cgroup2 mount>/worker-agent/<instance>, one
+        # subtree per installation (its state directory), so agents side by
+        # side never see each other's jobs as leftovers.
+        try:
+            mount = cgroups.choose_cgroup2_mount(
+                cgroups.parse_cgroup2_mounts(Path("/proc/self/mountinfo").read_text())
+            )
+        except OSError:
+            mount = None
+        if mount is not None:
+            configured = mount / DEFAULT_CGROUP_PARENT / instance_id(cfg.jobs.state_dir)
+    try:
+        if configured is None and not systemd:
+            raise cgroups.CgroupError("no cgroup2 file system is mounted")
+        subtree = cgroups.setup("required", configured, under_systemd=systemd)
+    except cgroups.CgroupError as e:
+        if c.mode == "required":
+            raise _err(cfg, "cgroups", "mode", f'"required", but no job cgroups: {e}') from None
+        return None, False, [_no_cgroup_warning(str(e))]
+    assert subtree is not None
+    return subtree, configured is not None, []
+
+
+def _no_cgroup_warning(why: str) -> str:
+    return (
+        f"jobs run without cgroups ({why}): StopJob, timeouts and shutdown signal only a "
+        "job's process group, which a job can leave; memory and process limits are refused"
+    )
+
+
+def check_cgroup_limits(cfg: Config, subtree: cgroups.Subtree | None) -> list[str]:
+    """Refuse configured limits whose controller job cgroups lack; say what is missing."""
+    have = subtree.controllers if subtree is not None else frozenset()
+
+    def why(controller: str) -> str:
+        if subtree is None:
+            return f"needs the {controller} controller of a job cgroup, and jobs run without one"
+        return (
+            f"needs the {controller} controller, which job cgroups in {subtree.jobs} do not "
+            "have (the limit could not be enforced)"
+        )
+
+    for name, (_, controller) in CGROUP_LIMITS.items():
+        if getattr(cfg.limits.default, name) and controller not in have:
+            raise _err(cfg, "limits.default", name, why(controller))
+    if cfg.cgroups.cpu_millicores and "cpu" not in have:
+        raise _err(cfg, "cgroups", "cpu_millicores", why("cpu"))
+    if subtree is None:
+        return []
+    missing = [c for c in cgroups.JOB_CONTROLLERS if c not in have]
+    if not missing:
+        return []
+    return [
+        f"job cgroups in {subtree.jobs} lack the {', '.join(missing)} controller"
+        f"{'s' if len(missing) > 1 else ''}: requests and policy entries needing "
+        "them are refused (FAILED_PRECONDITION)"
+    ]
+
+
 def prepare(cfg: Config, *, create_dirs: bool = True) -> Prepared:
     """Validate everything the server needs; raise ConfigError naming the key."""
     warnings: list[str] = []
@@ -211,6 +297,12 @@ def prepare(cfg: Config, *, create_dirs: bool = True) -> Prepared:
         )
     if cfg.logging.file is not None and not cfg.logging.file.parent.is_dir():
         raise _err(cfg, "logging", "file", f"{cfg.logging.file.parent}: directory does not exist")
+    subtree: cgroups.Subtree | None = None
+    owned = False
+    if create_dirs:  # `agent run`; check-config creates no cgroup
+        subtree, owned, w = setup_cgroups(cfg)
+        warnings.extend(w)
+        warnings.extend(check_cgroup_limits(cfg, subtree))
     return Prepared(
         config=cfg,
         policy=pol,
@@ -220,6 +312,8 @@ def prepare(cfg: Config, *, create_dirs: bool = True) -> Prepared:
         scheduler_ca=scheduler_ca,
         job_user=job_user,
         warnings=tuple(warnings),
+        cgroups=subtree,
+        cgroups_owned=owned,
     )
 
 

@@ -26,7 +26,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -35,7 +35,8 @@ from agent.access import AccessDenied, Caller
 from agent.daemon import admission, procfs, validation
 from agent.daemon import lifecycle as lc
 from agent.daemon import policy as policy_mod
-from agent.daemon.errors import NotFound, PermissionDenied, Unavailable
+from agent.daemon.cgroups import Subtree
+from agent.daemon.errors import FailedPrecondition, NotFound, PermissionDenied, Unavailable
 from agent.daemon.history import History, JobRecord
 from agent.daemon.output import LiveOutput, OutputFile, describe_oserror, stream_file
 from agent.daemon.spawn import ProcessOps, SpawnSpec
@@ -73,6 +74,52 @@ class Settings:
     on_output_cap: str
     path_env: str
     rules: admission.Rules
+    # The agent's job cgroup subtree; None: jobs run without a cgroup.
+    cgroups: Subtree | None = None
+    cpu_millicores: int = 0  # [cgroups] cpu_millicores: cpu.max of every job
+
+
+# Limits enforced by the job's cgroup -> (cgroups.Limits field, controller).
+# Never by an rlimit: RLIMIT_NPROC counts every process of the job's user and
+# RLIMIT_AS is address space per process, neither is one job's.
+CGROUP_LIMITS: dict[str, tuple[str, str]] = {
+    "memory_bytes": ("memory_bytes", "memory"),
+    "processes": ("pids", "pids"),
+}
+NO_CGROUP_NOTE = "ran without a job cgroup: its stop was not escape-proof"
+
+
+def cgroup_limits(
+    limits: Mapping[str, int], cpu_millicores: int, subtree: Subtree | None
+) -> dict[str, int]:
+    """The cgroup limits of a job (``cgroups.Limits`` fields), or FailedPrecondition.
+
+    A limit whose controller is not enabled for job cgroups (or that needs a
+    cgroup where jobs run without one) is refused, never silently unenforced.
+    """
+    out: dict[str, int] = {}
+    wanted: list[tuple[str, str, str]] = [
+        (name, field_name, controller)
+        for name, (field_name, controller) in CGROUP_LIMITS.items()
+        if limits.get(name)
+    ]
+    if cpu_millicores:
+        wanted.append(("[cgroups] cpu_millicores", "cpu_millicores", "cpu"))
+    for name, field_name, controller in wanted:
+        if subtree is None:
+            raise FailedPrecondition(
+                f"{name} needs the {controller} controller of a job cgroup, and jobs run "
+                "without a cgroup on this agent",
+                rule="missing-cgroup-controller",
+            )
+        if controller not in subtree.controllers:
+            raise FailedPrecondition(
+                f"{name} needs the {controller} controller, which is not available for "
+                f"job cgroups here ({subtree.jobs}), so the limit cannot be enforced",
+                rule="missing-cgroup-controller",
+            )
+        out[field_name] = cpu_millicores if field_name == "cpu_millicores" else limits[name]
+    return out
 
 
 class Job:
@@ -162,12 +209,18 @@ class Supervisor:
         # never exceed max_running.
         self._starting += 1
         try:
-            return await self._spawn(req, admitted)
+            # After admission (malformed requests and policy denials first).
+            cg_limits = cgroup_limits(
+                admitted.limits, self.settings.cpu_millicores, self.settings.cgroups
+            )
+            return await self._spawn(req, admitted, cg_limits)
         finally:
             self._starting -= 1
             admitted.plan.close()  # the sealed copies (exec_fd, script_fd) are the child's now
 
-    async def _spawn(self, req: admission.StartRequest, admitted: admission.Admitted) -> JobRecord:
+    async def _spawn(
+        self, req: admission.StartRequest, admitted: admission.Admitted, cg_limits: dict[str, int]
+    ) -> JobRecord:
         plan, limits = admitted.plan, admitted.limits
         job_id = str(uuid.uuid4())
         out_path = str(self.settings.output_dir / f"{job_id}.out")
@@ -203,11 +256,19 @@ class Supervisor:
             uid=s.user.uid,
             gid=s.user.gid,
             umask=s.umask,
-            limits={k: v for k, v in limits.items() if k != "output_bytes"},
+            limits={
+                k: v for k, v in limits.items() if k != "output_bytes" and k not in CGROUP_LIMITS
+            },
             exec_fd=plan.exec_fd,
             script_fd=plan.script_fd,
+            cgroup={"id": job_id, **cg_limits} if s.cgroups is not None else None,
         )
-        life = lc.Life(timeout_seconds=admitted.timeout, cpu_seconds=limits.get("cpu_seconds", 0))
+        life = lc.Life(
+            timeout_seconds=admitted.timeout,
+            cpu_seconds=limits.get("cpu_seconds", 0),
+            memory_max=cg_limits.get("memory_bytes", 0),
+            note="" if s.cgroups is not None else NO_CGROUP_NOTE,
+        )
         job = Job(record, life, OutputFile(out_path, limits.get("output_bytes", 0)), self.loop)
         try:
             pid = await self.ops.spawn(spec, lambda ex: self._exited(job, ex))

@@ -30,6 +30,7 @@ from typing import Any
 import pytest
 
 from agent.client import AgentClient
+from agent.client.errors import FailedPrecondition
 
 from . import nspawn
 from .conftest import Timings
@@ -86,6 +87,19 @@ SCRIPTS = {
         echo "cannot write $1"
         exit 3
         """,
+    "escape.sh": """\
+        #!/bin/bash
+        # Leaves its session and group, scrubs its environment, renames itself
+        # and ignores TERM: only its cgroup still holds it.
+        ( setsid env -i /bin/bash -c 'trap "" TERM HUP; echo "pid $$"; exec -a x sleep 1000' & )
+        sleep 0.2
+        echo ready
+        sleep 1000
+        """,
+    "cgroup.sh": """\
+        #!/bin/bash
+        cat /proc/self/cgroup
+        """,
     "probe.sh": """\
         #!/bin/bash
         echo "user=$(id -un)"
@@ -133,6 +147,8 @@ def agent_config(port: int) -> str:
                 "max_running": 16,
             },
             "limits": {"default": {"open_files": OPEN_FILES}},
+            # The package's setting: no job cgroup, no start.
+            "cgroups": {"mode": "required"},
             "audit": {"file": "/var/log/agent/audit.log"},
             "retention": {"sweep_seconds": 3600.0},
             "daemon": {"on_shutdown": "stop"},
@@ -630,3 +646,76 @@ def test_jobs_run_as_agent_without_privileges(running: Agent) -> None:
     assert own["NoNewPrivs"].strip() == "1"
     user = running.box.run(["ps", "-o", "user=", "-p", pid]).check("ps").stdout.strip()
     assert user == "agent"
+
+
+# -- 6. job cgroups under the shipped unit (Delegate=yes) -----------------------------------
+
+
+def _escapee(client: AgentClient, job: str) -> int:
+    seen = stream_until(client, job, b"ready\n")
+    return int(next(ln for ln in seen.decode().splitlines() if ln.startswith("pid ")).split()[1])
+
+
+def _alive_in(box: nspawn.Container, pid: int) -> bool:
+    return box.run(["test", "-d", f"/proc/{pid}"]).rc == 0
+
+
+def _v2(text: str) -> str:
+    return next(ln[3:] for ln in text.splitlines() if ln.startswith("0::"))
+
+
+def _unit_cgroup(box: nspawn.Container) -> str:
+    """The unit's cgroup directory in the container (cgroup2: hybrid or unified)."""
+    mounts = box.run(["cat", "/proc/self/mounts"]).check("mounts").stdout.splitlines()
+    mount = next(m.split()[1] for m in mounts if m.split()[2] == "cgroup2")
+    return f"{mount}/system.slice/{SERVICE}"
+
+
+def test_jobs_run_in_a_delegated_cgroup_leaf(running: Agent) -> None:
+    """Delegate=yes: the agent sits in <unit>/supervisor, each job in <unit>/jobs/<id>."""
+    client = running.client()
+    job = client.start("bash", f"{JOB_DIR}/cgroup.sh")
+    assert client.wait(job, timeout=30).state == "SUCCEEDED"
+    assert _v2(output(client, job)) == f"/system.slice/{SERVICE}/jobs/{job}"
+    pid = running.state("MainPID")["MainPID"]
+    own = running.box.run(["cat", f"/proc/{pid}/cgroup"]).check("cgroup").stdout
+    assert _v2(own) == f"/system.slice/{SERVICE}/supervisor", own
+    # The leaf is removed once the job is done.
+    assert running.box.run(["test", "-e", f"{_unit_cgroup(running.box)}/jobs/{job}"]).rc != 0
+
+
+def test_escaped_child_is_gone_after_stop_timeout_and_systemctl_stop(running: Agent) -> None:
+    """A setsid'd, double-forked, env -i, renamed, TERM-ignoring child: gone every way."""
+    box = running.box
+    client = running.client()
+    job = client.start("bash", f"{JOB_DIR}/escape.sh")
+    pid = _escapee(client, job)
+    client.stop(job)
+    assert client.wait(job, timeout=30).state == "STOPPED"
+    assert not _alive_in(box, pid)
+    job = client.start("bash", f"{JOB_DIR}/escape.sh", timeout_seconds=2)
+    pid = _escapee(client, job)
+    assert client.wait(job, timeout=30).state == "TIMED_OUT"
+    assert not _alive_in(box, pid)
+    job = client.start("bash", f"{JOB_DIR}/escape.sh")
+    pid = _escapee(client, job)
+    running.close_clients()
+    box.systemctl("stop", SERVICE).check("systemctl stop agent")
+    assert not _alive_in(box, pid)
+    running.ensure_active()
+    assert running.client().query(job).state == "STOPPED"
+
+
+def test_limits_needing_missing_controllers_are_refused(running: Agent) -> None:
+    """Where the container lacks a controller, its limit is FAILED_PRECONDITION naming it."""
+    control = f"{_unit_cgroup(running.box)}/jobs/cgroup.subtree_control"
+    controllers = set(running.box.run(["cat", control]).check("controllers").stdout.split())
+    client = running.client()
+    cases = (("memory_bytes", "memory", 64 << 20), ("processes", "pids", 50))
+    for name, controller, value in cases:
+        if controller in controllers:
+            job = client.start("true", limits={name: value})
+            assert client.wait(job, timeout=30).state == "SUCCEEDED"
+            continue
+        with pytest.raises(FailedPrecondition, match=f"{name} needs the {controller} controller"):
+            client.start("true", limits={name: value})
