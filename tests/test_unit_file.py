@@ -1,4 +1,4 @@
-"""systemd/agent.service, checked on the host with systemd-analyze (no container, quick).
+"""systemd/worker-agent.service, checked on the host with systemd-analyze (no container, quick).
 
 The same unit is run for real under systemd in tests/systemd_tier; these checks
 only need the ``systemd-analyze`` binary (Debian package ``systemd``), not systemd
@@ -20,7 +20,7 @@ nspawn = pytest.importorskip(
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-UNIT = ROOT / "systemd" / "agent.service"
+UNIT = ROOT / "systemd" / "worker-agent.service"
 MAX_EXPOSURE = 2.0
 # `systemd-analyze security --offline=` appeared in systemd 250.
 MIN_SYSTEMD = 250

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""A stand-in for the agent daemon, to prove systemd/agent.service under a real systemd.
+"""A stand-in for the agent daemon, to prove systemd/worker-agent.service under a real systemd.
 
 Standard library only.  Started as ``agent run --config FILE`` it behaves like
 the real agent towards systemd (Type=notify):

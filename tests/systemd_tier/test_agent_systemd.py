@@ -1,4 +1,4 @@
-"""The real agent under a real systemd: systemd/agent.service exactly as shipped.
+"""The real agent under a real systemd: systemd/worker-agent.service exactly as shipped.
 
 One container is booted for the whole module (see nspawn.py).  The project is
 built into a wheel on the host, installed into /opt/agent inside, the unit, its
@@ -39,9 +39,9 @@ pytestmark = pytest.mark.systemd
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-UNIT = REPO / "systemd" / "agent.service"
-SYSUSERS = REPO / "systemd" / "agent.sysusers"
-TMPFILES = REPO / "systemd" / "agent.tmpfiles"
+UNIT = REPO / "systemd" / "worker-agent.service"
+SYSUSERS = REPO / "systemd" / "worker-agent.sysusers"
+TMPFILES = REPO / "systemd" / "worker-agent.tmpfiles"
 SERVICE = "agent.service"
 JOB_DIR = "/usr/local/lib/agent-jobs"
 CERT_DIR = "/etc/agent/certs"

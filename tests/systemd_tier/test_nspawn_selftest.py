@@ -1,4 +1,4 @@
-"""Self-test of the systemd tier: the container harness, and systemd/agent.service under it.
+"""Self-test of the systemd tier: the container harness, and systemd/worker-agent.service under it.
 
 One container is booted for the whole module; the stand-in agent
 (standin_agent.py) is installed in it as /opt/agent/bin/agent and driven over
@@ -26,9 +26,9 @@ pytestmark = pytest.mark.systemd
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-UNIT = REPO / "systemd" / "agent.service"
-SYSUSERS = REPO / "systemd" / "agent.sysusers"
-TMPFILES = REPO / "systemd" / "agent.tmpfiles"
+UNIT = REPO / "systemd" / "worker-agent.service"
+SYSUSERS = REPO / "systemd" / "worker-agent.sysusers"
+TMPFILES = REPO / "systemd" / "worker-agent.tmpfiles"
 WHEELS = ("grpcio", "pyyaml")
 READY_DELAY = 2.0
 MAX_EXPOSURE = 2.0
