@@ -40,7 +40,7 @@ from typing import Any
 
 import tomllib
 
-STATE_DIR = os.environ.get("STATE_DIRECTORY", "/var/lib/agent").split(":")[0]
+STATE_DIR = os.environ.get("STATE_DIRECTORY", "/var/lib/worker-agent").split(":")[0]
 JOB_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": STATE_DIR}
 
 
