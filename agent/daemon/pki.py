@@ -12,7 +12,8 @@ Three commands (``agent pki --help``):
 
 Every certificate names the host the same way: Common Name ``<host>``, DNS
 SANs (``--dns``, default the host if it has a dot), IP SANs (``--ip``) and
-the URI SAN ``spiffe://<trust-domain>/worker/<host>``, so that identity
+the URI SAN ``spiffe://<trust-domain>/worker/<host>`` (``--role`` changes
+``worker``, e.g. for the scheduler's own client certificate), so that identity
 patterns (``*.agents.example.com``, ``spiffe://example.com/worker/``) match
 it. Keys are ECDSA P-256, written mode 0600 and never overwritten.
 
@@ -42,9 +43,9 @@ class PKIError(Exception):
     """Bad input or an unusable file; the message says which and why."""
 
 
-def spiffe_id(trust_domain: str, host: str) -> str:
-    """``spiffe://<trust-domain>/worker/<host>``, validated."""
-    sid = f"spiffe://{trust_domain}/worker/{host}"
+def spiffe_id(trust_domain: str, host: str, role: str = "worker") -> str:
+    """``spiffe://<trust-domain>/<role>/<host>``, validated."""
+    sid = f"spiffe://{trust_domain}/{role}/{host}"
     if spiffe_id_parts(sid) is None:
         raise PKIError(
             f"{sid!r} is not a valid SPIFFE ID (lower-case trust domain; host of letters, "
@@ -53,7 +54,9 @@ def spiffe_id(trust_domain: str, host: str) -> str:
     return sid
 
 
-def host_names(host: str, dns: Sequence[str], ips: Sequence[str], trust_domain: str) -> list[Any]:
+def host_names(
+    host: str, dns: Sequence[str], ips: Sequence[str], trust_domain: str, role: str = "worker"
+) -> list[Any]:
     """The subjectAltNames of a host's certificates."""
     from cryptography import x509
 
@@ -70,7 +73,7 @@ def host_names(host: str, dns: Sequence[str], ips: Sequence[str], trust_domain: 
             out.append(x509.IPAddress(ipaddress.ip_address(i)))
         except ValueError:
             raise PKIError(f"--ip {i!r}: not an IP address") from None
-    out.append(x509.UniformResourceIdentifier(spiffe_id(trust_domain, host)))
+    out.append(x509.UniformResourceIdentifier(spiffe_id(trust_domain, host, role)))
     return out
 
 
@@ -228,7 +231,7 @@ def issue(args: argparse.Namespace) -> list[Path]:
     """``agent pki issue``: keys and certificates for one host; returns the files written."""
 
     ca_cert, ca_key = load_ca(args.ca_cert, args.ca_key)
-    sans = host_names(args.host, args.dns, args.ip, args.trust_domain)
+    sans = host_names(args.host, args.dns, args.ip, args.trust_domain, args.role)
     out = _out_dir(args.out)
     written = []
     for kind in args.kind:
@@ -247,7 +250,7 @@ def csr(args: argparse.Namespace) -> list[Path]:
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
 
-    sans = host_names(args.host, args.dns, args.ip, args.trust_domain)
+    sans = host_names(args.host, args.dns, args.ip, args.trust_domain, args.role)
     out = _out_dir(args.out)
     written = []
     for kind in args.kind:
@@ -291,13 +294,13 @@ def sign_csr(args: argparse.Namespace) -> list[Path]:
     others = [n for n in requested if not isinstance(n, (x509.DNSName, x509.IPAddress))]
     # Security: the CA decides the SPIFFE ID (from --trust-domain and the CN);
     # a URI or any other name the requester slipped in is refused, not copied.
-    want_uri = x509.UniformResourceIdentifier(spiffe_id(args.trust_domain, host))
+    want_uri = x509.UniformResourceIdentifier(spiffe_id(args.trust_domain, host, args.role))
     if any(n != want_uri for n in others):
         raise PKIError(
             f"{args.csr}: requests names other than DNS, IP and {want_uri.value}: "
             f"{', '.join(str(n.value) for n in others if n != want_uri)}"
         )
-    sans = host_names(host, dns, ips, args.trust_domain)
+    sans = host_names(host, dns, ips, args.trust_domain, args.role)
     cert = sign(ca_cert, ca_key, _subject(host), req.public_key(), sans, args.kind, args.days)
     _write(args.out, _pem(cert))
     return [args.out]
@@ -321,6 +324,14 @@ def add_parser(sub: Any) -> None:
         q.add_argument("--ip", action="append", default=[], help="IP SAN (repeat)")
         q.add_argument(
             "--trust-domain", required=True, help="SPIFFE trust domain, e.g. example.com"
+        )
+        role(q)
+
+    def role(q: argparse.ArgumentParser) -> None:
+        q.add_argument(
+            "--role",
+            default="worker",
+            help="first SPIFFE path segment (default worker; e.g. scheduler for its client)",
         )
 
     def kinds(q: argparse.ArgumentParser) -> None:
@@ -350,6 +361,7 @@ def add_parser(sub: Any) -> None:
     s.add_argument("--csr", type=Path, required=True, help="the request (PEM)")
     s.add_argument("--kind", choices=KINDS, required=True, help="server or client")
     s.add_argument("--trust-domain", required=True, help="SPIFFE trust domain the CA issues for")
+    role(s)
     s.add_argument("--out", type=Path, required=True, help="certificate file to write")
 
 
