@@ -204,6 +204,59 @@ def load_ca(ca_file: Path) -> bytes:
     return pem
 
 
+# ---------------------------------------------------------------- expiry
+
+
+@dataclass(frozen=True)
+class CertExpiry:
+    """When one loaded certificate expires (for warnings and a metric)."""
+
+    role: str  # "server", "ca", "scheduler-client", "scheduler-ca"
+    file: str
+    subject: str
+    not_after: datetime.datetime
+    seconds_left: float
+
+    @property
+    def days_left(self) -> float:
+        """Days until notAfter (negative once expired)."""
+        return self.seconds_left / 86400.0
+
+
+def certificate_expiry(
+    role: str, file: Path | str, pem: bytes, now: datetime.datetime | None = None
+) -> list[CertExpiry]:
+    """One :class:`CertExpiry` per certificate in ``pem`` (a leaf, chain or CA bundle).
+
+    Pure apart from the clock; unparsable blocks are skipped (loading has
+    refused them already).
+    """
+    now = now or _now()
+    out = []
+    for der in x509.pem_certificates(pem):
+        try:
+            c = x509.parse_certificate(der)
+        except x509.DERError:
+            continue
+        out.append(
+            CertExpiry(role, str(file), c.subject, c.not_after, (c.not_after - now).total_seconds())
+        )
+    return out
+
+
+def expiry_warnings(items: list[CertExpiry], days: int) -> list[str]:
+    """Warning lines for the certificates of ``items`` expiring within ``days`` (0: none)."""
+    if days <= 0:
+        return []
+    return [
+        f"{e.role} certificate {e.subject} in {e.file} expires on "
+        f"{e.not_after:%Y-%m-%d %H:%M} UTC, in {e.days_left:.1f} days: issue and install "
+        "a new one (it is picked up without a restart)"
+        for e in items
+        if e.seconds_left < days * 86400
+    ]
+
+
 # ---------------------------------------------------------------- rotation
 
 
@@ -246,8 +299,10 @@ class CertificateReloader:
         *,
         key_type_locked: str | None = None,
         on_change: Callable[[ServerTLSState], None] | None = None,
+        expiry_warning_days: int = 0,
     ) -> None:
         self.crt_file, self.key_file, self.ca_file = crt_file, key_file, ca_file
+        self.expiry_warning_days = expiry_warning_days
         self._lock = threading.Lock()
         self._sig = _file_sig(crt_file, key_file, ca_file)
         self.state = self._load()
@@ -262,6 +317,14 @@ class CertificateReloader:
         pair = load_key_pair(self.crt_file, self.key_file)
         ca = load_ca(self.ca_file) if self.ca_file else None
         return ServerTLSState(pair, ca)
+
+    def expiry(self, state: ServerTLSState | None = None) -> list[str]:
+        """Expiry warnings for the served certificate chain and CA bundle."""
+        state = state or self.state
+        items = certificate_expiry("server", self.crt_file, state.pair.cert_pem)[:1]
+        if state.ca_pem is not None and self.ca_file is not None:
+            items += certificate_expiry("ca", self.ca_file, state.ca_pem)
+        return expiry_warnings(items, self.expiry_warning_days)
 
     def check(self) -> ServerTLSState | None:
         """Reload if the files changed; return the new state, or None if unchanged/broken."""
@@ -295,6 +358,8 @@ class CertificateReloader:
                 state.pair.fingerprint[:16],
                 f"{state.pair.not_after:%Y-%m-%d}",
             )
+            for w in self.expiry(state):
+                log.warning("%s", w)
         if self._on_change:
             self._on_change(state)
         return state
@@ -313,6 +378,8 @@ class PeerCert:
     identity: str
     client_auth: bool  # extendedKeyUsage allows clientAuth (explicitly)
     problem: str  # non-empty: why this certificate may not be used
+    # Every subjectAltName, for identity patterns (agent.access.matches).
+    sans: tuple[tuple[str, str], ...] = ()
 
 
 # Keyed by the certificate's PEM bytes themselves (an exact match, no digest
@@ -382,7 +449,7 @@ def identity_from_cert(pem: bytes) -> PeerCert:
         )
     else:
         problem = _identity_problem(ident, from_cn=bool(cert.common_names))
-    result = PeerCert(ident, client_auth, problem)
+    result = PeerCert(ident, client_auth, problem, cert.san)
     with _peer_lock:
         if len(_peer_cache) > 4096:
             _peer_cache.clear()

@@ -159,3 +159,65 @@ def server_pair(issuer: Issuer, d: Path, name: str = "server", **kw: object) -> 
         **kw,  # type: ignore[arg-type]
     )
     return write_pair(d, name, cert, key)
+
+
+# ---------------------------------------------------------------- fleet helpers
+
+
+def host_leaf(
+    issuer: Issuer,
+    cn: str | None,
+    *,
+    dns: tuple[str, ...] = (),
+    uris: tuple[str, ...] = (),
+    eku: list[x509.ObjectIdentifier] | None = None,
+    not_after: datetime.datetime | None = None,
+    serial: int | None = None,
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey]:
+    """A leaf with arbitrary DNS and URI SANs (also wildcards or odd URIs), clientAuth."""
+    key = new_key()
+    subject = _name(cn) if cn else x509.Name([])
+    names: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
+    names += [x509.UniformResourceIdentifier(u) for u in uris]
+    b = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer.cert.subject)
+        .public_key(key.public_key())
+        .serial_number(serial or x509.random_serial_number())
+        .not_valid_before(NOW - DAY)
+        .not_valid_after(not_after or NOW + 30 * DAY)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.ExtendedKeyUsage(eku or [ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
+        )
+    )
+    if names:
+        b = b.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    return b.sign(issuer.key, hashes.SHA256()), key
+
+
+def pem(cert: x509.Certificate) -> bytes:
+    """PEM bytes of a certificate."""
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def make_crl(
+    issuer: Issuer,
+    revoked: list[int],
+    *,
+    last_update: datetime.datetime | None = None,
+    next_update: datetime.datetime | None = None,
+) -> bytes:
+    """A PEM CRL of ``issuer`` revoking the serials ``revoked``."""
+    b = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(issuer.cert.subject)
+        .last_update(last_update or NOW - DAY)
+        .next_update(next_update or NOW + 7 * DAY)
+    )
+    for s in revoked:
+        b = b.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(s).revocation_date(NOW - DAY).build()
+        )
+    return b.sign(issuer.key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)

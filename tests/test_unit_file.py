@@ -1,4 +1,4 @@
-"""systemd/agent.service, checked on the host with systemd-analyze (no container, quick).
+"""systemd/worker-agent.service, checked on the host with systemd-analyze (no container, quick).
 
 The same unit is run for real under systemd in tests/systemd_tier; these checks
 only need the ``systemd-analyze`` binary (Debian package ``systemd``), not systemd
@@ -20,7 +20,7 @@ nspawn = pytest.importorskip(
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-UNIT = ROOT / "systemd" / "agent.service"
+UNIT = ROOT / "systemd" / "worker-agent.service"
 MAX_EXPOSURE = 2.0
 # `systemd-analyze security --offline=` appeared in systemd 250.
 MIN_SYSTEMD = 250
@@ -46,13 +46,13 @@ def analyze() -> None:
 
 def _verify_copy_with_stub(tmp_path: Path) -> tuple[int, str, str]:
     """Verify a copy of the unit whose ExecStart= binary is a stub (no root needed)."""
-    binary = "/opt/agent/bin/agent"
+    binary = "/opt/worker-agent/bin/agent"
     stub = tmp_path / "agent"
     stub.write_text("#!/bin/sh\nexit 0\n")
     stub.chmod(0o755)
     text = UNIT.read_text()
     assert f"ExecStart={binary} " in text
-    copy = tmp_path / "agent.service"
+    copy = tmp_path / "worker-agent.service"
     copy.write_text(text.replace(f"ExecStart={binary} ", f"ExecStart={stub} "))
     proc = subprocess.run(
         ["systemd-analyze", "verify", str(copy)], capture_output=True, text=True, check=False
@@ -62,7 +62,7 @@ def _verify_copy_with_stub(tmp_path: Path) -> tuple[int, str, str]:
 
 def test_unit_verifies(analyze: None, tmp_path: Path) -> None:
     """systemd-analyze verify accepts the unit without a warning."""
-    if os.access("/opt/agent/bin/agent", os.X_OK) or os.geteuid() == 0:
+    if os.access("/opt/worker-agent/bin/agent", os.X_OK) or os.geteuid() == 0:
         # The file itself; a missing binary is stubbed in a private mount namespace.
         rc, out, err = nspawn.verify_unit(UNIT)
     else:

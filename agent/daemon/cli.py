@@ -1,4 +1,4 @@
-"""The ``agent`` command: ``agent run`` and ``agent check-config``.
+"""The ``agent`` command: ``agent run``, ``agent check-config`` and ``agent pki``.
 
 One of the two places that end the process (with the client CLI). Exit
 status: 0 success, 1 runtime failure, 2 invalid configuration or usage.
@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 
 from agent import __version__
 from agent.configfile import ConfigError
-from agent.daemon import startup
+from agent.daemon import pki, startup
 from agent.daemon.config import Config, load
 from agent.daemon.grpc_gate import GateError, open_gate
 
@@ -44,6 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     c = sub.add_parser("check-config", help="validate the configuration and exit")
     c.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+    # Only the parser: cryptography is imported when a pki command runs.
+    pki.add_parser(sub)
     return p
 
 
@@ -77,6 +79,8 @@ def setup_logging(cfg: Config, *, daemon: bool) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status."""
     args = _parser().parse_args(argv)
+    if args.cmd == "pki":
+        return _pki(args)
     try:
         cfg = load(args.config)
         prepared = startup.prepare(cfg, create_dirs=args.cmd == "run")
@@ -123,6 +127,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     from agent.daemon.server import run
 
     return run(prepared)
+
+
+def _pki(args: argparse.Namespace) -> int:
+    try:
+        written = pki.run(args)
+    except pki.PKIError as e:
+        print(f"agent pki: {e}", file=sys.stderr)
+        return 2
+    for path in written:
+        print(path)
+    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -16,6 +16,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from agent.access import pattern_problem
 from agent.configfile import (
     ConfigError,
     describe_sections,
@@ -58,6 +59,13 @@ class GrpcServer:
     tls13_only: bool = option(False, "refuse TLS 1.2 handshakes (see docs/security.md)")
     max_message_bytes: int = option(
         4 * 1024 * 1024, "largest request accepted, bytes", lo=1024, hi=64 * 1024 * 1024
+    )
+    cert_expiry_warning_days: int = option(
+        30,
+        "warn (log, check-config) when a loaded certificate expires within this many days "
+        "(0: never)",
+        lo=0,
+        hi=3650,
     )
     max_connection_idle_seconds: int = option(
         0, "close idle client connections after this many seconds (0: never)", lo=0, hi=86400
@@ -107,8 +115,19 @@ class Scheduler:
 class Auth:
     """``[auth]``: who may call the API (deny by default)."""
 
-    clients: list[str] = option([], "certificate identities that may call the API")
-    admins: list[str] = option([], "identities that may also see and stop every job")
+    clients: list[str] = option(
+        [],
+        "certificate identities that may call the API: exact names, *.dns.wildcards "
+        "or spiffe://trust-domain/prefix/ (patterns match SANs; see docs/deployment.md)",
+    )
+    admins: list[str] = option(
+        [], "identities that may also see and stop every job (same patterns as clients)"
+    )
+    crl_files: list[str] = option(
+        [],
+        "CRL files (PEM or DER), one per CA of grpc_server.ca_file; a revoked client is "
+        "UNAUTHENTICATED; re-read when changed and on SIGHUP",
+    )
     allow_anonymous: bool = option(
         False,
         "without mTLS there is no identity: allow such "
@@ -294,6 +313,15 @@ class Config:
         return self.daemon.pid_file or self.jobs.state_dir / "agent.pid"
 
     @property
+    def crl_paths(self) -> tuple[Path, ...]:
+        """[auth] crl_files, relative ones resolved against the config file's folder."""
+        base = self.path.parent
+        return tuple(
+            p if p.is_absolute() else base / p
+            for p in (Path(v).expanduser() for v in self.auth.crl_files)
+        )
+
+    @property
     def mtls(self) -> bool:
         """Whether client certificates are required and verified."""
         return self.grpc_server.use_tls and self.grpc_server.ca_file is not None
@@ -382,6 +410,15 @@ def _cross_checks(cfg: Config) -> None:
             "auth",
             "clients",
             "no identity may call the API: list at least one in clients or admins",
+        )
+    for key in ("clients", "admins"):
+        for entry in getattr(cfg.auth, key):
+            problem = pattern_problem(entry)
+            if problem:
+                raise ConfigError(f, "auth", key, problem)
+    if cfg.auth.crl_files and not cfg.mtls:
+        raise ConfigError(
+            f, "auth", "crl_files", "needs mTLS (grpc_server.ca_file): there is no client to check"
         )
     overlap = set(cfg.auth.clients) & set(cfg.auth.admins)
     if overlap:

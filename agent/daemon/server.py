@@ -34,7 +34,7 @@ from agent.daemon.retention import Sweeper
 from agent.daemon.sdnotify import Notifier, watchdog_interval
 from agent.daemon.service import WorkerService
 from agent.daemon.spawn import SpawnerOps
-from agent.daemon.startup import Prepared
+from agent.daemon.startup import Prepared, expiry_warnings
 from agent.daemon.supervisor import BOOT_ID, INSTANCE_ENV, Settings, Supervisor, instance_id
 from agent.tls import CertificateReloader, ServerTLSState
 from agent.vocabulary import LIMIT_NAMES
@@ -195,7 +195,13 @@ class AgentServer:
             admins=frozenset(cfg.auth.admins),
             allow_anonymous=cfg.auth.allow_anonymous,
         )
-        service = WorkerService(self.jobs, self.audit, access, log_reads=cfg.audit.log_reads)
+        service = WorkerService(
+            self.jobs,
+            self.audit,
+            access,
+            log_reads=cfg.audit.log_reads,
+            revocation=self.prepared.revocation,
+        )
         server = grpc.aio.server(options=server_options(cfg))
         server.add_generic_rpc_handlers([service.handler()])
         gs = cfg.grpc_server
@@ -209,6 +215,7 @@ class AgentServer:
                     gs.ca_file,
                     key_type_locked=pair.key_type if (gs.tls13_only and pair) else None,
                     on_change=self._audit_rotation,
+                    expiry_warning_days=gs.cert_expiry_warning_days,
                 )
                 creds = reloading_server_credentials(self.reloader, require_client_auth=cfg.mtls)
                 port = server.add_secure_port(gs.addr, creds)
@@ -353,6 +360,10 @@ class AgentServer:
         log.info("reloading (SIGHUP)")
         if self.reloader is not None:
             self.reloader.check()
+        if self.prepared.revocation is not None:
+            self.prepared.revocation.check(force=True)
+        for w in expiry_warnings(self.config):
+            log.warning("%s", w)
         pf = self.config.jobs.policy_file
         assert pf is not None
         try:

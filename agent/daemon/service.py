@@ -20,13 +20,14 @@ from google.protobuf import message as pb_message
 
 from agent._proto import jobscheduler_pb2 as pb
 from agent.access import AccessDenied, AccessRules, Caller
+from agent.crl import RevocationChecker
 from agent.daemon import validation
 from agent.daemon.admission import StartRequest
 from agent.daemon.audit import AuditLog
 from agent.daemon.errors import AgentError, InvalidArgument, Kind, PermissionDenied, Unauthenticated
 from agent.daemon.history import JobRecord
 from agent.daemon.supervisor import Supervisor
-from agent.tls import ANONYMOUS, identity_from_cert
+from agent.tls import ANONYMOUS, PeerCert, identity_from_cert
 from agent.vocabulary import LIMITS
 
 log = logging.getLogger(__name__)
@@ -94,20 +95,27 @@ class WorkerService:
     """Implements ``jobscheduler.Worker``."""
 
     def __init__(
-        self, jobs: Supervisor, audit: AuditLog, access: AccessRules, *, log_reads: bool = False
+        self,
+        jobs: Supervisor,
+        audit: AuditLog,
+        access: AccessRules,
+        *,
+        log_reads: bool = False,
+        revocation: RevocationChecker | None = None,
     ) -> None:
         self.jobs = jobs
         self.audit = audit
         self.access = access
         self.log_reads = log_reads
+        self.revocation = revocation
 
     # ------------------------------------------------------------ plumbing
 
-    def identify(self, context: grpc.aio.ServicerContext) -> str:
-        """The caller's identity, or Unauthenticated."""
+    def identify(self, context: grpc.aio.ServicerContext) -> PeerCert:
+        """The caller's verified certificate identity (and SANs), or Unauthenticated."""
         if not self.access.mtls:
             if self.access.allow_anonymous:
-                return ANONYMOUS
+                return PeerCert(ANONYMOUS, False, "")
             raise Unauthenticated(
                 "no client identity (the agent is not using mTLS)", rule="no-identity"
             )
@@ -117,7 +125,13 @@ class WorkerService:
         peer = identity_from_cert(pems[0])
         if peer.problem:
             raise Unauthenticated(peer.problem, rule="bad-client-cert")
-        return peer.identity
+        if self.revocation is not None:
+            # Every RPC, not only every handshake: a CRL loaded after the
+            # connection was made still ends the next call on it.
+            revoked = self.revocation.revoked(pems[0])
+            if revoked:
+                raise Unauthenticated(revoked, rule="revoked-client-cert")
+        return peer
 
     async def _fail(
         self,
@@ -151,8 +165,9 @@ class WorkerService:
     ) -> T:
         identity = ""
         try:
-            identity = self.identify(context)
-            caller = self.access.caller(identity)
+            peer = self.identify(context)
+            identity = peer.identity
+            caller = self.access.caller(identity, peer.sans)
             try:
                 caller.may_call()
             except AccessDenied as e:

@@ -19,9 +19,13 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent import tls
+from agent import tls, x509
 from agent.configfile import ConfigError, is_loopback_host, split_host_port
+<<<<<<< HEAD
 from agent.daemon import cgroups
+=======
+from agent.crl import CRLError, RevocationChecker
+>>>>>>> h/fleet16
 from agent.daemon import policy as policy_mod
 from agent.daemon.config import Config
 from agent.daemon.supervisor import CGROUP_LIMITS, JobUser, instance_id
@@ -41,10 +45,17 @@ class Prepared:
     scheduler_ca: bytes | None
     job_user: JobUser
     warnings: tuple[str, ...]
+<<<<<<< HEAD
     # The job cgroup subtree (None: jobs run without cgroups) and whether the
     # agent made it (then it removes it at shutdown; a delegated one stays).
     cgroups: cgroups.Subtree | None = None
     cgroups_owned: bool = False
+=======
+    # Every loaded certificate and when it expires (warnings, a metric).
+    certificates: tuple[tls.CertExpiry, ...] = ()
+    # [auth] crl_files, loaded and verified (None: no CRL configured).
+    revocation: RevocationChecker | None = None
+>>>>>>> h/fleet16
 
 
 def _err(cfg: Config, section: str, key: str, msg: str) -> ConfigError:
@@ -254,6 +265,15 @@ def prepare(cfg: Config, *, create_dirs: bool = True) -> Prepared:
             scheduler_ca = tls.load_ca(sch.ca_file)
         except tls.TLSConfigError as e:
             raise _err(cfg, "scheduler", "ca_file", str(e)) from None
+    certificates = loaded_certificates(cfg, server_pair, ca_pem, scheduler_pair, scheduler_ca)
+    warnings.extend(tls.expiry_warnings(certificates, gs.cert_expiry_warning_days))
+    revocation = None
+    if cfg.crl_paths:
+        assert gs.ca_file is not None
+        try:
+            revocation = RevocationChecker(cfg.crl_paths, gs.ca_file)
+        except CRLError as e:
+            raise _err(cfg, "auth", "crl_files", str(e)) from None
     assert cfg.jobs.policy_file is not None
     try:
         pol = policy_mod.load(cfg.jobs.policy_file)
@@ -312,9 +332,57 @@ def prepare(cfg: Config, *, create_dirs: bool = True) -> Prepared:
         scheduler_ca=scheduler_ca,
         job_user=job_user,
         warnings=tuple(warnings),
+<<<<<<< HEAD
         cgroups=subtree,
         cgroups_owned=owned,
+=======
+        certificates=tuple(certificates),
+        revocation=revocation,
+>>>>>>> h/fleet16
     )
+
+
+def loaded_certificates(
+    cfg: Config,
+    server_pair: tls.KeyPair | None,
+    ca_pem: bytes | None,
+    scheduler_pair: tls.KeyPair | None,
+    scheduler_ca: bytes | None,
+) -> list[tls.CertExpiry]:
+    """Expiry of every certificate the agent loaded: server leaf, CA, scheduler client/CA."""
+    gs, sch = cfg.grpc_server, cfg.scheduler
+    out: list[tls.CertExpiry] = []
+    if server_pair is not None:
+        out += tls.certificate_expiry("server", str(gs.crt_file), server_pair.cert_pem)[:1]
+    if ca_pem is not None:
+        out += tls.certificate_expiry("ca", str(gs.ca_file), ca_pem)
+    if scheduler_pair is not None:
+        out += tls.certificate_expiry(
+            "scheduler-client", str(sch.crt_file), scheduler_pair.cert_pem
+        )[:1]
+    if scheduler_ca is not None:
+        out += tls.certificate_expiry("scheduler-ca", str(sch.ca_file), scheduler_ca)
+    return out
+
+
+def expiry_warnings(cfg: Config) -> list[str]:
+    """Re-read the configured certificate files and warn about near expiry (for SIGHUP)."""
+    gs, sch = cfg.grpc_server, cfg.scheduler
+    items: list[tls.CertExpiry] = []
+    for role, path, leaf_only in (
+        ("server", gs.crt_file, True),
+        ("ca", gs.ca_file, False),
+        ("scheduler-client", sch.crt_file if sch.register else None, True),
+        ("scheduler-ca", sch.ca_file if sch.register else None, False),
+    ):
+        if path is None:
+            continue
+        try:
+            got = tls.certificate_expiry(role, path, path.read_bytes())
+        except (OSError, x509.DERError):
+            continue
+        items += got[:1] if leaf_only else got
+    return tls.expiry_warnings(items, gs.cert_expiry_warning_days)
 
 
 def _mode(path: Path) -> int:

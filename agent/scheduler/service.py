@@ -39,7 +39,7 @@ import grpc
 
 from agent._proto import jobscheduler_pb2 as pb
 from agent._proto import jobscheduler_pb2_grpc as pb_grpc
-from agent.access import AccessDenied, AccessRules
+from agent.access import AccessDenied, AccessRules, pattern_problem
 from agent.channel import reconnecting_channel_options
 from agent.client import AgentClientError, AsyncAgentClient, TLSFiles
 from agent.configfile import (
@@ -51,7 +51,7 @@ from agent.configfile import (
     split_host_port,
 )
 from agent.credentials import reloading_server_credentials
-from agent.tls import CertificateReloader, identity_from_cert
+from agent.tls import CertificateReloader, PeerCert, identity_from_cert
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +73,14 @@ class ServerSection:
 class AuthSection:
     """``[auth]``: who may do what."""
 
-    workers: list[str] = option([], "certificate identities allowed to register as workers")
-    users: list[str] = option([], "identities allowed to list workers and dispatch jobs")
+    workers: list[str] = option(
+        [],
+        "certificate identities allowed to register as workers: exact names, "
+        "*.dns.wildcards or spiffe://trust-domain/prefix/ (matched on SANs)",
+    )
+    users: list[str] = option(
+        [], "identities allowed to list workers and dispatch jobs (same patterns as workers)"
+    )
 
 
 @dataclass(frozen=True)
@@ -146,6 +152,11 @@ def load_config(path: str | Path) -> SchedulerConfig:
                 raise ConfigError(p, section, key, "required (the scheduler only speaks mTLS)")
     if not cfg.auth.workers:
         raise ConfigError(p, "auth", "workers", "no worker identity allowed: list at least one")
+    for key in ("workers", "users"):
+        for entry in getattr(cfg.auth, key):
+            problem = pattern_problem(entry)
+            if problem:
+                raise ConfigError(p, "auth", key, problem)
     if cfg.registry.expire_seconds <= cfg.registry.heartbeat_seconds:
         raise ConfigError(p, "registry", "expire_seconds", "must be longer than heartbeat_seconds")
     if cfg.legacy.addr:
@@ -279,16 +290,17 @@ class SchedulerService:
 
     # ---------------------------------------------------------- plumbing
 
-    def _identity(self, context: Any) -> str:
+    def _identity(self, context: Any) -> PeerCert:
         pems = context.auth_context().get("x509_pem_cert")
         if not pems:
             raise _Abort(grpc.StatusCode.UNAUTHENTICATED, "no verified client certificate")
         peer = identity_from_cert(pems[0])
         if peer.problem:
             raise _Abort(grpc.StatusCode.UNAUTHENTICATED, peer.problem)
-        return peer.identity
+        return peer
 
     def _require(self, context: Any, role: str) -> str:
+<<<<<<< HEAD
         """The caller's identity if the ``role`` list names it, else PERMISSION_DENIED."""
         if self.legacy:
             # The plaintext listener knows no identities: workers only.
@@ -299,8 +311,14 @@ class SchedulerService:
                 )
             return LEGACY_IDENTITY
         ident = self._identity(context)
+=======
+        """The caller's identity if the ``role`` list matches it, else PERMISSION_DENIED."""
+        peer = self._identity(context)
+        ident = peer.identity
+>>>>>>> h/fleet16
         try:
-            self.rules[role].caller(ident).may_act_as(role)
+            # Patterns (*.agents.example.com, spiffe://td/worker/) match the SANs.
+            self.rules[role].caller(ident, peer.sans).may_act_as(role)
         except AccessDenied as e:
             log.warning("refused %s %r from %s", role, ident, context.peer())
             raise _Abort(grpc.StatusCode.PERMISSION_DENIED, e.message) from None

@@ -1015,7 +1015,7 @@ def install_wheels(
     requirements: Sequence[str],
     *,
     wheelhouse: str = "/wheelhouse",
-    venv: str = "/opt/agent",
+    venv: str = "/opt/worker-agent",
     timeout: float = 600.0,
 ) -> CommandResult:
     """Create ``venv`` in the container (if absent) and pip-install from ``wheelhouse`` only.

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""A stand-in for the agent daemon, to prove systemd/agent.service under a real systemd.
+"""A stand-in for the agent daemon, to prove systemd/worker-agent.service under a real systemd.
 
 Standard library only.  Started as ``agent run --config FILE`` it behaves like
 the real agent towards systemd (Type=notify):
@@ -40,7 +40,7 @@ from typing import Any
 
 import tomllib
 
-STATE_DIR = os.environ.get("STATE_DIRECTORY", "/var/lib/agent").split(":")[0]
+STATE_DIR = os.environ.get("STATE_DIRECTORY", "/var/lib/worker-agent").split(":")[0]
 JOB_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": STATE_DIR}
 
 

@@ -1,8 +1,8 @@
-"""The real agent under a real systemd: systemd/agent.service exactly as shipped.
+"""The real agent under a real systemd: systemd/worker-agent.service exactly as shipped.
 
 One container is booted for the whole module (see nspawn.py).  The project is
-built into a wheel on the host, installed into /opt/agent inside, the unit, its
-sysusers and tmpfiles snippets are applied, and /etc/agent holds a config, a
+built into a wheel on the host, installed into /opt/worker-agent inside, the unit, its
+sysusers and tmpfiles snippets are applied, and /etc/worker-agent holds a config, a
 policy and certificates made by scripts/gen_certs.sh.  The test process drives
 systemd with systemctl inside the container and talks to the agent over mTLS
 from the host (the container shares the host's loopback).
@@ -40,12 +40,12 @@ pytestmark = pytest.mark.systemd
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-UNIT = REPO / "systemd" / "agent.service"
-SYSUSERS = REPO / "systemd" / "agent.sysusers"
-TMPFILES = REPO / "systemd" / "agent.tmpfiles"
-SERVICE = "agent.service"
+UNIT = REPO / "systemd" / "worker-agent.service"
+SYSUSERS = REPO / "systemd" / "worker-agent.sysusers"
+TMPFILES = REPO / "systemd" / "worker-agent.tmpfiles"
+SERVICE = "worker-agent.service"
 JOB_DIR = "/usr/local/lib/agent-jobs"
-CERT_DIR = "/etc/agent/certs"
+CERT_DIR = "/etc/worker-agent/certs"
 STOP_GRACE = 2.0
 OPEN_FILES = 1024
 
@@ -129,7 +129,7 @@ entries:
 
 
 def agent_config(port: int) -> str:
-    """/etc/agent/config.toml: mTLS on loopback, state and audit where the unit puts them."""
+    """/etc/worker-agent/config.toml: mTLS on loopback, state and audit where the unit puts them."""
     return to_toml(
         {
             "grpc_server": {
@@ -141,15 +141,19 @@ def agent_config(port: int) -> str:
             },
             "auth": {"clients": ["client"], "admins": ["admin"]},
             "jobs": {
-                "policy_file": "/etc/agent/policy.yaml",
-                "state_dir": "/var/lib/agent",
+                "policy_file": "/etc/worker-agent/policy.yaml",
+                "state_dir": "/var/lib/worker-agent",
                 "stop_grace_seconds": STOP_GRACE,
                 "max_running": 16,
             },
             "limits": {"default": {"open_files": OPEN_FILES}},
+<<<<<<< HEAD
             # The package's setting: no job cgroup, no start.
             "cgroups": {"mode": "required"},
             "audit": {"file": "/var/log/agent/audit.log"},
+=======
+            "audit": {"file": "/var/log/worker-agent/audit.log"},
+>>>>>>> h/fleet16
             "retention": {"sweep_seconds": 3600.0},
             "daemon": {"on_shutdown": "stop"},
         }
@@ -264,7 +268,7 @@ class Agent:
 
     def audit(self) -> list[dict[str, Any]]:
         """The agent's audit log, parsed."""
-        text = self.box.read_file("/var/log/agent/audit.log").decode()
+        text = self.box.read_file("/var/log/worker-agent/audit.log").decode()
         return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
@@ -276,19 +280,26 @@ def agent(container: nspawn.Container, certs: Certs, timings: Timings) -> Iterat
     nspawn.install_wheels(box, ["worker-agent"])
     timings.add("install_wheels", started)
     started = time.monotonic()
-    box.copy_in(UNIT, "/etc/systemd/system/agent.service")
-    box.copy_in(SYSUSERS, "/usr/lib/sysusers.d/agent.conf")
-    box.copy_in(TMPFILES, "/usr/lib/tmpfiles.d/agent.conf")
-    box.run("systemd-sysusers agent.conf && systemd-tmpfiles --create agent.conf", check=True)
+    box.copy_in(UNIT, "/etc/systemd/system/worker-agent.service")
+    box.copy_in(SYSUSERS, "/usr/lib/sysusers.d/worker-agent.conf")
+    box.copy_in(TMPFILES, "/usr/lib/tmpfiles.d/worker-agent.conf")
+    box.run(
+        "systemd-sysusers worker-agent.conf && systemd-tmpfiles --create worker-agent.conf",
+        check=True,
+    )
     for name, body in SCRIPTS.items():
         box.write_file(f"{JOB_DIR}/{name}", textwrap.dedent(body), mode=0o755, owner="root:root")
     box.run(["chmod", "0755", JOB_DIR], check=True)
     port = free_port()
-    box.write_file("/etc/agent/config.toml", agent_config(port), mode=0o640, owner="root:agent")
-    box.write_file("/etc/agent/policy.yaml", POLICY, mode=0o640, owner="root:agent")
+    box.write_file(
+        "/etc/worker-agent/config.toml", agent_config(port), mode=0o640, owner="root:worker-agent"
+    )
+    box.write_file("/etc/worker-agent/policy.yaml", POLICY, mode=0o640, owner="root:worker-agent")
     box.copy_in(certs.ca, f"{CERT_DIR}/ca.crt", owner="root:root", mode=0o644)
     box.copy_in(certs.crt("server"), f"{CERT_DIR}/server.crt", owner="root:root", mode=0o644)
-    box.copy_in(certs.key("server"), f"{CERT_DIR}/server.key", owner="agent:agent", mode=0o600)
+    box.copy_in(
+        certs.key("server"), f"{CERT_DIR}/server.key", owner="worker-agent:worker-agent", mode=0o600
+    )
     box.systemctl("daemon-reload").check("daemon-reload")
     timings.add("install_agent", started)
     installed = Agent(box, port, certs)
@@ -365,12 +376,12 @@ def utc_usec(text: str) -> datetime.datetime:
 
 
 def test_unit_verifies_with_the_real_binary(agent: Agent) -> None:
-    """systemd-analyze verify accepts the installed unit, /opt/agent/bin/agent being real."""
+    """systemd-analyze verify accepts the installed unit, /opt/worker-agent/bin/agent being real."""
     result = agent.box.run(
-        ["systemd-analyze", "verify", "--man=no", "/etc/systemd/system/agent.service"]
+        ["systemd-analyze", "verify", "--man=no", "/etc/systemd/system/worker-agent.service"]
     )
     assert result.rc == 0, result
-    assert "agent.service" not in result.stderr, result.stderr
+    assert "worker-agent.service" not in result.stderr, result.stderr
 
 
 def test_active_only_after_ready(agent: Agent, timings: Timings) -> None:
@@ -500,7 +511,12 @@ def test_reload_serves_rotated_certificate_and_keeps_jobs(
 
     # Replace the files (key first; a mismatched pair in between is rejected and
     # retried by the agent), with no new connection before the reload.
-    box.copy_in(rotated.key("server"), f"{CERT_DIR}/server.key", owner="agent:agent", mode=0o600)
+    box.copy_in(
+        rotated.key("server"),
+        f"{CERT_DIR}/server.key",
+        owner="worker-agent:worker-agent",
+        mode=0o600,
+    )
     box.copy_in(rotated.crt("server"), f"{CERT_DIR}/server.crt", owner="root:root", mode=0o644)
     started = time.monotonic()
     box.systemctl("reload", SERVICE).check("systemctl reload agent")
@@ -565,12 +581,12 @@ def test_stop_ends_jobs_gracefully_and_history_survives(running: Agent, timings:
     state = running.state("ActiveState", "SubState", "Result")
     assert state == {"ActiveState": "inactive", "SubState": "dead", "Result": "success"}, state
     assert took >= STOP_GRACE  # the TERM-ignoring job was only KILLed after the grace
-    leftovers = box.run(["pgrep", "-a", "-u", "agent"])
+    leftovers = box.run(["pgrep", "-a", "-u", "worker-agent"])
     assert leftovers.rc == 1, leftovers.stdout
     msgs = running.messages(invocation)
     assert any("shutting down (2 running job(s), on_shutdown = stop)" in m for m in msgs), msgs
     assert any(m.endswith("stopped") for m in msgs), msgs
-    assert "agent.service: Deactivated successfully." in msgs, msgs
+    assert "worker-agent.service: Deactivated successfully." in msgs, msgs
     assert [a for a in running.audit() if a["event"] == "agent_stop" and a["pid"] == main_pid]
     # Nothing was left for systemd's KillMode=mixed SIGKILL: the agent ended its jobs.
     assert not [m for m in msgs if "Killing process" in m or "remains running" in m], msgs
@@ -595,12 +611,12 @@ def test_stop_ends_jobs_gracefully_and_history_survives(running: Agent, timings:
 # -- 5. the sandbox, seen from a job ----------------------------------------------------
 
 
-DENIED = ("/etc", "/usr", JOB_DIR, "/opt/agent", "/home", "/root", "/var", "/srv", "/run")
-ALLOWED = ("/tmp", "/var/tmp", "/var/lib/agent")
+DENIED = ("/etc", "/usr", JOB_DIR, "/opt/worker-agent", "/home", "/root", "/var", "/srv", "/run")
+ALLOWED = ("/tmp", "/var/tmp", "/var/lib/worker-agent")
 
 
 def test_jobs_write_only_where_the_unit_allows(running: Agent) -> None:
-    """A job cannot write to /etc, /usr, /opt/agent, /home...; it can to /tmp and its state."""
+    """A job cannot write to /etc, /usr, /opt/worker-agent, /home...; it can to /tmp, its state."""
     client = running.client()
     jobs = {
         path: client.start("bash", f"{JOB_DIR}/write.sh", args=[path])
@@ -631,7 +647,7 @@ def test_jobs_run_as_agent_without_privileges(running: Agent) -> None:
     for line in output(client, job).splitlines():
         key, _, value = line.replace(":", "=", 1).partition("=")
         fields[key] = value.strip()
-    assert fields["user"] == "agent"
+    assert fields["user"] == "worker-agent"
     for cap in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
         assert int(fields[cap], 16) == 0, (cap, fields)
     assert fields["NoNewPrivs"] == "1"
@@ -645,6 +661,7 @@ def test_jobs_run_as_agent_without_privileges(running: Agent) -> None:
     assert int(own["CapEff"].strip(), 16) == 0
     assert own["NoNewPrivs"].strip() == "1"
     user = running.box.run(["ps", "-o", "user=", "-p", pid]).check("ps").stdout.strip()
+<<<<<<< HEAD
     assert user == "agent"
 
 
@@ -719,3 +736,6 @@ def test_limits_needing_missing_controllers_are_refused(running: Agent) -> None:
             continue
         with pytest.raises(FailedPrecondition, match=f"{name} needs the {controller} controller"):
             client.start("true", limits={name: value})
+=======
+    assert user == "worker-agent"
+>>>>>>> h/fleet16

@@ -1,7 +1,7 @@
-"""Self-test of the systemd tier: the container harness, and systemd/agent.service under it.
+"""Self-test of the systemd tier: the container harness, and systemd/worker-agent.service under it.
 
 One container is booted for the whole module; the stand-in agent
-(standin_agent.py) is installed in it as /opt/agent/bin/agent and driven over
+(standin_agent.py) is installed in it as /opt/worker-agent/bin/agent and driven over
 loopback TCP from this (host) process, which shares the container's network.
 The tests are ordered: the unit tests run the service through its life cycle.
 """
@@ -26,9 +26,9 @@ pytestmark = pytest.mark.systemd
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-UNIT = REPO / "systemd" / "agent.service"
-SYSUSERS = REPO / "systemd" / "agent.sysusers"
-TMPFILES = REPO / "systemd" / "agent.tmpfiles"
+UNIT = REPO / "systemd" / "worker-agent.service"
+SYSUSERS = REPO / "systemd" / "worker-agent.sysusers"
+TMPFILES = REPO / "systemd" / "worker-agent.tmpfiles"
 WHEELS = ("grpcio", "pyyaml")
 READY_DELAY = 2.0
 MAX_EXPOSURE = 2.0
@@ -84,13 +84,13 @@ class Agent:
         return self.ask({"op": "spawn", "argv": list(argv)})
 
     def state(self, *names: str) -> dict[str, str]:
-        """Return ``systemctl show`` properties of agent.service."""
-        return self.box.unit_properties("agent.service", *names)
+        """Return ``systemctl show`` properties of worker-agent.service."""
+        return self.box.unit_properties("worker-agent.service", *names)
 
     def start(self) -> None:
         """Start the unit (clearing a failed state first) and wait until it is active."""
-        self.box.systemctl("reset-failed", "agent.service")
-        self.box.systemctl("start", "agent.service").check("systemctl start agent")
+        self.box.systemctl("reset-failed", "worker-agent.service")
+        self.box.systemctl("start", "worker-agent.service").check("systemctl start agent")
         assert self.state()["ActiveState"] == "active"
 
 
@@ -103,18 +103,23 @@ def agent(container: nspawn.Container, timings: Timings) -> Agent:
     timings.add("install_wheels", started)
     started = time.monotonic()
     standin = (HERE / "standin_agent.py").read_text().split("\n", 1)[1]
-    # Like the real console script: the venv's python, so /opt/agent must stay executable.
-    box.write_file("/opt/agent/bin/agent", "#!/opt/agent/bin/python3\n" + standin, mode=0o755)
-    box.copy_in(UNIT, "/etc/systemd/system/agent.service")
-    box.copy_in(SYSUSERS, "/usr/lib/sysusers.d/agent.conf")
-    box.copy_in(TMPFILES, "/usr/lib/tmpfiles.d/agent.conf")
-    box.run("systemd-sysusers agent.conf && systemd-tmpfiles --create agent.conf", check=True)
+    # Like the real console script: the venv's python, so /opt/worker-agent must stay executable.
+    box.write_file(
+        "/opt/worker-agent/bin/agent", "#!/opt/worker-agent/bin/python3\n" + standin, mode=0o755
+    )
+    box.copy_in(UNIT, "/etc/systemd/system/worker-agent.service")
+    box.copy_in(SYSUSERS, "/usr/lib/sysusers.d/worker-agent.conf")
+    box.copy_in(TMPFILES, "/usr/lib/tmpfiles.d/worker-agent.conf")
+    box.run(
+        "systemd-sysusers worker-agent.conf && systemd-tmpfiles --create worker-agent.conf",
+        check=True,
+    )
     port = free_port()
     config = (
         f'[grpc_server]\naddr = "127.0.0.1:{port}"\n'
         f"[standin]\nready_delay = {READY_DELAY}\nstop_grace = 5\n"
     )
-    box.write_file("/etc/agent/config.toml", config, mode=0o640, owner="root:agent")
+    box.write_file("/etc/worker-agent/config.toml", config, mode=0o640, owner="root:worker-agent")
     box.systemctl("daemon-reload").check("daemon-reload")
     timings.add("install_agent", started)
     return Agent(box, port)
@@ -234,7 +239,7 @@ def test_failed_boot_raises_and_cleans_up(rootfs: Path) -> None:
 def test_wheels_install_without_an_index(agent: Agent) -> None:
     """Host-built cp311 wheels install into a venv in the container with --no-index."""
     probe = "import grpc, yaml; print(grpc.__version__, yaml.__version__)"
-    result = agent.box.run(["/opt/agent/bin/python", "-c", probe], check=True)
+    result = agent.box.run(["/opt/worker-agent/bin/python", "-c", probe], check=True)
     assert len(result.stdout.split()) == 2
 
 
@@ -242,18 +247,18 @@ def test_wheels_install_without_an_index(agent: Agent) -> None:
 
 
 def test_unit_verifies_in_container(agent: Agent) -> None:
-    """Verify passes where /opt/agent/bin/agent really exists."""
+    """Verify passes where /opt/worker-agent/bin/agent really exists."""
     result = agent.box.run(
-        ["systemd-analyze", "verify", "--man=no", "/etc/systemd/system/agent.service"]
+        ["systemd-analyze", "verify", "--man=no", "/etc/systemd/system/worker-agent.service"]
     )
     assert (result.rc, result.stderr) == (0, ""), result
 
 
 def test_active_only_after_ready(agent: Agent) -> None:
     """The unit stays activating until READY=1, then is active (Type=notify)."""
-    agent.box.systemctl("start", "--no-block", "agent.service").check("start")
+    agent.box.systemctl("start", "--no-block", "worker-agent.service").check("start")
     assert agent.state()["ActiveState"] == "activating"
-    state = agent.box.wait_unit("agent.service", ["active", "failed"], timeout=30)
+    state = agent.box.wait_unit("worker-agent.service", ["active", "failed"], timeout=30)
     assert state["ActiveState"] == "active", state
     status = agent.ask({"op": "status"})
     times = agent.state("ExecMainStartTimestampMonotonic", "ActiveEnterTimestampMonotonic")
@@ -266,33 +271,40 @@ def test_active_only_after_ready(agent: Agent) -> None:
 def test_agent_identity_directories_and_watchdog(agent: Agent) -> None:
     """The agent runs as user agent with its directories and the watchdog armed."""
     status = agent.ask({"op": "status"})
-    uid = int(agent.box.run(["id", "-u", "agent"], check=True).stdout)
+    uid = int(agent.box.run(["id", "-u", "worker-agent"], check=True).stdout)
     assert (status["uid"], status["gid"]) == (uid, uid)
-    assert status["state_directory"] == "/var/lib/agent"
-    assert status["logs_directory"] == "/var/log/agent"
-    assert status["configuration_directory"] == "/etc/agent"
+    assert status["state_directory"] == "/var/lib/worker-agent"
+    assert status["logs_directory"] == "/var/log/worker-agent"
+    assert status["configuration_directory"] == "/etc/worker-agent"
     assert status["watchdog_usec"] == "30000000"
     assert agent.state("WatchdogUSec")["WatchdogUSec"] == "30s"
     modes = agent.box.run(
-        ["stat", "-c", "%n %U %G %a", "/etc/agent", "/var/lib/agent", "/var/log/agent"]
+        [
+            "stat",
+            "-c",
+            "%n %U %G %a",
+            "/etc/worker-agent",
+            "/var/lib/worker-agent",
+            "/var/log/worker-agent",
+        ]
     )
     assert modes.stdout.splitlines() == [
-        "/etc/agent root agent 750",
-        "/var/lib/agent agent agent 750",
-        "/var/log/agent agent agent 750",
+        "/etc/worker-agent root worker-agent 750",
+        "/var/lib/worker-agent worker-agent worker-agent 750",
+        "/var/log/worker-agent worker-agent worker-agent 750",
     ]
 
 
 def test_reload_sends_sighup_and_stays_active(agent: Agent) -> None:
     """Reload reaches the agent (RELOADING=1 ... READY=1) and the unit stays active."""
-    agent.box.systemctl("reload", "agent.service").check("reload")
+    agent.box.systemctl("reload", "worker-agent.service").check("reload")
     # systemd 252 ends the reload job when `kill -HUP` exits, not when the agent
     # has reloaded (that needs Type=notify-reload, systemd >= 253): poll.
     deadline = time.monotonic() + 10
     while agent.ask({"op": "status"})["reloads"] < 1:
         assert time.monotonic() < deadline, "SIGHUP never reached the agent"
         time.sleep(0.05)
-    state = agent.box.wait_unit("agent.service", ["active"], timeout=10)
+    state = agent.box.wait_unit("worker-agent.service", ["active"], timeout=10)
     assert state["SubState"] == "running"
     assert agent.state("ReloadResult") == {"ReloadResult": "success"}
 
@@ -303,7 +315,7 @@ def test_reload_sends_sighup_and_stays_active(agent: Agent) -> None:
         "/etc/probe",
         "/usr/probe",
         "/usr/local/bin/probe",
-        "/opt/agent/probe",
+        "/opt/worker-agent/probe",
         "/var/probe",
         "/var/cache/probe",
         "/root/probe",
@@ -313,13 +325,15 @@ def test_reload_sends_sighup_and_stays_active(agent: Agent) -> None:
     ],
 )
 def test_jobs_cannot_write_outside_state_and_tmp(agent: Agent, path: str) -> None:
-    """A job fails to create a file anywhere but /var/lib/agent, /var/log/agent and /tmp."""
+    """A job can create files only in /var/lib/worker-agent, /var/log/worker-agent and /tmp."""
     result = agent.job("bash", "-c", f"echo x > {shlex.quote(path)}")
     assert result["rc"] != 0, result
     assert agent.box.run(["test", "-e", path]).rc != 0
 
 
-@pytest.mark.parametrize("path", ["$SCRATCH/out", "/var/lib/agent/out", "/tmp/out", "/var/tmp/out"])
+@pytest.mark.parametrize(
+    "path", ["$SCRATCH/out", "/var/lib/worker-agent/out", "/tmp/out", "/var/tmp/out"]
+)
 def test_jobs_can_write_scratch_and_tmp(agent: Agent, path: str) -> None:
     """A job can write its scratch directory, the state directory and the private /tmp."""
     result = agent.job("bash", "-c", f'echo x > "{path}" && cat "{path}"')
@@ -352,7 +366,7 @@ def test_jobs_lead_their_own_session(agent: Agent) -> None:
 
 
 @pytest.mark.parametrize(
-    "directory", ["/tmp", "/var/tmp", "/dev/shm", "$SCRATCH", "/var/lib/agent"]
+    "directory", ["/tmp", "/var/tmp", "/dev/shm", "$SCRATCH", "/var/lib/worker-agent"]
 )
 def test_jobs_cannot_exec_files_they_wrote(agent: Agent, directory: str) -> None:
     """A binary copied to a writable place cannot be executed (NoExecPaths=)."""
@@ -389,7 +403,7 @@ def test_grpc_and_ctypes_work_under_memory_deny_write_execute(agent: Agent) -> N
         "callback = ctypes.CFUNCTYPE(ctypes.c_int)(lambda: 7)\n"
         "print(port > 0, callback())\n"
     )
-    result = agent.job("/opt/agent/bin/python", "-c", probe)
+    result = agent.job("/opt/worker-agent/bin/python", "-c", probe)
     assert result["stdout"] == "True 7\n", result
 
 
@@ -413,19 +427,19 @@ def test_agent_can_kill_its_own_job_group(agent: Agent) -> None:
 def test_stop_ends_inactive_and_reaps_jobs(agent: Agent) -> None:
     """SIGTERM: the agent stops its jobs and exits 0, the unit ends inactive, not failed."""
     agent.ask({"op": "spawn_bg", "argv": ["bash", "-c", "sleep 300 & sleep 301; wait"]})
-    assert agent.box.run(["pgrep", "-u", "agent", "sleep"]).rc == 0
-    agent.box.systemctl("stop", "agent.service").check("stop")
+    assert agent.box.run(["pgrep", "-u", "worker-agent", "sleep"]).rc == 0
+    agent.box.systemctl("stop", "worker-agent.service").check("stop")
     assert agent.state() == {"ActiveState": "inactive", "SubState": "dead", "Result": "success"}
-    assert agent.box.run(["pgrep", "-u", "agent"]).rc == 1
+    assert agent.box.run(["pgrep", "-u", "worker-agent"]).rc == 1
 
 
 def test_crash_is_restarted(agent: Agent) -> None:
     """A killed agent is restarted (Restart=on-failure) after RestartSec."""
     agent.start()
-    agent.box.systemctl("kill", "--signal=KILL", "agent.service").check("kill")
-    state = agent.box.wait_unit("agent.service", ["activating", "failed"], timeout=10)
+    agent.box.systemctl("kill", "--signal=KILL", "worker-agent.service").check("kill")
+    state = agent.box.wait_unit("worker-agent.service", ["activating", "failed"], timeout=10)
     assert state["SubState"] == "auto-restart", state
-    agent.box.wait_unit("agent.service", ["active", "failed"], timeout=30)
+    agent.box.wait_unit("worker-agent.service", ["active", "failed"], timeout=30)
     assert agent.state("ActiveState", "NRestarts") == {"ActiveState": "active", "NRestarts": "1"}
 
 
@@ -433,13 +447,13 @@ def test_exit_status_2_is_not_restarted(agent: Agent) -> None:
     """Exit 2 (invalid configuration) fails the unit without a restart loop."""
     with pytest.raises((ConnectionError, json.JSONDecodeError)):
         agent.ask({"op": "exit", "code": 2}, timeout=5)
-    state = agent.box.wait_unit("agent.service", ["failed", "inactive"], timeout=10)
+    state = agent.box.wait_unit("worker-agent.service", ["failed", "inactive"], timeout=10)
     assert (state["SubState"], state["Result"]) == ("failed", "exit-code"), state
 
 
 def test_ip_address_deny_is_enforced(agent: Agent) -> None:
     """IPAddressDeny=any holds: with the allow list narrowed to 127.0.0.1, 127.0.0.2 is refused."""
-    dropin = "/run/systemd/system/agent.service.d/narrow.conf"
+    dropin = "/run/systemd/system/worker-agent.service.d/narrow.conf"
     agent.box.write_file(dropin, "[Service]\nIPAddressAllow=\nIPAddressAllow=127.0.0.1\n")
     agent.box.systemctl("daemon-reload").check("daemon-reload")
     try:
@@ -453,6 +467,6 @@ def test_ip_address_deny_is_enforced(agent: Agent) -> None:
         )
         assert agent.job("python3", "-c", probe)["stdout"] == "127.0.0.1 sent\n127.0.0.2 denied\n"
     finally:
-        agent.box.systemctl("stop", "agent.service")
+        agent.box.systemctl("stop", "worker-agent.service")
         agent.box.run(["rm", "-f", dropin])
         agent.box.systemctl("daemon-reload")
