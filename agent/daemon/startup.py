@@ -21,11 +21,8 @@ from pathlib import Path
 
 from agent import tls, x509
 from agent.configfile import ConfigError, is_loopback_host, split_host_port
-<<<<<<< HEAD
-from agent.daemon import cgroups
-=======
 from agent.crl import CRLError, RevocationChecker
->>>>>>> h/fleet16
+from agent.daemon import cgroups
 from agent.daemon import policy as policy_mod
 from agent.daemon.config import Config
 from agent.daemon.supervisor import CGROUP_LIMITS, JobUser, instance_id
@@ -45,17 +42,14 @@ class Prepared:
     scheduler_ca: bytes | None
     job_user: JobUser
     warnings: tuple[str, ...]
-<<<<<<< HEAD
     # The job cgroup subtree (None: jobs run without cgroups) and whether the
     # agent made it (then it removes it at shutdown; a delegated one stays).
     cgroups: cgroups.Subtree | None = None
     cgroups_owned: bool = False
-=======
     # Every loaded certificate and when it expires (warnings, a metric).
     certificates: tuple[tls.CertExpiry, ...] = ()
     # [auth] crl_files, loaded and verified (None: no CRL configured).
     revocation: RevocationChecker | None = None
->>>>>>> h/fleet16
 
 
 def _err(cfg: Config, section: str, key: str, msg: str) -> ConfigError:
@@ -332,13 +326,10 @@ def prepare(cfg: Config, *, create_dirs: bool = True) -> Prepared:
         scheduler_ca=scheduler_ca,
         job_user=job_user,
         warnings=tuple(warnings),
-<<<<<<< HEAD
         cgroups=subtree,
         cgroups_owned=owned,
-=======
         certificates=tuple(certificates),
         revocation=revocation,
->>>>>>> h/fleet16
     )
 
 

@@ -300,8 +300,7 @@ class SchedulerService:
         return peer
 
     def _require(self, context: Any, role: str) -> str:
-<<<<<<< HEAD
-        """The caller's identity if the ``role`` list names it, else PERMISSION_DENIED."""
+        """The caller's identity if the ``role`` list matches it, else PERMISSION_DENIED."""
         if self.legacy:
             # The plaintext listener knows no identities: workers only.
             if role != "worker":
@@ -310,12 +309,8 @@ class SchedulerService:
                     "the legacy (plaintext) listener serves workers only: use the mTLS one",
                 )
             return LEGACY_IDENTITY
-        ident = self._identity(context)
-=======
-        """The caller's identity if the ``role`` list matches it, else PERMISSION_DENIED."""
         peer = self._identity(context)
         ident = peer.identity
->>>>>>> h/fleet16
         try:
             # Patterns (*.agents.example.com, spiffe://td/worker/) match the SANs.
             self.rules[role].caller(ident, peer.sans).may_act_as(role)

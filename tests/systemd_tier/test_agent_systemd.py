@@ -147,13 +147,9 @@ def agent_config(port: int) -> str:
                 "max_running": 16,
             },
             "limits": {"default": {"open_files": OPEN_FILES}},
-<<<<<<< HEAD
             # The package's setting: no job cgroup, no start.
             "cgroups": {"mode": "required"},
-            "audit": {"file": "/var/log/agent/audit.log"},
-=======
             "audit": {"file": "/var/log/worker-agent/audit.log"},
->>>>>>> h/fleet16
             "retention": {"sweep_seconds": 3600.0},
             "daemon": {"on_shutdown": "stop"},
         }
@@ -661,8 +657,7 @@ def test_jobs_run_as_agent_without_privileges(running: Agent) -> None:
     assert int(own["CapEff"].strip(), 16) == 0
     assert own["NoNewPrivs"].strip() == "1"
     user = running.box.run(["ps", "-o", "user=", "-p", pid]).check("ps").stdout.strip()
-<<<<<<< HEAD
-    assert user == "agent"
+    assert user == "worker-agent"
 
 
 # -- 6. job cgroups under the shipped unit (Delegate=yes) -----------------------------------
@@ -736,6 +731,3 @@ def test_limits_needing_missing_controllers_are_refused(running: Agent) -> None:
             continue
         with pytest.raises(FailedPrecondition, match=f"{name} needs the {controller} controller"):
             client.start("true", limits={name: value})
-=======
-    assert user == "worker-agent"
->>>>>>> h/fleet16
