@@ -101,6 +101,10 @@ class WorkerService:
         self.access = access
         self.log_reads = log_reads
 
+    def set_access(self, access: AccessRules) -> None:
+        """Decide every call from now on with ``access`` (``[auth]`` reloaded by SIGHUP)."""
+        self.access = access
+
     # ------------------------------------------------------------ plumbing
 
     def identify(self, context: grpc.aio.ServicerContext) -> str:
