@@ -41,8 +41,8 @@ from prometheus_client.registry import Collector
 from agent import x509
 from agent.configfile import split_host_port
 from agent.daemon import policy as policy_mod
-from agent.daemon.audit import AuditLog
 from agent.daemon.admission import StartRequest
+from agent.daemon.audit import AuditLog
 from agent.daemon.config import Metrics as MetricsConfig
 from agent.daemon.history import JobRecord
 from agent.daemon.supervisor import Supervisor
@@ -89,7 +89,11 @@ class CertificateSource:
                 # A chain file: only the leaf matters; a CA bundle: every CA.
                 for der in ders if name == "ca" else ders[:1]:
                     c = x509.parse_certificate(der)
-                    yield name, c.subject, c.not_after.replace(tzinfo=datetime.timezone.utc).timestamp()
+                    yield (
+                        name,
+                        c.subject,
+                        c.not_after.replace(tzinfo=datetime.timezone.utc).timestamp(),
+                    )
             except (x509.DERError, OSError):
                 continue
 
@@ -124,7 +128,7 @@ class AgentMetrics:
     def __init__(self) -> None:
         # No "_created" series: a process-wide switch, and this process has
         # no other metrics.
-        disable_created_metrics()
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         r = self.registry = CollectorRegistry()
         p = PREFIX
         self.jobs_started = Counter(
@@ -150,7 +154,9 @@ class AgentMetrics:
             registry=r,
         )
         self.rpcs = Counter(
-            f"{p}_rpcs_total", "RPCs handled, by method and status code", ["method", "code"],
+            f"{p}_rpcs_total",
+            "RPCs handled, by method and status code",
+            ["method", "code"],
             registry=r,
         )
         self.rpc_duration = Histogram(
@@ -167,7 +173,9 @@ class AgentMetrics:
             f"{p}_stream_followers", "Output streams being served now", registry=r
         )
         self.policy_reloads = Counter(
-            f"{p}_policy_reloads_total", "Policy reloads, by result (ok, error)", ["result"],
+            f"{p}_policy_reloads_total",
+            "Policy reloads, by result (ok, error)",
+            ["result"],
             registry=r,
         )
         self.certificate_reloads = Counter(
@@ -282,11 +290,11 @@ def _code_name(context: Any, failed: BaseException | None) -> str:
     except Exception:
         code = None
     if isinstance(code, grpc.StatusCode):
-        return code.name
+        return str(code.name)
     if isinstance(code, int):
         for c in grpc.StatusCode:
             if c.value[0] == code:
-                return c.name
+                return str(c.name)
     if failed is None:
         return "OK"
     if isinstance(failed, (GeneratorExit, asyncio.CancelledError)):
@@ -346,7 +354,9 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 break
             if inspect.isasyncgenfunction(inner_s):
 
-                async def gen(request: Any, context: Any, inner: Any = inner_s) -> AsyncIterator[Any]:
+                async def gen(
+                    request: Any, context: Any, inner: Any = inner_s
+                ) -> AsyncIterator[Any]:
                     t0 = time.monotonic()
                     failed: BaseException | None = None
                     if streaming_output:

@@ -27,23 +27,23 @@ from grpc_reflection.v1alpha import reflection
 from agent.access import AccessDenied, AccessRules
 from agent.configfile import ConfigError
 from agent.credentials import reloading_server_credentials
+from agent.daemon import config as config_mod
 from agent.daemon import policy as policy_mod
 from agent.daemon import retention
 from agent.daemon.admission import Rules
 from agent.daemon.audit import AuditLog
-from agent.daemon import config as config_mod
 from agent.daemon.config import Config
 from agent.daemon.errors import AgentError
 from agent.daemon.history import History, Store
 from agent.daemon.lockfile import LockFile
-from agent.daemon.retention import Sweeper
-from agent.daemon.sdnotify import Notifier, watchdog_interval
 from agent.daemon.metrics import (
     AgentMetrics,
     MeteredAuditLog,
     MeteredSupervisor,
     RpcMetricsInterceptor,
 )
+from agent.daemon.retention import Sweeper
+from agent.daemon.sdnotify import Notifier, watchdog_interval
 from agent.daemon.service import STATUS, WorkerService
 from agent.daemon.spawn import SpawnerOps
 from agent.daemon.startup import Prepared, job_reader
@@ -151,7 +151,7 @@ class AgentServer:
         self.reload_requested = asyncio.Event()
         self._sigint_count = 0
         self.server: grpc.aio.Server | None = None
-        self.jobs: Supervisor | None = None
+        self.jobs: MeteredSupervisor | None = None
         self.sweeper: Sweeper | None = None
         self.audit: AuditLog | None = None
         self.reloader: CertificateReloader | None = None
@@ -316,9 +316,7 @@ class AgentServer:
         m, cfg = self.metrics, self.config
         jobs = self.jobs
         m.running = lambda: len(jobs.running) if jobs else 0
-        m.ready = lambda: bool(
-            self.server is not None and jobs is not None and jobs.accepting
-        )
+        m.ready = lambda: bool(self.server is not None and jobs is not None and jobs.accepting)
         reloader = self.reloader
         if reloader is not None:
             m.certificates.add("server", lambda: reloader.state.pair.cert_pem)
