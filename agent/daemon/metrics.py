@@ -203,19 +203,20 @@ class AgentMetrics:
         """A start returned ``rec`` after ``seconds``."""
         entry = entry_of(policy, rec)
         self.jobs_started.labels(entry=entry).inc()
-        if rec.state is JobState.RUNNING:
+        if rec.pid:  # a process was spawned (pid 0: the start failed)
             self.spawn_latency.observe(seconds)
+        if rec.state is JobState.RUNNING:
             self._entries[rec.id] = entry
-        else:  # could not start: it has finished already
+        else:
+            # Could not start, or already over: on_finish ran before this
+            # (it found no entry and left the counting to here).
             self._finished(rec, entry)
 
     def job_finished(self, rec: JobRecord, policy: policy_mod.Policy) -> None:
         """The supervisor's on_finish: ``rec`` reached its final state."""
         entry = self._entries.pop(rec.id, None)
-        if entry is None:
-            # A start failure is counted by job_started (which sees it after this).
-            return
-        self._finished(rec, entry)
+        if entry is not None:
+            self._finished(rec, entry)
 
     def _finished(self, rec: JobRecord, entry: str) -> None:
         self.jobs_finished.labels(state=rec.state.name, entry=entry).inc()
