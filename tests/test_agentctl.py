@@ -219,7 +219,9 @@ def test_list_has_a_header_and_shows_arguments(
     agent: AgentProcess, script_dir: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
     """agentctl list prints a header row, then each job with its arguments."""
-    assert main([*flags(agent), "start", "--wait", "bash", str(script_dir / "hello.sh"), "a b"]) == 0
+    assert (
+        main([*flags(agent), "start", "--wait", "bash", str(script_dir / "hello.sh"), "a b"]) == 0
+    )
     capfd.readouterr()
     assert main([*flags(agent), "list"]) == 0
     out = capfd.readouterr().out.splitlines()
@@ -271,12 +273,12 @@ def test_config_search_order(
     assert main(["list"]) == 2
     assert f"{user_cfg}: [agentctl] unknown key(s): bogus" in capfd.readouterr().err
     # ./agentctl.toml comes first
-    (tmp_path / "agentctl.toml").write_text('[agentctl]\nnope = 1\n')
+    (tmp_path / "agentctl.toml").write_text("[agentctl]\nnope = 1\n")
     assert main(["list"]) == 2
     assert "agentctl.toml: [agentctl] unknown key(s): nope" in capfd.readouterr().err
     # $AGENTCTL_CONFIG before that, --config before everything
     env_cfg = tmp_path / "env.toml"
-    env_cfg.write_text('[agentctl]\nenvkey = 1\n')
+    env_cfg.write_text("[agentctl]\nenvkey = 1\n")
     monkeypatch.setenv("AGENTCTL_CONFIG", str(env_cfg))
     assert main(["list"]) == 2
     assert "envkey" in capfd.readouterr().err

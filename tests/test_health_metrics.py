@@ -14,7 +14,7 @@ from agent.client import PermissionDenied
 from agent.configfile import ConfigError
 from agent.daemon.config import parse
 
-from helpers import AgentFactory, Certs, SchedulerProcess, free_port
+from helpers import AgentFactory, Certs, SchedulerProcess, free_port, wait_for
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 BASE = (
@@ -88,7 +88,7 @@ def test_scheduler_health_and_reflection(tmp_path: Path, certs: Certs) -> None:
 
 
 def _scrape(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:  # noqa: S310
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
         return str(r.read().decode())
 
 
@@ -109,7 +109,14 @@ def test_metrics_endpoint_after_jobs(make_agent: AgentFactory, script_dir: Path)
         assert c.wait(job, timeout=20).state == "SUCCEEDED"
     with pytest.raises(PermissionDenied):
         c.start("/bin/sh", "-c")
-    text = _scrape(port)
+    denied = 'agent_rpcs_total{code="PERMISSION_DENIED",method="/jobscheduler.Worker/StartJob"}'
+
+    # The status reaches the client as the handler ends: the count follows a moment later.
+    def scraped() -> str | None:
+        t = _scrape(port)
+        return t if denied + " " in t else None
+
+    text = wait_for(scraped)
     started = [ln for ln in text.splitlines() if ln.startswith("agent_jobs_started_total{")]
     assert started and sum(float(ln.split()[-1]) for ln in started) == 2
     assert any(
@@ -119,10 +126,7 @@ def test_metrics_endpoint_after_jobs(make_agent: AgentFactory, script_dir: Path)
     assert _value(text, "agent_jobs_running") == 0
     assert _value(text, "agent_ready") == 1
     assert _value(text, "agent_spawn_latency_seconds_count") == 2
-    assert (
-        _value(text, 'agent_rpcs_total{code="PERMISSION_DENIED",method="/jobscheduler.Worker/StartJob"}')
-        == 1
-    )
+    assert _value(text, denied) == 1
     assert _value(text, 'agent_refusals_total{rule="command-not-allowed"}') == 1
     assert "agent_job_duration_seconds_bucket" in text
     assert "agent_rpc_duration_seconds_bucket" in text
@@ -130,7 +134,9 @@ def test_metrics_endpoint_after_jobs(make_agent: AgentFactory, script_dir: Path)
     assert 'agent_policy_reloads_total{result="ok"}' in text
     assert 'agent_certificate_reloads_total{result="error"}' in text
     server = [
-        ln for ln in text.splitlines() if ln.startswith('agent_certificate_expiry_seconds{cert="server"')
+        ln
+        for ln in text.splitlines()
+        if ln.startswith('agent_certificate_expiry_seconds{cert="server"')
     ]
     assert server and float(server[0].split()[-1]) > 0
     assert 'agent_certificate_expiry_seconds{cert="ca"' in text
@@ -149,3 +155,24 @@ def test_metrics_are_off_by_default(tmp_path: Path) -> None:
     """Without [metrics] enabled = true no listener is configured."""
     cfg = parse(BASE, tmp_path / "config.toml")
     assert cfg.metrics.enabled is False and cfg.metrics.addr == "127.0.0.1:9464"
+
+
+def test_dashboard_and_alerts_use_only_real_metrics() -> None:
+    """Every agent_* name in the shipped Grafana dashboard and alert rules exists."""
+    import re
+
+    from agent.daemon.metrics import AgentMetrics
+
+    repo = Path(__file__).resolve().parent.parent
+    if not (repo / "examples").is_dir():
+        pytest.skip("not a source checkout")
+    names: set[str] = set()
+    for fam in AgentMetrics().registry.collect():
+        names |= {s.name for s in fam.samples} | {fam.name}
+        if fam.type == "counter":
+            names.add(fam.name + "_total")
+        if fam.type == "histogram":
+            names |= {fam.name + x for x in ("_bucket", "_count", "_sum")}
+    for f in ("grafana-dashboard.json", "prometheus-alerts.yaml"):
+        used = set(re.findall(r"\bagent_[a-z_]+", (repo / "examples" / f).read_text()))
+        assert used and used <= names, (f, used - names)

@@ -11,8 +11,8 @@ import pytest
 
 from agent.daemon.cli import (
     JournalFormatter,
-    JsonFormatter,
     JournalJsonFormatter,
+    JsonFormatter,
     stderr_is_journal,
 )
 
@@ -30,15 +30,22 @@ def test_journal_stream_is_recognised_by_device_and_inode(tmp_path: Path) -> Non
         st = os.fstat(fh.fileno())
         env = {"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}
         assert stderr_is_journal(env, fh.fileno())
-        assert not stderr_is_journal({"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino + 1}"}, fh.fileno())
+        assert not stderr_is_journal(
+            {"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino + 1}"}, fh.fileno()
+        )
         assert not stderr_is_journal({}, fh.fileno())
         assert not stderr_is_journal({"JOURNAL_STREAM": "garbage"}, fh.fileno())
 
 
 @pytest.mark.parametrize(
     ("level", "prio"),
-    [(logging.DEBUG, 7), (logging.INFO, 6), (logging.WARNING, 4), (logging.ERROR, 3),
-     (logging.CRITICAL, 2)],
+    [
+        (logging.DEBUG, 7),
+        (logging.INFO, 6),
+        (logging.WARNING, 4),
+        (logging.ERROR, 3),
+        (logging.CRITICAL, 2),
+    ],
 )
 def test_journal_lines_carry_the_syslog_priority(level: int, prio: int) -> None:
     """Every line starts with <priority>, so journalctl -p filters by level."""
@@ -48,7 +55,7 @@ def test_journal_lines_carry_the_syslog_priority(level: int, prio: int) -> None:
 
 def test_json_lines_for_log_shippers() -> None:
     """format = "json": one object per line with time, level, logger, message, pid."""
-    out = JsonFormatter().format(_record(logging.ERROR, "disk full: %s" % "/var"))
+    out = JsonFormatter().format(_record(logging.ERROR, "disk full: /var"))
     obj = json.loads(out)
     assert obj["level"] == "error" and obj["logger"] == "agent.x"
     assert obj["message"] == "disk full: /var" and obj["pid"] == os.getpid()

@@ -1081,8 +1081,7 @@ def test_sticky_ancestor_owned_by_an_untrusted_user_is_refused(sticky_dir: Path)
 def _policy_with_script_location(loc: Path) -> Path:
     p = loc.parent / "policy.yaml"
     p.write_text(
-        "version: 1\nentries:\n  - name: scripts\n    command: /bin/bash\n"
-        f"    scripts: ['{loc}']\n"
+        f"version: 1\nentries:\n  - name: scripts\n    command: /bin/bash\n    scripts: ['{loc}']\n"
     )
     return p
 

@@ -133,9 +133,10 @@ def _clean_env(env: dict[str, str] | None) -> dict[str, str] | None:
         return None
     # The new user's shell does not run inside this test's virtual environment.
     out = {k: v for k, v in env.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")}
-    out["PATH"] = ":".join(
-        p for p in out.get("PATH", "").split(":") if "venv" not in p and ".pyenv" not in p
-    ) or "/usr/bin:/bin"
+    out["PATH"] = (
+        ":".join(p for p in out.get("PATH", "").split(":") if "venv" not in p and ".pyenv" not in p)
+        or "/usr/bin:/bin"
+    )
     return out
 
 

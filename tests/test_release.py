@@ -40,7 +40,10 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     names = []
     # One build per process: setuptools keeps state between the two hooks.
     for hook in ("build_sdist", "build_wheel"):
-        code = f"import sys; from setuptools import build_meta as b; print('BUILT', b.{hook}(sys.argv[1]))"
+        code = (
+            "import sys; from setuptools import build_meta as b; "
+            f"print('BUILT', b.{hook}(sys.argv[1]))"
+        )
         r = subprocess.run(
             [sys.executable, "-c", code, str(out)], cwd=src, capture_output=True, text=True
         )
@@ -84,9 +87,10 @@ def test_wheel_ships_the_proto_and_the_license(built: tuple[Path, Path]) -> None
     with zipfile.ZipFile(built[1]) as z:
         names = set(z.namelist())
         assert "agent/_proto/jobscheduler.proto" in names
-        assert z.read("agent/_proto/jobscheduler.proto") == (
-            REPO / "proto" / "jobscheduler.proto"
-        ).read_bytes()
+        assert (
+            z.read("agent/_proto/jobscheduler.proto")
+            == (REPO / "proto" / "jobscheduler.proto").read_bytes()
+        )
         assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names), sorted(names)
         meta = next(n for n in names if n.endswith(".dist-info/METADATA"))
         text = z.read(meta).decode()

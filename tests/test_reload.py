@@ -14,9 +14,7 @@ from helpers import AgentFactory, AgentProcess, default_config, wait_for
 
 
 def _rewrite(a: AgentProcess, **sections: dict[str, object]) -> None:
-    a.config_path.write_text(
-        default_config(a.addr, a.certs, a.policy_path, a.state, **sections)  # type: ignore[arg-type]
-    )
+    a.config_path.write_text(default_config(a.addr, a.certs, a.policy_path, a.state, **sections))
 
 
 def _hup(a: AgentProcess, marker: str) -> None:
@@ -93,3 +91,20 @@ def test_port_in_use_is_reported_first(make_agent: AgentFactory) -> None:
     assert log.index("port?") > first_error
     assert "shutting down" not in log[:first_error]
     assert log.index("stopped") > first_error
+
+
+def test_jobs_stopped_by_shutdown_say_so_in_the_audit_log(
+    make_agent: AgentFactory, script_dir: Path
+) -> None:
+    """A job ended by the agent's shutdown is 'stopped by agent shutdown' in the audit log,
+    and one stopped by StopJob is 'stopped by request'."""
+    a = make_agent()
+    c = a.client()
+    by_op = c.start("bash", str(script_dir / "sleep.sh"), args=["30"])
+    by_shutdown = c.start("bash", str(script_dir / "sleep.sh"), args=["30"])
+    c.stop(by_op)
+    c.wait(by_op, timeout=20)
+    a.stop()
+    ends = {e["job_id"]: e for e in a.audit_lines() if e["event"] == "job_end"}
+    assert ends[by_shutdown]["reason"].startswith("stopped by agent shutdown")
+    assert ends[by_op]["reason"].startswith("stopped by request")

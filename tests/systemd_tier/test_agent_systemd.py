@@ -630,3 +630,54 @@ def test_jobs_run_as_agent_without_privileges(running: Agent) -> None:
     assert own["NoNewPrivs"].strip() == "1"
     user = running.box.run(["ps", "-o", "user=", "-p", pid]).check("ps").stdout.strip()
     assert user == "agent"
+
+
+# -- journald priorities -----------------------------------------------------------------
+
+
+def test_journalctl_priority_filter_shows_only_the_agents_errors(running: Agent) -> None:
+    """The agent's lines carry syslog priorities: journalctl -p err shows its errors only."""
+    box = running.box
+    inv = running.state("InvocationID")["InvocationID"]
+    box.write_file(
+        "/etc/agent/policy.yaml", "version: 1\nentries: [", mode=0o640, owner="root:agent"
+    )
+    try:
+        box.systemctl("reload", SERVICE).check("systemctl reload agent")
+        poll(
+            "the rejected reload in the journal",
+            lambda: any("policy reload rejected" in m for m in running.messages(inv)),
+        )
+    finally:
+        box.write_file("/etc/agent/policy.yaml", POLICY, mode=0o640, owner="root:agent")
+        box.systemctl("reload", SERVICE).check("systemctl reload agent")
+    errors = box.run(
+        [
+            "journalctl",
+            "--no-pager",
+            "-o",
+            "cat",
+            "-p",
+            "err",
+            "-u",
+            SERVICE,
+            f"_SYSTEMD_INVOCATION_ID={inv}",
+        ]
+    ).stdout
+    assert "policy reload rejected" in errors, errors
+    assert "listening on" not in errors and "reloading (SIGHUP)" not in errors, errors
+    assert not any(line.startswith("<") for line in errors.splitlines()), errors
+    info = box.run(
+        [
+            "journalctl",
+            "--no-pager",
+            "-o",
+            "cat",
+            "-p",
+            "info",
+            "-u",
+            SERVICE,
+            f"_SYSTEMD_INVOCATION_ID={inv}",
+        ]
+    ).stdout
+    assert "reloading (SIGHUP)" in info, info
