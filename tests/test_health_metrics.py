@@ -176,3 +176,29 @@ def test_dashboard_and_alerts_use_only_real_metrics() -> None:
     for f in ("grafana-dashboard.json", "prometheus-alerts.yaml"):
         used = set(re.findall(r"\bagent_[a-z_]+", (repo / "examples" / f).read_text()))
         assert used and used <= names, (f, used - names)
+
+
+def test_metrics_over_tls_with_client_certificates(make_agent: AgentFactory, certs: Certs) -> None:
+    """[metrics] with crt_file/key_file/ca_file serves HTTPS and requires a client certificate."""
+    import ssl
+
+    port = free_port()
+    make_agent(
+        metrics={
+            "enabled": True,
+            "addr": f"127.0.0.1:{port}",
+            "crt_file": str(certs.crt("server")),
+            "key_file": str(certs.key("server")),
+            "ca_file": str(certs.ca),
+        }
+    )
+    ctx = ssl.create_default_context(cafile=str(certs.ca))
+    ctx.check_hostname = False
+    ctx.load_cert_chain(str(certs.crt("client")), str(certs.key("client")))
+    url = f"https://127.0.0.1:{port}/metrics"
+    with urllib.request.urlopen(url, context=ctx, timeout=5) as r:  # noqa: S310
+        assert b"agent_ready 1.0" in r.read()
+    bare = ssl.create_default_context(cafile=str(certs.ca))
+    bare.check_hostname = False
+    with pytest.raises((ssl.SSLError, OSError)):
+        urllib.request.urlopen(url, context=bare, timeout=5).read()  # noqa: S310
