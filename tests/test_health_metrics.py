@@ -196,9 +196,9 @@ def test_metrics_over_tls_with_client_certificates(make_agent: AgentFactory, cer
     ctx.check_hostname = False
     ctx.load_cert_chain(str(certs.crt("client")), str(certs.key("client")))
     url = f"https://127.0.0.1:{port}/metrics"
-    with urllib.request.urlopen(url, context=ctx, timeout=5) as r:  # noqa: S310
+    with urllib.request.urlopen(url, context=ctx, timeout=5) as r:
         assert b"agent_ready 1.0" in r.read()
     bare = ssl.create_default_context(cafile=str(certs.ca))
     bare.check_hostname = False
     with pytest.raises((ssl.SSLError, OSError)):
-        urllib.request.urlopen(url, context=bare, timeout=5).read()  # noqa: S310
+        urllib.request.urlopen(url, context=bare, timeout=5).read()
