@@ -213,3 +213,83 @@ def test_grpc_core_logs_stay_out_of_agentctl_output(certs: Certs, user_setting: 
         assert len(r.stderr.splitlines()) == 1, r.stderr
     else:
         assert core, "with GRPC_VERBOSITY set by the user, grpc's own logs are kept"
+
+
+def test_list_has_a_header_and_shows_arguments(
+    agent: AgentProcess, script_dir: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """agentctl list prints a header row, then each job with its arguments."""
+    assert (
+        main([*flags(agent), "start", "--wait", "bash", str(script_dir / "hello.sh"), "a b"]) == 0
+    )
+    capfd.readouterr()
+    assert main([*flags(agent), "list"]) == 0
+    out = capfd.readouterr().out.splitlines()
+    assert out[0].split() == ["JOB", "ID", "STATE", "STARTED", "OWNER", "COMMAND"]
+    assert out[1].endswith(f"{script_dir / 'hello.sh'} 'a b'")
+
+
+def test_wait_timeout_has_its_own_message_and_status(
+    agent: AgentProcess, script_dir: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """wait --timeout running out says so and exits 3; the job keeps running."""
+    assert main([*flags(agent), "start", "bash", str(script_dir / "sleep.sh"), "30"]) == 0
+    job = capfd.readouterr().out.strip()
+    assert main([*flags(agent), "wait", job, "--timeout", "0.5"]) == 3
+    err = capfd.readouterr().err
+    assert f"timed out after 0.5 s: job {job} is still RUNNING" in err
+    assert agent.client().query(job).state == "RUNNING"
+    agent.client().stop(job)
+
+
+def test_bash_completion(capsys: pytest.CaptureFixture[str]) -> None:
+    """agentctl completion bash prints a completion function covering every command."""
+    assert main(["completion", "bash"]) == 0
+    out = capsys.readouterr().out
+    assert "complete -o default -F _agentctl agentctl" in out
+    for word in ("start", "list", "wait", "logs", "--follow", "--secret-arg", "SUCCEEDED"):
+        assert word in out
+    r = subprocess.run(["bash", "-n"], input=out, text=True, capture_output=True)
+    assert r.returncode == 0, r.stderr
+
+
+def test_config_search_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """--config, $AGENTCTL_CONFIG, ./agentctl.toml, then ~/.config/agentctl/config.toml."""
+    from agent.client import cli
+
+    home = tmp_path / "home"
+    (home / ".config" / "agentctl").mkdir(parents=True)
+    user_cfg = home / ".config" / "agentctl" / "config.toml"
+    user_cfg.write_text('[agentctl]\naddr = "127.0.0.1:1"\nbogus = 1\n')
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("XDG_CONFIG_HOME", raising=False)
+    monkeypatch.delenv("AGENTCTL_CONFIG", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert cli.config_candidates()[1] == user_cfg
+    assert cli.config_candidates()[2] == Path("/etc/worker-agent/agentctl.toml")
+    # the user file is found (and its unknown key reported)
+    assert main(["list"]) == 2
+    assert f"{user_cfg}: [agentctl] unknown key(s): bogus" in capfd.readouterr().err
+    # ./agentctl.toml comes first
+    (tmp_path / "agentctl.toml").write_text("[agentctl]\nnope = 1\n")
+    assert main(["list"]) == 2
+    assert "agentctl.toml: [agentctl] unknown key(s): nope" in capfd.readouterr().err
+    # $AGENTCTL_CONFIG before that, --config before everything
+    env_cfg = tmp_path / "env.toml"
+    env_cfg.write_text("[agentctl]\nenvkey = 1\n")
+    monkeypatch.setenv("AGENTCTL_CONFIG", str(env_cfg))
+    assert main(["list"]) == 2
+    assert "envkey" in capfd.readouterr().err
+    assert main(["--config", str(tmp_path / "missing.toml"), "list"]) == 2
+    assert "missing.toml: no such file" in capfd.readouterr().err
+
+
+def test_start_usage_says_path_is_optional(capsys: pytest.CaptureFixture[str]) -> None:
+    """A bare start names only COMMAND as required; PATH [ARGS...] is shown as optional."""
+    with pytest.raises(SystemExit):
+        main(["start"])
+    err = capsys.readouterr().err
+    assert "required: COMMAND" in err
+    assert "PATH" not in err.split("error:")[1]

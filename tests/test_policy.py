@@ -548,7 +548,7 @@ RULE_CASES: dict[str, tuple[Kind, Case]] = {
     "interpreter-parent-writable-by-others": (
         Kind.PERMISSION_DENIED,
         lambda e: _shebang(
-            e, f"#!{e.dir}/ww/sh\n".encode(), e.dir / "ww" / "sh", iparent_mode=0o1777
+            e, f"#!{e.dir}/ww/sh\n".encode(), e.dir / "ww" / "sh", iparent_mode=0o777
         ),
     ),
     "interpreter-parent-writable-by-others/via-symlink": (
@@ -1020,3 +1020,102 @@ def test_modes_are_those_the_cases_assume(env: Env) -> None:
     """Sanity: the fixture's folders are StrictModes-safe (so every case isolates one rule)."""
     for d in (env.dir, env.scripts, env.outside, env.tool.parent):
         assert stat.S_IMODE(d.stat().st_mode) == 0o755
+
+
+# ---------------------------------------------------------------- sticky ancestors, reachability
+
+
+@pytest.fixture
+def sticky_dir() -> Iterator[Path]:
+    """A root-owned (or own-user-owned) sticky world-writable directory, like /tmp."""
+    base = make_safe_dir()
+    d = base / "sticky"
+    d.mkdir()
+    os.chmod(d, 0o1777)
+    yield d
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def _script_in(parent: Path) -> Path:
+    sub = parent / "checkout"
+    sub.mkdir(mode=0o755)
+    os.chmod(sub, 0o755)
+    f = sub / "job.sh"
+    f.write_text("#!/bin/bash\necho hi\n")
+    os.chmod(f, 0o644)
+    return f
+
+
+def test_sticky_ancestor_of_a_trusted_entry_is_accepted(sticky_dir: Path) -> None:
+    """A trusted-owner sticky directory (/tmp) is a safe ancestor of a trusted-owner entry."""
+    assert trust.trusted_file_problems(str(_script_in(sticky_dir)), want_exec=False) == []
+
+
+def test_sticky_ancestor_of_an_untrusted_entry_is_refused(sticky_dir: Path) -> None:
+    """Below a sticky directory, an entry owned by someone else is still refused."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to chown")
+    f = _script_in(sticky_dir)
+    os.chown(f.parent, 12345, 12345)
+    problems = trust.trusted_file_problems(str(f), want_exec=False)
+    assert any("writable by group or others" in p for p in problems)
+    assert any("owned by uid 12345" in p for p in problems)
+
+
+def test_world_writable_ancestor_without_sticky_bit_is_refused(sticky_dir: Path) -> None:
+    """Without the sticky bit a world-writable ancestor is refused as before."""
+    os.chmod(sticky_dir, 0o777)
+    problems = trust.trusted_file_problems(str(_script_in(sticky_dir)), want_exec=False)
+    assert problems and "writable by group or others (mode 0777)" in problems[0]
+
+
+def test_sticky_ancestor_owned_by_an_untrusted_user_is_refused(sticky_dir: Path) -> None:
+    """A sticky directory owned by an untrusted user is refused (its owner may rename entries)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to chown")
+    os.chown(sticky_dir, 12345, 12345)
+    problems = trust.trusted_file_problems(str(_script_in(sticky_dir)), want_exec=False)
+    assert any("writable by group or others" in p for p in problems)
+
+
+def _policy_with_script_location(loc: Path) -> Path:
+    p = loc.parent / "policy.yaml"
+    p.write_text(
+        f"version: 1\nentries:\n  - name: scripts\n    command: /bin/bash\n    scripts: ['{loc}']\n"
+    )
+    return p
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="jobs run as another user only when the agent is root")
+def test_policy_load_refuses_a_location_the_job_user_cannot_reach() -> None:
+    """A script location the job user cannot search fails at load, naming the entry and dir."""
+    d = make_safe_dir()
+    try:
+        f = _script_in(d)
+        os.chmod(f.parent, 0o700)
+        pf = _policy_with_script_location(f.parent / "*.sh")
+        nobody = policy.Reader(uid=65534, gid=65534, name="nobody")
+        with pytest.raises(PolicyError) as e:
+            policy.load(pf, reader=nobody)
+        msg = str(e.value)
+        assert "entry #1 ('scripts')" in msg
+        assert f"the job user 'nobody' cannot search directory {f.parent}" in msg
+        assert "\n" not in msg
+        os.chmod(f.parent, 0o755)
+        os.chmod(f, 0o600)
+        with pytest.raises(PolicyError, match=f"cannot read file {f}"):
+            policy.load(pf, reader=nobody)
+        os.chmod(f, 0o644)
+        assert policy.load(pf, reader=nobody).entries
+        assert policy.load(pf).entries  # without a reader: no reachability check
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_reachability_uses_owner_then_group_then_other_bits() -> None:
+    """The check follows the kernel's classes: owner bits, else group, else other."""
+    st_ = os.stat_result((0o40710, 0, 0, 0, 100, 200, 0, 0, 0, 0))
+    assert policy._may(st_, policy.Reader(100, 1, "u"), 1)
+    assert policy._may(st_, policy.Reader(101, 200, "g"), 1)
+    assert not policy._may(st_, policy.Reader(101, 201, "o"), 1)
+    assert policy._may(st_, policy.Reader(101, 201, "s", frozenset({200})), 1)

@@ -8,9 +8,11 @@
     list [--state S]... [--owner NAME] [--limit N] [--json]
 
 Connection settings come from flags, else from the [agentctl] table of the
-config file (``--config``, ``$AGENTCTL_CONFIG``, or ./agentctl.toml), paths
-in it relative to that file. Exit status: 0 success; 1 the call failed or
-the job did not succeed; 2 usage or configuration error.
+first config file found (``--config``, ``$AGENTCTL_CONFIG``, ./agentctl.toml,
+~/.config/agentctl/config.toml, /etc/worker-agent/agentctl.toml), paths in it
+relative to that file. Exit status: 0 success; 1 the call failed or the job
+did not succeed; 2 usage or configuration error; 3 ``wait --timeout`` ran out
+while the job was still running.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ if "grpc" not in sys.modules:
 
 import argparse
 import json
+import shlex
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -46,6 +49,10 @@ from agent.vocabulary import LIMIT_NAMES, JobState
 
 __all__ = ["connect", "format_status", "main", "run", "status_json"]
 
+# Where agentctl looks for its config after --config and $AGENTCTL_CONFIG.
+SYSTEM_CONFIG = Path("/etc/worker-agent/agentctl.toml")
+EXIT_WAIT_TIMEOUT = 3
+
 _KEYS = {"addr", "ca_file", "crt_file", "key_file", "server_name", "timeout", "insecure"}
 
 
@@ -57,7 +64,9 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="agentctl", description="Control a worker agent.")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument(
-        "--config", help="client config file (default: $AGENTCTL_CONFIG or ./agentctl.toml)"
+        "--config",
+        help="client config file (default: $AGENTCTL_CONFIG, ./agentctl.toml, "
+        f"~/.config/agentctl/config.toml, {SYSTEM_CONFIG})",
     )
     p.add_argument("--addr", help="agent address host:port")
     p.add_argument("--ca", help="CA certificate that signed the agent's certificate")
@@ -65,12 +74,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--key", help="client private key")
     p.add_argument("--server-name", help="expected name in the agent's certificate")
     p.add_argument("--call-timeout", type=float, help="deadline of each call, seconds")
-    sub = p.add_subparsers(dest="cmd", required=True)
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     s = sub.add_parser(
         "start",
         help="start a job: COMMAND [PATH [ARGS...]]",
         usage="%(prog)s [--wait] [--timeout S] [--env K=V]... "
         "[--limit NAME=N]... [--secret-arg INDEX]... COMMAND [PATH [ARGS...]]",
+        description="Start COMMAND (an alias or absolute path the agent's policy allows); "
+        "PATH (a script, for an interpreter) and ARGS are optional.",
     )
     s.add_argument(
         "--wait",
@@ -105,9 +116,14 @@ def _parser() -> argparse.ArgumentParser:
         c.add_argument("id")
         if name == "status":
             c.add_argument("--json", action="store_true")
-    w = sub.add_parser("wait", help="wait for a job to finish")
+    w = sub.add_parser(
+        "wait",
+        help="wait for a job to finish",
+        description="Wait for a job to finish. Exit 0 if it succeeded, 1 if not, "
+        f"{EXIT_WAIT_TIMEOUT} if --timeout ran out first (the job keeps running).",
+    )
     w.add_argument("id")
-    w.add_argument("--timeout", type=float, default=3600.0)
+    w.add_argument("--timeout", type=float, default=3600.0, help="seconds (default 3600)")
     lg = sub.add_parser("logs", help="print a job's output")
     lg.add_argument("id")
     lg.add_argument("-f", "--follow", action="store_true", help="keep printing until the job ends")
@@ -119,16 +135,80 @@ def _parser() -> argparse.ArgumentParser:
     ls.add_argument("--owner", default="", help="another identity's jobs (admins only)")
     ls.add_argument("--limit", type=int, default=50, help="at most this many (0: all)")
     ls.add_argument("--json", action="store_true")
+    cp = sub.add_parser("completion", help="print a shell completion script")
+    cp.add_argument("shell", choices=["bash"])
     return p
 
 
+def _commands(p: argparse.ArgumentParser) -> dict[str, list[str]]:
+    """Each command's options (for the completion script)."""
+    out: dict[str, list[str]] = {}
+    for action in p._actions:  # noqa: SLF001 - argparse exposes no public walk
+        if isinstance(action, argparse._SubParsersAction):  # noqa: SLF001
+            for name, sp in action.choices.items():
+                out[name] = sorted(o for a in sp._actions for o in a.option_strings)  # noqa: SLF001
+    out[""] = sorted(o for a in p._actions for o in a.option_strings)  # noqa: SLF001
+    return out
+
+
+def bash_completion(p: argparse.ArgumentParser) -> str:
+    """A bash completion script for agentctl (``agentctl completion bash``)."""
+    cmds = _commands(p)
+    names = " ".join(sorted(k for k in cmds if k))
+    cases = "\n".join(
+        f'        {name}) opts="{" ".join(opts)}" ;;' for name, opts in sorted(cmds.items()) if name
+    )
+    states = " ".join(sorted(st.name for st in JobState))
+    return f"""# bash completion for agentctl: eval "$(agentctl completion bash)"
+_agentctl() {{
+    local cur prev cmd i opts
+    cur=${{COMP_WORDS[COMP_CWORD]}}
+    prev=${{COMP_WORDS[COMP_CWORD-1]}}
+    cmd=""
+    for ((i = 1; i < COMP_CWORD; i++)); do
+        case ${{COMP_WORDS[i]}} in
+            {names.replace(" ", "|")}) cmd=${{COMP_WORDS[i]}}; break ;;
+        esac
+    done
+    case $prev in
+        --config|--ca|--cert|--key) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        --state) COMPREPLY=($(compgen -W "{states}" -- "$cur")); return ;;
+    esac
+    if [ -z "$cmd" ]; then
+        COMPREPLY=($(compgen -W "{names} {" ".join(cmds[""])}" -- "$cur"))
+        return
+    fi
+    case $cmd in
+{cases}
+    esac
+    COMPREPLY=($(compgen -W "$opts" -- "$cur"))
+}}
+complete -o default -F _agentctl agentctl
+"""
+
+
+def config_candidates(environ: Any = None) -> list[Path]:
+    """The implicit config files, in the order they are tried."""
+    env = os.environ if environ is None else environ
+    xdg = env.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return [Path("agentctl.toml"), Path(xdg) / "agentctl" / "config.toml", SYSTEM_CONFIG]
+
+
+def _config_path(args: argparse.Namespace) -> tuple[Path | None, bool]:
+    """The config file to read, and whether it was named explicitly."""
+    named = args.config or os.environ.get("AGENTCTL_CONFIG")
+    if named:
+        return Path(named), True
+    for p in config_candidates():
+        if p.exists():
+            return p, False
+    return None, False
+
+
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
-    path = args.config or os.environ.get("AGENTCTL_CONFIG")
-    explicit = path is not None
-    path = path or "agentctl.toml"
+    p, explicit = _config_path(args)
     data: dict[str, Any] = {}
-    p = Path(path)
-    if p.exists():
+    if p is not None and p.exists():
         try:
             raw = tomllib.loads(p.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
@@ -144,7 +224,7 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
             if k.endswith("_file") and isinstance(v, str) and v:
                 v = str(base / v)
             data[k] = v
-    elif explicit:
+    elif explicit and p is not None:
         raise UsageError(f"{p}: no such file")
     for flag, key in (
         ("addr", "addr"),
@@ -233,6 +313,13 @@ def run(args: argparse.Namespace) -> int:
             return 0
         if args.cmd == "wait":
             st = c.wait(args.id, timeout=args.timeout)
+            if not st.done:
+                print(
+                    f"agentctl: timed out after {args.timeout:g} s: job {args.id} is still "
+                    f"{st.state} (it keeps running)",
+                    file=sys.stderr,
+                )
+                return EXIT_WAIT_TIMEOUT
             print(format_status(st))
             return 0 if st.state == "SUCCEEDED" else 1
         if args.cmd == "logs":
@@ -250,12 +337,11 @@ def run(args: argparse.Namespace) -> int:
             if args.json:
                 print(json.dumps([status_json(s) for s in rows], indent=2))
             else:
+                print(f"{'JOB ID':<36}  {'STATE':<9}  {'STARTED':<19}  {'OWNER':<12}  COMMAND")
                 for s in rows:
                     when = f"{s.start_time:%Y-%m-%d %H:%M:%S}" if s.start_time else "-"
-                    print(
-                        f"{s.job_id}  {s.state:<9}  {when}  {s.owner:<12}  "
-                        f"{s.command} {s.path}".rstrip()
-                    )
+                    line = " ".join(shlex.quote(w) for w in (s.command, s.path, *s.args) if w)
+                    print(f"{s.job_id:<36}  {s.state:<9}  {when:<19}  {s.owner:<12}  {line}")
             return 0
     raise UsageError(f"unknown command {args.cmd}")  # pragma: no cover
 
@@ -264,6 +350,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status."""
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.cmd == "completion":
+        sys.stdout.write(bash_completion(parser))
+        return 0
     try:
         return run(args)
     except UsageError as e:

@@ -9,11 +9,13 @@ Nothing that imports grpc is imported before the cipher policy is set (see
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
 import logging
 import logging.handlers
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from agent import __version__
 from agent.configfile import ConfigError
@@ -49,13 +51,79 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+# syslog priorities (RFC 5424) of the logging levels, for journald's "<N>" prefix.
+_PRIORITY = {
+    logging.DEBUG: 7,
+    logging.INFO: 6,
+    logging.WARNING: 4,
+    logging.ERROR: 3,
+    logging.CRITICAL: 2,
+}
+
+
+def stderr_is_journal(environ: Mapping[str, str] | None = None, fd: int = 2) -> bool:
+    """True when ``fd`` is the journal stream systemd gave us (``JOURNAL_STREAM``).
+
+    The variable holds ``device:inode`` of the stream; comparing it with the
+    descriptor tells apart a child whose stderr was redirected elsewhere.
+    """
+    value = (os.environ if environ is None else environ).get("JOURNAL_STREAM", "")
+    dev, sep, ino = value.partition(":")
+    if not sep:
+        return False
+    try:
+        st = os.fstat(fd)
+        return (st.st_dev, st.st_ino) == (int(dev), int(ino))
+    except (OSError, ValueError):
+        return False
+
+
+class JournalFormatter(logging.Formatter):
+    """Prefixes every line with ``<priority>`` so journald records its level."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """The wrapped format, one prefix per line (tracebacks included)."""
+        prio = _PRIORITY.get(record.levelno, 3 if record.levelno > logging.WARNING else 6)
+        text = super().format(record)
+        return "\n".join(f"<{prio}>{line}" for line in text.split("\n"))
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, pid (and exception)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """The record as a JSON line."""
+        obj: dict[str, object] = {
+            "time": datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc)
+            .isoformat(timespec="milliseconds")
+            .replace("+00:00", "Z"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+            "pid": record.process,
+        }
+        if record.exc_info:
+            obj["exception"] = self.formatException(record.exc_info)
+        return json.dumps(obj, ensure_ascii=False)
+
+
+class JournalJsonFormatter(JsonFormatter):
+    """A JSON line with journald's priority prefix."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """``<priority>`` + the JSON line."""
+        return f"<{_PRIORITY.get(record.levelno, 3)}>{super().format(record)}"
+
+
 def setup_logging(cfg: Config, *, daemon: bool) -> None:
     """Operational log: stderr, a file, or syslog, as configured."""
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
     level = getattr(logging, cfg.logging.level.upper())
+    as_json = cfg.logging.format == "json"
     handler: logging.Handler
+    journal = False
     if cfg.logging.syslog:
         handler = logging.handlers.SysLogHandler(address=str(cfg.logging.syslog_socket))
         fmt = "agent[%(process)d]: %(levelname)s %(name)s: %(message)s"
@@ -65,13 +133,21 @@ def setup_logging(cfg: Config, *, daemon: bool) -> None:
         fmt = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
     else:
         handler = logging.StreamHandler(sys.stderr)
+        journal = stderr_is_journal()
         # Under systemd the journal adds the time itself.
         fmt = (
             "%(levelname)s %(name)s: %(message)s"
-            if os.environ.get("INVOCATION_ID")
+            if journal or os.environ.get("INVOCATION_ID")
             else "%(asctime)s %(levelname)s %(name)s: %(message)s"
         )
-    handler.setFormatter(logging.Formatter(fmt))
+    formatter: logging.Formatter
+    if as_json and not cfg.logging.syslog:
+        formatter = JournalJsonFormatter() if journal else JsonFormatter()
+    elif journal:
+        formatter = JournalFormatter(fmt)
+    else:
+        formatter = logging.Formatter(fmt)
+    handler.setFormatter(formatter)
     root.addHandler(handler)
     root.setLevel(level)
 

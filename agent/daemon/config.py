@@ -261,6 +261,26 @@ class Logging:
     )
     syslog: bool = option(False, "log to syslog instead of a file")
     syslog_socket: Path = option(Path("/dev/log"), "the syslog daemon's socket")
+    format: str = option(
+        "text",
+        "text, or json: one JSON object per line (time, level, logger, message, pid)",
+        choices=("text", "json"),
+    )
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """``[metrics]``: Prometheus metrics on a listener of their own (GET /metrics)."""
+
+    enabled: bool = option(False, "serve Prometheus metrics on addr")
+    addr: str = option(
+        "127.0.0.1:9464", "host:port of the metrics listener; off loopback it needs TLS"
+    )
+    crt_file: Path | None = option(None, "serve the metrics over TLS with this certificate (PEM)")
+    key_file: Path | None = option(None, "the metrics certificate's private key (PEM)")
+    ca_file: Path | None = option(
+        None, "with TLS: require scrapers' client certificates signed by this CA"
+    )
 
 
 @dataclass(frozen=True)
@@ -291,6 +311,7 @@ class Config:
     audit: Audit = field(default_factory=Audit)
     logging: Logging = field(default_factory=Logging)
     daemon: Daemon = field(default_factory=Daemon)
+    metrics: Metrics = field(default_factory=Metrics)
 
     @property
     def output_dir(self) -> Path:
@@ -456,6 +477,7 @@ def _cross_checks(cfg: Config) -> None:
         raise ConfigError(
             f, "scheduler", "retry_initial_seconds", "must not exceed retry_max_seconds"
         )
+    _metrics_checks(cfg)
     if cfg.jobs.policy_file is None:
         raise ConfigError(f, "jobs", "policy_file", "required: without a policy nothing may run")
     try:
@@ -502,6 +524,24 @@ def _plaintext_scheduler_checks(cfg: Config) -> None:
             "scheduler",
             "use_tls",
             "false needs allow_plaintext_loopback = true (development only)",
+        )
+
+
+def _metrics_checks(cfg: Config) -> None:
+    f, m = cfg.path, cfg.metrics
+    try:
+        mhost, _ = split_host_port(m.addr)
+    except ValueError as e:
+        raise ConfigError(f, "metrics", "addr", f"{e}, got {m.addr!r}") from None
+    if (m.crt_file is None) != (m.key_file is None):
+        raise ConfigError(f, "metrics", "key_file", "crt_file and key_file go together")
+    if m.ca_file is not None and m.crt_file is None:
+        raise ConfigError(f, "metrics", "ca_file", "needs crt_file and key_file (TLS)")
+    # Metrics reveal what runs here (entry names, rates, certificate dates):
+    # plain HTTP only where nothing but this host can connect.
+    if m.enabled and m.crt_file is None and not is_loopback_host(mhost):
+        raise ConfigError(
+            f, "metrics", "addr", f"{m.addr} is not loopback: set crt_file and key_file (TLS)"
         )
 
 

@@ -195,6 +195,11 @@ class Store:
         ).fetchall()
         return [_record(r) for r in rows]
 
+    def count(self) -> int:
+        """How many jobs the history holds (for the metrics)."""
+        (n,) = self._db.execute("SELECT COUNT(*) FROM jobs").fetchone()
+        return int(n)
+
     def list_jobs(
         self,
         *,

@@ -20,6 +20,7 @@ between are ones who could replace the agent itself.
 
 from __future__ import annotations
 
+import glob as glob_mod
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -605,8 +606,14 @@ def _seal(path: str, fd: int, pins: set[str], deny: Any, *, executable: bool) ->
 # ---------------------------------------------------------------- loading
 
 
-def load(path: str | Path, *, owners: Iterable[int] | None = None) -> Policy:
-    """Read and validate a policy file; raise :class:`PolicyError` naming the entry."""
+def load(
+    path: str | Path, *, owners: Iterable[int] | None = None, reader: Reader | None = None
+) -> Policy:
+    """Read and validate a policy file; raise :class:`PolicyError` naming the entry.
+
+    With ``reader`` (the job user), also refuse an entry whose program or
+    script locations that user cannot reach (see :func:`check_reachable`).
+    """
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
@@ -614,7 +621,110 @@ def load(path: str | Path, *, owners: Iterable[int] | None = None) -> Policy:
         raise PolicyError(f"{p}: no such file") from None
     except (OSError, UnicodeDecodeError) as e:
         raise PolicyError(f"{p}: cannot read: {e}") from None
-    return parse(text, str(p), owners=owners, base=p.resolve().parent)
+    pol = parse(text, str(p), owners=owners, base=p.resolve().parent)
+    if reader is not None:
+        check_reachable(pol, reader)
+    return pol
+
+
+# ---------------------------------------------------------------- reachability
+
+
+@dataclass(frozen=True)
+class Reader:
+    """The user jobs run as, for the load-time reachability check.
+
+    ``groups``: its supplementary groups (empty when the spawner switches
+    users: it calls ``setgroups([])``).
+    """
+
+    uid: int
+    gid: int
+    name: str
+    groups: frozenset[int] = frozenset()
+
+
+# Files of one glob location checked for readability at load (the rest are
+# checked by the kernel when they run); keeps a huge directory cheap.
+_REACH_FILES_MAX = 256
+
+
+def _may(st: os.stat_result, who: Reader, bits: int) -> bool:
+    # The kernel's classic permission check (owner, else group, else other
+    # class), without capabilities: root is never a Reader. POSIX ACLs are
+    # not consulted; a location readable only through an ACL is refused
+    # here, which is the safe side of a false answer.
+    if st.st_uid == who.uid:
+        m = st.st_mode >> 6
+    elif st.st_gid == who.gid or st.st_gid in who.groups:
+        m = st.st_mode >> 3
+    else:
+        m = st.st_mode
+    return (m & bits) == bits
+
+
+def _static_prefix(written: str) -> str:
+    parts: list[str] = []
+    for part in written.rstrip("/").split("/")[1:]:
+        if _has_glob(part):
+            break
+        parts.append(part)
+    return "/" + "/".join(parts)
+
+
+def _reach_problem(path: str, who: Reader, *, leaf: int) -> str | None:
+    """Why ``who`` cannot reach ``path`` (search every directory, ``leaf`` bits on
+    the last one); None if it can or if the path does not exist yet."""
+    try:
+        canonical = os.path.realpath(path, strict=True)
+    except OSError:
+        return None  # missing: the start-time checks report it (NOT_FOUND)
+    cur = "/"
+    comps = [c for c in canonical.split("/") if c]
+    for i in range(len(comps) + 1):
+        if i:
+            cur = os.path.join(cur, comps[i - 1])
+        try:
+            st = os.stat(cur)
+        except OSError:
+            return None
+        last = i == len(comps)
+        bits = leaf if last else 1
+        if not _may(st, who, bits):
+            isdir = os.path.isdir(cur)
+            need = "search" if isdir else "execute" if bits == 1 else "read"
+            return (
+                f"the job user {who.name!r} cannot {need} {'directory' if isdir else 'file'} {cur} "
+                f"(mode {st.st_mode & 0o7777:04o}, owner uid {st.st_uid}, gid {st.st_gid})"
+            )
+    return None
+
+
+def check_reachable(policy: Policy, who: Reader) -> None:
+    """Raise PolicyError naming the first entry whose program or script
+    locations the job user cannot reach: otherwise every job of it would
+    fail later with exit status 126 ("Permission denied") and no hint."""
+    for i, entry in enumerate(policy.entries, 1):
+        label = f"{policy.source}: entry #{i} ({entry.name!r})"
+        problem = _reach_problem(entry.command, who, leaf=1)
+        if problem:
+            raise PolicyError(f"{label}: command: {problem}")
+        for rule in entry.scripts or ():
+            written = rule.written
+            if written.endswith("/") or _has_glob(written):
+                problem = _reach_problem(_static_prefix(written), who, leaf=1)
+                if problem is None and not written.endswith("/") and "**" not in written:
+                    for n, f in enumerate(sorted(glob_mod.glob(written))):
+                        if n >= _REACH_FILES_MAX:
+                            break
+                        if os.path.isfile(f):
+                            problem = _reach_problem(f, who, leaf=4)
+                            if problem:
+                                break
+            else:
+                problem = _reach_problem(written, who, leaf=4)
+            if problem:
+                raise PolicyError(f"{label}: scripts: {written}: {problem}")
 
 
 _ENTRY_KEYS = {

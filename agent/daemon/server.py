@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import resource
@@ -20,22 +21,33 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
-from agent.access import AccessRules
+from agent.access import AccessDenied, AccessRules
+from agent.configfile import ConfigError
 from agent.credentials import reloading_server_credentials
+from agent.daemon import config as config_mod
 from agent.daemon import policy as policy_mod
 from agent.daemon import retention
 from agent.daemon.admission import Rules
 from agent.daemon.audit import AuditLog
 from agent.daemon.config import Config
+from agent.daemon.errors import AgentError
 from agent.daemon.history import History, Store
 from agent.daemon.lockfile import LockFile
+from agent.daemon.metrics import (
+    AgentMetrics,
+    MeteredAuditLog,
+    MeteredSupervisor,
+    RpcMetricsInterceptor,
+)
 from agent.daemon.retention import Sweeper
 from agent.daemon.sdnotify import Notifier, watchdog_interval
-from agent.daemon.service import WorkerService
+from agent.daemon.service import STATUS, WorkerService
 from agent.daemon.spawn import SpawnerOps
-from agent.daemon.startup import Prepared, expiry_warnings
-from agent.daemon.supervisor import BOOT_ID, INSTANCE_ENV, Settings, Supervisor, instance_id
+from agent.daemon.startup import Prepared, expiry_warnings, job_reader
+from agent.daemon.supervisor import BOOT_ID, INSTANCE_ENV, Settings, instance_id
 from agent.tls import CertificateReloader, ServerTLSState
 from agent.vocabulary import LIMIT_NAMES
 
@@ -44,6 +56,37 @@ log = logging.getLogger(__name__)
 
 class StartupError(Exception):
     """The server could not start (port in use, database unusable, ...)."""
+
+
+# The services the health service reports on ("" is the server as a whole).
+WORKER_SERVICE = "jobscheduler.Worker"
+HEALTH_SERVICES = ("", WORKER_SERVICE)
+# What a SIGHUP applies; every other changed key is logged and needs a restart.
+RELOADABLE_SECTIONS = frozenset({"auth"})
+
+
+def access_rules(cfg: Config) -> AccessRules:
+    """The ``[auth]`` lists as access rules."""
+    return AccessRules(
+        mtls=cfg.mtls,
+        clients=frozenset(cfg.auth.clients),
+        admins=frozenset(cfg.auth.admins),
+        allow_anonymous=cfg.auth.allow_anonymous,
+    )
+
+
+def config_changes(old: Any, new: Any, section: str = "") -> list[tuple[str, str, Any, Any]]:
+    """(section, key, old, new) for every key that differs between two configs."""
+    out: list[tuple[str, str, Any, Any]] = []
+    for f in dataclasses.fields(old):
+        if f.name == "path":
+            continue
+        a, b = getattr(old, f.name), getattr(new, f.name)
+        if dataclasses.is_dataclass(a) and not isinstance(a, type):
+            out.extend(config_changes(a, b, f"{section}.{f.name}" if section else f.name))
+        elif a != b:
+            out.append((section, f.name, a, b))
+    return out
 
 
 def settings_from(cfg: Config, prepared: Prepared) -> Settings:
@@ -110,11 +153,15 @@ class AgentServer:
         self.reload_requested = asyncio.Event()
         self._sigint_count = 0
         self.server: grpc.aio.Server | None = None
-        self.jobs: Supervisor | None = None
+        self.jobs: MeteredSupervisor | None = None
         self.sweeper: Sweeper | None = None
         self.audit: AuditLog | None = None
         self.reloader: CertificateReloader | None = None
         self.registrar: Any = None
+        self.service: WorkerService | None = None
+        self.metrics = AgentMetrics()
+        self.metrics_port = 0
+        self.health: Any = None
         self.bound_port = 0
         self._lock = LockFile.state_dir(self.config.jobs.state_dir)
         self._status_dirty = True
@@ -159,14 +206,14 @@ class AgentServer:
             store = Store(cfg.db_path)
         except Exception as e:
             raise StartupError(f"job history {cfg.db_path}: {e}") from None
-        self.audit = AuditLog(cfg.audit_file)
+        self.audit = MeteredAuditLog(cfg.audit_file, self.metrics)
         history = History(store)
         settings = settings_from(cfg, self.prepared)
         try:
             ops = SpawnerOps(on_fatal=self._spawner_fatal, cgroups=self.prepared.cgroups)
         except OSError as e:
             raise StartupError(f"cannot start the job spawner: {e}") from None
-        self.jobs = Supervisor(
+        self.jobs = MeteredSupervisor(
             settings,
             history,
             self.prepared.policy,
@@ -174,6 +221,7 @@ class AgentServer:
             on_change=self._mark_status,
             on_finish=self._audit_finish,
         )
+        self.jobs.metrics = self.metrics
         retention.recover(
             history,
             instance=settings.instance,
@@ -189,21 +237,22 @@ class AgentServer:
             ),
         )
         self.sweeper.sweep()
-        access = AccessRules(
-            mtls=cfg.mtls,
-            clients=frozenset(cfg.auth.clients),
-            admins=frozenset(cfg.auth.admins),
-            allow_anonymous=cfg.auth.allow_anonymous,
-        )
         service = WorkerService(
             self.jobs,
             self.audit,
-            access,
+            access_rules(cfg),
             log_reads=cfg.audit.log_reads,
             revocation=self.prepared.revocation,
         )
-        server = grpc.aio.server(options=server_options(cfg))
+        self.service = service
+        server = grpc.aio.server(
+            options=server_options(cfg),
+            interceptors=[RpcMetricsInterceptor(self.metrics, gate=self._gate)],
+        )
         server.add_generic_rpc_handlers([service.handler()])
+        self._add_health_and_reflection(server)
+        for name in HEALTH_SERVICES:
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         gs = cfg.grpc_server
         try:
             if gs.use_tls:
@@ -228,8 +277,11 @@ class AgentServer:
         if not port:
             raise StartupError(f"cannot listen on {gs.addr} (is another process using the port?)")
         self.bound_port = port
+        self._start_metrics()
         await server.start()
         self.server = server
+        for name in HEALTH_SERVICES:
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         for w in self.prepared.warnings:
             log.warning("%s", w)
         log.info(
@@ -250,6 +302,60 @@ class AgentServer:
         self.notifier.ready(self._status_text())
         if self._on_ready:
             self._on_ready()
+
+    def _add_health_and_reflection(self, server: grpc.aio.Server) -> None:
+        # grpc.health.v1 (NOT_SERVING until started and once draining) and
+        # server reflection, so grpc-health-probe and grpcurl work.
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (WORKER_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+
+    async def _gate(self, method: str, context: Any) -> None:
+        """Health and reflection calls: only identities [auth] allows (deny by default)."""
+        if method.startswith(f"/{WORKER_SERVICE}/") or self.service is None:
+            return  # the Worker service checks its callers itself
+        try:
+            peer = self.service.identify(context)
+            self.service.access.caller(peer.identity, peer.sans).may_call()
+        except AgentError as e:
+            await context.abort(STATUS[e.kind], e.message)
+        except AccessDenied as e:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, e.message)
+
+    def _start_metrics(self) -> None:
+        m, cfg = self.metrics, self.config
+        jobs = self.jobs
+        m.running = lambda: len(jobs.running) if jobs else 0
+        m.ready = lambda: bool(self.server is not None and jobs is not None and jobs.accepting)
+        reloader = self.reloader
+        if reloader is not None:
+            m.certificates.add("server", lambda: reloader.state.pair.cert_pem)
+            m.certificates.add("ca", lambda: reloader.state.ca_pem)
+        if self.prepared.scheduler_pair is not None:
+            pair = self.prepared.scheduler_pair
+            m.certificates.add("scheduler_client", lambda: pair.cert_pem)
+        self._refresh_metrics()
+        if not cfg.metrics.enabled:
+            return
+        try:
+            self.metrics_port = m.serve(cfg.metrics)
+        except OSError as e:
+            raise StartupError(
+                f"cannot serve metrics on {cfg.metrics.addr}: {e.strerror or e} "
+                "(is another process using the port?)"
+            ) from None
+        log.info(
+            "metrics on %s://%s/metrics",
+            "https" if cfg.metrics.crt_file else "http",
+            cfg.metrics.addr.rsplit(":", 1)[0] + f":{self.metrics_port}",
+        )
+
+    def _refresh_metrics(self) -> None:
+        if self.jobs is not None:
+            with contextlib.suppress(Exception):
+                self.metrics.history_jobs.set(self.jobs.history.store.count())
 
     async def _start_registration(self) -> None:
         sch = self.config.scheduler
@@ -290,6 +396,8 @@ class AgentServer:
         return f"{n} job{'s' if n != 1 else ''} running; {state}"
 
     def _audit_finish(self, rec: Any) -> None:
+        if self.jobs is not None:
+            self.metrics.job_finished(rec, self.jobs.policy)
         if self.audit:
             self.audit.record(
                 "job_end",
@@ -321,8 +429,12 @@ class AgentServer:
         next_sweep = time.monotonic() + sweep_every
         next_wd = time.monotonic()
         next_status = 0.0
+        next_metrics = time.monotonic() + 5.0
         while not self.should_exit.is_set():
             now = time.monotonic()
+            if now >= next_metrics:
+                self._refresh_metrics()
+                next_metrics = now + 5.0
             if self.reload_requested.is_set():
                 self.reload_requested.clear()
                 self.reload()
@@ -354,7 +466,7 @@ class AgentServer:
             exit_wait.cancel()
 
     def reload(self) -> None:
-        """SIGHUP: certificates, policy and the audit log file; jobs keep running."""
+        """SIGHUP: certificates, policy, ``[auth]`` and the audit log file; jobs keep running."""
         assert self.jobs is not None and self.audit is not None
         self.notifier.reloading()
         log.info("reloading (SIGHUP)")
@@ -364,10 +476,11 @@ class AgentServer:
             self.prepared.revocation.check(force=True)
         for w in expiry_warnings(self.config):
             log.warning("%s", w)
+        self._reload_config()
         pf = self.config.jobs.policy_file
         assert pf is not None
         try:
-            new = policy_mod.load(pf)
+            new = policy_mod.load(pf, reader=job_reader(self.prepared.job_user))
         except policy_mod.PolicyError as e:
             log.error("policy reload rejected, keeping the current policy: %s", e)
             self.audit.record("policy_reload", decision="error", reason=str(e))
@@ -385,6 +498,43 @@ class AgentServer:
             log.error("cannot reopen the audit log: %s", e)
         self.notifier.ready(self._status_text())
 
+    def _reload_config(self) -> None:
+        """Apply ``[auth]`` from the config file; log every other change as ignored."""
+        assert self.audit is not None
+        old = self.config
+        try:
+            new = config_mod.load(old.path)
+        except ConfigError as e:
+            log.error("configuration reload rejected, keeping the current settings: %s", e)
+            self.audit.record("config_reload", decision="error", reason=str(e))
+            return
+        changes = config_changes(old, new)
+        for section, key, was, now in changes:
+            if section in RELOADABLE_SECTIONS:
+                continue
+            log.warning(
+                "%s: [%s] %s changed to %r: takes effect only after a restart; keeping %r",
+                old.path,
+                section,
+                key,
+                _shown(now),
+                _shown(was),
+            )
+        if new.auth == old.auth:
+            return
+        self.config = dataclasses.replace(old, auth=new.auth)
+        if self.service is not None:
+            # Every call from now on, on every connection, is decided with
+            # the new lists: removing an identity revokes it without a restart.
+            self.service.set_access(access_rules(self.config))
+        a = new.auth
+        log.info("[auth] reloaded: %d client(s), %d admin(s)", len(a.clients), len(a.admins))
+        self.audit.record(
+            "config_reload",
+            decision="ok",
+            reason=f"[auth] clients={sorted(a.clients)} admins={sorted(a.admins)}",
+        )
+
     # ------------------------------------------------------------ shutdown
 
     async def shutdown(self) -> None:
@@ -398,6 +548,9 @@ class AgentServer:
         )
         if self.jobs is not None:
             self.jobs.stop_accepting()
+        if self.health is not None:
+            with contextlib.suppress(Exception):
+                await self.health.enter_graceful_shutdown()
         self.notifier.status(self._status_text())
         if self.registrar is not None:
             with contextlib.suppress(Exception):
@@ -420,6 +573,7 @@ class AgentServer:
                 self.sweeper.sweep(set(self.jobs.running))
         if self.server is not None:
             await self.server.stop(grace=1.0)
+        self.metrics.close()
         if self.jobs is not None:
             self.jobs.close()
         # --- job cgroups: remove the subtree the agent made (a delegated one stays).
@@ -435,7 +589,12 @@ class AgentServer:
         """Run until SIGTERM/SIGINT; raise StartupError if start-up fails."""
         self.install_signal_handlers()
         try:
-            await self.startup()
+            try:
+                await self.startup()
+            except StartupError as e:
+                # Said first, before the clean-up's "shutting down ... stopped".
+                log.error("%s", e)
+                raise
             await self.main_loop()
         finally:
             await self.shutdown()
@@ -452,6 +611,10 @@ def _remove_cgroup_subtree(prepared: Prepared) -> None:
         pass
     except OSError as e:
         log.warning("job cgroup subtree %s not removed: %s", sub.jobs, e.strerror)
+
+
+def _shown(value: Any) -> Any:
+    return str(value) if isinstance(value, os.PathLike) else value
 
 
 def _raise_nofile_limit() -> None:
@@ -483,7 +646,6 @@ def run(
     try:
         asyncio.run(server.serve())
     except StartupError as e:
-        log.error("%s", e)
         if on_startup_error:
             on_startup_error(str(e))
         return 1

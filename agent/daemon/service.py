@@ -109,6 +109,10 @@ class WorkerService:
         self.log_reads = log_reads
         self.revocation = revocation
 
+    def set_access(self, access: AccessRules) -> None:
+        """Decide every call from now on with ``access`` (``[auth]`` reloaded by SIGHUP)."""
+        self.access = access
+
     # ------------------------------------------------------------ plumbing
 
     def identify(self, context: grpc.aio.ServicerContext) -> PeerCert:

@@ -220,6 +220,18 @@ def check_cgroup_limits(cfg: Config, subtree: cgroups.Subtree | None) -> list[st
     ]
 
 
+def job_reader(job_user: JobUser) -> policy_mod.Reader | None:
+    """The job user as the policy's reachability check sees it (None: root, no check)."""
+    if job_user.uid is None:
+        if os.geteuid() == 0:
+            return None
+        return policy_mod.Reader(
+            os.geteuid(), os.getegid(), job_user.name, frozenset(os.getgroups())
+        )
+    assert job_user.gid is not None
+    return policy_mod.Reader(job_user.uid, job_user.gid, job_user.name)
+
+
 def prepare(cfg: Config, *, create_dirs: bool = True) -> Prepared:
     """Validate everything the server needs; raise ConfigError naming the key."""
     warnings: list[str] = []
@@ -269,16 +281,16 @@ def prepare(cfg: Config, *, create_dirs: bool = True) -> Prepared:
         except CRLError as e:
             raise _err(cfg, "auth", "crl_files", str(e)) from None
     assert cfg.jobs.policy_file is not None
+    job_user, w = resolve_job_user(cfg)
+    warnings.extend(w)
     try:
-        pol = policy_mod.load(cfg.jobs.policy_file)
+        pol = policy_mod.load(cfg.jobs.policy_file, reader=job_reader(job_user))
     except policy_mod.PolicyError as e:
         raise _err(cfg, "jobs", "policy_file", str(e)) from None
     if not pol.entries:
         warnings.append(
             f"the policy {cfg.jobs.policy_file} allows nothing: every StartJob will be denied"
         )
-    job_user, w = resolve_job_user(cfg)
-    warnings.extend(w)
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     need = cfg.jobs.max_running * 3 + 256
     if hard != resource.RLIM_INFINITY and hard < need:

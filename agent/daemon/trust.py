@@ -2,7 +2,9 @@
 
 A program, a script, a ``#!`` interpreter and every directory above each of
 them must be owned by root or the agent's own user and must not be writable
-by group or others, nor set-uid or set-gid. That rule is what makes checking
+by group or others, nor set-uid or set-gid; one refinement: a sticky
+directory owned by one of them (``/tmp``) is a safe ancestor of an entry
+owned by one of them (see :func:`sticky_ancestor_ok`). That rule is what makes checking
 a path and then executing it safe: the only users who could swap the file in
 between are ones who could replace the agent itself. Used by the policy (on
 every start), by start-up (the agent's own files) and by the spawner (which
@@ -113,6 +115,8 @@ def check_file(
         deny("not-executable", f"{path} is not executable", Kind.FAILED_PRECONDITION)
         ok = False
     parent = os.path.dirname(path)
+    # The owner of the entry below ``parent`` on the path (see sticky_ancestor_ok).
+    child_uid = st.st_uid
     while True:
         try:
             pst = fs.lstat(parent)
@@ -126,7 +130,9 @@ def check_file(
         if not stat.S_ISDIR(pst.st_mode):
             deny("parent-not-directory", f"{parent} is not a directory")
             return None
-        if pst.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        if pst.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not sticky_ancestor_ok(
+            pst, child_uid, owners
+        ):
             deny(
                 "parent-writable-by-others",
                 f"directory {parent} is writable by group or others "
@@ -141,8 +147,24 @@ def check_file(
             ok = False
         if parent == "/":
             break
+        child_uid = pst.st_uid
         parent = os.path.dirname(parent)
     return st if ok else None
+
+
+def sticky_ancestor_ok(dst: os.stat_result, child_uid: int, owners: frozenset[int]) -> bool:
+    """True if a group/world-writable directory is still a safe ancestor.
+
+    A sticky directory (``/tmp``, mode 1777) owned by a trusted user lets
+    others create entries in it, but only an entry's owner, the directory's
+    owner and root may rename or remove an entry (the kernel's sticky rule).
+    So when the entry the path goes through is itself owned by a trusted
+    user, nobody outside the trusted set can swap it between the check and
+    the exec: the same reasoning careful path checkers apply. Anything else
+    (not sticky, an untrusted directory owner, an entry owned by someone
+    else) stays refused.
+    """
+    return bool(dst.st_mode & stat.S_ISVTX) and dst.st_uid in owners and child_uid in owners
 
 
 def trusted_file_problems(
@@ -200,23 +222,29 @@ def resolve_trusted(path: str, fs: FileSystem, owners: frozenset[int], deny: Den
         if name == "..":
             cur = os.path.dirname(cur)
             continue
-        if cur not in searched:
-            searched.add(cur)
-            if not _directory_ok(cur, fs, owners, deny):
-                return None
         nxt = os.path.join(cur, name)
         try:
             st = fs.lstat(nxt)
         except FileNotFoundError:
+            if cur not in searched and not _directory_ok(cur, fs, owners, deny, None):
+                return None
             deny("file-missing", f"{nxt} does not exist", Kind.NOT_FOUND)
             return None
         except OSError as e:
+            if cur not in searched and not _directory_ok(cur, fs, owners, deny, None):
+                return None
             deny(
                 "file-unreadable",
                 f"{nxt}: {e.strerror or type(e).__name__}",
                 Kind.FAILED_PRECONDITION,
             )
             return None
+        # The directory is checked with the entry the lookup takes from it
+        # (a sticky directory is safe only above an entry of a trusted owner).
+        if cur not in searched:
+            searched.add(cur)
+            if not _directory_ok(cur, fs, owners, deny, st.st_uid):
+                return None
         if stat.S_ISLNK(st.st_mode):
             hops += 1
             if hops > 40:  # the kernel's own limit (ELOOP)
@@ -235,7 +263,9 @@ def resolve_trusted(path: str, fs: FileSystem, owners: frozenset[int], deny: Den
     return cur
 
 
-def _directory_ok(d: str, fs: FileSystem, owners: frozenset[int], deny: Deny) -> bool:
+def _directory_ok(
+    d: str, fs: FileSystem, owners: frozenset[int], deny: Deny, child_uid: int | None
+) -> bool:
     try:
         st = fs.lstat(d)
     except OSError as e:
@@ -247,7 +277,9 @@ def _directory_ok(d: str, fs: FileSystem, owners: frozenset[int], deny: Deny) ->
         deny("parent-not-directory", f"{d} is not a directory")
         return False
     ok = True
-    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and (
+        child_uid is None or not sticky_ancestor_ok(st, child_uid, owners)
+    ):
         deny(
             "parent-writable-by-others",
             f"directory {d} is writable by group or others (mode {st.st_mode & 0o7777:04o})",

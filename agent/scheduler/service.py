@@ -36,6 +36,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 from agent._proto import jobscheduler_pb2 as pb
 from agent._proto import jobscheduler_pb2_grpc as pb_grpc
@@ -473,6 +475,8 @@ class _Abort(Exception):
 
 # ---------------------------------------------------------------- serving
 
+SCHEDULER_SERVICE = "jobscheduler.Scheduler"
+
 
 async def serve(cfg: SchedulerConfig, *, ready: Callable[[int], None] | None = None) -> None:
     """Run the scheduler until SIGTERM/SIGINT."""
@@ -488,6 +492,14 @@ async def serve(cfg: SchedulerConfig, *, ready: Callable[[int], None] | None = N
     ]
     server = grpc.aio.server(options=server_options)
     pb_grpc.add_SchedulerServicer_to_server(service, server)
+    # Standard health (NOT_SERVING once stopping) and reflection, for
+    # grpc-health-probe and grpcurl; mTLS still applies to them.
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SCHEDULER_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    await health_servicer.set(SCHEDULER_SERVICE, health_pb2.HealthCheckResponse.SERVING)
     reloader = CertificateReloader(s.crt_file, s.key_file, s.ca_file)
     creds = reloading_server_credentials(reloader, require_client_auth=True)
     try:
@@ -517,6 +529,7 @@ async def serve(cfg: SchedulerConfig, *, ready: Callable[[int], None] | None = N
                 "worker %s (%s, %s) stopped renewing: forgotten", w.worker_id, w.identity, w.address
             )
     log.info("scheduler stopping")
+    await health_servicer.enter_graceful_shutdown()
     if legacy_server is not None:
         await legacy_server.stop(grace=1.0)
     await server.stop(grace=1.0)

@@ -58,7 +58,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Literal, NamedTuple, Self
+from typing import Literal, NamedTuple
 
 __all__ = [
     "BOOTED_STATES",
@@ -469,7 +469,7 @@ class Container:
 
     # -- lifecycle -----------------------------------------------------------
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> Container:
         self.start()
         return self
 
@@ -503,7 +503,7 @@ class Container:
             return ""
         return "\n".join(text.splitlines()[-lines:])
 
-    def start(self) -> Self:
+    def start(self) -> Container:
         """Boot the container and wait until its systemd reports running or degraded.
 
         Raises ContainerError (after cleaning up) if it does not boot in time.

@@ -731,3 +731,59 @@ def test_limits_needing_missing_controllers_are_refused(running: Agent) -> None:
             continue
         with pytest.raises(FailedPrecondition, match=f"{name} needs the {controller} controller"):
             client.start("true", limits={name: value})
+
+
+# -- journald priorities -----------------------------------------------------------------
+
+
+def test_journalctl_priority_filter_shows_only_the_agents_errors(running: Agent) -> None:
+    """The agent's lines carry syslog priorities: journalctl -p err shows its errors only."""
+    box = running.box
+    inv = running.state("InvocationID")["InvocationID"]
+    box.write_file(
+        "/etc/worker-agent/policy.yaml",
+        "version: 1\nentries: [",
+        mode=0o640,
+        owner="root:worker-agent",
+    )
+    try:
+        box.systemctl("reload", SERVICE).check("systemctl reload agent")
+        poll(
+            "the rejected reload in the journal",
+            lambda: any("policy reload rejected" in m for m in running.messages(inv)),
+        )
+    finally:
+        box.write_file(
+            "/etc/worker-agent/policy.yaml", POLICY, mode=0o640, owner="root:worker-agent"
+        )
+        box.systemctl("reload", SERVICE).check("systemctl reload agent")
+    errors = box.run(
+        [
+            "journalctl",
+            "--no-pager",
+            "-o",
+            "cat",
+            "-p",
+            "err",
+            "-u",
+            SERVICE,
+            f"_SYSTEMD_INVOCATION_ID={inv}",
+        ]
+    ).stdout
+    assert "policy reload rejected" in errors, errors
+    assert "listening on" not in errors and "reloading (SIGHUP)" not in errors, errors
+    assert not any(line.startswith("<") for line in errors.splitlines()), errors
+    info = box.run(
+        [
+            "journalctl",
+            "--no-pager",
+            "-o",
+            "cat",
+            "-p",
+            "info",
+            "-u",
+            SERVICE,
+            f"_SYSTEMD_INVOCATION_ID={inv}",
+        ]
+    ).stdout
+    assert "reloading (SIGHUP)" in info, info

@@ -1,0 +1,397 @@
+"""Prometheus metrics of the agent, on a listener of their own.
+
+Every name starts with ``agent_`` and follows the Prometheus conventions
+(counters end in ``_total``, durations are ``_seconds``). The numbers come
+from hooks around the parts that already report events, never from inside
+them: a gRPC server interceptor (RPCs, stream followers), a
+:class:`MeteredAuditLog` (refusals by rule, policy and certificate reload
+results: every one of them is an audit event already), the supervisor's
+``on_finish`` callback (jobs finished, durations), a subclass wrapping
+``Supervisor.start`` (jobs started, spawn latency) and values read at
+scrape time (running jobs, certificate expiry, readiness) or refreshed by
+the main loop (history size, which needs the database).
+
+The listener is plain HTTP on loopback only unless ``[metrics]`` gives a
+certificate (the config refuses anything else): metrics name policy
+entries and show what runs when.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import inspect
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any
+
+import grpc
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    start_http_server,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from agent import x509
+from agent.configfile import split_host_port
+from agent.daemon import policy as policy_mod
+from agent.daemon.admission import StartRequest
+from agent.daemon.audit import AuditLog
+from agent.daemon.config import Metrics as MetricsConfig
+from agent.daemon.history import JobRecord
+from agent.daemon.supervisor import Supervisor
+from agent.vocabulary import JobState
+
+log = logging.getLogger(__name__)
+
+PREFIX = "agent"
+SPAWN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+JOB_BUCKETS = (0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 1800, 3600, 4 * 3600, 12 * 3600, 86400)
+RPC_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+# An entry name that no longer matches (the policy was reloaded meanwhile).
+UNKNOWN_ENTRY = ""
+
+
+def entry_of(policy: policy_mod.Policy, rec: JobRecord) -> str:
+    """The name of the policy entry a job ran under (first match, as decide does)."""
+    for e in policy.entries:
+        if e.command != rec.command:
+            continue
+        if e.scripts is None or any(r.matches(rec.path) for r in e.scripts):
+            return e.name
+    return UNKNOWN_ENTRY
+
+
+class CertificateSource:
+    """What the expiry gauge reads at scrape time: name -> current PEM."""
+
+    def __init__(self) -> None:
+        self._sources: dict[str, Callable[[], bytes | None]] = {}
+
+    def add(self, name: str, pem: Callable[[], bytes | None]) -> None:
+        """Report ``pem()``'s certificates under ``cert=name``."""
+        self._sources[name] = pem
+
+    def expiries(self) -> Iterable[tuple[str, str, float]]:
+        """(name, subject, not_after as a Unix time) of every loaded certificate."""
+        for name, get in self._sources.items():
+            try:
+                pem = get()
+                if not pem:
+                    continue
+                ders = x509.pem_certificates(pem)
+                # A chain file: only the leaf matters; a CA bundle: every CA.
+                for der in ders if name == "ca" else ders[:1]:
+                    c = x509.parse_certificate(der)
+                    yield (
+                        name,
+                        c.subject,
+                        c.not_after.replace(tzinfo=datetime.timezone.utc).timestamp(),
+                    )
+            except (x509.DERError, OSError):
+                continue
+
+
+class _ScrapeCollector(Collector):
+    def __init__(self, metrics: AgentMetrics) -> None:
+        self._m = metrics
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        g = GaugeMetricFamily(
+            f"{PREFIX}_certificate_expiry_seconds",
+            "Seconds until the certificate expires (negative: expired)",
+            labels=["cert", "subject"],
+        )
+        now = time.time()
+        for name, subject, not_after in self._m.certificates.expiries():
+            g.add_metric([name, subject], not_after - now)
+        yield g
+        yield GaugeMetricFamily(
+            f"{PREFIX}_jobs_running", "Jobs running now", value=self._m.running()
+        )
+        yield GaugeMetricFamily(
+            f"{PREFIX}_ready",
+            "1 while the agent serves and accepts jobs, 0 while starting, draining or stopping",
+            value=1.0 if self._m.ready() else 0.0,
+        )
+
+
+class AgentMetrics:
+    """The agent's metrics in a registry of their own (one per agent)."""
+
+    def __init__(self) -> None:
+        # No "_created" series: a process-wide switch, and this process has
+        # no other metrics.
+        disable_created_metrics()  # type: ignore[no-untyped-call]
+        r = self.registry = CollectorRegistry()
+        p = PREFIX
+        self.jobs_started = Counter(
+            f"{p}_jobs_started_total", "Jobs started, by policy entry", ["entry"], registry=r
+        )
+        self.jobs_finished = Counter(
+            f"{p}_jobs_finished_total",
+            "Jobs that ended, by final state and policy entry",
+            ["state", "entry"],
+            registry=r,
+        )
+        self.job_duration = Histogram(
+            f"{p}_job_duration_seconds",
+            "Run time of finished jobs, by policy entry",
+            ["entry"],
+            buckets=JOB_BUCKETS,
+            registry=r,
+        )
+        self.spawn_latency = Histogram(
+            f"{p}_spawn_latency_seconds",
+            "From an admitted StartJob to the job running and recorded",
+            buckets=SPAWN_BUCKETS,
+            registry=r,
+        )
+        self.rpcs = Counter(
+            f"{p}_rpcs_total",
+            "RPCs handled, by method and status code",
+            ["method", "code"],
+            registry=r,
+        )
+        self.rpc_duration = Histogram(
+            f"{p}_rpc_duration_seconds",
+            "RPC handling time, by method",
+            ["method"],
+            buckets=RPC_BUCKETS,
+            registry=r,
+        )
+        self.refusals = Counter(
+            f"{p}_refusals_total", "Refused requests, by rule", ["rule"], registry=r
+        )
+        self.stream_followers = Gauge(
+            f"{p}_stream_followers", "Output streams being served now", registry=r
+        )
+        self.policy_reloads = Counter(
+            f"{p}_policy_reloads_total",
+            "Policy reloads, by result (ok, error)",
+            ["result"],
+            registry=r,
+        )
+        self.certificate_reloads = Counter(
+            f"{p}_certificate_reloads_total",
+            "Certificate reloads, by result (ok, error)",
+            ["result"],
+            registry=r,
+        )
+        self.history_jobs = Gauge(
+            f"{p}_history_jobs", "Jobs recorded in the history (running included)", registry=r
+        )
+        for c in (self.policy_reloads, self.certificate_reloads):
+            for result in ("ok", "error"):
+                c.labels(result=result)
+        self.certificates = CertificateSource()
+        self.running: Callable[[], int] = lambda: 0
+        self.ready: Callable[[], bool] = lambda: False
+        r.register(_ScrapeCollector(self))
+        self._entries: dict[str, str] = {}
+        self._server: Any = None
+
+    # ------------------------------------------------------------ hooks
+
+    def job_started(self, rec: JobRecord, policy: policy_mod.Policy, seconds: float) -> None:
+        """A start returned ``rec`` after ``seconds``."""
+        entry = entry_of(policy, rec)
+        self.jobs_started.labels(entry=entry).inc()
+        if rec.pid:  # a process was spawned (pid 0: the start failed)
+            self.spawn_latency.observe(seconds)
+        if rec.state is JobState.RUNNING:
+            self._entries[rec.id] = entry
+        else:
+            # Could not start, or already over: on_finish ran before this
+            # (it found no entry and left the counting to here).
+            self._finished(rec, entry)
+
+    def job_finished(self, rec: JobRecord, policy: policy_mod.Policy) -> None:
+        """The supervisor's on_finish: ``rec`` reached its final state."""
+        entry = self._entries.pop(rec.id, None)
+        if entry is not None:
+            self._finished(rec, entry)
+
+    def _finished(self, rec: JobRecord, entry: str) -> None:
+        self.jobs_finished.labels(state=rec.state.name, entry=entry).inc()
+        if rec.end_time is not None:
+            self.job_duration.labels(entry=entry).observe(max(0.0, rec.end_time - rec.start_time))
+
+    def audit_event(self, event: str, decision: str, rule: str) -> None:
+        """Every audit record passes here (see MeteredAuditLog)."""
+        if decision == "deny":
+            self.refusals.labels(rule=rule or "unknown").inc()
+        elif event == "policy_reload":
+            self.policy_reloads.labels(result=decision).inc()
+        elif event == "certificate_rotation":
+            self.certificate_reloads.labels(result=decision).inc()
+
+    # ------------------------------------------------------------ listener
+
+    def serve(self, cfg: MetricsConfig) -> int:
+        """Start the HTTP(S) listener; return its port. Raises OSError when it cannot bind."""
+        host, port = split_host_port(cfg.addr)
+        tls: dict[str, Any] = {}
+        if cfg.crt_file is not None and cfg.key_file is not None:
+            tls = {"certfile": str(cfg.crt_file), "keyfile": str(cfg.key_file)}
+            if cfg.ca_file is not None:
+                tls.update(client_cafile=str(cfg.ca_file), client_auth_required=True)
+        server, _thread = start_http_server(port, addr=host, registry=self.registry, **tls)
+        self._server = server
+        return int(server.server_address[1])
+
+    def close(self) -> None:
+        """Stop the listener."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+
+class MeteredAuditLog(AuditLog):
+    """The audit log, counting refusals and reload results as it writes them."""
+
+    def __init__(self, path: Any, metrics: AgentMetrics) -> None:
+        super().__init__(path)
+        self._metrics = metrics
+
+    def record(self, event: str, *, decision: str, rule: str = "", **fields: Any) -> None:
+        """Write the record (AuditLog.record), then count it."""
+        super().record(event, decision=decision, rule=rule, **fields)
+        self._metrics.audit_event(event, decision, rule)
+
+
+class MeteredSupervisor(Supervisor):
+    """The supervisor, counting started jobs and timing their spawn."""
+
+    metrics: AgentMetrics | None = None
+
+    async def start(self, req: StartRequest) -> JobRecord:
+        """``Supervisor.start``, timed; a refused start raises before it is counted."""
+        t0 = time.monotonic()
+        rec = await super().start(req)
+        if self.metrics is not None:
+            self.metrics.job_started(rec, self.policy, time.monotonic() - t0)
+        return rec
+
+
+# ---------------------------------------------------------------- RPCs
+
+
+def _code_name(context: Any, failed: BaseException | None) -> str:
+    code = None
+    try:
+        code = context.code()
+    except Exception:
+        code = None
+    if isinstance(code, grpc.StatusCode):
+        return str(code.name)
+    if isinstance(code, int):
+        for c in grpc.StatusCode:
+            if c.value[0] == code:
+                return str(c.name)
+    if failed is None:
+        return "OK"
+    if isinstance(failed, (GeneratorExit, asyncio.CancelledError)):
+        return "CANCELLED"
+    return "UNKNOWN"
+
+
+class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Counts and times every RPC by method and status code."""
+
+    def __init__(
+        self,
+        metrics: AgentMetrics,
+        gate: Callable[[str, Any], Awaitable[None]] | None = None,
+    ) -> None:
+        self._m = metrics
+        # gate(method, context): may abort the call (access to the health and
+        # reflection services); runs before their handler.
+        self._gate = gate
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[Any], Awaitable[Any]],
+        handler_call_details: Any,
+    ) -> Any:
+        """Wrap the handler's behaviour (unary-unary or unary-stream)."""
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        m, gate = self._m, self._gate
+        short = method.rsplit("/", 1)[-1]
+        streaming_output = short == "StreamJobOutput"
+        if handler.unary_unary is not None:
+            inner = handler.unary_unary
+
+            async def uu(request: Any, context: Any) -> Any:
+                t0 = time.monotonic()
+                failed: BaseException | None = None
+                try:
+                    if gate is not None:
+                        await gate(method, context)
+                    return await inner(request, context)
+                except BaseException as e:
+                    failed = e
+                    raise
+                finally:
+                    m.rpcs.labels(method=method, code=_code_name(context, failed)).inc()
+                    m.rpc_duration.labels(method=method).observe(time.monotonic() - t0)
+
+            return handler._replace(unary_unary=uu)
+        for kind in ("unary_stream", "stream_stream"):
+            inner_s = getattr(handler, kind)
+            if inner_s is None:
+                continue
+            if kind == "stream_stream" and gate is None:
+                break
+            if inspect.isasyncgenfunction(inner_s):
+
+                async def gen(
+                    request: Any, context: Any, inner: Any = inner_s
+                ) -> AsyncIterator[Any]:
+                    t0 = time.monotonic()
+                    failed: BaseException | None = None
+                    if streaming_output:
+                        m.stream_followers.inc()
+                    try:
+                        if gate is not None:
+                            await gate(method, context)
+                        async for item in inner(request, context):
+                            yield item
+                    except BaseException as e:
+                        failed = e
+                        raise
+                    finally:
+                        if streaming_output:
+                            m.stream_followers.dec()
+                        m.rpcs.labels(method=method, code=_code_name(context, failed)).inc()
+                        m.rpc_duration.labels(method=method).observe(time.monotonic() - t0)
+
+                return handler._replace(**{kind: gen})
+
+            # A handler that writes with context.write() (health's Watch).
+            async def coro(request: Any, context: Any, inner: Any = inner_s) -> Any:
+                t0 = time.monotonic()
+                failed: BaseException | None = None
+                try:
+                    if gate is not None:
+                        await gate(method, context)
+                    return await inner(request, context)
+                except BaseException as e:
+                    failed = e
+                    raise
+                finally:
+                    m.rpcs.labels(method=method, code=_code_name(context, failed)).inc()
+                    m.rpc_duration.labels(method=method).observe(time.monotonic() - t0)
+
+            return handler._replace(**{kind: coro})
+        return handler
