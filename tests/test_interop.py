@@ -429,7 +429,9 @@ def test_reference_scheduler_legacy_mode_drives_an_original_worker(
     """An original worker registers on the plaintext listener, is listed, driven, leaves."""
     s, legacy_addr = _legacy_scheduler(tmp_path, certs)
     try:
-        assert "legacy listener on" in s.log() and "PLAINTEXT" in s.log()
+        # Logged just after the mTLS listener's line that start() waits for.
+        wait_for(lambda: "legacy listener on" in s.log(), timeout=10)
+        assert "PLAINTEXT" in s.log()
         w_addr = f"127.0.0.1:{free_port()}"
         w = originals("worker", w_addr, legacy_addr)
         wait_for(lambda: w.events("registered") or w.proc.poll() is not None, timeout=20)
