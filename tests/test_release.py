@@ -62,7 +62,7 @@ def test_sdist_carries_what_the_repository_needs(built: tuple[Path, Path]) -> No
         "README.md",
         "pyproject.toml",
         "proto/jobscheduler.proto",
-        "systemd/agent.service",
+        "systemd/worker-agent.service",
         "scripts/run-agent.sh",
         "scripts/test.sh",
         "scripts/gen_certs.sh",

@@ -562,8 +562,11 @@ class Spawner:
             print(f"agent spawner: {e}", file=sys.stderr)
         else:
             # cpu.stat covers every process the job ever had, not only the
-            # ones wait4 saw.
-            msg["utime"], msg["stime"] = stats.cpu_user_seconds, stats.cpu_system_seconds
+            # ones wait4 saw; but without the cpu controller its user/system
+            # split is tick-sampled and can fall short of wait4's exact
+            # figure for the processes it did see: take the larger of each.
+            msg["utime"] = max(msg["utime"], stats.cpu_user_seconds)
+            msg["stime"] = max(msg["stime"], stats.cpu_system_seconds)
             msg["maxrss"] = stats.memory_peak_bytes or 0
             msg["oom"] = (stats.oom_kills or 0) + (stats.oom_group_kills or 0)
         try:
