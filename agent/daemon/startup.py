@@ -11,6 +11,7 @@ No gRPC here: it must be importable before the cipher policy is set.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import pwd
@@ -21,6 +22,7 @@ from pathlib import Path
 
 from agent import tls
 from agent.configfile import ConfigError, is_loopback_host, split_host_port
+from agent.daemon import landlock
 from agent.daemon import policy as policy_mod
 from agent.daemon.config import Config
 from agent.daemon.supervisor import JobUser
@@ -40,6 +42,8 @@ class Prepared:
     scheduler_ca: bytes | None
     job_user: JobUser
     warnings: tuple[str, ...]
+    # Paths no job may ever reach, whatever the policy says (see deny_paths).
+    deny: tuple[str, ...] = ()
 
 
 def _err(cfg: Config, section: str, key: str, msg: str) -> ConfigError:
@@ -129,6 +133,127 @@ def resolve_job_user(cfg: Config) -> tuple[JobUser, list[str]]:
     return JobUser(pw.pw_uid, pw.pw_gid, pw.pw_name, home), warnings
 
 
+def deny_paths(cfg: Config) -> tuple[str, ...]:
+    """What Landlock keeps away from every job: the agent's keys, its configuration
+    directory (config, policy, certificates), its state (history, every job's output,
+    pid file), its audit log and its log file."""
+    paths: list[Path] = [cfg.path.parent, cfg.jobs.state_dir, cfg.output_dir, cfg.audit_file]
+    paths += [cfg.pid_file]
+    for key in (cfg.grpc_server.key_file, cfg.scheduler.key_file, cfg.jobs.policy_file):
+        if key is not None:
+            paths.append(key)
+    if cfg.logging.file is not None:
+        paths.append(cfg.logging.file)
+    out: list[str] = []
+    for p in paths:
+        for form in (os.path.normpath(p), os.path.realpath(p)):
+            if form not in out:
+                out.append(form)
+    return tuple(out)
+
+
+def _within(path: str, top: str) -> bool:
+    return path == top or path.startswith(top.rstrip("/") + "/")
+
+
+def confine_policy(
+    pol: policy_mod.Policy, cfg: Config, deny: tuple[str, ...]
+) -> tuple[policy_mod.Policy, list[str]]:
+    """Check every entry's confinement against the kernel and this agent; one line each.
+
+    Returns the policy with each entry's Landlock spec completed (the deny list added,
+    degraded in best-effort mode, ``abi`` set) and the warnings to log. Raises
+    PolicyError naming the entry and the missing feature or the offending key.
+    """
+    abi = landlock.effective_abi(None if cfg.confinement.max_abi < 0 else cfg.confinement.max_abi)
+    best_effort = cfg.confinement.landlock == "best_effort"
+    root = os.geteuid() == 0
+    warnings: list[str] = []
+    entries = []
+    for e in pol.entries:
+        where = f"{pol.source}: entry {e.name!r}"
+        c = e.confinement
+        if c.uid is not None and not root and c.uid != os.geteuid():
+            raise policy_mod.PolicyError(
+                f"{where}: user: the agent does not run as root, so its jobs cannot run as "
+                f"{c.user!r} (see docs/deployment.md)"
+            )
+        if c.capabilities and not root:
+            raise policy_mod.PolicyError(
+                f"{where}: capabilities: the agent does not run as root and has none to give"
+            )
+        spec = c.landlock
+        if spec is None:  # already confined (a reload of a checked policy cannot happen)
+            entries.append(e)
+            continue
+        for key in ("read_exec", "read", "write"):
+            for p in getattr(spec, key):
+                hit = [d for d in deny if _within(os.path.realpath(p), d) or _within(p, d)]
+                if hit:
+                    raise policy_mod.PolicyError(
+                        f"{where}: landlock: {key}: {p} is inside {hit[0]}, one of the agent's "
+                        "own files that no job may reach"
+                    )
+        spec = dataclasses.replace(spec, deny=deny)
+        need, features = landlock.required_abi(spec)
+        missing = [f for f in features if landlock.FEATURES[f][0] > abi]
+        if missing and not best_effort:
+            what = "Landlock" if abi == 0 else f"Landlock ABI {need}"
+            raise policy_mod.PolicyError(
+                f"{where}: needs {what} for {', '.join(missing)} but the kernel has ABI {abi}; "
+                'relax the entry or set [confinement] landlock = "best_effort"'
+            )
+        if missing:
+            spec, lost = landlock.degrade(spec, abi)
+            warnings.append(f"{where}: best effort, not enforced: {'; '.join(lost)}")
+        confined: landlock.LandlockSpec | None = spec if abi >= 1 else None
+        if confined is not None:
+            try:
+                landlock.plan_rules(confined)
+            except landlock.LandlockError as err:
+                raise policy_mod.PolicyError(f"{where}: landlock: {err}") from None
+        entries.append(
+            dataclasses.replace(
+                e, confinement=dataclasses.replace(c, landlock=confined, abi=abi if confined else 0)
+            )
+        )
+    return dataclasses.replace(pol, entries=tuple(entries)), warnings
+
+
+def load_policy(
+    cfg: Config, deny: tuple[str, ...] | None = None
+) -> tuple[policy_mod.Policy, list[str]]:
+    """Load and confine the configured policy (start-up and SIGHUP); raises PolicyError."""
+    assert cfg.jobs.policy_file is not None
+    pol = policy_mod.load(cfg.jobs.policy_file)
+    return confine_policy(pol, cfg, deny_paths(cfg) if deny is None else deny)
+
+
+def check_scratch_dir(cfg: Config, deny: tuple[str, ...], *, create: bool) -> None:
+    """The scratch root: the agent's own, 0711 (jobs reach only their own directory
+    below it), outside everything jobs are denied, and containing none of it."""
+    root = cfg.scratch_dir
+    real = os.path.realpath(root)
+    for d in deny:
+        if _within(real, d) or _within(d, real) or _within(str(root), d):
+            raise _err(
+                cfg,
+                "confinement",
+                "scratch_dir",
+                f"{root}: overlaps {d}, which jobs must never reach",
+            )
+    if create:
+        try:
+            root.mkdir(mode=0o711, parents=True, exist_ok=True)
+            if os.lstat(root).st_uid == os.geteuid():
+                os.chmod(root, 0o711)
+        except OSError as e:
+            raise _err(
+                cfg, "confinement", "scratch_dir", f"{root}: cannot create: {e.strerror}"
+            ) from None
+    check_private_dir(cfg, "confinement", "scratch_dir", root, create=False)
+
+
 def prepare(cfg: Config, *, create_dirs: bool = True) -> Prepared:
     """Validate everything the server needs; raise ConfigError naming the key."""
     warnings: list[str] = []
@@ -162,10 +287,12 @@ def prepare(cfg: Config, *, create_dirs: bool = True) -> Prepared:
         except tls.TLSConfigError as e:
             raise _err(cfg, "scheduler", "ca_file", str(e)) from None
     assert cfg.jobs.policy_file is not None
+    deny = deny_paths(cfg)
     try:
-        pol = policy_mod.load(cfg.jobs.policy_file)
+        pol, w = load_policy(cfg, deny)
     except policy_mod.PolicyError as e:
         raise _err(cfg, "jobs", "policy_file", str(e)) from None
+    warnings.extend(w)
     if not pol.entries:
         warnings.append(
             f"the policy {cfg.jobs.policy_file} allows nothing: every StartJob will be denied"
@@ -182,6 +309,7 @@ def prepare(cfg: Config, *, create_dirs: bool = True) -> Prepared:
         )
     check_private_dir(cfg, "jobs", "state_dir", cfg.jobs.state_dir, create=create_dirs)
     check_private_dir(cfg, "jobs", "output_dir", cfg.output_dir, create=create_dirs)
+    check_scratch_dir(cfg, deny, create=create_dirs)
     audit_dir = cfg.audit_file.parent
     if not audit_dir.is_dir() and audit_dir not in (cfg.jobs.state_dir, cfg.output_dir):
         raise _err(cfg, "audit", "file", f"{audit_dir}: directory does not exist")
@@ -213,6 +341,7 @@ def prepare(cfg: Config, *, create_dirs: bool = True) -> Prepared:
         scheduler_ca=scheduler_ca,
         job_user=job_user,
         warnings=tuple(warnings),
+        deny=deny,
     )
 
 

@@ -73,6 +73,8 @@ class Settings:
     on_output_cap: str
     path_env: str
     rules: admission.Rules
+    # Each job's scratch directory (cwd, HOME, TMPDIR) is created below this; None: none.
+    scratch_dir: Path | None = None
 
 
 class Job:
@@ -194,18 +196,32 @@ class Supervisor:
         with contextlib.suppress(OSError):
             fcntl.fcntl(rfd, fcntl.F_SETPIPE_SZ, READ_CHUNK)
         s = self.settings
+        # --- confinement (issue 14): the entry's user, Landlock and scratch directory ---
+        conf = plan.confinement
+        uid, gid = s.user.uid, s.user.gid
+        if conf is not None and conf.uid is not None:
+            uid, gid = conf.uid, conf.gid
+            env["USER"] = env["LOGNAME"] = conf.user or str(conf.uid)
+        scratch = str(s.scratch_dir / job_id) if s.scratch_dir is not None else None
+        if scratch is not None:
+            env["HOME"] = env["TMPDIR"] = scratch
         spec = SpawnSpec(
             argv=plan.argv,
             executable=plan.executable,
             env=env,
-            cwd=plan.cwd or "/",
+            cwd=plan.cwd or scratch or "/",
             stdout_fd=wfd,
-            uid=s.user.uid,
-            gid=s.user.gid,
+            uid=uid,
+            gid=gid,
             umask=s.umask,
             limits={k: v for k, v in limits.items() if k != "output_bytes"},
             exec_fd=plan.exec_fd,
             script_fd=plan.script_fd,
+            landlock=conf.landlock if conf is not None else None,
+            landlock_abi=conf.abi if conf is not None else 0,
+            scratch=scratch,
+            capabilities=conf.capabilities if conf is not None else (),
+            no_new_privs=conf.no_new_privs if conf is not None else True,
         )
         life = lc.Life(timeout_seconds=admitted.timeout, cpu_seconds=limits.get("cpu_seconds", 0))
         job = Job(record, life, OutputFile(out_path, limits.get("output_bytes", 0)), self.loop)
