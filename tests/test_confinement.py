@@ -15,13 +15,15 @@ import socket
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from agent.client import AgentClient
 from agent.client.model import JobStatus
-from agent.daemon import landlock
-from helpers import AgentFactory, AgentProcess, Certs, free_port, make_safe_dir, write_script
+from agent.daemon import capabilities, config, landlock, policy, startup
+from agent.daemon.config import Config
+from helpers import AgentFactory, AgentProcess, Certs, default_config, make_safe_dir, write_script
 
 pytestmark = pytest.mark.skipif(
     landlock.abi_version() < 6 or os.geteuid() != 0,
@@ -35,9 +37,7 @@ PROBES = {
     "kill.sh": 'kill -0 "$1" && echo SIGNALLED\n',
     "symlink.sh": 'ln -s "$1" "$HOME/link" && cat "$HOME/link"\n',
     "bind.sh": 'unshare -Urm sh -c "mount --bind $1 $HOME && echo MOUNTED"\n',
-    "whoami.sh": (
-        'id -u; pwd; echo "HOME=$HOME"; grep -E "^Cap(Eff|Bnd|Amb)" /proc/self/status\n'
-    ),
+    "whoami.sh": ('id -u; pwd; echo "HOME=$HOME"; grep -E "^Cap(Eff|Bnd|Amb)" /proc/self/status\n'),
     "touchhome.sh": 'echo x > "$HOME/f" && echo SCRATCH-OK\n',
 }
 
@@ -158,9 +158,7 @@ def test_scratch_is_cwd_home_private_and_removed(box: AgentProcess, probe_dir: P
     assert uid == 65534 and not Path(cwd).exists()
 
 
-def test_connect_only_to_allowed_ports(
-    make_agent: AgentFactory, probe_dir: Path
-) -> None:
+def test_connect_only_to_allowed_ports(make_agent: AgentFactory, probe_dir: Path) -> None:
     """A job connects to the TCP ports its entry lists and to no other."""
     allowed, other = socket.socket(), socket.socket()
     for s in (allowed, other):
@@ -218,7 +216,9 @@ def test_root_job_has_no_capabilities_by_default(box: AgentProcess, probe_dir: P
     assert int(caps["CapEff"], 16) == 0 and int(caps["CapBnd"], 16) == 0
 
 
-BIND = "import socket,sys; s=socket.socket(); s.bind(('127.0.0.1', int(sys.argv[1]))); print('BOUND')"
+BIND = (
+    "import socket,sys; s=socket.socket(); s.bind(('127.0.0.1', int(sys.argv[1]))); print('BOUND')"
+)
 
 
 def _low_port() -> int:
@@ -283,14 +283,10 @@ def test_no_landlock_kernel_is_refused(make_agent: AgentFactory, probe_dir: Path
     assert "entry 'probe': needs Landlock" in a.log()
 
 
-def test_best_effort_runs_and_logs_what_is_lost(
-    make_agent: AgentFactory, probe_dir: Path
-) -> None:
+def test_best_effort_runs_and_logs_what_is_lost(make_agent: AgentFactory, probe_dir: Path) -> None:
     """best_effort on ABI 5: jobs run with the filesystem rules, the log names the loss,
     and the key stays unreadable."""
-    a = make_agent(
-        entries(probe_dir), confinement={"max_abi": 5, "landlock": "best_effort"}
-    )
+    a = make_agent(entries(probe_dir), confinement={"max_abi": 5, "landlock": "best_effort"})
     assert "best effort, not enforced: scope_signals" in a.log()
     st, out = run(a.client(), "rootbash", probe_dir / "cat.sh", str(a.certs.key("server")))
     assert "PRIVATE KEY" not in out
@@ -316,3 +312,79 @@ def test_entry_inside_the_agents_files_is_refused(
     a.start(wait=False)
     assert a.proc is not None and a.proc.wait(20) == 2
     assert "entry 'greedy': landlock: write:" in a.log()
+
+
+# --- policy load: the confinement checks, in process -----------------------------------
+
+
+def _loaded(tmp_path: Path, certs: Certs, policy_text: str, **confinement: Any) -> Config:
+    pol = tmp_path / "policy.yaml"
+    pol.write_text(policy_text)
+    text = default_config("127.0.0.1:1", certs, pol, tmp_path / "state", confinement=confinement)
+    return config.parse(text, tmp_path / "config.toml")
+
+
+def test_old_kernel_refusal_is_one_line_per_entry(
+    tmp_path: Path, certs: Certs, probe_dir: Path
+) -> None:
+    """ABI 3 (Debian 12's 6.1): refused with one line naming the entry and what is missing;
+    an entry that relaxes what ABI 3 lacks loads."""
+    relaxed = """\
+        - name: relaxed
+          command: /bin/true
+          landlock: {connect_tcp: any, bind_tcp: any, scope_signals: false,
+                     scope_abstract_unix: false, defaults: false}
+        """
+    cfg = _loaded(tmp_path, certs, entries(probe_dir), max_abi=3)
+    with pytest.raises(policy.PolicyError) as e:
+        startup.load_policy(cfg)
+    msg = str(e.value)
+    assert "\n" not in msg and "entry 'probe': needs Landlock ABI 6" in msg
+    assert "tcp_connect" in msg and "scope_signals" in msg and "kernel has ABI 3" in msg
+    cfg = _loaded(
+        tmp_path,
+        certs,
+        "version: 1\nentries:\n" + textwrap.indent(textwrap.dedent(relaxed), "  "),
+        max_abi=3,
+    )
+    pol, warnings = startup.load_policy(cfg)
+    assert pol.entries[0].confinement.abi == 3 and not warnings
+
+
+def test_best_effort_degrades_and_says_what(tmp_path: Path, certs: Certs, probe_dir: Path) -> None:
+    """best_effort at ABI 3: each entry loads without what ABI 3 cannot do, one warning
+    per entry naming it; at ABI 0 the entries carry no Landlock at all."""
+    cfg = _loaded(tmp_path, certs, entries(probe_dir), max_abi=3, landlock="best_effort")
+    pol, warnings = startup.load_policy(cfg)
+    spec = pol.entries[0].confinement.landlock
+    assert spec is not None and spec.connect_tcp is None and not spec.scope_signals
+    assert len(warnings) == 2 and "entry 'probe': best effort, not enforced" in warnings[0]
+    cfg = _loaded(tmp_path, certs, entries(probe_dir), max_abi=0, landlock="best_effort")
+    pol, warnings = startup.load_policy(cfg)
+    assert all(e.confinement.landlock is None for e in pol.entries)
+    assert "no filesystem confinement at all" in warnings[0]
+
+
+def test_deny_list_names_the_agents_files(tmp_path: Path, certs: Certs, probe_dir: Path) -> None:
+    """Keys, config directory, state, output, audit log and pid file are on the deny list."""
+    cfg = _loaded(tmp_path, certs, entries(probe_dir))
+    deny = startup.deny_paths(cfg)
+    for p in (tmp_path, tmp_path / "state", tmp_path / "state" / "audit.log", certs.key("server")):
+        assert str(p) in deny
+
+
+def test_unprivileged_agent_refuses_other_users_and_capabilities(
+    tmp_path: Path, certs: Certs, probe_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not root: an entry naming another user, or capabilities, is refused at load."""
+    cfg = _loaded(tmp_path, certs, entries(probe_dir))
+    monkeypatch.setattr(os, "geteuid", lambda: 4242)
+    with pytest.raises(policy.PolicyError, match="entry 'rootprobe': user: the agent does not"):
+        startup.load_policy(cfg)
+
+
+def test_capability_names() -> None:
+    """Names parse with or without CAP_, any case; unknown and undoing ones are refused."""
+    assert capabilities.parse_names(["net_bind_service", "CAP_KILL"]) == ([5, 10], [])
+    nums, problems = capabilities.parse_names(["CAP_SYS_PTRACE", "CAP_NOPE"])
+    assert nums == [] and len(problems) == 2
