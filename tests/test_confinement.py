@@ -23,6 +23,7 @@ from agent.client import AgentClient
 from agent.client.model import JobStatus
 from agent.daemon import capabilities, config, landlock, policy, startup
 from agent.daemon.config import Config
+
 from helpers import AgentFactory, AgentProcess, Certs, default_config, make_safe_dir, write_script
 
 pytestmark = pytest.mark.skipif(
@@ -151,10 +152,10 @@ def test_job_writes_only_its_scratch(box: AgentProcess, probe_dir: Path, tmp_pat
 def test_scratch_is_cwd_home_private_and_removed(box: AgentProcess, probe_dir: Path) -> None:
     """The scratch directory is the job's cwd and HOME, 0700 for its user, gone after."""
     c = box.client()
-    st, out = run(c, "bash", probe_dir / "whoami.sh")
+    _st, out = run(c, "bash", probe_dir / "whoami.sh")
     lines = out.splitlines()
     uid, cwd = int(lines[0]), lines[1]
-    assert lines[2] == f"HOME={cwd}" and Path(cwd).parent == Path(f"/tmp/agent-scratch-0")
+    assert lines[2] == f"HOME={cwd}" and Path(cwd).parent == Path("/tmp/agent-scratch-0")
     assert uid == 65534 and not Path(cwd).exists()
 
 
@@ -197,7 +198,7 @@ def test_job_cannot_signal_the_agent(box: AgentProcess, probe_dir: Path) -> None
 
 def test_symlink_does_not_escape(box: AgentProcess, probe_dir: Path) -> None:
     """A symlink the job makes in its scratch to the key leads to a denied inode."""
-    st, out = run(box.client(), "rootbash", probe_dir / "symlink.sh", str(box.certs.key("server")))
+    _st, out = run(box.client(), "rootbash", probe_dir / "symlink.sh", str(box.certs.key("server")))
     assert "PRIVATE KEY" not in out and "Permission denied" in out
 
 
@@ -210,7 +211,7 @@ def test_bind_mount_does_not_escape(box: AgentProcess, probe_dir: Path) -> None:
 
 def test_root_job_has_no_capabilities_by_default(box: AgentProcess, probe_dir: Path) -> None:
     """A root job without a capability list has empty effective and bounding sets."""
-    st, out = run(box.client(), "rootbash", probe_dir / "whoami.sh")
+    _st, out = run(box.client(), "rootbash", probe_dir / "whoami.sh")
     assert out.splitlines()[0] == "0"
     caps = dict(line.split(":\t") for line in out.splitlines() if line.startswith("Cap"))
     assert int(caps["CapEff"], 16) == 0 and int(caps["CapBnd"], 16) == 0
@@ -247,7 +248,7 @@ def test_capability_entry_binds_a_low_port_and_others_cannot(
     a = make_agent(
         entries(
             probe_dir,
-            f"- name: binder\n  aliases: [binder]\n  capabilities: [CAP_NET_BIND_SERVICE]\n"
+            "- name: binder\n  aliases: [binder]\n  capabilities: [CAP_NET_BIND_SERVICE]\n"
             + textwrap.indent(textwrap.dedent(common), "  ")
             + "- name: plain\n  aliases: [plain]\n"
             + textwrap.indent(textwrap.dedent(common), "  "),
@@ -288,9 +289,9 @@ def test_best_effort_runs_and_logs_what_is_lost(make_agent: AgentFactory, probe_
     and the key stays unreadable."""
     a = make_agent(entries(probe_dir), confinement={"max_abi": 5, "landlock": "best_effort"})
     assert "best effort, not enforced: scope_signals" in a.log()
-    st, out = run(a.client(), "rootbash", probe_dir / "cat.sh", str(a.certs.key("server")))
+    _st, out = run(a.client(), "rootbash", probe_dir / "cat.sh", str(a.certs.key("server")))
     assert "PRIVATE KEY" not in out
-    st, out = run(a.client(), "rootbash", probe_dir / "kill.sh", str(a.pid))
+    _st, out = run(a.client(), "rootbash", probe_dir / "kill.sh", str(a.pid))
     assert "SIGNALLED" in out  # what the log said is not enforced
 
 

@@ -39,9 +39,9 @@ from __future__ import annotations
 import errno
 import fcntl
 import gc
+import json
 import os
 import resource
-import json
 import selectors
 import shutil
 import signal
@@ -458,7 +458,7 @@ class Spawner:
             err = check_limits(
                 plan.get("limits", {}), privileged=self.privileged, nr_open=self.nr_open
             )
-        if not err and plan.get("capabilities") and not self.root:
+        if not err and isinstance(plan, dict) and plan.get("capabilities") and not self.root:
             err = "capabilities: the job spawner does not run as root"
         if err or not isinstance(plan, dict):
             self.send({"op": "spawned", "id": rid, "error": err, "errno": errno.EINVAL})

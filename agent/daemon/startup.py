@@ -246,7 +246,8 @@ def check_scratch_dir(cfg: Config, deny: tuple[str, ...], *, create: bool) -> No
         try:
             root.mkdir(mode=0o711, parents=True, exist_ok=True)
             if os.lstat(root).st_uid == os.geteuid():
-                os.chmod(root, 0o711)
+                # Traverse only: each job reaches its own 0700 directory, lists nothing.
+                os.chmod(root, 0o711)  # noqa: S103
         except OSError as e:
             raise _err(
                 cfg, "confinement", "scratch_dir", f"{root}: cannot create: {e.strerror}"
