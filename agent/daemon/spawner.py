@@ -239,6 +239,7 @@ def _child(
     confine: landlock.Prepared | None = None,
     root: bool = False,
     last_cap: int = 40,
+    scratch_fd: int = -1,
 ) -> NoReturn:
     """Set up and exec the job in the forked child; never returns."""
     step = "setup"
@@ -249,6 +250,8 @@ def _child(
         # The prepared Landlock descriptors stay where they are: the ruleset's rules
         # name them by number (all close-on-exec, and above the job's numbers).
         ruleset_fds = set(confine.descriptors()) if confine is not None else set()
+        if scratch_fd >= 0:
+            ruleset_fds.add(scratch_fd)
         keep = sorted({err_w, *fds.values()})
         _close_all_but({*keep, *ruleset_fds}, 0)
         moved = {k: fcntl.fcntl(v, fcntl.F_DUPFD_CLOEXEC, FIRST_FREE_FD) for k, v in fds.items()}
@@ -302,8 +305,7 @@ def _child(
         # (with no_new_privs) also binds whatever the job execs.
         if confine is not None:
             step = "landlock"
-            scratch = plan.get("scratch")
-            confine.restrict([scratch] if scratch else [])
+            confine.restrict(extra_write_dirs=[scratch_fd] if scratch_fd >= 0 else [])
         elif plan.get("no_new_privs", True):
             step = "no_new_privs"
             caps_mod.no_new_privs()
@@ -369,21 +371,29 @@ class Spawner:
             self.rulesets[key] = prepared
         return prepared
 
-    def make_scratch(self, plan: dict[str, Any]) -> str | None:
-        """Create the job's scratch directory, 0700 and owned by the job's user."""
+    def make_scratch(self, plan: dict[str, Any]) -> tuple[str | None, int]:
+        """Create the job's scratch directory, 0700 and owned by the job's user; returns it
+        and an O_PATH descriptor of it (-1 without one) for the child's Landlock rule."""
         path: str | None = plan.get("scratch")
         if path is None:
-            return None
+            return None, -1
         os.mkdir(path, 0o700)  # never an existing one: it could be someone else's
+        fd = -1
         try:
+            # The directory just made, not whatever the path names later: the job's
+            # write rule lands on this inode. Its parent, the scratch root, was checked
+            # against the deny list at start-up.
+            fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
             uid = plan.get("uid")
             if uid is not None and self.root:
                 gid = plan.get("gid")
-                os.chown(path, uid, uid if gid is None else gid)
+                os.chown(path, uid, uid if gid is None else gid, follow_symlinks=False)
         except BaseException:
+            if fd >= 0:
+                os.close(fd)
             os.rmdir(path)
             raise
-        return path
+        return path, fd
 
     def setup_signals(self) -> None:
         """Survive the terminal's and the service manager's signals; note what the child resets."""
@@ -466,12 +476,13 @@ class Spawner:
         # --- confinement (issue 14): ruleset and scratch, before the fork ---
         confine: landlock.Prepared | None = None
         scratch: str | None = None
+        scratch_fd = -1
         try:
             if plan.get("landlock") is not None:
                 step = "landlock"
                 confine = self.ruleset(plan["landlock"])
             step = "scratch directory"
-            scratch = self.make_scratch(plan)
+            scratch, scratch_fd = self.make_scratch(plan)
         except (landlock.LandlockError, OSError) as e:
             code = getattr(e, "errno", None) or errno.EPERM
             text = f"{step}: {e}" if isinstance(e, landlock.LandlockError) else None
@@ -489,6 +500,8 @@ class Spawner:
             pid = os.fork()
         except OSError as e:
             self.remove_scratch(scratch)
+            if scratch_fd >= 0:
+                os.close(scratch_fd)
             os.close(r)
             os.close(w)
             code = e.errno or errno.EIO
@@ -497,8 +510,10 @@ class Spawner:
             )
             return
         if pid == 0:
-            _child(plan, fds, w, self.reset_signals, confine, self.root, self.last_cap)
+            _child(plan, fds, w, self.reset_signals, confine, self.root, self.last_cap, scratch_fd)
         os.close(w)
+        if scratch_fd >= 0:
+            os.close(scratch_fd)
         for fd in fds.values():
             os.close(fd)
         fds.clear()
@@ -578,7 +593,11 @@ class Spawner:
 
     def remove_scratch(self, path: str | None) -> None:
         """Remove a job's scratch directory (its group is dead: nothing writes there)."""
-        if path is not None:
+        if path is None:
+            return
+        try:
+            os.rmdir(path)  # the common case, an empty directory: one system call
+        except OSError:
             shutil.rmtree(path, ignore_errors=True)
 
 
