@@ -136,7 +136,7 @@ def main(argv: list[str]) -> int:
         print("this kernel has no Landlock: nothing to measure", file=sys.stderr)
         return 1
     tmp = tempfile.mkdtemp(prefix="confinecost-")
-    os.chmod(tmp, 0o711)  # noqa: S103 - the job user reaches its scratch below
+    os.chmod(tmp, 0o711)  # the job user reaches its scratch below
     try:
         results = asyncio.run(_run(args, tmp))
     finally:
