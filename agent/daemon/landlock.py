@@ -401,9 +401,9 @@ class Prepared:
             for path, access, per_job in extra:
                 self._add_opened(rfd, path, access, per_job)
             for dfd in dir_fds:
-                attr = _PathBeneathAttr(self._mask(WRITE, True), dfd)
+                beneath = _PathBeneathAttr(self._mask(WRITE, True), dfd)
                 step = f"landlock_add_rule write directory fd {dfd}"
-                _sys(step, _SYS_ADD_RULE, rfd, _RULE_PATH_BENEATH, ctypes.byref(attr), 0)
+                _sys(step, _SYS_ADD_RULE, rfd, _RULE_PATH_BENEATH, ctypes.byref(beneath), 0)
         except BaseException:
             os.close(rfd)
             raise
