@@ -1,3 +1,4 @@
+# ruff: noqa: F811 - the fixtures of test_agent_systemd are imported and used by name
 """Both shipped deployments under a real systemd: what a job can and cannot do in each.
 
 One container for the module. First ``systemd/agent.service`` (the unprivileged agent,
@@ -275,6 +276,7 @@ def test_privileged_jobs_have_their_entrys_user_and_no_capabilities(
     d, _ = privileged
     code, out = d.run("rootbash", f"{JOB_DIR}/whoami.sh")
     lines = out.splitlines()
-    assert lines[0] == "root" and all(int(x.split()[1], 16) == 0 for x in lines[1:]), out
+    assert code == 0 and lines[0] == "root", out
+    assert all(int(x.split()[1], 16) == 0 for x in lines[1:]), out
     code, out = d.run("bash", f"{JOB_DIR}/whoami.sh")
-    assert out.splitlines()[0] == "nobody", out
+    assert code == 0 and out.splitlines()[0] == "nobody", out
