@@ -41,6 +41,7 @@ pytestmark = pytest.mark.systemd
 
 UNPRIVILEGED = REPO / "systemd" / "agent.service"
 PRIVILEGED = REPO / "systemd" / "agent-privileged.service"
+PRIVILEGED_TMPFILES = REPO / "systemd" / "agent-privileged.tmpfiles"
 SERVICE = "agent.service"
 TARGET = "agent-test-target.service"
 KEY = f"{CERT_DIR}/server.key"
@@ -65,7 +66,7 @@ def _probes_entry(name: str, alias: str, extra: str = "") -> str:
               aliases: [{alias}]
               scripts: ["{JOB_DIR}/*.sh"]
             """)
-        + textwrap.dedent(extra),
+        + textwrap.indent(textwrap.dedent(extra), "  "),
         "  ",
     )
 
@@ -188,10 +189,12 @@ def privileged(
         )
         + _probes_entry("nobody-probe", "bash", "landlock: {read: [/run/systemd]}\n")
         + "  - name: binder\n    aliases: [binder]\n    capabilities: [CAP_NET_BIND_SERVICE]\n"
-        + textwrap.indent(textwrap.dedent(python), "  ")
+        + textwrap.indent(textwrap.dedent(python), "    ")
         + "  - name: plain\n    aliases: [plain]\n"
-        + textwrap.indent(textwrap.dedent(python), "  ")
+        + textwrap.indent(textwrap.dedent(python), "    ")
     )
+    installed.copy_in(PRIVILEGED_TMPFILES, "/usr/lib/tmpfiles.d/agent.conf")
+    installed.run("systemd-tmpfiles --create agent.conf", check=True)  # the key is root's now
     d = _install(installed, PRIVILEGED, config, policy, certs, port)
     yield d, low
     d.close()
