@@ -11,6 +11,7 @@ with no capabilities is used where the kernel's user checks alone would let it t
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import textwrap
 from collections.abc import Iterator
@@ -389,3 +390,38 @@ def test_capability_names() -> None:
     assert capabilities.parse_names(["net_bind_service", "CAP_KILL"]) == ([5, 10], [])
     nums, problems = capabilities.parse_names(["CAP_SYS_PTRACE", "CAP_NOPE"])
     assert nums == [] and len(problems) == 2
+
+
+def test_scripts_inside_the_config_directory_run_and_nothing_else_there_is_readable(
+    certs: Certs,
+) -> None:
+    """A development layout (config.toml next to the job scripts): the entry's scripts
+    run, but the config file, the policy and the other files there stay unreadable."""
+    work = make_safe_dir() / "checkout"
+    scripts = work / "examples"
+    scripts.mkdir(parents=True)
+    os.chmod(scripts, 0o755)
+    write_script(scripts, "cat.sh", "#!/bin/bash\n" + PROBES["cat.sh"])
+    (work / "notes.txt").write_text("operator notes\n")
+    policy_text = textwrap.dedent(f"""\
+        version: 1
+        entries:
+          - name: dev
+            command: /bin/bash
+            aliases: [rootbash]
+            scripts: ["{scripts}/*.sh"]
+            user: root
+            allow_root: true
+        """)
+    a = AgentProcess(work, certs, policy_text)
+    try:
+        a.start()
+        c = a.client()
+        st, out = run(c, "rootbash", scripts / "cat.sh", str(scripts / "cat.sh"))
+        assert st.exit_code == 0 and "cat" in out
+        for secret in (a.config_path, a.policy_path, work / "notes.txt"):
+            st, out = run(c, "rootbash", scripts / "cat.sh", str(secret))
+            assert st.exit_code != 0 and "Permission denied" in out, (secret, out)
+    finally:
+        a.stop()
+        shutil.rmtree(work.parent, ignore_errors=True)

@@ -842,7 +842,7 @@ def _landlock_paths(raw: Any, key: str) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _script_dirs(scripts: tuple[ScriptRule, ...] | None) -> tuple[str, ...]:
+def script_dirs(scripts: tuple[ScriptRule, ...] | None) -> tuple[str, ...]:
     """The directories a job must read its scripts from: each location's literal prefix."""
     dirs = []
     for rule in scripts or ():
@@ -884,7 +884,7 @@ def _parse_confinement(
             dict.fromkeys(
                 (DEFAULT_READ_EXEC if defaults else ())
                 + (command,)
-                + _script_dirs(scripts)
+                + script_dirs(scripts)
                 + read_exec
             )
         ),

@@ -156,6 +156,46 @@ def _within(path: str, top: str) -> bool:
     return path == top or path.startswith(top.rstrip("/") + "/")
 
 
+def _config_dirs(cfg: Config) -> set[str]:
+    return {os.path.normpath(cfg.path.parent), os.path.realpath(cfg.path.parent)}
+
+
+def _pierce_config_dir(
+    deny: tuple[str, ...], config_dirs: set[str], own: set[str]
+) -> tuple[str, ...]:
+    """The deny list of an entry whose program or scripts live inside the agent's
+    configuration directory (a development checkout: config.toml next to examples/).
+
+    The job must read its own program and scripts, so for that entry the directory is
+    denied except the branches leading to them; every other denied path (the config
+    and policy files, the keys, the state) stays denied as a whole.
+    """
+    keep = [os.path.realpath(p) for p in own]
+    soft = [d for d in deny if d in config_dirs and any(_within(k, d) for k in keep)]
+    if not soft:
+        return deny
+    carved: list[str] = []
+
+    def carve(d: str) -> None:
+        if any(k == d for k in keep):
+            return  # the folder the job needs: open (its denied files stay denied)
+        if not any(_within(k, d) for k in keep):
+            carved.append(d)
+            return
+        try:
+            children = os.scandir(d)
+        except OSError:
+            carved.append(d)
+            return
+        with children:
+            for child in children:
+                carve(child.path)
+
+    for d in soft:
+        carve(d)
+    return tuple(dict.fromkeys([*(d for d in deny if d not in soft), *carved]))
+
+
 def confine_policy(
     pol: policy_mod.Policy, cfg: Config, deny: tuple[str, ...]
 ) -> tuple[policy_mod.Policy, list[str]]:
@@ -186,15 +226,18 @@ def confine_policy(
         if spec is None:  # already confined (a reload of a checked policy cannot happen)
             entries.append(e)
             continue
+        own = {e.command, *policy_mod.script_dirs(e.scripts)}
+        entry_deny = _pierce_config_dir(deny, _config_dirs(cfg), own)
         for key in ("read_exec", "read", "write"):
             for p in getattr(spec, key):
-                hit = [d for d in deny if _within(os.path.realpath(p), d) or _within(p, d)]
+                against = entry_deny if p in own else deny
+                hit = [d for d in against if _within(os.path.realpath(p), d) or _within(p, d)]
                 if hit:
                     raise policy_mod.PolicyError(
                         f"{where}: landlock: {key}: {p} is inside {hit[0]}, one of the agent's "
                         "own files that no job may reach"
                     )
-        spec = dataclasses.replace(spec, deny=deny)
+        spec = dataclasses.replace(spec, deny=entry_deny)
         need, features = landlock.required_abi(spec)
         missing = [f for f in features if landlock.FEATURES[f][0] > abi]
         if missing and not best_effort:
