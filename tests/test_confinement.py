@@ -41,6 +41,7 @@ PROBES = {
     "bind.sh": 'unshare -Urm sh -c "mount --bind $1 $HOME && echo MOUNTED"\n',
     "whoami.sh": ('id -u; pwd; echo "HOME=$HOME"; grep -E "^Cap(Eff|Bnd|Amb)" /proc/self/status\n'),
     "touchhome.sh": 'echo x > "$HOME/f" && echo SCRATCH-OK\n',
+    "holdhome.sh": 'echo "$HOME"; sleep 5\n',
 }
 
 
@@ -425,3 +426,20 @@ def test_scripts_inside_the_config_directory_run_and_nothing_else_there_is_reada
     finally:
         a.stop()
         shutil.rmtree(work.parent, ignore_errors=True)
+
+
+def test_job_cannot_write_another_jobs_scratch(box: AgentProcess, probe_dir: Path) -> None:
+    """Two jobs of the same user: one cannot write into the other's scratch directory
+    (the user's own 0700 directory: only the per-job Landlock layer stops it)."""
+    c = box.client()
+    holder = c.start("bash", str(probe_dir / "holdhome.sh"))
+    home = b""
+    for chunk in c.stream(holder, follow=True, timeout=10):
+        home += chunk
+        if home.endswith(b"\n"):
+            break
+    target = Path(home.decode().strip()) / "intruder"
+    st, out = run(c, "bash", probe_dir / "write.sh", str(target))
+    assert "WROTE" not in out and "Permission denied" in out, out
+    assert not target.exists()
+    c.stop(holder)

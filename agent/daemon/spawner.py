@@ -353,19 +353,28 @@ class Spawner:
         self.last_cap = caps_mod.last_cap()
         self.rulesets: dict[str, landlock.Prepared] = {}  # spec (JSON) -> prepared, per entry
         self.scratch: dict[int, str] = {}  # pid -> its scratch directory, removed at exit
+        self.scratch_roots: dict[str, str] = {}  # scratch root -> its canonical path
         # Hold every number below FIRST_FREE_FD: a prepared ruleset's descriptors must
         # never land where the child puts the job's own (0-4) with dup2.
         while (low := os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)) < FIRST_FREE_FD:
             pass
         os.close(low)
 
-    def ruleset(self, ll: dict[str, Any]) -> landlock.Prepared:
-        """The prepared ruleset of an entry's spec, built once (raises LandlockError/OSError)."""
-        key = json.dumps(ll, sort_keys=True)
+    def ruleset(self, ll: dict[str, Any], scratch: str | None) -> landlock.Prepared:
+        """The prepared ruleset of an entry's spec (and scratch root), built once; raises
+        LandlockError or OSError."""
+        root = None
+        if scratch:
+            parent = os.path.dirname(scratch)
+            root = self.scratch_roots.get(parent)
+            if root is None:  # canonical, as the kernel will see it (O_NOFOLLOW open)
+                root = self.scratch_roots[parent] = os.path.realpath(parent)
+        key = json.dumps([ll, root], sort_keys=True)
         prepared = self.rulesets.get(key)
         if prepared is None:
             spec = landlock_spec(ll)
-            prepared = landlock.prepare(landlock.plan_rules(spec), spec, ll["abi"])
+            rules = landlock.plan_rules(spec)
+            prepared = landlock.prepare(rules, spec, ll["abi"], root)
             if len(self.rulesets) >= LANDLOCK_CACHE:  # oldest first: entries of old policies
                 self.rulesets.pop(next(iter(self.rulesets))).close()
             self.rulesets[key] = prepared
@@ -480,7 +489,7 @@ class Spawner:
         try:
             if plan.get("landlock") is not None:
                 step = "landlock"
-                confine = self.ruleset(plan["landlock"])
+                confine = self.ruleset(plan["landlock"], plan.get("scratch"))
             step = "scratch directory"
             scratch, scratch_fd = self.make_scratch(plan)
         except (landlock.LandlockError, OSError) as e:
