@@ -439,7 +439,7 @@ def test_job_cannot_write_another_jobs_scratch(box: AgentProcess, probe_dir: Pat
         if home.endswith(b"\n"):
             break
     target = Path(home.decode().strip()) / "intruder"
-    st, out = run(c, "bash", probe_dir / "write.sh", str(target))
+    _st, out = run(c, "bash", probe_dir / "write.sh", str(target))
     assert "WROTE" not in out and "Permission denied" in out, out
     assert not target.exists()
     c.stop(holder)
