@@ -345,6 +345,7 @@ entries:
     scripts: ["{w["legit"]}/*.sh"]
     args: {{max_count: 2, max_length: 16, patterns: ['[a-z0-9]+']}}
     env: [CANARY_OK]
+    landlock: {{write: ["{w["marker"]}"]}}
   - name: traps
     command: /bin/bash
     aliases: [bash]
@@ -354,10 +355,12 @@ entries:
       - {{path: "{w["trap"]}/pinned.sh", sha256: "{BAD_PIN}"}}
     args: {{max_count: 4, max_length: 64}}
     env: [CANARY_OK]
+    landlock: {{write: ["{w["marker"]}"]}}
   - name: tool
     command: {w["bin"]}/tool
     aliases: [tool]
     args: {{max_count: 2, patterns: ['[a-z]+']}}
+    landlock: {{write: ["{w["marker"]}"]}}
   - name: badinterp
     command: {w["bin"]}/badinterp
     identities: [admin]

@@ -72,6 +72,7 @@ def test_clean_environment_stdin_devnull_own_group(
     assert set(env) <= {
         "PATH",
         "HOME",
+        "TMPDIR",
         "USER",
         "LOGNAME",
         "LANG",

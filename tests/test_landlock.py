@@ -506,3 +506,21 @@ def test_prepare_refuses_a_path_swapped_for_a_symlink(tmp_path: Path, swap: str)
         assert len(prepared.skipped) == 1 and "pub" in prepared.skipped[0], prepared.skipped
     finally:
         prepared.close()
+
+
+def test_prepared_descriptors_are_close_on_exec_and_closed_by_close() -> None:
+    """descriptors() lists what the spawner's child must keep: all close-on-exec (no job
+    inherits one), and close() releases them."""
+    if landlock.abi_version() < 1:
+        pytest.skip("no Landlock")
+    spec = LandlockSpec(read_exec=("/usr",), write=("/dev/null",))
+    prepared = landlock.prepare(plan_rules(spec), spec, landlock.abi_version())
+    fds = prepared.descriptors()
+    assert fds
+    for fd in fds:
+        assert os.get_inheritable(fd) is False
+    prepared.close()
+    assert prepared.descriptors() == []
+    for fd in fds:
+        with pytest.raises(OSError):
+            os.fstat(fd)

@@ -1119,3 +1119,106 @@ def test_reachability_uses_owner_then_group_then_other_bits() -> None:
     assert policy._may(st_, policy.Reader(101, 200, "g"), 1)
     assert not policy._may(st_, policy.Reader(101, 201, "o"), 1)
     assert policy._may(st_, policy.Reader(101, 201, "s", frozenset({200})), 1)
+
+
+# ---------------------------------------------------------------- confinement keys (issue 14)
+
+_T = "  - name: bad\n    command: /bin/true\n"
+CONFINEMENT_ERRORS = [
+    ("landlock-not-mapping", _T + "    landlock: [x]\n", "landlock: must be a mapping"),
+    (
+        "landlock-unknown",
+        _T + "    landlock:\n      reed: [/x]\n",
+        "landlock: unknown key(s): reed",
+    ),
+    (
+        "landlock-relative",
+        _T + "    landlock:\n      read: [etc]\n",
+        "landlock: read: 'etc' is not",
+    ),
+    ("landlock-dotdot", _T + "    landlock:\n      write: [/a/../b]\n", "landlock: write:"),
+    ("landlock-write-root", _T + "    landlock:\n      write: [/]\n", "write everywhere"),
+    (
+        "landlock-port-range",
+        _T + "    landlock:\n      connect_tcp: [70000]\n",
+        "connect_tcp: must",
+    ),
+    ("landlock-port-type", _T + "    landlock:\n      bind_tcp: ['80']\n", "bind_tcp: must"),
+    ("landlock-port-word", _T + "    landlock:\n      bind_tcp: all\n", "bind_tcp: must be a list"),
+    ("landlock-scope-type", _T + "    landlock:\n      scope_signals: 1\n", "scope_signals: must"),
+    ("user-missing", _T + "    user: no-such-user-xyz\n", "user: no such user"),
+    ("user-type", _T + "    user: 5\n", "user: must be a user name"),
+    ("root-needs-allow", _T + "    user: root\n", "set allow_root: true"),
+    ("allow-root-not-root", _T + "    user: nobody\n    allow_root: true\n", "allow_root: only"),
+    ("group-needs-user", _T + "    group: nogroup\n", "group: needs user"),
+    ("group-missing", _T + "    user: nobody\n    group: no-such-group-xyz\n", "no such group"),
+    ("cap-unknown", _T + "    user: nobody\n    capabilities: [CAP_FLY]\n", "unknown capability"),
+    (
+        "cap-forbidden",
+        _T + "    user: nobody\n    capabilities: [CAP_SYS_ADMIN]\n",
+        "CAP_SYS_ADMIN is refused",
+    ),
+    ("cap-needs-user", _T + "    capabilities: [CAP_KILL]\n", "capabilities: needs user"),
+    ("nnp-type", _T + "    no_new_privs: no-thanks\n", "no_new_privs: must be true or false"),
+    (
+        "nnp-not-root",
+        _T + "    user: nobody\n    no_new_privs: false\n",
+        "only possible for a root",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"), [pytest.param(b, f, id=n) for n, b, f in CONFINEMENT_ERRORS]
+)
+def test_invalid_confinement_key_is_refused_naming_it(env: Env, body: str, fragment: str) -> None:
+    """Each invalid confinement key is refused with one line naming file, entry and key."""
+    with pytest.raises(PolicyError) as e:
+        parse(_entry(env, body), "my-policy.yaml")
+    msg = str(e.value)
+    assert msg.startswith("my-policy.yaml: entry #2 ('bad'): ") and "\n" not in msg, msg
+    assert fragment in msg, msg
+
+
+def test_confinement_defaults_cover_the_os_the_program_and_its_scripts(env: Env) -> None:
+    """Without the new keys: the OS tree, the program and the script folder are readable,
+    the standard devices writable, no TCP at all, signals and abstract sockets scoped."""
+    body = "  - name: sh\n    command: /bin/sh\n    scripts: ['{scripts}/*.sh']\n"
+    p = parse(_entry(env, body), "p.yaml")
+    spec = p.entries[1].confinement.landlock
+    assert spec is not None
+    assert set(policy.DEFAULT_READ_EXEC) <= set(spec.read_exec)
+    assert str(env.scripts) in spec.read_exec and os.path.realpath("/bin/sh") in spec.read_exec
+    assert "/dev/null" in spec.write and "/tmp" not in spec.write
+    assert spec.connect_tcp == () and spec.bind_tcp == ()
+    assert spec.scope_signals and spec.scope_abstract_unix
+    assert p.entries[0].confinement.uid is None and p.entries[0].confinement.capabilities == ()
+
+
+def test_confinement_keys_reach_the_plan(env: Env) -> None:
+    """The entry's paths, ports, user and capabilities end up in its plan, as given."""
+    body = (
+        "  - name: net\n    command: /bin/true\n    aliases: [nt]\n"
+        "    landlock:\n      read: [/srv]\n      write: [/var/cache/x/]\n"
+        "      connect_tcp: any\n      bind_tcp: [8080, 80, 80]\n"
+        "      scope_signals: false\n      defaults: false\n"
+        "    user: nobody\n    capabilities: [net_bind_service]\n"
+    )
+    p = parse(_entry(env, body), "p.yaml")
+    d = decide(p, JobRequest("nt", "", identity="c"))
+    assert d.plan is not None and d.plan.confinement is not None
+    c = d.plan.confinement
+    assert c.landlock is not None
+    assert c.landlock.read == ("/srv",) and c.landlock.write == ("/var/cache/x",)
+    assert "/usr" not in c.landlock.read_exec and "/usr/bin/true" in c.landlock.read_exec
+    assert c.landlock.connect_tcp is None and c.landlock.bind_tcp == (80, 8080)
+    assert not c.landlock.scope_signals and c.landlock.scope_abstract_unix
+    assert c.user == "nobody" and c.uid == 65534 and c.capabilities == (10,)
+    d.plan.close()
+
+
+def test_root_entry_with_explicit_allow_has_no_capabilities_by_default(env: Env) -> None:
+    """user: root needs allow_root, and then keeps no capability it does not list."""
+    body = "  - name: r\n    command: /bin/true\n    user: root\n    allow_root: true\n"
+    c = parse(_entry(env, body), "p.yaml").entries[1].confinement
+    assert c.uid == 0 and c.allow_root and c.capabilities == () and c.no_new_privs

@@ -12,6 +12,7 @@ what the ``agent`` command prints before exiting with status 2.
 from __future__ import annotations
 
 import dataclasses
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -297,6 +298,32 @@ class Daemon:
 
 
 @dataclass(frozen=True)
+class Confinement:
+    """``[confinement]``: the per-job box (Landlock, scratch directory; see docs/security.md)."""
+
+    landlock: str = option(
+        "required",
+        "required: an entry the kernel's Landlock cannot fully enforce is refused at policy "
+        "load; best_effort: it runs with what the kernel has, and the log says what is not "
+        "enforced",
+        choices=("required", "best_effort"),
+    )
+    max_abi: int = option(
+        -1,
+        "use at most this Landlock ABI (-1: the kernel's; 0: as if the kernel had no "
+        "Landlock), for tests of older kernels",
+        lo=-1,
+        hi=1000,
+    )
+    scratch_dir: Path | None = option(
+        None,
+        "each job's scratch directory (its cwd, HOME and TMPDIR, the only place it may "
+        "write) is created below this, 0700, and removed when the job ends; must lie outside "
+        "the config, state and audit log directories (default: /tmp/agent-scratch-UID)",
+    )
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole validated configuration."""
 
@@ -312,6 +339,7 @@ class Config:
     logging: Logging = field(default_factory=Logging)
     daemon: Daemon = field(default_factory=Daemon)
     metrics: Metrics = field(default_factory=Metrics)
+    confinement: Confinement = field(default_factory=Confinement)
 
     @property
     def output_dir(self) -> Path:
@@ -341,6 +369,11 @@ class Config:
             p if p.is_absolute() else base / p
             for p in (Path(v).expanduser() for v in self.auth.crl_files)
         )
+
+    @property
+    def scratch_dir(self) -> Path:
+        """Where each job's scratch directory is created."""
+        return self.confinement.scratch_dir or Path(f"/tmp/agent-scratch-{os.geteuid()}")
 
     @property
     def mtls(self) -> bool:

@@ -21,7 +21,9 @@ between are ones who could replace the agent itself.
 from __future__ import annotations
 
 import glob as glob_mod
+import grp
 import os
+import pwd
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +32,7 @@ from typing import Any
 
 import yaml
 
+from agent.daemon import capabilities
 from agent.daemon.errors import (
     AgentError,
     FailedPrecondition,
@@ -38,6 +41,7 @@ from agent.daemon.errors import (
     NotFound,
     PermissionDenied,
 )
+from agent.daemon.landlock import LandlockSpec
 from agent.daemon.trust import (
     BINPRM_BUF_SIZE,
     ELF_MAGIC,
@@ -71,6 +75,25 @@ _DANGEROUS_ENV = re.compile(
     r"HOSTALIASES|RES_OPTIONS|MALLOC_\w*|GLIBC_TUNABLES|TMPDIR|PATH|HOME|SHELL|USER|LOGNAME|"
     r"AGENT_JOB_ID)$"
 )
+# What every job may read and execute unless its entry says otherwise: the OS tree.
+# The agent's own files are carved out of these by the spawner (hole punching), so an
+# agent installed under /etc or /usr stays out of reach too.
+DEFAULT_READ_EXEC = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc")
+# Read only: process information (another process's /proc files stay behind ptrace
+# checks, which Landlock tightens to the job's own domain) and the entropy devices.
+DEFAULT_READ = ("/proc", "/dev/random", "/dev/urandom")
+# Written by every job besides its scratch directory: the harmless standard devices.
+DEFAULT_WRITE = ("/dev/null", "/dev/zero", "/dev/full", "/dev/tty")
+_LANDLOCK_KEYS = {
+    "read_exec",
+    "read",
+    "write",
+    "connect_tcp",
+    "bind_tcp",
+    "scope_signals",
+    "scope_abstract_unix",
+    "defaults",
+}
 _HEX64 = re.compile(r"^[0-9a-f]{64}\Z")
 _ENTRY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 
@@ -105,6 +128,31 @@ class ScriptRule:
 
 
 @dataclass(frozen=True)
+class Confinement:
+    """How an entry's jobs are boxed: Landlock, identity, capabilities (see docs/security.md).
+
+    ``landlock`` is the entry's spec; the start-up checks
+    (:func:`agent.daemon.startup.confine_policy`) add the agent's deny list, check it
+    against the kernel and set ``abi``. ``uid`` None keeps the configured job user.
+    """
+
+    landlock: LandlockSpec | None = field(
+        default_factory=lambda: LandlockSpec(
+            read_exec=DEFAULT_READ_EXEC, read=DEFAULT_READ, write=DEFAULT_WRITE
+        )
+    )
+    # The Landlock ABI the spec was checked against at load (0: not checked, or no
+    # Landlock in best-effort mode): the spawner prepares rulesets for this ABI.
+    abi: int = 0
+    user: str | None = None
+    uid: int | None = None
+    gid: int | None = None
+    allow_root: bool = False
+    capabilities: tuple[int, ...] = ()
+    no_new_privs: bool = True
+
+
+@dataclass(frozen=True)
 class Entry:
     """One allowed command (an executable, or an interpreter with scripts)."""
 
@@ -117,6 +165,7 @@ class Entry:
     args: ArgRules
     env: frozenset[str]
     cwd: str | None
+    confinement: Confinement = field(default_factory=Confinement)
 
     @property
     def is_interpreter(self) -> bool:
@@ -165,6 +214,8 @@ class Plan:
     # makes it descriptor 3, and argv names SCRIPT_FD_PATH instead of the
     # script. The owner of the plan closes both descriptors.
     script_fd: int | None = None
+    # The entry's confinement (Landlock spec, user, capabilities), None: the defaults.
+    confinement: Confinement | None = None
 
     def close(self) -> None:
         """Close the plan's descriptors (after the spawn, or when it is abandoned)."""
@@ -420,6 +471,7 @@ def _program_plan(
         script=script,
         exec_fd=exec_fd,
         script_fd=script_fd,
+        confinement=entry.confinement,
     )
 
 
@@ -704,8 +756,19 @@ def check_reachable(policy: Policy, who: Reader) -> None:
     """Raise PolicyError naming the first entry whose program or script
     locations the job user cannot reach: otherwise every job of it would
     fail later with exit status 126 ("Permission denied") and no hint."""
+    default = who
     for i, entry in enumerate(policy.entries, 1):
         label = f"{policy.source}: entry #{i} ({entry.name!r})"
+        conf = entry.confinement
+        if conf is not None and conf.uid is not None:
+            # The entry names its own user: that is who must reach its files
+            # (root reaches everything).
+            if conf.uid == 0:
+                continue
+            gid = conf.gid if conf.gid is not None else conf.uid
+            who = Reader(conf.uid, gid, conf.user or str(conf.uid))
+        else:
+            who = default
         problem = _reach_problem(entry.command, who, leaf=1)
         if problem:
             raise PolicyError(f"{label}: command: {problem}")
@@ -737,6 +800,12 @@ _ENTRY_KEYS = {
     "args",
     "env",
     "cwd",
+    "landlock",
+    "user",
+    "group",
+    "allow_root",
+    "capabilities",
+    "no_new_privs",
 }
 _ARGS_KEYS = {"max_count", "max_length", "patterns"}
 
@@ -858,6 +927,7 @@ def _parse_entry(raw: Any, owners: frozenset[int], base: Path | None) -> Entry:
         if not os.path.isdir(cwd):
             raise _EntryError(f"cwd: {cwd} is not an existing directory")
     spellings = {command, canonical, *aliases}
+    confinement = _parse_confinement(raw, canonical, scripts)
     return Entry(
         name=name,
         command=canonical,
@@ -868,6 +938,132 @@ def _parse_entry(raw: Any, owners: frozenset[int], base: Path | None) -> Entry:
         args=args,
         env=env,
         cwd=cwd,
+        confinement=confinement,
+    )
+
+
+def _ports(raw: Any, key: str) -> tuple[int, ...] | None:
+    if raw == "any":
+        return None
+    items = _list(raw, f"landlock: {key}")
+    if not all(isinstance(p, int) and not isinstance(p, bool) and 0 <= p <= 65535 for p in items):
+        raise _EntryError(f'landlock: {key}: must be a list of TCP ports (0-65535) or "any"')
+    return tuple(sorted(set(items)))
+
+
+def _landlock_paths(raw: Any, key: str) -> tuple[str, ...]:
+    out = []
+    for p in _str_list(raw, f"landlock: {key}"):
+        problem = _lexical_path_problem(p.rstrip("/") or "/") or text_problem(
+            p, key, MAX_PATH_BYTES
+        )
+        if problem:
+            raise _EntryError(f"landlock: {key}: {problem}")
+        out.append(p.rstrip("/") or "/")
+    return tuple(out)
+
+
+def script_dirs(scripts: tuple[ScriptRule, ...] | None) -> tuple[str, ...]:
+    """The directories a job must read its scripts from: each location's literal prefix."""
+    dirs = []
+    for rule in scripts or ():
+        for form in {rule.written, _canonical_pattern(rule.written) or rule.written}:
+            if rule.sha256 is not None:
+                continue  # a pinned script is read from its sealed copy (fd 3)
+            literal = []
+            for part in form.split("/")[1:]:
+                if _has_glob(part):
+                    break
+                literal.append(part)
+            if not form.endswith("/") and len(literal) == len(form.split("/")) - 1:
+                literal = literal[:-1]  # one file: its folder (it may be replaced in place)
+            dirs.append("/" + "/".join(x for x in literal if x))
+    return tuple(sorted(set(dirs)))
+
+
+def _parse_confinement(
+    raw: dict[str, Any], command: str, scripts: tuple[ScriptRule, ...] | None
+) -> Confinement:
+    ll = raw.get("landlock", {})
+    if not isinstance(ll, dict):
+        raise _EntryError("landlock: must be a mapping")
+    unknown = set(ll) - _LANDLOCK_KEYS
+    if unknown:
+        raise _EntryError(f"landlock: unknown key(s): {', '.join(sorted(map(str, unknown)))}")
+    for key in ("scope_signals", "scope_abstract_unix", "defaults"):
+        if not isinstance(ll.get(key, True), bool):
+            raise _EntryError(f"landlock: {key}: must be true or false")
+    defaults = ll.get("defaults", True)
+    read_exec = _landlock_paths(ll.get("read_exec", []), "read_exec")
+    read = _landlock_paths(ll.get("read", []), "read")
+    write = _landlock_paths(ll.get("write", []), "write")
+    if "/" in write:
+        raise _EntryError("landlock: write: '/' would let the job write everywhere")
+    spec = LandlockSpec(
+        # The program and its scripts are always readable: the job could not start else.
+        read_exec=tuple(
+            dict.fromkeys(
+                (DEFAULT_READ_EXEC if defaults else ())
+                + (command,)
+                + script_dirs(scripts)
+                + read_exec
+            )
+        ),
+        read=tuple(dict.fromkeys((DEFAULT_READ if defaults else ()) + read)),
+        write=tuple(dict.fromkeys((DEFAULT_WRITE if defaults else ()) + write)),
+        connect_tcp=_ports(ll.get("connect_tcp", []), "connect_tcp"),
+        bind_tcp=_ports(ll.get("bind_tcp", []), "bind_tcp"),
+        scope_signals=ll.get("scope_signals", True),
+        scope_abstract_unix=ll.get("scope_abstract_unix", True),
+    )
+    user, group = raw.get("user"), raw.get("group")
+    uid = gid = None
+    if user is not None:
+        if not isinstance(user, str) or not user:
+            raise _EntryError("user: must be a user name")
+        try:
+            pw = pwd.getpwnam(user)
+        except KeyError:
+            raise _EntryError(f"user: no such user {user!r}") from None
+        uid, gid = pw.pw_uid, pw.pw_gid
+    if group is not None:
+        if user is None:
+            raise _EntryError("group: needs user (the group of the configured job user stays)")
+        if not isinstance(group, str) or not group:
+            raise _EntryError("group: must be a group name")
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise _EntryError(f"group: no such group {group!r}") from None
+    allow_root = raw.get("allow_root", False)
+    if not isinstance(allow_root, bool):
+        raise _EntryError("allow_root: must be true or false")
+    if uid == 0 and not allow_root:
+        raise _EntryError(f"user: {user!r} is root; set allow_root: true if that is intended")
+    if allow_root and uid != 0:
+        raise _EntryError("allow_root: only meaningful with a root user (user: root)")
+    caps, problems = capabilities.parse_names(
+        _str_list(raw.get("capabilities", []), "capabilities")
+    )
+    if problems:
+        raise _EntryError(f"capabilities: {problems[0]}")
+    if caps and user is None:
+        raise _EntryError("capabilities: needs user (capabilities go to a named job user)")
+    nnp = raw.get("no_new_privs", True)
+    if not isinstance(nnp, bool):
+        raise _EntryError("no_new_privs: must be true or false")
+    if not nnp and uid != 0:
+        raise _EntryError(
+            "no_new_privs: false is only possible for a root job (user: root, allow_root: true)"
+        )
+    return Confinement(
+        landlock=spec,
+        user=user,
+        uid=uid,
+        gid=gid,
+        allow_root=allow_root,
+        capabilities=tuple(caps),
+        no_new_privs=nnp,
     )
 
 

@@ -46,7 +46,7 @@ from agent.daemon.retention import Sweeper
 from agent.daemon.sdnotify import Notifier, watchdog_interval
 from agent.daemon.service import STATUS, WorkerService
 from agent.daemon.spawn import SpawnerOps
-from agent.daemon.startup import Prepared, expiry_warnings, job_reader
+from agent.daemon.startup import Prepared, expiry_warnings, job_reader, load_policy
 from agent.daemon.supervisor import BOOT_ID, INSTANCE_ENV, Settings, instance_id
 from agent.tls import CertificateReloader, ServerTLSState
 from agent.vocabulary import LIMIT_NAMES
@@ -100,6 +100,7 @@ def settings_from(cfg: Config, prepared: Prepared) -> Settings:
         stop_grace=cfg.jobs.stop_grace_seconds,
         on_output_cap=cfg.jobs.on_output_cap,
         path_env=cfg.jobs.path_env,
+        scratch_dir=cfg.scratch_dir,
         rules=Rules(
             max_running=cfg.jobs.max_running,
             default_timeout=cfg.jobs.default_timeout_seconds,
@@ -480,7 +481,11 @@ class AgentServer:
         pf = self.config.jobs.policy_file
         assert pf is not None
         try:
-            new = policy_mod.load(pf, reader=job_reader(self.prepared.job_user))
+            new, confine_warnings = load_policy(
+                self.config, self.prepared.deny, reader=job_reader(self.prepared.job_user)
+            )
+            for w in confine_warnings:
+                log.warning("%s", w)
         except policy_mod.PolicyError as e:
             log.error("policy reload rejected, keeping the current policy: %s", e)
             self.audit.record("policy_reload", decision="error", reason=str(e))

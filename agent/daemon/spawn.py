@@ -56,6 +56,7 @@ from typing import Any, Protocol
 
 from agent.daemon import spawnproto as proto
 from agent.daemon.cgroups import CgroupError, Subtree
+from agent.daemon.landlock import LandlockSpec
 from agent.daemon.lifecycle import Exit
 from agent.daemon.trust import SCRIPT_FD_PATH
 
@@ -93,6 +94,12 @@ class SpawnSpec:
     # The job cgroup the spawner creates for this job: {"id": JOB_ID, and the
     # cgroups.Limits fields memory_bytes / pids / cpu_millicores that are set}.
     cgroup: Mapping[str, str | int] | None = None
+    # --- confinement (issue 14): Landlock, scratch directory, capabilities ---
+    landlock: LandlockSpec | None = None  # complete (deny list included); None: none
+    landlock_abi: int = 0  # the ABI the spec was checked against at policy load
+    scratch: str | None = None  # created 0700 for the job's user, removed after it
+    capabilities: Sequence[int] = ()  # what a job of a root spawner keeps (default none)
+    no_new_privs: bool = True
 
 
 class SpawnFailure(OSError):
@@ -142,6 +149,23 @@ def plan_of(spec: SpawnSpec) -> tuple[dict[str, Any], list[str], list[int]]:
     }
     if spec.cgroup is not None:
         plan["cgroup"] = dict(spec.cgroup)
+    # --- confinement (issue 14) ---
+    if spec.landlock is not None and spec.landlock_abi >= 1:
+        ll = spec.landlock
+        plan["landlock"] = {
+            "abi": spec.landlock_abi,
+            "read_exec": list(ll.read_exec),
+            "read": list(ll.read),
+            "write": list(ll.write),
+            "connect_tcp": None if ll.connect_tcp is None else list(ll.connect_tcp),
+            "bind_tcp": None if ll.bind_tcp is None else list(ll.bind_tcp),
+            "scope_signals": ll.scope_signals,
+            "scope_abstract_unix": ll.scope_abstract_unix,
+            "deny": list(ll.deny),
+        }
+    plan["scratch"] = spec.scratch
+    plan["capabilities"] = sorted(spec.capabilities)
+    plan["no_new_privs"] = spec.no_new_privs
     roles, fds = ["stdout"], [spec.stdout_fd]
     for role, fd in (
         ("exec", spec.exec_fd),

@@ -60,15 +60,18 @@ from __future__ import annotations
 import errno
 import fcntl
 import gc
+import json
 import os
 import resource
 import selectors
+import shutil
 import signal
 import socket
 import sys
 from typing import Any, NoReturn
 
-from agent.daemon import cgroups
+from agent.daemon import capabilities as caps_mod
+from agent.daemon import cgroups, landlock
 from agent.daemon import spawnproto as proto
 
 # Limit name (agent.vocabulary.LIMIT_NAMES) -> (resource, extra hard seconds).
@@ -84,6 +87,8 @@ CAP_SYS_RESOURCE = 24
 # keeps is first moved above them.
 FIRST_FREE_FD = 5
 PR_SET_PDEATHSIG = 1
+# Prepared Landlock rulesets kept (one per distinct entry spec; a reload adds new ones).
+LANDLOCK_CACHE = 64
 
 
 def _has_cap(bit: int) -> bool:
@@ -169,6 +174,21 @@ def check_plan(plan: Any, fds: dict[str, int]) -> str:
                 k not in CGROUP_LIMITS or isinstance(v, bool) or not isinstance(v, int) or v <= 0
             ):
                 return f"malformed plan: cgroup {k}"
+    # --- confinement (issue 14) ---
+    scratch, caps = plan.get("scratch"), plan.get("capabilities", [])
+    if scratch is not None and (
+        not isinstance(scratch, str) or not scratch.startswith("/") or "\0" in scratch
+    ):
+        return "malformed plan: scratch"
+    if not isinstance(caps, list) or not all(
+        isinstance(c, int) and not isinstance(c, bool) and 0 <= c < 64 for c in caps
+    ):
+        return "malformed plan: capabilities"
+    if not isinstance(plan.get("no_new_privs", True), bool):
+        return "malformed plan: no_new_privs"
+    ll = plan.get("landlock")
+    if ll is not None and (not isinstance(ll, dict) or not isinstance(ll.get("abi"), int)):
+        return "malformed plan: landlock"
     return ""
 
 
@@ -176,19 +196,100 @@ def check_plan(plan: Any, fds: dict[str, int]) -> str:
 CGROUP_LIMITS = ("memory_bytes", "pids", "cpu_millicores")
 
 
-def _child(plan: dict[str, Any], fds: dict[str, int], err_w: int, reset: list[int]) -> NoReturn:
+def landlock_spec(ll: dict[str, Any]) -> landlock.LandlockSpec:
+    """The LandlockSpec of a plan's "landlock" object; raises LandlockError if malformed."""
+
+    def paths(key: str) -> tuple[str, ...]:
+        v = ll.get(key, [])
+        if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+            raise landlock.LandlockError([f"{key}: not a list of paths"])
+        return tuple(v)
+
+    def ports(key: str) -> tuple[int, ...] | None:
+        v = ll.get(key)
+        if v is None:
+            return None
+        if not isinstance(v, list) or not all(isinstance(x, int) for x in v):
+            raise landlock.LandlockError([f"{key}: not a list of ports"])
+        return tuple(v)
+
+    return landlock.LandlockSpec(
+        read_exec=paths("read_exec"),
+        read=paths("read"),
+        write=paths("write"),
+        connect_tcp=ports("connect_tcp"),
+        bind_tcp=ports("bind_tcp"),
+        scope_signals=ll.get("scope_signals") is not False,
+        scope_abstract_unix=ll.get("scope_abstract_unix") is not False,
+        deny=paths("deny"),
+    )
+
+
+def _switch_user(plan: dict[str, Any], root: bool, last_cap: int) -> str:
+    """The user/caps block of the child (see agent.daemon.capabilities for the order).
+
+    Returns the last step started, for the error report; raises OSError.
+    """
+    uid, gid = plan.get("uid"), plan.get("gid")
+    caps: list[int] = plan.get("capabilities", [])
+    if not root:
+        # An unprivileged spawner has no capabilities to drop or give and can only
+        # "switch" to itself (the policy refuses other users at load).
+        if uid is not None and uid != os.geteuid():
+            raise PermissionError(errno.EPERM, "setresuid")
+        return "setresuid"
+    target = 0 if uid is None else uid
+    if uid is not None:
+        gid = uid if gid is None else gid
+        # Groups first, then the gid, then the uid: after setresuid the
+        # process could no longer drop the others.
+        os.setgroups([])
+        os.setresgid(gid, gid, gid)
+    if caps and target != 0:
+        caps_mod.keep_caps()
+    # Before setresuid: dropping from the bounding set needs CAP_SETPCAP. A job of a
+    # root spawner never gets back a capability its entry does not name, not even
+    # through a set-uid root program.
+    caps_mod.drop_bounding(caps, last_cap)
+    if uid is not None:
+        os.setresuid(uid, uid, uid)
+    if target == 0 or caps:
+        # Root keeps its full permitted set across setresuid(0): cut it to the entry's.
+        caps_mod.set_caps(caps, ambient=target != 0)
+    return "capabilities"
+
+
+def _close_all_but(keep: set[int], lo: int) -> None:
+    """Close every descriptor from ``lo`` up except ``keep``."""
+    for fd in sorted(k for k in keep if k >= lo):
+        os.closerange(lo, fd)
+        lo = fd + 1
+    os.closerange(lo, os.sysconf("SC_OPEN_MAX"))
+
+
+def _child(
+    plan: dict[str, Any],
+    fds: dict[str, int],
+    err_w: int,
+    reset: list[int],
+    confine: landlock.Prepared | None = None,
+    root: bool = False,
+    last_cap: int = 40,
+    scratch_fd: int = -1,
+) -> NoReturn:
     """Set up and exec the job in the forked child; never returns."""
     step = "setup"
     try:
         # Keep only what the job needs, moved above the numbers it will get:
         # the spawner's own descriptors (other jobs' pidfds, the socket) may
         # sit anywhere, even above the job's RLIMIT_NOFILE.
+        # The prepared Landlock descriptors stay where they are: the ruleset's rules
+        # name them by number (all close-on-exec, and above the job's numbers).
+        ruleset_fds = set(confine.descriptors()) if confine is not None else set()
+        if scratch_fd >= 0:
+            ruleset_fds.add(scratch_fd)
         keep = sorted({err_w, *fds.values()})
-        lo = 0
-        for fd in keep:
-            os.closerange(lo, fd)
-            lo = fd + 1
-        os.closerange(lo, os.sysconf("SC_OPEN_MAX"))
+        _close_all_but({*keep, *ruleset_fds}, 0)
         moved = {k: fcntl.fcntl(v, fcntl.F_DUPFD_CLOEXEC, FIRST_FREE_FD) for k, v in fds.items()}
         err_w = fcntl.fcntl(err_w, fcntl.F_DUPFD_CLOEXEC, FIRST_FREE_FD)
         for fd in keep:
@@ -205,17 +306,10 @@ def _child(plan: dict[str, Any], fds: dict[str, int], err_w: int, reset: list[in
         os.umask(plan["umask"])
         step = "chdir"
         os.chdir(plan["cwd"])
-        uid, gid = plan.get("uid"), plan.get("gid")
-        if uid is not None:
-            gid = uid if gid is None else gid
-            # Groups first, then the gid, then the uid: after setresuid the
-            # process could no longer drop the others.
-            step = "setgroups"
-            os.setgroups([])
-            step = "setresgid"
-            os.setresgid(gid, gid, gid)
-            step = "setresuid"
-            os.setresuid(uid, uid, uid)
+        # --- user and capabilities (issue 14) ---
+        step = "user switch"
+        if plan.get("uid") is not None or root:
+            _switch_user(plan, root, last_cap)
         step = "signals"
         for sig in reset:
             signal.signal(sig, signal.SIG_DFL)
@@ -241,11 +335,22 @@ def _child(plan: dict[str, Any], fds: dict[str, int], err_w: int, reset: list[in
             program = top
             top += 1
         step = "close descriptors"
-        os.closerange(top, err_w)
-        os.closerange(err_w + 1, os.sysconf("SC_OPEN_MAX"))
-        # Landlock hook: the policy's ruleset is applied here (later).
+        _close_all_but({err_w, *ruleset_fds}, top)
+        # --- Landlock (issue 14) ---
+        # Last before exec: everything the child opens itself is open, and the domain
+        # (with no_new_privs) also binds whatever the job execs.
+        if confine is not None:
+            step = "landlock"
+            confine.restrict(extra_write_dirs=[scratch_fd] if scratch_fd >= 0 else [])
+        elif plan.get("no_new_privs", True):
+            step = "no_new_privs"
+            caps_mod.no_new_privs()
         step = "execve"
         os.execve(program, plan["argv"], plan["env"])  # noqa: S606 - no shell, by design
+    except landlock.LandlockStepError as e:
+        step, code = f"landlock: {e.step}", e.errno or errno.EIO
+    except caps_mod.CapError as e:
+        step, code = e.step, e.errno or errno.EIO
     except OSError as e:
         code = e.errno or errno.EIO
     except BaseException:
@@ -259,11 +364,19 @@ def _child(plan: dict[str, Any], fds: dict[str, int], err_w: int, reset: list[in
 class Starting:
     """A forked child whose exec is not yet known to have succeeded."""
 
-    __slots__ = ("cg", "fd", "pid", "report", "rid")
+    __slots__ = ("cg", "fd", "pid", "report", "rid", "scratch")
 
-    def __init__(self, pid: int, rid: Any, fd: int, cg: cgroups.JobCgroup | None) -> None:
+    def __init__(
+        self,
+        pid: int,
+        rid: Any,
+        fd: int,
+        cg: cgroups.JobCgroup | None = None,
+        scratch: str | None = None,
+    ) -> None:
         self.pid, self.rid, self.fd, self.cg = pid, rid, fd, cg
         self.report = b""
+        self.scratch = scratch
 
 
 class Draining:
@@ -291,6 +404,70 @@ class Spawner:
         self.nr_open = _nr_open()
         self.reset_signals: list[int] = []
         self.running = True
+        # --- confinement (issue 14) ---
+        self.root = os.geteuid() == 0
+        self.last_cap = caps_mod.last_cap()
+        self.rulesets: dict[str, landlock.Prepared] = {}  # spec (JSON) -> prepared, per entry
+        self.scratch: dict[int, str] = {}  # pid -> its scratch directory, removed at exit
+        self.scratch_roots: dict[str, str] = {}  # scratch root -> its canonical path
+        # Hold every number below FIRST_FREE_FD: a prepared ruleset's descriptors must
+        # never land where the child puts the job's own (0-4) with dup2.
+        while (low := os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)) < FIRST_FREE_FD:
+            pass
+        os.close(low)
+
+    def ruleset(self, ll: dict[str, Any], scratch: str | None) -> landlock.Prepared:
+        """The prepared ruleset of an entry's spec (and scratch root), built once; raises
+        LandlockError or OSError."""
+        root = None
+        if scratch:
+            parent = os.path.dirname(scratch)
+            root = self.scratch_roots.get(parent)
+            if root is None:  # canonical, as the kernel will see it (O_NOFOLLOW open)
+                root = self.scratch_roots[parent] = os.path.realpath(parent)
+        key = json.dumps([ll, root], sort_keys=True)
+        prepared = self.rulesets.get(key)
+        if prepared is None:
+            spec = landlock_spec(ll)
+            rules = landlock.plan_rules(spec)
+            prepared = landlock.prepare(rules, spec, ll["abi"], root)
+            if len(self.rulesets) >= LANDLOCK_CACHE:  # oldest first: entries of old policies
+                self.rulesets.pop(next(iter(self.rulesets))).close()
+            self.rulesets[key] = prepared
+        return prepared
+
+    def remove_scratch(self, path: str | None) -> None:
+        """Remove a job's scratch directory (its group is dead: nothing writes there)."""
+        if path is None:
+            return
+        try:
+            os.rmdir(path)  # the common case, an empty directory: one system call
+        except OSError:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def make_scratch(self, plan: dict[str, Any]) -> tuple[str | None, int]:
+        """Create the job's scratch directory, 0700 and owned by the job's user; returns it
+        and an O_PATH descriptor of it (-1 without one) for the child's Landlock rule."""
+        path: str | None = plan.get("scratch")
+        if path is None:
+            return None, -1
+        os.mkdir(path, 0o700)  # never an existing one: it could be someone else's
+        fd = -1
+        try:
+            # The directory just made, not whatever the path names later: the job's
+            # write rule lands on this inode. Its parent, the scratch root, was checked
+            # against the deny list at start-up.
+            fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            uid = plan.get("uid")
+            if uid is not None and self.root:
+                gid = plan.get("gid")
+                os.chown(path, uid, uid if gid is None else gid, follow_symlinks=False)
+        except BaseException:
+            if fd >= 0:
+                os.close(fd)
+            os.rmdir(path)
+            raise
+        return path, fd
 
     def setup_signals(self) -> None:
         """Survive the terminal's and the service manager's signals; note what the child resets."""
@@ -367,6 +544,8 @@ class Spawner:
             err = check_limits(
                 plan.get("limits", {}), privileged=self.privileged, nr_open=self.nr_open
             )
+        if not err and isinstance(plan, dict) and plan.get("capabilities") and not self.root:
+            err = "capabilities: the job spawner does not run as root"
         if err or not isinstance(plan, dict):
             self.send({"op": "spawned", "id": rid, "error": err, "errno": errno.EINVAL})
             return
@@ -381,10 +560,37 @@ class Spawner:
                     self.remove_cgroup(cg)
                 self.send({"op": "spawned", "id": rid, "error": str(e), "errno": errno.EIO})
                 return
+        # --- confinement (issue 14): ruleset and scratch, before the fork ---
+        confine: landlock.Prepared | None = None
+        scratch: str | None = None
+        scratch_fd = -1
+        try:
+            if plan.get("landlock") is not None:
+                step = "landlock"
+                confine = self.ruleset(plan["landlock"], plan.get("scratch"))
+            step = "scratch directory"
+            scratch, scratch_fd = self.make_scratch(plan)
+        except (landlock.LandlockError, OSError) as e:
+            code = getattr(e, "errno", None) or errno.EPERM
+            text = f"{step}: {e}" if isinstance(e, landlock.LandlockError) else None
+            if cg is not None:
+                self.remove_cgroup(cg)
+            self.send(
+                {
+                    "op": "spawned",
+                    "id": rid,
+                    "error": text or proto.error_text(step, code),
+                    "errno": code,
+                }
+            )
+            return
         r, w = os.pipe2(os.O_CLOEXEC)
         try:
             pid = os.fork()
         except OSError as e:
+            self.remove_scratch(scratch)
+            if scratch_fd >= 0:
+                os.close(scratch_fd)
             os.close(r)
             os.close(w)
             code = e.errno or errno.EIO
@@ -395,15 +601,17 @@ class Spawner:
             )
             return
         if pid == 0:
-            _child(plan, fds, w, self.reset_signals)
+            _child(plan, fds, w, self.reset_signals, confine, self.root, self.last_cap, scratch_fd)
         os.close(w)
+        if scratch_fd >= 0:
+            os.close(scratch_fd)
         for fd in fds.values():
             os.close(fd)
         fds.clear()
         # Not waited for here: the answer goes out when the error pipe reaches
         # end of file (exec done) or carries a report, so the next job can be
         # forked while this one is still setting up.
-        self.sel.register(r, selectors.EVENT_READ, Starting(pid, rid, r, cg))
+        self.sel.register(r, selectors.EVENT_READ, Starting(pid, rid, r, cg, scratch))
 
     def create_cgroup(self, req: dict[str, Any]) -> cgroups.JobCgroup:
         """The job's leaf with its limits; raises CgroupError (MissingController) or ValueError."""
@@ -434,6 +642,7 @@ class Spawner:
             os.waitpid(st.pid, 0)
             if st.cg is not None:
                 self.remove_cgroup(st.cg)
+            self.remove_scratch(st.scratch)
             step, _, number = st.report.decode("utf-8", "replace").partition("\0")
             try:
                 num = int(number)
@@ -447,6 +656,8 @@ class Spawner:
         self.children[st.pid] = pidfd
         if st.cg is not None:
             self.cgroups[st.pid] = st.cg
+        if st.scratch is not None:
+            self.scratch[st.pid] = st.scratch
         self.sel.register(pidfd, selectors.EVENT_READ, st.pid)
         self.send({"op": "spawned", "id": st.rid, "pid": st.pid})
 
@@ -486,6 +697,7 @@ class Spawner:
         pidfd = self.children.pop(pid)
         self.sel.unregister(pidfd)
         os.close(pidfd)
+        self.remove_scratch(self.scratch.pop(pid, None))
         code = os.waitstatus_to_exitcode(status)
         msg: dict[str, Any] = {
             "op": "exited",

@@ -11,6 +11,7 @@ No gRPC here: it must be importable before the cipher policy is set.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import pwd
@@ -22,7 +23,7 @@ from pathlib import Path
 from agent import tls, x509
 from agent.configfile import ConfigError, is_loopback_host, split_host_port
 from agent.crl import CRLError, RevocationChecker
-from agent.daemon import cgroups
+from agent.daemon import cgroups, landlock
 from agent.daemon import policy as policy_mod
 from agent.daemon.config import Config
 from agent.daemon.supervisor import CGROUP_LIMITS, JobUser, instance_id
@@ -50,6 +51,8 @@ class Prepared:
     certificates: tuple[tls.CertExpiry, ...] = ()
     # [auth] crl_files, loaded and verified (None: no CRL configured).
     revocation: RevocationChecker | None = None
+    # Paths no job may ever reach, whatever the policy says (see deny_paths).
+    deny: tuple[str, ...] = ()
 
 
 def _err(cfg: Config, section: str, key: str, msg: str) -> ConfigError:
@@ -232,6 +235,177 @@ def job_reader(job_user: JobUser) -> policy_mod.Reader | None:
     return policy_mod.Reader(job_user.uid, job_user.gid, job_user.name)
 
 
+def deny_paths(cfg: Config) -> tuple[str, ...]:
+    """What Landlock keeps away from every job: the agent's keys, its configuration
+    directory (config, policy, certificates), its state (history, every job's output,
+    pid file), its audit log and its log file."""
+    paths: list[Path] = [cfg.path.parent, cfg.jobs.state_dir, cfg.output_dir, cfg.audit_file]
+    paths += [cfg.pid_file]
+    for key in (cfg.grpc_server.key_file, cfg.scheduler.key_file, cfg.jobs.policy_file):
+        if key is not None:
+            paths.append(key)
+    if cfg.logging.file is not None:
+        paths.append(cfg.logging.file)
+    out: list[str] = []
+    for p in paths:
+        for form in (os.path.normpath(p), os.path.realpath(p)):
+            if form not in out:
+                out.append(form)
+    return tuple(out)
+
+
+def _within(path: str, top: str) -> bool:
+    return path == top or path.startswith(top.rstrip("/") + "/")
+
+
+def _config_dirs(cfg: Config) -> set[str]:
+    return {os.path.normpath(cfg.path.parent), os.path.realpath(cfg.path.parent)}
+
+
+def _pierce_config_dir(
+    deny: tuple[str, ...], config_dirs: set[str], own: set[str]
+) -> tuple[str, ...]:
+    """The deny list of an entry whose program or scripts live inside the agent's
+    configuration directory (a development checkout: config.toml next to examples/).
+
+    The job must read its own program and scripts, so for that entry the directory is
+    denied except the branches leading to them; every other denied path (the config
+    and policy files, the keys, the state) stays denied as a whole.
+    """
+    keep = [os.path.realpath(p) for p in own]
+    soft = [d for d in deny if d in config_dirs and any(_within(k, d) for k in keep)]
+    if not soft:
+        return deny
+    carved: list[str] = []
+
+    def carve(d: str) -> None:
+        if any(k == d for k in keep):
+            return  # the folder the job needs: open (its denied files stay denied)
+        if not any(_within(k, d) for k in keep):
+            carved.append(d)
+            return
+        try:
+            children = os.scandir(d)
+        except OSError:
+            carved.append(d)
+            return
+        with children:
+            for child in children:
+                carve(child.path)
+
+    for d in soft:
+        carve(d)
+    return tuple(dict.fromkeys([*(d for d in deny if d not in soft), *carved]))
+
+
+def confine_policy(
+    pol: policy_mod.Policy, cfg: Config, deny: tuple[str, ...]
+) -> tuple[policy_mod.Policy, list[str]]:
+    """Check every entry's confinement against the kernel and this agent; one line each.
+
+    Returns the policy with each entry's Landlock spec completed (the deny list added,
+    degraded in best-effort mode, ``abi`` set) and the warnings to log. Raises
+    PolicyError naming the entry and the missing feature or the offending key.
+    """
+    abi = landlock.effective_abi(None if cfg.confinement.max_abi < 0 else cfg.confinement.max_abi)
+    best_effort = cfg.confinement.landlock == "best_effort"
+    root = os.geteuid() == 0
+    warnings: list[str] = []
+    entries = []
+    for e in pol.entries:
+        where = f"{pol.source}: entry {e.name!r}"
+        c = e.confinement
+        if c.uid is not None and not root and c.uid != os.geteuid():
+            raise policy_mod.PolicyError(
+                f"{where}: user: the agent does not run as root, so its jobs cannot run as "
+                f"{c.user!r} (see docs/deployment.md)"
+            )
+        if c.capabilities and not root:
+            raise policy_mod.PolicyError(
+                f"{where}: capabilities: the agent does not run as root and has none to give"
+            )
+        spec = c.landlock
+        if spec is None:  # already confined (a reload of a checked policy cannot happen)
+            entries.append(e)
+            continue
+        own = {e.command, *policy_mod.script_dirs(e.scripts)}
+        entry_deny = _pierce_config_dir(deny, _config_dirs(cfg), own)
+        for key in ("read_exec", "read", "write"):
+            for p in getattr(spec, key):
+                against = entry_deny if p in own else deny
+                hit = [d for d in against if _within(os.path.realpath(p), d) or _within(p, d)]
+                if hit:
+                    raise policy_mod.PolicyError(
+                        f"{where}: landlock: {key}: {p} is inside {hit[0]}, one of the agent's "
+                        "own files that no job may reach"
+                    )
+        spec = dataclasses.replace(spec, deny=entry_deny)
+        need, features = landlock.required_abi(spec)
+        missing = [f for f in features if landlock.FEATURES[f][0] > abi]
+        if missing and not best_effort:
+            what = "Landlock" if abi == 0 else f"Landlock ABI {need}"
+            raise policy_mod.PolicyError(
+                f"{where}: needs {what} for {', '.join(missing)} but the kernel has ABI {abi}; "
+                'relax the entry or set [confinement] landlock = "best_effort"'
+            )
+        if missing:
+            spec, lost = landlock.degrade(spec, abi)
+            warnings.append(f"{where}: best effort, not enforced: {'; '.join(lost)}")
+        confined: landlock.LandlockSpec | None = spec if abi >= 1 else None
+        if confined is not None:
+            try:
+                landlock.plan_rules(confined)
+            except landlock.LandlockError as err:
+                raise policy_mod.PolicyError(f"{where}: landlock: {err}") from None
+        entries.append(
+            dataclasses.replace(
+                e, confinement=dataclasses.replace(c, landlock=confined, abi=abi if confined else 0)
+            )
+        )
+    return dataclasses.replace(pol, entries=tuple(entries)), warnings
+
+
+def load_policy(
+    cfg: Config,
+    deny: tuple[str, ...] | None = None,
+    *,
+    reader: policy_mod.Reader | None = None,
+) -> tuple[policy_mod.Policy, list[str]]:
+    """Load and confine the configured policy (start-up and SIGHUP); raises PolicyError.
+
+    ``reader``: the job user whose access to every script location is checked.
+    """
+    assert cfg.jobs.policy_file is not None
+    pol = policy_mod.load(cfg.jobs.policy_file, reader=reader)
+    return confine_policy(pol, cfg, deny_paths(cfg) if deny is None else deny)
+
+
+def check_scratch_dir(cfg: Config, deny: tuple[str, ...], *, create: bool) -> None:
+    """The scratch root: the agent's own, 0711 (jobs reach only their own directory
+    below it), outside everything jobs are denied, and containing none of it."""
+    root = cfg.scratch_dir
+    real = os.path.realpath(root)
+    for d in deny:
+        if _within(real, d) or _within(d, real) or _within(str(root), d):
+            raise _err(
+                cfg,
+                "confinement",
+                "scratch_dir",
+                f"{root}: overlaps {d}, which jobs must never reach",
+            )
+    if create:
+        try:
+            root.mkdir(mode=0o711, parents=True, exist_ok=True)
+            if os.lstat(root).st_uid == os.geteuid():
+                # Traverse only: each job reaches its own 0700 directory, lists nothing.
+                os.chmod(root, 0o711)  # noqa: S103
+        except OSError as e:
+            raise _err(
+                cfg, "confinement", "scratch_dir", f"{root}: cannot create: {e.strerror}"
+            ) from None
+    check_private_dir(cfg, "confinement", "scratch_dir", root, create=False)
+
+
 def prepare(cfg: Config, *, create_dirs: bool = True) -> Prepared:
     """Validate everything the server needs; raise ConfigError naming the key."""
     warnings: list[str] = []
@@ -283,10 +457,12 @@ def prepare(cfg: Config, *, create_dirs: bool = True) -> Prepared:
     assert cfg.jobs.policy_file is not None
     job_user, w = resolve_job_user(cfg)
     warnings.extend(w)
+    deny = deny_paths(cfg)
     try:
-        pol = policy_mod.load(cfg.jobs.policy_file, reader=job_reader(job_user))
+        pol, w = load_policy(cfg, deny, reader=job_reader(job_user))
     except policy_mod.PolicyError as e:
         raise _err(cfg, "jobs", "policy_file", str(e)) from None
+    warnings.extend(w)
     if not pol.entries:
         warnings.append(
             f"the policy {cfg.jobs.policy_file} allows nothing: every StartJob will be denied"
@@ -301,6 +477,7 @@ def prepare(cfg: Config, *, create_dirs: bool = True) -> Prepared:
         )
     check_private_dir(cfg, "jobs", "state_dir", cfg.jobs.state_dir, create=create_dirs)
     check_private_dir(cfg, "jobs", "output_dir", cfg.output_dir, create=create_dirs)
+    check_scratch_dir(cfg, deny, create=create_dirs)
     audit_dir = cfg.audit_file.parent
     if not audit_dir.is_dir() and audit_dir not in (cfg.jobs.state_dir, cfg.output_dir):
         raise _err(cfg, "audit", "file", f"{audit_dir}: directory does not exist")
@@ -342,6 +519,7 @@ def prepare(cfg: Config, *, create_dirs: bool = True) -> Prepared:
         cgroups_owned=owned,
         certificates=tuple(certificates),
         revocation=revocation,
+        deny=deny,
     )
 
 

@@ -78,6 +78,9 @@ class Settings:
     cgroups: Subtree | None = None
     cpu_millicores: int = 0  # [cgroups] cpu_millicores: cpu.max of every job
 
+    # Each job's scratch directory (cwd, HOME, TMPDIR) is created below this; None: none.
+    scratch_dir: Path | None = None
+
 
 # Limits enforced by the job's cgroup -> (cgroups.Limits field, controller).
 # Never by an rlimit: RLIMIT_NPROC counts every process of the job's user and
@@ -247,14 +250,23 @@ class Supervisor:
         with contextlib.suppress(OSError):
             fcntl.fcntl(rfd, fcntl.F_SETPIPE_SZ, READ_CHUNK)
         s = self.settings
+        # --- confinement (issue 14): the entry's user, Landlock and scratch directory ---
+        conf = plan.confinement
+        uid, gid = s.user.uid, s.user.gid
+        if conf is not None and conf.uid is not None:
+            uid, gid = conf.uid, conf.gid
+            env["USER"] = env["LOGNAME"] = conf.user or str(conf.uid)
+        scratch = str(s.scratch_dir / job_id) if s.scratch_dir is not None else None
+        if scratch is not None:
+            env["HOME"] = env["TMPDIR"] = scratch
         spec = SpawnSpec(
             argv=plan.argv,
             executable=plan.executable,
             env=env,
-            cwd=plan.cwd or "/",
+            cwd=plan.cwd or scratch or "/",
             stdout_fd=wfd,
-            uid=s.user.uid,
-            gid=s.user.gid,
+            uid=uid,
+            gid=gid,
             umask=s.umask,
             limits={
                 k: v for k, v in limits.items() if k != "output_bytes" and k not in CGROUP_LIMITS
@@ -262,6 +274,11 @@ class Supervisor:
             exec_fd=plan.exec_fd,
             script_fd=plan.script_fd,
             cgroup={"id": job_id, **cg_limits} if s.cgroups is not None else None,
+            landlock=conf.landlock if conf is not None else None,
+            landlock_abi=conf.abi if conf is not None else 0,
+            scratch=scratch,
+            capabilities=conf.capabilities if conf is not None else (),
+            no_new_privs=conf.no_new_privs if conf is not None else True,
         )
         life = lc.Life(
             timeout_seconds=admitted.timeout,

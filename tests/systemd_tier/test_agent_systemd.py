@@ -608,20 +608,23 @@ def test_stop_ends_jobs_gracefully_and_history_survives(running: Agent, timings:
 
 
 DENIED = ("/etc", "/usr", JOB_DIR, "/opt/worker-agent", "/home", "/root", "/var", "/srv", "/run")
-ALLOWED = ("/tmp", "/var/tmp", "/var/lib/worker-agent")
+# Writable under the unit, but not to a job: Landlock keeps it to its scratch directory
+# (tests/systemd_tier/test_deployments.py checks that one).
+CONFINED = ("/tmp", "/var/tmp", "/var/lib/worker-agent")
+ALLOWED: tuple[str, ...] = ()
 
 
 def test_jobs_write_only_where_the_unit_allows(running: Agent) -> None:
-    """A job cannot write to /etc, /usr, /opt/worker-agent, /home...; it can to /tmp, its state."""
+    """A job cannot write to /etc, /usr, /opt/worker-agent, /home..., nor /tmp or the state."""
     client = running.client()
     jobs = {
         path: client.start("bash", f"{JOB_DIR}/write.sh", args=[path])
-        for path in (*DENIED, *ALLOWED)
+        for path in (*DENIED, *CONFINED, *ALLOWED)
     }
     results = {
         path: (client.wait(job, timeout=30), output(client, job)) for path, job in jobs.items()
     }
-    for path in DENIED:
+    for path in (*DENIED, *CONFINED):
         status, text = results[path]
         assert (status.state, status.exit_code) == ("FAILED", 3), (path, status, text)
         assert "Read-only file system" in text or "Permission denied" in text, (path, text)

@@ -1,0 +1,292 @@
+# ruff: noqa: F811 - the fixtures of test_agent_systemd are imported and used by name
+"""Both shipped deployments under a real systemd: what a job can and cannot do in each.
+
+One container for the module. First ``systemd/worker-agent.service`` (the unprivileged agent,
+jobs as ``agent``): hostile jobs try to read the key, the history and the audit log, to
+write outside their scratch, to connect to the agent's own port and to signal the agent.
+Then the same container switches to ``systemd/agent-privileged.service`` (the agent as
+root, jobs as per-entry users): a root entry with no capabilities restarts a test
+service, a `nobody` entry running the same command cannot; an entry with
+CAP_NET_BIND_SERVICE binds a port below 1024, the same program in an entry without it
+cannot; and no job, root or not, can read the agent's key.
+"""
+
+from __future__ import annotations
+
+import socket
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent.client import AgentClient
+
+from . import nspawn
+from .test_agent_systemd import (  # noqa: F401 - module fixtures, shared on purpose
+    CERT_DIR,
+    JOB_DIR,
+    REPO,
+    SYSUSERS,
+    TMPFILES,
+    agent_config,
+    certs,
+    container,
+    output,
+    wheelhouse,
+)
+from helpers import Certs, free_port, to_toml
+
+pytestmark = pytest.mark.systemd
+
+UNPRIVILEGED = REPO / "systemd" / "worker-agent.service"
+PRIVILEGED = REPO / "systemd" / "worker-agent-privileged.service"
+PRIVILEGED_TMPFILES = REPO / "systemd" / "worker-agent-privileged.tmpfiles"
+SERVICE = "worker-agent.service"
+TARGET = "agent-test-target.service"
+KEY = f"{CERT_DIR}/server.key"
+
+PROBES = {
+    "cat.sh": 'cat "$@"\n',
+    "write.sh": 'echo written > "$1" && echo WROTE\n',
+    "home.sh": 'echo x > "$HOME/f" && echo "SCRATCH $HOME"\n',
+    "connect.sh": 'exec 3<>"/dev/tcp/127.0.0.1/$1" && echo CONNECTED\n',
+    "kill.sh": 'kill -0 "$1" && echo SIGNALLED\n',
+    "restart.sh": f"systemctl restart {TARGET} && echo RESTARTED\n",
+    "whoami.sh": 'id -un; grep -E "^Cap(Eff|Bnd)" /proc/self/status\n',
+}
+BIND = "import socket,sys; socket.socket().bind(('127.0.0.1', int(sys.argv[1]))); print('BOUND')"
+
+
+def _probes_entry(name: str, alias: str, extra: str = "") -> str:
+    return textwrap.indent(
+        textwrap.dedent(f"""\
+            - name: {name}
+              command: /bin/bash
+              aliases: [{alias}]
+              scripts: ["{JOB_DIR}/*.sh"]
+            """)
+        + textwrap.indent(textwrap.dedent(extra), "  "),
+        "  ",
+    )
+
+
+def _low_port() -> int:
+    for port in range(700, 1000):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no free port below 1024 on the shared loopback")
+
+
+class Deployed:
+    """The installed agent of one deployment."""
+
+    def __init__(self, box: nspawn.Container, port: int, certs: Certs) -> None:
+        self.box, self.port, self.certs = box, port, certs
+        self.clients: list[AgentClient] = []
+
+    def client(self) -> AgentClient:
+        c = AgentClient(f"127.0.0.1:{self.port}", self.certs.tls("client"), timeout=20.0)
+        self.clients.append(c)
+        return c
+
+    def run(self, command: str, *args: str) -> tuple[int | None, str]:
+        """Start a job, wait for it, return its exit code and output."""
+        c = self.client()
+        job = c.start(command, args[0] if args else "", args=list(args[1:]))
+        st = c.wait(job, timeout=30)
+        assert st.done, st
+        return st.exit_code, output(c, job)
+
+    def main_pid(self) -> str:
+        return self.box.unit_properties(SERVICE, "MainPID")["MainPID"]
+
+    def close(self) -> None:
+        for c in self.clients:
+            c.close()
+
+
+def _install(
+    box: nspawn.Container, unit: Path, config: str, policy: str, certs: Certs, port: int
+) -> Deployed:
+    box.systemctl("stop", SERVICE)
+    box.copy_in(unit, "/etc/systemd/system/worker-agent.service")
+    box.write_file("/etc/worker-agent/config.toml", config, mode=0o640, owner="root:worker-agent")
+    box.write_file("/etc/worker-agent/policy.yaml", policy, mode=0o640, owner="root:worker-agent")
+    box.systemctl("daemon-reload").check("daemon-reload")
+    box.systemctl("reset-failed", SERVICE)
+    result = box.systemctl("start", SERVICE)
+    assert result.rc == 0, box.journal(SERVICE)
+    return Deployed(box, port, certs)
+
+
+@pytest.fixture(scope="module")
+def installed(container: nspawn.Container, certs: Certs) -> nspawn.Container:
+    """The venv, user, directories, certificates and probe scripts (both deployments)."""
+    box = container
+    nspawn.install_wheels(box, ["worker-agent"])
+    box.copy_in(SYSUSERS, "/usr/lib/sysusers.d/worker-agent.conf")
+    box.copy_in(TMPFILES, "/usr/lib/tmpfiles.d/worker-agent.conf")
+    box.run(
+        "systemd-sysusers worker-agent.conf && systemd-tmpfiles --create worker-agent.conf",
+        check=True,
+    )
+    for name, body in PROBES.items():
+        box.write_file(f"{JOB_DIR}/{name}", "#!/bin/bash\n" + body, mode=0o755, owner="root:root")
+    box.run(["chmod", "0755", JOB_DIR], check=True)
+    box.copy_in(certs.ca, f"{CERT_DIR}/ca.crt", owner="root:root", mode=0o644)
+    box.copy_in(certs.crt("server"), f"{CERT_DIR}/server.crt", owner="root:root", mode=0o644)
+    box.copy_in(certs.key("server"), KEY, owner="worker-agent:worker-agent", mode=0o600)
+    box.write_file(
+        f"/etc/systemd/system/{TARGET}",
+        "[Service]\nExecStart=/bin/sleep infinity\n",
+        mode=0o644,
+        owner="root:root",
+    )
+    box.systemctl("daemon-reload").check("daemon-reload")
+    box.systemctl("start", TARGET).check("start the test target")
+    return box
+
+
+@pytest.fixture(scope="module")
+def unprivileged(installed: nspawn.Container, certs: Certs) -> Iterator[Deployed]:
+    """systemd/worker-agent.service as shipped, the default confinement."""
+    port = free_port()
+    policy = "version: 1\nentries:\n" + _probes_entry("probe", "bash")
+    d = _install(installed, UNPRIVILEGED, agent_config(port), policy, certs, port)
+    yield d
+    d.close()
+
+
+@pytest.fixture(scope="module")
+def privileged(
+    installed: nspawn.Container, certs: Certs, unprivileged: Deployed
+) -> Iterator[tuple[Deployed, int]]:
+    """systemd/worker-agent-privileged.service: root agent, jobs as per-entry users."""
+    unprivileged.close()
+    port, low = free_port(), _low_port()
+    # The unprivileged config plus what docs/deployment.md adds for this deployment.
+    config = to_toml({"confinement": {"scratch_dir": "/var/lib/worker-agent-scratch"}})
+    config += agent_config(port).replace("[jobs]\n", '[jobs]\nrun_as_user = "nobody"\n', 1)
+    python = f"""\
+          command: /usr/bin/python3
+          args: {{max_count: 3}}
+          user: nobody
+          landlock: {{bind_tcp: [{low}]}}
+    """
+    policy = (
+        "version: 1\nentries:\n"
+        + _probes_entry(
+            "restarter",
+            "rootbash",
+            """\
+            user: root
+            allow_root: true
+            capabilities: []
+            landlock: {read: [/run/systemd]}
+            """,
+        )
+        + _probes_entry("nobody-probe", "bash", "landlock: {read: [/run/systemd]}\n")
+        + "  - name: binder\n    aliases: [binder]\n    capabilities: [CAP_NET_BIND_SERVICE]\n"
+        + textwrap.indent(textwrap.dedent(python), "    ")
+        + "  - name: plain\n    aliases: [plain]\n"
+        + textwrap.indent(textwrap.dedent(python), "    ")
+    )
+    installed.copy_in(PRIVILEGED_TMPFILES, "/usr/lib/tmpfiles.d/worker-agent.conf")
+    installed.run(
+        "systemd-tmpfiles --create worker-agent.conf", check=True
+    )  # the key is root's now
+    d = _install(installed, PRIVILEGED, config, policy, certs, port)
+    yield d, low
+    d.close()
+    installed.systemctl("stop", SERVICE)
+
+
+# -- the unprivileged deployment ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "secret", [KEY, "/var/lib/worker-agent/jobs.sqlite3", "/var/log/worker-agent/audit.log"]
+)
+def test_unprivileged_job_cannot_read_the_agents_files(unprivileged: Deployed, secret: str) -> None:
+    """A job (same user as the agent) cannot read the key, the history or the audit log."""
+    assert unprivileged.box.run(["test", "-s", secret]).rc == 0
+    code, out = unprivileged.run("bash", f"{JOB_DIR}/cat.sh", secret)
+    assert code != 0 and "Permission denied" in out, out
+
+
+def test_unprivileged_job_writes_only_its_scratch(unprivileged: Deployed) -> None:
+    """A job writes its scratch directory (HOME) but not /tmp or the state directory."""
+    code, out = unprivileged.run("bash", f"{JOB_DIR}/home.sh")
+    assert code == 0 and "SCRATCH /tmp/agent-scratch-" in out, out
+    for path in ("/tmp/escape", "/var/lib/worker-agent/escape", "/var/tmp/escape"):
+        code, out = unprivileged.run("bash", f"{JOB_DIR}/write.sh", path)
+        assert "WROTE" not in out and "Permission denied" in out, (path, out)
+
+
+def test_unprivileged_job_cannot_connect_or_signal(unprivileged: Deployed) -> None:
+    """A job cannot connect to the agent's own port, nor signal the agent."""
+    code, out = unprivileged.run("bash", f"{JOB_DIR}/connect.sh", str(unprivileged.port))
+    assert "CONNECTED" not in out and "Permission denied" in out, out
+    code, out = unprivileged.run("bash", f"{JOB_DIR}/kill.sh", unprivileged.main_pid())
+    assert "SIGNALLED" not in out and code != 0, out
+
+
+# -- the privileged deployment ----------------------------------------------------------
+
+
+def _invocation(box: nspawn.Container) -> str:
+    return box.unit_properties(TARGET, "InvocationID")["InvocationID"]
+
+
+def test_privileged_root_entry_restarts_a_service_and_nobody_cannot(
+    privileged: tuple[Deployed, int],
+) -> None:
+    """A root entry without capabilities restarts the test service; a `nobody` entry
+    running the same script cannot."""
+    d, _ = privileged
+    before = _invocation(d.box)
+    code, out = d.run("bash", f"{JOB_DIR}/restart.sh")
+    assert "RESTARTED" not in out and code != 0, out
+    assert _invocation(d.box) == before
+    code, out = d.run("rootbash", f"{JOB_DIR}/restart.sh")
+    assert code == 0 and "RESTARTED" in out, out
+    assert _invocation(d.box) != before
+
+
+def test_privileged_capability_entry_binds_a_low_port_and_others_cannot(
+    privileged: tuple[Deployed, int],
+) -> None:
+    """CAP_NET_BIND_SERVICE (ambient, as nobody) binds a port below 1024; the same program
+    in an entry without it cannot."""
+    d, low = privileged
+    code, out = d.run("binder", "-c", BIND, str(low))
+    assert code == 0 and "BOUND" in out, out
+    code, out = d.run("plain", "-c", BIND, str(low))
+    assert "BOUND" not in out and "Permission denied" in out, out
+
+
+def test_privileged_no_job_reads_the_key(privileged: tuple[Deployed, int]) -> None:
+    """Neither the root entry nor the nobody entry can read the agent's key or history."""
+    d, _ = privileged
+    for command in ("rootbash", "bash"):
+        for secret in (KEY, "/var/lib/worker-agent/jobs.sqlite3"):
+            code, out = d.run(command, f"{JOB_DIR}/cat.sh", secret)
+            assert code != 0 and "Permission denied" in out, (command, secret, out)
+
+
+def test_privileged_jobs_have_their_entrys_user_and_no_capabilities(
+    privileged: tuple[Deployed, int],
+) -> None:
+    """The root entry's job is root with empty capability sets; the other is nobody."""
+    d, _ = privileged
+    code, out = d.run("rootbash", f"{JOB_DIR}/whoami.sh")
+    lines = out.splitlines()
+    assert code == 0 and lines[0] == "root", out
+    assert all(int(x.split()[1], 16) == 0 for x in lines[1:]), out
+    code, out = d.run("bash", f"{JOB_DIR}/whoami.sh")
+    assert code == 0 and out.splitlines()[0] == "nobody", out
