@@ -19,25 +19,21 @@ import asyncio
 import json
 import os
 import sys
-import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 from agent.daemon import cgroups
-from agent.daemon.lifecycle import Exit
 from agent.daemon.spawn import SpawnerOps, SpawnSpec
 
-from .spawncost import _cpu_of
+from .spawnloop import levels, measure
 
 
 async def _measure(ops: SpawnerOps, jobs: int, level: int, with_cgroup: bool) -> dict[str, Any]:
-    loop = asyncio.get_running_loop()
     null = os.open("/dev/null", os.O_WRONLY | os.O_CLOEXEC)
-    latencies: list[float] = []
 
-    async def one() -> None:
-        spec = SpawnSpec(
+    def spec() -> SpawnSpec:
+        return SpawnSpec(
             argv=["/bin/true"],
             executable="/bin/true",
             env={"PATH": "/usr/bin:/bin"},
@@ -49,33 +45,11 @@ async def _measure(ops: SpawnerOps, jobs: int, level: int, with_cgroup: bool) ->
             limits={},
             cgroup={"id": str(uuid.uuid4())} if with_cgroup else None,
         )
-        done: asyncio.Future[Exit] = loop.create_future()
-        t0 = time.perf_counter()
-        await ops.spawn(spec, done.set_result)
-        await done
-        latencies.append(time.perf_counter() - t0)
 
-    async def worker(n: int) -> None:
-        for _ in range(n):
-            await one()
-
-    for _ in range(20):  # warm-up
-        await one()
-    latencies.clear()
-    s0 = _cpu_of(ops.spawner_pid)
-    t0 = time.perf_counter()
-    await asyncio.gather(*(worker(jobs // level) for _ in range(level)))
-    wall = time.perf_counter() - t0
-    s1 = _cpu_of(ops.spawner_pid)
-    os.close(null)
-    n = len(latencies)
-    return {
-        "jobs": n,
-        "in_flight": level,
-        "jobs_per_s": round(n / wall, 1),
-        "latency_ms": round(1000 * sum(latencies) / n, 3),
-        "spawner_cpu_ms_per_job": round(1000 * (s1 - s0) / n, 3),
-    }
+    try:
+        return await measure(ops, spec, jobs, level, spawner_pid=ops.spawner_pid, spawner_cpu=True)
+    finally:
+        os.close(null)
 
 
 async def _run(args: argparse.Namespace, subtree: cgroups.Subtree) -> list[dict[str, Any]]:
@@ -103,7 +77,7 @@ def main(argv: list[str]) -> int:
     """Entry point; returns the exit status."""
     p = argparse.ArgumentParser(prog="python -m bench.cgroupcost")
     p.add_argument("--jobs", type=int, default=1000)
-    p.add_argument("--levels", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16])
+    p.add_argument("--levels", type=levels, default=[1, 16])
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args(argv)
     mount = cgroups.choose_cgroup2_mount(

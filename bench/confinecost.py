@@ -30,51 +30,27 @@ import pwd
 import shutil
 import sys
 import tempfile
-import time
 from typing import Any
 
 from agent.daemon import landlock, policy
-from agent.daemon.lifecycle import Exit
 from agent.daemon.spawn import SpawnerOps, SpawnSpec
+
+from .spawnloop import levels, measure
 
 
 async def _measure(
     ops: SpawnerOps, spec: SpawnSpec, jobs: int, level: int, scratch: str | None
 ) -> dict[str, Any]:
-    loop = asyncio.get_running_loop()
-    latencies: list[float] = []
     counter = 0
 
-    async def one() -> None:
+    def spec_for() -> SpawnSpec:
         nonlocal counter
         counter += 1
-        s = spec
-        if scratch is not None:
-            s = dataclasses.replace(spec, scratch=f"{scratch}/{os.getpid()}-{counter}")
-        done: asyncio.Future[Exit] = loop.create_future()
-        t0 = time.perf_counter()
-        await ops.spawn(s, done.set_result)
-        ex = await done
-        assert ex.exit_code == 0, ex
-        latencies.append(time.perf_counter() - t0)
+        if scratch is None:
+            return spec
+        return dataclasses.replace(spec, scratch=f"{scratch}/{os.getpid()}-{counter}")
 
-    async def worker(n: int) -> None:
-        for _ in range(n):
-            await one()
-
-    for _ in range(20):
-        await one()
-    latencies.clear()
-    t0 = time.perf_counter()
-    await asyncio.gather(*(worker(jobs // level) for _ in range(level)))
-    wall = time.perf_counter() - t0
-    n = len(latencies)
-    return {
-        "jobs": n,
-        "in_flight": level,
-        "jobs_per_s": round(n / wall, 1),
-        "latency_ms": round(1000 * sum(latencies) / n, 3),
-    }
+    return await measure(ops, spec_for, jobs, level, check_exit=True)
 
 
 async def _run(args: argparse.Namespace, tmp: str) -> list[dict[str, Any]]:
@@ -133,7 +109,7 @@ def main(argv: list[str]) -> int:
     """Entry point; returns the exit status."""
     p = argparse.ArgumentParser(prog="python -m bench.confinecost")
     p.add_argument("--jobs", type=int, default=1600)
-    p.add_argument("--levels", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16])
+    p.add_argument("--levels", type=levels, default=[1, 16])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--user", default="")
     args = p.parse_args(argv)

@@ -20,18 +20,16 @@ import asyncio
 import json
 import os
 import pwd
-import resource
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
 from agent.daemon.lifecycle import Exit
 from agent.daemon.spawn import ProcessOps, SpawnerOps, SpawnSpec
 
-TICK = os.sysconf("SC_CLK_TCK")
+from .spawnloop import levels, measure
 
 
 class PopenOps:
@@ -81,18 +79,9 @@ class PopenOps:
         pass
 
 
-def _cpu_of(pid: int | None) -> float:
-    if pid is None:
-        return 0.0
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        fields = f.read().rsplit(b")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
-
-
 async def _measure(
     ops: ProcessOps, spawner_pid: int | None, jobs: int, level: int, uid: int | None
 ) -> dict[str, Any]:
-    loop = asyncio.get_running_loop()
     null = os.open("/dev/null", os.O_WRONLY | os.O_CLOEXEC)
     spec = SpawnSpec(
         argv=["/bin/true"],
@@ -105,40 +94,18 @@ async def _measure(
         umask=0o077,
         limits={},
     )
-    latencies: list[float] = []
-
-    async def one() -> None:
-        done: asyncio.Future[Exit] = loop.create_future()
-        t0 = time.perf_counter()
-        await ops.spawn(spec, done.set_result)
-        await done
-        latencies.append(time.perf_counter() - t0)
-
-    async def worker(n: int) -> None:
-        for _ in range(n):
-            await one()
-
-    for _ in range(20):  # warm-up
-        await one()
-    latencies.clear()
-    r0 = resource.getrusage(resource.RUSAGE_SELF)
-    s0 = _cpu_of(spawner_pid)
-    t0 = time.perf_counter()
-    await asyncio.gather(*(worker(jobs // level) for _ in range(level)))
-    wall = time.perf_counter() - t0
-    r1 = resource.getrusage(resource.RUSAGE_SELF)
-    s1 = _cpu_of(spawner_pid)
-    os.close(null)
-    n = len(latencies)
-    agent_cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
-    return {
-        "jobs": n,
-        "in_flight": level,
-        "jobs_per_s": round(n / wall, 1),
-        "latency_ms": round(1000 * sum(latencies) / n, 3),
-        "agent_cpu_ms_per_job": round(1000 * agent_cpu / n, 3),
-        "spawner_cpu_ms_per_job": round(1000 * (s1 - s0) / n, 3),
-    }
+    try:
+        return await measure(
+            ops,
+            lambda: spec,
+            jobs,
+            level,
+            spawner_pid=spawner_pid,
+            agent_cpu=True,
+            spawner_cpu=True,
+        )
+    finally:
+        os.close(null)
 
 
 async def _run(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -177,7 +144,7 @@ def main(argv: list[str]) -> int:
     """Entry point; returns the exit status."""
     p = argparse.ArgumentParser(prog="python -m bench.spawncost")
     p.add_argument("--jobs", type=int, default=2000)
-    p.add_argument("--levels", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16])
+    p.add_argument("--levels", type=levels, default=[1, 16])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--user", default="")
     args = p.parse_args(argv)
