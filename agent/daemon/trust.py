@@ -118,33 +118,11 @@ def check_file(
     # The owner of the entry below ``parent`` on the path (see sticky_ancestor_ok).
     child_uid = st.st_uid
     while True:
-        try:
-            pst = fs.lstat(parent)
-        except OSError as e:
-            deny(
-                "parent-unreadable",
-                f"{parent}: {e.strerror or type(e).__name__}",
-                Kind.FAILED_PRECONDITION,
-            )
+        checked = _check_directory(parent, fs, owners, deny, child_uid)
+        if checked is None:
             return None
-        if not stat.S_ISDIR(pst.st_mode):
-            deny("parent-not-directory", f"{parent} is not a directory")
-            return None
-        if pst.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not sticky_ancestor_ok(
-            pst, child_uid, owners
-        ):
-            deny(
-                "parent-writable-by-others",
-                f"directory {parent} is writable by group or others "
-                f"(mode {pst.st_mode & 0o7777:04o})",
-            )
-            ok = False
-        if pst.st_uid not in owners:
-            deny(
-                "parent-bad-owner",
-                f"directory {parent} is owned by uid {pst.st_uid}, not root or the agent's user",
-            )
-            ok = False
+        pst, dir_ok = checked
+        ok = ok and dir_ok
         if parent == "/":
             break
         child_uid = pst.st_uid
@@ -266,16 +244,29 @@ def resolve_trusted(path: str, fs: FileSystem, owners: frozenset[int], deny: Den
 def _directory_ok(
     d: str, fs: FileSystem, owners: frozenset[int], deny: Deny, child_uid: int | None
 ) -> bool:
+    """The directory half of the trust rule for ``d``; every problem is reported."""
+    checked = _check_directory(d, fs, owners, deny, child_uid)
+    return checked is not None and checked[1]
+
+
+def _check_directory(
+    d: str, fs: FileSystem, owners: frozenset[int], deny: Deny, child_uid: int | None
+) -> tuple[os.stat_result, bool] | None:
+    """(its stat, whether it passed) for directory ``d``; None if it cannot be checked.
+
+    ``child_uid``: the owner of the entry below ``d`` on the path (None: unknown,
+    then a sticky directory gets no benefit of the doubt).
+    """
     try:
         st = fs.lstat(d)
     except OSError as e:
         deny(
             "parent-unreadable", f"{d}: {e.strerror or type(e).__name__}", Kind.FAILED_PRECONDITION
         )
-        return False
+        return None
     if not stat.S_ISDIR(st.st_mode):
         deny("parent-not-directory", f"{d} is not a directory")
-        return False
+        return None
     ok = True
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and (
         child_uid is None or not sticky_ancestor_ok(st, child_uid, owners)
@@ -291,7 +282,7 @@ def _directory_ok(
             f"directory {d} is owned by uid {st.st_uid}, not root or the agent's user",
         )
         ok = False
-    return ok
+    return st, ok
 
 
 # ---------------------------------------------------------------- sealed copies
