@@ -329,10 +329,15 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         m, gate = self._m, self._gate
         short = method.rsplit("/", 1)[-1]
         streaming_output = short == "StreamJobOutput"
-        if handler.unary_unary is not None:
-            inner = handler.unary_unary
 
-            async def uu(request: Any, context: Any) -> Any:
+        def observe(context: Any, failed: BaseException | None, t0: float) -> None:
+            m.rpcs.labels(method=method, code=_code_name(context, failed)).inc()
+            m.rpc_duration.labels(method=method).observe(time.monotonic() - t0)
+
+        def call(inner: Any) -> Any:
+            """A unary handler, or one that writes with context.write() (health's Watch)."""
+
+            async def wrapped(request: Any, context: Any) -> Any:
                 t0 = time.monotonic()
                 failed: BaseException | None = None
                 try:
@@ -343,10 +348,12 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                     failed = e
                     raise
                 finally:
-                    m.rpcs.labels(method=method, code=_code_name(context, failed)).inc()
-                    m.rpc_duration.labels(method=method).observe(time.monotonic() - t0)
+                    observe(context, failed, t0)
 
-            return handler._replace(unary_unary=uu)
+            return wrapped
+
+        if handler.unary_unary is not None:
+            return handler._replace(unary_unary=call(handler.unary_unary))
         for kind in ("unary_stream", "stream_stream"):
             inner_s = getattr(handler, kind)
             if inner_s is None:
@@ -373,25 +380,9 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                     finally:
                         if streaming_output:
                             m.stream_followers.dec()
-                        m.rpcs.labels(method=method, code=_code_name(context, failed)).inc()
-                        m.rpc_duration.labels(method=method).observe(time.monotonic() - t0)
+                        observe(context, failed, t0)
 
                 return handler._replace(**{kind: gen})
 
-            # A handler that writes with context.write() (health's Watch).
-            async def coro(request: Any, context: Any, inner: Any = inner_s) -> Any:
-                t0 = time.monotonic()
-                failed: BaseException | None = None
-                try:
-                    if gate is not None:
-                        await gate(method, context)
-                    return await inner(request, context)
-                except BaseException as e:
-                    failed = e
-                    raise
-                finally:
-                    m.rpcs.labels(method=method, code=_code_name(context, failed)).inc()
-                    m.rpc_duration.labels(method=method).observe(time.monotonic() - t0)
-
-            return handler._replace(**{kind: coro})
+            return handler._replace(**{kind: call(inner_s)})
         return handler
