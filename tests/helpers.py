@@ -335,16 +335,20 @@ def wait_for(pred: Any, timeout: float = 10.0, interval: float = 0.02) -> Any:
         time.sleep(interval)
 
 
+def is_spawner(pid: int) -> bool:
+    """True if ``pid`` is an agent's job spawner process (False once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"agent.daemon.spawner" in f.read()
+    except OSError:
+        return False
+
+
 def job_children(agent_pid: int) -> list[int]:
     """The agent's job processes: children of its spawner (and any other child of the agent)."""
     out = []
     for child in children_of(agent_pid):
-        try:
-            with open(f"/proc/{child}/cmdline", "rb") as f:
-                spawner = b"agent.daemon.spawner" in f.read()
-        except OSError:
-            continue
-        out += children_of(child) if spawner else [child]
+        out += children_of(child) if is_spawner(child) else [child]
     return out
 
 

@@ -26,6 +26,7 @@ from helpers import (
     AgentFactory,
     AgentProcess,
     children_of,
+    is_spawner,
     job_processes,
     make_safe_dir,
     wait_for,
@@ -301,11 +302,8 @@ def test_sentinel_programs_never_run_through_a_shell(
 
 def _spawner_of(agent: AgentProcess) -> int:
     for pid in children_of(agent.pid):
-        try:
-            if b"agent.daemon.spawner" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                return pid
-        except OSError:
-            continue
+        if is_spawner(pid):
+            return pid
     raise AssertionError("no spawner process")
 
 
