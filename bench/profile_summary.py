@@ -28,24 +28,30 @@ IDLE_LEAVES = (
 # the frame nearest the leaf that matches a category decides.
 CATEGORIES: list[tuple[str, re.Pattern[str]]] = [
     ("spawn: subprocess.Popen (fork/vfork + exec)", re.compile(r"\(subprocess\.py")),
-    ("SQLite history (store.py)", re.compile(r"\(agent/store\.py")),
-    ("audit log (audit.py)", re.compile(r"\(agent/audit\.py")),
-    ("policy decision (policy.py)", re.compile(r"\(agent/policy\.py")),
-    ("/proc reads (procfs.py)", re.compile(r"\(agent/procfs\.py")),
+    (
+        "spawn: the job spawner's channel (spawn.py)",
+        re.compile(r"\(agent/daemon/spawn(proto)?\.py"),
+    ),
+    ("SQLite history (history.py)", re.compile(r"\(agent/daemon/history\.py")),
+    ("audit log (audit.py)", re.compile(r"\(agent/daemon/audit\.py")),
+    (
+        "policy decision (policy.py, trust.py)",
+        re.compile(r"\(agent/daemon/(policy|trust|admission)\.py"),
+    ),
+    ("/proc reads (procfs.py)", re.compile(r"\(agent/daemon/procfs\.py")),
     ("uuid4", re.compile(r"\(uuid\.py")),
     ("client identity (tls.py)", re.compile(r"\(agent/tls\.py")),
+    ("metrics (metrics.py)", re.compile(r"\(agent/daemon/metrics\.py|prometheus_client/")),
     ("logging", re.compile(r"\(logging/")),
     ("QueryJobRes building (record_to_pb)", re.compile(r"^record_to_pb ")),
     (
-        "job manager: exit/reap/finish",
+        "supervisor: exit/output/finish",
         re.compile(
-            r"JobManager\.(_on_exit|_finish|_save|"
-            r"_close_output|_on_output)|"
-            r"RealProcessOps\.(reap|kill_group)"
+            r"Supervisor\.(_exited|_finish|_on_output|_record_output|_close_output|_handle|_apply)"
         ),
     ),
-    ("job manager: start/_spawn (own code)", re.compile(r"JobManager\.(start|_spawn)")),
-    ("servicer (service.py)", re.compile(r"\(agent/service\.py")),
+    ("supervisor: start/_spawn (own code)", re.compile(r"Supervisor\.(start|_spawn)")),
+    ("servicer (service.py)", re.compile(r"\(agent/daemon/service\.py")),
     ("gRPC aio (cython glue)", re.compile(r"grpc/_cython|\.pyx:|grpc/aio|cygrpc")),
     ("asyncio event loop", re.compile(r"\(asyncio/")),
 ]
@@ -56,28 +62,29 @@ KEY_FUNCTIONS = [
     "WorkerService.WaitJob",
     "WorkerService._run",
     "WorkerService.identify",
-    "JobManager.start",
-    "JobManager._spawn",
-    "RealProcessOps.spawn",
-    "Popen.__init__",
-    "Popen._execute_child",
+    "Supervisor.start",
+    "Supervisor._spawn",
+    "SpawnerOps.spawn",
+    "SpawnerOps._readable",
+    "admit",
     "decide",
-    "_check_file",
+    "check_file",
     "Store.insert",
     "Store.update",
     "Store.get",
+    "History.record_new",
     "AuditLog.record",
     "read_stat",
     "uuid4",
-    "JobManager._on_exit",
-    "JobManager._finish",
-    "JobManager._on_output",
-    "JobManager._close_output",
+    "Supervisor._exited",
+    "Supervisor._finish",
+    "Supervisor._on_output",
+    "Supervisor._close_output",
     "record_to_pb",
     "identity_from_cert",
     "ServicerContext.peer",
     "_deserializer",
-    "JobManager.get",
+    "Supervisor.get",
 ]
 
 
