@@ -424,21 +424,7 @@ def _cross_checks(cfg: Config) -> None:
     else:
         # Plaintext is never acceptable off the machine: a job runner that
         # anybody on the network can drive is remote code execution.
-        if not is_loopback_host(host):
-            raise ConfigError(
-                f,
-                "grpc_server",
-                "use_tls",
-                f"false is refused on non-loopback address {host!r}; "
-                "plaintext is only possible on loopback",
-            )
-        if not gs.allow_plaintext_loopback:
-            raise ConfigError(
-                f,
-                "grpc_server",
-                "use_tls",
-                "false needs allow_plaintext_loopback = true (development only)",
-            )
+        _plaintext_checks(f, "grpc_server", host, gs.allow_plaintext_loopback)
         if gs.tls13_only:
             raise ConfigError(f, "grpc_server", "tls13_only", "needs use_tls = true")
     if not cfg.mtls and not cfg.auth.allow_anonymous:
@@ -487,7 +473,7 @@ def _cross_checks(cfg: Config) -> None:
         if not sch.addr:
             raise ConfigError(f, "scheduler", "addr", "required when register = true")
         try:
-            split_host_port(sch.addr)
+            sch_host, _ = split_host_port(sch.addr)
         except ValueError as e:
             raise ConfigError(f, "scheduler", "addr", f"{e}, got {sch.addr!r}") from None
         if sch.use_tls:
@@ -500,7 +486,9 @@ def _cross_checks(cfg: Config) -> None:
                         "required when register = true (registration uses mTLS)",
                     )
         else:
-            _plaintext_scheduler_checks(cfg)
+            # The same rule as the listener's: registration without TLS tells an
+            # unauthenticated peer where to send jobs, so it never leaves the machine.
+            _plaintext_checks(f, "scheduler", sch_host, sch.allow_plaintext_loopback)
         if sch.advertise_addr:
             try:
                 split_host_port(sch.advertise_addr)
@@ -538,23 +526,20 @@ def _cross_checks(cfg: Config) -> None:
             )
 
 
-def _plaintext_scheduler_checks(cfg: Config) -> None:
-    # The same rule as the listener's: registration without TLS tells an
-    # unauthenticated peer where to send jobs, so it never leaves the machine.
-    f, sch = cfg.path, cfg.scheduler
-    host, _ = split_host_port(sch.addr)
+def _plaintext_checks(f: Path, section: str, host: str, allowed: bool) -> None:
+    """use_tls = false: only on loopback, and only with allow_plaintext_loopback."""
     if not is_loopback_host(host):
         raise ConfigError(
             f,
-            "scheduler",
+            section,
             "use_tls",
             f"false is refused on non-loopback address {host!r}; "
             "plaintext is only possible on loopback",
         )
-    if not sch.allow_plaintext_loopback:
+    if not allowed:
         raise ConfigError(
             f,
-            "scheduler",
+            section,
             "use_tls",
             "false needs allow_plaintext_loopback = true (development only)",
         )
