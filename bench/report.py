@@ -215,11 +215,14 @@ def targets_table(result: dict[str, Any]) -> str:
     modes = [m for m in result["modes"] if "error" not in result["modes"][m]]
     by: dict[str, dict[str, dict[str, Any]]] = {}
     order: list[str] = []
+    # Rows in the order of the mode with the most targets (the shipped one
+    # has two more), then any others.
+    per_mode: dict[str, list[str]] = {}
     for t in result["targets"]:
-        key = t["target"]
-        if key not in by:
-            order.append(key)
-        by.setdefault(key, {})[t["mode"]] = t
+        per_mode.setdefault(t["mode"], []).append(t["target"])
+        by.setdefault(t["target"], {})[t["mode"]] = t
+    for keys in sorted(per_mode.values(), key=len, reverse=True):
+        order += [k for k in keys if k not in order]
     head = "| target | " + " | ".join(result["modes"][m]["label"] for m in modes) + " |\n"
     head += "|---|" + "---|" * len(modes) + "\n"
     lines = []
@@ -229,6 +232,8 @@ def targets_table(result: dict[str, Any]) -> str:
             t = by[key].get(m)
             if t is None:
                 cells.append("-")
+            elif t["pass"] is None:
+                cells.append(t["shown"])
             else:
                 verdict = "**PASS**" if t["pass"] else "**FAIL**"
                 cells.append(f"{verdict} {t['shown']}")
@@ -236,24 +241,38 @@ def targets_table(result: dict[str, Any]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
-def compare_table(records: list[dict[str, Any]], mode: str) -> str:
-    """The compare step's medians (``cmp_summary_*``) for one mode, or ""."""
-    jobs = [r for r in records if r["mode"] == mode and r["name"] == "cmp_summary_jobs"]
-    unary = [r for r in records if r["mode"] == mode and r["name"] == "cmp_summary_unary"]
+def _who(r: dict[str, Any]) -> str:
+    return f"agent ({r['mode']})" if r["target"] in ("agent", "agent_query") else r["target"]
+
+
+def compare_table(records: list[dict[str, Any]]) -> str:
+    """The compare step's medians (``cmp_summary_*``): every agent mode, peer, floor; or ""."""
+    jobs = [r for r in records if r["name"] == "cmp_summary_jobs"]
+    unary = [r for r in records if r["name"] == "cmp_summary_unary"]
     if not jobs and not unary:
         return ""
+    order = {"peer": 0, "agent": 1, "floor": 2}
+    jobs.sort(key=lambda r: (order.get(r["target"], 3), r["protocol"] != "original", r["mode"]))
+    jobs.sort(key=lambda r: r["in_flight"] if r["target"] != "floor" else 0)
     out = [
-        f"\nInterleaved comparison (medians of {max(r['rounds'] for r in jobs + unary)} "
-        "rounds), original protocol, `/bin/true`, QueryJob every 1 ms:\n\n"
-        "| target | in flight | jobs/s | p50 ms | server CPU ms/job | jobs/s vs peer "
-        "| jobs/s vs floor | CPU/job vs peer |\n|---|---|---|---|---|---|---|---|\n"
+        f"\n### Interleaved comparison (medians of {max(r['rounds'] for r in jobs + unary)} "
+        "rounds)\n\n`/bin/true`; original protocol: StartJob, then QueryJob every 1 ms; "
+        "run: one RunJob per job; spawn: the floor. The peer column is against the peer's "
+        "original protocol at the same level; fastest: the shipped config against the "
+        "agent's fastest other configuration.\n\n"
+        "| target | protocol | in flight | jobs/s | p50 ms | server CPU ms/job | jobs/s vs peer "
+        "| jobs/s vs floor | jobs/s vs fastest | CPU/job vs peer |\n"
+        "|---|---|---|---|---|---|---|---|---|---|\n"
     ]
     for r in jobs:
+        fastest = _f(r.get("jobs_per_s_vs_fastest"))
+        if r.get("fastest_mode"):
+            fastest += f" ({r['fastest_mode']})"
         out.append(
-            f"| {r['target']} | {r['in_flight']} | {_f(r['jobs_per_s'], '.0f')} | "
+            f"| {_who(r)} | {r['protocol']} | {r['in_flight']} | {_f(r['jobs_per_s'], '.0f')} | "
             f"{_f(r['p50_ms'])} | {_f(r['server_cpu_ms_per_job'], '.3f')} | "
             f"{_f(r.get('jobs_per_s_vs_peer'))} | {_f(r.get('jobs_per_s_vs_floor'))} | "
-            f"{_f(r.get('server_cpu_per_job_vs_peer'))} |\n"
+            f"{fastest} | {_f(r.get('server_cpu_per_job_vs_peer'))} |\n"
         )
     if unary:
         out.append(
@@ -262,16 +281,44 @@ def compare_table(records: list[dict[str, Any]], mode: str) -> str:
         )
         for r in unary:
             out.append(
-                f"| {r['target']} | {r['callers']} | {_f(r['calls_per_s'], '.0f')} | "
+                f"| {_who(r)} | {r['callers']} | {_f(r['calls_per_s'], '.0f')} | "
                 f"{_f(r['p50_ms'])} | {_f(r['server_cpu_ms_per_call'], '.3f')} | "
                 f"{_f(r.get('server_cpu_ms_per_call_vs_bare_aio'))} |\n"
             )
     return "".join(out)
 
 
+def box_table(result: dict[str, Any]) -> str:
+    """Which parts of the job box were in force, per mode (read from a running job)."""
+    rows = []
+    for key, info in result["modes"].items():
+        b = info.get("box")
+        if not b:
+            continue
+        if "error" in b:
+            rows.append(f"| {key} | {b['error']} | | | | | |")
+            continue
+        cg = b.get("cgroups_config", {})
+        cgs = ", ".join(f"{k} = {v}" for k, v in cg.items())
+        rows.append(
+            f"| {key} | {'yes' if b.get('cgroup_per_job') else '**no**'} "
+            f"(`{b.get('job_cgroup')}`; {cgs}) | {b.get('landlock')} | `{b.get('scratch_dir')}` "
+            f"| {b.get('job_user')} | {'yes' if b.get('no_new_privs') else 'no'} "
+            f"| {b.get('open_files_limit')} |"
+        )
+    if not rows:
+        return ""
+    return (
+        "\n### The job box in force (read from /proc of a running job)\n\n"
+        "| mode | cgroup per job | Landlock | scratch dir (cwd) | job user | no_new_privs "
+        "| open files limit |\n|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n"
+    )
+
+
 def results_body(result: dict[str, Any]) -> str:
     """Targets table, then one table per agent mode, then notes."""
-    out = ["### Targets\n\n", targets_table(result)]
+    out = ["### Targets\n\n", targets_table(result), box_table(result)]
+    out.append(compare_table(result["records"]))
     for key, info in result["modes"].items():
         out.append(f"\n### {info['label']}\n\n")
         if "error" in info:
@@ -299,7 +346,6 @@ def results_body(result: dict[str, Any]) -> str:
                 f"\nAgent CPU by thread at {result['meta']['params']['main_level']} in "
                 f"flight (original protocol): {share}.\n"
             )
-        out.append(compare_table(result["records"], key))
     out.append("""
 CPU columns are cores used during the measurement window (1.00 = one core
 busy all the time): **client** = all client processes (their own rusage),

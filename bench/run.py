@@ -38,7 +38,17 @@ from bench.driver import Driver
 from bench.goals import targets
 from bench.output import clean, emit, note
 from bench.params import FULL, QUICK, Params
-from bench.targets import ROOT, Agent, BareServer, Mode, Peer, StubScheduler, gen_certs, make_modes
+from bench.targets import (
+    ROOT,
+    Agent,
+    BareServer,
+    BenchCgroup,
+    Mode,
+    Peer,
+    StubScheduler,
+    gen_certs,
+    make_modes,
+)
 
 STEPS = ("rpc", "levels", "wait", "qps", "history", "running", "stream", "compare")
 
@@ -47,9 +57,17 @@ class Bench:
     """One run: the context every workload shares, the records, the order of steps."""
 
     def __init__(
-        self, args: argparse.Namespace, ctx: wl.Ctx, base: Path, certs: Path, peer: Peer | None
+        self,
+        args: argparse.Namespace,
+        ctx: wl.Ctx,
+        base: Path,
+        certs: Path,
+        peer: Peer | None,
+        cgroup: BenchCgroup | None = None,
     ) -> None:
         self.args = args
+        self.cgroup = cgroup
+        self.agents: dict[str, Agent] = {}  # mode -> its agent (stopped between steps)
         self.ctx = ctx
         self.p = ctx.p
         self.base = base
@@ -169,8 +187,13 @@ class Bench:
             },
         )
 
-    def compare(self, agent: Agent, mode: Mode) -> None:
-        """The interleaved comparison with the peer and the bare servers."""
+    def compare(self, modes: list[Mode]) -> None:
+        """The interleaved comparison of every agent that ran, the peer and the bare servers."""
+        agents = [self.agents[m.key] for m in modes if m.key in self.agents]
+        if not agents:
+            return
+        # The floor runs as the unprivileged agent's user when there is one.
+        floor_mode = next((m for m in modes if m.key == "user"), modes[0])
         bares = [
             BareServer(
                 f,
@@ -183,12 +206,19 @@ class Bench:
             for f in ("aio", "sync")
         ]
         try:
+            for a in agents:
+                a.start()
             for b in bares:
                 b.start()
-            Comparison(self.ctx, mode, agent, self.peer, bares, lambda r: self.out(mode, r)).run()
+            Comparison(
+                self.ctx, agents, floor_mode, self.peer, bares, lambda r: emit(r, self.records)
+            ).run()
         finally:
             for b in bares:
                 b.stop()
+            for a in agents:
+                a.stop()
+            self.ctx.driver.kill_all()
 
     def run_mode(self, mode: Mode) -> dict[str, Any]:
         """Every requested step against one fresh agent."""
@@ -197,7 +227,8 @@ class Bench:
         floor, recs = wl.floor(self.ctx, mode, p.floor_serial, p.floor_concurrent)
         for r in recs:
             self.out(mode, r)
-        agent = Agent(mode, self.base, self.certs, self.ctx.interp, self.head)
+        agent = Agent(mode, self.base, self.certs, self.ctx.interp, self.head, self.cgroup)
+        self.agents[mode.key] = agent
         info: dict[str, Any] = {
             "label": mode.label,
             "agent_user": mode.agent_user,
@@ -210,6 +241,9 @@ class Bench:
             time.sleep(1.0)
             idle = procstat.rss_mb(agent.pid)
             self.out(mode, {"name": "rss_idle", **idle})
+            info["box"] = agent.box()
+            self.started += 1
+            self.out(mode, {"name": "box", **info["box"]})
             self.setup_calls(agent, mode)
             for n in p.levels if self.step("levels") else ():
                 note(f"original protocol, {n} in flight")
@@ -231,8 +265,6 @@ class Bench:
                     mode,
                     wl.calls(self.ctx, agent, "query", p.qps_callers, "query_qps", job_id=fresh),
                 )
-            if self.step("compare"):
-                self.compare(agent, mode)
             if self.args.profile:
                 out = Path(self.args.out) / f"profile-{mode.key}.txt"
                 rec, summary = wl.profiled_jobs(
@@ -251,12 +283,16 @@ class Bench:
                     note(f"profile of the agent ({mode.key}) in {out}; summary:\n{summary}")
             if self.step("history"):
                 self.history(agent, mode, floor, idle)
-            if self.step("running"):
+            # The shipped limits (max_running, output_bytes) refuse these two.
+            shipped = mode.key == "shipped"
+            if shipped and (self.step("running") or self.step("stream")):
+                note("shipped config: no running-jobs or streaming step (its limits refuse them)")
+            if self.step("running") and not shipped:
                 note(f"{p.running} jobs running at once")
                 self.out(
                     mode, wl.running_jobs(self.ctx, agent, procstat.rss_mb(agent.pid)["rss_mb"])
                 )
-            for c in p.stream_clients if self.step("stream") else ():
+            for c in p.stream_clients if self.step("stream") and not shipped else ():
                 note(f"streaming {p.stream_bytes / procstat.MB:.0f} MB to {c} client(s)")
                 self.out(mode, wl.stream(self.ctx, agent, c, self.head))
             info["agent_exit"] = agent.stop()
@@ -303,9 +339,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     add(
         "--modes",
-        default="root,user",
-        help="agent modes to measure: root (agent root, jobs switch user), user "
-        "(agent and jobs one unprivileged user); default both",
+        default="root,user,shipped",
+        help="agent modes to measure: root (agent root, jobs as --user), user "
+        "(agent and jobs one unprivileged user), shipped (config.toml as shipped); "
+        "default all three",
     )
     add("--user", default="nobody", help="the unprivileged user (default nobody)")
     add(
@@ -429,7 +466,10 @@ def main(argv: list[str] | None = None) -> int:
         "peer": peer.describe() if peer else None,
         "command": "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
-    bench = Bench(args, ctx, base, certs, peer)
+    cgroup = BenchCgroup.make()
+    if cgroup is not None:
+        note(f"job cgroups below {cgroup.path}")
+    bench = Bench(args, ctx, base, certs, peer, cgroup)
     infos: dict[str, Any] = {}
     status = 0
     t0 = time.monotonic()
@@ -445,7 +485,18 @@ def main(argv: list[str] | None = None) -> int:
                 status = 1
                 note(f"mode {m.key} failed: {type(e).__name__}: {e}")
                 infos[m.key] = {"label": m.label, "error": f"{type(e).__name__}: {e}"}
+                bench.agents.pop(m.key, None)
+        if bench.step("compare"):
+            try:
+                bench.compare(modes)
+            except Exception as e:  # the per-mode figures are still written
+                status = 1
+                note(f"compare failed: {type(e).__name__}: {e}")
     finally:
+        for a in bench.agents.values():
+            a.stop()
+        if cgroup is not None:
+            cgroup.remove()
         if peer is not None:
             peer.stop()
         if sched is not None:

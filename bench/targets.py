@@ -2,7 +2,9 @@
 
 * :class:`Agent`: a real agent (``PYTHON -m agent run --config ...``, the
   installed package) with its own certificates, config, policy and state
-  folder, for one :class:`Mode`;
+  folder, for one :class:`Mode`: the bench's own configuration (``root``,
+  ``user``) or the repository's ``config.toml`` as shipped (``shipped``),
+  each with its jobs in per-job cgroups below a :class:`BenchCgroup`;
 * :class:`Peer`: a worker speaking the original protocol, already running
   (``--peer-addr``) or started and stopped by the bench (``--peer-cmd``),
   with :class:`StubScheduler` for a peer that must register first (the
@@ -21,11 +23,13 @@ import contextlib
 import json
 import os
 import pwd
+import re
 import shlex
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -37,11 +41,18 @@ import grpc
 
 from agent._proto import jobscheduler_pb2 as pb
 from agent._proto import jobscheduler_pb2_grpc as pb_grpc
+from agent.daemon import landlock
 from bench.interp import Interpreter, env
 from bench.output import note
 
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10
+    import tomli as tomllib
+
 ROOT = Path(__file__).resolve().parent.parent
 IS_ROOT = os.geteuid() == 0
+SHIPPED = ROOT / "config.toml"  # the repository's configuration, as shipped
 
 
 def free_port() -> int:
@@ -123,23 +134,65 @@ entries:
 """
 
 
-CONFIG = """[grpc_server]
-addr = "{addr}"
-use_tls = true
-crt_file = "tls/server.crt"
-key_file = "tls/server.key"
-ca_file = "tls/ca.crt"
+def config_of(mode: Mode, addr: str, cgroup: Path | None, metrics_port: int) -> dict[str, Any]:
+    """The agent's configuration for ``mode``, as a TOML document (nested dicts).
 
-[auth]
-clients = ["client"]
-admins = ["admin"]
+    ``root`` and ``user``: the defaults except ``max_running = 1000`` (no
+    resource limits). ``shipped``: the repository's config.toml parsed as it is,
+    with only what the bench must change: the listener, the certificate paths,
+    the policy and state folder, a free loopback metrics port, and the cgroup
+    path when the shipped ``auto`` finds no subtree (``cgroup`` given).
+    With ``cgroup`` the bench's own configurations require job cgroups there.
+    """
+    tls = {"crt_file": "tls/server.crt", "key_file": "tls/server.key", "ca_file": "tls/ca.crt"}
+    if mode.key == "shipped":
+        doc: dict[str, Any] = tomllib.loads(SHIPPED.read_text())
+        doc.setdefault("grpc_server", {}).update({"addr": addr, "use_tls": True, **tls})
+        sch = doc.setdefault("scheduler", {})
+        # Not registering; its client identity only has to exist.
+        sch.update({"register": False, "ca_file": "tls/ca.crt"})
+        sch.update({k: f"tls/agent.{k[:3]}" for k in ("crt_file", "key_file") if k in sch})
+        doc.setdefault("jobs", {}).update({"policy_file": "policy.yaml", "state_dir": "state"})
+        if doc.get("metrics", {}).get("enabled"):
+            doc["metrics"]["addr"] = f"127.0.0.1:{metrics_port}"
+        if cgroup is not None:
+            doc.setdefault("cgroups", {})["path"] = str(cgroup)
+        return doc
+    doc = {
+        "grpc_server": {"addr": addr, "use_tls": True, **tls},
+        "auth": {"clients": ["client"], "admins": ["admin"]},
+        "jobs": {
+            "policy_file": "policy.yaml",
+            "state_dir": "state",
+            "run_as_user": mode.job_user,
+            "max_running": 1000,
+        },
+    }
+    if cgroup is not None:
+        doc["cgroups"] = {"mode": "required", "path": str(cgroup)}
+    return doc
 
-[jobs]
-policy_file = "policy.yaml"
-state_dir = "state"
-run_as_user = "{job_user}"
-max_running = 1000
-"""
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)  # a JSON string is a TOML basic string
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"no TOML for {v!r}")
+
+
+def toml_text(doc: dict[str, Any], prefix: str = "") -> str:
+    """``doc`` as TOML: scalars first, then one ``[table]`` per nested dict."""
+    head = [f"{k} = {_toml_value(v)}\n" for k, v in doc.items() if not isinstance(v, dict)]
+    out = ([f"[{prefix}]\n"] if prefix and head else []) + head
+    for k, v in doc.items():
+        if isinstance(v, dict):
+            out.append("\n" + toml_text(v, f"{prefix}.{k}" if prefix else k))
+    return "".join(out)
 
 
 @dataclass
@@ -177,14 +230,14 @@ def make_modes(keys: list[str], user: str) -> list[Mode]:
     me = pwd.getpwuid(os.geteuid())
     out = []
     for k in keys:
+        if k in ("root", "shipped") and not IS_ROOT:
+            note(f"mode {k!r} skipped: the bench is not running as root")
+            continue
         if k == "root":
-            if not IS_ROOT:
-                note("mode 'root' skipped: the bench is not running as root")
-                continue
             out.append(
                 Mode(
                     "root",
-                    f"agent as root, jobs as {user} (user switch: setpriv)",
+                    f"agent as root, jobs as {user} (the spawner switches user)",
                     0,
                     0,
                     "root",
@@ -196,16 +249,95 @@ def make_modes(keys: list[str], user: str) -> list[Mode]:
             out.append(
                 Mode(
                     "user",
-                    f"agent as {pw.pw_name}, jobs as {pw.pw_name} (no switch: vfork)",
+                    f"agent as {pw.pw_name}, jobs as {pw.pw_name} (no user switch)",
                     pw.pw_uid,
                     pw.pw_gid,
                     pw.pw_name,
                     pw.pw_name,
                 )
             )
+        elif k == "shipped":
+            shipped = tomllib.loads(SHIPPED.read_text())
+            job_user = shipped.get("jobs", {}).get("run_as_user", "nobody")
+            out.append(
+                Mode(
+                    "shipped",
+                    f"config.toml as shipped (agent as root, jobs as {job_user})",
+                    0,
+                    0,
+                    "root",
+                    job_user,
+                )
+            )
         else:
-            raise SystemExit(f"bench: unknown mode {k!r} (root, user)")
+            raise SystemExit(f"bench: unknown mode {k!r} (root, user, shipped)")
     return out
+
+
+class BenchCgroup:
+    """A cgroup v2 the bench makes below its own, one child per agent mode; removed at the end.
+
+    ``root``/``shipped``: the agent makes its subtree ``<mode>/<instance>``
+    itself. ``user`` (an unprivileged agent): ``<mode>`` is delegated to the
+    agent's user the way systemd delegates a unit's cgroup (the directory and
+    its ``cgroup.procs``, ``cgroup.subtree_control`` and ``cgroup.threads``
+    chowned), the agent is started inside ``<mode>/agent`` and its jobs live
+    below ``<mode>/jobs``: moving a job into its leaf needs write access to the
+    ``cgroup.procs`` of the common ancestor, here ``<mode>``.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        os.mkdir(path, 0o755)
+
+    @staticmethod
+    def make() -> BenchCgroup | None:
+        """Below the bench's own cgroup in the cgroup2 mount; None when that cannot be had."""
+        if not IS_ROOT:
+            return None
+        try:
+            with open("/proc/self/mountinfo", encoding="utf-8") as f:
+                mounts = [ln.split()[4] for ln in f if " - cgroup2 " in ln]
+            own = next(
+                ln.split(":", 2)[2].strip()
+                for ln in Path("/proc/self/cgroup").read_text().splitlines()
+                if ln.startswith("0::")
+            )
+        except (OSError, StopIteration):
+            return None
+        if not mounts or own.startswith("/.."):
+            return None
+        base = Path(mounts[0]) / own.lstrip("/")
+        try:
+            return BenchCgroup(base / f"agent-bench-{os.getpid()}")
+        except OSError as e:
+            note(f"no bench cgroup below {base}: {e.strerror}; jobs run as cgroups auto decides")
+            return None
+
+    def for_mode(self, mode: Mode) -> tuple[Path, Path | None]:
+        """(the ``[cgroups] path`` of ``mode``'s agent, the leaf the agent must start in)."""
+        d = self.path / mode.key
+        os.mkdir(d, 0o755)
+        if mode.agent_uid == 0:
+            return d, None
+        for sub in ("agent", "jobs"):
+            os.mkdir(d / sub, 0o755)
+        for f in (d, d / "cgroup.procs", d / "cgroup.subtree_control", d / "cgroup.threads"):
+            os.chown(f, mode.agent_uid, mode.agent_gid)
+        for f in (d / "jobs", d / "jobs" / "cgroup.procs", d / "jobs" / "cgroup.subtree_control"):
+            os.chown(f, mode.agent_uid, mode.agent_gid)
+        return d / "jobs", d / "agent"
+
+    def remove(self) -> None:
+        """rmdir every cgroup below (deepest first) and itself; only empty ones go."""
+        for top, dirs, _ in os.walk(self.path, topdown=False):
+            for d in dirs:
+                with contextlib.suppress(OSError):
+                    os.rmdir(os.path.join(top, d))
+        try:
+            os.rmdir(self.path)
+        except OSError as e:
+            note(f"bench cgroup {self.path} not removed: {e.strerror}")
 
 
 class Agent:
@@ -213,22 +345,38 @@ class Agent:
 
     name = "agent"
 
-    def __init__(self, mode: Mode, base: Path, certs: Path, interp: Interpreter, head: str) -> None:
+    def __init__(
+        self,
+        mode: Mode,
+        base: Path,
+        certs: Path,
+        interp: Interpreter,
+        head: str,
+        cgroup: BenchCgroup | None = None,
+    ) -> None:
         self.mode = mode
         self.interp = interp
         self.certs = certs
+        self.cgroup = cgroup
         self.dir = base / mode.key
         self.dir.mkdir(mode=0o755)
         os.chmod(self.dir, 0o755)
         tls = self.dir / "tls"
         tls.mkdir(mode=0o755)
-        for name, perm in (("ca.crt", 0o644), ("server.crt", 0o644), ("server.key", 0o600)):
+        for name, perm in (
+            ("ca.crt", 0o644),
+            ("server.crt", 0o644),
+            ("server.key", 0o600),
+            ("agent.crt", 0o644),
+            ("agent.key", 0o600),
+        ):
             shutil.copyfile(certs / name, tls / name)
             os.chmod(tls / name, perm)
         state = self.dir / "state"
         state.mkdir(mode=0o700)
         if mode.agent_uid != os.geteuid():
-            os.chown(tls / "server.key", mode.agent_uid, mode.agent_gid)
+            for key in ("server.key", "agent.key"):
+                os.chown(tls / key, mode.agent_uid, mode.agent_gid)
             os.chown(state, mode.agent_uid, mode.agent_gid)
         self.port = free_port()
         self.addr = f"127.0.0.1:{self.port}"
@@ -236,18 +384,57 @@ class Agent:
         policy.write_text(policy_text(head))
         os.chmod(policy, 0o644)
         self.config = self.dir / "config.toml"
-        self.config.write_text(CONFIG.format(addr=self.addr, job_user=mode.job_user))
-        os.chmod(self.config, 0o644)
+        self.leaf: Path | None = None
+        self.cgroup_path: Path | None = None
+        # The shipped configuration keeps its own [cgroups] (auto) unless that
+        # finds no subtree (see start); the bench's own require one.
+        if cgroup is not None and mode.key != "shipped":
+            self.cgroup_path, self.leaf = cgroup.for_mode(mode)
+        self.metrics_port = free_port()
+        self.write_config()
         self.log_path = self.dir / "agent.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
+    def write_config(self) -> None:
+        """config.toml for this mode (see :func:`config_of`)."""
+        doc = config_of(self.mode, self.addr, self.cgroup_path, self.metrics_port)
+        self.doc = doc
+        self.config.write_text(toml_text(doc))
+        os.chmod(self.config, 0o644)
+
     def start(self, timeout: float = 30.0) -> None:
-        """Start the installed agent and wait until it serves TLS."""
+        """Start the installed agent and wait until it serves TLS.
+
+        A shipped configuration whose ``[cgroups] mode = "auto"`` finds no
+        subtree is restarted once with the bench's cgroup as its path.
+        """
+        self._start(timeout)
+        if (
+            self.mode.key == "shipped"
+            and self.cgroup is not None
+            and self.cgroup_path is None
+            and "jobs run without cgroups" in self.log_path.read_text(errors="replace")
+        ):
+            note("shipped config: cgroups auto found no subtree; restarting with the bench's")
+            self.stop()
+            self.cgroup_path, self.leaf = self.cgroup.for_mode(self.mode)
+            self.write_config()
+            self._start(timeout)
+
+    def _start(self, timeout: float) -> None:
+        # An unprivileged agent starts in its delegated leaf: a root shell
+        # joins it, then execs the user switch and the agent.
+        join = (
+            ["/bin/sh", "-c", 'echo 0 > "$0" && exec "$@"', str(self.leaf / "cgroup.procs")]
+            if self.leaf is not None
+            else []
+        )
         with open(self.log_path, "ab") as log:
             # cwd is the agent's own folder and PYTHONPATH carries no source
             # tree: ``-m agent`` is the package installed in the interpreter.
             self.proc = subprocess.Popen(
                 [
+                    *join,
                     *self.mode.prefix,
                     *self.interp.argv,
                     "-m",
@@ -263,6 +450,49 @@ class Agent:
                 start_new_session=True,
             )
         _wait_port(self.proc, self.addr, timeout, self.log_path, ready="listening on")
+
+    def box(self) -> dict[str, Any]:
+        """Which parts of the job box are in force: read from /proc of a running job.
+
+        A ``sleep 30`` job: its cgroup (a leaf of its own below the agent's
+        subtree?), user, cwd (the scratch directory), no_new_privs and open-file
+        limit; Landlock from the kernel's ABI and the config's ``[confinement]``
+        (``required``, the default, refuses to start an entry it cannot enforce;
+        ``best_effort`` warnings are looked for in agent.log).
+        """
+        ch, stub = self.stub()
+        out: dict[str, Any] = {}
+        try:
+            job = stub.StartJob(pb.StartJobReq(command="/bin/sleep", path="30"), timeout=30).jobID
+            try:
+                deadline = time.monotonic() + 10
+                pid = 0
+                while time.monotonic() < deadline:
+                    pid = stub.QueryJob(pb.QueryJobReq(jobID=job), timeout=10).pid
+                    with contextlib.suppress(OSError):
+                        if pid and os.readlink(f"/proc/{pid}/exe").endswith("sleep"):
+                            break
+                    time.sleep(0.02)
+                out.update(_proc_box(pid, self.pid, job))
+            finally:
+                stub.StopJob(pb.StopJobReq(jobID=job), timeout=30)
+                stub.WaitJob(pb.WaitJobReq(jobID=job, waitMillis=30_000), timeout=35)
+        finally:
+            ch.close()
+        conf = self.doc.get("confinement", {})
+        log = self.log_path.read_text(errors="replace")
+        abi = landlock.effective_abi(conf.get("max_abi") if conf.get("max_abi", -1) >= 0 else None)
+        out["landlock_abi"] = abi
+        out["landlock"] = (
+            "off (kernel has none)"
+            if abi == 0
+            else f"ABI {abi}, {conf.get('landlock', 'required')}"
+            + (", some rules NOT enforced" if "best effort, not enforced" in log else "")
+        )
+        out["cgroups_config"] = dict(self.doc.get("cgroups", {"mode": "auto"}))
+        out["limits_config"] = self.doc.get("limits", {})
+        out["metrics"] = bool(self.doc.get("metrics", {}).get("enabled"))
+        return out
 
     @property
     def pid(self) -> int:
@@ -297,6 +527,39 @@ class Agent:
         except OSError:
             return "?"
         return exe + (f" ({', '.join(sorted(libs))})" if libs else "")
+
+
+def _proc_box(pid: int, agent_pid: int, job_id: str) -> dict[str, Any]:
+    """The box of a running job, as /proc shows it."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        cg = Path(f"/proc/{pid}/cgroup").read_text()
+        agent_cg = Path(f"/proc/{agent_pid}/cgroup").read_text()
+        cwd = os.readlink(f"/proc/{pid}/cwd")
+        limits = Path(f"/proc/{pid}/limits").read_text()
+    except OSError as e:
+        return {"error": f"job {pid}: {e.strerror}"}
+
+    def unified(text: str) -> str:
+        return next((ln[3:] for ln in text.splitlines() if ln.startswith("0::")), "?")
+
+    uid = int(re.search(r"^Uid:\s+(\d+)", status, re.M).group(1))  # type: ignore[union-attr]
+    nnp = re.search(r"^NoNewPrivs:\s+(\d)", status, re.M)
+    nofile = re.search(r"^Max open files\s+(\S+)", limits, re.M)
+    job_cg = unified(cg)
+    try:
+        user = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        user = str(uid)
+    return {
+        # Its own leaf, named by the job id, not the agent's cgroup.
+        "cgroup_per_job": job_cg.rstrip("/").endswith(job_id) and job_cg != unified(agent_cg),
+        "job_cgroup": job_cg,
+        "job_user": user,
+        "scratch_dir": cwd,
+        "no_new_privs": bool(nnp and nnp.group(1) == "1"),
+        "open_files_limit": nofile.group(1) if nofile else None,
+    }
 
 
 class _Scheduler(pb_grpc.SchedulerServicer):
