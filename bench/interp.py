@@ -84,12 +84,12 @@ def _probe(prefix: list[str], argv: tuple[str, ...], pythonpath: str) -> str:
 
 
 def choose(choice: str, user_prefix: list[str] | None) -> Interpreter:
-    """The same interpreter for both agent modes.
+    """The same interpreter for every agent mode.
 
     ``auto``: this venv's Python if the other user runs it identically;
     otherwise (a venv on an interpreter the other user cannot read, as with
     a pyenv Python under /root) the system Python of the same version with
-    this venv's site-packages on PYTHONPATH, for both modes, so the two
+    this venv's site-packages on PYTHONPATH, for every mode, so the
     modes differ only in the user switch.
     """
     paths = sysconfig.get_paths()
@@ -115,7 +115,7 @@ def choose(choice: str, user_prefix: list[str] | None) -> Interpreter:
                 a.split()[0],
                 note=(
                     f"{sys.executable} runs differently as the job user ({theirs!r} vs "
-                    f"{mine!r}); both agent modes, the floor and the clients use {system} "
+                    f"{mine!r}); every agent mode, the floor and the clients use {system} "
                     "with this venv's site-packages instead"
                 ),
             )

@@ -22,15 +22,25 @@ loopback (not re-measured by this bench):
   **1,150/s** serially (Popen or posix_spawn), about **1,700/s** with 16 in
   flight using pidfd + wait4.
 
-Targets (each computed in the same run, beside the floor measured in that run):
+Targets (issue 17; each computed in the same run, from the interleaved
+compare rounds unless said otherwise, with mTLS, durable history and the job
+box in force: a cgroup per job, Landlock, a scratch directory, the user
+switch as root):
 
-- throughput with 16 in flight, original protocol, mTLS on, history durable:
-  **>= 0.4x the floor** (16 in flight);
-- start-to-done p50 with 1 in flight, original protocol with 1 ms polling:
-  **<= 3x** the floor's single spawn-and-reap p50; with the faster wait
-  (WaitJob): **<= 2x**;
-- idle RSS **<= 40 MB**; RSS after 10,000 retained jobs **<= idle + 10 MB**;
-- streaming **>= 200 MB/s** to one client.
+- original protocol (StartJob, then QueryJob every 1 ms), `/bin/true`:
+  **>= 0.9x the original worker** at 1 in flight, **>= 0.6x** at 16;
+- RunJob (one call per job) at 16 in flight **>= 1.0x the original worker's
+  polling** at 16;
+- the repository's `config.toml` as shipped (root agent, jobs as nobody,
+  `[limits.default]`, cgroups auto, metrics on) **>= 0.9x the agent's
+  fastest configuration** at 1 and at 16 in flight;
+- idle RSS **<= 40 MB**, and flat with history: at most +2 MB from the
+  first to the last quarter of the 10,000-job history step;
+- QueryJob's server CPU per call at 16 in flight **<= 1.2x** an empty call
+  on a bare `grpc.aio` server.
+
+A target that needs the original worker says "not measured (no peer)"
+without `--peer-cmd`/`--peer-addr`.
 """
 
 
@@ -618,7 +628,7 @@ latest full run.
 
 ## Reproduce
 
-One command, from the repository root, as root (so both agent modes run):
+One command, from the repository root, as root (so every agent mode runs):
 
 ```sh
 .venv/bin/pip install -e ".[bench]"   # matplotlib for the plot, py-spy for --profile
@@ -627,8 +637,15 @@ One command, from the repository root, as root (so both agent modes run):
 
 It generates certificates with `scripts/gen_certs.sh` into a temporary
 folder, starts real agents (`python -m agent run`) with mTLS on loopback and
-durable history (SQLite WAL, default settings, no resource limits), drives
-them from separate client processes, and writes one JSON line per
+durable history (SQLite WAL): the bench's own configurations (`root`: agent
+as root, jobs as nobody; `user`: agent and jobs as nobody; defaults, no
+resource limits, `[cgroups] mode = "required"` in a cgroup the bench makes
+below its own and removes at the end) and `shipped` (the repository's
+`config.toml` parsed and run as it is, with only the listener, certificate
+paths, policy, state folder and metrics port changed). It reads the job box
+in force from /proc of a running job, drives the agents from separate client
+processes, measures all of them, the floor, the original worker and bare
+grpcio servers in the same interleaved rounds, and writes one JSON line per
 measurement to stdout, `bench/results/latest.json`, `bench/results/latest.md`,
 this page and `docs/benchmarks-latency.png`. See `bench/README.md` for what
 each measurement does and the options. The machine is shared and noisy:

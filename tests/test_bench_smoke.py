@@ -1,7 +1,9 @@
 """Smoke test of the benchmark harness (bench/): it runs, and says what it measured.
 
-Runs ``python -m bench --quick`` against one real agent with tiny counts.
-Timing figures are never asserted: this machine is shared and noisy.
+Runs ``python -m bench --quick`` with tiny counts against a real agent in the
+``user`` mode and, as root, one running the shipped config.toml, compared in
+the same interleaved rounds. Timing figures are never asserted: this machine
+is shared and noisy.
 """
 
 from __future__ import annotations
@@ -17,12 +19,15 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_quick_bench_prints_json_lines_and_writes_the_table(tmp_path: Path) -> None:
-    """--quick emits one valid JSON object per stdout line and a markdown results table."""
+    """--quick emits one JSON object per line, every mode's compare and box records, the table."""
     out = tmp_path / "results"
     # A copy of bench/ alone on the path: the agent it starts must be the
     # installed package, never ./agent of the checkout.
     shutil.copytree(ROOT / "bench", tmp_path / "src" / "bench")
     shutil.copytree(ROOT / "scripts", tmp_path / "src" / "scripts")
+    shutil.copyfile(ROOT / "config.toml", tmp_path / "src" / "config.toml")  # the shipped mode's
+    root = os.geteuid() == 0
+    modes = ["user", "shipped"] if root else ["user"]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONSAFEPATH"}
     r = subprocess.run(
         [
@@ -31,7 +36,7 @@ def test_quick_bench_prints_json_lines_and_writes_the_table(tmp_path: Path) -> N
             "bench",
             "--quick",
             "--modes",
-            "user",
+            ",".join(modes),
             "--no-docs",
             "--out",
             str(out),
@@ -63,6 +68,7 @@ def test_quick_bench_prints_json_lines_and_writes_the_table(tmp_path: Path) -> N
         "cmp_summary_jobs",
         "cmp_summary_unary",
         "target",
+        "box",
     ):
         assert expected in names, f"no {expected} measurement in {sorted(names)}"
     streams = [x for x in records if x["name"] == "stream"]
@@ -71,12 +77,37 @@ def test_quick_bench_prints_json_lines_and_writes_the_table(tmp_path: Path) -> N
     assert all(x["jobs"] > 0 and x["failed"] == 0 for x in jobs), jobs
     assert all("client_cpu_cores" in x and "agent_cpu_cores" in x for x in jobs)
 
-    unary = {x["target"]: x for x in records if x["name"] == "cmp_summary_unary"}
-    assert set(unary) == {"bare_aio", "bare_sync", "agent_query"}, unary
+    unary = {(x["mode"], x["target"]) for x in records if x["name"] == "cmp_summary_unary"}
+    expected_unary = {("compare", "bare_aio"), ("compare", "bare_sync")}
+    assert unary == expected_unary | {(m, "agent_query") for m in modes}, unary
     assert all(x["calls"] > 0 and not x["errors"] for x in records if x["name"] == "cmp_unary")
+    # Every mode's agent in the same rounds: original protocol at 1 and at
+    # the main level (4 with --quick), RunJob at the main level.
+    summary = {
+        (x["mode"], x["protocol"], x["in_flight"])
+        for x in records
+        if x["name"] == "cmp_summary_jobs" and x["target"] == "agent"
+    }
+    for m in modes:
+        assert {(m, "original", 1), (m, "original", 4), (m, "run", 4)} <= summary, summary
+    assert all(x["failed"] == 0 for x in records if x["name"] == "cmp_jobs")
+    boxes = {x["mode"]: x for x in records if x["name"] == "box"}
+    assert set(boxes) == set(modes), boxes
+    for b in boxes.values():
+        assert b["scratch_dir"] and b["job_user"] and "landlock" in b, b
+        # As root the bench gives every agent a cgroup subtree of its own.
+        assert b["cgroup_per_job"] or not root, b
+    verdicts = {(t["mode"], t["target"]): t for t in records if t["name"] == "target"}
+    assert any("0.9x the peer" in k[1] for k in verdicts), verdicts
+    if root:
+        shipped = [t for k, t in verdicts.items() if k[0] == "shipped" and "fastest" in k[1]]
+        assert len(shipped) == 2 and all(t["value"] is not None for t in shipped), shipped
 
     table = (out / "latest.md").read_text()
     assert "### Targets" in table
+    assert "not measured (no peer)" in table
+    assert "### The job box in force" in table
+    assert "### Interleaved comparison" in table
     assert "| measurement | result |" in table
     data = json.loads((out / "latest.json").read_text())
     assert data["records"] and data["targets"]
