@@ -90,7 +90,7 @@ def test_quick_bench_prints_json_lines_and_writes_the_table(tmp_path: Path) -> N
     }
     for m in modes:
         assert {(m, "original", 1), (m, "original", 4), (m, "run", 4)} <= summary, summary
-    assert all(x["failed"] == 0 for x in records if x["name"] == "cmp_jobs")
+    assert all(x.get("failed", 0) == 0 for x in records if x["name"] == "cmp_jobs")
     boxes = {x["mode"]: x for x in records if x["name"] == "box"}
     assert set(boxes) == set(modes), boxes
     for b in boxes.values():
