@@ -9,6 +9,7 @@ timings. Turning timings into records is the workloads' business.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -34,10 +35,18 @@ class Window:
     machine_busy: float = 0.0
     threads: dict[str, float] = field(default_factory=dict)
     server_known: bool = True
+    helpers_s: float = 0.0  # of ``server.self_s``: its long-lived child processes' own CPU
 
 
 class Sampler:
-    """Samples a process's CPU (if its pid is known) and the machine's, begin to end."""
+    """Samples a process's CPU (if its pid is known) and the machine's, begin to end.
+
+    The server's CPU includes its child processes that live through the whole
+    window (the agent's job spawner): their own CPU counts as the server's,
+    and the jobs they reaped as the jobs'. Children that come and go inside
+    the window (the jobs themselves) are counted once reaped, as the reaper's
+    ``cutime + cstime``.
+    """
 
     def __init__(self, pid: int | None) -> None:
         self.pid = pid
@@ -45,30 +54,44 @@ class Sampler:
         self.a0 = procstat.ProcCPU(0, 0)
         self.m0 = 0.0
         self.th0: dict[str, float] = {}
+        self.h0: dict[int, procstat.ProcCPU] = {}
 
-    def _proc(self) -> tuple[procstat.ProcCPU, dict[str, float]]:
+    def _proc(self) -> tuple[procstat.ProcCPU, dict[str, float], dict[int, procstat.ProcCPU]]:
         if self.pid is None:
-            return procstat.ProcCPU(0, 0), {}
-        return procstat.proc_cpu(self.pid), procstat.thread_cpu(self.pid)
+            return procstat.ProcCPU(0, 0), {}, {}
+        helpers = {}
+        for child in procstat.children_of(self.pid):
+            with contextlib.suppress(OSError):
+                helpers[child] = procstat.proc_cpu(child)
+        return procstat.proc_cpu(self.pid), procstat.thread_cpu(self.pid), helpers
 
     def begin(self) -> None:
         """Start of the window."""
         self.t0 = time.monotonic()
-        self.a0, self.th0 = self._proc()
+        self.a0, self.th0, self.h0 = self._proc()
         self.m0 = procstat.machine_cpu()[0]
 
     def end(self) -> Window:
         """End of the window: what was used since :meth:`begin`."""
         wall = time.monotonic() - self.t0
-        a1, th1 = self._proc()
+        a1, th1, h1 = self._proc()
         m1 = procstat.machine_cpu()[0]
         threads = {k: v - self.th0.get(k, 0.0) for k, v in th1.items()}
+        server = a1 - self.a0
+        helpers = 0.0
+        for pid in h1.keys() & self.h0.keys():
+            d = h1[pid] - self.h0[pid]
+            helpers += d.self_s
+            server = procstat.ProcCPU(server.self_s + d.self_s, server.children_s + d.children_s)
+        if helpers > 0:
+            threads["child processes (the spawner)"] = helpers
         return Window(
             wall,
-            a1 - self.a0,
+            server,
             m1 - self.m0,
             {k: v for k, v in threads.items() if v > 0},
             self.pid is not None,
+            helpers,
         )
 
 
@@ -93,6 +116,7 @@ def cpu_fields(win: Window, client_cpu: float) -> dict[str, Any]:
         "window_s": win.wall,
         "client_cpu_cores": client_cpu / w,
         "agent_cpu_cores": win.server.self_s / w if known else None,
+        "agent_children_cpu_cores": win.helpers_s / w if known else None,
         "jobs_cpu_cores": win.server.children_s / w if known else None,
         "machine_busy_cores": win.machine_busy / w,
         "other_cpu_cores": max(0.0, other / w) if known else None,

@@ -108,10 +108,16 @@ def machine_cpu() -> tuple[float, float]:
 
 
 def children_of(pid: int) -> list[int]:
-    """Direct children of a process."""
+    """Direct children of a process (forked by any of its threads)."""
     try:
-        with open(f"/proc/{pid}/task/{pid}/children", encoding="ascii") as f:
-            return [int(x) for x in f.read().split()]
+        found: list[int] = []
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children", encoding="ascii") as f:
+                found += [int(x) for x in f.read().split()]
+        return sorted(set(found))
+    except FileNotFoundError as e:
+        if e.filename and str(e.filename).endswith("/task"):
+            return []  # the process is gone
     except OSError:
         pass
     out = []

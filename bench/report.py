@@ -359,8 +359,8 @@ def results_body(result: dict[str, Any]) -> str:
     out.append("""
 CPU columns are cores used during the measurement window (1.00 = one core
 busy all the time): **client** = all client processes (their own rusage),
-**agent** = the agent process (all threads), **jobs** = the jobs it reaped
-(cutime/cstime), **other** = the rest of the machine (/proc/stat busy time
+**agent** = the agent process (all threads) and its job spawner process,
+**jobs** = the jobs they reaped (cutime/cstime), **other** = the rest of the machine (/proc/stat busy time
 minus those): other tenants and noise. With 2 cores, client + agent + jobs +
 other near 2.0 means the machine was saturated. "vs floor" is the agent's
 jobs/s and p50 divided by the floor measured in the same run (serial floor
