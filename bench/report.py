@@ -262,7 +262,13 @@ def compare_table(records: list[dict[str, Any]]) -> str:
     if not jobs and not unary:
         return ""
     order = {"peer": 0, "agent": 1, "floor": 2}
-    jobs.sort(key=lambda r: (order.get(r["target"], 3), r["protocol"] != "original", r["mode"]))
+    jobs.sort(
+        key=lambda r: (
+            order.get(r["target"], 3),
+            r.get("protocol", "original") != "original",
+            r["mode"],
+        )
+    )
     jobs.sort(key=lambda r: r["in_flight"] if r["target"] != "floor" else 0)
     out = [
         f"\n### Interleaved comparison (medians of {max(r['rounds'] for r in jobs + unary)} "
@@ -279,7 +285,7 @@ def compare_table(records: list[dict[str, Any]]) -> str:
         if r.get("fastest_mode"):
             fastest += f" ({r['fastest_mode']})"
         out.append(
-            f"| {_who(r)} | {r['protocol']} | {r['in_flight']} | {_f(r['jobs_per_s'], '.0f')} | "
+            f"| {_who(r)} | {r.get('protocol', 'original')} | {r['in_flight']} | {_f(r['jobs_per_s'], '.0f')} | "
             f"{_f(r['p50_ms'])} | {_f(r['server_cpu_ms_per_job'], '.3f')} | "
             f"{_f(r.get('jobs_per_s_vs_peer'))} | {_f(r.get('jobs_per_s_vs_floor'))} | "
             f"{fastest} | {_f(r.get('server_cpu_per_job_vs_peer'))} |\n"
