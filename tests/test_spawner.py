@@ -32,6 +32,9 @@ from helpers import (
     wait_for,
 )
 
+# Every test here runs on the C vfork spawn path and on the Python fork fallback.
+pytestmark = pytest.mark.usefixtures("spawn_path")
+
 ENOEXEC = "start failed: execve: Exec format error (ENOEXEC)"
 
 

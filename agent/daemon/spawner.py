@@ -302,7 +302,10 @@ def _child(
         for name, value in sorted(plan.get("limits", {}).items()):
             res, rname, extra = RLIMITS[name]
             step = f"setrlimit {rname}"
-            resource.setrlimit(res, (value, value + extra))
+            # prlimit, not setrlimit: setrlimit turns the kernel's EPERM into a
+            # ValueError (reported as EINVAL); prlimit keeps the errno, which is
+            # what check_limits predicts and the C path reports.
+            resource.prlimit(0, res, (value, value + extra))
         os.umask(plan["umask"])
         step = "chdir"
         os.chdir(plan["cwd"])
