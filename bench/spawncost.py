@@ -4,11 +4,11 @@
 
 Runs ``/bin/true`` through :class:`agent.daemon.spawn.SpawnerOps` (what the
 agent uses: "spawner", its C vfork path where built; "spawner-fork", its Python
-fork fallback, ``WORKER_AGENT_SPAWN=fork``) and through a copy of the old ``RealProcessOps`` fast path
-(``subprocess.Popen`` on the event loop thread, CPython's vfork path, pidfd +
-``wait4``; no trampolines, so no limits and no user switch), interleaved in
-rounds, in one process with no gRPC. For each level of jobs in flight it
-prints one JSON line per path: jobs/s, mean start-to-exit latency, the
+fork fallback, ``WORKER_AGENT_SPAWN=fork``) and through a copy of the old
+``RealProcessOps`` fast path (``subprocess.Popen`` on the event loop thread,
+CPython's vfork path, pidfd + ``wait4``; no trampolines, so no limits and no
+user switch), interleaved in rounds, in one process with no gRPC. For each
+level of jobs in flight it prints one JSON line per path: jobs/s, mean start-to-exit latency, the
 agent process's CPU per job and (spawner only) the spawner's CPU per job.
 With ``--user`` (as root) the spawner path also switches to that user,
 which the old path could only do through setpriv (not measured here).

@@ -36,6 +36,7 @@ IS_ROOT = os.geteuid() == 0
 def vspawn_expected() -> bool:
     """Whether the spawner's C path must be there: it is built, or a compiler could have."""
     import importlib.util
+    import shutil
 
     if importlib.util.find_spec("agent.daemon._vspawn") is not None:
         return True

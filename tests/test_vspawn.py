@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from agent.daemon import capabilities as caps_mod
-from agent.daemon import landlock, spawner, vspawn
+from agent.daemon import landlock, spawner, spawnproto, vspawn
 from agent.daemon.lifecycle import Exit
 from agent.daemon.spawn import SpawnerOps, SpawnFailure, SpawnSpec
 
@@ -68,7 +68,7 @@ def _fork_report(plan: dict[str, Any], fds: dict[str, int]) -> str:
     if not report:
         return ""
     step, _, number = report.decode().partition("\0")
-    return spawner.proto.error_text(step, int(number))
+    return spawnproto.error_text(step, int(number))
 
 
 def _vfork_report(plan: dict[str, Any], fds: dict[str, int]) -> str:
@@ -163,7 +163,9 @@ def test_parent_signal_state_is_restored_and_the_job_starts_clean() -> None:
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
     r, w = os.pipe2(os.O_CLOEXEC)
     try:
-        plan = _plan(path="/bin/sh", argv=["/bin/sh", "-c", "grep -E '^Sig(Blk|Ign):' /proc/$$/status"])
+        plan = _plan(
+            path="/bin/sh", argv=["/bin/sh", "-c", "grep -E '^Sig(Blk|Ign):' /proc/$$/status"]
+        )
         # What Spawner.setup_signals collects: every disposition that is not the default
         # (SIGPIPE and SIGXFSZ, ignored by Python, SIGUSR2); SIGALRM's handler is not
         # listed, but no handler may survive in the child anyway.
@@ -241,7 +243,7 @@ def _both_paths(
     for path in ("vfork", "fork"):
         monkeypatch.setenv("WORKER_AGENT_SPAWN", path)
 
-        async def go() -> list[tuple[Exit, str]]:
+        async def go(path: str = path) -> list[tuple[Exit, str]]:
             ops = SpawnerOps()
             try:
                 got = [await _run(ops, s) for s in specs()]

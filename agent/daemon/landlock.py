@@ -561,7 +561,9 @@ class Prepared:
             # Resolved in the child: /proc/self names the job, not the spawner. No deny
             # check, as in _add_opened(per_job=False): these rules went through plan_rules.
             names = (f"open {path}", "", "readlink /proc/self/fd", f"landlock_add_rule {path}")
-            prog.append(("open_add", names, path, self._mask(access, True), self._mask(access, False)))
+            prog.append(
+                ("open_add", names, path, self._mask(access, True), self._mask(access, False))
+            )
         for dfd in extra_write_dirs:
             w = bytes(_PathBeneathAttr(self._mask(WRITE, True), dfd))
             prog.append(("add", f"landlock_add_rule write directory fd {dfd}", beneath, w))

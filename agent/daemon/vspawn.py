@@ -103,9 +103,7 @@ class Steps:
         return self.names[code] if code < len(self.names) else "setup"
 
 
-def user_ops(
-    plan: dict[str, Any], root: bool, last_cap: int, steps: Steps, euid: int
-) -> list[Op]:
+def user_ops(plan: dict[str, Any], root: bool, last_cap: int, steps: Steps, euid: int) -> list[Op]:
     """spawner._switch_user as ops (see agent.daemon.capabilities for the order)."""
     uid, gid = plan.get("uid"), plan.get("gid")
     caps: list[int] = plan.get("capabilities", [])
@@ -248,4 +246,3 @@ def spawn(
     if code is None:
         return pid, "", 0
     return pid, proto.error_text(steps.name(code), num or errno.EIO), num or errno.EIO
-
