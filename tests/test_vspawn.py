@@ -457,3 +457,32 @@ def test_rlimits_are_set_in_the_c_child_as_asked() -> None:
     os.waitpid(pid, 0)
     assert (error, out.split()) == ("", [b"7", b"9", b"99", b"99"])
     assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] != 99  # the spawner's own: untouched
+
+
+@needs_vspawn
+@pytest.mark.skipif(
+    not IS_ROOT or landlock.abi_version() < 6, reason="needs root and Landlock ABI 6"
+)
+def test_a_ruleset_of_many_descriptors_confines_alike(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A deny inside a granted tree (hole punching: one descriptor per rule, >64 here)."""
+    etc = sorted(os.listdir("/etc"))
+    assert len(etc) > 64
+    denied = "/etc/" + next(n for n in etc if os.path.isfile("/etc/" + n) and n != "passwd")
+    spec = landlock.LandlockSpec(
+        read_exec=("/usr", "/lib", "/lib64", "/bin"),
+        read=("/etc",),
+        write=("/dev/null",),
+        connect_tcp=(),
+        bind_tcp=(),
+        deny=(denied,),
+    )
+    probe = (
+        "{ read -r x < /etc/passwd; } 2>/dev/null && echo passwd || echo no-passwd; "
+        f"{{ read -r x < {denied}; }} 2>/dev/null && echo denied-read || echo denied-refused"
+    )
+
+    def specs() -> list[SpawnSpec]:
+        return [_spec(probe, landlock=spec, landlock_abi=landlock.abi_version())]
+
+    got = _both_paths(monkeypatch, specs)
+    assert got["vfork"][0][1] == got["fork"][0][1] == "passwd\ndenied-refused\n"

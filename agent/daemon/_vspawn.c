@@ -114,6 +114,8 @@ typedef struct {
     int fds[4];           /* stdout, exec, script, cgroup; -1 absent */
     const int *keep;      /* left where they are (Landlock descriptors), sorted */
     Py_ssize_t nkeep;
+    const int *keep_first; /* keep and the job's descriptors, sorted: the first close */
+    Py_ssize_t nkeep_first;
     const op_t *pre;      /* setsid .. user switch */
     Py_ssize_t npre;
     const op_t *confine;  /* Landlock or no_new_privs */
@@ -130,10 +132,9 @@ static long sys_close_range(unsigned lo, unsigned hi) {
     return syscall(SYS_close_range, lo, hi, 0);
 }
 
-/* Close every descriptor from lo up except the sorted keep[] (and extra, if >= 0).
- * close_range(2) where the kernel has it (5.9+); else one close per number up to
- * the highest one /proc could tell us about is not possible without malloc, so
- * fall back to the soft RLIMIT_NOFILE, as os.closerange() would. */
+/* Close every descriptor from lo up except the sorted keep[], as os.closerange() in
+ * spawner._close_all_but. close_range(2) where the kernel has it (5.9+); without it,
+ * one close() per number up to the soft RLIMIT_NOFILE (the fork path's bound). */
 static int close_all_but(const int *keep, Py_ssize_t nkeep, int lo) {
     for (Py_ssize_t i = 0; i < nkeep; i++) {
         int fd = keep[i];
@@ -175,12 +176,6 @@ static void fd_path(char *buf, int fd) {
         *p++ = digits[--n];
     *p = '\0';
 }
-
-#define FAIL(s)                                                                         \
-    do {                                                                                \
-        step = (s);                                                                     \
-        goto fail;                                                                      \
-    } while (0)
 
 /* Run an op list; on failure returns -1 with *step set and errno the kernel's. */
 static int run_ops(const op_t *ops, Py_ssize_t n, int cgroup_fd, int *step) {
@@ -303,32 +298,11 @@ static int child(void *arg) {
     job_t *job = arg;
     int step = STEP_SETUP;
     int moved[4] = {-1, -1, -1, -1};
-    int keep[8 + 64];
-    Py_ssize_t nkeep = 0;
 
     /* Keep only what the job needs, moved above the numbers it will get (0-4);
      * the spawner's own descriptors may sit anywhere. The Landlock descriptors
      * stay where they are: the prepared rules name them by number. */
-    {
-        /* keep = job->keep (sorted) merged with the job's descriptors, sorted */
-        int tmp[8 + 64];
-        Py_ssize_t n = 0;
-        for (Py_ssize_t i = 0; i < job->nkeep && n < 64; i++)
-            tmp[n++] = job->keep[i];
-        for (int i = 0; i < 4; i++)
-            if (job->fds[i] >= 0)
-                tmp[n++] = job->fds[i];
-        for (Py_ssize_t i = 1; i < n; i++) /* insertion sort: a handful of numbers */
-            for (Py_ssize_t j = i; j > 0 && tmp[j - 1] > tmp[j]; j--) {
-                int t = tmp[j];
-                tmp[j] = tmp[j - 1];
-                tmp[j - 1] = t;
-            }
-        for (Py_ssize_t i = 0; i < n; i++)
-            if (nkeep == 0 || keep[nkeep - 1] != tmp[i])
-                keep[nkeep++] = tmp[i];
-    }
-    if (close_all_but(keep, nkeep, 0) < 0)
+    if (close_all_but(job->keep_first, job->nkeep_first, 0) < 0)
         goto fail;
     for (int i = 0; i < 4; i++)
         if (job->fds[i] >= 0 &&
@@ -531,18 +505,20 @@ bad:
 }
 
 PyDoc_STRVAR(spawn_doc,
-             "spawn(path, argv, envp, fds, keep, pre, confine, reset) -> (pid, step, errno)\n\n"
+             "spawn(path, argv, envp, fds, keep, keep_first, pre, confine, reset)"
+             " -> (pid, step, errno)\n\n"
              "Start one job (see agent/daemon/vspawn.py). step is None when the program was\n"
              "executed; otherwise the child has exited 127 (not yet reaped) and step/errno\n"
              "say what failed. Raises OSError when no child could be made.");
 
 static PyObject *vspawn_spawn(PyObject *self, PyObject *args) {
-    PyObject *path_obj, *argv_obj, *envp_obj, *keep_obj, *pre_obj, *confine_obj, *reset_obj;
+    PyObject *path_obj, *argv_obj, *envp_obj, *keep_obj, *first_obj, *pre_obj, *confine_obj;
+    PyObject *reset_obj;
     job_t job;
     memset(&job, 0, sizeof job);
-    if (!PyArg_ParseTuple(args, "OOO(iiii)OOOO", &path_obj, &argv_obj, &envp_obj, &job.fds[0],
-                          &job.fds[1], &job.fds[2], &job.fds[3], &keep_obj, &pre_obj,
-                          &confine_obj, &reset_obj))
+    if (!PyArg_ParseTuple(args, "OOO(iiii)OOOOO", &path_obj, &argv_obj, &envp_obj, &job.fds[0],
+                          &job.fds[1], &job.fds[2], &job.fds[3], &keep_obj, &first_obj,
+                          &pre_obj, &confine_obj, &reset_obj))
         return NULL;
     if (path_obj != Py_None) {
         if (!PyBytes_Check(path_obj) ||
@@ -560,19 +536,27 @@ static PyObject *vspawn_spawn(PyObject *self, PyObject *args) {
         return NULL;
     }
     char **argv = NULL, **envp = NULL;
-    int *keep = NULL, *reset = NULL;
+    int *keep = NULL, *keep_first = NULL, *reset = NULL;
     op_t *pre = NULL, *confine = NULL;
     PyObject *result = NULL;
     if ((argv = bytes_array(argv_obj, "argv")) == NULL ||
         (envp = bytes_array(envp_obj, "envp")) == NULL ||
-        (keep = int_array(keep_obj, &job.nkeep, 64, "keep")) == NULL ||
+        (keep = int_array(keep_obj, &job.nkeep, 1 << 16, "keep")) == NULL ||
+        (keep_first = int_array(first_obj, &job.nkeep_first, (1 << 16) + 4, "keep_first")) ==
+            NULL ||
         (reset = int_array(reset_obj, &job.nreset, NSIG, "reset")) == NULL ||
         (pre = op_array(pre_obj, &job.npre)) == NULL ||
         (confine = op_array(confine_obj, &job.nconfine)) == NULL)
         goto done;
-    for (Py_ssize_t i = 1; i < job.nkeep; i++)
-        if (keep[i - 1] >= keep[i]) {
+    /* close_all_but() walks the gaps between them: strictly ascending, no negatives. */
+    for (Py_ssize_t i = 0; i < job.nkeep; i++)
+        if (keep[i] < 0 || (i > 0 && keep[i - 1] >= keep[i])) {
             PyErr_SetString(PyExc_ValueError, "keep: not sorted");
+            goto done;
+        }
+    for (Py_ssize_t i = 0; i < job.nkeep_first; i++)
+        if (keep_first[i] < 0 || (i > 0 && keep_first[i - 1] >= keep_first[i])) {
+            PyErr_SetString(PyExc_ValueError, "keep_first: not sorted");
             goto done;
         }
     if (get_stack() < 0) {
@@ -582,13 +566,15 @@ static PyObject *vspawn_spawn(PyObject *self, PyObject *args) {
     job.argv = argv;
     job.envp = envp;
     job.keep = keep;
+    job.keep_first = keep_first;
     job.reset = reset;
     job.pre = pre;
     job.confine = confine;
 
-    /* Every signal blocked around the clone (see the top of the file). */
+    /* Every signal blocked around the clone (see the top of the file); all bits set
+     * by hand, as sigfillset() leaves out glibc's internal two. */
     sigset_t all, old;
-    sigfillset(&all);
+    memset(&all, 0xff, sizeof all);
     if (syscall(SYS_rt_sigprocmask, SIG_SETMASK, &all, &old, (size_t)(NSIG / 8)) < 0) {
         PyErr_SetFromErrno(PyExc_OSError);
         goto done;
@@ -611,6 +597,7 @@ done:
     PyMem_Free(argv);
     PyMem_Free(envp);
     PyMem_Free(keep);
+    PyMem_Free(keep_first);
     PyMem_Free(reset);
     PyMem_Free(pre);
     PyMem_Free(confine);

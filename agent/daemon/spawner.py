@@ -653,6 +653,11 @@ class Spawner:
         except OSError as e:
             pid, code = 0, e.errno or errno.EIO
             error = proto.error_text("fork", code)
+        except (ValueError, TypeError, OverflowError) as e:
+            # Arrays the extension refuses (none a checked plan makes): no child, and
+            # the spawner carries on.
+            pid, code = 0, errno.EINVAL
+            error = f"setup: {e}"
         finally:
             if scratch_fd >= 0:
                 os.close(scratch_fd)

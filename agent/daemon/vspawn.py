@@ -217,7 +217,8 @@ def build(
     argv = [os.fsencode(a) for a in plan["argv"]]
     envp = [os.fsencode(k) + b"=" + os.fsencode(v) for k, v in plan["env"].items()]
     roles = tuple(fds.get(r, -1) for r in ("stdout", "exec", "script", "cgroup"))
-    args = (path, argv, envp, roles, sorted(keep), pre, confine_ops, list(reset))
+    first = sorted(keep | {fd for fd in roles if fd >= 0})
+    args = (path, argv, envp, roles, sorted(keep), first, pre, confine_ops, list(reset))
     return args, steps
 
 
