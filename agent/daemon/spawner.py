@@ -21,9 +21,27 @@ setresgid, setresuid); default signal dispositions and an empty mask; stdin
 /dev/null, stdout and stderr the output pipe, a pinned script on fd 3;
 close every other descriptor; (Landlock: later); ``execve`` of the path, or
 ``fexecve`` of the pinned program's sealed copy. Never execvp, never a shell,
-no PATH lookup: ENOEXEC is a start failure like any other. A failing step
-writes ``step\\0errno`` to a CLOEXEC pipe and exits 127; end of file without
-data on that pipe means the exec succeeded.
+no PATH lookup: ENOEXEC is a start failure like any other.
+
+Two ways to run that set-up, the same steps in the same order with the same
+error texts (tests/test_vspawn.py compares them):
+
+* the C vfork path (:mod:`agent.daemon.vspawn`, ``_vspawn.c``), used when the
+  extension is built: ``clone(CLONE_VM | CLONE_VFORK)`` on a stack of its own,
+  every array prepared before, only system calls in the child. The spawner
+  sleeps until the child has exec'd or failed, so the answer goes out at once;
+  a failing step leaves its index and errno in the spawner's memory and the
+  child exits 127.
+* the Python fork path (:func:`_child`), when the extension cannot be imported
+  or ``WORKER_AGENT_SPAWN=fork``: ``os.fork()`` and the set-up in Python. A
+  failing step writes ``step\\0errno`` to a CLOEXEC pipe and exits 127; end
+  of file without data on that pipe means the exec succeeded; the answer goes
+  out when the pipe says so, so the next job can be forked meanwhile.
+
+The first message the spawner sends says which (``{"op": "hello", "spawn":
+"vfork" | "fork", "why": ...}``); the agent logs it. Measured (``python -m
+bench.spawncost --jobs 1000 --rounds 3``, as root, /bin/true, 2 shared cores):
+SPAWNCOST_FIGURES
 
 Job cgroups (:mod:`agent.daemon.cgroups`): the spawner owns each job's
 cgroup from creation to removal, and the agent asks by job id. A plan with
