@@ -395,7 +395,9 @@ fail:
 }
 
 /* The child's stack, made once and reused: the parent sleeps until the child
- * has exec'd (left this memory) or exited, so one job at a time uses it. A
+ * has exec'd (left this memory) or exited, so one job at a time uses it (the
+ * kernel's vfork wait ends early only for a fatal signal, which ends the parent
+ * too; every other signal is blocked meanwhile). A
  * PROT_NONE page below it turns an overflow into a fault, not a corruption of
  * whatever lies there. The spawner is single-threaded; the GIL is held anyway. */
 #define STACK_SIZE (256 * 1024)
