@@ -3,11 +3,12 @@
 ``python -m bench.spawncost [--jobs N] [--levels 1,16] [--rounds R] [--user NAME]``
 
 Runs ``/bin/true`` through :class:`agent.daemon.spawn.SpawnerOps` (what the
-agent uses) and through a copy of the old ``RealProcessOps`` fast path
-(``subprocess.Popen`` on the event loop thread, CPython's vfork path, pidfd +
-``wait4``; no trampolines, so no limits and no user switch), interleaved in
-rounds, in one process with no gRPC. For each level of jobs in flight it
-prints one JSON line per path: jobs/s, mean start-to-exit latency, the
+agent uses: "spawner", its C vfork path where built; "spawner-fork", its Python
+fork fallback, ``WORKER_AGENT_SPAWN=fork``) and through a copy of the old
+``RealProcessOps`` fast path (``subprocess.Popen`` on the event loop thread,
+CPython's vfork path, pidfd + ``wait4``; no trampolines, so no limits and no
+user switch), interleaved in rounds, in one process with no gRPC. For each
+level of jobs in flight it prints one JSON line per path: jobs/s, mean start-to-exit latency, the
 agent process's CPU per job and (spawner only) the spawner's CPU per job.
 With ``--user`` (as root) the spawner path also switches to that user,
 which the old path could only do through setpriv (not measured here).
@@ -29,7 +30,7 @@ from typing import Any
 from agent.daemon.lifecycle import Exit
 from agent.daemon.spawn import ProcessOps, SpawnerOps, SpawnSpec
 
-from .spawnloop import levels, measure
+from .spawnloop import levels, measure, spawner_on
 
 
 class PopenOps:
@@ -112,12 +113,15 @@ async def _run(args: argparse.Namespace) -> list[dict[str, Any]]:
     uid = pwd.getpwnam(args.user).pw_uid if args.user else None
     out: list[dict[str, Any]] = []
     spawner = SpawnerOps()
+    # The spawner's Python fork fallback (WORKER_AGENT_SPAWN=fork), interleaved.
+    forking = spawner_on("fork")
     old = PopenOps()
     try:
         for rnd in range(args.rounds):
             for level in args.levels:
                 for name, ops, spid in (
                     ("spawner", spawner, spawner.spawner_pid),
+                    ("spawner-fork", forking, forking.spawner_pid),
                     ("popen", old, None),
                 ):
                     if name == "popen" and uid is not None:
@@ -137,6 +141,7 @@ async def _run(args: argparse.Namespace) -> list[dict[str, Any]]:
         print(json.dumps({"spawner_rss_kb": rss}), flush=True)
     finally:
         spawner.close()
+        forking.close()
     return out
 
 
@@ -151,7 +156,7 @@ def main(argv: list[str]) -> int:
     results = asyncio.run(_run(args))
     print("\nmedian over rounds:", file=sys.stderr)
     for level in args.levels:
-        for name in ("spawner", "popen"):
+        for name in ("spawner", "spawner-fork", "popen"):
             rows = [r for r in results if r["path"] == name and r["in_flight"] == level]
             if not rows:
                 continue

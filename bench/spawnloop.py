@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from agent.daemon.lifecycle import Exit
-from agent.daemon.spawn import ProcessOps, SpawnSpec
+from agent.daemon.spawn import SPAWN_ENV, ProcessOps, SpawnerOps, SpawnSpec
 
 TICK = os.sysconf("SC_CLK_TCK")
 WARM_UP = 20
@@ -29,6 +29,20 @@ def cpu_of(pid: int | None) -> float:
     with open(f"/proc/{pid}/stat", "rb") as f:
         fields = f.read().rsplit(b")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def spawner_on(path: str, **kw: Any) -> SpawnerOps:
+    """A SpawnerOps whose spawner uses ``path`` ("vfork": the C path, "fork": the Python
+    fallback; WORKER_AGENT_SPAWN, see agent.daemon.vspawn), for interleaved comparisons."""
+    old = os.environ.get(SPAWN_ENV)
+    os.environ[SPAWN_ENV] = path
+    try:
+        return SpawnerOps(**kw)
+    finally:
+        if old is None:
+            del os.environ[SPAWN_ENV]
+        else:
+            os.environ[SPAWN_ENV] = old
 
 
 def levels(text: str) -> list[int]:

@@ -46,6 +46,21 @@ case "$("$python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')" in
     *) echo "build_deb.sh: $python is not Python 3.11 (Debian 12's python3)" >&2; exit 1 ;;
 esac
 
+# The job spawner's C vfork path (agent/daemon/_vspawn.c) is built into the wheel: a
+# compiler and the interpreter's headers are needed (without them pip would quietly
+# build a package whose spawner forks, three times slower per job).
+include=$("$python" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
+if ! command -v cc >/dev/null 2>&1 || [ ! -f "$include/Python.h" ]; then
+    if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "build_deb.sh: installing gcc and python3.11-dev (the spawner's C extension)" >&2
+        apt-get update -qq >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc python3.11-dev >/dev/null
+    else
+        echo "build_deb.sh: a C compiler and $include/Python.h are needed (apt-get install gcc python3.11-dev)" >&2
+        exit 1
+    fi
+fi
+
 version=$(sed -n 's/^__version__ = "\(.*\)"/\1/p' "$root/agent/__init__.py")
 arch=$(dpkg --print-architecture)
 venv=/opt/worker-agent
@@ -62,6 +77,9 @@ mkdir "$tmp/src"
 (cd "$root" && tar -cf - --exclude=./build --exclude=./dist --exclude=./.git \
     --exclude='*.egg-info' --exclude=__pycache__ --exclude=./certs .) | tar -xf - -C "$tmp/src"
 "$python" -m pip wheel -q --no-deps -w "$tmp/wheels" "$tmp/src"
+"$python" -m zipfile -l "$tmp"/wheels/worker_agent-*.whl | grep -q 'agent/daemon/_vspawn\.' || {
+    echo "build_deb.sh: the wheel has no agent/daemon/_vspawn extension (see the compiler output above)" >&2
+    exit 1; }
 
 "$python" -m venv "$stage$venv"
 if [ -n "$wheelhouse" ]; then

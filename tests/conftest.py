@@ -28,6 +28,7 @@ from helpers import (
     gen_certs,
     make_safe_dir,
     policy_for,
+    vspawn_expected,
     write_script,
 )
 
@@ -55,6 +56,20 @@ def _outside_the_checkout() -> Iterator[None]:
         yield
     finally:
         os.chdir(before)
+
+
+@pytest.fixture(params=["vfork", "fork"])
+def spawn_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run the test on the job spawner's C vfork path and on its Python fork fallback.
+
+    ``vfork`` is required, not asked for: a spawner that cannot load the extension
+    refuses to start, so the test fails instead of passing on the fork path.
+    """
+    path: str = request.param
+    if path == "vfork" and not vspawn_expected():
+        pytest.skip("no C compiler: the extension was not built")
+    monkeypatch.setenv("WORKER_AGENT_SPAWN", path)
+    return path
 
 
 SCRIPTS = {

@@ -33,6 +33,16 @@ ROOT = Path(__file__).resolve().parent.parent
 IS_ROOT = os.geteuid() == 0
 
 
+def vspawn_expected() -> bool:
+    """Whether the spawner's C path must be there: it is built, or a compiler could have."""
+    import importlib.util
+    import shutil
+
+    if importlib.util.find_spec("agent.daemon._vspawn") is not None:
+        return True
+    return any(shutil.which(cc) for cc in ("cc", "gcc", "clang"))
+
+
 def free_port() -> int:
     """A TCP port that was free a moment ago on 127.0.0.1."""
     with socket.socket() as s:

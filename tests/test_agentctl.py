@@ -16,7 +16,7 @@ import pytest
 import agent as agent_pkg
 from agent.client.cli import main
 
-from helpers import AgentProcess, Certs
+from helpers import AgentProcess, Certs, wait_for
 
 
 def flags(agent: AgentProcess, identity: str = "client") -> list[str]:
@@ -58,6 +58,10 @@ def test_status_stop_logs_list(
     assert main([*flags(agent), "status", "--json", job]) == 0
     st = json.loads(capfd.readouterr().out)
     assert st["state"] == "RUNNING" and st["job_id"] == job
+    # Stop only once the script has written its line (a start is now fast enough for
+    # the stop to arrive before bash has run its first command).
+    c = agent.client()
+    wait_for(lambda: b"".join(c.stream(job, follow=False)) == b"started\n")
     assert main([*flags(agent), "stop", job]) == 0
     assert main([*flags(agent), "wait", job, "--timeout", "10"]) == 1
     assert "STOPPED" in capfd.readouterr().out

@@ -27,10 +27,14 @@ from agent.daemon.config import Config
 
 from helpers import AgentFactory, AgentProcess, Certs, default_config, make_safe_dir, write_script
 
-pytestmark = pytest.mark.skipif(
-    landlock.abi_version() < 6 or os.geteuid() != 0,
-    reason="needs root and Landlock ABI 6 (scoped signals)",
-)
+# Every test here runs on the C vfork spawn path and on the Python fork fallback.
+pytestmark = [
+    pytest.mark.skipif(
+        landlock.abi_version() < 6 or os.geteuid() != 0,
+        reason="needs root and Landlock ABI 6 (scoped signals)",
+    ),
+    pytest.mark.usefixtures("spawn_path"),
+]
 
 PROBES = {
     "cat.sh": 'cat "$@"\n',

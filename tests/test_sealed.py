@@ -39,6 +39,9 @@ from helpers import (
     write_script,
 )
 
+# Every test here runs on the C vfork spawn path and on the Python fork fallback.
+pytestmark = pytest.mark.usefixtures("spawn_path")
+
 TIMEOUT = 20
 BASH = os.path.realpath("/bin/bash")
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="chown to another uid needs root")

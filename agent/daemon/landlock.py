@@ -379,17 +379,22 @@ class Prepared:
         # child builds a ruleset of a handful of rules instead of all of them.
         self._layer_attr = _RulesetAttr(fs & WRITE_ONLY, 0, 0)
         self._write_rules: list[tuple[object, str]] = []  # (byref(attr), name)
+        # The same rules as bytes, for the C vfork child (agent.daemon.vspawn).
+        self._raw_rules: list[tuple[int, bytes, str]] = []  # (rule type, attr, name)
+        self._raw_write_rules: list[tuple[bytes, str]] = []
         self._layered = scratch_root is not None and not self._deferred
         try:
             for rule in rules:
                 if not _child_resolved(rule.path) and (attr := self._open_rule(rule)):
                     self._rules.append((_L(_RULE_PATH_BENEATH), ctypes.byref(attr), rule.path))
+                    self._raw_rules.append((_RULE_PATH_BENEATH, bytes(attr), rule.path))
                     self._add_write_rule(attr, rule.path)
             if scratch_root is not None and self._layered:
                 self._add_scratch_root(scratch_root)
             for port_attr in self._ports:  # byref() keeps each attr alive
                 name = f"tcp port {port_attr.port}"
                 self._rules.append((_L(_RULE_NET_PORT), ctypes.byref(port_attr), name))
+                self._raw_rules.append((_RULE_NET_PORT, bytes(port_attr), name))
             if not self._deferred:
                 self._shared = self._build()
         except BaseException:
@@ -400,6 +405,7 @@ class Prepared:
         if attr.allowed_access & WRITE_ONLY:
             w = _PathBeneathAttr(attr.allowed_access & WRITE_ONLY, attr.parent_fd)
             self._write_rules.append((ctypes.byref(w), name))  # byref() keeps w alive
+            self._raw_write_rules.append((bytes(w), name))
 
     def _add_scratch_root(self, root: str) -> None:
         fd, is_dir, real = _open_path(root, follow=False)
@@ -409,6 +415,7 @@ class Prepared:
             raise LandlockStepError(errno.EPERM, f"scratch root {root}: covers {hit or root}")
         attr = _PathBeneathAttr(self._mask(WRITE, True), fd)
         self._rules.append((_L(_RULE_PATH_BENEATH), ctypes.byref(attr), root))
+        self._raw_rules.append((_RULE_PATH_BENEATH, bytes(attr), root))
 
     def _open_rule(self, rule: PathRule) -> _PathBeneathAttr | None:
         try:
@@ -518,6 +525,50 @@ class Prepared:
             _sys("landlock_restrict_self (write layer)", _SYS_RESTRICT_SELF, rfd, 0)
         finally:
             os.close(rfd)
+
+    def child_program(self, extra_write_dirs: Sequence[int] = ()) -> list[tuple[object, ...]]:
+        """What restrict(extra_write_dirs=...) does, as data for the C vfork child.
+
+        The same system calls in the same order with the same step names (the caller
+        prefixes "landlock: "), everything built here, in the spawner, so the child only
+        makes system calls (agent.daemon.vspawn turns this into its op list). Items:
+        ("nnp", step), ("create", step, attr, size), ("add", step, rule type, attr),
+        ("open_add", (open, "", readlink, add steps), path, dir mask, file mask),
+        ("restrict", step, fd or -1 for the one just created), ("close",).
+        """
+        nnp = ("nnp", "prctl(PR_SET_NO_NEW_PRIVS)")
+        beneath = _RULE_PATH_BENEATH
+        prog: list[tuple[object, ...]] = []
+        if self._layered:
+            # The shared ruleset, then the per-job write layer (see restrict()).
+            prog += [nnp, ("restrict", "landlock_restrict_self", self._shared)]
+            prog.append(("create", "landlock_create_ruleset", bytes(self._layer_attr), 8))
+            for attr, name in self._raw_write_rules:
+                prog.append(("add", f"landlock_add_rule {name} (write layer)", beneath, attr))
+            for dfd in extra_write_dirs:
+                w = bytes(_PathBeneathAttr(self._mask(WRITE_ONLY, True), dfd))
+                prog.append(("add", f"landlock_add_rule write directory fd {dfd}", beneath, w))
+            prog += [("restrict", "landlock_restrict_self (write layer)", -1), ("close",)]
+            return prog
+        if not self._deferred and not extra_write_dirs:
+            return [nnp, ("restrict", "landlock_restrict_self", self._shared)]
+        # A fresh ruleset per child (never add to the shared one: see restrict()).
+        attr = bytes(self._attr)
+        prog.append(("create", "landlock_create_ruleset", attr, self._attr_size))
+        for kind, raw, name in self._raw_rules:
+            prog.append(("add", f"landlock_add_rule {name}", kind, raw))
+        for path, access in self._deferred:
+            # Resolved in the child: /proc/self names the job, not the spawner. No deny
+            # check, as in _add_opened(per_job=False): these rules went through plan_rules.
+            names = (f"open {path}", "", "readlink /proc/self/fd", f"landlock_add_rule {path}")
+            prog.append(
+                ("open_add", names, path, self._mask(access, True), self._mask(access, False))
+            )
+        for dfd in extra_write_dirs:
+            w = bytes(_PathBeneathAttr(self._mask(WRITE, True), dfd))
+            prog.append(("add", f"landlock_add_rule write directory fd {dfd}", beneath, w))
+        prog += [nnp, ("restrict", "landlock_restrict_self", -1), ("close",)]
+        return prog
 
     def descriptors(self) -> list[int]:
         """The descriptors restrict() still needs: the forked child must not close them

@@ -65,6 +65,7 @@ __all__ = ["SCRIPT_FD_PATH", "SPAWNER_DIED", "SpawnFailure", "SpawnSpec", "Spawn
 log = logging.getLogger(__name__)
 
 SPAWNER_DIED = "the job spawner died; the job's processes were killed"
+SPAWN_ENV = "WORKER_AGENT_SPAWN"  # agent.daemon.vspawn.ENV_VAR (not imported: stays light)
 MAX_DEATHS = 3
 DEATH_WINDOW = 60.0
 CLOSE_WAIT = 2.0
@@ -200,6 +201,8 @@ class SpawnerOps:
         self._running: dict[int, Callable[[Exit], None]] = {}
         self._deaths: list[float] = []
         self._closed = False
+        # "vfork" or "fork": what the current spawner said it uses (its first message).
+        self.spawn_path: str | None = None
         self._start()
 
     @property
@@ -208,6 +211,7 @@ class SpawnerOps:
         return self._proc.pid if self._proc is not None else None
 
     def _start(self) -> None:
+        self.spawn_path = None
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             # A fresh interpreter (exec right after vfork, no Python in the
@@ -229,7 +233,9 @@ class SpawnerOps:
                 pass_fds=[theirs.fileno()],
                 close_fds=True,
                 stdin=subprocess.DEVNULL,
-                env={},
+                # Nothing of the agent's environment but the spawn path choice
+                # (fork / vfork / auto, see agent.daemon.vspawn).
+                env={k: v for k, v in os.environ.items() if k == SPAWN_ENV},
                 cwd="/",
             )
         finally:
@@ -306,7 +312,12 @@ class SpawnerOps:
 
     def _dispatch(self, msg: dict[str, Any]) -> None:
         assert self._loop is not None
-        if msg["op"] == "spawned":
+        if msg["op"] == "hello":
+            self.spawn_path = str(msg["spawn"])
+            log.info(
+                "job spawner (pid %s): %s path (%s)", self.spawner_pid, msg["spawn"], msg["why"]
+            )
+        elif msg["op"] == "spawned":
             fut, on_exit = self._pending.pop(msg["id"])
             job_id = self._pending_cgroups.pop(msg["id"], None)
             pid = msg.get("pid")

@@ -21,9 +21,29 @@ setresgid, setresuid); default signal dispositions and an empty mask; stdin
 /dev/null, stdout and stderr the output pipe, a pinned script on fd 3;
 close every other descriptor; (Landlock: later); ``execve`` of the path, or
 ``fexecve`` of the pinned program's sealed copy. Never execvp, never a shell,
-no PATH lookup: ENOEXEC is a start failure like any other. A failing step
-writes ``step\\0errno`` to a CLOEXEC pipe and exits 127; end of file without
-data on that pipe means the exec succeeded.
+no PATH lookup: ENOEXEC is a start failure like any other.
+
+Two ways to run that set-up, the same steps in the same order with the same
+error texts (tests/test_vspawn.py compares them):
+
+* the C vfork path (:mod:`agent.daemon.vspawn`, ``_vspawn.c``), used when the
+  extension is built: ``clone(CLONE_VM | CLONE_VFORK)`` on a stack of its own,
+  every array prepared before, only system calls in the child. The spawner
+  sleeps until the child has exec'd or failed, so the answer goes out at once;
+  a failing step leaves its index and errno in the spawner's memory and the
+  child exits 127.
+* the Python fork path (:func:`_child`), when the extension cannot be imported
+  or ``WORKER_AGENT_SPAWN=fork``: ``os.fork()`` and the set-up in Python. A
+  failing step writes ``step\\0errno`` to a CLOEXEC pipe and exits 127; end
+  of file without data on that pipe means the exec succeeded; the answer goes
+  out when the pipe says so, so the next job can be forked meanwhile.
+
+The first message the spawner sends says which (``{"op": "hello", "spawn":
+"vfork" | "fork", "why": ...}``); the agent logs it. Measured (``python -m
+bench.spawncost --jobs 1000 --rounds 3``, as root, /bin/true, 2 shared cores):
+the C path 901 jobs/s and 1.25 ms start-to-exit at 1 in flight, 1037 jobs/s at
+16, spawner CPU 0.19-0.24 ms a job; the fork path in the same run 253 jobs/s
+and 5.2 ms, 333 jobs/s, 0.72-0.78 ms (docs/benchmarks.md).
 
 Job cgroups (:mod:`agent.daemon.cgroups`): the spawner owns each job's
 cgroup from creation to removal, and the agent asks by job id. A plan with
@@ -71,7 +91,7 @@ import sys
 from typing import Any, NoReturn
 
 from agent.daemon import capabilities as caps_mod
-from agent.daemon import cgroups, landlock
+from agent.daemon import cgroups, landlock, vspawn
 from agent.daemon import spawnproto as proto
 
 # Limit name (agent.vocabulary.LIMIT_NAMES) -> (resource, extra hard seconds).
@@ -302,7 +322,10 @@ def _child(
         for name, value in sorted(plan.get("limits", {}).items()):
             res, rname, extra = RLIMITS[name]
             step = f"setrlimit {rname}"
-            resource.setrlimit(res, (value, value + extra))
+            # prlimit, not setrlimit: setrlimit turns the kernel's EPERM into a
+            # ValueError (reported as EINVAL); prlimit keeps the errno, which is
+            # what check_limits predicts and the C path reports.
+            resource.prlimit(0, res, (value, value + extra))
         os.umask(plan["umask"])
         step = "chdir"
         os.chdir(plan["cwd"])
@@ -391,8 +414,15 @@ class Draining:
 class Spawner:
     """The spawner's state: its children (unreaped pids) and the control socket."""
 
-    def __init__(self, sock: socket.socket, subtree: cgroups.Subtree | None = None) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        subtree: cgroups.Subtree | None = None,
+        path: tuple[str, str, Any] = ("fork", "default", None),
+    ) -> None:
         self.sock = sock
+        # "vfork" (the C child of agent.daemon._vspawn) or "fork" (_child), and why.
+        self.path, self.path_why, self._vspawn = path
         self.sel = selectors.DefaultSelector()
         self.sel.register(sock, selectors.EVENT_READ, None)
         self.children: dict[int, int] = {}  # pid -> pidfd, until reaped
@@ -584,6 +614,9 @@ class Spawner:
                 }
             )
             return
+        if self._vspawn is not None:
+            self.spawn_vfork(rid, plan, fds, cg, confine, scratch, scratch_fd)
+            return
         r, w = os.pipe2(os.O_CLOEXEC)
         try:
             pid = os.fork()
@@ -612,6 +645,67 @@ class Spawner:
         # end of file (exec done) or carries a report, so the next job can be
         # forked while this one is still setting up.
         self.sel.register(r, selectors.EVENT_READ, Starting(pid, rid, r, cg, scratch))
+
+    def spawn_vfork(
+        self,
+        rid: Any,
+        plan: dict[str, Any],
+        fds: dict[str, int],
+        cg: cgroups.JobCgroup | None,
+        confine: landlock.Prepared | None,
+        scratch: str | None,
+        scratch_fd: int,
+    ) -> None:
+        """The C path: the spawner sleeps until the child has exec'd or failed, so the
+        answer goes out at once (no error pipe, no Starting)."""
+        try:
+            pid, error, code = vspawn.spawn(
+                self._vspawn,
+                plan,
+                fds,
+                self.reset_signals,
+                confine,
+                self.root,
+                self.last_cap,
+                scratch_fd,
+                RLIMITS,
+            )
+        except OSError as e:
+            pid, code = 0, e.errno or errno.EIO
+            error = proto.error_text("fork", code)
+        except (ValueError, TypeError, OverflowError) as e:
+            # Arrays the extension refuses (none a checked plan makes): no child, and
+            # the spawner carries on.
+            pid, code = 0, errno.EINVAL
+            error = f"setup: {e}"
+        finally:
+            if scratch_fd >= 0:
+                os.close(scratch_fd)
+            for fd in fds.values():
+                os.close(fd)
+            fds.clear()
+        if error:
+            if pid:
+                os.waitpid(pid, 0)  # it has exited 127
+            if cg is not None:
+                self.remove_cgroup(cg)
+            self.remove_scratch(scratch)
+            self.send({"op": "spawned", "id": rid, "error": error, "errno": code})
+            return
+        self.started(pid, rid, cg, scratch)
+
+    def started(
+        self, pid: int, rid: Any, cg: cgroups.JobCgroup | None, scratch: str | None
+    ) -> None:
+        """The job's program runs: watch its pidfd and answer with the pid."""
+        pidfd = os.pidfd_open(pid)
+        self.children[pid] = pidfd
+        if cg is not None:
+            self.cgroups[pid] = cg
+        if scratch is not None:
+            self.scratch[pid] = scratch
+        self.sel.register(pidfd, selectors.EVENT_READ, pid)
+        self.send({"op": "spawned", "id": rid, "pid": pid})
 
     def create_cgroup(self, req: dict[str, Any]) -> cgroups.JobCgroup:
         """The job's leaf with its limits; raises CgroupError (MissingController) or ValueError."""
@@ -652,14 +746,7 @@ class Spawner:
                 {"op": "spawned", "id": st.rid, "error": proto.error_text(step, num), "errno": num}
             )
             return
-        pidfd = os.pidfd_open(st.pid)
-        self.children[st.pid] = pidfd
-        if st.cg is not None:
-            self.cgroups[st.pid] = st.cg
-        if st.scratch is not None:
-            self.scratch[st.pid] = st.scratch
-        self.sel.register(pidfd, selectors.EVENT_READ, st.pid)
-        self.send({"op": "spawned", "id": st.rid, "pid": st.pid})
+        self.started(st.pid, st.rid, st.cg, st.scratch)
 
     def signal(self, msg: dict[str, Any]) -> None:
         pid, sig = msg.get("pid"), msg.get("sig")
@@ -846,8 +933,15 @@ def main(argv: list[str]) -> int:
         subtree = cgroups.Subtree(Path(argv[2]), frozenset(c for c in argv[3].split(",") if c))
     sock = socket.socket(fileno=fd)
     sock.set_inheritable(False)
-    sp = Spawner(sock, subtree)
+    try:
+        path = vspawn.choose(os.environ)
+    except RuntimeError as e:
+        print(f"agent spawner: {e}", file=sys.stderr)
+        return 2
+    sp = Spawner(sock, subtree, path)
     sp.setup_signals()
+    # First message: which spawn path this spawner uses (the agent logs it).
+    sp.send({"op": "hello", "spawn": sp.path, "why": sp.path_why})
     # Fewer copy-on-write faults in each forked child: the collector never
     # walks (and so never dirties) the spawner's long-lived objects.
     gc.freeze()

@@ -18,6 +18,9 @@ Agent -> spawner::
 
 Spawner -> agent::
 
+    {"op": "hello", "spawn": "vfork" | "fork", "why": TEXT}
+        the first message: which spawn path this spawner uses (see
+        agent.daemon.vspawn) and why; the agent logs it.
     {"op": "spawned", "id": N, "pid": P}      the program was executed
     {"op": "spawned", "id": N, "error": "execve: Exec format error (ENOEXEC)"}
     {"op": "exited", "pid": P, "code": C | null, "signal": S | null,
