@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from agent import __version__
 from agent.configfile import ConfigError
@@ -27,8 +28,43 @@ log = logging.getLogger("agent")
 DEFAULT_CONFIG = os.environ.get("AGENT_CONFIG", "config.toml")
 
 
+def _terminal_columns() -> int:
+    """shutil.get_terminal_size().columns: $COLUMNS, else stdout's terminal, else 80."""
+    try:
+        columns = int(os.environ.get("COLUMNS", ""))
+    except ValueError:
+        columns = 0
+    if columns > 0:
+        return columns
+    stdout = sys.__stdout__
+    try:
+        return (os.get_terminal_size(stdout.fileno()).columns if stdout else 0) or 80
+    except (ValueError, OSError):
+        return 80
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's formatter with the width computed here.
+
+    Without a width, argparse imports shutil (and with it zlib, bz2 and lzma,
+    about 0.3 MB resident) in every add_argument, to size help it then never
+    prints: the agent would carry them for its whole life.
+    """
+
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24) -> None:
+        super().__init__(prog, indent_increment, max_help_position, _terminal_columns() - 2)
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """An ArgumentParser whose sub-parsers (of its class) use :class:`_HelpFormatter`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="agent", description="The worker agent.")
+    p = _ArgumentParser(prog="agent", description="The worker agent.")
     p.add_argument("--version", action="version", version=f"agent {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run the agent (foreground unless --daemon)")
