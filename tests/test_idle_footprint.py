@@ -147,6 +147,14 @@ def test_metrics_on_loads_prometheus(make_agent: AgentFactory, tmp_path: Path) -
     assert {"prometheus_client", "agent.daemon.metrics"} <= _modules(a, out)
 
 
+def _check(a: AgentProcess, identity: str) -> health_pb2.HealthCheckResponse:
+    with grpc.secure_channel(a.addr, a.certs.creds(identity)) as ch:
+        res: health_pb2.HealthCheckResponse = health_pb2_grpc.HealthStub(ch).Check(
+            health_pb2.HealthCheckRequest(), timeout=10
+        )
+        return res
+
+
 def _watch(a: AgentProcess, identity: str) -> health_pb2.HealthCheckResponse:
     with grpc.secure_channel(a.addr, a.certs.creds(identity)) as ch:
         call = health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest(), timeout=10)
@@ -164,14 +172,9 @@ def test_auth_gate_covers_every_health_and_reflection_method(
     kw = {"metrics": {"enabled": True, "addr": f"127.0.0.1:{free_port()}"}} if metrics else {}
     a = make_agent(**kw)
     assert _watch(a, "client").status == health_pb2.HealthCheckResponse.SERVING
-    for call in (
-        lambda: _watch(a, "agent"),
-        lambda: health_pb2_grpc.HealthStub(
-            grpc.secure_channel(a.addr, a.certs.creds("agent"))
-        ).Check(health_pb2.HealthCheckRequest(), timeout=10),
-    ):
+    for call in (_watch, _check):
         with pytest.raises(grpc.RpcError) as e:
-            call()
+            call(a, "agent")
         assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
     with grpc.secure_channel(a.addr, a.certs.creds("agent")) as ch:
         stub = reflection_pb2_grpc.ServerReflectionStub(ch)
