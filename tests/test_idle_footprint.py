@@ -5,7 +5,8 @@ serving no request of an idle agent with the default configuration (metrics
 off, logging to stderr); see docs/benchmarks.md for the figures. The agent is
 real (``python -m agent run`` through runpy, as ``-m`` does) and is asked for
 its ``sys.modules`` with SIGUSR2, which a small wrapper handles; no RSS number
-is asserted (the bench reports it).
+is asserted (the bench reports it). Also here: the retention sweep reads an
+index, so a long history does not fill SQLite's page cache at every start.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from agent._proto import jobscheduler_pb2 as pb
+from agent.daemon.history import JobRecord, Store
+from agent.vocabulary import JobState
 
 from helpers import AgentFactory, AgentProcess, free_port
 
@@ -182,3 +185,34 @@ def test_auth_gate_covers_every_health_and_reflection_method(
         with pytest.raises(grpc.RpcError) as e2:
             next(iter(stub.ServerReflectionInfo(iter([req]), timeout=10)))
         assert e2.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_age_sweep_reads_the_end_time_index_not_the_history(tmp_path: Path) -> None:
+    """The retention age query reads the jobs_end index, not every row (a full page cache)."""
+    store = Store(tmp_path / "jobs.sqlite3")
+    now = time.time()
+    for i in range(50):
+        store.insert(
+            JobRecord(
+                id=f"job-{i}",
+                owner="client",
+                command="/bin/true",
+                path="",
+                args=[],
+                state=JobState.SUCCEEDED,
+                start_time=now - 10,
+                end_time=now - 5,
+                output_path=str(tmp_path / f"job-{i}.log"),
+            )
+        )
+    store.commit()
+    seen: list[str] = []
+    store._db.set_trace_callback(seen.append)
+    assert store.expired(max_age_seconds=3600, max_jobs=0) == []  # nothing is a week old
+    store._db.set_trace_callback(None)
+    selects = [q for q in seen if q.lstrip().upper().startswith("SELECT")]
+    assert selects
+    for q in selects:
+        plan = " ".join(str(row[-1]) for row in store._db.execute("EXPLAIN QUERY PLAN " + q))
+        assert "INDEX" in plan, (q, plan)
+    store.close()
