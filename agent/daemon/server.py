@@ -211,6 +211,10 @@ class AgentServer:
             store = Store(cfg.db_path)
         except Exception as e:
             raise StartupError(f"job history {cfg.db_path}: {e}") from None
+        # Metrics off: nothing is counted (nobody could read it) and
+        # prometheus_client is never imported (see the TYPE_CHECKING import).
+        # Either way an interceptor runs the [auth] gate in front of the
+        # health and reflection services.
         interceptor: grpc.aio.ServerInterceptor
         supervisor: type[Supervisor] = Supervisor
         if cfg.metrics.enabled:
