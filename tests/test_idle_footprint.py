@@ -25,6 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from agent._proto import jobscheduler_pb2 as pb
+from agent.daemon.cli import limit_malloc_arenas
 from agent.daemon.history import JobRecord, Store
 from agent.vocabulary import JobState
 
@@ -216,3 +217,11 @@ def test_age_sweep_reads_the_end_time_index_not_the_history(tmp_path: Path) -> N
         plan = " ".join(str(row[-1]) for row in store._db.execute("EXPLAIN QUERY PLAN " + q))
         assert "INDEX" in plan, (q, plan)
     store.close()
+
+
+def test_malloc_arenas_are_limited_unless_the_operator_chose() -> None:
+    """`agent run` caps glibc's malloc arenas; an operator's MALLOC_ARENA_MAX is left alone."""
+    if not os.confstr("CS_GNU_LIBC_VERSION"):
+        pytest.skip("not glibc")
+    assert limit_malloc_arenas({}) is True
+    assert limit_malloc_arenas({"MALLOC_ARENA_MAX": "4"}) is False

@@ -193,6 +193,31 @@ def setup_logging(cfg: Config, *, daemon: bool) -> None:
     root.setLevel(level)
 
 
+# glibc's M_ARENA_MAX (malloc.h); 2: the main arena and one for every other thread.
+_M_ARENA_MAX = -8
+MALLOC_ARENAS = 2
+
+
+def limit_malloc_arenas(environ: Mapping[str, str] | None = None) -> bool:
+    """At most :data:`MALLOC_ARENAS` glibc malloc arenas in this process; True if set.
+
+    gRPC's event-engine threads would each get an arena of their own (up to
+    8 per core), and memory freed in one is kept there: about 0.6 MB more
+    resident after a burst of jobs, for no measurable CPU. mallopt() applies
+    wherever the agent starts (systemd, ``--daemon``: the fork keeps it) and,
+    unlike the MALLOC_ARENA_MAX variable, reaches no job. An operator's
+    MALLOC_ARENA_MAX wins; without glibc this does nothing.
+    """
+    if "MALLOC_ARENA_MAX" in (os.environ if environ is None else environ):
+        return False
+    import ctypes  # already loaded (landlock), so no cost
+
+    try:
+        return bool(ctypes.CDLL(None).mallopt(_M_ARENA_MAX, MALLOC_ARENAS))
+    except (OSError, AttributeError):
+        return False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status."""
     args = _parser().parse_args(argv)
@@ -216,6 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 0
     # Nothing above this line imports grpc (tests/test_imports.py checks it).
+    limit_malloc_arenas()
     try:
         open_gate(
             key_type=prepared.server_pair.key_type
