@@ -12,10 +12,10 @@ import argparse
 import datetime
 import json
 import logging
-import logging.handlers
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from agent import __version__
 from agent.configfile import ConfigError
@@ -28,8 +28,43 @@ log = logging.getLogger("agent")
 DEFAULT_CONFIG = os.environ.get("AGENT_CONFIG", "config.toml")
 
 
+def _terminal_columns() -> int:
+    """shutil.get_terminal_size().columns: $COLUMNS, else stdout's terminal, else 80."""
+    try:
+        columns = int(os.environ.get("COLUMNS", ""))
+    except ValueError:
+        columns = 0
+    if columns > 0:
+        return columns
+    stdout = sys.__stdout__
+    try:
+        return (os.get_terminal_size(stdout.fileno()).columns if stdout else 0) or 80
+    except (ValueError, OSError):
+        return 80
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's formatter with the width computed here.
+
+    Without a width, argparse imports shutil (and with it zlib, bz2 and lzma,
+    about 0.3 MB resident) in every add_argument, to size help it then never
+    prints: the agent would carry them for its whole life.
+    """
+
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24) -> None:
+        super().__init__(prog, indent_increment, max_help_position, _terminal_columns() - 2)
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """An ArgumentParser whose sub-parsers (of its class) use :class:`_HelpFormatter`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="agent", description="The worker agent.")
+    p = _ArgumentParser(prog="agent", description="The worker agent.")
     p.add_argument("--version", action="version", version=f"agent {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run the agent (foreground unless --daemon)")
@@ -124,12 +159,18 @@ def setup_logging(cfg: Config, *, daemon: bool) -> None:
     as_json = cfg.logging.format == "json"
     handler: logging.Handler
     journal = False
+    # logging.handlers only for the two handlers that need it: it brings
+    # pickle, queue and copy (about 0.4 MB resident) into an agent on stderr.
     if cfg.logging.syslog:
-        handler = logging.handlers.SysLogHandler(address=str(cfg.logging.syslog_socket))
+        from logging.handlers import SysLogHandler
+
+        handler = SysLogHandler(address=str(cfg.logging.syslog_socket))
         fmt = "agent[%(process)d]: %(levelname)s %(name)s: %(message)s"
     elif cfg.logging.file is not None or daemon:
         path = cfg.logging.file or cfg.jobs.state_dir / "agent.log"
-        handler = logging.handlers.WatchedFileHandler(path)
+        from logging.handlers import WatchedFileHandler
+
+        handler = WatchedFileHandler(path)
         fmt = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
     else:
         handler = logging.StreamHandler(sys.stderr)
@@ -150,6 +191,31 @@ def setup_logging(cfg: Config, *, daemon: bool) -> None:
     handler.setFormatter(formatter)
     root.addHandler(handler)
     root.setLevel(level)
+
+
+# glibc's M_ARENA_MAX (malloc.h); 2: the main arena and one for every other thread.
+_M_ARENA_MAX = -8
+MALLOC_ARENAS = 2
+
+
+def limit_malloc_arenas(environ: Mapping[str, str] | None = None) -> bool:
+    """At most :data:`MALLOC_ARENAS` glibc malloc arenas in this process; True if set.
+
+    gRPC's event-engine threads would each get an arena of their own (up to
+    8 per core), and memory freed in one is kept there: about 0.6 MB more
+    resident after a burst of jobs, for no measurable CPU. mallopt() applies
+    wherever the agent starts (systemd, ``--daemon``: the fork keeps it) and,
+    unlike the MALLOC_ARENA_MAX variable, reaches no job. An operator's
+    MALLOC_ARENA_MAX wins; without glibc this does nothing.
+    """
+    if "MALLOC_ARENA_MAX" in (os.environ if environ is None else environ):
+        return False
+    import ctypes  # already loaded (landlock), so no cost
+
+    try:
+        return bool(ctypes.CDLL(None).mallopt(_M_ARENA_MAX, MALLOC_ARENAS))
+    except (OSError, AttributeError):
+        return False
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -175,6 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 0
     # Nothing above this line imports grpc (tests/test_imports.py checks it).
+    limit_malloc_arenas()
     try:
         open_gate(
             key_type=prepared.server_pair.key_type

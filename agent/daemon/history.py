@@ -238,7 +238,7 @@ class Store:
         if max_age_seconds:
             for job_id, outp in self._db.execute(
                 "SELECT id, output_path FROM jobs WHERE state<>? AND end_time<? "
-                "ORDER BY seq LIMIT ?",
+                "ORDER BY end_time LIMIT ?",  # index jobs_end: no scan of the history
                 (running, now - max_age_seconds, batch),
             ):
                 out[job_id] = outp

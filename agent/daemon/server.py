@@ -12,17 +12,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import inspect
 import logging
 import os
 import resource
 import signal
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from agent.access import AccessDenied, AccessRules
 from agent.configfile import ConfigError
@@ -36,20 +36,20 @@ from agent.daemon.config import Config
 from agent.daemon.errors import AgentError
 from agent.daemon.history import History, Store
 from agent.daemon.lockfile import LockFile
-from agent.daemon.metrics import (
-    AgentMetrics,
-    MeteredAuditLog,
-    MeteredSupervisor,
-    RpcMetricsInterceptor,
-)
 from agent.daemon.retention import Sweeper
 from agent.daemon.sdnotify import Notifier, watchdog_interval
 from agent.daemon.service import STATUS, WorkerService
 from agent.daemon.spawn import SpawnerOps
 from agent.daemon.startup import Prepared, expiry_warnings, job_reader, load_policy
-from agent.daemon.supervisor import BOOT_ID, INSTANCE_ENV, Settings, instance_id
+from agent.daemon.supervisor import BOOT_ID, INSTANCE_ENV, Settings, Supervisor, instance_id
 from agent.tls import CertificateReloader, ServerTLSState
 from agent.vocabulary import LIMIT_NAMES
+
+if TYPE_CHECKING:
+    # Imported at start-up only when [metrics] enabled = true: prometheus_client
+    # brings http.server, email, urllib, wsgiref and gzip (about 4.5 MB resident)
+    # that an agent without metrics never uses.
+    from agent.daemon.metrics import AgentMetrics
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,9 @@ class StartupError(Exception):
 # The services the health service reports on ("" is the server as a whole).
 WORKER_SERVICE = "jobscheduler.Worker"
 HEALTH_SERVICES = ("", WORKER_SERVICE)
+# grpc_reflection.v1alpha.reflection.SERVICE_NAME, known without importing it.
+REFLECTION_SERVICE = "grpc.reflection.v1alpha.ServerReflection"
+REFLECTION_METHOD = f"/{REFLECTION_SERVICE}/ServerReflectionInfo"
 # What a SIGHUP applies; every other changed key is logged and needs a restart.
 RELOADABLE_SECTIONS = frozenset({"auth"})
 
@@ -154,13 +157,14 @@ class AgentServer:
         self.reload_requested = asyncio.Event()
         self._sigint_count = 0
         self.server: grpc.aio.Server | None = None
-        self.jobs: MeteredSupervisor | None = None
+        self.jobs: Supervisor | None = None
         self.sweeper: Sweeper | None = None
         self.audit: AuditLog | None = None
         self.reloader: CertificateReloader | None = None
         self.registrar: Any = None
         self.service: WorkerService | None = None
-        self.metrics = AgentMetrics()
+        # None unless [metrics] enabled = true (see the TYPE_CHECKING import).
+        self.metrics: AgentMetrics | None = None
         self.metrics_port = 0
         self.health: Any = None
         self.bound_port = 0
@@ -207,14 +211,29 @@ class AgentServer:
             store = Store(cfg.db_path)
         except Exception as e:
             raise StartupError(f"job history {cfg.db_path}: {e}") from None
-        self.audit = MeteredAuditLog(cfg.audit_file, self.metrics)
+        # Metrics off: nothing is counted (nobody could read it) and
+        # prometheus_client is never imported (see the TYPE_CHECKING import).
+        # Either way an interceptor runs the [auth] gate in front of the
+        # health and reflection services.
+        interceptor: grpc.aio.ServerInterceptor
+        supervisor: type[Supervisor] = Supervisor
+        if cfg.metrics.enabled:
+            from agent.daemon import metrics as metrics_mod
+
+            self.metrics = metrics_mod.AgentMetrics()
+            self.audit = metrics_mod.MeteredAuditLog(cfg.audit_file, self.metrics)
+            supervisor = metrics_mod.MeteredSupervisor
+            interceptor = metrics_mod.RpcMetricsInterceptor(self.metrics, gate=self._gate)
+        else:
+            self.audit = AuditLog(cfg.audit_file)
+            interceptor = AccessGate(self._gate)
         history = History(store)
         settings = settings_from(cfg, self.prepared)
         try:
             ops = SpawnerOps(on_fatal=self._spawner_fatal, cgroups=self.prepared.cgroups)
         except OSError as e:
             raise StartupError(f"cannot start the job spawner: {e}") from None
-        self.jobs = MeteredSupervisor(
+        self.jobs = supervisor(
             settings,
             history,
             self.prepared.policy,
@@ -222,7 +241,8 @@ class AgentServer:
             on_change=self._mark_status,
             on_finish=self._audit_finish,
         )
-        self.jobs.metrics = self.metrics
+        if self.metrics is not None:
+            self.jobs.metrics = self.metrics  # type: ignore[attr-defined]
         retention.recover(
             history,
             instance=settings.instance,
@@ -248,7 +268,7 @@ class AgentServer:
         self.service = service
         server = grpc.aio.server(
             options=server_options(cfg),
-            interceptors=[RpcMetricsInterceptor(self.metrics, gate=self._gate)],
+            interceptors=[interceptor],
         )
         server.add_generic_rpc_handlers([service.handler()])
         self._add_health_and_reflection(server)
@@ -309,8 +329,8 @@ class AgentServer:
         # server reflection, so grpc-health-probe and grpcurl work.
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            (WORKER_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        server.add_generic_rpc_handlers(
+            [LazyReflection((WORKER_SERVICE, health.SERVICE_NAME, REFLECTION_SERVICE))]
         )
 
     async def _gate(self, method: str, context: Any) -> None:
@@ -327,6 +347,8 @@ class AgentServer:
 
     def _start_metrics(self) -> None:
         m, cfg = self.metrics, self.config
+        if m is None:
+            return  # [metrics] enabled = false
         jobs = self.jobs
         m.running = lambda: len(jobs.running) if jobs else 0
         m.ready = lambda: bool(self.server is not None and jobs is not None and jobs.accepting)
@@ -338,8 +360,6 @@ class AgentServer:
             pair = self.prepared.scheduler_pair
             m.certificates.add("scheduler_client", lambda: pair.cert_pem)
         self._refresh_metrics()
-        if not cfg.metrics.enabled:
-            return
         try:
             self.metrics_port = m.serve(cfg.metrics)
         except OSError as e:
@@ -354,7 +374,7 @@ class AgentServer:
         )
 
     def _refresh_metrics(self) -> None:
-        if self.jobs is not None:
+        if self.jobs is not None and self.metrics is not None:
             with contextlib.suppress(Exception):
                 self.metrics.history_jobs.set(self.jobs.history.store.count())
 
@@ -397,7 +417,7 @@ class AgentServer:
         return f"{n} job{'s' if n != 1 else ''} running; {state}"
 
     def _audit_finish(self, rec: Any) -> None:
-        if self.jobs is not None:
+        if self.jobs is not None and self.metrics is not None:
             self.metrics.job_finished(rec, self.jobs.policy)
         if self.audit:
             self.audit.record(
@@ -578,7 +598,8 @@ class AgentServer:
                 self.sweeper.sweep(set(self.jobs.running))
         if self.server is not None:
             await self.server.stop(grace=1.0)
-        self.metrics.close()
+        if self.metrics is not None:
+            self.metrics.close()
         if self.jobs is not None:
             self.jobs.close()
         # --- job cgroups: remove the subtree the agent made (a delegated one stays).
@@ -603,6 +624,75 @@ class AgentServer:
             await self.main_loop()
         finally:
             await self.shutdown()
+
+
+class AccessGate(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """The ``[auth]`` check in front of the health and reflection services.
+
+    Without metrics this stands in for ``RpcMetricsInterceptor``, which runs
+    the same ``gate`` in front of every handler. The Worker service checks
+    its callers itself and passes untouched; a handler of a kind these
+    services do not have (stream-unary) is refused (deny by default).
+    """
+
+    def __init__(self, gate: Callable[[str, Any], Awaitable[None]]) -> None:
+        self._gate = gate
+
+    async def intercept_service(
+        self, continuation: Callable[[Any], Awaitable[Any]], handler_call_details: Any
+    ) -> Any:
+        """The handler, its behaviour preceded by the gate."""
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or method.startswith(f"/{WORKER_SERVICE}/"):
+            return handler
+        gate = self._gate
+        for kind in ("unary_unary", "unary_stream", "stream_stream"):
+            inner = getattr(handler, kind)
+            if inner is None:
+                continue
+            if inspect.isasyncgenfunction(inner):
+
+                async def gen(request: Any, context: Any, inner: Any = inner) -> AsyncIterator[Any]:
+                    await gate(method, context)
+                    async for item in inner(request, context):
+                        yield item
+
+                return handler._replace(**{kind: gen})
+
+            async def call(request: Any, context: Any, inner: Any = inner) -> Any:
+                await gate(method, context)
+                return await inner(request, context)
+
+            return handler._replace(**{kind: call})
+        return None
+
+
+class LazyReflection(grpc.GenericRpcHandler):  # type: ignore[misc]
+    """Server reflection (grpcurl), imported on its first call.
+
+    grpc_reflection builds protobuf's descriptor.proto classes when imported,
+    about 2.5 MB resident for a service that only a person with grpcurl uses.
+    """
+
+    def __init__(self, service_names: tuple[str, ...]) -> None:
+        self._names = service_names
+        self._handler: Any = None
+
+    def service(self, handler_call_details: Any) -> Any:
+        """The reflection method's handler; None for every other method."""
+        if handler_call_details.method != REFLECTION_METHOD:
+            return None
+        if self._handler is None:
+            from grpc_reflection.v1alpha import reflection, reflection_pb2
+
+            servicer = reflection.aio.ReflectionServicer(self._names)
+            self._handler = grpc.stream_stream_rpc_method_handler(
+                servicer.ServerReflectionInfo,
+                request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+                response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+            )
+        return self._handler
 
 
 def _remove_cgroup_subtree(prepared: Prepared) -> None:
