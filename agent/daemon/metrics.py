@@ -315,6 +315,15 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         # gate(method, context): may abort the call (access to the health and
         # reflection services); runs before their handler.
         self._gate = gate
+        # method -> (the handler grpc found, our wrapper of it): built once per
+        # method instead of once per call. Keyed on the handler object too, so
+        # a different handler for the same method gets its own wrapper. Bounded
+        # by the registered methods (an unknown method has no handler).
+        self._wrapped: dict[str, tuple[Any, Any]] = {}
+        # Label children, looked up once per (method, code) and per method:
+        # prometheus' labels() costs more than the increment itself.
+        self._counts: dict[tuple[str, str], Any] = {}
+        self._durations: dict[str, Any] = {}
 
     async def intercept_service(
         self,
@@ -326,13 +335,29 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if handler is None:
             return None
         method = handler_call_details.method
+        hit = self._wrapped.get(method)
+        if hit is not None and hit[0] is handler:
+            return hit[1]
+        wrapped = self._wrap(method, handler)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(self, method: str, handler: Any) -> Any:
         m, gate = self._m, self._gate
         short = method.rsplit("/", 1)[-1]
         streaming_output = short == "StreamJobOutput"
+        counts, durations = self._counts, self._durations
 
         def observe(context: Any, failed: BaseException | None, t0: float) -> None:
-            m.rpcs.labels(method=method, code=_code_name(context, failed)).inc()
-            m.rpc_duration.labels(method=method).observe(time.monotonic() - t0)
+            code = _code_name(context, failed)
+            counter = counts.get((method, code))
+            if counter is None:
+                counter = counts[(method, code)] = m.rpcs.labels(method=method, code=code)
+            counter.inc()
+            duration = durations.get(method)
+            if duration is None:
+                duration = durations[method] = m.rpc_duration.labels(method=method)
+            duration.observe(time.monotonic() - t0)
 
         def call(inner: Any) -> Any:
             """A unary handler, or one that writes with context.write() (health's Watch)."""
