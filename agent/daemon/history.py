@@ -4,7 +4,9 @@ One database file in the state directory, in WAL mode with
 ``synchronous=NORMAL``: every committed change survives a crash of the
 agent (``kill -9``), because the WAL is written before the commit returns;
 only a power loss can drop the last few commits, and it never corrupts the
-file. History therefore lives on disk, not in the agent's memory.
+file. History therefore lives on disk, not in the agent's memory (apart
+from the last :data:`RECENT` finished records, which answer the final polls
+of the original protocol without a query).
 
 The store is used from the event loop's thread only (SQLite calls on a
 primary key take tens of microseconds). :class:`Store` is the database;
