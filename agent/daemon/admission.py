@@ -175,7 +175,10 @@ def admit(
     limits = resolve_limits(req.limits, rules.default_limits, rules.max_limits)
     # Against the kernel at request time (not only the configured maxima):
     # a limit it cannot give must be refused before anything starts.
-    check_kernel_limits(limits, kernel_hard_limits())
+    # (Read only when a limit is set: check_kernel_limits looks at nothing
+    # else, and the usual job has none, so the getrlimit calls are skipped.)
+    if any(limits.values()):
+        check_kernel_limits(limits, kernel_hard_limits())
     timeout = resolve_timeout(req.timeout_seconds, rules.default_timeout, rules.max_timeout)
     decision = policy_mod.decide(
         policy,

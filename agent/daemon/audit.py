@@ -19,6 +19,12 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+# One encoder for every line (json.dumps with these options builds a new one
+# per call); the same output as json.dumps(entry, ensure_ascii=True,
+# separators=(",", ":")).
+_ENCODE = json.JSONEncoder(ensure_ascii=True, separators=(",", ":")).encode
+_UTC = datetime.timezone.utc
+
 
 class AuditLog:
     """Appends JSON lines to a file."""
@@ -64,7 +70,7 @@ class AuditLog:
     ) -> None:
         """Write one event. ``decision`` is allow, deny, ok or error."""
         entry: dict[str, Any] = {
-            "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds"),
+            "time": datetime.datetime.now(_UTC).isoformat(timespec="microseconds"),
             "event": event,
             "decision": decision,
             "identity": identity,
@@ -81,9 +87,10 @@ class AuditLog:
             entry["reason"] = reason
         if rule:
             entry["rule"] = rule
-        entry.update({k: v for k, v in extra.items() if v not in (None, "", [], {})})
-        line = json.dumps(entry, ensure_ascii=True, separators=(",", ":")) + "\n"
-        data = line.encode("ascii")
+        for k, v in extra.items():
+            if v not in (None, "", [], {}):
+                entry[k] = v
+        data = (_ENCODE(entry) + "\n").encode("ascii")
         with self._lock:
             try:
                 os.write(self._fd, data)

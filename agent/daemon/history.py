@@ -4,7 +4,9 @@ One database file in the state directory, in WAL mode with
 ``synchronous=NORMAL``: every committed change survives a crash of the
 agent (``kill -9``), because the WAL is written before the commit returns;
 only a power loss can drop the last few commits, and it never corrupts the
-file. History therefore lives on disk, not in the agent's memory.
+file. History therefore lives on disk, not in the agent's memory (apart
+from the last :data:`RECENT` finished records, which answer the final polls
+of the original protocol without a query).
 
 The store is used from the event loop's thread only (SQLite calls on a
 primary key take tens of microseconds). :class:`Store` is the database;
@@ -33,6 +35,8 @@ from agent.vocabulary import JobState
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
+# Finished records Store.get answers from memory (a few hundred bytes each).
+RECENT = 128
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -132,6 +136,16 @@ class Store:
         ]
         self._update_cols = upd
         self._update_sql = f"UPDATE jobs SET {', '.join(c + '=?' for c in upd)} WHERE id=?"
+        self._get_sql = f"SELECT seq, {', '.join(_COLUMNS)} FROM jobs WHERE id=?"
+        # Recently finished jobs by id, as this connection sees them (its open
+        # transaction included): the original protocol polls every job once
+        # more after it ends, and pollers ask for the same finished job again
+        # and again. Only finished records (they never change again; the
+        # running ones live in the supervisor), at most RECENT of them (FIFO),
+        # dropped again by delete() and by a rollback of the write that put
+        # them here, so a get() answers exactly what the database would.
+        self._recent: dict[str, JobRecord] = {}
+        self._recent_tx: list[str] = []
 
     def close(self) -> None:
         """Commit, checkpoint and close."""
@@ -164,29 +178,51 @@ class Store:
         """Commit the open transaction, if any."""
         if self._db.in_transaction:
             self._db.execute("COMMIT")
+        self._recent_tx.clear()
 
     def rollback(self) -> None:
         """Abandon the open transaction, if any."""
+        for job_id in self._recent_tx:  # what it wrote is no longer what the file holds
+            self._recent.pop(job_id, None)
+        self._recent_tx.clear()
         if self._db.in_transaction:
             self._db.execute("ROLLBACK")
+
+    def _remember(self, rec: JobRecord, *, written: bool) -> None:
+        if not rec.state.done:
+            return
+        recent = self._recent
+        recent.pop(rec.id, None)
+        if len(recent) >= RECENT:
+            del recent[next(iter(recent))]
+        recent[rec.id] = rec
+        if written:
+            self._recent_tx.append(rec.id)
 
     def insert(self, rec: JobRecord) -> None:
         """Add a new job (uncommitted until :meth:`commit`)."""
         self._begin()
         cur = self._db.execute(self._insert_sql, self._params(rec, _COLUMNS))
         rec.seq = int(cur.lastrowid or 0)
+        self._remember(rec, written=True)
 
     def update(self, rec: JobRecord) -> None:
         """Write a job's mutable fields (uncommitted until :meth:`commit`)."""
         self._begin()
         self._db.execute(self._update_sql, [*self._params(rec, self._update_cols), rec.id])
+        self._remember(rec, written=True)
 
     def get(self, job_id: str) -> JobRecord | None:
-        """One job by id."""
-        row = self._db.execute(
-            f"SELECT seq, {', '.join(_COLUMNS)} FROM jobs WHERE id=?", (job_id,)
-        ).fetchone()
-        return _record(row) if row else None
+        """One job by id (callers must not change the record: it may be shared)."""
+        hit = self._recent.get(job_id)
+        if hit is not None:
+            return hit
+        row = self._db.execute(self._get_sql, (job_id,)).fetchone()
+        if not row:
+            return None
+        rec = _record(row)
+        self._remember(rec, written=False)
+        return rec
 
     def running(self) -> list[JobRecord]:
         """Jobs recorded as running (after a crash: the ones to recover)."""
@@ -259,6 +295,8 @@ class Store:
         """Remove finished jobs by id (running ones are never removed)."""
         if not ids:
             return
+        for i in ids:
+            self._recent.pop(i, None)
         self._begin()
         self._db.executemany(
             "DELETE FROM jobs WHERE id=? AND state<>?", [(i, JobState.RUNNING.value) for i in ids]

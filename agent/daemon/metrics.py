@@ -56,6 +56,8 @@ JOB_BUCKETS = (0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 1800, 3600, 4 * 3600, 12 * 
 RPC_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 # An entry name that no longer matches (the policy was reloaded meanwhile).
 UNKNOWN_ENTRY = ""
+# Label children kept for the per-job series before the cache starts over.
+LABEL_CACHE = 1024
 
 
 def entry_of(policy: policy_mod.Policy, rec: JobRecord) -> str:
@@ -196,13 +198,24 @@ class AgentMetrics:
         r.register(_ScrapeCollector(self))
         self._entries: dict[str, str] = {}
         self._server: Any = None
+        # Label children of the per-job series, looked up once per label
+        # values (labels() costs more than the increment). Entry names come
+        # from the policy (reloads can add some): cleared past a bound.
+        self._started: dict[str, Any] = {}
+        self._ended: dict[tuple[str, str], Any] = {}
+        self._durations: dict[str, Any] = {}
 
     # ------------------------------------------------------------ hooks
 
     def job_started(self, rec: JobRecord, policy: policy_mod.Policy, seconds: float) -> None:
         """A start returned ``rec`` after ``seconds``."""
         entry = entry_of(policy, rec)
-        self.jobs_started.labels(entry=entry).inc()
+        started = self._started.get(entry)
+        if started is None:
+            if len(self._started) >= LABEL_CACHE:
+                self._started.clear()
+            started = self._started[entry] = self.jobs_started.labels(entry=entry)
+        started.inc()
         if rec.pid:  # a process was spawned (pid 0: the start failed)
             self.spawn_latency.observe(seconds)
         if rec.state is JobState.RUNNING:
@@ -219,9 +232,20 @@ class AgentMetrics:
             self._finished(rec, entry)
 
     def _finished(self, rec: JobRecord, entry: str) -> None:
-        self.jobs_finished.labels(state=rec.state.name, entry=entry).inc()
+        key = (rec.state.name, entry)
+        ended = self._ended.get(key)
+        if ended is None:
+            if len(self._ended) >= LABEL_CACHE:
+                self._ended.clear()
+            ended = self._ended[key] = self.jobs_finished.labels(state=key[0], entry=entry)
+        ended.inc()
         if rec.end_time is not None:
-            self.job_duration.labels(entry=entry).observe(max(0.0, rec.end_time - rec.start_time))
+            duration = self._durations.get(entry)
+            if duration is None:
+                if len(self._durations) >= LABEL_CACHE:
+                    self._durations.clear()
+                duration = self._durations[entry] = self.job_duration.labels(entry=entry)
+            duration.observe(max(0.0, rec.end_time - rec.start_time))
 
     def audit_event(self, event: str, decision: str, rule: str) -> None:
         """Every audit record passes here (see MeteredAuditLog)."""
@@ -315,6 +339,15 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         # gate(method, context): may abort the call (access to the health and
         # reflection services); runs before their handler.
         self._gate = gate
+        # method -> (the handler grpc found, our wrapper of it): built once per
+        # method instead of once per call. Keyed on the handler object too, so
+        # a different handler for the same method gets its own wrapper. Bounded
+        # by the registered methods (an unknown method has no handler).
+        self._wrapped: dict[str, tuple[Any, Any]] = {}
+        # Label children, looked up once per (method, code) and per method:
+        # prometheus' labels() costs more than the increment itself.
+        self._counts: dict[tuple[str, str], Any] = {}
+        self._durations: dict[str, Any] = {}
 
     async def intercept_service(
         self,
@@ -326,13 +359,29 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if handler is None:
             return None
         method = handler_call_details.method
+        hit = self._wrapped.get(method)
+        if hit is not None and hit[0] is handler:
+            return hit[1]
+        wrapped = self._wrap(method, handler)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(self, method: str, handler: Any) -> Any:
         m, gate = self._m, self._gate
         short = method.rsplit("/", 1)[-1]
         streaming_output = short == "StreamJobOutput"
+        counts, durations = self._counts, self._durations
 
         def observe(context: Any, failed: BaseException | None, t0: float) -> None:
-            m.rpcs.labels(method=method, code=_code_name(context, failed)).inc()
-            m.rpc_duration.labels(method=method).observe(time.monotonic() - t0)
+            code = _code_name(context, failed)
+            counter = counts.get((method, code))
+            if counter is None:
+                counter = counts[(method, code)] = m.rpcs.labels(method=method, code=code)
+            counter.inc()
+            duration = durations.get(method)
+            if duration is None:
+                duration = durations[method] = m.rpc_duration.labels(method=method)
+            duration.observe(time.monotonic() - t0)
 
         def call(inner: Any) -> Any:
             """A unary handler, or one that writes with context.write() (health's Watch)."""
