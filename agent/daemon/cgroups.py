@@ -486,6 +486,13 @@ class JobCgroup:
             delay = min(delay * 2, 0.05)
 
     def _rmdir_tree(self) -> None:
+        # The usual leaf has no cgroups of its own: one rmdir, no directory walk.
+        try:
+            os.rmdir(self.path)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EBUSY, errno.ENOTEMPTY):
+                raise
         # Only directories, deepest first: on cgroupfs rmdir removes an empty cgroup
         # and nothing else (its interface files go with it).
         for top, dirs, _files in os.walk(self.path, topdown=False):
