@@ -518,6 +518,23 @@ def test_stats_cpu_seconds_of_a_busy_loop(subtree: Subtree) -> None:
 
 
 @real
+def test_stats_without_memory_controller_reads_only_cpu_stat(subtree: Subtree) -> None:
+    """stats(memory=False) (no memory controller) gives the CPU and no memory figures;
+    with the controller absent it equals what the full read finds."""
+    job = subtree.create(_new_id(), Limits())
+    child = _spawn(job, "pass")
+    child.wait(DEADLINE)
+    lean = job.stats(memory=False)
+    assert lean.memory_peak_bytes is None and lean.oom_kills is None
+    assert lean.oom_group_kills is None
+    if "memory" not in subtree.controllers:
+        full = job.stats()
+        assert (full.memory_peak_bytes, full.oom_kills, full.oom_group_kills) == (None,) * 3
+        assert full.cpu_usage_seconds >= lean.cpu_usage_seconds
+    job.remove()
+
+
+@real
 def test_memory_peak_is_the_leafs_own(subtree: Subtree) -> None:
     """memory.peak is None without the memory controller, never a parent's figure."""
     job = subtree.create(_new_id(), Limits())

@@ -243,8 +243,16 @@ def valid_job_id(job_id: str) -> bool:
 
 
 def _read(path: Path) -> str:
-    with open(path, encoding="ascii") as f:
-        return f.read()
+    # Raw descriptors, not open(): the spawner reads two or three of these files for
+    # every job, and a text file object costs more than the reads themselves.
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    return b"".join(chunks).decode("ascii")
 
 
 def _write(path: Path, value: str) -> None:
@@ -441,21 +449,26 @@ class JobCgroup:
                 with contextlib.suppress(FileNotFoundError):
                     _write(freeze, "0")
 
-    def stats(self) -> Stats:
-        """CPU, peak memory and OOM counts of the leaf. Raises CgroupError."""
+    def stats(self, memory: bool = True) -> Stats:
+        """CPU, peak memory and OOM counts of the leaf. Raises CgroupError.
+
+        ``memory=False``: the memory controller is not enabled for the leaf, so
+        ``memory.peak`` and ``memory.events`` do not exist and are not looked for.
+        """
         try:
             cpu = parse_keyed(_read(self.path / "cpu.stat"))
         except OSError as exc:
             raise CgroupError(f"cannot read {self.path}/cpu.stat: {_why(exc)}") from None
         peak: int | None = None
-        with contextlib.suppress(FileNotFoundError):
-            peak = int(_read(self.path / "memory.peak"))
         oom: int | None = None
         oom_group: int | None = None
-        with contextlib.suppress(FileNotFoundError):
-            events = parse_keyed(_read(self.path / "memory.events"))
-            oom = events.get("oom_kill")
-            oom_group = events.get("oom_group_kill")
+        if memory:
+            with contextlib.suppress(FileNotFoundError):
+                peak = int(_read(self.path / "memory.peak"))
+            with contextlib.suppress(FileNotFoundError):
+                events = parse_keyed(_read(self.path / "memory.events"))
+                oom = events.get("oom_kill")
+                oom_group = events.get("oom_group_kill")
         return Stats(
             cpu_usage_seconds=cpu.get("usage_usec", 0) / 1e6,
             cpu_user_seconds=cpu.get("user_usec", 0) / 1e6,

@@ -856,7 +856,7 @@ class Spawner:
         """The leaf is empty: account from it, remove it, report the exit."""
         self.cgroups.pop(pid, None)
         try:
-            stats = cg.stats()
+            stats = cg.stats(memory=self.subtree is None or "memory" in self.subtree.controllers)
         except cgroups.CgroupError as e:
             print(f"agent spawner: {e}", file=sys.stderr)
         else:
