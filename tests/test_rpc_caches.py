@@ -24,6 +24,7 @@ from agent.daemon import policy as policy_mod
 from agent.daemon.errors import InvalidArgument
 from agent.daemon.history import RECENT, JobRecord, Store
 from agent.daemon.metrics import AgentMetrics, RpcMetricsInterceptor
+from agent.daemon.service import FinishedReplies, record_to_pb
 from agent.vocabulary import JobState
 
 import certfactory as cf
@@ -280,3 +281,49 @@ def test_kernel_limits_still_checked_when_a_limit_is_set() -> None:
     with pytest.raises(InvalidArgument) as e:
         admission.admit(req, rules, pol, busy=0, accepting=True)
     assert e.value.rule == "limit-above-kernel"
+
+
+# ------------------------------------------------------------ QueryJob answers
+
+
+def test_finished_reply_equals_a_fresh_build_and_follows_every_change() -> None:
+    """A finished job's cached QueryJob answer equals record_to_pb, and any later change
+    to the record (end time, exit, output, CPU, error) gives a fresh, correct answer."""
+    replies = FinishedReplies()
+    rec = _rec()
+    running = replies.reply(rec)
+    assert running == record_to_pb(rec) and not running.done
+    rec.pid = 4321  # a running job is always built afresh
+    assert replies.reply(rec).pid == 4321
+    _finish(rec)
+    first = replies.reply(rec)
+    assert first == record_to_pb(rec) and first.done
+    assert replies.reply(rec) is first  # reused while nothing changed
+    for change in (
+        lambda r: setattr(r, "exit_code", 3),
+        lambda r: setattr(r, "error_text", "exited with code 3"),
+        lambda r: setattr(r, "output_bytes", 99),
+        lambda r: setattr(r, "system_cpu", 0.5),
+        lambda r: setattr(r, "state", JobState.FAILED),
+    ):
+        change(rec)
+        again = replies.reply(rec)
+        assert again == record_to_pb(rec) and again is not first
+        first = again
+    # Another object for the same job (read back from the file) is built afresh too.
+    copy = JobRecord(**{f: getattr(rec, f) for f in rec.__dataclass_fields__})
+    copy.output_bytes = 5
+    assert replies.reply(copy).outputBytes == 5
+
+
+def test_finished_replies_are_bounded() -> None:
+    """The answer cache keeps at most its size of finished jobs, oldest out first."""
+    replies = FinishedReplies(size=8)
+    recs = []
+    for _ in range(20):
+        rec = _rec()
+        _finish(rec)
+        recs.append(rec)
+        replies.reply(rec)
+    assert len(replies._replies) == 8
+    assert set(replies._replies) == {r.id for r in recs[-8:]}

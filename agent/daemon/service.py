@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -88,6 +89,54 @@ def record_to_pb(rec: JobRecord) -> pb.QueryJobRes:
     return res
 
 
+# Finished jobs' QueryJob answers kept built (the pollers' last answer, and every
+# later query of a finished job); a few hundred messages of a few hundred bytes.
+FINISHED_REPLIES = 512
+
+
+class FinishedReplies:
+    """QueryJob answers of finished jobs, built once per record state (bounded).
+
+    Building the message costs more than the rest of a QueryJob. A finished
+    record no longer changes, but the cache does not rely on that: an answer is
+    reused only while the record object and every field that can change after
+    the start are what they were when it was built. Running jobs are always
+    built afresh. The answers are shared: nothing may modify them.
+    """
+
+    def __init__(self, size: int = FINISHED_REPLIES) -> None:
+        self.size = size
+        self._replies: OrderedDict[str, tuple[tuple[Any, ...], pb.QueryJobRes]] = OrderedDict()
+
+    def reply(self, rec: JobRecord) -> pb.QueryJobRes:
+        """``record_to_pb(rec)``, from the cache for a finished record seen before."""
+        if not rec.state.done:
+            return record_to_pb(rec)
+        key = (
+            id(rec),
+            rec.state,
+            rec.pid,
+            rec.end_time,
+            rec.exit_code,
+            rec.signal,
+            rec.error_text,
+            rec.user_cpu,
+            rec.system_cpu,
+            rec.max_rss,
+            rec.output_bytes,
+            rec.output_truncated,
+        )
+        hit = self._replies.get(rec.id)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        res = record_to_pb(rec)
+        self._replies[rec.id] = (key, res)
+        self._replies.move_to_end(rec.id)
+        if len(self._replies) > self.size:
+            self._replies.popitem(last=False)
+        return res
+
+
 T = TypeVar("T")
 
 
@@ -108,6 +157,7 @@ class WorkerService:
         self.access = access
         self.log_reads = log_reads
         self.revocation = revocation
+        self.replies = FinishedReplies()
 
     def set_access(self, access: AccessRules) -> None:
         """Decide every call from now on with ``access`` (``[auth]`` reloaded by SIGHUP)."""
@@ -204,7 +254,7 @@ class WorkerService:
             if remaining is not None:
                 timeout = max(0.0, remaining - 0.05)
             rec = await self.jobs.wait(rec.id, caller, timeout)
-        return record_to_pb(rec)
+        return self.replies.reply(rec)
 
     async def _start(
         self, rpc: str, request: Any, context: grpc.aio.ServicerContext
@@ -276,7 +326,7 @@ class WorkerService:
         job_id = getattr(request, "jobID", "")
 
         async def body(caller: Caller) -> pb.QueryJobRes:
-            return record_to_pb(self.jobs.get(validation.job_id(job_id), caller))
+            return self.replies.reply(self.jobs.get(validation.job_id(job_id), caller))
 
         return await self._run("QueryJob", request, context, body, job_id=job_id[:64])
 
@@ -294,7 +344,7 @@ class WorkerService:
                 wait = request.waitMillis / 1000.0
                 timeout = wait if timeout is None else min(timeout, wait)
             rec = await self.jobs.wait(validation.job_id(job_id), caller, timeout)
-            return record_to_pb(rec)
+            return self.replies.reply(rec)
 
         return await self._run("WaitJob", request, context, body, job_id=job_id[:64])
 
