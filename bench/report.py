@@ -694,6 +694,22 @@ jobs/s; the grey line is the floor's serial spawn-and-reap p50.
     return "".join(parts)
 
 
+# docs/benchmarks.md: everything from this line on is written by hand and kept
+# when the bench regenerates the page above it.
+HAND_WRITTEN = "<!-- Written by hand from here on: kept when the bench regenerates the page. -->"
+
+
+def write_docs_page(path: Path, result: dict[str, Any], has_plot: bool) -> None:
+    """Regenerate ``path`` from ``result``, keeping its hand-written tail (HAND_WRITTEN on)."""
+    tail = ""
+    if path.exists():
+        old = path.read_text()
+        at = old.find(HAND_WRITTEN)
+        if at >= 0:
+            tail = "\n" + old[at:]
+    path.write_text(docs_page(result, has_plot) + tail)
+
+
 def main(argv: list[str]) -> int:
     """Re-render latest.md (and with --docs the docs page) from a latest.json."""
     import json
@@ -704,7 +720,7 @@ def main(argv: list[str]) -> int:
     if "--docs" in argv:
         docs = Path(__file__).resolve().parent.parent / "docs"
         png = plot(result, docs / "benchmarks-latency.png")
-        (docs / "benchmarks.md").write_text(docs_page(result, png is not None))
+        write_docs_page(docs / "benchmarks.md", result, png is not None)
     return 0
 
 

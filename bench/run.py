@@ -419,7 +419,7 @@ def write_results(result: dict[str, Any], out: Path, docs: bool) -> None:
         docs_dir = ROOT / "docs"
         docs_dir.mkdir(exist_ok=True)
         plot = report.plot(result, docs_dir / "benchmarks-latency.png")
-        (docs_dir / "benchmarks.md").write_text(report.docs_page(result, plot is not None))
+        report.write_docs_page(docs_dir / "benchmarks.md", result, plot is not None)
     else:
         report.plot(result, out / "latency.png")
 

@@ -111,3 +111,33 @@ def test_quick_bench_prints_json_lines_and_writes_the_table(tmp_path: Path) -> N
     assert "| measurement | result |" in table
     data = json.loads((out / "latest.json").read_text())
     assert data["records"] and data["targets"]
+
+
+def test_regenerating_the_docs_page_keeps_its_hand_written_tail(tmp_path: Path) -> None:
+    """bench.report.write_docs_page replaces the generated part and keeps everything from
+    the hand-written marker on (the notes of earlier runs are not lost)."""
+    shutil.copytree(ROOT / "bench", tmp_path / "src" / "bench")
+    page = tmp_path / "benchmarks.md"
+    code = f"""
+import json, sys
+from pathlib import Path
+from bench import report
+page = Path({str(page)!r})
+page.write_text("# old generated part\\n\\n" + report.HAND_WRITTEN + "\\n\\n## Notes\\nkept\\n")
+report.docs_page = lambda result, has_plot: "# new generated part\\n"
+report.write_docs_page(page, {{}}, False)
+print(page.read_text())
+"""
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=str(tmp_path / "src"),
+        env={k: v for k, v in os.environ.items() if k != "PYTHONSAFEPATH"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr[-4000:]
+    text = page.read_text()
+    assert text.startswith("# new generated part\n")
+    assert "old generated part" not in text
+    assert text.endswith("## Notes\nkept\n") and text.count("Written by hand") == 1
