@@ -559,3 +559,22 @@ entries:
 
 # make_agent(**config overrides) -> a started AgentProcess (see conftest.py).
 AgentFactory = Callable[..., AgentProcess]
+
+
+def spawn_spec(argv: list[str], **kw: Any) -> Any:
+    """A SpawnSpec of ``argv`` for the spawner tests: no user switch, umask 077, no limits,
+    output to nowhere (``stdout_fd=-1``) unless ``kw`` says otherwise."""
+    from agent.daemon.spawn import SpawnSpec
+
+    base: dict[str, Any] = {
+        "executable": argv[0],
+        "env": {"PATH": "/usr/bin:/bin"},
+        "cwd": "/",
+        "stdout_fd": -1,
+        "uid": None,
+        "gid": None,
+        "umask": 0o077,
+        "limits": {},
+    }
+    base.update(kw)
+    return SpawnSpec(argv=argv, **base)

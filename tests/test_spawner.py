@@ -29,6 +29,7 @@ from helpers import (
     is_spawner,
     job_processes,
     make_safe_dir,
+    spawn_spec,
     wait_for,
 )
 
@@ -42,18 +43,8 @@ ENOEXEC = "start failed: execve: Exec format error (ENOEXEC)"
 
 
 def _spec(argv: list[str], **kw: Any) -> SpawnSpec:
-    base: dict[str, Any] = {
-        "executable": argv[0],
-        "env": {"PATH": "/usr/bin:/bin"},
-        "cwd": "/",
-        "stdout_fd": -1,
-        "uid": None,
-        "gid": None,
-        "umask": 0o077,
-        "limits": {},
-    }
-    base.update(kw)
-    return SpawnSpec(argv=argv, **base)
+    spec: SpawnSpec = spawn_spec(argv, **kw)
+    return spec
 
 
 async def _run(ops: SpawnerOps, spec: SpawnSpec, timeout: float = 10) -> tuple[int, Exit, bytes]:

@@ -19,7 +19,7 @@ from agent.daemon import landlock, spawner, spawnproto, vspawn
 from agent.daemon.lifecycle import Exit
 from agent.daemon.spawn import SpawnerOps, SpawnFailure, SpawnSpec
 
-from helpers import IS_ROOT, vspawn_expected
+from helpers import IS_ROOT, spawn_spec, vspawn_expected
 
 try:
     from agent.daemon import _vspawn  # type: ignore[attr-defined]
@@ -224,19 +224,8 @@ async def _run(ops: SpawnerOps, spec: SpawnSpec) -> tuple[Exit, str]:
 
 
 def _spec(script: str, **kw: Any) -> SpawnSpec:
-    base: dict[str, Any] = {
-        "argv": ["/bin/sh", "-c", script],
-        "executable": "/bin/sh",
-        "env": {"PATH": "/usr/bin:/bin"},
-        "cwd": "/",
-        "stdout_fd": -1,
-        "uid": None,
-        "gid": None,
-        "umask": 0o077,
-        "limits": {},
-    }
-    base.update(kw)
-    return SpawnSpec(**base)
+    spec: SpawnSpec = spawn_spec(["/bin/sh", "-c", script], **kw)
+    return spec
 
 
 def _both_paths(
