@@ -575,7 +575,9 @@ class StubScheduler:
 
     def __init__(self, addr: str) -> None:
         self.addr = addr
-        self.server = grpc.server(ThreadPoolExecutor(2))
+        # No SO_REUSEPORT: with another listener on the port (a stale stub, a real
+        # scheduler) the worker would register with either at random; fail instead.
+        self.server = grpc.server(ThreadPoolExecutor(2), options=[("grpc.so_reuseport", 0)])
         pb_grpc.add_SchedulerServicer_to_server(  # type: ignore[no-untyped-call]
             _Scheduler(), self.server
         )
