@@ -24,7 +24,7 @@ from agent.daemon import policy as policy_mod
 from agent.daemon.errors import InvalidArgument
 from agent.daemon.history import RECENT, JobRecord, Store
 from agent.daemon.metrics import AgentMetrics, RpcMetricsInterceptor
-from agent.daemon.service import FinishedReplies, record_to_pb
+from agent.daemon.service import QueryReplies, record_to_pb
 from agent.vocabulary import JobState
 
 import certfactory as cf
@@ -286,27 +286,31 @@ def test_kernel_limits_still_checked_when_a_limit_is_set() -> None:
 # ------------------------------------------------------------ QueryJob answers
 
 
-def test_finished_reply_equals_a_fresh_build_and_follows_every_change() -> None:
-    """A finished job's cached QueryJob answer equals record_to_pb, and any later change
-    to the record (end time, exit, output, CPU, error) gives a fresh, correct answer."""
-    replies = FinishedReplies()
+def test_cached_reply_equals_a_fresh_build_and_follows_every_change() -> None:
+    """A cached QueryJob answer equals record_to_pb, running or finished, and any change
+    to the record (pid, output, state, end time, exit, CPU, error) gives a fresh one."""
+    replies = QueryReplies()
     rec = _rec()
     running = replies.reply(rec)
     assert running == record_to_pb(rec) and not running.done
-    rec.pid = 4321  # a running job is always built afresh
+    assert replies.reply(rec) is running  # the next poll of an unchanged job
+    rec.pid = 4321
     assert replies.reply(rec).pid == 4321
+    rec.output_bytes = 3
+    assert replies.reply(rec).outputBytes == 3
     _finish(rec)
     first = replies.reply(rec)
     assert first == record_to_pb(rec) and first.done
     assert replies.reply(rec) is first  # reused while nothing changed
-    for change in (
-        lambda r: setattr(r, "exit_code", 3),
-        lambda r: setattr(r, "error_text", "exited with code 3"),
-        lambda r: setattr(r, "output_bytes", 99),
-        lambda r: setattr(r, "system_cpu", 0.5),
-        lambda r: setattr(r, "state", JobState.FAILED),
-    ):
-        change(rec)
+    changes: list[tuple[str, object]] = [
+        ("exit_code", 3),
+        ("error_text", "exited with code 3"),
+        ("output_bytes", 99),
+        ("system_cpu", 0.5),
+        ("state", JobState.FAILED),
+    ]
+    for name, value in changes:
+        setattr(rec, name, value)
         again = replies.reply(rec)
         assert again == record_to_pb(rec) and again is not first
         first = again
@@ -316,9 +320,9 @@ def test_finished_reply_equals_a_fresh_build_and_follows_every_change() -> None:
     assert replies.reply(copy).outputBytes == 5
 
 
-def test_finished_replies_are_bounded() -> None:
-    """The answer cache keeps at most its size of finished jobs, oldest out first."""
-    replies = FinishedReplies(size=8)
+def test_query_replies_are_bounded() -> None:
+    """The answer cache keeps at most its size of jobs, oldest out first."""
+    replies = QueryReplies(size=8)
     recs = []
     for _ in range(20):
         rec = _rec()

@@ -89,29 +89,28 @@ def record_to_pb(rec: JobRecord) -> pb.QueryJobRes:
     return res
 
 
-# Finished jobs' QueryJob answers kept built (the pollers' last answer, and every
-# later query of a finished job); a few hundred messages of a few hundred bytes.
-FINISHED_REPLIES = 512
+# QueryJob answers kept built (pollers ask about the same job until it is done, and
+# again after); a few hundred messages of a few hundred bytes.
+QUERY_REPLIES = 512
 
 
-class FinishedReplies:
-    """QueryJob answers of finished jobs, built once per record state (bounded).
+class QueryReplies:
+    """QueryJob answers, built once per record state (bounded).
 
-    Building the message costs more than the rest of a QueryJob. A finished
-    record no longer changes, but the cache does not rely on that: an answer is
-    reused only while the record object and every field that can change after
-    the start are what they were when it was built. Running jobs are always
-    built afresh. The answers are shared: nothing may modify them.
+    Building the message costs more than the rest of a QueryJob, and a poller
+    asks again and again about a job that has not changed. An answer is reused
+    only while the record object and every field the answer shows that can
+    change after the start (state, pid, exit, error, times, CPU, output) are what
+    they were when it was built; the other fields never change. The answers are
+    shared: nothing may modify them.
     """
 
-    def __init__(self, size: int = FINISHED_REPLIES) -> None:
+    def __init__(self, size: int = QUERY_REPLIES) -> None:
         self.size = size
         self._replies: OrderedDict[str, tuple[tuple[Any, ...], pb.QueryJobRes]] = OrderedDict()
 
     def reply(self, rec: JobRecord) -> pb.QueryJobRes:
-        """``record_to_pb(rec)``, from the cache for a finished record seen before."""
-        if not rec.state.done:
-            return record_to_pb(rec)
+        """``record_to_pb(rec)``, from the cache while the record is as it was."""
         key = (
             id(rec),
             rec.state,
@@ -157,7 +156,7 @@ class WorkerService:
         self.access = access
         self.log_reads = log_reads
         self.revocation = revocation
-        self.replies = FinishedReplies()
+        self.replies = QueryReplies()
 
     def set_access(self, access: AccessRules) -> None:
         """Decide every call from now on with ``access`` (``[auth]`` reloaded by SIGHUP)."""
