@@ -371,30 +371,27 @@ class Prepared:
         self._fds: list[int] = []
         self._shared = -1
         # Built here once so the child's loop is only system calls (~1.5 us a rule there).
-        self._rules: list[tuple[object, object, str]] = []  # (c_long type, byref(attr), name)
+        # Each rule's attribute as bytes: what ctypes passes by pointer in the fork path's
+        # child and what the C vfork child (agent.daemon.vspawn) is handed as is.
+        self._rules: list[tuple[int, bytes, str]] = []  # (rule type, attr, name)
         # With a scratch root: a second, per-job layer that handles only the write rights
         # and grants them on the spec's write paths and the job's own scratch directory.
         # The shared first layer grants writes beneath the whole scratch root, so the
         # intersection is exactly "the write paths and this job's directory", and each
         # child builds a ruleset of a handful of rules instead of all of them.
         self._layer_attr = _RulesetAttr(fs & WRITE_ONLY, 0, 0)
-        self._write_rules: list[tuple[object, str]] = []  # (byref(attr), name)
-        # The same rules as bytes, for the C vfork child (agent.daemon.vspawn).
-        self._raw_rules: list[tuple[int, bytes, str]] = []  # (rule type, attr, name)
-        self._raw_write_rules: list[tuple[bytes, str]] = []
+        self._write_rules: list[tuple[bytes, str]] = []  # (attr, name)
         self._layered = scratch_root is not None and not self._deferred
         try:
             for rule in rules:
                 if not _child_resolved(rule.path) and (attr := self._open_rule(rule)):
-                    self._rules.append((_L(_RULE_PATH_BENEATH), ctypes.byref(attr), rule.path))
-                    self._raw_rules.append((_RULE_PATH_BENEATH, bytes(attr), rule.path))
+                    self._rules.append((_RULE_PATH_BENEATH, bytes(attr), rule.path))
                     self._add_write_rule(attr, rule.path)
             if scratch_root is not None and self._layered:
                 self._add_scratch_root(scratch_root)
-            for port_attr in self._ports:  # byref() keeps each attr alive
+            for port_attr in self._ports:
                 name = f"tcp port {port_attr.port}"
-                self._rules.append((_L(_RULE_NET_PORT), ctypes.byref(port_attr), name))
-                self._raw_rules.append((_RULE_NET_PORT, bytes(port_attr), name))
+                self._rules.append((_RULE_NET_PORT, bytes(port_attr), name))
             if not self._deferred:
                 self._shared = self._build()
         except BaseException:
@@ -404,8 +401,7 @@ class Prepared:
     def _add_write_rule(self, attr: _PathBeneathAttr, name: str) -> None:
         if attr.allowed_access & WRITE_ONLY:
             w = _PathBeneathAttr(attr.allowed_access & WRITE_ONLY, attr.parent_fd)
-            self._write_rules.append((ctypes.byref(w), name))  # byref() keeps w alive
-            self._raw_write_rules.append((bytes(w), name))
+            self._write_rules.append((bytes(w), name))
 
     def _add_scratch_root(self, root: str) -> None:
         fd, is_dir, real = _open_path(root, follow=False)
@@ -414,8 +410,7 @@ class Prepared:
         if hit or not is_dir:
             raise LandlockStepError(errno.EPERM, f"scratch root {root}: covers {hit or root}")
         attr = _PathBeneathAttr(self._mask(WRITE, True), fd)
-        self._rules.append((_L(_RULE_PATH_BENEATH), ctypes.byref(attr), root))
-        self._raw_rules.append((_RULE_PATH_BENEATH, bytes(attr), root))
+        self._rules.append((_RULE_PATH_BENEATH, bytes(attr), root))
 
     def _open_rule(self, rule: PathRule) -> _PathBeneathAttr | None:
         try:
@@ -441,8 +436,9 @@ class Prepared:
         rfd = _sys("landlock_create_ruleset", _SYS_CREATE_RULESET, attr, self._attr_size, 0)
         try:
             call, nr, zero, fd_arg = _libc.syscall, _L(_SYS_ADD_RULE), _L(0), _L(rfd)
-            for kind, ref, name in self._rules:
-                if call(nr, fd_arg, kind, ref, zero) < 0:
+            kinds = {k: _L(k) for k in (_RULE_PATH_BENEATH, _RULE_NET_PORT)}
+            for kind, raw, name in self._rules:
+                if call(nr, fd_arg, kinds[kind], raw, zero) < 0:
                     raise LandlockStepError(ctypes.get_errno(), f"landlock_add_rule {name}")
             for path, access, per_job in extra:
                 self._add_opened(rfd, path, access, per_job)
@@ -516,8 +512,8 @@ class Prepared:
         rfd = _sys("landlock_create_ruleset", _SYS_CREATE_RULESET, attr, 8, 0)
         try:
             kind = _L(_RULE_PATH_BENEATH)
-            for ref, name in self._write_rules:
-                _sys(f"landlock_add_rule {name} (write layer)", _SYS_ADD_RULE, rfd, kind, ref, 0)
+            for raw, name in self._write_rules:
+                _sys(f"landlock_add_rule {name} (write layer)", _SYS_ADD_RULE, rfd, kind, raw, 0)
             for dfd in dir_fds:
                 beneath = _PathBeneathAttr(self._mask(WRITE_ONLY, True), dfd)
                 step = f"landlock_add_rule write directory fd {dfd}"
@@ -543,7 +539,7 @@ class Prepared:
             # The shared ruleset, then the per-job write layer (see restrict()).
             prog += [nnp, ("restrict", "landlock_restrict_self", self._shared)]
             prog.append(("create", "landlock_create_ruleset", bytes(self._layer_attr), 8))
-            for attr, name in self._raw_write_rules:
+            for attr, name in self._write_rules:
                 prog.append(("add", f"landlock_add_rule {name} (write layer)", beneath, attr))
             for dfd in extra_write_dirs:
                 w = bytes(_PathBeneathAttr(self._mask(WRITE_ONLY, True), dfd))
@@ -555,7 +551,7 @@ class Prepared:
         # A fresh ruleset per child (never add to the shared one: see restrict()).
         attr = bytes(self._attr)
         prog.append(("create", "landlock_create_ruleset", attr, self._attr_size))
-        for kind, raw, name in self._raw_rules:
+        for kind, raw, name in self._rules:
             prog.append(("add", f"landlock_add_rule {name}", kind, raw))
         for path, access in self._deferred:
             # Resolved in the child: /proc/self names the job, not the spawner. No deny
