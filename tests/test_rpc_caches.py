@@ -331,3 +331,19 @@ def test_query_replies_are_bounded() -> None:
         replies.reply(rec)
     assert len(replies._replies) == 8
     assert set(replies._replies) == {r.id for r in recs[-8:]}
+
+
+def test_label_children_are_the_metrics_own_and_bounded() -> None:
+    """LabelChildren hands out exactly metric.labels(...) and keeps at most its bound."""
+    from prometheus_client import CollectorRegistry, Counter
+
+    from agent.daemon.metrics import LabelChildren
+
+    c = Counter("t_total", "test", ["state", "entry"], registry=CollectorRegistry())
+    kids = LabelChildren(c, bound=4)
+    assert kids.get("SUCCEEDED", "true") is c.labels(state="SUCCEEDED", entry="true")
+    kids.get("SUCCEEDED", "true").inc()
+    assert c.labels(state="SUCCEEDED", entry="true")._value.get() == 1
+    for i in range(10):
+        assert kids.get("FAILED", f"e{i}") is c.labels(state="FAILED", entry=f"e{i}")
+    assert len(kids._children) <= 4

@@ -60,6 +60,29 @@ UNKNOWN_ENTRY = ""
 LABEL_CACHE = 1024
 
 
+class LabelChildren:
+    """One metric's label children, looked up once per label values (bounded).
+
+    prometheus_client's ``labels()`` costs more than the increment itself. The
+    values are given in the metric's label order; past ``bound`` distinct ones
+    (entry names come from the policy, and reloads can add some) the cache
+    starts over.
+    """
+
+    def __init__(self, metric: Any, bound: int = LABEL_CACHE) -> None:
+        self._metric, self._bound = metric, bound
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def get(self, *values: str) -> Any:
+        """``metric.labels(*values)``, from the cache after the first time."""
+        child = self._children.get(values)
+        if child is None:
+            if len(self._children) >= self._bound:
+                self._children.clear()
+            child = self._children[values] = self._metric.labels(*values)
+        return child
+
+
 def entry_of(policy: policy_mod.Policy, rec: JobRecord) -> str:
     """The name of the policy entry a job ran under (first match, as decide does)."""
     for e in policy.entries:
@@ -198,24 +221,17 @@ class AgentMetrics:
         r.register(_ScrapeCollector(self))
         self._entries: dict[str, str] = {}
         self._server: Any = None
-        # Label children of the per-job series, looked up once per label
-        # values (labels() costs more than the increment). Entry names come
-        # from the policy (reloads can add some): cleared past a bound.
-        self._started: dict[str, Any] = {}
-        self._ended: dict[tuple[str, str], Any] = {}
-        self._durations: dict[str, Any] = {}
+        # Label children of the per-job series, looked up once per label values.
+        self._started = LabelChildren(self.jobs_started)
+        self._ended = LabelChildren(self.jobs_finished)
+        self._durations = LabelChildren(self.job_duration)
 
     # ------------------------------------------------------------ hooks
 
     def job_started(self, rec: JobRecord, policy: policy_mod.Policy, seconds: float) -> None:
         """A start returned ``rec`` after ``seconds``."""
         entry = entry_of(policy, rec)
-        started = self._started.get(entry)
-        if started is None:
-            if len(self._started) >= LABEL_CACHE:
-                self._started.clear()
-            started = self._started[entry] = self.jobs_started.labels(entry=entry)
-        started.inc()
+        self._started.get(entry).inc()
         if rec.pid:  # a process was spawned (pid 0: the start failed)
             self.spawn_latency.observe(seconds)
         if rec.state is JobState.RUNNING:
@@ -232,20 +248,9 @@ class AgentMetrics:
             self._finished(rec, entry)
 
     def _finished(self, rec: JobRecord, entry: str) -> None:
-        key = (rec.state.name, entry)
-        ended = self._ended.get(key)
-        if ended is None:
-            if len(self._ended) >= LABEL_CACHE:
-                self._ended.clear()
-            ended = self._ended[key] = self.jobs_finished.labels(state=key[0], entry=entry)
-        ended.inc()
+        self._ended.get(rec.state.name, entry).inc()
         if rec.end_time is not None:
-            duration = self._durations.get(entry)
-            if duration is None:
-                if len(self._durations) >= LABEL_CACHE:
-                    self._durations.clear()
-                duration = self._durations[entry] = self.job_duration.labels(entry=entry)
-            duration.observe(max(0.0, rec.end_time - rec.start_time))
+            self._durations.get(entry).observe(max(0.0, rec.end_time - rec.start_time))
 
     def audit_event(self, event: str, decision: str, rule: str) -> None:
         """Every audit record passes here (see MeteredAuditLog)."""
@@ -344,10 +349,9 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         # a different handler for the same method gets its own wrapper. Bounded
         # by the registered methods (an unknown method has no handler).
         self._wrapped: dict[str, tuple[Any, Any]] = {}
-        # Label children, looked up once per (method, code) and per method:
-        # prometheus' labels() costs more than the increment itself.
-        self._counts: dict[tuple[str, str], Any] = {}
-        self._durations: dict[str, Any] = {}
+        # Label children, looked up once per (method, code) and per method.
+        self._counts = LabelChildren(metrics.rpcs)
+        self._durations = LabelChildren(metrics.rpc_duration)
 
     async def intercept_service(
         self,
@@ -373,15 +377,8 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         counts, durations = self._counts, self._durations
 
         def observe(context: Any, failed: BaseException | None, t0: float) -> None:
-            code = _code_name(context, failed)
-            counter = counts.get((method, code))
-            if counter is None:
-                counter = counts[(method, code)] = m.rpcs.labels(method=method, code=code)
-            counter.inc()
-            duration = durations.get(method)
-            if duration is None:
-                duration = durations[method] = m.rpc_duration.labels(method=method)
-            duration.observe(time.monotonic() - t0)
+            counts.get(method, _code_name(context, failed)).inc()
+            durations.get(method).observe(time.monotonic() - t0)
 
         def call(inner: Any) -> Any:
             """A unary handler, or one that writes with context.write() (health's Watch)."""
