@@ -203,14 +203,20 @@ class AgentProcess:
 
     # ------------------------------------------------------------ lifecycle
 
-    def start(self, *, wait: bool = True, timeout: float = 20.0) -> AgentProcess:
-        """Start the process; wait until it answers TLS on its port."""
+    def start(
+        self, *, wait: bool = True, timeout: float = 20.0, command: list[str] | None = None
+    ) -> AgentProcess:
+        """Start the process; wait until it answers TLS on its port.
+
+        ``command`` replaces ``python -m agent run --config CONFIG`` (a wrapper
+        around the agent, for instance).
+        """
         env = dict(os.environ)
         env.update(self.env)
         self._ready_count = self.log().count("listening on")
         log = open(self.log_path, "ab")  # noqa: SIM115 - closed by the child owning it
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agent", "run", "--config", str(self.config_path)],
+            command or [sys.executable, "-m", "agent", "run", "--config", str(self.config_path)],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 import textwrap
 import time
@@ -75,17 +74,8 @@ WRAPPER = textwrap.dedent(
 
 def _start_wrapped(a: AgentProcess, out: Path) -> None:
     """Start the agent under the wrapper; wait until it serves."""
-    env = {**os.environ, "AGENT_TEST_MODULES_OUT": str(out)}
-    with open(a.log_path, "ab") as log:
-        a.proc = subprocess.Popen(
-            [sys.executable, "-c", WRAPPER, str(a.config_path)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=str(a.workdir),
-            start_new_session=True,
-        )
-    a.wait_ready()
+    a.env["AGENT_TEST_MODULES_OUT"] = str(out)
+    a.start(command=[sys.executable, "-c", WRAPPER, str(a.config_path)])
 
 
 def _modules(a: AgentProcess, out: Path) -> set[str]:
