@@ -210,6 +210,58 @@ def test_leftovers_are_killed_and_nothing_is_left_unreaped() -> None:
     run_ops(go)
 
 
+def test_an_exit_is_reported_before_the_starts_queued_behind_it() -> None:
+    """A job that ends while starts are queued is reported between them, not after them all.
+
+    Each start holds the spawner while its child sets up and execs; when it
+    drained every queued request before looking at exits, an original-protocol
+    client polled QueryJob for a job long gone (issue 17).
+    """
+
+    async def go(ops: SpawnerOps) -> None:
+        loop = asyncio.get_running_loop()
+        ended: asyncio.Future[Exit] = loop.create_future()
+        null = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+        victim = await ops.spawn(_spec(["/bin/sleep", "1000"], stdout_fd=null), ended.set_result)
+        wire: list[tuple[str, int]] = []
+        dispatch = ops._dispatch
+
+        def record(msg: dict[str, Any]) -> None:
+            wire.append((msg["op"], msg.get("pid", -1)))
+            dispatch(msg)
+
+        ops._dispatch = record  # type: ignore[method-assign]
+        n = 40
+        spawner = ops.spawner_pid
+        assert spawner is not None
+        # The spawner is held while the kill and a queue of starts are sent,
+        # so it finds them all waiting when it goes on.
+        os.kill(spawner, signal.SIGSTOP)
+        try:
+            ops.signal(victim, signal.SIGKILL)
+            starts = [
+                asyncio.ensure_future(
+                    ops.spawn(_spec(["/bin/true"], stdout_fd=null), lambda ex: None)
+                )
+                for _ in range(n)
+            ]
+            await asyncio.sleep(0)  # each start sends its request before its first await
+        finally:
+            os.kill(spawner, signal.SIGCONT)
+        try:
+            await asyncio.wait_for(asyncio.gather(*starts), 30)
+        finally:
+            os.close(null)
+        await asyncio.wait_for(ended, 10)
+        spawned = [i for i, (op, _) in enumerate(wire) if op == "spawned"]
+        assert len(spawned) == n
+        at = wire.index(("exited", victim))
+        # Reported after at most a few starts (the kill takes a moment), long before the last.
+        assert at < spawned[n // 2], wire
+
+    run_ops(go)
+
+
 def _state(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/stat") as f:

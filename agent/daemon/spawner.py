@@ -524,9 +524,10 @@ class Spawner:
     def serve(self) -> None:
         """Run until the agent closes the socket or says exit."""
         while self.running:
+            asked = False
             for key, _ in self.sel.select():
                 if key.data is None:
-                    self.on_socket()
+                    asked = True
                 elif key.data is self.watcher:
                     self.on_cgroup_events()
                 elif isinstance(key.data, Starting):
@@ -535,36 +536,43 @@ class Spawner:
                     self.on_exit(key.data)
                 if not self.running:
                     break
+            # One request per turn, after every exit that is ready: a job that
+            # ended is reported before the next start, not behind a queue of
+            # them (each start holds this loop while its child sets up and
+            # execs, so under load exits waited many milliseconds, and
+            # original-protocol clients polled for them meanwhile).
+            if asked and self.running:
+                self.on_socket()
 
     def on_socket(self) -> None:
-        while self.running:
-            try:
-                data, fds = proto.recv(self.sock, socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                return
-            except proto.ProtocolError as e:
-                print(f"agent spawner: bad message: {e}", file=sys.stderr)
-                continue
-            except OSError:
-                self.running = False
-                return
-            if not data:
-                self.running = False  # end of file: the agent closed or died
-                return
-            try:
-                msg, byrole = proto.decode(data, fds)
-            except proto.ProtocolError as e:
-                print(f"agent spawner: bad message: {e}", file=sys.stderr)
-                continue
-            op = msg["op"]
-            if op == "spawn":
-                self.spawn(msg, byrole)
-            elif op == "signal":
-                self.signal(msg)
-            elif op == "exit":
-                self.running = False
-            for fd in byrole.values():
-                os.close(fd)
+        """Take one request from the agent (the socket stays readable for the rest)."""
+        try:
+            data, fds = proto.recv(self.sock, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return
+        except proto.ProtocolError as e:
+            print(f"agent spawner: bad message: {e}", file=sys.stderr)
+            return
+        except OSError:
+            self.running = False
+            return
+        if not data:
+            self.running = False  # end of file: the agent closed or died
+            return
+        try:
+            msg, byrole = proto.decode(data, fds)
+        except proto.ProtocolError as e:
+            print(f"agent spawner: bad message: {e}", file=sys.stderr)
+            return
+        op = msg["op"]
+        if op == "spawn":
+            self.spawn(msg, byrole)
+        elif op == "signal":
+            self.signal(msg)
+        elif op == "exit":
+            self.running = False
+        for fd in byrole.values():
+            os.close(fd)
 
     def spawn(self, msg: dict[str, Any], fds: dict[str, int]) -> None:
         rid, plan = msg.get("id"), msg.get("plan")
