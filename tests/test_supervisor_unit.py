@@ -19,7 +19,7 @@ import pytest
 
 from agent.access import AccessRules
 from agent.daemon import lifecycle as lc
-from agent.daemon import policy
+from agent.daemon import policy, supervisor
 from agent.daemon.admission import Rules, StartRequest
 from agent.daemon.errors import InvalidArgument, PermissionDenied, ResourceExhausted, Unavailable
 from agent.daemon.history import History, Store
@@ -162,6 +162,71 @@ def test_exit_before_end_of_output_waits_for_the_output(tmp_path: Path) -> None:
         p.close_output()
         done = await sup.wait(rec.id, ALICE, 2)
         assert done.state is JobState.SUCCEEDED and done.output_bytes == 5
+
+    run(body)
+
+
+async def _output_end_seen(sup: Supervisor, job_id: str) -> None:
+    for _ in range(200):
+        if sup.running[job_id].live.closed:
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError("the end of the output was never seen")
+
+
+def test_a_query_of_an_ending_job_waits_for_its_exit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Output closed, exit report not yet in: the query answers done once it comes, not RUNNING."""
+    ops = FakeOps()
+    sup = make(tmp_path, ops)
+    # Far longer than the test needs: the answer must come from the exit, not the clock.
+    monkeypatch.setattr(supervisor, "ENDING_WAIT", 30.0)
+    monkeypatch.setattr(supervisor, "ENDING_WINDOW", 30.0)
+
+    async def body() -> None:
+        rec = await sup.start(req())
+        p = ops.procs[0]
+        p.close_output()
+        await _output_end_seen(sup, rec.id)
+        asked = asyncio.ensure_future(sup.query(rec.id, ALICE))
+        await asyncio.sleep(0.01)
+        assert not asked.done()  # waiting for the exit that is on its way
+        p.exit(lc.Exit(0, None), close_output=False)
+        done = await asyncio.wait_for(asked, 5)
+        assert done.state is JobState.SUCCEEDED
+
+    run(body)
+
+
+def test_a_query_waits_only_briefly_and_only_right_after_the_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A running job with its output open, or closed long ago, is answered at once;
+    one that closed its output and goes on is answered RUNNING after the short wait."""
+    ops = FakeOps()
+    sup = make(tmp_path, ops)
+
+    async def body() -> None:
+        rec = await sup.start(req())
+        p = ops.procs[0]
+        monkeypatch.setattr(supervisor, "ENDING_WAIT", 30.0)
+        # Output open: no wait at all (a 30 s wait would trip wait_for).
+        assert (await asyncio.wait_for(sup.query(rec.id, ALICE), 5)).state is JobState.RUNNING
+        p.close_output()
+        await _output_end_seen(sup, rec.id)
+        # Closed, but longer ago than the window: no wait either.
+        monkeypatch.setattr(supervisor, "ENDING_WINDOW", 0.0)
+        assert (await asyncio.wait_for(sup.query(rec.id, ALICE), 5)).state is JobState.RUNNING
+        # Inside the window, still no exit: RUNNING once the short wait is over.
+        monkeypatch.setattr(supervisor, "ENDING_WAIT", 0.01)
+        monkeypatch.setattr(supervisor, "ENDING_WINDOW", 30.0)
+        assert (await asyncio.wait_for(sup.query(rec.id, ALICE), 5)).state is JobState.RUNNING
+        p.exit(lc.Exit(0, None), close_output=False)
+        assert (await sup.wait(rec.id, ALICE, 2)).state is JobState.SUCCEEDED
+        # And the usual rules: unknown ids and other owners' jobs are refused.
+        with pytest.raises(PermissionDenied):
+            await sup.query(rec.id, BOB)
 
     run(body)
 

@@ -325,7 +325,7 @@ class WorkerService:
         job_id = getattr(request, "jobID", "")
 
         async def body(caller: Caller) -> pb.QueryJobRes:
-            return self.replies.reply(self.jobs.get(validation.job_id(job_id), caller))
+            return self.replies.reply(await self.jobs.query(validation.job_id(job_id), caller))
 
         return await self._run("QueryJob", request, context, body, job_id=job_id[:64])
 

@@ -48,6 +48,14 @@ READ_CHUNK = 1 << 20
 # After the main process exits, how long to wait for the output pipe to
 # close (processes that escaped the group may hold it open).
 OUTPUT_CLOSE_GRACE = 2.0
+# A job whose output has just closed (or whose exit just came in) is moments
+# from done: the spawner's report, or the pipe's end, is on its way. A query
+# then waits for it up to ENDING_WAIT rather than answering "running" and
+# costing an original-protocol client one more poll interval and call; only
+# within ENDING_WINDOW of that moment, so a job that closes its output and
+# goes on running is answered at once after that.
+ENDING_WAIT = 0.005
+ENDING_WINDOW = 0.05
 INSTANCE_ENV = "AGENT_INSTANCE"
 BOOT_ID = procfs.boot_id()
 
@@ -138,6 +146,7 @@ class Job:
         self.pipe_fd: int | None = None
         self.timers: list[asyncio.TimerHandle] = []
         self.done: asyncio.Future[JobRecord] = loop.create_future()
+        self.ending: float | None = None  # loop time of its output's end or its exit
 
     @property
     def id(self) -> str:
@@ -363,6 +372,8 @@ class Supervisor:
             self._finish(job, action)
 
     def _exited(self, job: Job, ex: lc.Exit) -> None:
+        if job.ending is None:
+            job.ending = self.loop.time()
         if not job.live.closed:
             self._on_output(job)  # what is already in the pipe belongs to the job
         self._handle(job, lc.Exited(ex))
@@ -399,6 +410,8 @@ class Supervisor:
             )
 
     def _close_output(self, job: Job) -> None:
+        if job.ending is None:
+            job.ending = self.loop.time()
         if job.pipe_fd is not None:
             self.loop.remove_reader(job.pipe_fd)
             os.close(job.pipe_fd)
@@ -456,6 +469,21 @@ class Supervisor:
             raise NotFound(f"no job with id {job_id}", rule="unknown-job")
         _check(lambda: caller.may_see(job_id, rec.owner))
         return rec
+
+    async def query(self, job_id: str, caller: Caller) -> JobRecord:
+        """A job's record, once done if it is ending right now (see ENDING_WAIT)."""
+        rec = self.get(job_id, caller)
+        job = self.running.get(job_id)
+        if (
+            job is None
+            or job.ending is None
+            or rec.state.done
+            or self.loop.time() - job.ending > ENDING_WINDOW
+        ):
+            return rec
+        with contextlib.suppress(asyncio.TimeoutError):
+            return await asyncio.wait_for(asyncio.shield(job.done), ENDING_WAIT)
+        return job.record
 
     async def wait(self, job_id: str, caller: Caller, timeout: float | None) -> JobRecord:
         """The record once the job is done, or as it is when ``timeout`` passes."""
