@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sqlite3
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -290,6 +291,16 @@ def test_output_cap_kills_and_truncates(tmp_path: Path) -> None:
     run(body)
 
 
+def _on_disk(tmp_path: Path, job_id: str) -> tuple[int, int] | None:
+    """(state, pid) of a job as committed to the history file (another connection)."""
+    db = sqlite3.connect(tmp_path / "jobs.sqlite3")
+    try:
+        row = db.execute("SELECT state, pid FROM jobs WHERE id=?", (job_id,)).fetchone()
+    finally:
+        db.close()
+    return None if row is None else (int(row[0]), int(row[1]))
+
+
 def test_spawn_failure_is_a_failed_job_with_the_reason(tmp_path: Path) -> None:
     """ProcessOps raising OSError gives a recorded FAILED job "start failed: ..."."""
     ops = FakeOps(fail=OSError(8, "Exec format error"))
@@ -299,7 +310,86 @@ def test_spawn_failure_is_a_failed_job_with_the_reason(tmp_path: Path) -> None:
         rec = await sup.start(req())
         assert rec.state is JobState.FAILED
         assert rec.error_text == "start failed: Exec format error (ENOEXEC)"
-        assert sup.history.store.get(rec.id) is not None
+        # Committed as FAILED before the start is answered, never left RUNNING.
+        assert _on_disk(tmp_path, rec.id) == (JobState.FAILED.value, 0)
+
+    run(body)
+
+
+class RecordingOps(FakeOps):
+    """Notes, at the moment of each spawn, what the history file holds for that job."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        super().__init__()
+        self.tmp_path = tmp_path
+        self.at_spawn: list[tuple[int, int] | None] = []
+
+    async def spawn(self, spec: SpawnSpec, on_exit: Callable[[lc.Exit], None]) -> int:
+        await asyncio.sleep(0.05)  # the spawner's round trip: the commit runs meanwhile
+        self.at_spawn.append(_on_disk(self.tmp_path, spec.env["AGENT_JOB_ID"]))
+        return await super().spawn(spec, on_exit)
+
+
+def test_a_job_is_in_the_history_before_it_starts(tmp_path: Path) -> None:
+    """The row is committed while the spawner works (RUNNING, pid 0), and gets its pid later."""
+    ops = RecordingOps(tmp_path)
+    sup = make(tmp_path, ops)
+
+    async def body() -> None:
+        rec = await sup.start(req())
+        assert ops.at_spawn == [(JobState.RUNNING.value, 0)]
+        assert rec.pid == 1000
+        ops.procs[0].exit(lc.Exit(0, None))
+        await sup.wait(rec.id, ALICE, 2)
+        await settle()
+        assert _on_disk(tmp_path, rec.id) == (JobState.SUCCEEDED.value, 1000)
+
+    run(body)
+
+
+class StuckOps(FakeOps):
+    """A spawner that never answers."""
+
+    async def spawn(self, spec: SpawnSpec, on_exit: Callable[[lc.Exit], None]) -> int:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+
+def test_a_cancelled_start_leaves_no_running_record(tmp_path: Path) -> None:
+    """The caller goes away mid-start: the row recorded before the start ends FAILED."""
+    sup = make(tmp_path, StuckOps())
+
+    async def body() -> None:
+        start = asyncio.ensure_future(sup.start(req()))
+        await settle()
+        start.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await start
+        await settle()
+        rows = sup.history.store.running()
+        assert rows == []
+        (only,) = sup.list_jobs(ALICE)[0]
+        assert only.state is JobState.FAILED and "cancelled" in only.error_text
+        assert _on_disk(tmp_path, only.id) == (JobState.FAILED.value, 0)
+
+    run(body)
+
+
+def test_a_history_that_cannot_commit_refuses_the_start_and_kills_the_job(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No job runs that the history does not hold: Unavailable, and the started job is killed."""
+    ops = FakeOps()
+    sup = make(tmp_path, ops)
+
+    def broken() -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    async def body() -> None:
+        monkeypatch.setattr(sup.history.store, "commit", broken)
+        with pytest.raises(Unavailable, match="cannot be written"):
+            await sup.start(req())
+        assert ops.procs[0].signals == [signal.SIGKILL]
 
     run(body)
 

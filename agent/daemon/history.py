@@ -316,6 +316,13 @@ def _record(row: Sequence[object]) -> JobRecord:
     return rec
 
 
+def _not_started(e: sqlite3.Error) -> Unavailable:
+    return Unavailable(
+        f"the job history cannot be written ({e}); the job was not started",
+        rule="history-write-failed",
+    )
+
+
 class History:
     """The job history as the supervisor uses it: group commit and retries.
 
@@ -337,14 +344,33 @@ class History:
 
     async def record_new(self, rec: JobRecord) -> None:
         """Insert a job and wait for the (shared) commit: durable before we answer."""
+        await self.committed(self.insert_new(rec))
+
+    def insert_new(self, rec: JobRecord) -> asyncio.Future[None]:
+        """Insert a job now; returns its (shared) commit, for :meth:`committed`.
+
+        Raises Unavailable when the insert itself fails.
+        """
         try:
             self.store.insert(rec)
-            await self._commit_soon()
         except sqlite3.Error as e:
-            raise Unavailable(
-                f"the job history cannot be written ({e}); the job was not started",
-                rule="history-write-failed",
-            ) from None
+            raise _not_started(e) from None
+        return self._commit_soon()
+
+    async def committed(self, commit: asyncio.Future[None]) -> None:
+        """Wait for a commit from :meth:`insert_new`; Unavailable if it failed."""
+        try:
+            await asyncio.shield(commit)
+        except sqlite3.Error as e:
+            raise _not_started(e) from None
+
+    async def record_change(self, rec: JobRecord) -> None:
+        """Write a job's new state and wait for its commit (Unavailable if it fails)."""
+        try:
+            self.store.update(rec)
+        except sqlite3.Error as e:
+            raise _not_started(e) from None
+        await self.committed(self._commit_soon())
 
     def save(self, rec: JobRecord) -> None:
         """Write a job's new state; on failure keep it for :meth:`retry_unsaved`."""

@@ -296,6 +296,18 @@ class Supervisor:
             note="" if s.cgroups is not None else NO_CGROUP_NOTE,
         )
         job = Job(record, life, OutputFile(out_path, limits.get("output_bytes", 0)), self.loop)
+        # Recorded before it is started: the insert is made now and its commit
+        # runs while the spawner sets the job up, not after (one spawner round
+        # trip less before StartJob is answered, issue 17). Until then the
+        # row's pid is 0; an agent that dies meanwhile leaves a RUNNING record
+        # that the next start recovers like any other (LOST, and whatever of
+        # the job exists killed through its cgroup or its instance marker).
+        try:
+            committed = self.history.insert_new(record)
+        except Unavailable:
+            os.close(rfd)
+            os.close(wfd)
+            raise
         try:
             pid = await self.ops.spawn(spec, lambda ex: self._exited(job, ex))
         except OSError as e:
@@ -303,10 +315,21 @@ class Supervisor:
             record.state = JobState.FAILED
             record.end_time = record.start_time
             record.error_text = f"start failed: {describe_oserror(e)}"
-            await self.history.record_new(record)
+            await self.history.committed(committed)
+            await self.history.record_change(record)
             log.info("job %s could not start: %s", job_id, record.error_text)
             self._on_finish(record)
             return record
+        except asyncio.CancelledError:
+            # The caller went away mid-start: the spawner kills a job whose
+            # start nobody awaits, so its row must not stay RUNNING.
+            os.close(rfd)
+            record.state = JobState.FAILED
+            record.end_time = record.start_time
+            record.error_text = "start failed: the start was cancelled"
+            self.history.save(record)
+            self._on_finish(record)
+            raise
         finally:
             os.close(wfd)
         record.pid = pid
@@ -322,7 +345,7 @@ class Supervisor:
         # child's exec to finish.
         job.timers.append(self.loop.call_later(0.02, self._read_leader_start, job))
         try:
-            await self.history.record_new(record)
+            await self.history.committed(committed)
         except Unavailable:
             # Never leave a job running that the history does not know.
             self._handle(job, lc.NotRecorded())
