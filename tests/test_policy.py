@@ -1222,3 +1222,38 @@ def test_root_entry_with_explicit_allow_has_no_capabilities_by_default(env: Env)
     body = "  - name: r\n    command: /bin/true\n    user: root\n    allow_root: true\n"
     c = parse(_entry(env, body), "p.yaml").entries[1].confinement
     assert c.uid == 0 and c.allow_root and c.capabilities == () and c.no_new_privs
+
+
+def _canonical_uuid(value: str) -> bool:
+    """The definition job_id's regex stands for: uuid.UUID gives the string back unchanged."""
+    import uuid
+
+    try:
+        return str(uuid.UUID(value)) == value
+    except (ValueError, TypeError):
+        return False
+
+
+_HEX = "0123456789abcdefABCDEF"
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.one_of(
+        st.uuids().map(str),
+        st.uuids().map(lambda u: str(u).upper()),
+        st.uuids().map(lambda u: u.hex),
+        st.uuids().map(lambda u: "{" + str(u) + "}"),
+        st.uuids().map(lambda u: "urn:uuid:" + str(u)),
+        st.uuids().map(lambda u: str(u) + "\n"),
+        st.text(alphabet=_HEX + "-{}:\n x", min_size=30, max_size=40),
+        st.text(max_size=40),
+    )
+)
+def test_job_id_accepts_exactly_the_canonical_uuids(value: str) -> None:
+    """validation.job_id (a regex) accepts what uuid.UUID round-trips, and nothing else."""
+    try:
+        ok = validation.job_id(value) == value
+    except InvalidArgument:
+        ok = False
+    assert ok == _canonical_uuid(value)
