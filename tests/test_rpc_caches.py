@@ -9,6 +9,7 @@ uncached code would not.
 from __future__ import annotations
 
 import asyncio
+import resource
 import time
 import uuid
 from pathlib import Path
@@ -281,6 +282,30 @@ def test_kernel_limits_still_checked_when_a_limit_is_set() -> None:
     with pytest.raises(InvalidArgument) as e:
         admission.admit(req, rules, pol, busy=0, accepting=True)
     assert e.value.rule == "limit-above-kernel"
+
+
+def test_only_the_limits_asked_for_are_read_and_each_is_checked() -> None:
+    """The hard limits are read for the limits set only, and every one of them is still
+    held against its own: one above the agent's hard open-files limit is refused by name,
+    beside the agent's own output cap, which has no rlimit."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard == resource.RLIM_INFINITY:
+        pytest.skip("no hard open-files limit to go above")
+    assert set(admission.kernel_hard_limits(["open_files", "output_bytes"])) == {"open_files"}
+    assert admission.kernel_hard_limits(["open_files"])["open_files"] == hard
+    rules = admission.Rules(
+        max_running=10, default_timeout=0, max_timeout=0, default_limits={}, max_limits={}
+    )
+    req = admission.StartRequest(
+        identity="alice",
+        command="/bin/true",
+        path="",
+        limits={"open_files": hard + 1, "output_bytes": 1 << 30},
+    )
+    with pytest.raises(InvalidArgument) as e:
+        admission.admit(req, rules, policy_mod.Policy(entries=()), busy=0, accepting=True)
+    assert e.value.rule == "limit-above-kernel"
+    assert f"open_files = {hard + 1} is above the agent's own hard limit" in e.value.message
 
 
 # ------------------------------------------------------------ QueryJob answers

@@ -9,7 +9,7 @@ comes out is an :class:`Admitted` plan the supervisor carries out unchanged.
 from __future__ import annotations
 
 import resource
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from agent.daemon import policy as policy_mod
@@ -84,15 +84,18 @@ MAX_STORED_INT = (1 << 63) - 1
 MAX_TIMEOUT_SECONDS = (1 << 32) - 1  # the wire field is a uint32
 
 
-def kernel_hard_limits() -> dict[str, int]:
-    """The agent's own hard rlimits by limit name (RLIM_MAX for none).
+def kernel_hard_limits(names: Iterable[str] | None = None) -> dict[str, int]:
+    """The agent's own hard rlimits by limit name (RLIM_MAX for none): all, or ``names``'.
 
     A job inherits them: an unprivileged process (the job user, or the
     agent when it is not root) cannot raise a hard limit, so a request
     above one would fail with EPERM after the job was accepted.
     """
     out: dict[str, int] = {}
-    for name, kernel in RLIMITS.items():
+    for name in RLIMITS if names is None else names:
+        kernel = RLIMITS.get(name)
+        if kernel is None:
+            continue
         hard = resource.getrlimit(getattr(resource, kernel))[1]
         out[name] = RLIM_MAX if hard == resource.RLIM_INFINITY or hard < 0 else hard
     return out
@@ -175,10 +178,11 @@ def admit(
     limits = resolve_limits(req.limits, rules.default_limits, rules.max_limits)
     # Against the kernel at request time (not only the configured maxima):
     # a limit it cannot give must be refused before anything starts.
-    # (Read only when a limit is set: check_kernel_limits looks at nothing
-    # else, and the usual job has none, so the getrlimit calls are skipped.)
-    if any(limits.values()):
-        check_kernel_limits(limits, kernel_hard_limits())
+    # (Only the limits set are read: check_kernel_limits looks at nothing
+    # else, and the usual job has none or one.)
+    asked = [name for name, value in limits.items() if value]
+    if asked:
+        check_kernel_limits(limits, kernel_hard_limits(asked))
     timeout = resolve_timeout(req.timeout_seconds, rules.default_timeout, rules.max_timeout)
     decision = policy_mod.decide(
         policy,
