@@ -312,9 +312,7 @@ class Supervisor:
             pid = await self.ops.spawn(spec, lambda ex: self._exited(job, ex))
         except OSError as e:
             os.close(rfd)
-            record.state = JobState.FAILED
-            record.end_time = record.start_time
-            record.error_text = f"start failed: {describe_oserror(e)}"
+            _not_started(record, describe_oserror(e))
             await self.history.committed(committed)
             await self.history.record_change(record)
             log.info("job %s could not start: %s", job_id, record.error_text)
@@ -324,9 +322,7 @@ class Supervisor:
             # The caller went away mid-start: the spawner kills a job whose
             # start nobody awaits, so its row must not stay RUNNING.
             os.close(rfd)
-            record.state = JobState.FAILED
-            record.end_time = record.start_time
-            record.error_text = "start failed: the start was cancelled"
+            _not_started(record, "the start was cancelled")
             self.history.save(record)
             self._on_finish(record)
             raise
@@ -578,6 +574,13 @@ class Supervisor:
 
 
 T = TypeVar("T")
+
+
+def _not_started(record: JobRecord, why: str) -> None:
+    """Mark a job that never ran: FAILED at its start time, "start failed: <why>"."""
+    record.state = JobState.FAILED
+    record.end_time = record.start_time
+    record.error_text = f"start failed: {why}"
 
 
 def _check(rule: Callable[[], T]) -> T:
