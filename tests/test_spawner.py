@@ -104,8 +104,10 @@ def test_session_group_environment_stdin_and_descriptors() -> None:
                 [
                     "/bin/sh",
                     "-c",
-                    'cut -d" " -f5,6 /proc/$$/stat; ls /proc/$$/fd | sort -n | '
-                    'tr "\\n" " "; echo; readlink /proc/$$/fd/0; env',
+                    # No pipeline or $(...) around the ls: the shell would hold
+                    # that pipe's other end while ls looks at its descriptors.
+                    'cut -d" " -f5,6 /proc/$$/stat; echo fds; ls /proc/$$/fd; echo end; '
+                    "readlink /proc/$$/fd/0; env",
                 ],
                 env={"ONLY": "this", "PATH": "/usr/bin:/bin"},
             ),
@@ -113,9 +115,11 @@ def test_session_group_environment_stdin_and_descriptors() -> None:
         assert ex.exit_code == 0, out
         lines = out.decode().splitlines()
         assert lines[0] == f"{pid} {pid}"  # pgid, sid
-        assert lines[1].split() == ["0", "1", "2"]
-        assert lines[2] == "/dev/null"
-        assert set(line.split("=", 1)[0] for line in lines[3:]) <= {"ONLY", "PATH", "PWD"}
+        fds = lines[lines.index("fds") + 1 : lines.index("end")]
+        assert sorted(fds, key=int) == ["0", "1", "2"]
+        rest = lines[lines.index("end") + 1 :]
+        assert rest[0] == "/dev/null"
+        assert set(line.split("=", 1)[0] for line in rest[1:]) <= {"ONLY", "PATH", "PWD"}
 
     run_ops(go)
 
