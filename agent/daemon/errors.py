@@ -18,6 +18,7 @@ __all__ = [
     "NotFound",
     "PermissionDenied",
     "ResourceExhausted",
+    "SpawnFailure",
     "Unauthenticated",
     "Unavailable",
 ]
@@ -75,3 +76,18 @@ class Unavailable(AgentError):
     """The agent is shutting down or otherwise not accepting work."""
 
     kind = Kind.UNAVAILABLE
+
+
+class SpawnFailure(OSError):
+    """The job could not be started; ``str()`` is the whole reason, naming the step.
+
+    An OSError (the process operations' contract), not an AgentError: a start
+    that fails this way is a FAILED job, not a refused request.
+    """
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(code, reason)
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return self.reason

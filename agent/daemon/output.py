@@ -17,8 +17,7 @@ import os
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from agent.daemon.errors import FailedPrecondition
-from agent.daemon.spawn import SpawnFailure
+from agent.daemon.errors import FailedPrecondition, SpawnFailure
 
 STREAM_CHUNK = 256 * 1024
 

@@ -56,6 +56,7 @@ from typing import Any, Protocol
 
 from agent.daemon import spawnproto as proto
 from agent.daemon.cgroups import CgroupError, Subtree
+from agent.daemon.errors import SpawnFailure
 from agent.daemon.landlock import LandlockSpec
 from agent.daemon.lifecycle import Exit
 from agent.daemon.trust import SCRIPT_FD_PATH
@@ -101,17 +102,6 @@ class SpawnSpec:
     scratch: str | None = None  # created 0700 for the job's user, removed after it
     capabilities: Sequence[int] = ()  # what a job of a root spawner keeps (default none)
     no_new_privs: bool = True
-
-
-class SpawnFailure(OSError):
-    """The job could not be started; ``str()`` is the whole reason, naming the step."""
-
-    def __init__(self, code: int, reason: str) -> None:
-        super().__init__(code, reason)
-        self.reason = reason
-
-    def __str__(self) -> str:
-        return self.reason
 
 
 class ProcessOps(Protocol):
