@@ -375,6 +375,28 @@ def test_a_cancelled_start_leaves_no_running_record(tmp_path: Path) -> None:
     run(body)
 
 
+class BrokenOps(FakeOps):
+    """A spawner whose spawn fails with something that is not an OSError (a bug)."""
+
+    async def spawn(self, spec: SpawnSpec, on_exit: Callable[[lc.Exit], None]) -> int:
+        raise RuntimeError("a bug in the spawner's channel")
+
+
+def test_a_start_that_fails_unexpectedly_leaves_no_running_record(tmp_path: Path) -> None:
+    """An error other than OSError mid-start is raised, and the row ends FAILED."""
+    sup = make(tmp_path, BrokenOps())
+
+    async def body() -> None:
+        with pytest.raises(RuntimeError):
+            await sup.start(req())
+        await settle()
+        assert sup.history.store.running() == []
+        (only,) = sup.list_jobs(ALICE)[0]
+        assert only.state is JobState.FAILED and only.error_text == "start failed: internal error"
+
+    run(body)
+
+
 def test_a_history_that_cannot_commit_refuses_the_start_and_kills_the_job(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -318,11 +318,13 @@ class Supervisor:
             log.info("job %s could not start: %s", job_id, record.error_text)
             self._on_finish(record)
             return record
-        except asyncio.CancelledError:
-            # The caller went away mid-start: the spawner kills a job whose
-            # start nobody awaits, so its row must not stay RUNNING.
+        except BaseException as e:
+            # The caller went away mid-start (the spawner kills a job whose
+            # start nobody awaits), or a bug: the row inserted above must not
+            # stay RUNNING.
             os.close(rfd)
-            _not_started(record, "the start was cancelled")
+            cancelled = isinstance(e, asyncio.CancelledError)
+            _not_started(record, "the start was cancelled" if cancelled else "internal error")
             self.history.save(record)
             self._on_finish(record)
             raise
