@@ -22,7 +22,13 @@ from agent.access import AccessRules
 from agent.daemon import lifecycle as lc
 from agent.daemon import policy, supervisor
 from agent.daemon.admission import Rules, StartRequest
-from agent.daemon.errors import InvalidArgument, PermissionDenied, ResourceExhausted, Unavailable
+from agent.daemon.errors import (
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    Unavailable,
+)
 from agent.daemon.history import History, Store
 from agent.daemon.spawn import SpawnSpec
 from agent.daemon.supervisor import JobUser, Settings, Supervisor
@@ -228,6 +234,8 @@ def test_a_query_waits_only_briefly_and_only_right_after_the_end(
         # And the usual rules: unknown ids and other owners' jobs are refused.
         with pytest.raises(PermissionDenied):
             await sup.query(rec.id, BOB)
+        with pytest.raises(NotFound):
+            await sup.query("00000000-0000-4000-8000-000000000000", ALICE)
 
     run(body)
 
