@@ -9,9 +9,11 @@ SQLite file, the policy a real parsed policy (its file checks run on
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sqlite3
+import subprocess
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -353,6 +355,52 @@ def test_a_job_is_in_the_history_before_it_starts(tmp_path: Path) -> None:
         assert _on_disk(tmp_path, rec.id) == (JobState.SUCCEEDED.value, 1000)
 
     run(body)
+
+
+def test_a_crash_between_the_insert_and_the_pid_is_recovered_as_lost(tmp_path: Path) -> None:
+    """A RUNNING row with pid 0 (the agent died during the spawner's round trip): the next
+    start marks it LOST and kills the job's process by its AGENT_JOB_ID marker."""
+    from agent.daemon import procfs, retention
+
+    async def body() -> str:
+        sup = make(tmp_path, StuckOps())
+        start = asyncio.ensure_future(sup.start(req()))
+        await settle()
+        (row,) = sup.history.store.running()
+        assert row.pid == 0
+        # The crash: the agent is gone with the row on disk as it is now. (The
+        # cancellation that ends this test's start marks the row FAILED; the
+        # file is put back as the crash would have left it.)
+        start.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await start
+        sup.history.store._db.execute(
+            "UPDATE jobs SET state=?, end_time=NULL WHERE id=?", (JobState.RUNNING.value, row.id)
+        )
+        sup.history.store.close()
+        return row.id
+
+    job_id = asyncio.run(body())
+    # What the spawner may already have started for it: a process with the job's marker.
+    orphan = subprocess.Popen(
+        ["/bin/sleep", "30"], env={procfs.JOB_ID_ENV: job_id, "PATH": "/usr/bin:/bin"}
+    )
+    try:
+        history = History(Store(tmp_path / "jobs.sqlite3"))
+        lost = retention.recover(
+            history,
+            instance="another-instance",
+            boot_id=supervisor.BOOT_ID,
+            instance_env=supervisor.INSTANCE_ENV,
+        )
+        assert [r.id for r in lost] == [job_id]
+        assert orphan.wait(timeout=5) == -signal.SIGKILL
+        assert _on_disk(tmp_path, job_id) == (JobState.LOST.value, 0)
+        history.close()
+    finally:
+        if orphan.poll() is None:
+            orphan.kill()
+            orphan.wait()
 
 
 class StuckOps(FakeOps):
