@@ -584,3 +584,30 @@ def spawn_spec(argv: list[str], **kw: Any) -> Any:
     }
     base.update(kw)
     return SpawnSpec(argv=argv, **base)
+
+
+def read_to_end(fd: int) -> bytes:
+    """Everything readable from ``fd`` until end of file (the caller closes it)."""
+    chunks = []
+    while chunk := os.read(fd, 65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def spawn_and_read(ops: Any, spec: Any, timeout: float) -> tuple[int, Any, bytes]:
+    """Spawn ``spec`` through ``ops`` with an output pipe; (pid, Exit, its whole output)."""
+    import asyncio
+    import dataclasses
+
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[Any] = loop.create_future()
+    r, w = os.pipe2(os.O_CLOEXEC)
+    try:
+        try:
+            pid = await ops.spawn(dataclasses.replace(spec, stdout_fd=w), done.set_result)
+        finally:
+            os.close(w)
+        ex = await asyncio.wait_for(done, timeout)
+        return pid, ex, read_to_end(r)
+    finally:
+        os.close(r)

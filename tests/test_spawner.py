@@ -29,6 +29,7 @@ from helpers import (
     is_spawner,
     job_processes,
     make_safe_dir,
+    spawn_and_read,
     spawn_spec,
     wait_for,
 )
@@ -49,19 +50,8 @@ def _spec(argv: list[str], **kw: Any) -> SpawnSpec:
 
 async def _run(ops: SpawnerOps, spec: SpawnSpec, timeout: float = 10) -> tuple[int, Exit, bytes]:
     """Spawn with an output pipe; return (pid, exit, output)."""
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[Exit] = loop.create_future()
-    r, w = os.pipe2(os.O_CLOEXEC)
-    try:
-        pid = await ops.spawn(SpawnSpec(**{**spec.__dict__, "stdout_fd": w}), done.set_result)
-    finally:
-        os.close(w)
-    ex = await asyncio.wait_for(done, timeout)
-    chunks = []
-    while chunk := os.read(r, 65536):
-        chunks.append(chunk)
-    os.close(r)
-    return pid, ex, b"".join(chunks)
+    pid, ex, out = await spawn_and_read(ops, spec, timeout)
+    return pid, ex, out
 
 
 def run_ops(coro_fn: Any) -> Any:

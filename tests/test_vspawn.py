@@ -19,7 +19,7 @@ from agent.daemon import landlock, spawner, spawnproto, vspawn
 from agent.daemon.lifecycle import Exit
 from agent.daemon.spawn import SpawnerOps, SpawnFailure, SpawnSpec
 
-from helpers import IS_ROOT, spawn_spec, vspawn_expected
+from helpers import IS_ROOT, read_to_end, spawn_and_read, spawn_spec, vspawn_expected
 
 try:
     from agent.daemon import _vspawn  # type: ignore[attr-defined]
@@ -60,9 +60,7 @@ def _fork_report(plan: dict[str, Any], fds: dict[str, int]) -> str:
     if pid == 0:  # pragma: no cover - the child
         spawner._child(plan, dict(fds), w, [], None, IS_ROOT, caps_mod.last_cap())
     os.close(w)
-    report = b""
-    while chunk := os.read(r, 512):
-        report += chunk
+    report = read_to_end(r)
     os.close(r)
     os.waitpid(pid, 0)
     if not report:
@@ -186,9 +184,7 @@ def test_parent_signal_state_is_restored_and_the_job_starts_clean() -> None:
         os.close(w)
         w = -1
         assert error == ""
-        out = b""
-        while chunk := os.read(r, 4096):
-            out += chunk
+        out = read_to_end(r)
         os.waitpid(pid, 0)
         assert signal.pthread_sigmask(signal.SIG_BLOCK, ()) == old_mask | {signal.SIGUSR1}
         assert signal.getsignal(signal.SIGUSR2) == signal.SIG_IGN
@@ -208,18 +204,7 @@ def test_parent_signal_state_is_restored_and_the_job_starts_clean() -> None:
 
 
 async def _run(ops: SpawnerOps, spec: SpawnSpec) -> tuple[Exit, str]:
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[Exit] = loop.create_future()
-    r, w = os.pipe2(os.O_CLOEXEC)
-    try:
-        await ops.spawn(SpawnSpec(**{**spec.__dict__, "stdout_fd": w}), done.set_result)
-    finally:
-        os.close(w)
-    ex = await asyncio.wait_for(done, 20)
-    out = b""
-    while chunk := os.read(r, 65536):
-        out += chunk
-    os.close(r)
+    _, ex, out = await spawn_and_read(ops, spec, 20)
     return ex, out.decode()
 
 
@@ -443,9 +428,7 @@ def test_rlimits_are_set_in_the_c_child_as_asked() -> None:
         )
     finally:
         os.close(w)
-    out = b""
-    while chunk := os.read(r, 4096):
-        out += chunk
+    out = read_to_end(r)
     os.close(r)
     os.waitpid(pid, 0)
     assert (error, out.split()) == ("", [b"7", b"9", b"99", b"99"])
