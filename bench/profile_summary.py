@@ -72,7 +72,7 @@ KEY_FUNCTIONS = [
     "Store.insert",
     "Store.update",
     "Store.get",
-    "History.record_new",
+    "History.insert_new",
     "AuditLog.record",
     "read_stat",
     "uuid4",

@@ -316,7 +316,7 @@ def _record(row: Sequence[object]) -> JobRecord:
     return rec
 
 
-def _not_started(e: sqlite3.Error) -> Unavailable:
+def _unwritable(e: sqlite3.Error) -> Unavailable:
     return Unavailable(
         f"the job history cannot be written ({e}); the job was not started",
         rule="history-write-failed",
@@ -342,19 +342,16 @@ class History:
         """Commit in groups on ``loop`` from now on (before: every write commits)."""
         self._loop = loop
 
-    async def record_new(self, rec: JobRecord) -> None:
-        """Insert a job and wait for the (shared) commit: durable before we answer."""
-        await self.committed(self.insert_new(rec))
-
     def insert_new(self, rec: JobRecord) -> asyncio.Future[None]:
-        """Insert a job now; returns its (shared) commit, for :meth:`committed`.
+        """Insert a job now; returns its (shared) commit, to await with :meth:`committed`
+        before the start is answered (durable before we answer).
 
         Raises Unavailable when the insert itself fails.
         """
         try:
             self.store.insert(rec)
         except sqlite3.Error as e:
-            raise _not_started(e) from None
+            raise _unwritable(e) from None
         return self._commit_soon()
 
     async def committed(self, commit: asyncio.Future[None]) -> None:
@@ -362,14 +359,14 @@ class History:
         try:
             await asyncio.shield(commit)
         except sqlite3.Error as e:
-            raise _not_started(e) from None
+            raise _unwritable(e) from None
 
     async def record_change(self, rec: JobRecord) -> None:
         """Write a job's new state and wait for its commit (Unavailable if it fails)."""
         try:
             self.store.update(rec)
         except sqlite3.Error as e:
-            raise _not_started(e) from None
+            raise _unwritable(e) from None
         await self.committed(self._commit_soon())
 
     def save(self, rec: JobRecord) -> None:

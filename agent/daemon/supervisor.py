@@ -312,7 +312,7 @@ class Supervisor:
             pid = await self.ops.spawn(spec, lambda ex: self._exited(job, ex))
         except OSError as e:
             os.close(rfd)
-            _not_started(record, describe_oserror(e))
+            _mark_not_started(record, describe_oserror(e))
             await self.history.committed(committed)
             await self.history.record_change(record)
             log.info("job %s could not start: %s", job_id, record.error_text)
@@ -324,7 +324,7 @@ class Supervisor:
             # stay RUNNING.
             os.close(rfd)
             cancelled = isinstance(e, asyncio.CancelledError)
-            _not_started(record, "the start was cancelled" if cancelled else "internal error")
+            _mark_not_started(record, "the start was cancelled" if cancelled else "internal error")
             self.history.save(record)
             self._on_finish(record)
             raise
@@ -493,18 +493,11 @@ class Supervisor:
 
     async def query(self, job_id: str, caller: Caller) -> JobRecord:
         """A job's record, once done if it is ending right now (see ENDING_WAIT)."""
-        rec = self.get(job_id, caller)
         job = self.running.get(job_id)
-        if (
-            job is None
-            or job.ending is None
-            or rec.state.done
-            or self.loop.time() - job.ending > ENDING_WINDOW
-        ):
-            return rec
-        with contextlib.suppress(asyncio.TimeoutError):
-            return await asyncio.wait_for(asyncio.shield(job.done), ENDING_WAIT)
-        return job.record
+        ending = job.ending if job is not None else None
+        if ending is not None and self.loop.time() - ending <= ENDING_WINDOW:
+            return await self.wait(job_id, caller, ENDING_WAIT)
+        return self.get(job_id, caller)
 
     async def wait(self, job_id: str, caller: Caller, timeout: float | None) -> JobRecord:
         """The record once the job is done, or as it is when ``timeout`` passes."""
@@ -578,7 +571,7 @@ class Supervisor:
 T = TypeVar("T")
 
 
-def _not_started(record: JobRecord, why: str) -> None:
+def _mark_not_started(record: JobRecord, why: str) -> None:
     """Mark a job that never ran: FAILED at its start time, "start failed: <why>"."""
     record.state = JobState.FAILED
     record.end_time = record.start_time
