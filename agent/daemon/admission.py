@@ -84,15 +84,15 @@ MAX_STORED_INT = (1 << 63) - 1
 MAX_TIMEOUT_SECONDS = (1 << 32) - 1  # the wire field is a uint32
 
 
-def kernel_hard_limits(names: Iterable[str] | None = None) -> dict[str, int]:
-    """The agent's own hard rlimits by limit name (RLIM_MAX for none): all, or ``names``'.
+def kernel_hard_limits(names: Iterable[str]) -> dict[str, int]:
+    """The agent's own hard rlimits (RLIM_MAX for none) of those ``names`` that are rlimits.
 
     A job inherits them: an unprivileged process (the job user, or the
     agent when it is not root) cannot raise a hard limit, so a request
     above one would fail with EPERM after the job was accepted.
     """
     out: dict[str, int] = {}
-    for name in RLIMITS if names is None else names:
+    for name in names:
         kernel = RLIMITS.get(name)
         if kernel is None:
             continue
