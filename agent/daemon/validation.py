@@ -51,7 +51,6 @@ MAX_ENV_NAME_BYTES = 256
 MAX_STATES = 16
 MAX_OWNER_BYTES = 1024
 MAX_PAGE_TOKEN_CHARS = 64
-JOB_ID_CHARS = 36
 # \Z, not $: '$' also matches before a trailing newline ("FOO\n").
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
 
@@ -194,7 +193,7 @@ _JOB_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{
 
 def job_id(value: str) -> str:
     """A job id in the form this agent issues (canonical UUID), or InvalidArgument."""
-    if isinstance(value, str) and len(value) == JOB_ID_CHARS and _JOB_ID.fullmatch(value):
+    if isinstance(value, str) and _JOB_ID.fullmatch(value):
         return value
     raise InvalidArgument(
         "jobID is not a valid job id (a UUID as returned by StartJob)", rule="bad-job-id"
