@@ -693,14 +693,26 @@ class Spawner:
                 os.close(fd)
             fds.clear()
         if error:
-            if pid:
-                os.waitpid(pid, 0)  # it has exited 127
-            if cg is not None:
-                self.remove_cgroup(cg)
-            self.remove_scratch(scratch)
-            self.send({"op": "spawned", "id": rid, "error": error, "errno": code})
+            self.start_failed(pid, rid, cg, scratch, error, code)
             return
         self.started(pid, rid, cg, scratch)
+
+    def start_failed(
+        self,
+        pid: int,
+        rid: Any,
+        cg: cgroups.JobCgroup | None,
+        scratch: str | None,
+        error: str,
+        code: int,
+    ) -> None:
+        """A child that could not exec (or none at all, pid 0): reap it, undo its box, say why."""
+        if pid:
+            os.waitpid(pid, 0)  # it has exited 127
+        if cg is not None:
+            self.remove_cgroup(cg)
+        self.remove_scratch(scratch)
+        self.send({"op": "spawned", "id": rid, "error": error, "errno": code})
 
     def started(
         self, pid: int, rid: Any, cg: cgroups.JobCgroup | None, scratch: str | None
@@ -741,18 +753,12 @@ class Spawner:
         self.sel.unregister(st.fd)
         os.close(st.fd)
         if st.report:
-            os.waitpid(st.pid, 0)
-            if st.cg is not None:
-                self.remove_cgroup(st.cg)
-            self.remove_scratch(st.scratch)
             step, _, number = st.report.decode("utf-8", "replace").partition("\0")
             try:
                 num = int(number)
             except ValueError:
                 num = errno.EIO
-            self.send(
-                {"op": "spawned", "id": st.rid, "error": proto.error_text(step, num), "errno": num}
-            )
+            self.start_failed(st.pid, st.rid, st.cg, st.scratch, proto.error_text(step, num), num)
             return
         self.started(st.pid, st.rid, st.cg, st.scratch)
 
