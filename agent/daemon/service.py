@@ -259,7 +259,6 @@ class WorkerService:
         self, rpc: str, request: Any, context: grpc.aio.ServicerContext
     ) -> tuple[JobRecord, Caller]:
         malformed = isinstance(request, Malformed)
-        # Bounded: a refused request must not turn into a megabyte audit line.
         # Bounded: a refused request must not turn into a megabyte audit line,
         # nor cost more than a few dozen items to describe (islice, never a
         # sort or copy of the whole map).
