@@ -46,6 +46,17 @@ PROBES = {
     "whoami.sh": ('id -u; pwd; echo "HOME=$HOME"; grep -E "^Cap(Eff|Bnd|Amb)" /proc/self/status\n'),
     "touchhome.sh": 'echo x > "$HOME/f" && echo SCRATCH-OK\n',
     "holdhome.sh": 'echo "$HOME"; sleep 5\n',
+    "ls.sh": 'ls -a "$1" && echo LISTED\n',
+    "note.sh": (
+        'echo "note of $$" > "$HOME/note"; chmod 644 "$HOME/note"; echo "$HOME/note"; sleep 10\n'
+    ),
+    "ownnote.sh": 'echo mine > "$HOME/own" && cat "$HOME/own" && echo OWN-OK\n',
+    "mess.sh": (
+        'echo "$HOME"; cd "$HOME" || exit 1\n'
+        "mkdir -p a/b/c d && echo x > a/b/c/f && echo y > a/f && echo z > d/f || exit 1\n"
+        'ln -s "$1" a/b/to-file && ln -s "$2" d/to-dir || exit 1\n'
+        "chmod 000 a/b/c/f a/b/c a/b a/f a d/f d . && echo MESSED\n"
+    ),
 }
 
 
@@ -372,6 +383,30 @@ def test_best_effort_degrades_and_says_what(tmp_path: Path, certs: Certs, probe_
     assert "no filesystem confinement at all" in warnings[0]
 
 
+def test_grant_inside_the_scratch_root_is_refused(tmp_path: Path, certs: Certs) -> None:
+    """A grant inside [confinement] scratch_dir is refused at load, one line; a grant of
+    its parent loads (the spawner keeps the root itself out of its rules)."""
+    parent = make_safe_dir()  # not in the config directory (tmp_path), which is denied
+    root = parent / "scratch"
+    for grant, refused in ((root / "some-job", True), (root, True), (parent, False)):
+        text = f"""\
+            version: 1
+            entries:
+              - name: nosy
+                command: /bin/true
+                landlock: {{read: ["{grant}"]}}
+            """
+        cfg = _loaded(tmp_path, certs, textwrap.dedent(text), scratch_dir=str(root))
+        if not refused:
+            startup.load_policy(cfg)
+            continue
+        with pytest.raises(policy.PolicyError) as e:
+            startup.load_policy(cfg)
+        assert "\n" not in str(e.value) and "entry 'nosy': landlock: read:" in str(e.value)
+        assert "inside [confinement] scratch_dir" in str(e.value)
+    parent.rmdir()
+
+
 def test_deny_list_names_the_agents_files(tmp_path: Path, certs: Certs, probe_dir: Path) -> None:
     """Keys, config directory, state, output, audit log and pid file are on the deny list."""
     cfg = _loaded(tmp_path, certs, entries(probe_dir))
@@ -434,7 +469,7 @@ def test_scripts_inside_the_config_directory_run_and_nothing_else_there_is_reada
 
 def test_job_cannot_write_another_jobs_scratch(box: AgentProcess, probe_dir: Path) -> None:
     """Two jobs of the same user: one cannot write into the other's scratch directory
-    (the user's own 0700 directory: only the per-job Landlock layer stops it)."""
+    (the user's own 0700 directory: only the per-job Landlock rules stop it)."""
     c = box.client()
     holder = c.start("bash", str(probe_dir / "holdhome.sh"))
     home = b""
@@ -447,3 +482,83 @@ def test_job_cannot_write_another_jobs_scratch(box: AgentProcess, probe_dir: Pat
     assert "WROTE" not in out and "Permission denied" in out, out
     assert not target.exists()
     c.stop(holder)
+
+
+def _first_line(c: AgentClient, job: str) -> str:
+    out = b""
+    for chunk in c.stream(job, follow=True, timeout=10):
+        out += chunk
+        if out.endswith(b"\n"):
+            break
+    return out.decode().strip()
+
+
+def test_job_reaches_only_its_own_scratch_directory(
+    make_agent: AgentFactory, probe_dir: Path
+) -> None:
+    """Even granted read on the scratch root's parent, a job cannot list the scratch
+    root (a root job: the root's owner, so only Landlock stops it) nor read a 0644 file
+    in another running job's directory (both jobs nobody: only Landlock stops it); it
+    reads and writes its own, and the rest of the parent stays readable."""
+    base = make_safe_dir()
+    (base / "public.txt").write_text("public\n")
+    root = base / "scratch"
+    peek = f"""\
+        command: /bin/bash
+        scripts: ["{probe_dir}/*.sh"]
+        landlock: {{read: ["{base}"]}}
+    """
+    a = make_agent(
+        entries(
+            probe_dir,
+            "- name: peek\n  aliases: [peek]\n"
+            + textwrap.indent(textwrap.dedent(peek), "  ")
+            + "- name: rootpeek\n  aliases: [rootpeek]\n  user: root\n  allow_root: true\n"
+            + textwrap.indent(textwrap.dedent(peek), "  "),
+        ),
+        confinement={"scratch_dir": str(root)},
+    )
+    c = a.client()
+    try:
+        st, out = run(c, "peek", probe_dir / "cat.sh", str(base / "public.txt"))
+        assert st.exit_code == 0 and out == "public\n"  # the grant itself works
+        st, out = run(c, "peek", probe_dir / "ownnote.sh")
+        assert st.exit_code == 0 and "mine\nOWN-OK" in out, out
+        holder = c.start("peek", str(probe_dir / "note.sh"))
+        note = Path(_first_line(c, holder))
+        assert note.parent.parent == root and note.read_text().startswith("note of")
+        assert note.stat().st_mode & 0o777 == 0o644 and note.stat().st_uid == 65534
+        st, out = run(c, "peek", probe_dir / "cat.sh", str(note))
+        assert st.exit_code != 0 and "note of" not in out and "Permission denied" in out, out
+        st, out = run(c, "peek", probe_dir / "ls.sh", str(note.parent))
+        assert "LISTED" not in out and "note" not in out, out
+        for who in ("peek", "rootpeek"):
+            st, out = run(c, who, probe_dir / "ls.sh", str(root))
+            assert "LISTED" not in out and note.parent.name not in out, (who, out)
+            assert "Permission denied" in out, out
+        c.stop(holder)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_scratch_is_removed_whatever_the_job_did_to_it(box: AgentProcess, probe_dir: Path) -> None:
+    """A job (nobody) that leaves nested files and directories, all mode 000 (its scratch
+    directory too), and symlinks to a file and a directory outside: its scratch
+    directory is gone once it has ended, and what the links named is untouched."""
+    outside = make_safe_dir()
+    try:
+        (outside / "dir").mkdir()
+        (outside / "dir" / "kept").write_text("kept\n")
+        (outside / "file").write_text("file\n")
+        st, out = run(
+            box.client(), "bash", probe_dir / "mess.sh", str(outside / "file"), str(outside / "dir")
+        )
+        assert st.exit_code == 0 and "MESSED" in out, out
+        home = Path(out.splitlines()[0])
+        assert home.parent == Path("/tmp/agent-scratch-0")
+        assert not home.exists() and not home.is_symlink()
+        assert (outside / "file").read_text() == "file\n"
+        assert (outside / "dir" / "kept").read_text() == "kept\n"
+        assert "not removed" not in box.log()
+    finally:
+        shutil.rmtree(outside, ignore_errors=True)

@@ -524,3 +524,86 @@ def test_prepared_descriptors_are_close_on_exec_and_closed_by_close() -> None:
     for fd in fds:
         with pytest.raises(OSError):
             os.fstat(fd)
+
+
+OWN_DIR_PROBE = textwrap.dedent(
+    """
+    import errno, json, os, sys
+    from agent.daemon import landlock as ll
+
+    root, own, other, pub = sys.argv[1:5]
+    spec = ll.LandlockSpec(read_exec=tuple(json.loads(sys.argv[5])),
+                           read=(os.path.dirname(root),), write=("/dev/null",), deny=(root,))
+    prepared = ll.prepare(ll.plan_rules(spec), spec, ll.abi_version())
+    own_fd = os.open(own, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    out = {"program": [item[0] for item in prepared.child_program([own_fd])],
+           "shared": [item[0] for item in prepared.child_program()]}
+    prepared.restrict(extra_write_dirs=[own_fd])
+
+    def attempt(name, fn):
+        try:
+            fn()
+            out[name] = "ok"
+        except OSError as e:
+            out[name] = errno.errorcode[e.errno]
+
+    def read(path):
+        with open(path) as f:
+            f.read()
+
+    def write(path):
+        with open(path, "w") as f:
+            f.write("x")
+
+    attempt("list_root", lambda: os.listdir(root))
+    attempt("list_other", lambda: os.listdir(other))
+    attempt("read_other", lambda: read(other + "/f"))
+    attempt("write_other", lambda: write(other + "/g"))
+    attempt("write_root", lambda: write(root + "/h"))
+    attempt("write_own", lambda: write(own + "/new"))
+    attempt("read_own", lambda: read(own + "/new"))
+    attempt("list_own", lambda: os.listdir(own))
+    attempt("read_beside_root", lambda: read(pub))
+    print(json.dumps(out))
+    """
+)
+
+
+@needs_landlock
+def test_own_directory_by_descriptor_and_nothing_else_below_a_denied_root(
+    tmp_path: Path,
+) -> None:
+    """A scratch root denied inside a granted tree, the job's own directory granted by
+    descriptor: one flat ruleset (no layer), the own directory readable and writable,
+    the root and a sibling's directory neither listable, readable nor writable, whatever
+    their modes; the rest of the granted tree stays readable."""
+    root = tmp_path / "scratch"
+    own, other = root / "own", root / "other"
+    own.mkdir(parents=True)
+    other.mkdir()
+    (other / "f").write_text("other's\n")
+    (tmp_path / "pub").write_text("pub\n")
+    for p in (root, own, other):
+        os.chmod(p, 0o777)
+    os.chmod(other / "f", 0o666)
+    prefixes = sorted({sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix})
+    pkg = str(Path(landlock.__file__).resolve().parents[2])
+    read_exec = ["/usr", "/lib", "/lib64", "/bin", *prefixes, pkg]
+    proc = subprocess.run(
+        [sys.executable, "-c", OWN_DIR_PROBE, str(root), str(own), str(other),
+         str(tmp_path / "pub"), json.dumps(read_exec)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    # Without a directory of its own a job enforces the prepared ruleset as is; with one,
+    # it builds one flat ruleset: every prepared rule and its directory, one restrict.
+    assert out.pop("shared") == ["nnp", "restrict"]
+    program = out.pop("program")
+    assert program[0] == "create" and program[-3:] == ["nnp", "restrict", "close"]
+    assert set(program[1:-3]) == {"add"} and len(program) > 6
+    assert out == {
+        "list_root": "EACCES", "list_other": "EACCES", "read_other": "EACCES",
+        "write_other": "EACCES", "write_root": "EACCES", "write_own": "ok", "read_own": "ok",
+        "list_own": "ok", "read_beside_root": "ok",
+    }  # fmt: skip

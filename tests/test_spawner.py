@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ import pytest
 
 import agent
 from agent.client import FailedPrecondition
+from agent.daemon import landlock
 from agent.daemon.lifecycle import Exit
 from agent.daemon.spawn import SCRIPT_FD_PATH, SPAWNER_DIED, SpawnerOps, SpawnFailure, SpawnSpec
 
@@ -471,3 +473,103 @@ def test_sentinels_fail_with_enoexec_when_unprivileged(sentinel_dir: Path, spawn
     assert len(outcome) == 8
     assert set(outcome.values()) == {"execve: Exec format error (ENOEXEC)"}, outcome
     assert marker.read_text() == ""
+
+
+# A job that leaves its scratch directory as hostile as it can (every mode 000, its
+# scratch directory too, links to a file and a directory outside), through a spawner
+# started directly in a fresh interpreter so the spawner's own privileges can be chosen.
+_SCRATCH_JOB = """
+import asyncio, json, os, sys
+sys.path.insert(0, sys.argv[1])
+from agent.daemon import landlock
+from agent.daemon.spawn import SpawnerOps, SpawnSpec
+
+MESS = (
+    'cd "$HOME" && mkdir -p a/b/c d && echo x > a/b/c/f && echo y > a/f && '
+    'ln -s "$1" a/b/to-file && ln -s "$2" d/to-dir && chmod 000 a/b/c/f a/b/c a/b a/f a d .'
+)
+
+async def main():
+    root, outside, uid = sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+    scratch = os.path.join(root, "job")
+    null = os.open("/dev/null", os.O_WRONLY | os.O_CLOEXEC)
+    spec = SpawnSpec(
+        argv=["/bin/sh", "-c", MESS, "sh", outside + "/file", outside + "/dir"],
+        executable="/bin/sh", env={"PATH": "/usr/bin:/bin", "HOME": scratch}, cwd=scratch,
+        stdout_fd=null, uid=uid, gid=uid, umask=0o077, limits={},
+        landlock=landlock.LandlockSpec(read_exec=("/usr", "/bin", "/lib", "/lib64"),
+                                       write=("/dev/null",)),
+        landlock_abi=landlock.abi_version(), scratch=scratch,
+    )
+    ops = SpawnerOps()
+    done = asyncio.get_running_loop().create_future()
+    await ops.spawn(spec, done.set_result)
+    ex = await asyncio.wait_for(done, 20)
+    ops.close()
+    print(json.dumps({"exit": ex.exit_code, "left": os.path.lexists(scratch)}))
+
+asyncio.run(main())
+"""
+# What a hardened unit may drop (the job's chdir into its scratch directory, as root
+# before the user switch, still needs CAP_DAC_READ_SEARCH).
+_NO_DAC = "-dac_override,-fowner"
+
+
+def _python_for(become: list[str], root: str, vfork: bool) -> str | None:
+    """An interpreter that can import this package (and its extension) as ``become``."""
+    need = "import agent.daemon._vspawn" if vfork else "import agent"
+    for python in (sys.executable, "/usr/bin/python3"):
+        probe = f"import sys; sys.path.insert(0, {root!r}); {need}"
+        if subprocess.run([*become, python, "-I", "-c", probe], capture_output=True).returncode:
+            continue
+        return python
+    return None
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="needs root to choose the spawner's user")
+@pytest.mark.parametrize("who", ["same-uid", "root-without-dac-override"])
+def test_scratch_is_removed_whatever_the_job_did_to_it(spawn_path: str, who: str) -> None:
+    """Nested 000 files and directories, a 000 scratch directory and symlinks out: all
+    removed when the job ends, what the links name untouched. same-uid: an unprivileged
+    spawner (nobody) and its job (nobody) make it accessible again; root without
+    CAP_DAC_OVERRIDE/CAP_FOWNER (a hardened unit), its job nobody: removed as nobody."""
+    if landlock.abi_version() < 6:
+        pytest.skip("needs Landlock ABI 6")
+    if who == "same-uid":
+        become = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"]
+        job_uid = None
+    else:
+        become = ["setpriv", f"--bounding-set={_NO_DAC}", f"--inh-caps={_NO_DAC}", "--"]
+        job_uid = 65534
+    pkg = str(Path(agent.__file__).resolve().parent.parent)
+    python = _python_for(become, pkg, spawn_path == "vfork")
+    if python is None:
+        pytest.skip("no interpreter that can run this package's spawner as that user")
+    base = Path(tempfile.mkdtemp(prefix="scratch-spawner-"))
+    try:
+        os.chmod(base, 0o755)
+        root, outside = base / "root", base / "outside"
+        root.mkdir(mode=0o711)
+        (outside / "dir").mkdir(parents=True)
+        (outside / "dir" / "kept").write_text("kept\n")
+        (outside / "file").write_text("file\n")
+        os.chmod(outside / "dir", 0o555)
+        # Everything outside is nobody's: a removal that followed a link could delete it.
+        for p in (outside, outside / "dir", outside / "dir" / "kept", outside / "file"):
+            os.chown(p, 65534, 65534)
+        if who == "same-uid":
+            os.chown(root, 65534, 65534)  # the unprivileged agent's own scratch root
+        res = subprocess.run(
+            [*become, python, "-I", "-c", _SCRATCH_JOB, pkg, str(root), str(outside),
+             json.dumps(job_uid)],
+            capture_output=True, text=True, timeout=60, cwd="/",
+        )  # fmt: skip
+        assert res.returncode == 0, res.stderr
+        assert json.loads(res.stdout.splitlines()[-1]) == {"exit": 0, "left": False}, res.stderr
+        assert "not removed" not in res.stderr, res.stderr
+        assert os.listdir(root) == []
+        assert (outside / "file").read_text() == "file\n"
+        assert (outside / "dir" / "kept").read_text() == "kept\n"
+        assert os.stat(outside / "dir").st_mode & 0o777 == 0o555
+    finally:
+        subprocess.run(["rm", "-rf", "--one-file-system", str(base)], check=False)

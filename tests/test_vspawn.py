@@ -291,6 +291,8 @@ PROBE = (
     '{{ echo x > "$SCRATCH/f"; }} 2>/dev/null && echo wrote-scratch || echo no-scratch; '
     "{{ echo x > {outside}; }} 2>/dev/null && echo wrote-outside || echo no-outside; "
     "{{ read -r x < /proc/self/status; }} 2>/dev/null && echo read-proc || echo no-proc; "
+    # The scratch root: the job's own directory is granted, its parent never.
+    '{{ set -- "$SCRATCH"/../*; [ -e "$1" ]; }} && echo listed-root || echo no-list-root; '
     + STATUS_LINES
 )
 
@@ -299,7 +301,7 @@ PROBE = (
 @pytest.mark.skipif(
     not IS_ROOT or landlock.abi_version() < 6, reason="needs root and Landlock ABI 6"
 )
-@pytest.mark.parametrize("proc_self", [False, True], ids=["layered", "per-job-ruleset"])
+@pytest.mark.parametrize("proc_self", [False, True], ids=["opened-in-spawner", "proc-self"])
 def test_the_job_is_confined_alike_on_both_paths(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, proc_self: bool
 ) -> None:
@@ -335,15 +337,21 @@ def test_the_job_is_confined_alike_on_both_paths(
     first = got["vfork"][0][1].splitlines()
     # No ruleset, scratch or spawner descriptor reaches the job.
     assert first[0].split() == [f"/proc/self/fd/{n}" for n in range(4)]
-    assert first[1:5] == ["no-secret", "wrote-scratch", "no-outside", "read-proc"]
-    status = {k: v for k, _, v in (line.partition(" ") for line in first[5:])}
+    assert first[1:6] == ["no-secret", "wrote-scratch", "no-outside", "read-proc", "no-list-root"]
+    status = {k: v for k, _, v in (line.partition(" ") for line in first[6:])}
     assert status["Uid:"] == status["Gid:"] == "65534 65534 65534 65534"
     assert status["Groups:"] == "" and status["NoNewPrivs:"] == "1"
     assert status["CapAmb:"] == status["CapEff:"] == status["CapBnd:"] == "0000000000000400"
     assert status["SigBlk:"] == status["SigIgn:"] == "0" * 16
     last = got["vfork"][4][1].splitlines()
-    unconfined = {k: v for k, _, v in (line.partition(" ") for line in last[5:])}
-    assert last[1:5] == ["read-secret", "wrote-scratch", "wrote-outside", "read-proc"]
+    unconfined = {k: v for k, _, v in (line.partition(" ") for line in last[6:])}
+    assert last[1:6] == [
+        "read-secret",
+        "wrote-scratch",
+        "wrote-outside",
+        "read-proc",
+        "listed-root",
+    ]
     assert unconfined["NoNewPrivs:"] == "0" and unconfined["Uid:"].split()[0] == "0"
 
 

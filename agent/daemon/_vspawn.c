@@ -47,6 +47,8 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/types.h>
@@ -87,6 +89,8 @@ enum {
     OP_LL_OPEN_ADD = 14, /* open data O_PATH, fstat, readlink, add with a (dir) / b (file) */
     OP_LL_RESTRICT = 15, /* landlock_restrict_self(a, or the current ruleset if a < 0) */
     OP_LL_CLOSE = 16,    /* close the current ruleset */
+    OP_SECCOMP = 17,     /* seccomp(a = its number, SET_MODE_FILTER, b = flags, data = BPF);
+                          * c >= 0: send the returned listener over socket c, then close it */
 };
 
 /* Fixed steps (negative report codes); named in vspawn.py. */
@@ -277,6 +281,44 @@ static int run_ops(const op_t *ops, Py_ssize_t n, int cgroup_fd, int *step) {
                 close(cur);
             cur = -1;
             break;
+        case OP_SECCOMP: {
+            /* struct sock_fprog, spelled out: the program was compiled by libseccomp in
+             * the spawner (agent.daemon.seccomp); the child only installs it. */
+            struct {
+                unsigned short len;
+                const void *filter;
+            } prog = {(unsigned short)(op->len / 8), op->data};
+            r = syscall((long)op->a, 1L /* SECCOMP_SET_MODE_FILTER */, (unsigned long)op->b,
+                        &prog);
+            if (r >= 0 && op->c >= 0) {
+                /* The user-notification listener goes to the spawner (SCM_RIGHTS over
+                 * a close-on-exec socket made for this job): the job never holds it. */
+                int lfd = (int)r;
+                char byte = 'L';
+                struct iovec iov = {&byte, 1};
+                union {
+                    struct cmsghdr h;
+                    char buf[CMSG_SPACE(sizeof(int))];
+                } ctl;
+                struct msghdr msg;
+                memset(&msg, 0, sizeof msg);
+                memset(&ctl, 0, sizeof ctl);
+                msg.msg_iov = &iov;
+                msg.msg_iovlen = 1;
+                msg.msg_control = ctl.buf;
+                msg.msg_controllen = sizeof ctl.buf;
+                struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+                c->cmsg_level = SOL_SOCKET;
+                c->cmsg_type = SCM_RIGHTS;
+                c->cmsg_len = CMSG_LEN(sizeof(int));
+                memcpy(CMSG_DATA(c), &lfd, sizeof(int));
+                r = syscall(SYS_sendmsg, (int)op->c, &msg, 0);
+                int e = errno;
+                close(lfd);
+                errno = e;
+            }
+            break;
+        }
         default:
             errno = EINVAL;
             r = -1;
@@ -495,7 +537,9 @@ static op_t *op_array(PyObject *seq, Py_ssize_t *n) {
         if ((op->code == OP_CAPSET && op->len != 32) ||
             ((op->code == OP_LL_CREATE || op->code == OP_LL_ADD) &&
              (op->data == NULL || op->len < 8)) ||
-            (op->code == OP_LL_CREATE && op->a > op->len))
+            (op->code == OP_LL_CREATE && op->a > op->len) ||
+            (op->code == OP_SECCOMP &&
+             (op->data == NULL || op->len < 8 || op->len % 8 || op->len / 8 > 4096)))
             goto bad;
     }
     return out;

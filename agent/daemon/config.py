@@ -303,9 +303,9 @@ class Confinement:
 
     landlock: str = option(
         "required",
-        "required: an entry the kernel's Landlock cannot fully enforce is refused at policy "
-        "load; best_effort: it runs with what the kernel has, and the log says what is not "
-        "enforced",
+        "required: an entry the kernel's Landlock cannot fully enforce, or any entry where "
+        "libseccomp or the kernel's seccomp filters are missing, is refused at policy load; "
+        "best_effort: it runs with what the kernel has, and the log says what is not enforced",
         choices=("required", "best_effort"),
     )
     max_abi: int = option(
@@ -314,6 +314,12 @@ class Confinement:
         "Landlock), for tests of older kernels",
         lo=-1,
         hi=1000,
+    )
+    seccomp: bool = option(
+        True,
+        "install each entry's seccomp filter on its jobs (docs/security.md); false only to "
+        "measure what the filter costs (python -m bench): the log then warns at every policy "
+        "load",
     )
     scratch_dir: Path | None = option(
         None,

@@ -20,12 +20,22 @@ scale: fork + _exit + waitpid costs the spawner ~800 us, and the first ctypes ca
 fresh child alone ~65 us (copy-on-write faults). Rule count is the lever: keep the
 agent's own files out of the trees jobs are granted (e.g. not under /etc) where possible.
 
-Per-job scratch directories (issue 14) go through prepare(scratch_root=...): the shared
-ruleset grants writes beneath the scratch root, and each child adds a second layer that
-handles only the write rights (the spec's write paths plus its own directory, by
-descriptor). Measured (child CPU, fork + restrict + _exit, medians of 3x300): 16 rules:
-no Landlock 523 us, shared 629, per-job one flat ruleset 719, layered 709; 150 rules:
-552, 670, 928, 777. The layered cost no longer grows with the rule count.
+Per-job scratch directories (issues 14 and 22): jobs share a uid (an entry's always, most
+often all of them), so only their rules keep one job out of another's directory. The
+spawner denies the scratch root in every spec (hole punching: a grant of /tmp never
+covers /tmp/agent-scratch-UID) and passes the job's own directory to restrict() as an
+O_PATH descriptor, so each child builds one flat ruleset: the prepared rules plus its own
+directory. A shared first layer cannot do this: it would have to grant the whole scratch
+root (every job's directory), and a second layer only takes rights away. Measured (Linux
+6.18, 2 shared cores busy with other work, configurations interleaved job by job, medians
+of 3x300, two runs; the default entry's spec, 15 rules, or with the shipped unit's deny
+list inside /etc, 148): fork path, child CPU of fork + restrict + _exit: no Landlock
+1160-1260 us; over that, the shared ruleset +100-150, a per-job ruleset +190-230 at 15
+rules and +510-530 at 148. vfork path, wall time of building the op list + clone ..
+execve of /bin/true: shared 230-280 us, per-job 250-310 at 15 rules; 320-330 and 580-610
+at 148: of the difference, about half is the spawner building the op list (~0.7 us a
+rule), the rest the child's landlock_add_rule calls (~1 us a rule). The per-job cost
+grows with the rule count again: keep granted trees free of denied paths.
 """
 
 from __future__ import annotations
@@ -71,7 +81,6 @@ WRITE = (
     READ | FS_WRITE_FILE | FS_REMOVE_DIR | FS_REMOVE_FILE | FS_MAKE_DIR | FS_MAKE_REG
     | FS_MAKE_SOCK | FS_MAKE_FIFO | FS_MAKE_SYM | FS_REFER | FS_TRUNCATE
 )  # fmt: skip
-WRITE_ONLY = WRITE & ~READ  # what the per-job write layer handles (see Prepared)
 
 # Generic syscall table: the same numbers on x86_64, aarch64 and every other arch but alpha.
 _SYS_CREATE_RULESET, _SYS_ADD_RULE, _SYS_RESTRICT_SELF = 444, 445, 446
@@ -343,13 +352,7 @@ def _open_path(path: str, follow: bool) -> tuple[int, bool, str]:
 class Prepared:
     """Descriptors, masks and a ruleset shared by every job of one spec; see prepare()."""
 
-    def __init__(
-        self,
-        abi: int,
-        spec: LandlockSpec,
-        rules: Sequence[PathRule],
-        scratch_root: str | None = None,
-    ) -> None:
+    def __init__(self, abi: int, spec: LandlockSpec, rules: Sequence[PathRule]) -> None:
         fs, net, scoped = handled_access(abi)
         # Handle (deny by default) only what the spec restricts: None ports = unrestricted.
         net &= (NET_CONNECT_TCP if spec.connect_tcp is not None else 0) | (
@@ -372,45 +375,23 @@ class Prepared:
         self._shared = -1
         # Built here once so the child's loop is only system calls (~1.5 us a rule there).
         # Each rule's attribute as bytes: what ctypes passes by pointer in the fork path's
-        # child and what the C vfork child (agent.daemon.vspawn) is handed as is.
+        # child and what the C vfork child (agent.daemon.vspawn) is handed as is, and the
+        # C child's "add" steps (child_program) ready made.
         self._rules: list[tuple[int, bytes, str]] = []  # (rule type, attr, name)
-        # With a scratch root: a second, per-job layer that handles only the write rights
-        # and grants them on the spec's write paths and the job's own scratch directory.
-        # The shared first layer grants writes beneath the whole scratch root, so the
-        # intersection is exactly "the write paths and this job's directory", and each
-        # child builds a ruleset of a handful of rules instead of all of them.
-        self._layer_attr = _RulesetAttr(fs & WRITE_ONLY, 0, 0)
-        self._write_rules: list[tuple[bytes, str]] = []  # (attr, name)
-        self._layered = scratch_root is not None and not self._deferred
+        self._adds: list[tuple[object, ...]] = []
         try:
             for rule in rules:
                 if not _child_resolved(rule.path) and (attr := self._open_rule(rule)):
                     self._rules.append((_RULE_PATH_BENEATH, bytes(attr), rule.path))
-                    self._add_write_rule(attr, rule.path)
-            if scratch_root is not None and self._layered:
-                self._add_scratch_root(scratch_root)
             for port_attr in self._ports:
                 name = f"tcp port {port_attr.port}"
                 self._rules.append((_RULE_NET_PORT, bytes(port_attr), name))
+            self._adds = [("add", f"landlock_add_rule {n}", k, raw) for k, raw, n in self._rules]
             if not self._deferred:
                 self._shared = self._build()
         except BaseException:
             self.close()
             raise
-
-    def _add_write_rule(self, attr: _PathBeneathAttr, name: str) -> None:
-        if attr.allowed_access & WRITE_ONLY:
-            w = _PathBeneathAttr(attr.allowed_access & WRITE_ONLY, attr.parent_fd)
-            self._write_rules.append((bytes(w), name))
-
-    def _add_scratch_root(self, root: str) -> None:
-        fd, is_dir, real = _open_path(root, follow=False)
-        self._fds.append(fd)
-        hit = [d for d in self._deny if _within(real, d) or _within(d, real)]
-        if hit or not is_dir:
-            raise LandlockStepError(errno.EPERM, f"scratch root {root}: covers {hit or root}")
-        attr = _PathBeneathAttr(self._mask(WRITE, True), fd)
-        self._rules.append((_RULE_PATH_BENEATH, bytes(attr), root))
 
     def _open_rule(self, rule: PathRule) -> _PathBeneathAttr | None:
         try:
@@ -473,8 +454,9 @@ class Prepared:
         """Confine the calling process (the forked child, just before execve).
 
         ``extra_write_dirs`` are O_PATH descriptors of directories the caller made itself
-        and checked against the deny list (the spawner's scratch directories): they skip
-        the ~90 us of opening and resolving a path in the child.
+        and checked against the deny list (the spawner's scratch directories), granted
+        read and write beneath: they skip the ~90 us of opening and resolving a path in
+        the child.
 
         ``no_new_privs=False`` only works while the caller has CAP_SYS_ADMIN: the kernel
         refuses it otherwise (the spawner never asks for it). Raises LandlockStepError (an
@@ -486,14 +468,9 @@ class Prepared:
         # afterwards (it is close-on-exec, so no job ever holds it). With per-job paths
         # each child builds its own: a ruleset shared across fork is one kernel object, so
         # a child adding its scratch dir would grant it to every later job, and a second
-        # stacked layer can only take rights away, never add the scratch dir.
-        # Layered (see __init__): the shared ruleset, then a small write layer.
-        if self._layered and not extra_write_paths:
-            if no_new_privs:
-                _sys("prctl(PR_SET_NO_NEW_PRIVS)", None, _PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
-            _sys("landlock_restrict_self", _SYS_RESTRICT_SELF, self._shared, 0)
-            self._restrict_write_layer(extra_write_dirs)
-            return
+        # stacked layer can only take rights away, never add the scratch dir: a shared
+        # first layer would have to grant the whole scratch root, and with it every other
+        # job's directory (one uid for all jobs: only the rules keep them apart).
         extra = [(p, a, False) for p, a in self._deferred]
         extra += [(p, WRITE, True) for p in extra_write_paths]
         rfd = self._build(extra, extra_write_dirs) if extra or extra_write_dirs else self._shared
@@ -507,21 +484,6 @@ class Prepared:
             if rfd != self._shared:
                 os.close(rfd)
 
-    def _restrict_write_layer(self, dir_fds: Sequence[int]) -> None:
-        attr = ctypes.byref(self._layer_attr)
-        rfd = _sys("landlock_create_ruleset", _SYS_CREATE_RULESET, attr, 8, 0)
-        try:
-            kind = _L(_RULE_PATH_BENEATH)
-            for raw, name in self._write_rules:
-                _sys(f"landlock_add_rule {name} (write layer)", _SYS_ADD_RULE, rfd, kind, raw, 0)
-            for dfd in dir_fds:
-                beneath = _PathBeneathAttr(self._mask(WRITE_ONLY, True), dfd)
-                step = f"landlock_add_rule write directory fd {dfd}"
-                _sys(step, _SYS_ADD_RULE, rfd, kind, ctypes.byref(beneath), 0)
-            _sys("landlock_restrict_self (write layer)", _SYS_RESTRICT_SELF, rfd, 0)
-        finally:
-            os.close(rfd)
-
     def child_program(self, extra_write_dirs: Sequence[int] = ()) -> list[tuple[object, ...]]:
         """What restrict(extra_write_dirs=...) does, as data for the C vfork child.
 
@@ -534,25 +496,13 @@ class Prepared:
         """
         nnp = ("nnp", "prctl(PR_SET_NO_NEW_PRIVS)")
         beneath = _RULE_PATH_BENEATH
-        prog: list[tuple[object, ...]] = []
-        if self._layered:
-            # The shared ruleset, then the per-job write layer (see restrict()).
-            prog += [nnp, ("restrict", "landlock_restrict_self", self._shared)]
-            prog.append(("create", "landlock_create_ruleset", bytes(self._layer_attr), 8))
-            for attr, name in self._write_rules:
-                prog.append(("add", f"landlock_add_rule {name} (write layer)", beneath, attr))
-            for dfd in extra_write_dirs:
-                w = bytes(_PathBeneathAttr(self._mask(WRITE_ONLY, True), dfd))
-                prog.append(("add", f"landlock_add_rule write directory fd {dfd}", beneath, w))
-            prog += [("restrict", "landlock_restrict_self (write layer)", -1), ("close",)]
-            return prog
         if not self._deferred and not extra_write_dirs:
             return [nnp, ("restrict", "landlock_restrict_self", self._shared)]
         # A fresh ruleset per child (never add to the shared one: see restrict()).
-        attr = bytes(self._attr)
-        prog.append(("create", "landlock_create_ruleset", attr, self._attr_size))
-        for kind, raw, name in self._rules:
-            prog.append(("add", f"landlock_add_rule {name}", kind, raw))
+        prog: list[tuple[object, ...]] = [
+            ("create", "landlock_create_ruleset", bytes(self._attr), self._attr_size),
+            *self._adds,
+        ]
         for path, access in self._deferred:
             # Resolved in the child: /proc/self names the job, not the spawner. No deny
             # check, as in _add_opened(per_job=False): these rules went through plan_rules.
@@ -576,18 +526,16 @@ class Prepared:
         for fd in [*self._fds, self._shared]:
             if fd >= 0:
                 os.close(fd)
-        self._fds, self._rules, self._shared = [], [], -1
+        self._fds, self._rules, self._adds, self._shared = [], [], [], -1
 
 
-def prepare(
-    rules: Sequence[PathRule], spec: LandlockSpec, abi: int, scratch_root: str | None = None
-) -> Prepared:
+def prepare(rules: Sequence[PathRule], spec: LandlockSpec, abi: int) -> Prepared:
     """Open every rule's path once, in the spawner; `spec` supplies ports, scopes and deny.
 
-    With ``scratch_root`` (canonical, a directory outside the deny list) each job's own
-    directory below it is passed to restrict() as an ``extra_write_dirs`` descriptor and
-    enforced by a second small layer (see Prepared): the per-job cost no longer grows
-    with the number of rules.
+    A job's own directory (its scratch directory) is not a rule: the spawner passes its
+    descriptor to restrict() (``extra_write_dirs``) and each child then builds one flat
+    ruleset of its own. The scratch root must already be in ``spec.deny`` when the rules
+    are planned, so no rule covers another job's directory (see spawner.Spawner.ruleset).
 
     Raises LandlockError when `abi` is 0 or cannot express the spec's network or scope
     restrictions (degrade() first for best effort). Paths that vanished or changed since
@@ -598,4 +546,4 @@ def prepare(
     if abi < 1 or missing:
         names = ", ".join(missing or ["fs"])
         raise LandlockError([f"Landlock ABI {abi} cannot enforce {names}"])
-    return Prepared(abi, spec, rules, scratch_root)
+    return Prepared(abi, spec, rules)

@@ -42,6 +42,8 @@ from agent.daemon.errors import (
     PermissionDenied,
 )
 from agent.daemon.landlock import LandlockSpec
+from agent.daemon.seccomp import GROUPS as SYSCALL_GROUPS
+from agent.daemon.seccomp import SeccompSpec
 from agent.daemon.trust import (
     BINPRM_BUF_SIZE,
     ELF_MAGIC,
@@ -150,6 +152,9 @@ class Confinement:
     allow_root: bool = False
     capabilities: tuple[int, ...] = ()
     no_new_privs: bool = True
+    # The entry's seccomp filter (issue 22): UDP, allowed syscall groups, listen().
+    # None: not enforced (no libseccomp or no kernel support, in best-effort mode).
+    seccomp: SeccompSpec | None = field(default_factory=SeccompSpec)
 
 
 @dataclass(frozen=True)
@@ -806,7 +811,10 @@ _ENTRY_KEYS = {
     "allow_root",
     "capabilities",
     "no_new_privs",
+    "udp",
+    "syscalls",
 }
+_SYSCALLS_KEYS = {"allow"}
 _ARGS_KEYS = {"max_count", "max_length", "patterns"}
 
 
@@ -1064,7 +1072,32 @@ def _parse_confinement(
         allow_root=allow_root,
         capabilities=tuple(caps),
         no_new_privs=nnp,
+        seccomp=_parse_seccomp(raw, spec.bind_tcp),
     )
+
+
+def _parse_seccomp(raw: dict[str, Any], bind_tcp: tuple[int, ...] | None) -> SeccompSpec:
+    """The entry's `udp` and `syscalls` keys; listen() follows `landlock: bind_tcp`."""
+    udp = raw.get("udp", False)
+    if not isinstance(udp, bool):
+        raise _EntryError("udp: must be true or false")
+    sc = raw.get("syscalls", {})
+    if not isinstance(sc, dict):
+        raise _EntryError("syscalls: must be a mapping with `allow`")
+    unknown = set(sc) - _SYSCALLS_KEYS
+    if unknown:
+        raise _EntryError(f"syscalls: unknown key(s): {', '.join(sorted(map(str, unknown)))}")
+    allow = _str_list(sc.get("allow", []), "syscalls: allow")
+    bad = [g for g in allow if g not in SYSCALL_GROUPS]
+    if bad:
+        raise _EntryError(
+            f"syscalls: allow: unknown group(s) {', '.join(map(repr, bad))}; "
+            f"known: {', '.join(SYSCALL_GROUPS)}"
+        )
+    # listen() only where the entry may bind (Landlock then picks the ports), and with
+    # a list of ports never on an unbound socket (the spawner checks each listen()).
+    listen = "any" if bind_tcp is None else "bound" if bind_tcp else "none"
+    return SeccompSpec(udp=udp, allow=tuple(sorted(set(allow))), listen=listen)
 
 
 def _parse_script_rule(raw: Any, base: Path | None) -> ScriptRule:

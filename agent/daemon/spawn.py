@@ -59,6 +59,7 @@ from agent.daemon.cgroups import CgroupError, Subtree
 from agent.daemon.errors import SpawnFailure
 from agent.daemon.landlock import LandlockSpec
 from agent.daemon.lifecycle import Exit
+from agent.daemon.seccomp import SeccompSpec
 from agent.daemon.trust import SCRIPT_FD_PATH
 
 __all__ = ["SCRIPT_FD_PATH", "SPAWNER_DIED", "SpawnFailure", "SpawnSpec", "SpawnerOps"]
@@ -102,6 +103,7 @@ class SpawnSpec:
     scratch: str | None = None  # created 0700 for the job's user, removed after it
     capabilities: Sequence[int] = ()  # what a job of a root spawner keeps (default none)
     no_new_privs: bool = True
+    seccomp: SeccompSpec | None = None  # the job's seccomp filter (issue 22); None: none
 
 
 class ProcessOps(Protocol):
@@ -154,6 +156,9 @@ def plan_of(spec: SpawnSpec) -> tuple[dict[str, Any], list[str], list[int]]:
             "scope_abstract_unix": ll.scope_abstract_unix,
             "deny": list(ll.deny),
         }
+    if spec.seccomp is not None:
+        sc = spec.seccomp
+        plan["seccomp"] = {"udp": sc.udp, "allow": sorted(sc.allow), "listen": sc.listen}
     plan["scratch"] = spec.scratch
     plan["capabilities"] = sorted(spec.capabilities)
     plan["no_new_privs"] = spec.no_new_privs

@@ -77,6 +77,7 @@ AGENT_INSTANCE) and reports them LOST, as it does after an agent crash.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import fcntl
 import gc
@@ -84,14 +85,14 @@ import json
 import os
 import resource
 import selectors
-import shutil
 import signal
 import socket
 import sys
 from typing import Any, NoReturn
 
 from agent.daemon import capabilities as caps_mod
-from agent.daemon import cgroups, landlock, vspawn
+from agent.daemon import cgroups, landlock, seccomp, vspawn
+from agent.daemon import scratch as scratch_mod
 from agent.daemon import spawnproto as proto
 
 # Limit name (agent.vocabulary.LIMIT_NAMES) -> (resource, extra hard seconds).
@@ -209,7 +210,39 @@ def check_plan(plan: Any, fds: dict[str, int]) -> str:
     ll = plan.get("landlock")
     if ll is not None and (not isinstance(ll, dict) or not isinstance(ll.get("abi"), int)):
         return "malformed plan: landlock"
+    sc = plan.get("seccomp")
+    if sc is not None and (
+        not isinstance(sc, dict)
+        or not isinstance(sc.get("udp"), bool)
+        or not isinstance(sc.get("allow"), list)
+        or any(g not in seccomp.GROUPS for g in sc["allow"])
+        or sc.get("listen") not in seccomp.LISTEN_MODES
+    ):
+        return "malformed plan: seccomp"
     return ""
+
+
+def seccomp_spec(sc: dict[str, Any]) -> seccomp.SeccompSpec:
+    """The SeccompSpec of a plan's (checked) "seccomp" object."""
+    return seccomp.SeccompSpec(udp=sc["udp"], allow=tuple(sorted(sc["allow"])), listen=sc["listen"])
+
+
+def _send_listener(sock_fd: int, listener: int) -> None:
+    """Hand the filter's user-notification listener to the spawner (the child's side)."""
+    with socket.socket(fileno=sock_fd) as sock:
+        socket.send_fds(sock, [b"L"], [listener])
+    os.close(listener)
+
+
+def _take_listener(sock: socket.socket) -> int:
+    """The listener a child sent before its exec (the spawner's side); -1 if none came."""
+    try:
+        _, fds, _, _ = socket.recv_fds(sock, 1, 1, socket.MSG_DONTWAIT)
+    except OSError:
+        return -1
+    for fd in fds:
+        os.set_inheritable(fd, False)
+    return fds[0] if fds else -1
 
 
 # Keys of a plan's "cgroup" request (besides "id"), as cgroups.Limits fields.
@@ -296,6 +329,8 @@ def _child(
     root: bool = False,
     last_cap: int = 40,
     scratch_fd: int = -1,
+    filt: seccomp.Prepared | None = None,
+    notify_sock: int = -1,
 ) -> NoReturn:
     """Set up and exec the job in the forked child; never returns."""
     step = "setup"
@@ -308,6 +343,8 @@ def _child(
         ruleset_fds = set(confine.descriptors()) if confine is not None else set()
         if scratch_fd >= 0:
             ruleset_fds.add(scratch_fd)
+        if notify_sock >= 0:
+            ruleset_fds.add(notify_sock)
         keep = sorted({err_w, *fds.values()})
         _close_all_but({*keep, *ruleset_fds}, 0)
         moved = {k: fcntl.fcntl(v, fcntl.F_DUPFD_CLOEXEC, FIRST_FREE_FD) for k, v in fds.items()}
@@ -365,9 +402,17 @@ def _child(
         if confine is not None:
             step = "landlock"
             confine.restrict(extra_write_dirs=[scratch_fd] if scratch_fd >= 0 else [])
-        elif plan.get("no_new_privs", True):
+        elif plan.get("no_new_privs", True) or filt is not None:
             step = "no_new_privs"
             caps_mod.no_new_privs()
+        # --- seccomp (issue 22) ---
+        # Last, after no_new_privs (required without CAP_SYS_ADMIN) and Landlock: from
+        # here on the filter binds the child, and all it still does is exec.
+        if filt is not None:
+            step = "seccomp"
+            listener = filt.install()
+            if listener >= 0:
+                _send_listener(notify_sock, listener)
         step = "execve"
         os.execve(program, plan["argv"], plan["env"])  # noqa: S606 - no shell, by design
     except landlock.LandlockStepError as e:
@@ -387,7 +432,7 @@ def _child(
 class Starting:
     """A forked child whose exec is not yet known to have succeeded."""
 
-    __slots__ = ("cg", "fd", "pid", "report", "rid", "scratch")
+    __slots__ = ("cg", "fd", "notify", "pid", "plan", "report", "rid", "scratch")
 
     def __init__(
         self,
@@ -400,6 +445,8 @@ class Starting:
         self.pid, self.rid, self.fd, self.cg = pid, rid, fd, cg
         self.report = b""
         self.scratch = scratch
+        self.notify: socket.socket | None = None  # where the child sends its listener
+        self.plan: dict[str, Any] = {}
 
 
 class Draining:
@@ -440,6 +487,10 @@ class Spawner:
         self.rulesets: dict[str, landlock.Prepared] = {}  # spec (JSON) -> prepared, per entry
         self.scratch: dict[int, str] = {}  # pid -> its scratch directory, removed at exit
         self.scratch_roots: dict[str, str] = {}  # scratch root -> its canonical path
+        self.scratch_owners: dict[str, tuple[int, int]] = {}  # path -> job's (uid, gid)
+        # --- seccomp (issue 22) ---
+        self.filters: dict[str, seccomp.Prepared] = {}  # spec (JSON) -> compiled, per entry
+        self.guards: dict[int, seccomp.ListenGuard] = {}  # pid -> its listen() checks
         # Hold every number below FIRST_FREE_FD: a prepared ruleset's descriptors must
         # never land where the child puts the job's own (0-4) with dup2.
         while (low := os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)) < FIRST_FREE_FD:
@@ -448,32 +499,67 @@ class Spawner:
 
     def ruleset(self, ll: dict[str, Any], scratch: str | None) -> landlock.Prepared:
         """The prepared ruleset of an entry's spec (and scratch root), built once; raises
-        LandlockError or OSError."""
+        LandlockError or OSError.
+
+        The scratch root is denied like the agent's own files: no rule of the entry may
+        cover it (a grant of /tmp is hole-punched around /tmp/agent-scratch-UID), so a
+        job can neither list it nor reach another job's directory below it, whatever
+        that directory's modes (every job of an entry has the same uid). Each job's own
+        directory is then granted by descriptor, in its child (make_scratch, _child).
+        Done here rather than in the policy's deny list: this is the process that
+        enforces, it alone knows the canonical root of every plan, and a plan from any
+        caller gets it.
+        """
         root = None
         if scratch:
             parent = os.path.dirname(scratch)
             root = self.scratch_roots.get(parent)
-            if root is None:  # canonical, as the kernel will see it (O_NOFOLLOW open)
+            if root is None:  # canonical, as the kernel will see it
                 root = self.scratch_roots[parent] = os.path.realpath(parent)
         key = json.dumps([ll, root], sort_keys=True)
         prepared = self.rulesets.get(key)
         if prepared is None:
             spec = landlock_spec(ll)
+            if root is not None:
+                # A job's directory must never hold (or be) a path the entry denies.
+                top = root.rstrip("/") + "/"
+                for d in {*spec.deny, *map(os.path.realpath, spec.deny)}:
+                    if (d.rstrip("/") + "/").startswith(top) or top.startswith(d.rstrip("/") + "/"):
+                        raise landlock.LandlockError([f"scratch root {root}: overlaps {d}"])
+                spec = dataclasses.replace(spec, deny=(*spec.deny, root))
             rules = landlock.plan_rules(spec)
-            prepared = landlock.prepare(rules, spec, ll["abi"], root)
+            prepared = landlock.prepare(rules, spec, ll["abi"])
             if len(self.rulesets) >= LANDLOCK_CACHE:  # oldest first: entries of old policies
                 self.rulesets.pop(next(iter(self.rulesets))).close()
             self.rulesets[key] = prepared
         return prepared
 
+    def filter(self, sc: dict[str, Any]) -> seccomp.Prepared:
+        """The compiled filter of an entry's seccomp spec, built once; raises OSError."""
+        key = json.dumps(sc, sort_keys=True)
+        prepared = self.filters.get(key)
+        if prepared is None:
+            prepared = seccomp.prepare(seccomp_spec(sc))
+            if len(self.filters) >= LANDLOCK_CACHE:  # oldest first: entries of old policies
+                self.filters.pop(next(iter(self.filters)))
+            self.filters[key] = prepared
+        return prepared
+
     def remove_scratch(self, path: str | None) -> None:
-        """Remove a job's scratch directory (its group is dead: nothing writes there)."""
+        """Remove a job's scratch directory completely, whatever the job did to its modes
+        (agent.daemon.scratch: one rmdir when it is empty). What cannot be removed is
+        logged in one line and left."""
         if path is None:
             return
+        owner = self.scratch_owners.pop(path, None)
         try:
-            os.rmdir(path)  # the common case, an empty directory: one system call
-        except OSError:
-            shutil.rmtree(path, ignore_errors=True)
+            scratch_mod.remove(path, owner)
+        except OSError as e:
+            what = e.filename or path
+            print(
+                f"agent spawner: scratch directory {path} not removed: {what}: {e.strerror or e}",
+                file=sys.stderr,
+            )
 
     def make_scratch(self, plan: dict[str, Any]) -> tuple[str | None, int]:
         """Create the job's scratch directory, 0700 and owned by the job's user; returns it
@@ -485,13 +571,16 @@ class Spawner:
         fd = -1
         try:
             # The directory just made, not whatever the path names later: the job's
-            # write rule lands on this inode. Its parent, the scratch root, was checked
-            # against the deny list at start-up.
+            # read and write rule lands on this inode. Its parent, the scratch root, is
+            # denied in every job's rules (ruleset()).
             fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
             uid = plan.get("uid")
             if uid is not None and self.root:
                 gid = plan.get("gid")
-                os.chown(path, uid, uid if gid is None else gid, follow_symlinks=False)
+                gid = uid if gid is None else gid
+                os.chown(path, uid, gid, follow_symlinks=False)
+                # Whose files will be in it: remove_scratch may need to act as that user.
+                self.scratch_owners[path] = (uid, gid)
         except BaseException:
             if fd >= 0:
                 os.close(fd)
@@ -532,6 +621,8 @@ class Spawner:
                     self.on_cgroup_events()
                 elif isinstance(key.data, Starting):
                     self.on_started(key.data)
+                elif isinstance(key.data, seccomp.ListenGuard):
+                    key.data.handle()
                 else:
                     self.on_exit(key.data)
                 if not self.running:
@@ -600,12 +691,16 @@ class Spawner:
                 return
         # --- confinement (issue 14): ruleset and scratch, before the fork ---
         confine: landlock.Prepared | None = None
+        filt: seccomp.Prepared | None = None
         scratch: str | None = None
         scratch_fd = -1
         try:
             if plan.get("landlock") is not None:
                 step = "landlock"
                 confine = self.ruleset(plan["landlock"], plan.get("scratch"))
+            if plan.get("seccomp") is not None:
+                step = "seccomp"
+                filt = self.filter(plan["seccomp"])
             step = "scratch directory"
             scratch, scratch_fd = self.make_scratch(plan)
         except (landlock.LandlockError, OSError) as e:
@@ -622,13 +717,21 @@ class Spawner:
                 }
             )
             return
+        # A job whose listen() calls the spawner checks: its filter's listener comes back
+        # over this pair (see seccomp.ListenGuard), sent by the child before its exec.
+        notify: tuple[socket.socket, socket.socket] | None = None
+        if filt is not None and filt.listen_guard:
+            notify = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         if self._vspawn is not None:
-            self.spawn_vfork(rid, plan, fds, cg, confine, scratch, scratch_fd)
+            self.spawn_vfork(rid, plan, fds, cg, confine, scratch, scratch_fd, filt, notify)
             return
         r, w = os.pipe2(os.O_CLOEXEC)
         try:
             pid = os.fork()
         except OSError as e:
+            if notify is not None:
+                notify[0].close()
+                notify[1].close()
             self.remove_scratch(scratch)
             if scratch_fd >= 0:
                 os.close(scratch_fd)
@@ -642,8 +745,23 @@ class Spawner:
             )
             return
         if pid == 0:
-            _child(plan, fds, w, self.reset_signals, confine, self.root, self.last_cap, scratch_fd)
+            _child(
+                plan,
+                fds,
+                w,
+                self.reset_signals,
+                confine,
+                self.root,
+                self.last_cap,
+                scratch_fd,
+                filt,
+                notify[1].fileno() if notify is not None else -1,
+            )
         os.close(w)
+        st = Starting(pid, rid, r, cg, scratch)
+        if notify is not None:
+            notify[1].close()
+            st.notify, st.plan = notify[0], plan
         if scratch_fd >= 0:
             os.close(scratch_fd)
         for fd in fds.values():
@@ -652,7 +770,7 @@ class Spawner:
         # Not waited for here: the answer goes out when the error pipe reaches
         # end of file (exec done) or carries a report, so the next job can be
         # forked while this one is still setting up.
-        self.sel.register(r, selectors.EVENT_READ, Starting(pid, rid, r, cg, scratch))
+        self.sel.register(r, selectors.EVENT_READ, st)
 
     def spawn_vfork(
         self,
@@ -663,9 +781,12 @@ class Spawner:
         confine: landlock.Prepared | None,
         scratch: str | None,
         scratch_fd: int,
+        filt: seccomp.Prepared | None = None,
+        notify: tuple[socket.socket, socket.socket] | None = None,
     ) -> None:
         """The C path: the spawner sleeps until the child has exec'd or failed, so the
         answer goes out at once (no error pipe, no Starting)."""
+        listener = -1
         try:
             pid, error, code = vspawn.spawn(
                 self._vspawn,
@@ -677,7 +798,11 @@ class Spawner:
                 self.last_cap,
                 scratch_fd,
                 RLIMITS,
+                filt,
+                notify[1].fileno() if notify is not None else -1,
             )
+            if notify is not None and not error:
+                listener = _take_listener(notify[0])
         except OSError as e:
             pid, code = 0, e.errno or errno.EIO
             error = proto.error_text("fork", code)
@@ -692,10 +817,13 @@ class Spawner:
             for fd in fds.values():
                 os.close(fd)
             fds.clear()
+            if notify is not None:
+                notify[0].close()
+                notify[1].close()
         if error:
             self.start_failed(pid, rid, cg, scratch, error, code)
             return
-        self.started(pid, rid, cg, scratch)
+        self.started(pid, rid, cg, scratch, listener, plan)
 
     def start_failed(
         self,
@@ -715,9 +843,20 @@ class Spawner:
         self.send({"op": "spawned", "id": rid, "error": error, "errno": code})
 
     def started(
-        self, pid: int, rid: Any, cg: cgroups.JobCgroup | None, scratch: str | None
+        self,
+        pid: int,
+        rid: Any,
+        cg: cgroups.JobCgroup | None,
+        scratch: str | None,
+        listener: int = -1,
+        plan: dict[str, Any] | None = None,
     ) -> None:
-        """The job's program runs: watch its pidfd and answer with the pid."""
+        """The job's program runs: watch its pidfd (and its listen() checks) and answer
+        with the pid."""
+        if listener >= 0 and plan is not None:
+            who = plan.get("uid"), plan.get("gid"), plan.get("capabilities", [])
+            guard = self.guards[pid] = seccomp.ListenGuard(listener, *who)
+            self.sel.register(listener, selectors.EVENT_READ, guard)
         pidfd = os.pidfd_open(pid)
         self.children[pid] = pidfd
         if cg is not None:
@@ -752,6 +891,10 @@ class Spawner:
             return
         self.sel.unregister(st.fd)
         os.close(st.fd)
+        listener = -1
+        if st.notify is not None:
+            listener = -1 if st.report else _take_listener(st.notify)
+            st.notify.close()
         if st.report:
             step, _, number = st.report.decode("utf-8", "replace").partition("\0")
             try:
@@ -760,7 +903,7 @@ class Spawner:
                 num = errno.EIO
             self.start_failed(st.pid, st.rid, st.cg, st.scratch, proto.error_text(step, num), num)
             return
-        self.started(st.pid, st.rid, st.cg, st.scratch)
+        self.started(st.pid, st.rid, st.cg, st.scratch, listener, st.plan)
 
     def signal(self, msg: dict[str, Any]) -> None:
         pid, sig = msg.get("pid"), msg.get("sig")
@@ -798,7 +941,16 @@ class Spawner:
         pidfd = self.children.pop(pid)
         self.sel.unregister(pidfd)
         os.close(pidfd)
-        self.remove_scratch(self.scratch.pop(pid, None))
+        guard = self.guards.pop(pid, None)
+        if guard is not None:
+            # What is left of the job is killed next; a listen() of it meanwhile fails.
+            self.sel.unregister(guard.fd)
+            guard.close()
+        if pid not in self.cgroups:
+            # Without a cgroup the group kill above is all there is; with one, the scratch
+            # goes once the leaf is empty (cgroup_done): a process that left the job's
+            # group could otherwise still be writing into it while it is removed.
+            self.remove_scratch(self.scratch.pop(pid, None))
         code = os.waitstatus_to_exitcode(status)
         msg: dict[str, Any] = {
             "op": "exited",
@@ -867,8 +1019,9 @@ class Spawner:
                 self.cgroup_done(d.msg["pid"], d.cg, d.msg)
 
     def cgroup_done(self, pid: int, cg: cgroups.JobCgroup, msg: dict[str, Any]) -> None:
-        """The leaf is empty: account from it, remove it, report the exit."""
+        """The leaf is empty: account from it, remove it and the scratch, report the exit."""
         self.cgroups.pop(pid, None)
+        self.remove_scratch(self.scratch.pop(pid, None))
         try:
             stats = cg.stats(memory=self.subtree is None or "memory" in self.subtree.controllers)
         except cgroups.CgroupError as e:

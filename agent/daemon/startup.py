@@ -23,7 +23,7 @@ from pathlib import Path
 from agent import tls, x509
 from agent.configfile import ConfigError, is_loopback_host, split_host_port
 from agent.crl import CRLError, RevocationChecker
-from agent.daemon import cgroups, landlock
+from agent.daemon import cgroups, landlock, seccomp
 from agent.daemon import policy as policy_mod
 from agent.daemon.config import Config
 from agent.daemon.supervisor import CGROUP_LIMITS, JobUser, instance_id
@@ -310,11 +310,38 @@ def confine_policy(
     abi = landlock.effective_abi(None if cfg.confinement.max_abi < 0 else cfg.confinement.max_abi)
     best_effort = cfg.confinement.landlock == "best_effort"
     root = os.geteuid() == 0
+    # No rule of any entry covers the scratch root (spawner.Spawner.ruleset denies it):
+    # each job gets its own directory there, by descriptor.
+    scratch_root = os.path.realpath(cfg.scratch_dir)
     warnings: list[str] = []
     entries = []
+    # Asked once per load: libseccomp and the kernel's filters (and user notification,
+    # which listen() checks of an entry with bind_tcp ports need).
+    guards = {e.confinement.seccomp.listen == "bound" for e in pol.entries if e.confinement.seccomp}
+    no_seccomp = {guard: seccomp.unavailable(listen_check=guard) for guard in guards}
+    if not cfg.confinement.seccomp:
+        warnings.append(
+            f"{pol.source}: [confinement] seccomp = false: no job gets a seccomp filter "
+            "(MPTCP, UDP, listen(), namespaces, io_uring... are not refused)"
+        )
     for e in pol.entries:
         where = f"{pol.source}: entry {e.name!r}"
         c = e.confinement
+        if c.seccomp is not None and not cfg.confinement.seccomp:
+            c = dataclasses.replace(c, seccomp=None)
+        if c.seccomp is not None and (why := no_seccomp[c.seccomp.listen == "bound"]):
+            if not best_effort:
+                raise policy_mod.PolicyError(
+                    f"{where}: needs seccomp filters but {why}; install libseccomp2 or set "
+                    '[confinement] landlock = "best_effort"'
+                )
+            warnings.append(f"{where}: best effort, not enforced: seccomp ({why})")
+            c = dataclasses.replace(c, seccomp=None)
+        if not c.no_new_privs and (c.seccomp is not None or (c.landlock and abi >= 1)):
+            raise policy_mod.PolicyError(
+                f"{where}: no_new_privs: false cannot be honoured: Landlock and seccomp "
+                "need no_new_privs, and one of them is enforced here"
+            )
         if c.uid is not None and not root and c.uid != os.geteuid():
             raise policy_mod.PolicyError(
                 f"{where}: user: the agent does not run as root, so its jobs cannot run as "
@@ -326,7 +353,7 @@ def confine_policy(
             )
         spec = c.landlock
         if spec is None:  # already confined (a reload of a checked policy cannot happen)
-            entries.append(e)
+            entries.append(dataclasses.replace(e, confinement=c))
             continue
         own = {e.command, *policy_mod.script_dirs(e.scripts)}
         entry_deny = _pierce_config_dir(deny, _config_dirs(cfg), own)
@@ -338,6 +365,11 @@ def confine_policy(
                     raise policy_mod.PolicyError(
                         f"{where}: landlock: {key}: {p} is inside {hit[0]}, one of the agent's "
                         "own files that no job may reach"
+                    )
+                if _within(os.path.realpath(p), scratch_root):
+                    raise policy_mod.PolicyError(
+                        f"{where}: landlock: {key}: {p} is inside [confinement] scratch_dir "
+                        f"{cfg.scratch_dir}: each job reaches only its own directory there"
                     )
         spec = dataclasses.replace(spec, deny=entry_deny)
         need, features = landlock.required_abi(spec)
@@ -354,7 +386,10 @@ def confine_policy(
         confined: landlock.LandlockSpec | None = spec if abi >= 1 else None
         if confined is not None:
             try:
-                landlock.plan_rules(confined)
+                # As the spawner plans it: the scratch root hole-punched out of every grant.
+                landlock.plan_rules(
+                    dataclasses.replace(confined, deny=(*confined.deny, scratch_root))
+                )
             except landlock.LandlockError as err:
                 raise policy_mod.PolicyError(f"{where}: landlock: {err}") from None
         entries.append(
@@ -381,8 +416,11 @@ def load_policy(
 
 
 def check_scratch_dir(cfg: Config, deny: tuple[str, ...], *, create: bool) -> None:
-    """The scratch root: the agent's own, 0711 (jobs reach only their own directory
-    below it), outside everything jobs are denied, and containing none of it."""
+    """The scratch root: the agent's own, 0711, outside everything jobs are denied, and
+    containing none of it. Jobs reach only their own directory below it: no entry's
+    Landlock rules cover the root (the spawner denies it; a job's own directory is
+    granted by descriptor), so a job of the agent's own uid, which 0711 would not stop,
+    cannot list it or enter another job's directory either."""
     root = cfg.scratch_dir
     real = os.path.realpath(root)
     for d in deny:

@@ -288,6 +288,7 @@ class Supervisor:
             scratch=scratch,
             capabilities=conf.capabilities if conf is not None else (),
             no_new_privs=conf.no_new_privs if conf is not None else True,
+            seccomp=conf.seccomp if conf is not None else None,
         )
         life = lc.Life(
             timeout_seconds=admitted.timeout,

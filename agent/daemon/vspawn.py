@@ -27,7 +27,7 @@ import struct
 from collections.abc import Sequence
 from typing import Any
 
-from agent.daemon import landlock
+from agent.daemon import landlock, seccomp
 from agent.daemon import spawnproto as proto
 
 # agent/daemon/_vspawn.c
@@ -47,6 +47,7 @@ OP_LL_ADD = 13
 OP_LL_OPEN_ADD = 14
 OP_LL_RESTRICT = 15
 OP_LL_CLOSE = 16
+OP_SECCOMP = 17
 # The C child's fixed steps (negative codes), in spawner._child's words.
 FIXED_STEPS = {
     -1: "setup",
@@ -184,6 +185,8 @@ def build(
     last_cap: int,
     scratch_fd: int,
     rlimits: dict[str, tuple[int, str, int]],
+    filt: seccomp.Prepared | None = None,
+    notify_sock: int = -1,
 ) -> tuple[tuple[Any, ...], Steps]:
     """The arguments of ``_vspawn.spawn`` for a checked plan, and the step names.
 
@@ -210,9 +213,18 @@ def build(
             keep.add(scratch_fd)
         dirs = [scratch_fd] if scratch_fd >= 0 else []
         confine_ops = landlock_ops(confine.child_program(extra_write_dirs=dirs), steps)
-    elif plan.get("no_new_privs", True):
+    elif plan.get("no_new_privs", True) or filt is not None:
         step = steps("prctl(PR_SET_NO_NEW_PRIVS)")  # caps_mod.no_new_privs()'s step
         confine_ops = [(OP_PRCTL, step, _PR_SET_NO_NEW_PRIVS, 1, 0, None)]
+    if filt is not None:
+        # Last before execve, after no_new_privs (which the kernel requires of a process
+        # without CAP_SYS_ADMIN): spawner._child's order.
+        flags = seccomp.NEW_LISTENER if filt.listen_guard else 0
+        sock = notify_sock if filt.listen_guard else -1
+        if sock >= 0:
+            keep.add(sock)
+        op = (OP_SECCOMP, steps("seccomp"), filt.seccomp_nr, flags, sock, filt.program)
+        confine_ops.append(op)
     path = None if "exec" in fds else os.fsencode(plan["path"])
     argv = [os.fsencode(a) for a in plan["argv"]]
     envp = [os.fsencode(k) + b"=" + os.fsencode(v) for k, v in plan["env"].items()]
@@ -232,6 +244,8 @@ def spawn(
     last_cap: int,
     scratch_fd: int,
     rlimits: dict[str, tuple[int, str, int]],
+    filt: seccomp.Prepared | None = None,
+    notify_sock: int = -1,
 ) -> tuple[int, str, int]:
     """Start the job; (pid, "", 0) once it runs, or (pid or 0, error text, errno).
 
@@ -242,7 +256,9 @@ def spawn(
         # os.execve refuses an empty argv[0] (ValueError, EINVAL in the fork path's
         # child): the same answer, without a child.
         return 0, proto.error_text("execve", errno.EINVAL), errno.EINVAL
-    args, steps = build(plan, fds, reset, confine, root, last_cap, scratch_fd, rlimits)
+    args, steps = build(
+        plan, fds, reset, confine, root, last_cap, scratch_fd, rlimits, filt, notify_sock
+    )
     pid, code, num = module.spawn(*args)
     if code is None:
         return pid, "", 0

@@ -56,6 +56,23 @@ PROBES = {
     "whoami.sh": 'id -un; grep -E "^Cap(Eff|Bnd)" /proc/self/status\n',
 }
 BIND = "import socket,sys; socket.socket().bind(('127.0.0.1', int(sys.argv[1]))); print('BOUND')"
+# The seccomp layer under the real units: what the filter answers, and the status line.
+FILTERED = (
+    "import errno, socket\n"
+    "def t(name, f):\n"
+    "    try:\n"
+    "        f(); print(name, 'ok')\n"
+    "    except OSError as e:\n"
+    "        print(name, errno.errorcode[e.errno])\n"
+    "t('mptcp', lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM, 262))\n"
+    "t('udp', lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))\n"
+    "t('unbound-listen', lambda: socket.socket().listen())\n"
+    "s = socket.socket()\n"
+    "s.bind(('127.0.0.1', int(__import__('sys').argv[1])))\n"
+    "t('bound-listen', lambda: s.listen())\n"
+    "st = [l.split()[1] for l in open('/proc/self/status') if l[:8] == 'Seccomp:']\n"
+    "print('seccomp', st[0])\n"
+)
 
 
 def _probes_entry(name: str, alias: str, extra: str = "") -> str:
@@ -157,6 +174,7 @@ def unprivileged(installed: nspawn.Container, certs: Certs) -> Iterator[Deployed
     """systemd/worker-agent.service as shipped, the default confinement."""
     port = free_port()
     policy = "version: 1\nentries:\n" + _probes_entry("probe", "bash")
+    policy += "  - name: py\n    command: /usr/bin/python3\n    args: {max_count: 3}\n"
     d = _install(installed, UNPRIVILEGED, agent_config(port), policy, certs, port)
     yield d
     d.close()
@@ -236,6 +254,20 @@ def test_unprivileged_job_cannot_connect_or_signal(unprivileged: Deployed) -> No
     assert "SIGNALLED" not in out and code != 0, out
 
 
+def test_unprivileged_job_is_filtered(unprivileged: Deployed) -> None:
+    """Under the shipped unit the job's seccomp filter is installed: MPTCP, UDP and listen()
+    (the entry has no bind_tcp) are refused with EPERM."""
+    code, out = unprivileged.run("py", "-c", FILTERED, str(free_port()))
+    got = dict(line.split(" ", 1) for line in out.splitlines())
+    assert code == 0 and got == {
+        "mptcp": "EPERM",
+        "udp": "EPERM",
+        "unbound-listen": "EPERM",
+        "bound-listen": "EPERM",
+        "seccomp": "2",
+    }, out
+
+
 # -- the privileged deployment ----------------------------------------------------------
 
 
@@ -268,6 +300,24 @@ def test_privileged_capability_entry_binds_a_low_port_and_others_cannot(
     assert code == 0 and "BOUND" in out, out
     code, out = d.run("plain", "-c", BIND, str(low))
     assert "BOUND" not in out and "Permission denied" in out, out
+
+
+def test_privileged_capability_entry_listens_on_its_port_only_when_bound(
+    privileged: tuple[Deployed, int],
+) -> None:
+    """An entry with bind_tcp [low] (jobs as nobody, CAP_NET_BIND_SERVICE) listens on the
+    port it bound; listen() on an unbound socket is refused: the root spawner checks it as
+    the job's user, without CAP_SYS_PTRACE (which the unit does not give)."""
+    d, low = privileged
+    code, out = d.run("binder", "-c", FILTERED, str(low))
+    got = dict(line.split(" ", 1) for line in out.splitlines())
+    assert code == 0 and got == {
+        "mptcp": "EPERM",
+        "udp": "EPERM",
+        "unbound-listen": "EPERM",
+        "bound-listen": "ok",
+        "seccomp": "2",
+    }, out
 
 
 def test_privileged_no_job_reads_the_key(privileged: tuple[Deployed, int]) -> None:
