@@ -146,6 +146,8 @@ class RevocationChecker:
         self._crls: dict[Path, LoadedCRL] = {p: load_crl(p, ca_pem) for p in paths}
         self._sigs = {p: _sig(p) for p in (*paths, ca_file)}
         self._failed: dict[Path, object] = {}
+        # Why each file (or the CA bundle) was last rejected; cleared when it loads.
+        self._errors: dict[Path, str] = {}
         self._next_check = time.monotonic() + RECHECK_SECONDS
         self._index()
 
@@ -165,6 +167,12 @@ class RevocationChecker:
     def crls(self) -> tuple[LoadedCRL, ...]:
         """The CRLs in force."""
         return tuple(self._crls[p] for p in self.paths)
+
+    @property
+    def errors(self) -> tuple[str, ...]:
+        """Why files checked last were rejected (their previous CRLs stay); empty if none."""
+        with self._lock:
+            return tuple(self._errors.values())
 
     def check(self, *, force: bool = False) -> bool:
         """Reload CRL files that changed (all of them if ``force``); True if any did.
@@ -187,7 +195,9 @@ class RevocationChecker:
                 ca_pem = self._ca()
             except CRLError as e:
                 log.error("CRL reload rejected, keeping the loaded CRLs: %s", e)
+                self._errors[self.ca_file] = str(e)
                 return False
+            self._errors.pop(self.ca_file, None)
             reloaded = False
             for p in changed:
                 sig = _sig(p)
@@ -199,8 +209,10 @@ class RevocationChecker:
                     if self._failed.get(p) != sig:
                         log.error("CRL reload rejected, keeping the previous one: %s", e)
                     self._failed[p] = sig
+                    self._errors[p] = str(e)
                     continue
                 self._failed.pop(p, None)
+                self._errors.pop(p, None)
                 self._sigs[p] = sig
                 reloaded = True
                 self._crls[p] = new

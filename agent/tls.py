@@ -308,6 +308,8 @@ class CertificateReloader:
         self.state = self._load()
         self._key_type_locked = key_type_locked
         self._failed_sig: tuple[object, ...] | None = None
+        # Why the files on disk are refused (the previous set stays in use); None if not.
+        self.error: str | None = None
         self._on_change = on_change
         # Bumped on every successful reload; the gRPC fetcher compares it
         # with the version it last handed to gRPC.
@@ -330,6 +332,8 @@ class CertificateReloader:
         """Reload if the files changed; return the new state, or None if unchanged/broken."""
         with self._lock:
             sig = _file_sig(self.crt_file, self.key_file, self.ca_file)
+            if sig == self._sig:
+                self.error = None
             if sig == self._sig or sig == self._failed_sig:
                 return None
             try:
@@ -347,9 +351,11 @@ class CertificateReloader:
                         e,
                     )
                 self._failed_sig = sig
+                self.error = str(e)
                 return None
             self._sig = sig
             self._failed_sig = None
+            self.error = None
             self.state = state
             self.version += 1
             log.info(

@@ -56,41 +56,78 @@ def state_named(name: str) -> JobState:
 # ---------------------------------------------------------------- limits
 
 
+class Enforcer(enum.Enum):
+    """What enforces a per-job limit."""
+
+    RLIMIT = "rlimit"  # a resource limit of the job's process, set before exec
+    CGROUP = "cgroup"  # a file of the job's cgroup (needs its controller)
+    AGENT = "agent"  # the agent itself, as it copies the job's output
+
+
 @dataclass(frozen=True)
 class Limit:
     """One per-job limit: its names in each layer, and what enforces it."""
 
     name: str  # config key in [limits.default] / [limits.max], and in agentctl --limit
     wire: str  # field of the wire message ``Limits``
-    kernel: str  # the rlimit bounding it at admission (memory/processes: enforced by the cgroup)
+    enforcer: Enforcer
+    control: str  # the rlimit (RLIMIT_CPU), the cgroup file (memory.max), or the agent's cap
     help: str
+    controller: str = ""  # the cgroup controller ``control`` belongs to
 
 
 LIMITS: tuple[Limit, ...] = (
     Limit(
-        "cpu_seconds", "cpuSeconds", "RLIMIT_CPU", "RLIMIT_CPU: CPU seconds; SIGXCPU then SIGKILL"
+        "cpu_seconds",
+        "cpuSeconds",
+        Enforcer.RLIMIT,
+        "RLIMIT_CPU",
+        "RLIMIT_CPU: CPU seconds; SIGXCPU then SIGKILL",
     ),
+    # Memory and processes are the whole job's, so a cgroup enforces them: never
+    # RLIMIT_AS (address space of each process, not memory, and not the job's)
+    # nor RLIMIT_NPROC (every process of the job's user, other jobs' too).
     Limit(
         "memory_bytes",
         "memoryBytes",
-        "RLIMIT_AS",
+        Enforcer.CGROUP,
+        "memory.max",
         "memory.max of the job's cgroup in bytes (needs the memory controller)",
+        controller="memory",
     ),
-    Limit("open_files", "openFiles", "RLIMIT_NOFILE", "RLIMIT_NOFILE: open file descriptors"),
+    Limit(
+        "open_files",
+        "openFiles",
+        Enforcer.RLIMIT,
+        "RLIMIT_NOFILE",
+        "RLIMIT_NOFILE: open file descriptors",
+    ),
     Limit(
         "processes",
         "processes",
-        "RLIMIT_NPROC",
+        Enforcer.CGROUP,
+        "pids.max",
         "pids.max of the job's cgroup: its processes and threads (needs the pids controller)",
+        controller="pids",
     ),
-    Limit("output_bytes", "outputBytes", "agent", "output cap in bytes (see jobs.on_output_cap)"),
+    Limit(
+        "output_bytes",
+        "outputBytes",
+        Enforcer.AGENT,
+        "output cap",
+        "output cap in bytes (see jobs.on_output_cap)",
+    ),
 )
 LIMIT_NAMES: tuple[str, ...] = tuple(lim.name for lim in LIMITS)
 LIMIT_BY_WIRE: dict[str, Limit] = {lim.wire: lim for lim in LIMITS}
 LIMIT_BY_NAME: dict[str, Limit] = {lim.name: lim for lim in LIMITS}
-# Limits the kernel applies as rlimits (the rest the agent enforces itself).
+# Limit name -> the rlimit set on the job's process (RLIMIT_CPU, ...).
 RLIMITS: dict[str, str] = {
-    lim.name: lim.kernel for lim in LIMITS if lim.kernel.startswith("RLIMIT_")
+    lim.name: lim.control for lim in LIMITS if lim.enforcer is Enforcer.RLIMIT
+}
+# Limit name -> (file of the job's cgroup, the controller it needs).
+CGROUP_LIMITS: dict[str, tuple[str, str]] = {
+    lim.name: (lim.control, lim.controller) for lim in LIMITS if lim.enforcer is Enforcer.CGROUP
 }
 
 

@@ -1,9 +1,12 @@
 #!/bin/sh
 # Builds the Debian package of the agent into dist/ (no root needed).
 #
-#   scripts/build_deb.sh [--out DIR] [--python PYTHON] [--wheelhouse DIR]
+#   scripts/build_deb.sh [--version VERSION] [--out DIR] [--python PYTHON] [--wheelhouse DIR]
 #
 #   dist/worker-agent_<version>_<arch>.deb
+#
+# --version sets the package's version and the agent's own (`worker-agent --version`),
+# default agent/__init__.py's __version__: e.g. --version 0.1.1 for an upgrade.
 #
 # The package is self-contained: a virtual environment in /opt/worker-agent
 # with the agent and every Python dependency, built here from the local
@@ -29,15 +32,24 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 out=$root/dist
 python=/usr/bin/python3.11
 wheelhouse=""
+version=""
 while [ $# -gt 0 ]; do
     case "$1" in
+        --version) version=$2; shift 2 ;;
         --out) out=$2; shift 2 ;;
         --python) python=$2; shift 2 ;;
         --wheelhouse) wheelhouse=$2; shift 2 ;;
-        -h|--help) sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "build_deb.sh: unknown argument: $1 (see --help)" >&2; exit 2 ;;
     esac
 done
+# Valid both as a Debian version and as a Python (PEP 440) one: N.N.N, an optional
+# aN/bN/rcN, .postN, and a +local part (0.1.1, 0.2.0rc1, 0.1.0+rebuild1).
+if [ -n "$version" ] && ! printf '%s\n' "$version" |
+    grep -Eqx '[0-9]+(\.[0-9]+)*((a|b|rc)[0-9]+)?(\.post[0-9]+)?(\+[a-z0-9]+(\.[a-z0-9]+)*)?'; then
+    echo "build_deb.sh: --version $version: expected N.N.N, optionally aN/bN/rcN, .postN, +local" >&2
+    exit 2
+fi
 command -v dpkg-deb >/dev/null 2>&1 || {
     echo "build_deb.sh: dpkg-deb is missing (apt-get install dpkg)" >&2; exit 1; }
 [ -x "$python" ] || { echo "build_deb.sh: $python not found (apt-get install python3.11 python3.11-venv)" >&2; exit 1; }
@@ -61,7 +73,7 @@ if ! command -v cc >/dev/null 2>&1 || [ ! -f "$include/Python.h" ]; then
     fi
 fi
 
-version=$(sed -n 's/^__version__ = "\(.*\)"/\1/p' "$root/agent/__init__.py")
+[ -n "$version" ] || version=$(sed -n 's/^__version__ = "\(.*\)"/\1/p' "$root/agent/__init__.py")
 arch=$(dpkg --print-architecture)
 venv=/opt/worker-agent
 deb=$root/packaging/debian
@@ -76,6 +88,7 @@ echo "build_deb.sh: building worker-agent $version ($arch) with $python" >&2
 mkdir "$tmp/src"
 (cd "$root" && tar -cf - --exclude=./build --exclude=./dist --exclude=./.git \
     --exclude='*.egg-info' --exclude=__pycache__ --exclude=./certs .) | tar -xf - -C "$tmp/src"
+sed -i "s/^__version__ = \".*\"/__version__ = \"$version\"/" "$tmp/src/agent/__init__.py"
 "$python" -m pip wheel -q --no-deps -w "$tmp/wheels" "$tmp/src"
 "$python" -m zipfile -l "$tmp"/wheels/worker_agent-*.whl | grep -q 'agent/daemon/_vspawn\.' || {
     echo "build_deb.sh: the wheel has no agent/daemon/_vspawn extension (see the compiler output above)" >&2

@@ -6,16 +6,7 @@
 # Extra arguments go to `agent run` (for example --daemon).
 set -eu
 cd "$(dirname "$0")/.."
-python=${PYTHON:-python3}
-stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
-if [ ! -e "$stamp" ]; then
-    echo "run-agent: creating .venv" >&2
-    rm -rf .venv
-    "$python" -m venv .venv
-    .venv/bin/pip install --quiet --disable-pip-version-check --upgrade pip
-    .venv/bin/pip install --quiet --disable-pip-version-check -e .
-    touch "$stamp"
-fi
+scripts/venv.sh
 if [ ! -e certs/server.crt ] || [ ! -e certs/ca.crt ]; then
     echo "run-agent: generating development certificates in certs/" >&2
     scripts/gen_certs.sh

@@ -1,13 +1,60 @@
 #!/bin/sh
 # Runs the test suite in a fresh virtual environment (.venv-test, made from
 # scratch every time, so a missing install step cannot hide).
-#   scripts/test.sh                 the whole default suite
+#   scripts/test.sh                 the whole default suite (-m "not systemd")
 #   scripts/test.sh -m systemd      the real-systemd tier (boots a container)
-#   scripts/test.sh PYTEST-ARGS...  anything else pytest accepts
-# Debian packages the tests need are installed when missing (as root).
+#   scripts/test.sh PYTEST-ARGS...  anything else pytest accepts; without a -m of
+#                                   your own the default -m "not systemd" stays
+# Debian packages the tests need are installed when missing (as root); the
+# real-systemd tier's set-up (root only) runs only when the -m expression can
+# select its tests. AGENT_TEST_DRY_RUN=1 prints those two decisions and stops.
 set -eu
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
+
+# The marker expression pytest will use: the last -m EXPR / -mEXPR given, if any.
+marker=""
+has_marker=0
+want_value=0
+for arg in "$@"; do
+    if [ "$want_value" -eq 1 ]; then
+        marker=$arg want_value=0
+        continue
+    fi
+    case "$arg" in
+        -m) has_marker=1 want_value=1 ;;
+        -m*) has_marker=1 marker=${arg#-m} ;;
+    esac
+done
+if [ "$has_marker" -eq 0 ]; then
+    marker="not systemd"
+    set -- -m "$marker" "$@"
+fi
+# Whether the expression selects tests because they are marked systemd: true with
+# systemd and false without it, for some truth values of the other marker names
+# (pytest's expressions are Python's and/or/not over names). "not systemd" does
+# not; "systemd", "systemd and not slow" and "slow or systemd" do.
+systemd_tier=$("$python" - "$marker" <<'EOF'
+import itertools, re, sys
+expr, word = sys.argv[1], r"[\w:+.\[\]-]+"  # a marker name, as pytest reads one
+names = sorted(set(re.findall(word, expr)) - {"and", "or", "not", "systemd"})
+safe = {n: f"_{i}" for i, n in enumerate(names)}
+code = re.sub(word, lambda m: safe.get(m.group(), m.group()), expr)
+def select(systemd, values):
+    return eval(code, {"__builtins__": {}}, {"systemd": systemd, **dict(zip(safe.values(), values))})
+try:
+    hit = any(select(True, v) and not select(False, v)
+              for v in itertools.product((False, True), repeat=len(names)))
+except Exception:
+    hit = "systemd" in expr  # let pytest report a malformed expression
+print("yes" if hit else "no")
+EOF
+)
+if [ "${AGENT_TEST_DRY_RUN:-}" = 1 ]; then
+    echo "systemd set-up: $systemd_tier"
+    for arg in "$@"; do echo "pytest arg: $arg"; done
+    exit 0
+fi
 
 need=""
 for pair in openssl:openssl prlimit:util-linux setpriv:util-linux ip:iproute2 ps:procps sslscan:sslscan systemd-analyze:systemd; do
@@ -25,20 +72,16 @@ if [ -n "$need" ]; then
     fi
 fi
 
-case " $* " in
-    *" systemd "*|*"-m systemd"*)
-        # systemd-nspawn, debootstrap and friends for the real-systemd tier
-        scripts/systemd_tier_setup.sh ;;
-esac
+if [ "$systemd_tier" = yes ]; then
+    # systemd-nspawn, debootstrap and friends for the real-systemd tier
+    scripts/systemd_tier_setup.sh
+fi
 
 rm -rf .venv-test
 "$python" -m venv .venv-test
 .venv-test/bin/pip install --quiet --disable-pip-version-check --upgrade pip
 .venv-test/bin/pip install --quiet --disable-pip-version-check ".[test]"
 
-if [ $# -eq 0 ]; then
-    set -- -m "not systemd"
-fi
 status=0
 # The pytest script, not `python -m pytest`: the latter would put the
 # checkout on sys.path and test the source tree instead of the package.

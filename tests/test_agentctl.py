@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import re
@@ -9,12 +10,17 @@ import socket
 import subprocess
 import sys
 import threading
+import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import agent as agent_pkg
+from agent._proto import jobscheduler_pb2 as pb
+from agent.client import JobStatus, cli
 from agent.client.cli import main
+from agent.client.text import job_table
 
 from helpers import AgentProcess, Certs, wait_for
 
@@ -261,8 +267,6 @@ def test_config_search_order(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
 ) -> None:
     """--config, $AGENTCTL_CONFIG, ./agentctl.toml, then ~/.config/agentctl/config.toml."""
-    from agent.client import cli
-
     home = tmp_path / "home"
     (home / ".config" / "agentctl").mkdir(parents=True)
     user_cfg = home / ".config" / "agentctl" / "config.toml"
@@ -297,3 +301,105 @@ def test_start_usage_says_path_is_optional(capsys: pytest.CaptureFixture[str]) -
     err = capsys.readouterr().err
     assert "required: COMMAND" in err
     assert "PATH" not in err.split("error:")[1]
+
+
+def _job(owner: str, *args: str) -> JobStatus:
+    return JobStatus.from_pb(
+        pb.QueryJobRes(
+            jobID=str(uuid.uuid4()),
+            state=pb.RUNNING,
+            owner=owner,
+            command="bash",
+            path="/opt/jobs/run.sh",
+            args=list(args),
+        )
+    )
+
+
+def test_list_columns_stay_aligned_whatever_the_owner() -> None:
+    """agentctl list: every column starts at the same place on every line, long owners too."""
+    long_owner = "spiffe://fleet.example.org/ns/production/sa/nightly-backup-runner"
+    rows = [_job("client", "a b"), _job(long_owner), _job("bad\nname\t", "x")]
+    lines = job_table(rows).splitlines()
+    assert len(lines) == 1 + len(rows)  # a control character does not break a line
+    header = lines[0]
+    for title in ("STATE", "STARTED", "OWNER", "COMMAND"):
+        assert {line[header.index(title) - 2 : header.index(title)] for line in lines} == {"  "}
+    command_at = header.index("COMMAND")
+    assert [line[command_at:] for line in lines[1:]] == [
+        "bash /opt/jobs/run.sh 'a b'",
+        "bash /opt/jobs/run.sh",
+        "bash /opt/jobs/run.sh x",
+    ]
+    assert long_owner in lines[2] and "bad\\nname\\t" in lines[3]
+
+
+def test_console_collects_garbage_during_the_call_and_exits_with_its_status(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The agentctl command: the collector is back on for the call; exit status is main's."""
+    seen: list[bool] = []
+
+    def fake_run(args: Any) -> int:
+        print("table")
+        seen.append(gc.isenabled())
+        return 7
+
+    class Exited(Exception):
+        pass
+
+    def fake_exit(status: int) -> None:
+        raise Exited(status)
+
+    monkeypatch.setattr(sys, "argv", ["agentctl", "--addr", "127.0.0.1:1", "list"])
+    monkeypatch.setattr(cli, "run", fake_run)
+    monkeypatch.setattr(os, "_exit", fake_exit)
+    try:
+        with pytest.raises(Exited) as e:
+            cli.console()
+    finally:
+        gc.unfreeze()
+        gc.enable()
+    assert e.value.args == (7,)
+    assert seen == [True]
+    assert capsys.readouterr().out == "table\n"
+
+
+def test_real_agentctl_script_prints_everything_before_it_exits(
+    agent: AgentProcess, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """The installed agentctl's output through a pipe is complete, its status main's."""
+    script = Path(sys.executable).with_name("agentctl")
+    job = agent.client().start("true", "")
+    agent.client().wait(job, timeout=10)
+    r = subprocess.run(
+        [str(script), *flags(agent), "list", "--json"], capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 0, r.stderr
+    assert job in [j["job_id"] for j in json.loads(r.stdout)]
+    r = subprocess.run(
+        [str(script), *flags(agent), "status", "00000000-0000-4000-8000-000000000000"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 1 and r.stderr.startswith("agentctl: not found"), r.stderr
+
+
+def test_help_is_as_wide_as_the_terminal_says(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--help wraps where argparse's own default would (found without importing shutil)."""
+    import shutil
+
+    for columns in ("50", "120", "0", "junk", None):
+        if columns is None:
+            monkeypatch.delenv("COLUMNS", raising=False)
+        else:
+            monkeypatch.setenv("COLUMNS", columns)
+        assert cli._columns() == shutil.get_terminal_size().columns, columns
+    monkeypatch.setenv("COLUMNS", "50")
+    with pytest.raises(SystemExit):
+        main(["list", "--help"])
+    out = capsys.readouterr().out
+    assert "  -h, --help            show this help message\n" in out

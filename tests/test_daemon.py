@@ -108,6 +108,16 @@ def test_daemon_start_failure_is_reported_on_the_terminal(make_agent: AgentFacto
     assert not (a.state / "agent.pid").exists()
 
 
+def test_daemon_config_error_exits_2_before_detaching(make_agent: AgentFactory) -> None:
+    """--daemon with a bad config prints the one-line error on the terminal and exits 2."""
+    a = make_agent(start=False)
+    a.config_path.write_text(a.config_path.read_text() + "\n[nonsense]\n")
+    r = _agent_cmd(a, "--daemon")
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "[nonsense]" in r.stderr and "unknown section" in r.stderr
+    assert not (a.state / "agent.pid").exists()
+
+
 def test_daemonize_refuses_when_grpc_already_imported(
     make_agent: AgentFactory, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -175,6 +185,27 @@ def test_sd_notify_sequence(make_agent: AgentFactory, tmp_path: Path, script_dir
     assert ns.messages[0] == first and sum(m.startswith("READY=1") for m in ns.messages) == 2
 
 
+def test_status_line_says_a_reload_was_rejected_until_one_succeeds(
+    make_agent: AgentFactory, tmp_path: Path
+) -> None:
+    """STATUS= names what the last reload rejected; the next good reload clears it."""
+    ns = NotifySocket(tmp_path / "notify.sock")
+    a = make_agent(start=False, env={"NOTIFY_SOCKET": str(ns.path)})
+    a.start(wait=False)
+    ns.until(lambda m: m.startswith("READY=1"), timeout=30)
+    good = a.policy_path.read_text()
+    a.policy_path.write_text("version: 1\nentries: [\n")
+    a.signal(signal.SIGHUP)
+    ready = ns.until(lambda m: m.startswith("READY=1"))
+    assert "STATUS=0 jobs running; accepting jobs; last reload rejected: policy (see the log)" in (
+        ready
+    )
+    a.policy_path.write_text(good)
+    a.signal(signal.SIGHUP)
+    ready = ns.until(lambda m: m.startswith("READY=1"))
+    assert ready.endswith("STATUS=0 jobs running; accepting jobs"), ready
+
+
 # ---------------------------------------------------------------- signals
 
 
@@ -212,13 +243,14 @@ def test_sigterm_wait_mode_deadline_then_stops(make_agent: AgentFactory, script_
 
 
 def test_second_sigint_forces_exit(make_agent: AgentFactory, script_dir: Path) -> None:
-    """First SIGINT starts a patient shutdown; a second one stops the jobs now."""
+    """First SIGINT starts a patient shutdown and says a second one stops the jobs now; it does."""
     a = make_agent(daemon={"on_shutdown": "wait", "shutdown_deadline_seconds": 600})
     c = a.client()
     job = c.start("bash", str(script_dir / "tree.sh"))  # ignores TERM in one child
     wait_for(lambda: b"children started" in b"".join(c.stream(job)))
     a.signal(signal.SIGINT)
     wait_for(lambda: "shutting down" in a.log())
+    assert "press Ctrl-C again to stop them now" in a.log()
     time.sleep(0.3)
     assert a.proc is not None and a.proc.poll() is None  # still waiting for the job
     a.signal(signal.SIGINT)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -59,3 +61,61 @@ def test_policy_example_is_valid() -> None:
     assert m.scripts is not None and m.scripts[3].sha256 == "0" * 64
     assert any(r.matches(str(ROOT / "relative/scripts/x.sh")) for r in m.scripts)
     assert m.env == {"TZ", "BACKUP_TARGET"}
+
+
+# ---------------------------------------------------------------- names in README and docs
+
+# A path of the tree as the docs write it: systemd/worker-agent.service, scripts/test.sh,
+# "docs/deployment.md"; not part of a longer path ("/opt/scripts/x.sh", "$PWD/examples/...").
+_TREE_PATH = re.compile(
+    r"(?<![\w./$~@-])((?:systemd|scripts|packaging|docs|examples|tests|agent|bench|proto|\.ci)"
+    r"/[\w./*-]*[\w*])"
+)
+_VERBS = (
+    "start|stop|restart|try-restart|reload|reload-or-restart|status|enable|disable|edit|"
+    "is-active|is-enabled|is-failed|show|kill|mask|unmask|reset-failed|cat"
+)
+_OPTS = r"(?:-[-\w=]+\s+)*"
+_SYSTEMCTL_UNIT = re.compile(rf"systemctl\s+{_OPTS}(?:{_VERBS})\s+{_OPTS}([\w@.$-]+)")
+_JOURNAL_UNIT = re.compile(rf"journalctl\s+{_OPTS}?-u\s+([\w@.$-]+)")
+_SNIPPET = re.compile(r"systemd-(?:tmpfiles\s+--create|sysusers)\s+([\w@.$-]+\.conf)")
+
+
+def _docs() -> list[Path]:
+    docs = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    if not (ROOT / "systemd").is_dir():
+        pytest.skip("not a source checkout")
+    return docs
+
+
+def test_every_tree_path_in_readme_and_docs_exists() -> None:
+    """Each systemd/..., scripts/..., packaging/..., docs/... (etc.) path the docs name exists."""
+    missing = []
+    for doc in _docs():
+        for m in _TREE_PATH.finditer(doc.read_text()):
+            path = m.group(1)
+            if path.endswith(".so"):
+                continue  # a build product (the C extension), not a file of the tree
+            found = any(ROOT.glob(path)) if "*" in path else (ROOT / path).exists()
+            if not found:
+                missing.append(f"{doc.name}: {path}")
+    assert not missing, missing
+
+
+def test_every_unit_name_in_readme_and_docs_is_the_shipped_one() -> None:
+    """systemctl/journalctl commands name the agent's unit as shipped, and its snippets' names."""
+    unit = "worker-agent"  # systemd/worker-agent.service, installed under its own name
+    assert (ROOT / "systemd" / f"{unit}.service").exists()
+    units = {unit, f"{unit}.service"}
+    wrong = []
+    for doc in _docs():
+        text = doc.read_text()
+        for m in [*_SYSTEMCTL_UNIT.finditer(text), *_JOURNAL_UNIT.finditer(text)]:
+            name = m.group(1)
+            # Units of other software (a job's `systemctl restart nginx`) are not ours.
+            if "agent" in name and not name.startswith("$") and name not in units:
+                wrong.append(f"{doc.name}: {' '.join(m.group(0).split())}")
+        for m in _SNIPPET.finditer(text):
+            if m.group(1) != f"{unit}.conf":  # the package's sysusers.d/tmpfiles.d names
+                wrong.append(f"{doc.name}: {' '.join(m.group(0).split())}")
+    assert not wrong, wrong

@@ -501,14 +501,18 @@ def obviously_malformed(req: pb.StartJobReq) -> bool:
 
 
 def _kernel_cannot_give(req: pb.StartJobReq) -> bool:
-    """Limits refused before any policy rule: above rlim_t, the agent's hard limits, int64."""
+    """Limits refused before any policy rule: above rlim_t, the agent's hard limits, int64.
+
+    Memory and processes are the job cgroup's memory.max and pids.max: no rlimit
+    of the agent bounds them.
+    """
     if not req.HasField("limits"):
         return False
     for wire, kernel in (
         ("cpuSeconds", "RLIMIT_CPU"),
-        ("memoryBytes", "RLIMIT_AS"),
+        ("memoryBytes", None),
         ("openFiles", "RLIMIT_NOFILE"),
-        ("processes", "RLIMIT_NPROC"),
+        ("processes", None),
         ("outputBytes", None),
     ):
         if not req.limits.HasField(wire):

@@ -6,6 +6,7 @@ import ast
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -49,14 +50,83 @@ def test_daemon_entry_and_config_do_not_import_grpc(module: str) -> None:
 
 
 def test_agentctl_module_does_not_import_grpc_early() -> None:
-    """Importing agentctl's module sets grpc's log environment before grpc is loaded."""
+    """Importing agentctl's module sets grpc's log environment and does not load grpc."""
     code = (
         "import os, sys; os.environ.pop('GRPC_VERBOSITY', None); "
         "import agent.client.cli; "
         "print('grpc' in sys.modules, os.environ['GRPC_VERBOSITY'])"
     )
-    # agent.client.cli imports grpc itself, but only after setting the variable.
-    assert _run(code).split()[1] == "NONE"
+    assert _run(code).split() == ["False", "NONE"]
+
+
+def _imported(argv: list[str]) -> dict[str, list[str]]:
+    """Run the installed ``agentctl`` with ARGV under ``-X importtime``.
+
+    Returns every module it imported, each with the modules whose import
+    loaded it, innermost first (none for a top-level import).
+    """
+    script = Path(sys.executable).with_name("agentctl")
+    r = subprocess.run(
+        [sys.executable, "-X", "importtime", str(script), *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    # "import time: self | cumulative | <2 spaces a level>name", each module
+    # after the ones it imported: its importer is the next line a level up.
+    rows = []
+    for line in r.stderr.splitlines():
+        if line.startswith("import time:") and line.count("|") == 2:
+            field = line.split("|")[2]
+            name = field.strip()
+            if name != "imported package":
+                rows.append(((len(field) - len(field.lstrip()) - 1) // 2, name))
+    out: dict[str, list[str]] = {}
+    for i, (depth, name) in enumerate(rows):
+        chain = []
+        for d, n in rows[i + 1 :]:
+            if d < depth:
+                chain.append(n)
+                depth = d
+        out.setdefault(name, chain)
+    return out
+
+
+@pytest.mark.parametrize(
+    "argv", [["--version"], ["--help"], ["start", "--help"], ["completion", "bash"]]
+)
+def test_agentctl_commands_without_a_call_load_no_grpc(argv: list[str]) -> None:
+    """agentctl --version, --help and completion load neither grpc, protobuf nor the client."""
+    mods = _imported(argv)
+    assert "agent.client.cli" in mods
+    loaded = sorted(
+        m
+        for m in mods
+        if m.split(".")[0] in ("grpc", "google", "asyncio", "shutil")
+        or m.startswith(("agent.client.", "agent._proto"))
+    )
+    assert loaded == ["agent.client.cli"]
+
+
+def test_agentctl_call_loads_the_synchronous_client_only(agent: Any) -> None:
+    """agentctl start --wait: no asyncio client; asyncio comes only inside grpc's own import.
+
+    grpcio imports asyncio itself (grpc.aio, cygrpc), so a grpc client cannot do
+    without it; agentctl's own modules never import it.
+    """
+    c = agent.certs
+    flags = ["--addr", agent.addr, "--ca", str(c.ca), "--cert", str(c.crt("client"))]
+    mods = _imported([*flags, "--key", str(c.key("client")), "start", "--wait", "true"])
+    assert "agent.client.sync" in mods and "agent.client.aio" not in mods
+
+    def by_grpc(module: str) -> bool:
+        return any(m.split(".")[0] == "grpc" for m in mods[module])
+
+    assert by_grpc("asyncio")
+    # Nor what only other commands need (unless grpc brings it).
+    assert [m for m in ("json", "tomllib", "shlex", "shutil") if m in mods and not by_grpc(m)] == []
 
 
 def _imports(path: Path) -> set[str]:

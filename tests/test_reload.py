@@ -1,9 +1,14 @@
-"""SIGHUP reloads [auth] too; what cannot change is logged and kept; start-up errors first."""
+"""SIGHUP reloads [auth] too; what cannot change is logged and kept; start-up errors first;
+`agent reload` (the units' ExecReload=) fails when the agent rejected something."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import signal
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -76,7 +81,8 @@ def test_broken_config_on_hup_keeps_everything(make_agent: AgentFactory) -> None
 
 
 def test_port_in_use_is_reported_first(make_agent: AgentFactory) -> None:
-    """A port already in use is the first error logged, before 'shutting down' and 'stopped'."""
+    """A port already in use is the first line logged (no gRPC line before it), before
+    'shutting down' and 'stopped'."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
@@ -87,6 +93,12 @@ def test_port_in_use_is_reported_first(make_agent: AgentFactory) -> None:
         assert a.proc.wait(timeout=30) == 1
     log = a.log()
     assert "is another process using the port?" in log
+    # The agent's line is the first: nothing of gRPC's own logging ("E1206 ... add_port.cc").
+    assert (
+        f"ERROR agent.daemon.server: cannot listen on 127.0.0.1:{port}: Address already in use"
+        in (log.splitlines()[0])
+    )
+    assert "add_port" not in log
     first_error = log.index("ERROR")
     assert log.index("port?") > first_error
     assert "shutting down" not in log[:first_error]
@@ -108,3 +120,88 @@ def test_jobs_stopped_by_shutdown_say_so_in_the_audit_log(
     ends = {e["job_id"]: e for e in a.audit_lines() if e["event"] == "job_end"}
     assert ends[by_shutdown]["reason"].startswith("stopped by agent shutdown")
     assert ends[by_op]["reason"].startswith("stopped by request")
+
+
+# ---------------------------------------------------------------- agent reload (ExecReload=)
+
+
+def _reload_cmd(a: AgentProcess, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "agent", "reload", "--config", str(a.config_path), *extra],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=str(a.workdir),
+    )
+
+
+def test_reload_command_returns_once_a_good_policy_applies(agent: AgentProcess) -> None:
+    """`agent reload` exits 0 only after the agent applied the new policy: no polling needed."""
+    c = agent.client()
+    original = agent.policy_path.read_text()
+    agent.policy_path.write_text(original.replace('aliases: ["true"]', 'aliases: ["yes"]'))
+    r = _reload_cmd(agent)
+    assert r.returncode == 0, r.stderr
+    assert f"the agent (pid {agent.pid}) reloaded" in r.stdout
+    c.wait(c.start("yes", ""), timeout=10)  # at once: the command waited for the reload
+
+
+def test_reload_command_fails_for_a_broken_policy(agent: AgentProcess) -> None:
+    """A policy the agent rejects makes `agent reload` exit 1 naming it; the old one stays."""
+    agent.policy_path.write_text("version: 1\nentries:\n  - name: [broken\n")
+    r = _reload_cmd(agent, "--pid", str(agent.pid))
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert "agent reload: rejected: policy: " in r.stderr
+    assert "carries on with the previous version" in r.stderr
+    c = agent.client()
+    c.wait(c.start("true", ""), timeout=10)  # the previous policy still applies
+    assert "reload rejected (policy)" in agent.log()
+
+
+def test_reload_command_fails_for_a_broken_config_and_keeps_the_policy(
+    agent: AgentProcess,
+) -> None:
+    """A broken config fails `agent reload`; the agent logs the rejection, not 'policy reloaded'."""
+    agent.config_path.write_text("[auth\n")
+    r = _reload_cmd(agent, "--pid", str(agent.pid))
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert "agent reload: rejected: config: " in r.stderr
+    wait_for(lambda: "reload rejected (config)" in agent.log())
+    log = agent.log()
+    assert "configuration reload rejected, keeping the current settings and policy" in log
+    assert "policy reloaded" not in log
+    # Without --pid the agent cannot be found through a config that does not parse.
+    assert _reload_cmd(agent).returncode == 2
+    agent.client().list()
+
+
+def test_reload_command_fails_for_broken_certificates(
+    make_agent: AgentFactory, tmp_path: Path
+) -> None:
+    """A server certificate the agent refuses fails `agent reload` naming the certificates."""
+    own = tmp_path / "own-certs"
+    own.mkdir()
+    a = make_agent(start=False)
+    crt, key = own / "server.crt", own / "server.key"
+    shutil.copy2(a.certs.crt("server"), crt)
+    shutil.copy2(a.certs.key("server"), key)
+    os.chmod(key, 0o600)
+    _rewrite(a, grpc_server={"crt_file": str(crt), "key_file": str(key)})
+    a.start()
+    assert _reload_cmd(a).returncode == 0
+    crt.write_bytes(a.certs.crt("client").read_bytes())  # does not match the key
+    r = _reload_cmd(a)
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert "agent reload: rejected: certificates: " in r.stderr
+    a.client().list()  # still serving the previous certificate
+    shutil.copy2(a.certs.crt("server"), crt)
+    assert _reload_cmd(a).returncode == 0  # fixed: the next reload succeeds
+
+
+def test_reload_command_without_an_agent_fails(make_agent: AgentFactory) -> None:
+    """`agent reload` with no agent running exits 1 and says so, at once."""
+    a = make_agent()
+    a.stop()
+    r = _reload_cmd(a)
+    assert r.returncode == 1
+    assert "no agent is running" in r.stderr

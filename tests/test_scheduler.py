@@ -7,7 +7,9 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent import futures
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,8 @@ import grpc
 import pytest
 
 import agent
+from agent._proto import jobscheduler_pb2 as pb
+from agent._proto import jobscheduler_pb2_grpc as pb_grpc
 from agent.access import AccessDenied, AccessRules
 from agent.client import (
     STATES,
@@ -22,6 +26,7 @@ from agent.client import (
     AgentClientError,
     AsyncAgentClient,
     DeadlineExceeded,
+    JobStatus,
     NotFound,
     PermissionDenied,
     RetryPolicy,
@@ -31,6 +36,7 @@ from agent.client import (
     _calls,
 )
 from agent.client.errors import convert
+from agent.client.text import format_status
 from agent.scheduler.cli import main as scheduler_main
 from agent.scheduler.service import Registry, UnknownWorker
 from agent.vocabulary import LIMITS, JobState
@@ -39,6 +45,7 @@ from helpers import (
     AgentProcess,
     Certs,
     SchedulerProcess,
+    free_port,
     registration_section,
     wait_for,
 )
@@ -357,3 +364,76 @@ def test_scheduler_version(capsys: pytest.CaptureFixture[str]) -> None:
         scheduler_main(["--version"])
     assert e.value.code == 0
     assert capsys.readouterr().out.strip() == f"agent-scheduler {agent.__version__}"
+
+
+# ---------------------------------------------------------------- original workers
+
+
+def test_status_of_an_original_worker_is_read_from_done_and_error() -> None:
+    """No state on the wire: done without error is success, with error a failure."""
+    ok = JobStatus.from_pb(pb.QueryJobRes(done=True), "j")
+    failed = JobStatus.from_pb(pb.QueryJobRes(done=True, error=True, errorText="exit 3"), "j")
+    running = JobStatus.from_pb(pb.QueryJobRes(), "j")
+    assert ok.state == failed.state == running.state == "UNSPECIFIED"
+    assert (ok.succeeded, failed.succeeded, running.succeeded) == (True, False, False)
+    assert "succeeded (the worker reports done/error only" in format_status(ok)
+    assert "failed (" in format_status(failed) and "not done (" in format_status(running)
+    # A worker that sends a state is judged by it alone.
+    stopped = pb.QueryJobRes(done=True, state=pb.STOPPED)
+    assert not JobStatus.from_pb(stopped).succeeded
+
+
+class _OriginalWorker(pb_grpc.WorkerServicer):
+    """A worker of the original protocol: its QueryJobRes has done, error, errorText only.
+
+    ``true`` exits 0, anything else exits 1; jobs are done at once.
+    """
+
+    def __init__(self) -> None:
+        self.exits: dict[str, int] = {}
+
+    def StartJob(self, request: Any, context: Any) -> pb.StartJobRes:
+        job = str(uuid.uuid4())
+        self.exits[job] = 0 if request.command == "true" else 1
+        return pb.StartJobRes(jobID=job)
+
+    def QueryJob(self, request: Any, context: Any) -> pb.QueryJobRes:
+        rc = self.exits[request.jobID]
+        return pb.QueryJobRes(done=True, error=rc != 0, errorText=f"exit status {rc}" if rc else "")
+
+
+@pytest.fixture
+def original_worker() -> Iterator[str]:
+    """An original-protocol worker serving plaintext on loopback; yields its address."""
+    server = grpc.server(futures.ThreadPoolExecutor(4))
+    pb_grpc.add_WorkerServicer_to_server(_OriginalWorker(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield f"127.0.0.1:{port}"
+    server.stop(None)
+
+
+def test_run_wait_on_an_original_worker_exits_by_done_and_error(
+    tmp_path: Path, certs: Certs, original_worker: str
+) -> None:
+    """agent-scheduler run --wait: 0 for a job an original worker ran to success, else 1."""
+    s = SchedulerProcess(tmp_path / "sched", certs)
+    legacy = f"127.0.0.1:{free_port()}"
+    with open(s.config_path, "a") as f:
+        f.write(f'\n[legacy]\naddr = "{legacy}"\n')
+    s.start()
+    try:
+        # Logged just after the mTLS listener's line that start() waits for.
+        wait_for(lambda: "legacy listener on" in s.log(), timeout=10)
+        with grpc.insecure_channel(legacy) as ch:
+            reg = pb_grpc.SchedulerStub(ch).RegisterWorker(
+                pb.RegisterReq(address=original_worker), timeout=10
+            )
+        ok = s.cli("run", "--worker", reg.workerID, "--wait", "true")
+        assert ok.returncode == 0, ok.stderr
+        assert "succeeded (the worker reports done/error only" in ok.stderr
+        failed = s.cli("run", "--worker", reg.workerID, "--wait", "false")
+        assert failed.returncode == 1, failed.stderr
+        assert "exit status 1" in failed.stderr
+    finally:
+        s.stop()

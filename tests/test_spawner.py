@@ -342,6 +342,26 @@ def test_sentinel_programs_never_run_through_a_shell(
     assert marker.read_text() == ""
 
 
+def test_end_time_is_the_jobs_own_even_when_the_agent_hears_late(
+    agent: AgentProcess, script_dir: Path
+) -> None:
+    """A job that exits while the agent is stopped (SIGSTOP) ends at its own time, taken by
+    the spawner at the reap, not when the agent resumes and hears of it."""
+    c = agent.client()
+    job = c.start("bash", str(script_dir / "sleep.sh"), args=["0.3"])
+    started = time.time()
+    agent.signal(signal.SIGSTOP)
+    try:
+        time.sleep(2.5)  # the job ends about 2 s before the agent can see it
+    finally:
+        agent.signal(signal.SIGCONT)
+    st = c.wait(job, timeout=10)
+    assert st.state == "SUCCEEDED", st
+    assert st.end_time is not None and st.start_time is not None
+    end, start = st.end_time.timestamp(), st.start_time.timestamp()
+    assert end - started < 2.0 and end >= start, (start, end, started)
+
+
 def _spawner_of(agent: AgentProcess) -> int:
     for pid in children_of(agent.pid):
         if is_spawner(pid):
@@ -352,14 +372,15 @@ def _spawner_of(agent: AgentProcess) -> int:
 def test_spawner_death_fails_running_jobs_and_a_new_spawner_takes_over(
     agent: AgentProcess, script_dir: Path
 ) -> None:
-    """kill -9 of the spawner: the running job ends FAILED saying so, new jobs work."""
+    """kill -9 of the spawner: the running job ends FAILED saying so (it had started: not
+    "start failed"), new jobs work."""
     c = agent.client()
     job = c.start("bash", str(script_dir / "tree.sh"))
     wait_for(lambda: b"children started" in b"".join(c.stream(job)))
     first = _spawner_of(agent)
     os.kill(first, signal.SIGKILL)
     st = c.wait(job, timeout=10)
-    assert (st.state, st.error_text) == ("FAILED", f"start failed: {SPAWNER_DIED}")
+    assert (st.state, st.error_text) == ("FAILED", SPAWNER_DIED)
     wait_for(lambda: not job_processes(job), timeout=5)
     assert c.wait(c.start("echo", "again"), timeout=10).state == "SUCCEEDED"
     assert _spawner_of(agent) != first

@@ -45,7 +45,7 @@ def analyze() -> None:
 
 
 def _verify_copy_with_stub(tmp_path: Path) -> tuple[int, str, str]:
-    """Verify a copy of the unit whose ExecStart= binary is a stub (no root needed)."""
+    """Verify a copy of the unit whose ExecStart=/ExecReload= binary is a stub (no root needed)."""
     binary = "/opt/worker-agent/bin/agent"
     stub = tmp_path / "agent"
     stub.write_text("#!/bin/sh\nexit 0\n")
@@ -53,7 +53,7 @@ def _verify_copy_with_stub(tmp_path: Path) -> tuple[int, str, str]:
     text = UNIT.read_text()
     assert f"ExecStart={binary} " in text
     copy = tmp_path / "worker-agent.service"
-    copy.write_text(text.replace(f"ExecStart={binary} ", f"ExecStart={stub} "))
+    copy.write_text(text.replace(f"={binary} ", f"={stub} "))
     proc = subprocess.run(
         ["systemd-analyze", "verify", str(copy)], capture_output=True, text=True, check=False
     )

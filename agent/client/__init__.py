@@ -25,15 +25,16 @@ Layout: :mod:`agent.client._calls` builds every request and converts every
 answer; :mod:`agent.client.sync` and :mod:`agent.client.aio` only carry
 them over a channel. The names below are loaded on first use, so importing
 ``agent.client.cli`` does not import grpc before agentctl has set up
-grpc's logging environment.
+grpc's logging environment, and agentctl's commands that make no call
+(``--version``, ``--help``, ``completion``) never import it.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
-
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
 if TYPE_CHECKING:
+    from typing import Any
+
     from agent.channel import client_channel_options as channel_options
     from agent.client._calls import channel_credentials, list_request, start_request
     from agent.client.aio import AsyncAgentClient
@@ -120,6 +121,8 @@ def __getattr__(name: str) -> Any:
     if name in ("STATE_NUMBERS", "LIMIT_FIELDS"):
         value = _derived(name)
     elif name in _WHERE:
+        import importlib
+
         module, attr = _WHERE[name]
         value = getattr(importlib.import_module(module), attr)
     else:

@@ -17,7 +17,7 @@ from typing import Any, Generic, TypeVar
 import grpc
 
 from agent._proto import jobscheduler_pb2 as pb
-from agent.channel import Deadline, client_channel_options, merge_options
+from agent.channel import CLIENT_KEEPALIVE_S, Deadline, client_channel_options, merge_options
 from agent.client.errors import AgentClientError, convert, status_of
 from agent.client.model import JobStatus, RetryPolicy, TLSFiles, WorkerInfo
 from agent.vocabulary import LIMIT_BY_NAME, LIMIT_NAMES, state_named
@@ -260,7 +260,7 @@ def channel_spec(
     tls: TLSFiles | None,
     *,
     insecure: bool = False,
-    keepalive_s: float = 10.0,
+    keepalive_s: float = CLIENT_KEEPALIVE_S,
     options: Sequence[tuple[str, Any]] = (),
 ) -> ChannelSpec:
     """The channel of a client; ValueError if ``tls`` is missing and not ``insecure``.

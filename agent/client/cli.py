@@ -28,29 +28,31 @@ if "grpc" not in sys.modules:
     os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     os.environ.setdefault("GRPC_TRACE", "")
 
+# What a command does not need is not imported: --version, --help and
+# completion never load grpc, protobuf or the client library; a call loads
+# the synchronous client only (never asyncio's client); json, shlex, tomllib
+# and pathlib only where they are used. A script looping over agentctl pays
+# the interpreter and grpc, not the rest (tests/test_imports.py,
+# bench/agentctlcost.py).
 import argparse
-import json
-import shlex
-from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+import gc
 
 from agent import __version__
-from agent.client.errors import AgentClientError
-from agent.client.model import JobStatus, TLSFiles
-from agent.client.sync import AgentClient
-from agent.client.text import format_status, status_json
 from agent.vocabulary import LIMIT_NAMES, JobState
 
-__all__ = ["connect", "format_status", "main", "run", "status_json"]
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping, Sequence
+    from pathlib import Path
+    from typing import Any, NoReturn
+
+    from agent.client.model import JobStatus
+    from agent.client.sync import AgentClient
+
+__all__ = ["connect", "console", "main", "run"]
 
 # Where agentctl looks for its config after --config and $AGENTCTL_CONFIG.
-SYSTEM_CONFIG = Path("/etc/worker-agent/agentctl.toml")
+SYSTEM_CONFIG = "/etc/worker-agent/agentctl.toml"
 EXIT_WAIT_TIMEOUT = 3
 
 _KEYS = {"addr", "ca_file", "crt_file", "key_file", "server_name", "timeout", "insecure"}
@@ -60,8 +62,37 @@ class UsageError(Exception):
     """Bad flags or client configuration (exit 2)."""
 
 
+def _columns() -> int:
+    """The terminal's width as shutil.get_terminal_size() finds it, without importing shutil."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size().columns  # of standard output
+        except (ValueError, OSError):
+            columns = 0
+    return columns or 80
+
+
+def _formatter(prog: str) -> argparse.HelpFormatter:
+    # argparse makes a formatter for every argument added; given no width,
+    # each one asks shutil (imported for it, with bz2 and lzma) for the
+    # terminal's: that was half of what reading the command line cost.
+    return argparse.HelpFormatter(prog, width=_columns() - 2)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser with :func:`_formatter` (its subcommands' parsers too)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _formatter)
+        super().__init__(**kwargs)
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="agentctl", description="Control a worker agent.")
+    p = _Parser(prog="agentctl", description="Control a worker agent.")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument(
         "--config",
@@ -187,43 +218,61 @@ complete -o default -F _agentctl agentctl
 """
 
 
-def config_candidates(environ: Any = None) -> list[Path]:
+def _candidates(environ: Mapping[str, str]) -> list[str]:
+    xdg = environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return ["agentctl.toml", os.path.join(xdg, "agentctl", "config.toml"), SYSTEM_CONFIG]
+
+
+def config_candidates(environ: Mapping[str, str] | None = None) -> list[Path]:
     """The implicit config files, in the order they are tried."""
-    env = os.environ if environ is None else environ
-    xdg = env.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
-    return [Path("agentctl.toml"), Path(xdg) / "agentctl" / "config.toml", SYSTEM_CONFIG]
+    from pathlib import Path
+
+    return [Path(c) for c in _candidates(os.environ if environ is None else environ)]
 
 
-def _config_path(args: argparse.Namespace) -> tuple[Path | None, bool]:
+def _config_path(args: argparse.Namespace) -> tuple[str | None, bool]:
     """The config file to read, and whether it was named explicitly."""
     named = args.config or os.environ.get("AGENTCTL_CONFIG")
     if named:
-        return Path(named), True
-    for p in config_candidates():
-        if p.exists():
+        return named, True
+    for p in _candidates(os.environ):
+        if os.path.exists(p):
             return p, False
     return None, False
+
+
+def _read_table(p: str) -> dict[str, Any]:
+    """The [agentctl] table of config file ``p``, its ``*_file`` paths made absolute."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+
+    try:
+        with open(p, encoding="utf-8") as f:
+            raw = tomllib.loads(f.read())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise UsageError(f"{p}: {e}") from None
+    table = raw.get("agentctl", {})
+    if not isinstance(table, dict):
+        raise UsageError(f"{p}: [agentctl] must be a table")
+    unknown = set(table) - _KEYS
+    if unknown:
+        raise UsageError(f"{p}: [agentctl] unknown key(s): {', '.join(sorted(unknown))}")
+    base = os.path.dirname(os.path.realpath(p))
+    data: dict[str, Any] = {}
+    for k, v in table.items():
+        if k.endswith("_file") and isinstance(v, str) and v:
+            v = os.path.join(base, v)
+        data[k] = v
+    return data
 
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
     p, explicit = _config_path(args)
     data: dict[str, Any] = {}
-    if p is not None and p.exists():
-        try:
-            raw = tomllib.loads(p.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
-            raise UsageError(f"{p}: {e}") from None
-        table = raw.get("agentctl", {})
-        if not isinstance(table, dict):
-            raise UsageError(f"{p}: [agentctl] must be a table")
-        unknown = set(table) - _KEYS
-        if unknown:
-            raise UsageError(f"{p}: [agentctl] unknown key(s): {', '.join(sorted(unknown))}")
-        base = p.resolve().parent
-        for k, v in table.items():
-            if k.endswith("_file") and isinstance(v, str) and v:
-                v = str(base / v)
-            data[k] = v
+    if p is not None and os.path.exists(p):
+        data = _read_table(p)
     elif explicit and p is not None:
         raise UsageError(f"{p}: no such file")
     for flag, key in (
@@ -243,6 +292,9 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
 
 def connect(args: argparse.Namespace) -> AgentClient:
     """A client from flags and the config file."""
+    from agent.client.model import TLSFiles
+    from agent.client.sync import AgentClient
+
     s = _settings(args)
     timeout = float(s.get("timeout", 10.0))
     if s.get("insecure"):
@@ -279,6 +331,8 @@ def _write(data: bytes) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Carry out one command; raises AgentClientError/UsageError."""
+    from agent.client.text import format_status, job_table, status_json
+
     with connect(args) as c:
         if args.cmd == "start":
             limits = {k: int(v) for k, v in _kv(args.limit, "limit").items()}
@@ -303,13 +357,13 @@ def run(args: argparse.Namespace) -> int:
                 f"job {job}: {st.state}" + (f" ({st.error_text})" if st.error_text else ""),
                 file=sys.stderr,
             )
-            return 0 if st.state == "SUCCEEDED" else 1
+            return 0 if st.succeeded else 1
         if args.cmd == "stop":
             c.stop(args.id)
             return 0
         if args.cmd == "status":
             st = c.query(args.id)
-            print(json.dumps(status_json(st), indent=2) if args.json else format_status(st))
+            print(_json(status_json(st)) if args.json else format_status(st))
             return 0
         if args.cmd == "wait":
             st = c.wait(args.id, timeout=args.timeout)
@@ -321,7 +375,7 @@ def run(args: argparse.Namespace) -> int:
                 )
                 return EXIT_WAIT_TIMEOUT
             print(format_status(st))
-            return 0 if st.state == "SUCCEEDED" else 1
+            return 0 if st.succeeded else 1
         if args.cmd == "logs":
             for chunk in c.stream(args.id, offset=args.offset, follow=args.follow):
                 _write(chunk)
@@ -335,24 +389,36 @@ def run(args: argparse.Namespace) -> int:
                 if args.limit and len(rows) >= args.limit:
                     break
             if args.json:
-                print(json.dumps([status_json(s) for s in rows], indent=2))
+                print(_json([status_json(s) for s in rows]))
             else:
-                print(f"{'JOB ID':<36}  {'STATE':<9}  {'STARTED':<19}  {'OWNER':<12}  COMMAND")
-                for s in rows:
-                    when = f"{s.start_time:%Y-%m-%d %H:%M:%S}" if s.start_time else "-"
-                    line = " ".join(shlex.quote(w) for w in (s.command, s.path, *s.args) if w)
-                    print(f"{s.job_id:<36}  {s.state:<9}  {when:<19}  {s.owner:<12}  {line}")
+                print(job_table(rows))
             return 0
     raise UsageError(f"unknown command {args.cmd}")  # pragma: no cover
 
 
+def _json(value: Any) -> str:
+    import json
+
+    return json.dumps(value, indent=2)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status."""
+    return _main(argv, loaded=lambda: None)
+
+
+def _main(argv: Sequence[str] | None, *, loaded: Callable[[], None]) -> int:
+    """:func:`main`, calling ``loaded()`` once a call's modules are imported."""
     parser = _parser()
     args = parser.parse_args(argv)
     if args.cmd == "completion":
         sys.stdout.write(bash_completion(parser))
         return 0
+    # Only now, with a call to make, is the client library (and grpc) loaded.
+    from agent.client import sync, text  # noqa: F401 - every call needs them
+    from agent.client.errors import AgentClientError
+
+    loaded()
     try:
         return run(args)
     except UsageError as e:
@@ -370,5 +436,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
 
+def _collect_from_now_on() -> None:
+    # Everything imported so far lives until the process ends: move it out
+    # of the collector's sight, then collect only what the call makes.
+    gc.freeze()
+    gc.enable()
+
+
+def console() -> NoReturn:
+    """The ``agentctl`` command: :func:`main`, in a process that does nothing else.
+
+    Two costs of a short process are left out. The cyclic garbage collector
+    is off while grpc and protobuf are imported (they allocate much and
+    free almost nothing, so collecting then is wasted work; it runs again
+    for the call itself). And after the command, the interpreter's teardown
+    (finalising every module and object, which costs more than the call) is
+    skipped: the channel is closed and nothing is left to clean up, so once
+    stdout and stderr are flushed the process ends at once.
+    """
+    gc.disable()
+    status = _main(None, loaded=_collect_from_now_on)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BrokenPipeError:
+            pass  # the reader went away (agentctl list | head): not an error
+        except OSError:
+            status = status or 1  # output was lost (a full disk): not a success
+    os._exit(status)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    console()

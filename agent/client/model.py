@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import datetime
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -24,18 +24,19 @@ STATES: dict[int, str] = {s.value: s.name for s in JobState}
 class TLSFiles:
     """CA bundle, client certificate and key (paths or PEM bytes)."""
 
-    ca: str | Path | bytes
-    cert: str | Path | bytes | None = None
-    key: str | Path | bytes | None = None
+    ca: str | os.PathLike[str] | bytes
+    cert: str | os.PathLike[str] | bytes | None = None
+    key: str | os.PathLike[str] | bytes | None = None
     server_name: str = ""  # expected name in the server certificate, if not the host
 
     def load(self) -> tuple[bytes, bytes | None, bytes | None]:
         """The three PEM blobs; OSError if a file cannot be read."""
 
-        def rd(v: str | Path | bytes | None) -> bytes | None:
+        def rd(v: str | os.PathLike[str] | bytes | None) -> bytes | None:
             if v is None or isinstance(v, bytes):
                 return v
-            return Path(v).read_bytes()
+            with open(v, "rb") as f:
+                return f.read()
 
         ca = rd(self.ca)
         assert ca is not None
@@ -72,6 +73,18 @@ class JobStatus:
     output_bytes: int
     output_truncated: bool
     timeout_seconds: int
+
+    @property
+    def succeeded(self) -> bool:
+        """The job ended without error.
+
+        Read from ``state`` when the worker sends one. A worker of the
+        original protocol sends only ``done`` and ``error`` (``state`` is
+        UNSPECIFIED): then done without error is success.
+        """
+        if self.state != "UNSPECIFIED":
+            return self.state == JobState.SUCCEEDED.name
+        return self.done and not self.error
 
     @classmethod
     def from_pb(cls, m: pb.QueryJobRes, job_id: str = "") -> JobStatus:

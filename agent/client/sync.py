@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 import grpc
 
 from agent._proto import jobscheduler_pb2_grpc as pb_grpc
+from agent.channel import CLIENT_KEEPALIVE_S
 from agent.client import _calls as calls
 from agent.client.model import JobStatus, RetryPolicy, TLSFiles, WorkerInfo
 
@@ -69,7 +70,7 @@ class AgentClient(_Transport):
         timeout: float = 10.0,
         retry: RetryPolicy | None = None,
         insecure: bool = False,
-        keepalive_s: float = 10.0,
+        keepalive_s: float = CLIENT_KEEPALIVE_S,
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         """Connect lazily to ``address`` with mTLS (``insecure`` only for plaintext dev).

@@ -89,7 +89,10 @@ def kernel_hard_limits(names: Iterable[str]) -> dict[str, int]:
 
     A job inherits them: an unprivileged process (the job user, or the
     agent when it is not root) cannot raise a hard limit, so a request
-    above one would fail with EPERM after the job was accepted.
+    above one would fail with EPERM after the job was accepted. Only the
+    limits set as rlimits (:data:`agent.vocabulary.RLIMITS`) are bounded so:
+    a cgroup's memory.max or pids.max owes nothing to the agent's RLIMIT_AS
+    or RLIMIT_NPROC.
     """
     out: dict[str, int] = {}
     for name in names:
@@ -104,8 +107,12 @@ def kernel_hard_limits(names: Iterable[str]) -> dict[str, int]:
 def check_kernel_limits(limits: Mapping[str, int], hard: Mapping[str, int]) -> None:
     """Refuse limits the kernel cannot give; InvalidArgument naming each one.
 
-    0 means "no limit" in a request and is not checked here (the maxima
-    of ``[limits]`` decide whether it is allowed).
+    ``hard``: the agent's hard rlimits of the rlimit limits asked for
+    (:func:`kernel_hard_limits`). Every other limit (a cgroup's, the output
+    cap) is only checked to fit the history; whether its cgroup controller
+    is there is the supervisor's question. 0 means "no limit" in a request
+    and is not checked here (the maxima of ``[limits]`` decide whether it
+    is allowed).
     """
     problems: list[str] = []
     for name, value in limits.items():
@@ -177,7 +184,7 @@ def admit(
             )
     limits = resolve_limits(req.limits, rules.default_limits, rules.max_limits)
     # Against the kernel at request time (not only the configured maxima):
-    # a limit it cannot give must be refused before anything starts.
+    # an rlimit it cannot give must be refused before anything starts.
     # (Only the limits set are read: check_kernel_limits looks at nothing
     # else, and the usual job has none or one.)
     asked = [name for name, value in limits.items() if value]

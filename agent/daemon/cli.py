@@ -1,4 +1,4 @@
-"""The ``agent`` command: ``agent run``, ``agent check-config`` and ``agent pki``.
+"""The ``agent`` command: ``agent run``, ``check-config``, ``reload`` and ``pki``.
 
 One of the two places that end the process (with the client CLI). Exit
 status: 0 success, 1 runtime failure, 2 invalid configuration or usage.
@@ -9,10 +9,12 @@ Nothing that imports grpc is imported before the cipher policy is set (see
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -26,6 +28,9 @@ from agent.daemon.grpc_gate import GateError, open_gate
 log = logging.getLogger("agent")
 
 DEFAULT_CONFIG = os.environ.get("AGENT_CONFIG", "config.toml")
+# Below the units' TimeoutStartSec= (60 s), which also bounds ExecReload=: the
+# operator gets this command's reason rather than systemd's timeout.
+RELOAD_TIMEOUT = 45.0
 
 
 def _terminal_columns() -> int:
@@ -81,6 +86,28 @@ def _parser() -> argparse.ArgumentParser:
     )
     c = sub.add_parser("check-config", help="validate the configuration and exit")
     c.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+    rl = sub.add_parser(
+        "reload",
+        help="make the running agent reload (SIGHUP) and wait: exit 1 if it rejected anything",
+        description=(
+            "Send SIGHUP to the agent of this configuration and wait until it has reloaded "
+            "its certificates, CRLs, policy, [auth] and audit log. Exit 0 if it accepted "
+            "everything, 1 if it rejected something (it then carries on with the previous "
+            "version), did not answer in time, or is not running. The units' ExecReload=."
+        ),
+    )
+    rl.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+    rl.add_argument(
+        "--pid",
+        type=int,
+        help="the agent's pid (default: the one holding the state directory's lock)",
+    )
+    rl.add_argument(
+        "--timeout",
+        type=float,
+        default=RELOAD_TIMEOUT,
+        help=f"seconds to wait for the agent's answer (default {RELOAD_TIMEOUT:g})",
+    )
     # Only the parser: cryptography is imported when a pki command runs.
     pki.add_parser(sub)
     return p
@@ -223,6 +250,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.cmd == "pki":
         return _pki(args)
+    if args.cmd == "reload":
+        return _reload(args)
     try:
         cfg = load(args.config)
         prepared = startup.prepare(cfg, create_dirs=args.cmd == "run")
@@ -270,6 +299,50 @@ def main(argv: Sequence[str] | None = None) -> int:
     from agent.daemon.server import run
 
     return run(prepared)
+
+
+def _reload(args: argparse.Namespace) -> int:
+    """``agent reload``: SIGHUP the agent, wait for its outcome, say it; 0 only if all accepted."""
+    from agent.daemon import reloadstatus
+
+    if args.timeout <= 0:
+        print("agent reload: --timeout must be positive", file=sys.stderr)
+        return 2
+    try:
+        cfg = load(args.config)
+    except ConfigError as e:
+        if args.pid is None:
+            print(f"agent reload: {e}", file=sys.stderr)
+            return 2
+        # The agent rejects this file the same way (same loader): let it log that and
+        # show it in its status line, and fail the reload now (its state directory,
+        # where it records the outcome, is named in the very file that is broken).
+        with contextlib.suppress(OSError):
+            os.kill(args.pid, signal.SIGHUP)
+        print(
+            f"agent reload: rejected: config: {e} (the agent keeps its current "
+            "configuration and policy)",
+            file=sys.stderr,
+        )
+        return 1
+    state_dir = cfg.jobs.state_dir
+    try:
+        pid = args.pid if args.pid is not None else reloadstatus.agent_pid(state_dir)
+        outcome = reloadstatus.request(state_dir, pid, timeout=args.timeout)
+    except reloadstatus.ReloadError as e:
+        print(f"agent reload: {e}", file=sys.stderr)
+        return 1
+    for what, why in outcome.rejected:
+        print(f"agent reload: rejected: {what}: {why}", file=sys.stderr)
+    if not outcome.ok:
+        print(
+            f"agent reload: the agent (pid {pid}) carries on with the previous version of "
+            "what it rejected",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"agent reload: the agent (pid {pid}) reloaded")
+    return 0
 
 
 def _pki(args: argparse.Namespace) -> int:

@@ -69,7 +69,25 @@ class GrpcServer:
         hi=3650,
     )
     max_connection_idle_seconds: int = option(
-        0, "close idle client connections after this many seconds (0: never)", lo=0, hi=86400
+        1800,
+        "close client connections with no call in flight for this many seconds (0: never; "
+        "clients reconnect at their next call); an idle mTLS connection holds about 67 KB",
+        lo=0,
+        hi=86400,
+    )
+    max_connections: int = option(
+        1024,
+        "client connections accepted at once (0: no limit); more are refused at accept",
+        lo=0,
+        hi=1000000,
+    )
+    max_concurrent_streams: int = option(
+        1024,
+        "calls one connection may have in flight at once (HTTP/2 streams); more wait in "
+        "the client (a client that opens more before it has read the limit gets them "
+        "refused: keep it above what one client starts at once)",
+        lo=1,
+        hi=100000,
     )
 
 
@@ -176,6 +194,20 @@ class Jobs:
     )
     max_running: int = option(
         64, "running jobs at most; more is RESOURCE_EXHAUSTED", lo=1, hi=100000
+    )
+    max_streams: int = option(
+        128,
+        "StreamJobOutput calls served at once, all callers together (each holds up to about "
+        "0.4 MB while its client does not read); more is RESOURCE_EXHAUSTED",
+        lo=1,
+        hi=100000,
+    )
+    max_streams_per_identity: int = option(
+        16,
+        "StreamJobOutput calls one client identity may have open at once; more is "
+        "RESOURCE_EXHAUSTED",
+        lo=1,
+        hi=100000,
     )
     default_timeout_seconds: int = option(0, "timeout when a request sets none (0: none)", lo=0)
     max_timeout_seconds: int = option(

@@ -8,6 +8,8 @@ echo secret values.
 
 from __future__ import annotations
 
+import errno
+
 from agent.vocabulary import Kind
 
 __all__ = [
@@ -21,6 +23,7 @@ __all__ = [
     "SpawnFailure",
     "Unauthenticated",
     "Unavailable",
+    "agent_condition",
 ]
 
 
@@ -91,3 +94,40 @@ class SpawnFailure(OSError):
 
     def __str__(self) -> str:
         return self.reason
+
+
+# The agent's own resources running out: (kind, what ran out). A refusal that says it is
+# the agent's condition, not the caller's request, so a client retries instead of
+# changing what it asks (issue 23).
+_CONDITIONS: dict[int, tuple[type[AgentError], str]] = {
+    errno.EMFILE: (ResourceExhausted, "the agent is out of file descriptors"),
+    errno.ENFILE: (ResourceExhausted, "the system is out of file descriptors"),
+    errno.ENOMEM: (ResourceExhausted, "the agent is out of memory"),
+    errno.ENOBUFS: (ResourceExhausted, "the agent is out of buffer memory"),
+    errno.ENOSPC: (Unavailable, "the agent's disk is full"),
+    errno.EDQUOT: (Unavailable, "the agent's disk quota is used up"),
+    errno.EAGAIN: (Unavailable, "the agent cannot create a process or thread now"),
+}
+
+
+def agent_condition(exc: BaseException) -> AgentError | None:
+    """The refusal for ``exc`` when it is the agent's own resources running out
+    (descriptors, memory, disk, processes or threads), else None. Never raises."""
+    if isinstance(exc, AgentError):
+        return None
+    kind: type[AgentError]
+    if isinstance(exc, MemoryError):
+        kind, what = ResourceExhausted, "the agent is out of memory"
+        detail = "MemoryError"
+    elif isinstance(exc, RuntimeError) and "can't start new thread" in str(exc):
+        kind, what = Unavailable, "the agent cannot create a thread now"
+        detail = str(exc)
+    elif isinstance(exc, OSError) and exc.errno in _CONDITIONS:
+        kind, what = _CONDITIONS[exc.errno]
+        detail = f"{exc.strerror or exc}, {errno.errorcode.get(exc.errno, exc.errno)}"
+    else:
+        return None
+    return kind(
+        f"{what} ({detail}): the agent's condition, not the request's; try again later",
+        rule="agent-resources",
+    )

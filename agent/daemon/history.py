@@ -35,6 +35,11 @@ from agent.vocabulary import JobState
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
+_INCREMENTAL = 2  # PRAGMA auto_vacuum=INCREMENTAL
+# Free pages one retention step gives back (4 KiB each): a bounded amount of I/O.
+VACUUM_PAGES = 256
+# Unsaved records are written again after this, doubling up to RETRY_MAX (seconds).
+RETRY_FIRST, RETRY_MAX = 0.5, 10.0
 # Finished records Store.get answers from memory (a few hundred bytes each).
 RECENT = 128
 
@@ -67,6 +72,23 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
 CREATE INDEX IF NOT EXISTS jobs_owner ON jobs(owner, seq);
 CREATE INDEX IF NOT EXISTS jobs_end ON jobs(end_time);
+"""
+# How many finished jobs there are, kept by triggers: retention's max_jobs needs it every
+# step, and COUNT(*) over 30,000 rows takes milliseconds on these machines (it scans an
+# index). Additive: an older agent's writes keep it right too (the triggers are in the file).
+_RUNNING = JobState.RUNNING.value
+_COUNTS = f"""
+CREATE TABLE IF NOT EXISTS finished_count (n INTEGER NOT NULL);
+CREATE TRIGGER IF NOT EXISTS jobs_finished_insert AFTER INSERT ON jobs
+    WHEN NEW.state <> {_RUNNING}
+    BEGIN UPDATE finished_count SET n = n + 1; END;
+CREATE TRIGGER IF NOT EXISTS jobs_finished_update AFTER UPDATE OF state ON jobs
+    WHEN (NEW.state <> {_RUNNING}) <> (OLD.state <> {_RUNNING})
+    BEGIN UPDATE finished_count
+        SET n = n + (CASE WHEN NEW.state <> {_RUNNING} THEN 1 ELSE -1 END); END;
+CREATE TRIGGER IF NOT EXISTS jobs_finished_delete AFTER DELETE ON jobs
+    WHEN OLD.state <> {_RUNNING}
+    BEGIN UPDATE finished_count SET n = n - 1; END;
 """
 
 
@@ -113,6 +135,8 @@ class Store:
         self.path = path
         try:
             self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+            # Before anything else: a new file takes it only before its first page.
+            self._db.execute(f"PRAGMA auto_vacuum={_INCREMENTAL}")
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA busy_timeout=5000")
@@ -122,7 +146,21 @@ class Store:
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
                 raise StoreError(f"{path}: written by a newer agent (schema {version})")
+            # Free pages go back to the file system after retention (vacuum_step), so the
+            # file shrinks with the history. A new file takes the setting as is; a file of
+            # an older agent needs one VACUUM to switch, done once here.
+            if self._db.execute("PRAGMA auto_vacuum").fetchone()[0] != _INCREMENTAL:
+                self._db.execute("VACUUM")  # an existing file switches only through one
             self._db.executescript(_SCHEMA)
+            self._db.executescript(_COUNTS)
+            if self._db.execute("SELECT COUNT(*) FROM finished_count").fetchone()[0] != 1:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._db.execute("DELETE FROM finished_count")
+                self._db.execute(
+                    "INSERT INTO finished_count SELECT COUNT(*) FROM jobs WHERE state <> ?",
+                    (_RUNNING,),
+                )
+                self._db.execute("COMMIT")
             self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except sqlite3.Error as e:
             raise StoreError(f"{path}: {e}") from None
@@ -232,9 +270,13 @@ class Store:
         return [_record(r) for r in rows]
 
     def count(self) -> int:
-        """How many jobs the history holds (for the metrics)."""
-        (n,) = self._db.execute("SELECT COUNT(*) FROM jobs").fetchone()
-        return int(n)
+        """How many jobs the history holds (for the metrics): the kept count of finished
+        ones and the (few) running ones, never a scan of the table."""
+        (finished,) = self._db.execute("SELECT n FROM finished_count").fetchone()
+        (running,) = self._db.execute(
+            "SELECT COUNT(*) FROM jobs WHERE state = ?", (_RUNNING,)
+        ).fetchone()
+        return int(finished) + int(running)
 
     def list_jobs(
         self,
@@ -279,9 +321,7 @@ class Store:
             ):
                 out[job_id] = outp
         if max_jobs:
-            (finished,) = self._db.execute(
-                "SELECT COUNT(*) FROM jobs WHERE state<>?", (running,)
-            ).fetchone()
+            (finished,) = self._db.execute("SELECT n FROM finished_count").fetchone()
             excess = finished - max_jobs
             if excess > 0:
                 for job_id, outp in self._db.execute(
@@ -290,6 +330,16 @@ class Store:
                 ):
                     out[job_id] = outp
         return list(out.items())
+
+    def vacuum_step(self, pages: int = VACUUM_PAGES) -> int:
+        """Give up to ``pages`` free pages back to the file system; returns how many free
+        pages remain (0: nothing left to shrink)."""
+        if self._db.in_transaction:
+            return 0  # never inside a group commit: the next step does it
+        # executescript: it steps the pragma to its end (execute() frees a single page).
+        self._db.executescript(f"PRAGMA incremental_vacuum({int(pages)});")
+        (free,) = self._db.execute("PRAGMA freelist_count").fetchone()
+        return int(free)
 
     def delete(self, ids: Sequence[str]) -> None:
         """Remove finished jobs by id (running ones are never removed)."""
@@ -337,6 +387,8 @@ class History:
         self._batch: list[JobRecord] = []
         self._commit_future: asyncio.Future[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._retry: asyncio.TimerHandle | None = None
+        self._retry_delay = RETRY_FIRST
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """Commit in groups on ``loop`` from now on (before: every write commits)."""
@@ -376,6 +428,7 @@ class History:
         except sqlite3.Error as e:
             log.error("job %s: cannot write its state to the history (%s); will retry", rec.id, e)
             self.unsaved[rec.id] = rec
+            self._retry_later()
             return
         self._batch.append(rec)
         if self._loop is not None:
@@ -394,12 +447,36 @@ class History:
         for rec in list(self.unsaved.values()):
             self.save(rec)
 
+    def _retry_later(self) -> None:
+        """Retry the unsaved records on their own schedule (0.5 s, doubling to 10 s):
+        not only when something else happens to write."""
+        if self._loop is None or self._retry is not None:
+            return
+        self._retry = self._loop.call_later(self._retry_delay, self._retry_now)
+        self._retry_delay = min(self._retry_delay * 2, RETRY_MAX)
+
+    def _retry_now(self) -> None:
+        self._retry = None
+        pending = len(self.unsaved)
+        self.retry_unsaved()
+        if self._batch and self._loop is not None:
+            self._loop.call_soon(self._report_retry, pending)
+
+    def _report_retry(self, pending: int) -> None:
+        # After the group commit the retry joined (call_soon runs in order).
+        if not self.unsaved:
+            log.info("history: %d unsaved record(s) written", pending)
+            self._retry_delay = RETRY_FIRST
+
     def get(self, job_id: str) -> JobRecord | None:
         """A finished job's record (a not yet written one first)."""
         return self.unsaved.get(job_id) or self.store.get(job_id)
 
     def close(self) -> None:
         """Commit what is pending and close the database."""
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
         self.store.close()
 
     def _commit_soon(self) -> asyncio.Future[None]:
@@ -422,9 +499,12 @@ class History:
                 self.store.rollback()
             for rec in batch:
                 self.unsaved[rec.id] = rec
+            self._retry_later()
             fut.set_exception(e)
             fut.exception()  # retrieved: updates are retried, starts were told
             return
         for rec in batch:
             self.unsaved.pop(rec.id, None)
+        if not self.unsaved:
+            self._retry_delay = RETRY_FIRST
         fut.set_result(None)

@@ -77,6 +77,12 @@ class Exit:
     # Set when the program never ran: the spawner's child failed a set-up
     # step or execve itself ("execve: Exec format error (ENOEXEC)").
     start_failure: str = ""
+    # Set when the job ran but ended without an exit status anyone saw: why (the job
+    # spawner died and its processes were killed).
+    lost: str = ""
+    # When the job ended (wall clock), as the spawner saw it at the reap: not when the
+    # agent heard of it, which a stopped or busy agent may do much later. None: unknown.
+    end_time: float | None = None
 
 
 def describe_exit(exit_code: int | None, sig: int | None) -> str:
@@ -355,6 +361,8 @@ class Life:
         how = describe_exit(ex.exit_code, ex.signal)
         if ex.start_failure and not (self.timed_out or self.stop_requested):
             target, text = JobState.FAILED, f"start failed: {ex.start_failure}"
+        elif ex.lost and not (self.timed_out or self.stop_requested):
+            target, text = JobState.FAILED, ex.lost
         elif self.timed_out:
             text = f"timed out after {self.timeout_seconds} s ({how})"
         elif self.shutdown:

@@ -41,6 +41,7 @@ from prometheus_client.registry import Collector
 from agent import x509
 from agent.configfile import split_host_port
 from agent.daemon import policy as policy_mod
+from agent.daemon.access_gate import gated
 from agent.daemon.admission import StartRequest
 from agent.daemon.audit import AuditLog
 from agent.daemon.config import Metrics as MetricsConfig
@@ -372,6 +373,12 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     def _wrap(self, method: str, handler: Any) -> Any:
         m, gate = self._m, self._gate
+        if gate is not None:
+            # The one access gate (fails closed: None for a handler it cannot
+            # gate); the counting below wraps it, so refusals are counted too.
+            handler = gated(handler, method, gate)
+            if handler is None:
+                return None
         short = method.rsplit("/", 1)[-1]
         streaming_output = short == "StreamJobOutput"
         counts, durations = self._counts, self._durations
@@ -387,8 +394,6 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 t0 = time.monotonic()
                 failed: BaseException | None = None
                 try:
-                    if gate is not None:
-                        await gate(method, context)
                     return await inner(request, context)
                 except BaseException as e:
                     failed = e
@@ -416,8 +421,6 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                     if streaming_output:
                         m.stream_followers.inc()
                     try:
-                        if gate is not None:
-                            await gate(method, context)
                         async for item in inner(request, context):
                             yield item
                     except BaseException as e:

@@ -3,6 +3,9 @@
 Recording: the first byte creates ``<output_dir>/<job id>.out`` (0600,
 ``O_EXCL|O_NOFOLLOW``), so a job that prints nothing costs no file; the cap
 (``output_bytes``) truncates; a write error (disk full) fails only that job.
+The descriptor is taken before the job starts (an unnamed ``O_TMPFILE`` that the
+first byte links into place): an agent out of descriptors refuses the start
+instead of starting a job that then fails for want of its output file.
 
 Streaming reads the file, never the job: readers do not slow the job or
 each other, each may start anywhere, and a finished job streams the same
@@ -12,14 +15,15 @@ way as a running one.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import errno
 import os
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from agent.daemon.errors import FailedPrecondition, SpawnFailure
+from agent.daemon.errors import FailedPrecondition, SpawnFailure, agent_condition
 
-STREAM_CHUNK = 256 * 1024
+STREAM_CHUNK = 64 * 1024
 
 
 def describe_oserror(e: OSError) -> str:
@@ -29,6 +33,22 @@ def describe_oserror(e: OSError) -> str:
     code = errno.errorcode.get(e.errno or 0, "")
     text = e.strerror or str(e)
     return f"{text} ({code})" if code else text
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_AT_FDCWD, _AT_SYMLINK_FOLLOW = -100, 0x400
+
+
+def _link_fd(fd: int, path: str) -> None:
+    """Give the unnamed (O_TMPFILE) file ``fd`` the name ``path``; raises OSError.
+
+    linkat(AT_SYMLINK_FOLLOW) of /proc/self/fd/N, as open(2) documents: os.link() calls
+    plain link() here, which would link the magic symlink itself (EXDEV).
+    """
+    src = f"/proc/self/fd/{fd}".encode()
+    if _libc.linkat(_AT_FDCWD, src, _AT_FDCWD, os.fsencode(path), _AT_SYMLINK_FOLLOW) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), path)
 
 
 @dataclass
@@ -49,9 +69,38 @@ class OutputFile:
         self.size = 0
         self.truncated = False
         self._fd: int | None = None
+        self._unnamed = False  # _fd is an O_TMPFILE not yet linked at path
+
+    def reserve(self) -> None:
+        """Take the file's descriptor now, before the job starts, unnamed (O_TMPFILE).
+
+        Raises the agent's-condition AgentError when the agent is out of descriptors or
+        memory. Any other failure (a file system without O_TMPFILE, no inode left) is
+        left to the first byte, as without a reservation: a job that writes nothing
+        still succeeds.
+        """
+        try:
+            self._fd = os.open(
+                os.path.dirname(self.path), os.O_WRONLY | os.O_TMPFILE | os.O_CLOEXEC, 0o600
+            )
+        except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
+                raise agent_condition(e) or e from None
+            return
+        self._unnamed = True
 
     def write(self, data: bytes) -> WriteResult:
         """Append ``data`` (up to the cap); never raises."""
+        if self._unnamed and self._fd is not None:
+            try:
+                # The reserved file gets its name at the first byte. link() never
+                # replaces an existing name (like O_EXCL) and never follows one.
+                _link_fd(self._fd, self.path)
+            except OSError as e:
+                return WriteResult(
+                    0, failure=f"its output file could not be created: {describe_oserror(e)}"
+                )
+            self._unnamed = False
         if self._fd is None:
             try:
                 self._fd = os.open(
@@ -83,10 +132,11 @@ class OutputFile:
         return WriteResult(self.size - start, cap_reached=cap_reached)
 
     def close(self) -> None:
-        """Close the file (idempotent)."""
+        """Close the file (idempotent); an unnamed reservation just goes."""
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+        self._unnamed = False
 
 
 class Followers:

@@ -40,6 +40,7 @@ from agent.daemon.errors import (
     Kind,
     NotFound,
     PermissionDenied,
+    agent_condition,
 )
 from agent.daemon.landlock import LandlockSpec
 from agent.daemon.seccomp import GROUPS as SYSCALL_GROUPS
@@ -337,6 +338,10 @@ def decide(
     for entry in candidates:
         try:
             result = _decide_entry(entry, req, fs, allowed_owners)
+        except AgentError as e:
+            if e.rule == "agent-resources":
+                raise  # the agent's own condition, not this entry's: the caller retries
+            result = [Denial(entry.name, e.rule or "internal-check-error", e.message, e.kind)]
         except Exception as e:  # fail closed on anything unexpected
             result = [
                 Denial(
@@ -637,6 +642,8 @@ def _open(path: str, st: os.stat_result, fs: FileSystem, deny: Any) -> int | Non
     try:
         return fs.open_verified(path, st)
     except OSError as e:
+        if (cond := agent_condition(e)) is not None:
+            raise cond from None  # the agent's descriptors, not a change of the file
         deny(
             "file-changed",
             f"{path} changed while being checked ({type(e).__name__})",
@@ -654,6 +661,8 @@ def _seal(path: str, fd: int, pins: set[str], deny: Any, *, executable: bool) ->
     except DigestMismatch:
         deny("sha256-mismatch", f"{path} does not have the pinned sha256 digest")
     except OSError as e:
+        if (cond := agent_condition(e)) is not None:
+            raise cond from None
         deny(
             "file-unreadable", f"{path}: {e.strerror or type(e).__name__}", Kind.FAILED_PRECONDITION
         )

@@ -12,24 +12,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import inspect
+import errno
 import logging
 import os
 import resource
 import signal
+import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from agent.access import AccessDenied, AccessRules
-from agent.configfile import ConfigError
+from agent.channel import server_keepalive_options
+from agent.configfile import ConfigError, split_host_port
 from agent.credentials import reloading_server_credentials
 from agent.daemon import config as config_mod
 from agent.daemon import policy as policy_mod
-from agent.daemon import retention
+from agent.daemon import reloadstatus, retention
+from agent.daemon.access_gate import AccessGate
 from agent.daemon.admission import Rules
 from agent.daemon.audit import AuditLog
 from agent.daemon.config import Config
@@ -38,7 +41,7 @@ from agent.daemon.history import History, Store
 from agent.daemon.lockfile import LockFile
 from agent.daemon.retention import Sweeper
 from agent.daemon.sdnotify import Notifier, watchdog_interval
-from agent.daemon.service import STATUS, WorkerService
+from agent.daemon.service import STATUS, StreamSlots, WorkerService
 from agent.daemon.spawn import SpawnerOps
 from agent.daemon.startup import Prepared, expiry_warnings, job_reader, load_policy
 from agent.daemon.supervisor import BOOT_ID, INSTANCE_ENV, Settings, Supervisor, instance_id
@@ -125,16 +128,19 @@ def server_options(cfg: Config) -> list[tuple[str, Any]]:
         # (or anything else) bind the same port and receive a share of the
         # connections. One listener per port.
         ("grpc.so_reuseport", 0),
-        # Clients may keep connections alive with pings (the client library
-        # does, to notice a dead agent quickly).
-        ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.min_recv_ping_interval_without_data_ms", 5000),
-        ("grpc.http2.max_ping_strikes", 2),
-        ("grpc.keepalive_time_ms", 60000),
-        ("grpc.keepalive_timeout_ms", 20000),
+        # Clients may keep idle connections alive with pings (the client
+        # library does, to notice a dead agent quickly): agent.channel keeps
+        # what the server allows and what the clients do in one place.
+        *server_keepalive_options(),
     ]
     if gs.max_connection_idle_seconds:
         opts.append(("grpc.max_connection_idle_ms", gs.max_connection_idle_seconds * 1000))
+    # What connections can make the agent hold (issue 23): their number, and the calls
+    # each may have in flight (every call has buffers; StreamJobOutput is also bounded
+    # per identity and in total by the service).
+    if gs.max_connections:
+        opts.append(("grpc.max_allowed_incoming_connections", gs.max_connections))
+    opts.append(("grpc.max_concurrent_streams", gs.max_concurrent_streams))
     return opts
 
 
@@ -171,6 +177,9 @@ class AgentServer:
         self._lock = LockFile.state_dir(self.config.jobs.state_dir)
         self._status_dirty = True
         self.exit_status = 0
+        self.reloads = 0
+        # What the last reload rejected ("policy", "config", ...); shown in STATUS=.
+        self.reload_rejected: tuple[str, ...] = ()
 
     # ------------------------------------------------------------ signals
 
@@ -195,6 +204,13 @@ class AgentServer:
         if self._sigint_count > 1:
             # The operator insists: stop waiting for jobs, kill and go.
             self.force_exit = True
+        elif self.config.daemon.on_shutdown == "wait" and self.jobs and self.jobs.running:
+            log.info(
+                "SIGINT: waiting up to %g s for %d running job(s) (on_shutdown = wait); "
+                "press Ctrl-C again to stop them now",
+                self.config.daemon.shutdown_deadline_seconds,
+                len(self.jobs.running),
+            )
         self.should_exit.set()
 
     # ------------------------------------------------------------ start-up
@@ -215,7 +231,11 @@ class AgentServer:
         # prometheus_client is never imported (see the TYPE_CHECKING import).
         # Either way an interceptor runs the [auth] gate in front of the
         # health and reflection services.
-        interceptor: grpc.aio.ServerInterceptor
+        # One gate, the same whatever the metrics setting (access_gate.gated: fails
+        # closed); with metrics, the counting wraps it, so refusals are counted too.
+        interceptors: list[grpc.aio.ServerInterceptor] = [
+            AccessGate(self._gate, exempt=f"/{WORKER_SERVICE}/")
+        ]
         supervisor: type[Supervisor] = Supervisor
         if cfg.metrics.enabled:
             from agent.daemon import metrics as metrics_mod
@@ -223,10 +243,9 @@ class AgentServer:
             self.metrics = metrics_mod.AgentMetrics()
             self.audit = metrics_mod.MeteredAuditLog(cfg.audit_file, self.metrics)
             supervisor = metrics_mod.MeteredSupervisor
-            interceptor = metrics_mod.RpcMetricsInterceptor(self.metrics, gate=self._gate)
+            interceptors.insert(0, metrics_mod.RpcMetricsInterceptor(self.metrics))
         else:
             self.audit = AuditLog(cfg.audit_file)
-            interceptor = AccessGate(self._gate)
         history = History(store)
         settings = settings_from(cfg, self.prepared)
         try:
@@ -258,23 +277,34 @@ class AgentServer:
             ),
         )
         self.sweeper.sweep()
+        gauge = self.metrics.stream_followers if self.metrics is not None else None
         service = WorkerService(
             self.jobs,
             self.audit,
             access_rules(cfg),
             log_reads=cfg.audit.log_reads,
             revocation=self.prepared.revocation,
+            streams=StreamSlots(
+                cfg.jobs.max_streams,
+                cfg.jobs.max_streams_per_identity,
+                on_change=gauge.set if gauge is not None else None,
+            ),
         )
         self.service = service
         server = grpc.aio.server(
             options=server_options(cfg),
-            interceptors=[interceptor],
+            interceptors=interceptors,
         )
         server.add_generic_rpc_handlers([service.handler()])
         self._add_health_and_reflection(server)
         for name in HEALTH_SERVICES:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         gs = cfg.grpc_server
+        busy = _port_in_use(gs.addr)
+        if busy:
+            raise StartupError(
+                f"cannot listen on {gs.addr}: {busy} (is another process using the port?)"
+            )
         try:
             if gs.use_tls:
                 assert gs.crt_file and gs.key_file
@@ -414,7 +444,10 @@ class AgentServer:
     def _status_text(self) -> str:
         n = len(self.jobs.running) if self.jobs else 0
         state = "accepting jobs" if (self.jobs and self.jobs.accepting) else "not accepting jobs"
-        return f"{n} job{'s' if n != 1 else ''} running; {state}"
+        text = f"{n} job{'s' if n != 1 else ''} running; {state}"
+        if self.reload_rejected:
+            text += f"; last reload rejected: {', '.join(self.reload_rejected)} (see the log)"
+        return text
 
     def _audit_finish(self, rec: Any) -> None:
         if self.jobs is not None and self.metrics is not None:
@@ -461,7 +494,7 @@ class AgentServer:
                 self.reload()
             if now >= next_sweep:
                 try:
-                    self.sweeper.sweep(set(self.jobs.running), max_batches=4)
+                    self.sweeper.sweep(set(self.jobs.running), budget=retention.STEP_BUDGET)
                 except Exception:
                     log.exception("retention sweep failed")
                 # A backlog is worked off in small steps between requests.
@@ -487,19 +520,57 @@ class AgentServer:
             exit_wait.cancel()
 
     def reload(self) -> None:
-        """SIGHUP: certificates, policy, ``[auth]`` and the audit log file; jobs keep running."""
+        """SIGHUP: certificates, policy, ``[auth]`` and the audit log file; jobs keep running.
+
+        Whatever is rejected keeps its previous version and is named in the
+        status line and in the reload record ``agent reload`` waits for
+        (agent/daemon/reloadstatus.py). A rejected config file also keeps the
+        policy: the reload applies the files together or not at all.
+        """
         assert self.jobs is not None and self.audit is not None
+        started = time.monotonic()
         self.notifier.reloading()
         log.info("reloading (SIGHUP)")
+        rejected: list[tuple[str, str]] = []
         if self.reloader is not None:
             self.reloader.check()
+            if self.reloader.error:
+                rejected.append(("certificates", self.reloader.error))
         if self.prepared.revocation is not None:
             self.prepared.revocation.check(force=True)
+            rejected += [("CRL", e) for e in self.prepared.revocation.errors]
         for w in expiry_warnings(self.config):
             log.warning("%s", w)
-        self._reload_config()
-        pf = self.config.jobs.policy_file
-        assert pf is not None
+        config_error = self._reload_config()
+        if config_error is not None:
+            rejected.append(("config", config_error))
+        else:
+            policy_error = self._reload_policy()
+            if policy_error is not None:
+                rejected.append(("policy", policy_error))
+        try:
+            self.audit.reopen()
+        except OSError as e:
+            log.error("cannot reopen the audit log: %s", e)
+            rejected.append(("audit log", str(e)))
+        self.reload_rejected = tuple(dict.fromkeys(what for what, _ in rejected))
+        if self.reload_rejected:
+            log.error(
+                "reload rejected (%s): the agent carries on with the previous version",
+                ", ".join(self.reload_rejected),
+            )
+        self.notifier.ready(self._status_text())
+        self._status_dirty = True
+        self.reloads += 1
+        outcome = reloadstatus.Outcome(os.getpid(), self.reloads, started, tuple(rejected))
+        try:
+            reloadstatus.write(self.config.jobs.state_dir, outcome)
+        except OSError as e:
+            log.error("cannot record the reload's outcome for `agent reload`: %s", e)
+
+    def _reload_policy(self) -> str | None:
+        """Load and apply the policy file; the reason it was rejected, or None."""
+        assert self.jobs is not None and self.audit is not None
         try:
             new, confine_warnings = load_policy(
                 self.config, self.prepared.deny, reader=job_reader(self.prepared.job_user)
@@ -509,30 +580,31 @@ class AgentServer:
         except policy_mod.PolicyError as e:
             log.error("policy reload rejected, keeping the current policy: %s", e)
             self.audit.record("policy_reload", decision="error", reason=str(e))
-        else:
-            self.jobs.set_policy(new)
-            log.info(
-                "policy reloaded: %d entr%s",
-                len(new.entries),
-                "y" if len(new.entries) == 1 else "ies",
-            )
-            self.audit.record("policy_reload", decision="ok", reason=f"{len(new.entries)} entries")
-        try:
-            self.audit.reopen()
-        except OSError as e:
-            log.error("cannot reopen the audit log: %s", e)
-        self.notifier.ready(self._status_text())
+            return str(e)
+        self.jobs.set_policy(new)
+        log.info(
+            "policy reloaded: %d entr%s",
+            len(new.entries),
+            "y" if len(new.entries) == 1 else "ies",
+        )
+        self.audit.record("policy_reload", decision="ok", reason=f"{len(new.entries)} entries")
+        return None
 
-    def _reload_config(self) -> None:
-        """Apply ``[auth]`` from the config file; log every other change as ignored."""
+    def _reload_config(self) -> str | None:
+        """Apply ``[auth]`` from the config file; log every other change as ignored.
+
+        Returns why the file was rejected, or None.
+        """
         assert self.audit is not None
         old = self.config
         try:
             new = config_mod.load(old.path)
         except ConfigError as e:
-            log.error("configuration reload rejected, keeping the current settings: %s", e)
+            log.error(
+                "configuration reload rejected, keeping the current settings and policy: %s", e
+            )
             self.audit.record("config_reload", decision="error", reason=str(e))
-            return
+            return str(e)
         changes = config_changes(old, new)
         for section, key, was, now in changes:
             if section in RELOADABLE_SECTIONS:
@@ -546,7 +618,7 @@ class AgentServer:
                 _shown(was),
             )
         if new.auth == old.auth:
-            return
+            return None
         self.config = dataclasses.replace(old, auth=new.auth)
         if self.service is not None:
             # Every call from now on, on every connection, is decided with
@@ -559,6 +631,7 @@ class AgentServer:
             decision="ok",
             reason=f"[auth] clients={sorted(a.clients)} admins={sorted(a.admins)}",
         )
+        return None
 
     # ------------------------------------------------------------ shutdown
 
@@ -626,48 +699,6 @@ class AgentServer:
             await self.shutdown()
 
 
-class AccessGate(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """The ``[auth]`` check in front of the health and reflection services.
-
-    Without metrics this stands in for ``RpcMetricsInterceptor``, which runs
-    the same ``gate`` in front of every handler. The Worker service checks
-    its callers itself and passes untouched; a handler of a kind these
-    services do not have (stream-unary) is refused (deny by default).
-    """
-
-    def __init__(self, gate: Callable[[str, Any], Awaitable[None]]) -> None:
-        self._gate = gate
-
-    async def intercept_service(
-        self, continuation: Callable[[Any], Awaitable[Any]], handler_call_details: Any
-    ) -> Any:
-        """The handler, its behaviour preceded by the gate."""
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or method.startswith(f"/{WORKER_SERVICE}/"):
-            return handler
-        gate = self._gate
-        for kind in ("unary_unary", "unary_stream", "stream_stream"):
-            inner = getattr(handler, kind)
-            if inner is None:
-                continue
-            if inspect.isasyncgenfunction(inner):
-
-                async def gen(request: Any, context: Any, inner: Any = inner) -> AsyncIterator[Any]:
-                    await gate(method, context)
-                    async for item in inner(request, context):
-                        yield item
-
-                return handler._replace(**{kind: gen})
-
-            async def call(request: Any, context: Any, inner: Any = inner) -> Any:
-                await gate(method, context)
-                return await inner(request, context)
-
-            return handler._replace(**{kind: call})
-        return None
-
-
 class LazyReflection(grpc.GenericRpcHandler):  # type: ignore[misc]
     """Server reflection (grpcurl), imported on its first call.
 
@@ -706,6 +737,35 @@ def _remove_cgroup_subtree(prepared: Prepared) -> None:
         pass
     except OSError as e:
         log.warning("job cgroup subtree %s not removed: %s", sub.jobs, e.strerror)
+
+
+def _port_in_use(addr: str) -> str | None:
+    """Why ``addr`` cannot be bound because something holds it, or None.
+
+    Asked before gRPC binds, so that a busy port gets the agent's one line
+    and not first gRPC's own ``E... add_port.cc`` line on stderr (gRPC logs
+    through its C core; only the process-wide GRPC_VERBOSITY would silence it).
+    A bind that fails for another reason is left to gRPC to report.
+    """
+    try:
+        host, port = split_host_port(addr)
+        infos = socket.getaddrinfo(
+            host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except (ValueError, OSError):
+        return None
+    if port == 0:
+        return None
+    for family, kind, proto, _, sockaddr in infos:
+        try:
+            with socket.socket(family, kind, proto) as s:
+                # As gRPC binds: SO_REUSEADDR, so a port in TIME_WAIT is not "busy".
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind(sockaddr)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                return str(e.strerror)
+    return None
 
 
 def _shown(value: Any) -> Any:

@@ -25,7 +25,15 @@ from agent.crl import RevocationChecker
 from agent.daemon import validation
 from agent.daemon.admission import StartRequest
 from agent.daemon.audit import AuditLog
-from agent.daemon.errors import AgentError, InvalidArgument, Kind, PermissionDenied, Unauthenticated
+from agent.daemon.errors import (
+    AgentError,
+    InvalidArgument,
+    Kind,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+    agent_condition,
+)
 from agent.daemon.history import JobRecord
 from agent.daemon.supervisor import Supervisor
 from agent.tls import ANONYMOUS, PeerCert, identity_from_cert
@@ -139,6 +147,54 @@ class QueryReplies:
 T = TypeVar("T")
 
 
+class StreamSlots:
+    """How many output streams are open, in total and per identity, within the limits.
+
+    A stream whose client does not read waits (gRPC's flow control) but holds its
+    buffers meanwhile (about 0.4 MB measured with 64 KiB chunks): the limits bound what
+    the agent can be made to hold. ``on_change(open)`` is the metrics hook.
+    """
+
+    def __init__(
+        self, total: int, per_identity: int, on_change: Callable[[int], None] | None = None
+    ) -> None:
+        self.total, self.per_identity = total, per_identity
+        self.on_change = on_change
+        self.open = 0
+        self._by_identity: dict[str, int] = {}
+
+    def acquire(self, identity: str) -> None:
+        """Take a slot for ``identity``; raises ResourceExhausted when none is left."""
+        mine = self._by_identity.get(identity, 0)
+        if mine >= self.per_identity:
+            raise ResourceExhausted(
+                f"identity {identity!r} has {mine} output streams open, the limit is "
+                f"{self.per_identity}; close one first",
+                rule="stream-limit-identity",
+            )
+        if self.open >= self.total:
+            raise ResourceExhausted(
+                f"{self.open} output streams are open, the agent's limit is {self.total}; "
+                "try again later",
+                rule="stream-limit",
+            )
+        self._by_identity[identity] = mine + 1
+        self.open += 1
+        if self.on_change is not None:
+            self.on_change(self.open)
+
+    def release(self, identity: str) -> None:
+        """Give back a slot taken by :meth:`acquire`."""
+        left = self._by_identity.get(identity, 0) - 1
+        if left > 0:
+            self._by_identity[identity] = left
+        else:
+            self._by_identity.pop(identity, None)
+        self.open -= 1
+        if self.on_change is not None:
+            self.on_change(self.open)
+
+
 class WorkerService:
     """Implements ``jobscheduler.Worker``."""
 
@@ -150,6 +206,7 @@ class WorkerService:
         *,
         log_reads: bool = False,
         revocation: RevocationChecker | None = None,
+        streams: StreamSlots | None = None,
     ) -> None:
         self.jobs = jobs
         self.audit = audit
@@ -157,6 +214,7 @@ class WorkerService:
         self.log_reads = log_reads
         self.revocation = revocation
         self.replies = QueryReplies()
+        self.streams = streams or StreamSlots(128, 16)
 
     def set_access(self, access: AccessRules) -> None:
         """Decide every call from now on with ``access`` (``[auth]`` reloaded by SIGHUP)."""
@@ -206,6 +264,8 @@ class WorkerService:
         )
         if err.kind is Kind.INTERNAL:
             log.error("%s failed: %s", rpc, err.message)
+        elif err.rule == "agent-resources":
+            log.warning("%s refused: %s", rpc, err.message)  # one line, no traceback
         await context.abort(STATUS[err.kind], err.message)
 
     async def _run(
@@ -233,6 +293,14 @@ class WorkerService:
         except AgentError as e:
             await self._fail(context, rpc, identity, e, **fields)
             raise AssertionError("unreachable") from None  # abort() raises
+        except (OSError, MemoryError, RuntimeError) as e:
+            # The agent's own resources ran out (descriptors, memory, disk, threads):
+            # a status that says so and one log line, never UNKNOWN and a traceback.
+            cond = agent_condition(e)
+            if cond is None:
+                raise
+            await self._fail(context, rpc, identity, cond, **fields)
+            raise AssertionError("unreachable") from None
         if rpc in READ_RPCS and self.log_reads:
             self.audit.record(
                 "rpc", decision="allow", identity=identity, peer=context.peer(), rpc=rpc, **fields
@@ -361,22 +429,41 @@ class WorkerService:
 
         return await self._run("ListJobs", request, context, body)
 
-    async def StreamJobOutput(
-        self, request: Any, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.StreamJobOutputRes]:
+    async def StreamJobOutput(self, request: Any, context: grpc.aio.ServicerContext) -> None:
         job_id = getattr(request, "jobID", "")
         chunks: list[AsyncIterator[tuple[int, bytes]]] = []
+        holder: list[str] = []  # the identity whose slot this stream holds
 
         async def body(caller: Caller) -> None:
+            self.streams.acquire(caller.identity)
+            holder.append(caller.identity)
             it = self.jobs.stream(validation.job_id(job_id), caller, request.offset, request.follow)
             # Run the access checks now (the first step of the generator),
             # so a refusal is a status, not a broken stream.
             first = await _first(it)
             chunks.append(first)
 
-        await self._run("StreamJobOutput", request, context, body, job_id=job_id[:64])
-        async for offset, data in chunks[0]:
-            yield pb.StreamJobOutputRes(data=data, offset=offset)
+        try:
+            await self._run("StreamJobOutput", request, context, body, job_id=job_id[:64])
+            # context.write() rather than an async generator: a client that goes away
+            # fails the write here, where it is the normal end of a stream, instead of
+            # inside gRPC, which logs a traceback for each one.
+            async for offset, data in chunks[0]:
+                if context.done():
+                    return
+                try:
+                    await context.write(pb.StreamJobOutputRes(data=data, offset=offset))
+                except Exception as e:
+                    # gRPC fails the write once the call is over (the client cancelled
+                    # or went away; its own error type, ExecuteBatchError, is private):
+                    # nothing left to send to, nothing to report.
+                    log.debug("StreamJobOutput of %s ended by the client: %r", job_id[:64], e)
+                    return
+        finally:
+            if chunks:
+                await chunks[0].aclose()  # type: ignore[attr-defined]
+            if holder:
+                self.streams.release(holder[0])
 
     # ------------------------------------------------------------ registration
 
@@ -424,9 +511,12 @@ async def _first(it: AsyncIterator[tuple[int, bytes]]) -> AsyncIterator[tuple[in
         return empty()
 
     async def rest() -> AsyncIterator[tuple[int, bytes]]:
-        yield head
-        async for item in it:
-            yield item
+        try:
+            yield head
+            async for item in it:
+                yield item
+        finally:
+            await it.aclose()  # type: ignore[attr-defined]  # the file, closed now
 
     return rest()
 

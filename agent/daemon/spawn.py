@@ -340,6 +340,7 @@ class SpawnerOps:
                 system_cpu=msg["stime"],
                 max_rss=msg["maxrss"],
                 oom_kills=int(msg.get("oom", 0)),
+                end_time=msg.get("ended"),
             )
             # Scheduled, not called: the task awaiting this job's spawn (woken
             # by the answer just before) runs first, as with a pidfd reader.
@@ -375,7 +376,8 @@ class SpawnerOps:
             except OSError:
                 pass
             self._kill_cgroup(self._job_cgroups.pop(pid, None))
-            ex = Exit(exit_code=None, signal=None, start_failure=SPAWNER_DIED)
+            # They had started: FAILED with the reason, never "start failed".
+            ex = Exit(exit_code=None, signal=None, lost=SPAWNER_DIED, end_time=time.time())
             if self._loop is not None:
                 self._loop.call_soon(on_exit, ex)
         self._running.clear()

@@ -88,19 +88,21 @@ import selectors
 import signal
 import socket
 import sys
+import time
 from typing import Any, NoReturn
 
 from agent.daemon import capabilities as caps_mod
 from agent.daemon import cgroups, landlock, seccomp, vspawn
 from agent.daemon import scratch as scratch_mod
 from agent.daemon import spawnproto as proto
+from agent.vocabulary import RLIMITS as VOCABULARY_RLIMITS
 
-# Limit name (agent.vocabulary.LIMIT_NAMES) -> (resource, extra hard seconds).
+# The limits an rlimit enforces (agent.vocabulary says which): name -> (resource, its
+# name, what the hard limit adds: RLIMIT_CPU's SIGKILL comes 2 s after its SIGXCPU).
+_HARD_EXTRA = {"RLIMIT_CPU": 2}
 RLIMITS: dict[str, tuple[int, str, int]] = {
-    "cpu_seconds": (resource.RLIMIT_CPU, "RLIMIT_CPU", 2),
-    "memory_bytes": (resource.RLIMIT_AS, "RLIMIT_AS", 0),
-    "open_files": (resource.RLIMIT_NOFILE, "RLIMIT_NOFILE", 0),
-    "processes": (resource.RLIMIT_NPROC, "RLIMIT_NPROC", 0),
+    name: (getattr(resource, control), control, _HARD_EXTRA.get(control, 0))
+    for name, control in VOCABULARY_RLIMITS.items()
 }
 CAP_SYS_RESOURCE = 24
 # Descriptors the job receives: 0 /dev/null, 1-2 output, 3 script (or the
@@ -938,6 +940,7 @@ class Spawner:
         except OSError:
             pass
         _, status, ru = os.wait4(pid, 0)
+        ended = time.time()  # the job's own end, whenever the agent gets to hear of it
         pidfd = self.children.pop(pid)
         self.sel.unregister(pidfd)
         os.close(pidfd)
@@ -963,6 +966,7 @@ class Spawner:
             # mark across exec. The job's own peak comes from its cgroup.
             "maxrss": 0,
             "oom": 0,
+            "ended": ended,
         }
         cg = self.cgroups.get(pid)
         if cg is None:

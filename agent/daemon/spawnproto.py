@@ -24,10 +24,12 @@ Spawner -> agent::
     {"op": "spawned", "id": N, "pid": P}      the program was executed
     {"op": "spawned", "id": N, "error": "execve: Exec format error (ENOEXEC)"}
     {"op": "exited", "pid": P, "code": C | null, "signal": S | null,
-     "utime": s, "stime": s, "maxrss": bytes, "oom": N}
+     "utime": s, "stime": s, "maxrss": bytes, "oom": N, "ended": T}
         with a job cgroup, sent once the leaf is empty and removed: CPU from
         its cpu.stat, maxrss its memory.peak (0: unknown; never ru_maxrss),
-        oom the oom_kill + oom_group_kill of its memory.events.
+        oom the oom_kill + oom_group_kill of its memory.events. ended: the
+        wall-clock time of the reap (the job's end time, however late the
+        agent reads this).
 
 A plan is fully resolved (no PATH lookup, no defaults left to the spawner):
 ``path`` (or an ``exec`` descriptor), ``argv``, ``env``, ``cwd``, ``umask``,

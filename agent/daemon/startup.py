@@ -23,10 +23,12 @@ from pathlib import Path
 from agent import tls, x509
 from agent.configfile import ConfigError, is_loopback_host, split_host_port
 from agent.crl import CRLError, RevocationChecker
-from agent.daemon import cgroups, landlock, seccomp
+from agent.daemon import admission, cgroups, landlock, seccomp
 from agent.daemon import policy as policy_mod
 from agent.daemon.config import Config
+from agent.daemon.errors import AgentError
 from agent.daemon.supervisor import CGROUP_LIMITS, JobUser, instance_id
+from agent.vocabulary import LIMIT_NAMES
 
 log = logging.getLogger(__name__)
 
@@ -415,6 +417,20 @@ def load_policy(
     return confine_policy(pol, cfg, deny_paths(cfg) if deny is None else deny)
 
 
+def check_default_limits(cfg: Config) -> None:
+    """Every `[limits.default]` value the agent could give a job: a default above the
+    agent's own hard limit would make every start that uses it fail, blaming the caller
+    (INVALID_ARGUMENT) for the agent's limit. Raises ConfigError naming the key."""
+    defaults = {n: getattr(cfg.limits.default, n) for n in LIMIT_NAMES}
+    for name, value in defaults.items():
+        if not value:
+            continue
+        try:
+            admission.check_kernel_limits({name: value}, admission.kernel_hard_limits([name]))
+        except AgentError as e:
+            raise _err(cfg, "limits.default", name, e.message) from None
+
+
 def check_scratch_dir(cfg: Config, deny: tuple[str, ...], *, create: bool) -> None:
     """The scratch root: the agent's own, 0711, outside everything jobs are denied, and
     containing none of it. Jobs reach only their own directory below it: no entry's
@@ -505,6 +521,7 @@ def prepare(cfg: Config, *, create_dirs: bool = True) -> Prepared:
         warnings.append(
             f"the policy {cfg.jobs.policy_file} allows nothing: every StartJob will be denied"
         )
+    check_default_limits(cfg)
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     need = cfg.jobs.max_running * 3 + 256
     if hard != resource.RLIM_INFINITY and hard < need:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import hashlib
 import logging
@@ -36,10 +37,18 @@ from agent.daemon import admission, procfs, validation
 from agent.daemon import lifecycle as lc
 from agent.daemon import policy as policy_mod
 from agent.daemon.cgroups import Subtree
-from agent.daemon.errors import FailedPrecondition, NotFound, PermissionDenied, Unavailable
+from agent.daemon.errors import (
+    AgentError,
+    FailedPrecondition,
+    NotFound,
+    PermissionDenied,
+    Unavailable,
+    agent_condition,
+)
 from agent.daemon.history import History, JobRecord
 from agent.daemon.output import LiveOutput, OutputFile, describe_oserror, stream_file
 from agent.daemon.spawn import ProcessOps, SpawnSpec
+from agent.vocabulary import CGROUP_LIMITS as VOCABULARY_CGROUP_LIMITS
 from agent.vocabulary import JobState
 
 log = logging.getLogger(__name__)
@@ -93,9 +102,12 @@ class Settings:
 # Limits enforced by the job's cgroup -> (cgroups.Limits field, controller).
 # Never by an rlimit: RLIMIT_NPROC counts every process of the job's user and
 # RLIMIT_AS is address space per process, neither is one job's.
+# The limits a cgroup enforces (agent.vocabulary says which and with what controller):
+# name -> (the cgroups.Limits field that sets its file, the controller).
+_LIMITS_FIELD = {"memory.max": "memory_bytes", "pids.max": "pids"}
 CGROUP_LIMITS: dict[str, tuple[str, str]] = {
-    "memory_bytes": ("memory_bytes", "memory"),
-    "processes": ("pids", "pids"),
+    name: (_LIMITS_FIELD[control], controller)
+    for name, (control, controller) in VOCABULARY_CGROUP_LIMITS.items()
 }
 NO_CGROUP_NOTE = "ran without a job cgroup: its stop was not escape-proof"
 
@@ -252,7 +264,15 @@ class Supervisor:
         env = dict(self._base_env)
         env.update(plan.env)
         env[procfs.JOB_ID_ENV] = job_id
-        rfd, wfd = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        # The job's descriptors are taken before anything starts: an agent out of them
+        # refuses the start (RESOURCE_EXHAUSTED, its own condition), nothing half-way.
+        out = OutputFile(out_path, limits.get("output_bytes", 0))
+        out.reserve()
+        try:
+            rfd, wfd = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError as e:
+            out.close()
+            raise agent_condition(e) or e from None
         # The child gets a blocking write end: a job must not see EAGAIN on
         # stdout just because the agent is momentarily behind.
         os.set_blocking(wfd, True)
@@ -296,7 +316,7 @@ class Supervisor:
             memory_max=cg_limits.get("memory_bytes", 0),
             note="" if s.cgroups is not None else NO_CGROUP_NOTE,
         )
-        job = Job(record, life, OutputFile(out_path, limits.get("output_bytes", 0)), self.loop)
+        job = Job(record, life, out, self.loop)
         # Recorded before it is started: the insert is made now and its commit
         # runs while the spawner sets the job up, not after (one spawner round
         # trip less before StartJob is answered, issue 17). Until then the
@@ -308,22 +328,30 @@ class Supervisor:
         except Unavailable:
             os.close(rfd)
             os.close(wfd)
+            out.close()
             raise
         try:
             pid = await self.ops.spawn(spec, lambda ex: self._exited(job, ex))
         except OSError as e:
             os.close(rfd)
+            out.close()
             _mark_not_started(record, describe_oserror(e))
             await self.history.committed(committed)
             await self.history.record_change(record)
-            log.info("job %s could not start: %s", job_id, record.error_text)
             self._on_finish(record)
+            cond = _spawner_condition(e)
+            if cond is not None:
+                # The job spawner ran out (descriptors, memory, processes): the agent's
+                # condition, answered as such; the record says the job never started.
+                raise cond from None  # logged once, with the RPC, by the service
+            log.info("job %s could not start: %s", job_id, record.error_text)
             return record
         except BaseException as e:
             # The caller went away mid-start (the spawner kills a job whose
             # start nobody awaits), or a bug: the row inserted above must not
             # stay RUNNING.
             os.close(rfd)
+            out.close()
             cancelled = isinstance(e, asyncio.CancelledError)
             _mark_not_started(record, "the start was cancelled" if cancelled else "internal error")
             self.history.save(record)
@@ -450,7 +478,8 @@ class Supervisor:
         rec, ex = job.record, fin.exit
         log.debug("job %s: %s -> %s", rec.id, rec.state.name, fin.state.name)
         rec.state = fin.state
-        rec.end_time = time.time()
+        # The spawner's time of the reap: a stopped or busy agent hears of an exit late.
+        rec.end_time = ex.end_time if ex.end_time is not None else time.time()
         rec.exit_code = ex.exit_code
         rec.signal = ex.signal
         rec.error_text = fin.text
@@ -523,13 +552,42 @@ class Supervisor:
         who = _check(lambda: caller.list_owner(owner))
         size = validation.page_size(page_size)
         before = validation.decode_page_token(page_token) if page_token else None
-        recs = self.history.store.list_jobs(
-            states=states, owner=who, before_seq=before, limit=size + 1
-        )
-        more = len(recs) > size
-        recs = recs[:size]
-        out = [self.running[r.id].record if r.id in self.running else r for r in recs]
-        return out, (validation.encode_page_token(recs[-1].seq) if more and recs else "")
+        # A row can be behind the job: RUNNING on disk while the job is running (its live
+        # record is newer) or already ended but not yet written (history.unsaved, while
+        # the disk is full). Each row is answered with the newest record, as QueryJob
+        # does, and the state filter applies to that: with a filter, RUNNING rows are
+        # read too, since any of them may have ended.
+        fetch = tuple(states)
+        if fetch and JobState.RUNNING not in fetch:
+            fetch += (JobState.RUNNING,)
+        out: list[JobRecord] = []
+        last_seq = 0  # of the row of the last record on this page: the next page's token
+        more = False
+        while True:
+            rows = self.history.store.list_jobs(
+                states=fetch, owner=who, before_seq=before, limit=size + 1
+            )
+            for row in rows:
+                rec = self._newest(row)
+                if states and rec.state not in states:
+                    continue
+                if len(out) == size:
+                    more = True
+                    break
+                out.append(rec)
+                last_seq = row.seq
+            if more or len(rows) <= size:
+                break
+            before = rows[-1].seq
+        token = validation.encode_page_token(last_seq) if more and out else ""
+        return out, token
+
+    def _newest(self, row: JobRecord) -> JobRecord:
+        """The newest record of a job whose row is ``row`` (see list_jobs)."""
+        job = self.running.get(row.id)
+        if job is not None:
+            return job.record
+        return self.history.unsaved.get(row.id) or row
 
     async def stream(
         self, job_id: str, caller: Caller, offset: int, follow: bool
@@ -570,6 +628,18 @@ class Supervisor:
 
 
 T = TypeVar("T")
+
+
+def _spawner_condition(e: OSError) -> AgentError | None:
+    """The agent's-condition refusal for a start the job spawner could not make for want
+    of its own resources (descriptors anywhere; memory or processes at its fork), None
+    when the job itself failed to start (its set-up or its execve)."""
+    reason = getattr(e, "reason", "")
+    if e.errno in (errno.EMFILE, errno.ENFILE) or (
+        e.errno in (errno.ENOMEM, errno.EAGAIN) and reason.startswith("fork")
+    ):
+        return agent_condition(OSError(e.errno, os.strerror(e.errno or 0)))
+    return None
 
 
 def _mark_not_started(record: JobRecord, why: str) -> None:

@@ -164,7 +164,7 @@ def _use(args: argparse.Namespace) -> int:
                 return 0
             st = c.wait(args.worker, job, timeout=3600)
             print(format_status(st), file=sys.stderr)
-            return 0 if st.state == "SUCCEEDED" else 1
+            return 0 if st.succeeded else 1
         if args.cmd == "status":
             st = c.query(args.worker, args.job)
             if args.json:

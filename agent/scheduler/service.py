@@ -42,7 +42,7 @@ from grpc_reflection.v1alpha import reflection
 from agent._proto import jobscheduler_pb2 as pb
 from agent._proto import jobscheduler_pb2_grpc as pb_grpc
 from agent.access import AccessDenied, AccessRules, pattern_problem
-from agent.channel import reconnecting_channel_options
+from agent.channel import reconnecting_channel_options, server_keepalive_options
 from agent.client import AgentClientError, AsyncAgentClient, TLSFiles
 from agent.configfile import (
     ConfigError,
@@ -484,12 +484,9 @@ async def serve(cfg: SchedulerConfig, *, ready: Callable[[int], None] | None = N
     assert s.crt_file and s.key_file and s.ca_file
     registry = Registry(cfg.registry.expire_seconds)
     service = SchedulerService(cfg, registry)
-    server_options = [
-        ("grpc.so_reuseport", 0),
-        ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.min_recv_ping_interval_without_data_ms", 1000),
-        ("grpc.http2.max_ping_strikes", 0),
-    ]
+    # Agents and users keep idle connections alive with pings: agent.channel
+    # keeps what this server allows and what they do in one place.
+    server_options = [("grpc.so_reuseport", 0), *server_keepalive_options()]
     server = grpc.aio.server(options=server_options)
     pb_grpc.add_SchedulerServicer_to_server(service, server)
     # Standard health (NOT_SERVING once stopping) and reflection, for

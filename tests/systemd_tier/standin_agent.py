@@ -9,7 +9,8 @@ the real agent towards systemd (Type=notify):
   ``activating`` until then);
 * sends ``WATCHDOG=1`` every half ``$WATCHDOG_USEC``;
 * on SIGHUP sends ``RELOADING=1`` + ``MONOTONIC_USEC``, re-reads the config,
-  then ``READY=1``;
+  then ``READY=1``; ``agent reload --config FILE --pid PID`` (the unit's
+  ExecReload=) only sends that SIGHUP;
 * on SIGTERM sends ``STOPPING=1``, sends TERM to each child's process group,
   KILL after ``[standin] stop_grace`` seconds, and exits 0.
 
@@ -203,9 +204,15 @@ class StandIn:
 
 
 def main(argv: list[str]) -> int:
-    """Entry point: ``agent run --config FILE``."""
+    """Entry point: ``agent run --config FILE``, or the unit's ExecReload=
+    ``agent reload --config FILE --pid PID`` (here: only the SIGHUP)."""
+    if len(argv) == 5 and argv[0] == "reload" and argv[1] == "--config" and argv[3] == "--pid":
+        os.kill(int(argv[4]), signal.SIGHUP)
+        return 0
     if len(argv) != 3 or argv[0] != "run" or argv[1] != "--config":
-        print("usage: agent run --config FILE", file=sys.stderr)
+        print(
+            "usage: agent run --config FILE | agent reload --config FILE --pid PID", file=sys.stderr
+        )
         return 2
     return StandIn(argv[2]).serve()
 

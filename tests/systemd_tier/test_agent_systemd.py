@@ -517,8 +517,8 @@ def test_reload_serves_rotated_certificate_and_keeps_jobs(
     started = time.monotonic()
     box.systemctl("reload", SERVICE).check("systemctl reload agent")
 
-    # systemd 252 returns from reload when /bin/kill exits, not when the agent is
-    # done (README notes): poll for the effect.
+    # ExecReload= (`agent reload`) returned once the agent had reloaded; its log
+    # lines reach the journal asynchronously: poll for them.
     def reload_logged() -> list[str] | None:
         msgs = running.messages(before["InvocationID"])
         done = any("certificates reloaded" in m for m in msgs) and any(
@@ -553,6 +553,38 @@ def test_reload_serves_rotated_certificate_and_keeps_jobs(
     assert running.client().query(job).state == "SUCCEEDED"
     rotations = [a for a in running.audit() if a["event"] == "certificate_rotation"]
     assert rotations and rotations[-1]["fingerprint"].startswith(new_fp[:16])
+
+
+def test_reload_fails_for_a_rejected_policy_and_succeeds_for_a_good_one(running: Agent) -> None:
+    """systemctl reload exits non-zero when the agent rejects the policy, and STATUS says so."""
+    box = running.box
+    policy = "/etc/worker-agent/policy.yaml"
+    before = running.state("MainPID", "InvocationID")
+    client = running.client()
+    box.write_file(policy, "version: 1\nentries: [", mode=0o640, owner="root:worker-agent")
+    try:
+        result = box.systemctl("reload", SERVICE)
+        assert result.rc != 0, result
+        after = running.state("MainPID", "InvocationID", "ActiveState", "SubState", "ReloadResult")
+        assert after["ReloadResult"] != "success", after
+        assert after == {**before, "ActiveState": "active", "SubState": "running",
+                         "ReloadResult": after["ReloadResult"]}  # fmt: skip
+        status = running.state("StatusText")["StatusText"]
+        assert status.endswith("; last reload rejected: policy (see the log)"), status
+        poll(
+            "ExecReload='s reason in the journal",
+            lambda: any(
+                m.startswith("agent reload: rejected: policy: ")
+                for m in running.messages(before["InvocationID"])
+            ),
+        )
+        assert client.wait(client.start("true"), timeout=30).state == "SUCCEEDED"  # old policy
+    finally:
+        box.write_file(policy, POLICY, mode=0o640, owner="root:worker-agent")
+    box.systemctl("reload", SERVICE).check("systemctl reload with the good policy")
+    after = running.state("MainPID", "ReloadResult", "StatusText")
+    assert (after["MainPID"], after["ReloadResult"]) == (before["MainPID"], "success"), after
+    assert after["StatusText"].endswith("running; accepting jobs"), after  # no "rejected"
 
 
 # -- 4. stop: jobs stopped gracefully, unit inactive/success, history kept ------------------
@@ -750,7 +782,7 @@ def test_journalctl_priority_filter_shows_only_the_agents_errors(running: Agent)
         owner="root:worker-agent",
     )
     try:
-        box.systemctl("reload", SERVICE).check("systemctl reload agent")
+        assert box.systemctl("reload", SERVICE).rc != 0  # rejected: the reload fails
         poll(
             "the rejected reload in the journal",
             lambda: any("policy reload rejected" in m for m in running.messages(inv)),

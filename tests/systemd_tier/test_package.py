@@ -1,17 +1,18 @@
 """The Debian package under a real systemd: install, certificates, job, upgrade, revoke, purge.
 
 The steps of docs/deployment.md, in order, in one booted Debian 12 container:
-``scripts/build_deb.sh`` on the host, ``apt-get install ./worker-agent_*.deb``
-inside (no network: the container has no package lists), per-host
-certificates from ``agent pki issue`` with an openssl CA, a job from the host
-over mTLS, an upgrade to a rebuilt package, revocation by CRL and reload,
-remove and purge. The tests depend on each other's order (one life cycle).
+``scripts/build_deb.sh`` on the host (and ``--version`` for the upgrade),
+``apt-get install ./worker-agent_*.deb`` inside (no network: the container has
+no package lists), per-host certificates from ``agent pki issue`` with an
+openssl CA, a job from the host over mTLS, ``agentctl`` with an operator's
+certificate, an upgrade to the package of a later version, revocation by CRL
+and reload, remove and purge. The tests depend on each other's order (one life
+cycle).
 """
 
 from __future__ import annotations
 
 import hashlib
-import shutil
 import subprocess
 import sys
 import time
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+import agent
 from agent.client import AgentClient, TLSFiles, Unauthenticated
 
 from . import nspawn
@@ -34,7 +36,7 @@ SERVICE = "worker-agent.service"
 HOST = "agent-test.agents.example.com"
 CERTS = "/etc/worker-agent/certs"
 CONFIG = "/etc/worker-agent/config.toml"
-UPGRADE_VERSION_SUFFIX = "+rebuild1"
+UPGRADE_VERSION = f"{agent.__version__}+rebuild1"
 
 # What docs/deployment.md tells the operator to change in the packaged config.
 POLICY = """\
@@ -87,33 +89,18 @@ def _make_ca(d: Path) -> None:
     )
 
 
-def _repack(deb: Path, out: Path) -> Path:
-    """The same package rebuilt under a higher version (what an upgrade installs)."""
-    tree = out / "tree"
-    _run(["dpkg-deb", "-R", str(deb), str(tree)])
-    control = tree / "DEBIAN" / "control"
-    lines = control.read_text().splitlines()
-    version = next(line.split(": ", 1)[1] for line in lines if line.startswith("Version: "))
-    new = version + UPGRADE_VERSION_SUFFIX
-    control.write_text(
-        "\n".join(f"Version: {new}" if line.startswith("Version: ") else line for line in lines)
-        + "\n"
-    )
-    target = out / deb.name.replace(f"_{version}_", f"_{new}_")
-    _run(["dpkg-deb", "--root-owner-group", "-Zgzip", "--build", str(tree), str(target)])
-    shutil.rmtree(tree)
-    return target
-
-
 @pytest.fixture(scope="module")
 def operator(tmp_path_factory: pytest.TempPathFactory, rootfs: Path, timings: Timings) -> Operator:
     """Build the package (scripts/build_deb.sh), a CA, and the host's certificates."""
     started = time.monotonic()
     d = tmp_path_factory.mktemp("operator")
     dist = d / "dist"
-    deb = Path(_run([str(REPO / "scripts" / "build_deb.sh"), "--out", str(dist)]).strip())
+    build = [str(REPO / "scripts" / "build_deb.sh"), "--out", str(dist)]
+    deb = Path(_run(build).strip())
     timings.add("build_deb", started)
-    upgrade = _repack(deb, dist)
+    # docs/deployment.md, "Build the package": the later version an upgrade installs.
+    upgrade = Path(_run([*build, "--version", UPGRADE_VERSION]).strip())
+    assert upgrade.name == f"worker-agent_{UPGRADE_VERSION}_{deb.name.rsplit('_', 1)[1]}"
     _make_ca(d / "ca")
     agent = [sys.executable, "-m", "agent", "pki", "issue"]
     ca = ["--ca-cert", str(d / "ca" / "ca.crt"), "--ca-key", str(d / "ca" / "ca.key")]
@@ -124,6 +111,9 @@ def operator(tmp_path_factory: pytest.TempPathFactory, rootfs: Path, timings: Ti
     _run([*agent, *ca, "--host", "scheduler.example.com", "--role", "scheduler",
           "--kind", "client", "--trust-domain", "example.com",
           "--out", str(d / "scheduler")])  # fmt: skip
+    # An operator's client certificate, for agentctl.
+    _run([*agent, *ca, "--host", "alice", "--role", "operator", "--kind", "client",
+          "--trust-domain", "example.com", "--out", str(d / "alice")])  # fmt: skip
     return Operator(d, deb, upgrade)
 
 
@@ -190,6 +180,7 @@ def test_per_host_certificates_start_the_agent_and_a_job_runs(
     box.run(
         f'sed -i -e \'s/^addr = "0.0.0.0:50051"/addr = "127.0.0.1:{port}"/\' '
         "-e 's|^clients = .*|clients = [\"spiffe://example.com/scheduler/\"]|' "
+        "-e 's|^admins = .*|admins = [\"spiffe://example.com/operator/\"]|' "
         "-e 's|^crl_files = .*|crl_files = [\"certs/ca.crl\"]|' " + CONFIG,
         check=True,
     )
@@ -205,6 +196,35 @@ def test_per_host_certificates_start_the_agent_and_a_job_runs(
         box.write_file("/root/first-job", st.job_id)
 
 
+def _agentctl(operator: Operator, *args: str) -> subprocess.CompletedProcess[str]:
+    """agentctl on the operator's side, with the operator's certificate (docs, step 6)."""
+    alice = operator.dir / "alice"
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "agentctl"), "--ca", str(alice / "ca.crt"),
+         "--cert", str(alice / "client.crt"), "--key", str(alice / "client.key"),
+         "--call-timeout", "10", *args],
+        capture_output=True, text=True, timeout=60, cwd=operator.dir,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(operator.dir)},
+    )  # fmt: skip
+
+
+def test_agentctl_calls_the_host_with_an_operators_certificate(
+    box: nspawn.Container, operator: Operator, port: int
+) -> None:
+    """agentctl with the operator's certificate (an admin) lists every job; --server-name
+    names the host when the address is not in its certificate."""
+    job = box.read_file("/root/first-job").decode()
+    by_ip = _agentctl(operator, "--addr", f"127.0.0.1:{port}", "list")
+    assert by_ip.returncode == 0, by_ip.stderr
+    assert job in by_ip.stdout and "scheduler.example.com" in by_ip.stdout
+    tunnel = ["--addr", f"localhost:{port}"]
+    refused = _agentctl(operator, *tunnel, "list")
+    assert refused.returncode == 1, refused
+    named = _agentctl(operator, *tunnel, "--server-name", HOST, "status", job)
+    assert named.returncode == 0, named.stderr
+    assert "SUCCEEDED" in named.stdout
+
+
 def test_upgrade_keeps_configuration_and_history(
     box: nspawn.Container, operator: Operator, port: int
 ) -> None:
@@ -214,7 +234,8 @@ def test_upgrade_keeps_configuration_and_history(
     r = box.run(["apt-get", "install", "-y", f"/pkg/{operator.upgrade.name}"], timeout=300)
     assert r.rc == 0, r.stdout + r.stderr
     version = box.run(["dpkg-query", "-W", "-f=${Version}", "worker-agent"]).stdout
-    assert version.endswith(UPGRADE_VERSION_SUFFIX)
+    assert version == UPGRADE_VERSION
+    assert box.run(["worker-agent", "--version"]).stdout.strip() == f"agent {UPGRADE_VERSION}"
     assert hashlib.sha256(box.read_file(CONFIG)).hexdigest() == before
     box.wait_unit(SERVICE, ["active"], timeout=30)
     with _client(operator, port) as c:
