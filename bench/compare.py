@@ -53,12 +53,14 @@ UNARY_MEDIANS = (
 )
 
 
-def _median(recs: list[dict[str, Any]], key: str) -> float | None:
+def median_of(recs: list[dict[str, Any]], key: str) -> float | None:
+    """The median of ``key`` over the records that have a number there (None if none)."""
     vals = [r[key] for r in recs if isinstance(r.get(key), (int, float))]
     return statistics.median(vals) if vals else None
 
 
-def _ratio(a: float | None, b: float | None) -> float | None:
+def ratio(a: float | None, b: float | None) -> float | None:
+    """a / b, None when either is missing or b is 0."""
     return a / b if a is not None and b else None
 
 
@@ -175,7 +177,7 @@ class Comparison:
                 "protocol": protocol,
                 "in_flight": n,
                 "rounds": len(recs),
-                **{k: _median(recs, k) for k in MEDIANS},
+                **{k: median_of(recs, k) for k in MEDIANS},
             }
         agents = [s for s in by.values() if s["target"] == "agent"]
         for s in by.values():
@@ -202,9 +204,9 @@ class Comparison:
             for other, ref in refs:
                 if ref is None:
                     continue
-                s[f"jobs_per_s_vs_{other}"] = _ratio(s["jobs_per_s"], ref["jobs_per_s"])
-                s[f"p50_vs_{other}"] = _ratio(s["p50_ms"], ref["p50_ms"])
-                s[f"server_cpu_per_job_vs_{other}"] = _ratio(
+                s[f"jobs_per_s_vs_{other}"] = ratio(s["jobs_per_s"], ref["jobs_per_s"])
+                s[f"p50_vs_{other}"] = ratio(s["p50_ms"], ref["p50_ms"])
+                s[f"server_cpu_per_job_vs_{other}"] = ratio(
                     s["server_cpu_ms_per_job"], ref["server_cpu_ms_per_job"]
                 )
         for s in by.values():
@@ -218,15 +220,15 @@ class Comparison:
                 "target": target,
                 "callers": recs[0]["callers"],
                 "rounds": len(recs),
-                **{k: _median(recs, k) for k in UNARY_MEDIANS},
+                **{k: median_of(recs, k) for k in UNARY_MEDIANS},
             }
         bare = uby.get((SHARED, "bare_aio"))
         for (_, target), s in uby.items():
             if bare is not None and target != "bare_aio":
                 s["bare_aio_cpu_ms_per_call"] = bare["server_cpu_ms_per_call"]
-                s["server_cpu_ms_per_call_vs_bare_aio"] = _ratio(
+                s["server_cpu_ms_per_call_vs_bare_aio"] = ratio(
                     s["server_cpu_ms_per_call"], bare["server_cpu_ms_per_call"]
                 )
-                s["calls_per_s_vs_bare_aio"] = _ratio(s["calls_per_s"], bare["calls_per_s"])
-                s["p50_vs_bare_aio"] = _ratio(s["p50_ms"], bare["p50_ms"])
+                s["calls_per_s_vs_bare_aio"] = ratio(s["calls_per_s"], bare["calls_per_s"])
+                s["p50_vs_bare_aio"] = ratio(s["p50_ms"], bare["p50_ms"])
             self.emit(s)

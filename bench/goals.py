@@ -1,8 +1,9 @@
-"""Issue 17's targets, each computed from this run's own figures: PASS, FAIL or not measured.
+"""Issue 17's and 22's targets, each computed from this run's own figures: PASS, FAIL or
+not measured.
 
-All but the RSS ones come from the interleaved ``compare`` step (its
-``cmp_summary_*`` medians); the RSS ones from ``rss_idle`` and the history
-step's quarters (``rss_history``).
+Most come from the interleaved ``compare`` step (its ``cmp_summary_*`` medians); the
+RSS ones from ``rss_idle`` and the history step's quarters (``rss_history``); the
+seccomp layer's from the interleaved ``seccomp`` step (``seccomp_summary``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ SHIPPED_VS_FASTEST = 0.9  # the shipped config.toml against the fastest configur
 IDLE_RSS_MB = 40.0
 FLAT_MB = 2.0  # RSS growth allowed over the last three quarters of the history
 QUERY_VS_BARE = 1.2  # QueryJob's server CPU per call against the bare aio server's
+SECCOMP_VS_NONE = 0.95  # the full box at main_level against the same config without seccomp
 
 
 def targets(records: list[dict[str, Any]], mode: str, p: Params) -> list[dict[str, Any]]:
@@ -142,4 +144,22 @@ def targets(records: list[dict[str, Any]], mode: str, p: Params) -> list[dict[st
         )
     else:
         add(qt, None, QUERY_VS_BARE, None, "not measured (no compare step)")
+    sc = find("seccomp_summary", in_flight=lvl)
+    st = (
+        f"full box, original protocol, {lvl} in flight, >= {SECCOMP_VS_NONE}x the same "
+        "config with seccomp = false"
+    )
+    if sc is None or sc.get("jobs_per_s_vs_no_seccomp") is None:
+        add(st, None, SECCOMP_VS_NONE, None, "not measured (no seccomp step)")
+    else:
+        r = sc["jobs_per_s_vs_no_seccomp"]
+        paired = sc.get("jobs_per_s_vs_no_seccomp_paired")
+        add(
+            st,
+            r,
+            SECCOMP_VS_NONE,
+            r >= SECCOMP_VS_NONE,
+            f"{sc['jobs_per_s']:.0f}/s vs {sc['jobs_per_s_no_seccomp']:.0f}/s = {r:.3f}x"
+            + (f" (per-round median {paired:.3f}x)" if paired is not None else ""),
+        )
     return out

@@ -37,7 +37,10 @@ switch as root):
 - idle RSS **<= 40 MB**, and flat with history: at most +2 MB from the
   first to the last quarter of the 10,000-job history step;
 - QueryJob's server CPU per call at 16 in flight **<= 1.2x** an empty call
-  on a bare `grpc.aio` server.
+  on a bare `grpc.aio` server;
+- (issue 22) the original protocol at 16 in flight with the full box (the entry's
+  seccomp filter included) **>= 0.95x** the same configuration with
+  `[confinement] seccomp = false`: two fresh agents, interleaved (the `seccomp` step).
 
 A target that needs the original worker says "not measured (no peer)"
 without `--peer-cmd`/`--peer-addr`.
@@ -320,21 +323,56 @@ def box_table(result: dict[str, Any]) -> str:
             f"| {key} | {'yes' if b.get('cgroup_per_job') else '**no**'} "
             f"(`{b.get('job_cgroup')}`; {cgs}) | {b.get('landlock')} | `{b.get('scratch_dir')}` "
             f"| {b.get('job_user')} | {'yes' if b.get('no_new_privs') else 'no'} "
-            f"| {b.get('open_files_limit')} |"
+            f"| {b.get('seccomp_filters', '-')} | {b.get('open_files_limit')} |"
         )
     if not rows:
         return ""
     return (
         "\n### The job box in force (read from /proc of a running job)\n\n"
         "| mode | cgroup per job | Landlock | scratch dir (cwd) | job user | no_new_privs "
-        "| open files limit |\n|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n"
+        "| seccomp filters | open files limit |\n|---|---|---|---|---|---|---|---|\n"
+        + "\n".join(rows)
+        + "\n"
     )
+
+
+def seccomp_table(records: list[dict[str, Any]]) -> str:
+    """The seccomp step's medians (``seccomp_summary``), per mode and level; or ""."""
+    rows = [r for r in records if r["name"] == "seccomp_summary"]
+    if not rows:
+        return ""
+    out = [
+        f"\n### The seccomp layer (medians of {max(r['rounds'] for r in rows)} interleaved "
+        "rounds)\n\nPer mode, two fresh agents: its configuration (the full box) and the "
+        "same with `[confinement] seccomp = false`; original protocol, `/bin/true`, "
+        "QueryJob every 1 ms. Each cell: with seccomp / without. Ratio: jobs/s with over "
+        "without (the median of the per-round ratios in brackets). All CPU: clients, agent, "
+        "spawner and the job itself, per job.\n\n"
+        "| mode | in flight | jobs/s | ratio | p50 ms | server CPU ms/job | jobs CPU ms/job "
+        "| all CPU ms/job | polls/job | other CPU | filters in a job |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|\n"
+    ]
+    for r in sorted(rows, key=lambda r: (r["mode"], r["in_flight"])):
+
+        def pair(key: str, fmt: str = ".2f", r: dict[str, Any] = r) -> str:
+            return f"{_f(r.get(key), fmt)} / {_f(r.get(key + '_no_seccomp'), fmt)}"
+
+        out.append(
+            f"| {r['mode']} | {r['in_flight']} | {pair('jobs_per_s', '.0f')} | "
+            f"{_f(r.get('jobs_per_s_vs_no_seccomp'), '.3f')} "
+            f"({_f(r.get('jobs_per_s_vs_no_seccomp_paired'), '.3f')}) | {pair('p50_ms')} | "
+            f"{pair('server_cpu_ms_per_job', '.3f')} | {pair('jobs_cpu_ms_per_job', '.3f')} | "
+            f"{pair('cpu_ms_per_job', '.3f')} | {pair('polls_per_job')} | {pair('other_cpu_cores')} | "
+            f"{r.get('seccomp_filters')} / {r.get('seccomp_filters_no_seccomp')} |\n"
+        )
+    return "".join(out)
 
 
 def results_body(result: dict[str, Any]) -> str:
     """Targets table, then one table per agent mode, then notes."""
     out = ["### Targets\n\n", targets_table(result), box_table(result)]
     out.append(compare_table(result["records"]))
+    out.append(seccomp_table(result["records"]))
     for key, info in result["modes"].items():
         out.append(f"\n### {info['label']}\n\n")
         if "error" in info:

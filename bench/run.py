@@ -7,7 +7,7 @@ JSON line per measurement on stdout, progress on stderr, and writes
 ``docs/benchmarks.md`` and ``docs/benchmarks-latency.png``.
 
 This module is the command line and the order of things; what is measured
-lives in ``bench.workloads`` and ``bench.compare``, what it runs against in
+lives in ``bench.workloads``, ``bench.compare`` and ``bench.boxcost``, what it runs against in
 ``bench.targets``, how clients are driven in ``bench.driver``, and the
 tables in ``bench.report``.
 """
@@ -30,9 +30,10 @@ from typing import Any
 import grpc
 
 from agent._proto import jobscheduler_pb2 as pb
+from bench import agentctlcost, procstat
 from bench import interp as interpreter
-from bench import procstat
 from bench import workloads as wl
+from bench.boxcost import SeccompCost
 from bench.compare import Comparison
 from bench.driver import Driver
 from bench.goals import targets
@@ -50,7 +51,18 @@ from bench.targets import (
     make_modes,
 )
 
-STEPS = ("rpc", "levels", "wait", "qps", "history", "running", "stream", "compare")
+STEPS = (
+    "rpc",
+    "levels",
+    "wait",
+    "qps",
+    "history",
+    "running",
+    "stream",
+    "compare",
+    "seccomp",
+    "agentctl",
+)
 
 
 class Bench:
@@ -75,6 +87,7 @@ class Bench:
         self.peer = peer
         self.records: list[dict[str, Any]] = []
         self.started = 0  # jobs started on the current agent (its history)
+        self._agentctl_done = False  # the agentctl step runs against the first mode only
         self.profiles: dict[str, str] = {}  # mode -> py-spy summary (--profile)
         self.head = os.path.realpath(shutil.which("head") or "/usr/bin/head")
 
@@ -226,6 +239,34 @@ class Bench:
                 a.stop()
             self.ctx.driver.kill_all()
 
+    def seccomp(self, modes: list[Mode]) -> bool:
+        """Per mode that ran: its full box against the same configuration with
+        ``[confinement] seccomp = false``, two fresh agents, interleaved (bench.boxcost).
+        False when a mode's step failed (the others still run)."""
+
+        def make(mode: Mode, variant: str, overrides: dict[str, dict[str, Any]]) -> Agent:
+            return Agent(
+                mode,
+                self.base,
+                self.certs,
+                self.ctx.interp,
+                self.head,
+                self.cgroup,
+                variant=variant,
+                overrides=overrides,
+            )
+
+        ok = True
+        for m in modes:
+            if m.key not in self.agents:
+                continue
+            try:
+                SeccompCost(self.ctx, m, make, lambda r: emit(r, self.records)).run()
+            except Exception as e:  # report and carry on with the next mode
+                ok = False
+                note(f"seccomp step, mode {m.key}, failed: {type(e).__name__}: {e}")
+        return ok
+
     def run_mode(self, mode: Mode) -> dict[str, Any]:
         """Every requested step against one fresh agent."""
         p = self.p
@@ -251,6 +292,16 @@ class Bench:
             self.started += 1
             self.out(mode, {"name": "box", **info["box"]})
             self.setup_calls(agent, mode)
+            if self.step("agentctl") and not self._agentctl_done:
+                # Whole agentctl commands against this idle agent (issue 23): once, the
+                # first mode; with --agentctl-baseline, an older tree interleaved.
+                self._agentctl_done = True
+                note("agentctl commands, whole processes")
+                rounds = 2 if self.args.quick else max(10, 5 * (self.args.rounds or 3))
+                for rec in agentctlcost.measure(
+                    agent.addr, self.certs, rounds=rounds, baseline=self.args.agentctl_baseline
+                ):
+                    self.out(mode, {"name": "agentctl", **rec})
             for n in p.levels if self.step("levels") else ():
                 note(f"original protocol, {n} in flight")
                 self.jobs(agent, mode, "original", n, floor, "jobs_original")
@@ -358,7 +409,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     add("--duration", type=float, help="seconds per throughput point")
     add("--levels", help="jobs in flight to sweep, e.g. 1,2,4,8,16,32")
-    add("--rounds", type=int, help="interleaved rounds of the compare step (default 3)")
+    add(
+        "--rounds",
+        type=int,
+        help="interleaved rounds of the compare and seccomp steps (default 3)",
+    )
     add(
         "--docs",
         dest="docs",
@@ -376,6 +431,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--profile-level", type=int, help="jobs in flight while profiling (default 16)")
     add("--history", type=int, help="jobs to run before the retained-history RSS (default 10000)")
     add("--steps", default="all", help=f"comma list of {','.join(STEPS)} (default all)")
+    add(
+        "--agentctl-baseline",
+        help="a checkout of an older agent (git worktree) whose agentctl the agentctl step "
+        "times beside this one",
+    )
     add(
         "--peer-addr",
         help="a worker speaking the original protocol, to compare with "
@@ -498,6 +558,8 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as e:  # the per-mode figures are still written
                 status = 1
                 note(f"compare failed: {type(e).__name__}: {e}")
+        if bench.step("seccomp") and not bench.seccomp(modes):
+            status = 1
     finally:
         for a in bench.agents.values():
             a.stop()

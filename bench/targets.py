@@ -314,9 +314,11 @@ class BenchCgroup:
             note(f"no bench cgroup below {base}: {e.strerror}; jobs run as cgroups auto decides")
             return None
 
-    def for_mode(self, mode: Mode) -> tuple[Path, Path | None]:
-        """(the ``[cgroups] path`` of ``mode``'s agent, the leaf the agent must start in)."""
-        d = self.path / mode.key
+    def for_mode(self, mode: Mode, name: str = "") -> tuple[Path, Path | None]:
+        """(the ``[cgroups] path`` of ``mode``'s agent, the leaf the agent must start in);
+        ``name``: the cgroup's own name when one mode has several agents (default the
+        mode's key)."""
+        d = self.path / (name or mode.key)
         os.mkdir(d, 0o755)
         if mode.agent_uid == 0:
             return d, None
@@ -341,7 +343,13 @@ class BenchCgroup:
 
 
 class Agent:
-    """A real agent process for one mode."""
+    """A real agent process for one mode.
+
+    ``variant`` and ``overrides``: a second agent of the same mode whose configuration
+    differs only by ``overrides`` (``{section: {key: value}}``, set over the mode's own),
+    in its own folder and cgroup named ``MODE-VARIANT`` (the ``seccomp`` step's agent
+    with ``[confinement] seccomp = false``).
+    """
 
     name = "agent"
 
@@ -353,12 +361,17 @@ class Agent:
         interp: Interpreter,
         head: str,
         cgroup: BenchCgroup | None = None,
+        variant: str = "",
+        overrides: dict[str, dict[str, Any]] | None = None,
     ) -> None:
         self.mode = mode
         self.interp = interp
         self.certs = certs
         self.cgroup = cgroup
-        self.dir = base / mode.key
+        self.variant = variant
+        self.overrides = overrides or {}
+        self.key = f"{mode.key}-{variant}" if variant else mode.key
+        self.dir = base / self.key
         self.dir.mkdir(mode=0o755)
         os.chmod(self.dir, 0o755)
         tls = self.dir / "tls"
@@ -389,7 +402,7 @@ class Agent:
         # The shipped configuration keeps its own [cgroups] (auto) unless that
         # finds no subtree (see start); the bench's own require one.
         if cgroup is not None and mode.key != "shipped":
-            self.cgroup_path, self.leaf = cgroup.for_mode(mode)
+            self.cgroup_path, self.leaf = cgroup.for_mode(mode, self.key)
         self.metrics_port = free_port()
         self.write_config()
         self.log_path = self.dir / "agent.log"
@@ -398,6 +411,8 @@ class Agent:
     def write_config(self) -> None:
         """config.toml for this mode (see :func:`config_of`)."""
         doc = config_of(self.mode, self.addr, self.cgroup_path, self.metrics_port)
+        for section, values in self.overrides.items():
+            doc.setdefault(section, {}).update(values)
         self.doc = doc
         self.config.write_text(toml_text(doc))
         os.chmod(self.config, 0o644)
@@ -417,7 +432,7 @@ class Agent:
         ):
             note("shipped config: cgroups auto found no subtree; restarting with the bench's")
             self.stop()
-            self.cgroup_path, self.leaf = self.cgroup.for_mode(self.mode)
+            self.cgroup_path, self.leaf = self.cgroup.for_mode(self.mode, self.key)
             self.write_config()
             self._start(timeout)
 
@@ -489,6 +504,7 @@ class Agent:
             else f"ABI {abi}, {conf.get('landlock', 'required')}"
             + (", some rules NOT enforced" if "best effort, not enforced" in log else "")
         )
+        out["seccomp_config"] = conf.get("seccomp", True)
         out["cgroups_config"] = dict(self.doc.get("cgroups", {"mode": "auto"}))
         out["limits_config"] = self.doc.get("limits", {})
         out["metrics"] = bool(self.doc.get("metrics", {}).get("enabled"))
@@ -535,6 +551,7 @@ def _proc_box(pid: int, agent_pid: int, job_id: str) -> dict[str, Any]:
         status = Path(f"/proc/{pid}/status").read_text()
         cg = Path(f"/proc/{pid}/cgroup").read_text()
         agent_cg = Path(f"/proc/{agent_pid}/cgroup").read_text()
+        agent_status = Path(f"/proc/{agent_pid}/status").read_text()
         cwd = os.readlink(f"/proc/{pid}/cwd")
         limits = Path(f"/proc/{pid}/limits").read_text()
     except OSError as e:
@@ -546,6 +563,13 @@ def _proc_box(pid: int, agent_pid: int, job_id: str) -> dict[str, Any]:
     uid = int(re.search(r"^Uid:\s+(\d+)", status, re.M).group(1))  # type: ignore[union-attr]
     nnp = re.search(r"^NoNewPrivs:\s+(\d)", status, re.M)
     nofile = re.search(r"^Max open files\s+(\S+)", limits, re.M)
+
+    def filters(text: str) -> int:
+        """How many seccomp filters bind a process (0 unless in filter mode, 2)."""
+        mode = re.search(r"^Seccomp:\s+(\d)", text, re.M)
+        n = re.search(r"^Seccomp_filters:\s+(\d+)", text, re.M)
+        return int(n.group(1)) if mode and n and mode.group(1) == "2" else 0
+
     job_cg = unified(cg)
     try:
         user = pwd.getpwuid(uid).pw_name
@@ -558,6 +582,8 @@ def _proc_box(pid: int, agent_pid: int, job_id: str) -> dict[str, Any]:
         "job_user": user,
         "scratch_dir": cwd,
         "no_new_privs": bool(nnp and nnp.group(1) == "1"),
+        # The filters the box added: the job's beyond those binding the agent itself.
+        "seccomp_filters": filters(status) - filters(agent_status),
         "open_files_limit": nofile.group(1) if nofile else None,
     }
 

@@ -376,9 +376,10 @@ class Prepared:
         # Built here once so the child's loop is only system calls (~1.5 us a rule there).
         # Each rule's attribute as bytes: what ctypes passes by pointer in the fork path's
         # child and what the C vfork child (agent.daemon.vspawn) is handed as is, and the
-        # C child's "add" steps (child_program) ready made.
+        # C child's "add" steps (child_program) ready made, as one block: every job of the
+        # entry adds the same rules, so the spawner turns them into ops once (vspawn).
         self._rules: list[tuple[int, bytes, str]] = []  # (rule type, attr, name)
-        self._adds: list[tuple[object, ...]] = []
+        self._adds: tuple[object, ...] = ("adds", (), ())
         try:
             for rule in rules:
                 if not _child_resolved(rule.path) and (attr := self._open_rule(rule)):
@@ -386,7 +387,11 @@ class Prepared:
             for port_attr in self._ports:
                 name = f"tcp port {port_attr.port}"
                 self._rules.append((_RULE_NET_PORT, bytes(port_attr), name))
-            self._adds = [("add", f"landlock_add_rule {n}", k, raw) for k, raw, n in self._rules]
+            self._adds = (
+                "adds",
+                tuple(f"landlock_add_rule {n}" for _, _, n in self._rules),
+                tuple((k, raw) for k, raw, _ in self._rules),
+            )
             if not self._deferred:
                 self._shared = self._build()
         except BaseException:
@@ -491,6 +496,8 @@ class Prepared:
         prefixes "landlock: "), everything built here, in the spawner, so the child only
         makes system calls (agent.daemon.vspawn turns this into its op list). Items:
         ("nnp", step), ("create", step, attr, size), ("add", step, rule type, attr),
+        ("adds", steps, ((rule type, attr), ...)): the prepared rules, the same object for
+        every job of this spec,
         ("open_add", (open, "", readlink, add steps), path, dir mask, file mask),
         ("restrict", step, fd or -1 for the one just created), ("close",).
         """
@@ -501,7 +508,7 @@ class Prepared:
         # A fresh ruleset per child (never add to the shared one: see restrict()).
         prog: list[tuple[object, ...]] = [
             ("create", "landlock_create_ruleset", bytes(self._attr), self._attr_size),
-            *self._adds,
+            self._adds,
         ]
         for path, access in self._deferred:
             # Resolved in the child: /proc/self names the job, not the spawner. No deny
@@ -526,7 +533,8 @@ class Prepared:
         for fd in [*self._fds, self._shared]:
             if fd >= 0:
                 os.close(fd)
-        self._fds, self._rules, self._adds, self._shared = [], [], [], -1
+        self._fds, self._rules, self._shared = [], [], -1
+        self._adds = ("adds", (), ())
 
 
 def prepare(rules: Sequence[PathRule], spec: LandlockSpec, abi: int) -> Prepared:

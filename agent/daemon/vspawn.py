@@ -22,6 +22,7 @@ chooses: ``fork`` the Python path, ``vfork`` the C path or refuse to start, unse
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import struct
 from collections.abc import Sequence
@@ -58,6 +59,7 @@ FIXED_STEPS = {
     -6: "execve",
 }
 ENV_VAR = "WORKER_AGENT_SPAWN"
+LANDLOCK_BLOCKS = 64  # named rule blocks kept (the spawner keeps as many prepared specs)
 _PR_SET_KEEPCAPS, _PR_CAPBSET_DROP, _PR_CAP_AMBIENT, _PR_CAP_AMBIENT_RAISE = 8, 24, 47, 2
 _PR_SET_NO_NEW_PRIVS = 38
 _CAP_VERSION_3 = 0x20080522
@@ -146,6 +148,11 @@ def user_ops(plan: dict[str, Any], root: bool, last_cap: int, steps: Steps, euid
     return ops
 
 
+@functools.lru_cache(maxsize=LANDLOCK_BLOCKS)
+def _prefixed(names: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(f"landlock: {n}" for n in names)
+
+
 def landlock_ops(program: Sequence[tuple[Any, ...]], steps: Steps) -> list[Op]:
     """Prepared.child_program() as ops; each step is named "landlock: <step>"."""
     ops: list[Op] = []
@@ -159,6 +166,15 @@ def landlock_ops(program: Sequence[tuple[Any, ...]], steps: Steps) -> list[Op]:
         elif kind == "add":
             _, name, rule_type, attr = item
             ops.append((OP_LL_ADD, steps(f"landlock: {name}"), rule_type, 0, 0, attr))
+        elif kind == "adds":
+            # An entry's prepared rules (one block per spec): named once, then only
+            # numbered per job (about 0.7 us a rule saved on every start).
+            _, names, rules = item
+            first = len(steps.names)
+            steps.names.extend(_prefixed(names))
+            ops.extend(
+                [(OP_LL_ADD, first + i, kind_, 0, 0, attr) for i, (kind_, attr) in enumerate(rules)]
+            )
         elif kind == "open_add":
             _, names, path, dir_mask, file_mask = item
             # Four consecutive steps: open, fstat (the bare "landlock"), readlink, add.
