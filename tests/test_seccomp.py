@@ -390,6 +390,29 @@ def test_listen_from_a_thread_is_checked_like_any_other(tmp_path: Path) -> None:
 
 
 @needs_seccomp
+def test_a_job_cannot_flood_the_spawner_with_listen_checks(tmp_path: Path) -> None:
+    """listen() in a tight loop: the first calls are checked and served, the excess of a
+    second is refused (EPERM) without work, so one job cannot hold up other starts."""
+    script = textwrap.dedent("""\
+        import socket
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        got = []
+        for _ in range(400):
+            try:
+                s.listen()
+                got.append("ok")
+            except OSError as e:
+                got.append(str(e.errno))
+        print("first", got[0])
+        print("refused", sum(1 for g in got if g != "ok"))
+        """)
+    _, out = _run(_probe_spec(tmp_path, script, SeccompSpec(listen="bound")))
+    res = _results(out)
+    assert res["first"] == "ok" and int(res["refused"]) > 0, out
+
+
+@needs_seccomp
 def test_listen_checks_follow_the_jobs_children(tmp_path: Path) -> None:
     """A forked grandchild's listen() goes to the same check (the filter is inherited)."""
     script = textwrap.dedent("""\
