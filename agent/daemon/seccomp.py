@@ -41,6 +41,7 @@ import functools
 import os
 import socket
 import struct
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -499,41 +500,44 @@ class ListenGuard:
         if self._checks > LISTEN_CHECKS:
             err = errno.EPERM
         else:
-            err = self._decide(notif_id, pid, sock_fd, backlog)
+            err, why = self._decide(notif_id, pid, sock_fd, backlog)
+            if why:  # the check itself failed (not the refusal of an unbound socket)
+                print(f"agent spawner: listen() of pid {pid} refused: {why}", file=sys.stderr)
         resp = _RESP.pack(notif_id, 0 if not err else -1, -err if err else 0, 0)
         try:
             fcntl.ioctl(self.fd, _IOCTL_NOTIF_SEND, bytearray(resp))
         except OSError:
             pass  # the job died or was interrupted: its call is gone
 
-    def _decide(self, notif_id: int, pid: int, sock_fd: int, backlog: int) -> int:
-        """0 when the listen() was done, else the errno to answer with."""
+    def _decide(self, notif_id: int, pid: int, sock_fd: int, backlog: int) -> tuple[int, str]:
+        """(0, "") when the listen() was done, else the errno to answer with and, when the
+        check itself failed (rather than finding an unbound socket), why."""
         pidfd = _pidfd_of_thread(pid)
         if pidfd < 0:
-            return errno.EPERM
+            return errno.EPERM, f"pidfd_open: {_errname(ctypes.get_errno())}"
         try:
             try:
                 # The pid may have been reused between the notification and pidfd_open:
                 # the notification is still pending only while its caller lives.
                 fcntl.ioctl(self.fd, _IOCTL_NOTIF_ID_VALID, struct.pack("=Q", notif_id))
             except OSError:
-                return errno.EPERM
+                return errno.EPERM, ""  # the caller is gone: nobody to answer
             if self.uid == os.geteuid():
                 return _take_and_listen(pidfd, sock_fd, backlog)
             return self._as_job_user(pidfd, sock_fd, backlog)
         finally:
             os.close(pidfd)
 
-    def _as_job_user(self, pidfd: int, sock_fd: int, backlog: int) -> int:
+    def _as_job_user(self, pidfd: int, sock_fd: int, backlog: int) -> tuple[int, str]:
         r, w = os.pipe2(os.O_CLOEXEC)
         try:
             child = os.fork()
-        except OSError:
+        except OSError as e:
             os.close(r)
             os.close(w)
-            return errno.EPERM
+            return errno.EPERM, f"fork: {_errname(e.errno)}"
         if child == 0:  # pragma: no cover - the helper's own process
-            code = errno.EPERM
+            code, why = errno.EPERM, "the helper failed"
             try:
                 # Nothing of the spawner's stays in a process of the job's user.
                 keep = sorted((pidfd, w))
@@ -547,23 +551,27 @@ class ListenGuard:
                 os.setresuid(self.uid, self.uid, self.uid)
                 if self.caps:
                     capabilities.set_caps(self.caps, ambient=False)
-                code = _take_and_listen(pidfd, sock_fd, backlog)
-            except BaseException:  # noqa: S110 - answered as EPERM below
-                pass
+                code, why = _take_and_listen(pidfd, sock_fd, backlog)
+            except BaseException as e:
+                why = f"the helper as uid {self.uid}: {e}"
             finally:
                 try:
-                    os.write(w, bytes([code & 0xFF]))
+                    os.write(w, f"{code}\0{why}".encode()[:512])
                 finally:
                     os._exit(0)
         os.close(w)
         try:
-            data = os.read(r, 1)
+            data = os.read(r, 512)
         except OSError:
             data = b""
         finally:
             os.close(r)
             os.waitpid(child, 0)
-        return data[0] if data else errno.EPERM
+        code_text, _, why_text = data.decode("utf-8", "replace").partition("\0")
+        try:
+            return int(code_text), why_text
+        except ValueError:
+            return errno.EPERM, "the helper died"
 
     def close(self) -> None:
         """Close the listener: a later listen() of the job's processes then fails (ENOSYS)."""
@@ -595,23 +603,32 @@ def _pidfd_of_thread(tid: int) -> int:
     return fd
 
 
-def _take_and_listen(pidfd: int, sock_fd: int, backlog: int) -> int:
-    """Take the job's descriptor and listen() on it if it is a bound socket; 0 or errno."""
+def _errname(err: int | None) -> str:
+    return errno.errorcode.get(err or 0, str(err))
+
+
+def _take_and_listen(pidfd: int, sock_fd: int, backlog: int) -> tuple[int, str]:
+    """Take the job's descriptor and listen() on it if it is a bound socket: (0, "") or
+    (errno, why the check failed; "" for the plain refusals: unbound, not a socket)."""
     got = _libc.syscall(_L(_NR_PIDFD_GETFD), _L(pidfd), _L(sock_fd & 0xFFFFFFFF), _L(0))
     if got < 0:
         err = ctypes.get_errno()
-        return errno.EBADF if err == errno.EBADF else errno.EPERM
+        if err == errno.EBADF:
+            return errno.EBADF, ""  # the job named no descriptor: its own mistake
+        return errno.EPERM, f"pidfd_getfd as uid {os.geteuid()}: {_errname(err)}"
     try:
         sock = socket.socket(fileno=os.dup(got))
     except OSError as e:
-        return errno.ENOTSOCK if e.errno == errno.ENOTSOCK else errno.EPERM
+        if e.errno == errno.ENOTSOCK:
+            return errno.ENOTSOCK, ""
+        return errno.EPERM, f"the socket: {_errname(e.errno)}"
     finally:
         os.close(got)
     with sock:
         try:
             name = sock.getsockname()
-        except OSError:
-            return errno.EPERM
+        except OSError as e:
+            return errno.EPERM, f"getsockname: {_errname(e.errno)}"
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             bound = name[1] != 0
         elif sock.family == socket.AF_UNIX:
@@ -619,7 +636,7 @@ def _take_and_listen(pidfd: int, sock_fd: int, backlog: int) -> int:
         else:
             bound = False
         if not bound:
-            return errno.EPERM
+            return errno.EPERM, ""  # the refusal this check exists for
         # The job's backlog as the kernel reads it (an int).
         value = backlog & 0xFFFFFFFF
         value = value - (1 << 32) if value >= 1 << 31 else value
@@ -628,5 +645,5 @@ def _take_and_listen(pidfd: int, sock_fd: int, backlog: int) -> int:
         try:
             sock.listen(value)
         except OSError as e:
-            return e.errno or errno.EPERM
-    return 0
+            return e.errno or errno.EPERM, ""  # what listen() itself answers
+    return 0, ""

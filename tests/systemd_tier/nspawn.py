@@ -117,9 +117,16 @@ CONTAINER_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _CGROUP_ROOTS = (Path("/sys/fs/cgroup/systemd"), Path("/sys/fs/cgroup/unified"))
 
 # nspawn 252 puts the whole container under its own seccomp allow list, which
-# lacks bpf() (so the container's systemd silently cannot enforce IPAddressDeny=)
-# and Landlock.  A host booted with systemd has no such filter: allow them.
-NSPAWN_SYSCALLS = ("bpf", "landlock_create_ruleset", "landlock_add_rule", "landlock_restrict_self")
+# lacks bpf() (so the container's systemd silently cannot enforce IPAddressDeny=),
+# Landlock, and pidfd_getfd (the job spawner's listen() checks: EPERM there, measured).
+# A host booted with systemd has no such filter: allow them.
+NSPAWN_SYSCALLS = (
+    "bpf",
+    "landlock_create_ruleset",
+    "landlock_add_rule",
+    "landlock_restrict_self",
+    "pidfd_getfd",
+)
 
 SnapshotMode = Literal["overlay", "ephemeral", "copy"]
 

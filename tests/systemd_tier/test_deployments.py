@@ -68,8 +68,8 @@ FILTERED = (
     "t('udp', lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))\n"
     "t('unbound-listen', lambda: socket.socket().listen())\n"
     "s = socket.socket()\n"
-    "s.bind(('127.0.0.1', int(__import__('sys').argv[1])))\n"
-    "t('bound-listen', lambda: s.listen())\n"
+    "t('bind', lambda: s.bind(('127.0.0.1', int(__import__('sys').argv[1]))))\n"
+    "t('listen-after-bind', lambda: s.listen())\n"
     "st = [l.split()[1] for l in open('/proc/self/status') if l[:8] == 'Seccomp:']\n"
     "print('seccomp', st[0])\n"
 )
@@ -174,7 +174,9 @@ def unprivileged(installed: nspawn.Container, certs: Certs) -> Iterator[Deployed
     """systemd/worker-agent.service as shipped, the default confinement."""
     port = free_port()
     policy = "version: 1\nentries:\n" + _probes_entry("probe", "bash")
-    policy += "  - name: py\n    command: /usr/bin/python3\n    args: {max_count: 3}\n"
+    policy += (
+        "  - name: py\n    command: /usr/bin/python3\n    aliases: [py]\n    args: {max_count: 3}\n"
+    )
     d = _install(installed, UNPRIVILEGED, agent_config(port), policy, certs, port)
     yield d
     d.close()
@@ -256,14 +258,15 @@ def test_unprivileged_job_cannot_connect_or_signal(unprivileged: Deployed) -> No
 
 def test_unprivileged_job_is_filtered(unprivileged: Deployed) -> None:
     """Under the shipped unit the job's seccomp filter is installed: MPTCP, UDP and listen()
-    (the entry has no bind_tcp) are refused with EPERM."""
+    (the entry has no bind_tcp) are refused with EPERM, the bind by Landlock."""
     code, out = unprivileged.run("py", "-c", FILTERED, str(free_port()))
     got = dict(line.split(" ", 1) for line in out.splitlines())
     assert code == 0 and got == {
         "mptcp": "EPERM",
         "udp": "EPERM",
         "unbound-listen": "EPERM",
-        "bound-listen": "EPERM",
+        "bind": "EACCES",  # Landlock: no bind_tcp
+        "listen-after-bind": "EPERM",  # seccomp: no bind_tcp, no listen()
         "seccomp": "2",
     }, out
 
@@ -315,9 +318,10 @@ def test_privileged_capability_entry_listens_on_its_port_only_when_bound(
         "mptcp": "EPERM",
         "udp": "EPERM",
         "unbound-listen": "EPERM",
-        "bound-listen": "ok",
+        "bind": "ok",
+        "listen-after-bind": "ok",
         "seccomp": "2",
-    }, out
+    }, out + "\n" + d.box.journal(SERVICE)[-3000:]
 
 
 def test_privileged_no_job_reads_the_key(privileged: tuple[Deployed, int]) -> None:
