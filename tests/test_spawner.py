@@ -594,3 +594,35 @@ def test_scratch_is_removed_whatever_the_job_did_to_it(spawn_path: str, who: str
         assert os.stat(outside / "dir").st_mode & 0o777 == 0o555
     finally:
         subprocess.run(["rm", "-rf", "--one-file-system", str(base)], check=False)
+
+
+def test_a_bug_in_one_handler_does_not_take_the_spawner_down(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """An exception while handling one job's event is logged with its traceback and the
+    spawner goes on (its death would kill every running job); a start that hits one is
+    answered as failed, so the agent never waits for it."""
+    import socket as socket_mod
+
+    from agent.daemon import spawner as spawner_mod
+    from agent.daemon import spawnproto
+
+    ours, theirs = socket_mod.socketpair(socket_mod.AF_UNIX, socket_mod.SOCK_SEQPACKET)
+    with ours, theirs:
+        sp = spawner_mod.Spawner(ours)
+
+        def broken(*_: Any) -> None:
+            raise RuntimeError("a bug")
+
+        sp.on_exit = broken  # type: ignore[method-assign,assignment]
+        sp.dispatch(12345)
+        assert "internal error handling 12345" in capsys.readouterr().err
+        sp.spawn = broken  # type: ignore[method-assign,assignment]
+        spawnproto.send(theirs, {"op": "spawn", "id": 7, "plan": {}, "fds": []}, [])
+        sp.on_socket()
+        assert sp.running
+        answer, _ = spawnproto.decode(*spawnproto.recv(theirs, 0))
+        assert (
+            answer["op"] == "spawned" and answer["id"] == 7 and "internal error" in answer["error"]
+        )
+        assert "RuntimeError: a bug" in capsys.readouterr().err

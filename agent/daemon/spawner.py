@@ -77,6 +77,7 @@ AGENT_INSTANCE) and reports them LOST, as it does after an agent crash.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import fcntl
@@ -619,14 +620,8 @@ class Spawner:
             for key, _ in self.sel.select():
                 if key.data is None:
                     asked = True
-                elif key.data is self.watcher:
-                    self.on_cgroup_events()
-                elif isinstance(key.data, Starting):
-                    self.on_started(key.data)
-                elif isinstance(key.data, seccomp.ListenGuard):
-                    key.data.handle()
                 else:
-                    self.on_exit(key.data)
+                    self.dispatch(key.data)
                 if not self.running:
                     break
             # One request per turn, after every exit that is ready: a job that
@@ -636,6 +631,31 @@ class Spawner:
             # original-protocol clients polled for them meanwhile).
             if asked and self.running:
                 self.on_socket()
+
+    def dispatch(self, what: Any) -> None:
+        """Handle one ready descriptor of a job (its pidfd, start report, listen() checks)
+        or the cgroup watcher.
+
+        A bug in one of these must not take the spawner down: its death kills every
+        running job. It is logged with its traceback (the agent's log) and the loop
+        goes on.
+        """
+        try:
+            if what is self.watcher:
+                self.on_cgroup_events()
+            elif isinstance(what, Starting):
+                self.on_started(what)
+            elif isinstance(what, seccomp.ListenGuard):
+                what.handle()
+            else:
+                self.on_exit(what)
+        except Exception:
+            import traceback
+
+            print(
+                f"agent spawner: internal error handling {what!r}:\n{traceback.format_exc()}",
+                file=sys.stderr,
+            )
 
     def on_socket(self) -> None:
         """Take one request from the agent (the socket stays readable for the rest)."""
@@ -658,14 +678,29 @@ class Spawner:
             print(f"agent spawner: bad message: {e}", file=sys.stderr)
             return
         op = msg["op"]
-        if op == "spawn":
-            self.spawn(msg, byrole)
-        elif op == "signal":
-            self.signal(msg)
-        elif op == "exit":
-            self.running = False
+        try:
+            if op == "spawn":
+                self.spawn(msg, byrole)
+            elif op == "signal":
+                self.signal(msg)
+            elif op == "exit":
+                self.running = False
+        except Exception:
+            # As in dispatch(): logged, and the start (if it was one) answered as failed,
+            # so the agent never waits for it.
+            import traceback
+
+            print(
+                f"agent spawner: internal error in {op}:\n{traceback.format_exc()}", file=sys.stderr
+            )
+            if op == "spawn":
+                error = "internal error in the job spawner (see the agent's log)"
+                self.send(
+                    {"op": "spawned", "id": msg.get("id"), "error": error, "errno": errno.EIO}
+                )
         for fd in byrole.values():
-            os.close(fd)
+            with contextlib.suppress(OSError):  # spawn() may have closed them already
+                os.close(fd)
 
     def spawn(self, msg: dict[str, Any], fds: dict[str, int]) -> None:
         rid, plan = msg.get("id"), msg.get("plan")
