@@ -389,6 +389,15 @@ def test_listen_from_a_thread_is_checked_like_any_other(tmp_path: Path) -> None:
     assert _results(out) == {"unbound": str(errno.EPERM), "bound": "ok"}, out
 
 
+def test_a_closed_listen_guard_is_nothing_to_do() -> None:
+    """A guard closed at the job's exit, reported ready in the same turn, does nothing
+    (it raised ValueError and took the spawner with every running job down)."""
+    guard = seccomp.ListenGuard(os.dup(0))
+    guard.close()
+    guard.handle()
+    assert guard.fd == -1
+
+
 @needs_seccomp
 def test_a_job_cannot_flood_the_spawner_with_listen_checks(tmp_path: Path) -> None:
     """listen() in a tight loop: the first calls are checked and served, the excess of a

@@ -484,6 +484,10 @@ class ListenGuard:
 
     def handle(self) -> None:
         """Answer one queued listen(); never raises (a vanished job is nothing to do)."""
+        if self.fd < 0:
+            # Closed since the selector reported it: the job's exit came first in the same
+            # turn (measured: fcntl.ioctl(-1) raises ValueError, which killed the spawner).
+            return
         buf = bytearray(_NOTIF.size)
         try:
             fcntl.ioctl(self.fd, _IOCTL_NOTIF_RECV, buf, True)
