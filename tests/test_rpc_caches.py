@@ -372,3 +372,29 @@ def test_label_children_are_the_metrics_own_and_bounded() -> None:
     for i in range(10):
         assert kids.get("FAILED", f"e{i}") is c.labels(state="FAILED", entry=f"e{i}")
     assert len(kids._children) <= 4
+
+
+def test_streaming_request_calls_are_counted_behind_the_separate_gate() -> None:
+    """With the access gate its own interceptor, a bidirectional call (reflection) is still
+    counted by the metrics, as when the metrics ran the gate themselves."""
+    import grpc
+
+    async def items(request: Any, context: Any) -> Any:
+        yield "item"
+
+    metrics = AgentMetrics()
+    ic = RpcMetricsInterceptor(metrics)
+    method = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
+
+    async def run() -> list[Any]:
+        async def found(d: Any) -> Any:
+            return grpc.stream_stream_rpc_method_handler(items)
+
+        wrapped = await ic.intercept_service(found, _Details(method))
+        return [x async for x in wrapped.stream_stream(iter(()), _Ctx())]
+
+    assert asyncio.run(run()) == ["item"]
+    assert (
+        metrics.registry.get_sample_value("agent_rpcs_total", {"method": method, "code": "OK"})
+        == 1.0
+    )

@@ -372,15 +372,13 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         return wrapped
 
     def _wrap(self, method: str, handler: Any) -> Any:
-        m, gate = self._m, self._gate
+        gate = self._gate
         if gate is not None:
             # The one access gate (fails closed: None for a handler it cannot
             # gate); the counting below wraps it, so refusals are counted too.
             handler = gated(handler, method, gate)
             if handler is None:
                 return None
-        short = method.rsplit("/", 1)[-1]
-        streaming_output = short == "StreamJobOutput"
         counts, durations = self._counts, self._durations
 
         def observe(context: Any, failed: BaseException | None, t0: float) -> None:
@@ -409,8 +407,6 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             inner_s = getattr(handler, kind)
             if inner_s is None:
                 continue
-            if kind == "stream_stream" and gate is None:
-                break
             if inspect.isasyncgenfunction(inner_s):
 
                 async def gen(
@@ -418,8 +414,6 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 ) -> AsyncIterator[Any]:
                     t0 = time.monotonic()
                     failed: BaseException | None = None
-                    if streaming_output:
-                        m.stream_followers.inc()
                     try:
                         async for item in inner(request, context):
                             yield item
@@ -427,8 +421,6 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                         failed = e
                         raise
                     finally:
-                        if streaming_output:
-                            m.stream_followers.dec()
                         observe(context, failed, t0)
 
                 return handler._replace(**{kind: gen})
