@@ -83,6 +83,15 @@ def _probe(prefix: list[str], argv: tuple[str, ...], pythonpath: str) -> str:
     return r.stdout.strip() if r.returncode == 0 else f"error: {r.stderr.strip()[-200:]}"
 
 
+def other(path: str) -> Interpreter:
+    """Another interpreter as it is (its own site-packages only): ``--baseline-python``."""
+    argv = (path,)
+    got = _probe([], argv, "")
+    if got.startswith("error"):
+        raise SystemExit(f"bench: {path}: {got}")
+    return Interpreter(argv, "", got.split()[0])
+
+
 def choose(choice: str, user_prefix: list[str] | None) -> Interpreter:
     """The same interpreter for every agent mode.
 

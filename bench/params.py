@@ -28,6 +28,7 @@ class Params:
     main_level: int = 16  # the in-flight level the targets talk about
     compare_rounds: int = 3  # interleaved rounds of the comparison step
     unary_callers: int = 16  # concurrent callers of the empty-unary comparison
+    baseline_history: int = 2000  # jobs per agent before the baseline step's second RSS
 
     def replace(self, **changes: Any) -> Params:
         """A copy with some fields changed."""
@@ -51,4 +52,5 @@ QUICK = Params(
     main_level=4,
     compare_rounds=1,
     unary_callers=4,
+    baseline_history=60,
 )

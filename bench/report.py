@@ -368,9 +368,88 @@ def seccomp_table(records: list[dict[str, Any]]) -> str:
     return "".join(out)
 
 
+def baseline_table(result: dict[str, Any]) -> str:
+    """The baseline step (``--baseline-python``): this checkout's agent against another
+    version's, medians, ratios and the RSS sums; or ""."""
+    b = result.get("baseline")
+    if not b:
+        return ""
+    if "error" in b:
+        return f"\n### Against the baseline agent\n\nFailed: `{b['error']}`\n"
+    ag = b.get("agents", {})
+    levels = b.get("levels", [])
+    rounds = max((s["rounds"] for s in levels), default=0)
+    out = [
+        f"\n### Against the baseline agent (mode {b['mode']}, medians of {rounds} "
+        "interleaved rounds)\n\n"
+        f"new: `{ag.get('new', {}).get('package')}` (`{ag.get('new', {}).get('python')}`); "
+        f"old: `{ag.get('old', {}).get('package')}` (`{ag.get('old', {}).get('python')}`); "
+        "the same configuration. `/bin/true`, StartJob + WaitJob; the order alternates by "
+        "round. Ratios: above 1 means the new one is better (jobs/s new/old, p50 old/new; "
+        "the median of the per-round ratios in brackets). Server CPU: the agent and its "
+        "keeper or spawner, per job.\n\n"
+        "| in flight | jobs/s new / old | ratio | p50 ms new / old | ratio | p99 ms new / old "
+        "| server CPU ms/job new / old | failed |\n|---|---|---|---|---|---|---|---|\n"
+    ]
+    for s in levels:
+        new, old = s["new"], s["old"]
+
+        def pair(key: str, fmt: str = ".2f", new: Any = new, old: Any = old) -> str:
+            return f"{_f(new.get(key), fmt)} / {_f(old.get(key), fmt)}"
+
+        out.append(
+            f"| {s['in_flight']} | {pair('jobs_per_s', '.0f')} | "
+            f"{_f(s.get('jobs_per_s_new_vs_old'), '.3f')} "
+            f"({_f(s.get('jobs_per_s_new_vs_old_paired'), '.3f')}) | {pair('p50_ms')} | "
+            f"{_f(s.get('p50_old_vs_new'), '.3f')} ({_f(s.get('p50_old_vs_new_paired'), '.3f')}) "
+            f"| {pair('p99_ms')} | {pair('server_cpu_ms_per_job', '.3f')} | {s['failed']} |\n"
+        )
+    rss = b.get("rss")
+    if rss:
+        out.append(
+            "\n| RSS (VmRSS, MB), agent + descendants | new | old | new/old |\n|---|---|---|---|\n"
+        )
+        new, old = rss["new"], rss["old"]
+        rows = (
+            ("idle, after start: sum", "idle_sum_mb", "idle_sum_new_vs_old"),
+            ("idle: the agent", "idle_agent_mb", None),
+            ("idle: keeper (new) / spawner (old)", "idle_helpers_mb", None),
+            ("idle: anon, sum", "idle_anon_sum_mb", None),
+            (
+                f"after {new.get('history_jobs_run')} / {old.get('history_jobs_run')} jobs: sum",
+                "history_sum_mb",
+                "history_sum_new_vs_old",
+            ),
+            ("after the history, above idle", "history_above_idle_mb", None),
+            ("last history quarter minus first", "history_quarters_growth_mb", None),
+            (
+                f"at the end ({new.get('end_jobs_run')} / {old.get('end_jobs_run')} jobs): sum",
+                "end_sum_mb",
+                None,
+            ),
+        )
+        for label, key, rk in rows:
+            r = _f(rss.get(rk), ".3f") if rk else ""
+            out.append(
+                f"| {label} | {_f(new.get(key), '.1f')} | {_f(old.get(key), '.1f')} | {r} |\n"
+            )
+    checks = b.get("checks", [])
+    if checks:
+        out.append("\n| check | value | limit | verdict |\n|---|---|---|---|\n")
+        for c in checks:
+            verdict = {True: "**PASS**", False: "**FAIL**", None: "not measured"}[c["pass"]]
+            out.append(
+                f"| {c['check']} | {_f(c['value'], '.3f')} | {_f(c['limit'], '.3f')} "
+                f"| {verdict} |\n"
+            )
+    return "".join(out)
+
+
 def results_body(result: dict[str, Any]) -> str:
     """Targets table, then one table per agent mode, then notes."""
-    out = ["### Targets\n\n", targets_table(result), box_table(result)]
+    out = ["### Targets\n\n", targets_table(result)] if result["targets"] else []
+    out.append(box_table(result))
+    out.append(baseline_table(result))
     out.append(compare_table(result["records"]))
     out.append(seccomp_table(result["records"]))
     for key, info in result["modes"].items():

@@ -7,7 +7,8 @@ JSON line per measurement on stdout, progress on stderr, and writes
 ``docs/benchmarks.md`` and ``docs/benchmarks-latency.png``.
 
 This module is the command line and the order of things; what is measured
-lives in ``bench.workloads``, ``bench.compare`` and ``bench.boxcost``, what it runs against in
+lives in ``bench.workloads``, ``bench.compare``, ``bench.boxcost`` and ``bench.baseline``, what
+it runs against in
 ``bench.targets``, how clients are driven in ``bench.driver``, and the
 tables in ``bench.report``.
 """
@@ -33,6 +34,7 @@ from agent._proto import jobscheduler_pb2 as pb
 from bench import agentctlcost, procstat
 from bench import interp as interpreter
 from bench import workloads as wl
+from bench.baseline import BaselineCost
 from bench.boxcost import SeccompCost
 from bench.compare import Comparison
 from bench.driver import Driver
@@ -63,6 +65,8 @@ STEPS = (
     "seccomp",
     "agentctl",
 )
+# Not among the default steps: runs with --baseline-python (``all`` or ``--steps baseline``).
+BASELINE = "baseline"
 
 
 class Bench:
@@ -89,6 +93,7 @@ class Bench:
         self.started = 0  # jobs started on the current agent (its history)
         self._agentctl_done = False  # the agentctl step runs against the first mode only
         self.profiles: dict[str, str] = {}  # mode -> py-spy summary (--profile)
+        self.baseline_result: dict[str, Any] | None = None  # the baseline step's summary
         self.head = os.path.realpath(shutil.which("head") or "/usr/bin/head")
 
     def step(self, name: str) -> bool:
@@ -267,6 +272,24 @@ class Bench:
                 note(f"seccomp step, mode {m.key}, failed: {type(e).__name__}: {e}")
         return ok
 
+    def baseline(self, mode: Mode, python: str) -> bool:
+        """This checkout's agent against the one ``python`` has installed, ``mode``'s
+        configuration, interleaved (bench.baseline). False when the step failed."""
+        base_interp = interpreter.other(python)
+
+        def make(m: Mode, variant: str, interp: interpreter.Interpreter) -> Agent:
+            return Agent(m, self.base, self.certs, interp, self.head, self.cgroup, variant=variant)
+
+        try:
+            self.baseline_result = BaselineCost(
+                self.ctx, mode, base_interp, make, lambda r: emit(r, self.records)
+            ).run()
+            return True
+        except Exception as e:  # the other figures are still written
+            note(f"baseline step, mode {mode.key}, failed: {type(e).__name__}: {e}")
+            self.baseline_result = {"mode": mode.key, "error": f"{type(e).__name__}: {e}"}
+            return False
+
     def run_mode(self, mode: Mode) -> dict[str, Any]:
         """Every requested step against one fresh agent."""
         p = self.p
@@ -324,7 +347,7 @@ class Bench:
                 )
             if self.args.profile:
                 out = Path(self.args.out) / f"profile-{mode.key}.txt"
-                rec, summary = wl.profiled_jobs(
+                prof, summary = wl.profiled_jobs(
                     self.ctx,
                     agent,
                     self.args.profile_level or p.main_level,
@@ -332,8 +355,8 @@ class Bench:
                     out,
                     self.args.native,
                 )
-                if rec:
-                    self.out(mode, rec)
+                if prof:
+                    self.out(mode, prof)
                 if summary:
                     (Path(self.args.out) / f"profile-{mode.key}.summary.txt").write_text(summary)
                     self.profiles[mode.key] = summary
@@ -430,7 +453,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--native", action="store_true", help="with --profile: native frames too")
     add("--profile-level", type=int, help="jobs in flight while profiling (default 16)")
     add("--history", type=int, help="jobs to run before the retained-history RSS (default 10000)")
-    add("--steps", default="all", help=f"comma list of {','.join(STEPS)} (default all)")
+    add(
+        "--steps",
+        default="all",
+        help=f"comma list of {','.join(STEPS)},{BASELINE} (default all; {BASELINE} only "
+        "with --baseline-python)",
+    )
+    add(
+        "--baseline-python",
+        help="an interpreter with another version of the agent installed: the baseline "
+        "step runs its agent beside this checkout's (the first of --modes), interleaved",
+    )
+    add(
+        "--baseline-jobs",
+        type=int,
+        help="with --baseline-python: jobs per agent before the second RSS (default 2000)",
+    )
     add(
         "--agentctl-baseline",
         help="a checkout of an older agent (git worktree) whose agentctl the agentctl step "
@@ -469,6 +507,8 @@ def params_of(args: argparse.Namespace) -> Params:
         p = p.replace(levels=tuple(int(x) for x in args.levels.split(",")))
     if args.rounds:
         p = p.replace(compare_rounds=args.rounds)
+    if args.baseline_jobs is not None:
+        p = p.replace(baseline_history=args.baseline_jobs)
     return p
 
 
@@ -494,6 +534,13 @@ def main(argv: list[str] | None = None) -> int:
     # stopped and the temporary folder removed.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     p = params_of(args)
+    steps = set(args.steps.split(",")) if args.steps != "all" else set()
+    if BASELINE in steps and not args.baseline_python:
+        note(f"--steps {BASELINE} needs --baseline-python")
+        return 2
+    if args.baseline_python and not os.access(args.baseline_python, os.X_OK):
+        note(f"--baseline-python {args.baseline_python}: not an executable")
+        return 2
     modes = make_modes([m.strip() for m in args.modes.split(",") if m.strip()], args.user)
     if not modes:
         note("nothing to measure")
@@ -544,7 +591,9 @@ def main(argv: list[str] | None = None) -> int:
         if peer is not None:
             sched = StubScheduler(args.peer_scheduler) if args.peer_scheduler else None
             peer.start()
-        for m in modes:
+        # --steps baseline alone: no per-mode steps (floor, idle agent, box) at all.
+        per_mode = any(bench.step(s) for s in STEPS)
+        for m in modes if per_mode else ():
             try:
                 infos[m.key] = bench.run_mode(m)
             except Exception as e:  # report and carry on with the next mode
@@ -559,6 +608,12 @@ def main(argv: list[str] | None = None) -> int:
                 status = 1
                 note(f"compare failed: {type(e).__name__}: {e}")
         if bench.step("seccomp") and not bench.seccomp(modes):
+            status = 1
+        if (
+            args.baseline_python
+            and bench.step(BASELINE)
+            and not bench.baseline(modes[0], args.baseline_python)
+        ):
             status = 1
     finally:
         for a in bench.agents.values():
@@ -575,7 +630,7 @@ def main(argv: list[str] | None = None) -> int:
             note(f"kept {base}")
     meta["elapsed_s"] = time.monotonic() - t0
     meta["machine"]["loadavg_end"] = procstat.load_average()
-    tg = [t for m in modes for t in targets(bench.records, m.key, p)]
+    tg = [t for m in modes if m.key in infos for t in targets(bench.records, m.key, p)]
     for t in tg:
         emit(
             {
@@ -595,6 +650,8 @@ def main(argv: list[str] | None = None) -> int:
         "targets": tg,
         "profiles": bench.profiles,
     }
+    if bench.baseline_result is not None:
+        result["baseline"] = bench.baseline_result
     write_results(result, out, docs)
     note(f"done in {meta['elapsed_s']:.0f}s; results in {out}/latest.md")
     return status

@@ -184,8 +184,8 @@ class Deployment:
         """The outcome of a job that has ended."""
         assert st.done, f"job {st.job_id} still running after {JOB_TIMEOUT}s"
         out = b"".join(self.client.stream(st.job_id)).decode(errors="replace")
-        if "spawner died" in st.error_text:
-            # Never expected: the agent's log (the spawner's stderr) says why it died.
+        if "keeper died" in st.error_text:
+            # Never expected: the agent's log (the keeper's stderr) says why it died.
             out += "\n--- agent log:\n" + self.agent.log()[-6000:]
         return Outcome(entry, st, out, parse_results(out))
 

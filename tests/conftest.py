@@ -165,6 +165,12 @@ def make_agent(tmp_path: Path, certs: Certs, standard_policy: str) -> Iterator[A
             a.stop()
         except Exception:
             pass
+        # A job keeper outlives its agent (kill -9, on_shutdown = "keep"), with its jobs:
+        # neither may outlive the test.
+        try:
+            a.cleanup()
+        except Exception:
+            pass
 
 
 @pytest.fixture

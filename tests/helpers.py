@@ -200,6 +200,9 @@ class AgentProcess:
         self.env = env or {}
         self.proc: subprocess.Popen[bytes] | None = None
         self._clients: list[AgentClient] = []
+        # The process group of every start (the first pid of each): the job keeper an
+        # agent starts stays in it, and outlives the agent.
+        self.pgids: list[int] = []
 
     # ------------------------------------------------------------ lifecycle
 
@@ -224,6 +227,7 @@ class AgentProcess:
             start_new_session=True,
         )
         log.close()
+        self.pgids.append(self.proc.pid)
         if wait:
             self.wait_ready(timeout)
         return self
@@ -271,7 +275,7 @@ class AgentProcess:
             raise
 
     def kill9(self) -> None:
-        """SIGKILL the agent (not its jobs)."""
+        """SIGKILL the agent (not its job keeper, nor its jobs)."""
         assert self.proc is not None
         self.proc.kill()
         self.proc.wait()
@@ -279,6 +283,66 @@ class AgentProcess:
     def restart(self) -> AgentProcess:
         """Start again with the same config and state."""
         return self.start()
+
+    def keepers(self) -> list[int]:
+        """Pids of the job keepers this agent left or made (alive, not zombies): a keeper
+        lives in the process group of the start that made it, whoever its parent is now,
+        and names this agent's output folder on its command line (which finds the keeper
+        of a --daemon agent too)."""
+        groups = set(self.pgids)
+        mine = b"\0--output-dir\0" + os.fsencode(str(self._dirs()[1])) + b"\0"
+        out = []
+        for pid, pgid in _process_groups():
+            if not is_spawner(pid) or _is_zombie(pid):
+                continue
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    cmdline = b"\0" + f.read()
+            except OSError:
+                continue
+            if pgid in groups or mine in cmdline:
+                out.append(pid)
+        return out
+
+    def kill_keepers(self, timeout: float = 10.0) -> list[int]:
+        """SIGKILL the job keeper(s) (not the agent, nor the jobs); returns their pids
+        once they are gone."""
+        pids = self.keepers()
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: not any(p in pids for p in self.keepers()), timeout)
+        return pids
+
+    @property
+    def instance(self) -> str:
+        """The instance marker of this agent's jobs (``AGENT_INSTANCE``)."""
+        from agent.daemon.supervisor import instance_id
+
+        return instance_id(self._dirs()[0])
+
+    def _dirs(self) -> tuple[Path, Path]:
+        """[jobs] state_dir and the output folder, as the config file says."""
+        return _jobs_dirs_of(self.config_path, self.state)
+
+    def instance_processes(self) -> list[int]:
+        """Pids whose environment carries this agent's ``AGENT_INSTANCE`` marker (its
+        jobs and whatever they started without clearing their environment)."""
+        return processes_with(f"AGENT_INSTANCE={self.instance}".encode())
+
+    def cleanup(self, timeout: float = 10.0) -> None:
+        """After the agent exited: kill what it may have left on purpose or by a crash
+        (on_shutdown = "keep", kill -9, a failed start): its job keepers (see
+        :meth:`keepers`), then every process carrying its jobs' instance marker. Nothing
+        else is signalled."""
+        if self.proc is not None and self.proc.poll() is None:
+            return
+        self.kill_keepers(timeout)
+        marked = self.instance_processes()
+        for pid in marked:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: not set(marked) & set(self.instance_processes()), timeout)
 
     @property
     def pid(self) -> int:
@@ -325,7 +389,11 @@ def _stub(addr: str, certs: Certs, identity: str | None) -> Iterator[pb_grpc.Wor
 
 def job_processes(job_id: str) -> list[int]:
     """Pids whose environment carries AGENT_JOB_ID=job_id."""
-    marker = f"AGENT_JOB_ID={job_id}".encode()
+    return processes_with(f"AGENT_JOB_ID={job_id}".encode())
+
+
+def processes_with(marker: bytes) -> list[int]:
+    """Pids whose environment has the entry ``marker`` (``NAME=value``)."""
     out = []
     for name in os.listdir("/proc"):
         if not name.isdigit():
@@ -337,6 +405,44 @@ def job_processes(job_id: str) -> list[int]:
         except OSError:
             continue
     return out
+
+
+def _process_groups() -> Iterator[tuple[int, int]]:
+    """(pid, pgid) of every process (from /proc)."""
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                data = f.read()
+            yield int(name), int(data[data.rfind(b")") + 2 :].split()[2])
+        except (OSError, ValueError, IndexError):
+            continue
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return True
+    return data[data.rfind(b")") + 2 :][:1] in (b"Z", b"X")
+
+
+def _jobs_dirs_of(config: Path, default: Path) -> tuple[Path, Path]:
+    """([jobs] state_dir, output folder) of a config file (``default`` and its "output"
+    if it cannot be read)."""
+    try:
+        import tomllib  # type: ignore[import-not-found,unused-ignore]
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef,import-not-found,unused-ignore]
+    try:
+        with open(config, "rb") as f:
+            jobs = tomllib.load(f)["jobs"]
+        state = Path(jobs["state_dir"])
+        return state, Path(jobs.get("output_dir") or state / "output")
+    except (OSError, KeyError, TypeError, ValueError):
+        return default, default / "output"
 
 
 def wait_for(pred: Any, timeout: float = 10.0, interval: float = 0.02) -> Any:
@@ -352,12 +458,14 @@ def wait_for(pred: Any, timeout: float = 10.0, interval: float = 0.02) -> Any:
 
 
 def is_spawner(pid: int) -> bool:
-    """True if ``pid`` is an agent's job spawner process (False once it is gone)."""
+    """True if ``pid`` is an agent's job keeper (or a bare job spawner) process (False once
+    it is gone)."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return b"agent.daemon.spawner" in f.read()
+            cmdline = f.read()
     except OSError:
         return False
+    return b"agent.daemon.spawner" in cmdline or b"agent.daemon.keeper" in cmdline
 
 
 def job_children(agent_pid: int) -> list[int]:
@@ -398,6 +506,7 @@ __all__ = [
     "make_safe_dir",
     "pb",
     "pb_grpc",
+    "processes_with",
     "to_toml",
     "wait_for",
     "write_script",

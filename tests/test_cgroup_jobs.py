@@ -224,18 +224,18 @@ def test_escapes_die_at_shutdown(
     assert not _subtree(a).exists()
 
 
-def test_escapes_die_at_restart_after_kill9(
+def test_escapes_die_at_restart_after_kill9_of_agent_and_keeper(
     make_agent: AgentFactory, escape_dir: Path, script_dir: Path
 ) -> None:
-    """After kill -9 of the agent, its next start kills leftovers by their cgroups (env -i too)."""
+    """After kill -9 of the agent and of its job keeper, the next start kills the
+    leftovers by their cgroups (env -i too) and the job is LOST."""
     a = make_agent(policy_for(script_dir, _entry(escape_dir)))
     c = a.client()
     job = c.start("bash", str(escape_dir / "escape.sh"), args=["all-at-once"])
     pids = _escapees(a, job)
-    spawner = [p for p in _children(a.pid)]
     a.kill9()
-    # The spawner dies with the agent; the job and its escapee stay.
-    wait_for(lambda: _gone(spawner), timeout=10)
+    # Nobody holds the job any more; it and its escapee stay.
+    assert a.kill_keepers(), "the agent had a job keeper"
     assert not _gone(pids) and (_subtree(a) / job).is_dir()
     a.restart()
     assert _gone(pids)
@@ -244,18 +244,30 @@ def test_escapes_die_at_restart_after_kill9(
     assert st.state == "LOST"
 
 
-def _children(pid: int) -> list[int]:
-    out = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/stat", "rb") as f:
-                    data = f.read()
-            except OSError:
-                continue
-            if int(data[data.rfind(b")") + 2 :].split()[1]) == pid:
-                out.append(int(name))
-    return out
+def test_escapes_stay_the_jobs_after_kill9_of_the_agent(
+    make_agent: AgentFactory, escape_dir: Path, script_dir: Path
+) -> None:
+    """kill -9 of the agent alone: the keeper holds the job, whose escapees stay in its
+    cgroup; the next agent adopts it (RUNNING, nothing killed at start-up), and they die
+    when the job ends."""
+    a = make_agent(policy_for(script_dir, _entry(escape_dir)))
+    c = a.client()
+    job = c.start("bash", str(escape_dir / "escape.sh"), args=["all-at-once"])
+    pids = _escapees(a, job)
+    keepers = a.keepers()
+    a.kill9()
+    assert a.keepers() == keepers
+    a.restart()
+    assert not _gone(pids)
+    procs = (_subtree(a) / job / "cgroup.procs").read_text().split()
+    assert {str(p) for p in pids} <= set(procs), procs
+    c = a.client()
+    assert c.query(job).state == "RUNNING"
+    c.stop(job)
+    st = c.wait(job, timeout=20)
+    assert st.state == "STOPPED"
+    assert _gone(pids)
+    assert not (_subtree(a) / job).exists()
 
 
 # ---------------------------------------------------------------- limits

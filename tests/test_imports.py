@@ -49,6 +49,17 @@ def test_daemon_entry_and_config_do_not_import_grpc(module: str) -> None:
     assert _run(f"import {module}, sys; print('grpc' in sys.modules)") == "False"
 
 
+@pytest.mark.parametrize("module", ["agent.daemon.keeper", "agent.daemon.keeperstate"])
+def test_the_keeper_imports_no_grpc_asyncio_or_yaml(module: str) -> None:
+    """The job keeper faces no network and parses no policy: grpc, asyncio and yaml stay
+    out of it (and out of its memory), whatever it grows."""
+    code = (
+        f"import {module}, sys; "
+        "print(sorted(m for m in ('grpc', 'asyncio', 'yaml') if m in sys.modules))"
+    )
+    assert _run(code) == "[]"
+
+
 def test_agentctl_module_does_not_import_grpc_early() -> None:
     """Importing agentctl's module sets grpc's log environment and does not load grpc."""
     code = (

@@ -357,11 +357,12 @@ def test_concurrency_cap_is_resource_exhausted(make_agent: AgentFactory, script_
 # ---------------------------------------------------------------- durable history
 
 
-def test_kill9_restart_keeps_history_reports_lost_and_kills_leftovers(
+def test_kill9_restart_keeps_history_adopts_running_jobs(
     agent: AgentProcess, script_dir: Path
 ) -> None:
-    """After kill -9 and a restart: finished jobs and their output are there, the
-    interrupted job is LOST, and no process of it survives."""
+    """After kill -9 of the agent and a restart: finished jobs and their output are there,
+    and the job that was running runs on in the job keeper: the new agent has it RUNNING
+    (adopted, not LOST), and it stops as any job does."""
     c = agent.client()
     finished = {}
     for code in ("0", "4"):
@@ -372,8 +373,8 @@ def test_kill9_restart_keeps_history_reports_lost_and_kills_leftovers(
     running = c.start("bash", str(script_dir / "tree.sh"))
     wait_for(lambda: b"children started" in b"".join(c.stream(running)))
     wait_for(lambda: len(job_processes(running)) >= 4)
+    pids = set(job_processes(running))
     agent.kill9()
-    assert job_processes(running), "the job outlives its agent until the restart"
     agent.start()
     c = agent.client()
     for j, before in finished.items():
@@ -384,6 +385,40 @@ def test_kill9_restart_keeps_history_reports_lost_and_kills_leftovers(
             before.output_bytes,
         )
     assert b"".join(c.stream(hello)) == b"hello persisted\n"
+    st = c.query(running)
+    assert (st.state, st.done) == ("RUNNING", False), st
+    assert set(job_processes(running)) == pids, "the restart killed nothing of it"
+    assert "recovered" not in agent.log()
+    c.stop(running)
+    st = c.wait(running, timeout=20)
+    assert st.state == "STOPPED", st
+    assert b"children started" in b"".join(c.stream(running))
+    wait_for(lambda: not job_processes(running), timeout=5)
+
+
+def test_kill9_of_agent_and_keeper_reports_lost_and_kills_leftovers(
+    agent: AgentProcess, script_dir: Path
+) -> None:
+    """When the job keeper dies with the agent (both killed -9), a job that was running
+    is LOST at the next start, its output so far is kept, no process of it survives,
+    and finished jobs are still there."""
+    c = agent.client()
+    done = c.start("bash", str(script_dir / "fail.sh"), args=["4"])
+    before = c.wait(done, timeout=10)
+    running = c.start("bash", str(script_dir / "tree.sh"))
+    wait_for(lambda: b"children started" in b"".join(c.stream(running)))
+    wait_for(lambda: len(job_processes(running)) >= 4)
+    agent.kill9()
+    assert agent.kill_keepers(), "the agent had a job keeper"
+    assert job_processes(running), "the job outlives its agent and keeper until the restart"
+    agent.start()
+    c = agent.client()
+    after = c.query(done)
+    assert (after.state, after.exit_code, after.output_bytes) == (
+        before.state,
+        before.exit_code,
+        before.output_bytes,
+    )
     lost = c.query(running)
     assert lost.state == "LOST" and lost.done and lost.error
     assert "agent stopped while this job was running" in lost.error_text

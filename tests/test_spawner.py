@@ -20,8 +20,9 @@ import pytest
 import agent
 from agent.client import FailedPrecondition
 from agent.daemon import landlock
+from agent.daemon.keeperclient import KEEPER_DIED
 from agent.daemon.lifecycle import Exit
-from agent.daemon.spawn import SCRIPT_FD_PATH, SPAWNER_DIED, SpawnerOps, SpawnFailure, SpawnSpec
+from agent.daemon.spawn import SCRIPT_FD_PATH, SpawnerOps, SpawnFailure, SpawnSpec
 
 from helpers import (
     IS_ROOT,
@@ -372,7 +373,7 @@ def _spawner_of(agent: AgentProcess) -> int:
 def test_spawner_death_fails_running_jobs_and_a_new_spawner_takes_over(
     agent: AgentProcess, script_dir: Path
 ) -> None:
-    """kill -9 of the spawner: the running job ends FAILED saying so (it had started: not
+    """kill -9 of the job keeper: the running job ends FAILED saying so (it had started: not
     "start failed"), new jobs work."""
     c = agent.client()
     job = c.start("bash", str(script_dir / "tree.sh"))
@@ -380,11 +381,11 @@ def test_spawner_death_fails_running_jobs_and_a_new_spawner_takes_over(
     first = _spawner_of(agent)
     os.kill(first, signal.SIGKILL)
     st = c.wait(job, timeout=10)
-    assert (st.state, st.error_text) == ("FAILED", SPAWNER_DIED)
+    assert (st.state, st.error_text) == ("FAILED", KEEPER_DIED)
     wait_for(lambda: not job_processes(job), timeout=5)
     assert c.wait(c.start("echo", "again"), timeout=10).state == "SUCCEEDED"
     assert _spawner_of(agent) != first
-    assert "the job spawner (pid" in agent.log()
+    assert "the job keeper (pid" in agent.log()
 
 
 def test_spawner_dying_too_often_stops_the_agent(agent: AgentProcess) -> None:
@@ -404,6 +405,23 @@ def _try_spawner(agent: AgentProcess) -> int | None:
         return _spawner_of(agent)
     except AssertionError:
         return None
+
+
+def test_the_keeper_is_small_and_never_imports_grpc(agent: AgentProcess) -> None:
+    """The job keeper (the spawner grown into the process that holds the jobs) maps no
+    grpc, asyncio or yaml library and stays small."""
+    c = agent.client()
+    assert c.wait(c.start("true"), timeout=10).state == "SUCCEEDED"
+    pid = _spawner_of(agent)
+    maps = Path(f"/proc/{pid}/maps").read_text()
+    assert "grpc" not in maps and "_asyncio" not in maps and "yaml" not in maps
+    assert b"agent.daemon.keeper" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    rss = next(
+        int(line.split()[1])
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+        if line.startswith("VmRSS:")
+    )
+    assert rss < 40_000  # kB
 
 
 def test_no_zombies_and_the_spawner_ends_with_the_agent(agent: AgentProcess) -> None:

@@ -30,9 +30,10 @@ EKUS = [
     ExtendedKeyUsageOID.EMAIL_PROTECTION,
 ]
 SAMPLE_DER = cf.make_leaf(None, "x", san=["a.example"])[0].public_bytes(serialization.Encoding.DER)
+# At most 64 bytes of UTF-8 (cryptography refuses a longer CN; 40 characters can be 160).
 names = st.text(
     st.characters(blacklist_categories=["Cs"], blacklist_characters="\x00"), min_size=1, max_size=40
-)
+).filter(lambda s: len(s.encode()) <= 64)
 dns = st.from_regex(r"[a-z][a-z0-9-]{0,20}(\.[a-z]{2,6}){0,2}", fullmatch=True)
 
 

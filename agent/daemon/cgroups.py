@@ -112,19 +112,24 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import logging
 import os
 import re
 import signal
 import struct
-import subprocess
 import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-log = logging.getLogger(__name__)
+
+def _log_warning(msg: str, *args: object) -> None:
+    # Imported here: the job keeper imports this module and never logs through it (set-up
+    # is the agent's), and logging with its threading is a megabyte of its memory.
+    import logging
+
+    logging.getLogger(__name__).warning(msg, *args)
+
 
 #: Controllers a job cgroup may use, in the order they are enabled.
 JOB_CONTROLLERS: tuple[str, ...] = ("cpu", "io", "memory", "pids")
@@ -612,7 +617,7 @@ def setup(mode: str, configured: Path | None, *, under_systemd: bool) -> Subtree
     except CgroupError as exc:
         if mode == "required":
             raise
-        log.warning("job cgroups disabled: %s", exc)
+        _log_warning("job cgroups disabled: %s", exc)
         return None
 
 
@@ -743,7 +748,7 @@ def _enable_controllers(directory: Path) -> None:
                     "(cgroup v2 allows controllers only above leaves)"
                 ) from None
             # Still usable without this controller; create() refuses limits needing it.
-            log.warning("cannot enable %s in %s: %s", controller, directory, _why(exc))
+            _log_warning("cannot enable %s in %s: %s", controller, directory, _why(exc))
 
 
 def _enabled(directory: Path) -> frozenset[str]:
@@ -756,6 +761,8 @@ def _enabled(directory: Path) -> frozenset[str]:
 
 def _probe(subtree: Subtree) -> None:
     """Create a leaf, move a real process into it, kill it as a whole, remove it."""
+    import subprocess  # the agent's set-up only (see _log_warning)
+
     # Probe leaves of an earlier run that died mid-probe (empty, so rmdir works).
     for stale in subtree.jobs.glob("probe-*"):
         with contextlib.suppress(OSError):
@@ -771,7 +778,7 @@ def _probe(subtree: Subtree) -> None:
         if not (probe.path / "cgroup.kill").exists():
             if not (probe.path / "cgroup.freeze").exists():
                 raise CgroupError("the kernel has neither cgroup.kill nor cgroup.freeze")
-            log.warning("no cgroup.kill (Linux < 5.14): jobs are killed by freeze and SIGKILL")
+            _log_warning("no cgroup.kill (Linux < 5.14): jobs are killed by freeze and SIGKILL")
         # A process that waits for its stdin to close.
         child = subprocess.Popen(
             [sys.executable, "-I", "-S", "-c", "import sys; sys.stdin.buffer.read(1)"],

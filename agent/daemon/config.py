@@ -322,7 +322,10 @@ class Daemon:
 
     pid_file: Path | None = option(None, "pid file for --daemon (default: state_dir/agent.pid)")
     on_shutdown: str = option(
-        "stop", "at SIGTERM/SIGINT: stop running jobs, or wait for them", choices=("stop", "wait")
+        "stop",
+        "at SIGTERM/SIGINT: stop running jobs, wait for them, or keep them running in the "
+        "job keeper for the next agent",
+        choices=("stop", "wait", "keep"),
     )
     shutdown_deadline_seconds: float = option(
         30.0, "longest wait for jobs at shutdown before they are stopped", lo=0, hi=86400

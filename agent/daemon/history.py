@@ -25,9 +25,10 @@ import json
 import logging
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from agent.daemon.errors import Unavailable
 from agent.vocabulary import JobState
@@ -126,6 +127,26 @@ class JobRecord:
 
 
 _COLUMNS = [f.name for f in dataclasses.fields(JobRecord) if f.name != "seq"]
+
+
+def record_to_wire(rec: JobRecord) -> dict[str, Any]:
+    """A record as the job keeper keeps it for the agent (JSON; the state by name)."""
+    d = {name: getattr(rec, name) for name in _COLUMNS}
+    d["state"] = rec.state.name
+    return d
+
+
+def record_from_wire(d: dict[str, Any]) -> JobRecord:
+    """The record the keeper handed back; raises ValueError when it is not one."""
+    try:
+        fields = {name: d[name] for name in _COLUMNS if name in d}
+        fields["state"] = JobState[str(d["state"])]
+        rec = JobRecord(**fields)
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"not a job record: {e}") from None
+    if not isinstance(rec.id, str) or not isinstance(rec.args, list):
+        raise ValueError("not a job record")
+    return rec
 
 
 class Store:
@@ -389,6 +410,9 @@ class History:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._retry: asyncio.TimerHandle | None = None
         self._retry_delay = RETRY_FIRST
+        # Called with every group of records once committed (the supervisor tells the
+        # keeper which finished jobs it may forget, retried ones included).
+        self.on_commit: Callable[[list[JobRecord]], None] | None = None
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """Commit in groups on ``loop`` from now on (before: every write commits)."""
@@ -406,6 +430,17 @@ class History:
             raise _unwritable(e) from None
         return self._commit_soon()
 
+    def insert_now(self, rec: JobRecord) -> None:
+        """Insert and commit a job at once (one the keeper kept and the history lost);
+        raises Unavailable."""
+        try:
+            self.store.insert(rec)
+            self.store.commit()
+        except sqlite3.Error as e:
+            with contextlib.suppress(sqlite3.Error):
+                self.store.rollback()
+            raise _unwritable(e) from None
+
     async def committed(self, commit: asyncio.Future[None]) -> None:
         """Wait for a commit from :meth:`insert_new`; Unavailable if it failed."""
         try:
@@ -421,19 +456,22 @@ class History:
             raise _unwritable(e) from None
         await self.committed(self._commit_soon())
 
-    def save(self, rec: JobRecord) -> None:
-        """Write a job's new state; on failure keep it for :meth:`retry_unsaved`."""
+    def save(self, rec: JobRecord) -> asyncio.Future[None] | None:
+        """Write a job's new state; on failure keep it for :meth:`retry_unsaved`.
+
+        Returns the group commit it joined (on the loop), or None: written and committed
+        already (outside the loop), or kept in ``unsaved`` for a retry.
+        """
         try:
             self.store.update(rec)
         except sqlite3.Error as e:
             log.error("job %s: cannot write its state to the history (%s); will retry", rec.id, e)
             self.unsaved[rec.id] = rec
             self._retry_later()
-            return
+            return None
         self._batch.append(rec)
         if self._loop is not None:
-            self._commit_soon()
-            return
+            return self._commit_soon()
         try:  # outside the loop (recovery at start-up): commit now
             self.store.commit()
             self._batch.clear()
@@ -441,6 +479,7 @@ class History:
         except sqlite3.Error as e:
             log.error("cannot commit the job history (%s); will retry", e)
             self.unsaved[rec.id] = rec
+        return None
 
     def retry_unsaved(self) -> None:
         """Write again every record whose last write failed."""
@@ -508,3 +547,5 @@ class History:
         if not self.unsaved:
             self._retry_delay = RETRY_FIRST
         fut.set_result(None)
+        if self.on_commit is not None and batch:
+            self.on_commit(batch)

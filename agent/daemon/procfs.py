@@ -87,12 +87,13 @@ class LostJob:
     leader_start: int  # /proc starttime ticks of the group leader, 0 if unknown
 
 
-def leftover_processes(jobs: Iterable[LostJob], instance_marker: bytes) -> list[int]:
-    """Pids that provably belong to one of ``jobs`` or carry ``instance_marker``.
+def leftover_processes(jobs: Iterable[LostJob], instance_marker: bytes | None) -> list[int]:
+    """Pids that provably belong to one of ``jobs`` or carry ``instance_marker`` (None:
+    only the jobs' own).
 
     One pass over /proc (see the module docstring for what counts as proof).
     """
-    markers = {instance_marker}
+    markers = {instance_marker} if instance_marker else set()
     groups: set[int] = set()
     for j in jobs:
         markers.add(f"{JOB_ID_ENV}={j.job_id}".encode())

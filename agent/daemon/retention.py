@@ -61,13 +61,31 @@ def recover(
     boot_id: str,
     instance_env: str,
     subtree: Subtree | None = None,
+    kept: set[str] | frozenset[str] = frozenset(),
+    sweep_leftovers: bool = True,
 ) -> list[JobRecord]:
-    """Mark jobs left RUNNING by a dead agent as LOST and kill their processes."""
-    lost = history.store.running()
+    """Mark jobs left RUNNING by a dead agent (and not ``kept`` by the job keeper) as
+    LOST and kill their processes.
+
+    ``sweep_leftovers``: the keeper is new, so every job cgroup left in the subtree and
+    every process with this installation's marker is a leftover. With a keeper that
+    outlived the last agent, only the lost jobs' own cgroups and provable processes are.
+    """
+    lost = [r for r in history.store.running() if r.id not in kept]
     now = time.time()
     killed = 0
     if subtree is not None:
-        killed = kill_leftover_cgroups(subtree)
+        killed = kill_leftover_cgroups(
+            subtree, only=None if sweep_leftovers else {r.id for r in lost}
+        )
+    elif not sweep_leftovers:
+        this_boot = [
+            procfs.LostJob(r.id, r.pid, r.leader_start) for r in lost if r.boot_id == boot_id
+        ]
+        for pid in procfs.leftover_processes(this_boot, None):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+                killed += 1
     else:
         # Processes of an earlier boot are gone; their pids mean nothing now.
         this_boot = [
@@ -96,13 +114,16 @@ def recover(
     return lost
 
 
-def kill_leftover_cgroups(subtree: Subtree, timeout: float = LEFTOVER_TIMEOUT) -> int:
-    """Kill every job leaf left in ``subtree``, wait until empty, remove it.
+def kill_leftover_cgroups(
+    subtree: Subtree, timeout: float = LEFTOVER_TIMEOUT, *, only: set[str] | None = None
+) -> int:
+    """Kill every job leaf left in ``subtree`` (``only``: those of these jobs), wait
+    until empty, remove it.
 
     Returns how many processes were in them. A leaf that will not empty or
     go away is logged and left (the next start tries again).
     """
-    leaves = subtree.leftovers()
+    leaves = [leaf for leaf in subtree.leftovers() if only is None or leaf.job_id in only]
     killed = 0
     for leaf in leaves:
         killed += len(leaf.pids())

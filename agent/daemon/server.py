@@ -38,11 +38,11 @@ from agent.daemon.audit import AuditLog
 from agent.daemon.config import Config
 from agent.daemon.errors import AgentError
 from agent.daemon.history import History, Store
+from agent.daemon.keeperclient import KeeperClient
 from agent.daemon.lockfile import LockFile
 from agent.daemon.retention import Sweeper
 from agent.daemon.sdnotify import Notifier, watchdog_interval
 from agent.daemon.service import STATUS, StreamSlots, WorkerService
-from agent.daemon.spawn import SpawnerOps
 from agent.daemon.startup import Prepared, expiry_warnings, job_reader, load_policy
 from agent.daemon.supervisor import BOOT_ID, INSTANCE_ENV, Settings, Supervisor, instance_id
 from agent.tls import CertificateReloader, ServerTLSState
@@ -93,6 +93,10 @@ def config_changes(old: Any, new: Any, section: str = "") -> list[tuple[str, str
         elif a != b:
             out.append((section, f.name, a, b))
     return out
+
+
+KEEPER_SOCKET = "keeper.sock"  # in [jobs] state_dir
+KEEPER_PID = "keeper.pid"
 
 
 def settings_from(cfg: Config, prepared: Prepared) -> Settings:
@@ -180,6 +184,8 @@ class AgentServer:
         self.reloads = 0
         # What the last reload rejected ("policy", "config", ...); shown in STATUS=.
         self.reload_rejected: tuple[str, ...] = ()
+        self._started = False  # start-up went through (the jobs are this agent's)
+        self._keeper_fresh = True  # the keeper was started by this agent (nothing kept)
 
     # ------------------------------------------------------------ signals
 
@@ -223,6 +229,14 @@ class AgentServer:
             self._lock.acquire()
         except RuntimeError as e:
             raise StartupError(str(e)) from None
+        # A port already in use is said first, before anything is started (the job
+        # keeper, which another agent of this state directory could not be using).
+        busy = _port_in_use(cfg.grpc_server.addr)
+        if busy:
+            raise StartupError(
+                f"cannot listen on {cfg.grpc_server.addr}: {busy} (is another process "
+                "using the port?)"
+            )
         try:
             store = Store(cfg.db_path)
         except Exception as e:
@@ -248,10 +262,21 @@ class AgentServer:
             self.audit = AuditLog(cfg.audit_file)
         history = History(store)
         settings = settings_from(cfg, self.prepared)
+        ops = KeeperClient(
+            str(cfg.jobs.state_dir / KEEPER_SOCKET),
+            output_dir=str(cfg.output_dir),
+            cgroups=self.prepared.cgroups,
+            on_fatal=self._spawner_fatal,
+        )
         try:
-            ops = SpawnerOps(on_fatal=self._spawner_fatal, cgroups=self.prepared.cgroups)
-        except OSError as e:
-            raise StartupError(f"cannot start the job spawner: {e}") from None
+            hello = ops.attach()
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            ops.abandon()
+            raise StartupError(f"cannot attach to the job keeper: {e}") from None
+        self._keeper_fresh = hello.fresh
+        # Who holds the jobs, for the operator (`kill -USR2` re-executes it in place).
+        with contextlib.suppress(OSError):
+            (cfg.jobs.state_dir / KEEPER_PID).write_text(f"{hello.pid}\n")
         self.jobs = supervisor(
             settings,
             history,
@@ -262,12 +287,21 @@ class AgentServer:
         )
         if self.metrics is not None:
             self.jobs.metrics = self.metrics  # type: ignore[attr-defined]
+        jobs = self.jobs
+        ops.on_unknown_finished = jobs.record_ended
+        # What the keeper kept while no agent was attached is taken over first; only
+        # records it does not know of are LOST.
+        kept = jobs.adopt(hello)
         retention.recover(
             history,
             instance=settings.instance,
             boot_id=BOOT_ID,
             instance_env=INSTANCE_ENV,
             subtree=self.prepared.cgroups,  # job cgroups: leftovers are found by them
+            kept=kept,
+            # A keeper that survived the last agent holds its jobs: no process is a
+            # leftover by its marker alone, and no cgroup of a kept job is one.
+            sweep_leftovers=hello.fresh,
         )
         self.sweeper = Sweeper(
             history,
@@ -300,11 +334,6 @@ class AgentServer:
         for name in HEALTH_SERVICES:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         gs = cfg.grpc_server
-        busy = _port_in_use(gs.addr)
-        if busy:
-            raise StartupError(
-                f"cannot listen on {gs.addr}: {busy} (is another process using the port?)"
-            )
         try:
             if gs.use_tls:
                 assert gs.crt_file and gs.key_file
@@ -350,6 +379,7 @@ class AgentServer:
         )
         await self._start_registration()
         # The listener is bound and serving TLS: only now is the agent ready.
+        self._started = True
         self.notifier.ready(self._status_text())
         if self._on_ready:
             self._on_ready()
@@ -655,6 +685,8 @@ class AgentServer:
                 await self.registrar.stop(deregister=True)
         if self.jobs is not None:
             mode = "stop" if self.force_exit else cfg.daemon.on_shutdown
+            if not self._started:
+                mode = "keep"  # jobs a keeper kept stay kept when this agent fails to start
             task = asyncio.ensure_future(
                 self.jobs.shutdown(mode=mode, deadline=cfg.daemon.shutdown_deadline_seconds)
             )
@@ -673,10 +705,16 @@ class AgentServer:
             await self.server.stop(grace=1.0)
         if self.metrics is not None:
             self.metrics.close()
+        # A start-up that failed half-way leaves jobs a surviving keeper kept where they
+        # are, as "keep" does; a keeper it started itself holds nothing and goes.
+        keep = (not self._started and not self._keeper_fresh) or (
+            cfg.daemon.on_shutdown == "keep" and not self.force_exit
+        )
         if self.jobs is not None:
-            self.jobs.close()
-        # --- job cgroups: remove the subtree the agent made (a delegated one stays).
-        _remove_cgroup_subtree(self.prepared)
+            self.jobs.close(keep_jobs=keep)
+        if not keep:
+            # --- job cgroups: remove the subtree the agent made (a delegated one stays).
+            _remove_cgroup_subtree(self.prepared)
         # ---
         if self.audit is not None:
             self.audit.record("agent_stop", decision="ok", pid=os.getpid())

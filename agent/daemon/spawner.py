@@ -466,15 +466,17 @@ class Spawner:
 
     def __init__(
         self,
-        sock: socket.socket,
+        sock: socket.socket | None,
         subtree: cgroups.Subtree | None = None,
         path: tuple[str, str, Any] = ("fork", "default", None),
     ) -> None:
+        # The agent's channel (None: the job keeper, whose agent comes and goes).
         self.sock = sock
         # "vfork" (the C child of agent.daemon._vspawn) or "fork" (_child), and why.
         self.path, self.path_why, self._vspawn = path
         self.sel = selectors.DefaultSelector()
-        self.sel.register(sock, selectors.EVENT_READ, None)
+        if sock is not None:
+            self.sel.register(sock, selectors.EVENT_READ, None)
         self.children: dict[int, int] = {}  # pid -> pidfd, until reaped
         self.subtree = subtree
         self.cgroups: dict[int, cgroups.JobCgroup] = {}  # pid -> its job's leaf, until reported
@@ -608,6 +610,8 @@ class Spawner:
                 continue
 
     def send(self, msg: dict[str, Any]) -> None:
+        if self.sock is None:
+            return
         try:
             proto.send(self.sock, msg)
         except OSError:
@@ -659,6 +663,7 @@ class Spawner:
 
     def on_socket(self) -> None:
         """Take one request from the agent (the socket stays readable for the rest)."""
+        assert self.sock is not None
         try:
             data, fds = proto.recv(self.sock, socket.MSG_DONTWAIT)
         except BlockingIOError:

@@ -41,6 +41,7 @@ job cgroup the spawner creates, joins the child to, kills and removes.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -55,7 +56,10 @@ from typing import Any
 INLINE_MAX = 64 * 1024
 RECV_MAX = INLINE_MAX + 4096
 MAX_FDS = 8
-FD_ROLES = ("plan", "stdout", "exec", "script", "cgroup")
+# The largest message carried in a memfd: a hello listing every running job with its
+# record, or a start whose arguments fill a gRPC message (4 MiB by default).
+BODY_MAX = 64 << 20
+FD_ROLES = ("plan", "body", "stdout", "exec", "script", "cgroup")
 
 
 class ProtocolError(Exception):
@@ -73,15 +77,22 @@ def send(sock: socket.socket, msg: dict[str, Any], fds: Sequence[int] = ()) -> N
     """Send one message (and descriptors); large plans travel in a memfd."""
     data = json.dumps(msg, separators=(",", ":")).encode()
     memfd = -1
-    if len(data) > INLINE_MAX and "plan" in msg:
-        memfd = os.memfd_create("agent-plan", os.MFD_CLOEXEC)
+    if len(data) > INLINE_MAX:
+        # The plan alone (a spawn whose other keys are small), or the whole message (the
+        # keeper's hello with its jobs, a start with a large record): the header keeps
+        # "op" and the roles, and always fits.
+        rest = {k: v for k, v in msg.items() if k != "plan"}
+        small = len(json.dumps(rest, separators=(",", ":"))) <= INLINE_MAX // 2
+        role = "plan" if "plan" in msg and small else "body"
+        memfd = os.memfd_create(f"agent-{role}", os.MFD_CLOEXEC)
         try:
-            body = json.dumps(msg["plan"], separators=(",", ":")).encode()
+            inner = msg["plan"] if role == "plan" else {k: v for k, v in msg.items() if k != "fds"}
+            body = json.dumps(inner, separators=(",", ":")).encode()
             view = memoryview(body)
             while view:
                 view = view[os.write(memfd, view) :]
-            head = {k: v for k, v in msg.items() if k != "plan"}
-            head["fds"] = ["plan", *msg.get("fds", [])]
+            head = {k: v for k, v in msg.items() if k == "op" or (role == "plan" and k != "plan")}
+            head["fds"] = [role, *msg.get("fds", [])]
             data = json.dumps(head, separators=(",", ":")).encode()
             fds = [memfd, *fds]
         except BaseException:
@@ -141,6 +152,19 @@ def decode(data: bytes, fds: list[int]) -> tuple[dict[str, Any], dict[str, int]]
                 msg["plan"] = json.loads(os.pread(memfd, size, 0))
             finally:
                 os.close(memfd)
+        if "body" in byrole:
+            memfd = byrole.pop("body")
+            try:
+                size = os.fstat(memfd).st_size
+                if size > BODY_MAX:
+                    raise ProtocolError(f"a message of {size} bytes (at most {BODY_MAX})")
+                body = json.loads(os.pread(memfd, size, 0))
+            finally:
+                os.close(memfd)
+            if not isinstance(body, dict) or body.get("op") != msg["op"]:
+                raise ProtocolError("a message body that does not match its header")
+            body["fds"] = [r for r in roles if r != "body"]
+            msg = body
         return msg, byrole
     except (ValueError, OSError) as e:
         for fd in fds:
@@ -157,3 +181,35 @@ def _close_quietly(fd: int) -> None:
         os.close(fd)
     except OSError:
         pass
+
+
+def listen_at(path: str) -> socket.socket:
+    """A listening SOCK_SEQPACKET socket at ``path`` (a stale one replaced), 0600."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        old = os.umask(0o177)
+        try:
+            bind_long(sock, path)
+        finally:
+            os.umask(old)
+        sock.listen(8)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def bind_long(sock: socket.socket, path: str, *, connect: bool = False) -> None:
+    """bind() or connect() to a path longer than sun_path allows (108 bytes), through
+    an O_PATH descriptor of its directory."""
+    if len(os.fsencode(path)) < 100:
+        (sock.connect if connect else sock.bind)(path)
+        return
+    dirfd = os.open(os.path.dirname(path) or ".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        short = f"/proc/self/fd/{dirfd}/{os.path.basename(path)}"
+        (sock.connect if connect else sock.bind)(short)
+    finally:
+        os.close(dirfd)

@@ -1,19 +1,23 @@
-"""The supervisor: the imperative shell around each job's pure lifecycle.
+"""The supervisor: the agent's side of every job, a mirror of what the job keeper runs.
 
-Runs entirely on the asyncio event loop's thread. It owns what the pure
-code may not touch: descriptors (the output pipe, the output file), timers,
-the process operations (:class:`~agent.daemon.spawn.ProcessOps`) and the
-history. Every observation becomes an event for
-:class:`~agent.daemon.lifecycle.Life`; every action it returns is carried
-out in :meth:`Supervisor._apply`. Running jobs live in memory (a few hundred
-bytes each plus their descriptors); finished jobs live only in the history.
+Runs entirely on the asyncio event loop's thread. Admission (capacity, limits,
+the policy) happens here; the admitted job is recorded in the history and handed
+to the job keeper (:mod:`agent.daemon.keeper`, through
+:class:`~agent.daemon.keeperclient.KeeperClient`), which owns everything about it
+from then on: its process, its output file, its timeout and output cap, and the
+lifecycle that decides how it ended. The supervisor keeps a mirror of each
+running job (its record, how far its output got, who waits for it) and records
+what the keeper reports; a finished job is acknowledged to the keeper once the
+history has it, so that an agent that dies first is told again by the keeper.
 
 A job's path::
 
-    start(): admission -> output pipe -> ops.spawn -> RUNNING (recorded)
-    pipe readable: OutputFile.write -> followers woken; cap / failure events
-    ops on_exit: Exited(exit)          pipe EOF: OutputClosed
-    Finish action -> history, waiters, audit
+    start(): admission -> history insert -> keeper start -> RUNNING (recorded)
+    keeper "output": size -> followers woken       "ending": exit or end of output seen
+    keeper "finished": state, text, exit -> history, waiters, audit -> ack
+
+At start-up, :meth:`Supervisor.adopt` takes over the jobs a keeper kept running
+while no agent was attached, and records those that ended meanwhile.
 """
 
 from __future__ import annotations
@@ -21,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import fcntl
 import hashlib
 import logging
 import os
@@ -30,7 +33,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from agent.access import AccessDenied, Caller
 from agent.daemon import admission, procfs, validation
@@ -45,18 +48,20 @@ from agent.daemon.errors import (
     Unavailable,
     agent_condition,
 )
-from agent.daemon.history import History, JobRecord
-from agent.daemon.output import LiveOutput, OutputFile, describe_oserror, stream_file
-from agent.daemon.spawn import ProcessOps, SpawnSpec
+from agent.daemon.history import History, JobRecord, record_from_wire, record_to_wire
+from agent.daemon.keeperclient import Finished, Hello, RunSpec
+from agent.daemon.output import LiveOutput, describe_oserror, stream_file
+from agent.daemon.spawn import SpawnSpec
 from agent.vocabulary import CGROUP_LIMITS as VOCABULARY_CGROUP_LIMITS
 from agent.vocabulary import JobState
 
 log = logging.getLogger(__name__)
 
-READ_CHUNK = 1 << 20
-# After the main process exits, how long to wait for the output pipe to
-# close (processes that escaped the group may hold it open).
+# After the main process exits, how long the keeper waits for the output pipe to close
+# (processes that escaped the group may hold it open): shutdown waits that long too.
 OUTPUT_CLOSE_GRACE = 2.0
+# At shutdown, how long starts already handed to the keeper may take to be answered.
+START_DRAIN = 10.0
 # A job whose output has just closed (or whose exit just came in) is moments
 # from done: the spawner's report, or the pipe's end, is on its way. A query
 # then waits for it up to ENDING_WAIT rather than answering "running" and
@@ -145,24 +150,44 @@ def cgroup_limits(
     return out
 
 
-class Job:
-    """A running job: its record, its lifecycle, and the handles that drive it."""
+class JobOps(Protocol):
+    """What the supervisor needs of the job keeper (:class:`KeeperClient`; a fake in
+    unit tests)."""
 
-    def __init__(
-        self, record: JobRecord, life: lc.Life, out: OutputFile, loop: asyncio.AbstractEventLoop
-    ) -> None:
+    async def start(self, spec: SpawnSpec, run: RunSpec, record: dict, sink: Job) -> int: ...  # type: ignore[type-arg]
+    def watch(self, job_id: str, sink: Job) -> None: ...
+    def stop(self, job_id: str, how: str) -> None: ...
+    def ack(self, job_id: str) -> None: ...
+    def close(self, *, keep_jobs: bool = False) -> None: ...
+
+
+class Job:
+    """A running job as the agent sees it: its record, its output's progress, its
+    waiters. The keeper's reports arrive through the ``on_*`` methods."""
+
+    def __init__(self, record: JobRecord, sup: Supervisor) -> None:
         self.record = record
-        self.life = life
-        self.out = out
+        self.sup = sup
         self.live = LiveOutput()
-        self.pipe_fd: int | None = None
         self.timers: list[asyncio.TimerHandle] = []
-        self.done: asyncio.Future[JobRecord] = loop.create_future()
+        self.done: asyncio.Future[JobRecord] = sup.loop.create_future()
         self.ending: float | None = None  # loop time of its output's end or its exit
 
     @property
     def id(self) -> str:
         return self.record.id
+
+    def on_output(self, size: int, truncated: bool) -> None:
+        self.record.output_bytes = self.live.size = size
+        self.record.output_truncated = truncated
+        self.live.followers.wake()
+
+    def on_ending(self) -> None:
+        if self.ending is None:
+            self.ending = self.sup.loop.time()
+
+    def on_finished(self, fin: Finished) -> None:
+        self.sup.finish(self, fin)
 
 
 class Supervisor:
@@ -173,7 +198,7 @@ class Supervisor:
         settings: Settings,
         history: History,
         policy: policy_mod.Policy,
-        ops: ProcessOps,
+        ops: JobOps,
         *,
         on_change: Callable[[], None] | None = None,
         on_finish: Callable[[JobRecord], None] | None = None,
@@ -185,6 +210,10 @@ class Supervisor:
         self.running: dict[str, Job] = {}
         self.accepting = True
         self._starting = 0
+        self._started_all = asyncio.Event()  # set whenever no start is in flight
+        self._started_all.set()
+        self._unacked: set[str] = set()  # finished jobs written, their commit not yet seen
+        history.on_commit = self._committed
         self._loop: asyncio.AbstractEventLoop | None = None
         self._on_change = on_change or (lambda: None)
         self._on_finish = on_finish or (lambda rec: None)
@@ -232,6 +261,7 @@ class Supervisor:
         # The slot is taken before the first await, so concurrent starts can
         # never exceed max_running.
         self._starting += 1
+        self._started_all.clear()
         try:
             # After admission (malformed requests and policy denials first).
             cg_limits = cgroup_limits(
@@ -240,6 +270,8 @@ class Supervisor:
             return await self._spawn(req, admitted, cg_limits)
         finally:
             self._starting -= 1
+            if not self._starting:
+                self._started_all.set()
             admitted.plan.close()  # the sealed copies (exec_fd, script_fd) are the child's now
 
     async def _spawn(
@@ -264,20 +296,6 @@ class Supervisor:
         env = dict(self._base_env)
         env.update(plan.env)
         env[procfs.JOB_ID_ENV] = job_id
-        # The job's descriptors are taken before anything starts: an agent out of them
-        # refuses the start (RESOURCE_EXHAUSTED, its own condition), nothing half-way.
-        out = OutputFile(out_path, limits.get("output_bytes", 0))
-        out.reserve()
-        try:
-            rfd, wfd = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        except OSError as e:
-            out.close()
-            raise agent_condition(e) or e from None
-        # The child gets a blocking write end: a job must not see EAGAIN on
-        # stdout just because the agent is momentarily behind.
-        os.set_blocking(wfd, True)
-        with contextlib.suppress(OSError):
-            fcntl.fcntl(rfd, fcntl.F_SETPIPE_SZ, READ_CHUNK)
         s = self.settings
         # --- confinement (issue 14): the entry's user, Landlock and scratch directory ---
         conf = plan.confinement
@@ -293,7 +311,7 @@ class Supervisor:
             executable=plan.executable,
             env=env,
             cwd=plan.cwd or scratch or "/",
-            stdout_fd=wfd,
+            stdout_fd=-1,  # the keeper makes the job's output pipe
             uid=uid,
             gid=gid,
             umask=s.umask,
@@ -310,63 +328,47 @@ class Supervisor:
             no_new_privs=conf.no_new_privs if conf is not None else True,
             seccomp=conf.seccomp if conf is not None else None,
         )
-        life = lc.Life(
-            timeout_seconds=admitted.timeout,
+        run = RunSpec(
+            timeout=admitted.timeout,
             cpu_seconds=limits.get("cpu_seconds", 0),
             memory_max=cg_limits.get("memory_bytes", 0),
             note="" if s.cgroups is not None else NO_CGROUP_NOTE,
+            cap=limits.get("output_bytes", 0),
+            kill_on_cap=s.on_output_cap == "kill",
+            grace=s.stop_grace,
         )
-        job = Job(record, life, out, self.loop)
+        job = Job(record, self)
         # Recorded before it is started: the insert is made now and its commit
-        # runs while the spawner sets the job up, not after (one spawner round
-        # trip less before StartJob is answered, issue 17). Until then the
-        # row's pid is 0; an agent that dies meanwhile leaves a RUNNING record
-        # that the next start recovers like any other (LOST, and whatever of
-        # the job exists killed through its cgroup or its instance marker).
+        # runs while the keeper sets the job up, not after (one round trip less
+        # before StartJob is answered). Until then the row's pid is 0. An agent
+        # that dies meanwhile loses nothing: the keeper holds the job with this
+        # record and hands both to the next agent (adopt).
+        committed = self.history.insert_new(record)
         try:
-            committed = self.history.insert_new(record)
-        except Unavailable:
-            os.close(rfd)
-            os.close(wfd)
-            out.close()
-            raise
-        try:
-            pid = await self.ops.spawn(spec, lambda ex: self._exited(job, ex))
+            pid = await self.ops.start(spec, run, record_to_wire(record), job)
         except OSError as e:
-            os.close(rfd)
-            out.close()
             _mark_not_started(record, describe_oserror(e))
             await self.history.committed(committed)
             await self.history.record_change(record)
             self._on_finish(record)
             cond = _spawner_condition(e)
             if cond is not None:
-                # The job spawner ran out (descriptors, memory, processes): the agent's
+                # The keeper ran out (descriptors, memory, processes): the agent's
                 # condition, answered as such; the record says the job never started.
                 raise cond from None  # logged once, with the RPC, by the service
             log.info("job %s could not start: %s", job_id, record.error_text)
             return record
         except BaseException as e:
-            # The caller went away mid-start (the spawner kills a job whose
-            # start nobody awaits), or a bug: the row inserted above must not
-            # stay RUNNING.
-            os.close(rfd)
-            out.close()
+            # The caller went away mid-start (the keeper client has a job whose start
+            # nobody awaits killed), or a bug: the row inserted above must not stay
+            # RUNNING.
             cancelled = isinstance(e, asyncio.CancelledError)
             _mark_not_started(record, "the start was cancelled" if cancelled else "internal error")
             self.history.save(record)
             self._on_finish(record)
             raise
-        finally:
-            os.close(wfd)
         record.pid = pid
-        job.pipe_fd = rfd
         self.running[job_id] = job
-        self.loop.add_reader(rfd, self._on_output, job)
-        if admitted.timeout:
-            job.timers.append(
-                self.loop.call_later(admitted.timeout, self._handle, job, lc.TimedOut())
-            )
         # The leader's start time (for crash recovery) is read a moment
         # later: right after exec, reading /proc/PID/stat waits for the
         # child's exec to finish.
@@ -375,122 +377,133 @@ class Supervisor:
             await self.history.committed(committed)
         except Unavailable:
             # Never leave a job running that the history does not know.
-            self._handle(job, lc.NotRecorded())
+            self.ops.stop(job_id, "not_recorded")
             raise
         self._on_change()
         return record
 
     def _read_leader_start(self, job: Job) -> None:
-        if not job.life.running or job.done.done():
+        if job.done.done():
             return
         st = procfs.read_stat(job.record.pid)
         if st is not None and st.pgid == job.record.pid:
             job.record.leader_start = st.start_ticks
             self.history.save(job.record)
 
-    # ------------------------------------------------------------ events and actions
+    # ------------------------------------------------------------ the keeper's reports
 
-    def _handle(self, job: Job, event: lc.Event) -> None:
-        for action in job.life.handle(event):
-            self._apply(job, action)
-
-    def _apply(self, job: Job, action: lc.Action) -> None:
-        if isinstance(action, lc.Signal):
-            self.ops.signal(job.record.pid, action.sig)
-        elif isinstance(action, lc.ArmKillTimer):
-            job.timers.append(
-                self.loop.call_later(
-                    self.settings.stop_grace, self._handle, job, lc.KillGraceExpired()
-                )
-            )
-        elif isinstance(action, lc.ArmOutputGrace):
-            job.timers.append(
-                self.loop.call_later(OUTPUT_CLOSE_GRACE, self._handle, job, lc.OutputGraceExpired())
-            )
-        elif isinstance(action, lc.CloseOutput):
-            log.info(
-                "job %s: output still open %.0fs after exit (an escaped process holds it); closing",
-                job.id,
-                OUTPUT_CLOSE_GRACE,
-            )
-            self._on_output(job)
-            if not job.live.closed:
-                self._close_output(job)
-        elif isinstance(action, lc.DiscardOutput):
-            pass  # job.life.discarding is what _record_output looks at
-        elif isinstance(action, lc.Finish):
-            self._finish(job, action)
-
-    def _exited(self, job: Job, ex: lc.Exit) -> None:
-        if job.ending is None:
-            job.ending = self.loop.time()
-        if not job.live.closed:
-            self._on_output(job)  # what is already in the pipe belongs to the job
-        self._handle(job, lc.Exited(ex))
-
-    def _on_output(self, job: Job) -> None:
-        fd = job.pipe_fd
-        if fd is None:
-            return
-        for _ in range(16):  # bounded, so one chatty job cannot starve the loop
-            try:
-                data = os.read(fd, READ_CHUNK)
-            except BlockingIOError:
-                return
-            except OSError as e:
-                log.warning("job %s: reading output failed: %s", job.id, e)
-                data = b""
-            if not data:
-                self._close_output(job)
-                return
-            self._record_output(job, data)
-
-    def _record_output(self, job: Job, data: bytes) -> None:
-        if job.life.discarding:
-            return
-        res = job.out.write(data)
-        job.record.output_bytes = job.live.size = job.out.size
-        job.record.output_truncated = job.out.truncated
-        job.live.followers.wake()
-        if res.failure:
-            self._handle(job, lc.OutputFailed(res.failure))
-        elif res.cap_reached:
-            self._handle(
-                job, lc.OutputCapReached(job.out.cap, kill=self.settings.on_output_cap == "kill")
-            )
-
-    def _close_output(self, job: Job) -> None:
-        if job.ending is None:
-            job.ending = self.loop.time()
-        if job.pipe_fd is not None:
-            self.loop.remove_reader(job.pipe_fd)
-            os.close(job.pipe_fd)
-            job.pipe_fd = None
-        job.out.close()
-        job.live.closed = True
-        job.live.followers.wake()
-        self._handle(job, lc.OutputClosed())
-
-    def _finish(self, job: Job, fin: lc.Finish) -> None:
+    def finish(self, job: Job, fin: Finished) -> None:
+        """Record how a job ended (the keeper's report): history, waiters, audit, ack."""
         for t in job.timers:
             t.cancel()
         job.timers.clear()
         rec, ex = job.record, fin.exit
+        if job.done.done():
+            return
         log.debug("job %s: %s -> %s", rec.id, rec.state.name, fin.state.name)
+        lc.check_transition(rec.state, fin.state)
         rec.state = fin.state
-        # The spawner's time of the reap: a stopped or busy agent hears of an exit late.
+        # The keeper's time of the reap: an agent that was away hears of an exit late.
         rec.end_time = ex.end_time if ex.end_time is not None else time.time()
         rec.exit_code = ex.exit_code
         rec.signal = ex.signal
         rec.error_text = fin.text
         rec.user_cpu, rec.system_cpu, rec.max_rss = ex.user_cpu, ex.system_cpu, ex.max_rss
+        if fin.size >= 0:  # -1: the keeper died, and the output is what it told so far
+            rec.output_bytes = job.live.size = fin.size
+            rec.output_truncated = fin.truncated
+        job.live.closed = True
         self.running.pop(rec.id, None)
         if fin.persist:
-            self.history.save(rec)
+            self._save_then_ack(rec)
         job.done.set_result(rec)
         job.live.followers.wake()
         self._on_change()
         self._on_finish(rec)
+
+    def _save_then_ack(self, rec: JobRecord) -> None:
+        """Write a finished job; tell the keeper it may forget it once it is committed
+        (by this write's group commit or, after a failed one, by the history's retry)."""
+        self._unacked.add(rec.id)
+        if self.history.save(rec) is None and rec.id not in self.history.unsaved:
+            self._committed([rec])  # written and committed already (outside the loop)
+
+    def _committed(self, records: list[JobRecord]) -> None:
+        for rec in records:
+            if rec.id in self._unacked:
+                self._unacked.discard(rec.id)
+                self.ops.ack(rec.id)
+
+    # ------------------------------------------------------------ attaching to a keeper
+
+    def adopt(self, hello: Hello) -> set[str]:
+        """Take over what a keeper kept while no agent was attached: mirror every job it
+        still runs and record every one that ended meanwhile. Returns the ids of the jobs
+        the history must not call LOST (start-up recovery then takes care of the rest).
+
+        A job whose record never reached the history (the agent died between its insert
+        and the commit) is recorded from the copy the keeper kept.
+        """
+        known: set[str] = set()
+        for kept in hello.jobs:
+            rec = self.history.get(kept.job_id) or self._recorded_copy(kept.record)
+            if rec is None or rec.state is not JobState.RUNNING:
+                log.error(
+                    "job %s: kept by the keeper but not running here; stopping it", kept.job_id
+                )
+                self.ops.stop(kept.job_id, "kill")
+                continue
+            rec.pid = kept.pid
+            rec.output_bytes = kept.size
+            rec.output_truncated = kept.truncated
+            job = Job(rec, self)
+            job.live.size = kept.size
+            if kept.ending:
+                job.ending = self.loop.time()
+            self.running[rec.id] = job
+            self.ops.watch(rec.id, job)
+            known.add(rec.id)
+        for fin in hello.ended:
+            known.add(fin.job_id)
+            self.record_ended(fin)
+        if hello.jobs or hello.ended:
+            log.info(
+                "attached to the job keeper: %d job(s) still running, %d ended while no "
+                "agent was attached",
+                len(hello.jobs),
+                len(hello.ended),
+            )
+        return known
+
+    def record_ended(self, fin: Finished) -> None:
+        """Record a job that ended while no agent was attached (or whose end this agent
+        never saw); acknowledge it to the keeper once written."""
+        rec = self.history.get(fin.job_id) or self._recorded_copy(fin.record)
+        if rec is None:
+            log.error("job %s: ended, but its record is lost", fin.job_id)
+            self.ops.ack(fin.job_id)
+            return
+        if rec.state is not JobState.RUNNING:  # recorded before the agent died
+            self.ops.ack(fin.job_id)
+            return
+        job = Job(rec, self)
+        self.finish(job, fin)
+
+    def _recorded_copy(self, blob: dict[str, object]) -> JobRecord | None:
+        """Insert the keeper's copy of a record the history does not have."""
+        if not blob:
+            return None
+        try:
+            rec = record_from_wire(dict(blob))
+        except ValueError as e:
+            log.error("a job record from the keeper is not one: %s", e)
+            return None
+        try:
+            self.history.insert_now(rec)
+        except Unavailable as e:
+            log.error("job %s: cannot record it: %s", rec.id, e)
+            return None
+        return rec
 
     # ------------------------------------------------------------ stop
 
@@ -500,15 +513,15 @@ class Supervisor:
         if job is None:
             return self.get(job_id, caller)
         _check(lambda: caller.may_stop(job_id, job.record.owner))
-        self._handle(job, lc.StopRequested())
+        self.ops.stop(job_id, "stop")
         return job.record
 
     def stop_all(self, *, force: bool = False) -> None:
         """Stop every running job because the agent shuts down (``force``: SIGKILL now)."""
         for job in list(self.running.values()):
-            self._handle(job, lc.ShutdownRequested())
+            self.ops.stop(job.id, "shutdown")
             if force:
-                self._handle(job, lc.KillGraceExpired())
+                self.ops.stop(job.id, "kill")
 
     # ------------------------------------------------------------ query
 
@@ -608,8 +621,21 @@ class Supervisor:
     # ------------------------------------------------------------ shutdown
 
     async def shutdown(self, *, mode: str, deadline: float) -> None:
-        """Stop taking jobs; wait for or stop the running ones; return when all ended."""
+        """Stop taking jobs; wait for or stop the running ones; return when all ended.
+
+        ``mode``: "stop", "wait" (up to ``deadline``, then stop) or "keep" (leave them to
+        the keeper). Starts already handed to the keeper are waited for first: a job
+        whose start is in flight is running too, and must be stopped (or kept) with the
+        others, never left to run with nobody watching.
+        """
         self.stop_accepting()
+        if self._starting:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._started_all.wait(), START_DRAIN)
+        if mode == "keep":
+            if self.running:
+                log.info("leaving %d running job(s) to the job keeper", len(self.running))
+            return
         jobs = list(self.running.values())
         if not jobs:
             return
@@ -621,9 +647,10 @@ class Supervisor:
         if pending:
             await asyncio.wait(pending, timeout=self.settings.stop_grace + OUTPUT_CLOSE_GRACE + 5)
 
-    def close(self) -> None:
-        """Release the process operations and the history (after :meth:`shutdown`)."""
-        self.ops.close()
+    def close(self, *, keep_jobs: bool = False) -> None:
+        """Detach from the keeper (telling it to exit unless ``keep_jobs``) and close the
+        history (after :meth:`shutdown`)."""
+        self.ops.close(keep_jobs=keep_jobs)
         self.history.close()
 
 

@@ -1,0 +1,953 @@
+"""The job keeper: the process that holds the jobs, so that they outlive the agent.
+
+It grows out of the job spawner (:mod:`agent.daemon.spawner`, whose spawning,
+reaping, cgroups, Landlock and seccomp it inherits) and adds what a job needs
+while nobody faces the network for it:
+
+* **its output**: the keeper makes each job's pipe, reads it and records it in
+  the job's output file (:mod:`agent.daemon.outputfile`: the cap truncates, a
+  write error fails the job), and tells the agent how far each file got;
+* **its lifecycle**: the pure :class:`agent.daemon.lifecycle.Life` of each job
+  runs here, with its timers: the timeout, the grace between SIGTERM and
+  SIGKILL, the output cap's kill, the end of the output after the exit. So a
+  job times out, is capped and ends with its true status whether or not an
+  agent is attached;
+* **its end**: each finished job's record (state, end text, exit status, CPU,
+  output size) is kept until the agent says it is durably in the history
+  (``ack``); an agent that died before that is told again when one attaches.
+
+The agent faces the network and keeps the history; it attaches to the keeper's
+socket (``SOCK_SEQPACKET``, the protocol of :mod:`agent.daemon.spawnproto`),
+and when it goes (restart, crash, kill -9, upgrade) the jobs run on. The next
+agent attaches and gets a ``hello`` listing every running job (with the record
+the first agent gave it, so a start the agent never managed to commit is still
+recorded) and every finished one not yet acknowledged.
+
+Who may attach (the kernel's word, never the peer's): a peer whose uid is the
+agent's (``SO_PEERCRED``), that is neither one of this keeper's descendants (the
+keeper is a child subreaper, so every process a job starts stays its descendant,
+however it double-forks) nor in a job cgroup. A job, even one running as the
+agent's own uid in the development mode, cannot talk to the keeper.
+
+Agent -> keeper (besides the spawner's messages, which the keeper does not take)::
+
+    {"op": "start", "id": N, "job": JOB_ID, "plan": {...}, "run": {...},
+     "record": {...}, "fds": ["exec", "script"]}
+        run: {"timeout": s, "cpu_seconds": s, "memory_max": bytes, "note": TEXT,
+              "cap": bytes, "kill_on_cap": bool, "grace": s}
+    {"op": "stop", "job": JOB_ID, "how": "stop" | "shutdown" | "kill" | "not_recorded"}
+    {"op": "ack", "jobs": [JOB_ID, ...]}     finished records now in the history
+    {"op": "exit"}                            stop serving; jobs still running are killed
+
+Keeper -> agent::
+
+    {"op": "hello", "protocol": 1, "pid": P, "spawn": "vfork" | "fork", "why": TEXT,
+     "jobs": [{"job", "pid", "size", "truncated", "ending", "record"}],
+     "ended": [finished messages]}
+    {"op": "started", "id": N, "job": JOB_ID, "pid": P}   (or "error", "errno")
+    {"op": "output", "jobs": [[JOB_ID, size, truncated], ...]}
+    {"op": "ending", "job": JOB_ID}           its exit or its output's end was seen
+    {"op": "finished", "job": JOB_ID, "state": NAME, "text": TEXT, "exit": {...},
+     "size": bytes, "truncated": bool, "persist": bool, "record": {...}}
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import gc
+import heapq
+import itertools
+import os
+import re
+import selectors
+import signal
+import socket
+import struct
+import sys
+import time
+import types
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from agent.daemon import cgroups, vspawn
+from agent.daemon import lifecycle as lc
+from agent.daemon import spawnproto as proto
+from agent.daemon.errors import AgentError
+from agent.daemon.outputfile import OutputFile
+from agent.daemon.spawner import Spawner
+
+PROTOCOL = 1
+LISTEN = "listen"
+READ_CHUNK = 1 << 20
+# After the main process exits, how long to wait for the output pipe to close
+# (processes that escaped the group may hold it open).
+OUTPUT_CLOSE_GRACE = 2.0
+# A running job's record as the agent gave it: kept and handed back, never read.
+RECORD_MAX = 1 << 20
+JOB_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+STOP_EVENTS: dict[str, Callable[[], lc.Event]] = {
+    "stop": lc.StopRequested,
+    "shutdown": lc.ShutdownRequested,
+    "kill": lc.KillGraceExpired,
+    "not_recorded": lc.NotRecorded,
+}
+PR_SET_CHILD_SUBREAPER = 36
+SEND_WAIT = 5  # seconds
+SO_PEERPIDFD = 77  # Linux 6.5: a pidfd of the peer, pinned at connect()
+RUN_KEYS = {
+    "timeout": int,
+    "cpu_seconds": int,
+    "memory_max": int,
+    "note": str,
+    "cap": int,
+    "kill_on_cap": bool,
+    "grace": float,
+}
+
+
+def log(text: str) -> None:
+    """One line on stderr (the agent's log while it lives); never raises."""
+    with contextlib.suppress(OSError, ValueError):
+        print(f"agent keeper: {text}", file=sys.stderr, flush=True)
+
+
+class Timer:
+    """A pending lifecycle event of one job (cancelled when the job finishes)."""
+
+    __slots__ = ("cancelled", "event", "job")
+
+    def __init__(self, job: KeptJob, event: lc.Event) -> None:
+        self.job, self.event, self.cancelled = job, event, False
+
+
+class KeptJob:
+    """One job the keeper holds: its process, pipe, output file and lifecycle."""
+
+    __slots__ = (
+        "exit",
+        "gen",
+        "grace",
+        "id",
+        "kill_on_cap",
+        "life",
+        "out",
+        "pid",
+        "record",
+        "rfd",
+        "rid",
+        "timers",
+    )
+
+    def __init__(self, job_id: str, rid: Any, gen: int, run: dict[str, Any], out: OutputFile):
+        self.id, self.rid, self.gen = job_id, rid, gen
+        self.pid = 0
+        self.rfd = -1
+        self.out = out
+        self.grace = float(run["grace"])
+        self.kill_on_cap = bool(run["kill_on_cap"])
+        self.life = lc.Life(
+            timeout_seconds=run["timeout"],
+            cpu_seconds=run["cpu_seconds"],
+            memory_max=run["memory_max"],
+            note=run["note"],
+        )
+        self.record: dict[str, Any] = {}
+        self.timers: list[Timer] = []
+        self.exit: lc.Exit | None = None
+
+
+def check_run(run: Any) -> str:
+    """Why a start's "run" object is malformed ("" if it is not)."""
+    if not isinstance(run, dict) or set(run) != set(RUN_KEYS):
+        return "malformed start: run"
+    for key, kind in RUN_KEYS.items():
+        v = run[key]
+        if kind is float:
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 86400
+        elif kind is int:
+            ok = isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 63
+        elif kind is str:
+            ok = isinstance(v, str) and len(v) <= 4096
+        else:
+            ok = isinstance(v, bool)
+        if not ok:
+            return f"malformed start: run {key}"
+    return ""
+
+
+def exit_of(msg: dict[str, Any]) -> lc.Exit:
+    """The lifecycle's Exit of a spawner "exited" report."""
+    return lc.Exit(
+        exit_code=msg["code"],
+        signal=msg["signal"],
+        user_cpu=msg["utime"],
+        system_cpu=msg["stime"],
+        max_rss=msg["maxrss"],
+        oom_kills=int(msg.get("oom", 0)),
+        end_time=msg.get("ended"),
+    )
+
+
+def exit_to_wire(ex: lc.Exit) -> dict[str, Any]:
+    return {
+        "code": ex.exit_code,
+        "signal": ex.signal,
+        "utime": ex.user_cpu,
+        "stime": ex.system_cpu,
+        "maxrss": ex.max_rss,
+        "oom": ex.oom_kills,
+        "ended": ex.end_time,
+    }
+
+
+def _peer_cgroup(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            return cgroups.parse_proc_cgroup(f.read())
+    except OSError:
+        return None
+
+
+def _ppid(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+        return int(data[data.rfind(b")") + 2 :].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def descends_from(pid: int, ancestor: int) -> bool:
+    """Whether ``pid`` is ``ancestor`` or one of its descendants (per /proc)."""
+    seen = 0
+    while pid > 1 and seen < 4096:
+        if pid == ancestor:
+            return True
+        pid = _ppid(pid)
+        seen += 1
+    return False
+
+
+class Keeper(Spawner):
+    """The keeper's state: the spawner's, its jobs, and the agent's attachment."""
+
+    def __init__(
+        self,
+        listener: socket.socket,
+        *,
+        agent_uid: int,
+        output_dir: str,
+        subtree: cgroups.Subtree | None = None,
+        path: tuple[str, str, Any] = ("fork", "default", None),
+    ) -> None:
+        super().__init__(None, subtree, path)
+        self.listener = listener
+        listener.setblocking(False)
+        self.sel.register(listener, selectors.EVENT_READ, LISTEN)
+        self.agent_uid = agent_uid
+        self.output_dir = output_dir
+        self.gen = 0  # attachments so far: a start is answered only on its own
+        self.hello_due = False
+        self.peer_pidfd = -1  # the attached agent's pidfd (-1: none, or not pinned)
+        self.deaf = False  # the attached agent died: read what it sent, say nothing
+        self.reexec_wanted = False  # SIGUSR2: replace the code in place when quiet
+        self.jobs: dict[str, KeptJob] = {}  # started (pid known) and not finished
+        self.by_pid: dict[int, KeptJob] = {}
+        self.by_rid: dict[int, KeptJob] = {}  # handed to the spawner, not yet answered
+        self.ended: dict[str, dict[str, Any]] = {}  # finished, not yet acknowledged
+        self.heap: list[tuple[float, int, Timer]] = []
+        self.seq = itertools.count()
+        self.dirty: dict[str, KeptJob] = {}  # output progress not yet told
+        self.rids = itertools.count(1)
+        self.mounts: list[Path] = []
+        with contextlib.suppress(OSError):
+            self.mounts = cgroups.parse_cgroup2_mounts(Path("/proc/self/mountinfo").read_text())
+
+    # ------------------------------------------------------------ attachment
+
+    def peer_problem(self, conn: socket.socket) -> tuple[str, int]:
+        """Why this peer may not attach ("" if it may): the kernel's word on who it is; and
+        a pidfd of the peer (-1: none), the caller's to close."""
+        pidfd = -1
+        with contextlib.suppress(OSError):
+            # Pinned at connect() where the kernel offers it: the pid below cannot be a
+            # reused one while we look at it.
+            pidfd = struct.unpack("i", conn.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD, 4))[0]
+        why = self._peer_problem(conn, pidfd)
+        return why, pidfd
+
+    def _peer_problem(self, conn: socket.socket, pidfd: int) -> str:
+        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        pid, uid, _ = struct.unpack("3i", creds)
+        if uid != self.agent_uid:
+            return f"uid {uid} is not the agent's ({self.agent_uid})"
+        if pid <= 0:
+            return "no peer process"
+        # Every process of a job is this keeper's descendant (a child subreaper
+        # adopts what a job orphans), whatever its uid, session or environment.
+        if descends_from(pid, os.getpid()):
+            return f"pid {pid} is one of the keeper's jobs"
+        if self.subtree is not None:
+            where = _peer_cgroup(pid)
+            if where is None:
+                return f"pid {pid}: its cgroup cannot be read"
+            for mount in self.mounts:
+                if (mount / where.lstrip("/")).is_relative_to(self.subtree.jobs):
+                    return f"pid {pid} is in a job cgroup ({where})"
+        # Still the same process (the pidfd of an exited one is readable): the
+        # answers above were about the peer, not about a process that reused its pid.
+        if pidfd >= 0 and select_readable(pidfd):
+            return f"pid {pid} exited while it was checked"
+        return ""
+
+    def on_accept(self) -> None:
+        try:
+            conn, _ = self.listener.accept()
+        except OSError:
+            return
+        why, pidfd = self.peer_problem(conn)
+        if not why and self.sock is not None:
+            if self.agent_gone():
+                # What the dead agent sent before it died is still carried out (a start
+                # it recorded must run, a stop it asked for must happen); then it goes.
+                self.drain_requests()
+                self.detach("it exited")
+            else:
+                why = "another agent is attached"
+        if why:
+            log(f"refused a connection: {why}")
+            conn.close()
+            if pidfd >= 0:
+                os.close(pidfd)
+            return
+        self.peer_pidfd = pidfd
+        conn.setblocking(True)
+        # An agent that stops reading (stopped, wedged) must not stall the jobs' keeper:
+        # a send that cannot go within SEND_WAIT detaches it (it attaches again).
+        with contextlib.suppress(OSError):
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", SEND_WAIT, 0))
+        self.sock = conn
+        self.gen += 1
+        self.sel.register(conn, selectors.EVENT_READ, None)
+        # Said once no start is in the spawner's hands: every job in it is known.
+        self.hello_due = True
+
+    def hello(self) -> None:
+        self.hello_due = False
+        jobs = [
+            {
+                "job": j.id,
+                "pid": j.pid,
+                "size": j.out.size,
+                "truncated": j.out.truncated,
+                "ending": j.exit is not None or j.rfd < 0,
+                "record": j.record,
+            }
+            for j in self.jobs.values()
+        ]
+        self.dirty.clear()
+        self.tell(
+            {
+                "op": "hello",
+                "protocol": PROTOCOL,
+                "pid": os.getpid(),
+                "spawn": self.path,
+                "why": self.path_why,
+                "jobs": jobs,
+                "ended": list(self.ended.values()),
+            }
+        )
+
+    def detach(self, why: str) -> None:
+        if self.sock is None:
+            return
+        with contextlib.suppress(KeyError, ValueError):
+            self.sel.unregister(self.sock)
+        self.sock.close()
+        self.sock = None
+        if self.peer_pidfd >= 0:
+            os.close(self.peer_pidfd)
+            self.peer_pidfd = -1
+        self.hello_due = False
+        self.deaf = False
+        log(f"the agent detached ({why}); {len(self.jobs)} job(s) go on running")
+
+    def agent_gone(self) -> bool:
+        """Whether the attached agent has exited (its end of file may wait unread behind
+        requests it sent before)."""
+        if self.deaf or self.sock is None or peer_gone(self.sock):
+            return True
+        # Requests may wait unread ahead of the end of file: the process says it.
+        return self.peer_pidfd >= 0 and select_readable(self.peer_pidfd)
+
+    def drain_requests(self, most: int = 100_000) -> None:
+        """Carry out every request a dead agent left in the socket, up to its end."""
+        sock = self.sock
+        for _ in range(most):
+            if self.sock is not sock or sock is None or not select_readable(sock.fileno()):
+                return
+            self.on_socket()
+
+    def tell(self, msg: dict[str, Any]) -> None:
+        """Send to the attached agent, if any (a finished job's record also waits in
+        ``ended`` until acknowledged)."""
+        if self.sock is None or self.deaf:
+            return
+        try:
+            proto.send(self.sock, msg)
+        except OSError as e:
+            if e.errno in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
+                # The agent died. Its last requests may still wait in the socket: they are
+                # read and carried out until its end of file (a start it recorded before it
+                # died must run and be kept for the next agent); nothing more is said.
+                self.deaf = True
+                return
+            # It is alive but does not read (SEND_WAIT passed): it attaches again.
+            self.detach(f"send failed: {e.strerror or e}")
+
+    # ------------------------------------------------------------ the loop
+
+    def serve(self) -> None:
+        """Run until told to exit (the agent's ``exit``); agents come and go."""
+        while self.running:
+            timeout = None
+            if self.heap:
+                timeout = max(0.0, self.heap[0][0] - time.monotonic())
+            asked = False
+            for key, _ in self.sel.select(timeout):
+                what = key.data
+                if what is None:
+                    asked = True
+                elif what == LISTEN:
+                    self.on_accept()
+                elif isinstance(what, KeptJob):
+                    self.guarded(self.on_output, what)
+                elif isinstance(what, _Wakeup):
+                    self.guarded(what)
+                else:
+                    self.dispatch(what)
+                if not self.running:
+                    break
+            self.run_timers()
+            if asked and self.running and self.sock is not None:
+                self.on_socket()
+            self.flush_output()
+            if self.hello_due and not self.by_rid and self.sock is not None:
+                self.hello()
+            if self.reexec_wanted:
+                self.maybe_reexec()
+        self.kill_all()
+
+    def maybe_reexec(self) -> None:
+        """Re-execute the code on disk once quiet (see agent.daemon.keeperstate)."""
+        from agent.daemon import keeperstate
+
+        if not keeperstate.quiet(self):
+            return  # again after the next turn
+        self.reexec_wanted = False
+        log(f"re-executing in place with {len(self.jobs)} job(s)")
+        why = keeperstate.reexec(self)
+        log(f"not re-executed: {why}; going on as before")
+
+    def guarded(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run a job's handler; a bug in it is logged and the keeper goes on (its death
+        would leave every job without a keeper)."""
+        try:
+            fn(*args)
+        except Exception:
+            import traceback
+
+            name = getattr(fn, "__name__", type(fn).__name__)
+            log(f"internal error in {name}:\n{traceback.format_exc()}")
+
+    def run_timers(self) -> None:
+        now = time.monotonic()
+        while self.heap and self.heap[0][0] <= now:
+            _, _, t = heapq.heappop(self.heap)
+            if not t.cancelled:
+                self.guarded(self.handle, t.job, t.event)
+
+    def arm(self, job: KeptJob, delay: float, event: lc.Event) -> None:
+        t = Timer(job, event)
+        job.timers.append(t)
+        heapq.heappush(self.heap, (time.monotonic() + delay, next(self.seq), t))
+
+    def on_socket(self) -> None:
+        """Take one request from the agent."""
+        assert self.sock is not None
+        try:
+            data, fds = proto.recv(self.sock, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return
+        except proto.ProtocolError as e:
+            log(f"bad message: {e}")
+            return
+        except OSError as e:
+            self.detach(f"receive failed: {e.strerror or e}")
+            return
+        if not data:
+            self.detach("end of file")
+            return
+        try:
+            msg, byrole = proto.decode(data, fds)
+        except proto.ProtocolError as e:
+            log(f"bad message: {e}")
+            return
+        op = msg["op"]
+        try:
+            if op == "start":
+                self.start(msg, byrole)
+            elif op == "stop":
+                self.stop(msg)
+            elif op == "ack":
+                self.ack(msg)
+            elif op == "exit":
+                self.running = False
+            else:
+                log(f"bad message: unknown op {op[:40]!r}")
+        except Exception:
+            import traceback
+
+            log(f"internal error in {op}:\n{traceback.format_exc()}")
+            if op == "start":
+                self.tell(
+                    {
+                        "op": "started",
+                        "id": msg.get("id"),
+                        "job": msg.get("job"),
+                        "error": "internal error in the job keeper (see the agent's log)",
+                        "errno": errno.EIO,
+                    }
+                )
+        for fd in byrole.values():
+            with contextlib.suppress(OSError):  # start() may have closed them already
+                os.close(fd)
+
+    # ------------------------------------------------------------ start
+
+    def start(self, msg: dict[str, Any], fds: dict[str, int]) -> None:
+        rid, job_id, run, plan = msg.get("id"), msg.get("job"), msg.get("run"), msg.get("plan")
+        record = msg.get("record", {})
+        why = ""
+        if not isinstance(rid, int) or isinstance(rid, bool):
+            why = "malformed start: id"
+        elif not isinstance(job_id, str) or not JOB_ID.match(job_id):
+            why = "malformed start: job"
+        elif job_id in self.jobs or job_id in self.ended or self._starting(job_id):
+            why = f"job {job_id} exists already"
+        elif not isinstance(record, dict) or len(str(record)) > RECORD_MAX:
+            why = "malformed start: record"
+        elif "stdout" in fds:
+            why = "malformed start: the keeper makes the job's output pipe"
+        else:
+            why = check_run(run)
+        if why:
+            self.tell({"op": "started", "id": rid, "job": job_id, "error": why, "errno": 22})
+            return
+        assert isinstance(job_id, str) and isinstance(run, dict)
+        out = OutputFile(os.path.join(self.output_dir, f"{job_id}.out"), run["cap"])
+        try:
+            out.reserve()
+            r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        except (AgentError, OSError) as e:
+            out.close()
+            code = getattr(e, "errno", None) or errno.EMFILE
+            self.tell(
+                {
+                    "op": "started",
+                    "id": rid,
+                    "job": job_id,
+                    "error": proto.error_text("output", code),
+                    "errno": code,
+                }
+            )
+            return
+        # The child gets a blocking write end: a job must not see EAGAIN on stdout just
+        # because the keeper is momentarily behind.
+        os.set_blocking(w, True)
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(r, fcntl.F_SETPIPE_SZ, READ_CHUNK)
+        job = KeptJob(job_id, rid, self.gen, run, out)
+        job.rfd = r
+        job.record = record
+        fds["stdout"] = w
+        kid = next(self.rids)
+        self.by_rid[kid] = job
+        # The spawner's checks and spawn; its answer comes back through send().
+        Spawner.spawn(self, {"op": "spawn", "id": kid, "plan": plan}, fds)
+
+    def _starting(self, job_id: str) -> bool:
+        return any(j.id == job_id for j in self.by_rid.values())
+
+    def send(self, msg: dict[str, Any]) -> None:
+        """The spawner's reports, taken here instead of going to a socket."""
+        op = msg.get("op")
+        if op == "spawned":
+            self.guarded(self.on_spawned, msg)
+        elif op == "exited":
+            self.guarded(self.on_exited, msg)
+
+    def on_spawned(self, msg: dict[str, Any]) -> None:
+        job = self.by_rid.pop(msg["id"])
+        if "pid" not in msg:
+            os.close(job.rfd)
+            job.rfd = -1
+            job.out.close()
+            error = str(msg.get("error", "unknown error"))
+            if job.gen == self.gen and self.sock is not None:
+                self.tell(
+                    {
+                        "op": "started",
+                        "id": job.rid,
+                        "job": job.id,
+                        "error": error,
+                        "errno": msg.get("errno", errno.EIO),
+                    }
+                )
+                return
+            # Its agent went away meanwhile: the next one learns of it as a finished job.
+            ex = lc.Exit(exit_code=None, signal=None, start_failure=error, end_time=time.time())
+            job.life.output_closed = True
+            for action in job.life.handle(lc.Exited(ex)):
+                self.apply(job, action)
+            return
+        job.pid = msg["pid"]
+        self.jobs[job.id] = job
+        self.by_pid[job.pid] = job
+        self.sel.register(job.rfd, selectors.EVENT_READ, job)
+        if job.life.timeout_seconds:
+            self.arm(job, job.life.timeout_seconds, lc.TimedOut())
+        if job.gen == self.gen:
+            self.tell({"op": "started", "id": job.rid, "job": job.id, "pid": job.pid})
+
+    # ------------------------------------------------------------ a job's life
+
+    def handle(self, job: KeptJob, event: lc.Event) -> None:
+        for action in job.life.handle(event):
+            self.apply(job, action)
+
+    def apply(self, job: KeptJob, action: lc.Action) -> None:
+        if isinstance(action, lc.Signal):
+            if job.pid:
+                Spawner.signal(self, {"pid": job.pid, "sig": action.sig})
+        elif isinstance(action, lc.ArmKillTimer):
+            self.arm(job, job.grace, lc.KillGraceExpired())
+        elif isinstance(action, lc.ArmOutputGrace):
+            self.arm(job, OUTPUT_CLOSE_GRACE, lc.OutputGraceExpired())
+        elif isinstance(action, lc.CloseOutput):
+            log(
+                f"job {job.id}: output still open {OUTPUT_CLOSE_GRACE:.0f}s after exit "
+                "(an escaped process holds it); closing"
+            )
+            self.on_output(job)
+            if job.rfd >= 0:
+                self.close_output(job)
+        elif isinstance(action, lc.Finish):
+            self.finish(job, action)
+        # DiscardOutput: job.life.discarding is what record_output looks at.
+
+    def on_exited(self, msg: dict[str, Any]) -> None:
+        job = self.by_pid.pop(msg["pid"], None)
+        if job is None:
+            return
+        job.exit = exit_of(msg)
+        if job.rfd >= 0:
+            self.on_output(job)  # what is already in the pipe belongs to the job
+        self.handle(job, lc.Exited(job.exit))
+        self.ending(job)
+
+    def ending(self, job: KeptJob) -> None:
+        """Tell the agent a job is moments from its end (a query then waits for it),
+        unless it ended at once: its "finished" says everything."""
+        if job.id in self.jobs:
+            self.tell({"op": "ending", "job": job.id})
+
+    def on_output(self, job: KeptJob) -> None:
+        for _ in range(16):  # bounded, so one chatty job cannot starve the others
+            if job.rfd < 0:
+                return
+            try:
+                data = os.read(job.rfd, READ_CHUNK)
+            except BlockingIOError:
+                return
+            except OSError as e:
+                log(f"job {job.id}: reading output failed: {e}")
+                data = b""
+            if not data:
+                self.close_output(job)
+                return
+            self.record_output(job, data)
+
+    def record_output(self, job: KeptJob, data: bytes) -> None:
+        if job.life.discarding:
+            return
+        res = job.out.write(data)
+        self.dirty[job.id] = job
+        if res.failure:
+            self.handle(job, lc.OutputFailed(res.failure))
+        elif res.cap_reached:
+            self.handle(job, lc.OutputCapReached(job.out.cap, kill=job.kill_on_cap))
+
+    def close_output(self, job: KeptJob) -> None:
+        if job.rfd >= 0:
+            self.sel.unregister(job.rfd)
+            os.close(job.rfd)
+            job.rfd = -1
+        job.out.close()
+        self.dirty[job.id] = job
+        self.handle(job, lc.OutputClosed())
+        if job.exit is None:
+            self.ending(job)
+
+    def flush_output(self) -> None:
+        if not self.dirty:
+            return
+        jobs = [[j.id, j.out.size, j.out.truncated] for j in self.dirty.values()]
+        self.dirty.clear()
+        self.tell({"op": "output", "jobs": jobs})
+
+    def finish(self, job: KeptJob, fin: lc.Finish) -> None:
+        for t in job.timers:
+            t.cancelled = True
+        job.timers.clear()
+        # Its "finished" carries its output's size: no progress of its own before it.
+        self.dirty.pop(job.id, None)
+        self.jobs.pop(job.id, None)
+        if job.pid:
+            self.by_pid.pop(job.pid, None)
+        msg = {
+            "op": "finished",
+            "job": job.id,
+            "state": fin.state.name,
+            "text": fin.text,
+            "exit": exit_to_wire(fin.exit),
+            "start_failure": fin.exit.start_failure,
+            "size": job.out.size,
+            "truncated": job.out.truncated,
+            "persist": fin.persist,
+            "record": job.record,
+        }
+        if fin.persist:
+            self.ended[job.id] = msg
+        self.tell(msg)
+
+    # ------------------------------------------------------------ requests
+
+    def stop(self, msg: dict[str, Any]) -> None:
+        job = self.jobs.get(msg.get("job"))  # type: ignore[arg-type]
+        event = STOP_EVENTS.get(msg.get("how"))  # type: ignore[arg-type]
+        if job is None or event is None:
+            return
+        self.handle(job, event())
+
+    def ack(self, msg: dict[str, Any]) -> None:
+        ids = msg.get("jobs")
+        if not isinstance(ids, list):
+            return
+        for job_id in ids[:100_000]:
+            if isinstance(job_id, str):
+                self.ended.pop(job_id, None)
+
+    def kill_all(self) -> None:
+        """At the keeper's end: nothing may run that nobody supervises."""
+        for job in list(self.jobs.values()):
+            if job.pid:
+                with contextlib.suppress(Exception):
+                    Spawner.signal(self, {"pid": job.pid, "sig": signal.SIGKILL})
+
+
+def select_readable(fd: int) -> bool:
+    """Whether ``fd`` is readable right now (for a pidfd: the process has exited)."""
+    with selectors.DefaultSelector() as sel:
+        sel.register(fd, selectors.EVENT_READ)
+        return bool(sel.select(0))
+
+
+def peer_gone(sock: socket.socket) -> bool:
+    """Whether the attached agent's end is closed (it died, and its EOF waits unread)."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+def _subreaper() -> None:
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _reap_orphans(keeper: Keeper) -> None:
+    """Reap adopted orphans (processes a job left, reparented to this subreaper), never
+    a job's leader or a child still setting up: those the spawner reaps itself."""
+    mine = set(keeper.children)
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return
+    for tid in tasks:
+        try:
+            with open(f"/proc/self/task/{tid}/children") as f:
+                pids = [int(p) for p in f.read().split()]
+        except (OSError, ValueError):
+            continue
+        for pid in pids:
+            if pid in mine or _is_starting(keeper, pid):
+                continue
+            with contextlib.suppress(ChildProcessError, OSError):
+                os.waitpid(pid, os.WNOHANG)
+
+
+def _is_starting(keeper: Keeper, pid: int) -> bool:
+    from agent.daemon.spawner import Starting
+
+    return any(
+        isinstance(k.data, Starting) and k.data.pid == pid for k in keeper.sel.get_map().values()
+    )
+
+
+USAGE = (
+    "usage: python -m agent.daemon.keeper (--listen-fd N | --socket PATH) --output-dir DIR "
+    "[--agent-uid UID] [--cgroup-jobs DIR [--controllers LIST]] | --resume-fd N"
+)
+OPTIONS = {
+    "--listen-fd",
+    "--socket",
+    "--output-dir",
+    "--agent-uid",
+    "--cgroup-jobs",
+    "--controllers",
+}
+
+
+def parse_args(argv: list[str]) -> dict[str, str] | None:
+    """``--option value`` pairs (no argparse: its import is half a megabyte of the keeper's
+    memory for six options); None when they are not what :data:`USAGE` says."""
+    if len(argv) % 2:
+        return None
+    args = dict(zip(argv[::2], argv[1::2], strict=True))
+    if (
+        len(args) != len(argv) // 2
+        or not set(args) <= OPTIONS
+        or ("--listen-fd" in args) == ("--socket" in args)
+        or "--output-dir" not in args
+    ):
+        return None
+    for key in ("--listen-fd", "--agent-uid"):
+        if key in args and not args[key].isdigit():
+            return None
+    return args
+
+
+def main(argv: list[str]) -> int:
+    """``python -m agent.daemon.keeper``: see :data:`USAGE`; CONTROLLERS is a
+    comma-separated list (may be empty) of the controllers enabled for job cgroups."""
+    if len(argv) == 2 and argv[0] == "--resume-fd" and argv[1].isdigit():
+        return resume(int(argv[1]))
+    opts = parse_args(argv)
+    if opts is None:
+        print(USAGE, file=sys.stderr)
+        return 2
+    args = types.SimpleNamespace(
+        listen_fd=int(opts["--listen-fd"]) if "--listen-fd" in opts else None,
+        socket=opts.get("--socket"),
+        output_dir=opts["--output-dir"],
+        agent_uid=int(opts.get("--agent-uid", os.geteuid())),
+        cgroup_jobs=opts.get("--cgroup-jobs"),
+        controllers=opts.get("--controllers", ""),
+    )
+    subtree = None
+    if args.cgroup_jobs:
+        subtree = cgroups.Subtree(
+            Path(args.cgroup_jobs), frozenset(c for c in args.controllers.split(",") if c)
+        )
+    try:
+        path = vspawn.choose(os.environ)
+    except RuntimeError as e:
+        log(str(e))
+        return 2
+    if args.listen_fd is not None:
+        listener = socket.socket(fileno=args.listen_fd)
+        listener.set_inheritable(False)
+    else:
+        listener = proto.listen_at(args.socket)
+    _subreaper()
+    keeper = Keeper(
+        listener, agent_uid=args.agent_uid, output_dir=args.output_dir, subtree=subtree, path=path
+    )
+    return run(keeper)
+
+
+def resume(fd: int) -> int:
+    """The keeper's new code after :func:`agent.daemon.keeperstate.reexec`: the same
+    process, its jobs and descriptors, its state from the sealed memfd ``fd``."""
+    from agent.daemon import keeperstate
+
+    try:
+        state = keeperstate.load(fd)
+        path = vspawn.choose(os.environ)
+    except (OSError, ValueError, RuntimeError) as e:
+        # Nothing to go on with: the jobs are orphans now (killed by the next agent's
+        # start, from their cgroups). Said as loudly as possible.
+        log(f"cannot resume after re-executing: {e}")
+        return 2
+    listener = socket.socket(fileno=state["listener"])
+    _subreaper()
+    keeper = Keeper(
+        listener,
+        agent_uid=state["agent_uid"],
+        output_dir=state["output_dir"],
+        subtree=keeperstate.subtree_of(state),
+        path=path,
+    )
+    keeperstate.restore(keeper, state)
+    log(
+        f"re-executed in place (pid {os.getpid()}): {len(keeper.jobs)} job(s) kept, "
+        f"{len(keeper.ended)} end(s) to tell"
+    )
+    return run(keeper)
+
+
+def run(keeper: Keeper) -> int:
+    keeper.setup_signals()
+    # Orphans a job leaves are this subreaper's children: reaped on SIGCHLD, through the
+    # selector (a wakeup pipe), never by a wait that could take a job leader's status.
+    # SIGUSR2 asks for a re-exec of the code on disk (an upgrade in place).
+    r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+    signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    signal.signal(signal.SIGUSR2, lambda *_: None)
+    keeper.sel.register(r, selectors.EVENT_READ, _Wakeup(r, keeper))
+    gc.freeze()
+    keeper.serve()
+    return 0
+
+
+class _Wakeup:
+    """The signals' wakeup pipe: reap adopted orphans (SIGCHLD), note a re-exec request
+    (SIGUSR2)."""
+
+    def __init__(self, fd: int, keeper: Keeper) -> None:
+        self.fd, self.keeper = fd, keeper
+
+    def __call__(self) -> None:
+        got = b""
+        with contextlib.suppress(OSError):
+            while chunk := os.read(self.fd, 512):
+                got += chunk
+        if signal.SIGUSR2 in got:
+            self.keeper.reexec_wanted = True
+        _reap_orphans(self.keeper)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,572 @@
+"""The agent's side of the job keeper (:mod:`agent.daemon.keeper`).
+
+The agent attaches to the keeper's socket at start-up, starting a keeper when none
+answers (the development and daemonised deployments: that keeper then belongs to
+this agent session, in its process group, so Ctrl-C in a terminal reaches both).
+It hands each admitted job over (its resolved plan, how it is to be run, and its
+history record), and from then on only mirrors it: the keeper reports how far the
+output got, when the job is ending and how it finished; the supervisor
+(:mod:`agent.daemon.supervisor`) records that, wakes followers and acknowledges
+each finished job once the history has it, so that the keeper can forget it.
+
+When the agent goes away, nothing of this is lost: the keeper runs the jobs on, and
+the next agent's :meth:`KeeperClient.attach` gets a :class:`Hello` with every job
+still running and every finished one not yet acknowledged.
+
+When the keeper itself dies (end of file on the socket while attached): every job
+it was running is killed (``killpg`` SIGKILL from the agent where permitted, and
+``cgroup.kill`` of its cgroup) and ends FAILED with :data:`KEEPER_DIED`; starts
+waiting for an answer fail; a new keeper is started and new jobs work. More than
+:data:`MAX_DEATHS` deaths in :data:`DEATH_WINDOW` seconds and the agent gives up
+(``on_fatal``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from agent.daemon import spawnproto as proto
+from agent.daemon.cgroups import CgroupError, Subtree
+from agent.daemon.errors import SpawnFailure
+from agent.daemon.keeperstate import KEEPER_MAIN, PACKAGE_ROOT
+from agent.daemon.lifecycle import Exit
+from agent.daemon.spawn import SPAWN_ENV, SpawnSpec, _interpreter, plan_of
+from agent.vocabulary import JobState
+
+log = logging.getLogger(__name__)
+
+KEEPER_DIED = "the job keeper died; the job's processes were killed"
+MAX_DEATHS = 3
+DEATH_WINDOW = 60.0
+HELLO_WAIT = 15.0
+ATTACH_TRIES = 4
+CLOSE_WAIT = 5.0
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """How the keeper runs a job besides its plan: its lifecycle's parameters."""
+
+    timeout: int
+    cpu_seconds: int
+    memory_max: int
+    note: str
+    cap: int
+    kill_on_cap: bool
+    grace: float
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "timeout": self.timeout,
+            "cpu_seconds": self.cpu_seconds,
+            "memory_max": self.memory_max,
+            "note": self.note,
+            "cap": self.cap,
+            "kill_on_cap": self.kill_on_cap,
+            "grace": float(self.grace),
+        }
+
+
+@dataclass(frozen=True)
+class Finished:
+    """How a job ended, as the keeper decided it."""
+
+    job_id: str
+    state: JobState
+    text: str
+    exit: Exit
+    size: int
+    truncated: bool
+    persist: bool = True
+    record: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_wire(cls, msg: dict[str, Any]) -> Finished:
+        """Raises KeyError/TypeError/ValueError on a malformed message."""
+        ex = msg["exit"]
+        return cls(
+            job_id=str(msg["job"]),
+            state=JobState[str(msg["state"])],
+            text=str(msg["text"]),
+            exit=Exit(
+                exit_code=_opt_int(ex["code"]),
+                signal=_opt_int(ex["signal"]),
+                user_cpu=float(ex["utime"]),
+                system_cpu=float(ex["stime"]),
+                max_rss=int(ex["maxrss"]),
+                oom_kills=int(ex.get("oom", 0)),
+                start_failure=str(msg.get("start_failure", "")),
+                end_time=None if ex.get("ended") is None else float(ex["ended"]),
+            ),
+            size=int(msg["size"]),
+            truncated=bool(msg["truncated"]),
+            persist=bool(msg.get("persist", True)),
+            record=_dict(msg.get("record")),
+        )
+
+
+@dataclass(frozen=True)
+class Kept:
+    """A job the keeper was running when this agent attached."""
+
+    job_id: str
+    pid: int
+    size: int
+    truncated: bool
+    ending: bool
+    record: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Hello:
+    """What the keeper said when this agent attached."""
+
+    pid: int
+    spawn: str
+    why: str
+    jobs: list[Kept]
+    ended: list[Finished]
+    # True when this agent started the keeper (no keeper answered): whatever is left of
+    # earlier jobs is nobody's, and start-up recovery may kill it.
+    fresh: bool
+
+
+class JobSink(Protocol):
+    """Where the keeper's reports about one job go (the supervisor's job mirror)."""
+
+    def on_output(self, size: int, truncated: bool) -> None: ...
+    def on_ending(self) -> None: ...
+    def on_finished(self, fin: Finished) -> None: ...
+
+
+def _dict(v: Any) -> dict[str, Any]:
+    return v if isinstance(v, dict) else {}
+
+
+def _opt_int(v: Any) -> int | None:
+    return None if v is None else int(v)
+
+
+class KeeperClient:
+    """The agent's attachment to its job keeper."""
+
+    def __init__(
+        self,
+        socket_path: str,
+        *,
+        output_dir: str,
+        cgroups: Subtree | None = None,
+        on_fatal: Callable[[str], None] | None = None,
+        on_unknown_finished: Callable[[Finished], None] | None = None,
+    ) -> None:
+        self.socket_path = socket_path
+        self._output_dir = output_dir
+        self._cgroups = cgroups
+        self._on_fatal = on_fatal
+        self.on_unknown_finished = on_unknown_finished
+        self._sock: socket.socket | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._next_id = 0
+        self._pending: dict[int, tuple[asyncio.Future[int], str, JobSink]] = {}
+        self._sinks: dict[str, JobSink] = {}
+        self._pids: dict[str, int] = {}  # job id -> pid, while it runs (for a keeper's death)
+        self._acks: list[str] = []
+        self._deaths: list[float] = []
+        self._closed = False
+        self.keeper_pid: int | None = None
+        self.spawn_path: str | None = None
+
+    # ------------------------------------------------------------ attaching
+
+    def attach(self) -> Hello:
+        """Attach to the keeper, starting one if none answers; its hello."""
+        for attempt in range(ATTACH_TRIES):
+            fresh = False
+            sock = self._connect()
+            if sock is None:
+                self._start_keeper()
+                fresh = True
+                sock = self._connect()
+                if sock is None:
+                    raise OSError(errno.ECONNREFUSED, "the job keeper it started does not answer")
+            try:
+                hello = self._read_hello(sock, fresh)
+                break
+            except ConnectionResetError:
+                # A keeper that is dying (killed: its listener closes a moment after the
+                # connection this agent saw end) took the connection and dropped it.
+                sock.close()
+                if fresh or attempt == ATTACH_TRIES - 1:
+                    raise
+                time.sleep(0.05 * (attempt + 1))
+            except BaseException:
+                sock.close()
+                raise
+        self._sock = sock
+        self.keeper_pid = hello.pid
+        self.spawn_path = hello.spawn
+        log.info(
+            "job keeper (pid %s): %s path (%s); %s, %d running job(s), %d finished to record",
+            hello.pid,
+            hello.spawn,
+            hello.why,
+            "started now" if fresh else "attached",
+            len(hello.jobs),
+            len(hello.ended),
+        )
+        for kept in hello.jobs:
+            self._pids[kept.job_id] = kept.pid
+        self._attach_reader()
+        return hello
+
+    def _connect(self) -> socket.socket | None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            proto.bind_long(sock, self.socket_path, connect=True)
+        except (FileNotFoundError, ConnectionRefusedError, ConnectionResetError):
+            sock.close()
+            return None
+        except OSError:
+            sock.close()
+            raise
+        # The keeper is who we think: our own uid (or root), never another user's
+        # process listening at a path we were given.
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+        uid = int.from_bytes(creds[4:8], sys.byteorder)
+        if uid not in (0, os.geteuid()):
+            sock.close()
+            raise OSError(errno.EPERM, f"{self.socket_path}: the keeper there runs as uid {uid}")
+        return sock
+
+    def _start_keeper(self) -> None:
+        listener = proto.listen_at(self.socket_path)
+        try:
+            args = ["--listen-fd", str(listener.fileno()), "--output-dir", self._output_dir]
+            if self._cgroups is not None:
+                args += [
+                    "--cgroup-jobs",
+                    str(self._cgroups.jobs),
+                    "--controllers",
+                    ",".join(sorted(self._cgroups.controllers)),
+                ]
+            # A fresh interpreter in isolated mode (as the spawner): neither the agent's
+            # environment nor its working directory changes what the keeper imports.
+            # Not a new session: Ctrl-C at the agent's terminal reaches it too, and it
+            # ignores it (the agent stops the jobs, then tells it to exit).
+            self._proc = subprocess.Popen(
+                [sys.executable, "-I", "-c", KEEPER_MAIN, PACKAGE_ROOT, *args],
+                executable=_interpreter(),
+                pass_fds=[listener.fileno()],
+                close_fds=True,
+                stdin=subprocess.DEVNULL,
+                env={k: v for k, v in os.environ.items() if k == SPAWN_ENV},
+                cwd="/",
+            )
+        finally:
+            listener.close()
+
+    def _read_hello(self, sock: socket.socket, fresh: bool) -> Hello:
+        sock.settimeout(HELLO_WAIT)
+        try:
+            data, fds = proto.recv(sock)
+        except TimeoutError:
+            raise OSError(errno.ETIMEDOUT, "the job keeper did not say hello") from None
+        except ConnectionResetError:
+            raise
+        except proto.ProtocolError as e:
+            raise OSError(errno.EPROTO, f"the job keeper's hello: {e}") from None
+        finally:
+            sock.settimeout(None)
+        if not data:
+            raise ConnectionResetError(
+                errno.ECONNRESET, "the job keeper refused this agent (see its log)"
+            )
+        msg, byrole = proto.decode(data, fds)
+        for fd in byrole.values():
+            os.close(fd)
+        if msg.get("op") != "hello" or msg.get("protocol") != 1:
+            raise OSError(errno.EPROTO, f"the job keeper speaks another protocol: {msg!r:.200}")
+        return Hello(
+            pid=int(msg["pid"]),
+            spawn=str(msg["spawn"]),
+            why=str(msg["why"]),
+            jobs=[
+                Kept(
+                    job_id=str(j["job"]),
+                    pid=int(j["pid"]),
+                    size=int(j["size"]),
+                    truncated=bool(j["truncated"]),
+                    ending=bool(j["ending"]),
+                    record=_dict(j["record"]),
+                )
+                for j in msg["jobs"]
+            ],
+            ended=[Finished.from_wire(f) for f in msg["ended"]],
+            fresh=fresh,
+        )
+
+    def _attach_reader(self) -> None:
+        if self._sock is None:
+            return
+        if self._loop is None:
+            try:
+                self._loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return
+        # The socket stays blocking (reads are MSG_DONTWAIT): a send waits for the
+        # keeper rather than failing a start because its buffer is momentarily full.
+        self._loop.add_reader(self._sock.fileno(), self._readable)
+
+    # ------------------------------------------------------------ requests
+
+    def watch(self, job_id: str, sink: JobSink) -> None:
+        """Send the reports of an adopted job (one of the hello's) to ``sink``."""
+        self._sinks[job_id] = sink
+
+    async def start(
+        self, spec: SpawnSpec, run: RunSpec, record: dict[str, Any], sink: JobSink
+    ) -> int:
+        """Hand a job to the keeper; its pid, or SpawnFailure naming the failed step."""
+        if self._loop is None:
+            self._attach_reader()
+        if self._sock is None:
+            raise SpawnFailure(errno.EIO, "the job keeper is not running")
+        loop = asyncio.get_running_loop()
+        plan, roles, fds = plan_of(spec)
+        job_id = str(record["id"])
+        # The keeper makes the job's output pipe and file itself.
+        keep = [(r, fd) for r, fd in zip(roles, fds, strict=True) if r != "stdout"]
+        self._next_id += 1
+        rid = self._next_id
+        fut: asyncio.Future[int] = loop.create_future()
+        msg = {
+            "op": "start",
+            "id": rid,
+            "job": job_id,
+            "plan": plan,
+            "run": run.to_wire(),
+            "record": record,
+            "fds": [r for r, _ in keep],
+        }
+        try:
+            proto.send(self._sock, msg, [fd for _, fd in keep])
+        except OSError as e:
+            code = e.errno or errno.EIO
+            if code in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
+                self._died()
+                raise SpawnFailure(code, "the job keeper died") from None
+            raise SpawnFailure(code, proto.error_text("sending the plan", code)) from None
+        self._pending[rid] = (fut, job_id, sink)
+        return await fut
+
+    def stop(self, job_id: str, how: str) -> None:
+        """Ask the keeper to stop a job ("stop", "shutdown", "kill", "not_recorded")."""
+        self._send({"op": "stop", "job": job_id, "how": how})
+
+    def ack(self, job_id: str) -> None:
+        """The job's end is in the history: the keeper may forget it (sent in batches)."""
+        if not self._acks and self._loop is not None:
+            self._loop.call_soon(self._flush_acks)
+        self._acks.append(job_id)
+        if self._loop is None:
+            self._flush_acks()
+
+    def _flush_acks(self) -> None:
+        acks, self._acks = self._acks, []
+        if acks:
+            self._send({"op": "ack", "jobs": acks})
+
+    def _send(self, msg: dict[str, Any]) -> None:
+        if self._sock is None:
+            return
+        try:
+            proto.send(self._sock, msg)
+        except OSError:
+            pass  # the reader sees the end of file
+
+    # ------------------------------------------------------------ reports
+
+    def _readable(self) -> None:
+        while self._sock is not None:
+            try:
+                data, fds = proto.recv(self._sock, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            except proto.ProtocolError as e:
+                log.error("bad message from the job keeper: %s", e)
+                continue
+            except OSError:
+                data, fds = b"", []
+            if not data:
+                self._died()
+                return
+            try:
+                msg, byrole = proto.decode(data, fds)
+                for fd in byrole.values():
+                    os.close(fd)
+                self._dispatch(msg)
+            except (proto.ProtocolError, ValueError, KeyError, TypeError) as e:
+                log.error("bad message from the job keeper: %s", e)
+
+    def _dispatch(self, msg: dict[str, Any]) -> None:
+        assert self._loop is not None
+        op = msg["op"]
+        if op == "output":
+            for job_id, size, truncated in msg["jobs"]:
+                sink = self._sinks.get(job_id)
+                if sink is not None:
+                    sink.on_output(int(size), bool(truncated))
+        elif op == "ending":
+            sink = self._sinks.get(msg["job"])
+            if sink is not None:
+                sink.on_ending()
+        elif op == "started":
+            fut, job_id, sink = self._pending.pop(msg["id"])
+            pid = msg.get("pid")
+            if pid is None:
+                if not fut.done():
+                    fut.set_exception(
+                        SpawnFailure(int(msg.get("errno", errno.EIO)), str(msg["error"]))
+                    )
+                return
+            self._pids[job_id] = int(pid)
+            if fut.done():
+                # The start was cancelled: the job must not run unseen (nor be recorded).
+                self.stop(job_id, "not_recorded")
+                return
+            self._sinks[job_id] = sink
+            fut.set_result(int(pid))
+        elif op == "finished":
+            fin = Finished.from_wire(msg)
+            self._pids.pop(fin.job_id, None)
+            sink = self._sinks.pop(fin.job_id, None)
+            # Scheduled, not called: the task awaiting this job's start (woken by the
+            # answer just before) runs first.
+            if sink is not None:
+                self._loop.call_soon(sink.on_finished, fin)
+            elif self.on_unknown_finished is not None and fin.persist:
+                self._loop.call_soon(self.on_unknown_finished, fin)
+        else:
+            log.warning("unknown message from the job keeper: %.40s", op)
+
+    # ------------------------------------------------------------ the keeper's death
+
+    def _died(self) -> None:
+        if self._closed or self._sock is None:
+            return
+        if self._loop is not None:
+            self._loop.remove_reader(self._sock.fileno())
+        self._sock.close()
+        self._sock = None
+        status = self._reap_keeper(0.5)
+        log.error(
+            "the job keeper (pid %s) died (%s); killing its %d running job(s)",
+            self.keeper_pid,
+            status,
+            len(self._sinks),
+        )
+        for fut, job_id, _ in self._pending.values():
+            self._kill(job_id, self._pids.pop(job_id, 0))
+            if not fut.done():
+                fut.set_exception(SpawnFailure(errno.EIO, "the job keeper died"))
+        self._pending.clear()
+        sinks, self._sinks = self._sinks, {}
+        for job_id, sink in sinks.items():
+            self._kill(job_id, self._pids.pop(job_id, 0))
+            ex = Exit(exit_code=None, signal=None, lost=KEEPER_DIED, end_time=time.time())
+            fin = Finished(job_id, JobState.FAILED, KEEPER_DIED, ex, size=-1, truncated=False)
+            if self._loop is not None:
+                self._loop.call_soon(sink.on_finished, fin)
+        while self._count_death():
+            try:
+                hello = self.attach()
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                # It died (or was killed) before its hello: one more death.
+                log.error("the new job keeper failed: %s", e)
+                self._reap_keeper(0.5)
+                continue
+            if hello.jobs or hello.ended:  # another keeper answered: not ours to lose
+                log.warning("a job keeper answered with %d job(s) after the death", len(hello.jobs))
+            return
+
+    def _count_death(self) -> bool:
+        """Count a keeper's death; False (after ``on_fatal``) once they come too often."""
+        now = time.monotonic()
+        self._deaths = [t for t in self._deaths if now - t < DEATH_WINDOW] + [now]
+        if len(self._deaths) <= MAX_DEATHS:
+            return True
+        why = (
+            f"the job keeper died {len(self._deaths)} times in {DEATH_WINDOW:.0f} s; "
+            "the agent cannot run jobs"
+        )
+        log.error("%s", why)
+        self._proc = None
+        if self._on_fatal is not None:
+            self._on_fatal(why)
+        return False
+
+    def _kill(self, job_id: str, pid: int) -> None:
+        """Kill a dead keeper's job: its process group and its cgroup (what left the group)."""
+        if pid > 1:
+            with contextlib.suppress(OSError):
+                os.killpg(pid, signal.SIGKILL)
+        if self._cgroups is None:
+            return
+        try:
+            leaf = self._cgroups.job(job_id)
+            leaf.kill()
+            leaf.remove(timeout=0.2)
+        except (CgroupError, ValueError) as e:
+            log.warning("job %s: %s", job_id, e)
+
+    def _reap_keeper(self, timeout: float) -> str:
+        proc = self._proc
+        if proc is None:
+            return "not this agent's child"
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            code = proc.wait()
+        self._proc = None
+        return f"exit status {code}" if code >= 0 else f"signal {-code}"
+
+    # ------------------------------------------------------------ closing
+
+    def abandon(self) -> None:
+        """After a failed attach: kill a keeper this agent started (it holds nothing)."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    def close(self, *, keep_jobs: bool = False) -> None:
+        """Detach. ``keep_jobs``: the keeper runs on with whatever still runs; otherwise it
+        is told to exit (killing anything left) and waited for."""
+        self._closed = True
+        self._flush_acks()
+        if self._sock is not None:
+            if self._loop is not None:
+                with contextlib.suppress(ValueError, OSError):
+                    self._loop.remove_reader(self._sock.fileno())
+            if not keep_jobs:
+                with contextlib.suppress(OSError):
+                    proto.send(self._sock, {"op": "exit"})
+            self._sock.close()
+            self._sock = None
+        if self._proc is not None and not keep_jobs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._proc.wait(timeout=CLOSE_WAIT)

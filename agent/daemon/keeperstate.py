@@ -1,0 +1,254 @@
+"""The job keeper upgrading itself in place: its state handed across ``execve``.
+
+``execve`` keeps the process's pid, its children and every descriptor without
+``O_CLOEXEC``. So a keeper can replace its own code and go on: its jobs stay its
+children (it still reaps them, with their exit status and rusage), their output
+pipes, output files, pidfds, listen() guards and the agent's connection stay open,
+and what the descriptors mean travels in a sealed memfd (:func:`snapshot`), which
+the new code reads back (:func:`restore`). The agent notices a pause, nothing else.
+
+It happens on SIGUSR2 (the packaging's reload), once the keeper is quiet: no start
+in the spawner's hands and no job's cgroup being emptied. Before it execs, the
+keeper checks that the new code imports at all (a broken upgrade must not take the
+jobs' keeper down): if it does not, the keeper says why and goes on as it was.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from agent.daemon import cgroups, seccomp
+from agent.daemon import lifecycle as lc
+from agent.daemon.outputfile import OutputFile
+from agent.vocabulary import JobState
+
+if TYPE_CHECKING:
+    from agent.daemon.keeper import Keeper
+
+STATE_VERSION = 1
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+KEEPER_MAIN = (
+    "import sys; sys.path.insert(0, sys.argv.pop(1)); "
+    "from agent.daemon.keeper import main; sys.exit(main(sys.argv[1:]))"
+)
+# The timer events a kept job can be waiting for (they carry no fields).
+TIMER_EVENTS = {
+    cls.__name__: cls for cls in (lc.TimedOut, lc.KillGraceExpired, lc.OutputGraceExpired)
+}
+CHECK = "import sys; sys.path.insert(0, sys.argv[1]); import agent.daemon.keeperstate"
+F_ADD_SEALS = 1033
+SEALS = 0x0001 | 0x0002 | 0x0004 | 0x0008  # SEAL, SHRINK, GROW, WRITE
+
+
+def quiet(k: Keeper) -> bool:
+    """No start half-way and no cgroup being emptied: nothing a snapshot would miss."""
+    from agent.daemon.spawner import Starting
+
+    starting = any(isinstance(key.data, Starting) for key in k.sel.get_map().values())
+    return not k.by_rid and not k.draining and not starting
+
+
+def new_code_problem() -> str:
+    """Why the code on disk would not run as a keeper ("" if it would)."""
+    import subprocess  # only here: a resumed keeper does not carry it
+
+    try:
+        r = subprocess.run(
+            [_interpreter(), "-I", "-c", CHECK, PACKAGE_ROOT],
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return str(e)
+    if r.returncode != 0:
+        return r.stderr.decode(errors="replace").strip().splitlines()[-1:][0]
+    return ""
+
+
+def _interpreter() -> str:
+    return sys.executable if os.access(sys.executable, os.X_OK) else "/proc/self/exe"
+
+
+def snapshot(k: Keeper) -> dict[str, Any]:
+    """Everything the keeper holds, as JSON, its descriptors by number."""
+    now = time.monotonic()
+    jobs = []
+    for job in k.jobs.values():
+        life = dataclasses.asdict(job.life)
+        life["state"] = job.life.state.name
+        timers = [
+            [max(0.0, when - now), type(t.event).__name__]
+            for when, _, t in k.heap
+            if t.job is job and not t.cancelled
+        ]
+        jobs.append(
+            {
+                "id": job.id,
+                "rid": job.rid,
+                "gen": job.gen,
+                "pid": job.pid,
+                "rfd": job.rfd,
+                "grace": job.grace,
+                "kill_on_cap": job.kill_on_cap,
+                "life": life,
+                "exit": None if job.exit is None else dataclasses.asdict(job.exit),
+                "record": job.record,
+                "timers": timers,
+                "out": job.out.state(),
+            }
+        )
+    return {
+        "version": STATE_VERSION,
+        "listener": k.listener.fileno(),
+        "agent_uid": k.agent_uid,
+        "output_dir": k.output_dir,
+        "subtree": None
+        if k.subtree is None
+        else {"jobs": str(k.subtree.jobs), "controllers": sorted(k.subtree.controllers)},
+        "agent": None
+        if k.sock is None
+        else {
+            "fd": k.sock.fileno(),
+            "pidfd": k.peer_pidfd,
+            "deaf": k.deaf,
+            "hello_due": k.hello_due,
+        },
+        "gen": k.gen,
+        "rids": next(k.rids),
+        "children": {str(pid): fd for pid, fd in k.children.items()},
+        "cgroups": {str(pid): [cg.job_id, str(cg.path)] for pid, cg in k.cgroups.items()},
+        "scratch": {str(pid): path for pid, path in k.scratch.items()},
+        "scratch_owners": {path: list(o) for path, o in k.scratch_owners.items()},
+        "guards": {str(pid): [g.fd, g.uid, g.gid, list(g.caps)] for pid, g in k.guards.items()},
+        "jobs": jobs,
+        "ended": list(k.ended.values()),
+    }
+
+
+def descriptors(state: dict[str, Any]) -> list[int]:
+    """Every descriptor a snapshot names (they must survive the exec)."""
+    fds = [state["listener"], *state["children"].values()]
+    if state["agent"] is not None:
+        fds.append(state["agent"]["fd"])
+        if state["agent"]["pidfd"] >= 0:
+            fds.append(state["agent"]["pidfd"])
+    fds += [g[0] for g in state["guards"].values()]
+    for job in state["jobs"]:
+        fds += [job["rfd"], job["out"]["fd"]]
+    return [fd for fd in fds if fd >= 0]
+
+
+def reexec(k: Keeper) -> str:
+    """Replace the keeper's code with what is on disk now, keeping everything; returns
+    why it did not (it does not return when it did)."""
+    why = new_code_problem()
+    if why:
+        return f"the new code does not import: {why}"
+    k.flush_output()
+    state = snapshot(k)
+    fds = descriptors(state)
+    memfd = os.memfd_create("agent-keeper-state", os.MFD_ALLOW_SEALING)
+    try:
+        data = json.dumps(state, separators=(",", ":")).encode()
+        view = memoryview(data)
+        while view:
+            view = view[os.write(memfd, view) :]
+        # Sealed: what the new code reads is exactly what the old one wrote.
+        fcntl.fcntl(memfd, F_ADD_SEALS, SEALS)
+        for fd in fds:
+            os.set_inheritable(fd, True)
+        argv = [sys.executable, "-I", "-c", KEEPER_MAIN, PACKAGE_ROOT, "--resume-fd", str(memfd)]
+        sys.stderr.flush()
+        os.execve(_interpreter(), argv, dict(os.environ))  # noqa: S606 - no shell, by design
+    except OSError as e:
+        for fd in fds:
+            os.set_inheritable(fd, False)
+        return f"execve: {e.strerror or e}"
+    finally:
+        os.close(memfd)
+    return "execve returned"  # pragma: no cover - execve does not return
+
+
+def load(fd: int) -> dict[str, Any]:
+    """The state the previous code left in memfd ``fd`` (closed here)."""
+    try:
+        size = os.fstat(fd).st_size
+        state: dict[str, Any] = json.loads(os.pread(fd, size, 0))
+    finally:
+        os.close(fd)
+    if state.get("version") != STATE_VERSION:
+        raise ValueError(f"keeper state version {state.get('version')!r}")
+    for fd2 in descriptors(state):
+        os.set_inheritable(fd2, False)
+    return state
+
+
+def subtree_of(state: dict[str, Any]) -> cgroups.Subtree | None:
+    st = state["subtree"]
+    if st is None:
+        return None
+    return cgroups.Subtree(Path(st["jobs"]), frozenset(st["controllers"]))
+
+
+def restore(k: Keeper, state: dict[str, Any]) -> None:
+    """Take over the previous code's state (the Keeper is new and empty)."""
+    import itertools
+    import selectors
+    import socket
+
+    from agent.daemon.keeper import KeptJob
+
+    k.gen = state["gen"]
+    k.rids = itertools.count(state["rids"])
+    for pid_s, pidfd in state["children"].items():
+        pid = int(pid_s)
+        k.children[pid] = pidfd
+        k.sel.register(pidfd, selectors.EVENT_READ, pid)
+    for pid_s, (job_id, path) in state["cgroups"].items():
+        k.cgroups[int(pid_s)] = cgroups.JobCgroup(job_id, Path(path))
+    k.scratch.update({int(p): path for p, path in state["scratch"].items()})
+    k.scratch_owners.update({path: (o[0], o[1]) for path, o in state["scratch_owners"].items()})
+    for pid_s, (fd, uid, gid, caps) in state["guards"].items():
+        guard = k.guards[int(pid_s)] = seccomp.ListenGuard(fd, uid, gid, caps)
+        k.sel.register(fd, selectors.EVENT_READ, guard)
+    for j in state["jobs"]:
+        out = OutputFile.from_state(j["out"])
+        run = {
+            "timeout": 0,
+            "cpu_seconds": 0,
+            "memory_max": 0,
+            "note": "",
+            "grace": j["grace"],
+            "kill_on_cap": j["kill_on_cap"],
+        }
+        job = KeptJob(j["id"], j["rid"], j["gen"], run, out)
+        life = dict(j["life"])
+        life["state"] = JobState[life["state"]]
+        life["exit"] = None if life["exit"] is None else lc.Exit(**life["exit"])
+        job.life = lc.Life(**life)
+        job.exit = None if j["exit"] is None else lc.Exit(**j["exit"])
+        job.pid, job.rfd, job.record = j["pid"], j["rfd"], j["record"]
+        k.jobs[job.id] = job
+        if job.pid and job.exit is None:
+            k.by_pid[job.pid] = job
+        if job.rfd >= 0:
+            k.sel.register(job.rfd, selectors.EVENT_READ, job)
+        for delay, name in j["timers"]:
+            k.arm(job, delay, TIMER_EVENTS[name]())
+    k.ended.update({m["job"]: m for m in state["ended"]})
+    agent = state["agent"]
+    if agent is not None:
+        k.sock = socket.socket(fileno=agent["fd"])
+        k.sock.setblocking(True)
+        k.peer_pidfd = agent["pidfd"]
+        k.deaf = agent["deaf"]
+        k.hello_due = agent["hello_due"]
+        k.sel.register(k.sock, selectors.EVENT_READ, None)
