@@ -22,7 +22,8 @@
 #   /opt/worker-agent/                venv (bin/agent, bin/agentctl, bin/agent-scheduler)
 #   /usr/bin/worker-agent             wrapper: AGENT_CONFIG=/etc/worker-agent/config.toml
 #   /usr/bin/worker-agentctl, /usr/bin/worker-agent-scheduler   symlinks into the venv
-#   /usr/lib/systemd/system/worker-agent.service (+ .d/10-certificates.conf)
+#   /usr/lib/systemd/system/worker-agent.service (+ .d/10-certificates.conf),
+#     worker-agent-keeper.service (the job keeper; the privileged variant is in the docs)
 #   /usr/lib/sysusers.d/worker-agent.conf, /usr/lib/tmpfiles.d/worker-agent.conf
 #   /etc/worker-agent/config.toml, policy.yaml, /etc/logrotate.d/worker-agent (conffiles)
 #   /usr/share/man/man8/worker-agent.8.gz, /usr/share/doc/worker-agent/
@@ -131,7 +132,8 @@ EOF
 chmod 755 "$stage/usr/bin/worker-agent"
 ln -s "$venv/bin/agentctl" "$stage/usr/bin/worker-agentctl"
 ln -s "$venv/bin/agent-scheduler" "$stage/usr/bin/worker-agent-scheduler"
-install -m 0644 "$root/systemd/worker-agent.service" "$stage/usr/lib/systemd/system/"
+install -m 0644 "$root/systemd/worker-agent.service" "$root/systemd/worker-agent-keeper.service" \
+    "$stage/usr/lib/systemd/system/"
 install -m 0644 "$deb/certificates.conf" \
     "$stage/usr/lib/systemd/system/worker-agent.service.d/10-certificates.conf"
 install -m 0644 "$root/systemd/worker-agent.sysusers" "$stage/usr/lib/sysusers.d/worker-agent.conf"
@@ -141,7 +143,7 @@ install -m 0644 "$deb/logrotate" "$stage/etc/logrotate.d/worker-agent"
 gzip -9n < "$deb/worker-agent.8" > "$stage/usr/share/man/man8/worker-agent.8.gz"
 ln -s worker-agent.8.gz "$stage/usr/share/man/man8/worker-agentctl.8.gz"
 install -m 0644 "$root/README.md" "$root/docs/deployment.md" "$root/policy.example.yaml" \
-    "$stage/usr/share/doc/worker-agent/"
+    "$root/systemd/worker-agent-keeper-privileged.service" "$stage/usr/share/doc/worker-agent/"
 
 mkdir "$stage/DEBIAN"
 size=$(du -sk --exclude=DEBIAN "$stage" | cut -f1)

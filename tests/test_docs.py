@@ -103,10 +103,13 @@ def test_every_tree_path_in_readme_and_docs_exists() -> None:
 
 
 def test_every_unit_name_in_readme_and_docs_is_the_shipped_one() -> None:
-    """systemctl/journalctl commands name the agent's unit as shipped, and its snippets' names."""
+    """systemctl/journalctl commands name the shipped units (the agent's and its keeper's,
+    each installed under its own name), and their snippets' names."""
     unit = "worker-agent"  # systemd/worker-agent.service, installed under its own name
-    assert (ROOT / "systemd" / f"{unit}.service").exists()
-    units = {unit, f"{unit}.service"}
+    units = set()
+    for name in (unit, f"{unit}-keeper"):
+        assert (ROOT / "systemd" / f"{name}.service").exists()
+        units |= {name, f"{name}.service"}
     wrong = []
     for doc in _docs():
         text = doc.read_text()

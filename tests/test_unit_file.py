@@ -1,6 +1,8 @@
-"""systemd/worker-agent.service, checked on the host with systemd-analyze (no container, quick).
+"""The shipped units, checked on the host with systemd-analyze (no container, quick).
 
-The same unit is run for real under systemd in tests/systemd_tier; these checks
+systemd/worker-agent.service (the agent), worker-agent-keeper.service (the job keeper)
+and worker-agent-keeper-privileged.service (the keeper of the privileged deployment).
+The same units are run for real under systemd in tests/systemd_tier; these checks
 only need the ``systemd-analyze`` binary (Debian package ``systemd``), not systemd
 as PID 1.
 """
@@ -20,8 +22,16 @@ nspawn = pytest.importorskip(
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-UNIT = ROOT / "systemd" / "worker-agent.service"
-MAX_EXPOSURE = 2.0
+UNITS = {
+    # The agent faces the network and holds no job and no capability.
+    "worker-agent.service": 1.5,
+    "worker-agent-keeper.service": 2.0,
+    # Measured 2.8 (systemd 252): root, the capabilities per-entry users need (SETUID,
+    # SETGID, SETPCAP, CHOWN, DAC_OVERRIDE, FOWNER, KILL, NET_BIND_SERVICE), no
+    # PrivateUsers=, pidfd_getfd. The issue's 2.0 is NOT met for this unit; this bound
+    # only keeps it from growing (docs/deployment.md, the exposure table).
+    "worker-agent-keeper-privileged.service": 2.8,
+}
 # `systemd-analyze security --offline=` appeared in systemd 250.
 MIN_SYSTEMD = 250
 
@@ -44,15 +54,15 @@ def analyze() -> None:
         pytest.skip(f"systemd-analyze {version or '?'} is older than {MIN_SYSTEMD}")
 
 
-def _verify_copy_with_stub(tmp_path: Path) -> tuple[int, str, str]:
+def _verify_copy_with_stub(unit: Path, tmp_path: Path) -> tuple[int, str, str]:
     """Verify a copy of the unit whose ExecStart=/ExecReload= binary is a stub (no root needed)."""
     binary = "/opt/worker-agent/bin/agent"
     stub = tmp_path / "agent"
     stub.write_text("#!/bin/sh\nexit 0\n")
     stub.chmod(0o755)
-    text = UNIT.read_text()
+    text = unit.read_text()
     assert f"ExecStart={binary} " in text
-    copy = tmp_path / "worker-agent.service"
+    copy = tmp_path / unit.name
     copy.write_text(text.replace(f"={binary} ", f"={stub} "))
     proc = subprocess.run(
         ["systemd-analyze", "verify", str(copy)], capture_output=True, text=True, check=False
@@ -60,19 +70,28 @@ def _verify_copy_with_stub(tmp_path: Path) -> tuple[int, str, str]:
     return proc.returncode, proc.stdout, proc.stderr
 
 
-def test_unit_verifies(analyze: None, tmp_path: Path) -> None:
+def test_every_unit_is_shipped_and_checked() -> None:
+    """Every unit file in systemd/ is in UNITS (so verified and rated below)."""
+    assert {p.name for p in (ROOT / "systemd").glob("*.service")} == set(UNITS)
+
+
+@pytest.mark.parametrize("name", sorted(UNITS))
+def test_unit_verifies(analyze: None, tmp_path: Path, name: str) -> None:
     """systemd-analyze verify accepts the unit without a warning."""
+    unit = ROOT / "systemd" / name
     if os.access("/opt/worker-agent/bin/agent", os.X_OK) or os.geteuid() == 0:
         # The file itself; a missing binary is stubbed in a private mount namespace.
-        rc, out, err = nspawn.verify_unit(UNIT)
+        rc, out, err = nspawn.verify_unit(unit)
     else:
-        rc, out, err = _verify_copy_with_stub(tmp_path)
+        rc, out, err = _verify_copy_with_stub(unit, tmp_path)
     assert rc == 0, (out, err)
     assert err.strip() == "", err
 
 
-def test_unit_security_exposure_is_at_most_2(analyze: None) -> None:
-    """systemd-analyze security --offline=true rates the unit at most 2.0 ("OK")."""
-    exposure, report = nspawn.security_exposure(UNIT)
-    print(f"exposure {exposure}\n{report}")
-    assert exposure <= MAX_EXPOSURE, report
+@pytest.mark.parametrize("name", sorted(UNITS))
+def test_unit_security_exposure(analyze: None, name: str) -> None:
+    """systemd-analyze security --offline=true rates the agent's unit at most 1.5 and the
+    keeper's at most 2.0 ("OK"); the privileged keeper's see UNITS."""
+    exposure, report = nspawn.security_exposure(ROOT / "systemd" / name)
+    print(f"{name}: exposure {exposure}\n{report}")
+    assert exposure <= UNITS[name], report

@@ -108,6 +108,18 @@ def _parser() -> argparse.ArgumentParser:
         default=RELOAD_TIMEOUT,
         help=f"seconds to wait for the agent's answer (default {RELOAD_TIMEOUT:g})",
     )
+    k = sub.add_parser(
+        "keeper",
+        help='run the job keeper as a service of its own ([keeper] mode = "service")',
+        description=(
+            "Run the job keeper, the process that holds the jobs, on its own: the agent "
+            '(with [keeper] mode = "service") attaches to it, and stopping or restarting '
+            "the agent leaves every job running. SIGTERM or Ctrl-C stops its jobs (their "
+            "grace, then their cgroup) and ends it; SIGUSR2 re-executes its code in place "
+            "(an upgrade), keeping every job. The unit worker-agent-keeper.service runs it."
+        ),
+    )
+    k.add_argument("-c", "--config", default=DEFAULT_CONFIG)
     # Only the parser: cryptography is imported when a pki command runs.
     pki.add_parser(sub)
     return p
@@ -252,6 +264,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _pki(args)
     if args.cmd == "reload":
         return _reload(args)
+    if args.cmd == "keeper":
+        return _keeper(args)
     try:
         cfg = load(args.config)
         prepared = startup.prepare(cfg, create_dirs=args.cmd == "run")
@@ -299,6 +313,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     from agent.daemon.server import run
 
     return run(prepared)
+
+
+def _keeper(args: argparse.Namespace) -> int:
+    """``agent keeper``: set up, then become the job keeper (it returns only on failure)."""
+    try:
+        cfg = load(args.config)
+    except ConfigError as e:
+        print(f"agent keeper: {e}", file=sys.stderr)
+        return 2
+    from agent.daemon import keeperservice
+
+    return keeperservice.main(cfg)
 
 
 def _reload(args: argparse.Namespace) -> int:

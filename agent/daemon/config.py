@@ -333,6 +333,32 @@ class Daemon:
 
 
 @dataclass(frozen=True)
+class Keeper:
+    """``[keeper]``: the job keeper, the process that holds the jobs (docs/deployment.md,
+    "Stopping, restarting, upgrading")."""
+
+    mode: str = option(
+        "child",
+        "child: the agent starts its job keeper when none answers (one command; Ctrl-C stops "
+        "both); service: the keeper is a service of its own (`agent keeper`, the unit "
+        "worker-agent-keeper.service): the agent only attaches to it, never touches the job "
+        "cgroups, and stopping or restarting the agent leaves every job running",
+        choices=("child", "service"),
+    )
+    agent_user: str = option(
+        "",
+        "`agent keeper` only: the user (name or uid) whose agent may attach to the keeper's "
+        "socket (default: the keeper's own user)",
+    )
+    wait_seconds: float = option(
+        30.0,
+        'mode = "service": how long the agent waits at start-up for the keeper to answer',
+        lo=0,
+        hi=3600,
+    )
+
+
+@dataclass(frozen=True)
 class Confinement:
     """``[confinement]``: the per-job box (Landlock, scratch directory; see docs/security.md)."""
 
@@ -379,6 +405,7 @@ class Config:
     audit: Audit = field(default_factory=Audit)
     logging: Logging = field(default_factory=Logging)
     daemon: Daemon = field(default_factory=Daemon)
+    keeper: Keeper = field(default_factory=Keeper)
     metrics: Metrics = field(default_factory=Metrics)
     confinement: Confinement = field(default_factory=Confinement)
 
@@ -452,6 +479,17 @@ def parse(text: str, path: Path) -> Config:
 
 def _cross_checks(cfg: Config) -> None:
     f = cfg.path
+    if cfg.keeper.mode == "service" and cfg.daemon.on_shutdown != "keep":
+        # The jobs belong to the keeper's service: an agent that stopped them whenever it
+        # stops would turn every restart or upgrade of the agent into a loss of jobs.
+        raise ConfigError(
+            f,
+            "daemon",
+            "on_shutdown",
+            f'{cfg.daemon.on_shutdown!r} with [keeper] mode = "service": the jobs belong to '
+            'the keeper service and stopping the agent keeps them; set on_shutdown = "keep" '
+            "(stop the keeper's service to stop the jobs)",
+        )
     gs = cfg.grpc_server
     try:
         host, _ = split_host_port(gs.addr)

@@ -59,6 +59,7 @@ import fcntl
 import gc
 import heapq
 import itertools
+import json
 import os
 import re
 import selectors
@@ -96,6 +97,11 @@ STOP_EVENTS: dict[str, Callable[[], lc.Event]] = {
 }
 PR_SET_CHILD_SUBREAPER = 36
 SEND_WAIT = 5  # seconds
+KEEPER_STOP = "the job keeper's stop"  # "stopped by the job keeper's stop (signal 15)"
+MAX_SLEEP = 3600.0  # seconds: the longest the loop waits at once
+# A stopping service keeper, its jobs ended: how long it waits for the agent's acks.
+CLOSE_LINGER = 5.0
+ENDED_FILE_MAX = 64 << 20  # bytes: the ends a stopped keeper leaves for the next
 SO_PEERPIDFD = 77  # Linux 6.5: a pidfd of the peer, pinned at connect()
 RUN_KEYS = {
     "timeout": int,
@@ -220,13 +226,17 @@ def _ppid(pid: int) -> int:
         return 0
 
 
-def descends_from(pid: int, ancestor: int) -> bool:
-    """Whether ``pid`` is ``ancestor`` or one of its descendants (per /proc)."""
+def descends_from(pid: int, ancestor: int) -> bool | None:
+    """Whether ``pid`` is ``ancestor`` or one of its descendants (per /proc); None when a
+    process on the way up cannot be read (a job may make one of its processes
+    non-dumpable, which hides it: the answer must not then be "no")."""
     seen = 0
     while pid > 1 and seen < 4096:
         if pid == ancestor:
             return True
         pid = _ppid(pid)
+        if pid <= 0:
+            return None
         seen += 1
     return False
 
@@ -242,13 +252,27 @@ class Keeper(Spawner):
         output_dir: str,
         subtree: cgroups.Subtree | None = None,
         path: tuple[str, str, Any] = ("fork", "default", None),
+        service: bool = False,
+        ended_file: str = "",
     ) -> None:
         super().__init__(None, subtree, path)
+        # Where a keeper that exits with ends the agent has not recorded leaves them for
+        # the next keeper (a service stopped after its agent: systemd stops the agent
+        # first). "": nowhere (the agent's child: it ends only when the agent says so).
+        self.ended_file = ended_file
+        # A service of its own (`agent keeper`): SIGTERM stops its jobs, then it exits.
+        # Otherwise (the agent's child) only the agent's "exit" ends it.
+        self.service = service
+        self.closing = False  # SIGTERM: jobs are being stopped, no new start is taken
+        self.linger_until = 0.0  # after the last job: how long to wait for the acks
         self.listener = listener
         listener.setblocking(False)
         self.sel.register(listener, selectors.EVENT_READ, LISTEN)
         self.agent_uid = agent_uid
         self.output_dir = output_dir
+        # Output files are the agent's to read and remove: a root keeper serving another
+        # user's agent (the privileged deployment) hands each to that user.
+        self.file_owner = agent_uid if os.geteuid() == 0 and agent_uid != 0 else -1
         self.gen = 0  # attachments so far: a start is answered only on its own
         self.hello_due = False
         self.peer_pidfd = -1  # the attached agent's pidfd (-1: none, or not pinned)
@@ -288,7 +312,12 @@ class Keeper(Spawner):
             return "no peer process"
         # Every process of a job is this keeper's descendant (a child subreaper
         # adopts what a job orphans), whatever its uid, session or environment.
-        if descends_from(pid, os.getpid()):
+        mine = descends_from(pid, os.getpid())
+        if mine is None:
+            # Fail closed: a peer (or an ancestor) whose /proc entry this keeper cannot
+            # read (another user namespace, a non-dumpable process) cannot be checked.
+            return f"pid {pid}: its process or one of its parents cannot be read"
+        if mine:
             return f"pid {pid} is one of the keeper's jobs"
         if self.subtree is not None:
             where = _peer_cgroup(pid)
@@ -354,10 +383,19 @@ class Keeper(Spawner):
                 "op": "hello",
                 "protocol": PROTOCOL,
                 "pid": os.getpid(),
+                "uid": os.geteuid(),  # what the agent's policy check needs to know
                 "spawn": self.path,
                 "why": self.path_why,
                 "jobs": jobs,
                 "ended": list(self.ended.values()),
+                "service": self.service,
+                # Where the job cgroups are, for the agent's limits (it never writes there).
+                "cgroups": None
+                if self.subtree is None
+                else {
+                    "jobs": str(self.subtree.jobs),
+                    "controllers": sorted(self.subtree.controllers),
+                },
             }
         )
 
@@ -411,11 +449,16 @@ class Keeper(Spawner):
     # ------------------------------------------------------------ the loop
 
     def serve(self) -> None:
-        """Run until told to exit (the agent's ``exit``); agents come and go."""
+        """Run until told to exit (the agent's ``exit``, or SIGTERM to a service once its
+        jobs have ended); agents come and go."""
         while self.running:
             timeout = None
             if self.heap:
-                timeout = max(0.0, self.heap[0][0] - time.monotonic())
+                # At most an hour: epoll refuses a timeout above INT_MAX ms (24.8 days,
+                # OverflowError), and a job's timeout may be a uint32 of seconds.
+                timeout = min(MAX_SLEEP, max(0.0, self.heap[0][0] - time.monotonic()))
+            if self.closing:
+                timeout = min(timeout if timeout is not None else 1.0, 1.0)
             asked = False
             for key, _ in self.sel.select(timeout):
                 what = key.data
@@ -437,8 +480,10 @@ class Keeper(Spawner):
             self.flush_output()
             if self.hello_due and not self.by_rid and self.sock is not None:
                 self.hello()
-            if self.reexec_wanted:
+            if self.reexec_wanted and not self.closing:
                 self.maybe_reexec()
+            if self.closing:
+                self.check_closed()
         self.kill_all()
 
     def maybe_reexec(self) -> None:
@@ -449,8 +494,85 @@ class Keeper(Spawner):
             return  # again after the next turn
         self.reexec_wanted = False
         log(f"re-executing in place with {len(self.jobs)} job(s)")
+        if self.service:
+            notify("RELOADING=1\nSTATUS=re-executing its code in place")
         why = keeperstate.reexec(self)
         log(f"not re-executed: {why}; going on as before")
+        if self.service:
+            notify(f"READY=1\nSTATUS=not re-executed: {why}")
+
+    def close_down(self) -> None:
+        """SIGTERM to the keeper's service: stop every job (SIGTERM to its cgroup, the
+        grace, then SIGKILL, as the agent's shutdown does), take no new start, tell the
+        agent how each ended, then exit."""
+        if self.closing:
+            return
+        self.closing = True
+        log(f"stopping: {len(self.jobs)} running job(s) are stopped, then the keeper exits")
+        notify(f"STOPPING=1\nSTATUS=stopping {len(self.jobs)} job(s)")
+        for job in list(self.jobs.values()):
+            self.guarded(self.handle, job, lc.ShutdownRequested(KEEPER_STOP))
+
+    def save_ended(self) -> None:
+        """At exit: the ends the agent has not recorded, for the next keeper's hello."""
+        if not self.ended_file or not self.ended:
+            return
+        tmp = f"{self.ended_file}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump(list(self.ended.values()), f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.ended_file)
+        except (OSError, ValueError) as e:
+            log(f"cannot keep {len(self.ended)} unrecorded end(s) in {self.ended_file}: {e}")
+            return
+        log(f"kept {len(self.ended)} end(s) the agent has not recorded in {self.ended_file}")
+
+    def load_ended(self) -> None:
+        """At start: the ends a previous keeper left (handed to the agent in the hello,
+        forgotten once it acknowledges them; a bad file is said and set aside)."""
+        if not self.ended_file:
+            return
+        try:
+            fd = os.open(self.ended_file, os.O_RDONLY | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            log(f"cannot read {self.ended_file}: {e}")
+            return
+        try:
+            with os.fdopen(fd) as f:
+                got = json.loads(f.read(ENDED_FILE_MAX))
+            if not isinstance(got, list):
+                raise ValueError("not a list")
+            for msg in got:
+                ok = isinstance(msg, dict) and msg.get("op") == "finished"
+                if not ok or not isinstance(msg.get("job"), str) or not JOB_ID.match(msg["job"]):
+                    raise ValueError(f"not an end record: {str(msg)[:80]}")
+            for msg in got:
+                self.ended[msg["job"]] = msg
+            os.unlink(self.ended_file)
+        except (OSError, ValueError) as e:
+            log(f"{self.ended_file}: {e}; set aside as {self.ended_file}.bad")
+            with contextlib.suppress(OSError):
+                os.replace(self.ended_file, f"{self.ended_file}.bad")
+            return
+        log(f"{len(got)} end(s) a previous keeper kept, for the agent to record")
+
+    def check_closed(self) -> None:
+        """Once every job has ended: exit when the agent has recorded their ends, or a
+        few seconds later (an agent that does not answer must not hold the stop)."""
+        if self.jobs or self.by_rid:
+            return
+        now = time.monotonic()
+        if not self.linger_until:
+            self.linger_until = now + CLOSE_LINGER
+        if not self.ended or self.sock is None or self.deaf or now >= self.linger_until:
+            if self.ended:
+                log(f"exiting with {len(self.ended)} end(s) the agent has not recorded")
+            self.running = False
 
     def guarded(self, fn: Callable[..., None], *args: Any) -> None:
         """Run a job's handler; a bug in it is logged and the keeper goes on (its death
@@ -542,13 +664,17 @@ class Keeper(Spawner):
             why = "malformed start: record"
         elif "stdout" in fds:
             why = "malformed start: the keeper makes the job's output pipe"
+        elif self.closing:
+            why = "the job keeper is stopping (its service was told to stop)"
         else:
             why = check_run(run)
         if why:
             self.tell({"op": "started", "id": rid, "job": job_id, "error": why, "errno": 22})
             return
         assert isinstance(job_id, str) and isinstance(run, dict)
-        out = OutputFile(os.path.join(self.output_dir, f"{job_id}.out"), run["cap"])
+        out = OutputFile(
+            os.path.join(self.output_dir, f"{job_id}.out"), run["cap"], self.file_owner
+        )
         try:
             out.reserve()
             r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
@@ -622,6 +748,8 @@ class Keeper(Spawner):
             self.arm(job, job.life.timeout_seconds, lc.TimedOut())
         if job.gen == self.gen:
             self.tell({"op": "started", "id": job.rid, "job": job.id, "pid": job.pid})
+        if self.closing:  # started while the service was told to stop: stopped as the rest
+            self.handle(job, lc.ShutdownRequested(KEEPER_STOP))
 
     # ------------------------------------------------------------ a job's life
 
@@ -759,6 +887,21 @@ class Keeper(Spawner):
                     Spawner.signal(self, {"pid": job.pid, "sig": signal.SIGKILL})
 
 
+def notify(state: str) -> None:
+    """sd_notify(3) to the service manager, if any (a service keeper; never raises). Not
+    agent.daemon.sdnotify: its logging import would double the keeper's memory."""
+    addr = os.environ.get("NOTIFY_SOCKET", "")
+    if not addr:
+        return
+    if addr[0] == "@":
+        addr = "\0" + addr[1:]
+    with (
+        contextlib.suppress(OSError),
+        socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s,
+    ):
+        s.sendto(state.encode(), addr)
+
+
 def select_readable(fd: int) -> bool:
     """Whether ``fd`` is readable right now (for a pidfd: the process has exited)."""
     with selectors.DefaultSelector() as sel:
@@ -817,7 +960,8 @@ def _is_starting(keeper: Keeper, pid: int) -> bool:
 
 USAGE = (
     "usage: python -m agent.daemon.keeper (--listen-fd N | --socket PATH) --output-dir DIR "
-    "[--agent-uid UID] [--cgroup-jobs DIR [--controllers LIST]] | --resume-fd N"
+    "[--agent-uid UID] [--cgroup-jobs DIR [--controllers LIST]] "
+    "[--service 1 [--ended-file PATH]] | --resume-fd N"
 )
 OPTIONS = {
     "--listen-fd",
@@ -826,6 +970,8 @@ OPTIONS = {
     "--agent-uid",
     "--cgroup-jobs",
     "--controllers",
+    "--service",
+    "--ended-file",
 }
 
 
@@ -842,7 +988,7 @@ def parse_args(argv: list[str]) -> dict[str, str] | None:
         or "--output-dir" not in args
     ):
         return None
-    for key in ("--listen-fd", "--agent-uid"):
+    for key in ("--listen-fd", "--agent-uid", "--service"):
         if key in args and not args[key].isdigit():
             return None
     return args
@@ -864,6 +1010,8 @@ def main(argv: list[str]) -> int:
         agent_uid=int(opts.get("--agent-uid", os.geteuid())),
         cgroup_jobs=opts.get("--cgroup-jobs"),
         controllers=opts.get("--controllers", ""),
+        service=opts.get("--service", "0") == "1",
+        ended_file=opts.get("--ended-file", ""),
     )
     subtree = None
     if args.cgroup_jobs:
@@ -882,8 +1030,15 @@ def main(argv: list[str]) -> int:
         listener = proto.listen_at(args.socket)
     _subreaper()
     keeper = Keeper(
-        listener, agent_uid=args.agent_uid, output_dir=args.output_dir, subtree=subtree, path=path
+        listener,
+        agent_uid=args.agent_uid,
+        output_dir=args.output_dir,
+        subtree=subtree,
+        path=path,
+        service=args.service,
+        ended_file=args.ended_file,
     )
+    keeper.load_ended()
     return run(keeper)
 
 
@@ -908,6 +1063,8 @@ def resume(fd: int) -> int:
         output_dir=state["output_dir"],
         subtree=keeperstate.subtree_of(state),
         path=path,
+        service=bool(state.get("service", False)),
+        ended_file=str(state.get("ended_file", "")),
     )
     keeperstate.restore(keeper, state)
     log(
@@ -926,9 +1083,20 @@ def run(keeper: Keeper) -> int:
     signal.set_wakeup_fd(w, warn_on_full_buffer=False)
     signal.signal(signal.SIGCHLD, lambda *_: None)
     signal.signal(signal.SIGUSR2, lambda *_: None)
+    if keeper.service:
+        # A service is stopped by its manager (or Ctrl-C where it was started by hand):
+        # its jobs are stopped, then it exits. The agent's child ignores both (the agent
+        # decides when it ends).
+        signal.signal(signal.SIGTERM, lambda *_: None)
+        signal.signal(signal.SIGINT, lambda *_: None)
     keeper.sel.register(r, selectors.EVENT_READ, _Wakeup(r, keeper))
     gc.freeze()
+    if keeper.service:
+        notify(f"READY=1\nSTATUS=holding {len(keeper.jobs)} job(s)\nMAINPID={os.getpid()}")
     keeper.serve()
+    keeper.save_ended()
+    if keeper.service:
+        notify("STOPPING=1")
     return 0
 
 
@@ -946,6 +1114,8 @@ class _Wakeup:
                 got += chunk
         if signal.SIGUSR2 in got:
             self.keeper.reexec_wanted = True
+        if self.keeper.service and (signal.SIGTERM in got or signal.SIGINT in got):
+            self.keeper.close_down()
         _reap_orphans(self.keeper)
 
 

@@ -35,6 +35,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 from agent.daemon import spawnproto as proto
@@ -47,6 +48,8 @@ from agent.vocabulary import JobState
 
 log = logging.getLogger(__name__)
 
+KEEPER_SOCKET = "keeper.sock"  # in [jobs] state_dir
+KEEPER_ENDED = "keeper-ended.json"  # in [jobs] state_dir: ends a stopped keeper service kept
 KEEPER_DIED = "the job keeper died; the job's processes were killed"
 MAX_DEATHS = 3
 DEATH_WINDOW = 60.0
@@ -141,6 +144,12 @@ class Hello:
     # True when this agent started the keeper (no keeper answered): whatever is left of
     # earlier jobs is nobody's, and start-up recovery may kill it.
     fresh: bool
+    # The keeper is a service of its own (`agent keeper`), not this agent's child.
+    service: bool = False
+    # The keeper's user (root: it can give entries their users and capabilities).
+    uid: int = -1
+    # Where the keeper puts job cgroups (None: jobs run without); for the agent's limits.
+    cgroups: Subtree | None = None
 
 
 class JobSink(Protocol):
@@ -159,6 +168,34 @@ def _opt_int(v: Any) -> int | None:
     return None if v is None else int(v)
 
 
+def keeper_argv(
+    listen_fd: int,
+    output_dir: str,
+    subtree: Subtree | None,
+    *,
+    agent_uid: int | None = None,
+    service: bool = False,
+    ended_file: str = "",
+) -> list[str]:
+    """The keeper's command line (a fresh interpreter in isolated mode), listening on the
+    inherited socket ``listen_fd``."""
+    args = ["--listen-fd", str(listen_fd), "--output-dir", output_dir]
+    if subtree is not None:
+        args += [
+            "--cgroup-jobs",
+            str(subtree.jobs),
+            "--controllers",
+            ",".join(sorted(subtree.controllers)),
+        ]
+    if agent_uid is not None:
+        args += ["--agent-uid", str(agent_uid)]
+    if service:
+        args += ["--service", "1"]
+    if ended_file:
+        args += ["--ended-file", ended_file]
+    return [sys.executable, "-I", "-c", KEEPER_MAIN, PACKAGE_ROOT, *args]
+
+
 class KeeperClient:
     """The agent's attachment to its job keeper."""
 
@@ -170,8 +207,12 @@ class KeeperClient:
         cgroups: Subtree | None = None,
         on_fatal: Callable[[str], None] | None = None,
         on_unknown_finished: Callable[[Finished], None] | None = None,
+        service_wait: float | None = None,
     ) -> None:
         self.socket_path = socket_path
+        # None: start a keeper when none answers (the agent's child). A number: the keeper
+        # is a service of its own; wait that long for it, never start one.
+        self._service_wait = service_wait
         self._output_dir = output_dir
         self._cgroups = cgroups
         self._on_fatal = on_fatal
@@ -196,7 +237,9 @@ class KeeperClient:
         for attempt in range(ATTACH_TRIES):
             fresh = False
             sock = self._connect()
-            if sock is None:
+            if sock is None and self._service_wait is not None:
+                sock = self._wait_for_service(self._service_wait)
+            elif sock is None:
                 self._start_keeper()
                 fresh = True
                 sock = self._connect()
@@ -251,23 +294,31 @@ class KeeperClient:
             raise OSError(errno.EPERM, f"{self.socket_path}: the keeper there runs as uid {uid}")
         return sock
 
+    def _wait_for_service(self, wait: float) -> socket.socket:
+        """The keeper's service, once it answers (it may be starting: systemd orders the
+        units, but a keeper restarting after a crash takes a moment)."""
+        deadline = time.monotonic() + wait
+        while True:
+            sock = self._connect()
+            if sock is not None:
+                return sock
+            if time.monotonic() >= deadline:
+                raise OSError(
+                    errno.ECONNREFUSED,
+                    f"no job keeper answers at {self.socket_path} after {wait:g} s "
+                    '([keeper] mode = "service": is worker-agent-keeper.service running?)',
+                )
+            time.sleep(0.1)
+
     def _start_keeper(self) -> None:
         listener = proto.listen_at(self.socket_path)
         try:
-            args = ["--listen-fd", str(listener.fileno()), "--output-dir", self._output_dir]
-            if self._cgroups is not None:
-                args += [
-                    "--cgroup-jobs",
-                    str(self._cgroups.jobs),
-                    "--controllers",
-                    ",".join(sorted(self._cgroups.controllers)),
-                ]
             # A fresh interpreter in isolated mode (as the spawner): neither the agent's
             # environment nor its working directory changes what the keeper imports.
             # Not a new session: Ctrl-C at the agent's terminal reaches it too, and it
             # ignores it (the agent stops the jobs, then tells it to exit).
             self._proc = subprocess.Popen(
-                [sys.executable, "-I", "-c", KEEPER_MAIN, PACKAGE_ROOT, *args],
+                keeper_argv(listener.fileno(), self._output_dir, self._cgroups),
                 executable=_interpreter(),
                 pass_fds=[listener.fileno()],
                 close_fds=True,
@@ -299,6 +350,7 @@ class KeeperClient:
             os.close(fd)
         if msg.get("op") != "hello" or msg.get("protocol") != 1:
             raise OSError(errno.EPROTO, f"the job keeper speaks another protocol: {msg!r:.200}")
+        where = msg.get("cgroups")
         return Hello(
             pid=int(msg["pid"]),
             spawn=str(msg["spawn"]),
@@ -316,6 +368,11 @@ class KeeperClient:
             ],
             ended=[Finished.from_wire(f) for f in msg["ended"]],
             fresh=fresh,
+            service=bool(msg.get("service", False)),
+            uid=int(msg.get("uid", -1)),
+            cgroups=None
+            if not isinstance(where, dict)
+            else Subtree(Path(str(where["jobs"])), frozenset(map(str, where["controllers"]))),
         )
 
     def _attach_reader(self) -> None:
@@ -472,6 +529,20 @@ class KeeperClient:
         self._sock.close()
         self._sock = None
         status = self._reap_keeper(0.5)
+        if self._service_wait is not None:
+            # The keeper's service went (stopped, crashed): its manager stops or restarts
+            # it, and its jobs with it. This agent goes too (its unit restarts it, and the
+            # new agent waits for the keeper); it kills nothing of the keeper's.
+            for fut, _, _ in self._pending.values():
+                if not fut.done():
+                    fut.set_exception(SpawnFailure(errno.EIO, "the job keeper went away"))
+            self._pending.clear()
+            self._sinks.clear()
+            why = f"the job keeper service (pid {self.keeper_pid}) went away"
+            log.error("%s; the agent exits (it attaches again when restarted)", why)
+            if self._on_fatal is not None:
+                self._on_fatal(why)
+            return
         log.error(
             "the job keeper (pid %s) died (%s); killing its %d running job(s)",
             self.keeper_pid,

@@ -110,6 +110,8 @@ def snapshot(k: Keeper) -> dict[str, Any]:
         "listener": k.listener.fileno(),
         "agent_uid": k.agent_uid,
         "output_dir": k.output_dir,
+        "service": k.service,
+        "ended_file": k.ended_file,
         "subtree": None
         if k.subtree is None
         else {"jobs": str(k.subtree.jobs), "controllers": sorted(k.subtree.controllers)},

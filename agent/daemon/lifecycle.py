@@ -164,7 +164,9 @@ class StopRequested:
 
 @dataclass(frozen=True)
 class ShutdownRequested:
-    """The agent is shutting down and stops its jobs."""
+    """The agent (or the job keeper's service) is shutting down and stops its jobs."""
+
+    by: str = "agent shutdown"  # who, in the end text: "stopped by <by> (...)"
 
 
 @dataclass(frozen=True)
@@ -267,6 +269,7 @@ class Life:
     state: JobState = JobState.RUNNING
     stop_requested: bool = False
     shutdown: bool = False
+    shutdown_by: str = "agent shutdown"
     timed_out: bool = False
     kill_reason: str = ""  # set when the agent itself ends the job
     terminating: bool = False
@@ -308,7 +311,8 @@ class Life:
                 return []
             self.stop_requested = True
             self.shutdown = True
-            return self._terminate("agent shutdown")
+            self.shutdown_by = event.by
+            return self._terminate(event.by)
         if isinstance(event, OutputCapReached):
             actions: list[Action] = [] if self.discarding else [DiscardOutput()]
             self.discarding = True
@@ -366,7 +370,7 @@ class Life:
         elif self.timed_out:
             text = f"timed out after {self.timeout_seconds} s ({how})"
         elif self.shutdown:
-            text = f"stopped by agent shutdown ({how})"
+            text = f"stopped by {self.shutdown_by} ({how})"
         elif self.stop_requested:
             text = f"stopped by request ({how})"
         elif self.kill_reason:

@@ -13,6 +13,7 @@ it, and the agent's streaming side (:mod:`agent.daemon.output`) reads what it wr
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -59,9 +60,12 @@ class WriteResult:
 class OutputFile:
     """The output file of one running job."""
 
-    def __init__(self, path: str, cap: int) -> None:
+    def __init__(self, path: str, cap: int, owner: int = -1) -> None:
         self.path = path
         self.cap = cap
+        # A root keeper whose agent is another user (the privileged deployment) hands the
+        # file to the agent, which reads and removes it; -1: the keeper's own.
+        self.owner = owner
         self.size = 0
         self.truncated = False
         self._fd: int | None = None
@@ -84,6 +88,7 @@ class OutputFile:
                 raise agent_condition(e) or e from None
             return
         self._unnamed = True
+        self._give()
 
     def write(self, data: bytes) -> WriteResult:
         """Append ``data`` (up to the cap); never raises."""
@@ -108,6 +113,7 @@ class OutputFile:
                 return WriteResult(
                     0, failure=f"its output file could not be created: {describe_oserror(e)}"
                 )
+            self._give()
         cap_reached = False
         if self.cap and self.size + len(data) > self.cap:
             data = data[: self.cap - self.size]
@@ -127,6 +133,11 @@ class OutputFile:
             )
         return WriteResult(self.size - start, cap_reached=cap_reached)
 
+    def _give(self) -> None:
+        if self.owner >= 0 and self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.fchown(self._fd, self.owner, -1)
+
     def state(self) -> dict[str, Any]:
         """What the keeper hands across ``execve`` (agent.daemon.keeperstate)."""
         return {
@@ -136,12 +147,13 @@ class OutputFile:
             "truncated": self.truncated,
             "fd": -1 if self._fd is None else self._fd,
             "unnamed": self._unnamed,
+            "owner": self.owner,
         }
 
     @classmethod
     def from_state(cls, st: dict[str, Any]) -> OutputFile:
         """The file :meth:`state` described, its descriptor inherited across ``execve``."""
-        out = cls(str(st["path"]), int(st["cap"]))
+        out = cls(str(st["path"]), int(st["cap"]), int(st.get("owner", -1)))
         out.size = int(st["size"])
         out.truncated = bool(st["truncated"])
         fd = int(st["fd"])

@@ -35,15 +35,24 @@ from agent.daemon import reloadstatus, retention
 from agent.daemon.access_gate import AccessGate
 from agent.daemon.admission import Rules
 from agent.daemon.audit import AuditLog
+from agent.daemon.cgroups import Subtree
 from agent.daemon.config import Config
 from agent.daemon.errors import AgentError
 from agent.daemon.history import History, Store
-from agent.daemon.keeperclient import KeeperClient
+from agent.daemon.keeperclient import KEEPER_SOCKET, KeeperClient
 from agent.daemon.lockfile import LockFile
 from agent.daemon.retention import Sweeper
 from agent.daemon.sdnotify import Notifier, watchdog_interval
 from agent.daemon.service import STATUS, StreamSlots, WorkerService
-from agent.daemon.startup import Prepared, expiry_warnings, job_reader, load_policy
+from agent.daemon.startup import (
+    Prepared,
+    check_cgroup_limits,
+    check_runner,
+    expiry_warnings,
+    job_reader,
+    load_policy,
+    runner_is_root,
+)
 from agent.daemon.supervisor import BOOT_ID, INSTANCE_ENV, Settings, Supervisor, instance_id
 from agent.tls import CertificateReloader, ServerTLSState
 from agent.vocabulary import LIMIT_NAMES
@@ -95,7 +104,6 @@ def config_changes(old: Any, new: Any, section: str = "") -> list[tuple[str, str
     return out
 
 
-KEEPER_SOCKET = "keeper.sock"  # in [jobs] state_dir
 KEEPER_PID = "keeper.pid"
 
 
@@ -186,6 +194,7 @@ class AgentServer:
         self.reload_rejected: tuple[str, ...] = ()
         self._started = False  # start-up went through (the jobs are this agent's)
         self._keeper_fresh = True  # the keeper was started by this agent (nothing kept)
+        self._keeper_uid: int | None = None  # a keeper service's user (its policy check)
 
     # ------------------------------------------------------------ signals
 
@@ -261,19 +270,40 @@ class AgentServer:
         else:
             self.audit = AuditLog(cfg.audit_file)
         history = History(store)
-        settings = settings_from(cfg, self.prepared)
+        own_service = cfg.keeper.mode == "service"
         ops = KeeperClient(
             str(cfg.jobs.state_dir / KEEPER_SOCKET),
             output_dir=str(cfg.output_dir),
-            cgroups=self.prepared.cgroups,
+            # A keeper service owns its job cgroups (its unit's, delegated): the agent,
+            # in a unit of its own, may not and need not touch them.
+            cgroups=None if own_service else self.prepared.cgroups,
             on_fatal=self._spawner_fatal,
+            service_wait=cfg.keeper.wait_seconds if own_service else None,
         )
         try:
             hello = ops.attach()
         except (OSError, ValueError, KeyError, TypeError) as e:
             ops.abandon()
             raise StartupError(f"cannot attach to the job keeper: {e}") from None
-        self._keeper_fresh = hello.fresh
+        self._keeper_fresh = hello.fresh and not own_service
+        if own_service:
+            self._keeper_cgroups(hello.cgroups)
+            # What the keeper service can give the entries (users, capabilities) is known
+            # only now: the policy loaded before is checked against it.
+            self._keeper_uid = hello.uid
+            if (hello.uid == 0) != runner_is_root(cfg):
+                # Who the jobs run as was resolved for the keeper the config describes; a
+                # root keeper taken for an unprivileged one would run them as root.
+                raise StartupError(
+                    f"the job keeper runs as uid {hello.uid}, but [keeper] agent_user "
+                    f"{'is set (a root keeper)' if cfg.keeper.agent_user else 'is not set'}: "
+                    "set agent_user exactly when the keeper runs as root and the agent not"
+                )
+            try:
+                check_runner(self.prepared.policy, hello.uid, "the job keeper")
+            except policy_mod.PolicyError as e:
+                raise StartupError(f"{cfg.jobs.policy_file}: {e}") from None
+        settings = settings_from(cfg, self.prepared)
         # Who holds the jobs, for the operator (`kill -USR2` re-executes it in place).
         with contextlib.suppress(OSError):
             (cfg.jobs.state_dir / KEEPER_PID).write_text(f"{hello.pid}\n")
@@ -297,11 +327,12 @@ class AgentServer:
             instance=settings.instance,
             boot_id=BOOT_ID,
             instance_env=INSTANCE_ENV,
-            subtree=self.prepared.cgroups,  # job cgroups: leftovers are found by them
+            # Job cgroups: leftovers are found by them (a keeper service's are its own).
+            subtree=None if own_service else self.prepared.cgroups,
             kept=kept,
             # A keeper that survived the last agent holds its jobs: no process is a
             # leftover by its marker alone, and no cgroup of a kept job is one.
-            sweep_leftovers=hello.fresh,
+            sweep_leftovers=self._keeper_fresh,
         )
         self.sweeper = Sweeper(
             history,
@@ -605,6 +636,8 @@ class AgentServer:
             new, confine_warnings = load_policy(
                 self.config, self.prepared.deny, reader=job_reader(self.prepared.job_user)
             )
+            if self._keeper_uid is not None:
+                check_runner(new, self._keeper_uid, "the job keeper")
             for w in confine_warnings:
                 log.warning("%s", w)
         except policy_mod.PolicyError as e:
@@ -663,6 +696,17 @@ class AgentServer:
         )
         return None
 
+    def _keeper_cgroups(self, where: Subtree | None) -> None:
+        """A keeper service's job cgroups, as its hello says: what the agent's limits are
+        checked against (the agent never writes there)."""
+        try:
+            warnings = check_cgroup_limits(self.config, where)
+        except ConfigError as e:
+            raise StartupError(str(e)) from None
+        for w in warnings:
+            log.warning("%s", w)
+        self.prepared = dataclasses.replace(self.prepared, cgroups=where, cgroups_owned=False)
+
     # ------------------------------------------------------------ shutdown
 
     async def shutdown(self) -> None:
@@ -685,8 +729,10 @@ class AgentServer:
                 await self.registrar.stop(deregister=True)
         if self.jobs is not None:
             mode = "stop" if self.force_exit else cfg.daemon.on_shutdown
-            if not self._started:
-                mode = "keep"  # jobs a keeper kept stay kept when this agent fails to start
+            if not self._started or cfg.keeper.mode == "service":
+                # Jobs a keeper kept stay kept when this agent fails to start; a keeper
+                # service's jobs are stopped only by stopping that service.
+                mode = "keep"
             task = asyncio.ensure_future(
                 self.jobs.shutdown(mode=mode, deadline=cfg.daemon.shutdown_deadline_seconds)
             )
@@ -707,8 +753,10 @@ class AgentServer:
             self.metrics.close()
         # A start-up that failed half-way leaves jobs a surviving keeper kept where they
         # are, as "keep" does; a keeper it started itself holds nothing and goes.
-        keep = (not self._started and not self._keeper_fresh) or (
-            cfg.daemon.on_shutdown == "keep" and not self.force_exit
+        keep = (
+            (not self._started and not self._keeper_fresh)
+            or (cfg.daemon.on_shutdown == "keep" and not self.force_exit)
+            or cfg.keeper.mode == "service"
         )
         if self.jobs is not None:
             self.jobs.close(keep_jobs=keep)

@@ -61,11 +61,18 @@ def _err(cfg: Config, section: str, key: str, msg: str) -> ConfigError:
     return ConfigError(cfg.path, section, key, msg)
 
 
-def check_private_dir(cfg: Config, section: str, key: str, path: Path, *, create: bool) -> None:
-    """Ensure ``path`` is a directory only the agent's user can write."""
+def check_private_dir(
+    cfg: Config, section: str, key: str, path: Path, *, create: bool, owner: int | None = None
+) -> None:
+    """Ensure ``path`` is a directory only the agent's user can write. ``owner``: that
+    user's uid, when it is not this process's (a root keeper serving another user's
+    agent: a directory it creates is handed to that user)."""
+    me = os.geteuid() if owner is None else owner
     if create:
         try:
             path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if me != os.geteuid() and os.lstat(path).st_uid == os.geteuid():
+                os.chown(path, me, -1)
         except OSError as e:
             raise _err(cfg, section, key, f"{path}: cannot create: {e.strerror}") from None
     try:
@@ -84,12 +91,12 @@ def check_private_dir(cfg: Config, section: str, key: str, path: Path, *, create
         return  # created at start
     if not stat.S_ISDIR(st.st_mode):
         raise _err(cfg, section, key, f"{path}: not a directory")
-    if st.st_uid != os.geteuid():
+    if st.st_uid != me:
         raise _err(
             cfg,
             section,
             key,
-            f"{path}: owned by uid {st.st_uid}, not by the agent's user (uid {os.geteuid()})",
+            f"{path}: owned by uid {st.st_uid}, not by the agent's user (uid {me})",
         )
     if st.st_mode & 0o022:
         raise _err(
@@ -99,15 +106,24 @@ def check_private_dir(cfg: Config, section: str, key: str, path: Path, *, create
             f"{path}: writable by group or others (mode "
             f"{st.st_mode & 0o777:04o}); run: chmod go-w {path}",
         )
-    if not os.access(path, os.W_OK | os.X_OK):
+    if me == os.geteuid() and not os.access(path, os.W_OK | os.X_OK):
         raise _err(cfg, section, key, f"{path}: not writable by the agent")
+
+
+def runner_is_root(cfg: Config) -> bool:
+    """Whether the process that starts the jobs runs as root: the agent itself in child
+    mode; in service mode the keeper, root exactly when it serves an agent of another user
+    (``[keeper] agent_user``; the agent checks the keeper's hello against this)."""
+    if cfg.keeper.mode == "service" and cfg.keeper.agent_user:
+        return True
+    return os.geteuid() == 0
 
 
 def resolve_job_user(cfg: Config) -> tuple[JobUser, list[str]]:
     """Who jobs run as; refuses root unless allowed."""
     warnings: list[str] = []
     name = cfg.jobs.run_as_user
-    if os.geteuid() != 0:
+    if not runner_is_root(cfg):
         me = pwd.getpwuid(os.geteuid())
         if name and name != me.pw_name:
             warnings.append(
@@ -311,7 +327,6 @@ def confine_policy(
     """
     abi = landlock.effective_abi(None if cfg.confinement.max_abi < 0 else cfg.confinement.max_abi)
     best_effort = cfg.confinement.landlock == "best_effort"
-    root = os.geteuid() == 0
     # No rule of any entry covers the scratch root (spawner.Spawner.ruleset denies it):
     # each job gets its own directory there, by descriptor.
     scratch_root = os.path.realpath(cfg.scratch_dir)
@@ -344,15 +359,9 @@ def confine_policy(
                 f"{where}: no_new_privs: false cannot be honoured: Landlock and seccomp "
                 "need no_new_privs, and one of them is enforced here"
             )
-        if c.uid is not None and not root and c.uid != os.geteuid():
-            raise policy_mod.PolicyError(
-                f"{where}: user: the agent does not run as root, so its jobs cannot run as "
-                f"{c.user!r} (see docs/deployment.md)"
-            )
-        if c.capabilities and not root:
-            raise policy_mod.PolicyError(
-                f"{where}: capabilities: the agent does not run as root and has none to give"
-            )
+        if cfg.keeper.mode == "child":
+            # A keeper service's user is known once attached (server: check_runner).
+            check_runner_entry(where, c, os.geteuid(), "the agent")
         spec = c.landlock
         if spec is None:  # already confined (a reload of a checked policy cannot happen)
             entries.append(dataclasses.replace(e, confinement=c))
@@ -400,6 +409,28 @@ def confine_policy(
             )
         )
     return dataclasses.replace(pol, entries=tuple(entries)), warnings
+
+
+def check_runner_entry(where: str, c: policy_mod.Confinement, uid: int, who: str) -> None:
+    """Whether the process that starts the jobs (``who``, running as ``uid``) can give an
+    entry its user and capabilities: only root can; PolicyError naming the entry."""
+    if uid == 0:
+        return
+    if c.uid is not None and c.uid != uid:
+        raise policy_mod.PolicyError(
+            f"{where}: user: {who} does not run as root, so its jobs cannot run as "
+            f"{c.user!r} (see docs/deployment.md)"
+        )
+    if c.capabilities:
+        raise policy_mod.PolicyError(
+            f"{where}: capabilities: {who} does not run as root and has none to give"
+        )
+
+
+def check_runner(pol: policy_mod.Policy, uid: int, who: str) -> None:
+    """:func:`check_runner_entry` for every entry of a loaded policy."""
+    for e in pol.entries:
+        check_runner_entry(f"{pol.source}: entry {e.name!r}", e.confinement, uid, who)
 
 
 def load_policy(
@@ -532,7 +563,10 @@ def prepare(cfg: Config, *, create_dirs: bool = True) -> Prepared:
         )
     check_private_dir(cfg, "jobs", "state_dir", cfg.jobs.state_dir, create=create_dirs)
     check_private_dir(cfg, "jobs", "output_dir", cfg.output_dir, create=create_dirs)
-    check_scratch_dir(cfg, deny, create=create_dirs)
+    # A keeper service makes and checks the scratch root (it may be root's, for jobs
+    # of other users): the agent only names it in the policy's Landlock rules.
+    if cfg.keeper.mode == "child":
+        check_scratch_dir(cfg, deny, create=create_dirs)
     audit_dir = cfg.audit_file.parent
     if not audit_dir.is_dir() and audit_dir not in (cfg.jobs.state_dir, cfg.output_dir):
         raise _err(cfg, "audit", "file", f"{audit_dir}: directory does not exist")
@@ -557,7 +591,15 @@ def prepare(cfg: Config, *, create_dirs: bool = True) -> Prepared:
         raise _err(cfg, "logging", "file", f"{cfg.logging.file.parent}: directory does not exist")
     subtree: cgroups.Subtree | None = None
     owned = False
-    if create_dirs:  # `agent run`; check-config creates no cgroup
+    if under_systemd() and cfg.keeper.mode == "child":
+        warnings.append(
+            '[keeper] mode = "child" under systemd: the job keeper lives in the agent\'s unit, '
+            "so stopping, restarting or upgrading the agent stops every job; run the keeper "
+            'as its own unit (worker-agent-keeper.service) with mode = "service"'
+        )
+    # `agent run` in child mode; check-config creates no cgroup, and a keeper service makes
+    # its own (the agent learns where from its hello).
+    if create_dirs and cfg.keeper.mode == "child":
         subtree, owned, w = setup_cgroups(cfg)
         warnings.extend(w)
         warnings.extend(check_cgroup_limits(cfg, subtree))

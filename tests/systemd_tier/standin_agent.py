@@ -84,7 +84,8 @@ class StandIn:
 
     def serve(self) -> int:
         """Run until SIGTERM; return the exit status."""
-        for signum in (signal.SIGHUP, signal.SIGTERM):
+        # SIGUSR2: the keeper unit's reload (`kill -USR2`, a re-exec in the real keeper).
+        for signum in (signal.SIGHUP, signal.SIGUSR2, signal.SIGTERM):
             signal.signal(signum, self._handle_signal)
         host, _, port = self.config["grpc_server"]["addr"].rpartition(":")
         listener = socket.create_server((host, int(port)), reuse_port=False)
@@ -98,7 +99,7 @@ class StandIn:
         while True:
             while self.pending:
                 signum = self.pending.pop(0)
-                if signum == signal.SIGHUP:
+                if signum in (signal.SIGHUP, signal.SIGUSR2):
                     self._reload()
                 elif signum == signal.SIGTERM:
                     return self._shutdown(float(standin.get("stop_grace", 5)))
@@ -204,14 +205,16 @@ class StandIn:
 
 
 def main(argv: list[str]) -> int:
-    """Entry point: ``agent run --config FILE``, or the unit's ExecReload=
+    """Entry point: ``agent run --config FILE`` or ``agent keeper --config FILE`` (the
+    keeper unit's; the same stand-in), or the agent unit's ExecReload=
     ``agent reload --config FILE --pid PID`` (here: only the SIGHUP)."""
     if len(argv) == 5 and argv[0] == "reload" and argv[1] == "--config" and argv[3] == "--pid":
         os.kill(int(argv[4]), signal.SIGHUP)
         return 0
-    if len(argv) != 3 or argv[0] != "run" or argv[1] != "--config":
+    if len(argv) != 3 or argv[0] not in ("run", "keeper") or argv[1] != "--config":
         print(
-            "usage: agent run --config FILE | agent reload --config FILE --pid PID", file=sys.stderr
+            "usage: agent (run | keeper) --config FILE | agent reload --config FILE --pid PID",
+            file=sys.stderr,
         )
         return 2
     return StandIn(argv[2]).serve()

@@ -1,11 +1,17 @@
-"""The real agent under a real systemd: systemd/worker-agent.service exactly as shipped.
+"""The real agent under a real systemd: systemd/worker-agent.service and
+systemd/worker-agent-keeper.service exactly as shipped.
 
 One container is booted for the whole module (see nspawn.py).  The project is
-built into a wheel on the host, installed into /opt/worker-agent inside, the unit, its
-sysusers and tmpfiles snippets are applied, and /etc/worker-agent holds a config, a
-policy and certificates made by scripts/gen_certs.sh.  The test process drives
-systemd with systemctl inside the container and talks to the agent over mTLS
-from the host (the container shares the host's loopback).
+built into a wheel on the host, installed into /opt/worker-agent inside, the units
+(the agent's and its job keeper's), their sysusers and tmpfiles snippets are applied,
+and /etc/worker-agent holds a config, a policy and certificates made by
+scripts/gen_certs.sh.  The test process drives systemd with systemctl inside the
+container and talks to the agent over mTLS from the host (the container shares the
+host's loopback).
+
+The jobs live in the keeper's unit: restarting the agent keeps them, reloading the
+keeper re-executes it in place and keeps them, stopping the keeper stops them (and,
+through Requires=, the agent).
 
 The tests are written in life-cycle order (start, job, reload, stop, sandbox);
 each one starts the unit again if it needs it, so any of them also runs alone.
@@ -41,6 +47,8 @@ pytestmark = pytest.mark.systemd
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 UNIT = REPO / "systemd" / "worker-agent.service"
+KEEPER_UNIT = REPO / "systemd" / "worker-agent-keeper.service"
+KEEPER = "worker-agent-keeper.service"
 SYSUSERS = REPO / "systemd" / "worker-agent.sysusers"
 TMPFILES = REPO / "systemd" / "worker-agent.tmpfiles"
 SERVICE = "worker-agent.service"
@@ -151,7 +159,9 @@ def agent_config(port: int) -> str:
             "cgroups": {"mode": "required"},
             "audit": {"file": "/var/log/worker-agent/audit.log"},
             "retention": {"sweep_seconds": 3600.0},
-            "daemon": {"on_shutdown": "stop"},
+            # The package's settings: the jobs are the keeper service's.
+            "keeper": {"mode": "service"},
+            "daemon": {"on_shutdown": "keep"},
         }
     )
 
@@ -236,17 +246,22 @@ class Agent:
         """``systemctl show`` properties of the unit."""
         return self.box.unit_properties(SERVICE, *names)
 
+    def keeper(self, *names: str) -> dict[str, str]:
+        """``systemctl show`` properties of the keeper's unit."""
+        return self.box.unit_properties(KEEPER, *names)
+
     def ensure_active(self) -> None:
-        """Start the unit unless it is active (clearing a failed state first)."""
+        """Start the unit (and the keeper it requires) unless it is active (clearing a
+        failed state first)."""
         if self.state()["ActiveState"] == "active":
             return
-        self.box.systemctl("reset-failed", SERVICE)
+        self.box.systemctl("reset-failed", SERVICE, KEEPER)
         self.box.systemctl("start", SERVICE).check("systemctl start agent")
         assert self.state()["ActiveState"] == "active", self.box.journal(SERVICE)
 
-    def journal(self, invocation: str | None = None) -> list[dict[str, Any]]:
+    def journal(self, invocation: str | None = None, unit: str = SERVICE) -> list[dict[str, Any]]:
         """Journal entries of the unit (from systemd and from the agent), oldest first."""
-        out = self.box.run(["journalctl", "--no-pager", "-o", "json", "-u", SERVICE]).stdout
+        out = self.box.run(["journalctl", "--no-pager", "-o", "json", "-u", unit]).stdout
         entries = []
         for line in out.splitlines():
             entry = json.loads(line)
@@ -258,9 +273,9 @@ class Agent:
                 entries.append(entry)
         return entries
 
-    def messages(self, invocation: str | None = None) -> list[str]:
+    def messages(self, invocation: str | None = None, unit: str = SERVICE) -> list[str]:
         """Journal MESSAGE texts of the unit (of one invocation if given)."""
-        return [e["MESSAGE"] for e in self.journal(invocation)]
+        return [e["MESSAGE"] for e in self.journal(invocation, unit)]
 
     def audit(self) -> list[dict[str, Any]]:
         """The agent's audit log, parsed."""
@@ -277,6 +292,7 @@ def agent(container: nspawn.Container, certs: Certs, timings: Timings) -> Iterat
     timings.add("install_wheels", started)
     started = time.monotonic()
     box.copy_in(UNIT, "/etc/systemd/system/worker-agent.service")
+    box.copy_in(KEEPER_UNIT, f"/etc/systemd/system/{KEEPER}")
     box.copy_in(SYSUSERS, "/usr/lib/sysusers.d/worker-agent.conf")
     box.copy_in(TMPFILES, "/usr/lib/tmpfiles.d/worker-agent.conf")
     box.run(
@@ -372,12 +388,14 @@ def utc_usec(text: str) -> datetime.datetime:
 
 
 def test_unit_verifies_with_the_real_binary(agent: Agent) -> None:
-    """systemd-analyze verify accepts the installed unit, /opt/worker-agent/bin/agent being real."""
-    result = agent.box.run(
-        ["systemd-analyze", "verify", "--man=no", "/etc/systemd/system/worker-agent.service"]
-    )
-    assert result.rc == 0, result
-    assert "worker-agent.service" not in result.stderr, result.stderr
+    """systemd-analyze verify accepts the installed units, /opt/worker-agent/bin/agent being
+    real."""
+    for unit in (SERVICE, KEEPER):
+        result = agent.box.run(
+            ["systemd-analyze", "verify", "--man=no", f"/etc/systemd/system/{unit}"]
+        )
+        assert result.rc == 0, result
+        assert unit not in result.stderr, result.stderr
 
 
 def test_active_only_after_ready(agent: Agent, timings: Timings) -> None:
@@ -403,10 +421,14 @@ def test_active_only_after_ready(agent: Agent, timings: Timings) -> None:
             states.append(state)
         time.sleep(0.02)
     thread.join()
+    assert result["start"].rc == 0, (
+        result["start"],
+        agent.messages(unit=KEEPER)[-30:],
+        agent.messages()[-30:],
+    )
     # `systemctl start` returned: a single, immediate mTLS handshake must succeed.
     fingerprint = served_fingerprint(agent.port, agent.certs)
     timings.steps["agent_start"] = round(result["took"], 3)
-    result["start"].check("systemctl start agent")
     assert fingerprint == file_fingerprint(agent.certs.crt("server"))
     assert states[0] in ("inactive", "activating") and "activating" in states, states
     assert "failed" not in states, states
@@ -590,11 +612,62 @@ def test_reload_fails_for_a_rejected_policy_and_succeeds_for_a_good_one(running:
 # -- 4. stop: jobs stopped gracefully, unit inactive/success, history kept ------------------
 
 
-def test_stop_ends_jobs_gracefully_and_history_survives(running: Agent, timings: Timings) -> None:
-    """systemctl stop: TERM, KILL after the grace, exit 0 -> inactive/success; jobs STOPPED."""
+def _open_gate(box: nspawn.Container, name: str) -> None:
+    box.run(f"mkdir -p /run/agent-gates && touch /run/agent-gates/{name}", check=True)
+
+
+def test_restarting_the_agent_keeps_running_jobs(running: Agent) -> None:
+    """systemctl restart worker-agent: a new agent process, the same keeper; the job runs
+    on and ends with its true status and its whole output."""
     box = running.box
-    props = running.state("InvocationID", "MainPID")
-    invocation, main_pid = props["InvocationID"], int(props["MainPID"])
+    client = running.client()
+    job = client.start("bash", f"{JOB_DIR}/gate.sh", args=["restart"])
+    stream_until(client, job, b"started\n")
+    agent_pid, keeper_pid = running.state("MainPID")["MainPID"], running.keeper("MainPID")
+    running.close_clients()
+    box.systemctl("restart", SERVICE).check("systemctl restart agent")
+    assert running.state("MainPID")["MainPID"] != agent_pid
+    assert running.keeper("MainPID") == keeper_pid
+    client = running.client()
+    assert client.query(job).state == "RUNNING"
+    _open_gate(box, "restart")
+    status = client.wait(job, timeout=30)
+    assert (status.state, status.exit_code) == ("SUCCEEDED", 0), status
+    assert output(client, job) == "started\nfinished\n"
+
+
+def test_reloading_the_keeper_reexecutes_it_in_place_and_keeps_jobs(running: Agent) -> None:
+    """systemctl reload worker-agent-keeper (what the package's upgrade does): the keeper
+    re-executes its code as the same process, the job runs on and ends normally."""
+    box = running.box
+    client = running.client()
+    job = client.start("bash", f"{JOB_DIR}/gate.sh", args=["rexec"])
+    stream_until(client, job, b"started\n")
+    before = running.keeper("MainPID", "InvocationID")
+    box.systemctl("reload", KEEPER).check("systemctl reload keeper")
+    poll(
+        "the keeper's re-exec in the journal",
+        lambda: any(
+            "re-executed in place" in m for m in running.messages(before["InvocationID"], KEEPER)
+        ),
+    )
+    after = running.keeper("MainPID", "InvocationID", "ActiveState", "ReloadResult")
+    assert after == {**before, "ActiveState": "active", "ReloadResult": "success"}, after
+    assert client.query(job).state == "RUNNING"
+    _open_gate(box, "rexec")
+    status = client.wait(job, timeout=30)
+    assert (status.state, status.exit_code) == ("SUCCEEDED", 0), status
+    assert output(client, job) == "started\nfinished\n"
+
+
+def test_stopping_the_keeper_ends_jobs_gracefully_and_history_survives(
+    running: Agent, timings: Timings
+) -> None:
+    """systemctl stop worker-agent-keeper: the agent stops first (Requires=), then the
+    keeper TERMs its jobs, KILLs after the grace, keeps their ends and exits 0; the next
+    agent records them STOPPED (none LOST)."""
+    box = running.box
+    invocation = running.keeper("InvocationID")["InvocationID"]
     client = running.client()
     polite = client.start("bash", f"{JOB_DIR}/trapterm.sh")
     stubborn = client.start("bash", f"{JOB_DIR}/ignoreterm.sh")
@@ -603,35 +676,35 @@ def test_stop_ends_jobs_gracefully_and_history_survives(running: Agent, timings:
     running.close_clients()
 
     started = time.monotonic()
-    box.systemctl("stop", SERVICE).check("systemctl stop agent")
-    took = timings.add("agent_stop_with_jobs", started)
+    box.systemctl("stop", KEEPER).check("systemctl stop keeper")
+    took = timings.add("keeper_stop_with_jobs", started)
     # (systemd 252 clears ExecMainCode/ExecMainStatus once the unit is inactive.)
-    state = running.state("ActiveState", "SubState", "Result")
-    assert state == {"ActiveState": "inactive", "SubState": "dead", "Result": "success"}, state
+    for state in (running.keeper("ActiveState", "SubState", "Result"), running.state(
+            "ActiveState", "SubState", "Result")):  # fmt: skip
+        assert state == {"ActiveState": "inactive", "SubState": "dead", "Result": "success"}
     assert took >= STOP_GRACE  # the TERM-ignoring job was only KILLed after the grace
     leftovers = box.run(["pgrep", "-a", "-u", "worker-agent"])
     assert leftovers.rc == 1, leftovers.stdout
-    msgs = running.messages(invocation)
-    assert any("shutting down (2 running job(s), on_shutdown = stop)" in m for m in msgs), msgs
-    assert any(m.endswith("stopped") for m in msgs), msgs
-    assert "worker-agent.service: Deactivated successfully." in msgs, msgs
-    assert [a for a in running.audit() if a["event"] == "agent_stop" and a["pid"] == main_pid]
-    # Nothing was left for systemd's KillMode=mixed SIGKILL: the agent ended its jobs.
+    msgs = running.messages(invocation, KEEPER)
+    assert any("stopping: 2 running job(s)" in m for m in msgs), msgs
+    assert any("kept 2 end(s) the agent has not recorded" in m for m in msgs), msgs
+    assert "worker-agent-keeper.service: Deactivated successfully." in msgs, msgs
+    # Nothing was left for systemd's KillMode=mixed SIGKILL: the keeper ended its jobs.
     assert not [m for m in msgs if "Killing process" in m or "remains running" in m], msgs
 
     started = time.monotonic()
     running.ensure_active()
-    timings.add("agent_restart", started)
+    timings.add("agent_and_keeper_start", started)
     new_msgs = running.messages(running.state("InvocationID")["InvocationID"])
     assert not [m for m in new_msgs if "LOST" in m], new_msgs
     client = running.client()
     first = client.query(polite)
     assert (first.state, first.exit_code, first.signal) == ("STOPPED", 0, None), first
-    # (bash reports its foreground sleep, killed by the group's TERM: "Terminated".)
     text = output(client, polite)
     assert text.startswith("ready\n") and text.endswith("got TERM\n"), text
     second = client.query(stubborn)
     assert (second.state, second.exit_code, second.signal) == ("STOPPED", None, 9), second
+    assert "stopped by the job keeper's stop" in second.error_text, second
     listed = {s.job_id: s.state for s in client.list_all(states=["STOPPED"])}
     assert listed.get(polite) == listed.get(stubborn) == "STOPPED"
 
@@ -685,14 +758,15 @@ def test_jobs_run_as_agent_without_privileges(running: Agent) -> None:
     assert fields["Seccomp"] == "2"
     assert fields["nofile"] == str(OPEN_FILES)  # [limits.default] via prlimit
     assert fields["pid1"] == "hidden"
-    # The agent itself: same user, same (lack of) privileges.
-    pid = running.state("MainPID")["MainPID"]
-    agent_status = running.box.run(["cat", f"/proc/{pid}/status"]).check("status").stdout
-    own = dict(line.split(":", 1) for line in agent_status.splitlines() if ":" in line)
-    assert int(own["CapEff"].strip(), 16) == 0
-    assert own["NoNewPrivs"].strip() == "1"
-    user = running.box.run(["ps", "-o", "user=", "-p", pid]).check("ps").stdout.strip()
-    assert user == "worker-agent"
+    # The agent and the keeper: same user, same (lack of) privileges.
+    for pid in (running.state("MainPID")["MainPID"], running.keeper("MainPID")["MainPID"]):
+        text = running.box.run(["cat", f"/proc/{pid}/status"]).check("status").stdout
+        own = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+        assert int(own["CapEff"].strip(), 16) == 0
+        assert int(own["CapBnd"].strip(), 16) == 0
+        assert own["NoNewPrivs"].strip() == "1"
+        user = running.box.run(["ps", "-o", "user=", "-p", pid]).check("ps").stdout.strip()
+        assert user == "worker-agent"
 
 
 # -- 6. job cgroups under the shipped unit (Delegate=yes) -----------------------------------
@@ -715,18 +789,22 @@ def _unit_cgroup(box: nspawn.Container) -> str:
     """The unit's cgroup directory in the container (cgroup2: hybrid or unified)."""
     mounts = box.run(["cat", "/proc/self/mounts"]).check("mounts").stdout.splitlines()
     mount = next(m.split()[1] for m in mounts if m.split()[2] == "cgroup2")
-    return f"{mount}/system.slice/{SERVICE}"
+    return f"{mount}/system.slice/{KEEPER}"
 
 
 def test_jobs_run_in_a_delegated_cgroup_leaf(running: Agent) -> None:
-    """Delegate=yes: the agent sits in <unit>/supervisor, each job in <unit>/jobs/<id>."""
+    """Delegate=yes on the keeper's unit: the keeper sits in <unit>/supervisor, each job in
+    <unit>/jobs/<id>; the agent's unit holds the agent alone."""
     client = running.client()
     job = client.start("bash", f"{JOB_DIR}/cgroup.sh")
     assert client.wait(job, timeout=30).state == "SUCCEEDED"
-    assert _v2(output(client, job)) == f"/system.slice/{SERVICE}/jobs/{job}"
+    assert _v2(output(client, job)) == f"/system.slice/{KEEPER}/jobs/{job}"
+    pid = running.keeper("MainPID")["MainPID"]
+    own = running.box.run(["cat", f"/proc/{pid}/cgroup"]).check("cgroup").stdout
+    assert _v2(own) == f"/system.slice/{KEEPER}/supervisor", own
     pid = running.state("MainPID")["MainPID"]
     own = running.box.run(["cat", f"/proc/{pid}/cgroup"]).check("cgroup").stdout
-    assert _v2(own) == f"/system.slice/{SERVICE}/supervisor", own
+    assert _v2(own) == f"/system.slice/{SERVICE}", own
     # The leaf is removed once the job is done.
     assert running.box.run(["test", "-e", f"{_unit_cgroup(running.box)}/jobs/{job}"]).rc != 0
 
@@ -747,7 +825,7 @@ def test_escaped_child_is_gone_after_stop_timeout_and_systemctl_stop(running: Ag
     job = client.start("bash", f"{JOB_DIR}/escape.sh")
     pid = _escapee(client, job)
     running.close_clients()
-    box.systemctl("stop", SERVICE).check("systemctl stop agent")
+    box.systemctl("stop", KEEPER).check("systemctl stop keeper")
     assert not _alive_in(box, pid)
     running.ensure_active()
     assert running.client().query(job).state == "STOPPED"

@@ -1,14 +1,16 @@
 # ruff: noqa: F811 - the fixtures of test_agent_systemd are imported and used by name
 """Both shipped deployments under a real systemd: what a job can and cannot do in each.
 
-One container for the module. First ``systemd/worker-agent.service`` (the unprivileged agent,
-jobs as ``agent``): hostile jobs try to read the key, the history and the audit log, to
-write outside their scratch, to connect to the agent's own port and to signal the agent.
-Then the same container switches to ``systemd/agent-privileged.service`` (the agent as
-root, jobs as per-entry users): a root entry with no capabilities restarts a test
-service, a `nobody` entry running the same command cannot; an entry with
-CAP_NET_BIND_SERVICE binds a port below 1024, the same program in an entry without it
-cannot; and no job, root or not, can read the agent's key.
+One container for the module. The agent is ``systemd/worker-agent.service`` in both
+(the user worker-agent, no capability); the jobs live in its keeper's unit. First
+``systemd/worker-agent-keeper.service`` (jobs as ``worker-agent``): hostile jobs try to
+read the key, the history and the audit log, to write outside their scratch, to connect
+to the agent's own port and to signal the agent or the keeper. Then the same container
+switches to ``systemd/worker-agent-keeper-privileged.service`` (the keeper as root, jobs
+as per-entry users): a root entry with no capabilities restarts a test service, a
+`nobody` entry running the same command cannot; an entry with CAP_NET_BIND_SERVICE binds
+a port below 1024, the same program in an entry without it cannot; and no job, root or
+not, can read the agent's key.
 """
 
 from __future__ import annotations
@@ -39,10 +41,11 @@ from helpers import Certs, free_port, to_toml
 
 pytestmark = pytest.mark.systemd
 
-UNPRIVILEGED = REPO / "systemd" / "worker-agent.service"
-PRIVILEGED = REPO / "systemd" / "worker-agent-privileged.service"
-PRIVILEGED_TMPFILES = REPO / "systemd" / "worker-agent-privileged.tmpfiles"
+AGENT_UNIT = REPO / "systemd" / "worker-agent.service"
+UNPRIVILEGED = REPO / "systemd" / "worker-agent-keeper.service"
+PRIVILEGED = REPO / "systemd" / "worker-agent-keeper-privileged.service"
 SERVICE = "worker-agent.service"
+KEEPER = "worker-agent-keeper.service"
 TARGET = "agent-test-target.service"
 KEY = f"{CERT_DIR}/server.key"
 
@@ -119,8 +122,8 @@ class Deployed:
         assert st.done, st
         return st.exit_code, output(c, job)
 
-    def main_pid(self) -> str:
-        return self.box.unit_properties(SERVICE, "MainPID")["MainPID"]
+    def main_pid(self, unit: str = SERVICE) -> str:
+        return self.box.unit_properties(unit, "MainPID")["MainPID"]
 
     def close(self) -> None:
         for c in self.clients:
@@ -128,16 +131,19 @@ class Deployed:
 
 
 def _install(
-    box: nspawn.Container, unit: Path, config: str, policy: str, certs: Certs, port: int
+    box: nspawn.Container, keeper: Path, config: str, policy: str, certs: Certs, port: int
 ) -> Deployed:
-    box.systemctl("stop", SERVICE)
-    box.copy_in(unit, "/etc/systemd/system/worker-agent.service")
+    """The agent's unit and this deployment's keeper unit (installed under the keeper's
+    name, as docs/deployment.md says), started through the agent's Requires=."""
+    box.systemctl("stop", SERVICE, KEEPER)
+    box.copy_in(AGENT_UNIT, "/etc/systemd/system/worker-agent.service")
+    box.copy_in(keeper, f"/etc/systemd/system/{KEEPER}")
     box.write_file("/etc/worker-agent/config.toml", config, mode=0o640, owner="root:worker-agent")
     box.write_file("/etc/worker-agent/policy.yaml", policy, mode=0o640, owner="root:worker-agent")
     box.systemctl("daemon-reload").check("daemon-reload")
-    box.systemctl("reset-failed", SERVICE)
+    box.systemctl("reset-failed", SERVICE, KEEPER)
     result = box.systemctl("start", SERVICE)
-    assert result.rc == 0, box.journal(SERVICE)
+    assert result.rc == 0, box.journal(SERVICE) + box.journal(KEEPER)
     return Deployed(box, port, certs)
 
 
@@ -186,12 +192,16 @@ def unprivileged(installed: nspawn.Container, certs: Certs) -> Iterator[Deployed
 def privileged(
     installed: nspawn.Container, certs: Certs, unprivileged: Deployed
 ) -> Iterator[tuple[Deployed, int]]:
-    """systemd/worker-agent-privileged.service: root agent, jobs as per-entry users."""
+    """systemd/worker-agent-keeper-privileged.service: root keeper, jobs as per-entry users."""
     unprivileged.close()
     port, low = free_port(), _low_port()
     # The unprivileged config plus what docs/deployment.md adds for this deployment.
     config = to_toml({"confinement": {"scratch_dir": "/var/lib/worker-agent-scratch"}})
-    config += agent_config(port).replace("[jobs]\n", '[jobs]\nrun_as_user = "nobody"\n', 1)
+    config += (
+        agent_config(port)
+        .replace("[jobs]\n", '[jobs]\nrun_as_user = "nobody"\n', 1)
+        .replace("[keeper]\n", '[keeper]\nagent_user = "worker-agent"\n', 1)
+    )
     python = f"""\
           command: /usr/bin/python3
           args: {{max_count: 3}}
@@ -216,14 +226,10 @@ def privileged(
         + "  - name: plain\n    aliases: [plain]\n"
         + textwrap.indent(textwrap.dedent(python), "    ")
     )
-    installed.copy_in(PRIVILEGED_TMPFILES, "/usr/lib/tmpfiles.d/worker-agent.conf")
-    installed.run(
-        "systemd-tmpfiles --create worker-agent.conf", check=True
-    )  # the key is root's now
     d = _install(installed, PRIVILEGED, config, policy, certs, port)
     yield d, low
     d.close()
-    installed.systemctl("stop", SERVICE)
+    installed.systemctl("stop", SERVICE, KEEPER)
 
 
 # -- the unprivileged deployment ------------------------------------------------------
@@ -249,11 +255,13 @@ def test_unprivileged_job_writes_only_its_scratch(unprivileged: Deployed) -> Non
 
 
 def test_unprivileged_job_cannot_connect_or_signal(unprivileged: Deployed) -> None:
-    """A job cannot connect to the agent's own port, nor signal the agent."""
+    """A job cannot connect to the agent's own port, nor signal the agent or the keeper
+    (same user: Landlock's signal scope stops it)."""
     code, out = unprivileged.run("bash", f"{JOB_DIR}/connect.sh", str(unprivileged.port))
     assert "CONNECTED" not in out and "Permission denied" in out, out
-    code, out = unprivileged.run("bash", f"{JOB_DIR}/kill.sh", unprivileged.main_pid())
-    assert "SIGNALLED" not in out and code != 0, out
+    for unit in (SERVICE, KEEPER):
+        code, out = unprivileged.run("bash", f"{JOB_DIR}/kill.sh", unprivileged.main_pid(unit))
+        assert "SIGNALLED" not in out and code != 0, (unit, out)
 
 
 def test_unprivileged_job_is_filtered(unprivileged: Deployed) -> None:
@@ -321,7 +329,7 @@ def test_privileged_capability_entry_listens_on_its_port_only_when_bound(
         "bind": "ok",
         "listen-after-bind": "ok",
         "seccomp": "2",
-    }, out + "\n" + d.box.journal(SERVICE)[-3000:]
+    }, out + "\n" + d.box.journal(KEEPER)[-3000:]
 
 
 def test_privileged_no_job_reads_the_key(privileged: tuple[Deployed, int]) -> None:

@@ -1,9 +1,13 @@
-"""Self-test of the systemd tier: the container harness, and systemd/worker-agent.service under it.
+"""Self-test of the systemd tier: the container harness, and the unit that holds the jobs
+(systemd/worker-agent-keeper.service) under it.
 
-One container is booted for the whole module; the stand-in agent
-(standin_agent.py) is installed in it as /opt/worker-agent/bin/agent and driven over
-loopback TCP from this (host) process, which shares the container's network.
-The tests are ordered: the unit tests run the service through its life cycle.
+One container is booted for the whole module; the stand-in (standin_agent.py) is
+installed in it as /opt/worker-agent/bin/agent, run by the keeper's unit as its
+``agent keeper``, and driven over loopback TCP from this (host) process, which shares
+the container's network: what its "jobs" may do is what the unit lets the real keeper's
+jobs do. The tests are ordered: the unit tests run the service through its life cycle.
+The agent's own unit (systemd/worker-agent.service) runs the real agent in
+test_agent_systemd.py; here it is only verified and rated.
 """
 
 from __future__ import annotations
@@ -26,12 +30,16 @@ pytestmark = pytest.mark.systemd
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-UNIT = REPO / "systemd" / "worker-agent.service"
+UNIT = REPO / "systemd" / "worker-agent-keeper.service"
+AGENT_UNIT = REPO / "systemd" / "worker-agent.service"
+SERVICE = "worker-agent-keeper.service"
 SYSUSERS = REPO / "systemd" / "worker-agent.sysusers"
 TMPFILES = REPO / "systemd" / "worker-agent.tmpfiles"
 WHEELS = ("grpcio", "pyyaml")
 READY_DELAY = 2.0
 MAX_EXPOSURE = 2.0
+# The agent faces the network and holds no job and no privilege.
+MAX_AGENT_EXPOSURE = 1.5
 
 
 @pytest.fixture(scope="module")
@@ -85,12 +93,12 @@ class Agent:
 
     def state(self, *names: str) -> dict[str, str]:
         """Return ``systemctl show`` properties of worker-agent.service."""
-        return self.box.unit_properties("worker-agent.service", *names)
+        return self.box.unit_properties(SERVICE, *names)
 
     def start(self) -> None:
         """Start the unit (clearing a failed state first) and wait until it is active."""
-        self.box.systemctl("reset-failed", "worker-agent.service")
-        self.box.systemctl("start", "worker-agent.service").check("systemctl start agent")
+        self.box.systemctl("reset-failed", SERVICE)
+        self.box.systemctl("start", SERVICE).check("systemctl start agent")
         assert self.state()["ActiveState"] == "active"
 
 
@@ -107,7 +115,7 @@ def agent(container: nspawn.Container, timings: Timings) -> Agent:
     box.write_file(
         "/opt/worker-agent/bin/agent", "#!/opt/worker-agent/bin/python3\n" + standin, mode=0o755
     )
-    box.copy_in(UNIT, "/etc/systemd/system/worker-agent.service")
+    box.copy_in(UNIT, f"/etc/systemd/system/{SERVICE}")
     box.copy_in(SYSUSERS, "/usr/lib/sysusers.d/worker-agent.conf")
     box.copy_in(TMPFILES, "/usr/lib/tmpfiles.d/worker-agent.conf")
     box.run(
@@ -128,22 +136,29 @@ def agent(container: nspawn.Container, timings: Timings) -> Agent:
 # -- the unit file, on the host ---------------------------------------------------
 
 
-def test_unit_verifies_on_host() -> None:
-    """systemd-analyze verify accepts the unit (binary stubbed in a private mount namespace)."""
+@pytest.mark.parametrize("unit", [UNIT, AGENT_UNIT], ids=lambda u: u.name)
+def test_unit_verifies_on_host(unit: Path) -> None:
+    """systemd-analyze verify accepts the units (binary stubbed in a private mount namespace)."""
     if nspawn.skip_reason():
         pytest.skip(nspawn.skip_reason() or "")
-    result = nspawn.verify_unit(UNIT)
+    result = nspawn.verify_unit(unit)
     assert result.rc == 0, result
     assert result.stderr.strip() == "", result.stderr
 
 
-def test_unit_security_exposure_is_low() -> None:
-    """systemd-analyze security --offline rates the unit at most 2.0."""
+@pytest.mark.parametrize(
+    ("unit", "most"),
+    [(UNIT, MAX_EXPOSURE), (AGENT_UNIT, MAX_AGENT_EXPOSURE)],
+    ids=["keeper", "agent"],
+)
+def test_unit_security_exposure_is_low(unit: Path, most: float) -> None:
+    """systemd-analyze security --offline rates the keeper's unit at most 2.0, the
+    agent's (no job, no capability) at most 1.5."""
     if nspawn.skip_reason():
         pytest.skip(nspawn.skip_reason() or "")
-    exposure, report = nspawn.security_exposure(UNIT)
+    exposure, report = nspawn.security_exposure(unit)
     print(report)
-    assert exposure <= MAX_EXPOSURE, report
+    assert exposure <= most, report
 
 
 # -- the harness ------------------------------------------------------------------
@@ -249,16 +264,16 @@ def test_wheels_install_without_an_index(agent: Agent) -> None:
 def test_unit_verifies_in_container(agent: Agent) -> None:
     """Verify passes where /opt/worker-agent/bin/agent really exists."""
     result = agent.box.run(
-        ["systemd-analyze", "verify", "--man=no", "/etc/systemd/system/worker-agent.service"]
+        ["systemd-analyze", "verify", "--man=no", f"/etc/systemd/system/{SERVICE}"]
     )
     assert (result.rc, result.stderr) == (0, ""), result
 
 
 def test_active_only_after_ready(agent: Agent) -> None:
     """The unit stays activating until READY=1, then is active (Type=notify)."""
-    agent.box.systemctl("start", "--no-block", "worker-agent.service").check("start")
+    agent.box.systemctl("start", "--no-block", SERVICE).check("start")
     assert agent.state()["ActiveState"] == "activating"
-    state = agent.box.wait_unit("worker-agent.service", ["active", "failed"], timeout=30)
+    state = agent.box.wait_unit(SERVICE, ["active", "failed"], timeout=30)
     assert state["ActiveState"] == "active", state
     status = agent.ask({"op": "status"})
     times = agent.state("ExecMainStartTimestampMonotonic", "ActiveEnterTimestampMonotonic")
@@ -268,16 +283,16 @@ def test_active_only_after_ready(agent: Agent) -> None:
     assert started + READY_DELAY * 1e6 <= status["ready_usec"] <= active
 
 
-def test_agent_identity_directories_and_watchdog(agent: Agent) -> None:
-    """The agent runs as user agent with its directories and the watchdog armed."""
+def test_keeper_identity_and_directories(agent: Agent) -> None:
+    """The keeper runs as user worker-agent with its directories (no log directory: the
+    audit log is the agent's; no watchdog: it serves no network)."""
     status = agent.ask({"op": "status"})
     uid = int(agent.box.run(["id", "-u", "worker-agent"], check=True).stdout)
     assert (status["uid"], status["gid"]) == (uid, uid)
     assert status["state_directory"] == "/var/lib/worker-agent"
-    assert status["logs_directory"] == "/var/log/worker-agent"
+    assert status["logs_directory"] is None
     assert status["configuration_directory"] == "/etc/worker-agent"
-    assert status["watchdog_usec"] == "30000000"
-    assert agent.state("WatchdogUSec")["WatchdogUSec"] == "30s"
+    assert status["watchdog_usec"] is None
     modes = agent.box.run(
         [
             "stat",
@@ -285,26 +300,24 @@ def test_agent_identity_directories_and_watchdog(agent: Agent) -> None:
             "%n %U %G %a",
             "/etc/worker-agent",
             "/var/lib/worker-agent",
-            "/var/log/worker-agent",
         ]
     )
     assert modes.stdout.splitlines() == [
         "/etc/worker-agent root worker-agent 750",
         "/var/lib/worker-agent worker-agent worker-agent 750",
-        "/var/log/worker-agent worker-agent worker-agent 750",
     ]
 
 
 def test_reload_sends_sighup_and_stays_active(agent: Agent) -> None:
     """Reload reaches the agent (RELOADING=1 ... READY=1) and the unit stays active."""
-    agent.box.systemctl("reload", "worker-agent.service").check("reload")
+    agent.box.systemctl("reload", SERVICE).check("reload")
     # systemd 252 ends the reload job when `kill -HUP` exits, not when the agent
     # has reloaded (that needs Type=notify-reload, systemd >= 253): poll.
     deadline = time.monotonic() + 10
     while agent.ask({"op": "status"})["reloads"] < 1:
         assert time.monotonic() < deadline, "SIGHUP never reached the agent"
         time.sleep(0.05)
-    state = agent.box.wait_unit("worker-agent.service", ["active"], timeout=10)
+    state = agent.box.wait_unit(SERVICE, ["active"], timeout=10)
     assert state["SubState"] == "running"
     assert agent.state("ReloadResult") == {"ReloadResult": "success"}
 
@@ -325,7 +338,8 @@ def test_reload_sends_sighup_and_stays_active(agent: Agent) -> None:
     ],
 )
 def test_jobs_cannot_write_outside_state_and_tmp(agent: Agent, path: str) -> None:
-    """A job can create files only in /var/lib/worker-agent, /var/log/worker-agent and /tmp."""
+    """A job can create files only in /var/lib/worker-agent and /tmp (the unit's part;
+    Landlock narrows it to the job's scratch)."""
     result = agent.job("bash", "-c", f"echo x > {shlex.quote(path)}")
     assert result["rc"] != 0, result
     assert agent.box.run(["test", "-e", path]).rc != 0
@@ -428,7 +442,7 @@ def test_stop_ends_inactive_and_reaps_jobs(agent: Agent) -> None:
     """SIGTERM: the agent stops its jobs and exits 0, the unit ends inactive, not failed."""
     agent.ask({"op": "spawn_bg", "argv": ["bash", "-c", "sleep 300 & sleep 301; wait"]})
     assert agent.box.run(["pgrep", "-u", "worker-agent", "sleep"]).rc == 0
-    agent.box.systemctl("stop", "worker-agent.service").check("stop")
+    agent.box.systemctl("stop", SERVICE).check("stop")
     assert agent.state() == {"ActiveState": "inactive", "SubState": "dead", "Result": "success"}
     assert agent.box.run(["pgrep", "-u", "worker-agent"]).rc == 1
 
@@ -436,10 +450,10 @@ def test_stop_ends_inactive_and_reaps_jobs(agent: Agent) -> None:
 def test_crash_is_restarted(agent: Agent) -> None:
     """A killed agent is restarted (Restart=on-failure) after RestartSec."""
     agent.start()
-    agent.box.systemctl("kill", "--signal=KILL", "worker-agent.service").check("kill")
-    state = agent.box.wait_unit("worker-agent.service", ["activating", "failed"], timeout=10)
+    agent.box.systemctl("kill", "--signal=KILL", SERVICE).check("kill")
+    state = agent.box.wait_unit(SERVICE, ["activating", "failed"], timeout=10)
     assert state["SubState"] == "auto-restart", state
-    agent.box.wait_unit("worker-agent.service", ["active", "failed"], timeout=30)
+    agent.box.wait_unit(SERVICE, ["active", "failed"], timeout=30)
     assert agent.state("ActiveState", "NRestarts") == {"ActiveState": "active", "NRestarts": "1"}
 
 
@@ -447,13 +461,13 @@ def test_exit_status_2_is_not_restarted(agent: Agent) -> None:
     """Exit 2 (invalid configuration) fails the unit without a restart loop."""
     with pytest.raises((ConnectionError, json.JSONDecodeError)):
         agent.ask({"op": "exit", "code": 2}, timeout=5)
-    state = agent.box.wait_unit("worker-agent.service", ["failed", "inactive"], timeout=10)
+    state = agent.box.wait_unit(SERVICE, ["failed", "inactive"], timeout=10)
     assert (state["SubState"], state["Result"]) == ("failed", "exit-code"), state
 
 
 def test_ip_address_deny_is_enforced(agent: Agent) -> None:
     """IPAddressDeny=any holds: with the allow list narrowed to 127.0.0.1, 127.0.0.2 is refused."""
-    dropin = "/run/systemd/system/worker-agent.service.d/narrow.conf"
+    dropin = f"/run/systemd/system/{SERVICE}.d/narrow.conf"
     agent.box.write_file(dropin, "[Service]\nIPAddressAllow=\nIPAddressAllow=127.0.0.1\n")
     agent.box.systemctl("daemon-reload").check("daemon-reload")
     try:
@@ -467,6 +481,6 @@ def test_ip_address_deny_is_enforced(agent: Agent) -> None:
         )
         assert agent.job("python3", "-c", probe)["stdout"] == "127.0.0.1 sent\n127.0.0.2 denied\n"
     finally:
-        agent.box.systemctl("stop", "worker-agent.service")
+        agent.box.systemctl("stop", SERVICE)
         agent.box.run(["rm", "-f", dropin])
         agent.box.systemctl("daemon-reload")

@@ -5,7 +5,8 @@ The steps of docs/deployment.md, in order, in one booted Debian 12 container:
 ``apt-get install ./worker-agent_*.deb`` inside (no network: the container has
 no package lists), per-host certificates from ``agent pki issue`` with an
 openssl CA, a job from the host over mTLS, ``agentctl`` with an operator's
-certificate, an upgrade to the package of a later version, revocation by CRL
+certificate, an upgrade to the package of a later version with a job running (it runs
+on and ends with its true exit code and whole output), revocation by CRL
 and reload, remove and purge. The tests depend on each other's order (one life
 cycle).
 """
@@ -33,6 +34,8 @@ pytestmark = pytest.mark.systemd
 
 REPO = Path(__file__).resolve().parents[2]
 SERVICE = "worker-agent.service"
+KEEPER = "worker-agent-keeper.service"
+GATE_SCRIPT = "/usr/local/lib/upgrade-jobs/gate.sh"
 HOST = "agent-test.agents.example.com"
 CERTS = "/etc/worker-agent/certs"
 CONFIG = "/etc/worker-agent/config.toml"
@@ -46,6 +49,17 @@ entries:
     command: /bin/echo
     aliases: [echo]
     args: {max_count: 8, max_length: 256}
+  - name: gate
+    command: /bin/bash
+    aliases: [bash]
+    scripts: ["/usr/local/lib/upgrade-jobs/gate.sh"]
+"""
+# A job that outlives the upgrade: a line, a wait for its gate, a line, exit 7.
+GATE = """#!/bin/bash
+echo before
+while [ ! -e /run/upgrade-gate ]; do sleep 0.1; done
+echo after
+exit 7
 """
 
 
@@ -151,6 +165,7 @@ def test_install_creates_user_unit_and_conffiles_but_does_not_start(
     assert r.rc == 0, r.stdout + r.stderr
     assert box.run(["id", "-u", "worker-agent"]).rc == 0
     assert box.systemctl("is-enabled", SERVICE).stdout.strip() == "enabled"
+    assert box.systemctl("is-enabled", KEEPER).stdout.strip() == "enabled"
     props = box.unit_properties(SERVICE, "ActiveState", "ConditionResult")
     assert props == {"ActiveState": "inactive", "ConditionResult": "no"}, props
     status = box.systemctl("status", SERVICE).stdout
@@ -185,6 +200,8 @@ def test_per_host_certificates_start_the_agent_and_a_job_runs(
         check=True,
     )
     box.write_file("/etc/worker-agent/policy.yaml", POLICY, mode=0o640, owner="root:worker-agent")
+    box.write_file(GATE_SCRIPT, GATE, mode=0o755, owner="root:root")
+    box.run(["chmod", "0755", "/usr/local/lib/upgrade-jobs"], check=True)
     check = box.run(["worker-agent", "check-config"], user="worker-agent")
     assert check.rc == 0, check.stdout + check.stderr
     box.systemctl("start", SERVICE).check("start")
@@ -225,14 +242,31 @@ def test_agentctl_calls_the_host_with_an_operators_certificate(
     assert "SUCCEEDED" in named.stdout
 
 
-def test_upgrade_keeps_configuration_and_history(
+def test_upgrade_keeps_configuration_history_and_running_jobs(
     box: nspawn.Container, operator: Operator, port: int
 ) -> None:
-    """Installing a rebuilt package restarts the agent with the same config, certs and jobs."""
+    """Installing a rebuilt package restarts the agent with the same config, certs and
+    history, and re-executes the keeper in place: a job running across the upgrade runs
+    on and ends with its true exit code and its whole output."""
     before = hashlib.sha256(box.read_file(CONFIG)).hexdigest()
     job = box.read_file("/root/first-job").decode()
+    with _client(operator, port) as c:
+        running = c.start("bash", GATE_SCRIPT)
+        seen = b""
+        for chunk in c.stream(running, follow=True, timeout=20):
+            seen += chunk
+            if b"before\n" in seen:
+                break
+    keeper = box.unit_properties(KEEPER, "MainPID", "InvocationID")
+    agent_pid = box.unit_properties(SERVICE, "MainPID")["MainPID"]
     r = box.run(["apt-get", "install", "-y", f"/pkg/{operator.upgrade.name}"], timeout=300)
     assert r.rc == 0, r.stdout + r.stderr
+    # The same keeper process, running the new code; a new agent.
+    assert box.unit_properties(KEEPER, "MainPID", "InvocationID") == keeper
+    cmdline = box.read_file(f"/proc/{keeper['MainPID']}/cmdline")
+    assert b"--resume-fd" in cmdline, cmdline
+    box.wait_unit(SERVICE, ["active"], timeout=30)
+    assert box.unit_properties(SERVICE, "MainPID")["MainPID"] != agent_pid
     version = box.run(["dpkg-query", "-W", "-f=${Version}", "worker-agent"]).stdout
     assert version == UPGRADE_VERSION
     assert box.run(["worker-agent", "--version"]).stdout.strip() == f"agent {UPGRADE_VERSION}"
@@ -240,6 +274,11 @@ def test_upgrade_keeps_configuration_and_history(
     box.wait_unit(SERVICE, ["active"], timeout=30)
     with _client(operator, port) as c:
         assert c.query(job).state == "SUCCEEDED"  # history survived
+        assert c.query(running).state == "RUNNING"
+        box.run(["touch", "/run/upgrade-gate"], check=True)
+        st = c.wait(running, timeout=30)
+        assert (st.state, st.exit_code) == ("FAILED", 7), st
+        assert b"".join(c.stream(running)) == b"before\nafter\n"
 
 
 def test_revoked_client_is_refused_after_reload(
@@ -269,6 +308,7 @@ def test_remove_keeps_state_and_purge_removes_it(box: nspawn.Container) -> None:
     r = box.run(["apt-get", "remove", "-y", "worker-agent"], timeout=120)
     assert r.rc == 0, r.stdout + r.stderr
     assert box.unit_properties(SERVICE)["ActiveState"] == "inactive"
+    assert box.unit_properties(KEEPER)["ActiveState"] == "inactive"
     kept = box.run(["ls", CONFIG, f"{CERTS}/server.key", "/var/lib/worker-agent/jobs.sqlite3"])
     assert kept.rc == 0, kept.stderr
     assert box.run(["test", "-e", "/opt/worker-agent"]).rc == 1

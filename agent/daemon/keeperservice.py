@@ -1,0 +1,114 @@
+"""``agent keeper``: the job keeper as a service of its own (``[keeper] mode = "service"``).
+
+The keeper (:mod:`agent.daemon.keeper`) is normally the agent's child; as a service
+(the unit worker-agent-keeper.service) it is started on its own, before the agent, and
+outlives every restart, crash and upgrade of the agent: stopping the agent leaves the
+jobs running, stopping the keeper stops them (docs/deployment.md, "Stopping, restarting,
+upgrading").
+
+This module is the keeper's set-up, run once: it reads the configuration, checks the
+directories the keeper writes (state, output, scratch), makes the job cgroup subtree
+(under systemd: its own unit's, delegated) and the socket, then *replaces itself* with
+the keeper (``execve``, same pid: systemd's main process stays the keeper). The set-up
+imports what the agent's configuration needs; the keeper that follows starts from a fresh
+interpreter and loads only its own modules, so its memory stays the keeper's.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import socket
+import sys
+
+from agent.configfile import ConfigError
+from agent.daemon import spawnproto as proto
+from agent.daemon.config import Config
+from agent.daemon.keeperclient import KEEPER_ENDED, KEEPER_SOCKET, keeper_argv
+from agent.daemon.spawn import SPAWN_ENV, _interpreter
+from agent.daemon.startup import (
+    check_private_dir,
+    check_scratch_dir,
+    deny_paths,
+    setup_cgroups,
+)
+
+# What the keeper keeps of its environment: the service manager's notification socket
+# and the spawn path override (tests); nothing reaches a job (its environment is built
+# from the policy).
+KEPT_ENV = ("NOTIFY_SOCKET", "INVOCATION_ID", SPAWN_ENV)
+
+
+def agent_uid(cfg: Config) -> int:
+    """The uid whose agent may attach: ``[keeper] agent_user``, else the keeper's own."""
+    name = cfg.keeper.agent_user
+    if not name:
+        return os.geteuid()
+    if name.isdigit():
+        return int(name)
+    try:
+        return pwd.getpwnam(name).pw_uid
+    except KeyError:
+        raise ConfigError(cfg.path, "keeper", "agent_user", f"no such user: {name!r}") from None
+
+
+def answers(path: str) -> bool:
+    """Whether a keeper already listens at ``path``."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    try:
+        proto.bind_long(sock, path, connect=True)
+    except OSError:
+        return False
+    finally:
+        sock.close()
+    return True
+
+
+def main(cfg: Config) -> int:
+    """Set up and become the keeper; returns only on failure (2: configuration, 1: other)."""
+    try:
+        uid = agent_uid(cfg)
+        # The state and output directories are the agent's (its history, its reads of
+        # the output); the keeper writes there as that user or as root.
+        for key, where in (("state_dir", cfg.jobs.state_dir), ("output_dir", cfg.output_dir)):
+            check_private_dir(cfg, "jobs", key, where, create=True, owner=uid)
+        check_scratch_dir(cfg, deny_paths(cfg), create=True)
+        subtree, _, warnings = setup_cgroups(cfg)
+    except ConfigError as e:
+        print(f"agent keeper: {e}", file=sys.stderr)
+        return 2
+    for w in warnings:
+        print(f"agent keeper: warning: {w}", file=sys.stderr)
+    path = str(cfg.jobs.state_dir / KEEPER_SOCKET)
+    if answers(path):
+        print(f"agent keeper: a job keeper already listens at {path}", file=sys.stderr)
+        return 1
+    try:
+        listener = proto.listen_at(path)
+    except OSError as e:
+        print(f"agent keeper: cannot listen at {path}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    if os.geteuid() == 0 and uid != 0:
+        # The socket is 0600: a root keeper lets its agent's user connect (and nobody
+        # else: the keeper checks the peer's uid as well).
+        try:
+            os.chown(path, uid, -1)
+        except OSError as e:
+            print(f"agent keeper: cannot give {path} to uid {uid}: {e}", file=sys.stderr)
+            return 1
+    listener.set_inheritable(True)
+    argv = keeper_argv(
+        listener.fileno(),
+        str(cfg.output_dir),
+        subtree,
+        agent_uid=uid,
+        service=True,
+        ended_file=str(cfg.jobs.state_dir / KEEPER_ENDED),
+    )
+    env = {k: os.environ[k] for k in KEPT_ENV if k in os.environ}
+    sys.stderr.flush()
+    try:
+        os.execve(_interpreter(), argv, env)  # noqa: S606 - no shell, by design
+    except OSError as e:
+        print(f"agent keeper: cannot start the keeper: {e.strerror or e}", file=sys.stderr)
+    return 1
