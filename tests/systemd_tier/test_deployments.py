@@ -264,6 +264,29 @@ def test_unprivileged_job_cannot_connect_or_signal(unprivileged: Deployed) -> No
         assert "SIGNALLED" not in out and code != 0, (unit, out)
 
 
+# A job that tries to talk to the job keeper (same user as the keeper and the agent here).
+ATTACH = (
+    "import socket\n"
+    "s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)\n"
+    "try:\n"
+    "    s.connect('/var/lib/worker-agent/keeper.sock'); s.settimeout(5)\n"
+    "    print('GOT', len(s.recv(65536)))\n"
+    "except OSError as e:\n"
+    "    print('REFUSED', type(e).__name__)\n"
+)
+
+
+def test_unprivileged_job_cannot_talk_to_the_keeper(unprivileged: Deployed) -> None:
+    """A job of the keeper's and the agent's own user cannot attach to the keeper: Landlock
+    keeps the state directory (and its socket) from it; and were it to connect, the keeper
+    would refuse it as its own descendant, in a job cgroup (tests/test_keeper_survival.py)."""
+    code, out = unprivileged.run("py", "-c", ATTACH)
+    assert out.startswith("REFUSED") or out == "GOT 0\n", out
+    # The agent's own attachment is untouched.
+    code, out = unprivileged.run("bash", f"{JOB_DIR}/home.sh")
+    assert code == 0, out
+
+
 def test_unprivileged_job_is_filtered(unprivileged: Deployed) -> None:
     """Under the shipped unit the job's seccomp filter is installed: MPTCP, UDP and listen()
     (the entry has no bind_tcp) are refused with EPERM, the bind by Landlock."""
