@@ -15,9 +15,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_quick_bench_prints_json_lines_and_writes_the_table(tmp_path: Path) -> None:
     """--quick emits one JSON object per line, every mode's compare and box records, the table."""
     out = tmp_path / "results"

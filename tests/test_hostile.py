@@ -611,6 +611,7 @@ def _hostile_start(draw: st.DrawFn, w: World) -> tuple[str, pb.StartJobReq]:
     return identity, req
 
 
+@pytest.mark.slow
 @HYPOTHESIS
 @given(data=st.data())
 def test_random_start_requests_are_refused_cleanly(world: World, data: st.DataObject) -> None:
@@ -634,6 +635,7 @@ def test_random_start_requests_are_refused_cleanly(world: World, data: st.DataOb
     piece=hs.weird_char,
     data=st.data(),
 )
+@pytest.mark.slow
 def test_one_hostile_character_in_an_allowed_request(
     world: World, where: str, piece: str, data: st.DataObject
 ) -> None:
@@ -684,6 +686,7 @@ def _trap_paths(w: World) -> list[str]:
     return sorted(out)
 
 
+@pytest.mark.slow
 @HYPOTHESIS
 @given(data=st.data())
 def test_random_requests_for_unsafe_files_never_run(world: World, data: st.DataObject) -> None:

@@ -302,6 +302,7 @@ def test_agent_registers_once_with_an_original_scheduler_over_tls(
     assert "PLAINTEXT" not in a.log()
 
 
+@pytest.mark.slow
 def test_restarted_original_scheduler_gets_one_new_registration(
     make_agent: AgentFactory, originals: Callable[..., Original]
 ) -> None:

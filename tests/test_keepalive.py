@@ -147,6 +147,7 @@ def _idle(a: AgentProcess, seconds: float, monkeypatch: pytest.MonkeyPatch) -> d
             c.close()
 
 
+@pytest.mark.slow
 def test_idle_clients_are_never_sent_too_many_pings(
     scaled_agent: Callable[[float], AgentProcess], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -505,6 +505,7 @@ def test_retention_never_touches_files_it_does_not_own(
 # ---------------------------------------------------------------- scale
 
 
+@pytest.mark.slow
 def test_thousand_short_jobs_and_two_hundred_concurrent(
     make_agent: AgentFactory, script_dir: Path
 ) -> None:

@@ -104,6 +104,7 @@ def _workers(s: SchedulerProcess) -> list[dict[str, str]]:
     return json.loads(r.stdout)  # type: ignore[no-any-return]
 
 
+@pytest.mark.slow
 def test_agent_starts_without_scheduler_and_registers_when_it_comes(
     make_agent: AgentFactory, scheduler: SchedulerProcess, certs: Certs
 ) -> None:

@@ -22,7 +22,7 @@ import pytest
 from .netns import Fleet, available
 from helpers import ROOT, Certs, default_config, gen_certs, policy_for, to_toml
 
-pytestmark = pytest.mark.fleet
+pytestmark = [pytest.mark.fleet, pytest.mark.slow]
 
 SCHED_PORT = 50001
 AGENT_PORT = 50000

@@ -24,7 +24,7 @@ import pytest
 
 from .netns import Fleet, available, cleanup_stale
 
-pytestmark = pytest.mark.fleet
+pytestmark = [pytest.mark.fleet, pytest.mark.slow]
 
 ECHO_PORT = 7000
 SINK_PORT = 7001
