@@ -110,6 +110,7 @@ def snapshot(k: Keeper) -> dict[str, Any]:
         "listener": k.listener.fileno(),
         "agent_uid": k.agent_uid,
         "output_dir": k.output_dir,
+        "config": None if k.decider is None else k.decider.config_path,
         "subtree": None
         if k.subtree is None
         else {"jobs": str(k.subtree.jobs), "controllers": sorted(k.subtree.controllers)},
