@@ -64,6 +64,16 @@ def test_the_keeper_imports_no_grpc_asyncio_or_yaml(module: str) -> None:
     assert _run(code) == "[]"
 
 
+def test_the_agent_parses_no_policy_itself() -> None:
+    """The agent decides no start (the keeper does): its server and start-up checks do
+    not bring yaml into its memory (the policy is checked by a loader process)."""
+    code = (
+        "import agent.daemon.server, agent.daemon.startup, agent.daemon.cli, sys; "
+        "print('yaml' in sys.modules)"
+    )
+    assert _run(code) == "False"
+
+
 def test_agentctl_module_does_not_import_grpc_early() -> None:
     """Importing agentctl's module sets grpc's log environment and does not load grpc."""
     code = (

@@ -29,7 +29,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
     from agent.configfile import ConfigError
@@ -288,9 +288,9 @@ class Decider:
         """
         if self.config_path is None:
             raise LoadError("the job keeper was started without --config: no policy file")
-        _, pol, warnings = load_in_child(self.config_path, self.settings.cgroups)
-        self.policy = pol
-        return len(pol.entries), warnings
+        loaded = load_in_child(self.config_path, self.settings.cgroups)
+        self.policy = loaded.policy
+        return len(loaded.policy.entries), loaded.policy_warnings
 
 
 def settings_of(cfg: Config, user: JobUser, subtree: cgroups.Subtree | None) -> Settings:
@@ -317,18 +317,25 @@ def settings_of(cfg: Config, user: JobUser, subtree: cgroups.Subtree | None) -> 
     )
 
 
-def load_decider(
-    cfg: Config, subtree: cgroups.Subtree | None
-) -> tuple[Settings, policy_mod.Policy, list[str]]:
+class Loaded(NamedTuple):
+    """A configuration's job settings and policy, loaded and confined."""
+
+    settings: Settings
+    policy: policy_mod.Policy
+    user_warnings: list[str]  # about the job user ([jobs] run_as_user)
+    policy_warnings: list[str]  # about the policy's entries and confinement
+
+
+def load_decider(cfg: Config, subtree: cgroups.Subtree | None) -> Loaded:
     """The job settings and the policy of a configuration, loaded and confined as the
-    agent's start-up checks them; (settings, policy, warnings).
+    agent's start-up checks them.
 
     Raises ConfigError (a job user that cannot be) or PolicyError.
     """
     user, warnings = resolve_job_user(cfg)
     deny = deny_paths(cfg)
     pol, w = load_policy(cfg, deny, reader=job_reader(user))
-    return settings_of(cfg, user, subtree), pol, warnings + w
+    return Loaded(settings_of(cfg, user, subtree), pol, warnings, w)
 
 
 class LoadError(Exception):
@@ -343,18 +350,17 @@ LOADER_MAIN = (
 LOADER_OUTPUT_MAX = 64 << 20
 
 
-def load_in_child(
-    config_path: str, subtree: cgroups.Subtree | None
-) -> tuple[Settings, policy_mod.Policy, list[str]]:
+def load_in_child(config_path: str, subtree: cgroups.Subtree | None) -> Loaded:
     """Load the configuration and the policy in a loader process (this code, a fresh
     interpreter, the keeper's own config path: nothing the agent says reaches it) and
-    take the result; (settings, policy, warnings). Raises LoadError.
+    take the result. Raises LoadError.
 
     Why a process: parsing TOML and YAML needs tomllib, yaml and the config module,
     about 2 MB that would stay in the keeper's memory for its whole life (the agent and
     the keeper together have a memory budget); the decisions need none of them. The
-    result comes back pickled over a pipe only the loader holds: data from this
-    package's own code, never from the agent.
+    agent's start-up checks the policy the same way (it decides nothing, so yaml stays
+    out of its memory too). The result comes back pickled over a pipe only the loader
+    holds: data from this package's own code, never from the agent.
     """
     # The C unpickler alone: pickle.py would bring 200 kB more of modules.
     loads: Any = importlib.import_module("_pickle").loads
@@ -390,10 +396,10 @@ def load_in_child(
     result = loads(bytes(data))  # this package's own loader, see above
     if result[0] != "ok":
         raise LoadError(str(result[1]))
-    _, settings, pol, warnings = result
-    if not isinstance(settings, Settings) or not isinstance(pol, policy_mod.Policy):
+    loaded = result[1]
+    if not isinstance(loaded, Loaded) or not isinstance(loaded.policy, policy_mod.Policy):
         raise LoadError("the policy loader answered something else")
-    return settings, pol, [str(x) for x in warnings]
+    return loaded
 
 
 def loader_main(argv: list[str]) -> int:
@@ -408,8 +414,7 @@ def loader_main(argv: list[str]) -> int:
     if len(argv) == 3:
         subtree = cgroups.Subtree(Path(argv[1]), frozenset(c for c in argv[2].split(",") if c))
     try:
-        settings, pol, warnings = load_decider(config_mod.load(argv[0]), subtree)
-        result: tuple[Any, ...] = ("ok", settings, pol, warnings)
+        result: tuple[Any, ...] = ("ok", load_decider(config_mod.load(argv[0]), subtree))
     except (ConfigError, policy_mod.PolicyError, OSError) as e:
         result = ("error", str(e))
     sys.stdout.buffer.write(pickle.dumps(result))

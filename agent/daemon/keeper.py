@@ -1009,12 +1009,11 @@ def load_decider(config: str, subtree: cgroups.Subtree | None) -> tuple[str, Dec
     """The decider of the configuration at ``config`` ((why not, None) when it cannot be
     had: the keeper then says why and exits, or, resuming, refuses every start)."""
     try:
-        settings, pol, warnings = load_in_child(config, subtree)
+        loaded = load_in_child(config, subtree)
     except LoadError as e:
         return f"cannot load the configuration and policy: {e}", None
-    for w in warnings:
-        log(f"warning: {w}")
-    return "", Decider(settings, pol, config_path=config)
+    # Said by the agent's start-up already (it checks the same files the same way).
+    return "", Decider(loaded.settings, loaded.policy, config_path=config)
 
 
 def resume(fd: int) -> int:

@@ -27,11 +27,13 @@ from agent.daemon.config import Config
 from agent.daemon.decision import (
     CGROUP_LIMITS,
     JobUser,
+    LoadError,
     _within,
     confine_policy,
     deny_paths,
     instance_id,
     job_reader,
+    load_in_child,
     load_policy,
     resolve_job_user,
 )
@@ -297,11 +299,14 @@ def prepare(cfg: Config, *, create_dirs: bool = True) -> Prepared:
     job_user, w = resolve_job_user(cfg)
     warnings.extend(w)
     deny = deny_paths(cfg)
+    # Loaded and confined as the job keeper will (agent.daemon.decision.load_in_child:
+    # a loader process, so yaml stays out of the agent, which decides nothing).
     try:
-        pol, w = load_policy(cfg, deny, reader=job_reader(job_user))
-    except policy_mod.PolicyError as e:
+        loaded = load_in_child(str(cfg.path), None)
+    except LoadError as e:
         raise _err(cfg, "jobs", "policy_file", str(e)) from None
-    warnings.extend(w)
+    pol = loaded.policy
+    warnings.extend(loaded.policy_warnings)
     if not pol.entries:
         warnings.append(
             f"the policy {cfg.jobs.policy_file} allows nothing: every StartJob will be denied"
