@@ -523,7 +523,12 @@ class KeeperClient:
                 # Its start was cancelled before the answer: the job must not run unseen.
                 started.cancel()
                 return
-            admitted.set_result(Admission(self, job_id, started, msg))
+            try:
+                admitted.set_result(Admission(self, job_id, started, msg))
+            except (KeyError, TypeError, ValueError) as e:
+                # Never a hung StartJob: refused here, and the job (if it starts) stopped.
+                started.cancel()
+                admitted.set_exception(SpawnFailure(errno.EPROTO, f"bad admission: {e}"))
         elif op == "started":
             admitted, started, job_id, sink = self._pending.pop(msg["id"])
             pid = msg.get("pid")
