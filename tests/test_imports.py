@@ -49,15 +49,29 @@ def test_daemon_entry_and_config_do_not_import_grpc(module: str) -> None:
     assert _run(f"import {module}, sys; print('grpc' in sys.modules)") == "False"
 
 
-@pytest.mark.parametrize("module", ["agent.daemon.keeper", "agent.daemon.keeperstate"])
+@pytest.mark.parametrize(
+    "module", ["agent.daemon.keeper", "agent.daemon.keeperstate", "agent.daemon.decision"]
+)
 def test_the_keeper_imports_no_grpc_asyncio_or_yaml(module: str) -> None:
-    """The job keeper faces no network and parses no policy: grpc, asyncio and yaml stay
-    out of it (and out of its memory), whatever it grows."""
+    """The job keeper faces no network: grpc and asyncio stay out of it (and out of its
+    memory), whatever it grows. It decides with the policy but parses none itself (its
+    loader process does, see agent.daemon.decision), so yaml stays out too."""
     code = (
         f"import {module}, sys; "
-        "print(sorted(m for m in ('grpc', 'asyncio', 'yaml') if m in sys.modules))"
+        "print(sorted(m for m in ('grpc', 'asyncio', 'yaml', 'tomllib', 'hashlib') "
+        "if m in sys.modules))"
     )
     assert _run(code) == "[]"
+
+
+def test_the_agent_parses_no_policy_itself() -> None:
+    """The agent decides no start (the keeper does): its server and start-up checks do
+    not bring yaml into its memory (the policy is checked by a loader process)."""
+    code = (
+        "import agent.daemon.server, agent.daemon.startup, agent.daemon.cli, sys; "
+        "print('yaml' in sys.modules)"
+    )
+    assert _run(code) == "False"
 
 
 def test_agentctl_module_does_not_import_grpc_early() -> None:

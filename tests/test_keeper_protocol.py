@@ -1,9 +1,15 @@
 """The job keeper's protocol, spoken directly to a real keeper process.
 
 Each test starts ``agent.daemon.keeper`` the way the agent does (a fresh isolated
-interpreter, here listening at ``--socket`` in the test's directory) and plays the agent
-over its SOCK_SEQPACKET socket with :mod:`agent.daemon.spawnproto`: starts, stops,
-acknowledgements, detaching and attaching again, and messages no agent would send.
+interpreter with ``--config``, here listening at ``--socket`` in the test's directory)
+and plays the agent over its SOCK_SEQPACKET socket with :mod:`agent.daemon.spawnproto`:
+starts, stops, acknowledgements, reloads, detaching and attaching again, and messages
+no agent would send. The keeper decides every start itself, from its own config file
+and policy (:mod:`agent.daemon.decision`): the agent sends only who asks and what. So
+these tests are also the compromised agent of issue 24: whatever it sends (commands
+the policy does not have, an identity another entry is kept for, a forged plan, argv,
+user or capabilities, descriptors, limits above the maxima), nothing starts but what
+the policy allows some identity to start, as the user the configuration gives.
 What the keeper decides on its own (the output cap, the timeout, the stop grace, the
 end of a job while no agent is attached) is checked here against real processes; the
 supervisor's side of the same protocol is tests/test_supervisor_unit.py.
@@ -14,7 +20,9 @@ from __future__ import annotations
 import copy
 import json
 import os
+import pwd
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -29,20 +37,56 @@ import pytest
 
 import agent
 from agent.daemon import spawnproto as proto
-from agent.daemon.keeper import JOB_ID, check_run
-from agent.daemon.keeperclient import RunSpec
-from agent.daemon.spawn import SPAWN_ENV, plan_of
-from agent.daemon.spawner import check_plan
+from agent.daemon.admission import StartRequest
+from agent.daemon.decision import NO_CGROUP_NOTE, request_from_wire, request_to_wire
+from agent.daemon.keeper import JOB_ID
+from agent.daemon.spawn import SPAWN_ENV
 
-from helpers import IS_ROOT, spawn_spec, wait_for
+from helpers import IS_ROOT, make_safe_dir, to_toml, wait_for
 
 PACKAGE_ROOT = str(Path(agent.__file__).resolve().parent.parent)
 KEEPER_MAIN = (
     "import sys; sys.path.insert(0, sys.argv.pop(1)); "
     "from agent.daemon.keeper import main; sys.exit(main(sys.argv[1:]))"
 )
-RUN = RunSpec(timeout=0, cpu_seconds=0, memory_max=0, note="", cap=0, kill_on_cap=True, grace=5)
 Msg = dict[str, Any]
+# The job user the configuration gives (as root); a non-root keeper runs jobs as itself.
+JOB_UID = pwd.getpwnam("nobody").pw_uid if IS_ROOT else os.geteuid()
+STOP_GRACE = 0.3
+OUTPUT_MAX = 1 << 20  # [limits.max] output_bytes
+CAP = {"output_bytes": OUTPUT_MAX}  # the limits every job gets ([limits.default])
+
+POLICY = """version: 1
+entries:
+  - name: sh
+    command: /bin/sh
+    aliases: [sh]
+    args: {max_count: 4, max_length: 4096}
+  - name: echo
+    command: /bin/echo
+    aliases: [echo]
+  - name: "true"
+    command: /bin/true
+    aliases: ["true"]
+  - name: "yes"
+    command: /usr/bin/yes
+    aliases: ["yes"]
+  - name: sleep
+    command: /bin/sleep
+    aliases: [sleep]
+    args: {max_count: 1, patterns: ['[0-9.]+']}
+  - name: whoami
+    command: /usr/bin/id
+    aliases: [id]
+    identities: [alice]
+"""
+# A job that connects to the keeper's own socket (as root when the keeper is root: the
+# agent's own uid, which only the keeper's descendant check can refuse).
+PROBE_ENTRY = """  - name: keeper-probe
+    command: /usr/bin/python3
+    aliases: [python3]
+    args: {max_count: 8, max_length: 4096}
+""" + ("    user: root\n    allow_root: true\n" if IS_ROOT else "")
 
 
 class Conn:
@@ -87,11 +131,20 @@ class Conn:
             if pred(got):
                 return got
 
+    def answer(self, job: str) -> Msg:
+        """The keeper's first answer to a start: "admitted" or "refused"."""
+        return self.wait(lambda m: m["op"] in ("admitted", "refused") and m.get("job") == job)
+
     def started(self, job: str) -> Msg:
-        return self.wait(lambda m: m["op"] == "started" and m.get("job") == job)
+        """The start's outcome: "started" (pid or error), or its refusal."""
+        return self.wait(lambda m: m["op"] in ("started", "refused") and m.get("job") == job)
 
     def finished(self, job: str) -> Msg:
-        return self.wait(lambda m: m["op"] == "finished" and m["job"] == job)
+        """The job's finished report (its text without the note every job of a keeper
+        without cgroups gets)."""
+        fin = self.wait(lambda m: m["op"] == "finished" and m["job"] == job)
+        fin["text"] = fin["text"].replace(f"; {NO_CGROUP_NOTE}", "").replace(NO_CGROUP_NOTE, "")
+        return fin
 
     def output(self, job: str, size: int) -> None:
         """Wait for an output report of ``job`` at ``size`` bytes or more (a job that ends
@@ -109,21 +162,20 @@ class Conn:
         self.pings += 1
         rid, before = f"ping-{self.pings}", len(self.seen)
         self.send({"op": "start", "id": rid})
-        answer = self.wait(lambda m: m["op"] == "started" and m.get("id") == rid)
-        assert answer["error"] == "malformed start: id"
+        answer = self.wait(lambda m: m["op"] == "refused" and m.get("id") == rid)
+        assert answer["message"] == "malformed start: id"
         return self.seen[before:-1]
 
     def start(
         self,
         argv: list[str],
         *,
-        run: RunSpec = RUN,
         record: Msg | None = None,
         job: str | None = None,
-        **spec: Any,
+        **req: Any,
     ) -> str:
         job = job or str(uuid.uuid4())
-        self.send(*start_message(job, argv, run=run, record=record, **spec))
+        self.send(*start_message(job, argv, record=record, **req))
         return job
 
     def run(self, argv: list[str], **kw: Any) -> Msg:
@@ -132,32 +184,58 @@ class Conn:
         assert "pid" in self.started(job), self.started(job)
         return self.finished(job)
 
+    def refused(self, argv: list[str], **kw: Any) -> Msg:
+        """Start a job the keeper must refuse; its refusal (nothing was admitted)."""
+        job = self.start(argv, **kw)
+        answer = self.answer(job)
+        assert answer["op"] == "refused", answer
+        return answer
+
     def close(self) -> None:
         self.sock.close()
 
 
 def start_message(
-    job: str, argv: list[str], *, run: RunSpec = RUN, record: Msg | None = None, **spec: Any
+    job: str,
+    argv: list[str],
+    *,
+    record: Msg | None = None,
+    identity: str = "alice",
+    timeout: int | None = None,
+    limits: dict[str, int | None] | None = None,
+    env: dict[str, str] | None = None,
+    secret_args: tuple[int, ...] = (),
 ) -> tuple[Msg, list[int]]:
-    """A start as KeeperClient.start makes it (the keeper makes the output pipe)."""
-    plan, roles, fds = plan_of(spawn_spec(argv, **spec))
-    keep = [(r, fd) for r, fd in zip(roles, fds, strict=True) if r != "stdout"]
+    """A start as KeeperClient.start makes it: who asks and what, never a plan."""
+    req = StartRequest(
+        identity=identity,
+        command=argv[0],
+        path=argv[1] if len(argv) > 1 else "",
+        args=tuple(argv[2:]),
+        env=env or {},
+        timeout_seconds=timeout,
+        limits=limits or {},
+        secret_args=secret_args,
+    )
     msg = {
         "op": "start",
         "id": 1,
         "job": job,
-        "plan": plan,
-        "run": run.to_wire(),
+        "request": request_to_wire(req),
         "record": {"id": job} if record is None else record,
-        "fds": [r for r, _ in keep],
     }
-    return msg, [fd for _, fd in keep]
+    return msg, []
 
 
 class Keeper:
-    """A keeper process listening in a test's directory."""
+    """A keeper process listening in a test's directory, with its own config and policy.
 
-    def __init__(self, tmp_path: Path) -> None:
+    ``sections`` override keys of its config file (as helpers.default_config does).
+    """
+
+    def __init__(
+        self, tmp_path: Path, *, policy: str = POLICY, config: bool = True, **sections: Any
+    ) -> None:
         self.dir = tmp_path / "k"
         self.dir.mkdir(mode=0o711)
         self.path = str(self.dir / "keeper.sock")
@@ -166,11 +244,43 @@ class Keeper:
         self.log_path = tmp_path / "keeper.log"
         self.pids: set[int] = set()  # every job it said it started
         self.conns: list[Conn] = []
+        # The scratch root: traversable by the job user (pytest's folders are not).
+        self.safe = make_safe_dir()
+        scratch = self.safe / "scratch"
+        scratch.mkdir(mode=0o711)
+        self.policy_path = tmp_path / "policy.yaml"
+        self.policy_path.write_text(policy)
+        base: dict[str, dict[str, Any]] = {
+            "grpc_server": {
+                "addr": "127.0.0.1:1",
+                "use_tls": False,
+                "allow_plaintext_loopback": True,
+            },
+            "auth": {"allow_anonymous": True},
+            "jobs": {
+                "policy_file": str(self.policy_path),
+                "state_dir": str(tmp_path / "state"),
+                "run_as_user": "nobody",
+                "stop_grace_seconds": STOP_GRACE,
+            },
+            "limits": {
+                "default": {"output_bytes": OUTPUT_MAX},
+                "max": {"output_bytes": OUTPUT_MAX},
+            },
+            "cgroups": {"mode": "off"},
+            "confinement": {"scratch_dir": str(scratch)},
+        }
+        for name, values in sections.items():
+            base.setdefault(name, {}).update(values)
+        self.config_path = tmp_path / "config.toml"
+        self.config_path.write_text(to_toml(base))
         env = {k: v for k, v in os.environ.items() if k == SPAWN_ENV}
+        args = ["--socket", self.path, "--output-dir", str(self.out)]
+        if config:
+            args += ["--config", str(self.config_path)]
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-I", "-c", KEEPER_MAIN, PACKAGE_ROOT, "--socket", self.path,
-                 "--output-dir", str(self.out)],
+                [sys.executable, "-I", "-c", KEEPER_MAIN, PACKAGE_ROOT, *args],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, cwd="/",
             )  # fmt: skip
 
@@ -232,31 +342,65 @@ class Keeper:
                 os.killpg(pid, signal.SIGKILL)
             except OSError:
                 pass
+        shutil.rmtree(self.safe, ignore_errors=True)
 
 
 @pytest.fixture
 def keeper(tmp_path: Path) -> Iterator[Keeper]:
-    k = Keeper(tmp_path)
+    k = Keeper(tmp_path, policy=POLICY + PROBE_ENTRY)
     try:
         yield k
     finally:
         k.stop()
 
 
+@pytest.fixture
+def make_keeper(tmp_path: Path) -> Iterator[Callable[..., Keeper]]:
+    """Keepers with their own config (each in a folder of its own)."""
+    made: list[Keeper] = []
+
+    def make(**kw: Any) -> Keeper:
+        d = tmp_path / f"keeper{len(made)}"
+        d.mkdir()
+        k = Keeper(d, **kw)
+        made.append(k)
+        return k
+
+    try:
+        yield make
+    finally:
+        for k in made:
+            k.stop()
+
+
 def job_file(k: Keeper, job: str) -> bytes:
     return (k.out / f"{job}.out").read_bytes()
 
+
+SH = os.path.realpath("/bin/sh")
 
 # ---------------------------------------------------------------- a job's life
 
 
 def test_hello_start_output_and_finished(keeper: Keeper) -> None:
-    """hello on attach; a start answers started (pid), output progress, finished with
-    the state, exit code and size; the output file has the bytes."""
+    """hello on attach; a start is admitted (the canonical program, timeout and limits
+    the keeper resolved), answers started (pid), output progress, finished with the
+    state, exit code and size, and the record the keeper completed; the output file
+    has the bytes."""
     c, hello = keeper.attach()
-    assert hello["protocol"] == 1 and hello["pid"] == keeper.proc.pid
+    assert hello["protocol"] == 2 and hello["pid"] == keeper.proc.pid
     assert hello["spawn"] in ("vfork", "fork") and (hello["jobs"], hello["ended"]) == ([], [])
-    job = c.start(["/bin/sh", "-c", "printf hello; exit 3"], record={"id": "x", "n": 1})
+    job = c.start(["sh", "-c", "printf hello; exit 3"], record={"id": "x", "n": 1})
+    admitted = c.answer(job)
+    assert admitted == {
+        "op": "admitted",
+        "id": 1,
+        "job": job,
+        "command": SH,
+        "timeout": 0,
+        "limits": CAP,
+        "entry": "sh",
+    }
     started = c.started(job)
     assert isinstance(started["pid"], int) and started["pid"] > 1 and started["id"] == 1
     c.output(job, 5)
@@ -267,55 +411,67 @@ def test_hello_start_output_and_finished(keeper: Keeper) -> None:
         3,
         5,
     )
-    assert fin["record"] == {"id": "x", "n": 1} and fin["persist"] is True
-    assert not fin["truncated"] and fin["exit"]["ended"] > 0
+    assert fin["record"] == {"id": "x", "n": 1, "command": SH, "timeout_seconds": 0, "limits": CAP}
+    assert fin["persist"] is True and not fin["truncated"] and fin["exit"]["ended"] > 0
     assert job_file(keeper, job) == b"hello"
-    ok = c.run(["/bin/echo", "hi"])
+    ok = c.run(["echo", "hi"])
     assert (ok["state"], ok["text"], ok["exit"]["code"], ok["size"]) == ("SUCCEEDED", "", 0, 3)
     assert job_file(keeper, ok["job"]) == b"hi\n"
-    # A start the job cannot make is answered with the step that failed, and no job.
-    job = c.start(["/nonexistent/program"])
-    assert c.started(job)["error"] == "execve: No such file or directory (ENOENT)"
 
 
-def test_output_cap_truncates_and_kills_or_not(keeper: Keeper) -> None:
-    """kill_on_cap: truncated at the cap and FAILED naming it; without: truncated and
-    the job ends as it would have."""
+def test_jobs_run_as_the_configured_user_with_the_configured_environment(
+    keeper: Keeper,
+) -> None:
+    """The job's user, environment and working directory are the configuration's and
+    the policy's: the agent sends none of them."""
     c, _ = keeper.attach()
-    capped = RunSpec(0, 0, 0, "", 1000, True, 5)
-    fin = c.run(["/usr/bin/yes"], run=capped)
+    fin = c.run(["sh", "-c", 'id -u; echo "$AGENT_JOB_ID $PATH"; pwd'])
+    uid, env, cwd = job_file(keeper, fin["job"]).decode().splitlines()
+    assert int(uid) == JOB_UID
+    assert env == f"{fin['job']} /usr/local/bin:/usr/bin:/bin"
+    assert cwd == str(keeper.safe / "scratch" / fin["job"])
+
+
+def test_output_cap_truncates_and_kills_or_not(make_keeper: Callable[..., Keeper]) -> None:
+    """on_output_cap = "kill": truncated at the cap and FAILED naming it; "truncate":
+    truncated and the job ends as it would have. The cap is the request's limit."""
+    k = make_keeper()
+    c, _ = k.attach()
+    fin = c.run(["yes"], limits={"output_bytes": 1000})
     assert fin["state"] == "FAILED" and fin["truncated"] and fin["size"] == 1000
     assert fin["text"].startswith("the agent stopped the job: its output reached the cap"), fin
-    assert job_file(keeper, fin["job"]) == b"y\n" * 500
-    kept = RunSpec(0, 0, 0, "", 1000, False, 5)
-    fin = c.run(["/bin/sh", "-c", "head -c 5000 /dev/zero; exit 0"], run=kept)
+    assert job_file(k, fin["job"]) == b"y\n" * 500
+    k = make_keeper(jobs={"on_output_cap": "truncate"})
+    c, _ = k.attach()
+    fin = c.run(["sh", "-c", "yes | head -c 5000; exit 0"], limits={"output_bytes": 1000})
     assert (fin["state"], fin["text"], fin["truncated"], fin["size"]) == (
         "SUCCEEDED",
         "",
         True,
         1000,
     )
-    assert job_file(keeper, fin["job"]) == b"\0" * 1000
+    assert job_file(k, fin["job"]) == b"y\n" * 500
 
 
 def test_timeout_stop_and_kill_after_the_grace(keeper: Keeper) -> None:
     """timeout -> TIMED_OUT; stop -> STOPPED by request; a job ignoring SIGTERM is
-    killed after its grace; "shutdown" and "kill" say so too."""
+    killed after the configured grace; "shutdown" and "kill" say so too."""
     c, _ = keeper.attach()
-    fin = c.run(["/bin/sleep", "30"], run=RunSpec(1, 0, 0, "", 0, True, 5))
+    fin = c.run(["sleep", "30"], timeout=1)
     assert (fin["state"], fin["text"]) == ("TIMED_OUT", "timed out after 1 s (killed by SIGTERM)")
+    assert fin["record"]["timeout_seconds"] == 1
     for how, state, text in (
         ("stop", "STOPPED", "stopped by request (killed by SIGTERM)"),
         ("shutdown", "STOPPED", "stopped by agent shutdown (killed by SIGTERM)"),
         ("kill", "FAILED", "killed by SIGKILL"),
     ):
-        job = c.start(["/bin/sleep", "30"])
+        job = c.start(["sleep", "30"])
         c.started(job)
         c.send({"op": "stop", "job": job, "how": how})
         fin = c.finished(job)
         assert (fin["state"], fin["text"]) == (state, text)
-    stubborn = ["/bin/sh", "-c", "trap '' TERM; echo ready; while :; do sleep 0.05; done"]
-    job = c.start(stubborn, run=RunSpec(0, 0, 0, "", 0, True, 0.2))
+    stubborn = ["sh", "-c", "trap '' TERM; echo ready; while :; do sleep 0.05; done"]
+    job = c.start(stubborn)
     c.output(job, 6)  # the trap is set
     c.send({"op": "stop", "job": job, "how": "stop"})
     fin = c.finished(job)
@@ -327,16 +483,16 @@ def test_jobs_outlive_the_agent_and_their_ends_wait_for_an_ack(
     keeper: Keeper, tmp_path: Path
 ) -> None:
     """Detach with a long and a short job; the short one ends meanwhile: the next hello
-    lists the long one (with its record) and the short one's end, again and again
-    until acknowledged. A job not to be recorded is never listed."""
-    gate = tmp_path / "gate"
+    lists the long one (with its record, as the keeper completed it) and the short one's
+    end, again and again until acknowledged. A job not to be recorded is never listed."""
+    gate = keeper.safe / "gate"
     c, _ = keeper.attach()
-    long = c.start(["/bin/sh", "-c", "echo long; exec sleep 30"], record={"id": "L", "k": [1]})
+    long = c.start(["sh", "-c", "echo long; exec sleep 30"], record={"id": "L", "k": [1]})
     short = c.start(
-        ["/bin/sh", "-c", f"while [ ! -e {gate} ]; do sleep 0.02; done; echo short; exit 4"],
+        ["sh", "-c", f"while [ ! -e {gate} ]; do sleep 0.02; done; echo short; exit 4"],
         record={"id": "S"},
     )
-    unrecorded = c.start(["/bin/sleep", "30"])
+    unrecorded = c.start(["sleep", "30"])
     pids = {j: c.started(j)["pid"] for j in (long, short, unrecorded)}
     c.send({"op": "stop", "job": unrecorded, "how": "not_recorded"})
     assert c.finished(unrecorded)["persist"] is False
@@ -347,11 +503,12 @@ def test_jobs_outlive_the_agent_and_their_ends_wait_for_an_ack(
     def lists_short(h: Msg) -> bool:
         return any(f["job"] == short for f in h["ended"])
 
+    completed = {"command": SH, "timeout_seconds": 0, "limits": CAP}
     for _ in range(2):  # not acknowledged: told again
         c, hello = keeper.reattach(lists_short)
         (end,) = hello["ended"]
         assert (end["state"], end["exit"]["code"], end["size"]) == ("FAILED", 4, 6)
-        assert end["record"] == {"id": "S"} and end["text"] == "exit status 4"
+        assert end["record"] == {"id": "S", **completed} and end["text"].startswith("exit status 4")
         (kept,) = hello["jobs"]
         assert kept == {
             "job": long,
@@ -359,7 +516,7 @@ def test_jobs_outlive_the_agent_and_their_ends_wait_for_an_ack(
             "size": 5,
             "truncated": False,
             "ending": False,
-            "record": {"id": "L", "k": [1]},
+            "record": {"id": "L", "k": [1], **completed},
         }
         c.close()
     assert job_file(keeper, short) == b"short\n"
@@ -381,7 +538,7 @@ def test_only_one_agent_at_a_time(keeper: Keeper) -> None:
     second = keeper.connect()
     assert second.recv() is None
     assert "refused a connection: another agent is attached" in keeper.log()
-    assert first.run(["/bin/true"])["state"] == "SUCCEEDED"
+    assert first.run(["true"])["state"] == "SUCCEEDED"
     first.close()
     keeper.reattach(lambda h: True)
 
@@ -403,17 +560,18 @@ PROBE = textwrap.dedent("""\
     """)
 
 
-def test_a_job_cannot_talk_to_the_keeper(keeper: Keeper, tmp_path: Path) -> None:
+def test_a_job_cannot_talk_to_the_keeper(keeper: Keeper) -> None:
     """A job of the agent's own uid connects to the socket while no agent is attached:
     it is closed without a hello, for being one of the keeper's descendants."""
-    gate = tmp_path / "probe-gate"
+    gate = keeper.safe / "probe-gate"
     c, _ = keeper.attach()
-    job = c.start([sys.executable, "-I", "-c", PROBE, keeper.path, str(gate)])
-    pid = c.started(job)["pid"]
+    job = c.start(["python3", "-I", "-c", PROBE, keeper.path, str(gate)])
+    pid = c.started(job).get("pid")
+    assert pid, c.started(job)["message"]
     c.close()
     gate.touch()
     c, _ = keeper.reattach(lambda h: any(f["job"] == job for f in h["ended"]))
-    assert job_file(keeper, job) == b"RECEIVED 0 b''\n"
+    assert job_file(keeper, job) == b"RECEIVED 0 b''\n", keeper.log()
     assert f"refused a connection: pid {pid} is one of the keeper's jobs" in keeper.log()
 
 
@@ -448,6 +606,165 @@ def test_another_uid_is_refused(keeper: Keeper) -> None:
     keeper.attach()  # and the agent's own uid still may
 
 
+# ---------------------------------------------------------------- a compromised agent
+
+
+def test_a_compromised_agent_starts_only_what_the_policy_allows(
+    keeper: Keeper, tmp_path: Path
+) -> None:
+    """Whatever the agent asks, the keeper decides: a command the policy does not have,
+    arguments its entry refuses, an entry kept for another identity, limits above the
+    configured maxima or the kernel's, a timeout above the maximum: each is refused
+    with the error the agent would have answered (kind, rule, message), and nothing
+    starts. The same entry for the identity it is kept for runs (the identity is the
+    agent's word: the point is that only what the policy allows someone runs)."""
+    c, _ = keeper.attach()
+    marker = keeper.safe / "marker"
+    cases: list[tuple[list[str], dict[str, Any], str, str, str]] = [
+        (["/usr/bin/touch", str(marker)], {}, "PERMISSION_DENIED", "command-not-allowed",
+         "not started: command '/usr/bin/touch' is not in the policy [command-not-allowed]"),
+        (["/bin/bash", "-c", f"touch {marker}"], {}, "PERMISSION_DENIED",
+         "command-not-allowed", "command '/bin/bash' is not in the policy"),
+        (["sleep", f"1; touch {marker}"], {}, "PERMISSION_DENIED", "arg-pattern", ""),
+        (["id"], {"identity": "mallory"}, "PERMISSION_DENIED", "command-not-allowed",
+         "command 'id' is not in the policy"),
+        (["echo", "x"], {"limits": {"output_bytes": OUTPUT_MAX + 1}}, "INVALID_ARGUMENT",
+         "limit-above-maximum", f"above the maximum of {OUTPUT_MAX}"),
+        (["echo", "x"], {"limits": {"open_files": (1 << 62)}}, "INVALID_ARGUMENT",
+         "limit-above-kernel", "open_files"),
+        (["echo", "x"], {"limits": {"output_bytes": -1}}, "INVALID_ARGUMENT",
+         "limit-above-maximum", "must not be negative"),
+        (["echo", "x"], {"secret_args": (5,)}, "INVALID_ARGUMENT", "bad-secret-index", ""),
+        (["echo", "x"], {"env": {"LD_PRELOAD": "/tmp/evil.so"}}, "PERMISSION_DENIED", "", ""),
+        (["echo", "x" * 5000], {}, "INVALID_ARGUMENT", "malformed-path", "longer than 4096"),
+        (["echo", "x", *["a"] * 2000], {}, "INVALID_ARGUMENT", "too-many-args", ""),
+        (["echo", "x"], {"env": {f"V{i}": "" for i in range(100)}}, "INVALID_ARGUMENT",
+         "too-many-env", ""),
+    ]  # fmt: skip
+    for argv, req, kind, rule, text in cases:
+        answer = c.refused(argv, **req)
+        assert answer["kind"] == kind, (argv, answer)
+        assert rule in answer["rule"] and text in answer["message"], (argv, answer)
+    c.ping()
+    assert not marker.exists() and not any(m["op"] == "started" for m in c.seen)
+    # The same entries, as the policy allows them.
+    ran = c.run(["id", "-u"], identity="alice")
+    assert ran["state"] == "SUCCEEDED" and job_file(keeper, ran["job"]) == f"{JOB_UID}\n".encode()
+    assert c.run(["sleep", "0"])["state"] == "SUCCEEDED"
+
+
+def test_a_compromised_agent_cannot_hand_over_a_plan_user_or_descriptors(
+    keeper: Keeper, tmp_path: Path
+) -> None:
+    """A start that carries what only the keeper makes (a plan with its own argv, uid,
+    capabilities; a run; descriptors; keys no request has) is refused as malformed and
+    starts nothing; a request's fields of the wrong type or size likewise."""
+    c, _ = keeper.attach()
+    marker = keeper.safe / "marker"
+    null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    evil = os.open("/usr/bin/touch", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        good = start_message(str(uuid.uuid4()), ["true"])[0]
+        plan = {
+            "path": "/usr/bin/touch",
+            "argv": ["touch", str(marker)],
+            "env": {},
+            "cwd": "/",
+            "umask": 0,
+            "uid": 0,
+            "gid": 0,
+            "limits": {},
+            "capabilities": list(range(41)),
+            "no_new_privs": False,
+        }
+        request = good["request"]
+        forged: list[tuple[Msg, list[int], str]] = [
+            ({"plan": plan}, [], "malformed start: unknown keys"),
+            ({"run": {"timeout": 0, "cap": 0}}, [], "malformed start: unknown keys"),
+            ({"uid": 0}, [], "malformed start: unknown keys"),
+            ({"fds": ["exec"]}, [evil], "malformed start: descriptors"),
+            ({"fds": ["stdout"]}, [null], "malformed start: descriptors"),
+            ({"request": {**request, "uid": 0}}, [], "malformed start: request"),
+            ({"request": {**request, "argv": ["/usr/bin/touch"]}}, [], "malformed start: request"),
+            ({"request": {**request, "capabilities": [0]}}, [], "malformed start: request"),
+            ({"request": None}, [], "malformed start: request"),
+            ({"request": {**request, "identity": 7}}, [], "malformed start: request identity"),
+            ({"request": {**request, "identity": "a" * 5000}}, [],
+             "malformed start: request identity"),
+            ({"request": {**request, "command": ["true"]}}, [], "malformed start: request command"),
+            ({"request": {**request, "path": None}}, [], "malformed start: request path"),
+            ({"request": {**request, "args": "x"}}, [], "malformed start: request args"),
+            ({"request": {**request, "args": [1]}}, [], "malformed start: request args"),
+            ({"request": {**request, "env": {"A": 1}}}, [], "malformed start: request env"),
+            ({"request": {**request, "secret_args": [True]}}, [],
+             "malformed start: request secret_args"),
+            ({"request": {**request, "limits": {"bogus": 1}}}, [],
+             "malformed start: request limits"),
+            ({"request": {**request, "limits": {"open_files": 1 << 70}}}, [],
+             "malformed start: request limits"),
+            ({"request": {**request, "limits": {"open_files": "1"}}}, [],
+             "malformed start: request limits"),
+            ({"request": {**request, "timeout": -1}}, [], "malformed start: request timeout"),
+            ({"request": {**request, "timeout": 1.5}}, [], "malformed start: request timeout"),
+            ({"record": []}, [], "malformed start: record"),
+            ({"record": {"x": "y" * (1 << 20)}}, [], "malformed start: record"),
+        ]  # fmt: skip
+        for i, (change, fds, why) in enumerate(forged):
+            msg = {**copy.deepcopy(good), "id": 100 + i, "job": str(uuid.uuid4()), **change}
+            c.send(msg, fds)
+            answers = c.ping()
+            said = [
+                (m["op"], m.get("id"), m.get("kind"), m["message"][: len(why)]) for m in answers
+            ]
+            assert said == [("refused", msg["id"], "INTERNAL", why)], change
+        assert not marker.exists() and not any(m["op"] == "started" for m in c.seen)
+        assert c.run(["true"])["state"] == "SUCCEEDED"
+    finally:
+        os.close(null)
+        os.close(evil)
+
+
+def test_reload_reads_the_keepers_own_policy_file(keeper: Keeper) -> None:
+    """ "reload" reads the policy again from the keeper's config file (the agent cannot
+    hand one over): a new entry is allowed from then on, an invalid file is refused and
+    the current policy stays."""
+    c, _ = keeper.attach()
+    assert c.refused(["/usr/bin/uname"])["rule"] == "command-not-allowed"
+    keeper.policy_path.write_text(
+        POLICY + "  - name: uname\n    command: /usr/bin/uname\n    aliases: [uname]\n"
+    )
+    c.send({"op": "reload", "id": 7, "policy": {"entries": []}})
+    answer = c.wait(lambda m: m["op"] == "reloaded")
+    assert (answer["id"], answer["error"], answer["entries"]) == (7, "", 7)
+    assert c.run(["uname"])["state"] == "SUCCEEDED"
+    keeper.policy_path.write_text("version: 1\nentries: [{name: broken}]\n")
+    c.send({"op": "reload", "id": 8})
+    answer = c.wait(lambda m: m["op"] == "reloaded" and m["id"] == 8)
+    assert str(keeper.policy_path) in answer["error"] and answer["entries"] == 0
+    assert c.run(["uname"])["state"] == "SUCCEEDED"  # the last good policy
+
+
+def test_a_keeper_without_a_config_starts_nothing(make_keeper: Callable[..., Keeper]) -> None:
+    """Without --config the keeper has no policy: every start is refused."""
+    k = make_keeper(config=False)
+    c, _ = k.attach()
+    answer = c.refused(["true"])
+    assert (answer["kind"], answer["rule"]) == ("FAILED_PRECONDITION", "no-policy")
+    c.send({"op": "reload", "id": 3})
+    assert "without --config" in c.wait(lambda m: m["op"] == "reloaded")["error"]
+
+
+def test_a_keeper_whose_policy_is_invalid_does_not_start(tmp_path: Path) -> None:
+    """An invalid policy at the keeper's start: it says why and exits 2."""
+    k = Keeper(tmp_path, policy="version: 1\nentries: [{name: broken}]\n")
+    try:
+        assert k.proc.wait(timeout=30) == 2
+        assert "cannot load the configuration and policy" in k.log()
+        assert str(k.policy_path) in k.log()
+    finally:
+        k.stop()
+
+
 # ---------------------------------------------------------------- hostile messages
 
 
@@ -459,10 +776,13 @@ def test_hostile_messages_are_refused_or_ignored(keeper: Keeper, tmp_path: Path)
     """Malformed, unknown and oversized messages each get an error answer or are
     ignored; the keeper lives on, keeps no descriptor of theirs and starts jobs."""
     c, _ = keeper.attach()
+    # The entries' Landlock rulesets the keeper keeps prepared (their descriptors).
+    c.run(["true"])
+    c.run(["sleep", "0"])
     c.ping()
     fds_before = _fd_count(keeper.proc.pid)
     null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-    marker = tmp_path / "spawned"
+    marker = keeper.safe / "spawned"
     bystander = subprocess.Popen(["/bin/sleep", "30"])
     try:
         ignored: list[tuple[bytes | Msg, list[int]]] = [
@@ -478,7 +798,13 @@ def test_hostile_messages_are_refused_or_ignored(keeper: Keeper, tmp_path: Path)
                 {
                     "op": "spawn",
                     "id": 1,
-                    "plan": plan_of(spawn_spec(["/bin/touch", str(marker)]))[0],
+                    "plan": {
+                        "path": "/usr/bin/touch",
+                        "argv": ["touch", str(marker)],
+                        "env": {},
+                        "cwd": "/",
+                        "umask": 0,
+                    },
                     "fds": ["stdout"],
                 },
                 [null],
@@ -491,6 +817,7 @@ def test_hostile_messages_are_refused_or_ignored(keeper: Keeper, tmp_path: Path)
             ({"op": "stop", "job": str(uuid.uuid4()), "how": "kill"}, []),
             ({"op": "ack", "jobs": "not a list"}, []),
             ({"op": "ack", "jobs": [1, None, {}]}, []),
+            ({"op": "reload"}, []),  # no id: nobody to answer
         ]
         for body, fds in ignored:
             if isinstance(body, dict):
@@ -512,10 +839,9 @@ def test_hostile_messages_are_refused_or_ignored(keeper: Keeper, tmp_path: Path)
             assert c.ping() == [], role
         assert keeper.alive() and bystander.poll() is None
 
-        dup = c.start(["/bin/sleep", "30"])
+        dup = c.start(["sleep", "30"])
         c.started(dup)
-        good = start_message(str(uuid.uuid4()), ["/bin/true"])[0]
-        run = good["run"]
+        good = start_message(str(uuid.uuid4()), ["true"])[0]
         refusals: list[tuple[Msg, str]] = [
             ({"id": True}, "malformed start: id"),
             ({"id": None}, "malformed start: id"),
@@ -523,43 +849,19 @@ def test_hostile_messages_are_refused_or_ignored(keeper: Keeper, tmp_path: Path)
             ({"job": "../../etc/passwd"}, "malformed start: job"),
             ({"job": 7}, "malformed start: job"),
             ({"job": dup}, f"job {dup} exists already"),
-            ({"record": []}, "malformed start: record"),
-            ({"record": {"x": "y" * (1 << 20)}}, "malformed start: record"),
-            ({"run": None}, "malformed start: run"),
-            ({"run": {**run, "extra": 1}}, "malformed start: run"),
-            ({"run": {k: v for k, v in run.items() if k != "grace"}}, "malformed start: run"),
-            ({"plan": None}, "malformed plan"),
-            ({"plan": {**good["plan"], "argv": []}}, "malformed plan: argv"),
-            (
-                {"plan": {**good["plan"], "path": "true"}},
-                "malformed plan: the program is not an absolute path",
-            ),
-            (
-                {"fds": ["stdout"], "_fds": [null]},
-                "malformed start: the keeper makes the job's output pipe",
-            ),
         ]
-        for key, bad in (
-            ("timeout", -1), ("timeout", True), ("timeout", 1.5), ("timeout", "1"),
-            ("timeout", 1 << 63), ("cpu_seconds", -5), ("cpu_seconds", False),
-            ("memory_max", None), ("cap", -1), ("cap", True), ("kill_on_cap", 1),
-            ("kill_on_cap", "yes"), ("grace", -0.1), ("grace", True), ("grace", 86401),
-            ("grace", float("nan")), ("note", 3), ("note", "n" * 5000),
-        ):  # fmt: skip
-            refusals.append(({"run": {**run, key: bad}}, f"malformed start: run {key}"))
         for i, (change, why) in enumerate(refusals):
             msg = {**copy.deepcopy(good), "id": 100 + i, "job": str(uuid.uuid4()), **change}
-            fds = msg.pop("_fds", [])
-            c.send(msg, fds)
+            c.send(msg)
             answers = c.ping()
-            assert [(m["op"], m.get("id"), m.get("error")) for m in answers] == [
-                ("started", msg["id"], why)
+            assert [(m["op"], m.get("id"), m.get("message")) for m in answers] == [
+                ("refused", msg["id"], why)
             ], change
         c.send({"op": "stop", "job": dup, "how": "kill"})
         c.finished(dup)
         # A large record is fine: it travels in a body memfd.
         big = {"id": "big", "blob": "z" * (200 << 10)}
-        assert c.run(["/bin/true"], record=big)["record"] == big
+        assert c.run(["true"], record=big)["record"]["blob"] == big["blob"]
         c.ping()
         assert keeper.alive() and bystander.poll() is None and not marker.exists()
         assert _fd_count(keeper.proc.pid) == fds_before
@@ -573,17 +875,19 @@ def test_hostile_messages_are_refused_or_ignored(keeper: Keeper, tmp_path: Path)
 # are the bug test_a_timeout_of_months_does_not_kill_the_keeper shows.
 POOL: list[Any] = [
     None, True, False, 0, 1, -1, 7, 0o1000, 1.5, -0.5, float("inf"), 1 << 63, -(1 << 63),
-    "", "x", "/", "/bin/true", "A" * 5000, [], ["/bin/true"], [1], {}, {"a": 1},
-    {"PATH": 1}, {"id": "x"},
+    "", "x", "/", "/bin/true", "/usr/bin/touch", "true", "sh", "A" * 5000, [],
+    ["/bin/true"], [1], {}, {"a": 1}, {"PATH": 1}, {"id": "x"}, {"output_bytes": 5},
 ]  # fmt: skip
 
 
 def _mutate(rng: random.Random, msg: Msg) -> None:
     """Drop, replace or add one key somewhere in a start message."""
     where = rng.choice(
-        [msg, msg, msg["run"] if isinstance(msg.get("run"), dict) else msg,
-         msg["plan"] if isinstance(msg.get("plan"), dict) else msg]
+        [msg, msg["request"] if isinstance(msg.get("request"), dict) else msg,
+         msg["request"] if isinstance(msg.get("request"), dict) else msg]
     )  # fmt: skip
+    if not where:
+        where = msg
     action = rng.choice(["drop", "replace", "replace", "add"])
     key = rng.choice(sorted(where))
     if action == "drop":
@@ -591,17 +895,18 @@ def _mutate(rng: random.Random, msg: Msg) -> None:
     elif action == "replace":
         where[key] = copy.deepcopy(rng.choice(POOL))
     else:
-        where[rng.choice(["extra", "op2", "uid", "limits"])] = copy.deepcopy(rng.choice(POOL))
+        where[rng.choice(["extra", "plan", "uid", "limits"])] = copy.deepcopy(rng.choice(POOL))
 
 
-def test_fuzzed_starts_never_start_a_malformed_job(keeper: Keeper) -> None:
+def test_fuzzed_starts_never_start_what_the_policy_does_not_allow(keeper: Keeper) -> None:
     """A few hundred seeded mutations of a valid start: the keeper survives each, and
-    answers started with a pid only for a message whose job, record, run and plan are
-    well formed."""
+    answers started with a pid only for a message whose job, record and request are
+    well formed and whose request the policy allows (the program that ran is always
+    one of the policy's)."""
     rng = random.Random(1234)
     c, _ = keeper.attach()
     sent: dict[str, Msg] = {}
-    valid = start_message("", ["/bin/true"])[0]
+    valid = start_message("", ["true"])[0]
     for i in range(300):
         msg = {**copy.deepcopy(valid), "id": 10_000 + i, "job": str(uuid.uuid4())}
         for _ in range(rng.randint(1, 3)):
@@ -612,24 +917,25 @@ def test_fuzzed_starts_never_start_a_malformed_job(keeper: Keeper) -> None:
         c.ping()
         assert keeper.alive(), (msg, keeper.log())
     ran = [m for m in c.seen if m["op"] == "started" and "pid" in m]
+    allowed = {os.path.realpath(p) for p in ("/bin/true", "/bin/sh", "/bin/echo")}
     for m in ran:
         msg = sent[m["job"]]
-        roles = msg.get("fds", [])
         assert isinstance(msg["id"], int) and not isinstance(msg["id"], bool), msg
-        assert JOB_ID.match(msg["job"]) and isinstance(msg.get("record", {}), dict), msg
-        assert check_run(msg.get("run")) == "", msg
-        assert check_plan(msg.get("plan"), dict.fromkeys([*roles, "stdout"], 0)) == "", msg
+        assert JOB_ID.match(msg["job"]) and isinstance(msg.get("record"), dict), msg
+        assert set(msg) <= {"op", "id", "job", "request", "record"}, msg
+        assert isinstance(request_from_wire(msg["request"]), StartRequest), msg
+        assert c.answer(m["job"])["command"] in allowed, msg
     assert ran, "no mutation left a start valid: the fuzzer tests nothing but refusals"
     for m in ran:
         c.finished(m["job"])
-    assert c.run(["/bin/true"])["state"] == "SUCCEEDED"
+    assert c.run(["true"])["state"] == "SUCCEEDED"
 
 
 def test_a_timeout_of_months_does_not_kill_the_keeper(keeper: Keeper) -> None:
     """A timeout the agent admits (StartJob's is a uint32) must not take the keeper down
     with every job it holds."""
     c, _ = keeper.attach()
-    job = c.start(["/bin/sleep", "30"], run=RunSpec(30 * 86400, 0, 0, "", 0, True, 5))
+    job = c.start(["sleep", "30"], timeout=30 * 86400)
     assert "pid" in c.started(job)
     c.ping()
     assert keeper.alive()

@@ -29,6 +29,7 @@ import pytest
 from agent.access import AccessRules
 from agent.daemon import policy, supervisor
 from agent.daemon.admission import Rules, StartRequest
+from agent.daemon.decision import Decider
 from agent.daemon.errors import (
     InvalidArgument,
     NotFound,
@@ -38,7 +39,7 @@ from agent.daemon.errors import (
     Unavailable,
 )
 from agent.daemon.history import History, JobRecord, Store, record_to_wire
-from agent.daemon.keeperclient import Finished, Hello, Kept, RunSpec
+from agent.daemon.keeperclient import Admission, Finished, Hello, Kept, RunSpec
 from agent.daemon.lifecycle import Exit
 from agent.daemon.spawn import SpawnSpec
 from agent.daemon.supervisor import Job, JobUser, Settings, Supervisor
@@ -91,9 +92,15 @@ def fin(
 class FakeOps:
     """A JobOps whose keeper the test plays.
 
+    It decides every start as the keeper does (the same :class:`Decider`, with the
+    test's policy), answers at once with the admission, and then "spawns" in
+    :meth:`spawn` (a subclass may make it wait, fail or break).
+
     ``stop_ends``: a "stop" or "shutdown" request finishes the job STOPPED at once (with
     the text the keeper's lifecycle gives a job that dies of the SIGTERM).
     """
+
+    decider: Decider  # set by make()
 
     def __init__(self, *, fail: OSError | None = None, stop_ends: bool = False) -> None:
         self.starts: list[Started] = []
@@ -103,13 +110,44 @@ class FakeOps:
         self.fail = fail
         self.stop_ends = stop_ends
         self.closed: bool | None = None  # its keep_jobs, once closed
+        self.tasks: set[asyncio.Task[None]] = set()
 
-    async def start(self, spec: SpawnSpec, run: RunSpec, record: dict, sink: Job) -> int:  # type: ignore[type-arg]
+    async def start(self, job_id: str, req: StartRequest, record: dict, sink: Job) -> Admission:  # type: ignore[type-arg]
+        decided = self.decider.decide(job_id, req)
+        for fd in (decided.spec.exec_fd, decided.spec.script_fd):
+            if fd is not None:
+                os.close(fd)
+        loop = asyncio.get_running_loop()
+        started: asyncio.Future[int] = loop.create_future()
+        s = Started(decided.spec, decided.run, record, sink, 0)
+        self.tasks.add(task := loop.create_task(self._spawn(s, started)))
+        task.add_done_callback(self.tasks.discard)
+        answer = {
+            "command": decided.executable,
+            "timeout": decided.timeout,
+            "limits": decided.limits,
+            "entry": decided.entry,
+        }
+        return Admission(self, job_id, started, answer)
+
+    async def _spawn(self, s: Started, started: asyncio.Future[int]) -> None:
+        try:
+            s.pid = await self.spawn(s)
+        except BaseException as e:
+            if not started.done():
+                started.set_exception(e)
+            return
+        self.starts.append(s)
+        if started.done():  # cancelled: as the keeper client does, it must not run
+            self.stop(s.id, "not_recorded")
+            return
+        started.set_result(s.pid)
+
+    async def spawn(self, s: Started) -> int:
+        """The keeper's spawn of an admitted job: its pid, or an OSError."""
         if self.fail is not None:
             raise self.fail
-        s = Started(spec, run, record, sink, 1000 + len(self.starts))
-        self.starts.append(s)
-        return s.pid
+        return 1000 + len(self.starts)
 
     def watch(self, job_id: str, sink: Job) -> None:
         self.watched[job_id] = sink
@@ -155,9 +193,8 @@ def make(tmp_path: Path, ops: FakeOps, **rules: int) -> Supervisor:
         path_env="/usr/bin:/bin",
         rules=r,
     )
-    return Supervisor(
-        settings, History(Store(tmp_path / "jobs.sqlite3")), policy.parse(POLICY), ops
-    )
+    ops.decider = Decider(settings, policy.parse(POLICY))
+    return Supervisor(settings, History(Store(tmp_path / "jobs.sqlite3")), ops)
 
 
 def run(coro: Callable[[], Coroutine[Any, Any, None]]) -> None:
@@ -310,13 +347,16 @@ def test_start_failure_is_a_failed_job_with_the_reason(tmp_path: Path) -> None:
 
     async def body() -> None:
         enoexec = SpawnFailure(errno.ENOEXEC, "execve: Exec format error (ENOEXEC)")
-        sup = make(tmp_path, FakeOps(fail=enoexec))
+        first = FakeOps(fail=enoexec)
+        sup = make(tmp_path, first)
         rec = await sup.start(req())
         assert rec.state is JobState.FAILED
         assert rec.error_text == "start failed: execve: Exec format error (ENOEXEC)"
         # Committed as FAILED before the start is answered, never left RUNNING.
         assert _on_disk(tmp_path, rec.id) == (JobState.FAILED.value, 0)
-        sup.ops = FakeOps(fail=SpawnFailure(errno.EMFILE, "output: Too many open files"))
+        emfile = FakeOps(fail=SpawnFailure(errno.EMFILE, "output: Too many open files"))
+        emfile.decider = first.decider
+        sup.ops = emfile
         with pytest.raises(ResourceExhausted):
             await sup.start(req())
         assert sup.history.store.running() == []
@@ -334,10 +374,10 @@ class RecordingOps(FakeOps):
         self.at_start: list[tuple[int, int] | None] = []
         self.at_ack: list[tuple[int, int] | None] = []
 
-    async def start(self, spec: SpawnSpec, run: RunSpec, record: dict, sink: Job) -> int:  # type: ignore[type-arg]
-        await asyncio.sleep(0.05)  # the keeper's round trip: the commit runs meanwhile
-        self.at_start.append(_on_disk(self.tmp_path, spec.env["AGENT_JOB_ID"]))
-        return await super().start(spec, run, record, sink)
+    async def spawn(self, s: Started) -> int:
+        await asyncio.sleep(0.05)  # the keeper's spawn: the commit runs meanwhile
+        self.at_start.append(_on_disk(self.tmp_path, s.spec.env["AGENT_JOB_ID"]))
+        return await super().spawn(s)
 
     def ack(self, job_id: str) -> None:
         self.at_ack.append(_on_disk(self.tmp_path, job_id))
@@ -426,7 +466,7 @@ def test_a_record_written_by_the_retry_is_acknowledged(
 class StuckOps(FakeOps):
     """A keeper that never answers."""
 
-    async def start(self, spec: SpawnSpec, run: RunSpec, record: dict, sink: Job) -> int:  # type: ignore[type-arg]
+    async def spawn(self, s: Started) -> int:
         await asyncio.Event().wait()
         raise AssertionError("unreachable")
 
@@ -500,7 +540,7 @@ def test_a_cancelled_start_leaves_no_running_record(tmp_path: Path) -> None:
 class BrokenOps(FakeOps):
     """A keeper client whose start fails with something that is not an OSError (a bug)."""
 
-    async def start(self, spec: SpawnSpec, run: RunSpec, record: dict, sink: Job) -> int:  # type: ignore[type-arg]
+    async def spawn(self, s: Started) -> int:
         raise RuntimeError("a bug in the keeper's channel")
 
 
@@ -660,11 +700,11 @@ class GatedOps(FakeOps):
         super().__init__(stop_ends=True)
         self.gates: list[asyncio.Future[None]] = []
 
-    async def start(self, spec: SpawnSpec, run: RunSpec, record: dict, sink: Job) -> int:  # type: ignore[type-arg]
+    async def spawn(self, s: Started) -> int:
         gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.gates.append(gate)
         await gate
-        return await super().start(spec, run, record, sink)
+        return await super().spawn(s)
 
 
 def test_shutdown_waits_for_starts_in_flight_and_stops_them_too(tmp_path: Path) -> None:

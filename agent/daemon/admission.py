@@ -159,14 +159,9 @@ def resolve_timeout(requested: int | None, default: int, maximum: int) -> int:
     return value
 
 
-def admit(
-    req: StartRequest, rules: Rules, policy: policy_mod.Policy, *, busy: int, accepting: bool
-) -> Admitted:
-    """Decide a start request; raise the AgentError that refuses it.
-
-    The caller owns the plan's descriptors (``exec_fd``, ``script_fd``) and
-    must close them; if this raises, no descriptor is left open.
-    """
+def capacity(rules: Rules, *, busy: int, accepting: bool) -> None:
+    """Refuse a start the agent cannot take now: it is stopping (UNAVAILABLE), or
+    ``busy`` jobs are running or starting already (RESOURCE_EXHAUSTED)."""
     if not accepting:
         raise Unavailable(
             "the agent is shutting down and accepts no new jobs", rule="shutting-down"
@@ -177,6 +172,22 @@ def admit(
             "has finished",
             rule="max-running",
         )
+
+
+def admit(
+    req: StartRequest,
+    rules: Rules,
+    policy: policy_mod.Policy,
+    *,
+    busy: int = 0,
+    accepting: bool = True,
+) -> Admitted:
+    """Decide a start request; raise the AgentError that refuses it.
+
+    The caller owns the plan's descriptors (``exec_fd``, ``script_fd``) and
+    must close them; if this raises, no descriptor is left open.
+    """
+    capacity(rules, busy=busy, accepting=accepting)
     for i in req.secret_args:
         if not 0 <= i < len(req.args):
             raise InvalidArgument(

@@ -20,8 +20,8 @@ The agent faces the network and keeps the history; it attaches to the keeper's
 socket (``SOCK_SEQPACKET``, the protocol of :mod:`agent.daemon.spawnproto`),
 and when it goes (restart, crash, kill -9, upgrade) the jobs run on. The next
 agent attaches and gets a ``hello`` listing every running job (with the record
-the first agent gave it, so a start the agent never managed to commit is still
-recorded) and every finished one not yet acknowledged.
+the first agent gave it, as the keeper completed it, so a start the agent never
+managed to commit is still recorded) and every finished one not yet acknowledged.
 
 Who may attach (the kernel's word, never the peer's): a peer whose uid is the
 agent's (``SO_PEERCRED``), that is neither one of this keeper's descendants (the
@@ -29,26 +29,44 @@ keeper is a child subreaper, so every process a job starts stays its descendant,
 however it double-forks) nor in a job cgroup. A job, even one running as the
 agent's own uid in the development mode, cannot talk to the keeper.
 
+The keeper decides every start (:mod:`agent.daemon.decision`): it loads the
+configuration and the policy itself (``--config``: the agent's own config file, read
+in a loader process; again on ``reload``), and the agent sends only who asks (the
+caller's identity, as the agent saw it) and what (the request): never a plan, a user,
+capabilities or descriptors. So code execution in the agent can start only what the
+policy allows some identity to start. What only the agent knows stays there: who may
+call StartJob, whether it accepts jobs, ``max_running``, the history.
+
 Agent -> keeper (besides the spawner's messages, which the keeper does not take)::
 
-    {"op": "start", "id": N, "job": JOB_ID, "plan": {...}, "run": {...},
-     "record": {...}, "fds": ["exec", "script"]}
-        run: {"timeout": s, "cpu_seconds": s, "memory_max": bytes, "note": TEXT,
-              "cap": bytes, "kill_on_cap": bool, "grace": s}
+    {"op": "start", "id": N, "job": JOB_ID, "record": {...},
+     "request": {"identity": TEXT, "command": TEXT, "path": TEXT, "args": [TEXT],
+                 "env": {NAME: TEXT}, "secret_args": [N], "timeout": s | null,
+                 "limits": {NAME: N | null}}}
     {"op": "stop", "job": JOB_ID, "how": "stop" | "shutdown" | "kill" | "not_recorded"}
     {"op": "ack", "jobs": [JOB_ID, ...]}     finished records now in the history
+    {"op": "reload", "id": N}                 read the policy again (SIGHUP)
     {"op": "exit"}                            stop serving; jobs still running are killed
 
 Keeper -> agent::
 
-    {"op": "hello", "protocol": 1, "pid": P, "spawn": "vfork" | "fork", "why": TEXT,
+    {"op": "hello", "protocol": 2, "pid": P, "spawn": "vfork" | "fork", "why": TEXT,
      "jobs": [{"job", "pid", "size", "truncated", "ending", "record"}],
      "ended": [finished messages]}
+    {"op": "refused", "id": N, "job": JOB_ID, "kind": KIND, "rule": TEXT, "message": TEXT}
+        not admitted, nothing started: the agent answers the caller with exactly this
+        (KIND: agent.vocabulary.Kind's name; INTERNAL for a malformed start)
+    {"op": "admitted", "id": N, "job": JOB_ID, "command": PATH, "timeout": s,
+     "limits": {NAME: N}, "entry": NAME}
+        what the record needs (the keeper completes the record it keeps the same way);
+        then, once spawned:
     {"op": "started", "id": N, "job": JOB_ID, "pid": P}   (or "error", "errno")
     {"op": "output", "jobs": [[JOB_ID, size, truncated], ...]}
     {"op": "ending", "job": JOB_ID}           its exit or its output's end was seen
     {"op": "finished", "job": JOB_ID, "state": NAME, "text": TEXT, "exit": {...},
      "size": bytes, "truncated": bool, "persist": bool, "record": {...}}
+    {"op": "reloaded", "id": N, "error": TEXT ("" if accepted), "entries": N,
+     "warnings": [TEXT]}
 """
 
 from __future__ import annotations
@@ -76,11 +94,13 @@ from typing import Any
 from agent.daemon import cgroups, vspawn
 from agent.daemon import lifecycle as lc
 from agent.daemon import spawnproto as proto
+from agent.daemon.decision import Decided, Decider, LoadError, load_in_child, request_from_wire
 from agent.daemon.errors import AgentError
 from agent.daemon.outputfile import OutputFile
 from agent.daemon.spawner import Spawner
+from agent.daemon.spawnplan import plan_of
 
-PROTOCOL = 1
+PROTOCOL = 2  # 2: the keeper decides (requests, not plans)
 LISTEN = "listen"
 READ_CHUNK = 1 << 20
 # After the main process exits, how long to wait for the output pipe to close
@@ -103,15 +123,8 @@ MAX_SLEEP = 3600.0  # seconds: the longest the loop waits at once
 CLOSE_LINGER = 5.0
 ENDED_FILE_MAX = 64 << 20  # bytes: the ends a stopped keeper leaves for the next
 SO_PEERPIDFD = 77  # Linux 6.5: a pidfd of the peer, pinned at connect()
-RUN_KEYS = {
-    "timeout": int,
-    "cpu_seconds": int,
-    "memory_max": int,
-    "note": str,
-    "cap": int,
-    "kill_on_cap": bool,
-    "grace": float,
-}
+# What a start may carry (a plan, a run or descriptors are the keeper's own to make).
+START_KEYS = frozenset({"op", "id", "job", "request", "record", "fds"})
 
 
 def log(text: str) -> None:
@@ -163,25 +176,6 @@ class KeptJob:
         self.record: dict[str, Any] = {}
         self.timers: list[Timer] = []
         self.exit: lc.Exit | None = None
-
-
-def check_run(run: Any) -> str:
-    """Why a start's "run" object is malformed ("" if it is not)."""
-    if not isinstance(run, dict) or set(run) != set(RUN_KEYS):
-        return "malformed start: run"
-    for key, kind in RUN_KEYS.items():
-        v = run[key]
-        if kind is float:
-            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 86400
-        elif kind is int:
-            ok = isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 63
-        elif kind is str:
-            ok = isinstance(v, str) and len(v) <= 4096
-        else:
-            ok = isinstance(v, bool)
-        if not ok:
-            return f"malformed start: run {key}"
-    return ""
 
 
 def exit_of(msg: dict[str, Any]) -> lc.Exit:
@@ -252,10 +246,14 @@ class Keeper(Spawner):
         output_dir: str,
         subtree: cgroups.Subtree | None = None,
         path: tuple[str, str, Any] = ("fork", "default", None),
+        decider: Decider | None = None,
         service: bool = False,
         ended_file: str = "",
     ) -> None:
         super().__init__(None, subtree, path)
+        # The policy and settings every start is decided with (None: no --config, every
+        # start refused).
+        self.decider = decider
         # Where a keeper that exits with ends the agent has not recorded leaves them for
         # the next keeper (a service stopped after its agent: systemd stops the agent
         # first). "": nowhere (the agent's child: it ends only when the agent says so).
@@ -626,6 +624,8 @@ class Keeper(Spawner):
                 self.stop(msg)
             elif op == "ack":
                 self.ack(msg)
+            elif op == "reload":
+                self.reload(msg)
             elif op == "exit":
                 self.running = False
             else:
@@ -635,24 +635,40 @@ class Keeper(Spawner):
 
             log(f"internal error in {op}:\n{traceback.format_exc()}")
             if op == "start":
-                self.tell(
-                    {
-                        "op": "started",
-                        "id": msg.get("id"),
-                        "job": msg.get("job"),
-                        "error": "internal error in the job keeper (see the agent's log)",
-                        "errno": errno.EIO,
-                    }
-                )
+                rid, job_id = msg.get("id"), msg.get("job")
+                job = next((j for j in self.by_rid.values() if j.rid == rid), None)
+                if job is None and job_id not in self.jobs:
+                    self.refuse(
+                        rid,
+                        job_id,
+                        "INTERNAL",
+                        "keeper-internal-error",
+                        "internal error in the job keeper (see the agent's log)",
+                    )
         for fd in byrole.values():
             with contextlib.suppress(OSError):  # start() may have closed them already
                 os.close(fd)
 
     # ------------------------------------------------------------ start
 
+    def refuse(self, rid: Any, job_id: Any, kind: str, rule: str, message: str) -> None:
+        self.tell(
+            {
+                "op": "refused",
+                "id": rid,
+                "job": job_id,
+                "kind": kind,
+                "rule": rule,
+                "message": message,
+            }
+        )
+
     def start(self, msg: dict[str, Any], fds: dict[str, int]) -> None:
-        rid, job_id, run, plan = msg.get("id"), msg.get("job"), msg.get("run"), msg.get("plan")
-        record = msg.get("record", {})
+        """A start: who asks and what (never a plan). The keeper decides it (the policy,
+        the limits, the timeout: :mod:`agent.daemon.decision`), answers "refused" or
+        "admitted" (with what the record needs, which it completes itself), then
+        spawns and answers "started"."""
+        rid, job_id, record = msg.get("id"), msg.get("job"), msg.get("record")
         why = ""
         if not isinstance(rid, int) or isinstance(rid, bool):
             why = "malformed start: id"
@@ -660,18 +676,81 @@ class Keeper(Spawner):
             why = "malformed start: job"
         elif job_id in self.jobs or job_id in self.ended or self._starting(job_id):
             why = f"job {job_id} exists already"
+        elif set(msg) - START_KEYS:
+            why = "malformed start: unknown keys"
+        elif fds:
+            why = "malformed start: descriptors (the keeper opens the job's files itself)"
         elif not isinstance(record, dict) or len(str(record)) > RECORD_MAX:
             why = "malformed start: record"
-        elif "stdout" in fds:
-            why = "malformed start: the keeper makes the job's output pipe"
-        elif self.closing:
-            why = "the job keeper is stopping (its service was told to stop)"
-        else:
-            why = check_run(run)
-        if why:
-            self.tell({"op": "started", "id": rid, "job": job_id, "error": why, "errno": 22})
+        req = why or request_from_wire(msg.get("request"))
+        if isinstance(req, str):
+            self.refuse(rid, job_id, "INTERNAL", "malformed-start", req)
             return
-        assert isinstance(job_id, str) and isinstance(run, dict)
+        assert isinstance(rid, int) and isinstance(job_id, str) and isinstance(record, dict)
+        if self.closing:
+            self.refuse(
+                rid,
+                job_id,
+                "UNAVAILABLE",
+                "keeper-stopping",
+                "not started: the job keeper is stopping (its service was told to stop)",
+            )
+            return
+        if self.decider is None:
+            self.refuse(
+                rid,
+                job_id,
+                "FAILED_PRECONDITION",
+                "no-policy",
+                "not started: the job keeper has no policy (it was started without --config)",
+            )
+            return
+        try:
+            decided = self.decider.decide(job_id, req)
+        except AgentError as e:
+            self.refuse(rid, job_id, e.kind.name, e.rule, e.message)
+            return
+        # The record is completed here, from the decision: what the next agent is
+        # handed (hello) says what really runs.
+        record.update(
+            command=decided.executable, timeout_seconds=decided.timeout, limits=decided.limits
+        )
+        self.tell(
+            {
+                "op": "admitted",
+                "id": rid,
+                "job": job_id,
+                "command": decided.executable,
+                "timeout": decided.timeout,
+                "limits": decided.limits,
+                "entry": decided.entry,
+            }
+        )
+        try:
+            self.spawn_admitted(rid, job_id, record, decided)
+        except Exception:
+            import traceback
+
+            log(f"internal error starting job {job_id}:\n{traceback.format_exc()}")
+            if job_id not in self.jobs:
+                self.tell(
+                    {
+                        "op": "started",
+                        "id": rid,
+                        "job": job_id,
+                        "error": "internal error in the job keeper (see the agent's log)",
+                        "errno": errno.EIO,
+                    }
+                )
+
+    def spawn_admitted(
+        self, rid: int, job_id: str, record: dict[str, Any], decided: Decided
+    ) -> None:
+        """The output file and pipe of an admitted job, then the spawn."""
+        spec = decided.spec
+        plan, roles, kid_fds = plan_of(spec)
+        theirs = {r: fd for r, fd in zip(roles, kid_fds, strict=True) if r != "stdout"}
+        run = decided.run.to_wire()
         out = OutputFile(
             os.path.join(self.output_dir, f"{job_id}.out"), run["cap"], self.file_owner
         )
@@ -680,6 +759,8 @@ class Keeper(Spawner):
             r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         except (AgentError, OSError) as e:
             out.close()
+            for fd in theirs.values():
+                os.close(fd)
             code = getattr(e, "errno", None) or errno.EMFILE
             self.tell(
                 {
@@ -699,11 +780,39 @@ class Keeper(Spawner):
         job = KeptJob(job_id, rid, self.gen, run, out)
         job.rfd = r
         job.record = record
-        fds["stdout"] = w
+        theirs["stdout"] = w
         kid = next(self.rids)
         self.by_rid[kid] = job
-        # The spawner's checks and spawn; its answer comes back through send().
-        Spawner.spawn(self, {"op": "spawn", "id": kid, "plan": plan}, fds)
+        # The spawner's checks and spawn; its answer comes back through send(). It
+        # closes the descriptors it took (and clears them); what is left is ours.
+        try:
+            Spawner.spawn(self, {"op": "spawn", "id": kid, "plan": plan}, theirs)
+        except BaseException:
+            if self.by_rid.pop(kid, None) is not None:  # never answered: nothing runs
+                os.close(r)
+                job.rfd = -1
+                out.close()
+            raise
+        finally:
+            for fd in theirs.values():
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+    def reload(self, msg: dict[str, Any]) -> None:
+        """The agent's SIGHUP: read the policy again from this keeper's own config file
+        (the agent cannot hand one over); a rejected one leaves the current one."""
+        rid = msg.get("id")
+        if not isinstance(rid, int) or isinstance(rid, bool):
+            return
+        answer: dict[str, Any] = {"op": "reloaded", "id": rid, "error": "", "entries": 0}
+        try:
+            if self.decider is None:
+                raise LoadError("the job keeper was started without --config: no policy")
+            answer["entries"], answer["warnings"] = self.decider.reload()
+        except (LoadError, OSError) as e:
+            answer["error"] = str(e)
+            log(f"policy reload rejected, keeping the current policy: {e}")
+        self.tell(answer)
 
     def _starting(self, job_id: str) -> bool:
         return any(j.id == job_id for j in self.by_rid.values())
@@ -959,11 +1068,12 @@ def _is_starting(keeper: Keeper, pid: int) -> bool:
 
 
 USAGE = (
-    "usage: python -m agent.daemon.keeper (--listen-fd N | --socket PATH) --output-dir DIR "
-    "[--agent-uid UID] [--cgroup-jobs DIR [--controllers LIST]] "
+    "usage: python -m agent.daemon.keeper (--listen-fd N | --socket PATH) --config FILE "
+    "[--output-dir DIR] [--agent-uid UID] [--cgroup-jobs DIR [--controllers LIST]] "
     "[--service 1 [--ended-file PATH]] | --resume-fd N"
 )
 OPTIONS = {
+    "--config",
     "--listen-fd",
     "--socket",
     "--output-dir",
@@ -985,7 +1095,7 @@ def parse_args(argv: list[str]) -> dict[str, str] | None:
         len(args) != len(argv) // 2
         or not set(args) <= OPTIONS
         or ("--listen-fd" in args) == ("--socket" in args)
-        or "--output-dir" not in args
+        or not ("--output-dir" in args or "--config" in args)
     ):
         return None
     for key in ("--listen-fd", "--agent-uid", "--service"):
@@ -1006,7 +1116,7 @@ def main(argv: list[str]) -> int:
     args = types.SimpleNamespace(
         listen_fd=int(opts["--listen-fd"]) if "--listen-fd" in opts else None,
         socket=opts.get("--socket"),
-        output_dir=opts["--output-dir"],
+        output_dir=opts.get("--output-dir"),
         agent_uid=int(opts.get("--agent-uid", os.geteuid())),
         cgroup_jobs=opts.get("--cgroup-jobs"),
         controllers=opts.get("--controllers", ""),
@@ -1028,6 +1138,15 @@ def main(argv: list[str]) -> int:
         listener.set_inheritable(False)
     else:
         listener = proto.listen_at(args.socket)
+    decider = None
+    config = opts.get("--config")
+    if config is not None:
+        why, decider = load_decider(config, subtree)
+        if decider is None:
+            log(why)
+            return 2
+        if args.output_dir is None:
+            args.output_dir = str(decider.settings.output_dir)
     _subreaper()
     keeper = Keeper(
         listener,
@@ -1035,11 +1154,23 @@ def main(argv: list[str]) -> int:
         output_dir=args.output_dir,
         subtree=subtree,
         path=path,
+        decider=decider,
         service=args.service,
         ended_file=args.ended_file,
     )
     keeper.load_ended()
     return run(keeper)
+
+
+def load_decider(config: str, subtree: cgroups.Subtree | None) -> tuple[str, Decider | None]:
+    """The decider of the configuration at ``config`` ((why not, None) when it cannot be
+    had: the keeper then says why and exits, or, resuming, refuses every start)."""
+    try:
+        loaded = load_in_child(config, subtree)
+    except LoadError as e:
+        return f"cannot load the configuration and policy: {e}", None
+    # Said by the agent's start-up already (it checks the same files the same way).
+    return "", Decider(loaded.settings, loaded.policy, config_path=config)
 
 
 def resume(fd: int) -> int:
@@ -1057,12 +1188,20 @@ def resume(fd: int) -> int:
         return 2
     listener = socket.socket(fileno=state["listener"])
     _subreaper()
+    subtree = keeperstate.subtree_of(state)
+    decider = None
+    if state.get("config"):
+        # The policy as the file says now (an upgrade may bring a new one).
+        why, decider = load_decider(str(state["config"]), subtree)
+        if decider is None:
+            log(f"{why}: every start is refused until the keeper is restarted")
     keeper = Keeper(
         listener,
         agent_uid=state["agent_uid"],
         output_dir=state["output_dir"],
-        subtree=keeperstate.subtree_of(state),
+        subtree=subtree,
         path=path,
+        decider=decider,
         service=bool(state.get("service", False)),
         ended_file=str(state.get("ended_file", "")),
     )

@@ -3,8 +3,10 @@
 The agent attaches to the keeper's socket at start-up, starting a keeper when none
 answers (the development and daemonised deployments: that keeper then belongs to
 this agent session, in its process group, so Ctrl-C in a terminal reaches both).
-It hands each admitted job over (its resolved plan, how it is to be run, and its
-history record), and from then on only mirrors it: the keeper reports how far the
+It hands each start over (the caller's identity, the request and the job's history
+record); the keeper decides it (the policy, the limits, the timeout) and answers with a
+refusal or with what the record needs, then spawns; from then on the agent only
+mirrors the job: the keeper reports how far the
 output got, when the job is ending and how it finished; the supervisor
 (:mod:`agent.daemon.supervisor`) records that, wakes followers and acknowledges
 each finished job once the history has it, so that the keeper can forget it.
@@ -36,15 +38,30 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from agent.daemon import spawnproto as proto
 from agent.daemon.cgroups import CgroupError, Subtree
-from agent.daemon.errors import SpawnFailure
+from agent.daemon.decision import RunSpec as RunSpec
+from agent.daemon.decision import request_to_wire
+from agent.daemon.errors import (
+    AgentError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    SpawnFailure,
+    Unauthenticated,
+    Unavailable,
+)
 from agent.daemon.keeperstate import KEEPER_MAIN, PACKAGE_ROOT
 from agent.daemon.lifecycle import Exit
-from agent.daemon.spawn import SPAWN_ENV, SpawnSpec, _interpreter, plan_of
-from agent.vocabulary import JobState
+from agent.daemon.spawn import SPAWN_ENV, _interpreter
+from agent.vocabulary import JobState, Kind
+
+if TYPE_CHECKING:
+    from agent.daemon.admission import StartRequest
 
 log = logging.getLogger(__name__)
 
@@ -56,30 +73,62 @@ DEATH_WINDOW = 60.0
 HELLO_WAIT = 15.0
 ATTACH_TRIES = 4
 CLOSE_WAIT = 5.0
+PROTOCOL = 2  # agent.daemon.keeper.PROTOCOL (not imported: the keeper's module)
+# How long a policy reload may take in the keeper (it reads and checks every file).
+RELOAD_WAIT = 60.0
+# A refusal's kind, as the keeper names it, and the error it is raised as.
+REFUSALS: dict[str, type[AgentError]] = {
+    cls.kind.name: cls
+    for cls in (
+        InvalidArgument,
+        NotFound,
+        PermissionDenied,
+        Unauthenticated,
+        FailedPrecondition,
+        ResourceExhausted,
+        Unavailable,
+    )
+}
 
 
-@dataclass(frozen=True)
-class RunSpec:
-    """How the keeper runs a job besides its plan: its lifecycle's parameters."""
+def refusal(msg: dict[str, Any]) -> AgentError:
+    """The AgentError of a keeper's "refused" answer (kind, rule, message)."""
+    cls = REFUSALS.get(str(msg.get("kind")), AgentError)
+    err = cls(str(msg.get("message", "refused by the job keeper")), rule=str(msg.get("rule", "")))
+    if cls is AgentError:
+        err.kind = Kind.INTERNAL
+    return err
 
-    timeout: int
-    cpu_seconds: int
-    memory_max: int
-    note: str
-    cap: int
-    kill_on_cap: bool
-    grace: float
 
-    def to_wire(self) -> dict[str, Any]:
-        return {
-            "timeout": self.timeout,
-            "cpu_seconds": self.cpu_seconds,
-            "memory_max": self.memory_max,
-            "note": self.note,
-            "cap": self.cap,
-            "kill_on_cap": self.kill_on_cap,
-            "grace": float(self.grace),
-        }
+class Stopper(Protocol):
+    """Who stops an admitted job the agent will not record (the keeper's client)."""
+
+    def stop(self, job_id: str, how: str) -> None: ...
+
+
+class Admission:
+    """The keeper admitted a start: what the record needs, and the start's outcome to
+    await (``started``: the pid, or a SpawnFailure naming the failed step)."""
+
+    def __init__(
+        self,
+        client: Stopper,
+        job_id: str,
+        started: asyncio.Future[int],
+        msg: dict[str, Any],
+    ) -> None:
+        self._client, self.job_id, self.started = client, job_id, started
+        self.command = str(msg["command"])
+        self.timeout = int(msg["timeout"])
+        self.limits = {str(k): int(v) for k, v in dict(msg["limits"]).items()}
+        self.entry = str(msg["entry"])
+
+    def abandon(self) -> None:
+        """The agent will not record this job: it must not run (stopped once started)."""
+        if not self.started.done():
+            self.started.cancel()  # the "started" answer then stops it (not_recorded)
+        else:
+            self._client.stop(self.job_id, "not_recorded")
 
 
 @dataclass(frozen=True)
@@ -173,6 +222,7 @@ def keeper_argv(
     output_dir: str,
     subtree: Subtree | None,
     *,
+    config: str | None = None,
     agent_uid: int | None = None,
     service: bool = False,
     ended_file: str = "",
@@ -180,6 +230,9 @@ def keeper_argv(
     """The keeper's command line (a fresh interpreter in isolated mode), listening on the
     inherited socket ``listen_fd``."""
     args = ["--listen-fd", str(listen_fd), "--output-dir", output_dir]
+    if config is not None:
+        # The keeper reads the policy itself, from this config file.
+        args += ["--config", config]
     if subtree is not None:
         args += [
             "--cgroup-jobs",
@@ -204,6 +257,7 @@ class KeeperClient:
         socket_path: str,
         *,
         output_dir: str,
+        config_path: str | None = None,
         cgroups: Subtree | None = None,
         on_fatal: Callable[[str], None] | None = None,
         on_unknown_finished: Callable[[Finished], None] | None = None,
@@ -214,6 +268,7 @@ class KeeperClient:
         # is a service of its own; wait that long for it, never start one.
         self._service_wait = service_wait
         self._output_dir = output_dir
+        self._config_path = config_path
         self._cgroups = cgroups
         self._on_fatal = on_fatal
         self.on_unknown_finished = on_unknown_finished
@@ -221,7 +276,11 @@ class KeeperClient:
         self._proc: subprocess.Popen[bytes] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._next_id = 0
-        self._pending: dict[int, tuple[asyncio.Future[int], str, JobSink]] = {}
+        # request id -> (admitted, started, job id, sink) of a start not yet answered
+        self._pending: dict[
+            int, tuple[asyncio.Future[Admission], asyncio.Future[int], str, JobSink]
+        ] = {}
+        self._reloads: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._sinks: dict[str, JobSink] = {}
         self._pids: dict[str, int] = {}  # job id -> pid, while it runs (for a keeper's death)
         self._acks: list[str] = []
@@ -318,7 +377,9 @@ class KeeperClient:
             # Not a new session: Ctrl-C at the agent's terminal reaches it too, and it
             # ignores it (the agent stops the jobs, then tells it to exit).
             self._proc = subprocess.Popen(
-                keeper_argv(listener.fileno(), self._output_dir, self._cgroups),
+                keeper_argv(
+                    listener.fileno(), self._output_dir, self._cgroups, config=self._config_path
+                ),
                 executable=_interpreter(),
                 pass_fds=[listener.fileno()],
                 close_fds=True,
@@ -348,7 +409,7 @@ class KeeperClient:
         msg, byrole = proto.decode(data, fds)
         for fd in byrole.values():
             os.close(fd)
-        if msg.get("op") != "hello" or msg.get("protocol") != 1:
+        if msg.get("op") != "hello" or msg.get("protocol") != PROTOCOL:
             raise OSError(errno.EPROTO, f"the job keeper speaks another protocol: {msg!r:.200}")
         where = msg.get("cgroups")
         return Hello(
@@ -394,40 +455,61 @@ class KeeperClient:
         self._sinks[job_id] = sink
 
     async def start(
-        self, spec: SpawnSpec, run: RunSpec, record: dict[str, Any], sink: JobSink
-    ) -> int:
-        """Hand a job to the keeper; its pid, or SpawnFailure naming the failed step."""
+        self, job_id: str, req: StartRequest, record: dict[str, Any], sink: JobSink
+    ) -> Admission:
+        """Ask the keeper to start ``req`` as job ``job_id``: it decides (the policy, the
+        limits, the timeout) and spawns. Returns its :class:`Admission` (then await
+        ``started`` for the pid), or raises the keeper's refusal as an AgentError, or
+        SpawnFailure when the keeper cannot be asked."""
         if self._loop is None:
             self._attach_reader()
         if self._sock is None:
             raise SpawnFailure(errno.EIO, "the job keeper is not running")
         loop = asyncio.get_running_loop()
-        plan, roles, fds = plan_of(spec)
-        job_id = str(record["id"])
-        # The keeper makes the job's output pipe and file itself.
-        keep = [(r, fd) for r, fd in zip(roles, fds, strict=True) if r != "stdout"]
         self._next_id += 1
         rid = self._next_id
-        fut: asyncio.Future[int] = loop.create_future()
+        admitted: asyncio.Future[Admission] = loop.create_future()
+        started: asyncio.Future[int] = loop.create_future()
         msg = {
             "op": "start",
             "id": rid,
             "job": job_id,
-            "plan": plan,
-            "run": run.to_wire(),
+            "request": request_to_wire(req),
             "record": record,
-            "fds": [r for r, _ in keep],
         }
         try:
-            proto.send(self._sock, msg, [fd for _, fd in keep])
+            proto.send(self._sock, msg)
         except OSError as e:
             code = e.errno or errno.EIO
             if code in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
                 self._died()
                 raise SpawnFailure(code, "the job keeper died") from None
-            raise SpawnFailure(code, proto.error_text("sending the plan", code)) from None
-        self._pending[rid] = (fut, job_id, sink)
-        return await fut
+            raise SpawnFailure(code, proto.error_text("sending the start", code)) from None
+        self._pending[rid] = (admitted, started, job_id, sink)
+        try:
+            return await admitted
+        except asyncio.CancelledError:
+            started.cancel()  # admitted or not, it must not run: see _dispatch
+            raise
+
+    async def reload(self) -> dict[str, Any]:
+        """Make the keeper read the policy again from its own config file; its answer:
+        ``{"error": TEXT ("" if accepted), "entries": N, "warnings": [...]}``. Raises
+        OSError when the keeper cannot be asked or does not answer."""
+        if self._sock is None:
+            raise OSError(errno.EIO, "the job keeper is not running")
+        loop = asyncio.get_running_loop()
+        self._next_id += 1
+        rid = self._next_id
+        fut: asyncio.Future[dict[str, Any]] = loop.create_future()
+        self._reloads[rid] = fut
+        try:
+            proto.send(self._sock, {"op": "reload", "id": rid})
+            return await asyncio.wait_for(asyncio.shield(fut), RELOAD_WAIT)
+        except asyncio.TimeoutError:
+            raise OSError(errno.ETIMEDOUT, "the job keeper did not answer the reload") from None
+        finally:
+            self._reloads.pop(rid, None)
 
     def stop(self, job_id: str, how: str) -> None:
         """Ask the keeper to stop a job ("stop", "shutdown", "kill", "not_recorded")."""
@@ -490,22 +572,44 @@ class KeeperClient:
             sink = self._sinks.get(msg["job"])
             if sink is not None:
                 sink.on_ending()
+        elif op == "admitted" or op == "refused":
+            admitted, started, job_id, sink = self._pending[msg["id"]]
+            if op == "refused":
+                del self._pending[msg["id"]]
+                if not admitted.done():
+                    admitted.set_exception(refusal(msg))
+                return
+            if admitted.done():
+                # Its start was cancelled before the answer: the job must not run unseen.
+                started.cancel()
+                return
+            try:
+                admitted.set_result(Admission(self, job_id, started, msg))
+            except (KeyError, TypeError, ValueError) as e:
+                # Never a hung StartJob: refused here, and the job (if it starts) stopped.
+                started.cancel()
+                admitted.set_exception(SpawnFailure(errno.EPROTO, f"bad admission: {e}"))
         elif op == "started":
-            fut, job_id, sink = self._pending.pop(msg["id"])
+            admitted, started, job_id, sink = self._pending.pop(msg["id"])
             pid = msg.get("pid")
             if pid is None:
-                if not fut.done():
-                    fut.set_exception(
-                        SpawnFailure(int(msg.get("errno", errno.EIO)), str(msg["error"]))
-                    )
+                failure = SpawnFailure(int(msg.get("errno", errno.EIO)), str(msg["error"]))
+                for fut in (admitted, started):
+                    if not fut.done():
+                        fut.set_exception(failure)
+                        break
                 return
             self._pids[job_id] = int(pid)
-            if fut.done():
+            if started.done() or not admitted.done():
                 # The start was cancelled: the job must not run unseen (nor be recorded).
                 self.stop(job_id, "not_recorded")
                 return
             self._sinks[job_id] = sink
-            fut.set_result(int(pid))
+            started.set_result(int(pid))
+        elif op == "reloaded":
+            reload = self._reloads.get(msg["id"])
+            if reload is not None and not reload.done():
+                reload.set_result(msg)
         elif op == "finished":
             fin = Finished.from_wire(msg)
             self._pids.pop(fin.job_id, None)
@@ -533,10 +637,15 @@ class KeeperClient:
             # The keeper's service went (stopped, crashed): its manager stops or restarts
             # it, and its jobs with it. This agent goes too (its unit restarts it, and the
             # new agent waits for the keeper); it kills nothing of the keeper's.
-            for fut, _, _ in self._pending.values():
-                if not fut.done():
-                    fut.set_exception(SpawnFailure(errno.EIO, "the job keeper went away"))
+            for admitted, started, _, _ in self._pending.values():
+                for fut in (admitted, started):
+                    if not fut.done():
+                        fut.set_exception(SpawnFailure(errno.EIO, "the job keeper went away"))
+                        break
             self._pending.clear()
+            for reload in self._reloads.values():
+                if not reload.done():
+                    reload.set_exception(OSError(errno.EIO, "the job keeper went away"))
             self._sinks.clear()
             why = f"the job keeper service (pid {self.keeper_pid}) went away"
             log.error("%s; the agent exits (it attaches again when restarted)", why)
@@ -549,11 +658,16 @@ class KeeperClient:
             status,
             len(self._sinks),
         )
-        for fut, job_id, _ in self._pending.values():
+        for admitted, started, job_id, _ in self._pending.values():
             self._kill(job_id, self._pids.pop(job_id, 0))
-            if not fut.done():
-                fut.set_exception(SpawnFailure(errno.EIO, "the job keeper died"))
+            for fut in (admitted, started):
+                if not fut.done():
+                    fut.set_exception(SpawnFailure(errno.EIO, "the job keeper died"))
+                    break
         self._pending.clear()
+        for reload in self._reloads.values():
+            if not reload.done():
+                reload.set_exception(OSError(errno.EIO, "the job keeper died"))
         sinks, self._sinks = self._sinks, {}
         for job_id, sink in sinks.items():
             self._kill(job_id, self._pids.pop(job_id, 0))

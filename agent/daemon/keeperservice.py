@@ -101,6 +101,7 @@ def main(cfg: Config) -> int:
         listener.fileno(),
         str(cfg.output_dir),
         subtree,
+        config=str(cfg.path),
         agent_uid=uid,
         service=True,
         ended_file=str(cfg.jobs.state_dir / KEEPER_ENDED),

@@ -112,6 +112,7 @@ def snapshot(k: Keeper) -> dict[str, Any]:
         "output_dir": k.output_dir,
         "service": k.service,
         "ended_file": k.ended_file,
+        "config": None if k.decider is None else k.decider.config_path,
         "subtree": None
         if k.subtree is None
         else {"jobs": str(k.subtree.jobs), "controllers": sorted(k.subtree.controllers)},

@@ -40,7 +40,6 @@ from prometheus_client.registry import Collector
 
 from agent import x509
 from agent.configfile import split_host_port
-from agent.daemon import policy as policy_mod
 from agent.daemon.access_gate import gated
 from agent.daemon.admission import StartRequest
 from agent.daemon.audit import AuditLog
@@ -82,16 +81,6 @@ class LabelChildren:
                 self._children.clear()
             child = self._children[values] = self._metric.labels(*values)
         return child
-
-
-def entry_of(policy: policy_mod.Policy, rec: JobRecord) -> str:
-    """The name of the policy entry a job ran under (first match, as decide does)."""
-    for e in policy.entries:
-        if e.command != rec.command:
-            continue
-        if e.scripts is None or any(r.matches(rec.path) for r in e.scripts):
-            return e.name
-    return UNKNOWN_ENTRY
 
 
 class CertificateSource:
@@ -229,9 +218,8 @@ class AgentMetrics:
 
     # ------------------------------------------------------------ hooks
 
-    def job_started(self, rec: JobRecord, policy: policy_mod.Policy, seconds: float) -> None:
-        """A start returned ``rec`` after ``seconds``."""
-        entry = entry_of(policy, rec)
+    def job_started(self, rec: JobRecord, entry: str, seconds: float) -> None:
+        """A start returned ``rec`` (admitted under policy ``entry``) after ``seconds``."""
         self._started.get(entry).inc()
         if rec.pid:  # a process was spawned (pid 0: the start failed)
             self.spawn_latency.observe(seconds)
@@ -242,7 +230,7 @@ class AgentMetrics:
             # (it found no entry and left the counting to here).
             self._finished(rec, entry)
 
-    def job_finished(self, rec: JobRecord, policy: policy_mod.Policy) -> None:
+    def job_finished(self, rec: JobRecord) -> None:
         """The supervisor's on_finish: ``rec`` reached its final state."""
         entry = self._entries.pop(rec.id, None)
         if entry is not None:
@@ -302,12 +290,23 @@ class MeteredSupervisor(Supervisor):
 
     metrics: AgentMetrics | None = None
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._entries: dict[str, str] = {}  # job id -> its policy entry, while it starts
+
+    def note_entry(self, job_id: str, entry: str) -> None:
+        """The keeper's word on the entry a job was admitted under (see start)."""
+        if len(self._entries) > 4096:  # left by starts that failed after admission
+            self._entries.clear()
+        self._entries[job_id] = entry
+
     async def start(self, req: StartRequest) -> JobRecord:
         """``Supervisor.start``, timed; a refused start raises before it is counted."""
         t0 = time.monotonic()
         rec = await super().start(req)
+        entry = self._entries.pop(rec.id, UNKNOWN_ENTRY)
         if self.metrics is not None:
-            self.metrics.job_started(rec, self.policy, time.monotonic() - t0)
+            self.metrics.job_started(rec, entry, time.monotonic() - t0)
         return rec
 
 

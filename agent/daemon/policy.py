@@ -30,8 +30,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from agent.daemon import capabilities
 from agent.daemon.errors import (
     AgentError,
@@ -839,6 +837,11 @@ def parse(
     Relative script locations resolve against ``base`` (the policy file's
     folder); without a base they are refused.
     """
+    # Imported here: the job keeper decides with this module but parses no policy
+    # itself (its loader process does, see agent.daemon.decision), so yaml stays out
+    # of its memory.
+    import yaml
+
     allowed_owners = frozenset(owners) if owners is not None else frozenset({0, os.geteuid()})
     try:
         data = yaml.safe_load(text)
@@ -1255,7 +1258,7 @@ def _str_list(raw: Any, key: str) -> list[str]:
     return list(items)
 
 
-def _yaml_reason(e: yaml.YAMLError) -> str:
+def _yaml_reason(e: Exception) -> str:
     mark = getattr(e, "problem_mark", None)
     problem = getattr(e, "problem", None) or str(e).splitlines()[0]
     if mark is not None:

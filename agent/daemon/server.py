@@ -30,13 +30,12 @@ from agent.channel import server_keepalive_options
 from agent.configfile import ConfigError, split_host_port
 from agent.credentials import reloading_server_credentials
 from agent.daemon import config as config_mod
-from agent.daemon import policy as policy_mod
 from agent.daemon import reloadstatus, retention
 from agent.daemon.access_gate import AccessGate
-from agent.daemon.admission import Rules
 from agent.daemon.audit import AuditLog
 from agent.daemon.cgroups import Subtree
 from agent.daemon.config import Config
+from agent.daemon.decision import Settings, runner_is_root, settings_of
 from agent.daemon.errors import AgentError
 from agent.daemon.history import History, Store
 from agent.daemon.keeperclient import KEEPER_SOCKET, KeeperClient
@@ -44,18 +43,9 @@ from agent.daemon.lockfile import LockFile
 from agent.daemon.retention import Sweeper
 from agent.daemon.sdnotify import Notifier, watchdog_interval
 from agent.daemon.service import STATUS, StreamSlots, WorkerService
-from agent.daemon.startup import (
-    Prepared,
-    check_cgroup_limits,
-    check_runner,
-    expiry_warnings,
-    job_reader,
-    load_policy,
-    runner_is_root,
-)
-from agent.daemon.supervisor import BOOT_ID, INSTANCE_ENV, Settings, Supervisor, instance_id
+from agent.daemon.startup import Prepared, check_cgroup_limits, expiry_warnings
+from agent.daemon.supervisor import BOOT_ID, INSTANCE_ENV, Supervisor
 from agent.tls import CertificateReloader, ServerTLSState
-from agent.vocabulary import LIMIT_NAMES
 
 if TYPE_CHECKING:
     # Imported at start-up only when [metrics] enabled = true: prometheus_client
@@ -109,26 +99,7 @@ KEEPER_PID = "keeper.pid"
 
 def settings_from(cfg: Config, prepared: Prepared) -> Settings:
     """Supervisor settings from the configuration."""
-    d, m = cfg.limits.default, cfg.limits.max
-    return Settings(
-        output_dir=cfg.output_dir,
-        instance=instance_id(cfg.jobs.state_dir),
-        user=prepared.job_user,
-        umask=int(cfg.jobs.umask, 8),
-        stop_grace=cfg.jobs.stop_grace_seconds,
-        on_output_cap=cfg.jobs.on_output_cap,
-        path_env=cfg.jobs.path_env,
-        scratch_dir=cfg.scratch_dir,
-        rules=Rules(
-            max_running=cfg.jobs.max_running,
-            default_timeout=cfg.jobs.default_timeout_seconds,
-            max_timeout=cfg.jobs.max_timeout_seconds,
-            default_limits={n: getattr(d, n) for n in LIMIT_NAMES},
-            max_limits={n: getattr(m, n) for n in LIMIT_NAMES},
-        ),
-        cgroups=prepared.cgroups,
-        cpu_millicores=cfg.cgroups.cpu_millicores,
-    )
+    return settings_of(cfg, prepared.job_user, prepared.cgroups)
 
 
 def server_options(cfg: Config) -> list[tuple[str, Any]]:
@@ -194,7 +165,7 @@ class AgentServer:
         self.reload_rejected: tuple[str, ...] = ()
         self._started = False  # start-up went through (the jobs are this agent's)
         self._keeper_fresh = True  # the keeper was started by this agent (nothing kept)
-        self._keeper_uid: int | None = None  # a keeper service's user (its policy check)
+        self.keeper: KeeperClient | None = None
 
     # ------------------------------------------------------------ signals
 
@@ -274,6 +245,7 @@ class AgentServer:
         ops = KeeperClient(
             str(cfg.jobs.state_dir / KEEPER_SOCKET),
             output_dir=str(cfg.output_dir),
+            config_path=str(cfg.path),
             # A keeper service owns its job cgroups (its unit's, delegated): the agent,
             # in a unit of its own, may not and need not touch them.
             cgroups=None if own_service else self.prepared.cgroups,
@@ -288,9 +260,6 @@ class AgentServer:
         self._keeper_fresh = hello.fresh and not own_service
         if own_service:
             self._keeper_cgroups(hello.cgroups)
-            # What the keeper service can give the entries (users, capabilities) is known
-            # only now: the policy loaded before is checked against it.
-            self._keeper_uid = hello.uid
             if (hello.uid == 0) != runner_is_root(cfg):
                 # Who the jobs run as was resolved for the keeper the config describes; a
                 # root keeper taken for an unprivileged one would run them as root.
@@ -299,18 +268,14 @@ class AgentServer:
                     f"{'is set (a root keeper)' if cfg.keeper.agent_user else 'is not set'}: "
                     "set agent_user exactly when the keeper runs as root and the agent not"
                 )
-            try:
-                check_runner(self.prepared.policy, hello.uid, "the job keeper")
-            except policy_mod.PolicyError as e:
-                raise StartupError(f"{cfg.jobs.policy_file}: {e}") from None
         settings = settings_from(cfg, self.prepared)
         # Who holds the jobs, for the operator (`kill -USR2` re-executes it in place).
         with contextlib.suppress(OSError):
             (cfg.jobs.state_dir / KEEPER_PID).write_text(f"{hello.pid}\n")
+        self.keeper = ops
         self.jobs = supervisor(
             settings,
             history,
-            self.prepared.policy,
             ops,
             on_change=self._mark_status,
             on_finish=self._audit_finish,
@@ -512,7 +477,7 @@ class AgentServer:
 
     def _audit_finish(self, rec: Any) -> None:
         if self.jobs is not None and self.metrics is not None:
-            self.metrics.job_finished(rec, self.jobs.policy)
+            self.metrics.job_finished(rec)
         if self.audit:
             self.audit.record(
                 "job_end",
@@ -552,7 +517,7 @@ class AgentServer:
                 next_metrics = now + 5.0
             if self.reload_requested.is_set():
                 self.reload_requested.clear()
-                self.reload()
+                await self.reload()
             if now >= next_sweep:
                 try:
                     self.sweeper.sweep(set(self.jobs.running), budget=retention.STEP_BUDGET)
@@ -580,7 +545,7 @@ class AgentServer:
             reload_wait.cancel()
             exit_wait.cancel()
 
-    def reload(self) -> None:
+    async def reload(self) -> None:
         """SIGHUP: certificates, policy, ``[auth]`` and the audit log file; jobs keep running.
 
         Whatever is rejected keeps its previous version and is named in the
@@ -606,7 +571,7 @@ class AgentServer:
         if config_error is not None:
             rejected.append(("config", config_error))
         else:
-            policy_error = self._reload_policy()
+            policy_error = await self._reload_policy()
             if policy_error is not None:
                 rejected.append(("policy", policy_error))
         try:
@@ -629,28 +594,26 @@ class AgentServer:
         except OSError as e:
             log.error("cannot record the reload's outcome for `agent reload`: %s", e)
 
-    def _reload_policy(self) -> str | None:
-        """Load and apply the policy file; the reason it was rejected, or None."""
-        assert self.jobs is not None and self.audit is not None
+    async def _reload_policy(self) -> str | None:
+        """Make the job keeper read the policy again from its own config file (the agent
+        decides no start and hands the keeper no policy); why it was rejected, or None."""
+        assert self.jobs is not None and self.audit is not None and self.keeper is not None
         try:
-            new, confine_warnings = load_policy(
-                self.config, self.prepared.deny, reader=job_reader(self.prepared.job_user)
-            )
-            if self._keeper_uid is not None:
-                check_runner(new, self._keeper_uid, "the job keeper")
-            for w in confine_warnings:
-                log.warning("%s", w)
-        except policy_mod.PolicyError as e:
-            log.error("policy reload rejected, keeping the current policy: %s", e)
-            self.audit.record("policy_reload", decision="error", reason=str(e))
-            return str(e)
-        self.jobs.set_policy(new)
-        log.info(
-            "policy reloaded: %d entr%s",
-            len(new.entries),
-            "y" if len(new.entries) == 1 else "ies",
-        )
-        self.audit.record("policy_reload", decision="ok", reason=f"{len(new.entries)} entries")
+            answer = await self.keeper.reload()
+            error = str(answer.get("error", ""))
+            entries = int(answer.get("entries", 0))
+            warnings = [str(w) for w in answer.get("warnings", [])]
+        except (OSError, ValueError, TypeError) as e:
+            error = f"the job keeper could not reload the policy: {e}"
+            entries, warnings = 0, []
+        if error:
+            log.error("policy reload rejected, keeping the current policy: %s", error)
+            self.audit.record("policy_reload", decision="error", reason=error)
+            return error
+        for w in warnings:
+            log.warning("%s", w)
+        log.info("policy reloaded: %d entr%s", entries, "y" if entries == 1 else "ies")
+        self.audit.record("policy_reload", decision="ok", reason=f"{entries} entries")
         return None
 
     def _reload_config(self) -> str | None:

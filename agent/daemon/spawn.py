@@ -50,19 +50,17 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from agent.daemon import spawnproto as proto
 from agent.daemon.cgroups import CgroupError, Subtree
 from agent.daemon.errors import SpawnFailure
-from agent.daemon.landlock import LandlockSpec
 from agent.daemon.lifecycle import Exit
-from agent.daemon.seccomp import SeccompSpec
+from agent.daemon.spawnplan import SpawnSpec, plan_of
 from agent.daemon.trust import SCRIPT_FD_PATH
 
-__all__ = ["SCRIPT_FD_PATH", "SPAWNER_DIED", "SpawnFailure", "SpawnSpec", "SpawnerOps"]
+__all__ = ["SCRIPT_FD_PATH", "SPAWNER_DIED", "SpawnFailure", "SpawnSpec", "SpawnerOps", "plan_of"]
 
 log = logging.getLogger(__name__)
 
@@ -76,34 +74,6 @@ _SPAWNER_MAIN = (
     "import sys; sys.path.insert(0, sys.argv.pop(1)); "
     "from agent.daemon.spawner import main; sys.exit(main(sys.argv[1:]))"
 )
-
-
-@dataclass(frozen=True)
-class SpawnSpec:
-    """Everything needed to start one job process."""
-
-    argv: Sequence[str]
-    executable: str  # absolute; used unless exec_fd is given
-    env: Mapping[str, str]
-    cwd: str
-    stdout_fd: int
-    uid: int | None  # None: keep the agent's user
-    gid: int | None
-    umask: int
-    limits: Mapping[str, int]  # rlimits, 0 = unlimited
-    exec_fd: int | None = None  # fexecve this (a sealed, verified copy)
-    script_fd: int | None = None  # a pinned script, fd 3 = SCRIPT_FD_PATH in argv
-    cgroup_procs_fd: int | None = None  # the job's cgroup.procs: the child joins it
-    # The job cgroup the spawner creates for this job: {"id": JOB_ID, and the
-    # cgroups.Limits fields memory_bytes / pids / cpu_millicores that are set}.
-    cgroup: Mapping[str, str | int] | None = None
-    # --- confinement (issue 14): Landlock, scratch directory, capabilities ---
-    landlock: LandlockSpec | None = None  # complete (deny list included); None: none
-    landlock_abi: int = 0  # the ABI the spec was checked against at policy load
-    scratch: str | None = None  # created 0700 for the job's user, removed after it
-    capabilities: Sequence[int] = ()  # what a job of a root spawner keeps (default none)
-    no_new_privs: bool = True
-    seccomp: SeccompSpec | None = None  # the job's seccomp filter (issue 22); None: none
 
 
 class ProcessOps(Protocol):
@@ -126,52 +96,6 @@ def _interpreter() -> str:
     """This very interpreter: sys.executable, or its binary when that path is out of
     reach of the agent's user (a venv under /root for an agent run as nobody)."""
     return sys.executable if os.access(sys.executable, os.X_OK) else "/proc/self/exe"
-
-
-def plan_of(spec: SpawnSpec) -> tuple[dict[str, Any], list[str], list[int]]:
-    """The spawner's plan for ``spec``, with the descriptor roles and descriptors."""
-    plan: dict[str, Any] = {
-        "path": spec.executable,
-        "argv": list(spec.argv),
-        "env": dict(spec.env),
-        "cwd": spec.cwd,
-        "umask": spec.umask,
-        "uid": spec.uid,
-        "gid": spec.gid,
-        "limits": {k: v for k, v in spec.limits.items() if v},
-    }
-    if spec.cgroup is not None:
-        plan["cgroup"] = dict(spec.cgroup)
-    # --- confinement (issue 14) ---
-    if spec.landlock is not None and spec.landlock_abi >= 1:
-        ll = spec.landlock
-        plan["landlock"] = {
-            "abi": spec.landlock_abi,
-            "read_exec": list(ll.read_exec),
-            "read": list(ll.read),
-            "write": list(ll.write),
-            "connect_tcp": None if ll.connect_tcp is None else list(ll.connect_tcp),
-            "bind_tcp": None if ll.bind_tcp is None else list(ll.bind_tcp),
-            "scope_signals": ll.scope_signals,
-            "scope_abstract_unix": ll.scope_abstract_unix,
-            "deny": list(ll.deny),
-        }
-    if spec.seccomp is not None:
-        sc = spec.seccomp
-        plan["seccomp"] = {"udp": sc.udp, "allow": sorted(sc.allow), "listen": sc.listen}
-    plan["scratch"] = spec.scratch
-    plan["capabilities"] = sorted(spec.capabilities)
-    plan["no_new_privs"] = spec.no_new_privs
-    roles, fds = ["stdout"], [spec.stdout_fd]
-    for role, fd in (
-        ("exec", spec.exec_fd),
-        ("script", spec.script_fd),
-        ("cgroup", spec.cgroup_procs_fd),
-    ):
-        if fd is not None:
-            roles.append(role)
-            fds.append(fd)
-    return plan, roles, fds
 
 
 class SpawnerOps:

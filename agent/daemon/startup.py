@@ -11,10 +11,8 @@ No gRPC here: it must be importable before the cipher policy is set.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
-import pwd
 import resource
 import stat
 from dataclasses import dataclass
@@ -23,12 +21,34 @@ from pathlib import Path
 from agent import tls, x509
 from agent.configfile import ConfigError, is_loopback_host, split_host_port
 from agent.crl import CRLError, RevocationChecker
-from agent.daemon import admission, cgroups, landlock, seccomp
+from agent.daemon import admission, cgroups
 from agent.daemon import policy as policy_mod
 from agent.daemon.config import Config
+from agent.daemon.decision import (
+    CGROUP_LIMITS,
+    JobUser,
+    LoadError,
+    _within,
+    confine_policy,
+    deny_paths,
+    instance_id,
+    job_reader,
+    load_in_child,
+    load_policy,
+    resolve_job_user,
+)
 from agent.daemon.errors import AgentError
-from agent.daemon.supervisor import CGROUP_LIMITS, JobUser, instance_id
 from agent.vocabulary import LIMIT_NAMES
+
+__all__ = [
+    "Prepared",
+    "confine_policy",
+    "deny_paths",
+    "job_reader",
+    "load_policy",
+    "prepare",
+    "resolve_job_user",
+]
 
 log = logging.getLogger(__name__)
 
@@ -110,56 +130,6 @@ def check_private_dir(
         raise _err(cfg, section, key, f"{path}: not writable by the agent")
 
 
-def runner_is_root(cfg: Config) -> bool:
-    """Whether the process that starts the jobs runs as root: the agent itself in child
-    mode; in service mode the keeper, root exactly when it serves an agent of another user
-    (``[keeper] agent_user``; the agent checks the keeper's hello against this)."""
-    if cfg.keeper.mode == "service" and cfg.keeper.agent_user:
-        return True
-    return os.geteuid() == 0
-
-
-def resolve_job_user(cfg: Config) -> tuple[JobUser, list[str]]:
-    """Who jobs run as; refuses root unless allowed."""
-    warnings: list[str] = []
-    name = cfg.jobs.run_as_user
-    if not runner_is_root(cfg):
-        me = pwd.getpwuid(os.geteuid())
-        if name and name != me.pw_name:
-            warnings.append(
-                f"[jobs] run_as_user = {name!r} is ignored: the agent is not root, "
-                f"so jobs run as its own user {me.pw_name!r}"
-            )
-        return JobUser(None, None, me.pw_name, me.pw_dir or "/"), warnings
-    if not name:
-        if not cfg.jobs.allow_root:
-            raise _err(
-                cfg,
-                "jobs",
-                "run_as_user",
-                "the agent runs as root: name an unprivileged user for jobs (for "
-                'example "nobody"), or set allow_root = true to run them as root',
-            )
-        warnings.append("jobs run as root (allow_root = true)")
-        return JobUser(None, None, "root", "/root"), warnings
-    try:
-        pw = pwd.getpwnam(name)
-    except KeyError:
-        raise _err(cfg, "jobs", "run_as_user", f"no such user {name!r}") from None
-    if pw.pw_uid == 0:
-        if not cfg.jobs.allow_root:
-            raise _err(
-                cfg,
-                "jobs",
-                "run_as_user",
-                f"{name!r} is root; set allow_root = true if that is really intended",
-            )
-        warnings.append("jobs run as root (allow_root = true)")
-        return JobUser(None, None, "root", pw.pw_dir), warnings
-    home = pw.pw_dir if os.path.isdir(pw.pw_dir) else "/"
-    return JobUser(pw.pw_uid, pw.pw_gid, pw.pw_name, home), warnings
-
-
 DEFAULT_CGROUP_PARENT = "worker-agent"
 
 
@@ -239,213 +209,6 @@ def check_cgroup_limits(cfg: Config, subtree: cgroups.Subtree | None) -> list[st
         f"{'s' if len(missing) > 1 else ''}: requests and policy entries needing "
         "them are refused (FAILED_PRECONDITION)"
     ]
-
-
-def job_reader(job_user: JobUser) -> policy_mod.Reader | None:
-    """The job user as the policy's reachability check sees it (None: root, no check)."""
-    if job_user.uid is None:
-        if os.geteuid() == 0:
-            return None
-        return policy_mod.Reader(
-            os.geteuid(), os.getegid(), job_user.name, frozenset(os.getgroups())
-        )
-    assert job_user.gid is not None
-    return policy_mod.Reader(job_user.uid, job_user.gid, job_user.name)
-
-
-def deny_paths(cfg: Config) -> tuple[str, ...]:
-    """What Landlock keeps away from every job: the agent's keys, its configuration
-    directory (config, policy, certificates), its state (history, every job's output,
-    pid file), its audit log and its log file."""
-    paths: list[Path] = [cfg.path.parent, cfg.jobs.state_dir, cfg.output_dir, cfg.audit_file]
-    paths += [cfg.pid_file]
-    for key in (cfg.grpc_server.key_file, cfg.scheduler.key_file, cfg.jobs.policy_file):
-        if key is not None:
-            paths.append(key)
-    if cfg.logging.file is not None:
-        paths.append(cfg.logging.file)
-    out: list[str] = []
-    for p in paths:
-        for form in (os.path.normpath(p), os.path.realpath(p)):
-            if form not in out:
-                out.append(form)
-    return tuple(out)
-
-
-def _within(path: str, top: str) -> bool:
-    return path == top or path.startswith(top.rstrip("/") + "/")
-
-
-def _config_dirs(cfg: Config) -> set[str]:
-    return {os.path.normpath(cfg.path.parent), os.path.realpath(cfg.path.parent)}
-
-
-def _pierce_config_dir(
-    deny: tuple[str, ...], config_dirs: set[str], own: set[str]
-) -> tuple[str, ...]:
-    """The deny list of an entry whose program or scripts live inside the agent's
-    configuration directory (a development checkout: config.toml next to examples/).
-
-    The job must read its own program and scripts, so for that entry the directory is
-    denied except the branches leading to them; every other denied path (the config
-    and policy files, the keys, the state) stays denied as a whole.
-    """
-    keep = [os.path.realpath(p) for p in own]
-    soft = [d for d in deny if d in config_dirs and any(_within(k, d) for k in keep)]
-    if not soft:
-        return deny
-    carved: list[str] = []
-
-    def carve(d: str) -> None:
-        if any(k == d for k in keep):
-            return  # the folder the job needs: open (its denied files stay denied)
-        if not any(_within(k, d) for k in keep):
-            carved.append(d)
-            return
-        try:
-            children = os.scandir(d)
-        except OSError:
-            carved.append(d)
-            return
-        with children:
-            for child in children:
-                carve(child.path)
-
-    for d in soft:
-        carve(d)
-    return tuple(dict.fromkeys([*(d for d in deny if d not in soft), *carved]))
-
-
-def confine_policy(
-    pol: policy_mod.Policy, cfg: Config, deny: tuple[str, ...]
-) -> tuple[policy_mod.Policy, list[str]]:
-    """Check every entry's confinement against the kernel and this agent; one line each.
-
-    Returns the policy with each entry's Landlock spec completed (the deny list added,
-    degraded in best-effort mode, ``abi`` set) and the warnings to log. Raises
-    PolicyError naming the entry and the missing feature or the offending key.
-    """
-    abi = landlock.effective_abi(None if cfg.confinement.max_abi < 0 else cfg.confinement.max_abi)
-    best_effort = cfg.confinement.landlock == "best_effort"
-    # No rule of any entry covers the scratch root (spawner.Spawner.ruleset denies it):
-    # each job gets its own directory there, by descriptor.
-    scratch_root = os.path.realpath(cfg.scratch_dir)
-    warnings: list[str] = []
-    entries = []
-    # Asked once per load: libseccomp and the kernel's filters (and user notification,
-    # which listen() checks of an entry with bind_tcp ports need).
-    guards = {e.confinement.seccomp.listen == "bound" for e in pol.entries if e.confinement.seccomp}
-    no_seccomp = {guard: seccomp.unavailable(listen_check=guard) for guard in guards}
-    if not cfg.confinement.seccomp:
-        warnings.append(
-            f"{pol.source}: [confinement] seccomp = false: no job gets a seccomp filter "
-            "(MPTCP, UDP, listen(), namespaces, io_uring... are not refused)"
-        )
-    for e in pol.entries:
-        where = f"{pol.source}: entry {e.name!r}"
-        c = e.confinement
-        if c.seccomp is not None and not cfg.confinement.seccomp:
-            c = dataclasses.replace(c, seccomp=None)
-        if c.seccomp is not None and (why := no_seccomp[c.seccomp.listen == "bound"]):
-            if not best_effort:
-                raise policy_mod.PolicyError(
-                    f"{where}: needs seccomp filters but {why}; install libseccomp2 or set "
-                    '[confinement] landlock = "best_effort"'
-                )
-            warnings.append(f"{where}: best effort, not enforced: seccomp ({why})")
-            c = dataclasses.replace(c, seccomp=None)
-        if not c.no_new_privs and (c.seccomp is not None or (c.landlock and abi >= 1)):
-            raise policy_mod.PolicyError(
-                f"{where}: no_new_privs: false cannot be honoured: Landlock and seccomp "
-                "need no_new_privs, and one of them is enforced here"
-            )
-        if cfg.keeper.mode == "child":
-            # A keeper service's user is known once attached (server: check_runner).
-            check_runner_entry(where, c, os.geteuid(), "the agent")
-        spec = c.landlock
-        if spec is None:  # already confined (a reload of a checked policy cannot happen)
-            entries.append(dataclasses.replace(e, confinement=c))
-            continue
-        own = {e.command, *policy_mod.script_dirs(e.scripts)}
-        entry_deny = _pierce_config_dir(deny, _config_dirs(cfg), own)
-        for key in ("read_exec", "read", "write"):
-            for p in getattr(spec, key):
-                against = entry_deny if p in own else deny
-                hit = [d for d in against if _within(os.path.realpath(p), d) or _within(p, d)]
-                if hit:
-                    raise policy_mod.PolicyError(
-                        f"{where}: landlock: {key}: {p} is inside {hit[0]}, one of the agent's "
-                        "own files that no job may reach"
-                    )
-                if _within(os.path.realpath(p), scratch_root):
-                    raise policy_mod.PolicyError(
-                        f"{where}: landlock: {key}: {p} is inside [confinement] scratch_dir "
-                        f"{cfg.scratch_dir}: each job reaches only its own directory there"
-                    )
-        spec = dataclasses.replace(spec, deny=entry_deny)
-        need, features = landlock.required_abi(spec)
-        missing = [f for f in features if landlock.FEATURES[f][0] > abi]
-        if missing and not best_effort:
-            what = "Landlock" if abi == 0 else f"Landlock ABI {need}"
-            raise policy_mod.PolicyError(
-                f"{where}: needs {what} for {', '.join(missing)} but the kernel has ABI {abi}; "
-                'relax the entry or set [confinement] landlock = "best_effort"'
-            )
-        if missing:
-            spec, lost = landlock.degrade(spec, abi)
-            warnings.append(f"{where}: best effort, not enforced: {'; '.join(lost)}")
-        confined: landlock.LandlockSpec | None = spec if abi >= 1 else None
-        if confined is not None:
-            try:
-                # As the spawner plans it: the scratch root hole-punched out of every grant.
-                landlock.plan_rules(
-                    dataclasses.replace(confined, deny=(*confined.deny, scratch_root))
-                )
-            except landlock.LandlockError as err:
-                raise policy_mod.PolicyError(f"{where}: landlock: {err}") from None
-        entries.append(
-            dataclasses.replace(
-                e, confinement=dataclasses.replace(c, landlock=confined, abi=abi if confined else 0)
-            )
-        )
-    return dataclasses.replace(pol, entries=tuple(entries)), warnings
-
-
-def check_runner_entry(where: str, c: policy_mod.Confinement, uid: int, who: str) -> None:
-    """Whether the process that starts the jobs (``who``, running as ``uid``) can give an
-    entry its user and capabilities: only root can; PolicyError naming the entry."""
-    if uid == 0:
-        return
-    if c.uid is not None and c.uid != uid:
-        raise policy_mod.PolicyError(
-            f"{where}: user: {who} does not run as root, so its jobs cannot run as "
-            f"{c.user!r} (see docs/deployment.md)"
-        )
-    if c.capabilities:
-        raise policy_mod.PolicyError(
-            f"{where}: capabilities: {who} does not run as root and has none to give"
-        )
-
-
-def check_runner(pol: policy_mod.Policy, uid: int, who: str) -> None:
-    """:func:`check_runner_entry` for every entry of a loaded policy."""
-    for e in pol.entries:
-        check_runner_entry(f"{pol.source}: entry {e.name!r}", e.confinement, uid, who)
-
-
-def load_policy(
-    cfg: Config,
-    deny: tuple[str, ...] | None = None,
-    *,
-    reader: policy_mod.Reader | None = None,
-) -> tuple[policy_mod.Policy, list[str]]:
-    """Load and confine the configured policy (start-up and SIGHUP); raises PolicyError.
-
-    ``reader``: the job user whose access to every script location is checked.
-    """
-    assert cfg.jobs.policy_file is not None
-    pol = policy_mod.load(cfg.jobs.policy_file, reader=reader)
-    return confine_policy(pol, cfg, deny_paths(cfg) if deny is None else deny)
 
 
 def check_default_limits(cfg: Config) -> None:
@@ -543,11 +306,14 @@ def prepare(cfg: Config, *, create_dirs: bool = True) -> Prepared:
     job_user, w = resolve_job_user(cfg)
     warnings.extend(w)
     deny = deny_paths(cfg)
+    # Loaded and confined as the job keeper will (agent.daemon.decision.load_in_child:
+    # a loader process, so yaml stays out of the agent, which decides nothing).
     try:
-        pol, w = load_policy(cfg, deny, reader=job_reader(job_user))
-    except policy_mod.PolicyError as e:
+        loaded = load_in_child(str(cfg.path), None)
+    except LoadError as e:
         raise _err(cfg, "jobs", "policy_file", str(e)) from None
-    warnings.extend(w)
+    pol = loaded.policy
+    warnings.extend(loaded.policy_warnings)
     if not pol.entries:
         warnings.append(
             f"the policy {cfg.jobs.policy_file} allows nothing: every StartJob will be denied"

@@ -1,8 +1,10 @@
 """The supervisor: the agent's side of every job, a mirror of what the job keeper runs.
 
-Runs entirely on the asyncio event loop's thread. Admission (capacity, limits,
-the policy) happens here; the admitted job is recorded in the history and handed
-to the job keeper (:mod:`agent.daemon.keeper`, through
+Runs entirely on the asyncio event loop's thread. The agent's part of admission
+(accepting, ``max_running``) happens here; the rest (the request, the limits, the
+timeout, the policy) is the job keeper's decision (:mod:`agent.daemon.decision`).
+The job the keeper admits is recorded in the history and run by
+the job keeper (:mod:`agent.daemon.keeper`, through
 :class:`~agent.daemon.keeperclient.KeeperClient`), which owns everything about it
 from then on: its process, its output file, its timeout and output cap, and the
 lifecycle that decides how it ended. The supervisor keeps a mirror of each
@@ -12,7 +14,8 @@ history has it, so that an agent that dies first is told again by the keeper.
 
 A job's path::
 
-    start(): admission -> history insert -> keeper start -> RUNNING (recorded)
+    start(): capacity -> keeper decides ("admitted") -> history insert -> keeper spawns
+             ("started") -> RUNNING (recorded)
     keeper "output": size -> followers woken       "ending": exit or end of output seen
     keeper "finished": state, text, exit -> history, waiters, audit -> ack
 
@@ -25,34 +28,33 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import hashlib
 import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Protocol, TypeVar
 
 from agent.access import AccessDenied, Caller
 from agent.daemon import admission, procfs, validation
 from agent.daemon import lifecycle as lc
 from agent.daemon import policy as policy_mod
-from agent.daemon.cgroups import Subtree
+from agent.daemon.decision import INSTANCE_ENV as INSTANCE_ENV
+from agent.daemon.decision import NO_CGROUP_NOTE as NO_CGROUP_NOTE
+from agent.daemon.decision import JobUser as JobUser
+from agent.daemon.decision import Settings as Settings
+from agent.daemon.decision import cgroup_limits as cgroup_limits
+from agent.daemon.decision import instance_id as instance_id
 from agent.daemon.errors import (
     AgentError,
-    FailedPrecondition,
     NotFound,
     PermissionDenied,
     Unavailable,
     agent_condition,
 )
 from agent.daemon.history import History, JobRecord, record_from_wire, record_to_wire
-from agent.daemon.keeperclient import Finished, Hello, RunSpec
+from agent.daemon.keeperclient import Admission, Finished, Hello
 from agent.daemon.output import LiveOutput, describe_oserror, stream_file
-from agent.daemon.spawn import SpawnSpec
-from agent.vocabulary import CGROUP_LIMITS as VOCABULARY_CGROUP_LIMITS
 from agent.vocabulary import JobState
 
 log = logging.getLogger(__name__)
@@ -70,91 +72,20 @@ START_DRAIN = 10.0
 # goes on running is answered at once after that.
 ENDING_WAIT = 0.005
 ENDING_WINDOW = 0.05
-INSTANCE_ENV = "AGENT_INSTANCE"
 BOOT_ID = procfs.boot_id()
-
-
-@dataclass(frozen=True)
-class JobUser:
-    """Who jobs run as."""
-
-    uid: int | None  # None: the agent's own user (no switch)
-    gid: int | None
-    name: str
-    home: str
-
-
-@dataclass(frozen=True)
-class Settings:
-    """What the supervisor needs from the configuration (no defaults: config has them)."""
-
-    output_dir: Path
-    instance: str  # marks every job's environment, see Recovery
-    user: JobUser
-    umask: int
-    stop_grace: float
-    on_output_cap: str
-    path_env: str
-    rules: admission.Rules
-    # The agent's job cgroup subtree; None: jobs run without a cgroup.
-    cgroups: Subtree | None = None
-    cpu_millicores: int = 0  # [cgroups] cpu_millicores: cpu.max of every job
-
-    # Each job's scratch directory (cwd, HOME, TMPDIR) is created below this; None: none.
-    scratch_dir: Path | None = None
-
-
-# Limits enforced by the job's cgroup -> (cgroups.Limits field, controller).
-# Never by an rlimit: RLIMIT_NPROC counts every process of the job's user and
-# RLIMIT_AS is address space per process, neither is one job's.
-# The limits a cgroup enforces (agent.vocabulary says which and with what controller):
-# name -> (the cgroups.Limits field that sets its file, the controller).
-_LIMITS_FIELD = {"memory.max": "memory_bytes", "pids.max": "pids"}
-CGROUP_LIMITS: dict[str, tuple[str, str]] = {
-    name: (_LIMITS_FIELD[control], controller)
-    for name, (control, controller) in VOCABULARY_CGROUP_LIMITS.items()
-}
-NO_CGROUP_NOTE = "ran without a job cgroup: its stop was not escape-proof"
-
-
-def cgroup_limits(
-    limits: Mapping[str, int], cpu_millicores: int, subtree: Subtree | None
-) -> dict[str, int]:
-    """The cgroup limits of a job (``cgroups.Limits`` fields), or FailedPrecondition.
-
-    A limit whose controller is not enabled for job cgroups (or that needs a
-    cgroup where jobs run without one) is refused, never silently unenforced.
-    """
-    out: dict[str, int] = {}
-    wanted: list[tuple[str, str, str]] = [
-        (name, field_name, controller)
-        for name, (field_name, controller) in CGROUP_LIMITS.items()
-        if limits.get(name)
-    ]
-    if cpu_millicores:
-        wanted.append(("[cgroups] cpu_millicores", "cpu_millicores", "cpu"))
-    for name, field_name, controller in wanted:
-        if subtree is None:
-            raise FailedPrecondition(
-                f"{name} needs the {controller} controller of a job cgroup, and jobs run "
-                "without a cgroup on this agent",
-                rule="missing-cgroup-controller",
-            )
-        if controller not in subtree.controllers:
-            raise FailedPrecondition(
-                f"{name} needs the {controller} controller, which is not available for "
-                f"job cgroups here ({subtree.jobs}), so the limit cannot be enforced",
-                rule="missing-cgroup-controller",
-            )
-        out[field_name] = cpu_millicores if field_name == "cpu_millicores" else limits[name]
-    return out
 
 
 class JobOps(Protocol):
     """What the supervisor needs of the job keeper (:class:`KeeperClient`; a fake in
     unit tests)."""
 
-    async def start(self, spec: SpawnSpec, run: RunSpec, record: dict, sink: Job) -> int: ...  # type: ignore[type-arg]
+    async def start(
+        self,
+        job_id: str,
+        req: admission.StartRequest,
+        record: dict,  # type: ignore[type-arg]
+        sink: Job,
+    ) -> Admission: ...
     def watch(self, job_id: str, sink: Job) -> None: ...
     def stop(self, job_id: str, how: str) -> None: ...
     def ack(self, job_id: str) -> None: ...
@@ -197,7 +128,6 @@ class Supervisor:
         self,
         settings: Settings,
         history: History,
-        policy: policy_mod.Policy,
         ops: JobOps,
         *,
         on_change: Callable[[], None] | None = None,
@@ -205,7 +135,6 @@ class Supervisor:
     ) -> None:
         self.settings = settings
         self.history = history
-        self.policy = policy
         self.ops = ops
         self.running: dict[str, Job] = {}
         self.accepting = True
@@ -217,14 +146,6 @@ class Supervisor:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._on_change = on_change or (lambda: None)
         self._on_finish = on_finish or (lambda rec: None)
-        self._base_env = {
-            "PATH": settings.path_env,
-            "HOME": settings.user.home,
-            "USER": settings.user.name,
-            "LOGNAME": settings.user.name,
-            "LANG": "C.UTF-8",
-            INSTANCE_ENV: settings.instance,
-        }
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -237,115 +158,85 @@ class Supervisor:
         """Refuse every new start from now on (UNAVAILABLE): the agent is stopping."""
         self.accepting = False
 
-    def set_policy(self, policy: policy_mod.Policy) -> None:
-        """Use ``policy`` for every start from now on (running jobs are unaffected)."""
-        self.policy = policy
-
     # ------------------------------------------------------------ start
 
     async def start(self, req: admission.StartRequest) -> JobRecord:
         """Start a job or raise an AgentError saying why not.
+
+        The agent decides what only it knows (accepting, ``max_running``); the job
+        keeper decides the rest (:mod:`agent.daemon.decision`: the policy, the limits,
+        the timeout) and answers with a refusal, raised here as is, or with what the
+        record needs (the canonical program, the resolved timeout and limits).
 
         Returns the job's record once it is durably recorded: RUNNING, or
         FAILED when the program could not be started (the original protocol
         reports start failures through QueryJob, so such a job gets an id
         like any other).
         """
-        admitted = admission.admit(
-            req,
-            self.settings.rules,
-            self.policy,
-            busy=len(self.running) + self._starting,
-            accepting=self.accepting,
+        admission.capacity(
+            self.settings.rules, busy=len(self.running) + self._starting, accepting=self.accepting
         )
         # The slot is taken before the first await, so concurrent starts can
         # never exceed max_running.
         self._starting += 1
         self._started_all.clear()
         try:
-            # After admission (malformed requests and policy denials first).
-            cg_limits = cgroup_limits(
-                admitted.limits, self.settings.cpu_millicores, self.settings.cgroups
-            )
-            return await self._spawn(req, admitted, cg_limits)
+            return await self._spawn(req)
         finally:
             self._starting -= 1
             if not self._starting:
                 self._started_all.set()
-            admitted.plan.close()  # the sealed copies (exec_fd, script_fd) are the child's now
 
-    async def _spawn(
-        self, req: admission.StartRequest, admitted: admission.Admitted, cg_limits: dict[str, int]
-    ) -> JobRecord:
-        plan, limits = admitted.plan, admitted.limits
+    def note_entry(self, job_id: str, entry: str) -> None:
+        """The policy entry the keeper admitted a job under (metrics count by it)."""
+
+    async def _spawn(self, req: admission.StartRequest) -> JobRecord:
         job_id = str(uuid.uuid4())
         out_path = str(self.settings.output_dir / f"{job_id}.out")
+        # command, timeout and limits are the keeper's to say (its "admitted").
         record = JobRecord(
             id=job_id,
             owner=req.identity,
-            command=plan.executable,
+            command=req.command,
             path=req.path,
             args=policy_mod.redact_args(req.args, req.secret_args),
             state=JobState.RUNNING,
             start_time=time.time(),
             output_path=out_path,
-            timeout_seconds=admitted.timeout,
-            limits={k: v for k, v in limits.items() if v},
+            timeout_seconds=0,
+            limits={},
             boot_id=BOOT_ID,
         )
-        env = dict(self._base_env)
-        env.update(plan.env)
-        env[procfs.JOB_ID_ENV] = job_id
-        s = self.settings
-        # --- confinement (issue 14): the entry's user, Landlock and scratch directory ---
-        conf = plan.confinement
-        uid, gid = s.user.uid, s.user.gid
-        if conf is not None and conf.uid is not None:
-            uid, gid = conf.uid, conf.gid
-            env["USER"] = env["LOGNAME"] = conf.user or str(conf.uid)
-        scratch = str(s.scratch_dir / job_id) if s.scratch_dir is not None else None
-        if scratch is not None:
-            env["HOME"] = env["TMPDIR"] = scratch
-        spec = SpawnSpec(
-            argv=plan.argv,
-            executable=plan.executable,
-            env=env,
-            cwd=plan.cwd or scratch or "/",
-            stdout_fd=-1,  # the keeper makes the job's output pipe
-            uid=uid,
-            gid=gid,
-            umask=s.umask,
-            limits={
-                k: v for k, v in limits.items() if k != "output_bytes" and k not in CGROUP_LIMITS
-            },
-            exec_fd=plan.exec_fd,
-            script_fd=plan.script_fd,
-            cgroup={"id": job_id, **cg_limits} if s.cgroups is not None else None,
-            landlock=conf.landlock if conf is not None else None,
-            landlock_abi=conf.abi if conf is not None else 0,
-            scratch=scratch,
-            capabilities=conf.capabilities if conf is not None else (),
-            no_new_privs=conf.no_new_privs if conf is not None else True,
-            seccomp=conf.seccomp if conf is not None else None,
-        )
-        run = RunSpec(
-            timeout=admitted.timeout,
-            cpu_seconds=limits.get("cpu_seconds", 0),
-            memory_max=cg_limits.get("memory_bytes", 0),
-            note="" if s.cgroups is not None else NO_CGROUP_NOTE,
-            cap=limits.get("output_bytes", 0),
-            kill_on_cap=s.on_output_cap == "kill",
-            grace=s.stop_grace,
-        )
         job = Job(record, self)
-        # Recorded before it is started: the insert is made now and its commit
-        # runs while the keeper sets the job up, not after (one round trip less
-        # before StartJob is answered). Until then the row's pid is 0. An agent
-        # that dies meanwhile loses nothing: the keeper holds the job with this
-        # record and hands both to the next agent (adopt).
-        committed = self.history.insert_new(record)
         try:
-            pid = await self.ops.start(spec, run, record_to_wire(record), job)
+            admitted = await self.ops.start(job_id, req, record_to_wire(record), job)
+        except OSError as e:
+            # Never admitted (the keeper died, or could not be written to): nothing ran.
+            # Answered as before the keeper decided: a FAILED job, recorded.
+            _mark_not_started(record, describe_oserror(e))
+            self.history.insert_now(record)
+            self._on_finish(record)
+            cond = _spawner_condition(e)
+            if cond is not None:
+                raise cond from None
+            log.info("job %s could not start: %s", job_id, record.error_text)
+            return record
+        record.command = admitted.command
+        record.timeout_seconds = admitted.timeout
+        record.limits = dict(admitted.limits)
+        self.note_entry(job_id, admitted.entry)
+        # Recorded as soon as the keeper admitted it: the insert is made now and its
+        # commit runs while the keeper sets the job up, not after (one round trip less
+        # before StartJob is answered). Until then the row's pid is 0. An agent that
+        # dies meanwhile loses nothing: the keeper holds the job with its record and
+        # hands both to the next agent (adopt).
+        try:
+            committed = self.history.insert_new(record)
+        except BaseException:
+            admitted.abandon()  # started or not, it must not run unrecorded
+            raise
+        try:
+            pid = await admitted.started
         except OSError as e:
             _mark_not_started(record, describe_oserror(e))
             await self.history.committed(committed)
@@ -362,6 +253,7 @@ class Supervisor:
             # The caller went away mid-start (the keeper client has a job whose start
             # nobody awaits killed), or a bug: the row inserted above must not stay
             # RUNNING.
+            admitted.abandon()
             cancelled = isinstance(e, asyncio.CancelledError)
             _mark_not_started(record, "the start was cancelled" if cancelled else "internal error")
             self.history.save(record)
@@ -682,8 +574,3 @@ def _check(rule: Callable[[], T]) -> T:
         return rule()
     except AccessDenied as e:
         raise PermissionDenied(e.message, rule=e.rule) from None
-
-
-def instance_id(state_dir: Path) -> str:
-    """A stable id for an agent installation (its canonical state directory)."""
-    return hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:16]

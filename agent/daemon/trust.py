@@ -14,7 +14,6 @@ re-checks what it executes).
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import os
 import stat
 import threading
@@ -340,7 +339,10 @@ def _copy_and_seal(src: int, name: str, executable: bool) -> tuple[int, str]:
             offset += len(chunk)
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
         # Hash the sealed copy itself, never the source: the source may
-        # have changed while it was being copied.
+        # have changed while it was being copied. hashlib only here: it loads
+        # libcrypto (3.7 MB of the job keeper's memory), which only pins need.
+        import hashlib
+
         h = hashlib.sha256()
         pos = 0
         while True:
