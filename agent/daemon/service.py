@@ -1,11 +1,12 @@
 """The gRPC Worker service: a thin layer over the supervisor.
 
 It converts protobuf messages to plain values (:mod:`agent.daemon.validation`
-checks them), authenticates the caller from its verified certificate, builds
-its :class:`~agent.access.Caller` (deny by default), calls the supervisor,
-converts domain errors to status codes (one table, from
-:class:`~agent.vocabulary.Kind`), and writes the audit log. It holds no job
-logic and no access rule of its own.
+checks them), authenticates the caller from its verified certificate (read
+as the scheduler reads it, :func:`agent.rpc.peer_certificate`), builds its
+:class:`~agent.access.Caller` (deny by default), calls the supervisor,
+answers every refusal with the status of its kind (the one table,
+:data:`agent.rpc.STATUS`), and writes the audit log. It holds no job logic
+and no access rule of its own.
 """
 
 from __future__ import annotations
@@ -14,13 +15,13 @@ import itertools
 import logging
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 from google.protobuf import message as pb_message
 
 from agent._proto import jobscheduler_pb2 as pb
-from agent.access import AccessDenied, AccessRules, Caller
+from agent.access import AccessRules, Caller
 from agent.crl import RevocationChecker
 from agent.daemon import validation
 from agent.daemon.admission import StartRequest
@@ -29,19 +30,18 @@ from agent.daemon.errors import (
     AgentError,
     InvalidArgument,
     Kind,
-    PermissionDenied,
     ResourceExhausted,
     Unauthenticated,
     agent_condition,
 )
 from agent.daemon.history import JobRecord
 from agent.daemon.supervisor import Supervisor
-from agent.tls import ANONYMOUS, PeerCert, identity_from_cert
+from agent.rpc import STATUS as STATUS  # server.py's gate answers refusals with it
+from agent.rpc import abort, peer_certificate
+from agent.tls import ANONYMOUS, PeerCert
 from agent.vocabulary import LIMITS
 
 log = logging.getLogger(__name__)
-
-STATUS = {kind: grpc.StatusCode[kind.code] for kind in Kind}
 
 READ_RPCS = frozenset({"QueryJob", "WaitJob", "ListJobs", "StreamJobOutput"})
 
@@ -230,16 +230,11 @@ class WorkerService:
             raise Unauthenticated(
                 "no client identity (the agent is not using mTLS)", rule="no-identity"
             )
-        pems = context.auth_context().get("x509_pem_cert")
-        if not pems:
-            raise Unauthenticated("no verified client certificate", rule="no-client-cert")
-        peer = identity_from_cert(pems[0])
-        if peer.problem:
-            raise Unauthenticated(peer.problem, rule="bad-client-cert")
+        pem, peer = peer_certificate(context)
         if self.revocation is not None:
             # Every RPC, not only every handshake: a CRL loaded after the
             # connection was made still ends the next call on it.
-            revoked = self.revocation.revoked(pems[0])
+            revoked = self.revocation.revoked(pem)
             if revoked:
                 raise Unauthenticated(revoked, rule="revoked-client-cert")
         return peer
@@ -251,7 +246,7 @@ class WorkerService:
         identity: str,
         err: AgentError,
         **fields: Any,
-    ) -> None:
+    ) -> NoReturn:
         self.audit.record(
             "rpc",
             decision="deny",
@@ -266,7 +261,7 @@ class WorkerService:
             log.error("%s failed: %s", rpc, err.message)
         elif err.rule == "agent-resources":
             log.warning("%s refused: %s", rpc, err.message)  # one line, no traceback
-        await context.abort(STATUS[err.kind], err.message)
+        await abort(context, err)
 
     async def _run(
         self,
@@ -281,10 +276,7 @@ class WorkerService:
             peer = self.identify(context)
             identity = peer.identity
             caller = self.access.caller(identity, peer.sans)
-            try:
-                caller.may_call()
-            except AccessDenied as e:
-                raise PermissionDenied(e.message, rule=e.rule) from None
+            caller.may_call()  # AccessDenied is a refusal like the others
             if isinstance(request, Malformed):
                 raise InvalidArgument(
                     f"request could not be decoded: {request.reason}", rule="undecodable"
@@ -292,7 +284,6 @@ class WorkerService:
             result = await body(caller)
         except AgentError as e:
             await self._fail(context, rpc, identity, e, **fields)
-            raise AssertionError("unreachable") from None  # abort() raises
         except (OSError, MemoryError, RuntimeError) as e:
             # The agent's own resources ran out (descriptors, memory, disk, threads):
             # a status that says so and one log line, never UNKNOWN and a traceback.
@@ -300,7 +291,6 @@ class WorkerService:
             if cond is None:
                 raise
             await self._fail(context, rpc, identity, cond, **fields)
-            raise AssertionError("unreachable") from None
         if rpc in READ_RPCS and self.log_reads:
             self.audit.record(
                 "rpc", decision="allow", identity=identity, peer=context.peer(), rpc=rpc, **fields
