@@ -38,7 +38,7 @@ from agent.client import (
 from agent.client.errors import convert
 from agent.client.text import format_status
 from agent.scheduler.cli import main as scheduler_main
-from agent.scheduler.service import Registry, UnknownWorker
+from agent.scheduler.registry import Registry, UnknownWorker
 from agent.vocabulary import LIMITS, JobState
 
 from helpers import (
