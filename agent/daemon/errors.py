@@ -60,7 +60,7 @@ class SpawnFailure(OSError):
 
 # The agent's own resources running out: (kind, what ran out). A refusal that says it is
 # the agent's condition, not the caller's request, so a client retries instead of
-# changing what it asks (issue 23).
+# changing what it asks.
 _CONDITIONS: dict[int, tuple[type[AgentError], str]] = {
     errno.EMFILE: (ResourceExhausted, "the agent is out of file descriptors"),
     errno.ENFILE: (ResourceExhausted, "the system is out of file descriptors"),
