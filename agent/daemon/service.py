@@ -21,7 +21,7 @@ import grpc
 from google.protobuf import message as pb_message
 
 from agent._proto import jobscheduler_pb2 as pb
-from agent.access import AccessRules, Caller
+from agent.access import ANONYMOUS, AccessRules, Caller
 from agent.crl import RevocationChecker
 from agent.daemon import validation
 from agent.daemon.admission import StartRequest
@@ -38,7 +38,7 @@ from agent.daemon.history import JobRecord
 from agent.daemon.supervisor import Supervisor
 from agent.rpc import STATUS as STATUS  # server.py's gate answers refusals with it
 from agent.rpc import abort, peer_certificate
-from agent.tls import ANONYMOUS, PeerCert
+from agent.tls import PeerCert
 from agent.vocabulary import LIMITS
 
 log = logging.getLogger(__name__)
