@@ -18,19 +18,13 @@ from agent.channel import (
     reconnecting_channel_options,
 )
 
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 100.0
-
-    def __call__(self) -> float:
-        return self.t
+from helpers import FakeClock
 
 
 def test_deadline_counts_down_and_never_hands_grpc_zero() -> None:
     """remaining() falls with the clock to a small positive floor; allows() says if a
     sleep still fits."""
-    clock = Clock()
+    clock = FakeClock(100.0)
     d = Deadline(2.0, clock)
     assert d.remaining() == 2.0 and d.allows(1.9) and not d.allows(2.0)
     clock.t += 1.5
@@ -43,7 +37,7 @@ def test_deadline_counts_down_and_never_hands_grpc_zero() -> None:
 
 def test_no_deadline_never_runs_out() -> None:
     """Deadline(None): no remaining time to give, every sleep allowed."""
-    d = Deadline(None, Clock())
+    d = Deadline(None, FakeClock(100.0))
     assert d.remaining() is None and d.allows(1e9)
 
 

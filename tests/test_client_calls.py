@@ -1,7 +1,9 @@
 """What every client call sends and how it is retried (agent.client._calls), directly.
 
 Both clients (sync and asyncio) only carry out these Call values, so the rule that a
-start is never retried, and the retry budget within a deadline, live here.
+start is never retried, and the retry budget within a deadline, are pinned here once
+for both; the clients against real agents and a real scheduler are
+tests/test_scheduler.py and tests/test_agentctl.py.
 """
 
 from __future__ import annotations
@@ -11,16 +13,23 @@ from typing import Any
 import grpc
 import pytest
 
-from agent.client import _calls
-from agent.client.errors import NotFound, Unavailable
-from agent.client.model import RetryPolicy
+from agent.client import (
+    STATES,
+    AgentClientError,
+    NotFound,
+    PermissionDenied,
+    RetryPolicy,
+    Unavailable,
+    _calls,
+)
+from agent.client.errors import convert
+from agent.vocabulary import LIMITS, JobState
 
 
-class RpcError(grpc.RpcError):  # type: ignore[misc]
-    """A failed call as grpc raises it: a code and details."""
+class _RpcError(grpc.RpcError):  # type: ignore[misc]  # grpc is untyped
+    """A failed call as grpc raises it, without a channel."""
 
-    def __init__(self, code: grpc.StatusCode, details: str = "") -> None:
-        super().__init__(details)
+    def __init__(self, code: grpc.StatusCode, details: str = "gone") -> None:
         self._code, self._details = code, details
 
     def code(self) -> grpc.StatusCode:
@@ -30,15 +39,14 @@ class RpcError(grpc.RpcError):  # type: ignore[misc]
         return self._details
 
 
-def test_starts_are_never_retried_and_the_rest_are() -> None:
-    """StartJob, RunJob and DispatchStartJob are not safe to repeat; every other call is."""
+def test_only_calls_safe_to_repeat_are_retried() -> None:
+    """StartJob, RunJob and DispatchStartJob never retry; query/stop/wait/list/dispatch do."""
     req = _calls.start_request("true", "")
     never: list[_calls.Call[Any]] = [
         _calls.start(req, 1),
         _calls.run(req, 1),
         _calls.dispatch_start("w", req, 1),
     ]
-    assert [c.retry for c in never] == [False, False, False]
     safe: list[_calls.Call[Any]] = [
         _calls.query("j", 1),
         _calls.query_pb("j", 1),
@@ -49,65 +57,64 @@ def test_starts_are_never_retried_and_the_rest_are() -> None:
         _calls.dispatch_query("w", "j", 1),
         _calls.dispatch_stop("w", "j", 1),
     ]
+    assert [c.retry for c in never] == [False] * 3
     assert all(c.retry for c in safe)
+    assert _calls.wait("j", 5).timeout == 5 + _calls.WAIT_MARGIN_S  # deadline past the wait
 
 
-def test_start_request_sets_limits_by_wire_name() -> None:
-    """Limits by their config name land in the wire field; an unknown name is refused."""
-    req = _calls.start_request(
-        "bash",
-        "/x.sh",
-        ["a"],
-        {"K": "v"},
-        timeout_seconds=5,
-        limits={"memory_bytes": 1 << 20},
-        secret_args=[0],
-    )
-    assert req.limits.memoryBytes == 1 << 20 and req.timeoutSeconds == 5
-    assert list(req.args) == ["a"] and dict(req.env) == {"K": "v"} and list(req.secretArgs) == [0]
-    assert not _calls.start_request("true", "").HasField("timeoutSeconds")
-    with pytest.raises(ValueError, match="unknown limit 'rss'"):
-        _calls.start_request("true", "", limits={"rss": 1})
+def test_attempts_retry_unavailable_within_the_deadline_only() -> None:
+    """One attempt without a policy; UNAVAILABLE retried until attempts or deadline end."""
+    unavailable = _RpcError(grpc.StatusCode.UNAVAILABLE)
+    with pytest.raises(Unavailable):
+        _calls.Attempts(None, 10).after(unavailable)
+    policy = RetryPolicy(attempts=3, initial=0.01, maximum=0.02)
+    a = _calls.Attempts(policy, 10)
+    assert 0 <= a.after(unavailable) <= 0.01
+    assert 0 <= a.after(unavailable) <= 0.02
+    with pytest.raises(Unavailable):
+        a.after(unavailable)  # attempts used up
+    with pytest.raises(NotFound):
+        _calls.Attempts(policy, 10).after(_RpcError(grpc.StatusCode.NOT_FOUND))
+    with pytest.raises(Unavailable):  # a delay that would pass the deadline is not slept
+        _calls.Attempts(RetryPolicy(initial=5.0, maximum=5.0), 0.0).after(unavailable)
+    remaining = _calls.Attempts(policy, 10).remaining()
+    assert remaining is not None and 9 < remaining <= 10
+    assert _calls.Attempts(policy, None).remaining() is None
 
 
-def test_list_request_takes_state_names() -> None:
-    """States by name (any case) become their wire numbers; an unknown one is refused."""
-    assert list(_calls.list_request(["running", "FAILED"]).states) == [1, 3]
+def test_errors_are_named_after_the_status() -> None:
+    """A status without its own class keeps its code in AgentClientError."""
+    assert isinstance(convert(_RpcError(grpc.StatusCode.PERMISSION_DENIED)), PermissionDenied)
+    e = convert(_RpcError(grpc.StatusCode.INTERNAL, "boom"))
+    assert type(e) is AgentClientError and e.code is grpc.StatusCode.INTERNAL
+    assert str(e) == "internal: boom"
+
+
+def test_requests_take_names_from_the_vocabulary() -> None:
+    """Limit and state names come from agent.vocabulary; unknown ones are ValueError."""
+    req = _calls.start_request("true", "", limits={lim.name: i + 1 for i, lim in enumerate(LIMITS)})
+    assert [getattr(req.limits, lim.wire) for lim in LIMITS] == list(range(1, len(LIMITS) + 1))
+    with pytest.raises(ValueError, match="unknown limit"):
+        _calls.start_request("true", "", limits={"bogus": 1})
+    assert list(_calls.list_request(["running", "LOST"]).states) == [
+        JobState.RUNNING.value,
+        JobState.LOST.value,
+    ]
     with pytest.raises(ValueError, match="unknown job state"):
         _calls.list_request(["sleeping"])
+    assert {s.value: s.name for s in JobState} == STATES
 
 
-def test_wait_asks_the_agent_for_less_than_the_call_deadline() -> None:
-    """WaitJob asks for the wait in ms and gives the call a margin beyond it."""
-    call = _calls.wait("j", 3.0)
-    assert call.request.waitMillis == 3000
-    assert call.timeout == 3.0 + _calls.WAIT_MARGIN_S
-
-
-def test_a_single_attempt_raises_the_converted_error() -> None:
-    """No policy (a start): the first failure is raised, named after its status."""
-    attempts = _calls.Attempts(None, 10)
-    with pytest.raises(Unavailable):
-        attempts.after(RpcError(grpc.StatusCode.UNAVAILABLE, "down"))
-
-
-def test_only_retryable_codes_are_retried_within_the_policy() -> None:
-    """UNAVAILABLE gets a delay up to attempts - 1 times; NOT_FOUND is raised at once."""
-    attempts = _calls.Attempts(RetryPolicy(attempts=3, initial=0.01, maximum=0.02), 10)
-    assert 0 <= attempts.after(RpcError(grpc.StatusCode.UNAVAILABLE)) <= 0.01
-    with pytest.raises(NotFound, match="no job"):
-        attempts.after(RpcError(grpc.StatusCode.NOT_FOUND, "no job"))
-    assert 0 <= attempts.after(RpcError(grpc.StatusCode.UNAVAILABLE)) <= 0.02
-    with pytest.raises(Unavailable):
-        attempts.after(RpcError(grpc.StatusCode.UNAVAILABLE))
-
-
-def test_no_retry_past_the_deadline() -> None:
-    """A delay that would end after the deadline is not slept: the error is raised."""
-    attempts = _calls.Attempts(RetryPolicy(attempts=10, initial=5.0, maximum=5.0), 0.001)
-    with pytest.raises(Unavailable):
-        for _ in range(10):
-            attempts.after(RpcError(grpc.StatusCode.UNAVAILABLE))
+def test_start_request_carries_every_field() -> None:
+    """Arguments, environment, secret indexes and the timeout land in their wire fields;
+    no timeout leaves the optional field unset (the agent's default applies)."""
+    req = _calls.start_request(
+        "bash", "/x.sh", ["a"], {"K": "v"}, timeout_seconds=5, secret_args=[0]
+    )
+    assert (req.command, req.path, req.timeoutSeconds) == ("bash", "/x.sh", 5)
+    assert list(req.args) == ["a"] and dict(req.env) == {"K": "v"} and list(req.secretArgs) == [0]
+    assert not _calls.start_request("true", "").HasField("timeoutSeconds")
+    assert not _calls.start_request("true", "").HasField("limits")
 
 
 def test_output_stream_resumes_from_the_last_byte() -> None:
