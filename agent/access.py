@@ -29,9 +29,9 @@ A caller is allowed if any entry of any list matches; it is an admin if any
 entry of ``admins`` matches. Exact names are looked up first (a set), then
 the patterns in order; the first hit decides nothing more than "yes".
 
-The rules raise :class:`AccessDenied` (a PermissionDenied in the daemon's
-vocabulary, see :mod:`agent.daemon.errors`) with a message that names only
-what the caller already knows: its own identity, the job id it gave.
+The rules raise :class:`AccessDenied` (a :class:`~agent.refusal.PermissionDenied`,
+so it maps to PERMISSION_DENIED like every other refusal) with a message that
+names only what the caller already knows: its own identity, the job id it gave.
 """
 
 from __future__ import annotations
@@ -40,18 +40,18 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from agent.refusal import PermissionDenied
+
 # The identity of a caller when the agent runs without mTLS and the operator
 # explicitly allowed anonymous callers (development only).
 ANONYMOUS = "anonymous"
 
 
-class AccessDenied(Exception):
+class AccessDenied(PermissionDenied):
     """The caller may not do this; ``rule`` names the rule (for the audit log)."""
 
     def __init__(self, message: str, rule: str) -> None:
-        super().__init__(message)
-        self.message = message
-        self.rule = rule
+        super().__init__(message, rule=rule)
 
 
 # A SAN as the certificate reader gives it: ("dns" | "uri" | "email" | "ip", value).

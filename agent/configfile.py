@@ -8,6 +8,12 @@ only the command-line entry points turn it into an exit status.
 
 Relative paths resolve against the folder of the config file, never the
 working directory (a daemon runs in ``/``).
+
+Unknown keys are refused, so removing an option would stop every config file
+that still sets it. A section retires an option instead: it names the key
+and why in its ``RETIRED`` class attribute (``{key: why}``); the parser then
+accepts the key with any value and ignores it, and the reference lists it as
+retired.
 """
 
 from __future__ import annotations
@@ -83,11 +89,20 @@ def parse_tables(text: str, path: Path, sections: Mapping[str, type]) -> dict[st
     return values
 
 
+def _retired(cls: type) -> Mapping[str, str]:
+    """The options ``cls`` retired: key -> why (accepted, ignored)."""
+    retired: Mapping[str, str] = getattr(cls, "RETIRED", {})
+    return retired
+
+
 def _section(cls: type, raw: Mapping[str, Any], file: Path, section: str, base: Path) -> Any:
     hints = typing.get_type_hints(cls)
     known = {f.name: f for f in dataclasses.fields(cls)}
+    retired = _retired(cls)
     kwargs: dict[str, Any] = {}
     for key, value in raw.items():
+        if key in retired and key not in known:
+            continue  # an option that no longer does anything: old files still load
         if key not in known:
             raise ConfigError(
                 file, section, key, f"unknown key (known: {', '.join(sorted(known))})"
@@ -246,6 +261,8 @@ def describe_sections(sections: Mapping[str, type]) -> list[tuple[str, str, str,
             if f.default_factory is not dataclasses.MISSING:
                 default = f.default_factory()
             rows.append((section, f.name, _fmt_default(default), f.metadata.get("help", "")))
+        for key, why in _retired(cls).items():
+            rows.append((section, key, "", f"retired, accepted and ignored: {why}"))
 
     for name, cls in sections.items():
         walk(cls, name)

@@ -374,9 +374,6 @@ class CertificateReloader:
 # ---------------------------------------------------------------- identities
 
 
-ANONYMOUS = "anonymous"
-
-
 @dataclass(frozen=True)
 class PeerCert:
     """What the agent needs from a verified client certificate."""

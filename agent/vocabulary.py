@@ -41,7 +41,6 @@ DONE_STATES = frozenset(
 # or a death by signal. A stopped or timed-out job died by a signal, so it is
 # an error in that sense too; LOST has no known outcome and is reported as one.
 ERROR_STATES = frozenset({JobState.FAILED, JobState.STOPPED, JobState.TIMED_OUT, JobState.LOST})
-SIGNALLABLE_STATES = frozenset({JobState.RUNNING})
 
 
 def state_named(name: str) -> JobState:
@@ -119,7 +118,6 @@ LIMITS: tuple[Limit, ...] = (
     ),
 )
 LIMIT_NAMES: tuple[str, ...] = tuple(lim.name for lim in LIMITS)
-LIMIT_BY_WIRE: dict[str, Limit] = {lim.wire: lim for lim in LIMITS}
 LIMIT_BY_NAME: dict[str, Limit] = {lim.name: lim for lim in LIMITS}
 # Limit name -> the rlimit set on the job's process (RLIMIT_CPU, ...).
 RLIMITS: dict[str, str] = {

@@ -26,8 +26,6 @@ from dataclasses import dataclass
 OID_CN = "2.5.4.3"
 OID_SAN = "2.5.29.17"
 OID_EKU = "2.5.29.37"
-OID_EKU_ANY = "2.5.29.37.0"
-OID_SERVER_AUTH = "1.3.6.1.5.5.7.3.1"
 OID_CLIENT_AUTH = "1.3.6.1.5.5.7.3.2"
 KEY_ALGORITHMS = {
     "1.2.840.10045.2.1": "ec",

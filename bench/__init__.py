@@ -1,1 +1,1 @@
-"""The agent's benchmark suite (issue 8): ``python -m bench``; see bench/README.md."""
+"""The agent's benchmark suite: ``python -m bench``; see bench/README.md."""

@@ -20,7 +20,7 @@ and the best wall time.
 
 Ratios are the median of each round's own ratio (a round's runs are close in
 time, so load that comes and goes on a shared machine cancels) and the best
-run over the best run. The goal (issue 23): ``start --wait`` at most 0.7 of
+run over the best run. The goal: ``start --wait`` at most 0.7 of
 the baseline's. :func:`measure` is the step itself, for a run that already has
 an agent; :func:`summary` its text.
 """

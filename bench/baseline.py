@@ -368,7 +368,7 @@ class BaselineCost:
             rss[NEW]["history_sum_mb"],
             rss[OLD]["history_sum_mb"],
         )
-        # Flat with history as issue 17 measures it: from the first quarter to the last
+        # Flat with history, measured from the first quarter to the last
         # (the first jobs' warm-up, imports and caches, is not growth per job), held
         # against the old agent's in the same run (both carry the history's SQLite cache),
         # with FLAT_MB of slack for the noise of one run.

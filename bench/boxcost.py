@@ -1,4 +1,4 @@
-"""The seccomp step: what the job box's seccomp layer costs, end to end (issue 22).
+"""The seccomp step: what the job box's seccomp layer costs, end to end.
 
 For each agent mode, two fresh agents side by side, each in its own folder and cgroup:
 the mode's configuration as it is (the full box: a cgroup per job, Landlock, the

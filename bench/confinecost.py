@@ -7,20 +7,20 @@ Runs ``/bin/true`` through :class:`agent.daemon.spawn.SpawnerOps` (what the agen
 uses, no gRPC) in three configurations, interleaved in rounds in one process (each
 level measured on every configuration back to back, the order rotating by round):
 
-* ``bare``: no Landlock, no seccomp, no scratch directory (the agent before issue 14);
+* ``bare``: no Landlock, no seccomp, no scratch directory (no confinement at all);
 * ``landlock``: the default entry's Landlock ruleset (OS tree, standard devices, no
   TCP, scoped signals and sockets) with a deny list inside /etc (hole punching, the
   worst case of the shipped unit) and a per-job scratch directory (created, granted,
   removed);
 * ``seccomp``: ``landlock`` plus the default entry's seccomp filter (``SeccompSpec()``,
   compiled once by the spawner, installed in each child last before execve): the full
-  box of issue 22;
+  job box;
 * with ``--user`` (as root) all three switch to that user, and the boxes drop every
   capability.
 
 Prints one JSON line per measurement, then the medians and, at each level, the ratio of
 ``landlock`` to ``bare`` throughput (target: at least 0.8 at 16 in flight) and of
-``seccomp`` to ``landlock`` (issue 22's target: at least 0.95 at 16 in flight). Then,
+``seccomp`` to ``landlock`` (target: at least 0.95 at 16 in flight). Then,
 apart from the spawner, what the filter costs by itself (``--samples`` of each):
 compiling it (:func:`agent.daemon.seccomp.prepare`, once per entry in the spawner),
 installing it (one ``seccomp(SET_MODE_FILTER)`` in a freshly forked child after

@@ -1,5 +1,5 @@
-"""Issue 17's and 22's targets, each computed from this run's own figures: PASS, FAIL or
-not measured.
+"""The benchmark targets (throughput against the original worker, RSS, the box's
+cost), each computed from this run's own figures: PASS, FAIL or not measured.
 
 Most come from the interleaved ``compare`` step (its ``cmp_summary_*`` medians); the
 RSS ones from ``rss_idle`` and the history step's quarters (``rss_history``); the

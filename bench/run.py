@@ -316,8 +316,9 @@ class Bench:
             self.out(mode, {"name": "box", **info["box"]})
             self.setup_calls(agent, mode)
             if self.step("agentctl") and not self._agentctl_done:
-                # Whole agentctl commands against this idle agent (issue 23): once, the
-                # first mode; with --agentctl-baseline, an older tree interleaved.
+                # Whole agentctl commands against this idle agent (what a user waits
+                # for, start-up included): once, the first mode; with
+                # --agentctl-baseline, an older tree interleaved.
                 self._agentctl_done = True
                 note("agentctl commands, whole processes")
                 rounds = 2 if self.args.quick else max(10, 5 * (self.args.rounds or 3))

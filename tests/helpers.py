@@ -445,6 +445,16 @@ def _jobs_dirs_of(config: Path, default: Path) -> tuple[Path, Path]:
         return default, default / "output"
 
 
+class FakeClock:
+    """A clock for pure code that takes one (``clock=``): it reads ``t``, tests move it."""
+
+    def __init__(self, t: float = 1000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
 def wait_for(pred: Any, timeout: float = 10.0, interval: float = 0.02) -> Any:
     """Poll ``pred`` until truthy; return its value or fail."""
     deadline = time.monotonic() + timeout

@@ -1,6 +1,7 @@
 """The agent's own resources running out: a status that says so, one log line, nothing
-started half-way (issue 23). Real agents under a low descriptor limit; the mapping and
-the policy seam directly."""
+started half-way, so a client retries instead of changing a request that was never
+wrong. Real agents under a low descriptor limit; the mapping and the policy seam
+directly."""
 
 from __future__ import annotations
 

@@ -91,6 +91,16 @@ def test_errors_name_file_section_and_key(text: str, section: str, key: str, wor
     assert f"[{section}]" in msg and key in msg and words in msg
 
 
+def test_retired_options_still_load_and_are_ignored() -> None:
+    """An old config setting [jobs] prlimit_path/setpriv_path loads; a misspelt key still fails."""
+    old = BASE + 'prlimit_path = "/usr/bin/prlimit"\nsetpriv_path = "/usr/bin/setpriv"\n'
+    cfg = p(old)
+    assert not hasattr(cfg.jobs, "prlimit_path") and not hasattr(cfg.jobs, "setpriv_path")
+    assert cfg.jobs == p(BASE).jobs
+    with pytest.raises(ConfigError, match=r"\[jobs\] prlimit_pth: unknown key"):
+        p(BASE + 'prlimit_pth = "/usr/bin/prlimit"\n')
+
+
 @pytest.mark.parametrize("addr", ["0.0.0.0:50000", "10.1.2.3:50000", "[::]:1", "example.com:1"])
 def test_plaintext_refused_off_loopback(addr: str) -> None:
     """use_tls = false is refused on any non-loopback address, whatever else is set."""

@@ -122,3 +122,49 @@ def test_every_unit_name_in_readme_and_docs_is_the_shipped_one() -> None:
             if m.group(1) != f"{unit}.conf":  # the package's sysusers.d/tmpfiles.d names
                 wrong.append(f"{doc.name}: {' '.join(m.group(0).split())}")
     assert not wrong, wrong
+
+
+# ---------------------------------------------------------------- the module map
+
+# A table of README's "Architecture" section and the package folder the line that
+# introduces it names: "Shared (`agent/`):", "The daemon (`agent/daemon/`), ...:".
+_MAP_TABLE = re.compile(r"\(`(agent/(?:\w+/)?)`\)[^\n]*:\n\n((?:\|[^\n]*\n)+)")
+
+
+def _module_map() -> dict[str, set[str]]:
+    """Package folder -> the names README's module map gives it (`x.py`, `_proto/`)."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("\n## Architecture\n", 1)[1].split("\n## ", 1)[0]
+    found: dict[str, set[str]] = {}
+    for folder, table in _MAP_TABLE.findall(section):
+        for row in table.splitlines()[2:]:  # after the header and the |---| line
+            first = row.split("|")[1]
+            found.setdefault(folder, set()).update(re.findall(r"`([^`]+)`", first))
+    return found
+
+
+def _modules(folder: Path) -> set[str]:
+    """The modules (and C sources, and sub-packages that are not programs) of ``folder``."""
+    names = {p.name for p in folder.iterdir() if p.suffix in (".py", ".c")}
+    names.discard("__init__.py")
+    if folder.name == "agent":
+        names.add("_proto/")
+    return names
+
+
+def test_readme_module_map_names_every_module() -> None:
+    """README's module map names every module of agent/, agent/daemon, agent/client and
+    agent/scheduler in its package's table, and nothing that does not exist."""
+    if not (ROOT / "agent" / "daemon").is_dir():
+        pytest.skip("not a source checkout")
+    found = _module_map()
+    folders = {"agent/": ROOT / "agent"} | {
+        f"agent/{p.name}/": p
+        for p in sorted((ROOT / "agent").iterdir())
+        if (p / "__init__.py").exists() and p.name != "_proto"
+    }
+    assert sorted(found) == sorted(folders)
+    for key, folder in folders.items():
+        actual = _modules(folder)
+        assert sorted(actual - found[key]) == [], f"{key}: missing from README's module map"
+        assert sorted(found[key] - actual) == [], f"{key}: README names modules that are gone"

@@ -1,6 +1,7 @@
-"""The history under faults and at scale (issue 23): ListJobs agrees with QueryJob while
-the disk is full, unsaved records are written again on their own schedule, retention
-works in small steps and gives the space back."""
+"""The history under faults and at scale: ListJobs agrees with QueryJob while the disk
+is full, unsaved records are written again on their own schedule, retention works in
+small steps and gives the space back. A full disk is the agent's condition, so it must
+never make the two views of a job disagree nor lose a record for good."""
 
 from __future__ import annotations
 

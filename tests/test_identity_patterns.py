@@ -20,7 +20,7 @@ from agent.access import AccessRules, matches, pattern_problem
 from agent.configfile import ConfigError
 from agent.daemon import pki
 from agent.daemon.config import parse
-from agent.scheduler.service import load_config
+from agent.scheduler.config import load_config
 from agent.tls import identity_from_cert
 
 import certfactory as cf

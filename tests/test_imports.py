@@ -19,7 +19,10 @@ PACKAGE = Path(agent.__file__).resolve().parent
 PROGRAM_MODULES = {
     "agent.client": "[getattr(agent.client, n) for n in agent.client.__all__]",
     "agent.client.cli": "None",
+    "agent.scheduler.config": "None",
+    "agent.scheduler.registry": "None",
     "agent.scheduler.service": "None",
+    "agent.scheduler.server": "None",
     "agent.scheduler.cli": "None",
 }
 

@@ -21,25 +21,17 @@ from agent._proto import jobscheduler_pb2 as pb
 from agent._proto import jobscheduler_pb2_grpc as pb_grpc
 from agent.access import AccessDenied, AccessRules
 from agent.client import (
-    STATES,
     AgentClient,
-    AgentClientError,
     AsyncAgentClient,
     DeadlineExceeded,
     JobStatus,
     NotFound,
-    PermissionDenied,
-    RetryPolicy,
     SchedulerClient,
     TLSFiles,
     Unavailable,
-    _calls,
 )
-from agent.client.errors import convert
 from agent.client.text import format_status
 from agent.scheduler.cli import main as scheduler_main
-from agent.scheduler.service import Registry, UnknownWorker
-from agent.vocabulary import LIMITS, JobState
 
 from helpers import (
     AgentProcess,
@@ -51,42 +43,6 @@ from helpers import (
 )
 
 AgentFactory = Callable[..., AgentProcess]
-
-# ---------------------------------------------------------------- registry (pure)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
-
-
-def test_registry_ids_are_stable_and_expiry_forgets() -> None:
-    """Same identity+address keeps its id, also after being forgotten; heartbeats renew."""
-    clock = Clock()
-    r = Registry(expire_seconds=10, clock=clock)
-    w = r.register("agent-1", "10.0.0.1:50000")
-    assert r.register("agent-1", "10.0.0.1:50000").worker_id == w.worker_id
-    other = r.register("agent-2", "10.0.0.2:50000")
-    assert other.worker_id != w.worker_id
-    clock.t += 8
-    assert r.heartbeat(w.worker_id, "agent-1")
-    assert not r.heartbeat(w.worker_id, "agent-2")  # someone else's id
-    clock.t += 5
-    assert [x.worker_id for x in r.expire()] == [other.worker_id]
-    with pytest.raises(UnknownWorker) as e:
-        r.get(other.worker_id)
-    assert e.value.forgotten is not None
-    assert not r.heartbeat(other.worker_id, "agent-2")  # tells it to register again
-    assert r.register("agent-2", "10.0.0.2:50000").worker_id == other.worker_id
-    assert not r.deregister(w.worker_id, "agent-2")
-    assert r.deregister(w.worker_id, "agent-1")
-    with pytest.raises(UnknownWorker) as e2:
-        r.get(w.worker_id)
-    assert e2.value.forgotten is None
-
 
 # ---------------------------------------------------------------- registration
 
@@ -268,86 +224,7 @@ def test_scheduler_client_library(
             s.query("00000000-0000-4000-8000-000000000000", job)
 
 
-# ---------------------------------------------------------------- shared call logic (pure)
-
-
-class _RpcError(grpc.RpcError):  # type: ignore[misc]  # grpc is untyped
-    """A failed call as grpc raises it, without a channel."""
-
-    def __init__(self, code: grpc.StatusCode, details: str = "gone") -> None:
-        self._code, self._details = code, details
-
-    def code(self) -> grpc.StatusCode:
-        return self._code
-
-    def details(self) -> str:
-        return self._details
-
-
-def test_only_calls_safe_to_repeat_are_retried() -> None:
-    """StartJob, RunJob and DispatchStartJob never retry; query/stop/wait/list/dispatch do."""
-    req = _calls.start_request("true", "")
-    never: list[_calls.Call[Any]] = [
-        _calls.start(req, 1),
-        _calls.run(req, 1),
-        _calls.dispatch_start("w", req, 1),
-    ]
-    safe: list[_calls.Call[Any]] = [
-        _calls.query("j", 1),
-        _calls.query_pb("j", 1),
-        _calls.stop("j", 1),
-        _calls.wait("j", 1),
-        _calls.list_page((), "", 0, "", 1),
-        _calls.list_workers(1),
-        _calls.dispatch_query("w", "j", 1),
-        _calls.dispatch_stop("w", "j", 1),
-    ]
-    assert [c.retry for c in never] == [False] * 3
-    assert all(c.retry for c in safe)
-    assert _calls.wait("j", 5).timeout == 5 + _calls.WAIT_MARGIN_S  # deadline past the wait
-
-
-def test_attempts_retry_unavailable_within_the_deadline_only() -> None:
-    """One attempt without a policy; UNAVAILABLE retried until attempts or deadline end."""
-    unavailable = _RpcError(grpc.StatusCode.UNAVAILABLE)
-    with pytest.raises(Unavailable):
-        _calls.Attempts(None, 10).after(unavailable)
-    policy = RetryPolicy(attempts=3, initial=0.01, maximum=0.02)
-    a = _calls.Attempts(policy, 10)
-    assert 0 <= a.after(unavailable) <= 0.01
-    assert 0 <= a.after(unavailable) <= 0.02
-    with pytest.raises(Unavailable):
-        a.after(unavailable)  # attempts used up
-    with pytest.raises(NotFound):
-        _calls.Attempts(policy, 10).after(_RpcError(grpc.StatusCode.NOT_FOUND))
-    with pytest.raises(Unavailable):  # a delay that would pass the deadline is not slept
-        _calls.Attempts(RetryPolicy(initial=5.0, maximum=5.0), 0.0).after(unavailable)
-    remaining = _calls.Attempts(policy, 10).remaining()
-    assert remaining is not None and 9 < remaining <= 10
-    assert _calls.Attempts(policy, None).remaining() is None
-
-
-def test_errors_are_named_after_the_status() -> None:
-    """A status without its own class keeps its code in AgentClientError."""
-    assert isinstance(convert(_RpcError(grpc.StatusCode.PERMISSION_DENIED)), PermissionDenied)
-    e = convert(_RpcError(grpc.StatusCode.INTERNAL, "boom"))
-    assert type(e) is AgentClientError and e.code is grpc.StatusCode.INTERNAL
-    assert str(e) == "internal: boom"
-
-
-def test_requests_take_names_from_the_vocabulary() -> None:
-    """Limit and state names come from agent.vocabulary; unknown ones are ValueError."""
-    req = _calls.start_request("true", "", limits={lim.name: i + 1 for i, lim in enumerate(LIMITS)})
-    assert [getattr(req.limits, lim.wire) for lim in LIMITS] == list(range(1, len(LIMITS) + 1))
-    with pytest.raises(ValueError, match="unknown limit"):
-        _calls.start_request("true", "", limits={"bogus": 1})
-    assert list(_calls.list_request(["running", "LOST"]).states) == [
-        JobState.RUNNING.value,
-        JobState.LOST.value,
-    ]
-    with pytest.raises(ValueError, match="unknown job state"):
-        _calls.list_request(["sleeping"])
-    assert {s.value: s.name for s in JobState} == STATES
+# ---------------------------------------------------------------- scheduler roles and CLI
 
 
 def test_scheduler_roles_use_the_shared_access_rules() -> None:

@@ -1,4 +1,4 @@
-"""Sealed execution (issue 12): one regression test per class, over real gRPC.
+"""Sealed execution: one regression test per attack class, over real gRPC.
 
 Every sentinel program here appends to a marker file if it ever runs; the
 marker must stay empty. The classes: an untrusted or nested ``#!``

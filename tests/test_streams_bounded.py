@@ -1,5 +1,7 @@
 """Output streams are bounded: per identity and in total, counted in the metrics, and a
-client that goes away is a normal end, not a logged traceback (issue 23)."""
+client that goes away is a normal end, not a logged traceback. A follower that never
+reads holds its buffers, so without the bounds any allowed client could make the agent
+hold what it likes."""
 
 from __future__ import annotations
 

@@ -182,6 +182,13 @@ class Limits:
 class Jobs:
     """``[jobs]``: what runs and how."""
 
+    # Options of the util-linux trampolines, which exec'd through execvp() (an
+    # ENOEXEC file would reach /bin/sh): the job spawner does both itself now.
+    RETIRED: typing.ClassVar[dict[str, str]] = {
+        "prlimit_path": "the job spawner sets resource limits itself",
+        "setpriv_path": "the job spawner switches users itself",
+    }
+
     policy_file: Path | None = option(None, "YAML whitelist policy (see policy.example.yaml)")
     state_dir: Path = option(Path("state"), "SQLite history and job output live here")
     output_dir: Path | None = option(None, "job output files (default: state_dir/output)")
@@ -219,14 +226,6 @@ class Jobs:
         choices=("kill", "truncate"),
     )
     umask: str = option("0077", "umask of job processes (octal)")
-    prlimit_path: Path = option(
-        Path("/usr/bin/prlimit"),
-        "unused (accepted for old configurations): the job spawner sets resource limits itself",
-    )
-    setpriv_path: Path = option(
-        Path("/usr/bin/setpriv"),
-        "unused (accepted for old configurations): the job spawner switches users itself",
-    )
     path_env: str = option("/usr/local/bin:/usr/bin:/bin", "PATH given to jobs")
 
 

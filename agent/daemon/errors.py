@@ -1,15 +1,27 @@
-"""Domain errors, free of gRPC.
+"""The daemon's domain errors, free of gRPC.
 
-Each error names the kind of failure; the gRPC layer (``agent.daemon.service``) maps
-the kind to a status code in one table. Messages are written for a person:
-they say what was refused and why, never include a stack trace, and never
-echo secret values.
+The refusals themselves are the shared ones of :mod:`agent.refusal` (re-exported
+here; ``AgentError`` is the daemon's name for :class:`~agent.refusal.Refusal`),
+so the daemon's gRPC layer maps every kind to a status code in the one table of
+:mod:`agent.rpc`. What is the daemon's own: a spawn that failed
+(:class:`SpawnFailure`) and the agent's own resources running out, as refusals
+(:func:`agent_condition`).
 """
 
 from __future__ import annotations
 
 import errno
 
+from agent.refusal import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Refusal,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+)
 from agent.vocabulary import Kind
 
 __all__ = [
@@ -27,58 +39,8 @@ __all__ = [
 ]
 
 
-class AgentError(Exception):
-    """A refusal or failure with a kind and a message a person can act on."""
-
-    kind: Kind = Kind.INTERNAL
-
-    def __init__(self, message: str, *, rule: str = "") -> None:
-        super().__init__(message)
-        self.message = message
-        # The name of the rule that produced the refusal (for the audit log).
-        self.rule = rule
-
-
-class InvalidArgument(AgentError):
-    """The request is malformed (bad id, oversize field, too many arguments)."""
-
-    kind = Kind.INVALID_ARGUMENT
-
-
-class NotFound(AgentError):
-    """The job (or file) does not exist, or is not visible to the caller."""
-
-    kind = Kind.NOT_FOUND
-
-
-class PermissionDenied(AgentError):
-    """The caller or the request is not allowed by configuration or policy."""
-
-    kind = Kind.PERMISSION_DENIED
-
-
-class Unauthenticated(AgentError):
-    """The caller presented no verifiable identity."""
-
-    kind = Kind.UNAUTHENTICATED
-
-
-class FailedPrecondition(AgentError):
-    """The request is well-formed but the system is not in a state to run it."""
-
-    kind = Kind.FAILED_PRECONDITION
-
-
-class ResourceExhausted(AgentError):
-    """A configured capacity (running jobs, ...) is used up."""
-
-    kind = Kind.RESOURCE_EXHAUSTED
-
-
-class Unavailable(AgentError):
-    """The agent is shutting down or otherwise not accepting work."""
-
-    kind = Kind.UNAVAILABLE
+# The daemon's name for a refusal: the one type all programs share.
+AgentError = Refusal
 
 
 class SpawnFailure(OSError):
@@ -98,7 +60,7 @@ class SpawnFailure(OSError):
 
 # The agent's own resources running out: (kind, what ran out). A refusal that says it is
 # the agent's condition, not the caller's request, so a client retries instead of
-# changing what it asks (issue 23).
+# changing what it asks.
 _CONDITIONS: dict[int, tuple[type[AgentError], str]] = {
     errno.EMFILE: (ResourceExhausted, "the agent is out of file descriptors"),
     errno.ENFILE: (ResourceExhausted, "the system is out of file descriptors"),

@@ -20,7 +20,7 @@ scale: fork + _exit + waitpid costs the spawner ~800 us, and the first ctypes ca
 fresh child alone ~65 us (copy-on-write faults). Rule count is the lever: keep the
 agent's own files out of the trees jobs are granted (e.g. not under /etc) where possible.
 
-Per-job scratch directories (issues 14 and 22): jobs share a uid (an entry's always, most
+Per-job scratch directories: jobs share a uid (an entry's always, most
 often all of them), so only their rules keep one job out of another's directory. The
 spawner denies the scratch root in every spec (hole punching: a grant of /tmp never
 covers /tmp/agent-scratch-UID) and passes the job's own directory to restrict() as an

@@ -29,6 +29,9 @@ from dataclasses import dataclass, field
 
 from agent.vocabulary import JobState
 
+# A job is created directly in RUNNING (the process exists) or FAILED (it
+# could not be started); there is no PENDING state because the agent spawns
+# inside StartJob and never queues.
 TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     JobState.RUNNING: frozenset(
         {JobState.SUCCEEDED, JobState.FAILED, JobState.STOPPED, JobState.TIMED_OUT, JobState.LOST}
@@ -39,10 +42,6 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     JobState.TIMED_OUT: frozenset(),
     JobState.LOST: frozenset(),
 }
-# A job is created directly in RUNNING (the process exists) or FAILED (it
-# could not be started); there is no PENDING state because the agent spawns
-# inside StartJob and never queues.
-INITIAL_STATES = frozenset({JobState.RUNNING, JobState.FAILED})
 
 
 class InvalidTransition(Exception):

@@ -1,11 +1,12 @@
 """The gRPC Worker service: a thin layer over the supervisor.
 
 It converts protobuf messages to plain values (:mod:`agent.daemon.validation`
-checks them), authenticates the caller from its verified certificate, builds
-its :class:`~agent.access.Caller` (deny by default), calls the supervisor,
-converts domain errors to status codes (one table, from
-:class:`~agent.vocabulary.Kind`), and writes the audit log. It holds no job
-logic and no access rule of its own.
+checks them), authenticates the caller from its verified certificate (read
+as the scheduler reads it, :func:`agent.rpc.peer_certificate`), builds its
+:class:`~agent.access.Caller` (deny by default), calls the supervisor,
+answers every refusal with the status of its kind (the one table,
+:data:`agent.rpc.STATUS`), and writes the audit log. It holds no job logic
+and no access rule of its own.
 """
 
 from __future__ import annotations
@@ -14,13 +15,13 @@ import itertools
 import logging
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 from google.protobuf import message as pb_message
 
 from agent._proto import jobscheduler_pb2 as pb
-from agent.access import AccessDenied, AccessRules, Caller
+from agent.access import ANONYMOUS, AccessRules, Caller
 from agent.crl import RevocationChecker
 from agent.daemon import validation
 from agent.daemon.admission import StartRequest
@@ -29,19 +30,18 @@ from agent.daemon.errors import (
     AgentError,
     InvalidArgument,
     Kind,
-    PermissionDenied,
     ResourceExhausted,
     Unauthenticated,
     agent_condition,
 )
 from agent.daemon.history import JobRecord
 from agent.daemon.supervisor import Supervisor
-from agent.tls import ANONYMOUS, PeerCert, identity_from_cert
+from agent.rpc import STATUS as STATUS  # server.py's gate answers refusals with it
+from agent.rpc import abort, peer_certificate
+from agent.tls import PeerCert
 from agent.vocabulary import LIMITS
 
 log = logging.getLogger(__name__)
-
-STATUS = {kind: grpc.StatusCode[kind.code] for kind in Kind}
 
 READ_RPCS = frozenset({"QueryJob", "WaitJob", "ListJobs", "StreamJobOutput"})
 
@@ -145,6 +145,7 @@ class QueryReplies:
 
 
 T = TypeVar("T")
+R = TypeVar("R", bound=pb_message.Message)  # a decoded request
 
 
 class StreamSlots:
@@ -230,16 +231,11 @@ class WorkerService:
             raise Unauthenticated(
                 "no client identity (the agent is not using mTLS)", rule="no-identity"
             )
-        pems = context.auth_context().get("x509_pem_cert")
-        if not pems:
-            raise Unauthenticated("no verified client certificate", rule="no-client-cert")
-        peer = identity_from_cert(pems[0])
-        if peer.problem:
-            raise Unauthenticated(peer.problem, rule="bad-client-cert")
+        pem, peer = peer_certificate(context)
         if self.revocation is not None:
             # Every RPC, not only every handshake: a CRL loaded after the
             # connection was made still ends the next call on it.
-            revoked = self.revocation.revoked(pems[0])
+            revoked = self.revocation.revoked(pem)
             if revoked:
                 raise Unauthenticated(revoked, rule="revoked-client-cert")
         return peer
@@ -251,7 +247,7 @@ class WorkerService:
         identity: str,
         err: AgentError,
         **fields: Any,
-    ) -> None:
+    ) -> NoReturn:
         self.audit.record(
             "rpc",
             decision="deny",
@@ -266,33 +262,34 @@ class WorkerService:
             log.error("%s failed: %s", rpc, err.message)
         elif err.rule == "agent-resources":
             log.warning("%s refused: %s", rpc, err.message)  # one line, no traceback
-        await context.abort(STATUS[err.kind], err.message)
+        await abort(context, err)
 
     async def _run(
         self,
         rpc: str,
-        request: Any,
+        request: R | Malformed,
         context: grpc.aio.ServicerContext,
-        body: Callable[[Caller], Awaitable[T]],
+        body: Callable[[Caller, R], Awaitable[T]],
         **fields: Any,
     ) -> T:
+        """``body(caller, request)`` for an allowed caller and a decoded request.
+
+        Every refusal (the caller's, the request's, ``body``'s, the agent's own
+        resources running out) is audited and ends the call with its status.
+        """
         identity = ""
         try:
             peer = self.identify(context)
             identity = peer.identity
             caller = self.access.caller(identity, peer.sans)
-            try:
-                caller.may_call()
-            except AccessDenied as e:
-                raise PermissionDenied(e.message, rule=e.rule) from None
+            caller.may_call()  # AccessDenied is a refusal like the others
             if isinstance(request, Malformed):
                 raise InvalidArgument(
                     f"request could not be decoded: {request.reason}", rule="undecodable"
                 )
-            result = await body(caller)
+            result = await body(caller, request)
         except AgentError as e:
             await self._fail(context, rpc, identity, e, **fields)
-            raise AssertionError("unreachable") from None  # abort() raises
         except (OSError, MemoryError, RuntimeError) as e:
             # The agent's own resources ran out (descriptors, memory, disk, threads):
             # a status that says so and one log line, never UNKNOWN and a traceback.
@@ -300,7 +297,6 @@ class WorkerService:
             if cond is None:
                 raise
             await self._fail(context, rpc, identity, cond, **fields)
-            raise AssertionError("unreachable") from None
         if rpc in READ_RPCS and self.log_reads:
             self.audit.record(
                 "rpc", decision="allow", identity=identity, peer=context.peer(), rpc=rpc, **fields
@@ -309,11 +305,15 @@ class WorkerService:
 
     # ------------------------------------------------------------ RPCs
 
-    async def StartJob(self, request: Any, context: grpc.aio.ServicerContext) -> pb.StartJobRes:
+    async def StartJob(
+        self, request: pb.StartJobReq | Malformed, context: grpc.aio.ServicerContext
+    ) -> pb.StartJobRes:
         rec, _ = await self._start("StartJob", request, context)
         return pb.StartJobRes(jobID=rec.id)
 
-    async def RunJob(self, request: Any, context: grpc.aio.ServicerContext) -> pb.QueryJobRes:
+    async def RunJob(
+        self, request: pb.StartJobReq | Malformed, context: grpc.aio.ServicerContext
+    ) -> pb.QueryJobRes:
         rec, caller = await self._start("RunJob", request, context)
         if not rec.state.done:
             timeout: float | None = None
@@ -324,15 +324,14 @@ class WorkerService:
         return self.replies.reply(rec)
 
     async def _start(
-        self, rpc: str, request: Any, context: grpc.aio.ServicerContext
+        self, rpc: str, request: pb.StartJobReq | Malformed, context: grpc.aio.ServicerContext
     ) -> tuple[JobRecord, Caller]:
-        malformed = isinstance(request, Malformed)
         # Bounded: a refused request must not turn into a megabyte audit line,
         # nor cost more than a few dozen items to describe (islice, never a
         # sort or copy of the whole map).
         fields: dict[str, Any] = (
             {}
-            if malformed
+            if isinstance(request, Malformed)
             else {
                 "command": request.command[:512],
                 "path": request.path[:512],
@@ -343,12 +342,10 @@ class WorkerService:
             }
         )
 
-        async def body(caller: Caller) -> tuple[JobRecord, Caller]:
+        async def body(caller: Caller, req: pb.StartJobReq) -> tuple[JobRecord, Caller]:
             # Every size bound before any other work on the request.
-            validation.start_bounds(
-                request.command, request.path, request.args, request.env, request.secretArgs
-            )
-            return await self.jobs.start(_start_request(request, caller.identity)), caller
+            validation.start_bounds(req.command, req.path, req.args, req.env, req.secretArgs)
+            return await self.jobs.start(_start_request(req, caller.identity)), caller
 
         rec, caller = await self._run(rpc, request, context, body, **fields)
         self.audit.record(
@@ -368,10 +365,12 @@ class WorkerService:
         )
         return rec, caller
 
-    async def StopJob(self, request: Any, context: grpc.aio.ServicerContext) -> pb.StopJobRes:
-        job_id = getattr(request, "jobID", "")
+    async def StopJob(
+        self, request: pb.StopJobReq | Malformed, context: grpc.aio.ServicerContext
+    ) -> pb.StopJobRes:
+        job_id = "" if isinstance(request, Malformed) else request.jobID
 
-        async def body(caller: Caller) -> pb.StopJobRes:
+        async def body(caller: Caller, _: pb.StopJobReq) -> pb.StopJobRes:
             rec = self.jobs.stop(validation.job_id(job_id), caller)
             self.audit.record(
                 "job_stop",
@@ -388,56 +387,64 @@ class WorkerService:
 
         return await self._run("StopJob", request, context, body, job_id=job_id[:64])
 
-    async def QueryJob(self, request: Any, context: grpc.aio.ServicerContext) -> pb.QueryJobRes:
-        job_id = getattr(request, "jobID", "")
+    async def QueryJob(
+        self, request: pb.QueryJobReq | Malformed, context: grpc.aio.ServicerContext
+    ) -> pb.QueryJobRes:
+        job_id = "" if isinstance(request, Malformed) else request.jobID
 
-        async def body(caller: Caller) -> pb.QueryJobRes:
+        async def body(caller: Caller, _: pb.QueryJobReq) -> pb.QueryJobRes:
             return self.replies.reply(await self.jobs.query(validation.job_id(job_id), caller))
 
         return await self._run("QueryJob", request, context, body, job_id=job_id[:64])
 
-    async def WaitJob(self, request: Any, context: grpc.aio.ServicerContext) -> pb.QueryJobRes:
-        job_id = getattr(request, "jobID", "")
+    async def WaitJob(
+        self, request: pb.WaitJobReq | Malformed, context: grpc.aio.ServicerContext
+    ) -> pb.QueryJobRes:
+        job_id = "" if isinstance(request, Malformed) else request.jobID
 
-        async def body(caller: Caller) -> pb.QueryJobRes:
+        async def body(caller: Caller, req: pb.WaitJobReq) -> pb.QueryJobRes:
             timeout: float | None = None
             remaining = context.time_remaining()
             if remaining is not None:
                 # Answer just before the caller's deadline, with the status
                 # as it is, rather than letting the call fail.
                 timeout = max(0.0, remaining - 0.05)
-            if request.waitMillis:
-                wait = request.waitMillis / 1000.0
+            if req.waitMillis:
+                wait = req.waitMillis / 1000.0
                 timeout = wait if timeout is None else min(timeout, wait)
             rec = await self.jobs.wait(validation.job_id(job_id), caller, timeout)
             return self.replies.reply(rec)
 
         return await self._run("WaitJob", request, context, body, job_id=job_id[:64])
 
-    async def ListJobs(self, request: Any, context: grpc.aio.ServicerContext) -> pb.ListJobsRes:
-        async def body(caller: Caller) -> pb.ListJobsRes:
-            validation.list_bounds(request.states, request.owner, request.pageToken)
-            states = validation.states(request.states)
+    async def ListJobs(
+        self, request: pb.ListJobsReq | Malformed, context: grpc.aio.ServicerContext
+    ) -> pb.ListJobsRes:
+        async def body(caller: Caller, req: pb.ListJobsReq) -> pb.ListJobsRes:
+            validation.list_bounds(req.states, req.owner, req.pageToken)
+            states = validation.states(req.states)
             recs, token = self.jobs.list_jobs(
                 caller,
                 states=states,
-                owner=request.owner,
-                page_size=request.pageSize,
-                page_token=request.pageToken,
+                owner=req.owner,
+                page_size=req.pageSize,
+                page_token=req.pageToken,
             )
             return pb.ListJobsRes(jobs=[record_to_pb(r) for r in recs], nextPageToken=token)
 
         return await self._run("ListJobs", request, context, body)
 
-    async def StreamJobOutput(self, request: Any, context: grpc.aio.ServicerContext) -> None:
-        job_id = getattr(request, "jobID", "")
+    async def StreamJobOutput(
+        self, request: pb.StreamJobOutputReq | Malformed, context: grpc.aio.ServicerContext
+    ) -> None:
+        job_id = "" if isinstance(request, Malformed) else request.jobID
         chunks: list[AsyncIterator[tuple[int, bytes]]] = []
         holder: list[str] = []  # the identity whose slot this stream holds
 
-        async def body(caller: Caller) -> None:
+        async def body(caller: Caller, req: pb.StreamJobOutputReq) -> None:
             self.streams.acquire(caller.identity)
             holder.append(caller.identity)
-            it = self.jobs.stream(validation.job_id(job_id), caller, request.offset, request.follow)
+            it = self.jobs.stream(validation.job_id(job_id), caller, req.offset, req.follow)
             # Run the access checks now (the first step of the generator),
             # so a refusal is a status, not a broken stream.
             first = await _first(it)
@@ -521,7 +528,7 @@ async def _first(it: AsyncIterator[tuple[int, bytes]]) -> AsyncIterator[tuple[in
     return rest()
 
 
-def _audit_args(request: Any) -> list[str]:
+def _audit_args(request: pb.StartJobReq) -> list[str]:
     # Only the first 64 arguments are described, so only indexes below 64
     # matter; the set is built from a bounded slice of secretArgs.
     if len(request.secretArgs) > 1024:  # refused anyway; hide every argument
@@ -533,7 +540,7 @@ def _audit_args(request: Any) -> list[str]:
     ]
 
 
-def _start_request(request: Any, identity: str) -> StartRequest:
+def _start_request(request: pb.StartJobReq, identity: str) -> StartRequest:
     limits: dict[str, int | None] = {}
     if request.HasField("limits"):
         for lim in LIMITS:

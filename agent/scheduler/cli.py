@@ -34,7 +34,8 @@ from agent import __version__, tls
 from agent.client import AgentClientError, SchedulerClient, TLSFiles
 from agent.client.text import format_status, status_json
 from agent.configfile import ConfigError
-from agent.scheduler.service import load_config, serve
+from agent.scheduler.config import load_config
+from agent.scheduler.server import serve
 
 
 class UsageError(Exception):

@@ -1,0 +1,145 @@
+"""The reference scheduler's configuration: its sections and their validation.
+
+``load_config`` reads ``scheduler.toml`` into frozen dataclasses (the shared
+:mod:`agent.configfile` machinery); every error is a ConfigError naming the
+file, the section and the key. Nothing here opens a file other than the
+config itself: the certificates are read when the scheduler starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agent.access import pattern_problem
+from agent.configfile import (
+    ConfigError,
+    is_loopback_host,
+    option,
+    parse_tables,
+    read_text,
+    split_host_port,
+)
+
+__all__ = [
+    "AgentsSection",
+    "AuthSection",
+    "LegacySection",
+    "RegistrySection",
+    "SchedulerConfig",
+    "ServerSection",
+    "load_config",
+]
+
+
+@dataclass(frozen=True)
+class ServerSection:
+    """``[server]``: where the scheduler listens (always mTLS)."""
+
+    addr: str = option("127.0.0.1:50001", "host:port to listen on")
+    crt_file: Path | None = option(None, "the scheduler's server certificate")
+    key_file: Path | None = option(None, "its private key (0600)")
+    ca_file: Path | None = option(None, "CA that signed workers' and users' certificates")
+
+
+@dataclass(frozen=True)
+class AuthSection:
+    """``[auth]``: who may do what."""
+
+    workers: list[str] = option(
+        [],
+        "certificate identities allowed to register as workers: exact names, "
+        "*.dns.wildcards or spiffe://trust-domain/prefix/ (matched on SANs)",
+    )
+    users: list[str] = option(
+        [], "identities allowed to list workers and dispatch jobs (same patterns as workers)"
+    )
+
+
+@dataclass(frozen=True)
+class RegistrySection:
+    """``[registry]``: liveness of registrations."""
+
+    heartbeat_seconds: int = option(10, "heartbeat interval told to workers", lo=1, hi=3600)
+    expire_seconds: float = option(
+        30.0, "forget a worker not heard from for this long", lo=0.5, hi=86400
+    )
+
+
+@dataclass(frozen=True)
+class AgentsSection:
+    """``[agents]``: how the scheduler calls agents."""
+
+    crt_file: Path | None = option(None, "client certificate presented to agents")
+    key_file: Path | None = option(None, "its private key")
+    ca_file: Path | None = option(None, "CA that signed the agents' server certificates")
+    call_timeout_seconds: float = option(5.0, "deadline of every call to an agent", lo=0.1, hi=600)
+
+
+@dataclass(frozen=True)
+class LegacySection:
+    """``[legacy]``: original workers (plaintext, no heartbeats), loopback only."""
+
+    addr: str = option(
+        "",
+        "loopback host:port of a plaintext listener for original workers "
+        "(development only; warns at every start); empty: off",
+    )
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """The scheduler's whole configuration."""
+
+    path: Path
+    server: ServerSection = field(default_factory=ServerSection)
+    auth: AuthSection = field(default_factory=AuthSection)
+    registry: RegistrySection = field(default_factory=RegistrySection)
+    agents: AgentsSection = field(default_factory=AgentsSection)
+    legacy: LegacySection = field(default_factory=LegacySection)
+
+
+_SECTIONS = {
+    "server": ServerSection,
+    "auth": AuthSection,
+    "registry": RegistrySection,
+    "agents": AgentsSection,
+    "legacy": LegacySection,
+}
+
+
+def load_config(path: str | Path) -> SchedulerConfig:
+    """Read and validate a scheduler config; ConfigError names file, section and key."""
+    p = Path(path)
+    cfg = SchedulerConfig(path=p.resolve(), **parse_tables(read_text(p), p, _SECTIONS))
+    try:
+        split_host_port(cfg.server.addr)
+    except ValueError as e:
+        raise ConfigError(p, "server", "addr", str(e)) from None
+    for section, obj in (("server", cfg.server), ("agents", cfg.agents)):
+        for key in ("crt_file", "key_file", "ca_file"):
+            if getattr(obj, key) is None:
+                raise ConfigError(p, section, key, "required (the scheduler only speaks mTLS)")
+    if not cfg.auth.workers:
+        raise ConfigError(p, "auth", "workers", "no worker identity allowed: list at least one")
+    for key in ("workers", "users"):
+        for entry in getattr(cfg.auth, key):
+            problem = pattern_problem(entry)
+            if problem:
+                raise ConfigError(p, "auth", key, problem)
+    if cfg.registry.expire_seconds <= cfg.registry.heartbeat_seconds:
+        raise ConfigError(p, "registry", "expire_seconds", "must be longer than heartbeat_seconds")
+    if cfg.legacy.addr:
+        try:
+            host, _ = split_host_port(cfg.legacy.addr)
+        except ValueError as e:
+            raise ConfigError(p, "legacy", "addr", str(e)) from None
+        # Whoever reaches a plaintext listener can register a worker (and so
+        # receive users' jobs): never off the machine.
+        if not is_loopback_host(host):
+            raise ConfigError(
+                p, "legacy", "addr", f"{host!r} is not loopback: plaintext is only possible there"
+            )
+        if cfg.legacy.addr == cfg.server.addr:
+            raise ConfigError(p, "legacy", "addr", "must differ from [server] addr")
+    return cfg

@@ -1,0 +1,112 @@
+"""Serving the reference scheduler: its listeners, health, and the expiry loop.
+
+``serve`` builds the gRPC server (mTLS, reloading certificates, keepalive
+from :mod:`agent.channel`) around one :class:`~agent.scheduler.service.SchedulerService`
+and one registry, adds the standard health and reflection services, opens
+the plaintext legacy listener when ``[legacy] addr`` asks for it, and runs
+until SIGTERM/SIGINT, forgetting workers that stop renewing. Only the CLI
+(:mod:`agent.scheduler.cli`) calls it and turns its errors into an exit status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from agent._proto import jobscheduler_pb2_grpc as pb_grpc
+from agent.channel import server_keepalive_options
+from agent.credentials import reloading_server_credentials
+from agent.scheduler.config import SchedulerConfig
+from agent.scheduler.registry import Registry, WorkerRegistry
+from agent.scheduler.service import SchedulerService
+from agent.tls import CertificateReloader
+
+__all__ = ["SCHEDULER_SERVICE", "serve"]
+
+log = logging.getLogger(__name__)
+
+SCHEDULER_SERVICE = "jobscheduler.Scheduler"
+
+
+async def serve(cfg: SchedulerConfig, *, ready: Callable[[int], None] | None = None) -> None:
+    """Run the scheduler until SIGTERM/SIGINT."""
+    s = cfg.server
+    assert s.crt_file and s.key_file and s.ca_file
+    registry = Registry(cfg.registry.expire_seconds)
+    service = SchedulerService(cfg, registry)
+    # Agents and users keep idle connections alive with pings: agent.channel
+    # keeps what this server allows and what they do in one place.
+    server_options = [("grpc.so_reuseport", 0), *server_keepalive_options()]
+    server = grpc.aio.server(options=server_options)
+    pb_grpc.add_SchedulerServicer_to_server(service, server)
+    # Standard health (NOT_SERVING once stopping) and reflection, for
+    # grpc-health-probe and grpcurl; mTLS still applies to them.
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SCHEDULER_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    await health_servicer.set(SCHEDULER_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+    reloader = CertificateReloader(s.crt_file, s.key_file, s.ca_file)
+    creds = reloading_server_credentials(reloader, require_client_auth=True)
+    try:
+        port = server.add_secure_port(s.addr, creds)
+    except RuntimeError as e:
+        raise RuntimeError(f"cannot listen on {s.addr}: {e}") from None
+    await server.start()
+    log.info(
+        "scheduler listening on %s (mTLS); workers %s; users %s",
+        s.addr,
+        ", ".join(cfg.auth.workers),
+        ", ".join(cfg.auth.users) or "none",
+    )
+    legacy_server = await _serve_legacy(cfg, registry, server_options)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if ready:
+        ready(port)
+    period = min(1.0, cfg.registry.expire_seconds / 4)
+    while not stop.is_set():
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=period)
+        for w in registry.expire():
+            log.warning(
+                "worker %s (%s, %s) stopped renewing: forgotten", w.worker_id, w.identity, w.address
+            )
+    log.info("scheduler stopping")
+    await health_servicer.enter_graceful_shutdown()
+    if legacy_server is not None:
+        await legacy_server.stop(grace=1.0)
+    await server.stop(grace=1.0)
+    await service.close()
+
+
+async def _serve_legacy(
+    cfg: SchedulerConfig, registry: WorkerRegistry, options: list[tuple[str, Any]]
+) -> grpc.aio.Server | None:
+    """The plaintext listener of legacy mode (``[legacy] addr``), or None when off."""
+    if not cfg.legacy.addr:
+        return None
+    server = grpc.aio.server(options=options)
+    pb_grpc.add_SchedulerServicer_to_server(SchedulerService(cfg, registry, legacy=True), server)
+    try:
+        server.add_insecure_port(cfg.legacy.addr)
+    except RuntimeError as e:
+        raise RuntimeError(f"cannot listen on {cfg.legacy.addr}: {e}") from None
+    await server.start()
+    log.warning(
+        "legacy listener on %s: PLAINTEXT, original workers register there without "
+        "identities and are driven without TLS; never use this outside development",
+        cfg.legacy.addr,
+    )
+    return server

@@ -1,0 +1,109 @@
+"""The scheduler's worker registry (agent.scheduler.registry), pure, with a fake clock.
+
+Stable ids, expiry, and the rest of the narrow interface the service relies on
+(``live``, legacy workers, the bound on what is remembered); Registry is used
+through the WorkerRegistry protocol where the service would.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from agent.scheduler import registry
+from agent.scheduler.registry import LEGACY_IDENTITY, Registry, UnknownWorker, WorkerRegistry
+
+from helpers import FakeClock
+
+
+def test_registry_ids_are_stable_and_expiry_forgets() -> None:
+    """Same identity+address keeps its id, also after being forgotten; heartbeats renew."""
+    clock = FakeClock()
+    r = Registry(expire_seconds=10, clock=clock)
+    w = r.register("agent-1", "10.0.0.1:50000")
+    assert r.register("agent-1", "10.0.0.1:50000").worker_id == w.worker_id
+    other = r.register("agent-2", "10.0.0.2:50000")
+    assert other.worker_id != w.worker_id
+    clock.t += 8
+    assert r.heartbeat(w.worker_id, "agent-1")
+    assert not r.heartbeat(w.worker_id, "agent-2")  # someone else's id
+    clock.t += 5
+    assert [x.worker_id for x in r.expire()] == [other.worker_id]
+    with pytest.raises(UnknownWorker) as e:
+        r.get(other.worker_id)
+    assert e.value.forgotten is not None
+    assert not r.heartbeat(other.worker_id, "agent-2")  # tells it to register again
+    assert r.register("agent-2", "10.0.0.2:50000").worker_id == other.worker_id
+    assert not r.deregister(w.worker_id, "agent-2")
+    assert r.deregister(w.worker_id, "agent-1")
+    with pytest.raises(UnknownWorker) as e2:
+        r.get(w.worker_id)
+    assert e2.value.forgotten is None
+
+
+def test_live_lists_workers_oldest_registration_first() -> None:
+    """live() is every registered worker, oldest first; a refresh keeps its place."""
+    clock = FakeClock()
+    r: WorkerRegistry = Registry(expire_seconds=10, clock=clock)
+    a = r.register("a", "10.0.0.1:1")
+    clock.t += 1
+    b = r.register("b", "10.0.0.2:1")
+    clock.t += 1
+    r.register("a", "10.0.0.1:1")  # a refresh, not a new registration
+    assert [w.worker_id for w in r.live()] == [a.worker_id, b.worker_id]
+    assert r.deregister(a.worker_id, "a")
+    assert [w.worker_id for w in r.live()] == [b.worker_id]
+
+
+def test_a_worker_is_its_identity_address_and_listener() -> None:
+    """The same address under another identity, or on the legacy listener, is another worker."""
+    r = Registry(expire_seconds=10, clock=FakeClock())
+    w = r.register("a", "127.0.0.1:1")
+    assert r.register("b", "127.0.0.1:1").worker_id != w.worker_id
+    legacy = r.register(LEGACY_IDENTITY, "127.0.0.1:1", legacy=True)
+    assert legacy.worker_id != w.worker_id and legacy.legacy
+
+
+def test_legacy_workers_never_expire() -> None:
+    """Original workers send no heartbeats: expiry passes them over."""
+    clock = FakeClock()
+    r = Registry(expire_seconds=10, clock=clock)
+    old = r.register(LEGACY_IDENTITY, "127.0.0.1:30000", legacy=True)
+    new = r.register("agent", "127.0.0.1:30001")
+    clock.t += 3600
+    assert [w.worker_id for w in r.expire()] == [new.worker_id]
+    assert r.get(old.worker_id) is old
+
+
+def test_a_forgotten_worker_that_comes_back_is_registered_anew() -> None:
+    """Re-registering after expiry keeps the id but starts its registration time afresh."""
+    clock = FakeClock()
+    r = Registry(expire_seconds=10, clock=clock)
+    w = r.register("a", "10.0.0.1:1")
+    clock.t += 20
+    r.expire()
+    back = r.register("a", "10.0.0.1:1")
+    assert back.worker_id == w.worker_id and back.registered_at == clock.t
+
+
+def test_what_is_remembered_of_forgotten_workers_is_bounded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Past the cap the longest silent forgotten workers are dropped: unknown, not forgotten."""
+    monkeypatch.setattr(registry, "FORGOTTEN_MAX", 4)
+    monkeypatch.setattr(registry, "FORGOTTEN_DROP", 2)
+    clock = FakeClock()
+    r = Registry(expire_seconds=10, clock=clock)
+    ids = []
+    for i in range(5):
+        ids.append(r.register(f"w{i}", f"10.0.0.{i}:1").worker_id)
+        clock.t += 1
+    clock.t += 100
+    assert len(r.expire()) == 5
+    for dropped in ids[:2]:
+        with pytest.raises(UnknownWorker) as e:
+            r.get(dropped)
+        assert e.value.forgotten is None
+    for kept in ids[2:]:
+        with pytest.raises(UnknownWorker) as e:
+            r.get(kept)
+        assert e.value.forgotten is not None
