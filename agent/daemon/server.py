@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from agent.access import AccessDenied, AccessRules
+from agent.access import AccessRules
 from agent.channel import server_keepalive_options
 from agent.configfile import ConfigError, split_host_port
 from agent.credentials import reloading_server_credentials
@@ -42,9 +42,10 @@ from agent.daemon.keeperclient import KEEPER_SOCKET, KeeperClient
 from agent.daemon.lockfile import LockFile
 from agent.daemon.retention import Sweeper
 from agent.daemon.sdnotify import Notifier, watchdog_interval
-from agent.daemon.service import STATUS, StreamSlots, WorkerService
+from agent.daemon.service import StreamSlots, WorkerService
 from agent.daemon.startup import Prepared, check_cgroup_limits, expiry_warnings
 from agent.daemon.supervisor import BOOT_ID, INSTANCE_ENV, Supervisor
+from agent.rpc import abort
 from agent.tls import CertificateReloader, ServerTLSState
 
 if TYPE_CHECKING:
@@ -396,10 +397,8 @@ class AgentServer:
         try:
             peer = self.service.identify(context)
             self.service.access.caller(peer.identity, peer.sans).may_call()
-        except AgentError as e:
-            await context.abort(STATUS[e.kind], e.message)
-        except AccessDenied as e:
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, e.message)
+        except AgentError as e:  # AccessDenied included: one refusal type, one table
+            await abort(context, e)
 
     def _start_metrics(self) -> None:
         m, cfg = self.metrics, self.config

@@ -33,9 +33,9 @@ import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Protocol, TypeVar
+from typing import Protocol
 
-from agent.access import AccessDenied, Caller
+from agent.access import Caller
 from agent.daemon import admission, procfs, validation
 from agent.daemon import lifecycle as lc
 from agent.daemon import policy as policy_mod
@@ -48,7 +48,6 @@ from agent.daemon.decision import instance_id as instance_id
 from agent.daemon.errors import (
     AgentError,
     NotFound,
-    PermissionDenied,
     Unavailable,
     agent_condition,
 )
@@ -404,7 +403,7 @@ class Supervisor:
         job = self.running.get(job_id)
         if job is None:
             return self.get(job_id, caller)
-        _check(lambda: caller.may_stop(job_id, job.record.owner))
+        caller.may_stop(job_id, job.record.owner)
         self.ops.stop(job_id, "stop")
         return job.record
 
@@ -423,7 +422,7 @@ class Supervisor:
         rec = job.record if job is not None else self.history.get(job_id)
         if rec is None:
             raise NotFound(f"no job with id {job_id}", rule="unknown-job")
-        _check(lambda: caller.may_see(job_id, rec.owner))
+        caller.may_see(job_id, rec.owner)
         return rec
 
     async def query(self, job_id: str, caller: Caller) -> JobRecord:
@@ -454,7 +453,7 @@ class Supervisor:
         page_token: str = "",
     ) -> tuple[list[JobRecord], str]:
         """Jobs the caller may see, newest first; returns (jobs, next token)."""
-        who = _check(lambda: caller.list_owner(owner))
+        who = caller.list_owner(owner)
         size = validation.page_size(page_size)
         before = validation.decode_page_token(page_token) if page_token else None
         # A row can be behind the job: RUNNING on disk while the job is running (its live
@@ -546,9 +545,6 @@ class Supervisor:
         self.history.close()
 
 
-T = TypeVar("T")
-
-
 def _spawner_condition(e: OSError) -> AgentError | None:
     """The agent's-condition refusal for a start the job spawner could not make for want
     of its own resources (descriptors anywhere; memory or processes at its fork), None
@@ -566,11 +562,3 @@ def _mark_not_started(record: JobRecord, why: str) -> None:
     record.state = JobState.FAILED
     record.end_time = record.start_time
     record.error_text = f"start failed: {why}"
-
-
-def _check(rule: Callable[[], T]) -> T:
-    """Run an access rule, turning its refusal into the daemon's PermissionDenied."""
-    try:
-        return rule()
-    except AccessDenied as e:
-        raise PermissionDenied(e.message, rule=e.rule) from None
