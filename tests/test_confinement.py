@@ -421,7 +421,35 @@ def test_unprivileged_agent_refuses_other_users_and_capabilities(
     """Not root: an entry naming another user, or capabilities, is refused at load."""
     cfg = _loaded(tmp_path, certs, entries(probe_dir))
     monkeypatch.setattr(os, "geteuid", lambda: 4242)
-    with pytest.raises(policy.PolicyError, match="entry 'rootprobe': user: the agent does not"):
+    with pytest.raises(
+        policy.PolicyError, match="entry 'rootprobe': user: the job keeper does not run as root"
+    ):
+        startup.load_policy(cfg)
+
+
+def test_an_agent_of_a_root_keeper_service_takes_the_entries_users_and_capabilities(
+    tmp_path: Path, certs: Certs, probe_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The privileged deployment: the agent is not root, its keeper service is ([keeper]
+    agent_user set). The agent's check takes the entries the root keeper can give (the
+    keeper checks them against its own uid, and the agent the keeper's uid from its
+    hello); without agent_user they are refused as for any unprivileged keeper."""
+    pol = tmp_path / "policy.yaml"
+    pol.write_text(entries(probe_dir))
+    text = default_config(
+        "127.0.0.1:1",
+        certs,
+        pol,
+        tmp_path / "state",
+        keeper={"mode": "service", "agent_user": "nobody"},
+        daemon={"on_shutdown": "keep"},
+    )
+    monkeypatch.setattr(os, "geteuid", lambda: 4242)
+    cfg = config.parse(text, tmp_path / "config.toml")
+    loaded, _ = startup.load_policy(cfg)
+    assert any(e.confinement.uid == 0 for e in loaded.entries)
+    cfg = config.parse(text.replace('agent_user = "nobody"\n', ""), tmp_path / "config.toml")
+    with pytest.raises(policy.PolicyError, match="the job keeper does not run as root"):
         startup.load_policy(cfg)
 
 
