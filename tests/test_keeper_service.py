@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.client import AgentClient
+from agent.client import AgentClient, PermissionDenied
 
 from helpers import (
     IS_ROOT,
@@ -226,6 +226,26 @@ def test_a_keeper_stopped_after_its_agent_keeps_the_ends_for_the_next(
     assert "stopped by the job keeper's stop" in st.error_text, st
     assert not (a.state / "keeper-ended.json").exists()
     assert "LOST" not in a.log()
+
+
+def test_an_agent_start_makes_a_running_keeper_read_its_policy_again(
+    make_agent: AgentFactory, sdir: Path, tmp_path: Path
+) -> None:
+    """The keeper service loaded the policy when it started; an operator edits the file and
+    starts (or restarts) the agent: the keeper decides with the file as it is now, as the
+    agent's start-up checked it (never with a policy the agent hands it)."""
+    a = _service_agent(make_agent, policy_for(sdir))
+    KeeperService(a, Notify(tmp_path / "notify")).start()
+    a.start()
+    c = a.client()
+    with pytest.raises(PermissionDenied, match="'date' is not in the policy"):
+        c.start("date")
+    assert a.stop() == 0
+    extra = "  - name: date\n    command: /bin/date\n    aliases: [date]\n"
+    a.policy_path.write_text(policy_for(sdir, extra))
+    a.start()
+    c = a.client()
+    assert c.wait(c.start("date"), timeout=20).state == "SUCCEEDED"
 
 
 def test_an_agent_waits_for_the_keeper_service_and_says_so(

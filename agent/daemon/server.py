@@ -288,6 +288,16 @@ class AgentServer:
         # What the keeper kept while no agent was attached is taken over first; only
         # records it does not know of are LOST.
         kept = jobs.adopt(hello)
+        if not hello.fresh:
+            # A keeper that was running already (a service, or one the last agent left)
+            # decides with the policy it loaded then: it reads its own file again now, so
+            # the policy in force is the one this start-up checked.
+            try:
+                answer = await ops.reload()
+            except OSError as e:
+                raise StartupError(f"the job keeper could not reload the policy: {e}") from None
+            if answer.get("error"):
+                raise StartupError(f"the job keeper rejected the policy: {answer['error']}")
         retention.recover(
             history,
             instance=settings.instance,
