@@ -283,6 +283,7 @@ class Keeper(Spawner):
         self.heap: list[tuple[float, int, Timer]] = []
         self.seq = itertools.count()
         self.dirty: dict[str, KeptJob] = {}  # output progress not yet told
+        self.endings: dict[str, KeptJob] = {}  # "ending" not yet told (end of the turn)
         self.rids = itertools.count(1)
         self.mounts: list[Path] = []
         with contextlib.suppress(OSError):
@@ -897,10 +898,11 @@ class Keeper(Spawner):
         self.ending(job)
 
     def ending(self, job: KeptJob) -> None:
-        """Tell the agent a job is moments from its end (a query then waits for it),
-        unless it ended at once: its "finished" says everything."""
-        if job.id in self.jobs:
-            self.tell({"op": "ending", "job": job.id})
+        """Tell the agent a job is moments from its end (a query then waits for it), at
+        the end of this turn, unless it ended by then: its "finished" says everything (a
+        quick job's exit and end of output usually come in one turn: one message less,
+        and each message wakes the agent)."""
+        self.endings[job.id] = job
 
     def on_output(self, job: KeptJob) -> None:
         for _ in range(16):  # bounded, so one chatty job cannot starve the others
@@ -934,17 +936,23 @@ class Keeper(Spawner):
             os.close(job.rfd)
             job.rfd = -1
         job.out.close()
-        self.dirty[job.id] = job
+        if job.out.size or job.out.truncated:
+            # (An empty output has nothing to report: its "finished" says size 0.)
+            self.dirty[job.id] = job
         self.handle(job, lc.OutputClosed())
         if job.exit is None:
             self.ending(job)
 
     def flush_output(self) -> None:
-        if not self.dirty:
-            return
-        jobs = [[j.id, j.out.size, j.out.truncated] for j in self.dirty.values()]
-        self.dirty.clear()
-        self.tell({"op": "output", "jobs": jobs})
+        if self.dirty:
+            jobs = [[j.id, j.out.size, j.out.truncated] for j in self.dirty.values()]
+            self.dirty.clear()
+            self.tell({"op": "output", "jobs": jobs})
+        if self.endings:
+            endings, self.endings = self.endings, {}
+            for job_id in endings:
+                if job_id in self.jobs:
+                    self.tell({"op": "ending", "job": job_id})
 
     def finish(self, job: KeptJob, fin: lc.Finish) -> None:
         for t in job.timers:
