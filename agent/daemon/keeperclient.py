@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from agent.daemon import spawnproto as proto
-from agent.daemon.cgroups import CgroupError, Subtree
+from agent.daemon.cgroups import Subtree
 from agent.daemon.decision import RunSpec as RunSpec
 from agent.daemon.decision import request_to_wire
 from agent.daemon.errors import (
@@ -57,7 +57,7 @@ from agent.daemon.errors import (
 )
 from agent.daemon.keeperstate import KEEPER_MAIN, PACKAGE_ROOT
 from agent.daemon.lifecycle import Exit
-from agent.daemon.spawn import SPAWN_ENV, _interpreter
+from agent.daemon.spawn import SPAWN_ENV, _interpreter, kill_job_cgroup, reap
 from agent.vocabulary import JobState, Kind
 
 if TYPE_CHECKING:
@@ -708,26 +708,11 @@ class KeeperClient:
         if pid > 1:
             with contextlib.suppress(OSError):
                 os.killpg(pid, signal.SIGKILL)
-        if self._cgroups is None:
-            return
-        try:
-            leaf = self._cgroups.job(job_id)
-            leaf.kill()
-            leaf.remove(timeout=0.2)
-        except (CgroupError, ValueError) as e:
-            log.warning("job %s: %s", job_id, e)
+        kill_job_cgroup(self._cgroups, job_id)
 
     def _reap_keeper(self, timeout: float) -> str:
-        proc = self._proc
-        if proc is None:
-            return "not this agent's child"
-        try:
-            code = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            code = proc.wait()
-        self._proc = None
-        return f"exit status {code}" if code >= 0 else f"signal {-code}"
+        proc, self._proc = self._proc, None
+        return "not this agent's child" if proc is None else reap(proc, timeout)
 
     # ------------------------------------------------------------ closing
 

@@ -325,28 +325,11 @@ class SpawnerOps:
                 self._on_fatal(f"cannot restart the job spawner: {e}")
 
     def _kill_cgroup(self, job_id: str | None) -> None:
-        """Kill a dead spawner's job by its cgroup (what left its group too); remove it."""
-        if job_id is None or self._cgroups is None:
-            return
-        try:
-            leaf = self._cgroups.job(job_id)
-            leaf.kill()
-            # Usually empty within a millisecond; what is not is removed at
-            # the next start (leftovers).
-            leaf.remove(timeout=0.2)
-        except (CgroupError, ValueError) as e:
-            log.warning("job %s: %s", job_id, e)
+        if job_id is not None:
+            kill_job_cgroup(self._cgroups, job_id)
 
     def _reap_spawner(self, timeout: float) -> str:
-        proc = self._proc
-        if proc is None:
-            return "not running"
-        try:
-            code = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            code = proc.wait()
-        return f"exit status {code}" if code >= 0 else f"signal {-code}"
+        return "not running" if self._proc is None else reap(self._proc, timeout)
 
     def close(self) -> None:
         """Tell the spawner to exit and wait briefly for it (after the jobs ended)."""
@@ -362,3 +345,29 @@ class SpawnerOps:
             self._sock = None
         if self._proc is not None:
             self._reap_spawner(CLOSE_WAIT)
+
+
+def kill_job_cgroup(subtree: Subtree | None, job_id: str) -> None:
+    """Kill a job whose spawner or keeper died by its cgroup (what left its process group
+    too), and remove the cgroup; a failure is logged."""
+    if subtree is None:
+        return
+    try:
+        leaf = subtree.job(job_id)
+        leaf.kill()
+        # Usually empty within a millisecond; what is not is removed at
+        # the next start (leftovers).
+        leaf.remove(timeout=0.2)
+    except (CgroupError, ValueError) as e:
+        log.warning("job %s: %s", job_id, e)
+
+
+def reap(proc: subprocess.Popen[bytes], timeout: float) -> str:
+    """Wait for a helper process (the spawner, the keeper) to end, killing it after
+    ``timeout``; how it ended."""
+    try:
+        code = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        code = proc.wait()
+    return f"exit status {code}" if code >= 0 else f"signal {-code}"
