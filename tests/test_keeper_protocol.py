@@ -531,6 +531,25 @@ def test_jobs_outlive_the_agent_and_their_ends_wait_for_an_ack(
     assert c.finished(long)["state"] == "STOPPED"
 
 
+def test_the_hello_is_the_first_message_an_agent_gets(keeper: Keeper) -> None:
+    """A job writes all the time while agents attach again and again: each one's first
+    message is the hello (its output report went before the hello once, and the agent
+    took it for the hello)."""
+    c, _ = keeper.attach()
+    job = c.start(["sh", "-c", "while :; do echo x; done"])
+    assert c.started(job).get("pid")
+    c.output(job, 1)
+    c.close()
+    for _ in range(30):
+        conn = keeper.connect()
+        first = conn.recv()
+        assert first is not None and first["op"] == "hello", first
+        conn.close()
+    c, _ = keeper.attach()
+    c.send({"op": "stop", "job": job, "how": "stop"})
+    assert c.finished(job)["state"] == "STOPPED"
+
+
 def test_only_one_agent_at_a_time(keeper: Keeper) -> None:
     """A second connection while an agent is attached is closed without a hello; the
     first carries on, and once it detaches another may attach."""

@@ -430,8 +430,12 @@ class Keeper(Spawner):
 
     def tell(self, msg: dict[str, Any]) -> None:
         """Send to the attached agent, if any (a finished job's record also waits in
-        ``ended`` until acknowledged)."""
-        if self.sock is None or self.deaf:
+        ``ended`` until acknowledged).
+
+        Nothing goes to a new agent before its hello: the hello is the whole state (each
+        job's output size, whether it is ending, every unacknowledged end), and an agent
+        reads its first message as the hello."""
+        if self.sock is None or self.deaf or self.hello_due:
             return
         try:
             proto.send(self.sock, msg)
