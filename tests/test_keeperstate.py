@@ -71,7 +71,8 @@ def test_a_snapshot_restores_the_same_keeper(tmp_path: Path) -> None:
         2.5,
         True,
     )
-    assert j2.life == job.life and j2.life.terminating and j2.life.stop_requested
+    assert j2.life == job.life and j2.life.phase is lc.Phase.TERMINATING
+    assert j2.life.cause == lc.Cause(lc.Why.STOP)
     assert (j2.out.size, j2.out.cap, j2.out.path) == (6, 100, out.path)
     assert sorted(type(t.event).__name__ for t in j2.timers) == ["KillGraceExpired", "TimedOut"]
     assert k2.by_pid[4242] is j2 and k2.ended == k.ended

@@ -1,13 +1,22 @@
-"""The pure job lifecycle: every transition of the table and the races, with no process."""
+"""The pure job lifecycle (agent.daemon.lifecycle), with no process: the states and
+their transitions, how an exit becomes a final state, every step of the table and the
+races; the table is complete and agrees with the flag-based machine it replaced (kept
+here as the reference) on every sequence of events hypothesis finds, and a job's life
+crosses the keeper's re-execution in the shape the previous code wrote, both ways."""
 
 from __future__ import annotations
 
+import itertools
 import signal
+from dataclasses import dataclass, field
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agent.daemon import lifecycle as lc
-from agent.vocabulary import JobState
+from agent.daemon.lifecycle import TRANSITIONS, InvalidTransition, check_transition, final_state
+from agent.vocabulary import DONE_STATES, JobState
 
 OK = lc.Exit(0, None)
 FAIL = lc.Exit(3, None)
@@ -243,3 +252,308 @@ def test_an_illegal_finish_is_refused() -> None:
     life = lc.Life(state=JobState.SUCCEEDED)
     with pytest.raises(lc.InvalidTransition):
         run(life, lc.Exited(OK), lc.OutputClosed())
+
+
+# ---------------------------------------------------------------- states and transitions
+
+
+def test_every_state_has_a_row() -> None:
+    """The table covers every state."""
+    assert set(TRANSITIONS) == set(JobState)
+
+
+@pytest.mark.parametrize("src,dst", list(itertools.product(JobState, JobState)))
+def test_only_running_moves_and_only_to_done_states(src: JobState, dst: JobState) -> None:
+    """RUNNING -> any done state; nothing leaves a done state."""
+    if src is JobState.RUNNING and dst in DONE_STATES:
+        check_transition(src, dst)
+    else:
+        with pytest.raises(InvalidTransition):
+            check_transition(src, dst)
+
+
+def test_done_and_error_flags_match_the_original_protocol() -> None:
+    """error is true for start failure, non-zero exit, signal, stop, timeout, lost."""
+    assert not JobState.RUNNING.done and not JobState.RUNNING.is_error
+    assert JobState.SUCCEEDED.done and not JobState.SUCCEEDED.is_error
+    for s in (JobState.FAILED, JobState.STOPPED, JobState.TIMED_OUT, JobState.LOST):
+        assert s.done and s.is_error
+
+
+@pytest.mark.parametrize(
+    "kw,expected",
+    [
+        ({"exit_code": 0, "signal": None}, JobState.SUCCEEDED),
+        ({"exit_code": 1, "signal": None}, JobState.FAILED),
+        ({"exit_code": None, "signal": 9}, JobState.FAILED),
+        ({"exit_code": 0, "signal": None, "stop_requested": True}, JobState.STOPPED),
+        ({"exit_code": None, "signal": 15, "stop_requested": True}, JobState.STOPPED),
+        ({"exit_code": None, "signal": 15, "timed_out": True}, JobState.TIMED_OUT),
+        (
+            {"exit_code": None, "signal": 15, "timed_out": True, "stop_requested": True},
+            JobState.TIMED_OUT,
+        ),
+    ],
+)
+def test_final_state(kw: dict[str, object], expected: JobState) -> None:
+    """How a reaped process is classified."""
+    args = {"stop_requested": False, "timed_out": False, **kw}
+    assert final_state(**args) is expected  # type: ignore[arg-type]
+
+
+def test_wire_numbers_match_proto() -> None:
+    """JobState values are the proto enum numbers."""
+    from agent._proto import jobscheduler_pb2 as pb
+
+    for s in JobState:
+        assert pb.JobState.Value(s.name) == s.value
+
+
+# ---------------------------------------------------------------- the table
+
+
+def test_every_phase_has_a_step_for_every_event() -> None:
+    """No (phase, event) pair is left to chance: each is in the table."""
+    events = {e for _, e in lc.TABLE}
+    assert len(events) == 10
+    assert set(lc.TABLE) == {(p, e) for p in lc.Phase for e in events}
+
+
+def test_done_ignores_everything() -> None:
+    for (phase, _), step in lc.TABLE.items():
+        if phase is lc.Phase.DONE:
+            assert step is lc.Life.ignore
+
+
+@dataclass
+class FlagLife:
+    """The lifecycle as it was written before the table: eight flags and a chain of
+    ``isinstance`` checks (the reference the table must agree with)."""
+
+    timeout_seconds: int = 0
+    cpu_seconds: int = 0
+    memory_max: int = 0  # the job cgroup's memory.max (0: none), for the OOM end reason
+    # Appended to every end text when the job has no cgroup (its stop was not escape-proof).
+    note: str = ""
+    state: JobState = JobState.RUNNING
+    stop_requested: bool = False
+    shutdown: bool = False
+    shutdown_by: str = "agent shutdown"
+    timed_out: bool = False
+    kill_reason: str = ""  # set when the agent itself ends the job
+    terminating: bool = False
+    discarding: bool = False
+    not_recorded: bool = False
+    exit: lc.Exit | None = None
+    output_closed: bool = False
+    finished: bool = field(default=False)
+
+    @property
+    def running(self) -> bool:
+        """True while the main process has not exited."""
+        return self.exit is None
+
+    def handle(self, event: lc.Event) -> list[lc.Action]:
+        """Apply one event; return the actions the supervisor must carry out."""
+        if self.finished:
+            return []
+        if isinstance(event, lc.Exited):
+            return self._exited(event.exit)
+        if isinstance(event, lc.OutputClosed):
+            self.output_closed = True
+            return self._finish_if_done()
+        if isinstance(event, lc.OutputGraceExpired):
+            return [] if self.output_closed else [lc.CloseOutput()]
+        if isinstance(event, lc.TimedOut):
+            if self.exit is not None or self.stop_requested:
+                return []
+            self.timed_out = True
+            return self._terminate("timeout")
+        if isinstance(event, lc.StopRequested):
+            if self.exit is not None or self.timed_out:
+                return []
+            self.stop_requested = True
+            self.kill_reason = ""
+            return self._terminate("stop")
+        if isinstance(event, lc.ShutdownRequested):
+            if self.exit is not None:
+                return []
+            self.stop_requested = True
+            self.shutdown = True
+            self.shutdown_by = event.by
+            return self._terminate(event.by)
+        if isinstance(event, lc.OutputCapReached):
+            actions: list[lc.Action] = [] if self.discarding else [lc.DiscardOutput()]
+            self.discarding = True
+            if event.kill and not self.terminating:
+                actions += self._terminate(f"its output reached the cap of {event.cap} bytes")
+            return actions
+        if isinstance(event, lc.OutputFailed):
+            actions = [] if self.discarding else [lc.DiscardOutput()]
+            self.discarding = True
+            return actions + self._terminate(event.reason)
+        if isinstance(event, lc.NotRecorded):
+            self.not_recorded = True
+            self.kill_reason = "not recorded"
+            return [lc.Signal(signal.SIGKILL)] if self.exit is None else []
+        if isinstance(event, lc.KillGraceExpired):
+            return [lc.Signal(signal.SIGKILL)] if self.exit is None else []
+        raise TypeError(f"unknown event {event!r}")  # pragma: no cover
+
+    def _terminate(self, reason: str) -> list[lc.Action]:
+        """SIGTERM now and SIGKILL after the grace; the first reason is kept."""
+        if not self.kill_reason and not self.stop_requested and not self.timed_out:
+            self.kill_reason = reason
+        if self.terminating or self.exit is not None:
+            return []
+        self.terminating = True
+        return [lc.Signal(signal.SIGTERM), lc.ArmKillTimer()]
+
+    def _exited(self, ex: lc.Exit) -> list[lc.Action]:
+        if self.exit is not None:
+            return []
+        self.exit = ex
+        # Whatever the job left behind was killed by the process operations
+        # before they reported the exit: its whole cgroup (cgroup.kill, then
+        # unpopulated), or without one its process group (while the leader's
+        # pid is still reserved). A job ends with its leader.
+        if self.output_closed:
+            return self._finish_if_done()
+        return [lc.ArmOutputGrace()]
+
+    def _finish_if_done(self) -> list[lc.Action]:
+        if self.exit is None or not self.output_closed or self.finished:
+            return []
+        ex = self.exit
+        target = lc.final_state(
+            exit_code=ex.exit_code,
+            signal=ex.signal,
+            stop_requested=self.stop_requested,
+            timed_out=self.timed_out,
+        )
+        how = lc.describe_exit(ex.exit_code, ex.signal)
+        if ex.start_failure and not (self.timed_out or self.stop_requested):
+            target, text = JobState.FAILED, f"start failed: {ex.start_failure}"
+        elif ex.lost and not (self.timed_out or self.stop_requested):
+            target, text = JobState.FAILED, ex.lost
+        elif self.timed_out:
+            text = f"timed out after {self.timeout_seconds} s ({how})"
+        elif self.shutdown:
+            text = f"stopped by {self.shutdown_by} ({how})"
+        elif self.stop_requested:
+            text = f"stopped by request ({how})"
+        elif self.kill_reason:
+            target = JobState.FAILED
+            text = f"the agent stopped the job: {self.kill_reason} ({how})"
+        elif target is JobState.SUCCEEDED:
+            text = ""
+        elif ex.oom_kills:
+            # The kernel's memory.events says so: the job's own end reason,
+            # whatever the exit looked like (memory.oom.group kills it all).
+            target = JobState.FAILED
+            text = f"{lc.oom_text(self.memory_max)} ({how})"
+        else:
+            text = how
+            if ex.signal == signal.SIGXCPU:
+                text += f" (CPU time limit of {self.cpu_seconds} s reached)"
+        if self.note:
+            text = f"{text}; {self.note}" if text else self.note
+        lc.check_transition(self.state, target)
+        self.state = target
+        self.finished = True
+        return [lc.Finish(target, text, ex, persist=not self.not_recorded)]
+
+
+EXITS = st.builds(
+    lc.Exit,
+    exit_code=st.sampled_from([0, 1, None]),
+    signal=st.sampled_from([None, signal.SIGTERM, signal.SIGKILL, signal.SIGXCPU]),
+    oom_kills=st.sampled_from([0, 1]),
+    start_failure=st.sampled_from(["", "execve: No such file or directory (ENOENT)"]),
+    lost=st.sampled_from(["", "the keeper died"]),
+)
+LIVE_EVENTS = st.one_of(
+    st.builds(lc.Exited, EXITS),
+    st.just(lc.OutputGraceExpired()),
+    st.just(lc.TimedOut()),
+    st.just(lc.StopRequested()),
+    st.builds(lc.ShutdownRequested, st.sampled_from(["agent shutdown", "the keeper's stop"])),
+    st.just(lc.NotRecorded()),
+    st.just(lc.KillGraceExpired()),
+)
+OUTPUT_EVENTS = st.one_of(
+    st.builds(lc.OutputCapReached, st.sampled_from([10, 100]), st.booleans()),
+    st.builds(lc.OutputFailed, st.sampled_from(["disk full", "no file"])),
+)
+
+
+@st.composite
+def histories(draw: st.DrawFn) -> list[lc.Event]:
+    """Any order of events, except that nothing is written to an output once it is
+    closed (the keeper reads no more from it) and it closes at most once."""
+    events: list[lc.Event] = []
+    closed = False
+    for _ in range(draw(st.integers(0, 12))):
+        choice = draw(st.integers(0, 2))
+        if choice == 0 or closed:
+            events.append(draw(LIVE_EVENTS))
+        elif choice == 1:
+            events.append(draw(OUTPUT_EVENTS))
+        else:
+            events.append(lc.OutputClosed())
+            closed = True
+    return events
+
+
+@settings(max_examples=3000, deadline=None)
+@given(histories(), st.sampled_from(["", "no cgroup"]))
+def test_the_table_agrees_with_the_flags_it_replaced(events: list[lc.Event], note: str) -> None:
+    """Same actions, same end state and text, event by event."""
+    new = lc.Life(timeout_seconds=5, cpu_seconds=2, memory_max=1 << 20, note=note)
+    ref = FlagLife(timeout_seconds=5, cpu_seconds=2, memory_max=1 << 20, note=note)
+    for e in events:
+        assert new.handle(e) == ref.handle(e), (events, e)
+        assert new.state is ref.state
+        assert new.discarding == ref.discarding or ref.output_closed
+        assert new.running == ref.running
+
+
+@settings(max_examples=1000, deadline=None)
+@given(histories(), histories())
+def test_the_state_crosses_a_reexec_in_the_old_shape(
+    before: list[lc.Event], after: list[lc.Event]
+) -> None:
+    """A keeper re-executes with each job's life as the flags the previous code wrote
+    (an upgrade from it reads them, and it reads ours): the job goes on the same."""
+    ours, ref = lc.Life(timeout_seconds=5), FlagLife(timeout_seconds=5)
+    for e in before:
+        ours.handle(e)
+        ref.handle(e)
+    old_shape = ours.to_dict()
+    assert set(old_shape) == {f for f in FlagLife.__dataclass_fields__}
+    resumed = lc.Life.from_dict(old_shape)
+    from_old = lc.Life.from_dict(ref_dict(ref))
+    closed = any(isinstance(e, lc.OutputClosed) for e in before)
+    for e in after:
+        if closed and isinstance(e, (lc.OutputCapReached, lc.OutputFailed, lc.OutputClosed)):
+            continue
+        got = resumed.handle(e)
+        assert got == from_old.handle(e) == ref.handle(e), (before, after, e)
+
+
+def ref_dict(ref: FlagLife) -> dict[str, object]:
+    """What the previous keeper wrote for a job (dataclasses.asdict, state by name)."""
+    import dataclasses
+
+    d = dataclasses.asdict(ref)
+    d["state"] = ref.state.name
+    return d
+
+
+def test_a_job_finished_by_the_old_code_stays_finished() -> None:
+    ref = FlagLife()
+    ref.handle(lc.OutputClosed())
+    ref.handle(lc.Exited(lc.Exit(0, None)))
+    life = lc.Life.from_dict(ref_dict(ref))
+    assert (life.phase, life.state) == (lc.Phase.DONE, JobState.SUCCEEDED)
+    assert life.handle(lc.StopRequested()) == []

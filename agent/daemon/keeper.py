@@ -850,9 +850,8 @@ class Keeper(Spawner):
                 return
             # Its agent went away meanwhile: the next one learns of it as a finished job.
             ex = lc.Exit(exit_code=None, signal=None, start_failure=error, end_time=time.time())
-            job.life.output_closed = True
-            for action in job.life.handle(lc.Exited(ex)):
-                self.apply(job, action)
+            self.handle(job, lc.OutputClosed())  # it never had any
+            self.handle(job, lc.Exited(ex))
             return
         job.pid = msg["pid"]
         self.jobs[job.id] = job

@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING, Any
 from agent.daemon import cgroups, seccomp
 from agent.daemon import lifecycle as lc
 from agent.daemon.outputfile import OutputFile
-from agent.vocabulary import JobState
 
 if TYPE_CHECKING:
     from agent.daemon.keeper import Keeper
@@ -82,8 +81,7 @@ def snapshot(k: Keeper) -> dict[str, Any]:
     now = time.monotonic()
     jobs = []
     for job in k.jobs.values():
-        life = dataclasses.asdict(job.life)
-        life["state"] = job.life.state.name
+        life = job.life.to_dict()
         timers = [
             [max(0.0, when - now), type(t.event).__name__]
             for when, _, t in k.heap
@@ -233,10 +231,7 @@ def restore(k: Keeper, state: dict[str, Any]) -> None:
             "kill_on_cap": j["kill_on_cap"],
         }
         job = KeptJob(j["id"], j["rid"], j["gen"], run, out)
-        life = dict(j["life"])
-        life["state"] = JobState[life["state"]]
-        life["exit"] = None if life["exit"] is None else lc.Exit(**life["exit"])
-        job.life = lc.Life(**life)
+        job.life = lc.Life.from_dict(j["life"])
         job.exit = None if j["exit"] is None else lc.Exit(**j["exit"])
         job.pid, job.rfd, job.record = j["pid"], j["rfd"], j["record"]
         k.jobs[job.id] = job

@@ -20,12 +20,27 @@ The states and the table of allowed transitions::
 
 A job is *done* only when its process has exited **and** its output is
 closed (completely recorded): followers and ``WaitJob`` rely on that.
+
+How it gets there is one table, :data:`TABLE`: ``(phase, event) -> step``, every
+pair listed (a test checks it), where a step returns the next phase and the
+actions. The phases of the process::
+
+    RUNNING --(timeout, stop, shutdown, output cap or failure)--> TERMINATING
+    RUNNING, TERMINATING --(exited)--> DRAINING --(output closed)--> DONE
+    RUNNING, TERMINATING --(exited, output already closed)--> DONE
+
+beside a smaller one for the output (OPEN -> DISCARDING -> CLOSED) and one
+:class:`Cause` (why it is being ended, which decides the end state and text).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import signal
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 from agent.vocabulary import JobState
 
@@ -256,139 +271,325 @@ Action = Signal | ArmKillTimer | ArmOutputGrace | CloseOutput | DiscardOutput | 
 # ---------------------------------------------------------------- the machine
 
 
+class Phase(enum.Enum):
+    """Where a job's process is: the rows of :data:`TABLE`."""
+
+    RUNNING = "running"  # its main process lives; nobody is ending it
+    TERMINATING = "terminating"  # SIGTERM sent, SIGKILL armed for after the grace
+    DRAINING = "draining"  # it exited; its output is still being read (grace armed)
+    DONE = "done"  # exited and its output closed: finished, recorded, nothing more
+
+
+class Output(enum.Enum):
+    """Where a job's output is (a second, smaller machine beside :class:`Phase`)."""
+
+    OPEN = "open"
+    DISCARDING = "discarding"  # still read (the pipe must drain) but no longer recorded
+    CLOSED = "closed"
+
+
+class Why(enum.Enum):
+    """Why the job is being ended, by whom; the end text and state follow from it."""
+
+    TIMEOUT = "timeout"
+    STOP = "stop"  # an operator's StopJob
+    SHUTDOWN = "shutdown"  # the agent's or the keeper's shutdown
+    KILLED = "killed"  # the keeper's own reason (output cap, failed output, not recorded)
+
+
+@dataclass(frozen=True)
+class Cause:
+    why: Why
+    text: str = ""  # KILLED: the reason; SHUTDOWN: who shut down
+
+
+def _caused(current: Cause | None, new: Cause) -> Cause | None:
+    """The cause after ``new`` arrives: a timeout and an operator's stop exclude each
+    other (the first wins); a shutdown takes over a stop; either takes over the
+    keeper's own reason; the first of the keeper's own reasons is kept."""
+    if current is None:
+        return new
+    was, now = current.why, new.why
+    if was is Why.TIMEOUT:
+        return current
+    if now is Why.TIMEOUT:
+        return new if was is Why.KILLED else current
+    if now is Why.SHUTDOWN or (now is Why.STOP and was is Why.KILLED):
+        return new
+    return current
+
+
 @dataclass
 class Life:
-    """One running job's lifecycle state. Only :meth:`handle` changes it."""
+    """One job's lifecycle state. Only :meth:`handle` changes it, and only through
+    :data:`TABLE`; a job's final :class:`JobState` is set once, through
+    :func:`check_transition`."""
 
     timeout_seconds: int = 0
     cpu_seconds: int = 0
     memory_max: int = 0  # the job cgroup's memory.max (0: none), for the OOM end reason
     # Appended to every end text when the job has no cgroup (its stop was not escape-proof).
     note: str = ""
-    state: JobState = JobState.RUNNING
-    stop_requested: bool = False
-    shutdown: bool = False
-    shutdown_by: str = "agent shutdown"
-    timed_out: bool = False
-    kill_reason: str = ""  # set when the agent itself ends the job
-    terminating: bool = False
-    discarding: bool = False
-    not_recorded: bool = False
+    phase: Phase = Phase.RUNNING
+    output: Output = Output.OPEN
+    cause: Cause | None = None
+    persist: bool = True  # False: the history never recorded the start (NotRecorded)
     exit: Exit | None = None
-    output_closed: bool = False
-    finished: bool = field(default=False)
+    state: JobState = JobState.RUNNING
 
     @property
     def running(self) -> bool:
         """True while the main process has not exited."""
         return self.exit is None
 
+    @property
+    def discarding(self) -> bool:
+        """Whether output read now is to be dropped (past the cap, or unwritable)."""
+        return self.output is Output.DISCARDING
+
     def handle(self, event: Event) -> list[Action]:
-        """Apply one event; return the actions the supervisor must carry out."""
-        if self.finished:
-            return []
-        if isinstance(event, Exited):
-            return self._exited(event.exit)
-        if isinstance(event, OutputClosed):
-            self.output_closed = True
-            return self._finish_if_done()
-        if isinstance(event, OutputGraceExpired):
-            return [] if self.output_closed else [CloseOutput()]
+        """Apply one event; return the actions the keeper must carry out."""
+        step = TABLE[self.phase, type(event)]
+        phase, actions = step(self, event)
+        self.phase = phase
+        return actions
+
+    # ---- the steps of TABLE (called only by handle, through the table): each
+    # returns the next phase and the actions
+
+    def ignore(self, event: Event) -> Step:
+        return self.phase, []
+
+    def on_exited(self, event: Event) -> Step:
+        assert isinstance(event, Exited)
+        # Whatever the job left behind was killed by the process operations before
+        # they reported the exit: its whole cgroup (cgroup.kill, then unpopulated), or
+        # without one its process group (while the leader's pid is still reserved).
+        self.exit = event.exit
+        if self.output is Output.CLOSED:
+            return self._finish()
+        return Phase.DRAINING, [ArmOutputGrace()]
+
+    def on_output_closed(self, event: Event) -> Step:
+        self.output = Output.CLOSED
+        if self.phase is Phase.DRAINING:
+            return self._finish()
+        return self.phase, []
+
+    def on_output_grace(self, event: Event) -> Step:
+        return self.phase, [] if self.output is Output.CLOSED else [CloseOutput()]
+
+    def on_end(self, event: Event) -> Step:
+        """A timeout, a stop or a shutdown while the process lives."""
         if isinstance(event, TimedOut):
-            if self.exit is not None or self.stop_requested:
-                return []
-            self.timed_out = True
-            return self._terminate("timeout")
-        if isinstance(event, StopRequested):
-            if self.exit is not None or self.timed_out:
-                return []
-            self.stop_requested = True
-            self.kill_reason = ""
-            return self._terminate("stop")
-        if isinstance(event, ShutdownRequested):
-            if self.exit is not None:
-                return []
-            self.stop_requested = True
-            self.shutdown = True
-            self.shutdown_by = event.by
-            return self._terminate(event.by)
-        if isinstance(event, OutputCapReached):
-            actions: list[Action] = [] if self.discarding else [DiscardOutput()]
-            self.discarding = True
-            if event.kill and not self.terminating:
-                actions += self._terminate(f"its output reached the cap of {event.cap} bytes")
-            return actions
-        if isinstance(event, OutputFailed):
-            actions = [] if self.discarding else [DiscardOutput()]
-            self.discarding = True
-            return actions + self._terminate(event.reason)
-        if isinstance(event, NotRecorded):
-            self.not_recorded = True
-            self.kill_reason = "not recorded"
-            return [Signal(signal.SIGKILL)] if self.exit is None else []
-        if isinstance(event, KillGraceExpired):
-            return [Signal(signal.SIGKILL)] if self.exit is None else []
-        raise TypeError(f"unknown event {event!r}")  # pragma: no cover
+            self.cause = _caused(self.cause, Cause(Why.TIMEOUT))
+        elif isinstance(event, StopRequested):
+            self.cause = _caused(self.cause, Cause(Why.STOP))
+        else:
+            assert isinstance(event, ShutdownRequested)
+            self.cause = _caused(self.cause, Cause(Why.SHUTDOWN, event.by))
+        return self._terminate()
 
-    def _terminate(self, reason: str) -> list[Action]:
-        """SIGTERM now and SIGKILL after the grace; the first reason is kept."""
-        if not self.kill_reason and not self.stop_requested and not self.timed_out:
-            self.kill_reason = reason
-        if self.terminating or self.exit is not None:
-            return []
-        self.terminating = True
-        return [Signal(signal.SIGTERM), ArmKillTimer()]
+    def on_output_cap(self, event: Event) -> Step:
+        assert isinstance(event, OutputCapReached)
+        actions = self._discard()
+        if not event.kill:
+            return self.phase, actions
+        return self._kill(f"its output reached the cap of {event.cap} bytes", actions)
 
-    def _exited(self, ex: Exit) -> list[Action]:
-        if self.exit is not None:
-            return []
-        self.exit = ex
-        # Whatever the job left behind was killed by the process operations
-        # before they reported the exit: its whole cgroup (cgroup.kill, then
-        # unpopulated), or without one its process group (while the leader's
-        # pid is still reserved). A job ends with its leader.
-        if self.output_closed:
-            return self._finish_if_done()
-        return [ArmOutputGrace()]
+    def on_output_failed(self, event: Event) -> Step:
+        assert isinstance(event, OutputFailed)
+        return self._kill(event.reason, self._discard())
 
-    def _finish_if_done(self) -> list[Action]:
-        if self.exit is None or not self.output_closed or self.finished:
+    def on_not_recorded(self, event: Event) -> Step:
+        # No grace: a job the history does not know must not run at all.
+        self.persist = False
+        if self.cause is None or self.cause.why is Why.KILLED:
+            self.cause = Cause(Why.KILLED, "not recorded")
+        return self.phase, [] if self.exit is not None else [Signal(signal.SIGKILL)]
+
+    def on_kill_grace(self, event: Event) -> Step:
+        return self.phase, [Signal(signal.SIGKILL)]
+
+    # ---- helpers of the steps
+
+    def _discard(self) -> list[Action]:
+        if self.output is not Output.OPEN:
             return []
+        self.output = Output.DISCARDING
+        return [DiscardOutput()]
+
+    def _kill(self, reason: str, actions: list[Action]) -> Step:
+        """The keeper ends the job for ``reason`` (its end text unless a stop, a
+        shutdown or a timeout explains it); a job already exited keeps the reason."""
+        self.cause = _caused(self.cause, Cause(Why.KILLED, reason))
+        if self.phase is Phase.RUNNING:
+            phase, more = self._terminate()
+            return phase, actions + more
+        return self.phase, actions
+
+    def _terminate(self) -> Step:
+        """SIGTERM now and SIGKILL after the grace, once."""
+        if self.phase is Phase.RUNNING:
+            return Phase.TERMINATING, [Signal(signal.SIGTERM), ArmKillTimer()]
+        return self.phase, []
+
+    def _finish(self) -> Step:
         ex = self.exit
+        assert ex is not None
+        why = None if self.cause is None else self.cause.why
+        stopped = why in (Why.STOP, Why.SHUTDOWN)
         target = final_state(
             exit_code=ex.exit_code,
             signal=ex.signal,
-            stop_requested=self.stop_requested,
-            timed_out=self.timed_out,
+            stop_requested=stopped,
+            timed_out=why is Why.TIMEOUT,
         )
-        how = describe_exit(ex.exit_code, ex.signal)
-        if ex.start_failure and not (self.timed_out or self.stop_requested):
-            target, text = JobState.FAILED, f"start failed: {ex.start_failure}"
-        elif ex.lost and not (self.timed_out or self.stop_requested):
-            target, text = JobState.FAILED, ex.lost
-        elif self.timed_out:
-            text = f"timed out after {self.timeout_seconds} s ({how})"
-        elif self.shutdown:
-            text = f"stopped by {self.shutdown_by} ({how})"
-        elif self.stop_requested:
-            text = f"stopped by request ({how})"
-        elif self.kill_reason:
-            target = JobState.FAILED
-            text = f"the agent stopped the job: {self.kill_reason} ({how})"
-        elif target is JobState.SUCCEEDED:
-            text = ""
-        elif ex.oom_kills:
-            # The kernel's memory.events says so: the job's own end reason,
-            # whatever the exit looked like (memory.oom.group kills it all).
-            target = JobState.FAILED
-            text = f"{oom_text(self.memory_max)} ({how})"
-        else:
-            text = how
-            if ex.signal == signal.SIGXCPU:
-                text += f" (CPU time limit of {self.cpu_seconds} s reached)"
+        target, text = self._end_text(ex, target, why)
         if self.note:
             text = f"{text}; {self.note}" if text else self.note
         check_transition(self.state, target)
         self.state = target
-        self.finished = True
-        return [Finish(target, text, ex, persist=not self.not_recorded)]
+        return Phase.DONE, [Finish(target, text, ex, persist=self.persist)]
+
+    def _end_text(self, ex: Exit, target: JobState, why: Why | None) -> tuple[JobState, str]:
+        how = describe_exit(ex.exit_code, ex.signal)
+        asked = why in (Why.TIMEOUT, Why.STOP, Why.SHUTDOWN)
+        if ex.start_failure and not asked:
+            return JobState.FAILED, f"start failed: {ex.start_failure}"
+        if ex.lost and not asked:
+            return JobState.FAILED, ex.lost
+        if why is Why.TIMEOUT:
+            return target, f"timed out after {self.timeout_seconds} s ({how})"
+        if why is Why.SHUTDOWN:
+            assert self.cause is not None
+            return target, f"stopped by {self.cause.text} ({how})"
+        if why is Why.STOP:
+            return target, f"stopped by request ({how})"
+        if why is Why.KILLED:
+            assert self.cause is not None
+            return JobState.FAILED, f"the agent stopped the job: {self.cause.text} ({how})"
+        if target is JobState.SUCCEEDED:
+            return target, ""
+        if ex.oom_kills:
+            # The kernel's memory.events says so: the job's own end reason, whatever
+            # the exit looked like (memory.oom.group kills it all).
+            return JobState.FAILED, f"{oom_text(self.memory_max)} ({how})"
+        if ex.signal == signal.SIGXCPU:
+            return target, f"{how} (CPU time limit of {self.cpu_seconds} s reached)"
+        return target, how
+
+    # ---- across the keeper's re-exec (agent.daemon.keeperstate)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for the keeper's state handed across ``execve``: the shape of
+        version 1 of that state (flags), so an older and a newer keeper read each other."""
+        why = None if self.cause is None else self.cause.why
+        text = "" if self.cause is None else self.cause.text
+        return {
+            "timeout_seconds": self.timeout_seconds,
+            "cpu_seconds": self.cpu_seconds,
+            "memory_max": self.memory_max,
+            "note": self.note,
+            "state": self.state.name,
+            "stop_requested": why in (Why.STOP, Why.SHUTDOWN),
+            "shutdown": why is Why.SHUTDOWN,
+            "shutdown_by": text if why is Why.SHUTDOWN else "agent shutdown",
+            "timed_out": why is Why.TIMEOUT,
+            "kill_reason": text if why is Why.KILLED else "",
+            "terminating": self.phase is Phase.TERMINATING
+            or (self.phase is not Phase.RUNNING and self.cause is not None),
+            "discarding": self.output is Output.DISCARDING,
+            "not_recorded": not self.persist,
+            "exit": None if self.exit is None else dataclasses.asdict(self.exit),
+            "output_closed": self.output is Output.CLOSED,
+            "finished": self.phase is Phase.DONE,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Life:
+        """The inverse of :meth:`to_dict` (a ValueError or KeyError for a bad one)."""
+        exit_ = None if d["exit"] is None else Exit(**d["exit"])
+        cause = None
+        if d["timed_out"]:
+            cause = Cause(Why.TIMEOUT)
+        elif d["shutdown"]:
+            cause = Cause(Why.SHUTDOWN, d["shutdown_by"])
+        elif d["stop_requested"]:
+            cause = Cause(Why.STOP)
+        elif d["kill_reason"]:
+            cause = Cause(Why.KILLED, d["kill_reason"])
+        if d["finished"]:
+            phase = Phase.DONE
+        elif exit_ is not None:
+            phase = Phase.DRAINING
+        else:
+            phase = Phase.TERMINATING if d["terminating"] else Phase.RUNNING
+        if d["output_closed"]:
+            output = Output.CLOSED
+        else:
+            output = Output.DISCARDING if d["discarding"] else Output.OPEN
+        return cls(
+            timeout_seconds=int(d["timeout_seconds"]),
+            cpu_seconds=int(d["cpu_seconds"]),
+            memory_max=int(d["memory_max"]),
+            note=str(d["note"]),
+            phase=phase,
+            output=output,
+            cause=cause,
+            persist=not d["not_recorded"],
+            exit=exit_,
+            state=JobState[d["state"]],
+        )
+
+
+Step = tuple[Phase, list[Action]]
+_Handler = Callable[[Life, Event], Step]
+
+_LIVE = (Phase.RUNNING, Phase.TERMINATING)
+_EVENTS: tuple[type[Event], ...] = (
+    Exited,
+    OutputClosed,
+    OutputGraceExpired,
+    TimedOut,
+    StopRequested,
+    ShutdownRequested,
+    OutputCapReached,
+    OutputFailed,
+    NotRecorded,
+    KillGraceExpired,
+)
+
+
+def _table() -> dict[tuple[Phase, type[Event]], _Handler]:
+    t: dict[tuple[Phase, type[Event]], _Handler] = {}
+    for phase in _LIVE:  # the process lives
+        t[phase, Exited] = Life.on_exited
+        t[phase, TimedOut] = Life.on_end
+        t[phase, StopRequested] = Life.on_end
+        t[phase, ShutdownRequested] = Life.on_end
+        t[phase, NotRecorded] = Life.on_not_recorded
+        t[phase, KillGraceExpired] = Life.on_kill_grace
+    for phase in (*_LIVE, Phase.DRAINING):  # its output is read
+        t[phase, OutputClosed] = Life.on_output_closed
+        t[phase, OutputGraceExpired] = Life.on_output_grace
+        t[phase, OutputCapReached] = Life.on_output_cap
+        t[phase, OutputFailed] = Life.on_output_failed
+    # It exited: no signal, no timeout or stop can change how (they came too late).
+    t[Phase.DRAINING, NotRecorded] = Life.on_not_recorded
+    late: tuple[type[Event], ...] = (
+        Exited,
+        TimedOut,
+        StopRequested,
+        ShutdownRequested,
+        KillGraceExpired,
+    )
+    for event in late:
+        t[Phase.DRAINING, event] = Life.ignore
+    for event in _EVENTS:  # done: nothing changes it
+        t[Phase.DONE, event] = Life.ignore
+    return t
+
+
+# Every (phase, event) pair, and the step that takes it: the whole machine.
+TABLE: dict[tuple[Phase, type[Event]], _Handler] = _table()

@@ -559,6 +559,7 @@ def _spawner_condition(e: OSError) -> AgentError | None:
 
 def _mark_not_started(record: JobRecord, why: str) -> None:
     """Mark a job that never ran: FAILED at its start time, "start failed: <why>"."""
+    lc.check_transition(record.state, JobState.FAILED)
     record.state = JobState.FAILED
     record.end_time = record.start_time
     record.error_text = f"start failed: {why}"
