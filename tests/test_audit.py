@@ -80,6 +80,22 @@ def test_a_failed_write_is_logged_not_raised(caplog: pytest.LogCaptureFixture) -
     assert "write failed" in caplog.text
 
 
+def test_every_record_reaches_the_hook_after_it_is_written(tmp_path: Path) -> None:
+    """``on_record`` (the metrics' hook) sees (event, decision, rule) of each record,
+    once it is in the file."""
+    path = tmp_path / "audit.log"
+    seen: list[tuple[str, str, str, int]] = []
+
+    def hook(event: str, decision: str, rule: str) -> None:
+        seen.append((event, decision, rule, len(_lines(path))))
+
+    log = AuditLog(path, on_record=hook)
+    log.record("rpc", decision="deny", rule="no-rule-matched")
+    log.record("policy_reload", decision="ok")
+    log.close()
+    assert seen == [("rpc", "deny", "no-rule-matched", 1), ("policy_reload", "ok", "", 2)]
+
+
 def test_env_names_are_names_only() -> None:
     """Environment values may be secrets: only the sorted names are kept."""
     assert env_names({"TOKEN": "s3cret", "A": "1"}) == ["A", "TOKEN"]

@@ -173,7 +173,9 @@ class FakeOps:
         return self.watched.get(job_id)
 
 
-def make(tmp_path: Path, ops: FakeOps, **rules: int) -> Supervisor:
+def make(
+    tmp_path: Path, ops: FakeOps, *, hooks: supervisor.JobHooks | None = None, **rules: int
+) -> Supervisor:
     out = tmp_path / "output"
     out.mkdir(exist_ok=True)
     r = Rules(
@@ -194,7 +196,7 @@ def make(tmp_path: Path, ops: FakeOps, **rules: int) -> Supervisor:
         rules=r,
     )
     ops.decider = Decider(settings, policy.parse(POLICY))
-    return Supervisor(settings, History(Store(tmp_path / "jobs.sqlite3")), ops)
+    return Supervisor(settings, History(Store(tmp_path / "jobs.sqlite3")), ops, hooks=hooks)
 
 
 def run(coro: Callable[[], Coroutine[Any, Any, None]]) -> None:
@@ -249,6 +251,45 @@ def test_start_output_and_finish_are_recorded(tmp_path: Path) -> None:
         await settle()
         assert _on_disk(tmp_path, rec.id) == (JobState.SUCCEEDED.value, 1000)
         assert ops.acks == [rec.id]
+
+    run(body)
+
+
+class Hooks:
+    """Records what the supervisor's JobHooks are told."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, str]] = []
+
+    def job_started(self, rec: JobRecord, entry: str, seconds: float) -> None:
+        assert seconds >= 0
+        self.calls.append(("started", rec.state.name, entry))
+
+    def job_finished(self, rec: JobRecord) -> None:
+        self.calls.append(("finished", rec.state.name, ""))
+
+
+def test_hooks_see_each_start_with_its_entry_and_each_end(tmp_path: Path) -> None:
+    """The hooks (the metrics) hear a start with the policy entry the keeper admitted it
+    under, and its end; a start that failed is a start and an end; a refusal neither."""
+    ops = FakeOps()
+    hooks = Hooks()
+    sup = make(tmp_path, ops, hooks=hooks)
+
+    async def body() -> None:
+        rec = await sup.start(req())
+        ops.sink(rec.id).on_finished(fin(rec.id, JobState.SUCCEEDED))  # type: ignore[union-attr]
+        await sup.wait(rec.id, ALICE, 2)
+        ops.fail = OSError(errno.ENOENT, "gone")
+        await sup.start(req())
+        with pytest.raises(PermissionDenied):
+            await sup.start(StartRequest(identity="alice", command="rm", path=""))
+        assert hooks.calls == [
+            ("started", "RUNNING", "true"),
+            ("finished", "SUCCEEDED", ""),
+            ("finished", "FAILED", ""),
+            ("started", "FAILED", "true"),
+        ]
 
     run(body)
 

@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +29,15 @@ _UTC = datetime.timezone.utc
 class AuditLog:
     """Appends JSON lines to a file."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(
+        self, path: Path, *, on_record: Callable[[str, str, str], None] | None = None
+    ) -> None:
         self.path = path
         self._lock = threading.Lock()
         self._fd = self._open()
+        # Called with (event, decision, rule) after each record is written: the metrics'
+        # hook (refusals by rule, reload results are audit events already).
+        self._on_record = on_record
 
     def _open(self) -> int:
         # 0600: the audit log names identities and commands; only the
@@ -98,6 +103,8 @@ class AuditLog:
                 # Losing an audit line must be loud, but must not take the
                 # service down with it.
                 log.error("audit log %s: write failed: %s", self.path, e)
+        if self._on_record is not None:
+            self._on_record(event, decision, rule)
 
 
 def env_names(env: Mapping[str, str]) -> list[str]:

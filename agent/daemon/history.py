@@ -414,6 +414,22 @@ class History:
         # keeper which finished jobs it may forget, retried ones included).
         self.on_commit: Callable[[list[JobRecord]], None] | None = None
 
+    def count(self) -> int:
+        """How many jobs the history holds (:meth:`Store.count`)."""
+        return self.store.count()
+
+    def list_jobs(
+        self,
+        *,
+        states: Iterable[JobState] = (),
+        owner: str | None = None,
+        before_seq: int | None = None,
+        limit: int = 100,
+    ) -> list[JobRecord]:
+        """A page of the stored records, newest first (:meth:`Store.list_jobs`); the
+        caller answers each with :meth:`get` (a record may be newer in ``unsaved``)."""
+        return self.store.list_jobs(states=states, owner=owner, before_seq=before_seq, limit=limit)
+
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """Commit in groups on ``loop`` from now on (before: every write commits)."""
         self._loop = loop
@@ -520,7 +536,8 @@ class History:
 
     def _commit_soon(self) -> asyncio.Future[None]:
         """Group commit: every change made in this loop iteration, in one COMMIT."""
-        assert self._loop is not None
+        if self._loop is None:  # a start, or a job's end: on the loop, whoever asks
+            self._loop = asyncio.get_running_loop()
         if self._commit_future is None:
             self._commit_future = self._loop.create_future()
             self._loop.call_soon(self._do_commit)

@@ -2,14 +2,14 @@
 
 Every name starts with ``agent_`` and follows the Prometheus conventions
 (counters end in ``_total``, durations are ``_seconds``). The numbers come
-from hooks around the parts that already report events, never from inside
-them: a gRPC server interceptor (RPCs, stream followers), a
-:class:`MeteredAuditLog` (refusals by rule, policy and certificate reload
-results: every one of them is an audit event already), the supervisor's
-``on_finish`` callback (jobs finished, durations), a subclass wrapping
-``Supervisor.start`` (jobs started, spawn latency) and values read at
-scrape time (running jobs, certificate expiry, readiness) or refreshed by
-the main loop (history size, which needs the database).
+from hooks the parts that already report events call, never from inside
+them: a gRPC server interceptor (RPCs, stream followers), the audit log's
+``on_record`` (refusals by rule, policy and certificate reload results: every
+one of them is an audit event already), the supervisor's
+:class:`~agent.daemon.supervisor.JobHooks` (jobs started and finished, spawn
+latency, durations) and values read at scrape time (running jobs, certificate
+expiry, readiness) or refreshed by the main loop (history size, which needs
+the database).
 
 The listener is plain HTTP on loopback only unless ``[metrics]`` gives a
 certificate (the config refuses anything else): metrics name policy
@@ -41,11 +41,8 @@ from prometheus_client.registry import Collector
 from agent import x509
 from agent.configfile import split_host_port
 from agent.daemon.access_gate import gated
-from agent.daemon.admission import StartRequest
-from agent.daemon.audit import AuditLog
 from agent.daemon.config import Metrics as MetricsConfig
 from agent.daemon.history import JobRecord
-from agent.daemon.supervisor import Supervisor
 from agent.vocabulary import JobState
 
 log = logging.getLogger(__name__)
@@ -231,7 +228,7 @@ class AgentMetrics:
             self._finished(rec, entry)
 
     def job_finished(self, rec: JobRecord) -> None:
-        """The supervisor's on_finish: ``rec`` reached its final state."""
+        """``rec`` reached its final state (the supervisor's JobHooks)."""
         entry = self._entries.pop(rec.id, None)
         if entry is not None:
             self._finished(rec, entry)
@@ -242,7 +239,7 @@ class AgentMetrics:
             self._durations.get(entry).observe(max(0.0, rec.end_time - rec.start_time))
 
     def audit_event(self, event: str, decision: str, rule: str) -> None:
-        """Every audit record passes here (see MeteredAuditLog)."""
+        """Every audit record passes here (the audit log's ``on_record``)."""
         if decision == "deny":
             self.refusals.labels(rule=rule or "unknown").inc()
         elif event == "policy_reload":
@@ -270,44 +267,6 @@ class AgentMetrics:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
-
-
-class MeteredAuditLog(AuditLog):
-    """The audit log, counting refusals and reload results as it writes them."""
-
-    def __init__(self, path: Any, metrics: AgentMetrics) -> None:
-        super().__init__(path)
-        self._metrics = metrics
-
-    def record(self, event: str, *, decision: str, rule: str = "", **fields: Any) -> None:
-        """Write the record (AuditLog.record), then count it."""
-        super().record(event, decision=decision, rule=rule, **fields)
-        self._metrics.audit_event(event, decision, rule)
-
-
-class MeteredSupervisor(Supervisor):
-    """The supervisor, counting started jobs and timing their spawn."""
-
-    metrics: AgentMetrics | None = None
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._entries: dict[str, str] = {}  # job id -> its policy entry, while it starts
-
-    def note_entry(self, job_id: str, entry: str) -> None:
-        """The keeper's word on the entry a job was admitted under (see start)."""
-        if len(self._entries) > 4096:  # left by starts that failed after admission
-            self._entries.clear()
-        self._entries[job_id] = entry
-
-    async def start(self, req: StartRequest) -> JobRecord:
-        """``Supervisor.start``, timed; a refused start raises before it is counted."""
-        t0 = time.monotonic()
-        rec = await super().start(req)
-        entry = self._entries.pop(rec.id, UNKNOWN_ENTRY)
-        if self.metrics is not None:
-            self.metrics.job_started(rec, entry, time.monotonic() - t0)
-        return rec
 
 
 # ---------------------------------------------------------------- RPCs

@@ -231,16 +231,13 @@ class AgentServer:
         interceptors: list[grpc.aio.ServerInterceptor] = [
             AccessGate(self._gate, exempt=f"/{WORKER_SERVICE}/")
         ]
-        supervisor: type[Supervisor] = Supervisor
         if cfg.metrics.enabled:
             from agent.daemon import metrics as metrics_mod
 
             self.metrics = metrics_mod.AgentMetrics()
-            self.audit = metrics_mod.MeteredAuditLog(cfg.audit_file, self.metrics)
-            supervisor = metrics_mod.MeteredSupervisor
             interceptors.insert(0, metrics_mod.RpcMetricsInterceptor(self.metrics))
-        else:
-            self.audit = AuditLog(cfg.audit_file)
+        m = self.metrics
+        self.audit = AuditLog(cfg.audit_file, on_record=None if m is None else m.audit_event)
         history = History(store)
         own_service = cfg.keeper.mode == "service"
         ops = KeeperClient(
@@ -274,15 +271,14 @@ class AgentServer:
         with contextlib.suppress(OSError):
             (cfg.jobs.state_dir / KEEPER_PID).write_text(f"{hello.pid}\n")
         self.keeper = ops
-        self.jobs = supervisor(
+        self.jobs = Supervisor(
             settings,
             history,
             ops,
             on_change=self._mark_status,
             on_finish=self._audit_finish,
+            hooks=self.metrics,
         )
-        if self.metrics is not None:
-            self.jobs.metrics = self.metrics  # type: ignore[attr-defined]
         jobs = self.jobs
         ops.on_unknown_finished = jobs.record_ended
         # What the keeper kept while no agent was attached is taken over first; only
@@ -310,6 +306,8 @@ class AgentServer:
             # leftover by its marker alone, and no cgroup of a kept job is one.
             sweep_leftovers=self._keeper_fresh,
         )
+        # Recovered and durable: from now on the history commits in groups on the loop.
+        history.attach(asyncio.get_running_loop())
         self.sweeper = Sweeper(
             history,
             cfg.output_dir,
@@ -441,7 +439,7 @@ class AgentServer:
     def _refresh_metrics(self) -> None:
         if self.jobs is not None and self.metrics is not None:
             with contextlib.suppress(Exception):
-                self.metrics.history_jobs.set(self.jobs.history.store.count())
+                self.metrics.history_jobs.set(self.jobs.history.count())
 
     async def _start_registration(self) -> None:
         sch = self.config.scheduler
@@ -485,8 +483,6 @@ class AgentServer:
         return text
 
     def _audit_finish(self, rec: Any) -> None:
-        if self.jobs is not None and self.metrics is not None:
-            self.metrics.job_finished(rec)
         if self.audit:
             self.audit.record(
                 "job_end",

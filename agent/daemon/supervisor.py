@@ -91,6 +91,18 @@ class JobOps(Protocol):
     def close(self, *, keep_jobs: bool = False) -> None: ...
 
 
+class JobHooks(Protocol):
+    """What watches the jobs come and go (the metrics, when enabled): called by the
+    supervisor, never a subclass of it."""
+
+    def job_started(self, rec: JobRecord, entry: str, seconds: float) -> None:
+        """A start returned ``rec`` (admitted under policy ``entry``; "" when the keeper
+        never answered) after ``seconds``; a refused start is not a start."""
+
+    def job_finished(self, rec: JobRecord) -> None:
+        """``rec`` reached its final state (before or after ``job_started``)."""
+
+
 class Job:
     """A running job as the agent sees it: its record, its output's progress, its
     waiters. The keeper's reports arrive through the ``on_*`` methods."""
@@ -131,6 +143,7 @@ class Supervisor:
         *,
         on_change: Callable[[], None] | None = None,
         on_finish: Callable[[JobRecord], None] | None = None,
+        hooks: JobHooks | None = None,
     ) -> None:
         self.settings = settings
         self.history = history
@@ -144,13 +157,23 @@ class Supervisor:
         history.on_commit = self._committed
         self._loop: asyncio.AbstractEventLoop | None = None
         self._on_change = on_change or (lambda: None)
-        self._on_finish = on_finish or (lambda rec: None)
+        self._hooks = hooks
+        finish = on_finish or (lambda rec: None)
+        self._on_finish: Callable[[JobRecord], None] = finish
+        if hooks is not None:
+            job_finished = hooks.job_finished
+
+            def both(rec: JobRecord) -> None:
+                job_finished(rec)
+                finish(rec)
+
+            self._on_finish = both
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
+        """The loop the jobs live on (the one running when first asked)."""
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
-            self.history.attach(self._loop)
         return self._loop
 
     def stop_accepting(self) -> None:
@@ -179,17 +202,19 @@ class Supervisor:
         # never exceed max_running.
         self._starting += 1
         self._started_all.clear()
+        t0 = time.monotonic()
         try:
-            return await self._spawn(req)
+            rec, entry = await self._spawn(req)
+            if self._hooks is not None:
+                self._hooks.job_started(rec, entry, time.monotonic() - t0)
+            return rec
         finally:
             self._starting -= 1
             if not self._starting:
                 self._started_all.set()
 
-    def note_entry(self, job_id: str, entry: str) -> None:
-        """The policy entry the keeper admitted a job under (metrics count by it)."""
-
-    async def _spawn(self, req: admission.StartRequest) -> JobRecord:
+    async def _spawn(self, req: admission.StartRequest) -> tuple[JobRecord, str]:
+        """The job's record and the policy entry the keeper admitted it under."""
         job_id = str(uuid.uuid4())
         out_path = str(self.settings.output_dir / f"{job_id}.out")
         # command, timeout and limits are the keeper's to say (its "admitted").
@@ -219,11 +244,10 @@ class Supervisor:
             if cond is not None:
                 raise cond from None
             log.info("job %s could not start: %s", job_id, record.error_text)
-            return record
+            return record, ""
         record.command = admitted.command
         record.timeout_seconds = admitted.timeout
         record.limits = dict(admitted.limits)
-        self.note_entry(job_id, admitted.entry)
         # Recorded as soon as the keeper admitted it: the insert is made now and its
         # commit runs while the keeper sets the job up, not after (one round trip less
         # before StartJob is answered). Until then the row's pid is 0. An agent that
@@ -247,7 +271,7 @@ class Supervisor:
                 # condition, answered as such; the record says the job never started.
                 raise cond from None  # logged once, with the RPC, by the service
             log.info("job %s could not start: %s", job_id, record.error_text)
-            return record
+            return record, admitted.entry
         except BaseException as e:
             # The caller went away mid-start (the keeper client has a job whose start
             # nobody awaits killed), or a bug: the row inserted above must not stay
@@ -271,7 +295,7 @@ class Supervisor:
             self.ops.stop(job_id, "not_recorded")
             raise
         self._on_change()
-        return record
+        return record, admitted.entry
 
     def _read_leader_start(self, job: Job) -> None:
         if job.done.done():
@@ -468,7 +492,7 @@ class Supervisor:
         last_seq = 0  # of the row of the last record on this page: the next page's token
         more = False
         while True:
-            rows = self.history.store.list_jobs(
+            rows = self.history.list_jobs(
                 states=fetch, owner=who, before_seq=before, limit=size + 1
             )
             for row in rows:
