@@ -477,6 +477,16 @@ def parse(text: str, path: Path) -> Config:
 
 
 def _cross_checks(cfg: Config) -> None:
+    """What no single key says: the keys that must agree, section by section."""
+    _keeper_checks(cfg)
+    _listener_checks(cfg)
+    _auth_checks(cfg)
+    _scheduler_checks(cfg)
+    _metrics_checks(cfg)
+    _jobs_checks(cfg)
+
+
+def _keeper_checks(cfg: Config) -> None:
     f = cfg.path
     if cfg.keeper.mode == "service" and cfg.daemon.on_shutdown != "keep":
         # The jobs belong to the keeper's service: an agent that stopped them whenever it
@@ -489,6 +499,10 @@ def _cross_checks(cfg: Config) -> None:
             'the keeper service and stopping the agent keeps them; set on_shutdown = "keep" '
             "(stop the keeper's service to stop the jobs)",
         )
+
+
+def _listener_checks(cfg: Config) -> None:
+    f = cfg.path
     gs = cfg.grpc_server
     try:
         host, _ = split_host_port(gs.addr)
@@ -515,6 +529,10 @@ def _cross_checks(cfg: Config) -> None:
             "would be denied: set ca_file (mTLS) or [auth] allow_anonymous "
             "= true",
         )
+
+
+def _auth_checks(cfg: Config) -> None:
+    f = cfg.path
     if cfg.mtls and cfg.auth.allow_anonymous:
         raise ConfigError(
             f,
@@ -546,6 +564,10 @@ def _cross_checks(cfg: Config) -> None:
             "admins",
             f"{', '.join(sorted(overlap))} also listed in clients; list each identity once",
         )
+
+
+def _scheduler_checks(cfg: Config) -> None:
+    f = cfg.path
     sch = cfg.scheduler
     if sch.register:
         if not sch.addr:
@@ -576,7 +598,10 @@ def _cross_checks(cfg: Config) -> None:
         raise ConfigError(
             f, "scheduler", "retry_initial_seconds", "must not exceed retry_max_seconds"
         )
-    _metrics_checks(cfg)
+
+
+def _jobs_checks(cfg: Config) -> None:
+    f = cfg.path
     if cfg.jobs.policy_file is None:
         raise ConfigError(f, "jobs", "policy_file", "required: without a policy nothing may run")
     try:

@@ -255,8 +255,47 @@ def check_scratch_dir(cfg: Config, deny: tuple[str, ...], *, create: bool) -> No
 
 
 def prepare(cfg: Config, *, create_dirs: bool = True) -> Prepared:
-    """Validate everything the server needs; raise ConfigError naming the key."""
+    """Validate everything the server needs; raise ConfigError naming the key.
+
+    By phase: the TLS material, the job user and the policy, the files and directories,
+    the job cgroups (``create_dirs``: `agent run`; check-config creates nothing)."""
     warnings: list[str] = []
+    creds = _credentials(cfg, warnings)
+    job_user, w = resolve_job_user(cfg)
+    warnings.extend(w)
+    deny = deny_paths(cfg)
+    pol = _policy(cfg, warnings)
+    _files(cfg, deny, warnings, create_dirs=create_dirs)
+    subtree, owned = _job_cgroups(cfg, warnings, create_dirs=create_dirs)
+    return Prepared(
+        config=cfg,
+        policy=pol,
+        server_pair=creds.server_pair,
+        ca_pem=creds.ca_pem,
+        scheduler_pair=creds.scheduler_pair,
+        scheduler_ca=creds.scheduler_ca,
+        job_user=job_user,
+        warnings=tuple(warnings),
+        cgroups=subtree,
+        cgroups_owned=owned,
+        certificates=tuple(creds.certificates),
+        revocation=creds.revocation,
+        deny=deny,
+    )
+
+
+@dataclass(frozen=True)
+class _Credentials:
+    server_pair: tls.KeyPair | None
+    ca_pem: bytes | None
+    scheduler_pair: tls.KeyPair | None
+    scheduler_ca: bytes | None
+    certificates: list[tls.CertExpiry]
+    revocation: RevocationChecker | None
+
+
+def _credentials(cfg: Config, warnings: list[str]) -> _Credentials:
+    """The listener's and the registration's certificates, CAs and CRLs."""
     gs = cfg.grpc_server
     host, _ = split_host_port(gs.addr)
     if not gs.use_tls:
@@ -302,12 +341,14 @@ def prepare(cfg: Config, *, create_dirs: bool = True) -> Prepared:
             revocation = RevocationChecker(cfg.crl_paths, gs.ca_file)
         except CRLError as e:
             raise _err(cfg, "auth", "crl_files", str(e)) from None
+    return _Credentials(server_pair, ca_pem, scheduler_pair, scheduler_ca, certificates, revocation)
+
+
+def _policy(cfg: Config, warnings: list[str]) -> policy_mod.Policy:
+    """The policy, loaded and confined as the job keeper will."""
     assert cfg.jobs.policy_file is not None
-    job_user, w = resolve_job_user(cfg)
-    warnings.extend(w)
-    deny = deny_paths(cfg)
-    # Loaded and confined as the job keeper will (agent.daemon.decision.load_in_child:
-    # a loader process, so yaml stays out of the agent, which decides nothing).
+    # agent.daemon.decision.load_in_child: a loader process, so yaml stays out of the
+    # agent, which decides nothing.
     try:
         loaded = load_in_child(str(cfg.path), None)
     except LoadError as e:
@@ -319,6 +360,11 @@ def prepare(cfg: Config, *, create_dirs: bool = True) -> Prepared:
             f"the policy {cfg.jobs.policy_file} allows nothing: every StartJob will be denied"
         )
     check_default_limits(cfg)
+    return pol
+
+
+def _files(cfg: Config, deny: tuple[str, ...], warnings: list[str], *, create_dirs: bool) -> None:
+    """Descriptors, the private directories, the audit log's and the log's places."""
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     need = cfg.jobs.max_running * 3 + 256
     if hard != resource.RLIM_INFINITY and hard < need:
@@ -355,6 +401,12 @@ def prepare(cfg: Config, *, create_dirs: bool = True) -> Prepared:
         )
     if cfg.logging.file is not None and not cfg.logging.file.parent.is_dir():
         raise _err(cfg, "logging", "file", f"{cfg.logging.file.parent}: directory does not exist")
+
+
+def _job_cgroups(
+    cfg: Config, warnings: list[str], *, create_dirs: bool
+) -> tuple[cgroups.Subtree | None, bool]:
+    """The job cgroup subtree of a child keeper (and whether the agent made it)."""
     subtree: cgroups.Subtree | None = None
     owned = False
     if under_systemd() and cfg.keeper.mode == "child":
@@ -369,21 +421,7 @@ def prepare(cfg: Config, *, create_dirs: bool = True) -> Prepared:
         subtree, owned, w = setup_cgroups(cfg)
         warnings.extend(w)
         warnings.extend(check_cgroup_limits(cfg, subtree))
-    return Prepared(
-        config=cfg,
-        policy=pol,
-        server_pair=server_pair,
-        ca_pem=ca_pem,
-        scheduler_pair=scheduler_pair,
-        scheduler_ca=scheduler_ca,
-        job_user=job_user,
-        warnings=tuple(warnings),
-        cgroups=subtree,
-        cgroups_owned=owned,
-        certificates=tuple(certificates),
-        revocation=revocation,
-        deny=deny,
-    )
+    return subtree, owned
 
 
 def loaded_certificates(
