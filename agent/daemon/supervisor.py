@@ -215,35 +215,16 @@ class Supervisor:
 
     async def _spawn(self, req: admission.StartRequest) -> tuple[JobRecord, str]:
         """The job's record and the policy entry the keeper admitted it under."""
-        job_id = str(uuid.uuid4())
-        out_path = str(self.settings.output_dir / f"{job_id}.out")
-        # command, timeout and limits are the keeper's to say (its "admitted").
-        record = JobRecord(
-            id=job_id,
-            owner=req.identity,
-            command=req.command,
-            path=req.path,
-            args=policy_mod.redact_args(req.args, req.secret_args),
-            state=JobState.RUNNING,
-            start_time=time.time(),
-            output_path=out_path,
-            timeout_seconds=0,
-            limits={},
-            boot_id=BOOT_ID,
-        )
+        record = self._new_record(req)
         job = Job(record, self)
         try:
-            admitted = await self.ops.start(job_id, req, record_to_wire(record), job)
+            admitted = await self.ops.start(record.id, req, record_to_wire(record), job)
         except OSError as e:
             # Never admitted (the keeper died, or could not be written to): nothing ran.
             # Answered as before the keeper decided: a FAILED job, recorded.
             _mark_not_started(record, describe_oserror(e))
             self.history.insert_now(record)
-            self._on_finish(record)
-            cond = _spawner_condition(e)
-            if cond is not None:
-                raise cond from None
-            log.info("job %s could not start: %s", job_id, record.error_text)
+            self._not_started(record, e)
             return record, ""
         record.command = admitted.command
         record.timeout_seconds = admitted.timeout
@@ -258,20 +239,53 @@ class Supervisor:
         except BaseException:
             admitted.abandon()  # started or not, it must not run unrecorded
             raise
+        pid = await self._started(record, admitted, committed)
+        if pid is None:
+            return record, admitted.entry
+        record.pid = pid
+        self.running[record.id] = job
+        # The leader's start time (for crash recovery) is read a moment
+        # later: right after exec, reading /proc/PID/stat waits for the
+        # child's exec to finish.
+        job.timers.append(self.loop.call_later(0.02, self._read_leader_start, job))
         try:
-            pid = await admitted.started
+            await self.history.committed(committed)
+        except Unavailable:
+            # Never leave a job running that the history does not know.
+            self.ops.stop(record.id, "not_recorded")
+            raise
+        self._on_change()
+        return record, admitted.entry
+
+    def _new_record(self, req: admission.StartRequest) -> JobRecord:
+        job_id = str(uuid.uuid4())
+        # command, timeout and limits are the keeper's to say (its "admitted").
+        return JobRecord(
+            id=job_id,
+            owner=req.identity,
+            command=req.command,
+            path=req.path,
+            args=policy_mod.redact_args(req.args, req.secret_args),
+            state=JobState.RUNNING,
+            start_time=time.time(),
+            output_path=str(self.settings.output_dir / f"{job_id}.out"),
+            timeout_seconds=0,
+            limits={},
+            boot_id=BOOT_ID,
+        )
+
+    async def _started(
+        self, record: JobRecord, admitted: Admission, committed: asyncio.Future[None]
+    ) -> int | None:
+        """The admitted job's pid, or None: it could not start (recorded so)."""
+        try:
+            return await admitted.started
         except OSError as e:
             _mark_not_started(record, describe_oserror(e))
             await self.history.committed(committed)
             await self.history.record_change(record)
-            self._on_finish(record)
-            cond = _spawner_condition(e)
-            if cond is not None:
-                # The keeper ran out (descriptors, memory, processes): the agent's
-                # condition, answered as such; the record says the job never started.
-                raise cond from None  # logged once, with the RPC, by the service
-            log.info("job %s could not start: %s", job_id, record.error_text)
-            return record, admitted.entry
+            self._not_started(record, e)
+            return None
         except BaseException as e:
             # The caller went away mid-start (the keeper client has a job whose start
             # nobody awaits killed), or a bug: the row inserted above must not stay
@@ -282,20 +296,16 @@ class Supervisor:
             self.history.save(record)
             self._on_finish(record)
             raise
-        record.pid = pid
-        self.running[job_id] = job
-        # The leader's start time (for crash recovery) is read a moment
-        # later: right after exec, reading /proc/PID/stat waits for the
-        # child's exec to finish.
-        job.timers.append(self.loop.call_later(0.02, self._read_leader_start, job))
-        try:
-            await self.history.committed(committed)
-        except Unavailable:
-            # Never leave a job running that the history does not know.
-            self.ops.stop(job_id, "not_recorded")
-            raise
-        self._on_change()
-        return record, admitted.entry
+
+    def _not_started(self, record: JobRecord, e: OSError) -> None:
+        """A job that never ran is over; the keeper's running out is the agent's
+        condition (descriptors, memory, processes), raised as such; the record says the
+        job never started (logged once, with the RPC, by the service)."""
+        self._on_finish(record)
+        cond = _spawner_condition(e)
+        if cond is not None:
+            raise cond from None
+        log.info("job %s could not start: %s", record.id, record.error_text)
 
     def _read_leader_start(self, job: Job) -> None:
         if job.done.done():
