@@ -44,7 +44,7 @@ from agent.daemon.history import History, JobRecord, Store
 from agent.daemon.keeperclient import KEEPER_SOCKET, KeeperClient
 from agent.daemon.lockfile import LockFile
 from agent.daemon.retention import Sweeper
-from agent.daemon.service import StreamSlots, WorkerService
+from agent.daemon.service import StreamSlots, WorkerService, worker_handler
 from agent.daemon.startup import Prepared, check_cgroup_limits
 from agent.daemon.supervisor import BOOT_ID, INSTANCE_ENV, Supervisor
 from agent.rpc import abort
@@ -367,7 +367,7 @@ async def listen(
 
         interceptors.insert(0, RpcMetricsInterceptor(metrics))
     server = grpc.aio.server(options=server_options(cfg), interceptors=interceptors)
-    server.add_generic_rpc_handlers([service.handler()])
+    server.add_generic_rpc_handlers([worker_handler(service)])
     # grpc.health.v1 (NOT_SERVING until started and once draining) and server
     # reflection, so grpc-health-probe and grpcurl work.
     health_servicer = health.aio.HealthServicer()

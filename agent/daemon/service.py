@@ -472,37 +472,36 @@ class WorkerService:
             if holder:
                 self.streams.release(holder[0])
 
-    # ------------------------------------------------------------ registration
 
-    def handler(self) -> grpc.GenericRpcHandler:
-        """The generic handler to add to a grpc.aio server."""
-        uu = grpc.unary_unary_rpc_method_handler
-        methods = {
-            "StartJob": uu(
-                self.StartJob, _deserializer(pb.StartJobReq), pb.StartJobRes.SerializeToString
-            ),
-            "RunJob": uu(
-                self.RunJob, _deserializer(pb.StartJobReq), pb.QueryJobRes.SerializeToString
-            ),
-            "StopJob": uu(
-                self.StopJob, _deserializer(pb.StopJobReq), pb.StopJobRes.SerializeToString
-            ),
-            "QueryJob": uu(
-                self.QueryJob, _deserializer(pb.QueryJobReq), pb.QueryJobRes.SerializeToString
-            ),
-            "WaitJob": uu(
-                self.WaitJob, _deserializer(pb.WaitJobReq), pb.QueryJobRes.SerializeToString
-            ),
-            "ListJobs": uu(
-                self.ListJobs, _deserializer(pb.ListJobsReq), pb.ListJobsRes.SerializeToString
-            ),
-            "StreamJobOutput": grpc.unary_stream_rpc_method_handler(
-                self.StreamJobOutput,
-                _deserializer(pb.StreamJobOutputReq),
-                pb.StreamJobOutputRes.SerializeToString,
-            ),
-        }
-        return grpc.method_handlers_generic_handler("jobscheduler.Worker", methods)
+def worker_handler(service: WorkerService) -> grpc.GenericRpcHandler:
+    """The Worker service as a generic handler to add to a grpc.aio server."""
+    uu = grpc.unary_unary_rpc_method_handler
+    methods = {
+        "StartJob": uu(
+            service.StartJob, _deserializer(pb.StartJobReq), pb.StartJobRes.SerializeToString
+        ),
+        "RunJob": uu(
+            service.RunJob, _deserializer(pb.StartJobReq), pb.QueryJobRes.SerializeToString
+        ),
+        "StopJob": uu(
+            service.StopJob, _deserializer(pb.StopJobReq), pb.StopJobRes.SerializeToString
+        ),
+        "QueryJob": uu(
+            service.QueryJob, _deserializer(pb.QueryJobReq), pb.QueryJobRes.SerializeToString
+        ),
+        "WaitJob": uu(
+            service.WaitJob, _deserializer(pb.WaitJobReq), pb.QueryJobRes.SerializeToString
+        ),
+        "ListJobs": uu(
+            service.ListJobs, _deserializer(pb.ListJobsReq), pb.ListJobsRes.SerializeToString
+        ),
+        "StreamJobOutput": grpc.unary_stream_rpc_method_handler(
+            service.StreamJobOutput,
+            _deserializer(pb.StreamJobOutputReq),
+            pb.StreamJobOutputRes.SerializeToString,
+        ),
+    }
+    return grpc.method_handlers_generic_handler("jobscheduler.Worker", methods)
 
 
 async def _first(it: AsyncIterator[tuple[int, bytes]]) -> AsyncIterator[tuple[int, bytes]]:
