@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 from agent.access import AccessRules
-from agent.daemon import policy, supervisor
+from agent.daemon import jobview, policy, supervisor
 from agent.daemon.admission import Rules, StartRequest
 from agent.daemon.decision import Decider
 from agent.daemon.errors import (
@@ -241,10 +241,10 @@ def test_start_output_and_finish_are_recorded(tmp_path: Path) -> None:
         assert s.record["id"] == rec.id and s.record["state"] == "RUNNING"
         assert s.sink is sup.running[rec.id]
         s.sink.on_output(6, False)
-        assert sup.get(rec.id, ALICE).output_bytes == 6
+        assert sup.view.get(rec.id, ALICE).output_bytes == 6
         s.sink.on_ending()
         s.sink.on_finished(fin(rec.id, JobState.SUCCEEDED, size=6))
-        done = await sup.wait(rec.id, ALICE, 2)
+        done = await sup.view.wait(rec.id, ALICE, 2)
         assert done.state is JobState.SUCCEEDED and done.output_bytes == 6
         assert done.end_time == 1_700_000_000.0  # the keeper's time of the reap
         assert rec.id not in sup.running
@@ -279,7 +279,7 @@ def test_hooks_see_each_start_with_its_entry_and_each_end(tmp_path: Path) -> Non
     async def body() -> None:
         rec = await sup.start(req())
         ops.sink(rec.id).on_finished(fin(rec.id, JobState.SUCCEEDED))  # type: ignore[union-attr]
-        await sup.wait(rec.id, ALICE, 2)
+        await sup.view.wait(rec.id, ALICE, 2)
         ops.fail = OSError(errno.ENOENT, "gone")
         await sup.start(req())
         with pytest.raises(PermissionDenied):
@@ -309,15 +309,15 @@ def test_a_query_of_an_ending_job_waits_for_its_end(
     ops = FakeOps()
     sup = make(tmp_path, ops)
     # Far longer than the test needs: the answer must come from the report, not the clock.
-    monkeypatch.setattr(supervisor, "ENDING_WAIT", 30.0)
-    monkeypatch.setattr(supervisor, "ENDING_WINDOW", 30.0)
+    monkeypatch.setattr(jobview, "ENDING_WAIT", 30.0)
+    monkeypatch.setattr(jobview, "ENDING_WINDOW", 30.0)
 
     async def body() -> None:
         rec = await sup.start(req())
         sink = ops.starts[0].sink
         sink.on_ending()
         await _ending_seen(sup, rec.id)
-        asked = asyncio.ensure_future(sup.query(rec.id, ALICE))
+        asked = asyncio.ensure_future(sup.view.query(rec.id, ALICE))
         await asyncio.sleep(0.01)
         assert not asked.done()  # waiting for the end that is on its way
         sink.on_finished(fin(rec.id, JobState.SUCCEEDED))
@@ -338,25 +338,25 @@ def test_a_query_waits_only_briefly_and_only_right_after_the_end(
     async def body() -> None:
         rec = await sup.start(req())
         sink = ops.starts[0].sink
-        monkeypatch.setattr(supervisor, "ENDING_WAIT", 30.0)
+        monkeypatch.setattr(jobview, "ENDING_WAIT", 30.0)
         # Not ending: no wait at all (a 30 s wait would trip wait_for).
-        assert (await asyncio.wait_for(sup.query(rec.id, ALICE), 5)).state is JobState.RUNNING
+        assert (await asyncio.wait_for(sup.view.query(rec.id, ALICE), 5)).state is JobState.RUNNING
         sink.on_ending()
         await _ending_seen(sup, rec.id)
         # Ending, but longer ago than the window: no wait either.
-        monkeypatch.setattr(supervisor, "ENDING_WINDOW", 0.0)
-        assert (await asyncio.wait_for(sup.query(rec.id, ALICE), 5)).state is JobState.RUNNING
+        monkeypatch.setattr(jobview, "ENDING_WINDOW", 0.0)
+        assert (await asyncio.wait_for(sup.view.query(rec.id, ALICE), 5)).state is JobState.RUNNING
         # Inside the window, still not finished: RUNNING once the short wait is over.
-        monkeypatch.setattr(supervisor, "ENDING_WAIT", 0.01)
-        monkeypatch.setattr(supervisor, "ENDING_WINDOW", 30.0)
-        assert (await asyncio.wait_for(sup.query(rec.id, ALICE), 5)).state is JobState.RUNNING
+        monkeypatch.setattr(jobview, "ENDING_WAIT", 0.01)
+        monkeypatch.setattr(jobview, "ENDING_WINDOW", 30.0)
+        assert (await asyncio.wait_for(sup.view.query(rec.id, ALICE), 5)).state is JobState.RUNNING
         sink.on_finished(fin(rec.id, JobState.SUCCEEDED))
-        assert (await sup.wait(rec.id, ALICE, 2)).state is JobState.SUCCEEDED
+        assert (await sup.view.wait(rec.id, ALICE, 2)).state is JobState.SUCCEEDED
         # And the usual rules: unknown ids and other owners' jobs are refused.
         with pytest.raises(PermissionDenied):
-            await sup.query(rec.id, BOB)
+            await sup.view.query(rec.id, BOB)
         with pytest.raises(NotFound):
-            await sup.query("00000000-0000-4000-8000-000000000000", ALICE)
+            await sup.view.query("00000000-0000-4000-8000-000000000000", ALICE)
 
     run(body)
 
@@ -370,7 +370,7 @@ def test_stop_asks_the_keeper_and_records_its_end(tmp_path: Path) -> None:
         rec = await sup.start(req())
         assert sup.stop(rec.id, ALICE).id == rec.id
         assert ops.stops == [(rec.id, "stop")]
-        done = await sup.wait(rec.id, ALICE, 2)
+        done = await sup.view.wait(rec.id, ALICE, 2)
         assert (done.state, done.error_text) == (
             JobState.STOPPED,
             "stopped by request (killed by SIGTERM)",
@@ -435,7 +435,7 @@ def test_a_job_is_in_the_history_before_it_starts(tmp_path: Path) -> None:
         assert ops.at_start == [(JobState.RUNNING.value, 0)]
         assert rec.pid == 1000
         ops.starts[0].sink.on_finished(fin(rec.id, JobState.SUCCEEDED))
-        await sup.wait(rec.id, ALICE, 2)
+        await sup.view.wait(rec.id, ALICE, 2)
         await settle()
         assert _on_disk(tmp_path, rec.id) == (JobState.SUCCEEDED.value, 1000)
 
@@ -571,7 +571,7 @@ def test_a_cancelled_start_leaves_no_running_record(tmp_path: Path) -> None:
             await start
         await settle()
         assert sup.history.store.running() == []
-        (only,) = sup.list_jobs(ALICE)[0]
+        (only,) = sup.view.list_jobs(ALICE)[0]
         assert only.state is JobState.FAILED and "cancelled" in only.error_text
         assert _on_disk(tmp_path, only.id) == (JobState.FAILED.value, 0)
 
@@ -594,7 +594,7 @@ def test_a_start_that_fails_unexpectedly_leaves_no_running_record(tmp_path: Path
             await sup.start(req())
         await settle()
         assert sup.history.store.running() == []
-        (only,) = sup.list_jobs(ALICE)[0]
+        (only,) = sup.view.list_jobs(ALICE)[0]
         assert only.state is JobState.FAILED and only.error_text == "start failed: internal error"
 
     run(body)
@@ -635,17 +635,17 @@ def test_owners_and_admins(tmp_path: Path) -> None:
     async def body() -> None:
         rec = await sup.start(req())
         with pytest.raises(PermissionDenied):
-            sup.get(rec.id, BOB)
+            sup.view.get(rec.id, BOB)
         with pytest.raises(PermissionDenied):
             sup.stop(rec.id, BOB)
         assert ops.stops == []
-        assert sup.get(rec.id, ADMIN).id == rec.id
+        assert sup.view.get(rec.id, ADMIN).id == rec.id
         with pytest.raises(PermissionDenied):
-            sup.list_jobs(BOB, owner="alice")
-        assert [r.id for r in sup.list_jobs(ADMIN, owner="alice")[0]] == [rec.id]
-        assert sup.list_jobs(BOB)[0] == []
+            sup.view.list_jobs(BOB, owner="alice")
+        assert [r.id for r in sup.view.list_jobs(ADMIN, owner="alice")[0]] == [rec.id]
+        assert sup.view.list_jobs(BOB)[0] == []
         sup.stop(rec.id, ADMIN)
-        assert (await sup.wait(rec.id, ALICE, 2)).state is JobState.STOPPED
+        assert (await sup.view.wait(rec.id, ALICE, 2)).state is JobState.STOPPED
 
     run(body)
 
@@ -700,7 +700,7 @@ def test_shutdown_with_a_follower_attached_ends_the_stream(tmp_path: Path) -> No
         got: list[bytes] = []
 
         async def follow() -> None:
-            async for _, data in sup.stream(rec.id, ALICE, 0, True):
+            async for _, data in sup.view.stream(rec.id, ALICE, 0, True):
                 got.append(data)
 
         task = asyncio.ensure_future(follow())
@@ -710,7 +710,7 @@ def test_shutdown_with_a_follower_attached_ends_the_stream(tmp_path: Path) -> No
         assert ops.stops == [(rec.id, "shutdown")]
         await asyncio.wait_for(task, 2)
         assert b"".join(got) == b"abc"
-        done = sup.get(rec.id, ALICE)
+        done = sup.view.get(rec.id, ALICE)
         assert done.state is JobState.STOPPED and "agent shutdown" in done.error_text
 
     run(body)
@@ -725,7 +725,7 @@ def test_shutdown_keep_stops_nothing(tmp_path: Path) -> None:
         rec = await sup.start(req())
         await asyncio.wait_for(sup.shutdown(mode="keep", deadline=0), 2)
         assert ops.stops == []
-        assert sup.get(rec.id, ALICE).state is JobState.RUNNING
+        assert sup.view.get(rec.id, ALICE).state is JobState.RUNNING
         with pytest.raises(Unavailable):
             await sup.start(req())
         sup.close(keep_jobs=True)
@@ -765,7 +765,7 @@ def test_shutdown_waits_for_starts_in_flight_and_stops_them_too(tmp_path: Path) 
         rec = await asyncio.wait_for(start, 2)
         await asyncio.wait_for(down, 2)
         assert ops.stops == [(rec.id, "shutdown")]
-        assert sup.get(rec.id, ALICE).state is JobState.STOPPED
+        assert sup.view.get(rec.id, ALICE).state is JobState.STOPPED
 
     run(body)
 
@@ -809,7 +809,7 @@ def test_adopt_mirrors_a_running_kept_job_and_watches_it(tmp_path: Path) -> None
         kept = [Kept(ID1, 777, 12, False, False, {}), Kept(ID2, 778, 0, False, True, {})]
         assert sup.adopt(hello(kept)) == {ID1, ID2}
         assert set(ops.watched) == {ID1, ID2} and ops.stops == []
-        rec = sup.get(ID1, ALICE)
+        rec = sup.view.get(ID1, ALICE)
         assert (rec.state, rec.pid, rec.output_bytes) == (JobState.RUNNING, 777, 12)
         assert sup.running[ID1].live.size == 12 and sup.running[ID1].ending is None
         assert sup.running[ID2].ending is not None  # queries wait for its end
@@ -817,7 +817,7 @@ def test_adopt_mirrors_a_running_kept_job_and_watches_it(tmp_path: Path) -> None
         ops.watched[ID1].on_finished(
             fin(ID1, JobState.FAILED, "exit status 1", code=1, size=20, truncated=True)
         )
-        done = await sup.wait(ID1, ALICE, 2)
+        done = await sup.view.wait(ID1, ALICE, 2)
         assert (done.state, done.output_bytes, done.output_truncated) == (
             JobState.FAILED,
             20,
@@ -865,13 +865,13 @@ def test_adopt_inserts_a_kept_job_the_history_never_had(tmp_path: Path) -> None:
         gone = fin(ID4, JobState.SUCCEEDED, record=record_to_wire(a_record(tmp_path, ID4)))
         assert sup.adopt(hello([kept], [gone])) == {ID3, ID4}
         assert _on_disk(tmp_path, ID3) == (JobState.RUNNING.value, 0)
-        assert sup.get(ID3, ALICE).pid == 555 and ID3 in ops.watched
+        assert sup.view.get(ID3, ALICE).pid == 555 and ID3 in ops.watched
         await settle()
         assert _on_disk(tmp_path, ID4) == (JobState.SUCCEEDED.value, 0)
         assert ops.acks == [ID4]
         # Not one of alice's to see for bob, even when it came from the keeper.
         with pytest.raises(PermissionDenied):
-            sup.get(ID3, BOB)
+            sup.view.get(ID3, BOB)
 
     run(body)
 

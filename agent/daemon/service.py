@@ -320,7 +320,7 @@ class WorkerService:
             remaining = context.time_remaining()
             if remaining is not None:
                 timeout = max(0.0, remaining - 0.05)
-            rec = await self.jobs.wait(rec.id, caller, timeout)
+            rec = await self.jobs.view.wait(rec.id, caller, timeout)
         return self.replies.reply(rec)
 
     async def _start(
@@ -393,7 +393,7 @@ class WorkerService:
         job_id = "" if isinstance(request, Malformed) else request.jobID
 
         async def body(caller: Caller, _: pb.QueryJobReq) -> pb.QueryJobRes:
-            return self.replies.reply(await self.jobs.query(validation.job_id(job_id), caller))
+            return self.replies.reply(await self.jobs.view.query(validation.job_id(job_id), caller))
 
         return await self._run("QueryJob", request, context, body, job_id=job_id[:64])
 
@@ -412,7 +412,7 @@ class WorkerService:
             if req.waitMillis:
                 wait = req.waitMillis / 1000.0
                 timeout = wait if timeout is None else min(timeout, wait)
-            rec = await self.jobs.wait(validation.job_id(job_id), caller, timeout)
+            rec = await self.jobs.view.wait(validation.job_id(job_id), caller, timeout)
             return self.replies.reply(rec)
 
         return await self._run("WaitJob", request, context, body, job_id=job_id[:64])
@@ -423,7 +423,7 @@ class WorkerService:
         async def body(caller: Caller, req: pb.ListJobsReq) -> pb.ListJobsRes:
             validation.list_bounds(req.states, req.owner, req.pageToken)
             states = validation.states(req.states)
-            recs, token = self.jobs.list_jobs(
+            recs, token = self.jobs.view.list_jobs(
                 caller,
                 states=states,
                 owner=req.owner,
@@ -444,7 +444,7 @@ class WorkerService:
         async def body(caller: Caller, req: pb.StreamJobOutputReq) -> None:
             self.streams.acquire(caller.identity)
             holder.append(caller.identity)
-            it = self.jobs.stream(validation.job_id(job_id), caller, req.offset, req.follow)
+            it = self.jobs.view.stream(validation.job_id(job_id), caller, req.offset, req.follow)
             # Run the access checks now (the first step of the generator),
             # so a refusal is a status, not a broken stream.
             first = await _first(it)
