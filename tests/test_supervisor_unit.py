@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 from agent.access import AccessRules
-from agent.daemon import jobview, policy, supervisor
+from agent.daemon import adoption, jobview, policy, supervisor
 from agent.daemon.admission import Rules, StartRequest
 from agent.daemon.decision import Decider
 from agent.daemon.errors import (
@@ -807,7 +807,7 @@ def test_adopt_mirrors_a_running_kept_job_and_watches_it(tmp_path: Path) -> None
 
     async def body() -> None:
         kept = [Kept(ID1, 777, 12, False, False, {}), Kept(ID2, 778, 0, False, True, {})]
-        assert sup.adopt(hello(kept)) == {ID1, ID2}
+        assert adoption.adopt(sup, hello(kept)) == {ID1, ID2}
         assert set(ops.watched) == {ID1, ID2} and ops.stops == []
         rec = sup.view.get(ID1, ALICE)
         assert (rec.state, rec.pid, rec.output_bytes) == (JobState.RUNNING, 777, 12)
@@ -842,7 +842,7 @@ def test_adopt_records_the_jobs_that_ended_and_acks_after_the_commit(tmp_path: P
             fin(ID1, JobState.TIMED_OUT, "timed out after 5 s (killed by SIGTERM)", code=None),
             fin(ID2, JobState.SUCCEEDED),
         ]
-        assert sup.adopt(hello(ended=ended)) == {ID1, ID2}
+        assert adoption.adopt(sup, hello(ended=ended)) == {ID1, ID2}
         assert ID1 not in sup.running
         await settle()
         rec = sup.history.get(ID1)
@@ -863,7 +863,7 @@ def test_adopt_inserts_a_kept_job_the_history_never_had(tmp_path: Path) -> None:
     async def body() -> None:
         kept = Kept(ID3, 555, 4, False, False, record_to_wire(a_record(tmp_path, ID3)))
         gone = fin(ID4, JobState.SUCCEEDED, record=record_to_wire(a_record(tmp_path, ID4)))
-        assert sup.adopt(hello([kept], [gone])) == {ID3, ID4}
+        assert adoption.adopt(sup, hello([kept], [gone])) == {ID3, ID4}
         assert _on_disk(tmp_path, ID3) == (JobState.RUNNING.value, 0)
         assert sup.view.get(ID3, ALICE).pid == 555 and ID3 in ops.watched
         await settle()
@@ -885,7 +885,7 @@ def test_adopt_stops_a_kept_job_the_history_has_as_finished(tmp_path: Path) -> N
 
     async def body() -> None:
         kept = [Kept(ID1, 777, 0, False, False, {}), Kept(ID2, 778, 0, False, False, {})]
-        assert sup.adopt(hello(kept)) == set()
+        assert adoption.adopt(sup, hello(kept)) == set()
         assert ops.stops == [(ID1, "kill"), (ID2, "kill")]
         assert not sup.running and ops.watched == {}
         assert sup.history.get(ID1).state is JobState.FAILED  # type: ignore[union-attr]

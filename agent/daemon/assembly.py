@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import dataclasses
 import errno
+import functools
 import logging
 import os
 import resource
@@ -33,7 +34,7 @@ from agent.access import AccessRules
 from agent.channel import server_keepalive_options
 from agent.configfile import ConfigError, split_host_port
 from agent.credentials import reloading_server_credentials
-from agent.daemon import retention
+from agent.daemon import adoption, retention
 from agent.daemon.access_gate import AccessGate
 from agent.daemon.audit import AuditLog
 from agent.daemon.cgroups import Subtree
@@ -273,8 +274,8 @@ async def _take_over(cfg: Config, parts: JobParts, hello: Any, own_service: bool
     """What the keeper kept while no agent was attached is taken over first; only the
     records it does not know of are LOST; then the history commits in groups."""
     ops, jobs, history = parts.keeper, parts.jobs, parts.jobs.history
-    ops.on_unknown_finished = jobs.record_ended
-    kept = jobs.adopt(hello)
+    ops.on_unknown_finished = functools.partial(adoption.record_ended, jobs)
+    kept = adoption.adopt(jobs, hello)
     if not hello.fresh:
         # A keeper that was running already (a service, or one the last agent left)
         # decides with the policy it loaded then: it reads its own file again now, so

@@ -50,9 +50,9 @@ from agent.daemon.errors import (
     Unavailable,
     agent_condition,
 )
-from agent.daemon.history import History, JobRecord, record_from_wire, record_to_wire
+from agent.daemon.history import History, JobRecord, record_to_wire
 from agent.daemon.jobview import JobView
-from agent.daemon.keeperclient import Admission, Finished, Hello
+from agent.daemon.keeperclient import Admission, Finished
 from agent.daemon.output import LiveOutput, describe_oserror
 from agent.vocabulary import JobState
 
@@ -352,77 +352,6 @@ class Supervisor:
             if rec.id in self._unacked:
                 self._unacked.discard(rec.id)
                 self.ops.ack(rec.id)
-
-    # ------------------------------------------------------------ attaching to a keeper
-
-    def adopt(self, hello: Hello) -> set[str]:
-        """Take over what a keeper kept while no agent was attached: mirror every job it
-        still runs and record every one that ended meanwhile. Returns the ids of the jobs
-        the history must not call LOST (start-up recovery then takes care of the rest).
-
-        A job whose record never reached the history (the agent died between its insert
-        and the commit) is recorded from the copy the keeper kept.
-        """
-        known: set[str] = set()
-        for kept in hello.jobs:
-            rec = self.history.get(kept.job_id) or self._recorded_copy(kept.record)
-            if rec is None or rec.state is not JobState.RUNNING:
-                log.error(
-                    "job %s: kept by the keeper but not running here; stopping it", kept.job_id
-                )
-                self.ops.stop(kept.job_id, "kill")
-                continue
-            rec.pid = kept.pid
-            rec.output_bytes = kept.size
-            rec.output_truncated = kept.truncated
-            job = Job(rec, self)
-            job.live.size = kept.size
-            if kept.ending:
-                job.ending = self.loop.time()
-            self.running[rec.id] = job
-            self.ops.watch(rec.id, job)
-            known.add(rec.id)
-        for fin in hello.ended:
-            known.add(fin.job_id)
-            self.record_ended(fin)
-        if hello.jobs or hello.ended:
-            log.info(
-                "attached to the job keeper: %d job(s) still running, %d ended while no "
-                "agent was attached",
-                len(hello.jobs),
-                len(hello.ended),
-            )
-        return known
-
-    def record_ended(self, fin: Finished) -> None:
-        """Record a job that ended while no agent was attached (or whose end this agent
-        never saw); acknowledge it to the keeper once written."""
-        rec = self.history.get(fin.job_id) or self._recorded_copy(fin.record)
-        if rec is None:
-            log.error("job %s: ended, but its record is lost", fin.job_id)
-            self.ops.ack(fin.job_id)
-            return
-        if rec.state is not JobState.RUNNING:  # recorded before the agent died
-            self.ops.ack(fin.job_id)
-            return
-        job = Job(rec, self)
-        self.finish(job, fin)
-
-    def _recorded_copy(self, blob: dict[str, object]) -> JobRecord | None:
-        """Insert the keeper's copy of a record the history does not have."""
-        if not blob:
-            return None
-        try:
-            rec = record_from_wire(dict(blob))
-        except ValueError as e:
-            log.error("a job record from the keeper is not one: %s", e)
-            return None
-        try:
-            self.history.insert_now(rec)
-        except Unavailable as e:
-            log.error("job %s: cannot record it: %s", rec.id, e)
-            return None
-        return rec
 
     # ------------------------------------------------------------ stop
 
