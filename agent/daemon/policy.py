@@ -151,7 +151,7 @@ class Confinement:
     allow_root: bool = False
     capabilities: tuple[int, ...] = ()
     no_new_privs: bool = True
-    # The entry's seccomp filter (issue 22): UDP, allowed syscall groups, listen().
+    # The entry's seccomp filter: UDP, allowed syscall groups, listen().
     # None: not enforced (no libseccomp or no kernel support, in best-effort mode).
     seccomp: SeccompSpec | None = field(default_factory=SeccompSpec)
 
@@ -275,9 +275,6 @@ class Decision:
         }.get(kind, PermissionDenied)
         text = "; ".join(str(d) for d in self.denials)
         return cls(f"not started: {text}", rule=",".join(sorted({d.rule for d in self.denials})))
-
-
-# ---------------------------------------------------------------- file system seam
 
 
 # ---------------------------------------------------------------- request validation
@@ -504,6 +501,12 @@ def _check_exec_format(
             Kind.FAILED_PRECONDITION,
         )
         return False
+    interp = _interpreter_line(path, head, deny)
+    return interp is not None and _elf_interpreter(path, interp, fs, owners, deny)
+
+
+def _interpreter_line(path: str, head: bytes, deny: Any) -> str | None:
+    """The interpreter a ``#!`` line names, checked as a path (None: refused)."""
     nl = head.find(b"\n")
     if nl == -1 and len(head) >= BINPRM_BUF_SIZE:
         deny(
@@ -511,7 +514,7 @@ def _check_exec_format(
             f"{path}: the #! line is longer than {BINPRM_BUF_SIZE - 1} bytes",
             Kind.FAILED_PRECONDITION,
         )
-        return False
+        return None
     line = head[2 : nl if nl != -1 else len(head)].strip(b" \t")
     # The kernel splits the interpreter from its one optional argument at
     # the first space or tab.
@@ -523,7 +526,7 @@ def _check_exec_format(
             f"{path}: the #! line names no interpreter",
             Kind.FAILED_PRECONDITION,
         )
-        return False
+        return None
     problem = text_problem(interp, "interpreter", MAX_PATH_BYTES)
     if problem or not interp.startswith("/"):
         # A relative interpreter would be looked up in the job's cwd.
@@ -533,7 +536,14 @@ def _check_exec_format(
             if not problem
             else f"{path}: #! {problem}",
         )
-        return False
+        return None
+    return interp
+
+
+def _elf_interpreter(
+    path: str, interp: str, fs: FileSystem, owners: frozenset[int], deny: Any
+) -> bool:
+    """Whether a script's interpreter is a trusted ELF binary (the program's own rule)."""
 
     def ideny(rule: str, msg: str, kind: Kind = Kind.PERMISSION_DENIED) -> None:
         # A missing interpreter is the machine's state, not the caller's path.
@@ -1004,6 +1014,44 @@ def script_dirs(scripts: tuple[ScriptRule, ...] | None) -> tuple[str, ...]:
 def _parse_confinement(
     raw: dict[str, Any], command: str, scripts: tuple[ScriptRule, ...] | None
 ) -> Confinement:
+    spec = _parse_landlock(raw, command, scripts)
+    user, uid, gid = _parse_user(raw)
+    allow_root = raw.get("allow_root", False)
+    if not isinstance(allow_root, bool):
+        raise _EntryError("allow_root: must be true or false")
+    if uid == 0 and not allow_root:
+        raise _EntryError(f"user: {user!r} is root; set allow_root: true if that is intended")
+    if allow_root and uid != 0:
+        raise _EntryError("allow_root: only meaningful with a root user (user: root)")
+    caps, problems = capabilities.parse_names(
+        _str_list(raw.get("capabilities", []), "capabilities")
+    )
+    if problems:
+        raise _EntryError(f"capabilities: {problems[0]}")
+    if caps and user is None:
+        raise _EntryError("capabilities: needs user (capabilities go to a named job user)")
+    nnp = raw.get("no_new_privs", True)
+    if not isinstance(nnp, bool):
+        raise _EntryError("no_new_privs: must be true or false")
+    if not nnp and uid != 0:
+        raise _EntryError(
+            "no_new_privs: false is only possible for a root job (user: root, allow_root: true)"
+        )
+    return Confinement(
+        landlock=spec,
+        user=user,
+        uid=uid,
+        gid=gid,
+        allow_root=allow_root,
+        capabilities=tuple(caps),
+        no_new_privs=nnp,
+        seccomp=_parse_seccomp(raw, spec.bind_tcp),
+    )
+
+
+def _parse_landlock(
+    raw: dict[str, Any], command: str, scripts: tuple[ScriptRule, ...] | None
+) -> LandlockSpec:
     ll = raw.get("landlock", {})
     if not isinstance(ll, dict):
         raise _EntryError("landlock: must be a mapping")
@@ -1036,6 +1084,11 @@ def _parse_confinement(
         scope_signals=ll.get("scope_signals", True),
         scope_abstract_unix=ll.get("scope_abstract_unix", True),
     )
+    return spec
+
+
+def _parse_user(raw: dict[str, Any]) -> tuple[str | None, int | None, int | None]:
+    """The entry's fixed ``user:`` and ``group:`` as (name, uid, gid)."""
     user, group = raw.get("user"), raw.get("group")
     uid = gid = None
     if user is not None:
@@ -1055,37 +1108,7 @@ def _parse_confinement(
             gid = grp.getgrnam(group).gr_gid
         except KeyError:
             raise _EntryError(f"group: no such group {group!r}") from None
-    allow_root = raw.get("allow_root", False)
-    if not isinstance(allow_root, bool):
-        raise _EntryError("allow_root: must be true or false")
-    if uid == 0 and not allow_root:
-        raise _EntryError(f"user: {user!r} is root; set allow_root: true if that is intended")
-    if allow_root and uid != 0:
-        raise _EntryError("allow_root: only meaningful with a root user (user: root)")
-    caps, problems = capabilities.parse_names(
-        _str_list(raw.get("capabilities", []), "capabilities")
-    )
-    if problems:
-        raise _EntryError(f"capabilities: {problems[0]}")
-    if caps and user is None:
-        raise _EntryError("capabilities: needs user (capabilities go to a named job user)")
-    nnp = raw.get("no_new_privs", True)
-    if not isinstance(nnp, bool):
-        raise _EntryError("no_new_privs: must be true or false")
-    if not nnp and uid != 0:
-        raise _EntryError(
-            "no_new_privs: false is only possible for a root job (user: root, allow_root: true)"
-        )
-    return Confinement(
-        landlock=spec,
-        user=user,
-        uid=uid,
-        gid=gid,
-        allow_root=allow_root,
-        capabilities=tuple(caps),
-        no_new_privs=nnp,
-        seccomp=_parse_seccomp(raw, spec.bind_tcp),
-    )
+    return user, uid, gid
 
 
 def _parse_seccomp(raw: dict[str, Any], bind_tcp: tuple[int, ...] | None) -> SeccompSpec:
