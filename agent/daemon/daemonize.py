@@ -66,20 +66,7 @@ def daemonize(cfg: Config, run: Callable[[Callable[[str], None]], int]) -> int:
     if child > 0:
         os.close(wfd)
         os.close(pid_file.fd)
-        message = _read_all(rfd)
-        os.close(rfd)
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(child, 0)
-        if message.startswith("ready"):
-            print(
-                f"agent: running in the background ({message[6:].strip()}), pid file {cfg.pid_file}"
-            )
-            return 0
-        print(
-            f"agent: {message or 'the daemon exited during start-up (see its log)'}",
-            file=sys.stderr,
-        )
-        return 1
+        return _wait_for_report(cfg, child, rfd)
     # First child: becomes the daemon (python-daemon forks once more).
     os.close(rfd)
     status = 1
@@ -115,6 +102,22 @@ def daemonize(cfg: Config, run: Callable[[Callable[[str], None]], int]) -> int:
             report(f"error: the agent exited with status {status} during start-up")
     finally:
         os._exit(status)
+
+
+def _wait_for_report(cfg: Config, child: int, rfd: int) -> int:
+    """The starting process: what the daemon reported, as the exit status."""
+    message = _read_all(rfd)
+    os.close(rfd)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(child, 0)
+    if message.startswith("ready"):
+        print(f"agent: running in the background ({message[6:].strip()}), pid file {cfg.pid_file}")
+        return 0
+    print(
+        f"agent: {message or 'the daemon exited during start-up (see its log)'}",
+        file=sys.stderr,
+    )
+    return 1
 
 
 def _read_all(fd: int) -> str:
