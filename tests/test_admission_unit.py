@@ -351,15 +351,18 @@ def test_admit_checks_in_order_secrets_limits_kernel_timeout_policy() -> None:
     refusal of the first check it fails (capacity, secret indexes, maxima, the kernel, the
     timeout, the policy)."""
     rules = Rules(1, 60, 3600, {}, {"cpu_seconds": 100})
-    secret = {"secret_args": (9,)}
-    maximum = {"cpu_seconds": 101}
-    kernel = {"cpu_seconds": 1, "memory_bytes": MAX_STORED_INT + 1}
-    wrong = {"command": "/bin/sh", "path": "", "identity": "alice", "timeout_seconds": 3601}
-    cases: list[tuple[StartRequest, str]] = [
-        (StartRequest(**wrong, limits=maximum, **secret), "bad-secret-index"),  # type: ignore[arg-type]
-        (StartRequest(**wrong, limits=maximum), "limit-above-maximum"),  # type: ignore[arg-type]
-        (StartRequest(**wrong, limits=kernel), "limit-above-kernel"),  # type: ignore[arg-type]
-        (StartRequest(**wrong, limits={"cpu_seconds": 1}), "timeout-above-maximum"),  # type: ignore[arg-type]
+
+    def wrong(limits: Mapping[str, int], secret_args: tuple[int, ...] = ()) -> StartRequest:
+        """A request wrong in every way from the given check on."""
+        return StartRequest(
+            "alice", "/bin/sh", "", limits=limits, timeout_seconds=3601, secret_args=secret_args
+        )
+
+    cases = [
+        (wrong({"cpu_seconds": 101}, secret_args=(9,)), "bad-secret-index"),
+        (wrong({"cpu_seconds": 101}), "limit-above-maximum"),
+        (wrong({"cpu_seconds": 1, "memory_bytes": MAX_STORED_INT + 1}), "limit-above-kernel"),
+        (wrong({"cpu_seconds": 1}), "timeout-above-maximum"),
     ]
     for req, rule in cases:
         assert _refusal(partial(admission.admit, req, rules, POLICY)).rule == rule

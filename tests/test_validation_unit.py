@@ -163,6 +163,24 @@ def test_every_problem_is_reported_at_once() -> None:
     ]
 
 
+def test_a_malformed_request_is_refused_as_invalid_argument_by_the_policy() -> None:
+    """The policy asks validate_request first: every problem becomes one INVALID_ARGUMENT
+    refusal naming each (message and rules), before any entry is looked at."""
+    from agent.daemon import policy
+
+    req = policy.JobRequest(command="/bin/\x1b", path="", args=("a",), env={"1": ""})
+    decision = policy.decide(policy.Policy(entries=()), req)
+    assert not decision.allowed
+    e = decision.error()
+    assert isinstance(e, InvalidArgument) and STATUS[e.kind] is grpc.StatusCode.INVALID_ARGUMENT
+    assert e.rule == "args-without-path,malformed-command,malformed-env"
+    assert e.message == (
+        "not started: command contains the control or format character U+001B "
+        "[malformed-command]; arguments were given but path is empty [args-without-path]; "
+        "environment variable name '1' is not a valid name [malformed-env]"
+    )
+
+
 # ---------------------------------------------------------------- start_bounds
 
 
