@@ -461,6 +461,7 @@ class AgentServer:
             retry_initial=sch.retry_initial_seconds,
             retry_max=sch.retry_max_seconds,
             call_timeout=sch.call_timeout_seconds,
+            labels=sch.labels,
             on_event=lambda **kw: self.audit.record("registration", **kw) if self.audit else None,
         )
         self.registrar.start()
