@@ -4,16 +4,19 @@ marked interrupted, never started again."""
 from __future__ import annotations
 
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
 
+from agent.configfile import ConfigError
+from agent.scheduler.config import load_config
 from agent.scheduler.registry import Registry
 from agent.scheduler.runs import interrupt_unfinished
 from agent.scheduler.store import HostRecord, RunRecord, SQLiteStore, StoreError
 from agent.vocabulary import HostState, RunState
 
-from helpers import FakeClock
+from helpers import Certs, FakeClock, SchedulerProcess
 
 
 def test_the_store_is_private_and_in_wal_mode(tmp_path: Path) -> None:
@@ -121,3 +124,32 @@ def test_an_unusable_path_is_a_store_error(tmp_path: Path) -> None:
     (tmp_path / "dir.db").mkdir()
     with pytest.raises(StoreError, match=r"dir\.db"):
         SQLiteStore(tmp_path / "dir.db")
+
+
+def test_the_store_defaults_to_the_config_folder(tmp_path: Path, certs: Certs) -> None:
+    """Without [store], the SQLite file is scheduler-state/scheduler.db beside the config;
+    a relative sqlite_file resolves against the config folder too."""
+    s = SchedulerProcess(tmp_path / "sched", certs)
+    cfg = load_config(s.config_path)
+    assert cfg.store.sqlite_file == s.workdir / "scheduler-state" / "scheduler.db"
+    with open(s.config_path, "a") as f:
+        f.write('\n[store]\nsqlite_file = "db/x.db"\n')
+    assert load_config(s.config_path).store.sqlite_file == s.workdir / "db" / "x.db"
+    with open(s.config_path, "a") as f:
+        f.write('backend = "etcd"\n')
+    with pytest.raises(ConfigError, match=r"\[store\] backend: must be one of sqlite"):
+        load_config(s.config_path)
+
+
+def test_a_scheduler_whose_store_cannot_open_exits_1_naming_it(
+    tmp_path: Path, certs: Certs
+) -> None:
+    """serve with an unusable store: one line naming the file, exit status 1, no listener."""
+    s = SchedulerProcess(tmp_path / "sched", certs)
+    (s.workdir / "bad.db").mkdir()
+    with open(s.config_path, "a") as f:
+        f.write('\n[store]\nsqlite_file = "bad.db"\n')
+    r = subprocess.run(s.argv(), capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode == 1
+    assert "bad.db: cannot open the store" in r.stderr
+    assert "listening" not in r.stderr

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import grpc
 
 from agent._proto import jobscheduler_pb2 as pb
-from agent.client import AgentClientError, AsyncAgentClient
+from agent.client import AgentClientError, AsyncAgentClient, JobStatus
 from agent.scheduler.registry import UnknownWorker, Worker, WorkerRegistry
 from agent.scheduler.store import HostRecord, RunRecord, Store
 from agent.scheduler.targets import budget_exceeded, may_start
@@ -56,6 +56,7 @@ UNREACHABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEAD
 MAX_EVENTS = 200_000
 MAX_LINE = 64 * 1024  # longer lines are cut into pieces of this size
 WAIT_SLICE_S = 30.0  # one WaitJob long-poll while a job runs
+POLL_S = 0.5  # QueryJob interval for an original worker (no WaitJob)
 # A finished run's event log (with its output) stays this long for late
 # followers; after that they get its hosts and summary from the store.
 FINISHED_KEPT_S = 300.0
@@ -293,9 +294,7 @@ class RunManager:
             await self._stop(run, h)  # cancelled while the start was on its way
         try:
             await self._relay_output(run, h, client)
-            st = await client.wait(job_id, timeout=WAIT_SLICE_S)
-            while not st.done:
-                st = await client.wait(job_id, timeout=WAIT_SLICE_S)
+            st = await self._end(client, job_id)
         except AgentClientError as e:
             self._set(run, h, HostState.UNREACHABLE, error=f"lost after start: {e}")
             return
@@ -305,17 +304,41 @@ class RunManager:
             error = st.error_text or st.state
             self._set(run, h, HostState.FAILED, exit_code=st.exit_code, error=error)
 
+    @staticmethod
+    async def _end(client: AsyncAgentClient, job_id: str) -> JobStatus:
+        """The job's status once it is done (WaitJob, or QueryJob polls on an original worker)."""
+        try:
+            st = await client.wait(job_id, timeout=WAIT_SLICE_S)
+            while not st.done:
+                st = await client.wait(job_id, timeout=WAIT_SLICE_S)
+            return st
+        except AgentClientError as e:
+            if e.code != grpc.StatusCode.UNIMPLEMENTED:
+                raise
+        st = await client.query(job_id)
+        while not st.done:
+            await asyncio.sleep(POLL_S)
+            st = await client.query(job_id)
+        return st
+
     async def _relay_output(self, run: ActiveRun, h: HostRecord, client: AsyncAgentClient) -> None:
-        """Publish the job's output line by line, each labelled with its host."""
+        """Publish the job's output line by line, each labelled with its host.
+
+        An original worker has no output stream (UNIMPLEMENTED): no lines then.
+        """
         pending = b""
-        async for chunk in client.stream(h.job_id, follow=True):
-            pending += chunk
-            *lines, pending = pending.split(b"\n")
-            for line in lines:
-                self._line(run, h, line)
-            while len(pending) > MAX_LINE:
-                self._line(run, h, pending[:MAX_LINE])
-                pending = pending[MAX_LINE:]
+        try:
+            async for chunk in client.stream(h.job_id, follow=True):
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                for line in lines:
+                    self._line(run, h, line)
+                while len(pending) > MAX_LINE:
+                    self._line(run, h, pending[:MAX_LINE])
+                    pending = pending[MAX_LINE:]
+        except AgentClientError as e:
+            if e.code != grpc.StatusCode.UNIMPLEMENTED:
+                raise
         if pending:
             self._line(run, h, pending)
 
