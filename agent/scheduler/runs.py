@@ -373,11 +373,9 @@ def interrupt(store: Store, rec: RunRecord, now: float) -> None:
     store.save_run(rec)
 
 
-def interrupt_unfinished(store: Store, now: float, limit: int = 10000) -> int:
+def interrupt_unfinished(store: Store, now: float) -> int:
     """At start-up: the runs a previous process left RUNNING become INTERRUPTED."""
-    n = 0
-    for rec in store.runs(limit):
-        if rec.state is RunState.RUNNING:
-            interrupt(store, rec, now)
-            n += 1
-    return n
+    runs = store.unfinished_runs()
+    for rec in runs:
+        interrupt(store, rec, now)
+    return len(runs)

@@ -49,6 +49,7 @@ CREATE TABLE IF NOT EXISTS run_hosts (
     job_id TEXT NOT NULL, exit_code INTEGER, error TEXT NOT NULL,
     start_time REAL, end_time REAL, PRIMARY KEY (run_id, worker_id));
 CREATE INDEX IF NOT EXISTS runs_by_time ON runs (created_at);
+CREATE INDEX IF NOT EXISTS runs_by_state ON runs (state);
 """
 
 
@@ -105,6 +106,10 @@ class Store(WorkerStore, Protocol):
 
     def run(self, run_id: str) -> RunRecord | None:
         """One run with its hosts, or None."""
+        ...
+
+    def unfinished_runs(self) -> list[RunRecord]:
+        """The runs recorded as RUNNING (at start-up: what a previous process left)."""
         ...
 
     def close(self) -> None:
@@ -246,6 +251,13 @@ class SQLiteStore:
                 HostRecord(h[0], h[1], h[2], h[3], HostState(h[4]), h[5], h[6], h[7], h[8], h[9])
             )
         return run
+
+    def unfinished_runs(self) -> list[RunRecord]:
+        """The runs recorded as RUNNING, oldest first."""
+        ids = self._db.execute(
+            "SELECT run_id FROM runs WHERE state = ? ORDER BY created_at", (RunState.RUNNING.value,)
+        ).fetchall()
+        return [r for (i,) in ids if (r := self.run(i)) is not None]
 
     def close(self) -> None:
         """Close the database."""
