@@ -13,8 +13,11 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 
+from agent._proto import jobscheduler_pb2 as pb
+from agent._proto import jobscheduler_pb2_grpc as pb_grpc
 from agent.client import RunInfo, SchedulerClient
 from agent.client.runs import RunHostInfo
 
@@ -97,6 +100,23 @@ def test_workers_show_their_labels(fleet: Fleet) -> None:
     """ListWorkers carries the labels each agent's [scheduler] labels advertised."""
     roles = sorted(str(w["labels"]["role"]) for w in fleet.workers())  # type: ignore[index]
     assert roles == sorted(ROLES)
+
+
+def test_bad_labels_are_refused_at_registration(fleet: Fleet) -> None:
+    """A worker advertising a malformed label is refused with INVALID_ARGUMENT."""
+    creds = fleet.scheduler.certs.creds("agent")
+    with grpc.secure_channel(fleet.scheduler.addr, creds) as ch:
+        stub = pb_grpc.SchedulerStub(ch)
+        with pytest.raises(grpc.RpcError) as e:
+            stub.RegisterWorker(
+                pb.RegisterReq(address="127.0.0.1:1", labels={"role": "w eb"}), timeout=10
+            )
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "value 'w eb'" in str(e.value.details())
+        ok = stub.RegisterWorker(
+            pb.RegisterReq(address="127.0.0.1:1", labels={"role": "web"}), timeout=10
+        )
+        assert stub.DeregisterWorker(pb.DeregisterReq(workerID=ok.workerID), timeout=10).success
 
 
 def test_a_fan_out_by_label_prints_labelled_lines_and_a_summary(
@@ -276,6 +296,10 @@ def test_a_restarted_scheduler_still_has_its_workers_and_runs(
         assert {h.state for h in interrupted.hosts} == {"UNKNOWN"}
         assert all(h.job_id for h in interrupted.hosts)
         assert {r.run_id for r in c.runs()} >= {done.run_id, cut.run_id}
+        # Following a run of the previous process: its hosts, then its end.
+        events = list(c.follow_run(cut.run_id, timeout=30))
+        assert isinstance(events[-1], RunInfo) and events[-1].state == "INTERRUPTED"
+        assert [e.state for e in events[:-1] if isinstance(e, RunHostInfo)] == ["UNKNOWN"] * 3
         for h in interrupted.hosts:  # the jobs themselves go on: stop them
             c.stop(h.worker_id, h.job_id)
     # Heartbeats went on to a scheduler that still knew them: nobody registered again.
