@@ -260,6 +260,8 @@ def test_bad_requests_get_clear_errors(fleet: Fleet) -> None:
     assert r.returncode == 1 and "failed precondition" in r.stderr and "role=cache" in r.stderr
     r = fleet.scheduler.cli("run", "--select", "list:nope", "--", "true")
     assert r.returncode == 1 and "invalid argument" in r.stderr
+    r = fleet.scheduler.cli("run", "--worker", "w", "--max-errors", "1", "--", "true")
+    assert r.returncode == 2 and "--max-errors is for a fan-out run" in r.stderr
     r = fleet.scheduler.cli("run-show", "no-such-run")
     assert r.returncode == 1 and "not found" in r.stderr
     r = fleet.scheduler.cli("runs", identity="client")

@@ -50,7 +50,12 @@ from agent.client import AgentClientError, SchedulerClient, TLSFiles
 from agent.client.text import format_status, status_json
 from agent.configfile import ConfigError
 from agent.scheduler.config import load_config
-from agent.scheduler.fanoutcli import FANOUT_COMMANDS, UsageError, fanout_command
+from agent.scheduler.fanoutcli import (
+    FANOUT_COMMANDS,
+    UsageError,
+    check_single_run_flags,
+    fanout_command,
+)
 from agent.scheduler.server import serve
 from agent.scheduler.store import StoreError
 
@@ -191,6 +196,7 @@ def _use(args: argparse.Namespace) -> int:
         if args.cmd in FANOUT_COMMANDS or (args.cmd == "run" and args.select):
             return fanout_command(c, args)
         if args.cmd == "run":
+            check_single_run_flags(args)
             path, rest = (args.rest[0], args.rest[1:]) if args.rest else ("", [])
             job = c.start(args.worker, args.command, path, args=rest, timeout_seconds=args.timeout)
             print(job)

@@ -17,7 +17,13 @@ from typing import Any
 from agent.client import SchedulerClient
 from agent.client.runs import RunHostInfo, RunInfo, RunOutputLine
 
-__all__ = ["EXIT_NOT_ALL_SUCCEEDED", "FANOUT_COMMANDS", "UsageError", "fanout_command"]
+__all__ = [
+    "EXIT_NOT_ALL_SUCCEEDED",
+    "FANOUT_COMMANDS",
+    "UsageError",
+    "check_single_run_flags",
+    "fanout_command",
+]
 
 FANOUT_COMMANDS = frozenset({"runs", "run-show", "run-follow", "run-cancel"})
 EXIT_NOT_ALL_SUCCEEDED = 3
@@ -25,6 +31,13 @@ EXIT_NOT_ALL_SUCCEEDED = 3
 
 class UsageError(Exception):
     """Bad flags or configuration (exit 2)."""
+
+
+def check_single_run_flags(args: argparse.Namespace) -> None:
+    """``run --worker``: refuse the flags that only mean something for a fan-out."""
+    for flag in ("max_concurrency", "max_errors", "detach"):
+        if getattr(args, flag, None):
+            raise UsageError(f"--{flag.replace('_', '-')} is for a fan-out run (--select)")
 
 
 def fanout_command(c: SchedulerClient, args: argparse.Namespace) -> int:

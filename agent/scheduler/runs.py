@@ -181,6 +181,7 @@ class RunManager:
         run = ActiveRun(record, job)
         self.active[record.run_id] = run
         run.task = asyncio.ensure_future(self._execute(run))
+        run.task.add_done_callback(_log_crash)
         log.info(
             "run %s by %s: %d hosts, %d at once, %d errors tolerated",
             record.run_id,
@@ -355,6 +356,12 @@ class RunManager:
             await asyncio.gather(*tasks, return_exceptions=True)
             if not run.finished:
                 interrupt(self.store, run.record, self.clock())
+
+
+def _log_crash(task: asyncio.Task[None]) -> None:
+    """A run task that died of a bug or a store failure says so (else it would be silent)."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("a run stopped executing", exc_info=task.exception())
 
 
 def interrupt(store: Store, rec: RunRecord, now: float) -> None:
