@@ -59,6 +59,8 @@ def option(
     meta = {"help": help, "lo": lo, "hi": hi, "choices": choices}
     if isinstance(default, list):
         return field(default_factory=functools.partial(list, default), metadata=meta)
+    if isinstance(default, dict):
+        return field(default_factory=functools.partial(dict, default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
@@ -175,6 +177,14 @@ def _value(
             if not v or "\x00" in v:
                 raise ConfigError(file, section, key, f"invalid entry {v!r}")
         return list(value)
+    if typing.get_origin(inner) is dict:
+        # A table of strings (an inline table, such as labels = {role = "web"}).
+        if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+            raise bad("a table of strings")
+        for k, v in value.items():
+            if "\x00" in k or "\x00" in v:
+                raise ConfigError(file, section, key, f"invalid entry {k!r}")
+        return dict(value)
     raise AssertionError(f"unsupported config type {typ!r}")  # pragma: no cover
 
 

@@ -10,6 +10,7 @@ allowed state *transitions* belongs to the lifecycle
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass
 
 
@@ -50,6 +51,71 @@ def state_named(name: str) -> JobState:
     except KeyError:
         known = ", ".join(s.name for s in JobState)
         raise ValueError(f"unknown job state {name!r} (known: {known})") from None
+
+
+# ---------------------------------------------------------------- fan-out runs
+
+
+class RunState(enum.Enum):
+    """The state of a fan-out run (numbers match the wire enum ``RunState``)."""
+
+    RUNNING = 1
+    DONE = 2
+    CANCELLED = 3
+    INTERRUPTED = 4
+
+
+class HostState(enum.Enum):
+    """One host's state in a run (numbers match the wire enum ``HostState``)."""
+
+    PENDING = 1
+    STARTING = 2
+    RUNNING = 3
+    SUCCEEDED = 4
+    FAILED = 5
+    NOT_STARTED = 6
+    UNREACHABLE = 7
+    UNKNOWN = 8
+
+    @property
+    def final(self) -> bool:
+        """The host's part of the run is over (nothing more will change it)."""
+        return self in HOST_FINAL_STATES
+
+    @property
+    def counts_as_error(self) -> bool:
+        """The host counts against the run's error budget."""
+        return self in (HostState.FAILED, HostState.UNREACHABLE)
+
+
+HOST_FINAL_STATES = frozenset(
+    {
+        HostState.SUCCEEDED,
+        HostState.FAILED,
+        HostState.NOT_STARTED,
+        HostState.UNREACHABLE,
+        HostState.UNKNOWN,
+    }
+)
+
+# Labels a worker advertises ([scheduler] labels): the same shape as
+# Kubernetes' (a key of letters, digits and ._/-; a short value), so a
+# selector written on a command line needs no quoting rules of its own.
+MAX_LABELS = 64
+_LABEL_KEY = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._/-]{0,61}[A-Za-z0-9])?")
+_LABEL_VALUE = re.compile(r"[A-Za-z0-9._-]{0,63}")
+
+
+def label_problem(key: str, value: str) -> str | None:
+    """What is wrong with one label, or None when it is fine."""
+    if not _LABEL_KEY.fullmatch(key):
+        return (
+            f"label key {key[:80]!r}: 1-63 letters, digits and . _ / -, "
+            "starting and ending with a letter or digit"
+        )
+    if not _LABEL_VALUE.fullmatch(value):
+        return f"label {key}: value {value[:80]!r}: at most 63 letters, digits and . _ -"
+    return None
 
 
 # ---------------------------------------------------------------- limits

@@ -79,6 +79,10 @@ def test_defaults_and_relative_paths_resolve_against_config_folder() -> None:
             "crt_file",
             "required",
         ),
+        (BASE + '[scheduler]\nlabels = "web"\n', "scheduler", "labels", "a table of strings"),
+        (BASE + "[scheduler]\nlabels = {n = 1}\n", "scheduler", "labels", "a table of strings"),
+        (BASE + '[scheduler]\nlabels = {"a b" = "x"}\n', "scheduler", "labels", "label key"),
+        (BASE + '[scheduler]\nlabels = {role = "w/eb"}\n', "scheduler", "labels", "value"),
     ],
 )
 def test_errors_name_file_section_and_key(text: str, section: str, key: str, words: str) -> None:
@@ -89,6 +93,14 @@ def test_errors_name_file_section_and_key(text: str, section: str, key: str, wor
     assert "\n" not in msg
     assert msg.startswith("/etc/agent/config.toml: ")
     assert f"[{section}]" in msg and key in msg and words in msg
+
+
+def test_scheduler_labels_load_as_a_table() -> None:
+    """[scheduler] labels is an inline table (or a sub-table) of strings."""
+    cfg = p(BASE + '[scheduler]\nlabels = {role = "web", "topology.zone" = "eu-1a"}\n')
+    assert cfg.scheduler.labels == {"role": "web", "topology.zone": "eu-1a"}
+    assert p(BASE).scheduler.labels == {}
+    assert p(BASE + '[scheduler.labels]\nrole = "db"\n').scheduler.labels == {"role": "db"}
 
 
 def test_retired_options_still_load_and_are_ignored() -> None:

@@ -24,6 +24,12 @@ PROGRAM_MODULES = {
     "agent.scheduler.service": "None",
     "agent.scheduler.server": "None",
     "agent.scheduler.cli": "None",
+    "agent.scheduler.store": "None",
+    "agent.scheduler.targets": "None",
+    "agent.scheduler.runs": "None",
+    "agent.scheduler.runservice": "None",
+    "agent.scheduler.fanoutcli": "None",
+    "agent.client.runs": "None",
 }
 
 

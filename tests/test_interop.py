@@ -450,6 +450,10 @@ def test_reference_scheduler_legacy_mode_drives_an_original_worker(
         assert s.cli("stop", "--worker", wid, job).returncode == 0
         unknown = s.cli("status", "--worker", wid, "--json", "no-such-job")
         assert unknown.returncode == 1 and "job not found" in unknown.stderr
+        # A fan-out over it: no output stream nor WaitJob there, QueryJob tells the end.
+        fan = s.cli("run", "--select", f"list:{wid}", "--", "true")
+        assert fan.returncode == 0, fan.stderr
+        assert "ok 1 failed 0" in fan.stderr
         w.stop()  # the original deregisters on SIGTERM
         assert json.loads(s.cli("workers", "--json").stdout) == []
     finally:

@@ -19,6 +19,26 @@ class JobState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STOPPED: _ClassVar[JobState]
     TIMED_OUT: _ClassVar[JobState]
     LOST: _ClassVar[JobState]
+
+class RunState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RUN_STATE_UNSPECIFIED: _ClassVar[RunState]
+    RUN_RUNNING: _ClassVar[RunState]
+    RUN_DONE: _ClassVar[RunState]
+    RUN_CANCELLED: _ClassVar[RunState]
+    RUN_INTERRUPTED: _ClassVar[RunState]
+
+class HostState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    HOST_STATE_UNSPECIFIED: _ClassVar[HostState]
+    HOST_PENDING: _ClassVar[HostState]
+    HOST_STARTING: _ClassVar[HostState]
+    HOST_RUNNING: _ClassVar[HostState]
+    HOST_SUCCEEDED: _ClassVar[HostState]
+    HOST_FAILED: _ClassVar[HostState]
+    HOST_NOT_STARTED: _ClassVar[HostState]
+    HOST_UNREACHABLE: _ClassVar[HostState]
+    HOST_UNKNOWN: _ClassVar[HostState]
 JOB_STATE_UNSPECIFIED: JobState
 RUNNING: JobState
 SUCCEEDED: JobState
@@ -26,6 +46,20 @@ FAILED: JobState
 STOPPED: JobState
 TIMED_OUT: JobState
 LOST: JobState
+RUN_STATE_UNSPECIFIED: RunState
+RUN_RUNNING: RunState
+RUN_DONE: RunState
+RUN_CANCELLED: RunState
+RUN_INTERRUPTED: RunState
+HOST_STATE_UNSPECIFIED: HostState
+HOST_PENDING: HostState
+HOST_STARTING: HostState
+HOST_RUNNING: HostState
+HOST_SUCCEEDED: HostState
+HOST_FAILED: HostState
+HOST_NOT_STARTED: HostState
+HOST_UNREACHABLE: HostState
+HOST_UNKNOWN: HostState
 
 class Limits(_message.Message):
     __slots__ = ("cpuSeconds", "memoryBytes", "openFiles", "processes", "outputBytes")
@@ -185,10 +219,19 @@ class WaitJobReq(_message.Message):
     def __init__(self, jobID: _Optional[str] = ..., waitMillis: _Optional[int] = ...) -> None: ...
 
 class RegisterReq(_message.Message):
-    __slots__ = ("address",)
+    __slots__ = ("address", "labels")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
     address: str
-    def __init__(self, address: _Optional[str] = ...) -> None: ...
+    labels: _containers.ScalarMap[str, str]
+    def __init__(self, address: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class RegisterRes(_message.Message):
     __slots__ = ("success", "workerID", "heartbeatSeconds")
@@ -225,18 +268,27 @@ class HeartbeatRes(_message.Message):
     def __init__(self, known: _Optional[bool] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("workerID", "address", "identity", "registeredAt", "lastSeen")
+    __slots__ = ("workerID", "address", "identity", "registeredAt", "lastSeen", "labels")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     WORKERID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     IDENTITY_FIELD_NUMBER: _ClassVar[int]
     REGISTEREDAT_FIELD_NUMBER: _ClassVar[int]
     LASTSEEN_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
     workerID: str
     address: str
     identity: str
     registeredAt: _timestamp_pb2.Timestamp
     lastSeen: _timestamp_pb2.Timestamp
-    def __init__(self, workerID: _Optional[str] = ..., address: _Optional[str] = ..., identity: _Optional[str] = ..., registeredAt: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., lastSeen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    labels: _containers.ScalarMap[str, str]
+    def __init__(self, workerID: _Optional[str] = ..., address: _Optional[str] = ..., identity: _Optional[str] = ..., registeredAt: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., lastSeen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ListWorkersReq(_message.Message):
     __slots__ = ()
@@ -263,3 +315,154 @@ class DispatchJobReq(_message.Message):
     workerID: str
     jobID: str
     def __init__(self, workerID: _Optional[str] = ..., jobID: _Optional[str] = ...) -> None: ...
+
+class TargetSelector(_message.Message):
+    __slots__ = ("identityPattern", "labels", "workers")
+    IDENTITYPATTERN_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    identityPattern: str
+    labels: LabelSelector
+    workers: WorkerList
+    def __init__(self, identityPattern: _Optional[str] = ..., labels: _Optional[_Union[LabelSelector, _Mapping]] = ..., workers: _Optional[_Union[WorkerList, _Mapping]] = ...) -> None: ...
+
+class LabelSelector(_message.Message):
+    __slots__ = ("match",)
+    class MatchEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    MATCH_FIELD_NUMBER: _ClassVar[int]
+    match: _containers.ScalarMap[str, str]
+    def __init__(self, match: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class WorkerList(_message.Message):
+    __slots__ = ("names",)
+    NAMES_FIELD_NUMBER: _ClassVar[int]
+    names: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, names: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Quantity(_message.Message):
+    __slots__ = ("count", "percent")
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    PERCENT_FIELD_NUMBER: _ClassVar[int]
+    count: int
+    percent: int
+    def __init__(self, count: _Optional[int] = ..., percent: _Optional[int] = ...) -> None: ...
+
+class StartRunReq(_message.Message):
+    __slots__ = ("job", "targets", "maxConcurrency", "maxErrors")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    TARGETS_FIELD_NUMBER: _ClassVar[int]
+    MAXCONCURRENCY_FIELD_NUMBER: _ClassVar[int]
+    MAXERRORS_FIELD_NUMBER: _ClassVar[int]
+    job: StartJobReq
+    targets: TargetSelector
+    maxConcurrency: Quantity
+    maxErrors: Quantity
+    def __init__(self, job: _Optional[_Union[StartJobReq, _Mapping]] = ..., targets: _Optional[_Union[TargetSelector, _Mapping]] = ..., maxConcurrency: _Optional[_Union[Quantity, _Mapping]] = ..., maxErrors: _Optional[_Union[Quantity, _Mapping]] = ...) -> None: ...
+
+class RunHost(_message.Message):
+    __slots__ = ("workerID", "address", "identity", "state", "jobID", "exitCode", "errorText", "startTime", "endTime")
+    WORKERID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    IDENTITY_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    JOBID_FIELD_NUMBER: _ClassVar[int]
+    EXITCODE_FIELD_NUMBER: _ClassVar[int]
+    ERRORTEXT_FIELD_NUMBER: _ClassVar[int]
+    STARTTIME_FIELD_NUMBER: _ClassVar[int]
+    ENDTIME_FIELD_NUMBER: _ClassVar[int]
+    workerID: str
+    address: str
+    identity: str
+    state: HostState
+    jobID: str
+    exitCode: int
+    errorText: str
+    startTime: _timestamp_pb2.Timestamp
+    endTime: _timestamp_pb2.Timestamp
+    def __init__(self, workerID: _Optional[str] = ..., address: _Optional[str] = ..., identity: _Optional[str] = ..., state: _Optional[_Union[HostState, str]] = ..., jobID: _Optional[str] = ..., exitCode: _Optional[int] = ..., errorText: _Optional[str] = ..., startTime: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., endTime: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class RunSummary(_message.Message):
+    __slots__ = ("succeeded", "failed", "notStarted", "unreachable", "unknown", "pending")
+    SUCCEEDED_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    NOTSTARTED_FIELD_NUMBER: _ClassVar[int]
+    UNREACHABLE_FIELD_NUMBER: _ClassVar[int]
+    UNKNOWN_FIELD_NUMBER: _ClassVar[int]
+    PENDING_FIELD_NUMBER: _ClassVar[int]
+    succeeded: int
+    failed: int
+    notStarted: int
+    unreachable: int
+    unknown: int
+    pending: int
+    def __init__(self, succeeded: _Optional[int] = ..., failed: _Optional[int] = ..., notStarted: _Optional[int] = ..., unreachable: _Optional[int] = ..., unknown: _Optional[int] = ..., pending: _Optional[int] = ...) -> None: ...
+
+class RunInfo(_message.Message):
+    __slots__ = ("runID", "owner", "state", "job", "targets", "maxConcurrency", "maxErrors", "createdAt", "endTime", "hosts", "summary")
+    RUNID_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    TARGETS_FIELD_NUMBER: _ClassVar[int]
+    MAXCONCURRENCY_FIELD_NUMBER: _ClassVar[int]
+    MAXERRORS_FIELD_NUMBER: _ClassVar[int]
+    CREATEDAT_FIELD_NUMBER: _ClassVar[int]
+    ENDTIME_FIELD_NUMBER: _ClassVar[int]
+    HOSTS_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    runID: str
+    owner: str
+    state: RunState
+    job: StartJobReq
+    targets: TargetSelector
+    maxConcurrency: int
+    maxErrors: int
+    createdAt: _timestamp_pb2.Timestamp
+    endTime: _timestamp_pb2.Timestamp
+    hosts: _containers.RepeatedCompositeFieldContainer[RunHost]
+    summary: RunSummary
+    def __init__(self, runID: _Optional[str] = ..., owner: _Optional[str] = ..., state: _Optional[_Union[RunState, str]] = ..., job: _Optional[_Union[StartJobReq, _Mapping]] = ..., targets: _Optional[_Union[TargetSelector, _Mapping]] = ..., maxConcurrency: _Optional[int] = ..., maxErrors: _Optional[int] = ..., createdAt: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., endTime: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., hosts: _Optional[_Iterable[_Union[RunHost, _Mapping]]] = ..., summary: _Optional[_Union[RunSummary, _Mapping]] = ...) -> None: ...
+
+class RunReq(_message.Message):
+    __slots__ = ("runID",)
+    RUNID_FIELD_NUMBER: _ClassVar[int]
+    runID: str
+    def __init__(self, runID: _Optional[str] = ...) -> None: ...
+
+class RunOutput(_message.Message):
+    __slots__ = ("workerID", "host", "line")
+    WORKERID_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    LINE_FIELD_NUMBER: _ClassVar[int]
+    workerID: str
+    host: str
+    line: bytes
+    def __init__(self, workerID: _Optional[str] = ..., host: _Optional[str] = ..., line: _Optional[bytes] = ...) -> None: ...
+
+class RunEvent(_message.Message):
+    __slots__ = ("output", "host", "done")
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    output: RunOutput
+    host: RunHost
+    done: RunInfo
+    def __init__(self, output: _Optional[_Union[RunOutput, _Mapping]] = ..., host: _Optional[_Union[RunHost, _Mapping]] = ..., done: _Optional[_Union[RunInfo, _Mapping]] = ...) -> None: ...
+
+class ListRunsReq(_message.Message):
+    __slots__ = ("limit",)
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    limit: int
+    def __init__(self, limit: _Optional[int] = ...) -> None: ...
+
+class ListRunsRes(_message.Message):
+    __slots__ = ("runs",)
+    RUNS_FIELD_NUMBER: _ClassVar[int]
+    runs: _containers.RepeatedCompositeFieldContainer[RunInfo]
+    def __init__(self, runs: _Optional[_Iterable[_Union[RunInfo, _Mapping]]] = ...) -> None: ...

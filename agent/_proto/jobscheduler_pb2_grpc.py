@@ -415,6 +415,31 @@ class SchedulerStub:
                 request_serializer=agent_dot___proto_dot_jobscheduler__pb2.DispatchJobReq.SerializeToString,
                 response_deserializer=agent_dot___proto_dot_jobscheduler__pb2.StopJobRes.FromString,
                 _registered_method=True)
+        self.StartRun = channel.unary_unary(
+                '/jobscheduler.Scheduler/StartRun',
+                request_serializer=agent_dot___proto_dot_jobscheduler__pb2.StartRunReq.SerializeToString,
+                response_deserializer=agent_dot___proto_dot_jobscheduler__pb2.RunInfo.FromString,
+                _registered_method=True)
+        self.FollowRun = channel.unary_stream(
+                '/jobscheduler.Scheduler/FollowRun',
+                request_serializer=agent_dot___proto_dot_jobscheduler__pb2.RunReq.SerializeToString,
+                response_deserializer=agent_dot___proto_dot_jobscheduler__pb2.RunEvent.FromString,
+                _registered_method=True)
+        self.CancelRun = channel.unary_unary(
+                '/jobscheduler.Scheduler/CancelRun',
+                request_serializer=agent_dot___proto_dot_jobscheduler__pb2.RunReq.SerializeToString,
+                response_deserializer=agent_dot___proto_dot_jobscheduler__pb2.RunInfo.FromString,
+                _registered_method=True)
+        self.ListRuns = channel.unary_unary(
+                '/jobscheduler.Scheduler/ListRuns',
+                request_serializer=agent_dot___proto_dot_jobscheduler__pb2.ListRunsReq.SerializeToString,
+                response_deserializer=agent_dot___proto_dot_jobscheduler__pb2.ListRunsRes.FromString,
+                _registered_method=True)
+        self.GetRun = channel.unary_unary(
+                '/jobscheduler.Scheduler/GetRun',
+                request_serializer=agent_dot___proto_dot_jobscheduler__pb2.RunReq.SerializeToString,
+                response_deserializer=agent_dot___proto_dot_jobscheduler__pb2.RunInfo.FromString,
+                _registered_method=True)
 
 
 class SchedulerServicer:
@@ -467,6 +492,43 @@ class SchedulerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StartRun(self, request, context):
+        """Fan-out runs: one job on many workers, with a maximum concurrency and an
+        error budget, executed by the scheduler (docs/fleet.md). StartRun answers
+        at once with the run's id; the run goes on in the scheduler.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FollowRun(self, request, context):
+        """The run from its start: every host's state changes and output lines (of
+        this scheduler process's lifetime), then its summary; ends with the run.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelRun(self, request, context):
+        """Stops the jobs that are running and starts nothing more.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRuns(self, request, context):
+        """Runs, newest first (hosts left out: GetRun has them).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetRun(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -504,6 +566,31 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.DispatchStopJob,
                     request_deserializer=agent_dot___proto_dot_jobscheduler__pb2.DispatchJobReq.FromString,
                     response_serializer=agent_dot___proto_dot_jobscheduler__pb2.StopJobRes.SerializeToString,
+            ),
+            'StartRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartRun,
+                    request_deserializer=agent_dot___proto_dot_jobscheduler__pb2.StartRunReq.FromString,
+                    response_serializer=agent_dot___proto_dot_jobscheduler__pb2.RunInfo.SerializeToString,
+            ),
+            'FollowRun': grpc.unary_stream_rpc_method_handler(
+                    servicer.FollowRun,
+                    request_deserializer=agent_dot___proto_dot_jobscheduler__pb2.RunReq.FromString,
+                    response_serializer=agent_dot___proto_dot_jobscheduler__pb2.RunEvent.SerializeToString,
+            ),
+            'CancelRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelRun,
+                    request_deserializer=agent_dot___proto_dot_jobscheduler__pb2.RunReq.FromString,
+                    response_serializer=agent_dot___proto_dot_jobscheduler__pb2.RunInfo.SerializeToString,
+            ),
+            'ListRuns': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRuns,
+                    request_deserializer=agent_dot___proto_dot_jobscheduler__pb2.ListRunsReq.FromString,
+                    response_serializer=agent_dot___proto_dot_jobscheduler__pb2.ListRunsRes.SerializeToString,
+            ),
+            'GetRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRun,
+                    request_deserializer=agent_dot___proto_dot_jobscheduler__pb2.RunReq.FromString,
+                    response_serializer=agent_dot___proto_dot_jobscheduler__pb2.RunInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -695,6 +782,141 @@ class Scheduler:
             '/jobscheduler.Scheduler/DispatchStopJob',
             agent_dot___proto_dot_jobscheduler__pb2.DispatchJobReq.SerializeToString,
             agent_dot___proto_dot_jobscheduler__pb2.StopJobRes.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobscheduler.Scheduler/StartRun',
+            agent_dot___proto_dot_jobscheduler__pb2.StartRunReq.SerializeToString,
+            agent_dot___proto_dot_jobscheduler__pb2.RunInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FollowRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/jobscheduler.Scheduler/FollowRun',
+            agent_dot___proto_dot_jobscheduler__pb2.RunReq.SerializeToString,
+            agent_dot___proto_dot_jobscheduler__pb2.RunEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobscheduler.Scheduler/CancelRun',
+            agent_dot___proto_dot_jobscheduler__pb2.RunReq.SerializeToString,
+            agent_dot___proto_dot_jobscheduler__pb2.RunInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRuns(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobscheduler.Scheduler/ListRuns',
+            agent_dot___proto_dot_jobscheduler__pb2.ListRunsReq.SerializeToString,
+            agent_dot___proto_dot_jobscheduler__pb2.ListRunsRes.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobscheduler.Scheduler/GetRun',
+            agent_dot___proto_dot_jobscheduler__pb2.RunReq.SerializeToString,
+            agent_dot___proto_dot_jobscheduler__pb2.RunInfo.FromString,
             options,
             channel_credentials,
             insecure,

@@ -50,6 +50,7 @@ if TYPE_CHECKING:
         Unavailable,
     )
     from agent.client.model import STATES, JobStatus, RetryPolicy, TLSFiles, WorkerInfo
+    from agent.client.runs import RunHostInfo, RunInfo, RunOutputLine
     from agent.client.sync import AgentClient, SchedulerClient
 
 __all__ = [
@@ -67,6 +68,9 @@ __all__ = [
     "PermissionDenied",
     "ResourceExhausted",
     "RetryPolicy",
+    "RunHostInfo",
+    "RunInfo",
+    "RunOutputLine",
     "SchedulerClient",
     "TLSFiles",
     "Unauthenticated",
@@ -104,6 +108,7 @@ _WHERE: dict[str, tuple[str, str]] = {
         n: ("agent.client.model", n)
         for n in ("STATES", "JobStatus", "RetryPolicy", "TLSFiles", "WorkerInfo")
     },
+    **{n: ("agent.client.runs", n) for n in ("RunHostInfo", "RunInfo", "RunOutputLine")},
     **{n: ("agent.client.sync", n) for n in ("AgentClient", "SchedulerClient")},
 }
 

@@ -151,6 +151,7 @@ def _workers(res: Any) -> list[WorkerInfo]:
             w.identity,
             w.registeredAt.ToDatetime(datetime.timezone.utc),
             w.lastSeen.ToDatetime(datetime.timezone.utc),
+            dict(w.labels),
         )
         for w in res.workers
     ]

@@ -43,7 +43,8 @@ class TLSFiles:
         return ca, rd(self.cert), rd(self.key)
 
 
-def _ts(m: Any, name: str) -> datetime.datetime | None:
+def timestamp(m: Any, name: str) -> datetime.datetime | None:
+    """The Timestamp field ``name`` of ``m`` as an aware datetime, None when unset."""
     if not m.HasField(name):
         return None
     return getattr(m, name).ToDatetime(datetime.timezone.utc)  # type: ignore[no-any-return]
@@ -102,8 +103,8 @@ class JobStatus:
             command=m.command,
             path=m.path,
             args=tuple(m.args),
-            start_time=_ts(m, "startTime"),
-            end_time=_ts(m, "endTime"),
+            start_time=timestamp(m, "startTime"),
+            end_time=timestamp(m, "endTime"),
             user_cpu=m.rusage.userCpuSeconds,
             system_cpu=m.rusage.systemCpuSeconds,
             max_rss=m.rusage.maxRssBytes,
@@ -122,6 +123,7 @@ class WorkerInfo:
     identity: str
     registered_at: datetime.datetime | None
     last_seen: datetime.datetime | None
+    labels: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass

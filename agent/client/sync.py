@@ -8,9 +8,12 @@ from typing import Any, TypeVar
 
 import grpc
 
+from agent._proto import jobscheduler_pb2 as pb
 from agent._proto import jobscheduler_pb2_grpc as pb_grpc
 from agent.channel import CLIENT_KEEPALIVE_S
 from agent.client import _calls as calls
+from agent.client import runs as fanout
+from agent.client.errors import convert
 from agent.client.model import JobStatus, RetryPolicy, TLSFiles, WorkerInfo
 
 __all__ = ["AgentClient", "SchedulerClient"]
@@ -240,3 +243,54 @@ class SchedulerClient(_Transport):
                 return st
             time.sleep(delay)
             delay = min(1.0, delay * 1.5)
+
+    # ------------------------------------------------------------ fan-out runs
+
+    def start_run(
+        self,
+        select: str,
+        command: str,
+        path: str = "",
+        *,
+        args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+        timeout_seconds: int | None = None,
+        limits: Mapping[str, int] | None = None,
+        secret_args: Iterable[int] = (),
+        max_concurrency: int | str | None = None,
+        max_errors: int | str | None = None,
+        timeout: float | None = None,
+    ) -> fanout.RunInfo:
+        """Start one job on the workers ``select`` names; never retried.
+
+        ``select``: ``label:K=V,...``, ``id:PATTERN`` or ``list:A,B``;
+        ``max_concurrency`` / ``max_errors``: a count or ``"N%"`` (ValueError
+        for a malformed one). Answers once the run is under way.
+        """
+        job = calls.start_request(command, path, args, env, timeout_seconds, limits, secret_args)
+        req = fanout.start_request(job, select, max_concurrency, max_errors)
+        return self._invoke(fanout.start_run(req, self._t(timeout)))
+
+    def run_info(self, run_id: str, *, timeout: float | None = None) -> fanout.RunInfo:
+        """One run with its hosts."""
+        return self._invoke(fanout.get_run(run_id, self._t(timeout)))
+
+    def cancel_run(self, run_id: str, *, timeout: float | None = None) -> fanout.RunInfo:
+        """Stop a run's running jobs and start nothing more."""
+        return self._invoke(fanout.cancel_run(run_id, self._t(timeout)))
+
+    def runs(self, *, limit: int = 0, timeout: float | None = None) -> list[fanout.RunInfo]:
+        """Runs, newest first, without their hosts."""
+        return self._invoke(fanout.list_runs(limit, self._t(timeout)))
+
+    def follow_run(self, run_id: str, *, timeout: float | None = None) -> Iterator[fanout.RunEvent]:
+        """A run's events from its start until its end (the last is its RunInfo).
+
+        ``timeout`` bounds the whole stream (default: none). Not resumed after a
+        dropped connection: follow again, the events start over.
+        """
+        try:
+            for m in self._stub.FollowRun(pb.RunReq(runID=run_id), timeout=timeout):
+                yield fanout.event(m)
+        except grpc.RpcError as e:
+            raise convert(e) from None

@@ -27,7 +27,7 @@ from agent.configfile import (
     read_text,
     split_host_port,
 )
-from agent.vocabulary import LIMIT_BY_NAME
+from agent.vocabulary import LIMIT_BY_NAME, MAX_LABELS, label_problem
 
 # ---------------------------------------------------------------- sections
 #
@@ -127,6 +127,11 @@ class Scheduler:
     )
     call_timeout_seconds: float = option(
         5.0, "deadline of each call to the scheduler", lo=0.1, hi=600
+    )
+    labels: dict[str, str] = option(
+        {},
+        "labels advertised when registering, for choosing the targets of fan-out runs: "
+        '{role = "web", zone = "a"} (keys: letters, digits, . _ / -; values up to 63 characters)',
     )
 
 
@@ -594,6 +599,12 @@ def _scheduler_checks(cfg: Config) -> None:
                 split_host_port(sch.advertise_addr)
             except ValueError as e:
                 raise ConfigError(f, "scheduler", "advertise_addr", str(e)) from None
+    if len(sch.labels) > MAX_LABELS:
+        raise ConfigError(f, "scheduler", "labels", f"at most {MAX_LABELS} labels")
+    for k, v in sch.labels.items():
+        label_error = label_problem(k, v)
+        if label_error:
+            raise ConfigError(f, "scheduler", "labels", label_error)
     if sch.retry_initial_seconds > sch.retry_max_seconds:
         raise ConfigError(
             f, "scheduler", "retry_initial_seconds", "must not exceed retry_max_seconds"

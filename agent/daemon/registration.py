@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import grpc
@@ -69,10 +69,12 @@ class Registrar:
         retry_max: float = 30.0,
         call_timeout: float = 5.0,
         on_event: Callable[..., None] | None = None,
+        labels: Mapping[str, str] | None = None,
     ) -> None:
         """Register ``advertise_addr``; ``pair`` and ``ca_pem`` None: plaintext (loopback)."""
         self.scheduler_addr = scheduler_addr
         self.advertise_addr = advertise_addr
+        self.labels = dict(labels or {})  # an original scheduler ignores the field
         self.heartbeat = heartbeat
         self.retry_initial = retry_initial
         self.retry_max = retry_max
@@ -131,7 +133,8 @@ class Registrar:
         while True:
             try:
                 res = await self._stub.RegisterWorker(
-                    pb.RegisterReq(address=self.advertise_addr), timeout=self.call_timeout
+                    pb.RegisterReq(address=self.advertise_addr, labels=self.labels),
+                    timeout=self.call_timeout,
                 )
             except grpc.aio.AioRpcError as e:
                 code = e.code()

@@ -324,6 +324,7 @@ async def _register(
         retry_initial=sch.retry_initial_seconds,
         retry_max=sch.retry_max_seconds,
         call_timeout=sch.call_timeout_seconds,
+        labels=sch.labels,
         on_event=lambda **kw: audit.record("registration", **kw),
     )
     registrar.start()

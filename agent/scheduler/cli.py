@@ -6,11 +6,26 @@
     agent-scheduler [CONNECTION] status --worker ID JOB
     agent-scheduler [CONNECTION] stop --worker ID JOB
 
+Fan-out runs (one job on many workers, docs/fleet.md):
+
+    agent-scheduler [CONNECTION] run --select SELECTOR [--max-concurrency N|P%]
+                    [--max-errors N|P%] [--timeout S] [--detach] -- COMMAND [PATH [ARGS...]]
+    agent-scheduler [CONNECTION] runs [--limit N] [--json]
+    agent-scheduler [CONNECTION] run-show RUN [--json]
+    agent-scheduler [CONNECTION] run-follow RUN
+    agent-scheduler [CONNECTION] run-cancel RUN
+
+SELECTOR: label:K=V[,K=V...] | id:IDENTITY-GLOB | list:ID-OR-ADDRESS[,...].
+``run --select`` and ``run-follow`` print every output line as ``[HOST] LINE``
+on stdout, host state changes and the summary on stderr.
+
 CONNECTION: --addr HOST:PORT --ca F --cert F --key F (a user identity the
 scheduler's [auth] users lists), or --client-config FILE with a [client]
 table of the same keys (addr, ca_file, crt_file, key_file). Exit status: 0
-success; 1 refused or failed (or, with --wait, the job did not succeed);
-2 usage or configuration error.
+success (for a fan-out: every host succeeded); 1 refused or failed (or, with
+--wait, the job did not succeed); 2 usage or configuration error; 3 a
+fan-out ended with a host that did not succeed (failed, unreachable, not
+started or unknown; ``run`` and ``run-follow``).
 """
 
 from __future__ import annotations
@@ -35,11 +50,14 @@ from agent.client import AgentClientError, SchedulerClient, TLSFiles
 from agent.client.text import format_status, status_json
 from agent.configfile import ConfigError
 from agent.scheduler.config import load_config
+from agent.scheduler.fanoutcli import (
+    FANOUT_COMMANDS,
+    UsageError,
+    check_single_run_flags,
+    fanout_command,
+)
 from agent.scheduler.server import serve
-
-
-class UsageError(Exception):
-    """Bad flags or configuration (exit 2)."""
+from agent.scheduler.store import StoreError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -62,12 +80,25 @@ def _parser() -> argparse.ArgumentParser:
     )
     w = sub.add_parser("workers", help="list registered workers")
     w.add_argument("--json", action="store_true")
-    r = sub.add_parser("run", help="start a job on a worker")
-    r.add_argument("--worker", required=True)
-    r.add_argument("--wait", action="store_true")
+    r = sub.add_parser("run", help="start a job on a worker, or on many (--select)")
+    where = r.add_mutually_exclusive_group(required=True)
+    where.add_argument("--worker", help="one worker's id")
+    where.add_argument("--select", help="label:K=V,... | id:GLOB | list:A,B (a fan-out run)")
+    r.add_argument("--wait", action="store_true", help="(--worker) wait for the job's end")
+    r.add_argument("--max-concurrency", help="(--select) hosts at once: N or P%% (default all)")
+    r.add_argument("--max-errors", help="(--select) errors tolerated: N or P%% (default 0)")
+    r.add_argument("--detach", action="store_true", help="(--select) print the run id, exit")
     r.add_argument("--timeout", type=int, help="job timeout in seconds")
     r.add_argument("command")
     r.add_argument("rest", nargs=argparse.REMAINDER, metavar="PATH [ARGS...]")
+    rs = sub.add_parser("runs", help="list fan-out runs, newest first")
+    rs.add_argument("--limit", type=int, default=0)
+    rs.add_argument("--json", action="store_true")
+    show = sub.add_parser("run-show", help="show one fan-out run")
+    show.add_argument("run")
+    show.add_argument("--json", action="store_true")
+    for name, text in (("run-follow", "follow a fan-out run"), ("run-cancel", "cancel one")):
+        sub.add_parser(name, help=text).add_argument("run")
     for name in ("status", "stop"):
         c = sub.add_parser(name, help=f"{name} a job on a worker")
         c.add_argument("--worker", required=True)
@@ -98,7 +129,7 @@ def _serve(args: argparse.Namespace) -> int:
     )
     try:
         asyncio.run(serve(cfg))
-    except RuntimeError as e:
+    except (RuntimeError, StoreError) as e:
         logging.getLogger("agent.scheduler").error("%s", e)
         return 1
     return 0
@@ -146,6 +177,7 @@ def _use(args: argparse.Namespace) -> int:
                                 "address": w.address,
                                 "identity": w.identity,
                                 "last_seen": w.last_seen.isoformat() if w.last_seen else None,
+                                "labels": w.labels,
                             }
                             for w in ws
                         ],
@@ -155,9 +187,16 @@ def _use(args: argparse.Namespace) -> int:
             else:
                 for w in ws:
                     seen = f"{w.last_seen:%H:%M:%S}" if w.last_seen else "-"
-                    print(f"{w.worker_id}  {w.address:<22}  {w.identity:<16}  last seen {seen}")
+                    labels = ",".join(f"{k}={v}" for k, v in sorted(w.labels.items()))
+                    print(
+                        f"{w.worker_id}  {w.address:<22}  {w.identity:<16}  last seen {seen}"
+                        f"  {labels}".rstrip()
+                    )
             return 0
+        if args.cmd in FANOUT_COMMANDS or (args.cmd == "run" and args.select):
+            return fanout_command(c, args)
         if args.cmd == "run":
+            check_single_run_flags(args)
             path, rest = (args.rest[0], args.rest[1:]) if args.rest else ("", [])
             job = c.start(args.worker, args.command, path, args=rest, timeout_seconds=args.timeout)
             print(job)

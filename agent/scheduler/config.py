@@ -8,7 +8,7 @@ config itself: the certificates are read when the scheduler starts.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from agent.access import pattern_problem
@@ -28,6 +28,7 @@ __all__ = [
     "RegistrySection",
     "SchedulerConfig",
     "ServerSection",
+    "StoreSection",
     "load_config",
 ]
 
@@ -88,6 +89,19 @@ class LegacySection:
 
 
 @dataclass(frozen=True)
+class StoreSection:
+    """``[store]``: where workers and runs are kept across restarts."""
+
+    backend: str = option(
+        "sqlite", "the store: sqlite (an embedded file; etcd is not there yet)", choices=("sqlite",)
+    )
+    sqlite_file: Path = option(
+        Path("scheduler-state/scheduler.db"),
+        "the SQLite file (WAL); its folder is created private to the scheduler's user",
+    )
+
+
+@dataclass(frozen=True)
 class SchedulerConfig:
     """The scheduler's whole configuration."""
 
@@ -97,6 +111,7 @@ class SchedulerConfig:
     registry: RegistrySection = field(default_factory=RegistrySection)
     agents: AgentsSection = field(default_factory=AgentsSection)
     legacy: LegacySection = field(default_factory=LegacySection)
+    store: StoreSection = field(default_factory=StoreSection)
 
 
 _SECTIONS = {
@@ -105,6 +120,7 @@ _SECTIONS = {
     "registry": RegistrySection,
     "agents": AgentsSection,
     "legacy": LegacySection,
+    "store": StoreSection,
 }
 
 
@@ -112,6 +128,10 @@ def load_config(path: str | Path) -> SchedulerConfig:
     """Read and validate a scheduler config; ConfigError names file, section and key."""
     p = Path(path)
     cfg = SchedulerConfig(path=p.resolve(), **parse_tables(read_text(p), p, _SECTIONS))
+    if not cfg.store.sqlite_file.is_absolute():
+        # The default of a file without [store]: beside the config, like every path.
+        store = replace(cfg.store, sqlite_file=p.resolve().parent / cfg.store.sqlite_file)
+        cfg = replace(cfg, store=store)
     try:
         split_host_port(cfg.server.addr)
     except ValueError as e:

@@ -5,6 +5,9 @@ asks only what :class:`WorkerRegistry` names (register, heartbeat,
 deregister, get, live, expire); :class:`Registry` answers from memory and is
 pure (time comes from its ``clock``), so another implementation (a shared
 store, a fleet of schedulers) can stand in without touching the service.
+Given a :class:`WorkerStore`, it writes every change through to it and
+starts from what the store remembers, so a restarted scheduler still knows
+its workers (they stay known while their heartbeats keep coming).
 
 Ids are stable for an (identity, address, legacy) triple: a worker that
 re-registers, for example after a network cut made the scheduler forget it,
@@ -17,11 +20,18 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Protocol
 
-__all__ = ["LEGACY_IDENTITY", "Registry", "UnknownWorker", "Worker", "WorkerRegistry"]
+__all__ = [
+    "LEGACY_IDENTITY",
+    "Registry",
+    "UnknownWorker",
+    "Worker",
+    "WorkerRegistry",
+    "WorkerStore",
+]
 
 # The identity of every worker registered on the legacy (plaintext) listener.
 LEGACY_IDENTITY = "(legacy, no certificate)"
@@ -42,6 +52,7 @@ class Worker:
     registered_at: float
     last_seen: float
     legacy: bool = False  # registered on the plaintext listener: never expires
+    labels: dict[str, str] = field(default_factory=dict)  # as the worker advertised them
 
 
 class UnknownWorker(Exception):
@@ -53,10 +64,33 @@ class UnknownWorker(Exception):
         self.forgotten = forgotten
 
 
+class WorkerStore(Protocol):
+    """Where a registry keeps its workers across restarts (see agent.scheduler.store)."""
+
+    def workers(self) -> list[tuple[Worker, bool]]:
+        """Every stored worker, with whether it was live (else forgotten)."""
+        ...
+
+    def save_worker(self, w: Worker, *, live: bool) -> None:
+        """Insert or replace one worker."""
+        ...
+
+    def delete_worker(self, worker_id: str) -> None:
+        """Forget a worker for good (it deregistered)."""
+        ...
+
+
 class WorkerRegistry(Protocol):
     """What the scheduler's service and its serving loop ask of a registry."""
 
-    def register(self, identity: str, address: str, *, legacy: bool = False) -> Worker:
+    def register(
+        self,
+        identity: str,
+        address: str,
+        *,
+        legacy: bool = False,
+        labels: Mapping[str, str] | None = None,
+    ) -> Worker:
         """Add or refresh the worker for (identity, address); ids are stable."""
         ...
 
@@ -84,25 +118,48 @@ class WorkerRegistry(Protocol):
 class Registry:
     """Workers by id, with expiry, in memory. Pure: time comes from the ``clock``."""
 
-    def __init__(self, expire_seconds: float, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        expire_seconds: float,
+        clock: Callable[[], float] = time.time,
+        store: WorkerStore | None = None,
+    ) -> None:
+        """An empty registry, or one that starts from what ``store`` remembers."""
         self.expire_seconds = expire_seconds
         self.clock = clock
+        self.store = store
         self._workers: dict[str, Worker] = {}
         self._forgotten: dict[str, Worker] = {}  # expired, kept for messages and stable ids
+        for w, live in store.workers() if store else ():
+            (self._workers if live else self._forgotten)[w.worker_id] = w
 
-    def register(self, identity: str, address: str, *, legacy: bool = False) -> Worker:
+    def _save(self, w: Worker, live: bool = True) -> None:
+        if self.store is not None:
+            self.store.save_worker(w, live=live)
+
+    def register(
+        self,
+        identity: str,
+        address: str,
+        *,
+        legacy: bool = False,
+        labels: Mapping[str, str] | None = None,
+    ) -> Worker:
         """Add or refresh the worker for (identity, address); ids are stable."""
         now = self.clock()
         for w in list(self._workers.values()) + list(self._forgotten.values()):
             if w.identity == identity and w.address == address and w.legacy == legacy:
                 self._forgotten.pop(w.worker_id, None)
                 w.last_seen = now
+                w.labels = dict(labels or {})
                 if w.worker_id not in self._workers:
                     w.registered_at = now
                 self._workers[w.worker_id] = w
+                self._save(w)
                 return w
-        w = Worker(str(uuid.uuid4()), identity, address, now, now, legacy)
+        w = Worker(str(uuid.uuid4()), identity, address, now, now, legacy, dict(labels or {}))
         self._workers[w.worker_id] = w
+        self._save(w)
         return w
 
     def heartbeat(self, worker_id: str, identity: str) -> bool:
@@ -111,6 +168,7 @@ class Registry:
         if w is None or w.identity != identity:
             return False
         w.last_seen = self.clock()
+        self._save(w)
         return True
 
     def deregister(self, worker_id: str, identity: str) -> bool:
@@ -119,6 +177,8 @@ class Registry:
         if w is None or w.identity != identity:
             return False
         del self._workers[worker_id]
+        if self.store is not None:
+            self.store.delete_worker(worker_id)
         return True
 
     def get(self, worker_id: str) -> Worker:
@@ -140,8 +200,11 @@ class Registry:
         for w in gone:
             del self._workers[w.worker_id]
             self._forgotten[w.worker_id] = w
+            self._save(w, live=False)
         if len(self._forgotten) > FORGOTTEN_MAX:
             oldest = sorted(self._forgotten, key=lambda i: self._forgotten[i].last_seen)
             for k in oldest[:FORGOTTEN_DROP]:
                 del self._forgotten[k]
+                if self.store is not None:
+                    self.store.delete_worker(k)
         return gone

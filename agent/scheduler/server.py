@@ -1,9 +1,10 @@
 """Serving the reference scheduler: its listeners, health, and the expiry loop.
 
-``serve`` builds the gRPC server (mTLS, reloading certificates, keepalive
-from :mod:`agent.channel`) around one :class:`~agent.scheduler.service.SchedulerService`
-and one registry, adds the standard health and reflection services, opens
-the plaintext legacy listener when ``[legacy] addr`` asks for it, and runs
+``serve`` opens the store (:mod:`agent.scheduler.store`), builds the gRPC
+server (mTLS, reloading certificates, keepalive from :mod:`agent.channel`)
+around one :class:`~agent.scheduler.service.SchedulerService` and one
+registry kept in that store, adds the standard health and reflection
+services, opens the plaintext legacy listener when ``[legacy] addr`` asks for it, and runs
 until SIGTERM/SIGINT, forgetting workers that stop renewing. Only the CLI
 (:mod:`agent.scheduler.cli`) calls it and turns its errors into an exit status.
 """
@@ -14,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -26,7 +28,9 @@ from agent.channel import server_keepalive_options
 from agent.credentials import reloading_server_credentials
 from agent.scheduler.config import SchedulerConfig
 from agent.scheduler.registry import Registry, WorkerRegistry
+from agent.scheduler.runs import interrupt_unfinished
 from agent.scheduler.service import SchedulerService
+from agent.scheduler.store import SQLiteStore, Store
 from agent.tls import CertificateReloader
 
 __all__ = ["SCHEDULER_SERVICE", "serve"]
@@ -37,11 +41,23 @@ SCHEDULER_SERVICE = "jobscheduler.Scheduler"
 
 
 async def serve(cfg: SchedulerConfig, *, ready: Callable[[int], None] | None = None) -> None:
-    """Run the scheduler until SIGTERM/SIGINT."""
+    """Run the scheduler until SIGTERM/SIGINT (StoreError if its store cannot be opened)."""
+    store = SQLiteStore(cfg.store.sqlite_file)
+    try:
+        await _serve(cfg, store, ready)
+    finally:
+        store.close()
+
+
+async def _serve(cfg: SchedulerConfig, store: Store, ready: Callable[[int], None] | None) -> None:
     s = cfg.server
     assert s.crt_file and s.key_file and s.ca_file
-    registry = Registry(cfg.registry.expire_seconds)
-    service = SchedulerService(cfg, registry)
+    # Starts from the workers the store remembers: they stay while they renew.
+    registry = Registry(cfg.registry.expire_seconds, store=store)
+    n = interrupt_unfinished(store, time.time())
+    if n:
+        log.warning("%d run(s) of the previous scheduler process marked interrupted", n)
+    service = SchedulerService(cfg, registry, store)
     # Agents and users keep idle connections alive with pings: agent.channel
     # keeps what this server allows and what they do in one place.
     server_options = [("grpc.so_reuseport", 0), *server_keepalive_options()]
@@ -68,7 +84,7 @@ async def serve(cfg: SchedulerConfig, *, ready: Callable[[int], None] | None = N
         ", ".join(cfg.auth.workers),
         ", ".join(cfg.auth.users) or "none",
     )
-    legacy_server = await _serve_legacy(cfg, registry, server_options)
+    legacy_server = await _serve_legacy(cfg, registry, store, server_options)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -92,13 +108,15 @@ async def serve(cfg: SchedulerConfig, *, ready: Callable[[int], None] | None = N
 
 
 async def _serve_legacy(
-    cfg: SchedulerConfig, registry: WorkerRegistry, options: list[tuple[str, Any]]
+    cfg: SchedulerConfig, registry: WorkerRegistry, store: Store, options: list[tuple[str, Any]]
 ) -> grpc.aio.Server | None:
     """The plaintext listener of legacy mode (``[legacy] addr``), or None when off."""
     if not cfg.legacy.addr:
         return None
     server = grpc.aio.server(options=options)
-    pb_grpc.add_SchedulerServicer_to_server(SchedulerService(cfg, registry, legacy=True), server)
+    pb_grpc.add_SchedulerServicer_to_server(
+        SchedulerService(cfg, registry, store, legacy=True), server
+    )
     try:
         server.add_insecure_port(cfg.legacy.addr)
     except RuntimeError as e:

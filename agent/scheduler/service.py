@@ -17,7 +17,10 @@ Users still come through the mTLS listener and drive them like any worker.
 Users listed in ``[auth] users`` may list workers and run, query and stop
 jobs on a chosen worker through the scheduler, which drives the agent with
 the same client library as ``agentctl`` (``agent.client.AsyncAgentClient``),
-under its own identity and with a deadline on every call.
+under its own identity and with a deadline on every call. They may also run
+one job on many workers (fan-out runs: StartRun, FollowRun, CancelRun,
+ListRuns, GetRun), which :mod:`agent.scheduler.runservice` serves once the
+caller is checked here.
 
 The caller is read from the call as the daemon reads it, and every refusal
 is answered by the one status table (both in :mod:`agent.rpc`); an agent's
@@ -29,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from agent._proto import jobscheduler_pb2 as pb
@@ -41,6 +44,10 @@ from agent.refusal import InvalidArgument, NotFound, PermissionDenied, Refusal, 
 from agent.rpc import abort, peer_certificate
 from agent.scheduler.config import SchedulerConfig
 from agent.scheduler.registry import LEGACY_IDENTITY, UnknownWorker, Worker, WorkerRegistry
+from agent.scheduler.runs import RunManager
+from agent.scheduler.runservice import RunService
+from agent.scheduler.store import Store
+from agent.vocabulary import MAX_LABELS, label_problem
 
 __all__ = ["SchedulerService"]
 
@@ -53,9 +60,14 @@ class SchedulerService:
     """Implements ``jobscheduler.Scheduler``."""
 
     def __init__(
-        self, cfg: SchedulerConfig, registry: WorkerRegistry, *, legacy: bool = False
+        self,
+        cfg: SchedulerConfig,
+        registry: WorkerRegistry,
+        store: Store,
+        *,
+        legacy: bool = False,
     ) -> None:
-        """Serve ``cfg`` with ``registry``; reads the agents' TLS files now.
+        """Serve ``cfg`` with ``registry`` and ``store``; reads the agents' TLS files now.
 
         ``legacy``: this instance serves the plaintext listener (workers only).
         """
@@ -73,6 +85,8 @@ class SchedulerService:
         self._tls = TLSFiles(
             ca=a.ca_file.read_bytes(), cert=a.crt_file.read_bytes(), key=a.key_file.read_bytes()
         )
+        self.runs = RunManager(store, registry, self._client, a.call_timeout_seconds)
+        self._run_rpcs = RunService(self.runs, registry, store)
 
     # ---------------------------------------------------------- plumbing
 
@@ -156,7 +170,14 @@ class SchedulerService:
                 raise InvalidArgument(
                     f"address {request.address[:200]!r}: a legacy worker must be on loopback"
                 )
-            w = self.registry.register(ident, request.address, legacy=self.legacy)
+            labels = dict(request.labels)
+            if len(labels) > MAX_LABELS:
+                raise InvalidArgument(f"labels: at most {MAX_LABELS}, got {len(labels)}")
+            for k, v in labels.items():
+                problem = label_problem(k, v)
+                if problem:
+                    raise InvalidArgument(problem)
+            w = self.registry.register(ident, request.address, legacy=self.legacy, labels=labels)
             log.info("worker %s registered: identity %s, address %s", w.worker_id, ident, w.address)
             return pb.RegisterRes(
                 success=True,
@@ -194,7 +215,9 @@ class SchedulerService:
             self._require(context, "user")
             out = pb.ListWorkersRes()
             for w in self.registry.live():
-                info = out.workers.add(workerID=w.worker_id, address=w.address, identity=w.identity)
+                info = out.workers.add(
+                    workerID=w.worker_id, address=w.address, identity=w.identity, labels=w.labels
+                )
                 info.registeredAt.FromNanoseconds(int(w.registered_at * 1e9))
                 info.lastSeen.FromNanoseconds(int(w.last_seen * 1e9))
             return out
@@ -230,8 +253,56 @@ class SchedulerService:
 
         return await self._guard(context, lambda: self._dispatch(context, request.workerID, call))
 
+    # ---------------------------------------------------------- fan-out runs
+
+    async def StartRun(self, request: pb.StartRunReq, context: Any) -> pb.RunInfo:
+        """Start one job on many workers (users only); answers once it is under way."""
+
+        async def body() -> pb.RunInfo:
+            return self._run_rpcs.start(self._require(context, "user"), request)
+
+        return await self._guard(context, body)
+
+    async def FollowRun(self, request: pb.RunReq, context: Any) -> AsyncIterator[pb.RunEvent]:
+        """A run's host changes and output lines from its start, then its summary."""
+        try:
+            self._require(context, "user")
+            events = self._run_rpcs.follow(request)
+            async for e in events:
+                yield e
+        except Refusal as e:
+            await abort(context, e)
+
+    async def CancelRun(self, request: pb.RunReq, context: Any) -> pb.RunInfo:
+        """Stop a run's running jobs and start nothing more (users only)."""
+
+        async def body() -> pb.RunInfo:
+            self._require(context, "user")
+            return self._run_rpcs.cancel(request)
+
+        return await self._guard(context, body)
+
+    async def ListRuns(self, request: pb.ListRunsReq, context: Any) -> pb.ListRunsRes:
+        """Runs, newest first (users only)."""
+
+        async def body() -> pb.ListRunsRes:
+            self._require(context, "user")
+            return self._run_rpcs.list(request)
+
+        return await self._guard(context, body)
+
+    async def GetRun(self, request: pb.RunReq, context: Any) -> pb.RunInfo:
+        """One run with every host (users only)."""
+
+        async def body() -> pb.RunInfo:
+            self._require(context, "user")
+            return self._run_rpcs.get(request)
+
+        return await self._guard(context, body)
+
     async def close(self) -> None:
-        """Close the channels to agents."""
+        """Interrupt the runs going on and close the channels to agents."""
+        await self.runs.close()
         for c in self._clients.values():
             with contextlib.suppress(Exception):
                 await c.close()

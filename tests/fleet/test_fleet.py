@@ -294,6 +294,32 @@ def test_fleet_registration_dispatch_cut_and_heal(
     assert st["state"] == "SUCCEEDED" and st["path"] == "hello-w2"
     assert "registering again" in agents["w2"].log() or "reachable again" in agents["w2"].log()
 
+    # ---- a fan-out over every allowed identity; w2 is cut while its job runs
+    r = sched_cli(
+        "run", "--select", "id:worker-*", "--detach", "--", "bash", f"{script_dir}/sleep.sh", "4"
+    )
+    assert r.returncode == 0, r.stderr
+    run_id = r.stdout.strip()
+
+    def hosts() -> dict[str, dict[str, object]]:
+        shown = sched_cli("run-show", "--json", run_id)
+        assert shown.returncode == 0, shown.stderr
+        return {h["address"].split(":")[0]: h for h in json.loads(shown.stdout)["hosts"]}
+
+    assert len(hosts()) == 3
+    _wait(lambda: hosts()[fleet.addr("w2")]["state"] == "RUNNING", 20, "w2's job to run")
+    fleet.cut("w2")
+    f = sched_cli("run-follow", run_id, timeout=120)
+    fleet.restore("w2")
+    assert f.returncode == 3, f.stderr
+    assert "ok 2 failed 0 not-started 0 unreachable 1" in f.stderr
+    final = hosts()
+    assert final[fleet.addr("w2")]["state"] == "UNREACHABLE"
+    assert "lost after start" in str(final[fleet.addr("w2")]["error"])
+    assert final[fleet.addr("w1")]["state"] == final[fleet.addr("w3")]["state"] == "SUCCEEDED"
+    assert f"[{fleet.addr('w1')}:{AGENT_PORT}] finished" in f.stdout
+    _wait(lambda: fleet.addr("w2") in workers(), 30, "w2 to register again after the run")
+
     # ---- shutdown: agents deregister
     agents["w3"].proc.terminate()
     assert agents["w3"].proc.wait(30) == 0

@@ -1,0 +1,388 @@
+"""Executing fan-out runs in the scheduler: one job on many workers, asyncio.
+
+:class:`RunManager` owns the runs of this process. Each run is a task that
+starts the job on its targets, never more at once than the run's
+concurrency, and stops starting once the errors exceed the run's budget
+(the rules are pure: :mod:`agent.scheduler.targets`); every host then streams
+its output and waits for its job to end, with the same client library and
+mTLS identity as the scheduler's dispatch calls.
+
+Each host's start is recorded in the store before StartJob is sent
+(STARTING) and after the worker answered (RUNNING, with the job id): see
+:mod:`agent.scheduler.store` for why. A worker that cannot be reached
+(UNAVAILABLE, DEADLINE_EXCEEDED, or no longer registered) is UNREACHABLE and
+counts against the budget like a failure.
+
+Followers read a run's event log from its start (:meth:`ActiveRun.follow`);
+the log lives in this process only (output lines are not stored), so a run
+of a previous scheduler process shows its hosts and results, not its output.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import grpc
+
+from agent._proto import jobscheduler_pb2 as pb
+from agent.client import AgentClientError, AsyncAgentClient, JobStatus
+from agent.scheduler.registry import UnknownWorker, Worker, WorkerRegistry
+from agent.scheduler.store import HostRecord, RunRecord, Store
+from agent.scheduler.targets import budget_exceeded, may_start
+from agent.vocabulary import HostState, RunState
+
+__all__ = [
+    "ActiveRun",
+    "HostChange",
+    "OutputLine",
+    "RunEnded",
+    "RunManager",
+    "interrupt_unfinished",
+]
+
+log = logging.getLogger(__name__)
+
+# Codes that mean the worker could not be reached (as opposed to refusing).
+UNREACHABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+# A run's event log in memory: past this many events, output lines are
+# dropped from it (host changes and the end are always kept).
+MAX_EVENTS = 200_000
+MAX_LINE = 64 * 1024  # longer lines are cut into pieces of this size
+WAIT_SLICE_S = 30.0  # one WaitJob long-poll while a job runs
+POLL_S = 0.5  # QueryJob interval for an original worker (no WaitJob)
+# A finished run's event log (with its output) stays this long for late
+# followers; after that they get its hosts and summary from the store.
+FINISHED_KEPT_S = 300.0
+
+
+@dataclass(frozen=True)
+class OutputLine:
+    """One line of one host's output (without its newline)."""
+
+    worker_id: str
+    host: str
+    line: bytes
+
+
+@dataclass(frozen=True)
+class HostChange:
+    """A host's new state (a copy of its record)."""
+
+    host: HostRecord
+
+
+@dataclass(frozen=True)
+class RunEnded:
+    """The run is over; ``run`` is its final record."""
+
+    run: RunRecord
+
+
+RunEvent = OutputLine | HostChange | RunEnded
+
+
+class ActiveRun:
+    """A run going on in this process: its record, its event log, its cancel flag."""
+
+    def __init__(self, record: RunRecord, job: pb.StartJobReq) -> None:
+        """``job`` is the request to send (``record.job`` is its redacted copy)."""
+        self.record = record
+        self.job = job
+        self.cancelled = asyncio.Event()
+        self.events: list[RunEvent] = []
+        self._dropped = False
+        self._wake = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+        self.stops: set[asyncio.Future[None]] = set()  # StopJob calls of a cancel
+        self.running: set[asyncio.Future[object]] = set()  # the hosts' tasks under way
+
+    @property
+    def finished(self) -> bool:
+        """The run ended (its RunEnded is in the log)."""
+        return self.record.state is not RunState.RUNNING
+
+    def publish(self, event: RunEvent) -> None:
+        """Append to the log and wake the followers."""
+        if isinstance(event, OutputLine) and len(self.events) >= MAX_EVENTS:
+            if not self._dropped:
+                self._dropped = True
+                log.warning("run %s: event log full, output lines dropped", self.record.run_id)
+            return
+        self.events.append(event)
+        self._wake.set()
+        self._wake = asyncio.Event()
+
+    async def follow(self) -> AsyncIterator[RunEvent]:
+        """Every event from the start; ends after RunEnded."""
+        i = 0
+        while True:
+            wake = self._wake
+            while i < len(self.events):
+                yield self.events[i]
+                i += 1
+            if self.finished and i >= len(self.events):
+                return
+            await wake.wait()
+
+
+def _copy(h: HostRecord) -> HostRecord:
+    return dataclasses.replace(h)
+
+
+class RunManager:
+    """Starts, cancels and remembers the runs of this scheduler process."""
+
+    def __init__(
+        self,
+        store: Store,
+        registry: WorkerRegistry,
+        client_for: Callable[[Worker], AsyncAgentClient],
+        call_timeout: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """Runs go to ``store``; ``client_for`` gives the (shared) client of a worker."""
+        self.store = store
+        self.registry = registry
+        self.client_for = client_for
+        self.call_timeout = call_timeout
+        self.clock = clock
+        self.active: dict[str, ActiveRun] = {}
+
+    def start(
+        self,
+        owner: str,
+        job: pb.StartJobReq,
+        redacted: pb.StartJobReq,
+        targets: bytes,
+        workers: list[Worker],
+        concurrency: int,
+        budget: int,
+    ) -> ActiveRun:
+        """Record a new run over ``workers`` and start executing it in the background."""
+        hosts = [HostRecord(w.worker_id, w.address, w.identity, i) for i, w in enumerate(workers)]
+        record = RunRecord(
+            str(uuid.uuid4()),
+            owner,
+            redacted.SerializeToString(),
+            targets,
+            concurrency,
+            budget,
+            self.clock(),
+            hosts=hosts,
+        )
+        self.store.save_run(record)
+        run = ActiveRun(record, job)
+        self.active[record.run_id] = run
+        run.task = asyncio.ensure_future(self._execute(run))
+        run.task.add_done_callback(_log_crash)
+        log.info(
+            "run %s by %s: %d hosts, %d at once, %d errors tolerated",
+            record.run_id,
+            owner,
+            len(hosts),
+            concurrency,
+            budget,
+        )
+        return run
+
+    def cancel(self, run: ActiveRun) -> None:
+        """Start nothing more; stop the jobs that are running."""
+        if run.finished or run.cancelled.is_set():
+            return
+        run.cancelled.set()
+        for h in run.record.hosts:
+            if h.state is HostState.RUNNING:
+                stop = asyncio.ensure_future(self._stop(run, h))
+                run.stops.add(stop)
+                stop.add_done_callback(run.stops.discard)
+
+    async def _stop(self, run: ActiveRun, h: HostRecord) -> None:
+        with contextlib.suppress(AgentClientError, UnknownWorker):
+            await self.client_for(self.registry.get(h.worker_id)).stop(h.job_id)
+
+    def _set(self, run: ActiveRun, h: HostRecord, state: HostState, **fields: object) -> None:
+        """A host's new state: stored first, then published."""
+        h.state = state
+        for k, v in fields.items():
+            setattr(h, k, v)
+        if state.final:
+            h.end_time = self.clock()
+        self.store.save_host(run.record.run_id, h)
+        run.publish(HostChange(_copy(h)))
+
+    async def _execute(self, run: ActiveRun) -> None:
+        rec = run.record
+        running = run.running
+        cancel_wait: asyncio.Future[object] = asyncio.ensure_future(run.cancelled.wait())
+        try:
+            for h in rec.hosts:
+                if not await self._slot(run, running, cancel_wait):
+                    break
+                running.add(asyncio.ensure_future(self._host(run, h)))
+            if running:
+                await asyncio.wait(running)
+        finally:
+            cancel_wait.cancel()
+        why = "cancelled" if run.cancelled.is_set() else "past the error budget"
+        for h in rec.hosts:
+            if h.state is HostState.PENDING:
+                self._set(run, h, HostState.NOT_STARTED, error=why)
+        self._finish(run, RunState.CANCELLED if run.cancelled.is_set() else RunState.DONE)
+
+    async def _slot(
+        self,
+        run: ActiveRun,
+        running: set[asyncio.Future[object]],
+        cancel_wait: asyncio.Future[object],
+    ) -> bool:
+        """Wait until the next host may start (True) or nothing more may (False)."""
+        rec = run.record
+        while True:
+            errors = self._errors(rec)
+            if run.cancelled.is_set() or budget_exceeded(errors, rec.max_errors):
+                return False
+            if may_start(
+                running=len(running),
+                errors=errors,
+                concurrency=rec.max_concurrency,
+                budget=rec.max_errors,
+                cancelled=False,
+            ):
+                return True
+            done, _ = await asyncio.wait(
+                running | {cancel_wait}, return_when=asyncio.FIRST_COMPLETED
+            )
+            running -= done
+
+    def _finish(self, run: ActiveRun, state: RunState) -> None:
+        rec = run.record
+        rec.state = state
+        rec.end_time = self.clock()
+        self.store.save_run(rec)
+        run.publish(RunEnded(dataclasses.replace(rec, hosts=[_copy(h) for h in rec.hosts])))
+        asyncio.get_running_loop().call_later(FINISHED_KEPT_S, self.active.pop, rec.run_id, None)
+        log.info("run %s %s", rec.run_id, state.name.lower())
+
+    @staticmethod
+    def _errors(rec: RunRecord) -> int:
+        return sum(1 for h in rec.hosts if h.state.counts_as_error)
+
+    async def _host(self, run: ActiveRun, h: HostRecord) -> None:
+        """Start the job on one host, relay its output, record its end."""
+        try:
+            w = self.registry.get(h.worker_id)
+        except UnknownWorker:
+            self._set(run, h, HostState.UNREACHABLE, error="no longer registered")
+            return
+        client = self.client_for(w)
+        self._set(run, h, HostState.STARTING)  # recorded before it is sent
+        try:
+            job_id = await client.start_pb(run.job, timeout=self.call_timeout)
+        except AgentClientError as e:
+            state = HostState.UNREACHABLE if e.code in UNREACHABLE_CODES else HostState.FAILED
+            self._set(run, h, state, error=f"{e.code.name}: {e.details}")
+            return
+        # Recorded once the worker answered: the job id to ask about later.
+        self._set(run, h, HostState.RUNNING, job_id=job_id, start_time=self.clock())
+        if run.cancelled.is_set():
+            await self._stop(run, h)  # cancelled while the start was on its way
+        try:
+            await self._relay_output(run, h, client)
+            st = await self._end(client, job_id)
+        except AgentClientError as e:
+            self._set(run, h, HostState.UNREACHABLE, error=f"lost after start: {e}")
+            return
+        if st.succeeded:
+            self._set(run, h, HostState.SUCCEEDED, exit_code=st.exit_code)
+        else:
+            error = st.error_text or st.state
+            self._set(run, h, HostState.FAILED, exit_code=st.exit_code, error=error)
+
+    @staticmethod
+    async def _end(client: AsyncAgentClient, job_id: str) -> JobStatus:
+        """The job's status once it is done (WaitJob, or QueryJob polls on an original worker)."""
+        try:
+            st = await client.wait(job_id, timeout=WAIT_SLICE_S)
+            while not st.done:
+                st = await client.wait(job_id, timeout=WAIT_SLICE_S)
+            return st
+        except AgentClientError as e:
+            if e.code != grpc.StatusCode.UNIMPLEMENTED:
+                raise
+        st = await client.query(job_id)
+        while not st.done:
+            await asyncio.sleep(POLL_S)
+            st = await client.query(job_id)
+        return st
+
+    async def _relay_output(self, run: ActiveRun, h: HostRecord, client: AsyncAgentClient) -> None:
+        """Publish the job's output line by line, each labelled with its host.
+
+        An original worker has no output stream (UNIMPLEMENTED): no lines then.
+        """
+        pending = b""
+        try:
+            async for chunk in client.stream(h.job_id, follow=True):
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                for line in lines:
+                    self._line(run, h, line)
+                while len(pending) > MAX_LINE:
+                    self._line(run, h, pending[:MAX_LINE])
+                    pending = pending[MAX_LINE:]
+        except AgentClientError as e:
+            if e.code != grpc.StatusCode.UNIMPLEMENTED:
+                raise
+        if pending:
+            self._line(run, h, pending)
+
+    @staticmethod
+    def _line(run: ActiveRun, h: HostRecord, line: bytes) -> None:
+        run.publish(OutputLine(h.worker_id, h.address, line))
+
+    async def close(self) -> None:
+        """Stop executing (the scheduler stops): the runs going on become INTERRUPTED."""
+        for run in list(self.active.values()):
+            tasks = [t for t in (run.task, *run.running) if t is not None and not t.done()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if not run.finished:
+                interrupt(self.store, run.record, self.clock())
+
+
+def _log_crash(task: asyncio.Task[None]) -> None:
+    """A run task that died of a bug or a store failure says so (else it would be silent)."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("a run stopped executing", exc_info=task.exception())
+
+
+def interrupt(store: Store, rec: RunRecord, now: float) -> None:
+    """Mark a run that this process no longer drives, and its hosts, for what they are.
+
+    A host never started is NOT_STARTED; one whose start was sent (STARTING
+    or RUNNING) is UNKNOWN, its job id (if any) kept so it can be asked.
+    """
+    for h in rec.hosts:
+        if h.state is HostState.PENDING:
+            h.state, h.error, h.end_time = HostState.NOT_STARTED, "scheduler stopped", now
+        elif not h.state.final:
+            h.state, h.error = HostState.UNKNOWN, "scheduler stopped after the start was sent"
+            h.end_time = now
+    rec.state, rec.end_time = RunState.INTERRUPTED, now
+    store.save_run(rec)
+
+
+def interrupt_unfinished(store: Store, now: float) -> int:
+    """At start-up: the runs a previous process left RUNNING become INTERRUPTED."""
+    runs = store.unfinished_runs()
+    for rec in runs:
+        interrupt(store, rec, now)
+    return len(runs)

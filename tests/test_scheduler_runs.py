@@ -1,0 +1,239 @@
+"""The run executor against stand-in agents (no processes): the start recorded before it
+is sent, concurrency, the error budget, cancel, unreachable workers, labelled lines."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent._proto import jobscheduler_pb2 as pb
+from agent.client import JobStatus, PermissionDenied, Unavailable
+from agent.scheduler.registry import Registry, Worker
+from agent.scheduler.runs import ActiveRun, HostChange, OutputLine, RunEnded, RunManager
+from agent.scheduler.store import SQLiteStore
+from agent.vocabulary import HostState, RunState
+
+
+class Agents:
+    """Stand-ins for the agents of a fleet: what each does, and what they saw."""
+
+    def __init__(self, store: SQLiteStore) -> None:
+        self.store = store
+        self.run_id = ""
+        self.fail: set[str] = set()  # addresses whose job exits 1
+        self.down: set[str] = set()  # addresses that cannot be reached
+        self.refuse: set[str] = set()  # addresses whose agent refuses the job
+        self.hold = False  # jobs run until stopped
+        self.running = 0
+        self.peak = 0
+        self.started: list[str] = []
+        self.stored_at_send: list[HostState] = []
+        self.stopped: set[str] = set()
+        self.released = asyncio.Event()
+
+    def client(self, w: Worker) -> Any:
+        return Agent(self, w.address)
+
+
+class Agent:
+    def __init__(self, fleet: Agents, address: str) -> None:
+        self.fleet = fleet
+        self.address = address
+
+    async def start_pb(self, req: pb.StartJobReq, *, timeout: float | None = None) -> str:
+        f = self.fleet
+        rec = f.store.run(f.run_id)
+        assert rec is not None
+        [h] = [h for h in rec.hosts if h.address == self.address]
+        f.stored_at_send.append(h.state)
+        if self.address in f.down:
+            raise Unavailable("connection refused")
+        if self.address in f.refuse:
+            raise PermissionDenied("not in the policy")
+        f.started.append(self.address)
+        f.running += 1
+        f.peak = max(f.peak, f.running)
+        return f"job@{self.address}"
+
+    async def stream(self, job_id: str, *, follow: bool = False) -> AsyncIterator[bytes]:
+        for chunk in (b"one\ntw", b"o\nthree"):
+            await asyncio.sleep(0)
+            yield chunk
+
+    async def wait(self, job_id: str, *, timeout: float | None = None) -> JobStatus:
+        f = self.fleet
+        if f.hold:
+            while self.address not in f.stopped:
+                await asyncio.sleep(0.005)
+        else:
+            await asyncio.sleep(0.01)
+        f.running -= 1
+        if self.address in f.stopped:
+            return _status("STOPPED", None)
+        return _status("FAILED", 1) if self.address in f.fail else _status("SUCCEEDED", 0)
+
+    async def stop(self, job_id: str, *, timeout: float | None = None) -> None:
+        self.fleet.stopped.add(self.address)
+
+
+def _status(state: str, code: int | None) -> JobStatus:
+    m = pb.QueryJobRes(done=True, error=state != "SUCCEEDED", state=state)
+    if code is not None:
+        m.exitCode = code
+    return JobStatus.from_pb(m)
+
+
+def _setup(tmp_path: Path, n: int) -> tuple[RunManager, Agents, list[Worker]]:
+    store = SQLiteStore(tmp_path / "s.db")
+    reg = Registry(60, store=store)
+    workers = [reg.register("agent", f"10.0.0.{i}:1") for i in range(n)]
+    agents = Agents(store)
+    return RunManager(store, reg, agents.client, 1.0), agents, workers
+
+
+def _start(
+    m: RunManager, agents: Agents, workers: list[Worker], concurrency: int, budget: int
+) -> ActiveRun:
+    job = pb.StartJobReq(command="true")
+    run = m.start("admin", job, job, b"", workers, concurrency, budget)
+    agents.run_id = run.record.run_id
+    return run
+
+
+async def _done(run: ActiveRun) -> list[HostState]:
+    assert run.task is not None
+    await asyncio.wait_for(run.task, 10)
+    return [h.state for h in run.record.hosts]
+
+
+def test_each_start_is_recorded_before_it_is_sent_and_after(tmp_path: Path) -> None:
+    """When StartJob leaves, the store already says STARTING; once answered, RUNNING with the
+    job id; at the end, the result. Lines are labelled with their host, split at newlines."""
+
+    async def main() -> None:
+        m, agents, workers = _setup(tmp_path, 3)
+        run = _start(m, agents, workers, 3, 0)
+        assert await _done(run) == [HostState.SUCCEEDED] * 3
+        assert agents.stored_at_send == [HostState.STARTING] * 3
+        states = [e.host.state for e in run.events if isinstance(e, HostChange)]
+        assert states.count(HostState.RUNNING) == 3
+        rec = m.store.run(run.record.run_id)
+        assert rec is not None and rec.state is RunState.DONE
+        assert [h.job_id for h in rec.hosts] == [f"job@{w.address}" for w in workers]
+        lines = [(e.host, e.line) for e in run.events if isinstance(e, OutputLine)]
+        assert sorted(lines) == sorted(
+            (w.address, x) for w in workers for x in (b"one", b"two", b"three")
+        )
+        assert isinstance(run.events[-1], RunEnded)
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("concurrency", [1, 2, 5])
+def test_never_more_at_once_than_the_concurrency(tmp_path: Path, concurrency: int) -> None:
+    """The stand-ins count the jobs in flight: the peak is exactly the concurrency."""
+
+    async def main() -> None:
+        m, agents, workers = _setup(tmp_path, 5)
+        assert await _done(_start(m, agents, workers, concurrency, 0)) == [HostState.SUCCEEDED] * 5
+        assert agents.peak == concurrency
+
+    asyncio.run(main())
+
+
+def test_past_the_budget_nothing_new_starts(tmp_path: Path) -> None:
+    """One error tolerated, one at a time: the second failure ends the starts."""
+
+    async def main() -> None:
+        m, agents, workers = _setup(tmp_path, 5)
+        agents.fail = {workers[0].address}
+        agents.refuse = {workers[2].address}
+        states = await _done(_start(m, agents, workers, 1, 1))
+        assert states == [
+            HostState.FAILED,
+            HostState.SUCCEEDED,
+            HostState.FAILED,
+            HostState.NOT_STARTED,
+            HostState.NOT_STARTED,
+        ]
+        h = m.store.run(agents.run_id).hosts  # type: ignore[union-attr]
+        assert h[0].exit_code == 1 and "PERMISSION_DENIED" in h[2].error
+        assert h[3].error == "past the error budget"
+
+    asyncio.run(main())
+
+
+def test_unreachable_counts_against_the_budget(tmp_path: Path) -> None:
+    """A worker that cannot be reached, or is no longer registered, is UNREACHABLE and an
+    error: with none tolerated, nothing starts after it."""
+
+    async def main() -> None:
+        m, agents, workers = _setup(tmp_path, 3)
+        agents.down = {workers[0].address}
+        states = await _done(_start(m, agents, workers, 1, 0))
+        assert states == [HostState.UNREACHABLE, HostState.NOT_STARTED, HostState.NOT_STARTED]
+        m2, agents2, workers2 = _setup(tmp_path / "b", 2)
+        assert m2.registry.deregister(workers2[1].worker_id, "agent")
+        states = await _done(_start(m2, agents2, workers2, 2, 5))
+        assert states == [HostState.SUCCEEDED, HostState.UNREACHABLE]
+        assert m2.store.run(agents2.run_id).hosts[1].error == "no longer registered"  # type: ignore[union-attr]
+
+    asyncio.run(main())
+
+
+def test_cancel_stops_the_running_and_starts_nothing_more(tmp_path: Path) -> None:
+    """Two running of four: cancel stops both, the other two never start."""
+
+    async def main() -> None:
+        m, agents, workers = _setup(tmp_path, 4)
+        agents.hold = True
+        run = _start(m, agents, workers, 2, 0)
+        while agents.running < 2:
+            await asyncio.sleep(0.005)
+        m.cancel(run)
+        states = await _done(run)
+        assert states == [HostState.FAILED] * 2 + [HostState.NOT_STARTED] * 2
+        assert agents.started == [w.address for w in workers[:2]]
+        assert run.record.state is RunState.CANCELLED
+
+    asyncio.run(main())
+
+
+def test_a_follower_sees_every_event_from_the_start(tmp_path: Path) -> None:
+    """A follower that arrives late still reads the run from its first event to its end."""
+
+    async def main() -> None:
+        m, agents, workers = _setup(tmp_path, 2)
+        run = _start(m, agents, workers, 1, 0)
+        early = asyncio.ensure_future(_collect(run))
+        await _done(run)
+        late = await _collect(run)
+        assert await early == late and isinstance(late[-1], RunEnded)
+
+    asyncio.run(main())
+
+
+async def _collect(run: ActiveRun) -> list[object]:
+    return [e async for e in run.follow()]
+
+
+def test_closing_interrupts_the_runs_going_on(tmp_path: Path) -> None:
+    """The scheduler stops mid-run: running hosts UNKNOWN (job id kept), the rest not started."""
+
+    async def main() -> None:
+        m, agents, workers = _setup(tmp_path, 3)
+        agents.hold = True
+        run = _start(m, agents, workers, 1, 0)
+        while agents.running < 1:
+            await asyncio.sleep(0.005)
+        await m.close()
+        rec = m.store.run(run.record.run_id)
+        assert rec is not None and rec.state is RunState.INTERRUPTED
+        assert [h.state for h in rec.hosts] == [HostState.UNKNOWN] + [HostState.NOT_STARTED] * 2
+        assert rec.hosts[0].job_id == f"job@{workers[0].address}"
+
+    asyncio.run(main())

@@ -1,0 +1,155 @@
+"""The scheduler's SQLite store: workers and runs survive a reopen; unfinished runs are
+marked interrupted, never started again."""
+
+from __future__ import annotations
+
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from agent.configfile import ConfigError
+from agent.scheduler.config import load_config
+from agent.scheduler.registry import Registry
+from agent.scheduler.runs import interrupt_unfinished
+from agent.scheduler.store import HostRecord, RunRecord, SQLiteStore, StoreError
+from agent.vocabulary import HostState, RunState
+
+from helpers import Certs, FakeClock, SchedulerProcess
+
+
+def test_the_store_is_private_and_in_wal_mode(tmp_path: Path) -> None:
+    """Its folder is created 0700, the file 0600, the journal WAL."""
+    path = tmp_path / "state" / "scheduler.db"
+    s = SQLiteStore(path)
+    try:
+        assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert s._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        s.close()
+
+
+def test_a_registry_starts_from_the_workers_the_store_remembers(tmp_path: Path) -> None:
+    """Ids, labels and last seen survive; a forgotten worker stays forgotten but keeps its id."""
+    clock = FakeClock()
+    path = tmp_path / "s.db"
+    s = SQLiteStore(path)
+    r = Registry(10, clock, store=s)
+    web = r.register("agent", "10.0.0.1:1", labels={"role": "web"})
+    old = r.register("agent", "10.0.0.2:1")
+    clock.t += 8
+    assert r.heartbeat(web.worker_id, "agent")
+    clock.t += 5
+    assert [w.worker_id for w in r.expire()] == [old.worker_id]
+    s.close()
+
+    s = SQLiteStore(path)
+    r2 = Registry(10, clock, store=s)
+    [w] = r2.live()
+    assert (w.worker_id, w.labels, w.last_seen) == (web.worker_id, {"role": "web"}, 1008.0)
+    assert r2.register("agent", "10.0.0.2:1").worker_id == old.worker_id
+    assert r2.deregister(web.worker_id, "agent")
+    s.close()
+    assert [w.address for w, live in SQLiteStore(path).workers()] == ["10.0.0.2:1"]
+
+
+def _run(run_id: str, created: float, *states: HostState) -> RunRecord:
+    hosts = [
+        HostRecord(f"w{i}", f"10.0.0.{i}:1", "agent", i, st, job_id="j" if st.value > 2 else "")
+        for i, st in enumerate(states)
+    ]
+    return RunRecord(run_id, "admin", b"job", b"targets", 2, 0, created, hosts=hosts)
+
+
+def test_runs_and_hosts_survive_a_reopen(tmp_path: Path) -> None:
+    """A run, its hosts' states, job ids and exit codes read back as written, newest first."""
+    path = tmp_path / "s.db"
+    s = SQLiteStore(path)
+    s.save_run(_run("r1", 1.0, HostState.PENDING))
+    run = _run("r2", 2.0, HostState.PENDING, HostState.PENDING)
+    s.save_run(run)
+    h = run.hosts[1]
+    h.state, h.job_id, h.exit_code, h.end_time = HostState.FAILED, "job-9", 3, 5.0
+    s.save_host("r2", h)
+    s.close()
+    s = SQLiteStore(path)
+    assert [r.run_id for r in s.runs(10)] == ["r2", "r1"]
+    got = s.run("r2")
+    assert got is not None and got.hosts[1] == h and got.job == b"job"
+    assert s.run("nope") is None
+    s.close()
+
+
+def test_unfinished_runs_become_interrupted_and_started_hosts_unknown(tmp_path: Path) -> None:
+    """What a dead scheduler left: never started -> NOT_STARTED; start sent -> UNKNOWN (its
+    job id kept, so it can be asked and is never started a second time)."""
+    s = SQLiteStore(tmp_path / "s.db")
+    s.save_run(
+        _run(
+            "r", 1.0, HostState.SUCCEEDED, HostState.STARTING, HostState.RUNNING, HostState.PENDING
+        )
+    )
+    done = _run("d", 2.0, HostState.SUCCEEDED)
+    done.state = RunState.DONE
+    s.save_run(done)
+    assert interrupt_unfinished(s, 9.0) == 1
+    r = s.run("r")
+    assert r is not None and r.state is RunState.INTERRUPTED and r.end_time == 9.0
+    assert [h.state for h in r.hosts] == [
+        HostState.SUCCEEDED,
+        HostState.UNKNOWN,
+        HostState.UNKNOWN,
+        HostState.NOT_STARTED,
+    ]
+    assert r.hosts[2].job_id == "j"
+    d = s.run("d")
+    assert d is not None and d.state is RunState.DONE
+    s.close()
+
+
+def test_a_store_of_a_newer_schema_is_refused(tmp_path: Path) -> None:
+    """A file written by a newer scheduler is not silently used."""
+    path = tmp_path / "s.db"
+    s = SQLiteStore(path)
+    s._db.execute("PRAGMA user_version = 99")
+    s.close()
+    with pytest.raises(StoreError, match="newer scheduler"):
+        SQLiteStore(path)
+
+
+def test_an_unusable_path_is_a_store_error(tmp_path: Path) -> None:
+    """A path that cannot be a database names the file."""
+    (tmp_path / "dir.db").mkdir()
+    with pytest.raises(StoreError, match=r"dir\.db"):
+        SQLiteStore(tmp_path / "dir.db")
+
+
+def test_the_store_defaults_to_the_config_folder(tmp_path: Path, certs: Certs) -> None:
+    """Without [store], the SQLite file is scheduler-state/scheduler.db beside the config;
+    a relative sqlite_file resolves against the config folder too."""
+    s = SchedulerProcess(tmp_path / "sched", certs)
+    cfg = load_config(s.config_path)
+    assert cfg.store.sqlite_file == s.workdir / "scheduler-state" / "scheduler.db"
+    with open(s.config_path, "a") as f:
+        f.write('\n[store]\nsqlite_file = "db/x.db"\n')
+    assert load_config(s.config_path).store.sqlite_file == s.workdir / "db" / "x.db"
+    with open(s.config_path, "a") as f:
+        f.write('backend = "etcd"\n')
+    with pytest.raises(ConfigError, match=r"\[store\] backend: must be one of sqlite"):
+        load_config(s.config_path)
+
+
+def test_a_scheduler_whose_store_cannot_open_exits_1_naming_it(
+    tmp_path: Path, certs: Certs
+) -> None:
+    """serve with an unusable store: one line naming the file, exit status 1, no listener."""
+    s = SchedulerProcess(tmp_path / "sched", certs)
+    (s.workdir / "bad.db").mkdir()
+    with open(s.config_path, "a") as f:
+        f.write('\n[store]\nsqlite_file = "bad.db"\n')
+    r = subprocess.run(s.argv(), capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode == 1
+    assert "bad.db: cannot open the store" in r.stderr
+    assert "listening" not in r.stderr
