@@ -523,7 +523,9 @@ def test_thousand_short_jobs_and_two_hundred_concurrent(
                     return (await c.wait(job, timeout=60)).state
 
             short = await asyncio.gather(*(one() for _ in range(1000)))
-            jobs = await asyncio.gather(*(c.start("sleep", "2") for _ in range(200)))
+            # Long enough that all 200 still run once the last has started, even on a
+            # loaded machine (2 s was not: 40 had ended while the rest started).
+            jobs = await asyncio.gather(*(c.start("sleep", "10") for _ in range(200)))
             running = (await c.list(states=["RUNNING"], page_size=1000))[0]
             assert len(running) == 200
             finals = await asyncio.gather(*(c.wait(j, timeout=60) for j in jobs))
