@@ -93,7 +93,7 @@ import time
 from typing import Any, NoReturn
 
 from agent.daemon import capabilities as caps_mod
-from agent.daemon import cgroups, landlock, seccomp, vspawn
+from agent.daemon import cgroups, landlock, seccomp, uids, vspawn
 from agent.daemon import scratch as scratch_mod
 from agent.daemon import spawnproto as proto
 from agent.vocabulary import RLIMITS as VOCABULARY_RLIMITS
@@ -289,11 +289,23 @@ def _switch_user(plan: dict[str, Any], root: bool, last_cap: int) -> str:
     uid, gid = plan.get("uid"), plan.get("gid")
     caps: list[int] = plan.get("capabilities", [])
     if not root:
-        # An unprivileged spawner has no capabilities to drop or give and can only
-        # "switch" to itself (the policy refuses other users at load).
+        holds, switcher = caps_mod.held()
         if uid is not None and uid != os.geteuid():
-            raise PermissionError(errno.EPERM, "setresuid")
-        return "setresuid"
+            # A keeper with CAP_SETUID and CAP_SETGID (the standard unit, dynamic users:
+            # its own seccomp filter keeps the ids in their range) switches; an
+            # unprivileged one can only "switch" to itself (the policy refuses other
+            # users at load).
+            if not switcher:
+                raise PermissionError(errno.EPERM, "setresuid")
+            gid = uid if gid is None else gid
+            os.setgroups([])
+            os.setresgid(gid, gid, gid)
+            os.setresuid(uid, uid, uid)
+        if holds:
+            # A switch between two non-zero uids keeps every capability, and ambient
+            # ones survive execve: the job gets none of the keeper's.
+            caps_mod.drop_all()
+        return "capabilities" if holds else "setresuid"
     target = 0 if uid is None else uid
     if uid is not None:
         gid = uid if gid is None else gid
@@ -496,6 +508,9 @@ class Spawner:
         # --- seccomp (issue 22) ---
         self.filters: dict[str, seccomp.Prepared] = {}  # spec (JSON) -> compiled, per entry
         self.guards: dict[int, seccomp.ListenGuard] = {}  # pid -> its listen() checks
+        # pid -> (uid, gid) of a running job of another uid than a non-root keeper's (its
+        # dynamic user): signalled through a helper of that uid (no CAP_KILL here).
+        self.job_users: dict[int, tuple[int, int]] = {}
         # Hold every number below FIRST_FREE_FD: a prepared ruleset's descriptors must
         # never land where the child puts the job's own (0-4) with dup2.
         while (low := os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)) < FIRST_FREE_FD:
@@ -580,7 +595,7 @@ class Spawner:
             # denied in every job's rules (ruleset()).
             fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
             uid = plan.get("uid")
-            if uid is not None and self.root:
+            if uid is not None and (self.root or uid != os.geteuid()):
                 gid = plan.get("gid")
                 gid = uid if gid is None else gid
                 os.chown(path, uid, gid, follow_symlinks=False)
@@ -957,20 +972,33 @@ class Spawner:
             or not isinstance(sig, int)
         ):
             return
+        cg = self.cgroups.get(pid)
+        user = self.job_users.get(pid)
+        if user is not None and not self.root:
+            # A job of its own uid: this keeper has no CAP_KILL (and is not given it), so
+            # a helper of the job's uid signals, as the job itself could. SIGKILL with a
+            # cgroup needs none: cgroup.kill is the keeper's file.
+            if sig == signal.SIGKILL and cg is not None:
+                self._kill_leaf(cg)
+                return
+            uids.as_user(*user, lambda: _signal_job(pid, sig, cg))
+            return
         try:
             os.killpg(pid, sig)
         except OSError:
             pass
-        cg = self.cgroups.get(pid)
         if cg is None:
             return
         if sig == signal.SIGKILL:
-            try:
-                cg.kill()
-            except cgroups.CgroupError as e:
-                print(f"agent spawner: {e}", file=sys.stderr)
+            self._kill_leaf(cg)
             return
         signal_leaf(cg, sig)
+
+    def _kill_leaf(self, cg: cgroups.JobCgroup) -> None:
+        try:
+            cg.kill()
+        except cgroups.CgroupError as e:
+            print(f"agent spawner: {e}", file=sys.stderr)
 
     def on_exit(self, pid: int) -> None:
         # The leader is a zombie: its group id cannot have been reused yet,
@@ -1084,6 +1112,14 @@ class Spawner:
         except cgroups.CgroupError as e:
             print(f"agent spawner: {e}", file=sys.stderr)
         self.send(msg)
+
+
+def _signal_job(pid: int, sig: int, cg: cgroups.JobCgroup | None) -> None:
+    """The job's process group, then every process of its leaf (in a helper of its uid)."""
+    with contextlib.suppress(OSError):
+        os.killpg(pid, sig)
+    if cg is not None:
+        signal_leaf(cg, sig)
 
 
 def signal_leaf(cg: cgroups.JobCgroup, sig: int) -> None:

@@ -28,6 +28,7 @@ import struct
 from collections.abc import Sequence
 from typing import Any
 
+from agent.daemon import capabilities as caps_mod
 from agent.daemon import landlock, seccomp
 from agent.daemon import spawnproto as proto
 
@@ -62,6 +63,7 @@ ENV_VAR = "WORKER_AGENT_SPAWN"
 LANDLOCK_BLOCKS = 64  # named rule blocks kept (the spawner keeps as many prepared specs)
 _PR_SET_KEEPCAPS, _PR_CAPBSET_DROP, _PR_CAP_AMBIENT, _PR_CAP_AMBIENT_RAISE = 8, 24, 47, 2
 _PR_SET_NO_NEW_PRIVS = 38
+_PR_CAP_AMBIENT_CLEAR_ALL = 4
 _CAP_VERSION_3 = 0x20080522
 
 Op = tuple[int, int, int, int, int, "bytes | None"]
@@ -112,10 +114,26 @@ def user_ops(plan: dict[str, Any], root: bool, last_cap: int, steps: Steps, euid
     caps: list[int] = plan.get("capabilities", [])
     switch = steps("user switch")
     if not root:
-        # An unprivileged spawner can only "switch" to itself.
+        holds, switcher = caps_mod.held()
+        out: list[Op] = []
         if uid is not None and uid != euid:
-            return [(OP_FAIL, switch, errno.EPERM, 0, 0, None)]
-        return []
+            # spawner._switch_user: a keeper with CAP_SETUID/CAP_SETGID switches, an
+            # unprivileged one can only "switch" to itself.
+            if not switcher:
+                return [(OP_FAIL, switch, errno.EPERM, 0, 0, None)]
+            gid = uid if gid is None else gid
+            out += [
+                (OP_SETGROUPS0, switch, 0, 0, 0, None),
+                (OP_SETRESGID, switch, gid, 0, 0, None),
+                (OP_SETRESUID, switch, uid, 0, 0, None),
+            ]
+        if holds:
+            # None of the keeper's capabilities for the job (ambient ones survive execve).
+            step = steps("prctl(PR_CAP_AMBIENT_CLEAR_ALL)")
+            out.append((OP_PRCTL, step, _PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, None))
+            data = struct.pack("=Ii6I", _CAP_VERSION_3, 0, *([0] * 6))
+            out.append((OP_CAPSET, steps("capset"), 0, 0, 0, data))
+        return out
     ops: list[Op] = []
     target = 0 if uid is None else uid
     if uid is not None:
