@@ -29,6 +29,7 @@ import os
 import signal
 import struct
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -245,17 +246,38 @@ def as_user(uid: int, gid: int, work: Callable[[], None], keep: tuple[int, ...] 
     return os.waitstatus_to_exitcode(status) == 0
 
 
-def kill_everything() -> None:
-    """Kill every process of the caller's uid (but the caller): kill(-1) as a user with
-    no CAP_KILL reaches exactly the processes with that real or saved uid. Repeated until
-    none is left (a process forking meanwhile may be missed by one round)."""
-    for _ in range(1000):
-        try:
+def kill_everything(uid: int) -> None:
+    """Kill every process of ``uid``, the caller's uid (the caller excepted): kill(-1) as a
+    user with no CAP_KILL reaches exactly the processes whose real or saved uid is the
+    caller's. Its answer says nothing (0 as soon as one process was looked at), so /proc
+    says when none is left (zombies aside: they hold nothing); repeated, because a
+    process forking meanwhile may be missed by one round. With a job cgroup (the
+    deployments' way) nothing is left by then: a job cannot leave its cgroup."""
+    for _ in range(200):
+        with contextlib.suppress(OSError):
             os.kill(-1, signal.SIGKILL)
-        except ProcessLookupError:
+        if not live_processes(uid):
             return
-        os.sched_yield()
+        time.sleep(0.005)
     raise OSError(errno.EBUSY, "processes of the uid are still being created")
+
+
+def live_processes(uid: int) -> list[int]:
+    """The pids /proc shows owned by ``uid`` that are not zombies (the caller's excepted)."""
+    me, found = os.getpid(), []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == me:
+            continue
+        try:
+            if os.stat(f"/proc/{name}").st_uid != uid:
+                continue
+            with open(f"/proc/{name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        if stat[stat.rfind(b")") + 2 :][:1] not in (b"Z", b"X"):
+            found.append(int(name))
+    return found
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -329,7 +351,7 @@ def reclaim_work(uid: int) -> Callable[[], None]:
     """What :func:`as_user` does at a job's end, before ``uid`` goes back to the pool."""
 
     def work() -> None:
-        kill_everything()
+        kill_everything(uid)
         remove_ipc(uid)
         remove_files(uid, "/dev/mqueue")
         remove_files(uid, "/dev/shm")
