@@ -88,6 +88,7 @@ import resource
 import selectors
 import signal
 import socket
+import struct
 import sys
 import time
 from typing import Any, NoReturn
@@ -598,7 +599,17 @@ class Spawner:
             if uid is not None and (self.root or uid != os.geteuid()):
                 gid = plan.get("gid")
                 gid = uid if gid is None else gid
-                os.chown(path, uid, gid, follow_symlinks=False)
+                try:
+                    os.chown(path, uid, gid, follow_symlinks=False)
+                except PermissionError:
+                    if self.root:
+                        raise
+                    # A keeper without CAP_CHOWN (the standard unit: its exposure stays
+                    # at 2.0): the directory stays the keeper's, 0700, and an access ACL
+                    # gives the job's uid, and only it besides the keeper, all rights.
+                    os.setxattr(
+                        path, "system.posix_acl_access", _acl_for(uid), follow_symlinks=False
+                    )
                 # Whose files will be in it: remove_scratch may need to act as that user.
                 self.scratch_owners[path] = (uid, gid)
         except BaseException:
@@ -1112,6 +1123,24 @@ class Spawner:
         except cgroups.CgroupError as e:
             print(f"agent spawner: {e}", file=sys.stderr)
         self.send(msg)
+
+
+_ACL_VERSION = 2
+_ACL_USER_OBJ, _ACL_USER, _ACL_GROUP_OBJ, _ACL_MASK, _ACL_OTHER = 0x01, 0x02, 0x04, 0x10, 0x20
+_ACL_NO_ID = 0xFFFFFFFF
+
+
+def _acl_for(uid: int) -> bytes:
+    """The binary system.posix_acl_access of a directory for its owner and ``uid`` (rwx
+    each), nobody else: user::rwx, user:UID:rwx, group::---, mask::rwx, other::---."""
+    entries = [
+        (_ACL_USER_OBJ, 7, _ACL_NO_ID),
+        (_ACL_USER, 7, uid),
+        (_ACL_GROUP_OBJ, 0, _ACL_NO_ID),
+        (_ACL_MASK, 7, _ACL_NO_ID),
+        (_ACL_OTHER, 0, _ACL_NO_ID),
+    ]
+    return struct.pack("=I", _ACL_VERSION) + b"".join(struct.pack("=HHI", *e) for e in entries)
 
 
 def _signal_job(pid: int, sig: int, cg: cgroups.JobCgroup | None) -> None:

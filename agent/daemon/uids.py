@@ -209,7 +209,7 @@ def install_keeper_filter(lo: int, hi: int) -> None:
 # ---------------------------------------------------------------- acting as a job's uid
 
 
-def as_user(uid: int, gid: int, work: Callable[[], None], keep: tuple[int, ...] = ()) -> bool:
+def as_user(uid: int, gid: int, work: Callable[[], object], keep: tuple[int, ...] = ()) -> bool:
     """Run ``work`` in a child of this process switched to ``uid``/``gid`` with no
     groups and no capabilities; True when it ran to the end. The child closes every
     descriptor but ``keep`` first: nothing of the keeper's stays in a process of a
