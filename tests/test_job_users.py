@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import shutil
 import struct
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,8 +21,9 @@ import pytest
 from test_keeper_protocol import POLICY, Conn, Keeper, job_file
 
 from agent.daemon import uids
+from agent.daemon.spawn import SPAWN_ENV
 
-from helpers import IS_ROOT
+from helpers import IS_ROOT, make_safe_dir
 
 pytestmark = pytest.mark.skipif(not IS_ROOT, reason="switching jobs to their own uids needs root")
 
@@ -52,6 +54,66 @@ def dyn(tmp_path: Path) -> Iterator[Callable[..., Keeper]]:
     finally:
         for k in made:
             k.stop()
+
+
+NOBODY = 65534
+
+
+@pytest.fixture(params=["vfork", "fork"])
+def standard(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[Keeper]:
+    """A keeper as the standard unit runs it: not root (nobody here), CAP_SETUID and
+    CAP_SETGID as ambient capabilities and nothing else; by each spawn path."""
+    monkeypatch.setenv(SPAWN_ENV, request.param)
+    base = make_safe_dir()
+    jobs = {"dynamic_users": True, "dynamic_uid_min": LO, "dynamic_uid_max": HI}
+    k = Keeper(base, policy=POLICY + PY, jobs=jobs, run_as=NOBODY)
+    try:
+        yield k
+    finally:
+        k.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def status_of(pid: int) -> dict[str, str]:
+    """/proc/PID/status as a dict (values stripped)."""
+    text = Path(f"/proc/{pid}/status").read_text()
+    return {k: v.strip() for k, v in (ln.split(":", 1) for ln in text.splitlines())}
+
+
+def test_the_standard_keeper_runs_each_job_as_its_own_uid_with_no_capabilities(
+    standard: Keeper,
+) -> None:
+    """The standard deployment's keeper (not root, CAP_SETUID/CAP_SETGID only): its own
+    seccomp filter is in force (and no_new_privs); a job runs as a uid of the range with
+    CapEff, CapPrm, CapAmb and CapInh all zero; its scratch directory (the keeper's, 0700,
+    no CAP_CHOWN) is its to write; a stop's SIGTERM reaches it (through a helper of its
+    uid: the keeper has no CAP_KILL)."""
+    k = standard
+    c, _ = k.attach()
+    keeper = status_of(k.proc.pid)
+    assert (keeper["Uid"].split()[0], keeper["Seccomp"], keeper["NoNewPrivs"]) == (
+        str(NOBODY),
+        "2",
+        "1",
+    ), k.log()
+    assert int(keeper["CapAmb"], 16) == 0xC0  # CAP_SETGID, CAP_SETUID
+    script = (
+        "grep -E '^Cap(Eff|Prm|Amb|Inh)' /proc/self/status; id -u; "
+        'echo x > "$HOME/f" && stat -c %u "$HOME/f"'
+    )
+    fin = c.run(["sh", "-c", script])
+    out = job_file(k, fin["job"]).decode()
+    assert fin["state"] == "SUCCEEDED", (fin, out, k.log())
+    lines = out.split("\n")
+    assert {ln.split(":")[1].strip() for ln in lines[:4]} == {"0000000000000000"}, out
+    uid = int(lines[4])
+    assert LO <= uid <= HI and int(lines[5]) == uid
+    job = c.start(["sleep", "30"])
+    pid = started_pid(c, job)
+    assert LO <= ids_of(pid)[0][0] <= HI
+    c.send({"op": "stop", "job": job, "how": "stop"})
+    fin = c.finished(job)
+    assert (fin["state"], fin["exit"]["signal"]) == ("STOPPED", 15), fin
 
 
 def ids_of(pid: int) -> tuple[list[int], list[int]]:
