@@ -469,3 +469,50 @@ def test_the_scratch_acl_gives_the_directory_to_the_jobs_uid_only(tmp_path: Path
         for p in d.iterdir():
             p.unlink()
         d.rmdir()
+
+
+def test_without_root_or_capabilities_jobs_keep_one_uid_and_it_is_said(tmp_path: Path) -> None:
+    """The development quick start as a normal user: a keeper that is neither root nor
+    holds CAP_SETUID/CAP_SETGID cannot switch users; dynamic_users is then ignored with a
+    warning naming the key and the user every job runs as (and the range is None)."""
+    from agent.daemon import capabilities, config, decision
+
+    path = tmp_path / "config.toml"
+    path.write_text(
+        "[grpc_server]\nuse_tls = false\nallow_plaintext_loopback = true\n"
+        "[auth]\nallow_anonymous = true\n"
+        '[jobs]\npolicy_file = "policy.yaml"\ndynamic_users = true\n'
+    )
+    cfg = config.load(path)
+    assert decision.dynamic_range(cfg) == ((60600, 61099), [])  # root: the default range
+
+    def as_nobody() -> object:
+        os.setgroups([])
+        os.setresgid(NOBODY, NOBODY, NOBODY)
+        os.setresuid(NOBODY, NOBODY, NOBODY)
+        capabilities.held.cache_clear()
+        return decision.dynamic_range(cfg)
+
+    rng, warnings = _in_child(as_nobody)
+    assert rng is None and len(warnings) == 1, warnings
+    assert "[jobs] dynamic_users = true is ignored" in warnings[0] and "'nobody'" in warnings[0]
+
+
+def _in_child(fn: Callable[[], Any]) -> Any:
+    """``fn()`` in a forked child (its result by repr)."""
+    import ast
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            os.write(w, repr(fn()).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    data = b""
+    while chunk := os.read(r, 4096):
+        data += chunk
+    os.close(r)
+    os.waitpid(pid, 0)
+    return ast.literal_eval(data.decode())
