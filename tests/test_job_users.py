@@ -516,3 +516,25 @@ def _in_child(fn: Callable[[], Any]) -> Any:
     os.close(r)
     os.waitpid(pid, 0)
     return ast.literal_eval(data.decode())
+
+
+@pytest.mark.parametrize("path", ["vfork", "fork"])
+def test_a_keeper_with_capabilities_drops_them_in_jobs_of_its_own_user(
+    path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The standard unit's keeper without dynamic users (jobs of its own uid, no switch):
+    the job still has no CapEff, CapPrm, CapAmb or CapInh (regression: the keeper's
+    ambient CAP_SETUID/CAP_SETGID reached such jobs, seen in the real-systemd tier)."""
+    monkeypatch.setenv(SPAWN_ENV, path)
+    base = make_safe_dir()
+    k = Keeper(base, policy=POLICY, run_as=NOBODY)
+    try:
+        c, _ = k.attach()
+        fin = c.run(["sh", "-c", "grep -E '^Cap(Eff|Prm|Amb|Inh)' /proc/self/status; id -u"])
+        out = job_file(k, fin["job"]).decode().split("\n")
+        assert fin["state"] == "SUCCEEDED", (fin, out, k.log())
+        assert {ln.split(":")[1].strip() for ln in out[:4]} == {"0000000000000000"}, out
+        assert out[4] == str(NOBODY)
+    finally:
+        k.stop()
+        shutil.rmtree(base, ignore_errors=True)

@@ -384,7 +384,8 @@ def _child(
         os.chdir(plan["cwd"])
         # --- user and capabilities (issue 14) ---
         step = "user switch"
-        if plan.get("uid") is not None or root:
+        # (vspawn.spawn_args: a keeper holding capabilities drops them in every job.)
+        if plan.get("uid") is not None or root or caps_mod.held()[0]:
             _switch_user(plan, root, last_cap)
         step = "signals"
         for sig in reset:

@@ -237,7 +237,9 @@ def build(
         pre.append((OP_SETRLIMIT, last, res, value, value + extra, None))
     pre.append((OP_UMASK, last, plan["umask"], 0, 0, None))  # umask() cannot fail
     pre.append((OP_CHDIR, steps("chdir"), 0, 0, 0, os.fsencode(plan["cwd"])))
-    if plan.get("uid") is not None or root:
+    # A keeper holding capabilities (the standard unit's CAP_SETUID/CAP_SETGID) drops them
+    # in every job, whether or not it switches the job's user.
+    if plan.get("uid") is not None or root or caps_mod.held()[0]:
         pre += user_ops(plan, root, last_cap, steps, os.geteuid())
     confine_ops: list[Op] = []
     keep: set[int] = set()
