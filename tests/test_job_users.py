@@ -538,3 +538,35 @@ def test_a_keeper_with_capabilities_drops_them_in_jobs_of_its_own_user(
     finally:
         k.stop()
         shutil.rmtree(base, ignore_errors=True)
+
+
+SESSION_KEY = r"""
+import ctypes, sys
+libc = ctypes.CDLL(None, use_errno=True)
+ring = libc.syscall(250, 0, -3, 0)  # keyctl(KEYCTL_GET_KEYRING_ID, @s)
+found = libc.syscall(250, 10, -3, b"user", b"agent-test-session", 0)  # KEYCTL_SEARCH
+if sys.argv[1] == "leave":
+    assert libc.syscall(248, b"user", b"agent-test-session", b"secret", 6, -3) > 0
+print(ring, found)
+"""
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="syscall numbers of x86-64")
+def test_jobs_of_their_own_uids_do_not_share_the_keepers_session_keyring(
+    standard: Keeper,
+) -> None:
+    """Each job switched to its own uid joins a session keyring of its own: not the one
+    the keeper (and, under the unit, KeyringMode=private) would hand every job, so a key
+    one job leaves in its session keyring is not found by the next."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    mine = libc.syscall(250, 0, -3, 0)
+    c, _ = standard.attach()
+    rings = []
+    for what in ("leave", "look"):
+        fin = c.run(["python3", "-c", SESSION_KEY, what])
+        out = job_file(standard, fin["job"]).decode()
+        assert fin["state"] == "SUCCEEDED", (fin, out)
+        ring, found = (int(x) for x in out.split())
+        assert found == -1, out  # ENOKEY: nothing left by an earlier job
+        rings.append(ring)
+    assert rings[0] != rings[1] and mine not in rings and min(rings) > 0

@@ -218,3 +218,20 @@ def drop_all() -> None:
     capabilities by its unit) must not inherit them (ambient ones survive execve)."""
     _prctl("prctl(PR_CAP_AMBIENT_CLEAR_ALL)", _PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
     set_caps((), ambient=False)
+
+
+_KEYCTL_JOIN_SESSION_KEYRING = 1
+_NR_KEYCTL = {"x86_64": 250, "aarch64": 219}
+
+
+def new_session_keyring() -> None:
+    """Join a new anonymous session keyring (the caller's uid owns it): a job switched to
+    its own user must not possess the keeper's session keyring, which every job would
+    inherit, and through it each other's keys."""
+    import os
+
+    nr = _NR_KEYCTL.get(os.uname().machine)
+    if nr is None:
+        raise CapError(errno.ENOSYS, "keyctl(KEYCTL_JOIN_SESSION_KEYRING)")
+    if _libc.syscall(ctypes.c_long(nr), ctypes.c_long(_KEYCTL_JOIN_SESSION_KEYRING), None) < 0:
+        raise CapError(ctypes.get_errno(), "keyctl(KEYCTL_JOIN_SESSION_KEYRING)")

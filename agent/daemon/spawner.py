@@ -302,6 +302,7 @@ def _switch_user(plan: dict[str, Any], root: bool, last_cap: int) -> str:
             os.setgroups([])
             os.setresgid(gid, gid, gid)
             os.setresuid(uid, uid, uid)
+            caps_mod.new_session_keyring()  # vspawn.KEYRING_STEP: not the keeper's
         if holds:
             # A switch between two non-zero uids keeps every capability, and ambient
             # ones survive execve: the job gets none of the keeper's.
@@ -322,6 +323,8 @@ def _switch_user(plan: dict[str, Any], root: bool, last_cap: int) -> str:
     caps_mod.drop_bounding(caps, last_cap)
     if uid is not None:
         os.setresuid(uid, uid, uid)
+        if uid != 0:  # vspawn.user_ops: a user other than the (root) keeper's
+            caps_mod.new_session_keyring()
     if target == 0 or caps:
         # Root keeps its full permitted set across setresuid(0): cut it to the entry's.
         caps_mod.set_caps(caps, ambient=target != 0)

@@ -50,6 +50,7 @@ OP_LL_OPEN_ADD = 14
 OP_LL_RESTRICT = 15
 OP_LL_CLOSE = 16
 OP_SECCOMP = 17
+OP_NEW_SESSION_KEYRING = 18
 # The C child's fixed steps (negative codes), in spawner._child's words.
 FIXED_STEPS = {
     -1: "setup",
@@ -64,6 +65,10 @@ LANDLOCK_BLOCKS = 64  # named rule blocks kept (the spawner keeps as many prepar
 _PR_SET_KEEPCAPS, _PR_CAPBSET_DROP, _PR_CAP_AMBIENT, _PR_CAP_AMBIENT_RAISE = 8, 24, 47, 2
 _PR_SET_NO_NEW_PRIVS = 38
 _PR_CAP_AMBIENT_CLEAR_ALL = 4
+# A job switched to another user gets a session keyring of its own: the keeper's (the
+# unit's private one) is possessed by every process that inherits it, so jobs of
+# different uids would share its keys (spawner._switch_user, capabilities.new_session_keyring).
+KEYRING_STEP = "keyctl(KEYCTL_JOIN_SESSION_KEYRING)"
 _CAP_VERSION_3 = 0x20080522
 
 Op = tuple[int, int, int, int, int, "bytes | None"]
@@ -126,6 +131,7 @@ def user_ops(plan: dict[str, Any], root: bool, last_cap: int, steps: Steps, euid
                 (OP_SETGROUPS0, switch, 0, 0, 0, None),
                 (OP_SETRESGID, switch, gid, 0, 0, None),
                 (OP_SETRESUID, switch, uid, 0, 0, None),
+                (OP_NEW_SESSION_KEYRING, steps(KEYRING_STEP), 0, 0, 0, None),
             ]
         if holds:
             # None of the keeper's capabilities for the job (ambient ones survive execve).
@@ -151,6 +157,8 @@ def user_ops(plan: dict[str, Any], root: bool, last_cap: int, steps: Steps, euid
             ops.append((OP_PRCTL, step, _PR_CAPBSET_DROP, cap, 0, None))
     if uid is not None:
         ops.append((OP_SETRESUID, switch, uid, 0, 0, None))
+        if uid != euid:
+            ops.append((OP_NEW_SESSION_KEYRING, steps(KEYRING_STEP), 0, 0, 0, None))
     if target == 0 or caps:
         # Root keeps its full permitted set across setresuid(0): cut it to the entry's.
         wanted = sorted(kept)
