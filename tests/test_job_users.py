@@ -570,3 +570,57 @@ def test_jobs_of_their_own_uids_do_not_share_the_keepers_session_keyring(
         assert found == -1, out  # ENOKEY: nothing left by an earlier job
         rings.append(ring)
     assert rings[0] != rings[1] and mine not in rings and min(rings) > 0
+
+
+LISTEN_PROBE = r"""
+import errno, socket, sys
+def attempt(name, fn):
+    try:
+        fn()
+        print(name, "ok")
+    except OSError as e:
+        print(name, errno.errorcode.get(e.errno, e.errno))
+attempt("unbound", lambda: socket.socket().listen())
+s = socket.socket()
+s.bind(("127.0.0.1", int(sys.argv[1])))
+attempt("bound", lambda: s.listen(5))
+"""
+ATTACH_PROBE = r"""
+import socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+try:
+    s.connect(sys.argv[1]); s.settimeout(5)
+    print("GOT", len(s.recv(65536)))
+except OSError as e:
+    print("REFUSED", type(e).__name__)
+"""
+
+
+def test_the_standard_keeper_checks_a_dynamic_users_listen_and_refuses_its_attach() -> None:
+    """Under the standard keeper (nobody, CAP_SETUID/CAP_SETGID, its own filter): a job of
+    a dynamic uid whose entry lists a bind_tcp port gets listen() on its bound socket and
+    EPERM on an unbound one (the keeper takes the socket with pidfd_getfd through a helper
+    of the job's uid, within the range its filter allows); and the job cannot attach to
+    the keeper's socket (refused by its uid, or no access to the socket at all)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    entry = PY.replace("    syscalls:", f"    landlock: {{bind_tcp: [{port}]}}\n    syscalls:")
+    base = make_safe_dir()
+    jobs = {"dynamic_users": True, "dynamic_uid_min": LO, "dynamic_uid_max": HI}
+    k = Keeper(base, policy=POLICY + entry, jobs=jobs, run_as=NOBODY)
+    try:
+        c, _ = k.attach()
+        fin = c.run(["python3", "-c", LISTEN_PROBE, str(port)])
+        out = job_file(k, fin["job"]).decode()
+        assert fin["state"] == "SUCCEEDED", (fin, out, k.log())
+        assert out.split("\n")[:2] == ["unbound EPERM", "bound ok"], (out, k.log())
+        fin = c.run(["python3", "-c", ATTACH_PROBE, k.path])
+        out = job_file(k, fin["job"]).decode()
+        assert out.startswith("REFUSED") or out == "GOT 0\n", out
+        assert k.alive()
+    finally:
+        k.stop()
+        shutil.rmtree(base, ignore_errors=True)
