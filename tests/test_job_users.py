@@ -450,7 +450,7 @@ def test_pool_round_robin_and_release() -> None:
 def test_the_scratch_acl_gives_the_directory_to_the_jobs_uid_only(tmp_path: Path) -> None:
     """A keeper without CAP_CHOWN (the standard unit) gives a job's scratch directory to
     the job's uid by an access ACL: that uid may create and list in it, another uid of the
-    range may not (the directory stays 0700 and the keeper's)."""
+    range may not (the directory stays the keeper's, nothing for group or others)."""
     from agent.daemon.spawner import _acl_for
 
     d = Path("/var/lib/agent-tests") / f"acl-{os.getpid()}"

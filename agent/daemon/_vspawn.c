@@ -225,9 +225,11 @@ static int run_ops(const op_t *ops, Py_ssize_t n, int cgroup_fd, int *step) {
                         (unsigned long)op->c, 0UL, 0UL);
             break;
         case OP_NEW_SESSION_KEYRING:
-            /* An anonymous session keyring of the job's own (it answers its id). */
+            /* An anonymous session keyring of the job's own (it answers its id). Where
+             * keyctl is refused to this process (a container's filter: systemd-nspawn
+             * refuses it), it is refused to the job too: no keyring to share. */
             r = syscall(SYS_keyctl, 1 /* KEYCTL_JOIN_SESSION_KEYRING */, NULL);
-            if (r >= 0)
+            if (r >= 0 || errno == ENOSYS || errno == EPERM)
                 r = 0;
             break;
         case OP_CAPSET:
