@@ -64,6 +64,21 @@ def test_defaults_and_relative_paths_resolve_against_config_folder() -> None:
         (BASE + "max_running = 0\n", "jobs", "max_running", "at least 1"),
         (BASE + 'on_output_cap = "explode"\n', "jobs", "on_output_cap", "one of"),
         (BASE + 'umask = "999"\n', "jobs", "umask", "octal"),
+        (BASE + "dynamic_uid_min = 0\n", "jobs", "dynamic_uid_min", "at least 1"),
+        (BASE + "dynamic_uid_max = 4294967295\n", "jobs", "dynamic_uid_max", "at most"),
+        (
+            BASE + "dynamic_uid_min = 61000\ndynamic_uid_max = 60000\n",
+            "jobs",
+            "dynamic_uid_max",
+            "below dynamic_uid_min",
+        ),
+        (
+            BASE + "dynamic_uid_min = 60000\ndynamic_uid_max = 70000\n",
+            "jobs",
+            "dynamic_uid_min",
+            "65534",
+        ),
+        (BASE + 'dynamic_users = "yes"\n', "jobs", "dynamic_users", "true or false"),
         (BASE.replace('ca_file = "certs/ca.crt"', ""), "grpc_server", "ca_file", "no client"),
         (BASE.replace('clients = ["client"]', "clients = []"), "auth", "clients", "at least one"),
         (

@@ -234,7 +234,13 @@ class Keeper:
     """
 
     def __init__(
-        self, tmp_path: Path, *, policy: str = POLICY, config: bool = True, **sections: Any
+        self,
+        tmp_path: Path,
+        *,
+        policy: str = POLICY,
+        config: bool = True,
+        run_as: int | None = None,
+        **sections: Any,
     ) -> None:
         self.dir = tmp_path / "k"
         self.dir.mkdir(mode=0o711)
@@ -278,9 +284,22 @@ class Keeper:
         args = ["--socket", self.path, "--output-dir", str(self.out)]
         if config:
             args += ["--config", str(self.config_path)]
+        prefix: list[str] = []
+        if run_as is not None:
+            # The standard unit's keeper: a user of its own holding CAP_SETUID and
+            # CAP_SETGID as ambient capabilities (and nothing else in its bounding set);
+            # the test, root, attaches as its agent.
+            (tmp_path / "state").mkdir(exist_ok=True)
+            for d in (self.dir, self.out, tmp_path / "state", scratch):
+                os.chown(d, run_as, run_as)
+            caps = "+setuid,+setgid"
+            prefix = ["setpriv", f"--reuid={run_as}", f"--regid={run_as}", "--clear-groups",
+                      f"--inh-caps={caps}", f"--ambient-caps={caps}",
+                      f"--bounding-set=-all,{caps}", "--"]  # fmt: skip
+            args += ["--agent-uid", str(os.geteuid())]
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-I", "-c", KEEPER_MAIN, PACKAGE_ROOT, *args],
+                [*prefix, sys.executable, "-I", "-c", KEEPER_MAIN, PACKAGE_ROOT, *args],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, cwd="/",
             )  # fmt: skip
 

@@ -91,6 +91,7 @@ enum {
     OP_LL_CLOSE = 16,    /* close the current ruleset */
     OP_SECCOMP = 17,     /* seccomp(a = its number, SET_MODE_FILTER, b = flags, data = BPF);
                           * c >= 0: send the returned listener over socket c, then close it */
+    OP_NEW_SESSION_KEYRING = 18, /* keyctl(KEYCTL_JOIN_SESSION_KEYRING, NULL) */
 };
 
 /* Fixed steps (negative report codes); named in vspawn.py. */
@@ -222,6 +223,14 @@ static int run_ops(const op_t *ops, Py_ssize_t n, int cgroup_fd, int *step) {
         case OP_PRCTL:
             r = syscall(SYS_prctl, (unsigned long)op->a, (unsigned long)op->b,
                         (unsigned long)op->c, 0UL, 0UL);
+            break;
+        case OP_NEW_SESSION_KEYRING:
+            /* An anonymous session keyring of the job's own (it answers its id). Where
+             * keyctl is refused to this process (a container's filter: systemd-nspawn
+             * refuses it), it is refused to the job too: no keyring to share. */
+            r = syscall(SYS_keyctl, 1 /* KEYCTL_JOIN_SESSION_KEYRING */, NULL);
+            if (r >= 0 || errno == ENOSYS || errno == EPERM)
+                r = 0;
             break;
         case OP_CAPSET:
             /* header {version, pid 0} then the two 32-bit halves of the sets */

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 from collections.abc import Iterable
 
 # include/uapi/linux/capability.h
@@ -186,3 +187,55 @@ def set_caps(caps: Iterable[int], *, ambient: bool) -> None:
 def no_new_privs() -> None:
     """Step 6: nothing the job execs may gain privileges (set-uid, file capabilities)."""
     _prctl("prctl(PR_SET_NO_NEW_PRIVS)", _PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+
+
+_CAP_SETGID, _CAP_SETUID = 6, 7
+
+
+@functools.cache
+def held() -> tuple[bool, bool]:
+    """This process's own capabilities, read once (they do not change in the keeper's
+    life): (whether it holds any, permitted or ambient; whether it may switch users:
+    CAP_SETUID and CAP_SETGID effective). Both False when /proc cannot say."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            fields = dict(line.split(b":", 1) for line in f if b":" in line)
+        prm = int(fields[b"CapPrm"].strip(), 16)
+        amb = int(fields.get(b"CapAmb", b"0").strip(), 16)
+        eff = int(fields[b"CapEff"].strip(), 16)
+    except (OSError, KeyError, ValueError):
+        return False, False
+    switch = 1 << _CAP_SETUID | 1 << _CAP_SETGID
+    return bool(prm or amb), eff & switch == switch
+
+
+_PR_CAP_AMBIENT_CLEAR_ALL = 4
+
+
+def drop_all() -> None:
+    """Drop every capability (ambient, effective, permitted, inheritable): a job of a
+    non-root keeper that holds some (CAP_SETUID, CAP_SETGID, CAP_CHOWN, given as ambient
+    capabilities by its unit) must not inherit them (ambient ones survive execve)."""
+    _prctl("prctl(PR_CAP_AMBIENT_CLEAR_ALL)", _PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+    set_caps((), ambient=False)
+
+
+_KEYCTL_JOIN_SESSION_KEYRING = 1
+_NR_KEYCTL = {"x86_64": 250, "aarch64": 219}
+
+
+def new_session_keyring() -> None:
+    """Join a new anonymous session keyring (the caller's uid owns it): a job switched to
+    its own user must not possess the keeper's session keyring, which every job would
+    inherit, and through it each other's keys."""
+    import os
+
+    nr = _NR_KEYCTL.get(os.uname().machine)
+    if nr is None:
+        return  # not x86-64 or arm64: this fork-path fallback cannot name keyctl (the C path can)
+    if _libc.syscall(ctypes.c_long(nr), ctypes.c_long(_KEYCTL_JOIN_SESSION_KEYRING), None) < 0:
+        err = ctypes.get_errno()
+        # Refused to this process (a container's filter: systemd-nspawn refuses keyctl),
+        # so refused to the job too: there is no keyring to share.
+        if err not in (errno.ENOSYS, errno.EPERM):
+            raise CapError(err, "keyctl(KEYCTL_JOIN_SESSION_KEYRING)")

@@ -232,6 +232,22 @@ class Jobs:
     )
     umask: str = option("0077", "umask of job processes (octal)")
     path_env: str = option("/usr/local/bin:/usr/bin:/bin", "PATH given to jobs")
+    dynamic_users: bool = option(
+        False,
+        "each job whose policy entry names no user: runs as a uid of its own, taken from "
+        "dynamic_uid_min..dynamic_uid_max while it runs (no /etc/passwd entry; needs a root "
+        "keeper or one with CAP_SETUID and CAP_SETGID, otherwise jobs keep the keeper's user)",
+    )
+    dynamic_uid_min: int = option(
+        60600,
+        "first uid (and gid) of the dynamic users (the default range sits between systemd's "
+        "60001-60577 and its DynamicUser range 61184-65519); reserve it for the agent",
+        lo=1,
+        hi=4294967294,
+    )
+    dynamic_uid_max: int = option(
+        61099, "last uid (and gid) of the dynamic users", lo=1, hi=4294967294
+    )
 
 
 @dataclass(frozen=True)
@@ -624,6 +640,13 @@ def _jobs_checks(cfg: Config) -> None:
     if not 0 <= umask <= 0o777:
         raise ConfigError(f, "jobs", "umask", "must be between 0000 and 0777")
     mj = cfg.jobs
+    if mj.dynamic_uid_min > mj.dynamic_uid_max:
+        raise ConfigError(f, "jobs", "dynamic_uid_max", "must not be below dynamic_uid_min")
+    if mj.dynamic_uid_min <= 65534 <= mj.dynamic_uid_max:
+        # nobody's files are everybody's who maps to it (NFS, user namespaces).
+        raise ConfigError(f, "jobs", "dynamic_uid_min", "the range must not hold 65534 (nobody)")
+    if mj.dynamic_uid_min <= 65535 <= mj.dynamic_uid_max:
+        raise ConfigError(f, "jobs", "dynamic_uid_min", "the range must not hold 65535 (16-bit -1)")
     if mj.max_timeout_seconds and mj.default_timeout_seconds > mj.max_timeout_seconds:
         raise ConfigError(
             f, "jobs", "default_timeout_seconds", "must not exceed max_timeout_seconds"

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from agent.configfile import ConfigError
     from agent.daemon.config import Config
 
-from agent.daemon import admission, cgroups, landlock, seccomp
+from agent.daemon import admission, capabilities, cgroups, landlock, seccomp
 from agent.daemon import policy as policy_mod
 from agent.daemon.errors import FailedPrecondition
 from agent.daemon.spawnplan import SpawnSpec
@@ -74,6 +74,9 @@ class Settings:
 
     # Each job's scratch directory (cwd, HOME, TMPDIR) is created below this; None: none.
     scratch_dir: Path | None = None
+    # [jobs] dynamic_uid_min, dynamic_uid_max when each job gets a uid of its own (the
+    # keeper can switch users); None: jobs run as `user` (or their entry's).
+    dynamic_users: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -190,9 +193,14 @@ def build_spawn(
     # --- confinement (issue 14): the entry's user, Landlock and scratch directory ---
     conf = plan.confinement
     uid, gid = s.user.uid, s.user.gid
+    dynamic = False
     if conf is not None and conf.uid is not None:
         uid, gid = conf.uid, conf.gid
         job_env["USER"] = job_env["LOGNAME"] = conf.user or str(conf.uid)
+    elif s.dynamic_users is not None:
+        # A uid of its own, from the range: the keeper takes it at the spawn.
+        uid = gid = None
+        dynamic = True
     scratch = str(s.scratch_dir / job_id) if s.scratch_dir is not None else None
     if scratch is not None:
         job_env["HOME"] = job_env["TMPDIR"] = scratch
@@ -213,6 +221,7 @@ def build_spawn(
         landlock_abi=conf.abi if conf is not None else 0,
         scratch=scratch,
         capabilities=conf.capabilities if conf is not None else (),
+        dynamic_user=dynamic,
         no_new_privs=conf.no_new_privs if conf is not None else True,
         seccomp=conf.seccomp if conf is not None else None,
     )
@@ -333,9 +342,33 @@ def load_decider(cfg: Config, subtree: cgroups.Subtree | None) -> Loaded:
     Raises ConfigError (a job user that cannot be) or PolicyError.
     """
     user, warnings = resolve_job_user(cfg)
+    dynamic, more = dynamic_range(cfg)
+    warnings += more
     deny = deny_paths(cfg)
-    pol, w = load_policy(cfg, deny, reader=job_reader(user))
-    return Loaded(settings_of(cfg, user, subtree), pol, warnings, w)
+    reader = job_reader(user)
+    if dynamic is not None:
+        # A job of no fixed user is some uid of the range, in no group: "others".
+        reader = policy_mod.Reader(dynamic[0], dynamic[0], "a dynamic user")
+    pol, w = load_policy(cfg, deny, reader=reader)
+    settings = dataclasses.replace(settings_of(cfg, user, subtree), dynamic_users=dynamic)
+    return Loaded(settings, pol, warnings, w)
+
+
+def dynamic_range(cfg: Config) -> tuple[tuple[int, int] | None, list[str]]:
+    """The uid range of ``[jobs] dynamic_users`` when the job keeper can switch users (root,
+    CAP_SETUID and CAP_SETGID, or a keeper service: the standard unit gives it both);
+    otherwise None, and a warning when the configuration asked for it."""
+    j = cfg.jobs
+    if not j.dynamic_users:
+        return None, []
+    if runner_is_root(cfg) or cfg.keeper.mode == "service" or capabilities.held()[1]:
+        return (j.dynamic_uid_min, j.dynamic_uid_max), []
+    me = pwd.getpwuid(os.geteuid()).pw_name
+    return None, [
+        f"[jobs] dynamic_users = true is ignored: the job keeper is neither root nor holds "
+        f"CAP_SETUID and CAP_SETGID, so every job runs as its own user {me!r} (jobs can "
+        f"see each other's processes)"
+    ]
 
 
 class LoadError(Exception):

@@ -91,7 +91,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from agent.daemon import cgroups, vspawn
+from agent.daemon import cgroups, uids, vspawn
 from agent.daemon import lifecycle as lc
 from agent.daemon import spawnproto as proto
 from agent.daemon.decision import Decided, Decider, LoadError, load_in_child, request_from_wire
@@ -285,6 +285,11 @@ class Keeper(Spawner):
         self.dirty: dict[str, KeptJob] = {}  # output progress not yet told
         self.endings: dict[str, KeptJob] = {}  # "ending" not yet told (end of the turn)
         self.rids = itertools.count(1)
+        # [jobs] dynamic_users: the uids jobs hold (the range read at the keeper's start:
+        # its own seccomp filter allows that range and no other, see main()).
+        dyn = decider.settings.dynamic_users if decider is not None else None
+        self.pool = uids.Pool(*dyn) if dyn is not None else None
+        self.dynamic: dict[str, int] = {}  # job id -> its dynamic uid, until released
         self.mounts: list[Path] = []
         with contextlib.suppress(OSError):
             self.mounts = cgroups.parse_cgroup2_mounts(Path("/proc/self/mountinfo").read_text())
@@ -715,6 +720,33 @@ class Keeper(Spawner):
         except AgentError as e:
             self.refuse(rid, job_id, e.kind.name, e.rule, e.message)
             return
+        uid = None
+        if decided.spec.dynamic_user:
+            uid = self.pool.take() if self.pool is not None else None
+            if uid is None:
+                for fd in (decided.spec.exec_fd, decided.spec.script_fd):
+                    if fd is not None:
+                        os.close(fd)
+                if self.pool is None:
+                    self.refuse(
+                        rid,
+                        job_id,
+                        "FAILED_PRECONDITION",
+                        "dynamic-users-off",
+                        "not started: [jobs] dynamic_users was switched on by a reload; it "
+                        "takes effect when the job keeper is restarted",
+                    )
+                else:
+                    self.refuse(
+                        rid,
+                        job_id,
+                        "RESOURCE_EXHAUSTED",
+                        "dynamic-users-exhausted",
+                        f"not started: every uid of [jobs] dynamic_uid_min..dynamic_uid_max "
+                        f"({self.pool.lo}-{self.pool.hi}) is held by a running job",
+                    )
+                return
+            self.dynamic[job_id] = uid
         # The record is completed here, from the decision: what the next agent is
         # handed (hello) says what really runs.
         record.update(
@@ -732,11 +764,13 @@ class Keeper(Spawner):
             }
         )
         try:
-            self.spawn_admitted(rid, job_id, record, decided)
+            self.spawn_admitted(rid, job_id, record, decided, uid)
         except Exception:
             import traceback
 
             log(f"internal error starting job {job_id}:\n{traceback.format_exc()}")
+            if job_id not in self.jobs and not self._starting(job_id):
+                self.release_uid(job_id, ran=True)
             if job_id not in self.jobs:
                 self.tell(
                     {
@@ -749,11 +783,15 @@ class Keeper(Spawner):
                 )
 
     def spawn_admitted(
-        self, rid: int, job_id: str, record: dict[str, Any], decided: Decided
+        self, rid: int, job_id: str, record: dict[str, Any], decided: Decided, uid: int | None
     ) -> None:
-        """The output file and pipe of an admitted job, then the spawn."""
+        """The output file and pipe of an admitted job, then the spawn (as ``uid``, its
+        dynamic user, when it has one)."""
         spec = decided.spec
         plan, roles, kid_fds = plan_of(spec)
+        if uid is not None:
+            plan["uid"] = plan["gid"] = uid
+            plan["env"]["USER"] = plan["env"]["LOGNAME"] = str(uid)
         theirs = {r: fd for r, fd in zip(roles, kid_fds, strict=True) if r != "stdout"}
         run = decided.run.to_wire()
         out = OutputFile(
@@ -766,6 +804,7 @@ class Keeper(Spawner):
             out.close()
             for fd in theirs.values():
                 os.close(fd)
+            self.release_uid(job_id, ran=False)
             code = getattr(e, "errno", None) or errno.EMFILE
             self.tell(
                 {
@@ -819,6 +858,19 @@ class Keeper(Spawner):
             log(f"policy reload rejected, keeping the current policy: {e}")
         self.tell(answer)
 
+    def release_uid(self, job_id: str, *, ran: bool) -> None:
+        """Give a job's dynamic uid back; when a process of it ran, only after everything
+        that uid still has is gone (uids.reclaim: its processes, IPC objects, message
+        queues, shared memory, keyrings), so the next job given the uid inherits nothing.
+        A uid whose reclaim failed is never handed out again by this keeper (logged)."""
+        uid = self.dynamic.pop(job_id, None)
+        if uid is None or self.pool is None:
+            return
+        if ran and not uids.reclaim(uid):
+            log(f"job {job_id}: uid {uid} could not be cleaned up; it stays out of use")
+            return
+        self.pool.release(uid)
+
     def _starting(self, job_id: str) -> bool:
         return any(j.id == job_id for j in self.by_rid.values())
 
@@ -836,6 +888,8 @@ class Keeper(Spawner):
             os.close(job.rfd)
             job.rfd = -1
             job.out.close()
+            # A child that failed before its exec: it ran only the keeper's set-up.
+            self.release_uid(job.id, ran=False)
             error = str(msg.get("error", "unknown error"))
             if job.gen == self.gen and self.sock is not None:
                 self.tell(
@@ -856,6 +910,9 @@ class Keeper(Spawner):
         job.pid = msg["pid"]
         self.jobs[job.id] = job
         self.by_pid[job.pid] = job
+        if job.id in self.dynamic:
+            uid = self.dynamic[job.id]
+            self.job_users[job.pid] = (uid, uid)
         self.sel.register(job.rfd, selectors.EVENT_READ, job)
         if job.life.timeout_seconds:
             self.arm(job, job.life.timeout_seconds, lc.TimedOut())
@@ -891,9 +948,13 @@ class Keeper(Spawner):
         # DiscardOutput: job.life.discarding is what record_output looks at.
 
     def on_exited(self, msg: dict[str, Any]) -> None:
+        # After its cgroup is empty (the spawner reports the exit then): the uid is free
+        # once what it left outside the cgroup is gone too.
+        self.job_users.pop(msg["pid"], None)
         job = self.by_pid.pop(msg["pid"], None)
         if job is None:
             return
+        self.release_uid(job.id, ran=True)
         job.exit = exit_of(msg)
         if job.rfd >= 0:
             self.on_output(job)  # what is already in the pipe belongs to the job
@@ -1158,6 +1219,11 @@ def main(argv: list[str]) -> int:
             return 2
         if args.output_dir is None:
             args.output_dir = str(decider.settings.output_dir)
+    if decider is not None and decider.settings.dynamic_users is not None:
+        why = keeper_filter(*decider.settings.dynamic_users)
+        if why:
+            log(why)
+            return 2
     _subreaper()
     keeper = Keeper(
         listener,
@@ -1171,6 +1237,24 @@ def main(argv: list[str]) -> int:
     )
     keeper.load_ended()
     return run(keeper)
+
+
+def keeper_filter(lo: int, hi: int) -> str:
+    """Bind this keeper (and every process it starts) to the dynamic uid range: from now
+    on the kernel refuses it uid 0 and every uid and gid outside ``lo..hi`` (see
+    :func:`agent.daemon.uids.keeper_filter`), so code execution in the keeper cannot
+    become root or another user with the CAP_SETUID the standard unit gives it. A root
+    keeper (the privileged deployment) runs entries' fixed users and root jobs: no
+    filter. It survives the re-exec of an upgrade (filters are kept across execve).
+    Returns why it cannot be installed ("" when it is)."""
+    if os.geteuid() == 0:
+        return ""
+    try:
+        uids.install_keeper_filter(lo, hi)
+    except OSError as e:
+        return f"[jobs] dynamic_users: cannot bind the keeper to uids {lo}-{hi}: {e}"
+    log(f"dynamic users: each job runs as a uid of its own from {lo}-{hi}")
+    return ""
 
 
 def load_decider(config: str, subtree: cgroups.Subtree | None) -> tuple[str, Decider | None]:

@@ -129,6 +129,8 @@ def snapshot(k: Keeper) -> dict[str, Any]:
         "scratch": {str(pid): path for pid, path in k.scratch.items()},
         "scratch_owners": {path: list(o) for path, o in k.scratch_owners.items()},
         "guards": {str(pid): [g.fd, g.uid, g.gid, list(g.caps)] for pid, g in k.guards.items()},
+        "job_users": {str(pid): list(u) for pid, u in k.job_users.items()},
+        "dynamic": dict(k.dynamic),
         "jobs": jobs,
         "ended": list(k.ended.values()),
     }
@@ -217,6 +219,12 @@ def restore(k: Keeper, state: dict[str, Any]) -> None:
         k.cgroups[int(pid_s)] = cgroups.JobCgroup(job_id, Path(path))
     k.scratch.update({int(p): path for p, path in state["scratch"].items()})
     k.scratch_owners.update({path: (o[0], o[1]) for path, o in state["scratch_owners"].items()})
+    k.job_users.update({int(p): (u[0], u[1]) for p, u in state.get("job_users", {}).items()})
+    for job_id, uid in state.get("dynamic", {}).items():
+        # Held by a running job whatever the range is now (a reload may have changed it).
+        k.dynamic[job_id] = uid
+        if k.pool is not None:
+            k.pool.held.add(uid)
     for pid_s, (fd, uid, gid, caps) in state["guards"].items():
         guard = k.guards[int(pid_s)] = seccomp.ListenGuard(fd, uid, gid, caps)
         k.sel.register(fd, selectors.EVENT_READ, guard)

@@ -435,6 +435,20 @@ class Prepared:
         return ret if self.listen_guard else -1
 
 
+def native_arch() -> int:
+    """This architecture's AUDIT_ARCH_* value, as a filter sees it in seccomp_data.arch
+    (libseccomp's SCMP_ARCH_NATIVE token is that value). Raises SeccompError."""
+    lib = _lib()
+    lib.seccomp_arch_native.restype = ctypes.c_uint32
+    return int(lib.seccomp_arch_native())
+
+
+def install_program(program: bytes) -> None:
+    """Install a BPF program on the calling process (no_new_privs already set). Raises
+    SeccompError."""
+    Prepared(program, False, _seccomp_nr()).install()
+
+
 def prepare(spec: SeccompSpec) -> Prepared:
     """Plan and compile an entry's filter (in the spawner, once per entry). Raises
     SeccompError when libseccomp or the kernel cannot do it."""

@@ -88,12 +88,13 @@ import resource
 import selectors
 import signal
 import socket
+import struct
 import sys
 import time
 from typing import Any, NoReturn
 
 from agent.daemon import capabilities as caps_mod
-from agent.daemon import cgroups, landlock, seccomp, vspawn
+from agent.daemon import cgroups, landlock, seccomp, uids, vspawn
 from agent.daemon import scratch as scratch_mod
 from agent.daemon import spawnproto as proto
 from agent.vocabulary import RLIMITS as VOCABULARY_RLIMITS
@@ -289,11 +290,24 @@ def _switch_user(plan: dict[str, Any], root: bool, last_cap: int) -> str:
     uid, gid = plan.get("uid"), plan.get("gid")
     caps: list[int] = plan.get("capabilities", [])
     if not root:
-        # An unprivileged spawner has no capabilities to drop or give and can only
-        # "switch" to itself (the policy refuses other users at load).
+        holds, switcher = caps_mod.held()
         if uid is not None and uid != os.geteuid():
-            raise PermissionError(errno.EPERM, "setresuid")
-        return "setresuid"
+            # A keeper with CAP_SETUID and CAP_SETGID (the standard unit, dynamic users:
+            # its own seccomp filter keeps the ids in their range) switches; an
+            # unprivileged one can only "switch" to itself (the policy refuses other
+            # users at load).
+            if not switcher:
+                raise PermissionError(errno.EPERM, "setresuid")
+            gid = uid if gid is None else gid
+            os.setgroups([])
+            os.setresgid(gid, gid, gid)
+            os.setresuid(uid, uid, uid)
+            caps_mod.new_session_keyring()  # vspawn.KEYRING_STEP: not the keeper's
+        if holds:
+            # A switch between two non-zero uids keeps every capability, and ambient
+            # ones survive execve: the job gets none of the keeper's.
+            caps_mod.drop_all()
+        return "capabilities" if holds else "setresuid"
     target = 0 if uid is None else uid
     if uid is not None:
         gid = uid if gid is None else gid
@@ -309,6 +323,8 @@ def _switch_user(plan: dict[str, Any], root: bool, last_cap: int) -> str:
     caps_mod.drop_bounding(caps, last_cap)
     if uid is not None:
         os.setresuid(uid, uid, uid)
+        if uid != 0:  # vspawn.user_ops: a user other than the (root) keeper's
+            caps_mod.new_session_keyring()
     if target == 0 or caps:
         # Root keeps its full permitted set across setresuid(0): cut it to the entry's.
         caps_mod.set_caps(caps, ambient=target != 0)
@@ -371,7 +387,8 @@ def _child(
         os.chdir(plan["cwd"])
         # --- user and capabilities (issue 14) ---
         step = "user switch"
-        if plan.get("uid") is not None or root:
+        # (vspawn.spawn_args: a keeper holding capabilities drops them in every job.)
+        if plan.get("uid") is not None or root or caps_mod.held()[0]:
             _switch_user(plan, root, last_cap)
         step = "signals"
         for sig in reset:
@@ -496,6 +513,9 @@ class Spawner:
         # --- seccomp (issue 22) ---
         self.filters: dict[str, seccomp.Prepared] = {}  # spec (JSON) -> compiled, per entry
         self.guards: dict[int, seccomp.ListenGuard] = {}  # pid -> its listen() checks
+        # pid -> (uid, gid) of a running job of another uid than a non-root keeper's (its
+        # dynamic user): signalled through a helper of that uid (no CAP_KILL here).
+        self.job_users: dict[int, tuple[int, int]] = {}
         # Hold every number below FIRST_FREE_FD: a prepared ruleset's descriptors must
         # never land where the child puts the job's own (0-4) with dup2.
         while (low := os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)) < FIRST_FREE_FD:
@@ -580,10 +600,20 @@ class Spawner:
             # denied in every job's rules (ruleset()).
             fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
             uid = plan.get("uid")
-            if uid is not None and self.root:
+            if uid is not None and (self.root or uid != os.geteuid()):
                 gid = plan.get("gid")
                 gid = uid if gid is None else gid
-                os.chown(path, uid, gid, follow_symlinks=False)
+                try:
+                    os.chown(path, uid, gid, follow_symlinks=False)
+                except PermissionError:
+                    if self.root:
+                        raise
+                    # A keeper without CAP_CHOWN (the standard unit: its exposure stays
+                    # at 2.0): the directory stays the keeper's, 0700, and an access ACL
+                    # gives the job's uid, and only it besides the keeper, all rights.
+                    os.setxattr(
+                        path, "system.posix_acl_access", _acl_for(uid), follow_symlinks=False
+                    )
                 # Whose files will be in it: remove_scratch may need to act as that user.
                 self.scratch_owners[path] = (uid, gid)
         except BaseException:
@@ -957,20 +987,33 @@ class Spawner:
             or not isinstance(sig, int)
         ):
             return
+        cg = self.cgroups.get(pid)
+        user = self.job_users.get(pid)
+        if user is not None and not self.root:
+            # A job of its own uid: this keeper has no CAP_KILL (and is not given it), so
+            # a helper of the job's uid signals, as the job itself could. SIGKILL with a
+            # cgroup needs none: cgroup.kill is the keeper's file.
+            if sig == signal.SIGKILL and cg is not None:
+                self._kill_leaf(cg)
+                return
+            uids.as_user(*user, lambda: _signal_job(pid, sig, cg))
+            return
         try:
             os.killpg(pid, sig)
         except OSError:
             pass
-        cg = self.cgroups.get(pid)
         if cg is None:
             return
         if sig == signal.SIGKILL:
-            try:
-                cg.kill()
-            except cgroups.CgroupError as e:
-                print(f"agent spawner: {e}", file=sys.stderr)
+            self._kill_leaf(cg)
             return
         signal_leaf(cg, sig)
+
+    def _kill_leaf(self, cg: cgroups.JobCgroup) -> None:
+        try:
+            cg.kill()
+        except cgroups.CgroupError as e:
+            print(f"agent spawner: {e}", file=sys.stderr)
 
     def on_exit(self, pid: int) -> None:
         # The leader is a zombie: its group id cannot have been reused yet,
@@ -1084,6 +1127,32 @@ class Spawner:
         except cgroups.CgroupError as e:
             print(f"agent spawner: {e}", file=sys.stderr)
         self.send(msg)
+
+
+_ACL_VERSION = 2
+_ACL_USER_OBJ, _ACL_USER, _ACL_GROUP_OBJ, _ACL_MASK, _ACL_OTHER = 0x01, 0x02, 0x04, 0x10, 0x20
+_ACL_NO_ID = 0xFFFFFFFF
+
+
+def _acl_for(uid: int) -> bytes:
+    """The binary system.posix_acl_access of a directory for its owner and ``uid`` (rwx
+    each), nobody else: user::rwx, user:UID:rwx, group::---, mask::rwx, other::---."""
+    entries = [
+        (_ACL_USER_OBJ, 7, _ACL_NO_ID),
+        (_ACL_USER, 7, uid),
+        (_ACL_GROUP_OBJ, 0, _ACL_NO_ID),
+        (_ACL_MASK, 7, _ACL_NO_ID),
+        (_ACL_OTHER, 0, _ACL_NO_ID),
+    ]
+    return struct.pack("=I", _ACL_VERSION) + b"".join(struct.pack("=HHI", *e) for e in entries)
+
+
+def _signal_job(pid: int, sig: int, cg: cgroups.JobCgroup | None) -> None:
+    """The job's process group, then every process of its leaf (in a helper of its uid)."""
+    with contextlib.suppress(OSError):
+        os.killpg(pid, sig)
+    if cg is not None:
+        signal_leaf(cg, sig)
 
 
 def signal_leaf(cg: cgroups.JobCgroup, sig: int) -> None:

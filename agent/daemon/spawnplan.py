@@ -44,6 +44,9 @@ class SpawnSpec:
     capabilities: Sequence[int] = ()  # what a job of a root spawner keeps (default none)
     no_new_privs: bool = True
     seccomp: SeccompSpec | None = None  # the job's seccomp filter (issue 22); None: none
+    # A uid of its own from the dynamic range ([jobs] dynamic_users): the keeper takes one
+    # and sets uid and gid in the plan (uid and gid here are then None).
+    dynamic_user: bool = False
 
 
 def plan_of(spec: SpawnSpec) -> tuple[dict[str, Any], list[str], list[int]]:

@@ -28,6 +28,7 @@ import struct
 from collections.abc import Sequence
 from typing import Any
 
+from agent.daemon import capabilities as caps_mod
 from agent.daemon import landlock, seccomp
 from agent.daemon import spawnproto as proto
 
@@ -49,6 +50,7 @@ OP_LL_OPEN_ADD = 14
 OP_LL_RESTRICT = 15
 OP_LL_CLOSE = 16
 OP_SECCOMP = 17
+OP_NEW_SESSION_KEYRING = 18
 # The C child's fixed steps (negative codes), in spawner._child's words.
 FIXED_STEPS = {
     -1: "setup",
@@ -62,6 +64,11 @@ ENV_VAR = "WORKER_AGENT_SPAWN"
 LANDLOCK_BLOCKS = 64  # named rule blocks kept (the spawner keeps as many prepared specs)
 _PR_SET_KEEPCAPS, _PR_CAPBSET_DROP, _PR_CAP_AMBIENT, _PR_CAP_AMBIENT_RAISE = 8, 24, 47, 2
 _PR_SET_NO_NEW_PRIVS = 38
+_PR_CAP_AMBIENT_CLEAR_ALL = 4
+# A job switched to another user gets a session keyring of its own: the keeper's (the
+# unit's private one) is possessed by every process that inherits it, so jobs of
+# different uids would share its keys (spawner._switch_user, capabilities.new_session_keyring).
+KEYRING_STEP = "keyctl(KEYCTL_JOIN_SESSION_KEYRING)"
 _CAP_VERSION_3 = 0x20080522
 
 Op = tuple[int, int, int, int, int, "bytes | None"]
@@ -112,10 +119,27 @@ def user_ops(plan: dict[str, Any], root: bool, last_cap: int, steps: Steps, euid
     caps: list[int] = plan.get("capabilities", [])
     switch = steps("user switch")
     if not root:
-        # An unprivileged spawner can only "switch" to itself.
+        holds, switcher = caps_mod.held()
+        out: list[Op] = []
         if uid is not None and uid != euid:
-            return [(OP_FAIL, switch, errno.EPERM, 0, 0, None)]
-        return []
+            # spawner._switch_user: a keeper with CAP_SETUID/CAP_SETGID switches, an
+            # unprivileged one can only "switch" to itself.
+            if not switcher:
+                return [(OP_FAIL, switch, errno.EPERM, 0, 0, None)]
+            gid = uid if gid is None else gid
+            out += [
+                (OP_SETGROUPS0, switch, 0, 0, 0, None),
+                (OP_SETRESGID, switch, gid, 0, 0, None),
+                (OP_SETRESUID, switch, uid, 0, 0, None),
+                (OP_NEW_SESSION_KEYRING, steps(KEYRING_STEP), 0, 0, 0, None),
+            ]
+        if holds:
+            # None of the keeper's capabilities for the job (ambient ones survive execve).
+            step = steps("prctl(PR_CAP_AMBIENT_CLEAR_ALL)")
+            out.append((OP_PRCTL, step, _PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, None))
+            data = struct.pack("=Ii6I", _CAP_VERSION_3, 0, *([0] * 6))
+            out.append((OP_CAPSET, steps("capset"), 0, 0, 0, data))
+        return out
     ops: list[Op] = []
     target = 0 if uid is None else uid
     if uid is not None:
@@ -133,6 +157,8 @@ def user_ops(plan: dict[str, Any], root: bool, last_cap: int, steps: Steps, euid
             ops.append((OP_PRCTL, step, _PR_CAPBSET_DROP, cap, 0, None))
     if uid is not None:
         ops.append((OP_SETRESUID, switch, uid, 0, 0, None))
+        if uid != euid:
+            ops.append((OP_NEW_SESSION_KEYRING, steps(KEYRING_STEP), 0, 0, 0, None))
     if target == 0 or caps:
         # Root keeps its full permitted set across setresuid(0): cut it to the entry's.
         wanted = sorted(kept)
@@ -219,7 +245,9 @@ def build(
         pre.append((OP_SETRLIMIT, last, res, value, value + extra, None))
     pre.append((OP_UMASK, last, plan["umask"], 0, 0, None))  # umask() cannot fail
     pre.append((OP_CHDIR, steps("chdir"), 0, 0, 0, os.fsencode(plan["cwd"])))
-    if plan.get("uid") is not None or root:
+    # A keeper holding capabilities (the standard unit's CAP_SETUID/CAP_SETGID) drops them
+    # in every job, whether or not it switches the job's user.
+    if plan.get("uid") is not None or root or caps_mod.held()[0]:
         pre += user_ops(plan, root, last_cap, steps, os.geteuid())
     confine_ops: list[Op] = []
     keep: set[int] = set()

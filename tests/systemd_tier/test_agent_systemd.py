@@ -741,6 +741,9 @@ def test_jobs_write_only_where_the_unit_allows(running: Agent) -> None:
     assert "Permission denied" in results["/home"][1]
 
 
+KEEPER_CAPS = 1 << 6 | 1 << 7  # CAP_SETGID, CAP_SETUID
+
+
 def test_jobs_run_as_agent_without_privileges(running: Agent) -> None:
     """A job runs as user agent: no capabilities, NoNewPrivs=1, seccomp, limits, no PID 1."""
     client = running.client()
@@ -752,18 +755,27 @@ def test_jobs_run_as_agent_without_privileges(running: Agent) -> None:
         key, _, value = line.replace(":", "=", 1).partition("=")
         fields[key] = value.strip()
     assert fields["user"] == "worker-agent"
-    for cap in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+    for cap in ("CapInh", "CapPrm", "CapEff", "CapAmb"):
         assert int(fields[cap], 16) == 0, (cap, fields)
+    # The keeper unit's bounding set (CAP_SETUID, CAP_SETGID, for dynamic users): the job
+    # holds neither, and no_new_privs keeps any exec from giving them back.
+    assert int(fields["CapBnd"], 16) == KEEPER_CAPS, fields
     assert fields["NoNewPrivs"] == "1"
     assert fields["Seccomp"] == "2"
     assert fields["nofile"] == str(OPEN_FILES)  # [limits.default] via prlimit
     assert fields["pid1"] == "hidden"
-    # The agent and the keeper: same user, same (lack of) privileges.
-    for pid in (running.state("MainPID")["MainPID"], running.keeper("MainPID")["MainPID"]):
+    # The agent and the keeper: same user; the agent has no capability, the keeper only
+    # CAP_SETUID and CAP_SETGID (ambient), for dynamic users.
+    agent_pid, keeper_pid = (
+        running.state("MainPID")["MainPID"],
+        running.keeper("MainPID")["MainPID"],
+    )
+    for pid, caps in ((agent_pid, 0), (keeper_pid, KEEPER_CAPS)):
         text = running.box.run(["cat", f"/proc/{pid}/status"]).check("status").stdout
         own = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-        assert int(own["CapEff"].strip(), 16) == 0
-        assert int(own["CapBnd"].strip(), 16) == 0
+        assert int(own["CapEff"].strip(), 16) == caps
+        assert int(own["CapBnd"].strip(), 16) == caps
+        assert int(own["CapAmb"].strip(), 16) == caps
         assert own["NoNewPrivs"].strip() == "1"
         user = running.box.run(["ps", "-o", "user=", "-p", pid]).check("ps").stdout.strip()
         assert user == "worker-agent"

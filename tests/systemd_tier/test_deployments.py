@@ -183,7 +183,9 @@ def unprivileged(installed: nspawn.Container, certs: Certs) -> Iterator[Deployed
     policy += (
         "  - name: py\n    command: /usr/bin/python3\n    aliases: [py]\n    args: {max_count: 3}\n"
     )
-    d = _install(installed, UNPRIVILEGED, agent_config(port), policy, certs, port)
+    # The package's setting: each job a uid of its own (docs/deployment.md).
+    config = agent_config(port).replace("[jobs]\n", "[jobs]\ndynamic_users = true\n", 1)
+    d = _install(installed, UNPRIVILEGED, config, policy, certs, port)
     yield d
     d.close()
 
@@ -262,6 +264,51 @@ def test_unprivileged_job_cannot_connect_or_signal(unprivileged: Deployed) -> No
     for unit in (SERVICE, KEEPER):
         code, out = unprivileged.run("bash", f"{JOB_DIR}/kill.sh", unprivileged.main_pid(unit))
         assert "SIGNALLED" not in out and code != 0, (unit, out)
+
+
+# A job that looks for another job's command line in /proc, and says who it is.
+LOOK = (
+    "import os, sys\n"
+    "mine = 0\n"
+    "for p in os.listdir('/proc'):\n"
+    "    try:\n"
+    "        line = open(f'/proc/{p}/cmdline', 'rb').read()\n"
+    "    except OSError:\n"
+    "        continue\n"
+    "    if b'MARKER-' + b'SECRET' in line:\n"
+    "        print('SAW', p)\n"
+    "    if p.isdigit() and int(p) == os.getpid():\n"
+    "        mine += 1\n"
+    "print('UID', os.getuid(), os.getgid(), 'SELF', mine)\n"
+)
+
+
+def test_unprivileged_jobs_have_their_own_uids_and_cannot_see_each_other(
+    unprivileged: Deployed,
+) -> None:
+    """[jobs] dynamic_users under the shipped keeper unit: a job runs as a uid of the
+    default range (60600-61099), not worker-agent; while another job runs with a secret
+    in its command line, the job sees its own /proc entry but not the other's
+    (ProtectProc=invisible now separates jobs); the keeper's own filter is in force."""
+    c = unprivileged.client()
+    other = c.start("py", "-c", args=["import time; time.sleep(30)", "MARKER-SECRET"])
+    try:
+        code, out = unprivileged.run("py", "-c", LOOK)
+        words = out.split()
+        assert code == 0 and "SAW" not in words and words[-2:] == ["SELF", "1"], out
+        uid, gid = int(words[1]), int(words[2])
+        assert 60600 <= uid <= 61099 and gid == uid, out
+        keeper = unprivileged.box.run(
+            [
+                "grep",
+                "-E",
+                "^(Seccomp|NoNewPrivs|CapEff):",
+                f"/proc/{unprivileged.main_pid(KEEPER)}/status",
+            ]
+        ).stdout.split()
+        assert keeper == ["CapEff:", "00000000000000c0", "NoNewPrivs:", "1", "Seccomp:", "2"]
+    finally:
+        c.stop(other)
 
 
 # A job that tries to talk to the job keeper (same user as the keeper and the agent here).
