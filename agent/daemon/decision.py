@@ -190,7 +190,7 @@ def build_spawn(
     job_env = dict(base_env(s) if env is None else env)
     job_env.update(plan.env)
     job_env[JOB_ID_ENV] = job_id
-    # --- confinement (issue 14): the entry's user, Landlock and scratch directory ---
+    # --- confinement: the entry's user, Landlock and scratch directory ---
     conf = plan.confinement
     uid, gid = s.user.uid, s.user.gid
     dynamic = False

@@ -199,7 +199,7 @@ def check_plan(plan: Any, fds: dict[str, int]) -> str:
                 k not in CGROUP_LIMITS or isinstance(v, bool) or not isinstance(v, int) or v <= 0
             ):
                 return f"malformed plan: cgroup {k}"
-    # --- confinement (issue 14) ---
+    # --- confinement ---
     scratch, caps = plan.get("scratch"), plan.get("capabilities", [])
     if scratch is not None and (
         not isinstance(scratch, str) or not scratch.startswith("/") or "\0" in scratch
@@ -385,7 +385,7 @@ def _child(
         os.umask(plan["umask"])
         step = "chdir"
         os.chdir(plan["cwd"])
-        # --- user and capabilities (issue 14) ---
+        # --- user and capabilities ---
         step = "user switch"
         # (vspawn.spawn_args: a keeper holding capabilities drops them in every job.)
         if plan.get("uid") is not None or root or caps_mod.held()[0]:
@@ -416,7 +416,7 @@ def _child(
             top += 1
         step = "close descriptors"
         _close_all_but({err_w, *ruleset_fds}, top)
-        # --- Landlock (issue 14) ---
+        # --- Landlock ---
         # Last before exec: everything the child opens itself is open, and the domain
         # (with no_new_privs) also binds whatever the job execs.
         if confine is not None:
@@ -425,7 +425,7 @@ def _child(
         elif plan.get("no_new_privs", True) or filt is not None:
             step = "no_new_privs"
             caps_mod.no_new_privs()
-        # --- seccomp (issue 22) ---
+        # --- seccomp ---
         # Last, after no_new_privs (required without CAP_SYS_ADMIN) and Landlock: from
         # here on the filter binds the child, and all it still does is exec.
         if filt is not None:
@@ -503,14 +503,14 @@ class Spawner:
         self.nr_open = _nr_open()
         self.reset_signals: list[int] = []
         self.running = True
-        # --- confinement (issue 14) ---
+        # --- confinement ---
         self.root = os.geteuid() == 0
         self.last_cap = caps_mod.last_cap()
         self.rulesets: dict[str, landlock.Prepared] = {}  # spec (JSON) -> prepared, per entry
         self.scratch: dict[int, str] = {}  # pid -> its scratch directory, removed at exit
         self.scratch_roots: dict[str, str] = {}  # scratch root -> its canonical path
         self.scratch_owners: dict[str, tuple[int, int]] = {}  # path -> job's (uid, gid)
-        # --- seccomp (issue 22) ---
+        # --- seccomp ---
         self.filters: dict[str, seccomp.Prepared] = {}  # spec (JSON) -> compiled, per entry
         self.guards: dict[int, seccomp.ListenGuard] = {}  # pid -> its listen() checks
         # pid -> (uid, gid) of a running job of another uid than a non-root keeper's (its
@@ -761,7 +761,7 @@ class Spawner:
                     self.remove_cgroup(cg)
                 self.send({"op": "spawned", "id": rid, "error": str(e), "errno": errno.EIO})
                 return
-        # --- confinement (issue 14): ruleset and scratch, before the fork ---
+        # --- confinement: ruleset and scratch, before the fork ---
         confine: landlock.Prepared | None = None
         filt: seccomp.Prepared | None = None
         scratch: str | None = None

@@ -37,13 +37,13 @@ class SpawnSpec:
     # The job cgroup the spawner creates for this job: {"id": JOB_ID, and the
     # cgroups.Limits fields memory_bytes / pids / cpu_millicores that are set}.
     cgroup: Mapping[str, str | int] | None = None
-    # --- confinement (issue 14): Landlock, scratch directory, capabilities ---
+    # --- confinement: Landlock, scratch directory, capabilities ---
     landlock: LandlockSpec | None = None  # complete (deny list included); None: none
     landlock_abi: int = 0  # the ABI the spec was checked against at policy load
     scratch: str | None = None  # created 0700 for the job's user, removed after it
     capabilities: Sequence[int] = ()  # what a job of a root spawner keeps (default none)
     no_new_privs: bool = True
-    seccomp: SeccompSpec | None = None  # the job's seccomp filter (issue 22); None: none
+    seccomp: SeccompSpec | None = None  # the job's seccomp filter; None: none
     # A uid of its own from the dynamic range ([jobs] dynamic_users): the keeper takes one
     # and sets uid and gid in the plan (uid and gid here are then None).
     dynamic_user: bool = False
@@ -63,7 +63,7 @@ def plan_of(spec: SpawnSpec) -> tuple[dict[str, Any], list[str], list[int]]:
     }
     if spec.cgroup is not None:
         plan["cgroup"] = dict(spec.cgroup)
-    # --- confinement (issue 14) ---
+    # --- confinement ---
     if spec.landlock is not None and spec.landlock_abi >= 1:
         ll = spec.landlock
         plan["landlock"] = {

@@ -1,4 +1,4 @@
-"""Dynamic users: each job its own uid from a reserved range (issue 24, items 2 and 3).
+"""Dynamic users: each job its own uid from a reserved range.
 
 As systemd's ``DynamicUser=``: a job whose policy entry names no ``user:`` runs as a uid
 (and the gid of the same number) taken from ``[jobs] dynamic_uid_min..dynamic_uid_max``
