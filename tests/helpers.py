@@ -317,7 +317,7 @@ class AgentProcess:
     @property
     def instance(self) -> str:
         """The instance marker of this agent's jobs (``AGENT_INSTANCE``)."""
-        from agent.daemon.supervisor import instance_id
+        from agent.daemon.jobsettings import instance_id
 
         return instance_id(self._dirs()[0])
 

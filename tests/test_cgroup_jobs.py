@@ -19,7 +19,8 @@ import pytest
 from agent.client.errors import FailedPrecondition
 from agent.daemon import cgroups
 from agent.daemon import lifecycle as lc
-from agent.daemon.supervisor import NO_CGROUP_NOTE, instance_id
+from agent.daemon.jobsettings import instance_id
+from agent.daemon.supervisor import NO_CGROUP_NOTE
 from agent.vocabulary import JobState
 
 from helpers import AgentFactory, AgentProcess, make_safe_dir, policy_for, wait_for, write_script

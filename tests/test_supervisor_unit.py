@@ -39,10 +39,11 @@ from agent.daemon.errors import (
     Unavailable,
 )
 from agent.daemon.history import History, JobRecord, Store, record_to_wire
+from agent.daemon.jobsettings import JobUser, Settings
 from agent.daemon.keeperclient import Admission, Finished, Hello, Kept, RunSpec
 from agent.daemon.lifecycle import Exit
 from agent.daemon.spawn import SpawnSpec
-from agent.daemon.supervisor import Job, JobUser, Settings, Supervisor
+from agent.daemon.supervisor import Job, Supervisor
 from agent.vocabulary import JobState
 
 POLICY = """

@@ -38,45 +38,10 @@ if TYPE_CHECKING:
 from agent.daemon import admission, capabilities, cgroups, landlock, seccomp
 from agent.daemon import policy as policy_mod
 from agent.daemon.errors import FailedPrecondition
+from agent.daemon.jobsettings import INSTANCE_ENV, JOB_ID_ENV, JobUser, Settings, instance_id
 from agent.daemon.spawnplan import SpawnSpec
 from agent.vocabulary import CGROUP_LIMITS as VOCABULARY_CGROUP_LIMITS
 from agent.vocabulary import LIMIT_NAMES
-
-INSTANCE_ENV = "AGENT_INSTANCE"
-JOB_ID_ENV = "AGENT_JOB_ID"  # agent.daemon.procfs.JOB_ID_ENV
-
-
-@dataclass(frozen=True)
-class JobUser:
-    """Who jobs run as."""
-
-    uid: int | None  # None: the agent's own user (no switch)
-    gid: int | None
-    name: str
-    home: str
-
-
-@dataclass(frozen=True)
-class Settings:
-    """What starting a job needs from the configuration (no defaults: config has them)."""
-
-    output_dir: Path
-    instance: str  # marks every job's environment, see Recovery
-    user: JobUser
-    umask: int
-    stop_grace: float
-    on_output_cap: str
-    path_env: str
-    rules: admission.Rules
-    # The agent's job cgroup subtree; None: jobs run without a cgroup.
-    cgroups: cgroups.Subtree | None = None
-    cpu_millicores: int = 0  # [cgroups] cpu_millicores: cpu.max of every job
-
-    # Each job's scratch directory (cwd, HOME, TMPDIR) is created below this; None: none.
-    scratch_dir: Path | None = None
-    # [jobs] dynamic_uid_min, dynamic_uid_max when each job gets a uid of its own (the
-    # keeper can switch users); None: jobs run as `user` (or their entry's).
-    dynamic_users: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -101,20 +66,6 @@ class RunSpec:
             "kill_on_cap": self.kill_on_cap,
             "grace": float(self.grace),
         }
-
-
-def instance_id(state_dir: Path) -> str:
-    """A stable id for an agent installation (its canonical state directory)."""
-    data = str(state_dir.resolve()).encode()
-    # The interpreter's own SHA-256 where it has one: hashlib would load libcrypto
-    # (3.7 MB of the job keeper's memory) for these few bytes.
-    for name in ("_sha256", "_sha2", "hashlib"):
-        try:
-            sha256: Any = importlib.import_module(name).sha256
-        except (ImportError, AttributeError):
-            continue
-        return str(sha256(data).hexdigest())[:16]
-    raise RuntimeError("no SHA-256 in this interpreter")
 
 
 # Limits enforced by the job's cgroup -> (cgroups.Limits field, controller).

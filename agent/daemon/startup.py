@@ -26,18 +26,17 @@ from agent.daemon import policy as policy_mod
 from agent.daemon.config import Config
 from agent.daemon.decision import (
     CGROUP_LIMITS,
-    JobUser,
     LoadError,
     _within,
     confine_policy,
     deny_paths,
-    instance_id,
     job_reader,
     load_in_child,
     load_policy,
     resolve_job_user,
 )
 from agent.daemon.errors import AgentError
+from agent.daemon.jobsettings import JobUser, instance_id
 from agent.vocabulary import LIMIT_NAMES
 
 __all__ = [

@@ -39,18 +39,18 @@ from agent.access import Caller
 from agent.daemon import admission, procfs
 from agent.daemon import lifecycle as lc
 from agent.daemon import policy as policy_mod
-from agent.daemon.decision import INSTANCE_ENV as INSTANCE_ENV
 from agent.daemon.decision import NO_CGROUP_NOTE as NO_CGROUP_NOTE
-from agent.daemon.decision import JobUser as JobUser
-from agent.daemon.decision import Settings as Settings
 from agent.daemon.decision import cgroup_limits as cgroup_limits
-from agent.daemon.decision import instance_id as instance_id
 from agent.daemon.errors import (
     AgentError,
     Unavailable,
     agent_condition,
 )
 from agent.daemon.history import History, JobRecord, record_to_wire
+from agent.daemon.jobsettings import INSTANCE_ENV as INSTANCE_ENV
+from agent.daemon.jobsettings import JobUser as JobUser
+from agent.daemon.jobsettings import Settings as Settings
+from agent.daemon.jobsettings import instance_id as instance_id
 from agent.daemon.jobview import JobView
 from agent.daemon.keeperclient import Admission, Finished
 from agent.daemon.output import LiveOutput, describe_oserror
