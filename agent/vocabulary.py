@@ -139,6 +139,10 @@ class Limit:
     control: str  # the rlimit (RLIMIT_CPU), the cgroup file (memory.max), or the agent's cap
     help: str
     controller: str = ""  # the cgroup controller ``control`` belongs to
+    cgroup_field: str = ""  # the cgroups.Limits field that writes ``control``
+    # What the hard rlimit adds to the soft one: RLIMIT_CPU's SIGKILL comes 2 s after
+    # its SIGXCPU, so a job may end itself cleanly on the signal.
+    hard_extra: int = 0
 
 
 LIMITS: tuple[Limit, ...] = (
@@ -148,6 +152,7 @@ LIMITS: tuple[Limit, ...] = (
         Enforcer.RLIMIT,
         "RLIMIT_CPU",
         "RLIMIT_CPU: CPU seconds; SIGXCPU then SIGKILL",
+        hard_extra=2,
     ),
     # Memory and processes are the whole job's, so a cgroup enforces them: never
     # RLIMIT_AS (address space of each process, not memory, and not the job's)
@@ -159,6 +164,7 @@ LIMITS: tuple[Limit, ...] = (
         "memory.max",
         "memory.max of the job's cgroup in bytes (needs the memory controller)",
         controller="memory",
+        cgroup_field="memory_bytes",
     ),
     Limit(
         "open_files",
@@ -174,6 +180,7 @@ LIMITS: tuple[Limit, ...] = (
         "pids.max",
         "pids.max of the job's cgroup: its processes and threads (needs the pids controller)",
         controller="pids",
+        cgroup_field="pids",
     ),
     Limit(
         "output_bytes",
@@ -192,6 +199,14 @@ RLIMITS: dict[str, str] = {
 # Limit name -> (file of the job's cgroup, the controller it needs).
 CGROUP_LIMITS: dict[str, tuple[str, str]] = {
     lim.name: (lim.control, lim.controller) for lim in LIMITS if lim.enforcer is Enforcer.CGROUP
+}
+# Limit name -> the cgroups.Limits field that sets its file.
+CGROUP_FIELDS: dict[str, str] = {
+    lim.name: lim.cgroup_field for lim in LIMITS if lim.enforcer is Enforcer.CGROUP
+}
+# Limit name -> what its hard rlimit adds to the soft one (seconds, files).
+RLIMIT_HARD_EXTRA: dict[str, int] = {
+    lim.name: lim.hard_extra for lim in LIMITS if lim.enforcer is Enforcer.RLIMIT
 }
 
 

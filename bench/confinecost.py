@@ -141,7 +141,7 @@ async def _run(args: argparse.Namespace, tmp: str) -> list[dict[str, Any]]:
     return out
 
 
-def _in_child(prepared: seccomp.Prepared | None, calls: int) -> tuple[float, float]:
+def _in_child(prepared: seccomp.Filter | None, calls: int) -> tuple[float, float]:
     """Fork; the child sets no_new_privs, installs ``prepared`` (when given), then makes
     ``calls`` getppid() calls. Returns (install seconds, seconds per call), as the child
     timed them; raises RuntimeError when the child failed."""

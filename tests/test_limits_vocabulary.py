@@ -7,12 +7,21 @@ RLIMIT_NPROC, while a job cgroup's memory.max and pids.max enforce them.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import resource
 import subprocess
 import sys
 
-from agent.vocabulary import CGROUP_LIMITS, LIMITS, RLIMITS, Enforcer
+from agent.daemon.cgroups import Limits
+from agent.vocabulary import (
+    CGROUP_FIELDS,
+    CGROUP_LIMITS,
+    LIMITS,
+    RLIMIT_HARD_EXTRA,
+    RLIMITS,
+    Enforcer,
+)
 
 
 def test_each_limit_names_what_enforces_it() -> None:
@@ -31,6 +40,10 @@ def test_each_limit_names_what_enforces_it() -> None:
         "processes": ("pids.max", "pids"),
     }
     assert all(hasattr(resource, r) for r in RLIMITS.values())
+    # Which cgroups.Limits field writes each cgroup limit, and the CPU limit's grace.
+    assert CGROUP_FIELDS == {"memory_bytes": "memory_bytes", "processes": "pids"}
+    assert set(CGROUP_FIELDS.values()) <= {f.name for f in dataclasses.fields(Limits)}
+    assert RLIMIT_HARD_EXTRA == {"cpu_seconds": 2, "open_files": 0}
     # The help a person reads (config reference, agentctl --limit) names the same mechanism.
     for lim in LIMITS:
         assert lim.control in lim.help and lim.controller in lim.help, lim.name

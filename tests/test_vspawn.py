@@ -72,7 +72,7 @@ def _fork_report(plan: dict[str, Any], fds: dict[str, int]) -> str:
 def _vfork_report(plan: dict[str, Any], fds: dict[str, int]) -> str:
     """What the C path reports for this plan ("" if it ran)."""
     pid, error, _ = vspawn.spawn(
-        _vspawn, plan, fds, [], None, IS_ROOT, caps_mod.last_cap(), -1, spawner.RLIMITS
+        _vspawn, plan, fds, [], None, IS_ROOT, caps_mod.last_cap(), -1, spawner.RLIMIT_RESOURCES
     )
     if pid:
         os.waitpid(pid, 0)
@@ -179,7 +179,7 @@ def test_parent_signal_state_is_restored_and_the_job_starts_clean() -> None:
         ]
         assert signal.SIGUSR2 in reset
         pid, error, _ = vspawn.spawn(
-            _vspawn, plan, {"stdout": w}, reset, None, IS_ROOT, 40, -1, spawner.RLIMITS
+            _vspawn, plan, {"stdout": w}, reset, None, IS_ROOT, 40, -1, spawner.RLIMIT_RESOURCES
         )
         os.close(w)
         w = -1
@@ -432,7 +432,7 @@ def test_rlimits_are_set_in_the_c_child_as_asked() -> None:
     )
     try:
         pid, error, _ = vspawn.spawn(
-            _vspawn, plan, {"stdout": w}, [], None, IS_ROOT, 40, -1, spawner.RLIMITS
+            _vspawn, plan, {"stdout": w}, [], None, IS_ROOT, 40, -1, spawner.RLIMIT_RESOURCES
         )
     finally:
         os.close(w)

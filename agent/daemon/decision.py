@@ -40,8 +40,7 @@ from agent.daemon import policy as policy_mod
 from agent.daemon.errors import FailedPrecondition
 from agent.daemon.jobsettings import INSTANCE_ENV, JOB_ID_ENV, JobUser, Settings, instance_id
 from agent.daemon.spawnplan import SpawnSpec
-from agent.vocabulary import CGROUP_LIMITS as VOCABULARY_CGROUP_LIMITS
-from agent.vocabulary import LIMIT_NAMES
+from agent.vocabulary import CGROUP_FIELDS, CGROUP_LIMITS, LIMIT_NAMES
 
 
 @dataclass(frozen=True)
@@ -68,16 +67,6 @@ class RunSpec:
         }
 
 
-# Limits enforced by the job's cgroup -> (cgroups.Limits field, controller).
-# Never by an rlimit: RLIMIT_NPROC counts every process of the job's user and
-# RLIMIT_AS is address space per process, neither is one job's.
-# The limits a cgroup enforces (agent.vocabulary says which and with what controller):
-# name -> (the cgroups.Limits field that sets its file, the controller).
-_LIMITS_FIELD = {"memory.max": "memory_bytes", "pids.max": "pids"}
-CGROUP_LIMITS: dict[str, tuple[str, str]] = {
-    name: (_LIMITS_FIELD[control], controller)
-    for name, (control, controller) in VOCABULARY_CGROUP_LIMITS.items()
-}
 NO_CGROUP_NOTE = "ran without a job cgroup: its stop was not escape-proof"
 
 
@@ -91,8 +80,8 @@ def cgroup_limits(
     """
     out: dict[str, int] = {}
     wanted: list[tuple[str, str, str]] = [
-        (name, field_name, controller)
-        for name, (field_name, controller) in CGROUP_LIMITS.items()
+        (name, CGROUP_FIELDS[name], controller)
+        for name, (_, controller) in CGROUP_LIMITS.items()
         if limits.get(name)
     ]
     if cpu_millicores:

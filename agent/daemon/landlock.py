@@ -3,7 +3,7 @@
 Two halves. Pure planning, no I/O beyond the injectable directory listing: a LandlockSpec
 becomes PathRules (plan_rules: deny by hole punching), and the kernel features it needs
 (required_abi, degrade, handled_access). Kernel half: prepare() runs once in the spawner,
-opens every rule's path (O_PATH) and builds a shared ruleset; Prepared.restrict() runs in
+opens every rule's path (O_PATH) and builds a shared ruleset; Ruleset.restrict() runs in
 the forked child right before execve, sets no_new_privs and enforces either that ruleset
 or, with per-job paths, a fresh one built from the prepared descriptors. Landlock only
 restricts the calling thread and what it execs, so restrict() must run in the
@@ -349,7 +349,7 @@ def _open_path(path: str, follow: bool) -> tuple[int, bool, str]:
     return fd, stat.S_ISDIR(mode), real
 
 
-class Prepared:
+class Ruleset:
     """Descriptors, masks and a ruleset shared by every job of one spec; see prepare()."""
 
     def __init__(self, abi: int, spec: LandlockSpec, rules: Sequence[PathRule]) -> None:
@@ -537,7 +537,7 @@ class Prepared:
         self._adds = ("adds", (), ())
 
 
-def prepare(rules: Sequence[PathRule], spec: LandlockSpec, abi: int) -> Prepared:
+def prepare(rules: Sequence[PathRule], spec: LandlockSpec, abi: int) -> Ruleset:
     """Open every rule's path once, in the spawner; `spec` supplies ports, scopes and deny.
 
     A job's own directory (its scratch directory) is not a rule: the spawner passes its
@@ -547,11 +547,11 @@ def prepare(rules: Sequence[PathRule], spec: LandlockSpec, abi: int) -> Prepared
 
     Raises LandlockError when `abi` is 0 or cannot express the spec's network or scope
     restrictions (degrade() first for best effort). Paths that vanished or changed since
-    planning are skipped and listed in Prepared.skipped.
+    planning are skipped and listed in Ruleset.skipped.
     """
     needs = [n for n in required_abi(spec)[1] if n.startswith(("tcp", "scope"))]
     missing = [n for n in needs if FEATURES[n][0] > abi]
     if abi < 1 or missing:
         names = ", ".join(missing or ["fs"])
         raise LandlockError([f"Landlock ABI {abi} cannot enforce {names}"])
-    return Prepared(abi, spec, rules)
+    return Ruleset(abi, spec, rules)

@@ -411,7 +411,7 @@ def fprog(program: bytes) -> tuple[ctypes.Array[ctypes.c_char], ctypes.Structure
 
 
 @dataclass
-class Prepared:
+class Filter:
     """A compiled filter and what the child needs to install it (built in the spawner)."""
 
     program: bytes
@@ -446,14 +446,14 @@ def native_arch() -> int:
 def install_program(program: bytes) -> None:
     """Install a BPF program on the calling process (no_new_privs already set). Raises
     SeccompError."""
-    Prepared(program, False, _seccomp_nr()).install()
+    Filter(program, False, _seccomp_nr()).install()
 
 
-def prepare(spec: SeccompSpec) -> Prepared:
+def prepare(spec: SeccompSpec) -> Filter:
     """Plan and compile an entry's filter (in the spawner, once per entry). Raises
     SeccompError when libseccomp or the kernel cannot do it."""
     program = compile_filter(plan_rules(spec))
-    return Prepared(program, spec.listen == "bound", _seccomp_nr())
+    return Filter(program, spec.listen == "bound", _seccomp_nr())
 
 
 # ---------------------------------------------------------------- listen() checks

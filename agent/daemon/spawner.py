@@ -97,14 +97,13 @@ from agent.daemon import capabilities as caps_mod
 from agent.daemon import cgroups, landlock, seccomp, uids, vspawn
 from agent.daemon import scratch as scratch_mod
 from agent.daemon import spawnproto as proto
-from agent.vocabulary import RLIMITS as VOCABULARY_RLIMITS
+from agent.vocabulary import RLIMIT_HARD_EXTRA, RLIMITS
 
-# The limits an rlimit enforces (agent.vocabulary says which): name -> (resource, its
-# name, what the hard limit adds: RLIMIT_CPU's SIGKILL comes 2 s after its SIGXCPU).
-_HARD_EXTRA = {"RLIMIT_CPU": 2}
-RLIMITS: dict[str, tuple[int, str, int]] = {
-    name: (getattr(resource, control), control, _HARD_EXTRA.get(control, 0))
-    for name, control in VOCABULARY_RLIMITS.items()
+# The limits an rlimit enforces (agent.vocabulary says which): name -> (the resource
+# number, its name, what the hard limit adds to the soft one).
+RLIMIT_RESOURCES: dict[str, tuple[int, str, int]] = {
+    name: (getattr(resource, control), control, RLIMIT_HARD_EXTRA[name])
+    for name, control in RLIMITS.items()
 }
 CAP_SYS_RESOURCE = 24
 # Descriptors the job receives: 0 /dev/null, 1-2 output, 3 script (or the
@@ -138,9 +137,9 @@ def _nr_open() -> int:
 def check_limits(limits: dict[str, Any], *, privileged: bool, nr_open: int) -> str:
     """Why the kernel would refuse these rlimits in a child of this process ("" if not)."""
     for name, value in limits.items():
-        if name not in RLIMITS:
+        if name not in RLIMIT_RESOURCES:
             return f"unknown limit {name!r}"
-        res, rname, extra = RLIMITS[name]
+        res, rname, extra = RLIMIT_RESOURCES[name]
         if (
             isinstance(value, bool)
             or not isinstance(value, int)
@@ -196,7 +195,10 @@ def check_plan(plan: Any, fds: dict[str, int]) -> str:
             return "malformed plan: cgroup"
         for k, v in cg.items():
             if k != "id" and (
-                k not in CGROUP_LIMITS or isinstance(v, bool) or not isinstance(v, int) or v <= 0
+                k not in CGROUP_REQUEST_KEYS
+                or isinstance(v, bool)
+                or not isinstance(v, int)
+                or v <= 0
             ):
                 return f"malformed plan: cgroup {k}"
     # --- confinement ---
@@ -250,7 +252,7 @@ def _take_listener(sock: socket.socket) -> int:
 
 
 # Keys of a plan's "cgroup" request (besides "id"), as cgroups.Limits fields.
-CGROUP_LIMITS = ("memory_bytes", "pids", "cpu_millicores")
+CGROUP_REQUEST_KEYS = ("memory_bytes", "pids", "cpu_millicores")
 
 
 def landlock_spec(ll: dict[str, Any]) -> landlock.LandlockSpec:
@@ -344,11 +346,11 @@ def _child(
     fds: dict[str, int],
     err_w: int,
     reset: list[int],
-    confine: landlock.Prepared | None = None,
+    confine: landlock.Ruleset | None = None,
     root: bool = False,
     last_cap: int = 40,
     scratch_fd: int = -1,
-    filt: seccomp.Prepared | None = None,
+    filt: seccomp.Filter | None = None,
     notify_sock: int = -1,
 ) -> NoReturn:
     """Set up and exec the job in the forked child; never returns."""
@@ -376,7 +378,7 @@ def _child(
             step = "cgroup join"
             os.write(moved["cgroup"], b"0")
         for name, value in sorted(plan.get("limits", {}).items()):
-            res, rname, extra = RLIMITS[name]
+            res, rname, extra = RLIMIT_RESOURCES[name]
             step = f"setrlimit {rname}"
             # prlimit, not setrlimit: setrlimit turns the kernel's EPERM into a
             # ValueError (reported as EINVAL); prlimit keeps the errno, which is
@@ -506,12 +508,12 @@ class Spawner:
         # --- confinement ---
         self.root = os.geteuid() == 0
         self.last_cap = caps_mod.last_cap()
-        self.rulesets: dict[str, landlock.Prepared] = {}  # spec (JSON) -> prepared, per entry
+        self.rulesets: dict[str, landlock.Ruleset] = {}  # spec (JSON) -> prepared, per entry
         self.scratch: dict[int, str] = {}  # pid -> its scratch directory, removed at exit
         self.scratch_roots: dict[str, str] = {}  # scratch root -> its canonical path
         self.scratch_owners: dict[str, tuple[int, int]] = {}  # path -> job's (uid, gid)
         # --- seccomp ---
-        self.filters: dict[str, seccomp.Prepared] = {}  # spec (JSON) -> compiled, per entry
+        self.filters: dict[str, seccomp.Filter] = {}  # spec (JSON) -> compiled, per entry
         self.guards: dict[int, seccomp.ListenGuard] = {}  # pid -> its listen() checks
         # pid -> (uid, gid) of a running job of another uid than a non-root keeper's (its
         # dynamic user): signalled through a helper of that uid (no CAP_KILL here).
@@ -522,7 +524,7 @@ class Spawner:
             pass
         os.close(low)
 
-    def ruleset(self, ll: dict[str, Any], scratch: str | None) -> landlock.Prepared:
+    def ruleset(self, ll: dict[str, Any], scratch: str | None) -> landlock.Ruleset:
         """The prepared ruleset of an entry's spec (and scratch root), built once; raises
         LandlockError or OSError.
 
@@ -559,7 +561,7 @@ class Spawner:
             self.rulesets[key] = prepared
         return prepared
 
-    def filter(self, sc: dict[str, Any]) -> seccomp.Prepared:
+    def filter(self, sc: dict[str, Any]) -> seccomp.Filter:
         """The compiled filter of an entry's seccomp spec, built once; raises OSError."""
         key = json.dumps(sc, sort_keys=True)
         prepared = self.filters.get(key)
@@ -762,8 +764,8 @@ class Spawner:
                 self.send({"op": "spawned", "id": rid, "error": str(e), "errno": errno.EIO})
                 return
         # --- confinement: ruleset and scratch, before the fork ---
-        confine: landlock.Prepared | None = None
-        filt: seccomp.Prepared | None = None
+        confine: landlock.Ruleset | None = None
+        filt: seccomp.Filter | None = None
         scratch: str | None = None
         scratch_fd = -1
         try:
@@ -850,10 +852,10 @@ class Spawner:
         plan: dict[str, Any],
         fds: dict[str, int],
         cg: cgroups.JobCgroup | None,
-        confine: landlock.Prepared | None,
+        confine: landlock.Ruleset | None,
         scratch: str | None,
         scratch_fd: int,
-        filt: seccomp.Prepared | None = None,
+        filt: seccomp.Filter | None = None,
         notify: tuple[socket.socket, socket.socket] | None = None,
     ) -> None:
         """The C path: the spawner sleeps until the child has exec'd or failed, so the
@@ -869,7 +871,7 @@ class Spawner:
                 self.root,
                 self.last_cap,
                 scratch_fd,
-                RLIMITS,
+                RLIMIT_RESOURCES,
                 filt,
                 notify[1].fileno() if notify is not None else -1,
             )
@@ -942,7 +944,7 @@ class Spawner:
         """The job's leaf with its limits; raises CgroupError (MissingController) or ValueError."""
         if self.subtree is None:
             raise cgroups.CgroupError("the agent has no cgroup subtree for jobs")
-        limits = cgroups.Limits(**{k: req[k] for k in CGROUP_LIMITS if k in req})
+        limits = cgroups.Limits(**{k: req[k] for k in CGROUP_REQUEST_KEYS if k in req})
         return self.subtree.create(req["id"], limits)
 
     def remove_cgroup(self, cg: cgroups.JobCgroup) -> None:

@@ -25,7 +25,6 @@ from agent.daemon import admission, cgroups
 from agent.daemon import policy as policy_mod
 from agent.daemon.config import Config
 from agent.daemon.decision import (
-    CGROUP_LIMITS,
     LoadError,
     _within,
     confine_policy,
@@ -37,7 +36,7 @@ from agent.daemon.decision import (
 )
 from agent.daemon.errors import AgentError
 from agent.daemon.jobsettings import JobUser, instance_id
-from agent.vocabulary import LIMIT_NAMES
+from agent.vocabulary import CGROUP_LIMITS, LIMIT_NAMES
 
 __all__ = [
     "Prepared",

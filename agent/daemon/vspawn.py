@@ -10,7 +10,7 @@ every step, so that a failing step is reported with exactly the text the fork pa
 gives (``setrlimit RLIMIT_NOFILE: Operation not permitted (EPERM)``).
 
 The op lists follow ``spawner._child`` and ``spawner._switch_user`` line by line, and
-:meth:`agent.daemon.landlock.Prepared.child_program` follows ``Prepared.restrict``;
+:meth:`agent.daemon.landlock.Ruleset.child_program` follows ``Ruleset.restrict``;
 a change to one must be made to the other (tests/test_vspawn.py compares the two paths'
 jobs for the same plans).
 
@@ -180,7 +180,7 @@ def _prefixed(names: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def landlock_ops(program: Sequence[tuple[Any, ...]], steps: Steps) -> list[Op]:
-    """Prepared.child_program() as ops; each step is named "landlock: <step>"."""
+    """Ruleset.child_program() as ops; each step is named "landlock: <step>"."""
     ops: list[Op] = []
     for item in program:
         kind = item[0]
@@ -222,12 +222,12 @@ def build(
     plan: dict[str, Any],
     fds: dict[str, int],
     reset: Sequence[int],
-    confine: landlock.Prepared | None,
+    confine: landlock.Ruleset | None,
     root: bool,
     last_cap: int,
     scratch_fd: int,
     rlimits: dict[str, tuple[int, str, int]],
-    filt: seccomp.Prepared | None = None,
+    filt: seccomp.Filter | None = None,
     notify_sock: int = -1,
 ) -> tuple[tuple[Any, ...], Steps]:
     """The arguments of ``_vspawn.spawn`` for a checked plan, and the step names.
@@ -283,12 +283,12 @@ def spawn(
     plan: dict[str, Any],
     fds: dict[str, int],
     reset: Sequence[int],
-    confine: landlock.Prepared | None,
+    confine: landlock.Ruleset | None,
     root: bool,
     last_cap: int,
     scratch_fd: int,
     rlimits: dict[str, tuple[int, str, int]],
-    filt: seccomp.Prepared | None = None,
+    filt: seccomp.Filter | None = None,
     notify_sock: int = -1,
 ) -> tuple[int, str, int]:
     """Start the job; (pid, "", 0) once it runs, or (pid or 0, error text, errno).
