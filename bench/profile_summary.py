@@ -35,7 +35,7 @@ CATEGORIES: list[tuple[str, re.Pattern[str]]] = [
     ("SQLite history (history.py)", re.compile(r"\(agent/daemon/history\.py")),
     ("audit log (audit.py)", re.compile(r"\(agent/daemon/audit\.py")),
     (
-        "policy decision (policy.py, trust.py)",
+        "policy decision (policy.py, filetrust.py)",
         re.compile(r"\(agent/daemon/(policy|trust|admission)\.py"),
     ),
     ("/proc reads (procfs.py)", re.compile(r"\(agent/daemon/procfs\.py")),

@@ -19,7 +19,7 @@ import pytest
 from agent._proto import jobscheduler_pb2 as pb
 from agent.daemon import errors, policy
 from agent.daemon.errors import ResourceExhausted, Unavailable, agent_condition
-from agent.daemon.trust import RealFileSystem
+from agent.daemon.filetrust import RealFileSystem
 
 from helpers import AgentFactory, AgentProcess, wait_for
 

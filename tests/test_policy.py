@@ -24,7 +24,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.daemon import policy, trust, validation
+from agent.daemon import filetrust as trust
+from agent.daemon import policy, validation
 from agent.daemon.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -32,6 +33,7 @@ from agent.daemon.errors import (
     NotFound,
     PermissionDenied,
 )
+from agent.daemon.filetrust import RealFileSystem
 from agent.daemon.policy import (
     Decision,
     Denial,
@@ -41,7 +43,6 @@ from agent.daemon.policy import (
     load,
     parse,
 )
-from agent.daemon.trust import RealFileSystem
 
 from helpers import IS_ROOT, make_safe_dir, write_script
 

@@ -40,10 +40,7 @@ from agent.daemon.errors import (
     PermissionDenied,
     agent_condition,
 )
-from agent.daemon.landlock import LandlockSpec
-from agent.daemon.seccomp import GROUPS as SYSCALL_GROUPS
-from agent.daemon.seccomp import SeccompSpec
-from agent.daemon.trust import (
+from agent.daemon.filetrust import (
     BINPRM_BUF_SIZE,
     ELF_MAGIC,
     SCRIPT_FD_PATH,
@@ -55,6 +52,9 @@ from agent.daemon.trust import (
     resolve_trusted,
     sealed_copy,
 )
+from agent.daemon.landlock import LandlockSpec
+from agent.daemon.seccomp import GROUPS as SYSCALL_GROUPS
+from agent.daemon.seccomp import SeccompSpec
 from agent.daemon.validation import (
     ENV_NAME,
     MAX_ARG_BYTES,

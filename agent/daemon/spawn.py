@@ -56,9 +56,9 @@ from typing import Any, Protocol
 from agent.daemon import spawnproto as proto
 from agent.daemon.cgroups import CgroupError, Subtree
 from agent.daemon.errors import SpawnFailure
+from agent.daemon.filetrust import SCRIPT_FD_PATH
 from agent.daemon.lifecycle import Exit
 from agent.daemon.spawnplan import SpawnSpec, plan_of
-from agent.daemon.trust import SCRIPT_FD_PATH
 
 __all__ = ["SCRIPT_FD_PATH", "SPAWNER_DIED", "SpawnFailure", "SpawnSpec", "SpawnerOps", "plan_of"]
 
