@@ -373,9 +373,10 @@ class AgentProcess:
         return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
 
     def output_files(self) -> set[str]:
-        """Names of job output files."""
+        """Names of job output files (not the keeper's <job id>.keeper beside a running
+        job's, see agent.daemon.keeper.JOB_FILE)."""
         d = self.state / "output"
-        return {p.name for p in d.iterdir()} if d.exists() else set()
+        return {p.name for p in d.iterdir() if p.suffix != ".keeper"} if d.exists() else set()
 
 
 @contextlib.contextmanager

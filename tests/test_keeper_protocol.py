@@ -234,7 +234,13 @@ class Keeper:
     """
 
     def __init__(
-        self, tmp_path: Path, *, policy: str = POLICY, config: bool = True, **sections: Any
+        self,
+        tmp_path: Path,
+        *,
+        policy: str = POLICY,
+        config: bool = True,
+        cgroup_jobs: Path | None = None,
+        **sections: Any,
     ) -> None:
         self.dir = tmp_path / "k"
         self.dir.mkdir(mode=0o711)
@@ -278,10 +284,19 @@ class Keeper:
         args = ["--socket", self.path, "--output-dir", str(self.out)]
         if config:
             args += ["--config", str(self.config_path)]
-        with open(self.log_path, "wb") as log:
+        if cgroup_jobs is not None:
+            args += ["--cgroup-jobs", str(cgroup_jobs), "--controllers", ""]
+        self.argv = [sys.executable, "-I", "-c", KEEPER_MAIN, PACKAGE_ROOT, *args]
+        self.env = env
+        self.launch()
+
+    def launch(self) -> None:
+        """Start the keeper process (again, after the last one died: same socket, output
+        folder and config; its log appended)."""
+        with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-I", "-c", KEEPER_MAIN, PACKAGE_ROOT, *args],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, cwd="/",
+                self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=self.env,
+                cwd="/",
             )  # fmt: skip
 
     def log(self) -> str:

@@ -36,7 +36,17 @@ from agent.daemon.startup import (
 # What the keeper keeps of its environment: the service manager's notification socket
 # and the spawn path override (tests); nothing reaches a job (its environment is built
 # from the policy).
-KEPT_ENV = ("NOTIFY_SOCKET", "INVOCATION_ID", SPAWN_ENV)
+# The descriptor store's pipes of a dead keeper's jobs (LISTEN_*, fds from 3 on, not
+# closed on exec) and whether the unit keeps one (FDSTORE) go to the keeper too.
+KEPT_ENV = (
+    "NOTIFY_SOCKET",
+    "INVOCATION_ID",
+    SPAWN_ENV,
+    "LISTEN_PID",
+    "LISTEN_FDS",
+    "LISTEN_FDNAMES",
+    "FDSTORE",
+)
 
 
 def agent_uid(cfg: Config) -> int:

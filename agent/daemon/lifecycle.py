@@ -79,6 +79,10 @@ class Exit:
     # Set when the job ran but ended without an exit status anyone saw: why (the job
     # spawner died and its processes were killed).
     lost: str = ""
+    # Set when the job's end was seen but not its exit status: why (a keeper that adopted
+    # the job from its cgroup after the previous keeper's death saw only the cgroup empty).
+    # Recorded LOST with this text, unless a timeout or a stop explains the end.
+    unknown: str = ""
     # When the job ended (wall clock), as the spawner saw it at the reap: not when the
     # agent heard of it, which a stopped or busy agent may do much later. None: unknown.
     end_time: float | None = None
@@ -366,6 +370,9 @@ class Life:
             target, text = JobState.FAILED, f"start failed: {ex.start_failure}"
         elif ex.lost and not (self.timed_out or self.stop_requested):
             target, text = JobState.FAILED, ex.lost
+        elif ex.unknown and not (self.timed_out or self.stop_requested or self.kill_reason):
+            # Never SUCCEEDED or FAILED on a guess: nobody saw how it exited.
+            target, text = JobState.LOST, ex.unknown
         elif self.timed_out:
             text = f"timed out after {self.timeout_seconds} s ({how})"
         elif self.shutdown:
