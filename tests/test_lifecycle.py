@@ -16,10 +16,10 @@ import pytest
 
 from agent.client import AsyncAgentClient, InvalidArgument, ResourceExhausted
 from agent.client.cli import main as agentctl
-from agent.daemon import cgroups
 
 from helpers import (
     IS_ROOT,
+    JOB_CGROUPS,
     AgentFactory,
     AgentProcess,
     job_processes,
@@ -27,12 +27,6 @@ from helpers import (
     policy_for,
     wait_for,
     write_script,
-)
-
-# The agent's default job cgroups (root and a cgroup2 mount): a dead keeper's jobs are
-# adopted by the next one; otherwise they are LOST.
-JOB_CGROUPS = IS_ROOT and bool(
-    cgroups.parse_cgroup2_mounts(Path("/proc/self/mountinfo").read_text())
 )
 
 # ---------------------------------------------------------------- streaming
