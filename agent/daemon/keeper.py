@@ -1132,6 +1132,7 @@ class Keeper(Spawner):
             for job_id, fd in stored.items():
                 os.close(fd)
                 self.notify_fds(f"FDSTOREREMOVE=1\nFDNAME={job_id}", [])
+            self.remove_stale_job_files()
             return
         for leaf in self.subtree.leftovers():
             rfd = stored.pop(leaf.job_id, -1)
@@ -1147,6 +1148,20 @@ class Keeper(Spawner):
         for job_id, fd in stored.items():  # a job that is gone: its pipe goes too
             os.close(fd)
             self.notify_fds(f"FDSTOREREMOVE=1\nFDNAME={job_id}", [])
+        self.remove_stale_job_files()
+
+    def remove_stale_job_files(self) -> None:
+        """The .keeper files of jobs no keeper holds (killed with their cgroup after a
+        stop, or by hand): nothing will read them."""
+        try:
+            names = os.listdir(self.output_dir)
+        except OSError:
+            return
+        for name in names:
+            job_id = name[: -len(JOB_FILE)]
+            if name.endswith(JOB_FILE) and JOB_ID.match(job_id) and job_id not in self.jobs:
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(self.output_dir, name))
 
     def adopt(self, leaf: cgroups.JobCgroup, rfd: int) -> None:
         job_id = leaf.job_id
