@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +25,7 @@ import pytest
 from test_keeper_protocol import POLICY, Conn, Keeper
 
 from agent.daemon import cgroups
-from agent.daemon.keeper import ADOPTED_TEXT, JOB_FILE, NO_PIPE_NOTE
+from agent.daemon.keeper import ADOPTED_TEXT, JOB_FILE, NO_FILE_NOTE, NO_PIPE_NOTE
 
 from helpers import IS_ROOT, wait_for
 
@@ -183,3 +184,44 @@ def test_a_job_that_ended_while_no_keeper_ran_is_reported_lost(
     assert (fin["job"], fin["state"]) == (job, "LOST")
     assert fin["text"].startswith(ADOPTED_TEXT)
     assert not (subtree / job).exists()
+
+
+def test_an_adopted_job_survives_the_keepers_reexec(keeper: Keeper, subtree: Path) -> None:
+    """An adopted job is carried across the next keeper's re-exec in place (SIGUSR2, the
+    package's upgrade): its leaf is watched again, and its end still comes, honestly."""
+    c, _ = keeper.attach()
+    job, pid = _started(c, ["sh", "-c", WAITS])
+    c.output(job, 7)
+    _kill9(keeper, c)
+    keeper.launch()
+    c2, hello = keeper.attach()
+    assert [j["job"] for j in hello["jobs"]] == [job]
+    keeper.proc.send_signal(signal.SIGUSR2)
+    wait_for(lambda: "re-executed in place" in keeper.log(), timeout=30)
+    assert keeper.alive()
+    os.kill(pid, signal.SIGUSR1)
+    fin = c2.finished(job)
+    assert (fin["state"], fin["text"]) == ("LOST", f"{ADOPTED_TEXT}; {NO_PIPE_NOTE}")
+    assert not (subtree / job).exists()
+
+
+def test_a_malformed_keeper_file_is_said_and_the_job_still_adopted(
+    keeper: Keeper, subtree: Path
+) -> None:
+    """A .keeper file that is not one (here: garbage) is ignored and said: the job is still
+    adopted (never killed for it) without a deadline, and its end says what was lost."""
+    c, _ = keeper.attach()
+    job, pid = _started(c, ["sh", "-c", WAITS], timeout=1)
+    c.output(job, 7)
+    _kill9(keeper, c)
+    (keeper.out / f"{job}{JOB_FILE}").write_text('{"run": 3}')
+    keeper.launch()
+    c2, hello = keeper.attach()
+    assert [j["job"] for j in hello["jobs"]] == [job]
+    assert "is not one" in keeper.log()
+    time.sleep(1.5)  # past the lost deadline: nothing times it out
+    assert _alive(pid)
+    os.kill(pid, signal.SIGUSR1)
+    fin = c2.finished(job)
+    assert fin["state"] == "LOST"
+    assert fin["text"] == f"{ADOPTED_TEXT}; {NO_FILE_NOTE}; {NO_PIPE_NOTE}"

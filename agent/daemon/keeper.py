@@ -1142,9 +1142,14 @@ class Keeper(Spawner):
                 import traceback
 
                 log(f"internal error adopting job {leaf.job_id}:\n{traceback.format_exc()}")
-                if rfd >= 0 and (leaf.job_id not in self.jobs):
-                    with contextlib.suppress(OSError):
-                        os.close(rfd)
+                if leaf.job_id not in self.jobs:
+                    # Nothing may run that nobody supervises: killed (the agent records
+                    # it LOST at its next start).
+                    if rfd >= 0:
+                        with contextlib.suppress(OSError):
+                            os.close(rfd)
+                    with contextlib.suppress(cgroups.CgroupError):
+                        leaf.kill()
         for job_id, fd in stored.items():  # a job that is gone: its pipe goes too
             os.close(fd)
             self.notify_fds(f"FDSTOREREMOVE=1\nFDNAME={job_id}", [])
@@ -1191,16 +1196,22 @@ class Keeper(Spawner):
                 rfd = -1
         else:
             run = dict(meta["run"])
+        path = os.path.join(self.output_dir, f"{job_id}.out")
+        try:
+            out = OutputFile.reopen(path, int(run.get("cap") or 0), self.file_owner)
+        except OSError as e:
+            # Not a file of ours any more (replaced by a link, a directory): nothing more
+            # is written for this job, and its end says so.
+            log(f"job {job_id}: cannot open its output file again: {e}")
+            out = OutputFile(path, 0, self.file_owner)
+            if rfd >= 0:
+                os.close(rfd)
+                rfd = -1
         if rfd < 0:
             notes.append(NO_PIPE_NOTE)
         if run.get("note"):
             notes.insert(0, str(run["note"]))
         run["note"] = "; ".join(notes)
-        out = OutputFile.reopen(
-            os.path.join(self.output_dir, f"{job_id}.out"),
-            int(run.get("cap") or 0),
-            self.file_owner,
-        )
         job = KeptJob(job_id, None, 0, run, out)
         job.leaf = leaf
         job.key = -next(self.adopt_keys)
