@@ -712,6 +712,38 @@ def test_a_killed_keeper_is_restarted_and_adopts_its_running_job(running: Agent)
     assert box.run(["pgrep", "-f", "tick.sh adopt"]).rc == 1
 
 
+def test_a_stop_that_times_out_still_stops_the_jobs(running: Agent) -> None:
+    """KillMode=process leaves the jobs when the keeper is SIGKILLed at the end of
+    TimeoutStopSec= (here 1 s, shorter than the jobs' stop grace: a TERM-ignoring job is
+    still running then); the unit's ExecStopPost (SERVICE_RESULT=timeout: a stop, not a
+    crash) kills their cgroups, so stopping the unit still stops every job."""
+    box = running.box
+    dropin = f"/run/systemd/system/{KEEPER}.d/short-stop.conf"
+    box.write_file(dropin, "[Service]\nTimeoutStopSec=1\n")
+    box.systemctl("daemon-reload").check("daemon-reload")
+    try:
+        running.ensure_active()
+        client = running.client()
+        job = client.start("bash", f"{JOB_DIR}/ignoreterm.sh")
+        stream_until(client, job, b"ready\n")
+        running.close_clients()
+        box.systemctl("stop", KEEPER)
+        assert running.keeper("ActiveState")["ActiveState"] in ("inactive", "failed")
+        assert box.run(["pgrep", "-f", "ignoreterm.sh"]).rc == 1
+        poll(
+            "the ExecStopPost's kill in the journal",
+            lambda: any(
+                "stopped (timeout): killed 1 job cgroup(s) the keeper left" in m
+                for m in running.messages(unit=KEEPER)
+            ),
+            timeout=10,
+        )
+    finally:
+        box.run(["rm", "-f", dropin])
+        box.systemctl("daemon-reload")
+        box.systemctl("reset-failed", SERVICE, KEEPER)
+
+
 def _query(client: AgentClient, job: str) -> Any:
     try:
         return client.query(job)
