@@ -110,7 +110,7 @@ def test_a_killed_keepers_job_is_adopted_and_its_end_reported_honestly(
     keeper.launch()
     c2, hello = keeper.attach()
     [kept] = hello["jobs"]
-    assert (kept["job"], kept["pid"], kept["size"]) == (job, pid, 7)
+    assert (kept["job"], kept["pid"], kept["size"], kept["ending"]) == (job, pid, 7, False)
     assert kept["record"]["id"] == "r1"
     assert "adopted job" in keeper.log()
     os.kill(pid, signal.SIGUSR1)

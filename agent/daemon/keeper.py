@@ -16,6 +16,15 @@ while nobody faces the network for it:
   output size) is kept until the agent says it is durably in the history
   (``ack``); an agent that died before that is told again when one attaches.
 
+Its own death (kill -9, a crash): the jobs run on in their cgroup leaves, and the next
+keeper *adopts* them at its start (:meth:`Keeper.adopt_leftovers`): the leaf is the
+job (its name the job id, its processes signalled only through it, its end the leaf
+emptying), what the dead keeper knew of it (deadline, cap, grace, record) is in the
+``<job id>.keeper`` file it wrote at the start, and its output pipe comes back from
+systemd's descriptor store where there is one. Only the exit status is lost (only the
+dead parent could reap it), and the job's end says so: LOST, "exit status unknown: the
+keeper restarted". Without cgroups nothing can find them again.
+
 The agent faces the network and keeps the history; it attaches to the keeper's
 socket (``SOCK_SEQPACKET``, the protocol of :mod:`agent.daemon.spawnproto`),
 and when it goes (restart, crash, kill -9, upgrade) the jobs run on. The next
@@ -402,7 +411,8 @@ class Keeper(Spawner):
                 "pid": j.pid,
                 "size": j.out.size,
                 "truncated": j.out.truncated,
-                "ending": j.exit is not None or j.rfd < 0,
+                # (An adopted job without its pipe is not ending: it runs on.)
+                "ending": j.exit is not None or (j.rfd < 0 and j.leaf is None),
                 "record": j.record,
             }
             for j in self.jobs.values()
@@ -1094,6 +1104,9 @@ class Keeper(Spawner):
     def read_job_file(self, job_id: str) -> dict[str, Any] | None:
         """The .keeper file of ``job_id`` (None: missing or not one; said)."""
         try:
+            # The output folder is out of every job's reach (Landlock); O_NOFOLLOW and the
+            # checks below still hold if that ever changes: a link or a file that is not
+            # ours gives no deadline, cap or record, it is said and ignored.
             fd = os.open(self.job_file(job_id), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
