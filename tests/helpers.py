@@ -26,11 +26,17 @@ import grpc
 from agent._proto import jobscheduler_pb2 as pb
 from agent._proto import jobscheduler_pb2_grpc as pb_grpc
 from agent.client import AgentClient, TLSFiles
+from agent.daemon import cgroups
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 IS_ROOT = os.geteuid() == 0
+# The agent's default job cgroups (root and a cgroup2 mount): a dead keeper's jobs are
+# adopted by the next keeper; without, they are killed and recorded as lost.
+JOB_CGROUPS = IS_ROOT and bool(
+    cgroups.parse_cgroup2_mounts(Path("/proc/self/mountinfo").read_text())
+)
 
 
 def vspawn_expected() -> bool:
@@ -373,9 +379,10 @@ class AgentProcess:
         return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
 
     def output_files(self) -> set[str]:
-        """Names of job output files."""
+        """Names of job output files (not the keeper's <job id>.keeper beside a running
+        job's, see agent.daemon.keeper.JOB_FILE)."""
         d = self.state / "output"
-        return {p.name for p in d.iterdir()} if d.exists() else set()
+        return {p.name for p in d.iterdir() if p.suffix != ".keeper"} if d.exists() else set()
 
 
 @contextlib.contextmanager

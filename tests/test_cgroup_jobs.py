@@ -225,11 +225,13 @@ def test_escapes_die_at_shutdown(
     assert not _subtree(a).exists()
 
 
-def test_escapes_die_at_restart_after_kill9_of_agent_and_keeper(
+def test_a_job_is_adopted_after_kill9_of_agent_and_keeper(
     make_agent: AgentFactory, escape_dir: Path, script_dir: Path
 ) -> None:
-    """After kill -9 of the agent and of its job keeper, the next start kills the
-    leftovers by their cgroups (env -i too) and the job is LOST."""
+    """After kill -9 of the agent and of its job keeper, the job (escapee included) runs
+    on in its cgroup; the next start's keeper adopts it (RUNNING, nothing killed at
+    start-up); a stop ends it through its cgroup, honestly: STOPPED with its exit
+    status unknown; nothing is left."""
     a = make_agent(policy_for(script_dir, _entry(escape_dir)))
     c = a.client()
     job = c.start("bash", str(escape_dir / "escape.sh"), args=["all-at-once"])
@@ -239,10 +241,15 @@ def test_escapes_die_at_restart_after_kill9_of_agent_and_keeper(
     assert a.kill_keepers(), "the agent had a job keeper"
     assert not _gone(pids) and (_subtree(a) / job).is_dir()
     a.restart()
+    assert not _gone(pids)
+    c = a.client()
+    assert c.query(job).state == "RUNNING"
+    c.stop(job)
+    st = c.wait(job, timeout=20)
+    assert st.state == "STOPPED"
+    assert "exit status unknown" in st.error_text
     assert _gone(pids)
     assert not (_subtree(a) / job).exists()
-    st = a.client().query(job)
-    assert st.state == "LOST"
 
 
 def test_escapes_stay_the_jobs_after_kill9_of_the_agent(

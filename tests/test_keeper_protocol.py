@@ -240,6 +240,7 @@ class Keeper:
         policy: str = POLICY,
         config: bool = True,
         run_as: int | None = None,
+        cgroup_jobs: Path | None = None,
         **sections: Any,
     ) -> None:
         self.dir = tmp_path / "k"
@@ -297,10 +298,19 @@ class Keeper:
                       f"--inh-caps={caps}", f"--ambient-caps={caps}",
                       f"--bounding-set=-all,{caps}", "--"]  # fmt: skip
             args += ["--agent-uid", str(os.geteuid())]
-        with open(self.log_path, "wb") as log:
+        if cgroup_jobs is not None:
+            args += ["--cgroup-jobs", str(cgroup_jobs), "--controllers", ""]
+        self.argv = [*prefix, sys.executable, "-I", "-c", KEEPER_MAIN, PACKAGE_ROOT, *args]
+        self.env = env
+        self.launch()
+
+    def launch(self) -> None:
+        """Start the keeper process (again, after the last one died: same socket, output
+        folder and config; its log appended)."""
+        with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [*prefix, sys.executable, "-I", "-c", KEEPER_MAIN, PACKAGE_ROOT, *args],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, cwd="/",
+                self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=self.env,
+                cwd="/",
             )  # fmt: skip
 
     def log(self) -> str:

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from agent.client import AgentClient, PermissionDenied
+from agent.daemon.keeperservice import after_stop
 
 from helpers import (
     IS_ROOT,
@@ -296,3 +297,16 @@ def test_the_service_mode_refuses_a_shutdown_that_would_stop_jobs(tmp_path: Path
     assert config.parse(text.replace('"stop"', '"keep"'), tmp_path / "c.toml").keeper.mode == (
         "service"
     )
+
+
+@pytest.mark.parametrize("result", ["signal", "exit-code", "core-dump", "watchdog"])
+def test_after_a_crash_the_units_stop_post_kills_no_job(
+    result: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`agent keeper --after-stop` (the unit's ExecStopPost=) after a keeper that died
+    rather than was stopped: its jobs are left for the restarted keeper to adopt, and it
+    says so (the kill after a stop is the systemd tier's, in a unit's own cgroup)."""
+    env = {"SERVICE_RESULT": result, "EXIT_CODE": "killed", "EXIT_STATUS": "KILL"}
+    assert after_stop(env) == 0
+    err = capsys.readouterr().err
+    assert f"result {result!r}" in err and "left running for the next keeper to adopt" in err

@@ -19,6 +19,7 @@ from agent.client.cli import main as agentctl
 
 from helpers import (
     IS_ROOT,
+    JOB_CGROUPS,
     AgentFactory,
     AgentProcess,
     job_processes,
@@ -396,12 +397,14 @@ def test_kill9_restart_keeps_history_adopts_running_jobs(
     wait_for(lambda: not job_processes(running), timeout=5)
 
 
-def test_kill9_of_agent_and_keeper_reports_lost_and_kills_leftovers(
+def test_kill9_of_agent_and_keeper_adopts_or_reports_lost(
     agent: AgentProcess, script_dir: Path
 ) -> None:
     """When the job keeper dies with the agent (both killed -9), a job that was running
-    is LOST at the next start, its output so far is kept, no process of it survives,
-    and finished jobs are still there."""
+    runs on in its cgroup and the next start's keeper adopts it (RUNNING; a stop ends
+    it, its exit status said unknown); without job cgroups it is LOST at the next start
+    and no process of it survives. Either way its output so far is kept and finished
+    jobs are still there."""
     c = agent.client()
     done = c.start("bash", str(script_dir / "fail.sh"), args=["4"])
     before = c.wait(done, timeout=10)
@@ -410,7 +413,7 @@ def test_kill9_of_agent_and_keeper_reports_lost_and_kills_leftovers(
     wait_for(lambda: len(job_processes(running)) >= 4)
     agent.kill9()
     assert agent.kill_keepers(), "the agent had a job keeper"
-    assert job_processes(running), "the job outlives its agent and keeper until the restart"
+    assert job_processes(running), "the job outlives its agent and keeper"
     agent.start()
     c = agent.client()
     after = c.query(done)
@@ -419,10 +422,18 @@ def test_kill9_of_agent_and_keeper_reports_lost_and_kills_leftovers(
         before.exit_code,
         before.output_bytes,
     )
+    assert b"children started" in b"".join(c.stream(running))
+    if JOB_CGROUPS:
+        assert c.query(running).state == "RUNNING"
+        assert len(job_processes(running)) >= 4, "the restart killed nothing of it"
+        c.stop(running)
+        st = c.wait(running, timeout=20)
+        assert st.state == "STOPPED" and "exit status unknown" in st.error_text, st
+        wait_for(lambda: not job_processes(running), timeout=5)
+        return
     lost = c.query(running)
     assert lost.state == "LOST" and lost.done and lost.error
     assert "agent stopped while this job was running" in lost.error_text
-    assert b"children started" in b"".join(c.stream(running))
     wait_for(lambda: not job_processes(running), timeout=5)
     assert "recovered 1 job(s)" in agent.log()
 

@@ -436,6 +436,8 @@ class FlagLife:
             target, text = JobState.FAILED, f"start failed: {ex.start_failure}"
         elif ex.lost and not (self.timed_out or self.stop_requested):
             target, text = JobState.FAILED, ex.lost
+        elif ex.unknown and not (self.timed_out or self.stop_requested or self.kill_reason):
+            target, text = JobState.LOST, ex.unknown
         elif self.timed_out:
             text = f"timed out after {self.timeout_seconds} s ({how})"
         elif self.shutdown:
@@ -471,6 +473,7 @@ EXITS = st.builds(
     oom_kills=st.sampled_from([0, 1]),
     start_failure=st.sampled_from(["", "execve: No such file or directory (ENOENT)"]),
     lost=st.sampled_from(["", "the keeper died"]),
+    unknown=st.sampled_from(["", "exit status unknown: the keeper restarted"]),
 )
 LIVE_EVENTS = st.one_of(
     st.builds(lc.Exited, EXITS),

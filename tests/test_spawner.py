@@ -20,12 +20,14 @@ import pytest
 import agent
 from agent.client import FailedPrecondition
 from agent.daemon import landlock
+from agent.daemon.keeper import ADOPTED_TEXT, NO_PIPE_NOTE
 from agent.daemon.keeperclient import KEEPER_DIED
 from agent.daemon.lifecycle import Exit
 from agent.daemon.spawn import SCRIPT_FD_PATH, SpawnerOps, SpawnFailure, SpawnSpec
 
 from helpers import (
     IS_ROOT,
+    JOB_CGROUPS,
     AgentFactory,
     AgentProcess,
     children_of,
@@ -370,22 +372,51 @@ def _spawner_of(agent: AgentProcess) -> int:
     raise AssertionError("no spawner process")
 
 
-def test_spawner_death_fails_running_jobs_and_a_new_spawner_takes_over(
+def test_keeper_death_a_new_keeper_takes_over_its_jobs(
     agent: AgentProcess, script_dir: Path
 ) -> None:
-    """kill -9 of the job keeper: the running job ends FAILED saying so (it had started: not
-    "start failed"), new jobs work."""
+    """kill -9 of the job keeper (the agent's child): the agent starts a new one, which
+    adopts the running job from its cgroup (RUNNING; a stop ends it through the cgroup,
+    its exit status said unknown); without job cgroups the job ends FAILED saying so (it
+    had started: not "start failed"). New jobs work."""
     c = agent.client()
     job = c.start("bash", str(script_dir / "tree.sh"))
     wait_for(lambda: b"children started" in b"".join(c.stream(job)))
     first = _spawner_of(agent)
     os.kill(first, signal.SIGKILL)
-    st = c.wait(job, timeout=10)
-    assert (st.state, st.error_text) == ("FAILED", KEEPER_DIED)
+    if JOB_CGROUPS:
+        wait_for(lambda: _try_spawner(agent) not in (None, first))
+        assert c.query(job).state == "RUNNING"
+        assert len(job_processes(job)) >= 4, "nothing of it was killed"
+        c.stop(job)
+        st = c.wait(job, timeout=20)
+        assert st.state == "STOPPED" and "exit status unknown" in st.error_text, st
+    else:
+        st = c.wait(job, timeout=10)
+        assert (st.state, st.error_text) == ("FAILED", KEEPER_DIED)
     wait_for(lambda: not job_processes(job), timeout=5)
     assert c.wait(c.start("echo", "again"), timeout=10).state == "SUCCEEDED"
     assert _spawner_of(agent) != first
     assert "the job keeper (pid" in agent.log()
+
+
+@pytest.mark.skipif(not JOB_CGROUPS, reason="needs job cgroups (root and a cgroup2 mount)")
+def test_a_job_writing_after_the_keepers_death_is_lost_and_says_why(
+    agent: AgentProcess, script_dir: Path
+) -> None:
+    """The agent's child keeper has no descriptor store: a job's pipe dies with it, so a
+    job that writes afterwards dies of SIGPIPE, unseen. The new keeper reports it LOST,
+    saying that its exit status is unknown and its output after the death was lost; what
+    it wrote before is kept."""
+    c = agent.client()
+    job = c.start("bash", str(script_dir / "count.sh"), args=["100000", "0.05"])
+    wait_for(lambda: c.query(job).output_bytes > 0)
+    os.kill(_spawner_of(agent), signal.SIGKILL)
+    st = c.wait(job, timeout=20)
+    assert st.state == "LOST", st
+    assert st.error_text == f"{ADOPTED_TEXT}; {NO_PIPE_NOTE}"
+    assert st.output_bytes > 0 and b"".join(c.stream(job))
+    wait_for(lambda: not job_processes(job), timeout=5)
 
 
 def test_spawner_dying_too_often_stops_the_agent(agent: AgentProcess) -> None:

@@ -120,6 +120,14 @@ def _parser() -> argparse.ArgumentParser:
         ),
     )
     k.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+    k.add_argument(
+        "--after-stop",
+        action="store_true",
+        help=(
+            "the unit's ExecStopPost=: kill the job cgroups the keeper left, unless it "
+            "crashed ($SERVICE_RESULT), when they are left for the next keeper to adopt"
+        ),
+    )
     # Only the parser: cryptography is imported when a pki command runs.
     pki.add_parser(sub)
     return p
@@ -317,6 +325,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _keeper(args: argparse.Namespace) -> int:
     """``agent keeper``: set up, then become the job keeper (it returns only on failure)."""
+    if args.after_stop:
+        from agent.daemon import keeperservice
+
+        return keeperservice.after_stop(os.environ)
     try:
         cfg = load(args.config)
     except ConfigError as e:

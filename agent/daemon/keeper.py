@@ -16,6 +16,15 @@ while nobody faces the network for it:
   output size) is kept until the agent says it is durably in the history
   (``ack``); an agent that died before that is told again when one attaches.
 
+Its own death (kill -9, a crash): the jobs run on in their cgroup leaves, and the next
+keeper *adopts* them at its start (:meth:`Keeper.adopt_leftovers`): the leaf is the
+job (its name the job id, its processes signalled only through it, its end the leaf
+emptying), what the dead keeper knew of it (deadline, cap, grace, record) is in the
+``<job id>.keeper`` file it wrote at the start, and its output pipe comes back from
+systemd's descriptor store where there is one. Only the exit status is lost (only the
+dead parent could reap it), and the job's end says so: LOST, "exit status unknown: the
+keeper restarted". Without cgroups nothing can find them again.
+
 The agent faces the network and keeps the history; it attaches to the keeper's
 socket (``SOCK_SEQPACKET``, the protocol of :mod:`agent.daemon.spawnproto`),
 and when it goes (restart, crash, kill -9, upgrade) the jobs run on. The next
@@ -97,7 +106,7 @@ from agent.daemon import spawnproto as proto
 from agent.daemon.decision import Decided, Decider, LoadError, load_in_child, request_from_wire
 from agent.daemon.errors import AgentError
 from agent.daemon.outputfile import OutputFile
-from agent.daemon.spawner import Spawner
+from agent.daemon.spawner import Spawner, signal_leaf
 from agent.daemon.spawnplan import plan_of
 
 PROTOCOL = 2  # 2: the keeper decides (requests, not plans)
@@ -125,6 +134,18 @@ ENDED_FILE_MAX = 64 << 20  # bytes: the ends a stopped keeper leaves for the nex
 SO_PEERPIDFD = 77  # Linux 6.5: a pidfd of the peer, pinned at connect()
 # What a start may carry (a plan, a run or descriptors are the keeper's own to make).
 START_KEYS = frozenset({"op", "id", "job", "request", "record", "fds"})
+# Beside each running job's output file (<output_dir>/<job id>.keeper), while it runs
+# in a cgroup: what a keeper that adopts it after this one's death needs (its deadline,
+# cap, grace, record). The output directory is out of every job's reach (Landlock), so
+# a job cannot forge its own deadline or record.
+JOB_FILE = ".keeper"
+JOB_FILE_MAX = 2 << 20  # bytes (a record is at most RECORD_MAX)
+# The end of a job adopted from a dead keeper's cgroup: seen (the cgroup emptied), but
+# not its exit status, which only the dead keeper (its parent) could have read.
+ADOPTED_TEXT = "exit status unknown: the keeper restarted"
+NO_PIPE_NOTE = "its output after the keeper's death was lost (its pipe died with the keeper)"
+NO_FILE_NOTE = "its timeout and output cap were lost with the keeper (no .keeper file)"
+ADOPTED_POLL = 1.0  # seconds: how often adopted jobs are looked at without inotify
 
 
 def log(text: str) -> None:
@@ -150,13 +171,17 @@ class KeptJob:
         "gen",
         "grace",
         "id",
+        "key",
         "kill_on_cap",
+        "leaf",
         "life",
         "out",
         "pid",
         "record",
         "rfd",
         "rid",
+        "run",
+        "stored",
         "timers",
     )
 
@@ -176,6 +201,12 @@ class KeptJob:
         self.record: dict[str, Any] = {}
         self.timers: list[Timer] = []
         self.exit: lc.Exit | None = None
+        self.run = run
+        # Adopted from a dead keeper (not this keeper's child): its cgroup is all there is
+        # to signal and to watch, and ``key`` (negative, never a pid) its by_pid entry.
+        self.leaf: cgroups.JobCgroup | None = None
+        self.key = 0
+        self.stored = False  # its pipe is in systemd's descriptor store
 
 
 def exit_of(msg: dict[str, Any]) -> lc.Exit:
@@ -187,6 +218,7 @@ def exit_of(msg: dict[str, Any]) -> lc.Exit:
         system_cpu=msg["stime"],
         max_rss=msg["maxrss"],
         oom_kills=int(msg.get("oom", 0)),
+        unknown=str(msg.get("unknown", "")),
         end_time=msg.get("ended"),
     )
 
@@ -290,6 +322,14 @@ class Keeper(Spawner):
         dyn = decider.settings.dynamic_users if decider is not None else None
         self.pool = uids.Pool(*dyn) if dyn is not None else None
         self.dynamic: dict[str, int] = {}  # job id -> its dynamic uid, until released
+        # Jobs adopted from a dead keeper's cgroups, by inotify watch (-1: unwatched).
+        self.adopted: dict[int, KeptJob] = {}
+        self.unwatched: list[KeptJob] = []
+        self.adopt_keys = itertools.count(1)
+        # systemd's descriptor store holds each job's pipe for the next keeper (a service
+        # whose unit sets FileDescriptorStoreMax= and FDSTORE=, see fdstore_push).
+        self.fdstore = False
+        self.notify_sock: socket.socket | None = None
         self.mounts: list[Path] = []
         with contextlib.suppress(OSError):
             self.mounts = cgroups.parse_cgroup2_mounts(Path("/proc/self/mountinfo").read_text())
@@ -376,7 +416,8 @@ class Keeper(Spawner):
                 "pid": j.pid,
                 "size": j.out.size,
                 "truncated": j.out.truncated,
-                "ending": j.exit is not None or j.rfd < 0,
+                # (An adopted job without its pipe is not ending: it runs on.)
+                "ending": j.exit is not None or (j.rfd < 0 and j.leaf is None),
                 "record": j.record,
             }
             for j in self.jobs.values()
@@ -465,7 +506,7 @@ class Keeper(Spawner):
                 # At most an hour: epoll refuses a timeout above INT_MAX ms (24.8 days,
                 # OverflowError), and a job's timeout may be a uint32 of seconds.
                 timeout = min(MAX_SLEEP, max(0.0, self.heap[0][0] - time.monotonic()))
-            if self.closing:
+            if self.closing or self.unwatched:
                 timeout = min(timeout if timeout is not None else 1.0, 1.0)
             asked = False
             for key, _ in self.sel.select(timeout):
@@ -483,6 +524,8 @@ class Keeper(Spawner):
                 if not self.running:
                     break
             self.run_timers()
+            if self.unwatched:
+                self.look_at_adopted(self.unwatched)
             if asked and self.running and self.sock is not None:
                 self.on_socket()
             self.flush_output()
@@ -916,6 +959,10 @@ class Keeper(Spawner):
         self.sel.register(job.rfd, selectors.EVENT_READ, job)
         if job.life.timeout_seconds:
             self.arm(job, job.life.timeout_seconds, lc.TimedOut())
+        if self.subtree is not None:
+            self.write_job_file(job)
+            if self.fdstore:
+                self.fdstore_push(job)
         if job.gen == self.gen:
             self.tell({"op": "started", "id": job.rid, "job": job.id, "pid": job.pid})
         if self.closing:  # started while the service was told to stop: stopped as the rest
@@ -929,7 +976,9 @@ class Keeper(Spawner):
 
     def apply(self, job: KeptJob, action: lc.Action) -> None:
         if isinstance(action, lc.Signal):
-            if job.pid:
+            if job.leaf is not None:
+                self.signal_adopted(job, action.sig)
+            elif job.pid:
                 Spawner.signal(self, {"pid": job.pid, "sig": action.sig})
         elif isinstance(action, lc.ArmKillTimer):
             self.arm(job, job.grace, lc.KillGraceExpired())
@@ -1025,8 +1074,12 @@ class Keeper(Spawner):
         # Its "finished" carries its output's size: no progress of its own before it.
         self.dirty.pop(job.id, None)
         self.jobs.pop(job.id, None)
-        if job.pid:
-            self.by_pid.pop(job.pid, None)
+        # (An adopted job's pid may be a new child's now: only its own entry goes.)
+        for key in (job.pid, job.key):
+            if key and self.by_pid.get(key) is job:
+                del self.by_pid[key]
+        if self.subtree is not None:
+            self.forget_job_file(job)
         msg = {
             "op": "finished",
             "job": job.id,
@@ -1063,9 +1116,336 @@ class Keeper(Spawner):
     def kill_all(self) -> None:
         """At the keeper's end: nothing may run that nobody supervises."""
         for job in list(self.jobs.values()):
-            if job.pid:
-                with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception):
+                if job.leaf is not None:
+                    job.leaf.kill()
+                elif job.pid:
                     Spawner.signal(self, {"pid": job.pid, "sig": signal.SIGKILL})
+
+    # ------------------------------------------------------------ adoption
+
+    def job_file(self, job_id: str) -> str:
+        return os.path.join(self.output_dir, job_id + JOB_FILE)
+
+    def write_job_file(self, job: KeptJob) -> None:
+        """What a keeper that adopts this job after our death needs: one small file per
+        job in a cgroup, written once (no fsync: it must outlive this process, not the
+        machine, and the cgroup does not outlive a reboot either)."""
+        timeout = job.life.timeout_seconds
+        data = {
+            "pid": job.pid,
+            # Its dynamic uid: a keeper that adopts the job holds it until the job ends,
+            # so that no other job is given the uid meanwhile.
+            "uid": self.dynamic.get(job.id),
+            "deadline": time.time() + timeout if timeout else None,
+            "run": job.run,
+            "record": job.record,
+        }
+        try:
+            fd = os.open(
+                self.job_file(job.id),
+                os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o600,
+            )
+            try:
+                os.write(fd, json.dumps(data, separators=(",", ":")).encode())
+            finally:
+                os.close(fd)
+        except (OSError, TypeError, ValueError) as e:
+            log(
+                f"job {job.id}: cannot write its {JOB_FILE} file (a keeper that adopts it "
+                f"will not know its timeout): {e}"
+            )
+
+    def forget_job_file(self, job: KeptJob) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(self.job_file(job.id))
+        if job.stored:
+            job.stored = False
+            self.notify_fds(f"FDSTOREREMOVE=1\nFDNAME={job.id}", [])
+
+    def read_job_file(self, job_id: str) -> dict[str, Any] | None:
+        """The .keeper file of ``job_id`` (None: missing or not one; said)."""
+        try:
+            # The output folder is out of every job's reach (Landlock); O_NOFOLLOW and the
+            # checks below still hold if that ever changes: a link or a file that is not
+            # ours gives no deadline, cap or record, it is said and ignored.
+            fd = os.open(self.job_file(job_id), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            log(f"job {job_id}: cannot read its {JOB_FILE} file: {e}")
+            return None
+        try:
+            with os.fdopen(fd, "rb") as f:
+                got = json.loads(f.read(JOB_FILE_MAX))
+            run = got["run"]
+            for key in ("timeout", "cpu_seconds", "memory_max", "cap"):
+                if not isinstance(run.get(key) or 0, int):
+                    raise ValueError(f"run.{key}")
+            float(run["grace"])
+            if got.get("deadline") is not None:
+                float(got["deadline"])
+            if not isinstance(got.get("record"), dict) or not isinstance(got.get("pid"), int):
+                raise ValueError("record or pid")
+            return dict(got)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            log(f"job {job_id}: its {JOB_FILE} file is not one ({e}); ignored")
+            return None
+
+    def adopt_leftovers(self, stored: dict[str, int]) -> None:
+        """At start: take over the jobs a dead keeper left running in their cgroups.
+
+        Each leaf of the subtree is a job (its name is its id): it is kept, not killed.
+        Its processes are signalled only through the leaf (pidfds pinned and checked
+        against cgroup.procs, or cgroup.kill), never by a pid alone; its end is its
+        cgroup becoming empty; its exit status is unknown (only its dead parent could
+        have reaped it) and said so. ``stored``: the pipes systemd's descriptor store
+        gave back, by job id (the output goes on into the file); without one the output
+        from the death on is lost, and said so. Leaves of ends a previous keeper saved
+        (it stopped cleanly) are leftovers: killed and removed."""
+        if self.subtree is None:
+            for job_id, fd in stored.items():
+                os.close(fd)
+                self.notify_fds(f"FDSTOREREMOVE=1\nFDNAME={job_id}", [])
+            self.remove_stale_job_files()
+            return
+        for leaf in self.subtree.leftovers():
+            rfd = stored.pop(leaf.job_id, -1)
+            try:
+                self.adopt(leaf, rfd)
+            except Exception:
+                import traceback
+
+                log(f"internal error adopting job {leaf.job_id}:\n{traceback.format_exc()}")
+                if leaf.job_id not in self.jobs:
+                    # Nothing may run that nobody supervises: killed (the agent records
+                    # it LOST at its next start).
+                    if rfd >= 0:
+                        with contextlib.suppress(OSError):
+                            os.close(rfd)
+                    with contextlib.suppress(cgroups.CgroupError):
+                        leaf.kill()
+        for job_id, fd in stored.items():  # a job that is gone: its pipe goes too
+            os.close(fd)
+            self.notify_fds(f"FDSTOREREMOVE=1\nFDNAME={job_id}", [])
+        self.remove_stale_job_files()
+
+    def remove_stale_job_files(self) -> None:
+        """The .keeper files of jobs no keeper holds (killed with their cgroup after a
+        stop, or by hand): nothing will read them."""
+        try:
+            names = os.listdir(self.output_dir)
+        except OSError:
+            return
+        for name in names:
+            job_id = name[: -len(JOB_FILE)]
+            if name.endswith(JOB_FILE) and JOB_ID.match(job_id) and job_id not in self.jobs:
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(self.output_dir, name))
+
+    def adopt(self, leaf: cgroups.JobCgroup, rfd: int) -> None:
+        job_id = leaf.job_id
+        if job_id in self.ended:
+            log(f"job {job_id}: ended under the previous keeper, yet its cgroup is left: killed")
+            if rfd >= 0:
+                os.close(rfd)
+            with contextlib.suppress(cgroups.CgroupError):
+                leaf.kill()
+                leaf.remove()
+            return
+        meta = self.read_job_file(job_id)
+        uid = meta.get("uid") if meta is not None else None
+        if self.pool is not None and not (uid is None and meta is not None):
+            # With dynamic users, a job's uid must be known to be held: else a new job
+            # could be given the uid of a running one (and see and signal it).
+            if not isinstance(uid, int) or isinstance(uid, bool) or uid not in self.pool:
+                log(f"job {job_id}: its dynamic uid is unknown ({JOB_FILE} file missing or "
+                    "not one); killed, as no other job may be given it unknowingly")  # fmt: skip
+                if rfd >= 0:
+                    os.close(rfd)
+                with contextlib.suppress(cgroups.CgroupError):
+                    leaf.kill()
+                return
+            self.pool.held.add(uid)
+            self.dynamic[job_id] = uid
+        notes = []
+        if meta is None:
+            run: dict[str, Any] = {
+                "timeout": 0,
+                "cpu_seconds": 0,
+                "memory_max": 0,
+                "note": "",
+                "grace": 5.0,
+                "kill_on_cap": False,
+                "cap": 0,
+            }
+            notes.append(NO_FILE_NOTE)
+            if rfd >= 0:  # no cap known: nothing more is written for it
+                os.close(rfd)
+                rfd = -1
+        else:
+            run = dict(meta["run"])
+        path = os.path.join(self.output_dir, f"{job_id}.out")
+        try:
+            out = OutputFile.reopen(path, int(run.get("cap") or 0), self.file_owner)
+        except OSError as e:
+            # Not a file of ours any more (replaced by a link, a directory): nothing more
+            # is written for this job, and its end says so.
+            log(f"job {job_id}: cannot open its output file again: {e}")
+            out = OutputFile(path, 0, self.file_owner)
+            if rfd >= 0:
+                os.close(rfd)
+                rfd = -1
+        if rfd < 0:
+            notes.append(NO_PIPE_NOTE)
+        if run.get("note"):
+            notes.insert(0, str(run["note"]))
+        run["note"] = "; ".join(notes)
+        job = KeptJob(job_id, None, 0, run, out)
+        job.leaf = leaf
+        job.key = -next(self.adopt_keys)
+        job.record = meta["record"] if meta is not None else {}
+        pids = leaf.pids()
+        was = meta["pid"] if meta is not None else 0
+        job.pid = was if was in pids else (pids[0] if pids else 0)
+        # Its life starts where the dead keeper's left it: output past the cap is
+        # dropped, and a job whose pipe is gone has no more output.
+        if out.truncated:
+            job.life.output = lc.Output.DISCARDING
+        self.jobs[job_id] = job
+        self.by_pid[job.key] = job
+        if rfd >= 0:
+            os.set_inheritable(rfd, False)
+            os.set_blocking(rfd, False)
+            job.rfd = rfd
+            job.stored = True
+            self.sel.register(rfd, selectors.EVENT_READ, job)
+        else:
+            job.life.output = lc.Output.CLOSED
+        deadline = meta.get("deadline") if meta is not None else None
+        if deadline is not None:
+            self.arm(job, max(0.0, float(deadline) - time.time()), lc.TimedOut())
+        log(
+            f"adopted job {job_id} from a dead keeper ({len(pids)} process(es), "
+            f"{'its pipe kept' if rfd >= 0 else 'no pipe'}, "
+            f"{'deadline kept' if deadline is not None else 'no deadline'})"
+        )
+        self.watch_adopted(job)
+
+    def watch_adopted(self, job: KeptJob) -> None:
+        """Watch an adopted job's cgroup.events (its end is the cgroup emptying); watch
+        first, then look, so an end before the watch is not missed."""
+        assert job.leaf is not None
+        wd = -1
+        try:
+            if self.watcher is None:
+                self.watcher = cgroups.EventWatcher()
+                self.sel.register(self.watcher.fileno(), selectors.EVENT_READ, self.watcher)
+            wd = self.watcher.watch(job.leaf)
+        except cgroups.CgroupError as e:
+            log(f"job {job.id}: {e}; its end is looked for every {ADOPTED_POLL:g} s")
+        if wd >= 0:
+            self.adopted[wd] = job
+        else:
+            self.unwatched.append(job)
+        self.look_at_adopted([job])
+
+    def leaves_fired(self, fired: list[int]) -> None:
+        Spawner.leaves_fired(self, fired)
+        jobs = [self.adopted[wd] for wd in fired if wd in self.adopted]
+        # A watch the kernel dropped (the leaf vanished) shows up as nothing.
+        jobs += [j for j in self.adopted.values() if j.leaf and not j.leaf.events_path.exists()]
+        self.look_at_adopted(jobs)
+
+    def look_at_adopted(self, jobs: list[KeptJob]) -> None:
+        for job in list(jobs):
+            if job.leaf is not None and job.key in self.by_pid and not job.leaf.populated():
+                self.guarded(self.adopted_ended, job)
+
+    def adopted_ended(self, job: KeptJob) -> None:
+        """An adopted job's cgroup is empty: its end (status unknown), from the cgroup's
+        accounting, then the lifecycle as for any exit."""
+        leaf = job.leaf
+        assert leaf is not None
+        for wd, j in list(self.adopted.items()):
+            if j is job:
+                del self.adopted[wd]
+                self.unwatch(wd)
+        if job in self.unwatched:
+            self.unwatched.remove(job)
+        msg: dict[str, Any] = {
+            "op": "exited",
+            "pid": job.key,
+            "code": None,
+            "signal": None,
+            "utime": 0.0,
+            "stime": 0.0,
+            "maxrss": 0,
+            "oom": 0,
+            "ended": time.time(),
+            "unknown": ADOPTED_TEXT,
+        }
+        try:
+            stats = leaf.stats(memory=self.subtree is None or "memory" in self.subtree.controllers)
+            msg["utime"], msg["stime"] = stats.cpu_user_seconds, stats.cpu_system_seconds
+            msg["maxrss"] = stats.memory_peak_bytes or 0
+            msg["oom"] = (stats.oom_kills or 0) + (stats.oom_group_kills or 0)
+        except cgroups.CgroupError as e:
+            log(str(e))
+        try:
+            leaf.remove()
+        except cgroups.CgroupError as e:
+            log(str(e))
+        self.on_exited(msg)
+
+    def signal_adopted(self, job: KeptJob, sig: int) -> None:
+        """Signal an adopted job: it is not this keeper's child, so never by its pid alone
+        (reused meanwhile, it could be anyone's): through its cgroup."""
+        assert job.leaf is not None
+        leaf = job.leaf
+        uid = self.dynamic.get(job.id)
+        try:
+            if sig == signal.SIGKILL:
+                leaf.kill()
+            elif uid is not None and os.geteuid() != 0:
+                # A job of its own uid, and this keeper has no CAP_KILL: a helper of the
+                # job's uid signals, as the job itself could (SIGKILL above needs none).
+                uids.as_user(uid, uid, lambda: signal_leaf(leaf, sig))
+            else:
+                signal_leaf(leaf, sig)
+        except cgroups.CgroupError as e:
+            log(f"job {job.id}: {e}")
+
+    # ------------------------------------------------------------ descriptor store
+
+    def fdstore_push(self, job: KeptJob) -> None:
+        """Hand a copy of the job's pipe (read end) to systemd's descriptor store, named
+        by the job id, so a keeper restarted after this one's death reads on. FDPOLL=0:
+        systemd must not drop it when the job closes its end (unread output would go)."""
+        if job.rfd >= 0 and self.notify_fds(f"FDSTORE=1\nFDNAME={job.id}\nFDPOLL=0", [job.rfd]):
+            job.stored = True
+
+    def notify_fds(self, state: str, fds: list[int]) -> bool:
+        """sd_notify with descriptors (SCM_RIGHTS); False when it could not be sent."""
+        if not self.fdstore:
+            return False
+        addr = os.environ.get("NOTIFY_SOCKET", "")
+        if not addr:
+            return False
+        if addr[0] == "@":
+            addr = "\0" + addr[1:]
+        try:
+            if self.notify_sock is None:
+                self.notify_sock = socket.socket(
+                    socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC
+                )
+            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))]
+            self.notify_sock.sendmsg([state.encode()], anc if fds else [], 0, addr)
+        except OSError as e:
+            log(f"descriptor store: {e}")
+            return False
+        return True
 
 
 def notify(state: str) -> None:
@@ -1236,6 +1616,15 @@ def main(argv: list[str]) -> int:
         ended_file=args.ended_file,
     )
     keeper.load_ended()
+    # A service whose unit keeps a descriptor store (FileDescriptorStoreMax=, announced
+    # to the keeper as $FDSTORE: systemd 254 sets it, the unit sets it for 252).
+    stored = listen_fds()
+    keeper.fdstore = (
+        args.service
+        and os.environ.get("FDSTORE", "0").isdigit()
+        and (int(os.environ.get("FDSTORE", "0")) > 0)
+    )
+    keeper.adopt_leftovers(stored)
     return run(keeper)
 
 
@@ -1255,6 +1644,31 @@ def keeper_filter(lo: int, hi: int) -> str:
         return f"[jobs] dynamic_users: cannot bind the keeper to uids {lo}-{hi}: {e}"
     log(f"dynamic users: each job runs as a uid of its own from {lo}-{hi}")
     return ""
+
+
+def listen_fds() -> dict[str, int]:
+    """The descriptors systemd passed this process (sd_listen_fds(3)), by name: the pipes
+    of the jobs a dead keeper left, from the unit's descriptor store. Taken out of the
+    environment (a re-exec must not take them again) and closed on exec (never a job's)."""
+    env = os.environ
+    names = env.pop("LISTEN_FDNAMES", "").split(":")
+    pid, count = env.pop("LISTEN_PID", ""), env.pop("LISTEN_FDS", "")
+    if not pid.isdigit() or int(pid) != os.getpid() or not count.isdigit():
+        return {}
+    got: dict[str, int] = {}
+    for i in range(min(int(count), 65536)):
+        fd = 3 + i
+        try:
+            os.set_inheritable(fd, False)
+        except OSError:
+            continue
+        name = names[i] if i < len(names) else ""
+        if not JOB_ID.match(name) or name in got:
+            log(f"descriptor store: an unexpected descriptor {name[:60]!r}; closed")
+            os.close(fd)
+            continue
+        got[name] = fd
+    return got
 
 
 def load_decider(config: str, subtree: cgroups.Subtree | None) -> tuple[str, Decider | None]:

@@ -652,10 +652,16 @@ class KeeperClient:
             if self._on_fatal is not None:
                 self._on_fatal(why)
             return
+        # With job cgroups the next keeper adopts the running jobs from their leaves (its
+        # hello lists them; their ends come as usual, their exit status said unknown).
+        # Without, nothing could find them again: they are killed, as a start still in
+        # the dead keeper's hands always is (the agent never learnt its pid).
+        adopt = self._cgroups is not None
         log.error(
-            "the job keeper (pid %s) died (%s); killing its %d running job(s)",
+            "the job keeper (pid %s) died (%s); %s its %d running job(s)",
             self.keeper_pid,
             status,
+            "a new keeper adopts" if adopt else "killing",
             len(self._sinks),
         )
         for admitted, started, job_id, _ in self._pending.values():
@@ -668,13 +674,8 @@ class KeeperClient:
         for reload in self._reloads.values():
             if not reload.done():
                 reload.set_exception(OSError(errno.EIO, "the job keeper died"))
-        sinks, self._sinks = self._sinks, {}
-        for job_id, sink in sinks.items():
-            self._kill(job_id, self._pids.pop(job_id, 0))
-            ex = Exit(exit_code=None, signal=None, lost=KEEPER_DIED, end_time=time.time())
-            fin = Finished(job_id, JobState.FAILED, KEEPER_DIED, ex, size=-1, truncated=False)
-            if self._loop is not None:
-                self._loop.call_soon(sink.on_finished, fin)
+        if not adopt:
+            self._lose(list(self._sinks))
         while self._count_death():
             try:
                 hello = self.attach()
@@ -683,9 +684,41 @@ class KeeperClient:
                 log.error("the new job keeper failed: %s", e)
                 self._reap_keeper(0.5)
                 continue
-            if hello.jobs or hello.ended:  # another keeper answered: not ours to lose
-                log.warning("a job keeper answered with %d job(s) after the death", len(hello.jobs))
+            self._readopt(hello)
             return
+        self._lose(list(self._sinks))
+
+    def _readopt(self, hello: Hello) -> None:
+        """After a new keeper's hello: the running jobs it adopted go on (their output size
+        as it found it), those that ended meanwhile end, the rest are lost (killed)."""
+        assert self._loop is not None
+        for kept in hello.jobs:
+            sink = self._sinks.get(kept.job_id)
+            if sink is None:
+                log.warning("job %s: a new job keeper holds it, but not this agent", kept.job_id)
+                continue
+            sink.on_output(kept.size, kept.truncated)
+            if kept.ending:
+                sink.on_ending()
+        for fin in hello.ended:
+            self._pids.pop(fin.job_id, None)
+            sink = self._sinks.pop(fin.job_id, None)
+            if sink is not None:
+                self._loop.call_soon(sink.on_finished, fin)
+            elif self.on_unknown_finished is not None and fin.persist:
+                self._loop.call_soon(self.on_unknown_finished, fin)
+        held = {k.job_id for k in hello.jobs}
+        self._lose([job_id for job_id in self._sinks if job_id not in held])
+
+    def _lose(self, job_ids: list[str]) -> None:
+        """Kill these jobs of a dead keeper and end them FAILED (KEEPER_DIED)."""
+        for job_id in job_ids:
+            sink = self._sinks.pop(job_id)
+            self._kill(job_id, self._pids.pop(job_id, 0))
+            ex = Exit(exit_code=None, signal=None, lost=KEEPER_DIED, end_time=time.time())
+            fin = Finished(job_id, JobState.FAILED, KEEPER_DIED, ex, size=-1, truncated=False)
+            if self._loop is not None:
+                self._loop.call_soon(sink.on_finished, fin)
 
     def _count_death(self) -> bool:
         """Count a keeper's death; False (after ``on_fatal``) once they come too often."""

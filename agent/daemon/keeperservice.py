@@ -20,8 +20,11 @@ import os
 import pwd
 import socket
 import sys
+import time
+from pathlib import Path
 
 from agent.configfile import ConfigError
+from agent.daemon import cgroups
 from agent.daemon import spawnproto as proto
 from agent.daemon.config import Config
 from agent.daemon.keeperclient import KEEPER_ENDED, KEEPER_SOCKET, keeper_argv
@@ -36,7 +39,17 @@ from agent.daemon.startup import (
 # What the keeper keeps of its environment: the service manager's notification socket
 # and the spawn path override (tests); nothing reaches a job (its environment is built
 # from the policy).
-KEPT_ENV = ("NOTIFY_SOCKET", "INVOCATION_ID", SPAWN_ENV)
+# The descriptor store's pipes of a dead keeper's jobs (LISTEN_*, fds from 3 on, not
+# closed on exec) and whether the unit keeps one (FDSTORE) go to the keeper too.
+KEPT_ENV = (
+    "NOTIFY_SOCKET",
+    "INVOCATION_ID",
+    SPAWN_ENV,
+    "LISTEN_PID",
+    "LISTEN_FDS",
+    "LISTEN_FDNAMES",
+    "FDSTORE",
+)
 
 
 def agent_uid(cfg: Config) -> int:
@@ -113,3 +126,73 @@ def main(cfg: Config) -> int:
     except OSError as e:
         print(f"agent keeper: cannot start the keeper: {e.strerror or e}", file=sys.stderr)
     return 1
+
+
+# $SERVICE_RESULT of a keeper that was stopped (systemctl stop or restart; a stop that
+# timed out) rather than one that died ("signal", "exit-code", "core-dump", "watchdog"...).
+STOPPED_RESULTS = frozenset({"success", "timeout"})
+AFTER_STOP_WAIT = 10.0  # seconds: for the killed job cgroups to empty
+
+
+def after_stop(environ: dict[str, str] | os._Environ[str]) -> int:
+    """``agent keeper --after-stop``: the unit's ExecStopPost=. The unit has
+    KillMode=process, so systemd kills only the keeper's own process: a keeper that
+    crashed (kill -9, a bug) leaves its jobs running in their cgroups, and the keeper
+    systemd restarts adopts them (:meth:`agent.daemon.keeper.Keeper.adopt_leftovers`).
+    A keeper that was *stopped* stopped its jobs itself; whatever is left then (the stop
+    timed out) is killed here, so that stopping the unit still stops every job.
+
+    Measured under systemd 252: after SIGKILL of the main process ExecStopPost sees
+    SERVICE_RESULT=signal (EXIT_CODE=killed, EXIT_STATUS=KILL); after `systemctl stop`,
+    SERVICE_RESULT=success; after a stop past TimeoutStopSec=, timeout. Returns 0 (a
+    failure here must not fail the stop), 1 when a job cgroup could not be emptied."""
+    result = environ.get("SERVICE_RESULT", "")
+    if result and result not in STOPPED_RESULTS:
+        print(
+            f"agent keeper: the keeper ended with result {result!r} "
+            f"({environ.get('EXIT_CODE', '?')} {environ.get('EXIT_STATUS', '?')}): its jobs "
+            "are left running for the next keeper to adopt",
+            file=sys.stderr,
+        )
+        return 0
+    try:
+        jobs = unit_jobs_dir()
+    except cgroups.CgroupError as e:
+        print(f"agent keeper: no job cgroups to clear: {e}", file=sys.stderr)
+        return 0
+    leaves = cgroups.Subtree(jobs).leftovers()
+    for leaf in leaves:
+        try:
+            leaf.kill()
+        except cgroups.CgroupError as e:
+            print(f"agent keeper: {e}", file=sys.stderr)
+    deadline = time.monotonic() + AFTER_STOP_WAIT
+    failed = 0
+    for leaf in leaves:
+        while leaf.populated() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        try:
+            leaf.remove()
+        except cgroups.CgroupError as e:
+            failed += 1
+            print(f"agent keeper: {e}", file=sys.stderr)
+    if leaves:
+        print(
+            f"agent keeper: stopped ({result or 'by hand'}): killed {len(leaves)} job "
+            "cgroup(s) the keeper left",
+            file=sys.stderr,
+        )
+    return 1 if failed else 0
+
+
+def unit_jobs_dir() -> Path:
+    """The job subtree of the unit this process runs in (systemd runs a delegated unit's
+    ExecStopPost= in its ``.control`` sub-cgroup). Raises CgroupError."""
+    own = cgroups.own_cgroup()
+    if own.endswith("/.control"):
+        own = own[: -len("/.control")]
+    mounts = cgroups.parse_cgroup2_mounts(Path("/proc/self/mountinfo").read_text())
+    mount = cgroups.choose_cgroup2_mount(mounts)
+    if mount is None or own == "/":
+        raise cgroups.CgroupError("not in a delegated cgroup of a unit")
+    return cgroups.cgroup_dir(mount, own) / cgroups.JOBS_DIR

@@ -101,6 +101,11 @@ def snapshot(k: Keeper) -> dict[str, Any]:
                 "record": job.record,
                 "timers": timers,
                 "out": job.out.state(),
+                "run": job.run,
+                # Adopted from a dead keeper: its leaf (watched again after the exec).
+                "leaf": None if job.leaf is None else str(job.leaf.path),
+                "key": job.key,
+                "stored": job.stored,
             }
         )
     return {
@@ -133,6 +138,7 @@ def snapshot(k: Keeper) -> dict[str, Any]:
         "dynamic": dict(k.dynamic),
         "jobs": jobs,
         "ended": list(k.ended.values()),
+        "fdstore": k.fdstore,
     }
 
 
@@ -239,17 +245,26 @@ def restore(k: Keeper, state: dict[str, Any]) -> None:
             "kill_on_cap": j["kill_on_cap"],
         }
         job = KeptJob(j["id"], j["rid"], j["gen"], run, out)
+        job.run = dict(j.get("run") or run)
         job.life = lc.Life.from_dict(j["life"])
         job.exit = None if j["exit"] is None else lc.Exit(**j["exit"])
         job.pid, job.rfd, job.record = j["pid"], j["rfd"], j["record"]
         k.jobs[job.id] = job
-        if job.pid and job.exit is None:
+        job.stored = bool(j.get("stored", False))
+        if j.get("leaf"):
+            job.leaf = cgroups.JobCgroup(job.id, Path(j["leaf"]))
+            job.key = int(j["key"])
+            k.adopt_keys = itertools.count(max(-job.key + 1, next(k.adopt_keys)))
+            if job.exit is None:
+                k.by_pid[job.key] = job
+        elif job.pid and job.exit is None:
             k.by_pid[job.pid] = job
         if job.rfd >= 0:
             k.sel.register(job.rfd, selectors.EVENT_READ, job)
         for delay, name in j["timers"]:
             k.arm(job, delay, TIMER_EVENTS[name]())
     k.ended.update({m["job"]: m for m in state["ended"]})
+    k.fdstore = bool(state.get("fdstore", False))
     agent = state["agent"]
     if agent is not None:
         k.sock = socket.socket(fileno=agent["fd"])
@@ -258,3 +273,7 @@ def restore(k: Keeper, state: dict[str, Any]) -> None:
         k.deaf = agent["deaf"]
         k.hello_due = agent["hello_due"]
         k.sel.register(k.sock, selectors.EVENT_READ, None)
+    # Last: an adopted job found ended now is told to the agent restored above.
+    for job in list(k.jobs.values()):
+        if job.leaf is not None and job.exit is None:
+            k.watch_adopted(job)

@@ -94,6 +94,10 @@ class Exit:
     # Set when the job ran but ended without an exit status anyone saw: why (the job
     # spawner died and its processes were killed).
     lost: str = ""
+    # Set when the job's end was seen but not its exit status: why (a keeper that adopted
+    # the job from its cgroup after the previous keeper's death saw only the cgroup empty).
+    # Recorded LOST with this text, unless a timeout or a stop explains the end.
+    unknown: str = ""
     # When the job ended (wall clock), as the spawner saw it at the reap: not when the
     # agent heard of it, which a stopped or busy agent may do much later. None: unknown.
     end_time: float | None = None
@@ -459,6 +463,9 @@ class Life:
             return JobState.FAILED, f"start failed: {ex.start_failure}"
         if ex.lost and not asked:
             return JobState.FAILED, ex.lost
+        if ex.unknown and why is None:
+            # Never SUCCEEDED or FAILED on a guess: nobody saw how it exited.
+            return JobState.LOST, ex.unknown
         if why is Why.TIMEOUT:
             return target, f"timed out after {self.timeout_seconds} s ({how})"
         if why is Why.SHUTDOWN:

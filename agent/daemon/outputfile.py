@@ -17,6 +17,7 @@ import contextlib
 import ctypes
 import errno
 import os
+import stat
 from dataclasses import dataclass
 from typing import Any
 
@@ -159,6 +160,28 @@ class OutputFile:
         fd = int(st["fd"])
         out._fd = None if fd < 0 else fd
         out._unnamed = bool(st["unnamed"])
+        return out
+
+    @classmethod
+    def reopen(cls, path: str, cap: int, owner: int = -1) -> OutputFile:
+        """The file of a job a previous keeper was recording (an adopted job): what it
+        wrote stays, what comes next is appended at the file's current size (a missing
+        file is created at the first byte, as for a new job). Raises OSError."""
+        out = cls(path, cap, owner)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return out
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise OSError(errno.EINVAL, "not a regular file", path)
+        except OSError:
+            os.close(fd)
+            raise
+        out._fd = fd
+        out.size = st.st_size
+        out.truncated = bool(cap) and st.st_size >= cap
         return out
 
     def close(self) -> None:

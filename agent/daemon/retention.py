@@ -75,8 +75,10 @@ def recover(
     now = time.time()
     killed = 0
     if subtree is not None:
+        # A job the keeper kept (it may have adopted it from its dead predecessor's
+        # cgroup) is never a leftover.
         killed = kill_leftover_cgroups(
-            subtree, only=None if sweep_leftovers else {r.id for r in lost}
+            subtree, only=None if sweep_leftovers else {r.id for r in lost}, keep=set(kept)
         )
     elif not sweep_leftovers:
         this_boot = [
@@ -115,15 +117,24 @@ def recover(
 
 
 def kill_leftover_cgroups(
-    subtree: Subtree, timeout: float = LEFTOVER_TIMEOUT, *, only: set[str] | None = None
+    subtree: Subtree,
+    timeout: float = LEFTOVER_TIMEOUT,
+    *,
+    only: set[str] | None = None,
+    keep: set[str] | frozenset[str] = frozenset(),
 ) -> int:
-    """Kill every job leaf left in ``subtree`` (``only``: those of these jobs), wait
+    """Kill every job leaf left in ``subtree`` (``only``: those of these jobs; never
+    those of ``keep``), wait
     until empty, remove it.
 
     Returns how many processes were in them. A leaf that will not empty or
     go away is logged and left (the next start tries again).
     """
-    leaves = [leaf for leaf in subtree.leftovers() if only is None or leaf.job_id in only]
+    leaves = [
+        leaf
+        for leaf in subtree.leftovers()
+        if (only is None or leaf.job_id in only) and leaf.job_id not in keep
+    ]
     killed = 0
     for leaf in leaves:
         killed += len(leaf.pids())

@@ -1097,7 +1097,10 @@ class Spawner:
 
     def on_cgroup_events(self) -> None:
         assert self.watcher is not None
-        fired = self.watcher.drain()
+        self.leaves_fired(self.watcher.drain())
+
+    def leaves_fired(self, fired: list[int]) -> None:
+        """The leaves whose cgroup.events changed (inotify watch descriptors)."""
         # A watch the kernel dropped (the leaf vanished) shows up as nothing:
         # check every draining leaf that fired, and any whose file is gone.
         for wd in list(self.draining):

@@ -206,14 +206,20 @@ class StandIn:
 
 def main(argv: list[str]) -> int:
     """Entry point: ``agent run --config FILE`` or ``agent keeper --config FILE`` (the
-    keeper unit's; the same stand-in), or the agent unit's ExecReload=
+    keeper unit's; the same stand-in), its ExecStopPost= ``agent keeper --after-stop``,
+    or the agent unit's ExecReload=
     ``agent reload --config FILE --pid PID`` (here: only the SIGHUP)."""
     if len(argv) == 5 and argv[0] == "reload" and argv[1] == "--config" and argv[3] == "--pid":
         os.kill(int(argv[4]), signal.SIGHUP)
         return 0
+    if argv == ["keeper", "--after-stop"]:
+        # The keeper unit's ExecStopPost= (the real one kills the job cgroups a stopped
+        # keeper left); the stand-in stops what it spawned itself.
+        return 0
     if len(argv) != 3 or argv[0] not in ("run", "keeper") or argv[1] != "--config":
         print(
-            "usage: agent (run | keeper) --config FILE | agent reload --config FILE --pid PID",
+            "usage: agent (run | keeper) --config FILE | agent keeper --after-stop"
+            " | agent reload --config FILE --pid PID",
             file=sys.stderr,
         )
         return 2

@@ -76,6 +76,13 @@ SCRIPTS = {
         echo "gate $1 never opened"
         exit 1
         """,
+    "tick.sh": """\
+        #!/bin/bash
+        # A line every 0.1 s until the test opens its gate: a gap would show.
+        i=0
+        while ! test -e "/run/agent-gates/$1"; do i=$((i + 1)); echo "tick $i"; sleep 0.1; done
+        echo "done after $i"
+        """,
     "trapterm.sh": """\
         #!/bin/bash
         trap 'echo got TERM; exit 0' TERM
@@ -660,6 +667,90 @@ def test_reloading_the_keeper_reexecutes_it_in_place_and_keeps_jobs(running: Age
     assert output(client, job) == "started\nfinished\n"
 
 
+def test_a_killed_keeper_is_restarted_and_adopts_its_running_job(running: Agent) -> None:
+    """kill -9 of the keeper's main process: under KillMode=process systemd kills nothing
+    else, the job runs on in its cgroup leaf, systemd restarts the keeper, which adopts
+    it with its pipe from the descriptor store: every line written while no keeper ran
+    is in the output file, and the end is reported honestly (LOST, exit status unknown:
+    the keeper restarted). The ExecStopPost after the crash killed nothing."""
+    box = running.box
+    client = running.client()
+    job = client.start("bash", f"{JOB_DIR}/tick.sh", args=["adopt"])
+    stream_until(client, job, b"tick 3\n")
+    before = running.keeper("MainPID", "InvocationID", "NRestarts")
+    job_pids = box.run(["pgrep", "-f", "tick.sh adopt"]).stdout.split()
+    assert job_pids, "the job's process"
+    running.close_clients()
+    box.run(["kill", "-9", before["MainPID"]], check=True)
+    after = poll(
+        "the keeper restarted by systemd",
+        lambda: (
+            p
+            if (p := running.keeper("MainPID", "ActiveState", "NRestarts"))["ActiveState"]
+            == "active"
+            and p["MainPID"] not in ("0", before["MainPID"])
+            else None
+        ),
+        timeout=60,
+    )
+    assert int(after["NRestarts"]) == int(before["NRestarts"]) + 1
+    assert box.run(["kill", "-0", *job_pids]).rc == 0, "the job outlived the keeper"
+    poll("the agent active again", lambda: running.state()["ActiveState"] == "active", 60)
+    client = running.client()
+    st = poll("the job queried", lambda: _query(client, job), timeout=60)
+    assert st.state == "RUNNING", st
+    msgs = running.messages(unit=KEEPER)
+    assert any(f"adopted job {job}" in m and "its pipe kept" in m for m in msgs), msgs
+    assert any("left running for the next keeper to adopt" in m for m in msgs), msgs
+    _open_gate(box, "adopt")
+    status = client.wait(job, timeout=30)
+    assert status.state == "LOST", status
+    assert status.error_text == "exit status unknown: the keeper restarted", status
+    lines = output(client, job).splitlines()
+    n = len(lines) - 1
+    assert lines == [f"tick {i}" for i in range(1, n + 1)] + [f"done after {n}"], lines
+    assert box.run(["pgrep", "-f", "tick.sh adopt"]).rc == 1
+
+
+def test_a_stop_that_times_out_still_stops_the_jobs(running: Agent) -> None:
+    """KillMode=process leaves the jobs when the keeper is SIGKILLed at the end of
+    TimeoutStopSec= (here 1 s, shorter than the jobs' stop grace: a TERM-ignoring job is
+    still running then); the unit's ExecStopPost (SERVICE_RESULT=timeout: a stop, not a
+    crash) kills their cgroups, so stopping the unit still stops every job."""
+    box = running.box
+    dropin = f"/run/systemd/system/{KEEPER}.d/short-stop.conf"
+    box.write_file(dropin, "[Service]\nTimeoutStopSec=1\n")
+    box.systemctl("daemon-reload").check("daemon-reload")
+    try:
+        running.ensure_active()
+        client = running.client()
+        job = client.start("bash", f"{JOB_DIR}/ignoreterm.sh")
+        stream_until(client, job, b"ready\n")
+        running.close_clients()
+        box.systemctl("stop", KEEPER)
+        assert running.keeper("ActiveState")["ActiveState"] in ("inactive", "failed")
+        assert box.run(["pgrep", "-f", "ignoreterm.sh"]).rc == 1
+        poll(
+            "the ExecStopPost's kill in the journal",
+            lambda: any(
+                "stopped (timeout): killed 1 job cgroup(s) the keeper left" in m
+                for m in running.messages(unit=KEEPER)
+            ),
+            timeout=10,
+        )
+    finally:
+        box.run(["rm", "-f", dropin])
+        box.systemctl("daemon-reload")
+        box.systemctl("reset-failed", SERVICE, KEEPER)
+
+
+def _query(client: AgentClient, job: str) -> Any:
+    try:
+        return client.query(job)
+    except Exception:  # the agent is still starting
+        return None
+
+
 def test_stopping_the_keeper_ends_jobs_gracefully_and_history_survives(
     running: Agent, timings: Timings
 ) -> None:
@@ -689,7 +780,7 @@ def test_stopping_the_keeper_ends_jobs_gracefully_and_history_survives(
     assert any("stopping: 2 running job(s)" in m for m in msgs), msgs
     assert any("kept 2 end(s) the agent has not recorded" in m for m in msgs), msgs
     assert "worker-agent-keeper.service: Deactivated successfully." in msgs, msgs
-    # Nothing was left for systemd's KillMode=mixed SIGKILL: the keeper ended its jobs.
+    # Nothing was left for the ExecStopPost's kill: the keeper ended its jobs.
     assert not [m for m in msgs if "Killing process" in m or "remains running" in m], msgs
 
     started = time.monotonic()

@@ -1,0 +1,278 @@
+"""A keeper killed with kill -9: the next keeper adopts its jobs from their cgroups.
+
+Real keeper processes (tests/test_keeper_protocol.py's ``Keeper``) with job cgroups in a
+subtree of this machine's cgroup2 made for the test: a job runs, the keeper is killed
+(SIGKILL: nothing of its own runs), the job keeps running in its leaf, a new keeper is
+started on the same socket, output folder and subtree. Its hello lists the job; a stop
+works through the cgroup; the end is reported LOST with "exit status unknown: the
+keeper restarted" (or STOPPED / TIMED_OUT with "exit status unknown"), never as a
+success or an exit code nobody saw; nothing else is killed, nothing runs twice, no
+process or leaf is left. The service's descriptor store (the pipe kept across the
+death) is the systemd tier's (tests/systemd_tier/test_agent_systemd.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from test_keeper_protocol import POLICY, Conn, Keeper
+
+from agent.daemon import cgroups
+from agent.daemon.keeper import ADOPTED_TEXT, JOB_FILE, NO_FILE_NOTE, NO_PIPE_NOTE
+
+from helpers import IS_ROOT, wait_for
+
+
+def _mount() -> Path | None:
+    try:
+        text = Path("/proc/self/mountinfo").read_text()
+    except OSError:
+        return None
+    return cgroups.choose_cgroup2_mount(cgroups.parse_cgroup2_mounts(text))
+
+
+MOUNT = _mount()
+pytestmark = pytest.mark.skipif(
+    not IS_ROOT or MOUNT is None, reason="needs root and a cgroup2 mount (job cgroups)"
+)
+
+
+@pytest.fixture
+def subtree() -> Iterator[Path]:
+    """A job subtree of its own for the test (whatever is left in it is killed after)."""
+    assert MOUNT is not None
+    top = MOUNT / f"agent-test-adopt-{uuid.uuid4().hex[:12]}"
+    top.mkdir()
+    try:
+        yield top
+    finally:
+        for leaf in cgroups.Subtree(top).leftovers():
+            leaf.kill()
+            leaf.remove()
+        os.rmdir(top)
+
+
+@pytest.fixture
+def keeper(tmp_path: Path, subtree: Path) -> Iterator[Keeper]:
+    k = Keeper(tmp_path, policy=POLICY, cgroup_jobs=subtree)
+    try:
+        yield k
+    finally:
+        k.stop()
+
+
+# Says "before", then waits until SIGUSR1 (exit 7): never writes after the keeper's death.
+WAITS = "trap 'exit 7' USR1; echo before; while :; do sleep 0.05; done"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return False
+    return data[data.rfind(b")") + 2 :][:1] != b"Z"
+
+
+def _kill9(k: Keeper, c: Conn) -> None:
+    c.close()
+    k.proc.kill()
+    k.proc.wait()
+
+
+def _started(c: Conn, argv: list[str], **kw: object) -> tuple[str, int]:
+    job = c.start(argv, **kw)  # type: ignore[arg-type]
+    got = c.started(job)
+    assert "pid" in got, got
+    return job, int(got["pid"])
+
+
+def test_a_killed_keepers_job_is_adopted_and_its_end_reported_honestly(
+    keeper: Keeper, subtree: Path
+) -> None:
+    """kill -9 of the keeper: the job runs on in its leaf; the next keeper's hello lists
+    it, its output file keeps what was written, and its end (the leaf empties) is LOST
+    "exit status unknown: the keeper restarted", its output's loss said; leaf, .keeper
+    file and processes gone; the job ran once."""
+    c, _ = keeper.attach()
+    job, pid = _started(c, ["sh", "-c", WAITS], record={"id": "r1"})
+    c.output(job, 7)
+    assert (keeper.out / f"{job}{JOB_FILE}").is_file()
+    _kill9(keeper, c)
+    assert _alive(pid) and (subtree / job).is_dir()
+    keeper.launch()
+    c2, hello = keeper.attach()
+    [kept] = hello["jobs"]
+    assert (kept["job"], kept["pid"], kept["size"], kept["ending"]) == (job, pid, 7, False)
+    assert kept["record"]["id"] == "r1"
+    assert "adopted job" in keeper.log()
+    os.kill(pid, signal.SIGUSR1)
+    fin = c2.finished(job)
+    assert fin["state"] == "LOST" and fin["exit"]["code"] is None
+    assert fin["text"] == f"{ADOPTED_TEXT}; {NO_PIPE_NOTE}"
+    assert fin["size"] == 7 and (keeper.out / f"{job}.out").read_bytes() == b"before\n"
+    # Ran once: the new keeper started nothing (no "started" for it).
+    assert not [m for m in c2.seen if m["op"] == "started"]
+    assert not (subtree / job).exists() and not _alive(pid)
+    assert not (keeper.out / f"{job}{JOB_FILE}").exists()
+    # Acknowledged, it is gone; the new keeper runs new jobs as before.
+    c2.send({"op": "ack", "jobs": [job]})
+    assert c2.run(["echo", "hi"])["state"] == "SUCCEEDED"
+
+
+def test_an_adopted_job_is_stopped_through_its_cgroup(keeper: Keeper, subtree: Path) -> None:
+    """A stop of an adopted job: SIGTERM to its leaf (escaped processes too), SIGKILL
+    after the grace; STOPPED "stopped by request (exit status unknown)"; nothing left."""
+    c, _ = keeper.attach()
+    script = "trap '' TERM; ( setsid sleep 1000 & ); echo up; sleep 1000"
+    job, _ = _started(c, ["sh", "-c", script])
+    c.output(job, 3)
+
+    def in_leaf() -> list[str] | None:  # sh, its sleep, the escaped sleep
+        got = (subtree / job / "cgroup.procs").read_text().split()
+        return got if len(got) >= 3 else None
+
+    procs: list[str] = wait_for(in_leaf)
+    _kill9(keeper, c)
+    keeper.launch()
+    c2, hello = keeper.attach()
+    assert [j["job"] for j in hello["jobs"]] == [job]
+    c2.send({"op": "stop", "job": job, "how": "stop"})
+    fin = c2.finished(job)
+    assert fin["state"] == "STOPPED"
+    assert fin["text"].startswith("stopped by request (exit status unknown)")
+    assert not any(_alive(int(p)) for p in procs) and not (subtree / job).exists()
+
+
+def test_an_adopted_job_keeps_its_deadline(keeper: Keeper, subtree: Path) -> None:
+    """The deadline the dead keeper wrote in the job's .keeper file is enforced by the
+    next one: TIMED_OUT at the original time, not restarted from the adoption."""
+    c, _ = keeper.attach()
+    job, pid = _started(c, ["sleep", "1000"], timeout=2)
+    meta = json.loads((keeper.out / f"{job}{JOB_FILE}").read_text())
+    _kill9(keeper, c)
+    keeper.launch()
+    c2, _ = keeper.attach()
+    fin = c2.finished(job)
+    assert fin["state"] == "TIMED_OUT" and fin["text"].startswith("timed out after 2 s")
+    assert fin["exit"]["ended"] >= meta["deadline"] - 0.1
+    assert not _alive(pid) and not (subtree / job).exists()
+
+
+def test_a_job_that_ended_while_no_keeper_ran_is_reported_lost(
+    keeper: Keeper, subtree: Path
+) -> None:
+    """A job whose processes all ended between the death and the next keeper: its empty
+    leaf is found, reported LOST (exit status unknown) in the next hello's ends."""
+    c, _ = keeper.attach()
+    job, pid = _started(c, ["sh", "-c", WAITS])
+    c.output(job, 7)
+    _kill9(keeper, c)
+    os.kill(pid, signal.SIGUSR1)
+    wait_for(lambda: not _alive(pid))
+    keeper.launch()
+    _, hello = keeper.attach()
+    assert hello["jobs"] == []
+    [fin] = hello["ended"]
+    assert (fin["job"], fin["state"]) == (job, "LOST")
+    assert fin["text"].startswith(ADOPTED_TEXT)
+    assert not (subtree / job).exists()
+
+
+def test_an_adopted_job_survives_the_keepers_reexec(keeper: Keeper, subtree: Path) -> None:
+    """An adopted job is carried across the next keeper's re-exec in place (SIGUSR2, the
+    package's upgrade): its leaf is watched again, and its end still comes, honestly."""
+    c, _ = keeper.attach()
+    job, pid = _started(c, ["sh", "-c", WAITS])
+    c.output(job, 7)
+    _kill9(keeper, c)
+    keeper.launch()
+    c2, hello = keeper.attach()
+    assert [j["job"] for j in hello["jobs"]] == [job]
+    keeper.proc.send_signal(signal.SIGUSR2)
+    wait_for(lambda: "re-executed in place" in keeper.log(), timeout=30)
+    assert keeper.alive()
+    os.kill(pid, signal.SIGUSR1)
+    fin = c2.finished(job)
+    assert (fin["state"], fin["text"]) == ("LOST", f"{ADOPTED_TEXT}; {NO_PIPE_NOTE}")
+    assert not (subtree / job).exists()
+
+
+def test_a_malformed_keeper_file_is_said_and_the_job_still_adopted(
+    keeper: Keeper, subtree: Path
+) -> None:
+    """A .keeper file that is not one (here: garbage) is ignored and said: the job is still
+    adopted (never killed for it) without a deadline, and its end says what was lost."""
+    c, _ = keeper.attach()
+    job, pid = _started(c, ["sh", "-c", WAITS], timeout=1)
+    c.output(job, 7)
+    _kill9(keeper, c)
+    (keeper.out / f"{job}{JOB_FILE}").write_text('{"run": 3}')
+    keeper.launch()
+    c2, hello = keeper.attach()
+    assert [j["job"] for j in hello["jobs"]] == [job]
+    assert "is not one" in keeper.log()
+    time.sleep(1.5)  # past the lost deadline: nothing times it out
+    assert _alive(pid)
+    os.kill(pid, signal.SIGUSR1)
+    fin = c2.finished(job)
+    assert fin["state"] == "LOST"
+    assert fin["text"] == f"{ADOPTED_TEXT}; {NO_FILE_NOTE}; {NO_PIPE_NOTE}"
+
+
+def _uid(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Uid:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no Uid line for {pid}")
+
+
+def test_an_adopted_jobs_dynamic_uid_stays_held_until_it_ends(
+    tmp_path: Path, subtree: Path
+) -> None:
+    """With dynamic users, the next keeper holds an adopted job's uid (from its .keeper
+    file) until the job ends: a new job never gets the uid of one still running (it
+    could see and signal it); with the range's other uid taken too, a start is refused.
+    A job whose uid cannot be known (no .keeper file) is killed, never shared."""
+    jobs = {"dynamic_users": True, "dynamic_uid_min": 60710, "dynamic_uid_max": 60711}
+    k = Keeper(tmp_path, policy=POLICY, cgroup_jobs=subtree, jobs=jobs)
+    try:
+        c, _ = k.attach()
+        job, pid = _started(c, ["sh", "-c", WAITS])
+        uid = _uid(pid)
+        assert 60710 <= uid <= 60711
+        _kill9(k, c)
+        k.launch()
+        c2, hello = k.attach()
+        assert [j["job"] for j in hello["jobs"]] == [job]
+        other, opid = _started(c2, ["sleep", "30"])
+        assert _uid(opid) != uid and 60710 <= _uid(opid) <= 60711
+        third = c2.start(["sleep", "30"])
+        assert "pid" not in c2.started(third)  # the range is spent: both uids are held
+        c2.send({"op": "stop", "job": other, "how": "stop"})
+        assert c2.finished(other)["state"] == "STOPPED"
+        os.kill(pid, signal.SIGUSR1)
+        assert c2.finished(job)["state"] == "LOST"
+        # Both uids free again: two jobs start, of the two uids.
+        a, apid = _started(c2, ["sleep", "30"])
+        b, bpid = _started(c2, ["sleep", "30"])
+        assert {_uid(apid), _uid(bpid)} == {60710, 60711}
+        # A job with no .keeper file, the keeper killed: its uid is unknown, it is killed.
+        (k.out / f"{a}{JOB_FILE}").unlink()
+        _kill9(k, c2)
+        k.launch()
+        c3, hello = k.attach()
+        assert [j["job"] for j in hello["jobs"]] == [b]
+        assert "its dynamic uid is unknown" in k.log()
+        wait_for(lambda: not _alive(apid))
+        c3.send({"op": "stop", "job": b, "how": "stop"})
+        assert c3.finished(b)["state"] == "STOPPED"
+    finally:
+        k.stop()
