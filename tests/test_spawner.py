@@ -163,12 +163,15 @@ def test_setup_failures_name_the_step_and_errno(tmp_path: Path) -> None:
                 "chdir: No such file or directory (ENOENT)",
             ),
             (_spec([str(tmp_path / "nope")]), "execve: No such file or directory (ENOENT)"),
-            (_spec(["true"]), "malformed plan: the program is not an absolute path"),
         ]
         for spec, want in cases:
             with pytest.raises(SpawnFailure) as info:
                 await _run(ops, spec)
             assert str(info.value) == want
+        # A malformed plan never leaves the sender (the spawner's check of what it gets
+        # is the same schema: tests/test_spawnplan.py, tests/test_keeper_protocol.py).
+        with pytest.raises(ValueError, match="malformed plan: the program is not an absolute"):
+            await _run(ops, _spec(["true"]))
         _, ex, _ = await _run(ops, _spec(["/bin/true"]))  # the spawner carries on
         assert ex.exit_code == 0
 

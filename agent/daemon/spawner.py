@@ -97,6 +97,7 @@ from agent.daemon import capabilities as caps_mod
 from agent.daemon import cgroups, landlock, seccomp, uids, vspawn
 from agent.daemon import scratch as scratch_mod
 from agent.daemon import spawnproto as proto
+from agent.daemon.spawnplan import CGROUP_REQUEST_KEYS, check_plan
 from agent.vocabulary import RLIMIT_HARD_EXTRA, RLIMITS
 
 # The limits an rlimit enforces (agent.vocabulary says which): name -> (the resource
@@ -157,77 +158,6 @@ def check_limits(limits: dict[str, Any], *, privileged: bool, nr_open: int) -> s
     return ""
 
 
-def check_plan(plan: Any, fds: dict[str, int]) -> str:
-    """Why a plan is malformed ("" if it is not). Fails closed on anything unexpected."""
-    if not isinstance(plan, dict):
-        return "malformed plan"
-    argv, env = plan.get("argv"), plan.get("env")
-    if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
-        return "malformed plan: argv"
-    if not isinstance(env, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in env.items()
-    ):
-        return "malformed plan: env"
-    if any("\0" in s for s in [*argv, *env, *env.values()]) or any("=" in k for k in env):
-        return "malformed plan: NUL byte or '=' in a name"
-    path = plan.get("path")
-    # Only an absolute path or a verified descriptor: nothing is looked up.
-    if "exec" not in fds and (not isinstance(path, str) or not path.startswith("/")):
-        return "malformed plan: the program is not an absolute path"
-    if "stdout" not in fds:
-        return "malformed plan: no output descriptor"
-    cwd, umask = plan.get("cwd"), plan.get("umask")
-    if not isinstance(cwd, str) or not cwd.startswith("/"):
-        return "malformed plan: cwd"
-    if not isinstance(umask, int) or not 0 <= umask <= 0o777:
-        return "malformed plan: umask"
-    for k in ("uid", "gid"):
-        v = plan.get(k)
-        if v is not None and (not isinstance(v, int) or v < 0):
-            return f"malformed plan: {k}"
-    if not isinstance(plan.get("limits", {}), dict):
-        return "malformed plan: limits"
-    cg = plan.get("cgroup")
-    if cg is not None:
-        if "cgroup" in fds:
-            return "malformed plan: a cgroup descriptor and a cgroup request"
-        if not isinstance(cg, dict) or not isinstance(cg.get("id"), str):
-            return "malformed plan: cgroup"
-        for k, v in cg.items():
-            if k != "id" and (
-                k not in CGROUP_REQUEST_KEYS
-                or isinstance(v, bool)
-                or not isinstance(v, int)
-                or v <= 0
-            ):
-                return f"malformed plan: cgroup {k}"
-    # --- confinement ---
-    scratch, caps = plan.get("scratch"), plan.get("capabilities", [])
-    if scratch is not None and (
-        not isinstance(scratch, str) or not scratch.startswith("/") or "\0" in scratch
-    ):
-        return "malformed plan: scratch"
-    if not isinstance(caps, list) or not all(
-        isinstance(c, int) and not isinstance(c, bool) and 0 <= c < 64 for c in caps
-    ):
-        return "malformed plan: capabilities"
-    if not isinstance(plan.get("no_new_privs", True), bool):
-        return "malformed plan: no_new_privs"
-    ll = plan.get("landlock")
-    if ll is not None and (not isinstance(ll, dict) or not isinstance(ll.get("abi"), int)):
-        return "malformed plan: landlock"
-    sc = plan.get("seccomp")
-    if sc is not None and (
-        not isinstance(sc, dict)
-        or not isinstance(sc.get("udp"), bool)
-        or not isinstance(sc.get("allow"), list)
-        or any(g not in seccomp.GROUPS for g in sc["allow"])
-        or sc.get("listen") not in seccomp.LISTEN_MODES
-    ):
-        return "malformed plan: seccomp"
-    return ""
-
-
 def seccomp_spec(sc: dict[str, Any]) -> seccomp.SeccompSpec:
     """The SeccompSpec of a plan's (checked) "seccomp" object."""
     return seccomp.SeccompSpec(udp=sc["udp"], allow=tuple(sorted(sc["allow"])), listen=sc["listen"])
@@ -249,10 +179,6 @@ def _take_listener(sock: socket.socket) -> int:
     for fd in fds:
         os.set_inheritable(fd, False)
     return fds[0] if fds else -1
-
-
-# Keys of a plan's "cgroup" request (besides "id"), as cgroups.Limits fields.
-CGROUP_REQUEST_KEYS = ("memory_bytes", "pids", "cpu_millicores")
 
 
 def landlock_spec(ll: dict[str, Any]) -> landlock.LandlockSpec:
@@ -741,7 +667,7 @@ class Spawner:
 
     def spawn(self, msg: dict[str, Any], fds: dict[str, int]) -> None:
         rid, plan = msg.get("id"), msg.get("plan")
-        err = check_plan(plan, fds)
+        err = check_plan(plan, fds)  # the one schema (agent.daemon.spawnplan)
         if not err:
             assert isinstance(plan, dict)
             err = check_limits(

@@ -1,10 +1,13 @@
-"""The spawn plan: everything needed to start one job process, and its wire form.
+"""The spawn plan: everything needed to start one job process, its wire form and the
+one schema that form is checked against.
 
 :class:`SpawnSpec` is what the job keeper (:mod:`agent.daemon.decision` builds it from an
 admitted request) and the bare spawner's client (:class:`agent.daemon.spawn.SpawnerOps`)
-hand to the spawner; :func:`plan_of` is its one wire form, which the spawner checks
-(:func:`agent.daemon.spawner.check_plan`) and its child carries out. Standard library
-only: the keeper imports this and stays small.
+hand to the spawner; :func:`plan_of` is its one wire form and :func:`check_plan` the one
+schema: the sender checks its own plan with it before sending, the spawner checks what
+it receives with it (a plan from anywhere else, a compromised sender included), and only
+a plan that passes reaches the child that carries it out. A key the schema does not
+know is refused, never ignored. Standard library only: the keeper imports this.
 """
 
 from __future__ import annotations
@@ -92,4 +95,106 @@ def plan_of(spec: SpawnSpec) -> tuple[dict[str, Any], list[str], list[int]]:
         if fd is not None:
             roles.append(role)
             fds.append(fd)
+    # Checked on this side too: a plan the spawner would refuse is a bug here, said now.
+    err = check_plan(plan, dict.fromkeys(roles, -1))
+    if err:
+        raise ValueError(err)
     return plan, roles, fds
+
+
+# Keys of a plan's "cgroup" request (besides "id"), as cgroups.Limits fields.
+CGROUP_REQUEST_KEYS = ("memory_bytes", "pids", "cpu_millicores")
+# Every key a plan may have: anything else is refused (an old or new sender's field the
+# spawner would not carry out must not be silently dropped).
+PLAN_KEYS = frozenset(
+    {
+        "path", "argv", "env", "cwd", "umask", "uid", "gid", "limits", "cgroup",
+        "landlock", "seccomp", "scratch", "capabilities", "no_new_privs",
+    }
+)  # fmt: skip
+DESCRIPTOR_ROLES = frozenset({"stdout", "exec", "script", "cgroup"})
+
+
+def check_plan(plan: Any, fds: dict[str, int]) -> str:
+    """Why a plan is malformed ("" if it is not). Fails closed on anything unexpected.
+
+    ``fds``: the plan's descriptors by role (only the roles matter here)."""
+    if not isinstance(plan, dict):
+        return "malformed plan"
+    unknown = set(plan) - PLAN_KEYS
+    if unknown:
+        return f"malformed plan: unknown key {sorted(map(str, unknown))[0]!r}"
+    if set(fds) - DESCRIPTOR_ROLES:
+        return "malformed plan: an unknown descriptor role"
+    argv, env = plan.get("argv"), plan.get("env")
+    if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+        return "malformed plan: argv"
+    if not isinstance(env, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in env.items()
+    ):
+        return "malformed plan: env"
+    if any("\0" in s for s in [*argv, *env, *env.values()]) or any("=" in k for k in env):
+        return "malformed plan: NUL byte or '=' in a name"
+    path = plan.get("path")
+    # Only an absolute path or a verified descriptor: nothing is looked up.
+    if "exec" not in fds and (not isinstance(path, str) or not path.startswith("/")):
+        return "malformed plan: the program is not an absolute path"
+    if "stdout" not in fds:
+        return "malformed plan: no output descriptor"
+    cwd, umask = plan.get("cwd"), plan.get("umask")
+    if not isinstance(cwd, str) or not cwd.startswith("/"):
+        return "malformed plan: cwd"
+    if not isinstance(umask, int) or not 0 <= umask <= 0o777:
+        return "malformed plan: umask"
+    for k in ("uid", "gid"):
+        v = plan.get(k)
+        if v is not None and (not isinstance(v, int) or v < 0):
+            return f"malformed plan: {k}"
+    if not isinstance(plan.get("limits", {}), dict):
+        return "malformed plan: limits"
+    cg = plan.get("cgroup")
+    if cg is not None:
+        if "cgroup" in fds:
+            return "malformed plan: a cgroup descriptor and a cgroup request"
+        if not isinstance(cg, dict) or not isinstance(cg.get("id"), str):
+            return "malformed plan: cgroup"
+        for k, v in cg.items():
+            if k != "id" and (
+                k not in CGROUP_REQUEST_KEYS
+                or isinstance(v, bool)
+                or not isinstance(v, int)
+                or v <= 0
+            ):
+                return f"malformed plan: cgroup {k}"
+    # --- confinement ---
+    scratch, caps = plan.get("scratch"), plan.get("capabilities", [])
+    if scratch is not None and (
+        not isinstance(scratch, str) or not scratch.startswith("/") or "\0" in scratch
+    ):
+        return "malformed plan: scratch"
+    if not isinstance(caps, list) or not all(
+        isinstance(c, int) and not isinstance(c, bool) and 0 <= c < 64 for c in caps
+    ):
+        return "malformed plan: capabilities"
+    if not isinstance(plan.get("no_new_privs", True), bool):
+        return "malformed plan: no_new_privs"
+    ll = plan.get("landlock")
+    if ll is not None and (not isinstance(ll, dict) or not isinstance(ll.get("abi"), int)):
+        return "malformed plan: landlock"
+    sc = plan.get("seccomp")
+    if sc is not None and (
+        not isinstance(sc, dict)
+        or not isinstance(sc.get("udp"), bool)
+        or not isinstance(sc.get("allow"), list)
+        or any(g not in _seccomp().GROUPS for g in sc["allow"])
+        or sc.get("listen") not in _seccomp().LISTEN_MODES
+    ):
+        return "malformed plan: seccomp"
+    return ""
+
+
+def _seccomp() -> Any:
+    """agent.daemon.seccomp, imported when a plan has a filter (it loads libseccomp)."""
+    from agent.daemon import seccomp
+
+    return seccomp
