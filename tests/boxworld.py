@@ -33,7 +33,7 @@ from typing import Any
 
 from agent.client import AgentClient
 from agent.client.model import JobStatus
-from agent.daemon import policy
+from agent.daemon import policy, policyfile
 
 from helpers import AgentProcess, Certs, free_port, make_safe_dir
 
@@ -73,7 +73,7 @@ def seccomp_keys() -> bool:
         }
     )
     try:
-        policy.parse(text, "<probe>")
+        policyfile.parse(text, "<probe>")
     except policy.PolicyError:
         return False
     return True

@@ -18,8 +18,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.daemon import admission
-from agent.daemon import policy as policy_mod
+from agent.daemon import admission, policyfile
 from agent.daemon.admission import (
     CPU_HARD_EXTRA,
     MAX_STORED_INT,
@@ -37,7 +36,7 @@ from agent.daemon.errors import (
 )
 from agent.vocabulary import LIMIT_NAMES, RLIMITS, Kind
 
-POLICY = policy_mod.parse(
+POLICY = policyfile.parse(
     """
 version: 1
 entries:

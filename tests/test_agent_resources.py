@@ -17,7 +17,7 @@ import grpc
 import pytest
 
 from agent._proto import jobscheduler_pb2 as pb
-from agent.daemon import errors, policy
+from agent.daemon import errors, policy, policyfile
 from agent.daemon.errors import ResourceExhausted, Unavailable, agent_condition
 from agent.daemon.filetrust import RealFileSystem
 
@@ -72,7 +72,7 @@ class _NoDescriptors(RealFileSystem):
 def test_policy_open_out_of_descriptors_is_not_a_changed_file() -> None:
     """EMFILE while opening the checked program is the agent's condition, never
     "changed while being checked" [file-changed]."""
-    pol = policy.parse("version: 1\nentries:\n  - name: t\n    command: /bin/true\n")
+    pol = policyfile.parse("version: 1\nentries:\n  - name: t\n    command: /bin/true\n")
     req = policy.JobRequest(command="/bin/true", path="")
     with pytest.raises(ResourceExhausted, match="out of file descriptors"):
         policy.decide(pol, req, fs=_NoDescriptors())

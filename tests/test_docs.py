@@ -24,12 +24,12 @@ def test_readme_configuration_reference_is_current() -> None:
 
 def test_sample_config_is_valid() -> None:
     """The committed config.toml and policy.yaml pass validation (parse step)."""
-    from agent.daemon import policy
+    from agent.daemon import policyfile
     from agent.daemon.config import load
 
     cfg = load(ROOT / "config.toml")
     assert cfg.mtls
-    pol = policy.load(ROOT / "policy.yaml")
+    pol = policyfile.load(ROOT / "policy.yaml")
     assert {e.name for e in pol.entries} >= {"example-bash-scripts", "true"}
 
 
@@ -48,12 +48,12 @@ def test_policy_example_is_valid() -> None:
     """policy.example.yaml documents a policy the loader accepts."""
     import os
 
-    from agent.daemon import policy
+    from agent.daemon import policyfile
 
     if not os.path.exists("/usr/bin/systemctl"):
         pytest.skip("the example names /usr/bin/systemctl")
     text = (ROOT / "policy.example.yaml").read_text().replace("cwd: /var/lib/agent", "cwd: /")
-    pol = policy.parse(text, "policy.example.yaml", base=ROOT)
+    pol = policyfile.parse(text, "policy.example.yaml", base=ROOT)
     names = [e.name for e in pol.entries]
     assert names == ["maintenance", "restart-service"]
     m = pol.entries[0]

@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.daemon import filetrust as trust
-from agent.daemon import policy, validation
+from agent.daemon import policy, policyfile, validation
 from agent.daemon.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -40,9 +40,8 @@ from agent.daemon.policy import (
     JobRequest,
     PolicyError,
     decide,
-    load,
-    parse,
 )
+from agent.daemon.policyfile import load, parse
 
 from helpers import IS_ROOT, make_safe_dir, write_script
 
@@ -1095,9 +1094,9 @@ def test_policy_load_refuses_a_location_the_job_user_cannot_reach() -> None:
         f = _script_in(d)
         os.chmod(f.parent, 0o700)
         pf = _policy_with_script_location(f.parent / "*.sh")
-        nobody = policy.Reader(uid=65534, gid=65534, name="nobody")
+        nobody = policyfile.Reader(uid=65534, gid=65534, name="nobody")
         with pytest.raises(PolicyError) as e:
-            policy.load(pf, reader=nobody)
+            policyfile.load(pf, reader=nobody)
         msg = str(e.value)
         assert "entry #1 ('scripts')" in msg
         assert f"the job user 'nobody' cannot search directory {f.parent}" in msg
@@ -1105,10 +1104,10 @@ def test_policy_load_refuses_a_location_the_job_user_cannot_reach() -> None:
         os.chmod(f.parent, 0o755)
         os.chmod(f, 0o600)
         with pytest.raises(PolicyError, match=f"cannot read file {f}"):
-            policy.load(pf, reader=nobody)
+            policyfile.load(pf, reader=nobody)
         os.chmod(f, 0o644)
-        assert policy.load(pf, reader=nobody).entries
-        assert policy.load(pf).entries  # without a reader: no reachability check
+        assert policyfile.load(pf, reader=nobody).entries
+        assert policyfile.load(pf).entries  # without a reader: no reachability check
     finally:
         shutil.rmtree(d, ignore_errors=True)
 
@@ -1116,10 +1115,10 @@ def test_policy_load_refuses_a_location_the_job_user_cannot_reach() -> None:
 def test_reachability_uses_owner_then_group_then_other_bits() -> None:
     """The check follows the kernel's classes: owner bits, else group, else other."""
     st_ = os.stat_result((0o40710, 0, 0, 0, 100, 200, 0, 0, 0, 0))
-    assert policy._may(st_, policy.Reader(100, 1, "u"), 1)
-    assert policy._may(st_, policy.Reader(101, 200, "g"), 1)
-    assert not policy._may(st_, policy.Reader(101, 201, "o"), 1)
-    assert policy._may(st_, policy.Reader(101, 201, "s", frozenset({200})), 1)
+    assert policyfile._may(st_, policyfile.Reader(100, 1, "u"), 1)
+    assert policyfile._may(st_, policyfile.Reader(101, 200, "g"), 1)
+    assert not policyfile._may(st_, policyfile.Reader(101, 201, "o"), 1)
+    assert policyfile._may(st_, policyfile.Reader(101, 201, "s", frozenset({200})), 1)
 
 
 # ---------------------------------------------------------------- confinement keys (issue 14)

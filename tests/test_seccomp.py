@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from agent.daemon import policy, seccomp, startup
+from agent.daemon import policy, policyfile, seccomp, startup
 from agent.daemon.lifecycle import Exit
 from agent.daemon.seccomp import SeccompSpec
 from agent.daemon.spawn import SpawnerOps, SpawnSpec
@@ -124,7 +124,7 @@ def _entry(extra: str) -> str:
 def test_bad_seccomp_keys_are_refused(extra: str, message: str) -> None:
     """A bad `udp` or `syscalls` key names the entry and the key."""
     with pytest.raises(policy.PolicyError) as err:
-        policy.parse(_entry(extra))
+        policyfile.parse(_entry(extra))
     assert message in str(err.value) and "entry #1 ('e')" in str(err.value)
 
 
@@ -138,7 +138,7 @@ def test_bad_seccomp_keys_are_refused(extra: str, message: str) -> None:
 )
 def test_listen_follows_bind_tcp(landlock: str, listen: str) -> None:
     """listen() is refused, checked or free as the entry's bind_tcp is empty, a list or any."""
-    pol = policy.parse(_entry("udp: true\nsyscalls: {allow: [ptrace]}\n" + landlock))
+    pol = policyfile.parse(_entry("udp: true\nsyscalls: {allow: [ptrace]}\n" + landlock))
     sc = pol.entries[0].confinement.seccomp
     assert sc == SeccompSpec(udp=True, allow=("ptrace",), listen=listen)
 
@@ -159,7 +159,7 @@ def test_missing_libseccomp_fails_closed_unless_best_effort(
     tmp_path: Path, certs: Certs, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Without libseccomp the policy load is refused; best effort runs and says what is lost."""
-    pol = policy.parse(_entry(""))
+    pol = policyfile.parse(_entry(""))
     monkeypatch.setattr(seccomp, "LIBRARY", "libseccomp-missing.so.0")
     seccomp._lib.cache_clear()
     try:
@@ -179,7 +179,7 @@ def test_no_new_privs_false_is_refused_where_seccomp_is_enforced(
     tmp_path: Path, certs: Certs
 ) -> None:
     """A root entry asking for no_new_privs: false is refused: the filter needs it."""
-    pol = policy.parse(_entry("user: root\nallow_root: true\nno_new_privs: false\n"))
+    pol = policyfile.parse(_entry("user: root\nallow_root: true\nno_new_privs: false\n"))
     with pytest.raises(policy.PolicyError, match="no_new_privs: false cannot be honoured"):
         startup.confine_policy(pol, _cfg(tmp_path, certs), ())
 

@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 from agent.access import AccessRules
-from agent.daemon import adoption, jobview, policy, supervisor
+from agent.daemon import adoption, jobview, policyfile, supervisor
 from agent.daemon.admission import Rules, StartRequest
 from agent.daemon.decision import Decider
 from agent.daemon.errors import (
@@ -196,7 +196,7 @@ def make(
         path_env="/usr/bin:/bin",
         rules=r,
     )
-    ops.decider = Decider(settings, policy.parse(POLICY))
+    ops.decider = Decider(settings, policyfile.parse(POLICY))
     return Supervisor(settings, History(Store(tmp_path / "jobs.sqlite3")), ops, hooks=hooks)
 
 

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from agent.configfile import ConfigError
     from agent.daemon.config import Config
 
-from agent.daemon import admission, capabilities, cgroups, landlock, seccomp
+from agent.daemon import admission, capabilities, cgroups, landlock, policyfile, seccomp
 from agent.daemon import policy as policy_mod
 from agent.daemon.errors import FailedPrecondition
 from agent.daemon.jobsettings import INSTANCE_ENV, JOB_ID_ENV, JobUser, Settings, instance_id
@@ -288,7 +288,7 @@ def load_decider(cfg: Config, subtree: cgroups.Subtree | None) -> Loaded:
     reader = job_reader(user)
     if dynamic is not None:
         # A job of no fixed user is some uid of the range, in no group: "others".
-        reader = policy_mod.Reader(dynamic[0], dynamic[0], "a dynamic user")
+        reader = policyfile.Reader(dynamic[0], dynamic[0], "a dynamic user")
     pol, w = load_policy(cfg, deny, reader=reader)
     settings = dataclasses.replace(settings_of(cfg, user, subtree), dynamic_users=dynamic)
     return Loaded(settings, pol, warnings, w)
@@ -452,16 +452,16 @@ def resolve_job_user(cfg: Config) -> tuple[JobUser, list[str]]:
     return JobUser(pw.pw_uid, pw.pw_gid, pw.pw_name, home), warnings
 
 
-def job_reader(job_user: JobUser) -> policy_mod.Reader | None:
+def job_reader(job_user: JobUser) -> policyfile.Reader | None:
     """The job user as the policy's reachability check sees it (None: root, no check)."""
     if job_user.uid is None:
         if os.geteuid() == 0:
             return None
-        return policy_mod.Reader(
+        return policyfile.Reader(
             os.geteuid(), os.getegid(), job_user.name, frozenset(os.getgroups())
         )
     assert job_user.gid is not None
-    return policy_mod.Reader(job_user.uid, job_user.gid, job_user.name)
+    return policyfile.Reader(job_user.uid, job_user.gid, job_user.name)
 
 
 def deny_paths(cfg: Config) -> tuple[str, ...]:
@@ -584,7 +584,7 @@ def confine_policy(
         if spec is None:  # already confined (a reload of a checked policy cannot happen)
             entries.append(dataclasses.replace(e, confinement=c))
             continue
-        own = {e.command, *policy_mod.script_dirs(e.scripts)}
+        own = {e.command, *policyfile.script_dirs(e.scripts)}
         entry_deny = _pierce_config_dir(deny, _config_dirs(cfg), own)
         for key in ("read_exec", "read", "write"):
             for p in getattr(spec, key):
@@ -633,14 +633,14 @@ def load_policy(
     cfg: Config,
     deny: tuple[str, ...] | None = None,
     *,
-    reader: policy_mod.Reader | None = None,
+    reader: policyfile.Reader | None = None,
 ) -> tuple[policy_mod.Policy, list[str]]:
     """Load and confine the configured policy (start-up and SIGHUP); raises PolicyError.
 
     ``reader``: the job user whose access to every script location is checked.
     """
     assert cfg.jobs.policy_file is not None
-    pol = policy_mod.load(cfg.jobs.policy_file, reader=reader)
+    pol = policyfile.load(cfg.jobs.policy_file, reader=reader)
     return confine_policy(pol, cfg, deny_paths(cfg) if deny is None else deny)
 
 
