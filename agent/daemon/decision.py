@@ -539,9 +539,6 @@ def confine_policy(
     abi = landlock.effective_abi(None if cfg.confinement.max_abi < 0 else cfg.confinement.max_abi)
     best_effort = cfg.confinement.landlock == "best_effort"
     root = runner_is_root(cfg)
-    # No rule of any entry covers the scratch root (spawner.Spawner.ruleset denies it):
-    # each job gets its own directory there, by descriptor.
-    scratch_root = os.path.realpath(cfg.scratch_dir)
     warnings: list[str] = []
     entries = []
     # Asked once per load: libseccomp and the kernel's filters (and user notification,
@@ -584,49 +581,67 @@ def confine_policy(
         if spec is None:  # already confined (a reload of a checked policy cannot happen)
             entries.append(dataclasses.replace(e, confinement=c))
             continue
-        own = {e.command, *policyfile.script_dirs(e.scripts)}
-        entry_deny = _pierce_config_dir(deny, _config_dirs(cfg), own)
-        for key in ("read_exec", "read", "write"):
-            for p in getattr(spec, key):
-                against = entry_deny if p in own else deny
-                hit = [d for d in against if _within(os.path.realpath(p), d) or _within(p, d)]
-                if hit:
-                    raise policy_mod.PolicyError(
-                        f"{where}: landlock: {key}: {p} is inside {hit[0]}, one of the agent's "
-                        "own files that no job may reach"
-                    )
-                if _within(os.path.realpath(p), scratch_root):
-                    raise policy_mod.PolicyError(
-                        f"{where}: landlock: {key}: {p} is inside [confinement] scratch_dir "
-                        f"{cfg.scratch_dir}: each job reaches only its own directory there"
-                    )
-        spec = dataclasses.replace(spec, deny=entry_deny)
-        need, features = landlock.required_abi(spec)
-        missing = [f for f in features if landlock.FEATURES[f][0] > abi]
-        if missing and not best_effort:
-            what = "Landlock" if abi == 0 else f"Landlock ABI {need}"
-            raise policy_mod.PolicyError(
-                f"{where}: needs {what} for {', '.join(missing)} but the kernel has ABI {abi}; "
-                'relax the entry or set [confinement] landlock = "best_effort"'
-            )
-        if missing:
-            spec, lost = landlock.degrade(spec, abi)
-            warnings.append(f"{where}: best effort, not enforced: {'; '.join(lost)}")
-        confined: landlock.LandlockSpec | None = spec if abi >= 1 else None
-        if confined is not None:
-            try:
-                # As the spawner plans it: the scratch root hole-punched out of every grant.
-                landlock.plan_rules(
-                    dataclasses.replace(confined, deny=(*confined.deny, scratch_root))
-                )
-            except landlock.LandlockError as err:
-                raise policy_mod.PolicyError(f"{where}: landlock: {err}") from None
+        confined = _confine_landlock(e, spec, cfg, deny, abi, where, warnings)
         entries.append(
             dataclasses.replace(
                 e, confinement=dataclasses.replace(c, landlock=confined, abi=abi if confined else 0)
             )
         )
     return dataclasses.replace(pol, entries=tuple(entries)), warnings
+
+
+def _confine_landlock(
+    e: policy_mod.Entry,
+    spec: landlock.LandlockSpec,
+    cfg: Config,
+    deny: tuple[str, ...],
+    abi: int,
+    where: str,
+    warnings: list[str],
+) -> landlock.LandlockSpec | None:
+    """An entry's Landlock spec completed for this kernel and agent (None: no Landlock
+    here), or PolicyError: a grant inside the agent's own files or the scratch root, a
+    feature the kernel lacks (unless best effort, then said in ``warnings``)."""
+    best_effort = cfg.confinement.landlock == "best_effort"
+    # No rule of any entry covers the scratch root (spawner.Spawner.ruleset denies it):
+    # each job gets its own directory there, by descriptor.
+    scratch_root = os.path.realpath(cfg.scratch_dir)
+    own = {e.command, *policyfile.script_dirs(e.scripts)}
+    entry_deny = _pierce_config_dir(deny, _config_dirs(cfg), own)
+    for key in ("read_exec", "read", "write"):
+        for p in getattr(spec, key):
+            against = entry_deny if p in own else deny
+            hit = [d for d in against if _within(os.path.realpath(p), d) or _within(p, d)]
+            if hit:
+                raise policy_mod.PolicyError(
+                    f"{where}: landlock: {key}: {p} is inside {hit[0]}, one of the agent's "
+                    "own files that no job may reach"
+                )
+            if _within(os.path.realpath(p), scratch_root):
+                raise policy_mod.PolicyError(
+                    f"{where}: landlock: {key}: {p} is inside [confinement] scratch_dir "
+                    f"{cfg.scratch_dir}: each job reaches only its own directory there"
+                )
+    spec = dataclasses.replace(spec, deny=entry_deny)
+    need, features = landlock.required_abi(spec)
+    missing = [f for f in features if landlock.FEATURES[f][0] > abi]
+    if missing and not best_effort:
+        what = "Landlock" if abi == 0 else f"Landlock ABI {need}"
+        raise policy_mod.PolicyError(
+            f"{where}: needs {what} for {', '.join(missing)} but the kernel has ABI {abi}; "
+            'relax the entry or set [confinement] landlock = "best_effort"'
+        )
+    if missing:
+        spec, lost = landlock.degrade(spec, abi)
+        warnings.append(f"{where}: best effort, not enforced: {'; '.join(lost)}")
+    confined: landlock.LandlockSpec | None = spec if abi >= 1 else None
+    if confined is not None:
+        try:
+            # As the spawner plans it: the scratch root hole-punched out of every grant.
+            landlock.plan_rules(dataclasses.replace(confined, deny=(*confined.deny, scratch_root)))
+        except landlock.LandlockError as err:
+            raise policy_mod.PolicyError(f"{where}: landlock: {err}") from None
+    return confined
 
 
 def load_policy(
