@@ -102,6 +102,9 @@ class ActiveRun:
         self.task: asyncio.Task[None] | None = None
         self.stops: set[asyncio.Future[None]] = set()  # StopJob calls of a cancel
         self.running: set[asyncio.Future[object]] = set()  # the hosts' tasks under way
+        # Hosts in a state that counts against the budget, kept as they change:
+        # counting them before each start made a run of N hosts cost N squared.
+        self.errors = sum(1 for h in record.hosts if h.state.counts_as_error)
 
     @property
     def finished(self) -> bool:
@@ -209,6 +212,7 @@ class RunManager:
 
     def _set(self, run: ActiveRun, h: HostRecord, state: HostState, **fields: object) -> None:
         """A host's new state: stored first, then published."""
+        run.errors += int(state.counts_as_error) - int(h.state.counts_as_error)
         h.state = state
         for k, v in fields.items():
             setattr(h, k, v)
@@ -245,7 +249,7 @@ class RunManager:
         """Wait until the next host may start (True) or nothing more may (False)."""
         rec = run.record
         while True:
-            errors = self._errors(rec)
+            errors = run.errors
             if run.cancelled.is_set() or budget_exceeded(errors, rec.max_errors):
                 return False
             if may_start(
@@ -269,10 +273,6 @@ class RunManager:
         run.publish(RunEnded(dataclasses.replace(rec, hosts=[_copy(h) for h in rec.hosts])))
         asyncio.get_running_loop().call_later(FINISHED_KEPT_S, self.active.pop, rec.run_id, None)
         log.info("run %s %s", rec.run_id, state.name.lower())
-
-    @staticmethod
-    def _errors(rec: RunRecord) -> int:
-        return sum(1 for h in rec.hosts if h.state.counts_as_error)
 
     async def _host(self, run: ActiveRun, h: HostRecord) -> None:
         """Start the job on one host, relay its output, record its end."""
