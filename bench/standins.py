@@ -39,9 +39,24 @@ import grpc
 
 from agent._proto import jobscheduler_pb2 as pb
 from agent._proto import jobscheduler_pb2_grpc as pb_grpc
-from agent.channel import reconnecting_channel_options, server_keepalive_options
+from agent.channel import (
+    keepalive_options,
+    merge_options,
+    reconnecting_channel_options,
+    server_keepalive_options,
+)
 
 OUTPUT = b"ok\n"
+# The agent's options for its link to the scheduler, but for two that a few
+# thousand stand-ins sharing two CPUs cannot afford (one agent per host can):
+# a connect deadline of 20 s instead of 0.5 s (a starved process misses it and
+# retries, feeding the storm it measures) and keepalive pings every 30 s
+# instead of 5 (late pongs of a starved process read as dead links).
+LINK_OPTIONS = merge_options(
+    reconnecting_channel_options(),
+    [("grpc.min_reconnect_backoff_ms", 20_000), *keepalive_options(30.0, 20.0)],
+)
+RAMP_S = 0.002  # between first registrations in one process (not the storm: a start-up)
 MAX_JOBS = 100_000  # job ids remembered per process; the oldest are forgotten past it
 
 
@@ -205,20 +220,22 @@ async def run(args: argparse.Namespace) -> None:
     client_creds = grpc.ssl_channel_credentials(
         ca, (certs / "agent.key").read_bytes(), (certs / "agent.crt").read_bytes()
     )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     counter = Counter()
     channels = []
     tasks = []
     labels = {"bench": "standin"}
     for addr in addresses:
-        # One connection per stand-in, as each agent has its own, with the
-        # agent's options for it (keepalive, reconnects).
-        ch = grpc.aio.secure_channel(args.scheduler, client_creds, reconnecting_channel_options())
+        # One connection per stand-in, as each agent has its own.
+        ch = grpc.aio.secure_channel(args.scheduler, client_creds, LINK_OPTIONS)
         channels.append(ch)
         tasks.append(asyncio.ensure_future(Registrar(addr, ch, counter).run(labels)))
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        await asyncio.sleep(RAMP_S)
+        if stop.is_set():
+            break
     await stop.wait()
     for t in tasks:
         t.cancel()

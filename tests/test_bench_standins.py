@@ -43,8 +43,9 @@ def test_twenty_stand_ins_register_and_answer_a_fan_out(tmp_path: Path, certs: C
             "--certs",
             str(certs.dir),
             "--port-base",
-            # Below the ephemeral range; a port someone holds is skipped.
-            str(random.randrange(15000, 30000)),
+            # Below the ephemeral range and above the benchmark's (from 12000);
+            # a port someone holds is skipped.
+            str(random.randrange(24000, 31000)),
         ],
         cwd=tmp_path / "src",
         env=env,
@@ -54,7 +55,7 @@ def test_twenty_stand_ins_register_and_answer_a_fan_out(tmp_path: Path, certs: C
     )
     try:
         with SchedulerClient(sched.addr, certs.tls("admin"), timeout=10) as c:
-            wait_for(lambda: len(c.workers()) == N, timeout=60)
+            wait_for(lambda: len(c.workers()) == N, timeout=180)
             assert {w.labels.get("bench") for w in c.workers()} == {"standin"}
             run = c.start_run("label:bench=standin", "true")
             events = list(c.follow_run(run.run_id, timeout=120))
