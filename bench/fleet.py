@@ -266,7 +266,9 @@ def fan_out(sched: Scheduler) -> dict[str, Any]:
     errors: dict[str, int] = {}
     for h in final.hosts:
         if h.error_text:
-            why = re.sub(r"127\.0\.0\.1:\d+", "ADDR", h.error_text)[:160]
+            # One line, addresses folded, so that hosts failing alike count together.
+            first = h.error_text.splitlines()[0]
+            why = re.sub(r"127\.0\.0\.1:\d+", "ADDR", first)[:160]
             errors[why] = errors.get(why, 0) + 1
     return {
         "hosts": len(final.hosts),
