@@ -1,13 +1,15 @@
 """The stand-in workers of the fleet benchmark (bench/standins.py) work with a real scheduler.
 
 Twenty stand-ins in one process register with a real scheduler over mTLS and
-answer a fan-out like agents: every host succeeds and sends its line. This
-keeps ``python -m bench --steps fleet`` from rotting; the figures themselves
-are the benchmark's, never asserted here.
+answer a fan-out like agents: every host succeeds and sends its line; and the
+fleet step itself runs end to end on five. This keeps ``python -m bench
+--steps fleet`` from rotting; the figures themselves are the benchmark's,
+never asserted here.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -15,6 +17,8 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from agent.client import RunInfo, SchedulerClient
 from agent.client.runs import RunOutputLine
@@ -72,3 +76,39 @@ def test_twenty_stand_ins_register_and_answer_a_fan_out(tmp_path: Path, certs: C
         sched.stop()
     assert proc.returncode == 0, err[-2000:]
     assert f"jobs {N}" in out
+
+
+@pytest.mark.slow
+def test_the_fleet_step_measures_a_small_fleet(tmp_path: Path) -> None:
+    """``python -m bench.fleet`` with five stand-ins writes one record with every figure."""
+    src = tmp_path / "src"
+    shutil.copytree(ROOT / "bench", src / "bench")
+    shutil.copytree(ROOT / "scripts", src / "scripts")  # gen_certs.sh
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONSAFEPATH"}
+    out = tmp_path / "results"
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.fleet",
+            "--fleet-sizes",
+            "5",
+            "--heartbeat",
+            "1",
+            "--port-base",
+            str(random.randrange(24000, 31000)),
+            "--out",
+            str(out),
+        ],
+        cwd=src,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-4000:]
+    [rec] = json.loads((out / "fleet.json").read_text())["results"]
+    assert rec["workers"] == 5 and rec["fanout"]["summary"]["succeeded"] == 5
+    for key in ("rss_per_worker_kib", "register_s", "restart_all_heard_s", "storm_span_s"):
+        assert key in rec
+    assert "| storm: first to last re-registration (s) |" in (out / "fleet.md").read_text()
