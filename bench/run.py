@@ -31,7 +31,7 @@ from typing import Any
 import grpc
 
 from agent._proto import jobscheduler_pb2 as pb
-from bench import agentctlcost, procstat
+from bench import agentctlcost, fleet, procstat
 from bench import interp as interpreter
 from bench import workloads as wl
 from bench.baseline import BaselineCost
@@ -67,6 +67,8 @@ STEPS = (
 )
 # Not among the default steps: runs with --baseline-python (``all`` or ``--steps baseline``).
 BASELINE = "baseline"
+# Not among the default steps either (thousands of stand-in workers): only ``--steps fleet``.
+FLEET = "fleet"
 
 
 class Bench:
@@ -457,9 +459,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add(
         "--steps",
         default="all",
-        help=f"comma list of {','.join(STEPS)},{BASELINE} (default all; {BASELINE} only "
-        "with --baseline-python)",
+        help=f"comma list of {','.join(STEPS)},{BASELINE},{FLEET} (default all; {BASELINE} "
+        f"only with --baseline-python; {FLEET} only when named: see bench/fleet.py)",
     )
+    fleet.add_args(ap)
     add(
         "--baseline-python",
         help="an interpreter with another version of the agent installed: the baseline "
@@ -536,6 +539,13 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     p = params_of(args)
     steps = set(args.steps.split(",")) if args.steps != "all" else set()
+    if FLEET in steps:
+        # One scheduler against stand-in workers: no agent, no modes (bench/fleet.py).
+        status = fleet.run(args, Path(args.out))
+        steps.discard(FLEET)
+        if not steps:
+            return status
+        args.steps = ",".join(sorted(steps))
     if BASELINE in steps and not args.baseline_python:
         note(f"--steps {BASELINE} needs --baseline-python")
         return 2

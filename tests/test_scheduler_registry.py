@@ -107,3 +107,27 @@ def test_what_is_remembered_of_forgotten_workers_is_bounded(
         with pytest.raises(UnknownWorker) as e:
             r.get(kept)
         assert e.value.forgotten is not None
+
+
+def test_ids_follow_the_index_after_deregistering_and_dropping(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A deregistered worker, or one dropped from the forgotten, registers under a new id;
+    a forgotten one still kept gets its old id back (the index by identity and address)."""
+    monkeypatch.setattr(registry, "FORGOTTEN_MAX", 2)
+    monkeypatch.setattr(registry, "FORGOTTEN_DROP", 1)
+    clock = FakeClock()
+    r = Registry(expire_seconds=10, clock=clock)
+    gone = r.register("agent", "10.0.0.9:1")
+    assert r.deregister(gone.worker_id, "agent")
+    assert r.register("agent", "10.0.0.9:1").worker_id != gone.worker_id
+    ids = []
+    for i in range(3):
+        ids.append(r.register("agent", f"10.0.0.{i}:1").worker_id)
+        clock.t += 1
+    clock.t += 100
+    r.register("agent", "10.0.0.9:1")  # stays live
+    assert len(r.expire()) == 3  # the longest silent (10.0.0.0) is dropped
+    assert r.register("agent", "10.0.0.0:1").worker_id != ids[0]
+    assert r.register("agent", "10.0.0.1:1").worker_id == ids[1]
+    assert {w.address for w in r.live()} == {"10.0.0.9:1", "10.0.0.0:1", "10.0.0.1:1"}

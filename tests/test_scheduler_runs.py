@@ -12,6 +12,7 @@ import pytest
 
 from agent._proto import jobscheduler_pb2 as pb
 from agent.client import JobStatus, PermissionDenied, Unavailable
+from agent.scheduler import runs as runs_module
 from agent.scheduler.registry import Registry, Worker
 from agent.scheduler.runs import ActiveRun, HostChange, OutputLine, RunEnded, RunManager
 from agent.scheduler.store import SQLiteStore
@@ -34,6 +35,9 @@ class Agents:
         self.stored_at_send: list[HostState] = []
         self.stopped: set[str] = set()
         self.released = asyncio.Event()
+        self.starting = 0  # StartJob calls in flight
+        self.starting_peak = 0
+        self.start_delay = 0.0
 
     def client(self, w: Worker) -> Any:
         return Agent(self, w.address)
@@ -52,6 +56,11 @@ class Agent:
         f.stored_at_send.append(h.state)
         if self.address in f.down:
             raise Unavailable("connection refused")
+        if f.start_delay:
+            f.starting += 1
+            f.starting_peak = max(f.starting_peak, f.starting)
+            await asyncio.sleep(f.start_delay)
+            f.starting -= 1
         if self.address in f.refuse:
             raise PermissionDenied("not in the policy")
         f.started.append(self.address)
@@ -163,6 +172,30 @@ def test_past_the_budget_nothing_new_starts(tmp_path: Path) -> None:
         h = m.store.run(agents.run_id).hosts  # type: ignore[union-attr]
         assert h[0].exit_code == 1 and "PERMISSION_DENIED" in h[2].error
         assert h[3].error == "past the error budget"
+
+    asyncio.run(main())
+
+
+def test_start_calls_in_flight_are_paced_and_a_waiting_host_respects_the_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At most MAX_STARTS StartJob calls at once, whatever the concurrency; a host still
+    waiting for a start slot when the budget is spent is not started."""
+    monkeypatch.setattr(runs_module, "MAX_STARTS", 2)
+
+    async def main() -> None:
+        m, agents, workers = _setup(tmp_path, 6)
+        agents.start_delay = 0.01
+        assert await _done(_start(m, agents, workers, 6, 0)) == [HostState.SUCCEEDED] * 6
+        assert agents.starting_peak == 2
+        m, agents, workers = _setup(tmp_path / "b", 6)
+        agents.start_delay = 0.01
+        agents.down = {workers[0].address}
+        states = await _done(_start(m, agents, workers, 6, 0))
+        # The run hands all six hosts to the start slots at once; the first fails
+        # before any other is sent, and none of the others is sent after that.
+        assert states == [HostState.UNREACHABLE] + [HostState.NOT_STARTED] * 5
+        assert agents.started == []
 
     asyncio.run(main())
 

@@ -130,8 +130,18 @@ class Registry:
         self.store = store
         self._workers: dict[str, Worker] = {}
         self._forgotten: dict[str, Worker] = {}  # expired, kept for messages and stable ids
+        # Live and forgotten ids by (identity, address, legacy): a registration
+        # finds its old id without a scan (a storm of N would cost N squared).
+        self._ids: dict[tuple[str, str, bool], str] = {}
         for w, live in store.workers() if store else ():
             (self._workers if live else self._forgotten)[w.worker_id] = w
+            if live or (w.identity, w.address, w.legacy) not in self._ids:
+                self._ids[(w.identity, w.address, w.legacy)] = w.worker_id
+
+    def _unindex(self, w: Worker) -> None:
+        key = (w.identity, w.address, w.legacy)
+        if self._ids.get(key) == w.worker_id:
+            del self._ids[key]
 
     def _save(self, w: Worker, live: bool = True) -> None:
         if self.store is not None:
@@ -147,18 +157,19 @@ class Registry:
     ) -> Worker:
         """Add or refresh the worker for (identity, address); ids are stable."""
         now = self.clock()
-        for w in list(self._workers.values()) + list(self._forgotten.values()):
-            if w.identity == identity and w.address == address and w.legacy == legacy:
-                self._forgotten.pop(w.worker_id, None)
-                w.last_seen = now
-                w.labels = dict(labels or {})
-                if w.worker_id not in self._workers:
-                    w.registered_at = now
-                self._workers[w.worker_id] = w
-                self._save(w)
-                return w
+        known = self._ids.get((identity, address, legacy))
+        if known is not None:
+            w = self._workers.get(known) or self._forgotten.pop(known)
+            w.last_seen = now
+            w.labels = dict(labels or {})
+            if w.worker_id not in self._workers:
+                w.registered_at = now
+            self._workers[w.worker_id] = w
+            self._save(w)
+            return w
         w = Worker(str(uuid.uuid4()), identity, address, now, now, legacy, dict(labels or {}))
         self._workers[w.worker_id] = w
+        self._ids[(identity, address, legacy)] = w.worker_id
         self._save(w)
         return w
 
@@ -177,6 +188,7 @@ class Registry:
         if w is None or w.identity != identity:
             return False
         del self._workers[worker_id]
+        self._unindex(w)
         if self.store is not None:
             self.store.delete_worker(worker_id)
         return True
@@ -204,7 +216,7 @@ class Registry:
         if len(self._forgotten) > FORGOTTEN_MAX:
             oldest = sorted(self._forgotten, key=lambda i: self._forgotten[i].last_seen)
             for k in oldest[:FORGOTTEN_DROP]:
-                del self._forgotten[k]
+                self._unindex(self._forgotten.pop(k))
                 if self.store is not None:
                     self.store.delete_worker(k)
         return gone
