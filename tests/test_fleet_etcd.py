@@ -1,0 +1,220 @@
+"""Two schedulers on one etcd store: takeover, a lost etcd member, failover, all real.
+
+A three-member etcd cluster on loopback ports (mTLS for clients and peers, the
+certificates of scripts/gen_certs.sh), two ``agent-scheduler`` processes with
+``[store] backend = "etcd"``, and agents that know both schedulers
+(``[scheduler] addr`` and ``addrs``, half of them the other way round).
+Whether each host ran a job exactly once is counted from the hosts
+themselves: every job of a run writes its own output file on its agent, with
+the run's token in it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.client import RunInfo, SchedulerClient
+
+from etcdcluster import ETCD, EtcdCluster
+from helpers import (
+    AgentFactory,
+    AgentProcess,
+    Certs,
+    SchedulerProcess,
+    free_port,
+    registration_section,
+    wait_for,
+    write_script,
+)
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        shutil.which("etcd") is None and not Path(ETCD).exists(),
+        reason="etcd is not installed (Debian etcd-server; scripts/test.sh installs it as root)",
+    ),
+]
+pytest.importorskip("aetcd", reason="aetcd (the etcd extra) is not installed")
+
+AGENTS = 8
+SESSION_S = 3  # a dead scheduler's runs are taken over after about this long
+EXPIRE_S = 6.0  # a worker nobody renews is gone after this long
+
+
+class Fleet:
+    """The module's etcd cluster, two schedulers and agents."""
+
+    def __init__(
+        self, etcd: EtcdCluster, scheds: list[SchedulerProcess], agents: list[AgentProcess]
+    ) -> None:
+        self.etcd = etcd
+        self.scheds = scheds
+        self.agents = agents
+
+    def client(self, i: int) -> SchedulerClient:
+        s = self.scheds[i]
+        return SchedulerClient(s.addr, s.certs.tls("admin"), timeout=10)
+
+    def workers(self, i: int) -> set[str]:
+        r = self.scheds[i].cli("workers", "--json")
+        assert r.returncode == 0, r.stderr
+        return {str(w["address"]) for w in json.loads(r.stdout)}
+
+    def follow(self, i: int, run_id: str) -> RunInfo:
+        with self.client(i) as c:
+            events = list(c.follow_run(run_id, timeout=120))
+        assert isinstance(events[-1], RunInfo)
+        return events[-1]
+
+
+def _store(etcd: EtcdCluster, certs: Certs) -> dict[str, Any]:
+    return {
+        "backend": "etcd",
+        "etcd_endpoints": etcd.endpoints,
+        "etcd_ca_file": str(certs.crt("etcd-ca")),
+        "etcd_crt_file": str(certs.crt("etcd-client")),
+        "etcd_key_file": str(certs.key("etcd-client")),
+        "session_seconds": SESSION_S,
+    }
+
+
+@pytest.fixture(scope="module")
+def fleet(
+    tmp_path_factory: pytest.TempPathFactory, certs: Certs, standard_policy: str
+) -> Iterator[Fleet]:
+    base = tmp_path_factory.mktemp("fleet-etcd")
+    etcd = EtcdCluster(base / "etcd", certs)
+    scheds: list[SchedulerProcess] = []
+    agents: list[AgentProcess] = []
+    try:
+        etcd.start()
+        for i in range(2):
+            scheds.append(
+                SchedulerProcess(
+                    base / f"sched{i}",
+                    certs,
+                    heartbeat=1,
+                    expire=EXPIRE_S,
+                    store=_store(etcd, certs),
+                ).start()
+            )
+        for i in range(AGENTS):
+            first, second = scheds[i % 2], scheds[1 - i % 2]
+            reg = registration_section(first.addr, certs, addrs=[second.addr])
+            agents.append(
+                AgentProcess(base / f"a{i}", certs, standard_policy, scheduler=reg).start()
+            )
+        f = Fleet(etcd, scheds, agents)
+        everyone = {a.addr for a in agents}
+        wait_for(lambda: f.workers(0) >= everyone and f.workers(1) >= everyone, timeout=30)
+        yield f
+    finally:
+        for a in agents:
+            a.stop()
+            a.cleanup()
+        for s in scheds:
+            s.stop()
+        etcd.stop()
+
+
+def _ran(agent: AgentProcess, token: str) -> int:
+    """How many jobs wrote this token on this agent (each job has its own output file)."""
+    d = agent.state / "output"
+    return sum(1 for p in d.iterdir() if token.encode() in p.read_bytes()) if d.exists() else 0
+
+
+def test_both_schedulers_list_every_worker(fleet: Fleet) -> None:
+    """Workers registered with either scheduler are listed by both (one registry, in etcd)."""
+    everyone = {a.addr for a in fleet.agents}
+    assert fleet.workers(0) >= everyone and fleet.workers(1) >= everyone
+
+
+def test_the_other_scheduler_takes_over_a_run_whose_owner_died(
+    fleet: Fleet, script_dir: Path
+) -> None:
+    """SIGKILL the scheduler driving a run (some hosts done, some running, some pending):
+    the other one takes the run over and finishes it; every host ran the job exactly once."""
+    once = write_script(script_dir, "once.sh", '#!/bin/bash\necho "ran $1"\nsleep "$2"\n')
+    token = f"tok-{uuid.uuid4().hex}"
+    owner, other = 0, 1
+    with fleet.client(owner) as c:
+        run = c.start_run("id:agent", "bash", str(once), args=[token, "2"], max_concurrency=3)
+
+        def progressed() -> bool:
+            states = [h.state for h in c.run_info(run.run_id).hosts]
+            return "SUCCEEDED" in states and "RUNNING" in states and "PENDING" in states
+
+        wait_for(progressed, timeout=30, interval=0.05)
+    fleet.scheds[owner].proc.kill()  # type: ignore[union-attr]
+    fleet.scheds[owner].proc.wait()  # type: ignore[union-attr]
+    killed_at = time.monotonic()
+    with fleet.client(other) as c:
+        wait_for(lambda: c.run_info(run.run_id).state != "RUNNING", timeout=60, interval=0.2)
+        final = c.run_info(run.run_id)
+    took = time.monotonic() - killed_at
+    assert final.state == "DONE", final
+    states = [(h.state, h.error_text) for h in final.hosts]
+    ran = {a.addr: _ran(a, token) for a in fleet.agents}
+    assert [h.state for h in final.hosts] == ["SUCCEEDED"] * AGENTS, (
+        states,
+        ran,
+        [h.address for h in final.hosts],
+    )
+    assert "taken over" in fleet.scheds[other].log()
+    ran = {a.addr: _ran(a, token) for a in fleet.agents}
+    assert ran == {a.addr: 1 for a in fleet.agents}, json.dumps([ran, states])
+    print(f"takeover: run finished {took:.1f} s after its owner was killed")
+    # The killed scheduler comes back (same config, same store) for the next tests.
+    fleet.scheds[owner].start()
+
+
+def test_losing_one_etcd_member_goes_unnoticed(fleet: Fleet, script_dir: Path) -> None:
+    """Kill an etcd member during a run: the run ends with every host succeeded, both
+    schedulers still list every worker, and a new run works."""
+    with fleet.client(1) as c:
+        run = c.start_run("id:agent", "bash", f"{script_dir}/sleep.sh", args=["1"])
+        fleet.etcd.kill(fleet.etcd.names[0])
+        t0 = time.monotonic()
+        final = fleet.follow(1, run.run_id)
+        assert final.state == "DONE" and final.all_succeeded, final
+        again = c.start_run("id:agent", "bash", f"{script_dir}/hello.sh")
+    assert fleet.follow(1, again.run_id).all_succeeded
+    everyone = {a.addr for a in fleet.agents}
+    assert fleet.workers(0) >= everyone and fleet.workers(1) >= everyone
+    print(f"one etcd member down: run finished {time.monotonic() - t0:.1f} s after the kill")
+
+
+def test_registration_fails_over_to_the_next_scheduler(
+    fleet: Fleet, make_agent: AgentFactory, certs: Certs
+) -> None:
+    """An agent whose first scheduler is down registers with the next in [scheduler] addrs,
+    and both schedulers list it."""
+    dead = f"127.0.0.1:{free_port()}"
+    a = make_agent(scheduler=registration_section(dead, certs, addrs=[fleet.scheds[1].addr]))
+    wait_for(lambda: a.addr in fleet.workers(0) and a.addr in fleet.workers(1), timeout=30)
+    assert f"registered with scheduler {fleet.scheds[1].addr}" in a.log()
+
+
+def test_an_agent_cut_off_is_unreachable_and_counts_against_the_budget(
+    fleet: Fleet, make_agent: AgentFactory, certs: Certs, script_dir: Path
+) -> None:
+    """A registered agent that died before its turn: UNREACHABLE, and with no error
+    tolerated nothing starts after it."""
+    s = fleet.scheds[1]
+    doomed = make_agent(scheduler=registration_section(s.addr, certs))
+    wait_for(lambda: doomed.addr in fleet.workers(1), timeout=30)
+    doomed.kill9()
+    target = f"list:{doomed.addr},{fleet.agents[0].addr}"
+    r = s.cli(
+        "run", "--select", target, "--max-concurrency", "1", "--", "bash", f"{script_dir}/hello.sh"
+    )
+    assert r.returncode == 3, r.stderr
+    assert "ok 0 failed 0 not-started 1 unreachable 1" in r.stderr
