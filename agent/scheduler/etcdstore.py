@@ -199,12 +199,15 @@ class EtcdStore:
         self._call(self._kv.DeleteRange, self._rpc.DeleteRangeRequest(key=key))
 
     def orphaned_runs(self) -> list[RunRecord]:
-        """RUNNING runs whose owner's lease has expired (no owner key), oldest first."""
-        owned = {
-            kv.key[len(self._key("owners", "")) :].decode()
-            for kv in self._range(self._key("owners", ""))
+        """RUNNING runs whose owner's lease has expired (no owner key), and those owned
+        by this scheduler's session (the caller skips the ones it drives), oldest first."""
+        head = self._key("owners", "")
+        others = {
+            kv.key[len(head) :].decode()
+            for kv in self._range(head)
+            if int(kv.lease) != self.session
         }
-        return [r for r in self.unfinished_runs() if r.run_id not in owned]
+        return [r for r in self.unfinished_runs() if r.run_id not in others]
 
     # ------------------------------------------------------------ workers
 

@@ -183,7 +183,7 @@ class RunManager:
         run = ActiveRun(record, job)
         self.active[record.run_id] = run
         run.task = asyncio.ensure_future(self._execute(run))
-        run.task.add_done_callback(_log_crash)
+        run.task.add_done_callback(lambda t: self._ended(t, run))
         log.info(
             "run %s by %s: %d hosts, %d at once, %d errors tolerated",
             record.run_id,
@@ -213,7 +213,7 @@ class RunManager:
         run = ActiveRun(rec, job)
         self.active[rec.run_id] = run
         run.task = asyncio.ensure_future(self._execute(run))
-        run.task.add_done_callback(_log_crash)
+        run.task.add_done_callback(lambda t: self._ended(t, run))
         log.warning("run %s of %s: owner gone, taken over", rec.run_id, rec.owner)
         return run
 
@@ -228,6 +228,15 @@ class RunManager:
                     "run %s: ownership lost (store session expired), let go", run.record.run_id
                 )
                 del self.active[run.record.run_id]
+
+    def _ended(self, task: asyncio.Task[None], run: ActiveRun) -> None:
+        """A run task that died (a store failure, a bug) no longer drives its run.
+
+        It is dropped from this process; with a shared store, the next beat finds the
+        run owned by nobody driving it and takes it over again from its records.
+        """
+        if _log_crash(task) and not run.finished:
+            self.active.pop(run.record.run_id, None)
 
     def cancel(self, run: ActiveRun) -> None:
         """Start nothing more; stop the jobs that are running."""
@@ -446,10 +455,12 @@ class RunManager:
                 interrupt(self.store, run.record, self.clock())
 
 
-def _log_crash(task: asyncio.Task[None]) -> None:
+def _log_crash(task: asyncio.Task[None]) -> bool:
     """A run task that died of a bug or a store failure says so (else it would be silent)."""
     if not task.cancelled() and task.exception() is not None:
         log.error("a run stopped executing", exc_info=task.exception())
+        return True
+    return False
 
 
 def interrupt(store: Store, rec: RunRecord, now: float) -> None:

@@ -139,6 +139,8 @@ def _shared_tick(store: Store, registry: Registry, service: SchedulerService) ->
         service.runs.abandon()
     gone = registry.sync([w for w, _ in store.workers()])
     for rec in store.orphaned_runs():
+        if rec.run_id in service.runs.active:
+            continue  # driven here
         if store.claim_run(rec.run_id):
             fresh = store.run(rec.run_id)  # as the dead owner left it
             if fresh is not None:

@@ -10,13 +10,17 @@ start a job (the agent cancels a call at its deadline, and a start it had
 already accepted is listed by then). Then it asks the worker (ListJobs, this
 scheduler's own jobs) for jobs of the same path and arguments started since
 the start was recorded (``start_time`` of a STARTING host is when it was about
-to be sent):
+to be sent). A start the agent cancelled because the dead owner's connection
+dropped mid-call counts as found: it is recorded "start failed: the start was
+cancelled", yet its process may have run for a moment before the agent killed
+it (seen in the tests), so it is reported as the agent recorded it (FAILED) and
+never sent again.
 
 - exactly one: that is the job; the host becomes RUNNING with its id and is
   followed to its end (never forgotten);
-- none (a job that never spawned, such as a start the agent cancelled when
-  the dead owner's connection dropped, does not count): the job never ran;
-  the host is PENDING again and starts like any other (once, not zero times);
+- none: the start never reached the worker (the agent records a job before
+  it spawns it); the host is PENDING again and starts like any other (once,
+  not zero times);
 - more than one, or the worker cannot be asked: the host becomes UNKNOWN,
   with the reason, and is not started again (never twice).
 
@@ -58,8 +62,6 @@ async def resolve_starting(
     matches = []
     async for st in client.list_all(timeout=timeout):
         started = st.start_time.timestamp() if st.start_time else 0.0
-        if st.done and st.pid == 0:
-            continue  # never spawned (its start failed or was cancelled): it did not run
         if st.path == job.path and list(st.args) == list(job.args) and started >= since:
             matches.append(st.job_id)
     if len(matches) == 1:
