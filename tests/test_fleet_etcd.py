@@ -19,8 +19,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
+from agent._proto import jobscheduler_pb2 as pb
+from agent._proto import jobscheduler_pb2_grpc as pb_grpc
 from agent.client import RunInfo, SchedulerClient
 
 from etcdcluster import ETCD, EtcdCluster
@@ -247,3 +250,41 @@ def test_an_agent_cut_off_is_unreachable_and_counts_against_the_budget(
     )
     assert r.returncode == 3, r.stderr
     assert "ok 0 failed 0 not-started 1 unreachable 1" in r.stderr
+
+
+def test_without_an_etcd_quorum_nothing_is_started_and_all_comes_back(
+    fleet: Fleet, certs: Certs, script_dir: Path
+) -> None:
+    """Two of three members down: a registration is refused UNAVAILABLE naming the store,
+    a run cannot start, the schedulers stay up; with the quorum back, both list every
+    worker again and a run over all of them succeeds."""
+    for m in fleet.etcd.names:
+        if fleet.etcd.procs[m].poll() is None:
+            fleet.etcd.kill(m)
+            break
+    alive = [m for m in fleet.etcd.names if fleet.etcd.procs[m].poll() is None]
+    assert len(alive) == 1
+    s = fleet.scheds[0]
+    with (
+        grpc.secure_channel(s.addr, certs.creds("agent")) as ch,
+        pytest.raises(grpc.RpcError) as e,
+    ):
+        pb_grpc.SchedulerStub(ch).RegisterWorker(pb.RegisterReq(address="127.0.0.1:1"), timeout=30)
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE, e.value
+    assert "store" in str(e.value.details())
+    r = s.cli("run", "--select", "id:agent", "--", "bash", f"{script_dir}/hello.sh")
+    assert r.returncode == 1, r.stderr
+    t0 = time.monotonic()
+    for m in fleet.etcd.names:
+        if m not in alive:
+            fleet.etcd.start_member(m)
+    wait_for(fleet.etcd.healthy, timeout=30, interval=0.2)
+    everyone = {a.addr for a in fleet.agents}
+    wait_for(lambda: fleet.workers(0) >= everyone and fleet.workers(1) >= everyone, timeout=60)
+    print(f"quorum back: every worker listed {time.monotonic() - t0:.1f} s after the restart")
+    ours = "list:" + ",".join(a.addr for a in fleet.agents)  # not the earlier tests' agents
+    for i in range(2):
+        assert all(p.proc and p.proc.poll() is None for p in fleet.scheds)
+        with fleet.client(i) as c:
+            run = c.start_run(ours, "bash", f"{script_dir}/hello.sh")
+        assert fleet.follow(i, run.run_id).all_succeeded

@@ -44,8 +44,9 @@ __all__ = ["EtcdStore"]
 
 log = logging.getLogger(__name__)
 
-RETRIES = 3  # a call that found a member gone is tried again this many times
-RETRY_PAUSE_S = 0.2
+RETRIES = 8  # a call that found a member gone is tried again up to this many times
+RETRY_PAUSE_S = 0.1
+ATTEMPT_S = 1.0  # one attempt's deadline (a healthy cluster answers in milliseconds)
 
 
 def _rpc() -> Any:
@@ -112,16 +113,21 @@ class EtcdStore:
     # ------------------------------------------------------------ plumbing
 
     def _call(self, method: Any, request: Any) -> Any:
-        """One call; UNAVAILABLE (a member went away) is tried again on another member.
+        """One call; UNAVAILABLE (a member went away) or no answer within ATTEMPT_S (a
+        write lost with a dead leader waits for etcd's own request timeout, about 7 s)
+        is tried again, on another member if need be, for at most ``timeout`` in all.
 
         Every call made here is safe to repeat (puts of whole values, reads,
         lease renewals; :meth:`claim_run` checks what a lost answer did).
         """
+        deadline = time.monotonic() + self.timeout
+        retry = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
         for attempt in range(RETRIES + 1):
+            left = deadline - time.monotonic()
             try:
-                return method(request, timeout=self.timeout)
+                return method(request, timeout=max(0.1, min(ATTEMPT_S, left)))
             except grpc.RpcError as e:
-                if e.code() != grpc.StatusCode.UNAVAILABLE or attempt == RETRIES:
+                if e.code() not in retry or attempt == RETRIES or left < ATTEMPT_S:
                     raise StoreError(
                         f"etcd {','.join(self.endpoints)}: {e.code().name}: {e.details()}"
                     ) from None

@@ -34,7 +34,7 @@ import grpc
 from agent._proto import jobscheduler_pb2 as pb
 from agent.client import AgentClientError, AsyncAgentClient, JobStatus
 from agent.scheduler.registry import UnknownWorker, Worker, WorkerRegistry
-from agent.scheduler.store import HostRecord, RunRecord, Store
+from agent.scheduler.store import HostRecord, RunRecord, Store, StoreError
 from agent.scheduler.takeover import NOT_RECEIVED, resolve_starting
 from agent.scheduler.targets import budget_exceeded, may_start
 from agent.vocabulary import HostState, RunState
@@ -337,7 +337,15 @@ class RunManager:
             return
         client = self.client_for(w)
         # Recorded before it is sent, with when: a takeover looks for it from then.
-        self._set(run, h, HostState.STARTING, start_time=self.clock())
+        try:
+            self._set(run, h, HostState.STARTING, start_time=self.clock())
+        except StoreError as e:
+            # Not recorded, so not sent: a takeover must be able to trust the record.
+            h.state, h.error, h.end_time = HostState.NOT_STARTED, f"not sent: {e}", self.clock()
+            with contextlib.suppress(StoreError):
+                self.store.save_host(run.record.run_id, h)
+            run.publish(HostChange(_copy(h)))
+            return
         try:
             job_id = await client.start_pb(run.job, timeout=self.call_timeout)
         except AgentClientError as e:
