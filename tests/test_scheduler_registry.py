@@ -107,3 +107,22 @@ def test_what_is_remembered_of_forgotten_workers_is_bounded(
         with pytest.raises(UnknownWorker) as e:
             r.get(kept)
         assert e.value.forgotten is not None
+
+
+def test_sync_makes_the_shared_store_the_truth() -> None:
+    """With a shared store (etcd), sync lists a worker another scheduler registered, forgets
+    one whose lease expired (kept for messages), and re-registering keeps its id."""
+    clock = FakeClock()
+    mine = Registry(30.0, clock=clock)
+    other = Registry(30.0, clock=clock)
+    a = other.register("agent", "127.0.0.1:1")
+    b = other.register("agent", "127.0.0.1:2")
+    assert mine.sync([a, b]) == []
+    assert [w.worker_id for w in mine.live()] == [a.worker_id, b.worker_id]
+    gone = mine.sync([a])  # b's lease expired
+    assert [w.worker_id for w in gone] == [b.worker_id]
+    with pytest.raises(UnknownWorker) as e:
+        mine.get(b.worker_id)
+    assert e.value.forgotten is not None
+    assert mine.register("agent", "127.0.0.1:1").worker_id == a.worker_id
+    assert mine.register("agent", "127.0.0.1:2").worker_id == b.worker_id
