@@ -25,6 +25,9 @@ import pytest
 from agent._proto import jobscheduler_pb2 as pb
 from agent._proto import jobscheduler_pb2_grpc as pb_grpc
 from agent.client import RunInfo, SchedulerClient
+from agent.scheduler.etcdstore import EtcdStore
+from agent.scheduler.store import HostRecord, RunRecord
+from agent.vocabulary import HostState
 
 from etcdcluster import ETCD, EtcdCluster
 from helpers import (
@@ -206,6 +209,67 @@ def test_a_scheduler_stopped_cleanly_hands_its_run_over_at_once(
     assert ran == {a.addr: 1 for a in fleet.agents}, ran
     print(f"clean handover: run finished {took:.1f} s after SIGTERM to its owner")
     fleet.scheds[1].start()
+
+
+def test_a_takeover_sends_a_maybe_sent_start_only_when_it_never_arrived(
+    fleet: Fleet, certs: Certs, script_dir: Path
+) -> None:
+    """A run left by a dead owner, written straight into etcd: a host STARTING whose job is
+    on its worker is followed, not sent again; a STARTING host with no job there (its
+    deadline long past) is started; a RUNNING host is followed; a PENDING one starts.
+    Each host ran the job exactly once."""
+    once = write_script(script_dir, "once.sh", '#!/bin/bash\necho "ran $1"\nsleep "$2"\n')
+    token = f"tok-{uuid.uuid4().hex}"
+    args = [token, "1"]
+    by_addr = {
+        str(w["address"]): w for w in json.loads(fleet.scheds[0].cli("workers", "--json").stdout)
+    }
+    agents = fleet.agents[:4]
+    # Jobs "the dead owner" started: on agents 0 (recorded STARTING) and 1 (RUNNING).
+    started = [a.client("scheduler").start("bash", str(once), args=args) for a in agents[:2]]
+    now = time.time()
+    states = [
+        (HostState.STARTING, "", now - 1.0),  # its job arrived: to be found
+        (HostState.RUNNING, started[1], now - 1.0),
+        (HostState.STARTING, "", now - 60.0),  # never arrived, deadline long past
+        (HostState.PENDING, "", None),
+    ]
+    hosts = [
+        HostRecord(
+            str(by_addr[a.addr]["worker_id"]),
+            a.addr,
+            str(by_addr[a.addr]["identity"]),
+            i,
+            state,
+            job_id,
+            start_time=sent,
+        )
+        for i, (a, (state, job_id, sent)) in enumerate(zip(agents, states, strict=True))
+    ]
+    job = pb.StartJobReq(command="bash", path=str(once), args=args)
+    rec = RunRecord(
+        str(uuid.uuid4()), "admin", job.SerializeToString(), b"", 4, 0, now, hosts=hosts
+    )
+    store = EtcdStore(
+        fleet.etcd.endpoints,
+        ca_file=certs.crt("etcd-ca"),
+        crt_file=certs.crt("etcd-client"),
+        key_file=certs.key("etcd-client"),
+    )
+    try:
+        store.keep_alive()
+        assert store.claim_run(rec.run_id)
+        store.save_run(rec)
+        store.release_run(rec.run_id)  # the owner is gone: up for takeover
+    finally:
+        store.close()
+    with fleet.client(0) as c:
+        wait_for(lambda: c.run_info(rec.run_id).state != "RUNNING", timeout=60, interval=0.2)
+        final = c.run_info(rec.run_id)
+    assert [h.state for h in final.hosts] == ["SUCCEEDED"] * 4, final
+    assert final.hosts[0].job_id == started[0] and final.hosts[1].job_id == started[1]
+    ran = {a.addr: _ran(a, token) for a in agents}
+    assert ran == {a.addr: 1 for a in agents}, ran
 
 
 def test_losing_one_etcd_member_goes_unnoticed(fleet: Fleet, script_dir: Path) -> None:
