@@ -298,7 +298,7 @@ class RunManager:
         """Wait until the next host may start (True) or nothing more may (False)."""
         rec = run.record
         while True:
-            errors = self._errors(rec)
+            errors = _errors(rec)
             if run.cancelled.is_set() or budget_exceeded(errors, rec.max_errors):
                 return False
             if may_start(
@@ -323,10 +323,6 @@ class RunManager:
         run.publish(RunEnded(dataclasses.replace(rec, hosts=[_copy(h) for h in rec.hosts])))
         asyncio.get_running_loop().call_later(FINISHED_KEPT_S, self.active.pop, rec.run_id, None)
         log.info("run %s %s", rec.run_id, state.name.lower())
-
-    @staticmethod
-    def _errors(rec: RunRecord) -> int:
-        return sum(1 for h in rec.hosts if h.state.counts_as_error)
 
     async def _host(self, run: ActiveRun, h: HostRecord) -> None:
         """Start the job on one host, relay its output, record its end."""
@@ -395,7 +391,7 @@ class RunManager:
         job_id = h.job_id
         try:
             await self._relay_output(run, h, client)
-            st = await self._end(client, job_id)
+            st = await _job_end(client, job_id)
         except AgentClientError as e:
             self._set(run, h, HostState.UNREACHABLE, error=f"lost after start: {e}")
             return
@@ -404,23 +400,6 @@ class RunManager:
         else:
             error = st.error_text or st.state
             self._set(run, h, HostState.FAILED, exit_code=st.exit_code, error=error)
-
-    @staticmethod
-    async def _end(client: AsyncAgentClient, job_id: str) -> JobStatus:
-        """The job's status once it is done (WaitJob, or QueryJob polls on an original worker)."""
-        try:
-            st = await client.wait(job_id, timeout=WAIT_SLICE_S)
-            while not st.done:
-                st = await client.wait(job_id, timeout=WAIT_SLICE_S)
-            return st
-        except AgentClientError as e:
-            if e.code != grpc.StatusCode.UNIMPLEMENTED:
-                raise
-        st = await client.query(job_id)
-        while not st.done:
-            await asyncio.sleep(POLL_S)
-            st = await client.query(job_id)
-        return st
 
     async def _relay_output(self, run: ActiveRun, h: HostRecord, client: AsyncAgentClient) -> None:
         """Publish the job's output line by line, each labelled with its host.
@@ -433,19 +412,15 @@ class RunManager:
                 pending += chunk
                 *lines, pending = pending.split(b"\n")
                 for line in lines:
-                    self._line(run, h, line)
+                    _line(run, h, line)
                 while len(pending) > MAX_LINE:
-                    self._line(run, h, pending[:MAX_LINE])
+                    _line(run, h, pending[:MAX_LINE])
                     pending = pending[MAX_LINE:]
         except AgentClientError as e:
             if e.code != grpc.StatusCode.UNIMPLEMENTED:
                 raise
         if pending:
-            self._line(run, h, pending)
-
-    @staticmethod
-    def _line(run: ActiveRun, h: HostRecord, line: bytes) -> None:
-        run.publish(OutputLine(h.worker_id, h.address, line))
+            _line(run, h, pending)
 
     async def close(self) -> None:
         """Stop executing (the scheduler stops): the runs going on become INTERRUPTED.
@@ -461,6 +436,31 @@ class RunManager:
                 self.store.release_run(run.record.run_id)
             elif not run.finished:
                 interrupt(self.store, run.record, self.clock())
+
+
+def _errors(rec: RunRecord) -> int:
+    return sum(1 for h in rec.hosts if h.state.counts_as_error)
+
+
+def _line(run: ActiveRun, h: HostRecord, line: bytes) -> None:
+    run.publish(OutputLine(h.worker_id, h.address, line))
+
+
+async def _job_end(client: AsyncAgentClient, job_id: str) -> JobStatus:
+    """The job's status once it is done (WaitJob, or QueryJob polls on an original worker)."""
+    try:
+        st = await client.wait(job_id, timeout=WAIT_SLICE_S)
+        while not st.done:
+            st = await client.wait(job_id, timeout=WAIT_SLICE_S)
+        return st
+    except AgentClientError as e:
+        if e.code != grpc.StatusCode.UNIMPLEMENTED:
+            raise
+    st = await client.query(job_id)
+    while not st.done:
+        await asyncio.sleep(POLL_S)
+        st = await client.query(job_id)
+    return st
 
 
 def _log_crash(task: asyncio.Task[None]) -> bool:
