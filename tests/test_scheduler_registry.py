@@ -126,3 +126,18 @@ def test_sync_makes_the_shared_store_the_truth() -> None:
     assert e.value.forgotten is not None
     assert mine.register("agent", "127.0.0.1:1").worker_id == a.worker_id
     assert mine.register("agent", "127.0.0.1:2").worker_id == b.worker_id
+
+
+def test_sync_bounds_what_is_remembered_of_forgotten_workers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Workers a shared store dropped are remembered up to the same cap as expired ones."""
+    monkeypatch.setattr(registry, "FORGOTTEN_MAX", 10)
+    monkeypatch.setattr(registry, "FORGOTTEN_DROP", 4)
+    clock = FakeClock()
+    other = Registry(30.0, clock=clock)
+    ws = [other.register("agent", f"127.0.0.1:{i}") for i in range(11)]
+    mine = Registry(30.0, clock=clock)
+    mine.sync(ws)
+    assert len(mine.sync([])) == 11
+    assert len(mine._forgotten) == 7

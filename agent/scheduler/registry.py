@@ -207,6 +207,10 @@ class Registry:
         for i, w in current.items():
             self._forgotten.pop(i, None)
             self._workers[i] = w
+        if len(self._forgotten) > FORGOTTEN_MAX:
+            oldest = sorted(self._forgotten, key=lambda i: self._forgotten[i].last_seen)
+            for k in oldest[:FORGOTTEN_DROP]:
+                del self._forgotten[k]  # the store forgot them already (their lease)
         return gone
 
     def expire(self) -> list[Worker]:
