@@ -50,7 +50,7 @@ pytestmark = [
 ]
 pytest.importorskip("aetcd", reason="aetcd (the etcd extra) is not installed")
 
-AGENTS = 8
+AGENTS = 20
 SESSION_S = 3  # a dead scheduler's runs are taken over after about this long
 EXPIRE_S = 6.0  # a worker nobody renews is gone after this long
 
@@ -146,20 +146,20 @@ def test_both_schedulers_list_every_worker(fleet: Fleet) -> None:
 def test_the_other_scheduler_takes_over_a_run_whose_owner_died(
     fleet: Fleet, script_dir: Path
 ) -> None:
-    """SIGKILL the scheduler driving a run (some hosts done, three running, the rest pending):
+    """SIGKILL the scheduler driving a run (some hosts done, five running, the rest pending):
     the other one takes the run over and finishes it; every host ran the job exactly once."""
     once = write_script(script_dir, "once.sh", '#!/bin/bash\necho "ran $1"\nsleep "$2"\n')
     token = f"tok-{uuid.uuid4().hex}"
     owner, other = 0, 1
     with fleet.client(owner) as c:
-        run = c.start_run("id:agent", "bash", str(once), args=[token, "2"], max_concurrency=3)
+        run = c.start_run("id:agent", "bash", str(once), args=[token, "2"], max_concurrency=5)
 
-        # Killed between two starts (three just started, none being sent): a start cut
+        # Killed between two starts (five just started, none being sent): a start cut
         # mid-call is cancelled by the agent and ends FAILED (see takeover.py), which
         # is right but would not show the run finished.
         def progressed() -> bool:
             states = [h.state for h in c.run_info(run.run_id).hosts]
-            return "SUCCEEDED" in states and states.count("RUNNING") == 3
+            return "SUCCEEDED" in states and states.count("RUNNING") == 5
 
         wait_for(progressed, timeout=30, interval=0.05)
     fleet.scheds[owner].proc.kill()  # type: ignore[union-attr]
