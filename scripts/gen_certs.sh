@@ -17,6 +17,12 @@
 #   agent.crt/.key            the agent's own client identity (default
 #                             "agent", --agent-name to choose), used to
 #                             register with the scheduler
+#   etcd-ca.crt etcd-ca.key   a CA of etcd's own: only what it signs reaches etcd
+#   etcd-server.crt/.key      etcd members' client-facing certificate
+#                             (serverAuth, clientAuth; SANs as the server's)
+#   etcd-peer.crt/.key        etcd members' peer certificate (same usages)
+#   etcd-client.crt/.key      identity "scheduler" for etcd (clientAuth): what
+#                             [store] etcd_crt_file / etcd_key_file name
 #
 # Keys are created under umask 077, so they are 0600 from their first byte
 # (never briefly readable by others). Existing files are kept unless
@@ -38,7 +44,7 @@ while [ $# -gt 0 ]; do
         --host=*) hosts="$hosts ${1#--host=}"; shift ;;
         --days) days=$2; shift 2 ;;
         --agent-name) agent_name=$2; shift 2 ;;
-        -h|--help) sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,31p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "gen_certs.sh: unknown argument: $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -73,22 +79,25 @@ newkey() {  # name
     chmod 600 "$out/$1.key"
 }
 
-if [ "$force" -eq 0 ] && exists ca; then
-    kept="$kept ca"
-else
-    newkey ca
-    openssl req -new -x509 -key "$out/ca.key" -subj "/CN=worker-agent dev CA" \
+newca() {  # name CN
+    if [ "$force" -eq 0 ] && exists "$1"; then
+        kept="$kept $1"
+        return
+    fi
+    newkey "$1"
+    openssl req -new -x509 -key "$out/$1.key" -subj "/CN=$2" \
         -days 3650 -sha256 \
         -addext "basicConstraints=critical,CA:TRUE,pathlen:0" \
         -addext "keyUsage=critical,keyCertSign,cRLSign" \
-        -out "$out/ca.crt" 2>/dev/null
-    chmod 644 "$out/ca.crt"
-    made="$made ca"
+        -out "$out/$1.crt" 2>/dev/null
+    chmod 644 "$out/$1.crt"
+    made="$made $1"
     # Leaves signed by a CA that is gone are useless: remake them all.
     force=1
-fi
+}
 
-leaf() {  # name CN eku [san]
+issuer=ca
+leaf() {  # name CN eku [san]   (signed by $issuer)
     name=$1 cn=$2 eku=$3 leafsan=${4:-}
     if [ "$force" -eq 0 ] && exists "$name"; then
         kept="$kept $name"
@@ -104,13 +113,14 @@ leaf() {  # name CN eku [san]
         [ -n "$leafsan" ] && echo "subjectAltName=$leafsan"
     } > "$tmp/$name.ext"
     openssl req -new -key "$out/$name.key" -subj "/CN=$cn" -out "$tmp/$name.csr" 2>/dev/null
-    openssl x509 -req -in "$tmp/$name.csr" -CA "$out/ca.crt" -CAkey "$out/ca.key" \
+    openssl x509 -req -in "$tmp/$name.csr" -CA "$out/$issuer.crt" -CAkey "$out/$issuer.key" \
         -CAcreateserial -CAserial "$tmp/ca.srl" -days "$days" -sha256 \
         -extfile "$tmp/$name.ext" -out "$out/$name.crt" 2>/dev/null
     chmod 644 "$out/$name.crt"
     made="$made $name"
 }
 
+newca ca "worker-agent dev CA"
 leaf server localhost serverAuth "$san"
 leaf scheduler scheduler "clientAuth,serverAuth" "$san"
 leaf client client clientAuth
@@ -119,6 +129,15 @@ case "$agent_name" in ''|*[!A-Za-z0-9_.-]*)
     echo "gen_certs.sh: --agent-name takes letters, digits, '.', '_', '-'" >&2; exit 2 ;;
 esac
 leaf agent "$agent_name" clientAuth
+
+# etcd, for schedulers sharing a store ([store] backend = "etcd"): its own CA.
+force_main=$force
+issuer=etcd-ca
+newca etcd-ca "worker-agent dev etcd CA"
+leaf etcd-server etcd "serverAuth,clientAuth" "$san"
+leaf etcd-peer etcd-peer "serverAuth,clientAuth" "$san"
+leaf etcd-client scheduler clientAuth
+force=$force_main
 
 for n in $made; do echo "made  $out/$n.crt $out/$n.key"; done
 for n in $kept; do echo "kept  $out/$n.crt (exists; --force to replace)"; done

@@ -72,6 +72,18 @@ if [ -n "$need" ]; then
     fi
 fi
 
+# etcd for the two-scheduler tests (tests/test_fleet_etcd.py): installed as root;
+# without it those tests are skipped, saying why.
+if ! command -v etcd >/dev/null 2>&1; then
+    if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "test: installing Debian package: etcd-server" >&2
+        apt-get update -qq >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server >/dev/null
+    else
+        echo "test: etcd-server missing and not root: the etcd tests will be skipped" >&2
+    fi
+fi
+
 if [ "$systemd_tier" = yes ]; then
     # systemd-nspawn, debootstrap and friends for the real-systemd tier
     scripts/systemd_tier_setup.sh

@@ -544,6 +544,7 @@ class SchedulerProcess:
         expire: float = 3.0,
         port: int | None = None,
         host: str = "127.0.0.1",
+        store: dict[str, Any] | None = None,
     ) -> None:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
@@ -571,6 +572,7 @@ class SchedulerProcess:
                         "ca_file": str(certs.ca),
                         "call_timeout_seconds": 2.0,
                     },
+                    **({"store": store} if store else {}),
                 }
             )
         )

@@ -98,6 +98,13 @@ def test_defaults_and_relative_paths_resolve_against_config_folder() -> None:
         (BASE + "[scheduler]\nlabels = {n = 1}\n", "scheduler", "labels", "a table of strings"),
         (BASE + '[scheduler]\nlabels = {"a b" = "x"}\n', "scheduler", "labels", "label key"),
         (BASE + '[scheduler]\nlabels = {role = "w/eb"}\n', "scheduler", "labels", "value"),
+        (
+            BASE + '[scheduler]\nregister = true\naddr = "h:1"\naddrs = ["h2"]\n',
+            "scheduler",
+            "addrs",
+            "'h2'",
+        ),
+        (BASE + '[scheduler]\naddrs = "h:1"\n', "scheduler", "addrs", "list"),
     ],
 )
 def test_errors_name_file_section_and_key(text: str, section: str, key: str, words: str) -> None:

@@ -131,3 +131,37 @@ def test_ids_follow_the_index_after_deregistering_and_dropping(
     assert r.register("agent", "10.0.0.0:1").worker_id != ids[0]
     assert r.register("agent", "10.0.0.1:1").worker_id == ids[1]
     assert {w.address for w in r.live()} == {"10.0.0.9:1", "10.0.0.0:1", "10.0.0.1:1"}
+
+
+def test_sync_makes_the_shared_store_the_truth() -> None:
+    """With a shared store (etcd), sync lists a worker another scheduler registered, forgets
+    one whose lease expired (kept for messages), and re-registering keeps its id."""
+    clock = FakeClock()
+    mine = Registry(30.0, clock=clock)
+    other = Registry(30.0, clock=clock)
+    a = other.register("agent", "127.0.0.1:1")
+    b = other.register("agent", "127.0.0.1:2")
+    assert mine.sync([a, b]) == []
+    assert [w.worker_id for w in mine.live()] == [a.worker_id, b.worker_id]
+    gone = mine.sync([a])  # b's lease expired
+    assert [w.worker_id for w in gone] == [b.worker_id]
+    with pytest.raises(UnknownWorker) as e:
+        mine.get(b.worker_id)
+    assert e.value.forgotten is not None
+    assert mine.register("agent", "127.0.0.1:1").worker_id == a.worker_id
+    assert mine.register("agent", "127.0.0.1:2").worker_id == b.worker_id
+
+
+def test_sync_bounds_what_is_remembered_of_forgotten_workers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Workers a shared store dropped are remembered up to the same cap as expired ones."""
+    monkeypatch.setattr(registry, "FORGOTTEN_MAX", 10)
+    monkeypatch.setattr(registry, "FORGOTTEN_DROP", 4)
+    clock = FakeClock()
+    other = Registry(30.0, clock=clock)
+    ws = [other.register("agent", f"127.0.0.1:{i}") for i in range(11)]
+    mine = Registry(30.0, clock=clock)
+    mine.sync(ws)
+    assert len(mine.sync([])) == 11
+    assert len(mine._forgotten) == 7

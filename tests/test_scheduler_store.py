@@ -3,6 +3,7 @@ marked interrupted, never started again."""
 
 from __future__ import annotations
 
+import re
 import stat
 import subprocess
 from pathlib import Path
@@ -136,9 +137,58 @@ def test_the_store_defaults_to_the_config_folder(tmp_path: Path, certs: Certs) -
         f.write('\n[store]\nsqlite_file = "db/x.db"\n')
     assert load_config(s.config_path).store.sqlite_file == s.workdir / "db" / "x.db"
     with open(s.config_path, "a") as f:
-        f.write('backend = "etcd"\n')
-    with pytest.raises(ConfigError, match=r"\[store\] backend: must be one of sqlite"):
+        f.write('backend = "redis"\n')
+    with pytest.raises(ConfigError, match=r"\[store\] backend: must be one of sqlite, etcd"):
         load_config(s.config_path)
+
+
+@pytest.mark.parametrize(
+    ("store", "key", "problem"),
+    [
+        ('backend = "etcd"', "etcd_endpoints", "required when backend = etcd"),
+        (
+            'backend = "etcd"\netcd_endpoints = ["127.0.0.1:2379", "etcd.example:2379"]',
+            "etcd_endpoints",
+            "several members must be IPv4 addresses",
+        ),
+        (
+            'backend = "etcd"\netcd_endpoints = ["127.0.0.1"]',
+            "etcd_endpoints",
+            "127.0.0.1",
+        ),
+        (
+            'backend = "etcd"\netcd_endpoints = ["127.0.0.1:2379"]',
+            "etcd_ca_file",
+            "required when backend = etcd (etcd over mTLS)",
+        ),
+    ],
+)
+def test_etcd_store_config_errors_name_the_key(
+    tmp_path: Path, certs: Certs, store: str, key: str, problem: str
+) -> None:
+    """[store] backend = "etcd" needs endpoints and its own certificates: each missing or
+    malformed key is refused with a line naming [store] and that key."""
+    s = SchedulerProcess(tmp_path / "sched", certs)
+    with open(s.config_path, "a") as f:
+        f.write(f"\n[store]\n{store}\n")
+    with pytest.raises(ConfigError, match=rf"\[store\] {key}: .*{re.escape(problem)}"):
+        load_config(s.config_path)
+
+
+def test_an_etcd_store_config_with_its_certificates_loads(tmp_path: Path, certs: Certs) -> None:
+    """A complete etcd [store] loads, its certificate paths resolved like every path."""
+    s = SchedulerProcess(tmp_path / "sched", certs)
+    with open(s.config_path, "a") as f:
+        f.write(
+            '\n[store]\nbackend = "etcd"\n'
+            'etcd_endpoints = ["127.0.0.1:2379", "127.0.0.2:2379"]\n'
+            f'etcd_ca_file = "{certs.crt("etcd-ca")}"\n'
+            f'etcd_crt_file = "{certs.crt("etcd-client")}"\n'
+            f'etcd_key_file = "{certs.key("etcd-client")}"\n'
+        )
+    st = load_config(s.config_path).store
+    assert st.backend == "etcd" and st.etcd_prefix == "/agent-scheduler/"
+    assert st.etcd_ca_file == certs.crt("etcd-ca") and st.session_seconds == 10
 
 
 def test_a_scheduler_whose_store_cannot_open_exits_1_naming_it(

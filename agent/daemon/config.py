@@ -96,6 +96,11 @@ class Scheduler:
     """``[scheduler]``: registration with the scheduler (original key: addr)."""
 
     addr: str = option("", "scheduler host:port; empty disables registration")
+    addrs: list[str] = option(
+        [],
+        "more schedulers sharing a store (host:port each): when the one in use fails, "
+        "the agent registers with the next",
+    )
     register: bool = option(
         False, "register with the scheduler at start and keep the registration alive"
     )
@@ -597,6 +602,11 @@ def _scheduler_checks(cfg: Config) -> None:
             sch_host, _ = split_host_port(sch.addr)
         except ValueError as e:
             raise ConfigError(f, "scheduler", "addr", f"{e}, got {sch.addr!r}") from None
+        for a in sch.addrs:
+            try:
+                split_host_port(a)
+            except ValueError as e:
+                raise ConfigError(f, "scheduler", "addrs", f"{e}, got {a!r}") from None
         if sch.use_tls:
             for key in ("crt_file", "key_file", "ca_file"):
                 if getattr(sch, key) is None:

@@ -8,7 +8,10 @@ CA; plaintext only on loopback with ``[scheduler] use_tls = false`` and
 full jitter for as long as it takes, never exits because of the scheduler,
 sends ``Heartbeat`` to keep the registration alive and registers again when
 the scheduler has forgotten it (a restart, or a network cut longer than the
-scheduler's expiry), and calls ``DeregisterWorker`` on shutdown.
+scheduler's expiry), and calls ``DeregisterWorker`` on shutdown. With
+``[scheduler] addrs`` (several schedulers sharing one etcd store), a failed
+registration or heartbeat moves on to the next address and registers there:
+the schedulers share the registry, so the worker keeps its id.
 
 An original scheduler (the Go one this protocol comes from) differs in two
 ways, and the agent adapts once, quietly: its ``RegisterWorker`` answers a
@@ -28,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -60,6 +63,7 @@ class Registrar:
         self,
         *,
         scheduler_addr: str,
+        fallback_addrs: Sequence[str] = (),
         advertise_addr: str,
         pair: KeyPair | None,
         ca_pem: bytes | None,
@@ -73,6 +77,9 @@ class Registrar:
     ) -> None:
         """Register ``advertise_addr``; ``pair`` and ``ca_pem`` None: plaintext (loopback)."""
         self.scheduler_addr = scheduler_addr
+        # Schedulers sharing a store: registering with any one is enough.
+        self._addrs = [scheduler_addr, *(a for a in fallback_addrs if a != scheduler_addr)]
+        self._addr_index = 0
         self.advertise_addr = advertise_addr
         self.labels = dict(labels or {})  # an original scheduler ignores the field
         self.heartbeat = heartbeat
@@ -98,6 +105,19 @@ class Registrar:
         if self._creds is None:
             return grpc.aio.insecure_channel(self.scheduler_addr, options=options)
         return grpc.aio.secure_channel(self.scheduler_addr, self._creds, options=options)
+
+    async def _next_scheduler(self) -> None:
+        """Fail over to the next scheduler of ``[scheduler] addrs`` (if there is one)."""
+        if len(self._addrs) < 2 or self.legacy:
+            return
+        self._addr_index = (self._addr_index + 1) % len(self._addrs)
+        self.scheduler_addr = self._addrs[self._addr_index]
+        log.info("trying scheduler %s", self.scheduler_addr)
+        old = self._channel
+        self._channel = self._open(self._options)
+        self._stub = pb_grpc.SchedulerStub(self._channel)
+        self._last_problem = ""
+        await old.close()
 
     def start(self) -> None:
         """Run the registration loop in the background."""
@@ -142,6 +162,7 @@ class Registrar:
                     self._problem(f"registration refused: {e.details()}")
                 else:
                     self._problem(f"cannot register: {code.name}: {e.details()}")
+                    await self._next_scheduler()
             else:
                 # An original scheduler never sets success: its workerID is
                 # the whole answer. Refusing it would register again and
@@ -188,6 +209,9 @@ class Registrar:
                     await self._become_legacy("no Heartbeat")
                     return
                 self._problem(f"heartbeat failed: {e.code().name}: {e.details()}")
+                if len(self._addrs) > 1:
+                    await self._next_scheduler()
+                    return  # register with the next one (it shares the registry)
                 # Unreachable: keep trying; the scheduler may forget us
                 # meanwhile, which the next successful heartbeat tells.
                 await asyncio.sleep(max(0.0, delay() - interval))

@@ -315,6 +315,7 @@ async def _register(
     audit = state.audit
     registrar = Registrar(
         scheduler_addr=sch.addr,
+        fallback_addrs=sch.addrs,
         advertise_addr=advertise,
         # Both None: plaintext registration (use_tls = false, loopback only).
         pair=prepared.scheduler_pair,

@@ -8,6 +8,7 @@ config itself: the certificates are read when the scheduler starts.
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -93,11 +94,29 @@ class StoreSection:
     """``[store]``: where workers and runs are kept across restarts."""
 
     backend: str = option(
-        "sqlite", "the store: sqlite (an embedded file; etcd is not there yet)", choices=("sqlite",)
+        "sqlite",
+        "the store: sqlite (an embedded file, one scheduler) or etcd (shared by several)",
+        choices=("sqlite", "etcd"),
     )
     sqlite_file: Path = option(
         Path("scheduler-state/scheduler.db"),
         "the SQLite file (WAL); its folder is created private to the scheduler's user",
+    )
+    etcd_endpoints: list[str] = option(
+        [], "etcd members' client addresses, host:port (several: IP addresses)"
+    )
+    etcd_ca_file: Path | None = option(None, "CA that signed the etcd members' certificates")
+    etcd_crt_file: Path | None = option(None, "the scheduler's client certificate for etcd")
+    etcd_key_file: Path | None = option(None, "its private key")
+    etcd_server_name: str = option(
+        "", "expected name in the members' certificates (default: the endpoint's host)"
+    )
+    etcd_prefix: str = option("/agent-scheduler/", "key prefix of this fleet's state in etcd")
+    session_seconds: int = option(
+        10,
+        "lease of a scheduler's runs: another takes them over this long after it dies",
+        lo=2,
+        hi=3600,
     )
 
 
@@ -147,6 +166,8 @@ def load_config(path: str | Path) -> SchedulerConfig:
             problem = pattern_problem(entry)
             if problem:
                 raise ConfigError(p, "auth", key, problem)
+    if cfg.store.backend == "etcd":
+        _etcd_checks(p, cfg.store)
     if cfg.registry.expire_seconds <= cfg.registry.heartbeat_seconds:
         raise ConfigError(p, "registry", "expire_seconds", "must be longer than heartbeat_seconds")
     if cfg.legacy.addr:
@@ -163,3 +184,30 @@ def load_config(path: str | Path) -> SchedulerConfig:
         if cfg.legacy.addr == cfg.server.addr:
             raise ConfigError(p, "legacy", "addr", "must differ from [server] addr")
     return cfg
+
+
+def _etcd_checks(p: Path, st: StoreSection) -> None:
+    if not st.etcd_endpoints:
+        raise ConfigError(p, "store", "etcd_endpoints", "required when backend = etcd")
+    for e in st.etcd_endpoints:
+        try:
+            host, _ = split_host_port(e)
+        except ValueError as err:
+            raise ConfigError(p, "store", "etcd_endpoints", f"{err}, got {e!r}") from None
+        if len(st.etcd_endpoints) > 1 and not _is_ipv4(host):
+            raise ConfigError(
+                p, "store", "etcd_endpoints", f"{host!r}: several members must be IPv4 addresses"
+            )
+    for key in ("etcd_ca_file", "etcd_crt_file", "etcd_key_file"):
+        if getattr(st, key) is None:
+            raise ConfigError(p, "store", key, "required when backend = etcd (etcd over mTLS)")
+    if not st.etcd_prefix.startswith("/") or not st.etcd_prefix.endswith("/"):
+        raise ConfigError(p, "store", "etcd_prefix", "must start and end with /")
+
+
+def _is_ipv4(host: str) -> bool:
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        return False
+    return True

@@ -204,6 +204,29 @@ class Registry:
         """The registered workers, oldest registration first."""
         return sorted(self._workers.values(), key=lambda w: w.registered_at)
 
+    def sync(self, stored: list[Worker]) -> list[Worker]:
+        """Make the live workers those of a shared store (etcd); return those that went.
+
+        With several schedulers the store is the truth: a worker registered
+        with another scheduler appears here, one whose lease expired goes
+        (kept as forgotten, for messages and stable ids).
+        """
+        current = {w.worker_id: w for w in stored}
+        gone = [w for i, w in self._workers.items() if i not in current]
+        for w in gone:
+            del self._workers[w.worker_id]
+            self._forgotten[w.worker_id] = w
+        for i, w in current.items():
+            self._forgotten.pop(i, None)
+            self._workers[i] = w
+            self._ids[(w.identity, w.address, w.legacy)] = i
+        if len(self._forgotten) > FORGOTTEN_MAX:
+            oldest = sorted(self._forgotten, key=lambda i: self._forgotten[i].last_seen)
+            for k in oldest[:FORGOTTEN_DROP]:
+                # The store forgot them already (their lease); so does the index.
+                self._unindex(self._forgotten.pop(k))
+        return gone
+
     def expire(self) -> list[Worker]:
         """Forget workers not heard from within expire_seconds."""
         cutoff = self.clock() - self.expire_seconds

@@ -34,7 +34,8 @@ import grpc
 from agent._proto import jobscheduler_pb2 as pb
 from agent.client import AgentClientError, AsyncAgentClient, JobStatus
 from agent.scheduler.registry import UnknownWorker, Worker, WorkerRegistry
-from agent.scheduler.store import HostRecord, RunRecord, Store
+from agent.scheduler.store import HostRecord, RunRecord, Store, StoreError
+from agent.scheduler.takeover import NOT_RECEIVED, resolve_starting
 from agent.scheduler.targets import budget_exceeded, may_start
 from agent.vocabulary import HostState, RunState
 
@@ -185,11 +186,12 @@ class RunManager:
             self.clock(),
             hosts=hosts,
         )
+        self.store.claim_run(record.run_id)  # a new id: nobody else has it
         self.store.save_run(record)
         run = ActiveRun(record, job)
         self.active[record.run_id] = run
         run.task = asyncio.ensure_future(self._execute(run))
-        run.task.add_done_callback(_log_crash)
+        run.task.add_done_callback(lambda t: self._ended(t, run))
         log.info(
             "run %s by %s: %d hosts, %d at once, %d errors tolerated",
             record.run_id,
@@ -199,6 +201,50 @@ class RunManager:
             budget,
         )
         return run
+
+    def adopt(self, rec: RunRecord) -> ActiveRun:
+        """Take over a run whose owner died (this scheduler has claimed it).
+
+        The rule for each host is :func:`agent.scheduler.takeover.resolve_starting`'s
+        and :meth:`_execute`'s: finished hosts stay; RUNNING ones are followed
+        to their end; STARTING ones (maybe sent) are looked for on their worker
+        and never sent twice; PENDING ones start as in a new run, unless the job
+        has secret arguments (they are not stored, so it cannot be sent again).
+        """
+        job = pb.StartJobReq.FromString(rec.job)
+        if job.secretArgs:
+            for h in rec.hosts:
+                if h.state is HostState.PENDING:
+                    h.state, h.end_time = HostState.NOT_STARTED, self.clock()
+                    h.error = "taken over: secret arguments are not stored, so not sent again"
+                    self.store.save_host(rec.run_id, h)
+        run = ActiveRun(rec, job)
+        self.active[rec.run_id] = run
+        run.task = asyncio.ensure_future(self._execute(run))
+        run.task.add_done_callback(lambda t: self._ended(t, run))
+        log.warning("run %s of %s: owner gone, taken over", rec.run_id, rec.owner)
+        return run
+
+    def abandon(self) -> None:
+        """This scheduler lost its ownership (its session expired): stop, write nothing."""
+        for run in list(self.active.values()):
+            for t in (run.task, *run.running):
+                if t is not None and not t.done():
+                    t.cancel()
+            if not run.finished:
+                log.error(
+                    "run %s: ownership lost (store session expired), let go", run.record.run_id
+                )
+                del self.active[run.record.run_id]
+
+    def _ended(self, task: asyncio.Task[None], run: ActiveRun) -> None:
+        """A run task that died (a store failure, a bug) no longer drives its run.
+
+        It is dropped from this process; with a shared store, the next beat finds the
+        run owned by nobody driving it and takes it over again from its records.
+        """
+        if _log_crash(task) and not run.finished:
+            self.active.pop(run.record.run_id, None)
 
     def cancel(self, run: ActiveRun) -> None:
         """Start nothing more; stop the jobs that are running."""
@@ -231,7 +277,14 @@ class RunManager:
         running = run.running
         cancel_wait: asyncio.Future[object] = asyncio.ensure_future(run.cancelled.wait())
         try:
+            for h in rec.hosts:  # only in a run taken over (see adopt)
+                if h.state is HostState.STARTING:
+                    await self._resolve(run, h)
+                if h.state is HostState.RUNNING:
+                    running.add(asyncio.ensure_future(self._watch_host(run, h)))
             for h in rec.hosts:
+                if h.state is not HostState.PENDING:
+                    continue
                 if not await self._slot(run, running, cancel_wait):
                     break
                 running.add(asyncio.ensure_future(self._host(run, h)))
@@ -275,6 +328,7 @@ class RunManager:
         rec.state = state
         rec.end_time = self.clock()
         self.store.save_run(rec)
+        self.store.release_run(rec.run_id)
         run.publish(RunEnded(dataclasses.replace(rec, hosts=[_copy(h) for h in rec.hosts])))
         asyncio.get_running_loop().call_later(FINISHED_KEPT_S, self.active.pop, rec.run_id, None)
         log.info("run %s %s", rec.run_id, state.name.lower())
@@ -289,12 +343,49 @@ class RunManager:
             started = await self._start(run, h)
         if started is None:
             return
-        client, job_id = started
+        client, _ = started
         if run.cancelled.is_set():
             await self._stop(run, h)  # cancelled while the start was on its way
+        await self._follow(run, h, client)
+
+    async def _resolve(self, run: ActiveRun, h: HostRecord) -> None:
+        """A host left STARTING by a dead owner: RUNNING if its job is found, else UNKNOWN."""
+        try:
+            client = self.client_for(self._worker_of(h))
+            job_id, why = await resolve_starting(client, run.job, h.start_time, self.call_timeout)
+        except AgentClientError as e:
+            job_id, why = "", f"start maybe sent, cannot ask the worker ({e}): not sent again"
+        if job_id:
+            self._set(run, h, HostState.RUNNING, job_id=job_id)
+        elif why == NOT_RECEIVED and run.job.secretArgs:
+            error = "taken over: the start never arrived; secret arguments are not stored"
+            self._set(run, h, HostState.NOT_STARTED, error=error)
+        elif why == NOT_RECEIVED:
+            self._set(run, h, HostState.PENDING, start_time=None)
+        else:
+            self._set(run, h, HostState.UNKNOWN, error=why)
+
+    async def _watch_host(self, run: ActiveRun, h: HostRecord) -> None:
+        """Follow a job a previous owner started, to its end."""
+        await self._follow(run, h, self.client_for(self._worker_of(h)))
+
+    def _worker_of(self, h: HostRecord) -> Worker:
+        """The worker of a started host, registered or not: its job is at that address.
+
+        Just after its scheduler died, a worker may be between two
+        registrations; asking it is still right (if it is gone, the call says so).
+        """
+        try:
+            return self.registry.get(h.worker_id)
+        except UnknownWorker:
+            return Worker(h.worker_id, h.identity, h.address, 0.0, 0.0)
+
+    async def _follow(self, run: ActiveRun, h: HostRecord, client: AsyncAgentClient) -> None:
+        """Relay a started job's output and record its end."""
+        job_id = h.job_id
         try:
             await self._relay_output(run, h, client)
-            st = await self._end(client, job_id)
+            st = await _job_end(client, job_id)
         except AgentClientError as e:
             self._set(run, h, HostState.UNREACHABLE, error=f"lost after start: {e}")
             return
@@ -312,7 +403,16 @@ class RunManager:
             self._set(run, h, HostState.UNREACHABLE, error="no longer registered")
             return None
         client = self.client_for(w)
-        self._set(run, h, HostState.STARTING)  # recorded before it is sent
+        # Recorded before it is sent, with when: a takeover looks for it from then.
+        try:
+            self._set(run, h, HostState.STARTING, start_time=self.clock())
+        except StoreError as e:
+            # Not recorded, so not sent: a takeover must be able to trust the record.
+            h.state, h.error, h.end_time = HostState.NOT_STARTED, f"not sent: {e}", self.clock()
+            with contextlib.suppress(StoreError):
+                self.store.save_host(run.record.run_id, h)
+            run.publish(HostChange(_copy(h)))
+            return None
         try:
             job_id = await client.start_pb(run.job, timeout=self.call_timeout)
         except AgentClientError as e:
@@ -322,23 +422,6 @@ class RunManager:
         # Recorded once the worker answered: the job id to ask about later.
         self._set(run, h, HostState.RUNNING, job_id=job_id, start_time=self.clock())
         return client, job_id
-
-    @staticmethod
-    async def _end(client: AsyncAgentClient, job_id: str) -> JobStatus:
-        """The job's status once it is done (WaitJob, or QueryJob polls on an original worker)."""
-        try:
-            st = await client.wait(job_id, timeout=WAIT_SLICE_S)
-            while not st.done:
-                st = await client.wait(job_id, timeout=WAIT_SLICE_S)
-            return st
-        except AgentClientError as e:
-            if e.code != grpc.StatusCode.UNIMPLEMENTED:
-                raise
-        st = await client.query(job_id)
-        while not st.done:
-            await asyncio.sleep(POLL_S)
-            st = await client.query(job_id)
-        return st
 
     async def _relay_output(self, run: ActiveRun, h: HostRecord, client: AsyncAgentClient) -> None:
         """Publish the job's output line by line, each labelled with its host.
@@ -351,35 +434,59 @@ class RunManager:
                 pending += chunk
                 *lines, pending = pending.split(b"\n")
                 for line in lines:
-                    self._line(run, h, line)
+                    _line(run, h, line)
                 while len(pending) > MAX_LINE:
-                    self._line(run, h, pending[:MAX_LINE])
+                    _line(run, h, pending[:MAX_LINE])
                     pending = pending[MAX_LINE:]
         except AgentClientError as e:
             if e.code != grpc.StatusCode.UNIMPLEMENTED:
                 raise
         if pending:
-            self._line(run, h, pending)
-
-    @staticmethod
-    def _line(run: ActiveRun, h: HostRecord, line: bytes) -> None:
-        run.publish(OutputLine(h.worker_id, h.address, line))
+            _line(run, h, pending)
 
     async def close(self) -> None:
-        """Stop executing (the scheduler stops): the runs going on become INTERRUPTED."""
+        """Stop executing (the scheduler stops): the runs going on become INTERRUPTED.
+
+        With a shared store they are released instead: another scheduler takes them over.
+        """
         for run in list(self.active.values()):
             tasks = [t for t in (run.task, *run.running) if t is not None and not t.done()]
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            if not run.finished:
+            if not run.finished and self.store.shared:
+                self.store.release_run(run.record.run_id)
+            elif not run.finished:
                 interrupt(self.store, run.record, self.clock())
 
 
-def _log_crash(task: asyncio.Task[None]) -> None:
+def _line(run: ActiveRun, h: HostRecord, line: bytes) -> None:
+    run.publish(OutputLine(h.worker_id, h.address, line))
+
+
+async def _job_end(client: AsyncAgentClient, job_id: str) -> JobStatus:
+    """The job's status once it is done (WaitJob, or QueryJob polls on an original worker)."""
+    try:
+        st = await client.wait(job_id, timeout=WAIT_SLICE_S)
+        while not st.done:
+            st = await client.wait(job_id, timeout=WAIT_SLICE_S)
+        return st
+    except AgentClientError as e:
+        if e.code != grpc.StatusCode.UNIMPLEMENTED:
+            raise
+    st = await client.query(job_id)
+    while not st.done:
+        await asyncio.sleep(POLL_S)
+        st = await client.query(job_id)
+    return st
+
+
+def _log_crash(task: asyncio.Task[None]) -> bool:
     """A run task that died of a bug or a store failure says so (else it would be silent)."""
     if not task.cancelled() and task.exception() is not None:
         log.error("a run stopped executing", exc_info=task.exception())
+        return True
+    return False
 
 
 def interrupt(store: Store, rec: RunRecord, now: float) -> None:

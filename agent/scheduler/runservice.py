@@ -26,7 +26,7 @@ from agent.scheduler.targets import (
     max_concurrency,
     select,
 )
-from agent.vocabulary import HostState
+from agent.vocabulary import HostState, RunState
 
 __all__ = ["RunService", "run_info"]
 
@@ -182,6 +182,10 @@ class RunService:
         """Cancel a run going on in this process (FAILED_PRECONDITION if it is over)."""
         rec = self._record(req.runID)
         active = self.manager.active.get(req.runID)
+        if active is None and rec.state is RunState.RUNNING:
+            raise FailedPrecondition(
+                f"run {req.runID} is driven by another scheduler sharing the store: cancel it there"
+            )
         if active is None or active.finished:
             raise FailedPrecondition(f"run {req.runID} is over ({rec.state.name.lower()})")
         self.manager.cancel(active)

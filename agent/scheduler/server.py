@@ -27,10 +27,10 @@ from agent._proto import jobscheduler_pb2_grpc as pb_grpc
 from agent.channel import server_keepalive_options
 from agent.credentials import reloading_server_credentials
 from agent.scheduler.config import SchedulerConfig
-from agent.scheduler.registry import Registry, WorkerRegistry
+from agent.scheduler.registry import Registry, Worker, WorkerRegistry
 from agent.scheduler.runs import interrupt_unfinished
 from agent.scheduler.service import SchedulerService
-from agent.scheduler.store import SQLiteStore, Store
+from agent.scheduler.store import SQLiteStore, Store, StoreError
 from agent.tls import CertificateReloader
 
 __all__ = ["SCHEDULER_SERVICE", "serve"]
@@ -42,7 +42,7 @@ SCHEDULER_SERVICE = "jobscheduler.Scheduler"
 
 async def serve(cfg: SchedulerConfig, *, ready: Callable[[int], None] | None = None) -> None:
     """Run the scheduler until SIGTERM/SIGINT (StoreError if its store cannot be opened)."""
-    store = SQLiteStore(cfg.store.sqlite_file)
+    store = open_store(cfg)
     try:
         await _serve(cfg, store, ready)
     finally:
@@ -54,7 +54,8 @@ async def _serve(cfg: SchedulerConfig, store: Store, ready: Callable[[int], None
     assert s.crt_file and s.key_file and s.ca_file
     # Starts from the workers the store remembers: they stay while they renew.
     registry = Registry(cfg.registry.expire_seconds, store=store)
-    n = interrupt_unfinished(store, time.time())
+    n = 0 if store.shared else interrupt_unfinished(store, time.time())
+    store.keep_alive()  # opens the session that owns this scheduler's runs
     if n:
         log.warning("%d run(s) of the previous scheduler process marked interrupted", n)
     service = SchedulerService(cfg, registry, store)
@@ -95,7 +96,12 @@ async def _serve(cfg: SchedulerConfig, store: Store, ready: Callable[[int], None
     while not stop.is_set():
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=period)
-        for w in registry.expire():
+        try:
+            gone = _shared_tick(store, registry, service) if store.shared else registry.expire()
+        except StoreError as e:
+            log.error("store: %s", e)
+            continue
+        for w in gone:
             log.warning(
                 "worker %s (%s, %s) stopped renewing: forgotten", w.worker_id, w.identity, w.address
             )
@@ -105,6 +111,41 @@ async def _serve(cfg: SchedulerConfig, store: Store, ready: Callable[[int], None
         await legacy_server.stop(grace=1.0)
     await server.stop(grace=1.0)
     await service.close()
+
+
+def open_store(cfg: SchedulerConfig) -> Store:
+    """The store ``[store]`` names (StoreError if it cannot be opened)."""
+    st = cfg.store
+    if st.backend == "sqlite":
+        return SQLiteStore(st.sqlite_file)
+    from agent.scheduler.etcdstore import EtcdStore
+
+    assert st.etcd_ca_file and st.etcd_crt_file and st.etcd_key_file
+    return EtcdStore(
+        st.etcd_endpoints,
+        ca_file=st.etcd_ca_file,
+        crt_file=st.etcd_crt_file,
+        key_file=st.etcd_key_file,
+        prefix=st.etcd_prefix,
+        server_name=st.etcd_server_name,
+        worker_ttl=cfg.registry.expire_seconds,
+        session_ttl=st.session_seconds,
+    )
+
+
+def _shared_tick(store: Store, registry: Registry, service: SchedulerService) -> list[Worker]:
+    """One beat of a scheduler sharing its store: session, workers, orphaned runs."""
+    if not store.keep_alive():
+        service.runs.abandon()
+    gone = registry.sync([w for w, _ in store.workers()])
+    for rec in store.orphaned_runs():
+        if rec.run_id in service.runs.active:
+            continue  # driven here
+        if store.claim_run(rec.run_id):
+            fresh = store.run(rec.run_id)  # as the dead owner left it
+            if fresh is not None:
+                service.runs.adopt(fresh)
+    return gone
 
 
 async def _serve_legacy(

@@ -46,7 +46,7 @@ from agent.scheduler.config import SchedulerConfig
 from agent.scheduler.registry import LEGACY_IDENTITY, UnknownWorker, Worker, WorkerRegistry
 from agent.scheduler.runs import RunManager
 from agent.scheduler.runservice import RunService
-from agent.scheduler.store import Store
+from agent.scheduler.store import Store, StoreError
 from agent.vocabulary import MAX_LABELS, label_problem
 
 __all__ = ["SchedulerService"]
@@ -130,6 +130,10 @@ class SchedulerService:
             return await body()
         except Refusal as e:
             await abort(context, e)
+        except StoreError as e:
+            # etcd without a quorum (or a broken SQLite file): try again later.
+            log.error("store: %s", e)
+            await abort(context, Unavailable(f"the scheduler's store is unavailable: {e}"))
 
     def _worker(self, worker_id: str) -> Worker:
         try:
@@ -288,6 +292,8 @@ class SchedulerService:
                 yield e
         except Refusal as e:
             await abort(context, e)
+        except StoreError as e:
+            await abort(context, Unavailable(f"the scheduler's store is unavailable: {e}"))
 
     async def CancelRun(self, request: pb.RunReq, context: Any) -> pb.RunInfo:
         """Stop a run's running jobs and start nothing more (users only)."""

@@ -90,7 +90,29 @@ class RunRecord:
 
 
 class Store(WorkerStore, Protocol):
-    """Workers (see WorkerStore) and runs, kept across restarts."""
+    """Workers (see WorkerStore) and runs, kept across restarts.
+
+    ``shared``: other schedulers use the same store (etcd): workers come and go
+    through it (leases), and runs are owned through :meth:`claim_run`.
+    """
+
+    shared: bool
+
+    def keep_alive(self) -> bool:
+        """Renew this scheduler's ownership of its runs; False if it was lost."""
+        ...
+
+    def claim_run(self, run_id: str) -> bool:
+        """Become the owner of a run nobody owns; False if another scheduler does."""
+        ...
+
+    def release_run(self, run_id: str) -> None:
+        """Give up owning a run (it ended, or this scheduler stops)."""
+        ...
+
+    def orphaned_runs(self) -> list[RunRecord]:
+        """Unfinished runs that no live scheduler owns (to take over)."""
+        ...
 
     def save_run(self, run: RunRecord) -> None:
         """Insert or replace a run's own fields and every one of its hosts."""
@@ -124,6 +146,8 @@ class SQLiteStore:
     survives a crash of the scheduler process at any point; a power loss may
     lose the last commits (see docs/fleet.md).
     """
+
+    shared = False  # one scheduler: it owns every run, none is ever orphaned
 
     def __init__(self, path: Path) -> None:
         """Open (creating it and its folder, private to this user) the store at ``path``."""
@@ -258,6 +282,21 @@ class SQLiteStore:
             "SELECT run_id FROM runs WHERE state = ? ORDER BY created_at", (RunState.RUNNING.value,)
         ).fetchall()
         return [r for (i,) in ids if (r := self.run(i)) is not None]
+
+    def keep_alive(self) -> bool:
+        """Nothing to renew: this process owns the file."""
+        return True
+
+    def claim_run(self, run_id: str) -> bool:
+        """Always this scheduler's."""
+        return True
+
+    def release_run(self, run_id: str) -> None:
+        """Nothing to release."""
+
+    def orphaned_runs(self) -> list[RunRecord]:
+        """None: an unfinished run of a previous process is INTERRUPTED at start-up."""
+        return []
 
     def close(self) -> None:
         """Close the database."""

@@ -1,0 +1,71 @@
+"""Taking over a run whose owner died: what to do with a host left STARTING.
+
+A host is recorded STARTING before StartJob is sent and RUNNING (with the job
+id) after the worker answered. A host found STARTING was maybe sent: the
+worker may be running the job, or never have received it. The new owner never
+sends it again blindly. It first waits until that StartJob's deadline (the
+start's time plus ``[agents] call_timeout_seconds``, the same in every
+scheduler's config) is past by ``SETTLE_S``: after that the call can no longer
+start a job (the agent cancels a call at its deadline, and a start it had
+already accepted is listed by then). Then it asks the worker (ListJobs, this
+scheduler's own jobs) for jobs of the same path and arguments started since
+the start was recorded (``start_time`` of a STARTING host is when it was about
+to be sent). A start the agent cancelled because the dead owner's connection
+dropped mid-call counts as found: it is recorded "start failed: the start was
+cancelled", yet its process may have run for a moment before the agent killed
+it (seen in the tests), so it is reported as the agent recorded it (FAILED) and
+never sent again.
+
+- exactly one: that is the job; the host becomes RUNNING with its id and is
+  followed to its end (never forgotten);
+- none: the start never reached the worker (the agent records a job before
+  it spawns it); the host is PENDING again and starts like any other (once,
+  not zero times);
+- more than one, or the worker cannot be asked: the host becomes UNKNOWN,
+  with the reason, and is not started again (never twice).
+
+Both schedulers must present the same client identity to the agents (the
+``[agents]`` certificate), so that the jobs one started are the other's to
+list, follow and stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from agent._proto import jobscheduler_pb2 as pb
+from agent.client import AsyncAgentClient
+
+__all__ = ["MATCH_SLACK_S", "NOT_RECEIVED", "SETTLE_S", "resolve_starting"]
+
+NOT_RECEIVED = "not received"  # resolve_starting's answer when no job matches
+
+# Clocks of scheduler and worker differ a little: a job started this long
+# before the start was recorded still matches.
+MATCH_SLACK_S = 2.0
+# After a StartJob's deadline, this long for a start the agent accepted to be listed.
+SETTLE_S = 2.0
+
+
+async def resolve_starting(
+    client: AsyncAgentClient, job: pb.StartJobReq, sent_at: float | None, timeout: float
+) -> tuple[str, str]:
+    """(job id, "") when the worker has exactly one matching job; ("", NOT_RECEIVED) when
+    it has none; ("", why) when several match.
+
+    Raises AgentClientError when the worker cannot be asked.
+    """
+    sent = sent_at or 0.0
+    await asyncio.sleep(max(0.0, sent + timeout + SETTLE_S - time.time()))
+    since = sent - MATCH_SLACK_S
+    matches = []
+    async for st in client.list_all(timeout=timeout):
+        started = st.start_time.timestamp() if st.start_time else 0.0
+        if st.path == job.path and list(st.args) == list(job.args) and started >= since:
+            matches.append(st.job_id)
+    if len(matches) == 1:
+        return matches[0], ""
+    if not matches:
+        return "", NOT_RECEIVED
+    return "", f"start maybe sent, {len(matches)} jobs match ({', '.join(matches)}): not sent again"
