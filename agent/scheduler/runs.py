@@ -384,7 +384,7 @@ class RunManager:
         """Relay a started job's output and record its end."""
         job_id = h.job_id
         try:
-            await self._relay_output(run, h, client)
+            await _relay_output(run, h, client)
             st = await _job_end(client, job_id)
         except AgentClientError as e:
             self._set(run, h, HostState.UNREACHABLE, error=f"lost after start: {e}")
@@ -423,27 +423,6 @@ class RunManager:
         self._set(run, h, HostState.RUNNING, job_id=job_id, start_time=self.clock())
         return client, job_id
 
-    async def _relay_output(self, run: ActiveRun, h: HostRecord, client: AsyncAgentClient) -> None:
-        """Publish the job's output line by line, each labelled with its host.
-
-        An original worker has no output stream (UNIMPLEMENTED): no lines then.
-        """
-        pending = b""
-        try:
-            async for chunk in client.stream(h.job_id, follow=True):
-                pending += chunk
-                *lines, pending = pending.split(b"\n")
-                for line in lines:
-                    _line(run, h, line)
-                while len(pending) > MAX_LINE:
-                    _line(run, h, pending[:MAX_LINE])
-                    pending = pending[MAX_LINE:]
-        except AgentClientError as e:
-            if e.code != grpc.StatusCode.UNIMPLEMENTED:
-                raise
-        if pending:
-            _line(run, h, pending)
-
     async def close(self) -> None:
         """Stop executing (the scheduler stops): the runs going on become INTERRUPTED.
 
@@ -462,6 +441,28 @@ class RunManager:
 
 def _line(run: ActiveRun, h: HostRecord, line: bytes) -> None:
     run.publish(OutputLine(h.worker_id, h.address, line))
+
+
+async def _relay_output(run: ActiveRun, h: HostRecord, client: AsyncAgentClient) -> None:
+    """Publish the job's output line by line, each labelled with its host.
+
+    An original worker has no output stream (UNIMPLEMENTED): no lines then.
+    """
+    pending = b""
+    try:
+        async for chunk in client.stream(h.job_id, follow=True):
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                _line(run, h, line)
+            while len(pending) > MAX_LINE:
+                _line(run, h, pending[:MAX_LINE])
+                pending = pending[MAX_LINE:]
+    except AgentClientError as e:
+        if e.code != grpc.StatusCode.UNIMPLEMENTED:
+            raise
+    if pending:
+        _line(run, h, pending)
 
 
 async def _job_end(client: AsyncAgentClient, job_id: str) -> JobStatus:
