@@ -89,6 +89,22 @@ PROBE_ENTRY = """  - name: keeper-probe
 """ + ("    user: root\n    allow_root: true\n" if IS_ROOT else "")
 
 
+def _python_cannot_run_as(uid: int) -> str:
+    """Why this interpreter cannot run the keeper as ``uid`` ("" if it can): a Python
+    built with a shared libpython under /root (pyenv's 3.10 here) cannot be loaded by
+    another user."""
+    r = subprocess.run(
+        ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--",
+         sys.executable, "-I", "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
+         "import agent.daemon.keeper", PACKAGE_ROOT],
+        capture_output=True, text=True, cwd="/",
+    )  # fmt: skip
+    if r.returncode == 0:
+        return ""
+    first = (r.stderr.strip().splitlines() or [f"exit status {r.returncode}"])[-1]
+    return f"the test venv's Python cannot run as uid {uid}: {first}"
+
+
 class Conn:
     """One connection to the keeper, as an agent: every message it got is in ``seen``."""
 
@@ -290,6 +306,9 @@ class Keeper:
             # The standard unit's keeper: a user of its own holding CAP_SETUID and
             # CAP_SETGID as ambient capabilities (and nothing else in its bounding set);
             # the test, root, attaches as its agent.
+            why = _python_cannot_run_as(run_as)
+            if why:
+                pytest.skip(why)
             (tmp_path / "state").mkdir(exist_ok=True)
             for d in (self.dir, self.out, tmp_path / "state", scratch):
                 os.chown(d, run_as, run_as)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -539,7 +540,15 @@ def test_thousand_short_jobs_and_two_hundred_concurrent(
             # any short sleep (2 s, then 10 s, ended some before the last had started).
             jobs = await asyncio.gather(*(c.start("sleep", "3600") for _ in range(200)))
             running = (await c.list(states=["RUNNING"], page_size=1000))[0]
-            assert len(running) == 200
+            if len(running) != 200:
+                ids = {r.job_id for r in running}
+                others = [await c.query(j) for j in jobs if j not in ids]
+                said = [f"{st.state}: {st.error_text}" for st in others]
+                # The machine refusing a process (a container's pids or memory limit) is
+                # not the agent's fault, and says so in the job's end; anything else is.
+                if all(re.search(r"\((EAGAIN|ENOMEM)\)", t) for t in said):
+                    pytest.skip(f"the machine refused {len(said)} of 200 processes: {said[:3]}")
+                raise AssertionError(f"{len(said)} of 200 not running: {said[:5]}")
             await asyncio.gather(*(c.stop(j) for j in jobs))
             finals = await asyncio.gather(*(c.wait(j, timeout=60) for j in jobs))
             return list(short), [f.state for f in finals]
