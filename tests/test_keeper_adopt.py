@@ -248,6 +248,9 @@ def test_an_adopted_jobs_dynamic_uid_stays_held_until_it_ends(
         job, pid = _started(c, ["sh", "-c", WAITS])
         uid = _uid(pid)
         assert 60710 <= uid <= 60711
+        # Its .keeper file (with its uid) is written once it runs: killed after that.
+        c.output(job, 7)
+        wait_for(lambda: (k.out / f"{job}{JOB_FILE}").is_file())
         _kill9(k, c)
         k.launch()
         c2, hello = k.attach()
@@ -264,6 +267,8 @@ def test_an_adopted_jobs_dynamic_uid_stays_held_until_it_ends(
         a, apid = _started(c2, ["sleep", "30"])
         b, bpid = _started(c2, ["sleep", "30"])
         assert {_uid(apid), _uid(bpid)} == {60710, 60711}
+        for j in (a, b):
+            wait_for(lambda j=j: (k.out / f"{j}{JOB_FILE}").is_file())
         # A job with no .keeper file, the keeper killed: its uid is unknown, it is killed.
         (k.out / f"{a}{JOB_FILE}").unlink()
         _kill9(k, c2)
