@@ -462,6 +462,15 @@ class FakeClock:
         return self.t
 
 
+def cgroup2_mount() -> Path | None:
+    """This machine's cgroup2 mount, as the agent chooses it (None: none, or unreadable)."""
+    try:
+        text = Path("/proc/self/mountinfo").read_text()
+    except OSError:
+        return None
+    return cgroups.choose_cgroup2_mount(cgroups.parse_cgroup2_mounts(text))
+
+
 def wait_for(pred: Any, timeout: float = 10.0, interval: float = 0.02) -> Any:
     """Poll ``pred`` until truthy; return its value or fail."""
     deadline = time.monotonic() + timeout

@@ -17,26 +17,25 @@ from pathlib import Path
 import pytest
 
 from agent.client.errors import FailedPrecondition
-from agent.daemon import cgroups
 from agent.daemon import lifecycle as lc
 from agent.daemon.jobsettings import instance_id
 from agent.daemon.supervisor import NO_CGROUP_NOTE
 from agent.vocabulary import JobState
 
-from helpers import AgentFactory, AgentProcess, make_safe_dir, policy_for, wait_for, write_script
+from helpers import (
+    AgentFactory,
+    AgentProcess,
+    cgroup2_mount,
+    make_safe_dir,
+    policy_for,
+    wait_for,
+    write_script,
+)
 
 IS_ROOT = os.geteuid() == 0
 
 
-def _mount() -> Path | None:
-    try:
-        text = Path("/proc/self/mountinfo").read_text()
-    except OSError:
-        return None
-    return cgroups.choose_cgroup2_mount(cgroups.parse_cgroup2_mounts(text))
-
-
-MOUNT = _mount()
+MOUNT = cgroup2_mount()
 pytestmark = pytest.mark.skipif(
     not IS_ROOT or MOUNT is None, reason="needs root and a cgroup2 mount (job cgroups)"
 )

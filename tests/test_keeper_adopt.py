@@ -27,18 +27,9 @@ from test_keeper_protocol import POLICY, Conn, Keeper
 from agent.daemon import cgroups
 from agent.daemon.keeper import ADOPTED_TEXT, JOB_FILE, NO_FILE_NOTE, NO_PIPE_NOTE
 
-from helpers import IS_ROOT, wait_for
+from helpers import IS_ROOT, cgroup2_mount, wait_for
 
-
-def _mount() -> Path | None:
-    try:
-        text = Path("/proc/self/mountinfo").read_text()
-    except OSError:
-        return None
-    return cgroups.choose_cgroup2_mount(cgroups.parse_cgroup2_mounts(text))
-
-
-MOUNT = _mount()
+MOUNT = cgroup2_mount()
 pytestmark = pytest.mark.skipif(
     not IS_ROOT or MOUNT is None, reason="needs root and a cgroup2 mount (job cgroups)"
 )
