@@ -1221,11 +1221,7 @@ class Keeper(Spawner):
                 if leaf.job_id not in self.jobs:
                     # Nothing may run that nobody supervises: killed (the agent records
                     # it LOST at its next start).
-                    if rfd >= 0:
-                        with contextlib.suppress(OSError):
-                            os.close(rfd)
-                    with contextlib.suppress(cgroups.CgroupError):
-                        leaf.kill()
+                    _kill_unadopted(leaf, rfd)
         for job_id, fd in stored.items():  # a job that is gone: its pipe goes too
             os.close(fd)
             self.notify_fds(f"FDSTOREREMOVE=1\nFDNAME={job_id}", [])
@@ -1248,10 +1244,8 @@ class Keeper(Spawner):
         job_id = leaf.job_id
         if job_id in self.ended:
             log(f"job {job_id}: ended under the previous keeper, yet its cgroup is left: killed")
-            if rfd >= 0:
-                os.close(rfd)
+            _kill_unadopted(leaf, rfd)
             with contextlib.suppress(cgroups.CgroupError):
-                leaf.kill()
                 leaf.remove()
             return
         meta = self.read_job_file(job_id)
@@ -1262,10 +1256,7 @@ class Keeper(Spawner):
             if not isinstance(uid, int) or isinstance(uid, bool) or uid not in self.pool:
                 log(f"job {job_id}: its dynamic uid is unknown ({JOB_FILE} file missing or "
                     "not one); killed, as no other job may be given it unknowingly")  # fmt: skip
-                if rfd >= 0:
-                    os.close(rfd)
-                with contextlib.suppress(cgroups.CgroupError):
-                    leaf.kill()
+                _kill_unadopted(leaf, rfd)
                 return
             self.pool.held.add(uid)
             self.dynamic[job_id] = uid
@@ -1626,6 +1617,16 @@ def main(argv: list[str]) -> int:
     )
     keeper.adopt_leftovers(stored)
     return run(keeper)
+
+
+def _kill_unadopted(leaf: cgroups.JobCgroup, rfd: int) -> None:
+    """A dead keeper's job this keeper does not take over: its pipe closed, its cgroup
+    killed."""
+    if rfd >= 0:
+        with contextlib.suppress(OSError):
+            os.close(rfd)
+    with contextlib.suppress(cgroups.CgroupError):
+        leaf.kill()
 
 
 def keeper_filter(lo: int, hi: int) -> str:
