@@ -6,7 +6,7 @@ stack trace, never a secret value) and the name of the rule that refused
 (for the audit log). The gRPC layers map the kind to a status code in one
 table (:data:`agent.rpc.STATUS`), so the daemon and the scheduler answer the
 same refusal with the same status. The daemon calls a refusal an
-``AgentError`` (:mod:`agent.daemon.errors`); the access rules' refusal,
+``AgentError`` (:mod:`agent.keeper.errors`); the access rules' refusal,
 :class:`~agent.access.AccessDenied`, is a :class:`PermissionDenied`.
 """
 

@@ -4,7 +4,7 @@ The bottom of the package: standard library only, no I/O. The daemon, the
 client library and the reference scheduler all take their names from here,
 so a state, a limit or a default is written down exactly once. The table of
 allowed state *transitions* belongs to the lifecycle
-(:mod:`agent.daemon.lifecycle`); this module only names things.
+(:mod:`agent.keeper.lifecycle`); this module only names things.
 """
 
 from __future__ import annotations

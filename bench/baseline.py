@@ -72,7 +72,7 @@ def probe(interp: Interpreter, home: str = "/") -> dict[str, Any]:
     code = (
         "import importlib.util, os, sys, agent; "
         "print(os.path.dirname(agent.__file__)); print(agent.__version__); "
-        "print(bool(importlib.util.find_spec('agent.daemon.keeper'))); "
+        "print(bool(importlib.util.find_spec('agent.keeper.keeper'))); "
         "print(sys.version.split()[0])"
     )
     try:
@@ -121,7 +121,7 @@ def _cmdline(pid: int) -> str:
 
 def _role(cmd: str) -> str:
     for key in ("keeper", "spawner"):
-        if f"agent.daemon.{key}" in cmd:
+        if f"agent.keeper.{key}" in cmd:
             return key
     return "other"
 

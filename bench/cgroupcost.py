@@ -2,7 +2,7 @@
 
 ``python -m bench.cgroupcost [--jobs N] [--levels 1,16] [--rounds R]``
 
-Runs ``/bin/true`` through :class:`agent.daemon.spawn.SpawnerOps` twice,
+Runs ``/bin/true`` through :class:`agent.keeper.spawn.SpawnerOps` twice,
 interleaved in rounds: once with a cgroup subtree (each job: leaf created,
 joined by the child before exec, killed and waited for until empty through
 inotify, ``cpu.stat``/``memory.*`` read, leaf removed) and once without.
@@ -23,8 +23,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from agent.daemon import cgroups
-from agent.daemon.spawn import SpawnerOps, SpawnSpec
+from agent.keeper import cgroups
+from agent.keeper.spawn import SpawnerOps, SpawnSpec
 
 from .spawnloop import levels, measure
 

@@ -3,7 +3,7 @@
 ``python -m bench.confinecost [--jobs N] [--levels 1,16] [--rounds R] [--user NAME]
 [--configs bare,landlock,seccomp] [--samples N]``
 
-Runs ``/bin/true`` through :class:`agent.daemon.spawn.SpawnerOps` (what the agent
+Runs ``/bin/true`` through :class:`agent.keeper.spawn.SpawnerOps` (what the agent
 uses, no gRPC) in three configurations, interleaved in rounds in one process (each
 level measured on every configuration back to back, the order rotating by round):
 
@@ -22,7 +22,7 @@ Prints one JSON line per measurement, then the medians and, at each level, the r
 ``landlock`` to ``bare`` throughput (target: at least 0.8 at 16 in flight) and of
 ``seccomp`` to ``landlock`` (target: at least 0.95 at 16 in flight). Then,
 apart from the spawner, what the filter costs by itself (``--samples`` of each):
-compiling it (:func:`agent.daemon.seccomp.prepare`, once per entry in the spawner),
+compiling it (:func:`agent.keeper.seccomp.prepare`, once per entry in the spawner),
 installing it (one ``seccomp(SET_MODE_FILTER)`` in a freshly forked child after
 no_new_privs, what every job's child does), and a system call the filter lets through
 (``getppid``, timed in a child with and without it). Cgroups are not part of this
@@ -46,8 +46,8 @@ import tempfile
 import time
 from typing import Any
 
-from agent.daemon import landlock, policy, seccomp
-from agent.daemon.spawn import SpawnerOps, SpawnSpec
+from agent.keeper import landlock, policy, seccomp
+from agent.keeper.spawn import SpawnerOps, SpawnSpec
 
 from .spawnloop import levels, measure
 

@@ -30,7 +30,7 @@ CATEGORIES: list[tuple[str, re.Pattern[str]]] = [
     ("spawn: subprocess.Popen (fork/vfork + exec)", re.compile(r"\(subprocess\.py")),
     (
         "spawn: the job spawner's channel (spawn.py)",
-        re.compile(r"\(agent/daemon/spawn(proto)?\.py"),
+        re.compile(r"\(agent/keeper/spawn(proto)?\.py"),
     ),
     ("SQLite history (history.py)", re.compile(r"\(agent/daemon/history\.py")),
     ("audit log (audit.py)", re.compile(r"\(agent/daemon/audit\.py")),

@@ -2,7 +2,7 @@
 
 ``python -m bench.spawncost [--jobs N] [--levels 1,16] [--rounds R] [--user NAME]``
 
-Runs ``/bin/true`` through :class:`agent.daemon.spawn.SpawnerOps` (what the
+Runs ``/bin/true`` through :class:`agent.keeper.spawn.SpawnerOps` (what the
 agent uses: "spawner", its C vfork path where built; "spawner-fork", its Python
 fork fallback, ``WORKER_AGENT_SPAWN=fork``) and through a copy of the old
 ``RealProcessOps`` fast path (``subprocess.Popen`` on the event loop thread,
@@ -27,14 +27,14 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from agent.daemon.lifecycle import Exit
-from agent.daemon.spawn import ProcessOps, SpawnerOps, SpawnSpec
+from agent.keeper.lifecycle import Exit
+from agent.keeper.spawn import ProcessOps, SpawnerOps, SpawnSpec
 
 from .spawnloop import levels, measure, spawner_on
 
 
 class PopenOps:
-    """The old in-process path (agent/daemon/spawn.py before the spawner), for comparison."""
+    """The old in-process path (agent/keeper/spawn.py before the spawner), for comparison."""
 
     def __init__(self) -> None:
         self._popen: dict[int, subprocess.Popen[bytes]] = {}

@@ -1,7 +1,7 @@
 """The measuring loop shared by the spawn cost benchmarks (spawncost, cgroupcost, confinecost).
 
 ``level`` workers each start ``jobs // level`` jobs one after another through a
-:class:`~agent.daemon.spawn.ProcessOps` and wait for each to exit; the result is
+:class:`~agent.keeper.spawn.ProcessOps` and wait for each to exit; the result is
 jobs/s, the mean start-to-exit latency and, when asked, the CPU per job of this
 process (the agent's side) and of the spawner process ``spawner_pid``.
 """
@@ -15,8 +15,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from agent.daemon.lifecycle import Exit
-from agent.daemon.spawn import SPAWN_ENV, ProcessOps, SpawnerOps, SpawnSpec
+from agent.keeper.lifecycle import Exit
+from agent.keeper.spawn import SPAWN_ENV, ProcessOps, SpawnerOps, SpawnSpec
 
 TICK = os.sysconf("SC_CLK_TCK")
 WARM_UP = 20
@@ -35,7 +35,7 @@ def cpu_of(pid: int | None, children: bool = False) -> float:
 
 def spawner_on(path: str, **kw: Any) -> SpawnerOps:
     """A SpawnerOps whose spawner uses ``path`` ("vfork": the C path, "fork": the Python
-    fallback; WORKER_AGENT_SPAWN, see agent.daemon.vspawn), for interleaved comparisons."""
+    fallback; WORKER_AGENT_SPAWN, see agent.keeper.vspawn), for interleaved comparisons."""
     old = os.environ.get(SPAWN_ENV)
     os.environ[SPAWN_ENV] = path
     try:

@@ -41,7 +41,7 @@ import grpc
 
 from agent._proto import jobscheduler_pb2 as pb
 from agent._proto import jobscheduler_pb2_grpc as pb_grpc
-from agent.daemon import landlock
+from agent.keeper import landlock
 from bench.interp import Interpreter, env
 from bench.output import note
 

@@ -59,7 +59,7 @@ case "$("$python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')" in
     *) echo "build_deb.sh: $python is not Python 3.11 (Debian 12's python3)" >&2; exit 1 ;;
 esac
 
-# The job spawner's C vfork path (agent/daemon/_vspawn.c) is built into the wheel: a
+# The job spawner's C vfork path (agent/keeper/_vspawn.c) is built into the wheel: a
 # compiler and the interpreter's headers are needed (without them pip would quietly
 # build a package whose spawner forks, three times slower per job).
 include=$("$python" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
@@ -91,8 +91,8 @@ mkdir "$tmp/src"
     --exclude='*.egg-info' --exclude=__pycache__ --exclude=./certs .) | tar -xf - -C "$tmp/src"
 sed -i "s/^__version__ = \".*\"/__version__ = \"$version\"/" "$tmp/src/agent/__init__.py"
 "$python" -m pip wheel -q --no-deps -w "$tmp/wheels" "$tmp/src"
-"$python" -m zipfile -l "$tmp"/wheels/worker_agent-*.whl | grep -q 'agent/daemon/_vspawn\.' || {
-    echo "build_deb.sh: the wheel has no agent/daemon/_vspawn extension (see the compiler output above)" >&2
+"$python" -m zipfile -l "$tmp"/wheels/worker_agent-*.whl | grep -q 'agent/keeper/_vspawn\.' || {
+    echo "build_deb.sh: the wheel has no agent/keeper/_vspawn extension (see the compiler output above)" >&2
     exit 1; }
 
 "$python" -m venv "$stage$venv"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agent.daemon.config import describe
+from agent.keeper.config import describe
 
 
 def table() -> str:

@@ -33,7 +33,7 @@ from typing import Any
 
 from agent.client import AgentClient
 from agent.client.model import JobStatus
-from agent.daemon import policy, policyfile
+from agent.keeper import policy, policyfile
 
 from helpers import AgentProcess, Certs, free_port, make_safe_dir
 
@@ -372,7 +372,7 @@ def user_python(pw: pwd.struct_passwd, spawn: str) -> tuple[str, str] | str:
         return f"{python} is missing (the test venv's Python is not readable by other users)"
     paths = sysconfig.get_paths()
     site = os.pathsep.join(dict.fromkeys([paths["purelib"], paths["platlib"]]))
-    mods = "agent.daemon.spawner, grpc" + (", agent.daemon._vspawn" if spawn == "vfork" else "")
+    mods = "agent.keeper.spawner, grpc" + (", agent.keeper._vspawn" if spawn == "vfork" else "")
     r = subprocess.run(
         [*become(pw), python, "-c", f"import {mods}"],
         capture_output=True,

@@ -26,7 +26,7 @@ import grpc
 from agent._proto import jobscheduler_pb2 as pb
 from agent._proto import jobscheduler_pb2_grpc as pb_grpc
 from agent.client import AgentClient, TLSFiles
-from agent.daemon import cgroups
+from agent.keeper import cgroups
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -44,7 +44,7 @@ def vspawn_expected() -> bool:
     import importlib.util
     import shutil
 
-    if importlib.util.find_spec("agent.daemon._vspawn") is not None:
+    if importlib.util.find_spec("agent.keeper._vspawn") is not None:
         return True
     return any(shutil.which(cc) for cc in ("cc", "gcc", "clang"))
 
@@ -323,7 +323,7 @@ class AgentProcess:
     @property
     def instance(self) -> str:
         """The instance marker of this agent's jobs (``AGENT_INSTANCE``)."""
-        from agent.daemon.jobsettings import instance_id
+        from agent.keeper.jobsettings import instance_id
 
         return instance_id(self._dirs()[0])
 
@@ -380,7 +380,7 @@ class AgentProcess:
 
     def output_files(self) -> set[str]:
         """Names of job output files (not the keeper's <job id>.keeper beside a running
-        job's, see agent.daemon.keeper.JOB_FILE)."""
+        job's, see agent.keeper.keeper.JOB_FILE)."""
         d = self.state / "output"
         return {p.name for p in d.iterdir() if p.suffix != ".keeper"} if d.exists() else set()
 
@@ -491,7 +491,7 @@ def is_spawner(pid: int) -> bool:
             cmdline = f.read()
     except OSError:
         return False
-    return b"agent.daemon.spawner" in cmdline or b"agent.daemon.keeper" in cmdline
+    return b"agent.keeper.spawner" in cmdline or b"agent.keeper.keeper" in cmdline
 
 
 def job_children(agent_pid: int) -> list[int]:
@@ -707,7 +707,7 @@ AgentFactory = Callable[..., AgentProcess]
 def spawn_spec(argv: list[str], **kw: Any) -> Any:
     """A SpawnSpec of ``argv`` for the spawner tests: no user switch, umask 077, no limits,
     output to nowhere (``stdout_fd=-1``) unless ``kw`` says otherwise."""
-    from agent.daemon.spawn import SpawnSpec
+    from agent.keeper.spawn import SpawnSpec
 
     base: dict[str, Any] = {
         "executable": argv[0],

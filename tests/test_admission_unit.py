@@ -1,4 +1,4 @@
-"""Admission (agent.daemon.admission) on plain data: capacity, limits, timeout, the order.
+"""Admission (agent.keeper.admission) on plain data: capacity, limits, timeout, the order.
 
 No process and no server: the policy is a real parsed one (its file checks run on
 /bin/true), the kernel's limits are either read from this process or given by hand.
@@ -18,8 +18,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.daemon import admission, policyfile
-from agent.daemon.admission import (
+from agent.keeper import admission, policyfile
+from agent.keeper.admission import (
     CPU_HARD_EXTRA,
     MAX_STORED_INT,
     MAX_TIMEOUT_SECONDS,
@@ -27,7 +27,7 @@ from agent.daemon.admission import (
     Rules,
     StartRequest,
 )
-from agent.daemon.errors import (
+from agent.keeper.errors import (
     AgentError,
     InvalidArgument,
     PermissionDenied,

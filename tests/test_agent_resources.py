@@ -17,9 +17,9 @@ import grpc
 import pytest
 
 from agent._proto import jobscheduler_pb2 as pb
-from agent.daemon import errors, policy, policyfile
-from agent.daemon.errors import ResourceExhausted, Unavailable, agent_condition
-from agent.daemon.filetrust import RealFileSystem
+from agent.keeper import errors, policy, policyfile
+from agent.keeper.errors import ResourceExhausted, Unavailable, agent_condition
+from agent.keeper.filetrust import RealFileSystem
 
 from helpers import AgentFactory, AgentProcess, wait_for
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.daemon import landlock
+from agent.keeper import landlock
 
 import boxworld
 from boxworld import GROUPS, Deployment

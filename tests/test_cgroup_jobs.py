@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from agent.client.errors import FailedPrecondition
-from agent.daemon import lifecycle as lc
-from agent.daemon.jobsettings import instance_id
 from agent.daemon.supervisor import NO_CGROUP_NOTE
+from agent.keeper import lifecycle as lc
+from agent.keeper.jobsettings import instance_id
 from agent.vocabulary import JobState
 
 from helpers import (

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.daemon import cgroups
-from agent.daemon.cgroups import (
+from agent.keeper import cgroups
+from agent.keeper.cgroups import (
     CgroupError,
     EventWatcher,
     JobCgroup,
@@ -95,7 +95,7 @@ def _env() -> dict[str, str]:
 def _spawn(job: JobCgroup, body: str) -> subprocess.Popen[str]:
     """Start a Python child that joins ``job`` first, then runs ``body``."""
     fd = job.procs_fd()
-    script = f"from agent.daemon.cgroups import join\njoin({fd})\n" + textwrap.dedent(body)
+    script = f"from agent.keeper.cgroups import join\njoin({fd})\n" + textwrap.dedent(body)
     try:
         return subprocess.Popen(
             [sys.executable, "-c", script],
@@ -327,9 +327,9 @@ def test_setup_auto_returns_none_and_logs_once(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Auto mode turns a failure into None and one warning naming the reason."""
-    with caplog.at_level(logging.WARNING, logger="agent.daemon.cgroups"):
+    with caplog.at_level(logging.WARNING, logger="agent.keeper.cgroups"):
         assert cgroups.setup("auto", tmp_path, under_systemd=False) is None
-    records = [r for r in caplog.records if r.name == "agent.daemon.cgroups"]
+    records = [r for r in caplog.records if r.name == "agent.keeper.cgroups"]
     assert len(records) == 1
     assert "not inside a cgroup2 mount" in records[0].getMessage()
 
@@ -362,7 +362,7 @@ def test_setup_no_path_not_systemd_auto_is_none() -> None:
 
 _DELEGATED_CHILD = """
     import sys, time
-    from agent.daemon import cgroups
+    from agent.keeper import cgroups
     try:
         subtree = cgroups.setup("required", None, under_systemd=True)
     except cgroups.CgroupError as exc:

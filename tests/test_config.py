@@ -10,7 +10,7 @@ import pytest
 
 from agent.configfile import ConfigError
 from agent.daemon.cli import main as agent_main
-from agent.daemon.config import load, parse
+from agent.keeper.config import load, parse
 
 from helpers import ROOT, Certs, default_config, to_toml
 

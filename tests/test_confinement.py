@@ -22,8 +22,9 @@ import pytest
 
 from agent.client import AgentClient
 from agent.client.model import JobStatus
-from agent.daemon import capabilities, config, landlock, policy, startup
-from agent.daemon.config import Config
+from agent.daemon import startup
+from agent.keeper import capabilities, config, landlock, policy
+from agent.keeper.config import Config
 
 from helpers import AgentFactory, AgentProcess, Certs, default_config, make_safe_dir, write_script
 

@@ -122,8 +122,8 @@ def test_daemonize_refuses_when_grpc_already_imported(
     make_agent: AgentFactory, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The guard: no gRPC before the fork (this test process has imported grpc)."""
-    from agent.daemon.config import load
     from agent.daemon.daemonize import daemonize
+    from agent.keeper.config import load
 
     assert "grpc" in sys.modules
     a = make_agent(start=False)

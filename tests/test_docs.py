@@ -13,7 +13,7 @@ from helpers import ROOT
 
 
 def test_readme_configuration_reference_is_current() -> None:
-    """README's configuration table is generated from agent.daemon.config."""
+    """README's configuration table is generated from agent.keeper.config."""
     r = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "update_docs.py"), "--check"],
         capture_output=True,
@@ -24,8 +24,8 @@ def test_readme_configuration_reference_is_current() -> None:
 
 def test_sample_config_is_valid() -> None:
     """The committed config.toml and policy.yaml pass validation (parse step)."""
-    from agent.daemon import policyfile
-    from agent.daemon.config import load
+    from agent.keeper import policyfile
+    from agent.keeper.config import load
 
     cfg = load(ROOT / "config.toml")
     assert cfg.mtls
@@ -48,7 +48,7 @@ def test_policy_example_is_valid() -> None:
     """policy.example.yaml documents a policy the loader accepts."""
     import os
 
-    from agent.daemon import policyfile
+    from agent.keeper import policyfile
 
     if not os.path.exists("/usr/bin/systemctl"):
         pytest.skip("the example names /usr/bin/systemctl")

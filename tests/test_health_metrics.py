@@ -12,7 +12,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from agent.client import PermissionDenied
 from agent.configfile import ConfigError
-from agent.daemon.config import parse
+from agent.keeper.config import parse
 
 from helpers import AgentFactory, Certs, SchedulerProcess, free_port, wait_for
 

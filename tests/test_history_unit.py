@@ -23,7 +23,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.daemon import history
-from agent.daemon.errors import Unavailable
 from agent.daemon.history import (
     History,
     JobRecord,
@@ -32,6 +31,7 @@ from agent.daemon.history import (
     record_from_wire,
     record_to_wire,
 )
+from agent.keeper.errors import Unavailable
 from agent.vocabulary import JobState
 
 T0 = 1_700_000_000.0

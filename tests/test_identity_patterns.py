@@ -19,7 +19,7 @@ from agent._proto import jobscheduler_pb2_grpc as pb_grpc
 from agent.access import AccessRules, matches, pattern_problem
 from agent.configfile import ConfigError
 from agent.daemon import pki
-from agent.daemon.config import parse
+from agent.keeper.config import parse
 from agent.scheduler.config import load_config
 from agent.tls import identity_from_cert
 

@@ -48,7 +48,7 @@ NOT_AT_IDLE = (
     "bz2",
     "lzma",
     "cryptography",  # only [auth] crl_files and `agent pki` use it
-    "agent.daemon.spawner",  # runs in the spawner process, never in the agent
+    "agent.keeper.spawner",  # runs in the spawner process, never in the agent
     "agent.daemon.registration",  # [scheduler] register = false
     "daemon",  # python-daemon: only `agent run --daemon`
     "agent.client",

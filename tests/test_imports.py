@@ -1,4 +1,6 @@
-"""The module graph is one-way: client and scheduler never import the daemon."""
+"""The module graph is one-way: client and scheduler never import the daemon, and the
+job keeper (agent/keeper) never imports the agent (agent/daemon), grpc, the client or the
+scheduler: the agent imports the keeper, never the other way round."""
 
 from __future__ import annotations
 
@@ -13,6 +15,10 @@ import pytest
 import agent
 
 PACKAGE = Path(agent.__file__).resolve().parent
+PROGRAMS = ("agent.daemon", "agent.keeper", "agent.client", "agent.scheduler")
+# What the job keeper never imports: the agent, the network, the other programs.
+KEEPER_FORBIDDEN = ("agent.daemon", "grpc", "agent.client", "agent.scheduler")
+KEEPER_FILES = sorted((PACKAGE / "keeper").rglob("*.py"))
 
 # Modules of the client library and the scheduler, and the names to touch so
 # that a lazily loading package (agent.client) really loads what it exports.
@@ -52,19 +58,19 @@ def test_programs_do_not_load_daemon_modules(module: str) -> None:
     assert _run(code) == "[]"
 
 
-@pytest.mark.parametrize("module", ["agent.daemon.cli", "agent.daemon.config"])
+@pytest.mark.parametrize("module", ["agent.daemon.cli", "agent.keeper.config"])
 def test_daemon_entry_and_config_do_not_import_grpc(module: str) -> None:
     """The daemon's CLI and config load without grpc (its cipher policy comes first)."""
     assert _run(f"import {module}, sys; print('grpc' in sys.modules)") == "False"
 
 
 @pytest.mark.parametrize(
-    "module", ["agent.daemon.keeper", "agent.daemon.keeperstate", "agent.daemon.decision"]
+    "module", ["agent.keeper.keeper", "agent.keeper.keeperstate", "agent.keeper.decision"]
 )
 def test_the_keeper_imports_no_grpc_asyncio_or_yaml(module: str) -> None:
     """The job keeper faces no network: grpc and asyncio stay out of it (and out of its
     memory), whatever it grows. It decides with the policy but parses none itself (its
-    loader process does, see agent.daemon.decision), so yaml stays out too."""
+    loader process does, see agent.keeper.decision), so yaml stays out too."""
     code = (
         f"import {module}, sys; "
         "print(sorted(m for m in ('grpc', 'asyncio', 'yaml', 'tomllib', 'hashlib') "
@@ -210,7 +216,29 @@ def test_shared_modules_import_no_program() -> None:
     # __main__.py is not shared: it is ``python -m agent``, the daemon's entry.
     files = sorted(f for f in PACKAGE.glob("*.py") if f.name != "__main__.py")
     assert PACKAGE / "channel.py" in files
-    assert _violations(files, ("agent.daemon", "agent.client", "agent.scheduler")) == []
+    assert _violations(files, PROGRAMS) == []
+
+
+def test_the_keeper_never_imports_the_agent_statically() -> None:
+    """No module of agent/keeper names agent.daemon, grpc, the client or the scheduler in
+    an import, not even inside a function (the agent imports the keeper, not back)."""
+    assert PACKAGE / "keeper" / "keeper.py" in KEEPER_FILES
+    assert _violations(KEEPER_FILES, KEEPER_FORBIDDEN) == []
+
+
+def test_the_keeper_loads_nothing_of_the_agent() -> None:
+    """Importing every module of agent.keeper (in a fresh interpreter) loads no module of
+    agent.daemon, grpc, the client or the scheduler, whatever they import in turn."""
+    names = sorted(
+        ".".join(f.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__")
+        for f in KEEPER_FILES
+    )
+    assert "agent.keeper.keeperservice" in names
+    code = (
+        f"import importlib, sys; [importlib.import_module(n) for n in {names!r}]; "
+        f"print(sorted(m for m in sys.modules if m.startswith({KEEPER_FORBIDDEN!r})))"
+    )
+    assert _run(code) == "[]"
 
 
 def test_static_check_sees_every_form_of_import() -> None:

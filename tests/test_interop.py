@@ -28,7 +28,7 @@ from test_proto import ORIGINAL_PROTO
 from agent._proto import jobscheduler_pb2 as pb
 from agent._proto import jobscheduler_pb2_grpc as pb_grpc
 from agent.configfile import ConfigError
-from agent.daemon import config as agent_config
+from agent.keeper import config as agent_config
 from agent.scheduler.config import load_config
 from agent.scheduler.registry import LEGACY_IDENTITY, Registry
 

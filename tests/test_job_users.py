@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 from test_keeper_protocol import POLICY, Conn, Keeper, job_file
 
-from agent.daemon import uids
-from agent.daemon.spawn import SPAWN_ENV
+from agent.keeper import uids
+from agent.keeper.spawn import SPAWN_ENV
 
 from helpers import IS_ROOT, make_safe_dir
 
@@ -422,7 +422,7 @@ def test_the_keepers_filter_refuses_uid_0_and_ids_outside_the_range() -> None:
 def test_the_filter_program_is_what_the_kernel_runs() -> None:
     """The program is whole instructions with forward jumps only (the kernel would refuse
     anything else), for this architecture's numbers."""
-    from agent.daemon import seccomp
+    from agent.keeper import seccomp
 
     numbers = {n: seccomp.syscall_number(n) for n in (*uids.ID_CALLS, *uids.GROUP_CALLS)}
     prog = uids.keeper_filter(LO, HI, seccomp.native_arch(), numbers)
@@ -451,7 +451,7 @@ def test_the_scratch_acl_gives_the_directory_to_the_jobs_uid_only(tmp_path: Path
     """A keeper without CAP_CHOWN (the standard unit) gives a job's scratch directory to
     the job's uid by an access ACL: that uid may create and list in it, another uid of the
     range may not (the directory stays the keeper's, nothing for group or others)."""
-    from agent.daemon.spawner import _acl_for
+    from agent.keeper.spawner import _acl_for
 
     d = Path("/var/lib/agent-tests") / f"acl-{os.getpid()}"
     d.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
@@ -475,7 +475,7 @@ def test_without_root_or_capabilities_jobs_keep_one_uid_and_it_is_said(tmp_path:
     """The development quick start as a normal user: a keeper that is neither root nor
     holds CAP_SETUID/CAP_SETGID cannot switch users; dynamic_users is then ignored with a
     warning naming the key and the user every job runs as (and the range is None)."""
-    from agent.daemon import capabilities, config, decision
+    from agent.keeper import capabilities, config, decision
 
     path = tmp_path / "config.toml"
     path.write_text(

@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 from test_keeper_protocol import POLICY, Conn, Keeper
 
-from agent.daemon import cgroups
-from agent.daemon.keeper import ADOPTED_TEXT, JOB_FILE, NO_FILE_NOTE, NO_PIPE_NOTE
+from agent.keeper import cgroups
+from agent.keeper.keeper import ADOPTED_TEXT, JOB_FILE, NO_FILE_NOTE, NO_PIPE_NOTE
 
 from helpers import IS_ROOT, cgroup2_mount, wait_for
 

@@ -1,11 +1,11 @@
 """The job keeper's protocol, spoken directly to a real keeper process.
 
-Each test starts ``agent.daemon.keeper`` the way the agent does (a fresh isolated
+Each test starts ``agent.keeper.keeper`` the way the agent does (a fresh isolated
 interpreter with ``--config``, here listening at ``--socket`` in the test's directory)
-and plays the agent over its SOCK_SEQPACKET socket with :mod:`agent.daemon.spawnproto`:
+and plays the agent over its SOCK_SEQPACKET socket with :mod:`agent.keeper.spawnproto`:
 starts, stops, acknowledgements, reloads, detaching and attaching again, and messages
 no agent would send. The keeper decides every start itself, from its own config file
-and policy (:mod:`agent.daemon.decision`): the agent sends only who asks and what. So
+and policy (:mod:`agent.keeper.decision`): the agent sends only who asks and what. So
 these tests are also the compromised agent of issue 24: whatever it sends (commands
 the policy does not have, an identity another entry is kept for, a forged plan, argv,
 user or capabilities, descriptors, limits above the maxima), nothing starts but what
@@ -36,18 +36,18 @@ from typing import Any
 import pytest
 
 import agent
-from agent.daemon import spawnproto as proto
-from agent.daemon.admission import StartRequest
-from agent.daemon.decision import NO_CGROUP_NOTE, request_from_wire, request_to_wire
-from agent.daemon.keeper import JOB_ID
-from agent.daemon.spawn import SPAWN_ENV
+from agent.keeper import spawnproto as proto
+from agent.keeper.admission import StartRequest
+from agent.keeper.decision import NO_CGROUP_NOTE, request_from_wire, request_to_wire
+from agent.keeper.keeper import JOB_ID
+from agent.keeper.spawn import SPAWN_ENV
 
 from helpers import IS_ROOT, make_safe_dir, to_toml, wait_for
 
 PACKAGE_ROOT = str(Path(agent.__file__).resolve().parent.parent)
 KEEPER_MAIN = (
     "import sys; sys.path.insert(0, sys.argv.pop(1)); "
-    "from agent.daemon.keeper import main; sys.exit(main(sys.argv[1:]))"
+    "from agent.keeper.keeper import main; sys.exit(main(sys.argv[1:]))"
 )
 Msg = dict[str, Any]
 # The job user the configuration gives (as root); a non-root keeper runs jobs as itself.
@@ -96,7 +96,7 @@ def _python_cannot_run_as(uid: int) -> str:
     r = subprocess.run(
         ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--",
          sys.executable, "-I", "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
-         "import agent.daemon.keeper", PACKAGE_ROOT],
+         "import agent.keeper.keeper", PACKAGE_ROOT],
         capture_output=True, text=True, cwd="/",
     )  # fmt: skip
     if r.returncode == 0:
@@ -1014,7 +1014,7 @@ def test_an_ancestry_the_keeper_cannot_read_is_not_taken_for_the_agent() -> None
     """descends_from answers "unknown" (None), never "not a job", for a process whose
     /proc entry (or a parent's) cannot be read: a job that hides a process of its own
     (non-dumpable, another user namespace) must not pass for the agent."""
-    from agent.daemon.keeper import descends_from
+    from agent.keeper.keeper import descends_from
 
     assert descends_from(os.getpid(), os.getpid()) is True
     assert descends_from(os.getpid(), 2**22 + 12345) is False  # walked up to pid 1

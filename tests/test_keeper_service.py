@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from agent.client import AgentClient, PermissionDenied
-from agent.daemon.keeperservice import after_stop
+from agent.keeper.keeperservice import after_stop
 
 from helpers import (
     IS_ROOT,
@@ -284,7 +284,7 @@ def test_the_service_mode_refuses_a_shutdown_that_would_stop_jobs(tmp_path: Path
     """[keeper] mode = "service" with on_shutdown = "stop": a clear error, not an agent
     that stops the keeper's jobs whenever it restarts."""
     from agent.configfile import ConfigError
-    from agent.daemon import config
+    from agent.keeper import config
 
     text = (
         "[grpc_server]\nuse_tls = false\nallow_plaintext_loopback = true\n"

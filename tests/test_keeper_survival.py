@@ -1,6 +1,6 @@
 """Jobs outlive their agent: the job keeper, with real agent processes.
 
-The agent starts a job keeper (``agent.daemon.keeper``) that holds the jobs. These
+The agent starts a job keeper (``agent.keeper.keeper``) that holds the jobs. These
 tests kill the agent (``kill -9``, at chosen and at random moments, under load),
 stop it with SIGTERM in the middle of a burst of starts, and stop it with
 ``on_shutdown = "keep"``; then they start it again on the same state and check what

@@ -1,4 +1,4 @@
-"""The keeper's state across ``execve`` (agent.daemon.keeperstate), in-process.
+"""The keeper's state across ``execve`` (agent.keeper.keeperstate), in-process.
 
 The whole upgrade with real jobs is tests/test_keeper_survival.py (SIGUSR2); here the
 pieces: a snapshot restores to the same keeper, descriptors included, and code that
@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from agent.daemon import keeperstate
-from agent.daemon import lifecycle as lc
-from agent.daemon import spawnproto as proto
-from agent.daemon.keeper import Keeper, KeptJob
-from agent.daemon.outputfile import OutputFile
+from agent.keeper import keeperstate
+from agent.keeper import lifecycle as lc
+from agent.keeper import spawnproto as proto
+from agent.keeper.keeper import Keeper, KeptJob
+from agent.keeper.outputfile import OutputFile
 
 RUN = {
     "timeout": 30,
@@ -88,7 +88,7 @@ def test_new_code_that_does_not_import_is_refused(
     """A broken upgrade (the new keeper does not even import) is said, never executed
     into: the keeper goes on with the code it runs."""
     assert keeperstate.new_code_problem() == ""
-    broken = tmp_path / "agent" / "daemon"
+    broken = tmp_path / "agent" / "keeper"
     broken.mkdir(parents=True)
     (tmp_path / "agent" / "__init__.py").write_text("")
     (broken / "__init__.py").write_text("")

@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
-from agent.daemon import landlock
-from agent.daemon.landlock import (
+from agent.keeper import landlock
+from agent.keeper.landlock import (
     FILE_RIGHTS,
     READ,
     READ_EXEC,
@@ -261,7 +261,7 @@ needs_landlock = pytest.mark.skipif(
 PROBE = textwrap.dedent(
     """
     import errno, json, os, signal, socket, subprocess, sys
-    from agent.daemon import landlock as ll
+    from agent.keeper import landlock as ll
 
     cfg = json.loads(sys.argv[1])
     spec = ll.LandlockSpec(**{k: tuple(v) if isinstance(v, list) else v
@@ -529,7 +529,7 @@ def test_prepared_descriptors_are_close_on_exec_and_closed_by_close() -> None:
 OWN_DIR_PROBE = textwrap.dedent(
     """
     import errno, json, os, sys
-    from agent.daemon import landlock as ll
+    from agent.keeper import landlock as ll
 
     root, own, other, pub = sys.argv[1:5]
     spec = ll.LandlockSpec(read_exec=tuple(json.loads(sys.argv[5])),

@@ -1,4 +1,4 @@
-"""The pure job lifecycle (agent.daemon.lifecycle), with no process: the states and
+"""The pure job lifecycle (agent.keeper.lifecycle), with no process: the states and
 their transitions, how an exit becomes a final state, every step of the table and the
 races; the table is complete and agrees with the flag-based machine it replaced (kept
 here as the reference) on every sequence of events hypothesis finds, and a job's life
@@ -14,8 +14,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.daemon import lifecycle as lc
-from agent.daemon.lifecycle import TRANSITIONS, InvalidTransition, check_transition, final_state
+from agent.keeper import lifecycle as lc
+from agent.keeper.lifecycle import TRANSITIONS, InvalidTransition, check_transition, final_state
 from agent.vocabulary import DONE_STATES, JobState
 
 OK = lc.Exit(0, None)

@@ -13,7 +13,7 @@ import resource
 import subprocess
 import sys
 
-from agent.daemon.cgroups import Limits
+from agent.keeper.cgroups import Limits
 from agent.vocabulary import (
     CGROUP_FIELDS,
     CGROUP_LIMITS,
@@ -56,8 +56,8 @@ import json, resource, sys
 resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
 resource.setrlimit(resource.RLIMIT_NPROC, (1000, 1000))
 resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
-from agent.daemon import admission
-from agent.daemon.errors import InvalidArgument
+from agent.keeper import admission
+from agent.keeper.errors import InvalidArgument
 out = {}
 for name, value in json.loads(sys.argv[1]).items():
     try:

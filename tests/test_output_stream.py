@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from agent.daemon import output
-from agent.daemon.errors import FailedPrecondition
 from agent.daemon.output import LiveOutput, stream_file
+from agent.keeper.errors import FailedPrecondition
 
 
 async def _collect(it: AsyncIterator[tuple[int, bytes]]) -> list[tuple[int, bytes]]:

@@ -1,4 +1,4 @@
-"""A job's output file (agent.daemon.outputfile) and the agent's side of it (agent.daemon.output).
+"""A job's output file (agent.keeper.outputfile) and the agent's side of it (agent.daemon.output).
 
 The file as the keeper writes it: made at the first byte (0600, never over an existing
 name), capped, a write error failing only the job, its reservation and its state across
@@ -20,9 +20,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.daemon.errors import FailedPrecondition, ResourceExhausted, SpawnFailure
 from agent.daemon.output import Followers, LiveOutput, stream_file
-from agent.daemon.outputfile import OutputFile, describe_oserror
+from agent.keeper.errors import FailedPrecondition, ResourceExhausted, SpawnFailure
+from agent.keeper.outputfile import OutputFile, describe_oserror
 
 
 async def _collect(it: AsyncIterator[tuple[int, bytes]]) -> list[tuple[int, bytes]]:

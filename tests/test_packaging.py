@@ -71,7 +71,7 @@ PACKAGED_CONFIG = ROOT / "packaging" / "debian" / "config.toml"
 
 def test_packaged_config_boxes_jobs_as_documented() -> None:
     """The package's config.toml sets cgroups and Landlock "required", explicitly and as loaded."""
-    from agent.daemon.config import load
+    from agent.keeper.config import load
 
     raw = tomllib.loads(PACKAGED_CONFIG.read_text())
     assert raw["cgroups"]["mode"] == "required"

@@ -1,6 +1,6 @@
 """The whitelist policy as pure code: ``parse``/``load`` and ``decide``, on real files.
 
-Every denial rule of ``agent.daemon.policy`` has a case here that fails if the rule
+Every denial rule of ``agent.keeper.policy`` has a case here that fails if the rule
 is removed (``test_each_rule_denies``), and a meta-test checks that no rule
 name in the source is without a case. Rules that need a file to change
 between two checks (the time-of-check races StrictModes defends against)
@@ -24,24 +24,24 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.daemon import filetrust as trust
-from agent.daemon import policy, policyfile, validation
-from agent.daemon.errors import (
+from agent.keeper import filetrust as trust
+from agent.keeper import policy, policyfile, validation
+from agent.keeper.errors import (
     FailedPrecondition,
     InvalidArgument,
     Kind,
     NotFound,
     PermissionDenied,
 )
-from agent.daemon.filetrust import RealFileSystem
-from agent.daemon.policy import (
+from agent.keeper.filetrust import RealFileSystem
+from agent.keeper.policy import (
     Decision,
     Denial,
     JobRequest,
     PolicyError,
     decide,
 )
-from agent.daemon.policyfile import load, parse
+from agent.keeper.policyfile import load, parse
 
 from helpers import IS_ROOT, make_safe_dir, write_script
 

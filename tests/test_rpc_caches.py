@@ -20,12 +20,12 @@ from cryptography import x509 as cx509
 
 from agent import tls
 from agent.crl import RevocationChecker
-from agent.daemon import admission
-from agent.daemon import policy as policy_mod
-from agent.daemon.errors import InvalidArgument
 from agent.daemon.history import RECENT, JobRecord, Store
 from agent.daemon.metrics import AgentMetrics, RpcMetricsInterceptor
 from agent.daemon.service import QueryReplies, record_to_pb
+from agent.keeper import admission
+from agent.keeper import policy as policy_mod
+from agent.keeper.errors import InvalidArgument
 from agent.vocabulary import JobState
 
 import certfactory as cf

@@ -15,7 +15,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from agent import refusal
 from agent.access import AccessDenied, AccessRules
-from agent.daemon import errors
+from agent.keeper import errors
 from agent.rpc import STATUS, abort, peer_certificate
 from agent.vocabulary import Kind
 

@@ -1,4 +1,4 @@
-"""Removing a scratch directory (agent.daemon.scratch) on real temporary trees.
+"""Removing a scratch directory (agent.keeper.scratch) on real temporary trees.
 
 Modes are no obstacle to root with its capabilities, so the tests that must show the
 walk making directories accessible again run it in a fresh interpreter as their owner
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.daemon import scratch
+from agent.keeper import scratch
 
 from helpers import IS_ROOT
 
@@ -29,7 +29,7 @@ DENIED = (errno.EACCES, errno.EPERM)
 # Runs scratch.remove(path, owner) and prints the outcome as JSON.
 REMOVE = """
 import json, sys
-from agent.daemon import scratch
+from agent.keeper import scratch
 owner = json.loads(sys.argv[2])
 try:
     scratch.remove(sys.argv[1], tuple(owner) if owner else None)

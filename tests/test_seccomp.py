@@ -17,10 +17,11 @@ from typing import Any
 
 import pytest
 
-from agent.daemon import policy, policyfile, seccomp, startup
-from agent.daemon.lifecycle import Exit
-from agent.daemon.seccomp import SeccompSpec
-from agent.daemon.spawn import SpawnerOps, SpawnSpec
+from agent.daemon import startup
+from agent.keeper import policy, policyfile, seccomp
+from agent.keeper.lifecycle import Exit
+from agent.keeper.seccomp import SeccompSpec
+from agent.keeper.spawn import SpawnerOps, SpawnSpec
 
 from helpers import Certs, default_config, make_safe_dir, spawn_and_read, spawn_spec
 
@@ -144,7 +145,7 @@ def test_listen_follows_bind_tcp(landlock: str, listen: str) -> None:
 
 
 def _cfg(tmp_path: Path, certs: Certs, **confinement: Any) -> Any:
-    from agent.daemon import config
+    from agent.keeper import config
 
     pol = tmp_path / "policy.yaml"
     pol.write_text("version: 1\nentries: []\n")
@@ -323,7 +324,7 @@ def test_listen_is_checked_by_the_spawner(tmp_path: Path) -> None:
 def test_listen_checks_of_another_users_job(caps: tuple[int, ...]) -> None:
     """A root spawner checks a `nobody` job's listen() as that user (and its capabilities),
     without CAP_SYS_PTRACE: bound works, unbound is refused."""
-    from agent.daemon import capabilities
+    from agent.keeper import capabilities
 
     d = make_safe_dir()
     script = textwrap.dedent("""\

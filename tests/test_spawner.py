@@ -19,11 +19,11 @@ import pytest
 
 import agent
 from agent.client import FailedPrecondition
-from agent.daemon import landlock
-from agent.daemon.keeper import ADOPTED_TEXT, NO_PIPE_NOTE
 from agent.daemon.keeperclient import KEEPER_DIED
-from agent.daemon.lifecycle import Exit
-from agent.daemon.spawn import SCRIPT_FD_PATH, SpawnerOps, SpawnFailure, SpawnSpec
+from agent.keeper import landlock
+from agent.keeper.keeper import ADOPTED_TEXT, NO_PIPE_NOTE
+from agent.keeper.lifecycle import Exit
+from agent.keeper.spawn import SCRIPT_FD_PATH, SpawnerOps, SpawnFailure, SpawnSpec
 
 from helpers import (
     IS_ROOT,
@@ -449,7 +449,7 @@ def test_the_keeper_is_small_and_never_imports_grpc(agent: AgentProcess) -> None
     pid = _spawner_of(agent)
     maps = Path(f"/proc/{pid}/maps").read_text()
     assert "grpc" not in maps and "_asyncio" not in maps and "yaml" not in maps
-    assert b"agent.daemon.keeper" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    assert b"agent.keeper.keeper" in Path(f"/proc/{pid}/cmdline").read_bytes()
     rss = next(
         int(line.split()[1])
         for line in Path(f"/proc/{pid}/status").read_text().splitlines()
@@ -473,7 +473,7 @@ def test_no_zombies_and_the_spawner_ends_with_the_agent(agent: AgentProcess) -> 
 _UNPRIVILEGED = """
 import asyncio, json, os, sys
 sys.path.insert(0, sys.argv[1])
-from agent.daemon.spawn import SpawnerOps, SpawnSpec
+from agent.keeper.spawn import SpawnerOps, SpawnSpec
 
 async def main():
     ops = SpawnerOps()
@@ -515,7 +515,7 @@ def test_sentinels_fail_with_enoexec_when_unprivileged(sentinel_dir: Path, spawn
         pytest.skip("no interpreter that nobody can run with this package")
     if spawn_path == "vfork" and subprocess.run(
         [*become, python, "-I", "-c", f"import sys; sys.path.insert(0, {root!r}); "
-         "import agent.daemon._vspawn"],
+         "import agent.keeper._vspawn"],
         capture_output=True,
     ).returncode:  # fmt: skip
         # e.g. the 3.10 run: nobody cannot run pyenv's python, and /usr/bin/python3 is 3.11
@@ -554,8 +554,8 @@ def test_sentinels_fail_with_enoexec_when_unprivileged(sentinel_dir: Path, spawn
 _SCRATCH_JOB = """
 import asyncio, json, os, sys
 sys.path.insert(0, sys.argv[1])
-from agent.daemon import landlock
-from agent.daemon.spawn import SpawnerOps, SpawnSpec
+from agent.keeper import landlock
+from agent.keeper.spawn import SpawnerOps, SpawnSpec
 
 MESS = (
     'cd "$HOME" && mkdir -p a/b/c d && echo x > a/b/c/f && echo y > a/f && '
@@ -590,7 +590,7 @@ _NO_DAC = "-dac_override,-fowner"
 
 def _python_for(become: list[str], root: str, vfork: bool) -> str | None:
     """An interpreter that can import this package (and its extension) as ``become``."""
-    need = "import agent.daemon._vspawn" if vfork else "import agent"
+    need = "import agent.keeper._vspawn" if vfork else "import agent"
     for python in (sys.executable, "/usr/bin/python3"):
         probe = f"import sys; sys.path.insert(0, {root!r}); {need}"
         if subprocess.run([*become, python, "-I", "-c", probe], capture_output=True).returncode:
@@ -656,8 +656,8 @@ def test_a_bug_in_one_handler_does_not_take_the_spawner_down(
     answered as failed, so the agent never waits for it."""
     import socket as socket_mod
 
-    from agent.daemon import spawner as spawner_mod
-    from agent.daemon import spawnproto
+    from agent.keeper import spawner as spawner_mod
+    from agent.keeper import spawnproto
 
     ours, theirs = socket_mod.socketpair(socket_mod.AF_UNIX, socket_mod.SOCK_SEQPACKET)
     with ours, theirs:

@@ -1,4 +1,4 @@
-"""The spawn plan's one schema (agent.daemon.spawnplan): every plan a SpawnSpec can
+"""The spawn plan's one schema (agent.keeper.spawnplan): every plan a SpawnSpec can
 make passes it, on the sender's side as on the spawner's; a key or a descriptor role it
 does not know, and every malformed field, is refused; the sender refuses to send a plan
 the spawner would refuse."""
@@ -12,10 +12,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.daemon import seccomp
-from agent.daemon.landlock import LandlockSpec
-from agent.daemon.seccomp import SeccompSpec
-from agent.daemon.spawnplan import (
+from agent.keeper import seccomp
+from agent.keeper.landlock import LandlockSpec
+from agent.keeper.seccomp import SeccompSpec
+from agent.keeper.spawnplan import (
     CGROUP_REQUEST_KEYS,
     DESCRIPTOR_ROLES,
     PLAN_KEYS,

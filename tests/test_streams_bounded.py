@@ -18,8 +18,8 @@ import pytest
 
 from agent._proto import jobscheduler_pb2 as pb
 from agent._proto import jobscheduler_pb2_grpc as pb_grpc
-from agent.daemon.errors import ResourceExhausted
 from agent.daemon.service import StreamSlots
+from agent.keeper.errors import ResourceExhausted
 
 from helpers import AgentFactory, AgentProcess, free_port, make_safe_dir, wait_for, write_script
 

@@ -27,10 +27,14 @@ from typing import Any
 import pytest
 
 from agent.access import AccessRules
-from agent.daemon import adoption, jobview, policyfile, supervisor
-from agent.daemon.admission import Rules, StartRequest
-from agent.daemon.decision import Decider
-from agent.daemon.errors import (
+from agent.daemon import adoption, jobview, supervisor
+from agent.daemon.history import History, JobRecord, Store, record_to_wire
+from agent.daemon.keeperclient import Admission, Finished, Hello, Kept, RunSpec
+from agent.daemon.supervisor import Job, Supervisor
+from agent.keeper import policyfile
+from agent.keeper.admission import Rules, StartRequest
+from agent.keeper.decision import Decider
+from agent.keeper.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
@@ -38,12 +42,9 @@ from agent.daemon.errors import (
     SpawnFailure,
     Unavailable,
 )
-from agent.daemon.history import History, JobRecord, Store, record_to_wire
-from agent.daemon.jobsettings import JobUser, Settings
-from agent.daemon.keeperclient import Admission, Finished, Hello, Kept, RunSpec
-from agent.daemon.lifecycle import Exit
-from agent.daemon.spawn import SpawnSpec
-from agent.daemon.supervisor import Job, Supervisor
+from agent.keeper.jobsettings import JobUser, Settings
+from agent.keeper.lifecycle import Exit
+from agent.keeper.spawn import SpawnSpec
 from agent.vocabulary import JobState
 
 POLICY = """

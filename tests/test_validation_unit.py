@@ -1,4 +1,4 @@
-"""Request validation (agent.daemon.validation): every refusal, its rule and its message.
+"""Request validation (agent.keeper.validation): every refusal, its rule and its message.
 
 Every refusal here is INVALID_ARGUMENT on the wire (through the one status table,
 agent.rpc.STATUS) and names the field at fault; the bounds are exact (the cap itself
@@ -18,8 +18,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.daemon import validation as v
-from agent.daemon.errors import InvalidArgument
+from agent.keeper import validation as v
+from agent.keeper.errors import InvalidArgument
 from agent.rpc import STATUS
 from agent.vocabulary import JobState, Kind
 
@@ -166,7 +166,7 @@ def test_every_problem_is_reported_at_once() -> None:
 def test_a_malformed_request_is_refused_as_invalid_argument_by_the_policy() -> None:
     """The policy asks validate_request first: every problem becomes one INVALID_ARGUMENT
     refusal naming each (message and rules), before any entry is looked at."""
-    from agent.daemon import policy
+    from agent.keeper import policy
 
     req = policy.JobRequest(command="/bin/\x1b", path="", args=("a",), env={"1": ""})
     decision = policy.decide(policy.Policy(entries=()), req)

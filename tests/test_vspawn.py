@@ -1,4 +1,4 @@
-"""The job spawner's C vfork path (agent.daemon._vspawn) against its Python fork path."""
+"""The job spawner's C vfork path (agent.keeper._vspawn) against its Python fork path."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 
-from agent.daemon import capabilities as caps_mod
-from agent.daemon import landlock, spawner, spawnproto, vspawn
-from agent.daemon.lifecycle import Exit
-from agent.daemon.spawn import SpawnerOps, SpawnFailure, SpawnSpec
+from agent.keeper import capabilities as caps_mod
+from agent.keeper import landlock, spawner, spawnproto, vspawn
+from agent.keeper.lifecycle import Exit
+from agent.keeper.spawn import SpawnerOps, SpawnFailure, SpawnSpec
 
 from helpers import IS_ROOT, read_to_end, spawn_and_read, spawn_spec, vspawn_expected
 
@@ -26,7 +26,7 @@ try:
 except ImportError:  # pragma: no cover - only where no compiler was found
     _vspawn = None
 
-needs_vspawn = pytest.mark.skipif(_vspawn is None, reason="agent.daemon._vspawn not built")
+needs_vspawn = pytest.mark.skipif(_vspawn is None, reason="agent.keeper._vspawn not built")
 STATUS = "^(Uid|Gid|Groups|CapInh|CapPrm|CapEff|CapBnd|CapAmb|NoNewPrivs|SigBlk|SigIgn|SigCgt):"
 
 
@@ -423,7 +423,7 @@ def test_bad_spawn_choice_is_refused() -> None:
 def test_rlimits_are_set_in_the_c_child_as_asked() -> None:
     """The C child's setrlimit uses the spawner's value and hard margin (cpu: +2 s)."""
     if _vspawn is None:
-        pytest.skip("agent.daemon._vspawn not built")
+        pytest.skip("agent.keeper._vspawn not built")
     r, w = os.pipe2(os.O_CLOEXEC)
     plan = _plan(
         path="/bin/sh",

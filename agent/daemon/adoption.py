@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import logging
 
-from agent.daemon.errors import Unavailable
 from agent.daemon.history import JobRecord, record_from_wire
 from agent.daemon.keeperclient import Finished, Hello
 from agent.daemon.supervisor import Job, Supervisor
+from agent.keeper.errors import Unavailable
 from agent.vocabulary import JobState
 
 log = logging.getLogger(__name__)

@@ -37,17 +37,18 @@ from agent.credentials import reloading_server_credentials
 from agent.daemon import adoption, retention
 from agent.daemon.access_gate import AccessGate
 from agent.daemon.audit import AuditLog
-from agent.daemon.cgroups import Subtree
-from agent.daemon.config import Config
-from agent.daemon.decision import runner_is_root, settings_of
-from agent.daemon.errors import AgentError
 from agent.daemon.history import History, JobRecord, Store
-from agent.daemon.keeperclient import KEEPER_SOCKET, KeeperClient
+from agent.daemon.keeperclient import KeeperClient
 from agent.daemon.lockfile import LockFile
 from agent.daemon.retention import Sweeper
 from agent.daemon.service import StreamSlots, WorkerService, worker_handler
 from agent.daemon.startup import Prepared, check_cgroup_limits
 from agent.daemon.supervisor import BOOT_ID, INSTANCE_ENV, Supervisor
+from agent.keeper.cgroups import Subtree
+from agent.keeper.config import Config
+from agent.keeper.decision import runner_is_root, settings_of
+from agent.keeper.errors import AgentError
+from agent.keeper.launch import KEEPER_SOCKET
 from agent.rpc import abort
 from agent.tls import CertificateReloader, ServerTLSState
 

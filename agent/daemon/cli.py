@@ -22,8 +22,8 @@ from typing import Any
 from agent import __version__
 from agent.configfile import ConfigError
 from agent.daemon import pki, startup
-from agent.daemon.config import Config, load
 from agent.daemon.grpc_gate import GateError, open_gate
+from agent.keeper.config import Config, load
 
 log = logging.getLogger("agent")
 
@@ -326,7 +326,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _keeper(args: argparse.Namespace) -> int:
     """``agent keeper``: set up, then become the job keeper (it returns only on failure)."""
     if args.after_stop:
-        from agent.daemon import keeperservice
+        from agent.keeper import keeperservice
 
         return keeperservice.after_stop(os.environ)
     try:
@@ -334,7 +334,7 @@ def _keeper(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"agent keeper: {e}", file=sys.stderr)
         return 2
-    from agent.daemon import keeperservice
+    from agent.keeper import keeperservice
 
     return keeperservice.main(cfg)
 

@@ -27,8 +27,8 @@ import signal
 import sys
 from collections.abc import Callable
 
-from agent.daemon.config import Config
 from agent.daemon.lockfile import LockFile
+from agent.keeper.config import Config
 
 UMASK = 0o027
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.daemon.errors import Unavailable
+from agent.keeper.errors import Unavailable
 from agent.vocabulary import JobState
 
 log = logging.getLogger(__name__)

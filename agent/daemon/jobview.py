@@ -11,10 +11,10 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Protocol
 
 from agent.access import Caller
-from agent.daemon import validation
-from agent.daemon.errors import NotFound
 from agent.daemon.history import History, JobRecord
 from agent.daemon.output import LiveOutput, stream_file
+from agent.keeper import validation
+from agent.keeper.errors import NotFound
 from agent.vocabulary import JobState
 
 # A job whose output has just closed (or whose exit just came in) is moments

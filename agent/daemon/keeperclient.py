@@ -1,4 +1,4 @@
-"""The agent's side of the job keeper (:mod:`agent.daemon.keeper`).
+"""The agent's side of the job keeper (:mod:`agent.keeper.keeper`).
 
 The agent attaches to the keeper's socket at start-up, starting a keeper when none
 answers (the development and daemonised deployments: that keeper then belongs to
@@ -40,11 +40,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from agent.daemon import spawnproto as proto
-from agent.daemon.cgroups import Subtree
-from agent.daemon.decision import RunSpec as RunSpec
-from agent.daemon.decision import request_to_wire
-from agent.daemon.errors import (
+from agent.keeper import spawnproto as proto
+from agent.keeper.cgroups import Subtree
+from agent.keeper.decision import RunSpec as RunSpec
+from agent.keeper.decision import request_to_wire
+from agent.keeper.errors import (
     AgentError,
     FailedPrecondition,
     InvalidArgument,
@@ -55,25 +55,23 @@ from agent.daemon.errors import (
     Unauthenticated,
     Unavailable,
 )
-from agent.daemon.keeperstate import KEEPER_MAIN, PACKAGE_ROOT
-from agent.daemon.lifecycle import Exit
-from agent.daemon.spawn import SPAWN_ENV, _interpreter, kill_job_cgroup, reap
+from agent.keeper.launch import keeper_argv
+from agent.keeper.lifecycle import Exit
+from agent.keeper.spawn import SPAWN_ENV, _interpreter, kill_job_cgroup, reap
 from agent.vocabulary import JobState, Kind
 
 if TYPE_CHECKING:
-    from agent.daemon.admission import StartRequest
+    from agent.keeper.admission import StartRequest
 
 log = logging.getLogger(__name__)
 
-KEEPER_SOCKET = "keeper.sock"  # in [jobs] state_dir
-KEEPER_ENDED = "keeper-ended.json"  # in [jobs] state_dir: ends a stopped keeper service kept
 KEEPER_DIED = "the job keeper died; the job's processes were killed"
 MAX_DEATHS = 3
 DEATH_WINDOW = 60.0
 HELLO_WAIT = 15.0
 ATTACH_TRIES = 4
 CLOSE_WAIT = 5.0
-PROTOCOL = 2  # agent.daemon.keeper.PROTOCOL (not imported: the keeper's module)
+PROTOCOL = 2  # agent.keeper.keeper.PROTOCOL (not imported: the keeper's module)
 # How long a policy reload may take in the keeper (it reads and checks every file).
 RELOAD_WAIT = 60.0
 # A refusal's kind, as the keeper names it, and the error it is raised as.
@@ -215,38 +213,6 @@ def _dict(v: Any) -> dict[str, Any]:
 
 def _opt_int(v: Any) -> int | None:
     return None if v is None else int(v)
-
-
-def keeper_argv(
-    listen_fd: int,
-    output_dir: str,
-    subtree: Subtree | None,
-    *,
-    config: str | None = None,
-    agent_uid: int | None = None,
-    service: bool = False,
-    ended_file: str = "",
-) -> list[str]:
-    """The keeper's command line (a fresh interpreter in isolated mode), listening on the
-    inherited socket ``listen_fd``."""
-    args = ["--listen-fd", str(listen_fd), "--output-dir", output_dir]
-    if config is not None:
-        # The keeper reads the policy itself, from this config file.
-        args += ["--config", config]
-    if subtree is not None:
-        args += [
-            "--cgroup-jobs",
-            str(subtree.jobs),
-            "--controllers",
-            ",".join(sorted(subtree.controllers)),
-        ]
-    if agent_uid is not None:
-        args += ["--agent-uid", str(agent_uid)]
-    if service:
-        args += ["--service", "1"]
-    if ended_file:
-        args += ["--ended-file", ended_file]
-    return [sys.executable, "-I", "-c", KEEPER_MAIN, PACKAGE_ROOT, *args]
 
 
 class KeeperClient:

@@ -41,8 +41,8 @@ from prometheus_client.registry import Collector
 from agent import x509
 from agent.configfile import split_host_port
 from agent.daemon.access_gate import gated
-from agent.daemon.config import Metrics as MetricsConfig
 from agent.daemon.history import JobRecord
+from agent.keeper.config import Metrics as MetricsConfig
 from agent.vocabulary import JobState
 
 log = logging.getLogger(__name__)

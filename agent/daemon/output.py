@@ -1,6 +1,6 @@
 """Job output as the agent serves it: streaming a job's file while the keeper writes it.
 
-Recording is the job keeper's (:mod:`agent.daemon.outputfile`): it reads each job's
+Recording is the job keeper's (:mod:`agent.keeper.outputfile`): it reads each job's
 pipe into ``<output_dir>/<job id>.out`` and tells the agent how far it got.
 
 Streaming reads the file, never the job: readers do not slow the job or
@@ -14,8 +14,8 @@ import asyncio
 import os
 from collections.abc import AsyncIterator, Callable
 
-from agent.daemon.errors import FailedPrecondition
-from agent.daemon.outputfile import OutputFile, WriteResult, describe_oserror
+from agent.keeper.errors import FailedPrecondition
+from agent.keeper.outputfile import OutputFile, WriteResult, describe_oserror
 
 __all__ = ["LiveOutput", "OutputFile", "WriteResult", "describe_oserror", "stream_file"]
 

@@ -14,13 +14,13 @@ import time
 from typing import Any
 
 from agent.configfile import ConfigError
-from agent.daemon import config as config_mod
 from agent.daemon import reloadstatus
 from agent.daemon.assembly import Listener, access_rules
 from agent.daemon.audit import AuditLog
-from agent.daemon.config import Config
 from agent.daemon.keeperclient import KeeperClient
 from agent.daemon.startup import Prepared, expiry_warnings
+from agent.keeper import config as config_mod
+from agent.keeper.config import Config
 
 log = logging.getLogger(__name__)
 

@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.daemon import procfs
-from agent.daemon.cgroups import CgroupError, Subtree
 from agent.daemon.history import History, JobRecord
-from agent.daemon.lifecycle import check_transition
+from agent.keeper.cgroups import CgroupError, Subtree
+from agent.keeper.lifecycle import check_transition
 from agent.vocabulary import JobState
 
 log = logging.getLogger(__name__)

@@ -29,10 +29,10 @@ from agent.daemon.assembly import (
     open_state,
     refresh_metrics,
 )
-from agent.daemon.config import Config
 from agent.daemon.reloading import Reloader
 from agent.daemon.sdnotify import Notifier, watchdog_interval
 from agent.daemon.startup import Prepared
+from agent.keeper.config import Config
 
 if TYPE_CHECKING:
     from agent.daemon.registration import Registrar

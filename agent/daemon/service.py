@@ -1,6 +1,6 @@
 """The gRPC Worker service: a thin layer over the supervisor.
 
-It converts protobuf messages to plain values (:mod:`agent.daemon.validation`
+It converts protobuf messages to plain values (:mod:`agent.keeper.validation`
 checks them), authenticates the caller from its verified certificate (read
 as the scheduler reads it, :func:`agent.rpc.peer_certificate`), builds its
 :class:`~agent.access.Caller` (deny by default), calls the supervisor,
@@ -23,10 +23,12 @@ from google.protobuf import message as pb_message
 from agent._proto import jobscheduler_pb2 as pb
 from agent.access import ANONYMOUS, AccessRules, Caller
 from agent.crl import RevocationChecker
-from agent.daemon import validation
-from agent.daemon.admission import StartRequest
 from agent.daemon.audit import AuditLog
-from agent.daemon.errors import (
+from agent.daemon.history import JobRecord
+from agent.daemon.supervisor import Supervisor
+from agent.keeper import validation
+from agent.keeper.admission import StartRequest
+from agent.keeper.errors import (
     AgentError,
     InvalidArgument,
     Kind,
@@ -34,8 +36,6 @@ from agent.daemon.errors import (
     Unauthenticated,
     agent_condition,
 )
-from agent.daemon.history import JobRecord
-from agent.daemon.supervisor import Supervisor
 from agent.rpc import STATUS as STATUS  # server.py's gate answers refusals with it
 from agent.rpc import abort, peer_certificate
 from agent.tls import PeerCert

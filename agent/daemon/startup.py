@@ -1,8 +1,8 @@
 """Start-up checks: everything fallible between a parsed config and a server.
 
-:func:`prepare` turns a :class:`~agent.daemon.config.Config` into a
+:func:`prepare` turns a :class:`~agent.keeper.config.Config` into a
 :class:`Prepared` bundle (policy, TLS material, job user, directories) or
-raises :class:`~agent.daemon.config.ConfigError` naming the file, section and key,
+raises :class:`~agent.keeper.config.ConfigError` naming the file, section and key,
 which the CLI prints as one line before exiting 2. ``agent check-config``
 runs exactly this and stops.
 
@@ -21,12 +21,11 @@ from pathlib import Path
 from agent import tls, x509
 from agent.configfile import ConfigError, is_loopback_host, split_host_port
 from agent.crl import CRLError, RevocationChecker
-from agent.daemon import admission, cgroups
-from agent.daemon import policy as policy_mod
-from agent.daemon.config import Config
-from agent.daemon.decision import (
+from agent.keeper import admission, cgroups
+from agent.keeper import policy as policy_mod
+from agent.keeper.config import Config
+from agent.keeper.decision import (
     LoadError,
-    _within,
     confine_policy,
     deny_paths,
     job_reader,
@@ -34,8 +33,14 @@ from agent.daemon.decision import (
     load_policy,
     resolve_job_user,
 )
-from agent.daemon.errors import AgentError
-from agent.daemon.jobsettings import JobUser, instance_id
+from agent.keeper.errors import AgentError
+from agent.keeper.jobsettings import JobUser
+from agent.keeper.preparation import (
+    check_private_dir,
+    check_scratch_dir,
+    setup_cgroups,
+    under_systemd,
+)
 from agent.vocabulary import CGROUP_LIMITS, LIMIT_NAMES
 
 __all__ = [
@@ -79,107 +84,6 @@ def _err(cfg: Config, section: str, key: str, msg: str) -> ConfigError:
     return ConfigError(cfg.path, section, key, msg)
 
 
-def check_private_dir(
-    cfg: Config, section: str, key: str, path: Path, *, create: bool, owner: int | None = None
-) -> None:
-    """Ensure ``path`` is a directory only the agent's user can write. ``owner``: that
-    user's uid, when it is not this process's (a root keeper serving another user's
-    agent: a directory it creates is handed to that user)."""
-    me = os.geteuid() if owner is None else owner
-    if create:
-        try:
-            path.mkdir(mode=0o700, parents=True, exist_ok=True)
-            if me != os.geteuid() and os.lstat(path).st_uid == os.geteuid():
-                os.chown(path, me, -1)
-        except OSError as e:
-            raise _err(cfg, section, key, f"{path}: cannot create: {e.strerror}") from None
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        parent = path.parent
-        while not parent.exists() and parent != parent.parent:
-            parent = parent.parent
-        if not os.access(parent, os.W_OK | os.X_OK):
-            raise _err(
-                cfg,
-                section,
-                key,
-                f"{path}: does not exist and {parent} is not writable by the agent",
-            ) from None
-        return  # created at start
-    if not stat.S_ISDIR(st.st_mode):
-        raise _err(cfg, section, key, f"{path}: not a directory")
-    if st.st_uid != me:
-        raise _err(
-            cfg,
-            section,
-            key,
-            f"{path}: owned by uid {st.st_uid}, not by the agent's user (uid {me})",
-        )
-    if st.st_mode & 0o022:
-        raise _err(
-            cfg,
-            section,
-            key,
-            f"{path}: writable by group or others (mode "
-            f"{st.st_mode & 0o777:04o}); run: chmod go-w {path}",
-        )
-    if me == os.geteuid() and not os.access(path, os.W_OK | os.X_OK):
-        raise _err(cfg, section, key, f"{path}: not writable by the agent")
-
-
-DEFAULT_CGROUP_PARENT = "worker-agent"
-
-
-def under_systemd() -> bool:
-    """Whether the agent runs as a systemd service (systemd sets INVOCATION_ID)."""
-    return bool(os.environ.get("INVOCATION_ID"))
-
-
-def setup_cgroups(cfg: Config) -> tuple[cgroups.Subtree | None, bool, list[str]]:
-    """The job cgroup subtree per ``[cgroups]``: (subtree, made by us, warnings).
-
-    ``required``: a subtree that cannot be had is a ConfigError (exit 2).
-    ``auto``: it is one warning, and jobs run without cgroups.
-    """
-    c = cfg.cgroups
-    if c.mode == "off":
-        return None, False, [_no_cgroup_warning('[cgroups] mode = "off"')]
-    systemd = under_systemd()
-    configured: Path | None = None
-    if c.path is not None:
-        configured = c.path / instance_id(cfg.jobs.state_dir)
-    elif not systemd:
-        # Outside systemd: <cgroup2 mount>/worker-agent/<instance>, one
-        # subtree per installation (its state directory), so agents side by
-        # side never see each other's jobs as leftovers.
-        try:
-            mount = cgroups.choose_cgroup2_mount(
-                cgroups.parse_cgroup2_mounts(Path("/proc/self/mountinfo").read_text())
-            )
-        except OSError:
-            mount = None
-        if mount is not None:
-            configured = mount / DEFAULT_CGROUP_PARENT / instance_id(cfg.jobs.state_dir)
-    try:
-        if configured is None and not systemd:
-            raise cgroups.CgroupError("no cgroup2 file system is mounted")
-        subtree = cgroups.setup("required", configured, under_systemd=systemd)
-    except cgroups.CgroupError as e:
-        if c.mode == "required":
-            raise _err(cfg, "cgroups", "mode", f'"required", but no job cgroups: {e}') from None
-        return None, False, [_no_cgroup_warning(str(e))]
-    assert subtree is not None
-    return subtree, configured is not None, []
-
-
-def _no_cgroup_warning(why: str) -> str:
-    return (
-        f"jobs run without cgroups ({why}): StopJob, timeouts and shutdown signal only a "
-        "job's process group, which a job can leave; memory and process limits are refused"
-    )
-
-
 def check_cgroup_limits(cfg: Config, subtree: cgroups.Subtree | None) -> list[str]:
     """Refuse configured limits whose controller job cgroups lack; say what is missing."""
     have = subtree.controllers if subtree is not None else frozenset()
@@ -221,35 +125,6 @@ def check_default_limits(cfg: Config) -> None:
             admission.check_kernel_limits({name: value}, admission.kernel_hard_limits([name]))
         except AgentError as e:
             raise _err(cfg, "limits.default", name, e.message) from None
-
-
-def check_scratch_dir(cfg: Config, deny: tuple[str, ...], *, create: bool) -> None:
-    """The scratch root: the agent's own, 0711, outside everything jobs are denied, and
-    containing none of it. Jobs reach only their own directory below it: no entry's
-    Landlock rules cover the root (the spawner denies it; a job's own directory is
-    granted by descriptor), so a job of the agent's own uid, which 0711 would not stop,
-    cannot list it or enter another job's directory either."""
-    root = cfg.scratch_dir
-    real = os.path.realpath(root)
-    for d in deny:
-        if _within(real, d) or _within(d, real) or _within(str(root), d):
-            raise _err(
-                cfg,
-                "confinement",
-                "scratch_dir",
-                f"{root}: overlaps {d}, which jobs must never reach",
-            )
-    if create:
-        try:
-            root.mkdir(mode=0o711, parents=True, exist_ok=True)
-            if os.lstat(root).st_uid == os.geteuid():
-                # Traverse only: each job reaches its own 0700 directory, lists nothing.
-                os.chmod(root, 0o711)  # noqa: S103
-        except OSError as e:
-            raise _err(
-                cfg, "confinement", "scratch_dir", f"{root}: cannot create: {e.strerror}"
-            ) from None
-    check_private_dir(cfg, "confinement", "scratch_dir", root, create=False)
 
 
 def prepare(cfg: Config, *, create_dirs: bool = True) -> Prepared:
@@ -345,7 +220,7 @@ def _credentials(cfg: Config, warnings: list[str]) -> _Credentials:
 def _policy(cfg: Config, warnings: list[str]) -> policy_mod.Policy:
     """The policy, loaded and confined as the job keeper will."""
     assert cfg.jobs.policy_file is not None
-    # agent.daemon.decision.load_in_child: a loader process, so yaml stays out of the
+    # agent.keeper.decision.load_in_child: a loader process, so yaml stays out of the
     # agent, which decides nothing.
     try:
         loaded = load_in_child(str(cfg.path), None)

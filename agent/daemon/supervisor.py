@@ -2,9 +2,9 @@
 
 Runs entirely on the asyncio event loop's thread. The agent's part of admission
 (accepting, ``max_running``) happens here; the rest (the request, the limits, the
-timeout, the policy) is the job keeper's decision (:mod:`agent.daemon.decision`).
+timeout, the policy) is the job keeper's decision (:mod:`agent.keeper.decision`).
 The job the keeper admits is recorded in the history and run by
-the job keeper (:mod:`agent.daemon.keeper`, through
+the job keeper (:mod:`agent.keeper.keeper`, through
 :class:`~agent.daemon.keeperclient.KeeperClient`), which owns everything about it
 from then on: its process, its output file, its timeout and output cap, and the
 lifecycle that decides how it ended. The supervisor keeps a mirror of each
@@ -36,24 +36,25 @@ from collections.abc import Callable
 from typing import Protocol
 
 from agent.access import Caller
-from agent.daemon import admission, procfs
-from agent.daemon import lifecycle as lc
-from agent.daemon import policy as policy_mod
-from agent.daemon.decision import NO_CGROUP_NOTE as NO_CGROUP_NOTE
-from agent.daemon.decision import cgroup_limits as cgroup_limits
-from agent.daemon.errors import (
+from agent.daemon import procfs
+from agent.daemon.history import History, JobRecord, record_to_wire
+from agent.daemon.jobview import JobView
+from agent.daemon.keeperclient import Admission, Finished
+from agent.daemon.output import LiveOutput, describe_oserror
+from agent.keeper import admission
+from agent.keeper import lifecycle as lc
+from agent.keeper import policy as policy_mod
+from agent.keeper.decision import NO_CGROUP_NOTE as NO_CGROUP_NOTE
+from agent.keeper.decision import cgroup_limits as cgroup_limits
+from agent.keeper.errors import (
     AgentError,
     Unavailable,
     agent_condition,
 )
-from agent.daemon.history import History, JobRecord, record_to_wire
-from agent.daemon.jobsettings import INSTANCE_ENV as INSTANCE_ENV
-from agent.daemon.jobsettings import JobUser as JobUser
-from agent.daemon.jobsettings import Settings as Settings
-from agent.daemon.jobsettings import instance_id as instance_id
-from agent.daemon.jobview import JobView
-from agent.daemon.keeperclient import Admission, Finished
-from agent.daemon.output import LiveOutput, describe_oserror
+from agent.keeper.jobsettings import INSTANCE_ENV as INSTANCE_ENV
+from agent.keeper.jobsettings import JobUser as JobUser
+from agent.keeper.jobsettings import Settings as Settings
+from agent.keeper.jobsettings import instance_id as instance_id
 from agent.vocabulary import JobState
 
 log = logging.getLogger(__name__)
@@ -180,7 +181,7 @@ class Supervisor:
         """Start a job or raise an AgentError saying why not.
 
         The agent decides what only it knows (accepting, ``max_running``); the job
-        keeper decides the rest (:mod:`agent.daemon.decision`: the policy, the limits,
+        keeper decides the rest (:mod:`agent.keeper.decision`: the policy, the limits,
         the timeout) and answers with a refusal, raised here as is, or with what the
         record needs (the canonical program, the resolved timeout and limits).
 

@@ -1,8 +1,8 @@
 """A job's lifecycle as pure code: events in, new state and actions out.
 
 Everything that affects how a job ends lives here, and nothing here does
-I/O (the shape of h11's ``_state.py``): the supervisor
-(:mod:`agent.daemon.supervisor`) owns the descriptors, the timers and the
+I/O (the shape of h11's ``_state.py``): the agent's supervisor
+(its ``supervisor`` module) owns the descriptors, the timers and the
 process operations, feeds every event it observes to :meth:`Life.handle`,
 and carries out the actions it gets back. That keeps the races (exit before
 the end of output, a stop during start, a timeout after the exit, a cap
@@ -486,7 +486,7 @@ class Life:
             return target, f"{how} (CPU time limit of {self.cpu_seconds} s reached)"
         return target, how
 
-    # ---- across the keeper's re-exec (agent.daemon.keeperstate)
+    # ---- across the keeper's re-exec (agent.keeper.keeperstate)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for the keeper's state handed across ``execve``: the shape of

@@ -1,6 +1,6 @@
 """``agent keeper``: the job keeper as a service of its own (``[keeper] mode = "service"``).
 
-The keeper (:mod:`agent.daemon.keeper`) is normally the agent's child; as a service
+The keeper (:mod:`agent.keeper.keeper`) is normally the agent's child; as a service
 (the unit worker-agent-keeper.service) it is started on its own, before the agent, and
 outlives every restart, crash and upgrade of the agent: stopping the agent leaves the
 jobs running, stopping the keeper stops them (docs/deployment.md, "Stopping, restarting,
@@ -24,17 +24,13 @@ import time
 from pathlib import Path
 
 from agent.configfile import ConfigError
-from agent.daemon import cgroups
-from agent.daemon import spawnproto as proto
-from agent.daemon.config import Config
-from agent.daemon.keeperclient import KEEPER_ENDED, KEEPER_SOCKET, keeper_argv
-from agent.daemon.spawn import SPAWN_ENV, _interpreter
-from agent.daemon.startup import (
-    check_private_dir,
-    check_scratch_dir,
-    deny_paths,
-    setup_cgroups,
-)
+from agent.keeper import cgroups
+from agent.keeper import spawnproto as proto
+from agent.keeper.config import Config
+from agent.keeper.decision import deny_paths
+from agent.keeper.launch import KEEPER_ENDED, KEEPER_SOCKET, keeper_argv
+from agent.keeper.preparation import check_private_dir, check_scratch_dir, setup_cgroups
+from agent.keeper.spawn import SPAWN_ENV, _interpreter
 
 # What the keeper keeps of its environment: the service manager's notification socket
 # and the spawn path override (tests); nothing reaches a job (its environment is built
@@ -138,7 +134,7 @@ def after_stop(environ: dict[str, str] | os._Environ[str]) -> int:
     """``agent keeper --after-stop``: the unit's ExecStopPost=. The unit has
     KillMode=process, so systemd kills only the keeper's own process: a keeper that
     crashed (kill -9, a bug) leaves its jobs running in their cgroups, and the keeper
-    systemd restarts adopts them (:meth:`agent.daemon.keeper.Keeper.adopt_leftovers`).
+    systemd restarts adopts them (:meth:`agent.keeper.keeper.Keeper.adopt_leftovers`).
     A keeper that was *stopped* stopped its jobs itself; whatever is left then (the stop
     timed out) is killed here, so that stopping the unit still stops every job.
 

@@ -24,31 +24,31 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agent.daemon import cgroups, seccomp
-from agent.daemon import lifecycle as lc
-from agent.daemon.outputfile import OutputFile
+from agent.keeper import cgroups, seccomp
+from agent.keeper import lifecycle as lc
+from agent.keeper.outputfile import OutputFile
 
 if TYPE_CHECKING:
-    from agent.daemon.keeper import Keeper
+    from agent.keeper.keeper import Keeper
 
 STATE_VERSION = 1
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 KEEPER_MAIN = (
     "import sys; sys.path.insert(0, sys.argv.pop(1)); "
-    "from agent.daemon.keeper import main; sys.exit(main(sys.argv[1:]))"
+    "from agent.keeper.keeper import main; sys.exit(main(sys.argv[1:]))"
 )
 # The timer events a kept job can be waiting for (they carry no fields).
 TIMER_EVENTS = {
     cls.__name__: cls for cls in (lc.TimedOut, lc.KillGraceExpired, lc.OutputGraceExpired)
 }
-CHECK = "import sys; sys.path.insert(0, sys.argv[1]); import agent.daemon.keeperstate"
+CHECK = "import sys; sys.path.insert(0, sys.argv[1]); import agent.keeper.keeperstate"
 F_ADD_SEALS = 1033
 SEALS = 0x0001 | 0x0002 | 0x0004 | 0x0008  # SEAL, SHRINK, GROW, WRITE
 
 
 def quiet(k: Keeper) -> bool:
     """No start half-way and no cgroup being emptied: nothing a snapshot would miss."""
-    from agent.daemon.spawner import Starting
+    from agent.keeper.spawner import Starting
 
     starting = any(isinstance(key.data, Starting) for key in k.sel.get_map().values())
     return not k.by_rid and not k.draining and not starting
@@ -213,7 +213,7 @@ def restore(k: Keeper, state: dict[str, Any]) -> None:
     import selectors
     import socket
 
-    from agent.daemon.keeper import KeptJob
+    from agent.keeper.keeper import KeptJob
 
     k.gen = state["gen"]
     k.rids = itertools.count(state["rids"])

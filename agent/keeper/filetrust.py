@@ -20,7 +20,7 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
-from agent.daemon.errors import Kind
+from agent.keeper.errors import Kind
 
 # deny(rule, message, kind): how a check reports one problem.
 Deny = Callable[..., None]
@@ -28,7 +28,7 @@ Deny = Callable[..., None]
 # Where a job finds its sealed (pinned) script: the spawner dup2()s the
 # plan's script_fd to descriptor 3, and the interpreter is given this path
 # instead of the script's, so it reads the verified bytes, not the file on
-# disk. The spawner (agent.daemon.spawn) defines the same value.
+# disk. The spawner (agent.keeper.spawn) defines the same value.
 SCRIPT_FD = 3
 SCRIPT_FD_PATH = f"/proc/self/fd/{SCRIPT_FD}"
 

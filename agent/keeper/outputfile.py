@@ -7,8 +7,8 @@ descriptor is taken before the job starts (an unnamed ``O_TMPFILE`` that the fir
 byte links into place): a keeper out of descriptors refuses the start instead of
 starting a job that then fails for want of its output file.
 
-Standard library only (no asyncio): the keeper (:mod:`agent.daemon.keeper`) imports
-it, and the agent's streaming side (:mod:`agent.daemon.output`) reads what it wrote.
+Standard library only (no asyncio): the keeper (:mod:`agent.keeper.keeper`) imports
+it, and the agent's streaming side (its ``output`` module) reads what it wrote.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import stat
 from dataclasses import dataclass
 from typing import Any
 
-from agent.daemon.errors import SpawnFailure, agent_condition
+from agent.keeper.errors import SpawnFailure, agent_condition
 
 
 def describe_oserror(e: OSError) -> str:
@@ -140,7 +140,7 @@ class OutputFile:
                 os.fchown(self._fd, self.owner, -1)
 
     def state(self) -> dict[str, Any]:
-        """What the keeper hands across ``execve`` (agent.daemon.keeperstate)."""
+        """What the keeper hands across ``execve`` (agent.keeper.keeperstate)."""
         return {
             "path": self.path,
             "cap": self.cap,

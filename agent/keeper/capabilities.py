@@ -9,7 +9,7 @@ it is still root): :func:`apply`, in this order, which is the only one that work
    capabilities) can ever get a dropped capability back.
 2. ``PR_SET_KEEPCAPS`` when the job keeps capabilities but runs as another user:
    otherwise setresuid() away from root clears the permitted set.
-3. ``setresuid`` (done by the caller, :mod:`agent.daemon.spawner`).
+3. ``setresuid`` (done by the caller, :mod:`agent.keeper.spawner`).
 4. ``capset``: effective = permitted = inheritable = the wanted set, nothing more.
 5. ``PR_CAP_AMBIENT_RAISE`` of each wanted capability for a non-root user: ambient
    capabilities are the only ones a non-root process keeps across execve of a plain

@@ -1,7 +1,7 @@
 """Who jobs run as and what starting one needs from the configuration: the settings
 the keeper decides with and the agent records with, and the id of an installation.
 
-A module of its own, with nothing heavy, so that both the keeper (agent.daemon.decision)
+A module of its own, with nothing heavy, so that both the keeper (agent.keeper.decision)
 and the agent's start-up and supervisor import it without importing each other.
 """
 
@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.daemon import admission, cgroups
+from agent.keeper import admission, cgroups
 
 INSTANCE_ENV = "AGENT_INSTANCE"
-JOB_ID_ENV = "AGENT_JOB_ID"  # agent.daemon.procfs.JOB_ID_ENV
+JOB_ID_ENV = "AGENT_JOB_ID"  # the agent's procfs.JOB_ID_ENV
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """The job keeper's decision: configuration and policy in, a spawn (or a refusal) out.
 
-The keeper (:mod:`agent.daemon.keeper`) loads the agent's configuration and the
+The keeper (:mod:`agent.keeper.keeper`) loads the agent's configuration and the
 policy itself (:func:`load_decider`, from its own ``--config``; :meth:`Decider.reload`
 on the agent's SIGHUP) and decides every start the agent hands it: the agent sends
 only who asks (the caller's identity, as the agent saw it) and what (the request).
@@ -8,7 +8,7 @@ Everything that depends on the policy or the configuration happens here, in this
 order: malformed requests, limits against their maxima and the kernel's hard limits,
 the timeout, the policy's decision (file trust, pins), the cgroup controllers the
 limits need; then :func:`build_spawn` turns the admitted plan into the spawner's
-:class:`~agent.daemon.spawnplan.SpawnSpec` and the lifecycle's :class:`RunSpec`. So
+:class:`~agent.keeper.spawnplan.SpawnSpec` and the lifecycle's :class:`RunSpec`. So
 code execution in the agent can start only what the policy allows some identity to
 start, as the users and with the capabilities the policy gives.
 
@@ -33,13 +33,13 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
     from agent.configfile import ConfigError
-    from agent.daemon.config import Config
+    from agent.keeper.config import Config
 
-from agent.daemon import admission, capabilities, cgroups, landlock, policyfile, seccomp
-from agent.daemon import policy as policy_mod
-from agent.daemon.errors import FailedPrecondition
-from agent.daemon.jobsettings import INSTANCE_ENV, JOB_ID_ENV, JobUser, Settings, instance_id
-from agent.daemon.spawnplan import SpawnSpec
+from agent.keeper import admission, capabilities, cgroups, landlock, policyfile, seccomp
+from agent.keeper import policy as policy_mod
+from agent.keeper.errors import FailedPrecondition
+from agent.keeper.jobsettings import INSTANCE_ENV, JOB_ID_ENV, JobUser, Settings, instance_id
+from agent.keeper.spawnplan import SpawnSpec
 from agent.vocabulary import CGROUP_FIELDS, CGROUP_LIMITS, LIMIT_NAMES
 
 
@@ -207,7 +207,7 @@ class Decider:
 
     def decide(self, job_id: str, req: admission.StartRequest) -> Decided:
         """Admit ``req`` as job ``job_id``, or raise the AgentError that refuses it."""
-        from agent.daemon import validation
+        from agent.keeper import validation
 
         s = self.settings
         # Every size bound first, as the agent's service checks them (a compromised
@@ -318,7 +318,7 @@ class LoadError(Exception):
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LOADER_MAIN = (
     "import sys; sys.path.insert(0, sys.argv.pop(1)); "
-    "from agent.daemon.decision import loader_main; sys.exit(loader_main(sys.argv[1:]))"
+    "from agent.keeper.decision import loader_main; sys.exit(loader_main(sys.argv[1:]))"
 )
 LOADER_OUTPUT_MAX = 64 << 20
 
@@ -381,7 +381,7 @@ def loader_main(argv: list[str]) -> int:
     import pickle
 
     from agent.configfile import ConfigError
-    from agent.daemon import config as config_mod
+    from agent.keeper import config as config_mod
 
     subtree = None
     if len(argv) == 3:
@@ -691,7 +691,7 @@ def request_from_wire(d: Any) -> admission.StartRequest | str:
 
     Types only (and the identity's length): the sizes a caller could have sent are
     refused by :meth:`Decider.decide` with the agent's own words
-    (:func:`agent.daemon.validation.start_bounds`), the rest by the policy.
+    (:func:`agent.keeper.validation.start_bounds`), the rest by the policy.
     """
     if not isinstance(d, dict) or set(d) != REQUEST_KEYS:
         return "malformed start: request"

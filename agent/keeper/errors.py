@@ -1,4 +1,5 @@
-"""The daemon's domain errors, free of gRPC.
+"""The daemon's domain errors (both of its programs: the keeper raises them, the agent
+answers with them), free of gRPC.
 
 The refusals themselves are the shared ones of :mod:`agent.refusal` (re-exported
 here; ``AgentError`` is the daemon's name for :class:`~agent.refusal.Refusal`),

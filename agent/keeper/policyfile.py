@@ -1,8 +1,8 @@
-"""Reading the whitelist policy file: YAML in, frozen :class:`~agent.daemon.policy.Policy`
-data out, every invalid entry refused with a :class:`~agent.daemon.policy.PolicyError`
+"""Reading the whitelist policy file: YAML in, frozen :class:`~agent.keeper.policy.Policy`
+data out, every invalid entry refused with a :class:`~agent.keeper.policy.PolicyError`
 that names it; and the load-time check that the job user can reach what an entry runs.
 
-The other half, deciding a request against the policy, is :mod:`agent.daemon.policy`:
+The other half, deciding a request against the policy, is :mod:`agent.keeper.policy`:
 it never parses, and this module never decides.
 """
 
@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.daemon import capabilities
-from agent.daemon.errors import Kind
-from agent.daemon.filetrust import RealFileSystem, check_file
-from agent.daemon.landlock import LandlockSpec
-from agent.daemon.policy import (
+from agent.keeper import capabilities
+from agent.keeper.errors import Kind
+from agent.keeper.filetrust import RealFileSystem, check_file
+from agent.keeper.landlock import LandlockSpec
+from agent.keeper.policy import (
     DEFAULT_MAX_ARG_LENGTH,
     DEFAULT_MAX_ARGS,
     DEFAULT_READ,
@@ -37,9 +37,9 @@ from agent.daemon.policy import (
     ScriptRule,
     lexical_path_problem,
 )
-from agent.daemon.seccomp import GROUPS as SYSCALL_GROUPS
-from agent.daemon.seccomp import SeccompSpec
-from agent.daemon.validation import ENV_NAME, MAX_ARG_BYTES, MAX_ARGS, MAX_PATH_BYTES, text_problem
+from agent.keeper.seccomp import GROUPS as SYSCALL_GROUPS
+from agent.keeper.seccomp import SeccompSpec
+from agent.keeper.validation import ENV_NAME, MAX_ARG_BYTES, MAX_ARGS, MAX_PATH_BYTES, text_problem
 
 # Environment variables that change how a loader, shell or interpreter
 # behaves before the job's own code runs. Letting a caller set them would
@@ -235,7 +235,7 @@ def parse(
     folder); without a base they are refused.
     """
     # Imported here: the job keeper decides with this module but parses no policy
-    # itself (its loader process does, see agent.daemon.decision), so yaml stays out
+    # itself (its loader process does, see agent.keeper.decision), so yaml stays out
     # of its memory.
     import yaml
 

@@ -12,8 +12,8 @@ import resource
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from agent.daemon import policy as policy_mod
-from agent.daemon.errors import InvalidArgument, ResourceExhausted, Unavailable
+from agent.keeper import policy as policy_mod
+from agent.keeper.errors import InvalidArgument, ResourceExhausted, Unavailable
 from agent.vocabulary import LIMIT_NAMES, RLIMITS
 
 

@@ -1,8 +1,8 @@
 """The job spawner's vfork path: a plan turned into what the C child (``_vspawn.c``) runs.
 
-The spawner (:mod:`agent.daemon.spawner`) starts each job either with ``os.fork()`` and
+The spawner (:mod:`agent.keeper.spawner`) starts each job either with ``os.fork()`` and
 the Python child set-up (``spawner._child``), or, when the C extension
-``agent.daemon._vspawn`` is importable, with ``clone(CLONE_VM | CLONE_VFORK)`` and the
+``agent.keeper._vspawn`` is importable, with ``clone(CLONE_VM | CLONE_VFORK)`` and the
 same set-up done by C code that makes only system calls. This module is the bridge: it
 builds, in the spawner and before the clone, every array the C child needs (argv and
 envp as bytes, the descriptors, the op lists with their arguments) and the name of
@@ -10,7 +10,7 @@ every step, so that a failing step is reported with exactly the text the fork pa
 gives (``setrlimit RLIMIT_NOFILE: Operation not permitted (EPERM)``).
 
 The op lists follow ``spawner._child`` and ``spawner._switch_user`` line by line, and
-:meth:`agent.daemon.landlock.Ruleset.child_program` follows ``Ruleset.restrict``;
+:meth:`agent.keeper.landlock.Ruleset.child_program` follows ``Ruleset.restrict``;
 a change to one must be made to the other (tests/test_vspawn.py compares the two paths'
 jobs for the same plans).
 
@@ -28,11 +28,11 @@ import struct
 from collections.abc import Sequence
 from typing import Any
 
-from agent.daemon import capabilities as caps_mod
-from agent.daemon import landlock, seccomp
-from agent.daemon import spawnproto as proto
+from agent.keeper import capabilities as caps_mod
+from agent.keeper import landlock, seccomp
+from agent.keeper import spawnproto as proto
 
-# agent/daemon/_vspawn.c
+# agent/keeper/_vspawn.c
 OP_SETSID = 1
 OP_CGROUP_JOIN = 2
 OP_SETRLIMIT = 3
@@ -85,12 +85,12 @@ def choose(env: dict[str, str] | os._Environ[str]) -> tuple[str, str, Any]:
     if want == "fork":
         return "fork", f"{ENV_VAR}=fork", None
     try:
-        from agent.daemon import _vspawn  # type: ignore[attr-defined]
+        from agent.keeper import _vspawn  # type: ignore[attr-defined]
     except ImportError as e:
         if want == "vfork":
-            raise RuntimeError(f"{ENV_VAR}=vfork but agent.daemon._vspawn: {e}") from None
-        return "fork", f"agent.daemon._vspawn is not available ({e})", None
-    return "vfork", "agent.daemon._vspawn", _vspawn
+            raise RuntimeError(f"{ENV_VAR}=vfork but agent.keeper._vspawn: {e}") from None
+        return "fork", f"agent.keeper._vspawn is not available ({e})", None
+    return "vfork", "agent.keeper._vspawn", _vspawn
 
 
 class Steps:
@@ -114,7 +114,7 @@ class Steps:
 
 
 def user_ops(plan: dict[str, Any], root: bool, last_cap: int, steps: Steps, euid: int) -> list[Op]:
-    """spawner._switch_user as ops (see agent.daemon.capabilities for the order)."""
+    """spawner._switch_user as ops (see agent.keeper.capabilities for the order)."""
     uid, gid = plan.get("uid"), plan.get("gid")
     caps: list[int] = plan.get("capabilities", [])
     switch = steps("user switch")

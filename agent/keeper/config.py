@@ -1,10 +1,14 @@
-"""The agent's configuration: config.toml -> a frozen :class:`Config`.
+"""The daemon's configuration: config.toml -> a frozen :class:`Config`.
+
+One file for both of the daemon's programs: the agent imports it from here, and the
+keeper reads it itself (its policy loader, :func:`agent.keeper.decision.loader_main`),
+so it lives on the keeper's side of their one-way import graph.
 
 Two steps, as in uvicorn: :func:`parse` turns the TOML text into a
 :class:`Config` (pure: types, ranges, cross-field rules; no file is opened
-apart from the config itself), and :func:`agent.daemon.startup.prepare`
-does the fallible work against the file system (keys, directories, the
-policy). Every error is a :class:`~agent.configfile.ConfigError` whose
+apart from the config itself), and the agent's start-up checks (``prepare`` of
+its ``startup`` module) do the fallible work against the file system (keys,
+directories, the policy). Every error is a :class:`~agent.configfile.ConfigError` whose
 message names the file, the section and the key, fits on one line, and is
 what the ``agent`` command prints before exiting with status 2.
 """

@@ -1,4 +1,4 @@
-"""The wire format between the agent and its job spawner (:mod:`agent.daemon.spawner`).
+"""The wire format between the agent and its job spawner (:mod:`agent.keeper.spawner`).
 
 Standard library only, and nothing heavy: the spawner imports this module
 and must stay small (no asyncio, no grpc, no yaml).
@@ -20,7 +20,7 @@ Spawner -> agent::
 
     {"op": "hello", "spawn": "vfork" | "fork", "why": TEXT}
         the first message: which spawn path this spawner uses (see
-        agent.daemon.vspawn) and why; the agent logs it.
+        agent.keeper.vspawn) and why; the agent logs it.
     {"op": "spawned", "id": N, "pid": P}      the program was executed
     {"op": "spawned", "id": N, "error": "execve: Exec format error (ENOEXEC)"}
     {"op": "exited", "pid": P, "code": C | null, "signal": S | null,

@@ -46,7 +46,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from agent.daemon import capabilities
+from agent.keeper import capabilities
 
 # Actions (include/uapi/linux/seccomp.h).
 ACT_ALLOW = 0x7FFF0000

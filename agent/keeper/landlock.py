@@ -375,7 +375,7 @@ class Ruleset:
         self._shared = -1
         # Built here once so the child's loop is only system calls (~1.5 us a rule there).
         # Each rule's attribute as bytes: what ctypes passes by pointer in the fork path's
-        # child and what the C vfork child (agent.daemon.vspawn) is handed as is, and the
+        # child and what the C vfork child (agent.keeper.vspawn) is handed as is, and the
         # C child's "add" steps (child_program) ready made, as one block: every job of the
         # entry adds the same rules, so the spawner turns them into ops once (vspawn).
         self._rules: list[tuple[int, bytes, str]] = []  # (rule type, attr, name)
@@ -494,7 +494,7 @@ class Ruleset:
 
         The same system calls in the same order with the same step names (the caller
         prefixes "landlock: "), everything built here, in the spawner, so the child only
-        makes system calls (agent.daemon.vspawn turns this into its op list). Items:
+        makes system calls (agent.keeper.vspawn turns this into its op list). Items:
         ("nnp", step), ("create", step, attr, size), ("add", step, rule type, attr),
         ("adds", steps, ((rule type, attr), ...)): the prepared rules, the same object for
         every job of this spec,

@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from agent.daemon import capabilities, seccomp
+from agent.keeper import capabilities, seccomp
 
 # ---------------------------------------------------------------- the pool
 
@@ -125,7 +125,7 @@ def keeper_filter(lo: int, hi: int, arch: int, numbers: dict[str, int]) -> bytes
 
     Why each id is compared on its low 32 bits: uid_t is 32 bits and the kernel reads
     only those, so a value 0x1_0000_0000 is uid 0 to the kernel; the filter sees the same
-    32 bits. Why not libseccomp's rules (agent.daemon.seccomp): "in a range or -1" is
+    32 bits. Why not libseccomp's rules (agent.keeper.seccomp): "in a range or -1" is
     three comparisons of one argument, and libseccomp allows one per argument and rule.
     A call of another ABI (i386, x32) is refused outright, as systemd's
     SystemCallArchitectures=native does: its numbers differ and are not checked here.

@@ -1,8 +1,8 @@
 """The spawn plan: everything needed to start one job process, its wire form and the
 one schema that form is checked against.
 
-:class:`SpawnSpec` is what the job keeper (:mod:`agent.daemon.decision` builds it from an
-admitted request) and the bare spawner's client (:class:`agent.daemon.spawn.SpawnerOps`)
+:class:`SpawnSpec` is what the job keeper (:mod:`agent.keeper.decision` builds it from an
+admitted request) and the bare spawner's client (:class:`agent.keeper.spawn.SpawnerOps`)
 hand to the spawner; :func:`plan_of` is its one wire form and :func:`check_plan` the one
 schema: the sender checks its own plan with it before sending, the spawner checks what
 it receives with it (a plan from anywhere else, a compromised sender included), and only
@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from agent.daemon.landlock import LandlockSpec
-    from agent.daemon.seccomp import SeccompSpec
+    from agent.keeper.landlock import LandlockSpec
+    from agent.keeper.seccomp import SeccompSpec
 
 
 @dataclass(frozen=True)
@@ -194,7 +194,7 @@ def check_plan(plan: Any, fds: dict[str, int]) -> str:
 
 
 def _seccomp() -> Any:
-    """agent.daemon.seccomp, imported when a plan has a filter (it loads libseccomp)."""
-    from agent.daemon import seccomp
+    """agent.keeper.seccomp, imported when a plan has a filter (it loads libseccomp)."""
+    from agent.keeper import seccomp
 
     return seccomp

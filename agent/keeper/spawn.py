@@ -1,11 +1,11 @@
 """Starting, signalling and reaping job processes: the only place that does.
 
-Everything here is behind :class:`ProcessOps`, so the supervisor
-(:mod:`agent.daemon.supervisor`) is driven by a fake in unit tests
+Everything here is behind :class:`ProcessOps`, so the agent's supervisor
+(its ``supervisor`` module) is driven by a fake in unit tests
 (tests/test_supervisor_unit.py) and by the real kernel in integration tests.
 
 The real implementation, :class:`SpawnerOps`, hands every job to the job
-spawner (:mod:`agent.daemon.spawner`), a small single-threaded process
+spawner (:mod:`agent.keeper.spawner`), a small single-threaded process
 started from a fresh interpreter when the agent starts. Why (the design
 notes, "Facts measured on these machines"): no Python code may run between
 fork and exec in the gRPC process, and util-linux ``prlimit``/``setpriv``
@@ -18,10 +18,10 @@ so it reaps them (pidfd + ``wait4``: status, no polling) after killing what
 each job left in its process group, and reports the exit. With a cgroup
 subtree (``cgroups``) it also creates each job's cgroup (``SpawnSpec.cgroup``,
 asked for by job id), kills it as a whole when the leader exits, waits until
-it is empty, accounts from it and removes it (see :mod:`agent.daemon.spawner`).
+it is empty, accounts from it and removes it (see :mod:`agent.keeper.spawner`).
 
 The agent side sends a fully resolved plan over a ``SOCK_SEQPACKET``
-socketpair (:mod:`agent.daemon.spawnproto`), with the job's descriptors by
+socketpair (:mod:`agent.keeper.spawnproto`), with the job's descriptors by
 SCM_RIGHTS, and reads the answers with ``loop.add_reader``: nothing blocks
 the event loop but one ``sendmsg``.
 
@@ -53,26 +53,26 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from agent.daemon import spawnproto as proto
-from agent.daemon.cgroups import CgroupError, Subtree
-from agent.daemon.errors import SpawnFailure
-from agent.daemon.filetrust import SCRIPT_FD_PATH
-from agent.daemon.lifecycle import Exit
-from agent.daemon.spawnplan import SpawnSpec, plan_of
+from agent.keeper import spawnproto as proto
+from agent.keeper.cgroups import CgroupError, Subtree
+from agent.keeper.errors import SpawnFailure
+from agent.keeper.filetrust import SCRIPT_FD_PATH
+from agent.keeper.lifecycle import Exit
+from agent.keeper.spawnplan import SpawnSpec, plan_of
 
 __all__ = ["SCRIPT_FD_PATH", "SPAWNER_DIED", "SpawnFailure", "SpawnSpec", "SpawnerOps", "plan_of"]
 
 log = logging.getLogger(__name__)
 
 SPAWNER_DIED = "the job spawner died; the job's processes were killed"
-SPAWN_ENV = "WORKER_AGENT_SPAWN"  # agent.daemon.vspawn.ENV_VAR (not imported: stays light)
+SPAWN_ENV = "WORKER_AGENT_SPAWN"  # agent.keeper.vspawn.ENV_VAR (not imported: stays light)
 MAX_DEATHS = 3
 DEATH_WINDOW = 60.0
 CLOSE_WAIT = 2.0
 _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _SPAWNER_MAIN = (
     "import sys; sys.path.insert(0, sys.argv.pop(1)); "
-    "from agent.daemon.spawner import main; sys.exit(main(sys.argv[1:]))"
+    "from agent.keeper.spawner import main; sys.exit(main(sys.argv[1:]))"
 )
 
 
@@ -153,7 +153,7 @@ class SpawnerOps:
                 close_fds=True,
                 stdin=subprocess.DEVNULL,
                 # Nothing of the agent's environment but the spawn path choice
-                # (fork / vfork / auto, see agent.daemon.vspawn).
+                # (fork / vfork / auto, see agent.keeper.vspawn).
                 env={k: v for k, v in os.environ.items() if k == SPAWN_ENV},
                 cwd="/",
             )

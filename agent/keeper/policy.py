@@ -5,7 +5,7 @@ The policy's data (frozen :class:`Policy`, its :class:`Entry` rules) and the dec
 view, and returns a :class:`Decision`: either a :class:`Plan` (exactly what to execute)
 or every reason it was denied. It fails closed: anything it does not positively allow
 is denied, and any unexpected condition is a denial, not an exception. Reading the YAML
-file into that data is the other half, :mod:`agent.daemon.policyfile`.
+file into that data is the other half, :mod:`agent.keeper.policyfile`.
 
 The file checks follow OpenSSH's StrictModes: the program, the script and
 every directory above them must be owned by root or the agent's own user and
@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.daemon.errors import (
+from agent.keeper.errors import (
     AgentError,
     FailedPrecondition,
     InvalidArgument,
@@ -31,7 +31,7 @@ from agent.daemon.errors import (
     PermissionDenied,
     agent_condition,
 )
-from agent.daemon.filetrust import (
+from agent.keeper.filetrust import (
     BINPRM_BUF_SIZE,
     ELF_MAGIC,
     SCRIPT_FD_PATH,
@@ -43,9 +43,9 @@ from agent.daemon.filetrust import (
     resolve_trusted,
     sealed_copy,
 )
-from agent.daemon.landlock import LandlockSpec
-from agent.daemon.seccomp import SeccompSpec
-from agent.daemon.validation import (
+from agent.keeper.landlock import LandlockSpec
+from agent.keeper.seccomp import SeccompSpec
+from agent.keeper.validation import (
     MAX_PATH_BYTES,
     text_problem,
     validate_request,
@@ -99,7 +99,7 @@ class Confinement:
     """How an entry's jobs are boxed: Landlock, identity, capabilities (see docs/security.md).
 
     ``landlock`` is the entry's spec; the start-up checks
-    (:func:`agent.daemon.startup.confine_policy`) add the agent's deny list, check it
+    (:func:`agent.keeper.decision.confine_policy`) add the agent's deny list, check it
     against the kernel and set ``abi``. ``uid`` None keeps the configured job user.
     """
 

@@ -1,13 +1,13 @@
 """The job keeper: the process that holds the jobs, so that they outlive the agent.
 
-It grows out of the job spawner (:mod:`agent.daemon.spawner`, whose spawning,
+It grows out of the job spawner (:mod:`agent.keeper.spawner`, whose spawning,
 reaping, cgroups, Landlock and seccomp it inherits) and adds what a job needs
 while nobody faces the network for it:
 
 * **its output**: the keeper makes each job's pipe, reads it and records it in
-  the job's output file (:mod:`agent.daemon.outputfile`: the cap truncates, a
+  the job's output file (:mod:`agent.keeper.outputfile`: the cap truncates, a
   write error fails the job), and tells the agent how far each file got;
-* **its lifecycle**: the pure :class:`agent.daemon.lifecycle.Life` of each job
+* **its lifecycle**: the pure :class:`agent.keeper.lifecycle.Life` of each job
   runs here, with its timers: the timeout, the grace between SIGTERM and
   SIGKILL, the output cap's kill, the end of the output after the exit. So a
   job times out, is capped and ends with its true status whether or not an
@@ -26,7 +26,7 @@ dead parent could reap it), and the job's end says so: LOST, "exit status unknow
 keeper restarted". Without cgroups nothing can find them again.
 
 The agent faces the network and keeps the history; it attaches to the keeper's
-socket (``SOCK_SEQPACKET``, the protocol of :mod:`agent.daemon.spawnproto`),
+socket (``SOCK_SEQPACKET``, the protocol of :mod:`agent.keeper.spawnproto`),
 and when it goes (restart, crash, kill -9, upgrade) the jobs run on. The next
 agent attaches and gets a ``hello`` listing every running job (with the record
 the first agent gave it, as the keeper completed it, so a start the agent never
@@ -38,7 +38,7 @@ keeper is a child subreaper, so every process a job starts stays its descendant,
 however it double-forks) nor in a job cgroup. A job, even one running as the
 agent's own uid in the development mode, cannot talk to the keeper.
 
-The keeper decides every start (:mod:`agent.daemon.decision`): it loads the
+The keeper decides every start (:mod:`agent.keeper.decision`): it loads the
 configuration and the policy itself (``--config``: the agent's own config file, read
 in a loader process; again on ``reload``), and the agent sends only who asks (the
 caller's identity, as the agent saw it) and what (the request): never a plan, a user,
@@ -100,14 +100,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from agent.daemon import cgroups, uids, vspawn
-from agent.daemon import lifecycle as lc
-from agent.daemon import spawnproto as proto
-from agent.daemon.decision import Decided, Decider, LoadError, load_in_child, request_from_wire
-from agent.daemon.errors import AgentError
-from agent.daemon.outputfile import OutputFile
-from agent.daemon.spawner import Spawner, signal_leaf
-from agent.daemon.spawnplan import plan_of
+from agent.keeper import cgroups, uids, vspawn
+from agent.keeper import lifecycle as lc
+from agent.keeper import spawnproto as proto
+from agent.keeper.decision import Decided, Decider, LoadError, load_in_child, request_from_wire
+from agent.keeper.errors import AgentError
+from agent.keeper.outputfile import OutputFile
+from agent.keeper.spawner import Spawner, signal_leaf
+from agent.keeper.spawnplan import plan_of
 
 PROTOCOL = 2  # 2: the keeper decides (requests, not plans)
 LISTEN = "listen"
@@ -538,8 +538,8 @@ class Keeper(Spawner):
         self.kill_all()
 
     def maybe_reexec(self) -> None:
-        """Re-execute the code on disk once quiet (see agent.daemon.keeperstate)."""
-        from agent.daemon import keeperstate
+        """Re-execute the code on disk once quiet (see agent.keeper.keeperstate)."""
+        from agent.keeper import keeperstate
 
         if not keeperstate.quiet(self):
             return  # again after the next turn
@@ -718,7 +718,7 @@ class Keeper(Spawner):
 
     def start(self, msg: dict[str, Any], fds: dict[str, int]) -> None:
         """A start: who asks and what (never a plan). The keeper decides it (the policy,
-        the limits, the timeout: :mod:`agent.daemon.decision`), answers "refused" or
+        the limits, the timeout: :mod:`agent.keeper.decision`), answers "refused" or
         "admitted" (with what the record needs, which it completes itself), then
         spawns and answers "started"."""
         rid, job_id, record = msg.get("id"), msg.get("job"), msg.get("record")
@@ -1441,7 +1441,7 @@ class Keeper(Spawner):
 
 def notify(state: str) -> None:
     """sd_notify(3) to the service manager, if any (a service keeper; never raises). Not
-    agent.daemon.sdnotify: its logging import would double the keeper's memory."""
+    the agent's sdnotify: its logging import would double the keeper's memory."""
     addr = os.environ.get("NOTIFY_SOCKET", "")
     if not addr:
         return
@@ -1503,7 +1503,7 @@ def _reap_orphans(keeper: Keeper) -> None:
 
 
 def _is_starting(keeper: Keeper, pid: int) -> bool:
-    from agent.daemon.spawner import Starting
+    from agent.keeper.spawner import Starting
 
     return any(
         isinstance(k.data, Starting) and k.data.pid == pid for k in keeper.sel.get_map().values()
@@ -1511,7 +1511,7 @@ def _is_starting(keeper: Keeper, pid: int) -> bool:
 
 
 USAGE = (
-    "usage: python -m agent.daemon.keeper (--listen-fd N | --socket PATH) --config FILE "
+    "usage: python -m agent.keeper.keeper (--listen-fd N | --socket PATH) --config FILE "
     "[--output-dir DIR] [--agent-uid UID] [--cgroup-jobs DIR [--controllers LIST]] "
     "[--service 1 [--ended-file PATH]] | --resume-fd N"
 )
@@ -1548,7 +1548,7 @@ def parse_args(argv: list[str]) -> dict[str, str] | None:
 
 
 def main(argv: list[str]) -> int:
-    """``python -m agent.daemon.keeper``: see :data:`USAGE`; CONTROLLERS is a
+    """``python -m agent.keeper.keeper``: see :data:`USAGE`; CONTROLLERS is a
     comma-separated list (may be empty) of the controllers enabled for job cgroups."""
     if len(argv) == 2 and argv[0] == "--resume-fd" and argv[1].isdigit():
         return resume(int(argv[1]))
@@ -1632,7 +1632,7 @@ def _kill_unadopted(leaf: cgroups.JobCgroup, rfd: int) -> None:
 def keeper_filter(lo: int, hi: int) -> str:
     """Bind this keeper (and every process it starts) to the dynamic uid range: from now
     on the kernel refuses it uid 0 and every uid and gid outside ``lo..hi`` (see
-    :func:`agent.daemon.uids.keeper_filter`), so code execution in the keeper cannot
+    :func:`agent.keeper.uids.keeper_filter`), so code execution in the keeper cannot
     become root or another user with the CAP_SETUID the standard unit gives it. A root
     keeper (the privileged deployment) runs entries' fixed users and root jobs: no
     filter. It survives the re-exec of an upgrade (filters are kept across execve).
@@ -1684,9 +1684,9 @@ def load_decider(config: str, subtree: cgroups.Subtree | None) -> tuple[str, Dec
 
 
 def resume(fd: int) -> int:
-    """The keeper's new code after :func:`agent.daemon.keeperstate.reexec`: the same
+    """The keeper's new code after :func:`agent.keeper.keeperstate.reexec`: the same
     process, its jobs and descriptors, its state from the sealed memfd ``fd``."""
-    from agent.daemon import keeperstate
+    from agent.keeper import keeperstate
 
     try:
         state = keeperstate.load(fd)

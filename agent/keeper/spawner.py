@@ -6,11 +6,11 @@ util-linux trampolines is unsafe (their execvp() hands an ENOEXEC file to
 /bin/sh). This process never imports grpc (nor asyncio, nor yaml) and has
 one thread, so its forked child may run Python freely before ``execve``.
 
-It is started by the agent (:class:`agent.daemon.spawn.SpawnerOps`) as a
+It is started by the agent (:class:`agent.keeper.spawn.SpawnerOps`) as a
 fresh isolated interpreter (``python -I``) running :func:`main` with ``FD PARENT_PID
 [CGROUP_JOBS_DIR CONTROLLERS]``, with
 one end of a ``socketpair(AF_UNIX, SOCK_SEQPACKET)`` as FD; the protocol is
-in :mod:`agent.daemon.spawnproto`. The agent sends fully resolved plans; the
+in :mod:`agent.keeper.spawnproto`. The agent sends fully resolved plans; the
 spawner checks what it can check before forking (an absolute path or a
 descriptor, limits the kernel will accept) and answers with the pid once
 ``execve`` has succeeded, or with the step and errno that failed.
@@ -26,7 +26,7 @@ no PATH lookup: ENOEXEC is a start failure like any other.
 Two ways to run that set-up, the same steps in the same order with the same
 error texts (tests/test_vspawn.py compares them):
 
-* the C vfork path (:mod:`agent.daemon.vspawn`, ``_vspawn.c``), used when the
+* the C vfork path (:mod:`agent.keeper.vspawn`, ``_vspawn.c``), used when the
   extension is built: ``clone(CLONE_VM | CLONE_VFORK)`` on a stack of its own,
   every array prepared before, only system calls in the child. The spawner
   sleeps until the child has exec'd or failed, so the answer goes out at once;
@@ -45,7 +45,7 @@ the C path 901 jobs/s and 1.25 ms start-to-exit at 1 in flight, 1037 jobs/s at
 16, spawner CPU 0.19-0.24 ms a job; the fork path in the same run 253 jobs/s
 and 5.2 ms, 333 jobs/s, 0.72-0.78 ms (docs/benchmarks.md).
 
-Job cgroups (:mod:`agent.daemon.cgroups`): the spawner owns each job's
+Job cgroups (:mod:`agent.keeper.cgroups`): the spawner owns each job's
 cgroup from creation to removal, and the agent asks by job id. A plan with
 ``cgroup: {"id": JOB_ID, "memory_bytes": N, "pids": N, "cpu_millicores": N}``
 makes the spawner create the leaf ``<jobs>/<JOB_ID>`` with those limits and
@@ -93,11 +93,11 @@ import sys
 import time
 from typing import Any, NoReturn
 
-from agent.daemon import capabilities as caps_mod
-from agent.daemon import cgroups, landlock, seccomp, uids, vspawn
-from agent.daemon import scratch as scratch_mod
-from agent.daemon import spawnproto as proto
-from agent.daemon.spawnplan import CGROUP_REQUEST_KEYS, check_plan
+from agent.keeper import capabilities as caps_mod
+from agent.keeper import cgroups, landlock, seccomp, uids, vspawn
+from agent.keeper import scratch as scratch_mod
+from agent.keeper import spawnproto as proto
+from agent.keeper.spawnplan import CGROUP_REQUEST_KEYS, check_plan
 from agent.vocabulary import RLIMIT_HARD_EXTRA, RLIMITS
 
 # The limits an rlimit enforces (agent.vocabulary says which): name -> (the resource
@@ -211,7 +211,7 @@ def landlock_spec(ll: dict[str, Any]) -> landlock.LandlockSpec:
 
 
 def _switch_user(plan: dict[str, Any], root: bool, last_cap: int) -> str:
-    """The user/caps block of the child (see agent.daemon.capabilities for the order).
+    """The user/caps block of the child (see agent.keeper.capabilities for the order).
 
     Returns the last step started, for the error report; raises OSError.
     """
@@ -417,7 +417,7 @@ class Spawner:
     ) -> None:
         # The agent's channel (None: the job keeper, whose agent comes and goes).
         self.sock = sock
-        # "vfork" (the C child of agent.daemon._vspawn) or "fork" (_child), and why.
+        # "vfork" (the C child of agent.keeper._vspawn) or "fork" (_child), and why.
         self.path, self.path_why, self._vspawn = path
         self.sel = selectors.DefaultSelector()
         if sock is not None:
@@ -500,7 +500,7 @@ class Spawner:
 
     def remove_scratch(self, path: str | None) -> None:
         """Remove a job's scratch directory completely, whatever the job did to its modes
-        (agent.daemon.scratch: one rmdir when it is empty). What cannot be removed is
+        (agent.keeper.scratch: one rmdir when it is empty). What cannot be removed is
         logged in one line and left."""
         if path is None:
             return
@@ -667,7 +667,7 @@ class Spawner:
 
     def spawn(self, msg: dict[str, Any], fds: dict[str, int]) -> None:
         rid, plan = msg.get("id"), msg.get("plan")
-        err = check_plan(plan, fds)  # the one schema (agent.daemon.spawnplan)
+        err = check_plan(plan, fds)  # the one schema (agent.keeper.spawnplan)
         if not err:
             assert isinstance(plan, dict)
             err = check_limits(
@@ -1124,14 +1124,14 @@ def _die_with_parent(parent: int) -> None:
 
 
 def main(argv: list[str]) -> int:
-    """``python -m agent.daemon.spawner FD PARENT_PID [CGROUP_JOBS_DIR CONTROLLERS]``.
+    """``python -m agent.keeper.spawner FD PARENT_PID [CGROUP_JOBS_DIR CONTROLLERS]``.
 
     CONTROLLERS is a comma-separated list (may be empty) of the controllers
     enabled for job cgroups in CGROUP_JOBS_DIR.
     """
     if len(argv) not in (2, 4):
         print(
-            "usage: python -m agent.daemon.spawner FD PARENT_PID [CGROUP_JOBS_DIR CONTROLLERS]",
+            "usage: python -m agent.keeper.spawner FD PARENT_PID [CGROUP_JOBS_DIR CONTROLLERS]",
             file=sys.stderr,
         )
         return 2

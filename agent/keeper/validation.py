@@ -3,7 +3,7 @@
 Bounds on every string and repeated field, well-formed ids, states, page
 tokens and offsets: a caller's malformed input is INVALID_ARGUMENT here,
 never UNKNOWN or INTERNAL later, and never costs more than a bounded scan.
-Policy decisions (what may run) are :mod:`agent.daemon.policy`'s; this
+Policy decisions (what may run) are :mod:`agent.keeper.policy`'s; this
 module only says whether a request is well-formed.
 """
 
@@ -15,7 +15,7 @@ import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Protocol
 
-from agent.daemon.errors import InvalidArgument
+from agent.keeper.errors import InvalidArgument
 from agent.vocabulary import JobState
 
 

@@ -1,8 +1,8 @@
-/* agent.daemon._vspawn: the job spawner's vfork path (see agent/daemon/vspawn.py).
+/* agent.keeper._vspawn: the job spawner's vfork path (see agent/keeper/vspawn.py).
  *
  * One function, spawn(), that starts one job with clone(CLONE_VM | CLONE_VFORK)
  * on a stack of its own (as glibc's posix_spawn does) and runs the same child
- * set-up as the Python fork path (agent.daemon.spawner._child), in the same
+ * set-up as the Python fork path (agent.keeper.spawner._child), in the same
  * order, before execve / execveat. The Python side (vspawn.py) turns a plan into
  * the arrays below and names every step; this file only executes them.
  *
@@ -63,7 +63,7 @@
 #ifndef AT_EMPTY_PATH
 #define AT_EMPTY_PATH 0x1000
 #endif
-/* The generic syscall table numbers (agent.daemon.landlock uses the same). */
+/* The generic syscall table numbers (agent.keeper.landlock uses the same). */
 #define NR_LANDLOCK_CREATE_RULESET 444
 #define NR_LANDLOCK_ADD_RULE 445
 #define NR_LANDLOCK_RESTRICT_SELF 446
@@ -71,7 +71,7 @@
 /* Descriptors the job gets are 0-4 (see spawner.FIRST_FREE_FD). */
 #define FIRST_FREE_FD 5
 
-/* Op codes: keep in step with agent/daemon/vspawn.py. */
+/* Op codes: keep in step with agent/keeper/vspawn.py. */
 enum {
     OP_SETSID = 1,
     OP_CGROUP_JOIN = 2,  /* write "0" to the moved cgroup.procs descriptor */
@@ -292,7 +292,7 @@ static int run_ops(const op_t *ops, Py_ssize_t n, int cgroup_fd, int *step) {
             break;
         case OP_SECCOMP: {
             /* struct sock_fprog, spelled out: the program was compiled by libseccomp in
-             * the spawner (agent.daemon.seccomp); the child only installs it. */
+             * the spawner (agent.keeper.seccomp); the child only installs it. */
             struct {
                 unsigned short len;
                 const void *filter;
@@ -562,7 +562,7 @@ bad:
 PyDoc_STRVAR(spawn_doc,
              "spawn(path, argv, envp, fds, keep, keep_first, pre, confine, reset)"
              " -> (pid, step, errno)\n\n"
-             "Start one job (see agent/daemon/vspawn.py). step is None when the program was\n"
+             "Start one job (see agent/keeper/vspawn.py). step is None when the program was\n"
              "executed; otherwise the child has exited 127 (not yet reaped) and step/errno\n"
              "say what failed. Raises OSError when no child could be made.");
 
@@ -665,8 +665,8 @@ static PyMethodDef methods[] = {
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "agent.daemon._vspawn",
-    "The job spawner's vfork path (see agent/daemon/vspawn.py).", -1, methods,
+    PyModuleDef_HEAD_INIT, "agent.keeper._vspawn",
+    "The job spawner's vfork path (see agent/keeper/vspawn.py).", -1, methods,
     NULL, NULL, NULL, NULL,
 };
 
