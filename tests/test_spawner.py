@@ -20,7 +20,7 @@ import pytest
 import agent
 from agent.client import FailedPrecondition
 from agent.daemon import landlock
-from agent.daemon.keeper import ADOPTED_TEXT, NO_PIPE_NOTE
+from agent.daemon.keeperadopt import ADOPTED_TEXT, NO_PIPE_NOTE
 from agent.daemon.keeperclient import KEEPER_DIED
 from agent.daemon.lifecycle import Exit
 from agent.daemon.spawn import SCRIPT_FD_PATH, SpawnerOps, SpawnFailure, SpawnSpec
