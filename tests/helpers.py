@@ -380,7 +380,7 @@ class AgentProcess:
 
     def output_files(self) -> set[str]:
         """Names of job output files (not the keeper's <job id>.keeper beside a running
-        job's, see agent.keeper.keeper.JOB_FILE)."""
+        job's, see agent.keeper.keeperfiles.JOB_FILE)."""
         d = self.state / "output"
         return {p.name for p in d.iterdir() if p.suffix != ".keeper"} if d.exists() else set()
 

@@ -25,7 +25,8 @@ import pytest
 from test_keeper_protocol import POLICY, Conn, Keeper
 
 from agent.keeper import cgroups
-from agent.keeper.keeper import ADOPTED_TEXT, JOB_FILE, NO_FILE_NOTE, NO_PIPE_NOTE
+from agent.keeper.keeperadopt import ADOPTED_TEXT, NO_FILE_NOTE, NO_PIPE_NOTE
+from agent.keeper.keeperfiles import JOB_FILE
 
 from helpers import IS_ROOT, cgroup2_mount, wait_for
 

@@ -39,7 +39,7 @@ import agent
 from agent.keeper import spawnproto as proto
 from agent.keeper.admission import StartRequest
 from agent.keeper.decision import NO_CGROUP_NOTE, request_from_wire, request_to_wire
-from agent.keeper.keeper import JOB_ID
+from agent.keeper.keptjobs import JOB_ID
 from agent.keeper.spawn import SPAWN_ENV
 
 from helpers import IS_ROOT, make_safe_dir, to_toml, wait_for
@@ -1014,7 +1014,7 @@ def test_an_ancestry_the_keeper_cannot_read_is_not_taken_for_the_agent() -> None
     """descends_from answers "unknown" (None), never "not a job", for a process whose
     /proc entry (or a parent's) cannot be read: a job that hides a process of its own
     (non-dumpable, another user namespace) must not pass for the agent."""
-    from agent.keeper.keeper import descends_from
+    from agent.keeper.keeperconn import descends_from
 
     assert descends_from(os.getpid(), os.getpid()) is True
     assert descends_from(os.getpid(), 2**22 + 12345) is False  # walked up to pid 1

@@ -17,7 +17,8 @@ import pytest
 from agent.keeper import keeperstate
 from agent.keeper import lifecycle as lc
 from agent.keeper import spawnproto as proto
-from agent.keeper.keeper import Keeper, KeptJob
+from agent.keeper.keeper import Keeper
+from agent.keeper.keptjobs import KeptJob
 from agent.keeper.outputfile import OutputFile
 
 RUN = {
@@ -48,22 +49,22 @@ def test_a_snapshot_restores_the_same_keeper(tmp_path: Path) -> None:
     r, w = os.pipe()
     job.pid, job.rfd, job.record = 4242, r, {"id": JOB, "args": ["a"]}
     job.life.handle(lc.StopRequested())  # terminating: SIGTERM sent, kill timer armed
-    k.jobs[JOB] = job
-    k.arm(job, 30, lc.TimedOut())
-    k.arm(job, 2.5, lc.KillGraceExpired())
-    k.ended["x"] = {"op": "finished", "job": "x", "state": "SUCCEEDED"}
+    k.kept.jobs[JOB] = job
+    k.kept.arm(job, 30, lc.TimedOut())
+    k.kept.arm(job, 2.5, lc.KillGraceExpired())
+    k.kept.ended["x"] = {"op": "finished", "job": "x", "state": "SUCCEEDED"}
     state = json.loads(json.dumps(keeperstate.snapshot(k)))
     file_fd = out._fd  # the descriptor the snapshot must name
     assert file_fd is not None
-    assert sorted(keeperstate.descriptors(state)) == sorted([k.listener.fileno(), r, file_fd])
+    assert sorted(keeperstate.descriptors(state)) == sorted([k.link.listener.fileno(), r, file_fd])
 
     k2 = Keeper(
-        socket.socket(fileno=os.dup(k.listener.fileno())),
+        socket.socket(fileno=os.dup(k.link.listener.fileno())),
         agent_uid=state["agent_uid"],
         output_dir=state["output_dir"],
     )
     keeperstate.restore(k2, state)
-    j2 = k2.jobs[JOB]
+    j2 = k2.kept.jobs[JOB]
     assert (j2.pid, j2.rfd, j2.record, j2.grace, j2.kill_on_cap) == (
         4242,
         r,
@@ -75,7 +76,7 @@ def test_a_snapshot_restores_the_same_keeper(tmp_path: Path) -> None:
     assert j2.life.cause == lc.Cause(lc.Why.STOP)
     assert (j2.out.size, j2.out.cap, j2.out.path) == (6, 100, out.path)
     assert sorted(type(t.event).__name__ for t in j2.timers) == ["KillGraceExpired", "TimedOut"]
-    assert k2.by_pid[4242] is j2 and k2.ended == k.ended
+    assert k2.kept.by_pid[4242] is j2 and k2.kept.ended == k.kept.ended
     # The restored output file goes on where it was.
     assert j2.out.write(b"more\n").written == 5
     assert (tmp_path / f"{JOB}.out").read_bytes() == b"hello\nmore\n"
@@ -88,7 +89,7 @@ def test_new_code_that_does_not_import_is_refused(
     """A broken upgrade (the new keeper does not even import) is said, never executed
     into: the keeper goes on with the code it runs."""
     assert keeperstate.new_code_problem() == ""
-    broken = tmp_path / "agent" / "keeper"
+    broken = tmp_path / "agent" / "daemon"
     broken.mkdir(parents=True)
     (tmp_path / "agent" / "__init__.py").write_text("")
     (broken / "__init__.py").write_text("")

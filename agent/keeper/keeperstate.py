@@ -51,7 +51,7 @@ def quiet(k: Keeper) -> bool:
     from agent.keeper.spawner import Starting
 
     starting = any(isinstance(key.data, Starting) for key in k.sel.get_map().values())
-    return not k.by_rid and not k.draining and not starting
+    return not k.kept.by_rid and not k.draining and not starting
 
 
 def new_code_problem() -> str:
@@ -80,11 +80,11 @@ def snapshot(k: Keeper) -> dict[str, Any]:
     """Everything the keeper holds, as JSON, its descriptors by number."""
     now = time.monotonic()
     jobs = []
-    for job in k.jobs.values():
+    for job in k.kept.jobs.values():
         life = job.life.to_dict()
         timers = [
             [max(0.0, when - now), type(t.event).__name__]
-            for when, _, t in k.heap
+            for when, _, t in k.kept.heap
             if t.job is job and not t.cancelled
         ]
         jobs.append(
@@ -110,35 +110,28 @@ def snapshot(k: Keeper) -> dict[str, Any]:
         )
     return {
         "version": STATE_VERSION,
-        "listener": k.listener.fileno(),
-        "agent_uid": k.agent_uid,
-        "output_dir": k.output_dir,
+        "listener": k.link.listener.fileno(),
+        "agent_uid": k.link.agent_uid,
+        "output_dir": k.files.output_dir,
         "service": k.service,
         "ended_file": k.ended_file,
-        "config": None if k.decider is None else k.decider.config_path,
+        "config": None if k.starter.decider is None else k.starter.decider.config_path,
         "subtree": None
         if k.subtree is None
         else {"jobs": str(k.subtree.jobs), "controllers": sorted(k.subtree.controllers)},
-        "agent": None
-        if k.sock is None
-        else {
-            "fd": k.sock.fileno(),
-            "pidfd": k.peer_pidfd,
-            "deaf": k.deaf,
-            "hello_due": k.hello_due,
-        },
-        "gen": k.gen,
-        "rids": next(k.rids),
+        "agent": k.link.state(),
+        "gen": k.link.gen,
+        "rids": next(k.starter.rids),
         "children": {str(pid): fd for pid, fd in k.children.items()},
         "cgroups": {str(pid): [cg.job_id, str(cg.path)] for pid, cg in k.cgroups.items()},
         "scratch": {str(pid): path for pid, path in k.scratch.items()},
         "scratch_owners": {path: list(o) for path, o in k.scratch_owners.items()},
         "guards": {str(pid): [g.fd, g.uid, g.gid, list(g.caps)] for pid, g in k.guards.items()},
         "job_users": {str(pid): list(u) for pid, u in k.job_users.items()},
-        "dynamic": dict(k.dynamic),
+        "dynamic": dict(k.holds.dynamic),
         "jobs": jobs,
-        "ended": list(k.ended.values()),
-        "fdstore": k.fdstore,
+        "ended": list(k.kept.ended.values()),
+        "fdstore": k.files.fdstore,
     }
 
 
@@ -161,7 +154,7 @@ def reexec(k: Keeper) -> str:
     why = new_code_problem()
     if why:
         return f"the new code does not import: {why}"
-    k.flush_output()
+    k.kept.flush_output()
     state = snapshot(k)
     fds = descriptors(state)
     memfd = os.memfd_create("agent-keeper-state", os.MFD_ALLOW_SEALING)
@@ -211,12 +204,8 @@ def restore(k: Keeper, state: dict[str, Any]) -> None:
     """Take over the previous code's state (the Keeper is new and empty)."""
     import itertools
     import selectors
-    import socket
 
-    from agent.keeper.keeper import KeptJob
-
-    k.gen = state["gen"]
-    k.rids = itertools.count(state["rids"])
+    k.starter.rids = itertools.count(state["rids"])
     for pid_s, pidfd in state["children"].items():
         pid = int(pid_s)
         k.children[pid] = pidfd
@@ -228,52 +217,55 @@ def restore(k: Keeper, state: dict[str, Any]) -> None:
     k.job_users.update({int(p): (u[0], u[1]) for p, u in state.get("job_users", {}).items()})
     for job_id, uid in state.get("dynamic", {}).items():
         # Held by a running job whatever the range is now (a reload may have changed it).
-        k.dynamic[job_id] = uid
-        if k.pool is not None:
-            k.pool.held.add(uid)
+        k.holds.hold(job_id, uid)
     for pid_s, (fd, uid, gid, caps) in state["guards"].items():
         guard = k.guards[int(pid_s)] = seccomp.ListenGuard(fd, uid, gid, caps)
         k.sel.register(fd, selectors.EVENT_READ, guard)
     for j in state["jobs"]:
-        out = OutputFile.from_state(j["out"])
-        run = {
-            "timeout": 0,
-            "cpu_seconds": 0,
-            "memory_max": 0,
-            "note": "",
-            "grace": j["grace"],
-            "kill_on_cap": j["kill_on_cap"],
-        }
-        job = KeptJob(j["id"], j["rid"], j["gen"], run, out)
-        job.run = dict(j.get("run") or run)
-        job.life = lc.Life.from_dict(j["life"])
-        job.exit = None if j["exit"] is None else lc.Exit(**j["exit"])
-        job.pid, job.rfd, job.record = j["pid"], j["rfd"], j["record"]
-        k.jobs[job.id] = job
-        job.stored = bool(j.get("stored", False))
-        if j.get("leaf"):
-            job.leaf = cgroups.JobCgroup(job.id, Path(j["leaf"]))
-            job.key = int(j["key"])
-            k.adopt_keys = itertools.count(max(-job.key + 1, next(k.adopt_keys)))
-            if job.exit is None:
-                k.by_pid[job.key] = job
-        elif job.pid and job.exit is None:
-            k.by_pid[job.pid] = job
-        if job.rfd >= 0:
-            k.sel.register(job.rfd, selectors.EVENT_READ, job)
-        for delay, name in j["timers"]:
-            k.arm(job, delay, TIMER_EVENTS[name]())
-    k.ended.update({m["job"]: m for m in state["ended"]})
-    k.fdstore = bool(state.get("fdstore", False))
-    agent = state["agent"]
-    if agent is not None:
-        k.sock = socket.socket(fileno=agent["fd"])
-        k.sock.setblocking(True)
-        k.peer_pidfd = agent["pidfd"]
-        k.deaf = agent["deaf"]
-        k.hello_due = agent["hello_due"]
-        k.sel.register(k.sock, selectors.EVENT_READ, None)
+        _restore_job(k, j)
+    k.kept.ended.update({m["job"]: m for m in state["ended"]})
+    k.files.fdstore = bool(state.get("fdstore", False))
+    k.link.restore(state["agent"], state["gen"])
     # Last: an adopted job found ended now is told to the agent restored above.
-    for job in list(k.jobs.values()):
+    for job in list(k.kept.jobs.values()):
         if job.leaf is not None and job.exit is None:
-            k.watch_adopted(job)
+            k.adoption.watch(job)
+
+
+def _restore_job(k: Keeper, j: dict[str, Any]) -> None:
+    """One kept job of a snapshot, kept again (its pipe watched, its timers armed)."""
+    import itertools
+    import selectors
+
+    from agent.keeper.keptjobs import KeptJob
+
+    out = OutputFile.from_state(j["out"])
+    run = {
+        "timeout": 0,
+        "cpu_seconds": 0,
+        "memory_max": 0,
+        "note": "",
+        "grace": j["grace"],
+        "kill_on_cap": j["kill_on_cap"],
+    }
+    job = KeptJob(j["id"], j["rid"], j["gen"], run, out)
+    job.run = dict(j.get("run") or run)
+    job.life = lc.Life.from_dict(j["life"])
+    job.exit = None if j["exit"] is None else lc.Exit(**j["exit"])
+    job.pid, job.rfd, job.record = j["pid"], j["rfd"], j["record"]
+    kept = k.kept
+    kept.jobs[job.id] = job
+    job.stored = bool(j.get("stored", False))
+    if j.get("leaf"):
+        job.leaf = cgroups.JobCgroup(job.id, Path(j["leaf"]))
+        job.key = int(j["key"])
+        adoption = k.adoption
+        adoption.adopt_keys = itertools.count(max(-job.key + 1, next(adoption.adopt_keys)))
+        if job.exit is None:
+            kept.by_pid[job.key] = job
+    elif job.pid and job.exit is None:
+        kept.by_pid[job.pid] = job
+    if job.rfd >= 0:
+        k.sel.register(job.rfd, selectors.EVENT_READ, job)
+    for delay, name in j["timers"]:
+        kept.arm(job, delay, TIMER_EVENTS[name]())
