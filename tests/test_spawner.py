@@ -19,9 +19,9 @@ import pytest
 
 import agent
 from agent.client import FailedPrecondition
+from agent.daemon.keeperclient import KEEPER_DIED
 from agent.keeper import landlock
 from agent.keeper.keeperadopt import ADOPTED_TEXT, NO_PIPE_NOTE
-from agent.daemon.keeperclient import KEEPER_DIED
 from agent.keeper.lifecycle import Exit
 from agent.keeper.spawn import SCRIPT_FD_PATH, SpawnerOps, SpawnFailure, SpawnSpec
 

@@ -1,4 +1,5 @@
 """A sample Python job: prints its arguments and environment size."""
+
 import os
 import sys
 
