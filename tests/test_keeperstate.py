@@ -89,7 +89,7 @@ def test_new_code_that_does_not_import_is_refused(
     """A broken upgrade (the new keeper does not even import) is said, never executed
     into: the keeper goes on with the code it runs."""
     assert keeperstate.new_code_problem() == ""
-    broken = tmp_path / "agent" / "daemon"
+    broken = tmp_path / "agent" / "keeper"
     broken.mkdir(parents=True)
     (tmp_path / "agent" / "__init__.py").write_text("")
     (broken / "__init__.py").write_text("")
