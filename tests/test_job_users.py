@@ -451,14 +451,14 @@ def test_the_scratch_acl_gives_the_directory_to_the_jobs_uid_only(tmp_path: Path
     """A keeper without CAP_CHOWN (the standard unit) gives a job's scratch directory to
     the job's uid by an access ACL: that uid may create and list in it, another uid of the
     range may not (the directory stays the keeper's, nothing for group or others)."""
-    from agent.keeper.spawner import _acl_for
+    from agent.keeper.jobplace import acl_for
 
     d = Path("/var/lib/agent-tests") / f"acl-{os.getpid()}"
     d.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
     d.mkdir(mode=0o700)
     try:
         try:
-            os.setxattr(d, "system.posix_acl_access", _acl_for(LO), follow_symlinks=False)
+            os.setxattr(d, "system.posix_acl_access", acl_for(LO), follow_symlinks=False)
         except OSError as e:
             pytest.skip(f"no POSIX ACLs on {d.parent}: {e}")
         assert uids.as_user(LO, LO, lambda: (d / "mine").write_text("x"))

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from agent.keeper import capabilities as caps_mod
-from agent.keeper import landlock, spawner, spawnproto, vspawn
+from agent.keeper import childsetup, landlock, spawner, spawnproto, vspawn
 from agent.keeper.lifecycle import Exit
 from agent.keeper.spawn import SpawnerOps, SpawnFailure, SpawnSpec
 
@@ -54,11 +54,11 @@ def _plan(**kw: Any) -> dict[str, Any]:
 
 
 def _fork_report(plan: dict[str, Any], fds: dict[str, int]) -> str:
-    """What the Python fork path (spawner._child) reports for this plan ("" if it ran)."""
+    """What the Python fork path (childsetup.child) reports for this plan ("" if it ran)."""
     r, w = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
-        spawner._child(plan, dict(fds), w, [], None, IS_ROOT, caps_mod.last_cap())
+        childsetup.child(plan, dict(fds), w, [], None, IS_ROOT, caps_mod.last_cap())
     os.close(w)
     report = read_to_end(r)
     os.close(r)
@@ -96,7 +96,7 @@ def _bad_fds(tmp_path: Path) -> dict[str, Callable[[], tuple[dict[str, Any], dic
 
     return {
         "chdir": lambda: (_plan(cwd=str(tmp_path / "missing")), {}),
-        "setrlimit": lambda: (_plan(limits={"open_files": spawner._nr_open() + 1}), {}),
+        "setrlimit": lambda: (_plan(limits={"open_files": childsetup.nr_open() + 1}), {}),
         "enoexec": garbage,
         "cgroup": bad_cgroup,
         "exec-fd": bad_exec_fd,

@@ -493,7 +493,7 @@ class ListenGuard:
         self._window = 0.0  # start of the current second of checks
         self._checks = 0  # checks made in it
         self.uid = os.geteuid() if uid is None else uid
-        self.gid = self.uid if gid is None else gid  # the spawner's own default (_switch_user)
+        self.gid = self.uid if gid is None else gid  # the spawner's default (switch_user)
         self.caps = tuple(caps)
 
     def handle(self) -> None:

@@ -1,7 +1,7 @@
 """The job spawner's vfork path: a plan turned into what the C child (``_vspawn.c``) runs.
 
 The spawner (:mod:`agent.keeper.spawner`) starts each job either with ``os.fork()`` and
-the Python child set-up (``spawner._child``), or, when the C extension
+the Python child set-up (``childsetup.child``), or, when the C extension
 ``agent.keeper._vspawn`` is importable, with ``clone(CLONE_VM | CLONE_VFORK)`` and the
 same set-up done by C code that makes only system calls. This module is the bridge: it
 builds, in the spawner and before the clone, every array the C child needs (argv and
@@ -9,7 +9,7 @@ envp as bytes, the descriptors, the op lists with their arguments) and the name 
 every step, so that a failing step is reported with exactly the text the fork path
 gives (``setrlimit RLIMIT_NOFILE: Operation not permitted (EPERM)``).
 
-The op lists follow ``spawner._child`` and ``spawner._switch_user`` line by line, and
+The op lists follow ``childsetup.child`` and ``childsetup.switch_user`` line by line, and
 :meth:`agent.keeper.landlock.Ruleset.child_program` follows ``Ruleset.restrict``;
 a change to one must be made to the other (tests/test_vspawn.py compares the two paths'
 jobs for the same plans).
@@ -51,7 +51,7 @@ OP_LL_RESTRICT = 15
 OP_LL_CLOSE = 16
 OP_SECCOMP = 17
 OP_NEW_SESSION_KEYRING = 18
-# The C child's fixed steps (negative codes), in spawner._child's words.
+# The C child's fixed steps (negative codes), in childsetup.child's words.
 FIXED_STEPS = {
     -1: "setup",
     -2: "signals",
@@ -67,7 +67,7 @@ _PR_SET_NO_NEW_PRIVS = 38
 _PR_CAP_AMBIENT_CLEAR_ALL = 4
 # A job switched to another user gets a session keyring of its own: the keeper's (the
 # unit's private one) is possessed by every process that inherits it, so jobs of
-# different uids would share its keys (spawner._switch_user, capabilities.new_session_keyring).
+# different uids would share its keys (childsetup.switch_user, capabilities.new_session_keyring).
 KEYRING_STEP = "keyctl(KEYCTL_JOIN_SESSION_KEYRING)"
 _CAP_VERSION_3 = 0x20080522
 
@@ -85,7 +85,7 @@ def choose(env: dict[str, str] | os._Environ[str]) -> tuple[str, str, Any]:
     if want == "fork":
         return "fork", f"{ENV_VAR}=fork", None
     try:
-        from agent.keeper import _vspawn  # type: ignore[attr-defined]
+        from agent.daemon import _vspawn  # type: ignore[attr-defined]
     except ImportError as e:
         if want == "vfork":
             raise RuntimeError(f"{ENV_VAR}=vfork but agent.keeper._vspawn: {e}") from None
@@ -114,7 +114,7 @@ class Steps:
 
 
 def user_ops(plan: dict[str, Any], root: bool, last_cap: int, steps: Steps, euid: int) -> list[Op]:
-    """spawner._switch_user as ops (see agent.keeper.capabilities for the order)."""
+    """childsetup.switch_user as ops (see agent.keeper.capabilities for the order)."""
     uid, gid = plan.get("uid"), plan.get("gid")
     caps: list[int] = plan.get("capabilities", [])
     switch = steps("user switch")
@@ -122,7 +122,7 @@ def user_ops(plan: dict[str, Any], root: bool, last_cap: int, steps: Steps, euid
         holds, switcher = caps_mod.held()
         out: list[Op] = []
         if uid is not None and uid != euid:
-            # spawner._switch_user: a keeper with CAP_SETUID/CAP_SETGID switches, an
+            # childsetup.switch_user: a keeper with CAP_SETUID/CAP_SETGID switches, an
             # unprivileged one can only "switch" to itself.
             if not switcher:
                 return [(OP_FAIL, switch, errno.EPERM, 0, 0, None)]
@@ -232,7 +232,7 @@ def build(
 ) -> tuple[tuple[Any, ...], Steps]:
     """The arguments of ``_vspawn.spawn`` for a checked plan, and the step names.
 
-    The same steps, in the same order, as spawner._child.
+    The same steps, in the same order, as childsetup.child.
     """
     steps = Steps()
     pre: list[Op] = [(OP_SETSID, steps("setsid"), 0, 0, 0, None)]
@@ -262,7 +262,7 @@ def build(
         confine_ops = [(OP_PRCTL, step, _PR_SET_NO_NEW_PRIVS, 1, 0, None)]
     if filt is not None:
         # Last before execve, after no_new_privs (which the kernel requires of a process
-        # without CAP_SYS_ADMIN): spawner._child's order.
+        # without CAP_SYS_ADMIN): childsetup.child's order.
         flags = seccomp.NEW_LISTENER if filt.listen_guard else 0
         sock = notify_sock if filt.listen_guard else -1
         if sock >= 0:
