@@ -148,7 +148,8 @@ class Spawner:
         self.launcher = Launcher([], self.root, caps_mod.last_cap(), module)
         self.places = JobPlaces(subtree, self.root)
         # self.send and self.started as the subclass has them (the keeper hears every answer).
-        self.starter = Starter(self.places, self.launcher, self.sel, self.send, self.started)
+        # Named spawning, not starter: the keeper (a subclass) has a Starter of its own.
+        self.spawning = Starter(self.places, self.launcher, self.sel, self.send, self.started)
         self.scratch: dict[int, str] = {}  # pid -> its scratch directory, removed at exit
         # The places' own dict (path -> the job's (uid, gid)): a re-exec'd keeper saves it.
         self.scratch_owners = self.places.scratch_owners
@@ -217,7 +218,7 @@ class Spawner:
             if what is self.watcher:
                 self.on_cgroup_events()
             elif isinstance(what, Starting):
-                self.starter.on_started(what)
+                self.spawning.on_started(what)
             elif isinstance(what, seccomp.ListenGuard):
                 what.handle()
             else:
@@ -271,10 +272,10 @@ class Spawner:
             _log(f"internal error in {op}:\n{traceback.format_exc()}")
             if op == "spawn":
                 error = "internal error in the job spawner (see the agent's log)"
-                self.starter.refuse(msg.get("id"), error, errno.EIO)
+                self.spawning.refuse(msg.get("id"), error, errno.EIO)
 
     def spawn(self, msg: dict[str, Any], fds: dict[str, int]) -> None:
-        self.starter.spawn(msg, fds)
+        self.spawning.spawn(msg, fds)
 
     def started(
         self,
