@@ -22,7 +22,7 @@ from agent.keeper.spawn import SpawnerOps, SpawnFailure, SpawnSpec
 from helpers import IS_ROOT, read_to_end, spawn_and_read, spawn_spec, vspawn_expected
 
 try:
-    from agent.daemon import _vspawn  # type: ignore[attr-defined]
+    from agent.keeper import _vspawn  # type: ignore[attr-defined]
 except ImportError:  # pragma: no cover - only where no compiler was found
     _vspawn = None
 

@@ -2,7 +2,7 @@
  *
  * One function, spawn(), that starts one job with clone(CLONE_VM | CLONE_VFORK)
  * on a stack of its own (as glibc's posix_spawn does) and runs the same child
- * set-up as the Python fork path (agent.keeper.spawner._child), in the same
+ * set-up as the Python fork path (agent.keeper.childsetup.child), in the same
  * order, before execve / execveat. The Python side (vspawn.py) turns a plan into
  * the arrays below and names every step; this file only executes them.
  *

@@ -85,7 +85,7 @@ def choose(env: dict[str, str] | os._Environ[str]) -> tuple[str, str, Any]:
     if want == "fork":
         return "fork", f"{ENV_VAR}=fork", None
     try:
-        from agent.daemon import _vspawn  # type: ignore[attr-defined]
+        from agent.keeper import _vspawn  # type: ignore[attr-defined]
     except ImportError as e:
         if want == "vfork":
             raise RuntimeError(f"{ENV_VAR}=vfork but agent.keeper._vspawn: {e}") from None
