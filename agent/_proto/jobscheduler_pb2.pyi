@@ -173,22 +173,26 @@ class QueryJobRes(_message.Message):
     def __init__(self, done: _Optional[bool] = ..., error: _Optional[bool] = ..., errorText: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., exitCode: _Optional[int] = ..., signal: _Optional[int] = ..., pid: _Optional[int] = ..., startTime: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., endTime: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., jobID: _Optional[str] = ..., owner: _Optional[str] = ..., command: _Optional[str] = ..., path: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., rusage: _Optional[_Union[Rusage, _Mapping]] = ..., outputBytes: _Optional[int] = ..., outputTruncated: _Optional[bool] = ..., timeoutSeconds: _Optional[int] = ...) -> None: ...
 
 class StreamJobOutputReq(_message.Message):
-    __slots__ = ("jobID", "offset", "follow")
+    __slots__ = ("jobID", "offset", "follow", "endStatus")
     JOBID_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     FOLLOW_FIELD_NUMBER: _ClassVar[int]
+    ENDSTATUS_FIELD_NUMBER: _ClassVar[int]
     jobID: str
     offset: int
     follow: bool
-    def __init__(self, jobID: _Optional[str] = ..., offset: _Optional[int] = ..., follow: _Optional[bool] = ...) -> None: ...
+    endStatus: bool
+    def __init__(self, jobID: _Optional[str] = ..., offset: _Optional[int] = ..., follow: _Optional[bool] = ..., endStatus: _Optional[bool] = ...) -> None: ...
 
 class StreamJobOutputRes(_message.Message):
-    __slots__ = ("data", "offset")
+    __slots__ = ("data", "offset", "status")
     DATA_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
     data: bytes
     offset: int
-    def __init__(self, data: _Optional[bytes] = ..., offset: _Optional[int] = ...) -> None: ...
+    status: QueryJobRes
+    def __init__(self, data: _Optional[bytes] = ..., offset: _Optional[int] = ..., status: _Optional[_Union[QueryJobRes, _Mapping]] = ...) -> None: ...
 
 class ListJobsReq(_message.Message):
     __slots__ = ("states", "owner", "pageSize", "pageToken")

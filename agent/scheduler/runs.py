@@ -384,8 +384,7 @@ class RunManager:
         """Relay a started job's output and record its end."""
         job_id = h.job_id
         try:
-            await _relay_output(run, h, client)
-            st = await _job_end(client, job_id)
+            st = await _relay_output(run, h, client) or await _job_end(client, job_id)
         except AgentClientError as e:
             self._set(run, h, HostState.UNREACHABLE, error=f"lost after start: {e}")
             return
@@ -443,15 +442,22 @@ def _line(run: ActiveRun, h: HostRecord, line: bytes) -> None:
     run.publish(OutputLine(h.worker_id, h.address, line))
 
 
-async def _relay_output(run: ActiveRun, h: HostRecord, client: AsyncAgentClient) -> None:
-    """Publish the job's output line by line, each labelled with its host.
+async def _relay_output(
+    run: ActiveRun, h: HostRecord, client: AsyncAgentClient
+) -> JobStatus | None:
+    """Publish the job's output line by line, each labelled with its host; the job's
+    status if the stream's end carried it (an agent that knows ``endStatus``), else None.
 
     An original worker has no output stream (UNIMPLEMENTED): no lines then.
     """
     pending = b""
+    status = None
     try:
-        async for chunk in client.stream(h.job_id, follow=True):
-            pending += chunk
+        async for item in client.stream_to_end(h.job_id):
+            if isinstance(item, JobStatus):
+                status = item
+                continue
+            pending += item
             *lines, pending = pending.split(b"\n")
             for line in lines:
                 _line(run, h, line)
@@ -463,6 +469,7 @@ async def _relay_output(run: ActiveRun, h: HostRecord, client: AsyncAgentClient)
             raise
     if pending:
         _line(run, h, pending)
+    return status if status is not None and status.done else None
 
 
 async def _job_end(client: AsyncAgentClient, job_id: str) -> JobStatus:
