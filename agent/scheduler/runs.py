@@ -262,7 +262,8 @@ class RunManager:
             await self.client_for(self.registry.get(h.worker_id)).stop(h.job_id)
 
     def _set(self, run: ActiveRun, h: HostRecord, state: HostState, **fields: object) -> None:
-        """A host's new state: stored first, then published."""
+        """A host's new state: written to the store first, then published (the SQLite
+        store commits it at the event loop's next turn: see SQLiteStore)."""
         run.errors += int(state.counts_as_error) - int(h.state.counts_as_error)
         h.state = state
         for k, v in fields.items():
@@ -403,14 +404,21 @@ class RunManager:
             return None
         client = self.client_for(w)
         # Recorded before it is sent, with when: a takeover looks for it from then.
+        # (The SQLite store commits the STARTING of every host of this turn at once.)
         try:
             self._set(run, h, HostState.STARTING, start_time=self.clock())
+            await self.store.flushed()
         except StoreError as e:
             # Not recorded, so not sent: a takeover must be able to trust the record.
             h.state, h.error, h.end_time = HostState.NOT_STARTED, f"not sent: {e}", self.clock()
             with contextlib.suppress(StoreError):
                 self.store.save_host(run.record.run_id, h)
             run.publish(HostChange(_copy(h)))
+            return None
+        if run.cancelled.is_set() or budget_exceeded(run.errors, run.record.max_errors):
+            # Changed while the record was committed: not sent after all (NOT_STARTED
+            # at the run's end, like a host never tried).
+            self._set(run, h, HostState.PENDING, start_time=None)
             return None
         try:
             job_id = await client.start_pb(run.job, timeout=self.call_timeout)
