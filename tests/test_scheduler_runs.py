@@ -284,6 +284,26 @@ def test_a_follower_sees_every_event_from_the_start(tmp_path: Path) -> None:
     asyncio.run(main())
 
 
+def test_a_follower_in_batches_sees_the_same_events_at_most_a_batch_at_once(
+    tmp_path: Path,
+) -> None:
+    """Batches hold the events in order, each about max_bytes at most (one event at least)."""
+
+    async def main() -> None:
+        m, agents, workers = _setup(tmp_path, 4)
+        run = _start(m, agents, workers, 4, 0)
+        await _done(run)
+        batches = [b async for b in run.follow_batches(max_bytes=1)]
+        assert [e for b in batches for e in b] == await _collect(run)
+        assert {len(b) for b in batches} == {1}
+        batches = [b async for b in run.follow_batches(max_bytes=700)]
+        assert [e for b in batches for e in b] == await _collect(run)
+        assert 1 < len(batches) < len(run.events)
+        assert [len(b) for b in [b async for b in run.follow_batches()]] == [len(run.events)]
+
+    asyncio.run(main())
+
+
 async def _collect(run: ActiveRun) -> list[object]:
     return [e async for e in run.follow()]
 
