@@ -308,7 +308,7 @@ class RunManager:
                 await asyncio.wait(running)
         finally:
             cancel_wait.cancel()
-        why = "cancelled" if run.cancelled.is_set() else "past the error budget"
+        why = _not_started(run)
         for h in rec.hosts:
             if h.state is HostState.PENDING:
                 self._set(run, h, HostState.NOT_STARTED, error=why)
@@ -431,9 +431,8 @@ class RunManager:
             run.publish(HostChange(_copy(h)))
             return None
         if run.cancelled.is_set() or budget_exceeded(run.errors, run.record.max_errors):
-            # Changed while the record was committed: not sent after all (NOT_STARTED
-            # at the run's end, like a host never tried).
-            self._set(run, h, HostState.PENDING, start_time=None)
+            # Changed while the record was committed: not sent after all.
+            self._set(run, h, HostState.NOT_STARTED, start_time=None, error=_not_started(run))
             return None
         try:
             job_id = await client.start_pb(run.job, timeout=self.call_timeout)
@@ -459,6 +458,11 @@ class RunManager:
                 self.store.release_run(run.record.run_id)
             elif not run.finished:
                 interrupt(self.store, run.record, self.clock())
+
+
+def _not_started(run: ActiveRun) -> str:
+    """Why a host of ``run`` is not started (its run was cancelled or is past its budget)."""
+    return "cancelled" if run.cancelled.is_set() else "past the error budget"
 
 
 def _line(run: ActiveRun, h: HostRecord, line: bytes) -> None:
