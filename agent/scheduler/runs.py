@@ -63,7 +63,8 @@ POLL_S = 0.5  # QueryJob interval for an original worker (no WaitJob)
 # docs/benchmarks.md). It paces starts; the run's concurrency is unchanged.
 MAX_STARTS = 256
 # A follower's events go several to a message (FollowRun with batch), about this
-# many bytes at most: a message per event was a third of a fan-out's CPU.
+# many bytes at most: a message per event was about a third of the scheduler CPU
+# of a fan-out over open connections.
 BATCH_BYTES = 512 * 1024
 # A finished run's event log (with its output) stays this long for late
 # followers; after that they get its hosts and summary from the store.
