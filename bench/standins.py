@@ -113,6 +113,9 @@ class StandInWorker(pb_grpc.WorkerServicer):
         await self._known(request.jobID, context)
         if request.offset < len(OUTPUT):
             yield pb.StreamJobOutputRes(data=OUTPUT[request.offset :], offset=request.offset)
+        if request.follow and request.endStatus:  # the agent's last message then
+            end = max(request.offset, len(OUTPUT))
+            yield pb.StreamJobOutputRes(offset=end, status=self._status(request.jobID))
 
 
 class Registrar:

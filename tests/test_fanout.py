@@ -306,3 +306,54 @@ def test_a_restarted_scheduler_still_has_its_workers_and_runs(
             c.stop(h.worker_id, h.job_id)
     # Heartbeats went on to a scheduler that still knew them: nobody registered again.
     assert [a.log().count("registered with scheduler") for a in fleet.agents] == registrations
+
+
+def test_an_agent_ends_a_followed_stream_with_the_status_when_asked(
+    fleet: Fleet, script_dir: Path
+) -> None:
+    """StreamJobOutput with endStatus: the same output, then one last message (no data, at
+    the output's end) with the job's status, which the scheduler takes instead of a
+    WaitJob; without it the stream is as it always was, with no status."""
+    a = fleet.agents[0]
+    with grpc.secure_channel(a.addr, a.certs.creds("scheduler")) as ch:
+        stub = pb_grpc.WorkerStub(ch)
+        req = pb.StartJobReq(command="bash", path=f"{script_dir}/hello.sh", args=["status"])
+        job = stub.StartJob(req, timeout=10).jobID
+        asked = list(
+            stub.StreamJobOutput(
+                pb.StreamJobOutputReq(jobID=job, follow=True, endStatus=True), timeout=30
+            )
+        )
+        plain = list(
+            stub.StreamJobOutput(pb.StreamJobOutputReq(jobID=job, follow=True), timeout=30)
+        )
+    output = b"".join(m.data for m in plain)
+    assert output.startswith(b"hello status") and b"".join(m.data for m in asked) == output
+    assert not any(m.HasField("status") for m in plain + asked[:-1])
+    last = asked[-1]
+    assert last.HasField("status") and not last.data and last.offset == len(output)
+    assert last.status.done and last.status.state == pb.SUCCEEDED and last.status.exitCode == 0
+    assert last.status.jobID == job
+
+
+def test_a_follower_gets_the_same_events_in_batches_or_one_by_one(
+    fleet: Fleet, script_dir: Path
+) -> None:
+    """FollowRun with batch (what the client library asks) and without (an original
+    client): the same events in the same order; without, one event per message."""
+    with fleet.client() as c:
+        run = c.start_run("label:role=web", "bash", f"{script_dir}/hello.sh", args=["x"])
+    fleet.follow(run.run_id)
+    creds = fleet.scheduler.certs.creds("admin")
+    with grpc.secure_channel(fleet.scheduler.addr, creds) as ch:
+        stub = pb_grpc.SchedulerStub(ch)
+        one = list(stub.FollowRun(pb.RunReq(runID=run.run_id), timeout=30))
+        batched = list(stub.FollowRun(pb.RunReq(runID=run.run_id, batch=True), timeout=30))
+    assert all(m.WhichOneof("event") != "batch" for m in one)
+    assert all(m.WhichOneof("event") == "batch" for m in batched)
+    unpacked = [e for m in batched for e in m.batch.events]
+    assert len(batched) < len(unpacked)
+    # The same events (times aside: the run's end is stamped once, the same in both).
+    assert unpacked == one
+    kinds = [m.WhichOneof("event") for m in one]
+    assert kinds.count("output") == 3 and kinds.count("host") >= 9 and kinds[-1] == "done"

@@ -23,7 +23,11 @@ class Agents:
     """Stand-ins for the agents of a fleet: what each does, and what they saw."""
 
     def __init__(self, store: SQLiteStore) -> None:
-        self.store = store
+        # What the agents see stored is read over a connection of its own: only what
+        # is committed (the store itself would commit its queue before reading).
+        self.store = SQLiteStore(store.path)
+        self.end_status = False  # agents send the job's status at the end of its stream
+        self.waits = 0  # WaitJob calls
         self.run_id = ""
         self.fail: set[str] = set()  # addresses whose job exits 1
         self.down: set[str] = set()  # addresses that cannot be reached
@@ -73,7 +77,17 @@ class Agent:
             await asyncio.sleep(0)
             yield chunk
 
+    async def stream_to_end(self, job_id: str) -> AsyncIterator[bytes | JobStatus]:
+        async for chunk in self.stream(job_id, follow=True):
+            yield chunk
+        if self.fleet.end_status:
+            yield await self._end()
+
     async def wait(self, job_id: str, *, timeout: float | None = None) -> JobStatus:
+        self.fleet.waits += 1
+        return await self._end()
+
+    async def _end(self) -> JobStatus:
         f = self.fleet
         if f.hold:
             while self.address not in f.stopped:
@@ -128,6 +142,7 @@ def test_each_start_is_recorded_before_it_is_sent_and_after(tmp_path: Path) -> N
         run = _start(m, agents, workers, 3, 0)
         assert await _done(run) == [HostState.SUCCEEDED] * 3
         assert agents.stored_at_send == [HostState.STARTING] * 3
+        assert agents.waits == 3
         states = [e.host.state for e in run.events if isinstance(e, HostChange)]
         assert states.count(HostState.RUNNING) == 3
         rec = m.store.run(run.record.run_id)
@@ -138,6 +153,25 @@ def test_each_start_is_recorded_before_it_is_sent_and_after(tmp_path: Path) -> N
             (w.address, x) for w in workers for x in (b"one", b"two", b"three")
         )
         assert isinstance(run.events[-1], RunEnded)
+
+    asyncio.run(main())
+
+
+def test_a_status_at_the_end_of_the_stream_saves_the_wait(tmp_path: Path) -> None:
+    """An agent that ends the output stream with the job's status is not asked WaitJob;
+    the results are the same (an older agent's hosts are asked, as in the test above)."""
+
+    async def main() -> None:
+        m, agents, workers = _setup(tmp_path, 3)
+        agents.end_status = True
+        agents.fail.add(workers[1].address)
+        run = _start(m, agents, workers, 3, 3)
+        states = await _done(run)
+        assert states == [HostState.SUCCEEDED, HostState.FAILED, HostState.SUCCEEDED]
+        assert agents.waits == 0
+        assert [h.exit_code for h in run.record.hosts] == [0, 1, 0]
+        lines = [e.line for e in run.events if isinstance(e, OutputLine)]
+        assert len(lines) == 9
 
     asyncio.run(main())
 
@@ -246,6 +280,26 @@ def test_a_follower_sees_every_event_from_the_start(tmp_path: Path) -> None:
         await _done(run)
         late = await _collect(run)
         assert await early == late and isinstance(late[-1], RunEnded)
+
+    asyncio.run(main())
+
+
+def test_a_follower_in_batches_sees_the_same_events_at_most_a_batch_at_once(
+    tmp_path: Path,
+) -> None:
+    """Batches hold the events in order, each about max_bytes at most (one event at least)."""
+
+    async def main() -> None:
+        m, agents, workers = _setup(tmp_path, 4)
+        run = _start(m, agents, workers, 4, 0)
+        await _done(run)
+        batches = [b async for b in run.follow_batches(max_bytes=1)]
+        assert [e for b in batches for e in b] == await _collect(run)
+        assert {len(b) for b in batches} == {1}
+        batches = [b async for b in run.follow_batches(max_bytes=700)]
+        assert [e for b in batches for e in b] == await _collect(run)
+        assert 1 < len(batches) < len(run.events)
+        assert [len(b) for b in [b async for b in run.follow_batches()]] == [len(run.events)]
 
     asyncio.run(main())
 

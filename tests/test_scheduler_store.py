@@ -3,6 +3,7 @@ marked interrupted, never started again."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import stat
 import subprocess
@@ -81,6 +82,45 @@ def test_runs_and_hosts_survive_a_reopen(tmp_path: Path) -> None:
     assert got is not None and got.hosts[1] == h and got.job == b"job"
     assert s.run("nope") is None
     s.close()
+
+
+def test_hosts_written_in_one_turn_of_the_event_loop_are_committed_together(
+    tmp_path: Path,
+) -> None:
+    """Inside the event loop a host's row is committed at the loop's next turn, with the
+    others of that turn; flushed() waits for that commit; a read commits first."""
+    path = tmp_path / "s.db"
+    s = SQLiteStore(path)
+    run = _run("r", 1.0, HostState.PENDING, HostState.PENDING)
+    s.save_run(run)
+    other = SQLiteStore(path)  # another connection sees only what is committed
+
+    def stored() -> list[HostState]:
+        got = other.run("r")
+        assert got is not None
+        return [h.state for h in got.hosts]
+
+    async def main() -> None:
+        for h in run.hosts:
+            h.state = HostState.STARTING
+            s.save_host("r", h)
+        assert stored() == [HostState.PENDING] * 2
+        await s.flushed()
+        assert stored() == [HostState.STARTING] * 2
+        run.hosts[0].state = HostState.RUNNING
+        s.save_host("r", run.hosts[0])
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # the turn after: committed without being waited for
+        assert stored() == [HostState.RUNNING, HostState.STARTING]
+        run.hosts[1].state = HostState.SUCCEEDED
+        s.save_host("r", run.hosts[1])
+        got = s.run("r")  # its own read
+        assert got is not None and got.hosts[1].state is HostState.SUCCEEDED
+        assert stored() == [HostState.RUNNING, HostState.SUCCEEDED]
+
+    asyncio.run(main())
+    s.close()
+    other.close()
 
 
 def test_unfinished_runs_become_interrupted_and_started_hosts_unknown(tmp_path: Path) -> None:

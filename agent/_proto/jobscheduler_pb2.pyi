@@ -173,22 +173,26 @@ class QueryJobRes(_message.Message):
     def __init__(self, done: _Optional[bool] = ..., error: _Optional[bool] = ..., errorText: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., exitCode: _Optional[int] = ..., signal: _Optional[int] = ..., pid: _Optional[int] = ..., startTime: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., endTime: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., jobID: _Optional[str] = ..., owner: _Optional[str] = ..., command: _Optional[str] = ..., path: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., rusage: _Optional[_Union[Rusage, _Mapping]] = ..., outputBytes: _Optional[int] = ..., outputTruncated: _Optional[bool] = ..., timeoutSeconds: _Optional[int] = ...) -> None: ...
 
 class StreamJobOutputReq(_message.Message):
-    __slots__ = ("jobID", "offset", "follow")
+    __slots__ = ("jobID", "offset", "follow", "endStatus")
     JOBID_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     FOLLOW_FIELD_NUMBER: _ClassVar[int]
+    ENDSTATUS_FIELD_NUMBER: _ClassVar[int]
     jobID: str
     offset: int
     follow: bool
-    def __init__(self, jobID: _Optional[str] = ..., offset: _Optional[int] = ..., follow: _Optional[bool] = ...) -> None: ...
+    endStatus: bool
+    def __init__(self, jobID: _Optional[str] = ..., offset: _Optional[int] = ..., follow: _Optional[bool] = ..., endStatus: _Optional[bool] = ...) -> None: ...
 
 class StreamJobOutputRes(_message.Message):
-    __slots__ = ("data", "offset")
+    __slots__ = ("data", "offset", "status")
     DATA_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
     data: bytes
     offset: int
-    def __init__(self, data: _Optional[bytes] = ..., offset: _Optional[int] = ...) -> None: ...
+    status: QueryJobRes
+    def __init__(self, data: _Optional[bytes] = ..., offset: _Optional[int] = ..., status: _Optional[_Union[QueryJobRes, _Mapping]] = ...) -> None: ...
 
 class ListJobsReq(_message.Message):
     __slots__ = ("states", "owner", "pageSize", "pageToken")
@@ -430,10 +434,12 @@ class RunInfo(_message.Message):
     def __init__(self, runID: _Optional[str] = ..., owner: _Optional[str] = ..., state: _Optional[_Union[RunState, str]] = ..., job: _Optional[_Union[StartJobReq, _Mapping]] = ..., targets: _Optional[_Union[TargetSelector, _Mapping]] = ..., maxConcurrency: _Optional[int] = ..., maxErrors: _Optional[int] = ..., createdAt: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., endTime: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., hosts: _Optional[_Iterable[_Union[RunHost, _Mapping]]] = ..., summary: _Optional[_Union[RunSummary, _Mapping]] = ...) -> None: ...
 
 class RunReq(_message.Message):
-    __slots__ = ("runID",)
+    __slots__ = ("runID", "batch")
     RUNID_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
     runID: str
-    def __init__(self, runID: _Optional[str] = ...) -> None: ...
+    batch: bool
+    def __init__(self, runID: _Optional[str] = ..., batch: _Optional[bool] = ...) -> None: ...
 
 class RunOutput(_message.Message):
     __slots__ = ("workerID", "host", "line")
@@ -446,14 +452,22 @@ class RunOutput(_message.Message):
     def __init__(self, workerID: _Optional[str] = ..., host: _Optional[str] = ..., line: _Optional[bytes] = ...) -> None: ...
 
 class RunEvent(_message.Message):
-    __slots__ = ("output", "host", "done")
+    __slots__ = ("output", "host", "done", "batch")
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     HOST_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
     output: RunOutput
     host: RunHost
     done: RunInfo
-    def __init__(self, output: _Optional[_Union[RunOutput, _Mapping]] = ..., host: _Optional[_Union[RunHost, _Mapping]] = ..., done: _Optional[_Union[RunInfo, _Mapping]] = ...) -> None: ...
+    batch: RunEvents
+    def __init__(self, output: _Optional[_Union[RunOutput, _Mapping]] = ..., host: _Optional[_Union[RunHost, _Mapping]] = ..., done: _Optional[_Union[RunInfo, _Mapping]] = ..., batch: _Optional[_Union[RunEvents, _Mapping]] = ...) -> None: ...
+
+class RunEvents(_message.Message):
+    __slots__ = ("events",)
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[RunEvent]
+    def __init__(self, events: _Optional[_Iterable[_Union[RunEvent, _Mapping]]] = ...) -> None: ...
 
 class ListRunsReq(_message.Message):
     __slots__ = ("limit",)

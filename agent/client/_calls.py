@@ -210,16 +210,31 @@ class Attempts:
 class OutputStream:
     """StreamJobOutput from an offset, resumed from the last byte after a drop."""
 
-    def __init__(self, job_id: str, offset: int, follow: bool, timeout: float | None) -> None:
-        """``timeout`` bounds the whole stream (None: no bound)."""
+    def __init__(
+        self,
+        job_id: str,
+        offset: int,
+        follow: bool,
+        timeout: float | None,
+        end_status: bool = False,
+    ) -> None:
+        """``timeout`` bounds the whole stream (None: no bound); ``end_status`` asks for
+        the job's status in a last message (following only; an older agent sends none)."""
         self.job_id = job_id
         self.pos = offset
         self.follow = follow
         self.timeout = timeout
+        self.end_status = end_status
 
     def request(self) -> pb.StreamJobOutputReq:
         """The request that continues from the last byte received."""
-        return pb.StreamJobOutputReq(jobID=self.job_id, offset=self.pos, follow=self.follow)
+        return pb.StreamJobOutputReq(
+            jobID=self.job_id, offset=self.pos, follow=self.follow, endStatus=self.end_status
+        )
+
+    def status(self, msg: Any) -> JobStatus | None:
+        """The job's status if ``msg`` is an endStatus stream's last message, else None."""
+        return JobStatus.from_pb(msg.status, self.job_id) if msg.HasField("status") else None
 
     def accept(self, msg: Any) -> bytes:
         """The data of one received chunk (checked to continue where the last ended)."""

@@ -155,13 +155,29 @@ class AsyncAgentClient:
         out = calls.OutputStream(
             job_id, offset, follow, calls.stream_timeout(timeout, follow, self.timeout)
         )
+        async for msg in self._stream(out):
+            yield out.accept(msg)
+
+    async def stream_to_end(self, job_id: str) -> AsyncIterator[bytes | JobStatus]:
+        """The job's output, following it to its end, then its status as the last item.
+
+        The status comes in the stream's last message (``endStatus``); an agent
+        without it sends none, and the iteration then ends without a status.
+        """
+        out = calls.OutputStream(job_id, 0, True, None, end_status=True)
+        async for msg in self._stream(out):
+            st = out.status(msg)
+            yield out.accept(msg) if st is None else st
+
+    async def _stream(self, out: calls.OutputStream) -> AsyncIterator[Any]:
+        """StreamJobOutput's messages, resumed from ``out``'s position after a drop."""
         attempts = calls.Attempts(self.retry, out.timeout)
         while True:
             try:
                 async for msg in self._stub.StreamJobOutput(
                     out.request(), timeout=attempts.remaining()
                 ):
-                    yield out.accept(msg)
+                    yield msg
                 return
             except grpc.RpcError as e:
                 await asyncio.sleep(attempts.after(e))

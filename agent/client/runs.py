@@ -190,6 +190,13 @@ def _name(enum: Any, number: int) -> str:
         return "UNSPECIFIED"
 
 
+def events(m: pb.RunEvent) -> list[RunEvent]:
+    """The events of one FollowRun message (several if it is a batch) as plain values."""
+    if m.WhichOneof("event") == "batch":
+        return [event(e) for e in m.batch.events]
+    return [event(m)]
+
+
 def event(m: pb.RunEvent) -> RunEvent:
     """One event of FollowRun as a plain value."""
     which = m.WhichOneof("event")

@@ -290,7 +290,8 @@ class SchedulerClient(_Transport):
         dropped connection: follow again, the events start over.
         """
         try:
-            for m in self._stub.FollowRun(pb.RunReq(runID=run_id), timeout=timeout):
-                yield fanout.event(m)
+            # Batches when the scheduler sends them (an original one sends events one by one).
+            for m in self._stub.FollowRun(pb.RunReq(runID=run_id, batch=True), timeout=timeout):
+                yield from fanout.events(m)
         except grpc.RpcError as e:
             raise convert(e) from None

@@ -97,6 +97,9 @@ def record_to_pb(rec: JobRecord) -> pb.QueryJobRes:
     return res
 
 
+# How long an endStatus stream waits, after the output ended, for the job to be done.
+END_STATUS_WAIT_S = 1.0
+
 # QueryJob answers kept built (pollers ask about the same job until it is done, and
 # again after); a few hundred messages of a few hundred bytes.
 QUERY_REPLIES = 512
@@ -439,11 +442,11 @@ class WorkerService:
     ) -> None:
         job_id = "" if isinstance(request, Malformed) else request.jobID
         chunks: list[AsyncIterator[tuple[int, bytes]]] = []
-        holder: list[str] = []  # the identity whose slot this stream holds
+        holder: list[Caller] = []  # the caller whose slot this stream holds
 
         async def body(caller: Caller, req: pb.StreamJobOutputReq) -> None:
             self.streams.acquire(caller.identity)
-            holder.append(caller.identity)
+            holder.append(caller)
             it = self.jobs.view.stream(validation.job_id(job_id), caller, req.offset, req.follow)
             # Run the access checks now (the first step of the generator),
             # so a refusal is a status, not a broken stream.
@@ -455,9 +458,11 @@ class WorkerService:
             # context.write() rather than an async generator: a client that goes away
             # fails the write here, where it is the normal end of a stream, instead of
             # inside gRPC, which logs a traceback for each one.
+            end = 0 if isinstance(request, Malformed) else request.offset
             async for offset, data in chunks[0]:
                 if context.done():
                     return
+                end = offset + len(data)
                 try:
                     await context.write(pb.StreamJobOutputRes(data=data, offset=offset))
                 except Exception as e:
@@ -466,11 +471,30 @@ class WorkerService:
                     # nothing left to send to, nothing to report.
                     log.debug("StreamJobOutput of %s ended by the client: %r", job_id[:64], e)
                     return
+            if not isinstance(request, Malformed) and request.follow and request.endStatus:
+                await self._end_status(job_id, end, holder[0], context)
         finally:
             if chunks:
                 await chunks[0].aclose()  # type: ignore[attr-defined]
             if holder:
-                self.streams.release(holder[0])
+                self.streams.release(holder[0].identity)
+
+    async def _end_status(
+        self, job_id: str, end: int, caller: Caller, context: grpc.aio.ServicerContext
+    ) -> None:
+        """The last message of an endStatus stream: the ended job's status (saves a WaitJob).
+
+        Sent only once the job is done (its output ends as it exits, or earlier if it
+        closed its output: waited for END_STATUS_WAIT_S), at the output's end offset
+        ``end``; when it is missing the caller asks WaitJob, so a failure only leaves it out.
+        """
+        try:
+            rec = await self.jobs.view.wait(job_id, caller, END_STATUS_WAIT_S)
+            if rec.state.done and not context.done():
+                res = pb.StreamJobOutputRes(offset=end, status=self.replies.reply(rec))
+                await context.write(res)
+        except Exception as e:  # the job was pruned, or the client went away (see above)
+            log.debug("StreamJobOutput of %s: no end status: %r", job_id[:64], e)
 
 
 def worker_handler(service: WorkerService) -> grpc.GenericRpcHandler:

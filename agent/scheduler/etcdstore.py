@@ -254,6 +254,9 @@ class EtcdStore:
         for h in run.hosts:
             self.save_host(run.run_id, h)
 
+    async def flushed(self) -> None:
+        """Nothing to wait for: each write is made (one round trip) when it is called."""
+
     def save_host(self, run_id: str, host: HostRecord) -> None:
         """Write one host, only while this scheduler owns the run (fenced, see module doc)."""
         rpc = self._rpc

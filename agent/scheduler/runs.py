@@ -62,6 +62,10 @@ POLL_S = 0.5  # QueryJob interval for an original worker (no WaitJob)
 # connection first): 10,000 at once overran their deadlines (measured, see
 # docs/benchmarks.md). It paces starts; the run's concurrency is unchanged.
 MAX_STARTS = 256
+# A follower's events go several to a message (FollowRun with batch), about this
+# many bytes at most: a message per event was about a third of the scheduler CPU
+# of a fan-out over open connections.
+BATCH_BYTES = 512 * 1024
 # A finished run's event log (with its output) stays this long for late
 # followers; after that they get its hosts and summary from the store.
 FINISHED_KEPT_S = 300.0
@@ -129,12 +133,24 @@ class ActiveRun:
 
     async def follow(self) -> AsyncIterator[RunEvent]:
         """Every event from the start; ends after RunEnded."""
+        async for batch in self.follow_batches():
+            for e in batch:
+                yield e
+
+    async def follow_batches(self, max_bytes: int = BATCH_BYTES) -> AsyncIterator[list[RunEvent]]:
+        """Every event from the start, as many at once as are there (about ``max_bytes``
+        of them at most, at least one); ends after RunEnded."""
         i = 0
         while True:
             wake = self._wake
             while i < len(self.events):
-                yield self.events[i]
-                i += 1
+                j, size = i, 0
+                while j < len(self.events) and (j == i or size < max_bytes):
+                    e = self.events[j]
+                    size += len(e.line) + 64 if isinstance(e, OutputLine) else 256
+                    j += 1
+                yield self.events[i:j]
+                i = j
             if self.finished and i >= len(self.events):
                 return
             await wake.wait()
@@ -262,7 +278,8 @@ class RunManager:
             await self.client_for(self.registry.get(h.worker_id)).stop(h.job_id)
 
     def _set(self, run: ActiveRun, h: HostRecord, state: HostState, **fields: object) -> None:
-        """A host's new state: stored first, then published."""
+        """A host's new state: written to the store first, then published (the SQLite
+        store commits it at the event loop's next turn: see SQLiteStore)."""
         run.errors += int(state.counts_as_error) - int(h.state.counts_as_error)
         h.state = state
         for k, v in fields.items():
@@ -292,7 +309,7 @@ class RunManager:
                 await asyncio.wait(running)
         finally:
             cancel_wait.cancel()
-        why = "cancelled" if run.cancelled.is_set() else "past the error budget"
+        why = _not_started(run)
         for h in rec.hosts:
             if h.state is HostState.PENDING:
                 self._set(run, h, HostState.NOT_STARTED, error=why)
@@ -384,8 +401,7 @@ class RunManager:
         """Relay a started job's output and record its end."""
         job_id = h.job_id
         try:
-            await _relay_output(run, h, client)
-            st = await _job_end(client, job_id)
+            st = await _relay_output(run, h, client) or await _job_end(client, job_id)
         except AgentClientError as e:
             self._set(run, h, HostState.UNREACHABLE, error=f"lost after start: {e}")
             return
@@ -404,14 +420,20 @@ class RunManager:
             return None
         client = self.client_for(w)
         # Recorded before it is sent, with when: a takeover looks for it from then.
+        # (The SQLite store commits the STARTING of every host of this turn at once.)
         try:
             self._set(run, h, HostState.STARTING, start_time=self.clock())
+            await self.store.flushed()
         except StoreError as e:
             # Not recorded, so not sent: a takeover must be able to trust the record.
             h.state, h.error, h.end_time = HostState.NOT_STARTED, f"not sent: {e}", self.clock()
             with contextlib.suppress(StoreError):
                 self.store.save_host(run.record.run_id, h)
             run.publish(HostChange(_copy(h)))
+            return None
+        if run.cancelled.is_set() or budget_exceeded(run.errors, run.record.max_errors):
+            # Changed while the record was committed: not sent after all.
+            self._set(run, h, HostState.NOT_STARTED, start_time=None, error=_not_started(run))
             return None
         try:
             job_id = await client.start_pb(run.job, timeout=self.call_timeout)
@@ -439,19 +461,31 @@ class RunManager:
                 interrupt(self.store, run.record, self.clock())
 
 
+def _not_started(run: ActiveRun) -> str:
+    """Why a host of ``run`` is not started (its run was cancelled or is past its budget)."""
+    return "cancelled" if run.cancelled.is_set() else "past the error budget"
+
+
 def _line(run: ActiveRun, h: HostRecord, line: bytes) -> None:
     run.publish(OutputLine(h.worker_id, h.address, line))
 
 
-async def _relay_output(run: ActiveRun, h: HostRecord, client: AsyncAgentClient) -> None:
-    """Publish the job's output line by line, each labelled with its host.
+async def _relay_output(
+    run: ActiveRun, h: HostRecord, client: AsyncAgentClient
+) -> JobStatus | None:
+    """Publish the job's output line by line, each labelled with its host; the job's
+    status if the stream's end carried it (an agent that knows ``endStatus``), else None.
 
     An original worker has no output stream (UNIMPLEMENTED): no lines then.
     """
     pending = b""
+    status = None
     try:
-        async for chunk in client.stream(h.job_id, follow=True):
-            pending += chunk
+        async for item in client.stream_to_end(h.job_id):
+            if isinstance(item, JobStatus):
+                status = item
+                continue
+            pending += item
             *lines, pending = pending.split(b"\n")
             for line in lines:
                 _line(run, h, line)
@@ -463,6 +497,7 @@ async def _relay_output(run: ActiveRun, h: HostRecord, client: AsyncAgentClient)
             raise
     if pending:
         _line(run, h, pending)
+    return status if status is not None and status.done else None
 
 
 async def _job_end(client: AsyncAgentClient, job_id: str) -> JobStatus:

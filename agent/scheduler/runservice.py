@@ -33,6 +33,7 @@ __all__ = ["RunService", "run_info"]
 SECRET = "<secret>"  # noqa: S105 - the placeholder shown instead of a secret argument
 LIST_DEFAULT = 100
 LIST_MAX = 1000
+PAST_BATCH = 1000  # a past run's hosts, to a message when the follower takes batches
 
 
 def _selector(m: pb.TargetSelector) -> Selector:
@@ -202,13 +203,25 @@ class RunService:
         return out
 
     async def follow(self, req: pb.RunReq) -> AsyncIterator[pb.RunEvent]:
-        """The run's events from its start; a past run: its hosts, then its end."""
+        """The run's events from its start; a past run: its hosts, then its end.
+
+        With ``req.batch``, several events to a message (as many as are ready).
+        """
         rec = self._record(req.runID)
         active: ActiveRun | None = self.manager.active.get(req.runID)
         if active is None:
-            for h in rec.hosts:
-                yield pb.RunEvent(host=host_pb(h))
-            yield pb.RunEvent(done=run_info(rec))
+            past = [pb.RunEvent(host=host_pb(h)) for h in rec.hosts]
+            past.append(pb.RunEvent(done=run_info(rec)))
+            if req.batch:
+                for i in range(0, len(past), PAST_BATCH):
+                    yield pb.RunEvent(batch=pb.RunEvents(events=past[i : i + PAST_BATCH]))
+            else:
+                for m in past:
+                    yield m
             return
-        async for e in active.follow():
-            yield event_pb(e)
+        if not req.batch:
+            async for e in active.follow():
+                yield event_pb(e)
+            return
+        async for batch in active.follow_batches():
+            yield pb.RunEvent(batch=pb.RunEvents(events=[event_pb(e) for e in batch]))

@@ -20,7 +20,9 @@ TargetSelector), so what is stored is exactly what is shown.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import os
 import sqlite3
 from dataclasses import dataclass, field
@@ -31,6 +33,8 @@ from agent.scheduler.registry import Worker, WorkerStore
 from agent.vocabulary import HostState, RunState
 
 __all__ = ["HostRecord", "RunRecord", "SQLiteStore", "Store", "StoreError"]
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 
@@ -51,6 +55,25 @@ CREATE TABLE IF NOT EXISTS run_hosts (
 CREATE INDEX IF NOT EXISTS runs_by_time ON runs (created_at);
 CREATE INDEX IF NOT EXISTS runs_by_state ON runs (state);
 """
+
+
+_PUT_HOST = "INSERT OR REPLACE INTO run_hosts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+
+
+def _host_row(run_id: str, h: HostRecord) -> tuple[object, ...]:
+    return (
+        run_id,
+        h.position,
+        h.worker_id,
+        h.address,
+        h.identity,
+        h.state.value,
+        h.job_id,
+        h.exit_code,
+        h.error,
+        h.start_time,
+        h.end_time,
+    )
 
 
 class StoreError(Exception):
@@ -119,7 +142,11 @@ class Store(WorkerStore, Protocol):
         ...
 
     def save_host(self, run_id: str, host: HostRecord) -> None:
-        """Insert or replace one host of a run (durable when this returns)."""
+        """Insert or replace one host of a run (durable once :meth:`flushed` returns)."""
+        ...
+
+    async def flushed(self) -> None:
+        """Wait until every host written so far is durable (StoreError if it cannot be)."""
         ...
 
     def runs(self, limit: int) -> list[RunRecord]:
@@ -142,9 +169,15 @@ class Store(WorkerStore, Protocol):
 class SQLiteStore:
     """The embedded store: one SQLite file (WAL), used from the event loop's thread.
 
-    Each write is its own transaction. WAL with ``synchronous = NORMAL``
-    survives a crash of the scheduler process at any point; a power loss may
-    lose the last commits (see docs/fleet.md).
+    Each write is its own transaction, but for the hosts of runs: a fan-out
+    changes thousands of them, and a commit each was a tenth of the
+    scheduler's CPU. Their rows are queued and committed together at the end
+    of the event loop's turn (:meth:`flush`, scheduled with ``call_soon``);
+    what must be on disk before something is sent (a host's STARTING, before
+    its StartJob) awaits :meth:`flushed`. Every read commits the queue first.
+    WAL with ``synchronous = NORMAL`` survives a crash of the scheduler process
+    at any point but for the host rows of the turn it died in; a power loss
+    may lose the last commits (see docs/fleet.md).
     """
 
     shared = False  # one scheduler: it owns every run, none is ever orphaned
@@ -170,6 +203,46 @@ class SQLiteStore:
             self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         except (OSError, sqlite3.Error) as e:
             raise StoreError(f"{path}: cannot open the store: {e}") from None
+        self._queued: dict[tuple[str, str], tuple[object, ...]] = {}  # host rows to commit
+        self._flush_at: asyncio.Handle | None = None  # the commit of the queue, scheduled
+        self._committed: asyncio.Future[None] | None = None  # for flushed(): that commit
+
+    def flush(self) -> None:
+        """Commit the queued host rows, in one transaction."""
+        if self._flush_at is not None:
+            self._flush_at.cancel()
+            self._flush_at = None
+        waiter, self._committed = self._committed, None
+        rows, self._queued = list(self._queued.values()), {}
+        try:
+            if rows:
+                with self._db:
+                    self._db.execute("BEGIN")
+                    self._db.executemany(_PUT_HOST, rows)
+        except sqlite3.Error as e:
+            err = StoreError(f"{self.path}: cannot write {len(rows)} hosts of runs: {e}")
+            if waiter is None or waiter.done():
+                raise err from None
+            waiter.set_exception(err)
+            return
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _flush_queued(self) -> None:
+        """The scheduled commit: a failure is the waiters' to see, else logged."""
+        self._flush_at = None
+        try:
+            self.flush()
+        except StoreError as e:
+            log.error("%s", e)
+
+    async def flushed(self) -> None:
+        """Wait for the commit of the host rows queued so far (at the end of this turn)."""
+        if not self._queued:
+            return
+        if self._committed is None:
+            self._committed = asyncio.get_running_loop().create_future()
+        await asyncio.shield(self._committed)
 
     # ------------------------------------------------------------ workers
 
@@ -208,6 +281,7 @@ class SQLiteStore:
 
     def save_run(self, run: RunRecord) -> None:
         """Insert or replace a run's own fields and every one of its hosts."""
+        self.flush()
         with self._db:
             self._db.execute("BEGIN")
             self._db.execute(
@@ -224,30 +298,20 @@ class SQLiteStore:
                     run.end_time,
                 ),
             )
-            for h in run.hosts:
-                self._put_host(run.run_id, h)
+            self._db.executemany(_PUT_HOST, [_host_row(run.run_id, h) for h in run.hosts])
 
     def save_host(self, run_id: str, host: HostRecord) -> None:
-        """Insert or replace one host of a run."""
-        self._put_host(run_id, host)
-
-    def _put_host(self, run_id: str, h: HostRecord) -> None:
-        self._db.execute(
-            "INSERT OR REPLACE INTO run_hosts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                run_id,
-                h.position,
-                h.worker_id,
-                h.address,
-                h.identity,
-                h.state.value,
-                h.job_id,
-                h.exit_code,
-                h.error,
-                h.start_time,
-                h.end_time,
-            ),
-        )
+        """Queue one host of a run, committed at the end of this turn of the event loop
+        (at once without a running loop); :meth:`flushed` waits for it."""
+        self._queued[(run_id, host.worker_id)] = _host_row(run_id, host)
+        if self._flush_at is not None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush()
+            return
+        self._flush_at = loop.call_soon(self._flush_queued)
 
     def runs(self, limit: int) -> list[RunRecord]:
         """The newest ``limit`` runs, newest first, with their hosts."""
@@ -258,6 +322,7 @@ class SQLiteStore:
 
     def run(self, run_id: str) -> RunRecord | None:
         """One run with its hosts, or None."""
+        self.flush()
         r = self._db.execute(
             "SELECT run_id, owner, job, targets, max_concurrency, max_errors, created_at,"
             " state, end_time FROM runs WHERE run_id = ?",
@@ -300,4 +365,5 @@ class SQLiteStore:
 
     def close(self) -> None:
         """Close the database."""
+        self.flush()
         self._db.close()
