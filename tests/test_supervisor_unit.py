@@ -40,7 +40,8 @@ from agent.daemon.errors import (
 )
 from agent.daemon.history import History, JobRecord, Store, record_to_wire
 from agent.daemon.jobsettings import JobUser, Settings
-from agent.daemon.keeperclient import Admission, Finished, Hello, Kept, RunSpec
+from agent.daemon.keeperclient import RunSpec
+from agent.daemon.keeperwire import Admission, Finished, Hello, Kept
 from agent.daemon.lifecycle import Exit
 from agent.daemon.spawn import SpawnSpec
 from agent.daemon.supervisor import Job, Supervisor

@@ -8,7 +8,7 @@ import logging
 
 from agent.daemon.errors import Unavailable
 from agent.daemon.history import JobRecord, record_from_wire
-from agent.daemon.keeperclient import Finished, Hello
+from agent.daemon.keeperwire import Finished, Hello
 from agent.daemon.supervisor import Job, Supervisor
 from agent.vocabulary import JobState
 

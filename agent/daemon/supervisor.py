@@ -52,7 +52,7 @@ from agent.daemon.jobsettings import JobUser as JobUser
 from agent.daemon.jobsettings import Settings as Settings
 from agent.daemon.jobsettings import instance_id as instance_id
 from agent.daemon.jobview import JobView
-from agent.daemon.keeperclient import Admission, Finished
+from agent.daemon.keeperwire import Admission, Finished
 from agent.daemon.output import LiveOutput, describe_oserror
 from agent.vocabulary import JobState
 
