@@ -106,6 +106,7 @@ class KeeperClient:
 
     @property
     def socket_path(self) -> str:
+        """Where the keeper listens."""
         return self._attacher.socket_path
 
     @property
