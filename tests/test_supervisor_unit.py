@@ -29,7 +29,8 @@ import pytest
 from agent.access import AccessRules
 from agent.daemon import adoption, jobview, supervisor
 from agent.daemon.history import History, JobRecord, Store, record_to_wire
-from agent.daemon.keeperclient import Admission, Finished, Hello, Kept, RunSpec
+from agent.daemon.keeperclient import RunSpec
+from agent.daemon.keeperwire import Admission, Finished, Hello, Kept
 from agent.daemon.supervisor import Job, Supervisor
 from agent.keeper import policyfile
 from agent.keeper.admission import Rules, StartRequest

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 
 from agent.daemon.history import JobRecord, record_from_wire
-from agent.daemon.keeperclient import Finished, Hello
+from agent.daemon.keeperwire import Finished, Hello
 from agent.daemon.supervisor import Job, Supervisor
 from agent.keeper.errors import Unavailable
 from agent.vocabulary import JobState

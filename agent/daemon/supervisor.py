@@ -39,7 +39,7 @@ from agent.access import Caller
 from agent.daemon import procfs
 from agent.daemon.history import History, JobRecord, record_to_wire
 from agent.daemon.jobview import JobView
-from agent.daemon.keeperclient import Admission, Finished
+from agent.daemon.keeperwire import Admission, Finished
 from agent.daemon.output import LiveOutput, describe_oserror
 from agent.keeper import admission
 from agent.keeper import lifecycle as lc

@@ -118,7 +118,7 @@ class SpawnerOps:
         # request id -> (answer, on_exit); pid -> on_exit while it runs
         self._pending: dict[int, tuple[asyncio.Future[int], Callable[[Exit], None]]] = {}
         self._running: dict[int, Callable[[Exit], None]] = {}
-        self._deaths: list[float] = []
+        self._deaths = Deaths(MAX_DEATHS, DEATH_WINDOW)
         self._closed = False
         # "vfork" or "fork": what the current spawner said it uses (its first message).
         self.spawn_path: str | None = None
@@ -305,11 +305,9 @@ class SpawnerOps:
             if self._loop is not None:
                 self._loop.call_soon(on_exit, ex)
         self._running.clear()
-        now = time.monotonic()
-        self._deaths = [t for t in self._deaths if now - t < DEATH_WINDOW] + [now]
-        if len(self._deaths) > MAX_DEATHS:
+        if not self._deaths.count(time.monotonic()):
             why = (
-                f"the job spawner died {len(self._deaths)} times in {DEATH_WINDOW:.0f} s; "
+                f"the job spawner died {self._deaths.recent} times in {DEATH_WINDOW:.0f} s; "
                 "the agent cannot run jobs"
             )
             log.error("%s", why)
@@ -371,3 +369,22 @@ def reap(proc: subprocess.Popen[bytes], timeout: float) -> str:
         proc.kill()
         code = proc.wait()
     return f"exit status {code}" if code >= 0 else f"signal {-code}"
+
+
+class Deaths:
+    """The recent deaths of a helper process (the spawner, the keeper): more than
+    ``most`` within ``window`` seconds are too many (the agent gives up on it)."""
+
+    def __init__(self, most: int, window: float) -> None:
+        self.most, self.window = most, window
+        self._times: list[float] = []
+
+    def count(self, now: float) -> bool:
+        """Count a death at ``now`` (monotonic seconds); False when it makes too many."""
+        self._times = [t for t in self._times if now - t < self.window] + [now]
+        return len(self._times) <= self.most
+
+    @property
+    def recent(self) -> int:
+        """The deaths within the window, at the last count."""
+        return len(self._times)
