@@ -21,8 +21,8 @@ import time
 from agent.daemon.keeperwire import Hello, hello_from_wire
 from agent.keeper import spawnproto as proto
 from agent.keeper.cgroups import Subtree
-from agent.keeper.launch import keeper_argv
-from agent.keeper.spawn import SPAWN_ENV, _interpreter, reap
+from agent.keeper.launch import interpreter, keeper_argv
+from agent.keeper.spawn import SPAWN_ENV, reap
 
 HELLO_WAIT = 15.0
 ATTACH_TRIES = 4
@@ -123,7 +123,7 @@ class Attacher:
                 keeper_argv(
                     listener.fileno(), self._output_dir, self._cgroups, config=self._config_path
                 ),
-                executable=_interpreter(),
+                executable=interpreter(),
                 pass_fds=[listener.fileno()],
                 close_fds=True,
                 stdin=subprocess.DEVNULL,

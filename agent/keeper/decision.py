@@ -39,6 +39,7 @@ from agent.keeper import admission, capabilities, cgroups, landlock, policyfile,
 from agent.keeper import policy as policy_mod
 from agent.keeper.errors import FailedPrecondition
 from agent.keeper.jobsettings import INSTANCE_ENV, JOB_ID_ENV, JobUser, Settings, instance_id
+from agent.keeper.launch import PACKAGE_ROOT, interpreter, python_main
 from agent.keeper.spawnplan import SpawnSpec
 from agent.vocabulary import CGROUP_FIELDS, CGROUP_LIMITS, LIMIT_NAMES
 
@@ -315,11 +316,7 @@ class LoadError(Exception):
     """The keeper's configuration or policy could not be loaded; ``str()`` says why."""
 
 
-PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-LOADER_MAIN = (
-    "import sys; sys.path.insert(0, sys.argv.pop(1)); "
-    "from agent.keeper.decision import loader_main; sys.exit(loader_main(sys.argv[1:]))"
-)
+LOADER_MAIN = python_main("agent.keeper.decision", "loader_main")
 LOADER_OUTPUT_MAX = 64 << 20
 
 
@@ -341,7 +338,7 @@ def load_in_child(config_path: str, subtree: cgroups.Subtree | None) -> Loaded:
     argv = [sys.executable, "-I", "-c", LOADER_MAIN, PACKAGE_ROOT, config_path]
     if subtree is not None:
         argv += [str(subtree.jobs), ",".join(sorted(subtree.controllers))]
-    exe = sys.executable if os.access(sys.executable, os.X_OK) else "/proc/self/exe"
+    exe = interpreter()
     r, w = os.pipe2(os.O_CLOEXEC)
     try:
         pid = os.posix_spawn(

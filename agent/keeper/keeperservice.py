@@ -28,9 +28,9 @@ from agent.keeper import cgroups
 from agent.keeper import spawnproto as proto
 from agent.keeper.config import Config
 from agent.keeper.decision import deny_paths
-from agent.keeper.launch import KEEPER_ENDED, KEEPER_SOCKET, keeper_argv
+from agent.keeper.launch import KEEPER_ENDED, KEEPER_SOCKET, interpreter, keeper_argv
 from agent.keeper.preparation import check_private_dir, check_scratch_dir, setup_cgroups
-from agent.keeper.spawn import SPAWN_ENV, _interpreter
+from agent.keeper.spawn import SPAWN_ENV
 
 # What the keeper keeps of its environment: the service manager's notification socket
 # and the spawn path override (tests); nothing reaches a job (its environment is built
@@ -118,7 +118,7 @@ def main(cfg: Config) -> int:
     env = {k: os.environ[k] for k in KEPT_ENV if k in os.environ}
     sys.stderr.flush()
     try:
-        os.execve(_interpreter(), argv, env)  # noqa: S606 - no shell, by design
+        os.execve(interpreter(), argv, env)  # noqa: S606 - no shell, by design
     except OSError as e:
         print(f"agent keeper: cannot start the keeper: {e.strerror or e}", file=sys.stderr)
     return 1

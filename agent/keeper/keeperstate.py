@@ -26,17 +26,13 @@ from typing import TYPE_CHECKING, Any
 
 from agent.keeper import cgroups, seccomp
 from agent.keeper import lifecycle as lc
+from agent.keeper.launch import KEEPER_MAIN, PACKAGE_ROOT, interpreter
 from agent.keeper.outputfile import OutputFile
 
 if TYPE_CHECKING:
     from agent.keeper.keeper import Keeper
 
 STATE_VERSION = 1
-PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-KEEPER_MAIN = (
-    "import sys; sys.path.insert(0, sys.argv.pop(1)); "
-    "from agent.keeper.keeper import main; sys.exit(main(sys.argv[1:]))"
-)
 # The timer events a kept job can be waiting for (they carry no fields).
 TIMER_EVENTS = {
     cls.__name__: cls for cls in (lc.TimedOut, lc.KillGraceExpired, lc.OutputGraceExpired)
@@ -60,7 +56,7 @@ def new_code_problem() -> str:
 
     try:
         r = subprocess.run(
-            [_interpreter(), "-I", "-c", CHECK, PACKAGE_ROOT],
+            [interpreter(), "-I", "-c", CHECK, PACKAGE_ROOT],
             capture_output=True,
             timeout=30,
             check=False,
@@ -70,10 +66,6 @@ def new_code_problem() -> str:
     if r.returncode != 0:
         return r.stderr.decode(errors="replace").strip().splitlines()[-1:][0]
     return ""
-
-
-def _interpreter() -> str:
-    return sys.executable if os.access(sys.executable, os.X_OK) else "/proc/self/exe"
 
 
 def snapshot(k: Keeper) -> dict[str, Any]:
@@ -169,7 +161,7 @@ def reexec(k: Keeper) -> str:
             os.set_inheritable(fd, True)
         argv = [sys.executable, "-I", "-c", KEEPER_MAIN, PACKAGE_ROOT, "--resume-fd", str(memfd)]
         sys.stderr.flush()
-        os.execve(_interpreter(), argv, dict(os.environ))  # noqa: S606 - no shell, by design
+        os.execve(interpreter(), argv, dict(os.environ))  # noqa: S606 - no shell, by design
     except OSError as e:
         for fd in fds:
             os.set_inheritable(fd, False)

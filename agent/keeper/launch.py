@@ -6,13 +6,38 @@ child keeper; ``agent keeper``, the keeper as a service) build the same command 
 
 from __future__ import annotations
 
+import os
 import sys
+from typing import TYPE_CHECKING
 
-from agent.keeper.cgroups import Subtree
-from agent.keeper.keeperstate import KEEPER_MAIN, PACKAGE_ROOT
+if TYPE_CHECKING:  # only a type: this module stays light (the agent imports it)
+    from agent.keeper.cgroups import Subtree
+
+# The directory holding the ``agent`` package: a helper process (the keeper, its policy
+# loader, the bare spawner) runs this very code in a fresh interpreter in isolated mode
+# (-I: no environment, no user site), with only this directory on its path.
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 KEEPER_SOCKET = "keeper.sock"  # in [jobs] state_dir
 KEEPER_ENDED = "keeper-ended.json"  # in [jobs] state_dir: ends a stopped keeper service kept
+
+
+def python_main(module: str, function: str) -> str:
+    """The ``-c`` code of a helper process: ``PACKAGE_ROOT`` (its first argument) on the
+    path, then ``module.function(argv)`` as its exit status."""
+    return (
+        "import sys; sys.path.insert(0, sys.argv.pop(1)); "
+        f"from {module} import {function}; sys.exit({function}(sys.argv[1:]))"
+    )
+
+
+KEEPER_MAIN = python_main("agent.keeper.keeper", "main")
+
+
+def interpreter() -> str:
+    """This very interpreter: sys.executable, or its binary when that path is out of
+    reach of the agent's user (a venv under /root for an agent run as nobody)."""
+    return sys.executable if os.access(sys.executable, os.X_OK) else "/proc/self/exe"
 
 
 def keeper_argv(

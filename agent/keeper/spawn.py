@@ -57,6 +57,7 @@ from agent.keeper import spawnproto as proto
 from agent.keeper.cgroups import CgroupError, Subtree
 from agent.keeper.errors import SpawnFailure
 from agent.keeper.filetrust import SCRIPT_FD_PATH
+from agent.keeper.launch import PACKAGE_ROOT, interpreter, python_main
 from agent.keeper.lifecycle import Exit
 from agent.keeper.spawnplan import SpawnSpec, plan_of
 
@@ -69,11 +70,7 @@ SPAWN_ENV = "WORKER_AGENT_SPAWN"  # agent.keeper.vspawn.ENV_VAR (not imported: s
 MAX_DEATHS = 3
 DEATH_WINDOW = 60.0
 CLOSE_WAIT = 2.0
-_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-_SPAWNER_MAIN = (
-    "import sys; sys.path.insert(0, sys.argv.pop(1)); "
-    "from agent.keeper.spawner import main; sys.exit(main(sys.argv[1:]))"
-)
+_SPAWNER_MAIN = python_main("agent.keeper.spawner", "main")
 
 
 class ProcessOps(Protocol):
@@ -90,12 +87,6 @@ class ProcessOps(Protocol):
     async def spawn(self, spec: SpawnSpec, on_exit: Callable[[Exit], None]) -> int: ...
     def signal(self, pid: int, sig: int) -> bool: ...
     def close(self) -> None: ...
-
-
-def _interpreter() -> str:
-    """This very interpreter: sys.executable, or its binary when that path is out of
-    reach of the agent's user (a venv under /root for an agent run as nobody)."""
-    return sys.executable if os.access(sys.executable, os.X_OK) else "/proc/self/exe"
 
 
 class SpawnerOps:
@@ -143,12 +134,12 @@ class SpawnerOps:
                     "-I",
                     "-c",
                     _SPAWNER_MAIN,
-                    _PACKAGE_ROOT,
+                    PACKAGE_ROOT,
                     str(theirs.fileno()),
                     str(os.getpid()),
                     *self._cgroup_args(),
                 ],
-                executable=_interpreter(),
+                executable=interpreter(),
                 pass_fds=[theirs.fileno()],
                 close_fds=True,
                 stdin=subprocess.DEVNULL,
