@@ -881,7 +881,11 @@ def _escapee(client: AgentClient, job: str) -> int:
 
 
 def _alive_in(box: nspawn.Container, pid: int) -> bool:
-    return box.run(["test", "-d", f"/proc/{pid}"]).rc == 0
+    """Whether ``pid`` still runs in the container. A zombie does not: it has left its
+    cgroup, so the job's end may be reported a moment before the keeper (the subreaper
+    every escapee is reparented to) reaps it (seen once in this tier)."""
+    probe = f"test -d /proc/{pid} && ! grep -q '^State:[[:space:]]*Z' /proc/{pid}/status"
+    return box.run(["sh", "-c", probe]).rc == 0
 
 
 def _v2(text: str) -> str:
