@@ -46,6 +46,7 @@ __all__ = [
     "RunEnded",
     "RunManager",
     "interrupt_unfinished",
+    "prune_finished",
 ]
 
 log = logging.getLogger(__name__)
@@ -547,3 +548,11 @@ def interrupt_unfinished(store: Store, now: float) -> int:
     for rec in runs:
         interrupt(store, rec, now)
     return len(runs)
+
+
+def prune_finished(store: Store, keep_days: float, keep_count: int, now: float) -> int:
+    """Retention (``[runs]``): delete the finished runs older than ``keep_days`` or past the
+    newest ``keep_count`` (0: no such limit), with their hosts; how many went."""
+    if not keep_days and not keep_count:
+        return 0
+    return store.prune_runs(now - keep_days * 86400.0 if keep_days else 0.0, keep_count)
