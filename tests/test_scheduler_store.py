@@ -1,5 +1,6 @@
-"""The scheduler's SQLite store: workers and runs survive a reopen; unfinished runs are
-marked interrupted, never started again; finished runs are pruned past [runs]."""
+"""The scheduler's SQLite store: workers and runs survive a reopen (an unfinished run is
+resumed: tests/test_scheduler_runs.py, tests/test_fanout.py); finished runs are pruned
+past [runs]."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import pytest
 from agent.configfile import ConfigError
 from agent.scheduler.config import load_config
 from agent.scheduler.registry import Registry
-from agent.scheduler.runs import interrupt_unfinished, prune_finished
+from agent.scheduler.runs import prune_finished
 from agent.scheduler.store import HostRecord, RunRecord, SQLiteStore, StoreError
 from agent.vocabulary import HostState, RunState
 
@@ -123,33 +124,6 @@ def test_hosts_written_in_one_turn_of_the_event_loop_are_committed_together(
     asyncio.run(main())
     s.close()
     other.close()
-
-
-def test_unfinished_runs_become_interrupted_and_started_hosts_unknown(tmp_path: Path) -> None:
-    """What a dead scheduler left: never started -> NOT_STARTED; start sent -> UNKNOWN (its
-    job id kept, so it can be asked and is never started a second time)."""
-    s = SQLiteStore(tmp_path / "s.db")
-    s.save_run(
-        _run(
-            "r", 1.0, HostState.SUCCEEDED, HostState.STARTING, HostState.RUNNING, HostState.PENDING
-        )
-    )
-    done = _run("d", 2.0, HostState.SUCCEEDED)
-    done.state = RunState.DONE
-    s.save_run(done)
-    assert interrupt_unfinished(s, 9.0) == 1
-    r = s.run("r")
-    assert r is not None and r.state is RunState.INTERRUPTED and r.end_time == 9.0
-    assert [h.state for h in r.hosts] == [
-        HostState.SUCCEEDED,
-        HostState.UNKNOWN,
-        HostState.UNKNOWN,
-        HostState.NOT_STARTED,
-    ]
-    assert r.hosts[2].job_id == "j"
-    d = s.run("d")
-    assert d is not None and d.state is RunState.DONE
-    s.close()
 
 
 DAY = 86400.0

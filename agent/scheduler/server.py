@@ -28,7 +28,7 @@ from agent.channel import server_keepalive_options
 from agent.credentials import reloading_server_credentials
 from agent.scheduler.config import SchedulerConfig
 from agent.scheduler.registry import Registry, Worker, WorkerRegistry
-from agent.scheduler.runs import interrupt_unfinished, prune_finished
+from agent.scheduler.runs import prune_finished
 from agent.scheduler.service import SchedulerService
 from agent.scheduler.store import SQLiteStore, Store, StoreError
 from agent.tls import CertificateReloader
@@ -55,12 +55,13 @@ async def _serve(cfg: SchedulerConfig, store: Store, ready: Callable[[int], None
     assert s.crt_file and s.key_file and s.ca_file
     # Starts from the workers the store remembers: they stay while they renew.
     registry = Registry(cfg.registry.expire_seconds, store=store)
-    n = 0 if store.shared else interrupt_unfinished(store, time.time())
     store.keep_alive()  # opens the session that owns this scheduler's runs
-    if n:
-        log.warning("%d run(s) of the previous scheduler process marked interrupted", n)
     _prune(cfg, store)
     service = SchedulerService(cfg, registry, store)
+    if not store.shared:
+        # Its own runs, as the previous process left them: driven on (see RunManager.adopt).
+        for rec in store.unfinished_runs():
+            service.runs.adopt(rec, resumed=True)
     # Agents and users keep idle connections alive with pings: agent.channel
     # keeps what this server allows and what they do in one place.
     server_options = [("grpc.so_reuseport", 0), *server_keepalive_options()]

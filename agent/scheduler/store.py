@@ -11,7 +11,11 @@ and its runs with every host's job id and result.
 Every host's start is written twice: as STARTING before StartJob is sent and
 as RUNNING with the job id once the worker answered. A host found STARTING
 after a crash may or may not have received the job, so it is never started
-again blindly (it becomes UNKNOWN); a later takeover asks that worker first.
+again blindly: the run's next driver (this scheduler restarted, with SQLite, or
+another one taking over, with etcd) asks that worker first (see takeover.py).
+
+Finished runs are pruned past ``[runs]`` (:func:`prunable`, the rule of every
+store; a RUNNING run never is).
 
 Plain data in, plain data out: the job and the targets are kept as the wire
 messages' bytes (a StartJobReq with secret arguments already redacted, a
@@ -403,7 +407,7 @@ class SQLiteStore:
         """Nothing to release."""
 
     def orphaned_runs(self) -> list[RunRecord]:
-        """None: an unfinished run of a previous process is INTERRUPTED at start-up."""
+        """None: an unfinished run of a previous process is resumed at start-up."""
         return []
 
     def close(self) -> None:
