@@ -26,8 +26,9 @@ from agent._proto import jobscheduler_pb2 as pb
 from agent._proto import jobscheduler_pb2_grpc as pb_grpc
 from agent.client import RunInfo, SchedulerClient
 from agent.scheduler.etcdstore import EtcdStore
+from agent.scheduler.runs import prune_finished
 from agent.scheduler.store import HostRecord, RunRecord
-from agent.vocabulary import HostState
+from agent.vocabulary import HostState, RunState
 
 from etcdcluster import ETCD, EtcdCluster
 from helpers import (
@@ -352,3 +353,57 @@ def test_without_an_etcd_quorum_nothing_is_started_and_all_comes_back(
         with fleet.client(i) as c:
             run = c.start_run(ours, "bash", f"{script_dir}/hello.sh")
         assert fleet.follow(i, run.run_id).all_succeeded
+
+
+def test_finished_runs_past_retention_are_pruned_from_etcd(tmp_path: Path, certs: Certs) -> None:
+    """[runs] retention with etcd (a cluster of its own): a finished run that ended 31 days
+    ago goes with its hosts' keys; a recent one, a RUNNING one (owned, or orphaned and
+    waiting to be taken over) and a finished one still owned stay; once released, it goes."""
+    etcd = EtcdCluster(tmp_path / "etcd", certs, n=1)
+    stores: list[EtcdStore] = []
+    try:
+        etcd.start()
+        for _ in range(2):
+            stores.append(
+                EtcdStore(
+                    etcd.endpoints,
+                    ca_file=certs.crt("etcd-ca"),
+                    crt_file=certs.crt("etcd-client"),
+                    key_file=certs.key("etcd-client"),
+                    prefix="/prune-test/",
+                )
+            )
+        owner, other = stores
+        owner.keep_alive()
+        now = time.time()
+        day = 86400.0
+
+        def put(run_id: str, ended_days_ago: float | None, *, release: bool = True) -> None:
+            ended = None if ended_days_ago is None else now - ended_days_ago * day
+            state = RunState.RUNNING if ended is None else RunState.DONE
+            host = HostState.RUNNING if ended is None else HostState.SUCCEEDED
+            hosts = [HostRecord(f"w{i}", f"10.0.0.{i}:1", "agent", i, host) for i in range(2)]
+            rec = RunRecord(run_id, "admin", b"job", b"", 2, 0, now - 40 * day, state, ended, hosts)
+            assert owner.claim_run(run_id)
+            owner.save_run(rec)
+            if release:
+                owner.release_run(run_id)
+
+        put("old", 31)
+        put("old-owned", 35, release=False)  # its owner has not released it yet
+        put("running", None, release=False)
+        put("orphaned", None)  # RUNNING, its owner gone: to be taken over, never pruned
+        put("recent", 1)
+        assert prune_finished(other, 30, 0, now) == 1
+        assert {r.run_id for r in other.runs(10)} == {"old-owned", "running", "orphaned", "recent"}
+        assert other._range(b"/prune-test/hosts/old/") == []
+        assert len(other._range(b"/prune-test/hosts/old-owned/")) == 2
+        owner.release_run("old-owned")
+        assert prune_finished(other, 30, 0, now) == 1
+        assert prune_finished(other, 0, 1, now) == 0  # "recent" is the newest finished one
+        assert {r.run_id for r in other.runs(10)} == {"running", "orphaned", "recent"}
+        assert len(other._range(b"/prune-test/hosts/")) == 6
+    finally:
+        for s in stores:
+            s.close()
+        etcd.stop()

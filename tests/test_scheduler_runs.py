@@ -308,8 +308,10 @@ async def _collect(run: ActiveRun) -> list[object]:
     return [e async for e in run.follow()]
 
 
-def test_closing_interrupts_the_runs_going_on(tmp_path: Path) -> None:
-    """The scheduler stops mid-run: running hosts UNKNOWN (job id kept), the rest not started."""
+def test_a_run_left_by_close_is_resumed_by_the_next_manager(tmp_path: Path) -> None:
+    """The scheduler stops mid-run: the run stays RUNNING as recorded (the started host
+    RUNNING with its job id, the rest PENDING); the next process resumes it (SQLite): the
+    running job followed to its end, never started again, the others started once each."""
 
     async def main() -> None:
         m, agents, workers = _setup(tmp_path, 3)
@@ -319,8 +321,40 @@ def test_closing_interrupts_the_runs_going_on(tmp_path: Path) -> None:
             await asyncio.sleep(0.005)
         await m.close()
         rec = m.store.run(run.record.run_id)
-        assert rec is not None and rec.state is RunState.INTERRUPTED
-        assert [h.state for h in rec.hosts] == [HostState.UNKNOWN] + [HostState.NOT_STARTED] * 2
+        assert rec is not None and rec.state is RunState.RUNNING
+        assert [h.state for h in rec.hosts] == [HostState.RUNNING] + [HostState.PENDING] * 2
         assert rec.hosts[0].job_id == f"job@{workers[0].address}"
+        agents.hold = False
+        again = RunManager(m.store, m.registry, agents.client, 1.0)
+        resumed = again.adopt(rec, resumed=True)
+        assert await _done(resumed) == [HostState.SUCCEEDED] * 3
+        assert agents.started == [w.address for w in workers]
+        got = m.store.run(run.record.run_id)
+        assert got is not None and got.state is RunState.DONE
+        assert got.hosts[0].job_id == f"job@{workers[0].address}"
+
+    asyncio.run(main())
+
+
+def test_a_cancelled_run_left_by_close_starts_nothing_more(tmp_path: Path) -> None:
+    """Cancelled, then the scheduler stops before the run ended: its hosts not started are
+    NOT_STARTED at once, so a resume (or a takeover) starts none of them."""
+
+    async def main() -> None:
+        m, agents, workers = _setup(tmp_path, 3)
+        agents.hold = True
+        run = _start(m, agents, workers, 1, 0)
+        while agents.running < 1:
+            await asyncio.sleep(0.005)
+        m.cancel(run)
+        await m.close()
+        rec = m.store.run(run.record.run_id)
+        assert rec is not None
+        assert [h.state for h in rec.hosts] == [HostState.RUNNING] + [HostState.NOT_STARTED] * 2
+        assert rec.hosts[1].error == "cancelled"
+        agents.stopped.add(workers[0].address)  # the stop the cancel sent has arrived
+        resumed = RunManager(m.store, m.registry, agents.client, 1.0).adopt(rec, resumed=True)
+        await _done(resumed)
+        assert agents.started == [workers[0].address]
 
     asyncio.run(main())

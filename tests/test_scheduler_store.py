@@ -1,12 +1,15 @@
-"""The scheduler's SQLite store: workers and runs survive a reopen; unfinished runs are
-marked interrupted, never started again."""
+"""The scheduler's SQLite store: workers and runs survive a reopen (an unfinished run is
+resumed: tests/test_scheduler_runs.py, tests/test_fanout.py); finished runs are pruned
+past [runs]."""
 
 from __future__ import annotations
 
 import asyncio
 import re
+import sqlite3
 import stat
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +17,7 @@ import pytest
 from agent.configfile import ConfigError
 from agent.scheduler.config import load_config
 from agent.scheduler.registry import Registry
-from agent.scheduler.runs import interrupt_unfinished
+from agent.scheduler.runs import prune_finished
 from agent.scheduler.store import HostRecord, RunRecord, SQLiteStore, StoreError
 from agent.vocabulary import HostState, RunState
 
@@ -123,31 +126,113 @@ def test_hosts_written_in_one_turn_of_the_event_loop_are_committed_together(
     other.close()
 
 
-def test_unfinished_runs_become_interrupted_and_started_hosts_unknown(tmp_path: Path) -> None:
-    """What a dead scheduler left: never started -> NOT_STARTED; start sent -> UNKNOWN (its
-    job id kept, so it can be asked and is never started a second time)."""
-    s = SQLiteStore(tmp_path / "s.db")
-    s.save_run(
-        _run(
-            "r", 1.0, HostState.SUCCEEDED, HostState.STARTING, HostState.RUNNING, HostState.PENDING
-        )
-    )
-    done = _run("d", 2.0, HostState.SUCCEEDED)
-    done.state = RunState.DONE
-    s.save_run(done)
-    assert interrupt_unfinished(s, 9.0) == 1
-    r = s.run("r")
-    assert r is not None and r.state is RunState.INTERRUPTED and r.end_time == 9.0
-    assert [h.state for h in r.hosts] == [
-        HostState.SUCCEEDED,
-        HostState.UNKNOWN,
-        HostState.UNKNOWN,
-        HostState.NOT_STARTED,
-    ]
-    assert r.hosts[2].job_id == "j"
-    d = s.run("d")
-    assert d is not None and d.state is RunState.DONE
+DAY = 86400.0
+
+
+def _ended(run_id: str, created: float, ended: float | None, state: RunState) -> RunRecord:
+    """A run of two hosts in ``state``, ended at ``ended`` (None: still RUNNING)."""
+    host = HostState.SUCCEEDED if ended is not None else HostState.RUNNING
+    run = _run(run_id, created, host, host)
+    run.state, run.end_time = state, ended
+    return run
+
+
+def _rows(path: Path) -> tuple[set[str], set[str]]:
+    """The run ids of the runs table and of the run_hosts table, read by another connection."""
+    db = sqlite3.connect(path)
+    try:
+        runs = {r for (r,) in db.execute("SELECT run_id FROM runs")}
+        hosts = {r for (r,) in db.execute("SELECT run_id FROM run_hosts")}
+    finally:
+        db.close()
+    return runs, hosts
+
+
+def test_finished_runs_past_keep_days_are_pruned_with_their_hosts(tmp_path: Path) -> None:
+    """[runs] keep_days: finished runs that ended longer ago go with their hosts; newer ones
+    and a RUNNING run (however old) stay; 0 keeps everything."""
+    path = tmp_path / "s.db"
+    now = time.time()
+    s = SQLiteStore(path)
+    s.save_run(_ended("old-done", now - 40 * DAY, now - 40 * DAY, RunState.DONE))
+    s.save_run(_ended("old-cancelled", now - 50 * DAY, now - 31 * DAY, RunState.CANCELLED))
+    s.save_run(_ended("old-interrupted", now - 90 * DAY, now - 89 * DAY, RunState.INTERRUPTED))
+    s.save_run(_ended("old-running", now - 60 * DAY, None, RunState.RUNNING))
+    s.save_run(_ended("ended-lately", now - 40 * DAY, now - 29 * DAY, RunState.DONE))
+    s.save_run(_ended("new", now - 1, now, RunState.CANCELLED))
+    assert prune_finished(s, 0, 0, now) == 0
+    assert len(_rows(path)[0]) == 6
+    assert prune_finished(s, 30, 0, now) == 3
     s.close()
+    kept = {"old-running", "ended-lately", "new"}
+    assert _rows(path) == (kept, kept)
+    s = SQLiteStore(path)
+    assert {r.run_id for r in s.runs(10)} == kept
+    got = s.run("old-running")
+    assert got is not None and len(got.hosts) == 2 and got.state is RunState.RUNNING
+    assert prune_finished(s, 30, 0, now) == 0
+    s.close()
+
+
+def test_keep_count_keeps_the_newest_finished_runs_and_every_running_one(tmp_path: Path) -> None:
+    """[runs] keep_count: only the newest that many finished runs stay (by creation); the
+    running ones are not counted and never pruned; with keep_days, either limit prunes."""
+    path = tmp_path / "s.db"
+    now = time.time()
+    s = SQLiteStore(path)
+    for i in range(5):
+        s.save_run(_ended(f"done{i}", now - 10 + i, now - 5 + i, RunState.DONE))
+    s.save_run(_ended("running-old", now - 100, None, RunState.RUNNING))
+    s.save_run(_ended("running-new", now, None, RunState.RUNNING))
+    assert prune_finished(s, 0, 2, now) == 3
+    kept = {"done3", "done4", "running-old", "running-new"}
+    assert _rows(path) == (kept, kept)
+    # done3 ended 2 s before "now": a limit of a day from a day later prunes it by age.
+    assert prune_finished(s, 1, 5, now + DAY - 1.5) == 1
+    assert _rows(path)[0] == {"done4", "running-old", "running-new"}
+    s.close()
+
+
+def test_a_scheduler_prunes_its_store_at_start(tmp_path: Path, certs: Certs) -> None:
+    """A scheduler started over a store holding a run that ended 31 days ago prunes it (the
+    default keep_days, 30) before it listens, and keeps a recent one."""
+    s = SchedulerProcess(tmp_path / "sched", certs)
+    path = s.workdir / "scheduler-state" / "scheduler.db"
+    now = time.time()
+    st = SQLiteStore(path)
+    st.save_run(_ended("old", now - 32 * DAY, now - 31 * DAY, RunState.DONE))
+    st.save_run(_ended("recent", now - 2 * DAY, now - DAY, RunState.DONE))
+    st.close()
+    s.start()
+    try:
+        assert _rows(path) == ({"recent"}, {"recent"})
+        assert "1 finished run(s) pruned ([runs] keep_days 30, keep_count 0)" in s.log()
+    finally:
+        s.stop()
+
+
+@pytest.mark.parametrize(
+    ("runs", "key", "problem"),
+    [
+        ("keep_days = -1", "keep_days", "must be at least 0, got -1"),
+        ("keep_days = nan", "keep_days", "must be a number of days, 0 to keep all"),
+        ('keep_days = "30d"', "keep_days", "expected a number, got '30d'"),
+        ("keep_count = -5", "keep_count", "must be at least 0, got -5"),
+        ("keep_count = 2.5", "keep_count", "expected an integer, got 2.5"),
+        ("keep = 3", "keep", "unknown"),
+    ],
+)
+def test_runs_retention_config_errors_name_the_key(
+    tmp_path: Path, certs: Certs, runs: str, key: str, problem: str
+) -> None:
+    """[runs] keep_days and keep_count are checked like every option: a line naming [runs],
+    the key and the problem."""
+    s = SchedulerProcess(tmp_path / "sched", certs)
+    assert load_config(s.config_path).runs.keep_days == 30.0
+    with open(s.config_path, "a") as f:
+        f.write(f"\n[runs]\n{runs}\n")
+    with pytest.raises(ConfigError, match=rf"\[runs\] {key}: .*{re.escape(problem)}"):
+        load_config(s.config_path)
 
 
 def test_a_store_of_a_newer_schema_is_refused(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ config itself: the certificates are read when the scheduler starts.
 from __future__ import annotations
 
 import ipaddress
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -27,6 +28,7 @@ __all__ = [
     "AuthSection",
     "LegacySection",
     "RegistrySection",
+    "RunsSection",
     "SchedulerConfig",
     "ServerSection",
     "StoreSection",
@@ -121,6 +123,21 @@ class StoreSection:
 
 
 @dataclass(frozen=True)
+class RunsSection:
+    """``[runs]``: how long finished runs are kept in the store (a running one always is)."""
+
+    keep_days: float = option(
+        30.0, "prune a finished run this many days after it ended; 0: keep all", lo=0, hi=36500
+    )
+    keep_count: int = option(
+        0,
+        "keep at most this many finished runs, the newest; 0: no limit",
+        lo=0,
+        hi=100_000_000,
+    )
+
+
+@dataclass(frozen=True)
 class SchedulerConfig:
     """The scheduler's whole configuration."""
 
@@ -131,6 +148,7 @@ class SchedulerConfig:
     agents: AgentsSection = field(default_factory=AgentsSection)
     legacy: LegacySection = field(default_factory=LegacySection)
     store: StoreSection = field(default_factory=StoreSection)
+    runs: RunsSection = field(default_factory=RunsSection)
 
 
 _SECTIONS = {
@@ -140,6 +158,7 @@ _SECTIONS = {
     "agents": AgentsSection,
     "legacy": LegacySection,
     "store": StoreSection,
+    "runs": RunsSection,
 }
 
 
@@ -168,6 +187,8 @@ def load_config(path: str | Path) -> SchedulerConfig:
                 raise ConfigError(p, "auth", key, problem)
     if cfg.store.backend == "etcd":
         _etcd_checks(p, cfg.store)
+    if not math.isfinite(cfg.runs.keep_days):
+        raise ConfigError(p, "runs", "keep_days", "must be a number of days, 0 to keep all")
     if cfg.registry.expire_seconds <= cfg.registry.heartbeat_seconds:
         raise ConfigError(p, "registry", "expire_seconds", "must be longer than heartbeat_seconds")
     if cfg.legacy.addr:

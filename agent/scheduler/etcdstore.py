@@ -37,7 +37,7 @@ from typing import Any
 import grpc
 
 from agent.scheduler.registry import Worker
-from agent.scheduler.store import HostRecord, RunRecord, StoreError
+from agent.scheduler.store import HostRecord, RunRecord, StoreError, prunable
 from agent.vocabulary import HostState, RunState
 
 __all__ = ["EtcdStore"]
@@ -310,6 +310,57 @@ class EtcdStore:
         """The runs recorded as RUNNING, oldest first."""
         runs = [r for r in self.runs(1 << 30) if r.state is RunState.RUNNING]
         return sorted(runs, key=lambda r: r.created_at)
+
+    def prune_runs(self, ended_before: float, keep: int) -> int:
+        """Delete the finished runs :func:`~agent.scheduler.store.prunable` names, each
+        with its hosts (by prefix) in one transaction that succeeds only while nobody owns
+        the run and its record is as read (another scheduler may prune at the same time)."""
+        rpc = self._rpc
+        heads = {}
+        for kv in self._range(self._key("runs", "")):
+            d = json.loads(kv.value)
+            heads[d["run_id"]] = (kv, d)
+        ids = prunable(
+            (
+                (i, d["created_at"], d["end_time"], RunState(d["state"]))
+                for i, (_, d) in heads.items()
+            ),
+            ended_before,
+            keep,
+        )
+        pruned = 0
+        for run_id in ids:
+            kv = heads[run_id][0]
+            hosts = self._key("hosts", run_id, "")
+            r = self._call(
+                self._kv.Txn,
+                rpc.TxnRequest(
+                    compare=[
+                        rpc.Compare(
+                            result=rpc.Compare.EQUAL,
+                            target=rpc.Compare.CREATE,
+                            key=self._key("owners", run_id),
+                            create_revision=0,
+                        ),
+                        rpc.Compare(
+                            result=rpc.Compare.EQUAL,
+                            target=rpc.Compare.MOD,
+                            key=kv.key,
+                            mod_revision=kv.mod_revision,
+                        ),
+                    ],
+                    success=[
+                        rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=kv.key)),
+                        rpc.RequestOp(
+                            request_delete_range=rpc.DeleteRangeRequest(
+                                key=hosts, range_end=_end(hosts)
+                            )
+                        ),
+                    ],
+                ),
+            )
+            pruned += int(r.succeeded)
+        return pruned
 
     def close(self) -> None:
         """Close the channel (leases are left to expire: a takeover needs that)."""

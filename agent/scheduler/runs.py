@@ -45,7 +45,7 @@ __all__ = [
     "OutputLine",
     "RunEnded",
     "RunManager",
-    "interrupt_unfinished",
+    "prune_finished",
 ]
 
 log = logging.getLogger(__name__)
@@ -218,8 +218,9 @@ class RunManager:
         )
         return run
 
-    def adopt(self, rec: RunRecord) -> ActiveRun:
-        """Take over a run whose owner died (this scheduler has claimed it).
+    def adopt(self, rec: RunRecord, *, resumed: bool = False) -> ActiveRun:
+        """Take over a run whose owner died (this scheduler has claimed it), or, with the
+        SQLite store (``resumed``), a run this scheduler drove before it restarted.
 
         The rule for each host is :func:`agent.scheduler.takeover.resolve_starting`'s
         and :meth:`_execute`'s: finished hosts stay; RUNNING ones are followed
@@ -238,7 +239,10 @@ class RunManager:
         self.active[rec.run_id] = run
         run.task = asyncio.ensure_future(self._execute(run))
         run.task.add_done_callback(lambda t: self._ended(t, run))
-        log.warning("run %s of %s: owner gone, taken over", rec.run_id, rec.owner)
+        if resumed:
+            log.warning("run %s of %s: resumed after a restart", rec.run_id, rec.owner)
+        else:
+            log.warning("run %s of %s: owner gone, taken over", rec.run_id, rec.owner)
         return run
 
     def abandon(self) -> None:
@@ -446,19 +450,26 @@ class RunManager:
         return client, job_id
 
     async def close(self) -> None:
-        """Stop executing (the scheduler stops): the runs going on become INTERRUPTED.
-
-        With a shared store they are released instead: another scheduler takes them over.
+        """Stop executing (the scheduler stops), leaving each run going on as recorded: with a
+        shared store another scheduler takes it over (it is released), with SQLite this one
+        resumes it at its next start. A cancelled run's hosts not started are NOT_STARTED
+        first, so that neither starts them.
         """
         for run in list(self.active.values()):
             tasks = [t for t in (run.task, *run.running) if t is not None and not t.done()]
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            if not run.finished and self.store.shared:
+            if run.finished:
+                continue
+            if run.cancelled.is_set():
+                with contextlib.suppress(StoreError):
+                    for h in run.record.hosts:
+                        if h.state is HostState.PENDING:
+                            self._set(run, h, HostState.NOT_STARTED, error=_not_started(run))
+                    await self.store.flushed()
+            if self.store.shared:
                 self.store.release_run(run.record.run_id)
-            elif not run.finished:
-                interrupt(self.store, run.record, self.clock())
 
 
 def _not_started(run: ActiveRun) -> str:
@@ -525,25 +536,9 @@ def _log_crash(task: asyncio.Task[None]) -> bool:
     return False
 
 
-def interrupt(store: Store, rec: RunRecord, now: float) -> None:
-    """Mark a run that this process no longer drives, and its hosts, for what they are.
-
-    A host never started is NOT_STARTED; one whose start was sent (STARTING
-    or RUNNING) is UNKNOWN, its job id (if any) kept so it can be asked.
-    """
-    for h in rec.hosts:
-        if h.state is HostState.PENDING:
-            h.state, h.error, h.end_time = HostState.NOT_STARTED, "scheduler stopped", now
-        elif not h.state.final:
-            h.state, h.error = HostState.UNKNOWN, "scheduler stopped after the start was sent"
-            h.end_time = now
-    rec.state, rec.end_time = RunState.INTERRUPTED, now
-    store.save_run(rec)
-
-
-def interrupt_unfinished(store: Store, now: float) -> int:
-    """At start-up: the runs a previous process left RUNNING become INTERRUPTED."""
-    runs = store.unfinished_runs()
-    for rec in runs:
-        interrupt(store, rec, now)
-    return len(runs)
+def prune_finished(store: Store, keep_days: float, keep_count: int, now: float) -> int:
+    """Retention (``[runs]``): delete the finished runs older than ``keep_days`` or past the
+    newest ``keep_count`` (0: no such limit), with their hosts; how many went."""
+    if not keep_days and not keep_count:
+        return 0
+    return store.prune_runs(now - keep_days * 86400.0 if keep_days else 0.0, keep_count)

@@ -28,7 +28,7 @@ from agent.channel import server_keepalive_options
 from agent.credentials import reloading_server_credentials
 from agent.scheduler.config import SchedulerConfig
 from agent.scheduler.registry import Registry, Worker, WorkerRegistry
-from agent.scheduler.runs import interrupt_unfinished
+from agent.scheduler.runs import prune_finished
 from agent.scheduler.service import SchedulerService
 from agent.scheduler.store import SQLiteStore, Store, StoreError
 from agent.tls import CertificateReloader
@@ -38,6 +38,7 @@ __all__ = ["SCHEDULER_SERVICE", "serve"]
 log = logging.getLogger(__name__)
 
 SCHEDULER_SERVICE = "jobscheduler.Scheduler"
+PRUNE_EVERY_S = 3600.0  # retention of finished runs ([runs]): at start, then this often
 
 
 async def serve(cfg: SchedulerConfig, *, ready: Callable[[int], None] | None = None) -> None:
@@ -54,11 +55,13 @@ async def _serve(cfg: SchedulerConfig, store: Store, ready: Callable[[int], None
     assert s.crt_file and s.key_file and s.ca_file
     # Starts from the workers the store remembers: they stay while they renew.
     registry = Registry(cfg.registry.expire_seconds, store=store)
-    n = 0 if store.shared else interrupt_unfinished(store, time.time())
     store.keep_alive()  # opens the session that owns this scheduler's runs
-    if n:
-        log.warning("%d run(s) of the previous scheduler process marked interrupted", n)
+    _prune(cfg, store)
     service = SchedulerService(cfg, registry, store)
+    if not store.shared:
+        # Its own runs, as the previous process left them: driven on (see RunManager.adopt).
+        for rec in store.unfinished_runs():
+            service.runs.adopt(rec, resumed=True)
     # Agents and users keep idle connections alive with pings: agent.channel
     # keeps what this server allows and what they do in one place.
     server_options = [("grpc.so_reuseport", 0), *server_keepalive_options()]
@@ -93,9 +96,13 @@ async def _serve(cfg: SchedulerConfig, store: Store, ready: Callable[[int], None
     if ready:
         ready(port)
     period = min(1.0, cfg.registry.expire_seconds / 4)
+    next_prune = time.monotonic() + PRUNE_EVERY_S
     while not stop.is_set():
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=period)
+        if time.monotonic() >= next_prune:
+            next_prune = time.monotonic() + PRUNE_EVERY_S
+            _prune(cfg, store)
         try:
             gone = _shared_tick(store, registry, service) if store.shared else registry.expire()
         except StoreError as e:
@@ -111,6 +118,22 @@ async def _serve(cfg: SchedulerConfig, store: Store, ready: Callable[[int], None
         await legacy_server.stop(grace=1.0)
     await server.stop(grace=1.0)
     await service.close()
+
+
+def _prune(cfg: SchedulerConfig, store: Store) -> None:
+    """Retention: the finished runs past ``[runs]`` go (a failure is logged, retried later)."""
+    try:
+        n = prune_finished(store, cfg.runs.keep_days, cfg.runs.keep_count, time.time())
+    except StoreError as e:
+        log.error("store: pruning runs: %s", e)
+        return
+    if n:
+        log.info(
+            "%d finished run(s) pruned ([runs] keep_days %g, keep_count %d)",
+            n,
+            cfg.runs.keep_days,
+            cfg.runs.keep_count,
+        )
 
 
 def open_store(cfg: SchedulerConfig) -> Store:

@@ -11,7 +11,11 @@ and its runs with every host's job id and result.
 Every host's start is written twice: as STARTING before StartJob is sent and
 as RUNNING with the job id once the worker answered. A host found STARTING
 after a crash may or may not have received the job, so it is never started
-again blindly (it becomes UNKNOWN); a later takeover asks that worker first.
+again blindly: the run's next driver (this scheduler restarted, with SQLite, or
+another one taking over, with etcd) asks that worker first (see takeover.py).
+
+Finished runs are pruned past ``[runs]`` (:func:`prunable`, the rule of every
+store; a RUNNING run never is).
 
 Plain data in, plain data out: the job and the targets are kept as the wire
 messages' bytes (a StartJobReq with secret arguments already redacted, a
@@ -25,6 +29,7 @@ import json
 import logging
 import os
 import sqlite3
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -32,7 +37,7 @@ from typing import Protocol
 from agent.scheduler.registry import Worker, WorkerStore
 from agent.vocabulary import HostState, RunState
 
-__all__ = ["HostRecord", "RunRecord", "SQLiteStore", "Store", "StoreError"]
+__all__ = ["HostRecord", "RunRecord", "SQLiteStore", "Store", "StoreError", "prunable"]
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +79,24 @@ def _host_row(run_id: str, h: HostRecord) -> tuple[object, ...]:
         h.start_time,
         h.end_time,
     )
+
+
+def prunable(
+    heads: Iterable[tuple[str, float, float | None, RunState]], ended_before: float, keep: int
+) -> list[str]:
+    """The runs to prune, of (run id, created at, end time, state): finished ones that ended
+    before ``ended_before`` (0: none by age) or are not among the newest ``keep`` finished
+    ones (0: none by count). A RUNNING run is never pruned. The one rule of every store.
+    """
+    done = sorted(
+        (h for h in heads if h[3] is not RunState.RUNNING), key=lambda h: (h[1], h[0]), reverse=True
+    )
+    return [
+        run_id
+        for i, (run_id, created, ended, _) in enumerate(done)
+        if (ended_before and (created if ended is None else ended) < ended_before)
+        or (keep and i >= keep)
+    ]
 
 
 class StoreError(Exception):
@@ -159,6 +182,10 @@ class Store(WorkerStore, Protocol):
 
     def unfinished_runs(self) -> list[RunRecord]:
         """The runs recorded as RUNNING (at start-up: what a previous process left)."""
+        ...
+
+    def prune_runs(self, ended_before: float, keep: int) -> int:
+        """Delete the finished runs :func:`prunable` names, with their hosts; how many."""
         ...
 
     def close(self) -> None:
@@ -348,6 +375,26 @@ class SQLiteStore:
         ).fetchall()
         return [r for (i,) in ids if (r := self.run(i)) is not None]
 
+    def prune_runs(self, ended_before: float, keep: int) -> int:
+        """Delete the finished runs :func:`prunable` names and their hosts, in one
+        transaction (a RUNNING run stays: this process is its only writer)."""
+        self.flush()
+        try:
+            with self._db:
+                self._db.execute("BEGIN IMMEDIATE")
+                heads = self._db.execute("SELECT run_id, created_at, end_time, state FROM runs")
+                ids = [
+                    (i,)
+                    for i in prunable(
+                        ((r[0], r[1], r[2], RunState(r[3])) for r in heads), ended_before, keep
+                    )
+                ]
+                self._db.executemany("DELETE FROM run_hosts WHERE run_id = ?", ids)
+                self._db.executemany("DELETE FROM runs WHERE run_id = ?", ids)
+        except sqlite3.Error as e:
+            raise StoreError(f"{self.path}: cannot prune runs: {e}") from None
+        return len(ids)
+
     def keep_alive(self) -> bool:
         """Nothing to renew: this process owns the file."""
         return True
@@ -360,7 +407,7 @@ class SQLiteStore:
         """Nothing to release."""
 
     def orphaned_runs(self) -> list[RunRecord]:
-        """None: an unfinished run of a previous process is INTERRUPTED at start-up."""
+        """None: an unfinished run of a previous process is resumed at start-up."""
         return []
 
     def close(self) -> None:

@@ -1,5 +1,8 @@
 """Taking over a run whose owner died: what to do with a host left STARTING.
 
+The same applies to a scheduler with the SQLite store that restarts: it resumes
+its own runs as it would take over another's (RunManager.adopt).
+
 A host is recorded STARTING before StartJob is sent and RUNNING (with the job
 id) after the worker answered. A host found STARTING was maybe sent: the
 worker may be running the job, or never have received it. The new owner never
