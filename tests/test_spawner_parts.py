@@ -125,3 +125,26 @@ def test_a_places_descriptors_are_closed_after_the_fork(tmp_path: Path) -> None:
     st = Starting(1, "rid", -1)
     st.notify, st.report = ours, b"execve\x002"
     assert st.take_listener() == -1 and ours.fileno() == -1
+
+
+def test_a_place_that_cannot_be_finished_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Out of descriptors at the last step (the listen() checks' socket pair, made after
+    the scratch directory): the refusal says so and the directory and its descriptor go."""
+    from agent.keeper import jobplace
+
+    places = jobplace.JobPlaces(None, os.geteuid() == 0)
+    scratch = tmp_path / "job"
+    plan = {"scratch": str(scratch), "seccomp": {"udp": False, "allow": [], "listen": "bound"}}
+
+    def no_more(*_: object) -> None:
+        raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+    monkeypatch.setattr(jobplace.socket, "socketpair", no_more)
+    before = set(os.listdir("/proc/self/fd"))
+    with pytest.raises(jobplace.PlaceError) as caught:
+        places.prepare(plan, {})
+    assert caught.value.code == errno.EMFILE and "listen() checks" in caught.value.text
+    assert not scratch.exists()
+    assert set(os.listdir("/proc/self/fd")) <= before

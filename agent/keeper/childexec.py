@@ -87,13 +87,18 @@ class Launcher:
     def fork(self, rid: Any, plan: dict[str, Any], fds: dict[str, int], place: Place) -> Starting:
         """Fork the child (childsetup.child sets up and execs); the spawner's copies of the
         descriptors are closed. Raises OSError when no child could be made."""
-        r, w = os.pipe2(os.O_CLOEXEC)
+        r = w = -1
         try:
+            r, w = os.pipe2(os.O_CLOEXEC)
             pid = os.fork()
         except OSError:
+            # No child: the spawner's copies of every descriptor go now (the caller
+            # undoes the place itself).
             place.close_descriptors()
-            os.close(r)
-            os.close(w)
+            _close_all(fds)
+            for fd in (r, w):
+                if fd >= 0:
+                    os.close(fd)
             raise
         if pid == 0:
             childsetup.child(

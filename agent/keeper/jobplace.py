@@ -152,14 +152,17 @@ class JobPlaces:
                 place.filt = self.filter(plan["seccomp"])
             step = "scratch directory"
             place.scratch, place.scratch_fd = self.make_scratch(plan)
+            if place.filt is not None and place.filt.listen_guard:
+                step = "listen() checks"
+                place.notify = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         except (landlock.LandlockError, OSError) as e:
+            # Out of descriptors (EMFILE) among others: undo all that was made, so a
+            # refused start leaves no leaf, directory or descriptor behind.
             code = getattr(e, "errno", None) or errno.EPERM
             text = f"{step}: {e}" if isinstance(e, landlock.LandlockError) else None
-            if place.cg is not None:
-                self.remove_cgroup(place.cg)
+            place.close_descriptors()
+            self.release(place.cg, place.scratch)
             raise PlaceError(text or proto.error_text(step, code), code) from e
-        if place.filt is not None and place.filt.listen_guard:
-            place.notify = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         return place
 
     def cgroup(self, plan: dict[str, Any], fds: dict[str, int]) -> cgroups.JobCgroup | None:
