@@ -141,7 +141,7 @@ def test_a_place_that_cannot_be_finished_leaves_nothing(
     def no_more(*_: object) -> None:
         raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
 
-    monkeypatch.setattr(jobplace.socket, "socketpair", no_more)
+    monkeypatch.setattr(socket, "socketpair", no_more)
     before = set(os.listdir("/proc/self/fd"))
     with pytest.raises(jobplace.PlaceError) as caught:
         places.prepare(plan, {})
