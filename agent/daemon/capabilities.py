@@ -209,6 +209,35 @@ def held() -> tuple[bool, bool]:
     return bool(prm or amb), eff & switch == switch
 
 
+_CAP_SETPCAP = 8
+
+
+@functools.cache
+def gives_capabilities() -> bool:
+    """Whether this process may run a job as any user with any capability it holds
+    itself: root, or a keeper of another user holding CAP_SETUID, CAP_SETGID and
+    CAP_SETPCAP effective (the privileged unit: User=worker-agent with these as ambient
+    capabilities, plus what its entries give their jobs). Read once, as :func:`held`.
+
+    Such a keeper sets a job up as root does (:mod:`agent.daemon.spawner`, the order
+    in this module's docstring): drop the bounding set, switch ids (between two
+    non-zero uids, or to 0, the permitted set stays), then capset the entry's set,
+    which also clears every ambient capability of the keeper's the entry does not name.
+    """
+    import os
+
+    if os.geteuid() == 0:
+        return True
+    try:
+        with open("/proc/self/status", "rb") as f:
+            fields = dict(line.split(b":", 1) for line in f if b":" in line)
+        eff = int(fields[b"CapEff"].strip(), 16)
+    except (OSError, KeyError, ValueError):
+        return False
+    need = 1 << _CAP_SETUID | 1 << _CAP_SETGID | 1 << _CAP_SETPCAP
+    return eff & need == need
+
+
 _PR_CAP_AMBIENT_CLEAR_ALL = 4
 
 

@@ -100,7 +100,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from agent.daemon import cgroups, uids, vspawn
+from agent.daemon import capabilities, cgroups, uids, vspawn
 from agent.daemon import lifecycle as lc
 from agent.daemon import spawnproto as proto
 from agent.daemon.decision import Decided, Decider, LoadError, load_in_child, request_from_wire
@@ -429,6 +429,9 @@ class Keeper(Spawner):
                 "protocol": PROTOCOL,
                 "pid": os.getpid(),
                 "uid": os.geteuid(),  # what the agent's policy check needs to know
+                # Root or not, whether it runs jobs as any user with capabilities (the
+                # privileged unit's keeper is worker-agent with CAP_SETUID/SETGID/SETPCAP).
+                "gives": self.gives,
                 "spawn": self.path,
                 "why": self.path_why,
                 "jobs": jobs,
@@ -1633,11 +1636,11 @@ def keeper_filter(lo: int, hi: int) -> str:
     """Bind this keeper (and every process it starts) to the dynamic uid range: from now
     on the kernel refuses it uid 0 and every uid and gid outside ``lo..hi`` (see
     :func:`agent.daemon.uids.keeper_filter`), so code execution in the keeper cannot
-    become root or another user with the CAP_SETUID the standard unit gives it. A root
-    keeper (the privileged deployment) runs entries' fixed users and root jobs: no
-    filter. It survives the re-exec of an upgrade (filters are kept across execve).
-    Returns why it cannot be installed ("" when it is)."""
-    if os.geteuid() == 0:
+    become root or another user with the CAP_SETUID the standard unit gives it. A keeper
+    that gives capabilities (root, or the privileged unit's) runs entries' fixed users
+    and root jobs: no filter. It survives the re-exec of an upgrade (filters are kept
+    across execve). Returns why it cannot be installed ("" when it is)."""
+    if os.geteuid() == 0 or capabilities.gives_capabilities():
         return ""
     try:
         uids.install_keeper_filter(lo, hi)

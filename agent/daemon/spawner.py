@@ -236,7 +236,10 @@ def _switch_user(plan: dict[str, Any], root: bool, last_cap: int) -> str:
             # ones survive execve: the job gets none of the keeper's.
             caps_mod.drop_all()
         return "capabilities" if holds else "setresuid"
-    target = 0 if uid is None else uid
+    # ``root``: a root keeper, or one of another user that gives capabilities
+    # (capabilities.gives_capabilities): the same steps.
+    euid = os.geteuid()
+    target = euid if uid is None else uid
     if uid is not None:
         gid = uid if gid is None else gid
         # Groups first, then the gid, then the uid: after setresuid the
@@ -251,12 +254,24 @@ def _switch_user(plan: dict[str, Any], root: bool, last_cap: int) -> str:
     caps_mod.drop_bounding(caps, last_cap)
     if uid is not None:
         os.setresuid(uid, uid, uid)
-        if uid != 0:  # vspawn.user_ops: a user other than the (root) keeper's
+        if uid != euid:  # vspawn.user_ops: a user other than the keeper's
             caps_mod.new_session_keyring()
-    if target == 0 or caps:
-        # Root keeps its full permitted set across setresuid(0): cut it to the entry's.
+    if target == 0 or caps or euid != 0:
+        # Root keeps its full permitted set across setresuid(0), a keeper of another
+        # user its own (ambient ones would survive execve): cut it to the entry's.
         caps_mod.set_caps(caps, ambient=target != 0)
     return "capabilities"
+
+
+def _other_user(plan: dict[str, Any] | None, root: bool) -> tuple[int, int] | None:
+    """(uid, gid) of a job a non-root keeper runs as another user (an entry's user under
+    the privileged unit, a dynamic one under the standard unit): it has no CAP_KILL, so a
+    helper of that uid signals the job (Spawner.signal). None otherwise."""
+    uid = None if plan is None or root else plan.get("uid")
+    if uid is None or uid == os.geteuid():
+        return None
+    gid = plan.get("gid") if plan is not None else None
+    return uid, uid if gid is None else gid
 
 
 def _close_all_but(keep: set[int], lo: int) -> None:
@@ -433,6 +448,9 @@ class Spawner:
         self.running = True
         # --- confinement ---
         self.root = os.geteuid() == 0
+        # Sets jobs up as root does (any user, the entry's capabilities): root, or a keeper
+        # of another user with CAP_SETUID, CAP_SETGID and CAP_SETPCAP (the privileged unit).
+        self.gives = self.root or caps_mod.gives_capabilities()
         self.last_cap = caps_mod.last_cap()
         self.rulesets: dict[str, landlock.Ruleset] = {}  # spec (JSON) -> prepared, per entry
         self.scratch: dict[int, str] = {}  # pid -> its scratch directory, removed at exit
@@ -673,7 +691,7 @@ class Spawner:
             err = check_limits(
                 plan.get("limits", {}), privileged=self.privileged, nr_open=self.nr_open
             )
-        if not err and isinstance(plan, dict) and plan.get("capabilities") and not self.root:
+        if not err and isinstance(plan, dict) and plan.get("capabilities") and not self.gives:
             err = "capabilities: the job spawner does not run as root"
         if err or not isinstance(plan, dict):
             self.send({"op": "spawned", "id": rid, "error": err, "errno": errno.EINVAL})
@@ -751,7 +769,7 @@ class Spawner:
                 w,
                 self.reset_signals,
                 confine,
-                self.root,
+                self.gives,
                 self.last_cap,
                 scratch_fd,
                 filt,
@@ -794,7 +812,7 @@ class Spawner:
                 fds,
                 self.reset_signals,
                 confine,
-                self.root,
+                self.gives,
                 self.last_cap,
                 scratch_fd,
                 RLIMIT_RESOURCES,
@@ -859,6 +877,9 @@ class Spawner:
             self.sel.register(listener, selectors.EVENT_READ, guard)
         pidfd = os.pidfd_open(pid)
         self.children[pid] = pidfd
+        user = _other_user(plan, self.root)
+        if user is not None:
+            self.job_users[pid] = user
         if cg is not None:
             self.cgroups[pid] = cg
         if scratch is not None:
@@ -953,6 +974,7 @@ class Spawner:
         _, status, ru = os.wait4(pid, 0)
         ended = time.time()  # the job's own end, whenever the agent gets to hear of it
         pidfd = self.children.pop(pid)
+        self.job_users.pop(pid, None)
         self.sel.unregister(pidfd)
         os.close(pidfd)
         guard = self.guards.pop(pid, None)
