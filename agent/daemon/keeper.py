@@ -1081,6 +1081,8 @@ class Keeper(Spawner):
         for key in (job.pid, job.key):
             if key and self.by_pid.get(key) is job:
                 del self.by_pid[key]
+        if job.leaf is not None:
+            self.job_users.pop(job.key, None)
         if self.subtree is not None:
             self.forget_job_file(job)
         msg = {
@@ -1140,6 +1142,9 @@ class Keeper(Spawner):
             # Its dynamic uid: a keeper that adopts the job holds it until the job ends,
             # so that no other job is given the uid meanwhile.
             "uid": self.dynamic.get(job.id),
+            # (uid, gid) of a job of another user than this keeper, not root (the
+            # privileged unit's entries' users): who signals it after an adoption.
+            "user": self.job_users.get(job.pid),
             "deadline": time.time() + timeout if timeout else None,
             "run": job.run,
             "record": job.record,
@@ -1303,6 +1308,9 @@ class Keeper(Spawner):
         pids = leaf.pids()
         was = meta["pid"] if meta is not None else 0
         job.pid = was if was in pids else (pids[0] if pids else 0)
+        user = uids.user_of(meta.get("user") if meta is not None else None)
+        if user is not None:
+            self.job_users[job.key] = user  # (a negative key: never a child's pid)
         # Its life starts where the dead keeper's left it: output past the cap is
         # dropped, and a job whose pipe is gone has no more output.
         if out.truncated:
@@ -1399,13 +1407,14 @@ class Keeper(Spawner):
         assert job.leaf is not None
         leaf = job.leaf
         uid = self.dynamic.get(job.id)
+        user = (uid, uid) if uid is not None else self.job_users.get(job.key)
         try:
             if sig == signal.SIGKILL:
                 leaf.kill()
-            elif uid is not None and os.geteuid() != 0:
+            elif user is not None and os.geteuid() != 0:
                 # A job of its own uid, and this keeper has no CAP_KILL: a helper of the
                 # job's uid signals, as the job itself could (SIGKILL above needs none).
-                uids.as_user(uid, uid, lambda: signal_leaf(leaf, sig))
+                uids.as_user(*user, lambda: signal_leaf(leaf, sig))
             else:
                 signal_leaf(leaf, sig)
         except cgroups.CgroupError as e:

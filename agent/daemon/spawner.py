@@ -777,9 +777,10 @@ class Spawner:
             )
         os.close(w)
         st = Starting(pid, rid, r, cg, scratch)
+        st.plan = plan  # started(): its listen() checks, and its user for signals
         if notify is not None:
             notify[1].close()
-            st.notify, st.plan = notify[0], plan
+            st.notify = notify[0]
         if scratch_fd >= 0:
             os.close(scratch_fd)
         for fd in fds.values():

@@ -209,6 +209,18 @@ def install_keeper_filter(lo: int, hi: int) -> None:
 # ---------------------------------------------------------------- acting as a job's uid
 
 
+def user_of(raw: object) -> tuple[int, int] | None:
+    """(uid, gid) from a job file's ``user`` ([uid, gid], as JSON keeps a tuple); None
+    for anything else (no such entry, an older keeper's file, a damaged one)."""
+    if (
+        isinstance(raw, list)
+        and len(raw) == 2
+        and all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 0xFFFFFFFF for x in raw)
+    ):
+        return raw[0], raw[1]
+    return None
+
+
 def as_user(uid: int, gid: int, work: Callable[[], object], keep: tuple[int, ...] = ()) -> bool:
     """Run ``work`` in a child of this process switched to ``uid``/``gid`` with no
     groups and no capabilities; True when it ran to the end. The child closes every

@@ -36,6 +36,8 @@ from .test_agent_systemd import (  # noqa: F401 - module fixtures, shared on pur
     certs,
     container,
     output,
+    poll,
+    stream_until,
     wheelhouse,
 )
 from helpers import Certs, free_port, to_toml
@@ -60,6 +62,7 @@ PROBES = {
     "restart.sh": f"systemctl restart {TARGET} && echo RESTARTED\n",
     "whoami.sh": 'id -un; grep -E "^Cap(Eff|Bnd)" /proc/self/status\n',
     "bind.sh": f'exec python3 -c "{BIND}" "$1"\n',
+    "term.sh": "trap 'echo TERMED; exit 0' TERM; echo READY; while :; do sleep 0.1; done\n",
 }
 # Every capability set of the job's process, one "Name: hex" line each.
 CAPS = "print(''.join(l for l in open('/proc/self/status') if l.startswith('Cap')), end='')"
@@ -500,3 +503,43 @@ def test_privileged_root_job_cannot_gain_a_capability_its_entry_lacks(
     d, low = privileged
     code, out = d.run("rootbash", f"{JOB_DIR}/bind.sh", str(low))
     assert code != 0 and "BOUND" not in out and "Permission denied" in out, out
+
+
+def _active_again(d: Deployed, before: str) -> bool:
+    keeper = d.box.unit_properties(KEEPER, "MainPID", "ActiveState")
+    agent = d.box.unit_properties(SERVICE, "ActiveState")
+    return (
+        keeper["ActiveState"] == "active"
+        and keeper["MainPID"] not in ("0", before)
+        and agent["ActiveState"] == "active"
+    )
+
+
+def test_privileged_adopted_job_of_another_user_is_stopped_with_sigterm(
+    privileged: tuple[Deployed, int],
+) -> None:
+    """A job of the nobody entry outlives a kill -9 of the keeper and is adopted by the
+    next one; stopping it then sends SIGTERM through a helper of its user (the keeper,
+    worker-agent without CAP_KILL, could not itself), so its TERM trap runs, rather than
+    only the SIGKILL of cgroup.kill after the grace."""
+    d, _ = privileged
+    c = d.client()
+    job = c.start("bash", f"{JOB_DIR}/term.sh")
+    stream_until(c, job, b"READY\n")
+    before = d.main_pid(KEEPER)
+    d.box.run(["kill", "-9", before], check=True)
+    poll("the keeper restarted and the agent active", lambda: _active_again(d, before), 60)
+
+    def adopted() -> bool:
+        try:
+            return d.client().query(job).state == "RUNNING"
+        except Exception:  # the agent is still attaching to the new keeper
+            return False
+
+    poll("the adopted job running", adopted, timeout=60)
+    c = d.client()
+    c.stop(job)
+    status = c.wait(job, timeout=30)
+    assert status.done, status
+    out = output(c, job)
+    assert "TERMED" in out, out + "\n" + d.box.journal(KEEPER)[-3000:]
