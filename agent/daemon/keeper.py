@@ -1414,7 +1414,7 @@ class Keeper(Spawner):
             elif user is not None and os.geteuid() != 0:
                 # A job of its own uid, and this keeper has no CAP_KILL: a helper of the
                 # job's uid signals, as the job itself could (SIGKILL above needs none).
-                uids.as_user(*user, lambda: signal_leaf(leaf, sig))
+                uids.signal_as(*user, sig, members=leaf.pids)
             else:
                 signal_leaf(leaf, sig)
         except cgroups.CgroupError as e:

@@ -946,7 +946,7 @@ class Spawner:
             if sig == signal.SIGKILL and cg is not None:
                 self._kill_leaf(cg)
                 return
-            uids.as_user(*user, lambda: _signal_job(pid, sig, cg))
+            uids.signal_as(*user, sig, pid, None if cg is None else cg.pids)
             return
         try:
             os.killpg(pid, sig)
@@ -1099,14 +1099,6 @@ def _acl_for(uid: int) -> bytes:
         (_ACL_OTHER, 0, _ACL_NO_ID),
     ]
     return struct.pack("=I", _ACL_VERSION) + b"".join(struct.pack("=HHI", *e) for e in entries)
-
-
-def _signal_job(pid: int, sig: int, cg: cgroups.JobCgroup | None) -> None:
-    """The job's process group, then every process of its leaf (in a helper of its uid)."""
-    with contextlib.suppress(OSError):
-        os.killpg(pid, sig)
-    if cg is not None:
-        signal_leaf(cg, sig)
 
 
 def signal_leaf(cg: cgroups.JobCgroup, sig: int) -> None:

@@ -258,6 +258,47 @@ def as_user(uid: int, gid: int, work: Callable[[], object], keep: tuple[int, ...
     return os.waitstatus_to_exitcode(status) == 0
 
 
+def signal_as(
+    uid: int,
+    gid: int,
+    sig: int,
+    group: int = 0,
+    members: Callable[[], list[int]] | None = None,
+) -> bool:
+    """Send ``sig`` as ``uid`` (a helper, :func:`as_user`) to the process group ``group``
+    (when not 0) and to every process ``members`` lists (a job's cgroup leaf:
+    ``JobCgroup.pids``), never to a pid reused meanwhile; True when the helper ran.
+
+    The members are read and pinned with pidfds here, in the keeper, and signalled only
+    if still listed after that (a process cannot leave the leaf for a pid's new owner);
+    the helper gets the pidfds: it could not read the leaf itself (the keeper's cgroup
+    directories are 0700) and needs no /proc.
+    """
+    pinned: dict[int, int] = {}
+    try:
+        if members is not None:
+            for pid in members():
+                with contextlib.suppress(OSError):
+                    pinned[pid] = os.pidfd_open(pid)
+            still = set(members())
+            for pid in [p for p in pinned if p not in still]:
+                os.close(pinned.pop(pid))
+        fds = tuple(pinned.values())
+
+        def work() -> None:
+            if group > 0:
+                with contextlib.suppress(OSError):
+                    os.killpg(group, sig)
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    signal.pidfd_send_signal(fd, sig)
+
+        return as_user(uid, gid, work, keep=fds)
+    finally:
+        for fd in pinned.values():
+            os.close(fd)
+
+
 def kill_everything(uid: int) -> None:
     """Kill every process of ``uid``, the caller's uid (the caller excepted): kill(-1) as a
     user with no CAP_KILL reaches exactly the processes whose real or saved uid is the
