@@ -577,18 +577,20 @@ def test_the_privileged_keeper_gives_each_job_its_entrys_user_and_capabilities(
     path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The privileged unit's keeper: not root (nobody here) but CAP_SETUID, CAP_SETGID,
-    CAP_SETPCAP and the CAP_NET_BIND_SERVICE an entry gives, as ambient capabilities. A
-    root entry's job is uid 0 with every capability set empty; the daemon entry's has
-    exactly CAP_NET_BIND_SERVICE, ambient included; a job of the keeper's own user has
-    none of the keeper's; a stop's SIGTERM reaches a root job (through a helper of
-    uid 0: the keeper has no CAP_KILL)."""
+    CAP_SETPCAP and the CAP_NET_BIND_SERVICE an entry gives, as ambient capabilities;
+    CAP_NET_RAW, which its unit (a too wide drop-in) gives but no entry names, it drops
+    at its start from every set, bounding set included. A root entry's job is uid 0
+    with every capability set empty; the daemon entry's has exactly
+    CAP_NET_BIND_SERVICE, ambient included; a job of the keeper's own user has none of
+    the keeper's; a stop's SIGTERM reaches a root job (through a helper of uid 0: the
+    keeper has no CAP_KILL)."""
     monkeypatch.setenv(SPAWN_ENV, path)
     base = make_safe_dir()
     k = Keeper(
         base,
         policy=PRIVILEGED_POLICY,
         run_as=NOBODY,
-        caps="+setuid,+setgid,+setpcap,+net_bind_service",
+        caps="+setuid,+setgid,+setpcap,+net_bind_service,+net_raw",
         keeper={"mode": "service", "agent_user": "root"},
         daemon={"on_shutdown": "keep"},
     )
@@ -597,7 +599,10 @@ def test_the_privileged_keeper_gives_each_job_its_entrys_user_and_capabilities(
         assert hello.get("gives") is True, hello
         keeper = status_of(k.proc.pid)
         assert keeper["Uid"].split()[0] == str(NOBODY), k.log()
-        assert int(keeper["CapAmb"], 16) == 0x5C0  # SETGID, SETUID, SETPCAP, NET_BIND
+        # SETGID, SETUID, SETPCAP, NET_BIND; not NET_RAW (13)
+        sets = {name: int(keeper[name], 16) for name in ("CapAmb", "CapPrm", "CapBnd")}
+        assert sets == dict.fromkeys(sets, 0x5C0), (sets, k.log())
+        assert "dropped CAP_NET_RAW" in k.log(), k.log()
         caps, uid = _caps_and_uid(k, c, ["rootsh", "-c", CAPS])
         assert (uid, set(caps.values())) == (0, {0}), caps
         caps, uid = _caps_and_uid(k, c, ["daemonsh", "-c", CAPS])

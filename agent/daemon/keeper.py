@@ -1607,6 +1607,15 @@ def main(argv: list[str]) -> int:
         if why:
             log(why)
             return 2
+    if decider is not None:
+        entries = (e.confinement.capabilities for e in decider.policy.entries)
+        try:
+            said = capabilities.keep_only_for_jobs(entries)
+        except OSError as e:
+            log(f"cannot drop the capabilities no entry needs: {e}")
+            return 1
+        if said:
+            log(said)
     _subreaper()
     keeper = Keeper(
         listener,

@@ -67,11 +67,12 @@ PROBES = {
 # Every capability set of the job's process, one "Name: hex" line each.
 CAPS = "print(''.join(l for l in open('/proc/self/status') if l.startswith('Cap')), end='')"
 # What an entry's job may be given must be in the keeper's unit: the drop-in
-# docs/deployment.md shows, for the entry with CAP_NET_BIND_SERVICE.
+# docs/deployment.md shows, for the entry with CAP_NET_BIND_SERVICE; and CAP_NET_RAW,
+# which no entry names: the keeper drops it at its start.
 NET_BIND_DROPIN = (
     "[Service]\n"
-    "CapabilityBoundingSet=CAP_NET_BIND_SERVICE\n"
-    "AmbientCapabilities=CAP_NET_BIND_SERVICE\n"
+    "CapabilityBoundingSet=CAP_NET_BIND_SERVICE CAP_NET_RAW\n"
+    "AmbientCapabilities=CAP_NET_BIND_SERVICE CAP_NET_RAW\n"
 )
 # capabilities.NAMES: CAP_SETGID 6, CAP_SETUID 7, CAP_SETPCAP 8, CAP_NET_BIND_SERVICE 10
 NET_BIND = 1 << 10
@@ -464,7 +465,8 @@ def test_privileged_keeper_is_not_root_and_holds_only_what_its_jobs_need(
 ) -> None:
     """The keeper runs as worker-agent (not root) holding CAP_SETUID, CAP_SETGID,
     CAP_SETPCAP and the drop-in's CAP_NET_BIND_SERVICE (the one capability its entries
-    give), in every set, and nothing else; NoNewPrivileges holds."""
+    give), in every set, and nothing else: not the drop-in's CAP_NET_RAW, which no entry
+    names (dropped at its start, bounding set included); NoNewPrivileges holds."""
     d, _ = privileged
     status = d.box.run(["cat", f"/proc/{d.main_pid(KEEPER)}/status"], check=True).stdout
     fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
@@ -475,6 +477,7 @@ def test_privileged_keeper_is_not_root_and_holds_only_what_its_jobs_need(
     assert caps == dict.fromkeys(("CapPrm", "CapEff", "CapBnd", "CapAmb"), KEEPER_CAPS) | {
         "CapInh": KEEPER_CAPS
     }, status
+    assert "dropped CAP_NET_RAW" in d.box.journal(KEEPER), d.box.journal(KEEPER)[-3000:]
 
 
 def test_privileged_entry_capability_reaches_its_job_and_only_it(
