@@ -532,15 +532,15 @@ def test_privileged_adopted_job_of_another_user_is_stopped_with_sigterm(
     before = d.main_pid(KEEPER)
     d.box.run(["kill", "-9", before], check=True)
     poll("the keeper restarted and the agent active", lambda: _active_again(d, before), 60)
+    c = d.client()
 
     def adopted() -> bool:
         try:
-            return d.client().query(job).state == "RUNNING"
+            return c.query(job).state == "RUNNING"
         except Exception:  # the agent is still attaching to the new keeper
             return False
 
-    poll("the adopted job running", adopted, timeout=60)
-    c = d.client()
+    poll("the adopted job running", adopted, timeout=60, interval=0.5)
     c.stop(job)
     status = c.wait(job, timeout=30)
     assert status.done, status
