@@ -256,6 +256,7 @@ class Keeper:
         policy: str = POLICY,
         config: bool = True,
         run_as: int | None = None,
+        caps: str = "+setuid,+setgid",
         cgroup_jobs: Path | None = None,
         **sections: Any,
     ) -> None:
@@ -305,14 +306,14 @@ class Keeper:
         if run_as is not None:
             # The standard unit's keeper: a user of its own holding CAP_SETUID and
             # CAP_SETGID as ambient capabilities (and nothing else in its bounding set);
-            # the test, root, attaches as its agent.
+            # the privileged unit's holds ``caps`` instead; the test, root, attaches as
+            # its agent.
             why = _python_cannot_run_as(run_as)
             if why:
                 pytest.skip(why)
             (tmp_path / "state").mkdir(exist_ok=True)
             for d in (self.dir, self.out, tmp_path / "state", scratch):
                 os.chown(d, run_as, run_as)
-            caps = "+setuid,+setgid"
             prefix = ["setpriv", f"--reuid={run_as}", f"--regid={run_as}", "--clear-groups",
                       f"--inh-caps={caps}", f"--ambient-caps={caps}",
                       f"--bounding-set=-all,{caps}", "--"]  # fmt: skip

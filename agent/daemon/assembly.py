@@ -236,13 +236,15 @@ async def attach_jobs(
     try:
         if own_service:
             prepared = _keeper_cgroups(cfg, prepared, hello.cgroups)
-            if (hello.uid == 0) != runner_is_root(cfg):
+            if (hello.uid == 0 or hello.gives) != runner_is_root(cfg):
                 # Who the jobs run as was resolved for the keeper the config describes; a
                 # root keeper taken for an unprivileged one would run them as root.
+                gives = "" if hello.uid == 0 or not hello.gives else ", switching users"
                 raise StartupError(
-                    f"the job keeper runs as uid {hello.uid}, but [keeper] agent_user "
+                    f"the job keeper runs as uid {hello.uid}{gives}, but [keeper] agent_user "
                     f"{'is set (a root keeper)' if cfg.keeper.agent_user else 'is not set'}: "
-                    "set agent_user exactly when the keeper runs as root and the agent not"
+                    "set agent_user exactly when the keeper runs as root (or as the "
+                    "privileged unit's user with its capabilities) and the agent not"
                 )
     except BaseException:
         ops.close(keep_jobs=True)  # a keeper service's jobs are its own

@@ -150,6 +150,9 @@ class Hello:
     service: bool = False
     # The keeper's user (root: it can give entries their users and capabilities).
     uid: int = -1
+    # It runs jobs as any user with their entries' capabilities: root, or (the privileged
+    # unit) another user holding CAP_SETUID, CAP_SETGID and CAP_SETPCAP.
+    gives: bool = False
     # Where the keeper puts job cgroups (None: jobs run without); for the agent's limits.
     cgroups: Subtree | None = None
 
@@ -179,6 +182,7 @@ def hello_from_wire(msg: dict[str, Any], fresh: bool) -> Hello:
         fresh=fresh,
         service=bool(msg.get("service", False)),
         uid=int(msg.get("uid", -1)),
+        gives=bool(msg.get("gives", False)),
         cgroups=None
         if not isinstance(where, dict)
         else Subtree(Path(str(where["jobs"])), frozenset(map(str, where["controllers"]))),

@@ -168,16 +168,22 @@ def keep_caps() -> None:
     _prctl("prctl(PR_SET_KEEPCAPS)", _PR_SET_KEEPCAPS, 1, 0, 0, 0)
 
 
-def set_caps(caps: Iterable[int], *, ambient: bool) -> None:
-    """Steps 4 and 5: exactly ``caps`` effective, permitted and inheritable (and ambient)."""
-    wanted = sorted(set(caps))
+def _capset(caps: Iterable[int]) -> None:
+    """capset(2): exactly ``caps`` effective, permitted and inheritable (the kernel then
+    clears every ambient capability not in both)."""
     masks = [0, 0]
-    for cap in wanted:
+    for cap in caps:
         masks[cap // 32] |= 1 << (cap % 32)
     head = _Header(_VERSION_3, 0)
     data = (_Data * 2)(*(_Data(m, m, m) for m in masks))
     if _libc.capset(ctypes.byref(head), data) < 0:
         raise CapError(ctypes.get_errno(), "capset")
+
+
+def set_caps(caps: Iterable[int], *, ambient: bool) -> None:
+    """Steps 4 and 5: exactly ``caps`` effective, permitted and inheritable (and ambient)."""
+    wanted = sorted(set(caps))
+    _capset(wanted)
     if ambient:
         for cap in wanted:
             step = f"prctl(PR_CAP_AMBIENT_RAISE, {cap})"
@@ -207,6 +213,79 @@ def held() -> tuple[bool, bool]:
         return False, False
     switch = 1 << _CAP_SETUID | 1 << _CAP_SETGID
     return bool(prm or amb), eff & switch == switch
+
+
+_CAP_SETPCAP = 8
+
+
+@functools.cache
+def gives_capabilities() -> bool:
+    """Whether this process may run a job as any user with any capability it holds
+    itself: root, or a keeper of another user holding CAP_SETUID, CAP_SETGID and
+    CAP_SETPCAP effective (the privileged unit: User=worker-agent with these as ambient
+    capabilities, plus what its entries give their jobs). Read once, as :func:`held`.
+
+    Such a keeper sets a job up as root does (:mod:`agent.keeper.spawner`, the order
+    in this module's docstring): drop the bounding set, switch ids (between two
+    non-zero uids, or to 0, the permitted set stays), then capset the entry's set,
+    which also clears every ambient capability of the keeper's the entry does not name.
+    """
+    import os
+
+    if os.geteuid() == 0:
+        return True
+    try:
+        with open("/proc/self/status", "rb") as f:
+            fields = dict(line.split(b":", 1) for line in f if b":" in line)
+        eff = int(fields[b"CapEff"].strip(), 16)
+    except (OSError, KeyError, ValueError):
+        return False
+    need = 1 << _CAP_SETUID | 1 << _CAP_SETGID | 1 << _CAP_SETPCAP
+    return eff & need == need
+
+
+def narrow_to(keep: Iterable[int], top: int) -> list[int]:
+    """Drop every capability but ``keep`` from this process's bounding, permitted,
+    effective, inheritable (and so ambient) sets, for good: the privileged unit's keeper
+    keeps what setting jobs up needs plus the union of its entries' capabilities, and
+    nothing a wider drop-in gave it. Returns the capabilities it held and dropped.
+    Needs CAP_SETPCAP (for the bounding set); raises CapError."""
+    kept = set(keep)
+    try:
+        with open("/proc/self/status", "rb") as f:
+            fields = dict(line.split(b":", 1) for line in f if b":" in line)
+        prm = int(fields[b"CapPrm"].strip(), 16)
+    except (OSError, KeyError, ValueError):
+        prm = 0
+    dropped = [cap for cap in range(top + 1) if cap not in kept and prm >> cap & 1]
+    for cap in range(top + 1):
+        if cap not in kept and _prctl("prctl(PR_CAPBSET_READ)", _PR_CAPBSET_READ, cap, 0, 0, 0):
+            _prctl(f"prctl(PR_CAPBSET_DROP, {cap})", _PR_CAPBSET_DROP, cap, 0, 0, 0)
+    _capset(cap for cap in range(top + 1) if cap in kept and prm >> cap & 1)
+    return dropped
+
+
+SWITCH = frozenset({_CAP_SETUID, _CAP_SETGID, _CAP_SETPCAP})  # what setting jobs up needs
+
+
+def keep_only_for_jobs(entries: Iterable[Iterable[int]]) -> str:
+    """In a keeper of another user that gives capabilities (the privileged unit's), at
+    its start: keep what setting jobs up needs and the union of ``entries`` (each policy
+    entry's capabilities), drop everything else (:func:`narrow_to`). Returns the line
+    to log ("" for a root keeper or one that gives none); raises CapError.
+
+    A capability an entry added by a later policy reload is then not the keeper's: that
+    entry's jobs fail to start (capset: EPERM) until the keeper is restarted."""
+    import os
+
+    if os.geteuid() == 0 or not gives_capabilities():
+        return ""
+    keep = set(SWITCH).union(*entries)
+    dropped = narrow_to(keep, last_cap())
+    names = {v: k for k, v in NAMES.items()}
+    kept = " ".join(names.get(c, str(c)) for c in sorted(keep))
+    gone = " ".join(names.get(c, str(c)) for c in dropped) or "none"
+    return f"capabilities: kept {kept} (job set-up and the entries' union); dropped {gone}"
 
 
 _PR_CAP_AMBIENT_CLEAR_ALL = 4

@@ -80,7 +80,7 @@ class Launcher:
     """Starts children: what every child's set-up needs besides its plan and place."""
 
     reset: list[int]  # signals whose disposition the child sets back to the default
-    root: bool  # the spawner runs as root
+    root: bool  # sets jobs up as root does: root, or a keeper that gives capabilities
     last_cap: int  # the highest capability number the kernel knows
     module: Any = None  # agent.keeper._vspawn (the vfork path), or None (the fork path)
 
@@ -116,8 +116,7 @@ class Launcher:
         os.close(w)
         st = Starting(pid, rid, r, place.cg, place.scratch)
         st.notify = place.close_descriptors(keep_notify=True)
-        if st.notify is not None:
-            st.plan = plan
+        st.plan = plan  # started(): its listen() checks, and its user for signals
         _close_all(fds)
         return st
 

@@ -116,7 +116,10 @@ def switch_user(plan: dict[str, Any], root: bool, last_cap: int) -> str:
             # ones survive execve: the job gets none of the keeper's.
             caps_mod.drop_all()
         return "capabilities" if holds else "setresuid"
-    target = 0 if uid is None else uid
+    # ``root``: a root keeper, or one of another user that gives capabilities
+    # (capabilities.gives_capabilities): the same steps.
+    euid = os.geteuid()
+    target = euid if uid is None else uid
     if uid is not None:
         gid = uid if gid is None else gid
         # Groups first, then the gid, then the uid: after setresuid the
@@ -131,10 +134,11 @@ def switch_user(plan: dict[str, Any], root: bool, last_cap: int) -> str:
     caps_mod.drop_bounding(caps, last_cap)
     if uid is not None:
         os.setresuid(uid, uid, uid)
-        if uid != 0:  # vspawn.user_ops: a user other than the (root) keeper's
+        if uid != euid:  # vspawn.user_ops: a user other than the keeper's
             caps_mod.new_session_keyring()
-    if target == 0 or caps:
-        # Root keeps its full permitted set across setresuid(0): cut it to the entry's.
+    if target == 0 or caps or euid != 0:
+        # Root keeps its full permitted set across setresuid(0), a keeper of another
+        # user its own (ambient ones would survive execve): cut it to the entry's.
         caps_mod.set_caps(caps, ambient=target != 0)
     return "capabilities"
 

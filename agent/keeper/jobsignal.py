@@ -13,6 +13,7 @@ import contextlib
 import os
 import signal
 import sys
+from typing import Any
 
 from agent.keeper import cgroups, uids
 
@@ -37,7 +38,7 @@ def signal_job(
         if sig == signal.SIGKILL and cg is not None:
             kill_leaf(cg)
             return
-        uids.as_user(*user, lambda: _signal_group_and_leaf(pid, sig, cg))
+        uids.signal_as(*user, sig, pid, None if cg is None else cg.pids)
         return
     with contextlib.suppress(OSError):
         os.killpg(pid, sig)
@@ -49,20 +50,23 @@ def signal_job(
     signal_leaf(cg, sig)
 
 
+def other_user(plan: dict[str, Any] | None, root: bool) -> tuple[int, int] | None:
+    """(uid, gid) of a job a non-root keeper runs as another user (an entry's user under
+    the privileged unit, a dynamic one under the standard unit): it has no CAP_KILL, so a
+    helper of that uid signals the job (signal_job). None otherwise."""
+    uid = None if plan is None or root else plan.get("uid")
+    if uid is None or uid == os.geteuid():
+        return None
+    gid = plan.get("gid") if plan is not None else None
+    return uid, uid if gid is None else gid
+
+
 def kill_leaf(cg: cgroups.JobCgroup) -> None:
     """SIGKILL to every process of the leaf (cgroup.kill); a failure is logged."""
     try:
         cg.kill()
     except cgroups.CgroupError as e:
         print(f"agent spawner: {e}", file=sys.stderr)
-
-
-def _signal_group_and_leaf(pid: int, sig: int, cg: cgroups.JobCgroup | None) -> None:
-    """The job's process group, then every process of its leaf (in a helper of its uid)."""
-    with contextlib.suppress(OSError):
-        os.killpg(pid, sig)
-    if cg is not None:
-        signal_leaf(cg, sig)
 
 
 def signal_leaf(cg: cgroups.JobCgroup, sig: int) -> None:

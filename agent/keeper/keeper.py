@@ -94,7 +94,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from agent.keeper import cgroups, uids, vspawn
+from agent.keeper import capabilities, cgroups, uids, vspawn
 from agent.keeper import lifecycle as lc
 from agent.keeper import spawnproto as proto
 from agent.keeper.decision import Decider, LoadError, load_in_child
@@ -264,6 +264,9 @@ class Keeper(Spawner):
                 "protocol": PROTOCOL,
                 "pid": os.getpid(),
                 "uid": os.geteuid(),  # what the agent's policy check needs to know
+                # Root or not, whether it runs jobs as any user with capabilities (the
+                # privileged unit's keeper is worker-agent with CAP_SETUID/SETGID/SETPCAP).
+                "gives": self.gives,
                 "spawn": self.path,
                 "why": self.path_why,
                 "jobs": self.kept.hello_jobs(),
@@ -353,6 +356,8 @@ class Keeper(Spawner):
 
     def forget(self, job: KeptJob) -> None:
         """A finished job: what was kept for its adoption goes."""
+        if job.leaf is not None:
+            self.job_users.pop(job.key, None)  # an adopted job's user
         if self.subtree is not None:
             self.files.forget(job)
 
@@ -494,6 +499,15 @@ def main(argv: list[str]) -> int:
         if why:
             log(why)
             return 2
+    if decider is not None:
+        entries = (e.confinement.capabilities for e in decider.policy.entries)
+        try:
+            said = capabilities.keep_only_for_jobs(entries)
+        except OSError as e:
+            log(f"cannot drop the capabilities no entry needs: {e}")
+            return 1
+        if said:
+            log(said)
     _subreaper()
     keeper = Keeper(
         listener,
@@ -519,11 +533,11 @@ def keeper_filter(lo: int, hi: int) -> str:
     """Bind this keeper (and every process it starts) to the dynamic uid range: from now
     on the kernel refuses it uid 0 and every uid and gid outside ``lo..hi`` (see
     :func:`agent.keeper.uids.keeper_filter`), so code execution in the keeper cannot
-    become root or another user with the CAP_SETUID the standard unit gives it. A root
-    keeper (the privileged deployment) runs entries' fixed users and root jobs: no
-    filter. It survives the re-exec of an upgrade (filters are kept across execve).
-    Returns why it cannot be installed ("" when it is)."""
-    if os.geteuid() == 0:
+    become root or another user with the CAP_SETUID the standard unit gives it. A keeper
+    that gives capabilities (root, or the privileged unit's) runs entries' fixed users
+    and root jobs: no filter. It survives the re-exec of an upgrade (filters are kept
+    across execve). Returns why it cannot be installed ("" when it is)."""
+    if os.geteuid() == 0 or capabilities.gives_capabilities():
         return ""
     try:
         uids.install_keeper_filter(lo, hi)

@@ -149,6 +149,9 @@ class Adoption:
         pids = leaf.pids()
         was = meta["pid"] if meta is not None else 0
         job.pid = was if was in pids else (pids[0] if pids else 0)
+        user = uids.user_of(meta.get("user") if meta is not None else None)
+        if user is not None:
+            self.spawner.job_users[job.key] = user  # (a negative key: never a child's pid)
         # Its life starts where the dead keeper's left it: output past the cap is
         # dropped, and a job whose pipe is gone has no more output.
         if job.out.truncated:
@@ -282,13 +285,14 @@ class Adoption:
         assert job.leaf is not None
         leaf = job.leaf
         uid = self.holds.of(job.id)
+        user = (uid, uid) if uid is not None else self.spawner.job_users.get(job.key)
         try:
             if sig == signal.SIGKILL:
                 leaf.kill()
-            elif uid is not None and os.geteuid() != 0:
-                # A job of its own uid, and this keeper has no CAP_KILL: a helper of the
+            elif user is not None and os.geteuid() != 0:
+                # A job of another uid, and this keeper has no CAP_KILL: a helper of the
                 # job's uid signals, as the job itself could (SIGKILL above needs none).
-                uids.as_user(uid, uid, lambda: signal_leaf(leaf, sig))
+                uids.signal_as(*user, sig, members=leaf.pids)
             else:
                 signal_leaf(leaf, sig)
         except cgroups.CgroupError as e:

@@ -142,7 +142,7 @@ class JobFiles:
     def path(self, job_id: str) -> str:
         return os.path.join(self.output_dir, job_id + JOB_FILE)
 
-    def write(self, job: KeptJob, uid: int | None) -> None:
+    def write(self, job: KeptJob, uid: int | None, user: tuple[int, int] | None) -> None:
         """What a keeper that adopts this job after our death needs: one small file per
         job in a cgroup, written once (no fsync: it must outlive this process, not the
         machine, and the cgroup does not outlive a reboot either)."""
@@ -152,6 +152,9 @@ class JobFiles:
             # Its dynamic uid: a keeper that adopts the job holds it until the job ends,
             # so that no other job is given the uid meanwhile.
             "uid": uid,
+            # (uid, gid) of a job of another user than this keeper, not root (the
+            # privileged unit's entries' users): who signals it after an adoption.
+            "user": user,
             "deadline": time.time() + timeout if timeout else None,
             "run": job.run,
             "record": job.record,

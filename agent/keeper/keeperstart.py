@@ -291,7 +291,7 @@ class Starter:
         if job.life.timeout_seconds:
             self.kept.arm(job, job.life.timeout_seconds, lc.TimedOut())
         if self.spawner.subtree is not None:
-            self.files.write(job, uid)
+            self.files.write(job, uid, self.spawner.job_users.get(job.pid))
             if self.files.fdstore:
                 self.files.push(job)
         if job.gen == self.link.gen:

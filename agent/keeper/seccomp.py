@@ -567,8 +567,9 @@ class ListenGuard:
                 if self.caps:
                     capabilities.keep_caps()
                 os.setresuid(self.uid, self.uid, self.uid)
-                if self.caps:
-                    capabilities.set_caps(self.caps, ambient=False)
+                # Exactly the job's capabilities: a keeper of another user (the privileged
+                # unit) keeps its own across the switch, and root all of them into uid 0.
+                capabilities.set_caps(self.caps, ambient=False)
                 code, why = _take_and_listen(pidfd, sock_fd, backlog)
             except BaseException as e:
                 why = f"the helper as uid {self.uid}: {e}"

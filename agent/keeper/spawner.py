@@ -103,7 +103,7 @@ from agent.keeper.childexec import Launcher, Starting
 from agent.keeper.childsetup import FIRST_FREE_FD, RLIMIT_RESOURCES
 from agent.keeper.jobplace import JobPlaces
 from agent.keeper.jobreap import Draining, account_and_remove, reap
-from agent.keeper.jobsignal import signal_job, signal_leaf
+from agent.keeper.jobsignal import other_user, signal_job, signal_leaf
 from agent.keeper.jobstart import Starter
 
 # Importable from here as before: the keeper's (Starting, signal_leaf) and the tests'.
@@ -145,7 +145,10 @@ class Spawner:
         self.watcher: cgroups.EventWatcher | None = None
         self.running = True
         self.root = os.geteuid() == 0
-        self.launcher = Launcher([], self.root, caps_mod.last_cap(), module)
+        # Sets jobs up as root does (any user, the entry's capabilities): root, or a keeper
+        # of another user with CAP_SETUID, CAP_SETGID and CAP_SETPCAP (the privileged unit).
+        self.gives = self.root or caps_mod.gives_capabilities()
+        self.launcher = Launcher([], self.gives, caps_mod.last_cap(), module)
         self.places = JobPlaces(subtree, self.root)
         # self.send and self.started as the subclass has them (the keeper hears every answer).
         # Named spawning, not starter: the keeper (a subclass) has a Starter of its own.
@@ -294,6 +297,9 @@ class Spawner:
             self.sel.register(listener, selectors.EVENT_READ, guard)
         pidfd = os.pidfd_open(pid)
         self.children[pid] = pidfd
+        user = other_user(plan, self.root)
+        if user is not None:
+            self.job_users[pid] = user
         if cg is not None:
             self.cgroups[pid] = cg
         if scratch is not None:
@@ -317,6 +323,7 @@ class Spawner:
         """A job's leader has exited: reap it, and report once nothing of the job is left."""
         msg = reap(pid)
         pidfd = self.children.pop(pid)
+        self.job_users.pop(pid, None)
         self.sel.unregister(pidfd)
         os.close(pidfd)
         guard = self.guards.pop(pid, None)

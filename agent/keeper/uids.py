@@ -209,6 +209,18 @@ def install_keeper_filter(lo: int, hi: int) -> None:
 # ---------------------------------------------------------------- acting as a job's uid
 
 
+def user_of(raw: object) -> tuple[int, int] | None:
+    """(uid, gid) from a job file's ``user`` ([uid, gid], as JSON keeps a tuple); None
+    for anything else (no such entry, an older keeper's file, a damaged one)."""
+    if (
+        isinstance(raw, list)
+        and len(raw) == 2
+        and all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 0xFFFFFFFF for x in raw)
+    ):
+        return raw[0], raw[1]
+    return None
+
+
 def as_user(uid: int, gid: int, work: Callable[[], object], keep: tuple[int, ...] = ()) -> bool:
     """Run ``work`` in a child of this process switched to ``uid``/``gid`` with no
     groups and no capabilities; True when it ran to the end. The child closes every
@@ -244,6 +256,47 @@ def as_user(uid: int, gid: int, work: Callable[[], object], keep: tuple[int, ...
             os._exit(code)
     _, status = os.waitpid(pid, 0)
     return os.waitstatus_to_exitcode(status) == 0
+
+
+def signal_as(
+    uid: int,
+    gid: int,
+    sig: int,
+    group: int = 0,
+    members: Callable[[], list[int]] | None = None,
+) -> bool:
+    """Send ``sig`` as ``uid`` (a helper, :func:`as_user`) to the process group ``group``
+    (when not 0) and to every process ``members`` lists (a job's cgroup leaf:
+    ``JobCgroup.pids``), never to a pid reused meanwhile; True when the helper ran.
+
+    The members are read and pinned with pidfds here, in the keeper, and signalled only
+    if still listed after that (a process cannot leave the leaf for a pid's new owner);
+    the helper gets the pidfds: it could not read the leaf itself (the keeper's cgroup
+    directories are 0700) and needs no /proc.
+    """
+    pinned: dict[int, int] = {}
+    try:
+        if members is not None:
+            for pid in members():
+                with contextlib.suppress(OSError):
+                    pinned[pid] = os.pidfd_open(pid)
+            still = set(members())
+            for pid in [p for p in pinned if p not in still]:
+                os.close(pinned.pop(pid))
+        fds = tuple(pinned.values())
+
+        def work() -> None:
+            if group > 0:
+                with contextlib.suppress(OSError):
+                    os.killpg(group, sig)
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    signal.pidfd_send_signal(fd, sig)
+
+        return as_user(uid, gid, work, keep=fds)
+    finally:
+        for fd in pinned.values():
+            os.close(fd)
 
 
 def kill_everything(uid: int) -> None:

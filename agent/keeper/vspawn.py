@@ -141,7 +141,8 @@ def user_ops(plan: dict[str, Any], root: bool, last_cap: int, steps: Steps, euid
             out.append((OP_CAPSET, steps("capset"), 0, 0, 0, data))
         return out
     ops: list[Op] = []
-    target = 0 if uid is None else uid
+    # ``root``: a root keeper, or one of another user that gives capabilities.
+    target = euid if uid is None else uid
     if uid is not None:
         gid = uid if gid is None else gid
         # Groups first, then the gid, then the uid: after setresuid the process could
@@ -159,8 +160,9 @@ def user_ops(plan: dict[str, Any], root: bool, last_cap: int, steps: Steps, euid
         ops.append((OP_SETRESUID, switch, uid, 0, 0, None))
         if uid != euid:
             ops.append((OP_NEW_SESSION_KEYRING, steps(KEYRING_STEP), 0, 0, 0, None))
-    if target == 0 or caps:
-        # Root keeps its full permitted set across setresuid(0): cut it to the entry's.
+    if target == 0 or caps or euid != 0:
+        # Root keeps its full permitted set across setresuid(0), a keeper of another
+        # user its own (ambient ones would survive execve): cut it to the entry's.
         wanted = sorted(kept)
         masks = [0, 0]
         for cap in wanted:

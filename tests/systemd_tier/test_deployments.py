@@ -6,11 +6,12 @@ One container for the module. The agent is ``systemd/worker-agent.service`` in b
 ``systemd/worker-agent-keeper.service`` (jobs as ``worker-agent``): hostile jobs try to
 read the key, the history and the audit log, to write outside their scratch, to connect
 to the agent's own port and to signal the agent or the keeper. Then the same container
-switches to ``systemd/worker-agent-keeper-privileged.service`` (the keeper as root, jobs
-as per-entry users): a root entry with no capabilities restarts a test service, a
-`nobody` entry running the same command cannot; an entry with CAP_NET_BIND_SERVICE binds
-a port below 1024, the same program in an entry without it cannot; and no job, root or
-not, can read the agent's key.
+switches to ``systemd/worker-agent-keeper-privileged.service`` (the keeper as worker-agent
+with CAP_SETUID/CAP_SETGID/CAP_SETPCAP, plus CAP_NET_BIND_SERVICE from a drop-in as
+docs/deployment.md says; jobs as per-entry users): a root entry with no capabilities
+restarts a test service, a `nobody` entry running the same command cannot; an entry with
+CAP_NET_BIND_SERVICE binds a port below 1024, the same program in an entry without it
+cannot, nor can the root entry; and no job, root or not, can read the agent's key.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from .test_agent_systemd import (  # noqa: F401 - module fixtures, shared on pur
     certs,
     container,
     output,
+    poll,
+    stream_until,
     wheelhouse,
 )
 from helpers import Certs, free_port, to_toml
@@ -49,6 +52,7 @@ KEEPER = "worker-agent-keeper.service"
 TARGET = "agent-test-target.service"
 KEY = f"{CERT_DIR}/server.key"
 
+BIND = "import socket,sys; socket.socket().bind(('127.0.0.1', int(sys.argv[1]))); print('BOUND')"
 PROBES = {
     "cat.sh": 'cat "$@"\n',
     "write.sh": 'echo written > "$1" && echo WROTE\n',
@@ -57,8 +61,22 @@ PROBES = {
     "kill.sh": 'kill -0 "$1" && echo SIGNALLED\n',
     "restart.sh": f"systemctl restart {TARGET} && echo RESTARTED\n",
     "whoami.sh": 'id -un; grep -E "^Cap(Eff|Bnd)" /proc/self/status\n',
+    "bind.sh": f'exec python3 -c "{BIND}" "$1"\n',
+    "term.sh": "trap 'echo TERMED; exit 0' TERM; echo READY; while :; do sleep 0.1; done\n",
 }
-BIND = "import socket,sys; socket.socket().bind(('127.0.0.1', int(sys.argv[1]))); print('BOUND')"
+# Every capability set of the job's process, one "Name: hex" line each.
+CAPS = "print(''.join(l for l in open('/proc/self/status') if l.startswith('Cap')), end='')"
+# What an entry's job may be given must be in the keeper's unit: the drop-in
+# docs/deployment.md shows, for the entry with CAP_NET_BIND_SERVICE; and CAP_NET_RAW,
+# which no entry names: the keeper drops it at its start.
+NET_BIND_DROPIN = (
+    "[Service]\n"
+    "CapabilityBoundingSet=CAP_NET_BIND_SERVICE CAP_NET_RAW\n"
+    "AmbientCapabilities=CAP_NET_BIND_SERVICE CAP_NET_RAW\n"
+)
+# capabilities.NAMES: CAP_SETGID 6, CAP_SETUID 7, CAP_SETPCAP 8, CAP_NET_BIND_SERVICE 10
+NET_BIND = 1 << 10
+KEEPER_CAPS = 1 << 6 | 1 << 7 | 1 << 8 | NET_BIND
 # The seccomp layer under the real units: what the filter answers, and the status line.
 FILTERED = (
     "import errno, socket\n"
@@ -131,13 +149,24 @@ class Deployed:
 
 
 def _install(
-    box: nspawn.Container, keeper: Path, config: str, policy: str, certs: Certs, port: int
+    box: nspawn.Container,
+    keeper: Path,
+    config: str,
+    policy: str,
+    certs: Certs,
+    port: int,
+    dropin: str | None = None,
 ) -> Deployed:
     """The agent's unit and this deployment's keeper unit (installed under the keeper's
-    name, as docs/deployment.md says), started through the agent's Requires=."""
+    name, as docs/deployment.md says, with ``dropin`` as its drop-in), started through
+    the agent's Requires=."""
     box.systemctl("stop", SERVICE, KEEPER)
     box.copy_in(AGENT_UNIT, "/etc/systemd/system/worker-agent.service")
     box.copy_in(keeper, f"/etc/systemd/system/{KEEPER}")
+    box.run(["rm", "-rf", f"/etc/systemd/system/{KEEPER}.d"], check=True)
+    if dropin is not None:
+        box.run(["mkdir", "-p", f"/etc/systemd/system/{KEEPER}.d"], check=True)
+        box.write_file(f"/etc/systemd/system/{KEEPER}.d/caps.conf", dropin, owner="root:root")
     box.write_file("/etc/worker-agent/config.toml", config, mode=0o640, owner="root:worker-agent")
     box.write_file("/etc/worker-agent/policy.yaml", policy, mode=0o640, owner="root:worker-agent")
     box.systemctl("daemon-reload").check("daemon-reload")
@@ -194,7 +223,8 @@ def unprivileged(installed: nspawn.Container, certs: Certs) -> Iterator[Deployed
 def privileged(
     installed: nspawn.Container, certs: Certs, unprivileged: Deployed
 ) -> Iterator[tuple[Deployed, int]]:
-    """systemd/worker-agent-keeper-privileged.service: root keeper, jobs as per-entry users."""
+    """systemd/worker-agent-keeper-privileged.service (with the drop-in that lets its
+    binder entry have CAP_NET_BIND_SERVICE): jobs as per-entry users."""
     unprivileged.close()
     port, low = free_port(), _low_port()
     # The unprivileged config plus what docs/deployment.md adds for this deployment.
@@ -228,7 +258,7 @@ def privileged(
         + "  - name: plain\n    aliases: [plain]\n"
         + textwrap.indent(textwrap.dedent(python), "    ")
     )
-    d = _install(installed, PRIVILEGED, config, policy, certs, port)
+    d = _install(installed, PRIVILEGED, config, policy, certs, port, NET_BIND_DROPIN)
     yield d, low
     d.close()
     installed.systemctl("stop", SERVICE, KEEPER)
@@ -387,8 +417,8 @@ def test_privileged_capability_entry_listens_on_its_port_only_when_bound(
     privileged: tuple[Deployed, int],
 ) -> None:
     """An entry with bind_tcp [low] (jobs as nobody, CAP_NET_BIND_SERVICE) listens on the
-    port it bound; listen() on an unbound socket is refused: the root spawner checks it as
-    the job's user, without CAP_SYS_PTRACE (which the unit does not give)."""
+    port it bound; listen() on an unbound socket is refused: the keeper checks it through
+    a helper of the job's user, without CAP_SYS_PTRACE (which the unit does not give)."""
     d, low = privileged
     code, out = d.run("binder", "-c", FILTERED, str(low))
     got = dict(line.split(" ", 1) for line in out.splitlines())
@@ -422,3 +452,97 @@ def test_privileged_jobs_have_their_entrys_user_and_no_capabilities(
     assert all(int(x.split()[1], 16) == 0 for x in lines[1:]), out
     code, out = d.run("bash", f"{JOB_DIR}/whoami.sh")
     assert code == 0 and out.splitlines()[0] == "nobody", out
+
+
+def _caps(text: str) -> dict[str, int]:
+    """{"CapEff": mask, ...} of /proc/PID/status lines."""
+    lines = (line.split(":") for line in text.splitlines() if line[:3] == "Cap")
+    return {k: int(v, 16) for k, v in lines}
+
+
+def test_privileged_keeper_is_not_root_and_holds_only_what_its_jobs_need(
+    privileged: tuple[Deployed, int],
+) -> None:
+    """The keeper runs as worker-agent (not root) holding CAP_SETUID, CAP_SETGID,
+    CAP_SETPCAP and the drop-in's CAP_NET_BIND_SERVICE (the one capability its entries
+    give), in every set, and nothing else: not the drop-in's CAP_NET_RAW, which no entry
+    names (dropped at its start, bounding set included); NoNewPrivileges holds."""
+    d, _ = privileged
+    status = d.box.run(["cat", f"/proc/{d.main_pid(KEEPER)}/status"], check=True).stdout
+    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    uid = d.box.run(["id", "-u", "worker-agent"], check=True).stdout.strip()
+    assert fields["Uid"].split() == [uid] * 4, status
+    assert fields["NoNewPrivs"].strip() == "1", status
+    caps = _caps(status)
+    assert caps == dict.fromkeys(("CapPrm", "CapEff", "CapBnd", "CapAmb"), KEEPER_CAPS) | {
+        "CapInh": KEEPER_CAPS
+    }, status
+    assert "dropped CAP_NET_RAW" in d.box.journal(KEEPER), d.box.journal(KEEPER)[-3000:]
+
+
+def test_privileged_entry_capability_reaches_its_job_and_only_it(
+    privileged: tuple[Deployed, int],
+) -> None:
+    """The binder entry's job (nobody) has CAP_NET_BIND_SERVICE in each set, ambient
+    included, and nothing else: none of the keeper's three. The plain entry's job (same
+    program, same user) has none at all, bounding set included."""
+    d, _ = privileged
+    code, out = d.run("binder", "-c", CAPS)
+    assert code == 0 and _caps(out) == dict.fromkeys(
+        ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"), NET_BIND
+    ), out
+    code, out = d.run("plain", "-c", CAPS)
+    assert code == 0 and _caps(out) == dict.fromkeys(
+        ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"), 0
+    ), out
+
+
+def test_privileged_root_job_cannot_gain_a_capability_its_entry_lacks(
+    privileged: tuple[Deployed, int],
+) -> None:
+    """A root job whose entry lists no capability cannot bind a port below 1024, though
+    the keeper holds CAP_NET_BIND_SERVICE: root's exec gets only its bounding set, which
+    the keeper cut to the entry's (empty)."""
+    d, low = privileged
+    code, out = d.run("rootbash", f"{JOB_DIR}/bind.sh", str(low))
+    assert code != 0 and "BOUND" not in out and "Permission denied" in out, out
+
+
+def _active_again(d: Deployed, before: str) -> bool:
+    keeper = d.box.unit_properties(KEEPER, "MainPID", "ActiveState")
+    agent = d.box.unit_properties(SERVICE, "ActiveState")
+    return (
+        keeper["ActiveState"] == "active"
+        and keeper["MainPID"] not in ("0", before)
+        and agent["ActiveState"] == "active"
+    )
+
+
+def test_privileged_adopted_job_of_another_user_is_stopped_with_sigterm(
+    privileged: tuple[Deployed, int],
+) -> None:
+    """A job of the nobody entry outlives a kill -9 of the keeper and is adopted by the
+    next one; stopping it then sends SIGTERM through a helper of its user (the keeper,
+    worker-agent without CAP_KILL, could not itself), so its TERM trap runs, rather than
+    only the SIGKILL of cgroup.kill after the grace."""
+    d, _ = privileged
+    c = d.client()
+    job = c.start("bash", f"{JOB_DIR}/term.sh")
+    stream_until(c, job, b"READY\n")
+    before = d.main_pid(KEEPER)
+    d.box.run(["kill", "-9", before], check=True)
+    poll("the keeper restarted and the agent active", lambda: _active_again(d, before), 60)
+    c = d.client()
+
+    def adopted() -> bool:
+        try:
+            return c.query(job).state == "RUNNING"
+        except Exception:  # the agent is still attaching to the new keeper
+            return False
+
+    poll("the adopted job running", adopted, timeout=60, interval=0.5)
+    c.stop(job)
+    status = c.wait(job, timeout=30)
+    assert status.done, status
+    out = output(c, job)
+    assert "TERMED" in out, out + "\n" + d.box.journal(KEEPER)[-3000:]
