@@ -8,6 +8,9 @@
 # Debian packages the tests need are installed when missing (as root); the
 # real-systemd tier's set-up (root only) runs only when the -m expression can
 # select its tests. AGENT_TEST_DRY_RUN=1 prints those two decisions and stops.
+# AGENT_TEST_VENV_RUN=ID (set by .ci/run, one ID per CI run): .venv-test is made
+# fresh by the first call with that ID and python, and reused by the next ones,
+# so one CI run installs the package once per interpreter, not once per step.
 set -eu
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
@@ -89,10 +92,21 @@ if [ "$systemd_tier" = yes ]; then
     scripts/systemd_tier_setup.sh
 fi
 
-rm -rf .venv-test
-"$python" -m venv .venv-test
-.venv-test/bin/pip install --quiet --disable-pip-version-check --upgrade pip
-.venv-test/bin/pip install --quiet --disable-pip-version-check ".[test]"
+stamp=""
+if [ -n "${AGENT_TEST_VENV_RUN:-}" ]; then
+    stamp="$AGENT_TEST_VENV_RUN $("$python" -c 'import sys; print(sys.executable, sys.version)')"
+fi
+if [ -n "$stamp" ] && [ "$(cat .venv-test/.made-for 2>/dev/null)" = "$stamp" ]; then
+    echo "test: reusing .venv-test, made earlier in this CI run" >&2
+else
+    rm -rf .venv-test
+    "$python" -m venv .venv-test
+    .venv-test/bin/pip install --quiet --disable-pip-version-check --upgrade pip
+    .venv-test/bin/pip install --quiet --disable-pip-version-check ".[test]"
+    if [ -n "$stamp" ]; then
+        printf '%s\n' "$stamp" >.venv-test/.made-for
+    fi
+fi
 
 status=0
 # The pytest script, not `python -m pytest`: the latter would put the

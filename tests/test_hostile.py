@@ -712,6 +712,7 @@ def test_random_requests_for_unsafe_files_never_run(world: World, data: st.DataO
         event(f"rule {r}")
 
 
+@pytest.mark.slow
 @HYPOTHESIS
 @given(
     method=st.sampled_from(["QueryJob", "StopJob", "WaitJob", "StreamJobOutput"]), job_id=hs.job_ids
@@ -743,6 +744,7 @@ def _token_problem(token: str) -> bool:
     return not (tag == "v1" and re.fullmatch(r"[0-9]{1,18}", num))
 
 
+@pytest.mark.slow
 @HYPOTHESIS
 @given(req=hs.list_requests)
 def test_random_list_requests(world: World, req: pb.ListJobsReq) -> None:
@@ -764,6 +766,7 @@ def test_random_list_requests(world: World, req: pb.ListJobsReq) -> None:
         assert code == OK, details
 
 
+@pytest.mark.slow
 @HYPOTHESIS
 @given(method=st.sampled_from(hs.WORKER_METHODS), data=hs.raw_messages)
 def test_random_raw_bytes_never_internal(world: World, method: str, data: bytes) -> None:

@@ -259,6 +259,7 @@ def test_followers_resume_after_the_restart(
     assert b"".join(c.stream(job, offset=late, follow=True)) == b"after gate 2\n"
 
 
+@pytest.mark.slow
 def test_kill9_at_random_moments_under_load(
     make_agent: AgentFactory, kpolicy: str, kdir: Path, runs: Path
 ) -> None:

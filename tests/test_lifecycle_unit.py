@@ -508,6 +508,7 @@ def histories(draw: st.DrawFn) -> list[lc.Event]:
     return events
 
 
+@pytest.mark.slow
 @settings(max_examples=3000, deadline=None)
 @given(histories(), st.sampled_from(["", "no cgroup"]))
 def test_the_table_agrees_with_the_flags_it_replaced(events: list[lc.Event], note: str) -> None:
@@ -521,6 +522,7 @@ def test_the_table_agrees_with_the_flags_it_replaced(events: list[lc.Event], not
         assert new.running == ref.running
 
 
+@pytest.mark.slow
 @settings(max_examples=1000, deadline=None)
 @given(histories(), histories())
 def test_the_state_crosses_a_reexec_in_the_old_shape(

@@ -685,6 +685,7 @@ def _paths(draw: st.DrawFn, e: Env) -> str:
     return anchor + "".join(parts)
 
 
+@pytest.mark.slow
 @settings(
     max_examples=200,
     deadline=None,
