@@ -11,6 +11,8 @@
 # AGENT_TEST_VENV_RUN=ID (set by .ci/run, one ID per CI run): .venv-test is made
 # fresh by the first call with that ID and python, and reused by the next ones,
 # so one CI run installs the package once per interpreter, not once per step.
+# AGENT_TEST_VENV_DIR=DIR: that directory instead of .venv-test (.ci/run gives
+# the 3.10 run its own, as it runs beside the systemd tier's).
 set -eu
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
@@ -92,26 +94,27 @@ if [ "$systemd_tier" = yes ]; then
     scripts/systemd_tier_setup.sh
 fi
 
+venv=${AGENT_TEST_VENV_DIR:-.venv-test}
 stamp=""
 if [ -n "${AGENT_TEST_VENV_RUN:-}" ]; then
     stamp="$AGENT_TEST_VENV_RUN $("$python" -c 'import sys; print(sys.executable, sys.version)')"
 fi
-if [ -n "$stamp" ] && [ "$(cat .venv-test/.made-for 2>/dev/null)" = "$stamp" ]; then
-    echo "test: reusing .venv-test, made earlier in this CI run" >&2
+if [ -n "$stamp" ] && [ "$(cat "$venv/.made-for" 2>/dev/null)" = "$stamp" ]; then
+    echo "test: reusing $venv, made earlier in this CI run" >&2
 else
-    rm -rf .venv-test
-    "$python" -m venv .venv-test
-    .venv-test/bin/pip install --quiet --disable-pip-version-check --upgrade pip
-    .venv-test/bin/pip install --quiet --disable-pip-version-check ".[test]"
+    rm -rf "$venv"
+    "$python" -m venv "$venv"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check --upgrade pip
+    "$venv/bin/pip" install --quiet --disable-pip-version-check ".[test]"
     if [ -n "$stamp" ]; then
-        printf '%s\n' "$stamp" >.venv-test/.made-for
+        printf '%s\n' "$stamp" >"$venv/.made-for"
     fi
 fi
 
 status=0
 # The pytest script, not `python -m pytest`: the latter would put the
 # checkout on sys.path and test the source tree instead of the package.
-.venv-test/bin/pytest -p no:cacheprovider --rootdir "$PWD" "$@" || status=$?
+"$venv/bin/pytest" -p no:cacheprovider --rootdir "$PWD" "$@" || status=$?
 if [ "$status" -eq 5 ]; then
     echo "test: pytest collected no tests: that is a failure" >&2
     exit 1
