@@ -72,7 +72,9 @@ def probe(interp: Interpreter, home: str = "/") -> dict[str, Any]:
     code = (
         "import importlib.util, os, sys, agent; "
         "print(os.path.dirname(agent.__file__)); print(agent.__version__); "
-        "print(bool(importlib.util.find_spec('agent.keeper.keeper'))); "
+        # The keeper's module where it lives now, or where it lived before agent.keeper.
+        "print(any(importlib.util.find_spec(p) and importlib.util.find_spec(p + '.keeper') "
+        "for p in ('agent.keeper', 'agent.daemon'))); "
         "print(sys.version.split()[0])"
     )
     try:
@@ -121,7 +123,8 @@ def _cmdline(pid: int) -> str:
 
 def _role(cmd: str) -> str:
     for key in ("keeper", "spawner"):
-        if f"agent.keeper.{key}" in cmd:
+        # agent.daemon: where an older agent (the baseline) has them.
+        if f"agent.keeper.{key}" in cmd or f"agent.daemon.{key}" in cmd:
             return key
     return "other"
 
