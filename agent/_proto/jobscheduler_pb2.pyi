@@ -271,6 +271,68 @@ class HeartbeatRes(_message.Message):
     known: bool
     def __init__(self, known: _Optional[bool] = ...) -> None: ...
 
+class LinkUp(_message.Message):
+    __slots__ = ("hello", "heartbeat", "reply")
+    HELLO_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    REPLY_FIELD_NUMBER: _ClassVar[int]
+    hello: LinkHello
+    heartbeat: HeartbeatReq
+    reply: LinkReply
+    def __init__(self, hello: _Optional[_Union[LinkHello, _Mapping]] = ..., heartbeat: _Optional[_Union[HeartbeatReq, _Mapping]] = ..., reply: _Optional[_Union[LinkReply, _Mapping]] = ...) -> None: ...
+
+class LinkHello(_message.Message):
+    __slots__ = ("workerID", "acceptsCalls", "maxCalls")
+    WORKERID_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTSCALLS_FIELD_NUMBER: _ClassVar[int]
+    MAXCALLS_FIELD_NUMBER: _ClassVar[int]
+    workerID: str
+    acceptsCalls: bool
+    maxCalls: int
+    def __init__(self, workerID: _Optional[str] = ..., acceptsCalls: _Optional[bool] = ..., maxCalls: _Optional[int] = ...) -> None: ...
+
+class LinkDown(_message.Message):
+    __slots__ = ("heartbeat", "call", "cancel")
+    HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    CALL_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_FIELD_NUMBER: _ClassVar[int]
+    heartbeat: HeartbeatRes
+    call: LinkCall
+    cancel: LinkCancel
+    def __init__(self, heartbeat: _Optional[_Union[HeartbeatRes, _Mapping]] = ..., call: _Optional[_Union[LinkCall, _Mapping]] = ..., cancel: _Optional[_Union[LinkCancel, _Mapping]] = ...) -> None: ...
+
+class LinkCall(_message.Message):
+    __slots__ = ("callID", "method", "request", "timeoutMillis")
+    CALLID_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUTMILLIS_FIELD_NUMBER: _ClassVar[int]
+    callID: int
+    method: str
+    request: bytes
+    timeoutMillis: int
+    def __init__(self, callID: _Optional[int] = ..., method: _Optional[str] = ..., request: _Optional[bytes] = ..., timeoutMillis: _Optional[int] = ...) -> None: ...
+
+class LinkCancel(_message.Message):
+    __slots__ = ("callID",)
+    CALLID_FIELD_NUMBER: _ClassVar[int]
+    callID: int
+    def __init__(self, callID: _Optional[int] = ...) -> None: ...
+
+class LinkReply(_message.Message):
+    __slots__ = ("callID", "response", "last", "code", "details")
+    CALLID_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    DETAILS_FIELD_NUMBER: _ClassVar[int]
+    callID: int
+    response: bytes
+    last: bool
+    code: int
+    details: str
+    def __init__(self, callID: _Optional[int] = ..., response: _Optional[bytes] = ..., last: _Optional[bool] = ..., code: _Optional[int] = ..., details: _Optional[str] = ...) -> None: ...
+
 class WorkerInfo(_message.Message):
     __slots__ = ("workerID", "address", "identity", "registeredAt", "lastSeen", "labels")
     class LabelsEntry(_message.Message):

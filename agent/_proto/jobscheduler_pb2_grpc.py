@@ -440,6 +440,11 @@ class SchedulerStub:
                 request_serializer=agent_dot___proto_dot_jobscheduler__pb2.RunReq.SerializeToString,
                 response_deserializer=agent_dot___proto_dot_jobscheduler__pb2.RunInfo.FromString,
                 _registered_method=True)
+        self.Link = channel.stream_stream(
+                '/jobscheduler.Scheduler/Link',
+                request_serializer=agent_dot___proto_dot_jobscheduler__pb2.LinkUp.SerializeToString,
+                response_deserializer=agent_dot___proto_dot_jobscheduler__pb2.LinkDown.FromString,
+                _registered_method=True)
 
 
 class SchedulerServicer:
@@ -529,6 +534,18 @@ class SchedulerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Link(self, request_iterator, context):
+        """A registered worker's link to its scheduler, opened by the worker after
+        RegisterWorker over the same connection and kept open (docs/fleet.md).
+        Heartbeats travel on it instead of Heartbeat calls; and when the worker
+        accepts calls on it ([scheduler] calls_as), the scheduler sends Worker
+        calls down it instead of connecting to the worker: one connection per
+        worker, opened by the worker, for registration, liveness and jobs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -591,6 +608,11 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.GetRun,
                     request_deserializer=agent_dot___proto_dot_jobscheduler__pb2.RunReq.FromString,
                     response_serializer=agent_dot___proto_dot_jobscheduler__pb2.RunInfo.SerializeToString,
+            ),
+            'Link': grpc.stream_stream_rpc_method_handler(
+                    servicer.Link,
+                    request_deserializer=agent_dot___proto_dot_jobscheduler__pb2.LinkUp.FromString,
+                    response_serializer=agent_dot___proto_dot_jobscheduler__pb2.LinkDown.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -917,6 +939,33 @@ class Scheduler:
             '/jobscheduler.Scheduler/GetRun',
             agent_dot___proto_dot_jobscheduler__pb2.RunReq.SerializeToString,
             agent_dot___proto_dot_jobscheduler__pb2.RunInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Link(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/jobscheduler.Scheduler/Link',
+            agent_dot___proto_dot_jobscheduler__pb2.LinkUp.SerializeToString,
+            agent_dot___proto_dot_jobscheduler__pb2.LinkDown.FromString,
             options,
             channel_credentials,
             insecure,
