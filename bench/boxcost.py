@@ -1,25 +1,34 @@
-"""The seccomp step: what the job box's seccomp layer costs, end to end.
+"""Two configurations of one agent mode, end to end: the ``seccomp`` and ``users`` steps.
 
-For each agent mode, two fresh agents side by side, each in its own folder and cgroup:
-the mode's configuration as it is (the full box: a cgroup per job, Landlock, the
-entry's seccomp filter, a scratch directory, the user switch as root) and the same
-configuration with ``[confinement] seccomp = false`` (no filter on any job; the only
-difference). Each one's box is first read from /proc of a running job (the filters
-that bind it: 1 and 0, or the step stops). Then rounds: at 1 and ``main_level`` in
-flight, the original protocol (StartJob, then QueryJob every ``poll_ms`` until done,
+For each agent mode, two fresh agents side by side, each in its own folder and cgroup,
+whose configurations differ by one setting (:class:`VariantPair`):
+
+- ``seccomp``: the mode's configuration as it is (the full box: a cgroup per job,
+  Landlock, the entry's seccomp filter, a scratch directory, the user switch as root)
+  and the same with ``[confinement] seccomp = false`` (no filter on any job);
+- ``users``: the same with ``[jobs] dynamic_users = true`` (each job a uid of its own,
+  taken from the range and, at the job's end, given back only after a helper of that
+  uid removed what it left: processes, IPC objects, keyrings) against the mode's fixed
+  job user. Only where the agent runs as root (a keeper that can switch users).
+
+Each one's box is first read from /proc of a running job (the filters, or the job's
+uid, must differ as the comparison says, or the step stops: a comparison of two equal
+boxes would pass for the wrong reason). Then rounds: at 1 and ``main_level`` in flight,
+the original protocol (StartJob, then QueryJob every ``poll_ms`` until done,
 ``/bin/true``) on one agent, then on the other, back to back, the order alternating
 from one level and round to the next so that slow drifts of a noisy machine hit both
-alike. One ``seccomp_jobs`` record per measurement (``variant``: ``seccomp`` or
-``no_seccomp``), then one ``seccomp_summary`` per mode and level: the medians over the
-rounds of both and their ratios, with seccomp over without (``bench.goals``: at least
-0.95 in jobs/s at ``main_level``). Ratios only: the two are measured in the same
-minutes, never against another run.
+alike. One ``<step>_jobs`` record per measurement (``variant``: the comparison's two
+names), then one ``<step>_summary`` per mode and level: the medians over the rounds of
+both and their ratios, the first over the second (``bench.goals``: seccomp at least
+0.95 in jobs/s at ``main_level``; the users step has no target, it is reported).
+Ratios only: the two are measured in the same minutes, never against another run.
 """
 
 from __future__ import annotations
 
 import statistics
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from bench import workloads as wl
@@ -33,52 +42,113 @@ MakeAgent = Callable[[Mode, str, dict[str, dict[str, Any]]], Agent]
 
 # The compare step's medians, and what tells a busier machine from a slower agent.
 SUMMARY = (*MEDIANS, "polls_per_job", "agent_cpu_cores", "machine_busy_cores", "cpu_ms_per_job")
-WITH, WITHOUT = "seccomp", "no_seccomp"
-VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
-    WITH: {},  # the mode's own configuration: seccomp is on by default
-    WITHOUT: {"confinement": {"seccomp": False}},
-}
 
 
-class SeccompCost:
+@dataclass(frozen=True)
+class VariantPair:
+    """Two configurations of a mode: ``first`` (measured over ``second``), their
+    overrides, the box field that must tell them apart, and how."""
+
+    step: str
+    first: str
+    second: str
+    overrides: dict[str, dict[str, dict[str, Any]]]
+    box_field: str
+    # (first's value, second's value, the mode) -> what is wrong, or "" when they differ right
+    check: Callable[[Any, Any, Mode], str]
+
+
+def _filters_differ(first: Any, second: Any, _: Mode) -> str:
+    if (first or 0) < 1 or second != 0:
+        return f"the jobs' filters are {first} and {second} (expected >= 1 and 0)"
+    return ""
+
+
+def _uids_differ(first: Any, second: Any, _: Mode) -> str:
+    lo, hi = DYNAMIC_RANGE
+    if not isinstance(first, int) or not lo <= first <= hi or first == second:
+        return f"the jobs' uids are {first} and {second} (expected one in {lo}-{hi}, then another)"
+    return ""
+
+
+DYNAMIC_RANGE = (60600, 61099)  # the config's default range
+SECCOMP = VariantPair(
+    "seccomp",
+    "seccomp",
+    "no_seccomp",
+    {"seccomp": {}, "no_seccomp": {"confinement": {"seccomp": False}}},
+    "seccomp_filters",
+    _filters_differ,
+)
+USERS = VariantPair(
+    "users",
+    "dynamic_users",
+    "fixed_user",
+    {
+        "dynamic_users": {
+            "jobs": {
+                "dynamic_users": True,
+                "dynamic_uid_min": DYNAMIC_RANGE[0],
+                "dynamic_uid_max": DYNAMIC_RANGE[1],
+            }
+        },
+        "fixed_user": {"jobs": {"dynamic_users": False}},
+    },
+    "job_uid",
+    _uids_differ,
+)
+
+
+class VariantCost:
     """The interleaved rounds of one mode's two agents, then the summaries."""
 
-    def __init__(self, ctx: wl.Ctx, mode: Mode, make_agent: MakeAgent, emit: Emit) -> None:
+    def __init__(
+        self,
+        ctx: wl.Ctx,
+        mode: Mode,
+        make_agent: MakeAgent,
+        emit: Emit,
+        comparison: VariantPair = SECCOMP,
+    ) -> None:
+        self.cmp = comparison
         self.ctx = ctx
         self.mode = mode
         self.make_agent = make_agent
         self.emit = emit
         self.levels = sorted({1, ctx.p.main_level})
         self.jobs: list[dict[str, Any]] = []
-        self.filters: dict[str, int | None] = {}
+        self.boxes: dict[str, Any] = {}  # variant -> its job's comparison.box_field
 
     def run(self) -> None:
         """Start both agents, check their boxes, measure the rounds, summarise, stop."""
-        agents = {v: self.make_agent(self.mode, v, o) for v, o in VARIANTS.items()}
+        c = self.cmp
+        agents = {v: self.make_agent(self.mode, v, o) for v, o in c.overrides.items()}
         try:
             for variant, agent in agents.items():
                 agent.start()
                 box = agent.box()
-                self.filters[variant] = box.get("seccomp_filters")
-                self.emit({"mode": self.mode.key, "name": "seccomp_box", "variant": variant, **box})
+                self.boxes[variant] = box.get(c.box_field)
+                self.emit(
+                    {"mode": self.mode.key, "name": f"{c.step}_box", "variant": variant, **box}
+                )
             # A comparison of two equal boxes would pass for the wrong reason.
-            if (self.filters[WITH] or 0) < 1 or self.filters[WITHOUT] != 0:
+            wrong = c.check(self.boxes[c.first], self.boxes[c.second], self.mode)
+            if wrong:
                 raise RuntimeError(
-                    f"seccomp step: the jobs' filters are {self.filters} (expected "
-                    f"{WITH} >= 1, {WITHOUT} 0): the two configurations are not what is compared"
+                    f"{c.step} step: {wrong}: the two configurations are not what is compared"
                 )
             for rnd in range(self.ctx.p.compare_rounds):
                 for i, n in enumerate(self.levels):
                     # Which goes first alternates by round at every level (and between
                     # levels within a round): neither always follows the other.
                     first = (rnd + i) % 2 == 0
-                    order = list(VARIANTS) if first else list(reversed(VARIANTS))
+                    order = [c.first, c.second] if first else [c.second, c.first]
                     for variant in order:
                         note(
-                            f"seccomp round {rnd}: agent {self.mode.key} {variant}, "
+                            f"{c.step} round {rnd}: agent {self.mode.key} {variant}, "
                             f"original protocol, {n} in flight"
                         )
-                        rec = wl.jobs(self.ctx, agents[variant], "original", n, "seccomp_jobs")
+                        rec = wl.jobs(self.ctx, agents[variant], "original", n, f"{c.step}_jobs")
                         rec["cpu_ms_per_job"] = _cpu_per_job(rec)
                         rec = {"mode": self.mode.key, **rec, "variant": variant, "round": rnd}
                         self.jobs.append(rec)
@@ -90,44 +160,46 @@ class SeccompCost:
         self.summarise()
 
     def summarise(self) -> None:
-        """Per level: medians over the rounds with and without seccomp, and the ratios."""
+        """Per level: medians over the rounds of both, and the ratios (first over second)."""
+        c = self.cmp
+        a, b = c.first, c.second
         for n in self.levels:
             by = {
                 v: [r for r in self.jobs if r["variant"] == v and r["in_flight"] == n]
-                for v in VARIANTS
+                for v in (a, b)
             }
             med = {v: {k: median_of(recs, k) for k in SUMMARY} for v, recs in by.items() if recs}
-            if len(med) < len(VARIANTS):
+            if len(med) < 2:
                 continue
-            on, off = med[WITH], med[WITHOUT]
+            on, off = med[a], med[b]
             # Each round's pair was measured back to back: its ratio is the one a slow
             # drift of the machine disturbs least.
             pairs = [
-                a["jobs_per_s"] / b["jobs_per_s"]
-                for a in by[WITH]
-                for b in by[WITHOUT]
-                if a["round"] == b["round"] and b["jobs_per_s"]
+                x["jobs_per_s"] / y["jobs_per_s"]
+                for x in by[a]
+                for y in by[b]
+                if x["round"] == y["round"] and y["jobs_per_s"]
             ]
             s: dict[str, Any] = {
                 "mode": self.mode.key,
-                "name": "seccomp_summary",
+                "name": f"{c.step}_summary",
                 "target": "agent",
                 "protocol": "original",
                 "in_flight": n,
-                "rounds": len(by[WITH]),
+                "rounds": len(by[a]),
                 **on,
-                **{f"{k}_{WITHOUT}": v for k, v in off.items()},
-                "jobs_per_s_vs_no_seccomp": ratio(on["jobs_per_s"], off["jobs_per_s"]),
-                "jobs_per_s_vs_no_seccomp_paired": statistics.median(pairs) if pairs else None,
-                "p50_vs_no_seccomp": ratio(on["p50_ms"], off["p50_ms"]),
-                "server_cpu_per_job_vs_no_seccomp": ratio(
+                **{f"{k}_{b}": v for k, v in off.items()},
+                f"jobs_per_s_vs_{b}": ratio(on["jobs_per_s"], off["jobs_per_s"]),
+                f"jobs_per_s_vs_{b}_paired": statistics.median(pairs) if pairs else None,
+                f"p50_vs_{b}": ratio(on["p50_ms"], off["p50_ms"]),
+                f"server_cpu_per_job_vs_{b}": ratio(
                     on["server_cpu_ms_per_job"], off["server_cpu_ms_per_job"]
                 ),
                 # On a saturated machine throughput goes as the inverse of this.
-                "cpu_per_job_vs_no_seccomp": ratio(on["cpu_ms_per_job"], off["cpu_ms_per_job"]),
+                f"cpu_per_job_vs_{b}": ratio(on["cpu_ms_per_job"], off["cpu_ms_per_job"]),
                 "failed": sum(r.get("failed", 0) for recs in by.values() for r in recs),
-                "seccomp_filters": self.filters.get(WITH),
-                f"seccomp_filters_{WITHOUT}": self.filters.get(WITHOUT),
+                c.box_field: self.boxes.get(a),
+                f"{c.box_field}_{b}": self.boxes.get(b),
             }
             self.emit(s)
 

@@ -368,6 +368,36 @@ def seccomp_table(records: list[dict[str, Any]]) -> str:
     return "".join(out)
 
 
+def users_table(records: list[dict[str, Any]]) -> str:
+    """The users step's medians (``users_summary``), per mode and level; or ""."""
+    rows = [r for r in records if r["name"] == "users_summary"]
+    if not rows:
+        return ""
+    out = [
+        f"\n### Dynamic users (medians of {max(r['rounds'] for r in rows)} interleaved "
+        "rounds)\n\nPer root mode, two fresh agents: `[jobs] dynamic_users = true` (each "
+        "job a uid of its own, cleaned up by a helper of that uid at its end) and the "
+        "mode's fixed job user; original protocol, `/bin/true`, QueryJob every 1 ms. Each "
+        "cell: dynamic / fixed. Ratio: jobs/s dynamic over fixed (the median of the "
+        "per-round ratios in brackets).\n\n"
+        "| mode | in flight | jobs/s | ratio | p50 ms | server CPU ms/job | all CPU ms/job "
+        "| job uid |\n|---|---|---|---|---|---|---|---|\n"
+    ]
+    for r in sorted(rows, key=lambda r: (r["mode"], r["in_flight"])):
+
+        def pair(key: str, fmt: str = ".2f", r: dict[str, Any] = r) -> str:
+            return f"{_f(r.get(key), fmt)} / {_f(r.get(key + '_fixed_user'), fmt)}"
+
+        out.append(
+            f"| {r['mode']} | {r['in_flight']} | {pair('jobs_per_s', '.0f')} | "
+            f"{_f(r.get('jobs_per_s_vs_fixed_user'), '.3f')} "
+            f"({_f(r.get('jobs_per_s_vs_fixed_user_paired'), '.3f')}) | {pair('p50_ms')} | "
+            f"{pair('server_cpu_ms_per_job', '.3f')} | {pair('cpu_ms_per_job', '.3f')} | "
+            f"{r.get('job_uid')} / {r.get('job_uid_fixed_user')} |\n"
+        )
+    return "".join(out)
+
+
 def baseline_table(result: dict[str, Any]) -> str:
     """The baseline step (``--baseline-python``): this checkout's agent against another
     version's, medians, ratios and the RSS sums; or ""."""
@@ -452,6 +482,7 @@ def results_body(result: dict[str, Any]) -> str:
     out.append(baseline_table(result))
     out.append(compare_table(result["records"]))
     out.append(seccomp_table(result["records"]))
+    out.append(users_table(result["records"]))
     for key, info in result["modes"].items():
         out.append(f"\n### {info['label']}\n\n")
         if "error" in info:

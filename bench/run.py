@@ -35,7 +35,7 @@ from bench import agentctlcost, fleet, procstat
 from bench import interp as interpreter
 from bench import workloads as wl
 from bench.baseline import BaselineCost
-from bench.boxcost import SeccompCost
+from bench.boxcost import SECCOMP, USERS, VariantCost, VariantPair
 from bench.compare import Comparison
 from bench.driver import Driver
 from bench.goals import targets
@@ -63,6 +63,7 @@ STEPS = (
     "stream",
     "compare",
     "seccomp",
+    "users",
     "agentctl",
 )
 # Not among the default steps: runs with --baseline-python (``all`` or ``--steps baseline``).
@@ -246,10 +247,12 @@ class Bench:
                 a.stop()
             self.ctx.driver.kill_all()
 
-    def seccomp(self, modes: list[Mode]) -> bool:
-        """Per mode that ran: its full box against the same configuration with
-        ``[confinement] seccomp = false``, two fresh agents, interleaved (bench.boxcost).
-        False when a mode's step failed (the others still run)."""
+    def variants(self, modes: list[Mode], comparison: VariantPair) -> bool:
+        """Per mode that ran: two fresh agents whose configurations differ as
+        ``comparison`` says (``seccomp``: the full box against ``[confinement] seccomp =
+        false``; ``users``: ``[jobs] dynamic_users`` against the fixed job user, root
+        agents only), interleaved (bench.boxcost). False when a mode's step failed (the
+        others still run)."""
 
         def make(mode: Mode, variant: str, overrides: dict[str, dict[str, Any]]) -> Agent:
             return Agent(
@@ -267,11 +270,14 @@ class Bench:
         for m in modes:
             if m.key not in self.agents:
                 continue
+            if comparison is USERS and m.agent_uid != 0:
+                note(f"users step, mode {m.key}: skipped (its keeper cannot switch users)")
+                continue
             try:
-                SeccompCost(self.ctx, m, make, lambda r: emit(r, self.records)).run()
+                VariantCost(self.ctx, m, make, lambda r: emit(r, self.records), comparison).run()
             except Exception as e:  # report and carry on with the next mode
                 ok = False
-                note(f"seccomp step, mode {m.key}, failed: {type(e).__name__}: {e}")
+                note(f"{comparison.step} step, mode {m.key}, failed: {type(e).__name__}: {e}")
         return ok
 
     def baseline(self, mode: Mode, python: str) -> bool:
@@ -438,7 +444,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add(
         "--rounds",
         type=int,
-        help="interleaved rounds of the compare and seccomp steps (default 3)",
+        help="interleaved rounds of the compare, seccomp and users steps (default 3)",
     )
     add(
         "--docs",
@@ -618,8 +624,9 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as e:  # the per-mode figures are still written
                 status = 1
                 note(f"compare failed: {type(e).__name__}: {e}")
-        if bench.step("seccomp") and not bench.seccomp(modes):
-            status = 1
+        for cmp in (SECCOMP, USERS):
+            if bench.step(cmp.step) and not bench.variants(modes, cmp):
+                status = 1
         if (
             args.baseline_python
             and bench.step(BASELINE)

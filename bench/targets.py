@@ -580,6 +580,7 @@ def _proc_box(pid: int, agent_pid: int, job_id: str) -> dict[str, Any]:
         "cgroup_per_job": job_cg.rstrip("/").endswith(job_id) and job_cg != unified(agent_cg),
         "job_cgroup": job_cg,
         "job_user": user,
+        "job_uid": uid,
         "scratch_dir": cwd,
         "no_new_privs": bool(nnp and nnp.group(1) == "1"),
         # The filters the box added: the job's beyond those binding the agent itself.

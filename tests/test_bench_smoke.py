@@ -105,6 +105,11 @@ def test_quick_bench_prints_json_lines_and_writes_the_table(tmp_path: Path) -> N
     if root:
         shipped = [t for k, t in verdicts.items() if k[0] == "shipped" and "fastest" in k[1]]
         assert len(shipped) == 2 and all(t["value"] is not None for t in shipped), shipped
+        # The users step (root agents only): each job's uid checked before the rounds.
+        users = [x for x in records if x["name"] == "users_summary"]
+        assert {x["mode"] for x in users} == {"shipped"}, users
+        assert all(60600 <= x["job_uid"] <= 61099 != x["job_uid_fixed_user"] for x in users)
+        assert all(x["failed"] == 0 and x["jobs_per_s_vs_fixed_user"] for x in users), users
 
     table = (out / "latest.md").read_text()
     assert "### Targets" in table

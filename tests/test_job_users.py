@@ -14,6 +14,7 @@ import os
 import pwd
 import shutil
 import struct
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,10 +22,10 @@ from typing import Any
 import pytest
 from test_keeper_protocol import POLICY, Conn, Keeper, job_file
 
-from agent.keeper import uids
+from agent.keeper import cgroups, uids
 from agent.keeper.spawn import SPAWN_ENV
 
-from helpers import IS_ROOT, make_safe_dir
+from helpers import IS_ROOT, cgroup2_mount, make_safe_dir
 
 pytestmark = pytest.mark.skipif(not IS_ROOT, reason="switching jobs to their own uids needs root")
 
@@ -39,14 +40,15 @@ PY = """  - name: python
 
 @pytest.fixture
 def dyn(tmp_path: Path) -> Iterator[Callable[..., Keeper]]:
-    """Keepers with dynamic users in LO..HI (or the range given)."""
+    """Keepers with dynamic users in LO..HI (or the range given); ``cgroup_jobs``: the
+    jobs' cgroup subtree (none by default)."""
     made: list[Keeper] = []
 
-    def make(lo: int = LO, hi: int = HI) -> Keeper:
+    def make(lo: int = LO, hi: int = HI, cgroup_jobs: Path | None = None) -> Keeper:
         d = tmp_path / f"keeper{len(made)}"
         d.mkdir()
         jobs = {"dynamic_users": True, "dynamic_uid_min": lo, "dynamic_uid_max": hi}
-        k = Keeper(d, policy=POLICY + PY, jobs=jobs)
+        k = Keeper(d, policy=POLICY + PY, jobs=jobs, cgroup_jobs=cgroup_jobs)
         made.append(k)
         return k
 
@@ -55,6 +57,28 @@ def dyn(tmp_path: Path) -> Iterator[Callable[..., Keeper]]:
     finally:
         for k in made:
             k.stop()
+
+
+@pytest.fixture(params=["no cgroup", "job cgroups"])
+def where(request: pytest.FixtureRequest) -> Iterator[Path | None]:
+    """Where jobs run: no cgroup (the uid's cleanup looks for its processes in /proc), or
+    a job subtree of the test's own (a leaf emptied at the job's end: the cleanup knows no
+    process of the uid is left and skips that scan)."""
+    if request.param == "no cgroup":
+        yield None
+        return
+    mount = cgroup2_mount()
+    if mount is None:
+        pytest.skip("no cgroup2 mount")
+    top = mount / f"agent-test-users-{uuid.uuid4().hex[:12]}"
+    top.mkdir()
+    try:
+        yield top
+    finally:
+        for leaf in cgroups.Subtree(top).leftovers():
+            leaf.kill()
+            leaf.remove()
+        os.rmdir(top)
 
 
 NOBODY = 65534
@@ -274,36 +298,49 @@ def _user_keyring_size(uid: int) -> int:
 
 
 @pytest.mark.skipif(os.uname().machine != "x86_64", reason="syscall numbers of x86-64")
-def test_a_jobs_ipc_objects_and_keys_are_gone_after_its_end(dyn: Callable[..., Keeper]) -> None:
+def test_a_jobs_ipc_objects_and_keys_are_gone_before_its_uid_is_given_again(
+    dyn: Callable[..., Keeper], where: Path | None
+) -> None:
     """A job leaves a shared memory segment, a message queue, a semaphore set and a key in
-    its uid's keyring: after its end none is left (the next job given the uid would have
-    inherited them). The control: the same made by hand as that uid (and a POSIX shared
+    its uid's keyring: none is left once the next job is given the uid (a range of one:
+    the next start waits for the cleanup, which runs beside the keeper's loop after the
+    end is told). The control: the same made by hand as that uid (and a POSIX shared
     memory file, which a job's Landlock domain keeps it from making) are seen by these
     checks, and are gone after the same clean-up."""
-    k = dyn()
+    k = dyn(LO, LO, cgroup_jobs=where)
     c, _ = k.attach()
     fin = c.run(["python3", "-c", SYSV_AND_KEY])
     assert fin["state"] == "SUCCEEDED", (fin, job_file(k, fin["job"]))
     uid = int(job_file(k, fin["job"]))
-    assert LO <= uid <= HI
+    assert uid == LO
+    nxt = c.start(["sleep", "30"])
+    assert ids_of(started_pid(c, nxt))[0][0] == uid
     assert _sysv_owned(uid) == []
     assert _user_keyring_size(uid) == 0
-    # The control: the same objects made by hand as that uid are seen by these checks.
-    assert uids.as_user(uid, uid, lambda: exec(SYSV_AND_KEY.replace("print(os.getuid())", ""),
-                                               {"__name__": "x"}))  # fmt: skip
-    shm = Path("/dev/shm/agent-test-dynamic-user")
-    assert uids.as_user(uid, uid, shm.touch)
-    assert len(_sysv_owned(uid)) == 3 and _user_keyring_size(uid) > 0 and shm.exists()
-    assert uids.reclaim(uid)
-    assert _sysv_owned(uid) == [] and _user_keyring_size(uid) == 0 and not shm.exists()
+    c.send({"op": "stop", "job": nxt, "how": "kill"})
+    c.finished(nxt)
+    # The control: the same objects made by hand as a uid of the range that this keeper
+    # does not use (its own cleanups would race this one) are seen by these checks, and
+    # gone after the same cleanup, in both of its ways.
+    other = LO + 1
+    for contained in (False, True):
+        assert uids.as_user(other, other, lambda: exec(
+            SYSV_AND_KEY.replace("print(os.getuid())", ""), {"__name__": "x"}))  # fmt: skip
+        shm = Path("/dev/shm/agent-test-dynamic-user")
+        assert uids.as_user(other, other, shm.touch)
+        assert len(_sysv_owned(other)) == 3 and _user_keyring_size(other) > 0 and shm.exists()
+        assert uids.reclaim(other, contained=contained)
+        assert _sysv_owned(other) == [] and _user_keyring_size(other) == 0
+        assert not shm.exists()
 
 
-def test_the_keeper_is_told_a_dynamic_users_end_only_after_its_processes_are_gone(
-    dyn: Callable[..., Keeper],
+def test_a_dynamic_users_leftover_processes_are_gone_before_its_uid_is_given_again(
+    dyn: Callable[..., Keeper], where: Path | None
 ) -> None:
-    """A job that leaves a process behind in a session of its own (no cgroup here): the
-    process is killed before the uid is given again."""
-    k = dyn(LO, LO)
+    """A job that leaves a process behind in a session of its own: the process is killed
+    (by the uid's cleanup, or with the job's cgroup) before the uid is given again (a
+    range of one uid: the next job's). Zombies aside: they hold nothing."""
+    k = dyn(LO, LO, cgroup_jobs=where)
     c, _ = k.attach()
     fin = c.run(
         [
@@ -314,18 +351,26 @@ def test_the_keeper_is_told_a_dynamic_users_end_only_after_its_processes_are_gon
         ]
     )
     assert fin["state"] == "SUCCEEDED", fin
+    nxt = c.start(["sleep", "30"])
+    nxt_pid = started_pid(c, nxt)
+    assert ids_of(nxt_pid)[0][0] == LO
 
-    def none_left() -> bool:
+    def others_left() -> list[int]:
+        found = []
         for p in Path("/proc").iterdir():
-            if p.name.isdigit():
+            if p.name.isdigit() and int(p.name) != nxt_pid:
                 try:
-                    if ids_of(int(p.name))[0][0] == LO:
-                        return False
+                    stat = (p / "stat").read_bytes()
+                    zombie = stat[stat.rfind(b")") + 2 :][:1] in (b"Z", b"X")
+                    if ids_of(int(p.name))[0][0] == LO and not zombie:
+                        found.append(int(p.name))
                 except (OSError, KeyError):
                     continue
-        return True
+        return found
 
-    assert none_left()
+    assert others_left() == []
+    c.send({"op": "stop", "job": nxt, "how": "kill"})
+    c.finished(nxt)
 
 
 # ---------------------------------------------------------------- the keeper's own filter
@@ -707,3 +752,31 @@ def test_the_standard_keeper_checks_a_dynamic_users_listen_and_refuses_its_attac
     finally:
         k.stop()
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_a_released_uid_stays_held_until_its_cleanup_has_ended() -> None:
+    """The cleanup at a job's end runs beside the keeper's loop: until its helper has
+    ended well (its pidfd readable, then reaped), the uid stays held; a start that finds
+    every uid held only by cleanups waits for them instead of being refused."""
+    import select
+
+    from agent.keeper.keeperuids import Reclaim, UidHolds
+
+    watched: list[tuple[int, Reclaim]] = []
+    unwatched: list[int] = []
+    pool = uids.Pool(HI, HI)
+    holds = UidHolds(pool, watch=lambda fd, r: watched.append((fd, r)), unwatch=unwatched.append)
+    uid = holds.take("a")
+    assert uid == HI
+    holds.release("a", ran=True)
+    assert HI in pool.held and len(watched) == 1 and set(holds.reclaiming) == {watched[0][1].pid}
+    fd, r = watched[0]
+    select.select([fd], [], [], 30)
+    holds.reclaimed(r)
+    assert HI not in pool.held and unwatched == [fd] and not holds.reclaiming
+    # Every uid held by a cleanup still running: the start waits for it.
+    assert holds.take("b") == HI
+    holds.release("b", ran=True)
+    assert holds.take("c") == HI and not holds.reclaiming
+    holds.release("c", ran=False)  # nothing of it ran: free at once
+    assert HI not in pool.held

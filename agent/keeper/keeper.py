@@ -103,7 +103,7 @@ from agent.keeper.keeperconn import LISTEN, AgentLink
 from agent.keeper.keeperfiles import JobFiles, listen_fds, load_ends, save_ends
 from agent.keeper.keeperlog import guarded, log, notify
 from agent.keeper.keeperstart import KEEPER_STOP, Starter
-from agent.keeper.keeperuids import UidHolds
+from agent.keeper.keeperuids import Reclaim, UidHolds
 from agent.keeper.keptjobs import Kept, KeptJob, exit_of
 from agent.keeper.spawner import Spawner
 
@@ -159,7 +159,13 @@ class Keeper(Spawner):
         # [jobs] dynamic_users: the uids jobs hold (the range read at the keeper's start:
         # its own seccomp filter allows that range and no other, see main()).
         dyn = decider.settings.dynamic_users if decider is not None else None
-        self.holds = UidHolds(uids.Pool(*dyn) if dyn is not None else None)
+        self.holds = UidHolds(
+            uids.Pool(*dyn) if dyn is not None else None,
+            watch=lambda fd, r: self.sel.register(fd, selectors.EVENT_READ, r),
+            unwatch=self.sel.unregister,
+        )
+        # Leaders whose cgroup leaf was seen empty: their uid's cleanup needs no /proc scan.
+        self.emptied: set[int] = set()
         kept, holds, files = self.kept, self.holds, self.files
         self.starter = Starter(
             self,
@@ -220,6 +226,8 @@ class Keeper(Spawner):
                 guarded(self.kept.on_output, what)
             elif isinstance(what, _Wakeup):
                 guarded(what)
+            elif isinstance(what, Reclaim):
+                guarded(self.holds.reclaimed, what)
             else:
                 self.dispatch(what)
             if not self.running:
@@ -289,6 +297,7 @@ class Keeper(Spawner):
         if not keeperstate.quiet(self):
             return  # again after the next turn
         self.reexec_wanted = False
+        self.holds.finish()  # no cleanup half done across the exec
         log(f"re-executing in place with {len(self.kept.jobs)} job(s)")
         if self.service:
             notify("RELOADING=1\nSTATUS=re-executing its code in place")
@@ -335,14 +344,26 @@ class Keeper(Spawner):
             guarded(self.on_exited, msg)
 
     def on_exited(self, msg: dict[str, Any]) -> None:
-        # After its cgroup is empty (the spawner reports the exit then): the uid is free
-        # once what it left outside the cgroup is gone too.
-        self.job_users.pop(msg["pid"], None)
-        job = self.kept.by_pid.pop(msg["pid"], None)
+        # After its cgroup is empty (the spawner reports the exit then): the end is told
+        # at once; the uid is free once what it left outside the cgroup is gone too (a
+        # helper beside the loop, see keeperuids: until then no job is given the uid).
+        pid = msg["pid"]
+        self.job_users.pop(pid, None)
+        contained = pid in self.emptied
+        self.emptied.discard(pid)
+        job = self.kept.by_pid.pop(pid, None)
         if job is None:
             return
-        self.holds.release(job.id, ran=True)
         self.kept.exited(job, exit_of(msg))
+        self.holds.release(job.id, ran=True, contained=contained)
+
+    def cgroup_done(self, pid: int, cg: cgroups.JobCgroup, msg: dict[str, Any]) -> None:
+        # Also reached when the leaf could not be killed or watched: only a leaf seen
+        # empty spares the uid's cleanup its /proc scan.
+        with contextlib.suppress(cgroups.CgroupError, OSError):
+            if not cg.populated():
+                self.emptied.add(pid)
+        Spawner.cgroup_done(self, pid, cg, msg)
 
     def leaves_fired(self, fired: list[int]) -> None:
         Spawner.leaves_fired(self, fired)
@@ -384,7 +405,7 @@ def _subreaper() -> None:
 def _reap_orphans(keeper: Keeper) -> None:
     """Reap adopted orphans (processes a job left, reparented to this subreaper), never
     a job's leader or a child still setting up: those the spawner reaps itself."""
-    mine = set(keeper.children)
+    mine = set(keeper.children) | set(keeper.holds.reclaiming)  # the cleanups: their own
     try:
         tasks = os.listdir("/proc/self/task")
     except OSError:
@@ -618,6 +639,7 @@ def run(keeper: Keeper) -> int:
     if keeper.service:
         notify(f"READY=1\nSTATUS=holding {len(keeper.kept.jobs)} job(s)\nMAINPID={os.getpid()}")
     keeper.serve()
+    keeper.holds.finish()
     save_ends(keeper.ended_file, keeper.kept.ended)
     if keeper.service:
         notify("STOPPING=1")

@@ -227,11 +227,23 @@ def as_user(uid: int, gid: int, work: Callable[[], object], keep: tuple[int, ...
     descriptor but ``keep`` first: nothing of the keeper's stays in a process of a
     job's uid (and after the switch the kernel makes it non-dumpable, so a job of that
     uid cannot ptrace it)."""
+    pid = start_as_user(uid, gid, work, keep)
+    if pid is None:
+        return False
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status) == 0
+
+
+def start_as_user(
+    uid: int, gid: int, work: Callable[[], object], keep: tuple[int, ...] = ()
+) -> int | None:
+    """:func:`as_user` without the wait: the helper's pid (its exit status 0 when ``work``
+    ran to the end; the caller reaps it), or None when it could not be forked."""
     try:
         pid = os.fork()
     except OSError as e:
         print(f"agent keeper: cannot fork a helper for uid {uid}: {e}", file=sys.stderr)
-        return False
+        return None
     if pid == 0:  # pragma: no cover - the helper's own process
         code = 1
         try:
@@ -254,8 +266,7 @@ def as_user(uid: int, gid: int, work: Callable[[], object], keep: tuple[int, ...
                 print(f"agent keeper: helper as uid {uid}: {e}", file=sys.stderr)
         finally:
             os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status) == 0
+    return pid
 
 
 def signal_as(
@@ -400,11 +411,21 @@ def clear_keyrings() -> None:
             _libc.syscall(ctypes.c_long(nr), ctypes.c_long(_KEYCTL_CLEAR), ctypes.c_long(ring))
 
 
-def reclaim_work(uid: int) -> Callable[[], None]:
-    """What :func:`as_user` does at a job's end, before ``uid`` goes back to the pool."""
+def reclaim_work(uid: int, *, contained: bool = False) -> Callable[[], None]:
+    """What :func:`as_user` does at a job's end, before ``uid`` goes back to the pool.
+
+    ``contained``: the job ran in a cgroup leaf that is empty now. Every process of the
+    uid was in it (the uid is this job's alone, and a job cannot leave its leaf), so none
+    is left: one kill as a safeguard, without the /proc scan that proves it (a stat of
+    every process on the host, most of the cleanup's cost on a busy one).
+    """
 
     def work() -> None:
-        kill_everything(uid)
+        if contained:
+            with contextlib.suppress(OSError):
+                os.kill(-1, signal.SIGKILL)
+        else:
+            kill_everything(uid)
         remove_ipc(uid)
         remove_files(uid, "/dev/mqueue")
         remove_files(uid, "/dev/shm")
@@ -413,6 +434,12 @@ def reclaim_work(uid: int) -> Callable[[], None]:
     return work
 
 
-def reclaim(uid: int) -> bool:
+def reclaim(uid: int, *, contained: bool = False) -> bool:
     """Everything of ``uid`` gone (see :func:`reclaim_work`); True when it all ran."""
-    return as_user(uid, uid, reclaim_work(uid))
+    return as_user(uid, uid, reclaim_work(uid, contained=contained))
+
+
+def start_reclaim(uid: int, *, contained: bool = False) -> int | None:
+    """:func:`reclaim` without the wait: the helper's pid (exit status 0 when it all ran),
+    or None when it could not be started."""
+    return start_as_user(uid, uid, reclaim_work(uid, contained=contained))
