@@ -76,7 +76,7 @@ class Limits(_message.Message):
     def __init__(self, cpuSeconds: _Optional[int] = ..., memoryBytes: _Optional[int] = ..., openFiles: _Optional[int] = ..., processes: _Optional[int] = ..., outputBytes: _Optional[int] = ...) -> None: ...
 
 class StartJobReq(_message.Message):
-    __slots__ = ("command", "path", "args", "env", "timeoutSeconds", "limits", "secretArgs")
+    __slots__ = ("command", "path", "args", "env", "timeoutSeconds", "limits", "secretArgs", "requestKey")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -91,6 +91,7 @@ class StartJobReq(_message.Message):
     TIMEOUTSECONDS_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     SECRETARGS_FIELD_NUMBER: _ClassVar[int]
+    REQUESTKEY_FIELD_NUMBER: _ClassVar[int]
     command: str
     path: str
     args: _containers.RepeatedScalarFieldContainer[str]
@@ -98,13 +99,18 @@ class StartJobReq(_message.Message):
     timeoutSeconds: int
     limits: Limits
     secretArgs: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, command: _Optional[str] = ..., path: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., timeoutSeconds: _Optional[int] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., secretArgs: _Optional[_Iterable[int]] = ...) -> None: ...
+    requestKey: str
+    def __init__(self, command: _Optional[str] = ..., path: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., timeoutSeconds: _Optional[int] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., secretArgs: _Optional[_Iterable[int]] = ..., requestKey: _Optional[str] = ...) -> None: ...
 
 class StartJobRes(_message.Message):
-    __slots__ = ("jobID",)
+    __slots__ = ("jobID", "requestKey", "existing")
     JOBID_FIELD_NUMBER: _ClassVar[int]
+    REQUESTKEY_FIELD_NUMBER: _ClassVar[int]
+    EXISTING_FIELD_NUMBER: _ClassVar[int]
     jobID: str
-    def __init__(self, jobID: _Optional[str] = ...) -> None: ...
+    requestKey: str
+    existing: bool
+    def __init__(self, jobID: _Optional[str] = ..., requestKey: _Optional[str] = ..., existing: _Optional[bool] = ...) -> None: ...
 
 class StopJobReq(_message.Message):
     __slots__ = ("jobID",)

@@ -68,7 +68,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     output_bytes     INTEGER NOT NULL DEFAULT 0,
     output_truncated INTEGER NOT NULL DEFAULT 0,
     timeout_seconds  INTEGER NOT NULL DEFAULT 0,
-    limits           TEXT NOT NULL DEFAULT '{}'
+    limits           TEXT NOT NULL DEFAULT '{}',
+    request_key      TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
 CREATE INDEX IF NOT EXISTS jobs_owner ON jobs(owner, seq);
@@ -90,6 +91,13 @@ CREATE TRIGGER IF NOT EXISTS jobs_finished_update AFTER UPDATE OF state ON jobs
 CREATE TRIGGER IF NOT EXISTS jobs_finished_delete AFTER DELETE ON jobs
     WHEN OLD.state <> {_RUNNING}
     BEGIN UPDATE finished_count SET n = n - 1; END;
+"""
+
+
+# StartJob's requestKey (an additive column: a file of an older agent gets it on open, and
+# an older agent opening this file writes its rows with the default, no key).
+_KEYS = """
+CREATE INDEX IF NOT EXISTS jobs_request_key ON jobs(owner, request_key) WHERE request_key <> '';
 """
 
 
@@ -123,6 +131,7 @@ class JobRecord:
     output_truncated: bool = False
     timeout_seconds: int = 0
     limits: dict[str, int] = field(default_factory=dict)
+    request_key: str = ""  # StartJob's requestKey: a repeat with it answers this job
     seq: int = 0
 
 
@@ -173,6 +182,10 @@ class Store:
             if self._db.execute("PRAGMA auto_vacuum").fetchone()[0] != _INCREMENTAL:
                 self._db.execute("VACUUM")  # an existing file switches only through one
             self._db.executescript(_SCHEMA)
+            cols = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+            if "request_key" not in cols:
+                self._db.execute("ALTER TABLE jobs ADD COLUMN request_key TEXT NOT NULL DEFAULT ''")
+            self._db.executescript(_KEYS)
             self._db.executescript(_COUNTS)
             if self._db.execute("SELECT COUNT(*) FROM finished_count").fetchone()[0] != 1:
                 self._db.execute("BEGIN IMMEDIATE")
@@ -191,7 +204,17 @@ class Store:
         upd = [
             c
             for c in _COLUMNS
-            if c not in ("id", "owner", "command", "path", "args", "start_time", "output_path")
+            if c
+            not in (
+                "id",
+                "owner",
+                "command",
+                "path",
+                "args",
+                "start_time",
+                "output_path",
+                "request_key",
+            )
         ]
         self._update_cols = upd
         self._update_sql = f"UPDATE jobs SET {', '.join(c + '=?' for c in upd)} WHERE id=?"
@@ -282,6 +305,15 @@ class Store:
         rec = _record(row)
         self._remember(rec, written=False)
         return rec
+
+    def job_of_key(self, owner: str, key: str) -> str | None:
+        """The id of the job ``owner`` started with StartJob's requestKey ``key`` (the
+        newest), or None."""
+        row = self._db.execute(
+            "SELECT id FROM jobs WHERE owner=? AND request_key=? ORDER BY seq DESC LIMIT 1",
+            (owner, key),
+        ).fetchone()
+        return str(row[0]) if row else None
 
     def running(self) -> list[JobRecord]:
         """Jobs recorded as running (after a crash: the ones to recover)."""
@@ -522,6 +554,10 @@ class History:
         if not self.unsaved:
             log.info("history: %d unsaved record(s) written", pending)
             self._retry_delay = RETRY_FIRST
+
+    def job_of_key(self, owner: str, key: str) -> str | None:
+        """The job ``owner`` started with requestKey ``key`` (:meth:`Store.job_of_key`)."""
+        return self.store.job_of_key(owner, key)
 
     def get(self, job_id: str) -> JobRecord | None:
         """A finished job's record (a not yet written one first)."""

@@ -311,13 +311,13 @@ class WorkerService:
     async def StartJob(
         self, request: pb.StartJobReq | Malformed, context: grpc.aio.ServicerContext
     ) -> pb.StartJobRes:
-        rec, _ = await self._start("StartJob", request, context)
-        return pb.StartJobRes(jobID=rec.id)
+        rec, _, existing = await self._start("StartJob", request, context)
+        return pb.StartJobRes(jobID=rec.id, requestKey=rec.request_key, existing=existing)
 
     async def RunJob(
         self, request: pb.StartJobReq | Malformed, context: grpc.aio.ServicerContext
     ) -> pb.QueryJobRes:
-        rec, caller = await self._start("RunJob", request, context)
+        rec, caller, _ = await self._start("RunJob", request, context)
         if not rec.state.done:
             timeout: float | None = None
             remaining = context.time_remaining()
@@ -328,7 +328,9 @@ class WorkerService:
 
     async def _start(
         self, rpc: str, request: pb.StartJobReq | Malformed, context: grpc.aio.ServicerContext
-    ) -> tuple[JobRecord, Caller]:
+    ) -> tuple[JobRecord, Caller, bool]:
+        """The started job (or, with a requestKey used before, the job of that start:
+        True), its caller."""
         # Bounded: a refused request must not turn into a megabyte audit line,
         # nor cost more than a few dozen items to describe (islice, never a
         # sort or copy of the whole map).
@@ -345,12 +347,29 @@ class WorkerService:
             }
         )
 
-        async def body(caller: Caller, req: pb.StartJobReq) -> tuple[JobRecord, Caller]:
+        async def body(caller: Caller, req: pb.StartJobReq) -> tuple[JobRecord, Caller, bool]:
             # Every size bound before any other work on the request.
             validation.start_bounds(req.command, req.path, req.args, req.env, req.secretArgs)
-            return await self.jobs.start(_start_request(req, caller.identity)), caller
+            key = validation.request_key(req.requestKey)
+            start = _start_request(req, caller.identity)
+            if not key:
+                return await self.jobs.start(start), caller, False
+            rec, existing = await self.jobs.start_keyed(start, key)
+            return rec, caller, existing
 
-        rec, caller = await self._run(rpc, request, context, body, **fields)
+        rec, caller, existing = await self._run(rpc, request, context, body, **fields)
+        if existing:
+            # Nothing started: the repeat is audited as what it is, not as a second start.
+            self.audit.record(
+                "job_start_repeat",
+                decision="allow",
+                identity=caller.identity,
+                peer=context.peer(),
+                rpc=rpc,
+                job_id=rec.id,
+                request_key=rec.request_key,
+            )
+            return rec, caller, True
         self.audit.record(
             "job_start",
             decision="allow",
@@ -365,8 +384,9 @@ class WorkerService:
             pid=rec.pid,
             state=rec.state.name,
             reason=rec.error_text,
+            **({"request_key": rec.request_key} if rec.request_key else {}),
         )
-        return rec, caller
+        return rec, caller, False
 
     async def StopJob(
         self, request: pb.StopJobReq | Malformed, context: grpc.aio.ServicerContext

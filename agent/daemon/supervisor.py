@@ -41,6 +41,7 @@ from agent.daemon.history import History, JobRecord, record_to_wire
 from agent.daemon.jobview import JobView
 from agent.daemon.keeperwire import Admission, Finished
 from agent.daemon.output import LiveOutput, describe_oserror
+from agent.daemon.startkeys import StartKeys
 from agent.keeper import admission
 from agent.keeper import lifecycle as lc
 from agent.keeper import policy as policy_mod
@@ -150,6 +151,7 @@ class Supervisor:
         # What callers read: records, waits, pages and output (running or in the history).
         self.view = JobView(history, self.running, lambda: self.loop)
         history.on_commit = self._committed
+        self.keys = StartKeys(history.job_of_key, self._record_of)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._on_change = on_change or (lambda: None)
         self._hooks = hooks
@@ -177,7 +179,17 @@ class Supervisor:
 
     # ------------------------------------------------------------ start
 
-    async def start(self, req: admission.StartRequest) -> JobRecord:
+    async def start_keyed(self, req: admission.StartRequest, key: str) -> tuple[JobRecord, bool]:
+        """:meth:`start` with StartJob's requestKey: the job this identity's ``key``
+        started before (True), or a new one (False) recorded with the key
+        (:mod:`agent.daemon.startkeys`)."""
+        return await self.keys.start(req.identity, key, lambda: self.start(req, key=key))
+
+    def _record_of(self, job_id: str) -> JobRecord | None:
+        job = self.running.get(job_id)
+        return job.record if job is not None else self.history.get(job_id)
+
+    async def start(self, req: admission.StartRequest, *, key: str = "") -> JobRecord:
         """Start a job or raise an AgentError saying why not.
 
         The agent decides what only it knows (accepting, ``max_running``); the job
@@ -199,7 +211,7 @@ class Supervisor:
         self._started_all.clear()
         t0 = time.monotonic()
         try:
-            rec, entry = await self._spawn(req)
+            rec, entry = await self._spawn(req, key)
             if self._hooks is not None:
                 self._hooks.job_started(rec, entry, time.monotonic() - t0)
             return rec
@@ -208,9 +220,10 @@ class Supervisor:
             if not self._starting:
                 self._started_all.set()
 
-    async def _spawn(self, req: admission.StartRequest) -> tuple[JobRecord, str]:
+    async def _spawn(self, req: admission.StartRequest, key: str) -> tuple[JobRecord, str]:
         """The job's record and the policy entry the keeper admitted it under."""
         record = self._new_record(req)
+        record.request_key = key
         job = Job(record, self)
         try:
             admitted = await self.ops.start(record.id, req, record_to_wire(record), job)

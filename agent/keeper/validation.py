@@ -199,6 +199,22 @@ def job_id(value: str) -> str:
     )
 
 
+MAX_REQUEST_KEY = 128
+_REQUEST_KEY = re.compile(rf"[A-Za-z0-9._:/-]{{1,{MAX_REQUEST_KEY}}}")
+
+
+def request_key(value: str) -> str:
+    """StartJob's requestKey: empty, or up to 128 of A-Z a-z 0-9 . _ : / - (it goes into
+    the history database and the audit log as it is); else InvalidArgument."""
+    if value == "" or _REQUEST_KEY.fullmatch(value):
+        return value
+    raise InvalidArgument(
+        f"requestKey: at most {MAX_REQUEST_KEY} characters, each a letter, a digit or one "
+        "of . _ : / -",
+        rule="bad-request-key",
+    )
+
+
 def states(values: Iterable[int]) -> list[JobState]:
     """Wire state numbers -> distinct states; InvalidArgument for an unknown one or too many."""
     out: list[JobState] = []

@@ -439,8 +439,14 @@ class RunManager:
             # Changed while the record was committed: not sent after all.
             self._set(run, h, HostState.NOT_STARTED, start_time=None, error=_not_started(run))
             return None
+        # The host's own key: a second StartJob for it (a takeover resending a start that
+        # seemed never to arrive while a frozen owner's was still on its way) gets the
+        # job of the first from an agent that knows keys, never a second job.
+        req = pb.StartJobReq()
+        req.CopyFrom(run.job)
+        req.requestKey = f"{run.record.run_id}/{h.worker_id}"
         try:
-            job_id = await client.start_pb(run.job, timeout=self.call_timeout)
+            job_id = await client.start_pb(req, timeout=self.call_timeout)
         except AgentClientError as e:
             state = HostState.UNREACHABLE if e.code in UNREACHABLE_CODES else HostState.FAILED
             self._set(run, h, state, error=f"{e.code.name}: {e.details}")
