@@ -276,6 +276,15 @@ def test_a_takeover_sends_a_maybe_sent_start_only_when_it_never_arrived(
     assert final.hosts[0].job_id == started[0] and final.hosts[1].job_id == started[1]
     ran = {a.addr: _ran(a, token) for a in agents}
     assert ran == {a.addr: 1 for a in agents}, ran
+    # Had the owner only been frozen, its start of the host it never reached would arrive
+    # now, late: the host's key (run id / worker id) answers the takeover's job, and
+    # nothing runs twice.
+    late = pb.StartJobReq(
+        command="bash", path=str(once), args=args, requestKey=f"{rec.run_id}/{hosts[2].worker_id}"
+    )
+    with agents[2].stub("scheduler") as stub:
+        res = stub.StartJob(late, timeout=30)
+    assert (res.jobID, res.existing) == (final.hosts[2].job_id, True)
 
 
 def _unsucceeded(run: RunInfo) -> str:
