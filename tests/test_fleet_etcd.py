@@ -27,7 +27,7 @@ from agent._proto import jobscheduler_pb2_grpc as pb_grpc
 from agent.client import RunInfo, SchedulerClient
 from agent.scheduler.etcdstore import EtcdStore
 from agent.scheduler.runs import prune_finished
-from agent.scheduler.store import HostRecord, RunRecord
+from agent.scheduler.store import HostRecord, RunRecord, StoreError
 from agent.vocabulary import HostState, RunState
 
 from etcdcluster import ETCD, EtcdCluster
@@ -373,6 +373,53 @@ def test_without_an_etcd_quorum_nothing_is_started_and_all_comes_back(
         with fleet.client(i) as c:
             run = c.start_run(ours, "bash", f"{script_dir}/hello.sh")
         assert fleet.follow(i, run.run_id).all_succeeded
+
+
+def test_a_run_taken_over_is_written_only_by_its_new_owner(tmp_path: Path, certs: Certs) -> None:
+    """Fencing: the owner that lost a run (its key released, claimed by another; as for an
+    owner frozen past its lease) can write neither the run nor its hosts; the new owner
+    can, and what it wrote stays."""
+    etcd = EtcdCluster(tmp_path / "etcd", certs, n=1)
+    stores: list[EtcdStore] = []
+    try:
+        etcd.start()
+        for _ in range(2):
+            stores.append(
+                EtcdStore(
+                    etcd.endpoints,
+                    ca_file=certs.crt("etcd-ca"),
+                    crt_file=certs.crt("etcd-client"),
+                    key_file=certs.key("etcd-client"),
+                    prefix="/fence-test/",
+                )
+            )
+        old, new = stores
+        old.keep_alive()
+        new.keep_alive()
+        hosts = [HostRecord("w0", "10.0.0.1:1", "agent", 0, HostState.STARTING)]
+        rec = RunRecord("r", "admin", b"job", b"", 1, 0, time.time(), hosts=hosts)
+        assert old.claim_run("r")
+        old.save_run(rec)
+        old.release_run("r")  # its lease gone, as for a frozen owner
+        assert new.claim_run("r")
+        taken = new.run("r")
+        assert taken is not None
+        taken.hosts[0].state = HostState.RUNNING
+        new.save_run(taken)
+        stale = RunRecord(
+            "r", "admin", b"job", b"", 1, 0, rec.created_at, RunState.DONE, time.time(), hosts
+        )
+        with pytest.raises(StoreError, match="no longer owned"):
+            old.save_run(stale)
+        with pytest.raises(StoreError, match="no longer owned"):
+            old.save_host("r", HostRecord("w0", "10.0.0.1:1", "agent", 0, HostState.FAILED))
+        now = new.run("r")
+        assert now is not None
+        assert (now.state, now.hosts[0].state) == (RunState.RUNNING, HostState.RUNNING)
+    finally:
+        for s in stores:
+            s.close()
+        etcd.stop()
 
 
 def test_finished_runs_past_retention_are_pruned_from_etcd(tmp_path: Path, certs: Certs) -> None:

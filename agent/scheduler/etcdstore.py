@@ -17,9 +17,11 @@ Keys, under ``prefix``:
   goes, and another scheduler claims the run (a transaction that only
   succeeds while the key is absent) and takes it over.
 
-Writes of a host are fenced: they succeed only while the run's owner key is
-attached to this scheduler's lease, so a scheduler that lost its run (it was
-cut off from etcd past its lease) cannot overwrite what the new owner writes.
+Writes of a run and of its hosts are fenced: they succeed only while the run's owner
+key is attached to this scheduler's lease, so a scheduler that lost its run (cut off
+from etcd, or frozen, past its lease) cannot overwrite what the new owner writes. What
+it may still have on its way to a worker, a start, is made harmless by the host's
+StartJob requestKey (agent.daemon.startkeys): the agent answers the new owner's job.
 """
 
 from __future__ import annotations
@@ -250,7 +252,9 @@ class EtcdStore:
         d["job"] = base64.b64encode(run.job).decode()
         d["targets"] = base64.b64encode(run.targets).decode()
         d["state"] = run.state.value
-        self._put(self._key("runs", run.run_id), json.dumps(d).encode())
+        # Fenced like its hosts: a frozen owner that wakes after a takeover cannot mark the
+        # run DONE (or anything) under the scheduler that now drives it.
+        self._owned_put(run.run_id, self._key("runs", run.run_id), json.dumps(d).encode())
         for h in run.hosts:
             self.save_host(run.run_id, h)
 
@@ -259,12 +263,15 @@ class EtcdStore:
 
     def save_host(self, run_id: str, host: HostRecord) -> None:
         """Write one host, only while this scheduler owns the run (fenced, see module doc)."""
-        rpc = self._rpc
         d = asdict(host)
         d["state"] = host.state.value
-        put = rpc.PutRequest(
-            key=self._key("hosts", run_id, f"{host.position:08d}"), value=json.dumps(d).encode()
-        )
+        key = self._key("hosts", run_id, f"{host.position:08d}")
+        self._owned_put(run_id, key, json.dumps(d).encode())
+
+    def _owned_put(self, run_id: str, key: bytes, value: bytes) -> None:
+        """Put ``key`` in one transaction with the check that this scheduler's session still
+        owns ``run_id``; StoreError when it does not (taken over)."""
+        rpc = self._rpc
         owner = self._key("owners", run_id)
         r = self._call(
             self._kv.Txn,
@@ -277,7 +284,7 @@ class EtcdStore:
                         lease=self.session,
                     )
                 ],
-                success=[rpc.RequestOp(request_put=put)],
+                success=[rpc.RequestOp(request_put=rpc.PutRequest(key=key, value=value))],
             ),
         )
         if not r.succeeded:
