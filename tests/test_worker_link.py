@@ -49,6 +49,7 @@ class FakeScheduler:
         self.link_attempts = 0
         self.link_identities: list[str] = []
         self.refuse_hello: grpc.StatusCode | None = None
+        self.silent = False  # heartbeats on the link go unanswered
         self._context: Any = None  # the open link's
         self._lock: asyncio.Lock | None = None
         self._replies: dict[int, asyncio.Queue[pb.LinkReply]] = {}
@@ -135,6 +136,8 @@ class FakeScheduler:
             if up is grpc.aio.EOF:
                 return
             kind = up.WhichOneof("kind")
+            if kind == "heartbeat" and self.silent:
+                continue
             if kind == "heartbeat":
                 self.link_heartbeats += 1
                 known = up.heartbeat.workerID in self.known
@@ -268,6 +271,19 @@ def test_an_unknown_worker_registers_again_and_links_again(
     wait_for(lambda: len(sched.hellos) == 4, timeout=20)
     assert len(sched.registrations) == 3
     assert sched.unary_heartbeats == 0
+
+
+def test_a_silent_link_is_a_failed_heartbeat(
+    make_agent: AgentFactory, sched: FakeScheduler, certs: Certs
+) -> None:
+    """Heartbeats unanswered within call_timeout_seconds: the link is closed and reopened."""
+    a = _linked_agent(make_agent, sched, certs)
+    sched.silent = True
+    wait_for(lambda: "heartbeat not answered within 2 s" in a.log(), timeout=20)
+    sched.silent = False
+    wait_for(lambda: len(sched.hellos) == 2, timeout=20)
+    assert len(sched.registrations) == 1 and sched.unary_heartbeats == 0
+    wait_for(lambda: "reachable again" in a.log(), timeout=20)
 
 
 def test_a_scheduler_without_link_gets_heartbeat_calls(
