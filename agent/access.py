@@ -37,6 +37,7 @@ names only what the caller already knows: its own identity, the job id it gave.
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -119,6 +120,39 @@ def pattern_problem(entry: str) -> str:
             return f"{entry!r}: a wildcard needs a DNS name of at least two labels after '*.'"
         return ""
     return ""
+
+
+def identity_problem(name: str) -> str:
+    """Why ``name`` cannot stand for one caller's identity, or "" (for config validation).
+
+    An identity is what a certificate names (see :func:`agent.tls.identity_from_cert`):
+    one exact name without control or format characters or surrounding white space,
+    never a pattern; one starting with ``spiffe://`` is a whole SPIFFE ID.
+    """
+    if not name:
+        return "an empty identity names no caller"
+    if name != name.strip():
+        return f"{name!r} has leading or trailing white space"
+    if any(unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp") for ch in name):
+        return f"{name!r} contains control or format characters"
+    if "*" in name or (name.startswith(SPIFFE) and name.endswith("/")):
+        return f"{name!r} is a pattern; name one identity"
+    if name.startswith(SPIFFE) and spiffe_id_parts(name) is None:
+        return pattern_problem(name)
+    return ""
+
+
+def identity_sans(name: str) -> tuple[San, ...]:
+    """The subjectAltNames of a certificate whose one name is ``name`` (for patterns).
+
+    A SPIFFE ID is a URI SAN, a DNS name of two labels or more a DNS SAN; any other
+    name has none, and only exact entries match it.
+    """
+    if name.startswith(SPIFFE):
+        return (("uri", name),)
+    if "." in name and dns_name_ok(name.lower()):
+        return (("dns", name),)
+    return ()
 
 
 def _wildcard_match(suffix: str, sans: Iterable[San]) -> bool:

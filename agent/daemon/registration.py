@@ -13,6 +13,14 @@ scheduler's expiry), and calls ``DeregisterWorker`` on shutdown. With
 registration or heartbeat moves on to the next address and registers there:
 the schedulers share the registry, so the worker keeps its id.
 
+With ``[scheduler] link = true`` (the default) the heartbeats go over the
+scheduler's ``Link`` stream (:mod:`agent.daemon.link`), opened on the same
+connection after each registration; it also carries the scheduler's Worker
+calls when ``calls_as`` is set. A link that breaks is a failed heartbeat, one
+the scheduler refuses (it forgot the worker) an unknown worker; a scheduler
+without ``Link`` (UNIMPLEMENTED) gets ``Heartbeat`` calls until the agent
+registers with it again.
+
 An original scheduler (the Go one this protocol comes from) differs in two
 ways, and the agent adapts once, quietly: its ``RegisterWorker`` answers a
 ``workerID`` without setting ``success`` (a non-empty id is taken as
@@ -39,6 +47,8 @@ import grpc
 from agent._proto import jobscheduler_pb2 as pb
 from agent._proto import jobscheduler_pb2_grpc as pb_grpc
 from agent.channel import backoff, merge_options, reconnecting_channel_options
+from agent.daemon.link import Ended, LinkSession
+from agent.daemon.service import WorkerService
 from agent.tls import KeyPair
 
 __all__ = ["Registrar", "backoff", "reconnecting_channel_options"]
@@ -74,8 +84,14 @@ class Registrar:
         call_timeout: float = 5.0,
         on_event: Callable[..., None] | None = None,
         labels: Mapping[str, str] | None = None,
+        link: bool = False,
+        service: WorkerService | None = None,
+        calls_as: str = "",
     ) -> None:
-        """Register ``advertise_addr``; ``pair`` and ``ca_pem`` None: plaintext (loopback)."""
+        """Register ``advertise_addr``; ``pair`` and ``ca_pem`` None: plaintext (loopback).
+
+        ``link``: heartbeats over Scheduler.Link, which carries ``service``'s calls as
+        ``calls_as`` when it is set (empty: none)."""
         self.scheduler_addr = scheduler_addr
         # Schedulers sharing a store: registering with any one is enough.
         self._addrs = [scheduler_addr, *(a for a in fallback_addrs if a != scheduler_addr)]
@@ -86,6 +102,11 @@ class Registrar:
         self.retry_initial = retry_initial
         self.retry_max = retry_max
         self.call_timeout = call_timeout
+        self.link = link
+        self._service = service
+        self._calls_as = calls_as
+        self._no_link: set[str] = set()  # schedulers said to have no Link (logged once)
+        self._delay = backoff(retry_initial, retry_max)
         self.worker_id = ""
         self.legacy = False  # an original scheduler (no success flag, no Heartbeat)
         self.registered = asyncio.Event()
@@ -196,37 +217,75 @@ class Registrar:
             self.registered.clear()
 
     async def _keep_alive(self, interval: float) -> None:
-        """Heartbeat until the scheduler no longer knows us (or has no Heartbeat)."""
-        delay = backoff(self.retry_initial, self.retry_max)
+        """Heartbeat (on the link, where the scheduler has one) until it no longer knows us."""
+        self._delay = backoff(self.retry_initial, self.retry_max)
+        linked = self.link
         while True:
-            await asyncio.sleep(interval)
-            try:
-                res = await self._stub.Heartbeat(
-                    pb.HeartbeatReq(workerID=self.worker_id), timeout=self.call_timeout
-                )
-            except grpc.aio.AioRpcError as e:
-                if e.code() == grpc.StatusCode.UNIMPLEMENTED:
+            if linked:
+                kind, text = await self._link_session(interval)
+            else:
+                await asyncio.sleep(interval)
+                kind, text = await self._heartbeat()
+            if kind == "unimplemented":
+                if not linked:
                     await self._become_legacy("no Heartbeat")
                     return
-                self._problem(f"heartbeat failed: {e.code().name}: {e.details()}")
-                if len(self._addrs) > 1:
-                    await self._next_scheduler()
-                    return  # register with the next one (it shares the registry)
-                # Unreachable: keep trying; the scheduler may forget us
-                # meanwhile, which the next successful heartbeat tells.
-                await asyncio.sleep(max(0.0, delay() - interval))
-                continue
-            if not res.known:
+                linked = False  # Heartbeat calls to this one, until we register again
+                if self.scheduler_addr not in self._no_link:
+                    self._no_link.add(self.scheduler_addr)
+                    log.info("scheduler %s has no Link: heartbeats as calls", self.scheduler_addr)
+            elif kind == "unknown":
                 log.info(
                     "scheduler %s no longer knows worker %s: registering again",
                     self.scheduler_addr,
                     self.worker_id,
                 )
+                log.debug("scheduler %s: %s", self.scheduler_addr, text)
                 return
-            if self._last_problem:
-                log.info("scheduler %s reachable again", self.scheduler_addr)
-                self._last_problem = ""
-            delay = backoff(self.retry_initial, self.retry_max)
+            elif kind == "broken":
+                self._problem(text)
+                if len(self._addrs) > 1:
+                    await self._next_scheduler()
+                    return  # register with the next one (it shares the registry)
+                # Unreachable: keep trying; the scheduler may forget us
+                # meanwhile, which the next heartbeat (or the link's hello) tells.
+                await asyncio.sleep(max(0.0, self._delay() - (0.0 if linked else interval)))
+
+    def _alive(self) -> None:
+        """A heartbeat was answered: the scheduler knows us."""
+        if self._last_problem:
+            log.info("scheduler %s reachable again", self.scheduler_addr)
+            self._last_problem = ""
+        self._delay = backoff(self.retry_initial, self.retry_max)
+
+    async def _heartbeat(self) -> tuple[str, str]:
+        """One Heartbeat call: "ok", "unknown", "unimplemented" or "broken", and why."""
+        try:
+            res = await self._stub.Heartbeat(
+                pb.HeartbeatReq(workerID=self.worker_id), timeout=self.call_timeout
+            )
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.UNIMPLEMENTED:
+                return "unimplemented", ""
+            return "broken", f"heartbeat failed: {e.code().name}: {e.details()}"
+        if not res.known:
+            return "unknown", ""
+        self._alive()
+        return "ok", ""
+
+    async def _link_session(self, interval: float) -> Ended:
+        """Heartbeats (and the scheduler's calls) over one Link stream, until it ends."""
+        session = LinkSession(
+            self._stub,
+            worker_id=self.worker_id,
+            interval=interval,
+            answer_timeout=self.call_timeout,
+            peer=f"link:{self.scheduler_addr}",
+            service=self._service,
+            calls_as=self._calls_as,
+            on_alive=self._alive,
+        )
+        return await session.run()
 
     async def _probe(self) -> bool:
         """True if the scheduler answers a call (UNIMPLEMENTED is an answer)."""

@@ -289,7 +289,7 @@ async def _start(
     state.audit.record(
         "agent_start", decision="ok", reason=f"listening on {gs.addr}", pid=os.getpid()
     )
-    registrar = await _register(cfg, prepared, state, listener.port)
+    registrar = await _register(cfg, prepared, state, listener)
     agent = AgentServer(cfg, control, notifier, state, job_parts, listener, registrar)
     # The listener is bound and serving TLS: only now is the agent ready.
     control.started = True
@@ -300,7 +300,7 @@ async def _start(
 
 
 async def _register(
-    cfg: Config, prepared: Prepared, state: StateParts, port: int
+    cfg: Config, prepared: Prepared, state: StateParts, listener: Listener
 ) -> Registrar | None:
     sch = cfg.scheduler
     if not sch.register:
@@ -311,7 +311,7 @@ async def _register(
     if not advertise:
         advertise = cfg.grpc_server.addr
         if advertise.endswith(":0"):
-            advertise = advertise[:-1] + str(port)
+            advertise = advertise[:-1] + str(listener.port)
     audit = state.audit
     registrar = Registrar(
         scheduler_addr=sch.addr,
@@ -327,6 +327,10 @@ async def _register(
         call_timeout=sch.call_timeout_seconds,
         labels=sch.labels,
         on_event=lambda **kw: audit.record("registration", **kw),
+        # The scheduler's calls over the link run through the listener's own service.
+        link=sch.link,
+        service=listener.service,
+        calls_as=sch.calls_as,
     )
     registrar.start()
     return registrar

@@ -46,6 +46,18 @@ log = logging.getLogger(__name__)
 READ_RPCS = frozenset({"QueryJob", "WaitJob", "ListJobs", "StreamJobOutput"})
 
 
+class CarriedCall:
+    """The context of a call carried by the scheduler's link, not by a connection of its own.
+
+    Its caller is the identity the agent's own ``[scheduler] calls_as`` names (the
+    scheduler was verified by TLS when the agent connected to it): no client
+    certificate, no revocation check. :mod:`agent.daemon.link` makes these.
+    """
+
+    def __init__(self, caller: PeerCert) -> None:
+        self.caller = caller
+
+
 class Malformed:
     """Stands in for a request that could not be decoded."""
 
@@ -228,6 +240,8 @@ class WorkerService:
 
     def identify(self, context: grpc.aio.ServicerContext) -> PeerCert:
         """The caller's verified certificate identity (and SANs), or Unauthenticated."""
+        if isinstance(context, CarriedCall):
+            return context.caller
         if not self.access.mtls:
             if self.access.allow_anonymous:
                 return PeerCert(ANONYMOUS, False, "")
@@ -519,8 +533,13 @@ class WorkerService:
 
 def worker_handler(service: WorkerService) -> grpc.GenericRpcHandler:
     """The Worker service as a generic handler to add to a grpc.aio server."""
+    return grpc.method_handlers_generic_handler("jobscheduler.Worker", worker_methods(service))
+
+
+def worker_methods(service: WorkerService) -> dict[str, grpc.RpcMethodHandler]:
+    """The Worker methods by name: the listener's and the scheduler link's, the same."""
     uu = grpc.unary_unary_rpc_method_handler
-    methods = {
+    return {
         "StartJob": uu(
             service.StartJob, _deserializer(pb.StartJobReq), pb.StartJobRes.SerializeToString
         ),
@@ -545,7 +564,6 @@ def worker_handler(service: WorkerService) -> grpc.GenericRpcHandler:
             pb.StreamJobOutputRes.SerializeToString,
         ),
     }
-    return grpc.method_handlers_generic_handler("jobscheduler.Worker", methods)
 
 
 async def _first(it: AsyncIterator[tuple[int, bytes]]) -> AsyncIterator[tuple[int, bytes]]:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent import tls, x509
+from agent.access import AccessRules, identity_sans
 from agent.configfile import ConfigError, is_loopback_host, split_host_port
 from agent.crl import CRLError, RevocationChecker
 from agent.keeper import admission, cgroups
@@ -138,6 +139,7 @@ def prepare(cfg: Config, *, create_dirs: bool = True) -> Prepared:
     warnings.extend(w)
     deny = deny_paths(cfg)
     pol = _policy(cfg, warnings)
+    _link_warnings(cfg, warnings)
     _files(cfg, deny, warnings, create_dirs=create_dirs)
     subtree, owned = _job_cgroups(cfg, warnings, create_dirs=create_dirs)
     return Prepared(
@@ -215,6 +217,24 @@ def _credentials(cfg: Config, warnings: list[str]) -> _Credentials:
         except CRLError as e:
             raise _err(cfg, "auth", "crl_files", str(e)) from None
     return _Credentials(server_pair, ca_pem, scheduler_pair, scheduler_ca, certificates, revocation)
+
+
+def _link_warnings(cfg: Config, warnings: list[str]) -> None:
+    """A calls_as that [auth] does not allow: every call over the link will be refused.
+
+    A warning, not an error: removing an identity from [auth] by a reload must keep
+    working (it revokes it), calls_as or not."""
+    sch, auth = cfg.scheduler, cfg.auth
+    rules = AccessRules(clients=frozenset(auth.clients), admins=frozenset(auth.admins))
+    if (
+        sch.register
+        and sch.calls_as
+        and not rules.allows(sch.calls_as, identity_sans(sch.calls_as))
+    ):
+        warnings.append(
+            f"[scheduler] calls_as {sch.calls_as!r} is not in [auth] clients or admins: "
+            "every call the scheduler sends over the link will be refused"
+        )
 
 
 def _policy(cfg: Config, warnings: list[str]) -> policy_mod.Policy:

@@ -21,7 +21,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.access import pattern_problem
+from agent.access import identity_problem, pattern_problem
 from agent.configfile import (
     ConfigError,
     describe_sections,
@@ -141,6 +141,18 @@ class Scheduler:
         {},
         "labels advertised when registering, for choosing the targets of fan-out runs: "
         '{role = "web", zone = "a"} (keys: letters, digits, . _ / -; values up to 63 characters)',
+    )
+    link: bool = option(
+        True,
+        "after registering, open the scheduler's Link stream on the same connection and "
+        "send the heartbeats on it (a scheduler without Link gets Heartbeat calls); false: "
+        "Heartbeat calls only",
+    )
+    calls_as: str = option(
+        "",
+        "identity under which [auth] and the policy decide the Worker calls the scheduler "
+        "sends over the link (needs use_tls = true; see docs/deployment.md); empty: the link "
+        "carries no calls",
     )
 
 
@@ -629,6 +641,19 @@ def _scheduler_checks(cfg: Config) -> None:
                 split_host_port(sch.advertise_addr)
             except ValueError as e:
                 raise ConfigError(f, "scheduler", "advertise_addr", str(e)) from None
+    if sch.calls_as:
+        problem = identity_problem(sch.calls_as)
+        if problem:
+            raise ConfigError(f, "scheduler", "calls_as", problem)
+        if not sch.use_tls:
+            # Calls over the link run jobs: only a scheduler TLS verified may send them.
+            raise ConfigError(
+                f,
+                "scheduler",
+                "calls_as",
+                "needs use_tls = true: without TLS the scheduler is not verified, and "
+                "anything that answers on its address could run jobs here",
+            )
     if len(sch.labels) > MAX_LABELS:
         raise ConfigError(f, "scheduler", "labels", f"at most {MAX_LABELS} labels")
     for k, v in sch.labels.items():
