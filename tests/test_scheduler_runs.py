@@ -338,7 +338,8 @@ def test_a_run_left_by_close_is_resumed_by_the_next_manager(tmp_path: Path) -> N
 
 def test_a_cancelled_run_left_by_close_starts_nothing_more(tmp_path: Path) -> None:
     """Cancelled, then the scheduler stops before the run ended: its hosts not started are
-    NOT_STARTED at once, so a resume (or a takeover) starts none of them."""
+    NOT_STARTED at once, so a resume (or a takeover) starts none of them; the cancel is in
+    the store, so the resumed run stays cancelled and ends CANCELLED."""
 
     async def main() -> None:
         m, agents, workers = _setup(tmp_path, 3)
@@ -353,8 +354,10 @@ def test_a_cancelled_run_left_by_close_starts_nothing_more(tmp_path: Path) -> No
         assert [h.state for h in rec.hosts] == [HostState.RUNNING] + [HostState.NOT_STARTED] * 2
         assert rec.hosts[1].error == "cancelled"
         agents.stopped.add(workers[0].address)  # the stop the cancel sent has arrived
+        assert m.store.cancel_requests() == {run.record.run_id}
         resumed = RunManager(m.store, m.registry, agents.client, 1.0).adopt(rec, resumed=True)
         await _done(resumed)
         assert agents.started == [workers[0].address]
+        assert resumed.record.state is RunState.CANCELLED
 
     asyncio.run(main())

@@ -174,6 +174,25 @@ def test_finished_runs_past_keep_days_are_pruned_with_their_hosts(tmp_path: Path
     s.close()
 
 
+def test_a_cancel_request_is_kept_across_a_reopen_and_pruned_with_its_run(
+    tmp_path: Path,
+) -> None:
+    """request_cancel is durable and idempotent; a pruned run's request goes with it."""
+    path = tmp_path / "s.db"
+    now = time.time()
+    s = SQLiteStore(path)
+    s.save_run(_ended("old", now - 40 * DAY, now - 40 * DAY, RunState.CANCELLED))
+    s.save_run(_ended("running", now - 1, None, RunState.RUNNING))
+    for run_id in ("old", "running", "running"):
+        s.request_cancel(run_id)
+    s.close()
+    s = SQLiteStore(path)
+    assert s.cancel_requests() == {"old", "running"}
+    assert prune_finished(s, 30, 0, now) == 1
+    assert s.cancel_requests() == {"running"}
+    s.close()
+
+
 def test_keep_count_keeps_the_newest_finished_runs_and_every_running_one(tmp_path: Path) -> None:
     """[runs] keep_count: only the newest that many finished runs stay (by creation); the
     running ones are not counted and never pruned; with keep_days, either limit prunes."""

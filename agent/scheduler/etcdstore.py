@@ -12,6 +12,7 @@ Keys, under ``prefix``:
   seconds that each heartbeat renews: a worker that stops renewing
   disappears from the cluster, hence from every scheduler's registry;
 - ``runs/ID`` and ``hosts/ID/POSITION``: a run and each of its hosts (JSON);
+- ``cancels/ID``: a cancel requested of the run, at any scheduler (its driver cancels it);
 - ``owners/ID``: the scheduler that drives the run, attached to that
   scheduler's session lease. When the owner dies, its lease expires, the key
   goes, and another scheduler claims the run (a transaction that only
@@ -363,11 +364,26 @@ class EtcdStore:
                                 key=hosts, range_end=_end(hosts)
                             )
                         ),
+                        rpc.RequestOp(
+                            request_delete_range=rpc.DeleteRangeRequest(
+                                key=self._key("cancels", run_id)
+                            )
+                        ),
                     ],
                 ),
             )
             pruned += int(r.succeeded)
         return pruned
+
+    def request_cancel(self, run_id: str) -> None:
+        """Record the run's cancel (``cancels/ID``, no lease: it outlives the requester;
+        pruned with the run): the scheduler that drives the run sees it at its next beat."""
+        self._put(self._key("cancels", run_id), b"1")
+
+    def cancel_requests(self) -> set[str]:
+        """The runs whose cancel was requested."""
+        head = self._key("cancels", "")
+        return {kv.key[len(head) :].decode() for kv in self._range(head)}
 
     def close(self) -> None:
         """Close the channel (leases are left to expire: a takeover needs that)."""

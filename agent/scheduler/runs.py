@@ -239,6 +239,10 @@ class RunManager:
         self.active[rec.run_id] = run
         run.task = asyncio.ensure_future(self._execute(run))
         run.task.add_done_callback(lambda t: self._ended(t, run))
+        if rec.run_id in self.store.cancel_requests():
+            # Cancelled before its last owner stopped (or at another scheduler): it stays
+            # so, its running jobs are stopped, nothing more starts.
+            self.cancel(run)
         if resumed:
             log.warning("run %s of %s: resumed after a restart", rec.run_id, rec.owner)
         else:
@@ -267,15 +271,24 @@ class RunManager:
             self.active.pop(run.record.run_id, None)
 
     def cancel(self, run: ActiveRun) -> None:
-        """Start nothing more; stop the jobs that are running."""
+        """Start nothing more; stop the jobs that are running. Recorded in the store first,
+        so that the run stays cancelled if this scheduler stops before it is over (it, or
+        another sharing the store, resumes it cancelled)."""
         if run.finished or run.cancelled.is_set():
             return
+        try:
+            self.store.request_cancel(run.record.run_id)
+        except StoreError as e:
+            log.warning("run %s: cancel not recorded (%s); cancelled here", run.record.run_id, e)
         run.cancelled.set()
         for h in run.record.hosts:
             if h.state is HostState.RUNNING:
-                stop = asyncio.ensure_future(self._stop(run, h))
-                run.stops.add(stop)
-                stop.add_done_callback(run.stops.discard)
+                self._stop_soon(run, h)
+
+    def _stop_soon(self, run: ActiveRun, h: HostRecord) -> None:
+        stop = asyncio.ensure_future(self._stop(run, h))
+        run.stops.add(stop)
+        stop.add_done_callback(run.stops.discard)
 
     async def _stop(self, run: ActiveRun, h: HostRecord) -> None:
         with contextlib.suppress(AgentClientError, UnknownWorker):
@@ -378,6 +391,8 @@ class RunManager:
             job_id, why = "", f"start maybe sent, cannot ask the worker ({e}): not sent again"
         if job_id:
             self._set(run, h, HostState.RUNNING, job_id=job_id)
+            if run.cancelled.is_set():
+                self._stop_soon(run, h)  # found running, in a cancelled run
         elif why == NOT_RECEIVED and run.job.secretArgs:
             error = "taken over: the start never arrived; secret arguments are not stored"
             self._set(run, h, HostState.NOT_STARTED, error=error)

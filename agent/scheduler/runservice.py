@@ -180,13 +180,15 @@ class RunService:
         return run_info(self._record(req.runID))
 
     def cancel(self, req: pb.RunReq) -> pb.RunInfo:
-        """Cancel a run going on in this process (FAILED_PRECONDITION if it is over)."""
+        """Cancel a run (FAILED_PRECONDITION if it is over). One driven by another
+        scheduler sharing the store is cancelled there, at its next beat: the request is
+        recorded in the store, and the answer is the run as it is now (follow it to see
+        it end CANCELLED)."""
         rec = self._record(req.runID)
         active = self.manager.active.get(req.runID)
         if active is None and rec.state is RunState.RUNNING:
-            raise FailedPrecondition(
-                f"run {req.runID} is driven by another scheduler sharing the store: cancel it there"
-            )
+            self.store.request_cancel(req.runID)
+            return run_info(rec)
         if active is None or active.finished:
             raise FailedPrecondition(f"run {req.runID} is over ({rec.state.name.lower()})")
         self.manager.cancel(active)

@@ -168,6 +168,11 @@ def _shared_tick(store: Store, registry: Registry, service: SchedulerService) ->
             fresh = store.run(rec.run_id)  # as the dead owner left it
             if fresh is not None:
                 service.runs.adopt(fresh)
+    # Cancels asked at another scheduler of the runs driven here.
+    for run_id in store.cancel_requests():
+        active = service.runs.active.get(run_id)
+        if active is not None:
+            service.runs.cancel(active)
     return gone
 
 

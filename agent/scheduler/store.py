@@ -52,6 +52,7 @@ CREATE TABLE IF NOT EXISTS runs (
     run_id TEXT PRIMARY KEY, owner TEXT NOT NULL, state INTEGER NOT NULL,
     job BLOB NOT NULL, targets BLOB NOT NULL, max_concurrency INTEGER NOT NULL,
     max_errors INTEGER NOT NULL, created_at REAL NOT NULL, end_time REAL);
+CREATE TABLE IF NOT EXISTS run_cancels (run_id TEXT PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS run_hosts (
     run_id TEXT NOT NULL, position INTEGER NOT NULL, worker_id TEXT NOT NULL,
     address TEXT NOT NULL, identity TEXT NOT NULL, state INTEGER NOT NULL,
@@ -186,6 +187,15 @@ class Store(WorkerStore, Protocol):
 
     def prune_runs(self, ended_before: float, keep: int) -> int:
         """Delete the finished runs :func:`prunable` names, with their hosts; how many."""
+        ...
+
+    def request_cancel(self, run_id: str) -> None:
+        """Record that the run is to be cancelled (durable: the scheduler driving it, this
+        one after a restart or another sharing the store, cancels it)."""
+        ...
+
+    def cancel_requests(self) -> set[str]:
+        """The runs whose cancel was requested (finished ones may be among them)."""
         ...
 
     def close(self) -> None:
@@ -390,10 +400,27 @@ class SQLiteStore:
                     )
                 ]
                 self._db.executemany("DELETE FROM run_hosts WHERE run_id = ?", ids)
+                self._db.executemany("DELETE FROM run_cancels WHERE run_id = ?", ids)
                 self._db.executemany("DELETE FROM runs WHERE run_id = ?", ids)
         except sqlite3.Error as e:
             raise StoreError(f"{self.path}: cannot prune runs: {e}") from None
         return len(ids)
+
+    def request_cancel(self, run_id: str) -> None:
+        """Record the run's cancel (its own transaction, committed now)."""
+        self.flush()
+        try:
+            with self._db:
+                self._db.execute("BEGIN")
+                self._db.execute("INSERT OR IGNORE INTO run_cancels VALUES (?)", (run_id,))
+        except sqlite3.Error as e:
+            raise StoreError(
+                f"{self.path}: cannot record the cancel of run {run_id}: {e}"
+            ) from None
+
+    def cancel_requests(self) -> set[str]:
+        """The runs whose cancel was requested."""
+        return {r for (r,) in self._db.execute("SELECT run_id FROM run_cancels")}
 
     def keep_alive(self) -> bool:
         """Nothing to renew: this process owns the file."""
