@@ -361,3 +361,45 @@ def test_a_cancelled_run_left_by_close_starts_nothing_more(tmp_path: Path) -> No
         assert resumed.record.state is RunState.CANCELLED
 
     asyncio.run(main())
+
+
+class _Listing:
+    """A worker's ListJobs as resolve_starting reads it (the client's list_all)."""
+
+    def __init__(self, jobs: list[JobStatus]) -> None:
+        self.jobs = jobs
+
+    async def list_all(self, **_: Any) -> AsyncIterator[JobStatus]:
+        for j in self.jobs:
+            yield j
+
+
+def _listed(job_id: str, key: str, started: float) -> JobStatus:
+    import datetime
+
+    return JobStatus(
+        job_id, "RUNNING", False, False, "", None, None, 1, "scheduler", "/bin/bash",
+        "x.sh", ("a",), datetime.datetime.fromtimestamp(started, datetime.timezone.utc),
+        None, 0.0, 0.0, 0, 0, False, 0, request_key=key,
+    )  # fmt: skip
+
+
+def test_a_takeover_finds_a_host_by_its_key_on_an_agent_that_knows_keys() -> None:
+    """Two jobs of the same path and arguments since the start (a heuristic match finds
+    both: UNKNOWN, not sent again): the host's key picks its own exactly; none with its
+    key on an agent that knows keys: not received (sent again, with the same key). An
+    agent without keys is matched as before."""
+    from agent.scheduler.takeover import NOT_RECEIVED, host_key, resolve_starting
+
+    job = pb.StartJobReq(command="bash", path="x.sh", args=["a"])
+    key = host_key("run", "w1")
+    mine, other = _listed("j1", key, 100.0), _listed("j2", host_key("run", "w2"), 100.0)
+
+    def resolve(jobs: list[JobStatus], k: str = key) -> tuple[str, str]:
+        return asyncio.run(resolve_starting(_Listing(jobs), job, 100.0, 0.0, k))  # type: ignore[arg-type]
+
+    assert resolve([other, mine]) == ("j1", "")
+    assert resolve([other]) == ("", NOT_RECEIVED)
+    unkeyed = [_listed("j1", "", 100.0), _listed("j2", "", 100.0)]
+    assert resolve(unkeyed)[0] == "" and "2 jobs match" in resolve(unkeyed)[1]
+    assert resolve(unkeyed[:1]) == ("j1", "")

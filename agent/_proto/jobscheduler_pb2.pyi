@@ -139,7 +139,7 @@ class Rusage(_message.Message):
     def __init__(self, userCpuSeconds: _Optional[float] = ..., systemCpuSeconds: _Optional[float] = ..., maxRssBytes: _Optional[int] = ...) -> None: ...
 
 class QueryJobRes(_message.Message):
-    __slots__ = ("done", "error", "errorText", "state", "exitCode", "signal", "pid", "startTime", "endTime", "jobID", "owner", "command", "path", "args", "rusage", "outputBytes", "outputTruncated", "timeoutSeconds")
+    __slots__ = ("done", "error", "errorText", "state", "exitCode", "signal", "pid", "startTime", "endTime", "jobID", "owner", "command", "path", "args", "rusage", "outputBytes", "outputTruncated", "timeoutSeconds", "requestKey")
     DONE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     ERRORTEXT_FIELD_NUMBER: _ClassVar[int]
@@ -158,6 +158,7 @@ class QueryJobRes(_message.Message):
     OUTPUTBYTES_FIELD_NUMBER: _ClassVar[int]
     OUTPUTTRUNCATED_FIELD_NUMBER: _ClassVar[int]
     TIMEOUTSECONDS_FIELD_NUMBER: _ClassVar[int]
+    REQUESTKEY_FIELD_NUMBER: _ClassVar[int]
     done: bool
     error: bool
     errorText: str
@@ -176,7 +177,8 @@ class QueryJobRes(_message.Message):
     outputBytes: int
     outputTruncated: bool
     timeoutSeconds: int
-    def __init__(self, done: _Optional[bool] = ..., error: _Optional[bool] = ..., errorText: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., exitCode: _Optional[int] = ..., signal: _Optional[int] = ..., pid: _Optional[int] = ..., startTime: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., endTime: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., jobID: _Optional[str] = ..., owner: _Optional[str] = ..., command: _Optional[str] = ..., path: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., rusage: _Optional[_Union[Rusage, _Mapping]] = ..., outputBytes: _Optional[int] = ..., outputTruncated: _Optional[bool] = ..., timeoutSeconds: _Optional[int] = ...) -> None: ...
+    requestKey: str
+    def __init__(self, done: _Optional[bool] = ..., error: _Optional[bool] = ..., errorText: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., exitCode: _Optional[int] = ..., signal: _Optional[int] = ..., pid: _Optional[int] = ..., startTime: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., endTime: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., jobID: _Optional[str] = ..., owner: _Optional[str] = ..., command: _Optional[str] = ..., path: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., rusage: _Optional[_Union[Rusage, _Mapping]] = ..., outputBytes: _Optional[int] = ..., outputTruncated: _Optional[bool] = ..., timeoutSeconds: _Optional[int] = ..., requestKey: _Optional[str] = ...) -> None: ...
 
 class StreamJobOutputReq(_message.Message):
     __slots__ = ("jobID", "offset", "follow", "endStatus")

@@ -74,6 +74,7 @@ class JobStatus:
     output_bytes: int
     output_truncated: bool
     timeout_seconds: int
+    request_key: str = ""  # StartJob's requestKey ("" when none, or an agent without keys)
 
     @property
     def succeeded(self) -> bool:
@@ -111,6 +112,7 @@ class JobStatus:
             output_bytes=m.outputBytes,
             output_truncated=m.outputTruncated,
             timeout_seconds=m.timeoutSeconds,
+            request_key=m.requestKey,
         )
 
 

@@ -94,6 +94,7 @@ def record_to_pb(rec: JobRecord) -> pb.QueryJobRes:
         outputBytes=rec.output_bytes,
         outputTruncated=rec.output_truncated,
         timeoutSeconds=rec.timeout_seconds,
+        requestKey=rec.request_key,
     )
     if rec.exit_code is not None:
         res.exitCode = rec.exit_code

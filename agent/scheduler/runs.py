@@ -35,7 +35,7 @@ from agent._proto import jobscheduler_pb2 as pb
 from agent.client import AgentClientError, AsyncAgentClient, JobStatus
 from agent.scheduler.registry import UnknownWorker, Worker, WorkerRegistry
 from agent.scheduler.store import HostRecord, RunRecord, Store, StoreError
-from agent.scheduler.takeover import NOT_RECEIVED, resolve_starting
+from agent.scheduler.takeover import NOT_RECEIVED, host_key, resolve_starting
 from agent.scheduler.targets import budget_exceeded, may_start
 from agent.vocabulary import HostState, RunState
 
@@ -386,7 +386,10 @@ class RunManager:
         """A host left STARTING by a dead owner: RUNNING if its job is found, else UNKNOWN."""
         try:
             client = self.client_for(self._worker_of(h))
-            job_id, why = await resolve_starting(client, run.job, h.start_time, self.call_timeout)
+            key = host_key(run.record.run_id, h.worker_id)
+            job_id, why = await resolve_starting(
+                client, run.job, h.start_time, self.call_timeout, key
+            )
         except AgentClientError as e:
             job_id, why = "", f"start maybe sent, cannot ask the worker ({e}): not sent again"
         if job_id:
@@ -459,7 +462,7 @@ class RunManager:
         # job of the first from an agent that knows keys, never a second job.
         req = pb.StartJobReq()
         req.CopyFrom(run.job)
-        req.requestKey = f"{run.record.run_id}/{h.worker_id}"
+        req.requestKey = host_key(run.record.run_id, h.worker_id)
         try:
             job_id = await client.start_pb(req, timeout=self.call_timeout)
         except AgentClientError as e:

@@ -27,6 +27,11 @@ never sent again.
 - more than one, or the worker cannot be asked: the host becomes UNKNOWN,
   with the reason, and is not started again (never twice).
 
+Each host's StartJob carries a key of its own (:func:`host_key`). An agent that knows
+keys lists them with its jobs, so its job is found by key alone (never "more than one");
+and a start sent again with the same key (PENDING again, while a start of a frozen owner
+was still on its way) answers the job of the first, so the host runs once either way.
+
 Both schedulers must present the same client identity to the agents (the
 ``[agents]`` certificate), so that the jobs one started are the other's to
 list, follow and stop.
@@ -40,7 +45,7 @@ import time
 from agent._proto import jobscheduler_pb2 as pb
 from agent.client import AsyncAgentClient
 
-__all__ = ["MATCH_SLACK_S", "NOT_RECEIVED", "SETTLE_S", "resolve_starting"]
+__all__ = ["MATCH_SLACK_S", "NOT_RECEIVED", "SETTLE_S", "host_key", "resolve_starting"]
 
 NOT_RECEIVED = "not received"  # resolve_starting's answer when no job matches
 
@@ -51,22 +56,40 @@ MATCH_SLACK_S = 2.0
 SETTLE_S = 2.0
 
 
+def host_key(run_id: str, worker_id: str) -> str:
+    """The StartJob requestKey of one host of a run: an agent that knows keys answers a
+    second start of it with the job of the first (agent.daemon.startkeys)."""
+    return f"{run_id}/{worker_id}"
+
+
 async def resolve_starting(
-    client: AsyncAgentClient, job: pb.StartJobReq, sent_at: float | None, timeout: float
+    client: AsyncAgentClient,
+    job: pb.StartJobReq,
+    sent_at: float | None,
+    timeout: float,
+    key: str = "",
 ) -> tuple[str, str]:
     """(job id, "") when the worker has exactly one matching job; ("", NOT_RECEIVED) when
     it has none; ("", why) when several match.
+
+    With the host's ``key``: a worker whose jobs carry request keys (it knows them) is
+    matched by key alone, exactly; an older worker, by path, arguments and start time.
 
     Raises AgentClientError when the worker cannot be asked.
     """
     sent = sent_at or 0.0
     await asyncio.sleep(max(0.0, sent + timeout + SETTLE_S - time.time()))
     since = sent - MATCH_SLACK_S
-    matches = []
+    matches, keyed, knows_keys = [], [], False
     async for st in client.list_all(timeout=timeout):
+        knows_keys = knows_keys or bool(st.request_key)
+        if key and st.request_key == key:
+            keyed.append(st.job_id)
         started = st.start_time.timestamp() if st.start_time else 0.0
         if st.path == job.path and list(st.args) == list(job.args) and started >= since:
             matches.append(st.job_id)
+    if key and knows_keys:
+        matches = keyed
     if len(matches) == 1:
         return matches[0], ""
     if not matches:
