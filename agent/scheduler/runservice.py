@@ -11,6 +11,7 @@ FAILED_PRECONDITION), answered by the one status table.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterable
 
 from agent._proto import jobscheduler_pb2 as pb
@@ -34,6 +35,7 @@ SECRET = "<secret>"  # noqa: S105 - the placeholder shown instead of a secret ar
 LIST_DEFAULT = 100
 LIST_MAX = 1000
 PAST_BATCH = 1000  # a past run's hosts, to a message when the follower takes batches
+ELSEWHERE_POLL_S = 1.0  # a run another scheduler drives: how often its record is read
 
 
 def _selector(m: pb.TargetSelector) -> Selector:
@@ -211,6 +213,10 @@ class RunService:
         """
         rec = self._record(req.runID)
         active: ActiveRun | None = self.manager.active.get(req.runID)
+        if active is None and rec.state is RunState.RUNNING and self.store.shared:
+            async for m in self._follow_elsewhere(rec, req.batch):
+                yield m
+            return
         if active is None:
             past = [pb.RunEvent(host=host_pb(h)) for h in rec.hosts]
             past.append(pb.RunEvent(done=run_info(rec)))
@@ -227,3 +233,28 @@ class RunService:
             return
         async for batch in active.follow_batches():
             yield pb.RunEvent(batch=pb.RunEvents(events=[event_pb(e) for e in batch]))
+
+    async def _follow_elsewhere(self, rec: RunRecord, batch: bool) -> AsyncIterator[pb.RunEvent]:
+        """A run another scheduler sharing the store drives: its hosts as the store has
+        them, then each change as it is written (read every ELSEWHERE_POLL_S), then its
+        end. The output lines stay at the scheduler that drives it (they are not stored)."""
+        seen: dict[int, tuple[object, ...]] = {}
+        while True:
+            events = []
+            for h in rec.hosts:
+                now = (h.state, h.job_id, h.exit_code, h.error)
+                if seen.get(h.position) != now:
+                    seen[h.position] = now
+                    events.append(pb.RunEvent(host=host_pb(h)))
+            if rec.state is not RunState.RUNNING:
+                events.append(pb.RunEvent(done=run_info(rec)))
+            if batch and events:
+                for i in range(0, len(events), PAST_BATCH):
+                    yield pb.RunEvent(batch=pb.RunEvents(events=events[i : i + PAST_BATCH]))
+            else:
+                for m in events:
+                    yield m
+            if rec.state is not RunState.RUNNING:
+                return
+            await asyncio.sleep(ELSEWHERE_POLL_S)
+            rec = self._record(rec.run_id)
