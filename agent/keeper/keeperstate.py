@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from agent.keeper import cgroups, seccomp
 from agent.keeper import lifecycle as lc
-from agent.keeper.launch import KEEPER_MAIN, PACKAGE_ROOT, interpreter
+from agent.keeper.launch import KEEPER_MAIN, PACKAGE_ROOT, helper_argv, interpreter
 from agent.keeper.outputfile import OutputFile
 
 if TYPE_CHECKING:
@@ -209,7 +209,7 @@ def reexec(k: KeeperParts) -> str:
         fcntl.fcntl(memfd, F_ADD_SEALS, SEALS)
         for fd in fds:
             os.set_inheritable(fd, True)
-        argv = [sys.executable, "-I", "-c", KEEPER_MAIN, PACKAGE_ROOT, "--resume-fd", str(memfd)]
+        argv = helper_argv(KEEPER_MAIN, "--resume-fd", str(memfd))
         sys.stderr.flush()
         os.execve(interpreter(), argv, dict(os.environ))  # noqa: S606 - no shell, by design
     except OSError as e:
