@@ -205,6 +205,8 @@ class Decider:
         self.policy = policy
         self.config_path = config_path  # where reload() reads the policy again
         self._env = base_env(settings)
+        # Entry -> the capabilities it gives that this keeper does not hold (check_held).
+        self.unheld: dict[str, list[int]] = {}
 
     def decide(self, job_id: str, req: admission.StartRequest) -> Decided:
         """Admit ``req`` as job ``job_id``, or raise the AgentError that refuses it."""
@@ -216,6 +218,14 @@ class Decider:
         validation.start_bounds(req.command, req.path, req.args, req.env, req.secret_args)
         admitted = admission.admit(req, s.rules, self.policy, busy=0, accepting=True)
         try:
+            missing = self.unheld.get(admitted.plan.entry)
+            if missing:
+                raise FailedPrecondition(
+                    f"entry {admitted.plan.entry!r} gives {capabilities.names_of(missing)}, "
+                    "which the job keeper does not hold (it keeps only the capabilities of "
+                    "the policy it started with): the keeper needs a restart",
+                    rule="capabilities-not-held",
+                )
             cg = cgroup_limits(admitted.limits, s.cpu_millicores, s.cgroups)
             spec, run = build_spawn(job_id, admitted, s, cg, self._env)
             return Decided(
@@ -230,9 +240,9 @@ class Decider:
             admitted.plan.close()
             raise
 
-    def reload(self) -> tuple[int, list[str]]:
+    def reload(self) -> tuple[int, list[str], list[str]]:
         """Read the policy again from the configured file (in a loader process, see
-        :func:`load_in_child`); (entries, warnings).
+        :func:`load_in_child`); (entries, warnings, :meth:`check_held`'s warnings).
 
         Raises LoadError (the current policy stays).
         """
@@ -240,7 +250,31 @@ class Decider:
             raise LoadError("the job keeper was started without --config: no policy file")
         loaded = load_in_child(self.config_path, self.settings.cgroups)
         self.policy = loaded.policy
-        return len(loaded.policy.entries), loaded.policy_warnings
+        return len(loaded.policy.entries), loaded.policy_warnings, self.check_held()
+
+    def check_held(self) -> list[str]:
+        """Note the entries whose capabilities this keeper does not hold, one warning
+        each; their starts are refused (FAILED_PRECONDITION) rather than failing at the
+        job's capset. A keeper that gives capabilities keeps, from its start on, only
+        those its first policy's entries give
+        (:func:`agent.keeper.capabilities.keep_only_for_jobs`): an entry that a reload
+        (or an upgrade in place) brings with another needs a restart of the keeper. A
+        keeper that gives none has no entry with capabilities (refused at the load)."""
+        self.unheld = {}
+        if os.geteuid() != 0 and not capabilities.gives_capabilities():
+            return []
+        for e in self.policy.entries:
+            missing = capabilities.not_held(e.confinement.capabilities)
+            if missing:
+                self.unheld[e.name] = missing
+        return [
+            f"{self.policy.source}: entry {name!r}: capabilities "
+            f"{capabilities.names_of(missing)} are not held by the job keeper (it keeps only "
+            "those of the policy it started with, of what its unit gives it): its jobs are "
+            "refused until the keeper is restarted (systemctl restart worker-agent-keeper, "
+            "which stops its running jobs)"
+            for name, missing in self.unheld.items()
+        ]
 
 
 def settings_of(cfg: Config, user: JobUser, subtree: cgroups.Subtree | None) -> Settings:
