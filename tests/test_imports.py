@@ -79,6 +79,28 @@ def test_the_keeper_imports_no_grpc_asyncio_or_yaml(module: str) -> None:
     assert _run(code) == "[]"
 
 
+def test_the_keeper_loads_inspect_policyfile_and_threading_only_when_used() -> None:
+    """The keeper's idle memory: dataclasses' inspect (with ast, dis, tokenize: about a
+    megabyte) stays a stand-in until something uses it (agent.keeper.deferred; up to
+    Python 3.11, where dataclasses needs it only for a class without a docstring, and
+    every class the keeper loads has one); the policy's reading (policyfile, glob, grp),
+    threading and unicodedata are not loaded either. The first use of a name of inspect
+    loads the real module, which then stands in sys.modules."""
+    code = (
+        "import agent.keeper.keeper, agent.keeper.decision, agent.keeper.spawner, sys; "
+        "print(sorted(m for m in ('ast', 'dis', 'tokenize', 'agent.keeper.policyfile', "
+        "'glob', 'grp', 'threading', 'unicodedata') if m in sys.modules)); "
+        "import inspect; sig = inspect.signature(len); "
+        "print(str(sig), sys.modules['inspect'].__spec__.name, 'ast' in sys.modules)"
+    )
+    idle, used = _run(code).splitlines()
+    if sys.version_info < (3, 12):
+        assert idle == "[]"
+    else:  # 3.12 and later: every dataclass reads its annotations with inspect
+        assert "agent.keeper.policyfile" not in idle and "threading" not in idle
+    assert used == "(obj, /) inspect True"
+
+
 def test_the_agent_parses_no_policy_itself() -> None:
     """The agent decides no start (the keeper does): its server and start-up checks do
     not bring yaml into its memory (the policy is checked by a loader process)."""

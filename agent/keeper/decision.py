@@ -33,9 +33,12 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
     from agent.configfile import ConfigError
+    from agent.keeper import policyfile
     from agent.keeper.config import Config
 
-from agent.keeper import admission, capabilities, cgroups, landlock, policyfile, seccomp
+# policyfile (reading the policy, checking its scripts' places) is imported where the
+# loader process needs it: the keeper, which only decides, carries none of it.
+from agent.keeper import admission, capabilities, cgroups, landlock, seccomp
 from agent.keeper import policy as policy_mod
 from agent.keeper.errors import FailedPrecondition
 from agent.keeper.jobsettings import INSTANCE_ENV, JOB_ID_ENV, JobUser, Settings, instance_id
@@ -316,6 +319,8 @@ def load_decider(cfg: Config, subtree: cgroups.Subtree | None) -> Loaded:
 
     Raises ConfigError (a job user that cannot be) or PolicyError.
     """
+    from agent.keeper import policyfile
+
     user, warnings = resolve_job_user(cfg)
     dynamic, more = dynamic_range(cfg)
     warnings += more
@@ -485,6 +490,8 @@ def resolve_job_user(cfg: Config) -> tuple[JobUser, list[str]]:
 
 def job_reader(job_user: JobUser) -> policyfile.Reader | None:
     """The job user as the policy's reachability check sees it (None: root, no check)."""
+    from agent.keeper import policyfile
+
     if job_user.uid is None:
         if os.geteuid() == 0:
             return None
@@ -633,6 +640,8 @@ def _confine_landlock(
     """An entry's Landlock spec completed for this kernel and agent (None: no Landlock
     here), or PolicyError: a grant inside the agent's own files or the scratch root, a
     feature the kernel lacks (unless best effort, then said in ``warnings``)."""
+    from agent.keeper import policyfile
+
     best_effort = cfg.confinement.landlock == "best_effort"
     # No rule of any entry covers the scratch root (spawner.Spawner.ruleset denies it):
     # each job gets its own directory there, by descriptor.
@@ -685,6 +694,8 @@ def load_policy(
 
     ``reader``: the job user whose access to every script location is checked.
     """
+    from agent.keeper import policyfile
+
     assert cfg.jobs.policy_file is not None
     pol = policyfile.load(cfg.jobs.policy_file, reader=reader)
     return confine_policy(pol, cfg, deny_paths(cfg) if deny is None else deny)

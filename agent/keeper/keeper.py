@@ -81,6 +81,10 @@ Keeper -> agent::
 
 from __future__ import annotations
 
+# First, before anything imports dataclasses (see there).
+import agent.keeper.deferred  # noqa: F401
+
+# isort: split
 import contextlib
 import gc
 import os
