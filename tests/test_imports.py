@@ -79,6 +79,28 @@ def test_the_keeper_imports_no_grpc_asyncio_or_yaml(module: str) -> None:
     assert _run(code) == "[]"
 
 
+def test_the_keeper_loads_inspect_policyfile_and_threading_only_when_used() -> None:
+    """The keeper's idle memory: dataclasses' inspect (with ast, dis, tokenize: about a
+    megabyte) stays a stand-in until something uses it (agent.keeper.deferred; up to
+    Python 3.11, where dataclasses needs it only for a class without a docstring, and
+    every class the keeper loads has one); the policy's reading (policyfile, glob, grp),
+    threading and unicodedata are not loaded either. The first use of a name of inspect
+    loads the real module, which then stands in sys.modules."""
+    code = (
+        "import agent.keeper.keeper, agent.keeper.decision, agent.keeper.spawner, sys; "
+        "print(sorted(m for m in ('ast', 'dis', 'tokenize', 'agent.keeper.policyfile', "
+        "'glob', 'grp', 'threading', 'unicodedata') if m in sys.modules)); "
+        "import inspect; sig = inspect.signature(len); "
+        "print(str(sig), sys.modules['inspect'].__spec__.name, 'ast' in sys.modules)"
+    )
+    idle, used = _run(code).splitlines()
+    if sys.version_info < (3, 12):
+        assert idle == "[]"
+    else:  # 3.12 and later: every dataclass reads its annotations with inspect
+        assert "agent.keeper.policyfile" not in idle and "threading" not in idle
+    assert used == "(obj, /) inspect True"
+
+
 def test_the_agent_parses_no_policy_itself() -> None:
     """The agent decides no start (the keeper does): its server and start-up checks do
     not bring yaml into its memory (the policy is checked by a loader process)."""
@@ -239,6 +261,46 @@ def test_the_keeper_loads_nothing_of_the_agent() -> None:
         f"print(sorted(m for m in sys.modules if m.startswith({KEEPER_FORBIDDEN!r})))"
     )
     assert _run(code) == "[]"
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str]:
+    """One loop of imports in ``graph`` (module -> the modules it imports), [] if none."""
+    done: set[str] = set()
+    path: list[str] = []
+
+    def visit(m: str) -> list[str]:
+        if m in path:
+            return [*path[path.index(m) :], m]
+        if m in done:
+            return []
+        path.append(m)
+        for n in sorted(graph[m]):
+            if found := visit(n):
+                return found
+        path.pop()
+        done.add(m)
+        return []
+
+    for m in sorted(graph):
+        if found := visit(m):
+            return found
+    return []
+
+
+def test_the_modules_import_one_way() -> None:
+    """No loop of imports among the modules of agent/, not even through an import inside a
+    function or one for a type only (a package's __init__ handing names on is not a
+    module of its own here; the generated code is left out)."""
+    files = [f for f in PACKAGE.rglob("*.py") if "_proto" not in f.parts]
+    modules = {
+        ".".join(f.relative_to(PACKAGE.parent).with_suffix("").parts): f
+        for f in files
+        if f.name != "__init__.py"
+    }
+    assert "agent.keeper.keeperstate" in modules
+    graph = {m: {n for n in _imports(f) if n in modules and n != m} for m, f in modules.items()}
+    assert _cycle(graph) == []
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
 
 
 def test_static_check_sees_every_form_of_import() -> None:

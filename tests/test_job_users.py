@@ -617,6 +617,19 @@ def _caps_and_uid(k: Keeper, c: Conn, argv: list[str]) -> tuple[dict[str, int], 
     return caps, int(lines[5])
 
 
+def _privileged_keeper(base: Path) -> Keeper:
+    """The privileged unit's keeper (nobody here) with PRIVILEGED_POLICY, given by its
+    unit CAP_NET_RAW too, which no entry names."""
+    return Keeper(
+        base,
+        policy=PRIVILEGED_POLICY,
+        run_as=NOBODY,
+        caps="+setuid,+setgid,+setpcap,+net_bind_service,+net_raw",
+        keeper={"mode": "service", "agent_user": "root"},
+        daemon={"on_shutdown": "keep"},
+    )
+
+
 @pytest.mark.parametrize("path", ["vfork", "fork"])
 def test_the_privileged_keeper_gives_each_job_its_entrys_user_and_capabilities(
     path: str, monkeypatch: pytest.MonkeyPatch
@@ -631,14 +644,7 @@ def test_the_privileged_keeper_gives_each_job_its_entrys_user_and_capabilities(
     keeper has no CAP_KILL)."""
     monkeypatch.setenv(SPAWN_ENV, path)
     base = make_safe_dir()
-    k = Keeper(
-        base,
-        policy=PRIVILEGED_POLICY,
-        run_as=NOBODY,
-        caps="+setuid,+setgid,+setpcap,+net_bind_service,+net_raw",
-        keeper={"mode": "service", "agent_user": "root"},
-        daemon={"on_shutdown": "keep"},
-    )
+    k = _privileged_keeper(base)
     try:
         c, hello = k.attach()
         assert hello.get("gives") is True, hello
@@ -663,6 +669,44 @@ def test_the_privileged_keeper_gives_each_job_its_entrys_user_and_capabilities(
         except TimeoutError:
             raise AssertionError(k.log()) from None
         assert (fin["state"], fin["exit"]["signal"]) == ("STOPPED", 15), (fin, k.log())
+    finally:
+        k.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_a_reload_that_brings_a_capability_the_privileged_keeper_dropped_is_refused() -> None:
+    """The privileged keeper keeps, from its start, only the capabilities its entries
+    give: a reloaded policy whose entry gives another (CAP_NET_RAW, which its unit gave
+    but it dropped) is accepted with a warning naming the entry, the capability and the
+    restart it needs, in the answer and in the keeper's log; that entry's starts are
+    refused (FAILED_PRECONDITION, nothing started), not failed at the job's capset; the
+    other entries run on."""
+    base = make_safe_dir()
+    k = _privileged_keeper(base)
+    try:
+        c, hello = k.attach()
+        assert hello.get("gives") is True, hello
+        assert "dropped CAP_NET_RAW" in k.log(), k.log()
+        k.policy_path.write_text(
+            PRIVILEGED_POLICY
+            + "  - name: rawsh\n    command: /bin/sh\n    aliases: [rawsh]\n"
+            + "    user: daemon\n    capabilities: [CAP_NET_RAW]\n"
+        )
+        c.send({"op": "reload", "id": 5})
+        answer = c.wait(lambda m: m["op"] == "reloaded")
+        entries = PRIVILEGED_POLICY.count("- name:") + 1
+        assert (answer["error"], answer["entries"]) == ("", entries), answer
+        (warning,) = [w for w in answer["warnings"] if "rawsh" in w]
+        assert "CAP_NET_RAW" in warning and "restarted" in warning, warning
+        assert warning in k.log(), k.log()
+        refusal = c.refused(["rawsh", "-c", CAPS])
+        assert (refusal["kind"], refusal["rule"]) == (
+            "FAILED_PRECONDITION",
+            "capabilities-not-held",
+        ), refusal
+        assert "'rawsh'" in refusal["message"] and "CAP_NET_RAW" in refusal["message"]
+        caps, _ = _caps_and_uid(k, c, ["daemonsh", "-c", CAPS])
+        assert caps["CapEff"] == NET_BIND, caps
     finally:
         k.stop()
         shutil.rmtree(base, ignore_errors=True)

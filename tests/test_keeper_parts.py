@@ -16,7 +16,12 @@ from typing import Any
 
 import pytest
 
+from agent.keeper import capabilities, policyfile
 from agent.keeper import lifecycle as lc
+from agent.keeper.admission import Rules, StartRequest
+from agent.keeper.decision import Decider
+from agent.keeper.errors import FailedPrecondition
+from agent.keeper.jobsettings import JobUser, Settings
 from agent.keeper.keeperfiles import parse_ends, parse_job_file
 from agent.keeper.keeperstart import RECORD_MAX, start_problem
 from agent.keeper.keptjobs import Kept, KeptJob
@@ -62,6 +67,52 @@ def test_a_malformed_start_is_named(
     """Each malformed part of a start is named; a well-formed one has no problem."""
     got = start_problem(msg, fds, lambda _: exists)
     assert got.startswith(why) and (got == "") == (why == "")
+
+
+CAPS_POLICY = """
+version: 1
+entries:
+  - name: "true"
+    command: /bin/true
+    aliases: ["true"]
+  - name: raw
+    command: /bin/true
+    aliases: [raw]
+    user: daemon
+    capabilities: [CAP_NET_RAW, CAP_NET_BIND_SERVICE]
+"""
+
+
+def test_an_entry_whose_capabilities_the_keeper_does_not_hold_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A keeper that gives capabilities (root here, or the privileged unit's) checks its
+    policy against what it holds: an entry giving one it lacks is named with it, and its
+    starts are refused (FAILED_PRECONDITION) rather than failing at the job's capset;
+    holding them all, nothing is said and the entry runs."""
+    rules = Rules(
+        max_running=8,
+        default_timeout=0,
+        max_timeout=0,
+        default_limits={},
+        max_limits={"output_bytes": 0},
+    )
+    user = JobUser(None, None, "me", "/")
+    settings = Settings(tmp_path, "test", user, 0o077, 0.05, "kill", "/usr/bin:/bin", rules)
+    decider = Decider(settings, policyfile.parse(CAPS_POLICY, source="policy.yaml"))
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    held = 1 << capabilities.NAMES["CAP_NET_BIND_SERVICE"]
+    monkeypatch.setattr(capabilities, "_own_set", lambda field: held)
+    (warning,) = decider.check_held()
+    assert warning.startswith("policy.yaml: entry 'raw': capabilities CAP_NET_RAW are not held")
+    assert "restarted" in warning
+    with pytest.raises(FailedPrecondition, match="'raw' gives CAP_NET_RAW") as e:
+        decider.decide(JOB, StartRequest(identity="alice", command="raw", path=""))
+    assert e.value.rule == "capabilities-not-held"
+    assert decider.decide(JOB, StartRequest(identity="alice", command="true", path="")).entry
+    monkeypatch.setattr(capabilities, "_own_set", lambda field: (1 << 41) - 1)
+    assert decider.check_held() == []
+    assert decider.decide(JOB, StartRequest(identity="alice", command="raw", path="")).entry
 
 
 def test_a_keeper_file_is_read_back_and_a_forged_one_is_refused() -> None:

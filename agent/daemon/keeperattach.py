@@ -21,8 +21,8 @@ import time
 from agent.daemon.keeperwire import Hello, hello_from_wire
 from agent.keeper import spawnproto as proto
 from agent.keeper.cgroups import Subtree
-from agent.keeper.launch import interpreter, keeper_argv
-from agent.keeper.spawn import SPAWN_ENV, reap
+from agent.keeper.launch import keeper_argv, start_helper
+from agent.keeper.spawn import reap
 
 HELLO_WAIT = 15.0
 ATTACH_TRIES = 4
@@ -119,17 +119,10 @@ class Attacher:
             # environment nor its working directory changes what the keeper imports.
             # Not a new session: Ctrl-C at the agent's terminal reaches it too, and it
             # ignores it (the agent stops the jobs, then tells it to exit).
-            self.proc = subprocess.Popen(
-                keeper_argv(
-                    listener.fileno(), self._output_dir, self._cgroups, config=self._config_path
-                ),
-                executable=interpreter(),
-                pass_fds=[listener.fileno()],
-                close_fds=True,
-                stdin=subprocess.DEVNULL,
-                env={k: v for k, v in os.environ.items() if k == SPAWN_ENV},
-                cwd="/",
+            argv = keeper_argv(
+                listener.fileno(), self._output_dir, self._cgroups, config=self._config_path
             )
+            self.proc = start_helper(argv, listener.fileno())
         finally:
             listener.close()
 

@@ -50,7 +50,7 @@ from agent.keeper.cgroups import Subtree
 from agent.keeper.decision import RunSpec as RunSpec
 from agent.keeper.decision import request_to_wire
 from agent.keeper.errors import SpawnFailure
-from agent.keeper.spawn import Deaths
+from agent.keeper.spawn import Deaths, stop_reading
 
 if TYPE_CHECKING:
     from agent.keeper.admission import StartRequest
@@ -264,9 +264,7 @@ class KeeperClient:
     def _died(self) -> None:
         if self._closed or self._sock is None:
             return
-        if self._loop is not None:
-            self._loop.remove_reader(self._sock.fileno())
-        self._sock.close()
+        stop_reading(self._loop, self._sock)
         self._sock = None
         status = self._attacher.reap(0.5)
         if self._attacher.service_wait is not None:

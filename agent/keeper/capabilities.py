@@ -234,14 +234,19 @@ def gives_capabilities() -> bool:
 
     if os.geteuid() == 0:
         return True
+    need = 1 << _CAP_SETUID | 1 << _CAP_SETGID | 1 << _CAP_SETPCAP
+    return _own_set(b"CapEff") & need == need
+
+
+def _own_set(field: bytes) -> int:
+    """One of this process's capability sets as a mask, read now (``CapPrm``,
+    ``CapEff``...; 0 when /proc cannot say)."""
     try:
         with open("/proc/self/status", "rb") as f:
             fields = dict(line.split(b":", 1) for line in f if b":" in line)
-        eff = int(fields[b"CapEff"].strip(), 16)
+        return int(fields[field].strip(), 16)
     except (OSError, KeyError, ValueError):
-        return False
-    need = 1 << _CAP_SETUID | 1 << _CAP_SETGID | 1 << _CAP_SETPCAP
-    return eff & need == need
+        return 0
 
 
 def narrow_to(keep: Iterable[int], top: int) -> list[int]:
@@ -251,12 +256,7 @@ def narrow_to(keep: Iterable[int], top: int) -> list[int]:
     nothing a wider drop-in gave it. Returns the capabilities it held and dropped.
     Needs CAP_SETPCAP (for the bounding set); raises CapError."""
     kept = set(keep)
-    try:
-        with open("/proc/self/status", "rb") as f:
-            fields = dict(line.split(b":", 1) for line in f if b":" in line)
-        prm = int(fields[b"CapPrm"].strip(), 16)
-    except (OSError, KeyError, ValueError):
-        prm = 0
+    prm = _own_set(b"CapPrm")
     dropped = [cap for cap in range(top + 1) if cap not in kept and prm >> cap & 1]
     for cap in range(top + 1):
         if cap not in kept and _prctl("prctl(PR_CAPBSET_READ)", _PR_CAPBSET_READ, cap, 0, 0, 0):
@@ -274,18 +274,31 @@ def keep_only_for_jobs(entries: Iterable[Iterable[int]]) -> str:
     entry's capabilities), drop everything else (:func:`narrow_to`). Returns the line
     to log ("" for a root keeper or one that gives none); raises CapError.
 
-    A capability an entry added by a later policy reload is then not the keeper's: that
-    entry's jobs fail to start (capset: EPERM) until the keeper is restarted."""
+    A capability an entry added by a later policy reload is then not the keeper's
+    (:func:`not_held` says which): that entry's starts are refused until the keeper is
+    restarted (:meth:`agent.keeper.decision.Decider.check_held`)."""
     import os
 
     if os.geteuid() == 0 or not gives_capabilities():
         return ""
     keep = set(SWITCH).union(*entries)
     dropped = narrow_to(keep, last_cap())
-    names = {v: k for k, v in NAMES.items()}
-    kept = " ".join(names.get(c, str(c)) for c in sorted(keep))
-    gone = " ".join(names.get(c, str(c)) for c in dropped) or "none"
+    kept = names_of(sorted(keep))
+    gone = names_of(dropped) or "none"
     return f"capabilities: kept {kept} (job set-up and the entries' union); dropped {gone}"
+
+
+def not_held(caps: Iterable[int]) -> list[int]:
+    """Those of ``caps`` this process does not hold (its permitted set, read now), so
+    cannot give a job: capset(2) would refuse them (EPERM)."""
+    prm = _own_set(b"CapPrm")
+    return [cap for cap in sorted(set(caps)) if not prm >> cap & 1]
+
+
+def names_of(caps: Iterable[int]) -> str:
+    """``CAP_X CAP_Y`` for capability numbers (a number the table does not name as is)."""
+    names = {v: k for k, v in NAMES.items()}
+    return " ".join(names.get(c, str(c)) for c in caps)
 
 
 _PR_CAP_AMBIENT_CLEAR_ALL = 4

@@ -33,9 +33,12 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
     from agent.configfile import ConfigError
+    from agent.keeper import policyfile
     from agent.keeper.config import Config
 
-from agent.keeper import admission, capabilities, cgroups, landlock, policyfile, seccomp
+# policyfile (reading the policy, checking its scripts' places) is imported where the
+# loader process needs it: the keeper, which only decides, carries none of it.
+from agent.keeper import admission, capabilities, cgroups, landlock, seccomp
 from agent.keeper import policy as policy_mod
 from agent.keeper.errors import FailedPrecondition
 from agent.keeper.jobsettings import INSTANCE_ENV, JOB_ID_ENV, JobUser, Settings, instance_id
@@ -205,6 +208,8 @@ class Decider:
         self.policy = policy
         self.config_path = config_path  # where reload() reads the policy again
         self._env = base_env(settings)
+        # Entry -> the capabilities it gives that this keeper does not hold (check_held).
+        self.unheld: dict[str, list[int]] = {}
 
     def decide(self, job_id: str, req: admission.StartRequest) -> Decided:
         """Admit ``req`` as job ``job_id``, or raise the AgentError that refuses it."""
@@ -216,6 +221,14 @@ class Decider:
         validation.start_bounds(req.command, req.path, req.args, req.env, req.secret_args)
         admitted = admission.admit(req, s.rules, self.policy, busy=0, accepting=True)
         try:
+            missing = self.unheld.get(admitted.plan.entry)
+            if missing:
+                raise FailedPrecondition(
+                    f"entry {admitted.plan.entry!r} gives {capabilities.names_of(missing)}, "
+                    "which the job keeper does not hold (it keeps only the capabilities of "
+                    "the policy it started with): the keeper needs a restart",
+                    rule="capabilities-not-held",
+                )
             cg = cgroup_limits(admitted.limits, s.cpu_millicores, s.cgroups)
             spec, run = build_spawn(job_id, admitted, s, cg, self._env)
             return Decided(
@@ -230,9 +243,9 @@ class Decider:
             admitted.plan.close()
             raise
 
-    def reload(self) -> tuple[int, list[str]]:
+    def reload(self) -> tuple[int, list[str], list[str]]:
         """Read the policy again from the configured file (in a loader process, see
-        :func:`load_in_child`); (entries, warnings).
+        :func:`load_in_child`); (entries, warnings, :meth:`check_held`'s warnings).
 
         Raises LoadError (the current policy stays).
         """
@@ -240,7 +253,31 @@ class Decider:
             raise LoadError("the job keeper was started without --config: no policy file")
         loaded = load_in_child(self.config_path, self.settings.cgroups)
         self.policy = loaded.policy
-        return len(loaded.policy.entries), loaded.policy_warnings
+        return len(loaded.policy.entries), loaded.policy_warnings, self.check_held()
+
+    def check_held(self) -> list[str]:
+        """Note the entries whose capabilities this keeper does not hold, one warning
+        each; their starts are refused (FAILED_PRECONDITION) rather than failing at the
+        job's capset. A keeper that gives capabilities keeps, from its start on, only
+        those its first policy's entries give
+        (:func:`agent.keeper.capabilities.keep_only_for_jobs`): an entry that a reload
+        (or an upgrade in place) brings with another needs a restart of the keeper. A
+        keeper that gives none has no entry with capabilities (refused at the load)."""
+        self.unheld = {}
+        if os.geteuid() != 0 and not capabilities.gives_capabilities():
+            return []
+        for e in self.policy.entries:
+            missing = capabilities.not_held(e.confinement.capabilities)
+            if missing:
+                self.unheld[e.name] = missing
+        return [
+            f"{self.policy.source}: entry {name!r}: capabilities "
+            f"{capabilities.names_of(missing)} are not held by the job keeper (it keeps only "
+            "those of the policy it started with, of what its unit gives it): its jobs are "
+            "refused until the keeper is restarted (systemctl restart worker-agent-keeper, "
+            "which stops its running jobs)"
+            for name, missing in self.unheld.items()
+        ]
 
 
 def settings_of(cfg: Config, user: JobUser, subtree: cgroups.Subtree | None) -> Settings:
@@ -282,6 +319,8 @@ def load_decider(cfg: Config, subtree: cgroups.Subtree | None) -> Loaded:
 
     Raises ConfigError (a job user that cannot be) or PolicyError.
     """
+    from agent.keeper import policyfile
+
     user, warnings = resolve_job_user(cfg)
     dynamic, more = dynamic_range(cfg)
     warnings += more
@@ -451,6 +490,8 @@ def resolve_job_user(cfg: Config) -> tuple[JobUser, list[str]]:
 
 def job_reader(job_user: JobUser) -> policyfile.Reader | None:
     """The job user as the policy's reachability check sees it (None: root, no check)."""
+    from agent.keeper import policyfile
+
     if job_user.uid is None:
         if os.geteuid() == 0:
             return None
@@ -599,6 +640,8 @@ def _confine_landlock(
     """An entry's Landlock spec completed for this kernel and agent (None: no Landlock
     here), or PolicyError: a grant inside the agent's own files or the scratch root, a
     feature the kernel lacks (unless best effort, then said in ``warnings``)."""
+    from agent.keeper import policyfile
+
     best_effort = cfg.confinement.landlock == "best_effort"
     # No rule of any entry covers the scratch root (spawner.Spawner.ruleset denies it):
     # each job gets its own directory there, by descriptor.
@@ -651,6 +694,8 @@ def load_policy(
 
     ``reader``: the job user whose access to every script location is checked.
     """
+    from agent.keeper import policyfile
+
     assert cfg.jobs.policy_file is not None
     pol = policyfile.load(cfg.jobs.policy_file, reader=reader)
     return confine_policy(pol, cfg, deny_paths(cfg) if deny is None else deny)

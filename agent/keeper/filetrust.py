@@ -13,10 +13,10 @@ re-checks what it executes).
 
 from __future__ import annotations
 
+import _thread
 import fcntl
 import os
 import stat
-import threading
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
@@ -301,7 +301,7 @@ _MFD_NOEXEC_SEAL = getattr(os, "MFD_NOEXEC_SEAL", 0x08)
 _CACHE_MAX = 256
 
 _sealed: dict[tuple[int, int, int, int, int, str, bool], int] = {}
-_sealed_lock = threading.Lock()
+_sealed_lock = _thread.allocate_lock()  # threading.Lock, without threading's import
 
 
 class DigestMismatch(Exception):

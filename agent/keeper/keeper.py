@@ -81,6 +81,10 @@ Keeper -> agent::
 
 from __future__ import annotations
 
+# First, before anything imports dataclasses (see there).
+import agent.keeper.deferred  # noqa: F401
+
+# isort: split
 import contextlib
 import gc
 import os
@@ -529,6 +533,8 @@ def main(argv: list[str]) -> int:
             return 1
         if said:
             log(said)
+        for w in decider.check_held():
+            log(w)
     _subreaper()
     keeper = Keeper(
         listener,
@@ -601,6 +607,10 @@ def resume(fd: int) -> int:
         why, decider = load_decider(str(state["config"]), subtree)
         if decider is None:
             log(f"{why}: every start is refused until the keeper is restarted")
+        else:
+            # Its capabilities are still those its start kept (see check_held).
+            for w in decider.check_held():
+                log(w)
     keeper = Keeper(
         listener,
         agent_uid=state["agent_uid"],

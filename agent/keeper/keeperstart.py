@@ -324,7 +324,10 @@ class Starter:
         try:
             if self.decider is None:
                 raise LoadError("the job keeper was started without --config: no policy")
-            answer["entries"], answer["warnings"] = self.decider.reload()
+            answer["entries"], warnings, unheld = self.decider.reload()
+            for w in unheld:
+                log(w)
+            answer["warnings"] = [*warnings, *unheld]
         except (LoadError, OSError) as e:
             answer["error"] = str(e)
             log(f"policy reload rejected, keeping the current policy: {e}")

@@ -22,15 +22,24 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from agent.keeper import cgroups, seccomp
 from agent.keeper import lifecycle as lc
-from agent.keeper.launch import KEEPER_MAIN, PACKAGE_ROOT, interpreter
+from agent.keeper.launch import KEEPER_MAIN, PACKAGE_ROOT, helper_argv, interpreter
 from agent.keeper.outputfile import OutputFile
 
 if TYPE_CHECKING:
-    from agent.keeper.keeper import Keeper
+    import selectors
+
+    from agent.keeper.cgroups import JobCgroup, Subtree
+    from agent.keeper.keeperadopt import Adoption
+    from agent.keeper.keeperconn import AgentLink
+    from agent.keeper.keeperfiles import JobFiles
+    from agent.keeper.keeperstart import Starter
+    from agent.keeper.keeperuids import UidHolds
+    from agent.keeper.keptjobs import Kept
+    from agent.keeper.seccomp import ListenGuard
 
 STATE_VERSION = 1
 # The timer events a kept job can be waiting for (they carry no fields).
@@ -42,7 +51,48 @@ F_ADD_SEALS = 1033
 SEALS = 0x0001 | 0x0002 | 0x0004 | 0x0008  # SEAL, SHRINK, GROW, WRITE
 
 
-def quiet(k: Keeper) -> bool:
+class KeeperParts(Protocol):
+    """What of the keeper (:class:`agent.keeper.keeper.Keeper`) an upgrade hands across
+    ``execve``: its parts, by what they are, so that the keeper's module imports this one
+    (lazily, at an upgrade) and never the other way round."""
+
+    @property
+    def sel(self) -> selectors.BaseSelector: ...
+    @property
+    def draining(self) -> dict[int, Any]: ...
+    @property
+    def subtree(self) -> Subtree | None: ...
+    @property
+    def service(self) -> bool: ...
+    @property
+    def ended_file(self) -> str: ...
+    @property
+    def children(self) -> dict[int, int]: ...
+    @property
+    def cgroups(self) -> dict[int, JobCgroup]: ...
+    @property
+    def scratch(self) -> dict[int, str]: ...
+    @property
+    def scratch_owners(self) -> dict[str, tuple[int, int]]: ...
+    @property
+    def guards(self) -> dict[int, ListenGuard]: ...
+    @property
+    def job_users(self) -> dict[int, tuple[int, int]]: ...
+    @property
+    def kept(self) -> Kept: ...
+    @property
+    def link(self) -> AgentLink: ...
+    @property
+    def files(self) -> JobFiles: ...
+    @property
+    def holds(self) -> UidHolds: ...
+    @property
+    def starter(self) -> Starter: ...
+    @property
+    def adoption(self) -> Adoption: ...
+
+
+def quiet(k: KeeperParts) -> bool:
     """No start half-way and no cgroup being emptied: nothing a snapshot would miss."""
     from agent.keeper.spawner import Starting
 
@@ -68,7 +118,7 @@ def new_code_problem() -> str:
     return ""
 
 
-def snapshot(k: Keeper) -> dict[str, Any]:
+def snapshot(k: KeeperParts) -> dict[str, Any]:
     """Everything the keeper holds, as JSON, its descriptors by number."""
     now = time.monotonic()
     jobs = []
@@ -140,7 +190,7 @@ def descriptors(state: dict[str, Any]) -> list[int]:
     return [fd for fd in fds if fd >= 0]
 
 
-def reexec(k: Keeper) -> str:
+def reexec(k: KeeperParts) -> str:
     """Replace the keeper's code with what is on disk now, keeping everything; returns
     why it did not (it does not return when it did)."""
     why = new_code_problem()
@@ -159,7 +209,7 @@ def reexec(k: Keeper) -> str:
         fcntl.fcntl(memfd, F_ADD_SEALS, SEALS)
         for fd in fds:
             os.set_inheritable(fd, True)
-        argv = [sys.executable, "-I", "-c", KEEPER_MAIN, PACKAGE_ROOT, "--resume-fd", str(memfd)]
+        argv = helper_argv(KEEPER_MAIN, "--resume-fd", str(memfd))
         sys.stderr.flush()
         os.execve(interpreter(), argv, dict(os.environ))  # noqa: S606 - no shell, by design
     except OSError as e:
@@ -192,7 +242,7 @@ def subtree_of(state: dict[str, Any]) -> cgroups.Subtree | None:
     return cgroups.Subtree(Path(st["jobs"]), frozenset(st["controllers"]))
 
 
-def restore(k: Keeper, state: dict[str, Any]) -> None:
+def restore(k: KeeperParts, state: dict[str, Any]) -> None:
     """Take over the previous code's state (the Keeper is new and empty)."""
     import itertools
     import selectors
@@ -224,7 +274,7 @@ def restore(k: Keeper, state: dict[str, Any]) -> None:
             k.adoption.watch(job)
 
 
-def _restore_job(k: Keeper, j: dict[str, Any]) -> None:
+def _restore_job(k: KeeperParts, j: dict[str, Any]) -> None:
     """One kept job of a snapshot, kept again (its pipe watched, its timers armed)."""
     import itertools
     import selectors

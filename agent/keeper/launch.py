@@ -10,7 +10,9 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # only a type: this module stays light (the agent imports it)
+if TYPE_CHECKING:  # only types: this module stays light (the agent and the keeper import it)
+    import subprocess
+
     from agent.keeper.cgroups import Subtree
 
 # The directory holding the ``agent`` package: a helper process (the keeper, its policy
@@ -18,6 +20,9 @@ if TYPE_CHECKING:  # only a type: this module stays light (the agent imports it)
 # (-I: no environment, no user site), with only this directory on its path.
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+# What a helper keeps of its starter's environment: the spawn path's choice (fork, vfork
+# or auto: agent.keeper.vspawn.ENV_VAR, not imported: this module stays light).
+SPAWN_ENV = "WORKER_AGENT_SPAWN"
 KEEPER_SOCKET = "keeper.sock"  # in [jobs] state_dir
 KEEPER_ENDED = "keeper-ended.json"  # in [jobs] state_dir: ends a stopped keeper service kept
 
@@ -38,6 +43,31 @@ def interpreter() -> str:
     """This very interpreter: sys.executable, or its binary when that path is out of
     reach of the agent's user (a venv under /root for an agent run as nobody)."""
     return sys.executable if os.access(sys.executable, os.X_OK) else "/proc/self/exe"
+
+
+def helper_argv(main: str, *args: str) -> list[str]:
+    """The command line of a helper process running ``main`` (a :func:`python_main`) with
+    ``args``: a fresh interpreter in isolated mode."""
+    return [sys.executable, "-I", "-c", main, PACKAGE_ROOT, *args]
+
+
+def start_helper(argv: list[str], fd: int) -> subprocess.Popen[bytes]:
+    """Start a helper process (the agent's keeper, the bare spawner): ``argv`` run by this
+    interpreter, with descriptor ``fd`` passed on and no other, "/" as its working
+    directory and nothing of this process's environment but :data:`SPAWN_ENV`, so that
+    neither changes what the helper imports or does; it finds the ``agent`` package
+    where this process found it (``PACKAGE_ROOT``)."""
+    import subprocess  # only here: the keeper imports this module and never starts a helper
+
+    return subprocess.Popen(
+        argv,
+        executable=interpreter(),
+        pass_fds=[fd],
+        close_fds=True,
+        stdin=subprocess.DEVNULL,
+        env={k: v for k, v in os.environ.items() if k == SPAWN_ENV},
+        cwd="/",
+    )
 
 
 def keeper_argv(
@@ -69,4 +99,4 @@ def keeper_argv(
         args += ["--service", "1"]
     if ended_file:
         args += ["--ended-file", ended_file]
-    return [sys.executable, "-I", "-c", KEEPER_MAIN, PACKAGE_ROOT, *args]
+    return helper_argv(KEEPER_MAIN, *args)

@@ -303,6 +303,8 @@ class Why(enum.Enum):
 
 @dataclass(frozen=True)
 class Cause:
+    """Why a job is being ended, and the text that goes with it."""
+
     why: Why
     text: str = ""  # KILLED: the reason; SHUTDOWN: who shut down
 

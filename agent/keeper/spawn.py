@@ -48,7 +48,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -57,16 +56,23 @@ from agent.keeper import spawnproto as proto
 from agent.keeper.cgroups import CgroupError, Subtree
 from agent.keeper.errors import SpawnFailure
 from agent.keeper.filetrust import SCRIPT_FD_PATH
-from agent.keeper.launch import PACKAGE_ROOT, interpreter, python_main
+from agent.keeper.launch import SPAWN_ENV, helper_argv, python_main, start_helper
 from agent.keeper.lifecycle import Exit
 from agent.keeper.spawnplan import SpawnSpec, plan_of
 
-__all__ = ["SCRIPT_FD_PATH", "SPAWNER_DIED", "SpawnFailure", "SpawnSpec", "SpawnerOps", "plan_of"]
+__all__ = [
+    "SCRIPT_FD_PATH",
+    "SPAWNER_DIED",
+    "SPAWN_ENV",
+    "SpawnFailure",
+    "SpawnSpec",
+    "SpawnerOps",
+    "plan_of",
+]
 
 log = logging.getLogger(__name__)
 
 SPAWNER_DIED = "the job spawner died; the job's processes were killed"
-SPAWN_ENV = "WORKER_AGENT_SPAWN"  # agent.keeper.vspawn.ENV_VAR (not imported: stays light)
 MAX_DEATHS = 3
 DEATH_WINDOW = 60.0
 CLOSE_WAIT = 2.0
@@ -124,30 +130,13 @@ class SpawnerOps:
         self.spawn_path = None
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            # A fresh interpreter (exec right after vfork, no Python in the
-            # child) in isolated mode: neither the agent's environment nor its
-            # working directory can change what the spawner imports; it finds
-            # the agent package where this agent found it.
-            self._proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-I",
-                    "-c",
-                    _SPAWNER_MAIN,
-                    PACKAGE_ROOT,
-                    str(theirs.fileno()),
-                    str(os.getpid()),
-                    *self._cgroup_args(),
-                ],
-                executable=interpreter(),
-                pass_fds=[theirs.fileno()],
-                close_fds=True,
-                stdin=subprocess.DEVNULL,
-                # Nothing of the agent's environment but the spawn path choice
-                # (fork / vfork / auto, see agent.keeper.vspawn).
-                env={k: v for k, v in os.environ.items() if k == SPAWN_ENV},
-                cwd="/",
+            # A fresh interpreter (exec right after vfork, no Python in the child):
+            # neither the agent's environment nor its working directory can change what
+            # the spawner imports.
+            argv = helper_argv(
+                _SPAWNER_MAIN, str(theirs.fileno()), str(os.getpid()), *self._cgroup_args()
             )
+            self._proc = start_helper(argv, theirs.fileno())
         finally:
             theirs.close()
         self._sock = ours
@@ -264,9 +253,7 @@ class SpawnerOps:
     def _died(self) -> None:
         if self._closed or self._sock is None:
             return
-        if self._loop is not None:
-            self._loop.remove_reader(self._sock.fileno())
-        self._sock.close()
+        stop_reading(self._loop, self._sock)
         self._sock = None
         status = self._reap_spawner(0.5)
         log.error(
@@ -349,6 +336,14 @@ def kill_job_cgroup(subtree: Subtree | None, job_id: str) -> None:
         leaf.remove(timeout=0.2)
     except (CgroupError, ValueError) as e:
         log.warning("job %s: %s", job_id, e)
+
+
+def stop_reading(loop: asyncio.AbstractEventLoop | None, sock: socket.socket) -> None:
+    """A dead helper's socket (the spawner's, the keeper's): no longer read on ``loop``
+    (where it was), and closed."""
+    if loop is not None:
+        loop.remove_reader(sock.fileno())
+    sock.close()
 
 
 def reap(proc: subprocess.Popen[bytes], timeout: float) -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import itertools
 import re
-import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Protocol
 
@@ -62,6 +61,8 @@ def text_problem(value: str, what: str, max_bytes: int) -> str | None:
         return f"{what} is longer than {max_bytes} bytes"
     if "\x00" in value:
         return f"{what} contains a NUL byte"
+    import unicodedata  # here: the keeper's idle memory does without it
+
     for ch in value:
         # Control and format characters (C0/C1 controls, bidi overrides,
         # zero-width joiners) have no place in a path and would make audit
