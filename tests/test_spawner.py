@@ -21,7 +21,7 @@ import agent
 from agent.client import FailedPrecondition
 from agent.daemon.keeperclient import KEEPER_DIED
 from agent.keeper import landlock
-from agent.keeper.keeperadopt import ADOPTED_TEXT, NO_PIPE_NOTE
+from agent.keeper.keeperadopt import ADOPTED_TEXT
 from agent.keeper.lifecycle import Exit
 from agent.keeper.spawn import SCRIPT_FD_PATH, SpawnerOps, SpawnFailure, SpawnSpec
 
@@ -404,22 +404,47 @@ def test_keeper_death_a_new_keeper_takes_over_its_jobs(
 
 
 @pytest.mark.skipif(not JOB_CGROUPS, reason="needs job cgroups (root and a cgroup2 mount)")
-def test_a_job_writing_after_the_keepers_death_is_lost_and_says_why(
+def test_a_job_writing_across_the_keepers_death_loses_no_output(
     agent: AgentProcess, script_dir: Path
 ) -> None:
-    """The agent's child keeper has no descriptor store: a job's pipe dies with it, so a
-    job that writes afterwards dies of SIGPIPE, unseen. The new keeper reports it LOST,
-    saying that its exit status is unknown and its output after the death was lost; what
-    it wrote before is kept."""
+    """The agent keeps its child keeper's pipes (agent.daemon.pipestore, the part systemd's
+    descriptor store plays for a service): the keeper is killed while a job writes, the
+    next keeper gets the job's pipe back and reads on. Every line is there; the job is
+    reported LOST only for its exit status, which only the dead keeper could have known."""
     c = agent.client()
-    job = c.start("bash", str(script_dir / "count.sh"), args=["100000", "0.05"])
+    job = c.start("bash", str(script_dir / "count.sh"), args=["60", "0.05"])
     wait_for(lambda: c.query(job).output_bytes > 0)
     os.kill(_spawner_of(agent), signal.SIGKILL)
-    st = c.wait(job, timeout=20)
+    st = c.wait(job, timeout=30)
     assert st.state == "LOST", st
-    assert st.error_text == f"{ADOPTED_TEXT}; {NO_PIPE_NOTE}"
-    assert st.output_bytes > 0 and b"".join(c.stream(job))
+    assert st.error_text == ADOPTED_TEXT, st
+    out = b"".join(c.stream(job)).decode()
+    assert out.splitlines() == [f"line {i}" for i in range(1, 61)], out
     wait_for(lambda: not job_processes(job), timeout=5)
+
+
+@pytest.mark.skipif(not JOB_CGROUPS, reason="needs job cgroups (root and a cgroup2 mount)")
+def test_the_agents_pipe_store_takes_only_job_pipes_from_its_keeper(
+    agent: AgentProcess,
+) -> None:
+    """Another process (of the same uid: this test) writing to the store's socket is
+    refused once the keeper is known: nothing it sends is kept."""
+    import array
+    import socket as so
+
+    from agent.keeper.launch import KEEPER_SOCKET
+
+    path = str(agent._dirs()[0] / KEEPER_SOCKET) + ".store"
+    r, w = os.pipe()
+    try:
+        with so.socket(so.AF_UNIX, so.SOCK_DGRAM) as s:
+            fds = array.array("i", [r])
+            msg = b"FDSTORE=1\nFDNAME=00000000-0000-4000-8000-000000000000\nFDPOLL=0"
+            s.sendmsg([msg], [(so.SOL_SOCKET, so.SCM_RIGHTS, fds.tobytes())], 0, path)
+        wait_for(lambda: "refused" in agent.log() and "descriptor store" in agent.log())
+    finally:
+        os.close(r)
+        os.close(w)
 
 
 def test_spawner_dying_too_often_stops_the_agent(agent: AgentProcess) -> None:

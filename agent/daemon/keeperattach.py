@@ -19,6 +19,7 @@ import sys
 import time
 
 from agent.daemon.keeperwire import Hello, hello_from_wire
+from agent.daemon.pipestore import PipeStore
 from agent.keeper import spawnproto as proto
 from agent.keeper.cgroups import Subtree
 from agent.keeper.launch import keeper_argv, start_helper
@@ -49,9 +50,14 @@ class Attacher:
         self._config_path = config_path
         self._cgroups = cgroups
         self.proc: subprocess.Popen[bytes] | None = None
+        # A keeper that is this agent's child stores its jobs' pipes here (a service's
+        # keeper has systemd's descriptor store).
+        self.store = PipeStore(socket_path + ".store") if service_wait is None else None
 
     def attach(self) -> tuple[socket.socket, Hello]:
         """The keeper's connection and its hello, starting a keeper if none answers."""
+        if self.store is not None:
+            self.store.open()  # before the keeper's hello: it pushes its pipes again then
         for attempt in range(ATTACH_TRIES):
             fresh = False
             sock = self._connect()
@@ -119,10 +125,22 @@ class Attacher:
             # environment nor its working directory changes what the keeper imports.
             # Not a new session: Ctrl-C at the agent's terminal reaches it too, and it
             # ignores it (the agent stops the jobs, then tells it to exit).
+            fds: list[int] = []
+            stored, env = "", {}
+            if self.store is not None:
+                self.store.drain()  # what the dead keeper stored last
+                fds, stored = self.store.passed()
+                env = self.store.env()
             argv = keeper_argv(
-                listener.fileno(), self._output_dir, self._cgroups, config=self._config_path
+                listener.fileno(),
+                self._output_dir,
+                self._cgroups,
+                config=self._config_path,
+                stored=stored,
             )
-            self.proc = start_helper(argv, listener.fileno())
+            self.proc = start_helper(argv, listener.fileno(), more_fds=fds, env=env)
+            if self.store is not None:
+                self.store.keeper_pid = self.proc.pid
         finally:
             listener.close()
 

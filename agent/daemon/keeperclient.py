@@ -121,6 +121,8 @@ class KeeperClient:
         """Attach to the keeper, starting one if none answers; its hello."""
         self._sock, hello = self._attacher.attach()
         self.keeper_pid = hello.pid
+        if self._attacher.store is not None:
+            self._attacher.store.keeper_pid = hello.pid
         self.spawn_path = hello.spawn
         log.info(
             "job keeper (pid %s): %s path (%s); %s, %d running job(s), %d finished to record",
@@ -146,6 +148,9 @@ class KeeperClient:
         # The socket stays blocking (reads are MSG_DONTWAIT): a send waits for the
         # keeper rather than failing a start because its buffer is momentarily full.
         self._loop.add_reader(self._sock.fileno(), self._readable)
+        store = self._attacher.store
+        if store is not None and store.sock is not None:
+            self._loop.add_reader(store.sock.fileno(), store.drain)  # again: a no-op
 
     # ------------------------------------------------------------ requests
 
@@ -344,3 +349,9 @@ class KeeperClient:
             self._sock = None
         if not keep_jobs:
             self._attacher.wait(CLOSE_WAIT)
+        store = self._attacher.store
+        if store is not None:
+            if self._loop is not None and store.sock is not None:
+                with contextlib.suppress(ValueError, OSError):
+                    self._loop.remove_reader(store.sock.fileno())
+            store.close()

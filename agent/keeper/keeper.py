@@ -104,8 +104,8 @@ from agent.keeper import spawnproto as proto
 from agent.keeper.decision import Decider, LoadError, load_in_child
 from agent.keeper.keeperadopt import Adoption
 from agent.keeper.keeperconn import LISTEN, AgentLink
-from agent.keeper.keeperfiles import JobFiles, listen_fds, load_ends, save_ends
-from agent.keeper.keeperlog import guarded, log, notify
+from agent.keeper.keeperfiles import JobFiles, listen_fds, load_ends, save_ends, stored_fds
+from agent.keeper.keeperlog import guarded, log, notify, notify_address
 from agent.keeper.keeperstart import KEEPER_STOP, Starter
 from agent.keeper.keeperuids import Reclaim, UidHolds
 from agent.keeper.keptjobs import Kept, KeptJob, exit_of
@@ -270,6 +270,11 @@ class Keeper(Spawner):
 
     def hello(self) -> None:
         self.link.hello_due = False
+        if self.files.fdstore and not self.service:
+            # The agent whose child this keeper is keeps the pipes (agent.daemon.pipestore);
+            # an agent that attaches anew (it restarted) has none of them yet.
+            for job in self.kept.jobs.values():
+                self.files.push(job)
         self.link.tell(
             {
                 "op": "hello",
@@ -438,7 +443,7 @@ def _is_starting(keeper: Keeper, pid: int) -> bool:
 USAGE = (
     "usage: python -m agent.keeper.keeper (--listen-fd N | --socket PATH) --config FILE "
     "[--output-dir DIR] [--agent-uid UID] [--cgroup-jobs DIR [--controllers LIST]] "
-    "[--service 1 [--ended-file PATH]] | --resume-fd N"
+    "[--service 1 [--ended-file PATH]] [--stored JOB=FD,...] | --resume-fd N"
 )
 OPTIONS = {
     "--config",
@@ -450,6 +455,7 @@ OPTIONS = {
     "--controllers",
     "--service",
     "--ended-file",
+    "--stored",
 }
 
 
@@ -488,6 +494,7 @@ def options(opts: dict[str, str]) -> types.SimpleNamespace:
         else None,
         service=opts.get("--service", "0") == "1",
         ended_file=opts.get("--ended-file", ""),
+        stored=opts.get("--stored", ""),
     )
 
 
@@ -547,11 +554,13 @@ def main(argv: list[str]) -> int:
         ended_file=args.ended_file,
     )
     keeper.kept.ended.update(load_ends(args.ended_file))
-    # A service whose unit keeps a descriptor store (FileDescriptorStoreMax=, announced
-    # to the keeper as $FDSTORE: systemd 254 sets it, the unit sets it for 252).
-    stored = listen_fds()
+    # A descriptor store: a service's unit keeps one (FileDescriptorStoreMax=, announced
+    # to the keeper as $FDSTORE: systemd 254 sets it, the unit sets it for 252); the agent
+    # whose child this keeper is keeps one too (agent.daemon.pipestore: $NOTIFY_SOCKET is
+    # its socket, and it passes what it kept as --stored).
+    stored = listen_fds() or stored_fds(args.stored)
     fdstore = os.environ.get("FDSTORE", "0")
-    keeper.files.fdstore = args.service and fdstore.isdigit() and int(fdstore) > 0
+    keeper.files.fdstore = fdstore.isdigit() and int(fdstore) > 0 and bool(notify_address())
     keeper.adoption.adopt_leftovers(stored)
     return run(keeper)
 

@@ -130,6 +130,23 @@ def listen_fds() -> dict[str, int]:
     return got
 
 
+def stored_fds(arg: str) -> dict[str, int]:
+    """``--stored JOB=FD,...``: the pipes the agent kept for this keeper (its child), by job
+    id; like :func:`listen_fds`, closed on exec, and a malformed item is said and left."""
+    got: dict[str, int] = {}
+    for item in arg.split(",") if arg else []:
+        name, _, fd = item.partition("=")
+        if not JOB_ID.match(name) or not fd.isdigit() or int(fd) < 3 or name in got:
+            log(f"descriptor store: an unexpected item {item[:60]!r}; ignored")
+            continue
+        try:
+            os.set_inheritable(int(fd), False)
+        except OSError:
+            continue
+        got[name] = int(fd)
+    return got
+
+
 class JobFiles:
     """Each running job's .keeper file in ``output_dir`` and its pipe in systemd's
     descriptor store (``fdstore``: the unit keeps one, see :meth:`push`)."""
@@ -138,6 +155,7 @@ class JobFiles:
         self.output_dir = output_dir
         self.fdstore = False
         self.notify_sock: socket.socket | None = None
+        self.store_failing = False  # the last write to the store failed (said once)
 
     def path(self, job_id: str) -> str:
         return os.path.join(self.output_dir, job_id + JOB_FILE)
@@ -246,8 +264,16 @@ class JobFiles:
                     socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC
                 )
             anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))]
-            self.notify_sock.sendmsg([state.encode()], anc if fds else [], 0, addr)
+            # Never waits: a store that does not read (an agent that is away or slow, as
+            # the keeper's parent) must not hold up the jobs; the pipe is pushed again at
+            # the next agent's hello.
+            self.notify_sock.sendmsg(
+                [state.encode()], anc if fds else [], socket.MSG_DONTWAIT, addr
+            )
         except OSError as e:
-            log(f"descriptor store: {e}")
+            if not self.store_failing:
+                log(f"descriptor store: {e} (said once until it works again)")
+            self.store_failing = True
             return False
+        self.store_failing = False
         return True

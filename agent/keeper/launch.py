@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # only types: this module stays light (the agent and the keeper import it)
     import subprocess
+    from collections.abc import Mapping, Sequence
 
     from agent.keeper.cgroups import Subtree
 
@@ -51,21 +52,27 @@ def helper_argv(main: str, *args: str) -> list[str]:
     return [sys.executable, "-I", "-c", main, PACKAGE_ROOT, *args]
 
 
-def start_helper(argv: list[str], fd: int) -> subprocess.Popen[bytes]:
+def start_helper(
+    argv: list[str],
+    fd: int,
+    *,
+    more_fds: Sequence[int] = (),
+    env: Mapping[str, str] | None = None,
+) -> subprocess.Popen[bytes]:
     """Start a helper process (the agent's keeper, the bare spawner): ``argv`` run by this
-    interpreter, with descriptor ``fd`` passed on and no other, "/" as its working
-    directory and nothing of this process's environment but :data:`SPAWN_ENV`, so that
-    neither changes what the helper imports or does; it finds the ``agent`` package
-    where this process found it (``PACKAGE_ROOT``)."""
+    interpreter, with descriptor ``fd`` (and ``more_fds``) passed on and no other, "/" as
+    its working directory and nothing of this process's environment but
+    :data:`SPAWN_ENV` (and ``env``), so that neither changes what the helper imports or
+    does; it finds the ``agent`` package where this process found it (``PACKAGE_ROOT``)."""
     import subprocess  # only here: the keeper imports this module and never starts a helper
 
     return subprocess.Popen(
         argv,
         executable=interpreter(),
-        pass_fds=[fd],
+        pass_fds=[fd, *more_fds],
         close_fds=True,
         stdin=subprocess.DEVNULL,
-        env={k: v for k, v in os.environ.items() if k == SPAWN_ENV},
+        env={**{k: v for k, v in os.environ.items() if k == SPAWN_ENV}, **(env or {})},
         cwd="/",
     )
 
@@ -79,6 +86,7 @@ def keeper_argv(
     agent_uid: int | None = None,
     service: bool = False,
     ended_file: str = "",
+    stored: str = "",
 ) -> list[str]:
     """The keeper's command line (a fresh interpreter in isolated mode), listening on the
     inherited socket ``listen_fd``."""
@@ -99,4 +107,7 @@ def keeper_argv(
         args += ["--service", "1"]
     if ended_file:
         args += ["--ended-file", ended_file]
+    if stored:
+        # The jobs' pipes the agent kept for it (its descriptor store: agent.daemon.pipestore).
+        args += ["--stored", stored]
     return helper_argv(KEEPER_MAIN, *args)
