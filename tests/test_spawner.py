@@ -424,6 +424,30 @@ def test_a_job_writing_across_the_keepers_death_loses_no_output(
 
 
 @pytest.mark.skipif(not JOB_CGROUPS, reason="needs job cgroups (root and a cgroup2 mount)")
+def test_an_agent_restarted_gets_the_pipes_of_the_keeper_it_finds(
+    agent: AgentProcess, script_dir: Path
+) -> None:
+    """kill -9 of the agent (its keeper runs on), a new agent attaches to that keeper and
+    gets every pipe pushed again; then the keeper is killed: still no line lost."""
+    c = agent.client()
+    job = c.start("bash", str(script_dir / "count.sh"), args=["200", "0.05"])
+    wait_for(lambda: c.query(job).output_bytes > 0)
+    keepers = agent.keepers()
+    assert len(keepers) == 1
+    agent.kill9()
+    agent.restart()
+    c = agent.client()
+    wait_for(lambda: "attached" in agent.log().rsplit("job keeper (pid", 1)[-1])
+    assert c.query(job).state == "RUNNING"
+    os.kill(keepers[0], signal.SIGKILL)
+    st = c.wait(job, timeout=60)
+    assert (st.state, st.error_text) == ("LOST", ADOPTED_TEXT), st
+    out = b"".join(c.stream(job)).decode()
+    assert out.splitlines() == [f"line {i}" for i in range(1, 201)], out[-300:]
+    wait_for(lambda: not job_processes(job), timeout=5)
+
+
+@pytest.mark.skipif(not JOB_CGROUPS, reason="needs job cgroups (root and a cgroup2 mount)")
 def test_the_agents_pipe_store_takes_only_job_pipes_from_its_keeper(
     agent: AgentProcess,
 ) -> None:
