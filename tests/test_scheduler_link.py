@@ -49,8 +49,8 @@ class Worker:
 
     async def register(self) -> str:
         res = await self.stub.RegisterWorker(pb.RegisterReq(address=self.address), timeout=10)
-        self.worker_id = res.workerID
-        return res.workerID
+        self.worker_id = str(res.workerID)
+        return self.worker_id
 
     async def _ups(self) -> AsyncIterator[pb.LinkUp]:
         while (msg := await self.up.get()) is not None:
@@ -196,12 +196,11 @@ async def answer_like_an_agent(w: Worker, seen: list[str], job_id: str = "job-1"
         call = down.call
         seen.append(call.method)
         if call.method == "StartJob":
-            req = pb.StartJobReq.FromString(call.request)
-            assert req.command == "true"
+            assert pb.StartJobReq.FromString(call.request).command == "true"
             w.reply(call.callID, pb.StartJobRes(jobID=job_id).SerializeToString())
         elif call.method == "StreamJobOutput":
-            req = pb.StreamJobOutputReq.FromString(call.request)
-            assert req.jobID == job_id and req.follow and req.endStatus
+            out = pb.StreamJobOutputReq.FromString(call.request)
+            assert out.jobID == job_id and out.follow and out.endStatus
             data = pb.StreamJobOutputRes(data=b"ok\n", offset=0)
             w.reply(call.callID, data.SerializeToString(), last=False)
             status = pb.QueryJobRes(jobID=job_id, done=True, state=pb.SUCCEEDED, exitCode=0)

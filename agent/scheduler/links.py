@@ -121,9 +121,7 @@ class Link:
 
     async def room(self) -> None:
         """Wait while too much waits to go down or to be read (the reader, between messages)."""
-        while self.closed is None and (
-            self._out.qsize() >= OUT_QUEUED or self._held >= HELD_BYTES
-        ):
+        while self.closed is None and (self._out.qsize() >= OUT_QUEUED or self._held >= HELD_BYTES):
             self._room.clear()
             await self._room.wait()
 
@@ -287,9 +285,7 @@ class LinkStub:
     def _link(self) -> Link:
         link = self._links.get(self._worker_id)
         if link is None or not link.accepts_calls:
-            raise rpc_error(
-                grpc.StatusCode.UNAVAILABLE, f"worker {self._worker_id}: no link open"
-            )
+            raise rpc_error(grpc.StatusCode.UNAVAILABLE, f"worker {self._worker_id}: no link open")
         return link
 
     def _unary(self, method: str) -> Callable[..., Any]:
@@ -347,7 +343,9 @@ class Links:
         try:
             w = registry.get(hello.workerID)
         except UnknownWorker:
-            raise NotFound(f"worker {hello.workerID[:100]!r}: not registered: register again")
+            raise NotFound(
+                f"worker {hello.workerID[:100]!r}: not registered: register again"
+            ) from None
         if w.identity != identity:
             raise PermissionDenied(
                 f"worker {w.worker_id} is registered by another identity than {identity!r}"
