@@ -30,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -93,43 +93,91 @@ class _Call:
 
 
 class Link:
-    """One open link: the worker, its calls in flight, what waits to go down it."""
+    """One open link: the worker, its calls in flight, what waits to go down it.
+
+    Messages go down through one writer, a task that runs only while some
+    wait (an idle link holds no task of its own but its handler's).
+    """
+
+    __slots__ = (
+        "_calls",
+        "_held",
+        "_next_id",
+        "_out",
+        "_room_waiter",
+        "_write",
+        "_writer",
+        "accepts_calls",
+        "closed",
+        "evicted",
+        "handler",
+        "identity",
+        "max_calls",
+        "peer",
+        "worker_id",
+    )
 
     def __init__(
-        self, worker_id: str, identity: str, peer: str, accepts_calls: bool, max_calls: int
+        self,
+        worker_id: str,
+        identity: str,
+        peer: str,
+        accepts_calls: bool,
+        max_calls: int,
+        write: Callable[[pb.LinkDown], Awaitable[None]],
     ) -> None:
-        """A link that ``identity`` (from ``peer``) opened for ``worker_id``."""
+        """A link that ``identity`` (from ``peer``) opened for ``worker_id``; ``write``
+        sends one message down it (the call's ``context.write``)."""
         self.worker_id = worker_id
         self.identity = identity
         self.peer = peer
         self.accepts_calls = accepts_calls
         self.max_calls = min(max_calls, MAX_CALLS) if max_calls > 0 else MAX_CALLS
         self.closed: str | None = None  # why, once closed
-        self._out: asyncio.Queue[pb.LinkDown | None] = asyncio.Queue()
-        self._room = asyncio.Event()  # the writer took something (out) or a caller read (held)
+        self.evicted = False  # closed by the scheduler (replaced, stopping), not the worker
+        self._write = write
+        self._out: deque[pb.LinkDown] = deque()
+        self._writer: asyncio.Task[None] | None = None
+        self.handler: asyncio.Task[Any] | None = None  # the task reading the link
+        self._room_waiter: asyncio.Future[None] | None = None
         self._calls: dict[int, _Call] = {}
         self._next_id = 0
         self._held = 0
 
     # ---------------------------------------------------------- the handler's side
 
-    async def next_down(self) -> pb.LinkDown | None:
-        """The next message to send, or None once the link is closed (the one writer)."""
-        msg = await self._out.get()
-        self._room.set()
-        return msg
-
     async def room(self) -> None:
         """Wait while too much waits to go down or to be read (the reader, between messages)."""
-        while self.closed is None and (self._out.qsize() >= OUT_QUEUED or self._held >= HELD_BYTES):
-            self._room.clear()
-            await self._room.wait()
+        while self.closed is None and (len(self._out) >= OUT_QUEUED or self._held >= HELD_BYTES):
+            self._room_waiter = asyncio.get_running_loop().create_future()
+            await self._room_waiter
+
+    def _wake_room(self) -> None:
+        w = self._room_waiter
+        if w is not None:
+            self._room_waiter = None
+            if not w.done():
+                w.set_result(None)
 
     def send(self, msg: pb.LinkDown) -> None:
         """Queue a message to go down (bounded: heartbeats wait in :meth:`room`, calls in
         :data:`MAX_CALLS`)."""
-        if self.closed is None:
-            self._out.put_nowait(msg)
+        if self.closed is not None:
+            return
+        self._out.append(msg)
+        if self._writer is None:
+            self._writer = asyncio.ensure_future(self._drain())
+
+    async def _drain(self) -> None:
+        """The one writer: sends what waits, in order, then ends."""
+        try:
+            while self._out and self.closed is None:
+                await self._write(self._out.popleft())
+                self._wake_room()
+        except Exception as e:  # the stream broke under the write
+            self.close(f"broken ({e.__class__.__name__})")
+        finally:
+            self._writer = None
 
     def deliver(self, reply: pb.LinkReply) -> None:
         """An answer came up; one for no call in flight (ended, cancelled) is dropped."""
@@ -142,7 +190,7 @@ class Link:
         call.put(reply)
 
     def close(self, why: str) -> None:
-        """End the link: every call in flight fails UNAVAILABLE, the writer stops."""
+        """End the link: every call in flight fails UNAVAILABLE, nothing more goes down."""
         if self.closed is not None:
             return
         self.closed = why
@@ -150,8 +198,22 @@ class Link:
         for call in list(self._calls.values()):
             self._end(call)
             call.put(err)
-        self._out.put_nowait(None)
-        self._room.set()
+        self._out.clear()
+        self._wake_room()
+
+    def evict(self, why: str) -> None:
+        """Closed by the scheduler: the handler stops reading and tells the worker ``why``."""
+        if self.closed is None:
+            self.evicted = True
+            self.close(why)
+            if self.handler is not None and self.handler is not asyncio.current_task():
+                self.handler.cancel()
+
+    def stop_writer(self) -> None:
+        """The call is over: a write still under way is abandoned."""
+        w = self._writer
+        if w is not None and w is not asyncio.current_task():
+            w.cancel()
 
     # ---------------------------------------------------------- the callers' side
 
@@ -211,7 +273,7 @@ class Link:
         item = call.items.popleft()
         if isinstance(item, pb.LinkReply):
             self._held -= len(item.response) + _ITEM_COST
-            self._room.set()
+            self._wake_room()
         return item
 
     async def _next(self, call: _Call) -> pb.LinkReply:
@@ -337,6 +399,7 @@ class Links:
         identity: str,
         peer: str,
         hello: pb.LinkHello,
+        write: Callable[[pb.LinkDown], Awaitable[None]],
     ) -> Link:
         """A new link from a hello (Refusal if the hello may not open one); it replaces
         and ends the worker's older link."""
@@ -350,11 +413,11 @@ class Links:
             raise PermissionDenied(
                 f"worker {w.worker_id} is registered by another identity than {identity!r}"
             )
-        link = Link(w.worker_id, identity, peer, hello.acceptsCalls, hello.maxCalls)
+        link = Link(w.worker_id, identity, peer, hello.acceptsCalls, hello.maxCalls, write)
         old = self._links.get(w.worker_id)
         self._links[w.worker_id] = link
         if old is not None:
-            old.close("replaced by a newer link of the worker")
+            old.evict("replaced by a newer link of the worker")
         return link
 
     def remove(self, link: Link) -> None:
@@ -366,64 +429,39 @@ class Links:
     def close_all(self, why: str) -> None:
         """End every link (the scheduler stops)."""
         for link in list(self._links.values()):
-            link.close(why)
+            link.evict(why)
 
 
-async def serve_link(
-    links: Links,
-    registry: WorkerRegistry,
-    identity: str,
-    peer: str,
-    requests: AsyncIterator[pb.LinkUp],
-) -> AsyncIterator[pb.LinkDown]:
-    """One Link call: check its hello, then answer heartbeats and carry calls until it ends.
+async def serve_link(links: Links, registry: WorkerRegistry, identity: str, context: Any) -> None:
+    """One Link call (``context`` is its gRPC context): check its hello, then answer
+    heartbeats and carry calls until it ends.
 
-    Raises a Refusal for a bad hello or a message out of place (the caller
-    aborts the call with its status); a store failure of a heartbeat ends it too.
+    Raises a Refusal for a bad hello, a message out of place, or a link the
+    scheduler ended (the caller aborts the call with its status), StoreError when
+    a heartbeat could not be kept.
     """
-    first = await anext(requests, None)
-    if first is None or first.WhichOneof("kind") != "hello":
+    first = await context.read()
+    if first is grpc.aio.EOF or first.WhichOneof("kind") != "hello":
         raise InvalidArgument("a link starts with a hello")
-    link = links.open(registry, identity, peer, first.hello)
+    peer = context.peer()
+    link = links.open(registry, identity, peer, first.hello, context.write)
+    link.handler = asyncio.current_task()
     log.info(
         "worker %s: link open from %s (calls %s)",
         link.worker_id,
         peer,
         "accepted" if link.accepts_calls else "not accepted",
     )
-    failure: list[BaseException] = []
-    reader = asyncio.ensure_future(_read(link, registry, requests, failure))
+    why = "broken"
     try:
         while True:
-            msg = await link.next_down()
-            if msg is None:
-                break
-            yield msg
-    finally:
-        by_worker = reader.done()
-        reader.cancel()
-        link.close("closed")
-        links.remove(link)
-        log.info("worker %s: link from %s %s", link.worker_id, peer, link.closed)
-    if failure:
-        raise failure[0]
-    if not by_worker:  # replaced, or the scheduler stops: the worker is told why
-        raise Unavailable(f"link {link.closed}")
-
-
-async def _read(
-    link: Link,
-    registry: WorkerRegistry,
-    requests: AsyncIterator[pb.LinkUp],
-    failure: list[BaseException],
-) -> None:
-    """The worker's messages: heartbeats answered in order, answers to their calls."""
-    why = "ended by the worker"
-    try:
-        async for up in requests:
+            up = await context.read()
+            if up is grpc.aio.EOF:
+                why = "ended by the worker"
+                return
             kind = up.WhichOneof("kind")
             if kind == "heartbeat":
-                known = registry.heartbeat(up.heartbeat.workerID, link.identity)
+                known = registry.heartbeat(up.heartbeat.workerID, identity)
                 link.send(pb.LinkDown(heartbeat=pb.HeartbeatRes(known=known)))
             elif kind == "reply":
                 link.deliver(up.reply)
@@ -431,13 +469,17 @@ async def _read(
                 raise InvalidArgument(f"link: a {kind or 'empty'} message after the hello")
             await link.room()
     except asyncio.CancelledError:
-        raise
+        if not link.evicted:
+            raise  # the worker went away
+        raise Unavailable(f"link {link.closed}") from None
     except Refusal as e:
-        failure.append(e)
         why = e.message
-    except StoreError as e:  # a heartbeat not kept: the worker tries again
-        failure.append(e)
+        raise
+    except StoreError:
         why = "ended: the scheduler's store is unavailable"
-    except Exception as e:  # the stream broke
-        why = f"broken ({e.__class__.__name__}: {e})"
-    link.close(why)
+        raise
+    finally:
+        link.close(why)
+        link.stop_writer()
+        links.remove(link)
+        log.info("worker %s: link from %s %s", link.worker_id, peer, link.closed)

@@ -243,10 +243,11 @@ class SchedulerService:
 
         return await self._guard(context, body)
 
-    async def Link(
-        self, request_iterator: AsyncIterator[pb.LinkUp], context: Any
-    ) -> AsyncIterator[pb.LinkDown]:
-        """A registered worker's link: heartbeats, and the Worker calls it accepts."""
+    async def Link(self, request_iterator: Any, context: Any) -> None:
+        """A registered worker's link: heartbeats, and the Worker calls it accepts.
+
+        Read and written through ``context`` (``request_iterator`` is not used).
+        """
         if self.legacy:
             # Original workers know no links; an agent here keeps its Heartbeat calls.
             await context.abort(
@@ -254,10 +255,7 @@ class SchedulerService:
             )
         try:
             ident = self._require(context, "worker")
-            async for msg in serve_link(
-                self.links, self.registry, ident, context.peer(), request_iterator
-            ):
-                yield msg
+            await serve_link(self.links, self.registry, ident, context)
         except Refusal as e:
             await abort(context, e)
         except StoreError as e:
