@@ -136,7 +136,7 @@ class Link:
         self.closed: str | None = None  # why, once closed
         self.evicted = False  # closed by the scheduler (replaced, stopping), not the worker
         self._write = write
-        self._out: deque[pb.LinkDown] = deque()
+        self._out: deque[pb.LinkDown] | None = None  # made when something waits
         self._writer: asyncio.Task[None] | None = None
         self.handler: asyncio.Task[Any] | None = None  # the task reading the link
         self._room_waiter: asyncio.Future[None] | None = None
@@ -148,9 +148,12 @@ class Link:
 
     async def room(self) -> None:
         """Wait while too much waits to go down or to be read (the reader, between messages)."""
-        while self.closed is None and (len(self._out) >= OUT_QUEUED or self._held >= HELD_BYTES):
+        while self.closed is None and (self._queued() >= OUT_QUEUED or self._held >= HELD_BYTES):
             self._room_waiter = asyncio.get_running_loop().create_future()
             await self._room_waiter
+
+    def _queued(self) -> int:
+        return len(self._out) if self._out is not None else 0
 
     def _wake_room(self) -> None:
         w = self._room_waiter
@@ -164,6 +167,8 @@ class Link:
         :data:`MAX_CALLS`)."""
         if self.closed is not None:
             return
+        if self._out is None:
+            self._out = deque()
         self._out.append(msg)
         if self._writer is None:
             self._writer = asyncio.ensure_future(self._drain())
@@ -178,6 +183,7 @@ class Link:
             self.close(f"broken ({e.__class__.__name__})")
         finally:
             self._writer = None
+            self._out = None  # an idle link keeps no queue
 
     def deliver(self, reply: pb.LinkReply) -> None:
         """An answer came up; one for no call in flight (ended, cancelled) is dropped."""
@@ -198,7 +204,7 @@ class Link:
         for call in list(self._calls.values()):
             self._end(call)
             call.put(err)
-        self._out.clear()
+        self._out = None
         self._wake_room()
 
     def evict(self, why: str) -> None:
@@ -333,16 +339,12 @@ class LinkStub:
     newer link); with none open it fails UNAVAILABLE.
     """
 
+    __slots__ = ("_links", "_worker_id")
+
     def __init__(self, links: Links, worker_id: str) -> None:
         """Calls to ``worker_id`` through ``links``."""
         self._links = links
         self._worker_id = worker_id
-        self.StartJob = self._unary("StartJob")
-        self.StopJob = self._unary("StopJob")
-        self.QueryJob = self._unary("QueryJob")
-        self.WaitJob = self._unary("WaitJob")
-        self.ListJobs = self._unary("ListJobs")
-        self.RunJob = self._unary("RunJob")
 
     def _link(self) -> Link:
         link = self._links.get(self._worker_id)
@@ -350,11 +352,29 @@ class LinkStub:
             raise rpc_error(grpc.StatusCode.UNAVAILABLE, f"worker {self._worker_id}: no link open")
         return link
 
-    def _unary(self, method: str) -> Callable[..., Any]:
-        async def call(request: Message, timeout: float | None = None) -> Message:
-            return await self._link().unary(method, request, timeout)
+    async def StartJob(self, request: Message, timeout: float | None = None) -> Message:
+        """As the generated stub's."""
+        return await self._link().unary("StartJob", request, timeout)
 
-        return call
+    async def StopJob(self, request: Message, timeout: float | None = None) -> Message:
+        """As the generated stub's."""
+        return await self._link().unary("StopJob", request, timeout)
+
+    async def QueryJob(self, request: Message, timeout: float | None = None) -> Message:
+        """As the generated stub's."""
+        return await self._link().unary("QueryJob", request, timeout)
+
+    async def WaitJob(self, request: Message, timeout: float | None = None) -> Message:
+        """As the generated stub's."""
+        return await self._link().unary("WaitJob", request, timeout)
+
+    async def ListJobs(self, request: Message, timeout: float | None = None) -> Message:
+        """As the generated stub's."""
+        return await self._link().unary("ListJobs", request, timeout)
+
+    async def RunJob(self, request: Message, timeout: float | None = None) -> Message:
+        """As the generated stub's."""
+        return await self._link().unary("RunJob", request, timeout)
 
     async def StreamJobOutput(
         self, request: pb.StreamJobOutputReq, timeout: float | None = None
@@ -445,6 +465,7 @@ async def serve_link(links: Links, registry: WorkerRegistry, identity: str, cont
         raise InvalidArgument("a link starts with a hello")
     peer = context.peer()
     link = links.open(registry, identity, peer, first.hello, context.write)
+    del first
     link.handler = asyncio.current_task()
     log.info(
         "worker %s: link open from %s (calls %s)",
