@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import grpc
 import pytest
 
 from agent._proto import jobscheduler_pb2 as pb
 from agent._proto import jobscheduler_pb2_grpc as pb_grpc
-from agent.client import RunInfo, RunOutputLine, SchedulerClient
+from agent.client import AgentClientError, RunInfo, RunOutputLine, SchedulerClient
 
 from helpers import Certs, SchedulerProcess, free_port
 
@@ -330,5 +331,76 @@ def test_a_newer_link_replaces_the_older(sched: SchedulerProcess) -> None:
         assert final.hosts[0].state == "SUCCEEDED"
         await old.close()
         await new.close()
+
+    asyncio.run(main())
+
+
+class _Registered:
+    """A registry of one worker, for the in-process tests of a link's calls."""
+
+    def get(self, worker_id: str) -> object:
+        from agent.scheduler.registry import Worker as Registered
+
+        return Registered(worker_id, "agent", "127.0.0.1:1", 0.0, 0.0)
+
+
+def _link(max_calls: int = 0) -> tuple[Any, list[pb.LinkDown]]:
+    """A link (in process) whose messages down are collected, and its client."""
+    from agent.scheduler.links import Links
+
+    sent: list[pb.LinkDown] = []
+
+    async def write(msg: pb.LinkDown) -> None:
+        sent.append(msg)
+
+    links = Links(5.0)
+    hello = pb.LinkHello(workerID="w1", acceptsCalls=True, maxCalls=max_calls)
+    links.open(_Registered(), "agent", "test", hello, write)  # type: ignore[arg-type]
+    return links, sent
+
+
+def test_an_abandoned_output_stream_tells_the_worker_to_cancel() -> None:
+    """A caller that stops reading an output stream before its end: LinkCancel for it."""
+
+    async def main() -> None:
+        links, sent = _link()
+        link = links.get("w1")
+        client = links.client("w1")
+        assert link is not None and client is not None
+        stream = client.stream("j", follow=True).__aiter__()
+        first = asyncio.ensure_future(stream.__anext__())
+        await asyncio.sleep(0.01)
+        (down,) = sent
+        assert down.call.method == "StreamJobOutput"
+        data = pb.StreamJobOutputRes(data=b"x", offset=0).SerializeToString()
+        link.deliver(pb.LinkReply(callID=down.call.callID, response=data))
+        assert await first == b"x"
+        await stream.aclose()
+        await asyncio.sleep(0.01)
+        assert sent[-1].cancel.callID == down.call.callID
+
+    asyncio.run(main())
+
+
+def test_calls_past_the_workers_max_are_refused_at_once() -> None:
+    """maxCalls 1: a second call while one is in flight fails RESOURCE_EXHAUSTED; a link
+    that closes fails the first UNAVAILABLE."""
+
+    async def main() -> None:
+        links, sent = _link(max_calls=1)
+        client = links.client("w1")
+        link = links.get("w1")
+        assert client is not None and link is not None
+        first = asyncio.ensure_future(client.query("j"))
+        await asyncio.sleep(0.01)
+        with pytest.raises(AgentClientError) as e:
+            await client.stop("j")
+        assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        link.close("cut")
+        links.remove(link)
+        with pytest.raises(AgentClientError) as e:
+            await first
+        assert e.value.code == grpc.StatusCode.UNAVAILABLE
+        assert len(sent) == 1  # the refused call never went down
 
     asyncio.run(main())
