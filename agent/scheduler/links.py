@@ -16,7 +16,7 @@ link of a worker replaces and ends its older one, and a link is forgotten when
 it ends. What one link can make the scheduler hold is bounded: calls in flight
 (the worker's ``maxCalls``, at most :data:`MAX_CALLS`), answers received but
 not yet read (:data:`HELD_BYTES`, then the link is read no further until they
-are), answers waiting to be sent (:data:`OUT_QUEUED`), and each message (gRPC's
+are), messages waiting to go down it (:data:`OUT_QUEUED`), and each message (gRPC's
 receive limit, 4 MiB).
 
 A carried call fails as a direct call would: its status and details as the
