@@ -235,6 +235,46 @@ def test_a_fan_out_goes_down_the_links(sched: SchedulerProcess) -> None:
     asyncio.run(main())
 
 
+def test_dispatch_calls_go_down_the_link_and_relay_the_workers_status(
+    sched: SchedulerProcess,
+) -> None:
+    """DispatchStartJob and DispatchQueryJob reach the worker down its link; a refusal it
+    answers on the link (code and details) is relayed to the user as a direct call's."""
+
+    async def main() -> None:
+        w = Worker(sched)
+        await w.register()
+        await w.link()
+
+        async def answer() -> None:
+            while True:
+                down = await w.recv()
+                if down.call.method == "StartJob":
+                    w.reply(down.call.callID, pb.StartJobRes(jobID="d1").SerializeToString())
+                elif down.call.method == "QueryJob":
+                    code = grpc.StatusCode.NOT_FOUND.value[0]
+                    refusal = pb.LinkReply(
+                        callID=down.call.callID, last=True, code=code, details="no job d1"
+                    )
+                    w.send(pb.LinkUp(reply=refusal))
+
+        def dispatch() -> tuple[str, AgentClientError]:
+            with SchedulerClient(sched.addr, sched.certs.tls("admin"), timeout=30) as c:
+                job_id = c.start(w.worker_id, "true")
+                with pytest.raises(AgentClientError) as e:
+                    c.query(w.worker_id, job_id)
+            return job_id, e.value
+
+        answering = asyncio.ensure_future(answer())
+        job_id, err = await asyncio.to_thread(dispatch)
+        answering.cancel()
+        assert job_id == "d1"
+        assert err.code == grpc.StatusCode.NOT_FOUND and "no job d1" in err.details
+        await w.close()
+
+    asyncio.run(main())
+
+
 def test_a_worker_without_calls_on_its_link_is_reached_at_its_address(
     sched: SchedulerProcess,
 ) -> None:
