@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -20,7 +21,7 @@ from agent._proto import jobscheduler_pb2 as pb
 from agent._proto import jobscheduler_pb2_grpc as pb_grpc
 from agent.client import AgentClientError, RunInfo, RunOutputLine, SchedulerClient
 
-from helpers import Certs, SchedulerProcess, free_port
+from helpers import Certs, SchedulerProcess, free_port, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -444,3 +445,38 @@ def test_calls_past_the_workers_max_are_refused_at_once() -> None:
         assert len(sent) == 1  # the refused call never went down
 
     asyncio.run(main())
+
+
+def test_the_legacy_listener_answers_link_unimplemented(tmp_path: Path, certs: Certs) -> None:
+    """On the plaintext listener a Link is UNIMPLEMENTED: an agent there keeps its
+    Heartbeat calls (and a worker without a certificate is never called down a link)."""
+    s = SchedulerProcess(tmp_path / "sched", certs)
+    legacy_addr = f"127.0.0.1:{free_port()}"
+    with open(s.config_path, "a") as f:
+        f.write(f'\n[legacy]\naddr = "{legacy_addr}"\n')
+    s.start()
+
+    async def main() -> None:
+        async with grpc.aio.insecure_channel(legacy_addr) as ch:
+            stub = pb_grpc.SchedulerStub(ch)
+            res = await stub.RegisterWorker(
+                pb.RegisterReq(address=f"127.0.0.1:{free_port()}"), timeout=10
+            )
+            hello = pb.LinkUp(hello=pb.LinkHello(workerID=res.workerID, acceptsCalls=True))
+            never = asyncio.Event()
+
+            async def ups() -> AsyncIterator[pb.LinkUp]:
+                yield hello
+                await never.wait()  # the link stays open on the worker's side
+
+            call = stub.Link(ups())
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await asyncio.wait_for(call.read(), 30)
+            assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            call.cancel()
+
+    try:
+        wait_for(lambda: "legacy listener on" in s.log(), timeout=10)
+        asyncio.run(main())
+    finally:
+        s.stop()
