@@ -8,6 +8,8 @@ certificates, a new SQLite store):
    idle RSS; then N stand-ins (:mod:`bench.standins`, at most
    ``--per-process`` per process) that register with it: the time until all
    are listed, and the scheduler's RSS then (and per worker, over idle);
+   Each stand-in keeps a Link open (heartbeats on it, the scheduler's calls
+   down it) unless ``--no-link`` (Heartbeat calls; the scheduler connects to it);
 2. a fan-out of a trivial job to all N (``--select id:*``, no concurrency
    limit), followed to its end as ``agent-scheduler run`` does: per host the
    time from the run's start to the host's end (p50, p99, max) and the time
@@ -164,8 +166,11 @@ sqlite_file = "{self.db}"
 class StandIns:
     """Processes of stand-ins (bench.standins), ``per_process`` in each."""
 
-    def __init__(self, n: int, per_process: int, sched: Scheduler, port_base: int) -> None:
-        """Configure (not start) ``n`` stand-ins for ``sched``."""
+    def __init__(
+        self, n: int, per_process: int, sched: Scheduler, port_base: int, link: bool = True
+    ) -> None:
+        """Configure (not start) ``n`` stand-ins for ``sched`` (``link``: each keeps a Link)."""
+        self.link = link
         self.procs: list[subprocess.Popen[str]] = []
         self.counts = []
         left, base = n, port_base
@@ -193,6 +198,7 @@ class StandIns:
                         str(self.sched.certs),
                         "--port-base",
                         str(base),
+                        *([] if self.link else ["--no-link"]),
                     ],
                     stdout=subprocess.PIPE,
                     text=True,
@@ -289,8 +295,14 @@ def measure(n: int, args: argparse.Namespace, base: Path, certs: Path) -> dict[s
     work.mkdir()
     hb = args.heartbeat
     sched = Scheduler(work, certs, hb)
-    stand = StandIns(n, args.per_process, sched, args.port_base)
-    rec: dict[str, Any] = {"workers": n, "processes": len(stand.counts), "heartbeat_s": hb}
+    link = not args.no_link
+    stand = StandIns(n, args.per_process, sched, args.port_base, link)
+    rec: dict[str, Any] = {
+        "workers": n,
+        "processes": len(stand.counts),
+        "heartbeat_s": hb,
+        "link": link,
+    }
     try:
         rec["start_s"] = round(sched.start(), 3)
         time.sleep(1)
@@ -343,6 +355,7 @@ def table(recs: list[dict[str, Any]]) -> str:
     rows = [
         ("workers", lambda r: f"{r['workers']:,}"),
         ("heartbeat interval (s)", lambda r: f"{r['heartbeat_s']}"),
+        ("workers' link (heartbeats and calls on it)", lambda r: "yes" if r["link"] else "no"),
         (
             "scheduler RSS idle / all registered (MiB)",
             lambda r: f"{r['rss_idle_mib']:.0f} / {r['rss_registered_mib']:.0f}",
@@ -406,6 +419,11 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--per-process", type=int, default=2500, help="stand-ins per process")
     ap.add_argument("--port-base", type=int, default=12000, help="first stand-in port")
     ap.add_argument("--limit", type=float, default=600.0, help="seconds to wait for registrations")
+    ap.add_argument(
+        "--no-link",
+        action="store_true",
+        help="stand-ins without a Link: Heartbeat calls, the scheduler connects to each",
+    )
 
 
 def run(args: argparse.Namespace, out: Path) -> int:

@@ -9,7 +9,11 @@ verified against its CA), and registers with the scheduler as the agent
 does: RegisterWorker over its own mTLS channel (identity ``agent``, so the
 scheduler's ``[auth] workers`` accepts it), Heartbeat at the interval the
 scheduler answers, RegisterWorker again when a heartbeat says ``known`` is
-false, backoff with jitter while the scheduler is down.
+false, backoff with jitter while the scheduler is down. By default each keeps
+a Link open after registering, with heartbeats on it, and answers the Worker
+calls the scheduler sends down it (an agent with ``[scheduler] calls_as``);
+``--no-link`` keeps the older way (Heartbeat calls, the scheduler connects to
+each stand-in's port).
 
 Every job is trivial and answered at once: StartJob gives a new job id of a
 job that has already succeeded (exit 0, output ``ok\\n``); QueryJob, WaitJob,
@@ -32,6 +36,7 @@ import resource
 import signal
 import sys
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -60,8 +65,15 @@ RAMP_S = 0.002  # between first registrations in one process (not the storm: a s
 MAX_JOBS = 100_000  # job ids remembered per process; the oldest are forgotten past it
 
 
+class UnknownJob(Exception):
+    """No such job (NOT_FOUND)."""
+
+
 class StandInWorker(pb_grpc.WorkerServicer):
-    """The ``Worker`` service of every stand-in of a process: each job has already succeeded."""
+    """The ``Worker`` service of every stand-in of a process: each job has already succeeded.
+
+    The same answers serve direct calls and calls carried by a link (:meth:`answer`).
+    """
 
     def __init__(self) -> None:
         """No jobs yet."""
@@ -69,7 +81,9 @@ class StandInWorker(pb_grpc.WorkerServicer):
         self.started = 0
 
     def _status(self, job_id: str) -> pb.QueryJobRes:
-        req = self.jobs[job_id]
+        req = self.jobs.get(job_id)
+        if req is None:
+            raise UnknownJob(f"no job {job_id}")
         return pb.QueryJobRes(
             done=True,
             state=pb.SUCCEEDED,
@@ -80,18 +94,31 @@ class StandInWorker(pb_grpc.WorkerServicer):
             outputBytes=len(OUTPUT),
         )
 
-    async def _known(self, job_id: str, context: Any) -> None:
-        if job_id not in self.jobs:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"no job {job_id}")
-
-    async def StartJob(self, request: pb.StartJobReq, context: Any) -> pb.StartJobRes:
-        """A new job id; the job has already ended."""
+    def _start(self, request: pb.StartJobReq) -> pb.StartJobRes:
         job_id = str(uuid.uuid4())
         if len(self.jobs) >= MAX_JOBS:
             del self.jobs[next(iter(self.jobs))]
         self.jobs[job_id] = request
         self.started += 1
         return pb.StartJobRes(jobID=job_id)
+
+    def _output(self, request: pb.StreamJobOutputReq) -> list[pb.StreamJobOutputRes]:
+        status = self._status(request.jobID)
+        out = []
+        if request.offset < len(OUTPUT):
+            out.append(pb.StreamJobOutputRes(data=OUTPUT[request.offset :], offset=request.offset))
+        if request.follow and request.endStatus:  # the agent's last message then
+            end = max(request.offset, len(OUTPUT))
+            out.append(pb.StreamJobOutputRes(offset=end, status=status))
+        return out
+
+    async def _known(self, job_id: str, context: Any) -> None:
+        if job_id not in self.jobs:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no job {job_id}")
+
+    async def StartJob(self, request: pb.StartJobReq, context: Any) -> pb.StartJobRes:
+        """A new job id; the job has already ended."""
+        return self._start(request)
 
     async def StopJob(self, request: pb.StopJobReq, context: Any) -> pb.StopJobRes:
         """Nothing to stop."""
@@ -111,21 +138,59 @@ class StandInWorker(pb_grpc.WorkerServicer):
     async def StreamJobOutput(self, request: pb.StreamJobOutputReq, context: Any) -> Any:
         """The job's one line from ``offset``, then the end (the job is over)."""
         await self._known(request.jobID, context)
-        if request.offset < len(OUTPUT):
-            yield pb.StreamJobOutputRes(data=OUTPUT[request.offset :], offset=request.offset)
-        if request.follow and request.endStatus:  # the agent's last message then
-            end = max(request.offset, len(OUTPUT))
-            yield pb.StreamJobOutputRes(offset=end, status=self._status(request.jobID))
+        for msg in self._output(request):
+            yield msg
+
+    def answer(self, call: pb.LinkCall) -> list[pb.LinkReply]:
+        """The replies to a call carried by a link, as an agent sends them."""
+        cid = call.callID
+        try:
+            if call.method == "StartJob":
+                res: Any = self._start(pb.StartJobReq.FromString(call.request))
+            elif call.method in ("QueryJob", "WaitJob"):
+                res = self._status(pb.QueryJobReq.FromString(call.request).jobID)
+            elif call.method == "StopJob":
+                self._status(pb.StopJobReq.FromString(call.request).jobID)
+                res = pb.StopJobRes()
+            elif call.method == "ListJobs":
+                res = pb.ListJobsRes()
+            elif call.method == "StreamJobOutput":
+                msgs = self._output(pb.StreamJobOutputReq.FromString(call.request))
+                return [
+                    *(pb.LinkReply(callID=cid, response=m.SerializeToString()) for m in msgs),
+                    pb.LinkReply(callID=cid, last=True),
+                ]
+            else:
+                code = grpc.StatusCode.UNIMPLEMENTED.value[0]
+                return [pb.LinkReply(callID=cid, last=True, code=code, details=call.method)]
+        except UnknownJob as e:
+            code = grpc.StatusCode.NOT_FOUND.value[0]
+            return [pb.LinkReply(callID=cid, last=True, code=code, details=str(e))]
+        return [pb.LinkReply(callID=cid, response=res.SerializeToString(), last=True)]
 
 
 class Registrar:
-    """Registers one stand-in and keeps it registered (the agent's protocol)."""
+    """Registers one stand-in and keeps it registered (the agent's protocol).
 
-    def __init__(self, address: str, channel: grpc.aio.Channel, counter: Counter) -> None:
+    With ``link``, the stand-in keeps a Link open after registering (as an
+    agent with ``[scheduler] calls_as`` does): heartbeats go up it, and it
+    answers the Worker calls that come down it; without, Heartbeat calls.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        channel: grpc.aio.Channel,
+        counter: Counter,
+        worker: StandInWorker,
+        link: bool,
+    ) -> None:
         """Register ``address`` over ``channel``; ``counter`` counts who is registered."""
         self.address = address
         self.stub = pb_grpc.SchedulerStub(channel)
         self.counter = counter
+        self.worker = worker
+        self.link = link
         self.worker_id = ""
         self.registered = False
 
@@ -150,7 +215,10 @@ class Registrar:
             self.worker_id = res.workerID
             self._set(True)
             interval = float(res.heartbeatSeconds or 5)
-            await self._keep_alive(interval)
+            if self.link:
+                await self._keep_linked(interval)
+            else:
+                await self._keep_alive(interval)
             self._set(False)
 
     async def _keep_alive(self, interval: float) -> None:
@@ -168,6 +236,57 @@ class Registrar:
             if not res.known:
                 return
             await asyncio.sleep(interval)
+
+    async def _keep_linked(self, interval: float) -> None:
+        """Keep the link open until the registration must be made again."""
+        while True:
+            end = await self._linked(interval)
+            if end == "register":
+                return
+            if end == "unimplemented":  # a scheduler without links
+                await self._keep_alive(interval)
+                return
+            await asyncio.sleep(random.uniform(0.5, 1.0) * min(interval, 2.0))
+
+    async def _linked(self, interval: float) -> str:
+        """One link, to its end: why it ended (register, unimplemented, broken)."""
+        up: asyncio.Queue[pb.LinkUp | None] = asyncio.Queue()
+        up.put_nowait(
+            pb.LinkUp(hello=pb.LinkHello(workerID=self.worker_id, acceptsCalls=True, maxCalls=16))
+        )
+
+        async def ups() -> AsyncIterator[pb.LinkUp]:
+            while (msg := await up.get()) is not None:
+                yield msg
+
+        async def beat() -> None:
+            await asyncio.sleep(random.uniform(0, interval))
+            while True:
+                up.put_nowait(pb.LinkUp(heartbeat=pb.HeartbeatReq(workerID=self.worker_id)))
+                await asyncio.sleep(interval)
+
+        call = self.stub.Link(ups())
+        beats = asyncio.ensure_future(beat())
+        try:
+            async for down in call:
+                kind = down.WhichOneof("kind")
+                if kind == "heartbeat" and not down.heartbeat.known:
+                    return "register"
+                if kind == "call":
+                    for r in self.worker.answer(down.call):
+                        up.put_nowait(pb.LinkUp(reply=r))
+                # cancel: every answer went at once, nothing to cancel
+            return "broken"
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.NOT_FOUND:
+                return "register"
+            if e.code() == grpc.StatusCode.UNIMPLEMENTED:
+                return "unimplemented"
+            return "broken"
+        finally:
+            beats.cancel()
+            up.put_nowait(None)  # the request stream ends (its reader is not left waiting)
+            call.cancel()
 
 
 class Counter:
@@ -235,7 +354,8 @@ async def run(args: argparse.Namespace) -> None:
         # One connection per stand-in, as each agent has its own.
         ch = grpc.aio.secure_channel(args.scheduler, client_creds, LINK_OPTIONS)
         channels.append(ch)
-        tasks.append(asyncio.ensure_future(Registrar(addr, ch, counter).run(labels)))
+        reg = Registrar(addr, ch, counter, servicer, not args.no_link)
+        tasks.append(asyncio.ensure_future(reg.run(labels)))
         await asyncio.sleep(RAMP_S)
         if stop.is_set():
             break
@@ -255,6 +375,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scheduler", required=True, help="HOST:PORT of the scheduler")
     ap.add_argument("--certs", required=True, help="a folder made by scripts/gen_certs.sh")
     ap.add_argument("--port-base", type=int, default=12000, help="first port to try")
+    ap.add_argument(
+        "--no-link", action="store_true", help="Heartbeat calls, no Link (the older agent)"
+    )
     args = ap.parse_args(argv)
     raise_fd_limit(4 * args.count + 1024)
     asyncio.run(run(args))

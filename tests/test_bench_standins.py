@@ -29,8 +29,12 @@ ROOT = Path(__file__).resolve().parent.parent
 N = 20
 
 
-def test_twenty_stand_ins_register_and_answer_a_fan_out(tmp_path: Path, certs: Certs) -> None:
-    """Twenty stand-ins register, a fan-out to them all succeeds with each host's output."""
+@pytest.mark.parametrize("link", [True, False], ids=["link", "no-link"])
+def test_twenty_stand_ins_register_and_answer_a_fan_out(
+    tmp_path: Path, certs: Certs, link: bool
+) -> None:
+    """Twenty stand-ins register, a fan-out to them all succeeds with each host's output:
+    over their links (the default), or with --no-link over connections to their ports."""
     # A copy of bench/ alone on the path: the scheduler and the client are the installed package.
     shutil.copytree(ROOT / "bench", tmp_path / "src" / "bench")
     sched = SchedulerProcess(tmp_path / "sched", certs, heartbeat=1, expire=30.0).start()
@@ -50,6 +54,7 @@ def test_twenty_stand_ins_register_and_answer_a_fan_out(tmp_path: Path, certs: C
             # Below the ephemeral range and above the benchmark's (from 12000);
             # a port someone holds is skipped.
             str(random.randrange(24000, 31000)),
+            *([] if link else ["--no-link"]),
         ],
         cwd=tmp_path / "src",
         env=env,
@@ -70,6 +75,7 @@ def test_twenty_stand_ins_register_and_answer_a_fan_out(tmp_path: Path, certs: C
         lines = [e for e in events if isinstance(e, RunOutputLine)]
         assert sorted(e.host for e in lines) == sorted(h.address for h in final.hosts)
         assert {e.line for e in lines} == {b"ok"}
+        assert sched.log().count("(calls accepted)") == (N if link else 0)
     finally:
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=30)

@@ -43,15 +43,41 @@ class AsyncAgentClient:
         spec = calls.channel_spec(
             address, tls, insecure=insecure, keepalive_s=keepalive_s, options=options
         )
+        self._channel: grpc.aio.Channel | None = self._open(spec)
+        self._stub: Any = pb_grpc.WorkerStub(self._channel)
+
+    @staticmethod
+    def _open(spec: calls.ChannelSpec) -> grpc.aio.Channel:
         if spec.credentials is None:
-            self._channel = grpc.aio.insecure_channel(address, options=spec.options)
-        else:
-            self._channel = grpc.aio.secure_channel(address, spec.credentials, options=spec.options)
-        self._stub = pb_grpc.WorkerStub(self._channel)
+            return grpc.aio.insecure_channel(spec.address, options=spec.options)
+        return grpc.aio.secure_channel(spec.address, spec.credentials, options=spec.options)
+
+    @classmethod
+    def over_stub(
+        cls,
+        stub: Any,
+        address: str,
+        *,
+        timeout: float = 10.0,
+        retry: RetryPolicy | None = None,
+    ) -> AsyncAgentClient:
+        """A client whose calls go through ``stub`` (the generated WorkerStub's shape: the
+        scheduler's calls down a worker's link), without a channel of its own.
+
+        ``address`` only names the worker in messages; :meth:`close` does nothing.
+        """
+        self = cls.__new__(cls)
+        self.address = address
+        self.timeout = timeout
+        self.retry = retry or RetryPolicy()
+        self._channel = None
+        self._stub = stub
+        return self
 
     async def close(self) -> None:
-        """Close the channel."""
-        await self._channel.close()
+        """Close the channel (if the client has one)."""
+        if self._channel is not None:
+            await self._channel.close()
 
     async def __aenter__(self) -> AsyncAgentClient:
         return self

@@ -179,6 +179,7 @@ class RunManager:
         self.clock = clock
         self.active: dict[str, ActiveRun] = {}
         self._starts = asyncio.Semaphore(MAX_STARTS)
+        self._closed = False
 
     def start(
         self,
@@ -477,8 +478,11 @@ class RunManager:
         """Stop executing (the scheduler stops), leaving each run going on as recorded: with a
         shared store another scheduler takes it over (it is released), with SQLite this one
         resumes it at its next start. A cancelled run's hosts not started are NOT_STARTED
-        first, so that neither starts them.
+        first, so that neither starts them. Once only.
         """
+        if self._closed:
+            return
+        self._closed = True
         for run in list(self.active.values()):
             tasks = [t for t in (run.task, *run.running) if t is not None and not t.done()]
             for t in tasks:

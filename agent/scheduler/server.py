@@ -114,6 +114,9 @@ async def _serve(cfg: SchedulerConfig, store: Store, ready: Callable[[int], None
             )
     log.info("scheduler stopping")
     await health_servicer.enter_graceful_shutdown()
+    # Runs first, left as recorded: the links end with the server, and a call
+    # that fails on an ended link must not be recorded as the host's end.
+    await service.runs.close()
     if legacy_server is not None:
         await legacy_server.stop(grace=1.0)
     await server.stop(grace=1.0)

@@ -22,6 +22,11 @@ one job on many workers (fan-out runs: StartRun, FollowRun, CancelRun,
 ListRuns, GetRun), which :mod:`agent.scheduler.runservice` serves once the
 caller is checked here.
 
+A registered worker may keep a link open (Link, :mod:`agent.scheduler.links`):
+its heartbeats come up it, and when it accepts calls there, the dispatch calls
+and fan-out runs reach it down its link instead of over a connection to its
+address.
+
 The caller is read from the call as the daemon reads it, and every refusal
 is answered by the one status table (both in :mod:`agent.rpc`); an agent's
 own answer to a dispatched call is relayed with the agent's status.
@@ -35,6 +40,8 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
+import grpc
+
 from agent._proto import jobscheduler_pb2 as pb
 from agent.access import AccessDenied, AccessRules
 from agent.channel import merge_options, reconnecting_channel_options
@@ -43,6 +50,7 @@ from agent.configfile import is_loopback_host, split_host_port
 from agent.refusal import InvalidArgument, NotFound, PermissionDenied, Refusal, Unavailable
 from agent.rpc import abort, peer_certificate
 from agent.scheduler.config import SchedulerConfig
+from agent.scheduler.links import Links, serve_link
 from agent.scheduler.registry import LEGACY_IDENTITY, UnknownWorker, Worker, WorkerRegistry
 from agent.scheduler.runs import RunManager
 from agent.scheduler.runservice import RunService
@@ -101,6 +109,8 @@ class SchedulerService:
         self._tls = TLSFiles(
             ca=a.ca_file.read_bytes(), cert=a.crt_file.read_bytes(), key=a.key_file.read_bytes()
         )
+        # Workers' open links: their calls go down them rather than to their address.
+        self.links = Links(a.call_timeout_seconds)
         self.runs = RunManager(store, registry, self._client, a.call_timeout_seconds)
         self._run_rpcs = RunService(self.runs, registry, store)
 
@@ -148,6 +158,11 @@ class SchedulerService:
             raise NotFound(f"no worker with id {worker_id}") from None
 
     def _client(self, w: Worker) -> AsyncAgentClient:
+        """The client of a worker: down its link if it has one accepting calls here, else
+        over a (shared) connection to its address."""
+        linked = self.links.client(w.worker_id)
+        if linked is not None:
+            return linked
         c = self._clients.get((w.address, w.legacy))
         if c is None:
             # Fast reconnects: a worker back from a network cut is usable at once.
@@ -227,6 +242,25 @@ class SchedulerService:
             return pb.HeartbeatRes(known=self.registry.heartbeat(request.workerID, ident))
 
         return await self._guard(context, body)
+
+    async def Link(self, request_iterator: Any, context: Any) -> None:
+        """A registered worker's link: heartbeats, and the Worker calls it accepts.
+
+        Read and written through ``context`` (``request_iterator`` is not used).
+        """
+        if self.legacy:
+            # Original workers know no links; an agent here keeps its Heartbeat calls.
+            await context.abort(
+                grpc.StatusCode.UNIMPLEMENTED, "the legacy (plaintext) listener has no links"
+            )
+        try:
+            ident = self._require(context, "worker")
+            await serve_link(self.links, self.registry, ident, context)
+        except Refusal as e:
+            await abort(context, e)
+        except StoreError as e:
+            log.error("store: %s", e)
+            await abort(context, Unavailable(f"the scheduler's store is unavailable: {e}"))
 
     async def ListWorkers(self, request: pb.ListWorkersReq, context: Any) -> pb.ListWorkersRes:
         """Registered workers, oldest first (users only)."""
@@ -325,6 +359,7 @@ class SchedulerService:
     async def close(self) -> None:
         """Interrupt the runs going on and close the channels to agents."""
         await self.runs.close()
+        self.links.close_all("closed: the scheduler stops")
         for c in self._clients.values():
             with contextlib.suppress(Exception):
                 await c.close()
