@@ -386,9 +386,9 @@ def _listed(job_id: str, key: str, started: float) -> JobStatus:
 
 def test_a_takeover_finds_a_host_by_its_key_on_an_agent_that_knows_keys() -> None:
     """Two jobs of the same path and arguments since the start (a heuristic match finds
-    both: UNKNOWN, not sent again): the host's key picks its own exactly; none with its
-    key on an agent that knows keys: not received (sent again, with the same key). An
-    agent without keys is matched as before."""
+    both: UNKNOWN, not sent again): the host's key picks its own exactly; a job with
+    another key is never the host's (not received: sent again, with the same key). Jobs
+    without a key (an older owner's, or an agent without keys) are matched as before."""
     from agent.scheduler.takeover import NOT_RECEIVED, host_key, resolve_starting
 
     job = pb.StartJobReq(command="bash", path="x.sh", args=["a"])
@@ -403,3 +403,5 @@ def test_a_takeover_finds_a_host_by_its_key_on_an_agent_that_knows_keys() -> Non
     unkeyed = [_listed("j1", "", 100.0), _listed("j2", "", 100.0)]
     assert resolve(unkeyed)[0] == "" and "2 jobs match" in resolve(unkeyed)[1]
     assert resolve(unkeyed[:1]) == ("j1", "")
+    # A start without a key (an older owner's) beside other hosts' keyed jobs: found.
+    assert resolve([other, unkeyed[0]]) == ("j1", "")

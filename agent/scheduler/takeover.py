@@ -72,23 +72,25 @@ async def resolve_starting(
     """(job id, "") when the worker has exactly one matching job; ("", NOT_RECEIVED) when
     it has none; ("", why) when several match.
 
-    With the host's ``key``: a worker whose jobs carry request keys (it knows them) is
-    matched by key alone, exactly; an older worker, by path, arguments and start time.
+    With the host's ``key``: the job that carries it, exactly (an agent that knows keys
+    lists them). Else jobs of the same path and arguments started since, without a key
+    (a start of an older scheduler, or on an older agent): a job that carries another key
+    is another host's or run's, never this one.
 
     Raises AgentClientError when the worker cannot be asked.
     """
     sent = sent_at or 0.0
     await asyncio.sleep(max(0.0, sent + timeout + SETTLE_S - time.time()))
     since = sent - MATCH_SLACK_S
-    matches, keyed, knows_keys = [], [], False
+    matches, keyed = [], []
     async for st in client.list_all(timeout=timeout):
-        knows_keys = knows_keys or bool(st.request_key)
         if key and st.request_key == key:
             keyed.append(st.job_id)
         started = st.start_time.timestamp() if st.start_time else 0.0
-        if st.path == job.path and list(st.args) == list(job.args) and started >= since:
+        same = st.path == job.path and list(st.args) == list(job.args)
+        if same and started >= since and not st.request_key:
             matches.append(st.job_id)
-    if key and knows_keys:
+    if keyed:
         matches = keyed
     if len(matches) == 1:
         return matches[0], ""
