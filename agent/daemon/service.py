@@ -346,21 +346,7 @@ class WorkerService:
     ) -> tuple[JobRecord, Caller, bool]:
         """The started job (or, with a requestKey used before, the job of that start:
         True), its caller."""
-        # Bounded: a refused request must not turn into a megabyte audit line,
-        # nor cost more than a few dozen items to describe (islice, never a
-        # sort or copy of the whole map).
-        fields: dict[str, Any] = (
-            {}
-            if isinstance(request, Malformed)
-            else {
-                "command": request.command[:512],
-                "path": request.path[:512],
-                "args": _audit_args(request),
-                "env": sorted(n[:128] for n in itertools.islice(request.env, 64)),
-                "arg_count": len(request.args),
-                "env_count": len(request.env),
-            }
-        )
+        fields = _start_fields(request)
 
         async def body(caller: Caller, req: pb.StartJobReq) -> tuple[JobRecord, Caller, bool]:
             # Every size bound before any other work on the request.
@@ -373,35 +359,8 @@ class WorkerService:
             return rec, caller, existing
 
         rec, caller, existing = await self._run(rpc, request, context, body, **fields)
-        if existing:
-            # Nothing started: the repeat is audited as what it is, not as a second start.
-            self.audit.record(
-                "job_start_repeat",
-                decision="allow",
-                identity=caller.identity,
-                peer=context.peer(),
-                rpc=rpc,
-                job_id=rec.id,
-                request_key=rec.request_key,
-            )
-            return rec, caller, True
-        self.audit.record(
-            "job_start",
-            decision="allow",
-            identity=rec.owner,
-            peer=context.peer(),
-            rpc=rpc,
-            job_id=rec.id,
-            command=rec.command,
-            path=rec.path,
-            args=rec.args,
-            env=fields.get("env"),
-            pid=rec.pid,
-            state=rec.state.name,
-            reason=rec.error_text,
-            **({"request_key": rec.request_key} if rec.request_key else {}),
-        )
-        return rec, caller, False
+        _audit_start(self.audit, rpc, context.peer(), rec, caller, existing, fields.get("env"))
+        return rec, caller, existing
 
     async def StopJob(
         self, request: pb.StopJobReq | Malformed, context: grpc.aio.ServicerContext
@@ -588,6 +547,62 @@ async def _first(it: AsyncIterator[tuple[int, bytes]]) -> AsyncIterator[tuple[in
             await it.aclose()  # type: ignore[attr-defined]  # the file, closed now
 
     return rest()
+
+
+def _start_fields(request: pb.StartJobReq | Malformed) -> dict[str, Any]:
+    """What the audit says of a StartJob, bounded: a refused request must not turn into a
+    megabyte audit line, nor cost more than a few dozen items to describe (islice, never
+    a sort or copy of the whole map)."""
+    if isinstance(request, Malformed):
+        return {}
+    return {
+        "command": request.command[:512],
+        "path": request.path[:512],
+        "args": _audit_args(request),
+        "env": sorted(n[:128] for n in itertools.islice(request.env, 64)),
+        "arg_count": len(request.args),
+        "env_count": len(request.env),
+    }
+
+
+def _audit_start(
+    audit: AuditLog,
+    rpc: str,
+    peer: str,
+    rec: JobRecord,
+    caller: Caller,
+    existing: bool,
+    env: list[str] | None,
+) -> None:
+    """The audit line of an answered start: ``job_start``, or ``job_start_repeat`` for a
+    requestKey used before (nothing started: audited as what it is, not a second start)."""
+    if existing:
+        audit.record(
+            "job_start_repeat",
+            decision="allow",
+            identity=caller.identity,
+            peer=peer,
+            rpc=rpc,
+            job_id=rec.id,
+            request_key=rec.request_key,
+        )
+        return
+    audit.record(
+        "job_start",
+        decision="allow",
+        identity=rec.owner,
+        peer=peer,
+        rpc=rpc,
+        job_id=rec.id,
+        command=rec.command,
+        path=rec.path,
+        args=rec.args,
+        env=env,
+        pid=rec.pid,
+        state=rec.state.name,
+        reason=rec.error_text,
+        **({"request_key": rec.request_key} if rec.request_key else {}),
+    )
 
 
 def _audit_args(request: pb.StartJobReq) -> list[str]:

@@ -32,7 +32,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -323,7 +323,6 @@ class EtcdStore:
         """Delete the finished runs :func:`~agent.scheduler.store.prunable` names, each
         with its hosts (by prefix) in one transaction that succeeds only while nobody owns
         the run and its record is as read (another scheduler may prune at the same time)."""
-        rpc = self._rpc
         heads = {}
         for kv in self._range(self._key("runs", "")):
             d = json.loads(kv.value)
@@ -338,41 +337,8 @@ class EtcdStore:
         )
         pruned = 0
         for run_id in ids:
-            kv = heads[run_id][0]
-            hosts = self._key("hosts", run_id, "")
-            r = self._call(
-                self._kv.Txn,
-                rpc.TxnRequest(
-                    compare=[
-                        rpc.Compare(
-                            result=rpc.Compare.EQUAL,
-                            target=rpc.Compare.CREATE,
-                            key=self._key("owners", run_id),
-                            create_revision=0,
-                        ),
-                        rpc.Compare(
-                            result=rpc.Compare.EQUAL,
-                            target=rpc.Compare.MOD,
-                            key=kv.key,
-                            mod_revision=kv.mod_revision,
-                        ),
-                    ],
-                    success=[
-                        rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=kv.key)),
-                        rpc.RequestOp(
-                            request_delete_range=rpc.DeleteRangeRequest(
-                                key=hosts, range_end=_end(hosts)
-                            )
-                        ),
-                        rpc.RequestOp(
-                            request_delete_range=rpc.DeleteRangeRequest(
-                                key=self._key("cancels", run_id)
-                            )
-                        ),
-                    ],
-                ),
-            )
-            pruned += int(r.succeeded)
+            txn = _prune_txn(self._rpc, heads[run_id][0], self._key, run_id)
+            pruned += int(self._call(self._kv.Txn, txn).succeeded)
         return pruned
 
     def request_cancel(self, run_id: str) -> None:
@@ -388,3 +354,30 @@ class EtcdStore:
     def close(self) -> None:
         """Close the channel (leases are left to expire: a takeover needs that)."""
         self._channel.close()
+
+
+def _prune_txn(rpc: Any, head: Any, key: Callable[..., bytes], run_id: str) -> Any:
+    """The transaction that deletes a finished run (its ``head`` as read), its hosts and its
+    cancel request, only while nobody owns it and its record is as read."""
+    hosts = key("hosts", run_id, "")
+
+    def delete(k: bytes, end: bytes = b"") -> Any:
+        return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=k, range_end=end))
+
+    return rpc.TxnRequest(
+        compare=[
+            rpc.Compare(
+                result=rpc.Compare.EQUAL,
+                target=rpc.Compare.CREATE,
+                key=key("owners", run_id),
+                create_revision=0,
+            ),
+            rpc.Compare(
+                result=rpc.Compare.EQUAL,
+                target=rpc.Compare.MOD,
+                key=head.key,
+                mod_revision=head.mod_revision,
+            ),
+        ],
+        success=[delete(head.key), delete(hosts, _end(hosts)), delete(key("cancels", run_id))],
+    )

@@ -193,30 +193,16 @@ class RunManager:
     ) -> ActiveRun:
         """Record a new run over ``workers`` and start executing it in the background."""
         hosts = [HostRecord(w.worker_id, w.address, w.identity, i) for i, w in enumerate(workers)]
-        record = RunRecord(
-            str(uuid.uuid4()),
-            owner,
-            redacted.SerializeToString(),
-            targets,
-            concurrency,
-            budget,
-            self.clock(),
-            hosts=hosts,
-        )
+        rec = (str(uuid.uuid4()), owner, redacted.SerializeToString(), targets)
+        record = RunRecord(*rec, concurrency, budget, self.clock(), hosts=hosts)
         self.store.claim_run(record.run_id)  # a new id: nobody else has it
         self.store.save_run(record)
         run = ActiveRun(record, job)
         self.active[record.run_id] = run
         run.task = asyncio.ensure_future(self._execute(run))
         run.task.add_done_callback(lambda t: self._ended(t, run))
-        log.info(
-            "run %s by %s: %d hosts, %d at once, %d errors tolerated",
-            record.run_id,
-            owner,
-            len(hosts),
-            concurrency,
-            budget,
-        )
+        what = (record.run_id, owner, len(hosts), concurrency, budget)
+        log.info("run %s by %s: %d hosts, %d at once, %d errors tolerated", *what)
         return run
 
     def adopt(self, rec: RunRecord, *, resumed: bool = False) -> ActiveRun:
@@ -320,7 +306,7 @@ class RunManager:
             for h in rec.hosts:
                 if h.state is not HostState.PENDING:
                     continue
-                if not await self._slot(run, running, cancel_wait):
+                if not await _slot(run, running, cancel_wait):
                     break
                 running.add(asyncio.ensure_future(self._host(run, h)))
             if running:
@@ -332,31 +318,6 @@ class RunManager:
             if h.state is HostState.PENDING:
                 self._set(run, h, HostState.NOT_STARTED, error=why)
         self._finish(run, RunState.CANCELLED if run.cancelled.is_set() else RunState.DONE)
-
-    async def _slot(
-        self,
-        run: ActiveRun,
-        running: set[asyncio.Future[object]],
-        cancel_wait: asyncio.Future[object],
-    ) -> bool:
-        """Wait until the next host may start (True) or nothing more may (False)."""
-        rec = run.record
-        while True:
-            errors = run.errors
-            if run.cancelled.is_set() or budget_exceeded(errors, rec.max_errors):
-                return False
-            if may_start(
-                running=len(running),
-                errors=errors,
-                concurrency=rec.max_concurrency,
-                budget=rec.max_errors,
-                cancelled=False,
-            ):
-                return True
-            done, _ = await asyncio.wait(
-                running | {cancel_wait}, return_when=asyncio.FIRST_COMPLETED
-            )
-            running -= done
 
     def _finish(self, run: ActiveRun, state: RunState) -> None:
         rec = run.record
@@ -386,7 +347,7 @@ class RunManager:
     async def _resolve(self, run: ActiveRun, h: HostRecord) -> None:
         """A host left STARTING by a dead owner: RUNNING if its job is found, else UNKNOWN."""
         try:
-            client = self.client_for(self._worker_of(h))
+            client = self.client_for(_worker_of(self.registry, h))
             key = host_key(run.record.run_id, h.worker_id)
             job_id, why = await resolve_starting(
                 client, run.job, h.start_time, self.call_timeout, key
@@ -407,18 +368,7 @@ class RunManager:
 
     async def _watch_host(self, run: ActiveRun, h: HostRecord) -> None:
         """Follow a job a previous owner started, to its end."""
-        await self._follow(run, h, self.client_for(self._worker_of(h)))
-
-    def _worker_of(self, h: HostRecord) -> Worker:
-        """The worker of a started host, registered or not: its job is at that address.
-
-        Just after its scheduler died, a worker may be between two
-        registrations; asking it is still right (if it is gone, the call says so).
-        """
-        try:
-            return self.registry.get(h.worker_id)
-        except UnknownWorker:
-            return Worker(h.worker_id, h.identity, h.address, 0.0, 0.0)
+        await self._follow(run, h, self.client_for(_worker_of(self.registry, h)))
 
     async def _follow(self, run: ActiveRun, h: HostRecord, client: AsyncAgentClient) -> None:
         """Relay a started job's output and record its end."""
@@ -458,14 +408,8 @@ class RunManager:
             # Changed while the record was committed: not sent after all.
             self._set(run, h, HostState.NOT_STARTED, start_time=None, error=_not_started(run))
             return None
-        # The host's own key: a second StartJob for it (a takeover resending a start that
-        # seemed never to arrive while a frozen owner's was still on its way) gets the
-        # job of the first from an agent that knows keys, never a second job.
-        req = pb.StartJobReq()
-        req.CopyFrom(run.job)
-        req.requestKey = host_key(run.record.run_id, h.worker_id)
         try:
-            job_id = await client.start_pb(req, timeout=self.call_timeout)
+            job_id = await client.start_pb(_keyed(run, h), timeout=self.call_timeout)
         except AgentClientError as e:
             state = HostState.UNREACHABLE if e.code in UNREACHABLE_CODES else HostState.FAILED
             self._set(run, h, state, error=f"{e.code.name}: {e.details}")
@@ -498,6 +442,51 @@ class RunManager:
                     await self.store.flushed()
             if self.store.shared:
                 self.store.release_run(run.record.run_id)
+
+
+async def _slot(
+    run: ActiveRun,
+    running: set[asyncio.Future[object]],
+    cancel_wait: asyncio.Future[object],
+) -> bool:
+    """Wait until the next host may start (True) or nothing more may (False)."""
+    rec = run.record
+    while True:
+        errors = run.errors
+        if run.cancelled.is_set() or budget_exceeded(errors, rec.max_errors):
+            return False
+        if may_start(
+            running=len(running),
+            errors=errors,
+            concurrency=rec.max_concurrency,
+            budget=rec.max_errors,
+            cancelled=False,
+        ):
+            return True
+        done, _ = await asyncio.wait(running | {cancel_wait}, return_when=asyncio.FIRST_COMPLETED)
+        running -= done
+
+
+def _keyed(run: ActiveRun, h: HostRecord) -> pb.StartJobReq:
+    """The run's StartJob with the host's own key: a second StartJob for it (a takeover
+    resending a start that seemed never to arrive while a frozen owner's was still on its
+    way) gets the job of the first from an agent that knows keys, never a second job."""
+    req = pb.StartJobReq()
+    req.CopyFrom(run.job)
+    req.requestKey = host_key(run.record.run_id, h.worker_id)
+    return req
+
+
+def _worker_of(registry: WorkerRegistry, h: HostRecord) -> Worker:
+    """The worker of a started host, registered or not: its job is at that address.
+
+    Just after its scheduler died, a worker may be between two registrations; asking it
+    is still right (if it is gone, the call says so).
+    """
+    try:
+        return registry.get(h.worker_id)
+    except UnknownWorker:
+        return Worker(h.worker_id, h.identity, h.address, 0.0, 0.0)
 
 
 def _not_started(run: ActiveRun) -> str:
