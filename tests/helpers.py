@@ -471,6 +471,23 @@ def cgroup2_mount() -> Path | None:
     return cgroups.choose_cgroup2_mount(cgroups.parse_cgroup2_mounts(text))
 
 
+@contextlib.contextmanager
+def job_subtree(name: str) -> Iterator[Path]:
+    """A job cgroup subtree of the test's own in the cgroup2 mount, named ``name``-<random>
+    (whatever is left in it is killed and removed after)."""
+    mount = cgroup2_mount()
+    assert mount is not None, "no cgroup2 mount"
+    top = mount / f"{name}-{uuid.uuid4().hex[:12]}"
+    top.mkdir()
+    try:
+        yield top
+    finally:
+        for leaf in cgroups.Subtree(top).leftovers():
+            leaf.kill()
+            leaf.remove()
+        os.rmdir(top)
+
+
 def wait_for(pred: Any, timeout: float = 10.0, interval: float = 0.02) -> Any:
     """Poll ``pred`` until truthy; return its value or fail."""
     deadline = time.monotonic() + timeout

@@ -11,6 +11,7 @@ the run's token in it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import time
@@ -398,10 +399,9 @@ def test_without_an_etcd_quorum_nothing_is_started_and_all_comes_back(
         assert fleet.follow(i, run.run_id).all_succeeded
 
 
-def test_a_run_taken_over_is_written_only_by_its_new_owner(tmp_path: Path, certs: Certs) -> None:
-    """Fencing: the owner that lost a run (its key released, claimed by another; as for an
-    owner frozen past its lease) can write neither the run nor its hosts; the new owner
-    can, and what it wrote stays."""
+@contextlib.contextmanager
+def _two_stores(tmp_path: Path, certs: Certs, prefix: str) -> Iterator[list[EtcdStore]]:
+    """Two stores (as two schedulers) on a one-member etcd cluster of the test's own."""
     etcd = EtcdCluster(tmp_path / "etcd", certs, n=1)
     stores: list[EtcdStore] = []
     try:
@@ -413,9 +413,21 @@ def test_a_run_taken_over_is_written_only_by_its_new_owner(tmp_path: Path, certs
                     ca_file=certs.crt("etcd-ca"),
                     crt_file=certs.crt("etcd-client"),
                     key_file=certs.key("etcd-client"),
-                    prefix="/fence-test/",
+                    prefix=prefix,
                 )
             )
+        yield stores
+    finally:
+        for s in stores:
+            s.close()
+        etcd.stop()
+
+
+def test_a_run_taken_over_is_written_only_by_its_new_owner(tmp_path: Path, certs: Certs) -> None:
+    """Fencing: the owner that lost a run (its key released, claimed by another; as for an
+    owner frozen past its lease) can write neither the run nor its hosts; the new owner
+    can, and what it wrote stays."""
+    with _two_stores(tmp_path, certs, "/fence-test/") as stores:
         old, new = stores
         old.keep_alive()
         new.keep_alive()
@@ -439,30 +451,13 @@ def test_a_run_taken_over_is_written_only_by_its_new_owner(tmp_path: Path, certs
         now = new.run("r")
         assert now is not None
         assert (now.state, now.hosts[0].state) == (RunState.RUNNING, HostState.RUNNING)
-    finally:
-        for s in stores:
-            s.close()
-        etcd.stop()
 
 
 def test_finished_runs_past_retention_are_pruned_from_etcd(tmp_path: Path, certs: Certs) -> None:
     """[runs] retention with etcd (a cluster of its own): a finished run that ended 31 days
     ago goes with its hosts' keys; a recent one, a RUNNING one (owned, or orphaned and
     waiting to be taken over) and a finished one still owned stay; once released, it goes."""
-    etcd = EtcdCluster(tmp_path / "etcd", certs, n=1)
-    stores: list[EtcdStore] = []
-    try:
-        etcd.start()
-        for _ in range(2):
-            stores.append(
-                EtcdStore(
-                    etcd.endpoints,
-                    ca_file=certs.crt("etcd-ca"),
-                    crt_file=certs.crt("etcd-client"),
-                    key_file=certs.key("etcd-client"),
-                    prefix="/prune-test/",
-                )
-            )
+    with _two_stores(tmp_path, certs, "/prune-test/") as stores:
         owner, other = stores
         owner.keep_alive()
         now = time.time()
@@ -493,7 +488,3 @@ def test_finished_runs_past_retention_are_pruned_from_etcd(tmp_path: Path, certs
         assert prune_finished(other, 0, 1, now) == 0  # "recent" is the newest finished one
         assert {r.run_id for r in other.runs(10)} == {"running", "orphaned", "recent"}
         assert len(other._range(b"/prune-test/hosts/")) == 6
-    finally:
-        for s in stores:
-            s.close()
-        etcd.stop()

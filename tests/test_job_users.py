@@ -14,7 +14,6 @@ import os
 import pwd
 import shutil
 import struct
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,10 +21,10 @@ from typing import Any
 import pytest
 from test_keeper_protocol import POLICY, Conn, Keeper, job_file
 
-from agent.keeper import cgroups, uids
+from agent.keeper import uids
 from agent.keeper.spawn import SPAWN_ENV
 
-from helpers import IS_ROOT, cgroup2_mount, make_safe_dir
+from helpers import IS_ROOT, cgroup2_mount, job_subtree, make_safe_dir
 
 pytestmark = pytest.mark.skipif(not IS_ROOT, reason="switching jobs to their own uids needs root")
 
@@ -67,18 +66,10 @@ def where(request: pytest.FixtureRequest) -> Iterator[Path | None]:
     if request.param == "no cgroup":
         yield None
         return
-    mount = cgroup2_mount()
-    if mount is None:
+    if cgroup2_mount() is None:
         pytest.skip("no cgroup2 mount")
-    top = mount / f"agent-test-users-{uuid.uuid4().hex[:12]}"
-    top.mkdir()
-    try:
+    with job_subtree("agent-test-users") as top:
         yield top
-    finally:
-        for leaf in cgroups.Subtree(top).leftovers():
-            leaf.kill()
-            leaf.remove()
-        os.rmdir(top)
 
 
 NOBODY = 65534

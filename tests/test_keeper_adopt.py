@@ -17,18 +17,16 @@ import json
 import os
 import signal
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from test_keeper_protocol import POLICY, Conn, Keeper
 
-from agent.keeper import cgroups
 from agent.keeper.keeperadopt import ADOPTED_TEXT, NO_FILE_NOTE, NO_PIPE_NOTE
 from agent.keeper.keeperfiles import JOB_FILE
 
-from helpers import IS_ROOT, cgroup2_mount, wait_for
+from helpers import IS_ROOT, cgroup2_mount, job_subtree, wait_for
 
 MOUNT = cgroup2_mount()
 pytestmark = pytest.mark.skipif(
@@ -39,16 +37,8 @@ pytestmark = pytest.mark.skipif(
 @pytest.fixture
 def subtree() -> Iterator[Path]:
     """A job subtree of its own for the test (whatever is left in it is killed after)."""
-    assert MOUNT is not None
-    top = MOUNT / f"agent-test-adopt-{uuid.uuid4().hex[:12]}"
-    top.mkdir()
-    try:
+    with job_subtree("agent-test-adopt") as top:
         yield top
-    finally:
-        for leaf in cgroups.Subtree(top).leftovers():
-            leaf.kill()
-            leaf.remove()
-        os.rmdir(top)
 
 
 @pytest.fixture

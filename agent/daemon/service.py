@@ -576,24 +576,16 @@ def _audit_start(
 ) -> None:
     """The audit line of an answered start: ``job_start``, or ``job_start_repeat`` for a
     requestKey used before (nothing started: audited as what it is, not a second start)."""
+    common: dict[str, Any] = {"decision": "allow", "peer": peer, "rpc": rpc, "job_id": rec.id}
     if existing:
         audit.record(
-            "job_start_repeat",
-            decision="allow",
-            identity=caller.identity,
-            peer=peer,
-            rpc=rpc,
-            job_id=rec.id,
-            request_key=rec.request_key,
+            "job_start_repeat", identity=caller.identity, request_key=rec.request_key, **common
         )
         return
     audit.record(
         "job_start",
-        decision="allow",
         identity=rec.owner,
-        peer=peer,
-        rpc=rpc,
-        job_id=rec.id,
+        **common,
         command=rec.command,
         path=rec.path,
         args=rec.args,
