@@ -336,66 +336,69 @@ def box_table(result: dict[str, Any]) -> str:
     )
 
 
-def seccomp_table(records: list[dict[str, Any]]) -> str:
-    """The seccomp step's medians (``seccomp_summary``), per mode and level; or ""."""
-    rows = [r for r in records if r["name"] == "seccomp_summary"]
+def variant_table(
+    records: list[dict[str, Any]],
+    step: str,
+    second: str,
+    heading: str,
+    intro: str,
+    box: tuple[str, str],
+) -> str:
+    """A two-configuration step's medians (``<step>_summary``: bench.boxcost), per mode and
+    level, each cell the first configuration / the ``second``; or "". ``box``: the box
+    field that tells the two apart, and its column's title."""
+    rows = [r for r in records if r["name"] == f"{step}_summary"]
     if not rows:
         return ""
     out = [
-        f"\n### The seccomp layer (medians of {max(r['rounds'] for r in rows)} interleaved "
-        "rounds)\n\nPer mode, two fresh agents: its configuration (the full box) and the "
-        "same with `[confinement] seccomp = false`; original protocol, `/bin/true`, "
-        "QueryJob every 1 ms. Each cell: with seccomp / without. Ratio: jobs/s with over "
-        "without (the median of the per-round ratios in brackets). All CPU: clients, agent, "
-        "spawner and the job itself, per job.\n\n"
+        f"\n### {heading} (medians of {max(r['rounds'] for r in rows)} interleaved "
+        f"rounds)\n\n{intro}\n\n"
         "| mode | in flight | jobs/s | ratio | p50 ms | server CPU ms/job | jobs CPU ms/job "
-        "| all CPU ms/job | polls/job | other CPU | filters in a job |\n"
+        f"| all CPU ms/job | polls/job | other CPU | {box[1]} |\n"
         "|---|---|---|---|---|---|---|---|---|---|---|\n"
     ]
     for r in sorted(rows, key=lambda r: (r["mode"], r["in_flight"])):
 
         def pair(key: str, fmt: str = ".2f", r: dict[str, Any] = r) -> str:
-            return f"{_f(r.get(key), fmt)} / {_f(r.get(key + '_no_seccomp'), fmt)}"
+            return f"{_f(r.get(key), fmt)} / {_f(r.get(f'{key}_{second}'), fmt)}"
 
         out.append(
             f"| {r['mode']} | {r['in_flight']} | {pair('jobs_per_s', '.0f')} | "
-            f"{_f(r.get('jobs_per_s_vs_no_seccomp'), '.3f')} "
-            f"({_f(r.get('jobs_per_s_vs_no_seccomp_paired'), '.3f')}) | {pair('p50_ms')} | "
+            f"{_f(r.get(f'jobs_per_s_vs_{second}'), '.3f')} "
+            f"({_f(r.get(f'jobs_per_s_vs_{second}_paired'), '.3f')}) | {pair('p50_ms')} | "
             f"{pair('server_cpu_ms_per_job', '.3f')} | {pair('jobs_cpu_ms_per_job', '.3f')} | "
             f"{pair('cpu_ms_per_job', '.3f')} | {pair('polls_per_job')} | {pair('other_cpu_cores')} | "
-            f"{r.get('seccomp_filters')} / {r.get('seccomp_filters_no_seccomp')} |\n"
+            f"{r.get(box[0])} / {r.get(f'{box[0]}_{second}')} |\n"
         )
     return "".join(out)
+
+
+def seccomp_table(records: list[dict[str, Any]]) -> str:
+    """The seccomp step's medians (``seccomp_summary``), per mode and level; or ""."""
+    intro = (
+        "Per mode, two fresh agents: its configuration (the full box) and the same with "
+        "`[confinement] seccomp = false`; original protocol, `/bin/true`, QueryJob every "
+        "1 ms. Each cell: with seccomp / without. Ratio: jobs/s with over without (the "
+        "median of the per-round ratios in brackets). All CPU: clients, agent, spawner and "
+        "the job itself, per job."
+    )
+    box = ("seccomp_filters", "filters in a job")
+    return variant_table(records, "seccomp", "no_seccomp", "The seccomp layer", intro, box)
 
 
 def users_table(records: list[dict[str, Any]]) -> str:
     """The users step's medians (``users_summary``), per mode and level; or ""."""
-    rows = [r for r in records if r["name"] == "users_summary"]
-    if not rows:
-        return ""
-    out = [
-        f"\n### Dynamic users (medians of {max(r['rounds'] for r in rows)} interleaved "
-        "rounds)\n\nPer root mode, two fresh agents: `[jobs] dynamic_users = true` (each "
-        "job a uid of its own, cleaned up by a helper of that uid at its end) and the "
-        "mode's fixed job user; original protocol, `/bin/true`, QueryJob every 1 ms. Each "
-        "cell: dynamic / fixed. Ratio: jobs/s dynamic over fixed (the median of the "
-        "per-round ratios in brackets).\n\n"
-        "| mode | in flight | jobs/s | ratio | p50 ms | server CPU ms/job | all CPU ms/job "
-        "| job uid |\n|---|---|---|---|---|---|---|---|\n"
-    ]
-    for r in sorted(rows, key=lambda r: (r["mode"], r["in_flight"])):
-
-        def pair(key: str, fmt: str = ".2f", r: dict[str, Any] = r) -> str:
-            return f"{_f(r.get(key), fmt)} / {_f(r.get(key + '_fixed_user'), fmt)}"
-
-        out.append(
-            f"| {r['mode']} | {r['in_flight']} | {pair('jobs_per_s', '.0f')} | "
-            f"{_f(r.get('jobs_per_s_vs_fixed_user'), '.3f')} "
-            f"({_f(r.get('jobs_per_s_vs_fixed_user_paired'), '.3f')}) | {pair('p50_ms')} | "
-            f"{pair('server_cpu_ms_per_job', '.3f')} | {pair('cpu_ms_per_job', '.3f')} | "
-            f"{r.get('job_uid')} / {r.get('job_uid_fixed_user')} |\n"
-        )
-    return "".join(out)
+    intro = (
+        "Per root mode, two fresh agents: `[jobs] dynamic_users = true` (each job a uid of "
+        "its own, cleaned up by a helper of that uid after its end) and the mode's fixed job "
+        "user; original protocol, `/bin/true`, QueryJob every 1 ms. Each cell: dynamic / "
+        "fixed. Ratio: jobs/s dynamic over fixed (the median of the per-round ratios in "
+        "brackets). All CPU: clients, agent, keeper and the job itself (with its uid's "
+        "clean-up), per job."
+    )
+    return variant_table(
+        records, "users", "fixed_user", "Dynamic users", intro, ("job_uid", "job uid")
+    )
 
 
 def baseline_table(result: dict[str, Any]) -> str:
