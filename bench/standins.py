@@ -112,6 +112,12 @@ class StandInWorker(pb_grpc.WorkerServicer):
             out.append(pb.StreamJobOutputRes(offset=end, status=status))
         return out
 
+    def _start_stream(self, request: pb.StartJobReq) -> list[pb.StreamJobOutputRes]:
+        """StartJobStream's messages: the new job's id, its one line, its status."""
+        job_id = self._start(request).jobID
+        follow = pb.StreamJobOutputReq(jobID=job_id, follow=True, endStatus=True)
+        return [pb.StreamJobOutputRes(jobID=job_id), *self._output(follow)]
+
     async def _known(self, job_id: str, context: Any) -> None:
         if job_id not in self.jobs:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no job {job_id}")
@@ -141,6 +147,11 @@ class StandInWorker(pb_grpc.WorkerServicer):
         for msg in self._output(request):
             yield msg
 
+    async def StartJobStream(self, request: pb.StartJobReq, context: Any) -> Any:
+        """A new job id, then the job's one line and its end."""
+        for msg in self._start_stream(request):
+            yield msg
+
     def answer(self, call: pb.LinkCall) -> list[pb.LinkReply]:
         """The replies to a call carried by a link, as an agent sends them."""
         cid = call.callID
@@ -154,8 +165,11 @@ class StandInWorker(pb_grpc.WorkerServicer):
                 res = pb.StopJobRes()
             elif call.method == "ListJobs":
                 res = pb.ListJobsRes()
-            elif call.method == "StreamJobOutput":
-                msgs = self._output(pb.StreamJobOutputReq.FromString(call.request))
+            elif call.method in ("StreamJobOutput", "StartJobStream"):
+                if call.method == "StartJobStream":
+                    msgs = self._start_stream(pb.StartJobReq.FromString(call.request))
+                else:
+                    msgs = self._output(pb.StreamJobOutputReq.FromString(call.request))
                 return [
                     *(pb.LinkReply(callID=cid, response=m.SerializeToString()) for m in msgs),
                     pb.LinkReply(callID=cid, last=True),

@@ -141,3 +141,22 @@ def test_a_restarted_agent_still_knows_the_keys(agent: AgentProcess) -> None:
     agent.restart()
     again = _start(agent, "before-restart")
     assert (again.jobID, again.existing) == (first.jobID, True)
+
+
+def test_start_job_stream_gives_the_job_id_its_output_and_its_status(
+    agent: AgentProcess, script_dir: Path
+) -> None:
+    """StartJobStream: one call, the new job's id first (alone), then its output, then its
+    status; with a key used before, the job of that start (nothing new started)."""
+    req = pb.StartJobReq(
+        command="bash", path=str(script_dir / "count.sh"), args=["3", "0.01"], requestKey="ss-1"
+    )
+    with agent.stub("client") as stub:
+        msgs = list(stub.StartJobStream(req, timeout=30))
+        again = list(stub.StartJobStream(req, timeout=30))
+    first, *rest = msgs
+    assert first.jobID and not first.data and not first.HasField("status")
+    assert b"".join(m.data for m in rest) == b"line 1\nline 2\nline 3\n"
+    assert rest[-1].HasField("status") and rest[-1].status.state == pb.SUCCEEDED
+    assert again[0].jobID == first.jobID
+    assert b"".join(m.data for m in again[1:]) == b"line 1\nline 2\nline 3\n"

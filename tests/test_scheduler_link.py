@@ -189,15 +189,28 @@ def test_heartbeats_on_the_link_are_answered_and_keep_the_worker_listed(
     asyncio.run(main())
 
 
-async def answer_like_an_agent(w: Worker, seen: list[str], job_id: str = "job-1") -> None:
-    """Answer StartJob and StreamJobOutput down the link as an agent whose job succeeded."""
+async def answer_like_an_agent(
+    w: Worker, seen: list[str], job_id: str = "job-1", one_call: bool = True
+) -> None:
+    """Answer StartJobStream (unless not ``one_call``: UNIMPLEMENTED, as an older agent),
+    StartJob and StreamJobOutput down the link as an agent whose job succeeded."""
+    status = pb.QueryJobRes(jobID=job_id, done=True, state=pb.SUCCEEDED, exitCode=0)
     while True:
         down = await w.recv()
         if not down.HasField("call"):
             continue
         call = down.call
         seen.append(call.method)
-        if call.method == "StartJob":
+        if call.method == "StartJobStream" and one_call:
+            assert pb.StartJobReq.FromString(call.request).command == "true"
+            for m in (
+                pb.StreamJobOutputRes(jobID=job_id),
+                pb.StreamJobOutputRes(data=b"ok\n", offset=0),
+                pb.StreamJobOutputRes(offset=3, status=status),
+            ):
+                w.reply(call.callID, m.SerializeToString(), last=False)
+            w.reply(call.callID)
+        elif call.method == "StartJob":
             assert pb.StartJobReq.FromString(call.request).command == "true"
             w.reply(call.callID, pb.StartJobRes(jobID=job_id).SerializeToString())
         elif call.method == "StreamJobOutput":
@@ -205,7 +218,6 @@ async def answer_like_an_agent(w: Worker, seen: list[str], job_id: str = "job-1"
             assert out.jobID == job_id and out.follow and out.endStatus
             data = pb.StreamJobOutputRes(data=b"ok\n", offset=0)
             w.reply(call.callID, data.SerializeToString(), last=False)
-            status = pb.QueryJobRes(jobID=job_id, done=True, state=pb.SUCCEEDED, exitCode=0)
             end = pb.StreamJobOutputRes(offset=3, status=status)
             w.reply(call.callID, end.SerializeToString(), last=False)
             w.reply(call.callID)
@@ -214,23 +226,28 @@ async def answer_like_an_agent(w: Worker, seen: list[str], job_id: str = "job-1"
             w.send(pb.LinkUp(reply=pb.LinkReply(callID=call.callID, last=True, code=code)))
 
 
-def test_a_fan_out_goes_down_the_links(sched: SchedulerProcess) -> None:
-    """The run's StartJob and output stream travel down the worker's link (its address
-    has no listener): SUCCEEDED, with the worker's output line."""
+@pytest.mark.parametrize("one_call", [True, False], ids=["StartJobStream", "older-agent"])
+def test_a_fan_out_goes_down_the_links(sched: SchedulerProcess, one_call: bool) -> None:
+    """The run's start and output travel down the worker's link (its address has no
+    listener): SUCCEEDED, with the worker's output line; one call (StartJobStream), or,
+    for a worker that answers it UNIMPLEMENTED, StartJob and StreamJobOutput."""
 
     async def main() -> None:
         w = Worker(sched)
         await w.register()
         await w.link()
         seen: list[str] = []
-        answering = asyncio.ensure_future(answer_like_an_agent(w, seen))
+        answering = asyncio.ensure_future(answer_like_an_agent(w, seen, one_call=one_call))
         final, lines = await asyncio.to_thread(run_everywhere, sched, w.worker_id)
         answering.cancel()
         (host,) = final.hosts
         assert host.state == "SUCCEEDED", (host.error_text, seen)
         assert host.job_id == "job-1"
         assert lines == [b"ok"]
-        assert seen == ["StartJob", "StreamJobOutput"]
+        if one_call:
+            assert seen == ["StartJobStream"]
+        else:
+            assert seen == ["StartJobStream", "StartJob", "StreamJobOutput"]
         await w.close()
 
     asyncio.run(main())
@@ -299,7 +316,8 @@ def test_a_worker_without_calls_on_its_link_is_reached_at_its_address(
 def test_a_link_that_closes_mid_run_leaves_the_host_unreachable(
     sched: SchedulerProcess,
 ) -> None:
-    """The job started; the link closes when its output is asked for: lost after start."""
+    """The job started (its id came up the link); the link closes while its output is
+    awaited: lost after start."""
 
     async def main() -> None:
         w = Worker(sched)
@@ -309,9 +327,10 @@ def test_a_link_that_closes_mid_run_leaves_the_host_unreachable(
         async def start_then_close() -> None:
             while True:
                 down = await w.recv()
-                if down.HasField("call") and down.call.method == "StartJob":
-                    w.reply(down.call.callID, pb.StartJobRes(jobID="j").SerializeToString())
-                elif down.HasField("call"):
+                if down.HasField("call") and down.call.method == "StartJobStream":
+                    first = pb.StreamJobOutputRes(jobID="j").SerializeToString()
+                    w.reply(down.call.callID, first, last=False)
+                    await asyncio.sleep(0.2)  # the scheduler records the host RUNNING
                     assert w.call is not None
                     w.call.cancel()
                     return
@@ -329,8 +348,8 @@ def test_a_link_that_closes_mid_run_leaves_the_host_unreachable(
 
 
 def test_a_call_past_its_deadline_is_cancelled_on_the_link(sched: SchedulerProcess) -> None:
-    """A StartJob never answered: DEADLINE_EXCEEDED (UNREACHABLE) at the call's deadline,
-    and the worker is told to cancel that call."""
+    """A start never answered: DEADLINE_EXCEEDED (UNREACHABLE) at the scheduler's
+    [agents] call_timeout_seconds, and the worker is told to cancel that call."""
 
     async def main() -> None:
         w = Worker(sched)
@@ -338,8 +357,9 @@ def test_a_call_past_its_deadline_is_cancelled_on_the_link(sched: SchedulerProce
         await w.link()
         run = asyncio.ensure_future(asyncio.to_thread(run_everywhere, sched, w.worker_id))
         down = await w.recv()
-        assert down.call.method == "StartJob"
-        assert 0 < down.call.timeoutMillis <= 2000  # [agents] call_timeout_seconds
+        # One call a host: its stream has no deadline (the job may run long); the
+        # scheduler gives up on the job id after call_timeout_seconds.
+        assert down.call.method == "StartJobStream"
         cancel = await w.recv()
         assert cancel.cancel.callID == down.call.callID
         final, _ = await run

@@ -8,10 +8,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from agent._proto import jobscheduler_pb2 as pb
-from agent.client import JobStatus, PermissionDenied, Unavailable
+from agent.client import AgentClientError, JobStatus, PermissionDenied, Unavailable
 from agent.scheduler import runs as runs_module
 from agent.scheduler.registry import Registry, Worker
 from agent.scheduler.runs import ActiveRun, HostChange, OutputLine, RunEnded, RunManager
@@ -42,6 +43,8 @@ class Agents:
         self.starting = 0  # StartJob calls in flight
         self.starting_peak = 0
         self.start_delay = 0.0
+        self.one_call = True  # agents know StartJobStream (else UNIMPLEMENTED)
+        self.one_calls = 0  # StartJobStream calls
 
     def client(self, w: Worker) -> Any:
         return Agent(self, w.address)
@@ -71,6 +74,17 @@ class Agent:
         f.running += 1
         f.peak = max(f.peak, f.running)
         return f"job@{self.address}"
+
+    async def start_stream(
+        self, req: pb.StartJobReq, *, timeout: float | None = None
+    ) -> AsyncIterator[str | bytes | JobStatus]:
+        if not self.fleet.one_call:
+            raise AgentClientError("unknown method", grpc.StatusCode.UNIMPLEMENTED)
+        self.fleet.one_calls += 1
+        job_id = await self.start_pb(req)
+        yield job_id
+        async for item in self.stream_to_end(job_id):
+            yield item
 
     async def stream(self, job_id: str, *, follow: bool = False) -> AsyncIterator[bytes]:
         for chunk in (b"one\ntw", b"o\nthree"):
@@ -224,6 +238,8 @@ def test_start_calls_in_flight_are_paced_and_a_waiting_host_respects_the_budget(
         assert agents.starting_peak == 2
         m, agents, workers = _setup(tmp_path / "b", 6)
         agents.start_delay = 0.01
+        # StartJob (the fake's fails at once; its StartJobStream one loop turn later).
+        m.one_call_lacking = {w.worker_id for w in workers}
         agents.down = {workers[0].address}
         states = await _done(_start(m, agents, workers, 6, 0))
         # The run hands all six hosts to the start slots at once; the first fails
@@ -405,3 +421,21 @@ def test_a_takeover_finds_a_host_by_its_key_on_an_agent_that_knows_keys() -> Non
     assert resolve(unkeyed[:1]) == ("j1", "")
     # A start without a key (an older owner's) beside other hosts' keyed jobs: found.
     assert resolve([other, unkeyed[0]]) == ("j1", "")
+
+
+def test_one_call_a_host_and_start_job_for_a_worker_without_it(tmp_path: Path) -> None:
+    """Workers that know StartJobStream get one call a host (the job id, its output, its
+    status); one that answers UNIMPLEMENTED gets StartJob and a stream, and is not asked
+    the one call again in the next run."""
+
+    async def main() -> None:
+        m, agents, workers = _setup(tmp_path, 3)
+        agents.end_status = True
+        assert await _done(_start(m, agents, workers, 3, 0)) == [HostState.SUCCEEDED] * 3
+        assert agents.one_calls == 3 and agents.waits == 0
+        agents.one_call = False
+        assert await _done(_start(m, agents, workers, 3, 0)) == [HostState.SUCCEEDED] * 3
+        assert m.one_call_lacking == {w.worker_id for w in workers}
+        assert agents.one_calls == 3 and len(agents.started) == 6
+
+    asyncio.run(main())

@@ -193,14 +193,16 @@ class StreamJobOutputReq(_message.Message):
     def __init__(self, jobID: _Optional[str] = ..., offset: _Optional[int] = ..., follow: _Optional[bool] = ..., endStatus: _Optional[bool] = ...) -> None: ...
 
 class StreamJobOutputRes(_message.Message):
-    __slots__ = ("data", "offset", "status")
+    __slots__ = ("data", "offset", "status", "jobID")
     DATA_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
+    JOBID_FIELD_NUMBER: _ClassVar[int]
     data: bytes
     offset: int
     status: QueryJobRes
-    def __init__(self, data: _Optional[bytes] = ..., offset: _Optional[int] = ..., status: _Optional[_Union[QueryJobRes, _Mapping]] = ...) -> None: ...
+    jobID: str
+    def __init__(self, data: _Optional[bytes] = ..., offset: _Optional[int] = ..., status: _Optional[_Union[QueryJobRes, _Mapping]] = ..., jobID: _Optional[str] = ...) -> None: ...
 
 class ListJobsReq(_message.Message):
     __slots__ = ("states", "owner", "pageSize", "pageToken")

@@ -71,6 +71,11 @@ class WorkerStub:
                 request_serializer=agent_dot___proto_dot_jobscheduler__pb2.StartJobReq.SerializeToString,
                 response_deserializer=agent_dot___proto_dot_jobscheduler__pb2.QueryJobRes.FromString,
                 _registered_method=True)
+        self.StartJobStream = channel.unary_stream(
+                '/jobscheduler.Worker/StartJobStream',
+                request_serializer=agent_dot___proto_dot_jobscheduler__pb2.StartJobReq.SerializeToString,
+                response_deserializer=agent_dot___proto_dot_jobscheduler__pb2.StreamJobOutputRes.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -130,6 +135,16 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StartJobStream(self, request, context):
+        """StartJob and StreamJobOutput (following, with endStatus) in one call: the
+        first message carries the new job's jobID (and nothing else), then come its
+        output and, last, its status. Refusals are StartJob's status codes, before
+        any message. The scheduler's fan-out uses it: one call per host.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -167,6 +182,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.RunJob,
                     request_deserializer=agent_dot___proto_dot_jobscheduler__pb2.StartJobReq.FromString,
                     response_serializer=agent_dot___proto_dot_jobscheduler__pb2.QueryJobRes.SerializeToString,
+            ),
+            'StartJobStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.StartJobStream,
+                    request_deserializer=agent_dot___proto_dot_jobscheduler__pb2.StartJobReq.FromString,
+                    response_serializer=agent_dot___proto_dot_jobscheduler__pb2.StreamJobOutputRes.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -360,6 +380,33 @@ class Worker:
             '/jobscheduler.Worker/RunJob',
             agent_dot___proto_dot_jobscheduler__pb2.StartJobReq.SerializeToString,
             agent_dot___proto_dot_jobscheduler__pb2.QueryJobRes.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartJobStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/jobscheduler.Worker/StartJobStream',
+            agent_dot___proto_dot_jobscheduler__pb2.StartJobReq.SerializeToString,
+            agent_dot___proto_dot_jobscheduler__pb2.StreamJobOutputRes.FromString,
             options,
             channel_credentials,
             insecure,

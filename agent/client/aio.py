@@ -12,6 +12,7 @@ from agent._proto import jobscheduler_pb2 as pb
 from agent._proto import jobscheduler_pb2_grpc as pb_grpc
 from agent.channel import CLIENT_KEEPALIVE_S
 from agent.client import _calls as calls
+from agent.client.errors import convert
 from agent.client.model import JobStatus, RetryPolicy, TLSFiles
 
 __all__ = ["AsyncAgentClient"]
@@ -194,6 +195,24 @@ class AsyncAgentClient:
         async for msg in self._stream(out):
             st = out.status(msg)
             yield out.accept(msg) if st is None else st
+
+    async def start_stream(
+        self, req: pb.StartJobReq, *, timeout: float | None = None
+    ) -> AsyncIterator[str | bytes | JobStatus]:
+        """StartJobStream: the new job's id (a str) first, then its output, then its
+        status (the last item). One attempt, never retried (a start); ``timeout`` bounds
+        the whole call (default: none, the job may run long). An agent without the call
+        raises UNIMPLEMENTED before any item: nothing was started."""
+        try:
+            async for msg in self._stub.StartJobStream(req, timeout=timeout):
+                if msg.jobID:
+                    yield msg.jobID
+                elif msg.HasField("status"):
+                    yield JobStatus.from_pb(msg.status)
+                elif msg.data:
+                    yield msg.data
+        except grpc.RpcError as e:
+            raise convert(e) from None
 
     async def _stream(self, out: calls.OutputStream) -> AsyncIterator[Any]:
         """StreamJobOutput's messages, resumed from ``out``'s position after a drop."""

@@ -341,6 +341,21 @@ class WorkerService:
             rec = await self.jobs.view.wait(rec.id, caller, timeout)
         return self.replies.reply(rec)
 
+    async def StartJobStream(
+        self, request: pb.StartJobReq | Malformed, context: grpc.aio.ServicerContext
+    ) -> None:
+        """StartJob, then the job's output followed to its end with its status, in one
+        call (the fan-out's way: one call per host). The first message carries the job id
+        only; a requestKey used before streams the job of that start."""
+        rec, _, _ = await self._start("StartJobStream", request, context)
+        try:
+            await context.write(pb.StreamJobOutputRes(jobID=rec.id))
+        except Exception as e:  # the caller went away (see StreamJobOutput)
+            log.debug("StartJobStream of %s ended by the client: %r", rec.id, e)
+            return
+        follow = pb.StreamJobOutputReq(jobID=rec.id, follow=True, endStatus=True)
+        await self.StreamJobOutput(follow, context)
+
     async def _start(
         self, rpc: str, request: pb.StartJobReq | Malformed, context: grpc.aio.ServicerContext
     ) -> tuple[JobRecord, Caller, bool]:
@@ -521,6 +536,11 @@ def worker_methods(service: WorkerService) -> dict[str, grpc.RpcMethodHandler]:
         "StreamJobOutput": grpc.unary_stream_rpc_method_handler(
             service.StreamJobOutput,
             _deserializer(pb.StreamJobOutputReq),
+            pb.StreamJobOutputRes.SerializeToString,
+        ),
+        "StartJobStream": grpc.unary_stream_rpc_method_handler(
+            service.StartJobStream,
+            _deserializer(pb.StartJobReq),
             pb.StreamJobOutputRes.SerializeToString,
         ),
     }

@@ -65,6 +65,7 @@ RESPONSES: dict[str, type[Message]] = {
     "ListJobs": pb.ListJobsRes,
     "RunJob": pb.QueryJobRes,
     "StreamJobOutput": pb.StreamJobOutputRes,
+    "StartJobStream": pb.StreamJobOutputRes,
 }
 
 
@@ -381,6 +382,13 @@ class LinkStub:
     ) -> AsyncIterator[Message]:
         """The job's output messages, as the generated stub's stream gives them."""
         async for msg in self._link().stream("StreamJobOutput", request, timeout):
+            yield msg
+
+    async def StartJobStream(
+        self, request: pb.StartJobReq, timeout: float | None = None
+    ) -> AsyncIterator[Message]:
+        """The new job's id, output and status messages, as the generated stub's stream."""
+        async for msg in self._link().stream("StartJobStream", request, timeout):
             yield msg
 
 

@@ -50,6 +50,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+# What is left of a StartJobStream once its job id came (None: no such stream).
+Rest = AsyncIterator[str | bytes | JobStatus] | None
 # Codes that mean the worker could not be reached (as opposed to refusing).
 UNREACHABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 # A run's event log in memory: past this many events, output lines are
@@ -175,6 +177,8 @@ class RunManager:
         self.store = store
         self.registry = registry
         self.client_for = client_for
+        # Workers that answered StartJobStream UNIMPLEMENTED: StartJob and a stream for them.
+        self.one_call_lacking: set[str] = set()
         self.call_timeout = call_timeout
         self.clock = clock
         self.active: dict[str, ActiveRun] = {}
@@ -339,10 +343,10 @@ class RunManager:
             started = await self._start(run, h)
         if started is None:
             return
-        client, _ = started
+        client, rest = started
         if run.cancelled.is_set():
             await self._stop(run, h)  # cancelled while the start was on its way
-        await self._follow(run, h, client)
+        await self._follow(run, h, client, rest)
 
     async def _resolve(self, run: ActiveRun, h: HostRecord) -> None:
         """A host left STARTING by a dead owner: RUNNING if its job is found, else UNKNOWN."""
@@ -370,11 +374,19 @@ class RunManager:
         """Follow a job a previous owner started, to its end."""
         await self._follow(run, h, self.client_for(_worker_of(self.registry, h)))
 
-    async def _follow(self, run: ActiveRun, h: HostRecord, client: AsyncAgentClient) -> None:
-        """Relay a started job's output and record its end."""
+    async def _follow(
+        self,
+        run: ActiveRun,
+        h: HostRecord,
+        client: AsyncAgentClient,
+        rest: Rest = None,
+    ) -> None:
+        """Relay a started job's output and record its end: from ``rest``, the rest of its
+        StartJobStream, else from a StreamJobOutput of its own."""
         job_id = h.job_id
+        items = rest if rest is not None else client.stream_to_end(job_id)
         try:
-            st = await _relay_output(run, h, client) or await _job_end(client, job_id)
+            st = await _relay_output(run, h, items) or await _job_end(client, job_id)
         except AgentClientError as e:
             self._set(run, h, HostState.UNREACHABLE, error=f"lost after start: {e}")
             return
@@ -384,8 +396,9 @@ class RunManager:
             error = st.error_text or st.state
             self._set(run, h, HostState.FAILED, exit_code=st.exit_code, error=error)
 
-    async def _start(self, run: ActiveRun, h: HostRecord) -> tuple[AsyncAgentClient, str] | None:
-        """StartJob on one host: its client and job id, or None (its state says why)."""
+    async def _start(self, run: ActiveRun, h: HostRecord) -> tuple[AsyncAgentClient, Rest] | None:
+        """The start on one host: its client and the rest of its StartJobStream (None: a
+        stream of its own is needed), or None (its state says why)."""
         try:
             w = self.registry.get(h.worker_id)
         except UnknownWorker:
@@ -409,14 +422,43 @@ class RunManager:
             self._set(run, h, HostState.NOT_STARTED, start_time=None, error=_not_started(run))
             return None
         try:
-            job_id = await client.start_pb(_keyed(run, h), timeout=self.call_timeout)
+            job_id, rest = await self._send_start(client, _keyed(run, h), h.worker_id)
         except AgentClientError as e:
             state = HostState.UNREACHABLE if e.code in UNREACHABLE_CODES else HostState.FAILED
             self._set(run, h, state, error=f"{e.code.name}: {e.details}")
             return None
         # Recorded once the worker answered: the job id to ask about later.
         self._set(run, h, HostState.RUNNING, job_id=job_id, start_time=self.clock())
-        return client, job_id
+        return client, rest
+
+    async def _send_start(
+        self, client: AsyncAgentClient, req: pb.StartJobReq, worker_id: str
+    ) -> tuple[str, Rest]:
+        """The job id, and the rest of its output stream when the worker took the one-call
+        start (StartJobStream: one call a host); a worker without it (UNIMPLEMENTED before
+        anything started: an older agent, the original worker) gets StartJob, and is not
+        asked the one call again. Raises AgentClientError."""
+        if worker_id not in self.one_call_lacking:
+            items = client.start_stream(req)
+            try:
+                first = await asyncio.wait_for(items.__anext__(), self.call_timeout)
+            except AgentClientError as e:
+                if e.code != grpc.StatusCode.UNIMPLEMENTED:
+                    raise
+                self.one_call_lacking.add(worker_id)
+            except (TimeoutError, asyncio.TimeoutError):
+                await items.aclose()  # type: ignore[attr-defined]
+                code = grpc.StatusCode.DEADLINE_EXCEEDED
+                raise AgentClientError("no answer to the start", code) from None
+            except StopAsyncIteration:
+                code = grpc.StatusCode.UNKNOWN
+                raise AgentClientError("the start's stream ended empty", code) from None
+            else:
+                if isinstance(first, str) and first:
+                    return first, items
+                await items.aclose()  # type: ignore[attr-defined]
+                raise AgentClientError("the start's stream named no job", grpc.StatusCode.UNKNOWN)
+        return await client.start_pb(req, timeout=self.call_timeout), None
 
     async def close(self) -> None:
         """Stop executing (the scheduler stops), leaving each run going on as recorded: with a
@@ -499,7 +541,7 @@ def _line(run: ActiveRun, h: HostRecord, line: bytes) -> None:
 
 
 async def _relay_output(
-    run: ActiveRun, h: HostRecord, client: AsyncAgentClient
+    run: ActiveRun, h: HostRecord, items: AsyncIterator[str | bytes | JobStatus]
 ) -> JobStatus | None:
     """Publish the job's output line by line, each labelled with its host; the job's
     status if the stream's end carried it (an agent that knows ``endStatus``), else None.
@@ -509,10 +551,12 @@ async def _relay_output(
     pending = b""
     status = None
     try:
-        async for item in client.stream_to_end(h.job_id):
+        async for item in items:
             if isinstance(item, JobStatus):
                 status = item
                 continue
+            if isinstance(item, str):
+                continue  # a job id (StartJobStream's first item, taken already)
             pending += item
             *lines, pending = pending.split(b"\n")
             for line in lines:
