@@ -177,7 +177,17 @@ class JobPlaces:
         except (cgroups.CgroupError, ValueError) as e:
             if cg is not None:
                 self.remove_cgroup(cg)
-            raise PlaceError(str(e), errno.EIO) from e
+            # Out of descriptors or memory while the leaf is made or opened is the keeper's
+            # own condition (RESOURCE_EXHAUSTED at the agent), not the job's start failure.
+            cause = e.__context__
+            code = errno.EIO
+            if isinstance(cause, OSError) and cause.errno in (
+                errno.EMFILE,
+                errno.ENFILE,
+                errno.ENOMEM,
+            ):
+                code = cause.errno
+            raise PlaceError(str(e), code) from e
         return cg
 
     def release(self, cg: cgroups.JobCgroup | None, scratch: str | None) -> None:
