@@ -366,13 +366,14 @@ class Keeper(Spawner):
         self.kept.exited(job, exit_of(msg))
         self.holds.release(job.id, ran=True, contained=contained)
 
-    def cgroup_done(self, pid: int, cg: cgroups.JobCgroup, msg: dict[str, Any]) -> None:
+    def cgroup_done(
+        self, pid: int, cg: cgroups.JobCgroup, msg: dict[str, Any], *, emptied: bool
+    ) -> None:
         # Also reached when the leaf could not be killed or watched: only a leaf seen
         # empty spares the uid's cleanup its /proc scan.
-        with contextlib.suppress(cgroups.CgroupError, OSError):
-            if not cg.populated():
-                self.emptied.add(pid)
-        Spawner.cgroup_done(self, pid, cg, msg)
+        if emptied:
+            self.emptied.add(pid)
+        Spawner.cgroup_done(self, pid, cg, msg, emptied=emptied)
 
     def leaves_fired(self, fired: list[int]) -> None:
         Spawner.leaves_fired(self, fired)

@@ -346,7 +346,7 @@ class Spawner:
         # The usual case: nothing of the job is left (the zombie leader does
         # not count), so no kill and no watch are needed.
         if not cg.populated():
-            self.cgroup_done(pid, cg, msg)
+            self.cgroup_done(pid, cg, msg, emptied=True)
             return
         # The whole job ends with its leader: processes that left its session
         # or process group are still in its cgroup.
@@ -355,13 +355,14 @@ class Spawner:
             wd = self.watch(cg)
         except cgroups.CgroupError as e:
             _log(str(e))
-            self.cgroup_done(pid, cg, msg)
+            self.cgroup_done(pid, cg, msg, emptied=False)
             return
         # Watch first, then look: an emptying before the watch is not missed.
         if wd is None or not cg.populated():
             if wd is not None:
                 self.unwatch(wd)
-            self.cgroup_done(pid, cg, msg)
+            # Seen empty only when watched (without a watch it was killed by signals).
+            self.cgroup_done(pid, cg, msg, emptied=wd is not None)
             return
         self.draining[wd] = Draining(cg, msg, wd)
 
@@ -394,10 +395,13 @@ class Spawner:
             if (wd in fired or not d.cg.events_path.exists()) and not d.cg.populated():
                 del self.draining[wd]
                 self.unwatch(wd)
-                self.cgroup_done(d.msg["pid"], d.cg, d.msg)
+                self.cgroup_done(d.msg["pid"], d.cg, d.msg, emptied=True)
 
-    def cgroup_done(self, pid: int, cg: cgroups.JobCgroup, msg: dict[str, Any]) -> None:
-        """The leaf is empty: account from it, remove it and the scratch, report the exit."""
+    def cgroup_done(
+        self, pid: int, cg: cgroups.JobCgroup, msg: dict[str, Any], *, emptied: bool
+    ) -> None:
+        """The leaf is empty (``emptied``: seen so, rather than given up on after a failed
+        kill): account from it, remove it and the scratch, report the exit."""
         self.cgroups.pop(pid, None)
         self.places.remove_scratch(self.scratch.pop(pid, None))
         memory = self.subtree is None or "memory" in self.subtree.controllers
