@@ -153,6 +153,13 @@ _KILL_FALLBACK_TIMEOUT = 5.0
 class CgroupError(Exception):
     """A cgroup operation failed; the message is one line a person can act on."""
 
+    @property
+    def errno(self) -> int | None:
+        """The errno of the system call that failed (the OSError it was raised from, whose
+        traceback ``from None`` hides), or None when no call failed."""
+        cause = self.__context__
+        return cause.errno if isinstance(cause, OSError) else None
+
 
 class MissingController(CgroupError):
     """A limit needs a controller that is not enabled for job cgroups."""

@@ -179,14 +179,8 @@ class JobPlaces:
                 self.remove_cgroup(cg)
             # Out of descriptors or memory while the leaf is made or opened is the keeper's
             # own condition (RESOURCE_EXHAUSTED at the agent), not the job's start failure.
-            cause = e.__context__
-            code = errno.EIO
-            if isinstance(cause, OSError) and cause.errno in (
-                errno.EMFILE,
-                errno.ENFILE,
-                errno.ENOMEM,
-            ):
-                code = cause.errno
+            failed = e.errno if isinstance(e, cgroups.CgroupError) else None
+            code = failed if failed in (errno.EMFILE, errno.ENFILE, errno.ENOMEM) else errno.EIO
             raise PlaceError(str(e), code) from e
         return cg
 
