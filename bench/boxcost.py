@@ -31,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from agent.keeper.config import Jobs
 from bench import workloads as wl
 from bench.compare import MEDIANS, median_of, ratio
 from bench.output import note
@@ -54,24 +55,24 @@ class VariantPair:
     second: str
     overrides: dict[str, dict[str, dict[str, Any]]]
     box_field: str
-    # (first's value, second's value, the mode) -> what is wrong, or "" when they differ right
-    check: Callable[[Any, Any, Mode], str]
+    # (first's value, second's value) -> what is wrong, or "" when they differ right
+    check: Callable[[Any, Any], str]
 
 
-def _filters_differ(first: Any, second: Any, _: Mode) -> str:
+def _filters_differ(first: Any, second: Any) -> str:
     if (first or 0) < 1 or second != 0:
         return f"the jobs' filters are {first} and {second} (expected >= 1 and 0)"
     return ""
 
 
-def _uids_differ(first: Any, second: Any, _: Mode) -> str:
+def _uids_differ(first: Any, second: Any) -> str:
     lo, hi = DYNAMIC_RANGE
     if not isinstance(first, int) or not lo <= first <= hi or first == second:
         return f"the jobs' uids are {first} and {second} (expected one in {lo}-{hi}, then another)"
     return ""
 
 
-DYNAMIC_RANGE = (60600, 61099)  # the config's default range
+DYNAMIC_RANGE = (Jobs().dynamic_uid_min, Jobs().dynamic_uid_max)  # the config's default
 SECCOMP = VariantPair(
     "seccomp",
     "seccomp",
@@ -132,7 +133,7 @@ class VariantCost:
                     {"mode": self.mode.key, "name": f"{c.step}_box", "variant": variant, **box}
                 )
             # A comparison of two equal boxes would pass for the wrong reason.
-            wrong = c.check(self.boxes[c.first], self.boxes[c.second], self.mode)
+            wrong = c.check(self.boxes[c.first], self.boxes[c.second])
             if wrong:
                 raise RuntimeError(
                     f"{c.step} step: {wrong}: the two configurations are not what is compared"
