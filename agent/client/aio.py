@@ -12,7 +12,7 @@ from agent._proto import jobscheduler_pb2 as pb
 from agent._proto import jobscheduler_pb2_grpc as pb_grpc
 from agent.channel import CLIENT_KEEPALIVE_S
 from agent.client import _calls as calls
-from agent.client.errors import convert
+from agent.client.errors import AgentClientError, convert
 from agent.client.model import JobStatus, RetryPolicy, TLSFiles
 
 __all__ = ["AsyncAgentClient"]
@@ -203,14 +203,17 @@ class AsyncAgentClient:
         status (the last item). One attempt, never retried (a start); ``timeout`` bounds
         the whole call (default: none, the job may run long). An agent without the call
         raises UNIMPLEMENTED before any item: nothing was started."""
+        out: calls.OutputStream | None = None  # the job's output, once its id came
         try:
             async for msg in self._stub.StartJobStream(req, timeout=timeout):
-                if msg.jobID:
+                if out is None:
+                    if not msg.jobID:
+                        raise AgentClientError("StartJobStream: the first message names no job")
+                    out = calls.OutputStream(msg.jobID, 0, True, None, end_status=True)
                     yield msg.jobID
-                elif msg.HasField("status"):
-                    yield JobStatus.from_pb(msg.status)
-                elif msg.data:
-                    yield msg.data
+                    continue
+                st = out.status(msg)
+                yield out.accept(msg) if st is None else st
         except grpc.RpcError as e:
             raise convert(e) from None
 
