@@ -7,12 +7,14 @@ registry and its runs in its SQLite store, so the last test restarts it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -60,28 +62,36 @@ class Fleet:
         return events[-1]
 
 
-@pytest.fixture(scope="module")
-def fleet(
-    tmp_path_factory: pytest.TempPathFactory, certs: Certs, standard_policy: str
+@contextlib.contextmanager
+def started_fleet(
+    base: Path, certs: Certs, policy: str, registrations: list[dict[str, Any]]
 ) -> Iterator[Fleet]:
-    base = tmp_path_factory.mktemp("fanout")
+    """A scheduler and one agent a ``registrations`` item (its [scheduler] keys beyond
+    the address and certificates), all registered; stopped after."""
     # Expiry long enough that an agent killed in a test stays registered (unreachable).
     sched = SchedulerProcess(base / "sched", certs, heartbeat=1, expire=30.0).start()
     agents: list[AgentProcess] = []
     try:
-        for i, role in enumerate(ROLES):
-            reg = registration_section(sched.addr, certs, labels={"role": role, "n": str(i)})
-            agents.append(
-                AgentProcess(base / f"a{i}", certs, standard_policy, scheduler=reg).start()
-            )
+        for i, extra in enumerate(registrations):
+            reg = registration_section(sched.addr, certs, **extra)
+            agents.append(AgentProcess(base / f"a{i}", certs, policy, scheduler=reg).start())
         f = Fleet(sched, agents)
-        wait_for(lambda: len(f.workers()) == len(ROLES), timeout=20)
+        wait_for(lambda: len(f.workers()) == len(registrations), timeout=20)
         yield f
     finally:
         for a in agents:
             a.stop()
             a.cleanup()
         sched.stop()
+
+
+@pytest.fixture(scope="module")
+def fleet(
+    tmp_path_factory: pytest.TempPathFactory, certs: Certs, standard_policy: str
+) -> Iterator[Fleet]:
+    regs = [{"labels": {"role": role, "n": str(i)}} for i, role in enumerate(ROLES)]
+    with started_fleet(tmp_path_factory.mktemp("fanout"), certs, standard_policy, regs) as f:
+        yield f
 
 
 def _peak(hosts: tuple[RunHostInfo, ...]) -> int:

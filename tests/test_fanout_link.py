@@ -16,15 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_fanout import Fleet
+from test_fanout import Fleet, started_fleet
 
 from helpers import (
-    AgentProcess,
     Certs,
-    SchedulerProcess,
     free_port,
-    registration_section,
-    wait_for,
 )
 
 pytestmark = pytest.mark.slow
@@ -36,27 +32,16 @@ LINKED = 3
 def fleet(
     tmp_path_factory: pytest.TempPathFactory, certs: Certs, standard_policy: str
 ) -> Iterator[Fleet]:
+    regs: list[dict[str, Any]] = []
+    for i in range(LINKED + 1):
+        extra: dict[str, Any] = {"labels": {"n": str(i)}}
+        if i < LINKED:
+            # Nothing listens there: only the link reaches this agent.
+            extra |= {"calls_as": "scheduler", "advertise_addr": f"127.0.0.1:{free_port()}"}
+        regs.append(extra)
     base = tmp_path_factory.mktemp("fanout-link")
-    sched = SchedulerProcess(base / "sched", certs, heartbeat=1, expire=30.0).start()
-    agents: list[AgentProcess] = []
-    try:
-        for i in range(LINKED + 1):
-            extra: dict[str, Any] = {"labels": {"n": str(i)}}
-            if i < LINKED:
-                # Nothing listens there: only the link reaches this agent.
-                extra |= {"calls_as": "scheduler", "advertise_addr": f"127.0.0.1:{free_port()}"}
-            reg = registration_section(sched.addr, certs, **extra)
-            agents.append(
-                AgentProcess(base / f"a{i}", certs, standard_policy, scheduler=reg).start()
-            )
-        f = Fleet(sched, agents)
-        wait_for(lambda: len(f.workers()) == LINKED + 1, timeout=20)
+    with started_fleet(base, certs, standard_policy, regs) as f:
         yield f
-    finally:
-        for a in agents:
-            a.stop()
-            a.cleanup()
-        sched.stop()
 
 
 def test_a_run_reaches_linked_agents_down_their_links_and_the_others_directly(
