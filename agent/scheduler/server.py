@@ -171,11 +171,13 @@ def _shared_tick(store: Store, registry: Registry, service: SchedulerService) ->
             fresh = store.run(rec.run_id)  # as the dead owner left it
             if fresh is not None:
                 service.runs.adopt(fresh)
-    # Cancels asked at another scheduler of the runs driven here.
-    for run_id in store.cancel_requests():
-        active = service.runs.active.get(run_id)
-        if active is not None:
-            service.runs.cancel(active)
+    # Cancels asked at another scheduler of the runs driven here: read only while some run
+    # is (each read is a blocking round trip to etcd, a long one without a quorum).
+    if service.runs.active:
+        for run_id in store.cancel_requests():
+            active = service.runs.active.get(run_id)
+            if active is not None:
+                service.runs.cancel(active)
     return gone
 
 
