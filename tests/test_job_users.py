@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from test_keeper_protocol import POLICY, Conn, Keeper, job_file
 
-from agent.keeper import uids
+from agent.keeper import uids, vspawn
 from agent.keeper.spawn import SPAWN_ENV
 
 from helpers import IS_ROOT, cgroup2_mount, job_subtree, make_safe_dir
@@ -314,13 +314,20 @@ def test_a_jobs_ipc_objects_and_keys_are_gone_before_its_uid_is_given_again(
     # does not use (its own cleanups would race this one) are seen by these checks, and
     # gone after the same cleanup, in both of its ways.
     other = LO + 1
-    for contained in (False, True):
+    cleanups: list[Callable[[], bool]] = [
+        lambda: uids.reclaim(other, contained=False),  # the /proc scan
+        lambda: uids.reclaim(other, contained=True),  # a forked helper, no scan
+    ]
+    module = vspawn.choose({})[2]
+    if module is not None:  # the C child the keeper uses for a contained job
+        cleanups.append(lambda: uids.reclaim_contained(module, other))
+    for cleanup in cleanups:
         assert uids.as_user(other, other, lambda: exec(
             SYSV_AND_KEY.replace("print(os.getuid())", ""), {"__name__": "x"}))  # fmt: skip
         shm = Path("/dev/shm/agent-test-dynamic-user")
         assert uids.as_user(other, other, shm.touch)
         assert len(_sysv_owned(other)) == 3 and _user_keyring_size(other) > 0 and shm.exists()
-        assert uids.reclaim(other, contained=contained)
+        assert cleanup()
         assert _sysv_owned(other) == [] and _user_keyring_size(other) == 0
         assert not shm.exists()
 
@@ -454,6 +461,20 @@ def test_the_keepers_filter_refuses_uid_0_and_ids_outside_the_range() -> None:
         "uids": [HI, HI, HI],
         "back to 0": eperm,
     }
+
+
+def test_the_c_cleanup_of_a_uid_is_bound_by_the_keepers_filter() -> None:
+    """The C child that cleans up after a contained job switches to the uid with the
+    keeper's rights: under the keeper's filter a uid outside the range (root here) is
+    refused (its user switch fails, the cleanup says so and the uid would stay out of
+    use) and one inside it runs."""
+    module = vspawn.choose({})[2]
+    if module is None:
+        pytest.skip("agent.keeper._vspawn is not built")
+    got = _in_filtered_child(
+        lambda: [uids.reclaim_contained(module, 0), uids.reclaim_contained(module, LO)]
+    )
+    assert got == [False, True]
 
 
 def test_the_filter_program_is_what_the_kernel_runs() -> None:

@@ -45,6 +45,7 @@
 #include <sched.h>
 #include <signal.h>
 #include <string.h>
+#include <sys/ipc.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
@@ -445,6 +446,121 @@ fail:
     _exit(127); /* the exit_group system call: no atexit handlers, no stdio flush */
 }
 
+/* ---------------------------------------------------------------- a uid's clean-up
+ *
+ * reclaim(): what agent.keeper.uids.reclaim_work does at a dynamic user's job end, for
+ * a job whose cgroup leaf is empty (no process of the uid is left: the uid was that
+ * job's alone and a job cannot leave its leaf), in a CLONE_VM | CLONE_VFORK child that
+ * makes only system calls and exits. The Python helper it replaces forked the keeper:
+ * its page tables copied, then copy-on-write faults in both processes for every page
+ * either touched (most of a dynamic user's cost per job, measured with perf). The
+ * child switches to the uid first (the ops: setgroups, setresgid, setresuid, and for a
+ * keeper that is not root the capabilities dropped), so that everything below is done
+ * with the uid's own rights and no more: kill(-1) reaches only the uid's processes,
+ * IPC_RMID and unlink only what it owns, the keyrings are its own. */
+
+struct ldirent64 {
+    unsigned long long d_ino;
+    long long d_off;
+    unsigned short d_reclen;
+    unsigned char d_type;
+    char d_name[];
+};
+
+typedef struct {
+    const op_t *ops; /* the user switch */
+    Py_ssize_t nops;
+    unsigned uid;
+    volatile int fail_step;
+    volatile int fail_errno;
+    volatile int failed;
+} reclaim_t;
+
+/* SysV IPC objects the uid owns or created: (syscall, its *_INFO command that answers
+ * the highest index in use, its *_STAT_ANY command). */
+static void remove_ipc(unsigned uid) {
+    static const long kinds[3][3] = {
+        {SYS_shmctl, 14 /* SHM_INFO */, 15 /* SHM_STAT_ANY */},
+        {SYS_msgctl, 12 /* MSG_INFO */, 13 /* MSG_STAT_ANY */},
+        {SYS_semctl, 19 /* SEM_INFO */, 20 /* SEM_STAT_ANY */},
+    };
+    char buf[512]; /* the largest of the *id_ds and *info structs, with room */
+    for (int k = 0; k < 3; k++) {
+        long nr = kinds[k][0];
+        int sem = nr == SYS_semctl; /* semctl(id, semnum, cmd, arg) */
+        long top = sem ? syscall(nr, 0, 0, kinds[k][1], buf) : syscall(nr, 0, kinds[k][1], buf);
+        for (long i = 0; i <= top && i < (1L << 16); i++) {
+            long id = sem ? syscall(nr, i, 0, kinds[k][2], buf) : syscall(nr, i, kinds[k][2], buf);
+            if (id < 0)
+                continue;
+            /* struct ipc64_perm starts every *id_ds: key, uid, gid, cuid, cgid. */
+            unsigned owner, creator;
+            memcpy(&owner, buf + 4, sizeof owner);
+            memcpy(&creator, buf + 12, sizeof creator);
+            if (owner != uid && creator != uid)
+                continue;
+            if (sem)
+                syscall(nr, id, 0, IPC_RMID, 0);
+            else
+                syscall(nr, id, IPC_RMID, 0);
+        }
+    }
+}
+
+/* Unlink what the uid owns directly in dir (POSIX message queues in /dev/mqueue, shared
+ * memory in /dev/shm: both sticky, so the owner may); directories are left. */
+static void remove_owned(const char *dir, unsigned uid) {
+    int fd = (int)syscall(SYS_openat, AT_FDCWD, dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0)
+        return;
+    char buf[4096];
+    for (;;) {
+        long n = syscall(SYS_getdents64, fd, buf, sizeof buf);
+        if (n <= 0)
+            break;
+        for (long off = 0; off < n;) {
+            struct ldirent64 *d = (struct ldirent64 *)(buf + off);
+            off += d->d_reclen;
+            const char *name = d->d_name;
+            if (name[0] == '.' && (name[1] == '\0' || (name[1] == '.' && name[2] == '\0')))
+                continue;
+            struct stat st;
+            if (fstatat(fd, name, &st, AT_SYMLINK_NOFOLLOW) == 0 && st.st_uid == uid &&
+                !S_ISDIR(st.st_mode))
+                syscall(SYS_unlinkat, fd, name, 0);
+        }
+    }
+    close(fd);
+}
+
+static int reclaim_child(void *arg) {
+    reclaim_t *r = arg;
+    int step = STEP_CLOSE;
+    /* Nothing of the keeper's while this process is the uid. */
+    if (close_all_but(NULL, 0, 0) < 0)
+        goto fail;
+    if (run_ops(r->ops, r->nops, -1, &step) < 0)
+        goto fail;
+    /* A safeguard: the leaf was empty, so this reaches nothing (ESRCH). kill(-1) as a
+     * user without CAP_KILL reaches exactly the processes of the uid, never the caller. */
+    syscall(SYS_kill, -1, SIGKILL);
+    remove_ipc(r->uid);
+    remove_owned("/dev/mqueue", r->uid);
+    remove_owned("/dev/shm", r->uid);
+    /* The uid's user and user-session keyrings outlive every process of it: emptied. */
+    for (long spec = -4; spec >= -5; spec--) {
+        long ring = syscall(SYS_keyctl, 0 /* KEYCTL_GET_KEYRING_ID */, spec, 0);
+        if (ring >= 0)
+            syscall(SYS_keyctl, 7 /* KEYCTL_CLEAR */, ring);
+    }
+    _exit(0);
+fail:
+    r->fail_errno = errno ? errno : EIO;
+    r->fail_step = step;
+    r->failed = 1;
+    _exit(127);
+}
+
 /* The child's stack, made once and reused: the parent sleeps until the child
  * has exec'd (left this memory) or exited, so one job at a time uses it (the
  * kernel's vfork wait ends early only for a fatal signal, which ends the parent
@@ -659,8 +775,57 @@ done:
     return result;
 }
 
+PyDoc_STRVAR(reclaim_doc,
+             "reclaim(uid, ops) -> (pid, step, errno)\n\n"
+             "Clean up after a dynamic user whose job's cgroup leaf is empty (see\n"
+             "agent/keeper/vspawn.py): the child has exited when this returns (not yet\n"
+             "reaped); step is None when the user switch (ops) succeeded, else the step\n"
+             "and errno that failed it. Raises OSError when no child could be made.");
+
+static PyObject *vspawn_reclaim(PyObject *self, PyObject *args) {
+    PyObject *ops_obj;
+    reclaim_t r;
+    memset(&r, 0, sizeof r);
+    if (!PyArg_ParseTuple(args, "IO", &r.uid, &ops_obj))
+        return NULL;
+    op_t *ops = op_array(ops_obj, &r.nops);
+    if (ops == NULL)
+        return NULL;
+    r.ops = ops;
+    PyObject *result = NULL;
+    if (get_stack() < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        goto done;
+    }
+    /* Every signal blocked around the clone, and in the child until it exits: no
+     * handler of the parent's may run in the shared memory (see the top of the file). */
+    sigset_t all, old;
+    memset(&all, 0xff, sizeof all);
+    if (syscall(SYS_rt_sigprocmask, SIG_SETMASK, &all, &old, (size_t)(NSIG / 8)) < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        goto done;
+    }
+    pid_t pid = clone(reclaim_child, child_stack + STACK_SIZE + sysconf(_SC_PAGESIZE),
+                      CLONE_VM | CLONE_VFORK | SIGCHLD, &r);
+    int clone_errno = errno;
+    syscall(SYS_rt_sigprocmask, SIG_SETMASK, &old, NULL, (size_t)(NSIG / 8));
+    if (pid < 0) {
+        errno = clone_errno;
+        PyErr_SetFromErrno(PyExc_OSError);
+        goto done;
+    }
+    if (r.failed)
+        result = Py_BuildValue("(iii)", (int)pid, r.fail_step, r.fail_errno);
+    else
+        result = Py_BuildValue("(iOi)", (int)pid, Py_None, 0);
+done:
+    PyMem_Free(ops);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"spawn", vspawn_spawn, METH_VARARGS, spawn_doc},
+    {"reclaim", vspawn_reclaim, METH_VARARGS, reclaim_doc},
     {NULL, NULL, 0, NULL},
 };
 

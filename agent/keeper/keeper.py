@@ -167,6 +167,7 @@ class Keeper(Spawner):
             uids.Pool(*dyn) if dyn is not None else None,
             watch=lambda fd, r: self.sel.register(fd, selectors.EVENT_READ, r),
             unwatch=self.sel.unregister,
+            fast=self.launcher.module,
         )
         # Leaders whose cgroup leaf was seen empty: their uid's cleanup needs no /proc scan.
         self.emptied: set[int] = set()

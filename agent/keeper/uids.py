@@ -32,8 +32,9 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
-from agent.keeper import capabilities, seccomp
+from agent.keeper import capabilities, seccomp, vspawn
 
 # ---------------------------------------------------------------- the pool
 
@@ -437,6 +438,26 @@ def reclaim_work(uid: int, *, contained: bool = False) -> Callable[[], None]:
 def reclaim(uid: int, *, contained: bool = False) -> bool:
     """Everything of ``uid`` gone (see :func:`reclaim_work`); True when it all ran."""
     return as_user(uid, uid, reclaim_work(uid, contained=contained))
+
+
+def reclaim_contained(module: Any, uid: int) -> bool:
+    """:func:`reclaim` with ``contained``, done by the C extension's child (``module``:
+    agent.keeper._vspawn): the same steps with the uid's rights, without forking the
+    keeper (about 0.1 ms instead of several, most of them copy-on-write faults). True
+    when it all ran; the child is reaped here."""
+    try:
+        pid, error, _ = vspawn.reclaim(module, uid, drop_caps=os.geteuid() != 0)
+    except OSError as e:
+        print(f"agent keeper: cannot start the clean-up of uid {uid}: {e}", file=sys.stderr)
+        return False
+    try:
+        _, status = os.waitpid(pid, 0)
+    except ChildProcessError:
+        return False
+    if error:
+        print(f"agent keeper: clean-up as uid {uid}: {error}", file=sys.stderr)
+        return False
+    return os.waitstatus_to_exitcode(status) == 0
 
 
 def start_reclaim(uid: int, *, contained: bool = False) -> int | None:

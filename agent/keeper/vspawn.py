@@ -309,3 +309,26 @@ def spawn(
     if code is None:
         return pid, "", 0
     return pid, proto.error_text(steps.name(code), num or errno.EIO), num or errno.EIO
+
+
+def reclaim(module: Any, uid: int, drop_caps: bool) -> tuple[int, str, int]:
+    """The clean-up after a dynamic user whose job's cgroup leaf is empty
+    (:func:`agent.keeper.uids.reclaim_work` with ``contained``) in a C child: (pid, "",
+    0) when it ran, else (pid, error text, errno); the child has exited either way and
+    is the caller's to reap. ``drop_caps``: a keeper that is not root drops the
+    capabilities it keeps across the switch (uids.start_as_user's order). Raises OSError
+    when no child could be made."""
+    steps = Steps()
+    switch = steps("user switch")
+    ops: list[Op] = [
+        (OP_SETGROUPS0, switch, 0, 0, 0, None),
+        (OP_SETRESGID, switch, uid, 0, 0, None),
+        (OP_SETRESUID, switch, uid, 0, 0, None),
+    ]
+    if drop_caps:
+        data = struct.pack("=Ii6I", _CAP_VERSION_3, 0, *([0] * 6))
+        ops.append((OP_CAPSET, steps("capset"), 0, 0, 0, data))
+    pid, code, num = module.reclaim(uid, ops)
+    if code is None:
+        return pid, "", 0
+    return pid, proto.error_text(steps.name(code), num or errno.EIO), num or errno.EIO
