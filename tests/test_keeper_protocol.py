@@ -468,6 +468,19 @@ def test_hello_start_output_and_finished(keeper: Keeper) -> None:
     assert job_file(keeper, ok["job"]) == b"hi\n"
 
 
+def test_an_orphan_a_job_leaves_is_reaped(keeper: Keeper) -> None:
+    """A job's leader ends, leaving a process behind: it is killed with the leader's group
+    and, now a child of the keeper (a subreaper), reaped: no zombie stays (the keeper
+    looks for exited orphans on SIGCHLD, at most every ORPHANS_EVERY)."""
+    c, _ = keeper.attach()
+    fin = c.run(["sh", "-c", "sleep 300 & echo $!"])
+    orphan = int(job_file(keeper, fin["job"]))
+
+    # Killed at once; its /proc entry stays (a zombie) until its parent, the keeper, reaps.
+    wait_for(lambda: not os.path.exists(f"/proc/{orphan}"), timeout=10)
+    assert keeper.alive()
+
+
 def test_jobs_run_as_the_configured_user_with_the_configured_environment(
     keeper: Keeper,
 ) -> None:

@@ -116,6 +116,7 @@ PR_SET_CHILD_SUBREAPER = 36
 MAX_SLEEP = 3600.0  # seconds: the longest the loop waits at once
 # A stopping service keeper, its jobs ended: how long it waits for the agent's acks.
 CLOSE_LINGER = 5.0
+ORPHANS_EVERY = 0.1  # seconds: the shortest time between two looks for exited orphans
 
 
 class Keeper(Spawner):
@@ -145,6 +146,10 @@ class Keeper(Spawner):
         self.service = service
         self.linger_until = 0.0  # after the last job: how long to wait for the acks
         self.reexec_wanted = False  # SIGUSR2: replace the code in place when quiet
+        # Adopted orphans are reaped at most every ORPHANS_EVERY (each look reads /proc,
+        # and under load nearly every SIGCHLD is a job leader's, reaped through its pidfd).
+        self.orphans_at = 0.0  # monotonic time of the next look (0: none due)
+        self.orphans_last = 0.0
         # Output files are the agent's to read and remove: a root keeper serving another
         # user's agent (the privileged deployment) hands each to that user.
         file_owner = agent_uid if os.geteuid() == 0 and agent_uid != 0 else -1
@@ -204,6 +209,9 @@ class Keeper(Spawner):
                 self.maybe_reexec()
             if self.starter.closing:
                 self.check_closed()
+            if self.orphans_at and time.monotonic() >= self.orphans_at:
+                self.orphans_at, self.orphans_last = 0.0, time.monotonic()
+                _reap_orphans(self)
         self.kill_all()
 
     def sleep_time(self) -> float | None:
@@ -215,7 +223,15 @@ class Keeper(Spawner):
             timeout = min(MAX_SLEEP, max(0.0, due - time.monotonic()))
         if self.starter.closing or self.adoption.unwatched:
             timeout = min(timeout if timeout is not None else 1.0, 1.0)
+        if self.orphans_at:
+            due = max(0.0, self.orphans_at - time.monotonic())
+            timeout = due if timeout is None else min(timeout, due)
         return timeout
+
+    def orphans_exited(self) -> None:
+        """A SIGCHLD: adopted orphans are reaped now, or ORPHANS_EVERY after the last look."""
+        if not self.orphans_at:
+            self.orphans_at = max(time.monotonic(), self.orphans_last + ORPHANS_EVERY)
 
     def take_ready(self, ready: Iterable[tuple[selectors.SelectorKey, int]]) -> bool:
         """Handle the ready descriptors; whether the agent has sent a request (taken
@@ -683,7 +699,7 @@ class _Wakeup:
             self.keeper.reexec_wanted = True
         if self.keeper.service and (signal.SIGTERM in got or signal.SIGINT in got):
             self.keeper.close_down()
-        _reap_orphans(self.keeper)
+        self.keeper.orphans_exited()  # (SIGCHLD, or any: a full pipe may have lost it)
 
 
 if __name__ == "__main__":
