@@ -131,7 +131,7 @@ class Conn:
         msg, byrole = proto.decode(data, fds)
         for fd in byrole.values():
             os.close(fd)
-        if msg["op"] == "started" and "pid" in msg:
+        if msg["op"] in ("started", "admitted") and "pid" in msg:
             self.keeper.pids.add(msg["pid"])
         self.seen.append(msg)
         return msg
@@ -466,6 +466,35 @@ def test_hello_start_output_and_finished(keeper: Keeper) -> None:
     ok = c.run(["echo", "hi"])
     assert (ok["state"], ok["text"], ok["exit"]["code"], ok["size"]) == ("SUCCEEDED", "", 0, 3)
     assert job_file(keeper, ok["job"]) == b"hi\n"
+
+
+@pytest.mark.parametrize("path", ["vfork", "fork"])
+def test_an_agent_that_asks_gets_the_admission_and_the_pid_in_one_message(
+    make_keeper: Callable[..., Keeper], monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    """The hello lists the keeper's features; an agent that asks for admitted+started
+    (anything else it asks for is ignored) gets one "admitted" with the pid where the
+    spawn answers at once (the vfork path), and on the fork path, whose spawn answers
+    later, "admitted" first and "started" after, as an agent that did not ask gets
+    (test_hello_start_output_and_finished)."""
+    monkeypatch.setenv(SPAWN_ENV, path)
+    keeper = make_keeper(policy=POLICY)
+    c, hello = keeper.attach()
+    assert hello["features"] == ["admitted+started"] and hello["spawn"] == path
+    c.send({"op": "features", "use": ["admitted+started", "no-such-thing", 7]})
+    job = c.start(["echo", "hi"])
+    first = c.answer(job)
+    if path == "vfork":
+        assert first["op"] == "admitted" and isinstance(first["pid"], int) and first["pid"] > 1
+        assert first["command"].endswith("/echo")
+    else:
+        assert first["op"] == "admitted" and "pid" not in first
+        assert "pid" in c.started(job)
+    fin = c.finished(job)
+    assert (fin["state"], fin["size"]) == ("SUCCEEDED", 3)
+    # Nothing else came for the start: one answer (vfork), or two (fork).
+    said = [m for m in c.seen if m.get("job") == job and m["op"] in ("admitted", "started")]
+    assert len(said) == (1 if path == "vfork" else 2), said
 
 
 def test_an_orphan_a_job_leaves_is_reaped(keeper: Keeper) -> None:
@@ -899,6 +928,9 @@ def test_hostile_messages_are_refused_or_ignored(keeper: Keeper, tmp_path: Path)
             ({"op": "ack", "jobs": "not a list"}, []),
             ({"op": "ack", "jobs": [1, None, {}]}, []),
             ({"op": "reload"}, []),  # no id: nobody to answer
+            ({"op": "features", "use": "admitted+started"}, []),  # not a list
+            ({"op": "features", "use": [{"x": 1}, None, "z" * 100_000]}, []),
+            ({"op": "features"}, []),
         ]
         for body, fds in ignored:
             if isinstance(body, dict):

@@ -83,6 +83,27 @@ def test_a_snapshot_restores_the_same_keeper(tmp_path: Path) -> None:
     os.close(w)
 
 
+def test_the_attached_agents_features_survive_the_re_exec(tmp_path: Path) -> None:
+    """What the attached agent asked for (its features) is part of the attachment handed
+    across the exec; a state saved before features (no key) restores none."""
+    k = _keeper(tmp_path)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    k.link.attach(ours, -1)
+    k.link.use({"op": "features", "use": ["admitted+started", "unknown"]})
+    assert k.link.features == {"admitted+started"}
+    agent = json.loads(json.dumps(k.link.state()))
+    (tmp_path / "2").mkdir()
+    (tmp_path / "3").mkdir()
+    k2, k3 = _keeper(tmp_path / "2"), _keeper(tmp_path / "3")
+    k2.link.restore(agent, gen=3)
+    assert k2.link.features == {"admitted+started"} and k2.link.gen == 3
+    old = {key: v for key, v in agent.items() if key != "features"}
+    old["fd"] = os.dup(agent["fd"])
+    k3.link.restore(old, gen=1)
+    assert k3.link.features == frozenset()
+    theirs.close()
+
+
 def test_new_code_that_does_not_import_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

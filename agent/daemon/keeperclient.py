@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 from agent.daemon.keeperattach import Attacher
 from agent.daemon.keeperreports import KEEPER_DIED as KEEPER_DIED
 from agent.daemon.keeperreports import JobSink, Outstanding
-from agent.daemon.keeperwire import Admission, Finished, Hello
+from agent.daemon.keeperwire import USED, Admission, Finished, Hello
 from agent.keeper import spawnproto as proto
 from agent.keeper.cgroups import Subtree
 from agent.keeper.decision import RunSpec as RunSpec
@@ -134,6 +134,11 @@ class KeeperClient:
             len(hello.ended),
         )
         self._out.kept(hello.jobs)
+        # Before any start: the keeper's features this agent understands (a keeper of an
+        # older release lists none and is asked for none).
+        use = sorted(USED & hello.features)
+        if use:
+            proto.send(self._sock, {"op": "features", "use": use})
         self._attach_reader()
         return hello
 

@@ -130,13 +130,16 @@ class Outstanding:
         if admitted.done():
             # Its start was cancelled before the answer: the job must not run unseen.
             started.cancel()
-            return
-        try:
-            admitted.set_result(Admission(self._stopper, job_id, started, msg))
-        except (KeyError, TypeError, ValueError) as e:
-            # Never a hung StartJob: refused here, and the job (if it starts) stopped.
-            started.cancel()
-            admitted.set_exception(SpawnFailure(errno.EPROTO, f"bad admission: {e}"))
+        else:
+            try:
+                admitted.set_result(Admission(self._stopper, job_id, started, msg))
+            except (KeyError, TypeError, ValueError) as e:
+                # Never a hung StartJob: refused here, and the job (if it starts) stopped.
+                started.cancel()
+                admitted.set_exception(SpawnFailure(errno.EPROTO, f"bad admission: {e}"))
+        if "pid" in msg:
+            # admitted+started: the start's answer came with its admission.
+            self._started(msg)
 
     def _started(self, msg: dict[str, Any]) -> None:
         admitted, started, job_id, sink = self._starts.pop(msg["id"])

@@ -155,6 +155,13 @@ class Hello:
     gives: bool = False
     # Where the keeper puts job cgroups (None: jobs run without); for the agent's limits.
     cgroups: Subtree | None = None
+    # What the keeper can do besides protocol 2's messages (agent.keeper.keeperconn's
+    # FEATURES); the agent asks for those it understands (USED).
+    features: frozenset[str] = frozenset()
+
+
+# The keeper's features this agent understands and asks for when its hello lists them.
+USED = frozenset({"admitted+started"})
 
 
 def hello_from_wire(msg: dict[str, Any], fresh: bool) -> Hello:
@@ -186,6 +193,7 @@ def hello_from_wire(msg: dict[str, Any], fresh: bool) -> Hello:
         cgroups=None
         if not isinstance(where, dict)
         else Subtree(Path(str(where["jobs"])), frozenset(map(str, where["controllers"]))),
+        features=frozenset(str(f) for f in msg.get("features", ()) if isinstance(f, str)),
     )
 
 

@@ -103,7 +103,7 @@ from agent.keeper import lifecycle as lc
 from agent.keeper import spawnproto as proto
 from agent.keeper.decision import Decider, LoadError, load_in_child
 from agent.keeper.keeperadopt import Adoption
-from agent.keeper.keeperconn import LISTEN, AgentLink
+from agent.keeper.keeperconn import FEATURES, LISTEN, AgentLink
 from agent.keeper.keeperfiles import JobFiles, listen_fds, load_ends, save_ends, stored_fds
 from agent.keeper.keeperlog import guarded, log, notify, notify_address
 from agent.keeper.keeperstart import KEEPER_STOP, Starter
@@ -271,6 +271,8 @@ class Keeper(Spawner):
                 self.kept.ack(msg)
             elif op == "reload":
                 self.starter.reload(msg)
+            elif op == "features":
+                self.link.use(msg)
             elif op == "exit":
                 self.running = False
             else:
@@ -296,6 +298,7 @@ class Keeper(Spawner):
             {
                 "op": "hello",
                 "protocol": PROTOCOL,
+                "features": sorted(FEATURES),  # what the agent may ask for (keeperconn)
                 "pid": os.getpid(),
                 "uid": os.geteuid(),  # what the agent's policy check needs to know
                 # Root or not, whether it runs jobs as any user with capabilities (the

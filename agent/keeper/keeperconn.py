@@ -29,6 +29,12 @@ from agent.keeper.keeperlog import log
 
 LISTEN = "listen"
 SEND_WAIT = 5  # seconds
+# What this keeper can do besides protocol 2's messages, listed in its hello; an agent
+# asks for those it understands ("features"), and only then are they used: an agent of
+# an older release (attached across an upgrade of the keeper) gets what it knows.
+#   admitted+started: a start that is spawned at once is answered with one "admitted"
+#     that carries its pid, instead of "admitted" then "started".
+FEATURES = frozenset({"admitted+started"})
 SO_PEERPIDFD = 77  # Linux 6.5: a pidfd of the peer, pinned at connect()
 
 
@@ -109,6 +115,10 @@ class AgentLink:
         self.hello_due = False
         self.peer_pidfd = -1  # the attached agent's pidfd (-1: none, or not pinned)
         self.deaf = False  # the attached agent died: read what it sent, say nothing
+        self.features: frozenset[str] = frozenset()  # what the attached agent asked for
+        # A start's "admitted", held until its spawn answers (admitted+started): sent
+        # with the pid, or before anything else is said.
+        self.held: dict[str, Any] | None = None
         self.mounts: list[Path] = []
         with contextlib.suppress(OSError):
             self.mounts = cgroups.parse_cgroup2_mounts(Path("/proc/self/mountinfo").read_text())
@@ -184,6 +194,7 @@ class AgentLink:
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", SEND_WAIT, 0))
         self.sock = conn
         self.gen += 1
+        self.features, self.held = frozenset(), None
         self.sel.register(conn, selectors.EVENT_READ, None)
         # Said once no start is in the spawner's hands: every job in it is known.
         self.hello_due = True
@@ -200,6 +211,7 @@ class AgentLink:
             self.peer_pidfd = -1
         self.hello_due = False
         self.deaf = False
+        self.features, self.held = frozenset(), None
         log(f"the agent detached ({why}); {self.running()} job(s) go on running")
 
     def agent_gone(self) -> bool:
@@ -225,6 +237,7 @@ class AgentLink:
         Nothing goes to a new agent before its hello: the hello is the whole state (each
         job's output size, whether it is ending, every unacknowledged end), and an agent
         reads its first message as the hello."""
+        self.flush()
         if self.sock is None or self.deaf or self.hello_due:
             return
         try:
@@ -238,6 +251,32 @@ class AgentLink:
                 return
             # It is alive but does not read (SEND_WAIT passed): it attaches again.
             self.detach(f"send failed: {e.strerror or e}")
+
+    def use(self, msg: dict[str, Any]) -> None:
+        """The agent's "features": those of :data:`FEATURES` it asks for are used from now
+        on, for this attachment (anything else in the message is ignored)."""
+        asked = msg.get("use")
+        if isinstance(asked, list):
+            self.features = FEATURES.intersection(f for f in asked[:16] if isinstance(f, str))
+
+    def hold(self, msg: dict[str, Any]) -> None:
+        """Say ``msg`` with the next message, or merged into it (:meth:`take_held`)."""
+        self.flush()
+        self.held = msg
+
+    def take_held(self, rid: Any) -> dict[str, Any] | None:
+        """The held message of start ``rid`` (None: none is held for it), no longer held."""
+        held = self.held
+        if held is None or held.get("id") != rid:
+            return None
+        self.held = None
+        return held
+
+    def flush(self) -> None:
+        """Say the held message now, if one is."""
+        if self.held is not None:
+            held, self.held = self.held, None
+            self.tell(held)
 
     def receive(self) -> tuple[dict[str, Any], dict[str, int]] | None:
         """One request from the agent and its descriptors by role (None: nothing to
@@ -271,6 +310,7 @@ class AgentLink:
             "pidfd": self.peer_pidfd,
             "deaf": self.deaf,
             "hello_due": self.hello_due,
+            "features": sorted(self.features),
         }
 
     def restore(self, agent: dict[str, Any] | None, gen: int) -> None:
@@ -283,4 +323,6 @@ class AgentLink:
         self.peer_pidfd = agent["pidfd"]
         self.deaf = agent["deaf"]
         self.hello_due = agent["hello_due"]
+        # (A state saved by a keeper before features: none asked for.)
+        self.features = FEATURES.intersection(agent.get("features", ()))
         self.sel.register(self.sock, selectors.EVENT_READ, None)

@@ -136,17 +136,21 @@ class Starter:
         record.update(
             command=decided.executable, timeout_seconds=decided.timeout, limits=decided.limits
         )
-        self.link.tell(
-            {
-                "op": "admitted",
-                "id": rid,
-                "job": job_id,
-                "command": decided.executable,
-                "timeout": decided.timeout,
-                "limits": decided.limits,
-                "entry": decided.entry,
-            }
-        )
+        admitted = {
+            "op": "admitted",
+            "id": rid,
+            "job": job_id,
+            "command": decided.executable,
+            "timeout": decided.timeout,
+            "limits": decided.limits,
+            "entry": decided.entry,
+        }
+        if "admitted+started" in self.link.features:
+            # Said with the pid when the spawn answers at once (the vfork path), else
+            # before whatever is said next: one message, one wakeup of the agent, less.
+            self.link.hold(admitted)
+        else:
+            self.link.tell(admitted)
         try:
             self.spawn_admitted(rid, job_id, record, decided, uid)
         except Exception:
@@ -157,6 +161,8 @@ class Starter:
                 self.holds.release(job_id, ran=True)
             if job_id not in self.kept.jobs:
                 self.started_error(rid, job_id, INTERNAL_ERROR, errno.EIO)
+        finally:
+            self.link.flush()  # the fork path's spawn answers later
 
     def failed(self, msg: dict[str, Any]) -> None:
         """A start that raised before it was answered: refused, unless it runs or is in
@@ -295,7 +301,11 @@ class Starter:
             if self.files.fdstore:
                 self.files.push(job)
         if job.gen == self.link.gen:
-            self.link.tell({"op": "started", "id": job.rid, "job": job.id, "pid": job.pid})
+            held = self.link.take_held(job.rid)
+            if held is not None:
+                self.link.tell({**held, "pid": job.pid})
+            else:
+                self.link.tell({"op": "started", "id": job.rid, "job": job.id, "pid": job.pid})
         if self.closing:  # started while the service was told to stop: stopped as the rest
             self.kept.handle(job, lc.ShutdownRequested(KEEPER_STOP))
 
