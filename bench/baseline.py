@@ -57,6 +57,8 @@ SUMMARY = (
     "p99_ms",
     "start_rpc_p50_ms",
     "server_cpu_ms_per_job",
+    "agent_own_cpu_ms_per_job",
+    "helper_cpu_ms_per_job",
     "jobs_cpu_ms_per_job",
     "agent_cpu_cores",
     "agent_children_cpu_cores",
@@ -205,6 +207,11 @@ class BaselineCost:
 
     def _rec(self, variant: str, rec: dict[str, Any]) -> dict[str, Any]:
         rec = {"mode": self.mode.key, **rec, "variant": variant}
+        # The server CPU split: the agent's own and its keeper's (or spawner's), per job.
+        jps, helpers = rec.get("jobs_per_s"), rec.get("agent_children_cpu_cores")
+        if jps and helpers is not None and rec.get("server_cpu_ms_per_job") is not None:
+            rec["helper_cpu_ms_per_job"] = helpers / jps * 1000
+            rec["agent_own_cpu_ms_per_job"] = rec["server_cpu_ms_per_job"] - helpers / jps * 1000
         self.emit(rec)
         return rec
 

@@ -420,9 +420,10 @@ def baseline_table(result: dict[str, Any]) -> str:
         "the same configuration. `/bin/true`, StartJob + WaitJob; the order alternates by "
         "round. Ratios: above 1 means the new one is better (jobs/s new/old, p50 old/new; "
         "the median of the per-round ratios in brackets). Server CPU: the agent and its "
-        "keeper or spawner, per job.\n\n"
+        "keeper or spawner, per job; then each of the two.\n\n"
         "| in flight | jobs/s new / old | ratio | p50 ms new / old | ratio | p99 ms new / old "
-        "| server CPU ms/job new / old | failed |\n|---|---|---|---|---|---|---|---|\n"
+        "| server CPU ms/job new / old | agent's own | keeper / spawner | failed |\n"
+        "|---|---|---|---|---|---|---|---|---|---|\n"
     ]
     for s in levels:
         new, old = s["new"], s["old"]
@@ -435,7 +436,9 @@ def baseline_table(result: dict[str, Any]) -> str:
             f"{_f(s.get('jobs_per_s_new_vs_old'), '.3f')} "
             f"({_f(s.get('jobs_per_s_new_vs_old_paired'), '.3f')}) | {pair('p50_ms')} | "
             f"{_f(s.get('p50_old_vs_new'), '.3f')} ({_f(s.get('p50_old_vs_new_paired'), '.3f')}) "
-            f"| {pair('p99_ms')} | {pair('server_cpu_ms_per_job', '.3f')} | {s['failed']} |\n"
+            f"| {pair('p99_ms')} | {pair('server_cpu_ms_per_job', '.3f')} "
+            f"| {pair('agent_own_cpu_ms_per_job')} | {pair('helper_cpu_ms_per_job')} "
+            f"| {s['failed']} |\n"
         )
     rss = b.get("rss")
     if rss:
