@@ -500,3 +500,38 @@ def test_the_legacy_listener_answers_link_unimplemented(tmp_path: Path, certs: C
         asyncio.run(main())
     finally:
         s.stop()
+
+
+def test_links_coming_and_going_are_said_in_one_line_a_period(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """10,000 links opening and half of them breaking make one INFO summary (how many
+    are open, opened, closed, the commonest reasons), not a line each; each is at DEBUG."""
+    import logging
+
+    from agent.scheduler.linklog import LinkLog
+
+    log = logging.getLogger("agent.scheduler.links")
+    state = {"open": 0}
+
+    async def fleet() -> None:
+        said = LinkLog(log, lambda: state["open"], every=0.05)
+        for i in range(10_000):
+            state["open"] += 1
+            said.opened_one(f"w{i}", "ipv4:127.0.0.1:1", accepts_calls=True)
+        for i in range(5_000):
+            state["open"] -= 1
+            said.closed_one(
+                f"w{i}", "ipv4:127.0.0.1:1", "broken" if i % 5 else "ended by the worker"
+            )
+        await asyncio.sleep(0.2)
+        said.close()
+
+    with caplog.at_level(logging.DEBUG, logger="agent.scheduler.links"):
+        asyncio.run(fleet())
+    info = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert info == [
+        "worker links: 5000 open; 10000 opened and 5000 closed in the last 0 s "
+        "(4000 broken, 1000 ended by the worker)"
+    ]
+    assert sum(r.levelno == logging.DEBUG for r in caplog.records) == 15_000

@@ -39,6 +39,7 @@ from google.protobuf.message import DecodeError, Message
 from agent._proto import jobscheduler_pb2 as pb
 from agent.client import AsyncAgentClient
 from agent.refusal import InvalidArgument, NotFound, PermissionDenied, Refusal, Unavailable
+from agent.scheduler.linklog import LinkLog
 from agent.scheduler.registry import UnknownWorker, WorkerRegistry
 from agent.scheduler.store import StoreError
 
@@ -400,6 +401,7 @@ class Links:
         self.call_timeout = call_timeout
         self._links: dict[str, Link] = {}
         self._clients: dict[str, AsyncAgentClient] = {}
+        self.said = LinkLog(log, lambda: len(self._links))  # one INFO line a period
 
     def __len__(self) -> int:
         return len(self._links)
@@ -458,6 +460,7 @@ class Links:
         """End every link (the scheduler stops)."""
         for link in list(self._links.values()):
             link.evict(why)
+        self.said.close()
 
 
 async def serve_link(links: Links, registry: WorkerRegistry, identity: str, context: Any) -> None:
@@ -475,12 +478,7 @@ async def serve_link(links: Links, registry: WorkerRegistry, identity: str, cont
     link = links.open(registry, identity, peer, first.hello, context.write)
     del first
     link.handler = asyncio.current_task()
-    log.info(
-        "worker %s: link open from %s (calls %s)",
-        link.worker_id,
-        peer,
-        "accepted" if link.accepts_calls else "not accepted",
-    )
+    links.said.opened_one(link.worker_id, peer, link.accepts_calls)
     why = "broken"
     try:
         while True:
@@ -511,4 +509,4 @@ async def serve_link(links: Links, registry: WorkerRegistry, identity: str, cont
         link.close(why)
         link.stop_writer()
         links.remove(link)
-        log.info("worker %s: link from %s %s", link.worker_id, peer, link.closed)
+        links.said.closed_one(link.worker_id, peer, link.closed or why)
