@@ -515,7 +515,7 @@ def test_links_coming_and_going_are_said_in_one_line_a_period(
     state = {"open": 0}
 
     async def fleet() -> None:
-        said = LinkLog(log, lambda: state["open"], every=0.05)
+        said = LinkLog(log, lambda: (state["open"], state["open"] - 1), every=0.05)
         for i in range(10_000):
             state["open"] += 1
             said.opened_one(f"w{i}", "ipv4:127.0.0.1:1", accepts_calls=True)
@@ -531,7 +531,8 @@ def test_links_coming_and_going_are_said_in_one_line_a_period(
         asyncio.run(fleet())
     info = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
     assert info == [
-        "worker links: 5000 open; 10000 opened and 5000 closed in the last 0 s "
+        "worker links: 5000 open (4999 accept calls); 10000 opened and 5000 closed in the "
+        "last 0 s "
         "(4000 broken, 1000 ended by the worker)"
     ]
     assert sum(r.levelno == logging.DEBUG for r in caplog.records) == 15_000

@@ -20,10 +20,13 @@ REASONS_SAID = 3  # the commonest close reasons in a summary
 
 class LinkLog:
     """Counts links opened and closed and says so, in summary (``open_now``: how many
-    links are open now)."""
+    links are open now, and how many of them accept calls)."""
 
     def __init__(
-        self, log: logging.Logger, open_now: Callable[[], int], every: float = SUMMARY_EVERY
+        self,
+        log: logging.Logger,
+        open_now: Callable[[], tuple[int, int]],
+        every: float = SUMMARY_EVERY,
     ) -> None:
         self.log, self.open_now, self.every = log, open_now, every
         self.opened = 0
@@ -58,9 +61,11 @@ class LinkLog:
         if not self.opened and not closed:
             return
         reasons = ", ".join(f"{n} {why}" for why, n in self.closed.most_common(REASONS_SAID))
+        now, calls = self.open_now()
         self.log.info(
-            "worker links: %d open; %d opened and %d closed in the last %.0f s%s",
-            self.open_now(),
+            "worker links: %d open (%d accept calls); %d opened and %d closed in the last %.0f s%s",
+            now,
+            calls,
             self.opened,
             closed,
             self.every,

@@ -401,7 +401,11 @@ class Links:
         self.call_timeout = call_timeout
         self._links: dict[str, Link] = {}
         self._clients: dict[str, AsyncAgentClient] = {}
-        self.said = LinkLog(log, lambda: len(self._links))  # one INFO line a period
+        self.said = LinkLog(log, self._counts)  # one INFO line a period
+
+    def _counts(self) -> tuple[int, int]:
+        """Links open, and how many of them accept calls."""
+        return len(self._links), sum(link.accepts_calls for link in self._links.values())
 
     def __len__(self) -> int:
         return len(self._links)
