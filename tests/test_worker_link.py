@@ -294,16 +294,21 @@ def test_a_scheduler_without_link_gets_heartbeat_calls(
     try:
         a = make_agent(scheduler=registration_section(s.addr, certs, heartbeat_seconds=0.3))
         wait_for(lambda: s.unary_heartbeats >= 4, timeout=20)
-        assert s.link_attempts == 1 and len(s.registrations) == 1
+        assert len(s.registrations) == 1 and s.link_attempts >= 1
         assert a.log().count("has no Link: heartbeats as calls") == 1
+        # Heartbeats as calls, never a try of Link with each: more tries only with a new
+        # registration. (A try that breaks, a timeout on a loaded machine, is tried again:
+        # the scheduler was not reached; one answered UNIMPLEMENTED is not.)
+        tries, regs, beats = s.link_attempts, len(s.registrations), s.unary_heartbeats
+        wait_for(lambda: s.unary_heartbeats >= beats + 4, timeout=20)
+        assert s.link_attempts - tries == len(s.registrations) - regs == 0
         # It forgets the worker: registered again, Link tried once more, then calls again.
         s.known.clear()
-        wait_for(lambda: len(s.registrations) >= 2 and s.unary_heartbeats >= 8, timeout=20)
-        # One try of Link per registration, never one per heartbeat.
-        wait_for(lambda: s.link_attempts == len(s.registrations), timeout=5)
-        beats = s.unary_heartbeats
+        wait_for(lambda: len(s.registrations) >= 2 and s.unary_heartbeats >= beats + 8, timeout=20)
+        wait_for(lambda: s.link_attempts >= len(s.registrations), timeout=20)
+        tries, regs, beats = s.link_attempts, len(s.registrations), s.unary_heartbeats
         wait_for(lambda: s.unary_heartbeats >= beats + 4, timeout=20)
-        assert s.link_attempts == len(s.registrations) <= 3
+        assert s.link_attempts - tries <= len(s.registrations) - regs
         assert a.log().count("has no Link") == 1
     finally:
         s.stop()
