@@ -675,6 +675,33 @@ bad:
     return NULL;
 }
 
+/* Run fn(arg) in a CLONE_VM | CLONE_VFORK child on the child stack, every signal blocked
+ * around the clone (see the top of the file; all bits set by hand, as sigfillset() leaves
+ * out glibc's internal two), SIGCHLD at its exit as fork() (reaped with pidfd + wait4).
+ * The answer once the child has exec'd or exited: (pid, None, 0), or (pid, step, errno)
+ * from the report it left in *failed, *step, *err; NULL with OSError set when no child
+ * could be made. */
+static PyObject *run_child(int (*fn)(void *), void *arg, volatile int *failed,
+                           volatile int *step, volatile int *err) {
+    if (get_stack() < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    sigset_t all, old;
+    memset(&all, 0xff, sizeof all);
+    if (syscall(SYS_rt_sigprocmask, SIG_SETMASK, &all, &old, (size_t)(NSIG / 8)) < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    pid_t pid = clone(fn, child_stack + STACK_SIZE + sysconf(_SC_PAGESIZE),
+                      CLONE_VM | CLONE_VFORK | SIGCHLD, arg);
+    int clone_errno = errno;
+    syscall(SYS_rt_sigprocmask, SIG_SETMASK, &old, NULL, (size_t)(NSIG / 8));
+    if (pid < 0) {
+        errno = clone_errno;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    if (*failed)
+        return Py_BuildValue("(iii)", (int)pid, *step, *err);
+    return Py_BuildValue("(iOi)", (int)pid, Py_None, 0);
+}
+
 PyDoc_STRVAR(spawn_doc,
              "spawn(path, argv, envp, fds, keep, keep_first, pre, confine, reset)"
              " -> (pid, step, errno)\n\n"
@@ -730,10 +757,6 @@ static PyObject *vspawn_spawn(PyObject *self, PyObject *args) {
             PyErr_SetString(PyExc_ValueError, "keep_first: not sorted");
             goto done;
         }
-    if (get_stack() < 0) {
-        PyErr_SetFromErrno(PyExc_OSError);
-        goto done;
-    }
     job.argv = argv;
     job.envp = envp;
     job.keep = keep;
@@ -742,28 +765,7 @@ static PyObject *vspawn_spawn(PyObject *self, PyObject *args) {
     job.pre = pre;
     job.confine = confine;
 
-    /* Every signal blocked around the clone (see the top of the file); all bits set
-     * by hand, as sigfillset() leaves out glibc's internal two. */
-    sigset_t all, old;
-    memset(&all, 0xff, sizeof all);
-    if (syscall(SYS_rt_sigprocmask, SIG_SETMASK, &all, &old, (size_t)(NSIG / 8)) < 0) {
-        PyErr_SetFromErrno(PyExc_OSError);
-        goto done;
-    }
-    /* SIGCHLD at exit, as fork(): the spawner reaps with pidfd + wait4. */
-    pid_t pid = clone(child, child_stack + STACK_SIZE + sysconf(_SC_PAGESIZE),
-                      CLONE_VM | CLONE_VFORK | SIGCHLD, &job);
-    int clone_errno = errno;
-    syscall(SYS_rt_sigprocmask, SIG_SETMASK, &old, NULL, (size_t)(NSIG / 8));
-    if (pid < 0) {
-        errno = clone_errno;
-        PyErr_SetFromErrno(PyExc_OSError);
-        goto done;
-    }
-    if (job.failed)
-        result = Py_BuildValue("(iii)", (int)pid, job.fail_step, job.fail_errno);
-    else
-        result = Py_BuildValue("(iOi)", (int)pid, Py_None, 0);
+    result = run_child(child, &job, &job.failed, &job.fail_step, &job.fail_errno);
 done:
     PyMem_Free(argv);
     PyMem_Free(envp);
@@ -792,33 +794,9 @@ static PyObject *vspawn_reclaim(PyObject *self, PyObject *args) {
     if (ops == NULL)
         return NULL;
     r.ops = ops;
-    PyObject *result = NULL;
-    if (get_stack() < 0) {
-        PyErr_SetFromErrno(PyExc_OSError);
-        goto done;
-    }
-    /* Every signal blocked around the clone, and in the child until it exits: no
-     * handler of the parent's may run in the shared memory (see the top of the file). */
-    sigset_t all, old;
-    memset(&all, 0xff, sizeof all);
-    if (syscall(SYS_rt_sigprocmask, SIG_SETMASK, &all, &old, (size_t)(NSIG / 8)) < 0) {
-        PyErr_SetFromErrno(PyExc_OSError);
-        goto done;
-    }
-    pid_t pid = clone(reclaim_child, child_stack + STACK_SIZE + sysconf(_SC_PAGESIZE),
-                      CLONE_VM | CLONE_VFORK | SIGCHLD, &r);
-    int clone_errno = errno;
-    syscall(SYS_rt_sigprocmask, SIG_SETMASK, &old, NULL, (size_t)(NSIG / 8));
-    if (pid < 0) {
-        errno = clone_errno;
-        PyErr_SetFromErrno(PyExc_OSError);
-        goto done;
-    }
-    if (r.failed)
-        result = Py_BuildValue("(iii)", (int)pid, r.fail_step, r.fail_errno);
-    else
-        result = Py_BuildValue("(iOi)", (int)pid, Py_None, 0);
-done:
+    /* The child keeps every signal blocked until it exits: no handler of the parent's
+     * may run in the shared memory (see the top of the file). */
+    PyObject *result = run_child(reclaim_child, &r, &r.failed, &r.fail_step, &r.fail_errno);
     PyMem_Free(ops);
     return result;
 }
