@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -86,7 +88,8 @@ def test_a_killed_keepers_job_is_adopted_and_its_end_reported_honestly(
     c, _ = keeper.attach()
     job, pid = _started(c, ["sh", "-c", WAITS], record={"id": "r1"})
     c.output(job, 7)
-    assert (keeper.out / f"{job}{JOB_FILE}").is_file()
+    # Written right after the answer (the start waits for the answer, not for it).
+    wait_for(lambda: (keeper.out / f"{job}{JOB_FILE}").is_file())
     _kill9(keeper, c)
     assert _alive(pid) and (subtree / job).is_dir()
     keeper.launch()
@@ -102,8 +105,10 @@ def test_a_killed_keepers_job_is_adopted_and_its_end_reported_honestly(
     assert fin["size"] == 7 and (keeper.out / f"{job}.out").read_bytes() == b"before\n"
     # Ran once: the new keeper started nothing (no "started" for it).
     assert not [m for m in c2.seen if m["op"] == "started"]
-    assert not (subtree / job).exists() and not _alive(pid)
-    assert not (keeper.out / f"{job}{JOB_FILE}").exists()
+    # Both go right after the end is told.
+    assert not _alive(pid)
+    wait_for(lambda: not (subtree / job).exists())
+    wait_for(lambda: not (keeper.out / f"{job}{JOB_FILE}").exists())
     # Acknowledged, it is gone; the new keeper runs new jobs as before.
     c2.send({"op": "ack", "jobs": [job]})
     assert c2.run(["echo", "hi"])["state"] == "SUCCEEDED"
@@ -130,7 +135,8 @@ def test_an_adopted_job_is_stopped_through_its_cgroup(keeper: Keeper, subtree: P
     fin = c2.finished(job)
     assert fin["state"] == "STOPPED"
     assert fin["text"].startswith("stopped by request (exit status unknown)")
-    assert not any(_alive(int(p)) for p in procs) and not (subtree / job).exists()
+    assert not any(_alive(int(p)) for p in procs)
+    wait_for(lambda: not (subtree / job).exists())  # removed right after the end is told
 
 
 def test_an_adopted_job_keeps_its_deadline(keeper: Keeper, subtree: Path) -> None:
@@ -138,14 +144,16 @@ def test_an_adopted_job_keeps_its_deadline(keeper: Keeper, subtree: Path) -> Non
     next one: TIMED_OUT at the original time, not restarted from the adoption."""
     c, _ = keeper.attach()
     job, pid = _started(c, ["sleep", "1000"], timeout=2)
-    meta = json.loads((keeper.out / f"{job}{JOB_FILE}").read_text())
+    path = keeper.out / f"{job}{JOB_FILE}"
+    meta = json.loads(wait_for(lambda: path.is_file() and path.read_text()))
     _kill9(keeper, c)
     keeper.launch()
     c2, _ = keeper.attach()
     fin = c2.finished(job)
     assert fin["state"] == "TIMED_OUT" and fin["text"].startswith("timed out after 2 s")
     assert fin["exit"]["ended"] >= meta["deadline"] - 0.1
-    assert not _alive(pid) and not (subtree / job).exists()
+    assert not _alive(pid)
+    wait_for(lambda: not (subtree / job).exists())
 
 
 def test_a_job_that_ended_while_no_keeper_ran_is_reported_lost(
@@ -165,7 +173,7 @@ def test_a_job_that_ended_while_no_keeper_ran_is_reported_lost(
     [fin] = hello["ended"]
     assert (fin["job"], fin["state"]) == (job, "LOST")
     assert fin["text"].startswith(ADOPTED_TEXT)
-    assert not (subtree / job).exists()
+    wait_for(lambda: not (subtree / job).exists())
 
 
 def test_an_adopted_job_survives_the_keepers_reexec(keeper: Keeper, subtree: Path) -> None:
@@ -184,7 +192,7 @@ def test_an_adopted_job_survives_the_keepers_reexec(keeper: Keeper, subtree: Pat
     os.kill(pid, signal.SIGUSR1)
     fin = c2.finished(job)
     assert (fin["state"], fin["text"]) == ("LOST", f"{ADOPTED_TEXT}; {NO_PIPE_NOTE}")
-    assert not (subtree / job).exists()
+    wait_for(lambda: not (subtree / job).exists())
 
 
 def test_a_malformed_keeper_file_is_said_and_the_job_still_adopted(
@@ -262,4 +270,68 @@ def test_an_adopted_jobs_dynamic_uid_stays_held_until_it_ends(
         c3.send({"op": "stop", "job": b, "how": "stop"})
         assert c3.finished(b)["state"] == "STOPPED"
     finally:
+        k.stop()
+
+
+def _datagrams(store: socket.socket) -> list[tuple[str, int]]:
+    """The descriptor store's datagrams so far: (text, how many descriptors came)."""
+    got: list[tuple[str, int]] = []
+    while True:
+        try:
+            data, fds, _, _ = socket.recv_fds(store, 4096, 4)
+        except BlockingIOError:
+            return got
+        for fd in fds:
+            os.close(fd)
+        got.append((data.decode(), len(fds)))
+
+
+def test_an_agent_that_is_the_store_gets_each_pipe_with_the_start(
+    tmp_path: Path, subtree: Path
+) -> None:
+    """A keeper whose descriptor store is its agent (the agent's child: $NOTIFY_SOCKET is
+    the agent's agent.daemon.pipestore) pushes each job's pipe in a datagram and takes it
+    out at the job's end; an agent that asks for "pipe-with-start" gets the pipe with the
+    start's answer instead, and no datagram comes for the job, neither then nor at its
+    end. The pipe is the job's: what the job writes after the keeper's death is in it."""
+    path = str(tmp_path / "store")
+    store = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+    store.bind(path)
+    (tmp_path / "k1").mkdir()
+    k = Keeper(
+        tmp_path / "k1", policy=POLICY, cgroup_jobs=subtree,
+        env={"NOTIFY_SOCKET": path, "FDSTORE": "16"},
+    )  # fmt: skip
+    kept = -1
+    try:
+        c, hello = k.attach()
+        assert "pipe-with-start" in hello["features"]
+        first = c.start(["echo", "hi"])
+        assert c.finished(first)["state"] == "SUCCEEDED"
+        said = wait_for(lambda: len(got := _datagrams(store)) >= 2 and got)
+        assert said == [
+            (f"FDSTORE=1\nFDNAME={first}\nFDPOLL=0", 1),
+            (f"FDSTOREREMOVE=1\nFDNAME={first}", 0),
+        ]
+        assert first not in c.pipes
+
+        c.send({"op": "features", "use": ["admitted+started", "pipe-with-start"]})
+        short = c.start(["echo", "hi"])
+        assert c.finished(short)["state"] == "SUCCEEDED" and short in c.pipes
+        script = "trap 'echo after; exit 7' USR1; echo before; while :; do sleep 0.05; done"
+        job = c.start(["sh", "-c", script])
+        pid = int(c.answer(job)["pid"])  # "admitted" with the pid (admitted+started)
+        assert job in c.pipes
+        kept = os.dup(c.pipes[job])
+        c.output(job, 7)
+        c.ping()  # everything the keeper did for these jobs is done
+        assert _datagrams(store) == []
+        _kill9(k, c)
+        os.kill(pid, signal.SIGUSR1)
+        assert select.select([kept], [], [], 10)[0], "the job's write never came"
+        assert os.read(kept, 100) == b"after\n"
+    finally:
+        if kept >= 0:
+            os.close(kept)
+        store.close()
         k.stop()

@@ -39,6 +39,7 @@ import agent
 from agent.keeper import spawnproto as proto
 from agent.keeper.admission import StartRequest
 from agent.keeper.decision import NO_CGROUP_NOTE, request_from_wire, request_to_wire
+from agent.keeper.keeper import ORPHANS_RUNNING
 from agent.keeper.keptjobs import JOB_ID
 from agent.keeper.spawn import SPAWN_ENV
 
@@ -111,6 +112,7 @@ class Conn:
     def __init__(self, keeper: Keeper, sock: socket.socket) -> None:
         self.keeper, self.sock = keeper, sock
         self.seen: list[Msg] = []
+        self.pipes: dict[str, int] = {}  # a job's pipe that came with its start's answer
         self.pings = 0
         sock.settimeout(10)  # a keeper that never answers fails the test, never hangs it
 
@@ -129,6 +131,8 @@ class Conn:
         if not data:
             return None
         msg, byrole = proto.decode(data, fds)
+        if "pipe" in byrole:
+            self.pipes[str(msg.get("job"))] = byrole.pop("pipe")
         for fd in byrole.values():
             os.close(fd)
         if msg["op"] in ("started", "admitted") and "pid" in msg:
@@ -209,6 +213,9 @@ class Conn:
 
     def close(self) -> None:
         self.sock.close()
+        for fd in self.pipes.values():
+            os.close(fd)
+        self.pipes.clear()
 
 
 def start_message(
@@ -258,6 +265,7 @@ class Keeper:
         run_as: int | None = None,
         caps: str = "+setuid,+setgid",
         cgroup_jobs: Path | None = None,
+        env: dict[str, str] | None = None,
         **sections: Any,
     ) -> None:
         self.dir = tmp_path / "k"
@@ -298,7 +306,7 @@ class Keeper:
             base.setdefault(name, {}).update(values)
         self.config_path = tmp_path / "config.toml"
         self.config_path.write_text(to_toml(base))
-        env = {k: v for k, v in os.environ.items() if k == SPAWN_ENV}
+        env = {k: v for k, v in os.environ.items() if k == SPAWN_ENV} | (env or {})
         args = ["--socket", self.path, "--output-dir", str(self.out)]
         if config:
             args += ["--config", str(self.config_path)]
@@ -480,7 +488,8 @@ def test_an_agent_that_asks_gets_the_admission_and_the_pid_in_one_message(
     monkeypatch.setenv(SPAWN_ENV, path)
     keeper = make_keeper(policy=POLICY)
     c, hello = keeper.attach()
-    assert hello["features"] == ["admitted+started"] and hello["spawn"] == path
+    assert hello["features"] == ["admitted+started", "pipe-with-start"]
+    assert hello["spawn"] == path
     c.send({"op": "features", "use": ["admitted+started", "no-such-thing", 7]})
     job = c.start(["echo", "hi"])
     first = c.answer(job)
@@ -500,7 +509,7 @@ def test_an_agent_that_asks_gets_the_admission_and_the_pid_in_one_message(
 def test_an_orphan_a_job_leaves_is_reaped(keeper: Keeper) -> None:
     """A job's leader ends, leaving a process behind: it is killed with the leader's group
     and, now a child of the keeper (a subreaper), reaped: no zombie stays (the keeper
-    looks for exited orphans on SIGCHLD, at most every ORPHANS_EVERY)."""
+    looks for exited orphans after each job's end, at most every ORPHANS_EVERY)."""
     c, _ = keeper.attach()
     fin = c.run(["sh", "-c", "sleep 300 & echo $!"])
     orphan = int(job_file(keeper, fin["job"]))
@@ -508,6 +517,20 @@ def test_an_orphan_a_job_leaves_is_reaped(keeper: Keeper) -> None:
     # Killed at once; its /proc entry stays (a zombie) until its parent, the keeper, reaps.
     wait_for(lambda: not os.path.exists(f"/proc/{orphan}"), timeout=10)
     assert keeper.alive()
+
+
+def test_an_orphan_that_exits_while_its_job_runs_is_reaped(keeper: Keeper) -> None:
+    """A process a job left behind (its parent gone: now the keeper's child) exits while
+    the job still runs and no job ends: it is reaped all the same (the keeper looks every
+    ORPHANS_RUNNING while jobs run), not left a zombie until some job ends."""
+    c, _ = keeper.attach()
+    job = c.start(["sh", "-c", "(sleep 0.3 & echo $!); sleep 300"])
+    assert "pid" in c.started(job)
+    c.output(job, 2)
+    orphan = int(job_file(keeper, job))
+    wait_for(lambda: not os.path.exists(f"/proc/{orphan}"), timeout=3 * ORPHANS_RUNNING)
+    c.send({"op": "stop", "job": job, "how": "stop"})
+    assert c.finished(job)["state"] == "STOPPED"
 
 
 def test_jobs_run_as_the_configured_user_with_the_configured_environment(

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 from agent.daemon.keeperattach import Attacher
 from agent.daemon.keeperreports import KEEPER_DIED as KEEPER_DIED
 from agent.daemon.keeperreports import JobSink, Outstanding
-from agent.daemon.keeperwire import USED, Admission, Finished, Hello
+from agent.daemon.keeperwire import STORE_ONLY, USED, Admission, Finished, Hello
 from agent.keeper import spawnproto as proto
 from agent.keeper.cgroups import Subtree
 from agent.keeper.decision import RunSpec as RunSpec
@@ -62,6 +62,13 @@ DEATH_WINDOW = 60.0
 CLOSE_WAIT = 5.0
 # How long a policy reload may take in the keeper (it reads and checks every file).
 RELOAD_WAIT = 60.0
+# Acknowledgements go right after the next start (the keeper reads them in the same
+# wakeup, after that start's spawn: one job at a time, an ack of its own was a wakeup of
+# the keeper per job), or after this long when no start comes. Until then the keeper
+# holds the ends (and tells them again to an agent that attaches anew: a late ack loses
+# nothing); held longer, under load, they cost it memory it keeps.
+ACK_DELAY = 0.05  # seconds
+ACK_BATCH = 512  # ... or until this many wait
 
 
 class KeeperClient:
@@ -121,8 +128,11 @@ class KeeperClient:
         """Attach to the keeper, starting one if none answers; its hello."""
         self._sock, hello = self._attacher.attach()
         self.keeper_pid = hello.pid
-        if self._attacher.store is not None:
-            self._attacher.store.keeper_pid = hello.pid
+        store = self._attacher.store
+        if store is not None:
+            store.keeper_pid = hello.pid
+            for fin in hello.ended:  # over: nothing more can come from their pipes
+                store.forget(fin.job_id)
         self.spawn_path = hello.spawn
         log.info(
             "job keeper (pid %s): %s path (%s); %s, %d running job(s), %d finished to record",
@@ -136,7 +146,7 @@ class KeeperClient:
         self._out.kept(hello.jobs)
         # Before any start: the keeper's features this agent understands (a keeper of an
         # older release lists none and is asked for none).
-        use = sorted(USED & hello.features)
+        use = sorted(USED & hello.features - (STORE_ONLY if store is None else frozenset()))
         if use:
             proto.send(self._sock, {"op": "features", "use": use})
         self._attach_reader()
@@ -194,6 +204,7 @@ class KeeperClient:
                 self._died()
                 raise SpawnFailure(code, "the job keeper died") from None
             raise SpawnFailure(code, proto.error_text("sending the start", code)) from None
+        self._flush_acks()
         self._out.add_start(rid, admitted, started, job_id, sink)
         try:
             return await admitted
@@ -227,9 +238,9 @@ class KeeperClient:
     def ack(self, job_id: str) -> None:
         """The job's end is in the history: the keeper may forget it (sent in batches)."""
         if not self._acks and self._loop is not None:
-            self._loop.call_soon(self._flush_acks)
+            self._loop.call_later(ACK_DELAY, self._flush_acks)
         self._acks.append(job_id)
-        if self._loop is None:
+        if self._loop is None or len(self._acks) >= ACK_BATCH:
             self._flush_acks()
 
     def _flush_acks(self) -> None:
@@ -263,11 +274,25 @@ class KeeperClient:
                 return
             try:
                 msg, byrole = proto.decode(data, fds)
+                self._keep_pipe(msg, byrole.pop("pipe", -1))
                 for fd in byrole.values():
                     os.close(fd)
                 self._out.dispatch(msg)
+                if msg["op"] == "finished" and self._attacher.store is not None:
+                    self._attacher.store.forget(str(msg["job"]))
             except (proto.ProtocolError, ValueError, KeyError, TypeError) as e:
                 log.error("bad message from the job keeper: %s", e)
+
+    def _keep_pipe(self, msg: dict[str, Any], fd: int) -> None:
+        """A job's pipe that came with its start's answer ("pipe-with-start"): into the
+        store, as if the keeper had pushed it (anything else with a pipe: closed)."""
+        if fd < 0:
+            return
+        store = self._attacher.store
+        if store is None or msg["op"] not in ("admitted", "started"):
+            os.close(fd)
+            return
+        store.keep(str(msg.get("job", "")), fd)
 
     # ------------------------------------------------------------ the keeper's death
 

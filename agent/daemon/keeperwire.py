@@ -161,7 +161,9 @@ class Hello:
 
 
 # The keeper's features this agent understands and asks for when its hello lists them.
-USED = frozenset({"admitted+started"})
+USED = frozenset({"admitted+started", "pipe-with-start"})
+# Of those, what only an agent that is its keeper's descriptor store asks for.
+STORE_ONLY = frozenset({"pipe-with-start"})
 
 
 def hello_from_wire(msg: dict[str, Any], fresh: bool) -> Hello:

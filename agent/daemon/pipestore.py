@@ -9,7 +9,10 @@ code is the same. The keeper is started with ``$NOTIFY_SOCKET`` naming this stor
 datagram socket and ``$FDSTORE``; it sends ``FDSTORE=1`` / ``FDNAME=<job id>`` with the
 pipe, and ``FDSTOREREMOVE=1`` when the job is over. The next keeper the agent starts
 gets the stored pipes (``--stored JOB=FD,...``). A keeper the agent finds already
-running (the agent restarted) pushes its pipes again when the agent attaches.
+running (the agent restarted) pushes its pipes again when the agent attaches. An agent
+that asks for the keeper's "pipe-with-start" feature gets each job's pipe with its
+start's answer on the keeper's socket instead (:meth:`PipeStore.keep`), and drops it at
+the job's "finished" (:meth:`PipeStore.forget`): no datagram per job.
 
 Only the keeper may store: a datagram is taken only from this agent's own uid (or root)
 and, once the keeper is known, only from its pid (SO_PASSCRED), and only a job id as a
@@ -112,21 +115,32 @@ class PipeStore:
             return
         if fields.get("FDSTOREREMOVE") == "1":
             _close(fds)
-            old = self.fds.pop(name, -1)
-            if old >= 0:
-                os.close(old)
+            self.forget(name)
             return
         if fields.get("FDSTORE") != "1" or len(fds) != 1:
             _close(fds)
             return
-        old = self.fds.pop(name, -1)
-        if old >= 0:
-            os.close(old)  # pushed again (after this agent attached anew): the newer copy
+        self.keep(name, fds[0])
+
+    def keep(self, name: str, fd: int) -> None:
+        """Hold ``fd``, the pipe of job ``name`` (a newer copy replaces an older one:
+        pushed again after this agent attached anew); closed if it cannot be held."""
+        if not JOB_ID.fullmatch(name):
+            log.warning("keeper's descriptor store: refused %r", name[:40])
+            _close([fd])
+            return
+        self.forget(name)
         if len(self.fds) >= MAX_STORED:
             log.warning("keeper's descriptor store: full (%d pipes); %s not kept", MAX_STORED, name)
-            _close(fds)
+            _close([fd])
             return
-        self.fds[name] = fds[0]
+        self.fds[name] = fd
+
+    def forget(self, name: str) -> None:
+        """Close the pipe held for job ``name``, if one is."""
+        old = self.fds.pop(name, -1)
+        if old >= 0:
+            os.close(old)
 
     def close(self) -> None:
         """Close the socket and every pipe held (the agent stops)."""

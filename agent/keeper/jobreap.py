@@ -42,15 +42,19 @@ def reap(pid: int) -> dict[str, Any]:
     return exit_message(pid, status, ru, time.time())
 
 
-def account_and_remove(cg: cgroups.JobCgroup, msg: dict[str, Any], *, memory: bool) -> None:
-    """The emptied leaf: its accounting into ``msg`` (``memory``: the memory controller is
-    enabled), then the leaf removed. A failure of either is logged."""
+def account(cg: cgroups.JobCgroup, msg: dict[str, Any], *, memory: bool) -> None:
+    """The emptied leaf's accounting into ``msg`` (``memory``: the memory controller is
+    enabled); a failure is logged."""
     try:
         stats = cg.stats(memory=memory)
     except cgroups.CgroupError as e:
         print(f"agent spawner: {e}", file=sys.stderr)
     else:
         add_stats(msg, stats)
+
+
+def remove_leaf(cg: cgroups.JobCgroup) -> None:
+    """Remove the emptied, accounted leaf; a failure is logged."""
     try:
         cg.remove()
     except cgroups.CgroupError as e:

@@ -117,6 +117,8 @@ MAX_SLEEP = 3600.0  # seconds: the longest the loop waits at once
 # A stopping service keeper, its jobs ended: how long it waits for the agent's acks.
 CLOSE_LINGER = 5.0
 ORPHANS_EVERY = 0.1  # seconds: the shortest time between two looks for exited orphans
+ORPHANS_AGAIN = 0.5  # seconds: the next look, while a look found orphans still alive
+ORPHANS_RUNNING = 5.0  # seconds: the next look, while jobs run (orphans come and go)
 
 
 class Keeper(Spawner):
@@ -146,8 +148,10 @@ class Keeper(Spawner):
         self.service = service
         self.linger_until = 0.0  # after the last job: how long to wait for the acks
         self.reexec_wanted = False  # SIGUSR2: replace the code in place when quiet
-        # Adopted orphans are reaped at most every ORPHANS_EVERY (each look reads /proc,
-        # and under load nearly every SIGCHLD is a job leader's, reaped through its pidfd).
+        # Adopted orphans (processes a job left, reparented to this subreaper) are looked
+        # for after each job's end, at most every ORPHANS_EVERY (a look reads /proc), and
+        # while any are alive or jobs run (see serve). Not on SIGCHLD: nearly every one is
+        # a job leader's, reaped through its pidfd, and each cost a signal and a turn.
         self.orphans_at = 0.0  # monotonic time of the next look (0: none due)
         self.orphans_last = 0.0
         # Output files are the agent's to read and remove: a root keeper serving another
@@ -210,8 +214,12 @@ class Keeper(Spawner):
             if self.starter.closing:
                 self.check_closed()
             if self.orphans_at and time.monotonic() >= self.orphans_at:
-                self.orphans_at, self.orphans_last = 0.0, time.monotonic()
-                _reap_orphans(self)
+                self.orphans_at = 0.0
+                self.orphans_last = now = time.monotonic()
+                if _reap_orphans(self):
+                    self.orphans_at = now + ORPHANS_AGAIN
+            if not self.orphans_at and self.kept.jobs:
+                self.orphans_at = self.orphans_last + ORPHANS_RUNNING
         self.kill_all()
 
     def sleep_time(self) -> float | None:
@@ -228,10 +236,12 @@ class Keeper(Spawner):
             timeout = due if timeout is None else min(timeout, due)
         return timeout
 
-    def orphans_exited(self) -> None:
-        """A SIGCHLD: adopted orphans are reaped now, or ORPHANS_EVERY after the last look."""
-        if not self.orphans_at:
-            self.orphans_at = max(time.monotonic(), self.orphans_last + ORPHANS_EVERY)
+    def look_for_orphans(self) -> None:
+        """Reap exited orphans now, or ORPHANS_EVERY after the last look (a job ended: what
+        it left was killed with it)."""
+        due = max(time.monotonic(), self.orphans_last + ORPHANS_EVERY)
+        if not self.orphans_at or due < self.orphans_at:
+            self.orphans_at = due
 
     def take_ready(self, ready: Iterable[tuple[selectors.SelectorKey, int]]) -> bool:
         """Handle the ready descriptors; whether the agent has sent a request (taken
@@ -377,6 +387,7 @@ class Keeper(Spawner):
         # at once; the uid is free once what it left outside the cgroup is gone too (a
         # helper beside the loop, see keeperuids: until then no job is given the uid).
         pid = msg["pid"]
+        self.look_for_orphans()
         self.job_users.pop(pid, None)
         contained = pid in self.emptied
         self.emptied.discard(pid)
@@ -410,7 +421,8 @@ class Keeper(Spawner):
         if job.leaf is not None:
             self.job_users.pop(job.key, None)  # an adopted job's user
         if self.subtree is not None:
-            self.files.forget(job)
+            # Its "finished" was just told: an agent that is the store drops the pipe then.
+            self.files.forget(job, dropped=self.files.pipes_told(self.link))
 
     def kill_all(self) -> None:
         """At the keeper's end: nothing may run that nobody supervises."""
@@ -432,14 +444,16 @@ def _subreaper() -> None:
         pass
 
 
-def _reap_orphans(keeper: Keeper) -> None:
+def _reap_orphans(keeper: Keeper) -> bool:
     """Reap adopted orphans (processes a job left, reparented to this subreaper), never
-    a job's leader or a child still setting up: those the spawner reaps itself."""
+    a job's leader or a child still setting up: those the spawner reaps itself. Whether
+    one is still alive."""
     mine = set(keeper.children) | set(keeper.holds.reclaiming)  # the cleanups: their own
+    alive = False
     try:
         tasks = os.listdir("/proc/self/task")
     except OSError:
-        return
+        return False
     for tid in tasks:
         try:
             with open(f"/proc/self/task/{tid}/children") as f:
@@ -450,7 +464,8 @@ def _reap_orphans(keeper: Keeper) -> None:
             if pid in mine or _is_starting(keeper, pid):
                 continue
             with contextlib.suppress(ChildProcessError, OSError):
-                os.waitpid(pid, os.WNOHANG)
+                alive = os.waitpid(pid, os.WNOHANG)[0] == 0 or alive
+    return alive
 
 
 def _is_starting(keeper: Keeper, pid: int) -> bool:
@@ -582,6 +597,7 @@ def main(argv: list[str]) -> int:
     stored = listen_fds() or stored_fds(args.stored)
     fdstore = os.environ.get("FDSTORE", "0")
     keeper.files.fdstore = fdstore.isdigit() and int(fdstore) > 0 and bool(notify_address())
+    keeper.files.agent_store = not keeper.service
     keeper.adoption.adopt_leftovers(stored)
     return run(keeper)
 
@@ -661,12 +677,12 @@ def resume(fd: int) -> int:
 
 def run(keeper: Keeper) -> int:
     keeper.setup_signals()
-    # Orphans a job leaves are this subreaper's children: reaped on SIGCHLD, through the
-    # selector (a wakeup pipe), never by a wait that could take a job leader's status.
-    # SIGUSR2 asks for a re-exec of the code on disk (an upgrade in place).
+    # Orphans a job leaves are this subreaper's children: reaped by the loop after a job's
+    # end (Keeper.look_for_orphans), never by a wait that could take a job leader's
+    # status. SIGCHLD keeps its default (nothing is delivered). SIGUSR2 asks for a
+    # re-exec of the code on disk (an upgrade in place), through the selector.
     r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
     signal.set_wakeup_fd(w, warn_on_full_buffer=False)
-    signal.signal(signal.SIGCHLD, lambda *_: None)
     signal.signal(signal.SIGUSR2, lambda *_: None)
     if keeper.service:
         # A service is stopped by its manager (or Ctrl-C where it was started by hand):
@@ -687,8 +703,8 @@ def run(keeper: Keeper) -> int:
 
 
 class _Wakeup:
-    """The signals' wakeup pipe: reap adopted orphans (SIGCHLD), note a re-exec request
-    (SIGUSR2)."""
+    """The signals' wakeup pipe: note a re-exec request (SIGUSR2), stop a service
+    (SIGTERM, SIGINT)."""
 
     def __init__(self, fd: int, keeper: Keeper) -> None:
         self.fd, self.keeper = fd, keeper
@@ -702,7 +718,6 @@ class _Wakeup:
             self.keeper.reexec_wanted = True
         if self.keeper.service and (signal.SIGTERM in got or signal.SIGINT in got):
             self.keeper.close_down()
-        self.keeper.orphans_exited()  # (SIGCHLD, or any: a full pipe may have lost it)
 
 
 if __name__ == "__main__":

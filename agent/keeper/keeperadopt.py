@@ -273,11 +273,11 @@ class Adoption:
             msg["oom"] = (stats.oom_kills or 0) + (stats.oom_group_kills or 0)
         except cgroups.CgroupError as e:
             log(str(e))
-        try:
+        self.exited(msg)
+        try:  # after the end is told, as for a job of this keeper's (cgroup_done)
             leaf.remove()
         except cgroups.CgroupError as e:
             log(str(e))
-        self.exited(msg)
 
     def signal(self, job: KeptJob, sig: int) -> None:
         """Signal an adopted job: it is not this keeper's child, so never by its pid alone

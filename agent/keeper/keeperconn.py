@@ -19,7 +19,7 @@ import os
 import selectors
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,11 @@ SEND_WAIT = 5  # seconds
 # an older release (attached across an upgrade of the keeper) gets what it knows.
 #   admitted+started: a start that is spawned at once is answered with one "admitted"
 #     that carries its pid, instead of "admitted" then "started".
-FEATURES = frozenset({"admitted+started"})
+#   pipe-with-start: where the agent is the keeper's descriptor store (the keeper is its
+#     child: agent.daemon.pipestore), the job's pipe comes with that answer (descriptor
+#     role "pipe") and the agent drops it at the job's "finished", instead of an FDSTORE
+#     and an FDSTOREREMOVE datagram for each job (each woke the agent).
+FEATURES = frozenset({"admitted+started", "pipe-with-start"})
 SO_PEERPIDFD = 77  # Linux 6.5: a pidfd of the peer, pinned at connect()
 
 
@@ -230,27 +234,29 @@ class AgentLink:
                 return
             self.take()
 
-    def tell(self, msg: dict[str, Any]) -> None:
+    def tell(self, msg: dict[str, Any], fds: Sequence[int] = ()) -> bool:
         """Send to the attached agent, if any (a finished job's record also waits in
-        ``ended`` until acknowledged).
+        ``ended`` until acknowledged); whether it was sent (with ``fds``, copies of them).
 
         Nothing goes to a new agent before its hello: the hello is the whole state (each
         job's output size, whether it is ending, every unacknowledged end), and an agent
         reads its first message as the hello."""
         self.flush()
         if self.sock is None or self.deaf or self.hello_due:
-            return
+            return False
         try:
-            proto.send(self.sock, msg)
+            proto.send(self.sock, msg, fds)
         except OSError as e:
             if e.errno in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
                 # The agent died. Its last requests may still wait in the socket: they are
                 # read and carried out until its end of file (a start it recorded before it
                 # died must run and be kept for the next agent); nothing more is said.
                 self.deaf = True
-                return
+                return False
             # It is alive but does not read (SEND_WAIT passed): it attaches again.
             self.detach(f"send failed: {e.strerror or e}")
+            return False
+        return True
 
     def use(self, msg: dict[str, Any]) -> None:
         """The agent's "features": those of :data:`FEATURES` it asks for are used from now

@@ -26,6 +26,7 @@ from agent.keeper.keeperlog import log, notify_address
 from agent.keeper.keptjobs import JOB_ID
 
 if TYPE_CHECKING:
+    from agent.keeper.keeperconn import AgentLink
     from agent.keeper.keptjobs import KeptJob
 
 JOB_FILE = ".keeper"
@@ -154,6 +155,10 @@ class JobFiles:
     def __init__(self, output_dir: str) -> None:
         self.output_dir = output_dir
         self.fdstore = False
+        # The store is the agent whose child this keeper is (agent.daemon.pipestore), not
+        # a service manager: an agent that asks for "pipe-with-start" gets each job's pipe
+        # with its start's answer, and drops it at the job's "finished" (pipes_told).
+        self.agent_store = False
         self.notify_sock: socket.socket | None = None
         self.store_failing = False  # the last write to the store failed (said once)
 
@@ -193,12 +198,26 @@ class JobFiles:
                 f"will not know its timeout): {e}"
             )
 
-    def forget(self, job: KeptJob) -> None:
+    def forget(self, job: KeptJob, *, dropped: bool = False) -> None:
+        """A finished job's file goes, and its pipe out of the store (``dropped``: the
+        agent drops it itself at the "finished" it was just told)."""
         with contextlib.suppress(OSError):
             os.unlink(self.path(job.id))
         if job.stored:
             job.stored = False
-            self.unstore(job.id)
+            if not dropped:
+                self.unstore(job.id)
+
+    def pipes_told(self, link: AgentLink) -> bool:
+        """Whether the attached agent is this keeper's store and takes the pipes in the
+        messages (the "pipe-with-start" feature): then no datagram goes for them."""
+        return (
+            self.fdstore
+            and self.agent_store
+            and link.sock is not None
+            and not link.deaf
+            and "pipe-with-start" in link.features
+        )
 
     def read(self, job_id: str) -> dict[str, Any] | None:
         """The .keeper file of ``job_id`` (None: missing or not one; said)."""

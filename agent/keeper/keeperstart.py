@@ -296,16 +296,26 @@ class Starter:
         self.spawner.sel.register(job.rfd, selectors.EVENT_READ, job)
         if job.life.timeout_seconds:
             self.kept.arm(job, job.life.timeout_seconds, lc.TimedOut())
-        if self.spawner.subtree is not None:
-            self.files.write(job, uid, self.spawner.job_users.get(job.pid))
-            if self.files.fdstore:
-                self.files.push(job)
+        kept = self.spawner.subtree is not None  # adopted after this keeper's death
         if job.gen == self.link.gen:
             held = self.link.take_held(job.rid)
             if held is not None:
-                self.link.tell({**held, "pid": job.pid})
+                answer = {**held, "pid": job.pid}
             else:
-                self.link.tell({"op": "started", "id": job.rid, "job": job.id, "pid": job.pid})
+                answer = {"op": "started", "id": job.rid, "job": job.id, "pid": job.pid}
+            if kept and self.files.pipes_told(self.link):
+                answer["fds"] = ["pipe"]
+                job.stored = self.link.tell(answer, [job.rfd])
+            else:
+                self.link.tell(answer)
+        # After the answer (the StartJob waits for it, not for these): what a keeper that
+        # adopts the job after this one's death needs. Written in the same turn, so the
+        # window in which a kill -9 of this keeper leaves a job without them is no wider
+        # than before (it was already open from the spawn to here).
+        if kept:
+            self.files.write(job, uid, self.spawner.job_users.get(job.pid))
+            if self.files.fdstore and not job.stored:
+                self.files.push(job)
         if self.closing:  # started while the service was told to stop: stopped as the rest
             self.kept.handle(job, lc.ShutdownRequested(KEEPER_STOP))
 

@@ -267,6 +267,7 @@ def restore(k: KeeperParts, state: dict[str, Any]) -> None:
         _restore_job(k, j)
     k.kept.ended.update({m["job"]: m for m in state["ended"]})
     k.files.fdstore = bool(state.get("fdstore", False))
+    k.files.agent_store = not k.service
     k.link.restore(state["agent"], state["gen"])
     # Last: an adopted job found ended now is told to the agent restored above.
     for job in list(k.kept.jobs.values()):

@@ -150,7 +150,7 @@ class Kept:
         self,
         sel: selectors.BaseSelector,
         *,
-        tell: Callable[[dict[str, Any]], None],
+        tell: Callable[[dict[str, Any]], object],
         signal: Callable[[KeptJob, int], None],
         forget: Callable[[KeptJob], None],
     ) -> None:
@@ -287,11 +287,14 @@ class Kept:
         for key in (job.pid, job.key):
             if key and self.by_pid.get(key) is job:
                 del self.by_pid[key]
-        self.forget(job)
         msg = finished_message(job, fin)
         if fin.persist:
             self.ended[job.id] = msg
         self.tell(msg)
+        # After the end is told (a waiting query is answered sooner): a keeper killed
+        # in between leaves a .keeper file and a stored pipe of a job whose leaf is
+        # gone; the next keeper removes the one and closes the other.
+        self.forget(job)
 
     # ------------------------------------------------------------ requests
 

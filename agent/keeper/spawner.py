@@ -102,7 +102,7 @@ from agent.keeper import spawnproto as proto
 from agent.keeper.childexec import Launcher, Starting
 from agent.keeper.childsetup import FIRST_FREE_FD, RLIMIT_RESOURCES
 from agent.keeper.jobplace import JobPlaces
-from agent.keeper.jobreap import Draining, account_and_remove, reap
+from agent.keeper.jobreap import Draining, account, reap, remove_leaf
 from agent.keeper.jobsignal import other_user, signal_job, signal_leaf
 from agent.keeper.jobstart import Starter
 
@@ -405,8 +405,12 @@ class Spawner:
         self.cgroups.pop(pid, None)
         self.places.remove_scratch(self.scratch.pop(pid, None))
         memory = self.subtree is None or "memory" in self.subtree.controllers
-        account_and_remove(cg, msg, memory=memory)
+        account(cg, msg, memory=memory)
         self.send(msg)
+        # After the report (a waiting query is answered sooner): the empty leaf is
+        # nothing of the job's any more; one left by a death in between is removed by
+        # the next keeper's look at the leftovers.
+        remove_leaf(cg)
 
 
 def _die_with_parent(parent: int) -> None:

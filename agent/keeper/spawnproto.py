@@ -56,10 +56,15 @@ from typing import Any
 INLINE_MAX = 64 * 1024
 RECV_MAX = INLINE_MAX + 4096
 MAX_FDS = 8
+# Computed once: each is a few microseconds per message (an enum's __or__, a call).
+_ANC_SPACE = socket.CMSG_SPACE(MAX_FDS * 4)
+_TRUNCATED = int(socket.MSG_CTRUNC | socket.MSG_TRUNC)
 # The largest message carried in a memfd: a hello listing every running job with its
 # record, or a start whose arguments fill a gRPC message (4 MiB by default).
 BODY_MAX = 64 << 20
-FD_ROLES = ("plan", "body", "stdout", "exec", "script", "cgroup")
+# "pipe": a job's pipe (read end) in the keeper's answer to its start, for the agent's
+# descriptor store (the "pipe-with-start" feature, agent.keeper.keeperconn).
+FD_ROLES = ("plan", "body", "stdout", "exec", "script", "cgroup", "pipe")
 
 
 class ProtocolError(Exception):
@@ -110,7 +115,7 @@ def send(sock: socket.socket, msg: dict[str, Any], fds: Sequence[int] = ()) -> N
 
 def recv(sock: socket.socket, flags: int = 0) -> tuple[bytes, list[int]]:
     """One message and its descriptors (``socket.recv_fds`` ignores its flags)."""
-    data, anc, msg_flags, _ = sock.recvmsg(RECV_MAX, socket.CMSG_SPACE(MAX_FDS * 4), flags)
+    data, anc, msg_flags, _ = sock.recvmsg(RECV_MAX, _ANC_SPACE, flags)
     fds: list[int] = []
     for level, kind, payload in anc:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -119,7 +124,7 @@ def recv(sock: socket.socket, flags: int = 0) -> tuple[bytes, list[int]]:
                 int.from_bytes(payload[i : i + 4], sys.byteorder, signed=True)
                 for i in range(0, usable, 4)
             )
-    if msg_flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):
+    if msg_flags & _TRUNCATED:
         for fd in fds:
             _close_quietly(fd)
         raise ProtocolError("message or descriptors truncated")
