@@ -23,6 +23,7 @@ import shutil
 import signal
 import textwrap
 import threading
+import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -32,6 +33,7 @@ import pytest
 
 from agent.client import AgentClient, AsyncAgentClient
 from agent.client.model import JobStatus
+from agent.daemon.keeperclient import ACK_DELAY
 
 from helpers import (
     IS_ROOT,
@@ -216,6 +218,26 @@ def test_kill9_jobs_run_on_and_end_with_their_true_status_and_output(
     states = {j.job_id: j.state for j in all_jobs(c)}
     assert states == {job_a: "FAILED", job_b: "FAILED"}
     assert "LOST" not in a.log()
+
+
+def test_an_end_is_acknowledged_when_no_start_follows(
+    make_agent: AgentFactory, kpolicy: str
+) -> None:
+    """The agent acknowledges a recorded end right after its next start, or after
+    ACK_DELAY when none comes: the keeper forgets it. A new agent after a kill -9 is then
+    told of no end to record (a lost ack would tell it again: harmless, but the keeper
+    would hold every end until an agent attached)."""
+    a = make_agent(kpolicy)
+    c = a.client()
+    for _ in range(3):
+        job = c.start("true")
+        assert c.wait(job, timeout=10).state == "SUCCEEDED"
+    time.sleep(ACK_DELAY + 0.5)  # no start follows the last one: the timer acks it
+    a.kill9()
+    a.restart()
+    wait_for(lambda: "attached" in a.log().rsplit("job keeper (pid", 1)[-1])
+    last = a.log().rsplit("job keeper (pid", 1)[-1]
+    assert re.search(r"attached, 0 running job\(s\), 0 finished to record", last), last
 
 
 def test_followers_resume_after_the_restart(
