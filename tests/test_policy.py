@@ -298,6 +298,16 @@ def _command_moved(e: Env) -> Decision:
     return decide(p, e.req(command="tool", path="a", args=(), env={}))
 
 
+def _command_dir_moved(e: Env) -> Decision:
+    """The program's folder (not the program) replaced by a link to a copy of it."""
+    p = e.policy()
+    bindir = e.tool.parent
+    shutil.copytree(bindir, bindir.with_name("bin2"))
+    shutil.rmtree(bindir)
+    os.symlink("bin2", bindir)
+    return decide(p, e.req(command="tool", path="a", args=(), env={}))
+
+
 def _pinned(e: Env, digest: str | None = None) -> tuple[policy.Policy, Path]:
     pinned = e.script("pinned.sh")
     p = e.policy(f"""  - name: pinned
@@ -524,6 +534,7 @@ RULE_CASES: dict[str, tuple[Kind, Case]] = {
     "sha256-mismatch/command": (Kind.PERMISSION_DENIED, _sha_mismatch_command),
     "command-missing": (Kind.FAILED_PRECONDITION, _command_missing),
     "command-moved": (Kind.FAILED_PRECONDITION, _command_moved),
+    "command-moved/folder": (Kind.FAILED_PRECONDITION, _command_dir_moved),
     # the program's format and its #! interpreter
     "not-executable-format": (Kind.FAILED_PRECONDITION, lambda e: _shebang(e, b"echo hi\n")),
     "not-executable-format/fake-elf": (
@@ -1258,3 +1269,29 @@ def test_job_id_accepts_exactly_the_canonical_uuids(value: str) -> None:
     except InvalidArgument:
         ok = False
     assert ok == _canonical_uuid(value)
+
+
+class _CountingFS(RealFileSystem):
+    def __init__(self) -> None:
+        self.realpaths = 0
+
+    def realpath(self, path: str) -> str:
+        self.realpaths += 1
+        return super().realpath(path)
+
+
+def test_a_plain_program_skips_the_realpath_walk_and_a_linked_one_does_not(env: Env) -> None:
+    """A program whose path passes every check as named (each component lstat'd: folders,
+    then a regular file; no link anywhere) is its own canonical path: no realpath walk. A
+    link on the path (the program's or a folder's) takes the full sequence, denied
+    "command-moved"."""
+    p = env.policy()
+    fs = _CountingFS()
+    req = env.req(command="tool", path="a", args=(), env={})
+    d = decide(p, req, fs=fs)
+    assert d.allowed and fs.realpaths == 0, d
+    _command_dir_moved(env)
+    fs = _CountingFS()
+    d = decide(p, req, fs=fs)
+    assert not d.allowed and fs.realpaths == 1
+    assert [x.rule for x in d.denials] == ["command-moved"]

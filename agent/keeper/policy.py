@@ -370,6 +370,25 @@ def _decide_entry(
     return result
 
 
+def _plain_program(path: str, fs: FileSystem, owners: frozenset[int]) -> os.stat_result | None:
+    """The program's stat when it passes every check as it is named, else None (then
+    the full sequence runs, for its precise denial).
+
+    check_file lstats every component and takes only directories and, last, a regular
+    file: a lexically canonical path that passes names no link, so it is its own
+    canonical path, and the realpath walk (the same lstats again, in Python: about 40 us
+    of a start) is skipped."""
+    if lexical_path_problem(path) is not None:
+        return None
+    failed: list[str] = []
+
+    def note(rule: str, msg: str, kind: Kind = Kind.PERMISSION_DENIED) -> None:
+        failed.append(rule)
+
+    st = check_file(path, fs, owners, note, want_exec=True)
+    return st if st is not None and not failed else None
+
+
 def _program_plan(
     entry: Entry,
     req: JobRequest,
@@ -382,19 +401,22 @@ def _program_plan(
 ) -> Plan | list[Denial]:
     # The program itself, checked on every start: the policy was validated
     # at load time, but files change.
-    try:
-        prog = fs.realpath(entry.command)
-    except OSError:
-        deny("command-missing", f"{entry.command} no longer exists", Kind.FAILED_PRECONDITION)
-        return out
-    if prog != entry.command:
-        deny(
-            "command-moved",
-            f"{entry.command} now resolves to {prog}; reload the policy",
-            Kind.FAILED_PRECONDITION,
-        )
-        return out
-    st = check_file(prog, fs, owners, deny, want_exec=True)
+    prog = entry.command
+    st = _plain_program(prog, fs, owners)
+    if st is None:
+        try:
+            prog = fs.realpath(entry.command)
+        except OSError:
+            deny("command-missing", f"{entry.command} no longer exists", Kind.FAILED_PRECONDITION)
+            return out
+        if prog != entry.command:
+            deny(
+                "command-moved",
+                f"{entry.command} now resolves to {prog}; reload the policy",
+                Kind.FAILED_PRECONDITION,
+            )
+            return out
+        st = check_file(prog, fs, owners, deny, want_exec=True)
     if st is None or out:
         return out
     fd = _open(prog, st, fs, deny)
