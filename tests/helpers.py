@@ -379,10 +379,11 @@ class AgentProcess:
         return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
 
     def output_files(self) -> set[str]:
-        """Names of job output files (not the keeper's <job id>.keeper beside a running
-        job's, see agent.keeper.keeperfiles.JOB_FILE)."""
+        """Names of job output files (not the keeper's journal of its running jobs, nor a
+        previous release's <job id>.keeper: see agent.keeper.keeperfiles)."""
         d = self.state / "output"
-        return {p.name for p in d.iterdir() if p.suffix != ".keeper"} if d.exists() else set()
+        keepers = (".keeper", ".journal", ".tmp")
+        return {p.name for p in d.iterdir() if p.suffix not in keepers} if d.exists() else set()
 
 
 @contextlib.contextmanager

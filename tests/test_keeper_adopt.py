@@ -19,14 +19,16 @@ import select
 import signal
 import socket
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from test_keeper_protocol import POLICY, Conn, Keeper
 
 from agent.keeper.keeperadopt import ADOPTED_TEXT, NO_FILE_NOTE, NO_PIPE_NOTE
-from agent.keeper.keeperfiles import JOB_FILE
+from agent.keeper.keeperfiles import JOB_FILE, JOURNAL, JOURNAL_COMPACT, index_journal
 
 from helpers import IS_ROOT, cgroup2_mount, job_subtree, wait_for
 
@@ -71,6 +73,34 @@ def _kill9(k: Keeper, c: Conn) -> None:
     k.proc.wait()
 
 
+def _record(k: Keeper, job: str) -> dict[str, Any] | None:
+    """The job's record in the keeper's journal (its last line), or None."""
+    path = k.out / JOURNAL
+    line = index_journal(path.read_bytes())[0].get(job) if path.exists() else None
+    return None if line is None else dict(json.loads(line))
+
+
+def _recorded(k: Keeper, job: str) -> dict[str, Any]:
+    """The job's record, once the keeper has written it (right after the start's answer:
+    the start waits for the answer, not for it)."""
+    got: dict[str, Any] = wait_for(lambda: _record(k, job))
+    return got
+
+
+def _append(k: Keeper, data: bytes) -> None:
+    """Append to the journal as a keeper would (one write)."""
+    with open(k.out / JOURNAL, "ab") as f:
+        f.write(data)
+
+
+def _drop(k: Keeper, job: str) -> None:
+    """Rewrite the journal without the job's lines (as if it never had a record)."""
+    path = k.out / JOURNAL
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(b"".join(x for x in lines if f'"job":"{job}"'.encode() not in x))
+    assert _record(k, job) is None
+
+
 def _started(c: Conn, argv: list[str], **kw: object) -> tuple[str, int]:
     job = c.start(argv, **kw)  # type: ignore[arg-type]
     got = c.started(job)
@@ -83,13 +113,13 @@ def test_a_killed_keepers_job_is_adopted_and_its_end_reported_honestly(
 ) -> None:
     """kill -9 of the keeper: the job runs on in its leaf; the next keeper's hello lists
     it, its output file keeps what was written, and its end (the leaf empties) is LOST
-    "exit status unknown: the keeper restarted", its output's loss said; leaf, .keeper
-    file and processes gone; the job ran once."""
+    "exit status unknown: the keeper restarted", its output's loss said; leaf and
+    processes gone; the job ran once. Its record is in the journal, no file of its own."""
     c, _ = keeper.attach()
     job, pid = _started(c, ["sh", "-c", WAITS], record={"id": "r1"})
     c.output(job, 7)
-    # Written right after the answer (the start waits for the answer, not for it).
-    wait_for(lambda: (keeper.out / f"{job}{JOB_FILE}").is_file())
+    assert _recorded(keeper, job)["record"]["id"] == "r1"
+    assert not (keeper.out / f"{job}{JOB_FILE}").exists()
     _kill9(keeper, c)
     assert _alive(pid) and (subtree / job).is_dir()
     keeper.launch()
@@ -108,7 +138,6 @@ def test_a_killed_keepers_job_is_adopted_and_its_end_reported_honestly(
     # Both go right after the end is told.
     assert not _alive(pid)
     wait_for(lambda: not (subtree / job).exists())
-    wait_for(lambda: not (keeper.out / f"{job}{JOB_FILE}").exists())
     # Acknowledged, it is gone; the new keeper runs new jobs as before.
     c2.send({"op": "ack", "jobs": [job]})
     assert c2.run(["echo", "hi"])["state"] == "SUCCEEDED"
@@ -140,12 +169,11 @@ def test_an_adopted_job_is_stopped_through_its_cgroup(keeper: Keeper, subtree: P
 
 
 def test_an_adopted_job_keeps_its_deadline(keeper: Keeper, subtree: Path) -> None:
-    """The deadline the dead keeper wrote in the job's .keeper file is enforced by the
-    next one: TIMED_OUT at the original time, not restarted from the adoption."""
+    """The deadline the dead keeper wrote in the job's record is enforced by the next
+    one: TIMED_OUT at the original time, not restarted from the adoption."""
     c, _ = keeper.attach()
     job, pid = _started(c, ["sleep", "1000"], timeout=2)
-    path = keeper.out / f"{job}{JOB_FILE}"
-    meta = json.loads(wait_for(lambda: path.is_file() and path.read_text()))
+    meta = _recorded(keeper, job)
     _kill9(keeper, c)
     keeper.launch()
     c2, _ = keeper.attach()
@@ -195,16 +223,18 @@ def test_an_adopted_job_survives_the_keepers_reexec(keeper: Keeper, subtree: Pat
     wait_for(lambda: not (subtree / job).exists())
 
 
-def test_a_malformed_keeper_file_is_said_and_the_job_still_adopted(
+def test_a_malformed_record_is_said_and_the_job_still_adopted(
     keeper: Keeper, subtree: Path
 ) -> None:
-    """A .keeper file that is not one (here: garbage) is ignored and said: the job is still
-    adopted (never killed for it) without a deadline, and its end says what was lost."""
+    """A job's record that is not one (here: its last line in the journal, garbage) is
+    ignored and said: the job is still adopted (never killed for it) without a deadline,
+    and its end says what was lost."""
     c, _ = keeper.attach()
     job, pid = _started(c, ["sh", "-c", WAITS], timeout=1)
     c.output(job, 7)
+    _recorded(keeper, job)
     _kill9(keeper, c)
-    (keeper.out / f"{job}{JOB_FILE}").write_text('{"run": 3}')
+    _append(keeper, json.dumps({"job": job, "run": 3}).encode() + b"\n")
     keeper.launch()
     c2, hello = keeper.attach()
     assert [j["job"] for j in hello["jobs"]] == [job]
@@ -217,6 +247,100 @@ def test_a_malformed_keeper_file_is_said_and_the_job_still_adopted(
     assert fin["text"] == f"{ADOPTED_TEXT}; {NO_FILE_NOTE}; {NO_PIPE_NOTE}"
 
 
+def test_garbage_in_the_journal_is_skipped_and_every_record_still_read(
+    keeper: Keeper, subtree: Path
+) -> None:
+    """Lines of the journal that are no record (not JSON, not UTF-8, no valid job id, a
+    line torn at its end) are skipped and said once: every job's record is still read,
+    each job adopted with its deadline, and the journal rewritten without them."""
+    c, _ = keeper.attach()
+    a, _ = _started(c, ["sleep", "1000"], timeout=3)
+    b, _ = _started(c, ["sleep", "1000"], timeout=3)
+    deadlines = {j: _recorded(keeper, j)["deadline"] for j in (a, b)}
+    _kill9(keeper, c)
+    path = keeper.out / JOURNAL
+    first, second = path.read_bytes().splitlines(keepends=True)
+    junk = b'not json\n{"job": "nope", "run": 3}\n[1, 2]\n\xff\xfe\n\n'
+    path.write_bytes(junk + first + junk + second + f'{{"job":"{a}","pid":'.encode())
+    keeper.launch()
+    c2, hello = keeper.attach()
+    assert sorted(j["job"] for j in hello["jobs"]) == sorted([a, b])
+    assert "9 line(s) that are no job's record skipped" in keeper.log()
+    assert keeper.log().count("deadline kept") == 2
+    assert index_journal(path.read_bytes()) == ({a: first, b: second}, 0)
+    for job in (a, b):
+        fin = c2.finished(job)
+        assert fin["state"] == "TIMED_OUT" and fin["exit"]["ended"] >= deadlines[job] - 0.1
+
+
+def test_a_previous_releases_keeper_file_is_read_when_the_journal_lacks_the_job(
+    keeper: Keeper, subtree: Path
+) -> None:
+    """A job the journal does not name but a <job id>.keeper file does (a keeper of the
+    previous release died, this release adopts): the file is read as before (its deadline
+    kept), kept across the next keeper's re-exec and removed at the job's end; a file of
+    a job that no longer runs is removed at the adoption."""
+    c, _ = keeper.attach()
+    job, pid = _started(c, ["sleep", "1000"], timeout=8)
+    meta = _recorded(keeper, job)
+    _kill9(keeper, c)
+    _drop(keeper, job)
+    del meta["job"]  # as the previous release wrote it
+    legacy, stale = keeper.out / f"{job}{JOB_FILE}", keeper.out / f"{uuid.uuid4()}{JOB_FILE}"
+    for path in (legacy, stale):
+        path.write_text(json.dumps(meta, separators=(",", ":")))
+    keeper.launch()
+    c2, hello = keeper.attach()
+    assert [j["job"] for j in hello["jobs"]] == [job]
+    assert "deadline kept" in keeper.log() and legacy.exists() and not stale.exists()
+    keeper.proc.send_signal(signal.SIGUSR2)
+    wait_for(lambda: "re-executed in place" in keeper.log(), timeout=30)
+    assert "1 job(s) kept" in keeper.log()  # (not ended before: the re-exec is tested)
+    fin = c2.finished(job)
+    assert fin["state"] == "TIMED_OUT" and fin["exit"]["ended"] >= meta["deadline"] - 0.1
+    assert not _alive(pid)
+    wait_for(lambda: not legacy.exists())
+
+
+def test_a_kill9_among_many_starts_leaves_every_running_jobs_record(
+    keeper: Keeper, subtree: Path
+) -> None:
+    """Jobs start and end, their records big enough that the journal is rewritten
+    (past JOURNAL_COMPACT) while some run; the keeper is killed -9 with starts still
+    coming: the next keeper adopts every job whose start was answered and that still
+    runs, with its record and its deadline, and the journal keeps no ended job."""
+    pad = "x" * (JOURNAL_COMPACT // 6)  # a record under RECORD_MAX: 6 fill the threshold
+    c, _ = keeper.attach()
+    running: dict[str, dict[str, Any]] = {}
+    ended: list[str] = []
+    for i in range(14):
+        record = {"id": f"r{i}", "pad": pad}
+        if i % 2:
+            ended.append(c.start(["true"], record=record))
+        else:
+            job, _ = _started(c, ["sleep", "1000"], timeout=60 + i, record=record)
+            running[job] = _recorded(keeper, job)
+    for job in ended:
+        assert c.finished(job)["state"] == "SUCCEEDED"
+    path = keeper.out / JOURNAL
+    lines = [x for x in path.read_bytes().split(b"\n") if x]
+    assert len(lines) < 14  # rewritten at least once
+    for _ in range(4):  # more starts, the keeper killed in their midst
+        c.start(["sleep", "1000"], record={"id": "late", "pad": pad}, timeout=60)
+    _kill9(keeper, c)
+    keeper.launch()
+    _, hello = keeper.attach()
+    adopted = {j["job"]: j for j in hello["jobs"]}
+    assert set(running) <= set(adopted)
+    log = keeper.log()
+    for job, meta in running.items():
+        assert adopted[job]["record"] == meta["record"]
+        assert f"adopted job {job} " in log
+        line = next(x for x in log.splitlines() if f"adopted job {job} " in x)
+        assert "deadline kept" in line
+    assert not set(ended) & set(index_journal(path.read_bytes())[0])
+
+
 def _uid(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("Uid:"):
@@ -227,10 +351,10 @@ def _uid(pid: int) -> int:
 def test_an_adopted_jobs_dynamic_uid_stays_held_until_it_ends(
     tmp_path: Path, subtree: Path
 ) -> None:
-    """With dynamic users, the next keeper holds an adopted job's uid (from its .keeper
-    file) until the job ends: a new job never gets the uid of one still running (it
-    could see and signal it); with the range's other uid taken too, a start is refused.
-    A job whose uid cannot be known (no .keeper file) is killed, never shared."""
+    """With dynamic users, the next keeper holds an adopted job's uid (from its record)
+    until the job ends: a new job never gets the uid of one still running (it could see
+    and signal it); with the range's other uid taken too, a start is refused. A job
+    whose uid cannot be known (no record) is killed, never shared."""
     jobs = {"dynamic_users": True, "dynamic_uid_min": 60710, "dynamic_uid_max": 60711}
     k = Keeper(tmp_path, policy=POLICY, cgroup_jobs=subtree, jobs=jobs)
     try:
@@ -238,9 +362,9 @@ def test_an_adopted_jobs_dynamic_uid_stays_held_until_it_ends(
         job, pid = _started(c, ["sh", "-c", WAITS])
         uid = _uid(pid)
         assert 60710 <= uid <= 60711
-        # Its .keeper file (with its uid) is written once it runs: killed after that.
+        # Its record (with its uid) is written once it runs: killed after that.
         c.output(job, 7)
-        wait_for(lambda: (k.out / f"{job}{JOB_FILE}").is_file())
+        assert _recorded(k, job)["uid"] == uid
         _kill9(k, c)
         k.launch()
         c2, hello = k.attach()
@@ -258,10 +382,10 @@ def test_an_adopted_jobs_dynamic_uid_stays_held_until_it_ends(
         b, bpid = _started(c2, ["sleep", "30"])
         assert {_uid(apid), _uid(bpid)} == {60710, 60711}
         for j in (a, b):
-            wait_for(lambda j=j: (k.out / f"{j}{JOB_FILE}").is_file())
-        # A job with no .keeper file, the keeper killed: its uid is unknown, it is killed.
-        (k.out / f"{a}{JOB_FILE}").unlink()
+            _recorded(k, j)
+        # A job with no record, the keeper killed: its uid is unknown, it is killed.
         _kill9(k, c2)
+        _drop(k, a)
         k.launch()
         c3, hello = k.attach()
         assert [j["job"] for j in hello["jobs"]] == [b]

@@ -1,7 +1,8 @@
-"""The job keeper's parts on their own: the pure checks of a start, of a ``.keeper``
-file and of an ended file, and the kept jobs' timers and lifecycle driven without a
-keeper process (a real pipe and output file; the agent, the signals and the job files
-replaced by lists that record what the part asked for).
+"""The job keeper's parts on their own: the pure checks of a start, of a job's record
+(a journal line, or a previous release's ``.keeper`` file) and of an ended file, the
+journal written, rewritten and read back in a real folder, and the kept jobs' timers
+and lifecycle driven without a keeper process (a real pipe and output file; the agent,
+the signals and the job files replaced by lists that record what the part asked for).
 
 The whole keeper with real jobs is tests/test_keeper_protocol.py and its neighbours."""
 
@@ -11,18 +12,27 @@ import json
 import os
 import selectors
 import signal
+import stat
+import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from agent.keeper import capabilities, policyfile
+from agent.keeper import capabilities, keeperfiles, policyfile
 from agent.keeper import lifecycle as lc
 from agent.keeper.admission import Rules, StartRequest
 from agent.keeper.decision import Decider
 from agent.keeper.errors import FailedPrecondition
 from agent.keeper.jobsettings import JobUser, Settings
-from agent.keeper.keeperfiles import parse_ends, parse_job_file
+from agent.keeper.keeperfiles import (
+    JOB_FILE,
+    JOURNAL,
+    JobFiles,
+    index_journal,
+    parse_ends,
+    parse_job_file,
+)
 from agent.keeper.keeperstart import RECORD_MAX, start_problem
 from agent.keeper.keptjobs import Kept, KeptJob
 from agent.keeper.outputfile import OutputFile
@@ -116,10 +126,13 @@ def test_an_entry_whose_capabilities_the_keeper_does_not_hold_is_refused(
 
 
 def test_a_keeper_file_is_read_back_and_a_forged_one_is_refused() -> None:
-    """What a keeper wrote is read back; a file whose deadline, cap, grace, record or
-    pid is not of the right kind is no .keeper file."""
+    """What a keeper wrote is read back (a journal line, or a .keeper file of the
+    previous release: the same record, without its job id); a record whose deadline,
+    cap, grace, record or pid is not of the right kind is none."""
     good = {"pid": 42, "uid": None, "deadline": 1.5, "run": RUN, "record": {"id": JOB}}
     assert parse_job_file(json.dumps(good).encode()) == good
+    line = json.dumps({"job": JOB, **good}, separators=(",", ":")).encode() + b"\n"
+    assert parse_job_file(line) == {"job": JOB, **good}
     bads: list[dict[str, Any]] = [
         {**good, "deadline": "soon"},
         {**good, "run": {**RUN, "cap": "big"}},
@@ -133,6 +146,133 @@ def test_a_keeper_file_is_read_back_and_a_forged_one_is_refused() -> None:
             parse_job_file(json.dumps(bad).encode())
     with pytest.raises(ValueError):
         parse_job_file(b"not json")
+
+
+def test_the_journal_index_is_each_jobs_last_line_and_garbage_is_skipped() -> None:
+    """A journal's index: each job's last line (a later record replaces an earlier one);
+    a line that is not JSON (a torn one, bytes that are not UTF-8), not an object, or
+    without a valid job id is skipped and counted, and loses no other job's record."""
+    other = str(uuid.uuid4())
+    first, last = (json.dumps({"job": JOB, "pid": n}).encode() + b"\n" for n in (1, 2))
+    theirs = json.dumps({"job": other, "pid": 3}).encode() + b"\n"
+    junk = [b"not json\n", b"[1, 2]\n", b'{"job": "../etc", "pid": 4}\n', b'{"pid": 5}\n',
+            b"\xff\xfe\n", b'{"job": 7}\n']  # fmt: skip
+    data = first + junk[0] + theirs + b"".join(junk[1:]) + b"\n" + last + last[:20]
+    assert index_journal(data) == ({JOB: last, other: theirs}, len(junk) + 1)
+    assert index_journal(b"") == ({}, 0)
+
+
+def _kept_job(tmp_path: Path, timeout: int = 30, pad: int = 0) -> KeptJob:
+    """A running job as the keeper holds it (its record padded by ``pad`` bytes)."""
+    job_id = str(uuid.uuid4())
+    job = KeptJob(job_id, 1, 1, {**RUN, "timeout": timeout}, OutputFile(str(tmp_path / job_id), 0))
+    job.pid = 4242
+    job.record = {"id": job_id, "pad": "x" * pad}
+    return job
+
+
+def test_the_journal_is_rewritten_with_the_running_jobs_records_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Jobs start and end: once the journal passes its threshold (JOURNAL_COMPACT, or
+    twice its size after the last rewrite) it is rewritten with the last line of each
+    running job and none of an ended job, and stays bounded; a job's end writes nothing."""
+    monkeypatch.setattr(keeperfiles, "JOURNAL_COMPACT", 4096)
+    running: dict[str, KeptJob] = {}
+    files = JobFiles(str(tmp_path), running)
+    path = tmp_path / JOURNAL
+    ended_since: set[str] = set()  # ended since the last rewrite: their lines stay till then
+    ino, rewrites, after = -1, 0, 0
+    for i in range(300):
+        job = _kept_job(tmp_path, pad=100)
+        running[job.id] = job
+        files.write(job, None, None)
+        st = path.stat()
+        if st.st_ino != ino and ino != -1:  # renamed over: a rewrite
+            rewrites, ended_since, after = rewrites + 1, set(), st.st_size
+        ino = st.st_ino
+        assert st.st_size <= max(4096, 2 * after) + 400
+        if i % 3:  # two jobs of three end at once, the third runs on
+            del running[job.id]
+            files.forget(job)
+            ended_since.add(job.id)
+            assert path.stat().st_size == st.st_size
+        index, skipped = index_journal(path.read_bytes())
+        assert set(index) == set(running) | ended_since and skipped == 0
+    assert rewrites >= 5
+    # What the next keeper reads: every running job's record, as it was written.
+    reader = JobFiles(str(tmp_path), {})
+    for job in running.values():
+        got = reader.read(job.id)
+        assert got is not None and got["record"] == job.record and got["pid"] == 4242
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_rewrite_after_a_reexec_keeps_the_records_only_the_journal_has(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a re-exec the keeper's jobs' lines are in the journal only (the new code has
+    none in memory): its first rewrite reads them back, so none is lost."""
+    monkeypatch.setattr(keeperfiles, "JOURNAL_COMPACT", 4096)
+    running: dict[str, KeptJob] = {}
+    before = JobFiles(str(tmp_path), running)
+    kept = [_kept_job(tmp_path, pad=100) for _ in range(3)]
+    for job in kept:
+        running[job.id] = job
+        before.write(job, None, None)
+    after = JobFiles(str(tmp_path), running)  # the same jobs, the new code
+    ino = (tmp_path / JOURNAL).stat().st_ino
+    for _ in range(100):  # jobs that end at once, until the journal is rewritten
+        after.write(_kept_job(tmp_path, pad=100), None, None)
+        if (tmp_path / JOURNAL).stat().st_ino != ino:
+            break
+    else:
+        raise AssertionError("never rewritten")
+    index, _ = index_journal((tmp_path / JOURNAL).read_bytes())
+    assert set(index) == {j.id for j in kept}
+
+
+def test_a_torn_last_line_does_not_swallow_the_next_record(tmp_path: Path) -> None:
+    """A journal whose last line was cut short (its writer killed in the write, a full
+    disk): the next keeper's first record starts on a line of its own, and is read."""
+    (tmp_path / JOURNAL).write_bytes(b'{"job":"' + JOB.encode() + b'","pid":1,"ru')
+    job = _kept_job(tmp_path, timeout=0)
+    JobFiles(str(tmp_path), {}).write(job, 60712, None)
+    got = JobFiles(str(tmp_path), {}).read(job.id)
+    assert got is not None and (got["uid"], got["deadline"]) == (60712, None)
+
+
+@pytest.mark.parametrize("kind", ["link", "fifo", "device", "directory"])
+def test_a_journal_that_is_not_a_regular_file_is_never_written_through(
+    tmp_path: Path, kind: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A journal that is a link, a FIFO (never waited on), a device or a directory is
+    neither followed nor written: each record goes in a <job id>.keeper file of its own
+    instead (the previous release's, read at an adoption as before), said once, and that
+    file goes at the job's end."""
+    path, target = tmp_path / JOURNAL, tmp_path / "target"
+    target.write_bytes(b"")
+    if kind == "link":
+        path.symlink_to(target)
+    elif kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "directory":
+        path.mkdir()
+    else:
+        try:  # /dev/null's: open for writing succeeds, only the fstat check refuses it
+            os.mknod(path, 0o600 | stat.S_IFCHR, os.makedev(1, 3))
+        except PermissionError:
+            pytest.skip("mknod needs CAP_MKNOD")
+    jobs = [_kept_job(tmp_path) for _ in range(2)]
+    files = JobFiles(str(tmp_path), {job.id: job for job in jobs})
+    for job in jobs:
+        files.write(job, None, None)
+        got = JobFiles(str(tmp_path), {}).read(job.id)
+        assert got is not None and got["record"] == job.record and got["deadline"] is not None
+        files.forget(job)
+        assert not (tmp_path / f"{job.id}{JOB_FILE}").exists()
+    assert target.read_bytes() == b"" and files.fd == -1
+    assert capsys.readouterr().err.count(f"cannot use {path}") == 1
 
 
 def test_an_ended_file_gives_its_ends_by_job_and_refuses_anything_else() -> None:

@@ -167,8 +167,9 @@ class Keeper(Spawner):
         )
         self.kept = Kept(self.sel, tell=self.link.tell, signal=self.signal_job, forget=self.forget)
         # systemd's descriptor store holds each job's pipe for the next keeper (a service
-        # whose unit sets FileDescriptorStoreMax= and FDSTORE=, see main()).
-        self.files = JobFiles(output_dir)
+        # whose unit sets FileDescriptorStoreMax= and FDSTORE=, see main()); the journal's
+        # rewrite keeps the records of the running jobs, these.
+        self.files = JobFiles(output_dir, self.kept.jobs)
         # [jobs] dynamic_users: the uids jobs hold (the range read at the keeper's start:
         # its own seccomp filter allows that range and no other, see main()).
         dyn = decider.settings.dynamic_users if decider is not None else None

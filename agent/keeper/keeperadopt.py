@@ -3,11 +3,13 @@
 The jobs run on in their cgroup leaves, and the next keeper *adopts* them at its start
 (:meth:`Adoption.adopt_leftovers`): the leaf is the job (its name the job id, its
 processes signalled only through it, its end the leaf emptying), what the dead keeper
-knew of it (deadline, cap, grace, record, dynamic uid) is in the ``<job id>.keeper``
-file it wrote at the start (:mod:`agent.keeper.keeperfiles`), and its output pipe comes
-back from systemd's descriptor store where there is one. Only the exit status is lost
-(only the dead parent could reap it), and the job's end says so: LOST, "exit status
-unknown: the keeper restarted". Without cgroups nothing can find them again.
+knew of it (deadline, cap, grace, record, dynamic uid) is the job's record, written at
+its start in the keeper's journal (``<output_dir>/keeper.journal``; a keeper of the
+previous release wrote ``<job id>.keeper`` instead: :mod:`agent.keeper.keeperfiles`),
+and its output pipe comes back from systemd's descriptor store where there is one. Only
+the exit status is lost (only the dead parent could reap it), and the job's end says
+so: LOST, "exit status unknown: the keeper restarted". Without cgroups nothing can find
+them again.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from typing import TYPE_CHECKING, Any
 
 from agent.keeper import cgroups, uids
 from agent.keeper import lifecycle as lc
-from agent.keeper.keeperfiles import JOB_FILE
 from agent.keeper.keeperlog import guarded, log
 from agent.keeper.keptjobs import KeptJob
 from agent.keeper.outputfile import OutputFile
@@ -39,9 +40,9 @@ if TYPE_CHECKING:
 # not its exit status, which only the dead keeper (its parent) could have read.
 ADOPTED_TEXT = "exit status unknown: the keeper restarted"
 NO_PIPE_NOTE = "its output after the keeper's death was lost (its pipe died with the keeper)"
-NO_FILE_NOTE = "its timeout and output cap were lost with the keeper (no .keeper file)"
+NO_FILE_NOTE = "its timeout and output cap were lost with the keeper (no record of the job)"
 ADOPTED_POLL = 1.0  # seconds: how often adopted jobs are looked at without inotify
-# What a job adopted without its .keeper file runs with: no timeout, cap or grace known.
+# What a job adopted without its record runs with: no timeout, cap or grace known.
 UNKNOWN_RUN: dict[str, Any] = {
     "timeout": 0,
     "cpu_seconds": 0,
@@ -184,8 +185,8 @@ class Adoption:
         # With dynamic users, a job's uid must be known to be held: else a new job
         # could be given the uid of a running one (and see and signal it).
         if not isinstance(uid, int) or isinstance(uid, bool) or uid not in self.holds.pool:
-            log(f"job {job_id}: its dynamic uid is unknown ({JOB_FILE} file missing or "
-                "not one); killed, as no other job may be given it unknowingly")  # fmt: skip
+            log(f"job {job_id}: its dynamic uid is unknown (its record missing or not "
+                "one); killed, as no other job may be given it unknowingly")  # fmt: skip
             return False
         self.holds.hold(job_id, uid)
         return True

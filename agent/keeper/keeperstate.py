@@ -268,6 +268,11 @@ def restore(k: KeeperParts, state: dict[str, Any]) -> None:
     k.kept.ended.update({m["job"]: m for m in state["ended"]})
     k.files.fdstore = bool(state.get("fdstore", False))
     k.files.agent_store = not k.service
+    if k.subtree is not None:
+        # The journal is opened again at the next write (its descriptor was closed on
+        # exec, never a job's); a job's .keeper file (written by the code before the exec,
+        # perhaps of the previous release) is still removed at its end.
+        k.files.note_job_files(k.kept.jobs)
     k.link.restore(state["agent"], state["gen"])
     # Last: an adopted job found ended now is told to the agent restored above.
     for job in list(k.kept.jobs.values()):

@@ -292,8 +292,8 @@ class Kept:
             self.ended[job.id] = msg
         self.tell(msg)
         # After the end is told (a waiting query is answered sooner): a keeper killed
-        # in between leaves a .keeper file and a stored pipe of a job whose leaf is
-        # gone; the next keeper removes the one and closes the other.
+        # in between leaves a stored pipe of a job whose leaf is gone (and perhaps its
+        # .keeper file); the next keeper closes the one and removes the other.
         self.forget(job)
 
     # ------------------------------------------------------------ requests
