@@ -13,6 +13,7 @@ import os
 import selectors
 import signal
 import stat
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -206,6 +207,34 @@ def test_the_journal_is_rewritten_with_the_running_jobs_records_only(
         got = reader.read(job.id)
         assert got is not None and got["record"] == job.record and got["pid"] == 4242
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_an_ended_jobs_record_is_out_of_the_journal_within_journal_keep(
+    tmp_path: Path,
+) -> None:
+    """A job's end makes a rewrite due JOURNAL_KEEP later (once, for all the ends till
+    then): the keeper's loop sleeps no longer than that and rewrites, and the ended
+    job's record (its command and arguments) is gone from the journal, however little
+    the keeper does meanwhile; a running job's stays."""
+    running: dict[str, KeptJob] = {}
+    files = JobFiles(str(tmp_path), running)
+    ended, stays = _kept_job(tmp_path), _kept_job(tmp_path)
+    for job in (ended, stays):
+        running[job.id] = job
+        files.write(job, None, None)
+    assert not files.rewrite_due
+    del running[ended.id]
+    before = time.monotonic()
+    files.forget(ended)
+    due = files.rewrite_due
+    assert before + keeperfiles.JOURNAL_KEEP <= due <= time.monotonic() + keeperfiles.JOURNAL_KEEP
+    files.forget(_kept_job(tmp_path))  # (no line of its own: nothing changes)
+    assert files.rewrite_due == due
+    index, _ = index_journal((tmp_path / JOURNAL).read_bytes())
+    assert set(index) == {ended.id, stays.id}  # an end writes nothing
+    files.compact()  # what the loop does once it is due
+    index, _ = index_journal((tmp_path / JOURNAL).read_bytes())
+    assert set(index) == {stays.id} and not files.rewrite_due
 
 
 def test_a_rewrite_after_a_reexec_keeps_the_records_only_the_journal_has(

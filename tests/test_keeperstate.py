@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -124,3 +126,33 @@ def test_a_state_of_another_version_is_refused(tmp_path: Path) -> None:
     os.write(fd, json.dumps({"version": 99}).encode())
     with pytest.raises(ValueError, match="version"):
         keeperstate.load(fd)
+
+
+def test_the_loop_wakes_for_a_due_rewrite_of_the_journal(tmp_path: Path) -> None:
+    """An idle keeper (no job, no timer) would sleep until something comes; a rewrite of
+    the journal due (an ended job's record to take out) bounds its sleep, and the loop
+    does the rewrite once it is due."""
+    k = _keeper(tmp_path)
+    assert k.sleep_time() is None
+    k.files.rewrite_due = time.monotonic() + 0.5
+    got = k.sleep_time()
+    assert got is not None and 0 < got <= 0.5
+    k.files.rewrite_due = time.monotonic() - 1  # due: the next turn rewrites
+    k.link.sock = None
+    k.running = True
+    real_compact = k.files.compact
+
+    def compact() -> None:
+        real_compact()
+        k.running = False  # one turn is enough
+
+    k.files.compact = compact  # type: ignore[method-assign]
+    # A loop that never rewrites must not hang the test: stopped after 5 s (a turn
+    # returns at once, the rewrite being due, when sleep_time counts it).
+    stop = threading.Timer(5, lambda: setattr(k, "running", False))
+    stop.start()
+    try:
+        k.serve()
+    finally:
+        stop.cancel()
+    assert not k.files.rewrite_due

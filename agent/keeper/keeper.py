@@ -221,6 +221,8 @@ class Keeper(Spawner):
                     self.orphans_at = now + ORPHANS_AGAIN
             if not self.orphans_at and self.kept.jobs:
                 self.orphans_at = self.orphans_last + ORPHANS_RUNNING
+            if self.files.rewrite_due and time.monotonic() >= self.files.rewrite_due:
+                self.files.compact()  # ended jobs' records out of the journal
         self.kill_all()
 
     def sleep_time(self) -> float | None:
@@ -232,9 +234,10 @@ class Keeper(Spawner):
             timeout = min(MAX_SLEEP, max(0.0, due - time.monotonic()))
         if self.starter.closing or self.adoption.unwatched:
             timeout = min(timeout if timeout is not None else 1.0, 1.0)
-        if self.orphans_at:
-            due = max(0.0, self.orphans_at - time.monotonic())
-            timeout = due if timeout is None else min(timeout, due)
+        for at in (self.orphans_at, self.files.rewrite_due):
+            if at:
+                due = max(0.0, at - time.monotonic())
+                timeout = due if timeout is None else min(timeout, due)
         return timeout
 
     def look_for_orphans(self) -> None:

@@ -43,6 +43,9 @@ if TYPE_CHECKING:
 JOURNAL = "keeper.journal"  # in the output folder: the running jobs' records
 JOURNAL_COMPACT = 4 << 20  # bytes: rewritten past this (or twice its last rewrite's size)
 JOURNAL_READ_MAX = 256 << 20  # bytes: what an adoption reads of it at most (its end)
+# seconds: how long an ended job's record (its command and arguments, secret ones hidden)
+# may stay in the journal before a rewrite takes it out, however little the keeper does.
+JOURNAL_KEEP = 60.0
 JOB_FILE = ".keeper"  # <job id>.keeper: a job's record as the previous release kept it
 JOB_FILE_MAX = 2 << 20  # bytes (a record is at most RECORD_MAX)
 ENDED_FILE_MAX = 64 << 20  # bytes: the ends a stopped keeper leaves for the next
@@ -212,6 +215,9 @@ class JobFiles:
         # keeper's where the journal could not be used. Removed at the job's end.
         self.per_job: set[str] = set()
         self.journal_failing = False  # the journal cannot be used (said once)
+        # When the keeper's loop rewrites the journal (monotonic; 0: nothing due): at most
+        # JOURNAL_KEEP after a job's end, so no ended job's record outstays that.
+        self.rewrite_due = 0.0
         self.fdstore = False
         # The store is the agent whose child this keeper is (agent.daemon.pipestore), not
         # a service manager: an agent that asks for "pipe-with-start" gets each job's pipe
@@ -339,6 +345,7 @@ class JobFiles:
         """Rewrite the journal with the running jobs' lines only (into a new file, renamed
         over it: a kill -9 at any point leaves the old journal or the new one whole).
         Failing, it is said and the journal appended to as it is, tried again later."""
+        self.rewrite_due = 0.0
         keep = self.running_lines()
         data = b"".join(keep.values())
         tmp = f"{self.journal}.tmp"
@@ -386,7 +393,8 @@ class JobFiles:
         itself at the "finished" it was just told). Its journal line stays until the next
         rewrite: nothing is written at a job's end (a keeper that adopts reads only the
         records of jobs whose cgroup leaf is left, and a finished job's is gone)."""
-        self.lines.pop(job.id, None)
+        if self.lines.pop(job.id, None) is not None and not self.rewrite_due:
+            self.rewrite_due = time.monotonic() + JOURNAL_KEEP
         if job.id in self.per_job:
             self.per_job.discard(job.id)
             with contextlib.suppress(OSError):
