@@ -432,7 +432,13 @@ def test_an_agent_that_is_the_store_gets_each_pipe_with_the_start(
         assert "pipe-with-start" in hello["features"]
         first = c.start(["echo", "hi"])
         assert c.finished(first)["state"] == "SUCCEEDED"
-        said = wait_for(lambda: len(got := _datagrams(store)) >= 2 and got)
+        said: list[tuple[str, int]] = []  # (each look takes what has come so far)
+
+        def both_said() -> bool:
+            said.extend(_datagrams(store))
+            return len(said) >= 2
+
+        wait_for(both_said)
         assert said == [
             (f"FDSTORE=1\nFDNAME={first}\nFDPOLL=0", 1),
             (f"FDSTOREREMOVE=1\nFDNAME={first}", 0),
