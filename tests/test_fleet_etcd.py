@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
+import signal
 import time
 import uuid
 from collections.abc import Iterator
@@ -27,7 +29,9 @@ from agent._proto import jobscheduler_pb2 as pb
 from agent._proto import jobscheduler_pb2_grpc as pb_grpc
 from agent.client import RunInfo, SchedulerClient
 from agent.client.runs import RunHostInfo
+from agent.scheduler import etcdstore
 from agent.scheduler.etcdstore import EtcdStore
+from agent.scheduler.registry import Worker
 from agent.scheduler.runs import prune_finished
 from agent.scheduler.store import HostRecord, RunRecord, StoreError
 from agent.vocabulary import HostState, RunState
@@ -401,7 +405,9 @@ def test_without_an_etcd_quorum_nothing_is_started_and_all_comes_back(
 
 
 @contextlib.contextmanager
-def _two_stores(tmp_path: Path, certs: Certs, prefix: str) -> Iterator[list[EtcdStore]]:
+def _two_stores(
+    tmp_path: Path, certs: Certs, prefix: str
+) -> Iterator[tuple[EtcdCluster, list[EtcdStore]]]:
     """Two stores (as two schedulers) on a one-member etcd cluster of the test's own."""
     etcd = EtcdCluster(tmp_path / "etcd", certs, n=1)
     stores: list[EtcdStore] = []
@@ -417,18 +423,57 @@ def _two_stores(tmp_path: Path, certs: Certs, prefix: str) -> Iterator[list[Etcd
                     prefix=prefix,
                 )
             )
-        yield stores
+        yield etcd, stores
     finally:
         for s in stores:
             s.close()
         etcd.stop()
 
 
+def test_an_etcd_that_does_not_answer_fails_calls_at_once_until_it_does(
+    tmp_path: Path, certs: Certs
+) -> None:
+    """Each store call blocks the scheduler's event loop: with the cluster not answering
+    (here its one member frozen), one call waits its whole time, then calls fail at once
+    naming the cluster (no RPC: a quorum-less etcd would otherwise hold the loop a call's
+    time for every heartbeat in turn) until a probe finds it answering again."""
+    with _two_stores(tmp_path, certs, "/down-test/") as (etcd, stores):
+        store = stores[0]
+        store.timeout = 1.5
+        store.keep_alive()
+        [member] = store.endpoints
+        [proc] = etcd.procs.values()
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(StoreError, match="DEADLINE_EXCEEDED") as first:
+                store.workers()
+            assert time.monotonic() - t0 >= 1.0
+            t0 = time.monotonic()
+            with pytest.raises(StoreError, match="fail at once until it answers") as then:
+                store.save_worker(Worker("w", "agent", "10.0.0.1:1", 1.0, 1.0), live=True)
+            assert time.monotonic() - t0 < etcdstore.ATTEMPT_S  # no RPC was made
+            assert member in str(first.value) and member in str(then.value)
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+        wait_for(lambda: _answers(store), timeout=20, interval=0.1)
+        store.save_worker(Worker("w", "agent", "10.0.0.1:1", 1.0, 1.0), live=True)
+        assert [w.worker_id for w, _ in store.workers()] == ["w"]
+
+
+def _answers(store: EtcdStore) -> bool:
+    try:
+        store.workers()
+    except StoreError:
+        return False
+    return True
+
+
 def test_a_run_taken_over_is_written_only_by_its_new_owner(tmp_path: Path, certs: Certs) -> None:
     """Fencing: the owner that lost a run (its key released, claimed by another; as for an
     owner frozen past its lease) can write neither the run nor its hosts; the new owner
     can, and what it wrote stays."""
-    with _two_stores(tmp_path, certs, "/fence-test/") as stores:
+    with _two_stores(tmp_path, certs, "/fence-test/") as (_, stores):
         old, new = stores
         old.keep_alive()
         new.keep_alive()
@@ -458,7 +503,7 @@ def test_finished_runs_past_retention_are_pruned_from_etcd(tmp_path: Path, certs
     """[runs] retention with etcd (a cluster of its own): a finished run that ended 31 days
     ago goes with its hosts' keys; a recent one, a RUNNING one (owned, or orphaned and
     waiting to be taken over) and a finished one still owned stay; once released, it goes."""
-    with _two_stores(tmp_path, certs, "/prune-test/") as stores:
+    with _two_stores(tmp_path, certs, "/prune-test/") as (_, stores):
         owner, other = stores
         owner.keep_alive()
         now = time.time()

@@ -4,6 +4,7 @@ is sent, concurrency, the error budget, cancel, unreachable workers, labelled li
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import pytest
 from agent._proto import jobscheduler_pb2 as pb
 from agent.client import AgentClientError, JobStatus, PermissionDenied, Unavailable
 from agent.scheduler import runs as runs_module
+from agent.scheduler import takeover
 from agent.scheduler.registry import Registry, Worker
 from agent.scheduler.runs import ActiveRun, HostChange, OutputLine, RunEnded, RunManager
 from agent.scheduler.store import SQLiteStore
@@ -45,6 +47,10 @@ class Agents:
         self.start_delay = 0.0
         self.one_call = True  # agents know StartJobStream (else UNIMPLEMENTED)
         self.one_calls = 0  # StartJobStream calls
+        self.late: set[str] = set()  # addresses that start the job, then answer late_by later
+        self.late_by = 0.0
+        self.lost: set[str] = set()  # addresses whose start never arrives (no answer)
+        self.keys: dict[str, str] = {}  # the requestKey of each address's job
 
     def client(self, w: Worker) -> Any:
         return Agent(self, w.address)
@@ -63,6 +69,8 @@ class Agent:
         f.stored_at_send.append(h.state)
         if self.address in f.down:
             raise Unavailable("connection refused")
+        if self.address in f.lost:
+            await asyncio.sleep(3600)
         if f.start_delay:
             f.starting += 1
             f.starting_peak = max(f.starting_peak, f.starting)
@@ -73,7 +81,16 @@ class Agent:
         f.started.append(self.address)
         f.running += 1
         f.peak = max(f.peak, f.running)
+        f.keys[self.address] = req.requestKey
+        if self.address in f.late:
+            await asyncio.sleep(f.late_by)  # started; the answer is on its way
+            for _ in range(5):
+                await asyncio.sleep(0)  # through the channel: a few turns of the loop
         return f"job@{self.address}"
+
+    async def list_all(self, **_: Any) -> AsyncIterator[JobStatus]:
+        if self.address in self.fleet.keys:
+            yield _listed(f"job@{self.address}", self.fleet.keys[self.address], time.time())
 
     async def start_stream(
         self, req: pb.StartJobReq, *, timeout: float | None = None
@@ -264,6 +281,53 @@ def test_unreachable_counts_against_the_budget(tmp_path: Path) -> None:
         states = await _done(_start(m2, agents2, workers2, 2, 5))
         assert states == [HostState.SUCCEEDED, HostState.UNREACHABLE]
         assert m2.store.run(agents2.run_id).hosts[1].error == "no longer registered"  # type: ignore[union-attr]
+
+    asyncio.run(main())
+
+
+def test_a_start_answered_after_its_deadline_is_followed_not_left_unreachable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A start's answer can come after its deadline: a slow worker, or this scheduler's own
+    loop held past it (a blocking store call: an etcd election). Its job runs: the host is
+    found by its key and followed to its end, started once, not UNREACHABLE with its job
+    unfollowed. A start that never arrived is UNREACHABLE; one whose worker cannot be asked
+    about it either is UNREACHABLE with both reasons."""
+    monkeypatch.setattr(takeover, "SETTLE_S", 0.05)
+
+    async def main() -> None:
+        m, agents, workers = _setup(tmp_path, 3)
+        m.call_timeout = 0.2
+        addr = [w.address for w in workers]
+        agents.late, agents.late_by, agents.lost = {addr[0]}, 0.5, {addr[1]}
+        assert await _done(_start(m, agents, workers, 3, 5)) == [
+            HostState.SUCCEEDED,
+            HostState.UNREACHABLE,
+            HostState.SUCCEEDED,
+        ]
+        rec = m.store.run(agents.run_id)
+        assert rec is not None and rec.hosts[0].job_id == f"job@{addr[0]}"
+        assert rec.hosts[1].error == "DEADLINE_EXCEEDED: no answer to the start"
+        assert sorted(agents.started) == [addr[0], addr[2]]
+        assert agents.keys[addr[0]] == f"{agents.run_id}/{workers[0].worker_id}"
+        # The loop itself held past the deadline while the answer came (0.05 s in).
+        agents.started, agents.keys, agents.lost, agents.late_by = [], {}, set(), 0.05
+        agents.late = set(addr)
+        run = _start(m, agents, workers, 3, 5)
+        asyncio.get_running_loop().call_later(0.02, time.sleep, 0.6)
+        assert await _done(run) == [HostState.SUCCEEDED] * 3
+        assert sorted(agents.started) == sorted(addr)
+        # No answer, and ListJobs fails too.
+        agents.started, agents.keys, agents.lost = [], {}, {addr[0]}
+
+        async def unlistable(**_: Any) -> AsyncIterator[JobStatus]:
+            raise Unavailable("connection refused")
+            yield
+
+        monkeypatch.setattr(Agent, "list_all", lambda self, **kw: unlistable(**kw))
+        assert (await _done(_start(m, agents, workers, 3, 5)))[0] is HostState.UNREACHABLE
+        error = m.store.run(agents.run_id).hosts[0].error  # type: ignore[union-attr]
+        assert error.startswith("DEADLINE_EXCEEDED: no answer to the start; nor could"), error
 
     asyncio.run(main())
 

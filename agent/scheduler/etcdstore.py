@@ -31,6 +31,7 @@ import base64
 import json
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
@@ -50,6 +51,7 @@ log = logging.getLogger(__name__)
 RETRIES = 8  # a call that found a member gone is tried again up to this many times
 RETRY_PAUSE_S = 0.1
 ATTEMPT_S = 1.0  # one attempt's deadline (a healthy cluster answers in milliseconds)
+PROBE_S = 0.5  # while the cluster is known not to answer, a thread asks it this often
 
 
 def _rpc() -> Any:
@@ -112,6 +114,9 @@ class EtcdStore:
         self._worker_leases: dict[str, int] = {}
         self.session = 0  # this scheduler's lease (owns its runs); 0 until opened
         self.endpoints = list(endpoints)
+        self._down = ""  # why calls fail at once (the cluster did not answer), or ""
+        self._down_lock = threading.Lock()
+        self._closed = threading.Event()
 
     # ------------------------------------------------------------ plumbing
 
@@ -122,7 +127,17 @@ class EtcdStore:
 
         Every call made here is safe to repeat (puts of whole values, reads,
         lease renewals; :meth:`claim_run` checks what a lost answer did).
+
+        A call that got no answer for all that time marks the cluster down: until a probe
+        (a thread, every PROBE_S) finds it answering again, calls fail at once. Each call
+        is made from the scheduler's event loop and blocks it: without a quorum, every
+        heartbeat and registration would hold the loop ``timeout`` in turn, and nothing
+        (a RegisterWorker, a run's follower) would be answered at all, not even "the
+        store is unavailable".
         """
+        down = self._down
+        if down:
+            raise StoreError(down)
         deadline = time.monotonic() + self.timeout
         retry = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
         for attempt in range(RETRIES + 1):
@@ -131,11 +146,35 @@ class EtcdStore:
                 return method(request, timeout=max(0.1, min(ATTEMPT_S, left)))
             except grpc.RpcError as e:
                 if e.code() not in retry or attempt == RETRIES or left < ATTEMPT_S:
-                    raise StoreError(
-                        f"etcd {','.join(self.endpoints)}: {e.code().name}: {e.details()}"
-                    ) from None
+                    why = f"etcd {','.join(self.endpoints)}: {e.code().name}: {e.details()}"
+                    if e.code() in retry:
+                        self._mark_down(why)
+                    raise StoreError(why) from None
                 time.sleep(RETRY_PAUSE_S)
         raise AssertionError("unreachable")
+
+    def _mark_down(self, why: str) -> None:
+        """The cluster did not answer a whole call's time: fail calls at once until the
+        probe thread gets an answer (a linearizable read: it needs a quorum, as writes do)."""
+        with self._down_lock:
+            if self._down or self._closed.is_set():
+                return
+            self._down = f"{why} (calls fail at once until it answers again)"
+        log.warning("etcd does not answer: %s; asking it again every %.1f s", why, PROBE_S)
+        threading.Thread(target=self._probe, name="etcd-probe", daemon=True).start()
+
+    def _probe(self) -> None:
+        request = self._rpc.RangeRequest(key=self.prefix, limit=1)
+        while not self._closed.wait(PROBE_S):
+            try:
+                self._kv.Range(request, timeout=ATTEMPT_S)
+            except grpc.RpcError:
+                continue
+            except ValueError:  # the channel was closed under it
+                return
+            self._down = ""
+            log.warning("etcd answers again")
+            return
 
     def _put(self, key: bytes, value: bytes, lease: int = 0) -> None:
         self._call(self._kv.Put, self._rpc.PutRequest(key=key, value=value, lease=lease))
@@ -353,6 +392,7 @@ class EtcdStore:
 
     def close(self) -> None:
         """Close the channel (leases are left to expire: a takeover needs that)."""
+        self._closed.set()
         self._channel.close()
 
 

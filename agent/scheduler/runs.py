@@ -10,8 +10,9 @@ mTLS identity as the scheduler's dispatch calls.
 Each host's start is recorded in the store before StartJob is sent
 (STARTING) and after the worker answered (RUNNING, with the job id): see
 :mod:`agent.scheduler.store` for why. A worker that cannot be reached
-(UNAVAILABLE, DEADLINE_EXCEEDED, or no longer registered) is UNREACHABLE and
-counts against the budget like a failure.
+(UNAVAILABLE, or no longer registered) is UNREACHABLE and counts against the
+budget like a failure. A start without an answer by its deadline was maybe
+received: the worker is asked for it, as a takeover does (:meth:`RunManager._unanswered`).
 
 Followers read a run's event log from its start (:meth:`ActiveRun.follow`);
 the log lives in this process only (output lines are not stored), so a run
@@ -341,6 +342,8 @@ class RunManager:
             if run.cancelled.is_set() or budget_exceeded(run.errors, run.record.max_errors):
                 return
             started = await self._start(run, h)
+        if isinstance(started, AgentClientError):  # settled outside the start slot
+            started = await self._unanswered(run, h, started)
         if started is None:
             return
         client, rest = started
@@ -396,9 +399,12 @@ class RunManager:
             error = st.error_text or st.state
             self._set(run, h, HostState.FAILED, exit_code=st.exit_code, error=error)
 
-    async def _start(self, run: ActiveRun, h: HostRecord) -> tuple[AsyncAgentClient, Rest] | None:
+    async def _start(
+        self, run: ActiveRun, h: HostRecord
+    ) -> tuple[AsyncAgentClient, Rest] | AgentClientError | None:
         """The start on one host: its client and the rest of its StartJobStream (None: a
-        stream of its own is needed), or None (its state says why)."""
+        stream of its own is needed), None (its state says why), or the error of a start
+        that got no answer in time (still STARTING: for :meth:`_unanswered`)."""
         try:
             w = self.registry.get(h.worker_id)
         except UnknownWorker:
@@ -424,12 +430,46 @@ class RunManager:
         try:
             job_id, rest = await self._send_start(client, _keyed(run, h), h.worker_id)
         except AgentClientError as e:
+            if e.code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                return e
             state = HostState.UNREACHABLE if e.code in UNREACHABLE_CODES else HostState.FAILED
             self._set(run, h, state, error=f"{e.code.name}: {e.details}")
             return None
         # Recorded once the worker answered: the job id to ask about later.
         self._set(run, h, HostState.RUNNING, job_id=job_id, start_time=self.clock())
         return client, rest
+
+    async def _unanswered(
+        self, run: ActiveRun, h: HostRecord, err: AgentClientError
+    ) -> tuple[AsyncAgentClient, Rest] | None:
+        """A start with no answer by its deadline was maybe received, and its answer may
+        be late rather than lost: this scheduler's own event loop can be held past the
+        deadline (a blocking store call: etcd electing a leader after a member died), or
+        the worker was slow. Taking it for unreachable would leave its job running with
+        nobody following it. So it is settled as a takeover settles a host left STARTING
+        (:func:`resolve_starting`): once the start's deadline is past, the worker is asked
+        for the job with the host's key. Found: RUNNING, followed to its end. None: it
+        never arrived, UNREACHABLE. Several (an agent without keys): UNKNOWN, not sent
+        again. The worker cannot be asked: UNREACHABLE, with both reasons."""
+        failed = f"{err.code.name}: {err.details}"
+        client = self.client_for(_worker_of(self.registry, h))
+        key = host_key(run.record.run_id, h.worker_id)
+        try:
+            job_id, why = await resolve_starting(
+                client, run.job, h.start_time, self.call_timeout, key
+            )
+        except AgentClientError as e:
+            error = f"{failed}; nor could it be asked for the job: {e.code.name}: {e.details}"
+            self._set(run, h, HostState.UNREACHABLE, error=error)
+            return None
+        if job_id:
+            self._set(run, h, HostState.RUNNING, job_id=job_id)
+            return client, None
+        if why == NOT_RECEIVED:
+            self._set(run, h, HostState.UNREACHABLE, error=failed)
+        else:
+            self._set(run, h, HostState.UNKNOWN, error=f"{failed}; {why}")
+        return None
 
     async def _send_start(
         self, client: AsyncAgentClient, req: pb.StartJobReq, worker_id: str
