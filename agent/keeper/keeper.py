@@ -169,7 +169,7 @@ class Keeper(Spawner):
         # systemd's descriptor store holds each job's pipe for the next keeper (a service
         # whose unit sets FileDescriptorStoreMax= and FDSTORE=, see main()); the journal's
         # rewrite keeps the records of the running jobs, these.
-        self.files = JobFiles(output_dir, self.kept.jobs)
+        self.files = JobFiles(output_dir, self.kept.jobs, agent_store=not service)
         # [jobs] dynamic_users: the uids jobs hold (the range read at the keeper's start:
         # its own seccomp filter allows that range and no other, see main()).
         dyn = decider.settings.dynamic_users if decider is not None else None
@@ -601,7 +601,6 @@ def main(argv: list[str]) -> int:
     stored = listen_fds() or stored_fds(args.stored)
     fdstore = os.environ.get("FDSTORE", "0")
     keeper.files.fdstore = fdstore.isdigit() and int(fdstore) > 0 and bool(notify_address())
-    keeper.files.agent_store = not keeper.service
     keeper.adoption.adopt_leftovers(stored)
     return run(keeper)
 

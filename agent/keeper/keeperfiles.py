@@ -193,7 +193,9 @@ class JobFiles:
     (``fdstore``: the unit keeps one, see :meth:`push`). ``running`` is the keeper's
     running jobs by id (:attr:`agent.keeper.keptjobs.Kept.jobs`): what a rewrite keeps."""
 
-    def __init__(self, output_dir: str, running: Mapping[str, object]) -> None:
+    def __init__(
+        self, output_dir: str, running: Mapping[str, object], *, agent_store: bool = False
+    ) -> None:
         self.output_dir = output_dir
         self.running = running
         self.journal = os.path.join(output_dir, JOURNAL)
@@ -222,7 +224,8 @@ class JobFiles:
         # The store is the agent whose child this keeper is (agent.daemon.pipestore), not
         # a service manager: an agent that asks for "pipe-with-start" gets each job's pipe
         # with its start's answer, and drops it at the job's "finished" (pipes_told).
-        self.agent_store = False
+        # (A keeper that is no service is the agent's child: see Keeper.)
+        self.agent_store = agent_store
         self.notify_sock: socket.socket | None = None
         self.store_failing = False  # the last write to the store failed (said once)
 

@@ -267,7 +267,6 @@ def restore(k: KeeperParts, state: dict[str, Any]) -> None:
         _restore_job(k, j)
     k.kept.ended.update({m["job"]: m for m in state["ended"]})
     k.files.fdstore = bool(state.get("fdstore", False))
-    k.files.agent_store = not k.service
     if k.subtree is not None:
         # The journal is opened again at the next write (its descriptor was closed on
         # exec, never a job's); a job's .keeper file (written by the code before the exec,

@@ -354,11 +354,7 @@ class RunManager:
     async def _resolve(self, run: ActiveRun, h: HostRecord) -> None:
         """A host left STARTING by a dead owner: RUNNING if its job is found, else UNKNOWN."""
         try:
-            client = self.client_for(_worker_of(self.registry, h))
-            key = host_key(run.record.run_id, h.worker_id)
-            job_id, why = await resolve_starting(
-                client, run.job, h.start_time, self.call_timeout, key
-            )
+            _, job_id, why = await self._ask_for_start(run, h)
         except AgentClientError as e:
             job_id, why = "", f"start maybe sent, cannot ask the worker ({e}): not sent again"
         if job_id:
@@ -372,6 +368,17 @@ class RunManager:
             self._set(run, h, HostState.PENDING, start_time=None)
         else:
             self._set(run, h, HostState.UNKNOWN, error=why)
+
+    async def _ask_for_start(
+        self, run: ActiveRun, h: HostRecord
+    ) -> tuple[AsyncAgentClient, str, str]:
+        """A maybe-sent start of ``h``, asked of its worker once the start's deadline is past
+        (:func:`resolve_starting`, by the host's key): the worker's client, the job id or "",
+        and why not. Raises AgentClientError when the worker cannot be asked."""
+        client = self.client_for(_worker_of(self.registry, h))
+        key = host_key(run.record.run_id, h.worker_id)
+        job_id, why = await resolve_starting(client, run.job, h.start_time, self.call_timeout, key)
+        return client, job_id, why
 
     async def _watch_host(self, run: ActiveRun, h: HostRecord) -> None:
         """Follow a job a previous owner started, to its end."""
@@ -452,12 +459,8 @@ class RunManager:
         never arrived, UNREACHABLE. Several (an agent without keys): UNKNOWN, not sent
         again. The worker cannot be asked: UNREACHABLE, with both reasons."""
         failed = f"{err.code.name}: {err.details}"
-        client = self.client_for(_worker_of(self.registry, h))
-        key = host_key(run.record.run_id, h.worker_id)
         try:
-            job_id, why = await resolve_starting(
-                client, run.job, h.start_time, self.call_timeout, key
-            )
+            client, job_id, why = await self._ask_for_start(run, h)
         except AgentClientError as e:
             error = f"{failed}; nor could it be asked for the job: {e.code.name}: {e.details}"
             self._set(run, h, HostState.UNREACHABLE, error=error)
