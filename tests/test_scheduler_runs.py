@@ -50,6 +50,8 @@ class Agents:
         self.late: set[str] = set()  # addresses that start the job, then answer late_by later
         self.late_by = 0.0
         self.lost: set[str] = set()  # addresses whose start never arrives (no answer)
+        self.lost_once: set[str] = set()  # ... only the first time it is sent
+        self.sent: list[str] = []  # each start sent, by address
         self.keys: dict[str, str] = {}  # the requestKey of each address's job
 
     def client(self, w: Worker) -> Any:
@@ -69,6 +71,10 @@ class Agent:
         f.stored_at_send.append(h.state)
         if self.address in f.down:
             raise Unavailable("connection refused")
+        f.sent.append(self.address)
+        if self.address in f.lost_once:
+            f.lost_once.discard(self.address)
+            await asyncio.sleep(3600)
         if self.address in f.lost:
             await asyncio.sleep(3600)
         if f.start_delay:
@@ -291,8 +297,9 @@ def test_a_start_answered_after_its_deadline_is_followed_not_left_unreachable(
     """A start's answer can come after its deadline: a slow worker, or this scheduler's own
     loop held past it (a blocking store call: an etcd election). Its job runs: the host is
     found by its key and followed to its end, started once, not UNREACHABLE with its job
-    unfollowed. A start that never arrived is UNREACHABLE; one whose worker cannot be asked
-    about it either is UNREACHABLE with both reasons."""
+    unfollowed. A start the worker never got (a held loop may not even have sent it) is
+    sent once more, with the same key; never got twice, UNREACHABLE. One whose worker
+    cannot be asked about it is UNREACHABLE with both reasons."""
     monkeypatch.setattr(takeover, "SETTLE_S", 0.05)
 
     async def main() -> None:
@@ -309,9 +316,18 @@ def test_a_start_answered_after_its_deadline_is_followed_not_left_unreachable(
         assert rec is not None and rec.hosts[0].job_id == f"job@{addr[0]}"
         assert rec.hosts[1].error == "DEADLINE_EXCEEDED: no answer to the start"
         assert sorted(agents.started) == [addr[0], addr[2]]
+        assert sorted(agents.sent) == [addr[0], addr[1], addr[1], addr[2]]
         assert agents.keys[addr[0]] == f"{agents.run_id}/{workers[0].worker_id}"
+        # The first start lost on its way, the second answered: started once, followed.
+        agents.started, agents.keys, agents.sent, agents.lost = [], {}, [], set()
+        agents.lost_once, agents.late = {addr[1]}, set()
+        assert await _done(_start(m, agents, workers, 3, 5)) == [HostState.SUCCEEDED] * 3
+        assert sorted(agents.started) == sorted(addr) and agents.sent.count(addr[1]) == 2
+        job = m.store.run(agents.run_id).hosts[1].job_id  # type: ignore[union-attr]
+        assert job == f"job@{addr[1]}"
         # The loop itself held past the deadline while the answer came (0.05 s in).
         agents.started, agents.keys, agents.lost, agents.late_by = [], {}, set(), 0.05
+        agents.sent = []
         agents.late = set(addr)
         run = _start(m, agents, workers, 3, 5)
         asyncio.get_running_loop().call_later(0.02, time.sleep, 0.6)

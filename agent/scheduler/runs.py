@@ -447,7 +447,7 @@ class RunManager:
         return client, rest
 
     async def _unanswered(
-        self, run: ActiveRun, h: HostRecord, err: AgentClientError
+        self, run: ActiveRun, h: HostRecord, err: AgentClientError, *, resend: bool = True
     ) -> tuple[AsyncAgentClient, Rest] | None:
         """A start with no answer by its deadline was maybe received, and its answer may
         be late rather than lost: this scheduler's own event loop can be held past the
@@ -456,7 +456,10 @@ class RunManager:
         nobody following it. So it is settled as a takeover settles a host left STARTING
         (:func:`resolve_starting`): once the start's deadline is past, the worker is asked
         for the job with the host's key. Found: RUNNING, followed to its end. None: it
-        never arrived, UNREACHABLE. Several (an agent without keys): UNKNOWN, not sent
+        never arrived (a held loop may not even have sent it: gRPC's asyncio calls are
+        written by the loop), so it is sent once more, as a takeover starts such a host
+        again, with the same key (a first start arriving after all gets the same job);
+        still none, UNREACHABLE. Several (an agent without keys): UNKNOWN, not sent
         again. The worker cannot be asked: UNREACHABLE, with both reasons."""
         failed = f"{err.code.name}: {err.details}"
         try:
@@ -468,6 +471,12 @@ class RunManager:
         if job_id:
             self._set(run, h, HostState.RUNNING, job_id=job_id)
             return client, None
+        if why == NOT_RECEIVED and resend:
+            async with self._starts:
+                again = await self._start(run, h)  # recorded STARTING again, then sent
+            if isinstance(again, AgentClientError):
+                return await self._unanswered(run, h, again, resend=False)
+            return again
         if why == NOT_RECEIVED:
             self._set(run, h, HostState.UNREACHABLE, error=failed)
         else:
