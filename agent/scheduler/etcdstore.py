@@ -51,7 +51,11 @@ log = logging.getLogger(__name__)
 RETRIES = 8  # a call that found a member gone is tried again up to this many times
 RETRY_PAUSE_S = 0.1
 ATTEMPT_S = 1.0  # one attempt's deadline (a healthy cluster answers in milliseconds)
-PROBE_S = 0.5  # while the cluster is known not to answer, a thread asks it this often
+# While the cluster is known not to answer, a thread asks it this often, each question
+# in flight up to ATTEMPT_S: the first answer ends the failing at once, within about
+# PROBE_S of the cluster's return (one question at a time would wait out the one sent
+# before the return).
+PROBE_S = 0.1
 
 
 def _rpc() -> Any:
@@ -164,17 +168,20 @@ class EtcdStore:
         threading.Thread(target=self._probe, name="etcd-probe", daemon=True).start()
 
     def _probe(self) -> None:
+        """Ask until an answer comes (or the store is closed). Whatever a question raises,
+        the thread goes on: if it ended, calls would fail at once for good."""
         request = self._rpc.RangeRequest(key=self.prefix, limit=1)
-        while not self._closed.wait(PROBE_S):
+        while self._down and not self._closed.wait(PROBE_S):
             try:
-                self._kv.Range(request, timeout=ATTEMPT_S)
-            except grpc.RpcError:
-                continue
-            except ValueError:  # the channel was closed under it
-                return
+                self._kv.Range.future(request, timeout=ATTEMPT_S).add_done_callback(self._answered)
+            except Exception as e:  # a closed channel: ValueError; anything else: said
+                if not self._closed.is_set():
+                    log.warning("etcd probe: %s", e)
+
+    def _answered(self, f: Any) -> None:
+        if f.exception() is None and self._down:
             self._down = ""
             log.warning("etcd answers again")
-            return
 
     def _put(self, key: bytes, value: bytes, lease: int = 0) -> None:
         self._call(self._kv.Put, self._rpc.PutRequest(key=key, value=value, lease=lease))
