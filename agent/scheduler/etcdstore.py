@@ -179,7 +179,8 @@ class EtcdStore:
                     log.warning("etcd probe: %s", e)
 
     def _answered(self, f: Any) -> None:
-        if f.exception() is None and self._down:
+        # (A question cancelled, by the store's close, is no answer.)
+        if self._down and not f.cancelled() and f.exception() is None:
             self._down = ""
             log.warning("etcd answers again")
 
